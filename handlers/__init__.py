@@ -1,0 +1,11 @@
+"""Job handlers, one module per job kind. ``registry()`` maps a kind to its handler class."""
+
+from __future__ import annotations
+
+from pgsynapse.handlers.base import Handler
+
+
+def registry() -> dict[str, type[Handler]]:
+    from pgsynapse.handlers.embed import EmbedHandler
+
+    return {EmbedHandler.kind: EmbedHandler}

@@ -1,0 +1,102 @@
+"""What every handler is: load rows, compute outside any transaction, write in a short one.
+
+The worker owns claiming, leases, retries and failure; a handler only knows its rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+import psycopg
+
+from pgsynapse.errors import InputError
+
+W = TypeVar("W")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    ref_id: int
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+@dataclass
+class Outcome:
+    """The result of one job: ``error`` set means it failed; ``retry`` whether another attempt may help."""
+
+    job: Job
+    result: Any = None
+    error: str | None = None
+    retry: bool = True
+    skip_reason: str | None = None  # done with nothing to write (row deleted, superseded)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class WriteReport:
+    """What a handler's write did, for logs and metrics."""
+
+    written: list[int] = field(default_factory=list)  # job ids whose results were written
+    superseded: list[int] = field(default_factory=list)  # job ids whose row changed meanwhile
+
+
+def describe(exc: BaseException) -> str:
+    """A readable one-line error for a row or a job."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def isolate(fn: Callable[[Sequence[W]], list[Any]], items: Sequence[W]) -> list[Any | BaseException]:
+    """Run ``fn`` on a batch; if it raises, bisect so one poisoned item never fails its neighbours.
+
+    Returns, per item, its result or the exception that item alone raised.
+    """
+    if not items:
+        return []
+    try:
+        out = fn(items)
+        if len(out) != len(items):
+            raise RuntimeError(f"handler returned {len(out)} results for {len(items)} items")
+        return out
+    except Exception as exc:  # noqa: BLE001 - any error of a single item is that item's error
+        if len(items) == 1:
+            return [exc]
+        mid = len(items) // 2
+        return isolate(fn, items[:mid]) + isolate(fn, items[mid:])
+
+
+class Handler(ABC, Generic[W]):
+    kind: ClassVar[str]
+
+    @abstractmethod
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[W], list[Outcome]]:
+        """Read what the jobs need. Returns the work items and the outcomes already known (row gone...)."""
+
+    @abstractmethod
+    def compute(self, work: list[W]) -> list[Outcome]:
+        """The model work, in a thread, outside any transaction. One outcome per item."""
+
+    @abstractmethod
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        """Write successful results inside the caller's transaction, with a stale-write guard."""
+
+    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        """Record a job's final failure on its row (inside the caller's transaction)."""
+
+    async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
+        """Announce written results (inside the write transaction: delivered on commit)."""
+
+
+def input_error(outcome_job: Job, exc: InputError) -> Outcome:
+    return Outcome(outcome_job, error=describe(exc), retry=False)

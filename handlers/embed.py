@@ -1,0 +1,177 @@
+"""The ``embed`` job: chunk a document with the model's tokenizer and embed its chunks for every serving version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pgsynapse.chunking import Chunk, Chunker
+from pgsynapse.config import Settings
+from pgsynapse.errors import InputError
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, isolate
+from pgsynapse.logs import get_logger
+from pgsynapse.models import Embedder, ModelCache
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EmbedWork:
+    job: Job
+    title: str | None
+    body: str | None
+    content_hash: str
+    chunks: list[Chunk] | None = None
+
+
+@dataclass
+class EmbedResult:
+    content_hash: str
+    chunks: list[Chunk]
+    vectors: dict[int, np.ndarray]  # model version id -> (n_chunks, dim)
+
+
+class EmbedHandler(Handler[EmbedWork]):
+    kind = "embed"
+
+    def __init__(self, settings: Settings, models: ModelCache) -> None:
+        self.settings = settings
+        self.models = models
+        self.versions: list[dict[str, Any]] = []
+        self._chunker: Chunker | None = None
+
+    # -- versions and models ------------------------------------------------------------------
+    async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
+        cur = await conn.execute(q("serving_versions"))
+        self.versions = list(await cur.fetchall())
+
+    def embedders(self) -> list[Embedder]:
+        return [self.models.get(v) for v in self.versions]
+
+    @property
+    def chunker(self) -> Chunker:
+        if self._chunker is None:
+            primary = self.embedders()[0]
+            limit = min(self.settings.chunk_tokens, primary.max_seq_length)
+            self._chunker = Chunker(primary.tokenizer, limit, self.settings.chunk_overlap)
+        return self._chunker
+
+    # -- the three steps ----------------------------------------------------------------------
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[EmbedWork], list[Outcome]]:
+        await self.refresh_versions(conn)
+        cur = await conn.execute(q("load_documents"), {"ids": [j.ref_id for j in jobs]})
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        work, known = [], []
+        for job in jobs:
+            row = rows.get(job.ref_id)
+            if row is None:
+                known.append(Outcome(job, skip_reason="document deleted"))
+            else:
+                work.append(EmbedWork(job, row["title"], row["body"], row["content_hash"]))
+        return work, known
+
+    def compute(self, work: list[EmbedWork]) -> list[Outcome]:
+        if not self.versions:
+            raise RuntimeError("no active model version")
+        outcomes: dict[int, Outcome] = {}
+        to_embed: list[EmbedWork] = []
+        for item in work:
+            try:
+                item.chunks = self._chunk(item)
+                to_embed.append(item)
+            except InputError as exc:
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False)
+            except Exception as exc:  # noqa: BLE001 - one row's error is that row's error
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc))
+        embedders = self.embedders()
+        results = isolate(lambda items: self._encode(items, embedders), to_embed)
+        for item, res in zip(to_embed, results, strict=True):
+            if isinstance(res, BaseException):
+                retry = not isinstance(res, InputError)
+                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=retry)
+            else:
+                outcomes[item.job.id] = Outcome(item.job, result=res)
+        return [outcomes[item.job.id] for item in work]
+
+    def _chunk(self, item: EmbedWork) -> list[Chunk]:
+        body = item.body or ""
+        if len(body) > self.settings.max_document_chars:
+            raise InputError(
+                f"body has {len(body):,} characters, over max_document_chars={self.settings.max_document_chars:,}"
+            )
+        return self.chunker.split(item.title, body)
+
+    def _encode(self, items: list[EmbedWork], embedders: list[Embedder]) -> list[EmbedResult]:
+        texts = [c.embed_text for item in items for c in item.chunks or []]
+        by_version = {e.spec.version_id: e.encode(texts, self.settings.encode_batch_size) for e in embedders}
+        out, start = [], 0
+        for item in items:
+            n = len(item.chunks or [])
+            vectors = {v: arr[start : start + n] for v, arr in by_version.items()}
+            for v, arr in vectors.items():
+                if n and not np.isfinite(arr).all():
+                    raise ValueError(f"model version {v} produced non-finite values")
+            out.append(EmbedResult(item.content_hash, list(item.chunks or []), vectors))
+            start += n
+        return out
+
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        if not outcomes:
+            return report
+        doc_ids = [o.job.ref_id for o in outcomes]
+        cur = await conn.execute(q("lock_documents"), {"ids": doc_ids})
+        current = {r["id"]: r["content_hash"] for r in await cur.fetchall()}
+        fresh: list[Outcome] = []
+        for o in outcomes:
+            if current.get(o.job.ref_id) == o.result.content_hash:
+                fresh.append(o)
+            else:
+                # the row changed (or vanished) while we computed: a newer job has the new text
+                report.superseded.append(o.job.id)
+        if not fresh:
+            return report
+        ids = [o.job.ref_id for o in fresh]
+        await conn.execute(q("delete_chunks"), {"ids": ids})
+        n_chunks = sum(len(o.result.chunks) for o in fresh)
+        if n_chunks:
+            cur = await conn.execute(q("next_chunk_ids"), {"n": n_chunks})
+            chunk_ids = [r["id"] for r in await cur.fetchall()]
+            rows, emb_rows, i = [], [], 0
+            for o in fresh:
+                res: EmbedResult = o.result
+                for k, ch in enumerate(res.chunks):
+                    cid = chunk_ids[i]
+                    i += 1
+                    rows.append((cid, o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start, ch.char_end, res.content_hash))
+                    for version, arr in res.vectors.items():
+                        emb_rows.append((cid, version, arr[k]))
+            async with conn.cursor() as c:
+                async with c.copy(
+                    "COPY pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)"
+                    " FROM STDIN"
+                ) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                async with c.copy(
+                    "COPY pgsynapse.embeddings (chunk_id, model_version_id, embedding) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["int8", "int4", "vector"])
+                    for row in emb_rows:
+                        await copy.write_row(row)
+        await conn.execute(q("mark_documents_embedded"), {"ids": ids})
+        report.written.extend(o.job.id for o in fresh)
+        return report
+
+    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
+        await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
+
+    async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
+        ids = [jobs[j].ref_id for j in report.written]
+        if ids:
+            await conn.execute(q("notify_documents"), {"ids": ids, "status": "embedded"})

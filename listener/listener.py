@@ -1,0 +1,84 @@
+"""The dedicated LISTEN connection: autocommit, keepalives, reconnect with backoff.
+
+While it is down the dispatchers fall back to polling; the loss is logged (``listen_connection_lost``)
+and counted, never silent. On every (re)connect all dispatchers are woken to catch up.
+"""
+
+from __future__ import annotations
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+
+from pgsynapse.db import aconnect
+from pgsynapse.errors import DatabaseError
+from pgsynapse.listener.wakeup import JOBS_CHANNEL, JobNotice, Wakeups
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+LISTENER_APPLICATION_NAME = "pgsynapse-listener"
+
+
+class Listener:
+    def __init__(self, url: str, wakeups: Wakeups, *, reconnect_max: float = 30.0) -> None:
+        self.url = url
+        self.wakeups = wakeups
+        self.reconnect_max = reconnect_max
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+        self.on_state_change = lambda connected: None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        backoff, started, ever_connected = 0.25, False, False
+        while True:
+            conn = None
+            try:
+                conn = await aconnect(self.url, autocommit=True, application_name=LISTENER_APPLICATION_NAME)
+                await conn.execute(f"LISTEN {JOBS_CHANNEL}")
+                self.backend_pid = conn.info.backend_pid
+                self._set(True)
+                if ever_connected:
+                    self.reconnects += 1
+                    log.info("listen_reconnected", backend_pid=self.backend_pid, reconnects=self.reconnects)
+                else:
+                    log.info("listen_connected", channel=JOBS_CHANNEL, backend_pid=self.backend_pid)
+                ever_connected, backoff = True, 0.25
+                # whatever arrived while we were away
+                self.wakeups.wake_all()
+                if not started:
+                    task_status.started()
+                    started = True
+                async for notice in conn.notifies():
+                    parsed = JobNotice.parse(notice.payload)
+                    if parsed is None:
+                        log.warning("notify_payload_invalid", payload=notice.payload[:200])
+                        self.wakeups.wake_all()
+                    else:
+                        self.wakeups.wake(parsed.kind)
+            except (psycopg.Error, DatabaseError, OSError) as exc:
+                self._set(False)
+                log.warning(
+                    "listen_connection_lost",
+                    error=" ".join(str(exc).split())[:200],
+                    retry_in=round(backoff, 2),
+                    fallback="polling",
+                )
+                if not started:
+                    task_status.started()
+                    started = True
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, self.reconnect_max)
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await conn.close()
+                        except Exception:  # noqa: BLE001 - the connection is already broken
+                            pass
+
+    def _set(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.on_state_change(connected)

@@ -1,0 +1,54 @@
+"""Wake-ups per job kind: NOTIFY, the fallback poll and shutdown all end a dispatcher's wait."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import anyio
+
+JOBS_CHANNEL = "pgsynapse_jobs"
+
+
+@dataclass(frozen=True)
+class JobNotice:
+    """The validated payload of a ``pgsynapse_jobs`` NOTIFY: ``{"kind": "embed", "n": 3}``."""
+
+    kind: str
+    n: int = 1
+
+    @classmethod
+    def parse(cls, payload: str) -> JobNotice | None:
+        try:
+            data = json.loads(payload)
+            kind, n = data["kind"], int(data.get("n", 1))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(kind, str) or not kind:
+            return None
+        return cls(kind, n)
+
+
+class Wakeups:
+    def __init__(self, kinds: list[str]) -> None:
+        self._events = {k: anyio.Event() for k in kinds}
+
+    def wake(self, kind: str) -> None:
+        event = self._events.get(kind)
+        if event is not None:
+            event.set()
+
+    def wake_all(self) -> None:
+        for event in self._events.values():
+            event.set()
+
+    async def wait(self, kind: str, timeout: float) -> bool:
+        """Wait for a wake-up of ``kind`` or ``timeout`` seconds; True when woken."""
+        event = self._events[kind]
+        woken = False
+        with anyio.move_on_after(timeout):
+            await event.wait()
+            woken = True
+        if event.is_set():
+            self._events[kind] = anyio.Event()
+        return woken

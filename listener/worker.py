@@ -1,0 +1,289 @@
+"""The worker: claim batches, compute outside transactions, write in short ones, retry, shut down cleanly.
+
+Waiting (LISTEN or poll, in :mod:`pgsynapse.listener.listener`) is kept apart from working (one batch,
+:meth:`Worker.process_batch`), so each is small and testable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from pgvector.psycopg import register_vector_async
+from psycopg_pool import AsyncConnectionPool
+from psycopg.rows import dict_row
+
+from pgsynapse.config import Settings
+from pgsynapse.handlers import registry
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
+from pgsynapse.listener.listener import Listener
+from pgsynapse.listener.wakeup import Wakeups
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+def backoff_delay(attempts: int, base: float, cap: float) -> float:
+    """Seconds before the next attempt: base, 2*base, 4*base, ... capped."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+@dataclass
+class WorkerStats:
+    """Live counters of one worker process (read by status, health and metrics)."""
+
+    processed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    retried: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    fallback_polls: int = 0
+    last_tick: float = field(default_factory=time.monotonic)
+
+    def add(self, table: dict[str, int], kind: str, n: int = 1) -> None:
+        table[kind] = table.get(kind, 0) + n
+
+
+class Worker:
+    """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        *,
+        models: ModelCache | None = None,
+        handlers: dict[str, Handler] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.models = models or ModelCache(
+            model_path=settings.model_path, device=settings.device, threads=settings.torch_threads
+        )
+        if handlers is None:
+            known = registry()
+            unknown = [k for k in settings.kinds if k not in known]
+            if unknown:
+                from pgsynapse.errors import ConfigError
+
+                raise ConfigError(f"invalid setting kinds [PGSYNAPSE_KINDS]: unknown job kind(s) {unknown}")
+            handlers = {k: known[k](settings, self.models) for k in settings.kinds}
+        self.handlers = handlers
+        self.kinds = list(self.handlers)
+        self.wakeups = Wakeups(self.kinds)
+        self.listener = Listener(url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
+        self.stats = WorkerStats()
+        self.stopping = anyio.Event()
+        self.pool: AsyncConnectionPool | None = None
+        self.in_flight = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)
+            self.stopping.set()
+            self.wakeups.wake_all()
+
+    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
+        await register_vector_async(conn)
+
+    async def warm_up(self) -> None:
+        """Load the models of the serving versions now, so start-up fails fast on a bad model."""
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            for handler in self.handlers.values():
+                refresh = getattr(handler, "refresh_versions", None)
+                if refresh is not None:
+                    await refresh(conn)
+                    await anyio.to_thread.run_sync(handler.embedders)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED, handle_signals: bool = True) -> None:
+        self.pool = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=4 + len(self.kinds),
+            kwargs={"row_factory": dict_row, "application_name": "pgsynapse-worker", "autocommit": True},
+            configure=self._configure,
+            open=False,
+        )
+        await self.pool.open(wait=True, timeout=30)
+        try:
+            await self.warm_up()
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(self._watch_signals)
+                await tg.start(self.listener.run)
+                tg.start_soon(self._maintenance)
+                log.info("worker_started", worker=self.worker_id, kinds=self.kinds, listening=self.listener.connected)
+                task_status.started()
+                async with anyio.create_task_group() as loops:
+                    for kind in self.kinds:
+                        for _ in range(2):  # two loops per kind: one computes while the other claims/writes
+                            loops.start_soon(self._kind_loop, kind)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.pool.close()
+        log.info("worker_stopped", worker=self.worker_id, processed=self.stats.processed, failed=self.stats.failed)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                self.request_stop()
+
+    async def _maintenance(self) -> None:
+        """Renew our leases and return expired ones to the queue."""
+        interval = max(0.2, min(self.settings.lease_seconds / 3, 10.0))
+        while True:
+            try:
+                await self.reap_expired()
+                assert self.pool is not None
+                async with self.pool.connection() as conn:
+                    await conn.execute(q("renew_leases"), {"lease": self.settings.lease_seconds, "worker": self.worker_id})
+            except (psycopg.Error, OSError) as exc:
+                log.warning("maintenance_failed", error=" ".join(str(exc).split())[:200])
+            await anyio.sleep(interval)
+
+    async def reap_expired(self) -> None:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                cur = await conn.execute(q("reap_expired_leases"), {"max_attempts": self.settings.max_attempts})
+                row = await cur.fetchone()
+                failed = row["failed"] if row else []
+                for f in failed:
+                    handler = self.handlers.get(f["kind"])
+                    if handler is not None:
+                        job = Job(f["id"], f["kind"], f["ref_id"], {}, 0, None)  # type: ignore[arg-type]
+                        await handler.record_failure(conn, job, f["last_error"])
+        if row and (row["requeued"] or failed):
+            log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _kind_loop(self, kind: str) -> None:
+        while not self.stopping.is_set():
+            self.stats.last_tick = time.monotonic()
+            try:
+                jobs = await self.claim(kind, self.settings.batch_size)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
+                await self.wakeups.wait(kind, min(self.settings.poll_interval, 2.0))
+                continue
+            if not jobs:
+                woken = await self.wakeups.wait(kind, self.settings.poll_interval)
+                if not woken and not self.listener.connected:
+                    self.stats.fallback_polls += 1
+                continue
+            # in-flight work finishes and is written even when a stop is requested meanwhile
+            with anyio.CancelScope(shield=True):
+                self.in_flight += 1
+                try:
+                    await self.process_batch(kind, jobs)
+                finally:
+                    self.in_flight -= 1
+
+    async def claim(self, kind: str, limit: int) -> list[Job]:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                q("claim_jobs"),
+                {"kind": kind, "limit": limit, "worker": self.worker_id, "lease": self.settings.lease_seconds},
+            )
+            rows = await cur.fetchall()
+        return [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"]) for r in rows]
+
+    async def process_batch(self, kind: str, jobs: list[Job]) -> None:
+        handler = self.handlers[kind]
+        started = time.perf_counter()
+        assert self.pool is not None
+        try:
+            async with self.pool.connection() as conn:
+                work, outcomes = await handler.load(conn, jobs)
+            computed = await anyio.to_thread.run_sync(handler.compute, work) if work else []
+            outcomes = outcomes + computed
+        except Exception as exc:  # noqa: BLE001 - a batch-level error: every job gets it, and is retried
+            log.exception("batch_failed", kind=kind, n=len(jobs))
+            outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
+        compute_ms = (time.perf_counter() - started) * 1000
+        await self._write(kind, handler, outcomes)
+        self.stats.batches += 1
+        log.info(
+            "batch_processed",
+            kind=kind,
+            n=len(jobs),
+            ok=sum(o.ok for o in outcomes),
+            failed=sum(not o.ok for o in outcomes),
+            compute_ms=round(compute_ms, 1),
+            total_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    async def _write(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+        try:
+            await self._write_txn(kind, handler, outcomes)
+        except psycopg.Error as exc:
+            if len(outcomes) == 1:
+                o = outcomes[0]
+                if not o.ok:
+                    # even recording the failure fails: leave the job to its lease, which expires and retries it
+                    log.error("job_write_failed", kind=kind, job=o.job.id, error=describe(exc)[:300])
+                    return
+                # the write itself fails for this job: it becomes the job's error
+                o.error, o.result = f"write failed: {describe(exc)}", None
+                await self._write(kind, handler, [o])
+                return
+            log.warning("batch_write_failed_splitting", kind=kind, n=len(outcomes), error=describe(exc)[:200])
+            for o in outcomes:
+                await self._write(kind, handler, [o])
+
+    async def _write_txn(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+        assert self.pool is not None
+        jobs = {o.job.id: o.job for o in outcomes}
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id})
+            owned = {r["id"] for r in await cur.fetchall()}
+            lost = len(jobs) - len(owned)
+            if lost:
+                log.warning("lease_lost_results_dropped", kind=kind, n=lost)
+            mine = [o for o in outcomes if o.job.id in owned]
+            ok = [o for o in mine if o.ok and o.skip_reason is None]
+            report = await handler.write(conn, ok) if ok else WriteReport()
+            done = report.written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
+            if done:
+                await conn.execute(q("complete_jobs"), {"ids": done, "worker": self.worker_id})
+            for job_id in report.superseded:
+                await conn.execute(
+                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}
+                )
+            for o in mine:
+                if not o.ok:
+                    await self._fail_or_retry(conn, handler, o)
+            await handler.notify_written(conn, report, jobs)
+        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
+
+    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
+        params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
+        if o.retry and o.job.attempts < self.settings.max_attempts:
+            delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+            cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
+            if cur.rowcount:
+                self.stats.add(self.stats.retried, o.job.kind)
+                log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
+                            attempt=o.job.attempts, delay_s=delay, error=o.error)
+            else:
+                await conn.execute(q("supersede_job"), {**params, "error": f"superseded after error: {o.error}"})
+            return
+        cur = await conn.execute(q("fail_job"), params)
+        if cur.rowcount:
+            await handler.record_failure(conn, o.job, o.error or "unknown error")
+            self.stats.add(self.stats.failed, o.job.kind)
+            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)

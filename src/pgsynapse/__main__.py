@@ -1,0 +1,3 @@
+from pgsynapse.cli import main
+
+raise SystemExit(main())

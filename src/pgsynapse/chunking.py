@@ -1,0 +1,99 @@
+"""Token-aware chunking with the model's own tokenizer.
+
+A chunk is a span of the original body (so passages quote the source exactly); the embedded text is
+``title + "\n" + chunk``, and its token count, special tokens included, never exceeds the limit.
+Chunk ends snap back to a paragraph or sentence break when one is near, so passages read well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TITLE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Chunk:
+    ord: int
+    text: str  # the passage, a slice of the body
+    embed_text: str  # what the model sees
+    token_count: int  # tokens of embed_text, special tokens included
+    char_start: int
+    char_end: int
+
+
+def _break_score(body: str, pos: int) -> int:
+    """How good a place ``pos`` (a char offset where a token starts) is to end a chunk."""
+    before = body[max(0, pos - 2) : pos]
+    if before.endswith("\n\n") or "\n\n" in before:
+        return 3
+    if before.endswith("\n"):
+        return 2
+    if before[-2:-1] in {".", "!", "?", ":", ";"} and before.endswith(" "):
+        return 2
+    return 0
+
+
+class Chunker:
+    def __init__(self, tokenizer: Any, max_tokens: int, overlap: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.overlap = overlap
+        self.specials = len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    def _title_prefix(self, title: str | None) -> str:
+        title = " ".join((title or "").split())
+        if not title:
+            return ""
+        enc = self.tokenizer(title, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        if len(enc["input_ids"]) > MAX_TITLE_TOKENS:
+            title = title[: enc["offset_mapping"][MAX_TITLE_TOKENS - 1][1]]
+        return title + "\n"
+
+    def split(self, title: str | None, body: str | None) -> list[Chunk]:
+        body = body or ""
+        if not body.strip():
+            return []
+        prefix = self._title_prefix(title)
+        budget = self.max_tokens - self.specials - (self._count(prefix) - self.specials if prefix else 0)
+        budget = max(budget, 8)
+        enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+        n = len(offsets)
+        chunks: list[Chunk] = []
+        start = 0
+        overlap = min(self.overlap, budget // 4)
+        while start < n:
+            end = min(start + budget, n)
+            if end < n:
+                # snap back to a good break in the last third of the window
+                best, best_score = end, 0
+                floor = start + (2 * budget) // 3
+                for i in range(end, floor, -1):
+                    score = _break_score(body, offsets[i][0])
+                    if score > best_score:
+                        best, best_score = i, score
+                        if score == 3:
+                            break
+                end = best
+            chunk = self._make(prefix, body, offsets, start, end, len(chunks))
+            # decoding boundaries can merge tokens differently: shrink until it fits
+            while chunk.token_count > self.max_tokens and end - start > 1:
+                end -= max(1, (chunk.token_count - self.max_tokens))
+                chunk = self._make(prefix, body, offsets, start, end, len(chunks))
+            if chunk.text.strip():
+                chunks.append(chunk)
+            if end >= n:
+                break
+            start = max(end - overlap, start + 1)
+        return chunks
+
+    def _make(self, prefix: str, body: str, offsets: list[tuple[int, int]], start: int, end: int, ord_: int) -> Chunk:
+        c0, c1 = offsets[start][0], offsets[end - 1][1]
+        text = body[c0:c1]
+        embed_text = prefix + text
+        return Chunk(ord_, text, embed_text, self._count(embed_text), c0, c1)

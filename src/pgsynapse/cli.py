@@ -1,0 +1,130 @@
+"""The ``pgsynapse`` command: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from pgsynapse import __version__
+from pgsynapse.errors import ConfigError, DatabaseError, ModelError, PgsynapseError
+
+EX_UNAVAILABLE = 69  # the database could not be used
+EX_CONFIG = 78  # bad configuration or model: restarting will not help (systemd RestartPreventExitStatus)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
+    p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
+    p.add_argument("--config", help="TOML config file (also PGSYNAPSE_CONFIG)")
+    p.add_argument("--database-url", help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
+    p.add_argument("--data-dir", help="data directory of the embedded server, models and caches")
+    p.add_argument("--log-format", choices=["console", "json"], help="log format (default console)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
+    run.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    run.add_argument("--kinds", help="comma-separated job kinds to process (default: all)")
+
+    sub.add_parser("migrate", help="apply pending schema migrations")
+
+    st = sub.add_parser("status", help="queue, corpus and model status")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    se = sub.add_parser("search", help="kNN search over the active model version")
+    se.add_argument("text")
+    se.add_argument("-k", type=int, default=5, help="results (default 5)")
+    se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
+
+    de = sub.add_parser("demo", help="ingest real text, embed it, search it")
+    de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
+    return p
+
+
+def _settings(args: argparse.Namespace):
+    from pgsynapse.config import load_settings
+
+    overrides = {
+        "database_url": args.database_url,
+        "data_dir": args.data_dir,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+    if getattr(args, "kinds", None):
+        overrides["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    return load_settings(args.config, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pgsynapse.logs import configure_logging
+
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_format, settings.log_level)
+        return _dispatch(args, settings)
+    except (ConfigError, ModelError) as exc:
+        print(f"pgsynapse: error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except DatabaseError as exc:
+        print(f"pgsynapse: error: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except PgsynapseError as exc:
+        print(f"pgsynapse: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings) -> int:
+    from pgsynapse.db import Database
+
+    if args.command == "run":
+        from pgsynapse.app import run_worker
+
+        run_worker(settings, apply_migrations=not args.no_migrate)
+        return 0
+    if args.command == "migrate":
+        from pgsynapse.migrate import migrate
+
+        with Database(settings) as db:
+            done = migrate(db.url)
+        print("applied: " + ", ".join(done) if done else "database schema is up to date")
+        return 0
+    if args.command == "status":
+        from pgsynapse.status import render, snapshot
+
+        with Database(settings) as db, db.connect() as conn:
+            snap = snapshot(conn)
+        print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
+        return 0
+    if args.command == "search":
+        import anyio
+
+        from pgsynapse.models import ModelCache
+        from pgsynapse.search import search
+
+        async def go(url: str):
+            from pgsynapse.db import aconnect
+
+            conn = await aconnect(url, autocommit=True)
+            try:
+                return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k, version=args.model_version)
+            finally:
+                await conn.close()
+
+        with Database(settings) as db:
+            hits = anyio.run(go, db.url)
+        if not hits:
+            print("no results: nothing is embedded yet (is `pgsynapse run` running?)")
+        for i, h in enumerate(hits, 1):
+            print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
+            print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
+        return 0
+    if args.command == "demo":
+        from pgsynapse.demo import run_demo
+
+        return run_demo(settings, limit=args.limit)
+    raise AssertionError(args.command)

@@ -1,0 +1,119 @@
+"""Settings: one typed object, read once from PGSYNAPSE_* environment variables and an optional TOML file.
+
+Precedence, highest first: explicit overrides (CLI flags), the environment, the TOML file, defaults.
+An invalid value stops start-up with a one-line :class:`ConfigError` that names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pgsynapse.errors import ConfigError
+
+ENV_PREFIX = "PGSYNAPSE_"
+
+
+def default_data_dir() -> Path:
+    """A per-user data directory that also works for root (never under /root: the embedded server chmods its parents)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/pgsynapse")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pgsynapse"
+
+
+class Settings(BaseModel):
+    """Every knob of pgsynapse. Environment: ``PGSYNAPSE_<NAME>`` (``DATABASE_URL`` for the server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database_url: str | None = Field(None, description="PostgreSQL URL; none starts the embedded server")
+    data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
+
+    model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
+    device: str = Field("cpu", description="torch device")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for inference; 0 = number of cores")
+
+    chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
+    chunk_overlap: int = Field(32, ge=0, description="tokens repeated between neighbouring chunks")
+    max_document_chars: int = Field(2_000_000, ge=1, description="longer bodies fail with a clear error")
+
+    batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")
+    encode_batch_size: int = Field(32, ge=1, le=4096, description="texts per model forward pass")
+    max_attempts: int = Field(5, ge=1, le=100, description="attempts before a job is marked failed")
+    lease_seconds: float = Field(60.0, gt=0, description="a claimed job returns to the queue if not renewed")
+    retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
+    retry_backoff_max_seconds: float = Field(300.0, ge=0)
+    poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
+    reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
+    kinds: tuple[str, ...] = Field(("embed",), description="job kinds this worker processes")
+
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.chunk_overlap >= self.chunk_tokens // 2:
+            raise ValueError("chunk_overlap: must be less than half of chunk_tokens")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url
+
+
+def _env_values(environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None and name == "database_url":
+            raw = environ.get("DATABASE_URL")
+        if raw is None or raw == "":
+            continue
+        if name == "kinds":
+            values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
+        else:
+            values[name] = raw
+    return values
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    return str(loc[0]) if loc else "settings"
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read the settings once. Raises :class:`ConfigError` with a one-line message naming the bad setting."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        values.update(data.get("pgsynapse", data))
+    values.update(_env_values(environ))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = _setting_name(err["loc"])
+        where = f"{ENV_PREFIX}{name.upper()}" if name in Settings.model_fields else name
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ").split(": ", 1)[-1]
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        raise ConfigError(f"invalid setting {name} [{where}]: {msg}{shown}") from None

@@ -1,0 +1,96 @@
+"""Database access: resolve the server, open connections, wrap errors once at the boundary."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import DatabaseError
+
+APPLICATION_NAME = "pgsynapse"
+
+
+def _connect_kwargs(application_name: str) -> dict[str, object]:
+    return {
+        "application_name": application_name,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "connect_timeout": 10,
+    }
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+def connect(url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(application_name))
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+
+
+async def aconnect(
+    url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME
+) -> psycopg.AsyncConnection:
+    try:
+        return await psycopg.AsyncConnection.connect(
+            url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(application_name)
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+
+
+class Database:
+    """Where the database is: ``DATABASE_URL`` if given, else the embedded server in the data dir.
+
+    Use as a context manager; the embedded server is released on exit (and by its guardian if we die).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url: str = settings.database_url or ""
+        self._embedded = None
+
+    def __enter__(self) -> Database:
+        if not self.url:
+            from pgsynapse.embedded import EmbeddedPostgres
+
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            self.url = self._embedded.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    @contextlib.contextmanager
+    def connect(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+        conn = connect(self.url, autocommit=autocommit)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.asynccontextmanager
+    async def aconnect(self, *, autocommit: bool = False) -> AsyncIterator[psycopg.AsyncConnection]:
+        conn = await aconnect(self.url, autocommit=autocommit)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+async def next_notify(conn: psycopg.AsyncConnection, timeout: float) -> psycopg.Notify | None:
+    """The next NOTIFY on a LISTENing connection, or None after ``timeout`` seconds."""
+    async for notice in conn.notifies(timeout=timeout, stop_after=1):
+        return notice
+    return None

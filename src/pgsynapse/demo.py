@@ -1,0 +1,84 @@
+"""``pgsynapse demo``: ingest real text with plain INSERTs, let the worker embed it, search it."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import anyio
+from tqdm import tqdm
+
+from pgsynapse.config import Settings
+from pgsynapse.corpus import demo_pages
+from pgsynapse.db import Database, next_notify
+from pgsynapse.logs import get_logger
+from pgsynapse.migrate import migrate
+from pgsynapse.search import search
+
+log = get_logger(__name__)
+
+QUERIES = [
+    "how do I make a column unique so duplicates are rejected",
+    "undo changes made inside a transaction",
+    "store and query JSON documents",
+    "reclaim space from dead rows",
+    "back up a single database to a file",
+]
+
+INSERT_SQL = (
+    "INSERT INTO pgsynapse.documents (source, title, body)"
+    " SELECT %(source)s, %(title)s, %(body)s"
+    " WHERE NOT EXISTS (SELECT 1 FROM pgsynapse.documents WHERE source = %(source)s"
+    "                   AND content_hash = md5(coalesce(%(title)s, '') || chr(30) || coalesce(%(body)s, '')))"
+)
+
+
+def run_demo(settings: Settings, *, limit: int = 55, out=sys.stdout) -> int:
+    with Database(settings) as db:
+        migrate(db.url)
+        return anyio.run(_demo, settings, db, limit, out)
+
+
+async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
+    from pgsynapse.listener.worker import Worker
+
+    what, pages = demo_pages(limit)
+    print(f"pgsynapse demo: {len(pages)} pages of the {what}", file=out)
+    print(f"database: {'embedded PostgreSQL in ' + str(settings.data_dir) if settings.embedded else 'DATABASE_URL'}", file=out)
+    worker = Worker(settings, db.url)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+        async with db.aconnect(autocommit=True) as conn:
+            await conn.execute("LISTEN pgsynapse_documents")
+            started = time.perf_counter()
+            async with conn.transaction():
+                for p in pages:
+                    await conn.execute(INSERT_SQL, {"source": p.source, "title": p.title, "body": p.text})
+            sources = [p.source for p in pages]
+            count_sql = (
+                "SELECT count(*) FILTER (WHERE status <> 'pending') AS done, count(*) AS total,"
+                " count(*) FILTER (WHERE status = 'failed') AS failed"
+                " FROM pgsynapse.documents WHERE source = ANY(%s)"
+            )
+            row = await (await conn.execute(count_sql, (sources,))).fetchone()
+            with tqdm(total=row["total"], desc="embedding", unit="doc", file=out, disable=None) as bar:
+                bar.update(row["done"])
+                while row["done"] < row["total"]:
+                    await next_notify(conn, settings.poll_interval)
+                    row = await (await conn.execute(count_sql, (sources,))).fetchone()
+                    bar.update(row["done"] - bar.n)
+            took = time.perf_counter() - started
+            stats = await (await conn.execute(
+                "SELECT count(DISTINCT c.id) AS chunks FROM pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id"
+                " WHERE d.source = ANY(%s)", (sources,))).fetchone()
+            print(f"\nembedded {row['total']} documents ({stats['chunks']} chunks) in {took:.1f}s"
+                  + (f", {row['failed']} failed" if row["failed"] else ""), file=out)
+            for query in QUERIES:
+                hits = await search(conn, worker.models, query, k=3)
+                print(f"\nsearch: {query!r}", file=out)
+                for h in hits:
+                    snippet = textwrap.shorten(" ".join(h.text.split()), 110)
+                    print(f"  {h.score:.3f}  {h.title}  [{h.source} #{h.ord}]\n         {snippet}", file=out)
+        worker.request_stop()
+    return 0

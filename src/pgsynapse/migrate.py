@@ -1,0 +1,102 @@
+"""Numbered, forward-only migrations, tracked in ``pgsynapse_migrations``, each applied in its own transaction.
+
+A migration file may include a trigger file with a line ``-- pgsynapse:include NAME.sql``; trigger
+files are versioned (``documents_v1.sql``) and never edited once released.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from pgsynapse.errors import DatabaseError
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_INCLUDE = re.compile(r"^--\s*pgsynapse:include\s+(\S+\.sql)\s*$", re.MULTILINE)
+# serialises concurrent `migrate` runs (two workers starting at once)
+_LOCK_KEY = 0x70677379  # "pgsy"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def _expand(sql: str) -> str:
+    def include(m: re.Match[str]) -> str:
+        return resources.files("pgsynapse.triggers").joinpath(m.group(1)).read_text()
+
+    return _INCLUDE.sub(include, sql)
+
+
+def available() -> list[Migration]:
+    found = []
+    for entry in resources.files("pgsynapse.migrations").iterdir():
+        m = _NAME.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), entry.name, _expand(entry.read_text())))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if len(set(versions)) != len(versions):
+        raise DatabaseError(f"duplicate migration numbers: {versions}")
+    return found
+
+
+def applied(conn: psycopg.Connection) -> list[int]:
+    exists = conn.execute("SELECT to_regclass('public.pgsynapse_migrations') IS NOT NULL AS e").fetchone()
+    if not exists or not list(exists.values())[0]:
+        return []
+    return [r["version"] for r in conn.execute("SELECT version FROM public.pgsynapse_migrations ORDER BY version")]
+
+
+def migrate(url: str) -> list[str]:
+    """Apply every pending migration; returns the names applied (empty when up to date)."""
+    from pgsynapse.db import connect
+
+    done: list[str] = []
+    with connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            _check_pgvector(conn)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS public.pgsynapse_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            have = set(applied(conn))
+            for mig in available():
+                if mig.version in have:
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(mig.sql.encode())
+                        conn.execute(
+                            "INSERT INTO public.pgsynapse_migrations (version, name) VALUES (%s, %s)",
+                            (mig.version, mig.name),
+                        )
+                except psycopg.Error as exc:
+                    raise DatabaseError(f"migration {mig.name} failed: {str(exc).strip()}") from exc
+                log.info("migration_applied", version=mig.version, name=mig.name)
+                done.append(mig.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return done
+
+
+def _check_pgvector(conn: psycopg.Connection) -> None:
+    row = conn.execute(
+        "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS installed,"
+        " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector') AS available"
+    ).fetchone()
+    if row and not row["installed"] and not row["available"]:
+        raise DatabaseError(
+            "the pgvector extension is not available on this PostgreSQL server: install it "
+            "(e.g. the postgresql-NN-pgvector package or the pgvector/pgvector image) and retry"
+        )

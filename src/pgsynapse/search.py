@@ -1,0 +1,51 @@
+"""kNN search over one model version's embeddings (the active one by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psycopg
+from pgvector.psycopg import register_vector_async
+
+from pgsynapse.errors import DatabaseError
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: int
+    document_id: int
+    title: str | None
+    source: str | None
+    ord: int
+    text: str
+    score: float
+
+
+async def version_row(conn: psycopg.AsyncConnection, version: int | None = None) -> dict[str, Any]:
+    if version is None:
+        cur = await conn.execute(q("active_version"))
+    else:
+        cur = await conn.execute(
+            "SELECT id, name, artifact_path, runtime, dim, status, traffic_percent FROM pgsynapse.model_versions WHERE id = %s",
+            (version,),
+        )
+    row = await cur.fetchone()
+    if row is None:
+        raise DatabaseError("no active model version" if version is None else f"no model version {version}")
+    return row
+
+
+async def search(
+    conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None
+) -> list[Hit]:
+    await register_vector_async(conn)
+    row = await version_row(conn, version)
+    embedder = await anyio.to_thread.run_sync(models.get, row)
+    vector = (await anyio.to_thread.run_sync(embedder.encode, [text]))[0]
+    sql = q("search_chunks").replace("{dim}", str(int(row["dim"])))
+    cur = await conn.execute(sql, {"query": vector, "version": row["id"], "k": k})
+    return [Hit(**r) for r in await cur.fetchall()]

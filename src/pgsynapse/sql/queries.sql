@@ -1,0 +1,142 @@
+-- Named queries of the job queue and the embed handler. Loaded by pgsynapse.queries.q(name).
+
+-- name: claim_jobs
+-- Claim up to %(limit)s due pending jobs of one kind; SKIP LOCKED keeps workers off each other's rows.
+WITH due AS (
+    SELECT id FROM pgsynapse.jobs
+    WHERE status = 'pending' AND kind = %(kind)s AND run_after <= now()
+    ORDER BY run_after, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgsynapse.jobs j
+SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_at = now(),
+    lease_until = now() + make_interval(secs => %(lease)s)
+FROM due
+WHERE j.id = due.id
+RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at;
+
+-- name: renew_leases
+UPDATE pgsynapse.jobs SET lease_until = now() + make_interval(secs => %(lease)s)
+WHERE status = 'running' AND worker = %(worker)s;
+
+-- name: lock_owned_jobs
+-- The writer's guard: only jobs this worker still holds are completed.
+SELECT id FROM pgsynapse.jobs
+WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s
+FOR UPDATE;
+
+-- name: complete_jobs
+UPDATE pgsynapse.jobs
+SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1, last_error = NULL
+WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s;
+
+-- name: retry_job
+-- Back to pending after a delay, unless a newer pending job for the same row exists (then it is superseded).
+UPDATE pgsynapse.jobs j
+SET status = 'pending', run_after = now() + make_interval(secs => %(delay)s), lease_until = NULL,
+    worker = NULL, last_error = %(error)s
+WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                  WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending');
+
+-- name: supersede_job
+UPDATE pgsynapse.jobs
+SET status = 'done', finished_at = now(), lease_until = NULL, last_error = %(error)s
+WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s;
+
+-- name: fail_job
+UPDATE pgsynapse.jobs
+SET status = 'failed', finished_at = now(), lease_until = NULL, last_error = %(error)s
+WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s
+RETURNING kind, ref_id;
+
+-- name: reap_expired_leases
+-- Jobs whose worker vanished: back to the queue, or failed once they have used every attempt.
+WITH expired AS (
+    SELECT id, kind, ref_id, attempts, worker FROM pgsynapse.jobs
+    WHERE status = 'running' AND lease_until < now()
+    FOR UPDATE SKIP LOCKED
+), failed AS (
+    UPDATE pgsynapse.jobs j
+    SET status = 'failed', finished_at = now(), lease_until = NULL,
+        last_error = format('lease expired %%s times: the worker (last %%s) died or hung while processing this job',
+                            e.attempts, e.worker)
+    FROM expired e
+    WHERE j.id = e.id AND e.attempts >= %(max_attempts)s
+    RETURNING j.id, j.kind, j.ref_id, j.last_error
+), superseded AS (
+    UPDATE pgsynapse.jobs j
+    SET status = 'done', finished_at = now(), lease_until = NULL, last_error = 'superseded by a newer job'
+    FROM expired e
+    WHERE j.id = e.id AND e.attempts < %(max_attempts)s
+      AND EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending')
+    RETURNING j.id
+), requeued AS (
+    UPDATE pgsynapse.jobs j
+    SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL,
+        last_error = format('lease expired (worker %%s)', e.worker)
+    FROM expired e
+    WHERE j.id = e.id AND e.attempts < %(max_attempts)s
+      AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending')
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM requeued) AS requeued,
+       (SELECT count(*) FROM superseded) AS superseded,
+       (SELECT coalesce(json_agg(failed), '[]') FROM failed) AS failed;
+
+-- name: queue_stats
+SELECT kind,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'done') AS done,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) AS oldest_pending_seconds
+FROM pgsynapse.jobs
+GROUP BY kind
+ORDER BY kind;
+
+-- name: serving_versions
+-- Versions whose embeddings must exist for every chunk: the active one and candidates in rollout.
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
+FROM pgsynapse.model_versions
+WHERE status IN ('active', 'candidate')
+ORDER BY id;
+
+-- name: active_version
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
+FROM pgsynapse.model_versions WHERE status = 'active';
+
+-- name: load_documents
+SELECT id, title, body, content_hash FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
+
+-- name: lock_documents
+SELECT id, content_hash FROM pgsynapse.documents WHERE id = ANY(%(ids)s) FOR UPDATE;
+
+-- name: delete_chunks
+DELETE FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s);
+
+-- name: next_chunk_ids
+SELECT nextval('pgsynapse.chunks_id_seq') AS id FROM generate_series(1, %(n)s);
+
+-- name: mark_documents_embedded
+UPDATE pgsynapse.documents d
+SET status = 'embedded', error = NULL, embedded_hash = d.content_hash, embedded_at = now()
+WHERE d.id = ANY(%(ids)s);
+
+-- name: mark_document_failed
+UPDATE pgsynapse.documents SET status = 'failed', error = %(error)s WHERE id = %(id)s;
+
+-- name: notify_documents
+SELECT pg_notify('pgsynapse_documents', json_build_object('id', d, 'status', %(status)s::text)::text)
+FROM unnest(%(ids)s::bigint[]) AS d;
+
+-- name: search_chunks
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.ord, c.text,
+       1 - (e.embedding::vector({dim}) <=> %(query)s::vector({dim})) AS score
+FROM pgsynapse.embeddings e
+JOIN pgsynapse.chunks c ON c.id = e.chunk_id
+JOIN pgsynapse.documents d ON d.id = c.document_id
+WHERE e.model_version_id = %(version)s
+ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
+LIMIT %(k)s;

@@ -1,0 +1,51 @@
+"""A snapshot of the queue and the corpus, for ``pgsynapse status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from pgsynapse.queries import q
+
+
+def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+    jobs = [dict(r) for r in conn.execute(q("queue_stats"))]
+    for r in jobs:
+        if r["oldest_pending_seconds"] is not None:
+            r["oldest_pending_seconds"] = round(float(r["oldest_pending_seconds"]), 1)
+    counts = conn.execute(
+        "SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,"
+        " (SELECT count(*) FROM pgsynapse.documents WHERE status = 'pending') AS documents_pending,"
+        " (SELECT count(*) FROM pgsynapse.documents WHERE status = 'failed') AS documents_failed,"
+        " (SELECT count(*) FROM pgsynapse.chunks) AS chunks,"
+        " (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings"
+    ).fetchone()
+    versions = [
+        {**dict(r), "traffic_percent": float(r["traffic_percent"])}
+        for r in conn.execute(
+            "SELECT id, name, runtime, dim, status, traffic_percent FROM pgsynapse.model_versions ORDER BY id"
+        )
+    ]
+    active = next((v for v in versions if v["status"] == "active"), None)
+    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions}
+
+
+def render(snap: dict[str, Any]) -> str:
+    lines = []
+    a = snap["active_model"]
+    lines.append(f"active model   : v{a['id']} {a['name']} ({a['runtime']}, dim {a['dim']})" if a else "active model   : none")
+    lines.append(
+        f"documents      : {snap['documents']} ({snap['documents_pending']} pending, {snap['documents_failed']} failed)"
+    )
+    lines.append(f"chunks         : {snap['chunks']}")
+    lines.append(f"embeddings     : {snap['embeddings']}")
+    lines.append("jobs           : kind      pending  running  failed  done     oldest pending")
+    if not snap["jobs"]:
+        lines.append("                 (none)")
+    for r in snap["jobs"]:
+        age = "-" if r["oldest_pending_seconds"] is None else f"{r['oldest_pending_seconds']}s"
+        lines.append(
+            f"                 {r['kind']:<9} {r['pending']:<8} {r['running']:<8} {r['failed']:<7} {r['done']:<8} {age}"
+        )
+    return "\n".join(lines)
