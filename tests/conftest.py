@@ -1,0 +1,140 @@
+"""Real PostgreSQL for every test: a URL from the environment, else testcontainers when a Docker engine
+answers, else the embedded server. Each test gets a fresh database cloned from a migrated template."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", help="longer chaos scenarios: more kills and more rows")
+
+
+@pytest.fixture(scope="session")
+def full(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--full"))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _docker_url() -> tuple[str, object] | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:  # noqa: BLE001 - no engine: fall through to the embedded server
+        return None
+    from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer("pgvector/pgvector:pg17", driver=None)
+    container.start()
+    return container.get_connection_url(), container
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    url = os.environ.get("PGSYNAPSE_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    found = _docker_url()
+    if found:
+        url, container = found
+        yield url
+        container.stop()  # type: ignore[attr-defined]
+        return
+    from pgsynapse.embedded import EmbeddedPostgres
+
+    # never under /root: as root the embedded server chmods the parents of its data dir
+    data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-", dir="/tmp"))
+    server = EmbeddedPostgres(data_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _admin(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def _with_db(url: str, dbname: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with _admin(admin_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_url: str) -> Iterator[str]:
+    from pgsynapse.migrate import migrate
+
+    name = f"pgsynapse_tpl_{uuid.uuid4().hex[:8]}"
+    with _admin(pg_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    migrate(_with_db(pg_url, name))
+    yield name
+    drop_database(pg_url, name)
+
+
+@pytest.fixture
+def new_db(pg_url: str):
+    """A factory of fresh databases: empty (``template=None``) or cloned from the migrated template."""
+    made: list[str] = []
+
+    def make(template: str | None = None) -> str:
+        name = f"pgsynapse_t_{uuid.uuid4().hex[:10]}"
+        with _admin(pg_url) as conn:
+            if template:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            else:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return _with_db(pg_url, name)
+
+    yield make
+    for name in made:
+        drop_database(pg_url, name)
+
+
+@pytest.fixture
+def db_url(new_db, template_db: str) -> str:
+    """A fresh, migrated database for this test."""
+    return new_db(template_db)
+
+
+@pytest.fixture(scope="session")
+def models():
+    """The real default model, loaded once for the whole run."""
+    from pgsynapse.models import ModelCache
+
+    return ModelCache()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(models):
+    from pgsynapse.models import default_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_path()))

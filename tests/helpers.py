@@ -1,0 +1,153 @@
+"""Test helpers that wait on events (NOTIFY, row state, a worker's started line), never on time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg.rows import dict_row
+
+from pgsynapse.config import Settings, load_settings
+from pgsynapse.db import next_notify
+
+SAFETY_TIMEOUT = 120.0  # a safety net only: every wait returns on an event
+
+
+def fast_settings(url: str, **overrides: Any) -> Settings:
+    values = dict(
+        database_url=url,
+        lease_seconds=10.0,
+        retry_backoff_seconds=0.05,
+        retry_backoff_max_seconds=0.2,
+        max_attempts=3,
+        poll_interval=30.0,
+        batch_size=32,
+    )
+    values.update(overrides)
+    return load_settings(environ={}, **values)
+
+
+async def aconn(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row)
+
+
+async def wait_until(
+    conn: psycopg.AsyncConnection,
+    sql: str,
+    params: Any = None,
+    *,
+    channel: str = "pgsynapse_documents",
+    timeout: float = SAFETY_TIMEOUT,
+) -> None:
+    """Return once ``sql`` yields a true first column; re-checked on every NOTIFY on ``channel``."""
+    await conn.execute(f"LISTEN {channel}")
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await (await conn.execute(sql, params)).fetchone()
+        if row and list(row.values())[0]:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"condition not met within {timeout}s: {sql}")
+        # a NOTIFY re-checks at once; the short cap covers changes that send none (job rows)
+        await next_notify(conn, min(left, 1.0))
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, models, **kw: Any) -> AsyncIterator[Any]:
+    """An in-process worker, started (LISTEN up) before the body runs, drained and stopped after."""
+    from pgsynapse.listener.worker import Worker
+
+    worker = Worker(settings, settings.database_url, models=models, **kw)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+        try:
+            yield worker
+        finally:
+            worker.request_stop()
+
+
+@dataclass
+class WorkerProcess:
+    """A ``pgsynapse run`` subprocess whose JSON log lines are collected as events."""
+
+    proc: subprocess.Popen[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "raw", "line": line.rstrip()}
+            with self._cond:
+                self.events.append(ev)
+                self._cond.notify_all()
+        with self._cond:
+            self.events.append({"event": "process_exited"})
+            self._cond.notify_all()
+
+    def wait_event(self, name: str, timeout: float = SAFETY_TIMEOUT, start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events[start:]:
+                    if ev.get("event") == name:
+                        return ev
+                    if ev.get("event") == "process_exited" and name != "process_exited":
+                        raise RuntimeError(f"worker exited before {name!r}: {self.tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {name!r} event within {timeout}s: {self.tail()}")
+                self._cond.wait(left)
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(json.dumps(e) for e in self.events[-n:])
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+def spawn_worker(url: str, *args: str, env: dict[str, str] | None = None, wait_started: bool = True) -> WorkerProcess:
+    full_env = {**os.environ, "PGSYNAPSE_LEASE_SECONDS": "10", "PGSYNAPSE_RETRY_BACKOFF_SECONDS": "0.05",
+                "PGSYNAPSE_POLL_INTERVAL": "30", **(env or {})}
+    full_env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=full_env,
+        cwd=str(Path(__file__).parent),
+    )
+    wp = WorkerProcess(proc)
+    threading.Thread(target=wp._pump, daemon=True).start()
+    if wait_started:
+        wp.wait_event("worker_started")
+    return wp
+
+
+def insert_docs(url: str, docs: list[tuple[str, str]]) -> list[int]:
+    """One INSERT statement for all ``(title, body)`` pairs; returns ids."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "INSERT INTO pgsynapse.documents (title, body) SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING id",
+            ([t for t, _ in docs], [b for _, b in docs]),
+        ).fetchall()
+    return [r[0] for r in rows]

@@ -1,0 +1,255 @@
+"""Insert -> trigger -> NOTIFY -> worker -> chunks and embeddings, on real Postgres with the real model."""
+
+from __future__ import annotations
+
+import pytest
+from structlog.testing import capture_logs
+
+from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.search import search
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+
+
+async def test_insert_is_embedded_and_searchable(db_url, models):
+    settings = fast_settings(db_url)
+    async with running_worker(settings, models) as worker:
+        conn = await aconn(db_url)
+        await conn.execute("LISTEN pgsynapse_documents")
+        cur = await conn.execute(
+            "INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s) RETURNING id",
+            ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Run it regularly on busy tables."),
+        )
+        doc_id = (await cur.fetchone())["id"]
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc_id,))
+        row = await (await conn.execute(
+            "SELECT count(*) AS chunks, count(e.chunk_id) AS embeddings, min(vector_dims(e.embedding)) AS dim"
+            " FROM pgsynapse.chunks c LEFT JOIN pgsynapse.embeddings e ON e.chunk_id = c.id WHERE c.document_id = %s",
+            (doc_id,),
+        )).fetchone()
+        assert row == {"chunks": 1, "embeddings": 1, "dim": 384}
+        [other] = insert_docs(db_url, [("JSON", "The jsonb type stores JSON documents in a binary format.")])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (other,))
+        hits = await search(conn, worker.models, "how to reclaim space from dead rows", k=2)
+        assert [h.document_id for h in hits] == [doc_id, other]
+        assert hits[0].score > hits[1].score + 0.1
+        await conn.close()
+
+
+async def test_bulk_insert_sends_one_notify_and_embeds_all(db_url, models):
+    docs = [(f"Doc {i}", f"Document number {i} talks about topic {i % 17} in plain words.") for i in range(1000)]
+    listener = await aconn(db_url)
+    await listener.execute("LISTEN pgsynapse_jobs")
+    ids = insert_docs(db_url, docs)
+    assert len(ids) == 1000
+    # drain what the statement sent: exactly one NOTIFY, with the job count
+    notices = [n async for n in listener.notifies(timeout=1.0)]
+    assert len(notices) == 1, notices
+    assert '"n" : 1000' in notices[0].payload or '"n": 1000' in notices[0].payload
+    jobs = await (await listener.execute("SELECT count(*) AS n FROM pgsynapse.jobs WHERE kind = 'embed'")).fetchone()
+    assert jobs["n"] == 1000
+    async with running_worker(fast_settings(db_url, batch_size=128), models):
+        await wait_until(listener, ALL_DONE)
+    row = await (await listener.execute(
+        "SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded,"
+        " (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings,"
+        " (SELECT count(*) FROM pgsynapse.jobs WHERE status = 'done' AND completions = 1) AS done"
+        " FROM pgsynapse.documents"
+    )).fetchone()
+    assert row == {"embedded": 1000, "embeddings": 1000, "done": 1000}
+    await listener.close()
+
+
+async def test_update_of_text_reembeds_other_columns_do_not(db_url, models):
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        [doc] = insert_docs(db_url, [("Old", "The old text about replication slots.")])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        before = await (await conn.execute(
+            "SELECT c.id, c.text, e.embedding FROM pgsynapse.chunks c JOIN pgsynapse.embeddings e ON e.chunk_id = c.id"
+            " WHERE c.document_id = %s", (doc,))).fetchone()
+
+        # metadata only: no job, nothing re-embedded
+        await conn.execute("UPDATE pgsynapse.documents SET metadata = '{\"k\": 1}', source = 'x' WHERE id = %s", (doc,))
+        jobs = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchone()
+        assert jobs["n"] == 1
+        status = await (await conn.execute("SELECT status FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
+        assert status["status"] == "embedded"
+
+        # the body: a new job, new chunks and vectors
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'Brand new text about B-tree indexes.' WHERE id = %s", (doc,))
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        after = await (await conn.execute(
+            "SELECT c.id, c.text, e.embedding FROM pgsynapse.chunks c JOIN pgsynapse.embeddings e ON e.chunk_id = c.id"
+            " WHERE c.document_id = %s", (doc,))).fetchone()
+        assert after["text"] == "Brand new text about B-tree indexes."
+        assert after["id"] != before["id"] and after["embedding"] != before["embedding"]
+        jobs = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchone()
+        assert jobs["n"] == 2
+    await conn.close()
+
+
+async def test_delete_cascades_to_chunks_and_embeddings(db_url, models):
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        [doc] = insert_docs(db_url, [("Gone", "A document that will be deleted. " * 40)])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
+    assert n["n"] >= 1
+    await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
+    left = await (await conn.execute(
+        "SELECT (SELECT count(*) FROM pgsynapse.chunks) + (SELECT count(*) FROM pgsynapse.embeddings) AS n")).fetchone()
+    assert left["n"] == 0
+    await conn.close()
+
+
+async def test_long_document_is_split_within_the_model_window(db_url, models, tokenizer):
+    sentences = [f"Sentence {i} explains write-ahead logging, checkpoints and crash recovery in detail." for i in range(400)]
+    body = " ".join(sentences)
+    n_tokens = len(tokenizer(body, add_special_tokens=False)["input_ids"])
+    assert n_tokens > 10 * 256
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        [doc] = insert_docs(db_url, [("WAL", body)])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    rows = await (await conn.execute(
+        "SELECT c.ord, c.text, c.token_count, c.char_start, c.char_end, d.title FROM pgsynapse.chunks c"
+        " JOIN pgsynapse.documents d ON d.id = c.document_id WHERE document_id = %s ORDER BY ord", (doc,))).fetchall()
+    assert len(rows) > 10
+    for r in rows:
+        # re-count independently with the model's tokenizer: title + passage, special tokens included
+        assert len(tokenizer(r["title"] + "\n" + r["text"])["input_ids"]) <= 256
+        assert r["token_count"] <= 256
+        assert body[r["char_start"]:r["char_end"]] == r["text"]
+    # the chunks cover the whole body, in order
+    assert rows[0]["char_start"] == 0 and rows[-1]["char_end"] == len(body)
+    assert all(a["char_end"] > b["char_start"] for a, b in zip(rows, rows[1:]))
+    await conn.close()
+
+
+async def test_empty_body_gives_no_chunks_and_no_error(db_url, models):
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        ids = insert_docs(db_url, [("Empty", ""), ("Blank", "   \n\t "), ("Real", "Some real text.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.id, d.status, d.error, count(c.id) AS chunks FROM pgsynapse.documents d"
+        " LEFT JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id ORDER BY d.id")).fetchall()
+    assert [(r["status"], r["error"], r["chunks"]) for r in rows] == [("embedded", None, 0), ("embedded", None, 0), ("embedded", None, 1)]
+    await conn.close()
+
+
+class PoisonedEmbedHandler(EmbedHandler):
+    """The real handler, with one fault injected: a body containing POISON makes the encode raise."""
+
+    attempts_seen: dict[int, set[int]] = {}
+
+    def _encode(self, items, embedders):
+        for item in items:
+            if "POISON" in (item.body or ""):
+                self.attempts_seen.setdefault(item.job.ref_id, set()).add(item.job.attempts)
+                raise ValueError(f"cannot encode poisoned document {item.job.ref_id}")
+        return super()._encode(items, embedders)
+
+
+async def test_poisoned_rows_fail_alone_after_max_attempts(db_url, models):
+    settings = fast_settings(db_url, max_attempts=3, batch_size=64)
+    docs = [(f"Doc {i}", f"Healthy text number {i}." if i not in (5, 30, 50) else "POISON inside") for i in range(64)]
+    conn = await aconn(db_url)
+    PoisonedEmbedHandler.attempts_seen = {}
+    handler = PoisonedEmbedHandler(settings, models)
+    with capture_logs() as logs:
+        async with running_worker(settings, models, handlers={"embed": handler}):
+            ids = insert_docs(db_url, docs)
+            await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.id, d.status, d.error, j.status AS job_status, j.attempts, j.last_error FROM pgsynapse.documents d"
+        " JOIN pgsynapse.jobs j ON j.ref_id = d.id ORDER BY d.id")).fetchall()
+    poisoned = {ids[5], ids[30], ids[50]}
+    for r in rows:
+        if r["id"] in poisoned:
+            assert r["status"] == "failed" and r["job_status"] == "failed"
+            assert r["attempts"] == 3
+            assert r["error"] == f"ValueError: cannot encode poisoned document {r['id']}"
+            assert r["last_error"] == r["error"]
+        else:
+            assert (r["status"], r["job_status"], r["error"]) == ("embedded", "done", None)
+    assert all(PoisonedEmbedHandler.attempts_seen[i] == {1, 2, 3} for i in poisoned)
+    assert sum(1 for e in logs if e["event"] == "job_failed") == 3
+    assert sum(1 for e in logs if e["event"] == "job_retry_scheduled") == 6
+    await conn.close()
+
+
+async def test_oversized_body_fails_at_once_with_a_clear_error(db_url, models):
+    settings = fast_settings(db_url, max_document_chars=1000)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        ids = insert_docs(db_url, [("Big", "x " * 600), ("Fine", "Small and fine.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.status, d.error, j.attempts FROM pgsynapse.documents d JOIN pgsynapse.jobs j ON j.ref_id = d.id"
+        " ORDER BY d.id")).fetchall()
+    assert rows[0] == {"status": "failed", "attempts": 1,
+                       "error": "InputError: body has 1,200 characters, over max_document_chars=1,000"}
+    assert rows[1]["status"] == "embedded"
+    await conn.close()
+
+
+async def test_listen_connection_terminated_reconnects_and_next_insert_is_embedded(db_url, models):
+    import anyio
+
+    # a poll interval far longer than the test's wait: only the NOTIFY path can make this pass
+    settings = fast_settings(db_url, poll_interval=600)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models) as worker:
+        reconnected = anyio.Event()
+        worker.listener.on_state_change = lambda up: reconnected.set() if up else None
+        old_pid = worker.listener.backend_pid
+        with capture_logs() as logs:
+            row = await (await conn.execute(
+                "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+                " WHERE application_name = 'pgsynapse-listener' AND datname = current_database()")).fetchone()
+            assert row["ok"]
+            with anyio.fail_after(60):
+                await reconnected.wait()
+        assert worker.listener.backend_pid != old_pid
+        assert [e["event"] for e in logs if e["event"].startswith("listen_")][:2] == ["listen_connection_lost", "listen_reconnected"]
+        [doc] = insert_docs(db_url, [("After", "Inserted after the listener came back.")])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,), timeout=60)
+    await conn.close()
+
+
+async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, models):
+    """A result computed from old text is never written over a newer body."""
+    from pgsynapse.listener.worker import Worker
+
+    settings = fast_settings(db_url)
+    worker = Worker(settings, db_url, models=models)
+    from psycopg_pool import AsyncConnectionPool
+    from psycopg.rows import dict_row
+
+    worker.pool = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False,
+                                      kwargs={"row_factory": dict_row, "autocommit": True}, configure=worker._configure)
+    await worker.pool.open()
+    conn = await aconn(db_url)
+    try:
+        [doc] = insert_docs(db_url, [("T", "first version of the text")])
+        jobs = await worker.claim("embed", 10)
+        handler = worker.handlers["embed"]
+        async with worker.pool.connection() as c:
+            work, known = await handler.load(c, jobs)
+        outcomes = handler.compute(work)
+        # the row changes after the worker read it: a newer job is queued
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'second version' WHERE id = %s", (doc,))
+        await worker._write("embed", handler, outcomes)
+        n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone()
+        assert n["n"] == 0
+        jobs_rows = await (await conn.execute("SELECT status, last_error FROM pgsynapse.jobs ORDER BY id")).fetchall()
+        assert jobs_rows[0]["status"] == "done" and "superseded" in jobs_rows[0]["last_error"]
+        assert jobs_rows[1]["status"] == "pending"
+    finally:
+        await worker.pool.close()
+        await conn.close()
