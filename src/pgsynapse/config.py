@@ -110,10 +110,12 @@ def load_settings(
     except ValidationError as exc:
         err = exc.errors()[0]
         name = _setting_name(err["loc"])
-        where = f"{ENV_PREFIX}{name.upper()}" if name in Settings.model_fields else name
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ").split(": ", 1)[-1]
+        msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if not err["loc"] and ": " in msg:
+            # a cross-field rule: its message starts with the setting it is about
+            name, msg = msg.split(": ", 1)
+            value = values.get(name)
+        where = f"{ENV_PREFIX}{name.upper()}" if name in Settings.model_fields else name
+        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
         raise ConfigError(f"invalid setting {name} [{where}]: {msg}{shown}") from None

@@ -1,0 +1,105 @@
+"""The CLI end to end, as a user runs it, and the installed (non-editable) package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pgsynapse(*args: str, url: str | None = None, cwd: str = "/tmp", env: dict[str, str] | None = None,
+              timeout: int = 600, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **(env or {})}
+    full.pop("DATABASE_URL", None)
+    if url:
+        full["DATABASE_URL"] = url
+    return subprocess.run([python, "-m", "pgsynapse", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_demo_ingests_embeds_and_searches(new_db):
+    url = new_db()  # empty: the demo migrates it itself
+    r = pgsynapse("demo", "--limit", "4", url=url)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pgsynapse demo: 4 pages" in r.stdout
+    assert "embedded 4 documents" in r.stdout
+    # every query printed ranked results with scores, titles and sources
+    assert r.stdout.count("search: ") == 5
+    assert r.stdout.count(".html #") >= 5
+
+    st = pgsynapse("status", "--json", url=url)
+    assert st.returncode == 0, st.stderr
+    snap = json.loads(st.stdout)
+    assert snap["documents"] == 4 and snap["documents_pending"] == 0 and snap["chunks"] == snap["embeddings"] > 4
+    assert snap["active_model"]["name"] == "all-MiniLM-L6-v2"
+    assert snap["jobs"][0]["kind"] == "embed" and snap["jobs"][0]["done"] == 4
+
+    human = pgsynapse("status", url=url)
+    assert "active model   : v1 all-MiniLM-L6-v2" in human.stdout
+
+    se = pgsynapse("search", "insert rows into a table", "-k", "2", url=url)
+    assert se.returncode == 0, se.stderr
+    lines = [ln for ln in se.stdout.splitlines() if ln[:2] in ("1.", "2.")]
+    assert len(lines) == 2 and "[" in lines[0]
+
+    again = pgsynapse("demo", "--limit", "4", url=url)  # re-running inserts nothing new
+    assert again.returncode == 0 and "embedded 4 documents" in again.stdout
+    assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
+
+
+def test_migrate_command_is_idempotent(new_db):
+    url = new_db()
+    first = pgsynapse("migrate", url=url)
+    assert first.returncode == 0 and "applied: 0001_init.sql" in first.stdout
+    second = pgsynapse("migrate", url=url)
+    assert second.returncode == 0 and "up to date" in second.stdout
+
+
+def test_invalid_setting_stops_with_one_line_naming_it():
+    r = pgsynapse("status", env={"PGSYNAPSE_POLL_INTERVAL": "-1", "DATABASE_URL": "postgresql://x/y"})
+    assert r.returncode == 78
+    assert r.stderr.strip().splitlines() == [
+        "pgsynapse: error: invalid setting poll_interval [PGSYNAPSE_POLL_INTERVAL]: Input should be greater than 0 (got '-1')"]
+
+
+def test_unreachable_database_is_a_clear_error():
+    r = pgsynapse("status", url="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert r.returncode == 69
+    assert r.stderr.startswith("pgsynapse: error: cannot connect to PostgreSQL")
+
+
+def test_json_logs_are_structured_events(new_db):
+    url = new_db()
+    r = pgsynapse("--log-format", "json", "migrate", url=url)
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert {"event": "migration_applied", "version": 1, "name": "0001_init.sql"}.items() <= events[0].items()
+
+
+def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
+    """The built wheel carries every module and SQL file; run from /tmp it migrates and imports the worker."""
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
+    [wheel] = list(wheel_dir.glob("pgsynapse-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ["pgsynapse/migrations/0001_init.sql", "pgsynapse/triggers/documents_v1.sql",
+                   "pgsynapse/listener/worker.py", "pgsynapse/handlers/embed.py", "pgsynapse/sql/queries.sql",
+                   "pgsynapse/data/demo_corpus.jsonl.gz", "pgsynapse/cli.py"]:
+        assert needed in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {"PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import pgsynapse.listener.worker as w; print(w.__file__)"],
+                           capture_output=True, text=True, cwd="/tmp", env={**os.environ, **env})
+    assert where.stdout.startswith(str(target)), where.stderr
+    url = new_db()
+    r = pgsynapse("migrate", url=url, env=env)
+    assert r.returncode == 0 and "applied: 0001_init.sql" in r.stdout, r.stderr

@@ -1,0 +1,111 @@
+"""Real worker processes: two on one database, SIGKILL mid-batch, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+
+import psycopg
+import pytest
+
+from tests.helpers import aconn, insert_docs, spawn_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+
+EXACTLY_ONCE = """
+SELECT
+  (SELECT count(*) FROM pgsynapse.documents WHERE status <> 'embedded') AS not_embedded,
+  (SELECT count(*) FROM pgsynapse.jobs WHERE status <> 'done') AS jobs_not_done,
+  (SELECT count(*) FROM pgsynapse.jobs WHERE completions > 1) AS jobs_done_twice,
+  (SELECT count(*) FROM pgsynapse.documents d WHERE NOT EXISTS
+      (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = d.id)) AS docs_without_chunks,
+  (SELECT count(*) FROM (SELECT document_id, ord FROM pgsynapse.chunks GROUP BY 1, 2 HAVING count(*) > 1) x) AS dup_chunks,
+  (SELECT count(*) FROM pgsynapse.chunks c WHERE (SELECT count(*) FROM pgsynapse.embeddings e
+      WHERE e.chunk_id = c.id) <> 1) AS chunks_not_once
+"""
+CLEAN = {"not_embedded": 0, "jobs_not_done": 0, "jobs_done_twice": 0, "docs_without_chunks": 0,
+         "dup_chunks": 0, "chunks_not_once": 0}
+
+
+def _docs(n: int, words: int = 60) -> list[tuple[str, str]]:
+    return [(f"Doc {i}", " ".join(f"word{(i * 7 + k) % 997}" for k in range(words)) + f" end of document {i}.")
+            for i in range(n)]
+
+
+async def test_two_workers_process_every_job_exactly_once(db_url):
+    env = {"PGSYNAPSE_BATCH_SIZE": "8"}
+    workers = [spawn_worker(db_url, env=env), spawn_worker(db_url, env=env)]
+    try:
+        insert_docs(db_url, _docs(400))
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE)
+        assert await (await conn.execute(EXACTLY_ONCE)).fetchone() == CLEAN
+        per_worker = await (await conn.execute(
+            "SELECT split_part(worker, ':', 2) AS pid, count(*) AS n FROM pgsynapse.jobs GROUP BY 1")).fetchall()
+        # both took part: the claim query shared the queue between them
+        assert len(per_worker) == 2 and all(r["n"] > 0 for r in per_worker), per_worker
+        await conn.close()
+    finally:
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0]
+
+
+async def test_sigkill_mid_batch_then_restart_embeds_everything_once(db_url):
+    env = {"PGSYNAPSE_BATCH_SIZE": "16", "PGSYNAPSE_LEASE_SECONDS": "2"}
+    conn = await aconn(db_url)
+    worker = spawn_worker(db_url, env=env)
+    insert_docs(db_url, _docs(300, words=150))
+    # kill while a batch is in flight: some documents done, some jobs running
+    await wait_until(conn, "SELECT count(*) >= 16 FROM pgsynapse.documents WHERE status = 'embedded'")
+    running = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.jobs WHERE status = 'running'")).fetchone()
+    worker.proc.send_signal(signal.SIGKILL)
+    assert worker.proc.wait(30) == -signal.SIGKILL
+    left = await (await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'running') AS running, count(*) FILTER (WHERE status = 'pending') AS pending"
+        " FROM pgsynapse.jobs")).fetchone()
+    assert left["running"] + left["pending"] > 0
+    restarted = spawn_worker(db_url, env=env)
+    try:
+        await wait_until(conn, ALL_DONE)
+        assert await (await conn.execute(EXACTLY_ONCE)).fetchone() == CLEAN
+    finally:
+        assert restarted.stop() == 0
+    assert running["n"] >= 0
+    await conn.close()
+
+
+async def test_sigterm_drains_in_flight_batches_and_exits_zero(db_url):
+    conn = await aconn(db_url)
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_BATCH_SIZE": "32"})
+    insert_docs(db_url, _docs(400, words=150))
+    await wait_until(conn, "SELECT count(*) > 0 FROM pgsynapse.jobs WHERE status = 'running'", channel="pgsynapse_jobs")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0
+    stopped = worker.wait_event("worker_stopped")
+    row = await (await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'running') AS running,"
+        " count(*) FILTER (WHERE status = 'done') AS done,"
+        " count(*) FILTER (WHERE status = 'pending') AS pending FROM pgsynapse.jobs")).fetchone()
+    assert row["running"] == 0  # nothing left leased
+    assert row["done"] >= 1 and row["done"] == stopped["processed"]["embed"]
+    assert row["pending"] == 400 - row["done"]  # the rest wait, untouched, for the next worker
+    await conn.close()
+
+
+def test_bad_model_path_stops_start_up_with_a_clear_error(db_url):
+    w = spawn_worker(db_url, env={"PGSYNAPSE_MODEL_PATH": "/nonexistent/model"}, wait_started=False)
+    assert w.proc.wait(60) == 78
+    raw = [e.get("line", "") for e in w.events if e.get("event") == "raw"]
+    w.wait_event("process_exited")
+    raw = [e.get("line", "") for e in w.events if e.get("event") == "raw"]
+    assert "pgsynapse: error: model path does not exist: /nonexistent/model" in raw
+
+
+def test_database_without_pgvector_schema_is_refused(new_db):
+    url = new_db()  # empty: never migrated
+    w = spawn_worker(url, wait_started=False)
+    assert w.proc.wait(60) == 69
+    w.wait_event("process_exited")
+    raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
+    assert "database schema is not up to date" in raw and "pgsynapse migrate" in raw

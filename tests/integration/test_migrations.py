@@ -1,0 +1,65 @@
+"""Migrations apply to an empty database, re-apply as a no-op, and leave the expected schema."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pgsynapse.errors import DatabaseError
+from pgsynapse.migrate import available, migrate
+
+
+def test_migrations_apply_to_empty_database_and_reapply_as_noop(new_db):
+    url = new_db()
+    applied = migrate(url)
+    assert applied == [m.name for m in available()]
+    assert migrate(url) == []
+    with psycopg.connect(url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'pgsynapse'")}
+        assert {"documents", "chunks", "embeddings", "model_versions", "jobs"} <= tables
+        versions = conn.execute("SELECT id, name, status, dim FROM pgsynapse.model_versions").fetchall()
+        assert versions == [(1, "all-MiniLM-L6-v2", "active", 384)]
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'pgsynapse'")}
+        assert {"embeddings_hnsw_v1", "jobs_claim", "jobs_pending_dedup"} <= indexes
+        tracked = conn.execute("SELECT version FROM public.pgsynapse_migrations ORDER BY 1").fetchall()
+        assert [r[0] for r in tracked] == [m.version for m in available()]
+
+
+def test_each_migration_applies_on_top_of_the_previous_version(new_db):
+    """Apply migrations one by one, as an upgrade from every earlier release would."""
+    url = new_db()
+    migs = available()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migs[:-1]:
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+    assert migrate(url) == [migs[-1].name]
+    assert migrate(url) == []
+
+
+def test_concurrent_migrate_runs_do_not_collide(new_db):
+    import threading
+
+    url = new_db()
+    results: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: results.append(migrate(url))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(r) for r in results) == [0, 0, len(available())]
+
+
+def test_a_failing_migration_is_rolled_back_and_named(new_db):
+    url = new_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        # a conflicting object makes 0001 fail half way
+        conn.execute("CREATE SCHEMA pgsynapse; CREATE TABLE pgsynapse.documents (x int)")
+    with pytest.raises(DatabaseError, match=r"migration 0001_init\.sql failed: .*already exists"):
+        migrate(url)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT to_regclass('pgsynapse.jobs')").fetchone()[0] is None

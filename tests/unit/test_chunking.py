@@ -1,0 +1,44 @@
+"""The chunker with the model's real tokenizer (tokenizer files only, no weights)."""
+
+from __future__ import annotations
+
+from pgsynapse.chunking import Chunker
+
+
+def test_short_text_is_one_chunk_with_title_prefix(tokenizer):
+    ch = Chunker(tokenizer, 256, 32)
+    [c] = ch.split("Title", "A short body.")
+    assert c.text == "A short body." and c.embed_text == "Title\nA short body." and c.char_start == 0
+
+
+def test_empty_and_whitespace_bodies_give_no_chunks(tokenizer):
+    ch = Chunker(tokenizer, 256, 32)
+    assert ch.split("t", "") == [] and ch.split("t", None) == [] and ch.split("t", " \n\t ") == []
+
+
+def test_windows_respect_the_limit_overlap_and_prefer_sentence_breaks(tokenizer):
+    body = " ".join(f"This is sentence number {i} of a long text." for i in range(200))
+    ch = Chunker(tokenizer, 64, 8)
+    chunks = ch.split("A title", body)
+    assert len(chunks) > 10
+    for c in chunks:
+        assert len(tokenizer(c.embed_text)["input_ids"]) <= 64
+        assert body[c.char_start:c.char_end] == c.text
+    # most chunks end on a sentence
+    assert sum(c.text.endswith(".") for c in chunks) >= len(chunks) - 2
+    # neighbours overlap
+    assert all(b.char_start < a.char_end for a, b in zip(chunks, chunks[1:]))
+
+
+def test_a_long_title_is_capped_so_the_body_still_fits(tokenizer):
+    ch = Chunker(tokenizer, 64, 8)
+    chunks = ch.split("word " * 200, "body text " * 50)
+    assert chunks and all(c.token_count <= 64 for c in chunks)
+
+
+def test_text_without_spaces_or_in_other_scripts(tokenizer):
+    ch = Chunker(tokenizer, 48, 4)
+    for body in ["x" * 5000, "数据库索引可以加快查询速度。" * 100, "Ελληνικά κείμενα " * 100, "🙂" * 300]:
+        chunks = ch.split("t", body)
+        assert chunks and all(c.token_count <= 48 for c in chunks)
+        assert chunks[-1].char_end == len(body.rstrip())

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pgsynapse.config import load_settings
+from pgsynapse.errors import ConfigError
+
+
+def test_defaults_and_environment():
+    s = load_settings(environ={"DATABASE_URL": "postgresql://x/y", "PGSYNAPSE_BATCH_SIZE": "64",
+                               "PGSYNAPSE_KINDS": "embed, answer"})
+    assert s.database_url == "postgresql://x/y" and s.batch_size == 64 and s.kinds == ("embed", "answer")
+    assert s.poll_interval == 5.0 and s.max_attempts == 5
+    assert not load_settings(environ={}).database_url
+
+
+def test_prefixed_url_wins_over_database_url():
+    s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": "postgresql://b/b"})
+    assert s.database_url == "postgresql://b/b"
+
+
+def test_invalid_value_is_one_line_naming_the_setting():
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"PGSYNAPSE_BATCH_SIZE": "zero"})
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith("invalid setting batch_size [PGSYNAPSE_BATCH_SIZE]:") and "'zero'" in msg
+
+
+def test_cross_field_rule_names_the_setting():
+    with pytest.raises(ConfigError, match=r"^invalid setting chunk_overlap"):
+        load_settings(environ={"PGSYNAPSE_CHUNK_TOKENS": "64", "PGSYNAPSE_CHUNK_OVERLAP": "40"})
+
+
+def test_toml_file_then_environment_then_overrides(tmp_path: Path):
+    f = tmp_path / "pgsynapse.toml"
+    f.write_text('[pgsynapse]\nbatch_size = 8\npoll_interval = 2.5\nlog_format = "json"\n')
+    s = load_settings(f, environ={"PGSYNAPSE_POLL_INTERVAL": "1"}, log_format="console")
+    assert (s.batch_size, s.poll_interval, s.log_format) == (8, 1.0, "console")
+
+
+def test_unknown_key_in_toml_is_rejected(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("bach_size = 8\n")
+    with pytest.raises(ConfigError, match=r"^invalid setting bach_size"):
+        load_settings(f, environ={})
+
+
+def test_missing_or_broken_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
+
+
+def test_root_default_data_dir_is_not_under_root(monkeypatch):
+    import pgsynapse.config as config
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert config.default_data_dir() == Path("/var/lib/pgsynapse")

@@ -1,0 +1,66 @@
+"""Pure functions: no database, no model weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgsynapse.handlers.base import describe, isolate
+from pgsynapse.listener.wakeup import JobNotice
+from pgsynapse.listener.worker import backoff_delay
+from pgsynapse.queries import q
+from pgsynapse.textextract import html_to_text
+
+
+def test_isolate_bisects_to_the_poisoned_items():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if any(i % 10 == 3 for i in items):
+            raise ValueError(f"bad in {items}")
+        return [i * 2 for i in items]
+
+    out = isolate(fn, list(range(16)))
+    assert [o for o in out if not isinstance(o, Exception)] == [i * 2 for i in range(16) if i % 10 != 3]
+    errors = {i: o for i, o in zip(range(16), out) if isinstance(o, Exception)}
+    assert set(errors) == {3, 13}
+    assert str(errors[3]) == "bad in [3]"
+    assert len(calls) < 16 * 2  # bisection, not one call per item after every failure
+
+
+def test_isolate_rejects_a_wrong_result_count():
+    out = isolate(lambda items: [1], [1, 2])
+    assert all(isinstance(o, RuntimeError) for o in out) is False  # bisected: singles succeed
+    assert out == [1, 1]
+
+
+def test_backoff_doubles_and_caps():
+    assert [backoff_delay(a, 2.0, 10.0) for a in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [('{"kind": "embed", "n": 3}', JobNotice("embed", 3)), ('{"kind": "answer"}', JobNotice("answer", 1)),
+     ("embed", None), ('{"n": 1}', None), ('{"kind": ""}', None), ('{"kind": 5}', None)],
+)
+def test_job_notice_payload_is_validated(payload, expected):
+    assert JobNotice.parse(payload) == expected
+
+
+def test_describe_is_one_line():
+    assert describe(ValueError("a\n  b")) == "ValueError: a b"
+    assert describe(KeyError()) == "KeyError"
+
+
+def test_html_to_text_strips_tags_scripts_and_keeps_blocks():
+    title, text = html_to_text(
+        "<html><head><title>T  1</title><style>x{}</style></head><body><h1>Head</h1>"
+        "<p>One <b>bold</b>&amp;more</p><script>alert(1)</script><pre>a\n  b</pre></body></html>")
+    assert title == "T 1"
+    assert text == "Head\n\nOne bold&more\n\na\nb"
+
+
+def test_named_queries_load():
+    assert "FOR UPDATE SKIP LOCKED" in q("claim_jobs")
+    with pytest.raises(KeyError):
+        q("no_such_query")
