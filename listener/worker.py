@@ -189,6 +189,8 @@ class Worker:
                 self.in_flight += 1
                 try:
                     await self.process_batch(kind, jobs)
+                except Exception:  # noqa: BLE001 - never let one batch kill the worker; leases bring the jobs back
+                    log.exception("batch_crashed", kind=kind, n=len(jobs))
                 finally:
                     self.in_flight -= 1
 

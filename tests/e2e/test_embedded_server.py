@@ -1,0 +1,77 @@
+"""The embedded server: started when no DATABASE_URL is given, reused, and stopped when its last user
+exits, including when that user is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    pidfile = pgdata / "postmaster.pid"
+    if not pidfile.exists():
+        return None
+    return int(pidfile.read_text().splitlines()[0])
+
+
+@pytest.fixture
+def data_dir():
+    d = Path(tempfile.mkdtemp(prefix="pgsynapse-emb-", dir="/tmp"))
+    yield d
+    pid = _postmaster_pid(d / "pgdata")
+    if pid and psutil.pid_exists(pid):  # never leave a server behind, even when the test failed
+        psutil.Process(pid).terminate()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "PGSYNAPSE_DATA_DIR": str(data_dir), "PGSYNAPSE_LOG_FORMAT": "json"}
+    env.pop("DATABASE_URL", None)
+    env.pop("PGSYNAPSE_DATABASE_URL", None)
+    return env
+
+
+def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "migrate"], env=_env(data_dir), capture_output=True,
+                       text=True, timeout=300, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    assert "applied: 0001_init.sql" in r.stdout
+    pid = _postmaster_pid(data_dir / "pgdata")
+    # the guardian stops the server once we are gone; postmaster.pid goes away with it
+    if pid is not None and psutil.pid_exists(pid):
+        psutil.Process(pid).wait(timeout=60)
+    # reused across runs: the data survives
+    r2 = subprocess.run([sys.executable, "-m", "pgsynapse", "migrate"], env=_env(data_dir), capture_output=True,
+                        text=True, timeout=300, cwd="/tmp")
+    assert r2.returncode == 0 and "up to date" in r2.stdout, r2.stderr
+
+
+def test_a_sigkilled_worker_does_not_leave_postgres_running(data_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "run"], env=_env(data_dir), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, cwd="/tmp")
+    started = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("{") and json.loads(line).get("event") == "worker_started":
+                started.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert started.wait(180), "worker did not start"
+    pid = _postmaster_pid(data_dir / "pgdata")
+    assert pid is not None and psutil.pid_exists(pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    psutil.Process(pid).wait(timeout=60)  # returns when postgres has exited
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
