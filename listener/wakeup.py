@@ -32,6 +32,7 @@ class JobNotice:
 class Wakeups:
     def __init__(self, kinds: list[str]) -> None:
         self._events = {k: anyio.Event() for k in kinds}
+        self.stopped = False
 
     def wake(self, kind: str) -> None:
         event = self._events.get(kind)
@@ -42,8 +43,15 @@ class Wakeups:
         for event in self._events.values():
             event.set()
 
+    def stop(self) -> None:
+        """Every current and future wait returns at once."""
+        self.stopped = True
+        self.wake_all()
+
     async def wait(self, kind: str, timeout: float) -> bool:
         """Wait for a wake-up of ``kind`` or ``timeout`` seconds; True when woken."""
+        if self.stopped:
+            return True
         event = self._events[kind]
         woken = False
         with anyio.move_on_after(timeout):

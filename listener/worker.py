@@ -91,7 +91,7 @@ class Worker:
         if not self.stopping.is_set():
             log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)
             self.stopping.set()
-            self.wakeups.wake_all()
+            self.wakeups.stop()
 
     async def _configure(self, conn: psycopg.AsyncConnection) -> None:
         await register_vector_async(conn)

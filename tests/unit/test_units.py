@@ -64,3 +64,16 @@ def test_named_queries_load():
     assert "FOR UPDATE SKIP LOCKED" in q("claim_jobs")
     with pytest.raises(KeyError):
         q("no_such_query")
+
+
+@pytest.mark.anyio
+async def test_a_stopped_wakeup_never_waits():
+    import anyio
+
+    from pgsynapse.listener.wakeup import Wakeups
+
+    w = Wakeups(["embed"])
+    w.stop()
+    with anyio.fail_after(5):
+        assert await w.wait("embed", 3600) is True
+        assert await w.wait("embed", 3600) is True  # and again: a loop that checks late still returns
