@@ -180,7 +180,8 @@ class Worker:
                 await self.wakeups.wait(kind, min(self.settings.poll_interval, 2.0))
                 continue
             if not jobs:
-                woken = await self.wakeups.wait(kind, self.settings.poll_interval)
+                timeout = await self._idle_timeout(kind)
+                woken = await self.wakeups.wait(kind, timeout)
                 if not woken and not self.listener.connected:
                     self.stats.fallback_polls += 1
                 continue
@@ -193,6 +194,19 @@ class Worker:
                     log.exception("batch_crashed", kind=kind, n=len(jobs))
                 finally:
                     self.in_flight -= 1
+
+    async def _idle_timeout(self, kind: str) -> float:
+        """Sleep until a NOTIFY, the poll interval, or the next retry falling due, whichever comes first."""
+        timeout = self.settings.poll_interval
+        try:
+            assert self.pool is not None
+            async with self.pool.connection() as conn:
+                row = await (await conn.execute(q("next_due"), {"kind": kind})).fetchone()
+            if row and row["seconds"] is not None:
+                timeout = min(timeout, max(0.0, float(row["seconds"])) + 0.01)
+        except (psycopg.Error, OSError):
+            pass
+        return timeout
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
         assert self.pool is not None

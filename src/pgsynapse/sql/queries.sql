@@ -140,3 +140,8 @@ JOIN pgsynapse.documents d ON d.id = c.document_id
 WHERE e.model_version_id = %(version)s
 ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
+
+-- name: next_due
+-- Seconds until the earliest pending job of a kind is due (retries wait for their backoff); NULL if none.
+SELECT extract(epoch FROM min(run_after) - now()) AS seconds
+FROM pgsynapse.jobs WHERE status = 'pending' AND kind = %(kind)s;
