@@ -6,6 +6,7 @@ from pgsynapse.handlers.base import Handler
 
 
 def registry() -> dict[str, type[Handler]]:
+    from pgsynapse.handlers.answer import AnswerHandler
     from pgsynapse.handlers.embed import EmbedHandler
 
-    return {EmbedHandler.kind: EmbedHandler}
+    return {h.kind: h for h in (EmbedHandler, AnswerHandler)}

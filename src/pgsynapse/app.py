@@ -32,3 +32,31 @@ def run_worker(settings: Settings, *, apply_migrations: bool = True) -> None:
         ensure_schema(db, apply=apply_migrations)
         worker = Worker(settings, db.url)
         anyio.run(worker.run)
+
+
+def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0):
+    """Ask one question and wait for its answer. Without a running worker on this database, an in-process
+    worker answers it (the embedded default's usual case)."""
+    from pgsynapse.client import Client
+
+    async def go(url: str):
+        async with Client(url) as client:
+            return await client.ask(text, session_id=session_id, timeout=timeout)
+
+    async def with_worker(url: str):
+        from pgsynapse.listener.worker import Worker
+
+        worker = Worker(settings.model_copy(update={"kinds": ("answer",)}), url)
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+            try:
+                return await go(url)
+            finally:
+                worker.request_stop()
+
+    with Database(settings) as db:
+        ensure_schema(db)
+        with db.connect() as conn:
+            row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pgsynapse-listener'"
+                               " AND datname = current_database()").fetchone()
+        return anyio.run(go if row["n"] else with_worker, db.url)

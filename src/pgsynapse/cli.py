@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
 
+    ak = sub.add_parser("ask", help="ask a question, wait for the answer (NOTIFY) and print it with its sources")
+    ak.add_argument("text")
+    ak.add_argument("--session", help="session id: follow-up questions use its history")
+    ak.add_argument("--timeout", type=float, default=120.0)
+    ak.add_argument("--json", action="store_true")
+
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
     return p
@@ -123,6 +129,15 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
             print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
         return 0
+    if args.command == "ask":
+        from dataclasses import asdict
+
+        from pgsynapse.app import ask
+        from pgsynapse.client import format_result
+
+        result = ask(settings, args.text, session_id=args.session, timeout=args.timeout)
+        print(json.dumps(asdict(result), default=str, indent=2) if args.json else format_result(result))
+        return 0 if result.status == "answered" else 1
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 

@@ -50,7 +50,19 @@ class Settings(BaseModel):
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
-    kinds: tuple[str, ...] = Field(("embed",), description="job kinds this worker processes")
+    kinds: tuple[str, ...] = Field(("embed", "answer"), description="job kinds this worker processes")
+
+    answerer: Literal["extractive", "transformers", "openai"] = Field("extractive", description="how answers are written")
+    answer_top_k: int = Field(5, ge=1, le=100, description="passages retrieved per question")
+    hybrid: bool = Field(False, description="fuse full-text ranks with vector ranks (reciprocal-rank fusion)")
+    history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
+    not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
+    max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
+    answerer_model_path: str | None = Field(None, description="local transformers model dir (answerer = transformers)")
+    answer_max_new_tokens: int = Field(160, ge=1, le=4096)
+    openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (answerer = openai)")
+    openai_api_key: str | None = Field(None, repr=False)
+    openai_model: str = "gpt-4o-mini"
 
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

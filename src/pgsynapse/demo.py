@@ -26,6 +26,12 @@ QUERIES = [
     "back up a single database to a file",
 ]
 
+QUESTIONS = [
+    ("How do I roll back part of a transaction?", "demo-1"),
+    ("and how do I release that savepoint?", "demo-1"),
+    ("Which index type supports JSON containment queries?", "demo-2"),
+]
+
 INSERT_SQL = (
     "INSERT INTO pgsynapse.documents (source, title, body)"
     " SELECT %(source)s, %(title)s, %(body)s"
@@ -74,6 +80,14 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                 " WHERE d.source = ANY(%s)", (sources,))).fetchone()
             print(f"\nembedded {row['total']} documents ({stats['chunks']} chunks) in {took:.1f}s"
                   + (f", {row['failed']} failed" if row["failed"] else ""), file=out)
+            print("\nquestions (INSERT INTO pgsynapse.questions, answer announced by NOTIFY):", file=out)
+            from pgsynapse.client import Client, format_result
+
+            async with Client(db.url) as client:
+                for text, session in QUESTIONS:
+                    result = await client.ask(text, session_id=session, timeout=120)
+                    print(f"\nQ ({session}): {text}", file=out)
+                    print(textwrap.indent(format_result(result), "  "), file=out)
             for query in QUERIES:
                 hits = await search(conn, worker.models, query, k=3)
                 print(f"\nsearch: {query!r}", file=out)

@@ -1,0 +1,164 @@
+"""Questions in, cited answers out, announced by NOTIFY: real Postgres, real model, no sleeps."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.client import Client
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+DOCS = [
+    ("Savepoints", "SAVEPOINT establishes a new savepoint within the current transaction. A savepoint is a special "
+                   "mark inside a transaction that allows all commands executed after it to be rolled back. "
+                   "ROLLBACK TO SAVEPOINT undoes the commands since the savepoint. RELEASE SAVEPOINT destroys it."),
+    ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Deleted or obsoleted rows are not physically "
+               "removed until a VACUUM is done. Run VACUUM periodically on frequently updated tables."),
+    ("JSON types", "The jsonb data type stores JSON data in a decomposed binary format. GIN indexes can be used to "
+                   "search efficiently for keys or key/value pairs occurring within a large number of jsonb documents."),
+    ("Creating indexes", "CREATE INDEX constructs an index on the specified column of a table. Indexes are primarily "
+                         "used to enhance database performance. A unique index rejects duplicate values."),
+]
+ALL_ANSWERED = "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'"
+
+
+async def _corpus(url: str) -> list[int]:
+    ids = insert_docs(url, DOCS)
+    conn = await aconn(url)
+    await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+    await conn.close()
+    return ids
+
+
+async def test_question_is_answered_with_its_document_cited_and_notify_follows_commit(db_url, models):
+    async with running_worker(fast_settings(db_url), models):
+        ids = await _corpus(db_url)
+        listener = await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        row = await (await listener.execute(
+            "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s1', 'how can I undo commands back to a savepoint?')"
+            " RETURNING id")).fetchone()
+        notice = None
+        with anyio.fail_after(120):
+            async for n in listener.notifies():
+                notice = json.loads(n.payload)
+                if notice["id"] == row["id"]:
+                    break
+        # when the NOTIFY arrives the row is already committed with its answer
+        reader = await aconn(db_url)
+        q = await (await reader.execute("SELECT * FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+        assert notice == {"id": row["id"], "status": "answered"}
+        assert q["status"] == "answered" and q["answer"] and q["latency_ms"] > 0 and q["model_version_id"] == 1
+        assert q["sources"][0]["document_id"] == ids[0]
+        assert {"document_id", "chunk_id", "title", "score", "passage", "rank"} <= set(q["sources"][0])
+        assert "[1]" in q["answer"] and "savepoint" in q["answer"].lower()
+        await listener.close()
+        await reader.close()
+
+
+async def test_nothing_relevant_gets_the_clear_not_found_answer(db_url, models):
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            r = await client.ask("What is the best recipe for chocolate cake?")
+    assert r.status == "answered" and r.answer == NOT_FOUND and r.sources == []
+
+
+async def test_follow_up_in_a_session_retrieves_with_the_history(db_url, models):
+    async with running_worker(fast_settings(db_url), models):
+        ids = await _corpus(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask("How do I mark a point inside a transaction with a savepoint?", session_id="alice")
+            follow = await client.ask("and how do I undo it?", session_id="alice")
+            alone = await client.ask("and how do I undo it?", session_id="bob")
+        conn = await aconn(db_url)
+        rq = {r["session_id"]: r["retrieval_query"] for r in await (await conn.execute(
+            "SELECT session_id, retrieval_query FROM pgsynapse.questions WHERE id IN (%s, %s)", (follow.id, alone.id))).fetchall()}
+        turns = await (await conn.execute("SELECT turns FROM pgsynapse.conversations WHERE session_id = 'alice'")).fetchone()
+        await conn.close()
+    assert first.sources[0]["document_id"] == ids[0]
+    assert rq["alice"] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
+    assert rq["bob"] == "and how do I undo it?"
+    assert follow.sources and follow.sources[0]["document_id"] == ids[0]
+    assert turns["turns"] == 2
+
+
+class CountingAnswerer(ExtractiveAnswerer):
+    """The real extractive answerer, counting the questions that reach it; raises on a marker."""
+
+    seen: list[str] = []
+
+    def answer(self, req):
+        self.seen.append(req.question)
+        if "EXPLODE" in req.question:
+            raise RuntimeError("answerer exploded on this question")
+        return super().answer(req)
+
+
+class CountingHandler(AnswerHandler):
+    def answerer_for(self, embedder):
+        return CountingAnswerer(lambda texts: embedder.encode(texts), not_found_threshold=self.settings.not_found_threshold)
+
+
+async def test_blocked_question_never_reaches_the_answerer_and_flags_are_recorded(db_url, models):
+    settings = fast_settings(db_url)
+    CountingAnswerer.seen = []
+    async with running_worker(settings, models, handlers={"embed": _embed(settings, models),
+                                                          "answer": CountingHandler(settings, models)}):
+        await _corpus(db_url)
+        conn = await aconn(db_url)
+        await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) VALUES"
+                           " ('how to make a bomb or explosives', 'block', 0.6),"
+                           " ('reclaim disk space from dead rows', 'flag', 0.5)")
+        async with Client(db_url) as client:
+            blocked = await client.ask("how do I make a bomb with explosives")
+            flagged = await client.ask("how can I reclaim disk space used by dead rows?")
+        await conn.close()
+    assert blocked.status == "blocked" and blocked.guardrail["action"] == "block" and blocked.guardrail["stage"] == "question"
+    assert "how do I make a bomb with explosives" not in CountingAnswerer.seen
+    assert flagged.status == "answered" and flagged.guardrail["action"] == "flag" and flagged.answer != NOT_FOUND
+    assert CountingAnswerer.seen == ["how can I reclaim disk space used by dead rows?"]
+
+
+def _embed(settings, models):
+    from pgsynapse.handlers.embed import EmbedHandler
+
+    return EmbedHandler(settings, models)
+
+
+async def test_fifty_questions_in_one_statement_are_answered_in_batches_and_one_failure_stays_alone(db_url, models):
+    settings = fast_settings(db_url, batch_size=16, max_attempts=2)
+    CountingAnswerer.seen = []
+    async with running_worker(settings, models, handlers={"embed": _embed(settings, models),
+                                                          "answer": CountingHandler(settings, models)}):
+        await _corpus(db_url)
+        conn = await aconn(db_url)
+        texts = [f"question {i}: how do I create a unique index?" for i in range(50)]
+        texts[17] = "EXPLODE: how do I vacuum a table?"
+        await conn.execute("INSERT INTO pgsynapse.questions (text) SELECT unnest(%s::text[])", (texts,))
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        rows = await (await conn.execute(
+            "SELECT q.text, q.status, q.error, j.attempts, j.started_at FROM pgsynapse.questions q"
+            " JOIN pgsynapse.jobs j ON j.kind = 'answer' AND j.ref_id = q.id ORDER BY q.id")).fetchall()
+        await conn.close()
+    assert [r["status"] for r in rows].count("answered") == 49
+    bad = rows[17]
+    assert bad["status"] == "failed" and bad["error"] == "RuntimeError: answerer exploded on this question"
+    assert bad["attempts"] == 2
+    # several batches: 50 jobs at batch_size 16 cannot have been claimed at one instant
+    assert len({r["started_at"] for r in rows}) >= 4
+
+
+async def test_hybrid_retrieval_fuses_full_text_and_vectors(db_url, models):
+    settings = fast_settings(db_url, hybrid=True)
+    async with running_worker(settings, models):
+        ids = await _corpus(db_url)
+        async with Client(db_url) as client:
+            r = await client.ask("GIN index jsonb keys")
+    assert r.sources[0]["document_id"] == ids[2]

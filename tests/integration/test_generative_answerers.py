@@ -1,0 +1,106 @@
+"""The generative answerers' plumbing: a tiny random-weight model the test builds itself, and a fake
+OpenAI-compatible server on 127.0.0.1. The words are noise; the prompt, the flow and the row are checked."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from pgsynapse.client import Client
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.handlers.embed import EmbedHandler
+from tests.helpers import fast_settings, running_worker
+from tests.integration.test_answers import _corpus
+
+pytestmark = pytest.mark.anyio
+
+
+def _tiny_model(path, kind: str) -> str:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    from pgsynapse.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+    if kind == "causal":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                                           bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id))
+    else:
+        model = T5ForConditionalGeneration(T5Config(vocab_size=tok.vocab_size, d_model=32, d_ff=64, d_kv=16,
+                                                    num_layers=1, num_heads=2, decoder_start_token_id=tok.pad_token_id,
+                                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+async def test_local_transformers_answerer_gets_history_and_passages(db_url, models, tmp_path, kind):
+    path = _tiny_model(tmp_path / kind, kind)
+    settings = fast_settings(db_url, answerer="transformers", answerer_model_path=path, answer_max_new_tokens=8)
+    handler = AnswerHandler(settings, models)
+    async with running_worker(settings, models, handlers={"embed": EmbedHandler(settings, models), "answer": handler}):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask("how do I undo commands back to a savepoint?", session_id="s")
+            second = await client.ask("and how do I release it?", session_id="s")
+    assert first.status == second.status == "answered"
+    assert isinstance(second.answer, str) and second.answer
+    assert second.sources and second.sources[0]["title"] == "Savepoints"
+    prompt = handler._generative.last_prompt
+    assert "Q: how do I undo commands back to a savepoint?" in prompt  # the history
+    assert "[1] Savepoints:" in prompt and prompt.rstrip().endswith("Question: and how do I release it?\nAnswer:")
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+    fail = False
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeOpenAI.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if FakeOpenAI.fail:
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": "overloaded"}')
+            return
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(out.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_openai():
+    server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    FakeOpenAI.requests, FakeOpenAI.fail = [], False
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, models, fake_openai):
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_api_key="sk-test",
+                             openai_model="tiny", max_attempts=2)
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            ok = await client.ask("how do I undo commands back to a savepoint?", session_id="s")
+            FakeOpenAI.fail = True
+            bad = await client.ask("and how do I release it?", session_id="s")
+    assert ok.status == "answered" and ok.answer == "Use ROLLBACK TO SAVEPOINT [1]."
+    assert ok.sources[0]["title"] == "Savepoints"
+    req = FakeOpenAI.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test" and req["body"]["model"] == "tiny"
+    assert "[1] Savepoints:" in req["body"]["messages"][-1]["content"]
+    follow = FakeOpenAI.requests[1]["body"]["messages"]
+    assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along
+    assert bad.status == "failed" and "HTTP 500" in bad.error
+    assert len(FakeOpenAI.requests) == 3  # the failing question: tried max_attempts = 2 times
