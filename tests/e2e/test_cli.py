@@ -33,13 +33,17 @@ def test_demo_ingests_embeds_and_searches(new_db):
     # every query printed ranked results with scores, titles and sources
     assert r.stdout.count("search: ") == 5
     assert r.stdout.count(".html #") >= 5
+    # and questions, answered with citations
+    assert r.stdout.count("\nQ (demo-") == 3
+    assert "answered in" in r.stdout and "chunk " in r.stdout
 
     st = pgsynapse("status", "--json", url=url)
     assert st.returncode == 0, st.stderr
     snap = json.loads(st.stdout)
     assert snap["documents"] == 4 and snap["documents_pending"] == 0 and snap["chunks"] == snap["embeddings"] > 4
     assert snap["active_model"]["name"] == "all-MiniLM-L6-v2"
-    assert snap["jobs"][0]["kind"] == "embed" and snap["jobs"][0]["done"] == 4
+    jobs = {j["kind"]: j for j in snap["jobs"]}
+    assert jobs["embed"]["done"] == 4 and jobs["answer"]["done"] == 3
 
     human = pgsynapse("status", url=url)
     assert "active model   : v1 all-MiniLM-L6-v2" in human.stdout
@@ -52,6 +56,17 @@ def test_demo_ingests_embeds_and_searches(new_db):
     again = pgsynapse("demo", "--limit", "4", url=url)  # re-running inserts nothing new
     assert again.returncode == 0 and "embedded 4 documents" in again.stdout
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
+
+
+def test_ask_answers_from_the_command_line(new_db):
+    url = new_db()
+    assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
+    r = pgsynapse("ask", "how do I insert new rows into a table?", "--session", "cli", url=url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[1]" in r.stdout and "answered in" in r.stdout
+    j = pgsynapse("ask", "and how do I change existing rows?", "--session", "cli", "--json", url=url)
+    data = json.loads(j.stdout)
+    assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]
 
 
 def test_migrate_command_is_idempotent(new_db):
