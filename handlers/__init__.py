@@ -6,6 +6,8 @@ from pgsynapse.handlers.base import Handler
 
 
 def registry() -> dict[str, type[Handler]]:
+    from pgsynapse.handlers.backfill import BackfillHandler
     from pgsynapse.handlers.embed import EmbedHandler
+    from pgsynapse.handlers.retrain import RetrainHandler
 
-    return {EmbedHandler.kind: EmbedHandler}
+    return {h.kind: h for h in (EmbedHandler, RetrainHandler, BackfillHandler)}

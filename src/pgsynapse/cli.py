@@ -38,6 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
 
+    rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
+    rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
+
+    ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
+    ab.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("promote", help="make a backfilled candidate the active version")
+    pr.add_argument("model_version", type=int)
+    sub.add_parser("rollback", help="re-activate the previously active version")
+    rv = sub.add_parser("retire", help="retire a non-active version and delete its embeddings")
+    rv.add_argument("model_version", type=int)
+    tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model_version", type=int)
+    tr.add_argument("percent", type=float)
+
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
     return p
@@ -123,6 +138,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
             print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
         return 0
+    if args.command in ("retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
+        from pgsynapse.learning.cli import run_learning_command
+
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            return run_learning_command(args, conn)
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 
