@@ -7,6 +7,8 @@ from pgsynapse.handlers.base import Handler
 
 def registry() -> dict[str, type[Handler]]:
     from pgsynapse.handlers.answer import AnswerHandler
+    from pgsynapse.handlers.backfill import BackfillHandler
     from pgsynapse.handlers.embed import EmbedHandler
+    from pgsynapse.handlers.retrain import RetrainHandler
 
-    return {h.kind: h for h in (EmbedHandler, AnswerHandler)}
+    return {h.kind: h for h in (EmbedHandler, AnswerHandler, RetrainHandler, BackfillHandler)}

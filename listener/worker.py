@@ -76,7 +76,8 @@ class Worker:
                 from pgsynapse.errors import ConfigError
 
                 raise ConfigError(f"invalid setting kinds [PGSYNAPSE_KINDS]: unknown job kind(s) {unknown}")
-            handlers = {k: known[k](settings, self.models) for k in settings.kinds}
+            bound = settings.model_copy(update={"database_url": url})
+            handlers = {k: known[k](bound, self.models) for k in settings.kinds}
         self.handlers = handlers
         self.kinds = list(self.handlers)
         self.wakeups = Wakeups(self.kinds)
@@ -100,6 +101,9 @@ class Worker:
         """Load the models of the serving versions now, so start-up fails fast on a bad model."""
         assert self.pool is not None
         async with self.pool.connection() as conn:
+            if "retrain" in self.handlers:
+                await conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %s",
+                                   (self.settings.retrain_min_feedback,))
             for handler in self.handlers.values():
                 refresh = getattr(handler, "refresh_versions", None)
                 if refresh is not None:
@@ -127,7 +131,8 @@ class Worker:
                 task_status.started()
                 async with anyio.create_task_group() as loops:
                     for kind in self.kinds:
-                        for _ in range(2):  # two loops per kind: one computes while the other claims/writes
+                        # two loops per kind by default: one computes while the other claims/writes
+                        for _ in range(getattr(self.handlers[kind], "concurrency", 2)):
                             loops.start_soon(self._kind_loop, kind)
                 tg.cancel_scope.cancel()
         finally:

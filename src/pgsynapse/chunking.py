@@ -54,6 +54,10 @@ class Chunker:
             title = title[: enc["offset_mapping"][MAX_TITLE_TOKENS - 1][1]]
         return title + "\n"
 
+    def embed_text(self, title: str | None, passage: str) -> str:
+        """What the model sees for a stored passage: the same title prefix as at chunking time."""
+        return self._title_prefix(title) + passage
+
     def split(self, title: str | None, body: str | None) -> list[Chunk]:
         body = body or ""
         if not body.strip():

@@ -43,6 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     ak.add_argument("--session", help="session id: follow-up questions use its history")
     ak.add_argument("--timeout", type=float, default=120.0)
     ak.add_argument("--json", action="store_true")
+    rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
+    rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
+
+    ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
+    ab.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("promote", help="make a backfilled candidate the active version")
+    pr.add_argument("model_version", type=int)
+    sub.add_parser("rollback", help="re-activate the previously active version")
+    rv = sub.add_parser("retire", help="retire a non-active version and delete its embeddings")
+    rv.add_argument("model_version", type=int)
+    tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model_version", type=int)
+    tr.add_argument("percent", type=float)
 
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
@@ -138,6 +152,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout)
         print(json.dumps(asdict(result), default=str, indent=2) if args.json else format_result(result))
         return 0 if result.status == "answered" else 1
+    if args.command in ("retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
+        from pgsynapse.learning.cli import run_learning_command
+
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            return run_learning_command(args, conn)
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 

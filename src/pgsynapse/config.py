@@ -50,7 +50,9 @@ class Settings(BaseModel):
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
-    kinds: tuple[str, ...] = Field(("embed", "answer"), description="job kinds this worker processes")
+    kinds: tuple[str, ...] = Field(
+        ("embed", "answer", "retrain", "backfill"), description="job kinds this worker processes"
+    )
 
     answerer: Literal["extractive", "transformers", "openai"] = Field("extractive", description="how answers are written")
     answer_top_k: int = Field(5, ge=1, le=100, description="passages retrieved per question")
@@ -63,6 +65,21 @@ class Settings(BaseModel):
     openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (answerer = openai)")
     openai_api_key: str | None = Field(None, repr=False)
     openai_model: str = "gpt-4o-mini"
+
+    retrain_min_feedback: int = Field(200, ge=1, description="new training examples that trigger a retrain")
+    retrain_margin: float = Field(0.01, ge=-1, le=1, description="held-out recall@k gain a candidate needs to pass")
+    retrain_eval_k: int = Field(5, ge=1, le=100, description="k of the gate's recall@k")
+    retrain_epochs: int = Field(1, ge=1, le=20)
+    retrain_lr: float = Field(2e-5, gt=0, lt=1)
+    retrain_batch_size: int = Field(32, ge=2, le=1024)
+    retrain_hard_negatives: int = Field(1, ge=0, le=8, description="mined hard negatives per example")
+    retrain_synthetic_pairs: int = Field(600, ge=0, description="corpus-only title/heading pairs added to feedback")
+    retrain_heldout_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of examples kept for the gate")
+    retrain_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock budget of one training run")
+    retrain_memory_mb: int = Field(8000, ge=256, description="the trainer is stopped above this RSS")
+    rollout_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a new candidate")
+    backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
+    backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
 
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

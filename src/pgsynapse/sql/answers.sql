@@ -10,11 +10,10 @@ WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered'
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
+-- The active version, and candidates that are fully backfilled and have a traffic share.
 SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
 FROM pgsynapse.model_versions
-WHERE status = 'active'
-   OR (status = 'candidate' AND traffic_percent > 0
-       AND (SELECT count(*) FROM pgsynapse.chunks) = (SELECT count(*) FROM pgsynapse.embeddings e WHERE e.model_version_id = model_versions.id))
+WHERE status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0)
 ORDER BY id;
 
 -- name: vector_candidates

@@ -1,0 +1,108 @@
+"""The ``backfill`` job: embed every chunk for a new model version, a throttled batch at a time.
+
+Each job embeds up to ``backfill_batch`` chunks that lack the version's embedding and queues the next job;
+a crash loses at most one batch of work, and the ``(model_version_id, chunk_id)`` key means a resumed
+backfill never writes a duplicate. When no chunk is missing, the version is marked backfilled and gets its
+traffic share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse.chunking import Chunker
+from pgsynapse.config import Settings
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+@dataclass
+class BackfillWork:
+    job: Job
+    version: dict[str, Any]
+    chunks: list[tuple[int, str | None, str]] = field(default_factory=list)
+
+
+class BackfillHandler(Handler[BackfillWork]):
+    kind = "backfill"
+    concurrency = 1
+
+    def __init__(self, settings: Settings, models: ModelCache) -> None:
+        self.settings = settings
+        self.models = models
+        self._precomputed: dict[int, dict[int, np.ndarray]] = {}
+
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[BackfillWork], list[Outcome]]:
+        work, known = [], []
+        for job in jobs:
+            v = await (await conn.execute(q("version_by_id", "learning.sql"), {"version": job.ref_id})).fetchone()
+            if v is None or v["status"] not in ("candidate", "active"):
+                known.append(Outcome(job, skip_reason="version gone, rejected or retired"))
+                continue
+            rows = await (await conn.execute(q("missing_chunks", "learning.sql"),
+                                             {"version": job.ref_id, "limit": self.settings.backfill_batch})).fetchall()
+            work.append(BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows]))
+        return work, known
+
+    def _vectors_from_training(self, version: dict[str, Any]) -> dict[int, np.ndarray]:
+        """The trainer already embedded the corpus for its evaluation: reuse those vectors by chunk id."""
+        vid = version["id"]
+        if vid not in self._precomputed:
+            found: dict[int, np.ndarray] = {}
+            path = Path(version["artifact_path"] or "")
+            if version["artifact_path"] and (path / "chunk_ids.npy").exists():
+                ids = np.load(path / "chunk_ids.npy")
+                vecs = np.load(path / "chunk_vectors.npy", mmap_mode="r")
+                found = {int(i): vecs[k] for k, i in enumerate(ids)}
+            self._precomputed[vid] = found
+        return self._precomputed[vid]
+
+    def compute(self, work: list[BackfillWork]) -> list[Outcome]:
+        out = []
+        for w in work:
+            if not w.chunks:
+                out.append(Outcome(w.job, result=("done", [])))
+                continue
+            embedder = self.models.get(w.version)
+            chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
+            pre = self._vectors_from_training(w.version)
+            ready = {cid: pre[cid] for cid, _, _ in w.chunks if cid in pre}
+            todo = [(cid, chunker.embed_text(title, text)) for cid, title, text in w.chunks if cid not in ready]
+            if todo:
+                vecs = embedder.encode([t for _, t in todo], self.settings.encode_batch_size)
+                ready.update({cid: vecs[i] for i, (cid, _) in enumerate(todo)})
+            out.append(Outcome(w.job, result=("batch", [(cid, ready[cid]) for cid, _, _ in w.chunks])))
+        return out
+
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        for o in outcomes:
+            version = o.job.ref_id
+            state, rows = o.result
+            if state == "done":
+                traffic = float(o.job.payload.get("traffic_percent", self.settings.rollout_traffic_percent))
+                await conn.execute(q("finish_backfill", "learning.sql"), {"version": version, "traffic": traffic})
+                await conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %s::int)::text)",
+                                   (version,))
+                log.info("backfill_finished", version=version, traffic_percent=traffic)
+            else:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, %s, %s)"
+                        " ON CONFLICT DO NOTHING", [(cid, version, vec) for cid, vec in rows])
+                # chunks deleted meanwhile fail the FK above only if gone; the next batch continues after these
+                await conn.execute(q("enqueue_backfill", "learning.sql"), {
+                    "version": version, "payload": Jsonb(o.job.payload),
+                    "delay": self.settings.backfill_throttle_seconds})
+                log.info("backfill_progress", version=version, embedded=len(rows))
+            report.written.append(o.job.id)
+        return report

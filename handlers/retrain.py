@@ -1,0 +1,161 @@
+"""The ``retrain`` job: fine-tune a candidate from feedback in a separate process, evaluate it against the
+active model on held-out feedback, register it, and gate it: a winner is backfilled, a loser rejected."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse.config import Settings
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
+from pgsynapse.learning.train import TrainSpec
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache, resolve_model_path
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+class TrainingFailed(Exception):
+    """The training process failed, ran out of its memory budget or produced no metrics."""
+
+
+@dataclass
+class RetrainWork:
+    job: Job
+    active: dict[str, Any]
+    untrained: int
+    force: bool
+
+
+def gate(metrics: dict[str, Any], k: int, margin: float) -> tuple[bool, float]:
+    """A candidate passes when its held-out recall@k beats the active model's by ``margin``
+    (MRR@10 breaks a tie in recall at half weight). Returns (passed, delta)."""
+    if "candidate" not in metrics or "active" not in metrics:
+        return False, 0.0
+    c, a = metrics["candidate"], metrics["active"]
+    delta = (c[f"recall@{k}"] - a[f"recall@{k}"]) + 0.5 * (c["mrr@10"] - a["mrr@10"])
+    return delta >= margin, round(delta, 4)
+
+
+class RetrainHandler(Handler[RetrainWork]):
+    kind = "retrain"
+    concurrency = 1  # one training at a time, whatever is queued
+
+    def __init__(self, settings: Settings, models: ModelCache) -> None:
+        self.settings = settings
+        self.models = models
+
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[RetrainWork], list[Outcome]]:
+        active = await (await conn.execute(q("active_version"))).fetchone()
+        n = (await (await conn.execute(q("untrained_examples", "learning.sql"))).fetchone())["n"]
+        work = [RetrainWork(j, active, n, bool(j.payload.get("force"))) for j in jobs]
+        return work, []
+
+    def compute(self, work: list[RetrainWork]) -> list[Outcome]:
+        out = []
+        for w in work:
+            if not w.force and w.untrained < self.settings.retrain_min_feedback:
+                out.append(Outcome(w.job, skip_reason=f"only {w.untrained} new examples"))
+                continue
+            try:
+                out.append(Outcome(w.job, result=self._train(w)))
+            except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
+                out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _train(self, w: RetrainWork) -> dict[str, Any]:
+        s = self.settings
+        base_path = resolve_model_path(w.active["artifact_path"], s.model_path)
+        out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
+        spec = TrainSpec(
+            url=s.database_url or "", base_version=w.active["id"], base_path=str(base_path), out_dir=str(out_dir),
+            chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
+            heldout_fraction=s.retrain_heldout_fraction, synthetic_pairs=s.retrain_synthetic_pairs,
+            budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
+            hard_negatives=s.retrain_hard_negatives,
+        )
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(asdict(spec), f)
+        log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))
+        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.train", f.name], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        over_budget = threading.Event()
+        peak = [0.0]
+
+        def watch_memory() -> None:
+            """Kill the trainer when its memory exceeds the budget: it must never take the machine down."""
+            try:
+                p = psutil.Process(proc.pid)
+                while proc.poll() is None:
+                    rss = p.memory_info().rss / 2**20
+                    peak[0] = max(peak[0], rss)
+                    if rss > s.retrain_memory_mb:
+                        over_budget.set()
+                        proc.kill()
+                        return
+                    over_budget.wait(0.5)
+            except psutil.NoSuchProcess:
+                return
+
+        threading.Thread(target=watch_memory, daemon=True).start()
+        stderr_tail: list[str] = []
+        threading.Thread(target=lambda: stderr_tail.extend(proc.stderr or []), daemon=True).start()
+        last_step = 0.0
+        for line in proc.stdout or []:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            name = ev.pop("event", "retrain_progress")
+            if name == "retrain_step":
+                if time.monotonic() - last_step < 5 and ev["step"] != ev["steps"]:
+                    continue
+                last_step = time.monotonic()
+            log.info(name, job=w.job.id, **ev)
+        code = proc.wait()
+        Path(f.name).unlink(missing_ok=True)
+        if over_budget.is_set():
+            raise TrainingFailed(f"training exceeded its memory budget of {s.retrain_memory_mb} MB and was stopped")
+        if code != 0:
+            tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
+            raise TrainingFailed(f"training process exited with {code}: {tail}")
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        metrics["peak_rss_mb_observed"] = round(peak[0], 1)
+        return {"metrics": metrics, "path": str(out_dir), "base": w.active}
+
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        s = self.settings
+        for o in outcomes:
+            res = o.result
+            metrics = res["metrics"]
+            used = metrics.pop("used_example_ids", [])
+            passed, delta = gate(metrics, s.retrain_eval_k, s.retrain_margin)
+            metrics["gate"] = {"passed": passed, "delta": delta, "margin": s.retrain_margin, "k": s.retrain_eval_k}
+            status = "candidate" if passed else "rejected"
+            name = f"{res['base']['name'].split('+')[0]}+ft{time.strftime('%Y%m%d%H%M%S')}"
+            row = await (await conn.execute(q("register_version", "learning.sql"), {
+                "name": name, "base": res["base"]["id"], "path": res["path"], "dim": res["base"]["dim"],
+                "metrics": Jsonb(metrics), "status": status})).fetchone()
+            version = row["id"]
+            await conn.execute(q("mark_examples_trained", "learning.sql"), {"version": version, "ids": used})
+            if passed:
+                await conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
+                await conn.execute(q("enqueue_backfill", "learning.sql"), {
+                    "version": version, "payload": Jsonb({"traffic_percent": s.rollout_traffic_percent}), "delay": 0})
+            log.info("retrain_registered", version=version, status=status, gate_delta=delta,
+                     candidate=metrics.get("candidate"), active=metrics.get("active"))
+            report.written.append(o.job.id)
+        return report

@@ -1,0 +1,273 @@
+"""Fine-tune a candidate embedding model from feedback, in its own process.
+
+Run by the ``retrain`` handler as ``python -m pgsynapse.learning.train SPEC.json``; never inside a worker.
+Reads training examples, chunks and the base version's stored embeddings from the database (short
+autocommit reads, no transaction held), writes the model and ``metrics.json`` into the output directory.
+
+Recipe (see docs/learning.md for what helped and what did not):
+- positive: the best passage (under the base model) of the document the user marked helpful;
+- hard negatives: the highest-ranked passages of *other* documents under the base model whose score is below
+  ``negative_ratio`` x the positive's, plus the passages of answers users marked unhelpful;
+- optional corpus-only pairs (document titles and section headings -> their passage);
+- MultipleNegativesRankingLoss, batches without repeated documents, AdamW with warm-up and linear decay,
+  embeddings and the lowest layers frozen, a wall-clock budget;
+- evaluation on the newest ``heldout_fraction`` of examples (split by time), for the candidate and the base
+  model on the same examples over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+
+@dataclass
+class TrainSpec:
+    url: str
+    base_version: int
+    base_path: str
+    out_dir: str
+    chunk_tokens: int = 256
+    lr: float = 2e-5
+    epochs: int = 1
+    batch_size: int = 32
+    scale: float = 20.0
+    hard_negatives: int = 1
+    negative_ratio: float = 0.95
+    freeze_layers: int = 2
+    heldout_fraction: float = 0.2
+    synthetic_pairs: int = 600
+    budget_seconds: float = 1800.0
+    eval_k: int = 5
+    seed: int = 0
+    threads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress(event: str, **kw: Any) -> None:
+    """One JSON line per progress event on stdout; the parent turns them into log events."""
+    print(json.dumps({"event": event, **kw}), flush=True)
+
+
+def _encode(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False).astype(np.float32)
+
+
+def synthetic_pairs(docs: dict[int, tuple[str, str]], doc_chunks: dict[int, list[int]], texts: list[str],
+                    n: int, seed: int) -> list[tuple[str, int, list[int]]]:
+    """Corpus-only (query, document, candidate chunks) pairs from titles, 'NAME — description' lines,
+    numbered section headings and configuration parameter entries. Uses no questions at all."""
+    out: list[tuple[str, int, list[int]]] = []
+    for doc_id, (title, body) in docs.items():
+        cids = doc_chunks.get(doc_id) or []
+        if not cids:
+            continue
+        lines = body.split("\n")
+        t = re.sub(r"^([A-Z]\.|\d+\.)(\d+\.)*\s*", "", title or "").strip()
+        m = re.match(r"^([A-Z][A-Z ]+) — (.+)$", lines[1]) if len(lines) > 1 else None
+        if m:
+            out.append((f"sql command to {m.group(2)}", doc_id, cids[:1]))
+            out.append((f"{m.group(1)} syntax", doc_id, cids[:1]))
+        elif t:
+            out.append((t, doc_id, cids))
+        for line in lines[2:]:
+            h = re.match(r"^(?:[A-Z]\.|\d+\.)(?:\d+\.)+\s+(\S.{3,80})$", line)
+            g = re.match(r"^([a-z_][a-z0-9_.]*) \((integer|boolean|string|enum|floating point|real)\)", line)
+            q = h.group(1) if h else (f"what does the {g.group(1)} setting do" if g else None)
+            if q:
+                cc = [i for i in cids if line in texts[i]] or cids
+                out.append((q, doc_id, cc))
+    random.Random(seed).shuffle(out)
+    return out[:n]
+
+
+def load_data(spec: TrainSpec) -> dict[str, Any]:
+    import psycopg
+
+    from pgsynapse.chunking import Chunker
+
+    with psycopg.connect(spec.url, autocommit=True) as conn:
+        examples = conn.execute(
+            "SELECT te.id, te.query, te.positive_chunk_id, te.negative_chunk_ids, te.created_at"
+            " FROM pgsynapse.training_examples te JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id"
+            " ORDER BY te.created_at, te.id").fetchall()
+        rows = conn.execute(
+            "SELECT c.id, c.document_id, d.title, c.text FROM pgsynapse.chunks c"
+            " JOIN pgsynapse.documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
+        bodies = conn.execute("SELECT id, coalesce(title, ''), coalesce(body, '') FROM pgsynapse.documents"
+                              " WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id)"
+                              ).fetchall()
+        stored = conn.execute(
+            "SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
+            (spec.base_version,)).fetchall()
+    return {"examples": examples, "chunks": rows, "docs": {r[0]: (r[1], r[2]) for r in bodies},
+            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker}
+
+
+def main(spec: TrainSpec) -> dict[str, Any]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from pgsynapse.learning.metrics import recall_mrr
+
+    started = time.time()
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    data = load_data(spec)
+    base = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
+    chunker = data["chunker"](base.tokenizer, min(spec.chunk_tokens, base.max_seq_length), 0)
+    chunk_ids = [r[0] for r in data["chunks"]]
+    chunk_docs = [r[1] for r in data["chunks"]]
+    texts = [chunker.embed_text(r[2], r[3]) for r in data["chunks"]]
+    index = {cid: i for i, cid in enumerate(chunk_ids)}
+    doc_chunks: dict[int, list[int]] = {}
+    for i, d in enumerate(chunk_docs):
+        doc_chunks.setdefault(d, []).append(i)
+    _progress("retrain_data_loaded", examples=len(data["examples"]), chunks=len(texts))
+
+    # the base model's vectors: what is stored in the database (what serving uses), encoded where missing
+    base_vecs = np.zeros((len(texts), base.get_sentence_embedding_dimension()), dtype=np.float32)
+    missing = [i for i, cid in enumerate(chunk_ids) if cid not in data["stored"]]
+    for i, cid in enumerate(chunk_ids):
+        if cid in data["stored"]:
+            base_vecs[i] = data["stored"][cid]
+    if missing:
+        base_vecs[missing] = _encode(base, [texts[i] for i in missing])
+
+    examples = [e for e in data["examples"] if e[2] in index]
+    n_held = max(1, int(round(len(examples) * spec.heldout_fraction))) if len(examples) >= 5 else 0
+    train_ex, held_ex = examples[: len(examples) - n_held], examples[len(examples) - n_held:]
+
+    items: list[tuple[str, int, list[int], list[int]]] = []  # query, doc, candidate positives, explicit negatives
+    for _id, query, pos, negs, _at in train_ex:
+        d = chunk_docs[index[pos]]
+        items.append((query, d, doc_chunks[d], [index[n] for n in (negs or []) if n in index]))
+    n_synth = 0
+    if spec.synthetic_pairs:
+        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1):
+            items.append((q, d, cands, []))
+            n_synth += 1
+    scores = _encode(base, [it[0] for it in items]) @ base_vecs.T if items else np.zeros((0, len(texts)))
+    rows: list[tuple[str, int, list[int], int]] = []
+    for k, (query, d, cands, explicit) in enumerate(items):
+        s = scores[k]
+        pos = int(cands[int(np.argmax(s[cands]))])
+        negs = [j for j in explicit if chunk_docs[j] != d][: spec.hard_negatives]
+        for j in np.argsort(-s)[:100]:
+            if len(negs) >= spec.hard_negatives:
+                break
+            j = int(j)
+            if chunk_docs[j] == d or s[j] >= spec.negative_ratio * s[pos] or j in negs:
+                continue
+            negs.append(j)
+        while len(negs) < spec.hard_negatives and len(doc_chunks) > 1:
+            j = random.randrange(len(texts))
+            if chunk_docs[j] != d:
+                negs.append(j)
+        rows.append((query, pos, negs, d))
+    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex))
+
+    model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
+    bert = model[0].auto_model
+    if spec.freeze_layers >= 0 and hasattr(bert, "embeddings"):
+        for p in bert.embeddings.parameters():
+            p.requires_grad = False
+        for layer in bert.encoder.layer[: spec.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad = False
+    loss_fn = MultipleNegativesRankingLoss(model, scale=spec.scale)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
+
+    def batches() -> list[list[int]]:
+        """Shuffled batches in which no document appears twice (no in-batch false negatives)."""
+        pending = list(range(len(rows)))
+        random.shuffle(pending)
+        out = []
+        while pending:
+            cur, used, rest = [], set(), []
+            for i in pending:
+                if rows[i][3] in used or len(cur) >= spec.batch_size:
+                    rest.append(i)
+                else:
+                    cur.append(i)
+                    used.add(rows[i][3])
+            out.append(cur)
+            pending = rest
+        return out
+
+    plan = [batches() for _ in range(spec.epochs)]
+    steps = sum(map(len, plan))
+    warm = max(1, int(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    model.train()
+    t_train, step, stopped_early = time.time(), 0, False
+    for epoch, plan_batches in enumerate(plan):
+        for b in plan_batches:
+            if len(b) < 2:
+                continue
+            if time.time() - started > spec.budget_seconds:
+                stopped_early = True
+                break
+            cols = [[rows[i][0] for i in b], [texts[rows[i][1]] for i in b]]
+            cols += [[texts[rows[i][2][k]] for i in b] for k in range(min(len(rows[i][2]) for i in b))]
+            loss = loss_fn([model.tokenize(c) for c in cols], None)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            _progress("retrain_step", step=step, steps=steps, epoch=epoch, loss=round(float(loss.item()), 4))
+        if stopped_early:
+            break
+    train_seconds = time.time() - t_train
+    model.eval()
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(str(out))
+
+    # evaluation: the same held-out examples, the whole corpus, candidate vs base
+    metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex), "synthetic_pairs": n_synth,
+                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1)}
+    _progress("retrain_evaluating", chunks=len(texts))
+    cand_vecs = _encode(model, texts)
+    np.save(out / "chunk_vectors.npy", cand_vecs)
+    np.save(out / "chunk_ids.npy", np.array(chunk_ids, dtype=np.int64))
+    if held_ex:
+        relevant = [{chunk_docs[index[e[2]]]} for e in held_ex]
+        queries = [e[1] for e in held_ex]
+        metrics["active"] = recall_mrr(_encode(base, queries), base_vecs, chunk_docs, relevant, spec.eval_k)
+        metrics["candidate"] = recall_mrr(_encode(model, queries), cand_vecs, chunk_docs, relevant, spec.eval_k)
+    metrics["used_example_ids"] = [e[0] for e in examples]
+    metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    _progress("retrain_finished", **{k: v for k, v in metrics.items() if k != "used_example_ids"})
+    return metrics
+
+
+if __name__ == "__main__":
+    raw = json.loads(Path(sys.argv[1]).read_text())
+    main(TrainSpec(**raw))

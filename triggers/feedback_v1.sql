@@ -1,0 +1,41 @@
+-- feedback: each row becomes a training example; once enough untrained examples exist, one `retrain` job
+-- is queued (deduplicated among pending jobs) and the worker is woken.
+
+CREATE FUNCTION pgsynapse.feedback_to_examples_v1() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    untrained bigint;
+    threshold int;
+    n bigint;
+BEGIN
+    INSERT INTO pgsynapse.training_examples (feedback_id, question_id, query, positive_chunk_id, negative_chunk_ids)
+    SELECT f.id, q.id, q.text,
+           CASE WHEN coalesce(f.helpful, f.rating >= 4) THEN
+               (SELECT c.id FROM pgsynapse.chunks c
+                WHERE c.id = coalesce(f.chunk_id, (q.sources -> 0 ->> 'chunk_id')::bigint))
+           END,
+           CASE WHEN NOT coalesce(f.helpful, f.rating >= 4) THEN
+               ARRAY(SELECT DISTINCT (s ->> 'chunk_id')::bigint
+                     FROM jsonb_array_elements(coalesce(q.sources, '[]')) s
+                     WHERE s ->> 'chunk_id' IS NOT NULL)
+           ELSE '{}'::bigint[] END
+    FROM new_rows f
+    JOIN pgsynapse.questions q ON q.id = f.question_id;
+
+    SELECT retrain_min_feedback INTO threshold FROM pgsynapse.learning_settings;
+    SELECT count(*) INTO untrained FROM pgsynapse.training_examples
+    WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL;
+    IF untrained >= coalesce(threshold, 200) THEN
+        INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES ('retrain', 0)
+        ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            PERFORM pg_notify('pgsynapse_jobs', json_build_object('kind', 'retrain', 'n', 1)::text);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER feedback_to_examples
+    AFTER INSERT ON pgsynapse.feedback
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgsynapse.feedback_to_examples_v1();
