@@ -38,5 +38,7 @@ ALTER TABLE pgsynapse.model_versions
     ADD COLUMN backfilled_at   timestamptz,
     ADD COLUMN deactivated_at  timestamptz,
     ADD COLUMN retired_at      timestamptz;
+-- the active version has every chunk embedded by the embed jobs themselves
+UPDATE pgsynapse.model_versions SET backfilled_at = coalesce(activated_at, created_at) WHERE status = 'active';
 
 -- pgsynapse:include feedback_v1.sql

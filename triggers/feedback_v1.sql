@@ -1,5 +1,5 @@
 -- feedback: each row becomes a training example; once enough untrained examples exist, one `retrain` job
--- is queued (deduplicated among pending jobs) and the worker is woken.
+-- is queued (never while another is pending or running) and the worker is woken.
 
 CREATE FUNCTION pgsynapse.feedback_to_examples_v1() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -24,7 +24,9 @@ BEGIN
     SELECT retrain_min_feedback INTO threshold FROM pgsynapse.learning_settings;
     SELECT count(*) INTO untrained FROM pgsynapse.training_examples
     WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL;
-    IF untrained >= coalesce(threshold, 200) THEN
+    -- one retrain at a time: none is queued while another is pending or running
+    IF untrained >= coalesce(threshold, 200) AND NOT EXISTS (
+        SELECT 1 FROM pgsynapse.jobs WHERE kind = 'retrain' AND status IN ('pending', 'running')) THEN
         INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES ('retrain', 0)
         ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
