@@ -1,0 +1,79 @@
+"""Benchmark `answers` (issue 4): retrieval recall@5 / MRR@10 at page level on the held-out dev questions, vector
+and hybrid, through the product's retrieval path; and question INSERT -> answer NOTIFY latency p50/p95/p99 over
+at least 200 questions asked one at a time to an idle worker, beside the raw time to embed one question.
+
+    python -m bench.answers [--questions 200]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anyio
+import psycopg
+
+from bench.common import emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.corpusdb import corpus_clone
+from bench.retrieval import retrieve_pages, score
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--questions", type=int, default=200)
+    args = p.parse_args()
+    emit("answers", "machine", **machine())
+    dev = questions("pg_docs_dev.jsonl")
+    train = questions("pg_docs_train.jsonl")
+    from pgsynapse.models import ModelCache
+
+    models = ModelCache()
+    with corpus_clone() as (url, info):
+        emit("answers", "corpus", **info)
+        with psycopg.connect(url) as conn:
+            version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
+                                   " WHERE status = 'active'").fetchone()
+            version = dict(zip(["id", "name", "artifact_path", "runtime", "dim", "status"], version, strict=True))
+        relevant = [set(q["relevant"]) for q in dev]
+        for hybrid in (False, True):
+            ranked = anyio.run(lambda: retrieve_pages(url, [q["q"] for q in dev], version=version, hybrid=hybrid,
+                                                      models=models))
+            emit("answers", "retrieval_hybrid" if hybrid else "retrieval_vector", **score(ranked, relevant))
+
+        embedder = models.get(version)
+        embedder.encode(["warm up"])
+        t = []
+        for q in dev[:50]:
+            s = time.perf_counter()
+            embedder.encode([q["q"]])
+            t.append((time.perf_counter() - s) * 1000)
+        emit("answers", "raw_query_embedding_ms", p50=round(pct(t, 50), 1), p95=round(pct(t, 95), 1))
+
+        texts = [q["q"] for q in dev] + [q["q"] for q in train]
+        texts = (texts * (args.questions // len(texts) + 1))[: args.questions]
+        worker = spawn_worker(url, {"PGSYNAPSE_KINDS": "answer"})
+        try:
+            lat, row_lat = [], []
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("LISTEN pgsynapse_answers")
+                for i, text in enumerate(texts):
+                    s = time.perf_counter()
+                    qid = conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
+                                       (f"bench-{i}", text)).fetchone()[0]
+                    for n in conn.notifies(timeout=60):
+                        if json.loads(n.payload)["id"] == qid:
+                            break
+                    lat.append((time.perf_counter() - s) * 1000)
+                rows = conn.execute("SELECT latency_ms FROM pgsynapse.questions WHERE session_id LIKE 'bench-%'").fetchall()
+                row_lat = [r[0] for r in rows if r[0] is not None]
+        finally:
+            stop(worker)
+        emit("answers", "insert_to_answer_notify_ms", n=len(lat), p50=round(pct(lat, 50), 1),
+             p95=round(pct(lat, 95), 1), p99=round(pct(lat, 99), 1))
+        emit("answers", "row_latency_ms", n=len(row_lat), p50=round(pct(row_lat, 50), 1),
+             p95=round(pct(row_lat, 95), 1), p99=round(pct(row_lat, 99), 1))
+    table()
+
+
+if __name__ == "__main__":
+    main()
