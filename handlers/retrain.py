@@ -84,7 +84,7 @@ class RetrainHandler(Handler[RetrainWork]):
             chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
             heldout_fraction=s.retrain_heldout_fraction, synthetic_pairs=s.retrain_synthetic_pairs,
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
-            hard_negatives=s.retrain_hard_negatives,
+            hard_negatives=s.retrain_hard_negatives, freeze_layers=s.retrain_freeze_layers,
         )
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(asdict(spec), f)
