@@ -15,7 +15,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.learning.abreport import ab_report, render
-from pgsynapse.learning.registry import promote, retire, rollback
+from pgsynapse.learning.registry import retire
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.queries import q
 from tests.helpers import aconn, spawn_worker, wait_until
@@ -170,10 +170,19 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
             assert {r["version"] for r in report["versions"]} >= {1, cand["id"]}
             assert f"v{cand['id']}" in text and "v1" in text and "95% CI" in text
 
-            promote(sync, cand["id"])
+            # the CLI, as an operator uses it
+            from tests.e2e.test_cli import pgsynapse
+
+            shown = pgsynapse("ab-report", url=db_url)
+            assert shown.returncode == 0 and f"v{cand['id']}" in shown.stdout and "v1 " in shown.stdout, shown.stderr
+            promoted = pgsynapse("promote", str(cand["id"]), url=db_url)
+            assert promoted.returncode == 0 and f"model version {cand['id']} is active" in promoted.stdout
             versions = _routable(db_url)
             assert {choose_version(versions, f"session-{i}")["id"] for i in range(1000)} == {cand["id"]}
-            rollback(sync)
+            again = pgsynapse("promote", str(cand["id"]), url=db_url)
+            assert again.returncode == 1 and "already active" in again.stderr
+            back = pgsynapse("rollback", url=db_url)
+            assert back.returncode == 0 and "model version 1 is active" in back.stdout
             versions = _routable(db_url)
             assert {choose_version(versions, f"session-{i}")["id"] for i in range(1000)} == {1}
             deleted = retire(sync, cand["id"])
