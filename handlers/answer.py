@@ -73,6 +73,12 @@ def match_rules(vector: np.ndarray, rules: list[dict[str, Any]], rule_vectors: n
             "rule": rule["text"]}
 
 
+def vector_sql(version: dict[str, Any]) -> str:
+    """The kNN query of one model version, its dim and id formatted in (integers) so its partial index applies."""
+    return (q("vector_candidates", "answers.sql").replace("{dim}", str(int(version["dim"])))
+            .replace("{version}", str(int(version["id"]))))
+
+
 class AnswerHandler(Handler[AnswerWork]):
     kind = "answer"
 
@@ -164,8 +170,7 @@ class AnswerHandler(Handler[AnswerWork]):
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version
         k = s.answer_top_k * (3 if s.hybrid else 1)
-        sql = q("vector_candidates", "answers.sql").replace("{dim}", str(int(v["dim"])))
-        vec_rows = list(await (await conn.execute(sql, {"query": w.query_vector, "version": v["id"], "k": k})).fetchall())
+        vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
         by_id = {r["chunk_id"]: r for r in vec_rows}
         order = [r["chunk_id"] for r in vec_rows]
         if s.hybrid:

@@ -38,14 +38,17 @@ class Result:
 
 
 class Client:
-    """One LISTENing connection. Calls to ``ask`` on one client run one at a time; use a client per task to
-    ask concurrently (each is one connection)."""
+    """One LISTENing connection. Several tasks may ``ask`` on one client at once: they share the connection,
+    and whichever task reads an answer's NOTIFY hands it to the task that asked."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: psycopg.AsyncConnection | None = None
-        self._waiters: dict[int, anyio.Event] = {}
         self._lock = anyio.Lock()
+        self._waiting: set[int] = set()  # questions asked on this client and not answered yet
+        # of those, the ones announced on the channel but not yet collected by their ask()
+        self._arrived: set[int] = set()
+        self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
         self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row)
@@ -64,23 +67,47 @@ class Client:
                 "INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
                 (session_id, text))).fetchone()
         qid = row["id"]
-        with anyio.fail_after(timeout) if timeout else anyio.CancelScope():
-            try:
+        self._waiting.add(qid)
+        try:
+            with anyio.fail_after(timeout) if timeout else anyio.CancelScope():
+                check = True
                 while True:
-                    result = await self._read(qid)
-                    if result.status != "pending":
-                        return result
-                    async with self._lock:
-                        async for n in self._conn.notifies(timeout=min(timeout, 5.0), stop_after=1):
-                            _ = json.loads(n.payload)
-            except TimeoutError:
-                raise AnswerTimeout(f"no answer to question {qid} within {timeout:g}s: is `pgsynapse run` running?") from None
+                    if check or qid in self._arrived:
+                        self._arrived.discard(qid)
+                        result = await self._read(qid)
+                        if result.status != "pending":
+                            return result
+                    check = await self._wait_one(qid)
+        except TimeoutError:
+            raise AnswerTimeout(f"no answer to question {qid} within {timeout:g}s: is `pgsynapse run` running?") from None
+        finally:
+            self._waiting.discard(qid)
+            self._arrived.discard(qid)
+
+    async def _wait_one(self, qid: int) -> bool:
+        """Wait for the next NOTIFY and note whose question it announces (asks on this client share one
+        connection: whoever reads an announcement keeps it for its asker). True when none came within
+        ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
+        assert self._conn is not None
+        async with self._lock:
+            if qid in self._arrived:
+                return False
+            async for n in self._conn.notifies(timeout=self.recheck_seconds, stop_after=1):
+                try:
+                    announced = int(json.loads(n.payload)["id"])
+                except (ValueError, KeyError, TypeError):
+                    return True
+                if announced in self._waiting:
+                    self._arrived.add(announced)
+                return False
+            return True
 
     async def _read(self, qid: int) -> Result:
         assert self._conn is not None
-        r = await (await self._conn.execute(
-            "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id"
-            " FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+        async with self._lock:
+            r = await (await self._conn.execute(
+                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id"
+                " FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
         return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
                       r["error"], r["guardrail"], r["session_id"])
 

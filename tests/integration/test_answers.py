@@ -162,3 +162,38 @@ async def test_hybrid_retrieval_fuses_full_text_and_vectors(db_url, models):
         async with Client(db_url) as client:
             r = await client.ask("GIN index jsonb keys")
     assert r.sources[0]["document_id"] == ids[2]
+
+
+async def test_concurrent_asks_on_one_client_are_each_woken_by_their_own_notify(db_url, models):
+    texts = ["how can I undo commands back to a savepoint?", "how do I reclaim storage from dead tuples?",
+             "how are jsonb documents searched with GIN indexes?", "how do I make an index reject duplicates?"]
+    async with running_worker(fast_settings(db_url, batch_size=1), models):
+        ids = await _corpus(db_url)
+        results = {}
+        async with Client(db_url) as client:
+            # no safety re-read: only an announcement can wake an ask, so one read by the wrong task would hang
+            client.recheck_seconds = 3600
+
+            async def one(text: str) -> None:
+                results[text] = await client.ask(text, timeout=None)
+
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as tg:
+                    for t in texts:
+                        tg.start_soon(one, t)
+    assert [results[t].status for t in texts] == ["answered"] * 4
+    assert [results[t].sources[0]["document_id"] for t in texts] == [ids[0], ids[1], ids[2], ids[3]]
+
+
+async def test_knn_query_uses_the_versions_partial_hnsw_index_even_as_a_generic_plan(db_url):
+    from pgsynapse.handlers.answer import vector_sql
+
+    conn = await aconn(db_url)
+    version = {"id": 1, "dim": 384}
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    await conn.execute("SET enable_seqscan = off")  # no data: make any usable index win over a scan
+    await conn.execute(f"PREPARE knn(vector, int) AS {vector_sql(version).replace('%(query)s', '$1').replace('%(k)s', '$2')}")
+    plan = "\n".join(r["QUERY PLAN"] for r in await (await conn.execute(
+        "EXPLAIN EXECUTE knn(array_fill(0.1, ARRAY[384])::vector, 5)")).fetchall())
+    await conn.close()
+    assert "embeddings_hnsw_v1" in plan, plan

@@ -17,12 +17,14 @@ WHERE status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL A
 ORDER BY id;
 
 -- name: vector_candidates
+-- {dim} and {version} are integers formatted in by the caller: with a literal version the planner can match the
+-- partial HNSW index of that version (WHERE model_version_id = V) even under a generic (prepared) plan.
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
        1 - (e.embedding::vector({dim}) <=> %(query)s::vector({dim})) AS score
 FROM pgsynapse.embeddings e
 JOIN pgsynapse.chunks c ON c.id = e.chunk_id
 JOIN pgsynapse.documents d ON d.id = c.document_id
-WHERE e.model_version_id = %(version)s
+WHERE e.model_version_id = {version}
 ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
