@@ -197,3 +197,19 @@ async def test_knn_query_uses_the_versions_partial_hnsw_index_even_as_a_generic_
         "EXPLAIN EXECUTE knn(array_fill(0.1, ARRAY[384])::vector, 5)")).fetchall())
     await conn.close()
     assert "embeddings_hnsw_v1" in plan, plan
+
+
+async def test_follow_up_asked_in_the_same_statement_still_gets_the_previous_question_as_context(db_url, models):
+    async with running_worker(fast_settings(db_url), models):
+        ids = await _corpus(db_url)
+        conn = await aconn(db_url)
+        # both turns at once: the first is still pending when the follow-up is retrieved (same batch)
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES"
+                           " ('carol', 'How do I mark a point inside a transaction with a savepoint?'),"
+                           " ('carol', 'and how do I undo it?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        rows = await (await conn.execute(
+            "SELECT retrieval_query, sources FROM pgsynapse.questions WHERE session_id = 'carol' ORDER BY id")).fetchall()
+        await conn.close()
+    assert rows[1]["retrieval_query"] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
+    assert rows[1]["sources"][0]["document_id"] == ids[0]

@@ -4,9 +4,10 @@
 SELECT id, session_id, text, created_at FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending';
 
 -- name: session_history
--- The turns of a session before a question, newest first (the caller keeps the last few).
-SELECT id, text, answer FROM pgsynapse.questions
-WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered'
+-- The turns of a session before a question, newest first (the caller keeps the last few). A turn still pending
+-- (asked in the same statement, or not answered yet) counts with its question alone; blocked and failed ones do not.
+SELECT id, text, CASE WHEN status = 'answered' THEN answer END AS answer FROM pgsynapse.questions
+WHERE session_id = %(session)s AND id < %(before)s AND status IN ('answered', 'pending')
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
