@@ -178,11 +178,12 @@ class AnswerHandler(Handler[AnswerWork]):
                                                        {"text": w.retrieval_query, "k": k})).fetchall())
             missing = [r["chunk_id"] for r in text_rows if r["chunk_id"] not in by_id]
             if missing:
-                vecs = {r["chunk_id"]: np.asarray(r["embedding"], dtype=np.float32) for r in await (await conn.execute(
-                    q("chunk_vectors", "answers.sql"), {"version": v["id"], "ids": missing})).fetchall()}
+                scores = {r["chunk_id"]: float(r["score"]) for r in await (await conn.execute(
+                    q("chunk_scores", "answers.sql"),
+                    {"version": v["id"], "ids": missing, "query": w.query_vector})).fetchall()}
                 for r in text_rows:
-                    if r["chunk_id"] in vecs:
-                        by_id[r["chunk_id"]] = {**r, "score": float(vecs[r["chunk_id"]] @ w.query_vector)}
+                    if r["chunk_id"] in scores:
+                        by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
             order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]])
         out = []
         for rank, cid in enumerate(order[: s.answer_top_k], 1):

@@ -213,3 +213,15 @@ async def test_follow_up_asked_in_the_same_statement_still_gets_the_previous_que
         await conn.close()
     assert rows[1]["retrieval_query"] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
     assert rows[1]["sources"][0]["document_id"] == ids[0]
+
+
+async def test_hybrid_full_text_hits_outside_the_knn_candidates_are_scored_and_fused(db_url, models):
+    # top_k=1: the kNN returns 3 of the 4 chunks; the full-text query (any of the words) matches all 4,
+    # so at least one full-text hit must be scored outside the kNN
+    settings = fast_settings(db_url, hybrid=True, answer_top_k=1, not_found_threshold=-1)
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            r = await client.ask("savepoint vacuum jsonb index")
+    assert r.status == "answered", r.error
+    assert len(r.sources) == 1 and -1 <= r.sources[0]["score"] <= 1

@@ -30,17 +30,21 @@ ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
 -- name: text_candidates
+-- Full-text ranks. The question's words are OR-ed and ts_rank_cd rewards chunks with more of them, closer
+-- together: a natural-language question rarely has all its words in one chunk, which an AND query requires.
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
        ts_rank_cd(c.tsv, query) AS text_rank
 FROM pgsynapse.chunks c
 JOIN pgsynapse.documents d ON d.id = c.document_id,
-     websearch_to_tsquery('english', %(text)s) query
+     to_tsquery('english', replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')) query
 WHERE c.tsv @@ query
-ORDER BY text_rank DESC
+ORDER BY text_rank DESC, c.id
 LIMIT %(k)s;
 
--- name: chunk_vectors
-SELECT chunk_id, embedding FROM pgsynapse.embeddings WHERE model_version_id = %(version)s AND chunk_id = ANY(%(ids)s);
+-- name: chunk_scores
+-- The cosine score of full-text hits that the kNN did not return (chunks without this version's embedding drop out).
+SELECT chunk_id, 1 - (embedding <=> %(query)s::vector) AS score
+FROM pgsynapse.embeddings WHERE model_version_id = %(version)s AND chunk_id = ANY(%(ids)s);
 
 -- name: guardrail_rules
 SELECT id, text, action, threshold FROM pgsynapse.guardrail_rules WHERE enabled ORDER BY id;
