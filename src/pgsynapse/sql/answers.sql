@@ -30,10 +30,11 @@ ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
 -- name: text_candidates
--- Full-text ranks. The question's words are OR-ed and ts_rank_cd rewards chunks with more of them, closer
--- together: a natural-language question rarely has all its words in one chunk, which an AND query requires.
+-- Full-text ranks. The question's words are OR-ed (a natural-language question rarely has all its words in one
+-- chunk, which an AND query requires) and ranked by ts_rank, which weighs how many of them a chunk has and how
+-- often. On the docs corpus this beat websearch_to_tsquery (AND) and ts_rank_cd: see BENCHMARKS.md.
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
-       ts_rank_cd(c.tsv, query) AS text_rank
+       ts_rank(c.tsv, query) AS text_rank
 FROM pgsynapse.chunks c
 JOIN pgsynapse.documents d ON d.id = c.document_id,
      to_tsquery('english', replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')) query
