@@ -50,6 +50,11 @@ class AnswerWork:
     embedder: Embedder | None = None
 
 
+def as_array(value: Any) -> np.ndarray:
+    """A vector column's value as float32 numpy (pgvector returns its own Vector type)."""
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
 def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[int]:
     """Reciprocal-rank fusion of several rankings of chunk ids."""
     score: dict[int, float] = {}
@@ -173,7 +178,7 @@ class AnswerHandler(Handler[AnswerWork]):
                                                        {"text": w.retrieval_query, "k": k})).fetchall())
             missing = [r["chunk_id"] for r in text_rows if r["chunk_id"] not in by_id]
             if missing:
-                vecs = {r["chunk_id"]: np.asarray(r["embedding"], dtype=np.float32) for r in await (await conn.execute(
+                vecs = {r["chunk_id"]: as_array(r["embedding"]) for r in await (await conn.execute(
                     q("chunk_vectors", "answers.sql"), {"version": v["id"], "ids": missing})).fetchall()}
                 for r in text_rows:
                     if r["chunk_id"] in vecs:

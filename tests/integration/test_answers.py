@@ -162,3 +162,36 @@ async def test_hybrid_retrieval_fuses_full_text_and_vectors(db_url, models):
         async with Client(db_url) as client:
             r = await client.ask("GIN index jsonb keys")
     assert r.sources[0]["document_id"] == ids[2]
+
+
+async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
+    """Vector ranks from one text, full-text ranks from a rare word only one passage has: the fused list must
+    include that passage, scored by its own stored vector."""
+    from psycopg.rows import dict_row
+    from pgvector.psycopg import register_vector_async
+
+    from pgsynapse.handlers.answer import AnswerWork
+    from pgsynapse.handlers.base import Job
+
+    settings = fast_settings(db_url, hybrid=True, answer_top_k=2)
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        insert_docs(db_url, [(f"Transactions {i}", f"Part {i}: BEGIN starts a transaction block; ROLLBACK undoes the "
+                                                   f"commands back to a savepoint or the start.") for i in range(8)])
+        [rare] = insert_docs(db_url, [("Glossary", "The term qwertzuiop names an obscure internal code path.")])
+        conn = await aconn(db_url)
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (rare,))
+    conn.row_factory = dict_row
+    await register_vector_async(conn)
+    handler = AnswerHandler(settings, models)
+    version = {"id": 1, "name": "v1", "artifact_path": None, "runtime": "torch", "dim": 384, "status": "active"}
+    vec = models.get(version).encode(["undo commands back to a savepoint in a transaction"])[0]
+    w = AnswerWork(Job(0, "answer", 0, {}, 1, None), "q", None, version, [], "qwertzuiop", vec)
+    passages = await handler._retrieve(conn, w)
+    plain = AnswerHandler(fast_settings(db_url, hybrid=False, answer_top_k=6), models)
+    vector_only = await plain._retrieve(conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), "q", None, version, [],
+                                                         "qwertzuiop", vec))
+    await conn.close()
+    assert rare not in [p.document_id for p in vector_only]
+    assert rare in [p.document_id for p in passages]
+    assert all(-1 <= p.score <= 1 for p in passages)

@@ -31,7 +31,8 @@ SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
        ts_rank_cd(c.tsv, query) AS text_rank
 FROM pgsynapse.chunks c
 JOIN pgsynapse.documents d ON d.id = c.document_id,
-     websearch_to_tsquery('english', %(text)s) query
+     -- any of the question's words (OR): an AND of every word of a natural question rarely matches a passage
+     replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery query
 WHERE c.tsv @@ query
 ORDER BY text_rank DESC
 LIMIT %(k)s;
