@@ -27,13 +27,12 @@ ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
 -- name: text_candidates
-SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
-       ts_rank_cd(c.tsv, query) AS text_rank
-FROM pgsynapse.chunks c
-JOIN pgsynapse.documents d ON d.id = c.document_id,
-     -- any of the question's words (OR): an AND of every word of a natural question rarely matches a passage
-     replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery query
-WHERE c.tsv @@ query
+-- Any of the question's words (OR): an AND of every word of a natural question rarely matches a passage.
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank_cd(c.tsv, qq.query) AS text_rank
+FROM (SELECT replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS query) qq,
+     pgsynapse.chunks c
+JOIN pgsynapse.documents d ON d.id = c.document_id
+WHERE c.tsv @@ qq.query
 ORDER BY text_rank DESC
 LIMIT %(k)s;
 
