@@ -20,6 +20,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 from psycopg.rows import dict_row
 
+from pgsynapse import metrics
 from pgsynapse.config import Settings
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
@@ -215,6 +216,7 @@ class Worker:
             log.exception("batch_failed", kind=kind, n=len(jobs))
             outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
         compute_ms = (time.perf_counter() - started) * 1000
+        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, getattr(handler, "versions", ()))
         await self._write(kind, handler, outcomes)
         self.stats.batches += 1
         log.info(
@@ -269,6 +271,7 @@ class Worker:
                     await self._fail_or_retry(conn, handler, o)
             await handler.notify_written(conn, report, jobs)
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
+        metrics.observe_results(kind, (jobs[i].created_at for i in report.written))
 
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}

@@ -84,7 +84,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "run":
         from pgsynapse.app import run_worker
 
-        run_worker(settings, apply_migrations=not args.no_migrate)
+        run_worker(settings, apply_migrations=not args.no_migrate, reload=lambda: _settings(args))
         return 0
     if args.command == "migrate":
         from pgsynapse.migrate import migrate
