@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
 
+    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents")
+    ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
+    ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
+    ing.add_argument("--follow-timeout", type=float, help="give up following after this many seconds")
+    ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
     return p
@@ -123,6 +129,20 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
             print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
         return 0
+    if args.command == "ingest":
+        from pgsynapse.app import ensure_schema
+        from pgsynapse.ingest import follow, ingest
+
+        progress = False if args.no_progress else None
+        with Database(settings) as db:
+            ensure_schema(db, apply=False)
+            with db.connect(autocommit=True) as conn:
+                report = ingest(conn, args.paths, max_chars=settings.max_document_chars, progress=progress)
+                print(report.summary())
+                if args.follow:
+                    follow(conn, report, progress=progress, timeout=args.follow_timeout)
+                    print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
+        return 1 if report.failed or report.embed_failed else 0
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 

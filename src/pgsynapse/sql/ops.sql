@@ -21,3 +21,7 @@ SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'pending') AS pending
 FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
+
+-- name: ingest_lock
+-- Serialises concurrent ingests' "is it new?" decisions (transaction-scoped).
+SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
