@@ -176,3 +176,22 @@ def test_compose_postgres_migrate_then_worker():
     health = " ".join(worker["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/healthz" in health
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
+
+
+# -- monitoring ----------------------------------------------------------------------------------------------
+def _metric_base(name: str) -> str:
+    return re.sub(r"_(total|bucket|sum|count)$", "", name)
+
+
+def test_dashboard_and_alerts_use_metrics_the_worker_exports():
+    source = (ROOT / "src" / "pgsynapse" / "metrics.py").read_text()
+    defined = set(re.findall(r'"(pgsynapse_[a-z_]+)"', source))
+    assert {"pgsynapse_jobs_processed", "pgsynapse_queue_oldest_pending_seconds", "pgsynapse_insert_to_result_seconds"} <= defined
+    alerts = yaml.safe_load((ROOT / "docs" / "prometheus-alerts.yaml").read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert {"PgsynapseWorkerDown", "PgsynapseQueueBacklogOld", "PgsynapseJobsFailing"} <= names
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {_metric_base(m) for e in exprs for m in re.findall(r"\b(pgsynapse_[a-z_]+)", e)}
+    assert used and used <= defined, f"not exported: {sorted(used - defined)}"
