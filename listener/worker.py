@@ -48,6 +48,7 @@ class WorkerStats:
     batches: int = 0
     fallback_polls: int = 0
     last_tick: float = field(default_factory=time.monotonic)
+    loop_ticks: dict[int, float] = field(default_factory=dict)  # per dispatcher loop (task id): stall detection
 
     def add(self, table: dict[str, int], kind: str, n: int = 1) -> None:
         table[kind] = table.get(kind, 0) + n
@@ -173,7 +174,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
         while not self.stopping.is_set():
-            self.stats.last_tick = time.monotonic()
+            self.stats.last_tick = self.stats.loop_ticks[anyio.get_current_task().id] = time.monotonic()
             try:
                 jobs = await self.claim(kind, self.settings.batch_size)
             except (psycopg.Error, OSError) as exc:

@@ -36,13 +36,22 @@ LIVE_SETTINGS = (
 )
 
 
+def tick_age(worker: Worker) -> float:
+    """Seconds since the *least recently* turning dispatcher loop came round (each loop is tracked)."""
+    ticks = worker.stats.loop_ticks.values()
+    return time.monotonic() - (min(ticks) if ticks else worker.stats.last_tick)
+
+
 def loop_stalled(worker: Worker) -> float | None:
     """Seconds the dispatcher loops are overdue, or None while they are healthy.
 
-    A loop comes round at least every ``poll_interval`` when idle and after every batch when busy, so a tick
-    older than ``poll_interval + stall_seconds`` means a loop is stuck (a hung query or model call).
+    A loop comes round at least every ``poll_interval`` when idle and after every batch when busy, so a loop
+    whose tick is older than ``poll_interval + stall_seconds`` is stuck (a hung query or model call). While
+    stopping, loops end one by one and the drain is bounded by the service manager's stop timeout instead.
     """
-    age = time.monotonic() - worker.stats.last_tick
+    if worker.stopping.is_set():
+        return None
+    age = tick_age(worker)
     limit = worker.settings.poll_interval + worker.settings.stall_seconds
     return age - limit if age > limit else None
 
@@ -95,6 +104,13 @@ class Service:
         self.watchdog_every = watchdog_every if watchdog_every is not None else watchdog_interval()
         self.collector = WorkerCollector(worker)
         self.registry = make_registry(self.collector)
+        self.watchdog_ok = True  # False while pings are withheld
+        self._watchdog_changed = anyio.Event()
+
+    async def wait_watchdog(self, ok: bool) -> None:
+        """Return once the watchdog pings are sent (``ok``) or withheld (``not ok``)."""
+        while self.watchdog_ok != ok:
+            await self._watchdog_changed.wait()
 
     async def run(self) -> None:
         """Call once the worker has started (migrations applied, models loaded, LISTEN up). Runs until cancelled."""
@@ -107,10 +123,10 @@ class Service:
                 if self.watchdog_every:
                     tg.start_soon(self._watchdog)
                 tg.start_soon(self._reload_on_sighup)
-                self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}")
+                self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}", wait=2.0)
                 log.info("service_ready", systemd=self.notifier.enabled, watchdog_s=self.watchdog_every)
                 await self.worker.stopping.wait()
-                self.notifier.notify("STOPPING=1", f"STATUS=draining {self.worker.in_flight} in-flight batch(es)")
+                self.notifier.notify("STOPPING=1", f"STATUS=draining {self.worker.in_flight} in-flight batch(es)", wait=2.0)
                 await anyio.sleep_forever()  # keep pinging and serving until the worker has drained
         finally:
             if self.http is not None:
@@ -121,17 +137,18 @@ class Service:
     # -- watchdog ------------------------------------------------------------------------------
     async def _watchdog(self) -> None:
         assert self.watchdog_every
-        withheld = False
         while True:
             overdue = loop_stalled(self.worker)
             if overdue is None:
                 self.notifier.notify("WATCHDOG=1")
-                if withheld:
+                if not self.watchdog_ok:
                     log.info("watchdog_resumed")
-                withheld = False
-            elif not withheld:
+            elif self.watchdog_ok:
                 log.error("watchdog_withheld", reason="dispatcher loop stalled", overdue_s=round(overdue, 1))
-                withheld = True
+            if self.watchdog_ok != (overdue is None):
+                self.watchdog_ok = overdue is None
+                self._watchdog_changed.set()
+                self._watchdog_changed = anyio.Event()
             await anyio.sleep(self.watchdog_every)
 
     # -- reload ----------------------------------------------------------------------------------
@@ -172,7 +189,7 @@ class Service:
             "db_reachable": db_ok,
             "db_error": db_error,
             "listen_connected": w.listener.connected,
-            "last_tick_age_seconds": round(time.monotonic() - w.stats.last_tick, 3),
+            "last_tick_age_seconds": round(tick_age(w), 3),
             "stall_limit_seconds": w.settings.poll_interval + w.settings.stall_seconds,
             "in_flight_batches": w.in_flight,
             "stopping": w.stopping.is_set(),

@@ -129,8 +129,10 @@ class WorkerCollector(Collector):
                                   value=w.stats.fallback_polls)
         yield GaugeMetricFamily("pgsynapse_listen_connected", "1 while the LISTEN connection is up",
                                 value=int(w.listener.connected))
-        yield GaugeMetricFamily("pgsynapse_loop_tick_age_seconds", "Seconds since a dispatcher loop last came round",
-                                value=time.monotonic() - w.stats.last_tick)
+        ticks = w.stats.loop_ticks.values()
+        tick_age_s = time.monotonic() - (min(ticks) if ticks else w.stats.last_tick)
+        yield GaugeMetricFamily("pgsynapse_loop_tick_age_seconds",
+                                "Seconds since the least recently turning dispatcher loop came round", value=tick_age_s)
         yield GaugeMetricFamily("pgsynapse_in_flight_batches", "Batches being computed or written now", value=w.in_flight)
         yield GaugeMetricFamily("pgsynapse_db_up", "1 when the last scrape's database snapshot succeeded", value=int(self.db_up))
         depth = GaugeMetricFamily("pgsynapse_queue_jobs", "Jobs in the queue by kind and status (all workers)",

@@ -33,15 +33,23 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def notify(self, *lines: str) -> bool:
-        """Send one datagram; True when sent. Errors are logged once, never raised: systemd is optional."""
+    def notify(self, *lines: str, wait: float = 0.0) -> bool:
+        """Send one datagram; True when sent. Errors are logged once, never raised: systemd is optional.
+
+        The caller is an event loop, so a full receive queue never blocks it for more than ``wait`` seconds
+        (0: a ping that cannot be queued at once is dropped; the next one follows).
+        """
         if self.address is None:
             return False
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.settimeout(wait)
             self._sock.sendto("\n".join(lines).encode(), self.address)
             return True
+        except (BlockingIOError, TimeoutError):
+            log.debug("sd_notify_dropped", message=lines[0] if lines else "", reason="receive queue full")
+            return False
         except OSError as exc:
             if not self._warned:
                 log.warning("sd_notify_failed", socket=self.address.replace("\0", "@"), error=str(exc))

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import SAFETY_TIMEOUT, aconn, insert_docs, spawn_worker, wait_until
+from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
 
@@ -27,34 +25,6 @@ SELECT
       (SELECT 1 FROM pgsynapse.jobs j WHERE j.ref_id = d.id AND j.kind = 'embed' AND j.status = 'pending')) AS orphans,
   (SELECT count(*) FROM pgsynapse.documents WHERE status NOT IN ('pending', 'embedded')) AS other
 """
-
-
-class NotifySocket:
-    """A unix datagram socket standing in for systemd's notify socket; collects the messages in order."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pgs-notify-", dir="/tmp"))  # short: sun_path is 108 bytes
-        self.path = str(self.dir / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[str] = []
-
-    def expect(self, line: str, timeout: float = SAFETY_TIMEOUT) -> int:
-        """Block until a message holding ``line`` arrives (a safety timeout only); returns its index."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except TimeoutError:
-                raise TimeoutError(f"no {line!r} within {timeout}s; got {self.messages[-5:]}") from None
-            self.messages.append(msg)
-            if line in msg.split("\n"):
-                return len(self.messages) - 1
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -104,7 +74,7 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         worker.wait_event("worker_started", timeout=1)
         # the watchdog pings keep coming while the loops are healthy
         first = notify.expect("WATCHDOG=1")
-        notify.expect("WATCHDOG=1")
+        notify.expect("WATCHDOG=1", start=first + 1)
         assert first > ready
 
         ids = insert_docs(db_url, _docs("first", 12))
@@ -139,13 +109,19 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         worker.proc.send_signal(signal.SIGHUP)
         reloaded = worker.wait_event("config_reloaded", start=mark)
         assert reloaded["changed"] == {"batch_size": 3} and reloaded["needs_restart"] == ["chunk_tokens"]
+        # an invalid file is rejected and the running settings kept
+        config.write_text('batch_size = "many"\n')
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        failed = worker.wait_event("config_reload_failed", start=mark)
+        assert "batch_size" in failed["error"]
 
         # SIGTERM while a backlog is being worked: STOPPING, drain, exit 0, nothing lost
         insert_docs(db_url, _docs("second", 60))
         await wait_until(conn, "SELECT count(*) >= 3 FROM pgsynapse.documents WHERE title LIKE 'second%%'"
                                " AND status = 'embedded'")
         worker.proc.send_signal(signal.SIGTERM)
-        stopping = notify.expect("STOPPING=1")
+        stopping = notify.expect("STOPPING=1", start=first)
         assert worker.proc.wait(SAFETY_TIMEOUT) == 0
         assert stopping > first
         batches = [e for e in worker.events if e.get("event") == "batch_processed" and e.get("n")]
