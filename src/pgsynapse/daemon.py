@@ -129,10 +129,7 @@ class Service:
                 self.notifier.notify("STOPPING=1", f"STATUS=draining {self.worker.in_flight} in-flight batch(es)", wait=2.0)
                 await anyio.sleep_forever()  # keep pinging and serving until the worker has drained
         finally:
-            if self.http is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.http.aclose()
-            self.notifier.close()
+            self.notifier.close()  # the HTTP listener is closed by its opener (serve)
 
     # -- watchdog ------------------------------------------------------------------------------
     async def _watchdog(self) -> None:

@@ -25,6 +25,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
@@ -36,6 +37,10 @@ FORMATS = {
     ".html": "html", ".htm": "html", ".pdf": "pdf",
 }
 DOCUMENTS_CHANNEL = "pgsynapse_documents"
+
+
+class FollowTimeout(PgsynapseError, TimeoutError):
+    """``follow`` gave up waiting (the CLI prints it and exits 1)."""
 
 
 class SkipFile(Exception):
@@ -216,7 +221,7 @@ def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | N
                 break
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"{pending} document(s) still pending after {timeout}s: is `pgsynapse run` running?")
+                raise FollowTimeout(f"{pending} document(s) still pending after {timeout}s: is `pgsynapse run` running?")
             # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
             for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
                 pass

@@ -41,7 +41,8 @@ BATCH_SIZE = Histogram(
 )
 INFERENCE_SECONDS = Histogram(
     "pgsynapse_inference_seconds",
-    "Compute time of one batch outside any transaction (chunking and model forward passes for every serving version)",
+    "Time to load and compute one batch outside any transaction (reading rows, chunking, forward passes of every "
+    "serving version)",
     _VERSION_LABELS,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
     registry=None,

@@ -137,3 +137,10 @@ async def test_follow_waits_until_embedded(db_url, tree, models):
     assert (report.embedded, report.embed_failed) == (3, 0)
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
+
+
+def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
+    out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1
+    assert "1 inserted" in out.stdout
+    assert "1 document(s) still pending after 0.5s: is `pgsynapse run` running?" in out.stderr
