@@ -53,7 +53,7 @@ def main() -> None:
             rows = conn.execute("SELECT e.chunk_id, e.embedding, d.source FROM pgsynapse.embeddings e JOIN"
                                 " pgsynapse.chunks c ON c.id = e.chunk_id JOIN pgsynapse.documents d ON d.id = c.document_id"
                                 " WHERE e.model_version_id = 1").fetchall()
-        base_vecs = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+        base_vecs = np.stack([np.asarray(r[1].to_numpy() if hasattr(r[1], "to_numpy") else r[1], dtype=np.float32) for r in rows])
         base_q = models.get(v1).encode([q["q"] for q in dev])
         before = vectors_recall(base_q, base_vecs, [r[2] for r in rows], relevant)
         emit("learning", "dev_before", **before)

@@ -52,6 +52,7 @@ def gate(metrics: dict[str, Any], k: int, margin: float) -> tuple[bool, float]:
 class RetrainHandler(Handler[RetrainWork]):
     kind = "retrain"
     concurrency = 1  # one training at a time, whatever is queued
+    watchdog_exempt = True  # a batch is a training run: bounded by its own deadline below, not by the watchdog
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
@@ -94,8 +95,13 @@ class RetrainHandler(Handler[RetrainWork]):
         over_budget = threading.Event()
         peak = [0.0]
 
+        # training stops itself at its budget; evaluation and saving get as long again, then it is killed
+        deadline = time.monotonic() + 2 * s.retrain_budget_seconds + 300
+        overtime = threading.Event()
+
         def watch_memory() -> None:
-            """Kill the trainer when its memory exceeds the budget: it must never take the machine down."""
+            """Kill the trainer when its memory exceeds the budget (it must never take the machine down) or
+            when it runs past its deadline (it must never hang the retrain loop)."""
             try:
                 p = psutil.Process(proc.pid)
                 while proc.poll() is None:
@@ -103,6 +109,10 @@ class RetrainHandler(Handler[RetrainWork]):
                     peak[0] = max(peak[0], rss)
                     if rss > s.retrain_memory_mb:
                         over_budget.set()
+                        proc.kill()
+                        return
+                    if time.monotonic() > deadline:
+                        overtime.set()
                         proc.kill()
                         return
                     over_budget.wait(0.5)
@@ -128,6 +138,8 @@ class RetrainHandler(Handler[RetrainWork]):
         Path(f.name).unlink(missing_ok=True)
         if over_budget.is_set():
             raise TrainingFailed(f"training exceeded its memory budget of {s.retrain_memory_mb} MB and was stopped")
+        if overtime.is_set():
+            raise TrainingFailed(f"training ran past its deadline ({2 * s.retrain_budget_seconds + 300:.0f} s) and was stopped")
         if code != 0:
             tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
             raise TrainingFailed(f"training process exited with {code}: {tail}")

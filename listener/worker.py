@@ -20,6 +20,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 from psycopg.rows import dict_row
 
+from pgsynapse import metrics
 from pgsynapse.config import Settings
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
@@ -47,6 +48,7 @@ class WorkerStats:
     batches: int = 0
     fallback_polls: int = 0
     last_tick: float = field(default_factory=time.monotonic)
+    loop_ticks: dict[int, float] = field(default_factory=dict)  # per dispatcher loop (task id): stall detection
 
     def add(self, table: dict[str, int], kind: str, n: int = 1) -> None:
         table[kind] = table.get(kind, 0) + n
@@ -176,8 +178,13 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
+        # a handler whose batches legitimately run for minutes (retrain: its own process, own time budget)
+        # is not judged by the watchdog's stall limit
+        watched = not getattr(self.handlers[kind], "watchdog_exempt", False)
         while not self.stopping.is_set():
             self.stats.last_tick = time.monotonic()
+            if watched:
+                self.stats.loop_ticks[anyio.get_current_task().id] = self.stats.last_tick
             try:
                 jobs = await self.claim(kind, self.settings.batch_size)
             except (psycopg.Error, OSError) as exc:
@@ -236,6 +243,7 @@ class Worker:
             log.exception("batch_failed", kind=kind, n=len(jobs))
             outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
         compute_ms = (time.perf_counter() - started) * 1000
+        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, getattr(handler, "versions", ()))
         await self._write(kind, handler, outcomes)
         self.stats.batches += 1
         log.info(
@@ -290,6 +298,7 @@ class Worker:
                     await self._fail_or_retry(conn, handler, o)
             await handler.notify_written(conn, report, jobs)
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
+        metrics.observe_results(kind, (jobs[i].created_at for i in report.written))
 
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 
 from pgsynapse.config import Settings
@@ -25,13 +27,17 @@ def ensure_schema(db: Database, *, apply: bool = True) -> None:
         raise DatabaseError(f"database schema is not up to date (missing {', '.join(missing)}): run `pgsynapse migrate`")
 
 
-def run_worker(settings: Settings, *, apply_migrations: bool = True) -> None:
+def run_worker(
+    settings: Settings, *, apply_migrations: bool = True, reload: Callable[[], Settings] | None = None
+) -> None:
+    """The service: migrations, then the worker with systemd notify/watchdog, SIGHUP ``reload`` and metrics."""
+    from pgsynapse.daemon import serve
     from pgsynapse.listener.worker import Worker
 
     with Database(settings) as db:
         ensure_schema(db, apply=apply_migrations)
         worker = Worker(settings, db.url)
-        anyio.run(worker.run)
+        anyio.run(lambda: serve(worker, reload=reload))
 
 
 def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0):

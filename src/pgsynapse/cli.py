@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model_version", type=int)
     tr.add_argument("percent", type=float)
+    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents")
+    ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
+    ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
+    ing.add_argument("--follow-timeout", type=float, help="give up following after this many seconds")
+    ing.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
@@ -104,7 +109,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "run":
         from pgsynapse.app import run_worker
 
-        run_worker(settings, apply_migrations=not args.no_migrate)
+        run_worker(settings, apply_migrations=not args.no_migrate, reload=lambda: _settings(args))
         return 0
     if args.command == "migrate":
         from pgsynapse.migrate import migrate
@@ -157,6 +162,20 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             return run_learning_command(args, conn)
+    if args.command == "ingest":
+        from pgsynapse.app import ensure_schema
+        from pgsynapse.ingest import follow, ingest
+
+        progress = False if args.no_progress else None
+        with Database(settings) as db:
+            ensure_schema(db, apply=False)
+            with db.connect(autocommit=True) as conn:
+                report = ingest(conn, args.paths, max_chars=settings.max_document_chars, progress=progress)
+                print(report.summary())
+                if args.follow:
+                    follow(conn, report, progress=progress, timeout=args.follow_timeout)
+                    print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
+        return 1 if report.failed or report.embed_failed else 0
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 

@@ -82,6 +82,15 @@ class Settings(BaseModel):
     backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
     backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
 
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="HTTP port of /metrics (Prometheus) and /healthz; 0 or unset = off"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address the metrics server binds (0.0.0.0 in a container)")
+    stall_seconds: float = Field(
+        300.0, gt=0, description="a dispatcher loop silent this long past poll_interval is stuck: "
+        "the systemd watchdog is no longer pinged and /healthz answers 503"
+    )
+
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -215,13 +215,34 @@ async def test_follow_up_asked_in_the_same_statement_still_gets_the_previous_que
     assert rows[1]["sources"][0]["document_id"] == ids[0]
 
 
-async def test_hybrid_full_text_hits_outside_the_knn_candidates_are_scored_and_fused(db_url, models):
-    # top_k=1: the kNN returns 3 of the 4 chunks; the full-text query (any of the words) matches all 4,
-    # so at least one full-text hit must be scored outside the kNN
-    settings = fast_settings(db_url, hybrid=True, answer_top_k=1, not_found_threshold=-1)
+async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
+    """Vector ranks from one text, full-text ranks from a rare word only one passage has: the fused list must
+    include that passage, scored by its own stored vector."""
+    from psycopg.rows import dict_row
+    from pgvector.psycopg import register_vector_async
+
+    from pgsynapse.handlers.answer import AnswerWork
+    from pgsynapse.handlers.base import Job
+
+    settings = fast_settings(db_url, hybrid=True, answer_top_k=2)
     async with running_worker(settings, models):
         await _corpus(db_url)
-        async with Client(db_url) as client:
-            r = await client.ask("savepoint vacuum jsonb index")
-    assert r.status == "answered", r.error
-    assert len(r.sources) == 1 and -1 <= r.sources[0]["score"] <= 1
+        insert_docs(db_url, [(f"Transactions {i}", f"Part {i}: BEGIN starts a transaction block; ROLLBACK undoes the "
+                                                   f"commands back to a savepoint or the start.") for i in range(8)])
+        [rare] = insert_docs(db_url, [("Glossary", "The term qwertzuiop names an obscure internal code path.")])
+        conn = await aconn(db_url)
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (rare,))
+    conn.row_factory = dict_row
+    await register_vector_async(conn)
+    handler = AnswerHandler(settings, models)
+    version = {"id": 1, "name": "v1", "artifact_path": None, "runtime": "torch", "dim": 384, "status": "active"}
+    vec = models.get(version).encode(["undo commands back to a savepoint in a transaction"])[0]
+    w = AnswerWork(Job(0, "answer", 0, {}, 1, None), "q", None, version, [], "qwertzuiop", vec)
+    passages = await handler._retrieve(conn, w)
+    plain = AnswerHandler(fast_settings(db_url, hybrid=False, answer_top_k=6), models)
+    vector_only = await plain._retrieve(conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), "q", None, version, [],
+                                                         "qwertzuiop", vec))
+    await conn.close()
+    assert rare not in [p.document_id for p in vector_only]
+    assert rare in [p.document_id for p in passages]
+    assert all(-1 <= p.score <= 1 for p in passages)

@@ -30,15 +30,14 @@ ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
 -- name: text_candidates
--- Full-text ranks. The question's words are OR-ed (a natural-language question rarely has all its words in one
--- chunk, which an AND query requires) and ranked by ts_rank, which weighs how many of them a chunk has and how
--- often. On the docs corpus this beat websearch_to_tsquery (AND) and ts_rank_cd: see BENCHMARKS.md.
-SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
-       ts_rank(c.tsv, query) AS text_rank
-FROM pgsynapse.chunks c
-JOIN pgsynapse.documents d ON d.id = c.document_id,
-     to_tsquery('english', replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')) query
-WHERE c.tsv @@ query
+-- Full-text ranks. Any of the question's words (OR): a natural-language question rarely has all its words in one
+-- chunk, which an AND query requires. Ranked by ts_rank (how many of the words a chunk has, how often), which
+-- beat ts_rank_cd and websearch_to_tsquery (AND) on the docs corpus: see BENCHMARKS.md, bench/text_rank_variants.py.
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank(c.tsv, qq.query) AS text_rank
+FROM (SELECT replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS query) qq,
+     pgsynapse.chunks c
+JOIN pgsynapse.documents d ON d.id = c.document_id
+WHERE c.tsv @@ qq.query
 ORDER BY text_rank DESC, c.id
 LIMIT %(k)s;
 

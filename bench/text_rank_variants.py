@@ -1,0 +1,65 @@
+"""Which full-text query and rank make hybrid retrieval help: page-level recall@5 / MRR@10 of vector-only and of
+RRF-fused hybrid with several full-text variants, on the dev questions and on the train questions (as a second,
+larger check: nothing is trained here, the variants are only compared).
+
+    python -m bench.text_rank_variants
+
+The product's variant is ``or_ts_rank`` (src/pgsynapse/sql/answers.sql, ``text_candidates``).
+"""
+
+from __future__ import annotations
+
+import anyio
+import psycopg
+
+import pgsynapse.handlers.answer as answer_handler
+from bench.common import emit, machine, parser, questions, table
+from bench.corpusdb import corpus_clone
+from bench.retrieval import retrieve_pages, score
+
+BASE = """SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, {rank} AS text_rank
+FROM (SELECT {query} AS query) qq, pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
+WHERE c.tsv @@ qq.query ORDER BY text_rank DESC, c.id LIMIT %(k)s"""
+AND = "websearch_to_tsquery('english', %(text)s)"
+OR = "replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery"
+VARIANTS = {
+    "and_ts_rank_cd": BASE.format(rank="ts_rank_cd(c.tsv, qq.query)", query=AND),
+    "or_ts_rank_cd": BASE.format(rank="ts_rank_cd(c.tsv, qq.query)", query=OR),
+    "or_ts_rank_cd_norm2": BASE.format(rank="ts_rank_cd(c.tsv, qq.query, 2)", query=OR),
+    "or_ts_rank_norm1": BASE.format(rank="ts_rank(c.tsv, qq.query, 1)", query=OR),
+    "or_ts_rank": BASE.format(rank="ts_rank(c.tsv, qq.query)", query=OR),
+}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.parse_args()
+    emit("text_rank_variants", "machine", **machine())
+    sets = {"dev": [(d["q"], set(d["relevant"])) for d in questions("pg_docs_dev.jsonl")],
+            "train": [(d["q"], {d["page"]}) for d in questions("pg_docs_train.jsonl")]}
+    from pgsynapse.models import ModelCache
+
+    models = ModelCache()
+    original_q = answer_handler.q
+    with corpus_clone() as (url, _info):
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
+                               " WHERE status = 'active'").fetchone()
+        version = dict(zip(["id", "name", "artifact_path", "runtime", "dim", "status"], row, strict=True))
+        try:
+            for variant in ["vector", *VARIANTS]:
+                def q(name: str, filename: str = "queries.sql", variant: str = variant) -> str:
+                    return VARIANTS[variant] if name == "text_candidates" and variant in VARIANTS else original_q(name, filename)
+
+                answer_handler.q = q
+                for set_name, items in sets.items():
+                    ranked = anyio.run(lambda items=items, variant=variant: retrieve_pages(
+                        url, [t for t, _ in items], version=version, hybrid=variant != "vector", models=models))
+                    emit("text_rank_variants", f"{set_name}_{variant}", **score(ranked, [r for _, r in items]))
+        finally:
+            answer_handler.q = original_q
+    table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Running the worker as a service: systemd notify and watchdog, SIGHUP reload, the /metrics and /healthz server.
+
+Everything here runs on the worker's own event loop, beside :meth:`Worker.run`. A watchdog ping therefore proves
+that the loop turns, and it is sent only while the dispatcher loops come round too (see :func:`loop_stalled`):
+a stuck loop stops the pings and systemd restarts the process, whose leases then expire and requeue its jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import psycopg
+from anyio.abc import SocketListener, SocketStream, TaskStatus
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import ConfigError, PgsynapseError
+from pgsynapse.logs import configure_logging, get_logger
+from pgsynapse.metrics import WorkerCollector, make_registry, render
+from pgsynapse.queries import q
+from pgsynapse.sdnotify import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from pgsynapse.listener.worker import Worker
+
+log = get_logger(__name__)
+
+# settings a SIGHUP applies to the running worker; any other change is logged as needing a restart
+LIVE_SETTINGS = (
+    "log_level", "log_format", "poll_interval", "batch_size", "max_attempts",
+    "retry_backoff_seconds", "retry_backoff_max_seconds", "stall_seconds",
+)
+
+
+def tick_age(worker: Worker) -> float:
+    """Seconds since the *least recently* turning dispatcher loop came round (each loop is tracked)."""
+    ticks = worker.stats.loop_ticks.values()
+    return time.monotonic() - (min(ticks) if ticks else worker.stats.last_tick)
+
+
+def loop_stalled(worker: Worker) -> float | None:
+    """Seconds the dispatcher loops are overdue, or None while they are healthy.
+
+    A loop comes round at least every ``poll_interval`` when idle and after every batch when busy, so a loop
+    whose tick is older than ``poll_interval + stall_seconds`` is stuck (a hung query or model call). While
+    stopping, loops end one by one and the drain is bounded by the service manager's stop timeout instead.
+    """
+    if worker.stopping.is_set():
+        return None
+    age = tick_age(worker)
+    limit = worker.settings.poll_interval + worker.settings.stall_seconds
+    return age - limit if age > limit else None
+
+
+def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
+    """Apply the live-changeable part of ``new`` to the running worker; returns what changed."""
+    old = worker.settings
+    changed = {k: getattr(new, k) for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k)}
+    needs_restart = sorted(
+        k for k in type(new).model_fields if k not in LIVE_SETTINGS and getattr(new, k) != getattr(old, k)
+    )
+    worker.settings = old.model_copy(update=changed)
+    if "log_level" in changed or "log_format" in changed:
+        configure_logging(worker.settings.log_format, worker.settings.log_level)
+    worker.wakeups.wake_all()  # waits restart with the new poll_interval
+    log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
+    return changed
+
+
+async def open_http(settings: Settings) -> SocketListener | None:
+    """Bind the metrics port before start-up completes, so a taken port fails fast (exit 78)."""
+    if not settings.metrics_port:
+        return None
+    try:
+        listener = await anyio.create_tcp_listener(local_host=settings.metrics_host, local_port=settings.metrics_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid setting metrics_port [PGSYNAPSE_METRICS_PORT]: cannot listen on "
+            f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+        ) from None
+    return listener  # type: ignore[return-value]
+
+
+class Service:
+    """The service duties around one worker: ``await Service(worker, ...).run()`` beside ``worker.run()``."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        reload: Callable[[], Settings] | None = None,
+        http: SocketListener | None = None,
+        notifier: Notifier | None = None,
+        watchdog_every: float | None = None,
+    ) -> None:
+        self.worker = worker
+        self.reload = reload
+        self.http = http
+        self.notifier = notifier or Notifier.from_env()
+        self.watchdog_every = watchdog_every if watchdog_every is not None else watchdog_interval()
+        self.collector = WorkerCollector(worker)
+        self.registry = make_registry(self.collector)
+        self.watchdog_ok = True  # False while pings are withheld
+        self._watchdog_changed = anyio.Event()
+
+    async def wait_watchdog(self, ok: bool) -> None:
+        """Return once the watchdog pings are sent (``ok``) or withheld (``not ok``)."""
+        while self.watchdog_ok != ok:
+            await self._watchdog_changed.wait()
+
+    async def run(self) -> None:
+        """Call once the worker has started (migrations applied, models loaded, LISTEN up). Runs until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.http is not None:
+                    tg.start_soon(self.http.serve, self._handle_http)
+                    host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
+                    log.info("metrics_listening", host=host, port=port, paths=["/metrics", "/healthz"])
+                if self.watchdog_every:
+                    tg.start_soon(self._watchdog)
+                tg.start_soon(self._reload_on_sighup)
+                self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}", wait=2.0)
+                log.info("service_ready", systemd=self.notifier.enabled, watchdog_s=self.watchdog_every)
+                await self.worker.stopping.wait()
+                self.notifier.notify("STOPPING=1", f"STATUS=draining {self.worker.in_flight} in-flight batch(es)", wait=2.0)
+                await anyio.sleep_forever()  # keep pinging and serving until the worker has drained
+        finally:
+            self.notifier.close()  # the HTTP listener is closed by its opener (serve)
+
+    # -- watchdog ------------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        assert self.watchdog_every
+        while True:
+            overdue = loop_stalled(self.worker)
+            if overdue is None:
+                self.notifier.notify("WATCHDOG=1")
+                if not self.watchdog_ok:
+                    log.info("watchdog_resumed")
+            elif self.watchdog_ok:
+                log.error("watchdog_withheld", reason="dispatcher loop stalled", overdue_s=round(overdue, 1))
+            if self.watchdog_ok != (overdue is None):
+                self.watchdog_ok = overdue is None
+                self._watchdog_changed.set()
+                self._watchdog_changed = anyio.Event()
+            await anyio.sleep(self.watchdog_every)
+
+    # -- reload ----------------------------------------------------------------------------------
+    async def _reload_on_sighup(self) -> None:
+        if self.reload is None:
+            return
+        with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                try:
+                    new = self.reload()
+                except PgsynapseError as exc:
+                    log.error("config_reload_failed", error=str(exc), kept="previous settings")
+                    continue
+                apply_reload(self.worker, new)
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """``(http_status, body)``: 503 when the database is unreachable or a loop is stalled; LISTEN down
+        (the dispatchers poll meanwhile) is ``degraded`` but still 200."""
+        w = self.worker
+        db_ok, db_error = False, None
+        try:
+            if w.pool is None:
+                raise RuntimeError("worker not started")
+            with anyio.fail_after(2.0):
+                async with w.pool.connection() as conn:
+                    await conn.execute(q("health_ping", "ops.sql"))
+            db_ok = True
+        except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
+            db_error = " ".join(str(exc).split())[:200] or type(exc).__name__
+        overdue = loop_stalled(w)
+        status = "ok" if db_ok and overdue is None and w.listener.connected else "degraded"
+        if not db_ok or overdue is not None:
+            status = "unhealthy"
+        body = {
+            "status": status,
+            "worker": w.worker_id,
+            "db_reachable": db_ok,
+            "db_error": db_error,
+            "listen_connected": w.listener.connected,
+            "last_tick_age_seconds": round(tick_age(w), 3),
+            "stall_limit_seconds": w.settings.poll_interval + w.settings.stall_seconds,
+            "in_flight_batches": w.in_flight,
+            "stopping": w.stopping.is_set(),
+        }
+        return (503 if status == "unhealthy" else 200), body
+
+    async def _handle_http(self, stream: SocketStream) -> None:
+        async with stream:
+            try:
+                with anyio.fail_after(5):
+                    request = b""
+                    while b"\r\n\r\n" not in request and len(request) < 65536:
+                        request += await stream.receive(65536)
+                parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+                method, path = (parts + ["", ""])[:2]
+                code, ctype, payload = await self._route(method, path.split("?", 1)[0])
+                head = (
+                    f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                )
+                await stream.send(head.encode() + (b"" if method == "HEAD" else payload))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, OSError):
+                return
+
+    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        if path == "/metrics":
+            await self.collector.refresh()
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return 200, CONTENT_TYPE_LATEST, render(self.registry)
+        if path == "/healthz":
+            code, body = await self.health()
+            return code, "application/json", (json.dumps(body) + "\n").encode()
+        return 404, "text/plain", b"not found: try /metrics or /healthz\n"
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+async def serve(
+    worker: Worker,
+    *,
+    reload: Callable[[], Settings] | None = None,
+    task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``worker`` with its service duties until it stops (SIGINT/SIGTERM); returns after the drain.
+
+    A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status.
+    """
+    http = await open_http(worker.settings)
+    service = Service(worker, reload=reload, http=http)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run_worker(*, task_status: TaskStatus[None]) -> None:
+                await worker.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # drained and stopped: end the service duties too
+
+            await tg.start(run_worker)
+            tg.start_soon(service.run)
+            task_status.started(service)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        if http is not None:
+            with anyio.CancelScope(shield=True):
+                await http.aclose()

@@ -1,0 +1,230 @@
+"""``pgsynapse ingest``: files and directories into ``pgsynapse.documents``, in batches via COPY.
+
+Idempotent by content: a file whose ``md5(title || chr(30) || body)`` (the table's generated ``content_hash``)
+is already stored is counted ``unchanged`` and not inserted again, so re-ingesting a tree inserts nothing.
+A changed file is a new document (its old version stays until deleted, e.g. by ``source``).
+COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
+``embed`` job and the worker is woken by one NOTIFY per batch.
+
+Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
+cannot be read as text (binary, not UTF-8, corrupt PDF, empty) is skipped with its reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import tuple_row
+from tqdm import tqdm
+
+from pgsynapse.errors import PgsynapseError
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+from pgsynapse.textextract import html_to_text
+
+log = get_logger(__name__)
+
+FORMATS = {
+    ".txt": "text", ".text": "text", ".rst": "text", ".md": "markdown", ".markdown": "markdown",
+    ".html": "html", ".htm": "html", ".pdf": "pdf",
+}
+DOCUMENTS_CHANNEL = "pgsynapse_documents"
+
+
+class FollowTimeout(PgsynapseError, TimeoutError):
+    """``follow`` gave up waiting (the CLI prints it and exits 1)."""
+
+
+class SkipFile(Exception):
+    """This file is not ingestible; the message is the reason shown in the summary."""
+
+
+@dataclass
+class FileDoc:
+    source: str
+    title: str
+    body: str
+    format: str
+    size: int
+
+    @property
+    def content_hash(self) -> str:
+        """The same value as the generated column ``documents.content_hash``."""
+        return hashlib.md5(f"{self.title}\x1e{self.body}".encode()).hexdigest()
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    inserted: int = 0
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): could not be read
+    hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
+    embedded: int | None = None  # set by follow
+    embed_failed: int | None = None
+
+    def summary(self, limit: int = 20) -> str:
+        lines = [f"{self.files} file(s): {self.inserted} inserted, {self.unchanged} unchanged (already stored), "
+                 f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
+        for title, items in (("skipped", self.skipped), ("failed", self.failed)):
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  {source}: {reason}" for source, reason in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+        if self.embedded is not None:
+            lines.append(f"embedded: {self.embedded}, embedding failed: {self.embed_failed}")
+        return "\n".join(lines)
+
+
+def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
+    """``(file, source)``: a directory's files (hidden ones left out) with sources relative to it; a file by name."""
+    for raw in paths:
+        root = Path(raw)
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                rel = f.relative_to(root)
+                if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                    continue
+                yield f, rel.as_posix()
+        else:
+            yield root, root.name
+
+
+def read_document(path: Path, source: str, *, max_chars: int | None = None) -> FileDoc:
+    """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SkipFile(f"unsupported file type {path.suffix.lower() or '(no extension)'}")
+    data = path.read_bytes()
+    if fmt == "pdf":
+        title, body = _pdf_text(data)
+    else:
+        if b"\x00" in data:
+            raise SkipFile("binary content (NUL bytes), not text")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SkipFile(f"not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        if fmt == "html":
+            title, body = html_to_text(text)
+        elif fmt == "markdown":
+            m = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
+            title, body = (m.group(1) if m else ""), text.strip()
+        else:
+            title, body = "", text.strip()
+    if not body.strip():
+        raise SkipFile("no text in it (empty)")
+    if max_chars is not None and len(body) > max_chars:
+        raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
+    return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))
+
+
+def _pdf_text(data: bytes) -> tuple[str, str]:
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        raise SkipFile("PDF support is not installed: pip install 'pgsynapse[pdf]'") from None
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        pages = [page.extract_text() or "" for page in reader.pages]
+        meta_title = (reader.metadata.title if reader.metadata else None) or ""
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on a damaged file
+        raise SkipFile(f"unreadable PDF ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+    return str(meta_title), "\n\n".join(p.strip() for p in pages).replace("\x00", "").strip()
+
+
+def ingest(
+    conn: psycopg.Connection,
+    paths: Iterable[str | Path],
+    *,
+    batch_files: int = 200,
+    batch_chars: int = 8_000_000,
+    max_chars: int | None = None,
+    progress: bool | None = None,
+) -> IngestReport:
+    """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY."""
+    report = IngestReport()
+    files = list(discover(paths))
+    report.files = len(files)
+    batch: list[FileDoc] = []
+    with tqdm(total=len(files), unit="file", desc="ingest", disable=None if progress is None else not progress) as bar:
+        for path, source in files:
+            try:
+                batch.append(read_document(path, source, max_chars=max_chars))
+            except SkipFile as exc:
+                report.skipped.append((source, str(exc)))
+            except OSError as exc:
+                report.failed.append((source, exc.strerror or str(exc)))
+            if len(batch) >= batch_files or sum(len(d.body) for d in batch) >= batch_chars:
+                _flush(conn, batch, report)
+                batch = []
+            bar.update()
+            bar.set_postfix(inserted=report.inserted, unchanged=report.unchanged, skipped=len(report.skipped))
+        _flush(conn, batch, report)
+    log.info("ingest_finished", files=report.files, inserted=report.inserted, unchanged=report.unchanged,
+             skipped=len(report.skipped), failed=len(report.failed))
+    return report
+
+
+def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport) -> None:
+    if not batch:
+        return
+    with conn.transaction():
+        # one ingest at a time decides what is new, so two concurrent runs never insert the same content twice
+        conn.execute(q("ingest_lock", "ops.sql"))
+        hashes = [d.content_hash for d in batch]
+        cur = conn.cursor(row_factory=tuple_row)
+        seen = {r[0] for r in cur.execute(q("existing_hashes", "ops.sql"), {"hashes": hashes})}
+        new: list[FileDoc] = []
+        for d, h in zip(batch, hashes, strict=True):
+            report.hashes.append(h)
+            if h in seen:
+                report.unchanged += 1
+            else:
+                seen.add(h)
+                new.append(d)
+        if new:
+            with conn.cursor().copy(q("copy_documents", "ops.sql")) as copy:
+                for d in new:
+                    copy.write_row((d.source, d.title, d.body, json.dumps({"format": d.format, "bytes": d.size})))
+    report.inserted += len(new)
+    log.debug("ingest_batch_copied", n=len(new), unchanged=len(batch) - len(new))
+
+
+def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | None = None,
+           timeout: float | None = None) -> IngestReport:
+    """Wait until every ingested document (new or already stored) is embedded or failed, re-checking on each
+    ``pgsynapse_documents`` NOTIFY. ``conn`` must be in autocommit mode. ``timeout`` None waits for ever."""
+    import time
+
+    cur = conn.cursor(row_factory=tuple_row)
+    ids = [r[0] for r in cur.execute(q("documents_by_hash", "ops.sql"), {"hashes": list(set(report.hashes))})]
+    conn.execute(f"LISTEN {DOCUMENTS_CHANNEL}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=len(ids), unit="doc", desc="embed", disable=None if progress is None else not progress) as bar:
+        while True:
+            row = cur.execute(q("follow_progress", "ops.sql"), {"ids": ids}).fetchone()
+            embedded, failed, pending = row if row else (0, 0, 0)
+            bar.update(embedded + failed - bar.n)
+            if not pending:
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise FollowTimeout(f"{pending} document(s) still pending after {timeout}s: is `pgsynapse run` running?")
+            # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
+            for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
+                pass
+    conn.execute(f"UNLISTEN {DOCUMENTS_CHANNEL}")
+    report.embedded, report.embed_failed = embedded, failed
+    return report

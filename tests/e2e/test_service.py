@@ -1,0 +1,151 @@
+"""`pgsynapse run` as a service: the systemd notify protocol, the watchdog, SIGHUP reload, /metrics and /healthz."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import SAFETY_TIMEOUT, aconn, insert_docs, spawn_worker, wait_until
+from tests.notify_socket import NotifySocket
+
+pytestmark = pytest.mark.anyio
+
+NO_JOB_LOST = """
+SELECT
+  (SELECT count(*) FROM pgsynapse.jobs WHERE status = 'running') AS running,
+  (SELECT count(*) FROM pgsynapse.jobs WHERE status = 'failed') AS failed,
+  (SELECT count(*) FROM pgsynapse.documents d WHERE d.status = 'pending' AND NOT EXISTS
+      (SELECT 1 FROM pgsynapse.jobs j WHERE j.ref_id = d.id AND j.kind = 'embed' AND j.status = 'pending')) AS orphans,
+  (SELECT count(*) FROM pgsynapse.documents WHERE status NOT IN ('pending', 'embedded')) AS other
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _docs(tag: str, n: int) -> list[tuple[str, str]]:
+    return [(f"{tag} {i}", f"Document {i} of set {tag}: " + " ".join(f"w{(i * 13 + k) % 401}" for k in range(80)))
+            for i in range(n)]
+
+
+async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path):
+    notify = NotifySocket()
+    port = _free_port()
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text('batch_size = 8\n')
+    env = {
+        "NOTIFY_SOCKET": notify.path,
+        "WATCHDOG_USEC": "300000",  # a ping every 0.15 s
+        "PGSYNAPSE_CONFIG": str(config),
+        "PGSYNAPSE_METRICS_PORT": str(port),
+    }
+    worker = spawn_worker(db_url, env=env, wait_started=False)
+    conn = await aconn(db_url)
+    try:
+        # READY only after migrations, model load and LISTEN: the worker_started line comes first
+        ready = notify.expect("READY=1")
+        assert not any("WATCHDOG=1" in m for m in notify.messages[:ready])
+        worker.wait_event("worker_started", timeout=1)
+        # the watchdog pings keep coming while the loops are healthy
+        first = notify.expect("WATCHDOG=1")
+        notify.expect("WATCHDOG=1", start=first + 1)
+        assert first > ready
+
+        ids = insert_docs(db_url, _docs("first", 12))
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+
+        code, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        m = _samples(body.decode())
+        embed = (("kind", "embed"),)
+        assert m[("pgsynapse_jobs_processed_total", embed)] == len(ids)
+        assert m[("pgsynapse_jobs_failed_total", embed)] == 0
+        assert m[("pgsynapse_insert_to_result_seconds_count", embed)] == len(ids)
+        assert m[("pgsynapse_queue_jobs", (("kind", "embed"), ("status", "done")))] == len(ids)
+        assert m[("pgsynapse_queue_jobs", (("kind", "embed"), ("status", "pending")))] == 0
+        assert m[("pgsynapse_queue_oldest_pending_seconds", embed)] == 0
+        v1 = (("kind", "embed"), ("model_version", "1"), ("runtime", "torch"))
+        assert m[("pgsynapse_batch_size_sum", v1)] == len(ids)
+        assert m[("pgsynapse_inference_seconds_count", v1)] >= 1
+        assert m[("pgsynapse_model_traffic_percent", (("model_version", "1"),))] == 100
+        assert m[("pgsynapse_listen_connected", ())] == 1
+        assert m[("pgsynapse_db_up", ())] == 1
+
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(body)
+        assert code == 200 and health["status"] == "ok", health
+        assert health["db_reachable"] and health["listen_connected"]
+        assert _get(f"http://127.0.0.1:{port}/nope")[0] == 404
+
+        # SIGHUP re-reads the config file: batch_size changes live, a restart-only setting is reported
+        config.write_text('batch_size = 3\nchunk_tokens = 128\n')
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        reloaded = worker.wait_event("config_reloaded", start=mark)
+        assert reloaded["changed"] == {"batch_size": 3} and reloaded["needs_restart"] == ["chunk_tokens"]
+        # an invalid file is rejected and the running settings kept
+        config.write_text('batch_size = "many"\n')
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        failed = worker.wait_event("config_reload_failed", start=mark)
+        assert "batch_size" in failed["error"]
+
+        # SIGTERM while a backlog is being worked: STOPPING, drain, exit 0, nothing lost
+        insert_docs(db_url, _docs("second", 60))
+        await wait_until(conn, "SELECT count(*) >= 3 FROM pgsynapse.documents WHERE title LIKE 'second%%'"
+                               " AND status = 'embedded'")
+        worker.proc.send_signal(signal.SIGTERM)
+        stopping = notify.expect("STOPPING=1", start=first)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+        assert stopping > first
+        batches = [e for e in worker.events if e.get("event") == "batch_processed" and e.get("n")]
+        assert max(e["n"] for e in batches[-3:]) <= 3  # the reloaded batch size was in force
+        state = await (await conn.execute(NO_JOB_LOST)).fetchone()
+        assert state == {"running": 0, "failed": 0, "orphans": 0, "other": 0}, state
+    finally:
+        worker.stop()
+        notify.close()
+        await conn.close()
+
+
+def test_notify_to_abstract_socket():
+    from pgsynapse.sdnotify import Notifier, watchdog_interval
+
+    name = f"pgsynapse-test-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        s.settimeout(SAFETY_TIMEOUT)
+        n = Notifier("@" + name)
+        assert n.notify("READY=1", "STATUS=up")
+        assert s.recv(100) == b"READY=1\nSTATUS=up"
+        n.close()
+    assert not Notifier(None).notify("READY=1")
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({}) is None

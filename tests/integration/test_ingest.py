@@ -1,0 +1,146 @@
+"""`pgsynapse ingest`: a mixed tree in via COPY once, a second run inserts nothing, bad files skipped with reasons."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import psycopg
+import pytest
+
+from pgsynapse.ingest import follow, ingest, read_document
+from tests.helpers import fast_settings, running_worker
+
+SENTENCE = "Write-ahead logging keeps the database consistent after a crash by replaying the log."
+
+
+def _pdf(text: str) -> bytes:
+    """A minimal valid one-page PDF showing ``text`` (offsets computed, so no reader has to repair it)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "guide").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "notes.txt").write_text(f"{SENTENCE}\nCheckpoints bound the replay.\n")
+    (root / "guide" / "vacuum.md").write_text("# Routine Vacuuming\n\nVACUUM reclaims storage held by dead tuples.\n")
+    (root / "guide" / "index.html").write_text(
+        "<html><head><title>Index Types</title><style>p{color:red}</style><script>var x = '<b>';</script></head>"
+        "<body><h1>Index Types</h1><p>B-tree, <b>hash</b>, GiST &amp; GIN.</p></body></html>")
+    (root / "manual.pdf").write_bytes(_pdf("Streaming replication ships WAL records to standbys."))
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\n\x00\x01garbage")
+    (root / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00")
+    (root / "latin1.md").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
+    (root / "empty.txt").write_text("   \n")
+    (root / "photo.png").write_bytes(b"\x89PNG\r\n")
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    return root
+
+
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgsynapse", "--database-url", url, "ingest", "--no-progress", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
+    first = _cli(db_url, str(tree))
+    assert first.returncode == 0, first.stderr
+    assert "9 file(s): 4 inserted, 0 unchanged (already stored), 5 skipped, 0 failed" in first.stdout, first.stdout
+    reasons = dict(line.strip().split(": ", 1) for line in first.stdout.splitlines() if line.startswith("  "))
+    assert reasons["blob.txt"] == "binary content (NUL bytes), not text"
+    assert reasons["broken.pdf"].startswith("unreadable PDF")
+    assert reasons["latin1.md"].startswith("not UTF-8 text (invalid byte 0xe9")
+    assert reasons["empty.txt"] == "no text in it (empty)"
+    assert reasons["photo.png"] == "unsupported file type .png"
+    assert reasons["empty.txt"] and "guide/.git" not in first.stdout and ".git/HEAD" not in first.stdout
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        docs = {r[0]: r[1:] for r in conn.execute(
+            "SELECT source, title, body, metadata->>'format' FROM pgsynapse.documents ORDER BY source")}
+        assert sorted(docs) == ["guide/index.html", "guide/vacuum.md", "manual.pdf", "notes.txt"]
+        assert docs["guide/vacuum.md"][0] == "Routine Vacuuming"
+        title, body, fmt = docs["guide/index.html"]
+        assert (title, fmt) == ("Index Types", "html")
+        assert "B-tree, hash, GiST & GIN." in body and "<" not in body and "color" not in body and "var x" not in body
+        assert "Streaming replication ships WAL records" in docs["manual.pdf"][1]
+        assert docs["notes.txt"][0] == "notes" and SENTENCE in docs["notes.txt"][1]
+        # COPY fired the statement-level AFTER INSERT trigger: one embed job per new document
+        jobs = conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'embed' AND status = 'pending'").fetchone()
+        assert jobs == (4,)
+
+    second = _cli(db_url, str(tree), str(tree / "notes.txt"))
+    assert second.returncode == 0, second.stderr
+    assert "10 file(s): 0 inserted, 5 unchanged (already stored), 5 skipped, 0 failed" in second.stdout, second.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT content_hash) FROM pgsynapse.documents").fetchone() == (4, 4)
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs").fetchone() == (4,)
+
+
+def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
+    missing = tmp_path / "nope.md"
+    out = _cli(db_url, str(missing))
+    assert out.returncode == 1
+    assert "nope.md: No such file or directory" in out.stdout
+
+
+def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pypdf(name, *a, **kw):
+        if name == "pypdf" or name.startswith("pypdf."):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    f = tmp_path / "x.pdf"
+    f.write_bytes(_pdf("hello"))
+    monkeypatch.setattr(builtins, "__import__", no_pypdf)
+    from pgsynapse.ingest import SkipFile
+
+    with pytest.raises(SkipFile, match=r"pip install 'pgsynapse\[pdf\]'"):
+        read_document(f, "x.pdf")
+
+
+@pytest.mark.anyio
+async def test_follow_waits_until_embedded(db_url, tree, models):
+    async with running_worker(fast_settings(db_url), models):
+        def go():
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                report = ingest(conn, [tree / "guide", tree / "notes.txt"], progress=False)
+                assert report.inserted == 3
+                return follow(conn, report, progress=False, timeout=120)
+
+        report = await anyio.to_thread.run_sync(go)
+    assert (report.embedded, report.embed_failed) == (3, 0)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
+
+
+def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
+    out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1
+    assert "1 inserted" in out.stdout
+    assert "1 document(s) still pending after 0.5s: is `pgsynapse run` running?" in out.stderr

