@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
     ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--scheme", choices=["dynamic", "ffn-blockwise", "blockwise"],
+                    help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
                     help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
 
@@ -153,6 +155,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             questions=[Path(x) for x in args.questions or []],
             n_chunks=args.sample,
             switch=args.switch,
+            scheme=args.scheme,
         )
         print(json.dumps(report.as_dict(), default=str))
         a = report.agreement

@@ -48,7 +48,7 @@ class Settings(BaseModel):
     batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")
     encode_batch_size: int = Field(32, ge=1, le=4096, description="texts per model forward pass")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000,
+        0.0, ge=0, le=10_000,
         description="micro-batching: how long a claimed batch short of batch_size waits for more jobs when the model "
         "is idle (while the model is busy a batch keeps gathering until it is free or full)",
     )

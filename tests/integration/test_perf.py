@@ -126,3 +126,23 @@ def test_claim_query_uses_the_claim_index(db_url):
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
         assert "jobs_claim" in plan, plan
         assert "Seq Scan on jobs" not in plan, plan
+
+
+def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):
+    from pgsynapse.export import run_export
+
+    settings = fast_settings(db_url, data_dir=str(tmp_path))
+    report = run_export(settings, "onnx", n_chunks=40, threshold=0.99)
+    assert report.accepted and report.agreement.overlap_at_10 >= 0.99 and report.agreement.cosine_mean > 0.9999
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT id, runtime, status, traffic_percent, base_version_id, artifact_path,"
+                            " metrics->'export'->'agreement'->>'overlap_at_10' FROM pgsynapse.model_versions ORDER BY id").fetchall()
+    assert rows[1][1:5] == ("onnx", "candidate", 0, 1)
+    assert rows[1][5] == str(tmp_path / "models" / "v1-onnx") and float(rows[1][6]) >= 0.99
+    # an impossible threshold: refused with its figures, nothing registered
+    refused = run_export(settings, "onnx-int8", n_chunks=40, threshold=1.01, scheme="dynamic")
+    assert not refused.accepted and 0.5 < refused.agreement.overlap_at_10 <= 1.0
+    assert refused.options["tried"] == [{"scheme": "dynamic", "overlap_at_10": refused.agreement.overlap_at_10,
+                                         "cosine_mean": refused.agreement.cosine_mean}]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2

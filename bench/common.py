@@ -1,0 +1,214 @@
+"""What every benchmark shares: a database (DATABASE_URL, else an embedded one in a temp dir), the corpus,
+model versions per runtime, result lines (one JSON line per result) and a readable table."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+DATA = Path(os.environ.get("PGSYNAPSE_BENCH_DATA", "/work/shared/data"))
+ARTIFACTS = Path(os.environ.get("PGSYNAPSE_BENCH_MODELS", tempfile.gettempdir())) / "pgsynapse-bench-models"
+RESULTS: list[dict[str, Any]] = []
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="reduced sizes, for development")
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: an embedded server in a temp dir")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = cores)")
+    return p
+
+
+def emit(bench: str, name: str, **fields: Any) -> dict[str, Any]:
+    row = {"bench": bench, "name": name, **fields}
+    RESULTS.append(row)
+    print(json.dumps(row, default=str), flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]] | None = None) -> None:
+    rows = RESULTS if rows is None else rows
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys and k != "bench")
+    cells = [[_fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print()
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": model, "cores": os.cpu_count(), "load1": round(os.getloadavg()[0], 2), "commit": commit}
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[str]:
+    """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from pgsynapse.migrate import migrate
+
+    tmp = None
+    server = None
+    if not url:
+        from pgsynapse.embedded import EmbeddedPostgres
+
+        tmp = Path(tempfile.mkdtemp(prefix="pgsynapse-bench-", dir="/tmp"))
+        server = EmbeddedPostgres(tmp)
+        url = server.start()
+    name = f"pgsynapse_bench_{os.getpid()}_{int(time.time() * 1000) % 100000}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(url)
+    params["dbname"] = name
+    db_url = make_conninfo(**params)
+    try:
+        migrate(db_url)
+        yield db_url
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if server is not None:
+            server.stop()
+            shutil.rmtree(tmp, ignore_errors=True)  # type: ignore[arg-type]
+
+
+def corpus(limit: int | None = None) -> list[dict[str, str]]:
+    """The PostgreSQL docs pages ``{id, title, text}``: the shared JSONL, else Debian's HTML, else the shipped pages."""
+    path = DATA / "pg_docs_corpus.jsonl"
+    if path.exists():
+        pages = []
+        with path.open() as f:
+            for line in f:
+                pages.append(json.loads(line))
+                if limit and len(pages) >= limit:
+                    break
+        return pages
+    from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
+
+    d = debian_html_dir()
+    it = html_pages(d, limit or 10**9, []) if d else shipped_pages()
+    return [{"id": p.source, "title": p.title, "text": p.text} for p in it][: limit or None]
+
+
+def questions(name: str) -> list[dict[str, Any]]:
+    path = DATA / name
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def artifact(runtime: str, scheme: str | None = None) -> Path | None:
+    """The ONNX artifact of the default model for ``runtime`` (exported once, kept under ARTIFACTS).
+
+    ``scheme``: the INT8 scheme (:data:`pgsynapse.export.SCHEMES`); default PGSYNAPSE_BENCH_INT8_SCHEME or "dynamic".
+    """
+    if runtime == "torch":
+        return None
+    from pgsynapse.export import export_fp32, quantize_int8
+    from pgsynapse.models import ONNX_FILES, default_model_path
+
+    base = ARTIFACTS / "default"
+    if not (base / ONNX_FILES["onnx"]).exists():
+        export_fp32(default_model_path(), base)
+    if runtime == "onnx":
+        return base
+    scheme = scheme or os.environ.get("PGSYNAPSE_BENCH_INT8_SCHEME", "dynamic")
+    out = ARTIFACTS / f"int8-{scheme}"
+    if not (out / ONNX_FILES["onnx-int8"]).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in base.iterdir():
+            if f.is_file() and f.name != ONNX_FILES["onnx-int8"] and not (out / f.name).exists():
+                os.link(f, out / f.name) if f.suffix == ".onnx" else shutil.copy2(f, out / f.name)
+        quantize_int8(out, scheme)
+    return out
+
+
+def set_runtime(url: str, runtime: str) -> dict[str, Any]:
+    """Point model version 1 at ``runtime``; returns its row."""
+    path = artifact(runtime)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s WHERE id = 1",
+                     (runtime, str(path) if path else None))
+    return {"id": 1, "name": "all-MiniLM-L6-v2", "artifact_path": str(path) if path else None, "runtime": runtime, "dim": 384}
+
+
+def rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spawn_worker(url: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A ``pgsynapse run`` subprocess; returns once it logged ``worker_started``."""
+    full = {**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning", **(env or {})}
+    full.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "--log-level", "info",
+         "run", "--no-migrate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=full,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if '"worker_started"' in line:
+            break
+    else:
+        raise RuntimeError(f"worker exited with {proc.wait()}")
+    # keep draining its log so it never blocks on a full pipe
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
