@@ -242,13 +242,25 @@ class Worker:
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
         assert self.pool is not None
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                q("claim_jobs"),
-                {"kind": kind, "limit": limit, "worker": self.worker_id, "lease": self.settings.lease_seconds},
-            )
-            rows = await cur.fetchall()
-        return [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"]) for r in rows]
+        jobs: list[Job] = []
+        for _ in range(3):  # a claim that only finds bulk jobs expands them and claims again
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    q("claim_jobs"),
+                    {"kind": kind, "limit": limit - len(jobs), "worker": self.worker_id, "lease": self.settings.lease_seconds},
+                )
+                rows = await cur.fetchall()
+                # bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first
+                bulk = [r["id"] for r in rows if r["ref_id"] < 0]
+                if bulk:
+                    async with conn.transaction():
+                        cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
+                    log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
+            jobs += [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"])
+                     for r in rows if r["ref_id"] >= 0]
+            if not bulk or len(jobs) >= limit:
+                break
+        return jobs
 
     async def process_batch(self, kind: str, jobs: list[Job]) -> None:
         handler = self.handlers[kind]

@@ -26,3 +26,8 @@ CREATE TABLE IF NOT EXISTS pgsynapse.inference_log (
     at               timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS inference_log_at ON pgsynapse.inference_log (at);
+
+-- Bulk enqueue: one job row per large INSERT statement, expanded by the worker (see documents_v2.sql).
+ALTER TABLE pgsynapse.jobs ADD COLUMN IF NOT EXISTS ref_ids bigint[];
+
+-- pgsynapse:include documents_v2.sql

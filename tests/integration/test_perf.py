@@ -146,3 +146,24 @@ def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_u
                                          "cosine_mean": refused.agreement.cosine_mean}]
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
+
+
+async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
+    conn = await aconn(db_url)
+    # lower the bulk threshold (10,000 rows) for this database only, so a small statement takes the bulk path
+    await conn.execute("CREATE OR REPLACE FUNCTION pgsynapse.bulk_enqueue_rows() RETURNS bigint LANGUAGE sql"
+                       " IMMUTABLE AS 'SELECT 5::bigint'")
+    ids = insert_docs(db_url, [(f"Bulk {i}", f"Bulk document {i} about subject {i % 3}.") for i in range(20)])
+    small = insert_docs(db_url, [("Small", "A statement under the threshold keeps one job per row.")])
+    rows = await (await conn.execute("SELECT ref_id, cardinality(ref_ids) AS n FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert rows == [{"ref_id": -ids[0], "n": 20}, {"ref_id": small[0], "n": None}]
+    async with running_worker(fast_settings(db_url, batch_size=8), models):
+        await wait_until(conn, ALL_DONE)
+    done = await (await conn.execute(
+        "SELECT count(*) FILTER (WHERE ref_id > 0 AND completions = 1) AS per_row,"
+        " count(*) FILTER (WHERE ref_id < 0 AND completions = 1) AS bulk,"
+        " count(*) FILTER (WHERE status <> 'done') AS open FROM pgsynapse.jobs")).fetchone()
+    assert done == {"per_row": 21, "bulk": 1, "open": 0}
+    embedded = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'embedded'")).fetchone()
+    assert embedded["n"] == 21
+    await conn.close()

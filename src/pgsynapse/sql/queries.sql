@@ -140,3 +140,15 @@ JOIN pgsynapse.documents d ON d.id = c.document_id
 WHERE e.model_version_id = %(version)s
 ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
+
+-- name: expand_bulk_jobs
+-- A bulk job (ref_ids, from a large INSERT) becomes one pending job per row, and is done, in one transaction.
+WITH bulk AS (
+    UPDATE pgsynapse.jobs
+    SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1
+    WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s AND ref_ids IS NOT NULL
+    RETURNING kind, ref_ids
+)
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT b.kind, u FROM bulk b, unnest(b.ref_ids) AS u
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
