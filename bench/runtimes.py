@@ -91,6 +91,8 @@ def recall(q: np.ndarray, d: np.ndarray, ids: list[str], relevant: list[list[str
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--pages", type=int, default=0, help="corpus pages in the pool (default all; --quick 80)")
+    p.add_argument("--interleaved-only", action="store_true", help="only the interleaved batch-32 speed comparison")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved comparison")
     p.add_argument("--one", help=argparse_hidden())
     p.add_argument("--work")
     args = p.parse_args()
@@ -98,6 +100,11 @@ def main() -> None:
         one(args.one, Path(args.work), args.threads)
         return
     emit("runtimes", "machine", **machine())
+    if args.interleaved_only:
+        texts, _ = pool(20)
+        interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads)
+        table()
+        return
     texts, ids = pool(args.pages or (80 if args.quick else 0))
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
@@ -126,7 +133,31 @@ def main() -> None:
         emit("runtimes", rt, chunks=len(texts), **stats[rt], size_mb=round(size / 2**20, 1),
              overlap_at_10=round(overlap, 4), cosine=round(cos, 5), dev_recall_at_5=round(r5, 4), dev_mrr_at_10=round(mrr, 4),
              speedup_b32=round(stats[rt]["texts_per_s_b32"] / stats["torch"]["texts_per_s_b32"], 2))
+    interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads)
     table()
+
+
+def interleaved(texts: list[str], rounds: int, threads: int) -> None:
+    """Batch-32 texts/s of every runtime in one process, alternating round by round, so a shared, busy
+    machine's load hits them alike; median per runtime and its ratio to torch."""
+    from pgsynapse.models import ModelSpec, default_model_path, load_embedder
+
+    ems = {}
+    for rt in RUNTIMES:
+        path = artifact(*rt.split(":")) or default_model_path()
+        ems[rt] = load_embedder(ModelSpec(1, "m", Path(path), rt.split(":")[0], 384), threads=threads, onnx_threads=threads)
+        ems[rt].encode(texts[:32], 32)
+    speeds: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
+    for _ in range(rounds):
+        for rt, e in ems.items():
+            s = time.perf_counter()
+            e.encode(texts, 32)
+            speeds[rt].append(len(texts) / (time.perf_counter() - s))
+    base = float(np.median(speeds["torch"]))
+    for rt in RUNTIMES:
+        med = float(np.median(speeds[rt]))
+        emit("runtimes", f"interleaved_b32:{rt}", texts=len(texts), rounds=rounds, texts_per_s=round(med, 2),
+             all=[round(x, 1) for x in speeds[rt]], speedup_vs_torch=round(med / base, 2))
 
 
 def argparse_hidden() -> str:

@@ -92,6 +92,9 @@ class Worker:
         self._computing = {k: 0 for k in self.kinds}
         self._compute_done = {k: anyio.Event() for k in self.kinds}
         self._last_cache_cleanup = 0.0
+        from pgsynapse.cache import default_lru
+
+        default_lru.size = settings.cache_lru_size
 
     # -- lifecycle ---------------------------------------------------------------------------
     def request_stop(self) -> None:
