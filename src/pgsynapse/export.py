@@ -164,9 +164,10 @@ def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list
 
         model = onnx.load(str(src))
         names = _matmul_names(model)
-        include = [n for n in names if _FFN_OUT.search(n)] if scheme == "ffn-blockwise" else names
+        # nodes_to_include only adds to the MatMul op type: restrict with nodes_to_exclude instead
+        skip = [n for n in names if not _FFN_OUT.search(n)] if scheme == "ffn-blockwise" else []
         nbits = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_include=include)
+                                     nodes_to_exclude=skip)
         nbits.process()
         staged = out_dir / "model_int8.stage.onnx"
         nbits.model.save_model_to_file(str(staged), use_external_data_format=False)
