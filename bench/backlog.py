@@ -18,7 +18,7 @@ INSERT = (
     "INSERT INTO pgsynapse.documents (source, title, body)"
     " SELECT 'backlog-' || g, 'Note ' || g,"
     " 'Row ' || g || ' of the backlog is a short note about topic ' || (g %% 97) || ' written in plain words.'"
-    " FROM generate_series(%s, %s) g"
+    " FROM generate_series(%s::int, %s::int) g"
 )
 
 
