@@ -69,7 +69,10 @@ class Worker:
         self.url = url
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.models = models or ModelCache(
-            model_path=settings.model_path, device=settings.device, threads=settings.torch_threads
+            model_path=settings.model_path,
+            device=settings.device,
+            threads=settings.torch_threads,
+            onnx_threads=settings.onnx_threads,
         )
         if handlers is None:
             known = registry()
@@ -88,6 +91,13 @@ class Worker:
         self.stopping = anyio.Event()
         self.pool: AsyncConnectionPool | None = None
         self.in_flight = 0
+        # micro-batching: how many batches of a kind are computing, and an event set when one finishes
+        self._computing = {k: 0 for k in self.kinds}
+        self._compute_done = {k: anyio.Event() for k in self.kinds}
+        self._last_cache_cleanup = 0.0
+        from pgsynapse.cache import default_lru
+
+        default_lru.size = settings.cache_lru_size
 
     # -- lifecycle ---------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -157,9 +167,22 @@ class Worker:
                 assert self.pool is not None
                 async with self.pool.connection() as conn:
                     await conn.execute(q("renew_leases"), {"lease": self.settings.lease_seconds, "worker": self.worker_id})
+                if time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval:
+                    self._last_cache_cleanup = time.monotonic()
+                    await self.cleanup_cache()
             except (psycopg.Error, OSError) as exc:
                 log.warning("maintenance_failed", error=" ".join(str(exc).split())[:200])
             await anyio.sleep(interval)
+
+    async def cleanup_cache(self) -> None:
+        """Enforce the inference cache's TTL and size bound."""
+        from pgsynapse.cache import cleanup
+
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            removed = await cleanup(conn, ttl_seconds=self.settings.cache_ttl_seconds, max_rows=self.settings.cache_max_rows)
+        if removed:
+            log.info("inference_cache_cleaned", removed=removed)
 
     async def reap_expired(self) -> None:
         assert self.pool is not None
@@ -197,6 +220,11 @@ class Worker:
                 if not woken and not self.listener.connected:
                     self.stats.fallback_polls += 1
                 continue
+            if len(jobs) < self.settings.batch_size:
+                try:
+                    jobs += await self.gather(kind, self.settings.batch_size - len(jobs))
+                except (psycopg.Error, OSError) as exc:  # what is already claimed is still processed
+                    log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
             # in-flight work finishes and is written even when a stop is requested meanwhile
             with anyio.CancelScope(shield=True):
                 self.in_flight += 1
@@ -220,15 +248,50 @@ class Worker:
             pass
         return timeout
 
+    async def gather(self, kind: str, room: int) -> list[Job]:
+        """Micro-batching: claim more jobs for a batch short of ``batch_size``.
+
+        While another batch of this kind computes, the model is busy anyway: keep claiming until it is free
+        (or the batch is full), so batches grow with the load. With the model idle, wait at most
+        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency.
+        """
+        more: list[Job] = []
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+        while room > len(more) and not self.stopping.is_set():
+            busy = self._computing[kind] > 0
+            left = deadline - time.monotonic()
+            if not busy and left <= 0:
+                break
+            if busy:
+                done = self._compute_done[kind]
+                with anyio.move_on_after(self.settings.lease_seconds / 3):
+                    await done.wait()
+            else:
+                await anyio.sleep(left)
+            more += await self.claim(kind, room - len(more))
+        return more
+
     async def claim(self, kind: str, limit: int) -> list[Job]:
         assert self.pool is not None
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                q("claim_jobs"),
-                {"kind": kind, "limit": limit, "worker": self.worker_id, "lease": self.settings.lease_seconds},
-            )
-            rows = await cur.fetchall()
-        return [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"]) for r in rows]
+        jobs: list[Job] = []
+        for _ in range(3):  # a claim that only finds bulk jobs expands them and claims again
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    q("claim_jobs"),
+                    {"kind": kind, "limit": limit - len(jobs), "worker": self.worker_id, "lease": self.settings.lease_seconds},
+                )
+                rows = await cur.fetchall()
+                # bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first
+                bulk = [r["id"] for r in rows if r["ref_id"] < 0]
+                if bulk:
+                    async with conn.transaction():
+                        cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
+                    log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
+            jobs += [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"])
+                     for r in rows if r["ref_id"] >= 0]
+            if not bulk or len(jobs) >= limit:
+                break
+        return jobs
 
     async def process_batch(self, kind: str, jobs: list[Job]) -> None:
         handler = self.handlers[kind]
@@ -237,7 +300,7 @@ class Worker:
         try:
             async with self.pool.connection() as conn:
                 work, outcomes = await handler.load(conn, jobs)
-            computed = await anyio.to_thread.run_sync(handler.compute, work) if work else []
+            computed = await self._compute(kind, handler, work) if work else []
             outcomes = outcomes + computed
         except Exception as exc:  # noqa: BLE001 - a batch-level error: every job gets it, and is retried
             log.exception("batch_failed", kind=kind, n=len(jobs))
@@ -255,6 +318,15 @@ class Worker:
             compute_ms=round(compute_ms, 1),
             total_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+
+    async def _compute(self, kind: str, handler: Handler, work: list) -> list[Outcome]:
+        self._computing[kind] += 1
+        try:
+            return await anyio.to_thread.run_sync(handler.compute, work)
+        finally:
+            self._computing[kind] -= 1
+            done, self._compute_done[kind] = self._compute_done[kind], anyio.Event()
+            done.set()
 
     async def _write(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
         try:

@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
     ing.add_argument("--follow-timeout", type=float, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mo = sub.add_parser("model", help="model versions and runtimes")
+    msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")
+    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8")
+    ex.add_argument("--version", type=int, dest="model_version", help="source model version (default: the active one)")
+    ex.add_argument("--threshold", type=float, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
+    ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
+    ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
+    ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--scheme", choices=["dynamic", "ffn-blockwise", "blockwise"],
+                    help="INT8 scheme (default: the fastest that passes the threshold)")
+    ex.add_argument("--switch", action="store_true",
+                    help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
+
+    be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
+    be.add_argument("name")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
 
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
@@ -176,6 +193,39 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     follow(conn, report, progress=progress, timeout=args.follow_timeout)
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
         return 1 if report.failed or report.embed_failed else 0
+    if args.command == "model":
+        from pathlib import Path
+
+        from pgsynapse.export import run_export
+
+        report = run_export(
+            settings,
+            args.runtime,
+            version=args.model_version,
+            threshold=args.threshold,
+            corpus=Path(args.corpus) if args.corpus else None,
+            questions=[Path(x) for x in args.questions or []],
+            n_chunks=args.sample,
+            switch=args.switch,
+            scheme=args.scheme,
+        )
+        print(json.dumps(report.as_dict(), default=str))
+        a = report.agreement
+        figures = f"top-10 overlap {a.overlap_at_10:.3f}, cosine mean {a.cosine_mean:.4f} (min {a.cosine_min:.4f})"
+        if not report.accepted:
+            print(f"pgsynapse: refused: {args.runtime} agreement below {report.threshold}: {figures}", file=sys.stderr)
+            return 1
+        what = "switched" if args.switch else "registered as candidate"
+        print(f"{args.runtime}: {what} model version {report.version_id}: {figures}, artifact {report.artifact_path}")
+        return 0
+    if args.command == "bench":
+        import os
+        import runpy
+
+        sys.path.insert(0, os.getcwd())  # bench/ lives in the source tree, beside src/
+        sys.argv = [f"bench.{args.name}", *args.bench_args]
+        runpy.run_module(f"bench.{args.name}", run_name="__main__")
+        return 0
     if args.command == "demo":
         from pgsynapse.demo import run_demo
 

@@ -37,6 +37,9 @@ class Settings(BaseModel):
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
     device: str = Field("cpu", description="torch device")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for inference; 0 = number of cores")
+    onnx_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (onnx, onnx-int8 runtimes); 0 = torch_threads, else cores"
+    )
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(32, ge=0, description="tokens repeated between neighbouring chunks")
@@ -44,6 +47,15 @@ class Settings(BaseModel):
 
     batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")
     encode_batch_size: int = Field(32, ge=1, le=4096, description="texts per model forward pass")
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="micro-batching: how long a claimed batch short of batch_size waits for more jobs when the model "
+        "is idle (while the model is busy a batch keeps gathering until it is free or full)",
+    )
+    cache_lru_size: int = Field(1024, ge=0, description="in-process LRU entries of the inference cache (0 = off)")
+    cache_ttl_seconds: float = Field(7 * 86400, gt=0, description="inference_cache rows unused this long are deleted")
+    cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first")
+    cache_cleanup_interval: float = Field(300.0, gt=0, description="seconds between inference_cache cleanups")
     max_attempts: int = Field(5, ge=1, le=100, description="attempts before a job is marked failed")
     lease_seconds: float = Field(60.0, gt=0, description="a claimed job returns to the queue if not renewed")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")

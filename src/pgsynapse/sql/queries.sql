@@ -145,3 +145,14 @@ LIMIT %(k)s;
 -- Seconds until the earliest pending job of a kind is due (retries wait for their backoff); NULL if none.
 SELECT extract(epoch FROM min(run_after) - now()) AS seconds
 FROM pgsynapse.jobs WHERE status = 'pending' AND kind = %(kind)s;
+-- name: expand_bulk_jobs
+-- A bulk job (ref_ids, from a large INSERT) becomes one pending job per row, and is done, in one transaction.
+WITH bulk AS (
+    UPDATE pgsynapse.jobs
+    SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1
+    WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s AND ref_ids IS NOT NULL
+    RETURNING kind, ref_ids
+)
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT b.kind, u FROM bulk b, unnest(b.ref_ids) AS u
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;

@@ -1,0 +1,379 @@
+"""Build ONNX artifacts of a model version, check their agreement with the source model, register them.
+
+The export needs no optimum (its pinned transformers breaks sentence-transformers): the transformer is
+exported with ``torch.onnx.export`` (eager attention, so ONNX Runtime's BERT fusions apply), fused by
+``onnxruntime.transformers.optimizer`` and, for ``onnx-int8``, quantised with
+``onnxruntime.quantization.quantize_dynamic`` (per-channel INT8 weights). Pooling and normalisation stay
+in numpy (:class:`pgsynapse.models.OnnxEmbedder`).
+
+Agreement is measured on real text: chunks of a corpus and real questions. For every question the top-10
+chunks by the source model and by the candidate are compared (mean overlap), and the cosine between both
+runtimes' vectors of the same chunk is averaged. Below the threshold the artifact is refused with the figures.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgsynapse.errors import ModelError
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ONNX_FILES, ONNX_META, Embedder, ModelSpec, load_embedder
+
+log = get_logger(__name__)
+
+DEFAULT_THRESHOLD = 0.95
+# the tokenizer and config files an ONNX artifact keeps beside its graph
+_COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+         "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
+
+
+@dataclass
+class Agreement:
+    """How closely a candidate runtime reproduces the source model on a sample."""
+
+    overlap_at_10: float  # mean |top10_ref ∩ top10_cand| / 10 over the queries
+    cosine_mean: float  # mean cosine(ref, cand) over the chunk vectors
+    cosine_min: float
+    query_cosine_mean: float
+    n_chunks: int
+    n_queries: int
+
+    def passes(self, threshold: float) -> bool:
+        return self.overlap_at_10 >= threshold
+
+
+@dataclass
+class ExportReport:
+    runtime: str
+    artifact_path: str
+    agreement: Agreement
+    threshold: float
+    accepted: bool
+    seconds: float
+    size_bytes: int
+    version_id: int | None = None
+    source_version_id: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["agreement"] = asdict(self.agreement)
+        return d
+
+
+# -- the artifact ------------------------------------------------------------------------------
+def _read_pooling(source: Path) -> None:
+    cfg = source / "1_Pooling" / "config.json"
+    if cfg.exists():
+        pooling = json.loads(cfg.read_text())
+        if not pooling.get("pooling_mode_mean_tokens", False):
+            raise ModelError(f"{source}: only mean pooling is supported by the ONNX runtimes (see {cfg})")
+
+
+def export_fp32(source: Path, out_dir: Path) -> Path:
+    """``model.onnx`` (fp32, BERT-fused) plus the tokenizer files in ``out_dir``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    _read_pooling(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    model = AutoModel.from_pretrained(str(source), local_files_only=True, attn_implementation="eager")
+    model.eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    sample = tok(["a short text", "a somewhat longer sample text for tracing"], padding=True, return_tensors="pt")
+    if "token_type_ids" not in sample:
+        sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    raw = out_dir / "model.raw.onnx"
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Hidden(model),
+            tuple(sample[n] for n in names),
+            str(raw),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
+            opset_version=17,
+            dynamo=False,
+        )
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.config
+    fused = optimize_model(
+        str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads), hidden_size=int(cfg.hidden_size), opt_level=1
+    )
+    fused.save_model_to_file(str(out_dir / ONNX_FILES["onnx"]))
+    raw.unlink()
+    for name in _COPY:
+        if (source / name).exists():
+            shutil.copy2(source / name, out_dir / name)
+    st_cfg = source / "sentence_bert_config.json"
+    max_len = json.loads(st_cfg.read_text()).get("max_seq_length", 256) if st_cfg.exists() else 256
+    meta = {"source": str(source), "max_seq_length": int(max_len), "dim": int(cfg.hidden_size), "pooling": "mean",
+            "normalize": True, "fused": fused.get_fused_operator_statistics()}
+    (out_dir / ONNX_META).write_text(json.dumps(meta, indent=2))
+    return out_dir / ONNX_FILES["onnx"]
+
+
+# INT8 schemes, fastest first. "dynamic": every MatMul and the fused Attention get per-channel INT8 weights
+# and per-tensor dynamic activations (fast, but BERT's activation outliers cost neighbour agreement).
+# "ffn-blockwise": the FFN down-projections (the most sensitive: post-GELU inputs) use MatMulNBits 8-bit with
+# block-wise int8 activations instead. "blockwise": every MatMul uses MatMulNBits 8-bit (accurate, little faster
+# than fp32), the Attention stays dynamic.
+SCHEMES = ("dynamic", "ffn-blockwise", "blockwise")
+_FFN_OUT = re.compile(r"layer\.\d+/output/dense/MatMul$")
+
+
+def _matmul_names(model: Any) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+
+
+def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list[str] | None = None) -> Path:
+    """``model_int8.onnx`` from ``model.onnx`` with one of :data:`SCHEMES`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if scheme not in SCHEMES:
+        raise ModelError(f"unknown INT8 scheme {scheme!r}: choose one of {SCHEMES}")
+    src, dst = out_dir / ONNX_FILES["onnx"], out_dir / ONNX_FILES["onnx-int8"]
+    staged = src
+    if scheme != "dynamic":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        model = onnx.load(str(src))
+        names = _matmul_names(model)
+        # nodes_to_include only adds to the MatMul op type: restrict with nodes_to_exclude instead
+        skip = [n for n in names if not _FFN_OUT.search(n)] if scheme == "ffn-blockwise" else []
+        nbits = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=skip)
+        nbits.process()
+        staged = out_dir / "model_int8.stage.onnx"
+        nbits.model.save_model_to_file(str(staged), use_external_data_format=False)
+    quantize_dynamic(
+        str(staged),
+        str(dst),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude_nodes or [],
+        op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    if staged != src:
+        staged.unlink()
+    meta_path = out_dir / ONNX_META
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        meta["int8_scheme"] = scheme
+        meta_path.write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+# -- the agreement sample ---------------------------------------------------------------------
+def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def sample_texts(
+    tokenizer: Any,
+    *,
+    corpus: Path | None = None,
+    questions: list[Path] | None = None,
+    n_chunks: int = 600,
+    chunk_tokens: int = 256,
+) -> tuple[list[str], list[str]]:
+    """``(chunks, queries)``: chunks of the corpus (``{"title", "text"}`` per line; the shipped docs by default)
+    as the worker would make them, and queries (``{"q"}`` per line; the page titles when no file is given)."""
+    from importlib import resources
+
+    from pgsynapse.chunking import Chunker
+
+    if corpus is None:
+        pages = list(_jsonl(Path(str(resources.files("pgsynapse").joinpath("data", "demo_corpus.jsonl.gz")))))
+    else:
+        pages = list(_jsonl(corpus))
+    chunker = Chunker(tokenizer, chunk_tokens, 32)
+    # every page contributes its first chunks, round-robin, so the sample spans the corpus
+    per_page = [chunker.split(p.get("title"), p["text"][:20_000]) for p in pages[: max(1, n_chunks)]]
+    chunks: list[str] = []
+    depth = 0
+    while len(chunks) < n_chunks and any(len(c) > depth for c in per_page):
+        chunks.extend(c[depth].embed_text for c in per_page if len(c) > depth)
+        depth += 1
+    chunks = chunks[:n_chunks]
+    queries: list[str] = []
+    for qp in questions or []:
+        queries.extend(d["q"] for d in _jsonl(qp))
+    if not queries:
+        queries = [p["title"] for p in pages if p.get("title")]
+    return chunks, queries
+
+
+def agreement(ref: Embedder, cand: Embedder, chunks: list[str], queries: list[str], k: int = 10,
+              ref_vectors: tuple[np.ndarray, np.ndarray] | None = None) -> Agreement:
+    d_ref, q_ref = ref_vectors or (ref.encode(chunks, 32), ref.encode(queries, 32))
+    d_c, q_c = cand.encode(chunks, 32), cand.encode(queries, 32)
+    k = min(k, len(chunks))
+    top_ref = np.argsort(-(q_ref @ d_ref.T), axis=1)[:, :k]
+    top_c = np.argsort(-(q_c @ d_c.T), axis=1)[:, :k]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_c, strict=True)])
+    cos = (d_ref * d_c).sum(axis=1)
+    return Agreement(
+        overlap_at_10=round(float(overlap), 4),
+        cosine_mean=round(float(cos.mean()), 5),
+        cosine_min=round(float(cos.min()), 5),
+        query_cosine_mean=round(float((q_ref * q_c).sum(axis=1).mean()), 5),
+        n_chunks=len(chunks),
+        n_queries=len(queries),
+    )
+
+
+def export_and_check(
+    source: ModelSpec,
+    out_dir: Path,
+    runtime: str,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    corpus: Path | None = None,
+    questions: list[Path] | None = None,
+    n_chunks: int = 600,
+    threads: int = 0,
+    scheme: str | None = None,
+) -> ExportReport:
+    """Build the artifact of ``runtime`` from the torch model ``source`` and measure its agreement.
+
+    For ``onnx-int8`` without an explicit ``scheme`` the schemes are tried fastest first; the first one whose
+    agreement passes is kept (every attempt's figures are in the report's options).
+    """
+    started = time.perf_counter()
+    if runtime not in ONNX_FILES:
+        raise ModelError(f"cannot export runtime {runtime!r}: choose one of {sorted(ONNX_FILES)}")
+    if not (out_dir / ONNX_FILES["onnx"]).exists():
+        export_fp32(source.path, out_dir)
+    ref = load_embedder(source, threads=threads)
+    chunks, queries = sample_texts(ref.tokenizer, corpus=corpus, questions=questions, n_chunks=n_chunks,
+                                   chunk_tokens=min(256, ref.max_seq_length))
+    ref_vectors = (ref.encode(chunks, 32), ref.encode(queries, 32))
+    cand_spec = ModelSpec(source.version_id, source.name, out_dir, runtime, source.dim)
+    tried: list[dict[str, Any]] = []
+    schemes: list[str | None] = [None] if runtime == "onnx" else ([scheme] if scheme else list(SCHEMES))
+    agr: Agreement | None = None
+    for sch in schemes:
+        if sch is not None:
+            quantize_int8(out_dir, sch)
+        cand = load_embedder(cand_spec, threads=threads, onnx_threads=threads)
+        agr = agreement(ref, cand, chunks, queries, ref_vectors=ref_vectors)
+        tried.append({"scheme": sch, "overlap_at_10": agr.overlap_at_10, "cosine_mean": agr.cosine_mean})
+        log.info("export_scheme_checked", runtime=runtime, scheme=sch, overlap_at_10=agr.overlap_at_10,
+                 cosine_mean=agr.cosine_mean)
+        if agr.passes(threshold):
+            break
+    assert agr is not None
+    graph = out_dir / ONNX_FILES[runtime]
+    report = ExportReport(
+        runtime=runtime, artifact_path=str(out_dir), agreement=agr, threshold=threshold,
+        accepted=agr.passes(threshold), seconds=round(time.perf_counter() - started, 1),
+        size_bytes=graph.stat().st_size, source_version_id=source.version_id,
+        options={"scheme": tried[-1]["scheme"], "tried": tried},
+    )
+    log.info("model_exported", runtime=runtime, accepted=report.accepted, **asdict(agr))
+    return report
+
+
+# -- registration -------------------------------------------------------------------------------
+def register(conn: Any, report: ExportReport, source_row: dict[str, Any], *, switch: bool = False) -> int:
+    """Record an accepted artifact.
+
+    ``switch=False``: a new ``model_versions`` row (status ``candidate``, traffic 0, base = the source version)
+    whose metrics hold the agreement figures; the worker then embeds new chunks with it too, side by side.
+    ``switch=True``: the source version itself moves to the new runtime (its vectors are interchangeable,
+    agreement passed), so nothing is re-embedded; the previous runtime is kept in its metrics.
+    """
+    metrics = {"export": report.as_dict()}
+    if switch:
+        conn.execute(
+            "UPDATE pgsynapse.model_versions SET runtime = %(runtime)s, artifact_path = %(path)s,"
+            " metrics = metrics || jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)"
+            " || %(metrics)s::jsonb WHERE id = %(id)s",
+            {"runtime": report.runtime, "path": report.artifact_path, "metrics": json.dumps(metrics), "id": source_row["id"]},
+        )
+        report.version_id = int(source_row["id"])
+        return report.version_id
+    row = conn.execute(
+        "INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, artifact_path, runtime, dim, metrics, status,"
+        " traffic_percent) VALUES (%(name)s, 'embedding', %(base)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s::jsonb,"
+        " 'candidate', 0) RETURNING id",
+        {"name": f"{source_row['name']} [{report.runtime}]", "base": source_row["id"], "path": report.artifact_path,
+         "runtime": report.runtime, "dim": source_row["dim"], "metrics": json.dumps(metrics)},
+    ).fetchone()
+    version_id = int(row["id"] if isinstance(row, dict) else row[0])
+    conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version_id,))
+    report.version_id = version_id
+    return version_id
+
+
+# -- the command ------------------------------------------------------------------------------------
+def run_export(
+    settings: Any,
+    runtime: str,
+    *,
+    version: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    corpus: Path | None = None,
+    questions: list[Path] | None = None,
+    n_chunks: int = 600,
+    switch: bool = False,
+    out_dir: Path | None = None,
+    scheme: str | None = None,
+) -> ExportReport:
+    """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
+    from pgsynapse.db import Database
+    from pgsynapse.models import resolve_model_path
+
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        if version is None:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
+        else:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        if row is None:
+            raise ModelError("no active model version" if version is None else f"no model version {version}")
+        if row["runtime"] == "torch":
+            source_path = resolve_model_path(row["artifact_path"], settings.model_path)
+        else:  # an exported version: go back to the model it was exported from
+            meta = json.loads((Path(row["artifact_path"]) / ONNX_META).read_text())
+            source_path = Path(meta["source"])
+        source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
+        out = out_dir or Path(settings.data_dir) / "models" / f"v{row['id']}-{runtime}"
+        if out.exists():
+            shutil.rmtree(out)
+        report = export_and_check(source, out, runtime, threshold=threshold, corpus=corpus, questions=questions,
+                                  n_chunks=n_chunks, threads=settings.onnx_threads or settings.torch_threads,
+                                  scheme=scheme)
+        if report.accepted:
+            register(conn, report, row, switch=switch)
+    return report

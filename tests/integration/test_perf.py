@@ -1,0 +1,169 @@
+"""Runtimes, the inference cache, micro-batching and the claim query's plan, on real Postgres and the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector, register_vector_async
+
+from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
+from pgsynapse.models import ModelSpec, default_model_path, load_embedder
+from pgsynapse.queries import q
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(tmp_path_factory):
+    """The default model exported to ONNX fp32 and INT8 once for the session (a few seconds)."""
+    from pgsynapse.export import export_fp32, quantize_int8
+
+    out = tmp_path_factory.mktemp("onnx")
+    export_fp32(default_model_path(), out)
+    quantize_int8(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def torch_embedder(models):
+    return models.get({"id": 1, "name": "all-MiniLM-L6-v2", "artifact_path": None, "runtime": "torch", "dim": 384})
+
+
+async def test_onnx_runtimes_match_torch_and_share_its_interface(onnx_artifact, torch_embedder):
+    texts = ["VACUUM reclaims storage occupied by dead tuples.", "CREATE INDEX builds an index on a table.",
+             "short", "The jsonb type stores JSON in a decomposed binary format " * 20]
+    ref = torch_embedder.encode(texts)
+    for runtime, min_cos in (("onnx", 0.9999), ("onnx-int8", 0.98)):
+        e = load_embedder(ModelSpec(1, "m", onnx_artifact, runtime, 384), onnx_threads=1)
+        assert e.max_seq_length == torch_embedder.max_seq_length
+        assert e.tokenizer("a b")["input_ids"] == torch_embedder.tokenizer("a b")["input_ids"]
+        vecs = e.encode(texts, batch_size=2)  # batches cross the length-sorted order and are put back in place
+        assert vecs.shape == (4, 384) and vecs.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        cos = (vecs * ref).sum(axis=1)
+        assert cos.min() > min_cos, (runtime, cos)
+
+
+async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models):
+    conn = await aconn(db_url)
+    await conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s WHERE id = 1",
+                       (str(onnx_artifact),))
+    ids = insert_docs(db_url, [(f"Doc {i}", f"Document {i} on topic {i % 5}.") for i in range(40)])
+    from pgsynapse.models import ModelCache
+
+    async with running_worker(fast_settings(db_url, batch_size=8, max_wait_ms=20), ModelCache()) as worker:
+        await wait_until(conn, ALL_DONE)
+        [loaded] = worker.models.loaded()
+        assert loaded.spec.runtime == "onnx-int8"
+    row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.embeddings WHERE chunk_id IN"
+                                    " (SELECT id FROM pgsynapse.chunks WHERE document_id = ANY(%s))", (ids,))).fetchone()
+    assert row["n"] == 40
+    await conn.close()
+
+
+async def test_repeated_query_embedding_is_served_from_the_cache(db_url, torch_embedder):
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    lru = LRU(16)
+    first = await embed_query(conn, torch_embedder, "How do I  reclaim space?", lru=lru)
+    assert lru.stats.misses == 1
+    again = await embed_query(conn, torch_embedder, "How do I reclaim space?", lru=lru)  # same once normalised
+    assert lru.stats.memory_hits == 1
+    np.testing.assert_array_equal(first, again)
+    # a fresh process (empty LRU) is served by the table, and the hit is counted there
+    fresh = LRU(16)
+    from_db = await embed_query(conn, torch_embedder, "How do I reclaim space?", lru=fresh)
+    assert fresh.stats.db_hits == 1 and fresh.stats.misses == 0
+    np.testing.assert_allclose(from_db, first, atol=1e-6)
+    row = await (await conn.execute("SELECT count(*) AS n, sum(hit_count) AS hits FROM pgsynapse.inference_cache")).fetchone()
+    assert (row["n"], row["hits"]) == (1, 1)
+    # and the vector is the model's own
+    np.testing.assert_allclose(first, torch_embedder.encode(["How do I reclaim space?"])[0], atol=1e-5)
+    await conn.close()
+
+
+async def test_cache_never_serves_another_versions_result(db_url, torch_embedder):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, runtime, dim, status) VALUES (2, 'v2', 'torch', 384, 'candidate')")
+        v2 = load_embedder(ModelSpec(2, "v2", torch_embedder.spec.path, "torch", 384))
+        lru = LRU(16)
+        embed_query_sync(conn, torch_embedder, "what is MVCC", lru=lru)
+        embed_query_sync(conn, v2, "what is MVCC", lru=lru)
+        assert lru.stats.misses == 2 and lru.stats.memory_hits == 0
+        rows = conn.execute("SELECT model_version_id, hit_count FROM pgsynapse.inference_cache ORDER BY 1").fetchall()
+        assert rows == [(1, 0), (2, 0)]
+
+
+async def test_cache_cleanup_enforces_ttl_and_size_bound(db_url, torch_embedder):
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    lru = LRU(0)
+    for i in range(5):
+        await embed_query(conn, torch_embedder, f"question {i}", lru=lru)
+    await conn.execute("UPDATE pgsynapse.inference_cache SET last_hit_at = now() - interval '2 hours'"
+                       " WHERE input_hash = (SELECT input_hash FROM pgsynapse.inference_cache LIMIT 1)")
+    assert await cleanup(conn, ttl_seconds=3600, max_rows=10) == 1
+    assert await cleanup(conn, ttl_seconds=3600, max_rows=2) == 2
+    row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.inference_cache")).fetchone()
+    assert row["n"] == 2
+    await conn.close()
+
+
+def test_claim_query_uses_the_claim_index(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgsynapse.documents DISABLE TRIGGER documents_enqueue_insert")
+        conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status) SELECT 'embed', g, 'done' FROM generate_series(1, 20000) g")
+        conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id) SELECT 'embed', g FROM generate_series(20001, 20500) g")
+        conn.execute("ANALYZE pgsynapse.jobs")
+        sql = q("claim_jobs")
+        params = {"kind": "embed", "limit": 32, "worker": "w", "lease": 60}
+        with conn.transaction():
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
+        assert "jobs_claim" in plan, plan
+        assert "Seq Scan on jobs" not in plan, plan
+
+
+def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):
+    from pgsynapse.export import run_export
+
+    settings = fast_settings(db_url, data_dir=str(tmp_path))
+    report = run_export(settings, "onnx", n_chunks=40, threshold=0.99)
+    assert report.accepted and report.agreement.overlap_at_10 >= 0.99 and report.agreement.cosine_mean > 0.9999
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT id, runtime, status, traffic_percent, base_version_id, artifact_path,"
+                            " metrics->'export'->'agreement'->>'overlap_at_10' FROM pgsynapse.model_versions ORDER BY id").fetchall()
+    assert rows[1][1:5] == ("onnx", "candidate", 0, 1)
+    assert rows[1][5] == str(tmp_path / "models" / "v1-onnx") and float(rows[1][6]) >= 0.99
+    # an impossible threshold: refused with its figures, nothing registered
+    refused = run_export(settings, "onnx-int8", n_chunks=40, threshold=1.01, scheme="dynamic")
+    assert not refused.accepted and 0.5 < refused.agreement.overlap_at_10 <= 1.0
+    assert refused.options["tried"] == [{"scheme": "dynamic", "overlap_at_10": refused.agreement.overlap_at_10,
+                                         "cosine_mean": refused.agreement.cosine_mean}]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
+
+
+async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
+    conn = await aconn(db_url)
+    # lower the bulk threshold (10,000 rows) for this database only, so a small statement takes the bulk path
+    await conn.execute("CREATE OR REPLACE FUNCTION pgsynapse.bulk_enqueue_rows() RETURNS bigint LANGUAGE sql"
+                       " IMMUTABLE AS 'SELECT 5::bigint'")
+    ids = insert_docs(db_url, [(f"Bulk {i}", f"Bulk document {i} about subject {i % 3}.") for i in range(20)])
+    small = insert_docs(db_url, [("Small", "A statement under the threshold keeps one job per row.")])
+    rows = await (await conn.execute("SELECT ref_id, cardinality(ref_ids) AS n FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert rows == [{"ref_id": -ids[0], "n": 20}, {"ref_id": small[0], "n": None}]
+    async with running_worker(fast_settings(db_url, batch_size=8), models):
+        await wait_until(conn, ALL_DONE)
+    done = await (await conn.execute(
+        "SELECT count(*) FILTER (WHERE ref_id > 0 AND completions = 1) AS per_row,"
+        " count(*) FILTER (WHERE ref_id < 0 AND completions = 1) AS bulk,"
+        " count(*) FILTER (WHERE status <> 'done') AS open FROM pgsynapse.jobs")).fetchone()
+    assert done == {"per_row": 21, "bulk": 1, "open": 0}
+    embedded = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'embedded'")).fetchone()
+    assert embedded["n"] == 21
+    await conn.close()
