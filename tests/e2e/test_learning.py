@@ -204,7 +204,7 @@ async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, 
     pages = _pages()[:12]
     conn = await aconn(db_url)
     env = {**LEARN_ENV, "PGSYNAPSE_BACKFILL_BATCH": "4", "PGSYNAPSE_LEASE_SECONDS": "2",
-           "PGSYNAPSE_DATA_DIR": str(tmp_path)}
+           "PGSYNAPSE_BACKFILL_THROTTLE_SECONDS": "0.5", "PGSYNAPSE_DATA_DIR": str(tmp_path)}
     worker = spawn_worker(db_url, env=env)
     await conn.execute(
         "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
@@ -221,6 +221,9 @@ async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, 
     await conn.execute(q("enqueue_backfill", "learning.sql").replace("%(version)s", str(version))
                        .replace("%(payload)s", "'{\"traffic_percent\": 5}'::jsonb").replace("%(delay)s", "0"))
     worker.wait_event("backfill_progress", start=mark)
+    # the event is logged inside the write transaction: wait for its commit, then kill mid-backfill
+    await wait_until(conn, "SELECT count(*) > 0 FROM pgsynapse.embeddings WHERE model_version_id = %s", (version,),
+                     channel="pgsynapse_jobs")
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait(30)
     part = await (await conn.execute(
