@@ -28,6 +28,12 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
         )
     ]
     active = next((v for v in versions if v["status"] == "active"), None)
+    progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
+    for v in versions:
+        p = progress.get(v["id"])
+        if p is not None:
+            v["embedded_chunks"] = p["embedded"]
+            v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions}
 
 
@@ -40,6 +46,10 @@ def render(snap: dict[str, Any]) -> str:
     )
     lines.append(f"chunks         : {snap['chunks']}")
     lines.append(f"embeddings     : {snap['embeddings']}")
+    for v in snap["model_versions"]:
+        if v["status"] in ("active", "candidate"):
+            lines.append(f"model v{v['id']:<8}: {v['status']}, {v['traffic_percent']:g}% traffic, "
+                         f"backfill {v.get('backfill', '-')}")
     lines.append("jobs           : kind      pending  running  failed  done     oldest pending")
     if not snap["jobs"]:
         lines.append("                 (none)")

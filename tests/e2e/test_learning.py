@@ -230,6 +230,11 @@ async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, 
         "SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %s", (version,))).fetchone()
     total = (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone())["n"]
     assert 0 < part["n"] < total
+    from tests.e2e.test_cli import pgsynapse
+
+    snap = json.loads(pgsynapse("status", "--json", url=db_url).stdout)
+    row = next(v for v in snap["model_versions"] if v["id"] == version)
+    assert row["backfill"] == f"{part['n']}/{total}"  # progress in status
     restarted = spawn_worker(db_url, env=env)
     try:
         await wait_until(conn, "SELECT backfilled_at IS NOT NULL FROM pgsynapse.model_versions WHERE id = %s",
