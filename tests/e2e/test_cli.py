@@ -106,13 +106,16 @@ def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ["pgsynapse/migrations/0001_init.sql", "pgsynapse/triggers/documents_v1.sql",
                    "pgsynapse/listener/worker.py", "pgsynapse/handlers/embed.py", "pgsynapse/sql/queries.sql",
-                   "pgsynapse/data/demo_corpus.jsonl.gz", "pgsynapse/cli.py"]:
+                   "pgsynapse/data/demo_corpus.jsonl.gz", "pgsynapse/cli.py", "pgsynapse/learning/train.py",
+                   "pgsynapse/sql/learning.sql", "pgsynapse/sql/answers.sql", "pgsynapse/handlers/answer.py"]:
         assert needed in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     env = {"PYTHONPATH": str(target)}
-    where = subprocess.run([sys.executable, "-c", "import pgsynapse.listener.worker as w; print(w.__file__)"],
+    # every handler and the CLI import from the installed copy alone
+    where = subprocess.run([sys.executable, "-c", "import pgsynapse.cli, pgsynapse.handlers, pgsynapse.learning.cli;"
+                            " pgsynapse.handlers.registry(); import pgsynapse.listener.worker as w; print(w.__file__)"],
                            capture_output=True, text=True, cwd="/tmp", env={**os.environ, **env})
     assert where.stdout.startswith(str(target)), where.stderr
     url = new_db()
