@@ -99,7 +99,10 @@ def test_json_logs_are_structured_events(new_db):
 
 def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     """The built wheel carries every module and SQL file; run from /tmp it migrates and imports the worker."""
+    import shutil
+
     wheel_dir = tmp_path / "wheel"
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # a stale build/ would hide a package missing from pyproject
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
     [wheel] = list(wheel_dir.glob("pgsynapse-*.whl"))
@@ -112,12 +115,17 @@ def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    env = {"PYTHONPATH": str(target)}
-    # every handler and the CLI import from the installed copy alone
-    where = subprocess.run([sys.executable, "-c", "import pgsynapse.cli, pgsynapse.handlers, pgsynapse.learning.cli;"
+    # -S: no site processing, so the editable install's import hook (a .pth file) cannot stand in for the wheel;
+    # the dependencies come from site-packages on the path, pgsynapse only from the installed wheel
+    import sysconfig
+
+    env = {**os.environ, "PYTHONPATH": f"{target}:{sysconfig.get_paths()['purelib']}"}
+    env.pop("DATABASE_URL", None)
+    where = subprocess.run([sys.executable, "-S", "-c", "import pgsynapse.cli, pgsynapse.handlers, pgsynapse.learning.cli;"
                             " pgsynapse.handlers.registry(); import pgsynapse.listener.worker as w; print(w.__file__)"],
-                           capture_output=True, text=True, cwd="/tmp", env={**os.environ, **env})
+                           capture_output=True, text=True, cwd="/tmp", env=env)
     assert where.stdout.startswith(str(target)), where.stderr
     url = new_db()
-    r = pgsynapse("migrate", url=url, env=env)
+    r = subprocess.run([sys.executable, "-S", "-m", "pgsynapse", "--database-url", url, "migrate"], capture_output=True,
+                       text=True, cwd="/tmp", env=env, timeout=300)
     assert r.returncode == 0 and "applied: 0001_init.sql" in r.stdout, r.stderr
