@@ -6,6 +6,8 @@ and counted, never silent. On every (re)connect all dispatchers are woken to cat
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
@@ -27,6 +29,8 @@ class Listener:
         self.reconnect_max = reconnect_max
         self.connected = False
         self.reconnects = 0
+        self.outages = 0  # times the connection was lost (a counter for status and metrics)
+        self.lost_at: float | None = None  # monotonic time of the current outage's start
         self.backend_pid: int | None = None
         self.on_state_change = lambda connected: None
 
@@ -41,7 +45,15 @@ class Listener:
                 self._set(True)
                 if ever_connected:
                     self.reconnects += 1
-                    log.info("listen_reconnected", backend_pid=self.backend_pid, reconnects=self.reconnects)
+                    down_s = time.monotonic() - self.lost_at if self.lost_at is not None else 0.0
+                    self.lost_at = None
+                    log.info(
+                        "listen_reconnected",
+                        backend_pid=self.backend_pid,
+                        reconnects=self.reconnects,
+                        outages=self.outages,
+                        down_s=round(down_s, 2),
+                    )
                 else:
                     log.info("listen_connected", channel=JOBS_CHANNEL, backend_pid=self.backend_pid)
                 ever_connected, backoff = True, 0.25
@@ -58,12 +70,16 @@ class Listener:
                     else:
                         self.wakeups.wake(parsed.kind)
             except (psycopg.Error, DatabaseError, OSError) as exc:
+                if self.connected:
+                    self.outages += 1
+                    self.lost_at = time.monotonic()
                 self._set(False)
                 log.warning(
                     "listen_connection_lost",
                     error=" ".join(str(exc).split())[:200],
                     retry_in=round(backoff, 2),
                     fallback="polling",
+                    outages=self.outages,
                 )
                 if not started:
                     task_status.started()

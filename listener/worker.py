@@ -38,6 +38,15 @@ def backoff_delay(attempts: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
 
 
+def transient(exc: BaseException) -> bool:
+    """A database error that says nothing about the rows: the connection broke, the server is restarting,
+    or the transaction lost a deadlock/serialization race. Writing the same results again is right."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate or ""
+    return not state or state.startswith(("08", "57P", "40"))
+
+
 @dataclass
 class WorkerStats:
     """Live counters of one worker process (read by status, health and metrics)."""
@@ -129,6 +138,8 @@ class Worker:
             max_size=4 + len(self.kinds),
             kwargs={"row_factory": dict_row, "application_name": "pgsynapse-worker", "autocommit": True},
             configure=self._configure,
+            # a connection broken while idle (server restart, terminated backend) is replaced, not handed out
+            check=AsyncConnectionPool.check_connection,
             open=False,
         )
         await self.pool.open(wait=True, timeout=30)
@@ -198,6 +209,9 @@ class Worker:
                         await handler.record_failure(conn, job, f["last_error"])
         if row and (row["requeued"] or failed):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
+        if row and row["requeued"]:
+            # requeued jobs send no NOTIFY: without this they would wait for the fallback poll
+            self.wakeups.wake_all()
 
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
@@ -330,8 +344,13 @@ class Worker:
 
     async def _write(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
         try:
-            await self._write_txn(kind, handler, outcomes)
+            await self._write_retrying(kind, handler, outcomes)
         except psycopg.Error as exc:
+            if transient(exc):
+                # the server stayed away for about a lease: not these rows' fault; their lease expires and they
+                # are claimed again (splitting would only wait that long once per job)
+                log.error("batch_write_abandoned", kind=kind, n=len(outcomes), error=describe(exc)[:300])
+                return
             if len(outcomes) == 1:
                 o = outcomes[0]
                 if not o.ok:
@@ -345,6 +364,25 @@ class Worker:
             log.warning("batch_write_failed_splitting", kind=kind, n=len(outcomes), error=describe(exc)[:200])
             for o in outcomes:
                 await self._write(kind, handler, [o])
+
+    async def _write_retrying(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+        """Write; when the connection breaks (server restart, failover) or the txn is rolled back (deadlock),
+        write the same results again once a connection is back, rather than blaming the jobs for it.
+
+        Bounded by about one lease: after that the jobs may belong to another worker (the guard drops ours).
+        """
+        deadline = time.monotonic() + max(self.settings.lease_seconds, 10.0)
+        delay = 0.25
+        while True:
+            try:
+                await self._write_txn(kind, handler, outcomes)
+                return
+            except psycopg.OperationalError as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("batch_write_retrying", kind=kind, n=len(outcomes), retry_in=delay, error=describe(exc)[:200])
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _write_txn(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
         assert self.pool is not None

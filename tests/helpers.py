@@ -123,12 +123,19 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
-def spawn_worker(url: str, *args: str, env: dict[str, str] | None = None, wait_started: bool = True) -> WorkerProcess:
+def spawn_worker(
+    url: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait_started: bool = True,
+    entry: list[str] | None = None,
+) -> WorkerProcess:
+    """``pgsynapse run`` in a subprocess; ``entry`` replaces ``-m pgsynapse`` (a script with a fault injected)."""
     full_env = {**os.environ, "PGSYNAPSE_LEASE_SECONDS": "10", "PGSYNAPSE_RETRY_BACKOFF_SECONDS": "0.05",
                 "PGSYNAPSE_POLL_INTERVAL": "30", **(env or {})}
     full_env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
+        [sys.executable, *(entry or ["-m", "pgsynapse"]), "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

@@ -7,6 +7,8 @@ import json
 import sys
 import textwrap
 
+import psycopg
+
 from pgsynapse import __version__
 from pgsynapse.errors import ConfigError, DatabaseError, ModelError, PgsynapseError
 
@@ -32,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="queue, corpus and model status")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
+    rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
 
     se = sub.add_parser("search", help="kNN search over the active model version")
     se.add_argument("text")
@@ -113,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         print(f"pgsynapse: error: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except psycopg.Error as exc:
+        # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
+        from pgsynapse.db import describe_db_error
+
+        print(f"pgsynapse: error: database error: {describe_db_error(exc)}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except PgsynapseError as exc:
         print(f"pgsynapse: error: {exc}", file=sys.stderr)
         return 1
@@ -141,6 +152,16 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         with Database(settings) as db, db.connect() as conn:
             snap = snapshot(conn)
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
+        return 0
+    if args.command == "retry-failed":
+        from pgsynapse.retry import retry_failed
+
+        with Database(settings) as db, db.connect() as conn:
+            counts = retry_failed(conn, args.kind)
+        if counts:
+            print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+        else:
+            print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         return 0
     if args.command == "search":
         import anyio

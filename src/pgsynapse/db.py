@@ -48,6 +48,24 @@ async def aconnect(
         raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
 
 
+def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
+    """One readable line for a server error: its message, SQLSTATE and hint; privilege errors say what to grant."""
+    diag = getattr(exc, "diag", None)
+    msg = (getattr(diag, "message_primary", None) or _describe(exc)).strip()
+    parts = [f"{doing}: {msg}" if doing else msg]
+    if getattr(exc, "sqlstate", None):
+        parts.append(f"(SQLSTATE {exc.sqlstate})")
+    hint = getattr(diag, "message_hint", None)
+    if hint:
+        parts.append(f"hint: {hint.strip()}")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        parts.append(
+            "- the database user lacks a privilege pgsynapse needs: run `pgsynapse migrate` as the database owner "
+            "and grant the worker's role USAGE on schema pgsynapse and SELECT, INSERT, UPDATE, DELETE on its tables"
+        )
+    return " ".join(parts)
+
+
 class Database:
     """Where the database is: ``DATABASE_URL`` if given, else the embedded server in the data dir.
 

@@ -82,7 +82,9 @@ def migrate(url: str) -> list[str]:
                             (mig.version, mig.name),
                         )
                 except psycopg.Error as exc:
-                    raise DatabaseError(f"migration {mig.name} failed: {str(exc).strip()}") from exc
+                    from pgsynapse.db import describe_db_error
+
+                    raise DatabaseError(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
                 log.info("migration_applied", version=mig.version, name=mig.name)
                 done.append(mig.name)
         finally:

@@ -156,3 +156,34 @@ WITH bulk AS (
 INSERT INTO pgsynapse.jobs (kind, ref_id)
 SELECT b.kind, u FROM bulk b, unnest(b.ref_ids) AS u
 ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+
+-- name: lock_failed_jobs
+-- retry-failed: the failed jobs to requeue (all kinds when %(kind)s is NULL), newest first per row.
+SELECT id, kind, ref_id,
+       EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending')
+           AS has_pending
+FROM pgsynapse.jobs j
+WHERE status = 'failed' AND (%(kind)s::text IS NULL OR kind = %(kind)s)
+ORDER BY kind, ref_id, id DESC
+FOR UPDATE;
+
+-- name: requeue_failed_jobs
+-- Back to pending with a fresh set of attempts, due now; the last error is kept for the record.
+UPDATE pgsynapse.jobs
+SET status = 'pending', attempts = 0, run_after = now(), lease_until = NULL, worker = NULL, finished_at = NULL,
+    last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
+-- name: close_failed_duplicates
+-- Older failed jobs of a row that is requeued (or already has a pending job): nothing left for them to do.
+UPDATE pgsynapse.jobs
+SET status = 'done', finished_at = now(), last_error = 'superseded by a newer job (retry-failed)'
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
+-- name: retry_failed_documents
+-- The rows of requeued embed jobs go back to pending, their error cleared.
+UPDATE pgsynapse.documents SET status = 'pending', error = NULL
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
+-- name: notify_jobs
+SELECT pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', %(n)s::int)::text);

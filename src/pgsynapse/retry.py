@@ -1,0 +1,52 @@
+"""``pgsynapse retry-failed``: put failed jobs (and their rows) back in the queue after the cause is fixed.
+
+A failed job has used all its attempts, or failed on bad input (never retried by itself). Requeueing
+gives it a fresh set of attempts, due now, sets its row back to ``pending`` and wakes the workers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import psycopg
+
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+# per job kind, the named query that sets its rows back to pending (kinds without one only requeue the job);
+# answers (issue 4) add e.g. {"answer": "retry_failed_questions"} here
+ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents"}
+
+
+def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str, int]:
+    """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction. Returns the count per kind.
+
+    At most one pending job may exist per (kind, row): of several failed jobs of one row only the newest
+    is requeued, and none when the row already has a pending job; the others are closed as superseded.
+    """
+    with conn.transaction():
+        rows = conn.execute(q("lock_failed_jobs"), {"kind": kind}).fetchall()
+        requeue: dict[str, list[int]] = defaultdict(list)
+        refs: dict[str, list[int]] = defaultdict(list)
+        closed: list[int] = []
+        seen: set[tuple[str, int]] = set()
+        for r in rows:
+            key = (r["kind"], r["ref_id"])
+            if r["has_pending"] or key in seen:
+                closed.append(r["id"])
+                continue
+            seen.add(key)
+            requeue[r["kind"]].append(r["id"])
+            refs[r["kind"]].append(r["ref_id"])
+        if closed:
+            conn.execute(q("close_failed_duplicates"), {"ids": closed})
+        for k, ids in requeue.items():
+            conn.execute(q("requeue_failed_jobs"), {"ids": ids})
+            if k in ROW_RESET_QUERIES:
+                conn.execute(q(ROW_RESET_QUERIES[k]), {"ids": refs[k]})
+            conn.execute(q("notify_jobs"), {"kind": k, "n": len(ids)})
+    counts = {k: len(v) for k, v in requeue.items()}
+    log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed))
+    return counts

@@ -1,0 +1,43 @@
+"""``pgsynapse`` with the real embed handler plus one injected fault, for chaos tests that need a subprocess.
+
+    python tests/chaos/faulty_worker.py --database-url URL --log-format json run --no-migrate
+
+Faults (environment):
+- ``CHAOS_POISON_MARKER``: a document whose body contains it makes the model step raise (a poisoned row).
+- ``CHAOS_SLOW_SECONDS``: every batch's compute takes this much longer (a slow model, for overload tests).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pgsynapse import cli  # noqa: E402
+from pgsynapse.handlers.embed import EmbedHandler  # noqa: E402
+from pgsynapse.listener import worker as worker_module  # noqa: E402
+
+MARKER = os.environ.get("CHAOS_POISON_MARKER", "")
+SLOW = float(os.environ.get("CHAOS_SLOW_SECONDS", "0") or 0)
+
+
+class FaultyEmbedHandler(EmbedHandler):
+    def compute(self, work):
+        if SLOW:
+            time.sleep(SLOW)  # the handler's own slowness (a slow model), never a test's wait
+        return super().compute(work)
+
+    def _encode(self, items, embedders):
+        for item in items:
+            if MARKER and MARKER in (item.body or ""):
+                raise ValueError(f"cannot encode poisoned document {item.job.ref_id}")
+        return super()._encode(items, embedders)
+
+
+worker_module.registry = lambda: {"embed": FaultyEmbedHandler}
+
+if __name__ == "__main__":
+    raise SystemExit(cli.main(sys.argv[1:]))
