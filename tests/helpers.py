@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import urllib.error
+import urllib.request
 import os
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings, load_settings
@@ -158,3 +162,26 @@ def insert_docs(url: str, docs: list[tuple[str, str]]) -> list[int]:
             ([t for t, _ in docs], [b for _, b in docs]),
         ).fetchall()
     return [r[0] for r in rows]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

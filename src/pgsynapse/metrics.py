@@ -126,6 +126,8 @@ class WorkerCollector(Collector):
             yield c
         yield CounterMetricFamily("pgsynapse_listen_reconnects", "LISTEN connection re-established after a loss",
                                   value=w.listener.reconnects)
+        yield CounterMetricFamily("pgsynapse_listen_outages", "Times the LISTEN connection was lost (server restart, "
+                                  "terminated backend, network)", value=w.listener.outages)
         yield CounterMetricFamily("pgsynapse_fallback_polls", "Dispatcher wake-ups by the fallback poll while LISTEN was down",
                                   value=w.stats.fallback_polls)
         yield GaugeMetricFamily("pgsynapse_listen_connected", "1 while the LISTEN connection is up",

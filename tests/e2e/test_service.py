@@ -6,13 +6,10 @@ import json
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import SAFETY_TIMEOUT, aconn, insert_docs, spawn_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT, aconn, free_port, http_get, insert_docs, metric_samples, spawn_worker, wait_until
 from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
@@ -27,28 +24,6 @@ SELECT
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def _docs(tag: str, n: int) -> list[tuple[str, str]]:
     return [(f"{tag} {i}", f"Document {i} of set {tag}: " + " ".join(f"w{(i * 13 + k) % 401}" for k in range(80)))
             for i in range(n)]
@@ -56,7 +31,7 @@ def _docs(tag: str, n: int) -> list[tuple[str, str]]:
 
 async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path):
     notify = NotifySocket()
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "pgsynapse.toml"
     config.write_text('batch_size = 8\n')
     env = {
@@ -80,9 +55,9 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         ids = insert_docs(db_url, _docs("first", 12))
         await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
 
-        code, body = _get(f"http://127.0.0.1:{port}/metrics")
+        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200
-        m = _samples(body.decode())
+        m = metric_samples(body.decode())
         embed = (("kind", "embed"),)
         assert m[("pgsynapse_jobs_processed_total", embed)] == len(ids)
         assert m[("pgsynapse_jobs_failed_total", embed)] == 0
@@ -97,11 +72,11 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         assert m[("pgsynapse_listen_connected", ())] == 1
         assert m[("pgsynapse_db_up", ())] == 1
 
-        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
         health = json.loads(body)
         assert code == 200 and health["status"] == "ok", health
         assert health["db_reachable"] and health["listen_connected"]
-        assert _get(f"http://127.0.0.1:{port}/nope")[0] == 404
+        assert http_get(f"http://127.0.0.1:{port}/nope")[0] == 404
 
         # SIGHUP re-reads the config file: batch_size changes live, a restart-only setting is reported
         config.write_text('batch_size = 3\nchunk_tokens = 128\n')
