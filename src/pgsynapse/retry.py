@@ -15,16 +15,16 @@ from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
-# per job kind, the named query that sets its rows back to pending (kinds without one only requeue the job);
-# answers (issue 4) add e.g. {"answer": "retry_failed_questions"} here
-ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents"}
+# per job kind, the named query that sets its rows back to pending (kinds without one only requeue the job)
+ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents", "answer": "retry_failed_questions"}
 
 
 def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str, int]:
     """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction. Returns the count per kind.
 
     At most one pending job may exist per (kind, row): of several failed jobs of one row only the newest
-    is requeued, and none when the row already has a pending job; the others are closed as superseded.
+    is requeued, and none when the row already has a pending job or a newer running or done one (its
+    text changed and was processed since); the others are closed as superseded.
     """
     with conn.transaction():
         rows = conn.execute(q("lock_failed_jobs"), {"kind": kind}).fetchall()
@@ -34,7 +34,7 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str,
         seen: set[tuple[str, int]] = set()
         for r in rows:
             key = (r["kind"], r["ref_id"])
-            if r["has_pending"] or key in seen:
+            if r["superseded"] or key in seen:
                 closed.append(r["id"])
                 continue
             seen.add(key)

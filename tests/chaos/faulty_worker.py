@@ -37,7 +37,8 @@ class FaultyEmbedHandler(EmbedHandler):
         return super()._encode(items, embedders)
 
 
-worker_module.registry = lambda: {"embed": FaultyEmbedHandler}
+_real_registry = worker_module.registry
+worker_module.registry = lambda: {**_real_registry(), "embed": FaultyEmbedHandler}
 
 if __name__ == "__main__":
     raise SystemExit(cli.main(sys.argv[1:]))

@@ -159,9 +159,10 @@ ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
 
 -- name: lock_failed_jobs
 -- retry-failed: the failed jobs to requeue (all kinds when %(kind)s is NULL), newest first per row.
+-- superseded: the row has a pending job, or a newer job that is running or done (the row changed since)
 SELECT id, kind, ref_id,
-       EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending')
-           AS has_pending
+       EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = j.kind AND p.ref_id = j.ref_id
+               AND (p.status = 'pending' OR (p.id > j.id AND p.status IN ('running', 'done')))) AS superseded
 FROM pgsynapse.jobs j
 WHERE status = 'failed' AND (%(kind)s::text IS NULL OR kind = %(kind)s)
 ORDER BY kind, ref_id, id DESC
@@ -183,6 +184,11 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 -- name: retry_failed_documents
 -- The rows of requeued embed jobs go back to pending, their error cleared.
 UPDATE pgsynapse.documents SET status = 'pending', error = NULL
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
+-- name: retry_failed_questions
+-- The questions of requeued answer jobs go back to pending, their error cleared.
+UPDATE pgsynapse.questions SET status = 'pending', error = NULL
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: notify_jobs

@@ -1,0 +1,77 @@
+"""Poison rows in a worker process: a batch of 64 documents of which 3 make the model step raise. 61 are
+embedded, the 3 fail with their own error after exactly ``max_attempts`` attempts; then the cause is fixed (a
+worker without the fault) and ``pgsynapse retry-failed`` puts them back: all 64 end embedded, once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.invariants import QUIET, assert_exactly_once
+from tests.helpers import aconn, insert_docs, spawn_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+FAULTY = [str(Path(__file__).with_name("faulty_worker.py"))]
+ENV = {"PGSYNAPSE_BATCH_SIZE": "64", "PGSYNAPSE_MAX_ATTEMPTS": "3", "PGSYNAPSE_RETRY_BACKOFF_SECONDS": "0.05",
+       "PGSYNAPSE_RETRY_BACKOFF_MAX_SECONDS": "0.2"}
+NOTHING_PENDING = "SELECT NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE status IN ('pending', 'running'))"
+
+
+def retry_failed(url: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "retry-failed", *args],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+async def test_poison_rows_fail_alone_then_retry_failed_recovers_them(db_url, record):
+    poisoned_at = (3, 31, 60)
+    docs = [(f"Doc {i}", "POISON in this body" if i in poisoned_at else f"Healthy text number {i}.") for i in range(64)]
+    conn = await aconn(db_url)
+    worker = spawn_worker(db_url, env={**ENV, "CHAOS_POISON_MARKER": "POISON"}, entry=FAULTY)
+    try:
+        ids = insert_docs(db_url, docs)
+        await wait_until(conn, NOTHING_PENDING, channel="pgsynapse_jobs")
+    finally:
+        assert worker.stop() == 0
+    rows = await (await conn.execute(
+        "SELECT d.id, d.status, d.error, j.status AS job_status, j.attempts FROM pgsynapse.documents d"
+        " JOIN pgsynapse.jobs j ON j.ref_id = d.id AND j.kind = 'embed' ORDER BY d.id")).fetchall()
+    bad = {ids[i] for i in poisoned_at}
+    assert [r["id"] for r in rows if r["status"] == "embedded" and r["job_status"] == "done"] == [
+        i for i in ids if i not in bad]
+    for r in rows:
+        if r["id"] in bad:
+            assert (r["status"], r["job_status"], r["attempts"]) == ("failed", "failed", 3)
+            assert r["error"] == f"ValueError: cannot encode poisoned document {r['id']}"
+    attempts = {}
+    for e in worker.events:
+        if e.get("event") in ("job_retry_scheduled", "job_failed"):
+            attempts[e["ref"]] = attempts.get(e["ref"], 0) + 1
+    assert attempts == {i: 3 for i in bad}  # each poisoned row tried exactly max_attempts times, no other row
+
+    # the cause is fixed: one poisoned row's text corrected by the application (a new pending job), and a
+    # worker without the fault; retry-failed requeues the other two and closes the superseded failed job
+    fixed = ids[poisoned_at[0]]
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'Corrected text.' WHERE id = %s", (fixed,))
+    assert retry_failed(db_url, "--kind", "answer") == "no failed jobs of kind answer"
+    worker = spawn_worker(db_url, env=ENV)
+    try:
+        assert retry_failed(db_url, "--kind", "embed") == "requeued embed: 2"
+        await wait_until(conn, QUIET)
+        assert retry_failed(db_url) == "no failed jobs"
+        result = assert_exactly_once(db_url)
+    finally:
+        assert worker.stop() == 0
+    t = result["totals"]
+    assert t["documents"] == 64 and t["documents_failed"] == 0 and t["jobs_failed"] == 0
+    superseded = await (await conn.execute(
+        "SELECT count(*) AS n FROM pgsynapse.jobs WHERE ref_id = %s AND last_error LIKE 'superseded%%'", (fixed,))).fetchone()
+    assert superseded["n"] == 1
+    await conn.close()
+    record(batch=64, poisoned=3, embedded_first_pass=61, attempts_per_poisoned_row=3, requeued_by_retry_failed=2,
+           superseded=1, jobs_checked=t["jobs"], lost=0, duplicated=0)
