@@ -124,7 +124,7 @@ class AnswerHandler(Handler[AnswerWork]):
                 continue
             text = row["text"]
             if len(text) > s.max_question_chars:
-                known.append(Outcome(job, error=f"question has {len(text):,} characters, over "
+                known.append(Outcome(job, error=f"InputError: question has {len(text):,} characters, over "
                                                 f"max_question_chars={s.max_question_chars:,}", retry=False))
                 continue
             history: list[Turn] = []

@@ -24,10 +24,10 @@ VIOLATIONS: dict[str, str] = {
     "broken_chunk_sets": """
         SELECT count(*) FROM (SELECT document_id FROM pgsynapse.chunks GROUP BY document_id
                               HAVING max(ord) + 1 <> count(*) OR min(ord) <> 0) x""",
-    # a non-blank embedded document without chunks
+    # an embedded document with a non-blank body but no chunks (a blank body gives none, by design)
     "embedded_without_chunks": """
         SELECT count(*) FROM pgsynapse.documents d
-        WHERE d.status = 'embedded' AND btrim(coalesce(d.body, '') || coalesce(d.title, '')) <> ''
+        WHERE d.status = 'embedded' AND btrim(coalesce(d.body, ''), E' \\t\\n\\r\\f\\v' || chr(160)) <> ''
           AND NOT EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = d.id)""",
     # every chunk has exactly one embedding per serving version (the primary key forbids two)
     "chunks_missing_embeddings": """
