@@ -10,10 +10,10 @@ import textwrap
 import psycopg
 
 from pgsynapse import __version__
-from pgsynapse.errors import ConfigError, DatabaseError, ModelError, PgsynapseError
+from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
 
 EX_UNAVAILABLE = 69  # the database could not be used
-EX_CONFIG = 78  # bad configuration or model: restarting will not help (systemd RestartPreventExitStatus)
+EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
         return _dispatch(args, settings)
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, DatabaseSetupError) as exc:
         print(f"pgsynapse: error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except DatabaseError as exc:
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from pgsynapse.db import describe_db_error
 
         print(f"pgsynapse: error: database error: {describe_db_error(exc)}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        # a missing privilege stays missing until someone grants it: not worth a restart loop
+        return EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE
     except PgsynapseError as exc:
         print(f"pgsynapse: error: {exc}", file=sys.stderr)
         return 1

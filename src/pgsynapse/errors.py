@@ -13,6 +13,12 @@ class DatabaseError(PgsynapseError):
     """The database is unreachable, lacks pgvector, or refuses what pgsynapse needs."""
 
 
+class DatabaseSetupError(DatabaseError):
+    """The database answers but cannot serve pgsynapse (no pgvector, a missing privilege): restarting cannot
+    fix it, so the CLI exits 78 like a configuration error. (A schema not migrated yet stays a plain
+    :class:`DatabaseError`, exit 69: another process's ``migrate`` may fix it, so a restart may help.)"""
+
+
 class ModelError(PgsynapseError):
     """The embedding model cannot be loaded or does not match its registered version."""
 

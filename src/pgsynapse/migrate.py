@@ -12,7 +12,7 @@ from importlib import resources
 
 import psycopg
 
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseError, DatabaseSetupError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -84,7 +84,8 @@ def migrate(url: str) -> list[str]:
                 except psycopg.Error as exc:
                     from pgsynapse.db import describe_db_error
 
-                    raise DatabaseError(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
+                    err = DatabaseSetupError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseError
+                    raise err(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
                 log.info("migration_applied", version=mig.version, name=mig.name)
                 done.append(mig.name)
         finally:
@@ -98,7 +99,7 @@ def _check_pgvector(conn: psycopg.Connection) -> None:
         " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector') AS available"
     ).fetchone()
     if row and not row["installed"] and not row["available"]:
-        raise DatabaseError(
+        raise DatabaseSetupError(
             "the pgvector extension is not available on this PostgreSQL server: install it "
             "(e.g. the postgresql-NN-pgvector package or the pgvector/pgvector image) and retry"
         )

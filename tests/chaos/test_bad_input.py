@@ -17,7 +17,7 @@ from tests.helpers import aconn, fast_settings, running_worker, spawn_worker, wa
 
 pytestmark = pytest.mark.anyio
 
-EX_CONFIG, EX_UNAVAILABLE = 78, 69
+EX_CONFIG = 78  # never restarted by systemd (RestartPreventExitStatus=78): no crash loop
 
 GERMAN = ("Die Write-Ahead-Log-Technik stellt sicher, dass die Datenbank nach einem Absturz konsistent bleibt. "
           "Checkpoints begrenzen die Menge des wiederholten Protokolls.")
@@ -100,7 +100,7 @@ def _corrupt_model(tmp: Path) -> Path:
 def _model_of_dim(tmp: Path, dim: int) -> Path:
     """The default model with a Dense layer projecting to ``dim``: a valid model of another width."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense
+    from sentence_transformers.sentence_transformer.modules import Dense
 
     from pgsynapse.models import default_model_path
 
@@ -135,13 +135,13 @@ def test_bad_setup_stops_start_up_with_one_clear_line(case, db_url, new_db, tmp_
             d.chmod(0o755)  # readable by the server's own user when tests run as root
         url = _url_with(new_db(), options=f"-c extension_control_path={empty}")
         command = "migrate"
-        code, expect = EX_UNAVAILABLE, "the pgvector extension is not available on this PostgreSQL server"
+        code, expect = EX_CONFIG, "the pgvector extension is not available on this PostgreSQL server"
     else:
         role = f"pgsynapse_nopriv_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(db_url, autocommit=True) as c:
             c.execute(f'CREATE ROLE "{role}" LOGIN')
         url = _url_with(db_url, user=role)
-        code, expect = EX_UNAVAILABLE, "permission denied"
+        code, expect = EX_CONFIG, "permission denied"
     try:
         w = spawn_worker(url, env=env, wait_started=False) if command == "run" else None
         if w is None:
