@@ -26,7 +26,9 @@ async def test_three_workers_each_job_once_and_sigterm_under_load(db_url, full, 
     workers = [spawn_worker(db_url, env=ENV) for _ in range(3)]
     conn = await aconn(db_url)
     try:
-        insert_docs(db_url, _docs(n))
+        docs = _docs(n)
+        for i in range(0, n, 5_000):  # statements of 5,000 rows: one job per row (over 10,000, one bulk job)
+            insert_docs(db_url, docs[i:i + 5_000])
         # under load: a fifth of the queue done, the three workers all busy
         await wait_until(conn, "SELECT count(*) >= %s FROM pgsynapse.documents WHERE status = 'embedded'", (n // 5,))
         victim = workers[0]
