@@ -375,7 +375,8 @@ class Worker:
         delay = 0.25
         while True:
             try:
-                await self._write_txn(kind, handler, outcomes)
+                # a short wait for a connection: the pool's own 30 s would outlast the whole retry budget
+                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
                 return
             except psycopg.OperationalError as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
@@ -384,10 +385,12 @@ class Worker:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _write_txn(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+    async def _write_txn(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None
+    ) -> None:
         assert self.pool is not None
         jobs = {o.job.id: o.job for o in outcomes}
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection(timeout=timeout) as conn, conn.transaction():
             cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id})
             owned = {r["id"] for r in await cur.fetchall()}
             lost = len(jobs) - len(owned)

@@ -1,5 +1,5 @@
 """Postgres restart under a working worker: the server is stopped (fast shutdown, every connection cut) while a
-batch is in flight, and started again. The worker reconnects by itself, writes or re-claims the in-flight batch,
+batch is in flight, and started again. The worker reconnects by itself, writes the interrupted batch again,
 picks up rows inserted right after the restart (before its LISTEN is back), and records the outage in a log
 event and a metric. Nothing is lost or done twice."""
 
@@ -86,6 +86,8 @@ async def test_postgres_restart_under_the_worker_loses_nothing(own_server, recor
         own_server.stop()
         lost = worker.wait_event("listen_connection_lost")
         assert lost["fallback"] == "polling" and lost["outages"] == 1
+        # the server stays down until a batch computed meanwhile has tried to write and will try again
+        retrying = worker.wait_event("batch_write_retrying")
         own_server.start()
         # at once, before the worker's LISTEN is back: no NOTIFY reaches it for these
         after = insert_docs(url, _docs("after", 40))
@@ -109,5 +111,8 @@ async def test_postgres_restart_under_the_worker_loses_nothing(own_server, recor
     assert t["documents"] == len(before) + len(after) and t["documents_failed"] == 0 and t["jobs_failed"] == 0
     assert t["questions_answered"] == 1
     retried = sum(1 for e in worker.events if e.get("event") == "batch_write_retrying")
+    assert retried >= 1 and retrying["n"] >= 1
+    # the interrupted batch was written once the server was back, not abandoned to its lease
+    assert not any(e.get("event") == "batch_write_abandoned" for e in worker.events)
     record(restarts=1, outage_s=back["down_s"], jobs_checked=t["jobs"], documents=t["documents"],
            writes_retried=retried, lost=0, duplicated=0)
