@@ -22,6 +22,7 @@ from pgsynapse.answerers import (
     TransformersAnswerer,
     Turn,
 )
+from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
@@ -143,7 +144,8 @@ class AnswerHandler(Handler[AnswerWork]):
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
             texts = [w.retrieval_query for w in group] + [w.question for w in group if w.retrieval_query != w.question]
-            vecs = await anyio.to_thread.run_sync(embedder.encode, texts)
+            # the query embeddings come from the inference cache when this version embedded the same text before
+            vecs = await embed_queries(conn, embedder, texts)
             rule_vecs = await self._rule_vectors_for(embedder)
             extra = iter(vecs[len(group):])
             for w, v in zip(group, vecs[: len(group)], strict=True):

@@ -87,43 +87,71 @@ def _encode_one(embedder: Embedder, text: str) -> np.ndarray:
     return embedder.encode([normalise(text)], 1)[0]
 
 
-async def embed_query(
-    conn: psycopg.AsyncConnection | None, embedder: Embedder, text: str, *, lru: LRU | None = None
+async def embed_queries(
+    conn: psycopg.AsyncConnection | None, embedder: Embedder, texts: list[str], *, lru: LRU | None = None
 ) -> np.ndarray:
-    """The embedding of a query: from the LRU, else the database cache (hit counted), else the model (stored).
+    """The embeddings of queries, one row per text: from the LRU, else the database cache (hits counted),
+    else the model, in ONE forward pass for all the misses (then stored in both).
 
     ``conn`` is an async connection in autocommit mode or inside the caller's transaction; the vector type must be
     registered on it (``pgvector.psycopg.register_vector_async``). ``None`` skips the database cache.
     """
+    from pgsynapse import metrics
+
     lru = default_lru if lru is None else lru
-    key = _key(embedder, QUERY_EMBEDDING, text)
-    hit = lru.get(key)
-    if hit is not None:
-        lru.stats.memory_hits += 1
-        return hit
-    params = {"version": key[0], "op": QUERY_EMBEDDING, "hash": key[2]}
-    if conn is not None:
-        row = await (await conn.execute(q("cache_hit_embedding", "cache.sql"), params)).fetchone()
-        if row is not None:
-            vector = _as_array(row)
+    version = embedder.spec.version_id
+    keys = [_key(embedder, QUERY_EMBEDDING, t) for t in texts]
+    found: dict[bytes, np.ndarray] = {}
+    for k in keys:
+        hit = lru.get(k)
+        if hit is not None and k[2] not in found:
+            found[k[2]] = hit
+            lru.stats.memory_hits += 1
+    wanted = list(dict.fromkeys(k[2] for k in keys if k[2] not in found))
+    if conn is not None and wanted:
+        rows = await (await conn.execute(q("cache_hit_embeddings", "cache.sql"),
+                                         {"version": version, "op": QUERY_EMBEDDING, "hashes": wanted})).fetchall()
+        for row in rows:
+            h = bytes(row["input_hash"] if isinstance(row, dict) else row[0])
+            found[h] = _as_array({"embedding": row["embedding"] if isinstance(row, dict) else row[1]})
             lru.stats.db_hits += 1
-            lru.put(key, vector)
-            return vector
-    lru.stats.misses += 1
-    vector = await anyio.to_thread.run_sync(_encode_one, embedder, text)
-    if conn is not None:
-        await conn.execute(q("cache_put", "cache.sql"), {**params, "embedding": vector, "output": None})
-    lru.put(key, vector)
-    return vector
+            lru.put((version, QUERY_EMBEDDING, h), found[h])
+    missing = {k[2]: normalise(t) for k, t in zip(keys, texts, strict=True) if k[2] not in found}
+    hits = len(texts) - sum(1 for k in keys if k[2] in missing)
+    if missing:
+        lru.stats.misses += len(missing)
+        vectors = await anyio.to_thread.run_sync(embedder.encode, list(missing.values()))
+        for h, v in zip(missing, vectors, strict=True):
+            found[h] = v
+            lru.put((version, QUERY_EMBEDDING, h), v)
+        if conn is not None:
+            async with conn.cursor() as cur:
+                await cur.executemany(q("cache_put", "cache.sql"), [
+                    {"version": version, "op": QUERY_EMBEDDING, "hash": h, "embedding": v, "output": None}
+                    for h, v in zip(missing, vectors, strict=True)])
+        metrics.cache_miss(version, len(texts) - hits)
+    if hits:
+        metrics.cache_hit(version, hits)
+    return np.stack([found[k[2]] for k in keys]) if keys else np.zeros((0, embedder.spec.dim), dtype=np.float32)
+
+
+async def embed_query(
+    conn: psycopg.AsyncConnection | None, embedder: Embedder, text: str, *, lru: LRU | None = None
+) -> np.ndarray:
+    """The embedding of one query (see :func:`embed_queries`)."""
+    return (await embed_queries(conn, embedder, [text], lru=lru))[0]
 
 
 def embed_query_sync(conn: psycopg.Connection | None, embedder: Embedder, text: str, *, lru: LRU | None = None) -> np.ndarray:
     """:func:`embed_query` for a sync connection (``pgvector.psycopg.register_vector`` on it)."""
+    from pgsynapse import metrics
+
     lru = default_lru if lru is None else lru
     key = _key(embedder, QUERY_EMBEDDING, text)
     hit = lru.get(key)
     if hit is not None:
         lru.stats.memory_hits += 1
+        metrics.cache_hit(key[0])
         return hit
     params = {"version": key[0], "op": QUERY_EMBEDDING, "hash": key[2]}
     if conn is not None:
@@ -131,9 +159,11 @@ def embed_query_sync(conn: psycopg.Connection | None, embedder: Embedder, text: 
         if row is not None:
             vector = _as_array(row)
             lru.stats.db_hits += 1
+            metrics.cache_hit(key[0])
             lru.put(key, vector)
             return vector
     lru.stats.misses += 1
+    metrics.cache_miss(key[0])
     vector = _encode_one(embedder, text)
     if conn is not None:
         conn.execute(q("cache_put", "cache.sql"), {**params, "embedding": vector, "output": None})

@@ -246,3 +246,34 @@ async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
     assert rare not in [p.document_id for p in vector_only]
     assert rare in [p.document_id for p in passages]
     assert all(-1 <= p.score <= 1 for p in passages)
+
+
+async def test_repeated_question_embedding_comes_from_the_cache_of_its_own_version(db_url, models):
+    from pgsynapse.cache import default_lru
+
+    default_lru.clear()
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        before = (default_lru.stats.misses, default_lru.stats.memory_hits)
+        for text in ("How do I reclaim space from dead tuples?", "How do I  reclaim space from dead tuples?"):
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s)", (text,))
+            await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        # one miss (the model ran), then a hit: the same text once normalised
+        assert (default_lru.stats.misses - before[0], default_lru.stats.memory_hits - before[1]) == (1, 1)
+        # a candidate version taking all traffic never gets version 1's vector: its own miss, its own row
+        await conn.execute(
+            "INSERT INTO pgsynapse.model_versions"
+            " (id, name, base_version_id, artifact_path, dim, status, traffic_percent, backfilled_at)"
+            " SELECT 2, 'copy', 1, artifact_path, dim, 'candidate', 100, now() FROM pgsynapse.model_versions WHERE id = 1")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('How do I reclaim space from dead tuples?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        assert default_lru.stats.misses - before[0] == 2
+    rows = await (await conn.execute(
+        "SELECT model_version_id AS v, count(*) AS n FROM pgsynapse.inference_cache WHERE op = 'query_embedding'"
+        " GROUP BY 1 ORDER BY 1")).fetchall()
+    assert [(r["v"], r["n"]) for r in rows] == [(1, 1), (2, 1)]
+    served = await (await conn.execute(
+        "SELECT model_version_id FROM pgsynapse.questions ORDER BY id")).fetchall()
+    assert [r["model_version_id"] for r in served] == [1, 1, 2]
+    await conn.close()

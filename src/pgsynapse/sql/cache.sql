@@ -7,6 +7,13 @@ SET hit_count = hit_count + 1, last_hit_at = now()
 WHERE model_version_id = %(version)s AND op = %(op)s AND input_hash = %(hash)s
 RETURNING embedding, output, hit_count;
 
+-- name: cache_hit_embeddings
+-- Many texts at once: the hits count themselves; the missing hashes are simply not returned.
+UPDATE pgsynapse.inference_cache
+SET hit_count = hit_count + 1, last_hit_at = now()
+WHERE model_version_id = %(version)s AND op = %(op)s AND input_hash = ANY(%(hashes)s)
+RETURNING input_hash, embedding;
+
 -- name: cache_put
 INSERT INTO pgsynapse.inference_cache (model_version_id, op, input_hash, embedding, output)
 VALUES (%(version)s, %(op)s, %(hash)s, %(embedding)s, %(output)s)
