@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
@@ -27,7 +28,7 @@ from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.wakeup import Wakeups
 from pgsynapse.logs import get_logger
-from pgsynapse.models import ModelCache
+from pgsynapse.models import ModelCache, rss_bytes
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -104,6 +105,7 @@ class Worker:
         self._computing = {k: 0 for k in self.kinds}
         self._compute_done = {k: anyio.Event() for k in self.kinds}
         self._last_cache_cleanup = 0.0
+        self._registered = False
         from pgsynapse.cache import default_lru
 
         default_lru.size = settings.cache_lru_size
@@ -160,6 +162,12 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                if self._registered:
+                    try:
+                        async with self.pool.connection(timeout=5) as conn:
+                            await conn.execute(q("worker_deregister"), {"worker": self.worker_id})
+                    except (psycopg.Error, OSError) as exc:  # the row is pruned a day later; nothing else depends on it
+                        log.warning("worker_deregister_failed", error=" ".join(str(exc).split())[:200])
                 await self.pool.close()
         log.info("worker_stopped", worker=self.worker_id, processed=self.stats.processed, failed=self.stats.failed)
 
@@ -178,12 +186,25 @@ class Worker:
                 assert self.pool is not None
                 async with self.pool.connection() as conn:
                     await conn.execute(q("renew_leases"), {"lease": self.settings.lease_seconds, "worker": self.worker_id})
+                    await self.heartbeat(conn)
                 if time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval:
                     self._last_cache_cleanup = time.monotonic()
                     await self.cleanup_cache()
             except (psycopg.Error, OSError) as exc:
                 log.warning("maintenance_failed", error=" ".join(str(exc).split())[:200])
             await anyio.sleep(interval)
+
+    async def heartbeat(self, conn: psycopg.AsyncConnection) -> None:
+        """Register this worker for ``status``: kinds, loaded model versions with their memory, RSS, counts."""
+        host, pid = socket.gethostname(), os.getpid()
+        if not self._registered:
+            await conn.execute(q("workers_prune"))
+        await conn.execute(q("worker_heartbeat"), {
+            "worker": self.worker_id, "host": host, "pid": pid, "kinds": list(self.kinds),
+            "models": Jsonb([m.describe() for m in self.models.loaded()]),
+            "rss_mb": round(rss_bytes() / 2**20, 1), "processed": Jsonb(dict(self.stats.processed)),
+        })
+        self._registered = True
 
     async def cleanup_cache(self) -> None:
         """Enforce the inference cache's TTL and size bound."""

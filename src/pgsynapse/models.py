@@ -129,6 +129,7 @@ class Embedder:
             "runtime": self.spec.runtime,
             "path": str(self.spec.path),
             "load_seconds": round(self.load_seconds, 3),
+            "rss_added_mb": round(getattr(self, "rss_added_bytes", 0) / 2**20, 1),
         }
 
 
@@ -357,9 +358,12 @@ class ModelCache:
         with self._lock:
             model = self._models.get(key)
             if model is None:
+                before = rss_bytes()
                 model = load_embedder(
                     self.spec_from_row(row), device=self.device, threads=self.threads, onnx_threads=self.onnx_threads
                 )
+                # what loading it added to this process (the first torch model also brings torch itself)
+                model.rss_added_bytes = max(0, rss_bytes() - before)
                 self._models[key] = model
             return model
 

@@ -34,7 +34,8 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
         if p is not None:
             v["embedded_chunks"] = p["embedded"]
             v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
-    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions}
+    workers = [dict(r) for r in conn.execute(q("workers_seen"))]
+    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -50,6 +51,15 @@ def render(snap: dict[str, Any]) -> str:
         if v["status"] in ("active", "candidate"):
             lines.append(f"model v{v['id']:<8}: {v['status']}, {v['traffic_percent']:g}% traffic, "
                          f"backfill {v.get('backfill', '-')}")
+    lines.append(f"workers        : {len(snap['workers']) or 'none registered'}")
+    for w in snap["workers"]:
+        seen = w["last_seen_seconds"]
+        state = "" if seen < 120 else f" (STALE: not seen for {seen:g}s; killed?)"
+        lines.append(f"  {w['host']}:{w['pid']}  {','.join(w['kinds'])}  rss {w['rss_mb']:.0f} MB, "
+                     f"seen {seen:g}s ago{state}")
+        for m in w["models"]:
+            lines.append(f"    model v{m['version']} {m['name']} ({m['runtime']}): loaded in {m['load_seconds']:g}s, "
+                         f"+{m.get('rss_added_mb', 0):.0f} MB")
     lines.append("jobs           : kind      pending  running  failed  done     oldest pending")
     if not snap["jobs"]:
         lines.append("                 (none)")

@@ -167,3 +167,26 @@ async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
     embedded = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'embedded'")).fetchone()
     assert embedded["n"] == 21
     await conn.close()
+
+
+async def test_status_shows_each_running_worker_with_its_models_and_memory(db_url, models):
+    import os
+
+    from psycopg.rows import dict_row
+
+    from pgsynapse.status import render, snapshot
+
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models) as worker:
+        await wait_until(conn, "SELECT count(*) = 1 FROM pgsynapse.workers")
+        with psycopg.connect(db_url, row_factory=dict_row) as c:
+            snap = snapshot(c)
+        [w] = snap["workers"]
+        assert (w["worker_id"], w["pid"]) == (worker.worker_id, os.getpid())
+        assert [(m["version"], m["runtime"]) for m in w["models"]] == [(1, "torch")]
+        assert w["rss_mb"] > 100 and w["models"][0]["load_seconds"] > 0
+        text = render(snap)
+        assert "model v1 all-MiniLM-L6-v2 (torch): loaded in" in text and "STALE" not in text
+    # a clean stop removes the registration
+    await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.workers")
+    await conn.close()

@@ -193,3 +193,22 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: notify_jobs
 SELECT pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', %(n)s::int)::text);
+
+-- name: worker_heartbeat
+-- A worker's registration, refreshed from its maintenance loop (status shows it; a clean stop deletes it).
+INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds, models, rss_mb, processed)
+VALUES (%(worker)s, %(host)s, %(pid)s, %(kinds)s, %(models)s, %(rss_mb)s, %(processed)s)
+ON CONFLICT (worker_id) DO UPDATE
+SET models = excluded.models, rss_mb = excluded.rss_mb, processed = excluded.processed, heartbeat_at = now();
+
+-- name: worker_deregister
+DELETE FROM pgsynapse.workers WHERE worker_id = %(worker)s;
+
+-- name: workers_prune
+-- Registrations of workers killed without a clean stop, unseen for a day.
+DELETE FROM pgsynapse.workers WHERE heartbeat_at < now() - interval '1 day';
+
+-- name: workers_seen
+SELECT worker_id, host, pid, kinds, models, rss_mb, processed, started_at,
+       round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)::float AS last_seen_seconds
+FROM pgsynapse.workers ORDER BY started_at;
