@@ -48,6 +48,37 @@ async def test_onnx_runtimes_match_torch_and_share_its_interface(onnx_artifact, 
         assert cos.min() > min_cos, (runtime, cos)
 
 
+def test_outlier_split_rewrites_exactly_and_quantises_closer_than_dynamic(onnx_artifact, tmp_path):
+    """The rewrite ``(x * mask) @ W + x[..., C] @ W[C]`` is exact in fp32; quantised, it stays closer to fp32
+    than plain dynamic INT8 on real text (the outlier channels no longer set the activation scale)."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from pgsynapse.export import _calibration_feeds, quantize_int8, sample_texts, split_outliers
+
+    feeds = _calibration_feeds(onnx_artifact, None)
+    fp32 = ort.InferenceSession(str(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    small = split_outliers(onnx_artifact / "model.onnx", tmp_path / "split.onnx", feeds)
+    assert len(small) == 18  # every MatMul of the 6 layers: attention output, FFN in, FFN out
+    split = ort.InferenceSession(str(tmp_path / "split.onnx"), providers=["CPUExecutionProvider"])
+    feed = {k: v[:4] for k, v in feeds[0].items()}
+    np.testing.assert_allclose(split.run(None, feed)[0], fp32.run(None, feed)[0], atol=2e-4)
+
+    ref = load_embedder(ModelSpec(1, "m", onnx_artifact, "onnx", 384), onnx_threads=1)
+    chunks, _ = sample_texts(ref.tokenizer, n_chunks=48)
+    base = ref.encode(chunks)
+    cosine = {}
+    for scheme in ("dynamic", "outlier-split"):
+        out = tmp_path / scheme
+        shutil.copytree(onnx_artifact, out)
+        quantize_int8(out, scheme)
+        vecs = load_embedder(ModelSpec(1, "m", out, "onnx-int8", 384), onnx_threads=1).encode(chunks)
+        cosine[scheme] = float((vecs * base).sum(axis=1).mean())
+    # measured: dynamic ~0.9946, outlier-split ~0.9992 (1 - cosine 7x smaller)
+    assert 1 - cosine["outlier-split"] < (1 - cosine["dynamic"]) / 2, cosine
+
+
 async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models):
     conn = await aconn(db_url)
     await conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s WHERE id = 1",
