@@ -190,6 +190,7 @@ class Worker:
                 if time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval:
                     self._last_cache_cleanup = time.monotonic()
                     await self.cleanup_cache()
+                    await self.prune_done_jobs()
             except (psycopg.Error, OSError) as exc:
                 log.warning("maintenance_failed", error=" ".join(str(exc).split())[:200])
             await anyio.sleep(interval)
@@ -215,6 +216,23 @@ class Worker:
             removed = await cleanup(conn, ttl_seconds=self.settings.cache_ttl_seconds, max_rows=self.settings.cache_max_rows)
         if removed:
             log.info("inference_cache_cleaned", removed=removed)
+
+    async def prune_done_jobs(self, batch: int = 10_000) -> int:
+        """Delete done jobs past ``done_job_retention_seconds``, ``batch`` rows per statement. Returns rows removed."""
+        retention = self.settings.done_job_retention_seconds
+        if retention <= 0:
+            return 0
+        assert self.pool is not None
+        removed = 0
+        async with self.pool.connection() as conn:
+            for _ in range(100):  # at most a million rows per run; the next run takes the rest
+                cur = await conn.execute(q("prune_done_jobs"), {"retention": retention, "limit": batch})
+                removed += cur.rowcount or 0
+                if (cur.rowcount or 0) < batch:
+                    break
+        if removed:
+            log.info("done_jobs_pruned", removed=removed, retention_seconds=retention)
+        return removed
 
     async def reap_expired(self) -> None:
         assert self.pool is not None

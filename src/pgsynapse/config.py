@@ -55,7 +55,12 @@ class Settings(BaseModel):
     cache_lru_size: int = Field(1024, ge=0, description="in-process LRU entries of the inference cache (0 = off)")
     cache_ttl_seconds: float = Field(7 * 86400, gt=0, description="inference_cache rows unused this long are deleted")
     cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first")
-    cache_cleanup_interval: float = Field(300.0, gt=0, description="seconds between inference_cache cleanups")
+    cache_cleanup_interval: float = Field(
+        300.0, gt=0, description="seconds between housekeeping runs (inference_cache bounds, done-job retention)"
+    )
+    done_job_retention_seconds: float = Field(
+        7 * 86400, ge=0, description="done jobs finished longer ago than this are deleted (0 = keep them all)"
+    )
     max_attempts: int = Field(5, ge=1, le=100, description="attempts before a job is marked failed")
     lease_seconds: float = Field(60.0, gt=0, description="a claimed job returns to the queue if not renewed")
     retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")

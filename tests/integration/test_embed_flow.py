@@ -253,3 +253,23 @@ async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, mod
     finally:
         await worker.pool.close()
         await conn.close()
+
+
+async def test_done_jobs_past_retention_are_pruned_and_failed_jobs_kept(db_url, models):
+    conn = await aconn(db_url)
+    insert_docs(db_url, [(f"Doc {i}", f"Document {i} about retention.") for i in range(5)])
+    async with running_worker(fast_settings(db_url, done_job_retention_seconds=86400), models) as worker:
+        await wait_until(conn, ALL_DONE)
+        jobs = [r["id"] for r in await (await conn.execute(
+            "SELECT id FROM pgsynapse.jobs WHERE status = 'done' ORDER BY id")).fetchall()]
+        assert len(jobs) == 5
+        await conn.execute("UPDATE pgsynapse.jobs SET finished_at = now() - interval '2 days' WHERE id = ANY(%s)",
+                           (jobs[:3],))
+        await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status, finished_at, last_error)"
+                           " VALUES ('embed', 999999, 'failed', now() - interval '30 days', 'InputError: x')")
+        assert await worker.prune_done_jobs(batch=2) == 3  # two statements: 2 + 1
+        assert await worker.prune_done_jobs(batch=2) == 0
+    left = await (await conn.execute("SELECT id, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert [r["id"] for r in left if r["status"] == "done"] == jobs[3:]
+    assert [r["status"] for r in left if r["id"] not in jobs] == ["failed"]
+    await conn.close()

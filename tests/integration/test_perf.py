@@ -157,6 +157,12 @@ def test_claim_query_uses_the_claim_index(db_url):
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
         assert "jobs_claim" in plan, plan
         assert "Seq Scan on jobs" not in plan, plan
+        # so does the retention delete of done jobs (finished over days, most of them recent)
+        conn.execute("UPDATE pgsynapse.jobs SET finished_at = now() - make_interval(secs => id) WHERE status = 'done'")
+        conn.execute("ANALYZE pgsynapse.jobs")
+        with conn.transaction():
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + q("prune_done_jobs"), {"retention": 19_000, "limit": 10_000}))
+        assert "jobs_done_finished" in plan, plan
 
 
 def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):

@@ -212,3 +212,13 @@ DELETE FROM pgsynapse.workers WHERE heartbeat_at < now() - interval '1 day';
 SELECT worker_id, host, pid, kinds, models, rss_mb, processed, started_at,
        round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)::float AS last_seen_seconds
 FROM pgsynapse.workers ORDER BY started_at;
+
+-- name: prune_done_jobs
+-- the oldest done jobs past retention, a bounded batch per call (short locks; the next call takes the rest)
+WITH old AS (
+    SELECT id FROM pgsynapse.jobs
+    WHERE status = 'done' AND finished_at < now() - make_interval(secs => %(retention)s)
+    ORDER BY finished_at
+    LIMIT %(limit)s
+)
+DELETE FROM pgsynapse.jobs j USING old WHERE j.id = old.id
