@@ -196,8 +196,13 @@ class Worker:
             await anyio.sleep(interval)
 
     async def heartbeat(self, conn: psycopg.AsyncConnection) -> None:
-        """Register this worker for ``status``: kinds, loaded model versions with their memory, RSS, counts."""
+        """Register this worker for ``status``: kinds, loaded model versions with their memory, RSS, counts.
+        First unload the model versions no longer served (retired, rejected, or moved to another runtime)."""
         host, pid = socket.gethostname(), os.getpid()
+        serving = await (await conn.execute(q("serving_versions"))).fetchall()
+        for model in self.models.evict_except(serving):
+            log.info("model_unloaded", version=model.spec.version_id, runtime=model.spec.runtime,
+                     rss_added_mb=model.describe()["rss_added_mb"])
         if not self._registered:
             await conn.execute(q("workers_prune"))
         await conn.execute(q("worker_heartbeat"), {

@@ -369,3 +369,12 @@ class ModelCache:
 
     def loaded(self) -> list[Embedder]:
         return list(self._models.values())
+
+    def evict_except(self, rows: list[dict[str, Any]]) -> list[Embedder]:
+        """Drop the loaded models that match none of ``rows`` (the versions still served: a retired or rejected
+        version, or one switched to another runtime or artifact, frees its memory). Returns those dropped; a
+        batch already holding one finishes with it."""
+        keep = {(r["id"], r.get("runtime") or "torch", r.get("artifact_path")) for r in rows}
+        with self._lock:
+            gone = [k for k in self._models if k not in keep]
+            return [self._models.pop(k) for k in gone]

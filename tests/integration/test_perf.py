@@ -206,6 +206,23 @@ async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
     await conn.close()
 
 
+async def test_a_retired_version_is_unloaded_by_the_workers(db_url, models):
+    conn = await aconn(db_url)
+    await conn.execute("INSERT INTO pgsynapse.model_versions (id, name, runtime, dim, status)"
+                       " VALUES (2, 'v2', 'torch', 384, 'candidate')")
+    await conn.execute("SELECT pgsynapse.ensure_embedding_index(2)")
+    v2_loaded = ("SELECT EXISTS (SELECT 1 FROM pgsynapse.workers, jsonb_array_elements(models) m"
+                 " WHERE (m->>'version')::int = 2)")
+    async with running_worker(fast_settings(db_url), models):
+        insert_docs(db_url, [("Doc", "A document embedded by both serving versions.")])
+        await wait_until(conn, ALL_DONE)
+        await wait_until(conn, v2_loaded)
+        await conn.execute("UPDATE pgsynapse.model_versions SET status = 'retired' WHERE id = 2")
+        await wait_until(conn, f"SELECT NOT ({v2_loaded})")
+        assert [m.spec.version_id for m in models.loaded()] == [1]
+    await conn.close()
+
+
 async def test_status_shows_each_running_worker_with_its_models_and_memory(db_url, models):
     import os
 
