@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import psycopg
@@ -223,7 +224,8 @@ class Worker:
             log.info("inference_cache_cleaned", removed=removed)
 
     async def prune_done_jobs(self, batch: int = 10_000) -> int:
-        """Delete done jobs past ``done_job_retention_seconds``, ``batch`` rows per statement. Returns rows removed."""
+        """Delete done jobs (and ``inference_log`` rows) past ``done_job_retention_seconds``, ``batch`` rows per
+        statement. Returns the jobs removed."""
         retention = self.settings.done_job_retention_seconds
         if retention <= 0:
             return 0
@@ -233,6 +235,10 @@ class Worker:
             for _ in range(100):  # at most a million rows per run; the next run takes the rest
                 cur = await conn.execute(q("prune_done_jobs"), {"retention": retention, "limit": batch})
                 removed += cur.rowcount or 0
+                if (cur.rowcount or 0) < batch:
+                    break
+            for _ in range(100):
+                cur = await conn.execute(q("prune_inference_log"), {"retention": retention, "limit": batch})
                 if (cur.rowcount or 0) < batch:
                     break
         if removed:
@@ -364,8 +370,12 @@ class Worker:
             log.exception("batch_failed", kind=kind, n=len(jobs))
             outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
         compute_ms = (time.perf_counter() - started) * 1000
-        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, getattr(handler, "versions", ()))
-        await self._write(kind, handler, outcomes)
+        versions = getattr(handler, "versions", ())
+        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, versions)
+        inference = None
+        if work and versions:  # recorded in pgsynapse.inference_log by the batch's write transaction
+            inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
+        await self._write(kind, handler, outcomes, inference)
         self.stats.batches += 1
         log.info(
             "batch_processed",
@@ -386,9 +396,11 @@ class Worker:
             done, self._compute_done[kind] = self._compute_done[kind], anyio.Event()
             done.set()
 
-    async def _write(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+    async def _write(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
+    ) -> None:
         try:
-            await self._write_retrying(kind, handler, outcomes)
+            await self._write_retrying(kind, handler, outcomes, inference)
         except psycopg.Error as exc:
             if transient(exc):
                 # the server stayed away for about a lease: not these rows' fault; their lease expires and they
@@ -409,7 +421,9 @@ class Worker:
             for o in outcomes:
                 await self._write(kind, handler, [o])
 
-    async def _write_retrying(self, kind: str, handler: Handler, outcomes: list[Outcome]) -> None:
+    async def _write_retrying(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
+    ) -> None:
         """Write; when the connection breaks (server restart, failover) or the txn is rolled back (deadlock),
         write the same results again once a connection is back, rather than blaming the jobs for it.
 
@@ -420,7 +434,8 @@ class Worker:
         while True:
             try:
                 # a short wait for a connection: the pool's own 30 s would outlast the whole retry budget
-                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                                      inference=inference)
                 return
             except psycopg.OperationalError as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
@@ -430,7 +445,8 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     async def _write_txn(
-        self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None
+        self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None,
+        inference: dict[str, Any] | None = None,
     ) -> None:
         assert self.pool is not None
         jobs = {o.job.id: o.job for o in outcomes}
@@ -453,6 +469,8 @@ class Worker:
             for o in mine:
                 if not o.ok:
                     await self._fail_or_retry(conn, handler, o)
+            if inference is not None:
+                await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
         metrics.observe_results(kind, (jobs[i].created_at for i in report.written))

@@ -255,7 +255,7 @@ async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, mod
         await conn.close()
 
 
-async def test_done_jobs_past_retention_are_pruned_and_failed_jobs_kept(db_url, models):
+async def test_done_jobs_and_inference_log_past_retention_are_pruned_and_failed_jobs_kept(db_url, models):
     conn = await aconn(db_url)
     insert_docs(db_url, [(f"Doc {i}", f"Document {i} about retention.") for i in range(5)])
     async with running_worker(fast_settings(db_url, done_job_retention_seconds=86400), models) as worker:
@@ -267,8 +267,16 @@ async def test_done_jobs_past_retention_are_pruned_and_failed_jobs_kept(db_url, 
                            (jobs[:3],))
         await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status, finished_at, last_error)"
                            " VALUES ('embed', 999999, 'failed', now() - interval '30 days', 'InputError: x')")
+        # every embed batch left a row in inference_log (its version, size and model time)
+        log_rows = await (await conn.execute(
+            "SELECT model_version_id, op, batch_size, latency_ms FROM pgsynapse.inference_log")).fetchall()
+        assert {(r["model_version_id"], r["op"]) for r in log_rows} == {(1, "embed")}
+        assert sum(r["batch_size"] for r in log_rows) == 5 and min(r["latency_ms"] for r in log_rows) > 0
+        await conn.execute("UPDATE pgsynapse.inference_log SET at = now() - interval '2 days'")
         assert await worker.prune_done_jobs(batch=2) == 3  # two statements: 2 + 1
         assert await worker.prune_done_jobs(batch=2) == 0
+        row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.inference_log")).fetchone()
+        assert row["n"] == 0
     left = await (await conn.execute("SELECT id, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
     assert [r["id"] for r in left if r["status"] == "done"] == jobs[3:]
     assert [r["status"] for r in left if r["id"] not in jobs] == ["failed"]

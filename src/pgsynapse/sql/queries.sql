@@ -222,3 +222,17 @@ WITH old AS (
     LIMIT %(limit)s
 )
 DELETE FROM pgsynapse.jobs j USING old WHERE j.id = old.id
+
+-- name: log_inference
+-- one row per model version that computed a batch (written in the batch's own write transaction)
+INSERT INTO pgsynapse.inference_log (model_version_id, op, batch_size, latency_ms)
+SELECT v, %(op)s, %(n)s, %(ms)s FROM unnest(%(versions)s::int[]) AS v
+
+-- name: prune_inference_log
+WITH old AS (
+    SELECT id FROM pgsynapse.inference_log
+    WHERE at < now() - make_interval(secs => %(retention)s)
+    ORDER BY at
+    LIMIT %(limit)s
+)
+DELETE FROM pgsynapse.inference_log l USING old WHERE l.id = old.id
