@@ -230,17 +230,20 @@ class Worker:
         if retention <= 0:
             return 0
         assert self.pool is not None
-        removed = 0
+        params = {"retention": retention, "limit": batch}
         async with self.pool.connection() as conn:
-            for _ in range(100):  # at most a million rows per run; the next run takes the rest
-                cur = await conn.execute(q("prune_done_jobs"), {"retention": retention, "limit": batch})
-                removed += cur.rowcount or 0
-                if (cur.rowcount or 0) < batch:
-                    break
-            for _ in range(100):
-                cur = await conn.execute(q("prune_inference_log"), {"retention": retention, "limit": batch})
-                if (cur.rowcount or 0) < batch:
-                    break
+
+            async def delete_in_batches(query: str) -> int:
+                removed = 0
+                for _ in range(100):  # at most 100 statements per run; the next run takes the rest
+                    n = (await conn.execute(q(query), params)).rowcount or 0
+                    removed += n
+                    if n < batch:
+                        break
+                return removed
+
+            removed = await delete_in_batches("prune_done_jobs")
+            await delete_in_batches("prune_inference_log")
         if removed:
             log.info("done_jobs_pruned", removed=removed, retention_seconds=retention)
         return removed
