@@ -184,19 +184,14 @@ def _activation_amax(graph: Path, tensors: list[str], feeds: list[dict[str, np.n
 
 
 def _calibration_feeds(out_dir: Path, texts: list[str] | None) -> list[dict[str, np.ndarray]]:
-    from pgsynapse.models import load_tokenizer
+    from pgsynapse.models import load_tokenizer, onnx_feeds
 
     tok = load_tokenizer(out_dir)
     if not texts:
         chunks, queries = sample_texts(tok, n_chunks=96)
         texts = chunks + queries[:32]
-    feeds = []
-    for start in range(0, len(texts), 32):
-        enc = tok(texts[start : start + 32], padding=True, truncation=True, max_length=256, return_tensors="np")
-        feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
-        feed.setdefault("token_type_ids", np.zeros_like(feed["input_ids"]))
-        feeds.append(feed)
-    return feeds
+    inputs = {"input_ids", "attention_mask", "token_type_ids"}  # export_fp32's graph inputs
+    return [onnx_feeds(tok, texts[start : start + 32], 256, inputs) for start in range(0, len(texts), 32)]
 
 
 def split_outliers(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS) -> list[str]:

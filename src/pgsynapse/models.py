@@ -256,6 +256,15 @@ def mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
+def onnx_feeds(tokenizer: Any, texts: list[str], max_length: int, inputs: set[str]) -> dict[str, np.ndarray]:
+    """The int64 inputs of an exported BERT-like graph for ``texts`` (padded to the longest, truncated)."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
+    if "token_type_ids" in inputs and "token_type_ids" not in feeds:
+        feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    return feeds
+
+
 class OnnxEmbedder(Embedder):
     """The exported transformer on ONNX Runtime (fp32 or INT8); pooling and normalisation in numpy.
 
@@ -293,12 +302,7 @@ class OnnxEmbedder(Embedder):
         self._loaded(dim)
 
     def _run(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np"
-        )
-        feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in self._inputs}
-        if "token_type_ids" in self._inputs and "token_type_ids" not in feeds:
-            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        feeds = onnx_feeds(self.tokenizer, texts, self.max_seq_length, self._inputs)
         hidden = self.session.run(None, feeds)[0]
         return mean_pool_normalise(hidden, feeds["attention_mask"])
 
