@@ -357,8 +357,12 @@ class ModelCache:
             dim=row["dim"],
         )
 
+    @staticmethod
+    def _key(row: dict[str, Any]) -> tuple[int, str, str | None]:
+        return (row["id"], row.get("runtime") or "torch", row.get("artifact_path"))
+
     def get(self, row: dict[str, Any]) -> Embedder:
-        key = (row["id"], row.get("runtime") or "torch", row.get("artifact_path"))
+        key = self._key(row)
         with self._lock:
             model = self._models.get(key)
             if model is None:
@@ -378,7 +382,7 @@ class ModelCache:
         """Drop the loaded models that match none of ``rows`` (the versions still served: a retired or rejected
         version, or one switched to another runtime or artifact, frees its memory). Returns those dropped; a
         batch already holding one finishes with it."""
-        keep = {(r["id"], r.get("runtime") or "torch", r.get("artifact_path")) for r in rows}
+        keep = {self._key(r) for r in rows}
         with self._lock:
             gone = [k for k in self._models if k not in keep]
             return [self._models.pop(k) for k in gone]
