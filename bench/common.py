@@ -153,9 +153,9 @@ def artifact(runtime: str, scheme: str | None = None) -> Path | None:
     return out
 
 
-def set_runtime(url: str, runtime: str) -> dict[str, Any]:
-    """Point model version 1 at ``runtime``; returns its row."""
-    path = artifact(runtime)
+def set_runtime(url: str, runtime: str, scheme: str | None = None) -> dict[str, Any]:
+    """Point model version 1 at ``runtime`` (``scheme``: its INT8 scheme); returns its row."""
+    path = artifact(runtime, scheme)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s WHERE id = 1",
                      (runtime, str(path) if path else None))

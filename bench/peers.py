@@ -27,7 +27,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from bench.common import corpus, database, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
 from bench.retrieval import score, vectors_recall
 
@@ -169,6 +169,7 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=0, help="pages (default 120, --quick 25): the dev pages first")
     p.add_argument("--pgai-venv", default=os.environ.get("PGAI_VENV", "/tmp/pgai-venv"))
     p.add_argument("--latency-n", type=int, default=0, help="idle inserts per system (default 30, --quick 10)")
+    p.add_argument("--runtime", default="", help="pgsynapse's runtime[:int8 scheme] (default: its configured default)")
     args = p.parse_args()
     n_pages = args.pages or (25 if args.quick else 120)
     n_lat = args.latency_n or (10 if args.quick else 30)
@@ -177,10 +178,14 @@ def main() -> None:
     emit("peers", "machine", **machine())
     pages, dev = page_pool(n_pages)
     latency_docs = one_chunk_texts(corpus()[-200:], n_lat + 5)
-    embedder = ModelCache(threads=args.threads).get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "dim": 384})
+    models = ModelCache(threads=args.threads, onnx_threads=args.threads)
+    embedder = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "dim": 384})
     results = {}
     with database(args.database_url) as url:
-        results["pgsynapse"] = run_pgsynapse(url, pages, dev, embedder, latency_docs, args.threads)
+        own = embedder
+        if args.runtime:
+            own = models.get(set_runtime(url, *args.runtime.split(":")))
+        results["pgsynapse"] = run_pgsynapse(url, pages, dev, own, latency_docs, args.threads)
         results["pgai"] = run_pgai(url, pages, dev, embedder, latency_docs[5:], Path(args.pgai_venv), args.threads)
     rows = []
     for name, r in results.items():
