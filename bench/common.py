@@ -130,7 +130,8 @@ def questions(name: str) -> list[dict[str, Any]]:
 def artifact(runtime: str, scheme: str | None = None) -> Path | None:
     """The ONNX artifact of the default model for ``runtime`` (exported once, kept under ARTIFACTS).
 
-    ``scheme``: the INT8 scheme (:data:`pgsynapse.export.SCHEMES`); default PGSYNAPSE_BENCH_INT8_SCHEME or "dynamic".
+    ``scheme``: the INT8 scheme (:data:`pgsynapse.export.SCHEMES`); default PGSYNAPSE_BENCH_INT8_SCHEME or "outlier-split"
+    (the scheme a default install's start-up export picks for all-MiniLM-L6-v2).
     """
     if runtime == "torch":
         return None
@@ -142,7 +143,7 @@ def artifact(runtime: str, scheme: str | None = None) -> Path | None:
         export_fp32(default_model_path(), base)
     if runtime == "onnx":
         return base
-    scheme = scheme or os.environ.get("PGSYNAPSE_BENCH_INT8_SCHEME", "dynamic")
+    scheme = scheme or os.environ.get("PGSYNAPSE_BENCH_INT8_SCHEME", "outlier-split")
     out = ARTIFACTS / f"int8-{scheme}"
     if not (out / ONNX_FILES["onnx-int8"]).exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,8 @@ def median(values: list[float]) -> float:
 
 def spawn_worker(url: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """A ``pgsynapse run`` subprocess; returns once it logged ``worker_started``."""
-    full = {**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning", **(env or {})}
+    # the benchmark sets the version's runtime itself (set_runtime): no export at the worker's start
+    full = {**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning", "PGSYNAPSE_RUNTIME": "torch", **(env or {})}
     full.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "--log-level", "info",

@@ -1,13 +1,15 @@
 """Peers: the same PostgreSQL-docs pages through pgai's vectorizer worker and through pgsynapse, in one run,
-with the same base model (all-MiniLM-L6-v2 on torch; pgai reaches it through its OpenAI provider pointed at
-``bench.embed_server`` on 127.0.0.1).
+with the same base model, all-MiniLM-L6-v2: pgai reaches it through its OpenAI provider pointed at
+``bench.embed_server`` on 127.0.0.1 (sentence-transformers on torch); pgsynapse runs it on the runtime a default
+install switches to at its first start (onnx-int8 ``outlier-split``, agreement-checked; ``--runtime torch`` for
+the same runtime on both sides).
 
 For each system: pages/s from the INSERT of the pages to the last embedding committed (the worker already
 running and idle), chunks, the efficiency ratio (end-to-end chunks/s / raw ``encode`` chunks/s of the same
 model on that system's own chunk texts, measured in this run), idle single-INSERT -> embedding latency, and
 page-level recall@5 / MRR@10 on ``pg_docs_dev.jsonl`` over that system's own chunks (exact cosine kNN of the
 question embedded by the same model). pgai runs with its defaults (recursive character splitter 800/400,
-``$chunk`` formatting) and its shortest documented poll interval (1 s); pgsynapse with its defaults.
+``$chunk`` formatting) and its shortest documented poll interval (1 s); pgsynapse with its defaults otherwise.
 
 pgai lives in its own virtualenv, never in pgsynapse's dependencies:
 
@@ -169,7 +171,8 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=0, help="pages (default 120, --quick 25): the dev pages first")
     p.add_argument("--pgai-venv", default=os.environ.get("PGAI_VENV", "/tmp/pgai-venv"))
     p.add_argument("--latency-n", type=int, default=0, help="idle inserts per system (default 30, --quick 10)")
-    p.add_argument("--runtime", default="", help="pgsynapse's runtime[:int8 scheme] (default: its configured default)")
+    p.add_argument("--runtime", default="onnx-int8:outlier-split",
+                   help="pgsynapse's runtime[:int8 scheme] (default: what a default install switches to at its first start)")
     args = p.parse_args()
     n_pages = args.pages or (25 if args.quick else 120)
     n_lat = args.latency_n or (10 if args.quick else 30)
@@ -182,9 +185,7 @@ def main() -> None:
     embedder = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "dim": 384})
     results = {}
     with database(args.database_url) as url:
-        own = embedder
-        if args.runtime:
-            own = models.get(set_runtime(url, *args.runtime.split(":")))
+        own = models.get(set_runtime(url, *args.runtime.split(":")))
         results["pgsynapse"] = run_pgsynapse(url, pages, dev, own, latency_docs, args.threads)
         results["pgai"] = run_pgai(url, pages, dev, embedder, latency_docs[5:], Path(args.pgai_venv), args.threads)
     rows = []

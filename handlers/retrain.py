@@ -21,7 +21,8 @@ from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning.train import TrainSpec
 from pgsynapse.logs import get_logger
-from pgsynapse.models import ModelCache, resolve_model_path
+from pgsynapse.export import source_model_path
+from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -78,7 +79,7 @@ class RetrainHandler(Handler[RetrainWork]):
 
     def _train(self, w: RetrainWork) -> dict[str, Any]:
         s = self.settings
-        base_path = resolve_model_path(w.active["artifact_path"], s.model_path)
+        base_path = source_model_path(w.active, s.model_path)  # torch weights, also of an exported version
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
         spec = TrainSpec(
             url=s.database_url or "", base_version=w.active["id"], base_path=str(base_path), out_dir=str(out_dir),

@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# workers started by tests (subprocesses too) keep the source model on torch instead of exporting it at
+# start; the switch to the default runtime is tested in tests/integration/test_runtime_switch.py
+os.environ.setdefault("PGSYNAPSE_RUNTIME", "torch")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

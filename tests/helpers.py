@@ -37,6 +37,7 @@ def fast_settings(url: str, **overrides: Any) -> Settings:
         max_attempts=3,
         poll_interval=30.0,
         batch_size=32,
+        runtime="torch",  # worker semantics on the source model; the runtime switch has tests of its own
     )
     values.update(overrides)
     return load_settings(environ={}, **values)

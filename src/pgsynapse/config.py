@@ -41,6 +41,13 @@ class Settings(BaseModel):
         0, ge=0, description="ONNX Runtime intra-op threads (onnx, onnx-int8 runtimes); 0 = torch_threads, else cores"
     )
 
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx-int8",
+        description="runtime the active model version is moved to at worker start (once: exported, agreement-checked, "
+        "switched; onnx-int8 falls back to onnx when refused); torch keeps sentence-transformers",
+    )
+    export_sample_chunks: int = Field(600, ge=16, le=100_000, description="chunks of the agreement check of that export")
+
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(32, ge=0, description="tokens repeated between neighbouring chunks")
     max_document_chars: int = Field(2_000_000, ge=1, description="longer bodies fail with a clear error")

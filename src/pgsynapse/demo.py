@@ -46,6 +46,21 @@ def run_demo(settings: Settings, *, limit: int = 55, out=sys.stdout) -> int:
         return anyio.run(_demo, settings, db, limit, out)
 
 
+def model_line(version: dict) -> str:
+    """``model: NAME on RUNTIME`` with what the start-up export measured (see docs/performance.md)."""
+    line = f"model: {version['name']} on {version['runtime']}"
+    record = (version.get("metrics") or {}).get("runtime_export") or {}
+    accepted = [t for t in record.get("tried", []) if t.get("accepted")]
+    if accepted and record.get("runtime") == version["runtime"]:
+        t = accepted[-1]
+        scheme = f" {t['scheme']}" if t.get("scheme") else ""
+        line += (f" ({version['runtime']}{scheme} exported once in {record['seconds']:.0f}s;"
+                 f" top-10 neighbour agreement with torch {t['overlap_at_10']:.3f})")
+    elif record.get("error") or record.get("tried"):
+        line += f" (export to {record['requested']} not used: {record.get('error') or 'agreement below 0.95'})"
+    return line
+
+
 async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
     from pgsynapse.listener.worker import Worker
 
@@ -57,6 +72,8 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
         await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
         async with db.aconnect(autocommit=True) as conn:
             await conn.execute("LISTEN pgsynapse_documents")
+            print(model_line(await (await conn.execute(
+                "SELECT name, runtime, metrics FROM pgsynapse.model_versions WHERE status = 'active'")).fetchone()), file=out)
             started = time.perf_counter()
             async with conn.transaction():
                 for p in pages:

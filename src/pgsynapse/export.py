@@ -447,7 +447,6 @@ def run_export(
 ) -> ExportReport:
     """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
     from pgsynapse.db import Database
-    from pgsynapse.models import resolve_model_path
 
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         if version is None:
@@ -456,12 +455,7 @@ def run_export(
             row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
         if row is None:
             raise ModelError("no active model version" if version is None else f"no model version {version}")
-        if row["runtime"] == "torch":
-            source_path = resolve_model_path(row["artifact_path"], settings.model_path)
-        else:  # an exported version: go back to the model it was exported from
-            meta = json.loads((Path(row["artifact_path"]) / ONNX_META).read_text())
-            source_path = Path(meta["source"])
-        source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
+        source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
         out = out_dir or Path(settings.data_dir) / "models" / f"v{row['id']}-{runtime}"
         if out.exists():
             shutil.rmtree(out)
@@ -471,3 +465,79 @@ def run_export(
         if report.accepted:
             register(conn, report, row, switch=switch)
     return report
+
+
+# -- the `runtime` setting: the active version on the fast runtime, once ----------------------------------
+EXPORT_LOCK = "pgsynapse.runtime_export"
+
+
+def source_model_path(row: dict[str, Any], configured: str | None) -> Path:
+    """The sentence-transformers directory of a version: its own for torch, the one it was exported from
+    for an ONNX runtime (training and re-export need the torch weights)."""
+    from pgsynapse.models import resolve_model_path
+
+    if row.get("runtime", "torch") == "torch":
+        return resolve_model_path(row.get("artifact_path"), configured)
+    meta_path = Path(row["artifact_path"]) / ONNX_META
+    try:
+        return Path(json.loads(meta_path.read_text())["source"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot find the source model of version {row['id']}: {meta_path} unreadable ({exc})") from exc
+
+
+def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
+    """Move the active version from torch to ``settings.runtime`` (``onnx-int8`` by default), once.
+
+    Runs at worker start. The first worker exports the model, checks its agreement on the shipped docs
+    (:func:`export_and_check`) and switches the version (its vectors stay: agreement passed). Other workers
+    wait on an advisory lock meanwhile and find the switch done. ``onnx-int8`` refused for agreement falls
+    back to ``onnx`` (fp32, the same vectors as torch). The outcome, refusal or error included, is kept in
+    the version's metrics (``runtime_export``) so it is tried once per version and runtime; an error leaves
+    the version on torch and the worker starts anyway.
+    """
+    import psycopg
+    from psycopg.rows import dict_row
+
+    if settings.runtime == "torch":
+        return None
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
+        if row is None or row["runtime"] != "torch":
+            return None
+        tried = (row["metrics"] or {}).get("runtime_export") or {}
+        if tried.get("requested") == settings.runtime:
+            return None
+        log.info("runtime_export_started", version=row["id"], runtime=settings.runtime,
+                 note="once per model version: export, agreement check, switch")
+        started = time.perf_counter()
+        record: dict[str, Any] = {"requested": settings.runtime, "tried": []}
+        report = None
+        try:
+            source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
+            for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
+                # a new directory per export: databases sharing a data dir never overwrite each other's artifact
+                out = Path(settings.data_dir) / "models" / f"v{row['id']}-{runtime}-{time.strftime('%Y%m%d-%H%M%S')}"
+                report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
+                                          threads=settings.onnx_threads or settings.torch_threads)
+                record["tried"].append({"runtime": runtime, "accepted": report.accepted,
+                                        "overlap_at_10": report.agreement.overlap_at_10,
+                                        "scheme": report.options.get("scheme")})
+                if report.accepted:
+                    break
+                shutil.rmtree(out, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves torch serving; the reason is kept and logged
+            record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            report = None
+            log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        if report is not None and report.accepted:
+            register(conn, report, row, switch=True)
+            record["runtime"] = report.runtime
+            log.info("runtime_switched", version=row["id"], runtime=report.runtime, scheme=report.options.get("scheme"),
+                     overlap_at_10=report.agreement.overlap_at_10, seconds=record["seconds"])
+        elif "error" not in record:
+            log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
+        conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export', %s::jsonb)"
+                     " WHERE id = %s", (json.dumps(record), row["id"]))
+        return report if report is not None and report.accepted else None
