@@ -124,7 +124,7 @@ class Worker:
     async def warm_up(self) -> None:
         """Load the models of the serving versions now, so start-up fails fast on a bad model."""
         assert self.pool is not None
-        if self.settings.runtime != "torch" and {"embed", "answer"} & set(self.handlers):
+        if {"embed", "answer"} & set(self.handlers):
             from pgsynapse.export import optimise_active_version
 
             await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url)

@@ -32,6 +32,7 @@ from pgsynapse.models import ONNX_FILES, ONNX_META, Embedder, ModelSpec, load_em
 log = get_logger(__name__)
 
 DEFAULT_THRESHOLD = 0.95
+DEFAULT_SAMPLE_CHUNKS = 600
 # the tokenizer and config files an ONNX artifact keeps beside its graph
 _COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
          "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
@@ -493,19 +494,24 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
     wait on an advisory lock meanwhile and find the switch done. ``onnx-int8`` refused for agreement falls
     back to ``onnx`` (fp32, the same vectors as torch). The outcome, refusal or error included, is kept in
     the version's metrics (``runtime_export``) so it is tried once per version and runtime; an error leaves
-    the version on torch and the worker starts anyway.
+    the version on torch and the worker starts anyway. A worker on a host without the switched version's
+    artifact builds it again at the same path (:func:`rebuild_artifact`), whatever its own ``runtime``.
     """
     import psycopg
     from psycopg.rows import dict_row
 
-    if settings.runtime == "torch":
-        return None
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
         row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
-        if row is None or row["runtime"] != "torch":
+        if row is None:
             return None
         tried = (row["metrics"] or {}).get("runtime_export") or {}
+        if row["runtime"] != "torch":
+            if tried.get("runtime") == row["runtime"] and not (Path(row["artifact_path"]) / ONNX_FILES[row["runtime"]]).exists():
+                return rebuild_artifact(settings, row)
+            return None
+        if settings.runtime == "torch":
+            return None
         if tried.get("requested") == settings.runtime:
             return None
         log.info("runtime_export_started", version=row["id"], runtime=settings.runtime,
@@ -524,6 +530,8 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
                                         "overlap_at_10": report.agreement.overlap_at_10,
                                         "scheme": report.options.get("scheme")})
                 if report.accepted:
+                    record["sample_chunks"] = settings.export_sample_chunks
+                    record["sha256"] = _sha256(out / ONNX_FILES[runtime])
                     break
                 shutil.rmtree(out, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - any failure leaves torch serving; the reason is kept and logged
@@ -541,3 +549,47 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
         conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export', %s::jsonb)"
                      " WHERE id = %s", (json.dumps(record), row["id"]))
         return report if report is not None and report.accepted else None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
+    """The artifact of a version switched at start-up is missing on this host (another host exported it):
+    build it again at the same path from this host's copy of the source model, with the recorded scheme and
+    calibration sample, and check its agreement again. The same libraries give the same bytes (``sha256``
+    logged); different ones give an artifact that still had to pass the gate. A refusal stops the worker
+    with the figures rather than serve vectors that do not match the index."""
+    record = row["metrics"]["runtime_export"]
+    accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
+    out = Path(row["artifact_path"])
+    log.info("runtime_artifact_rebuild_started", version=row["id"], runtime=row["runtime"], path=str(out),
+             reason="the version's artifact is missing on this host")
+    source_row = {"id": row["id"], "runtime": "torch", "artifact_path": row["metrics"].get("previous_artifact_path")}
+    source = ModelSpec(row["id"], row["name"], source_model_path(source_row, settings.model_path), "torch", row["dim"])
+    try:
+        shutil.rmtree(out, ignore_errors=True)  # a rebuild cut short (the graph is written last by quantisation)
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise ModelError(f"model version {row['id']}: its artifact {out} is missing here and cannot be rebuilt there "
+                         f"({exc}); share DATA_DIR/models between hosts or run with PGSYNAPSE_RUNTIME=torch before "
+                         "the first start") from exc
+    report = export_and_check(source, out, row["runtime"], n_chunks=record.get("sample_chunks", DEFAULT_SAMPLE_CHUNKS),
+                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"))
+    if not report.accepted:
+        shutil.rmtree(out, ignore_errors=True)
+        raise ModelError(f"model version {row['id']}: the rebuilt {row['runtime']} artifact has top-10 agreement "
+                         f"{report.agreement.overlap_at_10:.4f} with the source model here, below {report.threshold}; "
+                         "its vectors would not match the index")
+    digest = _sha256(out / ONNX_FILES[row["runtime"]])
+    log.info("runtime_artifact_rebuilt", version=row["id"], runtime=row["runtime"], path=str(out),
+             identical=digest == record.get("sha256"), overlap_at_10=report.agreement.overlap_at_10,
+             seconds=report.seconds)
+    return report

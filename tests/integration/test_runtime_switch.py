@@ -58,7 +58,21 @@ async def test_worker_start_moves_the_active_version_to_onnx_int8_once(db_url, m
         async with running_worker(settings, models):
             again = await _version(conn)
     assert again["runtime"] == v["runtime"] and again["metrics"]["runtime_export"] == record
-    assert not [e for e in logs if e["event"] == "runtime_export_started"]
+    assert not [e for e in logs if e["event"].startswith("runtime_")]
+
+    # a worker on another host, where the artifact is missing: built again at the same path, same bytes
+    from pgsynapse.export import _sha256
+    from pgsynapse.models import ONNX_FILES, ModelCache
+
+    shutil.rmtree(v["artifact_path"])
+    with capture_logs() as logs:
+        async with running_worker(settings, ModelCache()):
+            [doc] = insert_docs(db_url, [("Savepoints", BODY)])
+            await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    [rebuilt] = [e for e in logs if e["event"] == "runtime_artifact_rebuilt"]
+    assert rebuilt["identical"] and rebuilt["path"] == v["artifact_path"]
+    assert _sha256(Path(v["artifact_path"]) / ONNX_FILES[v["runtime"]]) == record["sha256"]
+    assert await _version(conn) == again
     await conn.close()
 
 
