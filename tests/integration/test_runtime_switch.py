@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -105,4 +107,29 @@ async def test_a_failed_export_leaves_torch_serving_and_is_not_retried(db_url, t
             pass
     assert not [e for e in logs if e["event"].startswith("runtime_export")]
     assert (await _version(conn))["metrics"]["runtime_export"] == record
+    await conn.close()
+
+
+async def test_a_version_promoted_while_the_worker_runs_is_switched_too(db_url, models, tmp_path):
+    """The learning loop promotes torch candidates: the running worker moves the new active version as well."""
+    from pgsynapse.learning.registry import promote
+
+    settings = fast_settings(db_url, runtime="onnx", export_sample_chunks=16, data_dir=tmp_path)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        assert (await _version(conn))["runtime"] == "onnx"  # switched at start
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+            [candidate] = sync.execute(
+                "INSERT INTO pgsynapse.model_versions (name, runtime, dim, status, traffic_percent, backfilled_at)"
+                " VALUES ('fine-tuned', 'torch', 384, 'candidate', 0, now()) RETURNING id").fetchone().values()
+            promote(sync, candidate)
+        await wait_until(conn, "SELECT runtime = 'onnx' FROM pgsynapse.model_versions WHERE id = %s", (candidate,),
+                         channel="pgsynapse_models")
+        [doc] = insert_docs(db_url, [("Savepoints", BODY)])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    row = await (await conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,))).fetchone()
+    assert row["metrics"]["runtime_export"]["runtime"] == "onnx" and row["metrics"]["previous_runtime"] == "torch"
+    assert await (await conn.execute(
+        "SELECT count(*) AS n FROM pgsynapse.embeddings e JOIN pgsynapse.chunks c ON c.id = e.chunk_id"
+        " WHERE c.document_id = %s AND e.model_version_id = %s", (doc, candidate))).fetchone() == {"n": 1}
     await conn.close()
