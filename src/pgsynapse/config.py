@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pgsynapse.errors import ConfigError
 
+DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse.export uses the same)
+
 ENV_PREFIX = "PGSYNAPSE_"
 
 
@@ -46,7 +48,7 @@ class Settings(BaseModel):
         description="runtime the active model version is moved to at worker start (once: exported, agreement-checked, "
         "switched; onnx-int8 falls back to onnx when refused); torch keeps sentence-transformers",
     )
-    export_sample_chunks: int = Field(600, ge=16, le=100_000, description="chunks of the agreement check of that export")
+    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement check of that export")
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(32, ge=0, description="tokens repeated between neighbouring chunks")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ONNX_FILES, ONNX_META, Embedder, ModelSpec, load_embedder
@@ -32,7 +33,6 @@ from pgsynapse.models import ONNX_FILES, ONNX_META, Embedder, ModelSpec, load_em
 log = get_logger(__name__)
 
 DEFAULT_THRESHOLD = 0.95
-DEFAULT_SAMPLE_CHUNKS = 600
 # the tokenizer and config files an ONNX artifact keeps beside its graph
 _COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
          "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
@@ -297,7 +297,7 @@ def sample_texts(
     *,
     corpus: Path | None = None,
     questions: list[Path] | None = None,
-    n_chunks: int = 600,
+    n_chunks: int = DEFAULT_SAMPLE_CHUNKS,
     chunk_tokens: int = 256,
 ) -> tuple[list[str], list[str]]:
     """``(chunks, queries)``: chunks of the corpus (``{"title", "text"}`` per line; the shipped docs by default)
@@ -354,7 +354,7 @@ def export_and_check(
     threshold: float = DEFAULT_THRESHOLD,
     corpus: Path | None = None,
     questions: list[Path] | None = None,
-    n_chunks: int = 600,
+    n_chunks: int = DEFAULT_SAMPLE_CHUNKS,
     threads: int = 0,
     scheme: str | None = None,
 ) -> ExportReport:
@@ -441,7 +441,7 @@ def run_export(
     threshold: float = DEFAULT_THRESHOLD,
     corpus: Path | None = None,
     questions: list[Path] | None = None,
-    n_chunks: int = 600,
+    n_chunks: int = DEFAULT_SAMPLE_CHUNKS,
     switch: bool = False,
     out_dir: Path | None = None,
     scheme: str | None = None,
@@ -554,11 +554,8 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
 def _sha256(path: Path) -> str:
     import hashlib
 
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
@@ -572,8 +569,11 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     out = Path(row["artifact_path"])
     log.info("runtime_artifact_rebuild_started", version=row["id"], runtime=row["runtime"], path=str(out),
              reason="the version's artifact is missing on this host")
-    source_row = {"id": row["id"], "runtime": "torch", "artifact_path": row["metrics"].get("previous_artifact_path")}
-    source = ModelSpec(row["id"], row["name"], source_model_path(source_row, settings.model_path), "torch", row["dim"])
+    from pgsynapse.models import resolve_model_path
+
+    # this host's copy of the torch model the version was switched from
+    source_path = resolve_model_path(row["metrics"].get("previous_artifact_path"), settings.model_path)
+    source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
     try:
         shutil.rmtree(out, ignore_errors=True)  # a rebuild cut short (the graph is written last by quantisation)
         out.mkdir(parents=True)
