@@ -2,9 +2,8 @@
 
 The export needs no optimum (its pinned transformers breaks sentence-transformers): the transformer is
 exported with ``torch.onnx.export`` (eager attention, so ONNX Runtime's BERT fusions apply), fused by
-``onnxruntime.transformers.optimizer`` and, for ``onnx-int8``, quantised with
-``onnxruntime.quantization.quantize_dynamic`` (per-channel INT8 weights). Pooling and normalisation stay
-in numpy (:class:`pgsynapse.models.OnnxEmbedder`).
+``onnxruntime.transformers.optimizer`` and, for ``onnx-int8``, quantised with per-channel INT8 weights
+(one of :data:`SCHEMES`). Pooling and normalisation stay in numpy (:class:`pgsynapse.models.OnnxEmbedder`).
 
 Agreement is measured on real text: chunks of a corpus and real questions. For every question the top-10
 chunks by the source model and by the candidate are compared (mean overlap), and the cosine between both
@@ -140,13 +139,17 @@ def export_fp32(source: Path, out_dir: Path) -> Path:
 
 # INT8 schemes, fastest first. "dynamic": every MatMul and the fused Attention get per-channel INT8 weights
 # and per-tensor dynamic activations (fast, but BERT's activation outliers cost neighbour agreement).
+# "outlier-static": the fused Attention is unfused into MatMul(QKV) + MultiHeadAttention, and every MatMul,
+# QKV included, gets per-channel INT8 weights with its outlier input channels split off into a small fp32
+# MatMul; the activations are quantised with a static per-tensor range calibrated on the inlier channels, so
+# no mask or min/max pass is needed (an outlier channel saturates, but its INT8 weight row is zero).
 # "outlier-split": the MatMuls are dynamic INT8 with their few outlier input channels (found on calibration
 # text) split off into a small fp32 MatMul, as in LLM.int8(); the fused Attention stays fp32 (its per-tensor
 # activation scale costs agreement whatever is split off).
 # "ffn-blockwise": the FFN down-projections (the most sensitive: post-GELU inputs) use MatMulNBits 8-bit with
 # block-wise int8 activations instead. "blockwise": every MatMul uses MatMulNBits 8-bit (accurate, little faster
 # than fp32), the Attention stays dynamic.
-SCHEMES = ("dynamic", "outlier-split", "ffn-blockwise", "blockwise")
+SCHEMES = ("dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise")
 _FFN_OUT = re.compile(r"layer\.\d+/output/dense/MatMul$")
 # input channels split off per MatMul: all-MiniLM-L6-v2's LayerNorm outputs have 2-4 channels up to 10x the
 # rest (channel 99 reaches 30 where the 99.9th percentile is 4); 8 leaves a margin for other models
@@ -159,10 +162,17 @@ def _matmul_names(model: Any) -> list[str]:
 
 def _activation_amax(graph: Path, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-channel max |x| of ``tensors`` over the real (unpadded) tokens of ``feeds``."""
+    return {t: np.maximum(-lo, hi) for t, (lo, hi) in _activation_range(graph, tensors, feeds).items()}
+
+
+def _activation_range(graph: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel ``(min, max)`` of ``tensors`` over the real (unpadded) tokens of ``feeds``; ``graph`` is a
+    path or a loaded model."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(graph))
+    model = onnx.load(str(graph)) if isinstance(graph, Path) else graph.__class__.FromString(graph.SerializeToString())
     have = {o.name for o in model.graph.output}
     for t in tensors:
         if t not in have:
@@ -172,16 +182,17 @@ def _activation_amax(graph: Path, tensors: list[str], feeds: list[dict[str, np.n
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    amax: dict[str, np.ndarray] = {}
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
     for feed in feeds:
         inputs = {i.name: feed[i.name] for i in sess.get_inputs()}
         out = dict(zip(names, sess.run(None, inputs), strict=True))
         real = feed["attention_mask"].astype(bool)
         for t in tensors:
             x = out[t].reshape(real.shape + (-1,))[real]
-            a = np.abs(x).max(axis=0)
-            amax[t] = np.maximum(amax[t], a) if t in amax else a
-    return amax
+            lo[t] = np.minimum(lo[t], x.min(axis=0)) if t in lo else x.min(axis=0)
+            hi[t] = np.maximum(hi[t], x.max(axis=0)) if t in hi else x.max(axis=0)
+    return {t: (lo[t], hi[t]) for t in tensors}
 
 
 def _calibration_feeds(out_dir: Path, texts: list[str] | None) -> list[dict[str, np.ndarray]]:
@@ -235,6 +246,102 @@ def split_outliers(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: 
     return fp32_nodes
 
 
+def unfuse_attention(model: Any) -> None:
+    """Replace every fused ``Attention`` of ``model`` (in place) by ``MatMul(QKV) + Split + MultiHeadAttention``:
+    the same maths, with the QKV projection a plain MatMul that can be quantised like the others."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Attention":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, w, b = node.input[:3]
+        mask = node.input[3] if len(node.input) > 3 else ""
+        if set(attrs) - {"num_heads"} or len(node.input) > 4 or w not in inits:
+            raise ModelError(f"cannot unfuse attention node {node.name}: unsupported inputs or attributes {sorted(attrs)}")
+        hidden = numpy_helper.to_array(inits[w]).shape[1] // 3
+        p = node.name
+        model.graph.initializer.append(numpy_helper.from_array(np.array([hidden] * 3, np.int64), f"{p}/qkv_sizes"))
+        nodes += [
+            helper.make_node("MatMul", [x, w], [f"{p}/qkv"], name=f"{p}/qkv/MatMul"),
+            helper.make_node("Split", [f"{p}/qkv", f"{p}/qkv_sizes"], [f"{p}/q", f"{p}/k", f"{p}/v"], name=f"{p}/split",
+                             axis=-1),
+            helper.make_node("MultiHeadAttention", [f"{p}/q", f"{p}/k", f"{p}/v", b] + ([mask] if mask else []),
+                             list(node.output), name=f"{p}/mha", domain="com.microsoft", num_heads=attrs["num_heads"]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS) -> None:
+    """The ``outlier-static`` graph of ``src``: attention unfused, then every MatMul ``y = x @ W`` written as
+    ``MatMulIntegerToFloat(QuantizeLinear(x), Wq) + x[..., C] @ W[C]``. ``C``: the ``k`` input channels with the
+    largest calibrated max |x| (``2k`` for the QKV projection, the most sensitive); ``Wq``: per-column
+    symmetric INT8 of ``W`` with the rows of ``C`` zeroed; the uint8 activation range: the calibrated min and
+    max of the other channels."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    unfuse_attention(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    ranges = _activation_range(model, sorted({n.input[0] for n in targets}), feeds)
+    nodes = []
+    for node in model.graph.node:
+        if node not in targets:
+            nodes.append(node)
+            continue
+        x, w, p = node.input[0], node.input[1], node.name
+        weight = numpy_helper.to_array(inits[w]).astype(np.float32)
+        lo, hi = ranges[x]
+        kk = 2 * k if p.endswith("/qkv/MatMul") else k
+        channels = np.sort(np.argsort(-np.maximum(-lo, hi))[: min(kk, weight.shape[0] // 8)]).astype(np.int64)
+        inlier = np.ones(weight.shape[0], bool)
+        inlier[channels] = False
+        x_min, x_max = min(float(lo[inlier].min()), 0.0), max(float(hi[inlier].max()), 0.0)
+        x_scale = np.float32(max(x_max - x_min, 1e-6) / 255.0)
+        x_zero = np.uint8(np.clip(round(-x_min / float(x_scale)), 0, 255))
+        w_inlier = weight.copy()
+        w_inlier[channels] = 0.0
+        w_scale = (np.abs(w_inlier).max(axis=0) / 127.0).astype(np.float32)
+        w_scale[w_scale == 0] = 1.0
+        w_q = np.clip(np.round(w_inlier / w_scale), -127, 127).astype(np.int8)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}/x_scale"),
+            numpy_helper.from_array(np.array(x_zero, np.uint8), f"{p}/x_zero_point"),
+            numpy_helper.from_array(w_q, f"{p}/w_int8"),
+            numpy_helper.from_array(w_scale, f"{p}/w_scale"),
+            numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{p}/w_zero_point"),
+            numpy_helper.from_array(channels, f"{p}/outlier_channels"),
+            numpy_helper.from_array(np.ascontiguousarray(weight[channels]), f"{p}/outlier_weight"),
+        ])
+        nodes += [
+            helper.make_node("QuantizeLinear", [x, f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_uint8"],
+                             name=f"{p}/quantize"),
+            helper.make_node("MatMulIntegerToFloat",
+                             [f"{p}/x_uint8", f"{p}/w_int8", f"{p}/x_scale", f"{p}/w_scale", f"{p}/x_zero_point",
+                              f"{p}/w_zero_point"], [f"{p}/inlier_y"], name=p, domain="com.microsoft"),
+            helper.make_node("Gather", [x, f"{p}/outlier_channels"], [f"{p}/outlier_x"], name=f"{p}/outlier_gather",
+                             axis=-1),
+            helper.make_node("MatMul", [f"{p}/outlier_x", f"{p}/outlier_weight"], [f"{p}/outlier_y"],
+                             name=f"{p}/outlier_matmul"),
+            helper.make_node("Add", [f"{p}/inlier_y", f"{p}/outlier_y"], [node.output[0]], name=f"{p}/outlier_add"),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+
+
 def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list[str] | None = None,
                   calibration: list[str] | None = None) -> Path:
     """``model_int8.onnx`` from ``model.onnx`` with one of :data:`SCHEMES`. ``calibration``: texts whose
@@ -248,6 +355,10 @@ def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list
     staged = src
     exclude = list(exclude_nodes or [])
     op_types = ["MatMul", "Gemm", "Attention"]
+    if scheme == "outlier-static":
+        split_outliers_static(src, dst, _calibration_feeds(out_dir, calibration))
+        _record_scheme(out_dir, scheme)
+        return dst
     if scheme == "outlier-split":
         staged = out_dir / "model_int8.stage.onnx"
         exclude += split_outliers(src, staged, _calibration_feeds(out_dir, calibration))
@@ -275,12 +386,16 @@ def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list
     )
     if staged != src:
         staged.unlink()
+    _record_scheme(out_dir, scheme)
+    return dst
+
+
+def _record_scheme(out_dir: Path, scheme: str) -> None:
     meta_path = out_dir / ONNX_META
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         meta["int8_scheme"] = scheme
         meta_path.write_text(json.dumps(meta, indent=2))
-    return dst
 
 
 # -- the agreement sample ---------------------------------------------------------------------
@@ -369,11 +484,13 @@ def export_and_check(
     if not (out_dir / ONNX_FILES["onnx"]).exists():
         export_fp32(source.path, out_dir)
     ref = load_embedder(source, threads=threads)
-    chunks, queries = sample_texts(ref.tokenizer, corpus=corpus, questions=questions, n_chunks=n_chunks,
+    chunks, queries = sample_texts(ref.tokenizer, corpus=corpus, questions=questions, n_chunks=n_chunks + 96,
                                    chunk_tokens=min(256, ref.max_seq_length))
+    # outlier channels and activation ranges are calibrated on text the agreement is not measured on: 96 more
+    # chunks, and their first words as short, query-like inputs
+    chunks, calibration = chunks[:n_chunks], chunks[n_chunks:]
+    calibration += [" ".join(c.split()[:12]) for c in calibration[:32]]
     ref_vectors = (ref.encode(chunks, 32), ref.encode(queries, 32))
-    # outlier channels are a property of the model: calibrate on the last chunks and a few queries
-    calibration = chunks[-96:] + queries[:32]
     cand_spec = ModelSpec(source.version_id, source.name, out_dir, runtime, source.dim)
     tried: list[dict[str, Any]] = []
     schemes: list[str | None] = [None] if runtime == "onnx" else ([scheme] if scheme else list(SCHEMES))
@@ -457,15 +574,33 @@ def run_export(
         if row is None:
             raise ModelError("no active model version" if version is None else f"no model version {version}")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
-        out = out_dir or Path(settings.data_dir) / "models" / f"v{row['id']}-{runtime}"
-        if out.exists():
-            shutil.rmtree(out)
+        if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+            raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
+        out = out_dir or new_artifact_dir(settings.data_dir, row["id"], runtime)
         report = export_and_check(source, out, runtime, threshold=threshold, corpus=corpus, questions=questions,
                                   n_chunks=n_chunks, threads=settings.onnx_threads or settings.torch_threads,
                                   scheme=scheme)
         if report.accepted:
             register(conn, report, row, switch=switch)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
     return report
+
+
+def new_artifact_dir(data_dir: str | Path, version_id: int, runtime: str) -> Path:
+    """A new, empty ``DATA_DIR/models/vV-RUNTIME-TIMESTAMP`` for an export. Never an existing directory: exporting
+    a version again must not delete the artifact workers serve, nor one of another database sharing the data dir."""
+    base = Path(data_dir) / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    stem = f"v{version_id}-{runtime}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        out = base / (f"{stem}-{n}" if n else stem)
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    raise ModelError(f"cannot create a new artifact directory under {base}")
 
 
 # -- the `runtime` setting: the active version on the fast runtime, once ----------------------------------
@@ -522,8 +657,7 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
         try:
             source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
             for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
-                # a new directory per export: databases sharing a data dir never overwrite each other's artifact
-                out = Path(settings.data_dir) / "models" / f"v{row['id']}-{runtime}-{time.strftime('%Y%m%d-%H%M%S')}"
+                out = new_artifact_dir(settings.data_dir, row["id"], runtime)
                 report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
                                           threads=settings.onnx_threads or settings.torch_threads)
                 record["tried"].append({"runtime": runtime, "accepted": report.accepted,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import psycopg
 import pytest
@@ -48,35 +50,49 @@ async def test_onnx_runtimes_match_torch_and_share_its_interface(onnx_artifact, 
         assert cos.min() > min_cos, (runtime, cos)
 
 
-def test_outlier_split_rewrites_exactly_and_quantises_closer_than_dynamic(onnx_artifact, tmp_path):
-    """The rewrite ``(x * mask) @ W + x[..., C] @ W[C]`` is exact in fp32; quantised, it stays closer to fp32
-    than plain dynamic INT8 on real text (the outlier channels no longer set the activation scale)."""
+def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_artifact, tmp_path):
+    """The rewrites are exact in fp32: ``(x * mask) @ W + x[..., C] @ W[C]``, and the fused Attention unfused into
+    MatMul(QKV) + MultiHeadAttention. Quantised, both outlier schemes stay closer to fp32 than plain dynamic INT8
+    on real text (the outlier channels no longer set the activation scale)."""
     import shutil
+    from collections import Counter
 
+    import onnx
     import onnxruntime as ort
 
-    from pgsynapse.export import _calibration_feeds, quantize_int8, sample_texts, split_outliers
+    from pgsynapse.export import _calibration_feeds, quantize_int8, sample_texts, split_outliers, unfuse_attention
 
     feeds = _calibration_feeds(onnx_artifact, None)
     fp32 = ort.InferenceSession(str(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     small = split_outliers(onnx_artifact / "model.onnx", tmp_path / "split.onnx", feeds)
     assert len(small) == 18  # every MatMul of the 6 layers: attention output, FFN in, FFN out
-    split = ort.InferenceSession(str(tmp_path / "split.onnx"), providers=["CPUExecutionProvider"])
+    unfused = onnx.load(str(onnx_artifact / "model.onnx"))
+    unfuse_attention(unfused)
+    ops = Counter(n.op_type for n in unfused.graph.node)
+    assert ops["Attention"] == 0 and ops["MultiHeadAttention"] == 6 and ops["MatMul"] == 24, ops
+    onnx.save(unfused, str(tmp_path / "unfused.onnx"))
     feed = {k: v[:4] for k, v in feeds[0].items()}
-    np.testing.assert_allclose(split.run(None, feed)[0], fp32.run(None, feed)[0], atol=2e-4)
+    expected = fp32.run(None, feed)[0]
+    for graph in ("split.onnx", "unfused.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / graph), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, feed)[0], expected, atol=2e-4, err_msg=graph)
 
     ref = load_embedder(ModelSpec(1, "m", onnx_artifact, "onnx", 384), onnx_threads=1)
     chunks, _ = sample_texts(ref.tokenizer, n_chunks=48)
     base = ref.encode(chunks)
     cosine = {}
-    for scheme in ("dynamic", "outlier-split"):
+    for scheme in ("dynamic", "outlier-split", "outlier-static"):
         out = tmp_path / scheme
         shutil.copytree(onnx_artifact, out)
         quantize_int8(out, scheme)
         vecs = load_embedder(ModelSpec(1, "m", out, "onnx-int8", 384), onnx_threads=1).encode(chunks)
         cosine[scheme] = float((vecs * base).sum(axis=1).mean())
-    # measured: dynamic ~0.9946, outlier-split ~0.9992 (1 - cosine 7x smaller)
+    # outlier-static quantises the QKV projection too, with no per-batch scale
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "outlier-static" / "model_int8.onnx")).graph.node)
+    assert ops["MatMulIntegerToFloat"] == 24 and ops["Attention"] == 0, ops
+    # measured: dynamic ~0.9946, outlier-split ~0.9992, outlier-static ~0.999 (1 - cosine 7x smaller)
     assert 1 - cosine["outlier-split"] < (1 - cosine["dynamic"]) / 2, cosine
+    assert 1 - cosine["outlier-static"] < (1 - cosine["dynamic"]) / 2, cosine
 
 
 async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models):
@@ -175,12 +191,16 @@ def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_u
         rows = conn.execute("SELECT id, runtime, status, traffic_percent, base_version_id, artifact_path,"
                             " metrics->'export'->'agreement'->>'overlap_at_10' FROM pgsynapse.model_versions ORDER BY id").fetchall()
     assert rows[1][1:5] == ("onnx", "candidate", 0, 1)
-    assert rows[1][5] == str(tmp_path / "models" / "v1-onnx") and float(rows[1][6]) >= 0.99
-    # an impossible threshold: refused with its figures, nothing registered
-    refused = run_export(settings, "onnx-int8", n_chunks=40, threshold=1.01, scheme="dynamic")
-    assert not refused.accepted and 0.5 < refused.agreement.overlap_at_10 <= 1.0
-    assert refused.options["tried"] == [{"scheme": "dynamic", "overlap_at_10": refused.agreement.overlap_at_10,
+    artifact = Path(rows[1][5])
+    assert artifact.parent == tmp_path / "models" and artifact.name.startswith("v1-onnx-") and float(rows[1][6]) >= 0.99
+    # the same export again, at an impossible threshold: refused with its figures, nothing registered, and it
+    # neither touched the registered artifact (a new directory per export) nor left its own behind
+    refused = run_export(settings, "onnx", n_chunks=40, threshold=1.01)
+    assert not refused.accepted and refused.agreement.overlap_at_10 == 1.0
+    assert refused.options["tried"] == [{"scheme": None, "overlap_at_10": 1.0,
                                          "cosine_mean": refused.agreement.cosine_mean}]
+    assert refused.artifact_path != str(artifact) and not Path(refused.artifact_path).exists()
+    assert (artifact / "model.onnx").exists()
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
 
