@@ -654,6 +654,7 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
         started = time.perf_counter()
         record: dict[str, Any] = {"requested": settings.runtime, "tried": []}
         report = None
+        out: Path | None = None
         try:
             source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
             for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
@@ -671,6 +672,8 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
         except Exception as exc:  # noqa: BLE001 - any failure leaves torch serving; the reason is kept and logged
             record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
             report = None
+            if out is not None:
+                shutil.rmtree(out, ignore_errors=True)  # the failed attempt's partial artifact
             log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
         record["seconds"] = round(time.perf_counter() - started, 1)
         if report is not None and report.accepted:

@@ -102,6 +102,7 @@ async def test_a_failed_export_leaves_torch_serving_and_is_not_retried(db_url, t
     assert record["requested"] == "onnx-int8" and "mean pooling" in record["error"]
     [failed] = [e for e in logs if e["event"] == "runtime_export_failed"]
     assert "mean pooling" in failed["error"]
+    assert list((tmp_path / "models").iterdir()) == []  # the failed attempt's directory is removed
     with capture_logs() as logs:
         async with running_worker(settings, models):
             pass
