@@ -130,7 +130,7 @@ def questions(name: str) -> list[dict[str, Any]]:
 def artifact(runtime: str, scheme: str | None = None) -> Path | None:
     """The ONNX artifact of the default model for ``runtime`` (exported once, kept under ARTIFACTS).
 
-    ``scheme``: the INT8 scheme (:data:`pgsynapse.export.SCHEMES`); default PGSYNAPSE_BENCH_INT8_SCHEME or "outlier-static"
+    ``scheme``: the INT8 scheme (:data:`pgsynapse.export.SCHEMES`); default PGSYNAPSE_BENCH_INT8_SCHEME or "outlier-split"
     (the scheme a default install's start-up export picks for all-MiniLM-L6-v2).
     """
     if runtime == "torch":
@@ -143,7 +143,7 @@ def artifact(runtime: str, scheme: str | None = None) -> Path | None:
         export_fp32(default_model_path(), base)
     if runtime == "onnx":
         return base
-    scheme = scheme or os.environ.get("PGSYNAPSE_BENCH_INT8_SCHEME", "outlier-static")
+    scheme = scheme or os.environ.get("PGSYNAPSE_BENCH_INT8_SCHEME", "outlier-split")
     out = ARTIFACTS / f"int8-{scheme}"
     if not (out / ONNX_FILES["onnx-int8"]).exists():
         out.mkdir(parents=True, exist_ok=True)

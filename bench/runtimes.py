@@ -23,7 +23,7 @@ import numpy as np
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
 
 # runtime[:int8 scheme]
-RUNTIMES = ["torch", "onnx", "onnx-int8:dynamic", "onnx-int8:outlier-static", "onnx-int8:outlier-split", "onnx-int8:ffn-blockwise", "onnx-int8:blockwise"]
+RUNTIMES = ["torch", "onnx", "onnx-int8:dynamic", "onnx-int8:outlier-split", "onnx-int8:outlier-static", "onnx-int8:ffn-blockwise", "onnx-int8:blockwise"]
 
 
 def pool(n_pages: int) -> tuple[list[str], list[str]]:
