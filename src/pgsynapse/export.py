@@ -207,6 +207,29 @@ def _calibration_feeds(out_dir: Path, texts: list[str] | None) -> list[dict[str,
     return [onnx_feeds(tok, texts[start : start + 32], 256, inputs) for start in range(0, len(texts), 32)]
 
 
+def _outlier_branch(p: str, x: str, weight: np.ndarray, amax: np.ndarray, k: int) -> tuple[np.ndarray, list[Any], list[Any]]:
+    """The fp32 side of a split MatMul named ``p``: the ``k`` input channels of ``x`` with the largest ``amax``
+    (at most an eighth of them), their initialisers, and ``Gather`` + the small ``MatMul`` giving
+    ``{p}/outlier_y``. Returns ``(channels, initialisers, nodes)``."""
+    from onnx import helper, numpy_helper
+
+    channels = np.sort(np.argsort(-amax)[: min(k, weight.shape[0] // 8)]).astype(np.int64)
+    inits = [numpy_helper.from_array(channels, f"{p}/outlier_channels"),
+             numpy_helper.from_array(np.ascontiguousarray(weight[channels]), f"{p}/outlier_weight")]
+    nodes = [
+        helper.make_node("Gather", [x, f"{p}/outlier_channels"], [f"{p}/outlier_x"], name=f"{p}/outlier_gather", axis=-1),
+        helper.make_node("MatMul", [f"{p}/outlier_x", f"{p}/outlier_weight"], [f"{p}/outlier_y"], name=f"{p}/outlier_matmul"),
+    ]
+    return channels, inits, nodes
+
+
+def _outlier_add(p: str, output: str) -> Any:
+    """``output = {p}/inlier_y + {p}/outlier_y``: the two sides of a split MatMul joined again."""
+    from onnx import helper
+
+    return helper.make_node("Add", [f"{p}/inlier_y", f"{p}/outlier_y"], [output], name=f"{p}/outlier_add")
+
+
 def split_outliers(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS) -> list[str]:
     """Rewrite every MatMul ``y = x @ W`` of ``src`` as ``(x * mask) @ W + x[..., C] @ W[C]`` where ``C`` are the
     ``k`` input channels with the largest calibrated max |x| and ``mask`` zeroes them; saves to ``dst`` and
@@ -225,20 +248,15 @@ def split_outliers(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: 
             continue
         x, w, p = node.input[0], node.input[1], node.name
         weight = numpy_helper.to_array(inits[w])
-        channels = np.sort(np.argsort(-amax[x])[: min(k, weight.shape[0] // 8)]).astype(np.int64)
+        channels, branch_inits, branch = _outlier_branch(p, x, weight, amax[x], k)
         mask = np.ones(weight.shape[0], np.float32)
         mask[channels] = 0.0
-        model.graph.initializer.extend([
-            numpy_helper.from_array(mask, f"{p}/outlier_mask"),
-            numpy_helper.from_array(channels, f"{p}/outlier_channels"),
-            numpy_helper.from_array(np.ascontiguousarray(weight[channels]), f"{p}/outlier_weight"),
-        ])
+        model.graph.initializer.extend([numpy_helper.from_array(mask, f"{p}/outlier_mask"), *branch_inits])
         nodes += [
             helper.make_node("Mul", [x, f"{p}/outlier_mask"], [f"{p}/inlier_x"], name=f"{p}/inlier_mask"),
-            helper.make_node("Gather", [x, f"{p}/outlier_channels"], [f"{p}/outlier_x"], name=f"{p}/outlier_gather", axis=-1),
-            helper.make_node("MatMul", [f"{p}/outlier_x", f"{p}/outlier_weight"], [f"{p}/outlier_y"], name=f"{p}/outlier_matmul"),
+            *branch,
             helper.make_node("MatMul", [f"{p}/inlier_x", w], [f"{p}/inlier_y"], name=p),
-            helper.make_node("Add", [f"{p}/inlier_y", f"{p}/outlier_y"], [node.output[0]], name=f"{p}/outlier_add"),
+            _outlier_add(p, node.output[0]),
         ]
         fp32_nodes.append(f"{p}/outlier_matmul")
     del model.graph.node[:]
@@ -300,7 +318,7 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
         weight = numpy_helper.to_array(inits[w]).astype(np.float32)
         lo, hi = ranges[x]
         kk = 2 * k if p.endswith("/qkv/MatMul") else k
-        channels = np.sort(np.argsort(-np.maximum(-lo, hi))[: min(kk, weight.shape[0] // 8)]).astype(np.int64)
+        channels, branch_inits, branch = _outlier_branch(p, x, weight, np.maximum(-lo, hi), kk)
         inlier = np.ones(weight.shape[0], bool)
         inlier[channels] = False
         x_min, x_max = min(float(lo[inlier].min()), 0.0), max(float(hi[inlier].max()), 0.0)
@@ -317,8 +335,7 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             numpy_helper.from_array(w_q, f"{p}/w_int8"),
             numpy_helper.from_array(w_scale, f"{p}/w_scale"),
             numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{p}/w_zero_point"),
-            numpy_helper.from_array(channels, f"{p}/outlier_channels"),
-            numpy_helper.from_array(np.ascontiguousarray(weight[channels]), f"{p}/outlier_weight"),
+            *branch_inits,
         ])
         nodes += [
             helper.make_node("QuantizeLinear", [x, f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_uint8"],
@@ -326,11 +343,8 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             helper.make_node("MatMulIntegerToFloat",
                              [f"{p}/x_uint8", f"{p}/w_int8", f"{p}/x_scale", f"{p}/w_scale", f"{p}/x_zero_point",
                               f"{p}/w_zero_point"], [f"{p}/inlier_y"], name=p, domain="com.microsoft"),
-            helper.make_node("Gather", [x, f"{p}/outlier_channels"], [f"{p}/outlier_x"], name=f"{p}/outlier_gather",
-                             axis=-1),
-            helper.make_node("MatMul", [f"{p}/outlier_x", f"{p}/outlier_weight"], [f"{p}/outlier_y"],
-                             name=f"{p}/outlier_matmul"),
-            helper.make_node("Add", [f"{p}/inlier_y", f"{p}/outlier_y"], [node.output[0]], name=f"{p}/outlier_add"),
+            *branch,
+            _outlier_add(p, node.output[0]),
         ]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
