@@ -1,7 +1,7 @@
 """Peers: the same PostgreSQL-docs pages through pgai's vectorizer worker and through pgsynapse, in one run,
 with the same base model, all-MiniLM-L6-v2: pgai reaches it through its OpenAI provider pointed at
 ``bench.embed_server`` on 127.0.0.1 (sentence-transformers on torch); pgsynapse runs it on the runtime a default
-install switches to at its first start (onnx-int8 ``outlier-split``, agreement-checked; ``--runtime torch`` for
+install switches to at its first start (onnx-int8 ``outlier-static``, agreement-checked; ``--runtime torch`` for
 the same runtime on both sides).
 
 For each system: pages/s from the INSERT of the pages to the last embedding committed (the worker already
@@ -29,7 +29,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from bench.common import corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
+from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
 from bench.retrieval import score, vectors_recall
 
@@ -171,7 +171,7 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=0, help="pages (default 120, --quick 25): the dev pages first")
     p.add_argument("--pgai-venv", default=os.environ.get("PGAI_VENV", "/tmp/pgai-venv"))
     p.add_argument("--latency-n", type=int, default=0, help="idle inserts per system (default 30, --quick 10)")
-    p.add_argument("--runtime", default="onnx-int8:outlier-split",
+    p.add_argument("--runtime", default=f"onnx-int8:{DEFAULT_INT8_SCHEME}",
                    help="pgsynapse's runtime[:int8 scheme] (default: what a default install switches to at its first start)")
     args = p.parse_args()
     n_pages = args.pages or (25 if args.quick else 120)

@@ -139,18 +139,18 @@ def export_fp32(source: Path, out_dir: Path) -> Path:
 
 # INT8 schemes, fastest in the worker first. "dynamic": every MatMul and the fused Attention get per-channel
 # INT8 weights and per-tensor dynamic activations (fast, but BERT's activation outliers cost neighbour agreement).
-# "outlier-split": the MatMuls are dynamic INT8 with their few outlier input channels (found on calibration
-# text) split off into a small fp32 MatMul, as in LLM.int8(); the fused Attention stays fp32 (its per-tensor
-# activation scale costs agreement whatever is split off).
 # "outlier-static": the fused Attention is unfused into MatMul(QKV) + MultiHeadAttention, and every MatMul,
-# QKV included, gets per-channel INT8 weights with its outlier input channels split off into a small fp32
-# MatMul; the activations are quantised with a static per-tensor range calibrated on the inlier channels, so
-# no mask or min/max pass is needed (an outlier channel saturates, but its INT8 weight row is zero). Closer to
-# the source and faster on its own than "outlier-split", but slower end to end in the worker (BENCHMARKS.md).
+# QKV included, gets per-channel INT8 weights with its outlier input channels (found on calibration text)
+# split off into a small fp32 MatMul, as in LLM.int8(); the activations are quantised with a static per-tensor
+# range calibrated on the inlier channels, so no mask or min/max pass is needed (an outlier channel saturates,
+# but its INT8 weight row is zero).
+# "outlier-split": the MatMuls are dynamic INT8 with the same outlier split; the fused Attention stays fp32
+# (its per-tensor activation scale costs agreement whatever is split off). Slower than "outlier-static", on
+# its own and in the worker (BENCHMARKS.md).
 # "ffn-blockwise": the FFN down-projections (the most sensitive: post-GELU inputs) use MatMulNBits 8-bit with
 # block-wise int8 activations instead. "blockwise": every MatMul uses MatMulNBits 8-bit (accurate, little faster
 # than fp32), the Attention stays dynamic.
-SCHEMES = ("dynamic", "outlier-split", "outlier-static", "ffn-blockwise", "blockwise")
+SCHEMES = ("dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise")
 _FFN_OUT = re.compile(r"layer\.\d+/output/dense/MatMul$")
 # input channels split off per MatMul: all-MiniLM-L6-v2's LayerNorm outputs have 2-4 channels up to 10x the
 # rest (channel 99 reaches 30 where the 99.9th percentile is 4); 8 leaves a margin for other models
