@@ -73,7 +73,11 @@ def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iter
         data_dir.mkdir(parents=True, exist_ok=True)
         server = EmbeddedPostgres(data_dir)
         url = server.start()
-    template = TEMPLATE if not limit else f"{TEMPLATE}_{limit}"
+    from pgsynapse.config import load_settings
+
+    # one template per chunking: a template embedded with other chunk settings would be measured silently
+    defaults = load_settings(environ={}, database_url=url)
+    template = f"{TEMPLATE}_{defaults.chunk_tokens}_{defaults.chunk_overlap}" + (f"_{limit}" if limit else "")
     info_path = data_dir / f"{template}.json"
     try:
         with psycopg.connect(url, autocommit=True) as conn:
