@@ -51,7 +51,7 @@ class Settings(BaseModel):
     export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement check of that export")
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
-    chunk_overlap: int = Field(32, ge=0, description="tokens repeated between neighbouring chunks")
+    chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")
     max_document_chars: int = Field(2_000_000, ge=1, description="longer bodies fail with a clear error")
 
     batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")
