@@ -291,7 +291,7 @@ class OnnxEmbedder(Embedder):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No memory patterns: they pay off only for an input shape seen before, and the worker's batches keep
         # bringing new (batch, length) shapes. Measured (outlier-static, worker-shaped batches): +3 % texts/s on
-        # new shapes, -3.5 % on a repeated one, ~300 MB less arena at 32 x 256 tokens (docs/performance.md).
+        # new shapes, -3.5 % on a repeated one, ~300 MB less arena at 32 x 256 tokens (BENCHMARKS.md, runtimes).
         opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         graph = spec.path / ONNX_FILES[spec.runtime]
