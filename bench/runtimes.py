@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
+from pgsynapse.export import SCHEMES
 
-# runtime[:int8 scheme]
-RUNTIMES = ["torch", "onnx", "onnx-int8:dynamic", "onnx-int8:outlier-split", "onnx-int8:outlier-static", "onnx-int8:ffn-blockwise", "onnx-int8:blockwise"]
+# runtime[:int8 scheme]: every scheme, in the order the export tries them
+RUNTIMES = ["torch", "onnx", *(f"onnx-int8:{scheme}" for scheme in SCHEMES)]
 
 
 def pool(n_pages: int) -> tuple[list[str], list[str]]:

@@ -77,3 +77,20 @@ async def test_a_stopped_wakeup_never_waits():
     with anyio.fail_after(5):
         assert await w.wait("embed", 3600) is True
         assert await w.wait("embed", 3600) is True  # and again: a loop that checks late still returns
+
+
+def test_cli_scheme_choices_are_the_export_schemes_in_order():
+    """The CLI lists the INT8 schemes literally (parsing must not import numpy); they must stay export.SCHEMES,
+    in the order the export tries them."""
+    import argparse
+
+    from pgsynapse.cli import _parser
+    from pgsynapse.export import SCHEMES
+
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices[name]
+
+    export = sub(sub(_parser(), "model"), "export")
+    [scheme] = [a for a in export._actions if a.dest == "scheme"]
+    assert tuple(scheme.choices) == SCHEMES
