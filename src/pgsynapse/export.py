@@ -137,24 +137,34 @@ def export_fp32(source: Path, out_dir: Path) -> Path:
     return out_dir / ONNX_FILES["onnx"]
 
 
-# INT8 schemes, fastest in the worker first. "dynamic": every MatMul and the fused Attention get per-channel
-# INT8 weights and per-tensor dynamic activations (fast, but BERT's activation outliers cost neighbour agreement).
+# INT8 schemes, tried in this order (fastest in the worker first, the more accurate first among equals).
+# "smooth-static": SmoothQuant (Xiao et al., 2023) with static activations: the fused Attention becomes
+# QAttention and the LayerNorm-fed MatMuls see x / s with weights s * W, so BERT's few large activation channels
+# move into the per-column weight scales; the FFN down-projections (post-GELU inputs) split their 2 largest
+# input channels off into fp32 instead. As fast as "dynamic", as close to fp32 as "outlier-static".
+# "dynamic": every MatMul and the fused Attention get per-channel INT8 weights and per-tensor dynamic
+# activations (fast, but BERT's activation outliers cost neighbour agreement).
 # "outlier-static": the fused Attention is unfused into MatMul(QKV) + MultiHeadAttention, and every MatMul,
 # QKV included, gets per-channel INT8 weights with its outlier input channels (found on calibration text)
 # split off into a small fp32 MatMul, as in LLM.int8(); the activations are quantised with a static per-tensor
 # range calibrated on the inlier channels, so no mask or min/max pass is needed (an outlier channel saturates,
-# but its INT8 weight row is zero).
+# but its INT8 weight row is zero). ~20 % slower than "smooth-static" (the branches and the unfused attention).
 # "outlier-split": the MatMuls are dynamic INT8 with the same outlier split; the fused Attention stays fp32
 # (its per-tensor activation scale costs agreement whatever is split off). Slower than "outlier-static", on
 # its own and in the worker (BENCHMARKS.md).
 # "ffn-blockwise": the FFN down-projections (the most sensitive: post-GELU inputs) use MatMulNBits 8-bit with
 # block-wise int8 activations instead. "blockwise": every MatMul uses MatMulNBits 8-bit (accurate, little faster
 # than fp32), the Attention stays dynamic.
-SCHEMES = ("dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise")
+SCHEMES = ("smooth-static", "dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise")
 _FFN_OUT = re.compile(r"layer\.\d+/output/dense/MatMul$")
 # input channels split off per MatMul: all-MiniLM-L6-v2's LayerNorm outputs have 2-4 channels up to 10x the
 # rest (channel 99 reaches 30 where the 99.9th percentile is 4); 8 leaves a margin for other models
 OUTLIER_CHANNELS = 8
+# smooth-static: SmoothQuant's migration strength (on all-MiniLM-L6-v2, 0.7-0.9 agree alike with fp32, 0.5
+# loses 0.05 of neighbour agreement) and the post-GELU channels split off per FFN down-projection (one or two
+# stand far out: 2, 4 and 8 agree alike)
+SMOOTH_ALPHA = 0.8
+SMOOTH_OUTLIER_CHANNELS = 2
 
 
 def _matmul_names(model: Any) -> list[str]:
@@ -295,6 +305,66 @@ def unfuse_attention(model: Any) -> None:
     model.graph.node.extend(nodes)
 
 
+def _static_int8(p: str, weight: np.ndarray, lo: np.ndarray, hi: np.ndarray, inlier: np.ndarray) -> list[Any]:
+    """The initialisers of a statically quantised ``x @ weight`` named ``p``: ``{p}/x_scale`` and
+    ``{p}/x_zero_point`` (the uint8 range of the calibrated ``[lo, hi]`` of the ``inlier`` input channels; an
+    outlier channel saturates, but its weight row is zero), and ``{p}/w_int8``, ``{p}/w_scale``,
+    ``{p}/w_zero_point`` (per-column symmetric INT8 of ``weight`` with the other rows zeroed)."""
+    from onnx import numpy_helper
+
+    x_min, x_max = min(float(lo[inlier].min()), 0.0), max(float(hi[inlier].max()), 0.0)
+    x_scale = np.float32(max(x_max - x_min, 1e-6) / 255.0)
+    x_zero = np.uint8(np.clip(round(-x_min / float(x_scale)), 0, 255))
+    w = np.where(inlier[:, None], weight, 0.0)
+    w_scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    w_scale[w_scale == 0] = 1.0
+    w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+    return [
+        numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}/x_scale"),
+        numpy_helper.from_array(np.array(x_zero, np.uint8), f"{p}/x_zero_point"),
+        numpy_helper.from_array(w_q, f"{p}/w_int8"),
+        numpy_helper.from_array(w_scale, f"{p}/w_scale"),
+        numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{p}/w_zero_point"),
+    ]
+
+
+def _static_matmul(p: str, x: str, output: str) -> list[Any]:
+    """``QuantizeLinear(x)`` then ``MatMulIntegerToFloat`` into ``output``, with :func:`_static_int8`'s
+    initialisers."""
+    from onnx import helper
+
+    return [
+        helper.make_node("QuantizeLinear", [x, f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_uint8"], name=f"{p}/quantize"),
+        helper.make_node("MatMulIntegerToFloat",
+                         [f"{p}/x_uint8", f"{p}/w_int8", f"{p}/x_scale", f"{p}/w_scale", f"{p}/x_zero_point",
+                          f"{p}/w_zero_point"], [output], name=p, domain="com.microsoft"),
+    ]
+
+
+def _smoothing(lo: np.ndarray, hi: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors ``s = max|x|^alpha / max|W row|^(1 - alpha)`` (median 1):
+    ``(x / s) @ (s * W)`` is ``x @ W``, with the activation outliers moved into the per-column weight scales."""
+    amax = np.maximum(np.maximum(-lo, hi), 1e-5)
+    s = amax**alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1 - alpha)
+    return (s / np.median(s)).astype(np.float32)
+
+
+def _save_rewritten(model: Any, nodes: list[Any], dst: Path) -> None:
+    """Replace ``model``'s nodes by ``nodes``, drop the initialisers no node uses, save to ``dst``."""
+    import onnx
+    from onnx import helper
+
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+
+
 def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS) -> None:
     """The ``outlier-static`` graph of ``src``: attention unfused, then every MatMul ``y = x @ W`` written as
     ``MatMulIntegerToFloat(QuantizeLinear(x), Wq) + x[..., C] @ W[C]``. ``C``: the ``k`` input channels with the
@@ -302,7 +372,7 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     symmetric INT8 of ``W`` with the rows of ``C`` zeroed; the uint8 activation range: the calibrated min and
     max of the other channels."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load(str(src))
     unfuse_attention(model)
@@ -321,46 +391,89 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
         channels, branch_inits, branch = _outlier_branch(p, x, weight, np.maximum(-lo, hi), kk)
         inlier = np.ones(weight.shape[0], bool)
         inlier[channels] = False
-        x_min, x_max = min(float(lo[inlier].min()), 0.0), max(float(hi[inlier].max()), 0.0)
-        x_scale = np.float32(max(x_max - x_min, 1e-6) / 255.0)
-        x_zero = np.uint8(np.clip(round(-x_min / float(x_scale)), 0, 255))
-        w_inlier = weight.copy()
-        w_inlier[channels] = 0.0
-        w_scale = (np.abs(w_inlier).max(axis=0) / 127.0).astype(np.float32)
-        w_scale[w_scale == 0] = 1.0
-        w_q = np.clip(np.round(w_inlier / w_scale), -127, 127).astype(np.int8)
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}/x_scale"),
-            numpy_helper.from_array(np.array(x_zero, np.uint8), f"{p}/x_zero_point"),
-            numpy_helper.from_array(w_q, f"{p}/w_int8"),
-            numpy_helper.from_array(w_scale, f"{p}/w_scale"),
-            numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{p}/w_zero_point"),
-            *branch_inits,
-        ])
-        nodes += [
-            helper.make_node("QuantizeLinear", [x, f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_uint8"],
-                             name=f"{p}/quantize"),
-            helper.make_node("MatMulIntegerToFloat",
-                             [f"{p}/x_uint8", f"{p}/w_int8", f"{p}/x_scale", f"{p}/w_scale", f"{p}/x_zero_point",
-                              f"{p}/w_zero_point"], [f"{p}/inlier_y"], name=p, domain="com.microsoft"),
-            *branch,
-            _outlier_add(p, node.output[0]),
-        ]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(dst))
+        model.graph.initializer.extend([*_static_int8(p, weight, lo, hi, inlier), *branch_inits])
+        nodes += [*_static_matmul(p, x, f"{p}/inlier_y"), *branch, _outlier_add(p, node.output[0])]
+    _save_rewritten(model, nodes, dst)
+
+
+# producers after which a MatMul's input is not a linear function of a LayerNorm's: smoothing cannot be folded
+# there, and the down-projection's few huge post-GELU channels are split off instead
+_NONLINEAR = {"Gelu", "BiasGelu", "FastGelu", "Relu", "QuickGelu"}
+
+
+def smooth_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, alpha: float = SMOOTH_ALPHA,
+                  k: int = SMOOTH_OUTLIER_CHANNELS) -> None:
+    """The ``smooth-static`` graph of ``src``, every quantised input static per-tensor uint8:
+
+    - a fused ``Attention`` becomes ``QAttention`` (ONNX Runtime's INT8 attention, which keeps the fused kernel)
+      on ``x / s`` with weights ``s * W`` (:func:`_smoothing`); ``/ s`` is a ``Mul`` before the ``QuantizeLinear``
+      (a per-axis ``QuantizeLinear`` is 100x slower);
+    - a MatMul after a nonlinearity (the FFN down-projection) is not smoothed; its ``k`` largest input channels
+      are split off into an fp32 branch as in ``outlier-static``;
+    - a MatMul on an attention output (the output projection) is quantised as it is (smoothing it changed
+      nothing measurable);
+    - every other MatMul (on a LayerNorm: the FFN up-projection) is smoothed like the attention."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    ranges = _activation_range(model, sorted({n.input[0] for n in attention + matmuls}), feeds)
+
+    def smoothed(p: str, x: str, weight: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, list[Any]]:
+        lo, hi = ranges[x]
+        s = _smoothing(lo, hi, weight, alpha)
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{p}/smooth"))
+        mul = helper.make_node("Mul", [x, f"{p}/smooth"], [f"{p}/x_smooth"], name=f"{p}/smooth")
+        return f"{p}/x_smooth", weight * s[:, None], lo / s, hi / s, [mul]
+
+    nodes = []
+    for node in model.graph.node:
+        p = node.name
+        if node.op_type == "Attention":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            x, w, b = node.input[:3]
+            mask = node.input[3] if len(node.input) > 3 else ""
+            if set(attrs) - {"num_heads"} or len(node.input) > 4 or w not in inits or b not in inits:
+                raise ModelError(f"cannot quantise attention node {p}: unsupported inputs or attributes {sorted(attrs)}")
+            xs, weight, lo, hi, mul = smoothed(p, x, numpy_helper.to_array(inits[w]).astype(np.float32))
+            model.graph.initializer.extend(_static_int8(p, weight, lo, hi, np.ones(weight.shape[0], bool)))
+            nodes += [*mul,
+                      helper.make_node("QuantizeLinear", [xs, f"{p}/x_scale", f"{p}/x_zero_point"], [f"{p}/x_uint8"],
+                                       name=f"{p}/quantize"),
+                      helper.make_node("QAttention",
+                                       [f"{p}/x_uint8", f"{p}/w_int8", b, f"{p}/x_scale", f"{p}/w_scale", mask,
+                                        f"{p}/x_zero_point", f"{p}/w_zero_point"],
+                                       list(node.output), name=p, domain="com.microsoft", num_heads=attrs["num_heads"])]
+            continue
+        if node not in matmuls:
+            nodes.append(node)
+            continue
+        x, w = node.input[0], node.input[1]
+        weight = numpy_helper.to_array(inits[w]).astype(np.float32)
+        lo, hi = ranges[x]
+        inlier = np.ones(weight.shape[0], bool)
+        if producer.get(x) in _NONLINEAR:
+            channels, branch_inits, branch = _outlier_branch(p, x, weight, np.maximum(-lo, hi), k)
+            inlier[channels] = False
+            model.graph.initializer.extend([*_static_int8(p, weight, lo, hi, inlier), *branch_inits])
+            nodes += [*_static_matmul(p, x, f"{p}/inlier_y"), *branch, _outlier_add(p, node.output[0])]
+            continue
+        mul = []
+        if producer.get(x) != "Attention":
+            x, weight, lo, hi, mul = smoothed(p, x, weight)
+        model.graph.initializer.extend(_static_int8(p, weight, lo, hi, inlier))
+        nodes += [*mul, *_static_matmul(p, x, node.output[0])]
+    _save_rewritten(model, nodes, dst)
 
 
 def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list[str] | None = None,
                   calibration: list[str] | None = None) -> Path:
     """``model_int8.onnx`` from ``model.onnx`` with one of :data:`SCHEMES`. ``calibration``: texts whose
-    activations pick the outlier channels of ``outlier-split`` (default: chunks of the shipped corpus)."""
+    activations calibrate the static schemes and pick the outlier channels (default: chunks of the shipped corpus)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -370,8 +483,9 @@ def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, exclude_nodes: list
     staged = src
     exclude = list(exclude_nodes or [])
     op_types = ["MatMul", "Gemm", "Attention"]
-    if scheme == "outlier-static":
-        split_outliers_static(src, dst, _calibration_feeds(out_dir, calibration))
+    if scheme in ("smooth-static", "outlier-static"):
+        rewrite = smooth_static if scheme == "smooth-static" else split_outliers_static
+        rewrite(src, dst, _calibration_feeds(out_dir, calibration))
         _record_scheme(out_dir, scheme)
         return dst
     if scheme == "outlier-split":

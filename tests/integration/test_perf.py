@@ -52,8 +52,8 @@ async def test_onnx_runtimes_match_torch_and_share_its_interface(onnx_artifact, 
 
 def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_artifact, tmp_path):
     """The rewrites are exact in fp32: ``(x * mask) @ W + x[..., C] @ W[C]``, and the fused Attention unfused into
-    MatMul(QKV) + MultiHeadAttention. Quantised, both outlier schemes stay closer to fp32 than plain dynamic INT8
-    on real text (the outlier channels no longer set the activation scale)."""
+    MatMul(QKV) + MultiHeadAttention. Quantised, the outlier and smoothing schemes stay closer to fp32 than plain
+    dynamic INT8 on real text (the outlier channels no longer set the activation scale)."""
     import shutil
     from collections import Counter
 
@@ -81,7 +81,7 @@ def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_a
     chunks, _ = sample_texts(ref.tokenizer, n_chunks=48)
     base = ref.encode(chunks)
     cosine = {}
-    for scheme in ("dynamic", "outlier-split", "outlier-static"):
+    for scheme in ("dynamic", "outlier-split", "outlier-static", "smooth-static"):
         out = tmp_path / scheme
         shutil.copytree(onnx_artifact, out)
         quantize_int8(out, scheme)
@@ -90,9 +90,14 @@ def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_a
     # outlier-static quantises the QKV projection too, with no per-batch scale
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "outlier-static" / "model_int8.onnx")).graph.node)
     assert ops["MatMulIntegerToFloat"] == 24 and ops["Attention"] == 0, ops
+    # smooth-static keeps the fused attention (as QAttention), smooths the QKV and FFN-in inputs and splits the
+    # FFN-out inputs
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "smooth-static" / "model_int8.onnx")).graph.node)
+    assert ops["QAttention"] == 6 and ops["MatMulIntegerToFloat"] == 18 and ops["Mul"] == 12, ops
+    assert ops["Gather"] == 6 and ops["DynamicQuantizeLinear"] == 0 and ops["MatMul"] == 6, ops
     # measured: dynamic ~0.9946, outlier-split ~0.9992, outlier-static ~0.999 (1 - cosine 7x smaller)
-    assert 1 - cosine["outlier-split"] < (1 - cosine["dynamic"]) / 2, cosine
-    assert 1 - cosine["outlier-static"] < (1 - cosine["dynamic"]) / 2, cosine
+    for scheme in ("outlier-split", "outlier-static", "smooth-static"):
+        assert 1 - cosine[scheme] < (1 - cosine["dynamic"]) / 2, cosine
 
 
 async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models):
