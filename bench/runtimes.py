@@ -94,36 +94,42 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=0, help="corpus pages in the pool (default all; --quick 80)")
     p.add_argument("--interleaved-only", action="store_true", help="only the interleaved batch-32 speed comparison")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved comparison")
+    p.add_argument("--runtimes", default=",".join(RUNTIMES),
+                   help="comma-separated subset of %(default)s (torch, the reference, is always run)")
     p.add_argument("--one", help=argparse_hidden())
     p.add_argument("--work")
     args = p.parse_args()
     if args.one:
         one(args.one, Path(args.work), args.threads)
         return
+    chosen = ["torch", *(rt for rt in RUNTIMES if rt != "torch" and rt in args.runtimes.split(","))]
+    unknown = set(args.runtimes.split(",")) - set(RUNTIMES)
+    if unknown:
+        p.error(f"unknown runtimes {sorted(unknown)}: choose from {RUNTIMES}")
     emit("runtimes", "machine", **machine())
     if args.interleaved_only:
         texts, _ = pool(20)
-        interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads)
+        interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads, chosen)
         table()
         return
     texts, ids = pool(args.pages or (80 if args.quick else 0))
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
     queries = [d["q"] for d in dev] + [d["q"] for d in train]
-    arts = {rt: str(artifact(*rt.split(":"))) for rt in RUNTIMES if rt != "torch"}
+    arts = {rt: str(artifact(*rt.split(":"))) for rt in chosen if rt != "torch"}
     work = Path(tempfile.mkdtemp(prefix="pgsynapse-runtimes-"))
     n_speed = 64 if args.quick else 256
     (work / "texts.json").write_text(json.dumps({"chunks": texts, "queries": queries, "artifacts": arts,
                                                  "n_speed": n_speed, "n_batch1": 32 if args.quick else 64}))
     stats = {}
-    for rt in RUNTIMES:
+    for rt in chosen:
         subprocess.run([sys.executable, "-m", "bench.runtimes", "--one", rt, "--work", str(work), "--threads",
                         str(args.threads)], check=True, env={**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning"})
         stats[rt] = json.loads((work / f"{rt}.json").read_text())
     from pgsynapse.models import ONNX_FILES, default_model_path
 
     ref = np.load(work / "torch.npz")
-    for rt in RUNTIMES:
+    for rt in chosen:
         v = np.load(work / f"{rt}.npz")
         size = (Path(arts[rt]) / ONNX_FILES[rt.split(":")[0]]).stat().st_size if rt in arts else (default_model_path() / "model.safetensors").stat().st_size
         top_ref = np.argsort(-(ref["queries"] @ ref["chunks"].T), axis=1)[:, :10]
@@ -134,28 +140,28 @@ def main() -> None:
         emit("runtimes", rt, chunks=len(texts), **stats[rt], size_mb=round(size / 2**20, 1),
              overlap_at_10=round(overlap, 4), cosine=round(cos, 5), dev_recall_at_5=round(r5, 4), dev_mrr_at_10=round(mrr, 4),
              speedup_b32=round(stats[rt]["texts_per_s_b32"] / stats["torch"]["texts_per_s_b32"], 2))
-    interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads)
+    interleaved(texts[: 64 if args.quick else 128], args.rounds, args.threads, chosen)
     table()
 
 
-def interleaved(texts: list[str], rounds: int, threads: int) -> None:
+def interleaved(texts: list[str], rounds: int, threads: int, runtimes: list[str]) -> None:
     """Batch-32 texts/s of every runtime in one process, alternating round by round, so a shared, busy
     machine's load hits them alike; median per runtime and its ratio to torch."""
     from pgsynapse.models import ModelSpec, default_model_path, load_embedder
 
     ems = {}
-    for rt in RUNTIMES:
+    for rt in runtimes:
         path = artifact(*rt.split(":")) or default_model_path()
         ems[rt] = load_embedder(ModelSpec(1, "m", Path(path), rt.split(":")[0], 384), threads=threads, onnx_threads=threads)
         ems[rt].encode(texts[:32], 32)
-    speeds: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
+    speeds: dict[str, list[float]] = {rt: [] for rt in runtimes}
     for _ in range(rounds):
         for rt, e in ems.items():
             s = time.perf_counter()
             e.encode(texts, 32)
             speeds[rt].append(len(texts) / (time.perf_counter() - s))
     base = float(np.median(speeds["torch"]))
-    for rt in RUNTIMES:
+    for rt in runtimes:
         med = float(np.median(speeds[rt]))
         emit("runtimes", f"interleaved_b32:{rt}", texts=len(texts), rounds=rounds, texts_per_s=round(med, 2),
              all=[round(x, 1) for x in speeds[rt]], speedup_vs_torch=round(med / base, 2))
