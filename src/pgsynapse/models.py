@@ -223,6 +223,11 @@ class FastTokenizer:
             return {k: v[0] for k, v in rows.items()}
         return rows
 
+    @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` (no truncation, no padding)."""
+        return self._tok
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)

@@ -42,3 +42,29 @@ def test_text_without_spaces_or_in_other_scripts(tokenizer):
         chunks = ch.split("t", body)
         assert chunks and all(c.token_count <= 48 for c in chunks)
         assert chunks[-1].char_end == len(body.rstrip())
+
+
+def test_counts_known_from_the_body_tokens_equal_a_fresh_tokenization(tokenizer):
+    """The default model's tokenizer as the ONNX runtimes load it (BERT WordPiece through ``tokenizers``) takes
+    the fast path: a chunk on word boundaries is counted from the body's tokens, not tokenized again. Every
+    chunk, fast or not, must equal the chunk of the always-retokenizing path, count included, on text that cuts
+    words (no spaces, long words), accents, CJK and punctuation."""
+    from pgsynapse.models import default_model_path, load_tokenizer
+
+    fast_tokenizer = load_tokenizer(default_model_path())
+    body = "\n\n".join([
+        " ".join(f"Sentence {i} talks about café, naïve façades and résumés (é/è/ê)." for i in range(40)),
+        "x" * 3000,  # one very long word: windows must cut it mid-word
+        "超長の日本語テキストが続きます。" * 60,
+        " ".join("hyper-parameter/pg_stat_statements::regclass" for _ in range(80)),
+        "Antidisestablishmentarianism " * 90,
+    ])
+    for limit, overlap in ((48, 4), (64, 8), (256, 0)):
+        fast, slow = Chunker(fast_tokenizer, limit, overlap), Chunker(fast_tokenizer, limit, overlap)
+        assert fast._words is not None  # the default tokenizer is word-local: the fast path is under test
+        slow._words = None
+        assert Chunker(tokenizer, limit, overlap)._words is None  # transformers' tokenizer: always tokenized again
+        chunks = fast.split("Título: ünïcode", body)
+        assert chunks == slow.split("Título: ünïcode", body)
+        for c in chunks:
+            assert c.token_count == len(tokenizer(c.embed_text)["input_ids"]) <= limit
