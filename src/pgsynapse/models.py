@@ -273,7 +273,7 @@ def onnx_feeds(tokenizer: Any, texts: list[str], max_length: int, inputs: set[st
 class OnnxEmbedder(Embedder):
     """The exported transformer on ONNX Runtime (fp32 or INT8); pooling and normalisation in numpy.
 
-    Texts are sorted by length and batched, so padding is only to the longest text of each batch.
+    Texts are tokenized once, then batched by token count (:func:`length_batches`), so padding is small.
     """
 
     def __init__(self, spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> None:
@@ -305,26 +305,53 @@ class OnnxEmbedder(Embedder):
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot load ONNX model {graph}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
         self._inputs = {i.name for i in self.session.get_inputs()}
+        self._pad_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
         dim = int(meta.get("dim") or self.session.get_outputs()[0].shape[-1])
         self._check_dim(dim)
         self.load_seconds = time.perf_counter() - started
         self._loaded(dim)
 
-    def _run(self, texts: list[str]) -> np.ndarray:
-        feeds = onnx_feeds(self.tokenizer, texts, self.max_seq_length, self._inputs)
-        hidden = self.session.run(None, feeds)[0]
-        return mean_pool_normalise(hidden, feeds["attention_mask"])
+    def _run(self, rows: list[list[int]]) -> np.ndarray:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+        return mean_pool_normalise(hidden, mask)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.spec.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        rows = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
         out = np.empty((len(texts), self.spec.dim), dtype=np.float32)
         with self._lock:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                out[idx] = self._run([texts[i] for i in idx])
+            for idx in length_batches([len(r) for r in rows], batch_size):
+                out[idx] = self._run([rows[i] for i in idx])
         return out
+
+
+# a batch takes texts down to this fraction shorter than its longest (padding is work: sorting by characters
+# instead of tokens padded the docs' chunks by 12-13 %, this by 1-2 %; batch sizes 4-32 run alike)
+PAD_TOLERANCE = 0.1
+
+
+def length_batches(lengths: list[int], batch_size: int, tolerance: float = PAD_TOLERANCE) -> list[list[int]]:
+    """Indices of ``lengths`` (token counts) in batches of at most ``batch_size``, longest first, each batch's
+    texts within ``tolerance`` of its longest, so little of each forward pass is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]]
+        end = start + 1
+        while end < len(order) and end - start < batch_size and longest - lengths[order[end]] <= tolerance * longest:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def load_embedder(spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> Embedder:

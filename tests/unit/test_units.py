@@ -94,3 +94,20 @@ def test_cli_scheme_choices_are_the_export_schemes_in_order():
     export = sub(sub(_parser(), "model"), "export")
     [scheme] = [a for a in export._actions if a.dest == "scheme"]
     assert tuple(scheme.choices) == SCHEMES
+
+
+def test_length_batches_bound_padding_and_cover_every_text_once():
+    from pgsynapse.models import length_batches
+
+    lengths = [256, 12, 250, 240, 256, 3, 100, 95, 91, 256, 230, 231] * 7
+    batches = length_batches(lengths, 8)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 8 and lengths[b[0]] == longest
+        assert all(longest - lengths[i] <= 0.1 * longest for i in b), [lengths[i] for i in b]
+    # longest first, full batches where the lengths allow (21 texts of 256: the first batch is 8 of them)
+    assert [lengths[i] for i in batches[0]] == [256] * 8
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded / sum(lengths) < 1.05
+    assert length_batches([], 8) == [] and length_batches([5], 8) == [[0]]
