@@ -261,13 +261,22 @@ def mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
+def pad_feeds(rows: list[list[int]], pad_id: int, inputs: set[str]) -> dict[str, np.ndarray]:
+    """The int64 ``inputs`` of an exported BERT-like graph for the token ids ``rows``, padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {k: v for k, v in feeds.items() if k in inputs}
+
+
 def onnx_feeds(tokenizer: Any, texts: list[str], max_length: int, inputs: set[str]) -> dict[str, np.ndarray]:
-    """The int64 inputs of an exported BERT-like graph for ``texts`` (padded to the longest, truncated)."""
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    feeds = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in inputs}
-    if "token_type_ids" in inputs and "token_type_ids" not in feeds:
-        feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-    return feeds
+    """:func:`pad_feeds` for ``texts`` (truncated to ``max_length`` tokens)."""
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return pad_feeds(rows, int(getattr(tokenizer, "pad_token_id", None) or 0), inputs)
 
 
 class OnnxEmbedder(Embedder):
@@ -312,15 +321,9 @@ class OnnxEmbedder(Embedder):
         self._loaded(dim)
 
     def _run(self, rows: list[list[int]]) -> np.ndarray:
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = pad_feeds(rows, self._pad_id, self._inputs | {"attention_mask"})  # the mask also pools
         hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
-        return mean_pool_normalise(hidden, mask)
+        return mean_pool_normalise(hidden, feeds["attention_mask"])
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if not texts:
