@@ -61,6 +61,13 @@ def _embed_corpus(url: str, limit: int | None) -> dict[str, float]:
     return {"pages": len(pages), "embed_seconds": round(time.perf_counter() - started, 1)}
 
 
+def _artifacts_exist(url: str) -> bool:
+    """Whether every model version of the database at ``url`` still has its artifact directory."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT artifact_path FROM pgsynapse.model_versions WHERE artifact_path IS NOT NULL").fetchall()
+    return all(Path(r[0]).exists() for r in rows)
+
+
 @contextlib.contextmanager
 def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iterator[tuple[str, dict]]:
     """A fresh copy of the embedded corpus database; yields ``(url, info)``."""
@@ -75,13 +82,19 @@ def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iter
         url = server.start()
     from pgsynapse.config import load_settings
 
-    # one template per chunking: a template embedded with other chunk settings would be measured silently
+    from pgsynapse.export import SCHEMES
+
+    # one template per chunking and runtime (the first INT8 scheme is the one the default model gets): a
+    # template embedded with other settings would be measured silently
     defaults = load_settings(environ={}, database_url=url)
-    template = f"{TEMPLATE}_{defaults.chunk_tokens}_{defaults.chunk_overlap}" + (f"_{limit}" if limit else "")
+    template = (f"{TEMPLATE}_{defaults.chunk_tokens}_{defaults.chunk_overlap}_{defaults.runtime}_{SCHEMES[0]}"
+                + (f"_{limit}" if limit else "")).replace("-", "_")
     info_path = data_dir / f"{template}.json"
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (template,)).fetchone()
+        if exists and not _artifacts_exist(_url(url, template)):
+            exists = None  # its model artifacts were deleted (e.g. with the data dir): embed again
         if not exists or not info_path.exists():
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
