@@ -1,7 +1,7 @@
 """Peers: the same PostgreSQL-docs pages through pgai's vectorizer worker and through pgsynapse, in one run,
 with the same base model, all-MiniLM-L6-v2: pgai reaches it through its OpenAI provider pointed at
 ``bench.embed_server`` on 127.0.0.1 (sentence-transformers on torch); pgsynapse runs it on the runtime a default
-install switches to at its first start (onnx-int8 ``outlier-static``, agreement-checked; ``--runtime torch`` for
+install switches to at its first start (onnx-int8 ``smooth-static``, agreement-checked; ``--runtime torch`` for
 the same runtime on both sides).
 
 For each system: pages/s from the INSERT of the pages to the last embedding committed (the worker already
