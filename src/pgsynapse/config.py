@@ -6,6 +6,7 @@ An invalid value stops start-up with a one-line :class:`ConfigError` that names 
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +19,8 @@ from pgsynapse.errors import ConfigError
 DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse.export uses the same)
 
 ENV_PREFIX = "PGSYNAPSE_"
+# settings that may carry a password or a key: an error about them never shows the value
+SECRET_SETTINGS = frozenset({"database_url", "openai_api_key", "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -33,7 +36,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    database_url: str | None = Field(None, description="PostgreSQL URL; none starts the embedded server")
+    database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
 
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
@@ -88,7 +91,7 @@ class Settings(BaseModel):
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
     answerer_model_path: str | None = Field(None, description="local transformers model dir (answerer = transformers)")
     answer_max_new_tokens: int = Field(160, ge=1, le=4096)
-    openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (answerer = openai)")
+    openai_base_url: str | None = Field(None, repr=False, description="OpenAI-compatible endpoint (answerer = openai)")
     openai_api_key: str | None = Field(None, repr=False)
     openai_model: str = "gpt-4o-mini"
 
@@ -173,14 +176,26 @@ def load_settings(
     try:
         return Settings(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = _setting_name(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        if not err["loc"] and ": " in msg:
-            # a cross-field rule: its message starts with the setting it is about
-            name, msg = msg.split(": ", 1)
-            value = values.get(name)
-        where = f"{ENV_PREFIX}{name.upper()}" if name in Settings.model_fields else name
-        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
-        raise ConfigError(f"invalid setting {name} [{where}]: {msg}{shown}") from None
+        problem = _describe(exc.errors()[0], values)
+    # raised outside the handler: pydantic's error (its input_value may be a password) is not even its context
+    raise ConfigError(problem)
+
+
+def _describe(err: Any, values: dict[str, Any]) -> str:
+    """The one-line message of a validation error, naming the setting; a secret's value is never shown."""
+    name = _setting_name(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if not err["loc"] and ": " in msg:
+        # a cross-field rule: its message starts with the setting it is about
+        name, msg = msg.split(": ", 1)
+        value = values.get(name)
+    known = name in Settings.model_fields
+    where = f"{ENV_PREFIX}{name.upper()}" if known else name
+    if not known:
+        # a mistyped key: its value may be the secret of the setting it meant, so it is never shown
+        close = difflib.get_close_matches(name, Settings.model_fields, n=1)
+        msg = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+        value = None
+    shown = "" if isinstance(value, dict) or value is None or name in SECRET_SETTINGS else f" (got {value!r})"
+    return f"invalid setting {name} [{where}]: {msg}{shown}"

@@ -62,3 +62,32 @@ def test_root_default_data_dir_is_not_under_root(monkeypatch):
 
     monkeypatch.setattr(config.os, "geteuid", lambda: 0)
     assert config.default_data_dir() == Path("/var/lib/pgsynapse")
+
+
+def test_mistyped_toml_key_is_named_and_its_value_never_shown(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('databse_url = "postgresql://u:pw-S3CRET-42@h/db"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_settings(f, environ={})
+    msg = str(exc.value)
+    assert msg.startswith("invalid setting databse_url") and "database_url" in msg.split(":", 1)[1]
+    assert "S3CRET" not in msg and "S3CRET" not in repr(exc.value.__cause__ or exc.value.__context__)
+
+
+@pytest.mark.parametrize("name, toml", [
+    ("database_url", '["postgresql://u:pw-S3CRET-42@h/db"]'),
+    ("openai_api_key", '["sk-S3CRET-42"]'),
+    ("openai_base_url", '["https://u:S3CRET-42@llm.example/v1"]'),
+])
+def test_invalid_secret_setting_never_shows_its_value(tmp_path: Path, name, toml):
+    f = tmp_path / "c.toml"
+    f.write_text(f"{name} = {toml}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(f, environ={})
+    msg = str(exc.value)
+    assert msg.startswith(f"invalid setting {name}") and "S3CRET" not in msg
+
+
+def test_settings_repr_hides_the_database_url():
+    s = load_settings(environ={"DATABASE_URL": "postgresql://u:pw-S3CRET-42@h/db"})
+    assert "S3CRET" not in repr(s) and "S3CRET" not in str(s)
