@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -88,11 +87,26 @@ class RetrainHandler(Handler[RetrainWork]):
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
             hard_negatives=s.retrain_hard_negatives, freeze_layers=s.retrain_freeze_layers,
         )
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(asdict(spec), f)
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))
-        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.train", f.name], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        # the spec carries the database URL, password included: it goes through a pipe, never a file, argv or env
+        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.train"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            return self._follow(proc, spec, w)
+        finally:
+            if proc.poll() is None:  # the parent failed or was interrupted: the trainer must not outlive it
+                proc.kill()
+                proc.wait()
+
+    def _follow(self, proc: subprocess.Popen[str], spec: TrainSpec, w: RetrainWork) -> dict[str, Any]:
+        """Hand the spec to the trainer, relay its progress events, and read its metrics when it succeeds."""
+        s = self.settings
+        try:
+            if proc.stdin is not None:
+                proc.stdin.write(json.dumps(asdict(spec)))
+                proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the trainer died at once: its exit code and stderr below say why
         over_budget = threading.Event()
         peak = [0.0]
 
@@ -136,7 +150,6 @@ class RetrainHandler(Handler[RetrainWork]):
                 last_step = time.monotonic()
             log.info(name, job=w.job.id, **ev)
         code = proc.wait()
-        Path(f.name).unlink(missing_ok=True)
         if over_budget.is_set():
             raise TrainingFailed(f"training exceeded its memory budget of {s.retrain_memory_mb} MB and was stopped")
         if overtime.is_set():
@@ -144,9 +157,9 @@ class RetrainHandler(Handler[RetrainWork]):
         if code != 0:
             tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
             raise TrainingFailed(f"training process exited with {code}: {tail}")
-        metrics = json.loads((out_dir / "metrics.json").read_text())
+        metrics = json.loads((Path(spec.out_dir) / "metrics.json").read_text())
         metrics["peak_rss_mb_observed"] = round(peak[0], 1)
-        return {"metrics": metrics, "path": str(out_dir), "base": w.active}
+        return {"metrics": metrics, "path": spec.out_dir, "base": w.active}
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()

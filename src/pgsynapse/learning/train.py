@@ -1,6 +1,7 @@
 """Fine-tune a candidate embedding model from feedback, in its own process.
 
-Run by the ``retrain`` handler as ``python -m pgsynapse.learning.train SPEC.json``; never inside a worker.
+Run by the ``retrain`` handler as ``python -m pgsynapse.learning.train`` with the JSON spec on stdin (it holds the
+database URL, password included: a pipe, never a file, argv or the environment); never inside a worker.
 Reads training examples, chunks and the base version's stored embeddings from the database (short
 autocommit reads, no transaction held), writes the model and ``metrics.json`` into the output directory.
 
@@ -269,5 +270,4 @@ def main(spec: TrainSpec) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    raw = json.loads(Path(sys.argv[1]).read_text())
-    main(TrainSpec(**raw))
+    main(TrainSpec(**json.loads(sys.stdin.read())))

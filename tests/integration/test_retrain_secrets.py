@@ -1,0 +1,68 @@
+"""The retrain handler's trainer process gets the database URL (password included) through a pipe: it is
+never in a file, on the command line or in the environment, and nothing is left behind when training fails."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from pgsynapse.config import load_settings
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.retrain import RetrainHandler, RetrainWork
+from pgsynapse.models import ModelCache
+from tests.helpers import SAFETY_TIMEOUT
+
+SECRET = "pw-TRAINER-S3CRET-9731"
+V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "artifact_path": None, "runtime": "torch", "dim": 384}
+
+
+def _files_holding(text: str, *roots: Path) -> list[Path]:
+    found = []
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and text.encode() in p.read_bytes():
+                found.append(p)
+    return found
+
+
+def test_trainer_gets_the_url_through_a_pipe_and_a_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    tmp, data = tmp_path / "tmp", tmp_path / "data"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the trainer's temp files
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the handler's
+    # a "server" that accepts the trainer's connection and answers nothing: the accept is the moment the
+    # trainer has its spec and is connecting; closing it makes the run fail
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(SAFETY_TIMEOUT)
+    url = f"postgresql://trainer:{SECRET}@127.0.0.1:{server.getsockname()[1]}/db?connect_timeout=60"
+    settings = load_settings(environ={}, database_url=url, data_dir=str(data), runtime="torch")
+    handler = RetrainHandler(settings, ModelCache())
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    outcomes: list = []
+    run = threading.Thread(target=lambda: outcomes.extend(handler.compute([RetrainWork(job, V1, 0, True)])))
+    run.start()
+    try:
+        conn, _ = server.accept()
+        trainers = [p for p in psutil.Process().children(recursive=True)
+                    if "pgsynapse.learning.train" in " ".join(p.cmdline())]
+        assert trainers
+        for p in trainers:
+            assert SECRET not in " ".join(p.cmdline()) and SECRET not in json.dumps(p.environ())
+        assert _files_holding(SECRET, tmp, tmp_path) == []
+    finally:
+        server.close()
+        if "conn" in locals():
+            conn.close()
+        run.join(SAFETY_TIMEOUT)
+    assert not run.is_alive()
+    [outcome] = outcomes
+    assert outcome.error and outcome.error.startswith("TrainingFailed") and SECRET not in outcome.error
+    # nothing of ours is left in the temp dir (importing torch in the trainer makes its own cache dir there)
+    assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
+    assert _files_holding(SECRET, tmp_path) == []
