@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pgsynapse.artifacts import models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
@@ -833,6 +834,11 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     record = row["metrics"]["runtime_export"]
     accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
     out = Path(row["artifact_path"])
+    # a rebuild cut short (the graph is written last by quantisation) is cleared first: only in DATA_DIR/models
+    if (out.exists() or out.is_symlink()) and not remove_artifact_dir(out, settings.data_dir):
+        raise ModelError(f"model version {row['id']}: its artifact path {out} exists without "
+                         f"{ONNX_FILES[row['runtime']]} and is not inside {models_root(settings.data_dir)}; "
+                         "refusing to delete it to rebuild there (fix model_versions.artifact_path)")
     log.info("runtime_artifact_rebuild_started", version=row["id"], runtime=row["runtime"], path=str(out),
              reason="the version's artifact is missing on this host")
     from pgsynapse.models import resolve_model_path
@@ -841,7 +847,6 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     source_path = resolve_model_path(row["metrics"].get("previous_artifact_path"), settings.model_path)
     source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
     try:
-        shutil.rmtree(out, ignore_errors=True)  # a rebuild cut short (the graph is written last by quantisation)
         out.mkdir(parents=True)
     except OSError as exc:
         raise ModelError(f"model version {row['id']}: its artifact {out} is missing here and cannot be rebuilt there "
@@ -850,7 +855,7 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     report = export_and_check(source, out, row["runtime"], n_chunks=record.get("sample_chunks", DEFAULT_SAMPLE_CHUNKS),
                               threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"))
     if not report.accepted:
-        shutil.rmtree(out, ignore_errors=True)
+        remove_artifact_dir(out, settings.data_dir)
         raise ModelError(f"model version {row['id']}: the rebuilt {row['runtime']} artifact has top-10 agreement "
                          f"{report.agreement.overlap_at_10:.4f} with the source model here, below {report.threshold}; "
                          "its vectors would not match the index")

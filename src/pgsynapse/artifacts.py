@@ -1,0 +1,39 @@
+"""Where model artifacts live, and the one way a directory named by the database is deleted.
+
+Exports, rebuilds and trained candidates are written under ``DATA_DIR/models``. A path read from
+``model_versions.artifact_path`` is data, not trust: it is deleted only when it resolves (symlinks and ``..``
+followed) to a directory strictly inside that folder; anything else is refused, logged, and left alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def models_root(data_dir: str | Path) -> Path:
+    """``DATA_DIR/models``, resolved."""
+    return (Path(data_dir).expanduser() / "models").resolve()
+
+
+def inside_models_root(path: str | Path, data_dir: str | Path) -> bool:
+    """Whether ``path`` resolves to something strictly inside ``DATA_DIR/models`` (never the folder itself)."""
+    root = models_root(data_dir)
+    target = Path(path).expanduser().resolve()
+    return target != root and target.is_relative_to(root)
+
+
+def remove_artifact_dir(path: str | Path, data_dir: str | Path) -> bool:
+    """Delete the artifact directory ``path`` if it lies inside ``DATA_DIR/models``; else refuse and keep it.
+
+    Returns whether it was deleted (or was already absent)."""
+    if not inside_models_root(path, data_dir):
+        log.warning("artifact_delete_refused", path=str(path), resolved=str(Path(path).expanduser().resolve()),
+                    models_root=str(models_root(data_dir)), reason="not inside the models folder")
+        return False
+    shutil.rmtree(Path(path).expanduser().resolve(), ignore_errors=True)
+    return True

@@ -1,0 +1,69 @@
+"""A directory named by ``model_versions.artifact_path`` is deleted only inside DATA_DIR/models: a row that points
+anywhere else (directly, through a symlink, with ``..``, or at the models folder itself) deletes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from pgsynapse.errors import ModelError
+from pgsynapse.export import optimise_active_version
+from tests.helpers import fast_settings
+
+
+def _point_version_at(url: str, path: Path) -> None:
+    """Version 1 switched to onnx (as by a worker start) with its artifact at ``path`` and missing there, so the
+    next worker start rebuilds it: the path a rebuild deletes first."""
+    record = {"requested": "onnx", "runtime": "onnx", "sample_chunks": 16, "tried": [{"runtime": "onnx", "accepted": True}]}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx', artifact_path = %s,"
+                      " metrics = jsonb_build_object('runtime_export', %s::jsonb) WHERE id = 1",
+                      (str(path), json.dumps(record)))
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink", "dotdot", "models_root"])
+def test_rebuild_never_deletes_a_directory_outside_the_models_folder(db_url, tmp_path, where):
+    data = tmp_path / "data"
+    models = data / "models"
+    models.mkdir(parents=True)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("keep")
+    (models / "v7-onnx-other").mkdir()
+    (models / "v7-onnx-other" / "keep.txt").write_text("keep")
+    target = {
+        "outside": precious,
+        "symlink": models / "v1-onnx-link",
+        "dotdot": models / ".." / ".." / "precious",
+        "models_root": models,
+    }[where]
+    if where == "symlink":
+        target.symlink_to(precious, target_is_directory=True)
+    _point_version_at(db_url, target)
+
+    raised: Exception | None = None
+    with capture_logs() as logs:
+        try:
+            optimise_active_version(fast_settings(db_url, data_dir=str(data), runtime="onnx"), db_url)
+        except Exception as exc:  # noqa: BLE001 - what it raises is checked after what survived
+            raised = exc
+
+    assert (precious / "keep.txt").read_text() == "keep"
+    assert (models / "v7-onnx-other" / "keep.txt").read_text() == "keep"
+    assert isinstance(raised, ModelError), raised
+    [refused] = [e for e in logs if e["event"] == "artifact_delete_refused"]
+    assert refused["log_level"] == "warning" and refused["path"] == str(target)
+
+
+def test_an_artifact_directory_inside_the_models_folder_is_deleted(tmp_path):
+    from pgsynapse.artifacts import remove_artifact_dir
+
+    partial = tmp_path / "data" / "models" / "v1-onnx-20260101-000000"
+    partial.mkdir(parents=True)
+    (partial / "model.onnx.tmp").write_text("cut short")
+    assert remove_artifact_dir(partial, tmp_path / "data") and not partial.exists()
+    assert (tmp_path / "data" / "models").is_dir()
