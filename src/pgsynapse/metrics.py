@@ -4,9 +4,10 @@ Two sources:
 - histograms and counters the worker feeds as it goes (:func:`observe_batch`, :func:`observe_results`, and the
   inference cache's :func:`cache_hit` / :func:`cache_miss`), process-wide;
 - a collector read at scrape time: the worker's own counters (jobs processed/failed/retried by kind, LISTEN
-  reconnects, fallback polls, loop tick age) and a database snapshot (queue depth and oldest pending age by
-  kind, model versions and their traffic split) that :meth:`WorkerCollector.refresh` takes with a short timeout
-  just before each scrape.
+  reconnects, fallback polls, loop tick age) and a database snapshot (jobs pending, running and failed and the
+  oldest pending age by kind, model versions and their traffic split) that :meth:`WorkerCollector.refresh` takes
+  with a short timeout just before each scrape. The snapshot reads the jobs table through its partial indexes
+  only (``queue_depth`` in ops.sql): done jobs, most of the table, are never counted at scrape time.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class WorkerCollector(Collector):
                 raise RuntimeError("worker not started")
             with anyio.fail_after(self.db_timeout):
                 async with pool.connection() as conn:
-                    self.queue = list(await (await conn.execute(q("queue_stats"))).fetchall())
+                    self.queue = list(await (await conn.execute(q("queue_depth", "ops.sql"))).fetchall())
                     self.versions = list(await (await conn.execute(q("model_versions_metrics", "ops.sql"))).fetchall())
             self.db_up = True
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
@@ -138,14 +139,18 @@ class WorkerCollector(Collector):
                                 "Seconds since the least recently turning dispatcher loop came round", value=tick_age_s)
         yield GaugeMetricFamily("pgsynapse_in_flight_batches", "Batches being computed or written now", value=w.in_flight)
         yield GaugeMetricFamily("pgsynapse_db_up", "1 when the last scrape's database snapshot succeeded", value=int(self.db_up))
-        depth = GaugeMetricFamily("pgsynapse_queue_jobs", "Jobs in the queue by kind and status (all workers)",
-                                  labels=["kind", "status"])
+        depth = GaugeMetricFamily("pgsynapse_queue_jobs", "Jobs pending, running or failed by kind (all workers; done "
+                                  "jobs are counted per worker by pgsynapse_jobs_processed)", labels=["kind", "status"])
         age = GaugeMetricFamily("pgsynapse_queue_oldest_pending_seconds",
                                 "Age of the oldest pending job by kind (0 when none is pending)", labels=["kind"])
-        for r in self.queue:
-            for status in ("pending", "running", "failed", "done"):
-                depth.add_metric([r["kind"], status], r[status])
-            age.add_metric([r["kind"]], float(r["oldest_pending_seconds"] or 0))
+        if self.db_up:
+            # every kind this worker serves has its series, 0 when the queue holds none of it
+            empty = {"pending": 0, "running": 0, "failed": 0, "oldest_pending_seconds": None}
+            rows = {k: {"kind": k, **empty} for k in w.kinds} | {r["kind"]: r for r in self.queue}
+            for r in rows.values():
+                for status in ("pending", "running", "failed"):
+                    depth.add_metric([r["kind"], status], r[status])
+                age.add_metric([r["kind"]], float(r["oldest_pending_seconds"] or 0))
         yield depth
         yield age
         info = GaugeMetricFamily("pgsynapse_model_version_info", "Model versions (1 per version; labels describe it)",

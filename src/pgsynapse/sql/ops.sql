@@ -1,5 +1,23 @@
 -- Named queries of operations: metrics, health and ingest. Loaded by pgsynapse.queries.q(name, "ops.sql").
 
+-- name: queue_depth
+-- The metrics scrape's view of the queue, read through the partial indexes only (jobs_claim, jobs_running_lease,
+-- jobs_failed): done jobs, the bulk of the table, are not counted at scrape time (each worker counts its own in
+-- pgsynapse_jobs_processed_total; `pgsynapse status` counts them all, on demand).
+SELECT kind, sum(pending)::bigint AS pending, sum(running)::bigint AS running, sum(failed)::bigint AS failed,
+       max(oldest_pending_seconds) AS oldest_pending_seconds
+FROM (
+    SELECT kind, count(*) AS pending, 0 AS running, 0 AS failed,
+           extract(epoch FROM now() - min(created_at)) AS oldest_pending_seconds
+    FROM pgsynapse.jobs WHERE status = 'pending' GROUP BY kind
+    UNION ALL
+    SELECT kind, 0, count(*), 0, NULL FROM pgsynapse.jobs WHERE status = 'running' GROUP BY kind
+    UNION ALL
+    SELECT kind, 0, 0, count(*), NULL FROM pgsynapse.jobs WHERE status = 'failed' GROUP BY kind
+) by_status
+GROUP BY kind
+ORDER BY kind;
+
 -- name: model_versions_metrics
 SELECT id, name, runtime, status, traffic_percent FROM pgsynapse.model_versions ORDER BY id;
 
