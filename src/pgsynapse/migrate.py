@@ -50,9 +50,13 @@ def available() -> list[Migration]:
     return found
 
 
-def applied(conn: psycopg.Connection) -> list[int]:
+def _tracked(conn: psycopg.Connection) -> bool:
     exists = conn.execute("SELECT to_regclass('public.pgsynapse_migrations') IS NOT NULL AS e").fetchone()
-    if not exists or not list(exists.values())[0]:
+    return bool(exists and list(exists.values())[0])
+
+
+def applied(conn: psycopg.Connection) -> list[int]:
+    if not _tracked(conn):
         return []
     return [r["version"] for r in conn.execute("SELECT version FROM public.pgsynapse_migrations ORDER BY version")]
 
@@ -66,10 +70,13 @@ def migrate(url: str) -> list[str]:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
             _check_pgvector(conn)
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS public.pgsynapse_migrations ("
-                " version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            if not _tracked(conn):
+                # only when missing: a role that owns nothing (pgsynapse_worker, pgsynapse_app) may not CREATE in
+                # schema public, and an up-to-date database needs nothing from it
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS public.pgsynapse_migrations ("
+                    " version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
             have = set(applied(conn))
             for mig in available():
                 if mig.version in have:
