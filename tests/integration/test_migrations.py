@@ -63,3 +63,26 @@ def test_a_failing_migration_is_rolled_back_and_named(new_db):
         migrate(url)
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT to_regclass('pgsynapse.jobs')").fetchone()[0] is None
+
+
+def test_functions_that_run_with_their_owners_rights_are_safe_to_call_from_application_roles(db_url):
+    """Every AFTER trigger on pgsynapse's tables writes on the caller's behalf (jobs, training examples), so it
+    runs SECURITY DEFINER; every such function has a fixed search_path and is not executable by PUBLIC."""
+    with psycopg.connect(db_url) as conn:
+        triggers = conn.execute(
+            "SELECT t.tgrelid::regclass::text || '.' || t.tgname, p.prosecdef FROM pg_trigger t"
+            " JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE c.relnamespace = 'pgsynapse'::regnamespace AND NOT t.tgisinternal"
+            " AND t.tgtype & (2 | 64) = 0").fetchall()  # neither BEFORE nor INSTEAD OF
+        definers = conn.execute(
+            "SELECT p.proname, coalesce(p.proconfig, '{}'),"
+            " p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a"
+            "                             WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')"
+            " FROM pg_proc p WHERE p.pronamespace = 'pgsynapse'::regnamespace AND p.prosecdef").fetchall()
+    assert {"pgsynapse.documents.documents_enqueue_insert", "pgsynapse.questions.questions_enqueue_insert",
+            "pgsynapse.feedback.feedback_to_examples"} <= {name for name, _ in triggers}
+    assert [name for name, secdef in triggers if not secdef] == []
+    assert "ensure_embedding_index" in {name for name, _, _ in definers}
+    for name, config, public in definers:
+        assert "search_path=pg_catalog, pgsynapse, pg_temp" in config, name
+        assert not public, f"{name} is executable by PUBLIC"

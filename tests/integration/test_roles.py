@@ -1,0 +1,279 @@
+"""The roles of migration 0007, tested with real LOGIN roles: an application writes its rows and reads results,
+the triggers queue its jobs with their owner's rights, and everything else is refused; a worker and an admin
+role do their whole job with exactly their grants (a missing GRANT shows up here, not in production)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import anyio
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from pgsynapse.app import ask
+from pgsynapse.client import Client
+from pgsynapse.config import load_settings
+from pgsynapse.db import next_notify
+from pgsynapse.learning.cli import queue_retrain
+from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
+from pgsynapse.migrate import available, migrate
+from pgsynapse.search import search
+from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+# What an application must never do, each refused with InsufficientPrivilege (SQLSTATE 42501).
+APP_REFUSED = [
+    "SELECT id, last_error FROM pgsynapse.jobs",
+    "INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES ('retrain', 0, '{\"force\": true}')",
+    "INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES ('backfill', 1, '{\"traffic_percent\": 100}')",
+    "UPDATE pgsynapse.jobs SET status = 'pending'",
+    "UPDATE pgsynapse.model_versions SET traffic_percent = 50 WHERE id = 1",
+    "UPDATE pgsynapse.model_versions SET status = 'retired' WHERE id = 1",
+    "INSERT INTO pgsynapse.model_versions (name, dim) VALUES ('mine', 384)",
+    "SELECT * FROM pgsynapse.training_examples",
+    "SELECT * FROM pgsynapse.inference_cache",
+    "SELECT * FROM pgsynapse.inference_log",
+    "SELECT * FROM pgsynapse.workers",
+    "SELECT * FROM pgsynapse.guardrail_rules",
+    "UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1",
+    "DELETE FROM pgsynapse.chunks",
+    "DELETE FROM pgsynapse.embeddings",
+    # results are pgsynapse's to write: an application writes only its input columns
+    "UPDATE pgsynapse.documents SET status = 'embedded', embedded_hash = content_hash",
+    "UPDATE pgsynapse.questions SET status = 'answered', answer = 'forged'",
+    "INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('q', 'answered', 'forged')",
+    "SELECT pgsynapse.ensure_embedding_index(1)",
+]
+
+
+def _as(url: str, user: str) -> str:
+    params = conninfo_to_dict(url)
+    params.pop("password", None)
+    return make_conninfo(**{**params, "user": user})
+
+
+@pytest.fixture
+def login_role(pg_url: str):
+    """A factory of LOGIN roles granted one of pgsynapse's roles; returns ``url`` (a database) as that role.
+    Roles are cluster-wide: each name is unique, and each role is dropped afterwards."""
+    made: list[str] = []
+
+    def make(granted: str, url: str) -> str:
+        name = f"pgsynapse_t_{granted.removeprefix('pgsynapse_')}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(f'CREATE ROLE "{name}" LOGIN')
+            made.append(name)
+            c.execute(f'GRANT "{granted}" TO "{name}"')
+        return _as(url, name)
+
+    yield make
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        for name in made:
+            c.execute(f'DROP ROLE "{name}"')
+
+
+async def _notified(conn: psycopg.AsyncConnection, kind: str) -> dict:
+    n = await next_notify(conn, SAFETY_TIMEOUT)
+    assert n is not None, f"no NOTIFY for {kind}"
+    msg = json.loads(n.payload)
+    assert msg["kind"] == kind, msg
+    return msg
+
+
+async def test_app_role_writes_its_rows_the_triggers_queue_the_jobs_and_the_queue_is_refused(db_url, login_role):
+    app = await aconn(login_role("pgsynapse_app", db_url))
+    su = await aconn(db_url)
+    try:
+        await su.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1")
+        await app.execute("LISTEN pgsynapse_jobs")
+
+        # documents: INSERT queues an embed job (the trigger runs with its owner's rights) and wakes the workers
+        doc = (await (await app.execute(
+            "INSERT INTO pgsynapse.documents (source, title, body, metadata) VALUES ('a.md', 'Vacuum', 'VACUUM reclaims.',"
+            " '{\"k\": 1}') RETURNING id")).fetchone())["id"]
+        assert (await _notified(app, "embed"))["n"] == 1
+        jobs = await (await su.execute("SELECT kind, ref_id, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
+        assert jobs == [{"kind": "embed", "ref_id": doc, "status": "pending"}]
+
+        # a changed body queues the row again (once its first job is done) and puts it back to pending
+        await su.execute("UPDATE pgsynapse.jobs SET status = 'done' WHERE ref_id = %s", (doc,))
+        await su.execute("UPDATE pgsynapse.documents SET status = 'embedded' WHERE id = %s", (doc,))
+        await app.execute("UPDATE pgsynapse.documents SET body = 'VACUUM reclaims storage.' WHERE id = %s", (doc,))
+        await _notified(app, "embed")
+        row = await (await app.execute("SELECT status FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
+        assert row["status"] == "pending"
+
+        # questions: an answer job and the session's conversation row, which the application may read
+        qid = (await (await app.execute(
+            "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s1', 'what does vacuum do?') RETURNING id"
+        )).fetchone())["id"]
+        await _notified(app, "answer")
+        conv = await (await app.execute("SELECT turns FROM pgsynapse.conversations WHERE session_id = 's1'")).fetchone()
+        assert conv["turns"] == 1
+
+        # feedback: a training example, and at the threshold the retrain job the application may not queue itself
+        chunk = (await (await su.execute(
+            "INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end, content_hash)"
+            " VALUES (%s, 0, 'VACUUM reclaims storage.', 4, 0, 24, 'h') RETURNING id", (doc,))).fetchone())["id"]
+        await app.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id, comment)"
+                          " VALUES (%s, true, %s, 'good')", (qid, chunk))
+        await _notified(app, "retrain")
+        ex = await (await su.execute("SELECT question_id, positive_chunk_id FROM pgsynapse.training_examples")).fetchall()
+        assert ex == [{"question_id": qid, "positive_chunk_id": chunk}]
+        kinds = [r["kind"] for r in await (await su.execute("SELECT kind FROM pgsynapse.jobs ORDER BY id")).fetchall()]
+        assert kinds == ["embed", "embed", "answer", "retrain"]
+
+        # results are readable
+        for table in ("chunks", "embeddings", "model_versions", "documents", "questions", "feedback"):
+            await app.execute(f"SELECT * FROM pgsynapse.{table} LIMIT 1")
+
+        refused = []
+        for sql in APP_REFUSED:
+            try:
+                await app.execute(sql)
+            except psycopg.errors.InsufficientPrivilege:
+                continue
+            refused.append(sql)
+        assert refused == [], f"allowed to an application: {refused}"
+
+        # deleting its rows cascades through pgsynapse's rows (the cascade runs with the owner's rights)
+        await app.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (qid,))
+        await app.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
+        left = await (await su.execute("SELECT (SELECT count(*) FROM pgsynapse.chunks) AS c,"
+                                       " (SELECT count(*) FROM pgsynapse.training_examples) AS t")).fetchone()
+        assert left == {"c": 0, "t": 0}
+    finally:
+        await app.close()
+        await su.close()
+
+
+async def test_worker_role_embeds_and_answers_for_an_app_role_that_asks_and_searches(db_url, login_role, models):
+    worker_url, app_url = login_role("pgsynapse_worker", db_url), login_role("pgsynapse_app", db_url)
+    settings = fast_settings(worker_url, kinds=("embed", "answer"))
+    async with running_worker(settings, models):
+        app = await aconn(app_url)
+        try:
+            await app.execute("LISTEN pgsynapse_documents")
+            doc = (await (await app.execute(
+                "INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims storage occupied by"
+                " dead tuples. Run VACUUM periodically on frequently updated tables.') RETURNING id")).fetchone())["id"]
+            await wait_until(app, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+            async with Client(app_url) as client:
+                r = await client.ask("how is storage of dead tuples reclaimed?", session_id="app")
+            assert r.status == "answered", r
+            assert r.sources and r.sources[0]["document_id"] == doc
+            hits = await search(app, models, "reclaim storage from dead tuples", k=1)
+            assert [h.document_id for h in hits] == [doc]
+            # `pgsynapse ask`: its schema check, its look for a running worker, then the Client
+            again = await anyio.to_thread.run_sync(
+                lambda: ask(load_settings(environ={}, database_url=app_url), "how is dead tuple storage reclaimed?"))
+            assert again.status == "answered" and again.sources[0]["document_id"] == doc
+            await app.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (r.id,))
+        finally:
+            await app.close()
+    with psycopg.connect(db_url) as su:
+        done = su.execute("SELECT kind, status, completions FROM pgsynapse.jobs ORDER BY id").fetchall()
+        examples = su.execute("SELECT positive_chunk_id FROM pgsynapse.training_examples").fetchall()
+    assert done == [("embed", "done", 1), ("answer", "done", 1), ("answer", "done", 1)]
+    assert examples == [(r.sources[0]["chunk_id"],)]
+
+
+def test_admin_role_runs_the_registry_commands(db_url, login_role):
+    admin_url, app_url = login_role("pgsynapse_admin", db_url), login_role("pgsynapse_app", db_url)
+    worker_url = login_role("pgsynapse_worker", db_url)
+    # an up-to-date schema: `migrate` (`pgsynapse run` without --no-migrate, `ask`) needs no DDL right
+    assert [migrate(url) for url in (admin_url, app_url, worker_url)] == [[], [], []]
+    with psycopg.connect(db_url, autocommit=True) as su:
+        su.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status, backfilled_at) VALUES"
+                   " (2, 'v2', 384, 'candidate', now()), (3, 'v3', 384, 'candidate', now())")
+    with psycopg.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+        admin.execute("SELECT pgsynapse.ensure_embedding_index(2)")
+        set_traffic(admin, 2, 10)
+        retire(admin, 2)  # drops the version's index, which only its owner may drop
+        promote(admin, 3)
+        rollback(admin)
+        assert queue_retrain(admin) is not None
+        admin.execute("INSERT INTO pgsynapse.guardrail_rules (text, action) VALUES ('forbidden topic', 'block')")
+        versions = admin.execute("SELECT id, status, traffic_percent::float AS t FROM pgsynapse.model_versions"
+                                 " ORDER BY id").fetchall()
+        indexes = [r["indexname"] for r in admin.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexname LIKE 'embeddings_hnsw_%'"
+            " ORDER BY 1")]
+    assert versions == [{"id": 1, "status": "active", "t": 100.0}, {"id": 2, "status": "retired", "t": 0.0},
+                        {"id": 3, "status": "candidate", "t": 0.0}]
+    assert indexes == ["embeddings_hnsw_v1"]
+    with psycopg.connect(app_url, autocommit=True, row_factory=dict_row) as app:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            set_traffic(app, 3, 50)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            promote(app, 3)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            queue_retrain(app)
+
+
+def _apply_until(url: str, version: int) -> None:
+    """Migrations before ``version`` applied as `migrate` would have, as an install of that release."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in available():
+            if m.version < version:
+                with conn.transaction():
+                    conn.execute(m.sql.encode())
+                    conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+
+
+def test_upgrade_from_0006_keeps_the_rows_and_queue_and_the_app_role_works_at_once(new_db, login_role):
+    url = new_db()
+    _apply_until(url, 7)
+    with psycopg.connect(url, autocommit=True) as su:
+        doc = su.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Old', 'old body') RETURNING id").fetchone()[0]
+        qid = su.execute("INSERT INTO pgsynapse.questions (text) VALUES ('old question') RETURNING id").fetchone()[0]
+        su.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (qid,))
+    assert migrate(url)[0] == "0007_roles.sql"
+    app_url = login_role("pgsynapse_app", url)
+    with psycopg.connect(app_url, autocommit=True) as app:
+        new = app.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('New', 'new body') RETURNING id").fetchone()[0]
+        assert app.execute("SELECT title FROM pgsynapse.documents ORDER BY id").fetchall() == [("Old",), ("New",)]
+        app.execute("INSERT INTO pgsynapse.feedback (question_id, rating) VALUES (%s, 5)", (qid,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT count(*) FROM pgsynapse.jobs")
+    with psycopg.connect(url) as su:
+        jobs = su.execute("SELECT kind, ref_id, status FROM pgsynapse.jobs ORDER BY id").fetchall()
+        examples = su.execute("SELECT count(*) FROM pgsynapse.training_examples").fetchone()[0]
+    assert jobs == [("embed", doc, "pending"), ("answer", qid, "pending"), ("embed", new, "pending")]
+    assert examples == 2
+
+
+def test_migrate_as_a_non_superuser_owner_then_an_app_role_writes(pg_url, new_db, login_role):
+    """The documented set-up: a superuser creates the extension and an owner role with CREATE on the database
+    and on schema public; the owner migrates; the SECURITY DEFINER triggers then run with the owner's rights."""
+    url = new_db()
+    owner = f"pgsynapse_t_owner_{uuid.uuid4().hex[:8]}"
+    dbname = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(url, autocommit=True) as su:
+        su.execute("CREATE EXTENSION vector")
+        su.execute(f'CREATE ROLE "{owner}" LOGIN')
+        su.execute(f'GRANT CREATE ON DATABASE "{dbname}" TO "{owner}"')
+        su.execute(f'GRANT CREATE ON SCHEMA public TO "{owner}"')
+    try:
+        assert migrate(_as(url, owner)) == [m.name for m in available()]
+        app_url = login_role("pgsynapse_app", url)
+        with psycopg.connect(app_url, autocommit=True) as app:
+            app.execute("LISTEN pgsynapse_jobs")
+            doc = app.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+            assert [json.loads(n.payload)["kind"] for n in app.notifies(timeout=SAFETY_TIMEOUT, stop_after=1)] == ["embed"]
+        with psycopg.connect(url) as su:
+            assert su.execute("SELECT kind, ref_id FROM pgsynapse.jobs").fetchall() == [("embed", doc)]
+            definers = su.execute("SELECT DISTINCT pg_get_userbyid(p.proowner) FROM pg_trigger t"
+                                  " JOIN pg_proc p ON p.oid = t.tgfoid WHERE p.prosecdef").fetchall()
+        assert definers == [(owner,)]
+    finally:
+        with psycopg.connect(url, autocommit=True) as su:
+            su.execute(f'DROP OWNED BY "{owner}"')
+        with psycopg.connect(pg_url, autocommit=True) as su:
+            su.execute(f'DROP ROLE "{owner}"')
