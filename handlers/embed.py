@@ -11,7 +11,7 @@ import psycopg
 from pgsynapse.chunking import Chunk, Chunker
 from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, isolate
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
 from pgsynapse.queries import q
@@ -63,16 +63,27 @@ class EmbedHandler(Handler[EmbedWork]):
     # -- the three steps ----------------------------------------------------------------------
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[EmbedWork], list[Outcome]]:
         await self.refresh_versions(conn)
-        cur = await conn.execute(q("load_documents"), {"ids": [j.ref_id for j in jobs]})
+        s = self.settings
+        cur = await conn.execute(q("load_documents"), {"ids": [j.ref_id for j in jobs],
+                                                       "max_document_chars": s.max_document_chars,
+                                                       "max_title_chars": s.max_title_chars})
         rows = {r["id"]: r for r in await cur.fetchall()}
         work, known = [], []
         for job in jobs:
             row = rows.get(job.ref_id)
             if row is None:
                 known.append(Outcome(job, skip_reason="document deleted"))
+            elif not row["fits"]:  # refused from its lengths: its text was not fetched
+                known.append(input_error(job, InputError(self._too_long(row))))
             else:
                 work.append(EmbedWork(job, row["title"], row["body"], row["content_hash"]))
         return work, known
+
+    def _too_long(self, row: dict[str, Any]) -> str:
+        s = self.settings
+        if (row["body_chars"] or 0) > s.max_document_chars:
+            return f"body has {row['body_chars']:,} characters, over max_document_chars={s.max_document_chars:,}"
+        return f"title has {row['title_chars']:,} characters, over max_title_chars={s.max_title_chars:,}"
 
     def compute(self, work: list[EmbedWork]) -> list[Outcome]:
         if not self.versions:
@@ -98,12 +109,8 @@ class EmbedHandler(Handler[EmbedWork]):
         return [outcomes[item.job.id] for item in work]
 
     def _chunk(self, item: EmbedWork) -> list[Chunk]:
-        body = item.body or ""
-        if len(body) > self.settings.max_document_chars:
-            raise InputError(
-                f"body has {len(body):,} characters, over max_document_chars={self.settings.max_document_chars:,}"
-            )
-        return self.chunker.split(item.title, body)
+        # lengths were checked at load (load_documents): an oversized row never gets here
+        return self.chunker.split(item.title, item.body or "")
 
     def _encode(self, items: list[EmbedWork], embedders: list[Embedder]) -> list[EmbedResult]:
         texts = [c.embed_text for item in items for c in item.chunks or []]

@@ -56,6 +56,7 @@ class Settings(BaseModel):
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")
     max_document_chars: int = Field(2_000_000, ge=1, description="longer bodies fail with a clear error")
+    max_title_chars: int = Field(10_000, ge=1, description="longer titles fail with a clear error")
 
     batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")
     encode_batch_size: int = Field(32, ge=1, le=4096, description="texts per model forward pass")

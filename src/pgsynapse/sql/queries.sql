@@ -108,7 +108,14 @@ SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
 FROM pgsynapse.model_versions WHERE status = 'active';
 
 -- name: load_documents
-SELECT id, title, body, content_hash FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
+-- The lengths first: a row over max_title_chars or max_document_chars comes without its title and body (NULL),
+-- so the text of an oversized row is never fetched; it fails from its lengths alone.
+SELECT id, content_hash, title_chars, body_chars,
+       CASE WHEN fits THEN title END AS title, CASE WHEN fits THEN body END AS body, fits
+FROM (SELECT id, content_hash, title, body, length(title) AS title_chars, length(body) AS body_chars
+      FROM pgsynapse.documents WHERE id = ANY(%(ids)s)) d,
+     LATERAL (SELECT coalesce(title_chars, 0) <= %(max_title_chars)s
+                     AND coalesce(body_chars, 0) <= %(max_document_chars)s AS fits) f;
 
 -- name: lock_documents
 SELECT id, content_hash FROM pgsynapse.documents WHERE id = ANY(%(ids)s) FOR UPDATE;

@@ -1,0 +1,55 @@
+"""Oversized input is refused from its length, read in SQL, before its text is fetched: a body over
+``max_document_chars``, a title over ``max_title_chars``, a question over ``max_question_chars``. The row gets
+the clear error at once (one attempt) and its batch-mates are untouched."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.embed import EmbedHandler
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+
+
+def _job(kind: str, ref_id: int) -> Job:
+    return Job(ref_id, kind, ref_id, {}, 1, datetime.now(timezone.utc))
+
+
+async def test_oversized_body_is_refused_at_load_and_its_text_is_never_fetched(db_url, models):
+    settings = fast_settings(db_url, max_document_chars=1000)
+    big, fine = insert_docs(db_url, [("Big", "x " * 600), ("Fine", "Small and fine.")])
+    handler = EmbedHandler(settings, models)
+    conn = await aconn(db_url)
+    work, known = await handler.load(conn, [_job("embed", big), _job("embed", fine)])
+    await conn.close()
+    # the oversized row never becomes work: its body stays in the database
+    assert [w.job.ref_id for w in work] == [fine]
+    assert [(o.job.ref_id, o.error, o.retry) for o in known] == [
+        (big, "InputError: body has 1,200 characters, over max_document_chars=1,000", False)]
+
+
+async def test_oversized_title_and_body_fail_at_once_beside_healthy_neighbours(db_url, models):
+    settings = fast_settings(db_url, max_document_chars=1000, max_title_chars=100)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        # one statement: the bad rows share their batch with the good ones
+        ids = insert_docs(db_url, [("Fine 1", "Healthy text about checkpoints."), ("T" * 150, "A short body."),
+                                   ("Big", "x " * 600), ("Fine 2", "Healthy text about vacuum.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.status, d.error, j.attempts, j.status AS job_status FROM pgsynapse.documents d"
+        " JOIN pgsynapse.jobs j ON j.kind = 'embed' AND j.ref_id = d.id WHERE d.id = ANY(%s) ORDER BY d.id",
+        (ids,))).fetchall()
+    await conn.close()
+    assert rows[1] == {"status": "failed", "attempts": 1, "job_status": "failed",
+                       "error": "InputError: title has 150 characters, over max_title_chars=100"}
+    assert rows[2] == {"status": "failed", "attempts": 1, "job_status": "failed",
+                       "error": "InputError: body has 1,200 characters, over max_document_chars=1,000"}
+    assert [(r["status"], r["error"], r["attempts"]) for r in (rows[0], rows[3])] == [("embedded", None, 1)] * 2
+
