@@ -88,17 +88,21 @@ class BackfillHandler(Handler[BackfillWork]):
         for o in outcomes:
             version = o.job.ref_id
             state, rows = o.result
+            v = await (await conn.execute(q("lock_backfill_version", "learning.sql"), {"version": version})).fetchone()
+            if v is None or v["status"] not in ("candidate", "active"):
+                # retired (or rejected, or deleted) while the batch computed: nothing to write, no next step
+                log.info("backfill_superseded", version=version, status=v["status"] if v else None)
+                report.superseded.append(o.job.id)
+                continue
             if state == "done":
                 traffic = float(o.job.payload.get("traffic_percent", self.settings.rollout_traffic_percent))
                 await conn.execute(q("finish_backfill", "learning.sql"), {"version": version, "traffic": traffic})
-                await conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %s::int)::text)",
-                                   (version,))
+                await conn.execute(q("notify_backfilled", "learning.sql"), {"version": version})
                 log.info("backfill_finished", version=version, traffic_percent=traffic)
             else:
                 async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, %s, %s)"
-                        " ON CONFLICT DO NOTHING", [(cid, version, vec) for cid, vec in rows])
+                    await cur.executemany(q("insert_backfill_embeddings", "learning.sql"),
+                                          [(cid, version, vec) for cid, vec in rows])
                 # chunks deleted meanwhile fail the FK above only if gone; the next batch continues after these
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb(o.job.payload),

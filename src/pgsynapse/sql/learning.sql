@@ -34,6 +34,19 @@ LIMIT %(limit)s;
 SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, backfilled_at, metrics
 FROM pgsynapse.model_versions WHERE id = %(version)s;
 
+-- name: lock_backfill_version
+-- The backfill write's stale-write guard: the version's status, read under a share lock held to the end of the
+-- write's transaction. A retire that committed first is seen (the caller writes nothing and reports the job
+-- superseded); a retire that comes later waits for the write, then deletes what it wrote too.
+SELECT status FROM pgsynapse.model_versions WHERE id = %(version)s FOR SHARE;
+
+-- name: insert_backfill_embeddings
+-- ON CONFLICT: a resumed backfill never writes a duplicate
+INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING;
+
+-- name: notify_backfilled
+SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %(version)s::int)::text);
+
 -- name: finish_backfill
 UPDATE pgsynapse.model_versions
 SET backfilled_at = now(), traffic_percent = CASE WHEN status = 'candidate' THEN %(traffic)s ELSE traffic_percent END
