@@ -24,8 +24,9 @@ from pgsynapse.answerers import (
 )
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
-from pgsynapse.errors import ConfigError
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
+from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.guardrails import Guard
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
@@ -49,6 +50,12 @@ class AnswerWork:
     passages: list[Passage] = field(default_factory=list)
     guardrail: dict[str, Any] | None = None  # set when the question itself matched a rule
     embedder: Embedder | None = None
+    text_hash: str | None = None  # md5 of the text as loaded: the write's stale-write guard
+    turn_ids: list[int] = field(default_factory=list)  # the question ids of ``history``
+
+
+def blocked(w: AnswerWork) -> bool:
+    return bool(w.guardrail and w.guardrail["action"] == "block")
 
 
 def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[int]:
@@ -58,20 +65,6 @@ def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[int]:
         for r, cid in enumerate(ranking):
             score[cid] = score.get(cid, 0.0) + 1.0 / (k + r + 1)
     return sorted(score, key=lambda c: -score[c])
-
-
-def match_rules(vector: np.ndarray, rules: list[dict[str, Any]], rule_vectors: np.ndarray, stage: str) -> dict | None:
-    """The strongest rule the vector matches (block before flag), or None."""
-    if not rules:
-        return None
-    sims = rule_vectors @ vector
-    hits = [(r, float(s)) for r, s in zip(rules, sims, strict=True) if s >= r["threshold"]]
-    if not hits:
-        return None
-    hits.sort(key=lambda h: (h[0]["action"] != "block", -h[1]))
-    rule, sim = hits[0]
-    return {"rule_id": rule["id"], "action": rule["action"], "similarity": round(sim, 4), "stage": stage,
-            "rule": rule["text"]}
 
 
 def vector_sql(version: dict[str, Any]) -> str:
@@ -87,9 +80,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self.settings = settings
         self.models = models
         self._generative: Answerer | None = None
-        self._rules: list[dict[str, Any]] = []
-        self._rule_vectors: dict[int, np.ndarray] = {}
-        self._rules_key: tuple = ()
+        self.guard = Guard()
 
     # -- answerers ----------------------------------------------------------------------------
     def answerer_for(self, embedder: Embedder) -> Answerer:
@@ -110,11 +101,11 @@ class AnswerHandler(Handler[AnswerWork]):
                 self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model)
         return self._generative
 
-    # -- load: rows, history, routing, query vectors, retrieval --------------------------------
+    # -- load: rows, history, routing, guardrails, query vectors, retrieval -------------------
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[AnswerWork], list[Outcome]]:
         s = self.settings
-        rows = {r["id"]: r for r in await (await conn.execute(
-            q("load_questions", "answers.sql"), {"ids": [j.ref_id for j in jobs]})).fetchall()}
+        rows = {r["id"]: r for r in await (await conn.execute(q("load_questions", "answers.sql"), {
+            "ids": [j.ref_id for j in jobs], "max_chars": s.max_question_chars})).fetchall()}
         versions = list(await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall())
         work: list[AnswerWork] = []
         known: list[Outcome] = []
@@ -123,51 +114,73 @@ class AnswerHandler(Handler[AnswerWork]):
             if row is None:
                 known.append(Outcome(job, skip_reason="question gone or already answered"))
                 continue
-            text = row["text"]
-            if len(text) > s.max_question_chars:
-                known.append(Outcome(job, error=f"InputError: question has {len(text):,} characters, over "
-                                                f"max_question_chars={s.max_question_chars:,}", retry=False))
+            if row["text"] is None:  # over the limit: its text was not even fetched
+                known.append(input_error(job, InputError(
+                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
                 continue
-            history: list[Turn] = []
+            w = AnswerWork(job, row["text"], row["session_id"],
+                           choose_version(versions, row["session_id"] or f"question-{row['id']}"), text_hash=row["text_hash"])
             if row["session_id"] is not None and s.history_turns:
                 past = await (await conn.execute(q("session_history", "answers.sql"), {
-                    "session": row["session_id"], "before": row["id"], "limit": s.history_turns})).fetchall()
-                history = [Turn(p["text"], p["answer"]) for p in reversed(past)]
-            version = choose_version(versions, row["session_id"] or f"question-{row['id']}")
-            # a follow-up ("and how do I undo it?") is retrieved with the previous question's context
-            rq = f"{history[-1].question} {text}" if history else text
-            work.append(AnswerWork(job, text, row["session_id"], version, history, rq))
+                    "session": row["session_id"], "before": row["id"], "limit": s.history_turns,
+                    "max_chars": s.max_question_chars})).fetchall()
+                w.turn_ids = [p["id"] for p in reversed(past)]
+                w.history = [Turn(p["text"], p["answer"]) for p in reversed(past)]
+            work.append(w)
         if not work:
             return work, known
-        await self._load_rules(conn)
+        self.guard.refresh(list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall()))
         for version in {w.version["id"]: w.version for w in work}.values():
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
-            texts = [w.retrieval_query for w in group] + [w.question for w in group if w.retrieval_query != w.question]
             # the query embeddings come from the inference cache when this version embedded the same text before
-            vecs = await embed_queries(conn, embedder, texts)
-            rule_vecs = await self._rule_vectors_for(embedder)
-            extra = iter(vecs[len(group):])
-            for w, v in zip(group, vecs[: len(group)], strict=True):
-                w.embedder, w.query_vector = embedder, v
-                qv = v if w.retrieval_query == w.question else next(extra)
-                w.guardrail = match_rules(qv, self._rules, rule_vecs, "question")
-                if w.guardrail is None or w.guardrail["action"] != "block":
+            qvecs = await embed_queries(conn, embedder, [w.question for w in group])
+            if self.guard:
+                await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
+            self._add_batch_mates(group)
+            for w in group:
+                # a follow-up ("and how do I undo it?") is retrieved with the previous question's context
+                w.retrieval_query = f"{w.history[-1].question} {w.question}" if w.history else w.question
+            follow_ups = [w for w in group if w.retrieval_query != w.question and not blocked(w)]
+            rvecs = await embed_queries(conn, embedder, [w.retrieval_query for w in follow_ups]) if follow_ups else []
+            by_follow_up = {id(w): v for w, v in zip(follow_ups, rvecs, strict=True)}
+            for w, qv in zip(group, qvecs, strict=True):
+                w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
+                if not blocked(w):
                     w.passages = await self._retrieve(conn, w)
         return work, known
 
-    async def _load_rules(self, conn: psycopg.AsyncConnection) -> None:
-        rules = list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall())
-        key = tuple((r["id"], r["text"], r["action"], r["threshold"]) for r in rules)
-        if key != self._rules_key:
-            self._rules, self._rules_key, self._rule_vectors = rules, key, {}
+    def _check(self, embedder: Embedder, group: list[AnswerWork], qvecs: np.ndarray) -> None:
+        """Guard everything that will reach the answerer: each question, and each history turn's question and
+        answer against today's rules. A turn that matches a block rule is left out of the history (a flag on a
+        turn is not recorded: it was the turn's own question or answer, recorded on its row)."""
+        texts = [w.question for w in group]
+        texts += [text for w in group for t in w.history for text in (t.question, t.answer or "")]
+        hits = iter(self.guard.check(embedder, texts, known={w.question.strip(): v for w, v in zip(group, qvecs)}))
+        for w in group:
+            hit = next(hits)
+            w.guardrail = {**hit, "stage": "question"} if hit else None
+        for w in group:
+            kept = []
+            for turn_id, turn in zip(w.turn_ids, w.history, strict=True):
+                if any(h and h["action"] == "block" for h in (next(hits), next(hits))):
+                    log.info("history_turn_blocked", question=w.job.ref_id, turn=turn_id)
+                else:
+                    kept.append((turn_id, turn))
+            w.turn_ids, w.history = [i for i, _ in kept], [t for _, t in kept]
 
-    async def _rule_vectors_for(self, embedder: Embedder) -> np.ndarray:
-        vid = embedder.spec.version_id
-        if vid not in self._rule_vectors:
-            texts = [r["text"] for r in self._rules]
-            self._rule_vectors[vid] = await anyio.to_thread.run_sync(embedder.encode, texts)
-        return self._rule_vectors[vid]
+    def _add_batch_mates(self, group: list[AnswerWork]) -> None:
+        """A session's earlier question in the same batch (asked in the same statement) is not answered yet, but it
+        has just passed the same guardrail check: unless it was blocked, it is history (its question alone)."""
+        n = self.settings.history_turns
+        for w in group:
+            mates = [m for m in group if w.session_id is not None and m.session_id == w.session_id
+                     and m.job.ref_id < w.job.ref_id and not blocked(m)]
+            if not mates or not n:
+                continue
+            turns = sorted([*zip(w.turn_ids, w.history), *((m.job.ref_id, Turn(m.question, None)) for m in mates)],
+                           key=lambda t: t[0])[-n:]
+            w.turn_ids, w.history = [i for i, _ in turns], [t for _, t in turns]
 
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version
@@ -197,7 +210,7 @@ class AnswerHandler(Handler[AnswerWork]):
     def compute(self, work: list[AnswerWork]) -> list[Outcome]:
         out = []
         for w in work:
-            if w.guardrail and w.guardrail["action"] == "block":
+            if blocked(w):
                 out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), w.guardrail)))
                 continue
             try:
@@ -205,9 +218,9 @@ class AnswerHandler(Handler[AnswerWork]):
                 answer = self.answerer_for(w.embedder).answer(
                     Request(w.question, w.passages, w.history, w.query_vector))
                 guard = w.guardrail
-                if answer.text != NOT_FOUND and self._rules:
-                    vec = w.embedder.encode([answer.text])[0]
-                    hit = match_rules(vec, self._rules, self._rule_vectors[w.embedder.spec.version_id], "answer")
+                if answer.text != NOT_FOUND and self.guard:
+                    [hit] = self.guard.check(w.embedder, [answer.text])
+                    hit = {**hit, "stage": "answer"} if hit else None
                     if hit and hit["action"] == "block":
                         out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), hit)))
                         continue
@@ -221,7 +234,7 @@ class AnswerHandler(Handler[AnswerWork]):
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:
         return {"status": status, "answer": answer, "guardrail": guard, "version": w.version["id"],
-                "retrieval_query": w.retrieval_query}
+                "retrieval_query": w.retrieval_query, "text_hash": w.text_hash}
 
     # -- write ---------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
@@ -229,15 +242,21 @@ class AnswerHandler(Handler[AnswerWork]):
         for o in outcomes:
             r = o.result
             status, answer, guard = r["status"], r["answer"], r["guardrail"]
-            await conn.execute(q("write_answer", "answers.sql"), {
+            # the stale-write guard: written only while the question is pending with the text it was loaded with
+            cur = await conn.execute(q("write_answer", "answers.sql"), {
                 "id": o.job.ref_id, "status": status, "answer": answer.text, "sources": Jsonb(answer.sources),
                 "version": r["version"], "retrieval_query": r["retrieval_query"],
-                "guardrail": Jsonb(guard) if guard else None,
+                "guardrail": Jsonb(guard) if guard else None, "text_hash": r["text_hash"],
                 "answerer": "guardrail" if status == "blocked" else self.settings.answerer})
+            if cur.rowcount == 0:
+                # edited meanwhile (its UPDATE queued a new job), answered by another job, or deleted
+                report.superseded.append(o.job.id)
+                continue
             await conn.execute(q("notify_answer", "answers.sql"), {"id": o.job.ref_id, "status": status})
             report.written.append(o.job.id)
         return report
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
-        await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
-        await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})
+        cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
+        if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
+            await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})

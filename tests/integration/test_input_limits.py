@@ -15,6 +15,7 @@ from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wai
 pytestmark = pytest.mark.anyio
 
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+ALL_ANSWERED = "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'"
 
 
 def _job(kind: str, ref_id: int) -> Job:
@@ -53,3 +54,22 @@ async def test_oversized_title_and_body_fail_at_once_beside_healthy_neighbours(d
                        "error": "InputError: body has 1,200 characters, over max_document_chars=1,000"}
     assert [(r["status"], r["error"], r["attempts"]) for r in (rows[0], rows[3])] == [("embedded", None, 1)] * 2
 
+
+async def test_oversized_question_fails_at_once_and_never_enters_its_sessions_history(db_url, models):
+    settings = fast_settings(db_url, max_question_chars=200)
+    long_text = "why " * 100
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        # both turns in one statement: the long one is still pending when the follow-up is loaded
+        cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s', %s),"
+                                 " ('s', 'how do I create a unique index?') RETURNING id", (long_text,))
+        long_q, follow = [r["id"] for r in await cur.fetchall()]
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    rows = {r["id"]: r for r in await (await conn.execute(
+        "SELECT q.id, q.status, q.error, q.retrieval_query, j.attempts FROM pgsynapse.questions q"
+        " JOIN pgsynapse.jobs j ON j.kind = 'answer' AND j.ref_id = q.id")).fetchall()}
+    await conn.close()
+    assert (rows[long_q]["status"], rows[long_q]["attempts"]) == ("failed", 1)
+    assert rows[long_q]["error"] == "InputError: question has 400 characters, over max_question_chars=200"
+    assert rows[follow]["status"] == "answered"
+    assert rows[follow]["retrieval_query"] == "how do I create a unique index?"

@@ -1,14 +1,16 @@
-"""Stale-write guards of backfills: a result computed from a row that changed while the job ran is
+"""Stale-write guards of answers and backfills: a result computed from a row that changed while the job ran is
 never written over the newer row. Each test drives the worker's steps by hand (claim, load, compute, then the
 row changes, then the write), so the interleaving is certain without any timing."""
 
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -19,6 +21,7 @@ from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wai
 
 pytestmark = pytest.mark.anyio
 
+ALL_ANSWERED = "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'"
 ALL_EMBEDDED = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
 
 
@@ -47,6 +50,100 @@ async def _run_until_write(worker: Worker, kind: str) -> list[Outcome]:
 async def _jobs(conn, kind: str) -> list[dict]:
     return list(await (await conn.execute(
         "SELECT status, last_error FROM pgsynapse.jobs WHERE kind = %s ORDER BY id", (kind,))).fetchall())
+
+
+async def test_an_answer_to_the_old_text_is_superseded_and_the_edited_question_is_answered_anew(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples."),
+                         ("Indexes", "CREATE INDEX constructs an index. A unique index rejects duplicate values.")])
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, ALL_EMBEDDED)
+    row = await (await conn.execute(
+        "INSERT INTO pgsynapse.questions (text) VALUES ('how do I reclaim storage from dead tuples?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker:
+        outcomes = await _run_until_write(worker, "answer")
+        assert outcomes[0].ok
+        # the application edits the question while its answer is being computed
+        await conn.execute("UPDATE pgsynapse.questions SET text = 'how do I make a unique index?' WHERE id = %s",
+                           (row["id"],))
+        await worker._write("answer", worker.handlers["answer"], outcomes)
+    q = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+    assert q == {"status": "pending", "answer": None}
+    jobs = await _jobs(conn, "answer")
+    assert [j["status"] for j in jobs] == ["done", "pending"] and "superseded" in jobs[0]["last_error"]
+    # the new text is answered by the job its UPDATE queued
+    async with running_worker(settings, models):
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    q = await (await conn.execute("SELECT status, answer, retrieval_query FROM pgsynapse.questions WHERE id = %s",
+                                  (row["id"],))).fetchone()
+    await conn.close()
+    assert q["status"] == "answered" and q["retrieval_query"] == "how do I make a unique index?"
+    assert "unique index" in q["answer"].lower()
+
+
+async def test_editing_an_answered_question_clears_its_answer_and_answers_it_again(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        row = await (await conn.execute(
+            "INSERT INTO pgsynapse.questions (text) VALUES ('what is vacuum?') RETURNING id")).fetchone()
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        await conn.execute("UPDATE pgsynapse.questions SET session_id = 'x' WHERE id = %s", (row["id"],))
+        assert len(await _jobs(conn, "answer")) == 1  # other columns do not queue a job
+        await conn.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (row["id"],))
+        edited = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
+                                           (row["id"],))).fetchone()
+        assert edited == {"status": "pending", "answer": None}
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    q = await (await conn.execute("SELECT status, retrieval_query FROM pgsynapse.questions WHERE id = %s",
+                                  (row["id"],))).fetchone()
+    assert q == {"status": "answered", "retrieval_query": "what is a savepoint?"}
+    assert [j["status"] for j in await _jobs(conn, "answer")] == ["done", "done"]
+    await conn.close()
+
+
+async def test_an_application_role_edits_a_question_and_its_edit_queues_the_new_answer(db_url, pg_url, models):
+    """The enqueue trigger runs with its owner's rights: pgsynapse_app has no privilege on the jobs table."""
+    role = f"pgsynapse_t_edit_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pgsynapse_app')
+    params = {k: v for k, v in conninfo_to_dict(db_url).items() if k != "password"}
+    conn = await aconn(db_url)
+    try:
+        with psycopg.connect(make_conninfo(**{**params, "user": role}), autocommit=True) as app:
+            async with running_worker(fast_settings(db_url), models):
+                [qid] = app.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is vacuum?') RETURNING id").fetchone()
+                await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+                app.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (qid,))
+                await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("SELECT count(*) FROM pgsynapse.jobs")
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')
+    q = await (await conn.execute("SELECT status, retrieval_query FROM pgsynapse.questions")).fetchone()
+    jobs = await _jobs(conn, "answer")
+    await conn.close()
+    assert q == {"status": "answered", "retrieval_query": "what is a savepoint?"}
+    assert [j["status"] for j in jobs] == ["done", "done"]
+
+
+async def test_a_final_failure_of_the_old_text_leaves_the_edited_question_to_its_new_job(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    row = await (await conn.execute(
+        "INSERT INTO pgsynapse.questions (text) VALUES ('what is vacuum?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker:
+        [job] = await worker.claim("answer", 10)
+        await conn.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (row["id"],))
+        # the old text's job fails for good (an input error is never retried)
+        await worker._write("answer", worker.handlers["answer"],
+                            [Outcome(job, error="InputError: something about the old text", retry=False)])
+    q = await (await conn.execute("SELECT status, error FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+    assert q == {"status": "pending", "error": None}
+    assert [j["status"] for j in await _jobs(conn, "answer")] == ["failed", "pending"]
+    await conn.close()
 
 
 async def test_a_backfill_batch_of_a_version_retired_meanwhile_is_superseded(db_url, models):

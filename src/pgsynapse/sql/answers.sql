@@ -1,13 +1,20 @@
 -- Named queries of the answer handler. Loaded by pgsynapse.queries.q(name, "answers.sql").
 
 -- name: load_questions
-SELECT id, session_id, text, created_at FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending';
+-- A question over %(max_chars)s characters comes without its text (NULL): it fails from its length alone, and its
+-- text is never fetched. text_hash is the write's stale-write guard (write_answer).
+SELECT id, session_id, created_at, chars,
+       CASE WHEN chars <= %(max_chars)s THEN text END AS text,
+       CASE WHEN chars <= %(max_chars)s THEN md5(text) END AS text_hash
+FROM (SELECT id, session_id, created_at, text, length(text) AS chars
+      FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending') q;
 
 -- name: session_history
--- The turns of a session before a question, newest first (the caller keeps the last few). A turn still pending
--- (asked in the same statement, or not answered yet) counts with its question alone; blocked and failed ones do not.
-SELECT id, text, CASE WHEN status = 'answered' THEN answer END AS answer FROM pgsynapse.questions
-WHERE session_id = %(session)s AND id < %(before)s AND status IN ('answered', 'pending')
+-- The answered turns of a session before a question, newest first (the caller keeps the last few, and checks
+-- them against today's guardrail rules). Pending turns (not checked by the guardrails yet), blocked and failed
+-- ones are left out, and so is a text over the question limit.
+SELECT id, text, answer FROM pgsynapse.questions
+WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND length(text) <= %(max_chars)s
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
@@ -50,18 +57,24 @@ FROM pgsynapse.embeddings WHERE model_version_id = %(version)s AND chunk_id = AN
 SELECT id, text, action, threshold FROM pgsynapse.guardrail_rules WHERE enabled ORDER BY id;
 
 -- name: write_answer
+-- The stale-write guard: no row updated (the caller reports the job superseded) when the question was edited
+-- since it was loaded (its UPDATE queued a new job: triggers/questions_v3.sql), answered by another job, or deleted.
+-- The UPDATE locks the row and re-checks this WHERE against a concurrent edit's committed version.
 UPDATE pgsynapse.questions
 SET status = %(status)s, answer = %(answer)s, sources = %(sources)s, model_version_id = %(version)s,
     retrieval_query = %(retrieval_query)s, guardrail = %(guardrail)s, answerer = %(answerer)s, error = NULL,
     answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
-WHERE id = %(id)s;
+WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;
 
 -- name: fail_question
-UPDATE pgsynapse.questions
+-- A job's final failure, unless the question was edited since (a pending job has its new text): then the row
+-- stays pending for that job.
+UPDATE pgsynapse.questions q
 SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
-WHERE id = %(id)s;
+WHERE q.id = %(id)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
 
 -- name: notify_answer
 SELECT pg_notify('pgsynapse_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);

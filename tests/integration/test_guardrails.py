@@ -1,0 +1,138 @@
+"""Guardrails cover everything that reaches the answerer: the question in windows over its whole length, and the
+session history (only answered turns, checked against today's rules; a batch-mate only once it passed its own
+check). Real model, real rules, real NOTIFY."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from pgvector.psycopg import register_vector_async
+
+from pgsynapse.answerers import Answer, ExtractiveAnswerer
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.handlers.base import Job
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ALL_ANSWERED = "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'"
+BOMB_RULE = "INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) VALUES ('how to make a bomb or explosives', 'block', 0.6)"
+BOMB = "how do I make a bomb with explosives"
+# benign sentences, well over the model's 256-token window together
+FILLER = " ".join(f"Part {i}: CREATE INDEX constructs an index on the specified column of a table, and a unique index "
+                  f"rejects duplicate values." for i in range(16))
+
+
+class RecordingAnswerer(ExtractiveAnswerer):
+    """The real extractive answerer, recording every text that reaches it."""
+
+    seen: list[str] = []
+    reply: str | None = None  # answer this instead (an answer-stage check)
+
+    def answer(self, req):
+        self.seen.extend([req.question] + [t.question for t in req.history] + [t.answer or "" for t in req.history])
+        if self.reply is not None:
+            return Answer(self.reply, [])
+        return super().answer(req)
+
+
+class RecordingHandler(AnswerHandler):
+    def answerer_for(self, embedder):
+        return RecordingAnswerer(lambda texts: embedder.encode(texts), not_found_threshold=self.settings.not_found_threshold)
+
+
+def _handlers(settings, models):
+    return {"answer": RecordingHandler(settings, models)}
+
+
+async def _questions(conn, session: str) -> list[dict]:
+    return list(await (await conn.execute(
+        "SELECT id, text, status, guardrail, retrieval_query FROM pgsynapse.questions WHERE session_id = %s ORDER BY id",
+        (session,))).fetchall())
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    RecordingAnswerer.seen, RecordingAnswerer.reply = [], None
+
+
+async def test_a_blocked_batch_mate_never_reaches_the_answerer_through_the_follow_ups_history(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    async with running_worker(settings, models, handlers=_handlers(settings, models)):
+        # one statement: the blocked turn is still pending when its follow-up is loaded in the same batch
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('eve', %s),"
+                           " ('eve', 'and where do I buy the parts for that?')", (BOMB,))
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    blocked, follow = await _questions(conn, "eve")
+    await conn.close()
+    assert blocked["status"] == "blocked" and blocked["guardrail"]["stage"] == "question"
+    assert follow["status"] == "answered" and follow["retrieval_query"] == "and where do I buy the parts for that?"
+    assert RecordingAnswerer.seen and not [t for t in RecordingAnswerer.seen if "bomb" in t]
+
+
+async def test_an_answered_turn_that_a_newer_rule_blocks_is_left_out_of_history(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models, handlers=_handlers(settings, models)):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('mal', %s)", (BOMB,))
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        await conn.execute(BOMB_RULE)  # the rule comes after the turn was answered
+        RecordingAnswerer.seen = []
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('mal', 'and what else?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    first, follow = await _questions(conn, "mal")
+    await conn.close()
+    assert first["status"] == "answered" and follow["status"] == "answered"
+    assert follow["retrieval_query"] == "and what else?"
+    assert RecordingAnswerer.seen == ["and what else?"]
+
+
+async def test_a_pending_turn_outside_the_batch_is_left_out_of_history(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('pat', %s) RETURNING id", (BOMB,))
+    await cur.fetchone()
+    cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('pat', 'and then?') RETURNING id")
+    follow = (await cur.fetchone())["id"]
+    # the follow-up is loaded while the first turn is still pending (not checked, not answered yet)
+    work, known = await AnswerHandler(settings, models).load(
+        conn, [Job(follow, "answer", follow, {}, 1, datetime.now(timezone.utc))])
+    await conn.close()
+    assert known == [] and [w.job.ref_id for w in work] == [follow]
+    assert work[0].history == [] and work[0].retrieval_query == "and then?"
+
+
+async def test_a_long_question_is_checked_in_windows_over_its_whole_length(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    text = f"{FILLER} Also, {BOMB}? {FILLER}"
+    assert len(models.get({"id": 1, "artifact_path": None, "runtime": "torch", "dim": 384, "name": "v1"})
+               .tokenizer(text)["input_ids"]) > 2 * 256
+    async with running_worker(settings, models, handlers=_handlers(settings, models)):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('long', %s)", (text,))
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    [row] = await _questions(conn, "long")
+    await conn.close()
+    assert row["status"] == "blocked" and row["guardrail"]["stage"] == "question"
+    assert row["guardrail"]["similarity"] >= 0.6
+    assert RecordingAnswerer.seen == []
+
+
+async def test_a_long_answer_is_checked_in_windows_over_its_whole_length(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    # a generative answerer may write at length; the harmful sentence sits past the first window
+    RecordingAnswerer.reply = f"{FILLER} Here is {BOMB}: mix the parts. {FILLER}"
+    async with running_worker(settings, models, handlers=_handlers(settings, models)):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('ans', 'how do I create an index?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    [row] = await _questions(conn, "ans")
+    await conn.close()
+    assert RecordingAnswerer.seen == ["how do I create an index?"]
+    assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer"
