@@ -26,6 +26,7 @@ class Job:
     payload: dict[str, Any]
     attempts: int
     created_at: datetime
+    claimed_at: datetime | None = None  # the claim's token (jobs.started_at): a late write of an older claim is refused
 
 
 @dataclass
@@ -78,6 +79,10 @@ def isolate(fn: Callable[[Sequence[W]], list[Any]], items: Sequence[W]) -> list[
 
 class Handler(ABC, Generic[W]):
     kind: ClassVar[str]
+    # a job whose lease expires in a batch is not charged the attempt and is claimed alone after (listener/batches.py)
+    crash_isolation: ClassVar[bool] = True
+    # leases of a batch are renewed this long at most (None: the ``batch_deadline_seconds`` setting)
+    deadline_seconds: float | None = None
 
     @abstractmethod
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[W], list[Outcome]]:

@@ -53,10 +53,15 @@ class RetrainHandler(Handler[RetrainWork]):
     kind = "retrain"
     concurrency = 1  # one training at a time, whatever is queued
     watchdog_exempt = True  # a batch is a training run: bounded by its own deadline below, not by the watchdog
+    # the trainer is its own process: a worker crash meanwhile is not this job's doing, and a retrain claimed
+    # alone would hold back every other kind for the whole run
+    crash_isolation = False
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
         self.models = models
+        # leases renewed until the trainer's own kill deadline (see _follow), plus a minute to record the outcome
+        self.deadline_seconds = 2 * settings.retrain_budget_seconds + 360
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[RetrainWork], list[Outcome]]:
         active = await (await conn.execute(q("active_version"))).fetchone()
@@ -111,7 +116,7 @@ class RetrainHandler(Handler[RetrainWork]):
         peak = [0.0]
 
         # training stops itself at its budget; evaluation and saving get as long again, then it is killed
-        deadline = time.monotonic() + 2 * s.retrain_budget_seconds + 300
+        deadline = time.monotonic() + self.deadline_seconds - 60
         overtime = threading.Event()
 
         def watch_memory() -> None:

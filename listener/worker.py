@@ -6,12 +6,13 @@ Waiting (LISTEN or poll, in :mod:`pgsynapse.listener.listener`) is kept apart fr
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -25,44 +26,16 @@ from psycopg.types.json import Jsonb
 from pgsynapse import metrics
 from pgsynapse.config import Settings
 from pgsynapse.handlers import registry
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
+from pgsynapse.handlers.base import Handler, Job, Outcome, describe
+from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
 from pgsynapse.listener.listener import Listener
+from pgsynapse.listener.writer import BatchWriter
 from pgsynapse.listener.wakeup import Wakeups
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache, rss_bytes
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
-
-
-def backoff_delay(attempts: int, base: float, cap: float) -> float:
-    """Seconds before the next attempt: base, 2*base, 4*base, ... capped."""
-    return float(min(cap, base * (2 ** max(0, attempts - 1))))
-
-
-def transient(exc: BaseException) -> bool:
-    """A database error that says nothing about the rows: the connection broke, the server is restarting,
-    or the transaction lost a deadlock/serialization race. Writing the same results again is right."""
-    if not isinstance(exc, psycopg.OperationalError):
-        return False
-    state = exc.sqlstate or ""
-    return not state or state.startswith(("08", "57P", "40"))
-
-
-@dataclass
-class WorkerStats:
-    """Live counters of one worker process (read by status, health and metrics)."""
-
-    processed: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    retried: dict[str, int] = field(default_factory=dict)
-    batches: int = 0
-    fallback_polls: int = 0
-    last_tick: float = field(default_factory=time.monotonic)
-    loop_ticks: dict[int, float] = field(default_factory=dict)  # per dispatcher loop (task id): stall detection
-
-    def add(self, table: dict[str, int], kind: str, n: int = 1) -> None:
-        table[kind] = table.get(kind, 0) + n
 
 
 class Worker:
@@ -99,6 +72,7 @@ class Worker:
         self.wakeups = Wakeups(self.kinds)
         self.listener = Listener(url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
         self.stats = WorkerStats()
+        self.writer = BatchWriter(settings, self.worker_id, self.stats, self._open_pool)
         self.stopping = anyio.Event()
         self.pool: AsyncConnectionPool | None = None
         self.in_flight = 0
@@ -107,6 +81,12 @@ class Worker:
         self._compute_done = {k: anyio.Event() for k in self.kinds}
         self._last_cache_cleanup = 0.0
         self._registered = False
+        # what this worker holds (renewed until each batch's deadline) and the gate that runs a solo job alone
+        self._held: dict[int, Batch] = {}
+        self.gate = SoloGate()
+        self._deadline = {k: h.deadline_seconds or settings.batch_deadline_seconds for k, h in self.handlers.items()}
+        # kinds whose expired jobs come back solo, whichever worker reaps them (every registered kind says)
+        self._isolate_kinds = [k for k, cls in registry().items() if cls.crash_isolation]
         self._tasks: TaskGroup | None = None
         self._switching = False  # a runtime switch of a newly active version is running in a thread
         from pgsynapse.cache import default_lru
@@ -119,6 +99,10 @@ class Worker:
             log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)
             self.stopping.set()
             self.wakeups.stop()
+
+    def _open_pool(self) -> AsyncConnectionPool:
+        assert self.pool is not None
+        return self.pool
 
     async def _configure(self, conn: psycopg.AsyncConnection) -> None:
         await register_vector_async(conn)
@@ -186,22 +170,46 @@ class Worker:
                 self.request_stop()
 
     async def _maintenance(self) -> None:
-        """Renew our leases and return expired ones to the queue."""
+        """Renew our leases, return expired ones to the queue, register, clean up: each step on its own, so
+        one that fails (and logs ``maintenance_failed`` with its step) never stops the others."""
         interval = max(0.2, min(self.settings.lease_seconds / 3, 10.0))
+        steps = (("renew", self.renew_leases), ("reap", self.reap_expired), ("heartbeat", self._heartbeat),
+                 ("cache_cleanup", self.cleanup_cache), ("prune", self.prune_done_jobs))
         while True:
-            try:
-                await self.reap_expired()
-                assert self.pool is not None
-                async with self.pool.connection() as conn:
-                    await conn.execute(q("renew_leases"), {"lease": self.settings.lease_seconds, "worker": self.worker_id})
-                    await self.heartbeat(conn)
-                if time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval:
-                    self._last_cache_cleanup = time.monotonic()
-                    await self.cleanup_cache()
-                    await self.prune_done_jobs()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("maintenance_failed", error=" ".join(str(exc).split())[:200])
+            cleanup_due = time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval
+            if cleanup_due:
+                self._last_cache_cleanup = time.monotonic()
+            for name, step in steps:
+                if name in ("cache_cleanup", "prune") and not cleanup_due:
+                    continue
+                try:
+                    await step()
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("maintenance_failed", step=name, error=" ".join(str(exc).split())[:200])
             await anyio.sleep(interval)
+
+    async def renew_leases(self) -> None:
+        """Extend the leases of the batches within their deadline; say once of each batch that passed it."""
+        now = time.monotonic()
+        claims: list[tuple[int, Any]] = []
+        for batch in list(self._held.values()):
+            if batch.live(now):
+                claims += batch.claims()
+            elif not batch.overdue_logged:
+                batch.overdue_logged = True
+                log.error("batch_deadline_exceeded", kind=batch.kind, n=len(batch.jobs), solo=batch.solo,
+                          deadline_s=self._deadline[batch.kind], note="its leases run out and its jobs go back to the queue")
+        if not claims:
+            return
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            await conn.execute(q("renew_leases"), {"lease": self.settings.lease_seconds, "worker": self.worker_id,
+                                                   "ids": [i for i, _ in claims], "claims": [c for _, c in claims]})
+
+    async def _heartbeat(self) -> None:
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            await self.heartbeat(conn)
 
     async def heartbeat(self, conn: psycopg.AsyncConnection) -> None:
         """Register this worker for ``status``: kinds, loaded model versions with their memory, RSS, counts.
@@ -285,7 +293,8 @@ class Worker:
         assert self.pool is not None
         async with self.pool.connection() as conn:
             async with conn.transaction():
-                cur = await conn.execute(q("reap_expired_leases"), {"max_attempts": self.settings.max_attempts})
+                cur = await conn.execute(q("reap_expired_leases"), {"max_attempts": self.settings.max_attempts,
+                                                                    "isolate_kinds": self._isolate_kinds})
                 row = await cur.fetchone()
                 failed = row["failed"] if row else []
                 for f in failed:
@@ -293,23 +302,29 @@ class Worker:
                     if handler is not None:
                         job = Job(f["id"], f["kind"], f["ref_id"], {}, 0, None)  # type: ignore[arg-type]
                         await handler.record_failure(conn, job, f["last_error"])
-        if row and (row["requeued"] or failed):
+                # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
+                for kind in row["requeued_kinds"] if row else []:
+                    await conn.execute(q("notify_jobs"), {"kind": kind, "n": row["requeued"]})
+        if row and (row["requeued"] or failed or row["superseded"]):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
         if row and row["requeued"]:
-            # requeued jobs send no NOTIFY: without this they would wait for the fallback poll
             self.wakeups.wake_all()
 
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
         # a handler whose batches legitimately run for minutes (retrain: its own process, own time budget)
         # is not judged by the watchdog's stall limit
-        watched = not getattr(self.handlers[kind], "watchdog_exempt", False)
+        handler = self.handlers[kind]
+        watched = not getattr(handler, "watchdog_exempt", False)
         while not self.stopping.is_set():
             self.stats.last_tick = time.monotonic()
             if watched:
                 self.stats.loop_ticks[anyio.get_current_task().id] = self.stats.last_tick
             try:
-                jobs = await self.claim(kind, self.settings.batch_size)
+                solo = await self._claim_solo(kind) if handler.crash_isolation else None
+                if solo is None and handler.crash_isolation:
+                    await self.gate.clear()
+                jobs = [solo] if solo else await self.claim(kind, self.settings.batch_size)
             except (psycopg.Error, OSError) as exc:
                 log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
                 await self.wakeups.wait(kind, min(self.settings.poll_interval, 2.0))
@@ -320,18 +335,35 @@ class Worker:
                 if not woken and not self.listener.connected:
                     self.stats.fallback_polls += 1
                 continue
-            if len(jobs) < self.settings.batch_size:
-                try:
-                    jobs += await self.gather(kind, self.settings.batch_size - len(jobs))
-                except (psycopg.Error, OSError) as exc:  # what is already claimed is still processed
-                    log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
-            # in-flight work finishes and is written even when a stop is requested meanwhile
-            with anyio.CancelScope(shield=True):
+            # a solo job's deadline starts once it runs alone; a batch's at its claim
+            batch = Batch(kind, jobs, solo=solo is not None,
+                          deadline=math.inf if solo else time.monotonic() + self._deadline[kind])
+            self._held[batch.id] = batch
+            try:
+                await self._run_batch(handler, batch)
+            finally:
+                del self._held[batch.id]
+
+    async def _run_batch(self, handler: Handler, batch: Batch) -> None:
+        kind = batch.kind
+        if not batch.solo and len(batch.jobs) < self.settings.batch_size:
+            try:
+                batch.jobs += await self.gather(kind, self.settings.batch_size - len(batch.jobs), batch.deadline)
+            except (psycopg.Error, OSError) as exc:  # what is already claimed is still processed
+                log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
+        # in-flight work finishes and is written even when a stop is requested meanwhile
+        with anyio.CancelScope(shield=True):
+            gate = self.gate.solo() if batch.solo else self.gate.shared(batch)
+            async with gate if handler.crash_isolation else contextlib.nullcontext():
+                if batch.solo:
+                    batch.deadline = time.monotonic() + self._deadline[kind]
+                    log.info("solo_job_started", kind=kind, job=batch.jobs[0].id, ref=batch.jobs[0].ref_id,
+                             attempt=batch.jobs[0].attempts)
                 self.in_flight += 1
                 try:
-                    await self.process_batch(kind, jobs)
+                    await self.process_batch(kind, batch.jobs)
                 except Exception:  # noqa: BLE001 - never let one batch kill the worker; leases bring the jobs back
-                    log.exception("batch_crashed", kind=kind, n=len(jobs))
+                    log.exception("batch_crashed", kind=kind, n=len(batch.jobs))
                 finally:
                     self.in_flight -= 1
 
@@ -348,16 +380,18 @@ class Worker:
             pass
         return timeout
 
-    async def gather(self, kind: str, room: int) -> list[Job]:
+    async def gather(self, kind: str, room: int, until: float = math.inf) -> list[Job]:
         """Micro-batching: claim more jobs for a batch short of ``batch_size``.
 
         While another batch of this kind computes, the model is busy anyway: keep claiming until it is free
         (or the batch is full), so batches grow with the load. With the model idle, wait at most
-        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency.
+        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency. Never past ``until``
+        (the batch's deadline) nor a lease: a batch that hangs meanwhile must not keep the claimed ones waiting.
         """
         more: list[Job] = []
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        while room > len(more) and not self.stopping.is_set():
+        until = min(until, time.monotonic() + self.settings.lease_seconds)
+        while room > len(more) and not self.stopping.is_set() and time.monotonic() < until:
             busy = self._computing[kind] > 0
             left = deadline - time.monotonic()
             if not busy and left <= 0:
@@ -381,17 +415,42 @@ class Worker:
                     {"kind": kind, "limit": limit - len(jobs), "worker": self.worker_id, "lease": self.settings.lease_seconds},
                 )
                 rows = await cur.fetchall()
-                # bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first
-                bulk = [r["id"] for r in rows if r["ref_id"] < 0]
-                if bulk:
-                    async with conn.transaction():
-                        cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
-                    log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
-            jobs += [Job(r["id"], r["kind"], r["ref_id"], r["payload"] or {}, r["attempts"], r["created_at"])
-                     for r in rows if r["ref_id"] >= 0]
+                bulk = await self._expand_bulk(conn, kind, rows)
+            jobs += [_job(r) for r in rows if r["ref_id"] >= 0]
             if not bulk or len(jobs) >= limit:
                 break
         return jobs
+
+    async def claim_solo(self, kind: str) -> Job | None:
+        """One job that must run alone (its lease expired in a batch), or None."""
+        assert self.pool is not None
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                q("claim_solo_job"), {"kind": kind, "worker": self.worker_id, "lease": self.settings.lease_seconds})
+            rows = await cur.fetchall()
+            await self._expand_bulk(conn, kind, rows)
+        return next((_job(r) for r in rows if r["ref_id"] >= 0), None)
+
+    async def _claim_solo(self, kind: str) -> Job | None:
+        """A solo job in the worker's one solo slot (kept until the job is processed), or None."""
+        if not self.gate.reserve():
+            return None
+        solo = None
+        try:
+            solo = await self.claim_solo(kind)
+        finally:
+            if solo is None:
+                self.gate.release()
+        return solo
+
+    async def _expand_bulk(self, conn: psycopg.AsyncConnection, kind: str, rows: list[dict[str, Any]]) -> bool:
+        """Bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first."""
+        bulk = [r["id"] for r in rows if r["ref_id"] < 0]
+        if bulk:
+            async with conn.transaction():
+                cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
+            log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
+        return bool(bulk)
 
     async def process_batch(self, kind: str, jobs: list[Job]) -> None:
         handler = self.handlers[kind]
@@ -411,7 +470,7 @@ class Worker:
         inference = None
         if work and versions:  # recorded in pgsynapse.inference_log by the batch's write transaction
             inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
-        await self._write(kind, handler, outcomes, inference)
+        await self.writer.write(kind, handler, outcomes, inference)
         self.stats.batches += 1
         log.info(
             "batch_processed",
@@ -432,99 +491,7 @@ class Worker:
             done, self._compute_done[kind] = self._compute_done[kind], anyio.Event()
             done.set()
 
-    async def _write(
-        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
-    ) -> None:
-        try:
-            await self._write_retrying(kind, handler, outcomes, inference)
-        except psycopg.Error as exc:
-            if transient(exc):
-                # the server stayed away for about a lease: not these rows' fault; their lease expires and they
-                # are claimed again (splitting would only wait that long once per job)
-                log.error("batch_write_abandoned", kind=kind, n=len(outcomes), error=describe(exc)[:300])
-                return
-            if len(outcomes) == 1:
-                o = outcomes[0]
-                if not o.ok:
-                    # even recording the failure fails: leave the job to its lease, which expires and retries it
-                    log.error("job_write_failed", kind=kind, job=o.job.id, error=describe(exc)[:300])
-                    return
-                # the write itself fails for this job: it becomes the job's error
-                o.error, o.result = f"write failed: {describe(exc)}", None
-                await self._write(kind, handler, [o])
-                return
-            log.warning("batch_write_failed_splitting", kind=kind, n=len(outcomes), error=describe(exc)[:200])
-            for o in outcomes:
-                await self._write(kind, handler, [o])
 
-    async def _write_retrying(
-        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
-    ) -> None:
-        """Write; when the connection breaks (server restart, failover) or the txn is rolled back (deadlock),
-        write the same results again once a connection is back, rather than blaming the jobs for it.
-
-        Bounded by about one lease: after that the jobs may belong to another worker (the guard drops ours).
-        """
-        deadline = time.monotonic() + max(self.settings.lease_seconds, 10.0)
-        delay = 0.25
-        while True:
-            try:
-                # a short wait for a connection: the pool's own 30 s would outlast the whole retry budget
-                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())),
-                                      inference=inference)
-                return
-            except psycopg.OperationalError as exc:
-                if not transient(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("batch_write_retrying", kind=kind, n=len(outcomes), retry_in=delay, error=describe(exc)[:200])
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _write_txn(
-        self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None,
-        inference: dict[str, Any] | None = None,
-    ) -> None:
-        assert self.pool is not None
-        jobs = {o.job.id: o.job for o in outcomes}
-        async with self.pool.connection(timeout=timeout) as conn, conn.transaction():
-            cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id})
-            owned = {r["id"] for r in await cur.fetchall()}
-            lost = len(jobs) - len(owned)
-            if lost:
-                log.warning("lease_lost_results_dropped", kind=kind, n=lost)
-            mine = [o for o in outcomes if o.job.id in owned]
-            ok = [o for o in mine if o.ok and o.skip_reason is None]
-            report = await handler.write(conn, ok) if ok else WriteReport()
-            done = report.written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
-            if done:
-                await conn.execute(q("complete_jobs"), {"ids": done, "worker": self.worker_id})
-            for job_id in report.superseded:
-                await conn.execute(
-                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}
-                )
-            for o in mine:
-                if not o.ok:
-                    await self._fail_or_retry(conn, handler, o)
-            if inference is not None:
-                await conn.execute(q("log_inference"), inference)
-            await handler.notify_written(conn, report, jobs)
-        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
-        metrics.observe_results(kind, (jobs[i].created_at for i in report.written))
-
-    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
-        params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
-        if o.retry and o.job.attempts < self.settings.max_attempts:
-            delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
-            cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
-            if cur.rowcount:
-                self.stats.add(self.stats.retried, o.job.kind)
-                log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
-                            attempt=o.job.attempts, delay_s=delay, error=o.error)
-            else:
-                await conn.execute(q("supersede_job"), {**params, "error": f"superseded after error: {o.error}"})
-            return
-        cur = await conn.execute(q("fail_job"), params)
-        if cur.rowcount:
-            await handler.record_failure(conn, o.job, o.error or "unknown error")
-            self.stats.add(self.stats.failed, o.job.kind)
-            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)
+def _job(row: dict[str, Any]) -> Job:
+    return Job(row["id"], row["kind"], row["ref_id"], row["payload"] or {}, row["attempts"], row["created_at"],
+               row["started_at"])

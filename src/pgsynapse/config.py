@@ -76,6 +76,10 @@ class Settings(BaseModel):
     )
     max_attempts: int = Field(5, ge=1, le=100, description="attempts before a job is marked failed")
     lease_seconds: float = Field(60.0, gt=0, description="a claimed job returns to the queue if not renewed")
+    batch_deadline_seconds: float = Field(
+        600.0, gt=0, description="a batch's leases are renewed this long at most: a hung batch's jobs go back to the "
+        "queue within lease_seconds after it (retrain: its own budget)"
+    )
     retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")

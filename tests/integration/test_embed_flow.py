@@ -246,7 +246,7 @@ async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, mod
         outcomes = handler.compute(work)
         # the row changes after the worker read it: a newer job is queued
         await conn.execute("UPDATE pgsynapse.documents SET body = 'second version' WHERE id = %s", (doc,))
-        await worker._write("embed", handler, outcomes)
+        await worker.writer.write("embed", handler, outcomes)
         n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone()
         assert n["n"] == 0
         jobs_rows = await (await conn.execute("SELECT status, last_error FROM pgsynapse.jobs ORDER BY id")).fetchall()

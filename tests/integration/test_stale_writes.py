@@ -67,7 +67,7 @@ async def test_an_answer_to_the_old_text_is_superseded_and_the_edited_question_i
         # the application edits the question while its answer is being computed
         await conn.execute("UPDATE pgsynapse.questions SET text = 'how do I make a unique index?' WHERE id = %s",
                            (row["id"],))
-        await worker._write("answer", worker.handlers["answer"], outcomes)
+        await worker.writer.write("answer", worker.handlers["answer"], outcomes)
     q = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
     assert q == {"status": "pending", "answer": None}
     jobs = await _jobs(conn, "answer")
@@ -138,7 +138,7 @@ async def test_a_final_failure_of_the_old_text_leaves_the_edited_question_to_its
         [job] = await worker.claim("answer", 10)
         await conn.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (row["id"],))
         # the old text's job fails for good (an input error is never retried)
-        await worker._write("answer", worker.handlers["answer"],
+        await worker.writer.write("answer", worker.handlers["answer"],
                             [Outcome(job, error="InputError: something about the old text", retry=False)])
     q = await (await conn.execute("SELECT status, error FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
     assert q == {"status": "pending", "error": None}
@@ -162,7 +162,7 @@ async def test_a_backfill_batch_of_a_version_retired_meanwhile_is_superseded(db_
         assert outcomes[0].ok and len(outcomes[0].result[1]) == 3
         with psycopg.connect(db_url, row_factory=dict_row) as admin:
             retire(admin, 2)  # while the batch computes
-        await worker._write("backfill", worker.handlers["backfill"], outcomes)
+        await worker.writer.write("backfill", worker.handlers["backfill"], outcomes)
     n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = 2")).fetchone()
     jobs = await _jobs(conn, "backfill")
     await conn.close()

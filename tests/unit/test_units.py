@@ -6,7 +6,7 @@ import pytest
 
 from pgsynapse.handlers.base import describe, isolate
 from pgsynapse.listener.wakeup import JobNotice
-from pgsynapse.listener.worker import backoff_delay
+from pgsynapse.listener.writer import backoff_delay
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
 

@@ -2,29 +2,51 @@
 
 -- name: claim_jobs
 -- Claim up to %(limit)s due pending jobs of one kind; SKIP LOCKED keeps workers off each other's rows.
+-- started_at is the claim's token: the writer completes only the claim it holds (lock_owned_jobs).
 WITH due AS (
     SELECT id FROM pgsynapse.jobs
-    WHERE status = 'pending' AND kind = %(kind)s AND run_after <= now()
+    WHERE status = 'pending' AND kind = %(kind)s AND run_after <= now() AND NOT solo
     ORDER BY run_after, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pgsynapse.jobs j
-SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_at = now(),
+SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_at = clock_timestamp(),
     lease_until = now() + make_interval(secs => %(lease)s)
 FROM due
 WHERE j.id = due.id
-RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at;
+RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at, j.started_at;
+
+-- name: claim_solo_job
+-- One due job that must run alone (its lease expired in a batch: see migration 0008), or nothing.
+WITH due AS (
+    SELECT id FROM pgsynapse.jobs
+    WHERE status = 'pending' AND solo AND kind = %(kind)s AND run_after <= now()
+    ORDER BY run_after, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgsynapse.jobs j
+SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_at = clock_timestamp(),
+    lease_until = now() + make_interval(secs => %(lease)s)
+FROM due
+WHERE j.id = due.id
+RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at, j.started_at;
 
 -- name: renew_leases
-UPDATE pgsynapse.jobs SET lease_until = now() + make_interval(secs => %(lease)s)
-WHERE status = 'running' AND worker = %(worker)s;
+-- Only the claims of batches still within their deadline: a hung batch's jobs run out of lease and come back.
+UPDATE pgsynapse.jobs j SET lease_until = now() + make_interval(secs => %(lease)s)
+FROM unnest(%(ids)s::bigint[], %(claims)s::timestamptz[]) AS c (id, started_at)
+WHERE j.id = c.id AND j.started_at = c.started_at AND j.status = 'running' AND j.worker = %(worker)s;
 
 -- name: lock_owned_jobs
--- The writer's guard: only jobs this worker still holds are completed.
-SELECT id FROM pgsynapse.jobs
-WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s
-FOR UPDATE;
+-- The writer's guard: only the claims this worker still holds are completed. The claim's started_at tells a
+-- late result of an expired claim from a new claim of the same job by the same worker.
+SELECT j.id FROM pgsynapse.jobs j
+JOIN unnest(%(ids)s::bigint[], %(claims)s::timestamptz[]) AS c (id, started_at)
+  ON j.id = c.id AND j.started_at = c.started_at
+WHERE j.status = 'running' AND j.worker = %(worker)s
+FOR UPDATE OF j;
 
 -- name: complete_jobs
 UPDATE pgsynapse.jobs
@@ -52,36 +74,49 @@ WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s
 RETURNING kind, ref_id;
 
 -- name: reap_expired_leases
--- Jobs whose worker vanished: back to the queue, or failed once they have used every attempt.
+-- Jobs whose worker vanished or hung: back to the queue, or failed once they have used every attempt.
+-- Crash isolation (migration 0008): a job of a kind in %(isolate_kinds)s that expired in a batch is refunded the
+-- attempt (any job of the batch may have killed the worker) and comes back solo; an expiry while solo is its own.
+-- Per row (kind, ref_id) at most one job goes back to pending, the newest, and none when one is pending already
+-- (jobs_pending_dedup): the others are superseded, since every job of a row does the same work on its latest state.
 WITH expired AS (
-    SELECT id, kind, ref_id, attempts, worker FROM pgsynapse.jobs
+    SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
+           attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged
+    FROM pgsynapse.jobs
     WHERE status = 'running' AND lease_until < now()
     FOR UPDATE SKIP LOCKED
 ), failed AS (
     UPDATE pgsynapse.jobs j
-    SET status = 'failed', finished_at = now(), lease_until = NULL,
+    SET status = 'failed', finished_at = now(), lease_until = NULL, attempts = e.charged,
         last_error = format('lease expired %%s times: the worker (last %%s) died or hung while processing this job',
-                            e.attempts, e.worker)
+                            e.charged, e.worker)
     FROM expired e
-    WHERE j.id = e.id AND e.attempts >= %(max_attempts)s
+    WHERE j.id = e.id AND e.charged >= %(max_attempts)s
     RETURNING j.id, j.kind, j.ref_id, j.last_error
+), survivors AS (
+    SELECT e.*,
+           row_number() OVER (PARTITION BY e.kind, e.ref_id ORDER BY e.id DESC) AS nth,
+           EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                   WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending') AS has_pending
+    FROM expired e
+    WHERE e.charged < %(max_attempts)s
 ), superseded AS (
     UPDATE pgsynapse.jobs j
     SET status = 'done', finished_at = now(), lease_until = NULL, last_error = 'superseded by a newer job'
-    FROM expired e
-    WHERE j.id = e.id AND e.attempts < %(max_attempts)s
-      AND EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending')
+    FROM survivors s
+    WHERE j.id = s.id AND (s.nth > 1 OR s.has_pending)
     RETURNING j.id
 ), requeued AS (
     UPDATE pgsynapse.jobs j
-    SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL,
-        last_error = format('lease expired (worker %%s)', e.worker)
-    FROM expired e
-    WHERE j.id = e.id AND e.attempts < %(max_attempts)s
-      AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending')
-    RETURNING j.id
+    SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL, attempts = s.charged,
+        solo = j.solo OR s.isolate,
+        last_error = format('lease expired (worker %%s)', s.worker)
+    FROM survivors s
+    WHERE j.id = s.id AND s.nth = 1 AND NOT s.has_pending
+    RETURNING j.id, j.kind
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
+       (SELECT coalesce(array_agg(DISTINCT kind), '{}') FROM requeued) AS requeued_kinds,
        (SELECT count(*) FROM superseded) AS superseded,
        (SELECT coalesce(json_agg(failed), '[]') FROM failed) AS failed;
 
@@ -178,8 +213,8 @@ FOR UPDATE;
 -- name: requeue_failed_jobs
 -- Back to pending with a fresh set of attempts, due now; the last error is kept for the record.
 UPDATE pgsynapse.jobs
-SET status = 'pending', attempts = 0, run_after = now(), lease_until = NULL, worker = NULL, finished_at = NULL,
-    last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
+SET status = 'pending', attempts = 0, solo = false, run_after = now(), lease_until = NULL, worker = NULL,
+    finished_at = NULL, last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: close_failed_duplicates

@@ -1,0 +1,148 @@
+"""The write step of a batch: one short transaction per batch, for the claims the worker still holds.
+
+Results go through the handler's stale-write guard; failed jobs are retried with backoff or failed for good; a
+broken connection is retried for about a lease; a batch whose write fails is split, so one bad row never fails
+its neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgsynapse import metrics
+from pgsynapse.config import Settings
+from pgsynapse.handlers.base import Handler, Outcome, WriteReport, describe
+from pgsynapse.listener.batches import WorkerStats
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+def backoff_delay(attempts: int, base: float, cap: float) -> float:
+    """Seconds before the next attempt: base, 2*base, 4*base, ... capped."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+def transient(exc: BaseException) -> bool:
+    """A database error that says nothing about the rows: the connection broke, the server is restarting,
+    or the transaction lost a deadlock/serialization race. Writing the same results again is right."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate or ""
+    return not state or state.startswith(("08", "57P", "40"))
+
+
+
+class BatchWriter:
+    """Writes the outcomes of one worker's batches (``pool`` returns the worker's open pool)."""
+
+    def __init__(self, settings: Settings, worker_id: str, stats: WorkerStats,
+                 pool: Callable[[], AsyncConnectionPool]) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.stats = stats
+        self._pool = pool
+
+    async def write(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            await self._write_retrying(kind, handler, outcomes, inference)
+        except psycopg.Error as exc:
+            if transient(exc):
+                # the server stayed away for about a lease: not these rows' fault; their lease expires and they
+                # are claimed again (splitting would only wait that long once per job)
+                log.error("batch_write_abandoned", kind=kind, n=len(outcomes), error=describe(exc)[:300])
+                return
+            if len(outcomes) == 1:
+                o = outcomes[0]
+                if not o.ok:
+                    # even recording the failure fails: leave the job to its lease, which expires and retries it
+                    log.error("job_write_failed", kind=kind, job=o.job.id, error=describe(exc)[:300])
+                    return
+                # the write itself fails for this job: it becomes the job's error
+                o.error, o.result = f"write failed: {describe(exc)}", None
+                await self.write(kind, handler, [o])
+                return
+            log.warning("batch_write_failed_splitting", kind=kind, n=len(outcomes), error=describe(exc)[:200])
+            for o in outcomes:
+                await self.write(kind, handler, [o])
+
+    async def _write_retrying(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
+    ) -> None:
+        """Write; when the connection breaks (server restart, failover) or the txn is rolled back (deadlock),
+        write the same results again once a connection is back, rather than blaming the jobs for it.
+
+        Bounded by about one lease: after that the jobs may belong to another worker (the guard drops ours).
+        """
+        deadline = time.monotonic() + max(self.settings.lease_seconds, 10.0)
+        delay = 0.25
+        while True:
+            try:
+                # a short wait for a connection: the pool's own 30 s would outlast the whole retry budget
+                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                                      inference=inference)
+                return
+            except psycopg.OperationalError as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("batch_write_retrying", kind=kind, n=len(outcomes), retry_in=delay, error=describe(exc)[:200])
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write_txn(
+        self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None,
+        inference: dict[str, Any] | None = None,
+    ) -> None:
+        jobs = {o.job.id: o.job for o in outcomes}
+        async with self._pool().connection(timeout=timeout) as conn, conn.transaction():
+            cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id,
+                                                            "claims": [j.claimed_at for j in jobs.values()]})
+            owned = {r["id"] for r in await cur.fetchall()}
+            lost = len(jobs) - len(owned)
+            if lost:
+                log.warning("lease_lost_results_dropped", kind=kind, n=lost)
+            mine = [o for o in outcomes if o.job.id in owned]
+            ok = [o for o in mine if o.ok and o.skip_reason is None]
+            report = await handler.write(conn, ok) if ok else WriteReport()
+            done = report.written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
+            if done:
+                await conn.execute(q("complete_jobs"), {"ids": done, "worker": self.worker_id})
+            for job_id in report.superseded:
+                await conn.execute(
+                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}
+                )
+            for o in mine:
+                if not o.ok:
+                    await self._fail_or_retry(conn, handler, o)
+            if inference is not None:
+                await conn.execute(q("log_inference"), inference)
+            await handler.notify_written(conn, report, jobs)
+        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
+        metrics.observe_results(kind, (jobs[i].created_at for i in report.written))
+
+    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
+        params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
+        if o.retry and o.job.attempts < self.settings.max_attempts:
+            delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+            cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
+            if cur.rowcount:
+                self.stats.add(self.stats.retried, o.job.kind)
+                log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
+                            attempt=o.job.attempts, delay_s=delay, error=o.error)
+            else:
+                await conn.execute(q("supersede_job"), {**params, "error": f"superseded after error: {o.error}"})
+            return
+        cur = await conn.execute(q("fail_job"), params)
+        if cur.rowcount:
+            await handler.record_failure(conn, o.job, o.error or "unknown error")
+            self.stats.add(self.stats.failed, o.job.kind)
+            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)

@@ -1,0 +1,147 @@
+"""Leases of the job queue on real Postgres: expired leases of one row requeue one job, the maintenance steps fail
+apart, and a hung batch gives its jobs back.
+
+A dead worker is a ``worker`` value that no process holds, with its lease moved into the past: the state a
+SIGKILLed worker leaves once its lease ran out (the subprocess kill tests in tests/chaos/ reach it for real).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.queries import q
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+DEAD = "deadhost:1:dead00"
+# the safety net of the waits below: leases of 1 s come back within a few maintenance rounds
+WAIT = 30.0
+
+
+async def _claim_as(conn, worker: str, kind: str = "embed") -> list[int]:
+    rows = await (await conn.execute(q("claim_jobs"), {"kind": kind, "limit": 10, "worker": worker, "lease": 60})).fetchall()
+    return [r["id"] for r in rows]
+
+
+async def _expire(conn, worker: str) -> None:
+    await conn.execute("UPDATE pgsynapse.jobs SET lease_until = now() - interval '1 second' WHERE worker = %s", (worker,))
+
+
+async def test_two_expired_jobs_of_one_row_requeue_one_and_the_row_is_embedded(db_url, models):
+    """An UPDATE while the INSERT's job runs queues a second job; a worker holding both dies: one comes back."""
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    first = await _claim_as(conn, DEAD)
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM FULL rewrites the table.' WHERE id = %s", (doc,))
+    second = await _claim_as(conn, DEAD)
+    assert len(first) == len(second) == 1
+    await _expire(conn, DEAD)
+    with capture_logs() as logs:
+        async with running_worker(fast_settings(db_url, lease_seconds=1.0), models):
+            await wait_until(conn, "SELECT status = 'embedded' AND embedded_hash = content_hash"
+                                   " FROM pgsynapse.documents WHERE id = %s", (doc,), timeout=WAIT)
+    assert not [e for e in logs if e["event"] == "maintenance_failed"], logs
+    rows = await (await conn.execute(
+        "SELECT id, status, completions, last_error FROM pgsynapse.jobs WHERE ref_id = %s ORDER BY id", (doc,))).fetchall()
+    # one job did the work, the other was superseded; none is left pending or running
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert sorted(r["completions"] for r in rows) == [0, 1]
+    assert [r["last_error"] for r in rows if r["completions"] == 0][0].startswith("superseded")
+    chunks = await (await conn.execute(
+        "SELECT count(*) AS n, count(DISTINCT ord) AS ords FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
+    assert chunks["n"] == chunks["ords"] == 1
+    await conn.close()
+
+
+async def test_a_failing_reap_does_not_stop_lease_renewal(db_url, models):
+    """Reaping fails on every round (a real error from the server); our own batch's lease is renewed all the same."""
+    conn = await aconn(db_url)
+    [stuck] = insert_docs(db_url, [("Stuck", "A row of a dead worker whose reap keeps failing.")])
+    await _claim_as(conn, DEAD)
+    await _expire(conn, DEAD)
+    # the server refuses to requeue the dead worker's job, every time it is asked
+    await conn.execute("""
+        CREATE FUNCTION public.refuse_reap() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'reaping refused for this test'; END $$;
+        CREATE TRIGGER refuse_reap BEFORE UPDATE ON pgsynapse.jobs FOR EACH ROW
+        WHEN (OLD.worker = 'deadhost:1:dead00') EXECUTE FUNCTION public.refuse_reap();""")
+    release, started = threading.Event(), threading.Event()
+    settings = fast_settings(db_url, lease_seconds=1.0)
+
+    class Held(EmbedHandler):
+        def compute(self, work):
+            started.set()
+            release.wait(WAIT)
+            return super().compute(work)
+
+    handler = Held(settings, models)
+    try:
+        with capture_logs() as logs:
+            async with running_worker(settings, models, handlers={"embed": handler}):
+                [doc] = insert_docs(db_url, [("Held", "A batch that computes for longer than its lease.")])
+                await anyio.to_thread.run_sync(started.wait, WAIT)
+                row = await (await conn.execute(
+                    "SELECT lease_until FROM pgsynapse.jobs WHERE ref_id = %s AND status = 'running'", (doc,))).fetchone()
+                # renewed past the lease it was claimed with, while every reap fails
+                await wait_until(conn, "SELECT lease_until > %s + interval '1 second' FROM pgsynapse.jobs"
+                                       " WHERE ref_id = %s AND status = 'running'", (row["lease_until"], doc),
+                                 channel="pgsynapse_jobs", timeout=WAIT)
+                release.set()
+                await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,),
+                                 timeout=WAIT)
+    finally:
+        release.set()
+    assert [e for e in logs if e["event"] == "maintenance_failed" and e.get("step") == "reap"]
+    jobs = await (await conn.execute(
+        "SELECT attempts, completions FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchall()
+    assert [(j["attempts"], j["completions"]) for j in jobs] == [(1, 1)]  # never lost its lease
+    assert (await (await conn.execute("SELECT status FROM pgsynapse.jobs WHERE ref_id = %s", (stuck,))).fetchone())["status"] == "running"
+    await conn.close()
+
+
+async def test_a_hung_batch_gives_its_jobs_back_and_its_late_result_is_dropped(db_url, models):
+    """A batch past its deadline is no longer renewed: its job returns to the queue, another loop does it, and
+    the hung computation's late result is dropped by the write guard (the same worker holds the job again)."""
+    conn = await aconn(db_url)
+    release, hung = threading.Event(), threading.Event()
+    settings = fast_settings(db_url, lease_seconds=1.0, batch_deadline_seconds=1.0)
+
+    class HangsOnce(EmbedHandler):
+        def compute(self, work):
+            if not hung.is_set():
+                hung.set()
+                release.wait(WAIT)
+            return super().compute(work)
+
+    handler = HangsOnce(settings, models)
+    try:
+        with capture_logs() as logs:
+            async with running_worker(settings, models, handlers={"embed": handler}):
+                [doc] = insert_docs(db_url, [("Hung", "A batch whose model call never returns.")])
+                await anyio.to_thread.run_sync(hung.wait, WAIT)
+                first = await (await conn.execute(
+                    "SELECT started_at FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchone()
+                # while the first computation still hangs, the job comes back and a second claim embeds it
+                await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,),
+                                 timeout=WAIT)
+                release.set()  # the hung batch ends; the worker's stop waits for its write
+    finally:
+        release.set()
+    events = [e["event"] for e in logs]
+    assert "batch_deadline_exceeded" in events and "leases_expired" in events
+    assert "lease_lost_results_dropped" in events  # the late result of the first claim, refused
+    jobs = await (await conn.execute(
+        "SELECT started_at, completions, status FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchall()
+    assert [(j["status"], j["completions"]) for j in jobs] == [("done", 1)]
+    assert jobs[0]["started_at"] > first["started_at"]  # done by the second claim
+    chunks = await (await conn.execute(
+        "SELECT count(*) AS n, count(DISTINCT ord) AS ords FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
+    assert chunks["n"] == chunks["ords"] == 1
+    await conn.close()
