@@ -4,12 +4,15 @@
 
 Faults (environment):
 - ``CHAOS_POISON_MARKER``: a document whose body contains it makes the model step raise (a poisoned row).
+- ``CHAOS_KILL_MARKER``: a document whose body contains it kills the whole process (SIGKILL) in the model step:
+  a row that crashes its worker (a native library fault, the OOM killer).
 - ``CHAOS_SLOW_SECONDS``: every batch's compute takes this much longer (a slow model, for overload tests).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from pgsynapse.handlers.embed import EmbedHandler  # noqa: E402
 from pgsynapse.listener import worker as worker_module  # noqa: E402
 
 MARKER = os.environ.get("CHAOS_POISON_MARKER", "")
+KILL_MARKER = os.environ.get("CHAOS_KILL_MARKER", "")
 SLOW = float(os.environ.get("CHAOS_SLOW_SECONDS", "0") or 0)
 
 
@@ -32,6 +36,8 @@ class FaultyEmbedHandler(EmbedHandler):
 
     def _encode(self, items, embedders):
         for item in items:
+            if KILL_MARKER and KILL_MARKER in (item.body or ""):
+                os.kill(os.getpid(), signal.SIGKILL)
             if MARKER and MARKER in (item.body or ""):
                 raise ValueError(f"cannot encode poisoned document {item.job.ref_id}")
         return super()._encode(items, embedders)

@@ -6,9 +6,15 @@ Adding a kind of work is one entry in ``VIOLATIONS`` (and a total); every scenar
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
+
+AUDIT = Path(__file__).with_name("audit.sql")
+# the violations that count work done more than once (reported as `duplicated`); the others count lost work
+DUPLICATES = ("jobs_done_twice", "chunks_written_twice", "embeddings_written_twice", "answers_written_twice")
 
 # each query counts rows that break "every job done exactly once, every row exactly one current result"
 VIOLATIONS: dict[str, str] = {
@@ -49,6 +55,18 @@ VIOLATIONS: dict[str, str] = {
     "jobs_pending": "SELECT count(*) FROM pgsynapse.jobs WHERE status = 'pending'",
     # completions is incremented in the transaction that completes the job: more than 1 = done twice
     "jobs_done_twice": "SELECT count(*) FROM pgsynapse.jobs WHERE completions > 1",
+    # duplicates per row, from the write audit (audit.sql): the same chunk of the same text written twice (a set
+    # deleted and written again by a second run of a job), an embedding per (chunk, version) twice, a question
+    # answered twice
+    "chunks_written_twice": """
+        SELECT count(*) FROM (SELECT key FROM public.chaos_writes WHERE what = 'chunk'
+                              GROUP BY key HAVING count(*) > 1) x""",
+    "embeddings_written_twice": """
+        SELECT count(*) FROM (SELECT key FROM public.chaos_writes WHERE what = 'embedding'
+                              GROUP BY key HAVING count(*) > 1) x""",
+    "answers_written_twice": """
+        SELECT count(*) FROM (SELECT key FROM public.chaos_writes WHERE what = 'answer'
+                              GROUP BY key HAVING count(*) > 1) x""",
     # a done job that was neither completed nor superseded/skipped on purpose
     "jobs_done_without_completion": """
         SELECT count(*) FROM pgsynapse.jobs WHERE status = 'done' AND completions = 0
@@ -56,7 +74,7 @@ VIOLATIONS: dict[str, str] = {
 }
 
 TOTALS = """
-SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,
+SELECT (SELECT count(*) FROM public.chaos_writes) AS writes_audited, (SELECT count(*) FROM pgsynapse.documents) AS documents,
        (SELECT count(*) FROM pgsynapse.documents WHERE status = 'failed') AS documents_failed,
        (SELECT count(*) FROM pgsynapse.chunks) AS chunks,
        (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings,
@@ -79,14 +97,20 @@ def _scalar(conn: psycopg.Connection | Any, sql: str) -> int:
     return int(list(row.values())[0] if isinstance(row, dict) else row[0])
 
 
+def install_audit(url: str) -> None:
+    """Log every chunk, embedding and answer written in this database (see audit.sql)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(AUDIT.read_text().encode())
+
+
 def check(url: str) -> dict[str, Any]:
     """Violation counts (each must be 0) and the totals that were checked."""
-    from psycopg.rows import dict_row
-
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         violations = {name: _scalar(conn, sql) for name, sql in VIOLATIONS.items()}
         totals = dict(conn.execute(TOTALS).fetchone() or {})
-    return {"violations": violations, "totals": totals}
+    duplicated = sum(violations[k] for k in DUPLICATES)
+    return {"violations": violations, "totals": totals, "duplicated": duplicated,
+            "lost": sum(v for k, v in violations.items() if k not in DUPLICATES)}
 
 
 def assert_exactly_once(url: str) -> dict[str, Any]:

@@ -38,8 +38,7 @@ def test_100k_backlog_bounded_memory_indexed_claim_and_responsive_status(db_url,
     batches = 200 if full else 50
     # one INSERT statement of 100k rows: one bulk job, expanded by the worker into 100k pending jobs
     insert_docs(db_url, [(f"Backlog {i}", f"Queued row {i} of the overload test.") for i in range(n)])
-    worker = spawn_worker(db_url, entry=FAULTY, env={"CHAOS_SLOW_SECONDS": "0.05", "PGSYNAPSE_BATCH_SIZE": "32",
-                                                     "PGSYNAPSE_TORCH_THREADS": "1"})
+    worker = spawn_worker(db_url, entry=FAULTY, env={"CHAOS_SLOW_SECONDS": "0.05", "PGSYNAPSE_BATCH_SIZE": "32"})
     try:
         expanded = worker.wait_event("bulk_jobs_expanded")
         assert expanded["jobs"] == n, expanded
