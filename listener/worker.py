@@ -72,7 +72,7 @@ class Worker:
         self.wakeups = Wakeups(self.kinds)
         self.listener = Listener(url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
         self.stats = WorkerStats()
-        self.writer = BatchWriter(settings, self.worker_id, self.stats, self._open_pool)
+        self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
         self.stopping = anyio.Event()
         self.pool: AsyncConnectionPool | None = None
         self.in_flight = 0

@@ -41,14 +41,19 @@ def transient(exc: BaseException) -> bool:
 
 
 class BatchWriter:
-    """Writes the outcomes of one worker's batches (``pool`` returns the worker's open pool)."""
+    """Writes the outcomes of one worker's batches. ``settings`` and ``pool`` return the worker's current ones
+    (a SIGHUP replaces its settings; the pool opens when it runs)."""
 
-    def __init__(self, settings: Settings, worker_id: str, stats: WorkerStats,
+    def __init__(self, worker_id: str, stats: WorkerStats, settings: Callable[[], Settings],
                  pool: Callable[[], AsyncConnectionPool]) -> None:
-        self.settings = settings
         self.worker_id = worker_id
         self.stats = stats
+        self._settings = settings
         self._pool = pool
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
 
     async def write(
         self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None

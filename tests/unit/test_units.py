@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pgsynapse.config import load_settings
 from pgsynapse.handlers.base import describe, isolate
+from pgsynapse.listener.worker import Worker
 from pgsynapse.listener.wakeup import JobNotice
 from pgsynapse.listener.writer import backoff_delay
 from pgsynapse.queries import q
@@ -111,3 +113,11 @@ def test_length_batches_bound_padding_and_cover_every_text_once():
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded / sum(lengths) < 1.05
     assert length_batches([], 8) == [] and length_batches([5], 8) == [[0]]
+
+
+def test_the_batch_writer_follows_settings_a_sighup_reloads():
+    url = "postgresql://nowhere.invalid/db"
+    worker = Worker(load_settings(environ={}, database_url=url), url, handlers={})
+    assert worker.writer.settings.max_attempts == 5
+    worker.settings = worker.settings.model_copy(update={"max_attempts": 2, "retry_backoff_seconds": 0.5})
+    assert (worker.writer.settings.max_attempts, worker.writer.settings.retry_backoff_seconds) == (2, 0.5)
