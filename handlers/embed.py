@@ -175,8 +175,9 @@ class EmbedHandler(Handler[EmbedWork]):
         return report
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
-        await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
-        await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
+        cur = await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
+        if cur.rowcount:
+            await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
 
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         ids = [jobs[j].ref_id for j in report.written]

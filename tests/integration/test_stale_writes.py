@@ -169,3 +169,21 @@ async def test_a_backfill_batch_of_a_version_retired_meanwhile_is_superseded(db_
     assert n["n"] == 0
     # superseded, and no next step queued for a retired version
     assert len(jobs) == 1 and jobs[0]["status"] == "done" and "superseded" in jobs[0]["last_error"]
+
+
+async def test_a_final_failure_of_the_old_text_leaves_the_edited_document_to_its_new_job(db_url, models):
+    """An embed job fails for good while the document was edited: the row stays pending for its new job, and no
+    'failed' NOTIFY tells the application otherwise."""
+    conn = await aconn(db_url)
+    await conn.execute("LISTEN pgsynapse_documents")
+    [doc] = insert_docs(db_url, [("Old", "The text whose job fails.")])
+    async with stepped_worker(fast_settings(db_url), models) as worker:
+        [job] = await worker.claim("embed", 10)
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'The corrected text.' WHERE id = %s", (doc,))
+        await worker.writer.write("embed", worker.handlers["embed"], [Outcome(job, error="ValueError: bad", retry=False)])
+    row = await (await conn.execute("SELECT status, error FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
+    assert (row["status"], row["error"]) == ("pending", None)
+    assert [n.payload async for n in conn.notifies(timeout=0.5)] == []  # nothing delivered: the commit is long done
+    async with running_worker(fast_settings(db_url), models):
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()

@@ -167,7 +167,12 @@ SET status = 'embedded', error = NULL, embedded_hash = d.content_hash, embedded_
 WHERE d.id = ANY(%(ids)s);
 
 -- name: mark_document_failed
-UPDATE pgsynapse.documents SET status = 'failed', error = %(error)s WHERE id = %(id)s;
+-- A job's final failure, unless the document was edited since (a pending job has its new text): then the row
+-- stays pending for that job, and nothing is announced.
+UPDATE pgsynapse.documents d SET status = 'failed', error = %(error)s
+WHERE d.id = %(id)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed' AND p.ref_id = d.id AND p.status = 'pending')
+RETURNING d.id;
 
 -- name: notify_documents
 SELECT pg_notify('pgsynapse_documents', json_build_object('id', d, 'status', %(status)s::text)::text)
