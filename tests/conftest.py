@@ -3,15 +3,18 @@ answers, else the embedded server. Each test gets a fresh database cloned from a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,3 +144,39 @@ def tokenizer(models):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(default_model_path()))
+
+
+@pytest.fixture(scope="session")
+def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
+    """The active version as a fresh install leaves it after its first worker start: exported to the default
+    runtime, with its artifact, once per session. Returns the ``model_versions`` columns a test's database adopts
+    (:func:`adopt_runtime`) and the data dir of the artifact."""
+    # imported here like the other pgsynapse modules of this file: after HF_HUB_OFFLINE is set above
+    from pgsynapse.config import load_settings
+    from pgsynapse.export import optimise_active_version
+
+    data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-models-", dir="/tmp"))
+    name = f"pgsynapse_int8_{data_dir.name[-8:].lower()}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    url = _with_db(pg_url, name)
+    try:
+        # the export's agreement check on its smallest sample: the same export and INT8 schemes in a fraction
+        # of the time (tests/integration/test_runtime_switch.py checks the agreement itself)
+        settings = load_settings(environ={}, database_url=url, data_dir=data_dir, export_sample_chunks=16)
+        assert settings.runtime == "onnx-int8"  # the default: what ships
+        optimise_active_version(settings, url)
+        with psycopg.connect(url, row_factory=dict_row) as conn:
+            row = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+        assert row and row["runtime"] != "torch", row
+        yield {**row, "data_dir": str(data_dir)}
+    finally:
+        drop_database(pg_url, name)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def adopt_runtime(url: str, version: dict[str, Any]) -> None:
+    """Give a test's database the version exported by ``default_runtime``, as after a fresh install's first start."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s, metrics = %s::jsonb"
+                     " WHERE id = 1", (version["runtime"], version["artifact_path"], json.dumps(version["metrics"])))

@@ -2,7 +2,8 @@
 docs/reliability.md's table is filled from.
 
 The suite tests what ships: workers run the default runtime (onnx-int8, exported once per test session by the
-same start-up export a fresh install runs, then adopted by each scenario's database) and the default settings,
+same start-up export a fresh install runs, then adopted by each scenario's database: the ``default_runtime``
+fixture of tests/conftest.py) and the default settings,
 except a short lease where a scenario waits for leases to run out. Each database gets a write audit
 (:func:`tests.chaos.invariants.install_audit`) so duplicates are counted per row.
 """
@@ -10,20 +11,14 @@ except a short lease where a scenario waits for leases to run out. Each database
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from pgsynapse.config import load_settings
-from pgsynapse.export import optimise_active_version
 from tests.chaos.invariants import install_audit
+from tests.conftest import adopt_runtime
 
 RESULTS = Path(__file__).parent / ".results" / "last_run.json"
 
@@ -44,37 +39,9 @@ def record(request: pytest.FixtureRequest, full: bool):
     return write
 
 
-@pytest.fixture(scope="session")
-def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
-    """The active version as a fresh install leaves it after its first worker start: exported to the default
-    runtime, with its artifact. Returns the ``model_versions`` columns a scenario's database adopts."""
-    from tests.conftest import _with_db, drop_database
-
-    data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-chaos-models-", dir="/tmp"))
-    name = f"pgsynapse_int8_{data_dir.name[-8:].lower()}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(pg_url, name)
-    try:
-        # the export's agreement check on its smallest sample: the same export and INT8 schemes in a fraction
-        # of the time (tests/integration/test_runtime_switch.py checks the agreement itself)
-        settings = load_settings(environ={}, database_url=url, data_dir=data_dir, export_sample_chunks=16)
-        assert settings.runtime == "onnx-int8"  # the default, the one this suite must run
-        optimise_active_version(settings, url)
-        with psycopg.connect(url, row_factory=dict_row) as conn:
-            row = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions WHERE id = 1").fetchone()
-        assert row and row["runtime"] != "torch", row
-        yield {**row, "data_dir": str(data_dir)}
-    finally:
-        drop_database(pg_url, name)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
 def adopt(url: str, version: dict[str, Any]) -> None:
     """Give a scenario's database the exported version and the write audit."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s, metrics = %s::jsonb"
-                     " WHERE id = 1", (version["runtime"], version["artifact_path"], json.dumps(version["metrics"])))
+    adopt_runtime(url, version)
     install_audit(url)
 
 

@@ -7,6 +7,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.search import search
+from tests.conftest import adopt_runtime
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -14,8 +15,10 @@ pytestmark = pytest.mark.anyio
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
 
 
-async def test_insert_is_embedded_and_searchable(db_url, models):
-    settings = fast_settings(db_url)
+async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime):
+    # what ships: the default runtime (onnx-int8), as a fresh install runs it after its first start
+    adopt_runtime(db_url, default_runtime)
+    settings = fast_settings(db_url, runtime="onnx-int8")
     async with running_worker(settings, models) as worker:
         conn = await aconn(db_url)
         await conn.execute("LISTEN pgsynapse_documents")

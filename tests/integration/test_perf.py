@@ -95,9 +95,19 @@ def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_a
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "smooth-static" / "model_int8.onnx")).graph.node)
     assert ops["QAttention"] == 6 and ops["MatMulIntegerToFloat"] == 18 and ops["Mul"] == 12, ops
     assert ops["Gather"] == 6 and ops["DynamicQuantizeLinear"] == 0 and ops["MatMul"] == 6, ops
-    # measured: dynamic ~0.9946, outlier-split ~0.9992, outlier-static ~0.999 (1 - cosine 7x smaller)
-    for scheme in ("outlier-split", "outlier-static", "smooth-static"):
+    # measured with VNNI: dynamic ~0.9946, outlier-split ~0.9992, outlier-static ~0.999 (1 - cosine 7x smaller).
+    # Without VNNI (an AVX2-only x86 CPU) ONNX Runtime's u8s8 kernels saturate on the dynamically quantised
+    # inputs: outlier-split fell to 0.81 and smooth-static to 0.9962 against dynamic's 0.9939 (2026-12-03, AMD
+    # EPYC exposing avx2 only); the start-up export's agreement check refuses those and takes outlier-static,
+    # whose static activation ranges stay closest there too.
+    closer = ("outlier-split", "outlier-static", "smooth-static") if _cpu_has_vnni() else ("outlier-static",)
+    for scheme in closer:
         assert 1 - cosine[scheme] < (1 - cosine["dynamic"]) / 2, cosine
+
+
+def _cpu_has_vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models):
