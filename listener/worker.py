@@ -353,8 +353,11 @@ class Worker:
                 log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
         # in-flight work finishes and is written even when a stop is requested meanwhile
         with anyio.CancelScope(shield=True):
-            gate = self.gate.solo() if batch.solo else self.gate.shared(batch)
-            async with gate if handler.crash_isolation else contextlib.nullcontext():
+            if not handler.crash_isolation:
+                gate: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+            else:
+                gate = self.gate.solo() if batch.solo else self.gate.shared(batch)
+            async with gate:
                 if batch.solo:
                     batch.deadline = time.monotonic() + self._deadline[kind]
                     log.info("solo_job_started", kind=kind, job=batch.jobs[0].id, ref=batch.jobs[0].ref_id,
