@@ -60,8 +60,9 @@ def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
         parts.append(f"hint: {hint.strip()}")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         parts.append(
-            "- the database user lacks a privilege pgsynapse needs: run `pgsynapse migrate` as the database owner "
-            "and grant the worker's role USAGE on schema pgsynapse and SELECT, INSERT, UPDATE, DELETE on its tables"
+            "- the database user lacks a privilege pgsynapse needs: run `pgsynapse migrate` as the database owner, "
+            "then grant this user the role that fits it: GRANT pgsynapse_worker TO <user> for a worker, pgsynapse_app "
+            "for an application, pgsynapse_admin for promote/traffic/retire (docs/operations.md, roles)"
         )
     return " ".join(parts)
 

@@ -166,5 +166,5 @@ def test_bad_setup_stops_start_up_with_one_clear_line(case, new_db, template_db,
     assert got == code, lines
     assert len(lines) == 1 and expect in lines[0], lines  # one line, no traceback
     if case == "no_privileges":
-        assert "grant the worker's role USAGE on schema pgsynapse" in lines[0]
+        assert "GRANT pgsynapse_worker TO <user> for a worker" in lines[0]
     record(exit_code=got, error=lines[0][:200])
