@@ -303,8 +303,8 @@ class Worker:
                         job = Job(f["id"], f["kind"], f["ref_id"], {}, 0, None)  # type: ignore[arg-type]
                         await handler.record_failure(conn, job, f["last_error"])
                 # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
-                for kind in row["requeued_kinds"] if row else []:
-                    await conn.execute(q("notify_jobs"), {"kind": kind, "n": row["requeued"]})
+                for kind, n in (row["requeued_kinds"] if row else {}).items():
+                    await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
         if row and (row["requeued"] or failed or row["superseded"]):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
         if row and row["requeued"]:

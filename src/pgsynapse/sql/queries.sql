@@ -116,7 +116,8 @@ WITH expired AS (
     RETURNING j.id, j.kind
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
-       (SELECT coalesce(array_agg(DISTINCT kind), '{}') FROM requeued) AS requeued_kinds,
+       (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM requeued GROUP BY kind) k)
+           AS requeued_kinds,
        (SELECT count(*) FROM superseded) AS superseded,
        (SELECT coalesce(json_agg(failed), '[]') FROM failed) AS failed;
 
