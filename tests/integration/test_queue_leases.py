@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.integration.test_stale_writes import stepped_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -144,4 +145,22 @@ async def test_a_hung_batch_gives_its_jobs_back_and_its_late_result_is_dropped(d
     chunks = await (await conn.execute(
         "SELECT count(*) AS n, count(DISTINCT ord) AS ords FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
     assert chunks["n"] == chunks["ords"] == 1
+    await conn.close()
+
+
+async def test_an_expired_job_with_a_newer_running_job_of_its_row_is_superseded_not_requeued(db_url, models):
+    """The row's newer job already runs (and reads the row's latest text): requeueing the older one would embed the
+    same text a second time (the chaos suite's write audit caught it: chunks_written_twice)."""
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Twice", "The first text.")])
+    [old] = await _claim_as(conn, DEAD)
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'The second text.' WHERE id = %s", (doc,))
+    [new] = await _claim_as(conn, "alivehost:2:alive0")
+    await _expire(conn, DEAD)
+    async with stepped_worker(fast_settings(db_url), models) as worker:
+        await worker.reap_expired()
+    rows = {r["id"]: r for r in await (await conn.execute(
+        "SELECT id, status, last_error FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchall()}
+    assert rows[old]["status"] == "done" and rows[old]["last_error"].startswith("superseded"), rows
+    assert rows[new]["status"] == "running"
     await conn.close()

@@ -78,7 +78,8 @@ RETURNING kind, ref_id;
 -- Crash isolation (migration 0008): a job of a kind in %(isolate_kinds)s that expired in a batch is refunded the
 -- attempt (any job of the batch may have killed the worker) and comes back solo; an expiry while solo is its own.
 -- Per row (kind, ref_id) at most one job goes back to pending, the newest, and none when one is pending already
--- (jobs_pending_dedup): the others are superseded, since every job of a row does the same work on its latest state.
+-- (jobs_pending_dedup) or a newer one runs or is done: the others are superseded, since every job of a row does
+-- the same work on its latest state (requeued, it would write the same result a second time).
 WITH expired AS (
     SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
            attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged
@@ -96,8 +97,10 @@ WITH expired AS (
 ), survivors AS (
     SELECT e.*,
            row_number() OVER (PARTITION BY e.kind, e.ref_id ORDER BY e.id DESC) AS nth,
+           -- a pending job, or a newer one running or done, reads (or has read) the row's latest state
            EXISTS (SELECT 1 FROM pgsynapse.jobs p
-                   WHERE p.kind = e.kind AND p.ref_id = e.ref_id AND p.status = 'pending') AS has_pending
+                   WHERE p.kind = e.kind AND p.ref_id = e.ref_id
+                     AND (p.status = 'pending' OR (p.id > e.id AND p.status IN ('running', 'done')))) AS has_pending
     FROM expired e
     WHERE e.charged < %(max_attempts)s
 ), superseded AS (
