@@ -1,64 +1,12 @@
-"""Answerers: turn retrieved passages (and a session's history) into an answer with citations.
-
-- ``extractive`` (default): no generative model; picks the sentences of the retrieved passages closest to
-  the question, each cited ``[n]``; says so plainly when nothing relevant was retrieved.
-- ``transformers``: a local causal or seq2seq model directory.
-- ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint, by base URL and key.
-"""
+"""Generative answerers: a local model directory (``transformers``) or an OpenAI-compatible endpoint (``openai``)."""
 
 from __future__ import annotations
 
 import json
-import re
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import numpy as np
-
-NOT_FOUND = "I could not find anything relevant to this question in the documents."
-
-
-@dataclass
-class Passage:
-    rank: int  # 1-based: the [n] of a citation
-    document_id: int
-    chunk_id: int
-    title: str | None
-    source: str | None
-    text: str
-    score: float
-
-    def as_source(self) -> dict[str, Any]:
-        return {"rank": self.rank, "document_id": self.document_id, "chunk_id": self.chunk_id, "title": self.title,
-                "source": self.source, "score": round(float(self.score), 4), "passage": self.text}
-
-
-@dataclass
-class Turn:
-    question: str
-    answer: str | None
-
-
-@dataclass
-class Request:
-    question: str
-    passages: list[Passage]
-    history: list[Turn] = field(default_factory=list)  # oldest first
-    query_vector: np.ndarray | None = None
-
-
-@dataclass
-class Answer:
-    text: str
-    sources: list[dict[str, Any]]
-
-
-class Answerer(Protocol):
-    name: str
-
-    def answer(self, req: Request) -> Answer: ...
+from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 
 
 def build_prompt(req: Request, *, max_passage_chars: int = 1200) -> str:
@@ -78,54 +26,6 @@ def build_prompt(req: Request, *, max_passage_chars: int = 1200) -> str:
     parts.append("Answer:")
     return "\n".join(parts)
 
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])|\n{2,}")
-
-
-def split_sentences(text: str) -> list[str]:
-    out = []
-    for s in _SENTENCE.split(text):
-        s = " ".join(s.split())
-        if len(s) >= 20:
-            out.append(s)
-    return out
-
-
-class ExtractiveAnswerer:
-    """Selects the passages' sentences most similar to the question; never writes anything new."""
-
-    name = "extractive"
-
-    def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
-                 min_sentence_score: float = 0.25) -> None:
-        self.encode = encode
-        self.not_found_threshold = not_found_threshold
-        self.max_sentences = max_sentences
-        self.min_sentence_score = min_sentence_score
-
-    def answer(self, req: Request) -> Answer:
-        relevant = [p for p in req.passages if p.score >= self.not_found_threshold]
-        if not relevant or req.query_vector is None:
-            return Answer(NOT_FOUND, [])
-        cands: list[tuple[Passage, int, str]] = []
-        for p in relevant:
-            for i, s in enumerate(split_sentences(p.text)):
-                cands.append((p, i, s))
-        if not cands:
-            best = relevant[0]
-            return Answer(f"{' '.join(best.text.split())[:600]} [{best.rank}]", [best.as_source()])
-        vecs = self.encode([s for _, _, s in cands])
-        scores = vecs @ req.query_vector
-        order = [int(i) for i in np.argsort(-scores)[: self.max_sentences] if scores[i] >= self.min_sentence_score]
-        if not order:
-            order = [int(np.argmax(scores))]
-        # read in source order, then position within the passage
-        picked = sorted(order, key=lambda i: (cands[i][0].rank, cands[i][1]))
-        text = " ".join(f"{cands[i][2]} [{cands[i][0].rank}]" for i in picked)
-        cited = sorted({cands[i][0].rank for i in picked})
-        sources = [p.as_source() for p in relevant if p.rank in cited]
-        sources += [p.as_source() for p in relevant if p.rank not in cited]
-        return Answer(text, sources)
 
 
 class TransformersAnswerer:
