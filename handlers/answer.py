@@ -22,6 +22,7 @@ from pgsynapse.answerers import (
     TransformersAnswerer,
     Turn,
 )
+from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
@@ -52,6 +53,7 @@ class AnswerWork:
     embedder: Embedder | None = None
     text_hash: str | None = None  # md5 of the text as loaded: the write's stale-write guard
     turn_ids: list[int] = field(default_factory=list)  # the question ids of ``history``
+    cached: Hit | None = None  # answered from the semantic answer cache (pgsynapse.answer_cache)
 
 
 def blocked(w: AnswerWork) -> bool:
@@ -81,6 +83,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self.models = models
         self._generative: Answerer | None = None
         self.guard = Guard()
+        self.cache = AnswerCache(settings)
 
     # -- answerers ----------------------------------------------------------------------------
     def answerer_for(self, embedder: Embedder) -> Answerer:
@@ -129,7 +132,9 @@ class AnswerHandler(Handler[AnswerWork]):
             work.append(w)
         if not work:
             return work, known
-        self.guard.refresh(list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall()))
+        rules = list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall())
+        self.guard.refresh(rules)
+        self.cache.refresh_rules(rules)
         for version in {w.version["id"]: w.version for w in work}.values():
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
@@ -146,7 +151,9 @@ class AnswerHandler(Handler[AnswerWork]):
             by_follow_up = {id(w): v for w, v in zip(follow_ups, rvecs, strict=True)}
             for w, qv in zip(group, qvecs, strict=True):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
-                if not blocked(w):
+                if self.cache.may_serve(guardrail=w.guardrail, history=w.history):
+                    w.cached = await self.cache.lookup(conn, w.version, qv, w.job.ref_id)
+                if not blocked(w) and w.cached is None:
                     w.passages = await self._retrieve(conn, w)
         return work, known
 
@@ -213,6 +220,9 @@ class AnswerHandler(Handler[AnswerWork]):
             if blocked(w):
                 out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), w.guardrail)))
                 continue
+            if w.cached is not None:
+                out.append(Outcome(w.job, result=self._result(w, "answered", w.cached.answer, None)))
+                continue
             try:
                 assert w.embedder is not None
                 answer = self.answerer_for(w.embedder).answer(
@@ -234,7 +244,10 @@ class AnswerHandler(Handler[AnswerWork]):
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:
         return {"status": status, "answer": answer, "guardrail": guard, "version": w.version["id"],
-                "retrieval_query": w.retrieval_query, "text_hash": w.text_hash}
+                "retrieval_query": w.retrieval_query, "text_hash": w.text_hash, "cached": w.cached,
+                "cache_store": w.cached is None and self.cache.may_store(answer, status=status, guardrail=guard,
+                                                                         history=w.history),
+                "query_vector": w.query_vector}
 
     # -- write ---------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
@@ -247,11 +260,13 @@ class AnswerHandler(Handler[AnswerWork]):
                 "id": o.job.ref_id, "status": status, "answer": answer.text, "sources": Jsonb(answer.sources),
                 "version": r["version"], "retrieval_query": r["retrieval_query"],
                 "guardrail": Jsonb(guard) if guard else None, "text_hash": r["text_hash"],
-                "answerer": "guardrail" if status == "blocked" else self.settings.answerer})
+                "answerer": "guardrail" if status == "blocked" else CACHE_ANSWERER if r["cached"] else self.settings.answerer})
             if cur.rowcount == 0:
                 # edited meanwhile (its UPDATE queued a new job), answered by another job, or deleted
                 report.superseded.append(o.job.id)
                 continue
+            await self.cache.written(conn, o.job.ref_id, version=r["version"], answer=answer, hit=r["cached"],
+                                     store=r["cache_store"], vector=r["query_vector"])
             await conn.execute(q("notify_answer", "answers.sql"), {"id": o.job.ref_id, "status": status})
             report.written.append(o.job.id)
         return report

@@ -255,14 +255,18 @@ class Worker:
             self._switching = False
 
     async def cleanup_cache(self) -> None:
-        """Enforce the inference cache's TTL and size bound."""
+        """Enforce the inference cache's TTL and size bound, and the answer cache's max age."""
+        from pgsynapse.answer_cache import expire
         from pgsynapse.cache import cleanup
 
         assert self.pool is not None
         async with self.pool.connection() as conn:
             removed = await cleanup(conn, ttl_seconds=self.settings.cache_ttl_seconds, max_rows=self.settings.cache_max_rows)
+            expired = await expire(conn, self.settings.answer_cache_max_age_seconds)
         if removed:
             log.info("inference_cache_cleaned", removed=removed)
+        if expired:
+            log.info("answer_cache_expired", removed=expired)
 
     async def prune_done_jobs(self, batch: int = 10_000) -> int:
         """Delete done jobs (and ``inference_log`` rows) past ``done_job_retention_seconds``, ``batch`` rows per

@@ -94,6 +94,13 @@ class Settings(BaseModel):
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
+    answer_cache: bool = Field(
+        False, description="answer a question from an earlier answer to a similar one (semantic answer cache)")
+    answer_cache_threshold: float = Field(
+        0.9, gt=0, le=1, description="cosine similarity of the two questions' embeddings at or above which the "
+        "earlier answer is served (answer_cache)")
+    answer_cache_max_age_seconds: float = Field(
+        7 * 86400, ge=0, description="cached answers older than this are not served and are deleted (0 = no limit)")
     answerer_model_path: str | None = Field(None, description="local transformers model dir (answerer = transformers)")
     answer_max_new_tokens: int = Field(160, ge=1, le=4096)
     openai_base_url: str | None = Field(None, repr=False, description="OpenAI-compatible endpoint (answerer = openai)")

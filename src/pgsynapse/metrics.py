@@ -62,7 +62,12 @@ CACHE_MISSES = Counter(
     "pgsynapse_inference_cache_misses", "Inference results computed because the cache had none", ["model_version"],
     registry=None,
 )
-PROCESS_METRICS: tuple[Collector, ...] = (BATCH_SIZE, INFERENCE_SECONDS, RESULT_LATENCY, CACHE_HITS, CACHE_MISSES)
+ANSWER_CACHE = Counter(
+    "pgsynapse_answer_cache_lookups", "Semantic answer cache lookups by outcome (hit: answered from an earlier answer)",
+    ["model_version", "outcome"], registry=None,
+)
+PROCESS_METRICS: tuple[Collector, ...] = (BATCH_SIZE, INFERENCE_SECONDS, RESULT_LATENCY, CACHE_HITS, CACHE_MISSES,
+                                          ANSWER_CACHE)
 
 
 def observe_batch(kind: str, n: int, seconds: float, versions: Sequence[dict[str, Any]] = ()) -> None:
@@ -87,6 +92,10 @@ def cache_hit(model_version: int | str, n: int = 1) -> None:
 
 def cache_miss(model_version: int | str, n: int = 1) -> None:
     CACHE_MISSES.labels(str(model_version)).inc(n)
+
+
+def answer_cache_outcome(model_version: int | str, outcome: str) -> None:
+    ANSWER_CACHE.labels(str(model_version), outcome).inc()
 
 
 class WorkerCollector(Collector):

@@ -86,3 +86,49 @@ def test_functions_that_run_with_their_owners_rights_are_safe_to_call_from_appli
     for name, config, public in definers:
         assert "search_path=pg_catalog, pgsynapse, pg_temp" in config, name
         assert not public, f"{name} is executable by PUBLIC"
+
+
+def test_the_answer_cache_migration_upgrades_a_database_with_versions_and_is_idempotent(new_db):
+    """0011 on top of the previous version: every serving version gets its answer cache index (a candidate too),
+    re-running it changes nothing, a new version gets both of its indexes and a retired one loses both."""
+    url = new_db()
+    migs = available()
+    [cache_mig] = [m for m in migs if m.version == 11]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migs:
+            if m.version >= 11:
+                break
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES (2, 'candidate', 384, 'candidate')")
+        conn.execute("SELECT pgsynapse.ensure_embedding_index(2)")
+        conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('asked before the upgrade')")
+    assert cache_mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        def indexes() -> set[str]:
+            return {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'pgsynapse' AND indexname LIKE '%hnsw%'")}
+
+        assert indexes() == {"embeddings_hnsw_v1", "embeddings_hnsw_v2", "answer_cache_hnsw_v1", "answer_cache_hnsw_v2"}
+        with conn.transaction():
+            conn.execute(cache_mig.sql.encode())  # idempotent: a second run changes nothing and fails on nothing
+        assert conn.execute("SELECT cached_from FROM pgsynapse.questions").fetchall() == [(None,)]
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES (3, 'next', 384, 'candidate')")
+        conn.execute("SELECT pgsynapse.ensure_embedding_index(3)")
+        conn.execute("UPDATE pgsynapse.model_versions SET status = 'retired' WHERE id = 2")
+        assert indexes() == {"embeddings_hnsw_v1", "embeddings_hnsw_v3", "answer_cache_hnsw_v1", "answer_cache_hnsw_v3"}
+        triggers = {r[0] for r in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgsynapse.documents'::regclass AND NOT tgisinternal")}
+        assert {"documents_answer_cache_update", "documents_answer_cache_delete"} <= triggers
+        # the lookup's plan uses the version's partial index once the planner thinks it worth it
+        conn.execute("SET enable_seqscan = off")
+        from pgsynapse.answer_cache import lookup_sql
+
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN " + lookup_sql({"id": 1, "dim": 384}).replace("%(query)s", "%(q)s"),
+            {"q": "[" + ",".join(["0.1"] * 384) + "]", "k": 8, "threshold": 0.9, "settings_key": "", "rules_key": "",
+             "max_age": 0}).fetchall())
+        assert "answer_cache_hnsw_v1" in plan, plan

@@ -1,0 +1,134 @@
+"""The semantic answer cache (``pgsynapse.answer_cache``, migration 0011): frequent questions answered in milliseconds.
+
+A question is answered from an earlier answer when its query embedding is at least ``answer_cache_threshold``
+cosine-similar to that earlier question's, under the same model version, the same answerer settings
+(:func:`settings_key`) and the same guardrail rules (:func:`rules_key`), and every document the earlier answer
+cites still has the content it had then. The row gets the original's answer and sources, ``answerer = 'cache'``
+and ``cached_from`` = the original question's id.
+
+What is never cached, and never answered from the cache (:meth:`AnswerCache.may_serve`, :meth:`AnswerCache.may_store`):
+
+- blocked and failed questions; an answer that a guardrail rule flagged (the question or the answer): a cached
+  answer is served only to a question that matched no rule, under the same rules, so its outcome is the same;
+- the "not found" answer and an answer without sources: nothing cited, nothing invalidates it, and a document added
+  later may answer it;
+- a session's follow-up that has history: its retrieval and answer depend on the turns before it;
+- an answer with flags (e.g. citations the generator was not given);
+- a question answered under other settings (answerer, its model, top_k, hybrid, not_found_threshold, pgsynapse's
+  version): those are part of the entry's key.
+
+Questions of one batch are looked up before any of them is written, so they never hit each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse import __version__
+from pgsynapse.answerers import NOT_FOUND, Answer
+from pgsynapse.config import Settings
+from pgsynapse.logs import get_logger
+from pgsynapse.metrics import answer_cache_outcome
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+NEAREST = 8  # entries the kNN returns before the other conditions filter them
+ANSWERER = "cache"  # questions.answerer of a cache hit
+
+
+@dataclass(frozen=True)
+class Hit:
+    question_id: int  # the original question
+    answer: Answer
+    similarity: float
+
+
+def settings_key(s: Settings) -> str:
+    """Everything besides the model version and the passages that shapes an answer."""
+    model = {"transformers": f"{s.answerer_model_path}:{s.answer_max_new_tokens}", "openai": s.openai_model}
+    return (f"pgsynapse={__version__} answerer={s.answerer} model={model.get(s.answerer, '')} k={s.answer_top_k} "
+            f"hybrid={int(s.hybrid)} not_found={s.not_found_threshold}")
+
+
+def rules_key(rules: list[dict[str, Any]]) -> str:
+    """The enabled guardrail rules as one hash: an entry is served only under the rules it was answered under."""
+    canon = sorted((int(r["id"]), r["text"], r["action"], float(r["threshold"])) for r in rules)
+    return hashlib.md5(json.dumps(canon).encode()).hexdigest()
+
+
+def lookup_sql(version: dict[str, Any]) -> str:
+    """The lookup of one model version, its dim and id formatted in (integers) so its partial index applies."""
+    return (q("lookup", "answer_cache.sql").replace("{dim}", str(int(version["dim"])))
+            .replace("{version}", str(int(version["id"]))))
+
+
+class AnswerCache:
+    """Look up, store and count cached answers; ``enabled`` follows the ``answer_cache`` setting."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.enabled = settings.answer_cache
+        self.settings_key = settings_key(settings)
+        self.rules_key = rules_key([])
+
+    def refresh_rules(self, rules: list[dict[str, Any]]) -> None:
+        self.rules_key = rules_key(rules)
+
+    def may_serve(self, *, guardrail: dict[str, Any] | None, history: list[Any]) -> bool:
+        """Whether a question may be answered from the cache: no guardrail match, no history."""
+        return self.enabled and guardrail is None and not history
+
+    def may_store(self, answer: Answer, *, status: str, guardrail: dict[str, Any] | None, history: list[Any]) -> bool:
+        """Whether a fresh answer may be served again later."""
+        return (self.enabled and status == "answered" and guardrail is None and not history
+                and answer.text != NOT_FOUND and bool(answer.sources) and not getattr(answer, "flags", None))
+
+    async def lookup(self, conn: psycopg.AsyncConnection, version: dict[str, Any], vector: np.ndarray,
+                     question_id: int) -> Hit | None:
+        s = self.settings
+        row = await (await conn.execute(lookup_sql(version), {
+            "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.settings_key,
+            "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchone()
+        answer_cache_outcome(version["id"], "hit" if row else "miss")
+        if row is None:
+            return None
+        hit = Hit(row["question_id"], Answer(row["answer"], row["sources"]), float(row["similarity"]))
+        log.info("answer_cache_hit", question=question_id, cached_from=hit.question_id,
+                 similarity=round(hit.similarity, 4), version=version["id"])
+        return hit
+
+    async def written(self, conn: psycopg.AsyncConnection, question_id: int, *, version: int, answer: Answer,
+                      hit: Hit | None, store: bool, vector: np.ndarray | None) -> None:
+        """After an answer's write, in its transaction: mark a hit (its origin and the entry's count), or store a
+        fresh answer that may be served again, or forget an earlier entry of this question that may not.
+        Nothing while the cache is off: entries left from before are not served, and a hit needs it on."""
+        if not self.enabled:
+            return
+        await conn.execute(q("mark_origin", "answer_cache.sql"),
+                           {"id": question_id, "origin": hit.question_id if hit else None})
+        if hit is not None:
+            await conn.execute(q("count_hit", "answer_cache.sql"), {"origin": hit.question_id})
+        elif store and vector is not None:
+            await conn.execute(q("store", "answer_cache.sql"), {
+                "id": question_id, "version": version, "settings_key": self.settings_key, "rules_key": self.rules_key,
+                "embedding": vector, "answer": answer.text, "sources": Jsonb(answer.sources),
+                "documents": sorted({int(src["document_id"]) for src in answer.sources}),
+                "chunks": sorted({int(src["chunk_id"]) for src in answer.sources})})
+        else:
+            await conn.execute(q("forget", "answer_cache.sql"), {"id": question_id})
+
+
+async def expire(conn: psycopg.AsyncConnection, max_age_seconds: float) -> int:
+    """Delete entries past ``max_age_seconds`` (never served any more); 0 = no age limit. Returns the rows removed."""
+    if max_age_seconds <= 0:
+        return 0
+    cur = await conn.execute(q("expire", "answer_cache.sql"), {"max_age": max_age_seconds})
+    return cur.rowcount

@@ -1,0 +1,62 @@
+-- Named queries of the semantic answer cache (migrations/0011_answer_cache.sql, src/pgsynapse/answer_cache.py).
+
+-- name: lookup
+-- {dim} and {version} are integers formatted in by the caller, so the inner kNN uses the version's partial HNSW
+-- index (answer_cache_hnsw_vN). Of the %(k)s nearest entries, the most similar one that may be served: at or above
+-- the threshold, same answerer settings and guardrail rules, young enough, and every cited document still there
+-- with the content it had when answered (a concurrent edit whose trigger missed the entry is caught here) and every
+-- cited chunk still there.
+SELECT c.question_id, c.answer, c.sources, c.similarity
+FROM (SELECT question_id, answer, sources, settings_key, rules_key, created_at, document_ids, document_hashes,
+             1 - (embedding::vector({dim}) <=> %(query)s::vector({dim})) AS similarity
+      FROM pgsynapse.answer_cache
+      WHERE model_version_id = {version}
+      ORDER BY embedding::vector({dim}) <=> %(query)s::vector({dim})
+      LIMIT %(k)s) c
+WHERE c.similarity >= %(threshold)s
+  AND c.settings_key = %(settings_key)s AND c.rules_key = %(rules_key)s
+  AND (%(max_age)s <= 0 OR c.created_at > now() - make_interval(secs => %(max_age)s))
+  AND NOT EXISTS (SELECT 1 FROM unnest(c.document_ids, c.document_hashes) AS s(id, hash)
+                  LEFT JOIN pgsynapse.documents d ON d.id = s.id
+                  WHERE d.content_hash IS DISTINCT FROM s.hash)
+  AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(c.sources) AS src
+                  LEFT JOIN pgsynapse.chunks ch ON ch.id = (src ->> 'chunk_id')::bigint
+                  WHERE ch.id IS NULL)
+ORDER BY c.similarity DESC
+LIMIT 1;
+
+-- name: store
+-- A fresh answer becomes an entry only while every cited document is embedded from its current content and every
+-- cited chunk still exists: a document edited since retrieval is either waiting for its re-embedding
+-- (content_hash <> embedded_hash) or re-chunked (its chunks have new ids), and then nothing is stored.
+INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key, rules_key, embedding, answer, sources,
+                                    document_ids, document_hashes)
+SELECT %(id)s, %(version)s, %(settings_key)s, %(rules_key)s, %(embedding)s, %(answer)s, %(sources)s,
+       array_agg(d.id ORDER BY d.id), array_agg(d.content_hash ORDER BY d.id)
+FROM pgsynapse.documents d
+WHERE d.id = ANY(%(documents)s::bigint[]) AND d.content_hash = d.embedded_hash
+HAVING count(*) = cardinality(%(documents)s::bigint[])
+   AND (SELECT count(*) FROM pgsynapse.chunks c WHERE c.id = ANY(%(chunks)s::bigint[]))
+       = cardinality(%(chunks)s::bigint[])
+ON CONFLICT (question_id) DO UPDATE
+SET model_version_id = EXCLUDED.model_version_id, settings_key = EXCLUDED.settings_key,
+    rules_key = EXCLUDED.rules_key, embedding = EXCLUDED.embedding, answer = EXCLUDED.answer,
+    sources = EXCLUDED.sources, document_ids = EXCLUDED.document_ids, document_hashes = EXCLUDED.document_hashes,
+    hit_count = 0, created_at = now(), last_hit_at = NULL;
+
+-- name: forget
+-- A question answered afresh that may not be served again (edited into a follow-up, flagged, not found, ...) takes
+-- its earlier entry with it.
+DELETE FROM pgsynapse.answer_cache WHERE question_id = %(id)s;
+
+-- name: count_hit
+UPDATE pgsynapse.answer_cache SET hit_count = hit_count + 1, last_hit_at = now() WHERE question_id = %(origin)s;
+
+-- name: mark_origin
+-- cached_from of a written answer: the original question's id for a cache hit, NULL for a fresh answer (an edited
+-- question asked again may have been a hit before).
+UPDATE pgsynapse.questions SET cached_from = %(origin)s
+WHERE id = %(id)s AND cached_from IS DISTINCT FROM %(origin)s::bigint;
+
+-- name: expire
+DELETE FROM pgsynapse.answer_cache WHERE created_at < now() - make_interval(secs => %(max_age)s);

@@ -1,0 +1,144 @@
+"""The semantic answer cache: a paraphrase is answered from the earlier answer, marked with its id; what must not be
+served from it is not; an edit or delete of a cited document invalidates it. Real worker, Postgres, model."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgsynapse.client import Client
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+DOCS = [
+    ("Savepoints", "SAVEPOINT establishes a new savepoint within the current transaction. A savepoint is a special "
+                   "mark inside a transaction that allows all commands executed after it to be rolled back. "
+                   "ROLLBACK TO SAVEPOINT undoes the commands since the savepoint. RELEASE SAVEPOINT destroys it."),
+    ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Deleted or obsoleted rows are not physically "
+               "removed until a VACUUM is done. Run VACUUM periodically on frequently updated tables."),
+    ("Creating indexes", "CREATE INDEX constructs an index on the specified column of a table. Indexes are primarily "
+                         "used to enhance database performance. A unique index rejects duplicate values."),
+]
+ASK = "How do I roll back to a savepoint inside a transaction?"
+PARAPHRASE = "how can I roll back to a savepoint in a transaction"
+ROW = "SELECT id, answer, sources, answerer, cached_from FROM pgsynapse.questions WHERE id = %s"
+
+
+async def _setup(url: str) -> list[int]:
+    ids = insert_docs(url, DOCS)
+    conn = await aconn(url)
+    await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+    await conn.close()
+    return ids
+
+
+async def _row(conn, qid: int) -> dict:
+    return await (await conn.execute(ROW, (qid,))).fetchone()
+
+
+def _settings(url: str, **kw):
+    return fast_settings(url, answer_cache=True, answer_cache_threshold=0.9, **kw)
+
+
+async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_id(db_url, models):
+    async with running_worker(_settings(db_url), models):
+        ids = await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            again = await client.ask(PARAPHRASE)
+            other = await client.ask("how do I reclaim the storage of dead tuples?")
+        a, b, c = await _row(conn, first.id), await _row(conn, again.id), await _row(conn, other.id)
+        entry = await (await conn.execute(
+            "SELECT f.hit_count, f.question, c.document_ids FROM pgsynapse.frequent_questions f"
+            " JOIN pgsynapse.answer_cache c USING (question_id) WHERE question_id = %s",
+            (first.id,))).fetchone()
+        await conn.close()
+    assert first.sources[0]["document_id"] == ids[0] and a["answerer"] == "extractive" and a["cached_from"] is None
+    assert b["answerer"] == "cache" and b["cached_from"] == first.id
+    assert b["answer"] == a["answer"] and b["sources"] == a["sources"] and again.status == "answered"
+    assert entry["hit_count"] == 1 and entry["question"] == ASK and ids[0] in entry["document_ids"]
+    # a dissimilar question is answered afresh, from its own document
+    assert c["answerer"] == "extractive" and c["cached_from"] is None and other.sources[0]["document_id"] == ids[1]
+
+
+async def test_flagged_questions_and_follow_ups_with_history_are_neither_served_nor_stored(db_url, models):
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK, session_id="alice")  # a session's first turn has no history: cacheable
+            follow = await client.ask(PARAPHRASE, session_id="alice")  # same words, but a follow-up with history
+            await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold)"
+                               " VALUES ('roll back to a savepoint', 'flag', 0.5)")
+            flagged = await client.ask(PARAPHRASE)  # another guardrail outcome (and rules): answered afresh
+            flagged_again = await client.ask(PARAPHRASE)  # the flagged answer was not stored either
+        rows = [await _row(conn, q.id) for q in (first, follow, flagged, flagged_again)]
+        entries = [r["question_id"] for r in await (await conn.execute(
+            "SELECT question_id FROM pgsynapse.answer_cache ORDER BY 1")).fetchall()]
+        await conn.close()
+    assert [r["answerer"] for r in rows] == ["extractive"] * 4
+    assert [r["cached_from"] for r in rows] == [None] * 4
+    assert flagged.guardrail["action"] == "flag" and flagged_again.guardrail["action"] == "flag"
+    assert entries == [first.id]
+
+
+async def test_another_answerer_setting_does_not_serve_the_entry(db_url, models):
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+    async with running_worker(_settings(db_url, answer_top_k=2), models):
+        async with Client(db_url) as client:
+            other = await client.ask(ASK)
+            same = await client.ask(PARAPHRASE)
+        conn = await aconn(db_url)
+        rows = [await _row(conn, q.id) for q in (other, same)]
+        await conn.close()
+    assert rows[0]["answerer"] == "extractive" and rows[0]["cached_from"] is None
+    # the second question hits the entry written under top_k=2, never the first one's
+    assert rows[1]["answerer"] == "cache" and rows[1]["cached_from"] == other.id != first.id
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+async def test_a_change_to_a_cited_document_invalidates_its_entries(db_url, models, change):
+    async with running_worker(_settings(db_url), models):
+        ids = await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            assert (await _row(conn, (await client.ask(PARAPHRASE)).id))["cached_from"] == first.id
+            if change == "update":
+                await conn.execute("UPDATE pgsynapse.documents SET body = body || ' SAVEPOINT names may be reused.'"
+                                   " WHERE id = %s", (ids[0],))
+            else:
+                await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (ids[0],))
+            # the trigger removed the entry in the same statement
+            left = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.answer_cache")).fetchone()
+            assert left["n"] == 0
+            await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+            fresh = await client.ask(PARAPHRASE)
+        row = await _row(conn, fresh.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
+    if change == "update":
+        assert "names may be reused" in " ".join(s["passage"] for s in row["sources"])
+    else:
+        assert ids[0] not in {s["document_id"] for s in row["sources"]}
+
+
+async def test_an_entry_whose_document_changed_unseen_is_not_served(db_url, models):
+    """The lookup's own check: an entry written from content that has changed since (its trigger ran before the
+    entry was committed) holds another content_hash than the document, and is never served."""
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            await conn.execute("UPDATE pgsynapse.answer_cache SET document_hashes ="
+                               " array_fill('0'::text, ARRAY[cardinality(document_ids)]) WHERE question_id = %s",
+                               (first.id,))
+            fresh = await client.ask(PARAPHRASE)
+        row = await _row(conn, fresh.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
