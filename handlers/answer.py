@@ -152,7 +152,7 @@ class AnswerHandler(Handler[AnswerWork]):
             for w, qv in zip(group, qvecs, strict=True):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
                 if self.cache.may_serve(guardrail=w.guardrail, history=w.history):
-                    w.cached = await self.cache.lookup(conn, w.version, qv, w.job.ref_id)
+                    w.cached = await self.cache.lookup(conn, w.version, w.question, qv, w.job.ref_id)
                 if not blocked(w) and w.cached is None:
                     w.passages = await self._retrieve(conn, w)
         return work, known

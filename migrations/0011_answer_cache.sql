@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS pgsynapse.answer_cache (
     settings_key     text NOT NULL,
     -- md5 of the enabled guardrail rules when it was answered: a rule change means another guardrail outcome
     rules_key        text NOT NULL,
-    -- the question's query embedding under model_version_id (the lookup's kNN key)
+    -- the question as answered, and its query embedding under model_version_id (the lookup's kNN key)
+    question         text NOT NULL,
     embedding        vector NOT NULL,
     answer           text NOT NULL,
     sources          jsonb NOT NULL,
@@ -40,9 +41,9 @@ CREATE INDEX IF NOT EXISTS answer_cache_version ON pgsynapse.answer_cache (model
 
 -- the "frequent questions" view: cached answers by how often they were served again
 CREATE OR REPLACE VIEW pgsynapse.frequent_questions AS
-SELECT c.question_id, q.text AS question, c.answer, c.sources, c.model_version_id, c.hit_count, c.created_at,
+SELECT c.question_id, c.question, c.answer, c.sources, c.model_version_id, c.hit_count, c.created_at,
        c.last_hit_at
-FROM pgsynapse.answer_cache c JOIN pgsynapse.questions q ON q.id = c.question_id
+FROM pgsynapse.answer_cache c
 ORDER BY c.hit_count DESC, c.last_hit_at DESC NULLS LAST;
 
 -- pgsynapse:include answer_cache_v1.sql

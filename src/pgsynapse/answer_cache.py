@@ -15,7 +15,10 @@ What is never cached, and never answered from the cache (:meth:`AnswerCache.may_
 - a session's follow-up that has history: its retrieval and answer depend on the turns before it;
 - an answer with flags (e.g. citations the generator was not given);
 - a question answered under other settings (answerer, its model, top_k, hybrid, not_found_threshold, pgsynapse's
-  version): those are part of the entry's key.
+  version): those are part of the entry's key;
+- a question whose exact terms (:func:`exact_terms`: identifiers and numbers such as ``dblink_connect_u``,
+  ``int8``, ``15``, and SQL command verbs) differ from the earlier question's, however similar the embeddings:
+  "what does dblink_connect do" and "what does dblink_connect_u do" are 0.94 similar and want different pages.
 
 Questions of one batch are looked up before any of them is written, so they never hit each other.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,19 @@ class Hit:
     question_id: int  # the original question
     answer: Answer
     similarity: float
+
+
+_TERM = re.compile(r"\w+")
+# the verbs of SQL commands: "ALTER LANGUAGE syntax" and "DROP LANGUAGE syntax" are 0.85 similar
+SQL_VERBS = frozenset("create alter drop insert update delete truncate select grant revoke copy vacuum analyze "
+                      "reindex cluster lock comment".split())
+
+
+def exact_terms(text: str) -> frozenset[str]:
+    """The words of a question that name one thing exactly, case-folded: those with an underscore or a digit
+    (``dblink_connect_u``, ``int8``, ``15``) and the verbs of SQL commands."""
+    words = [t.casefold() for t in _TERM.findall(text)]
+    return frozenset(t for t in words if "_" in t or any(c.isdigit() for c in t) or t in SQL_VERBS)
 
 
 def settings_key(s: Settings) -> str:
@@ -91,12 +108,14 @@ class AnswerCache:
         return (self.enabled and status == "answered" and guardrail is None and not history
                 and answer.text != NOT_FOUND and bool(answer.sources) and not getattr(answer, "flags", None))
 
-    async def lookup(self, conn: psycopg.AsyncConnection, version: dict[str, Any], vector: np.ndarray,
-                     question_id: int) -> Hit | None:
+    async def lookup(self, conn: psycopg.AsyncConnection, version: dict[str, Any], question: str,
+                     vector: np.ndarray, question_id: int) -> Hit | None:
         s = self.settings
-        row = await (await conn.execute(lookup_sql(version), {
+        rows = await (await conn.execute(lookup_sql(version), {
             "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.settings_key,
-            "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchone()
+            "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchall()
+        terms = exact_terms(question)
+        row = next((r for r in rows if exact_terms(r["question"]) == terms), None)
         answer_cache_outcome(version["id"], "hit" if row else "miss")
         if row is None:
             return None

@@ -5,9 +5,9 @@
 -- index (answer_cache_hnsw_vN). Of the %(k)s nearest entries, the most similar one that may be served: at or above
 -- the threshold, same answerer settings and guardrail rules, young enough, and every cited document still there
 -- with the content it had when answered (a concurrent edit whose trigger missed the entry is caught here) and every
--- cited chunk still there.
-SELECT c.question_id, c.answer, c.sources, c.similarity
-FROM (SELECT question_id, answer, sources, settings_key, rules_key, created_at, document_ids, document_hashes,
+-- cited chunk still there; most similar first (the caller compares the questions' exact terms).
+SELECT c.question_id, c.question, c.answer, c.sources, c.similarity
+FROM (SELECT question_id, question, answer, sources, settings_key, rules_key, created_at, document_ids, document_hashes,
              1 - (embedding::vector({dim}) <=> %(query)s::vector({dim})) AS similarity
       FROM pgsynapse.answer_cache
       WHERE model_version_id = {version}
@@ -22,16 +22,17 @@ WHERE c.similarity >= %(threshold)s
   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(c.sources) AS src
                   LEFT JOIN pgsynapse.chunks ch ON ch.id = (src ->> 'chunk_id')::bigint
                   WHERE ch.id IS NULL)
-ORDER BY c.similarity DESC
-LIMIT 1;
+ORDER BY c.similarity DESC;
 
 -- name: store
 -- A fresh answer becomes an entry only while every cited document is embedded from its current content and every
 -- cited chunk still exists: a document edited since retrieval is either waiting for its re-embedding
 -- (content_hash <> embedded_hash) or re-chunked (its chunks have new ids), and then nothing is stored.
-INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key, rules_key, embedding, answer, sources,
-                                    document_ids, document_hashes)
-SELECT %(id)s, %(version)s, %(settings_key)s, %(rules_key)s, %(embedding)s, %(answer)s, %(sources)s,
+-- The question's text is the row's, as just written (the write's stale-write guard checked it).
+INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key, rules_key, question, embedding, answer,
+                                    sources, document_ids, document_hashes)
+SELECT %(id)s, %(version)s, %(settings_key)s, %(rules_key)s, (SELECT text FROM pgsynapse.questions WHERE id = %(id)s),
+       %(embedding)s, %(answer)s, %(sources)s,
        array_agg(d.id ORDER BY d.id), array_agg(d.content_hash ORDER BY d.id)
 FROM pgsynapse.documents d
 WHERE d.id = ANY(%(documents)s::bigint[]) AND d.content_hash = d.embedded_hash
@@ -40,7 +41,7 @@ HAVING count(*) = cardinality(%(documents)s::bigint[])
        = cardinality(%(chunks)s::bigint[])
 ON CONFLICT (question_id) DO UPDATE
 SET model_version_id = EXCLUDED.model_version_id, settings_key = EXCLUDED.settings_key,
-    rules_key = EXCLUDED.rules_key, embedding = EXCLUDED.embedding, answer = EXCLUDED.answer,
+    rules_key = EXCLUDED.rules_key, question = EXCLUDED.question, embedding = EXCLUDED.embedding, answer = EXCLUDED.answer,
     sources = EXCLUDED.sources, document_ids = EXCLUDED.document_ids, document_hashes = EXCLUDED.document_hashes,
     hit_count = 0, created_at = now(), last_hit_at = NULL;
 

@@ -1,0 +1,33 @@
+"""What makes two questions share a cached answer besides their embeddings: exact terms and the settings key."""
+
+from __future__ import annotations
+
+from pgsynapse.answer_cache import exact_terms, rules_key, settings_key
+from pgsynapse.config import load_settings
+
+
+def test_identifiers_numbers_and_sql_verbs_are_exact_terms_case_folded():
+    assert exact_terms("What does dblink_connect_u do in dblink?") == {"dblink_connect_u"}
+    assert exact_terms("what does DBLINK_CONNECT_U do") == exact_terms("explain dblink_connect_u")
+    assert exact_terms("what changed in the 15 release") == {"15"}
+    assert exact_terms("ALTER LANGUAGE syntax and options") != exact_terms("DROP LANGUAGE syntax and options")
+    # a rewording keeps them: the paraphrase may still be served
+    assert exact_terms("how do I roll back to a savepoint") == exact_terms("rolling back to a savepoint, how?") == set()
+
+
+def test_every_setting_that_shapes_an_answer_is_in_the_key():
+    base = load_settings(environ={})
+    keys = {settings_key(base)}
+    for change in ({"answerer": "transformers", "answerer_model_path": "/m"}, {"answer_top_k": 3}, {"hybrid": True},
+                   {"not_found_threshold": 0.5}):
+        keys.add(settings_key(load_settings(environ={}, **change)))
+    assert len(keys) == 5
+    # settings that shape no answer leave it alone
+    assert settings_key(load_settings(environ={}, batch_size=7, answer_cache_threshold=0.95)) == settings_key(base)
+
+
+def test_the_rules_key_changes_with_any_enabled_rule_and_not_with_their_order():
+    a = {"id": 1, "text": "bombs", "action": "block", "threshold": 0.6}
+    b = {"id": 2, "text": "vacuum", "action": "flag", "threshold": 0.5}
+    assert rules_key([a, b]) == rules_key([b, a]) != rules_key([a])
+    assert rules_key([a, {**b, "threshold": 0.55}]) != rules_key([a, b])
