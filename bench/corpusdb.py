@@ -103,11 +103,13 @@ def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iter
             info = _embed_corpus(_url(url, template), limit)
             info_path.write_text(json.dumps(info))
         info = json.loads(info_path.read_text())
-        migrate(_url(url, template))
         name = f"pgsynapse_bench_{os.getpid()}"
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        # the clone is brought up to this checkout's migrations, never the shared template: branches with other
+        # migrations share one template
+        migrate(_url(url, name))
         try:
             yield _url(url, name), info
         finally:
