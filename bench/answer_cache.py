@@ -201,7 +201,9 @@ def main() -> None:
         for it in falses:
             emit("answer_cache", "false_hit_example", q=it["q"], served_from=it["origin"]["q"],
                  pages=it["pages"], origin_pages=it["origin"]["pages"])
-    table([r for r in RESULTS if r["name"] != "false_hit_example"])
+    table([r for r in RESULTS if r["name"] == "sweep"])
+    table([r for r in RESULTS if r["name"].startswith("replay")])
+    table([r for r in RESULTS if r["name"] in ("machine", "corpus", "threshold", "lookup_sql_ms")])
 
 
 if __name__ == "__main__":
