@@ -4,8 +4,10 @@ served from it is not; an edit or delete of a cited document invalidates it. Rea
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
+from pgsynapse.metrics import ANSWER_CACHE
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -41,12 +43,14 @@ def _settings(url: str, **kw):
 
 
 async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_id(db_url, models):
+    hits_before = ANSWER_CACHE.labels("1", "hit")._value.get()
     async with running_worker(_settings(db_url), models):
         ids = await _setup(db_url)
         conn = await aconn(db_url)
         async with Client(db_url) as client:
             first = await client.ask(ASK)
-            again = await client.ask(PARAPHRASE)
+            with capture_logs() as logs:
+                again = await client.ask(PARAPHRASE)
             other = await client.ask("how do I reclaim the storage of dead tuples?")
         a, b, c = await _row(conn, first.id), await _row(conn, again.id), await _row(conn, other.id)
         entry = await (await conn.execute(
@@ -58,6 +62,9 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
     assert b["answerer"] == "cache" and b["cached_from"] == first.id
     assert b["answer"] == a["answer"] and b["sources"] == a["sources"] and again.status == "answered"
     assert entry["hit_count"] == 1 and entry["question"] == ASK and ids[0] in entry["document_ids"]
+    [hit] = [e for e in logs if e["event"] == "answer_cache_hit"]
+    assert hit["question"] == again.id and hit["cached_from"] == first.id and 0.9 <= hit["similarity"] <= 1
+    assert ANSWER_CACHE.labels("1", "hit")._value.get() == hits_before + 1
     # a dissimilar question is answered afresh, from its own document
     assert c["answerer"] == "extractive" and c["cached_from"] is None and other.sources[0]["document_id"] == ids[1]
 
