@@ -206,7 +206,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         if args.json:
             print(json.dumps(asdict(result), default=str, indent=2))
         elif streamed:
-            text, final = "".join(streamed), (result.answer or "").strip()
+            text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
             # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
             print(final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}")
             print(format_result(result, answer=False))
