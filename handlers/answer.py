@@ -27,6 +27,7 @@ from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard
+from pgsynapse.handlers.answer_stream import Stream, StreamWriter
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
@@ -84,6 +85,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self._generative: Answerer | None = None
         self.guard = Guard()
         self.cache = AnswerCache(settings)
+        self._streams: StreamWriter | None = None
 
     # -- answerers ----------------------------------------------------------------------------
     def answerer_for(self, embedder: Embedder) -> Answerer:
@@ -96,13 +98,26 @@ class AnswerHandler(Handler[AnswerWork]):
                 if not s.answerer_model_path:
                     raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
                                       "required when answerer = transformers")
-                self._generative = TransformersAnswerer(s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens)
+                self._generative = TransformersAnswerer(
+                    s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens,
+                    context_tokens=s.answer_context_tokens, cache_dir=s.data_dir / "models" / "gguf",
+                    citation_policy=s.citation_policy)
             else:
                 if not s.openai_base_url:
                     raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: "
                                       "required when answerer = openai")
-                self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model)
+                self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model,
+                                                  citation_policy=s.citation_policy)
         return self._generative
+
+    def _stream(self, w: AnswerWork) -> Stream | None:
+        """The partial-answer stream of a generated answer (handlers/answer_stream.py), when streaming is on."""
+        s = self.settings
+        if s.answerer == "extractive" or not s.stream_answers or not s.database_url:
+            return None
+        if self._streams is None:
+            self._streams = StreamWriter(s.database_url, s.stream_interval_ms)
+        return self._streams.open(w.job.ref_id, w.text_hash)
 
     # -- load: rows, history, routing, guardrails, query vectors, retrieval -------------------
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[AnswerWork], list[Outcome]]:
@@ -225,8 +240,14 @@ class AnswerHandler(Handler[AnswerWork]):
                 continue
             try:
                 assert w.embedder is not None
-                answer = self.answerer_for(w.embedder).answer(
-                    Request(w.question, w.passages, w.history, w.query_vector))
+                answerer = self.answerer_for(w.embedder)
+                req = Request(w.question, w.passages, w.history, w.query_vector)
+                stream = self._stream(w)
+                try:
+                    answer = answerer.answer(req, on_delta=stream) if stream else answerer.answer(req)
+                finally:
+                    if stream:
+                        stream.close()
                 guard = w.guardrail
                 if answer.text != NOT_FOUND and self.guard:
                     [hit] = self.guard.check(w.embedder, [answer.text])
@@ -238,6 +259,8 @@ class AnswerHandler(Handler[AnswerWork]):
                 out.append(Outcome(w.job, result=self._result(w, "answered", answer, guard)))
             except ConfigError as exc:
                 out.append(Outcome(w.job, error=str(exc), retry=False))
+            except InputError as exc:  # e.g. a question too long for the generator's context
+                out.append(input_error(w.job, exc))
             except Exception as exc:  # noqa: BLE001 - one question's failure is that question's alone
                 out.append(Outcome(w.job, error=describe(exc)))
         return out
@@ -259,7 +282,7 @@ class AnswerHandler(Handler[AnswerWork]):
             cur = await conn.execute(q("write_answer", "answers.sql"), {
                 "id": o.job.ref_id, "status": status, "answer": answer.text, "sources": Jsonb(answer.sources),
                 "version": r["version"], "retrieval_query": r["retrieval_query"],
-                "guardrail": Jsonb(guard) if guard else None, "text_hash": r["text_hash"],
+                "guardrail": Jsonb(guard) if guard else None, "text_hash": r["text_hash"], "flags": answer.flags,
                 "answerer": "guardrail" if status == "blocked" else CACHE_ANSWERER if r["cached"] else self.settings.answerer})
             if cur.rowcount == 0:
                 # edited meanwhile (its UPDATE queued a new job), answered by another job, or deleted

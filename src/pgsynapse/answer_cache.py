@@ -14,8 +14,8 @@ What is never cached, and never answered from the cache (:meth:`AnswerCache.may_
   later may answer it;
 - a session's follow-up that has history: its retrieval and answer depend on the turns before it;
 - an answer with flags (e.g. citations the generator was not given);
-- a question answered under other settings (answerer, its model, top_k, hybrid, not_found_threshold, pgsynapse's
-  version): those are part of the entry's key;
+- a question answered under other settings (answerer, its model, top_k, hybrid, not_found_threshold, a generator's
+  token budgets and citation policy, pgsynapse's version): those are part of the entry's key;
 - a question whose exact terms (:func:`exact_terms`: identifiers and numbers such as ``dblink_connect_u``,
   ``int8``, ``15``, and SQL command verbs) differ from the earlier question's, however similar the embeddings:
   "what does dblink_connect do" and "what does dblink_connect_u do" are 0.94 similar and want different pages.
@@ -70,7 +70,8 @@ def exact_terms(text: str) -> frozenset[str]:
 
 def settings_key(s: Settings) -> str:
     """Everything besides the model version and the passages that shapes an answer."""
-    model = {"transformers": f"{s.answerer_model_path}:{s.answer_max_new_tokens}", "openai": s.openai_model}
+    generation = f"tokens={s.answer_max_new_tokens} context={s.answer_context_tokens} citations={s.citation_policy}"
+    model = {"transformers": f"{s.answerer_model_path} {generation}", "openai": f"{s.openai_model} {generation}"}
     return (f"pgsynapse={__version__} answerer={s.answerer} model={model.get(s.answerer, '')} k={s.answer_top_k} "
             f"hybrid={int(s.hybrid)} not_found={s.not_found_threshold}")
 

@@ -40,14 +40,16 @@ def run_worker(
         anyio.run(lambda: serve(worker, reload=reload))
 
 
-def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0):
-    """Ask one question and wait for its answer. Without a running worker on this database, an in-process
-    worker answers it (the embedded default's usual case)."""
+def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0,
+        on_delta: Callable[[str], None] | None = None):
+    """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
+    Without a running worker on this database, an in-process worker answers it (the embedded default's usual
+    case)."""
     from pgsynapse.client import Client
 
     async def go(url: str):
         async with Client(url) as client:
-            return await client.ask(text, session_id=session_id, timeout=timeout)
+            return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
 
     async def with_worker(url: str):
         from pgsynapse.listener.worker import Worker

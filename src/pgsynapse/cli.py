@@ -193,8 +193,25 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.app import ask
         from pgsynapse.client import format_result
 
-        result = ask(settings, args.text, session_id=args.session, timeout=args.timeout)
-        print(json.dumps(asdict(result), default=str, indent=2) if args.json else format_result(result))
+        streamed: list[str] = []
+
+        def show(piece: str) -> None:  # a generator's answer, printed as it is written
+            if not streamed:
+                piece = piece.lstrip()
+            streamed.append(piece)
+            print(piece, end="", flush=True)
+
+        result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
+                     on_delta=None if args.json else show)
+        if args.json:
+            print(json.dumps(asdict(result), default=str, indent=2))
+        elif streamed:
+            text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
+            # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
+            print(final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}")
+            print(format_result(result, answer=False))
+        else:
+            print(format_result(result))
         return 0 if result.status == "answered" else 1
     if args.command in ("retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
         from pgsynapse.learning.cli import run_learning_command

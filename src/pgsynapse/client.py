@@ -3,12 +3,23 @@
     async with Client(url) as client:
         result = await client.ask("how do I create an index?", session_id="alice")
         print(result.answer, result.sources)
+
+A generative answerer streams: ``ask(..., on_delta=print_piece)`` calls ``on_delta`` with each new piece of the
+answer as the worker writes it (``streaming`` NOTIFYs, docs/sql.md), or iterate:
+
+        async for item in client.stream("how do I create an index?"):
+            if isinstance(item, str):
+                print(item, end="", flush=True)  # a piece of the answer, as it is generated
+            else:
+                result = item  # the final Result, last
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -35,6 +46,7 @@ class Result:
     error: str | None
     guardrail: dict[str, Any] | None
     session_id: str | None
+    flags: list[str] = field(default_factory=list)  # what the answer's checks found (questions.flags)
 
 
 class Client:
@@ -46,8 +58,8 @@ class Client:
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = anyio.Lock()
         self._waiting: set[int] = set()  # questions asked on this client and not answered yet
-        # of those, the ones announced on the channel but not yet collected by their ask()
-        self._arrived: set[int] = set()
+        # of those, the announcements (NOTIFY payloads) read on the channel and not yet collected by their ask()
+        self._arrived: dict[int, list[dict[str, Any]]] = {}
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
@@ -59,7 +71,24 @@ class Client:
         if self._conn is not None:
             await self._conn.close()
 
-    async def ask(self, text: str, *, session_id: str | None = None, timeout: float = 120.0) -> Result:
+    async def ask(self, text: str, *, session_id: str | None = None, timeout: float = 120.0,
+                  on_delta: Callable[[str], None] | None = None) -> Result:
+        """Ask and wait for the final answer; ``on_delta(piece)`` gets the answer's pieces as they are generated
+        (generative answerers with ``stream_answers``; the extractive answer arrives whole, in the Result)."""
+        async for item in self.stream(text, session_id=session_id, timeout=timeout):
+            if isinstance(item, Result):
+                return item
+            if on_delta is not None:
+                on_delta(item)
+        raise AssertionError("stream() ends with its Result")  # pragma: no cover
+
+    async def stream(self, text: str, *, session_id: str | None = None,
+                     timeout: float = 120.0) -> AsyncIterator[str | Result]:
+        """Ask; yield the answer's pieces (str) as the worker streams them, then the final :class:`Result`.
+
+        The pieces concatenate to the streamed text. A piece missed or too big for its NOTIFY is read from the
+        row. When a stream starts again (a retry after a worker crash, an edit of the question), pieces that do
+        not continue what was yielded are not yielded: the final Result's answer is the answer."""
         assert self._conn is not None, "use `async with Client(url) as client`"
         async with self._lock:
             # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
@@ -68,24 +97,44 @@ class Client:
                 (session_id, text))).fetchone()
         qid = row["id"]
         self._waiting.add(qid)
+        received, restarted = "", False
+        # no cancel scope is held across a yield (the consumer runs between pieces): each wait gets what is left
+        deadline = anyio.current_time() + timeout if timeout else math.inf
         try:
-            with anyio.fail_after(timeout) if timeout else anyio.CancelScope():
-                check = True
-                while True:
-                    if check or qid in self._arrived:
-                        self._arrived.discard(qid)
+            check = True
+            while True:
+                for p in self._arrived.pop(qid, []):
+                    if p.get("status") != "streaming":
+                        check = True
+                        continue
+                    restarted = restarted or (p.get("seq") == 1 and bool(received))
+                    if restarted:
+                        continue  # a new attempt: only the final Result counts now
+                    if p.get("offset") == len(received) and isinstance(p.get("delta"), str):
+                        received += p["delta"]
+                        yield p["delta"]
+                    elif p.get("offset", 0) >= len(received):
+                        check = True  # a piece missed, or too big for a NOTIFY: the row has it
+                if check:
+                    with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                         result = await self._read(qid)
-                        if result.status != "pending":
-                            return result
+                    if result.status != "pending":
+                        yield result
+                        return
+                    now = result.answer or ""
+                    if not restarted and len(now) > len(received) and now.startswith(received):
+                        piece, received = now[len(received):], now
+                        yield piece
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     check = await self._wait_one(qid)
         except TimeoutError:
             raise AnswerTimeout(f"no answer to question {qid} within {timeout:g}s: is `pgsynapse run` running?") from None
         finally:
             self._waiting.discard(qid)
-            self._arrived.discard(qid)
+            self._arrived.pop(qid, None)
 
     async def _wait_one(self, qid: int) -> bool:
-        """Wait for the next NOTIFY and note whose question it announces (asks on this client share one
+        """Wait for the next NOTIFY and keep it for the asker of its question (asks on this client share one
         connection: whoever reads an announcement keeps it for its asker). True when none came within
         ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
         assert self._conn is not None
@@ -94,11 +143,12 @@ class Client:
                 return False
             async for n in self._conn.notifies(timeout=self.recheck_seconds, stop_after=1):
                 try:
-                    announced = int(json.loads(n.payload)["id"])
+                    payload = json.loads(n.payload)
+                    announced = int(payload["id"])
                 except (ValueError, KeyError, TypeError):
                     return True
                 if announced in self._waiting:
-                    self._arrived.add(announced)
+                    self._arrived.setdefault(announced, []).append(payload)
                 return False
             return True
 
@@ -106,14 +156,17 @@ class Client:
         assert self._conn is not None
         async with self._lock:
             r = await (await self._conn.execute(
-                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id"
+                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id, flags"
                 " FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
         return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
-                      r["error"], r["guardrail"], r["session_id"])
+                      r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []))
 
 
-def format_result(result: Result) -> str:
-    lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"]
+def format_result(result: Result, *, answer: bool = True) -> str:
+    """The answer (unless ``answer=False``: already printed as it streamed), flags, guardrail, sources, latency."""
+    lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"] if answer else []
+    if result.flags:
+        lines.append(f"flags: {'; '.join(result.flags)}")
     if result.guardrail:
         g = result.guardrail
         lines.append(f"guardrail: {g['action']} by rule {g['rule_id']} ({g['stage']}, similarity {g['similarity']})")

@@ -101,8 +101,21 @@ class Settings(BaseModel):
         "earlier answer is served (answer_cache)")
     answer_cache_max_age_seconds: float = Field(
         7 * 86400, ge=0, description="cached answers older than this are not served and are deleted (0 = no limit)")
-    answerer_model_path: str | None = Field(None, description="local transformers model dir (answerer = transformers)")
+    answerer_model_path: str | None = Field(
+        None, description="answerer = transformers: a local model directory, a .gguf file, or a preset "
+        "(qwen2.5-coder-0.5b, smollm2-135m) found in its installed PyPI packages and checked by sha256")
     answer_max_new_tokens: int = Field(160, ge=1, le=4096)
+    answer_context_tokens: int = Field(
+        2048, ge=0, le=1_000_000, description="generators: prompt plus answer tokens at most (0 = the model's whole "
+        "context); passages are trimmed to fit, the lowest-ranked first, never the question")
+    citation_policy: Literal["flag", "refuse"] = Field(
+        "flag", description="a generated answer citing a passage it was not given: flagged (questions.flags) or "
+        "refused (withheld, flagged too)")
+    stream_answers: bool = Field(True, description="generators: write the partial answer to the row as it is "
+                                 "generated, with a 'streaming' NOTIFY on pgsynapse_answers")
+    stream_interval_ms: float = Field(
+        150.0, ge=0, le=60_000, description="partial answer writes of one question at most this often (the first "
+        "piece at once; 0 = every piece)")
     openai_base_url: str | None = Field(None, repr=False, description="OpenAI-compatible endpoint (answerer = openai)")
     openai_api_key: str | None = Field(None, repr=False)
     openai_model: str = "gpt-4o-mini"

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from pgsynapse.answerers import NOT_FOUND
 from pgsynapse.client import Client
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
@@ -48,7 +49,12 @@ async def test_local_transformers_answerer_gets_history_and_passages(db_url, mod
             second = await client.ask("and how do I release it?", session_id="s")
     assert first.status == second.status == "answered"
     assert isinstance(second.answer, str) and second.answer
-    assert second.sources and second.sources[0]["title"] == "Savepoints"
+    # random weights write noise (often nothing): an empty answer is the not-found answer, without sources;
+    # noise without citations lists the passages given, in rank order
+    if second.answer == NOT_FOUND:
+        assert second.sources == []
+    else:
+        assert second.sources[0]["title"] == "Savepoints" and "uncited" in second.flags
     prompt = handler._generative.last_prompt
     assert "Q: how do I undo commands back to a savepoint?" in prompt  # the history
     assert "[1] Savepoints:" in prompt and prompt.rstrip().endswith("Question: and how do I release it?\nAnswer:")

@@ -18,10 +18,11 @@ def test_identifiers_numbers_and_sql_verbs_are_exact_terms_case_folded():
 def test_every_setting_that_shapes_an_answer_is_in_the_key():
     base = load_settings(environ={})
     keys = {settings_key(base)}
-    for change in ({"answerer": "transformers", "answerer_model_path": "/m"}, {"answer_top_k": 3}, {"hybrid": True},
-                   {"not_found_threshold": 0.5}):
+    generator = {"answerer": "transformers", "answerer_model_path": "/m"}
+    for change in (generator, {"answer_top_k": 3}, {"hybrid": True}, {"not_found_threshold": 0.5},
+                   {**generator, "citation_policy": "refuse"}, {**generator, "answer_context_tokens": 512}):
         keys.add(settings_key(load_settings(environ={}, **change)))
-    assert len(keys) == 5
+    assert len(keys) == 7
     # settings that shape no answer leave it alone
     assert settings_key(load_settings(environ={}, batch_size=7, answer_cache_threshold=0.95)) == settings_key(base)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,21 +45,71 @@ class Request:
 class Answer:
     text: str
     sources: list[dict[str, Any]]
+    # what a check found and recorded on the row (questions.flags), e.g. "invalid_citations: [7] cited, ..."
+    flags: list[str] = field(default_factory=list)
 
 
 class Answerer(Protocol):
     name: str
 
-    def answer(self, req: Request) -> Answer: ...
+    def answer(self, req: Request, on_delta: Callable[[str], None] | None = None) -> Answer:
+        """The answer. A generator calls ``on_delta(piece)`` with each new piece of text as it is generated (the
+        pieces concatenate to the streamed text); an answerer that does not stream may ignore it."""
 
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])|\n{2,}")
+_SENTENCE = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][)\"']))\s+(?=[A-Z0-9(\"'])|\n{2,}")
+_ENDS = re.compile(r"[.!?][)\"']?$")
+_HEADING_CHARS = 60  # a line under this without an end mark is a heading (or code), not the start of a wrapped sentence
+_MIN_CHARS = 12
 
 
-def split_sentences(text: str) -> list[str]:
+def _lines(text: str) -> list[str]:
+    """The text's lines, a hard-wrapped sentence joined again. A line is continued by the next one when it has no
+    end mark and the next starts in lower case, or when it is long and the next is long too or ends the sentence
+    (a heading, "Compatibility", then "The command ...": two lines)."""
+    out: list[str] = []
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line:
+            out.append("")
+            continue
+        prev = out[-1] if out else ""
+        if prev and not _ENDS.search(prev) and (
+                line[0].islower() or (len(prev) >= _HEADING_CHARS and (len(line) >= 40 or _ENDS.search(line)))):
+            out[-1] = f"{prev} {line}"
+        else:
+            out.append(line)
+    return out
+
+
+def sentence_runs(text: str) -> list[tuple[str, bool]]:
+    """``(sentence, follows)`` for each prose sentence of ``text``: one that ends with an end mark (. ! ?) and has
+    12 characters or more; headings, synopses, code and lines that introduce code ("To abort all changes:") are
+    left out. ``follows``: the sentence comes right after the previous one kept, nothing left out between them (so
+    a sentence that leans on its predecessor, "They have no effect.", can be quoted with it)."""
+    out: list[tuple[str, bool]] = []
+    follows = False
+    for line in _lines(text):
+        for s in _SENTENCE.split(line):
+            s = " ".join(s.split())
+            if len(s) >= _MIN_CHARS and _ENDS.search(s):
+                out.append((s, follows))
+                follows = True
+            elif s:
+                follows = False
+    return out
+
+
+def split_sentences(text: str, *, prose_only: bool = True) -> list[str]:
+    """The sentences of ``text``: its prose sentences (:func:`sentence_runs`); with ``prose_only`` off (an answer's
+    own text, whose last sentence may be cut), every piece of 20 characters or more between sentence ends and
+    line breaks."""
+    if prose_only:
+        return [s for s, _ in sentence_runs(text)]
     out = []
-    for s in _SENTENCE.split(text):
-        s = " ".join(s.split())
-        if len(s) >= 20:
-            out.append(s)
+    for line in text.split("\n"):
+        for s in _SENTENCE.split(line):
+            s = " ".join(s.split())
+            if len(s) >= 20:
+                out.append(s)
     return out

@@ -1,44 +1,198 @@
-"""The extractive answerer: no generative model; quotes the retrieved passages' sentences, each cited ``[n]``."""
+"""The extractive answerer: no generative model; quotes the retrieved passages' sentences, each run cited ``[n]``.
+
+How an answer is chosen (issue 18):
+
+- every prose sentence of the relevant passages (headings, synopses and code left out) is scored against the
+  question by its own embedding, by its window's (itself with its neighbours: the thought it belongs to; the sum of
+  their vectors), by its passage's retrieval score, by how much the *other* ranked passages agree with it (the mean
+  of its best cosine to each one's sentences) and by its page's vote (the scores of the page's other retrieved
+  passages: a page many ranked passages come from is on the question's topic);
+- the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
+  close to the best in document order, each with its neighbour when that neighbour continues the thought;
+- a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
+  not at all when the passage has none;
+- other passages add a sentence only when it scores close to the best and says something new;
+- sources are the quoted passages only, in rank order; citations keep the passages' ranks ``[n]``.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 
-from pgsynapse.answerers.base import NOT_FOUND, Answer, Passage, Request, split_sentences
+from pgsynapse.answerers.base import NOT_FOUND, Answer, Passage, Request, sentence_runs
+
+# a sentence starting with one of these needs its predecessor: its subject (or the thought it goes on with) is there
+_DANGLING = re.compile(
+    r"^(?:it(?!(?:'s| is| was| may be| can be| will be)(?: \w+){1,2} (?:to|that)\b)|its|this|that|these|those|they|them|their|such|he|she|here|there|then|thus|hence|however|also|"
+    r"otherwise|therefore|consequently|moreover|furthermore|additionally|instead|similarly|likewise|nevertheless|"
+    r"nonetheless|but|and|or|so|yet|again|alternatively|accordingly|in (?:this|that|such|these|those|addition|"
+    r"contrast|particular|other words|either case|both cases|this case|that case)|for (?:example|instance|this|that)|"
+    r"as (?:a result|such|well|above|below|mentioned|noted|shown|described)|the (?:former|latter|above|same|"
+    r"following|result)|on the other hand|note that|unlike)\b",
+    re.IGNORECASE,
+)
+
+
+_MARK = re.compile(r"\[\d+\]")
+
+
+def dangling(sentence: str) -> bool:
+    """Whether ``sentence`` leans on its predecessor (starts with a pronoun or a connective)."""
+    return bool(_DANGLING.match(sentence.lstrip("(\"' ")))
+
+
+@dataclass
+class _Sentence:
+    passage: Passage
+    index: int  # position among its passage's sentences
+    text: str
+    follows: bool  # right after its passage's previous sentence (nothing left out between them)
+    own: float = 0.0  # cosine to the question
+    score: float = 0.0  # own + window + passage + agreement, weighted
+    vec: np.ndarray | None = None
 
 
 class ExtractiveAnswerer:
-    """Selects the passages' sentences most similar to the question; never writes anything new."""
+    """Quotes the retrieved passages' best sentences, best passage first; never writes anything new.
+
+    ``not_found_threshold``: a passage whose retrieval score is under it is not relevant; with none relevant the
+    answer is :data:`NOT_FOUND`. ``max_sentences``: most sentences quoted (a dangling sentence's predecessor counts).
+    ``min_sentence_score``: a sentence whose own cosine to the question is under it is never the answer's start.
+    ``window_weight``, ``passage_weight``, ``agreement_weight``: how much a sentence's window, its passage's
+    retrieval score and the other passages' agreement add to its own cosine. ``keep_margin``: how close to the best
+    score another sentence must be to be quoted too.
+    """
 
     name = "extractive"
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
-                 min_sentence_score: float = 0.25) -> None:
+                 min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 1.0,
+                 agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
+                 continue_similarity: float = 0.5) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.max_sentences = max_sentences
         self.min_sentence_score = min_sentence_score
+        self.window_weight = window_weight
+        self.passage_weight = passage_weight
+        self.agreement_weight = agreement_weight
+        self.page_weight = page_weight
+        self.continue_similarity = continue_similarity
+        self.keep_margin = keep_margin
 
-    def answer(self, req: Request) -> Answer:
+    def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
         relevant = [p for p in req.passages if p.score >= self.not_found_threshold]
         if not relevant or req.query_vector is None:
             return Answer(NOT_FOUND, [])
-        cands: list[tuple[Passage, int, str]] = []
+        by_passage: dict[int, list[_Sentence]] = {}
+        cands: list[_Sentence] = []
         for p in relevant:
-            for i, s in enumerate(split_sentences(p.text)):
-                cands.append((p, i, s))
-        if not cands:
+            # a document's own footnote marks ("[7]") would read as citations
+            sents = [_Sentence(p, i, " ".join(_MARK.sub("", s).split()), f) for i, (s, f) in enumerate(sentence_runs(p.text))]
+            if sents:
+                by_passage[p.rank] = sents
+                cands.extend(sents)
+        if cands:
+            self._score(cands, by_passage, req.query_vector)
+        # a sentence that leans on a predecessor the passage does not have (cut off, or code between) is never quoted,
+        # nor one whose chain of predecessors is longer than an answer
+        quotable = [c for c in cands if self._stands(self._with_predecessors(c, by_passage[c.passage.rank]))]
+        if not quotable:  # no prose to quote (code, a table): the best passage itself
             best = relevant[0]
             return Answer(f"{' '.join(best.text.split())[:600]} [{best.rank}]", [best.as_source()])
-        vecs = self.encode([s for _, _, s in cands])
-        scores = vecs @ req.query_vector
-        order = [int(i) for i in np.argsort(-scores)[: self.max_sentences] if scores[i] >= self.min_sentence_score]
-        if not order:
-            order = [int(np.argmax(scores))]
-        # read in source order, then position within the passage
-        picked = sorted(order, key=lambda i: (cands[i][0].rank, cands[i][1]))
-        text = " ".join(f"{cands[i][2]} [{cands[i][0].rank}]" for i in picked)
-        cited = sorted({cands[i][0].rank for i in picked})
-        sources = [p.as_source() for p in relevant if p.rank in cited]
-        sources += [p.as_source() for p in relevant if p.rank not in cited]
-        return Answer(text, sources)
+        starts = [c for c in quotable if c.own >= self.min_sentence_score] or quotable
+        top = max(starts, key=lambda c: c.score)
+        picked = self._from_passage(top, by_passage[top.passage.rank])
+        # other passages: a sentence close to the best that says something new
+        for c in sorted(starts, key=lambda c: -c.score):
+            if len(picked) >= self.max_sentences or c.score < top.score - self.keep_margin:
+                break
+            if c.passage.rank == top.passage.rank or any(c is p for p in picked):
+                continue
+            group = self._with_predecessors(c, by_passage[c.passage.rank])
+            if len(picked) + len(group) > self.max_sentences or self._redundant(c, picked) or not self._stands(group):
+                continue
+            picked.extend(group)
+        return self._render(picked)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _score(self, cands: list[_Sentence], by_passage: dict[int, list[_Sentence]], query: np.ndarray) -> None:
+        svecs = np.asarray(self.encode([c.text for c in cands]), dtype=np.float32)
+        # a sentence's window (itself with its neighbours): the normalised sum of their vectors, no second encode
+        wvecs = svecs.copy()
+        for i, c in enumerate(cands):
+            if i > 0 and cands[i - 1].passage is c.passage and c.follows:
+                wvecs[i] += svecs[i - 1]
+            if i + 1 < len(cands) and cands[i + 1].passage is c.passage and cands[i + 1].follows:
+                wvecs[i] += svecs[i + 1]
+        wvecs /= np.linalg.norm(wvecs, axis=1, keepdims=True)
+        own = svecs @ query
+        # the ranked passages' vote for a page: the scores of the page's other retrieved passages
+        page = {}
+        for sents in by_passage.values():
+            p = sents[0].passage
+            page[p.source] = page.get(p.source, 0.0) + p.score
+        agree = np.zeros(len(cands), dtype=np.float32)
+        ranks = np.array([c.passage.rank for c in cands])
+        if self.agreement_weight and len(by_passage) > 1:
+            sim = svecs @ svecs.T
+            others = list(by_passage)
+            for i in range(len(cands)):
+                best = [sim[i, ranks == r].max() for r in others if r != ranks[i]]
+                agree[i] = float(np.mean(best))
+        for i, c in enumerate(cands):
+            c.own, c.vec = float(own[i]), svecs[i]
+            c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
+                       + self.passage_weight * c.passage.score + self.agreement_weight * float(agree[i])
+                       + self.page_weight * (page[c.passage.source] - c.passage.score))
+
+    def _redundant(self, c: _Sentence, picked: list[_Sentence], limit: float = 0.85) -> bool:
+        return any(float(c.vec @ p.vec) >= limit for p in picked)
+
+    # -- choosing ------------------------------------------------------------------------------
+    def _with_predecessors(self, c: _Sentence, sents: list[_Sentence]) -> list[_Sentence]:
+        """``c`` with the predecessors it leans on, in document order."""
+        group = [c]
+        while dangling(group[0].text) and group[0].follows and group[0].index > 0:
+            group.insert(0, sents[group[0].index - 1])
+        return group
+
+    def _stands(self, group: list[_Sentence]) -> bool:
+        """Whether a sentence with its predecessors can be quoted: it starts with its subject, within the limit."""
+        return not dangling(group[0].text) and len(group) <= self.max_sentences
+
+    def _from_passage(self, top: _Sentence, sents: list[_Sentence]) -> list[_Sentence]:
+        """The best sentence with its predecessors, then its passage's sentences that continue the thought (a
+        dangling follower) or score close to the best, in document order."""
+        chosen = {s.index for s in self._with_predecessors(top, sents)}
+        # the sentences after it that go on with its thought: leaning on it, or on its topic
+        prev = top
+        while prev.index + 1 < len(sents) and len(chosen) < self.max_sentences:
+            nxt = sents[prev.index + 1]
+            if not nxt.follows or not (dangling(nxt.text) or float(nxt.vec @ prev.vec) >= self.continue_similarity):
+                break
+            chosen.add(nxt.index)
+            prev = nxt
+        for s in sorted(sents, key=lambda s: -s.score):
+            if len(chosen) >= self.max_sentences or s.score < top.score - self.keep_margin:
+                break
+            if s.index in chosen or s.own < self.min_sentence_score:
+                continue
+            chain = self._with_predecessors(s, sents)
+            group = {g.index for g in chain} - chosen
+            if self._stands(chain) and len(chosen) + len(group) <= self.max_sentences:
+                chosen |= group
+        return [sents[i] for i in sorted(chosen)]
+
+    @staticmethod
+    def _render(picked: list[_Sentence]) -> Answer:
+        """Runs of one passage's sentences cited once ``[n]`` at their end; sources: the cited passages in rank order."""
+        parts: list[str] = []
+        for i, s in enumerate(picked):
+            last = i + 1 == len(picked) or picked[i + 1].passage.rank != s.passage.rank
+            parts.append(f"{s.text} [{s.passage.rank}]" if last else s.text)
+        cited = {s.passage.rank: s.passage for s in picked}
+        return Answer(" ".join(parts), [cited[r].as_source() for r in sorted(cited)])

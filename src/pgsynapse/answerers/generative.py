@@ -1,81 +1,152 @@
-"""Generative answerers: a local model directory (``transformers``) or an OpenAI-compatible endpoint (``openai``)."""
+"""Generative answerers: a local model (``transformers``: a model directory, a .gguf file or a preset) or an
+OpenAI-compatible endpoint (``openai``). Both stream: ``answer(req, on_delta)`` calls ``on_delta`` with each new
+piece of text as it is generated. The final answer's citations are checked against the passages given
+(answerers/citations.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
+from pgsynapse.answerers.citations import CitationPolicy, checked_answer
+from pgsynapse.answerers.local_models import ModelLocation, resolve_model
+from pgsynapse.answerers.prompting import fit, render_messages, render_text
+from pgsynapse.errors import ConfigError
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+Delta = Callable[[str], None]
 
 
 def build_prompt(req: Request, *, max_passage_chars: int = 1200) -> str:
-    """History, numbered passages and the question: the prompt of the generative answerers."""
-    parts = ["Answer the question using only the numbered passages. Cite passages as [n]. "
-             "If they do not contain the answer, say that you could not find it."]
-    if req.history:
-        parts.append("Conversation so far:")
-        for t in req.history:
-            parts.append(f"Q: {t.question}")
-            if t.answer:
-                parts.append(f"A: {t.answer[:400]}")
-    parts.append("Passages:")
-    for p in req.passages:
-        parts.append(f"[{p.rank}] {p.title or ''}: {p.text[:max_passage_chars]}")
-    parts.append(f"Question: {req.question}")
-    parts.append("Answer:")
-    return "\n".join(parts)
+    """History, numbered passages and the question (last): the plain-text prompt of the generative answerers."""
+    return render_text(req, req.passages, req.history, max_passage_chars=max_passage_chars)
 
+
+def _streamer(tokenizer, on_delta: Delta):
+    from transformers import TextStreamer
+
+    class DeltaStreamer(TextStreamer):
+        """transformers' TextStreamer (word-safe incremental decoding), handing the text to ``on_delta``."""
+
+        first_at: float | None = None
+        tokens = 0
+
+        def put(self, value) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.tokens += int(value.numel())
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
+                on_delta(text)
+
+    return DeltaStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 class TransformersAnswerer:
-    """A local generative model directory (causal LM or seq2seq), loaded once."""
+    """A local generative model (causal or seq2seq), loaded once: a directory, a .gguf file (read by transformers
+    with the ``gguf`` package) or a preset (answerers/local_models.py). Instruct models get their chat template.
+    Greedy decoding."""
 
     name = "transformers"
 
-    def __init__(self, path: str, *, max_new_tokens: int = 160) -> None:
+    def __init__(self, path: str, *, max_new_tokens: int = 160, context_tokens: int = 0,
+                 cache_dir: str | Path | None = None, citation_policy: CitationPolicy = "flag") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.location: ModelLocation = resolve_model(path, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"))
+        where = self.location.directory
+        extra = {"gguf_file": self.location.gguf_file} if self.location.gguf_file else {}
+        missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+        if extra and missing:  # transformers reads GGUF files with them
+            raise ConfigError(f"a .gguf answerer model needs the package(s) {', '.join(missing)}: "
+                              "pip install 'pgsynapse[gguf]'")
+        started = time.perf_counter()
+        config = AutoConfig.from_pretrained(where, local_files_only=True, **extra)
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = cls.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+        self.model = cls.from_pretrained(where, local_files_only=True, **extra)
         self.model.eval()
         self.max_new_tokens = max_new_tokens
+        self.citation_policy: CitationPolicy = citation_policy
+        self.chat = not self.seq2seq and bool(getattr(self.tokenizer, "chat_template", None))
+        limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 1024)
+        if context_tokens:
+            limit = min(limit, context_tokens)
+        self.context_tokens = limit
+        # the prompt's budget: the context less room for the answer (a seq2seq model's answer has its own)
+        self.prompt_budget = max(16, limit - (0 if self.seq2seq else max_new_tokens))
         self.last_prompt: str | None = None
+        self.last_stats: dict[str, float] = {}
+        log.info("answerer_model_loaded", model=self.location.description, chat=self.chat, context=limit,
+                 seconds=round(time.perf_counter() - started, 2))
 
-    def answer(self, req: Request) -> Answer:
+    # -- prompt ---------------------------------------------------------------------------------
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"])
+
+    def _trim(self, text: str, tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _render(self, req: Request):
+        if self.chat:
+            return lambda passages, history: self.tokenizer.apply_chat_template(
+                render_messages(req, passages, history), add_generation_prompt=True, tokenize=False)
+        return lambda passages, history: render_text(req, passages, history)
+
+    # -- answer ---------------------------------------------------------------------------------
+    def answer(self, req: Request, on_delta: Delta | None = None) -> Answer:
         import torch
 
         if not req.passages:
             return Answer(NOT_FOUND, [])
-        prompt = build_prompt(req)
+        prompt, passages, _ = fit(req, self._render(req), self._count, self._trim, self.prompt_budget)
         self.last_prompt = prompt
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or getattr(self.model.config, "n_positions", 0) or 1024)
-        enc = self.tokenizer(prompt, return_tensors="pt", truncation=True,
-                             max_length=max(16, limit - (0 if self.seq2seq else self.max_new_tokens)))
+        # the chat template wrote the special tokens itself
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self.chat)
         enc.pop("token_type_ids", None)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        streamer = _streamer(self.tokenizer, on_delta or (lambda piece: None))
+        started = time.perf_counter()
         with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad,
+                                      streamer=streamer)
+        done = time.perf_counter()
         new = out[0] if self.seq2seq else out[0][enc["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Answer(text or NOT_FOUND, [p.as_source() for p in req.passages])
-
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        first = streamer.first_at or done
+        self.last_stats = {"prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": int(len(new)),
+                           "first_token_s": first - started, "seconds": done - started,
+                           "passages": len(passages)}
+        return checked_answer(text, passages, self.citation_policy)
 
 class OpenAIAnswerer:
-    """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``)."""
+    """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``); streamed (server-sent events)
+    when the caller takes deltas."""
 
     name = "openai"
 
-    def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
+                 citation_policy: CitationPolicy = "flag") -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
+        self.citation_policy: CitationPolicy = citation_policy
 
-    def answer(self, req: Request) -> Answer:
+    def answer(self, req: Request, on_delta: Delta | None = None) -> Answer:
         if not req.passages:
             return Answer(NOT_FOUND, [])
         messages = [{"role": "system", "content": "You answer questions about a document collection, citing passages as [n]."}]
@@ -84,20 +155,49 @@ class OpenAIAnswerer:
             if t.answer:
                 messages.append({"role": "assistant", "content": t.answer})
         messages.append({"role": "user", "content": build_prompt(req)})
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
+        payload = {"model": self.model, "messages": messages, "temperature": 0}
+        if on_delta is not None:
+            payload["stream"] = True
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                data = json.loads(resp.read())
+                if on_delta is not None and resp.headers.get_content_type() == "text/event-stream":
+                    text = _read_events(resp, on_delta)
+                else:
+                    text = _content(json.loads(resp.read()))
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"answer endpoint returned HTTP {exc.code}: {exc.read()[:200]!r}") from None
         except urllib.error.URLError as exc:
             raise RuntimeError(f"answer endpoint unreachable: {exc.reason}") from None
+        return checked_answer(text, req.passages, self.citation_policy)
+
+
+def _content(data: object) -> str:
+    try:
+        return data["choices"][0]["message"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise RuntimeError(f"answer endpoint returned an unexpected body: {str(data)[:200]}") from None
+
+
+def _read_events(resp, on_delta: Delta) -> str:
+    """The text of an OpenAI chat-completion event stream (``data: {json}`` lines, ``data: [DONE]`` last), each
+    content delta handed to ``on_delta`` as it arrives."""
+    pieces: list[str] = []
+    for raw in resp:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
         try:
-            text = data["choices"][0]["message"]["content"].strip()
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise RuntimeError(f"answer endpoint returned an unexpected body: {str(data)[:200]}") from None
-        return Answer(text or NOT_FOUND, [p.as_source() for p in req.passages])
+            piece = json.loads(data)["choices"][0].get("delta", {}).get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise RuntimeError(f"answer endpoint sent an unexpected event: {data[:200]}") from None
+        if piece:
+            pieces.append(piece)
+            on_delta(piece)
+    return "".join(pieces)

@@ -63,6 +63,7 @@ SELECT id, text, action, threshold FROM pgsynapse.guardrail_rules WHERE enabled 
 UPDATE pgsynapse.questions
 SET status = %(status)s, answer = %(answer)s, sources = %(sources)s, model_version_id = %(version)s,
     retrieval_query = %(retrieval_query)s, guardrail = %(guardrail)s, answerer = %(answerer)s, error = NULL,
+    flags = %(flags)s,
     answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
 WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;
@@ -78,3 +79,17 @@ WHERE q.id = %(id)s
 
 -- name: notify_answer
 SELECT pg_notify('pgsynapse_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);
+
+-- name: stream_answer
+-- A partial answer while it is generated (handlers/answer_stream.py): the text so far, the status still 'pending',
+-- and a 'streaming' NOTIFY in the same statement. The final write's stale-write guard: nothing is written (no row
+-- returned) when the question was edited, deleted or answered meanwhile.
+WITH u AS (
+    UPDATE pgsynapse.questions SET answer = %(text)s
+    WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s
+    RETURNING id
+)
+SELECT pg_notify('pgsynapse_answers', json_build_object(
+           'id', u.id, 'status', 'streaming', 'seq', %(seq)s::int, 'offset', %(offset)s::int,
+           'delta', %(delta)s::text)::text)
+FROM u;

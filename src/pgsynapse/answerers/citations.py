@@ -1,0 +1,55 @@
+"""A generated answer's citations, checked against the passages the model was given.
+
+An answer citing a passage it was not given (``[7]`` when five were given, or a passage the prompt budget left
+out) is flagged, or refused under ``citation_policy = "refuse"``; the flag says which citations. Sources list the
+cited passages in rank order; an answer that cites nothing lists every passage it was given, and is flagged
+``uncited``; an answer that says it found nothing is the plain not-found answer, without sources.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pgsynapse.answerers.base import NOT_FOUND, Answer, Passage
+
+REFUSED_ANSWER = "The generated answer cited passages it was not given, so it was withheld."
+
+CitationPolicy = Literal["flag", "refuse"]
+
+_GROUP = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
+_NOT_FOUND = re.compile(r"\b(could not|couldn't|cannot|can't|unable to) find\b|\bdo(es)? not (contain|mention)\b",
+                        re.IGNORECASE)
+
+
+def cited_ranks(text: str) -> list[int]:
+    """The passage numbers cited as [n], [n, m] or [n][m], in order of first appearance."""
+    out: list[int] = []
+    for group in _GROUP.findall(text):
+        for n in re.split(r"\s*[,;]\s*", group.strip()):
+            if int(n) not in out:
+                out.append(int(n))
+    return out
+
+
+def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = "flag") -> Answer:
+    """The final answer of a generator from its text and the passages it was given."""
+    text = text.strip()
+    if not text:
+        return Answer(NOT_FOUND, [])
+    cited = cited_ranks(text)
+    given = {p.rank: p for p in passages}
+    invalid = [n for n in cited if n not in given]
+    if invalid:
+        ranks = sorted(given)
+        flag = (f"invalid_citations: {' '.join(f'[{n}]' for n in invalid)} cited, "
+                f"{'passages ' + ', '.join(map(str, ranks)) if ranks else 'no passage'} given")
+        if policy == "refuse":
+            return Answer(REFUSED_ANSWER, [], flags=[flag, "refused"])
+        valid = [given[n] for n in sorted(set(cited) - set(invalid))]
+        return Answer(text, [p.as_source() for p in valid], flags=[flag])
+    if not cited:
+        if _NOT_FOUND.search(text):
+            return Answer(NOT_FOUND, [])
+        return Answer(text, [p.as_source() for p in passages], flags=["uncited"])
+    return Answer(text, [given[n].as_source() for n in sorted(cited)])

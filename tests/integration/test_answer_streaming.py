@@ -1,0 +1,201 @@
+"""Streamed answers (issue 18, item 3): partial text on the row with a 'streaming' NOTIFY per write, in order, then
+the final NOTIFY; throttled; never over an edited question; citations checked. The generator is a fake
+OpenAI-compatible server sending server-sent events (deterministic text). A gated server sends its next piece only
+when the test has seen the previous piece's NOTIFY: the test synchronises on NOTIFYs, never on time."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import anyio
+import pytest
+
+from pgsynapse.answerers.citations import REFUSED_ANSWER
+from pgsynapse.client import Client
+from tests.helpers import aconn, fast_settings, running_worker
+from tests.integration.test_answers import _corpus
+
+pytestmark = pytest.mark.anyio
+
+PIECES = ["Use ", "ROLLBACK TO ", "SAVEPOINT ", "[1]."]
+SAFETY = 60.0  # seconds: a safety net only
+
+
+class SSE(BaseHTTPRequestHandler):
+    """Answers each chat request with ``scripts.pop(0)`` (the last script again when one is left), streamed when
+    asked. While ``gates`` is set, piece k+1 (and the end, after the last) waits for gates[k], set by the test when
+    piece k's NOTIFY came."""
+
+    scripts: list[list[str]] = []
+    gates: list[threading.Event] | None = None
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        SSE.requests.append(body)
+        pieces = SSE.scripts.pop(0) if len(SSE.scripts) > 1 else SSE.scripts[0]
+        gates, SSE.gates = SSE.gates, None  # the first request only
+        if not body.get("stream"):
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": "".join(pieces)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for k, piece in enumerate(pieces):
+            if gates is not None and k > 0:
+                assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
+            event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        if gates is not None:  # the end too waits for the last piece's NOTIFY
+            assert gates[len(pieces) - 1].wait(SAFETY), "no NOTIFY for the last piece"
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sse():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
+    SSE.scripts, SSE.gates, SSE.requests = [PIECES], None, []
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def _settings(db_url, url, **kw):
+    return fast_settings(db_url, answerer="openai", openai_base_url=url, openai_model="tiny", **kw)
+
+
+async def _notifies_until_final(listener, qid: int, on_stream=None) -> list[dict]:
+    seen = []
+    with anyio.fail_after(SAFETY):
+        async for n in listener.notifies():
+            p = json.loads(n.payload)
+            if p["id"] != qid:
+                continue
+            seen.append(p)
+            if p["status"] != "streaming":
+                return seen
+            if on_stream:
+                await on_stream(p)
+    return seen
+
+
+async def test_each_piece_is_written_and_notified_in_order_then_the_final_answer(db_url, models, sse):
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        listener, reader = await aconn(db_url), await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        rows_seen = []
+
+        async def on_stream(p):
+            row = await (await reader.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
+                                              (p["id"],))).fetchone()
+            rows_seen.append((row["status"], row["answer"]))
+            gates[p["seq"] - 1].set()
+
+        pieces: list[str] = []
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            qid = 1  # a fresh database: the first question
+            tg.start_soon(lambda: client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+            notes = await _notifies_until_final(listener, qid, on_stream)
+        final = await (await reader.execute("SELECT * FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+    assert [p["status"] for p in notes] == ["streaming"] * len(PIECES) + ["answered"]
+    assert [p["seq"] for p in notes[:-1]] == [1, 2, 3, 4]
+    assert [p["delta"] for p in notes[:-1]] == PIECES
+    assert [p["offset"] for p in notes[:-1]] == [0, 4, 16, 26]
+    assert notes[-1] == {"id": qid, "status": "answered"}  # the final NOTIFY as before streaming
+    # each NOTIFY came after its partial text was committed, the row still pending
+    assert rows_seen == [("pending", "".join(PIECES[:k + 1])) for k in range(len(PIECES))]
+    assert pieces == PIECES  # the client's on_delta got each piece once, in order
+    assert final["status"] == "answered" and final["answer"] == "Use ROLLBACK TO SAVEPOINT [1]."
+    assert [s["rank"] for s in final["sources"]] == [1] and final["sources"][0]["title"] == "Savepoints"
+    assert final["flags"] == []
+
+
+async def test_an_edit_mid_stream_gets_no_partial_text_of_the_old_question(db_url, models, sse):
+    SSE.scripts = [PIECES, ["Release it with ", "RELEASE SAVEPOINT [1]."]]
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        listener, writer = await aconn(db_url), await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        row = await (await writer.execute("INSERT INTO pgsynapse.questions (text) VALUES "
+                                          "('how do I undo commands back to a savepoint?') RETURNING id")).fetchone()
+        qid = row["id"]
+        answers_seen = []
+
+        async def edit_then_go_on(p):
+            answers_seen.append((await (await writer.execute(
+                "SELECT answer FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone())["answer"])
+            if len(answers_seen) == 1:
+                # mid-stream: the question is edited (committed), then the old stream goes on
+                await writer.execute("UPDATE pgsynapse.questions SET text = 'how do I release a savepoint?' "
+                                     "WHERE id = %s", (qid,))
+                for g in gates:
+                    g.set()
+
+        notes = await _notifies_until_final(listener, qid, edit_then_go_on)
+        final = await (await writer.execute("SELECT * FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+    streams = [p for p in notes if p["status"] == "streaming"]
+    new_answer = "Release it with RELEASE SAVEPOINT [1]."
+    # the old question's stream stopped at its first piece: the rest found another text and wrote nothing
+    assert (streams[0]["seq"], streams[0]["offset"], streams[0]["delta"]) == (1, 0, "Use ")
+    again = streams[1:]  # the new job's own stream (its first write may lose the race with its fast final write)
+    assert [p["seq"] for p in again] == list(range(1, len(again) + 1))
+    assert new_answer.startswith("".join(p["delta"] for p in again))
+    assert all(a is None or new_answer.startswith(a) for a in answers_seen[1:])  # never the old text again
+    assert notes[-1] == {"id": qid, "status": "answered"}
+    assert final["text"] == "how do I release a savepoint?" and final["answer"] == new_answer
+    assert len(SSE.requests) == 2
+
+
+async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_url, models, sse):
+    SSE.scripts = [["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]]
+    SSE.gates = gates = [threading.Event(), threading.Event()]
+    async with running_worker(_settings(db_url, sse, answer_top_k=3, stream_interval_ms=60_000), models):
+        await _corpus(db_url)
+        listener = await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        results = []
+
+        async def go_on(p):  # the first piece was written: the rest may come at once
+            for g in gates:
+                g.set()
+
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            async def ask():
+                results.append(await client.ask("how do I undo commands back to a savepoint?"))
+
+            tg.start_soon(ask)
+            notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
+        flagged = results[0]
+    # throttled: the first write at once, none other within the interval; the final NOTIFY as always
+    assert [(p["status"], p.get("seq"), p.get("offset")) for p in notes] == [("streaming", 1, 0), ("answered", None, None)]
+    assert notes[0]["delta"] == "Use ROLLBACK TO SAVEPOINT [7], "
+    assert flagged.status == "answered" and flagged.answer == "Use ROLLBACK TO SAVEPOINT [7], see also [2][1]."
+    assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3 given"]
+    assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
+
+
+async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, models, sse):
+    SSE.scripts = [["It is [9]."]]
+    async with running_worker(_settings(db_url, sse, citation_policy="refuse", stream_answers=False), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            refused = await client.ask("how do I undo commands back to a savepoint?")
+    assert refused.status == "answered" and refused.answer == REFUSED_ANSWER and refused.sources == []
+    assert refused.flags[0].startswith("invalid_citations: [9] cited") and refused.flags[1] == "refused"
+    assert SSE.requests[0].get("stream") is None  # stream_answers = false: a plain request

