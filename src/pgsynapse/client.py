@@ -47,6 +47,7 @@ class Result:
     guardrail: dict[str, Any] | None
     session_id: str | None
     flags: list[str] = field(default_factory=list)  # what the answer's checks found (questions.flags)
+    cached_from: int | None = None  # answered from the semantic answer cache: the original question's id
 
 
 class Client:
@@ -156,10 +157,10 @@ class Client:
         assert self._conn is not None
         async with self._lock:
             r = await (await self._conn.execute(
-                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id, flags"
-                " FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id, flags,"
+                " cached_from FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
         return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
-                      r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []))
+                      r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
 def format_result(result: Result, *, answer: bool = True) -> str:
@@ -174,5 +175,7 @@ def format_result(result: Result, *, answer: bool = True) -> str:
         where = s.get("source") or f"document {s['document_id']}"
         lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk {s['chunk_id']})")
     if result.latency_ms is not None:
-        lines.append(f"  answered in {result.latency_ms:.0f} ms by model version {result.model_version_id}")
+        by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
+              else f"by model version {result.model_version_id}")
+        lines.append(f"  answered in {result.latency_ms:.0f} ms {by}")
     return "\n".join(lines)

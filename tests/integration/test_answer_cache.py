@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from pgsynapse.client import Client
+from pgsynapse.client import Client, format_result
 from pgsynapse.metrics import ANSWER_CACHE
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -59,7 +59,8 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
             (first.id,))).fetchone()
         await conn.close()
     assert first.sources[0]["document_id"] == ids[0] and a["answerer"] == "extractive" and a["cached_from"] is None
-    assert b["answerer"] == "cache" and b["cached_from"] == first.id
+    assert b["answerer"] == "cache" and b["cached_from"] == first.id == again.cached_from
+    assert f"from the answer cache (question {first.id})" in format_result(again) and first.cached_from is None
     assert b["answer"] == a["answer"] and b["sources"] == a["sources"] and again.status == "answered"
     assert entry["hit_count"] == 1 and entry["question"] == ASK and ids[0] in entry["document_ids"]
     [hit] = [e for e in logs if e["event"] == "answer_cache_hit"]
