@@ -57,7 +57,7 @@ def test_the_prompt_budget_keeps_the_question_and_trims_the_lowest_ranked_passag
     assert len(seen[0]) <= 256 - 16
     assert "".join(QUESTION.split()) in squeezed  # the question, in full
     assert squeezed.endswith(("".join(QUESTION.split()) + ("<assistant>" if chat else "answer:")))  # and last
-    assert "citethepassagesyouuseas[n]" in squeezed  # the instructions are never cut
+    assert "squarebrackets,like[1]or[2]" in squeezed  # the instructions are never cut
     assert "passage1word0" in squeezed and "passage5word0" not in squeezed  # the lowest-ranked go first
 
 
@@ -220,7 +220,23 @@ def test_a_gguf_file_is_loaded_with_its_chat_template_and_fitted_to_its_context(
     pieces: list[str] = []
     answer = answerer.answer(Request(QUESTION, _passages(5, words=30)), on_delta=pieces.append)
     prompt = answerer.last_prompt
-    assert prompt.startswith("<|im_start|>system\nAnswer the question using only the numbered passages.")
+    assert prompt.startswith("<|im_start|>system\nAnswer the question in a few sentences, using only the numbered")
     assert prompt.endswith(f"Question: {QUESTION}<|im_end|>\n<|im_start|>assistant\n")
     assert len(seen[0]) <= 512 - 8 and "[1] Title 1:" in prompt and "[5] Title 5:" not in prompt
+    assert answer.text in ("".join(pieces).strip(), NOT_FOUND)
+
+
+def test_llama_cpp_runs_the_same_gguf_with_the_same_budget_and_stream(tmp_path):
+    pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
+    pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
+    from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
+
+    _tiny_gguf(tmp_path / "tiny.gguf", context=512)
+    answerer = LlamaCppAnswerer(str(tmp_path / "tiny.gguf"), max_new_tokens=8, context_tokens=0, threads=1)
+    assert answerer.chat and answerer.context_tokens == 512
+    pieces: list[str] = []
+    answer = answerer.answer(Request(QUESTION, _passages(5, words=30)), on_delta=pieces.append)
+    prompt = answerer.last_prompt
+    assert prompt.endswith(f"Question: {QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    assert answerer.last_stats["prompt_tokens"] <= 512 - 8 and "[5] Title 5:" not in prompt
     assert answer.text in ("".join(pieces).strip(), NOT_FOUND)

@@ -14,8 +14,10 @@ from dataclasses import replace
 from pgsynapse.answerers.base import Passage, Request, Turn
 from pgsynapse.errors import InputError
 
-INSTRUCTIONS = ("Answer the question using only the numbered passages. Cite the passages you use as [n]. "
-                "If they do not contain the answer, say that you could not find it.")
+# small models copy a literal "[n]": the instructions show real citations instead
+INSTRUCTIONS = ("Answer the question in a few sentences, using only the numbered passages. End each sentence with "
+                "the number of the passage it comes from in square brackets, like [1] or [2]. "
+                "If the passages do not contain the answer, say that you could not find it.")
 MIN_PASSAGE_TOKENS = 24  # a passage trimmed below this is left out instead
 HISTORY_ANSWER_CHARS = 400
 
