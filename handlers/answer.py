@@ -23,6 +23,7 @@ from pgsynapse.answerers import (
     Turn,
 )
 from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit
+from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
@@ -102,6 +103,14 @@ class AnswerHandler(Handler[AnswerWork]):
                     s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens,
                     context_tokens=s.answer_context_tokens, cache_dir=s.data_dir / "models" / "gguf",
                     citation_policy=s.citation_policy)
+            elif s.answerer == "llama-cpp":
+                if not s.answerer_model_path:
+                    raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
+                                      "required when answerer = llama-cpp")
+                self._generative = LlamaCppAnswerer(
+                    s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens,
+                    context_tokens=s.answer_context_tokens, threads=s.torch_threads,
+                    cache_dir=s.data_dir / "models" / "gguf", citation_policy=s.citation_policy)
             else:
                 if not s.openai_base_url:
                     raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: "

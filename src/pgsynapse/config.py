@@ -88,7 +88,8 @@ class Settings(BaseModel):
         ("embed", "answer", "retrain", "backfill"), description="job kinds this worker processes"
     )
 
-    answerer: Literal["extractive", "transformers", "openai"] = Field("extractive", description="how answers are written")
+    answerer: Literal["extractive", "transformers", "llama-cpp", "openai"] = Field(
+        "extractive", description="how answers are written (llama-cpp: a GGUF model on llama.cpp, pgsynapse[llama])")
     answer_top_k: int = Field(5, ge=1, le=100, description="passages retrieved per question")
     hybrid: bool = Field(False, description="fuse full-text ranks with vector ranks (reciprocal-rank fusion)")
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
@@ -102,7 +103,7 @@ class Settings(BaseModel):
     answer_cache_max_age_seconds: float = Field(
         7 * 86400, ge=0, description="cached answers older than this are not served and are deleted (0 = no limit)")
     answerer_model_path: str | None = Field(
-        None, description="answerer = transformers: a local model directory, a .gguf file, or a preset "
+        None, description="answerer = transformers / llama-cpp: a local model directory, a .gguf file, or a preset "
         "(qwen2.5-coder-0.5b, smollm2-135m) found in its installed PyPI packages and checked by sha256")
     answer_max_new_tokens: int = Field(160, ge=1, le=4096)
     answer_context_tokens: int = Field(

@@ -1,0 +1,98 @@
+"""A GGUF model on llama.cpp (``answerer = llama-cpp``, extra ``pgsynapse[llama]``): the same presets, prompt,
+budget, streaming and citation check as the transformers answerer, on llama.cpp's quantized CPU kernels, which
+run the Q4 models far faster on a few cores than transformers (that dequantizes them to fp32): BENCHMARKS.md,
+"generation". Greedy decoding (temperature 0)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
+from pgsynapse.answerers.citations import CitationPolicy, checked_answer
+from pgsynapse.answerers.local_models import resolve_model
+from pgsynapse.answerers.prompting import fit, render_messages, render_text
+from pgsynapse.errors import ConfigError
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class LlamaCppAnswerer:
+    name = "llama-cpp"
+
+    def __init__(self, path: str, *, max_new_tokens: int = 160, context_tokens: int = 2048, threads: int = 0,
+                 cache_dir: str | Path | None = None, citation_policy: CitationPolicy = "flag") -> None:
+        try:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError:
+            raise ConfigError("answerer = llama-cpp needs llama-cpp-python: pip install 'pgsynapse[llama]'") from None
+        self.location = resolve_model(path, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"))
+        if not self.location.gguf_file:
+            raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: answerer = "
+                              "llama-cpp needs a .gguf file or a preset")
+        started = time.perf_counter()
+        file = str(Path(self.location.directory) / self.location.gguf_file)
+        meta = Llama(model_path=file, n_ctx=16, vocab_only=True, verbose=False).metadata
+        trained = int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048)
+        limit = min(trained, context_tokens) if context_tokens else trained
+        self.model = Llama(model_path=file, n_ctx=limit, n_threads=threads or os.cpu_count() or 1, n_batch=512,
+                           verbose=False)
+        meta = self.model.metadata
+        template = meta.get("tokenizer.chat_template")
+        self.formatter = None
+        if template:
+            def token(key: str) -> str:
+                tid = meta.get(key)
+                return self.model.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid else ""
+
+            self.formatter = Jinja2ChatFormatter(template, eos_token=token("tokenizer.ggml.eos_token_id"),
+                                                 bos_token=token("tokenizer.ggml.bos_token_id"))
+        self.chat = self.formatter is not None
+        self.max_new_tokens = max_new_tokens
+        self.context_tokens = limit
+        self.prompt_budget = max(16, limit - max_new_tokens)
+        self.citation_policy: CitationPolicy = citation_policy
+        self.last_prompt: str | None = None
+        self.last_stats: dict[str, float] = {}
+        log.info("answerer_model_loaded", model=self.location.description, runtime="llama-cpp", chat=self.chat,
+                 context=limit, seconds=round(time.perf_counter() - started, 2))
+
+    def _count(self, text: str) -> int:
+        return len(self.model.tokenize(text.encode(), add_bos=False, special=True))
+
+    def _trim(self, text: str, tokens: int) -> str:
+        ids = self.model.tokenize(text.encode(), add_bos=False, special=False)[:tokens]
+        return self.model.detokenize(ids).decode("utf-8", "ignore")
+
+    def _render(self, req: Request):
+        if self.formatter is not None:
+            fmt = self.formatter
+            return lambda passages, history: fmt(messages=render_messages(req, passages, history)).prompt
+        return lambda passages, history: render_text(req, passages, history)
+
+    def answer(self, req: Request, on_delta=None) -> Answer:
+        if not req.passages:
+            return Answer(NOT_FOUND, [])
+        prompt, passages, _ = fit(req, self._render(req), self._count, self._trim, self.prompt_budget)
+        self.last_prompt = prompt
+        started = time.perf_counter()
+        first, pieces, n = None, [], 0
+        self.model.reset()
+        for chunk in self.model.create_completion(prompt, max_tokens=self.max_new_tokens, temperature=0.0,
+                                                  stream=True):
+            piece = chunk["choices"][0]["text"]
+            n += 1
+            if piece:
+                if first is None:
+                    first = time.perf_counter()
+                pieces.append(piece)
+                if on_delta is not None:
+                    on_delta(piece)
+        done = time.perf_counter()
+        self.last_stats = {"prompt_tokens": self._count(prompt), "new_tokens": n,
+                           "first_token_s": (first or done) - started, "seconds": done - started,
+                           "passages": len(passages)}
+        return checked_answer("".join(pieces), passages, self.citation_policy)
