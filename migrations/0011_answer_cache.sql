@@ -47,6 +47,11 @@ FROM pgsynapse.answer_cache c
 ORDER BY c.hit_count DESC, c.last_hit_at DESC NULLS LAST;
 
 -- pgsynapse:include answer_cache_v1.sql
+
+-- an edit that asks a question again clears cached_from with the rest of the answer (questions v5 replaces v4)
+DROP TRIGGER IF EXISTS questions_reask ON pgsynapse.questions;
+DROP FUNCTION IF EXISTS pgsynapse.questions_reask_v4();
+-- pgsynapse:include questions_v5.sql
 -- pgsynapse:include model_versions_v2.sql
 
 -- every version that may serve questions gets its answer cache index now (later ones: ensure_embedding_index)

@@ -88,21 +88,25 @@ def test_functions_that_run_with_their_owners_rights_are_safe_to_call_from_appli
         assert not public, f"{name} is executable by PUBLIC"
 
 
-def test_0010_flags_answers_and_an_edit_clears_them_with_the_answer(db_url):
-    """0010: questions.flags (empty by default) records the answer's checks; questions v4 clears it, with the
-    (partial or final) answer, when an edit asks the question again."""
+def test_an_edit_clears_flags_and_cached_from_with_the_answer(db_url):
+    """0010: questions.flags (empty by default) records the answer's checks; 0011: cached_from names the question a
+    cached answer came from. Questions v5 clears both, with the (partial or final) answer, when an edit asks the
+    question again."""
     with psycopg.connect(db_url, autocommit=True) as conn:
+        first = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is a savepoint, first?') RETURNING id").fetchone()[0]
         qid = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is a savepoint?') RETURNING id").fetchone()[0]
         assert conn.execute("SELECT flags FROM pgsynapse.questions WHERE id = %s", (qid,)).fetchone()[0] == []
-        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'A mark [7].', "
-                     "flags = '{\"invalid_citations: [7] cited, passages 1 given\"}' WHERE id = %s", (qid,))
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'A mark [7].', cached_from = %s, "
+                     "flags = '{\"invalid_citations: [7] cited, passages 1 given\"}' WHERE id = %s", (first, qid))
         conn.execute("UPDATE pgsynapse.questions SET text = 'what is a subtransaction?' WHERE id = %s", (qid,))
-        row = conn.execute("SELECT status, answer, flags FROM pgsynapse.questions WHERE id = %s", (qid,)).fetchone()
-        assert row == ("pending", None, [])
+        row = conn.execute("SELECT status, answer, flags, cached_from FROM pgsynapse.questions WHERE id = %s",
+                           (qid,)).fetchone()
+        assert row == ("pending", None, [], None)
         triggers = conn.execute("SELECT p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
                                 "WHERE t.tgname = 'questions_reask'").fetchall()
-        assert triggers == [("questions_reask_v4",)]
-        assert conn.execute("SELECT to_regproc('pgsynapse.questions_reask_v3')").fetchone()[0] is None
+        assert triggers == [("questions_reask_v5",)]
+        for old in ("questions_reask_v3", "questions_reask_v4"):
+            assert conn.execute("SELECT to_regproc(%s)", (f"pgsynapse.{old}",)).fetchone()[0] is None
 
 
 def test_the_answer_cache_migration_upgrades_a_database_with_versions_and_is_idempotent(new_db):
