@@ -5,8 +5,9 @@ How an answer is chosen (issue 18):
 - every prose sentence of the relevant passages (headings, synopses and code left out) is scored against the
   question by its own embedding, by its window's (itself with its neighbours: the thought it belongs to; the sum of
   their vectors), by its passage's retrieval score, by how much the *other* ranked passages agree with it (the mean
-  of its best cosine to each one's sentences) and by its page's vote (the scores of the page's other retrieved
-  passages: a page many ranked passages come from is on the question's topic);
+  of its best cosine to each one's sentences), by its page's vote (the scores of the page's other retrieved
+  passages: a page many ranked passages come from is on the question's topic) and by its page title's cosine to
+  the question (the title names what the page is about; one short encode per distinct title);
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
 - a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
@@ -61,17 +62,19 @@ class ExtractiveAnswerer:
     ``not_found_threshold``: a passage whose retrieval score is under it is not relevant; with none relevant the
     answer is :data:`NOT_FOUND`. ``max_sentences``: most sentences quoted (a dangling sentence's predecessor counts).
     ``min_sentence_score``: a sentence whose own cosine to the question is under it is never the answer's start.
-    ``window_weight``, ``passage_weight``, ``agreement_weight``: how much a sentence's window, its passage's
-    retrieval score and the other passages' agreement add to its own cosine. ``keep_margin``: how close to the best
+    ``window_weight``, ``passage_weight``, ``agreement_weight``, ``page_weight``, ``title_weight``: how much a
+    sentence's window, its passage's retrieval score, the other passages' agreement, its page's vote and its page
+    title add to its own cosine (chosen on the tune half of the dev questions and 150 train questions:
+    bench/answer_quality.py, BENCHMARKS.md). ``keep_margin``: how close to the best
     score another sentence must be to be quoted too.
     """
 
     name = "extractive"
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
-                 min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 1.0,
+                 min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
-                 continue_similarity: float = 0.5) -> None:
+                 continue_similarity: float = 0.5, title_weight: float = 1.5) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.max_sentences = max_sentences
@@ -81,6 +84,7 @@ class ExtractiveAnswerer:
         self.agreement_weight = agreement_weight
         self.page_weight = page_weight
         self.continue_similarity = continue_similarity
+        self.title_weight = title_weight
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
@@ -120,7 +124,10 @@ class ExtractiveAnswerer:
 
     # -- scoring ---------------------------------------------------------------------------------
     def _score(self, cands: list[_Sentence], by_passage: dict[int, list[_Sentence]], query: np.ndarray) -> None:
-        svecs = np.asarray(self.encode([c.text for c in cands]), dtype=np.float32)
+        titles = list(dict.fromkeys(c.passage.title or "" for c in cands)) if self.title_weight else []
+        vecs = np.asarray(self.encode([c.text for c in cands] + titles), dtype=np.float32)
+        svecs = vecs[: len(cands)]
+        title_score = {t: float(v @ query) for t, v in zip(titles, vecs[len(cands):])}
         # a sentence's window (itself with its neighbours): the normalised sum of their vectors, no second encode
         wvecs = svecs.copy()
         for i, c in enumerate(cands):
@@ -147,7 +154,8 @@ class ExtractiveAnswerer:
             c.own, c.vec = float(own[i]), svecs[i]
             c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
                        + self.passage_weight * c.passage.score + self.agreement_weight * float(agree[i])
-                       + self.page_weight * (page[c.passage.source] - c.passage.score))
+                       + self.page_weight * (page[c.passage.source] - c.passage.score)
+                       + self.title_weight * title_score.get(c.passage.title or "", 0.0))
 
     def _redundant(self, c: _Sentence, picked: list[_Sentence], limit: float = 0.85) -> bool:
         return any(float(c.vec @ p.vec) >= limit for p in picked)
