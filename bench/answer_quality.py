@@ -99,8 +99,9 @@ def answer_sentences(text: str) -> list[tuple[str, list[int]]]:
 
 
 # -- retrieval through the product's path ------------------------------------------------------------------
-async def retrieve(url: str, texts: list[str], version: dict[str, Any], models: ModelCache) -> list[tuple[list[Passage], np.ndarray]]:
-    settings = load_settings(environ={}, database_url=url)
+async def retrieve(url: str, texts: list[str], version: dict[str, Any], models: ModelCache,
+                   hybrid: bool | None = None) -> list[tuple[list[Passage], np.ndarray]]:
+    settings = load_settings(environ={}, database_url=url, **({} if hybrid is None else {"hybrid": hybrid}))
     handler = AnswerHandler(settings, models)
     embedder = await anyio.to_thread.run_sync(models.get, version)
     vecs = await anyio.to_thread.run_sync(embedder.encode, texts)
@@ -278,6 +279,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
     p.add_argument("--sets", default="tune,report,unanswerable", help="which question sets to run")
+    p.add_argument("--hybrid", choices=["on", "off"], default=None, help="retrieval: full text fused (default: the setting's default)")
     args = p.parse_args()
     emit("answer_quality", "machine", **machine())
     threshold, agreement, n_labels = calibrate()
@@ -298,7 +300,8 @@ def main() -> None:
         sets["unanswerable"] = [{"q": q["q"], "relevant": set()} for q in unanswerable]
         sets = {k: v[: args.limit] if args.limit else v for k, v in sets.items() if k in args.sets.split(",")}
         every = [it for items in sets.values() for it in items]
-        for it, (passages, vec) in zip(every, anyio.run(retrieve, url, [it["q"] for it in every], version, models),
+        for it, (passages, vec) in zip(every, anyio.run(retrieve, url, [it["q"] for it in every], version, models,
+                                                                None if args.hybrid is None else args.hybrid == "on"),
                                        strict=True):
             it["passages"], it["vector"] = passages, vec
         g = Grounding(lambda t: embedder.encode(t))
