@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -63,7 +64,10 @@ def test_ask_answers_from_the_command_line(new_db):
     assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
     r = pgsynapse("ask", "how do I insert new rows into a table?", "--session", "cli", url=url)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[1]" in r.stdout and "answered in" in r.stdout
+    # the answer cites the passages it quotes ([n] of their rank), and each cited one is listed as a source
+    cited = set(re.findall(r"\[(\d+)\]", r.stdout.split("\n  [")[0]))
+    assert cited and "answered in" in r.stdout
+    assert all(f"\n  [{n}] " in r.stdout for n in cited), r.stdout
     j = pgsynapse("ask", "and how do I change existing rows?", "--session", "cli", "--json", url=url)
     data = json.loads(j.stdout)
     assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]
