@@ -2,11 +2,7 @@
 -- questions.flags records what the answer's checks found, e.g. 'invalid_citations: [7] cited, passages 1, 2, 3, 4, 5
 -- given' (flagged, or 'refused' too under citation_policy = refuse) or 'uncited'; empty when nothing was found.
 -- While a generator writes, the row stays 'pending' with the text so far in `answer` (a 'streaming' NOTIFY on
--- pgsynapse_answers per write: docs/sql.md). questions v4 clears flags too when an edit asks a question again.
+-- pgsynapse_answers per write: docs/sql.md). Migration 0011's questions v5 clears flags (and cached_from) when an
+-- edit asks a question again.
 
 ALTER TABLE pgsynapse.questions ADD COLUMN IF NOT EXISTS flags text[] NOT NULL DEFAULT '{}';
-
-DROP TRIGGER IF EXISTS questions_reask ON pgsynapse.questions;
-DROP FUNCTION IF EXISTS pgsynapse.questions_reask_v3();
-
--- pgsynapse:include questions_v4.sql

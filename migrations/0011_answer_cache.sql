@@ -48,9 +48,10 @@ ORDER BY c.hit_count DESC, c.last_hit_at DESC NULLS LAST;
 
 -- pgsynapse:include answer_cache_v1.sql
 
--- an edit that asks a question again clears cached_from with the rest of the answer (questions v5 replaces v4)
+-- an edit that asks a question again clears flags (0010) and cached_from with the rest of the answer (questions v5
+-- replaces v3)
 DROP TRIGGER IF EXISTS questions_reask ON pgsynapse.questions;
-DROP FUNCTION IF EXISTS pgsynapse.questions_reask_v4();
+DROP FUNCTION IF EXISTS pgsynapse.questions_reask_v3();
 -- pgsynapse:include questions_v5.sql
 -- pgsynapse:include model_versions_v2.sql
 

@@ -1,4 +1,5 @@
--- questions v5: questions v4, now also clearing cached_from (migration 0011): an edited question is no longer "from the cache".
+-- questions v5: questions v3's re-ask on edit, now also clearing flags (migration 0010) and cached_from (migration
+-- 0011): an edited question is neither flagged nor "from the cache" while it waits for its new answer.
 -- An UPDATE that changes a question's text sends it back to pending with its answer (a partial, streamed one too)
 -- cleared; questions_enqueue_update_v3 (unchanged) queues its new job. A partial or final write of a job still
 -- running on the old text finds another text and writes nothing (sql/answers.sql: stream_answer, write_answer).

@@ -105,7 +105,7 @@ def test_an_edit_clears_flags_and_cached_from_with_the_answer(db_url):
         triggers = conn.execute("SELECT p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
                                 "WHERE t.tgname = 'questions_reask'").fetchall()
         assert triggers == [("questions_reask_v5",)]
-        for old in ("questions_reask_v3", "questions_reask_v4"):
+        for old in ("questions_reask_v3",):
             assert conn.execute("SELECT to_regproc(%s)", (f"pgsynapse.{old}",)).fetchone()[0] is None
 
 
