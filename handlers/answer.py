@@ -95,18 +95,15 @@ class AnswerHandler(Handler[AnswerWork]):
             return ExtractiveAnswerer(lambda texts: embedder.encode(texts, s.encode_batch_size),
                                       not_found_threshold=s.not_found_threshold)
         if self._generative is None:
+            if s.answerer in ("transformers", "llama-cpp") and not s.answerer_model_path:
+                raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
+                                  f"required when answerer = {s.answerer}")
             if s.answerer == "transformers":
-                if not s.answerer_model_path:
-                    raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
-                                      "required when answerer = transformers")
                 self._generative = TransformersAnswerer(
                     s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens,
                     context_tokens=s.answer_context_tokens, cache_dir=s.data_dir / "models" / "gguf",
                     citation_policy=s.citation_policy)
             elif s.answerer == "llama-cpp":
-                if not s.answerer_model_path:
-                    raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
-                                      "required when answerer = llama-cpp")
                 self._generative = LlamaCppAnswerer(
                     s.answerer_model_path, max_new_tokens=s.answer_max_new_tokens,
                     context_tokens=s.answer_context_tokens, threads=s.torch_threads,

@@ -8,7 +8,8 @@ from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
 from pgsynapse.metrics import ANSWER_CACHE
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.integration.test_answers import _corpus
 
 pytestmark = pytest.mark.anyio
 
@@ -27,11 +28,7 @@ ROW = "SELECT id, answer, sources, answerer, cached_from FROM pgsynapse.question
 
 
 async def _setup(url: str) -> list[int]:
-    ids = insert_docs(url, DOCS)
-    conn = await aconn(url)
-    await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
-    await conn.close()
-    return ids
+    return await _corpus(url, DOCS)
 
 
 async def _row(conn, qid: int) -> dict:

@@ -28,8 +28,9 @@ DOCS = [
 ALL_ANSWERED = "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'"
 
 
-async def _corpus(url: str) -> list[int]:
-    ids = insert_docs(url, DOCS)
+async def _corpus(url: str, docs: list[tuple[str, str, str]] | None = None) -> list[int]:
+    """Inserts ``docs`` (default: this file's DOCS) and waits until every document is embedded."""
+    ids = insert_docs(url, DOCS if docs is None else docs)
     conn = await aconn(url)
     await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
     await conn.close()
