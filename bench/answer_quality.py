@@ -45,7 +45,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
-from bench.common import emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from bench.extractive_v1 import ExtractiveV1Answerer
@@ -238,21 +238,11 @@ def build_answerers(url: str, models: ModelCache, embedder, generators: list[str
 
 def worker_latency(url: str, texts: list[str]) -> list[float]:
     worker = spawn_worker(url, {"PGSYNAPSE_KINDS": "answer"})
-    lat = []
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("LISTEN pgsynapse_answers")
-            for i, text in enumerate(texts):
-                s = time.perf_counter()
-                qid = conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
-                                   (f"quality-{i}", text)).fetchone()[0]
-                for n in conn.notifies(timeout=120):
-                    if json.loads(n.payload)["id"] == qid:
-                        break
-                lat.append((time.perf_counter() - s) * 1000)
+            return ask_one_at_a_time(conn, texts, "quality")
     finally:
         stop(worker)
-    return lat
 
 
 def samples_md(name: str, items: list[dict[str, Any]], rows: list[dict[str, Any]], k: int = 20) -> str:

@@ -7,13 +7,12 @@ at least 200 questions asked one at a time to an idle worker, beside the raw tim
 
 from __future__ import annotations
 
-import json
 import time
 
 import anyio
 import psycopg
 
-from bench.common import emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
 from bench.retrieval import retrieve_pages, score
 
@@ -53,17 +52,8 @@ def main() -> None:
         texts = (texts * (args.questions // len(texts) + 1))[: args.questions]
         worker = spawn_worker(url, {"PGSYNAPSE_KINDS": "answer"})
         try:
-            lat, row_lat = [], []
             with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("LISTEN pgsynapse_answers")
-                for i, text in enumerate(texts):
-                    s = time.perf_counter()
-                    qid = conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
-                                       (f"bench-{i}", text)).fetchone()[0]
-                    for n in conn.notifies(timeout=60):
-                        if json.loads(n.payload)["id"] == qid:
-                            break
-                    lat.append((time.perf_counter() - s) * 1000)
+                lat = ask_one_at_a_time(conn, texts, "bench", timeout=60)
                 rows = conn.execute("SELECT latency_ms FROM pgsynapse.questions WHERE session_id LIKE 'bench-%'").fetchall()
                 row_lat = [r[0] for r in rows if r[0] is not None]
         finally:

@@ -219,3 +219,21 @@ def stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def ask_one_at_a_time(conn: psycopg.Connection, texts: list[str], session_prefix: str,
+                      timeout: float = 120) -> list[float]:
+    """INSERT each question and wait for its final answer NOTIFY (not a ``streaming`` one) before the next: the
+    milliseconds from INSERT to that NOTIFY, per question. ``conn`` is an autocommit connection; it LISTENs here."""
+    conn.execute("LISTEN pgsynapse_answers")
+    lat = []
+    for i, text in enumerate(texts):
+        s = time.perf_counter()
+        qid = conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
+                           (f"{session_prefix}-{i}", text)).fetchone()[0]
+        for n in conn.notifies(timeout=timeout):
+            payload = json.loads(n.payload)
+            if payload["id"] == qid and payload["status"] != "streaming":
+                break
+        lat.append((time.perf_counter() - s) * 1000)
+    return lat
