@@ -3,12 +3,14 @@
 Each job embeds up to ``backfill_batch`` chunks that lack the version's embedding and queues the next job;
 a crash loses at most one batch of work, and the ``(model_version_id, chunk_id)`` key means a resumed
 backfill never writes a duplicate. When no chunk is missing, the version is marked backfilled and gets its
-traffic share."""
+traffic share.
+
+A query encoder (``passage_version_id``, what the retrain job registers) searches its passage version's chunk
+vectors: those are copied in SQL, and only a chunk the passage version lacks is encoded, by that version's model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,8 @@ class BackfillWork:
     job: Job
     version: dict[str, Any]
     chunks: list[tuple[int, str | None, str]] = field(default_factory=list)
+    encoder: dict[str, Any] | None = None  # the version whose model encodes the chunks (a passage version, or itself)
+    copied: set[int] = field(default_factory=set)  # chunks whose passage version's vector is copied, not encoded
 
 
 class BackfillHandler(Handler[BackfillWork]):
@@ -39,7 +43,6 @@ class BackfillHandler(Handler[BackfillWork]):
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
         self.models = models
-        self._precomputed: dict[int, dict[int, np.ndarray]] = {}
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[BackfillWork], list[Outcome]]:
         work, known = [], []
@@ -50,44 +53,38 @@ class BackfillHandler(Handler[BackfillWork]):
                 continue
             rows = await (await conn.execute(q("missing_chunks", "learning.sql"),
                                              {"version": job.ref_id, "limit": self.settings.backfill_batch})).fetchall()
-            work.append(BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows]))
+            w = BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows], encoder=v)
+            if v["passage_version_id"] and rows:
+                w.encoder = await (await conn.execute(q("version_by_id", "learning.sql"),
+                                                      {"version": v["passage_version_id"]})).fetchone()
+                found = await (await conn.execute(q("passage_has_chunks", "learning.sql"), {
+                    "passage": v["passage_version_id"], "ids": [r["id"] for r in rows]})).fetchall()
+                w.copied = {r["chunk_id"] for r in found}
+            work.append(w)
         return work, known
-
-    def _vectors_from_training(self, version: dict[str, Any]) -> dict[int, np.ndarray]:
-        """The trainer already embedded the corpus for its evaluation: reuse those vectors by chunk id."""
-        vid = version["id"]
-        if vid not in self._precomputed:
-            found: dict[int, np.ndarray] = {}
-            path = Path(version["artifact_path"] or "")
-            if version["artifact_path"] and (path / "chunk_ids.npy").exists():
-                ids = np.load(path / "chunk_ids.npy")
-                vecs = np.load(path / "chunk_vectors.npy", mmap_mode="r")
-                found = {int(i): vecs[k] for k, i in enumerate(ids)}
-            self._precomputed[vid] = found
-        return self._precomputed[vid]
 
     def compute(self, work: list[BackfillWork]) -> list[Outcome]:
         out = []
         for w in work:
             if not w.chunks:
-                out.append(Outcome(w.job, result=("done", [])))
+                out.append(Outcome(w.job, result=("done", [], [], None)))
                 continue
-            embedder = self.models.get(w.version)
-            chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
-            pre = self._vectors_from_training(w.version)
-            ready = {cid: pre[cid] for cid, _, _ in w.chunks if cid in pre}
-            todo = [(cid, chunker.embed_text(title, text)) for cid, title, text in w.chunks if cid not in ready]
+            todo = [(cid, title, text) for cid, title, text in w.chunks if cid not in w.copied]
+            vectors: list[tuple[int, np.ndarray]] = []
             if todo:
-                vecs = embedder.encode([t for _, t in todo], self.settings.encode_batch_size)
-                ready.update({cid: vecs[i] for i, (cid, _) in enumerate(todo)})
-            out.append(Outcome(w.job, result=("batch", [(cid, ready[cid]) for cid, _, _ in w.chunks])))
+                embedder = self.models.get(w.encoder or w.version)
+                chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
+                vecs = embedder.encode([chunker.embed_text(title, text) for _, title, text in todo],
+                                       self.settings.encode_batch_size)
+                vectors = [(cid, vecs[i]) for i, (cid, _, _) in enumerate(todo)]
+            out.append(Outcome(w.job, result=("batch", vectors, sorted(w.copied), w.version["passage_version_id"])))
         return out
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
         for o in outcomes:
             version = o.job.ref_id
-            state, rows = o.result
+            state, rows, copied, passage = o.result
             v = await (await conn.execute(q("lock_backfill_version", "learning.sql"), {"version": version})).fetchone()
             if v is None or v["status"] not in ("candidate", "active"):
                 # retired (or rejected, or deleted) while the batch computed: nothing to write, no next step
@@ -100,6 +97,9 @@ class BackfillHandler(Handler[BackfillWork]):
                 await conn.execute(q("notify_backfilled", "learning.sql"), {"version": version})
                 log.info("backfill_finished", version=version, traffic_percent=traffic)
             else:
+                if copied:
+                    await conn.execute(q("copy_passage_embeddings", "learning.sql"), {
+                        "version": version, "passage": passage, "ids": copied})
                 async with conn.cursor() as cur:
                     await cur.executemany(q("insert_backfill_embeddings", "learning.sql"),
                                           [(cid, version, vec) for cid, vec in rows])
@@ -107,6 +107,6 @@ class BackfillHandler(Handler[BackfillWork]):
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb(o.job.payload),
                     "delay": self.settings.backfill_throttle_seconds})
-                log.info("backfill_progress", version=version, embedded=len(rows))
+                log.info("backfill_progress", version=version, embedded=len(rows), copied=len(copied))
             report.written.append(o.job.id)
         return report

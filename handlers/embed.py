@@ -42,15 +42,25 @@ class EmbedHandler(Handler[EmbedWork]):
         self.settings = settings
         self.models = models
         self.versions: list[dict[str, Any]] = []
+        self.passages: dict[int, dict[str, Any]] = {}  # passage version rows of the serving query encoders
         self._chunker: Chunker | None = None
 
     # -- versions and models ------------------------------------------------------------------
     async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
         cur = await conn.execute(q("serving_versions"))
         self.versions = list(await cur.fetchall())
+        self.passages = {r["id"]: r for r in await (await conn.execute(q("passage_versions"))).fetchall()}
+
+    def document_row(self, version: dict[str, Any]) -> dict[str, Any]:
+        """The version whose model encodes this version's chunks: its passage version (a query encoder trained
+        by the retrain job, migration 0014), else itself."""
+        pid = version.get("passage_version_id")
+        return self.passages.get(pid, version) if pid else version
 
     def embedders(self) -> list[Embedder]:
-        return [self.models.get(v) for v in self.versions]
+        """One document encoder per distinct model: query encoders share their passage version's."""
+        rows = {r["id"]: r for r in map(self.document_row, self.versions)}
+        return [self.models.get(r) for r in rows.values()]
 
     @property
     def chunker(self) -> Chunker:
@@ -114,7 +124,8 @@ class EmbedHandler(Handler[EmbedWork]):
 
     def _encode(self, items: list[EmbedWork], embedders: list[Embedder]) -> list[EmbedResult]:
         texts = [c.embed_text for item in items for c in item.chunks or []]
-        by_version = {e.spec.version_id: e.encode(texts, self.settings.encode_batch_size) for e in embedders}
+        by_model = {e.spec.version_id: e.encode(texts, self.settings.encode_batch_size) for e in embedders}
+        by_version = {v["id"]: by_model[self.document_row(v)["id"]] for v in self.versions}
         out, start = [], 0
         for item in items:
             n = len(item.chunks or [])

@@ -37,6 +37,7 @@ class RetrainWork:
     active: dict[str, Any]
     untrained: int
     force: bool
+    passage: dict[str, Any] | None = None  # the active version's passage version, when it is a query encoder
 
 
 def gate(metrics: dict[str, Any], k: int, margin: float) -> tuple[bool, float]:
@@ -65,8 +66,12 @@ class RetrainHandler(Handler[RetrainWork]):
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[RetrainWork], list[Outcome]]:
         active = await (await conn.execute(q("active_version"))).fetchone()
+        passage = None
+        if active is not None and active["passage_version_id"]:
+            passage = await (await conn.execute(q("version_by_id", "learning.sql"),
+                                                {"version": active["passage_version_id"]})).fetchone()
         n = (await (await conn.execute(q("untrained_examples", "learning.sql"))).fetchone())["n"]
-        work = [RetrainWork(j, active, n, bool(j.payload.get("force"))) for j in jobs]
+        work = [RetrainWork(j, active, n, bool(j.payload.get("force")), passage) for j in jobs]
         return work, []
 
     def compute(self, work: list[RetrainWork]) -> list[Outcome]:
@@ -83,14 +88,19 @@ class RetrainHandler(Handler[RetrainWork]):
 
     def _train(self, w: RetrainWork) -> dict[str, Any]:
         s = self.settings
-        base_path = source_model_path(w.active, s.model_path)  # torch weights, also of an exported version
+        # a candidate is a query encoder over the passage version's chunk vectors, trained from that version's
+        # weights on all feedback so far (not from the active encoder: fine-tunes never stack)
+        passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
         spec = TrainSpec(
-            url=s.database_url or "", base_version=w.active["id"], base_path=str(base_path), out_dir=str(out_dir),
+            url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
+            base_path=str(source_model_path(passage, s.model_path)),  # torch weights, also of an exported version
+            active_path=str(source_model_path(w.active, s.model_path)),
             chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
             heldout_fraction=s.retrain_heldout_fraction, synthetic_pairs=s.retrain_synthetic_pairs,
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
-            hard_negatives=s.retrain_hard_negatives, freeze_layers=s.retrain_freeze_layers,
+            anchor=s.retrain_anchor, seed=s.retrain_seed, negative_pool=s.retrain_negative_pool,
+            freeze_layers=s.retrain_freeze_layers,
         )
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))
         # the spec carries the database URL, password included: it goes through a pipe, never a file, argv or env
@@ -164,7 +174,7 @@ class RetrainHandler(Handler[RetrainWork]):
             raise TrainingFailed(f"training process exited with {code}: {tail}")
         metrics = json.loads((Path(spec.out_dir) / "metrics.json").read_text())
         metrics["peak_rss_mb_observed"] = round(peak[0], 1)
-        return {"metrics": metrics, "path": spec.out_dir, "base": w.active}
+        return {"metrics": metrics, "path": spec.out_dir, "base": w.active, "passage": spec.base_version}
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
@@ -178,7 +188,8 @@ class RetrainHandler(Handler[RetrainWork]):
             status = "candidate" if passed else "rejected"
             name = f"{res['base']['name'].split('+')[0]}+ft{time.strftime('%Y%m%d%H%M%S')}"
             row = await (await conn.execute(q("register_version", "learning.sql"), {
-                "name": name, "base": res["base"]["id"], "path": res["path"], "dim": res["base"]["dim"],
+                "name": name, "base": res["base"]["id"], "passage": res["passage"], "path": res["path"],
+                "dim": res["base"]["dim"],
                 "metrics": Jsonb(metrics), "status": status})).fetchone()
             version = row["id"]
             await conn.execute(q("mark_examples_trained", "learning.sql"), {"version": version, "ids": used})

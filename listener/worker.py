@@ -216,7 +216,8 @@ class Worker:
         First unload the model versions no longer served (retired, rejected, or moved to another runtime)."""
         host, pid = socket.gethostname(), os.getpid()
         serving = await (await conn.execute(q("serving_versions"))).fetchall()
-        for model in self.models.evict_except(serving):
+        passages = await (await conn.execute(q("passage_versions"))).fetchall()  # they encode the chunks of some
+        for model in self.models.evict_except([*serving, *passages]):
             log.info("model_unloaded", version=model.spec.version_id, runtime=model.spec.runtime,
                      rss_added_mb=model.describe()["rss_added_mb"])
         await self._switch_runtime_if_due(conn, serving)

@@ -138,6 +138,21 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
             "SELECT (SELECT count(*) FROM pgsynapse.chunks) AS chunks,"
             " (SELECT count(*) FROM pgsynapse.embeddings WHERE model_version_id = %s) AS cand", (cand["id"],))).fetchone()
         assert counts["cand"] == counts["chunks"]
+        # the candidate is a query encoder: it searches v1's chunk vectors, copied by its backfill, and a document
+        # added now is encoded once, by v1's model, for both versions
+        assert (await (await conn.execute("SELECT passage_version_id AS p FROM pgsynapse.model_versions WHERE id = %s",
+                                          (cand["id"],))).fetchone())["p"] == 1
+        [new_doc] = [r["id"] for r in await (await conn.execute(
+            "INSERT INTO pgsynapse.documents (source, title, body) VALUES ('late', %s, %s) RETURNING id",
+            (pages[0]["title"] + " (again)", pages[0]["text"][:600]))).fetchall()]
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (new_doc,))
+        differing = await (await conn.execute(
+            "SELECT count(*) FILTER (WHERE c.embedding IS DISTINCT FROM b.embedding) AS differ, count(c.*) AS cand,"
+            " count(*) AS base FROM pgsynapse.embeddings b LEFT JOIN pgsynapse.embeddings c"
+            " ON c.chunk_id = b.chunk_id AND c.model_version_id = %s WHERE b.model_version_id = 1",
+            (cand["id"],))).fetchone()
+        total = (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone())["n"]
+        assert total > counts["chunks"] and differing["differ"] == 0 and differing["cand"] == differing["base"] == total
         trained = await (await conn.execute(
             "SELECT count(*) FILTER (WHERE trained_in_version = %s) AS used, count(*) AS total"
             " FROM pgsynapse.training_examples WHERE positive_chunk_id IS NOT NULL", (cand["id"],))).fetchone()
@@ -186,7 +201,7 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
             versions = _routable(db_url)
             assert {choose_version(versions, f"session-{i}")["id"] for i in range(1000)} == {1}
             deleted = retire(sync, cand["id"])
-            assert deleted == counts["chunks"]
+            assert deleted == total
             left = sync.execute("SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %s",
                                 (cand["id"],)).fetchone()
             assert left["n"] == 0

@@ -1,19 +1,24 @@
-"""Fine-tune a candidate embedding model from feedback, in its own process.
+"""Fine-tune a candidate query encoder from feedback, in its own process.
 
 Run by the ``retrain`` handler as ``python -m pgsynapse.learning.train`` with the JSON spec on stdin (it holds the
 database URL, password included: a pipe, never a file, argv or the environment); never inside a worker.
-Reads training examples, chunks and the base version's stored embeddings from the database (short
+Reads training examples, chunks and the passage version's stored chunk vectors from the database (short
 autocommit reads, no transaction held), writes the model and ``metrics.json`` into the output directory.
 
-Recipe (see docs/learning.md for what helped and what did not):
-- positive: the best passage (under the base model) of the document the user marked helpful;
-- hard negatives: the highest-ranked passages of *other* documents under the base model whose score is below
-  ``negative_ratio`` x the positive's, plus the passages of answers users marked unhelpful;
-- optional corpus-only pairs (document titles and section headings -> their passage);
-- MultipleNegativesRankingLoss, batches without repeated documents, AdamW with warm-up and linear decay,
-  embeddings and the lowest layers frozen, a wall-clock budget;
-- evaluation on the newest ``heldout_fraction`` of examples (split by time), for the candidate and the base
-  model on the same examples over the whole corpus.
+Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen and what did not help).
+- The chunks keep the vectors the passage version stored; only the encoder of questions is trained, starting
+  from the passage version's own weights. The candidate is registered as a query encoder over those vectors
+  (``model_versions.passage_version_id``): no corpus is encoded again, for training, evaluation or backfill.
+- Each example's loss is a softmax over *every* chunk vector (or ``negative_pool`` of them in a large corpus:
+  the positives, each query's hardest chunks under the base model, and a random rest), so every other page's
+  passages are negatives, the hard ones included, at the cost of one matrix product.
+- The positive is the best passage (under the base model) of the document the user marked helpful; examples are
+  the feedback plus corpus-only pairs (titles, "NAME — description" lines, numbered headings, configuration
+  parameter entries -> their passage), which cover pages no user has asked about.
+- ``anchor``: a pull towards the base model (squared distance of each query's vector to the base model's), so
+  what it knew about questions nobody gave feedback on is not forgotten.
+- AdamW with warm-up and linear decay, a wall-clock budget; the base model and the candidate are compared on
+  held-out examples.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +43,21 @@ import numpy as np  # noqa: E402
 @dataclass
 class TrainSpec:
     url: str
-    base_version: int
+    base_version: int  # the passage version: its stored chunk vectors are searched, its weights start the encoder
     base_path: str
     out_dir: str
+    active_path: str | None = None  # the active version's query encoder, compared at the gate (default: base)
     chunk_tokens: int = 256
     lr: float = 2e-5
     epochs: int = 1
     batch_size: int = 32
     scale: float = 20.0
-    hard_negatives: int = 1
-    negative_ratio: float = 0.95
-    freeze_layers: int = 2
+    anchor: float = 0.0
+    negative_pool: int = 200_000
+    freeze_layers: int = -2
     heldout_fraction: float = 0.2
-    synthetic_pairs: int = 600
+    synthetic_pairs: int = 1200
+    exclude_documents: list[int] = field(default_factory=list)  # never used for corpus pairs (the canary set's)
     budget_seconds: float = 1800.0
     eval_k: int = 5
     seed: int = 0
@@ -71,13 +78,14 @@ def _encode(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
 
 
 def synthetic_pairs(docs: dict[int, tuple[str, str]], doc_chunks: dict[int, list[int]], texts: list[str],
-                    n: int, seed: int) -> list[tuple[str, int, list[int]]]:
+                    n: int, seed: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[str, int, list[int]]]:
     """Corpus-only (query, document, candidate chunks) pairs from titles, 'NAME — description' lines,
-    numbered section headings and configuration parameter entries. Uses no questions at all."""
+    numbered section headings and configuration parameter entries. Uses no questions at all; the documents in
+    ``exclude`` (the canary set's) give none."""
     out: list[tuple[str, int, list[int]]] = []
     for doc_id, (title, body) in docs.items():
         cids = doc_chunks.get(doc_id) or []
-        if not cids:
+        if not cids or doc_id in exclude:
             continue
         lines = body.split("\n")
         t = re.sub(r"^([A-Z]\.|\d+\.)(\d+\.)*\s*", "", title or "").strip()
@@ -121,10 +129,30 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
             "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker}
 
 
+def split_examples(examples: list[Any], spec: TrainSpec) -> tuple[list[Any], list[Any]]:
+    """Training and held-out examples (the newest ``heldout_fraction``)."""
+    n_held = max(1, int(round(len(examples) * spec.heldout_fraction))) if len(examples) >= 5 else 0
+    return examples[: len(examples) - n_held], examples[len(examples) - n_held:]
+
+
+def negative_pool(n_chunks: int, must: set[int], scores: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The chunks of the softmax: all of them, or in a corpus over ``size`` the positives, each query's hardest
+    chunks under the base model and a random rest."""
+    if n_chunks <= size:
+        return np.arange(n_chunks)
+    keep = set(must)
+    per_query = max(1, (size // 2) // max(1, len(scores)))
+    for row in scores:
+        keep.update(int(j) for j in np.argpartition(-row, per_query)[:per_query])
+    rest = np.setdiff1d(np.arange(n_chunks), np.fromiter(keep, dtype=np.int64))
+    rng = np.random.default_rng(seed)
+    extra = rng.choice(rest, size=max(0, min(len(rest), size - len(keep))), replace=False)
+    return np.sort(np.concatenate([np.fromiter(keep, dtype=np.int64), extra]))
+
+
 def main(spec: TrainSpec) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from pgsynapse.learning.metrics import recall_mrr
 
@@ -146,47 +174,38 @@ def main(spec: TrainSpec) -> dict[str, Any]:
         doc_chunks.setdefault(d, []).append(i)
     _progress("retrain_data_loaded", examples=len(data["examples"]), chunks=len(texts))
 
-    # the base model's vectors: what is stored in the database (what serving uses), encoded where missing
-    base_vecs = np.zeros((len(texts), base.get_sentence_embedding_dimension()), dtype=np.float32)
+    # the chunk vectors serving searches: what the passage version stored, encoded only where one is missing
+    chunk_vecs = np.zeros((len(texts), base.get_sentence_embedding_dimension()), dtype=np.float32)
     missing = [i for i, cid in enumerate(chunk_ids) if cid not in data["stored"]]
     for i, cid in enumerate(chunk_ids):
         if cid in data["stored"]:
-            base_vecs[i] = data["stored"][cid]
+            chunk_vecs[i] = data["stored"][cid]
     if missing:
-        base_vecs[missing] = _encode(base, [texts[i] for i in missing])
+        chunk_vecs[missing] = _encode(base, [texts[i] for i in missing])
 
     examples = [e for e in data["examples"] if e[2] in index]
-    n_held = max(1, int(round(len(examples) * spec.heldout_fraction))) if len(examples) >= 5 else 0
-    train_ex, held_ex = examples[: len(examples) - n_held], examples[len(examples) - n_held:]
+    train_ex, held_ex = split_examples(examples, spec)
 
-    items: list[tuple[str, int, list[int], list[int]]] = []  # query, doc, candidate positives, explicit negatives
-    for _id, query, pos, negs, _at in train_ex:
+    items: list[tuple[str, int, list[int]]] = []  # query, document, its chunks
+    for _id, query, pos, _negs, _at in train_ex:
         d = chunk_docs[index[pos]]
-        items.append((query, d, doc_chunks[d], [index[n] for n in (negs or []) if n in index]))
+        items.append((query, d, doc_chunks[d]))
     n_synth = 0
     if spec.synthetic_pairs:
-        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1):
-            items.append((q, d, cands, []))
+        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1,
+                                           set(spec.exclude_documents)):
+            items.append((q, d, cands))
             n_synth += 1
-    scores = _encode(base, [it[0] for it in items]) @ base_vecs.T if items else np.zeros((0, len(texts)))
-    rows: list[tuple[str, int, list[int], int]] = []
-    for k, (query, d, cands, explicit) in enumerate(items):
-        s = scores[k]
-        pos = int(cands[int(np.argmax(s[cands]))])
-        negs = [j for j in explicit if chunk_docs[j] != d][: spec.hard_negatives]
-        for j in np.argsort(-s)[:100]:
-            if len(negs) >= spec.hard_negatives:
-                break
-            j = int(j)
-            if chunk_docs[j] == d or s[j] >= spec.negative_ratio * s[pos] or j in negs:
-                continue
-            negs.append(j)
-        while len(negs) < spec.hard_negatives and len(doc_chunks) > 1:
-            j = random.randrange(len(texts))
-            if chunk_docs[j] != d:
-                negs.append(j)
-        rows.append((query, pos, negs, d))
-    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex))
+    base_q = _encode(base, [it[0] for it in items])
+    scores = base_q @ chunk_vecs.T if items else np.zeros((0, len(texts)), dtype=np.float32)
+    positives = [int(c[int(np.argmax(scores[k][c]))]) for k, (_q, _d, c) in enumerate(items)]
+    pool = negative_pool(len(texts), set(positives), scores, spec.negative_pool, spec.seed)
+    where = {int(j): k for k, j in enumerate(pool)}
+    targets = torch.tensor([where[p] for p in positives], dtype=torch.long)
+    pool_vecs = torch.from_numpy(chunk_vecs[pool])
+    anchors = torch.from_numpy(base_q)
+    del scores
+    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex), pool=len(pool))
 
     model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     bert = model[0].auto_model
@@ -196,44 +215,28 @@ def main(spec: TrainSpec) -> dict[str, Any]:
         for layer in bert.encoder.layer[: spec.freeze_layers]:
             for p in layer.parameters():
                 p.requires_grad = False
-    loss_fn = MultipleNegativesRankingLoss(model, scale=spec.scale)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
-
-    def batches() -> list[list[int]]:
-        """Shuffled batches in which no document appears twice (no in-batch false negatives)."""
-        pending = list(range(len(rows)))
-        random.shuffle(pending)
-        out = []
-        while pending:
-            cur, used, rest = [], set(), []
-            for i in pending:
-                if rows[i][3] in used or len(cur) >= spec.batch_size:
-                    rest.append(i)
-                else:
-                    cur.append(i)
-                    used.add(rows[i][3])
-            out.append(cur)
-            pending = rest
-        return out
-
-    plan = [batches() for _ in range(spec.epochs)]
-    steps = sum(map(len, plan))
+    per_epoch = (len(items) + spec.batch_size - 1) // spec.batch_size
+    steps = spec.epochs * per_epoch
     warm = max(1, int(0.1 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     model.train()
     t_train, step, stopped_early = time.time(), 0, False
-    for epoch, plan_batches in enumerate(plan):
-        for b in plan_batches:
-            if len(b) < 2:
-                continue
+    for epoch in range(spec.epochs):
+        order = list(range(len(items)))
+        random.shuffle(order)
+        for b0 in range(0, len(order), spec.batch_size):
             if time.time() - started > spec.budget_seconds:
                 stopped_early = True
                 break
-            cols = [[rows[i][0] for i in b], [texts[rows[i][1]] for i in b]]
-            cols += [[texts[rows[i][2][k]] for i in b] for k in range(min(len(rows[i][2]) for i in b))]
-            loss = loss_fn([model.tokenize(c) for c in cols], None)
+            b = order[b0: b0 + spec.batch_size]
+            feats = model.tokenize([items[i][0] for i in b])
+            qv = torch.nn.functional.normalize(model(feats)["sentence_embedding"], dim=-1)
+            loss = torch.nn.functional.cross_entropy(spec.scale * qv @ pool_vecs.T, targets[b])
+            if spec.anchor:
+                loss = loss + spec.anchor * ((qv - anchors[b]) ** 2).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,18 +252,19 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(out))
 
-    # evaluation: the same held-out examples, the whole corpus, candidate vs base
+    # evaluation: the same held-out examples over the whole corpus, candidate vs the active version; both search
+    # the same chunk vectors, so only the questions are encoded
     metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex), "synthetic_pairs": n_synth,
-                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1)}
-    _progress("retrain_evaluating", chunks=len(texts))
-    cand_vecs = _encode(model, texts)
-    np.save(out / "chunk_vectors.npy", cand_vecs)
-    np.save(out / "chunk_ids.npy", np.array(chunk_ids, dtype=np.int64))
+                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
+                               "recipe": "query-side", "negative_pool": len(pool)}
+    _progress("retrain_evaluating", heldout=len(held_ex))
     if held_ex:
+        active = base if not spec.active_path or spec.active_path == spec.base_path else \
+            SentenceTransformer(spec.active_path, device="cpu", local_files_only=True)
         relevant = [{chunk_docs[index[e[2]]]} for e in held_ex]
         queries = [e[1] for e in held_ex]
-        metrics["active"] = recall_mrr(_encode(base, queries), base_vecs, chunk_docs, relevant, spec.eval_k)
-        metrics["candidate"] = recall_mrr(_encode(model, queries), cand_vecs, chunk_docs, relevant, spec.eval_k)
+        metrics["active"] = recall_mrr(_encode(active, queries), chunk_vecs, chunk_docs, relevant, spec.eval_k)
+        metrics["candidate"] = recall_mrr(_encode(model, queries), chunk_vecs, chunk_docs, relevant, spec.eval_k)
     metrics["used_example_ids"] = [e[0] for e in examples]
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.time() - started, 1)

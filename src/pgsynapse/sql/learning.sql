@@ -5,8 +5,9 @@ SELECT count(*) AS n FROM pgsynapse.training_examples
 WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL;
 
 -- name: register_version
-INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, artifact_path, runtime, dim, metrics, status)
-VALUES (%(name)s, 'embedding', %(base)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s)
+INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, passage_version_id, artifact_path, runtime, dim,
+                                      metrics, status)
+VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s)
 RETURNING id;
 
 -- name: mark_examples_trained
@@ -31,8 +32,18 @@ ORDER BY c.id
 LIMIT %(limit)s;
 
 -- name: version_by_id
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, backfilled_at, metrics
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, backfilled_at, metrics, passage_version_id
 FROM pgsynapse.model_versions WHERE id = %(version)s;
+
+-- name: copy_passage_embeddings
+-- A query encoder's backfill: the chunk vectors of its passage version, copied, not encoded again.
+INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)
+SELECT chunk_id, %(version)s, embedding FROM pgsynapse.embeddings
+WHERE model_version_id = %(passage)s AND chunk_id = ANY(%(ids)s)
+ON CONFLICT DO NOTHING;
+
+-- name: passage_has_chunks
+SELECT chunk_id FROM pgsynapse.embeddings WHERE model_version_id = %(passage)s AND chunk_id = ANY(%(ids)s);
 
 -- name: lock_backfill_version
 -- The backfill write's stale-write guard: the version's status, read under a share lock held to the end of the
@@ -53,7 +64,7 @@ SET backfilled_at = now(), traffic_percent = CASE WHEN status = 'candidate' THEN
 WHERE id = %(version)s AND backfilled_at IS NULL;
 
 -- name: routable_versions
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
 FROM pgsynapse.model_versions
 WHERE status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0)
 ORDER BY id;

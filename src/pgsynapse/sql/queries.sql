@@ -137,13 +137,22 @@ ORDER BY kind;
 
 -- name: serving_versions
 -- Versions whose embeddings must exist for every chunk: the active one and candidates in rollout.
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
 FROM pgsynapse.model_versions
 WHERE status IN ('active', 'candidate')
 ORDER BY id;
 
+-- name: passage_versions
+-- The versions whose models encode the chunks of the serving query encoders (migration 0014), whatever their
+-- status: a retired base version still encodes new documents for the query encoders trained on it.
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
+FROM pgsynapse.model_versions
+WHERE id IN (SELECT passage_version_id FROM pgsynapse.model_versions
+             WHERE status IN ('active', 'candidate') AND passage_version_id IS NOT NULL)
+ORDER BY id;
+
 -- name: active_version
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
 FROM pgsynapse.model_versions WHERE status = 'active';
 
 -- name: load_documents
