@@ -12,8 +12,10 @@ Recipe (see docs/learning.md for what helped and what did not):
 - optional corpus-only pairs (document titles and section headings -> their passage);
 - MultipleNegativesRankingLoss, batches without repeated documents, AdamW with warm-up and linear decay,
   embeddings and the lowest layers frozen, a wall-clock budget;
-- evaluation on the newest ``heldout_fraction`` of examples (split by time), for the candidate and the base
-  model on the same examples over the whole corpus.
+- evaluation for the gate (learning/gate.py): a grouped hold-out of about ``heldout_fraction`` of the examples
+  (whole groups of similar questions and their pages, learning/holdout.py) and the frozen canary set
+  (learning/canary.py, whose documents give no corpus pairs), for the candidate and the base model on the same
+  questions over the whole corpus.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class TrainSpec:
     negative_ratio: float = 0.95
     freeze_layers: int = 2
     heldout_fraction: float = 0.2
+    group_threshold: float = 0.85
     synthetic_pairs: int = 600
     budget_seconds: float = 1800.0
     eval_k: int = 5
@@ -71,13 +74,15 @@ def _encode(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
 
 
 def synthetic_pairs(docs: dict[int, tuple[str, str]], doc_chunks: dict[int, list[int]], texts: list[str],
-                    n: int, seed: int) -> list[tuple[str, int, list[int]]]:
+                    n: int, seed: int, exclude: frozenset[int] | set[int] = frozenset()
+                    ) -> list[tuple[str, int, list[int]]]:
     """Corpus-only (query, document, candidate chunks) pairs from titles, 'NAME — description' lines,
-    numbered section headings and configuration parameter entries. Uses no questions at all."""
+    numbered section headings and configuration parameter entries. Uses no questions at all, and no document
+    of ``exclude`` (the canary set's: the gate asks about them, training must not)."""
     out: list[tuple[str, int, list[int]]] = []
     for doc_id, (title, body) in docs.items():
         cids = doc_chunks.get(doc_id) or []
-        if not cids:
+        if not cids or doc_id in exclude:
             continue
         lines = body.split("\n")
         t = re.sub(r"^([A-Z]\.|\d+\.)(\d+\.)*\s*", "", title or "").strip()
@@ -102,6 +107,7 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
     import psycopg
 
     from pgsynapse.chunking import Chunker
+    from pgsynapse.queries import q
 
     with psycopg.connect(spec.url, autocommit=True) as conn:
         examples = conn.execute(
@@ -117,8 +123,10 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
         stored = conn.execute(
             "SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
             (spec.base_version,)).fetchall()
+        canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": rows, "docs": {r[0]: (r[1], r[2]) for r in bodies},
-            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker}
+            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker,
+            "canary": [(question, doc) for question, doc in canary]}
 
 
 def main(spec: TrainSpec) -> dict[str, Any]:
@@ -126,7 +134,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from pgsynapse.learning.metrics import recall_mrr
+    from pgsynapse.learning.gate import gate_metrics
+    from pgsynapse.learning.holdout import grouped_holdout
 
     started = time.time()
     random.seed(spec.seed)
@@ -156,8 +165,13 @@ def main(spec: TrainSpec) -> dict[str, Any]:
         base_vecs[missing] = _encode(base, [texts[i] for i in missing])
 
     examples = [e for e in data["examples"] if e[2] in index]
-    n_held = max(1, int(round(len(examples) * spec.heldout_fraction))) if len(examples) >= 5 else 0
-    train_ex, held_ex = examples[: len(examples) - n_held], examples[len(examples) - n_held:]
+    # the gate's grouped hold-out: whole groups of similar questions, and their pages (learning/holdout.py)
+    split = grouped_holdout([e[1] for e in examples], _encode(base, [e[1] for e in examples]),
+                            [chunk_docs[index[e[2]]] for e in examples], spec.heldout_fraction, spec.seed,
+                            spec.group_threshold)
+    train_ex, held_ex = [examples[i] for i in split.train], [examples[i] for i in split.heldout]
+    canary = [(question, d) for question, d in data["canary"] if d in doc_chunks]
+    canary_docs = frozenset(d for _, d in canary)
 
     items: list[tuple[str, int, list[int], list[int]]] = []  # query, doc, candidate positives, explicit negatives
     for _id, query, pos, negs, _at in train_ex:
@@ -165,7 +179,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
         items.append((query, d, doc_chunks[d], [index[n] for n in (negs or []) if n in index]))
     n_synth = 0
     if spec.synthetic_pairs:
-        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1):
+        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1,
+                                           exclude=canary_docs):
             items.append((q, d, cands, []))
             n_synth += 1
     scores = _encode(base, [it[0] for it in items]) @ base_vecs.T if items else np.zeros((0, len(texts)))
@@ -186,7 +201,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
             if chunk_docs[j] != d:
                 negs.append(j)
         rows.append((query, pos, negs, d))
-    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex))
+    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex),
+              dropped=len(split.dropped), canary=len(canary))
 
     model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     bert = model[0].auto_model
@@ -249,23 +265,24 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(out))
 
-    # evaluation: the same held-out examples, the whole corpus, candidate vs base
     metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex), "synthetic_pairs": n_synth,
-                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1)}
+                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
+                               "split": split.summary()}
     _progress("retrain_evaluating", chunks=len(texts))
     cand_vecs = _encode(model, texts)
     np.save(out / "chunk_vectors.npy", cand_vecs)
     np.save(out / "chunk_ids.npy", np.array(chunk_ids, dtype=np.int64))
-    if held_ex:
-        relevant = [{chunk_docs[index[e[2]]]} for e in held_ex]
-        queries = [e[1] for e in held_ex]
-        metrics["active"] = recall_mrr(_encode(base, queries), base_vecs, chunk_docs, relevant, spec.eval_k)
-        metrics["candidate"] = recall_mrr(_encode(model, queries), cand_vecs, chunk_docs, relevant, spec.eval_k)
+    # the gate's evaluation (learning/gate.py): grouped hold-out and canary set, candidate vs base, whole corpus
+    asked = [e[1] for e in held_ex] + [question for question, _ in canary]
+    metrics.update(gate_metrics(
+        _encode(base, asked), _encode(model, asked), base_vecs, cand_vecs, chunk_docs,
+        heldout=([{chunk_docs[index[e[2]]]} for e in held_ex], [split.groups[i] for i in split.heldout]),
+        canary=[d for _, d in canary], k=spec.eval_k))
     metrics["used_example_ids"] = [e[0] for e in examples]
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (out / "metrics.json").write_text(json.dumps(metrics))
-    _progress("retrain_finished", **{k: v for k, v in metrics.items() if k != "used_example_ids"})
+    _progress("retrain_finished", **{k: v for k, v in metrics.items() if k not in ("used_example_ids", "gate_scores")})
     return metrics
 
 
