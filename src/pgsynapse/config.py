@@ -128,7 +128,7 @@ class Settings(BaseModel):
     retrain_eval_k: int = Field(5, ge=1, le=100, description="k of the gate's recall@k")
     retrain_gate_confidence: float = Field(
         0.95, ge=0.5, lt=1, description="confidence of the gate's paired cluster bootstrap intervals (two-sided)")
-    retrain_bootstrap_samples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples of the gate")
+    retrain_bootstrap_samples: int = Field(2000, ge=100, le=20_000, description="bootstrap resamples of the gate")
     retrain_canary_tolerance: float = Field(
         0.05, ge=0, le=1, description="a candidate fails when the lower bound of its canary gain is below -this "
         "(a regression beyond noise on questions built from the corpus)")

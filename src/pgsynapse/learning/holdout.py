@@ -6,7 +6,7 @@ A time slice of feedback shares its phrasing templates and its pages with the re
 
 - *near duplicates*: cosine similarity of the two questions' embeddings (under the base model) at or above
   ``threshold`` (``retrain_group_threshold``);
-- *same template*: the same template key (:func:`template_keys`).
+- *same template*: a template key in common (:func:`template_keys`).
 
 Whole groups are held out (about ``fraction`` of the examples, in an order drawn from ``seed``), and so are their
 **pages**: a training example whose page is a held-out page is dropped from training (it is on neither side), so
