@@ -139,6 +139,9 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
         assert m["gate"]["passed"] is True and m["gate"]["forced"] is True
         assert m["gate"]["reasons"][0].startswith("no grouped hold-out"), m["gate"]["reasons"]
         assert "gate_scores" not in m  # per-question scores stay in the artifact
+        logged = worker.wait_event("retrain_gate")
+        assert logged["version"] == cand["id"] and logged["passed"] is True and logged["forced"] is True
+        assert logged["reasons"] == m["gate"]["reasons"]
         # the canary set was built by this first retrain from the corpus, frozen with the active version, and
         # scored: one question per page (16 < MIN_CANARY: reported, not checked)
         canary = await (await conn.execute(
