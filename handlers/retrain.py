@@ -1,5 +1,6 @@
 """The ``retrain`` job: fine-tune a candidate from feedback in a separate process, evaluate it against the
-active model on held-out feedback, register it, and gate it: a winner is backfilled, a loser rejected."""
+active model on a grouped hold-out of feedback and on the canary set, register it, and gate it
+(learning/gate.py): a winner is backfilled, a loser rejected."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.config import Settings
+from pgsynapse.db import connect
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
+from pgsynapse.learning.canary import ensure_canary
+from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
@@ -40,14 +44,16 @@ class RetrainWork:
     passage: dict[str, Any] | None = None  # the active version's passage version, when it is a query encoder
 
 
-def gate(metrics: dict[str, Any], k: int, margin: float) -> tuple[bool, float]:
-    """A candidate passes when its held-out recall@k beats the active model's by ``margin``
-    (MRR@10 breaks a tie in recall at half weight). Returns (passed, delta)."""
-    if "candidate" not in metrics or "active" not in metrics:
-        return False, 0.0
-    c, a = metrics["candidate"], metrics["active"]
-    delta = (c[f"recall@{k}"] - a[f"recall@{k}"]) + 0.5 * (c["mrr@10"] - a["mrr@10"])
-    return delta >= margin, round(delta, 4)
+def gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The verdict of learning/gate.py on the trainer's per-question scores (``metrics["gate_scores"]``): the
+    grouped hold-out gain's interval must be above ``retrain_margin`` and the canary gain must not regress
+    beyond ``retrain_canary_tolerance``. Returns the verdict (``passed``, intervals, reasons)."""
+    scores = metrics.get("gate_scores") or {}
+    out = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.retrain_margin,
+                  tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
+                  samples=settings.retrain_bootstrap_samples)
+    out["k"] = settings.retrain_eval_k
+    return out
 
 
 class RetrainHandler(Handler[RetrainWork]):
@@ -81,7 +87,9 @@ class RetrainHandler(Handler[RetrainWork]):
                 out.append(Outcome(w.job, skip_reason=f"only {w.untrained} new examples"))
                 continue
             try:
-                out.append(Outcome(w.job, result=self._train(w)))
+                result = self._train(w)
+                result["metrics"]["gate"] = gate(result["metrics"], self.settings)
+                out.append(Outcome(w.job, result=result))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out
@@ -92,12 +100,16 @@ class RetrainHandler(Handler[RetrainWork]):
         # weights on all feedback so far (not from the active encoder: fine-tunes never stack)
         passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
+        # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)
+        with connect(s.database_url or "", autocommit=True) as conn:
+            ensure_canary(conn, w.active["id"], s.retrain_canary_size)
         spec = TrainSpec(
             url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
             base_path=str(source_model_path(passage, s.model_path)),  # torch weights, also of an exported version
             active_path=str(source_model_path(w.active, s.model_path)),
             chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
-            heldout_fraction=s.retrain_heldout_fraction, synthetic_pairs=s.retrain_synthetic_pairs,
+            heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
+            synthetic_pairs=s.retrain_synthetic_pairs,
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
             anchor=s.retrain_anchor, seed=s.retrain_seed, negative_pool=s.retrain_negative_pool,
             freeze_layers=s.retrain_freeze_layers,
@@ -183,8 +195,9 @@ class RetrainHandler(Handler[RetrainWork]):
             res = o.result
             metrics = res["metrics"]
             used = metrics.pop("used_example_ids", [])
-            passed, delta = gate(metrics, s.retrain_eval_k, s.retrain_margin)
-            metrics["gate"] = {"passed": passed, "delta": delta, "margin": s.retrain_margin, "k": s.retrain_eval_k}
+            metrics.pop("gate_scores", None)  # per-question scores stay in the artifact's metrics.json
+            verdict_ = metrics["gate"]
+            passed = verdict_["passed"]
             status = "candidate" if passed else "rejected"
             name = f"{res['base']['name'].split('+')[0]}+ft{time.strftime('%Y%m%d%H%M%S')}"
             row = await (await conn.execute(q("register_version", "learning.sql"), {
@@ -197,7 +210,10 @@ class RetrainHandler(Handler[RetrainWork]):
                 await conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb({"traffic_percent": s.rollout_traffic_percent}), "delay": 0})
-            log.info("retrain_registered", version=version, status=status, gate_delta=delta,
+            log.info("retrain_gate", version=version, passed=passed, forced=verdict_["forced"],
+                     heldout=verdict_.get("heldout", {}).get("score"), canary=verdict_.get("canary", {}).get("score"),
+                     confidence=verdict_["confidence"], reasons=verdict_["reasons"])
+            log.info("retrain_registered", version=version, status=status, gate_delta=verdict_["delta"],
                      candidate=metrics.get("candidate"), active=metrics.get("active"))
             report.written.append(o.job.id)
         return report

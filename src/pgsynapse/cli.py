@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
 
+    ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
+    ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
+    ca.add_argument("--size", type=int, help="questions of a rebuilt set (default: retrain_canary_size)")
+
     ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
     ab.add_argument("--json", action="store_true")
 
@@ -218,6 +222,13 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             return run_learning_command(args, conn)
+    if args.command == "canary":
+        from pgsynapse.learning.canary import canary_command
+
+        size = settings.retrain_canary_size if args.size is None else args.size
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            print(canary_command(conn, args.action, size))
+        return 0
     if args.command == "ingest":
         from pgsynapse.app import ensure_schema
         from pgsynapse.ingest import follow, ingest

@@ -122,8 +122,22 @@ class Settings(BaseModel):
     openai_model: str = "gpt-4o-mini"
 
     retrain_min_feedback: int = Field(200, ge=1, description="new training examples that trigger a retrain")
-    retrain_margin: float = Field(0.01, ge=-1, le=1, description="held-out recall@k gain a candidate needs to pass")
+    retrain_margin: float = Field(
+        0.0, ge=-1, le=1, description="the lower bound of the grouped hold-out gain's interval (hit@k + 0.5 x rr@10 "
+        "per question) must be above this for a candidate to pass; -1 turns the gate off (every candidate passes)")
     retrain_eval_k: int = Field(5, ge=1, le=100, description="k of the gate's recall@k")
+    retrain_gate_confidence: float = Field(
+        0.95, ge=0.5, lt=1, description="confidence of the gate's paired cluster bootstrap intervals (two-sided)")
+    retrain_bootstrap_samples: int = Field(2000, ge=100, le=20_000, description="bootstrap resamples of the gate")
+    retrain_canary_tolerance: float = Field(
+        0.05, ge=0, le=1, description="a candidate fails when the lower bound of its canary gain is below -this "
+        "(a regression beyond noise on questions built from the corpus)")
+    retrain_canary_size: int = Field(
+        300, ge=0, le=100_000, description="questions of the canary set, built from the corpus by the first retrain "
+        "and then frozen (0: no canary set)")
+    retrain_group_threshold: float = Field(
+        0.85, gt=0, le=1, description="feedback questions whose embeddings have at least this cosine similarity "
+        "are one group of the gate's hold-out (as are questions of one template)")
     retrain_epochs: int = Field(1, ge=1, le=20)
     retrain_lr: float = Field(2e-5, gt=0, lt=1)
     retrain_freeze_layers: int = Field(-1, ge=-1, le=48, description="lowest transformer layers of the query encoder kept frozen, with the embeddings (-1: none)")
@@ -132,7 +146,8 @@ class Settings(BaseModel):
     retrain_negative_pool: int = Field(200_000, ge=1000, description="chunk vectors in the training softmax (all of them in a smaller corpus)")
     retrain_synthetic_pairs: int = Field(1200, ge=0, description="corpus-only title/heading pairs added to feedback")
     retrain_seed: int = Field(0, ge=0, description="random seed of a training run (shuffles, corpus pairs, initial state)")
-    retrain_heldout_fraction: float = Field(0.2, gt=0, lt=1, description="newest share of examples kept for the gate")
+    retrain_heldout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of examples the gate holds out, in whole groups of similar questions")
     retrain_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock budget of one training run")
     retrain_memory_mb: int = Field(8000, ge=256, description="the trainer is stopped above this RSS")
     rollout_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a new candidate")

@@ -153,3 +153,41 @@ def test_the_answer_cache_migration_upgrades_a_database_with_versions_and_is_ide
             {"q": "[" + ",".join(["0.1"] * 384) + "]", "k": 8, "threshold": 0.9, "settings_key": "", "rules_key": "",
              "max_age": 0}).fetchall())
         assert "answer_cache_hnsw_v1" in plan, plan
+
+
+def test_the_canary_migration_upgrades_a_database_with_documents_and_is_idempotent(new_db):
+    """0012 on top of 0011: an empty canary_questions table (the first retrain fills it), usable by the worker
+    role, tied to documents and versions; re-running it changes nothing."""
+    url = new_db()
+    migs = available()
+    [canary_mig] = [m for m in migs if m.version == 12]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migs:
+            if m.version >= 12:
+                break
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('VACUUM', 'VACUUM\nVACUUM — "
+                           "garbage-collect a database') RETURNING id").fetchone()[0]
+    assert canary_mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.canary_questions").fetchone()[0] == 0
+        for role in ("pgsynapse_worker", "pgsynapse_admin"):
+            assert conn.execute("SELECT has_table_privilege(%s, 'pgsynapse.canary_questions', 'INSERT, DELETE')"
+                                " AND has_sequence_privilege(%s, 'pgsynapse.canary_questions_id_seq', 'USAGE')",
+                                (role, role)).fetchone()[0], role
+        assert not conn.execute("SELECT has_table_privilege('pgsynapse_app', 'pgsynapse.canary_questions', 'SELECT')"
+                                ).fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.canary_questions (question, document_id, origin, frozen_with_version)"
+                     " VALUES ('Which command would garbage-collect a database?', %s, 'summary', 1)", (doc,))
+        with pytest.raises(psycopg.errors.CheckViolation, match="canary_origin_known"):
+            conn.execute("INSERT INTO pgsynapse.canary_questions (question, document_id, origin)"
+                         " VALUES ('why?', %s, 'feedback')", (doc,))
+        with conn.transaction():
+            conn.execute(canary_mig.sql.encode())  # idempotent
+        assert conn.execute("SELECT count(*) FROM pgsynapse.canary_questions").fetchone()[0] == 1
+        conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
+        assert conn.execute("SELECT count(*) FROM pgsynapse.canary_questions").fetchone()[0] == 0

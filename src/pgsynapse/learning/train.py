@@ -17,8 +17,11 @@ Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen a
   parameter entries -> their passage), which cover pages no user has asked about.
 - ``anchor``: a pull towards the base model (squared distance of each query's vector to the base model's), so
   what it knew about questions nobody gave feedback on is not forgotten.
-- AdamW with warm-up and linear decay, a wall-clock budget; the base model and the candidate are compared on
-  held-out examples.
+- AdamW with warm-up and linear decay, a wall-clock budget.
+- Evaluation for the gate (learning/gate.py): a grouped hold-out of about ``heldout_fraction`` of the examples
+  (whole groups of similar questions and their pages, learning/holdout.py) and the frozen canary set
+  (learning/canary.py, whose documents give no corpus pairs), for the candidate and the active model on the same
+  questions over the whole corpus: only questions are encoded, the chunk vectors are the stored ones.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TrainSpec:
     negative_pool: int = 200_000
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
+    group_threshold: float = 0.85
     synthetic_pairs: int = 1200
     exclude_documents: list[int] = field(default_factory=list)  # never used for corpus pairs (the canary set's)
     budget_seconds: float = 1800.0
@@ -110,6 +114,7 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
     import psycopg
 
     from pgsynapse.chunking import Chunker
+    from pgsynapse.queries import q
 
     with psycopg.connect(spec.url, autocommit=True) as conn:
         examples = conn.execute(
@@ -125,14 +130,10 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
         stored = conn.execute(
             "SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
             (spec.base_version,)).fetchall()
+        canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": rows, "docs": {r[0]: (r[1], r[2]) for r in bodies},
-            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker}
-
-
-def split_examples(examples: list[Any], spec: TrainSpec) -> tuple[list[Any], list[Any]]:
-    """Training and held-out examples (the newest ``heldout_fraction``)."""
-    n_held = max(1, int(round(len(examples) * spec.heldout_fraction))) if len(examples) >= 5 else 0
-    return examples[: len(examples) - n_held], examples[len(examples) - n_held:]
+            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker,
+            "canary": [(question, doc) for question, doc in canary]}
 
 
 def negative_pool(n_chunks: int, must: set[int], scores: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -154,7 +155,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pgsynapse.learning.metrics import recall_mrr
+    from pgsynapse.learning.gate import gate_metrics
+    from pgsynapse.learning.holdout import grouped_holdout
 
     started = time.time()
     random.seed(spec.seed)
@@ -184,7 +186,13 @@ def main(spec: TrainSpec) -> dict[str, Any]:
         chunk_vecs[missing] = _encode(base, [texts[i] for i in missing])
 
     examples = [e for e in data["examples"] if e[2] in index]
-    train_ex, held_ex = split_examples(examples, spec)
+    # the gate's grouped hold-out: whole groups of similar questions, and their pages (learning/holdout.py)
+    example_q = _encode(base, [e[1] for e in examples])
+    split = grouped_holdout([e[1] for e in examples], example_q, [chunk_docs[index[e[2]]] for e in examples],
+                            spec.heldout_fraction, spec.seed, spec.group_threshold)
+    train_ex, held_ex = [examples[i] for i in split.train], [examples[i] for i in split.heldout]
+    canary = [(question, d) for question, d in data["canary"] if d in doc_chunks]
+    canary_docs = set(spec.exclude_documents) | {d for _, d in canary}
 
     items: list[tuple[str, int, list[int]]] = []  # query, document, its chunks
     for _id, query, pos, _negs, _at in train_ex:
@@ -193,7 +201,7 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     n_synth = 0
     if spec.synthetic_pairs:
         for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1,
-                                           set(spec.exclude_documents)):
+                                           canary_docs):
             items.append((q, d, cands))
             n_synth += 1
     base_q = _encode(base, [it[0] for it in items])
@@ -205,7 +213,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     pool_vecs = torch.from_numpy(chunk_vecs[pool])
     anchors = torch.from_numpy(base_q)
     del scores
-    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex), pool=len(pool))
+    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex), pool=len(pool),
+              dropped=len(split.dropped), canary=len(canary))
 
     model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     bert = model[0].auto_model
@@ -252,24 +261,24 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(out))
 
-    # evaluation: the same held-out examples over the whole corpus, candidate vs the active version; both search
-    # the same chunk vectors, so only the questions are encoded
+    # the gate's evaluation (learning/gate.py): grouped hold-out and canary set, candidate vs active, whole
+    # corpus; both search the same stored chunk vectors, so only the questions are encoded
     metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex), "synthetic_pairs": n_synth,
                                "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
-                               "recipe": "query-side", "negative_pool": len(pool)}
-    _progress("retrain_evaluating", heldout=len(held_ex))
-    if held_ex:
-        active = base if not spec.active_path or spec.active_path == spec.base_path else \
-            SentenceTransformer(spec.active_path, device="cpu", local_files_only=True)
-        relevant = [{chunk_docs[index[e[2]]]} for e in held_ex]
-        queries = [e[1] for e in held_ex]
-        metrics["active"] = recall_mrr(_encode(active, queries), chunk_vecs, chunk_docs, relevant, spec.eval_k)
-        metrics["candidate"] = recall_mrr(_encode(model, queries), chunk_vecs, chunk_docs, relevant, spec.eval_k)
+                               "recipe": "query-side", "negative_pool": len(pool), "split": split.summary()}
+    _progress("retrain_evaluating", heldout=len(held_ex), canary=len(canary))
+    active = base if not spec.active_path or spec.active_path == spec.base_path else \
+        SentenceTransformer(spec.active_path, device="cpu", local_files_only=True)
+    asked = [e[1] for e in held_ex] + [question for question, _ in canary]
+    metrics.update(gate_metrics(
+        _encode(active, asked), _encode(model, asked), chunk_vecs, chunk_vecs, chunk_docs,
+        heldout=([{chunk_docs[index[e[2]]]} for e in held_ex], [split.groups[i] for i in split.heldout]),
+        canary=[d for _, d in canary], k=spec.eval_k))
     metrics["used_example_ids"] = [e[0] for e in examples]
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (out / "metrics.json").write_text(json.dumps(metrics))
-    _progress("retrain_finished", **{k: v for k, v in metrics.items() if k != "used_example_ids"})
+    _progress("retrain_finished", **{k: v for k, v in metrics.items() if k not in ("used_example_ids", "gate_scores")})
     return metrics
 
 

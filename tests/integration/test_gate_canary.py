@@ -1,0 +1,85 @@
+"""The retrain gate's canary set on real Postgres: built once from the corpus, frozen, rebuilt only on request
+(`pgsynapse canary rebuild`), and its documents kept out of the trainer's corpus pairs."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgsynapse.learning.canary import canary_command, ensure_canary, rebuild_canary
+from pgsynapse.learning.train import synthetic_pairs
+from tests.e2e.test_cli import pgsynapse
+from tests.e2e.test_learning import _pages
+
+
+def _insert(conn: psycopg.Connection, pages: list[dict]) -> list[int]:
+    return [r["id"] for r in conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])"
+        " RETURNING id", ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages])).fetchall()]
+
+
+def _canary(conn: psycopg.Connection) -> list[tuple]:
+    return [tuple(r.values()) for r in conn.execute(
+        "SELECT id, question, document_id, origin, frozen_with_version, created_at FROM pgsynapse.canary_questions"
+        " ORDER BY id").fetchall()]
+
+
+def test_the_canary_set_is_built_once_frozen_and_rebuilt_only_on_request(db_url):
+    pages = _pages()
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert canary_command(conn, "show", 300).startswith("no canary set yet")
+        ids = _insert(conn, pages[:12])
+        # two workers' first retrains at once: one builds, the other finds it built
+        results: list[dict] = []
+
+        def build() -> None:
+            with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+                results.append(ensure_canary(c, 1, 8))
+
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r["built"] for r in results) == [False, True]
+        first = _canary(conn)
+        assert len(first) == 8 and {r[2] for r in first} <= set(ids) and len({r[2] for r in first}) == 8
+        assert {r[3] for r in first} == {"summary"} and all(r[4] == 1 for r in first)
+        assert all(r[1].endswith("?") and r[1][0].isupper() for r in first)
+
+        # more documents and a later retrain (another active version, another size): the set stays as it was
+        _insert(conn, pages[12:20])
+        assert ensure_canary(conn, 2, 30) == {"built": False, "questions": 0}
+        assert _canary(conn) == first
+
+        # the operator's rebuild: from today's corpus, frozen with the active version
+        assert canary_command(conn, "show", 300).startswith("canary set: 8 questions (summary 8), frozen with model"
+                                                            " version 1 at ")
+        rebuilt = pgsynapse("canary", "rebuild", "--size", "15", url=db_url)
+        assert rebuilt.returncode == 0 and "canary set rebuilt: 15 questions" in rebuilt.stdout, rebuilt.stderr
+        second = _canary(conn)
+        assert len(second) == 15 and min(r[0] for r in second) > max(r[0] for r in first)
+        # deterministic: the same corpus gives the same questions for the same documents
+        assert rebuild_canary(conn, 1, 15) == 15
+        third = _canary(conn)
+        assert [(r[1], r[2], r[3]) for r in third] == [(r[1], r[2], r[3]) for r in second]
+
+        # a deleted document takes its question with it; the rest stays
+        gone = third[0][2]
+        conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (gone,))
+        assert _canary(conn) == [r for r in third if r[2] != gone]
+
+
+def test_the_canary_documents_give_no_corpus_pairs():
+    pages = _pages()[:20]
+    docs = {i: (p["title"], p["text"]) for i, p in enumerate(pages)}
+    doc_chunks = {i: [i] for i in docs}
+    texts = [p["text"] for p in pages]
+    everything = synthetic_pairs(docs, doc_chunks, texts, 1000, 0)
+    canary_docs = {0, 3, 5, 7}
+    kept = synthetic_pairs(docs, doc_chunks, texts, 1000, 0, exclude=canary_docs)
+    assert canary_docs <= {d for _, d, _ in everything}
+    assert kept and not {d for _, d, _ in kept} & canary_docs
+    assert {d for _, d, _ in kept} == {d for _, d, _ in everything} - canary_docs
