@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.queries import q
 
 
@@ -35,7 +36,8 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
             v["embedded_chunks"] = p["embedded"]
             v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
-    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers}
+    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
+            "model_events": recent_events(conn, 5)}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -51,6 +53,9 @@ def render(snap: dict[str, Any]) -> str:
         if v["status"] in ("active", "candidate"):
             lines.append(f"model v{v['id']:<8}: {v['status']}, {v['traffic_percent']:g}% traffic, "
                          f"backfill {v.get('backfill', '-')}")
+    if snap.get("model_events"):
+        lines.append("model events   : (newest first)")
+        lines += ["  " + line for line in render_events(snap["model_events"])]
     lines.append(f"workers        : {len(snap['workers']) or 'none registered'}")
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]
