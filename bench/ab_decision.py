@@ -5,6 +5,11 @@ ceiling is the nominal level alpha, in the same run.
 
     python -m bench.ab_decision            # 20,000 streams per scenario (about a minute)
     python -m bench.ab_decision --quick    # 2,000
+    python -m bench.ab_decision --sql      # also: the cost of one look on 1,000,000 questions, 300,000 rated
+
+The ``--sql`` part times the look's query (``ab_decisions`` in sql/learning.sql) on a database holding many
+questions and feedback rows, against a ceiling measured in the same run: one scan of the same feedback rows
+joined to their questions (what any per-question count must read).
 
 Each stream: the candidate gets ``--share`` of the sessions; each look comes after 10 more rated questions on the
 candidate's side (the worker looks every auto_promote_interval, whatever arrived meanwhile); the active rate is
@@ -13,10 +18,14 @@ candidate's side (the worker looks every auto_promote_interval, whatever arrived
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
-from bench.common import emit, machine, parser, table
+import numpy as np
+import psycopg
+
+from bench.common import database, emit, machine, median, parser, table
 from pgsynapse.learning.autopromote import decide, detectable_drop
+from pgsynapse.queries import q
 
 
 def simulate(rng: np.random.Generator, runs: int, rate: float, drop: float, share: float, min_rated: int,
@@ -45,12 +54,44 @@ def simulate(rng: np.random.Generator, runs: int, rate: float, drop: float, shar
     return {"rollback_rate": product / runs, "peeking_rollback_rate": peeking / runs, "looks": first + 1}
 
 
+def look_cost(url: str, questions: int, rated: int) -> dict[str, float]:
+    """Median ms of the ``ab_decisions`` query and of the ceiling scan, over 7 runs each, on ``questions`` questions
+    (a tenth of them routed to a candidate in an A/B test) with ``rated`` feedback rows."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status, traffic_percent, backfilled_at)"
+                     " VALUES (2, 'candidate', 384, 'candidate', 10, now())")
+        conn.execute("INSERT INTO pgsynapse.questions (session_id, text, status, answer, model_version_id, answered_at,"
+                     " created_at) SELECT 's' || g, 'question ' || g, 'answered', 'answer', CASE WHEN g %% 10 = 0 THEN"
+                     " 2 ELSE 1 END, now(), now() - make_interval(secs => %s - g) FROM generate_series(1, %s) g",
+                     (questions, questions))
+        conn.execute("ALTER TABLE pgsynapse.feedback DISABLE TRIGGER feedback_to_examples")  # training data is not measured
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) SELECT id, id %% 3 <> 0"
+                     " FROM pgsynapse.questions ORDER BY random() LIMIT %s", (rated,))
+        conn.execute("ALTER TABLE pgsynapse.feedback ENABLE TRIGGER feedback_to_examples")
+        conn.execute("VACUUM ANALYZE pgsynapse.questions")
+        conn.execute("VACUUM ANALYZE pgsynapse.feedback")
+
+        def timed(sql: str) -> float:
+            runs = []
+            for _ in range(7):
+                t = time.perf_counter()
+                conn.execute(sql).fetchall()
+                runs.append((time.perf_counter() - t) * 1000)
+            return median(runs)
+
+        look = timed(q("ab_decisions", "learning.sql"))
+        ceiling = timed("SELECT qq.model_version_id, count(*) FROM pgsynapse.feedback fb"
+                        " JOIN pgsynapse.questions qq ON qq.id = fb.question_id GROUP BY 1")
+    return {"look_ms": round(look, 1), "ceiling_scan_ms": round(ceiling, 1), "ratio": round(look / ceiling, 2)}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20_000)
     p.add_argument("--rate", type=float, default=0.6)
     p.add_argument("--share", type=float, default=0.1, help="the candidate's share of sessions (rollout_traffic_percent)")
     p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--sql", action="store_true", help="also time one look's query on a large database")
     args = p.parse_args()
     runs = 2_000 if args.quick else args.runs
     rng = np.random.default_rng(23)
@@ -65,6 +106,11 @@ def main() -> None:
                              ceiling_alpha=args.alpha,
                              detectable_drop_80pct=round(detectable_drop(args.rate, min_rated, args.alpha), 4)))
     table(rows)
+    if args.sql:
+        questions, rated = (100_000, 30_000) if args.quick else (1_000_000, 300_000)
+        with database(args.database_url) as url:
+            cost = emit("ab_decision", "look_cost", questions=questions, rated=rated, **look_cost(url, questions, rated))
+        table([cost])
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ async def test_a_candidate_not_worse_is_promoted_at_the_minimum_and_serves_on_in
                                           " FROM pgsynapse.model_versions WHERE id = %s", (cand,))).fetchone()
             assert (v["status"], v["t"], v["runtime_pending"], v["ab"]["decision"]) == ("candidate", 50.0, False, None)
             assert [e["event"] for e in await _events(conn, cand)] == []
+            with psycopg.connect(db_url, row_factory=dict_row) as sync:
+                assert "A/B 29 vs 40 rated of 30 needed" in render_status(snapshot(sync))
             _seed(db_url, cand, 1, 1)  # the 30th: the decision point
             await wait_until(conn, "SELECT status = 'active' FROM pgsynapse.model_versions WHERE id = %s", (cand,),
                              channel="pgsynapse_models")

@@ -99,23 +99,31 @@ def decide(cand_helpful: int, cand_rated: int, active_helpful: int, active_rated
 
 def run_decisions(conn: psycopg.Connection, *, min_rated: int, alpha: float, actor: str) -> list[dict[str, Any]]:
     """Decide every candidate at its decision point, in one transaction under :data:`DECISION_LOCK` (a second
-    worker meanwhile does nothing). Returns what was done (and logs it once committed)."""
+    worker meanwhile does nothing). Returns what was done (and logs it once committed).
+
+    A look that only waits reads the figures without locking the registry (on a large feedback table the query
+    takes a while: ``python -m bench.ab_decision --sql``); a look with a decision due takes the registry's lock
+    (``promote`` takes it too), reads the figures again under it and acts on those. Each look's figures are
+    written last, to the candidate's ``metrics->'ab'``."""
     done: list[dict[str, Any]] = []
+
+    def looks() -> list[tuple[dict[str, Any], Decision]]:
+        return [(r, decide(r["cand_helpful"], r["cand_rated"], r["active_helpful"], r["active_rated"],
+                           min_rated=min_rated, alpha=alpha))
+                for r in conn.execute(q("ab_decisions", "learning.sql")).fetchall()]
+
     with conn.transaction():
         got = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s)) AS got", (DECISION_LOCK,)).fetchone()
         if not got["got"]:
             return []
-        # the registry's lock first (promote takes it too): no person's change interleaves with the look
-        conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
-        for r in conn.execute(q("ab_decisions", "learning.sql")).fetchall():
-            d = decide(r["cand_helpful"], r["cand_rated"], r["active_helpful"], r["active_rated"],
-                       min_rated=min_rated, alpha=alpha)
-            look = {**d.figures(), "active": r["active"], "decision": d.action, "reason": d.reason,
-                    "looked_at": datetime.now(UTC).isoformat(timespec="seconds"), "actor": actor}
-            conn.execute(q("record_ab_look", "learning.sql"), {"version": r["version"], "figures": Jsonb(look)})
-            if d.action is None:
-                continue
-            # under the row lock: still in its A/B test (a person may have promoted, retired or stopped it)
+        seen = looks()
+        if any(d.action for _, d in seen):
+            conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+            seen = looks()
+        for r, d in seen:
+            if d.action is None or any(x["action"] == "promote" for x in done):
+                continue  # after a promotion the others are compared with the new active version at the next look
+            # still in its A/B test under the row lock (a person may have promoted, retired or stopped it)
             if conn.execute(q("lock_candidate", "learning.sql"), {"version": r["version"]}).fetchone() is None:
                 continue
             figures = {**d.figures(), "active": r["active"], "since": r["since"].isoformat()}
@@ -128,8 +136,11 @@ def run_decisions(conn: psycopg.Connection, *, min_rated: int, alpha: float, act
                 log.warning("model_auto_decision_skipped", version=r["version"], action=d.action, error=str(exc))
                 continue
             done.append({"version": r["version"], "action": d.action, "reason": d.reason, **figures})
-            if d.action == "promote":
-                break  # the active version changed: the other candidates are compared with it from the next look
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        for r, d in seen:
+            look = {**d.figures(), "active": r["active"], "decision": d.action, "reason": d.reason, "looked_at": at,
+                    "actor": actor}
+            conn.execute(q("record_ab_look", "learning.sql"), {"version": r["version"], "figures": Jsonb(look)})
     for item in done:
         event = "model_auto_promoted" if item["action"] == "promote" else "model_auto_rolled_back"
         log.info(event, **{k: v for k, v in item.items() if k != "action"}, actor=actor)
