@@ -29,6 +29,7 @@ from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
 from pgsynapse.listener.listener import Listener
+from pgsynapse.listener.rollout import Rollout
 from pgsynapse.listener.writer import BatchWriter
 from pgsynapse.listener.wakeup import Wakeups
 from pgsynapse.logs import get_logger
@@ -88,7 +89,8 @@ class Worker:
         # kinds whose expired jobs come back solo, whichever worker reaps them (every registered kind says)
         self._isolate_kinds = [k for k, cls in registry().items() if cls.crash_isolation]
         self._tasks: TaskGroup | None = None
-        self._switching = False  # a runtime switch of a newly active version is running in a thread
+        # exports of new versions to the configured runtime, and the A/B decisions (listener/rollout.py)
+        self.rollout = Rollout(settings, url, self.worker_id, serves=bool({"embed", "answer"} & set(self.handlers)))
         from pgsynapse.cache import default_lru
 
         default_lru.size = settings.cache_lru_size
@@ -220,7 +222,7 @@ class Worker:
         for model in self.models.evict_except([*serving, *passages]):
             log.info("model_unloaded", version=model.spec.version_id, runtime=model.spec.runtime,
                      rss_added_mb=model.describe()["rss_added_mb"])
-        await self._switch_runtime_if_due(conn, serving)
+        await self.rollout.step(conn, serving, self._tasks)
         if not self._registered:
             await conn.execute(q("workers_prune"))
         await conn.execute(q("worker_heartbeat"), {
@@ -229,31 +231,6 @@ class Worker:
             "rss_mb": round(rss_bytes() / 2**20, 1), "processed": Jsonb(dict(self.stats.processed)),
         })
         self._registered = True
-
-    async def _switch_runtime_if_due(self, conn: psycopg.AsyncConnection, serving: list[dict[str, Any]]) -> None:
-        """A version promoted while this worker runs is on torch: move it to ``settings.runtime`` as at start,
-        in a thread (serving goes on meanwhile; the handlers pick up the new runtime at their next batch)."""
-        active = next((v for v in serving if v["status"] == "active"), None)
-        if (active is None or active["runtime"] != "torch" or self.settings.runtime == "torch" or self._switching
-                or self._tasks is None or not {"embed", "answer"} & set(self.handlers)):
-            return
-        row = await (await conn.execute(
-            "SELECT metrics->'runtime_export'->>'requested' AS requested FROM pgsynapse.model_versions WHERE id = %s",
-            (active["id"],))).fetchone()
-        if row is None or row["requested"] == self.settings.runtime:
-            return  # tried already (refused or failed): once per version
-        self._switching = True
-        self._tasks.start_soon(self._switch_runtime)
-
-    async def _switch_runtime(self) -> None:
-        from pgsynapse.export import optimise_active_version
-
-        try:
-            await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url, abandon_on_cancel=True)
-        except Exception as exc:  # noqa: BLE001 - the version stays on torch; the next heartbeat tries again
-            log.warning("runtime_export_failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-        finally:
-            self._switching = False
 
     async def cleanup_cache(self) -> None:
         """Enforce the inference cache's TTL and size bound, and the answer cache's max age."""

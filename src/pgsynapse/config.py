@@ -48,8 +48,9 @@ class Settings(BaseModel):
 
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
         "onnx-int8",
-        description="runtime the active model version is moved to at worker start (once: exported, agreement-checked, "
-        "switched; onnx-int8 falls back to onnx when refused); torch keeps sentence-transformers",
+        description="runtime the active model version is moved to at worker start, and a new candidate before it gets "
+        "A/B traffic (once: exported, agreement-checked, switched; onnx-int8 falls back to onnx when refused, an "
+        "error keeps torch, both recorded in model_events); torch keeps sentence-transformers",
     )
     export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement check of that export")
 
@@ -151,6 +152,17 @@ class Settings(BaseModel):
     retrain_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock budget of one training run")
     retrain_memory_mb: int = Field(8000, ge=256, description="the trainer is stopped above this RSS")
     rollout_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a new candidate")
+    auto_promote: bool = Field(
+        True, description="the worker decides each candidate's A/B test once both sides have auto_promote_min_rated "
+        "rated questions: promoted when its helpful rate is not significantly worse than the active version's, "
+        "rolled back (rejected, traffic 0) when it is; false: neither, only `pgsynapse promote` / `traffic`")
+    auto_promote_min_rated: int = Field(
+        200, ge=10, le=10_000_000, description="rated questions (one verdict per question) on the candidate and on "
+        "the active version since the candidate's first question: the one point where its A/B test is decided")
+    auto_promote_alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="level of the one-sided two-proportion z-test: a candidate as good as the "
+        "active version is rolled back with this probability")
+    auto_promote_interval: float = Field(60.0, gt=0, description="seconds between looks at the A/B figures")
     backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
     backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
 

@@ -754,32 +754,48 @@ def source_model_path(row: dict[str, Any], configured: str | None) -> Path:
 def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
     """Move the active version from torch to ``settings.runtime`` (``onnx-int8`` by default), once.
 
-    Runs at worker start. The first worker exports the model, checks its agreement on the shipped docs
-    (:func:`export_and_check`) and switches the version (its vectors stay: agreement passed). Other workers
-    wait on an advisory lock meanwhile and find the switch done. ``onnx-int8`` refused for agreement falls
-    back to ``onnx`` (fp32, the same vectors as torch). The outcome, refusal or error included, is kept in
-    the version's metrics (``runtime_export``) so it is tried once per version and runtime; an error leaves
-    the version on torch and the worker starts anyway. A worker on a host without the switched version's
-    artifact builds it again at the same path (:func:`rebuild_artifact`), whatever its own ``runtime``.
+    Runs at worker start, and for a version promoted while a worker runs that was not exported at registration.
+    See :func:`optimise_version`."""
+    return optimise_version(settings, url)
+
+
+def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker"
+                     ) -> ExportReport | None:
+    """Move a version (the active one when ``version`` is None) from torch to ``settings.runtime``, once.
+
+    The first worker exports the model, checks its agreement on the shipped docs (:func:`export_and_check`) and
+    switches the version (its vectors stay: agreement passed). Other workers wait on an advisory lock meanwhile and
+    find the switch done. ``onnx-int8`` refused for agreement falls back to ``onnx`` (fp32, the same vectors as
+    torch). The outcome, refusal or error included, is kept in the version's metrics (``runtime_export``) and in
+    ``model_events`` so it is tried once per version and runtime; an error leaves the version on torch and the
+    worker goes on. A worker on a host without the switched version's artifact builds it again at the same path
+    (:func:`rebuild_artifact`), whatever its own ``runtime``.
+
+    Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
+    traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
     """
     import psycopg
     from psycopg.rows import dict_row
 
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
-        row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
-        if row is None:
+        if version is None:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
+        else:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        if row is None or row["status"] not in ("active", "candidate"):
             return None
         tried = (row["metrics"] or {}).get("runtime_export") or {}
         if row["runtime"] != "torch":
+            report = None
             if tried.get("runtime") == row["runtime"] and not (Path(row["artifact_path"]) / ONNX_FILES[row["runtime"]]).exists():
-                return rebuild_artifact(settings, row)
+                report = rebuild_artifact(settings, row)
+            _settled(conn, row, None, actor)
+            return report
+        if settings.runtime == "torch" or tried.get("requested") == settings.runtime:
+            _settled(conn, row, None, actor)
             return None
-        if settings.runtime == "torch":
-            return None
-        if tried.get("requested") == settings.runtime:
-            return None
-        log.info("runtime_export_started", version=row["id"], runtime=settings.runtime,
+        log.info("runtime_export_started", version=row["id"], status=row["status"], runtime=settings.runtime,
                  note="once per model version: export, agreement check, switch")
         started = time.perf_counter()
         record: dict[str, Any] = {"requested": settings.runtime, "tried": []}
@@ -806,16 +822,38 @@ def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
                 shutil.rmtree(out, ignore_errors=True)  # the failed attempt's partial artifact
             log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
         record["seconds"] = round(time.perf_counter() - started, 1)
-        if report is not None and report.accepted:
-            register(conn, report, row, switch=True)
-            record["runtime"] = report.runtime
-            log.info("runtime_switched", version=row["id"], runtime=report.runtime, scheme=report.options.get("scheme"),
-                     overlap_at_10=report.agreement.overlap_at_10, seconds=record["seconds"])
-        elif "error" not in record:
-            log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
-        conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export', %s::jsonb)"
-                     " WHERE id = %s", (json.dumps(record), row["id"]))
+        with conn.transaction():
+            if report is not None and report.accepted:
+                register(conn, report, row, switch=True)
+                record["runtime"] = report.runtime
+                log.info("runtime_switched", version=row["id"], runtime=report.runtime,
+                         scheme=report.options.get("scheme"), overlap_at_10=report.agreement.overlap_at_10,
+                         seconds=record["seconds"])
+            elif "error" not in record:
+                log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
+            conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export',"
+                         " %s::jsonb) WHERE id = %s", (json.dumps(record), row["id"]))
+            _settled(conn, row, record, actor)
         return report if report is not None and report.accepted else None
+
+
+def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, actor: str) -> None:
+    """Clear the version's ``runtime_pending`` (it may get A/B traffic now) and, after an export attempt, write
+    its outcome to ``model_events``; ``pgsynapse_models`` hears ``{"runtime": id}`` on commit."""
+    from psycopg.types.json import Jsonb
+
+    if record is not None:
+        event = ("runtime_switched" if "runtime" in record else
+                 "runtime_export_failed" if "error" in record else "runtime_export_refused")
+        reason = (f"exported to {record['runtime']}" if "runtime" in record else record.get("error")
+                  or f"agreement below the threshold for every runtime tried; stays on {row['runtime']}")
+        conn.execute("INSERT INTO pgsynapse.model_events (model_version_id, event, reason, figures, actor)"
+                     " VALUES (%s, %s, %s, %s, %s)", (row["id"], event, reason, Jsonb(record), actor))
+    if row.get("runtime_pending") or record is not None:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %s", (row["id"],))
+        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('runtime', %s::int)::text)", (row["id"],))
+        log.info("model_runtime_settled", version=row["id"], status=row["status"],
+                 runtime=(record or {}).get("runtime", row["runtime"]))
 
 
 def _sha256(path: Path) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.queries import q
 
 
@@ -24,7 +25,8 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
     versions = [
         {**dict(r), "traffic_percent": float(r["traffic_percent"])}
         for r in conn.execute(
-            "SELECT id, name, runtime, dim, status, traffic_percent FROM pgsynapse.model_versions ORDER BY id"
+            "SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, metrics->'ab' AS ab"
+            " FROM pgsynapse.model_versions ORDER BY id"
         )
     ]
     active = next((v for v in versions if v["status"] == "active"), None)
@@ -35,7 +37,8 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
             v["embedded_chunks"] = p["embedded"]
             v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
-    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers}
+    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
+            "model_events": recent_events(conn, 5)}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -49,8 +52,15 @@ def render(snap: dict[str, Any]) -> str:
     lines.append(f"embeddings     : {snap['embeddings']}")
     for v in snap["model_versions"]:
         if v["status"] in ("active", "candidate"):
-            lines.append(f"model v{v['id']:<8}: {v['status']}, {v['traffic_percent']:g}% traffic, "
-                         f"backfill {v.get('backfill', '-')}")
+            ab = v.get("ab") if v["status"] == "candidate" else None
+            lines.append(f"model v{v['id']:<8}: {v['status']} ({v['runtime']}"
+                         f"{', waiting for its runtime export' if v.get('runtime_pending') else ''}), "
+                         f"{v['traffic_percent']:g}% traffic, backfill {v.get('backfill', '-')}"
+                         + (f", A/B {ab['cand_rated']} vs {ab['active_rated']} rated of {ab['min_rated']} needed"
+                            if ab else ""))
+    if snap.get("model_events"):
+        lines.append("model events   : (newest first)")
+        lines += ["  " + line for line in render_events(snap["model_events"])]
     lines.append(f"workers        : {len(snap['workers']) or 'none registered'}")
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]

@@ -125,8 +125,9 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
         assert retrains["n"] == 1
 
         # the worker retrains by itself, registers the candidate with held-out metrics, backfills it
+        # ... and a worker settles its runtime (here torch: tests run PGSYNAPSE_RUNTIME=torch) before its A/B share
         await wait_until(conn, "SELECT count(*) = 1 FROM pgsynapse.model_versions WHERE backfilled_at IS NOT NULL"
-                               " AND id > 1", channel="pgsynapse_models", timeout=600)
+                               " AND NOT runtime_pending AND id > 1", channel="pgsynapse_models", timeout=600)
         cand = await (await conn.execute(
             "SELECT id, status, traffic_percent, metrics, base_version_id FROM pgsynapse.model_versions WHERE id > 1"
         )).fetchone()

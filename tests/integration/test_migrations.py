@@ -191,3 +191,36 @@ def test_the_canary_migration_upgrades_a_database_with_documents_and_is_idempote
         assert conn.execute("SELECT count(*) FROM pgsynapse.canary_questions").fetchone()[0] == 1
         conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
         assert conn.execute("SELECT count(*) FROM pgsynapse.canary_questions").fetchone()[0] == 0
+
+
+def test_the_model_events_migration_upgrades_a_database_with_versions_and_is_idempotent(new_db):
+    """0013 on top of the previous version: the versions already there are not runtime_pending (they keep their
+    traffic), re-running it changes nothing, and the worker and admin roles may write events."""
+    url = new_db()
+    migs = available()
+    [events_mig] = [m for m in migs if m.version == 13]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migs:
+            if m.version >= 13:
+                break
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status, traffic_percent, backfilled_at)"
+                     " VALUES (2, 'candidate', 384, 'candidate', 10, now())")
+    assert events_mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT id, runtime_pending FROM pgsynapse.model_versions ORDER BY id").fetchall() == [
+            (1, False), (2, False)]
+        conn.execute("INSERT INTO pgsynapse.model_events (model_version_id, event, actor) VALUES (2, 'promoted', 'cli')")
+        with conn.transaction():
+            conn.execute(events_mig.sql.encode())
+        assert conn.execute("SELECT model_version_id, event, reason, figures FROM pgsynapse.model_events").fetchall() == [
+            (2, "promoted", "", {})]
+        grants = conn.execute(
+            "SELECT grantee, privilege_type FROM information_schema.role_table_grants WHERE table_schema = 'pgsynapse'"
+            " AND table_name = 'model_events' AND grantee LIKE 'pgsynapse_%' AND privilege_type = 'INSERT'"
+            " ORDER BY 1").fetchall()
+        assert grants == [("pgsynapse_admin", "INSERT"), ("pgsynapse_worker", "INSERT")]

@@ -111,26 +111,110 @@ async def test_a_failed_export_leaves_torch_serving_and_is_not_retried(db_url, t
     await conn.close()
 
 
-async def test_a_version_promoted_while_the_worker_runs_is_switched_too(db_url, models, tmp_path):
-    """The learning loop promotes torch candidates: the running worker moves the new active version as well."""
-    from pgsynapse.learning.registry import promote
+def _register_candidate(url: str, model_path: str | None = None) -> int:
+    """Version 2 as the retrain job registers it (on torch, runtime_pending) and its backfill leaves it (every
+    chunk embedded, all of the sessions: the A/B share of this test)."""
+    from pgsynapse.queries import q
 
-    settings = fast_settings(db_url, runtime="onnx", export_sample_chunks=16, data_dir=tmp_path)
-    conn = await aconn(db_url)
-    async with running_worker(settings, models):
-        assert (await _version(conn))["runtime"] == "onnx"  # switched at start
-        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
-            [candidate] = sync.execute(
-                "INSERT INTO pgsynapse.model_versions (name, runtime, dim, status, traffic_percent, backfilled_at)"
-                " VALUES ('fine-tuned', 'torch', 384, 'candidate', 0, now()) RETURNING id").fetchone().values()
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        vid = conn.execute(q("register_version", "learning.sql"), {
+            "name": "fine-tuned", "base": 1, "path": model_path, "dim": 384, "metrics": json.dumps({}),
+            "status": "candidate"}).fetchone()["id"]
+        conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (vid,))
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now(), traffic_percent = 100 WHERE id = %s",
+                     (vid,))
+    return vid
+
+
+async def test_a_new_candidate_serves_its_ab_share_on_the_fast_runtime_and_is_promoted_without_a_switch(
+        db_url, models, tmp_path, default_runtime):
+    """Issue 23, item 5: a candidate is exported before it gets traffic; promoting it switches nothing.
+    (runtime=onnx: the same path as onnx-int8 with one export instead of a quantisation search, to stay fast; the
+    INT8 export itself is tested above, and test_auto_promote promotes a candidate on INT8.)"""
+    from pgsynapse.learning.registry import RegistryError, promote
+    from pgsynapse.queries import q
+
+    from conftest import adopt_runtime
+
+    adopt_runtime(db_url, default_runtime)  # version 1 as a fresh install leaves it: nothing to export at start
+    candidate = _register_candidate(db_url)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        # before a worker has exported it: no A/B traffic, and no promotion
+        assert [r["id"] for r in sync.execute(q("routable_versions", "answers.sql"))] == [1]
+        with pytest.raises(RegistryError, match="waiting for its export"):
             promote(sync, candidate)
-        await wait_until(conn, "SELECT runtime = 'onnx' FROM pgsynapse.model_versions WHERE id = %s", (candidate,),
-                         channel="pgsynapse_models")
-        [doc] = insert_docs(db_url, [("Savepoints", BODY)])
-        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
-    row = await (await conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,))).fetchone()
-    assert row["metrics"]["runtime_export"]["runtime"] == "onnx" and row["metrics"]["previous_runtime"] == "torch"
-    assert await (await conn.execute(
-        "SELECT count(*) AS n FROM pgsynapse.embeddings e JOIN pgsynapse.chunks c ON c.id = e.chunk_id"
-        " WHERE c.document_id = %s AND e.model_version_id = %s", (doc, candidate))).fetchone() == {"n": 1}
+    settings = fast_settings(db_url, runtime="onnx", export_sample_chunks=16, data_dir=tmp_path, kinds=("answer",))
+    conn = await aconn(db_url)
+    with capture_logs() as logs:
+        async with running_worker(settings, models) as worker:
+            await wait_until(conn, "SELECT NOT runtime_pending FROM pgsynapse.model_versions WHERE id = %s",
+                             (candidate,), channel="pgsynapse_models")
+            v = await (await conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,))).fetchone()
+            assert v["runtime"] == "onnx" and v["metrics"]["previous_runtime"] == "torch"
+            assert v["metrics"]["runtime_export"]["runtime"] == "onnx"
+            # its A/B share is served on the exported runtime
+            await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('a', 'savepoints')")
+            await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'",
+                             channel="pgsynapse_answers")
+            mark = len(logs)
+            with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+                assert promote(sync, candidate)["runtime"] == "onnx"
+            await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('b', 'savepoints')")
+            await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'",
+                             channel="pgsynapse_answers")
+            # a heartbeat after the promotion: the worker holds the version on onnx, and never loaded it on torch
+            await wait_until(conn, "SELECT heartbeat_at > (SELECT max(at) FROM pgsynapse.model_events)"
+                                   " AND models @> %s::jsonb FROM pgsynapse.workers WHERE worker_id = %s",
+                             (json.dumps([{"version": candidate, "runtime": "onnx"}]), worker.worker_id))
+    served = await (await conn.execute("SELECT session_id, model_version_id FROM pgsynapse.questions ORDER BY id")).fetchall()
+    assert [(r["session_id"], r["model_version_id"]) for r in served] == [("a", candidate), ("b", candidate)]
+    events = await (await conn.execute(
+        "SELECT event, figures->>'runtime' AS runtime FROM pgsynapse.model_events WHERE model_version_id = %s"
+        " ORDER BY id", (candidate,))).fetchall()
+    assert [(e["event"], e["runtime"]) for e in events] == [("runtime_switched", "onnx"), ("promoted", "onnx")]
+    # the one torch load is the export's reference model (the agreement check); everything served is onnx
+    switched = next(i for i, e in enumerate(logs) if e["event"] == "runtime_switched")
+    loads = [e["runtime"] for e in logs[switched:] if e["event"] == "model_loaded" and e.get("version") == candidate]
+    assert loads and set(loads) == {"onnx"}
+    assert [e["runtime"] for e in logs if e["event"] == "model_loaded" and e.get("version") == candidate].count(
+        "torch") == [e["runtime"] for e in logs[:switched] if e["event"] == "model_loaded"].count("torch") == 1
+    after = [e["event"] for e in logs[mark:]]
+    assert "runtime_export_started" not in after and "runtime_switched" not in after
+    assert (await _version(conn))["status"] == "candidate"  # version 1, kept for rollback
+    await conn.close()
+
+
+async def test_a_candidate_whose_export_fails_gets_its_ab_share_on_torch_with_the_reason_recorded(
+        db_url, models, tmp_path, default_runtime):
+    """A candidate the ONNX path cannot take (CLS pooling) stays on torch; the reason is recorded and logged."""
+    from pgsynapse.models import default_model_path
+
+    from conftest import adopt_runtime
+
+    adopt_runtime(db_url, default_runtime)
+
+    model = tmp_path / "cls-model"
+    shutil.copytree(default_model_path(), model, ignore=shutil.ignore_patterns("*.onnx", "onnx", "openvino"))
+    pooling = model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode_mean_tokens": False,
+                                   "pooling_mode_cls_token": True}))
+    candidate = _register_candidate(db_url, str(model))
+    settings = fast_settings(db_url, runtime="onnx-int8", export_sample_chunks=16, data_dir=tmp_path,
+                             kinds=("answer",))
+    conn = await aconn(db_url)
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            await wait_until(conn, "SELECT NOT runtime_pending FROM pgsynapse.model_versions WHERE id = %s",
+                             (candidate,), channel="pgsynapse_models")
+            await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('a', 'savepoints')")
+            await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'",
+                             channel="pgsynapse_answers")
+    v = await (await conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,))).fetchone()
+    assert v["runtime"] == "torch" and "mean pooling" in v["metrics"]["runtime_export"]["error"]
+    [event] = await (await conn.execute(
+        "SELECT event, reason FROM pgsynapse.model_events WHERE model_version_id = %s", (candidate,))).fetchall()
+    assert event["event"] == "runtime_export_failed" and "mean pooling" in event["reason"]
+    assert [e for e in logs if e["event"] == "runtime_export_failed" and e["version"] == candidate]
+    row = await (await conn.execute("SELECT model_version_id FROM pgsynapse.questions")).fetchone()
+    assert row["model_version_id"] == candidate  # its A/B share, on torch, as recorded
     await conn.close()

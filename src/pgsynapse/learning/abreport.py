@@ -27,7 +27,17 @@ def ab_report(conn: psycopg.Connection) -> dict[str, Any]:
         comparisons.append({"version": r["version"], "against": active["version"], "z": round(z, 3),
                             "significant": abs(z) >= 1.96,
                             "better": bool(abs(z) >= 1.96 and z > 0)})
-    return {"versions": rows, "comparisons": comparisons}
+    return {"versions": rows, "comparisons": comparisons, "events": recent_events(conn)}
+
+
+def recent_events(conn: psycopg.Connection, limit: int = 10) -> list[dict[str, Any]]:
+    """The registry's latest changes (``model_events``), newest first: who promoted, rolled back, switched what."""
+    return [{**dict(r), "at": r["at"].isoformat(timespec="seconds")}
+            for r in conn.execute(q("recent_model_events", "learning.sql"), {"limit": limit})]
+
+
+def render_events(events: list[dict[str, Any]]) -> list[str]:
+    return [f"  {e['at']}  v{e['version']:<4} {e['event']:<24} by {e['actor'] or '-'}: {e['reason']}" for e in events]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -44,4 +54,6 @@ def render(report: dict[str, Any]) -> str:
         verdict = ("significantly better" if c["better"] else "significantly worse") if c["significant"] \
             else "no significant difference"
         lines.append(f"v{c['version']} vs active v{c['against']}: z = {c['z']:+.2f}, {verdict} (two-proportion z-test, 95%)")
+    if report.get("events"):
+        lines += ["", "recent model events (newest first):", *render_events(report["events"])]
     return "\n".join(lines)

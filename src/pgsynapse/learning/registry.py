@@ -1,11 +1,14 @@
-"""The model registry's state changes: promote, rollback, retire, traffic. Each is one transaction, so
-every question is routed to a version that exists and is fully embedded; nothing is dropped."""
+"""The model registry's state changes: promote, rollback, reject, retire, traffic. Each is one transaction, so
+every question is routed to a version that exists and is fully embedded; nothing is dropped. Each writes its row
+in ``pgsynapse.model_events`` in the same transaction (``actor``: ``cli`` for a person, a worker's id for the
+worker's A/B decisions in :mod:`pgsynapse.learning.autopromote`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import get_logger
@@ -25,8 +28,17 @@ def _version(conn: psycopg.Connection, version: int) -> dict[str, Any]:
     return row
 
 
-def promote(conn: psycopg.Connection, version: int) -> dict[str, Any]:
-    """Make ``version`` active (100% of traffic); the old active stays embedded as a candidate at 0% for rollback."""
+def record_event(conn: psycopg.Connection, version: int, event: str, *, reason: str = "",
+                 figures: dict[str, Any] | None = None, actor: str = "cli") -> None:
+    """One row of the registry's history (``pgsynapse.model_events``), in the caller's transaction."""
+    conn.execute(q("insert_model_event", "learning.sql"), {"version": version, "event": event, "reason": reason,
+                                                           "figures": Jsonb(figures or {}), "actor": actor})
+
+
+def promote(conn: psycopg.Connection, version: int, *, event: str = "promoted", reason: str = "manual",
+            figures: dict[str, Any] | None = None, actor: str = "cli") -> dict[str, Any]:
+    """Make ``version`` active (100% of traffic); the old active stays embedded as a candidate at 0% for rollback.
+    A version exported at registration is already on its serving runtime: nothing is switched (issue 23)."""
     with conn.transaction():
         conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
         v = _version(conn, version)
@@ -36,11 +48,16 @@ def promote(conn: psycopg.Connection, version: int) -> dict[str, Any]:
             raise RegistryError(f"model version {version} is {v['status']}: only a candidate can be promoted")
         if v["backfilled_at"] is None:
             raise RegistryError(f"model version {version} is still backfilling: wait until every chunk is embedded")
+        if v["runtime_pending"]:
+            raise RegistryError(f"model version {version} is waiting for its export to the serving runtime (a running "
+                                "worker does it before the version gets traffic): promote it once that is done")
         old = [r["id"] for r in conn.execute(q("demote_active", "learning.sql"), {"version": version})]
         conn.execute(q("activate", "learning.sql"), {"version": version})
+        record_event(conn, version, event, reason=reason, actor=actor,
+                     figures={"previous": old[0] if old else None, "runtime": v["runtime"], **(figures or {})})
         conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('active', %s::int)::text)", (version,))
-    log.info("model_promoted", version=version, previous=old)
-    return {"active": version, "previous": old[0] if old else None}
+    log.info("model_promoted", version=version, previous=old, runtime=v["runtime"], recorded_as=event)
+    return {"active": version, "previous": old[0] if old else None, "runtime": v["runtime"]}
 
 
 def rollback(conn: psycopg.Connection) -> dict[str, Any]:
@@ -48,9 +65,25 @@ def rollback(conn: psycopg.Connection) -> dict[str, Any]:
     row = conn.execute(q("previous_active", "learning.sql")).fetchone()
     if row is None:
         raise RegistryError("nothing to roll back to: no previously active version is still embedded")
-    result = promote(conn, row["id"])
+    with conn.transaction():
+        result = promote(conn, row["id"], reason="manual rollback")
+        if result["previous"] is not None:
+            record_event(conn, result["previous"], "rolled_back", reason="manual", figures={"active": row["id"]})
     log.info("model_rolled_back", active=row["id"], previous=result["previous"])
     return result
+
+
+def reject(conn: psycopg.Connection, version: int, *, event: str = "rejected", reason: str = "",
+           figures: dict[str, Any] | None = None, actor: str = "cli") -> None:
+    """Take a candidate out of its A/B test for good: status ``rejected``, traffic 0 (its vectors stay until
+    ``retire``). The worker's auto-rollback."""
+    with conn.transaction():
+        if conn.execute(q("reject_candidate", "learning.sql"), {"version": version}).fetchone() is None:
+            raise RegistryError(f"model version {version} is {_version(conn, version)['status']}: only a candidate "
+                                "can be rejected")
+        record_event(conn, version, event, reason=reason, figures=figures, actor=actor)
+        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('rejected', %s::int)::text)", (version,))
+    log.info("model_rejected", version=version, recorded_as=event)
 
 
 def set_traffic(conn: psycopg.Connection, version: int, percent: float) -> None:
@@ -61,6 +94,8 @@ def set_traffic(conn: psycopg.Connection, version: int, percent: float) -> None:
         if v["status"] != "candidate":
             raise RegistryError(f"model version {version} is {v['status']}: only a candidate gets a traffic share")
         conn.execute(q("set_traffic", "learning.sql"), {"version": version, "traffic": percent})
+        record_event(conn, version, "traffic_set", reason="manual",
+                     figures={"traffic_percent": percent, "previous": float(v["traffic_percent"])})
     log.info("model_traffic_set", version=version, traffic_percent=percent)
 
 
@@ -75,5 +110,7 @@ def retire(conn: psycopg.Connection, version: int) -> int:
         conn.execute(q("retire", "learning.sql"), {"version": version})
         deleted = conn.execute(q("delete_version_embeddings", "learning.sql"), {"version": version}).rowcount
         conn.execute(f"DROP INDEX IF EXISTS pgsynapse.embeddings_hnsw_v{int(version)}")
+        record_event(conn, version, "retired", reason="manual",
+                     figures={"previous_status": v["status"], "embeddings_deleted": deleted})
     log.info("model_retired", version=version, embeddings_deleted=deleted)
     return deleted

@@ -18,10 +18,12 @@ WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND l
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
--- The active version, and candidates that are fully backfilled and have a traffic share.
+-- The active version, and candidates that are fully backfilled, have a traffic share and are on their serving
+-- runtime (not runtime_pending: migration 0013).
 SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
 FROM pgsynapse.model_versions
-WHERE status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0)
+WHERE status = 'active'
+   OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0 AND NOT runtime_pending)
 ORDER BY id;
 
 -- name: vector_candidates

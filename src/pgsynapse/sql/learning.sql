@@ -5,9 +5,12 @@ SELECT count(*) AS n FROM pgsynapse.training_examples
 WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL;
 
 -- name: register_version
+-- runtime_pending: no A/B traffic and no promotion until a worker has exported it to its configured runtime (or
+-- recorded why it stays on torch): the A/B test measures the runtime that ships (migration 0013).
+-- passage_version_id: a query encoder searches that version's chunk vectors (migration 0014)
 INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, passage_version_id, artifact_path, runtime, dim,
-                                      metrics, status)
-VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s)
+                                      metrics, status, runtime_pending)
+VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s, true)
 RETURNING id;
 
 -- name: mark_examples_trained
@@ -32,7 +35,8 @@ ORDER BY c.id
 LIMIT %(limit)s;
 
 -- name: version_by_id
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, backfilled_at, metrics, passage_version_id
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, backfilled_at, metrics, passage_version_id,
+       runtime_pending
 FROM pgsynapse.model_versions WHERE id = %(version)s;
 
 -- name: copy_passage_embeddings
@@ -66,7 +70,8 @@ WHERE id = %(version)s AND backfilled_at IS NULL;
 -- name: routable_versions
 SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
 FROM pgsynapse.model_versions
-WHERE status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0)
+WHERE status = 'active'
+   OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0 AND NOT runtime_pending)
 ORDER BY id;
 
 -- name: demote_active
@@ -83,6 +88,12 @@ RETURNING id;
 SELECT id FROM pgsynapse.model_versions
 WHERE status = 'candidate' AND deactivated_at IS NOT NULL AND backfilled_at IS NOT NULL
 ORDER BY deactivated_at DESC LIMIT 1;
+
+-- name: reject_candidate
+-- auto-rollback: a candidate significantly worse in its A/B test stops serving (retire deletes its vectors later)
+UPDATE pgsynapse.model_versions SET status = 'rejected', traffic_percent = 0, deactivated_at = now()
+WHERE id = %(version)s AND status = 'candidate'
+RETURNING id;
 
 -- name: retire
 UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, retired_at = now()
@@ -113,12 +124,15 @@ WITH q AS (
     FROM pgsynapse.questions
     WHERE model_version_id IS NOT NULL AND status IN ('answered', 'blocked')
     GROUP BY model_version_id
-), f AS (
-    SELECT qq.model_version_id AS version, count(*) AS rated,
-           count(*) FILTER (WHERE coalesce(fb.helpful, fb.rating >= 4)) AS helpful
+), rated AS (
+    -- one verdict per question, its latest feedback row (helpful, or a rating of 4 or 5): a user who clicks twice
+    -- does not count twice, so the rated questions are independent trials of the version
+    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(fb.helpful, fb.rating >= 4) AS helpful
     FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
     WHERE qq.model_version_id IS NOT NULL
-    GROUP BY qq.model_version_id
+    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+), f AS (
+    SELECT version, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY version
 )
 SELECT v.id AS version, v.name, v.status, v.traffic_percent::float8 AS traffic_percent,
        coalesce(q.questions, 0) AS questions, coalesce(f.rated, 0) AS rated, coalesce(f.helpful, 0) AS helpful,
@@ -128,3 +142,61 @@ LEFT JOIN q ON q.version = v.id
 LEFT JOIN f ON f.version = v.id
 WHERE v.status IN ('active', 'candidate') OR q.questions IS NOT NULL
 ORDER BY v.id;
+
+
+-- name: insert_model_event
+INSERT INTO pgsynapse.model_events (model_version_id, event, reason, figures, actor)
+VALUES (%(version)s, %(event)s, %(reason)s, %(figures)s, %(actor)s);
+
+-- name: recent_model_events
+SELECT id, model_version_id AS version, event, reason, figures, actor, at
+FROM pgsynapse.model_events ORDER BY at DESC, id DESC LIMIT %(limit)s;
+
+-- name: ab_in_progress
+-- Is any candidate in an A/B test? (the worker's cheap check before it evaluates one)
+SELECT EXISTS (
+    SELECT 1 FROM pgsynapse.model_versions
+    WHERE status = 'candidate' AND traffic_percent > 0 AND backfilled_at IS NOT NULL AND NOT runtime_pending
+) AS running;
+
+-- name: ab_decisions
+-- Each candidate in an A/B test against the active version over the same period: the rated questions (one verdict
+-- each, as in ab_report) routed to either since the candidate's first question. Sessions are split at random by a
+-- hash, so the two are compared on the same users' time, not on the active version's history.
+WITH active AS (
+    SELECT id FROM pgsynapse.model_versions WHERE status = 'active'
+), cand AS (
+    SELECT v.id, (SELECT min(qq.created_at) FROM pgsynapse.questions qq WHERE qq.model_version_id = v.id) AS since
+    FROM pgsynapse.model_versions v
+    WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
+), rated AS (
+    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, qq.created_at,
+           coalesce(fb.helpful, fb.rating >= 4) AS helpful
+    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
+    WHERE qq.model_version_id IN (SELECT id FROM cand UNION ALL SELECT id FROM active)
+      AND qq.created_at >= (SELECT min(since) FROM cand)
+    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+)
+SELECT c.id AS version, a.id AS active, c.since,
+       count(*) FILTER (WHERE r.version = c.id) AS cand_rated,
+       count(*) FILTER (WHERE r.version = c.id AND r.helpful) AS cand_helpful,
+       count(*) FILTER (WHERE r.version = a.id) AS active_rated,
+       count(*) FILTER (WHERE r.version = a.id AND r.helpful) AS active_helpful
+FROM cand c CROSS JOIN active a
+LEFT JOIN rated r ON r.version IN (c.id, a.id) AND r.created_at >= c.since
+WHERE c.since IS NOT NULL
+GROUP BY c.id, a.id, c.since
+ORDER BY c.id;
+
+-- name: lock_candidate
+-- The decision's re-check under the row lock: still a candidate in its A/B test (another worker or a person may
+-- have acted meanwhile)
+SELECT id FROM pgsynapse.model_versions
+WHERE id = %(version)s AND status = 'candidate' AND traffic_percent > 0
+FOR UPDATE;
+
+-- name: record_ab_look
+-- The figures of the latest look at a candidate's A/B test (shown by `status`; the decision itself is a model event)
+UPDATE pgsynapse.model_versions
+SET metrics = coalesce(metrics, '{}'::jsonb) || jsonb_build_object('ab', %(figures)s::jsonb)
+WHERE id = %(version)s;

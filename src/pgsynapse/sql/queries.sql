@@ -137,7 +137,7 @@ ORDER BY kind;
 
 -- name: serving_versions
 -- Versions whose embeddings must exist for every chunk: the active one and candidates in rollout.
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
+SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id, runtime_pending
 FROM pgsynapse.model_versions
 WHERE status IN ('active', 'candidate')
 ORDER BY id;
