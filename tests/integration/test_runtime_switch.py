@@ -118,7 +118,7 @@ def _register_candidate(url: str, model_path: str | None = None) -> int:
 
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         vid = conn.execute(q("register_version", "learning.sql"), {
-            "name": "fine-tuned", "base": 1, "path": model_path, "dim": 384, "metrics": json.dumps({}),
+            "name": "fine-tuned", "base": 1, "passage": None, "path": model_path, "dim": 384, "metrics": json.dumps({}),
             "status": "candidate"}).fetchone()["id"]
         conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (vid,))
         conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now(), traffic_percent = 100 WHERE id = %s",

@@ -51,11 +51,11 @@ class TrainSpec:
     out_dir: str
     active_path: str | None = None  # the active version's query encoder, compared at the gate (default: base)
     chunk_tokens: int = 256
-    lr: float = 2e-5
+    lr: float = 5e-5
     epochs: int = 1
     batch_size: int = 32
     scale: float = 20.0
-    anchor: float = 0.0
+    anchor: float = 1.0
     negative_pool: int = 200_000
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
