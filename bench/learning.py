@@ -110,7 +110,7 @@ def main() -> None:
                                     " ON c.id = e.chunk_id JOIN pgsynapse.documents d ON d.id = c.document_id"
                                     " WHERE e.model_version_id = 1 ORDER BY c.id").fetchall()
                 _feedback(conn, train)
-            vecs = np.stack([np.asarray(r[0], dtype=np.float32) for r in rows])
+            vecs = np.stack([np.asarray(r[0].to_numpy(), dtype=np.float32) for r in rows])
             pages = [r[1] for r in rows]
             if not base:
                 emit("learning", "corpus", **info, chunks=len(pages))
