@@ -6,7 +6,24 @@ import psycopg
 import pytest
 
 from pgsynapse.errors import DatabaseError
-from pgsynapse.migrate import available, migrate
+from pgsynapse.migrate import Migration, available, migrate
+
+
+def _apply_below(url: str, version: int) -> Migration:
+    """Apply the migrations before ``version`` as ``migrate`` would (the previous release's database); returns
+    migration ``version``, still to apply."""
+    migs = available()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migs:
+            if m.version >= version:
+                break
+            with conn.transaction():
+                conn.execute(m.sql.encode())
+                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
+    [target] = [m for m in migs if m.version == version]
+    return target
 
 
 def test_migrations_apply_to_empty_database_and_reapply_as_noop(new_db):
@@ -113,17 +130,8 @@ def test_the_answer_cache_migration_upgrades_a_database_with_versions_and_is_ide
     """0011 on top of the previous version: every serving version gets its answer cache index (a candidate too),
     re-running it changes nothing, a new version gets both of its indexes and a retired one loses both."""
     url = new_db()
-    migs = available()
-    [cache_mig] = [m for m in migs if m.version == 11]
+    cache_mig = _apply_below(url, 11)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migs:
-            if m.version >= 11:
-                break
-            with conn.transaction():
-                conn.execute(m.sql.encode())
-                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
         conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES (2, 'candidate', 384, 'candidate')")
         conn.execute("SELECT pgsynapse.ensure_embedding_index(2)")
         conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('asked before the upgrade')")
@@ -159,17 +167,8 @@ def test_the_canary_migration_upgrades_a_database_with_documents_and_is_idempote
     """0012 on top of 0011: an empty canary_questions table (the first retrain fills it), usable by the worker
     role, tied to documents and versions; re-running it changes nothing."""
     url = new_db()
-    migs = available()
-    [canary_mig] = [m for m in migs if m.version == 12]
+    canary_mig = _apply_below(url, 12)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migs:
-            if m.version >= 12:
-                break
-            with conn.transaction():
-                conn.execute(m.sql.encode())
-                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
         doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('VACUUM', 'VACUUM\nVACUUM — "
                            "garbage-collect a database') RETURNING id").fetchone()[0]
     assert canary_mig.name in migrate(url)
@@ -197,17 +196,8 @@ def test_the_model_events_migration_upgrades_a_database_with_versions_and_is_ide
     """0013 on top of the previous version: the versions already there are not runtime_pending (they keep their
     traffic), re-running it changes nothing, and the worker and admin roles may write events."""
     url = new_db()
-    migs = available()
-    [events_mig] = [m for m in migs if m.version == 13]
+    events_mig = _apply_below(url, 13)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.pgsynapse_migrations (version int PRIMARY KEY, name text NOT NULL,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migs:
-            if m.version >= 13:
-                break
-            with conn.transaction():
-                conn.execute(m.sql.encode())
-                conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (m.version, m.name))
         conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status, traffic_percent, backfilled_at)"
                      " VALUES (2, 'candidate', 384, 'candidate', 10, now())")
     assert events_mig.name in migrate(url)
@@ -224,3 +214,22 @@ def test_the_model_events_migration_upgrades_a_database_with_versions_and_is_ide
             " AND table_name = 'model_events' AND grantee LIKE 'pgsynapse_%' AND privilege_type = 'INSERT'"
             " ORDER BY 1").fetchall()
         assert grants == [("pgsynapse_admin", "INSERT"), ("pgsynapse_worker", "INSERT")]
+
+
+def test_the_query_encoder_migration_keeps_existing_versions_self_encoding_and_is_idempotent(new_db):
+    """0014 on top of 0013: versions already there encode their own chunks (no passage version); a new query
+    encoder must name a version that exists; re-running it changes nothing."""
+    url = new_db()
+    query_mig = _apply_below(url, 14)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES (2, 'candidate', 384, 'candidate')")
+    assert query_mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT id, passage_version_id FROM pgsynapse.model_versions ORDER BY id").fetchall() == [
+            (1, None), (2, None)]
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, passage_version_id) VALUES (3, 'q', 384, 1)")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, passage_version_id) VALUES (4, 'q', 384, 99)")
+        with conn.transaction():
+            conn.execute(query_mig.sql.encode())
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions WHERE passage_version_id = 1").fetchone()[0] == 1
