@@ -18,9 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.config import Settings
-from pgsynapse.db import connect
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
-from pgsynapse.learning.canary import ensure_canary
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
 from pgsynapse.logs import get_logger
@@ -49,9 +47,15 @@ def gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
     grouped hold-out gain's interval must be above ``retrain_margin`` and the canary gain must not regress
     beyond ``retrain_canary_tolerance``. Returns the verdict (``passed``, intervals, reasons)."""
     scores = metrics.get("gate_scores") or {}
-    out = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.retrain_margin,
-                  tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
-                  samples=settings.retrain_bootstrap_samples)
+    rule = {"margin": settings.retrain_margin, "tolerance": settings.retrain_canary_tolerance,
+            "confidence": settings.retrain_gate_confidence, "samples": settings.retrain_bootstrap_samples}
+    out = verdict(scores.get("heldout"), scores.get("canary"), **rule)
+    if scores.get("refit_canary") is not None:
+        # the registered model is the recipe refit on every example: its canary must hold too
+        refit = verdict(scores.get("heldout"), scores["refit_canary"], **rule)
+        out["refit_canary"] = refit.get("canary")
+        out["reasons"] += [f"refit {r}" for r in refit["reasons"] if r.startswith("canary")]
+        out["passed"] = out["passed"] and (refit["passed"] or out["forced"])
     out["k"] = settings.retrain_eval_k
     return out
 
@@ -100,9 +104,6 @@ class RetrainHandler(Handler[RetrainWork]):
         # weights on all feedback so far (not from the active encoder: fine-tunes never stack)
         passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
-        # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)
-        with connect(s.database_url or "", autocommit=True) as conn:
-            ensure_canary(conn, w.active["id"], s.retrain_canary_size)
         spec = TrainSpec(
             url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
             base_path=str(source_model_path(passage, s.model_path)),  # torch weights, also of an exported version
@@ -111,7 +112,8 @@ class RetrainHandler(Handler[RetrainWork]):
             heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
             synthetic_pairs=s.retrain_synthetic_pairs,
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
-            anchor=s.retrain_anchor, seed=s.retrain_seed, negative_pool=s.retrain_negative_pool,
+            anchor=s.retrain_anchor, seed=s.retrain_seed, refit=s.retrain_refit,
+            active_version=w.active["id"], canary_size=s.retrain_canary_size, negative_pool=s.retrain_negative_pool,
             freeze_layers=s.retrain_freeze_layers,
         )
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))

@@ -42,6 +42,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
+from pgsynapse.learning.canary import ensure_canary  # noqa: E402
+from pgsynapse.learning.gate import gate_metrics  # noqa: E402
+from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
+
 
 @dataclass
 class TrainSpec:
@@ -60,6 +64,9 @@ class TrainSpec:
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
     group_threshold: float = 0.85
+    refit: bool = True  # after the gate's split, train the same recipe on every example: the registered model
+    active_version: int | None = None  # the canary set, built by the first retrain, is frozen with it
+    canary_size: int = 300
     synthetic_pairs: int = 1200
     exclude_documents: list[int] = field(default_factory=list)  # never used for corpus pairs (the canary set's)
     budget_seconds: float = 1800.0
@@ -130,6 +137,10 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
         stored = conn.execute(
             "SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
             (spec.base_version,)).fetchall()
+        # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)
+        built = ensure_canary(conn, spec.active_version, spec.canary_size)
+        if built["built"]:
+            _progress("canary_built", questions=built["questions"], version=spec.active_version)
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": rows, "docs": {r[0]: (r[1], r[2]) for r in bodies},
             "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker,
@@ -151,17 +162,87 @@ def negative_pool(n_chunks: int, must: set[int], scores: np.ndarray, size: int, 
     return np.sort(np.concatenate([np.fromiter(keep, dtype=np.int64), extra]))
 
 
+@dataclass
+class Fit:
+    """One trained query encoder and how its training went."""
+
+    model: Any
+    steps: int
+    stopped_early: bool
+    seconds: float
+    pool: int
+    examples: int
+
+
+def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chunk_vecs: np.ndarray,
+        started: float, label: str) -> Fit:
+    """Train a query encoder from the base weights on ``items`` (query, document, its chunks): a softmax over the
+    chunk vectors (every one, or ``negative_pool`` of them) towards the document's best chunk under the base
+    model, plus the anchor to the base model's question vectors."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    base_q = _encode(base, [it[0] for it in items])
+    scores = base_q @ chunk_vecs.T if items else np.zeros((0, len(chunk_vecs)), dtype=np.float32)
+    positives = [int(c[int(np.argmax(scores[k][c]))]) for k, (_q, _d, c) in enumerate(items)]
+    pool = negative_pool(len(chunk_vecs), set(positives), scores, spec.negative_pool, spec.seed)
+    del scores
+    where = {int(j): k for k, j in enumerate(pool)}
+    targets = torch.tensor([where[p] for p in positives], dtype=torch.long)
+    pool_vecs = torch.from_numpy(chunk_vecs[pool])
+    anchors = torch.from_numpy(base_q)
+
+    model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
+    bert = model[0].auto_model
+    if spec.freeze_layers >= 0 and hasattr(bert, "embeddings"):
+        for p in bert.embeddings.parameters():
+            p.requires_grad = False
+        for layer in bert.encoder.layer[: spec.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
+    steps = spec.epochs * ((len(items) + spec.batch_size - 1) // spec.batch_size)
+    warm = max(1, int(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    model.train()
+    t_train, step, stopped_early = time.time(), 0, False
+    for epoch in range(spec.epochs):
+        order = list(range(len(items)))
+        random.shuffle(order)
+        for b0 in range(0, len(order), spec.batch_size):
+            if time.time() - started > spec.budget_seconds:
+                stopped_early = True
+                break
+            b = order[b0: b0 + spec.batch_size]
+            feats = model.tokenize([items[i][0] for i in b])
+            qv = torch.nn.functional.normalize(model(feats)["sentence_embedding"], dim=-1)
+            loss = torch.nn.functional.cross_entropy(spec.scale * qv @ pool_vecs.T, targets[b])
+            if spec.anchor:
+                loss = loss + spec.anchor * ((qv - anchors[b]) ** 2).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            _progress("retrain_step", model=label, step=step, steps=steps, epoch=epoch,
+                      loss=round(float(loss.item()), 4))
+        if stopped_early:
+            break
+    model.eval()
+    return Fit(model, step, stopped_early, round(time.time() - t_train, 1), len(pool), len(items))
+
+
 def main(spec: TrainSpec) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pgsynapse.learning.gate import gate_metrics
-    from pgsynapse.learning.holdout import grouped_holdout
-
     started = time.time()
-    random.seed(spec.seed)
     np.random.seed(spec.seed)
-    torch.manual_seed(spec.seed)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     data = load_data(spec)
@@ -193,87 +274,51 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     train_ex, held_ex = [examples[i] for i in split.train], [examples[i] for i in split.heldout]
     canary = [(question, d) for question, d in data["canary"] if d in doc_chunks]
     canary_docs = set(spec.exclude_documents) | {d for _, d in canary}
+    corpus_items = [(q, d, cands) for q, d, cands in synthetic_pairs(
+        data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1, canary_docs)] \
+        if spec.synthetic_pairs else []
 
-    items: list[tuple[str, int, list[int]]] = []  # query, document, its chunks
-    for _id, query, pos, _negs, _at in train_ex:
-        d = chunk_docs[index[pos]]
-        items.append((query, d, doc_chunks[d]))
-    n_synth = 0
-    if spec.synthetic_pairs:
-        for q, d, cands in synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1,
-                                           canary_docs):
-            items.append((q, d, cands))
-            n_synth += 1
-    base_q = _encode(base, [it[0] for it in items])
-    scores = base_q @ chunk_vecs.T if items else np.zeros((0, len(texts)), dtype=np.float32)
-    positives = [int(c[int(np.argmax(scores[k][c]))]) for k, (_q, _d, c) in enumerate(items)]
-    pool = negative_pool(len(texts), set(positives), scores, spec.negative_pool, spec.seed)
-    where = {int(j): k for k, j in enumerate(pool)}
-    targets = torch.tensor([where[p] for p in positives], dtype=torch.long)
-    pool_vecs = torch.from_numpy(chunk_vecs[pool])
-    anchors = torch.from_numpy(base_q)
-    del scores
-    _progress("retrain_pairs_built", train=len(train_ex), synthetic=n_synth, heldout=len(held_ex), pool=len(pool),
+    def items_of(chosen: list[Any]) -> list[tuple[str, int, list[int]]]:
+        """Feedback examples as (query, document, its chunks), then the corpus pairs."""
+        out = []
+        for _id, query, pos, _negs, _at in chosen:
+            d = chunk_docs[index[pos]]
+            out.append((query, d, doc_chunks[d]))
+        return out + corpus_items
+
+    _progress("retrain_pairs_built", train=len(train_ex), synthetic=len(corpus_items), heldout=len(held_ex),
               dropped=len(split.dropped), canary=len(canary))
-
-    model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
-    bert = model[0].auto_model
-    if spec.freeze_layers >= 0 and hasattr(bert, "embeddings"):
-        for p in bert.embeddings.parameters():
-            p.requires_grad = False
-        for layer in bert.encoder.layer[: spec.freeze_layers]:
-            for p in layer.parameters():
-                p.requires_grad = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
-    per_epoch = (len(items) + spec.batch_size - 1) // spec.batch_size
-    steps = spec.epochs * per_epoch
-    warm = max(1, int(0.1 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    model.train()
-    t_train, step, stopped_early = time.time(), 0, False
-    for epoch in range(spec.epochs):
-        order = list(range(len(items)))
-        random.shuffle(order)
-        for b0 in range(0, len(order), spec.batch_size):
-            if time.time() - started > spec.budget_seconds:
-                stopped_early = True
-                break
-            b = order[b0: b0 + spec.batch_size]
-            feats = model.tokenize([items[i][0] for i in b])
-            qv = torch.nn.functional.normalize(model(feats)["sentence_embedding"], dim=-1)
-            loss = torch.nn.functional.cross_entropy(spec.scale * qv @ pool_vecs.T, targets[b])
-            if spec.anchor:
-                loss = loss + spec.anchor * ((qv - anchors[b]) ** 2).sum(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            _progress("retrain_step", step=step, steps=steps, epoch=epoch, loss=round(float(loss.item()), 4))
-        if stopped_early:
-            break
-    train_seconds = time.time() - t_train
-    model.eval()
-    out = Path(spec.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(str(out))
+    gated = fit(spec, base, items_of(train_ex), chunk_vecs, started, "gated")
 
     # the gate's evaluation (learning/gate.py): grouped hold-out and canary set, candidate vs active, whole
     # corpus; both search the same stored chunk vectors, so only the questions are encoded
-    metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex), "synthetic_pairs": n_synth,
-                               "steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
-                               "recipe": "query-side", "negative_pool": len(pool), "split": split.summary()}
+    metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex),
+                               "synthetic_pairs": len(corpus_items), "steps": gated.steps,
+                               "stopped_early": gated.stopped_early, "train_seconds": gated.seconds,
+                               "recipe": "query-side", "negative_pool": gated.pool, "split": split.summary()}
     _progress("retrain_evaluating", heldout=len(held_ex), canary=len(canary))
     active = base if not spec.active_path or spec.active_path == spec.base_path else \
         SentenceTransformer(spec.active_path, device="cpu", local_files_only=True)
     asked = [e[1] for e in held_ex] + [question for question, _ in canary]
-    metrics.update(gate_metrics(
-        _encode(active, asked), _encode(model, asked), chunk_vecs, chunk_vecs, chunk_docs,
-        heldout=([{chunk_docs[index[e[2]]]} for e in held_ex], [split.groups[i] for i in split.heldout]),
-        canary=[d for _, d in canary], k=spec.eval_k))
+    active_q = _encode(active, asked)
+    relevant = [{chunk_docs[index[e[2]]]} for e in held_ex]
+    held_groups = [split.groups[i] for i in split.heldout]
+    metrics.update(gate_metrics(active_q, _encode(gated.model, asked), chunk_vecs, chunk_vecs, chunk_docs,
+                                heldout=(relevant, held_groups), canary=[d for _, d in canary], k=spec.eval_k))
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    served = gated
+    if spec.refit and held_ex:
+        # the recipe the gate judged, trained again on every example (the held-out groups and their pages too):
+        # that model is the one registered; its canary scores are checked as well (it never saw those questions)
+        served = fit(spec, base, items_of(examples), chunk_vecs, started, "refit")
+        gated.model.save(str(out / "gated"))
+        refit = gate_metrics(active_q, _encode(served.model, asked), chunk_vecs, chunk_vecs, chunk_docs,
+                             heldout=(relevant, held_groups), canary=[d for _, d in canary], k=spec.eval_k)
+        metrics["refit"] = {"examples": len(examples), "steps": served.steps, "train_seconds": served.seconds,
+                            "canary_candidate": refit.get("canary_candidate")}
+        metrics["gate_scores"]["refit_canary"] = refit["gate_scores"]["canary"]
+    served.model.save(str(out))
     metrics["used_example_ids"] = [e[0] for e in examples]
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.time() - started, 1)
