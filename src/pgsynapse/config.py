@@ -146,8 +146,8 @@ class Settings(BaseModel):
     retrain_anchor: float = Field(1.0, ge=0, description="pull of each training question's vector towards the base model's (squared distance weight)")
     retrain_negative_pool: int = Field(200_000, ge=1000, description="chunk vectors in the training softmax (all of them in a smaller corpus)")
     retrain_synthetic_pairs: int = Field(1200, ge=0, description="corpus-only title/heading pairs added to feedback")
-    retrain_refit: bool = Field(True, description="once the gate's split has judged the recipe, train it again on every example "
-                                "(the registered model; its canary set is checked too)")
+    retrain_refit: bool = Field(False, description="once the gate's split has judged the recipe, train it again on every example "
+                                "and register that model (its canary set is checked too); off: the model the gate judged")
     retrain_seed: int = Field(0, ge=0, description="random seed of a training run (shuffles, corpus pairs, initial state)")
     retrain_heldout_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of examples the gate holds out, in whole groups of similar questions")

@@ -64,7 +64,7 @@ class TrainSpec:
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
     group_threshold: float = 0.85
-    refit: bool = True  # after the gate's split, train the same recipe on every example: the registered model
+    refit: bool = False  # after the gate's split, train the same recipe on every example: the registered model
     active_version: int | None = None  # the canary set, built by the first retrain, is frozen with it
     canary_size: int = 300
     synthetic_pairs: int = 1200
