@@ -237,3 +237,25 @@ def ask_one_at_a_time(conn: psycopg.Connection, texts: list[str], session_prefix
                 break
         lat.append((time.perf_counter() - s) * 1000)
     return lat
+
+
+def run_worker_until(settings: Any, url: str, done_sql: str, channels: tuple[str, ...], poll: float = 30.0) -> None:
+    """Run a worker in this process until ``done_sql`` (one boolean) is true, re-checked at each NOTIFY on
+    ``channels`` (and every ``poll`` seconds at the latest), then stop it."""
+    import anyio
+
+    from pgsynapse.listener.worker import Worker
+
+    async def run() -> None:
+        worker = Worker(settings, url)
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                for channel in channels:
+                    await conn.execute(f"LISTEN {channel}")
+                while not (await (await conn.execute(done_sql)).fetchone())[0]:
+                    async for _ in conn.notifies(timeout=poll, stop_after=1):
+                        pass
+            worker.request_stop()
+
+    anyio.run(run)

@@ -14,11 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from bench.common import corpus
+from bench.common import corpus, run_worker_until
 
 TEMPLATE = "pgsynapse_corpus_v1"
 DEFAULT_DIR = Path("/tmp/pgsynapse-bench-corpus")
@@ -32,7 +31,6 @@ def _url(server_url: str, dbname: str) -> str:
 
 def _embed_corpus(url: str, limit: int | None) -> dict[str, float]:
     from pgsynapse.config import load_settings
-    from pgsynapse.listener.worker import Worker
 
     pages = corpus(limit)
     settings = load_settings(environ={}, database_url=url, kinds=("embed",), batch_size=64)
@@ -42,22 +40,8 @@ def _embed_corpus(url: str, limit: int | None) -> dict[str, float]:
             "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
             ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
 
-    async def run() -> None:
-        worker = Worker(settings, url)
-        async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute("LISTEN pgsynapse_documents")
-                while True:
-                    row = await (await conn.execute(
-                        "SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'pending'")).fetchone()
-                    if row[0] == 0:
-                        break
-                    async for _ in conn.notifies(timeout=10, stop_after=1):
-                        pass
-            worker.request_stop()
-
-    anyio.run(run)
+    run_worker_until(settings, url, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'",
+                     ("pgsynapse_documents",), poll=10)
     return {"pages": len(pages), "embed_seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -25,20 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from sentence_transformers import SentenceTransformer
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import DEFAULT_DIR, corpus_clone
 from bench.devsplit import split
 from bench.retrieval import vectors_recall
 from pgsynapse.config import load_settings
 from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import source_model_path
-from pgsynapse.listener.worker import Worker
 from pgsynapse.models import ModelCache
 
 HALVES = ("tune", "report")
@@ -63,27 +61,9 @@ def _retrain(url: str, seed: int, data_dir: Path, n_train: int) -> float:
     settings = load_settings(database_url=url, kinds=("retrain", "backfill"), retrain_min_feedback=n_train,
                              retrain_seed=seed, data_dir=str(data_dir))
     started = time.perf_counter()
-
-    async def run() -> None:
-        worker = Worker(settings, url)
-        async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute("LISTEN pgsynapse_models")
-                await conn.execute("LISTEN pgsynapse_jobs")
-                while True:
-                    row = await (await conn.execute(
-                        "SELECT count(*) FROM pgsynapse.model_versions WHERE id > 1 AND"
-                        " (status = 'rejected' OR backfilled_at IS NOT NULL)")).fetchone()
-                    failed = await (await conn.execute(
-                        "SELECT last_error FROM pgsynapse.jobs WHERE kind = 'retrain' AND status = 'failed'")).fetchone()
-                    if row[0] or failed:
-                        break
-                    async for _ in conn.notifies(timeout=30, stop_after=1):
-                        pass
-            worker.request_stop()
-
-    anyio.run(run)
+    run_worker_until(settings, url, "SELECT EXISTS (SELECT 1 FROM pgsynapse.model_versions WHERE id > 1 AND"
+                     " (status = 'rejected' OR backfilled_at IS NOT NULL)) OR EXISTS (SELECT 1 FROM pgsynapse.jobs"
+                     " WHERE kind = 'retrain' AND status = 'failed')", ("pgsynapse_models", "pgsynapse_jobs"))
     return time.perf_counter() - started
 
 
