@@ -31,8 +31,8 @@ log = get_logger(__name__)
 class BackfillWork:
     job: Job
     version: dict[str, Any]
-    chunks: list[tuple[int, str | None, str]] = field(default_factory=list)
-    encoder: dict[str, Any] | None = None  # the version whose model encodes the chunks (a passage version, or itself)
+    chunks: list[tuple[int, str | None, str]]
+    encoder: dict[str, Any]  # the version whose model encodes the chunks: its passage version, or itself
     copied: set[int] = field(default_factory=set)  # chunks whose passage version's vector is copied, not encoded
 
 
@@ -53,7 +53,7 @@ class BackfillHandler(Handler[BackfillWork]):
                 continue
             rows = await (await conn.execute(q("missing_chunks", "learning.sql"),
                                              {"version": job.ref_id, "limit": self.settings.backfill_batch})).fetchall()
-            w = BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows], encoder=v)
+            w = BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows], v)
             if v["passage_version_id"] and rows:
                 w.encoder = await (await conn.execute(q("version_by_id", "learning.sql"),
                                                       {"version": v["passage_version_id"]})).fetchone()
@@ -72,7 +72,7 @@ class BackfillHandler(Handler[BackfillWork]):
             todo = [(cid, title, text) for cid, title, text in w.chunks if cid not in w.copied]
             vectors: list[tuple[int, np.ndarray]] = []
             if todo:
-                embedder = self.models.get(w.encoder or w.version)
+                embedder = self.models.get(w.encoder)
                 chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
                 vecs = embedder.encode([chunker.embed_text(title, text) for _, title, text in todo],
                                        self.settings.encode_batch_size)

@@ -274,9 +274,8 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     train_ex, held_ex = [examples[i] for i in split.train], [examples[i] for i in split.heldout]
     canary = [(question, d) for question, d in data["canary"] if d in doc_chunks]
     canary_docs = set(spec.exclude_documents) | {d for _, d in canary}
-    corpus_items = [(q, d, cands) for q, d, cands in synthetic_pairs(
-        data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1, canary_docs)] \
-        if spec.synthetic_pairs else []
+    corpus_items = synthetic_pairs(data["docs"], doc_chunks, texts, spec.synthetic_pairs, spec.seed + 1,
+                                   canary_docs) if spec.synthetic_pairs else []
 
     def items_of(chosen: list[Any]) -> list[tuple[str, int, list[int]]]:
         """Feedback examples as (query, document, its chunks), then the corpus pairs."""
