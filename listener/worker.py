@@ -79,6 +79,9 @@ class Worker:
         self.in_flight = 0
         # micro-batching: how many batches of a kind are computing, and an event set when one finishes
         self._computing = {k: 0 for k in self.kinds}
+        # one claim at a time per kind: two loops woken by one NOTIFY would otherwise split a statement's rows
+        # between them (SKIP LOCKED), and a session's follow-up would lose its batch-mate turn
+        self._claim_locks = {k: anyio.Lock() for k in self.kinds}
         self._compute_done = {k: anyio.Event() for k in self.kinds}
         self._last_cache_cleanup = 0.0
         self._registered = False
@@ -391,6 +394,10 @@ class Worker:
         return more
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
+        async with self._claim_locks[kind]:
+            return await self._claim(kind, limit)
+
+    async def _claim(self, kind: str, limit: int) -> list[Job]:
         assert self.pool is not None
         jobs: list[Job] = []
         for _ in range(3):  # a claim that only finds bulk jobs expands them and claims again
