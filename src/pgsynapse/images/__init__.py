@@ -1,0 +1,1 @@
+"""Images: decoding with limits, image models by path, the registry and search (issue 22)."""

@@ -1,0 +1,130 @@
+"""Turn an image row's bytes into RGB pixels, refusing bad input before it costs memory.
+
+Every refusal is an :class:`InputError` with a message that says what was wrong (it is written on the row):
+empty data, a type that is not an allowed image format, dimensions over ``max_image_pixels`` (read from the
+header, before a single pixel is decoded: a decompression bomb never inflates), truncated or corrupt data.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pgsynapse.errors import InputError
+
+# the decoders Pillow may try: common web formats only (every extra decoder is attack surface)
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+EXTENSIONS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+# a truncated file is an error, never a half-grey picture
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# what the first bytes of common non-image uploads say, for a clearer "not an image" message
+_SIGNATURES = (
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"BZh", "bzip2 data"),
+    (b"\x7fELF", "an ELF executable"),
+    (b"<svg", "an SVG document (vector images are not supported)"),
+    (b"<?xml", "an XML document"),
+    (b"GIF8", "a GIF image"),
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied, first frame of an animation
+    format: str
+    mime_type: str
+    width: int
+    height: int
+
+
+def _what(data: bytes) -> str:
+    head = data[:64].lstrip()
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    try:
+        head.decode("ascii")
+        return "text"
+    except UnicodeDecodeError:
+        return f"{len(data):,} bytes starting {data[:8].hex(' ')}"
+
+
+def decode(data: bytes, limits: ImageLimits) -> Decoded:
+    """Decode ``data`` into an RGB image, or raise :class:`InputError` saying why not."""
+    if not data:
+        raise InputError("empty image data (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InputError(f"image has {len(data):,} bytes, over max_image_bytes={limits.max_bytes:,}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            # open() reads the header only: the dimensions are known before any pixel is decoded
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+        except UnidentifiedImageError:
+            raise InputError(f"not an image in an allowed format ({', '.join(FORMATS)}): {_what(data)}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"image dimensions refused before decoding: {exc}") from None
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise InputError(f"image header has invalid dimensions {width}x{height}")
+        if width * height > limits.max_pixels:
+            raise InputError(f"image is {width}x{height} = {width * height:,} pixels, over "
+                             f"max_image_pixels={limits.max_pixels:,} (refused before decoding)")
+        fmt = im.format or "unknown"
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"image refused while decoding: {exc}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(f"truncated or corrupt {fmt} image: {text}") from None
+    return Decoded(rgb, fmt, MIME.get(fmt, f"image/{fmt.lower()}"), rgb.width, rgb.height)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent areas on white, as a viewer shows them
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return im.convert("RGB")
+
+
+def read_image_file(path: str, roots: tuple[Path, ...], limits: ImageLimits) -> bytes:
+    """The bytes of an image row's ``path``: only under one of ``roots`` (the worker's ``image_roots``), only a
+    regular file, never more than ``max_image_bytes``."""
+    if not roots:
+        raise InputError("image rows with a path need the worker's image_roots setting (PGSYNAPSE_IMAGE_ROOTS): "
+                         "no directory is allowed; store the bytes in images.data instead")
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"cannot read image file {path!r}: {type(exc).__name__}: {exc}") from None
+    if not any(real.is_relative_to(r.resolve()) for r in roots):
+        raise InputError(f"image path {path!r} is outside image_roots ({', '.join(map(str, roots))})")
+    if not real.is_file():
+        raise InputError(f"image path {path!r} is not a regular file")
+    size = real.stat().st_size
+    if size > limits.max_bytes:
+        raise InputError(f"image file {path!r} has {size:,} bytes, over max_image_bytes={limits.max_bytes:,}")
+    with real.open("rb") as f:
+        return f.read(limits.max_bytes + 1)

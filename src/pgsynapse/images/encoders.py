@@ -1,0 +1,282 @@
+"""Image models by local path: a CLIP-style pair (image and text towers in one space) or an image encoder.
+
+What a path may hold (``detect`` tells which):
+
+- a **transformers CLIP** checkpoint (``config.json`` of ``model_type`` clip, siglip, ...: any model with
+  ``get_image_features`` and ``get_text_features``): kind ``clip``, text -> image and image -> image search;
+- a **transformers vision model** (ViT, ConvNeXt, DINOv2, ...): kind ``image``, its pooled output (else the first
+  token, else the spatial mean) is the embedding;
+- a **pgsynapse image directory**: ``pgsynapse_image.json`` naming a TorchScript (``model.pt``) or ONNX
+  (``model.onnx``) file that maps ``pixel_values`` (N, 3, H, W) to (N, D). ``pgsynapse image-model export`` writes
+  one (the ONNX runtime of a model's image tower), so does :mod:`pgsynapse.images.efficientnet`. A ``clip`` one
+  names its text tower's transformers checkpoint in ``text_model``.
+
+Pixels are prepared by one numpy implementation of the ``preprocessor_config.json`` every such directory has
+(resize, centre crop, rescale, normalise), so a model and its ONNX export see identical inputs, and no
+torchvision is needed. Every embedding is L2-normalised float32.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoTokenizer
+
+from pgsynapse.errors import ModelError
+from pgsynapse.logs import get_logger
+
+log = get_logger(__name__)
+
+MANIFEST = "pgsynapse_image.json"
+PREPROCESSOR = "preprocessor_config.json"
+CLIP_TYPES = ("clip", "siglip", "siglip2", "chinese_clip", "altclip", "metaclip_2")
+_RESAMPLE = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR,
+             3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}
+
+
+@dataclass(frozen=True)
+class ImageModelSpec:
+    """A row of ``image_models``."""
+
+    id: int
+    name: str
+    kind: str  # clip | image
+    path: Path
+    runtime: str  # torch | onnx
+    dim: int
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ImageModelSpec:
+        return cls(row["id"], row["name"], row["kind"], Path(row["artifact_path"]), row["runtime"], row["dim"])
+
+
+def _size(value: Any, default: tuple[int, int] | None) -> tuple[str, tuple[int, int]] | None:
+    """A preprocessor size as (mode, (h, w)): shortest_edge resizes keep the aspect ratio."""
+    if value is None:
+        return None if default is None else ("exact", default)
+    if isinstance(value, int):
+        return ("shortest", (value, value))
+    if "shortest_edge" in value:
+        return ("shortest", (value["shortest_edge"], value["shortest_edge"]))
+    return ("exact", (value["height"], value["width"]))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The image processor's arithmetic, from its ``preprocessor_config.json``."""
+
+    resize: tuple[str, tuple[int, int]] | None
+    crop: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float
+    resample: Image.Resampling
+
+    @classmethod
+    def load(cls, path: Path) -> Preprocess:
+        file = path / PREPROCESSOR
+        if not file.exists():
+            raise ModelError(f"image model {path} has no {PREPROCESSOR} (size, image_mean, image_std)")
+        cfg = json.loads(file.read_text())
+        resize = _size(cfg.get("size"), (224, 224)) if cfg.get("do_resize", True) else None
+        crop = None
+        if cfg.get("do_center_crop", "crop_size" in cfg):
+            mode_hw = _size(cfg.get("crop_size"), resize[1] if resize else (224, 224))
+            crop = mode_hw[1] if mode_hw else None
+        return cls(resize=resize, crop=crop,
+                   mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))), std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+                   rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
+                   resample=_RESAMPLE.get(int(cfg.get("resample", 3)), Image.Resampling.BICUBIC))
+
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([self.one(im) for im in images]).astype(np.float32)
+
+    def one(self, im: Image.Image) -> np.ndarray:
+        if self.resize:
+            mode, (h, w) = self.resize
+            if mode == "shortest":
+                scale = h / min(im.width, im.height)
+                w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+            im = im.resize((w, h), self.resample)
+        if self.crop:
+            ch, cw = self.crop
+            left, top = (im.width - cw) // 2, (im.height - ch) // 2
+            im = im.crop((left, top, left + cw, top + ch))  # pads with black where the image is smaller
+        x = np.asarray(im, dtype=np.float32) * self.rescale
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return x.transpose(2, 0, 1)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _features(out: Any) -> torch.Tensor:
+    """The image embedding of a transformers output (a tensor already, or a model output)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None and hasattr(out, "image_embeds"):
+        pooled = out.image_embeds
+    if pooled is not None:
+        return pooled.flatten(1)
+    hidden = out.last_hidden_state
+    return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden[:, 0]
+
+
+def detect(path: Path) -> dict[str, Any]:
+    """What ``path`` holds: ``{"kind": "clip"|"image", "format": "transformers"|"torchscript"|"onnx", ...}``."""
+    if not path.exists():
+        raise ModelError(f"image model path does not exist: {path}")
+    if (path / MANIFEST).exists():
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("kind") not in ("clip", "image") or manifest.get("format") not in ("torchscript", "onnx"):
+            raise ModelError(f"{path / MANIFEST}: kind must be clip or image and format torchscript or onnx")
+        return manifest
+    if not (path / "config.json").exists():
+        raise ModelError(f"image model path {path} has neither {MANIFEST} nor a transformers config.json")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    return {"kind": "clip" if model_type in CLIP_TYPES else "image", "format": "transformers", "model_type": model_type}
+
+
+class ImageEncoder:
+    """One loaded image model. ``encode_images`` (and ``encode_texts`` for kind clip) are thread-safe."""
+
+    def __init__(self, spec: ImageModelSpec, *, threads: int = 0) -> None:
+        started = time.perf_counter()
+        self.spec = spec
+        self._lock = threading.Lock()
+        self.threads = threads
+        self.info = detect(spec.path)
+        if self.info["kind"] != spec.kind:
+            raise ModelError(f"image model {spec.id} is registered as {spec.kind!r} but {spec.path} holds a "
+                             f"{self.info['kind']!r} model")
+        self.preprocess = Preprocess.load(spec.path)
+        self._model: Any = None
+        self._session: ort.InferenceSession | None = None
+        self._text: Any = None
+        try:
+            self._load()
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt files raise anything
+            raise ModelError(f"cannot load image model {spec.path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+        self.load_seconds = time.perf_counter() - started
+        log.info("image_model_loaded", model=spec.id, name=spec.name, kind=spec.kind, runtime=spec.runtime,
+                 dim=spec.dim, seconds=round(self.load_seconds, 2))
+
+    def _load(self) -> None:
+        fmt = self.info["format"]
+        if fmt == "onnx":
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            self._session = ort.InferenceSession(str(self.spec.path / self.info.get("file", "model.onnx")), opts,
+                                                 providers=["CPUExecutionProvider"])
+        elif fmt == "torchscript":
+            self._model = torch.jit.load(str(self.spec.path / self.info.get("file", "model.pt")), map_location="cpu").eval()
+        else:
+            self._model = AutoModel.from_pretrained(str(self.spec.path), local_files_only=True).eval()
+        if self.spec.kind == "clip":
+            self._text = TextTower(Path(self.info.get("text_model") or self.spec.path),
+                                   self._model if fmt == "transformers" else None)
+
+    def encode_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.spec.dim), dtype=np.float32)
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = self.preprocess(images[i : i + batch_size])
+            out.append(self._forward(pixels))
+        vectors = normalise(np.concatenate(out))
+        if self.spec.dim and vectors.shape[1] != self.spec.dim:  # dim 0: being probed
+            raise ModelError(f"image model {self.spec.path} produces {vectors.shape[1]}-dimensional vectors but "
+                             f"image model {self.spec.id} is registered with dim {self.spec.dim}")
+        return vectors
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        if self._session is not None:
+            name = self._session.get_inputs()[0].name
+            return self._session.run(None, {name: pixels})[0].reshape(len(pixels), -1)
+        with self._lock, torch.inference_mode():
+            x = torch.from_numpy(pixels)
+            if self.info["format"] == "torchscript":
+                return self._model(x).reshape(len(pixels), -1).float().numpy()
+            if self.spec.kind == "clip":
+                return _features(self._model.get_image_features(pixel_values=x)).float().numpy()
+            return _features(self._model(pixel_values=x)).float().numpy()
+
+    def encode_texts(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        if self._text is None:
+            raise ModelError(f"image model {self.spec.id} ({self.spec.name}) is an image encoder: it has no text "
+                             "tower, so it cannot search images by text (register a CLIP model)")
+        return normalise(self._text.encode(texts, batch_size))
+
+    def describe(self) -> dict[str, Any]:
+        return {"image_model": self.spec.id, "name": self.spec.name, "kind": self.spec.kind,
+                "runtime": self.spec.runtime, "path": str(self.spec.path), "load_seconds": round(self.load_seconds, 3)}
+
+
+class TextTower:
+    """The text half of a CLIP checkpoint (from the loaded model, or loaded alone for an ONNX image tower)."""
+
+    def __init__(self, path: Path, model: Any = None) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = model if model is not None else AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            batch.pop("token_type_ids", None)
+            with self._lock, torch.inference_mode():
+                out.append(_features(self.model.get_text_features(**batch)).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def probe(path: Path) -> tuple[str, str, int]:
+    """(kind, runtime, dim) of the model at ``path``: the dimension by encoding one blank image."""
+    info = detect(path)
+    runtime = "onnx" if info["format"] == "onnx" else "torch"
+    enc = ImageEncoder(ImageModelSpec(0, path.name, info["kind"], path, runtime, 0))
+    return info["kind"], runtime, int(enc.encode_images([Image.new("RGB", (64, 64), (127, 127, 127))]).shape[1])
+
+
+class ImageModelCache:
+    """Loads each image model lazily, once per process."""
+
+    def __init__(self, *, threads: int = 0) -> None:
+        self.threads = threads
+        self._models: dict[tuple[int, str, str], ImageEncoder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, row: dict[str, Any]) -> ImageEncoder:
+        key = (row["id"], row["runtime"], row["artifact_path"])
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = ImageEncoder(ImageModelSpec.from_row(row), threads=self.threads)
+            return model
+
+    def evict_except(self, rows: list[dict[str, Any]]) -> None:
+        keep = {(r["id"], r["runtime"], r["artifact_path"]) for r in rows}
+        with self._lock:
+            for k in [k for k in self._models if k not in keep]:
+                del self._models[k]
+
+    def loaded(self) -> list[ImageEncoder]:
+        return list(self._models.values())
