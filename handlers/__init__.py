@@ -9,6 +9,7 @@ def registry() -> dict[str, type[Handler]]:
     from pgsynapse.handlers.answer import AnswerHandler
     from pgsynapse.handlers.backfill import BackfillHandler
     from pgsynapse.handlers.embed import EmbedHandler
+    from pgsynapse.handlers.embed_image import EmbedImageHandler
     from pgsynapse.handlers.retrain import RetrainHandler
 
-    return {h.kind: h for h in (EmbedHandler, AnswerHandler, RetrainHandler, BackfillHandler)}
+    return {h.kind: h for h in (EmbedHandler, AnswerHandler, RetrainHandler, BackfillHandler, EmbedImageHandler)}

@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # start; the switch to the default runtime is tested in tests/integration/test_runtime_switch.py
 os.environ.setdefault("PGSYNAPSE_RUNTIME", "torch")
 
+from tests.image_models import tiny_clip, tiny_vit  # noqa: E402 - transformers reads HF_HUB_OFFLINE at import
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true", help="longer chaos scenarios: more kills and more rows")
@@ -180,3 +182,14 @@ def adopt_runtime(url: str, version: dict[str, Any]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s, metrics = %s::jsonb"
                      " WHERE id = 1", (version["runtime"], version["artifact_path"], json.dumps(version["metrics"])))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CLIP the test session teaches colour words (tests/image_models.py): no CLIP weights install here."""
+    return tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit")

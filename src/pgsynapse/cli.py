@@ -38,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
     rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
 
-    se = sub.add_parser("search", help="kNN search over the active model version")
-    se.add_argument("text")
+    se = sub.add_parser("search", help="kNN search over the active model version (or over images)")
+    se.add_argument("text", nargs="?")
+    se.add_argument("--images", action="store_true", help="search images by text (the active CLIP model)")
+    se.add_argument("--like-image", metavar="PATH", help="search images like this image file")
+    se.add_argument("--image-model", type=int, help="image model (default: the active one)")
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
 
@@ -89,9 +92,26 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("name")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
 
+    _image_model_parser(sub)
+
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
     return p
+
+
+def _image_model_parser(sub: argparse._SubParsersAction) -> None:
+    im = sub.add_parser("image-model", help="image models: add one by path, list, promote, retire")
+    isub = im.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    ad = isub.add_parser("add", help="register a local image model (CLIP or image encoder) and queue every image for it")
+    ad.add_argument("path", help="a transformers CLIP / vision model directory, or a pgsynapse image directory")
+    ad.add_argument("--name", help="name shown by list (default: the directory name)")
+    ad.add_argument("--kind", choices=["clip", "image"], help="refuse the model unless it is of this kind")
+    ls = isub.add_parser("list", help="image models with their status and vectors")
+    ls.add_argument("--json", action="store_true")
+    pr = isub.add_parser("promote", help="make a candidate whose vectors are complete the active model of its kind")
+    pr.add_argument("model", type=int)
+    rt = isub.add_parser("retire", help="retire a non-active image model and drop its vectors")
+    rt.add_argument("model", type=int)
 
 
 def _settings(args: argparse.Namespace):
@@ -168,7 +188,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         else:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         return 0
+    if args.command == "search" and (args.images or args.like_image):
+        from pgsynapse.images.cli import run_image_search
+
+        return run_image_search(args, settings)
+    if args.command == "image-model":
+        from pgsynapse.images.cli import run_image_model_command
+
+        return run_image_model_command(args, settings)
     if args.command == "search":
+        if not args.text:
+            raise PgsynapseError("search needs a text (or --like-image PATH)")
         import anyio
 
         from pgsynapse.models import ModelCache

@@ -86,7 +86,7 @@ class Settings(BaseModel):
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
     kinds: tuple[str, ...] = Field(
-        ("embed", "answer", "retrain", "backfill"), description="job kinds this worker processes"
+        ("embed", "answer", "retrain", "backfill", "embed_image"), description="job kinds this worker processes"
     )
 
     answerer: Literal["extractive", "transformers", "llama-cpp", "openai"] = Field(
@@ -168,6 +168,16 @@ class Settings(BaseModel):
     backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
     backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
 
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger images fail with a clear error "
+                                 "(their bytes are never fetched from the database)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="images with more pixels (width x height, read from the header) fail before "
+        "any pixel is decoded: a decompression bomb never inflates")
+    image_roots: tuple[Path, ...] = Field(
+        (), description="directories image rows may name in images.path (comma-separated); none: path rows fail, "
+        "store the bytes in images.data")
+    image_batch_size: int = Field(16, ge=1, le=1024, description="images per image-model forward pass")
+
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP port of /metrics (Prometheus) and /healthz; 0 or unset = off"
     )
@@ -199,7 +209,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
             raw = environ.get("DATABASE_URL")
         if raw is None or raw == "":
             continue
-        if name == "kinds":
+        if name in ("kinds", "image_roots"):
             values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
         else:
             values[name] = raw

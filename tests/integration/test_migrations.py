@@ -233,3 +233,26 @@ def test_the_query_encoder_migration_keeps_existing_versions_self_encoding_and_i
         with conn.transaction():
             conn.execute(query_mig.sql.encode())
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions WHERE passage_version_id = 1").fetchone()[0] == 1
+
+
+def test_the_images_migration_upgrades_a_database_with_documents_and_is_idempotent(new_db):
+    """0015 on top of 0014: images link to the documents already there, their trigger queues embed_image jobs,
+    an application role may write them; re-running it changes nothing."""
+    url = new_db()
+    images_mig = _apply_below(url, 15)
+    with psycopg.connect(url, autocommit=True) as conn:
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+    assert images_mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        img = conn.execute("INSERT INTO pgsynapse.images (data, document_id) VALUES ('\\x89504e47', %s) RETURNING id",
+                           (doc,)).fetchone()[0]
+        with pytest.raises(psycopg.errors.CheckViolation, match="images_need_data_or_path"):
+            conn.execute("INSERT INTO pgsynapse.images (caption) VALUES ('neither bytes nor path')")
+        with conn.transaction():
+            conn.execute(images_mig.sql.encode())
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'embed_image' AND ref_id = %s",
+                            (img,)).fetchone()[0] == 1
+        assert conn.execute("SELECT has_column_privilege('pgsynapse_app', 'pgsynapse.images', 'data', 'INSERT'),"
+                            " has_column_privilege('pgsynapse_app', 'pgsynapse.images', 'status', 'UPDATE'),"
+                            " has_table_privilege('pgsynapse_app', 'pgsynapse.image_embeddings', 'INSERT')"
+                            ).fetchone() == (True, False, False)

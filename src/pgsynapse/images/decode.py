@@ -23,6 +23,9 @@ EXTENSIONS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", 
 
 # a truncated file is an error, never a half-grey picture
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# max_image_pixels (checked in decode(), before decoding) replaces Pillow's own bomb limit, which would refuse
+# images under a higher configured cap and word the error its own way
+Image.MAX_IMAGE_PIXELS = None
 
 # what the first bytes of common non-image uploads say, for a clearer "not an image" message
 _SIGNATURES = (
@@ -41,14 +44,17 @@ _SIGNATURES = (
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # decoded pixels are kept at most this size on their longer side (models look at a few hundred pixels):
+    # a batch of large photos holds megabytes, not gigabytes (JPEG is even decoded at reduced scale)
+    keep_side: int = 1024
 
 
 @dataclass
 class Decoded:
-    image: Image.Image  # RGB, EXIF orientation applied, first frame of an animation
+    image: Image.Image  # RGB, EXIF orientation applied, first frame of an animation, at most keep_side
     format: str
     mime_type: str
-    width: int
+    width: int  # of the image as stored
     height: int
 
 
@@ -87,15 +93,19 @@ def decode(data: bytes, limits: ImageLimits) -> Decoded:
                              f"max_image_pixels={limits.max_pixels:,} (refused before decoding)")
         fmt = im.format or "unknown"
         try:
+            if fmt == "JPEG":
+                im.draft("RGB", (limits.keep_side, limits.keep_side))  # DCT scaling: decode at 1/2, 1/4, 1/8
             im.load()
             im = ImageOps.exif_transpose(im)
+            if max(im.size) > limits.keep_side:
+                im.thumbnail((limits.keep_side, limits.keep_side), Image.Resampling.BICUBIC)
             rgb = _to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InputError(f"image refused while decoding: {exc}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             text = " ".join(str(exc).split()) or type(exc).__name__
             raise InputError(f"truncated or corrupt {fmt} image: {text}") from None
-    return Decoded(rgb, fmt, MIME.get(fmt, f"image/{fmt.lower()}"), rgb.width, rgb.height)
+    return Decoded(rgb, fmt, MIME.get(fmt, f"image/{fmt.lower()}"), width, height)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

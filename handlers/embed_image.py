@@ -1,0 +1,158 @@
+"""The ``embed_image`` job: decode an image row (limits checked before decoding) and embed it with every image
+model being served (the active one of each kind and the candidates being built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import InputError
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
+from pgsynapse.images.decode import Decoded, ImageLimits, decode, read_image_file
+from pgsynapse.images.encoders import ImageModelCache
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+def sql(name: str) -> str:
+    return q(name, "images.sql")
+
+
+@dataclass
+class ImageWork:
+    job: Job
+    content_hash: str
+    data: bytes | None
+    path: str | None
+    decoded: Decoded | None = None
+
+
+@dataclass
+class ImageResult:
+    content_hash: str
+    width: int
+    height: int
+    mime_type: str
+    vectors: dict[int, np.ndarray]  # image model id -> (dim,)
+
+
+class EmbedImageHandler(Handler[ImageWork]):
+    kind = "embed_image"
+
+    def __init__(self, settings: Settings, models: ModelCache) -> None:
+        self.settings = settings
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.image_models = ImageModelCache(threads=settings.torch_threads)
+        self.serving: list[dict[str, Any]] = []
+
+    async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
+        self.serving = list(await (await conn.execute(sql("image_models_serving"))).fetchall())
+        self.image_models.evict_except(self.serving)
+
+    def embedders(self) -> list[Any]:
+        """Load every served image model (the worker calls this at start, so the first image waits for nothing)."""
+        return [self.image_models.get(r) for r in self.serving]
+
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[ImageWork], list[Outcome]]:
+        await self.refresh_versions(conn)
+        cur = await conn.execute(sql("load_images"), {"ids": [j.ref_id for j in jobs],
+                                                      "max_bytes": self.settings.max_image_bytes})
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        work, known = [], []
+        for job in jobs:
+            row = rows.get(job.ref_id)
+            if row is None:
+                known.append(Outcome(job, skip_reason="image deleted"))
+            elif not self.serving:
+                # the row stays pending: registering a model queues every image again (image-model add)
+                known.append(Outcome(job, skip_reason="no image model registered (pgsynapse image-model add PATH)"))
+            elif row["path"] is None and row["data"] is None:
+                known.append(input_error(job, InputError(
+                    f"image has {row['bytes']:,} bytes, over max_image_bytes={self.settings.max_image_bytes:,}")))
+            else:
+                work.append(ImageWork(job, row["content_hash"], row["data"], row["path"]))
+        if not self.serving and jobs:
+            log.warning("images_waiting_for_model", n=len(jobs), hint="pgsynapse image-model add PATH")
+        return work, known
+
+    def compute(self, work: list[ImageWork]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        decoded: list[ImageWork] = []
+        for item in work:
+            try:
+                data = item.data if item.data is not None else read_image_file(
+                    item.path or "", self.settings.image_roots, self.limits)
+                item.decoded = decode(bytes(data), self.limits)
+                decoded.append(item)
+            except InputError as exc:
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False)
+            except Exception as exc:  # noqa: BLE001 - one row's error is that row's error
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc))
+        models = self.embedders()
+        for item, res in zip(decoded, isolate(lambda items: self._encode(items, models), decoded), strict=True):
+            if isinstance(res, BaseException):
+                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=not isinstance(res, InputError))
+            else:
+                outcomes[item.job.id] = Outcome(item.job, result=res)
+            item.decoded = None  # the pixels are not needed past here
+        return [outcomes[item.job.id] for item in work]
+
+    def _encode(self, items: list[ImageWork], models: list[Any]) -> list[ImageResult]:
+        images = [item.decoded.image for item in items if item.decoded]
+        by_model = {m.spec.id: m.encode_images(images, self.settings.image_batch_size) for m in models}
+        out = []
+        for i, item in enumerate(items):
+            d = item.decoded
+            assert d is not None
+            vectors = {mid: arr[i] for mid, arr in by_model.items()}
+            for mid, v in vectors.items():
+                if not np.isfinite(v).all():
+                    raise ValueError(f"image model {mid} produced non-finite values")
+            out.append(ImageResult(item.content_hash, d.width, d.height, d.mime_type, vectors))
+        return out
+
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        if not outcomes:
+            return report
+        cur = await conn.execute(sql("lock_images"), {"ids": [o.job.ref_id for o in outcomes]})
+        current = {r["id"]: r["content_hash"] for r in await cur.fetchall()}
+        fresh = []
+        for o in outcomes:
+            if current.get(o.job.ref_id) == o.result.content_hash:
+                fresh.append(o)
+            else:  # changed or deleted while we computed: a newer job has the new content
+                report.superseded.append(o.job.id)
+        if not fresh:
+            return report
+        ids = [o.job.ref_id for o in fresh]
+        await conn.execute(sql("delete_image_embeddings"), {"ids": ids})
+        async with conn.cursor() as c:
+            async with c.copy("COPY pgsynapse.image_embeddings (image_id, model_id, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "int4", "vector"])
+                for o in fresh:
+                    for mid, vec in o.result.vectors.items():
+                        await copy.write_row((o.job.ref_id, mid, vec))
+        res = [o.result for o in fresh]
+        await conn.execute(sql("mark_images_embedded"), {
+            "ids": ids, "widths": [r.width for r in res], "heights": [r.height for r in res],
+            "mimes": [r.mime_type for r in res]})
+        report.written.extend(o.job.id for o in fresh)
+        return report
+
+    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        cur = await conn.execute(sql("mark_image_failed"), {"id": job.ref_id, "error": error})
+        if cur.rowcount:
+            await conn.execute(sql("notify_images"), {"ids": [job.ref_id], "status": "failed"})
+
+    async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
+        ids = [jobs[j].ref_id for j in report.written]
+        if ids:
+            await conn.execute(sql("notify_images"), {"ids": ids, "status": "embedded"})

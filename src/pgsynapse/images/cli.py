@@ -1,0 +1,76 @@
+"""The image commands behind the CLI: ``image-model add|list|promote|retire`` and ``search --images`` /
+``search --like-image``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+
+import anyio
+
+from pgsynapse.config import Settings
+from pgsynapse.db import Database, aconnect
+from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.images import registry
+from pgsynapse.images.decode import ImageLimits
+from pgsynapse.images.encoders import ImageModelCache
+from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
+
+
+def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int:
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        if args.image_command == "add":
+            row = registry.add(conn, args.path, name=args.name, kind=args.kind)
+            print(f"image model {row['id']} ({row['kind']}, {row['dim']}-d, {row['runtime']}): {row['status']}; "
+                  f"{row['queued']} images queued for it")
+        elif args.image_command == "list":
+            rows = registry.list_models(conn)
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+            elif not rows:
+                print("no image models: pgsynapse image-model add PATH")
+            for r in rows:
+                print(f"{r['id']:>3}  {r['status']:<9} {r['kind']:<5} {r['dim']:>5}-d {r['runtime']:<5} "
+                      f"{r['vectors']:>8} vectors  {r['name']}  ({r['artifact_path']})")
+        elif args.image_command == "promote":
+            r = registry.promote(conn, args.model)
+            print(f"image model {r['active']} is the active {r['kind']} model (was {r['previous']})")
+        elif args.image_command == "retire":
+            n = registry.retire(conn, args.model)
+            print(f"image model {args.model} retired, {n} vectors deleted")
+    return 0
+
+
+def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    models = ImageModelCache(threads=settings.torch_threads)
+    if args.like_image:
+        try:
+            data = Path(args.like_image).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {args.like_image}: {exc.strerror or exc}") from None
+    elif not args.text:
+        raise PgsynapseError("search --images needs a text to search for")
+
+    async def go(url: str) -> list[ImageHit]:
+        conn = await aconnect(url, autocommit=True)
+        try:
+            if args.like_image:
+                return await search_by_image(conn, models, data, k=args.k, model=args.image_model, limits=limits)
+            return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model)
+        finally:
+            await conn.close()
+
+    with Database(settings) as db:
+        hits = anyio.run(go, db.url)
+    if not hits:
+        print("no results: no image is embedded yet (is `pgsynapse run` running?)")
+    for i, h in enumerate(hits, 1):
+        where = h.path or f"image {h.image_id}"
+        doc = f"  document {h.document_id}: {h.document_title}" if h.document_id else ""
+        print(f"{i}. {h.score:.3f}  {where}  {h.width}x{h.height} {h.mime_type or ''}{doc}")
+        if h.caption:
+            print(textwrap.indent(textwrap.shorten(h.caption, 200), "   "))
+    return 0

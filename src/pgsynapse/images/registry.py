@@ -1,0 +1,83 @@
+"""The image model registry (``pgsynapse.image_models``): add a model by path, promote, retire, list.
+
+A model's lifecycle: ``add`` registers it (the first of its kind is active at once, later ones are candidates)
+and queues every image for it; the worker embeds each image with every active and candidate model; ``promote``
+switches searches to a candidate only once it has a vector for every image that can have one, so a search never
+sees a half-built model; ``retire`` drops a non-active model's vectors and index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse.errors import ModelError, PgsynapseError
+from pgsynapse.images.encoders import probe
+from pgsynapse.queries import q
+
+
+def sql(name: str) -> str:
+    return q(name, "images.sql")
+
+
+def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, kind: str | None = None) -> dict[str, Any]:
+    """Register the model at ``path`` (loaded once here to learn its kind and dimension) and queue every image for
+    it. Returns its row, with ``queued``: the images queued."""
+    path = Path(path).expanduser().resolve()
+    found, runtime, dim = probe(path)
+    if kind is not None and kind != found:
+        raise ModelError(f"{path} holds a {found!r} model, not {kind!r}")
+    with conn.transaction():
+        row = conn.execute(sql("insert_image_model"), {"name": name or path.name, "kind": found, "path": str(path),
+                                                       "runtime": runtime, "dim": dim, "metrics": Jsonb({})}).fetchone()
+        conn.execute("SELECT pgsynapse.ensure_image_index(%s)", (row["id"],))
+        queued = conn.execute(sql("enqueue_all_images"), {"model": row["id"]}).fetchone()["n"]
+    return {**row, "queued": queued}
+
+
+def get(conn: psycopg.Connection, model: int) -> dict[str, Any]:
+    row = conn.execute(sql("image_model_by_id"), {"id": model}).fetchone()
+    if row is None:
+        raise PgsynapseError(f"no image model {model} (pgsynapse image-model list)")
+    return row
+
+
+def progress(conn: psycopg.Connection, model: int) -> tuple[int, int]:
+    row = conn.execute(sql("image_model_progress"), {"model": model}).fetchone()
+    return row["embedded"], row["total"]
+
+
+def promote(conn: psycopg.Connection, model: int) -> dict[str, Any]:
+    """Make a candidate the active model of its kind, once its vectors are complete."""
+    row = get(conn, model)
+    if row["status"] != "candidate":
+        raise PgsynapseError(f"image model {model} is {row['status']}, only a candidate can be promoted")
+    with conn.transaction():
+        conn.execute("LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE")
+        done, total = progress(conn, model)
+        if done < total:
+            raise PgsynapseError(f"image model {model} has vectors for {done:,} of {total:,} images: wait until the "
+                                 "worker has embedded them all (pgsynapse status), then promote")
+        prev = conn.execute("UPDATE pgsynapse.image_models SET status = 'candidate' WHERE kind = %s AND status = 'active'"
+                            " RETURNING id", (row["kind"],)).fetchone()
+        conn.execute("UPDATE pgsynapse.image_models SET status = 'active', activated_at = now() WHERE id = %s", (model,))
+    return {"active": model, "previous": prev["id"] if prev else None, "kind": row["kind"]}
+
+
+def retire(conn: psycopg.Connection, model: int) -> int:
+    """Retire a non-active model: its vectors and its index are dropped. Returns the vectors deleted."""
+    row = get(conn, model)
+    if row["status"] == "active":
+        raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first")
+    with conn.transaction():
+        conn.execute(sql("retire_image_model"), {"id": model})
+        n = conn.execute(sql("delete_image_model_vectors"), {"id": model}).rowcount
+        conn.execute(f"DROP INDEX IF EXISTS pgsynapse.image_embeddings_hnsw_m{int(model)}")
+    return n
+
+
+def list_models(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return list(conn.execute(sql("list_image_models")).fetchall())

@@ -1,0 +1,73 @@
+"""Image search: by text (a CLIP model's text tower) and by example image (any image model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector_async
+
+from pgsynapse.errors import PgsynapseError
+from pgsynapse.images.decode import ImageLimits, decode
+from pgsynapse.images.encoders import ImageModelCache
+from pgsynapse.queries import q
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    image_id: int
+    score: float
+    caption: str | None
+    path: str | None
+    mime_type: str | None
+    width: int | None
+    height: int | None
+    document_id: int | None
+    document_title: str | None
+
+
+async def model_row(conn: psycopg.AsyncConnection, kinds: list[str], model: int | None) -> dict[str, Any]:
+    if model is not None:
+        row = await (await conn.execute(q("image_model_by_id", "images.sql"), {"id": model})).fetchone()
+        if row is None:
+            raise PgsynapseError(f"no image model {model} (pgsynapse image-model list)")
+        if row["kind"] not in kinds:
+            raise PgsynapseError(f"image model {model} is an {row['kind']!r} model; this search needs {' or '.join(kinds)}")
+        if row["status"] == "retired":
+            raise PgsynapseError(f"image model {model} is retired: its vectors are gone")
+        return row
+    row = await (await conn.execute(q("active_image_model", "images.sql"), {"kinds": kinds})).fetchone()
+    if row is None:
+        need = "a CLIP model (text and image towers)" if kinds == ["clip"] else "an image model"
+        raise PgsynapseError(f"no active image model: this search needs {need}; register one with "
+                             "`pgsynapse image-model add PATH`")
+    return row
+
+
+async def _knn(conn: psycopg.AsyncConnection, row: dict[str, Any], vector: np.ndarray, k: int) -> list[ImageHit]:
+    await register_vector_async(conn)
+    sql = q("search_images", "images.sql").replace("{dim}", str(int(row["dim"])))
+    cur = await conn.execute(sql, {"query": vector, "model": row["id"], "k": k})
+    return [ImageHit(**r) for r in await cur.fetchall()]
+
+
+async def search_by_text(conn: psycopg.AsyncConnection, models: ImageModelCache, text: str, *, k: int = 5,
+                         model: int | None = None) -> list[ImageHit]:
+    """Images nearest to ``text`` in a CLIP model's shared space."""
+    row = await model_row(conn, ["clip"], model)
+    encoder = await anyio.to_thread.run_sync(models.get, row)
+    vector = (await anyio.to_thread.run_sync(encoder.encode_texts, [text]))[0]
+    return await _knn(conn, row, vector, k)
+
+
+async def search_by_image(conn: psycopg.AsyncConnection, models: ImageModelCache, data: bytes, *, k: int = 5,
+                          model: int | None = None, limits: ImageLimits = ImageLimits()) -> list[ImageHit]:
+    """Images most like the image ``data``: the active plain image encoder, else the active CLIP model."""
+    row = await model_row(conn, ["image", "clip"], model)
+    image = decode(data, limits).image
+    encoder = await anyio.to_thread.run_sync(models.get, row)
+    vector = (await anyio.to_thread.run_sync(encoder.encode_images, [image]))[0]
+    return await _knn(conn, row, vector, k)

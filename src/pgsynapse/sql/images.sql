@@ -1,0 +1,115 @@
+-- Images (migration 0015): the embed_image handler, the image model registry and image search.
+
+-- name: image_models_serving
+-- Every model images are embedded with: the active one of each kind and the candidates being built.
+SELECT id, name, kind, artifact_path, runtime, dim, status
+FROM pgsynapse.image_models WHERE status IN ('active', 'candidate') ORDER BY id;
+
+-- name: load_images
+-- An image over max_image_bytes comes without its bytes: it fails from its length, its data never fetched.
+SELECT id, content_hash, path, mime_type, octet_length(data) AS bytes,
+       CASE WHEN octet_length(data) <= %(max_bytes)s THEN data END AS data
+FROM pgsynapse.images WHERE id = ANY(%(ids)s);
+
+-- name: lock_images
+SELECT id, content_hash FROM pgsynapse.images WHERE id = ANY(%(ids)s) FOR UPDATE;
+
+-- name: delete_image_embeddings
+DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);
+
+-- name: mark_images_embedded
+UPDATE pgsynapse.images i
+SET status = 'embedded', error = NULL, embedded_hash = i.content_hash, embedded_at = now(),
+    width = u.width, height = u.height, mime_type = coalesce(i.mime_type, u.mime_type)
+FROM unnest(%(ids)s::bigint[], %(widths)s::int[], %(heights)s::int[], %(mimes)s::text[])
+     AS u (id, width, height, mime_type)
+WHERE i.id = u.id;
+
+-- name: mark_image_failed
+-- A job's final failure, unless the image was changed since (a pending job has its new content).
+UPDATE pgsynapse.images i SET status = 'failed', error = %(error)s
+WHERE i.id = %(id)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed_image' AND p.ref_id = i.id AND p.status = 'pending')
+RETURNING i.id;
+
+-- name: notify_images
+SELECT pg_notify('pgsynapse_images', json_build_object('id', i, 'status', %(status)s::text)::text)
+FROM unnest(%(ids)s::bigint[]) AS i;
+
+-- name: search_images
+SELECT i.id AS image_id, i.caption, i.path, i.mime_type, i.width, i.height, i.document_id,
+       d.title AS document_title, 1 - (e.embedding::vector({dim}) <=> %(query)s::vector({dim})) AS score
+FROM pgsynapse.image_embeddings e
+JOIN pgsynapse.images i ON i.id = e.image_id
+LEFT JOIN pgsynapse.documents d ON d.id = i.document_id
+WHERE e.model_id = %(model)s
+ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
+LIMIT %(k)s;
+
+-- name: active_image_model
+-- The model a search uses: the active one of the kind asked for (clip before image when either will do).
+SELECT id, name, kind, artifact_path, runtime, dim, status
+FROM pgsynapse.image_models
+WHERE status = 'active' AND kind = ANY(%(kinds)s)
+ORDER BY array_position(%(kinds)s::text[], kind)
+LIMIT 1;
+
+-- name: image_model_by_id
+SELECT id, name, kind, artifact_path, runtime, dim, status FROM pgsynapse.image_models WHERE id = %(id)s;
+
+-- name: insert_image_model
+-- The first model of its kind is active at once (there is nothing to switch from); later ones are candidates
+-- until `image-model promote`, which waits for their vectors to be complete.
+INSERT INTO pgsynapse.image_models (name, kind, artifact_path, runtime, dim, metrics, status, activated_at)
+SELECT %(name)s, %(kind)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s, s.status,
+       CASE WHEN s.status = 'active' THEN now() END
+FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.image_models WHERE kind = %(kind)s AND status = 'active')
+                  THEN 'candidate' ELSE 'active' END AS status) s
+RETURNING id, name, kind, artifact_path, runtime, dim, status;
+
+-- name: enqueue_all_images
+-- Every image not yet embedded by a model gets a job (a new model's backfill; deduplicated against pending jobs).
+WITH todo AS (
+    INSERT INTO pgsynapse.jobs (kind, ref_id)
+    SELECT 'embed_image', i.id FROM pgsynapse.images i
+    WHERE NOT EXISTS (SELECT 1 FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id AND e.model_id = %(model)s)
+      AND i.status <> 'failed'
+    ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING
+    RETURNING 1
+), n AS (SELECT count(*) AS n FROM todo)
+SELECT n, CASE WHEN n > 0 THEN pg_notify('pgsynapse_jobs', json_build_object('kind', 'embed_image', 'n', n)::text) END
+FROM n;
+
+-- name: image_model_progress
+-- How far a model's vectors are: images it has embedded, of those that can be (failed rows are not counted).
+SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM pgsynapse.image_embeddings e
+                                      WHERE e.image_id = i.id AND e.model_id = %(model)s)) AS embedded,
+       count(*) FILTER (WHERE i.status <> 'failed') AS total
+FROM pgsynapse.images i;
+
+-- name: list_image_models
+SELECT m.id, m.name, m.kind, m.runtime, m.dim, m.status, m.artifact_path, m.created_at, m.activated_at,
+       (SELECT count(*) FROM pgsynapse.image_embeddings e WHERE e.model_id = m.id) AS vectors
+FROM pgsynapse.image_models m ORDER BY m.id;
+
+
+-- name: retire_image_model
+UPDATE pgsynapse.image_models SET status = 'retired', retired_at = now()
+WHERE id = %(id)s AND status = 'candidate'
+RETURNING id;
+
+-- name: delete_image_model_vectors
+DELETE FROM pgsynapse.image_embeddings WHERE model_id = %(id)s;
+
+-- name: image_counts
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'embedded') AS embedded,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+FROM pgsynapse.images;
+
+-- name: document_images
+-- Images linked to documents (answers cite them beside the passages of those documents).
+SELECT id, document_id, caption, mime_type, width, height, path
+FROM pgsynapse.images
+WHERE document_id = ANY(%(ids)s) AND status = 'embedded'
+ORDER BY document_id, id;

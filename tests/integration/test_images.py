@@ -1,0 +1,177 @@
+"""Images: INSERT -> trigger -> NOTIFY -> embed_image -> searchable by text (CLIP) and by image, on real
+Postgres with real (tiny, test-built) models; the bad-image matrix; the image model registry."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.errors import PgsynapseError
+from pgsynapse.images import registry
+from pgsynapse.images.encoders import ImageModelCache
+from pgsynapse.images.search import search_by_image, search_by_text
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.image_models import COLOURS, coloured_image, png_bytes
+
+pytestmark = pytest.mark.anyio
+
+ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.images WHERE status = 'pending'"
+
+
+def _sync(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def insert_images(url: str, rows: list[dict]) -> list[int]:
+    """One INSERT statement for every row (one trigger run, one NOTIFY)."""
+    cols = ("data", "path", "mime_type", "caption", "document_id")
+    values = [tuple(r.get(c) for c in cols) for r in rows]
+    with _sync(url) as conn, conn.cursor() as cur:
+        placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(values))
+        cur.execute(f"INSERT INTO pgsynapse.images ({', '.join(cols)}) VALUES {placeholders} RETURNING id",
+                    [v for row in values for v in row])
+        return [r["id"] for r in cur.fetchall()]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_claiming(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG whose header says width x height (8-bit greyscale) with ``idat`` as its compressed pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, tiny_vit_path):
+    with _sync(db_url) as conn:
+        clip = registry.add(conn, tiny_clip_path, name="tiny-clip")
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Palette', 'Colours.') RETURNING id").fetchone()["id"]
+    assert (clip["kind"], clip["status"], clip["dim"], clip["queued"]) == ("clip", "active", 16, 0)
+    names = list(COLOURS)
+    rows = [{"data": png_bytes(coloured_image(c, seed=10 * i + j)), "caption": f"{c} #{j}",
+             "document_id": doc if c == "red" else None} for i, c in enumerate(names) for j in range(2)]
+    ids = insert_images(db_url, rows)
+    by_colour = {c: set(ids[2 * i : 2 * i + 2]) for i, c in enumerate(names)}
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        row = await (await conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, min(width) AS w, min(height) AS h,"
+            " min(mime_type) AS mime, (SELECT count(*) FROM pgsynapse.image_embeddings) AS vectors FROM pgsynapse.images")).fetchone()
+        assert row == {"embedded": 8, "w": 48, "h": 40, "mime": "image/png", "vectors": 8}
+        cache = ImageModelCache()
+        for colour in names:
+            hits = await search_by_text(conn, cache, f"a {colour} picture", k=2)
+            assert {h.image_id for h in hits} == by_colour[colour], (colour, hits)
+        red = await search_by_text(conn, cache, "a red picture", k=1)
+        assert red[0].document_id == doc and red[0].document_title == "Palette"
+
+        # an image encoder added later: a candidate, queued every image, embedded beside the CLIP vectors
+        with _sync(db_url) as sync:
+            vit = registry.add(sync, tiny_vit_path)
+            assert (vit["kind"], vit["status"], vit["queued"]) == ("image", "active", 8)  # first of its kind
+        await wait_until(conn, "SELECT count(*) = 16 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+        # by example: a JPEG re-encoding of one image finds that image first, with either model
+        target = ids[5]
+        copy = png_bytes(coloured_image(names[2], seed=21), fmt="JPEG")
+        for model in (None, clip["id"]):
+            hits = await search_by_image(conn, cache, copy, k=3, model=model)
+            assert hits[0].image_id == target, (model, hits)
+        await conn.close()
+
+
+async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip_path, tmp_path):
+    good = png_bytes(coloured_image("blue", seed=1))
+    zip_bomb = io.BytesIO()
+    with zipfile.ZipFile(zip_bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.png", b"\0" * 20_000_000)
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(good)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "fine.png").write_bytes(png_bytes(coloured_image("green", seed=2)))
+    bad = {
+        "empty": (b"", "empty image data"),
+        "truncated": (good[: len(good) // 2], "truncated or corrupt PNG image"),
+        "wrong_type": (b"%PDF-1.7 not a picture", "not an image in an allowed format"),
+        "zip_archive": (zip_bomb.getvalue(), "a ZIP archive"),
+        # the header alone says 100000 x 100000: refused before any pixel is decoded
+        "huge_dimensions": (png_claiming(100_000, 100_000, zlib.compress(b"\0" * 1000)), "over max_image_pixels"),
+        # a real decompression bomb: 60 KB that would inflate to 60 million pixels
+        "png_bomb": (png_claiming(10_000, 6_000, zlib.compress(b"\0" * 6_006_000 * 10, 9)), "refused before decoding"),
+        "too_many_bytes": (b"\x89PNG" + b"\0" * 300_000, "over max_image_bytes=250,000"),
+    }
+    rows = [{"data": good, "caption": "good 1"}]
+    rows += [{"data": data, "caption": name} for name, (data, _) in bad.items()]
+    rows += [{"path": str(outside), "caption": "outside_roots"}, {"path": str(allowed / "fine.png"), "caption": "path_ok"},
+             {"path": str(allowed / "missing.png"), "caption": "missing_file"}, {"data": good[::-1] + good, "caption": "garbage"},
+             {"data": png_bytes(coloured_image("red", seed=3), fmt="WEBP"), "caption": "webp"}]
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    insert_images(db_url, rows)
+    settings = fast_settings(db_url, kinds=("embed_image",), max_image_bytes=250_000, image_roots=(allowed,))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        got = {r["caption"]: r for r in await (await conn.execute(
+            "SELECT i.caption, i.status, i.error, i.mime_type, j.attempts, j.status AS job"
+            " FROM pgsynapse.images i JOIN pgsynapse.jobs j ON j.kind = 'embed_image' AND j.ref_id = i.id")).fetchall()}
+        await conn.close()
+    for name, (_, message) in bad.items():
+        assert got[name]["status"] == "failed" and message in got[name]["error"], (name, got[name])
+        assert got[name]["error"].startswith("InputError: ") and got[name]["attempts"] == 1, got[name]  # never retried
+    assert "outside image_roots" in got["outside_roots"]["error"]
+    assert "cannot read image file" in got["missing_file"]["error"]
+    assert got["garbage"]["status"] == "failed"
+    # the healthy neighbours of the same statement and batch were embedded
+    for name in ("good 1", "path_ok", "webp"):
+        assert got[name]["status"] == "embedded" and got[name]["error"] is None, got[name]
+    assert got["webp"]["mime_type"] == "image/webp"
+
+
+async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    [img] = insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=5)), "caption": "x"}])
+    async with running_worker(fast_settings(db_url, kinds=("embed_image",)), models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        first = await (await conn.execute("SELECT embedding::text AS e FROM pgsynapse.image_embeddings")).fetchone()
+        await conn.execute("UPDATE pgsynapse.images SET caption = 'renamed' WHERE id = %s", (img,))
+        await conn.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s",
+                           (png_bytes(coloured_image("yellow", seed=6)), img))
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.images WHERE id = %s", (img,),
+                         channel="pgsynapse_images")
+        second = await (await conn.execute("SELECT embedding::text AS e FROM pgsynapse.image_embeddings")).fetchone()
+        jobs = await (await conn.execute(
+            "SELECT count(*) AS n FROM pgsynapse.jobs WHERE kind = 'embed_image' AND ref_id = %s", (img,))).fetchone()
+        await conn.close()
+    assert first != second and jobs["n"] == 2  # the caption edit queued nothing
+
+
+def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
+    with _sync(db_url) as conn:
+        insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
+        first = registry.add(conn, tiny_clip_path)
+        second = registry.add(conn, tiny_clip_path, name="clip-2")
+        assert (first["status"], second["status"], second["queued"]) == ("active", "candidate", 0)  # already queued
+        with pytest.raises(PgsynapseError, match="has vectors for 0 of 1 images"):
+            registry.promote(conn, second["id"])
+        with pytest.raises(PgsynapseError, match="is active: promote another clip model first"):
+            registry.retire(conn, first["id"])
+        with pytest.raises(Exception, match="holds a 'image' model, not 'clip'"):
+            registry.add(conn, tiny_vit_path, kind="clip")
+        n = registry.retire(conn, second["id"])
+        assert n == 0 and registry.get(conn, second["id"])["status"] == "retired"
+        assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
+                                (f"image_embeddings_hnsw_m{second['id']}",)).fetchone()
+        assert conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
+                            (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
