@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import structlog.testing
 from PIL import Image
 
 from bench.common import ARTIFACTS, database, emit, machine, parser, pct, table
@@ -300,10 +301,16 @@ def insert_latency(args: argparse.Namespace, blobs: list[bytes], enc: ImageEncod
                             lat.append((time.perf_counter() - s) * 1000)
                 worker.request_stop()
 
-        anyio.run(run)
+        # the worker's own account of each batch (batch_processed: load + decode + encode, then + write)
+        with structlog.testing.capture_logs() as logs:
+            anyio.run(run)
+    batches = [e for e in logs if e["event"] == "batch_processed" and e.get("kind") == "embed_image"][5:]
     emit("images", "insert_to_embedding", runtime=runtime, n=len(lat), p50_ms=round(pct(lat, 50), 2),
          p95_ms=round(pct(lat, 95), 2), model_p50_ms=round(pct(model_ms, 50), 2),
-         p50_over_model_ms=round(pct(lat, 50) - pct(model_ms, 50), 2))
+         p50_over_model_ms=round(pct(lat, 50) - pct(model_ms, 50), 2),
+         worker_compute_p50_ms=round(pct([e["compute_ms"] for e in batches], 50), 2),
+         worker_total_p50_ms=round(pct([e["total_ms"] for e in batches], 50), 2),
+         worker_batches=len(batches))
 
 
 def main() -> None:
@@ -312,6 +319,8 @@ def main() -> None:
     p.add_argument("--speed-images", type=int, default=0, help="images of the speed runs (default 256, --quick 32)")
     p.add_argument("--rounds", type=int, default=0, help="speed rounds, median taken (default 3, --quick 1)")
     p.add_argument("--inserts", type=int, default=0, help="single-row INSERTs of the latency run (default 100, --quick 20; -1 skips it)")
+    p.add_argument("--parts", type=lambda v: v.split(","), default=["quality", "speed", "latency"],
+                   help="comma-separated parts to run (default quality,speed,latency)")
     args = p.parse_args()
     threads = args.threads or os.cpu_count() or 1
     import torch
@@ -321,12 +330,14 @@ def main() -> None:
     emit("images", "machine", **machine(), threads=threads)
     blobs, labels, _ = dataset(per_class)
     encoders = models(threads)
-    quality(encoders, blobs, labels)
+    if "quality" in args.parts:
+        quality(encoders, blobs, labels)
     rng = np.random.default_rng(0)
-    pick = rng.permutation(len(blobs))[: args.speed_images or (32 if args.quick else 256)]
-    speed(encoders, [blobs[i] for i in pick], args.rounds or (1 if args.quick else 3))
+    if "speed" in args.parts:
+        pick = rng.permutation(len(blobs))[: args.speed_images or (32 if args.quick else 256)]
+        speed(encoders, [blobs[i] for i in pick], args.rounds or (1 if args.quick else 3))
     n_insert = args.inserts or (20 if args.quick else 100)
-    if n_insert > 0:
+    if "latency" in args.parts and n_insert > 0:
         insert_latency(args, [blobs[i] for i in rng.permutation(len(blobs))], encoders["onnx"], "onnx", n_insert)
     table()
 
