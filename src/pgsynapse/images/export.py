@@ -9,6 +9,10 @@ same pixels). A CLIP export keeps ``"text_model"``: the source checkpoint, whose
 Before anything is written to ``dest``, both runtimes encode ``sample`` and the per-image cosine between their
 vectors is measured; an export whose minimum is under ``threshold`` (default 0.99) is refused with a ModelError
 and ``dest`` is left as it was.
+
+No INT8 variant: on EfficientNet-Lite0, ONNX Runtime's dynamic quantisation is slower than fp32, and static QDQ
+(1.04-1.27x fp32) changes the embedding (cosine 0.70 to fp32, 11 % of top-5 neighbours shared): BENCHMARKS.md,
+images (issue 22).
 """
 
 from __future__ import annotations
