@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS pgsynapse.images (
     -- exactly one of: the encoded bytes (png, jpeg, webp, gif, bmp, tiff), or a file path the worker may read
     data          bytea,
     path          text,
+    -- where it came from (pgsynapse ingest: the file's path relative to the ingested directory)
+    source        text,
     mime_type     text,
     caption       text,
     document_id   bigint REFERENCES pgsynapse.documents (id) ON DELETE SET NULL,
@@ -72,7 +74,7 @@ GRANT EXECUTE ON FUNCTION pgsynapse.ensure_image_index(int) TO pgsynapse_worker,
 
 -- An application writes images as it writes documents (only the columns it owns) and reads the results.
 GRANT SELECT, DELETE ON pgsynapse.images TO pgsynapse_app;
-GRANT INSERT (data, path, mime_type, caption, document_id, metadata),
-      UPDATE (data, path, mime_type, caption, document_id, metadata) ON pgsynapse.images TO pgsynapse_app;
+GRANT INSERT (data, path, source, mime_type, caption, document_id, metadata),
+      UPDATE (data, path, source, mime_type, caption, document_id, metadata) ON pgsynapse.images TO pgsynapse_app;
 GRANT USAGE ON SEQUENCE pgsynapse.images_id_seq TO pgsynapse_app;
 GRANT SELECT ON pgsynapse.image_embeddings, pgsynapse.image_models TO pgsynapse_app;

@@ -68,7 +68,7 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     if not hits:
         print("no results: no image is embedded yet (is `pgsynapse run` running?)")
     for i, h in enumerate(hits, 1):
-        where = h.path or f"image {h.image_id}"
+        where = h.source or f"image {h.image_id}"
         doc = f"  document {h.document_id}: {h.document_title}" if h.document_id else ""
         print(f"{i}. {h.score:.3f}  {where}  {h.width}x{h.height} {h.mime_type or ''}{doc}")
         if h.caption:
