@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgsynapse.client import Client, format_result
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.images import registry
 from pgsynapse.images.encoders import ImageModelCache
@@ -175,3 +176,29 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
                                 (f"image_embeddings_hnsw_m{second['id']}",)).fetchone()
         assert conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                             (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
+
+
+async def test_answers_cite_the_images_of_the_documents_they_cite(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        vacuum, wal = (conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s) RETURNING id", d).fetchone()["id"]
+                       for d in [("Routine Vacuuming", "VACUUM reclaims storage occupied by dead tuples. Run it regularly."),
+                                 ("Write-Ahead Log", "WAL records every change before it reaches the data files.")])
+    [diagram, _] = insert_images(db_url, [
+        {"data": png_bytes(coloured_image("red", seed=8)), "caption": "dead tuples before and after VACUUM", "document_id": vacuum},
+        {"data": png_bytes(coloured_image("blue", seed=9)), "caption": "the WAL buffers", "document_id": wal}])
+    settings = fast_settings(db_url, kinds=("embed", "embed_image", "answer"))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+        async with Client(db_url) as client:
+            result = await client.ask("How do I reclaim the storage of dead tuples?", timeout=60)
+        await conn.close()
+    assert result.status == "answered"
+    first = result.sources[0]
+    assert first["document_id"] == vacuum
+    assert first["images"] == [{"image_id": diagram, "caption": "dead tuples before and after VACUUM",
+                                "mime_type": "image/png", "width": 48, "height": 40, "source": None}]
+    assert all("images" not in s or s["document_id"] == wal for s in result.sources[1:])
+    assert f"image {diagram}: dead tuples before and after VACUUM (48x40 image/png)" in format_result(result)
