@@ -86,6 +86,16 @@ async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, 
         for model in (None, clip["id"]):
             hits = await search_by_image(conn, cache, copy, k=3, model=model)
             assert hits[0].image_id == target, (model, hits)
+        # in SQL: the images like one image (the active image encoder), joined to their documents (docs/sql.md)
+        similar = await (await conn.execute(
+            "SELECT s.image_id, d.title, s.similarity FROM pgsynapse.similar_images(%s, 4) s"
+            " LEFT JOIN pgsynapse.documents d ON d.id = s.document_id", (ids[0],))).fetchall()
+        exact = await (await conn.execute(
+            "SELECT e.image_id, 1 - (e.embedding <=> q.embedding) AS similarity FROM pgsynapse.image_embeddings q"
+            " JOIN pgsynapse.image_embeddings e ON e.model_id = q.model_id AND e.image_id <> q.image_id"
+            " WHERE q.model_id = %s AND q.image_id = %s ORDER BY e.embedding <=> q.embedding LIMIT 4", (vit["id"], ids[0]))).fetchall()
+        assert [r["image_id"] for r in similar] == [r["image_id"] for r in exact]
+        assert [r["title"] for r in similar if r["image_id"] == ids[1]] in ([], ["Palette"])
         await conn.close()
 
 
