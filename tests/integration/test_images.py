@@ -13,7 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.client import Client, format_result
-from pgsynapse.errors import PgsynapseError
+from pgsynapse.errors import ModelError, PgsynapseError
 from pgsynapse.images import registry
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
@@ -51,6 +51,10 @@ def png_claiming(width: int, height: int, idat: bytes) -> bytes:
 
 
 async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, tiny_vit_path):
+    conn = await aconn(db_url)
+    with pytest.raises(PgsynapseError, match="no active image model: this search needs a CLIP model"):
+        await search_by_text(conn, ImageModelCache(), "a red picture")
+    await conn.close()
     with _sync(db_url) as conn:
         clip = registry.add(conn, tiny_clip_path, name="tiny-clip")
         doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Palette', 'Colours.') RETURNING id").fetchone()["id"]
@@ -178,8 +182,10 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
             registry.promote(conn, second["id"])
         with pytest.raises(PgsynapseError, match="is active: promote another clip model first"):
             registry.retire(conn, first["id"])
-        with pytest.raises(Exception, match="holds a 'image' model, not 'clip'"):
+        with pytest.raises(ModelError, match="holds a 'image' model, not 'clip'"):
             registry.add(conn, tiny_vit_path, kind="clip")
+        with pytest.raises(ModelError, match="has neither pgsynapse_image.json nor a transformers config.json"):
+            registry.add(conn, tiny_vit_path.parent)
         n = registry.retire(conn, second["id"])
         assert n == 0 and registry.get(conn, second["id"])["status"] == "retired"
         assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",

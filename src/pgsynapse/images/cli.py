@@ -31,7 +31,7 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
                 print(json.dumps(rows, default=str, indent=2))
             elif not rows:
                 print("no image models: pgsynapse image-model add PATH")
-            for r in rows:
+            for r in [] if args.json else rows:
                 print(f"{r['id']:>3}  {r['status']:<9} {r['kind']:<5} {r['dim']:>5}-d {r['runtime']:<5} "
                       f"{r['vectors']:>8} vectors  {r['name']}  ({r['artifact_path']})")
         elif args.image_command == "promote":
