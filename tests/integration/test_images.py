@@ -4,9 +4,11 @@ Postgres with real (tiny, test-built) models; the bad-image matrix; the image mo
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -100,6 +102,15 @@ async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, 
             " WHERE q.model_id = %s AND q.image_id = %s ORDER BY e.embedding <=> q.embedding LIMIT 4", (vit["id"], ids[0]))).fetchall()
         assert [r["image_id"] for r in similar] == [r["image_id"] for r in exact]
         assert [r["title"] for r in similar if r["image_id"] == ids[1]] in ([], ["Palette"])
+        # the join examples of docs/sql.md, as written there
+        docs_sql = (Path(__file__).parents[2] / "docs" / "sql.md").read_text()
+        examples = re.findall(r"```sql\n(-- which documents have pictures like image 42.*?)```", docs_sql, re.S)[0]
+        first, second = (x.strip() for x in examples.replace("image 42", "image").split(";")[:2])
+        rows = await (await conn.execute(first.replace("similar_images(42", f"similar_images({ids[1]}"))).fetchall()
+        assert rows and {r["title"] for r in rows} == {"Palette"} and rows[0]["image_id"] == ids[0]
+        rows = await (await conn.execute(second)).fetchall()
+        assert len(rows) == 2 and {r["image_id"] for r in rows} == set(ids[:2])  # the red ones are linked
+        assert all(r["looks_like"] not in ids[:2] for r in rows)
         await conn.close()
 
 
