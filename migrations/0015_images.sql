@@ -56,19 +56,8 @@ CREATE TABLE IF NOT EXISTS pgsynapse.image_embeddings (
 );
 CREATE INDEX IF NOT EXISTS image_embeddings_image ON pgsynapse.image_embeddings (image_id);
 
--- One partial HNSW index per image model, as for text versions: models coexist, a switch never DROPs.
-CREATE OR REPLACE FUNCTION pgsynapse.ensure_image_index(model int) RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    d int;
-BEGIN
-    SELECT dim INTO STRICT d FROM pgsynapse.image_models WHERE id = model;
-    EXECUTE format(
-        'CREATE INDEX IF NOT EXISTS %I ON pgsynapse.image_embeddings USING hnsw ((embedding::vector(%s)) vector_cosine_ops) '
-        'WHERE model_id = %s',
-        'image_embeddings_hnsw_m' || model, d, model);
-END $$;
-REVOKE ALL ON FUNCTION pgsynapse.ensure_image_index(int) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgsynapse.ensure_image_index(int) TO pgsynapse_worker, pgsynapse_admin;
+-- One partial HNSW index per image model, as for text versions (ensure_image_index, images_v1.sql): models
+-- coexist, a switch never DROPs; a retired model's index is dropped by a trigger.
 
 -- The images most like one image, by the active model of the kind asked (image, else clip), through that model's
 -- HNSW index: SELECT d.title, s.* FROM pgsynapse.similar_images(42) s JOIN pgsynapse.documents d ON d.id = s.document_id

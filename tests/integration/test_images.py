@@ -19,6 +19,7 @@ from pgsynapse.errors import ModelError, PgsynapseError
 from pgsynapse.images import registry
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
+from pgsynapse.retry import retry_failed
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.image_models import COLOURS, coloured_image, png_bytes
 
@@ -161,6 +162,19 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
     for name in ("good 1", "path_ok", "webp"):
         assert got[name]["status"] == "embedded" and got[name]["error"] is None, got[name]
     assert got["webp"]["mime_type"] == "image/webp"
+
+    # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
+    with _sync(db_url) as conn:
+        assert retry_failed(conn, "embed_image") == {"embed_image": 10}
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 10
+    async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        row = await (await conn.execute("SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded,"
+                                        " bool_or(status = 'embedded' AND caption = 'outside_roots') AS fixed"
+                                        " FROM pgsynapse.images")).fetchone()
+        await conn.close()
+    assert row == {"embedded": 4, "fixed": True}
 
 
 async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_url, models, tiny_clip_path):

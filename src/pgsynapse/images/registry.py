@@ -83,8 +83,7 @@ def retire(conn: psycopg.Connection, model: int) -> int:
         raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first")
     with conn.transaction():
         _run(conn, sql("retire_image_model"), {"id": model})
-        n = _run(conn, sql("delete_image_model_vectors"), {"id": model}).rowcount
-        _run(conn, f"DROP INDEX IF EXISTS pgsynapse.image_embeddings_hnsw_m{int(model)}")
+        n = _run(conn, sql("delete_image_model_vectors"), {"id": model}).rowcount  # its index: a trigger drops it
     return n
 
 
