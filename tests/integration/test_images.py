@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.client import Client, format_result
 from pgsynapse.errors import ModelError, PgsynapseError
+from pgsynapse.handlers.embed_image import EmbedImageHandler
 from pgsynapse.images import registry
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
@@ -243,3 +244,32 @@ async def test_answers_cite_the_images_of_the_documents_they_cite(db_url, models
                                 "mime_type": "image/png", "width": 48, "height": 40, "source": None}]
     assert all("images" not in s or s["document_id"] == wal for s in result.sources[1:])
     assert f"image {diagram}: dead tuples before and after VACUUM (48x40 image/png)" in format_result(result)
+
+
+class PoisonedImageHandler(EmbedImageHandler):
+    """The real handler, with a model step that raises on any batch holding a 13-pixel-wide image (a fault
+    injected in the test, as tests/chaos/faulty_worker.py does for documents)."""
+
+    def _encode(self, items, models):
+        if any(item.decoded and item.decoded.width == 13 for item in items):
+            raise ValueError("model step failed on a 13-pixel-wide image")
+        return super()._encode(items, models)
+
+
+async def test_a_poisoned_image_is_bisected_out_of_its_batch(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    rows = [{"data": png_bytes(coloured_image("red", seed=i)), "caption": f"ok {i}"} for i in range(7)]
+    rows.insert(3, {"data": png_bytes(coloured_image("blue", seed=99, size=(13, 20))), "caption": "poisoned"})
+    insert_images(db_url, rows)
+    settings = fast_settings(db_url, kinds=("embed_image",), batch_size=8)
+    async with running_worker(settings, models, handlers={"embed_image": PoisonedImageHandler(settings, models)}):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        got = {r["caption"]: r for r in await (await conn.execute(
+            "SELECT i.caption, i.status, i.error, j.attempts FROM pgsynapse.images i"
+            " JOIN pgsynapse.jobs j ON j.kind = 'embed_image' AND j.ref_id = i.id")).fetchall()}
+        await conn.close()
+    assert got.pop("poisoned") == {"caption": "poisoned", "status": "failed", "attempts": 3,
+                                   "error": "ValueError: model step failed on a 13-pixel-wide image"}
+    assert {r["status"] for r in got.values()} == {"embedded"} and {r["attempts"] for r in got.values()} == {1}
