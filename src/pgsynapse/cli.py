@@ -112,6 +112,15 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("model", type=int)
     rt = isub.add_parser("retire", help="retire a non-active image model and drop its vectors")
     rt.add_argument("model", type=int)
+    ex = isub.add_parser("export", help="export a model's image tower to ONNX, check it agrees, register it as a candidate")
+    ex.add_argument("model", type=int)
+    ex.add_argument("--dest", help="directory of the export (default: DATA_DIR/models/image-<model>-onnx)")
+    ex.add_argument("--threshold", type=float, default=0.99, help="minimum per-image cosine to the source (default 0.99)")
+    ex.add_argument("--sample", type=int, default=64, help="embedded images the agreement is measured on (default 64)")
+    ef = isub.add_parser("import-efficientnet", help="build EfficientNet-Lite0 (extra images-efficientnet) as an image "
+                         "encoder directory and register it")
+    ef.add_argument("dest", help="directory to write it to")
+    ef.add_argument("--no-add", action="store_true", help="only build the directory")
 
 
 def _settings(args: argparse.Namespace):

@@ -4,20 +4,24 @@ Postgres with real (tiny, test-built) models; the bad-image matrix; the image mo
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import zipfile
 import zlib
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgsynapse.cli import _parser as cli_parser
 from pgsynapse.client import Client, format_result
 from pgsynapse.errors import ModelError, PgsynapseError
 from pgsynapse.handlers.embed_image import EmbedImageHandler
 from pgsynapse.images import registry
+from pgsynapse.images.cli import run_image_model_command
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
 from pgsynapse.retry import retry_failed
@@ -273,3 +277,34 @@ async def test_a_poisoned_image_is_bisected_out_of_its_batch(db_url, models, tin
     assert got.pop("poisoned") == {"caption": "poisoned", "status": "failed", "attempts": 3,
                                    "error": "ValueError: model step failed on a 13-pixel-wide image"}
     assert {r["status"] for r in got.values()} == {"embedded"} and {r["attempts"] for r in got.values()} == {1}
+
+
+async def test_onnx_export_of_an_image_tower_is_a_candidate_promoted_once_complete(db_url, models, tiny_vit_path,
+                                                                                  tmp_path, capsys):
+    with _sync(db_url) as conn:
+        vit = registry.add(conn, tiny_vit_path)
+    ids = insert_images(db_url, [{"data": png_bytes(coloured_image(c, seed=i))} for i, c in enumerate(list(COLOURS) * 2)])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+
+        def export() -> int:  # the CLI's command, in-process (its parser, its settings)
+            args = cli_parser().parse_args(["image-model", "export", str(vit["id"]), "--dest", str(tmp_path / "onnx")])
+            return run_image_model_command(args, settings)
+
+        assert await anyio.to_thread.run_sync(export) == 0
+        out = capsys.readouterr().out
+        assert f"onnx: registered image model {vit['id'] + 1} (candidate)" in out
+        report = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        assert report["sample"] == 8 and report["min_cosine"] >= 0.99
+        # the worker embeds every image with the candidate too; then it can be promoted
+        await wait_until(conn, "SELECT count(*) = 16 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as sync:
+        assert registry.promote(sync, vit["id"] + 1) == {"active": vit["id"] + 1, "previous": vit["id"], "kind": "image"}
+        assert registry.get(sync, vit["id"] + 1)["runtime"] == "onnx"
+    conn = await aconn(db_url)
+    hits = await search_by_image(conn, ImageModelCache(), png_bytes(coloured_image("blue", seed=2)), k=1)
+    await conn.close()
+    assert hits[0].image_id == ids[2] and hits[0].score > 0.999
