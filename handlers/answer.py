@@ -281,9 +281,16 @@ class AnswerHandler(Handler[AnswerWork]):
     # -- write ---------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
+        images = await self._document_images(conn, outcomes)
         for o in outcomes:
             r = o.result
             status, answer, guard = r["status"], r["answer"], r["guardrail"]
+            for src in answer.sources:  # a cited passage's document may have images: the answer cites them too
+                linked = images.get(src.get("document_id"))
+                if linked:
+                    src["images"] = linked
+                else:
+                    src.pop("images", None)
             # the stale-write guard: written only while the question is pending with the text it was loaded with
             cur = await conn.execute(q("write_answer", "answers.sql"), {
                 "id": o.job.ref_id, "status": status, "answer": answer.text, "sources": Jsonb(answer.sources),
@@ -299,6 +306,17 @@ class AnswerHandler(Handler[AnswerWork]):
             await conn.execute(q("notify_answer", "answers.sql"), {"id": o.job.ref_id, "status": status})
             report.written.append(o.job.id)
         return report
+
+    async def _document_images(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> dict[int, list[dict]]:
+        """The embedded images linked to the documents the answers cite, per document (at most 3 each)."""
+        ids = {s["document_id"] for o in outcomes for s in o.result["answer"].sources if s.get("document_id")}
+        out: dict[int, list[dict]] = {}
+        if ids:
+            for row in await (await conn.execute(q("document_images", "images.sql"), {"ids": list(ids)})).fetchall():
+                linked = out.setdefault(row.pop("document_id"), [])
+                if len(linked) < 3:
+                    linked.append({"image_id": row.pop("id"), **row})
+        return out
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS pgsynapse.images (
     -- exactly one of: the encoded bytes (png, jpeg, webp, gif, bmp, tiff), or a file path the worker may read
     data          bytea,
     path          text,
+    -- where it came from (pgsynapse ingest: the file's path relative to the ingested directory)
+    source        text,
     mime_type     text,
     caption       text,
     document_id   bigint REFERENCES pgsynapse.documents (id) ON DELETE SET NULL,
@@ -54,25 +56,41 @@ CREATE TABLE IF NOT EXISTS pgsynapse.image_embeddings (
 );
 CREATE INDEX IF NOT EXISTS image_embeddings_image ON pgsynapse.image_embeddings (image_id);
 
--- One partial HNSW index per image model, as for text versions: models coexist, a switch never DROPs.
-CREATE OR REPLACE FUNCTION pgsynapse.ensure_image_index(model int) RETURNS void LANGUAGE plpgsql AS $$
+-- One partial HNSW index per image model, as for text versions (ensure_image_index, images_v1.sql): models
+-- coexist, a switch never DROPs; a retired model's index is dropped by a trigger.
+
+-- The images most like one image, by the active model of the kind asked (image, else clip), through that model's
+-- HNSW index: SELECT d.title, s.* FROM pgsynapse.similar_images(42) s JOIN pgsynapse.documents d ON d.id = s.document_id
+CREATE OR REPLACE FUNCTION pgsynapse.similar_images(image bigint, k int DEFAULT 10, model int DEFAULT NULL)
+RETURNS TABLE (image_id bigint, document_id bigint, similarity double precision)
+LANGUAGE plpgsql STABLE AS $$  -- the caller's rights and search_path (which finds pgvector's type, as for any query)
 DECLARE
+    m int;
     d int;
 BEGIN
-    SELECT dim INTO STRICT d FROM pgsynapse.image_models WHERE id = model;
-    EXECUTE format(
-        'CREATE INDEX IF NOT EXISTS %I ON pgsynapse.image_embeddings USING hnsw ((embedding::vector(%s)) vector_cosine_ops) '
-        'WHERE model_id = %s',
-        'image_embeddings_hnsw_m' || model, d, model);
+    SELECT im.id, im.dim INTO m, d FROM pgsynapse.image_models im
+    WHERE (model IS NULL AND im.status = 'active') OR im.id = model
+    ORDER BY im.id = model DESC, im.kind = 'image' DESC
+    LIMIT 1;
+    IF m IS NULL THEN
+        RAISE EXCEPTION 'no active image model (pgsynapse image-model add PATH)';
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT e.image_id, i.document_id, 1 - (e.embedding::vector(%1$s) <=> q.embedding::vector(%1$s))'
+        ' FROM pgsynapse.image_embeddings q'
+        ' JOIN pgsynapse.image_embeddings e ON e.model_id = q.model_id AND e.image_id <> q.image_id'
+        ' JOIN pgsynapse.images i ON i.id = e.image_id'
+        ' WHERE q.model_id = $1 AND q.image_id = $2'
+        ' ORDER BY e.embedding::vector(%1$s) <=> q.embedding::vector(%1$s) LIMIT $3', d)
+    USING m, image, k;
 END $$;
-REVOKE ALL ON FUNCTION pgsynapse.ensure_image_index(int) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgsynapse.ensure_image_index(int) TO pgsynapse_worker, pgsynapse_admin;
+GRANT EXECUTE ON FUNCTION pgsynapse.similar_images(bigint, int, int) TO pgsynapse_app, pgsynapse_worker, pgsynapse_admin;
 
 -- pgsynapse:include images_v1.sql
 
 -- An application writes images as it writes documents (only the columns it owns) and reads the results.
 GRANT SELECT, DELETE ON pgsynapse.images TO pgsynapse_app;
-GRANT INSERT (data, path, mime_type, caption, document_id, metadata),
-      UPDATE (data, path, mime_type, caption, document_id, metadata) ON pgsynapse.images TO pgsynapse_app;
+GRANT INSERT (data, path, source, mime_type, caption, document_id, metadata),
+      UPDATE (data, path, source, mime_type, caption, document_id, metadata) ON pgsynapse.images TO pgsynapse_app;
 GRANT USAGE ON SEQUENCE pgsynapse.images_id_seq TO pgsynapse_app;
 GRANT SELECT ON pgsynapse.image_embeddings, pgsynapse.image_models TO pgsynapse_app;

@@ -4,6 +4,7 @@ transformers checkpoints, so they load through the same path as a user's model."
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
+from pgsynapse.images.encoders import Preprocess
 from pgsynapse.models import default_model_path
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 220), "yellow": (235, 220, 30)}
@@ -31,8 +33,6 @@ def coloured_image(colour: str, seed: int, size: tuple[int, int] = (48, 40)) -> 
 
 
 def png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
-    import io
-
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
@@ -55,8 +55,6 @@ def tiny_clip(path: Path, steps: int = 60) -> Path:
         projection_dim=16,
     )
     model = CLIPModel(cfg)
-    from pgsynapse.images.encoders import Preprocess
-
     path.mkdir(parents=True, exist_ok=True)
     _write_preprocessor(path)
     prep = Preprocess.load(path)

@@ -34,6 +34,40 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The owner-only DDL of the image registry, as model_versions_v1.sql does it for text versions: the worker and
+-- admin roles add and retire image models without owning the tables.
+CREATE OR REPLACE FUNCTION pgsynapse.ensure_image_index(model int) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
+DECLARE
+    d int;
+    vec name;
+BEGIN
+    SELECT dim INTO STRICT d FROM pgsynapse.image_models WHERE id = model;
+    SELECT n.nspname INTO STRICT vec
+    FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+    WHERE e.extname = 'vector';
+    EXECUTE format(
+        'CREATE INDEX IF NOT EXISTS %I ON pgsynapse.image_embeddings USING hnsw ((embedding::%I.vector(%s)) %I.vector_cosine_ops) '
+        'WHERE model_id = %s',
+        'image_embeddings_hnsw_m' || model, vec, d, vec, model);
+END $$;
+
+CREATE OR REPLACE FUNCTION pgsynapse.image_models_retired_v1() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
+BEGIN
+    EXECUTE format('DROP INDEX IF EXISTS pgsynapse.%I', 'image_embeddings_hnsw_m' || NEW.id);
+    RETURN NULL;
+END $$;
+
+REVOKE ALL ON FUNCTION pgsynapse.ensure_image_index(int), pgsynapse.image_models_retired_v1() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgsynapse.ensure_image_index(int) TO pgsynapse_worker, pgsynapse_admin;
+
+DROP TRIGGER IF EXISTS image_models_retired ON pgsynapse.image_models;
+CREATE TRIGGER image_models_retired
+    AFTER UPDATE OF status ON pgsynapse.image_models
+    FOR EACH ROW WHEN (NEW.status = 'retired' AND OLD.status IS DISTINCT FROM 'retired')
+    EXECUTE FUNCTION pgsynapse.image_models_retired_v1();
+
 -- new content puts the row back to pending; updated_at follows every change
 CREATE OR REPLACE FUNCTION pgsynapse.images_touch_v1() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

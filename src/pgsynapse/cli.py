@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model_version", type=int)
     tr.add_argument("percent", type=float)
-    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents")
+    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, png/jpeg/webp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
     ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
     ing.add_argument("--follow-timeout", type=float, help="give up following after this many seconds")
@@ -112,6 +112,15 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("model", type=int)
     rt = isub.add_parser("retire", help="retire a non-active image model and drop its vectors")
     rt.add_argument("model", type=int)
+    ex = isub.add_parser("export", help="export a model's image tower to ONNX, check it agrees, register it as a candidate")
+    ex.add_argument("model", type=int)
+    ex.add_argument("--dest", help="directory of the export (default: DATA_DIR/models/image-<model>-onnx)")
+    ex.add_argument("--threshold", type=float, default=0.99, help="minimum per-image cosine to the source (default 0.99)")
+    ex.add_argument("--sample", type=int, default=64, help="embedded images the agreement is measured on (default 64)")
+    ef = isub.add_parser("import-efficientnet", help="build EfficientNet-Lite0 (extra images-efficientnet) as an image "
+                         "encoder directory and register it")
+    ef.add_argument("dest", help="directory to write it to")
+    ef.add_argument("--no-add", action="store_true", help="only build the directory")
 
 
 def _settings(args: argparse.Namespace):
@@ -267,12 +276,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         with Database(settings) as db:
             ensure_schema(db, apply=False)
             with db.connect(autocommit=True) as conn:
-                report = ingest(conn, args.paths, max_chars=settings.max_document_chars, progress=progress)
+                report = ingest(conn, args.paths, max_chars=settings.max_document_chars,
+                                max_image_bytes=settings.max_image_bytes, progress=progress)
                 print(report.summary())
                 if args.follow:
                     follow(conn, report, progress=progress, timeout=args.follow_timeout)
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
-        return 1 if report.failed or report.embed_failed else 0
+                    if report.images_embedded is not None:
+                        print(f"images embedded: {report.images_embedded}, failed: {report.images_failed}")
+                    elif report.image_hashes:
+                        print("images wait for an image model: pgsynapse image-model add PATH")
+        return 1 if report.failed or report.embed_failed or report.images_failed else 0
     if args.command == "model":
         from pathlib import Path
 

@@ -174,6 +174,9 @@ def format_result(result: Result, *, answer: bool = True) -> str:
     for s in result.sources:
         where = s.get("source") or f"document {s['document_id']}"
         lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk {s['chunk_id']})")
+        for im in s.get("images") or []:  # images linked to the cited document
+            lines.append(f"       image {im['image_id']}: {im.get('caption') or im.get('source') or ''}"
+                         f" ({im.get('width')}x{im.get('height')} {im.get('mime_type') or ''})")
     if result.latency_ms is not None:
         by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
               else f"by model version {result.model_version_id}")

@@ -8,6 +8,8 @@ COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: eve
 
 Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
 cannot be read as text (binary, not UTF-8, corrupt PDF, empty) is skipped with its reason, never a crash.
+Images (png, jpeg, webp) go to ``pgsynapse.images``, linked to the document beside them
+(:mod:`pgsynapse.images.ingest`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,8 @@ from psycopg.rows import tuple_row
 from tqdm import tqdm
 
 from pgsynapse.errors import PgsynapseError
+from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS
+from pgsynapse.images.ingest import FileImage, flush_images, is_image
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
@@ -37,6 +42,7 @@ FORMATS = {
     ".html": "html", ".htm": "html", ".pdf": "pdf",
 }
 DOCUMENTS_CHANNEL = "pgsynapse_documents"
+IMAGES_CHANNEL = "pgsynapse_images"
 
 
 class FollowTimeout(PgsynapseError, TimeoutError):
@@ -69,12 +75,19 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
+    images: int = 0  # image files inserted
+    images_unchanged: int = 0
+    image_hashes: list[str] = field(default_factory=list)
     embedded: int | None = None  # set by follow
     embed_failed: int | None = None
+    images_embedded: int | None = None  # set by follow when an image model serves
+    images_failed: int | None = None
 
     def summary(self, limit: int = 20) -> str:
         lines = [f"{self.files} file(s): {self.inserted} inserted, {self.unchanged} unchanged (already stored), "
                  f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
+        if self.images or self.images_unchanged:
+            lines.append(f"images: {self.images} inserted, {self.images_unchanged} unchanged")
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
             if items:
                 lines.append(f"{title}:")
@@ -83,6 +96,8 @@ class IngestReport:
                     lines.append(f"  ... and {len(items) - limit} more")
         if self.embedded is not None:
             lines.append(f"embedded: {self.embedded}, embedding failed: {self.embed_failed}")
+        if self.images_embedded is not None:
+            lines.append(f"images embedded: {self.images_embedded}, failed: {self.images_failed}")
         return "\n".join(lines)
 
 
@@ -151,6 +166,7 @@ def ingest(
     batch_files: int = 200,
     batch_chars: int = 8_000_000,
     max_chars: int | None = None,
+    max_image_bytes: int = 20 * 1024 * 1024,
     progress: bool | None = None,
 ) -> IngestReport:
     """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY."""
@@ -158,10 +174,16 @@ def ingest(
     files = list(discover(paths))
     report.files = len(files)
     batch: list[FileDoc] = []
+    images: list[FileImage] = []
+    doc_sources: set[str] = set()
     with tqdm(total=len(files), unit="file", desc="ingest", disable=None if progress is None else not progress) as bar:
         for path, source in files:
             try:
-                batch.append(read_document(path, source, max_chars=max_chars))
+                if is_image(path.suffix):
+                    images.append(read_image(path, source, max_image_bytes))
+                else:
+                    batch.append(read_document(path, source, max_chars=max_chars))
+                    doc_sources.add(source)
             except SkipFile as exc:
                 report.skipped.append((source, str(exc)))
             except OSError as exc:
@@ -171,10 +193,31 @@ def ingest(
                 batch = []
             bar.update()
             bar.set_postfix(inserted=report.inserted, unchanged=report.unchanged, skipped=len(report.skipped))
+            if sum(len(im.data) for im in images) >= batch_chars:  # documents first: images link to them
+                _flush(conn, batch, report)
+                batch = []
+                _flush_images(conn, images, doc_sources, report)
+                images = []
         _flush(conn, batch, report)
+        _flush_images(conn, images, doc_sources, report)
     log.info("ingest_finished", files=report.files, inserted=report.inserted, unchanged=report.unchanged,
+             images=report.images, images_unchanged=report.images_unchanged,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
+
+
+def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise SkipFile(f"image of {size:,} bytes, over max_image_bytes={max_bytes:,}")
+    return FileImage(source, path.read_bytes(), IMAGE_EXTENSIONS[path.suffix.lower()])
+
+
+def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:
+    inserted, unchanged, hashes = flush_images(conn, images, doc_sources)
+    report.images += inserted
+    report.images_unchanged += unchanged
+    report.image_hashes += hashes
 
 
 def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport) -> None:
@@ -205,26 +248,37 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport)
 def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | None = None,
            timeout: float | None = None) -> IngestReport:
     """Wait until every ingested document (new or already stored) is embedded or failed, re-checking on each
-    ``pgsynapse_documents`` NOTIFY. ``conn`` must be in autocommit mode. ``timeout`` None waits for ever."""
-    import time
-
+    ``pgsynapse_documents`` NOTIFY; then the same for images, when an image model serves (without one they wait
+    for it). ``conn`` must be in autocommit mode. ``timeout`` None waits for ever."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     cur = conn.cursor(row_factory=tuple_row)
     ids = [r[0] for r in cur.execute(q("documents_by_hash", "ops.sql"), {"hashes": list(set(report.hashes))})]
-    conn.execute(f"LISTEN {DOCUMENTS_CHANNEL}")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with tqdm(total=len(ids), unit="doc", desc="embed", disable=None if progress is None else not progress) as bar:
+    report.embedded, report.embed_failed = _wait(conn, ids, q("follow_progress", "ops.sql"), DOCUMENTS_CHANNEL,
+                                                 "document", progress, deadline, timeout)
+    if report.image_hashes and cur.execute(q("image_models_serving_count", "images.sql")).fetchone()[0]:
+        ids = [r[0] for r in cur.execute(q("images_by_hash", "images.sql"), {"hashes": list(set(report.image_hashes))})]
+        report.images_embedded, report.images_failed = _wait(
+            conn, ids, q("follow_images", "images.sql"), IMAGES_CHANNEL, "image", progress, deadline, timeout)
+    return report
+
+
+def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: str, unit: str,
+          progress: bool | None, deadline: float | None, timeout: float | None) -> tuple[int, int]:
+    """Wait until none of ``ids`` is pending; ``progress_sql`` counts (embedded, failed, pending)."""
+    cur = conn.cursor(row_factory=tuple_row)
+    conn.execute(f"LISTEN {channel}")
+    with tqdm(total=len(ids), unit=unit, desc="embed", disable=None if progress is None else not progress) as bar:
         while True:
-            row = cur.execute(q("follow_progress", "ops.sql"), {"ids": ids}).fetchone()
+            row = cur.execute(progress_sql, {"ids": ids}).fetchone()
             embedded, failed, pending = row if row else (0, 0, 0)
             bar.update(embedded + failed - bar.n)
             if not pending:
                 break
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise FollowTimeout(f"{pending} document(s) still pending after {timeout}s: is `pgsynapse run` running?")
+                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: is `pgsynapse run` running?")
             # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
             for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
                 pass
-    conn.execute(f"UNLISTEN {DOCUMENTS_CHANNEL}")
-    report.embedded, report.embed_failed = embedded, failed
-    return report
+    conn.execute(f"UNLISTEN {channel}")
+    return embedded, failed

@@ -37,8 +37,10 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
             v["embedded_chunks"] = p["embedded"]
             v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
+    images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
+    image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
-            "model_events": recent_events(conn, 5)}
+            "model_events": recent_events(conn, 5), "images": images, "image_models": image_models}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -58,6 +60,15 @@ def render(snap: dict[str, Any]) -> str:
                          f"{v['traffic_percent']:g}% traffic, backfill {v.get('backfill', '-')}"
                          + (f", A/B {ab['cand_rated']} vs {ab['active_rated']} rated of {ab['min_rated']} needed"
                             if ab else ""))
+    im = snap.get("images") or {}
+    if sum(im.values()) or snap.get("image_models"):
+        lines.append(f"images         : {sum(im.values())} ({im['pending']} pending, {im['failed']} failed)")
+        embeddable = im["pending"] + im["embedded"]
+        for m in snap.get("image_models", []):
+            lines.append(f"image model {m['id']:<3}: {m['status']} {m['kind']} {m['name']} ({m['runtime']}, dim {m['dim']}), "
+                         f"{m['vectors']}/{embeddable} images embedded")
+        if not snap.get("image_models") and im["pending"]:
+            lines.append("                 images wait for an image model: pgsynapse image-model add PATH")
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]

@@ -28,6 +28,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- an image vector: keyed by the image content it was computed from (a changed image is embedded again, legitimately)
+CREATE OR REPLACE FUNCTION public.chaos_audit_image() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.chaos_writes (what, key)
+    SELECT 'image_embedding', concat_ws('/', n.image_id, n.model_id, i.content_hash)
+    FROM new_rows n JOIN pgsynapse.images i ON i.id = n.image_id;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER chaos_audit_image_embeddings AFTER INSERT ON pgsynapse.image_embeddings
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.chaos_audit_image();
 CREATE OR REPLACE TRIGGER chaos_audit_chunks AFTER INSERT ON pgsynapse.chunks
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.chaos_audit_insert();
 CREATE OR REPLACE TRIGGER chaos_audit_embeddings AFTER INSERT ON pgsynapse.embeddings

@@ -14,7 +14,8 @@ from psycopg.rows import dict_row
 
 AUDIT = Path(__file__).with_name("audit.sql")
 # the violations that count work done more than once (reported as `duplicated`); the others count lost work
-DUPLICATES = ("jobs_done_twice", "chunks_written_twice", "embeddings_written_twice", "answers_written_twice")
+DUPLICATES = ("jobs_done_twice", "chunks_written_twice", "embeddings_written_twice", "answers_written_twice",
+              "image_embeddings_written_twice")
 
 # each query counts rows that break "every job done exactly once, every row exactly one current result"
 VIOLATIONS: dict[str, str] = {
@@ -51,6 +52,22 @@ VIOLATIONS: dict[str, str] = {
         WHERE (SELECT count(*) FROM pgsynapse.jobs j WHERE j.kind = 'answer' AND j.ref_id = qu.id AND j.completions > 0)
               <> CASE WHEN qu.status = 'answered' THEN 1 ELSE 0 END
           AND qu.status IN ('answered', 'pending')""",
+    # an image whose latest content has no result while an image model serves (without one, images wait)
+    "images_not_current": """
+        SELECT count(*) FROM pgsynapse.images i
+        WHERE i.status <> 'failed' AND (i.status <> 'embedded' OR i.embedded_hash IS DISTINCT FROM i.content_hash)
+          AND EXISTS (SELECT 1 FROM pgsynapse.image_models m WHERE m.status IN ('active', 'candidate'))""",
+    # every embedded image has exactly one vector per serving image model (the primary key forbids two)
+    "images_missing_embeddings": """
+        SELECT count(*) FROM pgsynapse.images i CROSS JOIN pgsynapse.image_models m
+        WHERE i.status = 'embedded' AND m.status IN ('active', 'candidate')
+          AND NOT EXISTS (SELECT 1 FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id AND e.model_id = m.id)""",
+    # an image marked embedded that no job completed (a write outside the queue)
+    "images_embedded_without_a_job": """
+        SELECT count(*) FROM pgsynapse.images i
+        WHERE i.status = 'embedded'
+          AND (SELECT count(*) FROM pgsynapse.jobs j WHERE j.kind = 'embed_image' AND j.ref_id = i.id
+               AND j.completions > 0) < 1""",
     "jobs_running": "SELECT count(*) FROM pgsynapse.jobs WHERE status = 'running'",
     "jobs_pending": "SELECT count(*) FROM pgsynapse.jobs WHERE status = 'pending'",
     # completions is incremented in the transaction that completes the job: more than 1 = done twice
@@ -67,6 +84,9 @@ VIOLATIONS: dict[str, str] = {
     "answers_written_twice": """
         SELECT count(*) FROM (SELECT key FROM public.chaos_writes WHERE what = 'answer'
                               GROUP BY key HAVING count(*) > 1) x""",
+    "image_embeddings_written_twice": """
+        SELECT count(*) FROM (SELECT key FROM public.chaos_writes WHERE what = 'image_embedding'
+                              GROUP BY key HAVING count(*) > 1) x""",
     # a done job that was neither completed nor superseded/skipped on purpose
     "jobs_done_without_completion": """
         SELECT count(*) FROM pgsynapse.jobs WHERE status = 'done' AND completions = 0
@@ -82,14 +102,19 @@ SELECT (SELECT count(*) FROM public.chaos_writes) AS writes_audited, (SELECT cou
        (SELECT count(*) FROM pgsynapse.questions WHERE status = 'answered') AS questions_answered,
        (SELECT count(*) FROM pgsynapse.jobs) AS jobs,
        (SELECT count(*) FROM pgsynapse.jobs WHERE completions = 1) AS jobs_completed_once,
-       (SELECT count(*) FROM pgsynapse.jobs WHERE status = 'failed') AS jobs_failed
+       (SELECT count(*) FROM pgsynapse.jobs WHERE status = 'failed') AS jobs_failed,
+       (SELECT count(*) FROM pgsynapse.images) AS images,
+       (SELECT count(*) FROM pgsynapse.images WHERE status = 'failed') AS images_failed,
+       (SELECT count(*) FROM pgsynapse.image_embeddings) AS image_embeddings
 """
 
 # the condition a scenario waits for before checking: nothing queued, nothing in flight
 QUIET = """
 SELECT NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE status IN ('pending', 'running'))
    AND NOT EXISTS (SELECT 1 FROM pgsynapse.documents WHERE status = 'pending')
-   AND NOT EXISTS (SELECT 1 FROM pgsynapse.questions WHERE status = 'pending')"""
+   AND NOT EXISTS (SELECT 1 FROM pgsynapse.questions WHERE status = 'pending')
+   AND NOT EXISTS (SELECT 1 FROM pgsynapse.images WHERE status = 'pending'
+                   AND EXISTS (SELECT 1 FROM pgsynapse.image_models WHERE status IN ('active', 'candidate')))"""
 
 
 def _scalar(conn: psycopg.Connection | Any, sql: str) -> int:

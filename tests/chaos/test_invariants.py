@@ -30,3 +30,23 @@ def test_a_row_written_twice_is_counted_per_row(db_url):
     v = result["violations"]
     assert (v["chunks_written_twice"], v["embeddings_written_twice"], v["answers_written_twice"]) == (1, 0, 1)
     assert result["duplicated"] == 2
+
+
+def test_image_invariants_count_lost_and_duplicated_images(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        model = conn.execute("INSERT INTO pgsynapse.image_models (name, kind, artifact_path, dim, status)"
+                             " VALUES ('m', 'image', '/nowhere', 3, 'active') RETURNING id").fetchone()[0]
+        twice, waiting, unjobbed = (conn.execute("INSERT INTO pgsynapse.images (data) VALUES (%s) RETURNING id",
+                                                 (bytes([i]),)).fetchone()[0] for i in range(3))
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'done', completions = 1 WHERE ref_id = %s", (twice,))
+        conn.execute("DELETE FROM pgsynapse.jobs WHERE ref_id = %s", (unjobbed,))
+        for _ in range(2):  # what a second run of the same job does: delete the vector, write it again
+            conn.execute("DELETE FROM pgsynapse.image_embeddings WHERE image_id = %s", (twice,))
+            conn.execute("INSERT INTO pgsynapse.image_embeddings (image_id, model_id, embedding) VALUES (%s, %s, '[1,0,0]')",
+                         (twice, model))
+        conn.execute("UPDATE pgsynapse.images SET status = 'embedded', embedded_hash = content_hash WHERE id = ANY(%s)",
+                     ([twice, unjobbed],))
+    v = check(db_url)["violations"]
+    assert (v["image_embeddings_written_twice"], v["images_not_current"], v["images_missing_embeddings"],
+            v["images_embedded_without_a_job"]) == (1, 1, 1, 1), v
+    assert waiting

@@ -115,7 +115,9 @@ def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     for needed in ["pgsynapse/migrations/0001_init.sql", "pgsynapse/triggers/documents_v1.sql",
                    "pgsynapse/listener/worker.py", "pgsynapse/handlers/embed.py", "pgsynapse/sql/queries.sql",
                    "pgsynapse/data/demo_corpus.jsonl.gz", "pgsynapse/cli.py", "pgsynapse/learning/train.py",
-                   "pgsynapse/sql/learning.sql", "pgsynapse/sql/answers.sql", "pgsynapse/handlers/answer.py"]:
+                   "pgsynapse/sql/learning.sql", "pgsynapse/sql/answers.sql", "pgsynapse/handlers/answer.py",
+                   "pgsynapse/images/decode.py", "pgsynapse/sql/images.sql", "pgsynapse/triggers/images_v1.sql",
+                   "pgsynapse/handlers/embed_image.py"]:
         assert needed in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

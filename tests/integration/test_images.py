@@ -4,18 +4,27 @@ Postgres with real (tiny, test-built) models; the bad-image matrix; the image mo
 from __future__ import annotations
 
 import io
+import json
+import re
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgsynapse.errors import PgsynapseError
+from pgsynapse.cli import _parser as cli_parser
+from pgsynapse.client import Client, format_result
+from pgsynapse.errors import ModelError, PgsynapseError
+from pgsynapse.handlers.embed_image import EmbedImageHandler
 from pgsynapse.images import registry
+from pgsynapse.images.cli import run_image_model_command
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
+from pgsynapse.retry import retry_failed
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.image_models import COLOURS, coloured_image, png_bytes
 
@@ -50,6 +59,10 @@ def png_claiming(width: int, height: int, idat: bytes) -> bytes:
 
 
 async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, tiny_vit_path):
+    conn = await aconn(db_url)
+    with pytest.raises(PgsynapseError, match="no active image model: this search needs a CLIP model"):
+        await search_by_text(conn, ImageModelCache(), "a red picture")
+    await conn.close()
     with _sync(db_url) as conn:
         clip = registry.add(conn, tiny_clip_path, name="tiny-clip")
         doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Palette', 'Colours.') RETURNING id").fetchone()["id"]
@@ -85,6 +98,25 @@ async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, 
         for model in (None, clip["id"]):
             hits = await search_by_image(conn, cache, copy, k=3, model=model)
             assert hits[0].image_id == target, (model, hits)
+        # in SQL: the images like one image (the active image encoder), joined to their documents (docs/sql.md)
+        similar = await (await conn.execute(
+            "SELECT s.image_id, d.title, s.similarity FROM pgsynapse.similar_images(%s, 4) s"
+            " LEFT JOIN pgsynapse.documents d ON d.id = s.document_id", (ids[0],))).fetchall()
+        exact = await (await conn.execute(
+            "SELECT e.image_id, 1 - (e.embedding <=> q.embedding) AS similarity FROM pgsynapse.image_embeddings q"
+            " JOIN pgsynapse.image_embeddings e ON e.model_id = q.model_id AND e.image_id <> q.image_id"
+            " WHERE q.model_id = %s AND q.image_id = %s ORDER BY e.embedding <=> q.embedding LIMIT 4", (vit["id"], ids[0]))).fetchall()
+        assert [r["image_id"] for r in similar] == [r["image_id"] for r in exact]
+        assert [r["title"] for r in similar if r["image_id"] == ids[1]] in ([], ["Palette"])
+        # the join examples of docs/sql.md, as written there
+        docs_sql = (Path(__file__).parents[2] / "docs" / "sql.md").read_text()
+        examples = re.findall(r"```sql\n(-- which documents have pictures like image 42.*?)```", docs_sql, re.S)[0]
+        first, second = (x.strip() for x in examples.replace("image 42", "image").split(";")[:2])
+        rows = await (await conn.execute(first.replace("similar_images(42", f"similar_images({ids[1]}"))).fetchall()
+        assert rows and {r["title"] for r in rows} == {"Palette"} and rows[0]["image_id"] == ids[0]
+        rows = await (await conn.execute(second)).fetchall()
+        assert len(rows) == 2 and {r["image_id"] for r in rows} == set(ids[:2])  # the red ones are linked
+        assert all(r["looks_like"] not in ids[:2] for r in rows)
         await conn.close()
 
 
@@ -136,6 +168,19 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
         assert got[name]["status"] == "embedded" and got[name]["error"] is None, got[name]
     assert got["webp"]["mime_type"] == "image/webp"
 
+    # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
+    with _sync(db_url) as conn:
+        assert retry_failed(conn, "embed_image") == {"embed_image": 10}
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 10
+    async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        row = await (await conn.execute("SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded,"
+                                        " bool_or(status = 'embedded' AND caption = 'outside_roots') AS fixed"
+                                        " FROM pgsynapse.images")).fetchone()
+        await conn.close()
+    assert row == {"embedded": 4, "fixed": True}
+
 
 async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_url, models, tiny_clip_path):
     with _sync(db_url) as conn:
@@ -167,11 +212,99 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
             registry.promote(conn, second["id"])
         with pytest.raises(PgsynapseError, match="is active: promote another clip model first"):
             registry.retire(conn, first["id"])
-        with pytest.raises(Exception, match="holds a 'image' model, not 'clip'"):
+        with pytest.raises(ModelError, match="holds a 'image' model, not 'clip'"):
             registry.add(conn, tiny_vit_path, kind="clip")
+        with pytest.raises(ModelError, match="has neither pgsynapse_image.json nor a transformers config.json"):
+            registry.add(conn, tiny_vit_path.parent)
         n = registry.retire(conn, second["id"])
         assert n == 0 and registry.get(conn, second["id"])["status"] == "retired"
         assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                                 (f"image_embeddings_hnsw_m{second['id']}",)).fetchone()
         assert conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                             (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
+
+
+async def test_answers_cite_the_images_of_the_documents_they_cite(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        vacuum, wal = (conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s) RETURNING id", d).fetchone()["id"]
+                       for d in [("Routine Vacuuming", "VACUUM reclaims storage occupied by dead tuples. Run it regularly."),
+                                 ("Write-Ahead Log", "WAL records every change before it reaches the data files.")])
+    [diagram, _] = insert_images(db_url, [
+        {"data": png_bytes(coloured_image("red", seed=8)), "caption": "dead tuples before and after VACUUM", "document_id": vacuum},
+        {"data": png_bytes(coloured_image("blue", seed=9)), "caption": "the WAL buffers", "document_id": wal}])
+    settings = fast_settings(db_url, kinds=("embed", "embed_image", "answer"))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+        async with Client(db_url) as client:
+            result = await client.ask("How do I reclaim the storage of dead tuples?", timeout=60)
+        await conn.close()
+    assert result.status == "answered"
+    first = result.sources[0]
+    assert first["document_id"] == vacuum
+    assert first["images"] == [{"image_id": diagram, "caption": "dead tuples before and after VACUUM",
+                                "mime_type": "image/png", "width": 48, "height": 40, "source": None}]
+    assert all("images" not in s or s["document_id"] == wal for s in result.sources[1:])
+    assert f"image {diagram}: dead tuples before and after VACUUM (48x40 image/png)" in format_result(result)
+
+
+class PoisonedImageHandler(EmbedImageHandler):
+    """The real handler, with a model step that raises on any batch holding a 13-pixel-wide image (a fault
+    injected in the test, as tests/chaos/faulty_worker.py does for documents)."""
+
+    def _encode(self, items, models):
+        if any(item.decoded and item.decoded.width == 13 for item in items):
+            raise ValueError("model step failed on a 13-pixel-wide image")
+        return super()._encode(items, models)
+
+
+async def test_a_poisoned_image_is_bisected_out_of_its_batch(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    rows = [{"data": png_bytes(coloured_image("red", seed=i)), "caption": f"ok {i}"} for i in range(7)]
+    rows.insert(3, {"data": png_bytes(coloured_image("blue", seed=99, size=(13, 20))), "caption": "poisoned"})
+    insert_images(db_url, rows)
+    settings = fast_settings(db_url, kinds=("embed_image",), batch_size=8)
+    async with running_worker(settings, models, handlers={"embed_image": PoisonedImageHandler(settings, models)}):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        got = {r["caption"]: r for r in await (await conn.execute(
+            "SELECT i.caption, i.status, i.error, j.attempts FROM pgsynapse.images i"
+            " JOIN pgsynapse.jobs j ON j.kind = 'embed_image' AND j.ref_id = i.id")).fetchall()}
+        await conn.close()
+    assert got.pop("poisoned") == {"caption": "poisoned", "status": "failed", "attempts": 3,
+                                   "error": "ValueError: model step failed on a 13-pixel-wide image"}
+    assert {r["status"] for r in got.values()} == {"embedded"} and {r["attempts"] for r in got.values()} == {1}
+
+
+async def test_onnx_export_of_an_image_tower_is_a_candidate_promoted_once_complete(db_url, models, tiny_vit_path,
+                                                                                  tmp_path, capsys):
+    with _sync(db_url) as conn:
+        vit = registry.add(conn, tiny_vit_path)
+    ids = insert_images(db_url, [{"data": png_bytes(coloured_image(c, seed=i))} for i, c in enumerate(list(COLOURS) * 2)])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+
+        def export() -> int:  # the CLI's command, in-process (its parser, its settings)
+            args = cli_parser().parse_args(["image-model", "export", str(vit["id"]), "--dest", str(tmp_path / "onnx")])
+            return run_image_model_command(args, settings)
+
+        assert await anyio.to_thread.run_sync(export) == 0
+        out = capsys.readouterr().out
+        assert f"onnx: registered image model {vit['id'] + 1} (candidate)" in out
+        report = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        assert report["sample"] == 8 and report["min_cosine"] >= 0.99
+        # the worker embeds every image with the candidate too; then it can be promoted
+        await wait_until(conn, "SELECT count(*) = 16 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as sync:
+        assert registry.promote(sync, vit["id"] + 1) == {"active": vit["id"] + 1, "previous": vit["id"], "kind": "image"}
+        assert registry.get(sync, vit["id"] + 1)["runtime"] == "onnx"
+    conn = await aconn(db_url)
+    hits = await search_by_image(conn, ImageModelCache(), png_bytes(coloured_image("blue", seed=2)), k=1)
+    await conn.close()
+    assert hits[0].image_id == ids[2] and hits[0].score > 0.999

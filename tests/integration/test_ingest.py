@@ -11,7 +11,10 @@ import psycopg
 import pytest
 
 from pgsynapse.ingest import follow, ingest, read_document
+from pgsynapse.images import registry
+from pgsynapse.images.ingest import document_for
 from tests.helpers import fast_settings, running_worker
+from tests.image_models import coloured_image, png_bytes
 
 SENTENCE = "Write-ahead logging keeps the database consistent after a crash by replaying the log."
 
@@ -67,13 +70,13 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
     first = _cli(db_url, str(tree))
     assert first.returncode == 0, first.stderr
-    assert "9 file(s): 4 inserted, 0 unchanged (already stored), 5 skipped, 0 failed" in first.stdout, first.stdout
+    assert "9 file(s): 4 inserted, 0 unchanged (already stored), 4 skipped, 0 failed" in first.stdout, first.stdout
+    assert "images: 1 inserted, 0 unchanged" in first.stdout  # photo.png: the worker judges its content
     reasons = dict(line.strip().split(": ", 1) for line in first.stdout.splitlines() if line.startswith("  "))
     assert reasons["blob.txt"] == "binary content (NUL bytes), not text"
     assert reasons["broken.pdf"].startswith("unreadable PDF")
     assert reasons["latin1.md"].startswith("not UTF-8 text (invalid byte 0xe9")
     assert reasons["empty.txt"] == "no text in it (empty)"
-    assert reasons["photo.png"] == "unsupported file type .png"
     assert reasons["empty.txt"] and "guide/.git" not in first.stdout and ".git/HEAD" not in first.stdout
 
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -92,10 +95,11 @@ def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
 
     second = _cli(db_url, str(tree), str(tree / "notes.txt"))
     assert second.returncode == 0, second.stderr
-    assert "10 file(s): 0 inserted, 5 unchanged (already stored), 5 skipped, 0 failed" in second.stdout, second.stdout
+    assert "10 file(s): 0 inserted, 5 unchanged (already stored), 4 skipped, 0 failed" in second.stdout, second.stdout
+    assert "images: 0 inserted, 1 unchanged" in second.stdout
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT content_hash) FROM pgsynapse.documents").fetchone() == (4, 4)
-        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs").fetchone() == (4,)
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs").fetchone() == (5,)  # 4 embed, 1 embed_image
 
 
 def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
@@ -144,3 +148,35 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     assert out.returncode == 1
     assert "1 inserted" in out.stdout
     assert "1 document(s) still pending after 0.5s: is `pgsynapse run` running?" in out.stderr
+
+
+def test_an_image_is_linked_to_the_document_beside_it():
+    docs = {"guide/vacuum.md", "guide/vacuum-full.md", "guide/index.html", "notes.txt"}
+    assert document_for("guide/vacuum.png", docs) == "guide/vacuum.md"
+    assert document_for("guide/vacuum_fig2.jpg", docs) == "guide/vacuum.md"
+    assert document_for("guide/vacuum-full-1.webp", docs) == "guide/vacuum-full.md"  # the longest name wins
+    assert document_for("guide/vacuumed.png", docs) is None  # a prefix, but not followed by - _ or .
+    assert document_for("vacuum.png", docs) is None  # another directory
+    assert document_for("notes.png", docs) == "notes.txt"
+
+
+@pytest.mark.anyio
+async def test_images_beside_documents_are_ingested_linked_and_embedded(db_url, tree, models, tiny_clip_path):
+    (tree / "guide" / "vacuum-diagram.png").write_bytes(png_bytes(coloured_image("red", seed=1)))
+    (tree / "guide" / "unrelated.webp").write_bytes(png_bytes(coloured_image("blue", seed=2), fmt="WEBP"))
+    (tree / "guide" / "photo.jpg").write_bytes(png_bytes(coloured_image("green", seed=3), fmt="JPEG"))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        registry.add(conn, tiny_clip_path)
+    async with running_worker(fast_settings(db_url, kinds=("embed", "embed_image")), models):
+        def go():
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                report = ingest(conn, [tree / "guide"], progress=False)
+                assert (report.inserted, report.images) == (2, 3)
+                return follow(conn, report, progress=False, timeout=120)
+
+        report = await anyio.to_thread.run_sync(go)
+    assert (report.images_embedded, report.images_failed) == (3, 0)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = dict(conn.execute("SELECT i.source, d.source FROM pgsynapse.images i"
+                                 " LEFT JOIN pgsynapse.documents d ON d.id = i.document_id").fetchall())
+    assert rows == {"vacuum-diagram.png": "vacuum.md", "unrelated.webp": None, "photo.jpg": None}

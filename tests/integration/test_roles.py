@@ -17,11 +17,13 @@ from pgsynapse.app import ask
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import next_notify
+from pgsynapse.images import registry as image_registry
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
 from pgsynapse.migrate import available, migrate
 from pgsynapse.search import search
 from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, running_worker, wait_until
+from tests.image_models import coloured_image, png_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +279,33 @@ def test_migrate_as_a_non_superuser_owner_then_an_app_role_writes(pg_url, new_db
             su.execute(f'DROP OWNED BY "{owner}"')
         with psycopg.connect(pg_url, autocommit=True) as su:
             su.execute(f'DROP ROLE "{owner}"')
+
+
+async def test_image_roles_an_app_writes_images_a_worker_embeds_them_an_admin_manages_models(
+        db_url, login_role, models, tiny_clip_path):
+    admin_url, app_url, worker_url = (login_role(r, db_url) for r in ("pgsynapse_admin", "pgsynapse_app", "pgsynapse_worker"))
+    with psycopg.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+        first = image_registry.add(admin, tiny_clip_path)
+        second = image_registry.add(admin, tiny_clip_path, name="second")
+    app = await aconn(app_url)
+    await app.execute("LISTEN pgsynapse_jobs")
+    ids = [(await (await app.execute(
+        "INSERT INTO pgsynapse.images (data, caption) VALUES (%s, %s) RETURNING id",
+        (png_bytes(coloured_image(c, seed=i)), c))).fetchone())["id"] for i, c in enumerate(["red", "blue"])]
+    assert (await _notified(app, "embed_image"))["n"] == 1
+    for sql in ("UPDATE pgsynapse.images SET status = 'embedded'",
+                "INSERT INTO pgsynapse.image_models (name, kind, artifact_path, dim) VALUES ('x', 'clip', '/x', 3)",
+                "INSERT INTO pgsynapse.image_embeddings (image_id, model_id, embedding) VALUES (1, 1, '[1,2,3]')",
+                "SELECT pgsynapse.ensure_image_index(1)"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await app.execute(sql)
+    async with running_worker(fast_settings(worker_url, kinds=("embed_image",)), models):
+        await wait_until(app, "SELECT count(*) = 0 FROM pgsynapse.images WHERE status = 'pending'", channel="pgsynapse_images")
+    rows = await (await app.execute("SELECT image_id FROM pgsynapse.similar_images(%s, 5)", (ids[0],))).fetchall()
+    assert [r["image_id"] for r in rows] == [ids[1]]
+    await app.close()
+    with psycopg.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+        assert image_registry.promote(admin, second["id"])["previous"] == first["id"]
+        assert image_registry.retire(admin, first["id"]) == 2  # its index goes with it (the owner's trigger)
+        assert not admin.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
+                                 (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()

@@ -14,8 +14,10 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database, aconnect
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images import registry
-from pgsynapse.images.decode import ImageLimits
+from pgsynapse.images.decode import ImageLimits, decode
+from pgsynapse.images.efficientnet import build as build_efficientnet
 from pgsynapse.images.encoders import ImageModelCache
+from pgsynapse.images.export import export_onnx
 from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
 
 
@@ -31,7 +33,7 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
                 print(json.dumps(rows, default=str, indent=2))
             elif not rows:
                 print("no image models: pgsynapse image-model add PATH")
-            for r in rows:
+            for r in [] if args.json else rows:
                 print(f"{r['id']:>3}  {r['status']:<9} {r['kind']:<5} {r['dim']:>5}-d {r['runtime']:<5} "
                       f"{r['vectors']:>8} vectors  {r['name']}  ({r['artifact_path']})")
         elif args.image_command == "promote":
@@ -40,6 +42,36 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
         elif args.image_command == "retire":
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")
+        elif args.image_command == "export":
+            return _export(conn, args, settings)
+        elif args.image_command == "import-efficientnet":
+            path = build_efficientnet(Path(args.dest))
+            print(f"EfficientNet-Lite0 written to {path}")
+            if not args.no_add:
+                row = registry.add(conn, path, name="efficientnet-lite0")
+                print(f"image model {row['id']} (image, {row['dim']}-d, torch): {row['status']}; "
+                      f"{row['queued']} images queued for it")
+    return 0
+
+
+def _export(conn, args: argparse.Namespace, settings: Settings) -> int:
+    """ONNX export of a model's image tower, checked on images of this database, registered as a candidate."""
+    row = registry.get(conn, args.model)
+    if row["runtime"] != "torch":
+        raise PgsynapseError(f"image model {args.model} already runs on {row['runtime']}")
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    sample = [decode(bytes(r["data"]), limits).image for r in conn.execute(
+        "SELECT data FROM pgsynapse.images WHERE status = 'embedded' AND data IS NOT NULL ORDER BY id LIMIT %s",
+        (args.sample,))]
+    if len(sample) < 4:
+        raise PgsynapseError(f"the agreement check needs at least 4 embedded images in the database, {len(sample)} "
+                             "found: insert or ingest some first")
+    dest = Path(args.dest) if args.dest else settings.data_dir / "models" / f"image-{args.model}-onnx"
+    report = export_onnx(Path(row["artifact_path"]), dest, sample=sample, threshold=args.threshold)
+    added = registry.add(conn, dest, name=f"{row['name']}-onnx")
+    print(json.dumps(report.as_dict()))
+    print(f"onnx: registered image model {added['id']} ({added['status']}): min cosine {report.min_cosine:.4f} over "
+          f"{report.sample} images; `pgsynapse image-model promote {added['id']}` once it has embedded every image")
     return 0
 
 
@@ -68,7 +100,7 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     if not hits:
         print("no results: no image is embedded yet (is `pgsynapse run` running?)")
     for i, h in enumerate(hits, 1):
-        where = h.path or f"image {h.image_id}"
+        where = h.source or f"image {h.image_id}"
         doc = f"  document {h.document_id}: {h.document_title}" if h.document_id else ""
         print(f"{i}. {h.score:.3f}  {where}  {h.width}x{h.height} {h.mime_type or ''}{doc}")
         if h.caption:

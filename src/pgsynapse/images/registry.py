@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import ModelError, PgsynapseError
-from pgsynapse.images.encoders import probe
 from pgsynapse.queries import q
 
 
@@ -23,30 +23,39 @@ def sql(name: str) -> str:
     return q(name, "images.sql")
 
 
+def _run(conn: psycopg.Connection, query: str, params: Any = None) -> psycopg.Cursor:
+    """Execute with rows as dicts, whatever the connection's own row factory."""
+    return conn.cursor(row_factory=dict_row).execute(query, params)
+
+
 def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """Register the model at ``path`` (loaded once here to learn its kind and dimension) and queue every image for
     it. Returns its row, with ``queued``: the images queued."""
+    # loading a model needs torch and transformers (seconds to import): only `add` pays for them, not list,
+    # promote or retire (the same deferral as the CLI's)
+    from pgsynapse.images.encoders import probe
+
     path = Path(path).expanduser().resolve()
     found, runtime, dim = probe(path)
     if kind is not None and kind != found:
         raise ModelError(f"{path} holds a {found!r} model, not {kind!r}")
     with conn.transaction():
-        row = conn.execute(sql("insert_image_model"), {"name": name or path.name, "kind": found, "path": str(path),
+        row = _run(conn, sql("insert_image_model"), {"name": name or path.name, "kind": found, "path": str(path),
                                                        "runtime": runtime, "dim": dim, "metrics": Jsonb({})}).fetchone()
-        conn.execute("SELECT pgsynapse.ensure_image_index(%s)", (row["id"],))
-        queued = conn.execute(sql("enqueue_all_images"), {"model": row["id"]}).fetchone()["n"]
+        _run(conn, "SELECT pgsynapse.ensure_image_index(%s)", (row["id"],))
+        queued = _run(conn, sql("enqueue_all_images"), {"model": row["id"]}).fetchone()["n"]
     return {**row, "queued": queued}
 
 
 def get(conn: psycopg.Connection, model: int) -> dict[str, Any]:
-    row = conn.execute(sql("image_model_by_id"), {"id": model}).fetchone()
+    row = _run(conn, sql("image_model_by_id"), {"id": model}).fetchone()
     if row is None:
         raise PgsynapseError(f"no image model {model} (pgsynapse image-model list)")
     return row
 
 
 def progress(conn: psycopg.Connection, model: int) -> tuple[int, int]:
-    row = conn.execute(sql("image_model_progress"), {"model": model}).fetchone()
+    row = _run(conn, sql("image_model_progress"), {"model": model}).fetchone()
     return row["embedded"], row["total"]
 
 
@@ -56,14 +65,14 @@ def promote(conn: psycopg.Connection, model: int) -> dict[str, Any]:
     if row["status"] != "candidate":
         raise PgsynapseError(f"image model {model} is {row['status']}, only a candidate can be promoted")
     with conn.transaction():
-        conn.execute("LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE")
+        _run(conn, "LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE")
         done, total = progress(conn, model)
         if done < total:
             raise PgsynapseError(f"image model {model} has vectors for {done:,} of {total:,} images: wait until the "
                                  "worker has embedded them all (pgsynapse status), then promote")
-        prev = conn.execute("UPDATE pgsynapse.image_models SET status = 'candidate' WHERE kind = %s AND status = 'active'"
+        prev = _run(conn, "UPDATE pgsynapse.image_models SET status = 'candidate' WHERE kind = %s AND status = 'active'"
                             " RETURNING id", (row["kind"],)).fetchone()
-        conn.execute("UPDATE pgsynapse.image_models SET status = 'active', activated_at = now() WHERE id = %s", (model,))
+        _run(conn, "UPDATE pgsynapse.image_models SET status = 'active', activated_at = now() WHERE id = %s", (model,))
     return {"active": model, "previous": prev["id"] if prev else None, "kind": row["kind"]}
 
 
@@ -73,11 +82,10 @@ def retire(conn: psycopg.Connection, model: int) -> int:
     if row["status"] == "active":
         raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first")
     with conn.transaction():
-        conn.execute(sql("retire_image_model"), {"id": model})
-        n = conn.execute(sql("delete_image_model_vectors"), {"id": model}).rowcount
-        conn.execute(f"DROP INDEX IF EXISTS pgsynapse.image_embeddings_hnsw_m{int(model)}")
+        _run(conn, sql("retire_image_model"), {"id": model})
+        n = _run(conn, sql("delete_image_model_vectors"), {"id": model}).rowcount  # its index: a trigger drops it
     return n
 
 
 def list_models(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    return list(conn.execute(sql("list_image_models")).fetchall())
+    return list(_run(conn, sql("list_image_models")).fetchall())

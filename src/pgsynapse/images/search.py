@@ -21,7 +21,7 @@ class ImageHit:
     image_id: int
     score: float
     caption: str | None
-    path: str | None
+    source: str | None  # its path, or where it was ingested from
     mime_type: str | None
     width: int | None
     height: int | None

@@ -37,7 +37,7 @@ SELECT pg_notify('pgsynapse_images', json_build_object('id', i, 'status', %(stat
 FROM unnest(%(ids)s::bigint[]) AS i;
 
 -- name: search_images
-SELECT i.id AS image_id, i.caption, i.path, i.mime_type, i.width, i.height, i.document_id,
+SELECT i.id AS image_id, i.caption, coalesce(i.path, i.source) AS source, i.mime_type, i.width, i.height, i.document_id,
        d.title AS document_title, 1 - (e.embedding::vector({dim}) <=> %(query)s::vector({dim})) AS score
 FROM pgsynapse.image_embeddings e
 JOIN pgsynapse.images i ON i.id = e.image_id
@@ -109,7 +109,29 @@ FROM pgsynapse.images;
 
 -- name: document_images
 -- Images linked to documents (answers cite them beside the passages of those documents).
-SELECT id, document_id, caption, mime_type, width, height, path
+SELECT id, document_id, caption, mime_type, width, height, coalesce(path, source) AS source
 FROM pgsynapse.images
 WHERE document_id = ANY(%(ids)s) AND status = 'embedded'
 ORDER BY document_id, id;
+
+-- name: existing_image_hashes
+-- Ingest's idempotency check for images: which of these contents are already stored.
+SELECT DISTINCT content_hash FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
+
+-- name: documents_by_source
+-- The newest document of each source (an image is linked to the document it sits beside).
+SELECT DISTINCT ON (source) source, id FROM pgsynapse.documents WHERE source = ANY(%(sources)s) ORDER BY source, id DESC;
+
+-- name: copy_images
+COPY pgsynapse.images (data, source, mime_type, document_id, metadata) FROM STDIN;
+
+-- name: images_by_hash
+SELECT id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
+
+-- name: follow_images
+SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'pending') AS pending
+FROM pgsynapse.images WHERE id = ANY(%(ids)s);
+
+-- name: image_models_serving_count
+SELECT count(*) FROM pgsynapse.image_models WHERE status IN ('active', 'candidate');

@@ -241,6 +241,9 @@ UPDATE pgsynapse.jobs
 SET status = 'done', finished_at = now(), last_error = 'superseded by a newer job (retry-failed)'
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
+-- name: retry_failed_images
+UPDATE pgsynapse.images SET status = 'pending', error = NULL WHERE id = ANY(%(ids)s) AND status = 'failed';
+
 -- name: retry_failed_documents
 -- The rows of requeued embed jobs go back to pending, their error cleared.
 UPDATE pgsynapse.documents SET status = 'pending', error = NULL

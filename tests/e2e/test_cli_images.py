@@ -1,0 +1,44 @@
+"""The image commands as a user runs them: add a model, ingest images beside documents, search by text and by
+image, status."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from tests.e2e.test_cli import pgsynapse
+from tests.helpers import fast_settings, running_worker
+from tests.image_models import coloured_image, png_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_image_commands_end_to_end(db_url, models, tiny_clip_path, tmp_path):
+    add = pgsynapse("image-model", "add", str(tiny_clip_path), "--name", "tiny-clip", url=db_url)
+    assert add.returncode == 0, add.stderr
+    assert "image model 1 (clip, 16-d, torch): active; 0 images queued for it" in add.stdout
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "palette.md").write_text("# Palette\n\nThe colours we use.\n")
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        (tmp_path / "docs" / f"palette-{colour}.png").write_bytes(png_bytes(coloured_image(colour, seed=i)))
+    (tmp_path / "query.jpg").write_bytes(png_bytes(coloured_image("blue", seed=2), fmt="JPEG"))
+
+    async with running_worker(fast_settings(db_url, kinds=("embed", "embed_image")), models):
+        ing = await anyio.to_thread.run_sync(lambda: pgsynapse(
+            "ingest", "--no-progress", "--follow", "--follow-timeout", "120", str(tmp_path / "docs"), url=db_url))
+    assert ing.returncode == 0, ing.stdout + ing.stderr
+    assert "images: 4 inserted, 0 unchanged" in ing.stdout and "images embedded: 4, failed: 0" in ing.stdout
+
+    by_text = pgsynapse("search", "--images", "a yellow picture", "-k", "1", url=db_url)
+    assert by_text.returncode == 0, by_text.stderr
+    assert by_text.stdout.startswith("1. ") and "palette-yellow.png  48x40 image/png  document 1: Palette" in by_text.stdout
+    like = pgsynapse("search", "--like-image", str(tmp_path / "query.jpg"), "-k", "1", url=db_url)
+    assert like.returncode == 0 and "palette-blue.png" in like.stdout, like.stdout + like.stderr
+    status = pgsynapse("status", url=db_url)
+    assert "images         : 4 (0 pending, 0 failed)" in status.stdout
+    assert "image model 1  : active clip tiny-clip (torch, dim 16), 4/4 images embedded" in status.stdout
+    listed = json.loads(pgsynapse("image-model", "list", "--json", url=db_url).stdout)
+    assert [(m["id"], m["status"], m["vectors"]) for m in listed] == [(1, "active", 4)]
