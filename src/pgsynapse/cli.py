@@ -119,8 +119,10 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--sample", type=int, default=64, help="embedded images the agreement is measured on (default 64)")
     ef = isub.add_parser("import-efficientnet", help="build EfficientNet-Lite0 (extra images-efficientnet) as an image "
                          "encoder directory and register it")
-    ef.add_argument("dest", help="directory to write it to")
-    ef.add_argument("--no-add", action="store_true", help="only build the directory")
+    ef.add_argument("dest", help="directory to write it to (DEST, and DEST-onnx for its ONNX runtime)")
+    ef.add_argument("--torch", action="store_true", help="register the TorchScript model, not its ONNX export "
+                    "(about 4x slower one image at a time on 2 cores: BENCHMARKS.md)")
+    ef.add_argument("--no-add", action="store_true", help="only build the directory (or directories)")
 
 
 def _settings(args: argparse.Namespace):

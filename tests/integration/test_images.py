@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import anyio
+import numpy as np
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -308,3 +309,20 @@ async def test_onnx_export_of_an_image_tower_is_a_candidate_promoted_once_comple
     hits = await search_by_image(conn, ImageModelCache(), png_bytes(coloured_image("blue", seed=2)), k=1)
     await conn.close()
     assert hits[0].image_id == ids[2] and hits[0].score > 0.999
+
+
+def test_import_efficientnet_registers_its_onnx_runtime(db_url, tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    settings = fast_settings(db_url)
+    args = cli_parser().parse_args(["image-model", "import-efficientnet", str(tmp_path / "effnet")])
+    assert run_image_model_command(args, settings) == 0
+    out = capsys.readouterr().out
+    assert "ONNX runtime written to" in out and "image model 1 (image, 1280-d, onnx): active" in out
+    with _sync(db_url) as conn:
+        row = registry.get(conn, 1)
+    assert (row["name"], row["artifact_path"]) == ("efficientnet-lite0-onnx", str(tmp_path / "effnet-onnx"))
+    # the pretrained features tell a photo's copy from other pictures
+    enc = ImageModelCache().get(row)
+    photos = [coloured_image(c, seed=i, size=(256, 240)) for i, c in enumerate(COLOURS)]
+    v = enc.encode_images(photos + [photos[1].rotate(3)])
+    assert int(np.argmax(v[:4] @ v[4])) == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,9 @@ class ImageEncoder:
             self._session = ort.InferenceSession(str(self.spec.path / self.info.get("file", "model.onnx")), opts,
                                                  providers=["CPUExecutionProvider"])
         elif fmt == "torchscript":
-            self._model = torch.jit.load(str(self.spec.path / self.info.get("file", "model.pt")), map_location="cpu").eval()
+            with warnings.catch_warnings():  # deprecated in favour of torch.export, still the portable format here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._model = torch.jit.load(str(self.spec.path / self.info.get("file", "model.pt")), map_location="cpu").eval()
         else:
             self._model = AutoModel.from_pretrained(str(self.spec.path), local_files_only=True).eval()
         if self.spec.kind == "clip":
