@@ -54,7 +54,7 @@ class SlowEmbedImageHandler(EmbedImageHandler):
     def compute(self, work):
         if SLOW_IMAGES:
             log.info("chaos_image_batch_computing", n=len(work), refs=[w.job.ref_id for w in work])
-            time.sleep(SLOW_IMAGES)
+            time.sleep(SLOW_IMAGES)  # the batch's own slowness, so a kill lands while it is leased; never a test's wait
         return super().compute(work)
 
 
