@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoTokenizer, CLIPModel
 
 from pgsynapse.errors import ModelError
 from pgsynapse.images.encoders import MANIFEST, ImageEncoder, ImageModelSpec, probe
@@ -73,3 +76,39 @@ def test_efficientnet_lite0_directory_and_its_onnx_export(tmp_path: Path) -> Non
     v = _encoder(tmp_path / "lite0-onnx", "image", "onnx").encode_images(
         [coloured_image("red", 1), coloured_image("red", 2), coloured_image("blue", 3)])
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+class _Towers(torch.nn.Module):
+    """One tower of a CLIP as ``forward(x) -> (N, D)``: what the open_clip conversion traces (docs/architecture.md)."""
+
+    def __init__(self, model, image: bool) -> None:
+        super().__init__()
+        self.model, self.image = model, image
+
+    def forward(self, x):
+        out = self.model.get_image_features(pixel_values=x) if self.image else self.model.get_text_features(input_ids=x)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def test_a_clip_given_as_two_torchscript_towers_matches_the_checkpoint(tmp_path: Path, tiny_clip_path: Path) -> None:
+    """The shape an open_clip checkpoint is converted to: image and text towers traced, a tokenizer, a manifest."""
+    model = CLIPModel.from_pretrained(str(tiny_clip_path)).eval()
+    out = tmp_path / "clip-ts"
+    out.mkdir()
+    tok = AutoTokenizer.from_pretrained(str(tiny_clip_path))
+    ids = tok(["a red picture"], padding="max_length", max_length=32, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        torch.jit.trace(_Towers(model, image=True), torch.zeros(2, 3, 32, 32)).save(str(out / "model.pt"))
+        torch.jit.trace(_Towers(model, image=False), ids).save(str(out / "text.pt"))
+    tok.save_pretrained(str(out / "tokenizer"))
+    shutil.copy2(tiny_clip_path / "preprocessor_config.json", out / "preprocessor_config.json")
+    (out / MANIFEST).write_text(json.dumps({"kind": "clip", "format": "torchscript", "file": "model.pt",
+                                            "text_file": "text.pt", "tokenizer": "tokenizer", "text_max_length": 32}))
+    assert probe(out) == ("clip", "torch", 16)
+    ts, ref = _encoder(out, "clip", "torch"), _encoder(tiny_clip_path, "clip", "torch")
+    texts = [f"a {c} picture" for c in COLOURS]
+    assert np.sum(ts.encode_texts(texts) * ref.encode_texts(texts), axis=1).min() > 0.9999
+    assert np.sum(ts.encode_images(SAMPLE) * ref.encode_images(SAMPLE), axis=1).min() > 0.9999
+    # and it still matches colour words to coloured images
+    images = ts.encode_images([coloured_image(c, seed=50 + i) for i, c in enumerate(COLOURS)])
+    assert list(np.argmax(ts.encode_texts(texts) @ images.T, axis=1)) == list(range(len(COLOURS)))

@@ -190,7 +190,9 @@ class ImageEncoder:
                 self._model = torch.jit.load(str(self.spec.path / self.info.get("file", "model.pt")), map_location="cpu").eval()
         else:
             self._model = AutoModel.from_pretrained(str(self.spec.path), local_files_only=True).eval()
-        if self.spec.kind == "clip":
+        if self.spec.kind == "clip" and self.info.get("text_file"):
+            self._text = TorchScriptTextTower(self.spec.path, self.info)
+        elif self.spec.kind == "clip":
             self._text = TextTower(Path(self.info.get("text_model") or self.spec.path),
                                    self._model if fmt == "transformers" else None)
 
@@ -248,6 +250,33 @@ class TextTower:
             batch.pop("token_type_ids", None)
             with self._lock, torch.inference_mode():
                 out.append(_features(self.model.get_text_features(**batch)).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+class TorchScriptTextTower:
+    """A CLIP text tower as a TorchScript file in a pgsynapse image directory, for checkpoints transformers cannot
+    load (open_clip's own format: docs/architecture.md shows the conversion). The manifest names ``text_file``
+    (token ids in, (N, D) out), ``tokenizer`` (a directory of tokenizer files, relative to the model's; default the
+    model's own), ``text_max_length`` (77), ``text_inputs`` (``["input_ids"]``, or with ``"attention_mask"``) and
+    ``text_pad_to_max_length`` (true: open_clip's text encoders expect the full context)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path / manifest.get("tokenizer", ".")), local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(str(path / manifest["text_file"]), map_location="cpu").eval()
+        self.max_length = int(manifest.get("text_max_length", 77))
+        self.inputs = list(manifest.get("text_inputs", ["input_ids"]))
+        self.padding = "max_length" if manifest.get("text_pad_to_max_length", True) else True
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[i : i + batch_size], padding=self.padding, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            with self._lock, torch.inference_mode():
+                out.append(self.model(*(batch[name] for name in self.inputs)).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
