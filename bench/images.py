@@ -34,13 +34,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import numpy as np
+import psycopg
 import structlog.testing
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
+from psycopg.rows import dict_row
 
 from bench.common import ARTIFACTS, database, emit, machine, parser, pct, table
+from pgsynapse.config import load_settings
+from pgsynapse.images import registry
 from pgsynapse.images.decode import ImageLimits, decode
+from pgsynapse.images.efficientnet import build
 from pgsynapse.images.encoders import ImageEncoder, ImageModelSpec, Preprocess
+from pgsynapse.images.export import export_onnx
+from pgsynapse.listener.worker import Worker
 
 CLASSES = ("nominal", "local", "global")
 K = 5
@@ -90,7 +101,8 @@ def thumbnails(images: list[Image.Image], side: int = 32) -> np.ndarray:
 def supervised_ceiling(vectors: np.ndarray, labels: np.ndarray, folds: int = 5) -> tuple[float, float]:
     """What the same features give once labels are used (a ceiling for the unsupervised kNN): a logistic
     regression fitted on 4 folds; each held-out image's k nearest training images in its class-probability space
-    (precision@k), and the probe's accuracy."""
+    (precision@k), and the probe's accuracy. (scikit-learn: the images-bench extra, imported here so the other
+    parts run without it.)"""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
@@ -108,9 +120,6 @@ def supervised_ceiling(vectors: np.ndarray, labels: np.ndarray, folds: int = 5) 
 def quantize(onnx_dir: Path, out: Path, calibration: np.ndarray | None = None) -> Path:
     """ONNX Runtime's INT8 quantisation of the export: dynamic (weights int8, activations quantised at run time;
     ``calibration`` None), else static QDQ, per-channel weights, activation ranges from ``calibration`` pixels."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     class Feeds(CalibrationDataReader):
         def __init__(self, x: np.ndarray) -> None:
             self.batches = iter([{"pixel_values": x[i : i + 8]} for i in range(0, len(x), 8)])
@@ -151,9 +160,6 @@ def _quiet() -> Iterator[None]:
 
 def models(threads: int) -> dict[str, ImageEncoder]:
     """torch, onnx and onnx-int8 encoders of EfficientNet-Lite0 (built and exported under ARTIFACTS)."""
-    from pgsynapse.images.efficientnet import build
-    from pgsynapse.images.export import export_onnx
-
     base = ARTIFACTS / "efficientnet-lite0"
     if not (base / "model.pt").exists():
         s = time.perf_counter()
@@ -257,14 +263,6 @@ def _same_neighbours(a: np.ndarray, b: np.ndarray, k: int = K) -> float:
 
 def insert_latency(args: argparse.Namespace, blobs: list[bytes], enc: ImageEncoder, runtime: str, n: int) -> None:
     """INSERT -> ``embedded`` NOTIFY through the real trigger and an in-process worker (needs migration 0015)."""
-    import anyio
-    import psycopg
-    from psycopg.rows import dict_row
-
-    from pgsynapse.config import load_settings
-    from pgsynapse.images import registry
-    from pgsynapse.listener.worker import Worker
-
     model_ms = []
     for b in blobs[:n]:
         s = time.perf_counter()
@@ -323,8 +321,6 @@ def main() -> None:
                    help="comma-separated parts to run (default quality,speed,latency)")
     args = p.parse_args()
     threads = args.threads or os.cpu_count() or 1
-    import torch
-
     torch.set_num_threads(threads)
     per_class = args.per_class or (50 if args.quick else 0)
     emit("images", "machine", **machine(), threads=threads)
