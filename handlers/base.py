@@ -50,6 +50,8 @@ class WriteReport:
 
     written: list[int] = field(default_factory=list)  # job ids whose results were written
     superseded: list[int] = field(default_factory=list)  # job ids whose row changed meanwhile
+    # job ids whose result another job already wrote (it read the same, newer content): done, nothing written
+    already_written: list[int] = field(default_factory=list)
 
 
 def describe(exc: BaseException) -> str:

@@ -83,6 +83,8 @@ class EmbedHandler(Handler[EmbedWork]):
             row = rows.get(job.ref_id)
             if row is None:
                 known.append(Outcome(job, skip_reason="document deleted"))
+            elif row["already_embedded"]:
+                known.append(Outcome(job, skip_reason="already embedded: an earlier job read this content"))
             elif not row["fits"]:  # refused from its lengths: its text was not fetched
                 known.append(input_error(job, InputError(self._too_long(row))))
             else:
@@ -143,10 +145,14 @@ class EmbedHandler(Handler[EmbedWork]):
             return report
         doc_ids = [o.job.ref_id for o in outcomes]
         cur = await conn.execute(q("lock_documents"), {"ids": doc_ids})
-        current = {r["id"]: r["content_hash"] for r in await cur.fetchall()}
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        current = {i: r["content_hash"] for i, r in rows.items()}
         fresh: list[Outcome] = []
         for o in outcomes:
-            if current.get(o.job.ref_id) == o.result.content_hash:
+            if current.get(o.job.ref_id) == o.result.content_hash and rows[o.job.ref_id]["already_embedded"]:
+                # a job of the same content wrote it first (both loaded it after an edit): nothing to do twice
+                report.already_written.append(o.job.id)
+            elif current.get(o.job.ref_id) == o.result.content_hash:
                 fresh.append(o)
             else:
                 # the row changed (or vanished) while we computed: a newer job has the new text

@@ -70,6 +70,8 @@ class EmbedImageHandler(Handler[ImageWork]):
             row = rows.get(job.ref_id)
             if row is None:
                 known.append(Outcome(job, skip_reason="image deleted"))
+            elif self.serving and {m["id"] for m in self.serving} <= set(row["embedded_by"]):
+                known.append(Outcome(job, skip_reason="already embedded: an earlier job read this content"))
             elif not self.serving:
                 # the row stays pending: registering a model queues every image again (image-model add)
                 known.append(Outcome(job, skip_reason="no image model registered (pgsynapse image-model add PATH)"))
@@ -123,10 +125,14 @@ class EmbedImageHandler(Handler[ImageWork]):
         if not outcomes:
             return report
         cur = await conn.execute(sql("lock_images"), {"ids": [o.job.ref_id for o in outcomes]})
-        current = {r["id"]: r["content_hash"] for r in await cur.fetchall()}
+        rows = {r["id"]: r for r in await cur.fetchall()}
         fresh = []
         for o in outcomes:
-            if current.get(o.job.ref_id) == o.result.content_hash:
+            row = rows.get(o.job.ref_id)
+            if row and row["content_hash"] == o.result.content_hash and set(o.result.vectors) <= set(row["embedded_by"]):
+                # a job of the same content wrote every one of these vectors first: nothing to do twice
+                report.already_written.append(o.job.id)
+            elif row and row["content_hash"] == o.result.content_hash:
                 fresh.append(o)
             else:  # changed or deleted while we computed: a newer job has the new content
                 report.superseded.append(o.job.id)

@@ -118,7 +118,7 @@ class BatchWriter:
             mine = [o for o in outcomes if o.job.id in owned]
             ok = [o for o in mine if o.ok and o.skip_reason is None]
             report = await handler.write(conn, ok) if ok else WriteReport()
-            done = report.written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
+            done = report.written + report.already_written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
             if done:
                 await conn.execute(q("complete_jobs"), {"ids": done, "worker": self.worker_id})
             for job_id in report.superseded:

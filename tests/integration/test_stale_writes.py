@@ -17,7 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 from pgsynapse.handlers.base import Outcome
 from pgsynapse.learning.registry import retire
 from pgsynapse.listener.worker import Worker
+from pgsynapse.images import registry as image_registry
+from tests.chaos.invariants import check, install_audit
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.image_models import coloured_image, png_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -187,3 +190,68 @@ async def test_a_final_failure_of_the_old_text_leaves_the_edited_document_to_its
     async with running_worker(fast_settings(db_url), models):
         await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
     await conn.close()
+
+
+async def test_a_document_changed_between_claim_and_load_is_embedded_once_not_by_both_jobs(db_url, models):
+    """The first job is claimed (running), then the text changes: the UPDATE queues a second job, and the first
+    job, loading after the change, embeds the new text. The second job then has nothing left to do: it must not
+    write the same chunks again (found by the kill -9 loop's write audit, 1 run in several)."""
+    install_audit(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    conn = await aconn(db_url)
+    async with stepped_worker(fast_settings(db_url), models) as worker:
+        [first] = await worker.claim("embed", 10)
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM FULL rewrites the whole table.' WHERE id = %s",
+                           (doc,))
+        handler = worker.handlers["embed"]
+        async with worker.pool.connection() as c:
+            work, known = await handler.load(c, [first])
+        await worker.writer.write("embed", handler, known + handler.compute(work))
+        # the second job, queued by the UPDATE, runs after the first wrote the new text
+        second = await _run_until_write(worker, "embed")
+        await worker.writer.write("embed", handler, second)
+        # two loops: a job claimed, the text changed, the new job claimed too, and both load the newest text
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM ANALYZE also updates statistics.' WHERE id = %s",
+                           (doc,))
+        [third] = await worker.claim("embed", 10)
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM VERBOSE prints a report.' WHERE id = %s", (doc,))
+        [fourth] = await worker.claim("embed", 10)
+        async with worker.pool.connection() as c:
+            work3, _ = await handler.load(c, [third])
+            work4, _ = await handler.load(c, [fourth])
+        out3, out4 = handler.compute(work3), handler.compute(work4)
+        await worker.writer.write("embed", handler, out3)
+        await worker.writer.write("embed", handler, out4)
+    v = check(db_url)["violations"]
+    row = await (await conn.execute("SELECT status, body, embedded_hash = content_hash AS current FROM pgsynapse.documents"
+                                    " WHERE id = %s", (doc,))).fetchone()
+    jobs = await _jobs(conn, "embed")
+    await conn.close()
+    assert (v["chunks_written_twice"], v["documents_not_current"]) == (0, 0), v
+    assert row == {"status": "embedded", "body": "VACUUM VERBOSE prints a report.", "current": True}
+    assert [j["status"] for j in jobs] == ["done"] * 4
+
+
+async def test_an_image_changed_between_claim_and_load_is_embedded_once(db_url, models, tiny_clip_path):
+    install_audit(db_url)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        image_registry.add(sync, tiny_clip_path)
+        img = sync.execute("INSERT INTO pgsynapse.images (data) VALUES (%s) RETURNING id",
+                           (png_bytes(coloured_image("red", seed=1)),)).fetchone()["id"]
+    conn = await aconn(db_url)
+    async with stepped_worker(fast_settings(db_url, kinds=("embed_image",)), models) as worker:
+        handler = worker.handlers["embed_image"]
+        [first] = await worker.claim("embed_image", 10)
+        await conn.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (png_bytes(coloured_image("blue", seed=2)), img))
+        [second] = await worker.claim("embed_image", 10)  # two loops: both load the blue image
+        async with worker.pool.connection() as c:
+            work1, _ = await handler.load(c, [first])
+            work2, _ = await handler.load(c, [second])
+        out1, out2 = handler.compute(work1), handler.compute(work2)
+        await worker.writer.write("embed_image", handler, out1)
+        await worker.writer.write("embed_image", handler, out2)
+    v = check(db_url)["violations"]
+    jobs = await _jobs(conn, "embed_image")
+    await conn.close()
+    assert (v["image_embeddings_written_twice"], v["images_not_current"], v["images_missing_embeddings"]) == (0, 0, 0), v
+    assert [j["status"] for j in jobs] == ["done", "done"]

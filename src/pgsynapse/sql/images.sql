@@ -7,12 +7,19 @@ FROM pgsynapse.image_models WHERE status IN ('active', 'candidate') ORDER BY id;
 
 -- name: load_images
 -- An image over max_image_bytes comes without its bytes: it fails from its length, its data never fetched.
+-- embedded_by: the models whose vectors of this very content exist (an earlier job, claimed before the last
+-- change and loaded after it, may have written them all: nothing left to do).
 SELECT id, content_hash, path, mime_type, octet_length(data) AS bytes,
-       CASE WHEN octet_length(data) <= %(max_bytes)s THEN data END AS data
-FROM pgsynapse.images WHERE id = ANY(%(ids)s);
+       CASE WHEN octet_length(data) <= %(max_bytes)s THEN data END AS data,
+       CASE WHEN status = 'embedded' AND embedded_hash = content_hash THEN
+           ARRAY(SELECT e.model_id FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id) ELSE '{}' END AS embedded_by
+FROM pgsynapse.images i WHERE id = ANY(%(ids)s);
 
 -- name: lock_images
-SELECT id, content_hash FROM pgsynapse.images WHERE id = ANY(%(ids)s) FOR UPDATE;
+SELECT id, content_hash,
+       CASE WHEN status = 'embedded' AND embedded_hash = content_hash THEN
+           ARRAY(SELECT e.model_id FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id) ELSE '{}' END AS embedded_by
+FROM pgsynapse.images i WHERE id = ANY(%(ids)s) FOR UPDATE;
 
 -- name: delete_image_embeddings
 DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);

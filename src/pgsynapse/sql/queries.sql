@@ -158,15 +158,19 @@ FROM pgsynapse.model_versions WHERE status = 'active';
 -- name: load_documents
 -- The lengths first: a row over max_title_chars or max_document_chars comes without its title and body (NULL),
 -- so the text of an oversized row is never fetched; it fails from its lengths alone.
-SELECT id, content_hash, title_chars, body_chars,
+-- already_embedded: an earlier job, claimed before the last edit and loaded after it, embedded this content.
+SELECT id, content_hash, title_chars, body_chars, already_embedded,
        CASE WHEN fits THEN title END AS title, CASE WHEN fits THEN body END AS body, fits
-FROM (SELECT id, content_hash, title, body, length(title) AS title_chars, length(body) AS body_chars
+FROM (SELECT id, content_hash, title, body, length(title) AS title_chars, length(body) AS body_chars,
+             status = 'embedded' AND embedded_hash = content_hash AS already_embedded
       FROM pgsynapse.documents WHERE id = ANY(%(ids)s)) d,
      LATERAL (SELECT coalesce(title_chars, 0) <= %(max_title_chars)s
                      AND coalesce(body_chars, 0) <= %(max_document_chars)s AS fits) f;
 
 -- name: lock_documents
-SELECT id, content_hash FROM pgsynapse.documents WHERE id = ANY(%(ids)s) FOR UPDATE;
+-- already_embedded: another job wrote this very content (it was claimed before an edit and loaded after it)
+SELECT id, content_hash, status = 'embedded' AND embedded_hash = content_hash AS already_embedded
+FROM pgsynapse.documents WHERE id = ANY(%(ids)s) FOR UPDATE;
 
 -- name: delete_chunks
 DELETE FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s);
