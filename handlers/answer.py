@@ -312,10 +312,9 @@ class AnswerHandler(Handler[AnswerWork]):
         ids = {s["document_id"] for o in outcomes for s in o.result["answer"].sources if s.get("document_id")}
         out: dict[int, list[dict]] = {}
         if ids:
-            for row in await (await conn.execute(q("document_images", "images.sql"), {"ids": list(ids)})).fetchall():
-                linked = out.setdefault(row.pop("document_id"), [])
-                if len(linked) < 3:
-                    linked.append({"image_id": row.pop("id"), **row})
+            for row in await (await conn.execute(q("document_images", "images.sql"),
+                                                 {"ids": list(ids), "per_document": 3})).fetchall():
+                out.setdefault(row.pop("document_id"), []).append({"image_id": row.pop("id"), **row})
         return out
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:

@@ -146,17 +146,17 @@ class EmbedHandler(Handler[EmbedWork]):
         doc_ids = [o.job.ref_id for o in outcomes]
         cur = await conn.execute(q("lock_documents"), {"ids": doc_ids})
         rows = {r["id"]: r for r in await cur.fetchall()}
-        current = {i: r["content_hash"] for i, r in rows.items()}
         fresh: list[Outcome] = []
         for o in outcomes:
-            if current.get(o.job.ref_id) == o.result.content_hash and rows[o.job.ref_id]["already_embedded"]:
-                # a job of the same content wrote it first (both loaded it after an edit): nothing to do twice
-                report.already_written.append(o.job.id)
-            elif current.get(o.job.ref_id) == o.result.content_hash:
-                fresh.append(o)
-            else:
+            row = rows.get(o.job.ref_id)
+            if row is None or row["content_hash"] != o.result.content_hash:
                 # the row changed (or vanished) while we computed: a newer job has the new text
                 report.superseded.append(o.job.id)
+            elif row["already_embedded"]:
+                # a job of the same content wrote it first (both loaded it after an edit): nothing to do twice
+                report.already_written.append(o.job.id)
+            else:
+                fresh.append(o)
         if not fresh:
             return report
         ids = [o.job.ref_id for o in fresh]

@@ -48,7 +48,7 @@ class EmbedImageHandler(Handler[ImageWork]):
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = ImageLimits.of(settings)
         self.image_models = ImageModelCache(threads=settings.torch_threads)
         self.serving: list[dict[str, Any]] = []
 
@@ -62,6 +62,10 @@ class EmbedImageHandler(Handler[ImageWork]):
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[ImageWork], list[Outcome]]:
         await self.refresh_versions(conn)
+        if not self.serving:
+            # the rows stay pending, their bytes unread: registering a model queues every image again
+            log.warning("images_waiting_for_model", n=len(jobs), hint="pgsynapse image-model add PATH")
+            return [], [Outcome(j, skip_reason="no image model registered (pgsynapse image-model add PATH)") for j in jobs]
         cur = await conn.execute(sql("load_images"), {"ids": [j.ref_id for j in jobs],
                                                       "max_bytes": self.settings.max_image_bytes})
         rows = {r["id"]: r for r in await cur.fetchall()}
@@ -70,18 +74,13 @@ class EmbedImageHandler(Handler[ImageWork]):
             row = rows.get(job.ref_id)
             if row is None:
                 known.append(Outcome(job, skip_reason="image deleted"))
-            elif self.serving and {m["id"] for m in self.serving} <= set(row["embedded_by"]):
+            elif {m["id"] for m in self.serving} <= set(row["embedded_by"]):
                 known.append(Outcome(job, skip_reason="already embedded: an earlier job read this content"))
-            elif not self.serving:
-                # the row stays pending: registering a model queues every image again (image-model add)
-                known.append(Outcome(job, skip_reason="no image model registered (pgsynapse image-model add PATH)"))
             elif row["path"] is None and row["data"] is None:
                 known.append(input_error(job, InputError(
                     f"image has {row['bytes']:,} bytes, over max_image_bytes={self.settings.max_image_bytes:,}")))
             else:
                 work.append(ImageWork(job, row["content_hash"], row["data"], row["path"]))
-        if not self.serving and jobs:
-            log.warning("images_waiting_for_model", n=len(jobs), hint="pgsynapse image-model add PATH")
         return work, known
 
     def compute(self, work: list[ImageWork]) -> list[Outcome]:
@@ -129,13 +128,14 @@ class EmbedImageHandler(Handler[ImageWork]):
         fresh = []
         for o in outcomes:
             row = rows.get(o.job.ref_id)
-            if row and row["content_hash"] == o.result.content_hash and set(o.result.vectors) <= set(row["embedded_by"]):
+            if row is None or row["content_hash"] != o.result.content_hash:
+                # changed or deleted while we computed: a newer job has the new content
+                report.superseded.append(o.job.id)
+            elif set(o.result.vectors) <= set(row["embedded_by"]):
                 # a job of the same content wrote every one of these vectors first: nothing to do twice
                 report.already_written.append(o.job.id)
-            elif row and row["content_hash"] == o.result.content_hash:
+            else:
                 fresh.append(o)
-            else:  # changed or deleted while we computed: a newer job has the new content
-                report.superseded.append(o.job.id)
         if not fresh:
             return report
         ids = [o.job.ref_id for o in fresh]

@@ -215,17 +215,12 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.models import ModelCache
         from pgsynapse.search import search
 
-        async def go(url: str):
-            from pgsynapse.db import aconnect
-
-            conn = await aconnect(url, autocommit=True)
-            try:
+        async def go(db: Database):
+            async with db.aconnect(autocommit=True) as conn:
                 return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k, version=args.model_version)
-            finally:
-                await conn.close()
 
         with Database(settings) as db:
-            hits = anyio.run(go, db.url)
+            hits = anyio.run(go, db)
         if not hits:
             print("no results: nothing is embedded yet (is `pgsynapse run` running?)")
         for i, h in enumerate(hits, 1):

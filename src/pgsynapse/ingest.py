@@ -255,7 +255,7 @@ def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | N
     ids = [r[0] for r in cur.execute(q("documents_by_hash", "ops.sql"), {"hashes": list(set(report.hashes))})]
     report.embedded, report.embed_failed = _wait(conn, ids, q("follow_progress", "ops.sql"), DOCUMENTS_CHANNEL,
                                                  "document", progress, deadline, timeout)
-    if report.image_hashes and cur.execute(q("image_models_serving_count", "images.sql")).fetchone()[0]:
+    if report.image_hashes and cur.execute(q("image_models_serving", "images.sql")).fetchone():
         ids = [r[0] for r in cur.execute(q("images_by_hash", "images.sql"), {"hashes": list(set(report.image_hashes))})]
         report.images_embedded, report.images_failed = _wait(
             conn, ids, q("follow_images", "images.sql"), IMAGES_CHANNEL, "image", progress, deadline, timeout)

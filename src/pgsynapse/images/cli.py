@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pgsynapse.config import Settings
-from pgsynapse.db import Database, aconnect
+from pgsynapse.db import Database
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images import registry
 from pgsynapse.images.decode import ImageLimits, decode
@@ -26,9 +26,7 @@ from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
 def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int:
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         if args.image_command == "add":
-            row = registry.add(conn, args.path, name=args.name, kind=args.kind)
-            print(f"image model {row['id']} ({row['kind']}, {row['dim']}-d, {row['runtime']}): {row['status']}; "
-                  f"{row['queued']} images queued for it")
+            _print_added(registry.add(conn, args.path, name=args.name, kind=args.kind))
         elif args.image_command == "list":
             rows = registry.list_models(conn)
             if args.json:
@@ -56,10 +54,13 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
                 path = Path(report.path)
                 print(f"ONNX runtime written to {path}: min cosine {report.min_cosine:.4f} to the TorchScript model")
             if not args.no_add:
-                row = registry.add(conn, path, name="efficientnet-lite0" + ("" if args.torch else "-onnx"))
-                print(f"image model {row['id']} (image, {row['dim']}-d, {row['runtime']}): {row['status']}; "
-                      f"{row['queued']} images queued for it")
+                _print_added(registry.add(conn, path, name="efficientnet-lite0" + ("" if args.torch else "-onnx")))
     return 0
+
+
+def _print_added(row: dict) -> None:
+    print(f"image model {row['id']} ({row['kind']}, {row['dim']}-d, {row['runtime']}): {row['status']}; "
+          f"{row['queued']} images queued for it")
 
 
 def test_patterns(n: int = 16) -> list[Image.Image]:
@@ -82,7 +83,7 @@ def _export(conn, args: argparse.Namespace, settings: Settings) -> int:
     row = registry.get(conn, args.model)
     if row["runtime"] != "torch":
         raise PgsynapseError(f"image model {args.model} already runs on {row['runtime']}")
-    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    limits = ImageLimits.of(settings)
     sample = [decode(bytes(r["data"]), limits).image for r in conn.execute(
         "SELECT data FROM pgsynapse.images WHERE status = 'embedded' AND data IS NOT NULL ORDER BY id LIMIT %s",
         (args.sample,))]
@@ -99,7 +100,7 @@ def _export(conn, args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
-    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    limits = ImageLimits.of(settings)
     models = ImageModelCache(threads=settings.torch_threads)
     if args.like_image:
         try:
@@ -109,17 +110,14 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     elif not args.text:
         raise PgsynapseError("search --images needs a text to search for")
 
-    async def go(url: str) -> list[ImageHit]:
-        conn = await aconnect(url, autocommit=True)
-        try:
+    async def go(db: Database) -> list[ImageHit]:
+        async with db.aconnect(autocommit=True) as conn:
             if args.like_image:
                 return await search_by_image(conn, models, data, k=args.k, model=args.image_model, limits=limits)
             return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model)
-        finally:
-            await conn.close()
 
     with Database(settings) as db:
-        hits = anyio.run(go, db.url)
+        hits = anyio.run(go, db)
     if not hits:
         print("no results: no image is embedded yet (is `pgsynapse run` running?)")
     for i, h in enumerate(hits, 1):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
 
 # the decoders Pillow may try: common web formats only (every extra decoder is attack surface)
@@ -47,6 +48,10 @@ class ImageLimits:
     # decoded pixels are kept at most this size on their longer side (models look at a few hundred pixels):
     # a batch of large photos holds megabytes, not gigabytes (JPEG is even decoded at reduced scale)
     keep_side: int = 1024
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImageLimits:
+        return cls(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
 
 @dataclass

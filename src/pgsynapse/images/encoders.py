@@ -135,6 +135,12 @@ def _features(out: Any) -> torch.Tensor:
     return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden[:, 0]
 
 
+def load_torchscript(file: Path) -> Any:
+    with warnings.catch_warnings():  # deprecated in favour of torch.export, still the portable format here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(file), map_location="cpu").eval()
+
+
 def detect(path: Path) -> dict[str, Any]:
     """What ``path`` holds: ``{"kind": "clip"|"image", "format": "transformers"|"torchscript"|"onnx", ...}``."""
     if not path.exists():
@@ -172,9 +178,8 @@ class ImageEncoder:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt files raise anything
             raise ModelError(f"cannot load image model {spec.path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
-        self.load_seconds = time.perf_counter() - started
         log.info("image_model_loaded", model=spec.id, name=spec.name, kind=spec.kind, runtime=spec.runtime,
-                 dim=spec.dim, seconds=round(self.load_seconds, 2))
+                 dim=spec.dim, seconds=round(time.perf_counter() - started, 2))
 
     def _load(self) -> None:
         fmt = self.info["format"]
@@ -185,9 +190,7 @@ class ImageEncoder:
             self._session = ort.InferenceSession(str(self.spec.path / self.info.get("file", "model.onnx")), opts,
                                                  providers=["CPUExecutionProvider"])
         elif fmt == "torchscript":
-            with warnings.catch_warnings():  # deprecated in favour of torch.export, still the portable format here
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self._model = torch.jit.load(str(self.spec.path / self.info.get("file", "model.pt")), map_location="cpu").eval()
+            self._model = load_torchscript(self.spec.path / self.info.get("file", "model.pt"))
         else:
             self._model = AutoModel.from_pretrained(str(self.spec.path), local_files_only=True).eval()
         if self.spec.kind == "clip" and self.info.get("text_file"):
@@ -227,10 +230,6 @@ class ImageEncoder:
                              "tower, so it cannot search images by text (register a CLIP model)")
         return normalise(self._text.encode(texts, batch_size))
 
-    def describe(self) -> dict[str, Any]:
-        return {"image_model": self.spec.id, "name": self.spec.name, "kind": self.spec.kind,
-                "runtime": self.spec.runtime, "path": str(self.spec.path), "load_seconds": round(self.load_seconds, 3)}
-
 
 class TextTower:
     """The text half of a CLIP checkpoint (from the loaded model, or loaded alone for an ONNX image tower)."""
@@ -240,34 +239,7 @@ class TextTower:
         self.model = model if model is not None else AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         cfg = getattr(self.model.config, "text_config", self.model.config)
         self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
-        self._lock = threading.Lock()
-
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            batch = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            batch.pop("token_type_ids", None)
-            with self._lock, torch.inference_mode():
-                out.append(_features(self.model.get_text_features(**batch)).float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-class TorchScriptTextTower:
-    """A CLIP text tower as a TorchScript file in a pgsynapse image directory, for checkpoints transformers cannot
-    load (open_clip's own format: docs/architecture.md shows the conversion). The manifest names ``text_file``
-    (token ids in, (N, D) out), ``tokenizer`` (a directory of tokenizer files, relative to the model's; default the
-    model's own), ``text_max_length`` (77), ``text_inputs`` (``["input_ids"]``, or with ``"attention_mask"``) and
-    ``text_pad_to_max_length`` (true: open_clip's text encoders expect the full context)."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path / manifest.get("tokenizer", ".")), local_files_only=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.model = torch.jit.load(str(path / manifest["text_file"]), map_location="cpu").eval()
-        self.max_length = int(manifest.get("text_max_length", 77))
-        self.inputs = list(manifest.get("text_inputs", ["input_ids"]))
-        self.padding = "max_length" if manifest.get("text_pad_to_max_length", True) else True
+        self.padding: bool | str = True
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -276,8 +248,31 @@ class TorchScriptTextTower:
             batch = self.tokenizer(texts[i : i + batch_size], padding=self.padding, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
             with self._lock, torch.inference_mode():
-                out.append(self.model(*(batch[name] for name in self.inputs)).float().numpy())
+                out.append(self._forward(batch).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        batch.pop("token_type_ids", None)
+        return _features(self.model.get_text_features(**batch))
+
+
+class TorchScriptTextTower(TextTower):
+    """A CLIP text tower as a TorchScript file in a pgsynapse image directory, for checkpoints transformers cannot
+    load (open_clip's own format: docs/architecture.md shows the conversion). The manifest names ``text_file``
+    (token ids in, (N, D) out), ``tokenizer`` (a directory of tokenizer files, relative to the model's; default the
+    model's own), ``text_max_length`` (77), ``text_inputs`` (``["input_ids"]``, or with ``"attention_mask"``) and
+    ``text_pad_to_max_length`` (true: open_clip's text encoders expect the full context)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path / manifest.get("tokenizer", ".")), local_files_only=True)
+        self.model = load_torchscript(path / manifest["text_file"])
+        self.max_length = int(manifest.get("text_max_length", 77))
+        self.inputs = list(manifest.get("text_inputs", ["input_ids"]))
+        self.padding = "max_length" if manifest.get("text_pad_to_max_length", True) else True
+        self._lock = threading.Lock()
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        return self.model(*(batch[name] for name in self.inputs))
 
 
 def probe(path: Path) -> tuple[str, str, int]:
@@ -309,6 +304,3 @@ class ImageModelCache:
         with self._lock:
             for k in [k for k in self._models if k not in keep]:
                 del self._models[k]
-
-    def loaded(self) -> list[ImageEncoder]:
-        return list(self._models.values())

@@ -115,10 +115,14 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 FROM pgsynapse.images;
 
 -- name: document_images
--- Images linked to documents (answers cite them beside the passages of those documents).
-SELECT id, document_id, caption, mime_type, width, height, coalesce(path, source) AS source
-FROM pgsynapse.images
-WHERE document_id = ANY(%(ids)s) AND status = 'embedded'
+-- Images linked to documents (answers cite them beside the passages of those documents): the first %(per_document)s
+-- of each document.
+SELECT id, document_id, caption, mime_type, width, height, source
+FROM (SELECT id, document_id, caption, mime_type, width, height, coalesce(path, source) AS source,
+             row_number() OVER (PARTITION BY document_id ORDER BY id) AS n
+      FROM pgsynapse.images
+      WHERE document_id = ANY(%(ids)s) AND status = 'embedded') i
+WHERE n <= %(per_document)s
 ORDER BY document_id, id;
 
 -- name: existing_image_hashes
@@ -139,6 +143,3 @@ SELECT id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
 SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'pending') AS pending
 FROM pgsynapse.images WHERE id = ANY(%(ids)s);
-
--- name: image_models_serving_count
-SELECT count(*) FROM pgsynapse.image_models WHERE status IN ('active', 'candidate');
