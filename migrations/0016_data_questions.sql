@@ -88,12 +88,23 @@ BEGIN
         END;
     END IF;
 END $$;
-GRANT pgsynapse_reader TO pgsynapse_worker, pgsynapse_admin;
--- the owner runs statements as the reader too (a worker connected as the owner, the embedded default)
+-- Membership needs ADMIN on pgsynapse_reader (a superuser, or the CREATEROLE role that created it): an owner
+-- without it is told what to run, and the worker refuses data questions with the same hint until it is done.
+-- The owner itself is made a member too (a worker connected as the owner, the embedded default).
 DO $$
+DECLARE
+    grantee text;
 BEGIN
-    EXECUTE format('GRANT pgsynapse_reader TO %I', current_user);
-EXCEPTION WHEN insufficient_privilege OR invalid_grant_operation THEN NULL;  -- a superuser needs no membership
+    FOREACH grantee IN ARRAY ARRAY['pgsynapse_worker', 'pgsynapse_admin', current_user::text] LOOP
+        IF NOT pg_catalog.pg_has_role(grantee, 'pgsynapse_reader', 'MEMBER') THEN
+            BEGIN
+                EXECUTE format('GRANT pgsynapse_reader TO %I', grantee);
+            EXCEPTION WHEN insufficient_privilege OR invalid_grant_operation THEN
+                RAISE WARNING 'role % may not grant pgsynapse_reader: have a superuser run GRANT pgsynapse_reader TO %',
+                    current_user, grantee;
+            END;
+        END IF;
+    END LOOP;
 END $$;
 -- nothing of pgsynapse's own schema: not even USAGE
 REVOKE ALL ON SCHEMA pgsynapse FROM pgsynapse_reader;
