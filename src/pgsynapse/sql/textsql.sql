@@ -73,11 +73,16 @@ ORDER BY con.conrelid, con.contype DESC, con.conname;
 UPDATE pgsynapse.data_questions
 SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_count)s,
     truncated = %(truncated)s, error = %(error)s, schema_context = %(schema_context)s,
-    sql_model_id = %(model)s, latency_ms = %(latency_ms)s, answered_at = now()
+    sql_model_id = %(model)s, answered_at = now(),
+    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
 WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
 RETURNING id, status;
 
 -- name: fail_data_question
-UPDATE pgsynapse.data_questions SET status = 'failed', error = %(error)s, answered_at = now()
+UPDATE pgsynapse.data_questions SET status = 'failed', error = %(error)s, answered_at = now(),
+    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
 WHERE id = %(id)s AND status = 'pending'
 RETURNING id;
+
+-- name: notify_data_answer
+SELECT pg_notify('pgsynapse_data_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);
