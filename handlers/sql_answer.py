@@ -24,12 +24,12 @@ from psycopg.types.json import Jsonb
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
-from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
+from pgsynapse.textsql.registry import choose_sql_model
 from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
@@ -92,7 +92,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
         s = self.settings
         rows = {r["id"]: r for r in await (await conn.execute(q("load_data_questions", "textsql.sql"), {
             "ids": [j.ref_id for j in jobs], "max_chars": s.max_question_chars})).fetchall()}
-        routable = list(await (await conn.execute(q("routable_sql_models", "textsql.sql"))).fetchall())
+        routable = list(await (await conn.execute(q("routable_sql_models", "textsql_models.sql"))).fetchall())
         text_version = await (await conn.execute(q("active_version"))).fetchone()
         work: list[SqlWork] = []
         known: list[Outcome] = []
@@ -106,7 +106,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
                     f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
                 continue
             key = row["session_id"] or f"data-question-{row['id']}"
-            model = choose_version(routable, key) if routable else settings_model(s)
+            model = choose_sql_model(routable, key) or settings_model(s)
             w = SqlWork(job, row["text"], row["text_hash"], row["target_schema"], row["allowed_tables"], model,
                         text_version)
             if row["session_id"] is not None and s.history_turns:

@@ -13,12 +13,6 @@ WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND s
   AND length(text) <= %(max_chars)s
 ORDER BY id DESC LIMIT %(limit)s;
 
--- name: routable_sql_models
--- The active SQL model and the candidates with traffic: the rows learning.routing.choose_version routes on.
-SELECT id, name, path, runtime, status, traffic_percent FROM pgsynapse.sql_models
-WHERE status = 'active' OR (status = 'candidate' AND traffic_percent > 0)
-ORDER BY id;
-
 -- name: readable_tables
 -- The tables and views of the question's scope that the reader role may SELECT: every one of a schema
 -- (names NULL), or the named ones (schema-qualified, or of the schema). Unknown names come back with oid NULL.

@@ -100,11 +100,12 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
         elif action == "promote":
-            registry.promote(conn, args.model)
-            print(f"SQL model {args.model} is active")
+            r = registry.promote(conn, args.model)
+            print(f"SQL model {r['active']} is active (was {r['previous'] or 'the settings model'})")
         elif action == "rollback":
             r = registry.rollback(conn)
-            print(f"SQL model {r['id']} is active again")
+            print(f"SQL model {r['active']} is active again" if r["active"] is not None
+                  else "no SQL model is active: the settings' model serves again")
         elif action == "traffic":
             registry.set_traffic(conn, args.model, args.percent)
             print(f"SQL model {args.model} serves {args.percent:g}% of sessions")
