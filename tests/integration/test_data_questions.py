@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.client import Client
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
+from pgsynapse.retry import retry_failed
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
@@ -184,3 +185,26 @@ async def test_an_edited_question_is_asked_again(shop, models):
     [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions WHERE id = %s", first.id)
     assert row["status"] == "answered" and row["error"] is None
     assert row["result"]["rows"] == [["north", 30], ["south", 10]]
+
+
+async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry_failed_asks_again(shop, models,
+                                                                                                    tmp_path):
+    url, model = shop
+    broken = _settings(url, str(tmp_path / "no-such-model"))
+    async with running_worker(broken, models, handlers={"sql_answer": SqlAnswerHandler(broken, models)}):
+        async with Client(url) as client:
+            failed = await client.ask_data(PER_REGION)
+    assert failed.status == "failed" and "no-such-model" in failed.error, failed
+    [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
+    assert job == {"status": "failed", "attempts": 1}  # a missing model is not retried: an operator must act
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        assert retry_failed(conn, "sql_answer") == {"sql_answer": 1}
+    settings = _settings(url, model)
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with await aconn(url) as conn:
+            await conn.execute("LISTEN pgsynapse_data_answers")
+            if _rows(url, "SELECT status FROM pgsynapse.data_questions")[0]["status"] == "pending":
+                async for _ in conn.notifies(timeout=60, stop_after=1):
+                    pass
+    [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions")
+    assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
