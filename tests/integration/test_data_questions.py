@@ -15,6 +15,7 @@ from psycopg.rows import dict_row
 from pgsynapse.client import Client
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
+from pgsynapse.status import render, snapshot
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
@@ -114,6 +115,10 @@ async def test_a_question_is_answered_with_its_sql_and_result_and_a_follow_up_ge
     [row] = _rows(url, "SELECT schema_context, result FROM pgsynapse.data_questions WHERE id = %s", first.id)
     assert "CREATE TABLE orders (" in row["schema_context"] and "salaries" not in row["schema_context"]
     assert row["result"] == {"columns": first.columns, "rows": first.rows}
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        snap = snapshot(conn)
+    assert snap["data_questions"] == {"pending": 0, "answered": 2, "refused": 0, "failed": 0}
+    assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed)" in render(snap)
 
 
 async def test_every_unsafe_statement_is_refused_on_its_row_and_never_runs_beside_answered_neighbours(shop, models):
