@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pgsynapse.errors import InputError
+from pgsynapse.textsql import safety
 from pgsynapse.textsql.safety import ALLOWED_FUNCTIONS, MAX_SQL_CHARS, CheckedSQL, UnsafeSQL, check_sql
 
 ALLOWED = {("public", "orders"), ("public", "customers"), ("public", "regions"), ("sales", "products")}
@@ -355,3 +356,11 @@ def test_the_allow_list_holds_no_dangerous_function():
     assert bad == []
     assert {"count", "sum", "avg", "rank", "date_trunc", "extract", "to_char", "round",
             "jsonb_build_object", "generate_series", "unnest", "string_agg", "lower"} <= ALLOWED_FUNCTIONS
+
+
+def test_the_text_that_runs_is_checked_again(monkeypatch):
+    # the guard behind the in-place qualification: a text that would run with an unqualified table is refused
+    monkeypatch.setattr(safety, "_qualify", lambda sql, start, end, refs: sql[start:end])
+    refused("SELECT * FROM orders", "unsupported")
+    monkeypatch.setattr(safety, "_qualify", lambda sql, start, end, refs: 'SELECT * FROM "public".regions')
+    refused("SELECT * FROM orders", "unsupported")
