@@ -336,6 +336,10 @@ def test_the_text_that_runs_is_the_statement_alone():
     # no space before a quoted name: the inserted schema is quoted, so it cannot glue to the keyword
     assert check('SELECT * FROM"orders"').sql == 'SELECT * FROM"public"."orders"'
     assert check("SELECT orders.id FROM orders").sql == 'SELECT orders.id FROM "public".orders'
+    assert check("SELECT '😀𝔘', \"ü😀\".id FROM orders AS \"ü😀\"").sql == (
+        "SELECT '😀𝔘', \"ü😀\".id FROM \"public\".orders AS \"ü😀\"")
+    # a column named like a function that takes no argument or several is a column
+    assert check("SELECT o.version, o.lastval, o.format_type, o.setval FROM orders o").tables == {O}
     assert check("SELECT * FROM ONLY orders").sql == 'SELECT * FROM ONLY "public".orders'
     # qualified names and CTE references are left as written
     sql = "WITH o AS (SELECT * FROM public.orders) SELECT * FROM o JOIN sales.products p ON p.id = o.id"

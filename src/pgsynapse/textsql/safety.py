@@ -15,6 +15,8 @@ What it allows, and why:
   (``pg_*``, ``dblink*``, ``lo_*``, file access, settings, sequences, advisory locks, ``query_to_xml``, sleeps, and
   harmless but useless ones such as ``version()`` or ``current_user``) is refused. XML is refused as a whole;
 - types: casts to ``reg*`` types and ``aclitem`` are refused (their input functions look names up in the catalog);
+- attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
+  pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...);
 - system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused: no question about the
   data needs them, and they show storage and transaction ids. PostgreSQL forbids user columns of these names, so
   only an output alias of such a name can be refused wrongly.
@@ -94,11 +96,9 @@ SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
 # by default, so the functions of pg_catalog that such a one-argument call could reach and that are not allowed
 # are refused by name (the reader role stays the boundary for functions the operator creates).
 _ATTRIBUTE_REFUSED_PREFIXES = ("pg_", "dblink", "txid_", "to_reg", "binary_upgrade", "lo_")
-_ATTRIBUTE_REFUSED = REFUSED_TYPES | frozenset('''current_setting current_schemas current_query current_database
-    currval nextval setval lastval setseed set_config version obj_description col_description shobj_description
-    format_type amvalidate brin_summarize_new_values brin_summarize_range brin_desummarize_range
-    gin_clean_pending_list row_security_active satisfies_hash_partition ts_stat ts_debug ts_token_type
-    query_to_xml table_to_xml cursor_to_xml'''.split())
+_ATTRIBUTE_REFUSED = REFUSED_TYPES | frozenset('''current_setting current_schemas currval nextval setseed
+    obj_description amvalidate brin_summarize_new_values gin_clean_pending_list row_security_active
+    satisfies_hash_partition ts_stat ts_debug ts_token_type'''.split())  # those taking one argument
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pgsynapse"})  # and every pg_* schema
 _ALLOWED_SQL_VALUES = frozenset({  # CURRENT_DATE & co; CURRENT_USER, CURRENT_SCHEMA... are refused
     SQLValueFunctionOp.SVFOP_CURRENT_DATE, SQLValueFunctionOp.SVFOP_CURRENT_TIME,
