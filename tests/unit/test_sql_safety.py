@@ -5,6 +5,8 @@ as the read-only role against a real database."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from pgsynapse.errors import InputError
@@ -230,6 +232,10 @@ def test_refusals(sql, reason):
 
 def test_unsafe_sql_is_an_input_error_with_a_specific_message():
     assert issubclass(UnsafeSQL, InputError)
+    with pytest.raises(UnsafeSQL) as info:
+        check("SELECT 1; SELECT 2")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (copy.reason, str(copy)) == ("many_statements", str(info.value))
     assert refused("DELETE FROM orders", "write") == "refused: the statement writes (DELETE)"
     assert refused("DROP TABLE orders", "ddl").endswith("(DROP TABLE)")
     assert refused("SELECT * FROM secret.salaries", "schema", allowed={O, R}) == (

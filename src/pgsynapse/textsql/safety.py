@@ -134,6 +134,9 @@ class UnsafeSQL(InputError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # crosses process boundaries (a gate in a training process) with its reason
+        return type(self), (self.reason, str(self))
+
 
 @dataclass(frozen=True)
 class CheckedSQL:
