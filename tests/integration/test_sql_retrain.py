@@ -161,7 +161,7 @@ async def test_right_corrections_give_a_candidate_that_wins_and_gets_traffic(db_
 async def test_shuffled_corrections_give_a_candidate_the_gate_rejects(db_url, tmp_path, base_model):
     context = _setup_table(db_url)
     _corrections(db_url, context, shuffled=True)
-    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model))
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model, sql_retrain_lora=True))  # LoRA, merged
     outcome = await _run(handler, db_url, compute=lambda work: _in_process(handler, work))
     assert outcome.ok, outcome.error
     [model] = _models(db_url)
@@ -169,6 +169,9 @@ async def test_shuffled_corrections_give_a_candidate_the_gate_rejects(db_url, tm
     assert not m["gate"]["passed"] and "not above" in m["gate"]["reasons"][0]
     assert (model["status"], float(model["traffic_percent"])) == ("rejected", 0.0)
     assert m["candidate_accuracy"] == m["active_accuracy"] == 0.0 and m["heldout"] >= 3 and m["dropped"] == {}
+    # the LoRA adapter was merged: the candidate evaluated above loaded as a plain model directory
+    assert m["recipe"] == "lora" and 0 < m["train"]["trained_parameters"] < m["train"]["parameters"] / 10
+    assert m["candidate"]["pairs"] == m["heldout"] and m["candidate"]["no_sql"] == 0
 
 
 @pytest.mark.anyio
