@@ -323,7 +323,10 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
     prompt_budget = max(16, loaded.context_limit(context_tokens) - max_new_tokens)
     parameters = sum(p.numel() for p in model.parameters())
     if lora:
-        from peft import LoraConfig, get_peft_model
+        try:  # an optional extra: only this recipe needs it
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("sql_retrain_lora = true needs peft: pip install 'pgsynapse[sql-lora]'") from None
 
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.05,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
