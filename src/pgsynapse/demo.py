@@ -38,8 +38,9 @@ SHOP_SQL = """
 CREATE SCHEMA IF NOT EXISTS demo_shop;
 CREATE TABLE IF NOT EXISTS demo_shop.orders (
     id int PRIMARY KEY, region text NOT NULL, customer text NOT NULL, total numeric(10, 2) NOT NULL,
-    ordered_on date NOT NULL, shipped_on date);
-COMMENT ON TABLE demo_shop.orders IS 'customer orders; shipped_on is NULL until the order ships';
+    ordered date NOT NULL, shipped date);
+COMMENT ON TABLE demo_shop.orders IS 'customer orders';
+COMMENT ON COLUMN demo_shop.orders.shipped IS 'NULL until the order ships';
 INSERT INTO demo_shop.orders
 SELECT g, (ARRAY['north', 'south', 'east', 'west'])[1 + g % 10 % 4], 'customer ' || (1 + g % 17), 10 + (g * 37) % 290,
        date '2026-10-01' + g % 60, CASE WHEN g % 7 <> 0 THEN date '2026-10-01' + g % 60 + 1 + g % 5 END

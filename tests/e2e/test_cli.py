@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import psycopg
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,9 +26,10 @@ def pgsynapse(*args: str, url: str | None = None, cwd: str = "/tmp", env: dict[s
                           env=full, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_demo_ingests_embeds_and_searches(new_db):
+def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     url = new_db()  # empty: the demo migrates it itself
-    r = pgsynapse("demo", "--limit", "4", url=url)
+    env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}  # a tiny model taught the demo's data question
+    r = pgsynapse("demo", "--limit", "4", url=url, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pgsynapse demo: 4 pages" in r.stdout
     assert "embedded 4 documents" in r.stdout
@@ -37,6 +39,13 @@ def test_demo_ingests_embeds_and_searches(new_db):
     # and questions, answered with citations
     assert r.stdout.count("\nQ (demo-") == 3
     assert "answered in" in r.stdout and "chunk " in r.stdout
+    # and a question about the data, on the table the demo made: its SQL and the result
+    assert "\nQ: How many orders has each region shipped, most first?" in r.stdout
+    assert '  SQL: select region, count ( shipped ) from "demo_shop".orders group by region order by 2 desc, 1' in r.stdout
+    with psycopg.connect(url) as conn:
+        want = conn.execute("SELECT region, count(shipped) FROM demo_shop.orders GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()
+    table = r.stdout.split("  region | count\n")[1].splitlines()[1:1 + len(want)]
+    assert [tuple(c.strip() for c in ln.split("|")) for ln in table] == [(g, str(n)) for g, n in want]
 
     st = pgsynapse("status", "--json", url=url)
     assert st.returncode == 0, st.stderr
@@ -54,7 +63,7 @@ def test_demo_ingests_embeds_and_searches(new_db):
     lines = [ln for ln in se.stdout.splitlines() if ln[:2] in ("1.", "2.")]
     assert len(lines) == 2 and "[" in lines[0]
 
-    again = pgsynapse("demo", "--limit", "4", url=url)  # re-running inserts nothing new
+    again = pgsynapse("demo", "--limit", "4", url=url, env=env)  # re-running inserts nothing new
     assert again.returncode == 0 and "embedded 4 documents" in again.stdout
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from pgsynapse.client import DataResult
 from pgsynapse.config import Settings
@@ -48,8 +49,9 @@ def format_data_result(r: DataResult) -> str:
     else:
         lines.append(f"{r.status}: {r.error}")
     if r.latency_ms is not None:
-        by = f"SQL model {r.sql_model_id}" if r.sql_model_id is not None else "the configured SQL model"
-        lines.append(f"  answered in {r.latency_ms:.0f} ms by {by} (data question {r.id})")
+        by = (f" by SQL model {r.sql_model_id}" if r.sql_model_id is not None else " by the configured SQL model"
+              ) if r.sql else ""
+        lines.append(f"  {r.status} in {r.latency_ms:.0f} ms{by} (data question {r.id})")
     return "\n".join(lines)
 
 
@@ -65,13 +67,14 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool) -> int:
     """Record a correction (the right statement) or an approval of the generated one; returns its id."""
-    row = conn.execute("SELECT status, sql FROM pgsynapse.data_questions WHERE id = %s", (question,)).fetchone()
-    if row is None:
-        raise InputError(f"no data question {question}")
-    if approve and not (row["sql"] if isinstance(row, dict) else row[1]):
-        raise InputError(f"data question {question} has no generated statement to approve: give --sql")
-    return conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)"
-                        " VALUES (%s, %s, %s) RETURNING id", (question, sql, approve)).fetchone()[0]
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT sql FROM pgsynapse.data_questions WHERE id = %s", (question,)).fetchone()
+        if row is None:
+            raise InputError(f"no data question {question}")
+        if approve and not row[0]:
+            raise InputError(f"data question {question} has no generated statement to approve: give --sql")
+        return cur.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)"
+                           " VALUES (%s, %s, %s) RETURNING id", (question, sql, approve)).fetchone()[0]
 
 
 def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,51 @@
+"""The data-question commands as a user runs them, on the demo's table, with a tiny SQL model the test teaches the
+demo's question (tests/sql_models.py): sql-ask prints the SQL and a table, sql-correct records training data, the
+sql-model registry commands move sessions between models, status counts it all."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
+from tests.e2e.test_cli import pgsynapse
+
+def test_sql_commands_end_to_end(db_url, demo_sql_model):
+    env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(SHOP_SQL)
+        want = conn.execute("SELECT region, count(shipped) FROM demo_shop.orders GROUP BY 1 ORDER BY 2 DESC, 1"
+                            ).fetchall()
+    r = pgsynapse("sql-ask", DATA_QUESTION, "--schema", "demo_shop", url=db_url, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == 'SQL: select region, count ( shipped ) from "demo_shop".orders group by region order by 2 desc, 1'
+    assert lines[1].split("|")[0].strip() == "region" and set(lines[2]) <= {"-", "+"}
+    assert [tuple(c.strip() for c in ln.split("|")) for ln in lines[3:3 + len(want)]] == [
+        (region, str(n)) for region, n in want]
+    assert f"({len(want)} rows)" in r.stdout and "answered in" in r.stdout and "ms by the configured SQL model (data question 1)" in r.stdout
+
+
+    ok = pgsynapse("sql-correct", "1", "--approve", url=db_url)
+    assert ok.returncode == 0 and "correction 1 recorded for data question 1" in ok.stdout, ok.stderr
+    missing = pgsynapse("sql-correct", "99", "--sql", "select 1", url=db_url)
+    assert missing.returncode == 1 and "no data question 99" in missing.stderr
+
+    add = pgsynapse("sql-model", "add", demo_sql_model, "--name", "tiny", url=db_url)
+    assert add.returncode == 0 and "SQL model 1 (transformers): candidate" in add.stdout, add.stderr
+    assert "SQL model 1 is active (was the settings model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout
+    listed = json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout)
+    assert [(m["id"], m["status"], float(m["traffic_percent"])) for m in listed] == [(1, "active", 100.0)]
+    # the registered model serves the next question (its id on the row)
+    served = json.loads(pgsynapse("sql-ask", DATA_QUESTION, "--schema", "demo_shop", "--json", url=db_url).stdout)
+    assert served["status"] == "answered" and served["sql_model_id"] == 1
+    assert served["rows"] == [list(w) for w in want]
+    back = pgsynapse("sql-model", "rollback", url=db_url)
+    assert "no SQL model is active: the settings' model serves again" in back.stdout, back.stderr
+    retrain = pgsynapse("sql-model", "retrain", url=db_url)
+    assert retrain.returncode == 0 and "sql_retrain queued (job" in retrain.stdout
+
+    status = pgsynapse("status", url=db_url).stdout
+    assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed)" in status
+    assert "SQL model 1" not in status  # a retired model is not listed
