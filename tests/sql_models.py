@@ -1,4 +1,4 @@
-"""A tiny SQL model the tests build themselves in seconds: a 2-layer GPT-2 with the default embedding model's
+"""A tiny SQL model the tests build themselves in seconds: a 1-layer GPT-2 with the default embedding model's
 tokenizer, taught to emit given statements for given prompts (memorised), saved as a plain transformers directory
 that :class:`~pgsynapse.textsql.generate.TransformersSqlGenerator` loads like a user's model.
 
@@ -17,8 +17,10 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from pgsynapse.models import default_model_path
 from pgsynapse.textsql.generate import SqlPrompt, encode_example, extract_sql, training_example
 
-STATS: dict[str, int] = {}
-MARGIN = 2.0  # logits of each target token above any other, so that greedy decoding is exact and stable
+STATS: dict[str, int] = {}  # of the last build: steps taken and the size of its training vocabulary
+MARGIN = 1.0  # logits of each target token above any other, so that greedy decoding is exact and stable
+LR = 1e-2
+SIZE = dict(n_embd=64, n_layer=1, n_head=4, n_inner=128)  # one layer learns ~10 pairs in ~50 steps, two in ~100
 MAX_NEW_TOKENS = 160  # the setting sql_max_new_tokens' default: the positions leave room for it beside the prompt
 
 
@@ -72,7 +74,7 @@ def tiny_sql_model(path: Path, pairs: list[tuple[SqlPrompt, str]], steps: int = 
     longest_prompt = max(start for _, start in examples)
     longest = max(len(ids) for ids, _ in examples)
     positions = -(-(longest_prompt + max(max_new_tokens, longest - longest_prompt) + 8) // 64) * 64
-    config = dict(n_positions=positions, n_embd=64, n_layer=2, n_head=4, n_inner=128, resid_pdrop=0.0,
+    config = dict(n_positions=positions, resid_pdrop=0.0, **SIZE,
                   embd_pdrop=0.0, attn_pdrop=0.0)
     ends = dict(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     # trained on a compact vocabulary (the examples' tokens, and one zero row standing for all the others), then
@@ -89,7 +91,7 @@ def tiny_sql_model(path: Path, pairs: list[tuple[SqlPrompt, str]], steps: int = 
         with torch.no_grad():
             small.transformer.wte.weight[other].zero_()
         ids, mask, rows, cols, targets = _batch(examples, compact, compact[tok.pad_token_id])
-        opt = torch.optim.AdamW(small.parameters(), lr=1e-2, weight_decay=0.0)
+        opt = torch.optim.AdamW(small.parameters(), lr=LR, weight_decay=0.0)
         small.train()
         for step in range(steps):
             logits = small(input_ids=ids, attention_mask=mask).logits[rows, cols]

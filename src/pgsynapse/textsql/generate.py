@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pgsynapse.answerers.llamacpp import open_llama
 from pgsynapse.answerers.local_models import load_transformers
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
+from pgsynapse.textsql.extract import extract_sql, statement_complete
 
 if TYPE_CHECKING:
     from pgsynapse.config import Settings
@@ -161,132 +163,12 @@ def encode_example(prompt: str, target: str, tokenizer) -> tuple[list[int], int]
     return list(head) + list(tail), len(head)
 
 
-# -- a model's output -> the statement --------------------------------------------------------------
-_STRONG = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE", "GRANT",
-           "REVOKE", "COPY")
-# a statement begins at the text's or a line's first word when it is one of these (any case); words that often
-# begin prose ("show", "table", "set", "do", ...) are left out: a statement they begin is not found, and the
-# empty statement is refused like any other that is not one SELECT
-_STARTS = tuple(w.lower() for w in _STRONG)
-_AT_LINE = re.compile(r"^[ \t]*(" + "|".join(_STARTS) + r")\b",
-                      re.IGNORECASE | re.MULTILINE)
-_UPPER = re.compile(r"\b(" + "|".join(_STRONG) + r")\b")
-_ANY_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-# words a statement's later lines start with: a blank line before anything else ends the statement (prose)
-_CLAUSES = set(_STARTS) | {"from", "where", "group", "order", "having", "limit", "offset", "union", "intersect",
-                           "except", "join", "inner", "left", "right", "full", "cross", "natural", "on", "and", "or",
-                           "not", "as", "window", "fetch", "for", "case", "when", "then", "else", "end", "lateral",
-                           "using", "returning", "into", "all", "distinct", "values", "table", "(", ")"}
-
-
-def _statement_end(text: str) -> int | None:
-    """The index of the first ``;`` outside quotes, dollar quotes and comments, or None."""
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == ";":
-            return i
-        if c == "'":
-            escapes = i > 0 and text[i - 1] in "eE" and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
-            i += 1
-            while i < n:
-                if escapes and text[i] == "\\":
-                    i += 2
-                    continue
-                if text[i] == "'":
-                    if i + 1 < n and text[i + 1] == "'":
-                        i += 2
-                        continue
-                    break
-                i += 1
-        elif c == '"':
-            close = text.find('"', i + 1)
-            i = n if close < 0 else close
-        elif c == "-" and text.startswith("--", i):
-            close = text.find("\n", i)
-            i = n if close < 0 else close
-        elif c == "/" and text.startswith("/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if text.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif text.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-            continue
-        elif c == "$":
-            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
-            if m and not (i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_")):
-                close = text.find(m.group(0), i + len(m.group(0)))
-                i = n if close < 0 else close + len(m.group(0))
-                continue
-        i += 1
-    return None
-
-
-def _statement_start(text: str) -> int | None:
-    """Where the statement begins: at the start of the text or of a line when one begins with a statement keyword,
-    else at the first upper-case statement keyword, else at the first ``select`` in any case."""
-    stripped = text.lstrip()
-    head = stripped.split(None, 1)[0].lower() if stripped else ""
-    if head.startswith("(") or head in _STARTS or head.rstrip(";") in _STARTS:
-        return len(text) - len(stripped)
-    for pattern in (_AT_LINE, _UPPER, _ANY_SELECT):
-        m = pattern.search(text)
-        if m:
-            return m.start(1) if pattern is _AT_LINE else m.start()
-    return None
-
-
-def _unfenced(text: str) -> str:
-    """The body of the first fenced code block that holds a statement (```sql ... ```), else the text."""
-    for m in _FENCE.finditer(text):
-        body = m.group(2)
-        if _statement_start(body) is not None:
-            return body
-    return text
-
-
-def _cut_prose(sql: str) -> str:
-    """A statement without ``;`` followed by a blank line and prose: the prose goes."""
-    for m in re.finditer(r"\n[ \t]*\n[ \t]*(\S+)", sql):
-        word = m.group(1).lower()
-        if not (word in _CLAUSES or word.startswith(("(", ")", "--", "/*")) or word.rstrip(",;") in _CLAUSES):
-            return sql[:m.start()]
-    return sql
-
-
-def extract_sql(text: str) -> str:
-    """A model's output -> its first statement, without the ``;``: the body of a ```sql fence, from the first
-    statement keyword on (prose before it dropped), up to the first top-level ``;`` (a second statement and prose
-    after it dropped). "" when the output holds no statement: the safety check refuses it as empty."""
-    body = _unfenced(text)
-    start = _statement_start(body)
-    if start is None:
-        return ""
-    sql = body[start:]
-    end = _statement_end(sql)
-    if end is not None:
-        sql = sql[:end]
-    else:
-        sql = _cut_prose(sql.split("```", 1)[0])
-    return sql.strip()
-
-
-def statement_complete(text: str) -> bool:
-    """Whether a model's output so far holds a whole statement (its top-level ``;``): generation stops there."""
-    body = _unfenced(text)
-    start = _statement_start(body)
-    return start is not None and _statement_end(body[start:]) is not None
-
-
 # -- generators -------------------------------------------------------------------------------------
 class SqlGenerator(Protocol):
     name: str
     last_stats: dict[str, float]  # of the last generate(): seconds, and prompt_tokens / new_tokens where known
     last_fitted: SqlPrompt | None  # the prompt the last generate() gave the model, after its budget's trimming
+    lock: threading.RLock  # held by generate(); hold it around generate() and the reading of last_* when threads share
 
     def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
         """n == 1: the greedy statement; n > 1: the greedy one first, then n - 1 sampled. Each through
@@ -317,7 +199,23 @@ def _stopper(tokenizer, start: int):
     return StatementEnd()
 
 
-class TransformersSqlGenerator:
+class _OneAtATime:
+    """generate() holds the generator's lock: a model's state (llama.cpp's context) and last_* serve one call at a
+    time."""
+
+    lock: threading.RLock
+
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        with self.lock:
+            return self._generate(prompt, n, temperature)
+
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
+        raise NotImplementedError
+
+
+class TransformersSqlGenerator(_OneAtATime):
     """A local causal LM on transformers, loaded once: a model directory, a .gguf file or a preset
     (answerers/local_models.py). Instruct models get their chat template."""
 
@@ -347,6 +245,7 @@ class TransformersSqlGenerator:
         self.pad_id = pad if pad is not None else (self.end_ids[0] if self.end_ids else 0)
         self.last_prompt: str | None = None
         self.last_fitted: SqlPrompt | None = None
+        self.lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
         log.info("sql_model_loaded", model=self.location.description, runtime="transformers", chat=self.chat,
                  context=self.context_tokens, seconds=round(time.perf_counter() - started, 2))
@@ -354,7 +253,7 @@ class TransformersSqlGenerator:
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
         import torch
 
         fitted, text = fit_prompt(prompt, lambda p: prompt_text(p, self.tokenizer), self._count, self.prompt_budget)
@@ -377,7 +276,7 @@ class TransformersSqlGenerator:
         return [extract_sql(o) for o in outputs]
 
 
-class LlamaCppSqlGenerator:
+class LlamaCppSqlGenerator(_OneAtATime):
     """A GGUF model (a .gguf file or a preset) on llama.cpp's quantized CPU kernels. The prompt's tokens are kept
     between calls, so the candidates of one question (and questions over the same tables) share their prefix."""
 
@@ -395,6 +294,7 @@ class LlamaCppSqlGenerator:
         self.prompt_budget = max(16, self.context_tokens - max_new_tokens)
         self.last_prompt: str | None = None
         self.last_fitted: SqlPrompt | None = None
+        self.lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
         log.info("sql_model_loaded", model=self.location.description, runtime="llama-cpp", chat=self.chat,
                  context=self.context_tokens, seconds=round(time.perf_counter() - started, 2))
@@ -423,7 +323,7 @@ class LlamaCppSqlGenerator:
             stream.close()
         return "".join(pieces), n
 
-    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
         fitted, text = fit_prompt(prompt, self._render, self._count, self.prompt_budget)
         self.last_fitted, self.last_prompt = fitted, text
         started = time.perf_counter()
@@ -436,7 +336,7 @@ class LlamaCppSqlGenerator:
         return [extract_sql(o) for o in outputs]
 
 
-class OpenAISqlGenerator:
+class OpenAISqlGenerator(_OneAtATime):
     """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``): the greedy statement with
     temperature 0, the sampled ones in one request with ``n`` (repeated when the endpoint returns fewer)."""
 
@@ -450,6 +350,7 @@ class OpenAISqlGenerator:
         self.timeout = timeout
         self.max_new_tokens = max_new_tokens
         self.last_fitted: SqlPrompt | None = None
+        self.lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
 
     def _ask(self, messages: list[dict[str, str]], n: int, temperature: float) -> list[str]:
@@ -462,7 +363,7 @@ class OpenAISqlGenerator:
                          lambda resp: message_contents(json.loads(resp.read()), "SQL endpoint"),
                          timeout=self.timeout, what="SQL endpoint")
 
-    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
         self.last_fitted = prompt
         messages = render_messages(prompt)
         started = time.perf_counter()

@@ -1,0 +1,130 @@
+"""A model's output -> the statement it holds (textsql/generate.py runs every candidate through it).
+
+Models wrap SQL in prose and fences, add a second statement, or stop without a ``;``: :func:`extract_sql` takes the
+first statement out, and :func:`statement_complete` tells generation where to stop. Both read SQL lexically
+(quotes, dollar quotes and comments hide a ``;``). Neither judges safety: a write stays a write, for
+textsql/safety.py to refuse, never the harmless subquery inside it.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STRONG = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE", "GRANT",
+           "REVOKE", "COPY")
+# a statement begins at the text's or a line's first word when it is one of these (any case); words that often
+# begin prose ("show", "table", "set", "do", ...) are left out: a statement they begin is not found, and the
+# empty statement is refused like any other that is not one SELECT
+_STARTS = tuple(w.lower() for w in _STRONG)
+_AT_LINE = re.compile(r"^[ \t]*(" + "|".join(_STARTS) + r")\b",
+                      re.IGNORECASE | re.MULTILINE)
+_UPPER = re.compile(r"\b(" + "|".join(_STRONG) + r")\b")
+_ANY_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+# words a statement's later lines start with: a blank line before anything else ends the statement (prose)
+_CLAUSES = set(_STARTS) | {"from", "where", "group", "order", "having", "limit", "offset", "union", "intersect",
+                           "except", "join", "inner", "left", "right", "full", "cross", "natural", "on", "and", "or",
+                           "not", "as", "window", "fetch", "for", "case", "when", "then", "else", "end", "lateral",
+                           "using", "returning", "into", "all", "distinct", "values", "table", "(", ")"}
+
+
+def _statement_end(text: str) -> int | None:
+    """The index of the first ``;`` outside quotes, dollar quotes and comments, or None."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == ";":
+            return i
+        if c == "'":
+            escapes = i > 0 and text[i - 1] in "eE" and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
+            i += 1
+            while i < n:
+                if escapes and text[i] == "\\":
+                    i += 2
+                    continue
+                if text[i] == "'":
+                    if i + 1 < n and text[i + 1] == "'":
+                        i += 2
+                        continue
+                    break
+                i += 1
+        elif c == '"':
+            close = text.find('"', i + 1)
+            i = n if close < 0 else close
+        elif c == "-" and text.startswith("--", i):
+            close = text.find("\n", i)
+            i = n if close < 0 else close
+        elif c == "/" and text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        elif c == "$":
+            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
+            if m and not (i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_")):
+                close = text.find(m.group(0), i + len(m.group(0)))
+                i = n if close < 0 else close + len(m.group(0))
+                continue
+        i += 1
+    return None
+
+
+def _statement_start(text: str) -> int | None:
+    """Where the statement begins: at the start of the text or of a line when one begins with a statement keyword,
+    else at the first upper-case statement keyword, else at the first ``select`` in any case."""
+    stripped = text.lstrip()
+    head = stripped.split(None, 1)[0].lower() if stripped else ""
+    if head.startswith("(") or head in _STARTS or head.rstrip(";") in _STARTS:
+        return len(text) - len(stripped)
+    for pattern in (_AT_LINE, _UPPER, _ANY_SELECT):
+        m = pattern.search(text)
+        if m:
+            return m.start(1) if pattern is _AT_LINE else m.start()
+    return None
+
+
+def _unfenced(text: str) -> str:
+    """The body of the first fenced code block that holds a statement (```sql ... ```), else the text."""
+    for m in _FENCE.finditer(text):
+        body = m.group(2)
+        if _statement_start(body) is not None:
+            return body
+    return text
+
+
+def _cut_prose(sql: str) -> str:
+    """A statement without ``;`` followed by a blank line and prose: the prose goes."""
+    for m in re.finditer(r"\n[ \t]*\n[ \t]*(\S+)", sql):
+        word = m.group(1).lower()
+        if not (word in _CLAUSES or word.startswith(("(", ")", "--", "/*")) or word.rstrip(",;") in _CLAUSES):
+            return sql[:m.start()]
+    return sql
+
+
+def extract_sql(text: str) -> str:
+    """A model's output -> its first statement, without the ``;``: the body of a ```sql fence, from the first
+    statement keyword on (prose before it dropped), up to the first top-level ``;`` (a second statement and prose
+    after it dropped). "" when the output holds no statement: the safety check refuses it as empty."""
+    body = _unfenced(text)
+    start = _statement_start(body)
+    if start is None:
+        return ""
+    sql = body[start:]
+    end = _statement_end(sql)
+    if end is not None:
+        sql = sql[:end]
+    else:
+        sql = _cut_prose(sql.split("```", 1)[0])
+    return sql.strip()
+
+
+def statement_complete(text: str) -> bool:
+    """Whether a model's output so far holds a whole statement (its top-level ``;``): generation stops there."""
+    body = _unfenced(text)
+    start = _statement_start(body)
+    return start is not None and _statement_end(body[start:]) is not None
