@@ -151,7 +151,10 @@ class SqlAnswerHandler(Handler[SqlWork]):
         log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=status,
                  candidates=len(candidates), seconds=round(seconds, 2), error=best.error)
         res = best.result
-        return {"status": status, "sql": best.sql or None, "error": best.error, "schema_context": ctx.text,
+        # what the model was given: the schema after the prompt budget's trimming (the trainer rebuilds it from this)
+        fitted = getattr(gen, "last_fitted", None)
+        given = fitted.schema_context if fitted is not None else ctx.text
+        return {"status": status, "sql": best.sql or None, "error": best.error, "schema_context": given,
                 "result": Jsonb(res.as_json()) if res else None, "row_count": res.row_count if res else None,
                 "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}
 

