@@ -318,7 +318,7 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
     random.seed(seed)
     torch.manual_seed(seed)
     loaded = load_transformers(base, cache_dir=cache_dir, setting="sql_model_path", what="SQL model")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = _trainable(loaded.model, base), loaded.tokenizer
     load_seconds = time.time() - started
     prompt_budget = max(16, loaded.context_limit(context_tokens) - max_new_tokens)
     parameters = sum(p.numel() for p in model.parameters())
@@ -384,6 +384,22 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
     return FitReport(step, epochs, len(encoded), len(pairs) - len(encoded), trimmed, stopped, round(train_seconds, 1),
                      round(load_seconds, 1), round(time.time() - t_save, 1), lora, losses, parameters,
                      sum(p.numel() for p in trained))
+
+
+def _trainable(model: Any, base: str) -> Any:
+    """A model read from a GGUF file keeps transformers' GGUF quantizer attached even when its weights were
+    dequantised to plain tensors, and then refuses to be saved: detach it. Weights still in GGUF blocks (a GGUF
+    kernel installed) cannot be trained: a clear error."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ValueError(f"the SQL model {base} was loaded with its weights still quantized ({packed[0]}, ...): "
+                         "they cannot be fine-tuned; uninstall the GGUF kernels package so transformers dequantises "
+                         "it, or give a transformers model directory")
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 def _micro_loss(model: Any, micro: list[tuple[list[int], list[int], bool]], pad: int) -> Any:
