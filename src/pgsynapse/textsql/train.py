@@ -10,8 +10,10 @@ goes to stdout as JSON lines (:func:`pgsynapse.learning.trainer_process.progress
    corrected statement, or the generated one when the correction approves it). Every target is checked
    (``check_sql``) and run as the reader role once; a target that is refused or fails is dropped (counted by
    reason): it would teach the model a statement that cannot run, and could not judge one either.
-2. **Split**: a held-out slice of about ``heldout_fraction`` of the pairs, in whole groups of the same normalised
-   question text (:func:`normalise_question`), so a question asked twice never lands on both sides.
+2. **Split**: a held-out slice of about ``heldout_fraction`` of the questions, chosen by a hash of the normalised
+   question text (:func:`normalise_question`, :func:`split_pairs`): a question asked twice never lands on both
+   sides, and keeps its side from one retrain to the next, so the active model (an earlier run's candidate) is
+   never judged on questions it was trained on.
 3. **Fine-tune** (:func:`fine_tune`) the base model (a transformers directory, a ``.gguf`` file dequantised by
    transformers' gguf loader, or a preset): every weight, or a LoRA adapter (``peft``) merged into the weights
    before saving, so inference loads a plain transformers directory. The loss is on the SQL tokens only; the
@@ -27,6 +29,7 @@ Helper entry points for the benchmark, which has its pairs without a database of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -94,20 +97,27 @@ def normalise_question(text: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", t).split())
 
 
+def _side(key: str, seed: int) -> float:
+    """A question's stable place in [0, 1): the same in every run, whatever else was corrected."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
 def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """(train, held out): whole groups of the same normalised question go to one side; about ``fraction`` of the
-    pairs are held out, at least one group when there are two or more, never every group."""
+    """(train, held out): a question is held out when the hash of its normalised text falls under ``fraction``,
+    so whole groups of the same question go to one side, and a question keeps its side from one retrain to the
+    next (while ``fraction`` and ``seed`` stay): the active model, trained by an earlier run, never saw the
+    questions the next run judges it on. About ``fraction`` of the questions are held out; with two or more
+    questions, at least one is held out and one trains (the lowest and highest hashes)."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         groups.setdefault(normalise_question(p.question), []).append(i)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    want = fraction * len(pairs)
-    held: set[int] = set()
-    for k in keys[:-1]:  # the last group always trains
-        if len(held) >= want and held:
-            break
-        held.update(groups[k])
+    ranked = sorted(groups, key=lambda k: (_side(k, seed), k))
+    held_keys = {k for k in ranked if _side(k, seed) < fraction}
+    if len(ranked) >= 2:
+        held_keys = (held_keys | {ranked[0]}) - {ranked[-1]}
+    else:
+        held_keys = set()
+    held = {i for k in held_keys for i in groups[k]}
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
