@@ -1,12 +1,13 @@
-"""The SQL trainer's parts that need no database (textsql/train.py): the held-out split by normalised question,
-the ordered comparison's test, micro-batches, and the loss of a left-padded micro-batch."""
+"""The SQL trainer's parts that need no database: the held-out split by normalised question and the ordered
+comparison's test (textsql/pairs.py), micro-batches and the loss of a left-padded micro-batch (textsql/train.py)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pgsynapse.textsql.train import Pair, _micro_batches, _micro_loss, normalise_question, ordered_target, split_pairs
+from pgsynapse.textsql.pairs import Pair, normalise_question, ordered_target, split_pairs
+from pgsynapse.textsql.train import _micro_batches, _micro_loss
 
 
 def _pair(q: str, sql: str = "select 1") -> Pair:
