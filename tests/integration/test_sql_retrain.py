@@ -92,7 +92,7 @@ def _corrections(url: str, context: str, shuffled: bool) -> None:
 def _settings(url, tmp_path, base_path, **kw):
     values = dict(data_dir=str(tmp_path), sql_runtime="transformers", sql_model_path=base_path, torch_threads=1,
                   sql_retrain_min_corrections=10, sql_retrain_epochs=10, sql_retrain_lr=3e-3,
-                  sql_retrain_heldout_fraction=0.25, sql_retrain_traffic_percent=15.0, sql_max_new_tokens=24)
+                  sql_retrain_heldout_fraction=0.4, sql_retrain_traffic_percent=15.0, sql_max_new_tokens=24)
     values.update(kw)
     return fast_settings(url, **values)
 

@@ -1,35 +1,41 @@
-"""The SQL trainer's parts that need no database (textsql/train.py): the held-out split by normalised question,
-the ordered comparison's test, micro-batches, and the loss of a left-padded micro-batch."""
+"""The SQL trainer's parts that need no database: the held-out split by normalised question and the ordered
+comparison's test (textsql/pairs.py), micro-batches and the loss of a left-padded micro-batch (textsql/train.py)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pgsynapse.textsql.train import Pair, _micro_batches, _micro_loss, normalise_question, ordered_target, split_pairs
+from pgsynapse.textsql.pairs import Pair, normalise_question, ordered_target, split_pairs
+from pgsynapse.textsql.train import _micro_batches, _micro_loss
 
 
 def _pair(q: str, sql: str = "select 1") -> Pair:
     return Pair(q, "CREATE TABLE t (a int);", sql)
 
 
-def test_the_split_keeps_each_normalised_question_on_one_side():
+def test_the_split_keeps_each_question_on_one_side_in_every_run():
     assert normalise_question("  How MANY orders?! ") == normalise_question("how many orders") == "how many orders"
     assert normalise_question("how many orders") != normalise_question("how many order lines")
-    texts = [f"question number {i}" for i in range(20)]
-    pairs = [_pair(t) for t in texts] + [_pair(t.upper() + " ?") for t in texts[:10]]  # each asked twice
-    for seed in range(5):
-        train, held = split_pairs(pairs, 0.25, seed)
-        assert len(train) + len(held) == len(pairs) and held and train
-        tk = {normalise_question(p.question) for p in train}
-        hk = {normalise_question(p.question) for p in held}
-        assert not tk & hk
-        assert 0.2 * len(pairs) <= len(held) <= 0.4 * len(pairs)
-    assert split_pairs(pairs, 0.25, 3) == split_pairs(pairs, 0.25, 3)  # reproducible
-    # one group only: nothing can be held out; two groups: one of each side
+    texts = [f"question number {i}" for i in range(400)]
+    pairs = [_pair(t) for t in texts] + [_pair(t.upper() + " ?") for t in texts[:100]]  # asked twice
+    train, held = split_pairs(pairs, 0.25)
+    assert len(train) + len(held) == len(pairs)
+    sides = {}
+    for side, chosen in (("train", train), ("held", held)):
+        for p in chosen:
+            assert sides.setdefault(normalise_question(p.question), side) == side  # a group is never split
+    assert 0.18 * len(texts) <= sum(v == "held" for v in sides.values()) <= 0.32 * len(texts)
+    # the next retrain has more corrections: every question seen before keeps its side
+    train2, held2 = split_pairs(pairs + [_pair(f"a later question {i}") for i in range(50)], 0.25)
+    assert {p.question for p in held2} >= {p.question for p in held}
+    assert {p.question for p in train2} >= {p.question for p in train}
+    assert split_pairs(pairs, 0.25, seed=1) != (train, held)  # another seed, another split
+    # one question only: nothing can be held out; two: one on each side
     assert split_pairs([_pair("a"), _pair("A")], 0.5)[1] == []
-    train, held = split_pairs([_pair("a"), _pair("b")], 0.1)
-    assert len(train) == len(held) == 1
+    for fraction in (0.01, 0.99):
+        train, held = split_pairs([_pair("a"), _pair("b")], fraction)
+        assert len(train) == len(held) == 1
 
 
 def test_row_order_counts_only_when_the_target_orders_at_the_top_level():

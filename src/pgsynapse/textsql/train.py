@@ -10,8 +10,10 @@ goes to stdout as JSON lines (:func:`pgsynapse.learning.trainer_process.progress
    corrected statement, or the generated one when the correction approves it). Every target is checked
    (``check_sql``) and run as the reader role once; a target that is refused or fails is dropped (counted by
    reason): it would teach the model a statement that cannot run, and could not judge one either.
-2. **Split**: a held-out slice of about ``heldout_fraction`` of the pairs, in whole groups of the same normalised
-   question text (:func:`normalise_question`), so a question asked twice never lands on both sides.
+2. **Split**: a held-out slice of about ``heldout_fraction`` of the questions, chosen by a hash of the normalised
+   question text (:func:`normalise_question`, :func:`split_pairs`): a question asked twice never lands on both
+   sides, and keeps its side from one retrain to the next, so the active model (an earlier run's candidate) is
+   never judged on questions it was trained on.
 3. **Fine-tune** (:func:`fine_tune`) the base model (a transformers directory, a ``.gguf`` file dequantised by
    transformers' gguf loader, or a preset): every weight, or a LoRA adapter (``peft``) merged into the weights
    before saving, so inference loads a plain transformers directory. The loss is on the SQL tokens only; the
@@ -21,7 +23,8 @@ goes to stdout as JSON lines (:func:`pgsynapse.learning.trainer_process.progress
    result, ordered only when the target has a top-level ORDER BY. The gate (:mod:`pgsynapse.textsql.gate`) reads
    both accuracies.
 
-Helper entry points for the benchmark, which has its pairs without a database of corrections: :class:`Pair`,
+The pairs, the split and execution accuracy live in :mod:`pgsynapse.textsql.pairs`. Entry points for the
+benchmark, whose pairs come without a corrections table, are all importable from here: :class:`Pair`,
 :func:`split_pairs`, :func:`fine_tune`, :func:`run_targets` and :func:`evaluate`.
 """
 
@@ -31,12 +34,9 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import sys
 import time
-import unicodedata
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,22 +46,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pgsynapse.learning.trainer_process import progress  # noqa: E402
+from pgsynapse.textsql.pairs import (  # noqa: E402 - re-exported: the benchmark's entry points are all here
+    Evaluation, Outcome, Pair, evaluate, load_pairs, normalise_question, ordered_target, run_statement, run_targets,
+    split_pairs)
+
+__all__ = ["Evaluation", "FitReport", "Outcome", "Pair", "SqlTrainSpec", "evaluate", "fine_tune", "load_pairs", "main",
+           "normalise_question", "ordered_target", "run_statement", "run_targets", "split_pairs"]
 
 STEP_EVENT = "sql_retrain_step"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One training pair: a question, the schema context its prompt carries, and the SQL that answers it."""
-
-    question: str
-    schema_context: str
-    sql: str  # the target statement
-    schema: str = "public"  # the question's target schema: the search path of the checks and runs
-    allowed: tuple[tuple[str, str], ...] = ()  # (schema, table) the statements may read
-    history: tuple[tuple[str, str], ...] = ()  # earlier (question, sql) turns of the session, oldest first
-    correction_id: int | None = None
-    question_id: int | None = None
 
 
 @dataclass
@@ -84,160 +76,6 @@ class SqlTrainSpec:
     threads: int = 0
     # the worker's settings the evaluation needs (generation, limits, the reader role); see _settings
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-# -- pairs and the split ---------------------------------------------------------------------------------------
-
-def normalise_question(text: str) -> str:
-    """The key of a question's group: case, accents' composition, punctuation and spacing do not count."""
-    t = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.sub(r"[\W_]+", " ", t).split())
-
-
-def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """(train, held out): whole groups of the same normalised question go to one side; about ``fraction`` of the
-    pairs are held out, at least one group when there are two or more, never every group."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        groups.setdefault(normalise_question(p.question), []).append(i)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    want = fraction * len(pairs)
-    held: set[int] = set()
-    for k in keys[:-1]:  # the last group always trains
-        if len(held) >= want and held:
-            break
-        held.update(groups[k])
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
-def load_pairs(conn: Any, role: str, *, history_turns: int = 0, max_question_chars: int = 4000) -> list[Pair]:
-    """Every corrected question as a pair (its latest correction), in question order (``conn``: dict rows). The
-    prompt is rebuilt as it was answered: its schema context, and the session's earlier answered turns (the
-    ``history_turns`` setting, read as the sql_answer handler reads them). The tables a pair's statements may read
-    are the question's scope that ``role`` may SELECT (every table of its schema, or its ``allowed_tables``)."""
-    from pgsynapse.queries import q
-
-    scopes: dict[tuple[str, tuple[str, ...] | None], tuple[tuple[str, str], ...]] = {}
-    out = []
-    for r in conn.execute(q("sql_training_pairs", "textsql_models.sql")).fetchall():
-        names = tuple(r["allowed_tables"]) if r["allowed_tables"] is not None else None
-        key = (r["target_schema"], names)
-        if key not in scopes:
-            found = conn.execute(q("readable_tables", "textsql.sql"), {
-                "schema": r["target_schema"], "names": list(names) if names is not None else None, "role": role})
-            scopes[key] = tuple((t["schema"], t["name"]) for t in found.fetchall() if t["readable"])
-        history: tuple[tuple[str, str], ...] = ()
-        if r["session_id"] is not None and history_turns:
-            past = conn.execute(q("data_session_history", "textsql.sql"), {
-                "session": r["session_id"], "before": r["question_id"], "limit": history_turns,
-                "max_chars": max_question_chars}).fetchall()
-            history = tuple((p["text"], p["sql"]) for p in reversed(past))
-        out.append(Pair(r["question"], r["schema_context"] or "", r["target_sql"], r["target_schema"], scopes[key],
-                        history, r["correction_id"], r["question_id"]))
-    return out
-
-
-# -- running statements ------------------------------------------------------------------------------------------
-
-def ordered_target(sql: str) -> bool:
-    """Whether the statement orders its result at the top level (then row order counts in the comparison)."""
-    import pglast
-
-    try:
-        stmt = pglast.parse_sql(sql)[0].stmt
-    except Exception:  # noqa: BLE001 - unparsable: the check refuses it anyway
-        return False
-    return bool(getattr(stmt, "sortClause", None))
-
-
-@dataclass
-class Outcome:
-    """How one statement fared: ``correct``, ``wrong`` (another result), ``refused`` (the safety check, with its
-    reason), ``failed`` (the statement errored or timed out) or ``no_sql`` (the model gave none)."""
-
-    outcome: str
-    sql: str = ""
-    reason: str = ""
-    seconds: float = 0.0
-
-
-def run_statement(conn: Any, sql: str, pair: Pair, limits: Any, role: str) -> tuple[Any, Outcome | None]:
-    """Check and run one statement for ``pair`` as the reader role: (result, None) or (None, what went wrong)."""
-    from pgsynapse.textsql.execute import run_readonly
-    from pgsynapse.textsql.safety import UnsafeSQL, check_sql
-
-    if not sql.strip():
-        return None, Outcome("no_sql", sql, "the model generated no statement")
-    try:
-        checked = check_sql(sql, allowed=pair.allowed, search_path=(pair.schema,))
-    except UnsafeSQL as exc:
-        return None, Outcome("refused", sql, exc.reason)
-    try:
-        return run_readonly(conn, checked, limits, role=role, search_path=(pair.schema,)), None
-    except Exception as exc:  # noqa: BLE001 - QueryFailed, or the connection's own error: the statement failed
-        return None, Outcome("failed", sql, " ".join(str(exc).split())[:300])
-
-
-def run_targets(conn: Any, pairs: Sequence[Pair], limits: Any, role: str) -> tuple[list[Pair], list[Any], Counter]:
-    """The pairs whose target SQL passes the check and runs, their results, and the others counted by reason
-    (``target_refused:<reason>``, ``target_failed``)."""
-    kept, results, dropped = [], [], Counter()
-    for p in pairs:
-        result, bad = run_statement(conn, p.sql, p, limits, role)
-        if bad is not None:
-            dropped["target_" + (f"refused:{bad.reason}" if bad.outcome == "refused" else bad.outcome)] += 1
-            continue
-        kept.append(p)
-        results.append(result)
-    return kept, results, dropped
-
-
-@dataclass
-class Evaluation:
-    """A model's execution accuracy on pairs, and how each pair went."""
-
-    outcomes: list[Outcome]
-    seconds: float
-
-    @property
-    def correct(self) -> list[bool]:
-        return [o.outcome == "correct" for o in self.outcomes]
-
-    def summary(self) -> dict[str, Any]:
-        n = len(self.outcomes)
-        counts = Counter(o.outcome for o in self.outcomes)
-        refused = Counter(o.reason for o in self.outcomes if o.outcome == "refused")
-        return {"accuracy": counts["correct"] / n if n else None, "pairs": n, "correct": counts["correct"],
-                "wrong": counts["wrong"], "failed": counts["failed"], "no_sql": counts["no_sql"],
-                "refused": counts["refused"], "refused_by_reason": dict(sorted(refused.items())),
-                "seconds": round(self.seconds, 2)}
-
-
-def evaluate(generator: Any, pairs: Sequence[Pair], targets: Sequence[Any], conn: Any, limits: Any, role: str,
-             *, label: str = "model") -> Evaluation:
-    """Execution accuracy of ``generator`` on ``pairs`` (greedy, one statement each), against the results of their
-    targets (:func:`run_targets`): check, run as ``role`` within ``limits``, compare (ordered only when the target
-    orders at the top level)."""
-    from pgsynapse.textsql.execute import same_result
-    from pgsynapse.textsql.generate import SqlPrompt
-
-    started = time.time()
-    outcomes = []
-    for i, (p, target) in enumerate(zip(pairs, targets, strict=True)):
-        t0 = time.time()
-        try:
-            [sql] = generator.generate(SqlPrompt(p.question, p.schema_context, p.history), n=1)[:1]
-        except Exception as exc:  # noqa: BLE001 - a model that cannot answer this prompt gets it wrong
-            outcomes.append(Outcome("failed", "", f"generation failed: {type(exc).__name__}: {exc}"[:300]))
-            continue
-        result, bad = run_statement(conn, sql, p, limits, role)
-        if bad is None:
-            bad = Outcome("correct" if same_result(target, result, ordered=ordered_target(p.sql)) else "wrong", sql)
-        bad.seconds = round(time.time() - t0, 3)
-        outcomes.append(bad)
-        progress("sql_retrain_evaluated_pair", model=label, pair=i + 1, pairs=len(pairs), outcome=bad.outcome)
-    return Evaluation(outcomes, time.time() - started)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------------
@@ -318,7 +156,7 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
     random.seed(seed)
     torch.manual_seed(seed)
     loaded = load_transformers(base, cache_dir=cache_dir, setting="sql_model_path", what="SQL model")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = _trainable(loaded.model, base), loaded.tokenizer
     load_seconds = time.time() - started
     prompt_budget = max(16, loaded.context_limit(context_tokens) - max_new_tokens)
     parameters = sum(p.numel() for p in model.parameters())
@@ -386,6 +224,22 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
                      sum(p.numel() for p in trained))
 
 
+def _trainable(model: Any, base: str) -> Any:
+    """A model read from a GGUF file keeps transformers' GGUF quantizer attached even when its weights were
+    dequantised to plain tensors, and then refuses to be saved: detach it. Weights still in GGUF blocks (a GGUF
+    kernel installed) cannot be trained: a clear error."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ValueError(f"the SQL model {base} was loaded with its weights still quantized ({packed[0]}, ...): "
+                         "they cannot be fine-tuned; uninstall the GGUF kernels package so transformers dequantises "
+                         "it, or give a transformers model directory")
+    quantizer.remove_quantization_config(model)
+    return model
+
+
 def _micro_loss(model: Any, micro: list[tuple[list[int], list[int], bool]], pad: int) -> Any:
     """The summed loss of a micro-batch's SQL tokens. Padded on the left, so every statement ends at the last
     position and only the logits of the last (longest statement + 1) positions are computed: a large vocabulary
@@ -430,6 +284,13 @@ def _limits(settings: Any) -> Any:
 
     return Limits(statement_timeout_ms=settings.sql_statement_timeout_ms, max_rows=settings.sql_max_rows,
                   max_bytes=settings.sql_max_result_bytes)
+
+
+def _reporter(label: str, pairs: Sequence[Pair]) -> Callable[[int, Outcome], None]:
+    def report(i: int, o: Outcome) -> None:
+        # a *_step event: the parent relays one every few seconds, and the last
+        progress("sql_retrain_eval_step", model=label, step=i + 1, steps=len(pairs), outcome=o.outcome)
+    return report
 
 
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
@@ -479,12 +340,12 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
             t0 = time.time()
             candidate = make_generator("transformers", spec.out_dir, settings)
             seconds["load_candidate"] = round(time.time() - t0, 2)
-            cand = evaluate(candidate, held, held_targets, conn, limits, role, label="candidate")
+            cand = evaluate(candidate, held, held_targets, conn, limits, role, on_pair=_reporter("candidate", held))
             del candidate
             t0 = time.time()
             active = make_generator(spec.active_runtime, spec.active_path, settings)
             seconds["load_active"] = round(time.time() - t0, 2)
-            act = evaluate(active, held, held_targets, conn, limits, role, label="active")
+            act = evaluate(active, held, held_targets, conn, limits, role, on_pair=_reporter("active", held))
     seconds["evaluate_candidate"], seconds["evaluate_active"] = round(cand.seconds, 2), round(act.seconds, 2)
     seconds["total"] = round(time.time() - started, 2)
     metrics: dict[str, Any] = {
