@@ -256,3 +256,37 @@ def test_the_images_migration_upgrades_a_database_with_documents_and_is_idempote
                             " has_column_privilege('pgsynapse_app', 'pgsynapse.images', 'status', 'UPDATE'),"
                             " has_table_privilege('pgsynapse_app', 'pgsynapse.image_embeddings', 'INSERT')"
                             ).fetchone() == (True, False, False)
+
+
+def test_the_data_questions_migration_upgrades_a_database_and_is_idempotent(new_db):
+    """0016 on top of 0015: a data question queues one sql_answer job, an edit re-asks it, corrections queue the one
+    sql_retrain at the threshold, the reader role reads nothing of pgsynapse; re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 16)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = 2")
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('how many?') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1' WHERE id = %s", (qid,))
+        conn.execute("DELETE FROM pgsynapse.jobs")
+        conn.execute("UPDATE pgsynapse.data_questions SET text = 'how many orders?' WHERE id = %s", (qid,))
+        assert conn.execute("SELECT status, sql FROM pgsynapse.data_questions WHERE id = %s", (qid,)).fetchone() == (
+            "pending", None)
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_answer' AND ref_id = %s",
+                            (qid,)).fetchone()[0] == 1
+        with pytest.raises(psycopg.errors.CheckViolation, match="sql_corrections_sql_or_approved"):
+            conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id) VALUES (%s)", (qid,))
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (qid,))
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone()[0] == 0
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, 'SELECT 2')", (qid,))
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (qid,))
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone()[0] == 1
+        assert conn.execute(
+            "SELECT has_schema_privilege('pgsynapse_reader', 'pgsynapse', 'USAGE'),"
+            " pg_has_role('pgsynapse_worker', 'pgsynapse_reader', 'MEMBER'),"
+            " has_column_privilege('pgsynapse_app', 'pgsynapse.data_questions', 'text', 'INSERT'),"
+            " has_column_privilege('pgsynapse_app', 'pgsynapse.data_questions', 'sql', 'UPDATE'),"
+            " has_table_privilege('pgsynapse_app', 'pgsynapse.sql_models', 'INSERT')").fetchone() == (
+            False, True, True, False, False)
