@@ -4,16 +4,11 @@ active model on a grouped hold-out of feedback and on the canary set, register i
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -21,16 +16,13 @@ from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
+from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
-
-
-class TrainingFailed(Exception):
-    """The training process failed, ran out of its memory budget or produced no metrics."""
 
 
 @dataclass
@@ -71,7 +63,7 @@ class RetrainHandler(Handler[RetrainWork]):
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
         self.models = models
-        # leases renewed until the trainer's own kill deadline (see _follow), plus a minute to record the outcome
+        # leases renewed until the trainer's own kill deadline (see run_trainer), plus a minute to record the outcome
         self.deadline_seconds = 2 * settings.retrain_budget_seconds + 360
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[RetrainWork], list[Outcome]]:
@@ -117,77 +109,11 @@ class RetrainHandler(Handler[RetrainWork]):
             freeze_layers=s.retrain_freeze_layers,
         )
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))
-        # the spec carries the database URL, password included: it goes through a pipe, never a file, argv or env
-        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.train"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            return self._follow(proc, spec, w)
-        finally:
-            if proc.poll() is None:  # the parent failed or was interrupted: the trainer must not outlive it
-                proc.kill()
-                proc.wait()
-
-    def _follow(self, proc: subprocess.Popen[str], spec: TrainSpec, w: RetrainWork) -> dict[str, Any]:
-        """Hand the spec to the trainer, relay its progress events, and read its metrics when it succeeds."""
-        s = self.settings
-        try:
-            if proc.stdin is not None:
-                proc.stdin.write(json.dumps(asdict(spec)))
-                proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the trainer died at once: its exit code and stderr below say why
-        over_budget = threading.Event()
-        peak = [0.0]
-
-        # training stops itself at its budget; evaluation and saving get as long again, then it is killed
-        deadline = time.monotonic() + self.deadline_seconds - 60
-        overtime = threading.Event()
-
-        def watch_memory() -> None:
-            """Kill the trainer when its memory exceeds the budget (it must never take the machine down) or
-            when it runs past its deadline (it must never hang the retrain loop)."""
-            try:
-                p = psutil.Process(proc.pid)
-                while proc.poll() is None:
-                    rss = p.memory_info().rss / 2**20
-                    peak[0] = max(peak[0], rss)
-                    if rss > s.retrain_memory_mb:
-                        over_budget.set()
-                        proc.kill()
-                        return
-                    if time.monotonic() > deadline:
-                        overtime.set()
-                        proc.kill()
-                        return
-                    over_budget.wait(0.5)
-            except psutil.NoSuchProcess:
-                return
-
-        threading.Thread(target=watch_memory, daemon=True).start()
-        stderr_tail: list[str] = []
-        threading.Thread(target=lambda: stderr_tail.extend(proc.stderr or []), daemon=True).start()
-        last_step = 0.0
-        for line in proc.stdout or []:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            name = ev.pop("event", "retrain_progress")
-            if name == "retrain_step":
-                if time.monotonic() - last_step < 5 and ev["step"] != ev["steps"]:
-                    continue
-                last_step = time.monotonic()
-            log.info(name, job=w.job.id, **ev)
-        code = proc.wait()
-        if over_budget.is_set():
-            raise TrainingFailed(f"training exceeded its memory budget of {s.retrain_memory_mb} MB and was stopped")
-        if overtime.is_set():
-            raise TrainingFailed(f"training ran past its deadline ({2 * s.retrain_budget_seconds + 300:.0f} s) and was stopped")
-        if code != 0:
-            tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
-            raise TrainingFailed(f"training process exited with {code}: {tail}")
-        metrics = json.loads((Path(spec.out_dir) / "metrics.json").read_text())
-        metrics["peak_rss_mb_observed"] = round(peak[0], 1)
+        # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
+        # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
+        metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,
+                              kill_after_seconds=self.deadline_seconds - 60, default_event="retrain_progress",
+                              job=w.job.id)
         return {"metrics": metrics, "path": spec.out_dir, "base": w.active, "passage": spec.base_version}
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -51,10 +52,28 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
         async with Client(url) as client:
             return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
 
+    return _answered(settings, "answer", go)
+
+
+def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
+             tables: list[str] | None = None, timeout: float = 300.0):
+    """Ask one question about the data and wait for its statement and result (an in-process worker answers it
+    when none runs on this database)."""
+    from pgsynapse.client import Client
+
+    async def go(url: str):
+        async with Client(url) as client:
+            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=timeout)
+
+    return _answered(settings, "sql_answer", go)
+
+
+def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
+    """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``."""
     async def with_worker(url: str):
         from pgsynapse.listener.worker import Worker
 
-        worker = Worker(settings.model_copy(update={"kinds": ("answer",)}), url)
+        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url)
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
             try:

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
 
     _image_model_parser(sub)
+    _sql_parsers(sub)
 
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
@@ -123,6 +124,42 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
     ef.add_argument("--torch", action="store_true", help="register the TorchScript model, not its ONNX export "
                     "(about 4x slower one image at a time on 2 cores: BENCHMARKS.md)")
     ef.add_argument("--no-add", action="store_true", help="only build the directory (or directories)")
+
+
+def _sql_parsers(sub: argparse._SubParsersAction) -> None:
+    sa = sub.add_parser("sql-ask", help="ask a question about the data: print the SQL generated and its result")
+    sa.add_argument("text")
+    sa.add_argument("--schema", default="public", help="the schema of the tables (default public)")
+    sa.add_argument("--tables", help="comma-separated tables it may read (default: every table of the schema that "
+                    "the reader role may read)")
+    sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
+    sa.add_argument("--timeout", type=float, default=300.0)
+    sa.add_argument("--json", action="store_true")
+    sc = sub.add_parser("sql-correct", help="record the right SQL for a data question (or approve the generated one): "
+                        "training data of the SQL model")
+    sc.add_argument("question", type=int)
+    what = sc.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sql", help="the right statement")
+    what.add_argument("--approve", action="store_true", help="the generated statement was right")
+    sm = sub.add_parser("sql-model", help="SQL models: list, add by path, promote, rollback, traffic, retire, retrain")
+    ssub = sm.add_subparsers(dest="sql_model_command", required=True, metavar="ACTION")
+    ls = ssub.add_parser("list", help="SQL models with status, traffic and held-out accuracy")
+    ls.add_argument("--json", action="store_true")
+    ad = ssub.add_parser("add", help="register a local SQL model (directory, .gguf file or preset)")
+    ad.add_argument("path")
+    ad.add_argument("--name")
+    ad.add_argument("--runtime", choices=["transformers", "llama-cpp", "openai"], default="transformers")
+    ad.add_argument("--activate", action="store_true", help="make it the active model at once (the first one)")
+    pr = ssub.add_parser("promote", help="make a candidate the active SQL model")
+    pr.add_argument("model", type=int)
+    ssub.add_parser("rollback", help="re-activate the SQL model the active one replaced")
+    tr = ssub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model", type=int)
+    tr.add_argument("percent", type=float)
+    rt = ssub.add_parser("retire", help="retire a SQL model that is not active")
+    rt.add_argument("model", type=int)
+    rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now (the worker runs it)")
+    rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
 
 
 def _settings(args: argparse.Namespace):
@@ -207,6 +244,18 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.images.cli import run_image_model_command
 
         return run_image_model_command(args, settings)
+    if args.command == "sql-ask":
+        from pgsynapse.textsql.cli import run_sql_ask
+
+        return run_sql_ask(args, settings)
+    if args.command == "sql-correct":
+        from pgsynapse.textsql.cli import run_sql_correct
+
+        return run_sql_correct(args, settings)
+    if args.command == "sql-model":
+        from pgsynapse.textsql.cli import run_sql_model_command
+
+        return run_sql_model_command(args, settings)
     if args.command == "search":
         if not args.text:
             raise PgsynapseError("search needs a text (or --like-image PATH)")

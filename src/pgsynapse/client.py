@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 from pgsynapse.errors import PgsynapseError
 
 ANSWERS_CHANNEL = "pgsynapse_answers"
+DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
 
 
 class AnswerTimeout(PgsynapseError):
@@ -50,6 +51,24 @@ class Result:
     cached_from: int | None = None  # answered from the semantic answer cache: the original question's id
 
 
+@dataclass(frozen=True)
+class DataResult:
+    """A question about the data, answered: ``status`` answered (columns and rows), refused (the statement was
+    not run) or failed; ``sql`` the statement generated; ``error`` why it was refused or failed."""
+
+    id: int
+    status: str
+    sql: str | None
+    columns: list[dict[str, str]]
+    rows: list[list[Any]]
+    row_count: int | None
+    truncated: bool
+    error: str | None
+    sql_model_id: int | None
+    latency_ms: float | None
+    session_id: str | None
+
+
 class Client:
     """One LISTENing connection. Several tasks may ``ask`` on one client at once: they share the connection,
     and whichever task reads an answer's NOTIFY hands it to the task that asked."""
@@ -58,9 +77,12 @@ class Client:
         self.url = url
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = anyio.Lock()
-        self._waiting: set[int] = set()  # questions asked on this client and not answered yet
-        # of those, the announcements (NOTIFY payloads) read on the channel and not yet collected by their ask()
-        self._arrived: dict[int, list[dict[str, Any]]] = {}
+        # (channel, id) of the questions asked on this client and not answered yet: questions and data questions
+        # have their own ids and channels
+        self._waiting: set[tuple[str, int]] = set()
+        # of those, the announcements (NOTIFY payloads) read on their channel and not yet collected by their asker
+        self._arrived: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self._listening_data = False
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
@@ -97,14 +119,15 @@ class Client:
                 "INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
                 (session_id, text))).fetchone()
         qid = row["id"]
-        self._waiting.add(qid)
+        key = (ANSWERS_CHANNEL, qid)
+        self._waiting.add(key)
         received, restarted = "", False
         # no cancel scope is held across a yield (the consumer runs between pieces): each wait gets what is left
         deadline = anyio.current_time() + timeout if timeout else math.inf
         try:
             check = True
             while True:
-                for p in self._arrived.pop(qid, []):
+                for p in self._arrived.pop(key, []):
                     if p.get("status") != "streaming":
                         check = True
                         continue
@@ -127,20 +150,57 @@ class Client:
                         piece, received = now[len(received):], now
                         yield piece
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                    check = await self._wait_one(qid)
+                    check = await self._wait_one(key)
         except TimeoutError:
             raise AnswerTimeout(f"no answer to question {qid} within {timeout:g}s: is `pgsynapse run` running?") from None
         finally:
-            self._waiting.discard(qid)
-            self._arrived.pop(qid, None)
+            self._waiting.discard(key)
+            self._arrived.pop(key, None)
 
-    async def _wait_one(self, qid: int) -> bool:
+    async def ask_data(self, text: str, *, session_id: str | None = None, schema: str = "public",
+                       tables: list[str] | None = None, timeout: float = 120.0) -> DataResult:
+        """Ask a question about the data (``pgsynapse.data_questions``) and wait for its statement and result.
+
+        ``schema``: where its tables are; ``tables``: the ones it may read (None: every table of ``schema`` the
+        reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``."""
+        assert self._conn is not None, "use `async with Client(url) as client`"
+        async with self._lock:
+            if not self._listening_data:
+                await self._conn.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
+                self._listening_data = True
+            row = await (await self._conn.execute(
+                "INSERT INTO pgsynapse.data_questions (session_id, text, target_schema, allowed_tables)"
+                " VALUES (%s, %s, %s, %s) RETURNING id", (session_id, text, schema, tables))).fetchone()
+        key = (DATA_ANSWERS_CHANNEL, row["id"])
+        self._waiting.add(key)
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    self._arrived.pop(key, None)
+                    async with self._lock:
+                        r = await (await self._conn.execute(
+                            "SELECT id, status, sql, result, row_count, truncated, error, sql_model_id, latency_ms,"
+                            " session_id FROM pgsynapse.data_questions WHERE id = %s", (key[1],))).fetchone()
+                    if r["status"] != "pending":
+                        res = r["result"] or {}
+                        return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []),
+                                          r["row_count"], bool(r["truncated"]), r["error"], r["sql_model_id"],
+                                          r["latency_ms"], r["session_id"])
+                    await self._wait_one(key)
+        except TimeoutError:
+            raise AnswerTimeout(f"no answer to data question {key[1]} within {timeout:g}s: is `pgsynapse run` "
+                                "running?") from None
+        finally:
+            self._waiting.discard(key)
+            self._arrived.pop(key, None)
+
+    async def _wait_one(self, key: tuple[str, int]) -> bool:
         """Wait for the next NOTIFY and keep it for the asker of its question (asks on this client share one
         connection: whoever reads an announcement keeps it for its asker). True when none came within
         ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
         assert self._conn is not None
         async with self._lock:
-            if qid in self._arrived:
+            if key in self._arrived:
                 return False
             async for n in self._conn.notifies(timeout=self.recheck_seconds, stop_after=1):
                 try:
@@ -148,8 +208,8 @@ class Client:
                     announced = int(payload["id"])
                 except (ValueError, KeyError, TypeError):
                     return True
-                if announced in self._waiting:
-                    self._arrived.setdefault(announced, []).append(payload)
+                if (n.channel, announced) in self._waiting:
+                    self._arrived.setdefault((n.channel, announced), []).append(payload)
                 return False
             return True
 

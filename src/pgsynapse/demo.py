@@ -15,6 +15,7 @@ from pgsynapse.db import Database, next_notify
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
 from pgsynapse.search import search
+from pgsynapse.textsql.cli import format_data_result
 
 log = get_logger(__name__)
 
@@ -31,6 +32,23 @@ QUESTIONS = [
     ("and how do I release that savepoint?", "demo-1"),
     ("Which index type supports JSON containment queries?", "demo-2"),
 ]
+
+# the data question's table: created once, readable by the role generated SQL runs as (docs/operations.md)
+SHOP_SQL = """
+CREATE SCHEMA IF NOT EXISTS demo_shop;
+CREATE TABLE IF NOT EXISTS demo_shop.orders (
+    id int PRIMARY KEY, region text NOT NULL, customer text NOT NULL, total numeric(10, 2) NOT NULL,
+    ordered_on date NOT NULL, shipped_on date);
+COMMENT ON TABLE demo_shop.orders IS 'customer orders; shipped_on is NULL until the order ships';
+INSERT INTO demo_shop.orders
+SELECT g, (ARRAY['north', 'south', 'east', 'west'])[1 + g % 4], 'customer ' || (1 + g % 17), 10 + (g * 37) % 290,
+       date '2026-10-01' + g % 60, CASE WHEN g % 7 <> 0 THEN date '2026-10-01' + g % 60 + 1 + g % 5 END
+FROM generate_series(1, 200) g
+ON CONFLICT DO NOTHING;
+GRANT USAGE ON SCHEMA demo_shop TO pgsynapse_reader;
+GRANT SELECT ON demo_shop.orders TO pgsynapse_reader;
+"""
+DATA_QUESTION = "How many orders has each region shipped, most first?"
 
 INSERT_SQL = (
     "INSERT INTO pgsynapse.documents (source, title, body)"
@@ -111,5 +129,12 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                 for h in hits:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)
                     print(f"  {h.score:.3f}  {h.title}  [{h.source} #{h.ord}]\n         {snippet}", file=out)
+            if "sql_answer" in worker.handlers:
+                await conn.execute(SHOP_SQL)
+                print("\na question about the data (INSERT INTO pgsynapse.data_questions; table demo_shop.orders, "
+                      f"model {settings.sql_model_path}):\n\nQ: {DATA_QUESTION}", file=out)
+                async with Client(db.url) as client:
+                    data = await client.ask_data(DATA_QUESTION, schema="demo_shop", timeout=600)
+                print(textwrap.indent(format_data_result(data), "  "), file=out)
         worker.request_stop()
     return 0

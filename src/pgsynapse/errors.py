@@ -25,3 +25,8 @@ class ModelError(PgsynapseError):
 
 class InputError(PgsynapseError):
     """A row's content cannot be processed; recorded on the row, never retried."""
+
+
+class RegistryError(PgsynapseError):
+    """A model registry change that is not allowed in the current state (or names no model); the message says
+    why."""

@@ -5,24 +5,24 @@ piece of text as it is generated. The final answer's citations are checked again
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any, TypeVar
 from pathlib import Path
 
 from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer
-from pgsynapse.answerers.local_models import ModelLocation, resolve_model
+from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
-from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
 
 Delta = Callable[[str], None]
+T = TypeVar("T")
 
 
 def build_prompt(req: Request, *, max_passage_chars: int = 1200) -> str:
@@ -62,28 +62,16 @@ class TransformersAnswerer:
 
     def __init__(self, path: str, *, max_new_tokens: int = 160, context_tokens: int = 0,
                  cache_dir: str | Path | None = None, citation_policy: CitationPolicy = "flag") -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-        self.location: ModelLocation = resolve_model(path, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"))
-        where = self.location.directory
-        extra = {"gguf_file": self.location.gguf_file} if self.location.gguf_file else {}
-        missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
-        if extra and missing:  # transformers reads GGUF files with them
-            raise ConfigError(f"a .gguf answerer model needs the package(s) {', '.join(missing)}: "
-                              "pip install 'pgsynapse[gguf]'")
         started = time.perf_counter()
-        config = AutoConfig.from_pretrained(where, local_files_only=True, **extra)
-        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-        cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-        self.model = cls.from_pretrained(where, local_files_only=True, **extra)
-        self.model.eval()
+        loaded = load_transformers(path, cache_dir=cache_dir)
+        self.location: ModelLocation = loaded.location
+        self.seq2seq = loaded.seq2seq
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
         self.max_new_tokens = max_new_tokens
         self.citation_policy: CitationPolicy = citation_policy
         self.chat = not self.seq2seq and bool(getattr(self.tokenizer, "chat_template", None))
-        limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 1024)
-        if context_tokens:
-            limit = min(limit, context_tokens)
+        limit = loaded.context_limit(context_tokens)
         self.context_tokens = limit
         # the prompt's budget: the context less room for the answer (a seq2seq model's answer has its own)
         self.prompt_budget = max(16, limit - (0 if self.seq2seq else max_new_tokens))
@@ -158,28 +146,43 @@ class OpenAIAnswerer:
         payload = {"model": self.model, "messages": messages, "temperature": 0}
         if on_delta is not None:
             payload["stream"] = True
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                if on_delta is not None and resp.headers.get_content_type() == "text/event-stream":
-                    text = _read_events(resp, on_delta)
-                else:
-                    text = _content(json.loads(resp.read()))
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"answer endpoint returned HTTP {exc.code}: {exc.read()[:200]!r}") from None
-        except urllib.error.URLError as exc:
-            raise RuntimeError(f"answer endpoint unreachable: {exc.reason}") from None
+
+        def read(resp) -> str:
+            if on_delta is not None and resp.headers.get_content_type() == "text/event-stream":
+                return _read_events(resp, on_delta)
+            return message_contents(json.loads(resp.read()))[0]
+
+        text = post_json(self.url, self.api_key, payload, read, timeout=self.timeout)
         return checked_answer(text, req.passages, self.citation_policy)
 
 
-def _content(data: object) -> str:
+def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
+              what: str = "answer endpoint") -> T:
+    """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors
+    become a RuntimeError that names ``what`` failed and how."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
     try:
-        return data["choices"][0]["message"]["content"]  # type: ignore[index]
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return read(resp)
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{what} returned HTTP {exc.code}: {exc.read()[:200]!r}") from None
+    except urllib.error.URLError as exc:
+        raise RuntimeError(f"{what} unreachable: {exc.reason}") from None
+
+
+def message_contents(data: object, what: str = "answer endpoint") -> list[str]:
+    """The message text of each choice of a chat-completion response body."""
+    try:
+        choices = data["choices"]  # type: ignore[index]
+        out = [c["message"]["content"] or "" for c in choices]
     except (KeyError, IndexError, TypeError, AttributeError):
-        raise RuntimeError(f"answer endpoint returned an unexpected body: {str(data)[:200]}") from None
+        out = []
+    if not out:
+        raise RuntimeError(f"{what} returned an unexpected body: {str(data)[:200]}")
+    return out
 
 
 def _read_events(resp, on_delta: Delta) -> str:

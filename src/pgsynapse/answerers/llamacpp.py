@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer
-from pgsynapse.answerers.local_models import resolve_model
+from pgsynapse.answerers.local_models import ModelLocation, resolve_model
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
@@ -19,37 +21,56 @@ from pgsynapse.logs import get_logger
 log = get_logger(__name__)
 
 
+@dataclass
+class LlamaModel:
+    """A GGUF model opened on llama.cpp, with its chat template's formatter (None: the file has no template)."""
+
+    location: ModelLocation
+    model: Any
+    formatter: Any
+    context_tokens: int
+
+
+def open_llama(path: str, *, context_tokens: int = 2048, threads: int = 0, cache_dir: str | Path | None = None,
+               setting: str = "answerer_model_path", what: str = "answerer = llama-cpp") -> LlamaModel:
+    """A .gguf file or a preset on llama.cpp, its context the model's trained one capped by ``context_tokens`` (0:
+    no cap), with a formatter for the chat template in the file's metadata."""
+    try:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    except ImportError:
+        raise ConfigError(f"{what} needs llama-cpp-python: pip install 'pgsynapse[llama]'") from None
+    location = resolve_model(path, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"), setting=setting)
+    if not location.gguf_file:
+        raise ConfigError(f"invalid setting {setting} [PGSYNAPSE_{setting.upper()}]: {what} needs a .gguf file or "
+                          "a preset")
+    file = str(Path(location.directory) / location.gguf_file)
+    meta = Llama(model_path=file, n_ctx=16, vocab_only=True, verbose=False).metadata
+    trained = int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048)
+    limit = min(trained, context_tokens) if context_tokens else trained
+    model = Llama(model_path=file, n_ctx=limit, n_threads=threads or os.cpu_count() or 1, n_batch=512, verbose=False)
+    meta = model.metadata
+    template = meta.get("tokenizer.chat_template")
+    formatter = None
+    if template:
+        def token(key: str) -> str:
+            tid = meta.get(key)
+            return model.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid else ""
+
+        formatter = Jinja2ChatFormatter(template, eos_token=token("tokenizer.ggml.eos_token_id"),
+                                        bos_token=token("tokenizer.ggml.bos_token_id"))
+    return LlamaModel(location, model, formatter, limit)
+
+
 class LlamaCppAnswerer:
     name = "llama-cpp"
 
     def __init__(self, path: str, *, max_new_tokens: int = 160, context_tokens: int = 2048, threads: int = 0,
                  cache_dir: str | Path | None = None, citation_policy: CitationPolicy = "flag") -> None:
-        try:
-            from llama_cpp import Llama
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError:
-            raise ConfigError("answerer = llama-cpp needs llama-cpp-python: pip install 'pgsynapse[llama]'") from None
-        self.location = resolve_model(path, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"))
-        if not self.location.gguf_file:
-            raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: answerer = "
-                              "llama-cpp needs a .gguf file or a preset")
         started = time.perf_counter()
-        file = str(Path(self.location.directory) / self.location.gguf_file)
-        meta = Llama(model_path=file, n_ctx=16, vocab_only=True, verbose=False).metadata
-        trained = int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048)
-        limit = min(trained, context_tokens) if context_tokens else trained
-        self.model = Llama(model_path=file, n_ctx=limit, n_threads=threads or os.cpu_count() or 1, n_batch=512,
-                           verbose=False)
-        meta = self.model.metadata
-        template = meta.get("tokenizer.chat_template")
-        self.formatter = None
-        if template:
-            def token(key: str) -> str:
-                tid = meta.get(key)
-                return self.model.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid else ""
-
-            self.formatter = Jinja2ChatFormatter(template, eos_token=token("tokenizer.ggml.eos_token_id"),
-                                                 bos_token=token("tokenizer.ggml.bos_token_id"))
+        loaded = open_llama(path, context_tokens=context_tokens, threads=threads, cache_dir=cache_dir)
+        self.location, self.model, self.formatter = loaded.location, loaded.model, loaded.formatter
+        limit = loaded.context_tokens
         self.chat = self.formatter is not None
         self.max_new_tokens = max_new_tokens
         self.context_tokens = limit

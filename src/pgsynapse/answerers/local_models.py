@@ -20,6 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
@@ -131,16 +132,18 @@ def resolve_preset(preset: Preset, cache_dir: Path) -> ModelLocation:
     return ModelLocation(str(cache_dir), target.name)
 
 
-def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | None = None) -> ModelLocation:
-    """``answerer_model_path``: a preset name, a ``.gguf`` file, or a model directory (with config.json, or with
-    exactly one .gguf file)."""
+def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | None = None,
+                  setting: str = "answerer_model_path") -> ModelLocation:
+    """``answerer_model_path`` (or ``sql_model_path``: ``setting`` names it in errors): a preset name, a ``.gguf``
+    file, or a model directory (with config.json, or with exactly one .gguf file)."""
     presets = PRESETS if presets is None else presets
+    named = f"{setting} [PGSYNAPSE_{setting.upper()}]"
     if spec in presets:
         return resolve_preset(presets[spec], cache_dir)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ConfigError(f"invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {spec} is a file "
+            raise ConfigError(f"invalid setting {named}: {spec} is a file "
                               "but not a .gguf file (give a model directory, a .gguf file or a preset)")
         return ModelLocation(str(path.parent), path.name)
     if path.is_dir():
@@ -148,5 +151,43 @@ def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | No
         if not (path / "config.json").is_file() and len(ggufs) == 1:
             return ModelLocation(str(path), ggufs[0].name)
         return ModelLocation(str(path))
-    raise ConfigError(f"invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {spec!r} is neither a "
+    raise ConfigError(f"invalid setting {named}: {spec!r} is neither a "
                       f"model directory, a .gguf file nor a preset ({', '.join(sorted(presets))})")
+
+
+@dataclass
+class LocalModel:
+    """A transformers model loaded from a :class:`ModelLocation` (a directory or a GGUF file, dequantized)."""
+
+    location: ModelLocation
+    config: Any
+    tokenizer: Any
+    model: Any
+    seq2seq: bool
+
+    def context_limit(self, context_tokens: int = 0) -> int:
+        """The model's positions (1024 when the config does not say), capped by ``context_tokens`` (0: no cap)."""
+        limit = int(getattr(self.config, "max_position_embeddings", 0) or getattr(self.config, "n_positions", 0)
+                    or 1024)
+        return min(limit, context_tokens) if context_tokens else limit
+
+
+def load_transformers(spec: str, *, cache_dir: str | Path | None = None, setting: str = "answerer_model_path",
+                      what: str = "answerer model") -> LocalModel:
+    """A local causal or seq2seq model and its tokenizer, in eval mode: a directory, a .gguf file (read by
+    transformers with the ``gguf`` package) or a preset (:func:`resolve_model`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    location = resolve_model(spec, cache_dir=Path(cache_dir or Path.home() / ".cache" / "pgsynapse"), setting=setting)
+    where = location.directory
+    extra = {"gguf_file": location.gguf_file} if location.gguf_file else {}
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if extra and missing:  # transformers reads GGUF files with them
+        raise ConfigError(f"a .gguf {what} needs the package(s) {', '.join(missing)}: pip install 'pgsynapse[gguf]'")
+    config = AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+    model = cls.from_pretrained(where, local_files_only=True, **extra)
+    model.eval()
+    return LocalModel(location, config, tokenizer, model, seq2seq)

@@ -12,14 +12,15 @@ from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
 
 
-def queue_retrain(conn: psycopg.Connection) -> int | None:
-    """Queue a forced retrain (deduplicated: never two pending). Returns the job id, or None if one was pending."""
+def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True) -> int | None:
+    """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). Returns the job id, or
+    None if one was pending."""
     row = conn.execute(
-        "WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES ('retrain', 0, %s)"
+        "WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES (%s, 0, %s)"
         " ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING RETURNING id)"
-        " SELECT id, pg_notify('pgsynapse_jobs', '{\"kind\": \"retrain\", \"n\": 1}') FROM j",
-        (Jsonb({"force": True}),)).fetchone()
-    return row["id"] if row else None
+        " SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %s::text, 'n', 1)::text) FROM j",
+        (kind, Jsonb({"force": force}), kind)).fetchone()
+    return (row["id"] if isinstance(row, dict) else row[0]) if row else None
 
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:

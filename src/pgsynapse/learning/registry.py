@@ -10,15 +10,13 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pgsynapse.errors import PgsynapseError
+from pgsynapse.errors import RegistryError
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
-
-class RegistryError(PgsynapseError):
-    """A registry change that is not allowed in the current state; the message says why."""
+__all__ = ["RegistryError", "promote", "reject", "record_event", "retire", "rollback", "set_traffic"]
 
 
 def _version(conn: psycopg.Connection, version: int) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from pgsynapse.learning.canary import ensure_canary  # noqa: E402
 from pgsynapse.learning.gate import gate_metrics  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
+from pgsynapse.learning.trainer_process import progress as _progress  # noqa: E402
 
 
 @dataclass
@@ -74,11 +75,6 @@ class TrainSpec:
     seed: int = 0
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _progress(event: str, **kw: Any) -> None:
-    """One JSON line per progress event on stdout; the parent turns them into log events."""
-    print(json.dumps({"event": event, **kw}), flush=True)
 
 
 def _encode(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:

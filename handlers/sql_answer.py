@@ -1,0 +1,199 @@
+"""The ``sql_answer`` job: a question about the data becomes one checked, read-only SELECT and its result.
+
+load: the question, its session's earlier turns, the SQL model it is routed to (sql_models, A/B by session like the
+text versions; none registered: the settings' model). compute (a thread, outside any transaction, on its own
+autocommit connection): the schema context from the catalog (only what the reader role may read), the statement
+(or several for self-consistency), ``safety.check_sql``, ``execute.run_readonly``. write: the statement, the
+result or the reason on the row, under the stale-write guard, and a NOTIFY on ``pgsynapse_data_answers``.
+
+What a row ends as: ``answered`` (a result), ``refused`` (the statement was not run: why), ``failed`` (no statement
+could be made or it failed when run: why). Only model and database trouble are retried.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+from pgsynapse.textsql.context import SchemaContext, schema_context
+from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
+from pgsynapse.textsql.registry import choose_sql_model
+from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
+from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+
+log = get_logger(__name__)
+
+NO_STATEMENT = "refused: the model wrote no SQL statement"
+
+
+@dataclass
+class SqlWork:
+    job: Job
+    question: str
+    text_hash: str
+    schema: str
+    tables: list[str] | None
+    model: dict[str, Any]  # a sql_models row, or the settings' model (id None)
+    text_version: dict[str, Any] | None = None  # the active text model: it narrows a large schema to the question
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Attempt:
+    sql: str
+    result: Result | None = None
+    error: str | None = None
+    refused: bool = False
+
+
+def settings_model(settings: Settings) -> dict[str, Any]:
+    """The SQL model when no sql_models row is active."""
+    return {"id": None, "name": settings.sql_model_path, "path": settings.sql_model_path,
+            "runtime": settings.sql_runtime, "status": "active", "traffic_percent": 100}
+
+
+class SqlAnswerHandler(Handler[SqlWork]):
+    kind = "sql_answer"
+    concurrency = 1  # one model generating at a time: a second batch would only share the same cores
+
+    def __init__(self, settings: Settings, models: ModelCache) -> None:
+        self.settings = settings
+        self.models = models  # the embedding model narrows large schemas to the tables most like the question
+        self._generators: dict[tuple[str, str], SqlGenerator] = {}
+        self._lock = threading.Lock()
+
+    # -- models ---------------------------------------------------------------------------------------
+    def generator(self, model: dict[str, Any]) -> SqlGenerator:
+        key = (model["runtime"], model["path"])
+        with self._lock:
+            gen = self._generators.get(key)
+            if gen is None:
+                started = time.perf_counter()
+                gen = make_generator(model["runtime"], model["path"], self.settings)
+                log.info("sql_model_loaded", model=model["name"], id=model["id"], runtime=model["runtime"],
+                         seconds=round(time.perf_counter() - started, 2))
+                self._generators[key] = gen
+            return gen
+
+    # -- load -----------------------------------------------------------------------------------------
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[SqlWork], list[Outcome]]:
+        s = self.settings
+        rows = {r["id"]: r for r in await (await conn.execute(q("load_data_questions", "textsql.sql"), {
+            "ids": [j.ref_id for j in jobs], "max_chars": s.max_question_chars})).fetchall()}
+        routable = list(await (await conn.execute(q("routable_sql_models", "textsql_models.sql"))).fetchall())
+        text_version = await (await conn.execute(q("active_version"))).fetchone()
+        work: list[SqlWork] = []
+        known: list[Outcome] = []
+        for job in jobs:
+            row = rows.get(job.ref_id)
+            if row is None:
+                known.append(Outcome(job, skip_reason="data question gone or already answered"))
+                continue
+            if row["text"] is None:
+                known.append(input_error(job, InputError(
+                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
+                continue
+            key = row["session_id"] or f"data-question-{row['id']}"
+            model = choose_sql_model(routable, key) or settings_model(s)
+            w = SqlWork(job, row["text"], row["text_hash"], row["target_schema"], row["allowed_tables"], model,
+                        text_version)
+            if row["session_id"] is not None and s.history_turns:
+                past = await (await conn.execute(q("data_session_history", "textsql.sql"), {
+                    "session": row["session_id"], "before": row["id"], "limit": s.history_turns,
+                    "max_chars": s.max_question_chars})).fetchall()
+                w.history = [(p["text"], p["sql"]) for p in reversed(past)]
+            work.append(w)
+        return work, known
+
+    # -- compute --------------------------------------------------------------------------------------
+    def compute(self, work: list[SqlWork]) -> list[Outcome]:
+        out: list[Outcome] = []
+        with psycopg.connect(self.settings.database_url or "", autocommit=True) as conn:
+            for w in work:
+                try:
+                    out.append(Outcome(w.job, result=self._answer(conn, w)))
+                except InputError as exc:  # the question's scope is wrong (no readable table...): no retry helps
+                    out.append(input_error(w.job, exc))
+                except ConfigError as exc:  # the model is not installed or not usable: an operator must act
+                    out.append(Outcome(w.job, error=describe(exc), retry=False))
+                except Exception as exc:  # noqa: BLE001 - model or database trouble: this job's error, retried
+                    out.append(Outcome(w.job, error=describe(exc)))
+        return out
+
+    def _answer(self, conn: psycopg.Connection, w: SqlWork) -> dict[str, Any]:
+        s = self.settings
+        version = w.text_version
+        encode = (lambda texts: self.models.get(version).encode(texts, s.encode_batch_size)) if version else None
+        ctx: SchemaContext = schema_context(
+            conn, w.schema, w.tables, question=w.question, encode=encode, samples=s.sql_sample_values,
+            max_tables=s.sql_max_tables, role=s.sql_reader_role)
+        gen = self.generator(w.model)
+        prompt = SqlPrompt(w.question, ctx.text, tuple(w.history))
+        started = time.perf_counter()
+        candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature)
+        seconds = time.perf_counter() - started
+        attempts = [self._attempt(conn, sql, ctx, w.schema) for sql in candidates] or [
+            Attempt("", error=NO_STATEMENT, refused=True)]
+        best = choose(attempts)
+        status = "answered" if best.result is not None else "refused" if best.refused else "failed"
+        log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=status,
+                 candidates=len(candidates), seconds=round(seconds, 2), error=best.error)
+        res = best.result
+        return {"status": status, "sql": best.sql or None, "error": best.error, "schema_context": ctx.text,
+                "result": Jsonb(res.as_json()) if res else None, "row_count": res.row_count if res else None,
+                "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}
+
+    def _attempt(self, conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str) -> Attempt:
+        s = self.settings
+        if not sql.strip():
+            return Attempt(sql, error=NO_STATEMENT, refused=True)
+        try:
+            checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
+        except UnsafeSQL as exc:
+            return Attempt(sql, error=str(exc), refused=True)
+        try:
+            return Attempt(checked.sql, result=run_readonly(conn, checked, Limits.of(s), role=s.sql_reader_role,
+                                                            search_path=(schema,)))
+        except QueryFailed as exc:
+            return Attempt(checked.sql, error=str(exc))
+
+    # -- write ----------------------------------------------------------------------------------------
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        for o in outcomes:
+            r = o.result
+            cur = await conn.execute(q("write_data_answer", "textsql.sql"), {"id": o.job.ref_id, **r})
+            if cur.rowcount == 0:  # edited meanwhile (its UPDATE queued a new job), or deleted
+                report.superseded.append(o.job.id)
+                continue
+            await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": o.job.ref_id, "status": r["status"]})
+            report.written.append(o.job.id)
+        return report
+
+    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        cur = await conn.execute(q("fail_data_question", "textsql.sql"), {"id": job.ref_id, "error": error})
+        if cur.rowcount:
+            await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})
+
+
+def choose(attempts: list[Attempt]) -> Attempt:
+    """Self-consistency: the result most candidates agree on (the earliest such, so the greedy one on a tie);
+    with no result at all, the first candidate's reason."""
+    ran = [a for a in attempts if a.result is not None]
+    if not ran:
+        return attempts[0]
+    votes = Counter(result_signature(a.result) for a in ran)  # type: ignore[arg-type]
+    top = max(votes.values())
+    return next(a for a in ran if votes[result_signature(a.result)] == top)  # type: ignore[arg-type]

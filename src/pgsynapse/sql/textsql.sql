@@ -1,0 +1,82 @@
+-- Questions about the data (migration 0016): the sql_answer handler and the schema context of its prompts.
+
+-- name: load_data_questions
+-- A question over max_question_chars comes without its text: it fails from its length.
+SELECT id, session_id, target_schema, allowed_tables, text_hash, length(text) AS chars,
+       CASE WHEN length(text) <= %(max_chars)s THEN text END AS text
+FROM pgsynapse.data_questions WHERE id = ANY(%(ids)s) AND status = 'pending';
+
+-- name: data_session_history
+-- Earlier answered turns of a session, newest first: (question, sql) pairs for the prompt.
+SELECT id, text, sql FROM pgsynapse.data_questions
+WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND sql IS NOT NULL
+  AND length(text) <= %(max_chars)s
+ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: readable_tables
+-- The tables and views of the question's scope that the reader role may SELECT: every one of a schema
+-- (names NULL), or the named ones (schema-qualified, or of the schema). Unknown names come back with oid NULL.
+WITH wanted AS (
+    SELECT n AS name,
+           CASE WHEN position('.' IN n) > 0 THEN split_part(n, '.', 1) ELSE %(schema)s END AS nspname,
+           CASE WHEN position('.' IN n) > 0 THEN split_part(n, '.', 2) ELSE n END AS relname
+    FROM unnest(%(names)s::text[]) n
+)
+SELECT c.oid::int AS oid, ns.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
+       pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
+       pg_catalog.has_table_privilege(%(role)s, c.oid, 'SELECT')
+           AND pg_catalog.has_schema_privilege(%(role)s, ns.oid, 'USAGE') AS readable,
+       NULL::text AS asked
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
+WHERE %(names)s::text[] IS NULL AND ns.nspname = %(schema)s AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
+  AND NOT c.relispartition
+UNION ALL
+SELECT c.oid::int, w.nspname, w.relname, c.relkind::text, pg_catalog.obj_description(c.oid, 'pg_class'),
+       coalesce(pg_catalog.has_table_privilege(%(role)s, c.oid, 'SELECT')
+           AND pg_catalog.has_schema_privilege(%(role)s, ns.oid, 'USAGE'), false),
+       w.name
+FROM wanted w
+LEFT JOIN pg_catalog.pg_namespace ns ON ns.nspname = w.nspname
+LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = w.relname
+    AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
+ORDER BY 2, 3;
+
+-- name: table_columns
+SELECT a.attrelid::int AS oid, a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type,
+       a.attnotnull AS not_null, pg_catalog.col_description(a.attrelid, a.attnum) AS comment
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = ANY(%(oids)s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attrelid, a.attnum;
+
+-- name: table_keys
+-- Primary keys and foreign keys: (table, kind, its columns, the referenced table and columns).
+SELECT con.conrelid::int AS oid, con.contype::text AS kind,
+       ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i) AS columns,
+       fns.nspname AS ref_schema, fc.relname AS ref_table,
+       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) AS ref_columns
+FROM pg_catalog.pg_constraint con
+LEFT JOIN pg_catalog.pg_class fc ON fc.oid = con.confrelid
+LEFT JOIN pg_catalog.pg_namespace fns ON fns.oid = fc.relnamespace
+WHERE con.conrelid = ANY(%(oids)s::oid[]) AND con.contype IN ('p', 'f')
+ORDER BY con.conrelid, con.contype DESC, con.conname;
+
+-- name: write_data_answer
+-- The stale-write guard: the question is still pending with the text the job read.
+UPDATE pgsynapse.data_questions
+SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_count)s,
+    truncated = %(truncated)s, error = %(error)s, schema_context = %(schema_context)s,
+    sql_model_id = %(model)s, answered_at = now(),
+    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
+RETURNING id, status;
+
+-- name: fail_data_question
+UPDATE pgsynapse.data_questions SET status = 'failed', error = %(error)s, answered_at = now(),
+    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+WHERE id = %(id)s AND status = 'pending'
+RETURNING id;
+
+-- name: notify_data_answer
+SELECT pg_notify('pgsynapse_data_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);

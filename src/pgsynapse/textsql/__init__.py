@@ -1,0 +1,1 @@
+"""Questions about the data: text-to-SQL, executed safely (issue 19)."""

@@ -1,0 +1,119 @@
+"""The data-question commands behind the CLI: ``sql-ask``, ``sql-correct`` and ``sql-model
+list|add|promote|rollback|traffic|retire|retrain``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+import psycopg
+
+from pgsynapse.client import DataResult
+from pgsynapse.config import Settings
+from pgsynapse.db import Database
+from pgsynapse.errors import InputError
+from pgsynapse.learning.cli import queue_retrain
+from pgsynapse.textsql import registry
+
+MAX_CELL = 40
+
+
+def _cell(value: Any) -> str:
+    text = "NULL" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_rows: int = 50) -> str:
+    """A plain-text table, psql-like: a header, a rule, at most ``max_rows`` rows."""
+    head = [c["name"] for c in columns]
+    body = [[_cell(v) for v in row] for row in rows[:max_rows]]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more rows")
+    return "\n".join(lines)
+
+
+def format_data_result(r: DataResult) -> str:
+    lines = [f"SQL: {r.sql}" if r.sql else "SQL: (none)"]
+    if r.status == "answered":
+        lines.append(format_table(r.columns, r.rows))
+        more = " (truncated by the row or byte limit)" if r.truncated else ""
+        lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{more})")
+    else:
+        lines.append(f"{r.status}: {r.error}")
+    if r.latency_ms is not None:
+        by = f"SQL model {r.sql_model_id}" if r.sql_model_id is not None else "the configured SQL model"
+        lines.append(f"  answered in {r.latency_ms:.0f} ms by {by} (data question {r.id})")
+    return "\n".join(lines)
+
+
+def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
+    from pgsynapse.app import ask_data
+
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
+                      timeout=args.timeout)
+    print(json.dumps(asdict(result), default=str, indent=2) if args.json else format_data_result(result))
+    return 0 if result.status == "answered" else 1
+
+
+def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool) -> int:
+    """Record a correction (the right statement) or an approval of the generated one; returns its id."""
+    row = conn.execute("SELECT status, sql FROM pgsynapse.data_questions WHERE id = %s", (question,)).fetchone()
+    if row is None:
+        raise InputError(f"no data question {question}")
+    if approve and not (row["sql"] if isinstance(row, dict) else row[1]):
+        raise InputError(f"data question {question} has no generated statement to approve: give --sql")
+    return conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)"
+                        " VALUES (%s, %s, %s) RETURNING id", (question, sql, approve)).fetchone()[0]
+
+
+def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        cid = correct(conn, args.question, args.sql, args.approve)
+    print(f"correction {cid} recorded for data question {args.question}")
+    return 0
+
+
+def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        action = args.sql_model_command
+        if action == "list":
+            rows = registry.list_models(conn)
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+            elif not rows:
+                print(f"no SQL models registered: the worker uses sql_model_path = {settings.sql_model_path} "
+                      f"({settings.sql_runtime})")
+            for r in [] if args.json else rows:
+                acc = (r.get("metrics") or {}).get("candidate_accuracy")
+                print(f"{r['id']:>3}  {r['status']:<9} {float(r['traffic_percent']):>6.2f}%  {r['runtime']:<12} "
+                      f"{r['name']}  ({r['path']})" + (f"  held-out accuracy {acc:.3f}" if acc is not None else ""))
+        elif action == "add":
+            r = registry.add_model(conn, args.name or args.path, args.path, args.runtime,
+                                   status="active" if args.activate else "candidate")
+            print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
+        elif action == "promote":
+            r = registry.promote(conn, args.model)
+            print(f"SQL model {r['active']} is active (was {r['previous'] or 'the settings model'})")
+        elif action == "rollback":
+            r = registry.rollback(conn)
+            print(f"SQL model {r['active']} is active again" if r["active"] is not None
+                  else "no SQL model is active: the settings' model serves again")
+        elif action == "traffic":
+            registry.set_traffic(conn, args.model, args.percent)
+            print(f"SQL model {args.model} serves {args.percent:g}% of sessions")
+        elif action == "retire":
+            registry.retire(conn, args.model)
+            print(f"SQL model {args.model} retired")
+        elif action == "retrain":
+            job = queue_retrain(conn, "sql_retrain", force=args.force)
+            print(f"sql_retrain queued (job {job}): a worker with the sql_retrain kind runs it" if job
+                  else "a sql_retrain is already pending")
+    return 0

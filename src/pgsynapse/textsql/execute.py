@@ -1,0 +1,191 @@
+"""Run a checked statement as the read-only role, and compare results (execution accuracy, self-consistency).
+
+A generated statement runs only after ``safety.check_sql`` accepted it, and then only inside its own transaction:
+``READ ONLY``, ``SET LOCAL ROLE`` to the reader role (which reads only what an operator granted it), a
+``statement_timeout`` and a ``search_path`` of the question's schema, rows read through a server-side cursor so at
+most ``max_rows`` + 1 ever leave the server, and a byte limit on the result as JSON. The transaction is always
+rolled back. The database is the last line: the parser check refuses writes, the transaction could not do them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import itertools
+import json
+import math
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.rows import tuple_row
+
+from pgsynapse.errors import InputError
+
+# columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
+_MAX_PERMUTED_COLUMNS = 5
+
+
+class QueryFailed(InputError):
+    """The statement failed or ran over its time limit: the database's reason, for the row's error."""
+
+
+class Checked(Protocol):
+    sql: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    statement_timeout_ms: int = 5000
+    max_rows: int = 1000
+    max_bytes: int = 1_000_000
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        return cls(settings.sql_statement_timeout_ms, settings.sql_max_rows, settings.sql_max_result_bytes)
+
+
+@dataclass
+class Result:
+    columns: list[dict[str, str]]
+    rows: list[list[Any]] = field(default_factory=list)
+    row_count: int = 0
+    truncated: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"columns": self.columns, "rows": self.rows}
+
+
+def plain(value: Any) -> Any:
+    """A value as JSON can hold it: numbers stay numbers (a whole Decimal becomes an int), times become ISO text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return str(value)
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _type_names(conn: psycopg.Connection, oids: list[int]) -> dict[int, str]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute("SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type"
+                           " WHERE oid = ANY(%s)", (oids,)).fetchall()
+    return {int(oid): name for oid, name in rows}
+
+
+def _message(exc: psycopg.Error) -> str:
+    """The server's own message, without describe_db_error's advice on the worker's roles."""
+    diag = getattr(exc, "diag", None)
+    return (getattr(diag, "message_primary", None) or str(exc)).strip() + (
+        f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
+
+
+def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, role: str = "pgsynapse_reader",
+                 search_path: Sequence[str] = ("public",)) -> Result:
+    """Run ``checked.sql`` (already through ``safety.check_sql``) read-only as ``role``; raise :class:`QueryFailed`.
+
+    ``conn`` is an autocommit connection (this opens and always rolls back its own transaction).
+    """
+    if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise RuntimeError("run_readonly needs an idle autocommit connection: READ ONLY must start its transaction")
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(pgsql.SQL("SET LOCAL ROLE {}").format(pgsql.Identifier(role)))
+            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true),"
+                         " pg_catalog.set_config('search_path', %s, true)",
+                         (f"{int(limits.statement_timeout_ms)}ms",
+                          ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path)))
+            with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
+                cur.execute(checked.sql)
+                fetched = cur.fetchmany(limits.max_rows + 1)
+                described = list(cur.description or [])
+            names = _type_names(conn, sorted({d.type_code for d in described}))
+    except psycopg.errors.QueryCanceled:
+        raise QueryFailed(f"the statement ran over the statement timeout of {limits.statement_timeout_ms} ms "
+                          "(sql_statement_timeout_ms) and was cancelled") from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)} (GRANT SELECT on the tables "
+                          f"data questions may read TO {role}: docs/operations.md)") from None
+    except psycopg.Error as exc:
+        raise QueryFailed(f"the statement failed: {_message(exc)}") from None
+    columns = [{"name": d.name, "type": names.get(d.type_code, str(d.type_code))} for d in described]
+    result = Result(columns, truncated=len(fetched) > limits.max_rows)
+    size = len(json.dumps(columns))
+    for row in fetched[: limits.max_rows]:
+        values = [plain(v) for v in row]
+        size += len(json.dumps(values, default=str)) + 1
+        if size > limits.max_bytes:
+            result.truncated = True
+            break
+        result.rows.append(values)
+    result.row_count = len(result.rows)
+    return result
+
+
+def _norm(value: Any) -> Any:
+    """A value as result comparison sees it: numbers as floats to 6 significant digits (1 == 1.0 == 1.000000001)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(f"{float(value):.6g}")
+    if isinstance(value, list):
+        return tuple(_norm(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _rows(r: Result) -> list[tuple[Any, ...]]:
+    return [tuple(_norm(v) for v in row) for row in r.rows]
+
+
+def _key(row: tuple[Any, ...]) -> str:
+    return repr(row)
+
+
+def same_result(gold: Result, got: Result, *, ordered: bool) -> bool:
+    """Execution accuracy's test: the same rows (as a multiset, or in order when the gold statement orders them),
+    with the columns in any order; numbers equal to 6 significant digits; column names are not compared."""
+    if len(gold.columns) != len(got.columns) or len(gold.rows) != len(got.rows):
+        return False
+    want = _rows(gold)
+    have = _rows(got)
+    width = len(gold.columns)
+    orders = (itertools.permutations(range(width)) if width <= _MAX_PERMUTED_COLUMNS
+              else iter([tuple(range(width))]))
+    want_bag = None if ordered else Counter(map(_key, want))
+    for order in orders:
+        moved = [tuple(row[i] for i in order) for row in have]
+        if ordered:
+            if moved == want:
+                return True
+        elif Counter(map(_key, moved)) == want_bag:
+            return True
+    return False
+
+
+def result_signature(r: Result) -> str:
+    """Equal for results that ``same_result(ordered=False)`` finds equal with the columns in the same order: the
+    vote of self-consistency."""
+    rows = sorted(map(_key, _rows(r)))
+    return hashlib.sha256(json.dumps([len(r.columns), rows]).encode()).hexdigest()

@@ -1,0 +1,498 @@
+"""SQL generation: a question, its schema context and the session's earlier turns -> candidate statements.
+
+Three runtimes behind one protocol (:class:`SqlGenerator`): a local causal LM on ``transformers`` (a model
+directory, a .gguf file dequantized by transformers, or a preset), the same GGUF on ``llama.cpp`` (far faster on a
+few cores), or any OpenAI-compatible endpoint. Decoding is greedy and stops at the end of the first statement (a
+top-level ``;``, outside quotes and comments) or at the model's end token; ``n > 1`` adds ``n - 1`` sampled
+candidates after the greedy one (self-consistency). Every candidate goes through :func:`extract_sql`; nothing here
+decides whether a statement is safe (textsql/safety.py does) or runs it.
+
+The prompt (``render_messages`` for chat models, ``render_text`` otherwise): a short system message, the earlier
+turns of the session as question / SQL pairs, and the last user message with the tables' DDL and the question.
+When it is over the model's budget (context less the statement's tokens), the schema context loses whole tables
+from the end (the least relevant: textsql/context.py orders them), then the oldest turns, then the last table's
+lines; the question is never cut. :func:`training_example` gives the trainer the exact prompt text inference uses
+and the target the model should emit (the statement, ``;`` and the end token), so both agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from pgsynapse.answerers.generative import message_contents, post_json
+from pgsynapse.answerers.llamacpp import open_llama
+from pgsynapse.answerers.local_models import load_transformers
+from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.logs import get_logger
+
+if TYPE_CHECKING:
+    from pgsynapse.config import Settings
+
+log = get_logger(__name__)
+
+SYSTEM = "Write one PostgreSQL SELECT statement that answers the question, no explanation."
+
+
+@dataclass(frozen=True)
+class SqlPrompt:
+    question: str
+    schema_context: str  # DDL-like text, one table per block, blocks separated by a blank line (textsql/context.py)
+    history: tuple[tuple[str, str], ...] = ()  # earlier (question, sql) turns of the session, oldest first
+
+
+# -- the prompt -------------------------------------------------------------------------------------
+def _statement(sql: str) -> str:
+    """A statement as the model writes it: stripped, one ``;`` at the end."""
+    return sql.strip().rstrip(";").rstrip() + ";"
+
+
+def _user(p: SqlPrompt) -> str:
+    schema = p.schema_context.strip()
+    return (f"Tables:\n{schema}\n\n" if schema else "") + f"Question: {p.question}"
+
+
+def render_messages(p: SqlPrompt) -> list[dict[str, str]]:
+    """Chat messages for instruct models: the system message, earlier turns (question, then its statement), and
+    the tables with the question last."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    for question, sql in p.history:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": _statement(sql)})
+    messages.append({"role": "user", "content": _user(p)})
+    return messages
+
+
+def render_text(p: SqlPrompt) -> str:
+    """The plain prompt for models without a chat template; the model continues after ``SQL:``."""
+    parts = [SYSTEM, ""]
+    schema = p.schema_context.strip()
+    if schema:
+        parts += ["Tables:", schema, ""]
+    for question, sql in p.history:
+        parts += [f"Question: {question}", f"SQL: {_statement(sql)}", ""]
+    parts += [f"Question: {p.question}", "SQL:"]
+    return "\n".join(parts)
+
+
+def split_tables(schema_context: str) -> list[str]:
+    """The schema context's tables: its blocks separated by blank lines."""
+    return [b.strip("\n") for b in re.split(r"\n[ \t]*\n", schema_context.strip()) if b.strip()]
+
+
+def _shrinking(p: SqlPrompt):
+    """Ever smaller versions of the prompt, the question always whole: tables dropped from the end (one kept), then
+    history turns oldest first, then the last table's lines from the end, then no table at all."""
+    tables, history = split_tables(p.schema_context), list(p.history)
+    while len(tables) > 1:
+        tables.pop()
+        yield SqlPrompt(p.question, "\n\n".join(tables), tuple(history))
+    while history:
+        history.pop(0)
+        yield SqlPrompt(p.question, "\n\n".join(tables), ())
+    lines = tables[0].splitlines() if tables else []
+    while len(lines) > 1:
+        lines.pop()
+        yield SqlPrompt(p.question, "\n".join(lines), ())
+    if lines:
+        yield SqlPrompt(p.question, "", ())
+
+
+def fit_prompt(p: SqlPrompt, render: Callable[[SqlPrompt], str], count: Callable[[str], int],
+               budget: int) -> tuple[SqlPrompt, str]:
+    """The largest version of ``p`` whose rendered prompt takes at most ``budget`` tokens, and that prompt; an
+    :class:`InputError` when even the question alone does not fit."""
+    text = render(p)
+    n = count(text)
+    if n <= budget:
+        return p, text
+    for smaller in _shrinking(p):
+        text = render(smaller)
+        n = count(text)
+        if n <= budget:
+            log.info("sql_prompt_trimmed", tables=len(split_tables(p.schema_context)),
+                     kept=len(split_tables(smaller.schema_context)), turns=len(p.history),
+                     kept_turns=len(smaller.history), tokens=n, budget=budget)
+            return smaller, text
+    raise InputError(f"the question and the instructions take {n:,} tokens, over the {budget:,} the SQL model's "
+                     "context leaves beside the statement")
+
+
+def prompt_text(p: SqlPrompt, tokenizer) -> str:
+    """The exact text a transformers model is given (tokenized without adding special tokens): the chat template
+    applied when the tokenizer has one, else the plain prompt after the tokenizer's BOS token (if any)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(render_messages(p), add_generation_prompt=True, tokenize=False)
+    return (tokenizer.bos_token or "") + render_text(p)
+
+
+def end_token(tokenizer) -> str:
+    return tokenizer.eos_token or tokenizer.sep_token or ""
+
+
+def training_example(p: SqlPrompt, sql: str, tokenizer) -> tuple[str, str]:
+    """(prompt text, target text) for fine-tuning: the prompt exactly as :class:`TransformersSqlGenerator` renders
+    it, and what the model should emit after it (the statement, ``;``, and the chat's or the tokenizer's end
+    token). Tokenize each with ``add_special_tokens=False`` and concatenate, as inference does
+    (:func:`encode_example`)."""
+    prompt = prompt_text(p, tokenizer)
+    statement, end = _statement(sql), end_token(tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(render_messages(p) + [{"role": "assistant", "content": statement}],
+                                             tokenize=False)
+        if full.startswith(prompt):
+            target = full[len(prompt):]
+            cut = target.find(end, target.find(statement) + len(statement)) if end else -1
+            return prompt, (target[:cut + len(end)] if cut >= 0 else target.rstrip())
+        return prompt, statement + end
+    return prompt, " " + statement + end
+
+
+def encode_example(prompt: str, target: str, tokenizer) -> tuple[list[int], int]:
+    """The token ids of prompt + target, as inference sees them (each part tokenized on its own, no special tokens
+    added), and the prompt's length: the labels are the ids from there on."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return list(head) + list(tail), len(head)
+
+
+# -- a model's output -> the statement --------------------------------------------------------------
+_STRONG = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE", "GRANT",
+           "REVOKE", "COPY")
+# a statement begins at the text's or a line's first word when it is one of these (any case); words that often
+# begin prose ("show", "table", "set", "do", ...) are left out: a statement they begin is not found, and the
+# empty statement is refused like any other that is not one SELECT
+_STARTS = tuple(w.lower() for w in _STRONG)
+_AT_LINE = re.compile(r"^[ \t]*(" + "|".join(_STARTS) + r")\b",
+                      re.IGNORECASE | re.MULTILINE)
+_UPPER = re.compile(r"\b(" + "|".join(_STRONG) + r")\b")
+_ANY_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+# words a statement's later lines start with: a blank line before anything else ends the statement (prose)
+_CLAUSES = set(_STARTS) | {"from", "where", "group", "order", "having", "limit", "offset", "union", "intersect",
+                           "except", "join", "inner", "left", "right", "full", "cross", "natural", "on", "and", "or",
+                           "not", "as", "window", "fetch", "for", "case", "when", "then", "else", "end", "lateral",
+                           "using", "returning", "into", "all", "distinct", "values", "table", "(", ")"}
+
+
+def _statement_end(text: str) -> int | None:
+    """The index of the first ``;`` outside quotes, dollar quotes and comments, or None."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == ";":
+            return i
+        if c == "'":
+            escapes = i > 0 and text[i - 1] in "eE" and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
+            i += 1
+            while i < n:
+                if escapes and text[i] == "\\":
+                    i += 2
+                    continue
+                if text[i] == "'":
+                    if i + 1 < n and text[i + 1] == "'":
+                        i += 2
+                        continue
+                    break
+                i += 1
+        elif c == '"':
+            close = text.find('"', i + 1)
+            i = n if close < 0 else close
+        elif c == "-" and text.startswith("--", i):
+            close = text.find("\n", i)
+            i = n if close < 0 else close
+        elif c == "/" and text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        elif c == "$":
+            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
+            if m and not (i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_")):
+                close = text.find(m.group(0), i + len(m.group(0)))
+                i = n if close < 0 else close + len(m.group(0))
+                continue
+        i += 1
+    return None
+
+
+def _statement_start(text: str) -> int | None:
+    """Where the statement begins: at the start of the text or of a line when one begins with a statement keyword,
+    else at the first upper-case statement keyword, else at the first ``select`` in any case."""
+    stripped = text.lstrip()
+    head = stripped.split(None, 1)[0].lower() if stripped else ""
+    if head.startswith("(") or head in _STARTS or head.rstrip(";") in _STARTS:
+        return len(text) - len(stripped)
+    for pattern in (_AT_LINE, _UPPER, _ANY_SELECT):
+        m = pattern.search(text)
+        if m:
+            return m.start(1) if pattern is _AT_LINE else m.start()
+    return None
+
+
+def _unfenced(text: str) -> str:
+    """The body of the first fenced code block that holds a statement (```sql ... ```), else the text."""
+    for m in _FENCE.finditer(text):
+        body = m.group(2)
+        if _statement_start(body) is not None:
+            return body
+    return text
+
+
+def _cut_prose(sql: str) -> str:
+    """A statement without ``;`` followed by a blank line and prose: the prose goes."""
+    for m in re.finditer(r"\n[ \t]*\n[ \t]*(\S+)", sql):
+        word = m.group(1).lower()
+        if not (word in _CLAUSES or word.startswith(("(", ")", "--", "/*")) or word.rstrip(",;") in _CLAUSES):
+            return sql[:m.start()]
+    return sql
+
+
+def extract_sql(text: str) -> str:
+    """A model's output -> its first statement, without the ``;``: the body of a ```sql fence, from the first
+    statement keyword on (prose before it dropped), up to the first top-level ``;`` (a second statement and prose
+    after it dropped). "" when the output holds no statement: the safety check refuses it as empty."""
+    body = _unfenced(text)
+    start = _statement_start(body)
+    if start is None:
+        return ""
+    sql = body[start:]
+    end = _statement_end(sql)
+    if end is not None:
+        sql = sql[:end]
+    else:
+        sql = _cut_prose(sql.split("```", 1)[0])
+    return sql.strip()
+
+
+def statement_complete(text: str) -> bool:
+    """Whether a model's output so far holds a whole statement (its top-level ``;``): generation stops there."""
+    body = _unfenced(text)
+    start = _statement_start(body)
+    return start is not None and _statement_end(body[start:]) is not None
+
+
+# -- generators -------------------------------------------------------------------------------------
+class SqlGenerator(Protocol):
+    name: str
+    last_stats: dict[str, float]
+
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+        """n == 1: the greedy statement; n > 1: the greedy one first, then n - 1 sampled. Each through
+        :func:`extract_sql` ("" for an output without a statement)."""
+        ...
+
+
+def _stopper(tokenizer, start: int):
+    import torch
+    from transformers import StoppingCriteria
+
+    class StatementEnd(StoppingCriteria):
+        """Stops each sequence once its new text holds a whole statement (checked when a token with ';' comes)."""
+
+        def __init__(self) -> None:
+            self.pieces: dict[int, bool] = {}
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for row, ids in enumerate(input_ids):
+                last = int(ids[-1])
+                if last not in self.pieces:
+                    self.pieces[last] = ";" in tokenizer.decode([last], skip_special_tokens=True)
+                if self.pieces[last]:
+                    done[row] = statement_complete(tokenizer.decode(ids[start:], skip_special_tokens=True))
+            return done
+
+    return StatementEnd()
+
+
+class TransformersSqlGenerator:
+    """A local causal LM on transformers, loaded once: a model directory, a .gguf file or a preset
+    (answerers/local_models.py). Instruct models get their chat template."""
+
+    name = "transformers"
+
+    def __init__(self, path: str, *, max_new_tokens: int = 128, context_tokens: int = 0,
+                 cache_dir: str | Path | None = None, threads: int = 0) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        loaded = load_transformers(path, cache_dir=cache_dir, setting="sql_model_path", what="SQL model")
+        if loaded.seq2seq:
+            raise ConfigError(f"invalid setting sql_model_path [PGSYNAPSE_SQL_MODEL_PATH]: {path} is a seq2seq "
+                              "model; SQL generation needs a causal LM")
+        self.location, self.tokenizer, self.model = loaded.location, loaded.tokenizer, loaded.model
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.max_new_tokens = max_new_tokens
+        self.context_tokens = loaded.context_limit(context_tokens)
+        self.prompt_budget = max(16, self.context_tokens - max_new_tokens)
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.sep_token_id if not self.tokenizer.eos_token else None}
+        for source in (self.model.generation_config.eos_token_id, self.model.config.eos_token_id):
+            ends.update(source if isinstance(source, list) else [source])
+        self.end_ids = sorted(i for i in ends if i is not None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.end_ids[0] if self.end_ids else 0)
+        self.last_prompt: str | None = None
+        self.last_fitted: SqlPrompt | None = None
+        self.last_stats: dict[str, float] = {}
+        log.info("sql_model_loaded", model=self.location.description, runtime="transformers", chat=self.chat,
+                 context=self.context_tokens, seconds=round(time.perf_counter() - started, 2))
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+        import torch
+
+        fitted, text = fit_prompt(prompt, lambda p: prompt_text(p, self.tokenizer), self._count, self.prompt_budget)
+        self.last_fitted, self.last_prompt = fitted, text
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc.pop("token_type_ids", None)
+        start = int(enc["input_ids"].shape[1])
+        common = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.end_ids or None, pad_token_id=self.pad_id)
+        started = time.perf_counter()
+        with torch.no_grad():
+            rows = list(self.model.generate(**enc, do_sample=False, stopping_criteria=[_stopper(self.tokenizer, start)],
+                                            **common))
+            if n > 1:
+                rows += list(self.model.generate(**enc, do_sample=True, temperature=temperature,
+                                                 num_return_sequences=n - 1,
+                                                 stopping_criteria=[_stopper(self.tokenizer, start)], **common))
+        outputs = [self.tokenizer.decode(r[start:], skip_special_tokens=True) for r in rows]
+        self.last_stats = {"prompt_tokens": start, "new_tokens": int(len(rows[0]) - start),
+                           "seconds": time.perf_counter() - started}
+        return [extract_sql(o) for o in outputs]
+
+
+class LlamaCppSqlGenerator:
+    """A GGUF model (a .gguf file or a preset) on llama.cpp's quantized CPU kernels. The prompt's tokens are kept
+    between calls, so the candidates of one question (and questions over the same tables) share their prefix."""
+
+    name = "llama-cpp"
+
+    def __init__(self, path: str, *, max_new_tokens: int = 128, context_tokens: int = 2048, threads: int = 0,
+                 cache_dir: str | Path | None = None) -> None:
+        started = time.perf_counter()
+        loaded = open_llama(path, context_tokens=context_tokens, threads=threads, cache_dir=cache_dir,
+                            setting="sql_model_path", what="sql_runtime = llama-cpp")
+        self.location, self.model, self.formatter = loaded.location, loaded.model, loaded.formatter
+        self.chat = self.formatter is not None
+        self.max_new_tokens = max_new_tokens
+        self.context_tokens = loaded.context_tokens
+        self.prompt_budget = max(16, self.context_tokens - max_new_tokens)
+        self.last_prompt: str | None = None
+        self.last_fitted: SqlPrompt | None = None
+        self.last_stats: dict[str, float] = {}
+        log.info("sql_model_loaded", model=self.location.description, runtime="llama-cpp", chat=self.chat,
+                 context=self.context_tokens, seconds=round(time.perf_counter() - started, 2))
+
+    def _count(self, text: str) -> int:
+        return len(self.model.tokenize(text.encode(), add_bos=False, special=True))
+
+    def _render(self, p: SqlPrompt) -> str:
+        if self.formatter is not None:
+            return self.formatter(messages=render_messages(p)).prompt
+        return render_text(p)
+
+    def _complete(self, text: str, temperature: float, seed: int) -> tuple[str, int]:
+        pieces: list[str] = []
+        n = 0
+        stream = self.model.create_completion(text, max_tokens=self.max_new_tokens, temperature=temperature,
+                                              seed=seed, stream=True)
+        try:
+            for chunk in stream:
+                piece = chunk["choices"][0]["text"]
+                n += 1
+                pieces.append(piece)
+                if ";" in piece and statement_complete("".join(pieces)):
+                    break
+        finally:
+            stream.close()
+        return "".join(pieces), n
+
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+        fitted, text = fit_prompt(prompt, self._render, self._count, self.prompt_budget)
+        self.last_fitted, self.last_prompt = fitted, text
+        started = time.perf_counter()
+        first, tokens = self._complete(text, 0.0, 0)
+        outputs = [first]
+        for i in range(1, n):
+            outputs.append(self._complete(text, temperature, i)[0])
+        self.last_stats = {"prompt_tokens": self._count(text), "new_tokens": tokens,
+                           "seconds": time.perf_counter() - started}
+        return [extract_sql(o) for o in outputs]
+
+
+class OpenAISqlGenerator:
+    """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``): the greedy statement with
+    temperature 0, the sampled ones in one request with ``n`` (repeated when the endpoint returns fewer)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
+                 max_new_tokens: int | None = None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key
+        self.model = model
+        self.timeout = timeout
+        self.max_new_tokens = max_new_tokens
+        self.last_fitted: SqlPrompt | None = None
+        self.last_stats: dict[str, float] = {}
+
+    def _ask(self, messages: list[dict[str, str]], n: int, temperature: float) -> list[str]:
+        payload: dict = {"model": self.model, "messages": messages, "temperature": temperature}
+        if n > 1:
+            payload["n"] = n
+        if self.max_new_tokens:
+            payload["max_tokens"] = self.max_new_tokens
+        return post_json(self.url, self.api_key, payload,
+                         lambda resp: message_contents(json.loads(resp.read()), "SQL endpoint"),
+                         timeout=self.timeout, what="SQL endpoint")
+
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+        self.last_fitted = prompt
+        messages = render_messages(prompt)
+        started = time.perf_counter()
+        outputs = self._ask(messages, 1, 0.0)[:1]
+        while len(outputs) < n:
+            outputs += self._ask(messages, n - len(outputs), temperature)[: n - len(outputs)]
+        self.last_stats = {"seconds": time.perf_counter() - started}
+        return [extract_sql(o) for o in outputs]
+
+
+def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
+    """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path)."""
+    s = settings
+    cache_dir = s.data_dir / "models" / "gguf"
+    if runtime == "transformers":
+        return TransformersSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
+                                        cache_dir=cache_dir, threads=s.torch_threads)
+    if runtime == "llama-cpp":
+        return LlamaCppSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
+                                    threads=s.torch_threads, cache_dir=cache_dir)
+    if runtime == "openai":
+        if not s.openai_base_url:
+            raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: required when the SQL "
+                              "runtime is openai")
+        return OpenAISqlGenerator(s.openai_base_url, s.openai_api_key, path, max_new_tokens=s.sql_max_new_tokens)
+    raise ConfigError(f"invalid setting sql_runtime [PGSYNAPSE_SQL_RUNTIME]: {runtime!r} is not one of transformers, "
+                      "llama-cpp, openai")
+
+
+__all__: Sequence[str] = [
+    "SYSTEM", "LlamaCppSqlGenerator", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
+    "encode_example", "end_token", "extract_sql", "fit_prompt", "make_generator", "prompt_text", "render_messages",
+    "render_text", "split_tables", "statement_complete", "training_example",
+]

@@ -1,0 +1,101 @@
+"""The SQL model registry (textsql/registry.py) on a real database: add, traffic, routing, promote, rollback and
+retire, with their refusals."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.errors import RegistryError
+from pgsynapse.textsql import registry as reg
+
+
+def _status(conn) -> dict[int, tuple[str, float]]:
+    return {m["id"]: (m["status"], float(m["traffic_percent"])) for m in reg.list_models(conn)}
+
+
+def test_traffic_routing_and_refusals(db_url):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert reg.active_sql_model(conn) is None and reg.routable_sql_models(conn) == []
+        a = reg.add_model(conn, "base", "/models/base", "transformers", status="active")
+        assert a["status"] == "active" and float(a["traffic_percent"]) == 100 and a["replaced_id"] is None
+        b = reg.add_model(conn, "b", "/models/b", "transformers", base_id=a["id"], metrics={"x": 1}, traffic=30)
+        c = reg.add_model(conn, "c", "/models/c", "llama-cpp")
+        assert b["base_id"] == a["id"] and b["metrics"] == {"x": 1} and float(b["traffic_percent"]) == 30
+        reg.set_traffic(conn, c["id"], 70)
+        with pytest.raises(RegistryError, match="add up to 100.5 %"):
+            reg.set_traffic(conn, c["id"], 70.5)
+        with pytest.raises(RegistryError, match="only a candidate"):
+            reg.set_traffic(conn, a["id"], 10)
+        with pytest.raises(RegistryError, match="between 0 and 100"):
+            reg.set_traffic(conn, b["id"], -1)
+        with pytest.raises(RegistryError, match="no SQL model 9999"):
+            reg.promote(conn, 9999)
+        with pytest.raises(RegistryError, match="unknown SQL model runtime"):
+            reg.add_model(conn, "x", "/x", "onnx")
+        with pytest.raises(RegistryError, match="add up to"):
+            reg.add_model(conn, "x", "/x", "transformers", traffic=1)
+        with pytest.raises(RegistryError, match="only a candidate gets a traffic share"):
+            reg.add_model(conn, "x", "/x", "transformers", status="rejected", traffic=1)
+        rejected = reg.add_model(conn, "r", "/models/r", "transformers", status="rejected")
+        with pytest.raises(RegistryError, match="is rejected: only a candidate can be promoted"):
+            reg.promote(conn, rejected["id"])
+
+        rows = reg.routable_sql_models(conn)
+        assert [r["id"] for r in rows] == [a["id"], b["id"], c["id"]]
+        # every session goes to a candidate (30 + 70 %), sticky, in about those shares
+        routed = [reg.choose_sql_model(rows, f"s{i}")["id"] for i in range(400)]
+        assert routed == [reg.choose_sql_model(rows, f"s{i}")["id"] for i in range(400)]
+        assert set(routed) == {b["id"], c["id"]} and 80 <= routed.count(b["id"]) <= 160
+        reg.set_traffic(conn, c["id"], 0)
+        rows = reg.routable_sql_models(conn)
+        assert [r["id"] for r in rows] == [a["id"], b["id"]]
+        routed = [reg.choose_sql_model(rows, f"s{i}")["id"] for i in range(400)]
+        assert set(routed) == {a["id"], b["id"]}
+
+        # retire: never the active one; a retired model gets no traffic
+        with pytest.raises(RegistryError, match="is active"):
+            reg.retire(conn, a["id"])
+        reg.retire(conn, b["id"])
+        assert _status(conn)[b["id"]] == ("retired", 0.0)
+        with pytest.raises(RegistryError, match="is retired: only a candidate"):
+            reg.set_traffic(conn, b["id"], 5)
+        reg.retire(conn, b["id"])  # again: nothing changes
+
+
+def test_promote_and_rollback_walk_back_through_the_promotions(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:  # tuple rows: the registry gives dicts all the same
+        with pytest.raises(RegistryError, match="nothing to roll back"):
+            reg.rollback(conn)
+        a = reg.add_model(conn, "a", "/models/a", "transformers")["id"]
+        b = reg.add_model(conn, "b", "/models/b", "transformers")["id"]
+        c = reg.add_model(conn, "c", "/models/c", "transformers", traffic=20)["id"]
+        assert reg.promote(conn, a) == {"active": a, "previous": None}  # the settings' model served before
+        assert reg.promote(conn, b) == {"active": b, "previous": a}
+        with pytest.raises(RegistryError, match="already active"):
+            reg.promote(conn, b)
+        s = _status(conn)
+        assert s[a] == ("retired", 0.0) and s[b] == ("active", 100.0) and s[c] == ("candidate", 20.0)  # c keeps 20 %
+        assert reg.promote(conn, c) == {"active": c, "previous": b}
+        assert reg.get_model(conn, c)["replaced_id"] == b
+
+        # rollback: c -> b -> a -> the settings' model, one promotion at a time
+        assert reg.rollback(conn) == {"active": b, "previous": c}
+        s = _status(conn)
+        assert s[b] == ("active", 100.0) and s[c] == ("retired", 0.0)
+        assert reg.rollback(conn) == {"active": a, "previous": b}
+        assert reg.active_sql_model(conn)["id"] == a
+        assert reg.rollback(conn) == {"active": None, "previous": a}
+        assert reg.active_sql_model(conn) is None and all(st == "retired" for st, _ in _status(conn).values())
+        with pytest.raises(RegistryError, match="nothing to roll back"):
+            reg.rollback(conn)
+        # with no active row the settings' model takes the active model's place in routing
+        d = reg.add_model(conn, "d", "/models/d", "transformers", traffic=100)["id"]
+        rows = reg.routable_sql_models(conn)
+        assert {reg.choose_sql_model(rows, f"s{i}")["id"] for i in range(50)} == {d}
+        reg.set_traffic(conn, d, 0)
+        assert reg.choose_sql_model(reg.routable_sql_models(conn), "s1") is None
+        # at most one active model, whatever happens
+        n = conn.execute("SELECT count(*) FROM pgsynapse.sql_models WHERE status = 'active'").fetchone()[0]
+        assert n == 0
