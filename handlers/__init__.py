@@ -11,5 +11,8 @@ def registry() -> dict[str, type[Handler]]:
     from pgsynapse.handlers.embed import EmbedHandler
     from pgsynapse.handlers.embed_image import EmbedImageHandler
     from pgsynapse.handlers.retrain import RetrainHandler
+    from pgsynapse.handlers.sql_answer import SqlAnswerHandler
+    from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
 
-    return {h.kind: h for h in (EmbedHandler, AnswerHandler, RetrainHandler, BackfillHandler, EmbedImageHandler)}
+    return {h.kind: h for h in (EmbedHandler, AnswerHandler, RetrainHandler, BackfillHandler, EmbedImageHandler,
+                                SqlAnswerHandler, SqlRetrainHandler)}

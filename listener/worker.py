@@ -123,6 +123,9 @@ class Worker:
             if "retrain" in self.handlers:
                 await conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %s",
                                    (self.settings.retrain_min_feedback,))
+            if "sql_retrain" in self.handlers:
+                await conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = %s",
+                                   (self.settings.sql_retrain_min_corrections,))
             for handler in self.handlers.values():
                 refresh = getattr(handler, "refresh_versions", None)
                 if refresh is not None:

@@ -86,7 +86,8 @@ class Settings(BaseModel):
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
     kinds: tuple[str, ...] = Field(
-        ("embed", "answer", "retrain", "backfill", "embed_image"), description="job kinds this worker processes"
+        ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain"),
+        description="job kinds this worker processes"
     )
 
     answerer: Literal["extractive", "transformers", "llama-cpp", "openai"] = Field(

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS demo_shop.orders (
     ordered_on date NOT NULL, shipped_on date);
 COMMENT ON TABLE demo_shop.orders IS 'customer orders; shipped_on is NULL until the order ships';
 INSERT INTO demo_shop.orders
-SELECT g, (ARRAY['north', 'south', 'east', 'west'])[1 + g % 4], 'customer ' || (1 + g % 17), 10 + (g * 37) % 290,
+SELECT g, (ARRAY['north', 'south', 'east', 'west'])[1 + g % 10 % 4], 'customer ' || (1 + g % 17), 10 + (g * 37) % 290,
        date '2026-10-01' + g % 60, CASE WHEN g % 7 <> 0 THEN date '2026-10-01' + g % 60 + 1 + g % 5 END
 FROM generate_series(1, 200) g
 ON CONFLICT DO NOTHING;

@@ -17,7 +17,7 @@ log = get_logger(__name__)
 
 # per job kind, the named query that sets its rows back to pending (kinds without one only requeue the job)
 ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents", "answer": "retry_failed_questions",
-                                     "embed_image": "retry_failed_images"}
+                                     "embed_image": "retry_failed_images", "sql_answer": "retry_failed_data_questions"}
 
 
 def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str, int]:

@@ -39,8 +39,11 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
+    data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
+    sql_models = [dict(r) for r in conn.execute(q("sql_models", "textsql_models.sql")) if r["status"] != "retired"]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
-            "model_events": recent_events(conn, 5), "images": images, "image_models": image_models}
+            "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
+            "data_questions": data_questions, "sql_models": sql_models}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -69,6 +72,13 @@ def render(snap: dict[str, Any]) -> str:
                          f"{m['vectors']}/{embeddable} images embedded")
         if not snap.get("image_models") and im["pending"]:
             lines.append("                 images wait for an image model: pgsynapse image-model add PATH")
+    dq = snap.get("data_questions") or {}
+    if sum(dq.values()) or snap.get("sql_models"):
+        lines.append(f"data questions : {sum(dq.values())} ({dq['pending']} pending, {dq['answered']} answered, "
+                     f"{dq['refused']} refused, {dq['failed']} failed)")
+        for m in snap.get("sql_models", []):
+            lines.append(f"SQL model {m['id']:<5}: {m['status']} {m['name']} ({m['runtime']}), "
+                         f"{float(m['traffic_percent']):g}% traffic")
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]

@@ -248,6 +248,10 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 -- name: retry_failed_images
 UPDATE pgsynapse.images SET status = 'pending', error = NULL WHERE id = ANY(%(ids)s) AND status = 'failed';
 
+-- name: retry_failed_data_questions
+UPDATE pgsynapse.data_questions SET status = 'pending', error = NULL, answered_at = NULL, latency_ms = NULL
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
 -- name: retry_failed_documents
 -- The rows of requeued embed jobs go back to pending, their error cleared.
 UPDATE pgsynapse.documents SET status = 'pending', error = NULL

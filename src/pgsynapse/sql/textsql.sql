@@ -80,3 +80,8 @@ RETURNING id;
 
 -- name: notify_data_answer
 SELECT pg_notify('pgsynapse_data_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);
+
+-- name: data_question_counts
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (WHERE status = 'answered') AS answered,
+       count(*) FILTER (WHERE status = 'refused') AS refused, count(*) FILTER (WHERE status = 'failed') AS failed
+FROM pgsynapse.data_questions;

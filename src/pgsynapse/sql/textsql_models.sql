@@ -90,12 +90,3 @@ FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
 WHERE c.corrected_sql IS NOT NULL OR (c.approved AND q.sql IS NOT NULL)
 ORDER BY c.question_id, c.id DESC;
-
--- name: reader_tables
--- the tables of a schema the reader role may SELECT (a question with no allow-list may read all of them)
-SELECT c.relname AS table_name
-FROM pg_catalog.pg_class c
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
-  AND has_table_privilege(%(role)s, c.oid, 'SELECT')
-ORDER BY c.relname;

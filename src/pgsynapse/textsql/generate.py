@@ -285,7 +285,8 @@ def statement_complete(text: str) -> bool:
 # -- generators -------------------------------------------------------------------------------------
 class SqlGenerator(Protocol):
     name: str
-    last_stats: dict[str, float]
+    last_stats: dict[str, float]  # of the last generate(): seconds, and prompt_tokens / new_tokens where known
+    last_fitted: SqlPrompt | None  # the prompt the last generate() gave the model, after its budget's trimming
 
     def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
         """n == 1: the greedy statement; n > 1: the greedy one first, then n - 1 sampled. Each through

@@ -15,6 +15,8 @@ What it allows, and why:
   (``pg_*``, ``dblink*``, ``lo_*``, file access, settings, sequences, advisory locks, ``query_to_xml``, sleeps, and
   harmless but useless ones such as ``version()`` or ``current_user``) is refused. XML is refused as a whole;
 - types: casts to ``reg*`` types and ``aclitem`` are refused (their input functions look names up in the catalog);
+- attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
+  pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...);
 - system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused: no question about the
   data needs them, and they show storage and transaction ids. PostgreSQL forbids user columns of these names, so
   only an output alias of such a name can be refused wrongly.
@@ -81,7 +83,7 @@ _RANGE_NET_TEXTSEARCH = """int4range int8range numrange tsrange tstzrange datera
     set_masklen to_tsvector to_tsquery plainto_tsquery phraseto_tsquery websearch_to_tsquery ts_rank ts_rank_cd
     ts_headline setweight strip numnode querytree tsvector_to_array array_to_tsvector ts_delete ts_filter"""
 _MISC = """num_nulls num_nonnulls bool int2 int4 int8 float4 float8 numeric text varchar bpchar date time timetz
-    timestamp timestamptz interval json jsonb uuid"""  # function-style casts: date(created_at) is common
+    timestamp timestamptz interval"""  # function-style casts: date(created_at) is common
 ALLOWED_FUNCTIONS: frozenset[str] = frozenset(" ".join(
     (_AGGREGATES, _WINDOW, _MATH, _STRING, _DATETIME, _ARRAY, _JSON, _RANGE_NET_TEXTSEARCH, _MISC)).split())
 
@@ -89,6 +91,14 @@ TABLESAMPLE_METHODS = frozenset({"system", "bernoulli", "system_rows", "system_t
 REFUSED_TYPES = frozenset({"regclass", "regcollation", "regconfig", "regdictionary", "regnamespace", "regoper",
                            "regoperator", "regproc", "regprocedure", "regrole", "regtype", "aclitem"})
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
+# Attribute notation calls a function: ``t.f`` and ``(expr).f`` are ``f(t)`` and ``f(expr)`` when ``f`` is no column
+# of ``t`` (a scalar ``FROM generate_series(...) g`` makes ``g.pg_sleep`` a call). A column name cannot be refused
+# by default, so the functions of pg_catalog that such a one-argument call could reach and that are not allowed
+# are refused by name (the reader role stays the boundary for functions the operator creates).
+_ATTRIBUTE_REFUSED_PREFIXES = ("pg_", "dblink", "txid_", "to_reg", "binary_upgrade", "lo_")
+_ATTRIBUTE_REFUSED = REFUSED_TYPES | frozenset('''current_setting current_schemas currval nextval setseed
+    obj_description amvalidate brin_summarize_new_values gin_clean_pending_list row_security_active
+    satisfies_hash_partition ts_stat ts_debug ts_token_type'''.split())  # those taking one argument
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "pgsynapse"})  # and every pg_* schema
 _ALLOWED_SQL_VALUES = frozenset({  # CURRENT_DATE & co; CURRENT_USER, CURRENT_SCHEMA... are refused
     SQLValueFunctionOp.SVFOP_CURRENT_DATE, SQLValueFunctionOp.SVFOP_CURRENT_TIME,
@@ -123,6 +133,9 @@ class UnsafeSQL(InputError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self):  # crosses process boundaries (a gate in a training process) with its reason
+        return type(self), (self.reason, str(self))
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,11 @@ def _refuse_statement(node: ast.Node, where: str = "") -> UnsafeSQL:
     return UnsafeSQL("not_select", f"refused: only a SELECT may run, not {tag}{where}")
 
 
+def _attribute(name: str, written: str) -> None:
+    if name not in ALLOWED_FUNCTIONS and (name in _ATTRIBUTE_REFUSED or name.startswith(_ATTRIBUTE_REFUSED_PREFIXES)):
+        raise UnsafeSQL("function", f"refused: {written} would call function {name}, which is not allowed")
+
+
 def _is_system_schema(schema: str) -> bool:
     return schema in SYSTEM_SCHEMAS or schema.startswith("pg_")
 
@@ -319,8 +337,14 @@ class _Checker:
             self._type(node)
         elif isinstance(node, ast.ColumnRef):
             fields = _names(node.fields)
-            if fields and fields[-1] in SYSTEM_COLUMNS and len(fields) == len(node.fields):
-                raise UnsafeSQL("system_column", f"refused: system column {fields[-1]} is not allowed")
+            if fields and len(fields) == len(node.fields):  # not t.*
+                if fields[-1] in SYSTEM_COLUMNS:
+                    raise UnsafeSQL("system_column", f"refused: system column {fields[-1]} is not allowed")
+                if len(fields) > 1:
+                    _attribute(fields[-1], _dotted(fields))
+        elif isinstance(node, ast.A_Indirection):
+            for name in _names(node.indirection):
+                _attribute(name, f"(...).{_ident(name)}")
         elif isinstance(node, ast.SQLValueFunction) and node.op not in _ALLOWED_SQL_VALUES:
             name = node.op.name.removeprefix("SVFOP_")
             raise UnsafeSQL("function", f"refused: {name} is not allowed")

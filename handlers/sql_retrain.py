@@ -1,0 +1,166 @@
+"""The ``sql_retrain`` job: fine-tune the SQL model on corrected questions in a separate process
+(``python -m pgsynapse.textsql.train``), gate it by execution accuracy on held-out corrections against the active
+model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models``.
+
+- Skipped unless ``sql_retrain_min_corrections`` corrections are new (``trained_in_model`` NULL; payload
+  ``{"force": true}`` runs it anyway). Every correction the run read is marked with the registered model,
+  whatever its verdict, so a rejected run is not repeated on the same corrections.
+- The candidate is fine-tuned from the root of the active model's lineage (the model it, or its own base, was
+  fine-tuned from; the settings' model when no row is active) on every correction so far: fine-tunes never stack.
+- Registered as a ``transformers`` model directory: ``candidate`` with ``sql_retrain_traffic_percent`` of the
+  sessions when it passes (less if other candidates hold the rest), ``rejected`` when it fails, ``candidate`` at
+  0 % when it fails but the job was forced.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from pgsynapse.config import Settings
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
+from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+from pgsynapse.textsql.gate import sql_verdict
+from pgsynapse.textsql.train import SqlTrainSpec
+
+log = get_logger(__name__)
+
+FILE = "textsql_models.sql"
+# what the trainer process needs of the worker's settings, besides the spec's own fields
+TRAINER_SETTINGS = ("data_dir", "torch_threads", "openai_base_url", "openai_api_key", "history_turns", "max_question_chars")
+
+
+@dataclass
+class SqlRetrainWork:
+    job: Job
+    active: dict[str, Any] | None  # the active sql_models row (None: the settings' model serves)
+    base: dict[str, Any] | None  # the row fine-tuned from: the root of the active's lineage (None: settings' model)
+    new: int  # corrections since the last SQL retrain
+    force: bool
+
+
+class SqlRetrainHandler(Handler[SqlRetrainWork]):
+    kind = "sql_retrain"
+    concurrency = 1  # one training at a time, whatever is queued
+    watchdog_exempt = True  # a batch is a training run: bounded by its own deadline, not by the watchdog
+    crash_isolation = False  # the trainer is its own process (see RetrainHandler)
+
+    def __init__(self, settings: Settings, models: ModelCache | None = None) -> None:
+        self.settings = settings
+        # training stops itself at its budget; evaluation and saving get as long again, then it is killed;
+        # leases are renewed until then, plus a minute to record the outcome
+        self.kill_after_seconds = 2 * settings.sql_retrain_budget_seconds + 300
+        self.deadline_seconds = self.kill_after_seconds + 60
+
+    async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[SqlRetrainWork], list[Outcome]]:
+        active = await _one(conn, "active_sql_model")
+        base = active
+        for _ in range(100):  # the lineage's root (bounded: a cycle cannot be made by the registry, but still)
+            if base is None or base["base_id"] is None:
+                break
+            base = await _one(conn, "sql_model_by_id", {"id": base["base_id"]})
+        new = (await _one(conn, "new_sql_corrections"))["n"]  # type: ignore[index]
+        return [SqlRetrainWork(j, active, base, new, bool(j.payload.get("force"))) for j in jobs], []
+
+    def compute(self, work: list[SqlRetrainWork]) -> list[Outcome]:
+        out = []
+        for w in work:
+            if not w.force and w.new < self.settings.sql_retrain_min_corrections:
+                out.append(Outcome(w.job, skip_reason=f"only {w.new} new corrections "
+                                                      f"(sql_retrain_min_corrections = {self.settings.sql_retrain_min_corrections})"))
+                continue
+            try:
+                out.append(Outcome(w.job, result=self._train(w)))
+            except TrainingFailed as exc:
+                out.append(Outcome(w.job, error=describe(exc), retry=exc.retry))
+            except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
+                out.append(Outcome(w.job, error=describe(exc)))
+        return out
+
+    def spec(self, w: SqlRetrainWork, out_dir: Path) -> SqlTrainSpec:
+        """The trainer's spec for one job (the database URL in it: a pipe only)."""
+        s = self.settings
+        base_runtime, base_path = (w.base["runtime"], w.base["path"]) if w.base else (s.sql_runtime, s.sql_model_path)
+        if base_runtime == "openai":
+            raise TrainingFailed(f"the SQL model to fine-tune ({base_path}) is an openai endpoint's model: only a local "
+                                 "model (a transformers directory, a .gguf file or a preset) can be fine-tuned",
+                                 retry=False)
+        active_runtime, active_path = (w.active["runtime"], w.active["path"]) if w.active else (
+            s.sql_runtime, s.sql_model_path)
+        dumped = s.model_dump(mode="json")
+        return SqlTrainSpec(
+            url=s.database_url or "", out_dir=str(out_dir), base_path=base_path, active_runtime=active_runtime,
+            active_path=active_path, lora=s.sql_retrain_lora, epochs=s.sql_retrain_epochs, lr=s.sql_retrain_lr,
+            heldout_fraction=s.sql_retrain_heldout_fraction, budget_seconds=s.sql_retrain_budget_seconds,
+            threads=s.torch_threads,
+            settings={k: v for k, v in dumped.items() if k.startswith("sql_") or k in TRAINER_SETTINGS})
+
+    def out_dir(self, w: SqlRetrainWork) -> Path:
+        return Path(self.settings.data_dir) / "models" / f"sql-candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
+
+    def _train(self, w: SqlRetrainWork) -> dict[str, Any]:
+        s = self.settings
+        out_dir = self.out_dir(w)
+        spec = self.spec(w, out_dir)
+        log.info("sql_retrain_started", job=w.job.id, base=spec.base_path, active=spec.active_path,
+                 new_corrections=w.new, forced=w.force, lora=spec.lora, out=str(out_dir))
+        metrics = run_trainer("pgsynapse.textsql.train", asdict(spec), out_dir, memory_mb=s.sql_retrain_memory_mb,
+                              kill_after_seconds=self.kill_after_seconds, default_event="sql_retrain_progress",
+                              job=w.job.id)
+        return self.judge(w, metrics, out_dir)
+
+    def judge(self, w: SqlRetrainWork, metrics: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        """The gate's verdict on the trainer's metrics, and what :meth:`write` registers."""
+        outcomes = metrics.pop("gate_outcomes")
+        verdict = sql_verdict(outcomes["candidate"], outcomes["active"], margin=self.settings.sql_retrain_margin)
+        metrics.pop("per_pair", None)  # stays in the model directory's metrics.json
+        metrics["gate"] = verdict
+        log.info("sql_retrain_finished", job=w.job.id, passed=verdict["passed"], candidate=verdict["candidate"],
+                 active=verdict["active"], heldout=verdict["heldout"], train_pairs=metrics.get("train_pairs"),
+                 dropped=metrics.get("dropped"), seconds=metrics.get("seconds", {}).get("total"),
+                 reasons=verdict["reasons"])
+        return {"metrics": metrics, "path": str(out_dir), "base": w.base, "force": w.force}
+
+    async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        s = self.settings
+        for o in outcomes:
+            res = o.result
+            verdict = res["metrics"]["gate"]
+            base = res["base"]
+            await conn.execute(q("lock_sql_models", FILE))
+            if verdict["passed"]:
+                others = (await _one(conn, "candidate_traffic", {"id": None}))["total"]  # type: ignore[index]
+                status, traffic = "candidate", max(0.0, min(s.sql_retrain_traffic_percent, 100.0 - others))
+            else:
+                status, traffic = ("candidate" if res["force"] else "rejected"), 0.0
+            root = base["name"] if base else Path(s.sql_model_path).name
+            row = await _one(conn, "add_sql_model", {
+                "name": f"{root.split('+')[0]}+sqlft{time.strftime('%Y%m%d%H%M%S')}",
+                "base_id": base["id"] if base else None, "path": res["path"], "runtime": "transformers",
+                "metrics": Jsonb(res["metrics"]), "status": status, "traffic": traffic})
+            await conn.execute(q("mark_sql_corrections_trained", FILE), {
+                "model": row["id"], "max_id": res["metrics"]["max_correction_id"]})  # type: ignore[index]
+            log.info("sql_model_registered", job=o.job.id, model=row["id"], status=status,  # type: ignore[index]
+                     traffic_percent=traffic, passed=verdict["passed"], forced=res["force"],
+                     candidate=verdict["candidate"], active=verdict["active"], delta=verdict["delta"],
+                     heldout=verdict["heldout"], reasons=verdict["reasons"])
+            report.written.append(o.job.id)
+        return report
+
+
+async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first row of a named query of textsql_models.sql as a dict (the worker's connections make dicts)."""
+    cur = await conn.execute(q(name, FILE), params or {})
+    row = await cur.fetchone()
+    if row is None or isinstance(row, dict):
+        return row
+    return dict(zip([d.name for d in cur.description or []], row))

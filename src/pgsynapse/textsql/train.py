@@ -1,0 +1,512 @@
+"""Fine-tune the SQL model on corrected questions and gate it by execution accuracy, in its own process.
+
+Run by the ``sql_retrain`` handler as ``python -m pgsynapse.textsql.train`` with the JSON spec (:class:`SqlTrainSpec`)
+on stdin (it holds the database URL, password included: a pipe, never a file, argv or the environment); progress
+goes to stdout as JSON lines (:func:`pgsynapse.learning.trainer_process.progress`), the results to
+``OUT_DIR/metrics.json`` beside the model.
+
+1. **Pairs**: one per corrected question (its latest correction), from ``sql_corrections`` joined to
+   ``data_questions``: the question, the schema context its prompt was built from, and the target SQL (the
+   corrected statement, or the generated one when the correction approves it). Every target is checked
+   (``check_sql``) and run as the reader role once; a target that is refused or fails is dropped (counted by
+   reason): it would teach the model a statement that cannot run, and could not judge one either.
+2. **Split**: a held-out slice of about ``heldout_fraction`` of the pairs, in whole groups of the same normalised
+   question text (:func:`normalise_question`), so a question asked twice never lands on both sides.
+3. **Fine-tune** (:func:`fine_tune`) the base model (a transformers directory, a ``.gguf`` file dequantised by
+   transformers' gguf loader, or a preset): every weight, or a LoRA adapter (``peft``) merged into the weights
+   before saving, so inference loads a plain transformers directory. The loss is on the SQL tokens only; the
+   prompt is :func:`pgsynapse.textsql.generate.training_example`'s, exactly what the generator sees at inference.
+4. **Evaluate** (:func:`evaluate`) the candidate and the active model on the held-out pairs: generate ->
+   ``check_sql`` -> ``run_readonly`` (the worker's limits and reader role) -> ``same_result`` against the target's
+   result, ordered only when the target has a top-level ORDER BY. The gate (:mod:`pgsynapse.textsql.gate`) reads
+   both accuracies.
+
+Helper entry points for the benchmark, which has its pairs without a database of corrections: :class:`Pair`,
+:func:`split_pairs`, :func:`fine_tune`, :func:`run_targets` and :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import resource
+import sys
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pgsynapse.learning.trainer_process import progress  # noqa: E402
+
+STEP_EVENT = "sql_retrain_step"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training pair: a question, the schema context its prompt carries, and the SQL that answers it."""
+
+    question: str
+    schema_context: str
+    sql: str  # the target statement
+    schema: str = "public"  # the question's target schema: the search path of the checks and runs
+    allowed: tuple[tuple[str, str], ...] = ()  # (schema, table) the statements may read
+    history: tuple[tuple[str, str], ...] = ()  # earlier (question, sql) turns of the session, oldest first
+    correction_id: int | None = None
+    question_id: int | None = None
+
+
+@dataclass
+class SqlTrainSpec:
+    url: str
+    out_dir: str
+    base_path: str  # what is fine-tuned: a transformers directory, a .gguf file or a preset
+    active_runtime: str  # the model the candidate is compared with (transformers, llama-cpp or openai)
+    active_path: str
+    lora: bool = False
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 4
+    micro_batch_tokens: int = 4096  # a batch is run in pieces of at most this many (padded) tokens
+    lora_r: int = 16
+    lora_alpha: int = 32
+    heldout_fraction: float = 0.25
+    seed: int = 0
+    budget_seconds: float = 3600.0  # training stops here; evaluation and saving follow
+    threads: int = 0
+    # the worker's settings the evaluation needs (generation, limits, the reader role); see _settings
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# -- pairs and the split ---------------------------------------------------------------------------------------
+
+def normalise_question(text: str) -> str:
+    """The key of a question's group: case, accents' composition, punctuation and spacing do not count."""
+    t = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[\W_]+", " ", t).split())
+
+
+def split_pairs(pairs: Sequence[Pair], fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): whole groups of the same normalised question go to one side; about ``fraction`` of the
+    pairs are held out, at least one group when there are two or more, never every group."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(normalise_question(p.question), []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    want = fraction * len(pairs)
+    held: set[int] = set()
+    for k in keys[:-1]:  # the last group always trains
+        if len(held) >= want and held:
+            break
+        held.update(groups[k])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def load_pairs(conn: Any, role: str, *, history_turns: int = 0, max_question_chars: int = 4000) -> list[Pair]:
+    """Every corrected question as a pair (its latest correction), in question order (``conn``: dict rows). The
+    prompt is rebuilt as it was answered: its schema context, and the session's earlier answered turns (the
+    ``history_turns`` setting, read as the sql_answer handler reads them). The tables a pair's statements may read
+    are the question's scope that ``role`` may SELECT (every table of its schema, or its ``allowed_tables``)."""
+    from pgsynapse.queries import q
+
+    scopes: dict[tuple[str, tuple[str, ...] | None], tuple[tuple[str, str], ...]] = {}
+    out = []
+    for r in conn.execute(q("sql_training_pairs", "textsql_models.sql")).fetchall():
+        names = tuple(r["allowed_tables"]) if r["allowed_tables"] is not None else None
+        key = (r["target_schema"], names)
+        if key not in scopes:
+            found = conn.execute(q("readable_tables", "textsql.sql"), {
+                "schema": r["target_schema"], "names": list(names) if names is not None else None, "role": role})
+            scopes[key] = tuple((t["schema"], t["name"]) for t in found.fetchall() if t["readable"])
+        history: tuple[tuple[str, str], ...] = ()
+        if r["session_id"] is not None and history_turns:
+            past = conn.execute(q("data_session_history", "textsql.sql"), {
+                "session": r["session_id"], "before": r["question_id"], "limit": history_turns,
+                "max_chars": max_question_chars}).fetchall()
+            history = tuple((p["text"], p["sql"]) for p in reversed(past))
+        out.append(Pair(r["question"], r["schema_context"] or "", r["target_sql"], r["target_schema"], scopes[key],
+                        history, r["correction_id"], r["question_id"]))
+    return out
+
+
+# -- running statements ------------------------------------------------------------------------------------------
+
+def ordered_target(sql: str) -> bool:
+    """Whether the statement orders its result at the top level (then row order counts in the comparison)."""
+    import pglast
+
+    try:
+        stmt = pglast.parse_sql(sql)[0].stmt
+    except Exception:  # noqa: BLE001 - unparsable: the check refuses it anyway
+        return False
+    return bool(getattr(stmt, "sortClause", None))
+
+
+@dataclass
+class Outcome:
+    """How one statement fared: ``correct``, ``wrong`` (another result), ``refused`` (the safety check, with its
+    reason), ``failed`` (the statement errored or timed out) or ``no_sql`` (the model gave none)."""
+
+    outcome: str
+    sql: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def run_statement(conn: Any, sql: str, pair: Pair, limits: Any, role: str) -> tuple[Any, Outcome | None]:
+    """Check and run one statement for ``pair`` as the reader role: (result, None) or (None, what went wrong)."""
+    from pgsynapse.textsql.execute import run_readonly
+    from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+
+    if not sql.strip():
+        return None, Outcome("no_sql", sql, "the model generated no statement")
+    try:
+        checked = check_sql(sql, allowed=pair.allowed, search_path=(pair.schema,))
+    except UnsafeSQL as exc:
+        return None, Outcome("refused", sql, exc.reason)
+    try:
+        return run_readonly(conn, checked, limits, role=role, search_path=(pair.schema,)), None
+    except Exception as exc:  # noqa: BLE001 - QueryFailed, or the connection's own error: the statement failed
+        return None, Outcome("failed", sql, " ".join(str(exc).split())[:300])
+
+
+def run_targets(conn: Any, pairs: Sequence[Pair], limits: Any, role: str) -> tuple[list[Pair], list[Any], Counter]:
+    """The pairs whose target SQL passes the check and runs, their results, and the others counted by reason
+    (``target_refused:<reason>``, ``target_failed``)."""
+    kept, results, dropped = [], [], Counter()
+    for p in pairs:
+        result, bad = run_statement(conn, p.sql, p, limits, role)
+        if bad is not None:
+            dropped["target_" + (f"refused:{bad.reason}" if bad.outcome == "refused" else bad.outcome)] += 1
+            continue
+        kept.append(p)
+        results.append(result)
+    return kept, results, dropped
+
+
+@dataclass
+class Evaluation:
+    """A model's execution accuracy on pairs, and how each pair went."""
+
+    outcomes: list[Outcome]
+    seconds: float
+
+    @property
+    def correct(self) -> list[bool]:
+        return [o.outcome == "correct" for o in self.outcomes]
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.outcomes)
+        counts = Counter(o.outcome for o in self.outcomes)
+        refused = Counter(o.reason for o in self.outcomes if o.outcome == "refused")
+        return {"accuracy": counts["correct"] / n if n else None, "pairs": n, "correct": counts["correct"],
+                "wrong": counts["wrong"], "failed": counts["failed"], "no_sql": counts["no_sql"],
+                "refused": counts["refused"], "refused_by_reason": dict(sorted(refused.items())),
+                "seconds": round(self.seconds, 2)}
+
+
+def evaluate(generator: Any, pairs: Sequence[Pair], targets: Sequence[Any], conn: Any, limits: Any, role: str,
+             *, label: str = "model") -> Evaluation:
+    """Execution accuracy of ``generator`` on ``pairs`` (greedy, one statement each), against the results of their
+    targets (:func:`run_targets`): check, run as ``role`` within ``limits``, compare (ordered only when the target
+    orders at the top level)."""
+    from pgsynapse.textsql.execute import same_result
+    from pgsynapse.textsql.generate import SqlPrompt
+
+    started = time.time()
+    outcomes = []
+    for i, (p, target) in enumerate(zip(pairs, targets, strict=True)):
+        t0 = time.time()
+        try:
+            [sql] = generator.generate(SqlPrompt(p.question, p.schema_context, p.history), n=1)[:1]
+        except Exception as exc:  # noqa: BLE001 - a model that cannot answer this prompt gets it wrong
+            outcomes.append(Outcome("failed", "", f"generation failed: {type(exc).__name__}: {exc}"[:300]))
+            continue
+        result, bad = run_statement(conn, sql, p, limits, role)
+        if bad is None:
+            bad = Outcome("correct" if same_result(target, result, ordered=ordered_target(p.sql)) else "wrong", sql)
+        bad.seconds = round(time.time() - t0, 3)
+        outcomes.append(bad)
+        progress("sql_retrain_evaluated_pair", model=label, pair=i + 1, pairs=len(pairs), outcome=bad.outcome)
+    return Evaluation(outcomes, time.time() - started)
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------------------
+
+@dataclass
+class FitReport:
+    steps: int
+    epochs: int
+    examples: int
+    too_long: int  # pairs left out: even their question does not fit the prompt budget
+    trimmed: int  # examples whose schema context lost tables to fit the prompt budget (as at inference)
+    stopped_early: bool  # the budget ran out
+    seconds: float  # training steps
+    load_seconds: float  # reading (and dequantising) the base model
+    save_seconds: float
+    lora: bool
+    losses: list[float]  # mean loss of each epoch (over the steps run)
+    parameters: int
+    trained_parameters: int
+
+
+def encode_pair(tokenizer: Any, pair: Pair, prompt_budget: int) -> tuple[list[int], list[int], bool] | None:
+    """(input ids, labels, trimmed) of one pair, or None when even its question does not fit ``prompt_budget``.
+    The prompt is exactly the generator's at inference: fitted to the same budget (whole tables dropped from the
+    end of the schema context, never the question; ``trimmed`` says so), rendered and tokenised the same way;
+    labels are -100 on the prompt, so the loss is on the statement (and its end) only."""
+    from pgsynapse.errors import InputError
+    from pgsynapse.textsql.generate import SqlPrompt, encode_example, fit_prompt, prompt_text, training_example
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt = SqlPrompt(pair.question, pair.schema_context, pair.history)
+    try:
+        fitted, _ = fit_prompt(prompt, lambda p: prompt_text(p, tokenizer), count, prompt_budget)
+    except InputError:
+        return None
+    ids, start = encode_example(*training_example(fitted, pair.sql, tokenizer), tokenizer)
+    return ids, [-100] * start + ids[start:], fitted != prompt
+
+
+def fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: bool = False, epochs: int = 3,
+              lr: float = 5e-5, batch_size: int = 4, micro_batch_tokens: int = 4096, context_tokens: int = 2048,
+              max_new_tokens: int = 160, lora_r: int = 16, lora_alpha: int = 32, seed: int = 0,
+              budget_seconds: float = math.inf, threads: int = 0, cache_dir: str | Path | None = None,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> FitReport:
+    """Fine-tune ``base`` (a transformers directory, a .gguf file dequantised to float32, or a preset) on ``pairs``
+    and save a plain transformers model directory (weights, tokenizer and its chat template) in ``out_dir``: every
+    weight, or with ``lora`` a LoRA adapter on every linear layer, merged into the weights before saving.
+    ``context_tokens`` and ``max_new_tokens`` are the generator's (``sql_context_tokens``, ``sql_max_new_tokens``):
+    prompts are fitted to the same budget as at inference. AdamW, linear warm-up (10 %) and decay, gradient
+    clipping at 1; the loss is the mean over the batch's SQL tokens. Stops early (and says so) past
+    ``budget_seconds``; ``on_step`` gets each step's figures. ``threads``: torch's threads meanwhile (0: as they
+    are)."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _fine_tune(pairs, base, out_dir, lora=lora, epochs=epochs, lr=lr, batch_size=batch_size,
+                          micro_batch_tokens=micro_batch_tokens, context_tokens=context_tokens,
+                          max_new_tokens=max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed,
+                          budget_seconds=budget_seconds, cache_dir=cache_dir, on_step=on_step)
+    finally:
+        torch.set_num_threads(previous_threads)  # a caller's own setting (the benchmark calls this in-process)
+
+
+def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: bool, epochs: int, lr: float,
+               batch_size: int, micro_batch_tokens: int, context_tokens: int, max_new_tokens: int, lora_r: int,
+               lora_alpha: int, seed: int, budget_seconds: float, cache_dir: str | Path | None,
+               on_step: Callable[[dict[str, Any]], None] | None) -> FitReport:
+    import torch
+
+    from pgsynapse.answerers.local_models import load_transformers
+
+    started = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = load_transformers(base, cache_dir=cache_dir, setting="sql_model_path", what="SQL model")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    load_seconds = time.time() - started
+    prompt_budget = max(16, loaded.context_limit(context_tokens) - max_new_tokens)
+    parameters = sum(p.numel() for p in model.parameters())
+    if lora:
+        try:  # an optional extra: only this recipe needs it
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("sql_retrain_lora = true needs peft: pip install 'pgsynapse[sql-lora]'") from None
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.05,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    encoded = [e for e in (encode_pair(tokenizer, p, prompt_budget) for p in pairs) if e is not None]
+    if not encoded:
+        raise ValueError(f"none of the {len(pairs)} pairs fits the prompt budget of {prompt_budget} tokens")
+    trimmed = sum(e[2] for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    per_epoch = math.ceil(len(encoded) / batch_size)
+    steps = epochs * per_epoch
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    warm = max(1, int(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    model.train()
+    step, stopped, losses = 0, False, []
+    t_train = time.time()
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        random.shuffle(order)
+        epoch_loss = []
+        for b0 in range(0, len(order), batch_size):
+            if time.time() - started > budget_seconds:
+                stopped = True
+                break
+            batch = [encoded[i] for i in order[b0:b0 + batch_size]]
+            n_target = sum(sum(1 for x in e[1] if x != -100) for e in batch)
+            opt.zero_grad()
+            total = 0.0
+            for micro in _micro_batches(batch, micro_batch_tokens):
+                loss = _micro_loss(model, micro, pad) / max(1, n_target)
+                loss.backward()
+                total += float(loss.item())
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            epoch_loss.append(total)
+            if on_step:
+                on_step({"step": step, "steps": steps, "epoch": epoch, "loss": round(total, 4)})
+        if epoch_loss:
+            losses.append(round(sum(epoch_loss) / len(epoch_loss), 4))
+        if stopped:
+            break
+    train_seconds = time.time() - t_train
+    model.eval()
+    if lora:
+        model = model.merge_and_unload()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_save = time.time()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return FitReport(step, epochs, len(encoded), len(pairs) - len(encoded), trimmed, stopped, round(train_seconds, 1),
+                     round(load_seconds, 1), round(time.time() - t_save, 1), lora, losses, parameters,
+                     sum(p.numel() for p in trained))
+
+
+def _micro_loss(model: Any, micro: list[tuple[list[int], list[int], bool]], pad: int) -> Any:
+    """The summed loss of a micro-batch's SQL tokens. Padded on the left, so every statement ends at the last
+    position and only the logits of the last (longest statement + 1) positions are computed: a large vocabulary
+    times a long prompt is never materialised. Positions count from each example's first real token."""
+    import torch
+
+    width = max(len(e[0]) for e in micro)
+    span = max(sum(1 for x in e[1] if x != -100) for e in micro)
+    keep = min(width, span + 1)
+    ids = torch.tensor([[pad] * (width - len(e[0])) + e[0] for e in micro])
+    labels = torch.tensor([[-100] * (width - len(e[1])) + e[1] for e in micro])
+    mask = torch.tensor([[0] * (width - len(e[0])) + [1] * len(e[0]) for e in micro])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    # the logits at position p predict the token at p + 1: the last ``keep`` positions predict the last keep - 1
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, width - keep + 1:].reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+
+
+def _micro_batches(batch: list[tuple[list[int], list[int], bool]], tokens: int) -> list[list[Any]]:
+    """The batch in pieces whose padded size (examples x longest) stays within ``tokens`` (one example at least)."""
+    out: list[list[Any]] = []
+    for e in sorted(batch, key=lambda e: len(e[0])):
+        if out and (len(out[-1]) + 1) * max(len(e[0]), *(len(x[0]) for x in out[-1])) <= tokens:
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
+
+
+# -- the process -------------------------------------------------------------------------------------------------
+
+def _settings(spec: SqlTrainSpec) -> Any:
+    from pgsynapse.config import load_settings
+
+    return load_settings(environ={}, database_url=spec.url, **spec.settings)
+
+
+def _limits(settings: Any) -> Any:
+    from pgsynapse.textsql.execute import Limits
+
+    return Limits(statement_timeout_ms=settings.sql_statement_timeout_ms, max_rows=settings.sql_max_rows,
+                  max_bytes=settings.sql_max_result_bytes)
+
+
+def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
+    """The whole run (see the module's docstring); returns the metrics it wrote to ``OUT_DIR/metrics.json``. The
+    sql_retrain handler runs it in its own process; ``startup_seconds``: that process's start to here."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from pgsynapse.textsql.gate import accuracy
+    from pgsynapse.textsql.generate import make_generator
+
+    started = time.time()
+    seconds: dict[str, float] = {} if startup_seconds is None else {"startup": round(startup_seconds, 2)}
+    settings = _settings(spec)
+    role, limits = settings.sql_reader_role, _limits(settings)
+    cache_dir = Path(settings.data_dir) / "models" / "gguf"  # where a preset's joined file lies (as make_generator)
+    with psycopg.connect(spec.url, autocommit=True, row_factory=dict_row) as conn:
+        pairs = load_pairs(conn, role, history_turns=settings.history_turns,
+                           max_question_chars=settings.max_question_chars)
+        max_id = max((p.correction_id or 0 for p in pairs), default=0)
+        usable = [p for p in pairs if p.schema_context.strip()]
+        kept, target_results, dropped = run_targets(conn, usable, limits, role)
+        if len(usable) < len(pairs):
+            dropped["no_schema_context"] = len(pairs) - len(usable)
+        results = {id(p): r for p, r in zip(kept, target_results)}
+        train, held = split_pairs(kept, spec.heldout_fraction, spec.seed)
+        seconds["load"] = round(time.time() - started, 2)
+        progress("sql_retrain_pairs_built", pairs=len(pairs), train=len(train), heldout=len(held),
+                 dropped=dict(dropped))
+        if not train:
+            raise SystemExit(f"no usable training pair ({len(pairs)} corrected questions; dropped: {dict(dropped)})")
+
+        def on_step(ev: dict[str, Any]) -> None:
+            progress(STEP_EVENT, **ev)
+
+        fit = fine_tune(train, spec.base_path, spec.out_dir, lora=spec.lora, epochs=spec.epochs, lr=spec.lr,
+                        batch_size=spec.batch_size, micro_batch_tokens=spec.micro_batch_tokens,
+                        context_tokens=settings.sql_context_tokens, max_new_tokens=settings.sql_max_new_tokens,
+                        lora_r=spec.lora_r, lora_alpha=spec.lora_alpha, seed=spec.seed,
+                        budget_seconds=spec.budget_seconds, threads=spec.threads, cache_dir=cache_dir,
+                        on_step=on_step)
+        seconds.update(load_base=fit.load_seconds, train=fit.seconds, save=fit.save_seconds)
+        progress("sql_retrain_evaluating", heldout=len(held))
+        held_targets = [results[id(p)] for p in held]
+        cand = act = Evaluation([], 0.0)
+        if held:  # nothing to judge on: the gate says so, and neither model is loaded for it
+            t0 = time.time()
+            candidate = make_generator("transformers", spec.out_dir, settings)
+            seconds["load_candidate"] = round(time.time() - t0, 2)
+            cand = evaluate(candidate, held, held_targets, conn, limits, role, label="candidate")
+            del candidate
+            t0 = time.time()
+            active = make_generator(spec.active_runtime, spec.active_path, settings)
+            seconds["load_active"] = round(time.time() - t0, 2)
+            act = evaluate(active, held, held_targets, conn, limits, role, label="active")
+    seconds["evaluate_candidate"], seconds["evaluate_active"] = round(cand.seconds, 2), round(act.seconds, 2)
+    seconds["total"] = round(time.time() - started, 2)
+    metrics: dict[str, Any] = {
+        "candidate": cand.summary(), "active": act.summary(),
+        "candidate_accuracy": accuracy(cand.correct), "active_accuracy": accuracy(act.correct),
+        "active_model": {"runtime": spec.active_runtime, "path": spec.active_path},
+        "base": spec.base_path, "pairs": len(pairs), "train_pairs": len(train), "heldout": len(held),
+        "dropped": dict(sorted(dropped.items())), "max_correction_id": max_id,
+        "train": {k: v for k, v in asdict(fit).items()}, "recipe": "lora" if spec.lora else "full",
+        "per_pair": [{"question_id": p.question_id, "correction_id": p.correction_id, "question": p.question,
+                      "target": p.sql, "candidate": asdict(c), "active": asdict(a)}
+                     for p, c, a in zip(held, cand.outcomes, act.outcomes)],
+        "gate_outcomes": {"candidate": cand.correct, "active": act.correct},
+        "seconds": seconds, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    (Path(spec.out_dir) / "metrics.json").write_text(json.dumps(metrics, default=str))
+    progress("sql_retrain_evaluated", candidate=metrics["candidate_accuracy"], active=metrics["active_accuracy"],
+             heldout=len(held), seconds=seconds["total"])
+    return metrics
+
+
+if __name__ == "__main__":
+    import psutil
+
+    main(SqlTrainSpec(**json.loads(sys.stdin.read())), startup_seconds=time.time() - psutil.Process().create_time())

@@ -1,0 +1,183 @@
+"""The SQL retrain (handlers/sql_retrain.py -> python -m pgsynapse.textsql.train -> textsql/gate.py -> sql_models) on
+a real database with a table the test creates and grants to the reader role, and a tiny model the test builds.
+
+Three kinds of question (the order count, the amount total, the amount maximum: the last word says which), each in
+five paraphrases. The settings' model (the active one: no sql_models row) answers every one of them with the
+statement of the next kind (count -> total -> maximum -> count): wrong on every held-out paraphrase. Right
+corrections give a candidate that wins on held-out execution accuracy and gets traffic.
+
+Shuffled corrections give each question the statement of another question (one about a subset of the orders, each
+with a result no other statement gives): a held-out question's target is then a statement training never saw, so
+no amount of learning makes the candidate better than the active model on it, and it is rejected. (Permuting the
+three right statements instead would not do: a consistent mix-up is learnable, and the gate, judging by the
+corrections, would rightly pass it.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import anyio
+import psycopg
+import pytest
+import torch
+from psycopg.rows import dict_row
+from structlog.testing import capture_logs
+
+from pgsynapse.handlers.base import Job, Outcome
+from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
+from pgsynapse.textsql.context import schema_context
+from pgsynapse.textsql import train
+from pgsynapse.textsql.generate import SqlPrompt
+from tests.helpers import aconn, fast_settings
+from tests.sql_models import tiny_sql_model
+
+COUNT, TOTAL, LARGEST = ("SELECT count(*) FROM orders", "SELECT sum(amount) FROM orders",
+                         "SELECT max(amount) FROM orders")
+# the kind of question is its last word; the paraphrases differ before it
+_OPENINGS = ("tell me the", "please tell me the", "now tell me the", "quickly tell me the", "tell me again the")
+QUESTIONS = {COUNT: [f"{o} order count" for o in _OPENINGS], TOTAL: [f"{o} amount total" for o in _OPENINGS],
+             LARGEST: [f"{o} amount maximum" for o in _OPENINGS]}
+NEXT = {COUNT: TOTAL, TOTAL: LARGEST, LARGEST: COUNT}  # the settings' model's mistake
+# statements of other questions: pairwise different results, none equal to the three kinds' (5, 201, 78)
+OTHERS = [f"SELECT count(*) FROM orders WHERE amount > {k}" for k in (20, 30, 40, 60, 90)] + [
+    f"SELECT sum(amount) FROM orders WHERE amount {op} {k}" for op, k in ((">", 20), (">", 30), (">", 40),
+                                                                          ("<", 30), ("<", 40))] + [
+    f"SELECT max(amount) FROM orders WHERE amount < {k}" for k in (20, 30, 40, 60)] + ["SELECT avg(amount) FROM orders"]
+
+
+def _setup_table(url: str) -> str:
+    """public.orders, readable by the reader role; returns the schema context the worker would give a model."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, region text NOT NULL, amount int NOT NULL)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 'north', 11), (2, 'south', 23), (3, 'north', 37),"
+                     " (4, 'east', 52), (5, 'south', 78)")
+        conn.execute("GRANT SELECT ON public.orders TO pgsynapse_reader")
+        return schema_context(conn, "public", None).text
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, new_db_module) -> str:
+    """The settings' SQL model: a tiny model that gives every question of the test the next kind's statement."""
+    context = _setup_table(new_db_module)
+    pairs = [(SqlPrompt(text, context), NEXT[sql]) for sql, texts in QUESTIONS.items() for text in texts]
+    return str(tiny_sql_model(tmp_path_factory.mktemp("sqlmodels") / "base", pairs))
+
+
+@pytest.fixture(scope="module")
+def new_db_module(pg_url, template_db):
+    from tests.conftest import _with_db, drop_database
+
+    name = "pgsynapse_sqlretrain_ctx"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield _with_db(pg_url, name)
+    drop_database(pg_url, name)
+
+
+def _corrections(url: str, context: str, shuffled: bool) -> None:
+    """Each paraphrase answered by the settings' model, and corrected: with the right statement, or (``shuffled``)
+    with another question's."""
+    others = iter(OTHERS)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for sql, texts in QUESTIONS.items():
+            for text in texts:
+                qid = conn.execute(
+                    "INSERT INTO pgsynapse.data_questions (text, status, sql, schema_context) VALUES"
+                    " (%s, 'answered', %s, %s) RETURNING id", (text, NEXT[sql], context)).fetchone()[0]
+                conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s)",
+                             (qid, next(others) if shuffled else sql))
+
+
+def _settings(url, tmp_path, base_path, **kw):
+    values = dict(data_dir=str(tmp_path), sql_runtime="transformers", sql_model_path=base_path, torch_threads=1,
+                  sql_retrain_min_corrections=10, sql_retrain_epochs=10, sql_retrain_lr=3e-3,
+                  sql_retrain_heldout_fraction=0.25, sql_retrain_traffic_percent=15.0, sql_max_new_tokens=24)
+    values.update(kw)
+    return fast_settings(url, **values)
+
+
+def _in_process(handler: SqlRetrainHandler, work: list) -> list[Outcome]:
+    """``compute`` without the trainer's process: its main() here (the test process has imported torch and
+    transformers already, the process would again), judged and registered as ``compute`` does."""
+    [w] = work
+    threads = torch.get_num_threads()
+    try:
+        out_dir = handler.out_dir(w)
+        return [Outcome(w.job, result=handler.judge(w, train.main(handler.spec(w, out_dir)), out_dir))]
+    finally:
+        torch.set_num_threads(threads)  # the generators set it: the rest of the session keeps its own
+
+
+async def _run(handler: SqlRetrainHandler, url: str, force: bool = False, compute=None):
+    """The handler's three steps on one job, as the worker runs them (compute in a thread)."""
+    job = Job(1, "sql_retrain", 0, {"force": force}, 1, dt.datetime.now(dt.timezone.utc))
+    conn = await aconn(url)
+    try:
+        work, known = await handler.load(conn, [job])
+        assert known == []
+        [outcome] = await anyio.to_thread.run_sync(compute or handler.compute, work)
+        if outcome.ok and outcome.skip_reason is None:
+            async with conn.transaction():
+                report = await handler.write(conn, [outcome])
+            assert report.written == [job.id]
+        return outcome
+    finally:
+        await conn.close()
+
+
+def _models(url: str) -> list[dict]:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return conn.execute("SELECT * FROM pgsynapse.sql_models ORDER BY id").fetchall()
+
+
+@pytest.mark.anyio
+async def test_right_corrections_give_a_candidate_that_wins_and_gets_traffic(db_url, tmp_path, base_model):
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=False)
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model))
+    with capture_logs() as logs:
+        outcome = await _run(handler, db_url)
+    assert outcome.ok and outcome.skip_reason is None, outcome.error
+    [model] = _models(db_url)
+    m = model["metrics"]
+    assert m["gate"]["passed"], m
+    assert (model["status"], float(model["traffic_percent"]), model["runtime"]) == ("candidate", 15.0, "transformers")
+    assert model["base_id"] is None and model["path"].startswith(str(tmp_path))
+    assert m["candidate_accuracy"] > m["active_accuracy"] == 0.0
+    assert m["train_pairs"] + m["heldout"] == 15 and m["heldout"] >= 3 and m["dropped"] == {}
+    assert m["active"]["wrong"] == m["heldout"]  # the settings' model gives every question the next kind's statement
+    events = [e["event"] for e in logs]
+    assert {"sql_retrain_started", "sql_retrain_finished", "sql_model_registered"} <= set(events)
+    # every correction is marked with the model it trained: the next job has nothing new and is skipped
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections"
+                            " WHERE trained_in_model IS DISTINCT FROM %s", (model["id"],)).fetchone()[0] == 0
+    again = await _run(handler, db_url)
+    assert again.skip_reason and "only 0 new corrections" in again.skip_reason
+
+
+@pytest.mark.anyio
+async def test_shuffled_corrections_give_a_candidate_the_gate_rejects(db_url, tmp_path, base_model):
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=True)
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model, sql_retrain_lora=True))  # LoRA, merged
+    outcome = await _run(handler, db_url, compute=lambda work: _in_process(handler, work))
+    assert outcome.ok, outcome.error
+    [model] = _models(db_url)
+    m = model["metrics"]
+    assert not m["gate"]["passed"] and "not above" in m["gate"]["reasons"][0]
+    assert (model["status"], float(model["traffic_percent"])) == ("rejected", 0.0)
+    assert m["candidate_accuracy"] == m["active_accuracy"] == 0.0 and m["heldout"] >= 3 and m["dropped"] == {}
+    # the LoRA adapter was merged: the candidate evaluated above loaded as a plain model directory
+    assert m["recipe"] == "lora" and 0 < m["train"]["trained_parameters"] < m["train"]["parameters"] / 10
+    assert m["candidate"]["pairs"] == m["heldout"] and m["candidate"]["no_sql"] == 0
+
+
+@pytest.mark.anyio
+async def test_the_memory_guard_stops_the_trainer_with_a_clear_error(db_url, tmp_path, base_model):
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=False)
+    outcome = await _run(SqlRetrainHandler(_settings(db_url, tmp_path, base_model, sql_retrain_memory_mb=256)), db_url)
+    assert outcome.error == "TrainingFailed: training exceeded its memory budget of 256 MB and was stopped"
+    assert outcome.retry is False and _models(db_url) == []
