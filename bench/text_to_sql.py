@@ -11,18 +11,25 @@ reason, the share that failed (the statement errored or timed out), p50/p95 seco
 check + run). An audit checks at the end that no table of the benchmark's schemas changed (row counts and a hash
 of every table), so "zero unsafe statements executed" is measured, not assumed.
 
+``--finetune``: each model is also fine-tuned (the trainer's entry point, textsql.train.fine_tune: full, or
+``--lora``; ``--epochs``, ``--budget`` seconds) on the train databases' questions with their gold SQL as the
+corrected statements (``--train-limit``: a seeded sample of them), and the fine-tuned model (a transformers
+directory, the ``transformers`` runtime) is evaluated on the same questions.
+
 ``--notify N``: p50/p95 INSERT -> ``pgsynapse_data_answers`` NOTIFY through the real worker flow
 (``pgsynapse.data_questions`` rows, the ``sql_answer`` handler) for the first model on N questions.
 
     python -m bench.text_to_sql --model llama-cpp:/work/llm/qwen.gguf --limit 40
     python -m bench.text_to_sql --model llama-cpp:/work/llm/qwen.gguf \
         --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --notify 30 --outputs /tmp/tsbench.jsonl
+    python -m bench.text_to_sql --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --finetune --epochs 2
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import time
@@ -147,46 +154,53 @@ def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: st
     return lat
 
 
-def finetune(url: str, items: list[dict[str, Any]], runtime: str, path: str, env: dict[str, str]) -> dict[str, Any]:
-    """Fine-tunes ``runtime``/``path`` on ``items`` (training questions with their gold SQL) through the product's
-    learning flow: each becomes an answered ``data_questions`` row (its schema context from textsql.context) with a
-    ``sql_corrections`` row carrying the gold SQL; one forced ``sql_retrain`` job is queued and an in-process
-    worker (settings from ``env``: the recipe, e.g. PGSYNAPSE_SQL_RETRAIN_LORA, _EPOCHS) runs it. Returns the
-    ``sql_models`` row it registered (path, runtime, metrics: the gate's accuracies on its own held-out
-    corrections)."""
-    from bench.common import run_worker_until
+def plain_base(path: str, out_dir: str) -> str:
+    """A .gguf model as a plain float32 transformers directory (other paths as they are). The trainer fine-tunes a
+    .gguf base itself but cannot save the result (transformers refuses to serialize a GGUF-loaded model): this
+    copy is the workaround, made once."""
+    if not path.endswith(".gguf"):
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = load_settings(environ={"PGSYNAPSE_SQL_RUNTIME": runtime, "PGSYNAPSE_SQL_MODEL_PATH": path, **env})
-    with psycopg.connect(url, autocommit=True) as conn:
-        # no retrain is queued by the threshold while the corrections go in: the benchmark queues exactly one
-        conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = 1000000")
-        contexts: dict[str, str] = {}
-        with conn.transaction():
-            for it in items:
-                schema = f"spider_{it['db_id'].lower()}"
-                if schema not in contexts:
-                    contexts[schema] = schema_context(conn, schema, None, samples=settings.sql_sample_values,
-                                                      max_tables=settings.sql_max_tables).text
-                qid = conn.execute(
-                    "INSERT INTO pgsynapse.data_questions (session_id, text, target_schema, status, sql, "
-                    "schema_context, answered_at) VALUES (%s, %s, %s, 'answered', %s, %s, now()) RETURNING id",
-                    (f"train-{it['i']}", it["question"], schema, it["sql"], contexts[schema])).fetchone()[0]
-                conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s)",
-                             (qid, it["sql"]))
-            # they are answered already: the sql_answer jobs their INSERT queued are dropped
-            conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'sql_answer' AND status = 'pending'")
-            conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES ('sql_retrain', 0, "
-                         "'{\"force\": true}')")
-    run_worker_until(settings, url, "SELECT EXISTS (SELECT 1 FROM pgsynapse.sql_models WHERE base_id IS NOT NULL "
-                     "OR status IN ('candidate', 'rejected')) OR EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = "
-                     "'sql_retrain' AND status = 'failed')", ("pgsynapse_jobs",))
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT id, path, runtime, status, metrics FROM pgsynapse.sql_models ORDER BY id DESC "
-                           "LIMIT 1").fetchone()
-        if row is None:
-            err = conn.execute("SELECT last_error FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone()
-            raise RuntimeError(f"sql_retrain registered no model: {err}")
-    return dict(zip(("id", "path", "runtime", "status", "metrics"), row, strict=True))
+    out = f"{out_dir}/{path.rsplit('/', 1)[-1].removesuffix('.gguf')}-base"
+    if not os.path.exists(f"{out}/config.json"):
+        folder, name = os.path.split(path)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+        model.hf_quantizer = None  # dequantized already: plain float32 weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    return out
+
+
+def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, out_dir: str, settings: Any, *,
+             lora: bool, epochs: int, budget_seconds: float) -> tuple[str, dict[str, Any]]:
+    """Fine-tunes ``path`` on ``items`` (training questions, their gold SQL as the corrected statement) with the
+    trainer's Python entry point (:func:`pgsynapse.textsql.train.fine_tune`: the prompt exactly as the generator
+    builds it, from the schema context the sql_answer handler would give). Returns the transformers directory and
+    the fit report."""
+    from dataclasses import asdict
+
+    from pgsynapse.textsql.train import Pair, fine_tune
+
+    s = settings
+    contexts: dict[str, Any] = {}
+    pairs = []
+    for it in items:
+        schema = f"spider_{it['db_id'].lower()}"
+        if schema not in contexts:
+            contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
+                                              max_tables=s.sql_max_tables, role=s.sql_reader_role)
+        ctx = contexts[schema]
+        pairs.append(Pair(it["question"], ctx.text, it["sql"], schema, ctx.allowed))
+    report = fine_tune(pairs, path, out_dir, lora=lora, epochs=epochs, lr=s.sql_retrain_lr,
+                       context_tokens=s.sql_context_tokens, max_new_tokens=s.sql_max_new_tokens,
+                       budget_seconds=budget_seconds, threads=s.torch_threads,
+                       cache_dir=s.data_dir / "models" / "gguf")
+    return out_dir, asdict(report)
 
 
 def main() -> None:
@@ -198,13 +212,18 @@ def main() -> None:
     p.add_argument("--notify", type=int, default=0, help="INSERT -> NOTIFY latency on this many questions")
     p.add_argument("--outputs", default=None, help="write each generated statement (JSON lines) here")
     p.add_argument("--finetune", action="store_true", help="also fine-tune each model on the train databases' "
-                   "questions (gold SQL as corrections) through the sql_retrain job, and evaluate the result")
+                   "questions (gold SQL as the corrections) with the trainer, and evaluate the result")
     p.add_argument("--train-limit", type=int, default=0, help="training pairs at most (a seeded sample; 0 = all)")
     p.add_argument("--lora", action="store_true", help="LoRA (sql_retrain_lora) instead of a full fine-tune")
-    p.add_argument("--epochs", type=int, default=1, help="sql_retrain_epochs of the fine-tune")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of the fine-tune")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: sql_retrain_lr)")
+    p.add_argument("--budget", type=float, default=1800.0, help="training seconds at most (the trainer stops)")
+    p.add_argument("--only-tuned", action="store_true", help="with --finetune: evaluate the fine-tuned models only")
+    p.add_argument("--out-dir", default="/tmp/tsbench-models", help="where fine-tuned models are saved")
     args = p.parse_args()
     emit("text-to-sql", "machine", **machine())
-    settings = load_settings(environ={"PGSYNAPSE_SQL_CANDIDATES": str(args.candidates)})
+    settings = load_settings(environ={"PGSYNAPSE_SQL_CANDIDATES": str(args.candidates),
+                                      **({"PGSYNAPSE_SQL_RETRAIN_LR": str(args.lr)} if args.lr else {})})
     parts = split()
     db_ids = parts[args.part] + (parts["train"] if args.finetune else [])
     rows, outputs = [], []
@@ -218,20 +237,23 @@ def main() -> None:
         items = [it for it in items if it["status"] == "ok"]
         if args.limit and args.limit < len(items):
             items = sorted(random.Random(19).sample(items, args.limit), key=lambda it: it["i"])
-        emit("text-to-sql", "data", part=args.part, databases=len(db_ids), questions=len(items),
+        emit("text-to-sql", "data", part=args.part, databases=len(parts[args.part]), questions=len(items),
              gold_dropped=dict(dropped))
         schemas = [f"spider_{d.lower()}" for d in parts[args.part]]
         specs: list[tuple[str, str, str]] = [(spec, *spec.split(":", 1)) for spec in args.model]  # type: ignore[misc]
         if args.finetune:
-            env = {"PGSYNAPSE_SQL_RETRAIN_LORA": str(args.lora).lower(),
-                   "PGSYNAPSE_SQL_RETRAIN_EPOCHS": str(args.epochs)}
-            for spec, runtime, path in list(specs):
-                started = time.perf_counter()
-                tuned = finetune(url, train, runtime, path, env)
-                rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", pairs=len(train),
-                                 lora=args.lora, epochs=args.epochs, seconds=round(time.perf_counter() - started),
-                                 status=tuned["status"], metrics=tuned["metrics"]))
-                specs.append((f"{spec} (fine-tuned)", tuned["runtime"], tuned["path"]))
+            with psycopg.connect(url, autocommit=True) as conn:
+                for spec, runtime, path in list(specs):
+                    started = time.perf_counter()
+                    out_dir = f"{args.out_dir}/{path.rsplit('/', 1)[-1]}-{'lora' if args.lora else 'full'}"
+                    tuned, report = finetune(conn, train, plain_base(path, args.out_dir), out_dir, settings, lora=args.lora,
+                                             epochs=args.epochs, budget_seconds=args.budget)
+                    rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", pairs=len(train),
+                                     lora=args.lora, lr=settings.sql_retrain_lr,
+                                     seconds=round(time.perf_counter() - started), **report))
+                    specs.append((f"{spec} fine-tuned", "transformers", tuned))
+            if args.only_tuned:
+                specs = [sp for sp in specs if sp[0].endswith(" fine-tuned")]
         with psycopg.connect(url, autocommit=True) as conn:
             before = audit(conn, schemas)
             for spec, runtime, path in specs:
