@@ -246,11 +246,12 @@ def main() -> None:
                 for spec, runtime, path in list(specs):
                     started = time.perf_counter()
                     out_dir = f"{args.out_dir}/{path.rsplit('/', 1)[-1]}-{'lora' if args.lora else 'full'}"
-                    tuned, report = finetune(conn, train, plain_base(path, args.out_dir), out_dir, settings, lora=args.lora,
-                                             epochs=args.epochs, budget_seconds=args.budget)
-                    rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", pairs=len(train),
-                                     lora=args.lora, lr=settings.sql_retrain_lr,
-                                     seconds=round(time.perf_counter() - started), **report))
+                    base = plain_base(path, args.out_dir)
+                    tuned, report = finetune(conn, train, base, out_dir, settings, lora=args.lora, epochs=args.epochs,
+                                             budget_seconds=args.budget)
+                    rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", **{
+                        "pairs": len(train), "lr": settings.sql_retrain_lr, **report,
+                        "wall_s": round(time.perf_counter() - started)}))
                     specs.append((f"{spec} fine-tuned", "transformers", tuned))
             if args.only_tuned:
                 specs = [sp for sp in specs if sp[0].endswith(" fine-tuned")]
