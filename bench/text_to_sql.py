@@ -1,0 +1,288 @@
+"""Benchmark `text-to-sql` (issue 19): execution accuracy of the SQL models on held-out Spider databases.
+
+The Spider dev databases are built in Postgres by bench/spider.py (schemas, synthetic rows, gold SQL translated to
+PostgreSQL); the split by database is fixed in bench/data/spider_split.json. For each ``--model``
+(``RUNTIME:PATH``, e.g. ``llama-cpp:/work/llm/qwen.gguf``) every question of ``--part`` (default ``report``;
+``choose`` is the half for picking settings) whose gold query runs goes through the product's path: the schema
+context read from the catalog (textsql.context), the generator (textsql.generate), the safety check
+(textsql.safety) and the read-only run (textsql.execute), and is compared with the gold result (same_result, ordered
+when the gold query has an ORDER BY). Per model: execution accuracy, the share refused by the safety layer by
+reason, the share that failed (the statement errored or timed out), p50/p95 seconds per question (generation +
+check + run). An audit checks at the end that no table of the benchmark's schemas changed (row counts and a hash
+of every table), so "zero unsafe statements executed" is measured, not assumed.
+
+``--finetune``: each model is also fine-tuned (the trainer's entry point, textsql.train.fine_tune: full, or
+``--lora``; ``--epochs``, ``--budget`` seconds) on the train databases' questions with their gold SQL as the
+corrected statements (``--train-limit``: a seeded sample of them), and the fine-tuned model (a transformers
+directory, the ``transformers`` runtime) is evaluated on the same questions.
+
+``--notify N``: p50/p95 INSERT -> ``pgsynapse_data_answers`` NOTIFY through the real worker flow
+(``pgsynapse.data_questions`` rows, the ``sql_answer`` handler) for the first model on N questions.
+
+    python -m bench.text_to_sql --model llama-cpp:/work/llm/qwen.gguf --limit 40
+    python -m bench.text_to_sql --model llama-cpp:/work/llm/qwen.gguf \
+        --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --notify 30 --outputs /tmp/tsbench.jsonl
+    python -m bench.text_to_sql --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --finetune --epochs 2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from bench.common import database, emit, machine, parser, pct, table
+from bench.spider import build, ident, split
+from pgsynapse.config import load_settings
+from pgsynapse.handlers.sql_answer import Attempt, choose
+from pgsynapse.textsql.context import schema_context
+from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly, same_result
+from pgsynapse.textsql.generate import SqlPrompt, make_generator
+from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+
+_ORDERED = re.compile(r"\border\s+by\b", re.I)
+
+
+def audit(conn: psycopg.Connection, schemas: list[str]) -> str:
+    """A hash of every row of every table of ``schemas``: equal before and after means nothing was written."""
+    h = hashlib.sha256()
+    for schema, rel in conn.execute("SELECT table_schema, table_name FROM information_schema.tables WHERE "
+                                    "table_schema = ANY(%s) ORDER BY 1, 2", (schemas,)).fetchall():
+        h.update(f"{schema}.{rel}".encode())
+        for (row,) in conn.execute(f"SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM "
+                                   f"{ident(schema)}.{ident(rel)} t").fetchall():
+            h.update(str(row).encode())
+    return h.hexdigest()
+
+
+def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], settings: Any, *,
+             outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Execution accuracy of ``gen`` on ``items`` (questions with a runnable gold ``sql``) as the ``sql_answer``
+    handler answers them: its schema context (sample values and table limit from ``settings``), its candidates
+    and vote (``choose``), the safety check and the read-only run."""
+    s = settings
+    limits = Limits.of(s)
+    contexts: dict[str, Any] = {}
+    right, failed, refused, seconds = 0, 0, Counter(), []
+    gold_refused = 0
+    for it in items:
+        schema = f"spider_{it['db_id'].lower()}"
+        if schema not in contexts:
+            contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
+                                              max_tables=s.sql_max_tables, role=s.sql_reader_role)
+        ctx = contexts[schema]
+        try:
+            gold = run_readonly(conn, check_sql(it["sql"], allowed=ctx.allowed, search_path=(schema,)), limits,
+                                role=s.sql_reader_role, search_path=(schema,))
+        except (UnsafeSQL, QueryFailed) as e:
+            gold_refused += 1  # the product refuses (or cannot run) a gold statement: counted, the question skipped
+            if outputs is not None:
+                outputs.append({"i": it["i"], "db_id": it["db_id"], "gold": it["sql"], "outcome": "gold_refused",
+                                "error": str(e)[:300]})
+            continue
+        started = time.perf_counter()
+        candidates = gen.generate(SqlPrompt(it["question"], ctx.text), n=s.sql_candidates,
+                                  temperature=s.sql_temperature)
+        attempts = []
+        for sql in candidates or [""]:
+            try:
+                checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
+            except UnsafeSQL as e:
+                attempts.append((Attempt(sql, error=str(e), refused=True), e.reason))
+                continue
+            try:
+                attempts.append((Attempt(checked.sql, result=run_readonly(
+                    conn, checked, limits, role=s.sql_reader_role, search_path=(schema,))), None))
+            except QueryFailed as e:
+                attempts.append((Attempt(checked.sql, error=str(e)), None))
+        best = choose([a for a, _ in attempts])
+        reason = next(r for a, r in attempts if a is best)
+        seconds.append(time.perf_counter() - started)
+        if best.result is not None:
+            ok = same_result(gold, best.result, ordered=bool(_ORDERED.search(it["sql"])))
+            outcome = "right" if ok else "wrong"
+            right += ok
+        elif best.refused:
+            outcome = "refused"
+            refused[reason or "empty"] += 1
+        else:
+            outcome = "failed"
+            failed += 1
+        if outputs is not None:
+            outputs.append({"i": it["i"], "db_id": it["db_id"], "question": it["question"], "gold": it["sql"],
+                            "sql": best.sql, "outcome": outcome, "error": best.error,
+                            "seconds": round(seconds[-1], 3), "candidates": len(candidates),
+                            **{k: v for k, v in getattr(gen, "last_stats", {}).items() if k != "seconds"}})
+    n = len(seconds)
+    return {"n": n, "exec_acc": round(right / n, 4) if n else None,
+            "refused": round(sum(refused.values()) / n, 4) if n else None,
+            "refused_by": dict(refused), "failed": round(failed / n, 4) if n else None,
+            "p50_s": round(pct(seconds, 50), 2), "p95_s": round(pct(seconds, 95), 2), "gold_refused": gold_refused}
+
+
+def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: str) -> list[float]:
+    """INSERT each question into pgsynapse.data_questions and wait for its ``pgsynapse_data_answers`` NOTIFY
+    before the next, with a worker (``pgsynapse run``) using ``runtime``/``path`` as its SQL model: ms per
+    question. Returns also the statuses."""
+    from bench.common import spawn_worker, stop
+
+    worker = spawn_worker(url, {"PGSYNAPSE_SQL_RUNTIME": runtime, "PGSYNAPSE_SQL_MODEL_PATH": path})
+    lat: list[float] = []
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("LISTEN pgsynapse_data_answers")
+            for i, it in enumerate(items):
+                s = time.perf_counter()
+                qid = conn.execute("INSERT INTO pgsynapse.data_questions (session_id, text, target_schema) VALUES "
+                                   "(%s, %s, %s) RETURNING id", (f"bench-{i}", it["question"],
+                                                                 f"spider_{it['db_id'].lower()}")).fetchone()[0]
+                for n in conn.notifies(timeout=300):
+                    if str(qid) == n.payload.strip() or str(qid) == str(json.loads(n.payload).get("id", "")):
+                        break
+                lat.append((time.perf_counter() - s) * 1000)
+            statuses = dict(conn.execute("SELECT status, count(*) FROM pgsynapse.data_questions GROUP BY 1"))
+    finally:
+        stop(worker)
+    emit("text-to-sql", "notify-statuses", **statuses)
+    return lat
+
+
+def plain_base(path: str, out_dir: str) -> str:
+    """A .gguf model as a plain float32 transformers directory (other paths as they are). The trainer fine-tunes a
+    .gguf base itself but cannot save the result (transformers refuses to serialize a GGUF-loaded model): this
+    copy is the workaround, made once."""
+    if not path.endswith(".gguf"):
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = f"{out_dir}/{path.rsplit('/', 1)[-1].removesuffix('.gguf')}-base"
+    if not os.path.exists(f"{out}/config.json"):
+        folder, name = os.path.split(path)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+        model.hf_quantizer = None  # dequantized already: plain float32 weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    return out
+
+
+def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, out_dir: str, settings: Any, *,
+             lora: bool, epochs: int, budget_seconds: float) -> tuple[str, dict[str, Any]]:
+    """Fine-tunes ``path`` on ``items`` (training questions, their gold SQL as the corrected statement) with the
+    trainer's Python entry point (:func:`pgsynapse.textsql.train.fine_tune`: the prompt exactly as the generator
+    builds it, from the schema context the sql_answer handler would give). Returns the transformers directory and
+    the fit report."""
+    from dataclasses import asdict
+
+    from pgsynapse.textsql.train import Pair, fine_tune
+
+    s = settings
+    contexts: dict[str, Any] = {}
+    pairs = []
+    for it in items:
+        schema = f"spider_{it['db_id'].lower()}"
+        if schema not in contexts:
+            contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
+                                              max_tables=s.sql_max_tables, role=s.sql_reader_role)
+        ctx = contexts[schema]
+        pairs.append(Pair(it["question"], ctx.text, it["sql"], schema, ctx.allowed))
+    report = fine_tune(pairs, path, out_dir, lora=lora, epochs=epochs, lr=s.sql_retrain_lr,
+                       context_tokens=s.sql_context_tokens, max_new_tokens=s.sql_max_new_tokens,
+                       budget_seconds=budget_seconds, threads=s.torch_threads,
+                       cache_dir=s.data_dir / "models" / "gguf")
+    return out_dir, asdict(report)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, help="RUNTIME:PATH (llama-cpp, transformers)")
+    p.add_argument("--part", choices=["report", "choose", "train"], default="report")
+    p.add_argument("--limit", type=int, default=0, help="questions at most (a seeded sample; 0 = all)")
+    p.add_argument("--candidates", type=int, default=1, help="sql_candidates (self-consistency)")
+    p.add_argument("--notify", type=int, default=0, help="INSERT -> NOTIFY latency on this many questions")
+    p.add_argument("--outputs", default=None, help="write each generated statement (JSON lines) here")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune each model on the train databases' "
+                   "questions (gold SQL as the corrections) with the trainer, and evaluate the result")
+    p.add_argument("--train-limit", type=int, default=0, help="training pairs at most (a seeded sample; 0 = all)")
+    p.add_argument("--lora", action="store_true", help="LoRA (sql_retrain_lora) instead of a full fine-tune")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of the fine-tune")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: sql_retrain_lr)")
+    p.add_argument("--budget", type=float, default=1800.0, help="training seconds at most (the trainer stops)")
+    p.add_argument("--only-tuned", action="store_true", help="with --finetune: evaluate the fine-tuned models only")
+    p.add_argument("--out-dir", default="/tmp/tsbench-models", help="where fine-tuned models are saved")
+    args = p.parse_args()
+    emit("text-to-sql", "machine", **machine())
+    settings = load_settings(environ={"PGSYNAPSE_SQL_CANDIDATES": str(args.candidates),
+                                      **({"PGSYNAPSE_SQL_RETRAIN_LR": str(args.lr)} if args.lr else {})})
+    parts = split()
+    db_ids = parts[args.part] + (parts["train"] if args.finetune else [])
+    rows, outputs = [], []
+    with database(args.database_url) as url:
+        _, items = build(url, db_ids)
+        train = [it for it in items if it["status"] == "ok" and it["db_id"] in parts["train"]]
+        if args.train_limit and args.train_limit < len(train):
+            train = sorted(random.Random(19).sample(train, args.train_limit), key=lambda it: it["i"])
+        items = [it for it in items if it["db_id"] in parts[args.part]]
+        dropped = Counter(it["status"] for it in items if it["status"] != "ok")
+        items = [it for it in items if it["status"] == "ok"]
+        if args.limit and args.limit < len(items):
+            items = sorted(random.Random(19).sample(items, args.limit), key=lambda it: it["i"])
+        emit("text-to-sql", "data", part=args.part, databases=len(parts[args.part]), questions=len(items),
+             gold_dropped=dict(dropped))
+        schemas = [f"spider_{d.lower()}" for d in parts[args.part]]
+        specs: list[tuple[str, str, str]] = [(spec, *spec.split(":", 1)) for spec in args.model]  # type: ignore[misc]
+        if args.finetune:
+            with psycopg.connect(url, autocommit=True) as conn:
+                for spec, runtime, path in list(specs):
+                    started = time.perf_counter()
+                    out_dir = f"{args.out_dir}/{path.rsplit('/', 1)[-1]}-{'lora' if args.lora else 'full'}"
+                    base = plain_base(path, args.out_dir)
+                    tuned, report = finetune(conn, train, base, out_dir, settings, lora=args.lora, epochs=args.epochs,
+                                             budget_seconds=args.budget)
+                    rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", **{
+                        "pairs": len(train), "lr": settings.sql_retrain_lr, **report,
+                        "wall_s": round(time.perf_counter() - started)}))
+                    specs.append((f"{spec} fine-tuned", "transformers", tuned))
+            if args.only_tuned:
+                specs = [sp for sp in specs if sp[0].endswith(" fine-tuned")]
+        with psycopg.connect(url, autocommit=True) as conn:
+            before = audit(conn, schemas)
+            for spec, runtime, path in specs:
+                started = time.perf_counter()
+                gen = make_generator(runtime, path, settings.model_copy(update={"sql_runtime": runtime,
+                                                                              "sql_model_path": path}))
+                load_s = time.perf_counter() - started
+                out: list[dict[str, Any]] = []
+                r = evaluate(conn, gen, items, settings, outputs=out)
+                for o in out:
+                    o["model"] = spec
+                outputs.extend(out)
+                rows.append(emit("text-to-sql", spec, part=args.part,
+                                 candidates=args.candidates, load_s=round(load_s, 1), **r))
+                del gen
+            after = audit(conn, schemas)
+        rows.append(emit("text-to-sql", "audit", tables_unchanged=before == after))
+        if args.notify:
+            runtime, path = args.model[0].split(":", 1)
+            lat = notify_latency(url, items[: args.notify], runtime, path)
+            rows.append(emit("text-to-sql", f"insert->notify {path.rsplit('/', 1)[-1]}/{runtime}", n=len(lat),
+                             p50_ms=round(pct(lat, 50)), p95_ms=round(pct(lat, 95))))
+    if args.outputs:
+        with open(args.outputs, "w") as f:
+            for o in outputs:
+                f.write(json.dumps(o, default=str) + "\n")
+    table(rows)
+
+
+if __name__ == "__main__":
+    main()
