@@ -14,7 +14,10 @@ of every table), so "zero unsafe statements executed" is measured, not assumed.
 ``--finetune``: each model is also fine-tuned (the trainer's entry point, textsql.train.fine_tune: full, or
 ``--lora``; ``--epochs``, ``--budget`` seconds) on the train databases' questions with their gold SQL as the
 corrected statements (``--train-limit``: a seeded sample of them), and the fine-tuned model (a transformers
-directory, the ``transformers`` runtime) is evaluated on the same questions.
+directory, the ``transformers`` runtime) is evaluated on the same questions. A ``.gguf`` base is fine-tuned as
+it is (the trainer dequantises it and detaches transformers' GGUF quantizer before saving). ``--train-only``
+saves the fine-tuned model and evaluates nothing: export it with ``python -m pgsynapse.textsql.gguf_export`` and
+evaluate the export beside its base on llama-cpp (two ``--model``), the same runtime and questions for both.
 
 ``--notify N``: p50/p95 INSERT -> ``pgsynapse_data_answers`` NOTIFY through the real worker flow
 (``pgsynapse.data_questions`` rows, the ``sql_answer`` handler) for the first model on N questions.
@@ -23,15 +26,17 @@ directory, the ``transformers`` runtime) is evaluated on the same questions.
     python -m bench.text_to_sql --model llama-cpp:/work/llm/qwen.gguf \
         --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --notify 30 --outputs /tmp/tsbench.jsonl
     python -m bench.text_to_sql --model llama-cpp:/work/llm/SmolLM2-135M-Instruct.Q4_1.gguf --finetune --epochs 2
+    python -m bench.text_to_sql --model llama-cpp:qwen2.5-coder-0.5b --finetune --lora --train-only --out-dir /work/ft
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
+import resource
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -154,28 +159,6 @@ def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: st
     return lat
 
 
-def plain_base(path: str, out_dir: str) -> str:
-    """A .gguf model as a plain float32 transformers directory (other paths as they are). The trainer fine-tunes a
-    .gguf base itself but cannot save the result (transformers refuses to serialize a GGUF-loaded model): this
-    copy is the workaround, made once."""
-    if not path.endswith(".gguf"):
-        return path
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = f"{out_dir}/{path.rsplit('/', 1)[-1].removesuffix('.gguf')}-base"
-    if not os.path.exists(f"{out}/config.json"):
-        folder, name = os.path.split(path)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
-        model.hf_quantizer = None  # dequantized already: plain float32 weights
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-    return out
-
-
 def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, out_dir: str, settings: Any, *,
              lora: bool, epochs: int, budget_seconds: float) -> tuple[str, dict[str, Any]]:
     """Fine-tunes ``path`` on ``items`` (training questions, their gold SQL as the corrected statement) with the
@@ -199,7 +182,9 @@ def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, o
     report = fine_tune(pairs, path, out_dir, lora=lora, epochs=epochs, lr=s.sql_retrain_lr,
                        context_tokens=s.sql_context_tokens, max_new_tokens=s.sql_max_new_tokens,
                        budget_seconds=budget_seconds, threads=s.torch_threads,
-                       cache_dir=s.data_dir / "models" / "gguf")
+                       cache_dir=s.data_dir / "models" / "gguf",
+                       on_step=lambda ev: print(json.dumps({**ev, "t": round(time.perf_counter())}), file=sys.stderr,
+                                                flush=True))
     return out_dir, asdict(report)
 
 
@@ -219,6 +204,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: sql_retrain_lr)")
     p.add_argument("--budget", type=float, default=1800.0, help="training seconds at most (the trainer stops)")
     p.add_argument("--only-tuned", action="store_true", help="with --finetune: evaluate the fine-tuned models only")
+    p.add_argument("--train-only", action="store_true", help="with --finetune: save the fine-tuned models, "
+                   "evaluate none (evaluate them later with --model, e.g. after a GGUF export)")
     p.add_argument("--out-dir", default="/tmp/tsbench-models", help="where fine-tuned models are saved")
     args = p.parse_args()
     emit("text-to-sql", "machine", **machine())
@@ -246,14 +233,16 @@ def main() -> None:
                 for spec, runtime, path in list(specs):
                     started = time.perf_counter()
                     out_dir = f"{args.out_dir}/{path.rsplit('/', 1)[-1]}-{'lora' if args.lora else 'full'}"
-                    base = plain_base(path, args.out_dir)
-                    tuned, report = finetune(conn, train, base, out_dir, settings, lora=args.lora, epochs=args.epochs,
+                    tuned, report = finetune(conn, train, path, out_dir, settings, lora=args.lora, epochs=args.epochs,
                                              budget_seconds=args.budget)
                     rows.append(emit("text-to-sql", f"finetune {path.rsplit('/', 1)[-1]}", **{
                         "pairs": len(train), "lr": settings.sql_retrain_lr, **report,
-                        "wall_s": round(time.perf_counter() - started)}))
+                        "wall_s": round(time.perf_counter() - started),
+                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
                     specs.append((f"{spec} fine-tuned", "transformers", tuned))
-            if args.only_tuned:
+            if args.train_only:
+                specs = []
+            elif args.only_tuned:
                 specs = [sp for sp in specs if sp[0].endswith(" fine-tuned")]
         with psycopg.connect(url, autocommit=True) as conn:
             before = audit(conn, schemas)
