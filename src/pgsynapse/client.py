@@ -104,8 +104,10 @@ class Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for conn in {id(c): c for c in (self._conn, self._listen) if c is not None}.values():
-            await conn.close()
+        if self._listen is not None and self._listen is not self._conn:
+            await self._listen.close()
+        if self._conn is not None:
+            await self._conn.close()
 
     async def ask(self, text: str, *, session_id: str | None = None, timeout: float = 120.0,
                   on_delta: Callable[[str], None] | None = None) -> Result:
