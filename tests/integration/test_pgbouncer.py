@@ -1,6 +1,9 @@
 """pgsynapse through a real PgBouncer in transaction pooling mode, the LISTEN on a direct URL (listen_url).
 
 Skips when no ``pgbouncer`` binary is installed (Debian: ``apt-get install pgbouncer``; .ci/run installs it).
+The worker test fails on the two session-state mistakes it is about (both tried): with the LISTEN on the pooled
+URL the question's NOTIFY never arrives (AnswerTimeout), and with prepared statements on the worker's pool
+psycopg warns 'prepared statement "_pg3_0" already exists'.
 """
 
 from __future__ import annotations
