@@ -194,6 +194,10 @@ class Settings(BaseModel):
         1, ge=1, le=16, description="statements generated per question: 1 = greedy; more = self-consistency (the "
         "greedy one and sampled ones, the result most of them agree on wins)")
     sql_temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the extra candidates")
+    sql_fix_attempts: int = Field(
+        1, ge=0, le=5, description="when no candidate ran because the database rejected it (an unknown column, a "
+        "scalar subquery of several rows...), ask the model this many times more for a corrected statement, showing "
+        "it its statement and the database's error (0 = never)")
     sql_reader_role: str = Field(
         "pgsynapse_reader", description="the read-only role generated statements run as (SET ROLE): it reads only "
         "what you GRANT it")
