@@ -75,6 +75,9 @@ class Answer:
     fixes: list[Attempt] = field(default_factory=list)  # the fix turns' statements, in order
     first: Attempt | None = None  # the failed candidate the first fix turn was about
     seconds: float = 0.0  # generation, checks and runs, fixes included
+    # the schema the base prompt gave the model, after the budget's trimming (the trainer rebuilds the prompt
+    # from it; a fix prompt, longer, may have been trimmed more)
+    given: str = ""
 
     @property
     def status(self) -> str:
@@ -181,13 +184,10 @@ class SqlAnswerHandler(Handler[SqlWork]):
         log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=ans.status,
                  candidates=ans.candidates, fixes=len(ans.fixes), seconds=round(ans.seconds, 2), error=ans.error)
         res = ans.best.result
-        # what the model was given: the schema after the prompt budget's trimming (the trainer rebuilds it from this)
-        fitted = getattr(gen, "last_fitted", None)
-        given = fitted.schema_context if fitted is not None else ctx.text
         payload = res.as_json() if res else None
         if payload is not None and ans.fix_metadata():
             payload["fix"] = ans.fix_metadata()
-        return {"status": ans.status, "sql": ans.best.sql or None, "error": ans.error, "schema_context": given,
+        return {"status": ans.status, "sql": ans.best.sql or None, "error": ans.error, "schema_context": ans.given,
                 "result": Jsonb(payload) if payload else None, "row_count": res.row_count if res else None,
                 "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}
 
@@ -237,7 +237,8 @@ def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: 
     candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature)
     attempts = [attempt(conn, sql, ctx, schema, s) for sql in candidates] or [
         Attempt("", error=NO_STATEMENT, refused=True, reason="empty")]
-    ans = Answer(choose(attempts), len(candidates))
+    fitted = getattr(gen, "last_fitted", None)
+    ans = Answer(choose(attempts), len(candidates), given=fitted.schema_context if fitted is not None else ctx.text)
     failing = next((a for a in attempts if a.fixable_error), None) if ans.best.result is None else None
     ans.first = failing if s.sql_fix_attempts else None
     turns: list[tuple[str, str]] = []

@@ -49,24 +49,25 @@ def fix_shop(pg_url, template_db, tmp_path_factory):
     prompt = SqlPrompt(MANAGERS, ctx.text)
     pairs = [(prompt, BROKEN), (SqlPrompt(MANAGERS, ctx.text, fix=((failed.said, failed.fixable_error),)), FIXED)]
     model = tiny_sql_model(tmp_path_factory.mktemp("models") / "tiny-fix", pairs)
-    yield name, str(model), failed
+    yield name, str(model), failed, ctx.text
     drop_database(pg_url, name)
 
 
 @pytest.fixture
 def shop(fix_shop, new_db):
-    template, model, failed = fix_shop
-    return new_db(template), model, failed
+    template, model, failed, schema = fix_shop
+    return new_db(template), model, failed, schema
 
 
 def _row(url: str, qid: int):
     with psycopg.connect(url, row_factory=dict_row) as conn:
-        return conn.execute("SELECT status, sql, error, result FROM pgsynapse.data_questions WHERE id = %s",
+        return conn.execute("SELECT status, sql, error, result, schema_context FROM pgsynapse.data_questions"
+                            " WHERE id = %s",
                             (qid,)).fetchone()
 
 
 async def test_a_statement_failing_in_postgres_is_fixed_with_its_error_and_the_fix_runs(shop, models):
-    url, model, failed = shop
+    url, model, failed, schema = shop
     settings = fast_settings(url, sql_runtime="transformers", sql_model_path=model, sql_fix_attempts=1)
     with capture_logs() as logs:
         async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
@@ -77,12 +78,14 @@ async def test_a_statement_failing_in_postgres_is_fixed_with_its_error_and_the_f
     row = _row(url, got.id)
     assert row["result"]["fix"] == {"attempts": 1, "first_sql": failed.sql, "first_error": failed.error}
     assert "does not exist" in failed.error
+    # the base prompt's schema, not the fix prompt's: what a correction of this row trains
+    assert row["schema_context"] == schema
     [event] = [e for e in logs if e["event"] == "sql_fix_attempted"]
     assert event["attempt"] == 1 and event["status"] == "answered" and event["error"] == failed.error
 
 
 async def test_without_fix_attempts_the_first_error_stays_on_the_row(shop, models):
-    url, model, failed = shop
+    url, model, failed, _ = shop
     settings = fast_settings(url, sql_runtime="transformers", sql_model_path=model, sql_fix_attempts=0)
     with capture_logs() as logs:
         async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
