@@ -70,7 +70,7 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
     s = settings
     limits = Limits.of(s)
     contexts: dict[str, Any] = {}
-    right, failed, refused, seconds = 0, 0, Counter(), []
+    right, failed, refused, seconds, first_seconds = 0, 0, Counter(), [], []
     fix_tried, fix_ran, fix_right = 0, 0, 0
     gold_refused = 0
     for it in items:
@@ -91,6 +91,7 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
         ans = answer(conn, gen, SqlPrompt(it["question"], ctx.text), ctx, schema, s)
         best = ans.best
         seconds.append(ans.seconds)
+        first_seconds.append(ans.first_seconds)
         fix_tried += bool(ans.fixes)
         fix_ran += bool(ans.fixes) and best.result is not None
         if best.result is not None:
@@ -107,7 +108,8 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
         if outputs is not None:
             outputs.append({"i": it["i"], "db_id": it["db_id"], "question": it["question"], "gold": it["sql"],
                             "sql": best.sql, "outcome": outcome, "error": best.error,
-                            "seconds": round(seconds[-1], 3), "candidates": ans.candidates,
+                            "seconds": round(seconds[-1], 3), "first_seconds": round(ans.first_seconds, 3),
+                            "candidates": ans.candidates,
                             "fixes": [a.sql for a in ans.fixes], "fix_errors": [a.error for a in ans.fixes],
                             "first_error": ans.first.error if ans.first else None,
                             **{k: v for k, v in getattr(gen, "last_stats", {}).items() if k != "seconds"}})
@@ -116,7 +118,11 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
             "refused": round(sum(refused.values()) / n, 4) if n else None,
             "refused_by": dict(refused), "failed": round(failed / n, 4) if n else None,
             "p50_s": round(pct(seconds, 50), 2), "p95_s": round(pct(seconds, 95), 2), "gold_refused": gold_refused,
-            "fix_tried": fix_tried, "fix_ran": fix_ran, "fix_right": fix_right}
+            "fix_tried": fix_tried, "fix_ran": fix_ran, "fix_right": fix_right,
+            # the same questions as sql_fix_attempts = 0 answers them: the first statements are the same (greedy)
+            "before_fix": {"exec_acc": round((right - fix_right) / n, 4) if n else None,
+                           "failed": round((failed + fix_ran) / n, 4) if n else None,
+                           "p50_s": round(pct(first_seconds, 50), 2), "p95_s": round(pct(first_seconds, 95), 2)}}
 
 
 def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: str) -> list[float]:

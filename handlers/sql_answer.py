@@ -75,6 +75,7 @@ class Answer:
     fixes: list[Attempt] = field(default_factory=list)  # the fix turns' statements, in order
     first: Attempt | None = None  # the failed candidate the first fix turn was about
     seconds: float = 0.0  # generation, checks and runs, fixes included
+    first_seconds: float = 0.0  # the same up to the vote, before any fix turn (what sql_fix_attempts = 0 takes)
     # the schema the base prompt gave the model, after the budget's trimming (the trainer rebuilds the prompt
     # from it; a fix prompt, longer, may have been trimmed more)
     given: str = ""
@@ -241,6 +242,7 @@ def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: 
     ans = Answer(choose(attempts), len(candidates), given=fitted.schema_context if fitted is not None else ctx.text)
     failing = next((a for a in attempts if a.fixable_error), None) if ans.best.result is None else None
     ans.first = failing if s.sql_fix_attempts else None
+    ans.first_seconds = time.perf_counter() - started
     turns: list[tuple[str, str]] = []
     while failing is not None and failing.fixable_error and len(ans.fixes) < s.sql_fix_attempts:
         turns.append((failing.said, failing.fixable_error))
