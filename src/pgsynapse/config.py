@@ -195,9 +195,10 @@ class Settings(BaseModel):
         "greedy one and sampled ones, the result most of them agree on wins)")
     sql_temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the extra candidates")
     sql_fix_attempts: int = Field(
-        1, ge=0, le=5, description="when no candidate ran because the database rejected it (an unknown column, a "
+        0, ge=0, le=5, description="when no candidate ran because the database rejected it (an unknown column, a "
         "scalar subquery of several rows...), ask the model this many times more for a corrected statement, showing "
-        "it its statement and the database's error (0 = never)")
+        "it its statement and the database's error (0 = never: the default, the 0.5B default model repeats its "
+        "mistake; BENCHMARKS.md, text-to-SQL)")
     sql_reader_role: str = Field(
         "pgsynapse_reader", description="the read-only role generated statements run as (SET ROLE): it reads only "
         "what you GRANT it")
