@@ -220,6 +220,10 @@ class Settings(BaseModel):
     sql_retrain_memory_mb: int = Field(12000, ge=256, description="the SQL trainer is stopped above this RSS")
     sql_retrain_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a SQL model "
                                                "candidate that passed its gate")
+    sql_retrain_gguf: Literal["q8_0", "f16", "off"] = Field(
+        "q8_0", description="when the fine-tuned base is a GGUF model and llama-cpp-python is installed, the "
+        "candidate is also written as a GGUF file (the tensors the fine-tune changed as this type, the rest as in "
+        "the base), gated and registered on llama-cpp; off: the transformers directory only")
 
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP port of /metrics (Prometheus) and /healthz; 0 or unset = off"

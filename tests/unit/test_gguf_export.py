@@ -4,6 +4,8 @@ permutation is undone and redone, and what cannot be exported is refused clearly
 
 from __future__ import annotations
 
+import datetime as dt
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +17,11 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 from safetensors.torch import save_file
 
+from pgsynapse.config import load_settings
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.sql_retrain import SqlRetrainHandler, SqlRetrainWork
 from pgsynapse.textsql.gguf_export import GgufExportError, _permute, export_gguf, main
+from pgsynapse.textsql.train import export_candidate
 
 HIDDEN, VOCAB, HEADS, KV_HEADS = 64, 16, 4, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -188,3 +194,50 @@ def test_the_cli_prints_its_report(tmp_path, capsys):
                  "--out", str(tmp_path / "out.gguf")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (report["arch"], report["replaced"], report["kept"]) == ("qwen2", 0, len(TENSORS))
+
+
+# -- the retrain's use of it (pgsynapse.textsql.train.export_candidate, handlers/sql_retrain.py) -------------------
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def test_the_retrain_registers_the_export_of_a_gguf_base_on_llama_cpp(tmp_path):
+    values = write_base(tmp_path / "base.gguf")
+    write_tuned(tmp_path / "cand", values)
+    runtime, path, record = export_candidate(str(tmp_path / "base.gguf"), tmp_path / "cand", tmp_path, "q8_0")
+    if not LLAMA_CPP:  # auto would not serve a GGUF on llama.cpp here: the directory serves
+        assert (runtime, record) == ("transformers", {"skipped": "llama-cpp-python is not installed"})
+        return
+    assert (runtime, path) == ("llama-cpp", str(tmp_path / "cand" / "model.gguf"))
+    assert (record["replaced"], record["kept"], record["type"]) == (0, len(TENSORS), "q8_0")
+    assert (tmp_path / "cand" / "model.gguf").read_bytes() == (tmp_path / "base.gguf").read_bytes()
+
+
+def test_the_retrain_keeps_the_directory_when_there_is_nothing_to_export_or_the_export_fails(tmp_path, capsys):
+    values = write_base(tmp_path / "base.gguf")
+    write_tuned(tmp_path / "cand", values)
+    assert export_candidate(str(tmp_path / "cand"), tmp_path / "cand", tmp_path, "q8_0") == (
+        "transformers", str(tmp_path / "cand"), {"skipped": "the base is not a GGUF model"})
+    assert export_candidate(str(tmp_path / "base.gguf"), tmp_path / "cand", tmp_path, "off") == (
+        "transformers", str(tmp_path / "cand"), {"skipped": "sql_retrain_gguf = off"})
+    if not LLAMA_CPP:
+        return
+    write_base(tmp_path / "gemma.gguf", "gemma")
+    runtime, path, record = export_candidate(str(tmp_path / "gemma.gguf"), tmp_path / "cand", tmp_path, "q8_0")
+    assert (runtime, path) == ("transformers", str(tmp_path / "cand"))
+    assert "GgufExportError: GGUF architecture 'gemma' is not supported" in record["error"]
+    event = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # relayed to the log by the parent
+    assert event["event"] == "sql_gguf_export_failed" and event["error"] == record["error"]
+    assert not (tmp_path / "cand" / "model.gguf").exists()
+
+
+def test_the_handler_registers_what_the_trainer_says_serves(tmp_path):
+    handler = SqlRetrainHandler(load_settings(environ={}))
+    job = Job(1, "sql_retrain", 0, {}, 1, dt.datetime.now(dt.timezone.utc))
+    work = SqlRetrainWork(job, None, None, 60, False)
+    gguf = {"runtime": "llama-cpp", "path": str(tmp_path / "model.gguf"), "directory": str(tmp_path)}
+    res = handler.judge(work, {"gate_outcomes": {"candidate": [True], "active": [False]}, "candidate_model": gguf},
+                        tmp_path)
+    assert (res["runtime"], res["path"]) == ("llama-cpp", gguf["path"])
+    res = handler.judge(work, {"gate_outcomes": {"candidate": [True], "active": [False]}}, tmp_path)
+    assert (res["runtime"], res["path"]) == ("transformers", str(tmp_path))  # metrics of an older trainer
