@@ -26,7 +26,8 @@ from pgsynapse.textsql.train import export_candidate
 HIDDEN, VOCAB, HEADS, KV_HEADS = 64, 16, 4, 2
 HEAD_DIM = HIDDEN // HEADS
 # GGUF name -> (transformers name, shape, base type)
-TENSORS = {
+TENSORS = {  # the head first, as in the Qwen file: its tied source (the embedding) is compared before its turn
+    "output.weight": ("lm_head.weight", (VOCAB, HIDDEN), Q.Q8_0),
     "token_embd.weight": ("model.embed_tokens.weight", (VOCAB, HIDDEN), Q.Q8_0),
     "blk.0.attn_norm.weight": ("model.layers.0.input_layernorm.weight", (HIDDEN,), Q.F32),
     "blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj.weight", (HIDDEN, HIDDEN), Q.Q5_0),
@@ -34,7 +35,6 @@ TENSORS = {
     "blk.0.attn_k.weight": ("model.layers.0.self_attn.k_proj.weight", (KV_HEADS * HEAD_DIM, HIDDEN), Q.Q5_0),
     "blk.0.ffn_down.weight": ("model.layers.0.mlp.down_proj.weight", (HIDDEN, 2 * HIDDEN), Q.Q8_0),
     "output_norm.weight": ("model.norm.weight", (HIDDEN,), Q.F32),
-    "output.weight": ("lm_head.weight", (VOCAB, HIDDEN), Q.Q8_0),
 }
 
 
@@ -158,7 +158,7 @@ def test_tied_embeddings_give_the_head_the_tuned_embedding(tmp_path):
     tuned = dict(values, **{"token_embd.weight": values["token_embd.weight"] + 0.02})
     write_tuned(tmp_path / "tuned", tuned, drop=("output.weight",))
     report = export_gguf(tmp_path / "base.gguf", tmp_path / "tuned", tmp_path / "out.gguf")
-    assert report.replaced == ["token_embd.weight", "output.weight"]
+    assert report.replaced == ["output.weight", "token_embd.weight"]
     head = {t.name: t for t in GGUFReader(str(tmp_path / "out.gguf")).tensors}["output.weight"]
     assert np.abs(dequantize(head.data, head.tensor_type) - tuned["token_embd.weight"]).max() < 2e-3
 

@@ -161,31 +161,38 @@ def _plan(reader: Any, tuned: TunedWeights, arch: str, want: str, atol: float,
     tied = "output.weight" not in names and "token_embd.weight" in names
     n_head = _field(reader, f"{arch}.attention.head_count")
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
-    unchanged: dict[str, bool] = {}
-    for t in reader.tensors:
-        source = names.get(t.name) or ("token_embd.weight" if tied and t.name == "output.weight" else None)
-        if source is None:
-            report.unmapped_kept.append(t.name)
-            report.kept += 1
-            yield t, t.data, t.tensor_type
-            continue
-        if t.name == "output.weight" and tied:
-            if unchanged.get("token_embd.weight", False):  # the head is the embedding, and that did not change
-                report.kept += 1
-                yield t, t.data, t.tensor_type
-                continue
-            w = tuned.get(names["token_embd.weight"])
-        else:
+    by_name = {t.name: t for t in reader.tensors}
+    compared: dict[str, tuple[np.ndarray, bool]] = {}
+
+    def tuned_value(t: Any, source: str) -> tuple[np.ndarray, bool]:
+        """The tuned value of base tensor ``t`` (from tuned tensor ``source``) in GGUF order, and whether it equals
+        the base's dequantised value."""
+        if t.name not in compared:
             w = tuned.get(source)
-        if ARCHS[arch] and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
-            w = _permute(w, int(n_head), int(n_head_kv) if t.name.endswith("attn_k.weight") else None)
-        shape = tuple(int(x) for x in reversed(t.shape))
-        if w.shape != shape:
-            raise GgufExportError(f"shape mismatch: tuned {source} is {list(w.shape)}, base {t.name} is "
-                                  f"{list(shape)}: the tuned model is not a fine-tune of this base")
-        base = _dequantised(t).reshape(shape)
-        same = np.array_equal(w, base) if atol == 0 else bool(np.allclose(w, base, rtol=0, atol=atol))
-        unchanged[t.name] = same
+            if ARCHS[arch] and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+                w = _permute(w, int(n_head), int(n_head_kv) if t.name.endswith("attn_k.weight") else None)
+            shape = tuple(int(x) for x in reversed(t.shape))
+            if w.shape != shape:
+                raise GgufExportError(f"shape mismatch: tuned {source} is {list(w.shape)}, base {t.name} is "
+                                      f"{list(shape)}: the tuned model is not a fine-tune of this base")
+            base = _dequantised(t).reshape(shape)
+            same = np.array_equal(w, base) if atol == 0 else bool(np.allclose(w, base, rtol=0, atol=atol))
+            compared[t.name] = (w, same)
+        return compared[t.name]
+
+    for t in reader.tensors:
+        if t.name in names:
+            w, same = tuned_value(t, names[t.name])
+        elif tied and t.name == "output.weight":  # the tuned head is its embedding: kept if that did not change
+            w, same = tuned_value(by_name["token_embd.weight"], names["token_embd.weight"])
+            shape = tuple(int(x) for x in reversed(t.shape))
+            if w.shape != shape:
+                raise GgufExportError(f"shape mismatch: the tuned (tied) embedding is {list(w.shape)}, base "
+                                      f"output.weight is {list(shape)}")
+        else:
+            report.unmapped_kept.append(t.name)
+            w, same = t.data, True
+        compared.pop(t.name, None)  # its float32 copy is not needed again (a tied head's source, compared early, is)
         if same:
             report.kept += 1
             yield t, t.data, t.tensor_type
