@@ -20,7 +20,7 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 
 ENV_PREFIX = "PGSYNAPSE_"
 # settings that may carry a password or a key: an error about them never shows the value
-SECRET_SETTINGS = frozenset({"database_url", "openai_api_key", "openai_base_url"})
+SECRET_SETTINGS = frozenset({"database_url", "listen_url", "openai_api_key", "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -37,6 +37,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
+    listen_url: str | None = Field(
+        None, repr=False, description="a direct (or session-pooled) URL of the same database for what needs a "
+        "session: the LISTEN connections and the session locks of migrate and the runtime export; unset = "
+        "database_url (set it when database_url goes through PgBouncer in transaction mode: docs/operations.md)")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
 
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
@@ -241,6 +245,8 @@ class Settings(BaseModel):
     def _check(self) -> Settings:
         if self.chunk_overlap >= self.chunk_tokens // 2:
             raise ValueError("chunk_overlap: must be less than half of chunk_tokens")
+        if self.listen_url and not self.database_url:
+            raise ValueError("listen_url: needs database_url (the embedded server takes no listen URL)")
         return self
 
     @property

@@ -371,7 +371,7 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
     settings = _settings(spec)
     role, limits = settings.sql_reader_role, _limits(settings)
     cache_dir = Path(settings.data_dir) / "models" / "gguf"  # where a preset's joined file lies (as make_generator)
-    with psycopg.connect(spec.url, autocommit=True, row_factory=dict_row) as conn:
+    with psycopg.connect(spec.url, autocommit=True, row_factory=dict_row, prepare_threshold=None) as conn:  # db.NO_PREPARE
         pairs = load_pairs(conn, role, history_turns=settings.history_turns,
                            max_question_chars=settings.max_question_chars)
         max_id = max((p.correction_id or 0 for p in pairs), default=0)
