@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from pgsynapse.db import NO_PREPARE
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -118,7 +119,7 @@ class StreamWriter:
                         if now < retry_at:
                             continue
                         try:
-                            conn = psycopg.connect(self.url, autocommit=True)
+                            conn = psycopg.connect(self.url, autocommit=True, **NO_PREPARE)
                         except psycopg.Error as exc:
                             log.warning("answer_stream_connect_failed", error=str(exc).strip()[:200])
                             retry_at = now + RECONNECT_SECONDS

@@ -29,6 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.config import Settings
+from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
 from pgsynapse.logs import get_logger
@@ -161,7 +162,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
     # -- compute --------------------------------------------------------------------------------------
     def compute(self, work: list[SqlWork]) -> list[Outcome]:
         out: list[Outcome] = []
-        with psycopg.connect(self.settings.database_url or "", autocommit=True) as conn:
+        with psycopg.connect(self.settings.database_url or "", autocommit=True, **NO_PREPARE) as conn:
             for w in work:
                 try:
                     out.append(Outcome(w.job, result=self._answer(conn, w)))

@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
+from pgsynapse.db import NO_PREPARE
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -102,7 +103,7 @@ class Rollout:
     def _decide_sync(self) -> list[dict[str, Any]]:
         from pgsynapse.learning.autopromote import run_decisions
 
-        with psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
+        with psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **NO_PREPARE,
                              application_name="pgsynapse-worker") as conn:
             return run_decisions(conn, min_rated=self.settings.auto_promote_min_rated,
                                  alpha=self.settings.auto_promote_alpha, actor=self.worker_id)

@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
+from pgsynapse.db import NO_PREPARE
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
@@ -71,7 +72,8 @@ class Worker:
         self.handlers = handlers
         self.kinds = list(self.handlers)
         self.wakeups = Wakeups(self.kinds)
-        self.listener = Listener(url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
+        # LISTEN needs a session: a direct URL when ``url`` goes through a transaction pooler (listen_url)
+        self.listener = Listener(settings.listen_url or url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
         self.stats = WorkerStats()
         self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
         self.stopping = anyio.Event()
@@ -137,7 +139,8 @@ class Worker:
             self.url,
             min_size=1,
             max_size=4 + len(self.kinds),
-            kwargs={"row_factory": dict_row, "application_name": "pgsynapse-worker", "autocommit": True},
+            # no session state on these: they may go through PgBouncer in transaction mode (NO_PREPARE: db.py)
+            kwargs={"row_factory": dict_row, "application_name": "pgsynapse-worker", "autocommit": True, **NO_PREPARE},
             configure=self._configure,
             # a connection broken while idle (server restart, terminated backend) is replaced, not handed out
             check=AsyncConnectionPool.check_connection,

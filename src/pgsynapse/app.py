@@ -19,7 +19,7 @@ def ensure_schema(db: Database, *, apply: bool = True) -> None:
     from pgsynapse.errors import DatabaseError
 
     if apply:
-        migrate(db.url)
+        migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
         return
     with db.connect() as conn:
         have = set(applied(conn))
@@ -49,7 +49,7 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     from pgsynapse.client import Client
 
     async def go(url: str):
-        async with Client(url) as client:
+        async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
 
     return _answered(settings, "answer", go)
@@ -62,7 +62,7 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
     from pgsynapse.client import Client
 
     async def go(url: str):
-        async with Client(url) as client:
+        async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=timeout)
 
     return _answered(settings, "sql_answer", go)

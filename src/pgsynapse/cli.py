@@ -216,7 +216,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.migrate import migrate
 
         with Database(settings) as db:
-            done = migrate(db.url)
+            done = migrate(db.listen_url)  # its session lock needs a session: the direct URL (listen_url)
         print("applied: " + ", ".join(done) if done else "database schema is up to date")
         return 0
     if args.command == "status":

@@ -26,6 +26,7 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
+from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import PgsynapseError
 
 ANSWERS_CHANNEL = "pgsynapse_answers"
@@ -71,11 +72,16 @@ class DataResult:
 
 class Client:
     """One LISTENing connection. Several tasks may ``ask`` on one client at once: they share the connection,
-    and whichever task reads an answer's NOTIFY hands it to the task that asked."""
+    and whichever task reads an answer's NOTIFY hands it to the task that asked.
 
-    def __init__(self, url: str) -> None:
+    ``listen_url``: a direct (or session-pooled) URL for the LISTEN when ``url`` goes through PgBouncer in
+    transaction mode; the questions are then inserted and read on ``url`` and only the LISTEN uses it."""
+
+    def __init__(self, url: str, *, listen_url: str | None = None) -> None:
         self.url = url
-        self._conn: psycopg.AsyncConnection | None = None
+        self.listen_url = listen_url or url
+        self._conn: psycopg.AsyncConnection | None = None  # inserts and reads
+        self._listen: psycopg.AsyncConnection | None = None  # LISTEN (the same connection without a listen_url)
         self._lock = anyio.Lock()
         # (channel, id) of the questions asked on this client and not answered yet: questions and data questions
         # have their own ids and channels
@@ -86,11 +92,20 @@ class Client:
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
-        self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row)
-        await self._conn.execute(f"LISTEN {ANSWERS_CHANNEL}")
+        # no prepared statements: ``url`` may be a transaction pooler (db.NO_PREPARE)
+        self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row,
+                                                           **NO_PREPARE)
+        if self.listen_url == self.url:
+            self._listen = self._conn
+        else:
+            self._listen = await psycopg.AsyncConnection.connect(self.listen_url, autocommit=True, **NO_PREPARE)
+        # LISTEN is up before any question is inserted: its NOTIFY cannot be missed
+        await self._listen.execute(f"LISTEN {ANSWERS_CHANNEL}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._listen is not None and self._listen is not self._conn:
+            await self._listen.close()
         if self._conn is not None:
             await self._conn.close()
 
@@ -166,7 +181,7 @@ class Client:
         assert self._conn is not None, "use `async with Client(url) as client`"
         async with self._lock:
             if not self._listening_data:
-                await self._conn.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
+                await self._listen.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
                 self._listening_data = True
             row = await (await self._conn.execute(
                 "INSERT INTO pgsynapse.data_questions (session_id, text, target_schema, allowed_tables)"
@@ -198,11 +213,11 @@ class Client:
         """Wait for the next NOTIFY and keep it for the asker of its question (asks on this client share one
         connection: whoever reads an announcement keeps it for its asker). True when none came within
         ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
-        assert self._conn is not None
+        assert self._listen is not None
         async with self._lock:
             if key in self._arrived:
                 return False
-            async for n in self._conn.notifies(timeout=self.recheck_seconds, stop_after=1):
+            async for n in self._listen.notifies(timeout=self.recheck_seconds, stop_after=1):
                 try:
                     payload = json.loads(n.payload)
                     announced = int(payload["id"])

@@ -20,7 +20,7 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 
 ENV_PREFIX = "PGSYNAPSE_"
 # settings that may carry a password or a key: an error about them never shows the value
-SECRET_SETTINGS = frozenset({"database_url", "openai_api_key", "openai_base_url"})
+SECRET_SETTINGS = frozenset({"database_url", "listen_url", "openai_api_key", "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -37,6 +37,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
+    listen_url: str | None = Field(
+        None, repr=False, description="a direct (or session-pooled) URL of the same database for what needs a "
+        "session: the LISTEN connections and the session locks of migrate and the runtime export; unset = "
+        "database_url (set it when database_url goes through PgBouncer in transaction mode: docs/operations.md)")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
 
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
@@ -225,6 +229,10 @@ class Settings(BaseModel):
     sql_retrain_memory_mb: int = Field(12000, ge=256, description="the SQL trainer is stopped above this RSS")
     sql_retrain_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a SQL model "
                                                "candidate that passed its gate")
+    sql_retrain_gguf: Literal["q8_0", "f16", "off"] = Field(
+        "q8_0", description="when the fine-tuned base is a GGUF model and llama-cpp-python is installed, the "
+        "candidate is also written as a GGUF file (the tensors the fine-tune changed as this type, the rest as in "
+        "the base), gated and registered on llama-cpp; off: the transformers directory only")
 
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP port of /metrics (Prometheus) and /healthz; 0 or unset = off"
@@ -242,6 +250,8 @@ class Settings(BaseModel):
     def _check(self) -> Settings:
         if self.chunk_overlap >= self.chunk_tokens // 2:
             raise ValueError("chunk_overlap: must be less than half of chunk_tokens")
+        if self.listen_url and not self.database_url:
+            raise ValueError("listen_url: needs database_url (the embedded server takes no listen URL)")
         return self
 
     @property

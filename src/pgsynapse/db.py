@@ -14,8 +14,16 @@ from pgsynapse.errors import DatabaseError
 APPLICATION_NAME = "pgsynapse"
 
 
+# psycopg prepares a statement on the server once a connection has run it 5 times; through PgBouncer in
+# transaction mode (before 1.21, or with max_prepared_statements = 0) the next transaction may land on another
+# server connection, where that statement does not exist. pgsynapse never prepares: every connection it opens
+# passes this (docs/operations.md, PgBouncer).
+NO_PREPARE: dict[str, object] = {"prepare_threshold": None}
+
+
 def _connect_kwargs(application_name: str) -> dict[str, object]:
     return {
+        **NO_PREPARE,
         "application_name": application_name,
         "keepalives": 1,
         "keepalives_idle": 10,
@@ -85,6 +93,11 @@ class Database:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             self.url = self._embedded.start()
         return self
+
+    @property
+    def listen_url(self) -> str:
+        """Where session state may live (LISTEN, session advisory locks): ``listen_url`` if set, else :attr:`url`."""
+        return self.settings.listen_url or self.url
 
     def __exit__(self, *exc: object) -> None:
         if self._embedded is not None:

@@ -777,7 +777,9 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     import psycopg
     from psycopg.rows import dict_row
 
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
+    with psycopg.connect(getattr(settings, "listen_url", None) or url, autocommit=True, row_factory=dict_row,
+                         prepare_threshold=None) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
         if version is None:
             row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()

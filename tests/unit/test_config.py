@@ -21,6 +21,17 @@ def test_prefixed_url_wins_over_database_url():
     assert s.database_url == "postgresql://b/b"
 
 
+def test_listen_url_is_optional_secret_and_needs_a_database_url():
+    assert load_settings(environ={"DATABASE_URL": "postgresql://pooler/app"}).listen_url is None
+    s = load_settings(environ={"DATABASE_URL": "postgresql://pooler/app",
+                               "PGSYNAPSE_LISTEN_URL": "postgresql://u:pw-S3CRET-42@primary/app"})
+    assert s.listen_url == "postgresql://u:pw-S3CRET-42@primary/app" and "S3CRET" not in repr(s)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"PGSYNAPSE_LISTEN_URL": "postgresql://u:pw-S3CRET-42@primary/app"})
+    msg = str(exc.value)
+    assert msg.startswith("invalid setting listen_url [PGSYNAPSE_LISTEN_URL]: needs database_url") and "S3CRET" not in msg
+
+
 def test_invalid_value_is_one_line_naming_the_setting():
     with pytest.raises(ConfigError) as exc:
         load_settings(environ={"PGSYNAPSE_BATCH_SIZE": "zero"})
@@ -76,6 +87,7 @@ def test_mistyped_toml_key_is_named_and_its_value_never_shown(tmp_path: Path):
 
 @pytest.mark.parametrize("name, toml", [
     ("database_url", '["postgresql://u:pw-S3CRET-42@h/db"]'),
+    ("listen_url", '["postgresql://u:pw-S3CRET-42@h/db"]'),
     ("openai_api_key", '["sk-S3CRET-42"]'),
     ("openai_base_url", '["https://u:S3CRET-42@llm.example/v1"]'),
 ])

@@ -119,7 +119,7 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
     from pgsynapse.chunking import Chunker
     from pgsynapse.queries import q
 
-    with psycopg.connect(spec.url, autocommit=True) as conn:
+    with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         examples = conn.execute(
             "SELECT te.id, te.query, te.positive_chunk_id, te.negative_chunk_ids, te.created_at"
             " FROM pgsynapse.training_examples te JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id"

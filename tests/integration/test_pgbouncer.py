@@ -1,0 +1,113 @@
+"""pgsynapse through a real PgBouncer in transaction pooling mode, the LISTEN on a direct URL (listen_url).
+
+Skips when no ``pgbouncer`` binary is installed (Debian: ``apt-get install pgbouncer``; .ci/run installs it).
+The worker test fails on the two session-state mistakes it is about (both tried): with the LISTEN on the pooled
+URL the question's NOTIFY never arrives (AnswerTimeout), and with prepared statements on the worker's pool
+psycopg warns 'prepared statement "_pg3_0" already exists'.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from pgsynapse.client import Client
+from pgsynapse.db import NO_PREPARE
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.handlers.embed import EmbedHandler
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.pgbouncer import BINARY, PgBouncer
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(BINARY is None, reason="no pgbouncer binary (Debian: apt-get install pgbouncer; .ci/run "
+                                              "installs it)"),
+]
+
+WAIT = 120.0  # safety net only
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(pg_url):
+    bouncer = PgBouncer(pg_url, pool_size=2).start()
+    yield bouncer
+    bouncer.stop()
+
+
+async def test_worker_through_transaction_pooling_with_a_direct_listen_url(pgbouncer, db_url, models, caplog):
+    caplog.set_level(logging.WARNING, logger="psycopg")
+    pooled = pgbouncer.url(db_url)
+    dbname = conninfo_to_dict(db_url)["dbname"]
+    # no fallback poll within the test: a job is picked up only when the LISTEN (direct) hears its NOTIFY
+    settings = fast_settings(pooled, listen_url=db_url, kinds=("embed", "answer"), poll_interval=3600.0)
+
+    class FailsOnce(EmbedHandler):
+        failed = False
+
+        def compute(self, work):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("injected failure: the first embed batch fails")
+            return super().compute(work)
+
+    handlers = {"embed": FailsOnce(settings, models), "answer": AnswerHandler(settings, models)}
+    direct = await aconn(db_url)
+    async with running_worker(settings, models, handlers=handlers) as worker:
+        assert worker.listener.connected
+        async with worker.pool.connection() as c:
+            assert c.info.port == pgbouncer.port and c.prepare_threshold is None
+        # the application writes through the pooler too
+        app = await psycopg.AsyncConnection.connect(pooled, autocommit=True, **NO_PREPARE)
+        cur = await app.execute(
+            "INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s), (%s, %s) RETURNING id",
+            ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Run it regularly on busy tables.",
+             "JSON", "The jsonb type stores JSON documents in a decomposed binary format."))
+        ids = [r[0] for r in await cur.fetchall()]
+        await wait_until(direct, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'"
+                         " AND id = ANY(%s)", (ids,), timeout=WAIT)
+        # the injected failure was retried: every job of that batch took a second attempt
+        jobs = await (await direct.execute(
+            "SELECT status, attempts, last_error FROM pgsynapse.jobs WHERE kind = 'embed' AND ref_id = ANY(%s)",
+            (ids,))).fetchall()
+        assert FailsOnce.failed and {j["status"] for j in jobs} == {"done"}
+        assert max(j["attempts"] for j in jobs) == 2, jobs
+
+        # a question asked through the pooler; its answer's NOTIFY arrives on the client's direct LISTEN
+        async with Client(pooled, listen_url=db_url) as client:
+            client.recheck_seconds = 3600.0  # no re-read of the row while waiting: only the NOTIFY ends the wait
+            result = await client.ask("how do I reclaim space from dead tuples?", timeout=WAIT)
+        assert result.status == "answered", result
+        assert result.sources and result.sources[0]["document_id"] == ids[0]
+        await app.close()
+        assert worker.stats.fallback_polls == 0
+    await direct.close()
+    # session state through the pooler shows here first: the worker survives it (a connection that fails is
+    # replaced, a failed claim retried) but the pool and psycopg warn; with prepared statements on the pooled
+    # connections: 'prepared statement "_pg3_0" already exists' and a run four times as long
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+    stats = pgbouncer.stats(dbname)
+    assert stats and int(stats["total_xact_count"]) > 10, stats  # the claims and writes went through the pooler
+
+
+def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):
+    """What NO_PREPARE avoids, shown on the same PgBouncer (1.18 has no prepared statement support): two clients
+    that prepare share the one server connection, and the second one's statement name collides."""
+    bouncer = PgBouncer(pg_url, pool_size=1).start()
+    try:
+        url = bouncer.url(db_url)
+        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as a, \
+                psycopg.connect(url, autocommit=True, prepare_threshold=0) as b:
+            a.execute("SELECT 1")  # prepared on the server as _pg3_0
+            with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+                b.execute("SELECT 2")  # b's first prepared statement has the same name, on the same server connection
+        # the way pgsynapse connects: nothing prepared, any number of clients on one server connection
+        with psycopg.connect(url, autocommit=True, **NO_PREPARE) as a, \
+                psycopg.connect(url, autocommit=True, **NO_PREPARE) as b:
+            for i in range(10):
+                assert a.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+                assert b.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+    finally:
+        bouncer.stop()

@@ -1,0 +1,122 @@
+"""A real PgBouncer (Debian's ``pgbouncer`` package) in transaction pooling mode in front of the test server.
+
+``PgBouncer(server_url).start()`` writes a config to a temp dir, starts the binary on a free localhost port and
+waits until it accepts connections; :meth:`PgBouncer.url` turns a direct URL of the test server into the same
+database through the pooler. Clients log in with ``auth_type = trust`` (the user must still be in the userlist);
+the pooler logs in to the server with the server URL's own user and password.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+BINARY = shutil.which("pgbouncer") or next(
+    (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
+# pgbouncer refuses to run as root: it drops to the user the embedded test server runs as (else nobody)
+RUN_AS = ("pgserver", "nobody")
+
+
+def _first_user(names: tuple[str, ...]) -> pwd.struct_passwd:
+    for name in names:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError(f"pgbouncer will not run as root and none of the users {names} exists")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PgBouncer:
+    def __init__(self, server_url: str, *, pool_size: int = 2) -> None:
+        self.server = conninfo_to_dict(server_url)
+        self.pool_size = pool_size
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="pgsynapse-pgbouncer-", dir="/tmp"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, direct_url: str) -> str:
+        """``direct_url``'s database and user, through the pooler."""
+        params = conninfo_to_dict(direct_url)
+        params.pop("password", None)
+        params.update(host="127.0.0.1", port=str(self.port))
+        return make_conninfo(**params)
+
+    def start(self) -> PgBouncer:
+        assert BINARY, "no pgbouncer binary"
+        user = self.server.get("user") or "postgres"
+        target = {k: self.server[k] for k in ("host", "port", "user", "password") if self.server.get(k)}
+        target_line = " ".join(f"{k}={v}" for k, v in target.items())
+        (self.dir / "userlist.txt").write_text(f'"{user}" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(f"""[databases]
+* = {target_line}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/userlist.txt
+admin_users = {user}
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+min_pool_size = 0
+max_client_conn = 200
+server_reset_query =
+logfile = {self.dir}/pgbouncer.log
+pidfile = {self.dir}/pgbouncer.pid
+""")
+        if os.geteuid() == 0:
+            pw = _first_user(RUN_AS)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            for f in self.dir.iterdir():
+                os.chown(f, pw.pw_uid, pw.pw_gid)
+            with open(self.dir / "pgbouncer.ini", "a") as f:
+                f.write(f"user = {pw.pw_name}\n")
+        self.proc = subprocess.Popen([BINARY, str(self.dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        probe = make_conninfo(host="127.0.0.1", port=str(self.port), user=user, dbname="pgbouncer")
+        deadline = time.monotonic() + 30
+        while True:  # a start-up wait on the process itself: no event to wait on before it listens
+            try:
+                with psycopg.connect(probe, autocommit=True, connect_timeout=2):
+                    return self
+            except psycopg.Error:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.dir / "pgbouncer.log")
+                    raise RuntimeError("pgbouncer did not start: " + (log.read_text()[-2000:] if log.exists() else ""))
+                time.sleep(0.05)
+
+    def stats(self, dbname: str) -> dict[str, int]:
+        """The pooler's own counters for ``dbname`` (``SHOW STATS`` on its admin console)."""
+        user = self.server.get("user") or "postgres"
+        admin = make_conninfo(host="127.0.0.1", port=str(self.port), user=user, dbname="pgbouncer")
+        # the admin console speaks only the simple query protocol: a client-side cursor, no parameters
+        with psycopg.connect(admin, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+            cur = conn.execute("SHOW STATS")
+            names = [d.name for d in cur.description or []]
+            for row in cur.fetchall():
+                r = dict(zip(names, row))
+                if r["database"] == dbname:
+                    return r
+        return {}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
