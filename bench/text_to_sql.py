@@ -46,7 +46,7 @@ import psycopg
 from bench.common import database, emit, machine, parser, pct, table
 from bench.spider import build, ident, split
 from pgsynapse.config import load_settings
-from pgsynapse.handlers.sql_answer import Attempt, choose
+from pgsynapse.handlers.sql_answer import answer
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly, same_result
 from pgsynapse.textsql.generate import SqlPrompt, make_generator
@@ -70,12 +70,13 @@ def audit(conn: psycopg.Connection, schemas: list[str]) -> str:
 def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], settings: Any, *,
              outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Execution accuracy of ``gen`` on ``items`` (questions with a runnable gold ``sql``) as the ``sql_answer``
-    handler answers them: its schema context (sample values and table limit from ``settings``), its candidates
-    and vote (``choose``), the safety check and the read-only run."""
+    handler answers them: its schema context (sample values and table limit from ``settings``), then the
+    handler's own ``answer`` (candidates, safety check, read-only run, vote, fix turns)."""
     s = settings
     limits = Limits.of(s)
     contexts: dict[str, Any] = {}
-    right, failed, refused, seconds = 0, 0, Counter(), []
+    right, failed, refused, seconds, first_seconds = 0, 0, Counter(), [], []
+    fix_tried, fix_ran, fix_right = 0, 0, 0
     gold_refused = 0
     for it in items:
         schema = f"spider_{it['db_id'].lower()}"
@@ -92,44 +93,41 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
                 outputs.append({"i": it["i"], "db_id": it["db_id"], "gold": it["sql"], "outcome": "gold_refused",
                                 "error": str(e)[:300]})
             continue
-        started = time.perf_counter()
-        candidates = gen.generate(SqlPrompt(it["question"], ctx.text), n=s.sql_candidates,
-                                  temperature=s.sql_temperature)
-        attempts = []
-        for sql in candidates or [""]:
-            try:
-                checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
-            except UnsafeSQL as e:
-                attempts.append((Attempt(sql, error=str(e), refused=True), e.reason))
-                continue
-            try:
-                attempts.append((Attempt(checked.sql, result=run_readonly(
-                    conn, checked, limits, role=s.sql_reader_role, search_path=(schema,))), None))
-            except QueryFailed as e:
-                attempts.append((Attempt(checked.sql, error=str(e)), None))
-        best = choose([a for a, _ in attempts])
-        reason = next(r for a, r in attempts if a is best)
-        seconds.append(time.perf_counter() - started)
+        ans = answer(conn, gen, SqlPrompt(it["question"], ctx.text), ctx, schema, s)
+        best = ans.best
+        seconds.append(ans.seconds)
+        first_seconds.append(ans.first_seconds)
+        fix_tried += bool(ans.fixes)
+        fix_ran += bool(ans.fixes) and best.result is not None
         if best.result is not None:
             ok = same_result(gold, best.result, ordered=bool(_ORDERED.search(it["sql"])))
             outcome = "right" if ok else "wrong"
             right += ok
+            fix_right += ok and bool(ans.fixes)
         elif best.refused:
             outcome = "refused"
-            refused[reason or "empty"] += 1
+            refused[best.reason or "empty"] += 1
         else:
             outcome = "failed"
             failed += 1
         if outputs is not None:
             outputs.append({"i": it["i"], "db_id": it["db_id"], "question": it["question"], "gold": it["sql"],
                             "sql": best.sql, "outcome": outcome, "error": best.error,
-                            "seconds": round(seconds[-1], 3), "candidates": len(candidates),
+                            "seconds": round(seconds[-1], 3), "first_seconds": round(ans.first_seconds, 3),
+                            "candidates": ans.candidates,
+                            "fixes": [a.sql for a in ans.fixes], "fix_errors": [a.error for a in ans.fixes],
+                            "first_error": ans.first.error if ans.first else None,
                             **{k: v for k, v in getattr(gen, "last_stats", {}).items() if k != "seconds"}})
     n = len(seconds)
     return {"n": n, "exec_acc": round(right / n, 4) if n else None,
             "refused": round(sum(refused.values()) / n, 4) if n else None,
             "refused_by": dict(refused), "failed": round(failed / n, 4) if n else None,
-            "p50_s": round(pct(seconds, 50), 2), "p95_s": round(pct(seconds, 95), 2), "gold_refused": gold_refused}
+            "p50_s": round(pct(seconds, 50), 2), "p95_s": round(pct(seconds, 95), 2), "gold_refused": gold_refused,
+            "fix_tried": fix_tried, "fix_ran": fix_ran, "fix_right": fix_right,
+            # the same questions as sql_fix_attempts = 0 answers them: the first statements are the same (greedy)
+            "before_fix": {"exec_acc": round((right - fix_right) / n, 4) if n else None,
+                           "failed": round((failed + fix_ran) / n, 4) if n else None,
+                           "p50_s": round(pct(first_seconds, 50), 2), "p95_s": round(pct(first_seconds, 95), 2)}}
 
 
 def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: str) -> list[float]:
@@ -194,6 +192,8 @@ def main() -> None:
     p.add_argument("--part", choices=["report", "choose", "train"], default="report")
     p.add_argument("--limit", type=int, default=0, help="questions at most (a seeded sample; 0 = all)")
     p.add_argument("--candidates", type=int, default=1, help="sql_candidates (self-consistency)")
+    p.add_argument("--fix-attempts", type=int, default=None, help="sql_fix_attempts (fix turns with the "
+                   "database's error when no candidate ran; default: the setting's default)")
     p.add_argument("--notify", type=int, default=0, help="INSERT -> NOTIFY latency on this many questions")
     p.add_argument("--outputs", default=None, help="write each generated statement (JSON lines) here")
     p.add_argument("--finetune", action="store_true", help="also fine-tune each model on the train databases' "
@@ -210,6 +210,8 @@ def main() -> None:
     args = p.parse_args()
     emit("text-to-sql", "machine", **machine())
     settings = load_settings(environ={"PGSYNAPSE_SQL_CANDIDATES": str(args.candidates),
+                                      **({"PGSYNAPSE_SQL_FIX_ATTEMPTS": str(args.fix_attempts)}
+                                         if args.fix_attempts is not None else {}),
                                       **({"PGSYNAPSE_SQL_RETRAIN_LR": str(args.lr)} if args.lr else {})})
     parts = split()
     db_ids = parts[args.part] + (parts["train"] if args.finetune else [])
@@ -257,7 +259,8 @@ def main() -> None:
                     o["model"] = spec
                 outputs.extend(out)
                 rows.append(emit("text-to-sql", spec, part=args.part,
-                                 candidates=args.candidates, load_s=round(load_s, 1), **r))
+                                 candidates=args.candidates, fix_attempts=settings.sql_fix_attempts,
+                                 load_s=round(load_s, 1), **r))
                 del gen
             after = audit(conn, schemas)
         rows.append(emit("text-to-sql", "audit", tables_unchanged=before == after))

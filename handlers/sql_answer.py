@@ -6,6 +6,13 @@ autocommit connection): the schema context from the catalog (only what the reade
 (or several for self-consistency), ``safety.check_sql``, ``execute.run_readonly``. write: the statement, the
 result or the reason on the row, under the stale-write guard, and a NOTIFY on ``pgsynapse_data_answers``.
 
+Fix turns (``sql_fix_attempts``): when no candidate ran and one failed in Postgres with an error a rewrite can fix
+(``QueryFailed.fixable_error``: an unknown column, a scalar subquery of several rows...), the model is asked again,
+greedily, with its statement and the server's message as extra chat turns, and the corrected statement goes
+through the same check and read-only run. Fixed statements do not vote: the vote is among the independent
+candidates, and a fix runs only when none of them has a result. An answer after a fix carries
+``result.fix = {"attempts", "first_sql", "first_error"}``; a row still failing says so in its error.
+
 What a row ends as: ``answered`` (a result), ``refused`` (the statement was not run: why), ``failed`` (no statement
 could be made or it failed when run: why). Only model and database trouble are retried.
 """
@@ -15,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -53,10 +60,44 @@ class SqlWork:
 
 @dataclass
 class Attempt:
-    sql: str
+    sql: str  # as checked (and run): what the row keeps
     result: Result | None = None
     error: str | None = None
     refused: bool = False
+    reason: str | None = None  # the safety check's code, when refused
+    said: str = ""  # the statement as the model wrote it: a fix turn shows the model its own words
+    fixable_error: str | None = None  # what a fix turn may tell the model (QueryFailed.fixable_error)
+
+
+@dataclass
+class Answer:
+    best: Attempt
+    candidates: int  # statements the first generation gave
+    fixes: list[Attempt] = field(default_factory=list)  # the fix turns' statements, in order
+    first: Attempt | None = None  # the failed candidate the first fix turn was about
+    seconds: float = 0.0  # generation, checks and runs, fixes included
+    first_seconds: float = 0.0  # the same up to the vote, before any fix turn (what sql_fix_attempts = 0 takes)
+    # the schema the base prompt gave the model, after the budget's trimming (the trainer rebuilds the prompt
+    # from it; a fix prompt, longer, may have been trimmed more)
+    given: str = ""
+
+    @property
+    def status(self) -> str:
+        return "answered" if self.best.result is not None else "refused" if self.best.refused else "failed"
+
+    @property
+    def error(self) -> str | None:
+        """The row's error: the chosen attempt's, and what the fix turns did when they did not help."""
+        if not self.fixes or self.best.result is not None:
+            return self.best.error
+        n = len(self.fixes)
+        return (f"{self.best.error}; {n} fix attempt{'s' if n > 1 else ''} (sql_fix_attempts) did not help, the last: "
+                f"{self.fixes[-1].error}")
+
+    def fix_metadata(self) -> dict[str, Any] | None:
+        if self.first is None:
+            return None
+        return {"attempts": len(self.fixes), "first_sql": self.first.sql, "first_error": self.first.error}
 
 
 def settings_model(settings: Settings) -> dict[str, Any]:
@@ -141,37 +182,16 @@ class SqlAnswerHandler(Handler[SqlWork]):
             conn, w.schema, w.tables, question=w.question, encode=encode, samples=s.sql_sample_values,
             max_tables=s.sql_max_tables, role=s.sql_reader_role)
         gen = self.generator(w.model)
-        prompt = SqlPrompt(w.question, ctx.text, tuple(w.history))
-        started = time.perf_counter()
-        candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature)
-        seconds = time.perf_counter() - started
-        attempts = [self._attempt(conn, sql, ctx, w.schema) for sql in candidates] or [
-            Attempt("", error=NO_STATEMENT, refused=True)]
-        best = choose(attempts)
-        status = "answered" if best.result is not None else "refused" if best.refused else "failed"
-        log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=status,
-                 candidates=len(candidates), seconds=round(seconds, 2), error=best.error)
-        res = best.result
-        # what the model was given: the schema after the prompt budget's trimming (the trainer rebuilds it from this)
-        fitted = getattr(gen, "last_fitted", None)
-        given = fitted.schema_context if fitted is not None else ctx.text
-        return {"status": status, "sql": best.sql or None, "error": best.error, "schema_context": given,
-                "result": Jsonb(res.as_json()) if res else None, "row_count": res.row_count if res else None,
+        ans = answer(conn, gen, SqlPrompt(w.question, ctx.text, tuple(w.history)), ctx, w.schema, s)
+        log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=ans.status,
+                 candidates=ans.candidates, fixes=len(ans.fixes), seconds=round(ans.seconds, 2), error=ans.error)
+        res = ans.best.result
+        payload = res.as_json() if res else None
+        if payload is not None and ans.fix_metadata():
+            payload["fix"] = ans.fix_metadata()
+        return {"status": ans.status, "sql": ans.best.sql or None, "error": ans.error, "schema_context": ans.given,
+                "result": Jsonb(payload) if payload else None, "row_count": res.row_count if res else None,
                 "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}
-
-    def _attempt(self, conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str) -> Attempt:
-        s = self.settings
-        if not sql.strip():
-            return Attempt(sql, error=NO_STATEMENT, refused=True)
-        try:
-            checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
-        except UnsafeSQL as exc:
-            return Attempt(sql, error=str(exc), refused=True)
-        try:
-            return Attempt(checked.sql, result=run_readonly(conn, checked, Limits.of(s), role=s.sql_reader_role,
-                                                            search_path=(schema,)))
-        except QueryFailed as exc:
-            return Attempt(checked.sql, error=str(exc))
 
     # -- write ----------------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
@@ -190,6 +210,55 @@ class SqlAnswerHandler(Handler[SqlWork]):
         cur = await conn.execute(q("fail_data_question", "textsql.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})
+
+
+def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str, settings: Settings) -> Attempt:
+    """One generated statement through ``check_sql`` and, when accepted, ``run_readonly`` as the reader role."""
+    s = settings
+    if not sql.strip():
+        return Attempt(sql, error=NO_STATEMENT, refused=True, reason="empty", said=sql)
+    try:
+        checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
+    except UnsafeSQL as exc:
+        return Attempt(sql, error=str(exc), refused=True, reason=exc.reason, said=sql)
+    try:
+        return Attempt(checked.sql, result=run_readonly(conn, checked, Limits.of(s), role=s.sql_reader_role,
+                                                        search_path=(schema,)), said=sql)
+    except QueryFailed as exc:
+        return Attempt(checked.sql, error=str(exc), said=sql, fixable_error=exc.fixable_error)
+
+
+def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: SchemaContext, schema: str,
+           settings: Settings) -> Answer:
+    """A question's statement and result, as the handler makes them (the benchmark calls this too): the
+    candidates (``sql_candidates``), each checked and run, the vote (:func:`choose`), then, when no candidate ran
+    and one failed with a fixable error, up to ``sql_fix_attempts`` fix turns (greedy, one statement each, each
+    shown the statements and errors before it). The first fixed statement that runs is the answer."""
+    s = settings
+    started = time.perf_counter()
+    candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature)
+    attempts = [attempt(conn, sql, ctx, schema, s) for sql in candidates] or [
+        Attempt("", error=NO_STATEMENT, refused=True, reason="empty")]
+    fitted = getattr(gen, "last_fitted", None)
+    ans = Answer(choose(attempts), len(candidates), given=fitted.schema_context if fitted is not None else ctx.text)
+    failing = next((a for a in attempts if a.fixable_error), None) if ans.best.result is None else None
+    ans.first = failing if s.sql_fix_attempts else None
+    ans.first_seconds = time.perf_counter() - started
+    turns: list[tuple[str, str]] = []
+    while failing is not None and failing.fixable_error and len(ans.fixes) < s.sql_fix_attempts:
+        turns.append((failing.said, failing.fixable_error))
+        said = gen.generate(replace(prompt, fix=tuple(turns)), n=1)
+        fixed = attempt(conn, said[0] if said else "", ctx, schema, s)
+        ans.fixes.append(fixed)
+        log.info("sql_fix_attempted", attempt=len(ans.fixes), error=failing.error,
+                 status="answered" if fixed.result is not None else "refused" if fixed.refused else "failed",
+                 fixed_error=fixed.error)
+        if fixed.result is not None:
+            ans.best = fixed
+            break
+        failing = fixed
+    ans.seconds = time.perf_counter() - started
+    return ans
 
 
 def choose(attempts: list[Attempt]) -> Attempt:

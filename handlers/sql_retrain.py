@@ -7,7 +7,9 @@ model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models
   whatever its verdict, so a rejected run is not repeated on the same corrections.
 - The candidate is fine-tuned from the root of the active model's lineage (the model it, or its own base, was
   fine-tuned from; the settings' model when no row is active) on every correction so far: fine-tunes never stack.
-- Registered as a ``transformers`` model directory: ``candidate`` with ``sql_retrain_traffic_percent`` of the
+- Registered as its GGUF export on ``llama-cpp`` when the base is a GGUF model (the trainer writes and gates it:
+  :func:`pgsynapse.textsql.train.export_candidate`; the metrics keep the directory too), else as a
+  ``transformers`` model directory: ``candidate`` with ``sql_retrain_traffic_percent`` of the
   sessions when it passes (less if other candidates hold the rest), ``rejected`` when it fails, ``candidate`` at
   0 % when it fails but the job was forced.
 """
@@ -127,7 +129,9 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                  active=verdict["active"], heldout=verdict["heldout"], train_pairs=metrics.get("train_pairs"),
                  dropped=metrics.get("dropped"), seconds=metrics.get("seconds", {}).get("total"),
                  reasons=verdict["reasons"])
-        return {"metrics": metrics, "path": str(out_dir), "base": w.base, "force": w.force}
+        served = metrics.get("candidate_model") or {"runtime": "transformers", "path": str(out_dir)}
+        return {"metrics": metrics, "path": served["path"], "runtime": served["runtime"], "base": w.base,
+                "force": w.force}
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
@@ -145,11 +149,12 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             root = base["name"] if base else Path(s.sql_model_path).name
             row = await _one(conn, "add_sql_model", {
                 "name": f"{root.split('+')[0]}+sqlft{time.strftime('%Y%m%d%H%M%S')}",
-                "base_id": base["id"] if base else None, "path": res["path"], "runtime": "transformers",
+                "base_id": base["id"] if base else None, "path": res["path"], "runtime": res["runtime"],
                 "metrics": Jsonb(res["metrics"]), "status": status, "traffic": traffic})
             await conn.execute(q("mark_sql_corrections_trained", FILE), {
                 "model": row["id"], "max_id": res["metrics"]["max_correction_id"]})  # type: ignore[index]
             log.info("sql_model_registered", job=o.job.id, model=row["id"], status=status,  # type: ignore[index]
+                     runtime=res["runtime"], path=res["path"],
                      traffic_percent=traffic, passed=verdict["passed"], forced=res["force"],
                      candidate=verdict["candidate"], active=verdict["active"], delta=verdict["delta"],
                      heldout=verdict["heldout"], reasons=verdict["reasons"])

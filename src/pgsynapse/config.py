@@ -198,6 +198,11 @@ class Settings(BaseModel):
         1, ge=1, le=16, description="statements generated per question: 1 = greedy; more = self-consistency (the "
         "greedy one and sampled ones, the result most of them agree on wins)")
     sql_temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the extra candidates")
+    sql_fix_attempts: int = Field(
+        0, ge=0, le=5, description="when no candidate ran because the database rejected it (an unknown column, a "
+        "scalar subquery of several rows...), ask the model this many times more for a corrected statement, showing "
+        "it its statement and the database's error (0 = never: the default, the 0.5B default model repeats its "
+        "mistake; BENCHMARKS.md, text-to-SQL)")
     sql_reader_role: str = Field(
         "pgsynapse_reader", description="the read-only role generated statements run as (SET ROLE): it reads only "
         "what you GRANT it")
@@ -224,6 +229,10 @@ class Settings(BaseModel):
     sql_retrain_memory_mb: int = Field(12000, ge=256, description="the SQL trainer is stopped above this RSS")
     sql_retrain_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a SQL model "
                                                "candidate that passed its gate")
+    sql_retrain_gguf: Literal["q8_0", "f16", "off"] = Field(
+        "q8_0", description="when the fine-tuned base is a GGUF model and llama-cpp-python is installed, the "
+        "candidate is also written as a GGUF file (the tensors the fine-tune changed as this type, the rest as in "
+        "the base), gated and registered on llama-cpp; off: the transformers directory only")
 
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP port of /metrics (Prometheus) and /healthz; 0 or unset = off"

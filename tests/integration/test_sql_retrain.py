@@ -144,6 +144,9 @@ async def test_right_corrections_give_a_candidate_that_wins_and_gets_traffic(db_
     assert m["gate"]["passed"], m
     assert (model["status"], float(model["traffic_percent"]), model["runtime"]) == ("candidate", 15.0, "transformers")
     assert model["base_id"] is None and model["path"].startswith(str(tmp_path))
+    # a transformers base: no GGUF export, the directory is what is gated and served
+    assert m["gguf_export"] == {"skipped": "the base is not a GGUF model"}
+    assert m["candidate_model"] == {"runtime": "transformers", "path": model["path"], "directory": model["path"]}
     assert m["candidate_accuracy"] > m["active_accuracy"] == 0.0
     assert m["train_pairs"] + m["heldout"] == 15 and m["heldout"] >= 3 and m["dropped"] == {}
     assert m["active"]["wrong"] == m["heldout"]  # the settings' model gives every question the next kind's statement

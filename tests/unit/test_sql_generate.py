@@ -14,6 +14,7 @@ import torch
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.textsql.generate import (
+    FIX_REQUEST,
     SYSTEM,
     OpenAISqlGenerator,
     SqlPrompt,
@@ -93,6 +94,38 @@ def test_the_prompt_holds_the_instructions_the_turns_the_tables_and_the_question
     assert text.index("SQL: SELECT count(*) FROM orders;") < text.index("Question: and how many are late?")
     assert text.endswith("Question: and how many are late?\nSQL:")
     assert "Tables:" not in render_text(SqlPrompt("what time is it?", ""))
+
+
+def test_a_fix_prompt_is_the_base_prompt_then_the_failed_statement_and_the_error_as_extra_turns():
+    failed = "SELECT t1.city FROM orders t1"
+    error = 'column t1.city does not exist Perhaps you meant to reference the column "t2.city".'
+    fix = SqlPrompt(FOLLOW_UP.question, SCHEMA, FOLLOW_UP.history, fix=((failed, error),))
+    base = render_messages(FOLLOW_UP)
+    messages = render_messages(fix)
+    assert messages[: len(base)] == base  # the base prompt unchanged: training pairs' prompts stay as they are
+    assert messages[len(base):] == [{"role": "assistant", "content": failed + ";"},
+                                    {"role": "user", "content": FIX_REQUEST.format(error=error)}]
+    assert FIX_REQUEST.format(error=error).startswith("That statement failed in PostgreSQL: column t1.city")
+    text = render_text(fix)
+    assert text.startswith(render_text(FOLLOW_UP).removesuffix("SQL:"))
+    assert text.endswith(f"Question: and how many are late?\nSQL: {failed};\nError: {error}\nSQL:")
+    # a second fix turn follows the first; the training example of a fix prompt ends with the fix turns
+    twice = SqlPrompt(fix.question, SCHEMA, fix=((failed, error), ("SELECT 1 FROM nowhere", "relation x")))
+    assert [m["role"] for m in render_messages(twice)] == ["system", "user", "assistant", "user", "assistant", "user"]
+    prompt, target = training_example(fix, "SELECT count(*) FROM orders WHERE late", sql_tokenizer())
+    assert prompt == render_text(fix) and target == " SELECT count(*) FROM orders WHERE late;[SEP]"
+
+
+def test_the_budget_keeps_the_fix_turns_whole():
+    tables = [f"CREATE TABLE t{i} (\n  c0 integer,\n  c1 integer\n);" for i in range(3)]
+    prompt = SqlPrompt("which t0 rows have c1 over 5?", "\n\n".join(tables), (("first", "SELECT 1"),),
+                       fix=(("SELECT c9 FROM t0", "column c9 does not exist"),))
+    words = lambda text: len(text.split())  # noqa: E731 - a token counter for the test
+    fitted, text = fit_prompt(prompt, render_text, words, words(render_text(prompt)) - 1)
+    assert fitted.fix == prompt.fix and fitted.schema_context == "\n\n".join(tables[:2])
+    fitted, text = fit_prompt(prompt, render_text, words, words(render_text(
+        SqlPrompt(prompt.question, tables[0], fix=prompt.fix))))
+    assert fitted.fix == prompt.fix and fitted.history == () and text.endswith("Error: column c9 does not exist\nSQL:")
 
 
 def test_the_budget_drops_whole_tables_from_the_end_then_turns_and_never_the_question():

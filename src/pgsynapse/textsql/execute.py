@@ -30,8 +30,42 @@ from pgsynapse.errors import InputError
 _MAX_PERMUTED_COLUMNS = 5
 
 
+# SQLSTATE classes a rewrite of the statement can fix, so a fix turn (sql_fix_attempts) may show the model the error:
+# 42 syntax error or undefined / ambiguous column, table, function, grouping and type errors (not 42501, a missing
+# privilege), 21 cardinality (a scalar subquery returning several rows), 22 data exceptions (a bad cast, / 0).
+# Timeouts (57014) and resource limits are not: a rewrite would cost another run and rarely be faster.
+FIXABLE_SQLSTATE_CLASSES = ("42", "21", "22")
+_FIX_ERROR_CHARS = 300
+
+
 class QueryFailed(InputError):
-    """The statement failed or ran over its time limit: the database's reason, for the row's error."""
+    """The statement failed or ran over its time limit: the database's reason, for the row's error.
+
+    ``sqlstate`` and ``server_message`` (the server's primary message and hint, nothing else) are set for errors
+    the server raised while running the statement; :attr:`fixable_error` is what a fix turn may show the model."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, server_message: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.server_message = server_message
+
+    def __reduce__(self):
+        return _query_failed, (str(self), self.sqlstate, self.server_message)
+
+    @property
+    def fixable_error(self) -> str | None:
+        """The error for the model's fix turn, or None when no rewrite can fix it. Only the server's primary
+        message and hint: they name the statement's own columns, tables and types, and a data exception quotes at
+        most a value of a table the reader role may read (what the statement itself could have returned);
+        DETAIL and CONTEXT are left out."""
+        code = self.sqlstate or ""
+        if not self.server_message or code == "42501" or code[:2] not in FIXABLE_SQLSTATE_CLASSES:
+            return None
+        return self.server_message[:_FIX_ERROR_CHARS]
+
+
+def _query_failed(message: str, sqlstate: str | None, server_message: str | None) -> QueryFailed:
+    return QueryFailed(message, sqlstate=sqlstate, server_message=server_message)
 
 
 class Checked(Protocol):
@@ -127,7 +161,11 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)} (GRANT SELECT on the tables "
                           f"data questions may read TO {role}: docs/operations.md)") from None
     except psycopg.Error as exc:
-        raise QueryFailed(f"the statement failed: {_message(exc)}") from None
+        diag = getattr(exc, "diag", None)
+        primary = (getattr(diag, "message_primary", None) or "").strip()
+        hint = (getattr(diag, "message_hint", None) or "").strip()
+        raise QueryFailed(f"the statement failed: {_message(exc)}", sqlstate=exc.sqlstate,
+                          server_message=(f"{primary} {hint}" if hint else primary) or None) from None
     columns = [{"name": d.name, "type": names.get(d.type_code, str(d.type_code))} for d in described]
     result = Result(columns, truncated=len(fetched) > limits.max_rows)
     size = len(json.dumps(columns))

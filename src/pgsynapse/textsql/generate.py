@@ -9,9 +9,12 @@ decides whether a statement is safe (textsql/safety.py does) or runs it.
 
 The prompt (``render_messages`` for chat models, ``render_text`` otherwise): a short system message, the earlier
 turns of the session as question / SQL pairs, and the last user message with the tables' DDL and the question.
+A fix prompt (``SqlPrompt.fix``, the ``sql_fix_attempts`` retry) is the same prompt with extra turns after it: the
+model's failed statement as its answer, then the database's error and a request for the corrected statement; the
+base prompt is unchanged, so training pairs and fix prompts agree on everything before the fix turns.
 When it is over the model's budget (context less the statement's tokens), the schema context loses whole tables
 from the end (the least relevant: textsql/context.py orders them), then the oldest turns, then the last table's
-lines; the question is never cut. :func:`training_example` gives the trainer the exact prompt text inference uses
+lines; the question and the fix turns are never cut. :func:`training_example` gives the trainer the exact prompt text inference uses
 and the target the model should emit (the statement, ``;`` and the end token), so both agree.
 """
 
@@ -23,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SYSTEM = "Write one PostgreSQL SELECT statement that answers the question, no explanation."
+FIX_REQUEST = "That statement failed in PostgreSQL: {error}\nWrite the corrected statement."
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class SqlPrompt:
     question: str
     schema_context: str  # DDL-like text, one table per block, blocks separated by a blank line (textsql/context.py)
     history: tuple[tuple[str, str], ...] = ()  # earlier (question, sql) turns of the session, oldest first
+    # a fix prompt's extra turns: (the statement the model wrote, the database's error), oldest first
+    fix: tuple[tuple[str, str], ...] = ()
 
 
 # -- the prompt -------------------------------------------------------------------------------------
@@ -68,6 +74,9 @@ def render_messages(p: SqlPrompt) -> list[dict[str, str]]:
         messages.append({"role": "user", "content": question})
         messages.append({"role": "assistant", "content": _statement(sql)})
     messages.append({"role": "user", "content": _user(p)})
+    for sql, error in p.fix:
+        messages.append({"role": "assistant", "content": _statement(sql)})
+        messages.append({"role": "user", "content": FIX_REQUEST.format(error=error)})
     return messages
 
 
@@ -79,7 +88,10 @@ def render_text(p: SqlPrompt) -> str:
         parts += ["Tables:", schema, ""]
     for question, sql in p.history:
         parts += [f"Question: {question}", f"SQL: {_statement(sql)}", ""]
-    parts += [f"Question: {p.question}", "SQL:"]
+    parts += [f"Question: {p.question}"]
+    for sql, error in p.fix:
+        parts += [f"SQL: {_statement(sql)}", f"Error: {error}"]
+    parts += ["SQL:"]
     return "\n".join(parts)
 
 
@@ -89,21 +101,21 @@ def split_tables(schema_context: str) -> list[str]:
 
 
 def _shrinking(p: SqlPrompt):
-    """Ever smaller versions of the prompt, the question always whole: tables dropped from the end (one kept), then
-    history turns oldest first, then the last table's lines from the end, then no table at all."""
+    """Ever smaller versions of the prompt, the question and the fix turns always whole: tables dropped from the end
+    (one kept), then history turns oldest first, then the last table's lines from the end, then no table at all."""
     tables, history = split_tables(p.schema_context), list(p.history)
     while len(tables) > 1:
         tables.pop()
-        yield SqlPrompt(p.question, "\n\n".join(tables), tuple(history))
+        yield replace(p, schema_context="\n\n".join(tables))
     while history:
         history.pop(0)
-        yield SqlPrompt(p.question, "\n\n".join(tables), ())
+        yield replace(p, schema_context="\n\n".join(tables), history=tuple(history))
     lines = tables[0].splitlines() if tables else []
     while len(lines) > 1:
         lines.pop()
-        yield SqlPrompt(p.question, "\n".join(lines), ())
+        yield replace(p, schema_context="\n".join(lines), history=())
     if lines:
-        yield SqlPrompt(p.question, "", ())
+        yield replace(p, schema_context="", history=())
 
 
 def fit_prompt(p: SqlPrompt, render: Callable[[SqlPrompt], str], count: Callable[[str], int],
@@ -411,7 +423,7 @@ def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
 
 
 __all__: Sequence[str] = [
-    "SYSTEM", "LlamaCppSqlGenerator", "auto_runtime", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
+    "FIX_REQUEST", "SYSTEM", "LlamaCppSqlGenerator", "auto_runtime", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
     "encode_example", "end_token", "extract_sql", "fit_prompt", "make_generator", "prompt_text", "render_messages",
     "render_text", "split_tables", "statement_complete", "training_example",
 ]

@@ -18,7 +18,11 @@ goes to stdout as JSON lines (:func:`pgsynapse.learning.trainer_process.progress
    transformers' gguf loader, or a preset): every weight, or a LoRA adapter (``peft``) merged into the weights
    before saving, so inference loads a plain transformers directory. The loss is on the SQL tokens only; the
    prompt is :func:`pgsynapse.textsql.generate.training_example`'s, exactly what the generator sees at inference.
-4. **Evaluate** (:func:`evaluate`) the candidate and the active model on the held-out pairs: generate ->
+4. **Export** (:func:`export_candidate`): when the base is a GGUF model and llama-cpp-python is installed, the
+   candidate is also written as ``OUT_DIR/model.gguf`` from the base GGUF (:mod:`pgsynapse.textsql.gguf_export`;
+   ``sql_retrain_gguf``), so it serves on llama.cpp like the base, and that file is what is evaluated and
+   registered. A failed export (event ``sql_gguf_export_failed``) leaves the transformers directory, as before.
+5. **Evaluate** (:func:`evaluate`) the candidate and the active model on the held-out pairs: generate ->
    ``check_sql`` -> ``run_readonly`` (the worker's limits and reader role) -> ``same_result`` against the target's
    result, ordered only when the target has a top-level ORDER BY. The gate (:mod:`pgsynapse.textsql.gate`) reads
    both accuracies.
@@ -50,7 +54,8 @@ from pgsynapse.textsql.pairs import (  # noqa: E402 - re-exported: the benchmark
     Evaluation, Outcome, Pair, evaluate, load_pairs, normalise_question, ordered_target, run_statement, run_targets,
     split_pairs)
 
-__all__ = ["Evaluation", "FitReport", "Outcome", "Pair", "SqlTrainSpec", "evaluate", "fine_tune", "load_pairs", "main",
+__all__ = ["Evaluation", "FitReport", "Outcome", "Pair", "SqlTrainSpec", "evaluate", "export_candidate", "fine_tune",
+           "load_pairs", "main",
            "normalise_question", "ordered_target", "run_statement", "run_targets", "split_pairs"]
 
 STEP_EVENT = "sql_retrain_step"
@@ -271,6 +276,50 @@ def _micro_batches(batch: list[tuple[list[int], list[int], bool]], tokens: int) 
     return out
 
 
+# -- the GGUF export ----------------------------------------------------------------------------------------------
+
+def gguf_base(base: str, cache_dir: Path) -> Path | None:
+    """The GGUF file of ``base`` when it is one (a .gguf file, a preset, a directory holding one .gguf file and no
+    config.json), else None."""
+    from pgsynapse.answerers.local_models import resolve_model
+    from pgsynapse.errors import ConfigError
+
+    try:
+        location = resolve_model(base, cache_dir=cache_dir, setting="sql_model_path")
+    except ConfigError:
+        return None
+    return Path(location.directory) / location.gguf_file if location.gguf_file else None
+
+
+def export_candidate(base: str, out_dir: str | Path, cache_dir: Path, quant: str) -> tuple[str, str, dict[str, Any]]:
+    """(runtime, path, record) of the candidate fine-tuned from ``base`` and saved in ``out_dir``: its GGUF export
+    ``OUT_DIR/model.gguf`` on llama-cpp when the base is a GGUF model, llama-cpp-python is installed and ``quant``
+    (``sql_retrain_gguf``) is not ``off``; else, or when the export fails (event ``sql_gguf_export_failed``), the
+    transformers directory. The record says which and why (it goes into the metrics)."""
+    from pgsynapse.textsql.generate import auto_runtime
+    from pgsynapse.textsql.gguf_export import export_gguf
+
+    directory = ("transformers", str(out_dir))
+    if quant == "off":
+        return *directory, {"skipped": "sql_retrain_gguf = off"}
+    source = gguf_base(base, cache_dir)
+    if source is None:
+        return *directory, {"skipped": "the base is not a GGUF model"}
+    if auto_runtime(str(source)) != "llama-cpp":
+        return *directory, {"skipped": "llama-cpp-python is not installed"}
+    target = Path(out_dir) / "model.gguf"
+    try:
+        report = export_gguf(source, out_dir, target, quant=quant)
+    except Exception as exc:  # noqa: BLE001 - any failure: the directory serves, as before the export existed
+        error = f"{type(exc).__name__}: {exc}"
+        progress("sql_gguf_export_failed", base=str(source), error=error)
+        return *directory, {"error": error, "base": str(source)}
+    return "llama-cpp", str(target), {"path": str(target), "base": str(source), "type": quant,
+                                      "replaced": len(report.replaced), "kept": report.kept,
+                                      "replaced_as": report.replaced_as, "bytes": report.bytes,
+                                      "seconds": report.seconds}
+
+
 # -- the process -------------------------------------------------------------------------------------------------
 
 def _settings(spec: SqlTrainSpec) -> Any:
@@ -291,6 +340,21 @@ def _reporter(label: str, pairs: Sequence[Pair]) -> Callable[[int, Outcome], Non
         # a *_step event: the parent relays one every few seconds, and the last
         progress("sql_retrain_eval_step", model=label, step=i + 1, steps=len(pairs), outcome=o.outcome)
     return report
+
+
+def _candidate(runtime: str, path: str, directory: str, settings: Any,
+               exported: dict[str, Any]) -> tuple[Any, str, str]:
+    """(generator, runtime, path) of the candidate: its GGUF export on llama.cpp, or the directory when that export
+    does not load (``exported`` records why)."""
+    from pgsynapse.textsql.generate import make_generator
+
+    if runtime != "transformers":
+        try:
+            return make_generator(runtime, path, settings), runtime, path
+        except Exception as exc:  # noqa: BLE001 - an export llama.cpp refuses: the directory serves instead
+            exported["error"] = f"{type(exc).__name__}: {exc}"
+            progress("sql_gguf_export_failed", stage="load", path=path, error=exported["error"])
+    return make_generator("transformers", directory, settings), "transformers", directory
 
 
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
@@ -333,12 +397,17 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
                         budget_seconds=spec.budget_seconds, threads=spec.threads, cache_dir=cache_dir,
                         on_step=on_step)
         seconds.update(load_base=fit.load_seconds, train=fit.seconds, save=fit.save_seconds)
+        t0 = time.time()
+        cand_runtime, cand_path, exported = export_candidate(spec.base_path, spec.out_dir, cache_dir,
+                                                             settings.sql_retrain_gguf)
+        seconds["export"] = round(time.time() - t0, 2)
+        progress("sql_retrain_candidate_saved", runtime=cand_runtime, path=cand_path, gguf=exported)
         progress("sql_retrain_evaluating", heldout=len(held))
         held_targets = [results[id(p)] for p in held]
         cand = act = Evaluation([], 0.0)
         if held:  # nothing to judge on: the gate says so, and neither model is loaded for it
             t0 = time.time()
-            candidate = make_generator("transformers", spec.out_dir, settings)
+            candidate, cand_runtime, cand_path = _candidate(cand_runtime, cand_path, spec.out_dir, settings, exported)
             seconds["load_candidate"] = round(time.time() - t0, 2)
             cand = evaluate(candidate, held, held_targets, conn, limits, role, on_pair=_reporter("candidate", held))
             del candidate
@@ -352,6 +421,8 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
         "candidate": cand.summary(), "active": act.summary(),
         "candidate_accuracy": accuracy(cand.correct), "active_accuracy": accuracy(act.correct),
         "active_model": {"runtime": spec.active_runtime, "path": spec.active_path},
+        "candidate_model": {"runtime": cand_runtime, "path": cand_path, "directory": spec.out_dir},
+        "gguf_export": exported,
         "base": spec.base_path, "pairs": len(pairs), "train_pairs": len(train), "heldout": len(held),
         "dropped": dict(sorted(dropped.items())), "max_correction_id": max_id,
         "train": {k: v for k, v in asdict(fit).items()}, "recipe": "lora" if spec.lora else "full",
