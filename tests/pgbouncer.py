@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import psycopg
@@ -47,7 +47,8 @@ class PgBouncer:
         self.pool_size = pool_size
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgsynapse-pgbouncer-", dir="/tmp"))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
 
     def url(self, direct_url: str) -> str:
         """``direct_url``'s database and user, through the pooler."""
@@ -77,7 +78,6 @@ default_pool_size = {self.pool_size}
 min_pool_size = 0
 max_client_conn = 200
 server_reset_query =
-logfile = {self.dir}/pgbouncer.log
 pidfile = {self.dir}/pgbouncer.pid
 """)
         if os.geteuid() == 0:
@@ -88,18 +88,17 @@ pidfile = {self.dir}/pgbouncer.pid
             with open(self.dir / "pgbouncer.ini", "a") as f:
                 f.write(f"user = {pw.pw_name}\n")
         self.proc = subprocess.Popen([BINARY, str(self.dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        probe = make_conninfo(host="127.0.0.1", port=str(self.port), user=user, dbname="pgbouncer")
-        deadline = time.monotonic() + 30
-        while True:  # a start-up wait on the process itself: no event to wait on before it listens
-            try:
-                with psycopg.connect(probe, autocommit=True, connect_timeout=2):
-                    return self
-            except psycopg.Error:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.dir / "pgbouncer.log")
-                    raise RuntimeError("pgbouncer did not start: " + (log.read_text()[-2000:] if log.exists() else ""))
-                time.sleep(0.05)
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # its own log says when it listens: "listening on ...", then "process up"
+            self.log.append(line)
+            if "process up" in line:
+                break
+        else:
+            raise RuntimeError("pgbouncer did not start: " + "".join(self.log[-20:]))
+        # keep reading its log (one line per connection): a full pipe would stall the pooler
+        threading.Thread(target=self.log.extend, args=(self.proc.stderr,), daemon=True).start()
+        return self
 
     def stats(self, dbname: str) -> dict[str, int]:
         """The pooler's own counters for ``dbname`` (``SHOW STATS`` on its admin console)."""
