@@ -67,6 +67,17 @@ def audit(conn: psycopg.Connection, schemas: list[str]) -> str:
     return h.hexdigest()
 
 
+def spider_context(conn: psycopg.Connection, item: dict[str, Any], contexts: dict[str, Any],
+                   s: Any) -> tuple[str, Any]:
+    """A Spider item's schema and its schema context as the handler builds it (sample values, table cap, reader
+    role from the settings), built once per schema into ``contexts``."""
+    schema = f"spider_{item['db_id'].lower()}"
+    if schema not in contexts:
+        contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
+                                          max_tables=s.sql_max_tables, role=s.sql_reader_role)
+    return schema, contexts[schema]
+
+
 def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], settings: Any, *,
              outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Execution accuracy of ``gen`` on ``items`` (questions with a runnable gold ``sql``) as the ``sql_answer``
@@ -79,11 +90,7 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
     fix_tried, fix_ran, fix_right = 0, 0, 0
     gold_refused = 0
     for it in items:
-        schema = f"spider_{it['db_id'].lower()}"
-        if schema not in contexts:
-            contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
-                                              max_tables=s.sql_max_tables, role=s.sql_reader_role)
-        ctx = contexts[schema]
+        schema, ctx = spider_context(conn, it, contexts, s)
         try:
             gold = run_readonly(conn, check_sql(it["sql"], allowed=ctx.allowed, search_path=(schema,)), limits,
                                 role=s.sql_reader_role, search_path=(schema,))
@@ -171,11 +178,7 @@ def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, o
     contexts: dict[str, Any] = {}
     pairs = []
     for it in items:
-        schema = f"spider_{it['db_id'].lower()}"
-        if schema not in contexts:
-            contexts[schema] = schema_context(conn, schema, None, samples=s.sql_sample_values,
-                                              max_tables=s.sql_max_tables, role=s.sql_reader_role)
-        ctx = contexts[schema]
+        schema, ctx = spider_context(conn, it, contexts, s)
         pairs.append(Pair(it["question"], ctx.text, it["sql"], schema, ctx.allowed))
     report = fine_tune(pairs, path, out_dir, lora=lora, epochs=epochs, lr=s.sql_retrain_lr,
                        context_tokens=s.sql_context_tokens, max_new_tokens=s.sql_max_new_tokens,
