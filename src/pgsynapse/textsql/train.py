@@ -166,7 +166,10 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
     # the 0.5B default kept 10+ GB of them (14-19 GB peak measured, above sql_retrain_memory_mb)
     model.config.use_cache = False
     if model.supports_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     load_seconds = time.time() - started
     prompt_budget = max(16, loaded.context_limit(context_tokens) - max_new_tokens)
     parameters = sum(p.numel() for p in model.parameters())
