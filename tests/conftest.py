@@ -200,23 +200,11 @@ def demo_sql_model(pg_url, template_db, tmp_path_factory) -> str:
     """A tiny SQL model that answers the demo's data question right, on the demo's table (the demo's and the SQL
     commands' end-to-end tests)."""
     from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
-    from pgsynapse.textsql.context import schema_context
     from pgsynapse.textsql.generate import SqlPrompt
-    from tests.helpers import fast_settings
-    from tests.sql_models import tiny_sql_model
+    from tests.sql_models import sql_database, tiny_sql_model
 
     # what a right model says (no '_' in it: the tiny model's tokenizer splits them)
     shipped_per_region = "select region, count(shipped) from orders group by region order by 2 desc, 1"
-    name = f"pgsynapse_demo_shop_{tmp_path_factory.getbasetemp().name[-6:].replace('-', '_')}"
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    try:
-        settings = fast_settings(_with_db(pg_url, name))
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute(SHOP_SQL)
-            ctx = schema_context(conn, "demo_shop", None, samples=settings.sql_sample_values,
-                                 max_tables=settings.sql_max_tables, role=settings.sql_reader_role)
+    with sql_database(pg_url, template_db, tmp_path_factory, "demo_shop", SHOP_SQL, "demo_shop") as (_, _, ctx):
         path = tmp_path_factory.mktemp("models") / "tiny-demo-sql"
         return str(tiny_sql_model(path, [(SqlPrompt(DATA_QUESTION, ctx.text), shipped_per_region)]))
-    finally:
-        drop_database(pg_url, name)

@@ -9,19 +9,47 @@ string literal comes back lower-cased with spaces inside its quotes (``' paris '
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from pgsynapse.config import Settings
 from pgsynapse.models import default_model_path
+from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.generate import SqlPrompt, encode_example, extract_sql, training_example
+from tests.conftest import _with_db, drop_database
+from tests.helpers import fast_settings
 
 STATS: dict[str, int] = {}  # of the last build: steps taken and the size of its training vocabulary
 MARGIN = 1.0  # logits of each target token above any other, so that greedy decoding is exact and stable
 LR = 1e-2
 SIZE = dict(n_embd=64, n_layer=1, n_head=4, n_inner=128)  # one layer learns ~10 pairs in ~50 steps, two in ~100
 MAX_NEW_TOKENS = 160  # the setting sql_max_new_tokens' default: the positions leave room for it beside the prompt
+
+
+@contextmanager
+def sql_database(pg_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory, tag: str, tables: str,
+                 schema: str = "public") -> Iterator[tuple[str, Settings, SchemaContext]]:
+    """A database cloned from the migrated template with ``tables`` (SQL) run in it: its name, its settings
+    (``fast_settings``) and the schema context the sql_answer handler builds for ``schema`` with them, which is
+    what a tiny SQL model is taught its prompts from. Dropped on exit."""
+    name = f"pgsynapse_{tag}_{tmp_path_factory.getbasetemp().name[-6:].replace('-', '_')}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        settings = fast_settings(_with_db(pg_url, name))
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(tables)
+            ctx = schema_context(conn, schema, None, samples=settings.sql_sample_values,
+                                 max_tables=settings.sql_max_tables, role=settings.sql_reader_role)
+        yield name, settings, ctx
+    finally:
+        drop_database(pg_url, name)
 
 
 def sql_tokenizer():

@@ -12,11 +12,9 @@ from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler, attempt
-from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.generate import SqlPrompt
-from tests.conftest import _with_db, drop_database
 from tests.helpers import fast_settings, running_worker
-from tests.sql_models import as_generated, tiny_sql_model
+from tests.sql_models import as_generated, sql_database, tiny_sql_model
 
 pytestmark = pytest.mark.anyio
 
@@ -34,23 +32,15 @@ FIXED = "select manager from regions order by manager"
 
 @pytest.fixture(scope="module")
 def fix_shop(pg_url, template_db, tmp_path_factory):
-    name = f"pgsynapse_fix_{tmp_path_factory.getbasetemp().name[-6:].replace('-', '_')}"
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(pg_url, name)
-    settings = fast_settings(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SHOP)
-        ctx = schema_context(conn, "public", None, samples=settings.sql_sample_values,
-                             max_tables=settings.sql_max_tables, role=settings.sql_reader_role)
-        failed = attempt(conn, as_generated(BROKEN), ctx, "public", settings)
-    assert failed.result is None and failed.fixable_error, failed
-    assert failed.fixable_error.startswith('column "manager" does not exist'), failed.fixable_error
-    prompt = SqlPrompt(MANAGERS, ctx.text)
-    pairs = [(prompt, BROKEN), (SqlPrompt(MANAGERS, ctx.text, fix=((failed.said, failed.fixable_error),)), FIXED)]
-    model = tiny_sql_model(tmp_path_factory.mktemp("models") / "tiny-fix", pairs)
-    yield name, str(model), failed, ctx.text
-    drop_database(pg_url, name)
+    with sql_database(pg_url, template_db, tmp_path_factory, "fix", SHOP) as (name, settings, ctx):
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            failed = attempt(conn, as_generated(BROKEN), ctx, "public", settings)
+        assert failed.result is None and failed.fixable_error, failed
+        assert failed.fixable_error.startswith('column "manager" does not exist'), failed.fixable_error
+        prompt = SqlPrompt(MANAGERS, ctx.text)
+        pairs = [(prompt, BROKEN), (SqlPrompt(MANAGERS, ctx.text, fix=((failed.said, failed.fixable_error),)), FIXED)]
+        model = tiny_sql_model(tmp_path_factory.mktemp("models") / "tiny-fix", pairs)
+        yield name, str(model), failed, ctx.text
 
 
 @pytest.fixture
@@ -66,13 +56,18 @@ def _row(url: str, qid: int):
                             (qid,)).fetchone()
 
 
-async def test_a_statement_failing_in_postgres_is_fixed_with_its_error_and_the_fix_runs(shop, models):
-    url, model, failed, schema = shop
-    settings = fast_settings(url, sql_runtime="transformers", sql_model_path=model, sql_fix_attempts=1)
+async def _ask_managers(url: str, model: str, models, *, fix_attempts: int):
+    """MANAGERS asked through a worker with the tiny model: the answer and the log events."""
+    settings = fast_settings(url, sql_runtime="transformers", sql_model_path=model, sql_fix_attempts=fix_attempts)
     with capture_logs() as logs:
         async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
             async with Client(url) as client:
-                got = await client.ask_data(MANAGERS)
+                return await client.ask_data(MANAGERS), logs
+
+
+async def test_a_statement_failing_in_postgres_is_fixed_with_its_error_and_the_fix_runs(shop, models):
+    url, model, failed, schema = shop
+    got, logs = await _ask_managers(url, model, models, fix_attempts=1)
     assert got.status == "answered" and got.error is None, got
     assert got.sql == 'select manager from "public".regions order by manager' and got.rows == [["ann"], ["bob"]]
     row = _row(url, got.id)
@@ -86,11 +81,7 @@ async def test_a_statement_failing_in_postgres_is_fixed_with_its_error_and_the_f
 
 async def test_without_fix_attempts_the_first_error_stays_on_the_row(shop, models):
     url, model, failed, _ = shop
-    settings = fast_settings(url, sql_runtime="transformers", sql_model_path=model, sql_fix_attempts=0)
-    with capture_logs() as logs:
-        async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
-            async with Client(url) as client:
-                got = await client.ask_data(MANAGERS)
+    got, logs = await _ask_managers(url, model, models, fix_attempts=0)
     assert got.status == "failed" and got.error == failed.error and got.sql == failed.sql, got
     assert _row(url, got.id)["result"] is None
     assert not [e for e in logs if e["event"] == "sql_fix_attempted"]

@@ -16,12 +16,10 @@ from pgsynapse.client import Client
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
-from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
-from tests.conftest import _with_db, drop_database
 from tests.helpers import aconn, fast_settings, running_worker
-from tests.sql_models import as_generated, tiny_sql_model
+from tests.sql_models import as_generated, sql_database, tiny_sql_model
 
 pytestmark = pytest.mark.anyio
 
@@ -64,22 +62,13 @@ FOLLOW_UP_SQL = "select region, count(*) from orders where total > 200 group by 
 @pytest.fixture(scope="module")
 def sql_shop(pg_url, template_db, tmp_path_factory):
     """A database with the shop tables (cloned per test) and a tiny SQL model taught this schema's prompts."""
-    name = f"pgsynapse_shop_{tmp_path_factory.getbasetemp().name[-6:].replace('-', '_')}"
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(pg_url, name)
-    settings = fast_settings(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SHOP)
-        ctx = schema_context(conn, "public", None, samples=settings.sql_sample_values,
-                             max_tables=settings.sql_max_tables, role=settings.sql_reader_role)
-    pairs = [(SqlPrompt(q, ctx.text), sql) for q, sql in SAID.items()]
-    # the follow-up is asked with the first turn as its history: the statement as it was stored (checked)
-    first = check_sql(as_generated(SAID[PER_REGION]), allowed=ctx.allowed, search_path=("public",)).sql
-    pairs.append((SqlPrompt(FOLLOW_UP, ctx.text, ((PER_REGION, first),)), FOLLOW_UP_SQL))
-    model = tiny_sql_model(tmp_path_factory.mktemp("models") / "tiny-sql", pairs)
-    yield name, str(model)
-    drop_database(pg_url, name)
+    with sql_database(pg_url, template_db, tmp_path_factory, "shop", SHOP) as (name, _, ctx):
+        pairs = [(SqlPrompt(q, ctx.text), sql) for q, sql in SAID.items()]
+        # the follow-up is asked with the first turn as its history: the statement as it was stored (checked)
+        first = check_sql(as_generated(SAID[PER_REGION]), allowed=ctx.allowed, search_path=("public",)).sql
+        pairs.append((SqlPrompt(FOLLOW_UP, ctx.text, ((PER_REGION, first),)), FOLLOW_UP_SQL))
+        model = tiny_sql_model(tmp_path_factory.mktemp("models") / "tiny-sql", pairs)
+        yield name, str(model)
 
 
 @pytest.fixture
