@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import NO_PREPARE
+from pgsynapse.db import NO_PREPARE, session_url
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
@@ -73,7 +73,7 @@ class Worker:
         self.kinds = list(self.handlers)
         self.wakeups = Wakeups(self.kinds)
         # LISTEN needs a session: a direct URL when ``url`` goes through a transaction pooler (listen_url)
-        self.listener = Listener(settings.listen_url or url, self.wakeups, reconnect_max=settings.reconnect_max_seconds)
+        self.listener = Listener(session_url(settings, url), self.wakeups, reconnect_max=settings.reconnect_max_seconds)
         self.stats = WorkerStats()
         self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
         self.stopping = anyio.Event()

@@ -21,6 +21,12 @@ APPLICATION_NAME = "pgsynapse"
 NO_PREPARE: dict[str, object] = {"prepare_threshold": None}
 
 
+def session_url(settings: Settings, url: str) -> str:
+    """Where session state may live (LISTEN, session advisory locks): ``listen_url`` when set (``url`` goes through
+    a transaction pooler), else ``url`` itself."""
+    return settings.listen_url or url
+
+
 def _connect_kwargs(application_name: str) -> dict[str, object]:
     return {
         **NO_PREPARE,
@@ -96,8 +102,8 @@ class Database:
 
     @property
     def listen_url(self) -> str:
-        """Where session state may live (LISTEN, session advisory locks): ``listen_url`` if set, else :attr:`url`."""
-        return self.settings.listen_url or self.url
+        """Where session state may live: :func:`session_url` of :attr:`url`."""
+        return session_url(self.settings, self.url)
 
     def __exit__(self, *exc: object) -> None:
         if self._embedded is not None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from pgsynapse.artifacts import models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
+from pgsynapse.db import NO_PREPARE, session_url
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ONNX_FILES, ONNX_META, Embedder, ModelSpec, load_embedder
@@ -778,8 +779,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     from psycopg.rows import dict_row
 
     # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
-    with psycopg.connect(getattr(settings, "listen_url", None) or url, autocommit=True, row_factory=dict_row,
-                         prepare_threshold=None) as conn:
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
         conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
         if version is None:
             row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
