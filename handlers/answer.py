@@ -34,6 +34,7 @@ from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
 from pgsynapse.queries import q
+from pgsynapse.replica import reading, replica_for
 
 log = get_logger(__name__)
 
@@ -87,6 +88,11 @@ class AnswerHandler(Handler[AnswerWork]):
         self.guard = Guard()
         self.cache = AnswerCache(settings)
         self._streams: StreamWriter | None = None
+        self.replica = replica_for(settings.read_url, settings.read_max_lag_ms)  # retrieval may read a replica
+
+    async def aclose(self) -> None:
+        if self.replica is not None:
+            await self.replica.aclose()
 
     # -- answerers ----------------------------------------------------------------------------
     def answerer_for(self, embedder: Embedder) -> Answerer:
@@ -174,8 +180,11 @@ class AnswerHandler(Handler[AnswerWork]):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
                 if self.cache.may_serve(guardrail=w.guardrail, history=w.history):
                     w.cached = await self.cache.lookup(conn, w.version, w.question, qv, w.job.ref_id)
-                if not blocked(w) and w.cached is None:
-                    w.passages = await self._retrieve(conn, w)
+        retrieve = [w for w in work if not blocked(w) and w.cached is None]
+        if retrieve:
+            async with reading(self.replica, conn) as reads:  # the replica, once it has caught up with the primary
+                for w in retrieve:
+                    w.passages = await self._retrieve(reads, w)
         return work, known
 
     def _check(self, embedder: Embedder, group: list[AnswerWork], qvecs: np.ndarray) -> None:

@@ -101,6 +101,9 @@ class Handler(ABC, Generic[W]):
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
 
+    async def aclose(self) -> None:
+        """Release what the handler holds outside the worker's pool (the worker is stopping)."""
+
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         """Announce written results (inside the write transaction: delivered on commit)."""
 

@@ -171,6 +171,8 @@ class Worker:
                             await conn.execute(q("worker_deregister"), {"worker": self.worker_id})
                     except (psycopg.Error, OSError) as exc:  # the row is pruned a day later; nothing else depends on it
                         log.warning("worker_deregister_failed", error=" ".join(str(exc).split())[:200])
+                for handler in self.handlers.values():
+                    await handler.aclose()
                 await self.pool.close()
         log.info("worker_stopped", worker=self.worker_id, processed=self.stats.processed, failed=self.stats.failed)
 

@@ -223,7 +223,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.status import render, snapshot
 
         with Database(settings) as db, db.connect() as conn:
-            snap = snapshot(conn)
+            snap = snapshot(conn, read_url=settings.read_url)
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
         return 0
     if args.command == "retry-failed":
@@ -262,11 +262,18 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         import anyio
 
         from pgsynapse.models import ModelCache
+        from pgsynapse.replica import replica_for
         from pgsynapse.search import search
 
         async def go(db: Database):
-            async with db.aconnect(autocommit=True) as conn:
-                return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k, version=args.model_version)
+            replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search")
+            try:
+                async with db.aconnect(autocommit=True) as conn:
+                    return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
+                                        version=args.model_version, replica=replica)
+            finally:
+                if replica is not None:
+                    await replica.aclose()
 
         with Database(settings) as db:
             hits = anyio.run(go, db)

@@ -20,7 +20,7 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 
 ENV_PREFIX = "PGSYNAPSE_"
 # settings that may carry a password or a key: an error about them never shows the value
-SECRET_SETTINGS = frozenset({"database_url", "listen_url", "openai_api_key", "openai_base_url"})
+SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "openai_api_key", "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -41,6 +41,14 @@ class Settings(BaseModel):
         None, repr=False, description="a direct (or session-pooled) URL of the same database for what needs a "
         "session: the LISTEN connections and the session locks of migrate and the runtime export; unset = "
         "database_url (set it when database_url goes through PgBouncer in transaction mode: docs/operations.md)")
+    read_url: str | None = Field(
+        None, repr=False, description="a streaming replica of the database for reads that may go there: the kNN "
+        "retrieval of answers and `pgsynapse search`; writes and claims never do. A read goes to the replica only once "
+        "it has replayed everything the primary had flushed when the read began (else the primary is read after "
+        "read_max_lag_ms): docs/scaling.md, read replicas")
+    read_max_lag_ms: float = Field(
+        500.0, ge=0, le=60_000, description="how long a read waits for the replica to catch up with the primary "
+        "before it reads the primary instead")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
 
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
@@ -252,6 +260,8 @@ class Settings(BaseModel):
             raise ValueError("chunk_overlap: must be less than half of chunk_tokens")
         if self.listen_url and not self.database_url:
             raise ValueError("listen_url: needs database_url (the embedded server takes no listen URL)")
+        if self.read_url and not self.database_url:
+            raise ValueError("read_url: needs database_url (the replica of which primary?)")
         return self
 
     @property

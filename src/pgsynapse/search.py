@@ -12,6 +12,7 @@ from pgvector.psycopg import register_vector_async
 from pgsynapse.errors import DatabaseError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
+from pgsynapse.replica import ReadReplica, reading
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,15 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
 
 
 async def search(
-    conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None
+    conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
+    replica: ReadReplica | None = None,
 ) -> list[Hit]:
+    """The ``k`` chunks nearest to ``text``; the kNN reads ``replica`` once it has caught up with ``conn``."""
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
     vector = (await anyio.to_thread.run_sync(embedder.encode, [text]))[0]
     sql = q("search_chunks").replace("{dim}", str(int(row["dim"])))
-    cur = await conn.execute(sql, {"query": vector, "version": row["id"], "k": k})
-    return [Hit(**r) for r in await cur.fetchall()]
+    async with reading(replica, conn) as reads:
+        cur = await reads.execute(sql, {"query": vector, "version": row["id"], "k": k})
+        return [Hit(**r) for r in await cur.fetchall()]

@@ -8,9 +8,11 @@ import psycopg
 
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.queries import q
+from pgsynapse.replica import replica_lag
 
 
-def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
+    """The status of the database at ``conn``, and of the read replica at ``read_url`` when one is set."""
     jobs = [dict(r) for r in conn.execute(q("queue_stats"))]
     for r in jobs:
         if r["oldest_pending_seconds"] is not None:
@@ -43,7 +45,8 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
     sql_models = [dict(r) for r in conn.execute(q("sql_models", "textsql_models.sql")) if r["status"] != "retired"]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
-            "data_questions": data_questions, "sql_models": sql_models}
+            "data_questions": data_questions, "sql_models": sql_models,
+            "read_replica": replica_lag(conn, read_url) if read_url else None}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -82,6 +85,9 @@ def render(snap: dict[str, Any]) -> str:
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]
+    rr = snap.get("read_replica")
+    if rr:
+        lines.append(f"read replica   : {_render_replica(rr)}")
     lines.append(f"workers        : {len(snap['workers']) or 'none registered'}")
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]
@@ -100,3 +106,14 @@ def render(snap: dict[str, Any]) -> str:
             f"                 {r['kind']:<9} {r['pending']:<8} {r['running']:<8} {r['failed']:<7} {r['done']:<8} {age}"
         )
     return "\n".join(lines)
+
+
+def _render_replica(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"UNREACHABLE ({r['error']}): retrieval and search read the primary"
+    if not r["in_recovery"]:
+        return "NOT A REPLICA (not in recovery): read_url must name a standby of this database"
+    since = "no commit replayed yet" if r["since_replay_seconds"] is None else \
+        f"last commit replayed {r['since_replay_seconds']:.1f}s ago"
+    state = "caught up" if r["behind_bytes"] <= 0 else f"{r['behind_bytes']:,} bytes of WAL behind"
+    return f"{state}, {since}" + (" (REPLAY PAUSED)" if r["paused"] else "")
