@@ -105,14 +105,16 @@ class WorkerProcess:
             self.events.append({"event": "process_exited"})
             self._cond.notify_all()
 
-    def wait_event(self, name: str, timeout: float = SAFETY_TIMEOUT, start: int = 0) -> dict[str, Any]:
+    def wait_event(self, name: str | tuple[str, ...], timeout: float = SAFETY_TIMEOUT, start: int = 0) -> dict[str, Any]:
+        """The first event named ``name`` (or any of a tuple of names) from ``start`` on."""
+        names = (name,) if isinstance(name, str) else name
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for ev in self.events[start:]:
-                    if ev.get("event") == name:
+                    if ev.get("event") in names:
                         return ev
-                    if ev.get("event") == "process_exited" and name != "process_exited":
+                    if ev.get("event") == "process_exited" and "process_exited" not in names:
                         raise RuntimeError(f"worker exited before {name!r}: {self.tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -134,13 +136,15 @@ def spawn_worker(
     env: dict[str, str] | None = None,
     wait_started: bool = True,
     entry: list[str] | None = None,
+    prefix: list[str] | None = None,
 ) -> WorkerProcess:
-    """``pgsynapse run`` in a subprocess; ``entry`` replaces ``-m pgsynapse`` (a script with a fault injected)."""
+    """``pgsynapse run`` in a subprocess; ``entry`` replaces ``-m pgsynapse`` (a script with a fault injected),
+    ``prefix`` goes before the interpreter (``ip netns exec NS``: tests/chaos/partition.py)."""
     full_env = {**os.environ, "PGSYNAPSE_LEASE_SECONDS": "10", "PGSYNAPSE_RETRY_BACKOFF_SECONDS": "0.05",
                 "PGSYNAPSE_POLL_INTERVAL": "30", **(env or {})}
     full_env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, *(entry or ["-m", "pgsynapse"]), "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
+        [*(prefix or []), sys.executable, *(entry or ["-m", "pgsynapse"]), "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
