@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
+from pgsynapse.db import bounded_transaction, idle_in_transaction_limit
 from pgsynapse.handlers.base import Handler, Outcome, WriteReport, describe
 from pgsynapse.listener.batches import WorkerStats
 from pgsynapse.logs import get_logger
@@ -32,11 +33,12 @@ def backoff_delay(attempts: int, base: float, cap: float) -> float:
 
 def transient(exc: BaseException) -> bool:
     """A database error that says nothing about the rows: the connection broke, the server is restarting,
-    or the transaction lost a deadlock/serialization race. Writing the same results again is right."""
+    the transaction lost a deadlock/serialization race, or the server ended it while the worker was silent
+    (25P03: db.bounded_transaction). Writing the same results again is right."""
     if not isinstance(exc, psycopg.OperationalError):
         return False
     state = exc.sqlstate or ""
-    return not state or state.startswith(("08", "57P", "40"))
+    return not state or state.startswith(("08", "57P", "40")) or state == "25P03"
 
 
 
@@ -108,7 +110,8 @@ class BatchWriter:
         inference: dict[str, Any] | None = None,
     ) -> None:
         jobs = {o.job.id: o.job for o in outcomes}
-        async with self._pool().connection(timeout=timeout) as conn, conn.transaction():
+        async with self._pool().connection(timeout=timeout) as conn, \
+                bounded_transaction(conn, idle_in_transaction_limit(self.settings)):
             cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id,
                                                             "claims": [j.claimed_at for j in jobs.values()]})
             owned = {r["id"] for r in await cur.fetchall()}

@@ -39,6 +39,10 @@ UPDATE pgsynapse.jobs j SET lease_until = now() + make_interval(secs => %(lease)
 FROM unnest(%(ids)s::bigint[], %(claims)s::timestamptz[]) AS c (id, started_at)
 WHERE j.id = c.id AND j.started_at = c.started_at AND j.status = 'running' AND j.worker = %(worker)s;
 
+-- name: bound_idle_in_transaction
+-- The server ends this transaction (and its session) if the client stays silent in it this long (db.bounded_transaction).
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
+
 -- name: lock_owned_jobs
 -- The writer's guard: only the claims this worker still holds are completed. The claim's started_at tells a
 -- late result of an expired claim from a new claim of the same job by the same worker.
