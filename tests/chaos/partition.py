@@ -52,6 +52,7 @@ class _Forwarder:
         self.upstream = upstream
         self.port = 0
         self.connections = 0
+        self.upstream_errors: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pg-forwarder")
@@ -85,7 +86,12 @@ class _Forwarder:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await self._open_upstream()
+        try:
+            up_reader, up_writer = await self._open_upstream()
+        except OSError as exc:  # the client sees its connection closed, as from a server that went away
+            self.upstream_errors.append(repr(exc))
+            writer.close()
+            return
         self._writers |= {writer, up_writer}
         try:
             await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
