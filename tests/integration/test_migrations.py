@@ -290,3 +290,20 @@ def test_the_data_questions_migration_upgrades_a_database_and_is_idempotent(new_
             " has_column_privilege('pgsynapse_app', 'pgsynapse.data_questions', 'sql', 'UPDATE'),"
             " has_table_privilege('pgsynapse_app', 'pgsynapse.sql_models', 'INSERT')").fetchone() == (
             False, True, True, False, False)
+
+
+def test_the_queue_autovacuum_migration_sets_the_jobs_table_options_and_is_idempotent(new_db):
+    """0017 on top of 0016: the job queue's autovacuum thresholds; re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 17)
+    options = "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = 'pgsynapse.jobs'::regclass"
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute(options).fetchone()[0] == []
+    assert mig.name in migrate(url)
+    expected = ["autovacuum_vacuum_scale_factor=0.01", "autovacuum_vacuum_threshold=2000",
+                "autovacuum_vacuum_insert_scale_factor=0.02", "autovacuum_analyze_scale_factor=0.02"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert sorted(conn.execute(options).fetchone()[0]) == sorted(expected)
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert sorted(conn.execute(options).fetchone()[0]) == sorted(expected)
