@@ -8,8 +8,9 @@ Parts (``--part``, all by default), each one run on a fresh database of one serv
 * ``workers``: 1, 2, 4 real ``pgsynapse run`` processes draining documents, with a cheap stand-in model (a
   1-layer BERT, so the database side shows) and with the real default model (onnx-int8): documents/s end to end.
 * ``writes``: sustained single-row INSERT + COMMIT into ``pgsynapse.documents`` from 1, 8, 32 connections with
-  the enqueue trigger off, on, and on without its NOTIFY (the same function minus ``pg_notify``, in this database
-  only): commits/s and p50/p99 commit latency. NOTIFY serialises notifying commits on one global lock.
+  the enqueue trigger off, on, on without its NOTIFY (the same function minus ``pg_notify``, in this database
+  only) and on with ``pgsynapse queue-notify off``: commits/s and p50/p99 commit latency. NOTIFY serialises
+  notifying commits on one global lock.
 * ``queue`` and ``vectors``: bench/scale_size.py (tables at size).
 
     python -m bench.scale [--quick] [--part claims|workers|writes|queue|vectors]
@@ -226,23 +227,27 @@ ALTER TABLE pgsynapse.documents DISABLE TRIGGER bench_enqueue_no_notify;
 
 @contextlib.contextmanager
 def trigger_mode(conn: psycopg.Connection, mode: str) -> Iterator[None]:
-    """``on`` as shipped; ``off``: no enqueue trigger; ``no_notify``: the job insert without its NOTIFY."""
+    """``on`` as shipped; ``off``: no enqueue trigger; ``no_notify``: the job insert without its NOTIFY (a copy of
+    the function); ``notify_off``: as shipped with ``pgsynapse queue-notify off`` (queue_settings)."""
     real, copy = "documents_enqueue_insert", "bench_enqueue_no_notify"
-    enable = {"on": [real], "off": [], "no_notify": [copy]}[mode]
+    enable = {"on": [real], "off": [], "no_notify": [copy], "notify_off": [real]}[mode]
     for t in (real, copy):
         conn.execute(f"ALTER TABLE pgsynapse.documents {'ENABLE' if t in enable else 'DISABLE'} TRIGGER {t}")
+    conn.execute(q("set_enqueue_notify"), {"on": mode != "notify_off"})
     try:
         yield
     finally:
         conn.execute(f"ALTER TABLE pgsynapse.documents ENABLE TRIGGER {real}")
         conn.execute(f"ALTER TABLE pgsynapse.documents DISABLE TRIGGER {copy}")
+        conn.execute(q("set_enqueue_notify"), {"on": True})
 
 
 def writes(url: str, clients: list[int], seconds: float) -> None:
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute(NO_NOTIFY)
-        for n in clients:
-            for mode in ("off", "no_notify", "on"):
+        for round_, n in enumerate([1, *clients]):  # the first round warms the server up (not kept)
+            warm_up = round_ == 0
+            for mode in ("off", "no_notify", "notify_off", "on"):
                 admin.execute("TRUNCATE pgsynapse.documents, pgsynapse.jobs CASCADE")
                 admin.execute("CHECKPOINT")
                 with trigger_mode(admin, mode):
@@ -263,6 +268,8 @@ def writes(url: str, clients: list[int], seconds: float) -> None:
                         wall = run_threads(n, loop)
                 lat = [x for per in latencies for x in per]
                 jobs = admin.execute("SELECT count(*) FROM pgsynapse.jobs").fetchone()[0]
+                if warm_up:
+                    continue
                 emit("scale", "writes", clients=n, trigger=mode, commits=len(lat), commits_per_s=round(len(lat) / wall),
                      commit_p50_ms=ms(lat, 50), commit_p99_ms=ms(lat, 99), jobs=jobs, **sampler.figures())
 

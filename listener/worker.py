@@ -364,12 +364,15 @@ class Worker:
                     self.in_flight -= 1
 
     async def _idle_timeout(self, kind: str) -> float:
-        """Sleep until a NOTIFY, the poll interval, or the next retry falling due, whichever comes first."""
+        """Sleep until a NOTIFY, the poll interval, or the next retry falling due, whichever comes first; while the
+        enqueue triggers send no NOTIFY (queue_settings.notify_on_enqueue off), ``quiet_poll_interval`` at most."""
         timeout = self.settings.poll_interval
         try:
             assert self.pool is not None
             async with self.pool.connection() as conn:
                 row = await (await conn.execute(q("next_due"), {"kind": kind})).fetchone()
+            if row and not row["notify"]:
+                timeout = min(timeout, self.settings.quiet_poll_interval)
             if row and row["seconds"] is not None:
                 timeout = min(timeout, max(0.0, float(row["seconds"])) + 0.01)
         except (psycopg.Error, OSError):

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="queue, corpus and model status")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
+    qn = sub.add_parser("queue-notify", help="whether the enqueue triggers NOTIFY the workers (off: they poll; "
+                        "for many concurrent writers: docs/scaling.md)")
+    qn.add_argument("state", nargs="?", choices=("on", "off", "show"), default="show")
+
     rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
     rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
 
@@ -225,6 +229,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         with Database(settings) as db, db.connect() as conn:
             snap = snapshot(conn, read_url=settings.read_url)
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
+        return 0
+    if args.command == "queue-notify":
+        from pgsynapse.queries import q
+
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            if args.state == "show":
+                on = conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]
+            else:
+                on = conn.execute(q("set_enqueue_notify"), {"on": args.state == "on"}).fetchone()["notify_on_enqueue"]
+        print("enqueue NOTIFY: on (workers wake on each commit that queues jobs)" if on else
+              f"enqueue NOTIFY: off (idle workers poll every quiet_poll_interval, {settings.quiet_poll_interval:g} s here)")
         return 0
     if args.command == "retry-failed":
         from pgsynapse.retry import retry_failed

@@ -96,6 +96,9 @@ class Settings(BaseModel):
     retry_backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     poll_interval: float = Field(5.0, gt=0, description="fallback poll while LISTEN is down (and safety net)")
+    quiet_poll_interval: float = Field(
+        0.25, gt=0, description="how often an idle worker polls for jobs while the enqueue triggers send no NOTIFY "
+        "(`pgsynapse queue-notify off`: docs/scaling.md)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
     kinds: tuple[str, ...] = Field(
         ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain"),

@@ -307,3 +307,32 @@ def test_the_queue_autovacuum_migration_sets_the_jobs_table_options_and_is_idemp
         with conn.transaction():
             conn.execute(mig.sql.encode())
         assert sorted(conn.execute(options).fetchone()[0]) == sorted(expected)
+
+
+def test_the_enqueue_notify_migration_routes_every_enqueue_wake_up_through_wake_and_is_idempotent(new_db):
+    """0018 on top of 0017: no trigger function NOTIFYs pgsynapse_jobs itself any more (only wake_v1 does), the
+    switch is on, and off it queues the job without the NOTIFY; re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 18)
+    direct = ("SELECT array_agg(DISTINCT p.proname) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+              " WHERE p.prosrc LIKE '%%pg_notify(''pgsynapse_jobs''%%'")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert len(conn.execute(direct).fetchone()[0]) == 9  # the nine enqueue functions, before
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            assert conn.execute(direct).fetchone()[0] is None
+            assert conn.execute("SELECT notify_on_enqueue FROM pgsynapse.queue_settings").fetchall() == [(True,)]
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        listener = psycopg.connect(url, autocommit=True)
+        listener.execute("LISTEN pgsynapse_jobs")
+        conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('a', 'notified')")
+        conn.execute("UPDATE pgsynapse.queue_settings SET notify_on_enqueue = false")
+        conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('b', 'not notified')")
+        conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('not notified either')")
+        listener.execute("SELECT 1")  # both commits are done: their NOTIFYs, if any, have been delivered
+        got = [n.payload for n in listener.notifies(timeout=0)]
+        listener.close()
+        assert got == ['{"kind" : "embed", "n" : 1}'], got
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE status = 'pending'").fetchone()[0] == 3

@@ -210,9 +210,17 @@ ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
 -- name: next_due
--- Seconds until the earliest pending job of a kind is due (retries wait for their backoff); NULL if none.
-SELECT extract(epoch FROM min(run_after) - now()) AS seconds
+-- Seconds until the earliest pending job of a kind is due (retries wait for their backoff); NULL if none. And
+-- whether the enqueue triggers send NOTIFYs (migration 0018): when they do not, an idle worker polls.
+SELECT extract(epoch FROM min(run_after) - now()) AS seconds,
+       coalesce((SELECT notify_on_enqueue FROM pgsynapse.queue_settings), true) AS notify
 FROM pgsynapse.jobs WHERE status = 'pending' AND kind = %(kind)s;
+
+-- name: enqueue_notify
+SELECT notify_on_enqueue FROM pgsynapse.queue_settings;
+
+-- name: set_enqueue_notify
+UPDATE pgsynapse.queue_settings SET notify_on_enqueue = %(on)s RETURNING notify_on_enqueue;
 -- name: expand_bulk_jobs
 -- A bulk job (ref_ids, from a large INSERT) becomes one pending job per row, and is done, in one transaction.
 WITH bulk AS (
