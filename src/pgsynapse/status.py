@@ -46,7 +46,8 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
             "data_questions": data_questions, "sql_models": sql_models,
-            "read_replica": replica_lag(conn, read_url) if read_url else None}
+            "read_replica": replica_lag(conn, read_url) if read_url else None,
+            "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
 
 def render(snap: dict[str, Any]) -> str:
@@ -85,6 +86,8 @@ def render(snap: dict[str, Any]) -> str:
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]
+    if snap.get("enqueue_notify") is False:
+        lines.append("enqueue NOTIFY : off (idle workers poll every quiet_poll_interval: pgsynapse queue-notify on)")
     rr = snap.get("read_replica")
     if rr:
         lines.append(f"read replica   : {_render_replica(rr)}")
