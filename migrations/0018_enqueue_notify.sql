@@ -1,7 +1,7 @@
 -- pgsynapse 0018: a switch for the enqueue triggers' NOTIFY (issue 21; bench/scale.py --part writes).
 -- PostgreSQL serialises every commit that has sent a NOTIFY on one lock, held through the commit's WAL flush: with
--- 8 connections inserting one row per transaction the triggers' NOTIFY cuts the commits per second by 46 % (3,408
--- against 6,344 with the same job insert and no NOTIFY), with 32 by 63 % (2,314 against 6,286; BENCHMARKS.md).
+-- 8 connections inserting one row per transaction the triggers' NOTIFY cuts the commits per second by 54 % (2,924
+-- against 6,367 with the same job insert and no NOTIFY), with 32 by 54 % too (2,747 against 5,937; BENCHMARKS.md).
 -- With notify_on_enqueue off (`pgsynapse queue-notify off`) the triggers still queue every job but send no NOTIFY;
 -- idle workers then find jobs by polling every quiet_poll_interval instead. Nothing can be lost either way: the job row is the durable record, the NOTIFY only
 -- a wake-up. The default stays on (wake-ups in milliseconds, no polling).
