@@ -143,6 +143,12 @@ class EmbedHandler(Handler[EmbedWork]):
         report = WriteReport()
         if not outcomes:
             return report
+        # first, before any lock on pgsynapse.embeddings: the versions still there to write to, held (FOR SHARE) so
+        # that a retire, which drops the version's partition (migration 0019), waits for this commit; one retired
+        # meanwhile is skipped. (Taken after the chunk delete, whose cascade locks the embeddings, this would
+        # deadlock with a retire: it holds the version row and waits for that lock to drop the partition.)
+        computed = sorted({v for o in outcomes if o.ok for v in o.result.vectors})
+        live = {r["id"] for r in await (await conn.execute(q("lock_live_versions"), {"ids": computed})).fetchall()}
         doc_ids = [o.job.ref_id for o in outcomes]
         cur = await conn.execute(q("lock_documents"), {"ids": doc_ids})
         rows = {r["id"]: r for r in await cur.fetchall()}
@@ -173,7 +179,8 @@ class EmbedHandler(Handler[EmbedWork]):
                     i += 1
                     rows.append((cid, o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start, ch.char_end, res.content_hash))
                     for version, arr in res.vectors.items():
-                        emb_rows.append((cid, version, arr[k]))
+                        if version in live:
+                            emb_rows.append((cid, version, arr[k]))
             async with conn.cursor() as c:
                 async with c.copy(
                     "COPY pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)"

@@ -336,3 +336,51 @@ def test_the_enqueue_notify_migration_routes_every_enqueue_wake_up_through_wake_
         listener.close()
         assert got == ['{"kind" : "embed", "n" : 1}'], got
         assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE status = 'pending'").fetchone()[0] == 3
+
+
+def test_the_embeddings_partition_migration_moves_every_vector_and_is_idempotent(new_db):
+    """0019 on top of 0018: every vector of the versions that are not retired moves to its version's partition with
+    its HNSW index (a kNN plan reads that index), a retired version's leftovers are dropped, a new version gets its
+    partition at registration, retiring drops it; re-running the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 19)
+    vec = "[" + ",".join(["0.1"] * 384) + "]"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES"
+                     " (2, 'candidate', 384, 'candidate'), (3, 'old', 384, 'rejected')")
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunks = [conn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                               " content_hash) VALUES (%s, %s, 'x', 1, 0, 1, 'h') RETURNING id", (doc, i)).fetchone()[0]
+                  for i in range(3)]
+        for version, n in ((1, 3), (2, 2), (3, 1)):
+            for c in chunks[:n]:
+                conn.execute("INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)"
+                             " VALUES (%s, %s, %s::vector)", (c, version, vec))
+        conn.execute("UPDATE pgsynapse.model_versions SET status = 'retired' WHERE id = 3")  # its index goes, not its row
+    assert mig.name in migrate(url)
+    per_partition = ("SELECT c.relname, count(e.*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                     " LEFT JOIN pgsynapse.embeddings e ON e.tableoid = c.oid"
+                     " WHERE i.inhparent = 'pgsynapse.embeddings'::regclass GROUP BY 1 ORDER BY 1")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            assert conn.execute(per_partition).fetchall() == [("embeddings_v1", 3), ("embeddings_v2", 2)]
+            assert conn.execute("SELECT count(*) FROM pgsynapse.embeddings").fetchone()[0] == 5
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        hnsw = {r[0]: r[1] for r in conn.execute(
+            "SELECT indexname, tablename FROM pg_indexes WHERE indexname LIKE 'embeddings_hnsw_v%'")}
+        assert hnsw == {"embeddings_hnsw_v1": "embeddings_v1", "embeddings_hnsw_v2": "embeddings_v2"}
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_sort = off")  # three rows: a sort would win; the index must be there to be chosen
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT chunk_id FROM pgsynapse.embeddings e WHERE e.model_version_id = 2"
+            " ORDER BY e.embedding::vector(384) <=> %s::vector(384) LIMIT 5", (vec,)))
+        assert "embeddings_hnsw_v2" in plan and "embeddings_v1" not in plan, plan
+        conn.execute("INSERT INTO pgsynapse.model_versions (id, name, dim, status) VALUES (4, 'new', 384, 'candidate')")
+        conn.execute("INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, 4, %s)",
+                     (chunks[0], vec))
+        conn.execute("UPDATE pgsynapse.model_versions SET status = 'retired' WHERE id IN (2, 4)")
+        assert conn.execute(per_partition).fetchall() == [("embeddings_v1", 3)]
+        # a chunk's vectors still go with it (the foreign key reaches every partition)
+        conn.execute("DELETE FROM pgsynapse.chunks WHERE id = %s", (chunks[0],))
+        assert conn.execute("SELECT count(*) FROM pgsynapse.embeddings").fetchone()[0] == 2

@@ -195,7 +195,7 @@ def test_admin_role_runs_the_registry_commands(db_url, login_role):
     with psycopg.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
         admin.execute("SELECT pgsynapse.ensure_embedding_index(2)")
         set_traffic(admin, 2, 10)
-        retire(admin, 2)  # drops the version's index, which only its owner may drop
+        retire(admin, 2)  # drops the version's partition and index, which only their owner may drop
         promote(admin, 3)
         rollback(admin)
         assert queue_retrain(admin) is not None
@@ -203,7 +203,7 @@ def test_admin_role_runs_the_registry_commands(db_url, login_role):
         versions = admin.execute("SELECT id, status, traffic_percent::float AS t FROM pgsynapse.model_versions"
                                  " ORDER BY id").fetchall()
         indexes = [r["indexname"] for r in admin.execute(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'embeddings' AND indexname LIKE 'embeddings_hnsw_%'"
+            "SELECT indexname FROM pg_indexes WHERE tablename LIKE 'embeddings%%' AND indexname LIKE 'embeddings_hnsw_%%'"
             " ORDER BY 1")]
     assert versions == [{"id": 1, "status": "active", "t": 100.0}, {"id": 2, "status": "retired", "t": 0.0},
                         {"id": 3, "status": "candidate", "t": 0.0}]

@@ -255,3 +255,28 @@ async def test_an_image_changed_between_claim_and_load_is_embedded_once(db_url, 
     await conn.close()
     assert (v["image_embeddings_written_twice"], v["images_not_current"], v["images_missing_embeddings"]) == (0, 0, 0), v
     assert [j["status"] for j in jobs] == ["done", "done"]
+
+
+async def test_an_embed_batch_skips_a_version_retired_while_it_computed(db_url, models):
+    """A retire drops the version's partition of pgsynapse.embeddings (migration 0019): a batch that computed vectors
+    for it writes the other versions' and the document, instead of failing on a row with no partition (tried:
+    without the live-version check the write raises 'no partition of relation "embeddings" found for row')."""
+    settings = fast_settings(db_url, kinds=("embed",))
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.model_versions (id, name, base_version_id, artifact_path, dim, status)"
+        " SELECT 2, 'candidate', 1, artifact_path, dim, 'candidate' FROM pgsynapse.model_versions WHERE id = 1")
+    [doc] = insert_docs(db_url, [("Checkpoints", "A checkpoint flushes dirty pages and writes a checkpoint record.")])
+    async with stepped_worker(settings, models) as worker:
+        outcomes = await _run_until_write(worker, "embed")
+        assert outcomes[0].ok and set(outcomes[0].result.vectors) == {1, 2}
+        with psycopg.connect(db_url, row_factory=dict_row) as admin:
+            retire(admin, 2)  # while the batch computes
+        await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+    per_version = {r["v"]: r["n"] for r in await (await conn.execute(
+        "SELECT model_version_id AS v, count(*) AS n FROM pgsynapse.embeddings GROUP BY 1")).fetchall()}
+    row = await (await conn.execute("SELECT status FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
+    jobs = await _jobs(conn, "embed")
+    await conn.close()
+    assert row["status"] == "embedded" and list(per_version) == [1] and per_version[1] >= 1
+    assert [j["status"] for j in jobs] == ["done"]

@@ -27,8 +27,8 @@ WHERE status = 'active'
 ORDER BY id;
 
 -- name: vector_candidates
--- {dim} and {version} are integers formatted in by the caller: with a literal version the planner can match the
--- partial HNSW index of that version (WHERE model_version_id = V) even under a generic (prepared) plan.
+-- {dim} and {version} are integers formatted in by the caller: with a literal version the planner prunes to that
+-- version's partition (migration 0019) and its HNSW index even under a generic (prepared) plan.
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text,
        1 - (e.embedding::vector({dim}) <=> %(query)s::vector({dim})) AS score
 FROM pgsynapse.embeddings e

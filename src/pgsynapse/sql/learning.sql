@@ -100,8 +100,9 @@ UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, ret
 WHERE id = %(version)s AND status IN ('candidate', 'rejected')
 RETURNING id;
 
--- name: delete_version_embeddings
-DELETE FROM pgsynapse.embeddings WHERE model_version_id = %(version)s;
+-- name: count_version_embeddings
+-- a version's vectors (its partition of pgsynapse.embeddings, dropped when it is retired: migration 0019)
+SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %(version)s;
 
 -- name: set_traffic
 UPDATE pgsynapse.model_versions SET traffic_percent = %(traffic)s

@@ -209,6 +209,10 @@ WHERE e.model_version_id = %(version)s
 ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
+-- name: lock_live_versions
+-- The model versions among %(ids)s that are not retired, locked until the caller's commit (a retire waits for it).
+SELECT id FROM pgsynapse.model_versions WHERE id = ANY(%(ids)s) AND status <> 'retired' ORDER BY id FOR SHARE;
+
 -- name: next_due
 -- Seconds until the earliest pending job of a kind is due (retries wait for their backoff); NULL if none. And
 -- whether the enqueue triggers send NOTIFYs (migration 0018): when they do not, an idle worker polls.
