@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import NO_PREPARE, bounded_transaction, idle_in_transaction_limit, session_url
+from pgsynapse.db import NO_PREPARE, bounded_transaction, session_url
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
@@ -285,7 +285,7 @@ class Worker:
     async def reap_expired(self) -> None:
         assert self.pool is not None
         async with self.pool.connection() as conn:
-            async with bounded_transaction(conn, idle_in_transaction_limit(self.settings)):
+            async with bounded_transaction(conn, self.settings):
                 cur = await conn.execute(q("reap_expired_leases"), {"max_attempts": self.settings.max_attempts,
                                                                     "isolate_kinds": self._isolate_kinds})
                 row = await cur.fetchone()
@@ -450,7 +450,7 @@ class Worker:
         """Bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first."""
         bulk = [r["id"] for r in rows if r["ref_id"] < 0]
         if bulk:
-            async with bounded_transaction(conn, idle_in_transaction_limit(self.settings)):
+            async with bounded_transaction(conn, self.settings):
                 cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
             log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
         return bool(bulk)

@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import bounded_transaction, idle_in_transaction_limit
+from pgsynapse.db import bounded_transaction
 from pgsynapse.handlers.base import Handler, Outcome, WriteReport, describe
 from pgsynapse.listener.batches import WorkerStats
 from pgsynapse.logs import get_logger
@@ -111,7 +111,7 @@ class BatchWriter:
     ) -> None:
         jobs = {o.job.id: o.job for o in outcomes}
         async with self._pool().connection(timeout=timeout) as conn, \
-                bounded_transaction(conn, idle_in_transaction_limit(self.settings)):
+                bounded_transaction(conn, self.settings):
             cur = await conn.execute(q("lock_owned_jobs"), {"ids": list(jobs), "worker": self.worker_id,
                                                             "claims": [j.claimed_at for j in jobs.values()]})
             owned = {r["id"] for r in await cur.fetchall()}

@@ -128,21 +128,16 @@ class Database:
             await conn.close()
 
 
-def idle_in_transaction_limit(settings: Settings) -> float:
-    """Seconds a worker's transaction may wait on the worker before the server ends it: a lease, at least 10 s
-    (the writer's retry budget: past it the jobs may belong to another worker anyway)."""
-    return max(settings.lease_seconds, 10.0)
-
-
 @contextlib.asynccontextmanager
-async def bounded_transaction(conn: psycopg.AsyncConnection, idle_seconds: float) -> AsyncIterator[None]:
-    """A transaction that the server ends (with its session) once its client stays silent in it for
-    ``idle_seconds``. A worker cut off from the database mid-transaction (a network partition: no FIN, no RST)
+async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings) -> AsyncIterator[None]:
+    """A transaction that the server ends (with its session) once its client stays silent in it for a lease, at
+    least 10 s (the writer's retry budget: past it the jobs may belong to another worker anyway). A worker cut off from the database mid-transaction (a network partition: no FIN, no RST)
     would otherwise keep its row locks until the server's TCP keepalive gives up (hours with the kernel's
     defaults), and no other worker could take its jobs over (tests/chaos/test_chaos_partition.py). SET LOCAL:
     this transaction only, so it is safe through PgBouncer in transaction mode."""
+    idle_seconds = max(settings.lease_seconds, 10.0)
     async with conn.transaction():
-        await conn.execute(q("bound_idle_in_transaction"), {"ms": str(max(1, round(idle_seconds * 1000)))})
+        await conn.execute(q("bound_idle_in_transaction"), {"ms": str(round(idle_seconds * 1000))})
         yield
 
 

@@ -105,11 +105,9 @@ def retire(conn: psycopg.Connection, version: int) -> int:
             raise RegistryError(f"model version {version} is active: promote another version first")
         if v["status"] == "retired":
             return 0
-        n_before = conn.execute(q("count_version_embeddings", "learning.sql"), {"version": version}).fetchone()["n"]
+        # counted first: the UPDATE's trigger drops the version's partition (migration 0019), vectors and index
+        deleted = conn.execute(q("count_version_embeddings", "learning.sql"), {"version": version}).fetchone()["n"]
         conn.execute(q("retire", "learning.sql"), {"version": version})
-        # the UPDATE's trigger dropped the version's partition (migration 0019): its vectors and index are gone;
-        # the count is what it held
-        deleted = n_before
         record_event(conn, version, "retired", reason="manual",
                      figures={"previous_status": v["status"], "embeddings_deleted": deleted})
     log.info("model_retired", version=version, embeddings_deleted=deleted)
