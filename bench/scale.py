@@ -31,7 +31,8 @@ from sentence_transformers import SentenceTransformer, models as st_models
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from bench import scale_size
-from bench.common import database, emit, machine, parser, pct, set_runtime, spawn_worker, stop, table
+from bench.common import database, emit, machine, parser, set_runtime, spawn_worker, stop, table
+from bench.scale_size import ms
 from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
 
@@ -98,10 +99,6 @@ def run_threads(n: int, target: Callable[[int], None]) -> float:
     for t in threads:
         t.join()
     return time.perf_counter() - started
-
-
-def ms(values: list[float], p: float) -> float:
-    return round(pct(values, p) * 1000, 2) if values else 0.0
 
 
 # -- claims: the queue without a model ------------------------------------------------------------------

@@ -26,8 +26,9 @@ DIM = 384
 CLAIM = {"kind": "embed", "limit": 32, "worker": "bench", "lease": 60}
 
 
-def _ms(values: list[float], p: float) -> float:
-    return round(pct(values, p) * 1000, 2)
+def ms(values: list[float], p: float) -> float:
+    """The ``p``th percentile of ``values`` (seconds) in milliseconds; 0 for none."""
+    return round(pct(values, p) * 1000, 2) if values else 0.0
 
 
 def _claim_latency(conn: psycopg.Connection, rounds: int) -> list[float]:
@@ -52,6 +53,11 @@ def _sizes(conn: psycopg.Connection) -> dict[str, float]:
             "all_indexes_mb": round(row[3], 1), "dead_tuples": row[4]}
 
 
+def _churn_state(conn: psycopg.Connection) -> dict[str, float]:
+    """Sizes, dead tuples and the claim's p50 over 100 claims, now."""
+    return {**_sizes(conn), "claim_p50_ms": ms(_claim_latency(conn, 100), 50)}
+
+
 def queue(url: str, done: int, pending: int) -> None:
     with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
         conn.execute("ALTER TABLE pgsynapse.jobs SET (autovacuum_enabled = false)")  # each phase vacuums itself
@@ -74,7 +80,7 @@ def queue(url: str, done: int, pending: int) -> None:
             plan = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + q("claim_jobs"), CLAIM)]
             raise psycopg.Rollback()  # the plan's claim is not kept
         lat = _claim_latency(conn, 300)
-        emit("scale", "queue_claim", done=done, pending=pending, claim_p50_ms=_ms(lat, 50), claim_p99_ms=_ms(lat, 99),
+        emit("scale", "queue_claim", done=done, pending=pending, claim_p50_ms=ms(lat, 50), claim_p99_ms=ms(lat, 99),
              plan=" | ".join(line.strip() for line in plan if "Scan" in line or "Execution" in line))
 
         # retention: the worker's own statement, 10,000 rows each, until a statement deletes fewer
@@ -92,7 +98,7 @@ def queue(url: str, done: int, pending: int) -> None:
 
         # churn: new jobs queued, claimed and completed, no vacuum in between (as before autovacuum comes)
         conn.execute("VACUUM ANALYZE pgsynapse.jobs")
-        before = {**_sizes(conn), **{"claim_p50_ms": _ms(_claim_latency(conn, 100), 50)}}
+        before = _churn_state(conn)
         churn = min(pending, 200_000)
         s = time.perf_counter()
         base = done + pending + 1
@@ -103,11 +109,11 @@ def queue(url: str, done: int, pending: int) -> None:
                 ids = [r[0] for r in conn.execute(q("claim_jobs"), {**CLAIM, "limit": 10_000}).fetchall()]
                 conn.execute(q("complete_jobs"), {"ids": ids, "worker": "bench"})
         churn_s = time.perf_counter() - s
-        after = {**_sizes(conn), **{"claim_p50_ms": _ms(_claim_latency(conn, 100), 50)}}
+        after = _churn_state(conn)
         s = time.perf_counter()
         conn.execute("VACUUM pgsynapse.jobs")
         vacuum_s = time.perf_counter() - s
-        vacuumed = {**_sizes(conn), **{"claim_p50_ms": _ms(_claim_latency(conn, 100), 50)}}
+        vacuumed = _churn_state(conn)
         conn.execute("ALTER TABLE pgsynapse.jobs RESET (autovacuum_enabled)")
         for name, figures in (("before", before), ("after_churn", after), ("after_vacuum", vacuumed)):
             emit("scale", "queue_churn", state=name, churned_jobs=churn, churn_s=round(churn_s, 1),
@@ -163,7 +169,7 @@ def vectors(url: str, n: int) -> None:
                     "SELECT id FROM bench_vec ORDER BY embedding <=> %s LIMIT 10", (v,)).fetchall()]
                 lat.append(time.perf_counter() - s)
                 hits += len(set(ids) & set(exact[qi].tolist()))
-            emit("scale", "vectors_search", vectors=n, ef_search=ef, p50_ms=_ms(lat, 50), p99_ms=_ms(lat, 99),
+            emit("scale", "vectors_search", vectors=n, ef_search=ef, p50_ms=ms(lat, 50), p99_ms=ms(lat, 99),
                  recall_at_10=round(hits / (10 * len(queries)), 3))
         conn.execute("RESET hnsw.ef_search")
 
