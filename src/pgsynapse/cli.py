@@ -101,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     ad.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
     ad.add_argument("--no-progress", action="store_true", help="no progress bar")
     msub.add_parser("list", help="embedding model versions: status, runtime, dimension, traffic, backfill")
+    di = msub.add_parser("distill", help="train a smaller student to give a teacher version's vectors, gate it, and "
+                         "add it as a candidate (docs/learning.md)")
+    di.add_argument("--teacher", type=int, help="the teacher version (default: the active one)")
+    di.add_argument("--student", help="the model whose layers start the student (default: the active version's)")
+    di.add_argument("--student-layers", type=int, default=3, help="transformer layers the student keeps (default 3)")
+    di.add_argument("--epochs", type=int, default=3, help="passes over the corpus and questions (default 3; the "
+                    "distill_budget_seconds setting stops it earlier)")
+    di.add_argument("--name", help="the version's name")
+    di.add_argument("--traffic", type=float, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--force", action="store_true", help="register it even when the gate refuses it")
+    di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    di.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
     be.add_argument("name")
@@ -365,7 +377,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     elif report.image_hashes:
                         print("images wait for an image model: pgsynapse image-model add PATH")
         return 1 if report.failed or report.embed_failed or report.images_failed else 0
-    if args.command == "model" and args.model_command in ("add", "list"):
+    if args.command == "model" and args.model_command in ("add", "list", "distill"):
         from pgsynapse.learning.cli import run_model_command
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pgsynapse.config import Settings
 from pgsynapse.learning.abreport import ab_report, render
+from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
@@ -70,12 +71,18 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
 
 
 def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settings: Settings) -> int:
-    """``pgsynapse model add`` and ``model list``."""
+    """``pgsynapse model add``, ``model distill`` and ``model list``."""
     if args.model_command == "list":
         print(render_versions(conn))
         return 0
-    row = add_model(conn, args.path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
-                    chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
+    if args.model_command == "distill":
+        row = distill(conn, settings, teacher=args.teacher, student=args.student, layers=args.student_layers,
+                      name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force)
+        if row is None:
+            return 1
+    else:
+        row = add_model(conn, args.path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
+                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
     v = row["id"]
     print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
           "a running worker embeds every chunk for it (pgsynapse status shows the progress)")
@@ -125,3 +132,4 @@ def render_versions(conn: psycopg.Connection) -> str:
         lines.append(f"{v['id']:>4}  {v['status']:<10} {v['runtime']:<10} {v['dim']:<5} "
                      f"{float(v['traffic_percent']):>6g}%  {fill:<19} {v['name']}{pending}")
     return "\n".join(lines)
+

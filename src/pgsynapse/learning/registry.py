@@ -117,7 +117,8 @@ def retire(conn: psycopg.Connection, version: int) -> int:
 
 
 def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, traffic: float = 0.0,
-              serving_runtime: str = "onnx-int8", chunk_tokens: int = 256, threads: int = 0) -> dict[str, Any]:
+              serving_runtime: str = "onnx-int8", chunk_tokens: int = 256, threads: int = 0,
+              metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the local model at ``path`` (sentence-transformers, or an exported ONNX directory) as a candidate
     version of whatever dimension it has, and queue its backfill: every chunk gets its vector, a throttled batch
     at a time, while new documents are embedded for it as for every serving version. It serves no search until the
@@ -144,7 +145,8 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
         row = conn.execute(q("add_version", "learning.sql"), {
             "name": name or spec.path.name, "path": str(spec.path), "runtime": spec.runtime, "dim": spec.dim,
             "pending": pending, "metrics": Jsonb({"added_from": str(spec.path),
-                                                  "max_seq_length": embedder.max_seq_length})}).fetchone()
+                                                  "max_seq_length": embedder.max_seq_length, **(metrics or {})})}
+        ).fetchone()
         version = row["id"]
         conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
         conn.execute(q("enqueue_backfill", "learning.sql"), {
