@@ -13,7 +13,8 @@ from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
 from pgsynapse.learning.distill import distill
-from pgsynapse.learning.distill_train import kept_layers
+from pgsynapse.export import export_fp32
+from pgsynapse.learning.distill_train import build_student, kept_layers, save_student
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -50,6 +51,15 @@ def test_kept_layers_are_evenly_spaced_and_end_with_the_last():
     assert kept_layers(6, 6) == list(range(6))
     with pytest.raises(ValueError, match="between 1 and 6"):
         kept_layers(6, 7)
+
+
+def test_a_saved_student_can_be_exported_to_onnx(student_base, tmp_path):
+    # sentence-transformers 6 saves its pooling as "pooling_mode": "mean"; the exporter refused that as "only mean
+    # pooling is supported", so every student stayed on torch
+    save_student(build_student(str(student_base), 2, 32), tmp_path / "student")
+    export_fp32(tmp_path / "student", tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "model.onnx").exists()
+    assert SentenceTransformer(str(tmp_path / "student"), device="cpu")[1].pooling_mode == "mean"
 
 
 async def test_distill_registers_a_smaller_student_of_the_teachers_dimension(db_url, models, student_base, tmp_path):

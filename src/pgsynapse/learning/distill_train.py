@@ -70,6 +70,22 @@ def build_student(path: str, layers: int, teacher_dim: int) -> SentenceTransform
     return model
 
 
+def save_student(model: SentenceTransformer, out: Path) -> None:
+    """Save ``model`` at ``out`` so the ONNX export takes it: sentence-transformers 6 writes its pooling as
+    ``"pooling_mode": "mean"``, the exporter reads the older ``pooling_mode_mean_tokens`` (which sentence-transformers
+    still reads, and drops when ``pooling_mode`` is there): both are written."""
+    model.save(str(out))
+    cfg = out / "1_Pooling" / "config.json"
+    if cfg.exists():
+        pooling = json.loads(cfg.read_text())
+        mode = pooling.get("pooling_mode")
+        if mode is not None and "pooling_mode_mean_tokens" not in pooling:
+            modes = {mode} if isinstance(mode, str) else set(mode)
+            pooling.update(pooling_mode_cls_token="cls" in modes, pooling_mode_mean_tokens="mean" in modes,
+                           pooling_mode_max_tokens="max" in modes)
+            cfg.write_text(json.dumps(pooling, indent=4))
+
+
 def load_data(spec: DistillSpec) -> dict[str, Any]:
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         register_vector(conn)
@@ -178,7 +194,7 @@ def main(spec: DistillSpec) -> dict[str, Any]:
                                     canary=[r[1] for r in data["canary"]], k=spec.eval_k))
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    student.save(str(out))
+    save_student(student, out)
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.monotonic() - started, 1)
     (out / "metrics.json").write_text(json.dumps(metrics))
