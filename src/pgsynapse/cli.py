@@ -381,7 +381,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.learning.cli import run_model_command
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:
-            return run_model_command(args, conn, settings)
+            return run_model_command(args, conn, settings, db.url)
     if args.command == "model":
         from pathlib import Path
 

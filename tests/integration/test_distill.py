@@ -56,7 +56,8 @@ async def test_distill_registers_a_smaller_student_of_the_teachers_dimension(db_
     await _corpus_with_feedback(db_url, models)
     settings = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=120)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-        row = distill(conn, settings, student=str(student_base), layers=2, epochs=2, force=True)
+        done = distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=2, force=True)
+        row = done.row
         assert row is not None
         v = conn.execute("SELECT status, dim, runtime, metrics FROM pgsynapse.model_versions WHERE id = %s",
                          (row["id"],)).fetchone()
@@ -79,15 +80,13 @@ async def test_distill_registers_a_smaller_student_of_the_teachers_dimension(db_
     await conn.close()
 
 
-async def test_a_student_the_gate_refuses_is_not_registered(db_url, models, student_base, tmp_path, capsys):
+async def test_a_student_the_gate_refuses_is_not_registered(db_url, models, student_base, tmp_path):
     await _corpus_with_feedback(db_url, models)
     # a margin no student can clear: it must gain half a point per question over its teacher
     settings = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=60, distill_margin=0.5)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-        assert distill(conn, settings, student=str(student_base), layers=2, epochs=1) is None
+        done = distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=1)
         n = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"]
-    assert n == 1
-    err = capsys.readouterr().err
-    assert "was not registered" in err
-    trained = next((tmp_path / "models").glob("distilled-v1-2l-*"))
-    assert json.loads((trained / "metrics.json").read_text())["layers"] == 2  # kept for a look, not served
+    assert done.row is None and n == 1
+    assert not done.gate["passed"] and "is not above +0.5000" in done.gate["reasons"][0], done.gate["reasons"]
+    assert json.loads((done.out_dir / "metrics.json").read_text())["layers"] == 2  # kept for a look, not served
