@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector, register_vector_async
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
-from pgsynapse.models import ModelSpec, default_model_path, load_embedder
+from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
+from pgsynapse.export.quantize import _calibration_feeds
+from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -22,8 +28,6 @@ ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending
 @pytest.fixture(scope="session")
 def onnx_artifact(tmp_path_factory):
     """The default model exported to ONNX fp32 and INT8 once for the session (a few seconds)."""
-    from pgsynapse.export import export_fp32, quantize_int8
-
     out = tmp_path_factory.mktemp("onnx")
     export_fp32(default_model_path(), out)
     quantize_int8(out)
@@ -54,14 +58,6 @@ def test_static_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_ar
     """The fused Attention unfused into MatMul(QKV) + MultiHeadAttention is exact in fp32. Quantised, the
     outlier and smoothing schemes stay closer to fp32 than plain dynamic INT8 on real text (the outlier channels
     no longer set the activation scale)."""
-    import shutil
-    from collections import Counter
-
-    import onnx
-    import onnxruntime as ort
-
-    from pgsynapse.export import _calibration_feeds, quantize_int8, sample_texts, unfuse_attention
-
     feeds = _calibration_feeds(onnx_artifact, None)
     fp32 = ort.InferenceSession(str(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     unfused = onnx.load(str(onnx_artifact / "model.onnx"))
@@ -111,7 +107,6 @@ async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models)
     await conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s WHERE id = 1",
                        (str(onnx_artifact),))
     ids = insert_docs(db_url, [(f"Doc {i}", f"Document {i} on topic {i % 5}.") for i in range(40)])
-    from pgsynapse.models import ModelCache
 
     async with running_worker(fast_settings(db_url, batch_size=8, max_wait_ms=20), ModelCache()) as worker:
         await wait_until(conn, ALL_DONE)
@@ -193,8 +188,6 @@ def test_claim_query_uses_the_claim_index(db_url):
 
 
 def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):
-    from pgsynapse.export import run_export
-
     settings = fast_settings(db_url, data_dir=str(tmp_path))
     report = run_export(settings, "onnx", n_chunks=40, threshold=0.99)
     assert report.accepted and report.agreement.overlap_at_10 >= 0.99 and report.agreement.cosine_mean > 0.9999
