@@ -358,6 +358,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "model":
         from pathlib import Path
 
+        # imported here like every command's library: parsing the command line loads no numpy, torch or onnx
         from pgsynapse.export import run_export
 
         report = run_export(
