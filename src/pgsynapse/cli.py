@@ -92,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--switch", action="store_true",
                     help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
 
+    ad = msub.add_parser("add", help="register a local sentence-transformers (or exported ONNX) model of any "
+                         "dimension as a candidate version and backfill its vectors")
+    ad.add_argument("path", help="the model directory")
+    ad.add_argument("--name", help="the version's name (default: the directory's)")
+    ad.add_argument("--traffic", type=float, default=0.0,
+                    help="percent of sessions it serves once backfilled (default 0: set it with `pgsynapse traffic`)")
+    ad.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    ad.add_argument("--no-progress", action="store_true", help="no progress bar")
+    msub.add_parser("list", help="embedding model versions: status, runtime, dimension, traffic, backfill")
+
     be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
     be.add_argument("name")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
@@ -355,6 +365,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     elif report.image_hashes:
                         print("images wait for an image model: pgsynapse image-model add PATH")
         return 1 if report.failed or report.embed_failed or report.images_failed else 0
+    if args.command == "model" and args.model_command in ("add", "list"):
+        from pgsynapse.learning.cli import run_model_command
+
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            return run_model_command(args, conn, settings)
     if args.command == "model":
         from pathlib import Path
 

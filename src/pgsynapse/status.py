@@ -37,7 +37,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
         p = progress.get(v["id"])
         if p is not None:
             v["embedded_chunks"] = p["embedded"]
-            v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
+            v["backfill"] = "done" if p["backfilled_at"] else backfill_state(p)
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
@@ -48,6 +48,24 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
             "data_questions": data_questions, "sql_models": sql_models,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
+
+
+def backfill_state(p: dict[str, Any]) -> str:
+    """``embedded/chunks (percent), ETA`` of a version still backfilling, the ETA at its rate so far (it started
+    when the version was registered)."""
+    done, total, seconds = p["embedded"], p["chunks"], p["backfill_seconds"]
+    state = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done}/{total}"
+    if 0 < done < total and seconds > 0:
+        state += f", ETA {_duration((total - done) * seconds / done)}"
+    return state
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def render(snap: dict[str, Any]) -> str:
