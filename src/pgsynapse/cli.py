@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
     ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
-    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise"],  # export.SCHEMES (a test keeps them equal)
+    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
                     help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
@@ -385,6 +385,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "model":
         from pathlib import Path
 
+        # imported here like every command's library: parsing the command line loads no numpy, torch or onnx
         from pgsynapse.export import run_export
 
         report = run_export(
