@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                     "distill_budget_seconds setting stops it earlier)")
     di.add_argument("--name", help="the version's name")
     di.add_argument("--traffic", type=float, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--projection", choices=["pca", "dense"], default="pca",
+                    help="for a teacher of another dimension: project its vectors onto the student's (pca, default: "
+                    "the student keeps the ONNX INT8 runtime) or add a kept linear layer to the student (dense, torch)")
     di.add_argument("--force", action="store_true", help="register it even when the gate refuses it")
     di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
     di.add_argument("--no-progress", action="store_true", help="no progress bar")

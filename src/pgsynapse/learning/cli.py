@@ -77,7 +77,8 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
         return 0
     if args.model_command == "distill":
         done = distill(conn, settings, url, teacher=args.teacher, student=args.student, layers=args.student_layers,
-                       name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force)
+                       name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force,
+                       projection=args.projection)
         for reason in done.gate["reasons"]:
             print(f"gate: {reason}")
         if done.row is None:

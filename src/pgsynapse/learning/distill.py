@@ -35,6 +35,7 @@ class DistillSpec:
     student_path: str  # the model whose layers start the student
     out_dir: str
     layers: int = 3
+    projection: str = "pca"  # to a teacher of another dimension: "pca" of its vectors, or a kept "dense" layer
     chunk_tokens: int = 256
     lr: float = 1e-4
     epochs: int = 3
@@ -61,7 +62,7 @@ class Distilled:
 
 def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: int | None = None,
             student: str | None = None, layers: int = 3, name: str | None = None, epochs: int = 3,
-            traffic: float = 0.0, force: bool = False) -> Distilled:
+            traffic: float = 0.0, force: bool = False, projection: str = "pca") -> Distilled:
     """Train a student of ``layers`` layers (from ``student``, else the active version's weights) to give the
     teacher version's vectors, in its own process under the retrain job's memory limit (it reads the database at
     ``url``); gate it against the teacher on the feedback questions (non-inferiority: ``distill_margin``) and the
@@ -76,7 +77,7 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = DistillSpec(url=url, teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path)), student_path=base,
-                       out_dir=str(out_dir), layers=layers, chunk_tokens=settings.chunk_tokens, epochs=epochs,
+                       out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
                        threads=settings.torch_threads)
     metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
