@@ -172,3 +172,10 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
         retire(conn, v)
         assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
 
+
+
+def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_runtime):
+    """An ONNX artifact (here: the default model's INT8 export) is served as it is: no export to wait for."""
+    with _sync(db_url) as conn:
+        row = add_model(conn, default_runtime["artifact_path"], serving_runtime="onnx-int8")
+    assert (row["runtime"], row["dim"], row["runtime_pending"]) == ("onnx-int8", 384, False)
