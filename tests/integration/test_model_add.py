@@ -150,10 +150,13 @@ def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
         sconn.execute("UPDATE pgsynapse.model_versions SET created_at = now() - interval '5 seconds' WHERE id = %s",
                       (v2,))
         chunks = sconn.execute("SELECT count(*) AS n FROM pgsynapse.chunks").fetchone()["n"]
-        text = render(snapshot(sconn))
+        snap = snapshot(sconn)
     # 2 chunks in 5 s: the rest at the same rate
-    eta = round((chunks - 2) * 5 / 2)
-    assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {eta}s" in text, text
+    eta = (chunks - 2) * 5 / 2
+    v = next(v for v in snap["model_versions"] if v["id"] == v2)
+    assert v["backfill"] == f"2/{chunks}" and v["backfill_eta_seconds"] == pytest.approx(eta, abs=0.5)
+    text = render(snap)
+    assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
 
 
 def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
