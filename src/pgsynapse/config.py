@@ -188,6 +188,9 @@ class Settings(BaseModel):
     auto_promote_interval: float = Field(60.0, gt=0, description="seconds between looks at the A/B figures")
     backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
     backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
+    backfill_step_seconds: float = Field(
+        60.0, gt=0, description="a backfill step stops encoding after this long (it writes what it has; the next step "
+        "goes on from there): a slow model takes shorter steps, never past batch_deadline_seconds")
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger images fail with a clear error "
                                  "(their bytes are never fetched from the database)")

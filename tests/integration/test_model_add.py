@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.cli import render_versions
@@ -133,6 +134,25 @@ async def test_the_last_backfill_step_finds_a_chunk_behind_its_cursor(db_url, mo
         await wait_until(conn, BACKFILLED, (v2,))
     chunks, vectors, _ = await _counts(conn, v2)
     assert vectors == chunks > 2
+
+
+async def test_a_slow_model_takes_shorter_backfill_steps(db_url, models, tiny48):
+    """A step stops encoding once backfill_step_seconds have passed and writes what it has; the next step goes on
+    from its last chunk. (Here: a budget that every forward pass of 2 chunks overruns, so each step writes 2.)"""
+    insert_docs(db_url, DOCS)
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    with _sync(db_url) as sconn:
+        v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
+    settings = fast_settings(db_url, encode_batch_size=2, backfill_step_seconds=1e-6, backfill_throttle_seconds=0)
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            await wait_until(conn, BACKFILLED, (v2,))
+    chunks, vectors, _ = await _counts(conn, v2)
+    steps = [e["embedded"] for e in logs if e["event"] == "backfill_progress"]
+    assert vectors == chunks >= 4 and sum(steps) == chunks
+    assert max(steps) == 2 and len(steps) == -(-chunks // 2), steps
 
 
 def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
