@@ -1,7 +1,8 @@
 """The ``backfill`` job: embed every chunk for a new model version, a throttled batch at a time.
 
-Each job embeds up to ``backfill_batch`` chunks that lack the version's embedding and queues the next job;
-a crash loses at most one batch of work, and the ``(model_version_id, chunk_id)`` key means a resumed
+Each job embeds up to ``backfill_batch`` chunks that lack the version's embedding, in chunk id order after the
+cursor of its payload (``after``), and queues the next job with the cursor moved on; a crash loses at most one
+batch of work, and the ``(model_version_id, chunk_id)`` key means a resumed
 backfill never writes a duplicate. When no chunk is missing, the version is marked backfilled and gets its
 traffic share.
 
@@ -51,8 +52,10 @@ class BackfillHandler(Handler[BackfillWork]):
             if v is None or v["status"] not in ("candidate", "active"):
                 known.append(Outcome(job, skip_reason="version gone, rejected or retired"))
                 continue
-            rows = await (await conn.execute(q("missing_chunks", "learning.sql"),
-                                             {"version": job.ref_id, "limit": self.settings.backfill_batch})).fetchall()
+            after = int(job.payload.get("after", 0))
+            rows = await self._missing(conn, job.ref_id, after)
+            if not rows and after:  # the end: once more from the start, for a chunk written behind the cursor
+                rows = await self._missing(conn, job.ref_id, 0)
             w = BackfillWork(job, v, [(r["id"], r["title"], r["text"]) for r in rows], v)
             if v["passage_version_id"] and rows:
                 w.encoder = await (await conn.execute(q("version_by_id", "learning.sql"),
@@ -63,11 +66,15 @@ class BackfillHandler(Handler[BackfillWork]):
             work.append(w)
         return work, known
 
+    async def _missing(self, conn: psycopg.AsyncConnection, version: int, after: int) -> list[dict[str, Any]]:
+        return list(await (await conn.execute(q("missing_chunks", "learning.sql"), {
+            "version": version, "after": after, "limit": self.settings.backfill_batch})).fetchall())
+
     def compute(self, work: list[BackfillWork]) -> list[Outcome]:
         out = []
         for w in work:
             if not w.chunks:
-                out.append(Outcome(w.job, result=("done", [], [], None)))
+                out.append(Outcome(w.job, result=("done", [], [], None, 0)))
                 continue
             todo = [(cid, title, text) for cid, title, text in w.chunks if cid not in w.copied]
             vectors: list[tuple[int, np.ndarray]] = []
@@ -77,14 +84,15 @@ class BackfillHandler(Handler[BackfillWork]):
                 vecs = embedder.encode([chunker.embed_text(title, text) for _, title, text in todo],
                                        self.settings.encode_batch_size)
                 vectors = [(cid, vecs[i]) for i, (cid, _, _) in enumerate(todo)]
-            out.append(Outcome(w.job, result=("batch", vectors, sorted(w.copied), w.version["passage_version_id"])))
+            out.append(Outcome(w.job, result=("batch", vectors, sorted(w.copied), w.version["passage_version_id"],
+                                              max(cid for cid, _, _ in w.chunks))))
         return out
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
         for o in outcomes:
             version = o.job.ref_id
-            state, rows, copied, passage = o.result
+            state, rows, copied, passage, after = o.result
             v = await (await conn.execute(q("lock_backfill_version", "learning.sql"), {"version": version})).fetchone()
             if v is None or v["status"] not in ("candidate", "active"):
                 # retired (or rejected, or deleted) while the batch computed: nothing to write, no next step
@@ -105,7 +113,7 @@ class BackfillHandler(Handler[BackfillWork]):
                                           [(cid, version, vec) for cid, vec in rows])
                 # chunks deleted meanwhile fail the FK above only if gone; the next batch continues after these
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
-                    "version": version, "payload": Jsonb(o.job.payload),
+                    "version": version, "payload": Jsonb({**o.job.payload, "after": after}),
                     "delay": self.settings.backfill_throttle_seconds})
                 log.info("backfill_progress", version=version, embedded=len(rows), copied=len(copied))
             report.written.append(o.job.id)

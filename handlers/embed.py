@@ -44,6 +44,7 @@ class EmbedHandler(Handler[EmbedWork]):
         self.versions: list[dict[str, Any]] = []
         self.passages: dict[int, dict[str, Any]] = {}  # passage version rows of the serving query encoders
         self._chunker: Chunker | None = None
+        self._chunker_version: int | None = None  # the version whose tokenizer cut with it
 
     # -- versions and models ------------------------------------------------------------------
     async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
@@ -64,10 +65,15 @@ class EmbedHandler(Handler[EmbedWork]):
 
     @property
     def chunker(self) -> Chunker:
-        if self._chunker is None:
-            primary = self.embedders()[0]
+        """Chunks are shared by every version (docs/architecture.md): cut with the active version's tokenizer
+        (its document encoder's), and cut anew with the next one's once another version is promoted."""
+        active = next((v for v in self.versions if v["status"] == "active"), self.versions[0])
+        key = self.document_row(active)["id"]
+        if self._chunker is None or self._chunker_version != key:
+            primary = self.models.get(self.document_row(active))
             limit = min(self.settings.chunk_tokens, primary.max_seq_length)
             self._chunker = Chunker(primary.tokenizer, limit, self.settings.chunk_overlap)
+            self._chunker_version = key
         return self._chunker
 
     # -- the three steps ----------------------------------------------------------------------

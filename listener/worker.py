@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse import metrics
 from pgsynapse.config import Settings
 from pgsynapse.db import bounded_transaction, pool_kwargs, session_url
+from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
@@ -118,8 +119,6 @@ class Worker:
         """Load the models of the serving versions now, so start-up fails fast on a bad model."""
         assert self.pool is not None
         if {"embed", "answer"} & set(self.handlers):
-            from pgsynapse.export import optimise_active_version
-
             await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url)
         async with self.pool.connection() as conn:
             if "retrain" in self.handlers:

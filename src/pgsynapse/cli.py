@@ -87,10 +87,35 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
     ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
-    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise"],  # export.SCHEMES (a test keeps them equal)
+    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
                     help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
+
+    ad = msub.add_parser("add", help="register a local sentence-transformers (or exported ONNX) model of any "
+                         "dimension as a candidate version and backfill its vectors")
+    ad.add_argument("path", help="the model directory")
+    ad.add_argument("--name", help="the version's name (default: the directory's)")
+    ad.add_argument("--traffic", type=float, default=0.0,
+                    help="percent of sessions it serves once backfilled (default 0: set it with `pgsynapse traffic`)")
+    ad.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    ad.add_argument("--no-progress", action="store_true", help="no progress bar")
+    msub.add_parser("list", help="embedding model versions: status, runtime, dimension, traffic, backfill")
+    di = msub.add_parser("distill", help="train a smaller student to give a teacher version's vectors, gate it, and "
+                         "add it as a candidate (docs/learning.md)")
+    di.add_argument("--teacher", type=int, help="the teacher version (default: the active one)")
+    di.add_argument("--student", help="the model whose layers start the student (default: the active version's)")
+    di.add_argument("--student-layers", type=int, default=3, help="transformer layers the student keeps (default 3)")
+    di.add_argument("--epochs", type=int, default=3, help="passes over the corpus and questions (default 3; the "
+                    "distill_budget_seconds setting stops it earlier)")
+    di.add_argument("--name", help="the version's name")
+    di.add_argument("--traffic", type=float, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--projection", choices=["pca", "dense"], default="pca",
+                    help="for a teacher of another dimension: project its vectors onto the student's (pca, default: "
+                    "the student keeps the ONNX INT8 runtime) or add a kept linear layer to the student (dense, torch)")
+    di.add_argument("--force", action="store_true", help="register it even when the gate refuses it")
+    di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    di.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
     be.add_argument("name")
@@ -356,9 +381,15 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     elif report.image_hashes:
                         print("images wait for an image model: pgsynapse image-model add PATH")
         return 1 if report.failed or report.embed_failed or report.images_failed else 0
+    if args.command == "model" and args.model_command in ("add", "list", "distill"):
+        from pgsynapse.learning.cli import run_model_command
+
+        with Database(settings) as db, db.connect(autocommit=True) as conn:
+            return run_model_command(args, conn, settings, db.url)
     if args.command == "model":
         from pathlib import Path
 
+        # imported here like every command's library: parsing the command line loads no numpy, torch or onnx
         from pgsynapse.export import run_export
 
         report = run_export(

@@ -160,6 +160,11 @@ class Settings(BaseModel):
     retrain_canary_tolerance: float = Field(
         0.05, ge=0, le=1, description="a candidate fails when the lower bound of its canary gain is below -this "
         "(a regression beyond noise on questions built from the corpus)")
+    distill_margin: float = Field(
+        -0.05, ge=-1, le=1, description="`pgsynapse model distill`: the student passes when the lower bound of its "
+        "gain over the teacher (the gate's score on the feedback questions, which it never trains on) is above this: "
+        "a smaller, faster model may lose a little, not more; -1 registers every student")
+    distill_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock training budget of one distillation")
     retrain_canary_size: int = Field(
         300, ge=0, le=100_000, description="questions of the canary set, built from the corpus by the first retrain "
         "and then frozen (0: no canary set)")

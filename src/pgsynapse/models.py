@@ -37,6 +37,7 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 # written by the exporter beside the graph: pooling, max_seq_length, dim, the source model
 ONNX_META = "pgsynapse_onnx.json"
+PROBE_DIM = 0  # ModelSpec.dim of a model being probed: no registered version has it (model_versions CHECK dim > 0)
 
 
 def default_model_path() -> Path:
@@ -105,7 +106,9 @@ class Embedder:
         raise NotImplementedError
 
     def _check_dim(self, dim: int) -> None:
-        if dim != self.spec.dim:
+        if self.spec.dim == PROBE_DIM:  # a model not registered yet: :func:`probe_model` learns its dimension
+            self.spec.dim = dim
+        elif dim != self.spec.dim:
             raise ModelError(
                 f"model {self.spec.path} produces {dim}-dimensional vectors but model version {self.spec.version_id} "
                 f"is registered with dim {self.spec.dim}"
@@ -355,6 +358,30 @@ def length_batches(lengths: list[int], batch_size: int, tolerance: float = PAD_T
         batches.append(order[start:end])
         start = end
     return batches
+
+
+def runtime_of(path: Path) -> str:
+    """The runtime a model directory is for: an exported artifact's (INT8 first), else ``torch``."""
+    for runtime in ("onnx-int8", "onnx"):
+        if (path / ONNX_FILES[runtime]).exists():
+            return runtime
+    return "torch"
+
+
+def probe_model(path: str | Path, *, threads: int = 0) -> Embedder:
+    """Load the model at ``path`` before it is registered: its runtime from its files, its dimension from the model
+    (``spec.dim`` of the result), and one sentence encoded to check that it gives one finite unit vector.
+    Raises :class:`ModelError` saying what is wrong."""
+    path = Path(path).expanduser().resolve()
+    runtime = runtime_of(path) if path.is_dir() else "torch"
+    path = resolve_model_path(str(path), None, runtime)
+    embedder = load_embedder(ModelSpec(version_id=0, name=path.name, path=path, runtime=runtime, dim=PROBE_DIM),
+                             threads=threads)
+    out = embedder.encode(["How do I create an index on a table?"])
+    if out.shape != (1, embedder.spec.dim) or not np.isfinite(out).all() or abs(float(np.linalg.norm(out)) - 1) > 1e-3:
+        raise ModelError(f"model {path} does not give one finite unit vector per text (shape {out.shape}): "
+                         "is it a sentence-embedding model?")
+    return embedder
 
 
 def load_embedder(spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> Embedder:

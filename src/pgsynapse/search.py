@@ -9,7 +9,7 @@ import anyio
 import psycopg
 from pgvector.psycopg import register_vector_async
 
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.replica import ReadReplica, reading
@@ -30,13 +30,15 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
     if version is None:
         cur = await conn.execute(q("active_version"))
     else:
-        cur = await conn.execute(
-            "SELECT id, name, artifact_path, runtime, dim, status, traffic_percent FROM pgsynapse.model_versions WHERE id = %s",
-            (version,),
-        )
+        cur = await conn.execute(q("version_by_id", "learning.sql"), {"version": version})
     row = await cur.fetchone()
     if row is None:
         raise DatabaseError("no active model version" if version is None else f"no model version {version}")
+    if row["status"] == "retired":
+        raise RegistryError(f"model version {version} is retired: its vectors are gone")
+    if row["status"] != "active" and row.get("backfilled_at") is None:
+        # a search over some of the chunks would look like bad recall: never show a half-built version
+        raise RegistryError(f"model version {version} is still backfilling (pgsynapse status shows its progress)")
     return row
 
 

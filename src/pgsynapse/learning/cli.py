@@ -1,15 +1,21 @@
-"""The learning commands behind the CLI: retrain, ab-report, promote, rollback, retire, traffic."""
+"""The learning commands behind the CLI: retrain, ab-report, promote, rollback, retire, traffic, model add/list."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import psycopg
 from psycopg.types.json import Jsonb
+from tqdm import tqdm
 
+from pgsynapse.config import Settings
 from pgsynapse.learning.abreport import ab_report, render
-from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
+from pgsynapse.learning.distill import distill
+from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
+from pgsynapse.queries import q
+from pgsynapse.status import backfill_state
 
 
 def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True) -> int | None:
@@ -62,3 +68,75 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         print(f"model version {args.model_version} gets {args.percent:g}% of sessions")
         return 0
     raise AssertionError(args.command)
+
+
+def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settings: Settings, url: str) -> int:
+    """``pgsynapse model add``, ``model distill`` and ``model list`` on the database at ``url``."""
+    if args.model_command == "list":
+        print(render_versions(conn))
+        return 0
+    if args.model_command == "distill":
+        done = distill(conn, settings, url, teacher=args.teacher, student=args.student, layers=args.student_layers,
+                       name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force,
+                       projection=args.projection)
+        for reason in done.gate["reasons"]:
+            print(f"gate: {reason}")
+        if done.row is None:
+            print(f"pgsynapse: the student was not registered: against the teacher it lost more than "
+                  f"{-settings.distill_margin:g} at the gate's lower bound, or could not be judged; it is in "
+                  f"{done.out_dir} (--force registers it)", file=sys.stderr)
+            return 1
+        row = done.row
+    else:
+        row = add_model(conn, args.path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
+                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
+    v = row["id"]
+    print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
+          "a running worker embeds every chunk for it (pgsynapse status shows the progress)")
+    for warning in row["warnings"]:
+        print(f"pgsynapse: warning: {warning}", file=sys.stderr)
+    if not args.follow:
+        return 0
+    error = follow_backfill(conn, v, progress=False if args.no_progress else None)
+    if error:
+        print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
+        return 1
+    share = f"it serves {args.traffic:g}% of sessions" if args.traffic else f"pgsynapse traffic {v} PERCENT"
+    print(f"model version {v} is backfilled: {share}, then pgsynapse promote {v}")
+    return 0
+
+
+def follow_backfill(conn: psycopg.Connection, version: int, *, progress: bool | None = None) -> str | None:
+    """Wait until ``version`` is backfilled (a ``pgsynapse_models`` NOTIFY; the count is re-read every second for
+    the bar, as backfill steps send none). Returns None when done, else why it stopped: a failed backfill job,
+    or the version rejected or retired meanwhile."""
+    conn.execute("LISTEN pgsynapse_models")
+    with tqdm(unit="chunk", desc=f"backfill v{version}", disable=None if progress is None else not progress) as bar:
+        while True:
+            p = next((r for r in conn.execute(q("backfill_progress", "learning.sql")) if r["id"] == version), None)
+            if p is None:
+                return f"model version {version} is no longer a candidate or active"
+            bar.total = p["chunks"]
+            bar.n = p["embedded"]
+            bar.refresh()
+            if p["backfilled_at"] is not None:
+                return None
+            failed = conn.execute(q("failed_backfill", "learning.sql"), {"version": version}).fetchone()
+            if failed is not None:
+                return failed["last_error"]
+            for _ in conn.notifies(timeout=1, stop_after=1):
+                pass
+
+
+def render_versions(conn: psycopg.Connection) -> str:
+    """The embedding model versions, one line each, with the backfill of those still being filled."""
+    progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
+    lines = ["  id  status     runtime    dim   traffic  backfill            name"]
+    for v in conn.execute(q("list_versions", "learning.sql")):
+        p = progress.get(v["id"])
+        fill = "-" if p is None else "done" if p["backfilled_at"] else backfill_state(p)
+        pending = " (waiting for its runtime export)" if v["runtime_pending"] else ""
+        lines.append(f"{v['id']:>4}  {v['status']:<10} {v['runtime']:<10} {v['dim']:<5} "
+                     f"{float(v['traffic_percent']):>6g}%  {fill:<19} {v['name']}{pending}")
+    return "\n".join(lines)
+

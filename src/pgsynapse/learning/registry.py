@@ -5,6 +5,7 @@ worker's A/B decisions in :mod:`pgsynapse.learning.autopromote`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -12,11 +13,12 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import RegistryError
 from pgsynapse.logs import get_logger
+from pgsynapse.models import probe_model
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
-__all__ = ["RegistryError", "promote", "reject", "record_event", "retire", "rollback", "set_traffic"]
+__all__ = ["RegistryError", "add_model", "promote", "reject", "record_event", "retire", "rollback", "set_traffic"]
 
 
 def _version(conn: psycopg.Connection, version: int) -> dict[str, Any]:
@@ -112,3 +114,45 @@ def retire(conn: psycopg.Connection, version: int) -> int:
                      figures={"previous_status": v["status"], "embeddings_deleted": deleted})
     log.info("model_retired", version=version, embeddings_deleted=deleted)
     return deleted
+
+
+def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, traffic: float = 0.0,
+              serving_runtime: str = "onnx-int8", chunk_tokens: int = 256, threads: int = 0,
+              metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register the local model at ``path`` (sentence-transformers, or an exported ONNX directory) as a candidate
+    version of whatever dimension it has, and queue its backfill: every chunk gets its vector, a throttled batch
+    at a time, while new documents are embedded for it as for every serving version. It serves no search until the
+    backfill is done, then gets ``traffic`` percent of sessions (0: until ``pgsynapse traffic``). A torch model
+    waits for its export to ``serving_runtime`` before it gets traffic, as a retrained one does.
+
+    Returns the new row with ``warnings``: what the caller should tell the user."""
+    if not 0 <= traffic <= 100:
+        raise RegistryError(f"traffic must be between 0 and 100, got {traffic}")
+    embedder = probe_model(path, threads=threads)  # ModelError: not a model, or not an embedding model
+    spec = embedder.spec
+    warnings = []
+    if embedder.max_seq_length < chunk_tokens:
+        warnings.append(f"the model reads {embedder.max_seq_length} tokens but chunks hold up to chunk_tokens="
+                        f"{chunk_tokens}: the tail of a long chunk is not in its vector (chunks are shared by every "
+                        "version: docs/architecture.md)")
+    with conn.transaction():
+        conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+        same = conn.execute(q("version_by_path", "learning.sql"), {"path": str(spec.path)}).fetchone()
+        if same is not None:
+            raise RegistryError(f"{spec.path} is already model version {same['id']} ({same['status']}): retire it "
+                                "first to add it again")
+        pending = spec.runtime == "torch" and serving_runtime != "torch"
+        row = conn.execute(q("add_version", "learning.sql"), {
+            "name": name or spec.path.name, "path": str(spec.path), "runtime": spec.runtime, "dim": spec.dim,
+            "pending": pending, "metrics": Jsonb({"added_from": str(spec.path),
+                                                  "max_seq_length": embedder.max_seq_length, **(metrics or {})})}
+        ).fetchone()
+        version = row["id"]
+        conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
+        conn.execute(q("enqueue_backfill", "learning.sql"), {
+            "version": version, "payload": Jsonb({"traffic_percent": traffic}), "delay": 0})
+        record_event(conn, version, "added", reason="manual", figures={
+            "path": str(spec.path), "dim": spec.dim, "runtime": spec.runtime, "traffic_percent": traffic})
+    log.info("model_added", version=version, path=str(spec.path), dim=spec.dim, runtime=spec.runtime,
+             max_seq_length=embedder.max_seq_length, runtime_pending=pending, traffic_percent=traffic)
+    return {**row, "warnings": warnings}

@@ -13,6 +13,27 @@ INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, passage_versi
 VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s, true)
 RETURNING id;
 
+-- name: add_version
+-- `pgsynapse model add`: any local model, of any dimension, as a candidate whose backfill starts now (created_at
+-- is the backfill's start: status's ETA). runtime_pending when it is on torch and the workers serve another runtime.
+INSERT INTO pgsynapse.model_versions (name, kind, artifact_path, runtime, dim, metrics, status, runtime_pending)
+VALUES (%(name)s, 'embedding', %(path)s, %(runtime)s, %(dim)s, %(metrics)s, 'candidate', %(pending)s)
+RETURNING id, name, artifact_path, runtime, dim, status, runtime_pending;
+
+-- name: version_by_path
+SELECT id, status FROM pgsynapse.model_versions
+WHERE artifact_path = %(path)s AND status <> 'retired'
+ORDER BY id LIMIT 1;
+
+-- name: list_versions
+SELECT id, name, status, runtime, dim, traffic_percent, runtime_pending
+FROM pgsynapse.model_versions ORDER BY id;
+
+-- name: failed_backfill
+SELECT last_error FROM pgsynapse.jobs
+WHERE kind = 'backfill' AND ref_id = %(version)s AND status = 'failed'
+ORDER BY id DESC LIMIT 1;
+
 -- name: mark_examples_trained
 UPDATE pgsynapse.training_examples SET trained_in_version = %(version)s
 WHERE id = ANY(%(ids)s) AND trained_in_version IS NULL;
@@ -27,10 +48,15 @@ WITH j AS (
 SELECT pg_notify('pgsynapse_jobs', json_build_object('kind', 'backfill', 'n', 1)::text) FROM j;
 
 -- name: missing_chunks
--- Chunks without an embedding of this version, oldest first: a crashed backfill resumes where it stopped.
+-- Chunks without an embedding of this version, in id order after the cursor %(after)s (the last chunk id of the
+-- previous batch, carried in the next job's payload): each step reads only what is ahead of it, not the chunks
+-- already done (from 0 every step, a backfill of n chunks would cost O(n^2 / batch)). A crashed backfill resumes
+-- at its job's cursor; the last step re-reads from 0 for a chunk behind the cursor that an embed job wrote
+-- without this version's vector.
 SELECT c.id, d.title, c.text
 FROM pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
-WHERE NOT EXISTS (SELECT 1 FROM pgsynapse.embeddings e WHERE e.model_version_id = %(version)s AND e.chunk_id = c.id)
+WHERE c.id > %(after)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.embeddings e WHERE e.model_version_id = %(version)s AND e.chunk_id = c.id)
 ORDER BY c.id
 LIMIT %(limit)s;
 
@@ -111,6 +137,7 @@ RETURNING id;
 
 -- name: backfill_progress
 SELECT v.id, v.name, v.status, v.traffic_percent, v.backfilled_at,
+       extract(epoch FROM now() - v.created_at)::float8 AS backfill_seconds,
        (SELECT count(*) FROM pgsynapse.embeddings e WHERE e.model_version_id = v.id) AS embedded,
        (SELECT count(*) FROM pgsynapse.chunks) AS chunks
 FROM pgsynapse.model_versions v

@@ -1,0 +1,97 @@
+"""``pgsynapse model distill``: a smaller student trained to give a teacher version's vectors (issue 20).
+
+The training runs in its own process (:mod:`pgsynapse.learning.distill_train`, watched for memory and time like the
+retrain job's trainer); this module prepares its spec, judges the student with the retrain gate's statistics
+(learning/gate.py) as a non-inferiority test against the teacher, and registers a student that passes as a
+candidate exactly as ``pgsynapse model add`` does: exported to the serving runtime, backfilled, A/B tested.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import RegistryError
+from pgsynapse.export import source_model_path
+from pgsynapse.learning.gate import verdict
+from pgsynapse.learning.registry import add_model
+from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DistillSpec:
+    url: str
+    teacher_version: int  # its stored chunk vectors are the corpus targets
+    teacher_path: str  # its torch weights: they encode the questions
+    student_path: str  # the model whose layers start the student
+    out_dir: str
+    layers: int = 3
+    projection: str = "pca"  # to a teacher of another dimension: "pca" of its vectors, or a kept "dense" layer
+    chunk_tokens: int = 256
+    lr: float = 1e-4
+    epochs: int = 3
+    batch_size: int = 32
+    max_chunks: int = 100_000  # a sample of a larger corpus
+    max_questions: int = 20_000
+    heldout_fraction: float = 0.05  # chunks kept out of training: the agreement figures
+    budget_seconds: float = 1800.0
+    eval_k: int = 5
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class Distilled:
+    """What :func:`distill` did: ``row`` is the registered version, None when the gate refused the student (it
+    stays in ``out_dir``, with its ``metrics.json``); ``gate`` holds the verdict and its reasons."""
+
+    row: dict[str, Any] | None
+    gate: dict[str, Any]
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: int | None = None,
+            student: str | None = None, layers: int = 3, name: str | None = None, epochs: int = 3,
+            traffic: float = 0.0, force: bool = False, projection: str = "pca") -> Distilled:
+    """Train a student of ``layers`` layers (from ``student``, else the active version's weights) to give the
+    teacher version's vectors, in its own process under the retrain job's memory limit (it reads the database at
+    ``url``); gate it against the teacher on the feedback questions (non-inferiority: ``distill_margin``) and the
+    canary set; register a student that passes (or any, with ``force``) as a candidate like `model add`."""
+    t = conn.execute(q("active_version") if teacher is None else q("version_by_id", "learning.sql"),
+                     {} if teacher is None else {"version": teacher}).fetchone()
+    if t is None or t["status"] not in ("active", "candidate"):
+        raise RegistryError("no active model version" if teacher is None else
+                            f"model version {teacher} is {t['status'] if t else 'unknown'}: a teacher must serve")
+    active = conn.execute(q("active_version")).fetchone()
+    base = student or str(source_model_path(active, settings.model_path))
+    out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = DistillSpec(url=url, teacher_version=t["id"],
+                       teacher_path=str(source_model_path(t, settings.model_path)), student_path=base,
+                       out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
+                       budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
+                       threads=settings.torch_threads)
+    metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
+                          kill_after_seconds=settings.distill_budget_seconds * 2 + 600, default_event="distill_progress")
+    scores = metrics.pop("gate_scores", {})
+    decision = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.distill_margin,
+                       tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
+                       samples=settings.retrain_bootstrap_samples)
+    metrics["gate"] = {**decision, "forced": force and not decision["passed"]}
+    log.info("distill_gate", teacher=t["id"], layers=layers, passed=decision["passed"], forced=force,
+             reasons=decision["reasons"], out=str(out_dir))
+    if not decision["passed"] and not force:
+        return Distilled(None, metrics["gate"], metrics, out_dir)
+    row = add_model(conn, out_dir, name=name or f"{t['name']}-distilled-{layers}l", traffic=traffic,
+                    serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,
+                    threads=settings.torch_threads, metrics={"distilled": metrics})
+    return Distilled(row, metrics["gate"], metrics, out_dir)

@@ -1,0 +1,184 @@
+"""`pgsynapse model add`: any local model, of any dimension, added as a candidate, backfilled, given traffic,
+promoted, and the old version retired, while the worker keeps serving; on the default runtime (the added torch
+model is exported to it before it gets traffic, as a retrained one is)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.learning.cli import render_versions
+from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
+from pgsynapse.search import search
+from pgsynapse.status import render, snapshot
+from tests.conftest import adopt_runtime
+from tests.embed_models import tiny_embedding_model
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+DOCS = [
+    ("Savepoints", "SAVEPOINT establishes a new savepoint within the current transaction. ROLLBACK TO SAVEPOINT "
+                   "rolls back all commands that were executed after the savepoint was established."),
+    ("VACUUM", "VACUUM reclaims storage occupied by dead tuples. Plain VACUUM can run in parallel with reads and "
+               "writes of the table, VACUUM FULL rewrites it and needs an exclusive lock."),
+    ("Indexes", "CREATE INDEX constructs an index on the specified column(s) of a relation. B-tree, hash, GiST, "
+                "SP-GiST, GIN and BRIN are the index methods provided."),
+    ("Roles", "CREATE ROLE adds a new role to a PostgreSQL database cluster. A role is an entity that can own "
+              "database objects and have database privileges."),
+]
+BACKFILLED = "SELECT backfilled_at IS NOT NULL AND NOT runtime_pending FROM pgsynapse.model_versions WHERE id = %s"
+
+
+@pytest.fixture(scope="module")
+def tiny48(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_embedding_model(tmp_path_factory.mktemp("models") / "tiny-48", 48)
+
+
+def _sync(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+async def _counts(conn, version: int) -> tuple[int, int, list[int]]:
+    row = await (await conn.execute(
+        "SELECT (SELECT count(*) FROM pgsynapse.chunks) AS chunks,"
+        " (SELECT count(*) FROM pgsynapse.embeddings WHERE model_version_id = %(v)s) AS vectors,"
+        " (SELECT array_agg(DISTINCT vector_dims(embedding)) FROM pgsynapse.embeddings"
+        "  WHERE model_version_id = %(v)s) AS dims", {"v": version})).fetchone()
+    return row["chunks"], row["vectors"], row["dims"] or []
+
+
+async def test_add_backfill_traffic_promote_retire_with_a_dimension_change(db_url, models, default_runtime, tiny48):
+    adopt_runtime(db_url, default_runtime)  # version 1: the default model on the default runtime, 384-d
+    settings = fast_settings(db_url, runtime="onnx-int8", data_dir=default_runtime["data_dir"])
+    conn = await aconn(db_url)
+    insert_docs(db_url, DOCS)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+
+    with _sync(db_url) as sconn:
+        added = add_model(sconn, tiny48, name="tiny-48", serving_runtime=settings.runtime)
+    v2 = added["id"]
+    assert added["dim"] == 48 and added["status"] == "candidate" and added["runtime_pending"]
+    assert any("reads 128 tokens" in w for w in added["warnings"])  # chunks of 256 tokens: its tail is not read
+    # not backfilled yet: no search, no traffic, no promotion
+    with pytest.raises(RegistryError, match="still backfilling"):
+        await search(conn, models, "savepoint", version=v2)
+    with _sync(db_url) as sconn, pytest.raises(RegistryError, match="still backfilling"):
+        promote(sconn, v2)
+
+    async with running_worker(settings, models):
+        await wait_until(conn, BACKFILLED, (v2,))
+        chunks, vectors, dims = await _counts(conn, v2)
+        assert vectors == chunks > 0 and dims == [48]
+        v = await (await conn.execute("SELECT runtime, traffic_percent, metrics FROM pgsynapse.model_versions"
+                                      " WHERE id = %s", (v2,))).fetchone()
+        assert float(v["traffic_percent"]) == 0  # model add's default: no sessions until `pgsynapse traffic`
+        assert v["metrics"]["runtime_export"]["requested"] == "onnx-int8"  # exported, or why not, is recorded
+
+        # a document written now is embedded for both versions, each in its own dimension
+        [doc] = insert_docs(db_url, [("Sequences", "CREATE SEQUENCE creates a new sequence number generator.")])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        per_version = await (await conn.execute(
+            "SELECT e.model_version_id AS v, vector_dims(e.embedding) AS d FROM pgsynapse.embeddings e"
+            " JOIN pgsynapse.chunks c ON c.id = e.chunk_id WHERE c.document_id = %s ORDER BY 1", (doc,))).fetchall()
+        assert [(r["v"], r["d"]) for r in per_version] == [(1, 384), (v2, 48)]
+
+        # every session to the candidate: questions are answered from its 48-d vectors
+        with _sync(db_url) as sconn:
+            set_traffic(sconn, v2, 100)
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s1', 'How do savepoints work?')")
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'")
+        q = await (await conn.execute("SELECT status, model_version_id FROM pgsynapse.questions")).fetchone()
+        assert q == {"status": "answered", "model_version_id": v2}
+
+        with _sync(db_url) as sconn:
+            promote(sconn, v2)
+            listing = render_versions(sconn)
+            assert f"{v2:>4}  active" in listing and "48" in listing
+            retire(sconn, 1)
+            gone = sconn.execute("SELECT to_regclass('pgsynapse.embeddings_v1') IS NULL AS gone").fetchone()["gone"]
+            assert gone
+        hits = await search(conn, models, "savepoint", k=3)  # the active version now: 48-d
+        assert len(hits) == 3
+        assert (await _counts(conn, 1))[1] == 0
+        # after the retire, a new document is embedded for the new version only, and cut for it: chunks of at most
+        # the 128 tokens it reads (version 1 read 256)
+        [doc] = insert_docs(db_url, [("Views", " ".join(["CREATE VIEW defines a view of a query."] * 60))])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        chunks, vectors, dims = await _counts(conn, v2)
+        assert vectors == chunks and dims == [48]
+        sizes = [r["token_count"] for r in await (await conn.execute(
+            "SELECT token_count FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchall()]
+        assert len(sizes) > 2 and max(sizes) <= 128, sizes
+
+
+async def test_the_last_backfill_step_finds_a_chunk_behind_its_cursor(db_url, models, tiny48):
+    """Each step reads ahead of its cursor only; a chunk behind it that lacks the version's vector (an embed job
+    computed before the version existed wrote the others) is found by the last step's second look from 0."""
+    insert_docs(db_url, DOCS)
+    conn = await aconn(db_url)
+    settings = fast_settings(db_url, backfill_batch=2)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    with _sync(db_url) as sconn:
+        v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
+        # the queued first step, as if the steps before it had passed every chunk
+        sconn.execute("UPDATE pgsynapse.jobs SET payload = payload || '{\"after\": 1000000}' WHERE kind = 'backfill'")
+    async with running_worker(settings, models):
+        await wait_until(conn, BACKFILLED, (v2,))
+    chunks, vectors, _ = await _counts(conn, v2)
+    assert vectors == chunks > 2
+
+
+def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
+    insert_docs(db_url, DOCS)
+    with _sync(db_url) as sconn:
+        # the chunks an embed job would have written (no worker runs: this is about what status shows)
+        sconn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                      " content_hash) SELECT id, 0, body, 40, 0, length(body), content_hash FROM pgsynapse.documents")
+        v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
+        # as a worker leaves it after one batch of two chunks, five seconds after the version was registered
+        chunk_ids = [r["id"] for r in sconn.execute("SELECT id FROM pgsynapse.chunks ORDER BY id LIMIT 2")]
+        sconn.execute("INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)"
+                      " SELECT id, %s, array_fill(0.1, ARRAY[48])::vector FROM unnest(%s::bigint[]) id",
+                      (v2, chunk_ids))
+        sconn.execute("UPDATE pgsynapse.model_versions SET created_at = now() - interval '5 seconds' WHERE id = %s",
+                      (v2,))
+        chunks = sconn.execute("SELECT count(*) AS n FROM pgsynapse.chunks").fetchone()["n"]
+        snap = snapshot(sconn)
+    # 2 chunks in 5 s: the rest at the same rate
+    eta = (chunks - 2) * 5 / 2
+    v = next(v for v in snap["model_versions"] if v["id"] == v2)
+    assert v["backfill"] == f"2/{chunks}" and v["backfill_eta_seconds"] == pytest.approx(eta, abs=0.5)
+    text = render(snap)
+    assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
+
+
+def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
+    with _sync(db_url) as conn:
+        with pytest.raises(ModelError, match="does not exist"):
+            add_model(conn, tmp_path / "nowhere")
+        with pytest.raises(ModelError, match="no config.json"):
+            add_model(conn, tmp_path)
+        with pytest.raises(RegistryError, match="between 0 and 100"):
+            add_model(conn, tiny48, traffic=120)
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        with pytest.raises(RegistryError, match=f"already model version {v}"):
+            add_model(conn, tiny48)
+        versions = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"]
+        assert versions == 2  # the refusals registered nothing
+        retire(conn, v)
+        assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
+
+
+
+def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_runtime):
+    """An ONNX artifact (here: the default model's INT8 export) is served as it is: no export to wait for."""
+    with _sync(db_url) as conn:
+        row = add_model(conn, default_runtime["artifact_path"], serving_runtime="onnx-int8")
+    assert (row["runtime"], row["dim"], row["runtime_pending"]) == ("onnx-int8", 384, False)
