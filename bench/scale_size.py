@@ -211,8 +211,9 @@ class _ServerMemory:
 
     def _run(self) -> None:
         with psycopg.connect(self.url, autocommit=True) as watch:
-            last = 0.0
-            while not self._stop.wait(self.every):
+            last, wait = 0.0, 1.0  # the first sample soon: a small build ends within one interval
+            while not self._stop.wait(wait):
+                wait = self.every
                 self.peak_mb = max(self.peak_mb, self._pss_mb())
                 if time.monotonic() - last >= 60:
                     last = time.monotonic()
