@@ -19,6 +19,9 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.export import export_fp32, quantize_int8
+from pgsynapse.models import ONNX_FILES, default_model_path
+
 DATA = Path(os.environ.get("PGSYNAPSE_BENCH_DATA", "/work/shared/data"))
 ARTIFACTS = Path(os.environ.get("PGSYNAPSE_BENCH_MODELS", tempfile.gettempdir())) / "pgsynapse-bench-models"
 RESULTS: list[dict[str, Any]] = []
@@ -140,9 +143,6 @@ def artifact(runtime: str, scheme: str | None = None) -> Path | None:
     """
     if runtime == "torch":
         return None
-    from pgsynapse.export import export_fp32, quantize_int8
-    from pgsynapse.models import ONNX_FILES, default_model_path
-
     base = ARTIFACTS / "default"
     if not (base / ONNX_FILES["onnx"]).exists():
         export_fp32(default_model_path(), base)

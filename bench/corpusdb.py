@@ -18,6 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.common import corpus, run_worker_until
+from pgsynapse.export import SCHEMES
 
 TEMPLATE = "pgsynapse_corpus_v1"
 DEFAULT_DIR = Path("/tmp/pgsynapse-bench-corpus")
@@ -65,8 +66,6 @@ def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iter
         server = EmbeddedPostgres(data_dir)
         url = server.start()
     from pgsynapse.config import load_settings
-
-    from pgsynapse.export import SCHEMES
 
     # one template per chunking and runtime (the first INT8 scheme is the one the default model gets): a
     # template embedded with other settings would be measured silently

@@ -86,7 +86,7 @@ def stream_rate(url: str, docs: list[tuple[str, str]], clients: int = 8) -> floa
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
-                   help="default onnx-int8 (outlier-static): what a default install switches to")
+                   help="default onnx-int8 (smooth-static): what a default install switches to")
     p.add_argument("--n", type=int, default=0, help="idle inserts (default 200, --quick 40)")
     p.add_argument("--stream", type=int, default=0, help="documents of the stream and bulk runs (default 800, --quick 160)")
     args = p.parse_args()

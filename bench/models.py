@@ -130,7 +130,7 @@ def run(args: Any) -> None:
                 distill_s = None
             else:
                 started = time.perf_counter()
-                student = distill(conn, settings, layers=args.layers, epochs=args.epochs, force=True)
+                student = distill(conn, settings, url, layers=args.layers, epochs=args.epochs, force=True).row
                 assert student is not None  # force: registered whatever the gate said
                 distill_s = round(time.perf_counter() - started, 1)
             d = conn.execute("SELECT metrics FROM pgsynapse.model_versions WHERE id = %s",

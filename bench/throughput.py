@@ -32,7 +32,7 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--pages", type=int, default=0, help="pages of the corpus (default: 200, --quick 30)")
     p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
-                   help="default onnx-int8 (outlier-static): what a default install switches to")
+                   help="default onnx-int8 (smooth-static): what a default install switches to")
     args = p.parse_args()
     n_pages = args.pages or (30 if args.quick else 200)
     from pgsynapse.config import load_settings

@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
+from pgsynapse.export import optimise_version
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -67,8 +68,6 @@ class Rollout:
         tasks.start_soon(self._export, version)
 
     async def _export(self, version: int | None) -> None:
-        from pgsynapse.export import optimise_version
-
         try:
             await anyio.to_thread.run_sync(
                 functools.partial(optimise_version, self.settings, self.url, version, actor=self.worker_id),

@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # start; the switch to the default runtime is tested in tests/integration/test_runtime_switch.py
 os.environ.setdefault("PGSYNAPSE_RUNTIME", "torch")
 
+from pgsynapse.config import load_settings  # noqa: E402 - after the environment above, like the next line
+from pgsynapse.export import optimise_active_version  # noqa: E402
 from tests.image_models import tiny_clip, tiny_vit  # noqa: E402 - transformers reads HF_HUB_OFFLINE at import
 
 
@@ -153,10 +155,6 @@ def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
     """The active version as a fresh install leaves it after its first worker start: exported to the default
     runtime, with its artifact, once per session. Returns the ``model_versions`` columns a test's database adopts
     (:func:`adopt_runtime`) and the data dir of the artifact."""
-    # imported here like the other pgsynapse modules of this file: after HF_HUB_OFFLINE is set above
-    from pgsynapse.config import load_settings
-    from pgsynapse.export import optimise_active_version
-
     data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-models-", dir="/tmp"))
     name = f"pgsynapse_int8_{data_dir.name[-8:].lower()}"
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
     ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
-    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static", "outlier-split", "ffn-blockwise", "blockwise"],  # export.SCHEMES (a test keeps them equal)
+    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
                     help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                     "distill_budget_seconds setting stops it earlier)")
     di.add_argument("--name", help="the version's name")
     di.add_argument("--traffic", type=float, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--projection", choices=["pca", "dense"], default="pca",
+                    help="for a teacher of another dimension: project its vectors onto the student's (pca, default: "
+                    "the student keeps the ONNX INT8 runtime) or add a kept linear layer to the student (dense, torch)")
     di.add_argument("--force", action="store_true", help="register it even when the gate refuses it")
     di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
     di.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -303,7 +306,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.search import search
 
         async def go(db: Database):
-            replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search")
+            replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search",
+                                  settings=settings)
             try:
                 async with db.aconnect(autocommit=True) as conn:
                     return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
@@ -381,10 +385,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.learning.cli import run_model_command
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:
-            return run_model_command(args, conn, settings)
+            return run_model_command(args, conn, settings, db.url)
     if args.command == "model":
         from pathlib import Path
 
+        # imported here like every command's library: parsing the command line loads no numpy, torch or onnx
         from pgsynapse.export import run_export
 
         report = run_export(

@@ -82,6 +82,19 @@ def test_ask_answers_from_the_command_line(new_db):
     assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]
 
 
+def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):
+    from tests.embed_models import tiny_embedding_model
+
+    url = new_db(template_db)
+    path = tiny_embedding_model(tmp_path / "tiny-40", 40)
+    r = pgsynapse("model", "add", str(path), "--name", "tiny", url=url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model version 2 added as a candidate: tiny (torch, dim 40)" in r.stdout
+    assert "warning: the model reads 128 tokens" in r.stderr
+    listed = pgsynapse("model", "list", url=url).stdout
+    assert re.search(r"\n +2  candidate  torch +40 +0%  0/0 +tiny", listed), listed
+
+
 def test_migrate_command_is_idempotent(new_db):
     url = new_db()
     first = pgsynapse("migrate", url=url)

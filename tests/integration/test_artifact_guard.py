@@ -67,3 +67,21 @@ def test_an_artifact_directory_inside_the_models_folder_is_deleted(tmp_path):
     (partial / "model.onnx.tmp").write_text("cut short")
     assert remove_artifact_dir(partial, tmp_path / "data") and not partial.exists()
     assert (tmp_path / "data" / "models").is_dir()
+
+
+def test_a_version_recorded_with_a_removed_int8_scheme_fails_its_rebuild_with_a_clear_error(db_url, tmp_path):
+    """A version an older release switched to onnx-int8 with a scheme this release no longer has serves its
+    artifact as before (the graph is all that is loaded); where the artifact is missing, the rebuild stops
+    before deleting or exporting anything, naming the scheme and where its code lives."""
+    data = tmp_path / "data"
+    missing = data / "models" / "v1-onnx-int8-20261201-000000"
+    record = {"requested": "onnx-int8", "runtime": "onnx-int8", "sample_chunks": 16,
+              "tried": [{"runtime": "onnx-int8", "accepted": True, "scheme": "outlier-split"}]}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s,"
+                     " metrics = jsonb_build_object('runtime_export', %s::jsonb) WHERE id = 1",
+                     (str(missing), json.dumps(record)))
+    with capture_logs() as logs, pytest.raises(ModelError, match="'outlier-split' was removed") as raised:
+        optimise_active_version(fast_settings(db_url, data_dir=str(data), runtime="onnx-int8"), db_url)
+    assert "git show d9264b4:src/pgsynapse/export.py" in str(raised.value) and "model version 1" in str(raised.value)
+    assert not [e for e in logs if e["event"] == "runtime_artifact_rebuild_started"]

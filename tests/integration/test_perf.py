@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector, register_vector_async
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
-from pgsynapse.models import ModelSpec, default_model_path, load_embedder
+from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
+from pgsynapse.export.quantize import _calibration_feeds
+from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -22,8 +28,6 @@ ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending
 @pytest.fixture(scope="session")
 def onnx_artifact(tmp_path_factory):
     """The default model exported to ONNX fp32 and INT8 once for the session (a few seconds)."""
-    from pgsynapse.export import export_fp32, quantize_int8
-
     out = tmp_path_factory.mktemp("onnx")
     export_fp32(default_model_path(), out)
     quantize_int8(out)
@@ -50,38 +54,26 @@ async def test_onnx_runtimes_match_torch_and_share_its_interface(onnx_artifact, 
         assert cos.min() > min_cos, (runtime, cos)
 
 
-def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_artifact, tmp_path):
-    """The rewrites are exact in fp32: ``(x * mask) @ W + x[..., C] @ W[C]``, and the fused Attention unfused into
-    MatMul(QKV) + MultiHeadAttention. Quantised, the outlier and smoothing schemes stay closer to fp32 than plain
-    dynamic INT8 on real text (the outlier channels no longer set the activation scale)."""
-    import shutil
-    from collections import Counter
-
-    import onnx
-    import onnxruntime as ort
-
-    from pgsynapse.export import _calibration_feeds, quantize_int8, sample_texts, split_outliers, unfuse_attention
-
+def test_static_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_artifact, tmp_path):
+    """The fused Attention unfused into MatMul(QKV) + MultiHeadAttention is exact in fp32. Quantised, the
+    outlier and smoothing schemes stay closer to fp32 than plain dynamic INT8 on real text (the outlier channels
+    no longer set the activation scale)."""
     feeds = _calibration_feeds(onnx_artifact, None)
     fp32 = ort.InferenceSession(str(onnx_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
-    small = split_outliers(onnx_artifact / "model.onnx", tmp_path / "split.onnx", feeds)
-    assert len(small) == 18  # every MatMul of the 6 layers: attention output, FFN in, FFN out
     unfused = onnx.load(str(onnx_artifact / "model.onnx"))
     unfuse_attention(unfused)
     ops = Counter(n.op_type for n in unfused.graph.node)
     assert ops["Attention"] == 0 and ops["MultiHeadAttention"] == 6 and ops["MatMul"] == 24, ops
     onnx.save(unfused, str(tmp_path / "unfused.onnx"))
     feed = {k: v[:4] for k, v in feeds[0].items()}
-    expected = fp32.run(None, feed)[0]
-    for graph in ("split.onnx", "unfused.onnx"):
-        sess = ort.InferenceSession(str(tmp_path / graph), providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(sess.run(None, feed)[0], expected, atol=2e-4, err_msg=graph)
+    sess = ort.InferenceSession(str(tmp_path / "unfused.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, feed)[0], fp32.run(None, feed)[0], atol=2e-4)
 
     ref = load_embedder(ModelSpec(1, "m", onnx_artifact, "onnx", 384), onnx_threads=1)
     chunks, _ = sample_texts(ref.tokenizer, n_chunks=48)
     base = ref.encode(chunks)
     cosine = {}
-    for scheme in ("dynamic", "outlier-split", "outlier-static", "smooth-static"):
+    for scheme in ("dynamic", "outlier-static", "smooth-static"):
         out = tmp_path / scheme
         shutil.copytree(onnx_artifact, out)
         quantize_int8(out, scheme)
@@ -95,12 +87,12 @@ def test_outlier_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_a
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "smooth-static" / "model_int8.onnx")).graph.node)
     assert ops["QAttention"] == 6 and ops["MatMulIntegerToFloat"] == 18 and ops["Mul"] == 12, ops
     assert ops["Gather"] == 6 and ops["DynamicQuantizeLinear"] == 0 and ops["MatMul"] == 6, ops
-    # measured with VNNI: dynamic ~0.9946, outlier-split ~0.9992, outlier-static ~0.999 (1 - cosine 7x smaller).
+    # measured with VNNI: dynamic ~0.9946, outlier-static ~0.999 (1 - cosine 7x smaller).
     # Without VNNI (an AVX2-only x86 CPU) ONNX Runtime's u8s8 kernels saturate on the dynamically quantised
-    # inputs: outlier-split fell to 0.81 and smooth-static to 0.9962 against dynamic's 0.9939 (2026-12-03, AMD
-    # EPYC exposing avx2 only); the start-up export's agreement check refuses those and takes outlier-static,
-    # whose static activation ranges stay closest there too.
-    closer = ("outlier-split", "outlier-static", "smooth-static") if _cpu_has_vnni() else ("outlier-static",)
+    # inputs: smooth-static fell to 0.9962 against dynamic's 0.9939 (2026-12-03, AMD EPYC exposing avx2 only);
+    # the start-up export's agreement check refuses those and takes outlier-static, whose static activation
+    # ranges stay closest there too.
+    closer = ("outlier-static", "smooth-static") if _cpu_has_vnni() else ("outlier-static",)
     for scheme in closer:
         assert 1 - cosine[scheme] < (1 - cosine["dynamic"]) / 2, cosine
 
@@ -115,7 +107,6 @@ async def test_worker_embeds_with_an_onnx_version(db_url, onnx_artifact, models)
     await conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s WHERE id = 1",
                        (str(onnx_artifact),))
     ids = insert_docs(db_url, [(f"Doc {i}", f"Document {i} on topic {i % 5}.") for i in range(40)])
-    from pgsynapse.models import ModelCache
 
     async with running_worker(fast_settings(db_url, batch_size=8, max_wait_ms=20), ModelCache()) as worker:
         await wait_until(conn, ALL_DONE)
@@ -197,8 +188,6 @@ def test_claim_query_uses_the_claim_index(db_url):
 
 
 def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):
-    from pgsynapse.export import run_export
-
     settings = fast_settings(db_url, data_dir=str(tmp_path))
     report = run_export(settings, "onnx", n_chunks=40, threshold=0.99)
     assert report.accepted and report.agreement.overlap_at_10 >= 0.99 and report.agreement.cosine_mean > 0.9999

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from pgsynapse.export.register import _sha256
 
 pytestmark = pytest.mark.anyio
 
@@ -63,7 +64,6 @@ async def test_worker_start_moves_the_active_version_to_onnx_int8_once(db_url, m
     assert not [e for e in logs if e["event"].startswith("runtime_")]
 
     # a worker on another host, where the artifact is missing: built again at the same path, same bytes
-    from pgsynapse.export import _sha256
     from pgsynapse.models import ONNX_FILES, ModelCache
 
     shutil.rmtree(v["artifact_path"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgsynapse.config import load_settings
+from pgsynapse.export import SCHEMES
 from pgsynapse.handlers.base import describe, isolate
 from pgsynapse.listener.worker import Worker
 from pgsynapse.listener.wakeup import JobNotice
@@ -87,7 +88,6 @@ def test_cli_scheme_choices_are_the_export_schemes_in_order():
     import argparse
 
     from pgsynapse.cli import _parser
-    from pgsynapse.export import SCHEMES
 
     def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
         [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -70,16 +70,23 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
     raise AssertionError(args.command)
 
 
-def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settings: Settings) -> int:
-    """``pgsynapse model add``, ``model distill`` and ``model list``."""
+def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settings: Settings, url: str) -> int:
+    """``pgsynapse model add``, ``model distill`` and ``model list`` on the database at ``url``."""
     if args.model_command == "list":
         print(render_versions(conn))
         return 0
     if args.model_command == "distill":
-        row = distill(conn, settings, teacher=args.teacher, student=args.student, layers=args.student_layers,
-                      name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force)
-        if row is None:
+        done = distill(conn, settings, url, teacher=args.teacher, student=args.student, layers=args.student_layers,
+                       name=args.name, epochs=args.epochs, traffic=args.traffic, force=args.force,
+                       projection=args.projection)
+        for reason in done.gate["reasons"]:
+            print(f"gate: {reason}")
+        if done.row is None:
+            print(f"pgsynapse: the student was not registered: against the teacher it lost more than "
+                  f"{-settings.distill_margin:g} at the gate's lower bound, or could not be judged; it is in "
+                  f"{done.out_dir} (--force registers it)", file=sys.stderr)
             return 1
+        row = done.row
     else:
         row = add_model(conn, args.path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
                         chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)

@@ -8,7 +8,6 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,10 @@ from pgsynapse.export import source_model_path
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.registry import add_model
 from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class DistillSpec:
     student_path: str  # the model whose layers start the student
     out_dir: str
     layers: int = 3
+    projection: str = "pca"  # to a teacher of another dimension: "pca" of its vectors, or a kept "dense" layer
     chunk_tokens: int = 256
     lr: float = 1e-4
     epochs: int = 3
@@ -46,14 +49,24 @@ class DistillSpec:
     threads: int = 0
 
 
-def distill(conn: psycopg.Connection, settings: Settings, *, teacher: int | None = None, student: str | None = None,
-            layers: int = 3, name: str | None = None, epochs: int = 3, traffic: float = 0.0,
-            force: bool = False) -> dict[str, Any] | None:
+@dataclass
+class Distilled:
+    """What :func:`distill` did: ``row`` is the registered version, None when the gate refused the student (it
+    stays in ``out_dir``, with its ``metrics.json``); ``gate`` holds the verdict and its reasons."""
+
+    row: dict[str, Any] | None
+    gate: dict[str, Any]
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: int | None = None,
+            student: str | None = None, layers: int = 3, name: str | None = None, epochs: int = 3,
+            traffic: float = 0.0, force: bool = False, projection: str = "pca") -> Distilled:
     """Train a student of ``layers`` layers (from ``student``, else the active version's weights) to give the
-    teacher version's vectors, in its own process under the retrain job's memory limit; gate it against the
-    teacher on the feedback questions (non-inferiority: ``distill_margin``) and the canary set; register a student
-    that passes (or any, with ``force``) as a candidate like `model add`. Returns its row, or None when the gate
-    refused it (the reasons are printed; the trained student stays in its directory)."""
+    teacher version's vectors, in its own process under the retrain job's memory limit (it reads the database at
+    ``url``); gate it against the teacher on the feedback questions (non-inferiority: ``distill_margin``) and the
+    canary set; register a student that passes (or any, with ``force``) as a candidate like `model add`."""
     t = conn.execute(q("active_version") if teacher is None else q("version_by_id", "learning.sql"),
                      {} if teacher is None else {"version": teacher}).fetchone()
     if t is None or t["status"] not in ("active", "candidate"):
@@ -62,9 +75,9 @@ def distill(conn: psycopg.Connection, settings: Settings, *, teacher: int | None
     active = conn.execute(q("active_version")).fetchone()
     base = student or str(source_model_path(active, settings.model_path))
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = DistillSpec(url=settings.database_url or "", teacher_version=t["id"],
+    spec = DistillSpec(url=url, teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path)), student_path=base,
-                       out_dir=str(out_dir), layers=layers, chunk_tokens=settings.chunk_tokens, epochs=epochs,
+                       out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
                        threads=settings.torch_threads)
     metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
@@ -74,13 +87,11 @@ def distill(conn: psycopg.Connection, settings: Settings, *, teacher: int | None
                        tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
                        samples=settings.retrain_bootstrap_samples)
     metrics["gate"] = {**decision, "forced": force and not decision["passed"]}
-    for reason in decision["reasons"]:
-        print(f"gate: {reason}")
+    log.info("distill_gate", teacher=t["id"], layers=layers, passed=decision["passed"], forced=force,
+             reasons=decision["reasons"], out=str(out_dir))
     if not decision["passed"] and not force:
-        print(f"pgsynapse: the student was not registered: it lost more than {-settings.distill_margin:g} to "
-              f"teacher v{t['id']} (or could not be judged); it is in {out_dir} (--force registers it)",
-              file=sys.stderr)
-        return None
-    return add_model(conn, out_dir, name=name or f"{t['name']}-distilled-{layers}l", traffic=traffic,
-                     serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,
-                     threads=settings.torch_threads, metrics={"distilled": metrics})
+        return Distilled(None, metrics["gate"], metrics, out_dir)
+    row = add_model(conn, out_dir, name=name or f"{t['name']}-distilled-{layers}l", traffic=traffic,
+                    serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,
+                    threads=settings.torch_threads, metrics={"distilled": metrics})
+    return Distilled(row, metrics["gate"], metrics, out_dir)

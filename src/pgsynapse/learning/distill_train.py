@@ -7,8 +7,10 @@ time), like the retrain job's trainer.
 
 - **Student**: the model at ``student_path`` (by default the active version's weights) with only ``layers`` of its
   transformer layers kept, evenly spaced and ending with the last one (6 -> 3 keeps layers 1, 3, 5). When the
-  teacher's dimension differs, a linear projection to it is appended and kept: the student then gives vectors of
-  the teacher's dimension.
+  teacher's dimension differs (``projection``): "pca" (default) projects the teacher's vectors onto the student's
+  dimension (the directions that keep most of their inner products), so the student keeps its shape and its
+  ONNX INT8 runtime; "dense" appends a linear layer to the teacher's dimension to the student (torch only: the
+  ONNX export has no place for it).
 - **Targets**: the teacher's own vectors of the corpus, read from the database (its stored chunk vectors: no
   corpus is encoded by the teacher), and of the questions users asked (encoded by the teacher's model). The
   feedback questions are left out of training: they are the gate's.
@@ -54,8 +56,9 @@ def kept_layers(n: int, k: int) -> list[int]:
     return sorted({n - 1 - round(i * n / k) for i in range(k)})
 
 
-def build_student(path: str, layers: int, teacher_dim: int) -> SentenceTransformer:
-    """The model at ``path`` with ``layers`` of its transformer layers, projected to ``teacher_dim`` if needed."""
+def build_student(path: str, layers: int, teacher_dim: int, projection: str) -> SentenceTransformer:
+    """The model at ``path`` with ``layers`` of its transformer layers; with ``projection`` "dense" and another
+    dimension than the teacher's, a linear layer to ``teacher_dim`` is appended (and kept)."""
     model = SentenceTransformer(path, device="cpu", local_files_only=True)
     auto = model[0].auto_model
     stack = auto.encoder.layer
@@ -63,7 +66,7 @@ def build_student(path: str, layers: int, teacher_dim: int) -> SentenceTransform
     auto.encoder.layer = torch.nn.ModuleList([stack[i] for i in keep])
     auto.config.num_hidden_layers = len(keep)
     dim = model.get_sentence_embedding_dimension()
-    if dim != teacher_dim:
+    if dim != teacher_dim and projection == "dense":
         mods = [m for m in model if not isinstance(m, Normalize)]
         proj = Dense(dim, teacher_dim, bias=False, activation_function=torch.nn.Identity())
         model = SentenceTransformer(modules=[*mods, proj, Normalize()], device="cpu")
@@ -84,6 +87,19 @@ def save_student(model: SentenceTransformer, out: Path) -> None:
             pooling.update(pooling_mode_cls_token="cls" in modes, pooling_mode_mean_tokens="mean" in modes,
                            pooling_mode_max_tokens="max" in modes)
             cfg.write_text(json.dumps(pooling, indent=4))
+
+
+def pca_projection(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
+    """The ``dim`` directions that keep the most of the teacher's inner products (uncentred SVD of its unit vectors,
+    so cosine similarities survive the projection as well as ``dim`` dimensions allow), and the share of the
+    squared norm they keep."""
+    _, sing, vt = np.linalg.svd(vectors.astype(np.float64), full_matrices=False)
+    energy = sing ** 2
+    return vt[:dim].astype(np.float32), float(energy[:dim].sum() / energy.sum())
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def load_data(spec: DistillSpec) -> dict[str, Any]:
@@ -162,15 +178,30 @@ def main(spec: DistillSpec) -> dict[str, Any]:
     texts = [chunker.embed_text(r[2], r[3]) for r in rows]
     chunk_docs = [r[1] for r in rows]
     teacher_chunks = np.stack([r[4].to_numpy().astype(np.float32) for r in rows])
-    student = build_student(spec.student_path, spec.layers, teacher_chunks.shape[1])
+    student = build_student(spec.student_path, spec.layers, teacher_chunks.shape[1], spec.projection)
     order = list(range(len(texts)))
     random.Random(spec.seed).shuffle(order)
     held = sorted(order[:max(int(len(order) * spec.heldout_fraction), 1 if len(order) > 1 else 0)])
     train = sorted(order[len(held):])
     question_vecs = _encode(teacher, data["questions"]) if data["questions"] else \
         np.zeros((0, teacher_chunks.shape[1]), dtype=np.float32)
+    # the student's targets: the teacher's vectors, or their projection to the student's dimension ("pca"): the
+    # student then keeps its own shape and runtimes (ONNX INT8 has no place for an extra layer)
+    student_dim = student.get_sentence_embedding_dimension()
+    projection: dict[str, Any] = {"kind": "none"}
+    chunk_targets = teacher_chunks
+    if student_dim != teacher_chunks.shape[1]:
+        projection = {"kind": spec.projection, "from_dim": int(teacher_chunks.shape[1]), "to_dim": student_dim}
+        if spec.projection == "pca":
+            if len(train) < student_dim:
+                raise SystemExit(f"a PCA projection to {student_dim} dimensions needs at least {student_dim} chunks, "
+                                 f"the corpus has {len(train)} to train on: use projection 'dense'")
+            basis, kept = pca_projection(teacher_chunks[train], student_dim)
+            chunk_targets = _unit(teacher_chunks @ basis.T)
+            question_vecs = _unit(question_vecs @ basis.T)
+            projection["norm_kept"] = round(kept, 4)
     train_texts = [texts[i] for i in train] + data["questions"]
-    targets = np.concatenate([teacher_chunks[train], question_vecs])
+    targets = np.concatenate([chunk_targets[train], question_vecs])
     progress("distill_data_loaded", chunks=len(texts), heldout_chunks=len(held), questions=len(data["questions"]),
              feedback=len(data["feedback"]), canary=len(data["canary"]), layers=spec.layers)
     # the budget covers training; encoding the corpus for the evaluation comes after it
@@ -178,12 +209,13 @@ def main(spec: DistillSpec) -> dict[str, Any]:
 
     progress("distill_evaluating", chunks=len(texts))
     student_chunks = _encode(student, texts)
-    cos = (student_chunks[held] * teacher_chunks[held]).sum(axis=1) if held else np.zeros(0)
+    cos = (student_chunks[held] * chunk_targets[held]).sum(axis=1) if held else np.zeros(0)  # to its targets
     asked = [r[0] for r in data["feedback"]] + [r[0] for r in data["canary"]]
     relevant = [{r[1]} for r in data["feedback"]]
     metrics: dict[str, Any] = {
         "recipe": "distilled", "teacher_version": spec.teacher_version, "student_from": spec.student_path,
-        "layers": spec.layers, "dim": int(teacher_chunks.shape[1]), "train_texts": len(train_texts),
+        "layers": spec.layers, "dim": int(student_chunks.shape[1]), "teacher_projection": projection,
+        "train_texts": len(train_texts),
         **trained, "train_seconds": round(time.monotonic() - started, 1),
         "heldout_chunks": len(held), "heldout_cosine_mean": round(float(cos.mean()), 4) if held else None,
         "heldout_cosine_p05": round(float(np.percentile(cos, 5)), 4) if held else None,

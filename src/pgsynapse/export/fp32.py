@@ -1,0 +1,90 @@
+"""The fp32 ONNX graph of a sentence-transformers model: ``model.onnx`` plus its tokenizer files.
+
+The export needs no optimum (its pinned transformers breaks sentence-transformers): the transformer is
+exported with ``torch.onnx.export`` (eager attention, so ONNX Runtime's BERT fusions apply) and fused by
+``onnxruntime.transformers.optimizer``. Pooling and normalisation stay in numpy
+(:class:`pgsynapse.models.OnnxEmbedder`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pgsynapse.errors import ModelError
+from pgsynapse.models import ONNX_FILES, ONNX_META
+
+# onnx, onnxruntime's quantiser and torch are imported in the functions that use them, not at the top: every
+# worker imports this package (for :func:`pgsynapse.export.register.optimise_version`), but builds an artifact
+# once per model version at most, and at the top they would add ~1.2 s and ~60 MB to every worker start
+# (measured on the worker's own imports, 2026-12-04); bench.runtimes' child processes report their RSS too.
+
+# the tokenizer and config files an ONNX artifact keeps beside its graph
+_COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+         "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
+
+
+def _read_pooling(source: Path) -> None:
+    cfg = source / "1_Pooling" / "config.json"
+    if cfg.exists():
+        pooling = json.loads(cfg.read_text())
+        if not pooling.get("pooling_mode_mean_tokens", False):
+            raise ModelError(f"{source}: only mean pooling is supported by the ONNX runtimes (see {cfg})")
+
+
+def export_fp32(source: Path, out_dir: Path) -> Path:
+    """``model.onnx`` (fp32, BERT-fused) plus the tokenizer files in ``out_dir``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    _read_pooling(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    model = AutoModel.from_pretrained(str(source), local_files_only=True, attn_implementation="eager")
+    model.eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    sample = tok(["a short text", "a somewhat longer sample text for tracing"], padding=True, return_tensors="pt")
+    if "token_type_ids" not in sample:
+        sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    raw = out_dir / "model.raw.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Hidden(model),
+            tuple(sample[n] for n in names),
+            str(raw),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
+            opset_version=17,
+            dynamo=False,
+        )
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.config
+    fused = optimize_model(
+        str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads), hidden_size=int(cfg.hidden_size), opt_level=1
+    )
+    fused.save_model_to_file(str(out_dir / ONNX_FILES["onnx"]))
+    raw.unlink()
+    for name in _COPY:
+        if (source / name).exists():
+            shutil.copy2(source / name, out_dir / name)
+    st_cfg = source / "sentence_bert_config.json"
+    max_len = json.loads(st_cfg.read_text()).get("max_seq_length", 256) if st_cfg.exists() else 256
+    meta = {"source": str(source), "max_seq_length": int(max_len), "dim": int(cfg.hidden_size), "pooling": "mean",
+            "normalize": True, "fused": fused.get_fused_operator_statistics()}
+    (out_dir / ONNX_META).write_text(json.dumps(meta, indent=2))
+    return out_dir / ONNX_FILES["onnx"]

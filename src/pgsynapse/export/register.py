@@ -1,0 +1,276 @@
+"""Registering an accepted artifact, ``pgsynapse model export``, and the ``runtime`` setting: moving a version
+from torch to the fast runtime once (at worker start, or for a candidate before its A/B traffic), and building
+a switched version's artifact again on a host that lacks it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgsynapse.artifacts import models_root, remove_artifact_dir
+from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
+from pgsynapse.db import NO_PREPARE, Database, session_url
+from pgsynapse.errors import ModelError
+from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
+from pgsynapse.export.quantize import SCHEMES, scheme_error
+from pgsynapse.logs import get_logger
+from pgsynapse.models import ONNX_FILES, ONNX_META, ModelSpec, resolve_model_path
+
+log = get_logger(__name__)
+
+
+def register(conn: Any, report: ExportReport, source_row: dict[str, Any], *, switch: bool = False) -> int:
+    """Record an accepted artifact.
+
+    ``switch=False``: a new ``model_versions`` row (status ``candidate``, traffic 0, base = the source version)
+    whose metrics hold the agreement figures; the worker then embeds new chunks with it too, side by side.
+    ``switch=True``: the source version itself moves to the new runtime (its vectors are interchangeable,
+    agreement passed), so nothing is re-embedded; the previous runtime is kept in its metrics.
+    """
+    metrics = {"export": report.as_dict()}
+    if switch:
+        conn.execute(
+            "UPDATE pgsynapse.model_versions SET runtime = %(runtime)s, artifact_path = %(path)s,"
+            " metrics = metrics || jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)"
+            " || %(metrics)s::jsonb WHERE id = %(id)s",
+            {"runtime": report.runtime, "path": report.artifact_path, "metrics": json.dumps(metrics), "id": source_row["id"]},
+        )
+        report.version_id = int(source_row["id"])
+        return report.version_id
+    row = conn.execute(
+        "INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, artifact_path, runtime, dim, metrics, status,"
+        " traffic_percent) VALUES (%(name)s, 'embedding', %(base)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s::jsonb,"
+        " 'candidate', 0) RETURNING id",
+        {"name": f"{source_row['name']} [{report.runtime}]", "base": source_row["id"], "path": report.artifact_path,
+         "runtime": report.runtime, "dim": source_row["dim"], "metrics": json.dumps(metrics)},
+    ).fetchone()
+    version_id = int(row["id"] if isinstance(row, dict) else row[0])
+    conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version_id,))
+    report.version_id = version_id
+    return version_id
+
+
+# -- the command ------------------------------------------------------------------------------------
+def run_export(
+    settings: Any,
+    runtime: str,
+    *,
+    version: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    corpus: Path | None = None,
+    questions: list[Path] | None = None,
+    n_chunks: int = DEFAULT_SAMPLE_CHUNKS,
+    switch: bool = False,
+    out_dir: Path | None = None,
+    scheme: str | None = None,
+) -> ExportReport:
+    """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        if version is None:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
+        else:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        if row is None:
+            raise ModelError("no active model version" if version is None else f"no model version {version}")
+        source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
+        if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+            raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
+        out = out_dir or new_artifact_dir(settings.data_dir, row["id"], runtime)
+        report = export_and_check(source, out, runtime, threshold=threshold, corpus=corpus, questions=questions,
+                                  n_chunks=n_chunks, threads=settings.onnx_threads or settings.torch_threads,
+                                  scheme=scheme)
+        if report.accepted:
+            register(conn, report, row, switch=switch)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+    return report
+
+
+def new_artifact_dir(data_dir: str | Path, version_id: int, runtime: str) -> Path:
+    """A new, empty ``DATA_DIR/models/vV-RUNTIME-TIMESTAMP`` for an export. Never an existing directory: exporting
+    a version again must not delete the artifact workers serve, nor one of another database sharing the data dir."""
+    base = Path(data_dir) / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    stem = f"v{version_id}-{runtime}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        out = base / (f"{stem}-{n}" if n else stem)
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    raise ModelError(f"cannot create a new artifact directory under {base}")
+
+
+# -- the `runtime` setting: the active version on the fast runtime, once ----------------------------------
+EXPORT_LOCK = "pgsynapse.runtime_export"
+
+
+def source_model_path(row: dict[str, Any], configured: str | None) -> Path:
+    """The sentence-transformers directory of a version: its own for torch, the one it was exported from
+    for an ONNX runtime (training and re-export need the torch weights)."""
+    if row.get("runtime", "torch") == "torch":
+        return resolve_model_path(row.get("artifact_path"), configured)
+    meta_path = Path(row["artifact_path"]) / ONNX_META
+    try:
+        return Path(json.loads(meta_path.read_text())["source"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot find the source model of version {row['id']}: {meta_path} unreadable ({exc})") from exc
+
+
+def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
+    """Move the active version from torch to ``settings.runtime`` (``onnx-int8`` by default), once.
+
+    Runs at worker start, and for a version promoted while a worker runs that was not exported at registration.
+    See :func:`optimise_version`."""
+    return optimise_version(settings, url)
+
+
+def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker"
+                     ) -> ExportReport | None:
+    """Move a version (the active one when ``version`` is None) from torch to ``settings.runtime``, once.
+
+    The first worker exports the model, checks its agreement on the shipped docs (:func:`export_and_check`) and
+    switches the version (its vectors stay: agreement passed). Other workers wait on an advisory lock meanwhile and
+    find the switch done. ``onnx-int8`` refused for agreement falls back to ``onnx`` (fp32, the same vectors as
+    torch). The outcome, refusal or error included, is kept in the version's metrics (``runtime_export``) and in
+    ``model_events`` so it is tried once per version and runtime; an error leaves the version on torch and the
+    worker goes on. A worker on a host without the switched version's artifact builds it again at the same path
+    (:func:`rebuild_artifact`), whatever its own ``runtime``.
+
+    Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
+    traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
+    """
+    # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        if version is None:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
+        else:
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        if row is None or row["status"] not in ("active", "candidate"):
+            return None
+        tried = (row["metrics"] or {}).get("runtime_export") or {}
+        if row["runtime"] != "torch":
+            report = None
+            if tried.get("runtime") == row["runtime"] and not (Path(row["artifact_path"]) / ONNX_FILES[row["runtime"]]).exists():
+                report = rebuild_artifact(settings, row)
+            _settled(conn, row, None, actor)
+            return report
+        if settings.runtime == "torch" or tried.get("requested") == settings.runtime:
+            _settled(conn, row, None, actor)
+            return None
+        log.info("runtime_export_started", version=row["id"], status=row["status"], runtime=settings.runtime,
+                 note="once per model version: export, agreement check, switch")
+        started = time.perf_counter()
+        record: dict[str, Any] = {"requested": settings.runtime, "tried": []}
+        report = None
+        out: Path | None = None
+        try:
+            source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
+            for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
+                out = new_artifact_dir(settings.data_dir, row["id"], runtime)
+                report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
+                                          threads=settings.onnx_threads or settings.torch_threads)
+                record["tried"].append({"runtime": runtime, "accepted": report.accepted,
+                                        "overlap_at_10": report.agreement.overlap_at_10,
+                                        "scheme": report.options.get("scheme")})
+                if report.accepted:
+                    record["sample_chunks"] = settings.export_sample_chunks
+                    record["sha256"] = _sha256(out / ONNX_FILES[runtime])
+                    break
+                shutil.rmtree(out, ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves torch serving; the reason is kept and logged
+            record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            report = None
+            if out is not None:
+                shutil.rmtree(out, ignore_errors=True)  # the failed attempt's partial artifact
+            log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        with conn.transaction():
+            if report is not None and report.accepted:
+                register(conn, report, row, switch=True)
+                record["runtime"] = report.runtime
+                log.info("runtime_switched", version=row["id"], runtime=report.runtime,
+                         scheme=report.options.get("scheme"), overlap_at_10=report.agreement.overlap_at_10,
+                         seconds=record["seconds"])
+            elif "error" not in record:
+                log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
+            conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export',"
+                         " %s::jsonb) WHERE id = %s", (json.dumps(record), row["id"]))
+            _settled(conn, row, record, actor)
+        return report if report is not None and report.accepted else None
+
+
+def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, actor: str) -> None:
+    """Clear the version's ``runtime_pending`` (it may get A/B traffic now) and, after an export attempt, write
+    its outcome to ``model_events``; ``pgsynapse_models`` hears ``{"runtime": id}`` on commit."""
+    if record is not None:
+        event = ("runtime_switched" if "runtime" in record else
+                 "runtime_export_failed" if "error" in record else "runtime_export_refused")
+        reason = (f"exported to {record['runtime']}" if "runtime" in record else record.get("error")
+                  or f"agreement below the threshold for every runtime tried; stays on {row['runtime']}")
+        conn.execute("INSERT INTO pgsynapse.model_events (model_version_id, event, reason, figures, actor)"
+                     " VALUES (%s, %s, %s, %s, %s)", (row["id"], event, reason, Jsonb(record), actor))
+    if row.get("runtime_pending") or record is not None:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %s", (row["id"],))
+        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('runtime', %s::int)::text)", (row["id"],))
+        log.info("model_runtime_settled", version=row["id"], status=row["status"],
+                 runtime=(record or {}).get("runtime", row["runtime"]))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
+    """The artifact of a version switched at start-up is missing on this host (another host exported it):
+    build it again at the same path from this host's copy of the source model, with the recorded scheme and
+    calibration sample, and check its agreement again. The same libraries give the same bytes (``sha256``
+    logged); different ones give an artifact that still had to pass the gate. A refusal stops the worker
+    with the figures rather than serve vectors that do not match the index."""
+    record = row["metrics"]["runtime_export"]
+    accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
+    out = Path(row["artifact_path"])
+    scheme = accepted.get("scheme")
+    if scheme is not None and scheme not in SCHEMES:  # recorded by an older release: checked before any deletion
+        raise ModelError(f"model version {row['id']}: its {row['runtime']} artifact {out} is missing on this host and "
+                         f"cannot be rebuilt: {scheme_error(scheme)}; copy the artifact from the host that built it "
+                         "(or share DATA_DIR/models between hosts)")
+    # a rebuild cut short (the graph is written last by quantisation) is cleared first: only in DATA_DIR/models
+    if (out.exists() or out.is_symlink()) and not remove_artifact_dir(out, settings.data_dir):
+        raise ModelError(f"model version {row['id']}: its artifact path {out} exists without "
+                         f"{ONNX_FILES[row['runtime']]} and is not inside {models_root(settings.data_dir)}; "
+                         "refusing to delete it to rebuild there (fix model_versions.artifact_path)")
+    log.info("runtime_artifact_rebuild_started", version=row["id"], runtime=row["runtime"], path=str(out),
+             reason="the version's artifact is missing on this host")
+    # this host's copy of the torch model the version was switched from
+    source_path = resolve_model_path(row["metrics"].get("previous_artifact_path"), settings.model_path)
+    source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise ModelError(f"model version {row['id']}: its artifact {out} is missing here and cannot be rebuilt there "
+                         f"({exc}); share DATA_DIR/models between hosts or run with PGSYNAPSE_RUNTIME=torch before "
+                         "the first start") from exc
+    report = export_and_check(source, out, row["runtime"], n_chunks=record.get("sample_chunks", DEFAULT_SAMPLE_CHUNKS),
+                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"))
+    if not report.accepted:
+        remove_artifact_dir(out, settings.data_dir)
+        raise ModelError(f"model version {row['id']}: the rebuilt {row['runtime']} artifact has top-10 agreement "
+                         f"{report.agreement.overlap_at_10:.4f} with the source model here, below {report.threshold}; "
+                         "its vectors would not match the index")
+    digest = _sha256(out / ONNX_FILES[row["runtime"]])
+    log.info("runtime_artifact_rebuilt", version=row["id"], runtime=row["runtime"], path=str(out),
+             identical=digest == record.get("sha256"), overlap_at_10=report.agreement.overlap_at_10,
+             seconds=report.seconds)
+    return report
