@@ -88,7 +88,8 @@ def main() -> None:
     p.add_argument("--budget-seconds", type=float, default=1500.0, help="distill_budget_seconds: caps the training")
     p.add_argument("--texts", type=int, default=2000, help="corpus chunks the throughput is measured on")
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds of the two INT8 models")
-    p.add_argument("--student", help="a student trained before (a `model distill` directory): no training")
+    p.add_argument("--student", help="a student trained before (a `model distill` directory, or its exported ONNX"
+                                      " one): no training")
     p.add_argument("--speed-only", action="store_true", help="throughput only: no corpus re-encoding, no recall")
     args = p.parse_args()
     if args.database_url or os.environ.get("DATABASE_URL"):
@@ -123,7 +124,8 @@ def run(args: Any) -> None:
                 _feedback(plain, train)
             emit("models", "corpus", **info, chunks=len(rows), feedback=len(train))
             if args.student:  # a student trained before (its metrics.json beside it): registered as distill does
-                trained = json.loads((Path(args.student) / "metrics.json").read_text())
+                found = Path(args.student) / "metrics.json"  # absent from an exported ONNX directory
+                trained = json.loads(found.read_text()) if found.exists() else {}
                 student = add_model(conn, args.student, name=f"student-{args.layers}l",
                                     serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,
                                     threads=settings.torch_threads, metrics={"distilled": trained})
