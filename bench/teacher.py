@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--distill-budget", type=float, default=1200.0, help="distill_budget_seconds")
+    p.add_argument("--backfill-batch", type=int, default=None, help="backfill_batch (default: the product's)")
     p.add_argument("--limit", type=int, default=None, help="template of the first N pages (development)")
     p.add_argument("--serving-runtime", default=None, help="mpnet's serving runtime (default: settings.runtime)")
     args = p.parse_args()
@@ -175,7 +176,8 @@ def main() -> None:
     source = subset_corpus(args.database_url, args.chunks, report_pages) if args.chunks else corpus_clone(limit=args.limit)
     with source as (url, info):
         # product defaults, but for the data dir (exports, the student) under /tmp
-        settings = load_settings(environ={}, database_url=url, data_dir=DATA_DIR)
+        extra = {"backfill_batch": args.backfill_batch} if args.backfill_batch else {}
+        settings = load_settings(environ={}, database_url=url, data_dir=DATA_DIR, **extra)
         models = ModelCache(threads=args.threads)
         v1 = _version(url, 1)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -187,7 +189,8 @@ def main() -> None:
                               chunk_tokens=settings.chunk_tokens)
         mid = added["id"]
         bf = backfill(settings, url, mid)
-        emit(B, "mpnet-backfill", version=mid, load1=machine()["load1"], warnings=added["warnings"], **bf)
+        emit(B, "mpnet-backfill", version=mid, load1=machine()["load1"], warnings=added["warnings"],
+             backfill_batch=settings.backfill_batch, batch_deadline_seconds=settings.batch_deadline_seconds, **bf)
         mp = _version(url, mid)
         rows = [report_row("v1", url, v1, report, models, qtexts),
                 report_row("mpnet", url, mp, report, models, qtexts)]
@@ -201,7 +204,7 @@ def main() -> None:
         for name, row in (("v1", v1), ("mpnet", mp)):
             emit(B, f"{name}-throughput", runtime=row["runtime"], chunks_per_s=throughput(models, row, texts))
         if args.part == "ab":
-            settings = load_settings(environ={}, database_url=url, data_dir=DATA_DIR,
+            settings = load_settings(environ={}, database_url=url, data_dir=DATA_DIR, **extra,
                                      distill_budget_seconds=args.distill_budget)
             started = time.perf_counter()
             with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
