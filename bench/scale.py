@@ -278,6 +278,10 @@ def main() -> None:
     p.add_argument("--done-jobs", type=int, default=0, help="queue: done jobs (default 10M, --quick 200k)")
     p.add_argument("--pending-jobs", type=int, default=0, help="queue: pending jobs (default 1M, --quick 20k)")
     p.add_argument("--vectors", type=int, default=0, help="vectors: rows of one version (default 200k, --quick 20k)")
+    p.add_argument("--maintenance-work-mem", default="4GB",
+                   help="vectors: for the HNSW build; the graph must fit (about 2.3 kB a 384-d vector, m 16)")
+    p.add_argument("--retire-vectors", type=int, default=-1,
+                   help="vectors: rows of the retire comparison (default: --vectors up to 200k; 0: skip it)")
     args = p.parse_args()
     parts = args.part or ["claims", "workers", "writes", "queue", "vectors"]
     quick = args.quick
@@ -298,7 +302,9 @@ def main() -> None:
                              args.pending_jobs or (20_000 if quick else 1_000_000))
     if "vectors" in parts:
         with database(args.database_url) as url:
-            scale_size.vectors(url, args.vectors or (20_000 if quick else 200_000))
+            n = args.vectors or (20_000 if quick else 200_000)
+            retire = min(n, 200_000) if args.retire_vectors < 0 else args.retire_vectors
+            scale_size.vectors(url, n, args.maintenance_work_mem, retire)
     table()
 
 

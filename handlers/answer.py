@@ -88,7 +88,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self.guard = Guard()
         self.cache = AnswerCache(settings)
         self._streams: StreamWriter | None = None
-        self.replica = replica_for(settings.read_url, settings.read_max_lag_ms)  # retrieval may read a replica
+        self.replica = replica_for(settings.read_url, settings.read_max_lag_ms, settings=settings)  # retrieval may read a replica
 
     async def aclose(self) -> None:
         if self.replica is not None:

@@ -11,6 +11,7 @@ vectors: those are copied in SQL, and only a chunk the passage version lacks is 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,16 +78,28 @@ class BackfillHandler(Handler[BackfillWork]):
                 out.append(Outcome(w.job, result=("done", [], [], None, 0)))
                 continue
             todo = [(cid, title, text) for cid, title, text in w.chunks if cid not in w.copied]
-            vectors: list[tuple[int, np.ndarray]] = []
-            if todo:
-                embedder = self.models.get(w.encoder)
-                chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
-                vecs = embedder.encode([chunker.embed_text(title, text) for _, title, text in todo],
-                                       self.settings.encode_batch_size)
-                vectors = [(cid, vecs[i]) for i, (cid, _, _) in enumerate(todo)]
-            out.append(Outcome(w.job, result=("batch", vectors, sorted(w.copied), w.version["passage_version_id"],
-                                              max(cid for cid, _, _ in w.chunks))))
+            vectors = self._encode(w, todo) if todo else []
+            # a step cut short by its time budget ends at the last chunk it encoded: the next one starts after it
+            cursor = vectors[-1][0] if len(vectors) < len(todo) else max(cid for cid, _, _ in w.chunks)
+            copied = sorted(cid for cid in w.copied if cid <= cursor)
+            out.append(Outcome(w.job, result=("batch", vectors, copied, w.version["passage_version_id"], cursor)))
         return out
+
+    def _encode(self, w: BackfillWork, todo: list[tuple[int, str | None, str]]) -> list[tuple[int, np.ndarray]]:
+        """The vectors of ``todo`` in chunk id order, a forward pass at a time, until ``backfill_step_seconds`` have
+        passed (at least one pass): a slow model (a large one, busy cores) takes shorter steps instead of running
+        past the batch deadline with all ``backfill_batch`` chunks."""
+        embedder = self.models.get(w.encoder)
+        chunker = Chunker(embedder.tokenizer, min(self.settings.chunk_tokens, embedder.max_seq_length), 0)
+        size, started = self.settings.encode_batch_size, time.monotonic()
+        vectors: list[tuple[int, np.ndarray]] = []
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            vecs = embedder.encode([chunker.embed_text(title, text) for _, title, text in part], size)
+            vectors += [(cid, vecs[i]) for i, (cid, _, _) in enumerate(part)]
+            if time.monotonic() - started >= self.settings.backfill_step_seconds:
+                break
+        return vectors
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()

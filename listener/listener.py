@@ -12,6 +12,7 @@ import anyio
 import psycopg
 from anyio.abc import TaskStatus
 
+from pgsynapse.config import Settings
 from pgsynapse.db import aconnect
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.wakeup import JOBS_CHANNEL, JobNotice, Wakeups
@@ -23,8 +24,10 @@ LISTENER_APPLICATION_NAME = "pgsynapse-listener"
 
 
 class Listener:
-    def __init__(self, url: str, wakeups: Wakeups, *, reconnect_max: float = 30.0) -> None:
+    def __init__(self, url: str, wakeups: Wakeups, *, reconnect_max: float = 30.0,
+                 settings: Settings | None = None) -> None:
         self.url = url
+        self.settings = settings  # its keepalives and tcp_user_timeout (db.tcp_params)
         self.wakeups = wakeups
         self.reconnect_max = reconnect_max
         self.connected = False
@@ -39,7 +42,8 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await aconnect(self.url, autocommit=True, application_name=LISTENER_APPLICATION_NAME)
+                conn = await aconnect(self.url, autocommit=True, application_name=LISTENER_APPLICATION_NAME,
+                                      settings=self.settings)
                 await conn.execute(f"LISTEN {JOBS_CHANNEL}")
                 self.backend_pid = conn.info.backend_pid
                 self._set(True)

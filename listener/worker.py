@@ -20,12 +20,11 @@ import psycopg
 from anyio.abc import TaskGroup, TaskStatus
 from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import NO_PREPARE, bounded_transaction, session_url
+from pgsynapse.db import bounded_transaction, pool_kwargs, session_url
 from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
@@ -74,7 +73,8 @@ class Worker:
         self.kinds = list(self.handlers)
         self.wakeups = Wakeups(self.kinds)
         # LISTEN needs a session: a direct URL when ``url`` goes through a transaction pooler (listen_url)
-        self.listener = Listener(session_url(settings, url), self.wakeups, reconnect_max=settings.reconnect_max_seconds)
+        self.listener = Listener(session_url(settings, url), self.wakeups, reconnect_max=settings.reconnect_max_seconds,
+                                 settings=settings)
         self.stats = WorkerStats()
         self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
         self.stopping = anyio.Event()
@@ -138,8 +138,9 @@ class Worker:
             self.url,
             min_size=1,
             max_size=4 + len(self.kinds),
-            # no session state on these: they may go through PgBouncer in transaction mode (NO_PREPARE: db.py)
-            kwargs={"row_factory": dict_row, "application_name": "pgsynapse-worker", "autocommit": True, **NO_PREPARE},
+            # no session state (PgBouncer in transaction mode); keepalives and tcp_user_timeout: cut off from the
+            # server, a connection fails in bounded time instead of waiting for the kernel (db.pool_kwargs)
+            kwargs=pool_kwargs(self.url, self.settings, "pgsynapse-worker"),
             configure=self._configure,
             # a connection broken while idle (server restart, terminated backend) is replaced, not handed out
             check=AsyncConnectionPool.check_connection,

@@ -306,7 +306,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.search import search
 
         async def go(db: Database):
-            replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search")
+            replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search",
+                                  settings=settings)
             try:
                 async with db.aconnect(autocommit=True) as conn:
                     return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,

@@ -49,6 +49,17 @@ class Settings(BaseModel):
     read_max_lag_ms: float = Field(
         500.0, ge=0, le=60_000, description="how long a read waits for the replica to catch up with the primary "
         "before it reads the primary instead")
+    # a worker cut off from its server (no FIN, no RST) must notice: libpq's TCP options on every connection it
+    # makes (pool, LISTEN, replica), unless the URL sets them; ignored on Unix sockets (docs/operations.md)
+    keepalives_idle_seconds: int = Field(
+        10, ge=1, description="TCP keepalive: seconds of silence from the server before the first probe")
+    keepalives_interval_seconds: int = Field(5, ge=1, description="TCP keepalive: seconds between unanswered probes")
+    keepalives_count: int = Field(
+        3, ge=1, description="TCP keepalive: unanswered probes before the connection is dropped (idle + count x "
+        "interval: 25 s by default, for a connection waiting on the server, a statement in flight included)")
+    tcp_user_timeout_ms: int = Field(
+        30_000, ge=0, description="libpq tcp_user_timeout: sent data unacknowledged this long drops the connection "
+        "(a statement sent into a dead link; else the kernel retransmits for about 15 min); 0: the kernel's")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded server data, models, caches")
 
     model_path: str | None = Field(None, description="local sentence-transformers model dir for version 1")
@@ -188,6 +199,9 @@ class Settings(BaseModel):
     auto_promote_interval: float = Field(60.0, gt=0, description="seconds between looks at the A/B figures")
     backfill_batch: int = Field(256, ge=1, description="chunks embedded per backfill step")
     backfill_throttle_seconds: float = Field(0.2, ge=0, description="pause between backfill steps")
+    backfill_step_seconds: float = Field(
+        60.0, gt=0, description="a backfill step stops encoding after this long (it writes what it has; the next step "
+        "goes on from there): a slow model takes shorter steps, never past batch_deadline_seconds")
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger images fail with a clear error "
                                  "(their bytes are never fetched from the database)")

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
@@ -28,16 +29,37 @@ def session_url(settings: Settings, url: str) -> str:
     return settings.listen_url or url
 
 
-def _connect_kwargs(application_name: str) -> dict[str, object]:
-    return {
-        **NO_PREPARE,
-        "application_name": application_name,
+def tcp_params(url: str, settings: Settings | None = None) -> dict[str, object]:
+    """libpq's TCP options for a connection to ``url``: keepalives and ``tcp_user_timeout`` from ``settings`` (their
+    defaults without), and a 10 s ``connect_timeout``, minus any the URL sets itself (keyword arguments would win
+    over it). A worker cut off from its server (a partition: no FIN, no RST) then loses each connection within
+    about ``keepalives_idle + count x interval`` when it waits on the server (a statement in flight included),
+    within ``tcp_user_timeout`` when what it sent is not acknowledged, instead of the kernel's hours or 15 minutes.
+    libpq ignores all of them on a Unix socket."""
+    def get(name: str) -> object:
+        return getattr(settings, name) if settings is not None else Settings.model_fields[name].default
+
+    params: dict[str, object] = {
         "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
+        "keepalives_idle": get("keepalives_idle_seconds"),
+        "keepalives_interval": get("keepalives_interval_seconds"),
+        "keepalives_count": get("keepalives_count"),
+        "tcp_user_timeout": get("tcp_user_timeout_ms"),
         "connect_timeout": 10,
     }
+    given = conninfo_to_dict(url)
+    return {k: v for k, v in params.items() if k not in given}
+
+
+def pool_kwargs(url: str, settings: Settings, application_name: str) -> dict[str, object]:
+    """The connection arguments of a worker's pool to ``url``: autocommit dict rows, no session state (they may go
+    through PgBouncer in transaction mode: :data:`NO_PREPARE`) and :func:`tcp_params`."""
+    return {"row_factory": dict_row, "application_name": application_name, "autocommit": True, **NO_PREPARE,
+            **tcp_params(url, settings)}
+
+
+def _connect_kwargs(url: str, application_name: str, settings: Settings | None) -> dict[str, object]:
+    return {**NO_PREPARE, "application_name": application_name, **tcp_params(url, settings)}
 
 
 def _describe(exc: BaseException) -> str:
@@ -45,19 +67,23 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
-def connect(url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME,
+            settings: Settings | None = None) -> psycopg.Connection:
+    """A connection to ``url`` with dict rows, no prepared statements and :func:`tcp_params` (of ``settings``)."""
     try:
-        return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(application_name))
+        return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row,
+                               **_connect_kwargs(url, application_name, settings))
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
 
 
 async def aconnect(
-    url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME
+    url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME, settings: Settings | None = None
 ) -> psycopg.AsyncConnection:
+    """:func:`connect`, async."""
     try:
         return await psycopg.AsyncConnection.connect(
-            url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(application_name)
+            url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(url, application_name, settings)
         )
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
@@ -113,7 +139,7 @@ class Database:
 
     @contextlib.contextmanager
     def connect(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-        conn = connect(self.url, autocommit=autocommit)
+        conn = connect(self.url, autocommit=autocommit, settings=self.settings)
         try:
             yield conn
         finally:
@@ -121,7 +147,7 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def aconnect(self, *, autocommit: bool = False) -> AsyncIterator[psycopg.AsyncConnection]:
-        conn = await aconnect(self.url, autocommit=autocommit)
+        conn = await aconnect(self.url, autocommit=autocommit, settings=self.settings)
         try:
             yield conn
         finally:

@@ -17,6 +17,7 @@ import anyio
 import psycopg
 from pgvector.psycopg import register_vector_async
 
+from pgsynapse.config import Settings
 from pgsynapse.db import aconnect, connect, describe_db_error
 from pgsynapse.errors import DatabaseError
 from pgsynapse.logs import get_logger
@@ -32,8 +33,10 @@ MAX_PAUSE = 0.05
 class ReadReplica:
     """One connection to the replica at ``url``, shared by the reads of one handler (or one command)."""
 
-    def __init__(self, url: str, *, max_lag_ms: float, application_name: str = "pgsynapse-read") -> None:
+    def __init__(self, url: str, *, max_lag_ms: float, application_name: str = "pgsynapse-read",
+                 settings: Settings | None = None) -> None:
         self.url = url
+        self.settings = settings  # its keepalives and tcp_user_timeout (db.tcp_params)
         self.max_lag = max_lag_ms / 1000.0
         self.application_name = application_name
         self._conn: psycopg.AsyncConnection | None = None
@@ -89,7 +92,8 @@ class ReadReplica:
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
             # dict rows and registered vectors, as on the worker's own connections
-            self._conn = await aconnect(self.url, autocommit=True, application_name=self.application_name)
+            self._conn = await aconnect(self.url, autocommit=True, application_name=self.application_name,
+                                       settings=self.settings)
             await register_vector_async(self._conn)
             log.info("read_replica_connected")
         return self._conn

@@ -37,7 +37,9 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
         p = progress.get(v["id"])
         if p is not None:
             v["embedded_chunks"] = p["embedded"]
-            v["backfill"] = "done" if p["backfilled_at"] else backfill_state(p)
+            v["backfill"] = "done" if p["backfilled_at"] else f"{p['embedded']}/{p['chunks']}"
+            v["backfill_eta_seconds"] = None if p["backfilled_at"] else backfill_eta(p)
+            v["backfill_state"] = "done" if p["backfilled_at"] else backfill_state(p)
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
@@ -50,14 +52,19 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
 
-def backfill_state(p: dict[str, Any]) -> str:
-    """``embedded/chunks (percent), ETA`` of a version still backfilling, the ETA at its rate so far (it started
-    when the version was registered)."""
+def backfill_eta(p: dict[str, Any]) -> float | None:
+    """Seconds left of a backfill at its rate so far (it started when the version was registered); None before its
+    first step."""
     done, total, seconds = p["embedded"], p["chunks"], p["backfill_seconds"]
+    return round((total - done) * seconds / done, 1) if 0 < done < total and seconds > 0 else None
+
+
+def backfill_state(p: dict[str, Any]) -> str:
+    """``embedded/chunks (percent), ETA`` of a version still backfilling."""
+    done, total = p["embedded"], p["chunks"]
     state = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done}/{total}"
-    if 0 < done < total and seconds > 0:
-        state += f", ETA {_duration((total - done) * seconds / done)}"
-    return state
+    eta = backfill_eta(p)
+    return state if eta is None else f"{state}, ETA {_duration(eta)}"
 
 
 def _duration(seconds: float) -> str:
@@ -82,7 +89,7 @@ def render(snap: dict[str, Any]) -> str:
             ab = v.get("ab") if v["status"] == "candidate" else None
             lines.append(f"model v{v['id']:<8}: {v['status']} ({v['runtime']}"
                          f"{', waiting for its runtime export' if v.get('runtime_pending') else ''}), "
-                         f"{v['traffic_percent']:g}% traffic, backfill {v.get('backfill', '-')}"
+                         f"{v['traffic_percent']:g}% traffic, backfill {v.get('backfill_state', '-')}"
                          + (f", A/B {ab['cand_rated']} vs {ab['active_rated']} rated of {ab['min_rated']} needed"
                             if ab else ""))
     im = snap.get("images") or {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.cli import render_versions
@@ -135,12 +136,31 @@ async def test_the_last_backfill_step_finds_a_chunk_behind_its_cursor(db_url, mo
     assert vectors == chunks > 2
 
 
-async def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, models, tiny48):
+async def test_a_slow_model_takes_shorter_backfill_steps(db_url, models, tiny48):
+    """A step stops encoding once backfill_step_seconds have passed and writes what it has; the next step goes on
+    from its last chunk. (Here: a budget that every forward pass of 2 chunks overruns, so each step writes 2.)"""
     insert_docs(db_url, DOCS)
     conn = await aconn(db_url)
-    async with running_worker(fast_settings(db_url), models):
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
         await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
     with _sync(db_url) as sconn:
+        v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
+    settings = fast_settings(db_url, encode_batch_size=2, backfill_step_seconds=1e-6, backfill_throttle_seconds=0)
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            await wait_until(conn, BACKFILLED, (v2,))
+    chunks, vectors, _ = await _counts(conn, v2)
+    steps = [e["embedded"] for e in logs if e["event"] == "backfill_progress"]
+    assert vectors == chunks >= 4 and sum(steps) == chunks
+    assert max(steps) == 2 and len(steps) == -(-chunks // 2), steps
+
+
+def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
+    insert_docs(db_url, DOCS)
+    with _sync(db_url) as sconn:
+        # the chunks an embed job would have written (no worker runs: this is about what status shows)
+        sconn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                      " content_hash) SELECT id, 0, body, 40, 0, length(body), content_hash FROM pgsynapse.documents")
         v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
         # as a worker leaves it after one batch of two chunks, five seconds after the version was registered
         chunk_ids = [r["id"] for r in sconn.execute("SELECT id FROM pgsynapse.chunks ORDER BY id LIMIT 2")]
@@ -150,10 +170,13 @@ async def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, models, t
         sconn.execute("UPDATE pgsynapse.model_versions SET created_at = now() - interval '5 seconds' WHERE id = %s",
                       (v2,))
         chunks = sconn.execute("SELECT count(*) AS n FROM pgsynapse.chunks").fetchone()["n"]
-        text = render(snapshot(sconn))
+        snap = snapshot(sconn)
     # 2 chunks in 5 s: the rest at the same rate
-    eta = round((chunks - 2) * 5 / 2)
-    assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {eta}s" in text, text
+    eta = (chunks - 2) * 5 / 2
+    v = next(v for v in snap["model_versions"] if v["id"] == v2)
+    assert v["backfill"] == f"2/{chunks}" and v["backfill_eta_seconds"] == pytest.approx(eta, abs=0.5)
+    text = render(snap)
+    assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
 
 
 def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
@@ -172,3 +195,10 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
         retire(conn, v)
         assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
 
+
+
+def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_runtime):
+    """An ONNX artifact (here: the default model's INT8 export) is served as it is: no export to wait for."""
+    with _sync(db_url) as conn:
+        row = add_model(conn, default_runtime["artifact_path"], serving_runtime="onnx-int8")
+    assert (row["runtime"], row["dim"], row["runtime_pending"]) == ("onnx-int8", 384, False)

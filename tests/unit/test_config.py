@@ -103,3 +103,18 @@ def test_invalid_secret_setting_never_shows_its_value(tmp_path: Path, name, toml
 def test_settings_repr_hides_the_database_url():
     s = load_settings(environ={"DATABASE_URL": "postgresql://u:pw-S3CRET-42@h/db"})
     assert "S3CRET" not in repr(s) and "S3CRET" not in str(s)
+
+
+def test_tcp_params_come_from_the_settings_and_never_override_the_url():
+    from pgsynapse.db import tcp_params
+
+    s = load_settings(environ={"PGSYNAPSE_KEEPALIVES_IDLE_SECONDS": "7", "PGSYNAPSE_TCP_USER_TIMEOUT_MS": "9000"})
+    assert tcp_params("postgresql://u@db/app", s) == {
+        "keepalives": 1, "keepalives_idle": 7, "keepalives_interval": 5, "keepalives_count": 3,
+        "tcp_user_timeout": 9000, "connect_timeout": 10}
+    # what the URL sets is the user's: keyword arguments would win over it, so they are left out
+    given = tcp_params("postgresql://u@db/app?keepalives_idle=60&tcp_user_timeout=0&connect_timeout=3", s)
+    assert given == {"keepalives": 1, "keepalives_interval": 5, "keepalives_count": 3}
+    assert tcp_params("host=db keepalives=0", None) == {
+        "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000,
+        "connect_timeout": 10}
