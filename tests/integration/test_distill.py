@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 
 from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import distill
-from pgsynapse.learning.distill_train import build_student, kept_layers, pca_projection, save_student
+from pgsynapse.learning.distill_train import build_student, kept_layers, pca_projection, procrustes
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -58,6 +58,15 @@ def test_the_pca_projection_keeps_the_teachers_similarities_in_fewer_dimensions(
     assert 0.2 < kept4 < 0.99  # fewer dimensions than the rank: some of it is lost, and said
 
 
+def test_procrustes_finds_the_rotation_between_two_copies_of_a_space():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((100, 8)).astype(np.float32)
+    turn, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    r = procrustes(a, a @ turn)
+    np.testing.assert_allclose(a @ r, a @ turn, atol=1e-4)
+    np.testing.assert_allclose(r @ r.T, np.eye(8), atol=1e-5)  # a rotation: lengths and angles kept
+
+
 def test_kept_layers_are_evenly_spaced_and_end_with_the_last():
     assert kept_layers(6, 3) == [1, 3, 5]
     assert kept_layers(12, 4) == [2, 5, 8, 11]
@@ -69,7 +78,7 @@ def test_kept_layers_are_evenly_spaced_and_end_with_the_last():
 def test_a_saved_student_can_be_exported_to_onnx(student_base, tmp_path):
     # sentence-transformers 6 saves its pooling as "pooling_mode": "mean"; the exporter refused that as "only mean
     # pooling is supported", so every student stayed on torch
-    save_student(build_student(str(student_base), 2, 32, "pca"), tmp_path / "student")
+    build_student(str(student_base), 2, 32, "pca").save(str(tmp_path / "student"))
     export_fp32(tmp_path / "student", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx").exists()
     assert SentenceTransformer(str(tmp_path / "student"), device="cpu")[1].pooling_mode == "mean"
@@ -102,6 +111,7 @@ async def test_distill_registers_a_smaller_student_and_not_one_the_gate_refuses(
     m = v["metrics"]["distilled"]
     assert m["layers"] == 2 and m["teacher_version"] == 1 and m["steps"] > 0
     assert m["teacher_projection"]["kind"] == "pca" and m["teacher_projection"]["from_dim"] == 384
+    assert -1 <= m["teacher_projection"]["start_cosine"] <= 1
     assert m["heldout_chunks"] >= 1 and -1 <= m["heldout_cosine_mean"] <= 1
     assert m["candidate"]["recall@5"] >= 0 and "reasons" in m["gate"]
     student = SentenceTransformer(row["artifact_path"], device="cpu")

@@ -28,10 +28,15 @@ _COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_toke
 
 
 def _read_pooling(source: Path) -> None:
+    """Refuse a model whose pooling is not mean alone. sentence-transformers 5 and later save the mode as
+    ``"pooling_mode": "mean"`` (a list for several); earlier ones as one boolean per mode
+    (``pooling_mode_mean_tokens``): a model saved here (a distilled student) has the new form."""
     cfg = source / "1_Pooling" / "config.json"
     if cfg.exists():
         pooling = json.loads(cfg.read_text())
-        if not pooling.get("pooling_mode_mean_tokens", False):
+        mode = pooling.get("pooling_mode")
+        mean = mode in ("mean", ["mean"]) if mode is not None else pooling.get("pooling_mode_mean_tokens", False)
+        if not mean:
             raise ModelError(f"{source}: only mean pooling is supported by the ONNX runtimes (see {cfg})")
 
 

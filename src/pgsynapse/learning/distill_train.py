@@ -8,8 +8,9 @@ time), like the retrain job's trainer.
 - **Student**: the model at ``student_path`` (by default the active version's weights) with only ``layers`` of its
   transformer layers kept, evenly spaced and ending with the last one (6 -> 3 keeps layers 1, 3, 5). When the
   teacher's dimension differs (``projection``): "pca" (default) projects the teacher's vectors onto the student's
-  dimension (the directions that keep most of their inner products), so the student keeps its shape and its
-  ONNX INT8 runtime; "dense" appends a linear layer to the teacher's dimension to the student (torch only: the
+  dimension (the directions that keep most of their inner products), turned (Procrustes) towards the untrained
+  student's own vectors of the same chunks so that training starts near them, and the student keeps its shape and
+  its ONNX INT8 runtime; "dense" appends a linear layer to the teacher's dimension to the student (torch only: the
   ONNX export has no place for it).
 - **Targets**: the teacher's own vectors of the corpus, read from the database (its stored chunk vectors: no
   corpus is encoded by the teacher), and of the questions users asked (encoded by the teacher's model). The
@@ -49,6 +50,9 @@ from pgsynapse.learning.trainer_process import progress  # noqa: E402
 from pgsynapse.queries import q  # noqa: E402
 
 
+ROTATION_SAMPLE = 1000  # chunks the untrained student encodes to turn the PCA basis towards its own space
+
+
 def kept_layers(n: int, k: int) -> list[int]:
     """``k`` of ``n`` layers, evenly spaced, the last one included: (6, 3) -> [1, 3, 5], (12, 4) -> [2, 5, 8, 11]."""
     if not 1 <= k <= n:
@@ -73,22 +77,6 @@ def build_student(path: str, layers: int, teacher_dim: int, projection: str) -> 
     return model
 
 
-def save_student(model: SentenceTransformer, out: Path) -> None:
-    """Save ``model`` at ``out`` so the ONNX export takes it: sentence-transformers 6 writes its pooling as
-    ``"pooling_mode": "mean"``, the exporter reads the older ``pooling_mode_mean_tokens`` (which sentence-transformers
-    still reads, and drops when ``pooling_mode`` is there): both are written."""
-    model.save(str(out))
-    cfg = out / "1_Pooling" / "config.json"
-    if cfg.exists():
-        pooling = json.loads(cfg.read_text())
-        mode = pooling.get("pooling_mode")
-        if mode is not None and "pooling_mode_mean_tokens" not in pooling:
-            modes = {mode} if isinstance(mode, str) else set(mode)
-            pooling.update(pooling_mode_cls_token="cls" in modes, pooling_mode_mean_tokens="mean" in modes,
-                           pooling_mode_max_tokens="max" in modes)
-            cfg.write_text(json.dumps(pooling, indent=4))
-
-
 def pca_projection(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
     """The ``dim`` directions that keep the most of the teacher's inner products (uncentred SVD of its unit vectors,
     so cosine similarities survive the projection as well as ``dim`` dimensions allow), and the share of the
@@ -96,6 +84,14 @@ def pca_projection(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
     _, sing, vt = np.linalg.svd(vectors.astype(np.float64), full_matrices=False)
     energy = sing ** 2
     return vt[:dim].astype(np.float32), float(energy[:dim].sum() / energy.sum())
+
+
+def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The rotation ``R`` (orthogonal) that brings ``source`` rows closest to ``target`` rows (``source @ R``).
+    A PCA basis is arbitrary up to a rotation: turned towards the student's own vectors of the same texts, the
+    teacher's projected vectors become targets the student starts near, instead of anywhere on the sphere."""
+    u, _, vt = np.linalg.svd(source.T.astype(np.float64) @ target.astype(np.float64))
+    return (u @ vt).astype(np.float32)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -197,9 +193,14 @@ def main(spec: DistillSpec) -> dict[str, Any]:
                 raise SystemExit(f"a PCA projection to {student_dim} dimensions needs at least {student_dim} chunks, "
                                  f"the corpus has {len(train)} to train on: use projection 'dense'")
             basis, kept = pca_projection(teacher_chunks[train], student_dim)
-            chunk_targets = _unit(teacher_chunks @ basis.T)
-            question_vecs = _unit(question_vecs @ basis.T)
+            # turned to where the untrained student already puts a sample of the chunks (Procrustes)
+            sample = train[:: max(1, len(train) // ROTATION_SAMPLE)]
+            own = _encode(student, [texts[i] for i in sample])
+            rotation = procrustes(_unit(teacher_chunks[sample] @ basis.T), own)
+            chunk_targets = _unit(teacher_chunks @ basis.T @ rotation)
+            question_vecs = _unit(question_vecs @ basis.T @ rotation)
             projection["norm_kept"] = round(kept, 4)
+            projection["start_cosine"] = round(float((own * chunk_targets[sample]).sum(axis=1).mean()), 4)
     train_texts = [texts[i] for i in train] + data["questions"]
     targets = np.concatenate([chunk_targets[train], question_vecs])
     progress("distill_data_loaded", chunks=len(texts), heldout_chunks=len(held), questions=len(data["questions"]),
@@ -226,7 +227,7 @@ def main(spec: DistillSpec) -> dict[str, Any]:
                                     canary=[r[1] for r in data["canary"]], k=spec.eval_k))
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_student(student, out)
+    student.save(str(out))
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     metrics["total_seconds"] = round(time.monotonic() - started, 1)
     (out / "metrics.json").write_text(json.dumps(metrics))
