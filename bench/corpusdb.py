@@ -11,13 +11,14 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.common import corpus, run_worker_until
+from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import SCHEMES
 
 TEMPLATE = "pgsynapse_corpus_v1"
@@ -101,3 +102,20 @@ def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iter
     finally:
         if server is not None:
             server.stop()
+
+
+def on_corpus_server(database_url: str | None, run: Callable[[], None]) -> None:
+    """``run()`` with DATABASE_URL naming a server: ``database_url`` (or the environment's), else the corpus's
+    embedded server in DEFAULT_DIR, started once for the whole run (a stopped embedded server does not start again
+    in-process) and stopped after it."""
+    url = database_url or os.environ.get("DATABASE_URL")
+    if url:
+        os.environ["DATABASE_URL"] = url
+        run()
+        return
+    server = EmbeddedPostgres(DEFAULT_DIR)
+    os.environ["DATABASE_URL"] = server.start()
+    try:
+        run()
+    finally:
+        server.stop()

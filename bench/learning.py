@@ -19,7 +19,6 @@ like-for-like comparison with the torch candidate, v1's torch weights.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,11 +30,10 @@ from pgvector.psycopg import register_vector
 from sentence_transformers import SentenceTransformer
 
 from bench.common import emit, machine, parser, questions, run_worker_until, table
-from bench.corpusdb import DEFAULT_DIR, corpus_clone
+from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import split
 from bench.retrieval import vectors_recall
 from pgsynapse.config import load_settings
-from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
 
@@ -75,17 +73,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated retrain seeds")
     args = p.parse_args()
-    if args.database_url or os.environ.get("DATABASE_URL"):
-        os.environ["DATABASE_URL"] = args.database_url or os.environ["DATABASE_URL"]
-        run(args)
-        return
-    # one embedded server for every seed's clone (a stopped embedded server does not start again in-process)
-    server = EmbeddedPostgres(DEFAULT_DIR)
-    os.environ["DATABASE_URL"] = server.start()
-    try:
-        run(args)
-    finally:
-        server.stop()
+    on_corpus_server(args.database_url, lambda: run(args))
 
 
 def run(args: Any) -> None:

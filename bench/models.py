@@ -39,13 +39,12 @@ from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
 from bench.common import RESULTS, emit, machine, parser, questions, table
-from bench.corpusdb import DEFAULT_DIR, corpus_clone
+from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import HALVES, split
 from bench.learning import _feedback
 from bench.retrieval import vectors_recall
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
-from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import optimise_version, source_model_path
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model
@@ -92,16 +91,7 @@ def main() -> None:
                                       " one): no training")
     p.add_argument("--speed-only", action="store_true", help="throughput only: no corpus re-encoding, no recall")
     args = p.parse_args()
-    if args.database_url or os.environ.get("DATABASE_URL"):
-        os.environ["DATABASE_URL"] = args.database_url or os.environ["DATABASE_URL"]
-        run(args)
-        return
-    server = EmbeddedPostgres(DEFAULT_DIR)
-    os.environ["DATABASE_URL"] = server.start()
-    try:
-        run(args)
-    finally:
-        server.stop()
+    on_corpus_server(args.database_url, lambda: run(args))
 
 
 def run(args: Any) -> None:
