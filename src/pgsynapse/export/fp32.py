@@ -27,6 +27,22 @@ _COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_toke
          "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json")
 
 
+def max_seq_length(source: Path, tokenizer: Any, config: Any) -> int:
+    """The tokens the ONNX runtime feeds the graph: sentence-transformers before 6 wrote its ``max_seq_length`` in
+    ``sentence_bert_config.json``, 6 writes it as the tokenizer's ``model_max_length`` (a model saved here: a
+    distilled student). Never more than the position embeddings hold (a longer input fails in the graph's
+    embedding layer: "input index out of range"); 256 when nothing says."""
+    st_cfg = source / "sentence_bert_config.json"
+    said = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.exists() else None
+    if said is None:
+        told = getattr(tokenizer, "model_max_length", None)
+        said = told if isinstance(told, int) and told <= 100_000 else 256  # transformers' "no limit" is ~1e30
+    # RoBERTa-style models (mpnet) start their positions after the padding index: two fewer usable positions
+    offset = 2 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet", "camembert") else 0
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(min(said, positions - offset) if positions else said)
+
+
 def _read_pooling(source: Path) -> None:
     """Refuse a model whose pooling is not mean alone. sentence-transformers 5 and later save the mode as
     ``"pooling_mode": "mean"`` (a list for several); earlier ones as one boolean per mode
@@ -87,9 +103,8 @@ def export_fp32(source: Path, out_dir: Path) -> Path:
     for name in _COPY:
         if (source / name).exists():
             shutil.copy2(source / name, out_dir / name)
-    st_cfg = source / "sentence_bert_config.json"
-    max_len = json.loads(st_cfg.read_text()).get("max_seq_length", 256) if st_cfg.exists() else 256
-    meta = {"source": str(source), "max_seq_length": int(max_len), "dim": int(cfg.hidden_size), "pooling": "mean",
+    meta = {"source": str(source), "max_seq_length": max_seq_length(source, tok, cfg), "dim": int(cfg.hidden_size),
+            "pooling": "mean",
             "normalize": True, "fused": fused.get_fused_operator_statistics()}
     (out_dir / ONNX_META).write_text(json.dumps(meta, indent=2))
     return out_dir / ONNX_FILES["onnx"]
