@@ -37,7 +37,7 @@ from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
-from pgsynapse.textsql.registry import choose_sql_model
+from pgsynapse.textsql.registry import REGISTRY, choose_sql_model
 from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
@@ -134,7 +134,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
         s = self.settings
         rows = {r["id"]: r for r in await (await conn.execute(q("load_data_questions", "textsql.sql"), {
             "ids": [j.ref_id for j in jobs], "max_chars": s.max_question_chars})).fetchall()}
-        routable = list(await (await conn.execute(q("routable_sql_models", "textsql_models.sql"))).fetchall())
+        routable = list(await (await conn.execute(REGISTRY.sql("routable_models"))).fetchall())
         text_version = await (await conn.execute(q("active_version"))).fetchone()
         work: list[SqlWork] = []
         known: list[Outcome] = []

@@ -31,6 +31,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.textsql.gate import sql_verdict
+from pgsynapse.textsql.registry import REGISTRY
 from pgsynapse.textsql.train import SqlTrainSpec
 
 log = get_logger(__name__)
@@ -63,13 +64,13 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
         self.deadline_seconds = self.kill_after_seconds + 60
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[SqlRetrainWork], list[Outcome]]:
-        active = await _one(conn, "active_sql_model")
+        active = await _one(conn, REGISTRY.sql("active_model"))
         base = active
         for _ in range(100):  # the lineage's root (bounded: a cycle cannot be made by the registry, but still)
             if base is None or base["base_id"] is None:
                 break
-            base = await _one(conn, "sql_model_by_id", {"id": base["base_id"]})
-        new = (await _one(conn, "new_sql_corrections"))["n"]  # type: ignore[index]
+            base = await _one(conn, REGISTRY.sql("model_by_id"), {"id": base["base_id"]})
+        new = (await _one(conn, q("new_sql_corrections", FILE)))["n"]  # type: ignore[index]
         return [SqlRetrainWork(j, active, base, new, bool(j.payload.get("force"))) for j in jobs], []
 
     def compute(self, work: list[SqlRetrainWork]) -> list[Outcome]:
@@ -140,14 +141,14 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             res = o.result
             verdict = res["metrics"]["gate"]
             base = res["base"]
-            await conn.execute(q("lock_sql_models", FILE))
+            await conn.execute(REGISTRY.sql("lock_models"))
             if verdict["passed"]:
-                others = (await _one(conn, "candidate_traffic", {"id": None}))["total"]  # type: ignore[index]
+                others = (await _one(conn, REGISTRY.sql("candidate_traffic"), {"id": None}))["total"]  # type: ignore[index]
                 status, traffic = "candidate", max(0.0, min(s.sql_retrain_traffic_percent, 100.0 - others))
             else:
                 status, traffic = ("candidate" if res["force"] else "rejected"), 0.0
             root = base["name"] if base else Path(s.sql_model_path).name
-            row = await _one(conn, "add_sql_model", {
+            row = await _one(conn, REGISTRY.sql("add_model"), {
                 "name": f"{root.split('+')[0]}+sqlft{time.strftime('%Y%m%d%H%M%S')}",
                 "base_id": base["id"] if base else None, "path": res["path"], "runtime": res["runtime"],
                 "metrics": Jsonb(res["metrics"]), "status": status, "traffic": traffic})
@@ -162,9 +163,9 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
         return report
 
 
-async def _one(conn: psycopg.AsyncConnection, name: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The first row of a named query of textsql_models.sql as a dict (the worker's connections make dicts)."""
-    cur = await conn.execute(q(name, FILE), params or {})
+async def _one(conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The first row of a query as a dict (the worker's connections make dicts)."""
+    cur = await conn.execute(sql, params or {})
     row = await cur.fetchone()
     if row is None or isinstance(row, dict):
         return row

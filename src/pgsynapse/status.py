@@ -9,6 +9,7 @@ import psycopg
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
+from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
 
 
 def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
-    sql_models = [dict(r) for r in conn.execute(q("sql_models", "textsql_models.sql")) if r["status"] != "retired"]
+    sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
             "data_questions": data_questions, "sql_models": sql_models,
