@@ -34,6 +34,8 @@ from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
 from pgsynapse.queries import q
+from pgsynapse.ranking.registry import REGISTRY as RANKERS
+from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
 
 log = get_logger(__name__)
@@ -57,6 +59,7 @@ class AnswerWork:
     text_hash: str | None = None  # md5 of the text as loaded: the write's stale-write guard
     turn_ids: list[int] = field(default_factory=list)  # the question ids of ``history``
     cached: Hit | None = None  # answered from the semantic answer cache (pgsynapse.answer_cache)
+    ranker: dict[str, Any] | None = None  # the ranker routed to (None: the vector order)
 
 
 def blocked(w: AnswerWork) -> bool:
@@ -87,6 +90,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self._generative: Answerer | None = None
         self.guard = Guard()
         self.cache = AnswerCache(settings)
+        self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads)
         self._streams: StreamWriter | None = None
         self.replica = replica_for(settings.read_url, settings.read_max_lag_ms, settings=settings)  # retrieval may read a replica
 
@@ -137,6 +141,7 @@ class AnswerHandler(Handler[AnswerWork]):
         rows = {r["id"]: r for r in await (await conn.execute(q("load_questions", "answers.sql"), {
             "ids": [j.ref_id for j in jobs], "max_chars": s.max_question_chars})).fetchall()}
         versions = list(await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall())
+        rankers = list(await (await conn.execute(RANKERS.sql("routable_models"))).fetchall())
         work: list[AnswerWork] = []
         known: list[Outcome] = []
         for job in jobs:
@@ -148,8 +153,9 @@ class AnswerHandler(Handler[AnswerWork]):
                 known.append(input_error(job, InputError(
                     f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
                 continue
-            w = AnswerWork(job, row["text"], row["session_id"],
-                           choose_version(versions, row["session_id"] or f"question-{row['id']}"), text_hash=row["text_hash"])
+            key = row["session_id"] or f"question-{row['id']}"
+            w = AnswerWork(job, row["text"], row["session_id"], choose_version(versions, key), text_hash=row["text_hash"],
+                           ranker=RANKERS.choose(rankers, f"ranker:{key}"))  # its own split: independent of versions
             if row["session_id"] is not None and s.history_turns:
                 past = await (await conn.execute(q("session_history", "answers.sql"), {
                     "session": row["session_id"], "before": row["id"], "limit": s.history_turns,
@@ -221,7 +227,8 @@ class AnswerHandler(Handler[AnswerWork]):
 
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version
-        k = s.answer_top_k * (3 if s.hybrid else 1)
+        wanted = max(s.answer_top_k, s.rank_candidates) if w.ranker else s.answer_top_k
+        k = wanted * (3 if s.hybrid else 1)
         vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
         by_id = {r["chunk_id"]: r for r in vec_rows}
         order = [r["chunk_id"] for r in vec_rows]
@@ -237,11 +244,26 @@ class AnswerHandler(Handler[AnswerWork]):
                     if r["chunk_id"] in scores:
                         by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
             order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]])
+        if w.ranker is not None:
+            order = await self._rank(w, order[:wanted], by_id)
         out = []
         for rank, cid in enumerate(order[: s.answer_top_k], 1):
             r = by_id[cid]
             out.append(Passage(rank, r["document_id"], cid, r["title"], r["source"], r["text"], float(r["score"])))
         return out
+
+    async def _rank(self, w: AnswerWork, candidates: list[int], by_id: dict[int, Any]) -> list[int]:
+        """The candidates in the routed ranker's order. A ranker that cannot be loaded or fails leaves the vector
+        order (logged, and the answer records no ranker): a bad ranker never stops answers."""
+        assert w.ranker is not None
+        try:
+            ranker = await anyio.to_thread.run_sync(self.rankers.get, w.ranker)
+            return await anyio.to_thread.run_sync(rerank, ranker, w.retrieval_query, candidates,
+                                                  lambda c: passage_text(by_id[c]["title"], by_id[c]["text"]))
+        except Exception as exc:  # noqa: BLE001 - any failure of the ranker: the vector order stands
+            log.error("ranker_failed", ranker=w.ranker["id"], question=w.job.ref_id, error=describe(exc))
+            w.ranker = None
+            return candidates
 
     # -- compute: answer, then the answer's own guardrail --------------------------------------
     def compute(self, work: list[AnswerWork]) -> list[Outcome]:
@@ -282,6 +304,7 @@ class AnswerHandler(Handler[AnswerWork]):
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:
         return {"status": status, "answer": answer, "guardrail": guard, "version": w.version["id"],
+                "ranker": w.ranker["id"] if w.ranker and w.passages else None,
                 "retrieval_query": w.retrieval_query, "text_hash": w.text_hash, "cached": w.cached,
                 "cache_store": w.cached is None and self.cache.may_store(answer, status=status, guardrail=guard,
                                                                          history=w.history),
@@ -303,7 +326,7 @@ class AnswerHandler(Handler[AnswerWork]):
             # the stale-write guard: written only while the question is pending with the text it was loaded with
             cur = await conn.execute(q("write_answer", "answers.sql"), {
                 "id": o.job.ref_id, "status": status, "answer": answer.text, "sources": Jsonb(answer.sources),
-                "version": r["version"], "retrieval_query": r["retrieval_query"],
+                "version": r["version"], "retrieval_query": r["retrieval_query"], "ranker": r["ranker"],
                 "guardrail": Jsonb(guard) if guard else None, "text_hash": r["text_hash"], "flags": answer.flags,
                 "answerer": "guardrail" if status == "blocked" else CACHE_ANSWERER if r["cached"] else self.settings.answerer})
             if cur.rowcount == 0:

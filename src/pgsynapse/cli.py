@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--image-model", type=int, help="image model (default: the active one)")
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
+    se.add_argument("--ranker", default="active", help="the ranker that orders the candidates: active (the default: "
+                    "the active one, if any), none (the vector order) or a ranker id")
 
     ak = sub.add_parser("ask", help="ask a question, wait for the answer (NOTIFY) and print it with its sources")
     ak.add_argument("text")
@@ -189,6 +191,27 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("model", type=int)
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now (the worker runs it)")
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
+    rk = sub.add_parser("ranker", help="second-stage rankers: list, add by path, train, promote, rollback, "
+                        "traffic, retire")
+    rsub = rk.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
+    ls = rsub.add_parser("list", help="rankers with status, traffic and held-out MRR@10")
+    ls.add_argument("--json", action="store_true")
+    ad = rsub.add_parser("add", help="register a local cross-encoder directory (one-logit sequence classifier)")
+    ad.add_argument("path")
+    ad.add_argument("--name")
+    ad.add_argument("--runtime", choices=["onnx-int8", "torch"], default="onnx-int8")
+    ad.add_argument("--activate", action="store_true", help="make it the active ranker at once")
+    tn = rsub.add_parser("train", help="train a cross-encoder from the feedback and corpus pairs, gate it, "
+                         "register it (minutes; in its own process)")
+    tn.add_argument("--force", action="store_true", help="register it as a candidate (0 %%) even if it fails its gate")
+    pr = rsub.add_parser("promote", help="make a candidate the active ranker")
+    pr.add_argument("ranker", type=int)
+    rsub.add_parser("rollback", help="re-activate the ranker the active one replaced (or none: the vector order)")
+    tr = rsub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("ranker", type=int)
+    tr.add_argument("percent", type=float)
+    rt = rsub.add_parser("retire", help="retire a ranker that is not active")
+    rt.add_argument("ranker", type=int)
 
 
 def _settings(args: argparse.Namespace):
@@ -296,12 +319,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.textsql.cli import run_sql_model_command
 
         return run_sql_model_command(args, settings)
+    if args.command == "ranker":
+        from pgsynapse.ranking.cli import run_ranker_command
+
+        return run_ranker_command(args, settings)
     if args.command == "search":
         if not args.text:
             raise PgsynapseError("search needs a text (or --like-image PATH)")
         import anyio
 
         from pgsynapse.models import ModelCache
+        from pgsynapse.ranking.scorer import RankerCache, ranker_row
         from pgsynapse.replica import replica_for
         from pgsynapse.search import search
 
@@ -310,8 +338,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                   settings=settings)
             try:
                 async with db.aconnect(autocommit=True) as conn:
+                    row = await ranker_row(conn, args.ranker)
+                    ranker = RankerCache(settings.onnx_threads or settings.torch_threads).get(row) if row else None
                     return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
-                                        version=args.model_version, replica=replica)
+                                        version=args.model_version, replica=replica, ranker=ranker,
+                                        candidates=settings.rank_candidates)
             finally:
                 if replica is not None:
                     await replica.aclose()

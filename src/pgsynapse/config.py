@@ -123,6 +123,20 @@ class Settings(BaseModel):
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
+    rank_candidates: int = Field(
+        20, ge=1, le=200, description="vector (and full-text) candidates a ranker orders, when one serves the question "
+        "(pgsynapse ranker ...); the first answer_top_k of its order are the passages")
+    ranker_max_length: int = Field(256, ge=32, le=512, description="tokens of a (question, passage) pair a trained "
+                                   "ranker reads; the passage is cut, never the question")
+    ranker_negatives: int = Field(7, ge=1, le=50, description="hard negatives per training question")
+    ranker_epochs: int = Field(1, ge=1, le=20)
+    ranker_lr: float = Field(3e-5, gt=0, lt=1)
+    ranker_synthetic_pairs: int = Field(600, ge=0, description="corpus pairs (titles, headings) added to feedback")
+    ranker_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock budget of one ranker training run")
+    ranker_margin: float = Field(0.0, ge=-1, le=1, description="the ranker gate's margin on its held-out gain "
+                                 "(-1: the gate is off)")
+    ranker_traffic_percent: float = Field(10.0, ge=0, le=100, description="sessions routed to a ranker candidate "
+                                          "that passed its gate")
     answer_cache: bool = Field(
         False, description="answer a question from an earlier answer to a similar one (semantic answer cache)")
     answer_cache_threshold: float = Field(

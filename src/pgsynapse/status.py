@@ -9,6 +9,7 @@ import psycopg
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
+from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
 
 
@@ -46,9 +47,11 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
     sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
+    rankers = [{k: r[k] for k in ("id", "name", "runtime", "status", "traffic_percent")}
+               for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
-            "data_questions": data_questions, "sql_models": sql_models,
+            "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
@@ -109,6 +112,9 @@ def render(snap: dict[str, Any]) -> str:
         for m in snap.get("sql_models", []):
             lines.append(f"SQL model {m['id']:<5}: {m['status']} {m['name']} ({m['runtime']}), "
                          f"{float(m['traffic_percent']):g}% traffic")
+    for m in snap.get("rankers", []):
+        lines.append(f"ranker {m['id']:<8}: {m['status']} {m['name']} ({m['runtime']}), "
+                     f"{float(m['traffic_percent']):g}% of sessions")
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]

@@ -65,7 +65,7 @@ SELECT id, text, action, threshold FROM pgsynapse.guardrail_rules WHERE enabled 
 UPDATE pgsynapse.questions
 SET status = %(status)s, answer = %(answer)s, sources = %(sources)s, model_version_id = %(version)s,
     retrieval_query = %(retrieval_query)s, guardrail = %(guardrail)s, answerer = %(answerer)s, error = NULL,
-    flags = %(flags)s,
+    flags = %(flags)s, ranker_id = %(ranker)s,
     answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
 WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;

@@ -1,0 +1,57 @@
+"""``pgsynapse ranker list|add|train|promote|rollback|traffic|retire``: the second-stage rankers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pgsynapse.config import Settings
+from pgsynapse.db import Database
+from pgsynapse.ranking.learn import train_ranker
+from pgsynapse.ranking.registry import REGISTRY
+
+
+def _line(r: dict) -> str:
+    m = r.get("metrics") or {}
+    cand, act = m.get("candidate") or {}, m.get("active") or {}
+    held = (f"  held-out MRR@10 {cand['mrr@10']:.3f} vs {act.get('mrr@10', 0):.3f} ({m.get('baseline', '')})"
+            if "mrr@10" in cand else "")
+    return (f"{r['id']:>3}  {r['status']:<9} {float(r['traffic_percent']):>6.2f}%  {r['runtime']:<9} {r['name']}"
+            f"  ({r['path']}){held}")
+
+
+def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
+    action = args.ranker_command
+    if action == "train":
+        r = train_ranker(settings, force=args.force)
+        print(_line(r))
+        for reason in r["gate"]["reasons"]:
+            print(f"  gate: {reason}")
+        return 0 if r["status"] == "candidate" else 1
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        if action == "list":
+            rows = REGISTRY.list_models(conn)
+            if args.json:
+                print(json.dumps(rows, default=str, indent=2))
+            elif not rows:
+                print("no rankers registered: answers and search use the vector order (pgsynapse ranker train)")
+            for r in [] if args.json else rows:
+                print(_line(r))
+        elif action == "add":
+            r = REGISTRY.add_model(conn, args.name or args.path, args.path, args.runtime,
+                                   status="active" if args.activate else "candidate")
+            print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
+        elif action == "promote":
+            r = REGISTRY.promote(conn, args.ranker)
+            print(f"ranker {r['active']} is active (was {r['previous'] or 'none: the vector order'})")
+        elif action == "rollback":
+            r = REGISTRY.rollback(conn)
+            print(f"ranker {r['active']} is active again" if r["active"] is not None
+                  else "no ranker is active: the vector order serves again")
+        elif action == "traffic":
+            REGISTRY.set_traffic(conn, args.ranker, args.percent)
+            print(f"ranker {args.ranker} serves {args.percent:g}% of sessions")
+        elif action == "retire":
+            REGISTRY.retire(conn, args.ranker)
+            print(f"ranker {args.ranker} retired")
+    return 0

@@ -1,0 +1,97 @@
+"""``pgsynapse ranker train``: train a ranker in its own process (ranking/train.py), judge it by the gate
+(learning/gate.py's verdict on its held-out and canary scores) and register it in ``pgsynapse.ranker_models``:
+a candidate with ``ranker_traffic_percent`` of the sessions when it passed, ``rejected`` when it did not (a
+``force``d one is a candidate at 0 %, for a person to look at)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgsynapse.config import Settings
+from pgsynapse.errors import DatabaseError
+from pgsynapse.export import source_model_path
+from pgsynapse.learning.gate import verdict
+from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+from pgsynapse.ranking.registry import REGISTRY
+
+log = get_logger(__name__)
+
+VERSION_FIELDS = ("id", "name", "runtime", "artifact_path", "dim")
+
+
+@dataclass
+class RankerSpec:
+    url: str
+    version: dict[str, Any]  # the serving embedding version's row: its stored vectors give the candidates
+    model_path: str | None  # the settings' model_path (a version row without an artifact is that model)
+    base_path: str  # the transformer weights the ranker starts from (the version's torch directory)
+    out_dir: str
+    active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order)
+    candidates: int = 20
+    negatives: int = 7
+    max_length: int = 256
+    epochs: int = 1
+    lr: float = 3e-5
+    batch_size: int = 4  # questions per step (each with its positive and negatives)
+    synthetic_pairs: int = 600
+    heldout_fraction: float = 0.2
+    group_threshold: float = 0.85
+    canary_size: int = 300
+    budget_seconds: float = 1800.0
+    export: bool = True
+    seed: int = 0
+    threads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **overrides: Any) -> RankerSpec:
+    """The trainer's spec: the active embedding version's vectors and weights, the active ranker as the baseline."""
+    version = conn.execute(q("active_version")).fetchone()
+    if version is None:
+        raise DatabaseError("no active model version: run `pgsynapse migrate` and embed documents first")
+    active = REGISTRY.active_model(conn)
+    s = settings
+    fields: dict[str, Any] = dict(
+        url=s.database_url or "", version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
+        base_path=str(source_model_path(version, s.model_path)), out_dir=str(out_dir),
+        active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
+        candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
+        epochs=s.ranker_epochs, lr=s.ranker_lr, synthetic_pairs=s.ranker_synthetic_pairs,
+        heldout_fraction=s.retrain_heldout_fraction, budget_seconds=s.ranker_budget_seconds,
+        threads=s.torch_threads)
+    fields.update(overrides)
+    return RankerSpec(**fields)
+
+
+def train_ranker(settings: Settings, *, force: bool = False, out_dir: Path | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Train, gate and register a ranker; returns its registry row plus ``gate`` (the verdict)."""
+    out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
+    with psycopg.connect(settings.database_url or "", autocommit=True, row_factory=dict_row) as conn:
+        spec = ranker_spec(settings, conn, out, **overrides)
+    log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
+             candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
+    metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
+                          kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+    scores = metrics.pop("gate_scores")
+    gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin)
+    metrics["gate"] = gate
+    status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
+        ("candidate", 0.0) if force else ("rejected", 0.0))
+    with psycopg.connect(settings.database_url or "", autocommit=True, row_factory=dict_row) as conn:
+        others = float(conn.execute(REGISTRY.sql("candidate_traffic"), {"id": None}).fetchone()["total"])
+        row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
+                                 base_id=spec.active_ranker["id"] if spec.active_ranker else None,
+                                 traffic=max(0.0, min(traffic, 100.0 - others)))
+    log.info("ranker_registered", ranker=row["id"], status=status, passed=gate["passed"], forced=force,
+             runtime=metrics["runtime"], agreement=metrics.get("agreement"), delta=gate["delta"],
+             active=metrics["active"], candidate=metrics["candidate"], reasons=gate["reasons"])
+    return {**row, "gate": gate}

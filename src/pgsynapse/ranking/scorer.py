@@ -1,0 +1,157 @@
+"""A loaded ranker: scores (question, passage) pairs with a cross-encoder (a transformers sequence classifier with
+one label; higher is more relevant).
+
+Two runtimes, as for the embedding models: ``onnx-int8`` (``model_int8.onnx`` beside the weights, ONNX Runtime,
+the ``tokenizers`` library: no torch in the worker) and ``torch`` (transformers). Pairs are truncated on the
+passage's side only (the question is never cut) to the ranker's ``max_length``, written by the trainer in
+``pgsynapse_ranker.json``. Each runtime's libraries are imported when a ranker on it is loaded: a worker on
+``onnx-int8`` never imports torch (~1 s and ~300 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgsynapse.errors import InputError, ModelError, RegistryError
+from pgsynapse.logs import get_logger
+from pgsynapse.ranking.registry import REGISTRY
+
+log = get_logger(__name__)
+
+META = "pgsynapse_ranker.json"
+INT8_FILE = "model_int8.onnx"
+DEFAULT_MAX_LENGTH = 256
+
+
+def ranker_meta(path: Path) -> dict[str, Any]:
+    """What the trainer wrote beside a ranker's weights (``max_length``, the recipe); {} when nothing."""
+    meta = path / META
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+class Ranker:
+    """One ranker model; ``score`` is thread-safe and never touches the database."""
+
+    def __init__(self, row: dict[str, Any], *, threads: int = 0) -> None:
+        self.row = row
+        self.path = Path(row["path"]).expanduser()
+        self.runtime = row["runtime"]
+        if not (self.path / "config.json").exists():
+            raise ModelError(f"ranker {row['id']}: {self.path} is not a cross-encoder directory (no config.json)")
+        meta = ranker_meta(self.path)
+        self.max_length = int(meta.get("max_length") or DEFAULT_MAX_LENGTH)
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        if self.runtime == "onnx-int8":
+            self._load_onnx(threads)
+        elif self.runtime == "torch":
+            self._load_torch(threads)
+        else:
+            raise ModelError(f"unknown ranker runtime {self.runtime!r} of ranker {row['id']}")
+        log.info("ranker_loaded", ranker=row["id"], name=row.get("name"), runtime=self.runtime,
+                 max_length=self.max_length, seconds=round(time.perf_counter() - started, 2))
+
+    def _load_onnx(self, threads: int) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        graph = self.path / INT8_FILE
+        if not graph.exists():
+            raise ModelError(f"ranker {self.row['id']}: no {INT8_FILE} in {self.path} for runtime onnx-int8 "
+                             "(`pgsynapse ranker export` builds it)")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        tok.enable_truncation(self.max_length, strategy="only_second")
+        pad = tok.token_to_id("[PAD]")
+        tok.enable_padding(pad_id=pad if pad is not None else 0)
+        self._tok = tok
+
+    def _load_torch(self, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self._model = AutoModelForSequenceClassification.from_pretrained(str(self.path), local_files_only=True).eval()
+        self._hf_tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+
+    def score(self, question: str, passages: list[str]) -> np.ndarray:
+        """One relevance score per passage (a logit: higher first)."""
+        if not passages:
+            return np.zeros(0, dtype=np.float32)
+        with self._lock:
+            if self.runtime == "onnx-int8":
+                encs = self._tok.encode_batch([(question, p) for p in passages])
+                feeds = {"input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+                         "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                         "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+                logits = self._session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
+            else:
+                feats = self._hf_tok([question] * len(passages), passages, truncation="only_second",
+                                     max_length=self.max_length, padding=True, return_tensors="pt")
+                with self._torch.no_grad():
+                    logits = self._model(**feats).logits.numpy()
+        return np.asarray(logits, dtype=np.float32).reshape(len(passages), -1)[:, 0]
+
+
+class RankerCache:
+    """Rankers loaded once per process, by id, path and runtime (a re-exported ranker is loaded again)."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads
+        self._loaded: dict[tuple[int, str, str], Ranker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, row: dict[str, Any]) -> Ranker:
+        key = (int(row["id"]), str(row["path"]), str(row["runtime"]))
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded = {k: v for k, v in self._loaded.items() if k[0] != key[0]}
+                self._loaded[key] = Ranker(row, threads=self.threads)
+            return self._loaded[key]
+
+
+async def ranker_row(conn: Any, which: str | int | None) -> dict[str, Any] | None:
+    """The registry row of ``which``: ``active`` (the active ranker, or None), ``none``, or a ranker id (any
+    status but retired: a person may try a candidate or a rejected one)."""
+    if which in (None, "none"):
+        return None
+    if which == "active":
+        cur = await conn.execute(REGISTRY.sql("active_model"))
+    else:
+        try:
+            cur = await conn.execute(REGISTRY.sql("model_by_id"), {"id": int(which)})
+        except ValueError:
+            raise InputError(f"--ranker must be active, none or a ranker id, not {which!r}") from None
+    row = await cur.fetchone()
+    if row is not None and not isinstance(row, dict):
+        row = dict(zip([d.name for d in cur.description], row))
+    if row is None and which != "active":
+        raise RegistryError(f"no ranker {which}")
+    if row is not None and row["status"] == "retired":
+        raise RegistryError(f"ranker {which} is retired")
+    return row
+
+
+def passage_text(title: str | None, text: str) -> str:
+    """What a ranker reads of a passage: its document's title, a newline, the passage (training and serving)."""
+    return f"{title.strip()}\n{text}" if title and title.strip() else text
+
+
+def rerank(ranker: Ranker, question: str, candidates: list[Any], text_of: Any) -> list[Any]:
+    """``candidates`` in the ranker's order (stable: equal scores keep the candidate order)."""
+    scores = ranker.score(question, [text_of(c) for c in candidates])
+    order = sorted(range(len(candidates)), key=lambda i: (-float(scores[i]), i))
+    return [candidates[i] for i in order]

@@ -1,0 +1,178 @@
+"""Second-stage rankers (issue 20): a cross-encoder orders the vector candidates of answers and `search`; it is a
+model in its own registry (routed by session, promoted, rolled back); `pgsynapse ranker train` trains one from the
+feedback and corpus pairs, gates it and registers it. Tiny random models: these tests check that the ranker's
+order is the one served and what the registry does, not how well a random ranker ranks (bench/ranker.py does)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.errors import RegistryError
+from pgsynapse.ranking.cli import run_ranker_command
+from pgsynapse.ranking.export import export_onnx, spearman
+from pgsynapse.ranking.learn import train_ranker
+from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
+from pgsynapse.search import search
+from pgsynapse.status import render, snapshot
+from tests.embed_models import tiny_cross_encoder
+from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+TOPICS = ["savepoints", "vacuum", "indexes", "roles", "sequences", "views", "triggers", "schemas"]
+DOCS = [(f"{t.title()} {i}", f"{t.title()} are described on page {i}. The {t} page {i} explains {t} in PostgreSQL.")
+        for t in TOPICS for i in range(5)]
+QUESTION = "how do savepoints work in a transaction?"
+
+
+@pytest.fixture(scope="module")
+def ranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tiny_cross_encoder(tmp_path_factory.mktemp("rankers") / "tiny-ce")
+    export_onnx(path)  # model.onnx and model_int8.onnx beside the weights: the default runtime
+    return path
+
+
+async def _embedded(db_url: str, models) -> None:
+    insert_docs(db_url, DOCS)
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await conn.close()
+
+
+def test_int8_ranker_scores_follow_the_weights(ranker_dir):
+    row = {"id": 1, "name": "tiny", "path": str(ranker_dir)}
+    int8, fp32 = Ranker({**row, "runtime": "onnx-int8"}), Ranker({**row, "runtime": "torch"})
+    passages = [passage_text(t, b) for t, b in DOCS[:12]]
+    a, b = int8.score(QUESTION, passages), fp32.score(QUESTION, passages)
+    assert a.shape == (12,) and np.isfinite(a).all()
+    assert spearman(a, b) > 0.8
+    # the question is never cut: a passage far over max_length still scores, and the same as its first part does
+    long = "savepoints " * 2000
+    assert np.isfinite(int8.score(QUESTION, [long])).all()
+
+
+async def test_the_ranker_orders_the_candidates_of_answers_and_search(db_url, models, ranker_dir, tmp_path):
+    await _embedded(db_url, models)
+    settings = fast_settings(db_url, kinds=("answer",), data_dir=tmp_path, rank_candidates=20, answer_top_k=5,
+                             answer_cache=False, not_found_threshold=-1)  # always an answer, with its citations
+    conn = await aconn(db_url)
+    vector = await search(conn, models, QUESTION, k=20)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        row = REGISTRY.add_model(sync, "tiny", str(ranker_dir), "onnx-int8", status="active")
+    ranker = Ranker(row)
+    expected = rerank(ranker, QUESTION, vector, lambda h: passage_text(h.title, h.text))
+    assert [h.chunk_id for h in expected[:5]] != [h.chunk_id for h in vector[:5]]  # it does change the order
+
+    ranked = await search(conn, models, QUESTION, k=5, ranker=ranker, candidates=20)
+    assert [h.chunk_id for h in ranked] == [h.chunk_id for h in expected[:5]]
+    assert [h.score for h in ranked] == [h.score for h in expected[:5]]  # scores stay the cosine similarities
+
+    async with running_worker(settings, models):
+        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                      (QUESTION,))).fetchone()
+        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
+                         channel="pgsynapse_answers")
+    answered = await (await conn.execute("SELECT status, sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
+                                         (q["id"],))).fetchone()
+    assert answered["status"] == "answered" and answered["ranker_id"] == row["id"]
+    assert answered["sources"], answered
+    for src in answered["sources"]:  # each cited passage sits at its rank in the ranker's order
+        assert expected[src["rank"] - 1].chunk_id == src["chunk_id"], (src, [h.chunk_id for h in expected[:5]])
+
+    # rolled back (no ranker active): the vector order serves again, and the row says so
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        assert REGISTRY.rollback(sync) == {"active": None, "previous": row["id"]}
+    async with running_worker(settings, models):
+        q2 = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                       (QUESTION,))).fetchone()
+        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q2["id"],),
+                         channel="pgsynapse_answers")
+    plain = await (await conn.execute("SELECT sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
+                                      (q2["id"],))).fetchone()
+    assert plain["ranker_id"] is None
+    for src in plain["sources"]:
+        assert vector[src["rank"] - 1].chunk_id == src["chunk_id"]
+    await conn.close()
+
+
+async def test_a_broken_ranker_leaves_the_vector_order_and_says_so(db_url, models, tmp_path):
+    await _embedded(db_url, models)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no weights, no graph
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        REGISTRY.add_model(sync, "broken", str(broken), "onnx-int8", status="active")
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("answer",), answer_cache=False), models):
+        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                      (QUESTION,))).fetchone()
+        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
+                         channel="pgsynapse_answers")
+    row = await (await conn.execute("SELECT status, ranker_id FROM pgsynapse.questions WHERE id = %s",
+                                    (q["id"],))).fetchone()
+    assert row == {"status": "answered", "ranker_id": None}
+    await conn.close()
+
+
+def test_ranker_registry_routes_sessions_and_refuses(db_url, ranker_dir):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.routable_models(conn) == []
+        assert REGISTRY.choose([], "s1") is None  # no ranker: the vector order
+        a = REGISTRY.add_model(conn, "a", str(ranker_dir), "onnx-int8", traffic=25)
+        rows = REGISTRY.routable_models(conn)
+        routed = [REGISTRY.choose(rows, f"ranker:s{i}") for i in range(400)]
+        share = sum(r is not None for r in routed)
+        assert 60 <= share <= 140 and all(r is None or r["id"] == a["id"] for r in routed)
+        with pytest.raises(RegistryError, match="unknown ranker runtime"):
+            REGISTRY.add_model(conn, "x", "/x", "transformers")
+        with pytest.raises(RegistryError, match="no ranker 999"):
+            REGISTRY.promote(conn, 999)
+        assert REGISTRY.promote(conn, a["id"]) == {"active": a["id"], "previous": None}
+        with pytest.raises(RegistryError, match="is active"):
+            REGISTRY.retire(conn, a["id"])
+
+
+async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_dir, tmp_path, capsys):
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    # feedback as its trigger leaves it: a question and the passage that answered it, for every page (questions
+    # on one topic are alike: the grouped hold-out takes whole topics)
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64)
+    # the tiny random weights stand in for MiniLM's: the spec's base_path is what a ranker starts from
+    row = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
+    assert row["status"] == "candidate" and row["runtime"] in ("onnx-int8", "torch")
+    m = row["metrics"]
+    assert m["steps"] > 0 and m["heldout"] > 0 and m["baseline"] == "vector order"
+    assert 0 <= m["candidate"]["mrr@10"] <= 1 and m["gate"]["reasons"]
+    assert float(row["traffic_percent"]) == (settings.ranker_traffic_percent if m["gate"]["passed"] else 0)
+    saved = json.loads((Path(row["path"]) / "pgsynapse_ranker.json").read_text())
+    assert saved["max_length"] == 64 and saved["candidates"] == 10
+    assert Ranker(row).score(QUESTION, ["a passage"]).shape == (1,)
+
+    # the CLI's commands: list it, promote it, roll back to none
+    def command(action: str, **kw) -> str:
+        assert run_ranker_command(argparse.Namespace(ranker_command=action, **kw), settings) == 0
+        return capsys.readouterr().out
+
+    assert f"{row['id']:>3}  candidate" in command("list", json=False)
+    assert f"ranker {row['id']} is active" in command("promote", ranker=row["id"])
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        snap = snapshot(conn)
+    assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]
+    assert f"ranker {row['id']:<8}: active" in render(snap)
+    assert "the vector order serves again" in command("rollback")
