@@ -152,7 +152,7 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
         " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
-                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64)
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
     # the tiny random weights stand in for MiniLM's: the spec's base_path is what a ranker starts from
     row = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
     assert row["status"] == "candidate" and row["runtime"] in ("onnx-int8", "torch")
@@ -162,6 +162,7 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert float(row["traffic_percent"]) == (settings.ranker_traffic_percent if m["gate"]["passed"] else 0)
     saved = json.loads((Path(row["path"]) / "pgsynapse_ranker.json").read_text())
     assert saved["max_length"] == 64 and saved["candidates"] == 10
+    assert saved["layers"] == 1 and json.loads((Path(row["path"]) / "config.json").read_text())["num_hidden_layers"] == 1
     assert Ranker(row).score(QUESTION, ["a passage"]).shape == (1,)
 
     # the CLI's commands: list it, promote it, roll back to none

@@ -38,6 +38,7 @@ class RankerSpec:
     candidates: int = 20
     negatives: int = 7
     max_length: int = 256
+    layers: int = 0  # transformer layers kept of the base's (0: all)
     epochs: int = 1
     lr: float = 3e-5
     batch_size: int = 4  # questions per step (each with its positive and negatives)
@@ -64,6 +65,7 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **o
         base_path=str(source_model_path(version, s.model_path)), out_dir=str(out_dir),
         active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
+        layers=s.ranker_layers,
         epochs=s.ranker_epochs, lr=s.ranker_lr, synthetic_pairs=s.ranker_synthetic_pairs,
         heldout_fraction=s.retrain_heldout_fraction, budget_seconds=s.ranker_budget_seconds,
         threads=s.torch_threads)

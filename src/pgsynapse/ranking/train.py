@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from pgsynapse.learning.canary import ensure_canary  # noqa: E402
+from pgsynapse.learning.distill_train import kept_layers  # noqa: E402
 from pgsynapse.learning.gate import summary  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
 from pgsynapse.learning.train import synthetic_pairs  # noqa: E402
@@ -105,6 +106,11 @@ class Listwise:
         self.tok = AutoTokenizer.from_pretrained(spec.base_path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(spec.base_path, num_labels=1,
                                                                         local_files_only=True)
+        if spec.layers:  # a smaller, faster ranker: ``layers`` of the base's, evenly spaced, the last one kept
+            encoder = self.model.base_model.encoder
+            keep = kept_layers(len(encoder.layer), spec.layers)
+            encoder.layer = torch.nn.ModuleList([encoder.layer[i] for i in keep])
+            self.model.config.num_hidden_layers = len(keep)
 
     def logits(self, question: str, passages: list[str]) -> torch.Tensor:
         feats = self.tok([question] * len(passages), passages, truncation="only_second",
@@ -227,10 +233,12 @@ def main(spec: RankerSpec) -> dict[str, Any]:
                        "candidate": page_scores(cand_pages[sl], relevant[sl])}
     out = Path(spec.out_dir)
     model.save(out, {"max_length": spec.max_length, "candidates": spec.candidates, "base": spec.base_path,
+                     "layers": model.model.config.num_hidden_layers,
                      "recipe": "listwise cross-encoder", "negatives": spec.negatives})
     metrics: dict[str, Any] = {
         **fitted, "groups": len(groups), "train_examples": len(split.train), "corpus_pairs": len(corpus),
         "heldout": n, "split": split.summary(), "candidates": spec.candidates, "max_length": spec.max_length,
+        "layers": model.model.config.num_hidden_layers,
         "gate_scores": evals, "active": summary(evals["heldout"]["active"], EVAL_K),
         "candidate": summary(evals["heldout"]["candidate"], EVAL_K),
         "baseline": f"ranker {spec.active_ranker['id']}" if spec.active_ranker else "vector order"}
