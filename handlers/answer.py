@@ -185,7 +185,8 @@ class AnswerHandler(Handler[AnswerWork]):
             for w, qv in zip(group, qvecs, strict=True):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
                 if self.cache.may_serve(guardrail=w.guardrail, history=w.history):
-                    w.cached = await self.cache.lookup(conn, w.version, w.question, qv, w.job.ref_id)
+                    w.cached = await self.cache.lookup(conn, w.version, w.question, qv, w.job.ref_id,
+                                                       ranker=w.ranker["id"] if w.ranker else None)
         retrieve = [w for w in work if not blocked(w) and w.cached is None]
         if retrieve:
             async with reading(self.replica, conn) as reads:  # the replica, once it has caught up with the primary
@@ -304,7 +305,7 @@ class AnswerHandler(Handler[AnswerWork]):
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:
         return {"status": status, "answer": answer, "guardrail": guard, "version": w.version["id"],
-                "ranker": w.ranker["id"] if w.ranker and w.passages else None,
+                "ranker": w.ranker["id"] if w.ranker and (w.passages or w.cached) else None,
                 "retrieval_query": w.retrieval_query, "text_hash": w.text_hash, "cached": w.cached,
                 "cache_store": w.cached is None and self.cache.may_store(answer, status=status, guardrail=guard,
                                                                          history=w.history),
@@ -334,7 +335,7 @@ class AnswerHandler(Handler[AnswerWork]):
                 report.superseded.append(o.job.id)
                 continue
             await self.cache.written(conn, o.job.ref_id, version=r["version"], answer=answer, hit=r["cached"],
-                                     store=r["cache_store"], vector=r["query_vector"])
+                                     store=r["cache_store"], vector=r["query_vector"], ranker=r["ranker"])
             await conn.execute(q("notify_answer", "answers.sql"), {"id": o.job.ref_id, "status": status})
             report.written.append(o.job.id)
         return report

@@ -109,11 +109,16 @@ class AnswerCache:
         return (self.enabled and status == "answered" and guardrail is None and not history
                 and answer.text != NOT_FOUND and bool(answer.sources) and not getattr(answer, "flags", None))
 
+    def key(self, ranker: int | None) -> str:
+        """The settings key of an entry: the answerer's settings, and the ranker that ordered its passages (an
+        answer of one ranker is never served to a session of another: their A/B test stays clean)."""
+        return self.settings_key if ranker is None else f"{self.settings_key}:ranker={int(ranker)}"
+
     async def lookup(self, conn: psycopg.AsyncConnection, version: dict[str, Any], question: str,
-                     vector: np.ndarray, question_id: int) -> Hit | None:
+                     vector: np.ndarray, question_id: int, *, ranker: int | None = None) -> Hit | None:
         s = self.settings
         rows = await (await conn.execute(lookup_sql(version), {
-            "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.settings_key,
+            "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.key(ranker),
             "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchall()
         terms = exact_terms(question)
         row = next((r for r in rows if exact_terms(r["question"]) == terms), None)
@@ -126,7 +131,7 @@ class AnswerCache:
         return hit
 
     async def written(self, conn: psycopg.AsyncConnection, question_id: int, *, version: int, answer: Answer,
-                      hit: Hit | None, store: bool, vector: np.ndarray | None) -> None:
+                      hit: Hit | None, store: bool, vector: np.ndarray | None, ranker: int | None = None) -> None:
         """After an answer's write, in its transaction: mark a hit (its origin and the entry's count), or store a
         fresh answer that may be served again, or forget an earlier entry of this question that may not.
         Nothing while the cache is off: entries left from before are not served, and a hit needs it on."""
@@ -138,7 +143,7 @@ class AnswerCache:
             await conn.execute(q("count_hit", "answer_cache.sql"), {"origin": hit.question_id})
         elif store and vector is not None:
             await conn.execute(q("store", "answer_cache.sql"), {
-                "id": question_id, "version": version, "settings_key": self.settings_key, "rules_key": self.rules_key,
+                "id": question_id, "version": version, "settings_key": self.key(ranker), "rules_key": self.rules_key,
                 "embedding": vector, "answer": answer.text, "sources": Jsonb(answer.sources),
                 "documents": sorted({int(src["document_id"]) for src in answer.sources}),
                 "chunks": sorted({int(src["chunk_id"]) for src in answer.sources})})

@@ -177,3 +177,29 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]
     assert f"ranker {row['id']:<8}: active" in render(snap)
     assert "the vector order serves again" in command("rollback")
+
+
+async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(db_url, models, ranker_dir, tmp_path):
+    await _embedded(db_url, models)
+    settings = fast_settings(db_url, kinds=("answer",), data_dir=tmp_path, answer_cache=True, not_found_threshold=-1)
+    conn = await aconn(db_url)
+
+    async def ask() -> dict:
+        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                      (QUESTION,))).fetchone()
+        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
+                         channel="pgsynapse_answers")
+        return await (await conn.execute("SELECT id, status, cached_from, ranker_id FROM pgsynapse.questions"
+                                         " WHERE id = %s", (q["id"],))).fetchone()
+
+    async with running_worker(settings, models):
+        plain = await ask()
+        assert (plain["cached_from"], plain["ranker_id"]) == (None, None)
+        assert (await ask())["cached_from"] == plain["id"]  # the vector order's answer, served again
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+            ranker = REGISTRY.add_model(sync, "tiny", str(ranker_dir), "onnx-int8", status="active")
+        ranked = await ask()  # another order of passages: not the vector order's answer
+        assert (ranked["cached_from"], ranked["ranker_id"]) == (None, ranker["id"])
+        again = await ask()
+        assert (again["cached_from"], again["ranker_id"]) == (ranked["id"], ranker["id"])
+    await conn.close()
