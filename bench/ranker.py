@@ -75,7 +75,7 @@ async def _vector_hits(url: str, items: list[dict[str, Any]], models: ModelCache
 def _ranked(ranker: Ranker, question: str, hits: list[Any], n: int) -> tuple[list[Any], float]:
     """The first ``n`` hits in the ranker's order, then the rest in the vector order; and the scoring's ms."""
     started = time.perf_counter()
-    head = rerank(ranker, question, hits[:n], lambda h: passage_text(h.title, h.text))
+    head = rerank(ranker, question, hits[:n], lambda h: passage_text(h.title, h.text), lambda h: h.score)
     return head + hits[n:], (time.perf_counter() - started) * 1000
 
 

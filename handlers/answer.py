@@ -260,7 +260,8 @@ class AnswerHandler(Handler[AnswerWork]):
         try:
             ranker = await anyio.to_thread.run_sync(self.rankers.get, w.ranker)
             return await anyio.to_thread.run_sync(rerank, ranker, w.retrieval_query, candidates,
-                                                  lambda c: passage_text(by_id[c]["title"], by_id[c]["text"]))
+                                                  lambda c: passage_text(by_id[c]["title"], by_id[c]["text"]),
+                                                  lambda c: by_id[c]["score"])
         except Exception as exc:  # noqa: BLE001 - any failure of the ranker: the vector order stands
             log.error("ranker_failed", ranker=w.ranker["id"], question=w.job.ref_id, error=describe(exc))
             w.ranker = None

@@ -132,7 +132,11 @@ class Settings(BaseModel):
     ranker_layers: int = Field(0, ge=0, le=48, description="transformer layers a trained ranker keeps of the serving "
                                "model's (evenly spaced, the last kept): fewer is faster; 0 keeps them all")
     ranker_epochs: int = Field(1, ge=1, le=20)
-    ranker_lr: float = Field(3e-5, gt=0, lt=1)
+    ranker_lr: float = Field(3e-5, gt=0, lt=1, description="the ranker's encoder learning rate")
+    ranker_head_lr: float = Field(1e-3, gt=0, lt=1, description="the ranker's fresh one-logit head's learning rate")
+    ranker_cosine_scale: float = Field(
+        20.0, ge=0, le=1000, description="a trained ranker scores a passage as this x the vector search's cosine plus "
+        "its cross-encoder logit (it learns a correction of the vector order); 0: a plain cross-encoder")
     ranker_synthetic_pairs: int = Field(600, ge=0, description="corpus pairs (titles, headings) added to feedback")
     ranker_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock budget of one ranker training run")
     ranker_margin: float = Field(0.0, ge=-1, le=1, description="the ranker gate's margin on its held-out gain "

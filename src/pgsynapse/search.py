@@ -59,5 +59,6 @@ async def search(
         cur = await reads.execute(sql, {"query": vector, "version": row["id"], "k": max(k, candidates) if ranker else k})
         hits = [Hit(**r) for r in await cur.fetchall()]
     if ranker is not None:
-        hits = await anyio.to_thread.run_sync(rerank, ranker, text, hits, lambda h: passage_text(h.title, h.text))
+        hits = await anyio.to_thread.run_sync(rerank, ranker, text, hits, lambda h: passage_text(h.title, h.text),
+                                             lambda h: h.score)
     return hits[:k]

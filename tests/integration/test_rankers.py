@@ -69,7 +69,7 @@ async def test_the_ranker_orders_the_candidates_of_answers_and_search(db_url, mo
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
         row = REGISTRY.add_model(sync, "tiny", str(ranker_dir), "onnx-int8", status="active")
     ranker = Ranker(row)
-    expected = rerank(ranker, QUESTION, vector, lambda h: passage_text(h.title, h.text))
+    expected = rerank(ranker, QUESTION, vector, lambda h: passage_text(h.title, h.text), lambda h: h.score)
     assert [h.chunk_id for h in expected[:5]] != [h.chunk_id for h in vector[:5]]  # it does change the order
 
     ranked = await search(conn, models, QUESTION, k=5, ranker=ranker, candidates=20)

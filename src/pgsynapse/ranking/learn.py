@@ -41,6 +41,8 @@ class RankerSpec:
     layers: int = 0  # transformer layers kept of the base's (0: all)
     epochs: int = 1
     lr: float = 3e-5
+    head_lr: float = 1e-3  # the fresh one-logit head's
+    cosine_scale: float = 20.0  # the first stage's cosine in the score (a residual ranker); 0: a plain cross-encoder
     batch_size: int = 4  # questions per step (each with its positive and negatives)
     synthetic_pairs: int = 600
     heldout_fraction: float = 0.2
@@ -66,7 +68,8 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **o
         active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
         layers=s.ranker_layers,
-        epochs=s.ranker_epochs, lr=s.ranker_lr, synthetic_pairs=s.ranker_synthetic_pairs,
+        epochs=s.ranker_epochs, lr=s.ranker_lr, head_lr=s.ranker_head_lr, cosine_scale=s.ranker_cosine_scale,
+        synthetic_pairs=s.ranker_synthetic_pairs,
         heldout_fraction=s.retrain_heldout_fraction, budget_seconds=s.ranker_budget_seconds,
         threads=s.torch_threads)
     fields.update(overrides)

@@ -4,7 +4,16 @@ one label; higher is more relevant).
 Two runtimes, as for the embedding models: ``onnx-int8`` (``model_int8.onnx`` beside the weights, ONNX Runtime,
 the ``tokenizers`` library: no torch in the worker) and ``torch`` (transformers). Pairs are truncated on the
 passage's side only (the question is never cut) to the ranker's ``max_length``, written by the trainer in
-``pgsynapse_ranker.json``. Each runtime's libraries are imported when a ranker on it is loaded: a worker on
+``pgsynapse_ranker.json``.
+
+A ranker trained here is **residual**: its score of a passage is ``cosine_scale`` x the first stage's cosine
+similarity plus the cross-encoder's logit (``cosine_scale`` in ``pgsynapse_ranker.json``; 0 for a plain
+cross-encoder added by path). A fresh head gives near-equal logits, so training starts from the vector order and the
+cross-encoder learns only where it should differ from it: with a few hundred feedback questions a plain
+cross-encoder from MiniLM's weights stayed at chance (listwise loss ln 8 after 65 steps), a residual one starts
+where the vector search is.
+
+Each runtime's libraries are imported when a ranker on it is loaded: a worker on
 ``onnx-int8`` never imports torch (~1 s and ~300 MB).
 """
 
@@ -46,6 +55,7 @@ class Ranker:
             raise ModelError(f"ranker {row['id']}: {self.path} is not a cross-encoder directory (no config.json)")
         meta = ranker_meta(self.path)
         self.max_length = int(meta.get("max_length") or DEFAULT_MAX_LENGTH)
+        self.cosine_scale = float(meta.get("cosine_scale") or 0.0)
         self._lock = threading.Lock()
         started = time.perf_counter()
         if self.runtime == "onnx-int8":
@@ -150,8 +160,11 @@ def passage_text(title: str | None, text: str) -> str:
     return f"{title.strip()}\n{text}" if title and title.strip() else text
 
 
-def rerank(ranker: Ranker, question: str, candidates: list[Any], text_of: Any) -> list[Any]:
-    """``candidates`` in the ranker's order (stable: equal scores keep the candidate order)."""
+def rerank(ranker: Ranker, question: str, candidates: list[Any], text_of: Any, cosine_of: Any) -> list[Any]:
+    """``candidates`` in the ranker's order (stable: equal scores keep the candidate order): its logit plus
+    ``cosine_scale`` x the first stage's cosine similarity (``cosine_of``)."""
     scores = ranker.score(question, [text_of(c) for c in candidates])
+    if ranker.cosine_scale:
+        scores = scores + ranker.cosine_scale * np.array([float(cosine_of(c)) for c in candidates], dtype=np.float32)
     order = sorted(range(len(candidates)), key=lambda i: (-float(scores[i]), i))
     return [candidates[i] for i in order]

@@ -92,9 +92,9 @@ def page_scores(rankings: list[list[int]], relevant: list[set[int]], k: int = EV
     return {"hit": hit, "rr": rr}
 
 
-def ranked(ranker: Any, question: str, cands: list[int], texts: list[str]) -> list[int]:
-    """``cands`` (chunk indices) in the ranker's order."""
-    scores = ranker.score(question, [texts[i] for i in cands])
+def ranked(ranker: Any, question: str, cands: list[int], texts: list[str], cosines: np.ndarray) -> list[int]:
+    """``cands`` (chunk indices) in the ranker's order: its logit plus ``cosine_scale`` x their ``cosines``."""
+    scores = ranker.score(question, [texts[i] for i in cands]) + ranker.cosine_scale * cosines
     return [cands[i] for i in sorted(range(len(cands)), key=lambda j: (-float(scores[j]), j))]
 
 
@@ -103,6 +103,7 @@ class Listwise:
 
     def __init__(self, spec: RankerSpec) -> None:
         self.spec = spec
+        self.cosine_scale = spec.cosine_scale
         self.tok = AutoTokenizer.from_pretrained(spec.base_path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(spec.base_path, num_labels=1,
                                                                         local_files_only=True)
@@ -117,11 +118,16 @@ class Listwise:
                          max_length=self.spec.max_length, padding=True, return_tensors="pt")
         return self.model(**feats).logits[:, 0]
 
-    def fit(self, groups: list[tuple[str, list[str]]], started: float) -> dict[str, Any]:
+    def fit(self, groups: list[tuple[str, list[str], np.ndarray]], started: float) -> dict[str, Any]:
+        """``groups``: (question, [positive, negatives...], their cosines to the question under the first stage)."""
         spec = self.spec
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
-        opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01)
+        head = [p for n, p in self.model.named_parameters() if n.startswith(("classifier", "bert.pooler"))]
+        body = [p for n, p in self.model.named_parameters() if not n.startswith(("classifier", "bert.pooler"))]
+        # the fresh head learns at head_lr, the pretrained encoder at lr
+        opt = torch.optim.AdamW([{"params": body, "lr": spec.lr}, {"params": head, "lr": spec.head_lr}],
+                                weight_decay=0.01)
         steps = spec.epochs * ((len(groups) + spec.batch_size - 1) // spec.batch_size)
         warm = max(1, int(0.1 * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -136,7 +142,8 @@ class Listwise:
                     stopped = True
                     break
                 loss = torch.stack([torch.nn.functional.cross_entropy(
-                    self.logits(groups[i][0], groups[i][1])[None, :], torch.zeros(1, dtype=torch.long))
+                    (self.logits(groups[i][0], groups[i][1])
+                     + self.cosine_scale * torch.from_numpy(groups[i][2]))[None, :], torch.zeros(1, dtype=torch.long))
                     for i in order[b0: b0 + spec.batch_size]]).mean()
                 opt.zero_grad()
                 loss.backward()
@@ -204,7 +211,8 @@ def main(spec: RankerSpec) -> dict[str, Any]:
         pos = own[int(np.argmax(scores[own]))]
         negs = [int(i) for i in np.argsort(-scores)[: spec.candidates + len(own)] if chunk_docs[i] != doc]
         if negs:
-            groups.append((question, [texts[pos]] + [texts[i] for i in negs[: spec.negatives]]))
+            chosen = [pos] + negs[: spec.negatives]
+            groups.append((question, [texts[i] for i in chosen], scores[chosen].astype(np.float32)))
     progress("ranker_pairs_built", groups=len(groups), feedback=len(split.train), corpus=len(corpus),
              heldout=len(split.heldout), canary=len(canary), negatives=spec.negatives)
     model = Listwise(spec)
@@ -219,10 +227,13 @@ def main(spec: RankerSpec) -> dict[str, Any]:
     progress("ranker_evaluating", heldout=len(held), canary=len(canary))
     now_pages, cand_pages, lists = [], [], []
     for question, qv in zip(asked, ask_vecs, strict=True):
-        cands = [int(i) for i in np.argsort(-(vecs @ qv))[: spec.candidates]]
-        base = ranked(active, question, cands, texts) if active else cands
-        now_pages.append(page_ranking(base, chunk_docs))
-        cand_pages.append(page_ranking(ranked(model, question, cands, texts), chunk_docs))
+        sims = vecs @ qv
+        order = np.argsort(-sims)
+        cands = [int(i) for i in order[: spec.candidates]]
+        rest = [int(i) for i in order[spec.candidates: spec.candidates + 30]]  # served after the ranked ones
+        base = ranked(active, question, cands, texts, sims[cands]) if active else cands
+        now_pages.append(page_ranking(base + rest, chunk_docs))
+        cand_pages.append(page_ranking(ranked(model, question, cands, texts, sims[cands]) + rest, chunk_docs))
         lists.append((question, [texts[i] for i in cands]))
     n = len(held)
     evals: dict[str, Any] = {}
@@ -233,7 +244,7 @@ def main(spec: RankerSpec) -> dict[str, Any]:
                        "candidate": page_scores(cand_pages[sl], relevant[sl])}
     out = Path(spec.out_dir)
     model.save(out, {"max_length": spec.max_length, "candidates": spec.candidates, "base": spec.base_path,
-                     "layers": model.model.config.num_hidden_layers,
+                     "layers": model.model.config.num_hidden_layers, "cosine_scale": spec.cosine_scale,
                      "recipe": "listwise cross-encoder", "negatives": spec.negatives})
     metrics: dict[str, Any] = {
         **fitted, "groups": len(groups), "train_examples": len(split.train), "corpus_pairs": len(corpus),
