@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _image_model_parser(sub)
     _sql_parsers(sub)
+    _ranker_parser(sub)
 
     de = sub.add_parser("demo", help="ingest real text, embed it, search it")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
@@ -174,44 +175,45 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--approve", action="store_true", help="the generated statement was right")
     sm = sub.add_parser("sql-model", help="SQL models: list, add by path, promote, rollback, traffic, retire, retrain")
     ssub = sm.add_subparsers(dest="sql_model_command", required=True, metavar="ACTION")
-    ls = ssub.add_parser("list", help="SQL models with status, traffic and held-out accuracy")
-    ls.add_argument("--json", action="store_true")
-    ad = ssub.add_parser("add", help="register a local SQL model (directory, .gguf file or preset)")
-    ad.add_argument("path")
-    ad.add_argument("--name")
-    ad.add_argument("--runtime", choices=["transformers", "llama-cpp", "openai"], default="transformers")
-    ad.add_argument("--activate", action="store_true", help="make it the active model at once (the first one)")
-    pr = ssub.add_parser("promote", help="make a candidate the active SQL model")
-    pr.add_argument("model", type=int)
-    ssub.add_parser("rollback", help="re-activate the SQL model the active one replaced")
-    tr = ssub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
-    tr.add_argument("model", type=int)
-    tr.add_argument("percent", type=float)
-    rt = ssub.add_parser("retire", help="retire a SQL model that is not active")
-    rt.add_argument("model", type=int)
+    _side_registry_parsers(ssub, "SQL model", list_help="SQL models with status, traffic and held-out accuracy",
+                           add_help="register a local SQL model (directory, .gguf file or preset)",
+                           runtimes=["transformers", "llama-cpp", "openai"],
+                           rollback_help="re-activate the SQL model the active one replaced")
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now (the worker runs it)")
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
+
+
+def _ranker_parser(sub: argparse._SubParsersAction) -> None:
     rk = sub.add_parser("ranker", help="second-stage rankers: list, add by path, train, promote, rollback, "
                         "traffic, retire")
     rsub = rk.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
-    ls = rsub.add_parser("list", help="rankers with status, traffic and held-out MRR@10")
-    ls.add_argument("--json", action="store_true")
-    ad = rsub.add_parser("add", help="register a local cross-encoder directory (one-logit sequence classifier)")
-    ad.add_argument("path")
-    ad.add_argument("--name")
-    ad.add_argument("--runtime", choices=["onnx-int8", "torch"], default="onnx-int8")
-    ad.add_argument("--activate", action="store_true", help="make it the active ranker at once")
+    _side_registry_parsers(rsub, "ranker", list_help="rankers with status, traffic and held-out MRR@10",
+                           add_help="register a local cross-encoder directory (one-logit sequence classifier)",
+                           runtimes=["onnx-int8", "torch"],
+                           rollback_help="re-activate the ranker the active one replaced (or none: the vector order)")
     tn = rsub.add_parser("train", help="train a cross-encoder from the feedback and corpus pairs, gate it, "
                          "register it (minutes; in its own process)")
     tn.add_argument("--force", action="store_true", help="register it as a candidate (0 %%) even if it fails its gate")
-    pr = rsub.add_parser("promote", help="make a candidate the active ranker")
-    pr.add_argument("ranker", type=int)
-    rsub.add_parser("rollback", help="re-activate the ranker the active one replaced (or none: the vector order)")
-    tr = rsub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
-    tr.add_argument("ranker", type=int)
+
+
+def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_help: str, add_help: str,
+                           runtimes: list[str], rollback_help: str) -> None:
+    """list, add, promote, rollback, traffic and retire of a side registry (pgsynapse.sideregistry)."""
+    ls = sub.add_parser("list", help=list_help)
+    ls.add_argument("--json", action="store_true")
+    ad = sub.add_parser("add", help=add_help)
+    ad.add_argument("path")
+    ad.add_argument("--name")
+    ad.add_argument("--runtime", choices=runtimes, default=runtimes[0])
+    ad.add_argument("--activate", action="store_true", help=f"make it the active {noun} at once")
+    pr = sub.add_parser("promote", help=f"make a candidate the active {noun}")
+    pr.add_argument("model", type=int)
+    sub.add_parser("rollback", help=rollback_help)
+    tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model", type=int)
     tr.add_argument("percent", type=float)
-    rt = rsub.add_parser("retire", help="retire a ranker that is not active")
-    rt.add_argument("ranker", type=int)
+    rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
+    rt.add_argument("model", type=int)
 
 
 def _settings(args: argparse.Namespace):

@@ -44,10 +44,11 @@ STATUSES = ("candidate", "rejected", "active", "retired")
 class SideRegistry:
     """The registry in table ``pgsynapse.<table>``; ``noun`` names its models in errors ("SQL model", "ranker")."""
 
-    def __init__(self, table: str, noun: str, runtimes: Sequence[str]) -> None:
+    def __init__(self, table: str, noun: str, runtimes: Sequence[str], *, without: str) -> None:
         self.table = table
         self.noun = noun
         self.runtimes = tuple(runtimes)
+        self.without = without  # what serves when no model is active, for people ("the settings' model")
 
     def sql(self, name: str) -> str:
         """The text of a named query of side_models.sql on this registry's table (for async callers too)."""
@@ -177,6 +178,24 @@ class SideRegistry:
             conn.execute(self.sql("set_model_traffic"), {"id": model_id, "traffic": percent})
         log.info("registry_model_traffic_set", registry=self.table, model=model_id, traffic_percent=percent,
                  previous=float(m["traffic_percent"]))
+
+    def command(self, conn: psycopg.Connection, action: str, model_id: int | None = None,
+                percent: float | None = None) -> str:
+        """The CLI's ``promote`` / ``rollback`` / ``traffic`` / ``retire`` on this registry; the line to print."""
+        if action == "promote":
+            r = self.promote(conn, model_id)  # type: ignore[arg-type]
+            return f"{self.noun} {r['active']} is active (was {r['previous'] or self.without})"
+        if action == "rollback":
+            r = self.rollback(conn)
+            return (f"{self.noun} {r['active']} is active again" if r["active"] is not None
+                    else f"no {self.noun} is active: {self.without} serves again")
+        if action == "traffic":
+            self.set_traffic(conn, model_id, percent)  # type: ignore[arg-type]
+            return f"{self.noun} {model_id} serves {percent:g}% of sessions"
+        if action == "retire":
+            self.retire(conn, model_id)  # type: ignore[arg-type]
+            return f"{self.noun} {model_id} retired"
+        raise ValueError(f"unknown registry action {action!r}")
 
     def retire(self, conn: psycopg.Connection, model_id: int) -> None:
         """Take a candidate or rejected model out of service for good (traffic 0). Not the active one: promote or

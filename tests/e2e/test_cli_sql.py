@@ -34,7 +34,7 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
 
     add = pgsynapse("sql-model", "add", demo_sql_model, "--name", "tiny", url=db_url)
     assert add.returncode == 0 and "SQL model 1 (transformers): candidate" in add.stdout, add.stderr
-    assert "SQL model 1 is active (was the settings model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout
+    assert "SQL model 1 is active (was the settings' model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout
     listed = json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout)
     assert [(m["id"], m["status"], float(m["traffic_percent"])) for m in listed] == [(1, "active", 100.0)]
     # the registered model serves the next question (its id on the row)

@@ -171,7 +171,7 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
         return capsys.readouterr().out
 
     assert f"{row['id']:>3}  candidate" in command("list", json=False)
-    assert f"ranker {row['id']} is active" in command("promote", ranker=row["id"])
+    assert f"ranker {row['id']} is active" in command("promote", model=row["id"])
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         snap = snapshot(conn)
     assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]

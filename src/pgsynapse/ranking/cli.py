@@ -41,17 +41,6 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
             r = REGISTRY.add_model(conn, args.name or args.path, args.path, args.runtime,
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
-        elif action == "promote":
-            r = REGISTRY.promote(conn, args.ranker)
-            print(f"ranker {r['active']} is active (was {r['previous'] or 'none: the vector order'})")
-        elif action == "rollback":
-            r = REGISTRY.rollback(conn)
-            print(f"ranker {r['active']} is active again" if r["active"] is not None
-                  else "no ranker is active: the vector order serves again")
-        elif action == "traffic":
-            REGISTRY.set_traffic(conn, args.ranker, args.percent)
-            print(f"ranker {args.ranker} serves {args.percent:g}% of sessions")
-        elif action == "retire":
-            REGISTRY.retire(conn, args.ranker)
-            print(f"ranker {args.ranker} retired")
+        else:
+            print(REGISTRY.command(conn, action, getattr(args, "model", None), getattr(args, "percent", None)))
     return 0

@@ -6,4 +6,4 @@ from __future__ import annotations
 from pgsynapse.sideregistry import SideRegistry
 
 RUNTIMES = ("onnx-int8", "torch")
-REGISTRY = SideRegistry("ranker_models", "ranker", RUNTIMES)
+REGISTRY = SideRegistry("ranker_models", "ranker", RUNTIMES, without="the vector order")

@@ -102,21 +102,10 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
             r = registry.add_model(conn, args.name or args.path, args.path, args.runtime,
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
-        elif action == "promote":
-            r = registry.promote(conn, args.model)
-            print(f"SQL model {r['active']} is active (was {r['previous'] or 'the settings model'})")
-        elif action == "rollback":
-            r = registry.rollback(conn)
-            print(f"SQL model {r['active']} is active again" if r["active"] is not None
-                  else "no SQL model is active: the settings' model serves again")
-        elif action == "traffic":
-            registry.set_traffic(conn, args.model, args.percent)
-            print(f"SQL model {args.model} serves {args.percent:g}% of sessions")
-        elif action == "retire":
-            registry.retire(conn, args.model)
-            print(f"SQL model {args.model} retired")
         elif action == "retrain":
             job = queue_retrain(conn, "sql_retrain", force=args.force)
             print(f"sql_retrain queued (job {job}): a worker with the sql_retrain kind runs it" if job
                   else "a sql_retrain is already pending")
+        else:
+            print(registry.REGISTRY.command(conn, action, getattr(args, "model", None), getattr(args, "percent", None)))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pgsynapse.sideregistry import SideRegistry
 
 RUNTIMES = ("transformers", "llama-cpp", "openai")
-REGISTRY = SideRegistry("sql_models", "SQL model", RUNTIMES)
+REGISTRY = SideRegistry("sql_models", "SQL model", RUNTIMES, without="the settings' model")
 
 get_model = REGISTRY.get_model
 list_models = REGISTRY.list_models
