@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--negatives", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--layers", type=int, help="ranker_layers")
+    p.add_argument("--negatives-skip", type=int, help="ranker_negatives_skip")
     p.add_argument("--eval-candidates", default="10,20", help="candidate counts the quality is measured at "
                    "(comma-separated; the latency runs at rank_candidates)")
     p.add_argument("--lr", type=float)
@@ -105,7 +106,7 @@ def run(args: Any) -> None:
     data_dir = Path(tempfile.gettempdir()) / "pgsynapse-bench-models" / f"ranker-{os.getpid()}"
     overrides = {k: v for k, v in {"rank_candidates": args.candidates, "ranker_epochs": args.epochs,
                                    "ranker_negatives": args.negatives, "ranker_max_length": args.max_length,
-                                   "ranker_layers": args.layers,
+                                   "ranker_layers": args.layers, "ranker_negatives_skip": args.negatives_skip,
                                    "ranker_lr": args.lr, "ranker_synthetic_pairs": args.synthetic_pairs}.items()
                  if v is not None}
     with corpus_clone(limit=QUICK_PAGES if args.quick else None) as (url, info):
@@ -114,6 +115,7 @@ def run(args: Any) -> None:
         emit("ranker", "machine", **machine(), loadavg=_load(), candidates=settings.rank_candidates,
              epochs=settings.ranker_epochs, negatives=settings.ranker_negatives,
              max_length=settings.ranker_max_length, lr=settings.ranker_lr, layers=settings.ranker_layers,
+             negatives_skip=settings.ranker_negatives_skip,
              synthetic_pairs=settings.ranker_synthetic_pairs)
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             with psycopg.connect(url, autocommit=True) as plain:  # bench.learning reads tuples

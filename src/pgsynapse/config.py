@@ -129,6 +129,8 @@ class Settings(BaseModel):
     ranker_max_length: int = Field(256, ge=32, le=512, description="tokens of a (question, passage) pair a trained "
                                    "ranker reads; the passage is cut, never the question")
     ranker_negatives: int = Field(7, ge=1, le=50, description="hard negatives per training question")
+    ranker_negatives_skip: int = Field(0, ge=0, le=50, description="the first chunks of other pages the vector search "
+                                       "ranks highest that are not taken as negatives (another page may answer too)")
     ranker_layers: int = Field(0, ge=0, le=48, description="transformer layers a trained ranker keeps of the serving "
                                "model's (evenly spaced, the last kept): fewer is faster; 0 keeps them all")
     ranker_epochs: int = Field(1, ge=1, le=20)

@@ -37,6 +37,7 @@ class RankerSpec:
     active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order)
     candidates: int = 20
     negatives: int = 7
+    negatives_skip: int = 0  # the first other-page chunks left out of the negatives (may answer the question too)
     max_length: int = 256
     layers: int = 0  # transformer layers kept of the base's (0: all)
     epochs: int = 1
@@ -67,7 +68,7 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **o
         base_path=str(source_model_path(version, s.model_path)), out_dir=str(out_dir),
         active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
-        layers=s.ranker_layers,
+        layers=s.ranker_layers, negatives_skip=s.ranker_negatives_skip,
         epochs=s.ranker_epochs, lr=s.ranker_lr, head_lr=s.ranker_head_lr, cosine_scale=s.ranker_cosine_scale,
         synthetic_pairs=s.ranker_synthetic_pairs,
         heldout_fraction=s.retrain_heldout_fraction, budget_seconds=s.ranker_budget_seconds,

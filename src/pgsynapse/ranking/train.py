@@ -209,7 +209,8 @@ def main(spec: RankerSpec) -> dict[str, Any]:
         scores = vecs @ qv
         own = doc_chunks[doc]
         pos = own[int(np.argmax(scores[own]))]
-        negs = [int(i) for i in np.argsort(-scores)[: spec.candidates + len(own)] if chunk_docs[i] != doc]
+        pool = max(spec.candidates, spec.negatives_skip + spec.negatives) + len(own)
+        negs = [int(i) for i in np.argsort(-scores)[:pool] if chunk_docs[i] != doc][spec.negatives_skip:]
         if negs:
             chosen = [pos] + negs[: spec.negatives]
             groups.append((question, [texts[i] for i in chosen], scores[chosen].astype(np.float32)))
