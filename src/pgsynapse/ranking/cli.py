@@ -23,7 +23,8 @@ def _line(r: dict) -> str:
 def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
     action = args.ranker_command
     if action == "train":
-        r = train_ranker(settings, force=args.force)
+        with Database(settings) as db:  # the embedded server when no URL is set
+            r = train_ranker(settings, url=db.url, force=args.force)
         print(_line(r))
         for reason in r["gate"]["reasons"]:
             print(f"  gate: {reason}")

@@ -56,7 +56,7 @@ class RankerSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **overrides: Any) -> RankerSpec:
+def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir: Path, **overrides: Any) -> RankerSpec:
     """The trainer's spec: the active embedding version's vectors and weights, the active ranker as the baseline."""
     version = conn.execute(q("active_version")).fetchone()
     if version is None:
@@ -64,7 +64,7 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **o
     active = REGISTRY.active_model(conn)
     s = settings
     fields: dict[str, Any] = dict(
-        url=s.database_url or "", version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
+        url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
         base_path=str(source_model_path(version, s.model_path)), out_dir=str(out_dir),
         active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
@@ -77,12 +77,14 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, out_dir: Path, **o
     return RankerSpec(**fields)
 
 
-def train_ranker(settings: Settings, *, force: bool = False, out_dir: Path | None = None,
+def train_ranker(settings: Settings, *, url: str | None = None, force: bool = False, out_dir: Path | None = None,
                  **overrides: Any) -> dict[str, Any]:
-    """Train, gate and register a ranker; returns its registry row plus ``gate`` (the verdict)."""
+    """Train, gate and register a ranker on the database at ``url`` (default: the settings'); returns its registry
+    row plus ``gate`` (the verdict)."""
+    url = url or settings.database_url or ""
     out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
-    with psycopg.connect(settings.database_url or "", autocommit=True, row_factory=dict_row) as conn:
-        spec = ranker_spec(settings, conn, out, **overrides)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        spec = ranker_spec(settings, conn, url, out, **overrides)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
     metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
@@ -92,7 +94,7 @@ def train_ranker(settings: Settings, *, force: bool = False, out_dir: Path | Non
     metrics["gate"] = gate
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
-    with psycopg.connect(settings.database_url or "", autocommit=True, row_factory=dict_row) as conn:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         others = float(conn.execute(REGISTRY.sql("candidate_traffic"), {"id": None}).fetchone()["total"])
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
                                  base_id=spec.active_ranker["id"] if spec.active_ranker else None,
