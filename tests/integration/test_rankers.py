@@ -15,6 +15,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.errors import RegistryError
+from pgsynapse.learning.abreport import ab_report
+from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import train_ranker
@@ -203,3 +205,29 @@ async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(
         again = await ask()
         assert (again["cached_from"], again["ranker_id"]) == (ranked["id"], ranker["id"])
     await conn.close()
+
+
+def test_ab_report_compares_the_rankers_helpful_rates(db_url, ranker_dir):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert ab_report(conn)["rankers"] == []  # no ranker registered: no ranker table
+        r1 = REGISTRY.add_model(conn, "tiny", str(ranker_dir), "onnx-int8", traffic=50)
+        # 40 answers in the vector order (20 helpful) and 40 by the ranker (36 helpful), one verdict each; a second
+        # click on a question replaces its first (the latest counts)
+        for ranker, helpful in ((None, 20), (r1["id"], 36)):
+            ids = [r["id"] for r in conn.execute(
+                "INSERT INTO pgsynapse.questions (text, status, model_version_id, ranker_id, latency_ms)"
+                " SELECT 'q' || g, 'answered', (SELECT id FROM pgsynapse.model_versions WHERE status = 'active'),"
+                " %s, 100 FROM generate_series(1, 40) g RETURNING id", (ranker,)).fetchall()]
+            for n, qid in enumerate(ids):
+                conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (qid,))
+                conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, %s)",
+                             (qid, n < helpful))
+        report = ab_report(conn)
+    rows = {r["ranker"]: r for r in report["rankers"]}
+    assert (rows[None]["status"], rows[None]["traffic_percent"], rows[None]["rated"], rows[None]["helpful"]) == (
+        "active", 50.0, 40, 20)
+    assert (rows[r1["id"]]["status"], rows[r1["id"]]["rated"], rows[r1["id"]]["helpful"]) == ("candidate", 40, 36)
+    [c] = report["ranker_comparisons"]
+    assert c["ranker"] == r1["id"] and c["against"] is None and c["significant"] and c["better"]
+    text = render_ab(report)
+    assert "rankers (the vector order" in text and f"ranker {r1['id']} vs active vector order" in text

@@ -24,3 +24,39 @@ WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.i
 SELECT chunk_id, embedding::text
 FROM pgsynapse.embeddings
 WHERE model_version_id = %(version)s;
+
+-- name: ab_report_rankers
+-- the rankers' A/B: per ranker (NULL: the vector order) answered questions, their latency, and the rated ones (one
+-- verdict per question, its latest feedback row, as ab_report counts for versions); every active or candidate
+-- ranker and the vector order are listed, and any other ranker that answered questions
+WITH q AS (
+    SELECT ranker_id, count(*) AS questions,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_ms
+    FROM pgsynapse.questions
+    WHERE model_version_id IS NOT NULL AND status IN ('answered', 'blocked')
+    GROUP BY ranker_id
+), rated AS (
+    SELECT DISTINCT ON (fb.question_id) qq.ranker_id, coalesce(fb.helpful, fb.rating >= 4) AS helpful
+    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
+    WHERE qq.model_version_id IS NOT NULL
+    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+), f AS (
+    SELECT ranker_id, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY ranker_id
+), r AS (
+    SELECT id, name, status, traffic_percent::float8 AS traffic_percent FROM pgsynapse.ranker_models
+    UNION ALL
+    -- the vector order: what serves the sessions no ranker takes
+    SELECT NULL, 'vector order',
+           CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.ranker_models WHERE status = 'active') THEN 'none' ELSE 'active' END,
+           100 - coalesce((SELECT sum(traffic_percent) FROM pgsynapse.ranker_models
+                           WHERE status IN ('active', 'candidate')), 0)::float8
+)
+SELECT r.id AS ranker, r.name, r.status, r.traffic_percent,
+       coalesce(q.questions, 0) AS questions, coalesce(f.rated, 0) AS rated, coalesce(f.helpful, 0) AS helpful,
+       q.p50_ms, q.p95_ms
+FROM r
+LEFT JOIN q ON q.ranker_id IS NOT DISTINCT FROM r.id
+LEFT JOIN f ON f.ranker_id IS NOT DISTINCT FROM r.id
+WHERE r.status IN ('active', 'candidate') OR q.questions IS NOT NULL
+ORDER BY r.id NULLS FIRST;
