@@ -35,6 +35,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
+from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
 
@@ -246,18 +247,21 @@ class AnswerHandler(Handler[AnswerWork]):
                         by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
             order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]])
         if w.ranker is not None:
-            order = await self._rank(w, order[:wanted], by_id)
+            order = await self._rank(conn, w, order[:wanted], by_id)
         out = []
         for rank, cid in enumerate(order[: s.answer_top_k], 1):
             r = by_id[cid]
             out.append(Passage(rank, r["document_id"], cid, r["title"], r["source"], r["text"], float(r["score"])))
         return out
 
-    async def _rank(self, w: AnswerWork, candidates: list[int], by_id: dict[int, Any]) -> list[int]:
+    async def _rank(self, conn: psycopg.AsyncConnection, w: AnswerWork, candidates: list[int],
+                    by_id: dict[int, Any]) -> list[int]:
         """The candidates in the routed ranker's order. A ranker that cannot be loaded or fails leaves the vector
         order (logged, and the answer records no ranker): a bad ranker never stops answers."""
         assert w.ranker is not None
         try:
+            if w.ranker["runtime"] == "version":  # a teacher version's stored vectors rescore
+                return await rescore(conn, self.models, w.ranker, w.retrieval_query, candidates)
             ranker = await anyio.to_thread.run_sync(self.rankers.get, w.ranker)
             return await anyio.to_thread.run_sync(rerank, ranker, w.retrieval_query, candidates,
                                                   lambda c: passage_text(by_id[c]["title"], by_id[c]["text"]),

@@ -9,9 +9,10 @@ CREATE TABLE IF NOT EXISTS pgsynapse.ranker_models (
     name            text NOT NULL,
     base_id         int REFERENCES pgsynapse.ranker_models (id),
     -- a cross-encoder directory (transformers sequence classification, one label), with model_int8.onnx for
-    -- the onnx-int8 runtime
+    -- the onnx-int8 runtime; for runtime 'version', 'version:N': model version N's stored vectors rescore
+    -- (ranking/rescore.py)
     path            text NOT NULL,
-    runtime         text NOT NULL CHECK (runtime IN ('torch', 'onnx-int8')),
+    runtime         text NOT NULL CHECK (runtime IN ('torch', 'onnx-int8', 'version')),
     metrics         jsonb NOT NULL DEFAULT '{}',
     status          text NOT NULL DEFAULT 'candidate' CHECK (status IN ('candidate', 'rejected', 'active', 'retired')),
     traffic_percent numeric(5, 2) NOT NULL DEFAULT 0 CHECK (traffic_percent BETWEEN 0 AND 100),

@@ -188,7 +188,8 @@ def _ranker_parser(sub: argparse._SubParsersAction) -> None:
                         "traffic, retire")
     rsub = rk.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
     _side_registry_parsers(rsub, "ranker", list_help="rankers with status, traffic and held-out MRR@10",
-                           add_help="register a local cross-encoder directory (one-logit sequence classifier)",
+                           add_help="register a local cross-encoder directory (one-logit sequence classifier), "
+                           "or version:N: model version N's stored vectors rescore the candidates (a teacher)",
                            runtimes=["onnx-int8", "torch"],
                            rollback_help="re-activate the ranker the active one replaced (or none: the vector order)")
     tn = rsub.add_parser("train", help="train a cross-encoder from the feedback and corpus pairs, gate it, "
@@ -341,7 +342,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             try:
                 async with db.aconnect(autocommit=True) as conn:
                     row = await ranker_row(conn, args.ranker)
-                    ranker = RankerCache(settings.onnx_threads or settings.torch_threads).get(row) if row else None
+                    ranker = (row if row is None or row["runtime"] == "version"
+                              else RankerCache(settings.onnx_threads or settings.torch_threads).get(row))
                     return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates)

@@ -12,6 +12,7 @@ from pgvector.psycopg import register_vector_async
 from pgsynapse.errors import DatabaseError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
+from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.replica import ReadReplica, reading
 
@@ -45,11 +46,11 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
 
 async def search(
     conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
-    replica: ReadReplica | None = None, ranker: Ranker | None = None, candidates: int = 20,
+    replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
 ) -> list[Hit]:
     """The ``k`` chunks nearest to ``text``; the kNN reads ``replica`` once it has caught up with ``conn``. With a
     ``ranker``, the nearest ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
-    stays the cosine similarity)."""
+    stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
@@ -58,6 +59,10 @@ async def search(
     async with reading(replica, conn) as reads:
         cur = await reads.execute(sql, {"query": vector, "version": row["id"], "k": max(k, candidates) if ranker else k})
         hits = [Hit(**r) for r in await cur.fetchall()]
+        if isinstance(ranker, dict):  # a teacher version (ranking/rescore.py)
+            order = await rescore(reads, models, ranker, text, [h.chunk_id for h in hits])
+            by_id = {h.chunk_id: h for h in hits}
+            return [by_id[c] for c in order][:k]
     if ranker is not None:
         hits = await anyio.to_thread.run_sync(rerank, ranker, text, hits, lambda h: passage_text(h.title, h.text),
                                              lambda h: h.score)

@@ -12,19 +12,22 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
 from pgsynapse.errors import RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
+from pgsynapse.learning.registry import add_model
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
-from tests.embed_models import tiny_cross_encoder
+from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -231,3 +234,44 @@ def test_ab_report_compares_the_rankers_helpful_rates(db_url, ranker_dir):
     assert c["ranker"] == r1["id"] and c["against"] is None and c["significant"] and c["better"]
     text = render_ab(report)
     assert "rankers (the vector order" in text and f"ranker {r1['id']} vs active vector order" in text
+
+
+async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_path):
+    await _embedded(db_url, models)
+    teacher_dir = tiny_embedding_model(tmp_path / "teacher-48", 48)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        v2 = add_model(sync, teacher_dir, name="teacher", serving_runtime="torch")["id"]
+        with pytest.raises(RegistryError, match="still backfilling"):  # it would rescore some chunks only
+            check_teacher(sync, teacher_path(v2))
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("backfill",)), models):
+        await wait_until(conn, "SELECT backfilled_at IS NOT NULL FROM pgsynapse.model_versions WHERE id = %s", (v2,),
+                         channel="pgsynapse_models")
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        check_teacher(sync, teacher_path(v2))
+        row = REGISTRY.add_model(sync, "teacher", teacher_path(v2), "version", status="active")
+        register_vector(sync)
+        vector = await search(conn, models, QUESTION, k=20)
+        # the expected order, computed apart: the teacher's stored vectors of the candidates, in numpy
+        stored = {r["chunk_id"]: np.asarray(r["embedding"].to_numpy()) for r in sync.execute(
+            "SELECT chunk_id, embedding FROM pgsynapse.embeddings WHERE model_version_id = %s AND chunk_id = ANY(%s)",
+            (v2, [h.chunk_id for h in vector]))}
+        teacher = models.get(sync.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (v2,)).fetchone())
+    qv = teacher.encode([QUESTION])[0]
+    expected = sorted(vector, key=lambda h: -float(stored[h.chunk_id] @ qv))
+    assert [h.chunk_id for h in expected[:5]] != [h.chunk_id for h in vector[:5]]  # it does change the order
+
+    ranked = await search(conn, models, QUESTION, k=5, ranker=row, candidates=20)
+    assert [h.chunk_id for h in ranked] == [h.chunk_id for h in expected[:5]]
+    settings = fast_settings(db_url, kinds=("answer",), rank_candidates=20, answer_cache=False, not_found_threshold=-1)
+    async with running_worker(settings, models):
+        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                      (QUESTION,))).fetchone()
+        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
+                         channel="pgsynapse_answers")
+    answered = await (await conn.execute("SELECT status, sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
+                                         (q["id"],))).fetchone()
+    assert answered["status"] == "answered" and answered["ranker_id"] == row["id"] and answered["sources"]
+    for src in answered["sources"]:
+        assert expected[src["rank"] - 1].chunk_id == src["chunk_id"]
+    await conn.close()

@@ -9,6 +9,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import PREFIX, check_teacher
 
 
 def _line(r: dict) -> str:
@@ -39,7 +40,11 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
             for r in [] if args.json else rows:
                 print(_line(r))
         elif action == "add":
-            r = REGISTRY.add_model(conn, args.name or args.path, args.path, args.runtime,
+            # version:N: a teacher model version rescores the candidates with its stored vectors (ranking/rescore.py)
+            runtime = "version" if args.path.startswith(PREFIX) else args.runtime
+            if runtime == "version":
+                check_teacher(conn, args.path)
+            r = REGISTRY.add_model(conn, args.name or args.path, args.path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
         else:

@@ -5,5 +5,5 @@ from __future__ import annotations
 
 from pgsynapse.sideregistry import SideRegistry
 
-RUNTIMES = ("onnx-int8", "torch")
+RUNTIMES = ("onnx-int8", "torch", "version")  # version: a teacher model version rescoring (ranking/rescore.py)
 REGISTRY = SideRegistry("ranker_models", "ranker", RUNTIMES, without="the vector order")

@@ -1,0 +1,72 @@
+"""A teacher model version as the ranker (runtime ``version``): the first stage's candidates ordered by the
+cosine similarity of a slower, better embedding model's vectors (issue 20: "a slower, better bi-encoder (the
+teacher) rescoring the candidates").
+
+The teacher is a model version like any (``pgsynapse model add /models/all-mpnet-base-v2``): the worker backfills
+its vectors for every chunk and keeps them current, so rescoring costs one question encoding by the teacher and a
+lookup of its stored vectors of the candidates; no passage is encoded at query time. The ranker row's ``path`` is
+``version:N``. The teacher never serves the kNN itself (its HNSW search would be as good, but its index and vectors
+are what a smaller first stage saves at scale; and it can stay a candidate at 0 % traffic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+
+from pgsynapse.errors import RegistryError
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+
+PREFIX = "version:"
+
+
+def teacher_path(version: int) -> str:
+    return f"{PREFIX}{int(version)}"
+
+
+def teacher_id(row: dict[str, Any]) -> int:
+    """The teacher version of a ``version`` ranker row."""
+    path = str(row["path"])
+    if not path.startswith(PREFIX) or not path[len(PREFIX):].isdigit():
+        raise RegistryError(f"ranker {row['id']}: runtime version needs a path {PREFIX}N, not {path!r}")
+    return int(path[len(PREFIX):])
+
+
+def check_teacher(conn: psycopg.Connection, path: str) -> None:
+    """Refuse a ``version:N`` ranker whose version does not exist, is retired or rejected, or is still
+    backfilling (registered before its vectors are complete, it would rescore some candidates only)."""
+    version = teacher_id({"id": "new", "path": path})
+    row = conn.execute(q("version_by_id", "learning.sql"), {"version": version}).fetchone()
+    _usable(row, version)
+
+
+def _usable(row: dict[str, Any] | None, version: int) -> dict[str, Any]:
+    if row is None:
+        raise RegistryError(f"no model version {version} to rescore with")
+    if row["status"] in ("retired", "rejected"):
+        raise RegistryError(f"model version {version} is {row['status']}: it cannot rescore")
+    if row["status"] != "active" and row.get("backfilled_at") is None:
+        raise RegistryError(f"model version {version} is still backfilling: it cannot rescore every chunk yet")
+    return row
+
+
+async def teacher_row(conn: psycopg.AsyncConnection, version: int) -> dict[str, Any]:
+    """The teacher's version row; refused when it is gone, retired or still backfilling (it would miss chunks)."""
+    row = await (await conn.execute(q("version_by_id", "learning.sql"), {"version": version})).fetchone()
+    return _usable(row, version)
+
+
+async def rescore(conn: psycopg.AsyncConnection, models: ModelCache, ranker: dict[str, Any], question: str,
+                  chunk_ids: list[int]) -> list[int]:
+    """``chunk_ids`` ordered by the teacher's cosine similarity to ``question`` (stable; a chunk the teacher has no
+    vector for goes last)."""
+    version = await teacher_row(conn, teacher_id(ranker))
+    embedder = await anyio.to_thread.run_sync(models.get, version)
+    vector = (await anyio.to_thread.run_sync(embedder.encode, [question]))[0]
+    rows = await (await conn.execute(q("chunk_scores", "answers.sql"), {
+        "version": version["id"], "ids": chunk_ids, "query": vector})).fetchall()
+    scores = {r["chunk_id"]: float(r["score"]) for r in rows}
+    return [c for _, c in sorted(enumerate(chunk_ids), key=lambda p: (-scores.get(p[1], -2.0), p[0]))]
