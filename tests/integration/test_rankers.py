@@ -45,6 +45,16 @@ def ranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+async def _ask(conn) -> dict:
+    """INSERT the question, wait for its answer (the row leaves pending), return the row."""
+    q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                  (QUESTION,))).fetchone()
+    await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
+                     channel="pgsynapse_answers")
+    return await (await conn.execute("SELECT id, status, sources, cached_from, ranker_id FROM pgsynapse.questions"
+                                     " WHERE id = %s", (q["id"],))).fetchone()
+
+
 async def _embedded(db_url: str, models) -> None:
     insert_docs(db_url, DOCS)
     conn = await aconn(db_url)
@@ -82,12 +92,7 @@ async def test_the_ranker_orders_the_candidates_of_answers_and_search(db_url, mo
     assert [h.score for h in ranked] == [h.score for h in expected[:5]]  # scores stay the cosine similarities
 
     async with running_worker(settings, models):
-        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
-                                      (QUESTION,))).fetchone()
-        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
-                         channel="pgsynapse_answers")
-    answered = await (await conn.execute("SELECT status, sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
-                                         (q["id"],))).fetchone()
+        answered = await _ask(conn)
     assert answered["status"] == "answered" and answered["ranker_id"] == row["id"]
     assert answered["sources"], answered
     for src in answered["sources"]:  # each cited passage sits at its rank in the ranker's order
@@ -97,12 +102,7 @@ async def test_the_ranker_orders_the_candidates_of_answers_and_search(db_url, mo
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
         assert REGISTRY.rollback(sync) == {"active": None, "previous": row["id"]}
     async with running_worker(settings, models):
-        q2 = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
-                                       (QUESTION,))).fetchone()
-        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q2["id"],),
-                         channel="pgsynapse_answers")
-    plain = await (await conn.execute("SELECT sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
-                                      (q2["id"],))).fetchone()
+        plain = await _ask(conn)
     assert plain["ranker_id"] is None
     for src in plain["sources"]:
         assert vector[src["rank"] - 1].chunk_id == src["chunk_id"]
@@ -118,13 +118,8 @@ async def test_a_broken_ranker_leaves_the_vector_order_and_says_so(db_url, model
         REGISTRY.add_model(sync, "broken", str(broken), "onnx-int8", status="active")
     conn = await aconn(db_url)
     async with running_worker(fast_settings(db_url, kinds=("answer",), answer_cache=False), models):
-        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
-                                      (QUESTION,))).fetchone()
-        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
-                         channel="pgsynapse_answers")
-    row = await (await conn.execute("SELECT status, ranker_id FROM pgsynapse.questions WHERE id = %s",
-                                    (q["id"],))).fetchone()
-    assert row == {"status": "answered", "ranker_id": None}
+        row = await _ask(conn)
+    assert (row["status"], row["ranker_id"]) == ("answered", None)
     await conn.close()
 
 
@@ -189,23 +184,15 @@ async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(
     settings = fast_settings(db_url, kinds=("answer",), data_dir=tmp_path, answer_cache=True, not_found_threshold=-1)
     conn = await aconn(db_url)
 
-    async def ask() -> dict:
-        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
-                                      (QUESTION,))).fetchone()
-        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
-                         channel="pgsynapse_answers")
-        return await (await conn.execute("SELECT id, status, cached_from, ranker_id FROM pgsynapse.questions"
-                                         " WHERE id = %s", (q["id"],))).fetchone()
-
     async with running_worker(settings, models):
-        plain = await ask()
+        plain = await _ask(conn)
         assert (plain["cached_from"], plain["ranker_id"]) == (None, None)
-        assert (await ask())["cached_from"] == plain["id"]  # the vector order's answer, served again
+        assert (await _ask(conn))["cached_from"] == plain["id"]  # the vector order's answer, served again
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
             ranker = REGISTRY.add_model(sync, "tiny", str(ranker_dir), "onnx-int8", status="active")
-        ranked = await ask()  # another order of passages: not the vector order's answer
+        ranked = await _ask(conn)  # another order of passages: not the vector order's answer
         assert (ranked["cached_from"], ranked["ranker_id"]) == (None, ranker["id"])
-        again = await ask()
+        again = await _ask(conn)
         assert (again["cached_from"], again["ranker_id"]) == (ranked["id"], ranker["id"])
     await conn.close()
 
@@ -265,12 +252,7 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_pat
     assert [h.chunk_id for h in ranked] == [h.chunk_id for h in expected[:5]]
     settings = fast_settings(db_url, kinds=("answer",), rank_candidates=20, answer_cache=False, not_found_threshold=-1)
     async with running_worker(settings, models):
-        q = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
-                                      (QUESTION,))).fetchone()
-        await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.questions WHERE id = %s", (q["id"],),
-                         channel="pgsynapse_answers")
-    answered = await (await conn.execute("SELECT status, sources, ranker_id FROM pgsynapse.questions WHERE id = %s",
-                                         (q["id"],))).fetchone()
+        answered = await _ask(conn)
     assert answered["status"] == "answered" and answered["ranker_id"] == row["id"] and answered["sources"]
     for src in answered["sources"]:
         assert expected[src["rank"] - 1].chunk_id == src["chunk_id"]
