@@ -79,6 +79,9 @@ class Ranker:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # its threads sleep after a run instead of spinning: in a worker the embedding model's session runs right
+        # before and after it on the same cores, and spinning threads of one session slow the other's run
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
         tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
