@@ -41,15 +41,21 @@ def question_scores(queries: np.ndarray, chunks: np.ndarray, chunk_docs: Sequenc
     """Per question: ``hit`` (1 when a relevant page is among the first ``k`` distinct pages) and ``rr``
     (reciprocal rank of the first relevant page within the first 10, else 0). Vectors are normalised; the
     chunk vectors are given, never encoded here (a query-side candidate searches its base version's vectors)."""
+    if not len(relevant):
+        return {"hit": [], "rr": []}
+    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(chunks, dtype=np.float32).T
+    return ranking_scores([ranked_documents(row, chunk_docs, max(10, k)) for row in scores], relevant, k)
+
+
+def ranking_scores(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]], k: int = 5) -> dict[str, list[float]]:
+    """Per question, from its ranked documents: ``hit`` (a relevant one among the first ``k``) and ``rr``
+    (reciprocal rank of the first relevant one within the first 10, else 0)."""
     hit: list[float] = []
     rr: list[float] = []
-    if len(relevant):
-        scores = np.asarray(queries, dtype=np.float32) @ np.asarray(chunks, dtype=np.float32).T
-        for row, rel in zip(scores, relevant, strict=True):
-            ranked = ranked_documents(row, chunk_docs, max(10, k))
-            pos = next((i for i, d in enumerate(ranked) if d in rel), None)
-            hit.append(float(pos is not None and pos < k))
-            rr.append(1.0 / (pos + 1) if pos is not None and pos < 10 else 0.0)
+    for ranked, rel in zip(rankings, relevant, strict=True):
+        pos = next((i for i, d in enumerate(ranked) if d in rel), None)
+        hit.append(float(pos is not None and pos < k))
+        rr.append(1.0 / (pos + 1) if pos is not None and pos < 10 else 0.0)
     return {"hit": hit, "rr": rr}
 
 

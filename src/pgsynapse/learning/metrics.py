@@ -9,7 +9,11 @@ import numpy as np
 
 def ranked_documents(scores: np.ndarray, chunk_docs: Sequence[int], k: int = 10) -> list[int]:
     """The first ``k`` distinct documents when chunks are ranked by score."""
-    order = np.argsort(-scores)
+    return distinct_documents(np.argsort(-scores), chunk_docs, k)
+
+
+def distinct_documents(order: Sequence[int], chunk_docs: Sequence[int], k: int = 10) -> list[int]:
+    """The first ``k`` distinct documents of a ranking of chunk indices."""
     seen: list[int] = []
     for i in order:
         d = chunk_docs[int(i)]

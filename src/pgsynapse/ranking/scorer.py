@@ -164,7 +164,8 @@ def passage_text(title: str | None, text: str) -> str:
 
 
 def rerank(ranker: Ranker, question: str, candidates: list[Any], text_of: Any, cosine_of: Any) -> list[Any]:
-    """``candidates`` in the ranker's order (stable: equal scores keep the candidate order): its logit plus
+    """``candidates`` in the order of ``ranker`` (a :class:`Ranker`, or the trainer's model: anything with ``score`` and
+    ``cosine_scale``; stable: equal scores keep the candidate order): its logit plus
     ``cosine_scale`` x the first stage's cosine similarity (``cosine_of``)."""
     scores = ranker.score(question, [text_of(c) for c in candidates])
     if ranker.cosine_scale:

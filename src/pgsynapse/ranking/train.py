@@ -43,15 +43,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 from pgsynapse.learning.canary import ensure_canary  # noqa: E402
 from pgsynapse.learning.distill_train import kept_layers  # noqa: E402
-from pgsynapse.learning.gate import summary  # noqa: E402
+from pgsynapse.learning.gate import ranking_scores, summary  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
+from pgsynapse.learning.metrics import distinct_documents  # noqa: E402
 from pgsynapse.learning.train import synthetic_pairs  # noqa: E402
 from pgsynapse.learning.trainer_process import progress  # noqa: E402
 from pgsynapse.models import ModelCache  # noqa: E402
 from pgsynapse.queries import q  # noqa: E402
 from pgsynapse.ranking.export import export_ranker  # noqa: E402
 from pgsynapse.ranking.learn import RankerSpec  # noqa: E402
-from pgsynapse.ranking.scorer import META, Ranker, passage_text  # noqa: E402
+from pgsynapse.ranking.scorer import META, Ranker, passage_text, rerank  # noqa: E402
 
 EVAL_K = 5
 
@@ -68,34 +69,6 @@ def load_data(spec: RankerSpec) -> dict[str, Any]:
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": chunks, "docs": {r[0]: (r[1], r[2]) for r in bodies},
             "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "canary": canary}
-
-
-def page_ranking(order: list[int], chunk_docs: list[int], n: int = 10) -> list[int]:
-    """The first ``n`` distinct pages of a chunk ranking."""
-    out: list[int] = []
-    for i in order:
-        d = chunk_docs[i]
-        if d not in out:
-            out.append(d)
-            if len(out) == n:
-                break
-    return out
-
-
-def page_scores(rankings: list[list[int]], relevant: list[set[int]], k: int = EVAL_K) -> dict[str, list[float]]:
-    """Per question ``hit`` (a relevant page in the first ``k``) and ``rr`` (reciprocal rank within 10)."""
-    hit, rr = [], []
-    for pages, rel in zip(rankings, relevant, strict=True):
-        pos = next((i for i, d in enumerate(pages) if d in rel), None)
-        hit.append(float(pos is not None and pos < k))
-        rr.append(1.0 / (pos + 1) if pos is not None and pos < 10 else 0.0)
-    return {"hit": hit, "rr": rr}
-
-
-def ranked(ranker: Any, question: str, cands: list[int], texts: list[str], cosines: np.ndarray) -> list[int]:
-    """``cands`` (chunk indices) in the ranker's order: its logit plus ``cosine_scale`` x their ``cosines``."""
-    scores = ranker.score(question, [texts[i] for i in cands]) + ranker.cosine_scale * cosines
-    return [cands[i] for i in sorted(range(len(cands)), key=lambda j: (-float(scores[j]), j))]
 
 
 class Listwise:
@@ -232,17 +205,18 @@ def main(spec: RankerSpec) -> dict[str, Any]:
         order = np.argsort(-sims)
         cands = [int(i) for i in order[: spec.candidates]]
         rest = [int(i) for i in order[spec.candidates: spec.candidates + 30]]  # served after the ranked ones
-        base = ranked(active, question, cands, texts, sims[cands]) if active else cands
-        now_pages.append(page_ranking(base + rest, chunk_docs))
-        cand_pages.append(page_ranking(ranked(model, question, cands, texts, sims[cands]) + rest, chunk_docs))
+        base = rerank(active, question, cands, texts.__getitem__, sims.__getitem__) if active else cands
+        now_pages.append(distinct_documents(base + rest, chunk_docs))
+        cand_pages.append(distinct_documents(
+            rerank(model, question, cands, texts.__getitem__, sims.__getitem__) + rest, chunk_docs))
         lists.append((question, [texts[i] for i in cands]))
     n = len(held)
     evals: dict[str, Any] = {}
     for name, sl, grp in (("heldout", slice(0, n), [split.groups[i] for i in split.heldout]),
                           ("canary", slice(n, None), [c[1] for c in canary])):
         evals[name] = {"k": EVAL_K, "groups": [int(g) for g in grp],
-                       "active": page_scores(now_pages[sl], relevant[sl]),
-                       "candidate": page_scores(cand_pages[sl], relevant[sl])}
+                       "active": ranking_scores(now_pages[sl], relevant[sl], EVAL_K),
+                       "candidate": ranking_scores(cand_pages[sl], relevant[sl], EVAL_K)}
     out = Path(spec.out_dir)
     model.save(out, {"max_length": spec.max_length, "candidates": spec.candidates, "base": spec.base_path,
                      "layers": model.model.config.num_hidden_layers, "cosine_scale": spec.cosine_scale,
