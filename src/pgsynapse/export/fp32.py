@@ -56,9 +56,42 @@ def _read_pooling(source: Path) -> None:
             raise ModelError(f"{source}: only mean pooling is supported by the ONNX runtimes (see {cfg})")
 
 
+def bert_to_onnx(model: Any, sample: Any, output: str, output_axes: dict[int, str], dst: Path) -> Any:
+    """A transformers BERT-like ``model`` (loaded with eager attention, so ONNX Runtime's BERT fusions apply) with the
+    three BERT inputs in and its output field ``output`` out, traced on ``sample`` (tokenizer output) with dynamic
+    batch and sequence axes, opset 17, then fused by ONNX Runtime's BERT optimizer into ``dst``; returns the fused
+    model (its operator statistics). Shared by the embedding models and the rankers (ranking/export.py)."""
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    class Output(torch.nn.Module):
+        def __init__(self, m: Any) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return getattr(self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids),
+                           output)
+
+    if "token_type_ids" not in sample:
+        sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    raw = dst.with_name(dst.stem + ".raw.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Output(model), tuple(sample[n] for n in names), str(raw), input_names=names,
+                          output_names=[output],
+                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, output: output_axes},
+                          opset_version=17, dynamo=False)
+    fused = optimize_model(str(raw), model_type="bert", num_heads=int(model.config.num_attention_heads),
+                           hidden_size=int(model.config.hidden_size), opt_level=1)
+    fused.save_model_to_file(str(dst))
+    raw.unlink()
+    return fused
+
+
 def export_fp32(source: Path, out_dir: Path) -> Path:
     """``model.onnx`` (fp32, BERT-fused) plus the tokenizer files in ``out_dir``."""
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     _read_pooling(source)
@@ -66,40 +99,9 @@ def export_fp32(source: Path, out_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     model = AutoModel.from_pretrained(str(source), local_files_only=True, attn_implementation="eager")
     model.eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self, m: Any) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-
     sample = tok(["a short text", "a somewhat longer sample text for tracing"], padding=True, return_tensors="pt")
-    if "token_type_ids" not in sample:
-        sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    raw = out_dir / "model.raw.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Hidden(model),
-            tuple(sample[n] for n in names),
-            str(raw),
-            input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
-            opset_version=17,
-            dynamo=False,
-        )
-    from onnxruntime.transformers.optimizer import optimize_model
-
+    fused = bert_to_onnx(model, sample, "last_hidden_state", {0: "batch", 1: "seq"}, out_dir / ONNX_FILES["onnx"])
     cfg = model.config
-    fused = optimize_model(
-        str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads), hidden_size=int(cfg.hidden_size), opt_level=1
-    )
-    fused.save_model_to_file(str(out_dir / ONNX_FILES["onnx"]))
-    raw.unlink()
     for name in _COPY:
         if (source / name).exists():
             shutil.copy2(source / name, out_dir / name)

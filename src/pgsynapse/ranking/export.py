@@ -3,20 +3,18 @@
 
 The ranker ships on INT8 only when its order agrees with the fp32 weights' on sample candidate lists (mean
 Spearman correlation per list at least :data:`MIN_AGREEMENT`); otherwise it is registered on torch.
-Imported by the trainer process and the CLI only (torch at the top), never by a worker.
+Imported by the trainer process and the CLI only (transformers at the top), never by a worker.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from pgsynapse.export.fp32 import bert_to_onnx
 from pgsynapse.export.quantize import quantize_int8
 from pgsynapse.logs import get_logger
 from pgsynapse.ranking.scorer import Ranker
@@ -33,30 +31,8 @@ def export_onnx(model_dir: Path) -> Path:
                                                                attn_implementation="eager").eval()
     sample = tok(["a question", "another question"], ["a passage", "a somewhat longer passage for tracing"],
                  padding=True, return_tensors="pt")
-    if "token_type_ids" not in sample:
-        sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
-    names = ["input_ids", "attention_mask", "token_type_ids"]
 
-    class Logits(torch.nn.Module):
-        def __init__(self, m: Any) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-
-    raw = model_dir / "model.raw.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(model), tuple(sample[n] for n in names), str(raw), input_names=names,
-                          output_names=["logits"],
-                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    cfg = model.config
-    fused = optimize_model(str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads),
-                           hidden_size=int(cfg.hidden_size), opt_level=1)
-    fused.save_model_to_file(str(model_dir / "model.onnx"))
-    raw.unlink()
+    bert_to_onnx(model, sample, "logits", {0: "batch"}, model_dir / "model.onnx")
     return quantize_int8(model_dir, "dynamic")
 
 
