@@ -46,7 +46,7 @@ from bench.retrieval import vectors_recall
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
 from pgsynapse.export import optimise_version, source_model_path
-from pgsynapse.learning.distill import distill
+from pgsynapse.learning.distill import distill, judge
 from pgsynapse.learning.registry import add_model
 from pgsynapse.models import Embedder, ModelCache, ModelSpec, load_embedder
 
@@ -116,6 +116,8 @@ def run(args: Any) -> None:
             if args.student:  # a student trained before (its metrics.json beside it): registered as distill does
                 found = Path(args.student) / "metrics.json"  # absent from an exported ONNX directory
                 trained = json.loads(found.read_text()) if found.exists() else {}
+                if "gate_scores" in trained:  # trained elsewhere (bench/gpu_distill.py): the gate's verdict here
+                    trained["gate"] = judge(trained, settings, force=True)
                 student = add_model(conn, args.student, name=f"student-{args.layers}l",
                                     serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,
                                     threads=settings.torch_threads, metrics={"distilled": trained})

@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
 from bench.common import RESULTS, ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
@@ -41,10 +42,12 @@ from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import HALVES, split
 from bench.learning import _feedback
 from bench.retrieval import score
+from bench.teacher import add_teacher
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, rescore, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.search import search
 
@@ -72,6 +75,21 @@ async def _vector_hits(url: str, items: list[dict[str, Any]], models: ModelCache
         return [await search(conn, models, item["q"], k=k) for item in items]
 
 
+async def _rescored(url: str, models: ModelCache, row: dict[str, Any], items: list[dict[str, Any]],
+                    hits: list[list[Any]], n: int) -> list[tuple[list[Any], float]]:
+    """A teacher version ranker's order (the answer handler's :func:`rescore`: the teacher's question vector
+    against its stored chunk vectors) of each question's first ``n`` hits, then the rest; and each one's ms."""
+    out = []
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        await register_vector_async(conn)
+        for item, h in zip(items, hits, strict=True):
+            started = time.perf_counter()
+            order = await rescore(conn, models, row, item["q"], [x.chunk_id for x in h[:n]])
+            by_id = {x.chunk_id: x for x in h[:n]}
+            out.append(([by_id[c] for c in order] + h[n:], (time.perf_counter() - started) * 1000))
+    return out
+
+
 def _ranked(ranker: Ranker, question: str, hits: list[Any], n: int) -> tuple[list[Any], float]:
     """The first ``n`` hits in the ranker's order, then the rest in the vector order; and the scoring's ms."""
     started = time.perf_counter()
@@ -93,6 +111,10 @@ def main() -> None:
     p.add_argument("--synthetic-pairs", type=int)
     p.add_argument("--budget-seconds", type=float, default=1800.0)
     p.add_argument("--ranker", help="a ranker directory trained before (with model_int8.onnx): no training")
+    p.add_argument("--teacher", action="store_true", help="the teacher as the ranker (runtime version): "
+                   "all-mpnet-base-v2 added as a model version, backfilled, then `ranker add version:N`; no training")
+    p.add_argument("--teacher-vectors", type=Path, help="with --teacher: mpnet's vectors of the template's chunks "
+                   "computed elsewhere (bench/gpu_distill.py), written before the worker's backfill")
     p.add_argument("--no-latency", action="store_true", help="quality only")
     args = p.parse_args()
     on_corpus_server(args.database_url, lambda: run(args))
@@ -121,7 +143,13 @@ def run(args: Any) -> None:
             with psycopg.connect(url, autocommit=True) as plain:  # bench.learning reads tuples
                 _feedback(plain, train)
             emit("ranker", "corpus", **info, feedback=len(train))
-            if args.ranker:
+            if args.teacher:
+                teacher, bf = add_teacher(settings, url, args.teacher_vectors)
+                emit("ranker", "teacher", version=teacher["id"], runtime=teacher["runtime"], dim=teacher["dim"], **bf)
+                check_teacher(conn, teacher_path(teacher["id"]))
+                row = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version")
+                train_s = None
+            elif args.ranker:
                 row = REGISTRY.add_model(conn, "bench", args.ranker, "onnx-int8")
                 train_s = None
             else:
@@ -138,7 +166,7 @@ def run(args: Any) -> None:
                      gate_reasons=" | ".join(gate["reasons"]), loadavg=_load())
             row = REGISTRY.get_model(conn, row["id"])
         models = ModelCache(threads=args.threads, onnx_threads=args.threads)
-        ranker = Ranker(row, threads=args.threads)
+        ranker = None if row["runtime"] == "version" else Ranker(row, threads=args.threads)
         quality: dict[str, dict[str, dict[str, float]]] = {}
         counts = sorted({int(c) for c in args.eval_candidates.split(",")} | {settings.rank_candidates})
         score_ms: list[float] = []
@@ -149,13 +177,15 @@ def run(args: Any) -> None:
             quality[half] = {"vector": score([_pages(h) for h in hits], relevant, 5)}
             emit("ranker", f"quality_{half}", order="vector", n=len(items), **quality[half]["vector"])
             for n in counts:
-                ranked = [_ranked(ranker, q["q"], h, n) for q, h in zip(items, hits, strict=True)]
+                ranked = anyio.run(_rescored, url, models, row, items, hits, n) if ranker is None else \
+                    [_ranked(ranker, q["q"], h, n) for q, h in zip(items, hits, strict=True)]
                 quality[half][f"ranker@{n}"] = score([_pages(r) for r, _ in ranked], relevant, 5)
                 if n == settings.rank_candidates:
                     score_ms += [ms for _, ms in ranked]
                 emit("ranker", f"quality_{half}", order=f"ranker, {n} candidates", n=len(items),
                      **quality[half][f"ranker@{n}"], scoring_p50_ms=round(statistics.median(ms for _, ms in ranked), 1))
-        emit("ranker", "scoring", candidates=settings.rank_candidates, max_length=ranker.max_length,
+        emit("ranker", "scoring", candidates=settings.rank_candidates, ranker=row["runtime"],
+             max_length=ranker.max_length if ranker else None,
              p50_ms=round(statistics.median(score_ms), 1), p95_ms=round(pct(score_ms, 95), 1), loadavg=_load())
         latency = {} if args.no_latency else _latency(url, row["id"], [q["q"] for h in HALVES for q in halves[h]],
                                                       settings.rank_candidates)

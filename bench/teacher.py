@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import psycopg
+from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
 from bench.common import (corpus, database, emit, machine, parser, pct, questions, run_worker_until, set_runtime,
@@ -44,6 +46,7 @@ from pgsynapse.config import load_settings
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model
 from pgsynapse.models import ModelCache, default_model_path
+from pgsynapse.queries import q
 
 B = "teacher"
 DATA_DIR = Path("/tmp/pgsynapse-bench-teacher")  # the worker's exports and the distilled student
@@ -148,6 +151,36 @@ def backfill(settings: Any, url: str, vid: int) -> dict[str, Any]:
                                                                            "agreement", "error", "tried") if k in export}}
 
 
+def preload(url: str, version: int, vectors_dir: Path) -> int:
+    """Write version ``version``'s vectors computed elsewhere with the same model (bench/gpu_distill.py:
+    ``mpnet_ids.npy`` and ``mpnet_vectors.npy``, chunk ids of a clone of the same template) with the backfill's own
+    query, before a worker starts: its backfill then finds them (ON CONFLICT) and encodes only what is missing.
+    Returns the vectors written."""
+    ids = np.load(vectors_dir / "mpnet_ids.npy")
+    vectors = np.load(vectors_dir / "mpnet_vectors.npy")
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        known = {r[0] for r in conn.execute("SELECT id FROM pgsynapse.chunks")}
+        if known != {int(i) for i in ids}:
+            raise SystemExit(f"{vectors_dir}: its {len(ids)} chunk ids are not this database's {len(known)} chunks "
+                             "(another corpus template?)")
+        rows = [(int(i), version, v) for i, v in zip(ids, vectors, strict=True)]
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(q("insert_backfill_embeddings", "learning.sql"), rows)
+    return len(rows)
+
+
+def add_teacher(settings: Any, url: str, vectors_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """all-mpnet-base-v2 added as a model version (``model add``), its vectors preloaded from ``vectors_dir`` when
+    given, then backfilled and exported by a real worker; its row and the backfill's figures."""
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        added = add_model(conn, mpnet_path(), name="all-mpnet-base-v2", serving_runtime=settings.runtime,
+                          chunk_tokens=settings.chunk_tokens)
+    preloaded = preload(url, added["id"], vectors_dir) if vectors_dir else 0
+    return _version(url, added["id"]), {"preloaded": preloaded, "warnings": added["warnings"],
+                                        **backfill(settings, url, added["id"])}
+
+
 def report_row(name: str, url: str, row: dict[str, Any], report: list[dict[str, Any]], models: ModelCache,
                qtexts: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return emit(B, name, version=row["id"], dim=row["dim"], runtime=row["runtime"],
@@ -165,6 +198,8 @@ def main() -> None:
     p.add_argument("--backfill-batch", type=int, default=None, help="backfill_batch (default: the product's)")
     p.add_argument("--limit", type=int, default=None, help="template of the first N pages (development)")
     p.add_argument("--serving-runtime", default=None, help="mpnet's serving runtime (default: settings.runtime)")
+    p.add_argument("--vectors", type=Path, help="mpnet's vectors of the corpus template's chunks, computed elsewhere "
+                   "(bench/gpu_distill.py): written before the worker's backfill, which then encodes only the rest")
     args = p.parse_args()
     emit(B, "machine", **machine(), **({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
     model = mpnet_path()
@@ -188,7 +223,8 @@ def main() -> None:
             added = add_model(conn, model, name="all-mpnet-base-v2", serving_runtime=args.serving_runtime or settings.runtime,
                               chunk_tokens=settings.chunk_tokens)
         mid = added["id"]
-        bf = backfill(settings, url, mid)
+        preloaded = preload(url, mid, args.vectors) if args.vectors else 0
+        bf = {"preloaded": preloaded, **backfill(settings, url, mid)}
         emit(B, "mpnet-backfill", version=mid, load1=machine()["load1"], warnings=added["warnings"],
              backfill_batch=settings.backfill_batch, batch_deadline_seconds=settings.batch_deadline_seconds, **bf)
         mp = _version(url, mid)

@@ -187,6 +187,9 @@ class Settings(BaseModel):
         "gain over the teacher (the gate's score on the feedback questions, which it never trains on) is above this: "
         "a smaller, faster model may lose a little, not more; -1 registers every student")
     distill_budget_seconds: float = Field(1800.0, gt=0, description="wall-clock training budget of one distillation")
+    distill_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="torch device of the distillation trainer: 'cuda' trains on a GPU where the worker's host "
+        "has one (the student is saved for the CPU runtimes all the same)")
     retrain_canary_size: int = Field(
         300, ge=0, le=100_000, description="questions of the canary set, built from the corpus by the first retrain "
         "and then frozen (0: no canary set)")

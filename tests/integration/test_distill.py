@@ -14,8 +14,8 @@ from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
 from pgsynapse.export import export_fp32
-from pgsynapse.learning.distill import distill
-from pgsynapse.learning.distill_train import build_student, kept_layers, pca_projection, procrustes
+from pgsynapse.learning.distill import DistillSpec, distill
+from pgsynapse.learning.distill_train import build_student, kept_layers, main, pca_projection, procrustes
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -73,6 +73,25 @@ def test_kept_layers_are_evenly_spaced_and_end_with_the_last():
     assert kept_layers(6, 6) == list(range(6))
     with pytest.raises(ValueError, match="between 1 and 6"):
         kept_layers(6, 7)
+
+
+def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_teacher(student_base, tmp_path):
+    """What bench/gpu_distill.py runs where no database is reachable: the trainer with ``data`` given, the teacher's
+    48-d vectors projected (PCA + Procrustes) onto the student's 32; training more than halves the loss."""
+    teacher_path = tiny_embedding_model(tmp_path / "teacher", 48, seed=3)
+    teacher = SentenceTransformer(str(teacher_path), device="cpu")
+    texts = [body for _, body in DOCS]
+    data = {"chunks": [(i + 1, i // 5 + 1, title, body) for i, (title, body) in enumerate(DOCS)],
+            "vectors": teacher.encode(texts, normalize_embeddings=True).astype(np.float32),
+            "feedback": [(f"how do {TOPICS[0]} work?", 1)], "questions": [], "canary": []}
+    spec = DistillSpec(url="", teacher_version=2, teacher_path=str(teacher_path), student_path=str(student_base),
+                       out_dir=str(tmp_path / "student"), layers=2, epochs=30, lr=1e-3, batch_size=8,
+                       heldout_fraction=0.1, device="cpu")
+    metrics = main(spec, data)
+    assert metrics["device"] == "cpu" and metrics["steps"] == metrics["planned_steps"] == 30 * 5
+    assert metrics["teacher_projection"]["kind"] == "pca" and metrics["dim"] == 32
+    assert metrics["final_loss"] < metrics["first_loss"] / 2
+    assert SentenceTransformer(spec.out_dir, device="cpu").encode(["vacuum"]).shape == (1, 32)
 
 
 def test_a_saved_student_can_be_exported_to_onnx(student_base, tmp_path):

@@ -47,6 +47,7 @@ class DistillSpec:
     eval_k: int = 5
     seed: int = 0
     threads: int = 0
+    device: str = "cpu"  # torch's device for training and encoding: "cuda" where a GPU is
 
 
 @dataclass
@@ -58,6 +59,16 @@ class Distilled:
     gate: dict[str, Any]
     metrics: dict[str, Any]
     out_dir: Path
+
+
+def judge(metrics: dict[str, Any], settings: Settings, *, force: bool = False) -> dict[str, Any]:
+    """The gate's verdict on a trained student (its ``gate_scores`` are taken out of ``metrics``): non-inferiority
+    to the teacher by ``distill_margin`` on the feedback questions, no regression on the canary set."""
+    scores = metrics.pop("gate_scores", {})
+    decision = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.distill_margin,
+                       tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
+                       samples=settings.retrain_bootstrap_samples)
+    return {**decision, "forced": force and not decision["passed"]}
 
 
 def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: int | None = None,
@@ -79,17 +90,13 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
                        teacher_path=str(source_model_path(t, settings.model_path)), student_path=base,
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
-                       threads=settings.torch_threads)
+                       threads=settings.torch_threads, device=settings.distill_device)
     metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
                           kill_after_seconds=settings.distill_budget_seconds * 2 + 600, default_event="distill_progress")
-    scores = metrics.pop("gate_scores", {})
-    decision = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.distill_margin,
-                       tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
-                       samples=settings.retrain_bootstrap_samples)
-    metrics["gate"] = {**decision, "forced": force and not decision["passed"]}
-    log.info("distill_gate", teacher=t["id"], layers=layers, passed=decision["passed"], forced=force,
-             reasons=decision["reasons"], out=str(out_dir))
-    if not decision["passed"] and not force:
+    metrics["gate"] = judge(metrics, settings, force=force)
+    log.info("distill_gate", teacher=t["id"], layers=layers, passed=metrics["gate"]["passed"], forced=force,
+             reasons=metrics["gate"]["reasons"], out=str(out_dir))
+    if not metrics["gate"]["passed"] and not force:
         return Distilled(None, metrics["gate"], metrics, out_dir)
     row = add_model(conn, out_dir, name=name or f"{t['name']}-distilled-{layers}l", traffic=traffic,
                     serving_runtime=settings.runtime, chunk_tokens=settings.chunk_tokens,

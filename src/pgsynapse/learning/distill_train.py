@@ -60,10 +60,10 @@ def kept_layers(n: int, k: int) -> list[int]:
     return sorted({n - 1 - round(i * n / k) for i in range(k)})
 
 
-def build_student(path: str, layers: int, teacher_dim: int, projection: str) -> SentenceTransformer:
+def build_student(path: str, layers: int, teacher_dim: int, projection: str, device: str = "cpu") -> SentenceTransformer:
     """The model at ``path`` with ``layers`` of its transformer layers; with ``projection`` "dense" and another
     dimension than the teacher's, a linear layer to ``teacher_dim`` is appended (and kept)."""
-    model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    model = SentenceTransformer(path, device=device, local_files_only=True)
     auto = model[0].auto_model
     stack = auto.encoder.layer
     keep = kept_layers(len(stack), layers)
@@ -73,7 +73,7 @@ def build_student(path: str, layers: int, teacher_dim: int, projection: str) -> 
     if dim != teacher_dim and projection == "dense":
         mods = [m for m in model if not isinstance(m, Normalize)]
         proj = Dense(dim, teacher_dim, bias=False, activation_function=torch.nn.Identity())
-        model = SentenceTransformer(modules=[*mods, proj, Normalize()], device="cpu")
+        model = SentenceTransformer(modules=[*mods, proj, Normalize()], device=device)
     return model
 
 
@@ -99,6 +99,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def load_data(spec: DistillSpec) -> dict[str, Any]:
+    """What the trainer learns from and is judged on, from the database: ``chunks`` (id, document id, title, text)
+    with ``vectors``, the teacher's stored vector of each (a float32 array), ``feedback`` (question, document id),
+    ``questions`` (texts) and ``canary`` (question, document id)."""
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         register_vector(conn)
         chunks = conn.execute(
@@ -118,7 +121,9 @@ def load_data(spec: DistillSpec) -> dict[str, Any]:
         raise SystemExit(f"model version {spec.teacher_version} has no stored chunk vectors to distil from")
     if len(chunks) > spec.max_chunks:
         chunks = sorted(random.Random(spec.seed).sample(chunks, spec.max_chunks))
-    return {"chunks": chunks, "feedback": feedback, "questions": questions, "canary": canary}
+    return {"chunks": [tuple(r[:4]) for r in chunks],
+            "vectors": np.stack([r[4].to_numpy().astype(np.float32) for r in chunks]),
+            "feedback": feedback, "questions": questions, "canary": canary}
 
 
 def _encode(model: SentenceTransformer, texts: list[str]) -> np.ndarray:
@@ -142,9 +147,10 @@ def fit(spec: DistillSpec, student: SentenceTransformer, texts: list[str], targe
         rng.shuffle(order)
         for start in range(0, len(order), spec.batch_size):
             idx = order[start:start + spec.batch_size]
-            features = student.tokenize([texts[i] for i in idx])
+            features = {k: v.to(student.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in student.tokenize([texts[i] for i in idx]).items()}
             out = student(features)["sentence_embedding"]
-            loss = ((out - torch.from_numpy(targets[idx])) ** 2).sum(dim=1).mean()
+            loss = ((out - torch.from_numpy(targets[idx]).to(out.device)) ** 2).sum(dim=1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -159,22 +165,25 @@ def fit(spec: DistillSpec, student: SentenceTransformer, texts: list[str], targe
             break
     student.eval()
     return {"steps": step, "planned_steps": total, "stopped_at_budget": stopped,
+            "first_loss": round(losses[0], 5) if losses else None,
             "final_loss": round(float(np.mean(losses[-20:])), 5) if losses else None}
 
 
-def main(spec: DistillSpec) -> dict[str, Any]:
+def main(spec: DistillSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, evaluate and save the student; ``data`` as :func:`load_data` returns it, read from the database
+    when None."""
     started = time.monotonic()
     torch.manual_seed(spec.seed)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    data = load_data(spec)
-    teacher = SentenceTransformer(spec.teacher_path, device="cpu", local_files_only=True)
+    data = load_data(spec) if data is None else data
+    teacher = SentenceTransformer(spec.teacher_path, device=spec.device, local_files_only=True)
     chunker = Chunker(teacher.tokenizer, min(spec.chunk_tokens, teacher.max_seq_length), 0)
     rows = data["chunks"]
     texts = [chunker.embed_text(r[2], r[3]) for r in rows]
     chunk_docs = [r[1] for r in rows]
-    teacher_chunks = np.stack([r[4].to_numpy().astype(np.float32) for r in rows])
-    student = build_student(spec.student_path, spec.layers, teacher_chunks.shape[1], spec.projection)
+    teacher_chunks = data["vectors"]
+    student = build_student(spec.student_path, spec.layers, teacher_chunks.shape[1], spec.projection, spec.device)
     order = list(range(len(texts)))
     random.Random(spec.seed).shuffle(order)
     held = sorted(order[:max(int(len(order) * spec.heldout_fraction), 1 if len(order) > 1 else 0)])
@@ -216,6 +225,7 @@ def main(spec: DistillSpec) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "recipe": "distilled", "teacher_version": spec.teacher_version, "student_from": spec.student_path,
         "layers": spec.layers, "dim": int(student_chunks.shape[1]), "teacher_projection": projection,
+        "device": spec.device,
         "train_texts": len(train_texts),
         **trained, "train_seconds": round(time.monotonic() - started, 1),
         "heldout_chunks": len(held), "heldout_cosine_mean": round(float(cos.mean()), 4) if held else None,
