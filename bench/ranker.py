@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--ranker", help="a ranker directory trained before (with model_int8.onnx): no training")
     p.add_argument("--teacher", action="store_true", help="the teacher as the ranker (runtime version): "
                    "all-mpnet-base-v2 added as a model version, backfilled, then `ranker add version:N`; no training")
+    p.add_argument("--teacher-model", type=Path, help="with --teacher: mpnet's ONNX export from an earlier run "
+                   "(DATA_DIR/models/vN-onnx-int8-...): added as it is, no export")
     p.add_argument("--teacher-vectors", type=Path, help="with --teacher: mpnet's vectors of the template's chunks "
                    "computed elsewhere (bench/gpu_distill.py), written before the worker's backfill")
     p.add_argument("--no-latency", action="store_true", help="quality only")
@@ -144,8 +146,9 @@ def run(args: Any) -> None:
                 _feedback(plain, train)
             emit("ranker", "corpus", **info, feedback=len(train))
             if args.teacher:
-                teacher, bf = add_teacher(settings, url, args.teacher_vectors)
-                emit("ranker", "teacher", version=teacher["id"], runtime=teacher["runtime"], dim=teacher["dim"], **bf)
+                teacher, bf = add_teacher(settings, url, args.teacher_vectors, args.teacher_model)
+                emit("ranker", "teacher", version=teacher["id"], dim=teacher["dim"], path=teacher["artifact_path"],
+                     **bf)
                 check_teacher(conn, teacher_path(teacher["id"]))
                 row = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version")
                 train_s = None
@@ -205,7 +208,9 @@ def run(args: Any) -> None:
 def _latency(url: str, ranker_id: int, texts: list[str], candidates: int) -> dict[str, float]:
     """INSERT -> answer NOTIFY p50 on a worker with the shipped defaults, with the ranker serving and with none,
     alternating blocks of questions (the answer cache is off: every question is answered)."""
-    proc = spawn_worker(url, {"PGSYNAPSE_RUNTIME": "onnx-int8", "PGSYNAPSE_ANSWER_CACHE": "false",
+    # answers only: the feedback put in for training queues a retrain, which would share the cores
+    proc = spawn_worker(url, {"PGSYNAPSE_KINDS": "answer", "PGSYNAPSE_RUNTIME": "onnx-int8",
+                              "PGSYNAPSE_ANSWER_CACHE": "false",
                               "PGSYNAPSE_RANK_CANDIDATES": str(candidates)})
     lat: dict[str, list[float]] = {"vector": [], "ranker": []}
     try:

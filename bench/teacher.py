@@ -170,15 +170,17 @@ def preload(url: str, version: int, vectors_dir: Path) -> int:
     return len(rows)
 
 
-def add_teacher(settings: Any, url: str, vectors_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """all-mpnet-base-v2 added as a model version (``model add``), its vectors preloaded from ``vectors_dir`` when
-    given, then backfilled and exported by a real worker; its row and the backfill's figures."""
+def add_teacher(settings: Any, url: str, vectors_dir: Path | None, model: Path | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """all-mpnet-base-v2 (or ``model``: its ONNX export from an earlier run, which skips the worker's export) added
+    as a model version (``model add``), its vectors preloaded from ``vectors_dir`` when given, then backfilled and
+    exported by a real worker that does nothing else; its row (after the backfill) and the backfill's figures."""
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        added = add_model(conn, mpnet_path(), name="all-mpnet-base-v2", serving_runtime=settings.runtime,
+        added = add_model(conn, model or mpnet_path(), name="all-mpnet-base-v2", serving_runtime=settings.runtime,
                           chunk_tokens=settings.chunk_tokens)
     preloaded = preload(url, added["id"], vectors_dir) if vectors_dir else 0
-    return _version(url, added["id"]), {"preloaded": preloaded, "warnings": added["warnings"],
-                                        **backfill(settings, url, added["id"])}
+    done = backfill(settings.model_copy(update={"kinds": ("backfill",)}), url, added["id"])
+    return _version(url, added["id"]), {"preloaded": preloaded, "warnings": added["warnings"], **done}
 
 
 def report_row(name: str, url: str, row: dict[str, Any], report: list[dict[str, Any]], models: ModelCache,
