@@ -124,8 +124,9 @@ class Settings(BaseModel):
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
     rank_candidates: int = Field(
-        20, ge=1, le=200, description="vector (and full-text) candidates a ranker orders, when one serves the question "
-        "(pgsynapse ranker ...); the first answer_top_k of its order are the passages")
+        10, ge=1, le=200, description="vector (and full-text) candidates a ranker orders, when one serves the question "
+        "(pgsynapse ranker ...); the first answer_top_k of its order are the passages (10: the best of 10/20/30 on "
+        "the tuning half of the dev questions for the mpnet teacher as ranker, BENCHMARKS.md)")
     ranker_max_length: int = Field(256, ge=32, le=512, description="tokens of a (question, passage) pair a trained "
                                    "ranker reads; the passage is cut, never the question")
     ranker_negatives: int = Field(7, ge=1, le=50, description="hard negatives per training question")
