@@ -50,15 +50,19 @@ from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from bench.extractive_v1 import ExtractiveV1Answerer
 from bench.extractive_v1 import split_sentences as v1_split
+from bench.teacher import add_teacher
 from pgsynapse.answerers import NOT_FOUND, Answer, Passage, Request, split_sentences
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork
 from pgsynapse.handlers.base import Job
 from pgsynapse.models import ModelCache
+from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import teacher_path
 
 HERE = Path(__file__).parent / "data"
 CALIBRATION = HERE / "groundedness_calibration.jsonl"
 UNANSWERABLE = HERE / "unanswerable.jsonl"
+TEACHER_DATA = Path("/tmp/pgsynapse-bench-answer-quality")  # the teacher version's worker writes here
 # a generator's own words for "not found" (the extractive answerers return NOT_FOUND itself)
 _NOT_FOUND_WORDS = re.compile(r"could ?n[o']t find|can ?n[o']t find|cannot find|unable to find|no (?:relevant )?information|"
                               r"not (?:mentioned|covered|contain|provide)|do(?:es)? not (?:contain|mention|say)", re.I)
@@ -100,7 +104,8 @@ def answer_sentences(text: str) -> list[tuple[str, list[int]]]:
 
 # -- retrieval through the product's path ------------------------------------------------------------------
 async def retrieve(url: str, texts: list[str], version: dict[str, Any], models: ModelCache,
-                   hybrid: bool | None = None) -> list[tuple[list[Passage], np.ndarray]]:
+                   hybrid: bool | None = None, ranker: dict[str, Any] | None = None
+                   ) -> list[tuple[list[Passage], np.ndarray]]:
     settings = load_settings(environ={}, database_url=url, **({} if hybrid is None else {"hybrid": hybrid}))
     handler = AnswerHandler(settings, models)
     embedder = await anyio.to_thread.run_sync(models.get, version)
@@ -109,7 +114,8 @@ async def retrieve(url: str, texts: list[str], version: dict[str, Any], models: 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
         await register_vector_async(conn)
         for text, v in zip(texts, vecs, strict=True):
-            w = AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text, v)  # type: ignore[arg-type]
+            w = AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text, v,  # type: ignore[arg-type]
+                           ranker=ranker)
             out.append((await handler._retrieve(conn, w), v))
     return out
 
@@ -269,6 +275,9 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
     p.add_argument("--sets", default="tune,report,train-heldout,unanswerable", help="which question sets to run")
+    p.add_argument("--teacher-vectors", type=Path, default=None, help="retrieval: the mpnet teacher as the ranker "
+                   "(bench.ranker --teacher): its vectors computed elsewhere (bench/gpu_distill.py)")
+    p.add_argument("--teacher-model", type=Path, default=None, help="with --teacher-vectors: its earlier ONNX export")
     p.add_argument("--hybrid", choices=["on", "off"], default=None, help="retrieval: full text fused (default: the setting's default)")
     args = p.parse_args()
     emit("answer_quality", "machine", **machine())
@@ -285,6 +294,15 @@ def main() -> None:
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()
+        ranker = None
+        if args.teacher_vectors:  # the teacher version orders the first rank_candidates chunks (handler._rank)
+            teacher, bf = add_teacher(load_settings(environ={}, database_url=url, data_dir=TEACHER_DATA), url,
+                                      args.teacher_vectors, args.teacher_model)
+            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+                ranker = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]),
+                                            "version", status="active")
+            emit("answer_quality", "ranker", ranker=ranker["id"], teacher=teacher["id"], runtime=teacher["runtime"],
+                 preloaded=bf["preloaded"])
         embedder = models.get(version)
         sets = {name: [{"q": q["q"], "relevant": set(q["relevant"])} for q in items] for name, items in halves.items()}
         sets["unanswerable"] = [{"q": q["q"], "relevant": set()} for q in unanswerable]
@@ -296,7 +314,8 @@ def main() -> None:
         sets = {k: v[: args.limit] if args.limit else v for k, v in sets.items() if k in args.sets.split(",")}
         every = [it for items in sets.values() for it in items]
         for it, (passages, vec) in zip(every, anyio.run(retrieve, url, [it["q"] for it in every], version, models,
-                                                                None if args.hybrid is None else args.hybrid == "on"),
+                                                                None if args.hybrid is None else args.hybrid == "on",
+                                                                ranker),
                                        strict=True):
             it["passages"], it["vector"] = passages, vec
         g = Grounding(lambda t: embedder.encode(t))
