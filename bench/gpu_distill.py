@@ -29,12 +29,23 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
+import torch
+from sentence_transformers import SentenceTransformer
+
+from pgsynapse.chunking import Chunker
+from pgsynapse.learning.distill import DistillSpec
+from pgsynapse.learning.distill_train import main as train
+
+# ``dump``, ``check`` and their database and corpus modules are imported where they run: the GPU machine has
+# none of the database's packages (only the wheels carried for pgsynapse's own imports)
 
 PIECE_MB = 15  # a returned file is at most 16 MiB
 MODELS = ("minilm", "mpnet")
@@ -62,8 +73,6 @@ def _join(src: Path, prefix: str, dest: Path) -> None:
 
 def _half_weights(model_dir: Path, dest: Path) -> None:
     """A copy of a sentence-transformers directory whose safetensors weights are float16 (half the bytes)."""
-    import safetensors.torch
-    import torch
     shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("*.onnx", "*.bin", "onnx", "openvino", "*.h5"),
                     dirs_exist_ok=True)
     weights = safetensors.torch.load_file(str(model_dir / "model.safetensors"))
@@ -72,7 +81,6 @@ def _half_weights(model_dir: Path, dest: Path) -> None:
 
 
 def _full_weights(model_dir: Path) -> None:
-    import safetensors.torch
     path = model_dir / "model.safetensors"
     weights = safetensors.torch.load_file(str(path))
     safetensors.torch.save_file({k: (v.float() if v.is_floating_point() else v).contiguous()
@@ -104,7 +112,6 @@ def dump(args: argparse.Namespace) -> None:
     from bench.learning import _feedback
     from bench.mpnet import mpnet_path
     from pgsynapse.export import source_model_path
-    from pgsynapse.learning.distill import DistillSpec
     from pgsynapse.learning.distill_train import load_data
 
     out = Path(args.out)
@@ -132,13 +139,6 @@ def dump(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from pgsynapse.chunking import Chunker
-    from pgsynapse.learning.distill import DistillSpec
-    from pgsynapse.learning.distill_train import main as train
-
     src, out, work = Path(args.src), Path(args.out), Path(args.work)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 arithmetic, as on the CPU
@@ -210,10 +210,7 @@ def load(args: argparse.Namespace) -> None:
 
 def check(vectors: np.ndarray, data_file: Path, n: int) -> None:
     """The GPU's vectors of ``n`` random chunks against the product's torch embedder's on this CPU (cosine)."""
-    import random
-
     from bench.mpnet import mpnet_path
-    from pgsynapse.chunking import Chunker
     from pgsynapse.models import ModelSpec, load_embedder
 
     with gzip.open(data_file, "rt") as f:
