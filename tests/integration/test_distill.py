@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+import torch
 from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
@@ -92,6 +93,16 @@ def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_
     assert metrics["teacher_projection"]["kind"] == "pca" and metrics["dim"] == 32
     assert metrics["final_loss"] < metrics["first_loss"] / 2
     assert SentenceTransformer(spec.out_dir, device="cpu").encode(["vacuum"]).shape == (1, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the device is there")
+def test_a_cuda_device_without_a_gpu_is_refused_with_its_setting_named(student_base, tmp_path):
+    spec = DistillSpec(url="", teacher_version=1, teacher_path=str(student_base), student_path=str(student_base),
+                       out_dir=str(tmp_path / "student"), device="cuda")
+    with pytest.raises(SystemExit, match="distill_device is 'cuda' but torch .* sees no GPU"):
+        main(spec, {"chunks": [], "vectors": np.zeros((0, 32), dtype=np.float32), "feedback": [], "questions": [],
+                    "canary": []})
+    assert not (tmp_path / "student").exists()
 
 
 def test_a_saved_student_can_be_exported_to_onnx(student_base, tmp_path):

@@ -173,6 +173,9 @@ def main(spec: DistillSpec, data: dict[str, Any] | None = None) -> dict[str, Any
     """Train, evaluate and save the student; ``data`` as :func:`load_data` returns it, read from the database
     when None."""
     started = time.monotonic()
+    if spec.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"distill_device is {spec.device!r} but torch {torch.__version__} sees no GPU on this host: "
+                         "set distill_device = 'cpu' (or install a CUDA build of torch where there is one)")
     torch.manual_seed(spec.seed)
     if spec.threads:
         torch.set_num_threads(spec.threads)
