@@ -106,6 +106,7 @@ def _unpack(src: Path, name: str, dest: Path) -> Path:
 
 def dump(args: argparse.Namespace) -> None:
     import psycopg
+    from psycopg.rows import dict_row
 
     from bench.common import questions
     from bench.corpusdb import corpus_clone, on_corpus_server
@@ -119,16 +120,16 @@ def dump(args: argparse.Namespace) -> None:
 
     def go() -> None:
         with corpus_clone(limit=args.pages) as (url, info):
-            with psycopg.connect(url, autocommit=True) as conn:
+            with psycopg.connect(url, autocommit=True) as conn:  # bench.learning reads tuples
                 _feedback(conn, questions("pg_docs_train.jsonl"))
-                v1 = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
-                cols = [d.name for d in conn.execute("SELECT * FROM pgsynapse.model_versions LIMIT 0").description]
+                v1 = conn.cursor(row_factory=dict_row).execute(
+                    "SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
             data = load_data(DistillSpec(url=url, teacher_version=1, teacher_path="", student_path="", out_dir=""))
             np.save(out / "v1.npy", data.pop("vectors"))
             with gzip.open(out / "data.json.gz", "wt") as f:
                 json.dump({k: [list(r) if isinstance(r, tuple) else r for r in v] for k, v in data.items()}
                           | {"corpus": info}, f, default=str)
-            minilm = Path(source_model_path(dict(zip(cols, v1, strict=True)), None))
+            minilm = Path(source_model_path(v1, None))
         tmp = out / "tmp"
         for name, path in (("minilm", minilm), ("mpnet", mpnet_path())):
             _half_weights(path, tmp / name)
@@ -184,14 +185,6 @@ def run(args: argparse.Namespace) -> None:
         print(name, _pack(work / f"{name}-half", work, name, args.piece_mb))
 
 
-def fetch(args: argparse.Namespace) -> None:
-    """Copy a student's pieces (left in ``--work`` by ``run``) into ``--out``: each call returns a few files."""
-    work, out = Path(args.work), Path(args.out)
-    for name in args.names:
-        for part in sorted(work.glob(f"{name}.tar.part*")):
-            shutil.copy(part, out / part.name)
-
-
 def load(args: argparse.Namespace) -> None:
     src, out = Path(args.src), Path(args.out)
     for name in ("s3", "s6mpnet"):
@@ -243,17 +236,13 @@ def main() -> None:
     r.add_argument("--limit", type=int, help="the first N chunks only (checks the code path)")
     r.add_argument("--only", nargs="*", help="students to train (s3, s6mpnet)")
     r.add_argument("--piece-mb", type=int, default=PIECE_MB)
-    f = sub.add_parser("fetch")
-    f.add_argument("--work", default="/tmp/pgsynapse-gpu")
-    f.add_argument("--out", required=True)
-    f.add_argument("names", nargs="+")
     lo = sub.add_parser("load")
     lo.add_argument("--src", required=True)
     lo.add_argument("--out", required=True)
     lo.add_argument("--data", help="dump's data.json.gz: with --check, compares mpnet's vectors with this CPU's")
     lo.add_argument("--check", type=int, default=0, help="chunks to compare")
     args = p.parse_args()
-    {"dump": dump, "run": run, "fetch": fetch, "load": load}[args.command](args)
+    {"dump": dump, "run": run, "load": load}[args.command](args)
 
 
 if __name__ == "__main__":

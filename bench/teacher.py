@@ -170,16 +170,19 @@ def preload(url: str, version: int, vectors_dir: Path) -> int:
     return len(rows)
 
 
-def add_teacher(settings: Any, url: str, vectors_dir: Path | None, model: Path | None = None
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def add_teacher(settings: Any, url: str, vectors_dir: Path | None, model: Path | None = None,
+                serving_runtime: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """all-mpnet-base-v2 (or ``model``: its ONNX export from an earlier run, which skips the worker's export) added
     as a model version (``model add``), its vectors preloaded from ``vectors_dir`` when given, then backfilled and
-    exported by a real worker that does nothing else; its row (after the backfill) and the backfill's figures."""
+    exported by a real worker that embeds and backfills only; its row (after the backfill) and the backfill's
+    figures."""
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        added = add_model(conn, model or mpnet_path(), name="all-mpnet-base-v2", serving_runtime=settings.runtime,
-                          chunk_tokens=settings.chunk_tokens)
+        added = add_model(conn, model or mpnet_path(), name="all-mpnet-base-v2",
+                          serving_runtime=serving_runtime or settings.runtime, chunk_tokens=settings.chunk_tokens)
     preloaded = preload(url, added["id"], vectors_dir) if vectors_dir else 0
-    done = backfill(settings.model_copy(update={"kinds": ("backfill",)}), url, added["id"])
+    # embed too: a worker that serves (embed or answer) is the one that exports a torch version to the serving
+    # runtime, which backfill() waits for; no retrain (a bench's training feedback would queue one)
+    done = backfill(settings.model_copy(update={"kinds": ("embed", "backfill")}), url, added["id"])
     return _version(url, added["id"]), {"preloaded": preloaded, "warnings": added["warnings"], **done}
 
 
@@ -221,15 +224,10 @@ def main() -> None:
             n = conn.execute("SELECT count(*) FROM pgsynapse.chunks").fetchone()[0]
         emit(B, "corpus", source="subset" if args.chunks else "corpus_clone", chunks=n, target_chunks=args.chunks,
              **info)
-        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            added = add_model(conn, model, name="all-mpnet-base-v2", serving_runtime=args.serving_runtime or settings.runtime,
-                              chunk_tokens=settings.chunk_tokens)
-        mid = added["id"]
-        preloaded = preload(url, mid, args.vectors) if args.vectors else 0
-        bf = {"preloaded": preloaded, **backfill(settings, url, mid)}
-        emit(B, "mpnet-backfill", version=mid, load1=machine()["load1"], warnings=added["warnings"],
+        mp, bf = add_teacher(settings, url, args.vectors, serving_runtime=args.serving_runtime)
+        mid = mp["id"]
+        emit(B, "mpnet-backfill", version=mid, load1=machine()["load1"],
              backfill_batch=settings.backfill_batch, batch_deadline_seconds=settings.batch_deadline_seconds, **bf)
-        mp = _version(url, mid)
         rows = [report_row("v1", url, v1, report, models, qtexts),
                 report_row("mpnet", url, mp, report, models, qtexts)]
         # the other runtime of each: torch for v1 (onnx-int8 serves), onnx-int8 for mpnet if it was exported

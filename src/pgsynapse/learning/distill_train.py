@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from pgvector.psycopg import register_vector  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize  # noqa: E402
+from sentence_transformers.util import batch_to_device  # noqa: E402
 
 from pgsynapse.chunking import Chunker  # noqa: E402
 from pgsynapse.learning.distill import DistillSpec  # noqa: E402
@@ -147,8 +148,7 @@ def fit(spec: DistillSpec, student: SentenceTransformer, texts: list[str], targe
         rng.shuffle(order)
         for start in range(0, len(order), spec.batch_size):
             idx = order[start:start + spec.batch_size]
-            features = {k: v.to(student.device) if isinstance(v, torch.Tensor) else v
-                        for k, v in student.tokenize([texts[i] for i in idx]).items()}
+            features = batch_to_device(student.tokenize([texts[i] for i in idx]), student.device)
             out = student(features)["sentence_embedding"]
             loss = ((out - torch.from_numpy(targets[idx]).to(out.device)) ** 2).sum(dim=1).mean()
             opt.zero_grad()
