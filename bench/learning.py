@@ -14,6 +14,12 @@ like-for-like comparison with the torch candidate, v1's torch weights.
 
     python -m bench.learning                 # three seeds (0, 1, 2)
     python -m bench.learning --seeds 0       # one
+    python -m bench.learning --teacher-vectors DIR --teacher-model DIR   # with the mpnet teacher as the ranker
+
+With ``--teacher-vectors`` each clone first gets all-mpnet-base-v2 as a model version (``model add``, its vectors
+computed elsewhere by bench/gpu_distill.py and preloaded, then backfilled by a real worker: bench.teacher's
+``add_teacher``) and as the active ranker (``ranker add version:N``), as a user who runs the teacher ranker has
+it; the retrain job's default ``retrain_teacher = ranker`` then lets it label the training examples.
 """
 
 from __future__ import annotations
@@ -27,15 +33,19 @@ from typing import Any
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
 from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import split
 from bench.retrieval import vectors_recall
+from bench.teacher import add_teacher
 from pgsynapse.config import load_settings
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
+from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, teacher_path
 
 HALVES = ("tune", "report")
 
@@ -54,15 +64,27 @@ def _feedback(conn: psycopg.Connection, train: list[dict[str, Any]]) -> None:
                          (qid, chunk[0]))
 
 
-def _retrain(url: str, seed: int, data_dir: Path, n_train: int) -> float:
-    """Run a worker until the retrain job has registered its candidate (rejected, or backfilled)."""
+def _retrain(url: str, seed: int, data_dir: Path, n_train: int, after: int) -> float:
+    """Run a worker until the retrain job has registered its candidate (a version after ``after``: rejected, or
+    backfilled)."""
     settings = load_settings(database_url=url, kinds=("retrain", "backfill"), retrain_min_feedback=n_train,
                              retrain_seed=seed, data_dir=str(data_dir))
     started = time.perf_counter()
-    run_worker_until(settings, url, "SELECT EXISTS (SELECT 1 FROM pgsynapse.model_versions WHERE id > 1 AND"
-                     " (status = 'rejected' OR backfilled_at IS NOT NULL)) OR EXISTS (SELECT 1 FROM pgsynapse.jobs"
+    run_worker_until(settings, url, f"SELECT EXISTS (SELECT 1 FROM pgsynapse.model_versions WHERE id > {int(after)}"
+                     " AND (status = 'rejected' OR backfilled_at IS NOT NULL)) OR EXISTS (SELECT 1 FROM pgsynapse.jobs"
                      " WHERE kind = 'retrain' AND status = 'failed')", ("pgsynapse_models", "pgsynapse_jobs"))
     return time.perf_counter() - started
+
+
+def _add_teacher(url: str, args: Any, seed: int) -> int:
+    """mpnet as a model version and as the active ranker (bench.ranker --teacher); its version id."""
+    settings = load_settings(environ={}, database_url=url, data_dir=f"/tmp/pgsynapse-bench-learning/teacher{seed}")
+    teacher, bf = add_teacher(settings, url, args.teacher_vectors, args.teacher_model)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        check_teacher(conn, teacher_path(teacher["id"]))
+        REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version", status="active")
+    emit("learning", "teacher", seed=seed, version=teacher["id"], runtime=teacher["runtime"], **bf)
+    return int(teacher["id"])
 
 
 def _encode(model: Any, texts: list[str]) -> np.ndarray:
@@ -72,6 +94,10 @@ def _encode(model: Any, texts: list[str]) -> np.ndarray:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated retrain seeds")
+    p.add_argument("--teacher-vectors", type=Path, help="mpnet's vectors of the template's chunks (bench/gpu_distill.py):"
+                   " mpnet is added as a model version and the active ranker, and labels the retrain's examples")
+    p.add_argument("--teacher-model", type=Path, help="with --teacher-vectors: mpnet's ONNX export from an earlier run "
+                   "(added as it is, no export)")
     args = p.parse_args()
     on_corpus_server(args.database_url, lambda: run(args))
 
@@ -107,10 +133,12 @@ def run(args: Any) -> None:
                     emit("learning", f"base_{name}", runtime="torch", **base[name])
                     emit("learning", f"base_{name}", runtime=v1["runtime"],
                          **vectors_recall(served.encode(texts), vecs, pages, rel))
-            wall = _retrain(url, seed, Path(f"/tmp/pgsynapse-bench-learning/seed{seed}"), len(train))
+            after = _add_teacher(url, args, seed) if args.teacher_vectors else 1
+            wall = _retrain(url, seed, Path(f"/tmp/pgsynapse-bench-learning/seed{seed}"), len(train), after)
             with psycopg.connect(url, autocommit=True) as conn:
                 cand = conn.execute("SELECT id, status, artifact_path, metrics, passage_version_id"
-                                    " FROM pgsynapse.model_versions WHERE id > 1 ORDER BY id DESC LIMIT 1").fetchone()
+                                    " FROM pgsynapse.model_versions WHERE id > %s ORDER BY id DESC LIMIT 1",
+                                    (after,)).fetchone()
                 if cand is None:
                     err = conn.execute("SELECT last_error FROM pgsynapse.jobs WHERE kind = 'retrain'").fetchone()
                     raise SystemExit(f"retrain failed: {err}")
@@ -118,6 +146,7 @@ def run(args: Any) -> None:
         model = SentenceTransformer(path, device="cpu", local_files_only=True)
         run: dict[str, Any] = {"seed": seed, "status": status, "gate": metrics.get("gate"),
                                "wall_seconds": round(wall, 1), "train_seconds": metrics.get("train_seconds"),
+                               "teacher": metrics.get("teacher"), "relabelled": metrics.get("teacher_relabelled"),
                                "peak_rss_mb": metrics.get("peak_rss_mb_observed"), "passage_version": passage}
         for name, items in halves.items():
             rel = [set(q["relevant"]) for q in items]
@@ -130,7 +159,8 @@ def run(args: Any) -> None:
         passed = bool((metrics.get("gate") or {}).get("passed"))
         emit("learning", "retrain", seed=seed, version=vid, status=status, wall_seconds=round(wall, 1),
              train_seconds=metrics.get("train_seconds"), steps=metrics.get("steps"),
-             peak_rss_mb=metrics.get("peak_rss_mb_observed"), gate_passed=passed,
+             peak_rss_mb=metrics.get("peak_rss_mb_observed"), gate_passed=passed, teacher=metrics.get("teacher"),
+             relabelled=metrics.get("teacher_relabelled"), synthetic_pairs=metrics.get("synthetic_pairs"),
              gate_agrees_with_report=(passed <= report_better))
         print(json.dumps({"seed": seed, "metrics": {k: v for k, v in metrics.items() if k != "used_example_ids"}},
                          default=str))

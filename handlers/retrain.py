@@ -13,14 +13,16 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.config import Settings
+from pgsynapse.errors import RegistryError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
 from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
-from pgsynapse.models import ModelCache
+from pgsynapse.models import ModelCache, resolve_model_path
 from pgsynapse.queries import q
+from pgsynapse.ranking.rescore import teacher_id, teacher_row
 
 log = get_logger(__name__)
 
@@ -32,6 +34,27 @@ class RetrainWork:
     untrained: int
     force: bool
     passage: dict[str, Any] | None = None  # the active version's passage version, when it is a query encoder
+    teacher: dict[str, Any] | None = None  # the version whose vectors label the examples (retrain_teacher)
+    teacher_error: str | None = None  # why the configured teacher cannot label them
+
+
+async def find_teacher(conn: psycopg.AsyncConnection, setting: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The model version that labels the training examples (``retrain_teacher``): the active ranker's version
+    (``ranker``: none when the active ranker is not a model version, or there is none), ``version:N``, or none;
+    with the reason when that version cannot (gone, retired or rejected, still backfilling)."""
+    if setting == "none":
+        return None, None
+    if setting == "ranker":
+        row = await (await conn.execute(q("active_version_ranker", "rankers.sql"))).fetchone()
+        if row is None:
+            return None, None
+        version = teacher_id(row)
+    else:
+        version = teacher_id({"id": "retrain_teacher", "path": setting})
+    try:
+        return await teacher_row(conn, version), None
+    except RegistryError as exc:
+        return None, f"retrain_teacher {setting}: {exc}"
 
 
 def gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -50,6 +73,15 @@ def gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
         out["passed"] = out["passed"] and (refit["passed"] or out["forced"])
     out["k"] = settings.retrain_eval_k
     return out
+
+
+def _teacher_spec(teacher: dict[str, Any] | None, s: Settings) -> dict[str, Any]:
+    """The trainer's teacher fields: the version as it serves (its runtime and artifact)."""
+    if teacher is None:
+        return {}
+    return {"teacher_version": teacher["id"], "teacher_runtime": teacher["runtime"], "teacher_dim": teacher["dim"],
+            "teacher_path": str(resolve_model_path(teacher.get("artifact_path"), s.model_path, teacher["runtime"])),
+            "teacher_weight": s.retrain_teacher_weight}
 
 
 class RetrainHandler(Handler[RetrainWork]):
@@ -73,7 +105,8 @@ class RetrainHandler(Handler[RetrainWork]):
             passage = await (await conn.execute(q("version_by_id", "learning.sql"),
                                                 {"version": active["passage_version_id"]})).fetchone()
         n = (await (await conn.execute(q("untrained_examples", "learning.sql"))).fetchone())["n"]
-        work = [RetrainWork(j, active, n, bool(j.payload.get("force")), passage) for j in jobs]
+        teacher, why = await find_teacher(conn, self.settings.retrain_teacher)
+        work = [RetrainWork(j, active, n, bool(j.payload.get("force")), passage, teacher, why) for j in jobs]
         return work, []
 
     def compute(self, work: list[RetrainWork]) -> list[Outcome]:
@@ -82,6 +115,11 @@ class RetrainHandler(Handler[RetrainWork]):
             if not w.force and w.untrained < self.settings.retrain_min_feedback:
                 out.append(Outcome(w.job, skip_reason=f"only {w.untrained} new examples"))
                 continue
+            if w.teacher_error and self.settings.retrain_teacher != "ranker":
+                out.append(Outcome(w.job, error=w.teacher_error))  # the version asked for: say why, do not guess
+                continue
+            if w.teacher_error:
+                log.warning("retrain_teacher_skipped", job=w.job.id, reason=w.teacher_error)
             try:
                 result = self._train(w)
                 result["metrics"]["gate"] = gate(result["metrics"], self.settings)
@@ -106,9 +144,10 @@ class RetrainHandler(Handler[RetrainWork]):
             budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
             anchor=s.retrain_anchor, seed=s.retrain_seed, refit=s.retrain_refit,
             active_version=w.active["id"], canary_size=s.retrain_canary_size, negative_pool=s.retrain_negative_pool,
-            freeze_layers=s.retrain_freeze_layers,
+            freeze_layers=s.retrain_freeze_layers, **_teacher_spec(w.teacher, s),
         )
-        log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir))
+        log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir),
+                 teacher=spec.teacher_version)
         # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
         # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
         metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,

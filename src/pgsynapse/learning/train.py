@@ -12,9 +12,11 @@ Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen a
 - Each example's loss is a softmax over *every* chunk vector (or ``negative_pool`` of them in a large corpus:
   the positives, each query's hardest chunks under the base model, and a random rest), so every other page's
   passages are negatives, the hard ones included, at the cost of one matrix product.
-- The positive is the best passage (under the base model) of the document the user marked helpful; examples are
-  the feedback plus corpus-only pairs (titles, "NAME — description" lines, numbered headings, configuration
-  parameter entries -> their passage), which cover pages no user has asked about.
+- The positive is the best passage of the document the user marked helpful: under the **teacher** when there is
+  one (``teacher_version``: a stronger model version with a vector for every chunk, by default the active ranker's;
+  its pseudo-labels), else under the base model. Examples are the feedback plus corpus-only pairs (titles,
+  "NAME — description" lines, numbered headings, configuration parameter entries -> their passage), which cover
+  pages no user has asked about.
 - ``anchor``: a pull towards the base model (squared distance of each query's vector to the base model's), so
   what it knew about questions nobody gave feedback on is not forgotten.
 - AdamW with warm-up and linear decay, a wall-clock budget.
@@ -46,6 +48,7 @@ from pgsynapse.learning.canary import ensure_canary  # noqa: E402
 from pgsynapse.learning.gate import gate_metrics  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
 from pgsynapse.learning.trainer_process import progress as _progress  # noqa: E402
+from pgsynapse.models import ModelSpec, load_embedder  # noqa: E402
 
 
 @dataclass
@@ -74,6 +77,16 @@ class TrainSpec:
     eval_k: int = 5
     seed: int = 0
     threads: int = 0
+    # pseudo-labels from a stronger scorer: a model version with a vector for every chunk (``model add``,
+    # backfilled), loaded as it serves (its runtime and artifact); it picks each example's positive passage among
+    # its document's chunks and, with teacher_weight > 0, its distribution over the chunks is a soft target
+    teacher_version: int | None = None
+    teacher_path: str | None = None
+    teacher_runtime: str = "torch"
+    teacher_dim: int = 0
+    teacher_weight: float = 0.0
+    teacher_scale: float = 20.0
+    teacher_top: int = 64  # the soft target keeps the teacher's most probable chunks (renormalised)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,17 +143,23 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
         bodies = conn.execute("SELECT id, coalesce(title, ''), coalesce(body, '') FROM pgsynapse.documents"
                               " WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id)"
                               ).fetchall()
-        stored = conn.execute(
-            "SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
-            (spec.base_version,)).fetchall()
+        stored = _stored(conn, spec.base_version)
+        teacher = _stored(conn, spec.teacher_version) if spec.teacher_version else None
         # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)
         built = ensure_canary(conn, spec.active_version, spec.canary_size)
         if built["built"]:
             _progress("canary_built", questions=built["questions"], version=spec.active_version)
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": rows, "docs": {r[0]: (r[1], r[2]) for r in bodies},
-            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "chunker": Chunker,
+            "stored": stored, "teacher_stored": teacher, "chunker": Chunker,
             "canary": [(question, doc) for question, doc in canary]}
+
+
+def _stored(conn: Any, version: int) -> dict[int, np.ndarray]:
+    """A version's stored chunk vectors by chunk id."""
+    rows = conn.execute("SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
+                        (version,)).fetchall()
+    return {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in rows}
 
 
 def negative_pool(n_chunks: int, must: set[int], scores: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -168,13 +187,49 @@ class Fit:
     seconds: float
     pool: int
     examples: int
+    relabelled: int = 0  # examples whose positive the teacher moved to another chunk than the base model's
+
+
+@dataclass
+class Teacher:
+    """A stronger scorer: its question encoder (an :class:`pgsynapse.models.Embedder`) and its stored vector of
+    every chunk (rows in the chunks' order)."""
+
+    model: Any
+    chunk_vecs: np.ndarray
+
+
+def soft_targets(teacher_q: np.ndarray, teacher_pool: np.ndarray, scale: float, top: int,
+                 block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Each question's distribution under the teacher (softmax of ``scale`` x cosine) over its ``top`` most
+    probable chunks of the pool, renormalised: (indices into the pool, probabilities), each (n, top)."""
+    top = min(top, teacher_pool.shape[0])
+    idx = np.zeros((len(teacher_q), top), dtype=np.int64)
+    prob = np.zeros((len(teacher_q), top), dtype=np.float32)
+    for b0 in range(0, len(teacher_q), block):
+        logits = scale * (teacher_q[b0: b0 + block] @ teacher_pool.T)
+        best = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+        kept = np.take_along_axis(logits, best, axis=1)
+        kept = np.exp(kept - kept.max(axis=1, keepdims=True))
+        idx[b0: b0 + block], prob[b0: b0 + block] = best, kept / kept.sum(axis=1, keepdims=True)
+    return idx, prob
+
+
+def pick_positives(candidates: list[list[int]], base_scores: np.ndarray, teacher_q: np.ndarray | None = None,
+                   teacher_vecs: np.ndarray | None = None) -> list[int]:
+    """Each example's positive: the chunk of its document (``candidates``: chunk rows) that scores best, under the
+    teacher when there is one (its question vectors and its chunk vectors), else under the base model."""
+    if teacher_q is None or teacher_vecs is None:
+        return [int(c[int(np.argmax(base_scores[k][c]))]) for k, c in enumerate(candidates)]
+    return [int(c[int(np.argmax(teacher_vecs[c] @ teacher_q[k]))]) for k, c in enumerate(candidates)]
 
 
 def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chunk_vecs: np.ndarray,
-        started: float, label: str) -> Fit:
+        started: float, label: str, teacher: Teacher | None = None) -> Fit:
     """Train a query encoder from the base weights on ``items`` (query, document, its chunks): a softmax over the
     chunk vectors (every one, or ``negative_pool`` of them) towards the document's best chunk under the base
-    model, plus the anchor to the base model's question vectors."""
+    model (under the ``teacher`` when there is one), plus the anchor to the base model's question vectors, plus
+    with a teacher its distribution over the same chunks as a soft target (``teacher_weight``)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -182,13 +237,23 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
     torch.manual_seed(spec.seed)
     base_q = _encode(base, [it[0] for it in items])
     scores = base_q @ chunk_vecs.T if items else np.zeros((0, len(chunk_vecs)), dtype=np.float32)
-    positives = [int(c[int(np.argmax(scores[k][c]))]) for k, (_q, _d, c) in enumerate(items)]
+    candidates = [c for _q, _d, c in items]
+    positives = pick_positives(candidates, scores)
+    relabelled = 0
+    if teacher is not None:
+        teacher_q = teacher.model.encode([it[0] for it in items], batch_size=64)
+        by_base, positives = positives, pick_positives(candidates, scores, teacher_q, teacher.chunk_vecs)
+        relabelled = sum(a != b for a, b in zip(positives, by_base, strict=True))
     pool = negative_pool(len(chunk_vecs), set(positives), scores, spec.negative_pool, spec.seed)
     del scores
     where = {int(j): k for k, j in enumerate(pool)}
     targets = torch.tensor([where[p] for p in positives], dtype=torch.long)
     pool_vecs = torch.from_numpy(chunk_vecs[pool])
     anchors = torch.from_numpy(base_q)
+    soft = None
+    if teacher is not None and spec.teacher_weight:
+        idx, prob = soft_targets(teacher_q, teacher.chunk_vecs[pool], spec.teacher_scale, spec.teacher_top)
+        soft = (torch.from_numpy(idx), torch.from_numpy(prob))
 
     model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     bert = model[0].auto_model
@@ -216,7 +281,10 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
             b = order[b0: b0 + spec.batch_size]
             feats = model.tokenize([items[i][0] for i in b])
             qv = torch.nn.functional.normalize(model(feats)["sentence_embedding"], dim=-1)
-            loss = torch.nn.functional.cross_entropy(spec.scale * qv @ pool_vecs.T, targets[b])
+            logp = torch.log_softmax(spec.scale * qv @ pool_vecs.T, dim=-1)
+            loss = torch.nn.functional.nll_loss(logp, targets[b])
+            if soft is not None:
+                loss = loss - spec.teacher_weight * (soft[1][b] * logp.gather(1, soft[0][b])).sum(1).mean()
             if spec.anchor:
                 loss = loss + spec.anchor * ((qv - anchors[b]) ** 2).sum(1).mean()
             opt.zero_grad()
@@ -230,10 +298,24 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
         if stopped_early:
             break
     model.eval()
-    return Fit(model, step, stopped_early, round(time.time() - t_train, 1), len(pool), len(items))
+    return Fit(model, step, stopped_early, round(time.time() - t_train, 1), len(pool), len(items), relabelled)
 
 
-def main(spec: TrainSpec) -> dict[str, Any]:
+def _teacher(spec: TrainSpec, stored: dict[int, np.ndarray] | None, chunk_ids: list[int]) -> Teacher | None:
+    """The pseudo-labelling teacher: ``teacher_version``'s stored vector of every chunk and its weights."""
+    if not spec.teacher_version:
+        return None
+    missing = sum(cid not in (stored or {}) for cid in chunk_ids)
+    if missing:
+        raise ValueError(f"teacher version {spec.teacher_version} has no vector for {missing} of the {len(chunk_ids)} "
+                         "chunks: wait for its backfill (pgsynapse status), or set retrain_teacher = none")
+    model = load_embedder(ModelSpec(version_id=spec.teacher_version, name="teacher", path=Path(spec.teacher_path or ""),
+                                    runtime=spec.teacher_runtime, dim=spec.teacher_dim), threads=spec.threads)
+    return Teacher(model, np.stack([stored[cid] for cid in chunk_ids]))  # type: ignore[index]
+
+
+def main(spec: TrainSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, evaluate for the gate, save; ``data`` is :func:`load_data`'s result when the caller has it."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -241,7 +323,7 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     np.random.seed(spec.seed)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    data = load_data(spec)
+    data = data if data is not None else load_data(spec)
     base = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     chunker = data["chunker"](base.tokenizer, min(spec.chunk_tokens, base.max_seq_length), 0)
     chunk_ids = [r[0] for r in data["chunks"]]
@@ -261,6 +343,7 @@ def main(spec: TrainSpec) -> dict[str, Any]:
             chunk_vecs[i] = data["stored"][cid]
     if missing:
         chunk_vecs[missing] = _encode(base, [texts[i] for i in missing])
+    teacher = _teacher(spec, data.get("teacher_stored"), chunk_ids)
 
     examples = [e for e in data["examples"] if e[2] in index]
     # the gate's grouped hold-out: whole groups of similar questions, and their pages (learning/holdout.py)
@@ -283,14 +366,15 @@ def main(spec: TrainSpec) -> dict[str, Any]:
 
     _progress("retrain_pairs_built", train=len(train_ex), synthetic=len(corpus_items), heldout=len(held_ex),
               dropped=len(split.dropped), canary=len(canary))
-    gated = fit(spec, base, items_of(train_ex), chunk_vecs, started, "gated")
+    gated = fit(spec, base, items_of(train_ex), chunk_vecs, started, "gated", teacher)
 
     # the gate's evaluation (learning/gate.py): grouped hold-out and canary set, candidate vs active, whole
     # corpus; both search the same stored chunk vectors, so only the questions are encoded
     metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex),
                                "synthetic_pairs": len(corpus_items), "steps": gated.steps,
                                "stopped_early": gated.stopped_early, "train_seconds": gated.seconds,
-                               "recipe": "query-side", "negative_pool": gated.pool, "split": split.summary()}
+                               "recipe": "query-side", "negative_pool": gated.pool, "split": split.summary(),
+                               "teacher": spec.teacher_version, "teacher_relabelled": gated.relabelled}
     _progress("retrain_evaluating", heldout=len(held_ex), canary=len(canary))
     active = base if not spec.active_path or spec.active_path == spec.base_path else \
         SentenceTransformer(spec.active_path, device="cpu", local_files_only=True)
@@ -306,7 +390,7 @@ def main(spec: TrainSpec) -> dict[str, Any]:
     if spec.refit and held_ex:
         # the recipe the gate judged, trained again on every example (the held-out groups and their pages too):
         # that model is the one registered; its canary scores are checked as well (it never saw those questions)
-        served = fit(spec, base, items_of(examples), chunk_vecs, started, "refit")
+        served = fit(spec, base, items_of(examples), chunk_vecs, started, "refit", teacher)
         gated.model.save(str(out / "gated"))
         refit = gate_metrics(active_q, _encode(served.model, asked), chunk_vecs, chunk_vecs, chunk_docs,
                              heldout=(relevant, held_groups), canary=[d for _, d in canary], k=spec.eval_k)

@@ -60,3 +60,7 @@ LEFT JOIN q ON q.ranker_id IS NOT DISTINCT FROM r.id
 LEFT JOIN f ON f.ranker_id IS NOT DISTINCT FROM r.id
 WHERE r.status IN ('active', 'candidate') OR q.questions IS NOT NULL
 ORDER BY r.id NULLS FIRST;
+
+-- name: active_version_ranker
+-- the active ranker when it is a model version rescoring (path 'version:N'): the retrain's teacher by default
+SELECT id, path FROM pgsynapse.ranker_models WHERE status = 'active' AND runtime = 'version';
