@@ -198,12 +198,12 @@ class Settings(BaseModel):
         0.85, gt=0, le=1, description="feedback questions whose embeddings have at least this cosine similarity "
         "are one group of the gate's hold-out (as are questions of one template)")
     retrain_epochs: int = Field(1, ge=1, le=20)
-    retrain_lr: float = Field(5e-5, gt=0, lt=1)
+    retrain_lr: float = Field(1e-4, gt=0, lt=1)
     retrain_freeze_layers: int = Field(-1, ge=-1, le=48, description="lowest transformer layers of the query encoder kept frozen, with the embeddings (-1: none)")
     retrain_batch_size: int = Field(32, ge=2, le=1024)
     retrain_anchor: float = Field(1.0, ge=0, description="pull of each training question's vector towards the base model's (squared distance weight)")
     retrain_negative_pool: int = Field(200_000, ge=1000, description="chunk vectors in the training softmax (all of them in a smaller corpus)")
-    retrain_synthetic_pairs: int = Field(1200, ge=0, description="corpus-only title/heading pairs added to feedback")
+    retrain_synthetic_pairs: int = Field(4000, ge=0, description="at most this many corpus-only title/heading pairs added to feedback")
     retrain_refit: bool = Field(False, description="once the gate's split has judged the recipe, train it again on every example "
                                 "and register that model (its canary set is checked too); off: the model the gate judged")
     retrain_teacher: str = Field(

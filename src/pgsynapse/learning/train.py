@@ -59,7 +59,7 @@ class TrainSpec:
     out_dir: str
     active_path: str | None = None  # the active version's query encoder, compared at the gate (default: base)
     chunk_tokens: int = 256
-    lr: float = 5e-5
+    lr: float = 1e-4
     epochs: int = 1
     batch_size: int = 32
     scale: float = 20.0
@@ -71,7 +71,7 @@ class TrainSpec:
     refit: bool = False  # after the gate's split, train the same recipe on every example: the registered model
     active_version: int | None = None  # the canary set, built by the first retrain, is frozen with it
     canary_size: int = 300
-    synthetic_pairs: int = 1200
+    synthetic_pairs: int = 4000
     exclude_documents: list[int] = field(default_factory=list)  # never used for corpus pairs (the canary set's)
     budget_seconds: float = 1800.0
     eval_k: int = 5
