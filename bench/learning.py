@@ -83,7 +83,7 @@ def _add_teacher(url: str, args: Any, seed: int) -> int:
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         check_teacher(conn, teacher_path(teacher["id"]))
         REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version", status="active")
-    emit("learning", "teacher", seed=seed, version=teacher["id"], runtime=teacher["runtime"], **bf)
+    emit("learning", "teacher", seed=seed, version=teacher["id"], **{"teacher_runtime": teacher["runtime"], **bf})
     return int(teacher["id"])
 
 

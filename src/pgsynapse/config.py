@@ -207,10 +207,10 @@ class Settings(BaseModel):
     retrain_refit: bool = Field(False, description="once the gate's split has judged the recipe, train it again on every example "
                                 "and register that model (its canary set is checked too); off: the model the gate judged")
     retrain_teacher: str = Field(
-        "ranker", pattern=r"^(ranker|none|version:[0-9]+)$", description="a stronger scorer whose judgement labels "
+        "none", pattern=r"^(ranker|none|version:[0-9]+)$", description="a stronger scorer whose judgement labels "
         "the training examples (which passage of the helpful page is the positive): 'ranker' = the active ranker "
         "when it is a model version (`pgsynapse ranker add version:N`), else none; 'version:N' = that backfilled "
-        "model version; 'none'")
+        "model version; 'none' (the default: with the mpnet teacher it measured no better, docs/learning.md)")
     retrain_teacher_weight: float = Field(
         0.0, ge=0, description="weight of the teacher's distribution over the chunks as a soft target of each "
         "question, beside the positive (0: the teacher picks positives only)")

@@ -1,9 +1,9 @@
 """The retrain's teacher (issue 23, "pseudo-labels from a stronger scorer"): a model version with a vector for every
-chunk labels the training examples (which passage of the helpful page is the positive). By default it is the
-active ranker when that ranker is a model version (`pgsynapse ranker add version:N`); `retrain_teacher` names
-another version or turns it off. Real Postgres, the real default model as the base, a tiny random teacher: these
-tests check which teacher is used and that its labels reach the trainer, not how good they are (bench/learning.py
-measures that with all-mpnet-base-v2)."""
+chunk labels the training examples (which passage of the helpful page is the positive): with `retrain_teacher =
+ranker` the active ranker when that ranker is a model version (`pgsynapse ranker add version:N`), with `version:N`
+that version; `none`, the default, trains without one. Real Postgres, the real default model as the base, a tiny
+random teacher: these tests check which teacher is used and that its labels reach the trainer, not how good they
+are (bench/learning.py --teacher-vectors measures that with all-mpnet-base-v2)."""
 
 from __future__ import annotations
 
@@ -81,11 +81,11 @@ async def test_the_active_version_ranker_labels_the_retrains_examples(db_url, mo
 
     settings = fast_settings(db_url, data_dir=str(tmp_path / "data"), chunk_tokens=64, retrain_margin=-1,
                              retrain_synthetic_pairs=0, retrain_batch_size=8, retrain_heldout_fraction=0.25,
-                             retrain_canary_size=0)
+                             retrain_canary_size=0, retrain_teacher="ranker")
     # a version named that cannot label (there is none): the job fails saying so, and trains nothing
     [refused] = await _retrain(db_url, models, settings.model_copy(update={"retrain_teacher": "version:99"}))
     assert refused.error == "retrain_teacher version:99: no model version 99 to rescore with"
-    # the default: the active ranker's version labels the examples; the random teacher moves some positives
+    # "ranker": the active ranker's version labels the examples; the random teacher moves some positives
     [outcome] = await _retrain(db_url, models, settings)
     assert outcome.error is None, outcome.error
     metrics = outcome.result["metrics"]

@@ -13,7 +13,7 @@ Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen a
   the positives, each query's hardest chunks under the base model, and a random rest), so every other page's
   passages are negatives, the hard ones included, at the cost of one matrix product.
 - The positive is the best passage of the document the user marked helpful: under the **teacher** when there is
-  one (``teacher_version``: a stronger model version with a vector for every chunk, by default the active ranker's;
+  one (``teacher_version``: a stronger model version with a vector for every chunk, e.g. the active ranker's;
   its pseudo-labels), else under the base model. Examples are the feedback plus corpus-only pairs (titles,
   "NAME — description" lines, numbered headings, configuration parameter entries -> their passage), which cover
   pages no user has asked about.
