@@ -36,6 +36,7 @@ from bench.learning import _feedback
 from bench.retrieval import vectors_recall
 from pgsynapse.config import load_settings
 from pgsynapse.export import source_model_path
+from pgsynapse.handlers.retrain import train_spec
 from pgsynapse.learning import train
 
 B = "learning_recipes"
@@ -45,14 +46,8 @@ TEACHER_VERSION = -1  # a stand-in id: the teacher's vectors come from files, no
 
 def _spec(url: str, base_path: str) -> train.TrainSpec:
     """The retrain handler's spec with the product's default settings."""
-    s = load_settings(environ={}, database_url=url)
-    return train.TrainSpec(
-        url=url, base_version=1, base_path=base_path, active_path=base_path, out_dir=str(OUT), active_version=1,
-        chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
-        heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
-        synthetic_pairs=s.retrain_synthetic_pairs, anchor=s.retrain_anchor, canary_size=s.retrain_canary_size,
-        negative_pool=s.retrain_negative_pool, freeze_layers=s.retrain_freeze_layers,
-        teacher_weight=s.retrain_teacher_weight)
+    return train_spec(load_settings(environ={}, database_url=url), url=url, base_version=1, base_path=base_path,
+                      active_path=base_path, out_dir=str(OUT), active_version=1)
 
 
 def _gains(m: dict[str, Any], active: str, candidate: str) -> tuple[float, float]:

@@ -75,13 +75,23 @@ def gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return out
 
 
+def train_spec(s: Settings, **run: Any) -> TrainSpec:
+    """The trainer's spec: the recipe from the settings, and ``run``'s own fields (URL, versions, paths)."""
+    return TrainSpec(
+        chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
+        heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
+        synthetic_pairs=s.retrain_synthetic_pairs, budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k,
+        threads=s.torch_threads, anchor=s.retrain_anchor, seed=s.retrain_seed, refit=s.retrain_refit,
+        canary_size=s.retrain_canary_size, negative_pool=s.retrain_negative_pool,
+        freeze_layers=s.retrain_freeze_layers, teacher_weight=s.retrain_teacher_weight, **run)
+
+
 def _teacher_spec(teacher: dict[str, Any] | None, s: Settings) -> dict[str, Any]:
     """The trainer's teacher fields: the version as it serves (its runtime and artifact)."""
     if teacher is None:
         return {}
     return {"teacher_version": teacher["id"], "teacher_runtime": teacher["runtime"], "teacher_dim": teacher["dim"],
-            "teacher_path": str(resolve_model_path(teacher.get("artifact_path"), s.model_path, teacher["runtime"])),
-            "teacher_weight": s.retrain_teacher_weight}
+            "teacher_path": str(resolve_model_path(teacher.get("artifact_path"), s.model_path, teacher["runtime"]))}
 
 
 class RetrainHandler(Handler[RetrainWork]):
@@ -134,17 +144,11 @@ class RetrainHandler(Handler[RetrainWork]):
         # weights on all feedback so far (not from the active encoder: fine-tunes never stack)
         passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
-        spec = TrainSpec(
-            url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
+        spec = train_spec(
+            s, url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
             base_path=str(source_model_path(passage, s.model_path)),  # torch weights, also of an exported version
-            active_path=str(source_model_path(w.active, s.model_path)),
-            chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
-            heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
-            synthetic_pairs=s.retrain_synthetic_pairs,
-            budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k, threads=s.torch_threads,
-            anchor=s.retrain_anchor, seed=s.retrain_seed, refit=s.retrain_refit,
-            active_version=w.active["id"], canary_size=s.retrain_canary_size, negative_pool=s.retrain_negative_pool,
-            freeze_layers=s.retrain_freeze_layers, **_teacher_spec(w.teacher, s),
+            active_path=str(source_model_path(w.active, s.model_path)), active_version=w.active["id"],
+            **_teacher_spec(w.teacher, s),
         )
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir),
                  teacher=spec.teacher_version)
