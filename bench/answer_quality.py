@@ -50,14 +50,12 @@ from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from bench.extractive_v1 import ExtractiveV1Answerer
 from bench.extractive_v1 import split_sentences as v1_split
-from bench.teacher import add_teacher
+from bench.teacher import teacher_ranker
 from pgsynapse.answerers import NOT_FOUND, Answer, Passage, Request, split_sentences
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork
 from pgsynapse.handlers.base import Job
 from pgsynapse.models import ModelCache
-from pgsynapse.ranking.registry import REGISTRY
-from pgsynapse.ranking.rescore import teacher_path
 
 HERE = Path(__file__).parent / "data"
 CALIBRATION = HERE / "groundedness_calibration.jsonl"
@@ -296,11 +294,8 @@ def main() -> None:
                                    " WHERE status = 'active'").fetchone()
         ranker = None
         if args.teacher_vectors:  # the teacher version orders the first rank_candidates chunks (handler._rank)
-            teacher, bf = add_teacher(load_settings(environ={}, database_url=url, data_dir=TEACHER_DATA), url,
-                                      args.teacher_vectors, args.teacher_model)
-            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-                ranker = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]),
-                                            "version", status="active")
+            teacher, ranker, bf = teacher_ranker(load_settings(environ={}, database_url=url, data_dir=TEACHER_DATA),
+                                                 url, args.teacher_vectors, args.teacher_model, status="active")
             emit("answer_quality", "ranker", ranker=ranker["id"], teacher=teacher["id"], runtime=teacher["runtime"],
                  preloaded=bf["preloaded"])
         embedder = models.get(version)

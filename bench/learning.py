@@ -18,8 +18,8 @@ like-for-like comparison with the torch candidate, v1's torch weights.
 
 With ``--teacher-vectors`` each clone first gets all-mpnet-base-v2 as a model version (``model add``, its vectors
 computed elsewhere by bench/gpu_distill.py and preloaded, then backfilled by a real worker: bench.teacher's
-``add_teacher``) and as the active ranker (``ranker add version:N``), as a user who runs the teacher ranker has
-it; the retrain job's default ``retrain_teacher = ranker`` then lets it label the training examples.
+``teacher_ranker``) and as the active ranker (``ranker add version:N``), as a user who runs the teacher ranker has
+it; the retrain runs with ``retrain_teacher = ranker`` (off by default), so the teacher labels its examples.
 """
 
 from __future__ import annotations
@@ -33,19 +33,16 @@ from typing import Any
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
 from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import split
 from bench.retrieval import vectors_recall
-from bench.teacher import add_teacher
+from bench.teacher import teacher_ranker
 from pgsynapse.config import load_settings
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
-from pgsynapse.ranking.registry import REGISTRY
-from pgsynapse.ranking.rescore import check_teacher, teacher_path
 
 HALVES = ("tune", "report")
 
@@ -64,11 +61,11 @@ def _feedback(conn: psycopg.Connection, train: list[dict[str, Any]]) -> None:
                          (qid, chunk[0]))
 
 
-def _retrain(url: str, seed: int, data_dir: Path, n_train: int, after: int) -> float:
+def _retrain(url: str, seed: int, data_dir: Path, n_train: int, after: int, **overrides: Any) -> float:
     """Run a worker until the retrain job has registered its candidate (a version after ``after``: rejected, or
     backfilled)."""
     settings = load_settings(database_url=url, kinds=("retrain", "backfill"), retrain_min_feedback=n_train,
-                             retrain_seed=seed, data_dir=str(data_dir))
+                             retrain_seed=seed, data_dir=str(data_dir), **overrides)
     started = time.perf_counter()
     run_worker_until(settings, url, f"SELECT EXISTS (SELECT 1 FROM pgsynapse.model_versions WHERE id > {int(after)}"
                      " AND (status = 'rejected' OR backfilled_at IS NOT NULL)) OR EXISTS (SELECT 1 FROM pgsynapse.jobs"
@@ -79,10 +76,7 @@ def _retrain(url: str, seed: int, data_dir: Path, n_train: int, after: int) -> f
 def _add_teacher(url: str, args: Any, seed: int) -> int:
     """mpnet as a model version and as the active ranker (bench.ranker --teacher); its version id."""
     settings = load_settings(environ={}, database_url=url, data_dir=f"/tmp/pgsynapse-bench-learning/teacher{seed}")
-    teacher, bf = add_teacher(settings, url, args.teacher_vectors, args.teacher_model)
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        check_teacher(conn, teacher_path(teacher["id"]))
-        REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version", status="active")
+    teacher, _ranker, bf = teacher_ranker(settings, url, args.teacher_vectors, args.teacher_model, status="active")
     emit("learning", "teacher", seed=seed, version=teacher["id"], **{"teacher_runtime": teacher["runtime"], **bf})
     return int(teacher["id"])
 
@@ -134,7 +128,9 @@ def run(args: Any) -> None:
                     emit("learning", f"base_{name}", runtime=v1["runtime"],
                          **vectors_recall(served.encode(texts), vecs, pages, rel))
             after = _add_teacher(url, args, seed) if args.teacher_vectors else 1
-            wall = _retrain(url, seed, Path(f"/tmp/pgsynapse-bench-learning/seed{seed}"), len(train), after)
+            # the teacher is the active ranker; retrain_teacher = ranker (off by default) lets it label the examples
+            wall = _retrain(url, seed, Path(f"/tmp/pgsynapse-bench-learning/seed{seed}"), len(train), after,
+                            **({"retrain_teacher": "ranker"} if args.teacher_vectors else {}))
             with psycopg.connect(url, autocommit=True) as conn:
                 cand = conn.execute("SELECT id, status, artifact_path, metrics, passage_version_id"
                                     " FROM pgsynapse.model_versions WHERE id > %s ORDER BY id DESC LIMIT 1",

@@ -42,12 +42,12 @@ from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import HALVES, split
 from bench.learning import _feedback
 from bench.retrieval import score
-from bench.teacher import add_teacher
+from bench.teacher import teacher_ranker
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
-from pgsynapse.ranking.rescore import check_teacher, rescore, teacher_path
+from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.search import search
 
@@ -147,11 +147,9 @@ def run(args: Any) -> None:
                 _feedback(plain, train)
             emit("ranker", "corpus", **info, feedback=len(train))
             if args.teacher:
-                teacher, bf = add_teacher(settings, url, args.teacher_vectors, args.teacher_model)
+                teacher, row, bf = teacher_ranker(settings, url, args.teacher_vectors, args.teacher_model)
                 emit("ranker", "teacher", version=teacher["id"], dim=teacher["dim"], path=teacher["artifact_path"],
                      **bf)
-                check_teacher(conn, teacher_path(teacher["id"]))
-                row = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version")
                 train_s = None
             elif args.ranker:
                 row = REGISTRY.add_model(conn, "bench", args.ranker, "onnx-int8")

@@ -47,6 +47,8 @@ from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model
 from pgsynapse.models import ModelCache, default_model_path
 from pgsynapse.queries import q
+from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, teacher_path
 
 B = "teacher"
 DATA_DIR = Path("/tmp/pgsynapse-bench-teacher")  # the worker's exports and the distilled student
@@ -184,6 +186,18 @@ def add_teacher(settings: Any, url: str, vectors_dir: Path | None, model: Path |
     # runtime, which backfill() waits for; no retrain (a bench's training feedback would queue one)
     done = backfill(settings.model_copy(update={"kinds": ("embed", "backfill")}), url, added["id"])
     return _version(url, added["id"]), {"preloaded": preloaded, "warnings": added["warnings"], **done}
+
+
+def teacher_ranker(settings: Any, url: str, vectors_dir: Path | None, model: Path | None = None,
+                   status: str = "candidate") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """:func:`add_teacher`, then the teacher as a ranker (``ranker add version:N``, registered with ``status``):
+    its version row, its ranker row and the backfill's figures."""
+    teacher, figures = add_teacher(settings, url, vectors_dir, model)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        check_teacher(conn, teacher_path(teacher["id"]))
+        ranker = REGISTRY.add_model(conn, "all-mpnet-base-v2 rescoring", teacher_path(teacher["id"]), "version",
+                                    status=status)
+    return teacher, ranker, figures
 
 
 def report_row(name: str, url: str, row: dict[str, Any], report: list[dict[str, Any]], models: ModelCache,
