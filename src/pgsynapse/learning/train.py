@@ -49,6 +49,7 @@ from pgsynapse.learning.gate import gate_metrics  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
 from pgsynapse.learning.trainer_process import progress as _progress  # noqa: E402
 from pgsynapse.models import ModelSpec, load_embedder  # noqa: E402
+from pgsynapse.queries import q  # noqa: E402
 
 
 @dataclass
@@ -130,7 +131,6 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
     import psycopg
 
     from pgsynapse.chunking import Chunker
-    from pgsynapse.queries import q
 
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         examples = conn.execute(
@@ -143,8 +143,8 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
         bodies = conn.execute("SELECT id, coalesce(title, ''), coalesce(body, '') FROM pgsynapse.documents"
                               " WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id)"
                               ).fetchall()
-        stored = _stored(conn, spec.base_version)
-        teacher = _stored(conn, spec.teacher_version) if spec.teacher_version else None
+        stored = stored_vectors(conn, spec.base_version)
+        teacher = stored_vectors(conn, spec.teacher_version) if spec.teacher_version else None
         # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)
         built = ensure_canary(conn, spec.active_version, spec.canary_size)
         if built["built"]:
@@ -155,10 +155,9 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
             "canary": [(question, doc) for question, doc in canary]}
 
 
-def _stored(conn: Any, version: int) -> dict[int, np.ndarray]:
+def stored_vectors(conn: Any, version: int) -> dict[int, np.ndarray]:
     """A version's stored chunk vectors by chunk id."""
-    rows = conn.execute("SELECT chunk_id, embedding::text FROM pgsynapse.embeddings WHERE model_version_id = %s",
-                        (version,)).fetchall()
+    rows = conn.execute(q("stored_vectors", "learning.sql"), {"version": version}).fetchall()
     return {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in rows}
 
 

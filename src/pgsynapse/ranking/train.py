@@ -46,7 +46,7 @@ from pgsynapse.learning.distill_train import kept_layers  # noqa: E402
 from pgsynapse.learning.gate import ranking_scores, summary  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
 from pgsynapse.learning.metrics import distinct_documents  # noqa: E402
-from pgsynapse.learning.train import synthetic_pairs  # noqa: E402
+from pgsynapse.learning.train import stored_vectors, synthetic_pairs  # noqa: E402
 from pgsynapse.learning.trainer_process import progress  # noqa: E402
 from pgsynapse.models import ModelCache  # noqa: E402
 from pgsynapse.queries import q  # noqa: E402
@@ -62,13 +62,13 @@ def load_data(spec: RankerSpec) -> dict[str, Any]:
         examples = conn.execute(q("ranker_examples", "rankers.sql")).fetchall()
         chunks = conn.execute(q("ranker_chunks", "rankers.sql")).fetchall()
         bodies = conn.execute(q("ranker_documents", "rankers.sql")).fetchall()
-        stored = conn.execute(q("ranker_vectors", "rankers.sql"), {"version": spec.version["id"]}).fetchall()
+        stored = stored_vectors(conn, spec.version["id"])
         built = ensure_canary(conn, spec.version["id"], spec.canary_size)
         if built["built"]:
             progress("canary_built", questions=built["questions"], version=spec.version["id"])
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     return {"examples": examples, "chunks": chunks, "docs": {r[0]: (r[1], r[2]) for r in bodies},
-            "stored": {cid: np.array(json.loads(v), dtype=np.float32) for cid, v in stored}, "canary": canary}
+            "stored": stored, "canary": canary}
 
 
 class Listwise:

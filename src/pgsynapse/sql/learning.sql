@@ -228,3 +228,9 @@ FOR UPDATE;
 UPDATE pgsynapse.model_versions
 SET metrics = coalesce(metrics, '{}'::jsonb) || jsonb_build_object('ab', %(figures)s::jsonb)
 WHERE id = %(version)s;
+
+-- name: stored_vectors
+-- a version's stored chunk vectors, as text (the trainers parse them without pgvector's adapter)
+SELECT chunk_id, embedding::text
+FROM pgsynapse.embeddings
+WHERE model_version_id = %(version)s;

@@ -20,11 +20,6 @@ SELECT id, coalesce(title, ''), coalesce(body, '')
 FROM pgsynapse.documents
 WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id);
 
--- name: ranker_vectors
-SELECT chunk_id, embedding::text
-FROM pgsynapse.embeddings
-WHERE model_version_id = %(version)s;
-
 -- name: ab_report_rankers
 -- the rankers' A/B: per ranker (NULL: the vector order) answered questions, their latency, and the rated ones (one
 -- verdict per question, its latest feedback row, as ab_report counts for versions); every active or candidate
