@@ -166,10 +166,9 @@ def preload(url: str, version: int, vectors_dir: Path) -> int:
         if known != {int(i) for i in ids}:
             raise SystemExit(f"{vectors_dir}: its {len(ids)} chunk ids are not this database's {len(known)} chunks "
                              "(another corpus template?)")
-        rows = [(int(i), version, v) for i, v in zip(ids, vectors, strict=True)]
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(q("insert_backfill_embeddings", "learning.sql"), rows)
-    return len(rows)
+        conn.execute(q("insert_backfill_embeddings", "learning.sql"),
+                     {"version": version, "chunks": [int(i) for i in ids], "embeddings": list(vectors)})
+    return len(ids)
 
 
 def add_teacher(settings: Any, url: str, vectors_dir: Path | None, model: Path | None = None,

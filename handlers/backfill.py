@@ -121,9 +121,9 @@ class BackfillHandler(Handler[BackfillWork]):
                 if copied:
                     await conn.execute(q("copy_passage_embeddings", "learning.sql"), {
                         "version": version, "passage": passage, "ids": copied})
-                async with conn.cursor() as cur:
-                    await cur.executemany(q("insert_backfill_embeddings", "learning.sql"),
-                                          [(cid, version, vec) for cid, vec in rows])
+                if rows:
+                    await conn.execute(q("insert_backfill_embeddings", "learning.sql"), {
+                        "version": version, "chunks": [cid for cid, _ in rows], "embeddings": [vec for _, vec in rows]})
                 # chunks deleted meanwhile fail the FK above only if gone; the next batch continues after these
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb({**o.job.payload, "after": after}),

@@ -177,29 +177,26 @@ class EmbedHandler(Handler[EmbedWork]):
         if n_chunks:
             cur = await conn.execute(q("next_chunk_ids"), {"n": n_chunks})
             chunk_ids = [r["id"] for r in await cur.fetchall()]
-            rows, emb_rows, i = [], [], 0
+            chunks: dict[str, list[Any]] = {k: [] for k in ("documents", "ords", "texts", "tokens", "starts", "ends", "hashes")}
+            vectors: dict[str, list[Any]] = {"chunks": [], "versions": [], "embeddings": []}
+            i = 0
             for o in fresh:
                 res: EmbedResult = o.result
                 for k, ch in enumerate(res.chunks):
                     cid = chunk_ids[i]
                     i += 1
-                    rows.append((cid, o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start, ch.char_end, res.content_hash))
+                    for key, value in zip(chunks, (o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start,
+                                                   ch.char_end, res.content_hash), strict=True):
+                        chunks[key].append(value)
                     for version, arr in res.vectors.items():
                         if version in live:
-                            emb_rows.append((cid, version, arr[k]))
-            async with conn.cursor() as c:
-                async with c.copy(
-                    "COPY pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)"
-                    " FROM STDIN"
-                ) as copy:
-                    for row in rows:
-                        await copy.write_row(row)
-                async with c.copy(
-                    "COPY pgsynapse.embeddings (chunk_id, model_version_id, embedding) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
-                    copy.set_types(["int8", "int4", "vector"])
-                    for row in emb_rows:
-                        await copy.write_row(row)
+                            vectors["chunks"].append(cid)
+                            vectors["versions"].append(version)
+                            vectors["embeddings"].append(arr[k])
+            # whole statements, never COPY: see insert_chunks in queries.sql
+            await conn.execute(q("insert_chunks"), {"ids": chunk_ids, **chunks})
+            if vectors["chunks"]:
+                await conn.execute(q("insert_embeddings"), vectors)
         await conn.execute(q("mark_documents_embedded"), {"ids": ids})
         report.written.extend(o.job.id for o in fresh)
         return report

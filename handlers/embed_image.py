@@ -140,12 +140,11 @@ class EmbedImageHandler(Handler[ImageWork]):
             return report
         ids = [o.job.ref_id for o in fresh]
         await conn.execute(sql("delete_image_embeddings"), {"ids": ids})
-        async with conn.cursor() as c:
-            async with c.copy("COPY pgsynapse.image_embeddings (image_id, model_id, embedding) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "int4", "vector"])
-                for o in fresh:
-                    for mid, vec in o.result.vectors.items():
-                        await copy.write_row((o.job.ref_id, mid, vec))
+        written = [(o.job.ref_id, mid, vec) for o in fresh for mid, vec in o.result.vectors.items()]
+        if written:
+            images, models, vectors = zip(*written, strict=True)
+            await conn.execute(sql("insert_image_embeddings"),
+                               {"images": list(images), "models": list(models), "embeddings": list(vectors)})
         res = [o.result for o in fresh]
         await conn.execute(sql("mark_images_embedded"), {
             "ids": ids, "widths": [r.width for r in res], "heights": [r.height for r in res],

@@ -125,10 +125,8 @@ async def embed_queries(
             found[h] = v
             lru.put((version, QUERY_EMBEDDING, h), v)
         if conn is not None:
-            async with conn.cursor() as cur:
-                await cur.executemany(q("cache_put", "cache.sql"), [
-                    {"version": version, "op": QUERY_EMBEDDING, "hash": h, "embedding": v, "output": None}
-                    for h, v in zip(missing, vectors, strict=True)])
+            await conn.execute(q("cache_put_embeddings", "cache.sql"), {
+                "version": version, "op": QUERY_EMBEDDING, "hashes": list(missing), "embeddings": list(vectors)})
         metrics.cache_miss(version, len(texts) - hits)
     if hits:
         metrics.cache_hit(version, hits)

@@ -44,7 +44,47 @@ def _free_subnet() -> int:
     raise RuntimeError("no free 10.213.x.0/30 for the veth pair")
 
 
-class _Forwarder:
+class ServerStream:
+    """The server's side of one connection, split into protocol messages (PostgreSQL protocol 3: a type byte and
+    a length), to find where the server is left waiting on the client in the middle of a statement: COPY FROM
+    STDIN (CopyInResponse) or a pipeline (a statement complete, the next one's Parse/Bind answered before any
+    ReadyForQuery). There the server waits for the client with no ``idle_in_transaction_session_timeout`` (that
+    is armed only at ReadyForQuery), and no ``statement_timeout`` interrupts a backend blocked reading from its
+    client: cut off there, the worker's backend keeps its row locks until the server's TCP keepalive gives up."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._started = False
+        self._after_complete = False  # a CommandComplete since the last ReadyForQuery
+
+    def feed(self, data: bytes) -> list[str]:
+        self._buf += data
+        if not self._started:
+            # libpq's SSLRequest (and GSSENCRequest) are answered with one byte, 'N' (the path has sslmode=disable
+            # anyway); the first message proper is Authentication ('R'), an ErrorResponse or NegotiateProtocolVersion
+            while self._buf[:1] == b"N":
+                del self._buf[:1]
+            self._started = bool(self._buf)
+        found = []
+        while len(self._buf) >= 5:
+            size = int.from_bytes(self._buf[1:5], "big")
+            if len(self._buf) < 1 + size:
+                break
+            kind = chr(self._buf[0])
+            del self._buf[:1 + size]
+            if kind == "G":
+                found.append("COPY FROM STDIN")
+            elif kind in "12" and self._after_complete:  # once per statement that waited
+                found.append("pipeline")
+                self._after_complete = False
+            if kind == "C":
+                self._after_complete = True
+            elif kind == "Z":
+                self._after_complete = False
+        return found
+
+
+class Forwarder:
     """TCP on (host, port) -> the server (a unix socket or host:port), in a thread with its own event loop."""
 
     def __init__(self, listen_host: str, upstream: dict[str, str]) -> None:
@@ -53,11 +93,21 @@ class _Forwarder:
         self.port = 0
         self.connections = 0
         self.upstream_errors: list[str] = []
+        # (connection number, what) for each point where the server was left waiting on the client mid-statement
+        self.mid_statement_waits: list[tuple[int, str]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pg-forwarder")
         self._writers: set[asyncio.StreamWriter] = set()
         self._on_write_in_txn: Callable[[], None] | None = None
+
+    def url(self, db_url: str) -> str:
+        """``db_url`` (same database, user, password) through this forwarder; without TLS, so that it can read the
+        server's side of the protocol (:class:`ServerStream`)."""
+        params = conninfo_to_dict(db_url)
+        params.pop("hostaddr", None)
+        params.update(host=self.listen_host, port=str(self.port), sslmode="disable")
+        return make_conninfo(**params)
 
     def arm(self, action: Callable[[], None]) -> None:
         """Run ``action`` (once) before relaying the next server reply that leaves a session inside a transaction
@@ -70,9 +120,13 @@ class _Forwarder:
             return await asyncio.open_unix_connection(os.path.join(host, f".s.PGSQL.{port}"))
         return await asyncio.open_connection(host, int(port))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_server: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, from_server: bool,
+                    number: int) -> None:
+        stream = ServerStream() if from_server else None
         try:
             while data := await reader.read(65536):
+                if stream is not None:
+                    self.mid_statement_waits += [(number, what) for what in stream.feed(data)]
                 action = self._on_write_in_txn
                 if from_server and action is not None and _WROTE_IN_TXN.search(data):
                     self._on_write_in_txn = None
@@ -86,6 +140,7 @@ class _Forwarder:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
         try:
             up_reader, up_writer = await self._open_upstream()
         except OSError as exc:  # the client sees its connection closed, as from a server that went away
@@ -94,7 +149,7 @@ class _Forwarder:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
+            await asyncio.gather(self._pipe(reader, up_writer, False, number), self._pipe(up_reader, writer, True, number))
         finally:
             self._writers -= {writer, up_writer}
 
@@ -130,7 +185,7 @@ class Partition:
     name: str = field(default_factory=lambda: f"pgs-part-{secrets.token_hex(3)}")
     host_addr: str = ""
     inside_addr: str = ""
-    forwarder: _Forwarder | None = None
+    forwarder: Forwarder | None = None
     cut_done: threading.Event = field(default_factory=threading.Event)
     cut_time: float = 0.0  # time.time() of the last cut
 
@@ -149,10 +204,7 @@ class Partition:
     def url(self, db_url: str) -> str:
         """``db_url`` (same database, user, password) reached through the cuttable path."""
         assert self.forwarder is not None
-        params = conninfo_to_dict(db_url)
-        params.pop("hostaddr", None)
-        params.update(host=self.host_addr, port=str(self.forwarder.port))
-        return make_conninfo(**params)
+        return self.forwarder.url(db_url)
 
     def _must(self, *args: str) -> None:
         r = _ip(*args)
@@ -168,7 +220,7 @@ class Partition:
         self._must("-n", self.name, "addr", "add", f"{self.inside_addr}/30", "dev", self.inside_veth)
         self._must("-n", self.name, "link", "set", self.inside_veth, "up")
         self._must("-n", self.name, "link", "set", "lo", "up")
-        self.forwarder = _Forwarder(self.host_addr, conninfo_to_dict(self.server_url))
+        self.forwarder = Forwarder(self.host_addr, conninfo_to_dict(self.server_url))
         self.forwarder.start()
 
     def check(self, db_url: str) -> None:

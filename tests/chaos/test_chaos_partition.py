@@ -74,6 +74,28 @@ async def _scalar(conn, sql: str, params: Any = None) -> Any:
     return list(row.values())[0]
 
 
+async def _why_not_taken_over(conn, a_id: str, a: WorkerProcess, b: WorkerProcess) -> str:
+    """What a failed takeover wait shows: A's jobs still running (locked or not), the server's sessions, the
+    workers' last events."""
+    async with conn.transaction(force_rollback=True):
+        jobs = await (await conn.execute(
+            "SELECT id, kind, solo, attempts, round(extract(epoch FROM lease_until - now())::numeric, 1) AS lease_left_s"
+            " FROM pgsynapse.jobs WHERE status = 'running' AND worker = %s ORDER BY id", (a_id,))).fetchall()
+        unlocked = [r["id"] for r in await (await conn.execute(
+            "SELECT id FROM pgsynapse.jobs WHERE status = 'running' AND worker = %s FOR UPDATE SKIP LOCKED",
+            (a_id,))).fetchall()]
+    sessions = await (await conn.execute(
+        "SELECT pid, application_name, client_addr, state, wait_event_type, wait_event, backend_xid,"
+        " round(extract(epoch FROM now() - xact_start)::numeric, 1) AS xact_s,"
+        " round(extract(epoch FROM now() - state_change)::numeric, 1) AS state_s,"
+        " pg_blocking_pids(pid) AS blocked_by, left(query, 160) AS query"
+        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")).fetchall()
+    lines = [f"A's running jobs ({len(jobs)}; not row-locked: {unlocked}): {jobs}", "sessions:"]
+    lines += [f"  {dict(r)}" for r in sessions]
+    lines += ["B's last events:", b.tail(25), "A's last events:", a.tail(10)]
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("when", ["holding_claims", "mid_transaction"])
 async def test_partitioned_worker_is_taken_over_and_its_late_writes_refused(when, db_url, pg_url, full, record):
     rng = random.Random(21)
@@ -104,8 +126,11 @@ async def test_partitioned_worker_is_taken_over_and_its_late_writes_refused(when
                 "SELECT id FROM pgsynapse.jobs WHERE status = 'running' AND worker = %s", (a_id,))).fetchall()]
             assert held, "A finished its batch between the check and the cut: it held nothing to take over"
             # B takes them over once their leases expire (and, mid-transaction, once A's locks are released)
-            await wait_until(conn, "SELECT NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE status = 'running'"
-                             " AND worker = %s)", (a_id,), timeout=TAKEOVER_TIMEOUT)
+            try:
+                await wait_until(conn, "SELECT NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE status = 'running'"
+                                 " AND worker = %s)", (a_id,), timeout=TAKEOVER_TIMEOUT)
+            except TimeoutError:
+                raise AssertionError(f"B did not take A's jobs over:\n{await _why_not_taken_over(conn, a_id, a, b)}") from None
             takeover_s = time.time() - t_cut
             await wait_until(conn, QUIET)
             finished_s = time.time() - t_cut
@@ -163,6 +188,9 @@ async def test_partitioned_worker_is_taken_over_and_its_late_writes_refused(when
     late_events = _events(a, LATE, t_cut)
     dropped = sum(e["n"] for e in late_events)
     assert 1 <= dropped <= taken_over, f"A's late results refused: {dropped}, B redid {taken_over}: {late_events}"
+    # the bound above holds only where the server waits on A at a ReadyForQuery: never inside a statement
+    waits = part.forwarder.mid_statement_waits
+    assert not waits, f"A left the server waiting on it inside a statement (connection, what): {waits[:10]}"
     t = result["totals"]
     assert t["documents"] == n_docs + n_after and t["jobs_failed"] == 0 and t["questions_answered"] == 6
     record(jobs_held_at_cut=len(held), jobs_redone_by_b=redone, takeover_s=round(takeover_s, 1), all_done_while_cut_s=round(finished_s, 1),

@@ -82,8 +82,11 @@ SELECT chunk_id FROM pgsynapse.embeddings WHERE model_version_id = %(passage)s A
 SELECT status FROM pgsynapse.model_versions WHERE id = %(version)s FOR SHARE;
 
 -- name: insert_backfill_embeddings
--- ON CONFLICT: a resumed backfill never writes a duplicate
-INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING;
+-- ON CONFLICT: a resumed backfill never writes a duplicate. One statement, never a pipeline (psycopg's
+-- executemany): see insert_chunks in queries.sql.
+INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)
+SELECT c, %(version)s, e FROM unnest(%(chunks)s::bigint[], %(embeddings)b::vector[]) AS u (c, e)
+ON CONFLICT DO NOTHING;
 
 -- name: notify_backfilled
 SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %(version)s::int)::text);

@@ -182,6 +182,21 @@ DELETE FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s);
 -- name: next_chunk_ids
 SELECT nextval('pgsynapse.chunks_id_seq') AS id FROM generate_series(1, %(n)s);
 
+-- name: insert_chunks
+-- The write transaction sends each statement whole, never COPY FROM STDIN or a pipeline (psycopg's executemany):
+-- the server must wait on the worker only at a ReadyForQuery, where idle_in_transaction_session_timeout ends the
+-- transaction of a worker cut off from it (db.bounded_transaction). Inside a COPY it would wait with the jobs'
+-- row locks held until its TCP keepalive gave up, and no other worker could take them over
+-- (tests/chaos/test_chaos_partition.py).
+INSERT INTO pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)
+SELECT * FROM unnest(%(ids)s::bigint[], %(documents)s::bigint[], %(ords)s::int[], %(texts)s::text[],
+                     %(tokens)s::int[], %(starts)s::int[], %(ends)s::int[], %(hashes)s::text[]);
+
+-- name: insert_embeddings
+-- One statement (see insert_chunks); the vectors go in binary, as fast as COPY's binary format.
+INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)
+SELECT * FROM unnest(%(chunks)s::bigint[], %(versions)s::int[], %(embeddings)b::vector[]);
+
 -- name: mark_documents_embedded
 UPDATE pgsynapse.documents d
 SET status = 'embedded', error = NULL, embedded_hash = d.content_hash, embedded_at = now()
