@@ -23,7 +23,7 @@ ON CONFLICT (model_version_id, op, input_hash) DO NOTHING;
 -- Many query embeddings in one statement, never a pipeline (psycopg's executemany): a worker cut off mid-pipeline
 -- would leave its rows uncommitted, and another worker's insert of the same key waiting on them, with no timeout.
 INSERT INTO pgsynapse.inference_cache (model_version_id, op, input_hash, embedding)
-SELECT %(version)s, %(op)s, h, e FROM unnest(%(hashes)s::bytea[], %(embeddings)b::vector[]) AS u (h, e)
+SELECT %(version)s, %(op)s, h, e FROM unnest(%(hashes)b::bytea[], %(embeddings)b::vector[]) AS u (h, e)
 ON CONFLICT (model_version_id, op, input_hash) DO NOTHING;
 
 -- name: cache_expire

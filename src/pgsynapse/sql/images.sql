@@ -27,7 +27,7 @@ DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);
 -- name: insert_image_embeddings
 -- One statement, never COPY FROM STDIN: see insert_chunks in queries.sql.
 INSERT INTO pgsynapse.image_embeddings (image_id, model_id, embedding)
-SELECT * FROM unnest(%(images)s::bigint[], %(models)s::int[], %(embeddings)b::vector[]);
+SELECT * FROM unnest(%(images)b::bigint[], %(models)b::int[], %(embeddings)b::vector[]);
 
 -- name: mark_images_embedded
 UPDATE pgsynapse.images i

@@ -85,7 +85,7 @@ SELECT status FROM pgsynapse.model_versions WHERE id = %(version)s FOR SHARE;
 -- ON CONFLICT: a resumed backfill never writes a duplicate. One statement, never a pipeline (psycopg's
 -- executemany): see insert_chunks in queries.sql.
 INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)
-SELECT c, %(version)s, e FROM unnest(%(chunks)s::bigint[], %(embeddings)b::vector[]) AS u (c, e)
+SELECT c, %(version)s, e FROM unnest(%(chunks)b::bigint[], %(embeddings)b::vector[]) AS u (c, e)
 ON CONFLICT DO NOTHING;
 
 -- name: notify_backfilled

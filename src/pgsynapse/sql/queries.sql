@@ -189,13 +189,13 @@ SELECT nextval('pgsynapse.chunks_id_seq') AS id FROM generate_series(1, %(n)s);
 -- row locks held until its TCP keepalive gave up, and no other worker could take them over
 -- (tests/chaos/test_chaos_partition.py).
 INSERT INTO pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)
-SELECT * FROM unnest(%(ids)s::bigint[], %(documents)s::bigint[], %(ords)s::int[], %(texts)s::text[],
-                     %(tokens)s::int[], %(starts)s::int[], %(ends)s::int[], %(hashes)s::text[]);
+SELECT * FROM unnest(%(ids)b::bigint[], %(documents)b::bigint[], %(ords)b::int[], %(texts)b::text[],
+                     %(tokens)b::int[], %(starts)b::int[], %(ends)b::int[], %(hashes)b::text[]);
 
 -- name: insert_embeddings
--- One statement (see insert_chunks); the vectors go in binary, as fast as COPY's binary format.
+-- One statement (see insert_chunks), its arrays bound in binary.
 INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding)
-SELECT * FROM unnest(%(chunks)s::bigint[], %(versions)s::int[], %(embeddings)b::vector[]);
+SELECT * FROM unnest(%(chunks)b::bigint[], %(versions)b::int[], %(embeddings)b::vector[]);
 
 -- name: mark_documents_embedded
 UPDATE pgsynapse.documents d
