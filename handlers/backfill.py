@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import Settings
+from pgsynapse.db import columns
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
@@ -122,8 +123,8 @@ class BackfillHandler(Handler[BackfillWork]):
                     await conn.execute(q("copy_passage_embeddings", "learning.sql"), {
                         "version": version, "passage": passage, "ids": copied})
                 if rows:
-                    await conn.execute(q("insert_backfill_embeddings", "learning.sql"), {
-                        "version": version, "chunks": [cid for cid, _ in rows], "embeddings": [vec for _, vec in rows]})
+                    await conn.execute(q("insert_backfill_embeddings", "learning.sql"),
+                                       {"version": version, **columns(rows, "chunks", "embeddings")})
                 # chunks deleted meanwhile fail the FK above only if gone; the next batch continues after these
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb({**o.job.payload, "after": after}),

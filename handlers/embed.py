@@ -10,6 +10,7 @@ import psycopg
 
 from pgsynapse.chunking import Chunk, Chunker
 from pgsynapse.config import Settings
+from pgsynapse.db import columns
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
 from pgsynapse.logs import get_logger
@@ -177,26 +178,20 @@ class EmbedHandler(Handler[EmbedWork]):
         if n_chunks:
             cur = await conn.execute(q("next_chunk_ids"), {"n": n_chunks})
             chunk_ids = [r["id"] for r in await cur.fetchall()]
-            chunks: dict[str, list[Any]] = {k: [] for k in ("documents", "ords", "texts", "tokens", "starts", "ends", "hashes")}
-            vectors: dict[str, list[Any]] = {"chunks": [], "versions": [], "embeddings": []}
-            i = 0
+            rows: list[tuple[Any, ...]] = []
+            vectors: list[tuple[int, int, np.ndarray]] = []
             for o in fresh:
                 res: EmbedResult = o.result
                 for k, ch in enumerate(res.chunks):
-                    cid = chunk_ids[i]
-                    i += 1
-                    for key, value in zip(chunks, (o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start,
-                                                   ch.char_end, res.content_hash), strict=True):
-                        chunks[key].append(value)
-                    for version, arr in res.vectors.items():
-                        if version in live:
-                            vectors["chunks"].append(cid)
-                            vectors["versions"].append(version)
-                            vectors["embeddings"].append(arr[k])
+                    cid = chunk_ids[len(rows)]
+                    rows.append((cid, o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start, ch.char_end,
+                                 res.content_hash))
+                    vectors += [(cid, version, arr[k]) for version, arr in res.vectors.items() if version in live]
             # whole statements, never COPY: see insert_chunks in queries.sql
-            await conn.execute(q("insert_chunks"), {"ids": chunk_ids, **chunks})
-            if vectors["chunks"]:
-                await conn.execute(q("insert_embeddings"), vectors)
+            await conn.execute(q("insert_chunks"), columns(rows, "ids", "documents", "ords", "texts", "tokens",
+                                                           "starts", "ends", "hashes"))
+            if vectors:
+                await conn.execute(q("insert_embeddings"), columns(vectors, "chunks", "versions", "embeddings"))
         await conn.execute(q("mark_documents_embedded"), {"ids": ids})
         report.written.extend(o.job.id for o in fresh)
         return report

@@ -10,6 +10,7 @@ import numpy as np
 import psycopg
 
 from pgsynapse.config import Settings
+from pgsynapse.db import columns
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
 from pgsynapse.images.decode import Decoded, ImageLimits, decode, read_image_file
@@ -140,11 +141,9 @@ class EmbedImageHandler(Handler[ImageWork]):
             return report
         ids = [o.job.ref_id for o in fresh]
         await conn.execute(sql("delete_image_embeddings"), {"ids": ids})
-        written = [(o.job.ref_id, mid, vec) for o in fresh for mid, vec in o.result.vectors.items()]
-        if written:
-            images, models, vectors = zip(*written, strict=True)
-            await conn.execute(sql("insert_image_embeddings"),
-                               {"images": list(images), "models": list(models), "embeddings": list(vectors)})
+        vectors = [(o.job.ref_id, mid, vec) for o in fresh for mid, vec in o.result.vectors.items()]
+        if vectors:
+            await conn.execute(sql("insert_image_embeddings"), columns(vectors, "images", "models", "embeddings"))
         res = [o.result for o in fresh]
         await conn.execute(sql("mark_images_embedded"), {
             "ids": ids, "widths": [r.width for r in res], "heights": [r.height for r in res],

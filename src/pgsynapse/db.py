@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -165,6 +166,16 @@ async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings)
     async with conn.transaction():
         await conn.execute(q("bound_idle_in_transaction"), {"ms": str(round(idle_seconds * 1000))})
         yield
+
+
+def columns(rows: Sequence[Sequence[Any]], *names: str) -> dict[str, list[Any]]:
+    """``rows`` as one list per column, named ``names``: the parameters of an ``INSERT ... SELECT FROM unnest(...)``,
+    the worker's way of writing many rows in one statement (never COPY FROM STDIN or a pipeline: queries.sql
+    ``insert_chunks`` says why)."""
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+    if len(cols) != len(names):
+        raise ValueError(f"rows of {len(cols)} columns, {len(names)} names")
+    return {name: list(col) for name, col in zip(names, cols, strict=True)}
 
 
 async def next_notify(conn: psycopg.AsyncConnection, timeout: float) -> psycopg.Notify | None:
