@@ -14,6 +14,11 @@ active). The ``report`` half is never printed: it is bench.learning's, through t
     python -m bench.learning_recipes --recipes '[{"name": "default"}, {"name": "lr 5e-5", "lr": 5e-5}]'
     python -m bench.learning_recipes --teacher-vectors DIR --teacher-model DIR \\
         --recipes '[{"name": "teacher", "teacher": true}]' --seeds 0,1,2
+
+``--generated FILE`` (JSON lines ``{"chunk", "doc", "question"}``: questions a local model wrote for chunks of
+this corpus template) adds them to the corpus pairs of recipes with ``"generated": true`` (each question's own
+chunk is its positive; none from the canary set's documents, as for the heading pairs). An experiment: the
+product's retrain has no such source yet.
 """
 
 from __future__ import annotations
@@ -62,8 +67,27 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--teacher-vectors", type=Path)
     p.add_argument("--teacher-model", type=Path)
+    p.add_argument("--generated", type=Path, help="JSON lines of generated questions per chunk (see above)")
     args = p.parse_args()
     on_corpus_server(args.database_url, lambda: run(args))
+
+
+def _usable(question: str) -> bool:
+    q = question.strip()
+    return 12 <= len(q) <= 200 and q.endswith("?") and "passage" not in q.lower() and "\n" not in q
+
+
+def _with_generated(generated: list[dict[str, Any]], chunk_ids: list[int]) -> Any:
+    """train.synthetic_pairs plus the generated questions (their own chunk the positive), canary documents left out."""
+    heading_pairs = train.synthetic_pairs
+    index = {cid: i for i, cid in enumerate(chunk_ids)}
+
+    def pairs(docs, doc_chunks, texts, n, seed, exclude=frozenset()):  # noqa: ANN001, ANN202 - train's signature
+        extra = [(g["question"], g["doc"], [index[g["chunk"]]]) for g in generated
+                 if g["chunk"] in index and g["doc"] not in exclude]
+        return heading_pairs(docs, doc_chunks, texts, n, seed, exclude) + extra
+
+    return pairs
 
 
 def run(args: Any) -> None:
@@ -97,7 +121,12 @@ def run(args: Any) -> None:
         emit(B, "base", **tune_score(SentenceTransformer(base_path, device="cpu")), corpus_pages=info.get("pages"))
         summary = []
         for recipe in recipes:
-            fields = {k: v for k, v in recipe.items() if k not in ("name", "teacher")}
+            fields = {k: v for k, v in recipe.items() if k not in ("name", "teacher", "generated")}
+            if recipe.get("generated"):
+                if not args.generated:
+                    raise SystemExit(f"recipe {recipe['name']!r} needs --generated FILE")
+                generated = [g for g in map(json.loads, args.generated.read_text().splitlines()) if _usable(g["question"])]
+                emit(B, "generated", recipe=recipe["name"], usable=len(generated))
             if recipe.get("teacher"):
                 if not args.teacher_vectors or not args.teacher_model:
                     raise SystemExit(f"recipe {recipe['name']!r} needs --teacher-vectors and --teacher-model")
@@ -105,7 +134,13 @@ def run(args: Any) -> None:
             runs = []
             for seed in seeds:
                 started = time.perf_counter()
-                m = train.main(dataclasses.replace(spec0, seed=seed, **fields), data)
+                pairs = train.synthetic_pairs
+                if recipe.get("generated"):
+                    train.synthetic_pairs = _with_generated(generated, chunk_ids)
+                try:
+                    m = train.main(dataclasses.replace(spec0, seed=seed, **fields), data)
+                finally:
+                    train.synthetic_pairs = pairs
                 score = tune_score(SentenceTransformer(str(OUT), device="cpu"))
                 held, canary = _gains(m, "active", "candidate"), _gains(m, "canary_active", "canary_candidate")
                 runs.append(emit(B, recipe["name"], seed=seed, tune_recall5=score["recall@5"],
