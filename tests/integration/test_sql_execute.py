@@ -73,6 +73,17 @@ def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
             run_readonly(plain, Stmt("SELECT 1"), Limits())
 
 
+def test_the_statement_s_transaction_is_ended_by_the_server_if_its_client_goes_silent_in_it(shop):
+    # a worker cut off from the database between the transaction's statements would otherwise leave it open (and
+    # its locks on the application's tables, which block their DDL) until the server's TCP keepalive gave up
+    r = run_readonly(shop, Stmt("SELECT current_setting('idle_in_transaction_session_timeout')"),
+                     Limits(statement_timeout_ms=50))
+    assert r.rows == [["10s"]]
+    r = run_readonly(shop, Stmt("SELECT current_setting('idle_in_transaction_session_timeout')"),
+                     Limits(statement_timeout_ms=30_000))
+    assert r.rows == [["30s"]]  # never shorter than a statement may run
+
+
 def test_results_compare_as_execution_accuracy_does():
     gold = Result([{"name": "a", "type": "int"}, {"name": "b", "type": "text"}], [[1, "x"], [2, "y"]], 2)
     swapped = Result([{"name": "b", "type": "text"}, {"name": "a", "type": "int"}], [["y", 2.0], ["x", 1]], 2)

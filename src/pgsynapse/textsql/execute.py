@@ -133,6 +133,10 @@ def _message(exc: psycopg.Error) -> str:
         f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
 
 
+# the least time the server waits for the client inside a statement's transaction before it ends it
+IDLE_BOUND_MS = 10_000
+
+
 def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, role: str = "pgsynapse_reader",
                  search_path: Sequence[str] = ("public",)) -> Result:
     """Run ``checked.sql`` (already through ``safety.check_sql``) read-only as ``role``; raise :class:`QueryFailed`.
@@ -145,9 +149,14 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         with conn.transaction(force_rollback=True):
             conn.execute("SET TRANSACTION READ ONLY")
             conn.execute(pgsql.SQL("SET LOCAL ROLE {}").format(pgsql.Identifier(role)))
+            # idle_in_transaction_session_timeout: a client cut off between these statements (a network partition)
+            # would leave the transaction open, with its locks on the application's tables, until the server's TCP
+            # keepalive gave up; the server ends it instead (as db.bounded_transaction does for the worker's writes)
             conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true),"
+                         " pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true),"
                          " pg_catalog.set_config('search_path', %s, true)",
                          (f"{int(limits.statement_timeout_ms)}ms",
+                          f"{max(IDLE_BOUND_MS, int(limits.statement_timeout_ms))}ms",
                           ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path)))
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 cur.execute(checked.sql)
