@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import bounded_transaction
+from pgsynapse.db import MIN_IDLE_SECONDS, bounded_transaction
 from pgsynapse.handlers.base import Handler, Outcome, WriteReport, describe
 from pgsynapse.listener.batches import WorkerStats
 from pgsynapse.logs import get_logger
@@ -90,7 +90,7 @@ class BatchWriter:
 
         Bounded by about one lease: after that the jobs may belong to another worker (the guard drops ours).
         """
-        deadline = time.monotonic() + max(self.settings.lease_seconds, 10.0)
+        deadline = time.monotonic() + max(self.settings.lease_seconds, MIN_IDLE_SECONDS)
         delay = 0.25
         while True:
             try:

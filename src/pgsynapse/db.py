@@ -155,6 +155,11 @@ class Database:
             await conn.close()
 
 
+# the least time the server waits for a silent client inside one of pgsynapse's transactions before it ends it
+# (idle_in_transaction_session_timeout): bounded_transaction, the writer's retry budget, a data question's statement
+MIN_IDLE_SECONDS = 10.0
+
+
 @contextlib.asynccontextmanager
 async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings) -> AsyncIterator[None]:
     """A transaction that the server ends (with its session) once its client stays silent in it for a lease, at
@@ -162,7 +167,7 @@ async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings)
     would otherwise keep its row locks until the server's TCP keepalive gives up (hours with the kernel's
     defaults), and no other worker could take its jobs over (tests/chaos/test_chaos_partition.py). SET LOCAL:
     this transaction only, so it is safe through PgBouncer in transaction mode."""
-    idle_seconds = max(settings.lease_seconds, 10.0)
+    idle_seconds = max(settings.lease_seconds, MIN_IDLE_SECONDS)
     async with conn.transaction():
         await conn.execute(q("bound_idle_in_transaction"), {"ms": str(round(idle_seconds * 1000))})
         yield

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import tuple_row
 
+from pgsynapse.db import MIN_IDLE_SECONDS
 from pgsynapse.errors import InputError
 
 # columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
@@ -133,10 +134,6 @@ def _message(exc: psycopg.Error) -> str:
         f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else "")
 
 
-# the least time the server waits for the client inside a statement's transaction before it ends it
-IDLE_BOUND_MS = 10_000
-
-
 def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, role: str = "pgsynapse_reader",
                  search_path: Sequence[str] = ("public",)) -> Result:
     """Run ``checked.sql`` (already through ``safety.check_sql``) read-only as ``role``; raise :class:`QueryFailed`.
@@ -156,7 +153,7 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                          " pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true),"
                          " pg_catalog.set_config('search_path', %s, true)",
                          (f"{int(limits.statement_timeout_ms)}ms",
-                          f"{max(IDLE_BOUND_MS, int(limits.statement_timeout_ms))}ms",
+                          f"{max(round(MIN_IDLE_SECONDS * 1000), int(limits.statement_timeout_ms))}ms",
                           ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path)))
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 cur.execute(checked.sql)
