@@ -95,6 +95,10 @@ def run(args: Any) -> None:
     tune = split(questions("pg_docs_dev.jsonl"))["tune"]
     recipes = json.loads(args.recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
+    generated = [g for g in map(json.loads, args.generated.read_text().splitlines()) if _usable(g["question"])] \
+        if args.generated else []
+    if args.generated:
+        emit(B, "generated", file=str(args.generated), usable=len(generated))
     with corpus_clone() as (url, info):
         with psycopg.connect(url, autocommit=True) as conn:
             v1 = dict(zip(["id", "name", "artifact_path", "runtime", "dim"], conn.execute(
@@ -122,11 +126,8 @@ def run(args: Any) -> None:
         summary = []
         for recipe in recipes:
             fields = {k: v for k, v in recipe.items() if k not in ("name", "teacher", "generated")}
-            if recipe.get("generated"):
-                if not args.generated:
-                    raise SystemExit(f"recipe {recipe['name']!r} needs --generated FILE")
-                generated = [g for g in map(json.loads, args.generated.read_text().splitlines()) if _usable(g["question"])]
-                emit(B, "generated", recipe=recipe["name"], usable=len(generated))
+            if recipe.get("generated") and not args.generated:
+                raise SystemExit(f"recipe {recipe['name']!r} needs --generated FILE")
             if recipe.get("teacher"):
                 if not args.teacher_vectors or not args.teacher_model:
                     raise SystemExit(f"recipe {recipe['name']!r} needs --teacher-vectors and --teacher-model")
