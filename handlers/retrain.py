@@ -81,7 +81,8 @@ def train_spec(s: Settings, **run: Any) -> TrainSpec:
         chunk_tokens=s.chunk_tokens, lr=s.retrain_lr, epochs=s.retrain_epochs, batch_size=s.retrain_batch_size,
         heldout_fraction=s.retrain_heldout_fraction, group_threshold=s.retrain_group_threshold,
         synthetic_pairs=s.retrain_synthetic_pairs, budget_seconds=s.retrain_budget_seconds, eval_k=s.retrain_eval_k,
-        threads=s.torch_threads, anchor=s.retrain_anchor, seed=s.retrain_seed, refit=s.retrain_refit,
+        threads=s.torch_threads, anchor=s.retrain_anchor, interpolate=s.retrain_interpolate, soup=s.retrain_soup,
+        seed=s.retrain_seed, refit=s.retrain_refit,
         canary_size=s.retrain_canary_size, negative_pool=s.retrain_negative_pool,
         freeze_layers=s.retrain_freeze_layers, teacher_weight=s.retrain_teacher_weight, **run)
 

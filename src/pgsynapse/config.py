@@ -202,6 +202,12 @@ class Settings(BaseModel):
     retrain_freeze_layers: int = Field(-1, ge=-1, le=48, description="lowest transformer layers of the query encoder kept frozen, with the embeddings (-1: none)")
     retrain_batch_size: int = Field(32, ge=2, le=1024)
     retrain_anchor: float = Field(1.0, ge=0, description="pull of each training question's vector towards the base model's (squared distance weight)")
+    retrain_interpolate: float = Field(
+        1.0, ge=0, le=1, description="after training, the share of the fine-tuned weights kept, the rest being the base "
+        "model's (WiSE-FT: a pull towards the base model on the weights; 1 = the fine-tuned weights as trained)")
+    retrain_soup: int = Field(
+        3, ge=1, le=8, description="runs of the recipe, each with its own seed, whose weights are averaged into the "
+        "candidate (a model soup; docs/learning.md); each run costs a training (1: one run, no soup)")
     retrain_negative_pool: int = Field(200_000, ge=1000, description="chunk vectors in the training softmax (all of them in a smaller corpus)")
     retrain_synthetic_pairs: int = Field(4000, ge=0, description="at most this many corpus-only title/heading pairs added to feedback")
     retrain_refit: bool = Field(False, description="once the gate's split has judged the recipe, train it again on every example "

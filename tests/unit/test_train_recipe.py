@@ -1,11 +1,16 @@
-"""The query-side trainer's softmax pool: every chunk in a small corpus; in a large one the positives, each
-query's hardest chunks and a random rest, within the size."""
+"""The query-side trainer's parts: the softmax pool (every chunk in a small corpus; in a large one the positives,
+each query's hardest chunks and a random rest, within the size), the teacher's positives and soft targets, and the
+interpolation of the fine-tuned weights towards the base model's, and the soup of several runs."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
 
-from pgsynapse.learning.train import negative_pool, pick_positives, soft_targets
+from pgsynapse.learning.train import average_weights, interpolate_weights, negative_pool, pick_positives, soft_targets
+from tests.embed_models import tiny_embedding_model
 
 
 def test_a_small_corpus_uses_every_chunk():
@@ -50,3 +55,51 @@ def test_soft_targets_are_the_teachers_distribution_over_its_best_chunks():
     # a softmax: probabilities in the order of the teacher's scores
     order = np.argsort(-prob[0])
     assert np.all(np.diff((qv[0] @ pool.T)[idx[0][order]]) <= 0)
+
+
+def test_interpolation_moves_every_weight_back_towards_the_base_model(tmp_path):
+    # two tiny models of one architecture with different random weights: the "fine-tuned" one and the base
+    tuned = SentenceTransformer(str(tiny_embedding_model(tmp_path / "tuned", 16, seed=1)), device="cpu")
+    base = SentenceTransformer(str(tiny_embedding_model(tmp_path / "base", 16, seed=2)), device="cpu")
+    before = {k: v.clone() for k, v in tuned.state_dict().items()}
+    theirs = base.state_dict()
+    interpolate_weights(tuned, base, 0.25)
+    after = tuned.state_dict()
+    moved = 0
+    for name, w in after.items():
+        if w.is_floating_point():
+            assert torch.allclose(w, 0.25 * before[name] + 0.75 * theirs[name], atol=1e-6), name
+            moved += int(not torch.equal(before[name], theirs[name]))
+        else:  # position ids and the like are not weights
+            assert torch.equal(w, before[name]), name
+    assert moved > 10  # the two models really differed, so the check above could fail
+    # the model in use changed, not a copy: its question vectors are now between the two models'
+    text = ["how do I roll back part of a transaction"]
+    assert not np.allclose(tuned.encode(text), SentenceTransformer(str(tmp_path / "tuned"), device="cpu").encode(text))
+
+
+def test_interpolation_at_the_ends_and_out_of_range(tmp_path):
+    tuned = SentenceTransformer(str(tiny_embedding_model(tmp_path / "tuned", 16, seed=1)), device="cpu")
+    base = SentenceTransformer(str(tiny_embedding_model(tmp_path / "base", 16, seed=2)), device="cpu")
+    text = ["what does vacuum do"]
+    interpolate_weights(tuned, base, 0.0)
+    assert np.allclose(tuned.encode(text), base.encode(text), atol=1e-6)
+    with pytest.raises(ValueError, match=r"within \[0, 1\]"):
+        interpolate_weights(tuned, base, 1.5)
+
+
+def test_a_soup_is_the_mean_of_its_models_weights(tmp_path):
+    models = [SentenceTransformer(str(tiny_embedding_model(tmp_path / f"m{i}", 16, seed=i)), device="cpu")
+              for i in range(3)]
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    average_weights(models[0], models[1:])
+    floats = 0
+    for name, w in models[0].state_dict().items():
+        if w.is_floating_point():
+            assert torch.allclose(w, sum(st[name] for st in states) / 3, atol=1e-6), name
+            floats += int(not torch.equal(states[0][name], states[1][name]))
+        else:
+            assert torch.equal(w, states[0][name]), name
+    assert floats > 10
+    for other, st in zip(models[1:], states[1:], strict=True):  # the others are read, not changed
+        assert all(torch.equal(v, st[k]) for k, v in other.state_dict().items())

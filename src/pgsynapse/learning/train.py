@@ -19,7 +19,13 @@ Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen a
   pages no user has asked about.
 - ``anchor``: a pull towards the base model (squared distance of each query's vector to the base model's), so
   what it knew about questions nobody gave feedback on is not forgotten.
+- ``interpolate``: after training, each weight is moved back towards the base model's, ``interpolate`` x the
+  fine-tuned weight + (1 - ``interpolate``) x the base weight (WiSE-FT, Wortsman et al. 2022): a second pull
+  towards the base model, on the weights rather than the outputs; 1 keeps the fine-tuned weights.
 - AdamW with warm-up and linear decay, a wall-clock budget.
+- ``soup``: the recipe runs that many times, each with its own seed (data order, initial state), and the
+  candidate is the mean of their weights (a uniform model soup, Wortsman et al. 2022): one run's luck of the draw
+  counts for less.
 - Evaluation for the gate (learning/gate.py): a grouped hold-out of about ``heldout_fraction`` of the examples
   (whole groups of similar questions and their pages, learning/holdout.py) and the frozen canary set
   (learning/canary.py, whose documents give no corpus pairs), for the candidate and the active model on the same
@@ -35,7 +41,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +71,8 @@ class TrainSpec:
     batch_size: int = 32
     scale: float = 20.0
     anchor: float = 1.0
+    interpolate: float = 1.0  # share of the fine-tuned weights kept; the rest is the base model's (WiSE-FT)
+    soup: int = 3  # runs of the recipe (seeds seed, seed + 1000, ...) whose weights are averaged into one model
     negative_pool: int = 200_000
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
@@ -228,10 +236,17 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
     """Train a query encoder from the base weights on ``items`` (query, document, its chunks): a softmax over the
     chunk vectors (every one, or ``negative_pool`` of them) towards the document's best chunk under the base
     model (under the ``teacher`` when there is one), plus the anchor to the base model's question vectors, plus
-    with a teacher its distribution over the same chunks as a soft target (``teacher_weight``)."""
+    with a teacher its distribution over the same chunks as a soft target (``teacher_weight``). With ``soup`` > 1
+    the recipe runs that many times (other seeds) and the weights are averaged."""
     import torch
     from sentence_transformers import SentenceTransformer
 
+    if spec.soup > 1:
+        runs = [fit(replace(spec, soup=1, seed=spec.seed + 1000 * i), base, items, chunk_vecs, started,
+                    f"{label}.{i}", teacher) for i in range(spec.soup)]
+        average_weights(runs[0].model, [r.model for r in runs[1:]])
+        return Fit(runs[0].model, sum(r.steps for r in runs), any(r.stopped_early for r in runs),
+                   round(sum(r.seconds for r in runs), 1), runs[0].pool, runs[0].examples, runs[0].relabelled)
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     base_q = _encode(base, [it[0] for it in items])
@@ -297,7 +312,42 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
         if stopped_early:
             break
     model.eval()
+    if spec.interpolate < 1.0:
+        interpolate_weights(model, base, spec.interpolate)
     return Fit(model, step, stopped_early, round(time.time() - t_train, 1), len(pool), len(items), relabelled)
+
+
+def interpolate_weights(model: Any, base: Any, keep: float) -> None:
+    """Move ``model``'s floating-point weights back towards ``base``'s (the same architecture), in place:
+    ``keep`` x its own + (1 - ``keep``) x the base's. Integer buffers (position ids) are left as they are."""
+    import torch
+
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"interpolate must be within [0, 1], got {keep}")
+    own, theirs = model.state_dict(), base.state_dict()
+    if own.keys() != theirs.keys():
+        raise ValueError("interpolate: the fine-tuned and the base model's weights differ in their names")
+    with torch.no_grad():
+        for name, w in own.items():
+            if w.is_floating_point():
+                w.mul_(keep).add_(theirs[name].to(w.dtype), alpha=1.0 - keep)
+
+
+def average_weights(model: Any, others: list[Any]) -> None:
+    """Average ``model``'s floating-point weights with ``others``' (the same architecture), in place: a uniform
+    model soup (Wortsman et al. 2022)."""
+    import torch
+
+    own = model.state_dict()
+    theirs = [o.state_dict() for o in others]
+    if any(t.keys() != own.keys() for t in theirs):
+        raise ValueError("soup: the models' weights differ in their names")
+    with torch.no_grad():
+        for name, w in own.items():
+            if w.is_floating_point():
+                for t in theirs:
+                    w.add_(t[name].to(w.dtype))
+                w.div_(1 + len(theirs))
 
 
 def _teacher(spec: TrainSpec, stored: dict[int, np.ndarray] | None, chunk_ids: list[int]) -> Teacher | None:
@@ -372,7 +422,8 @@ def main(spec: TrainSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"heldout": len(held_ex), "train_examples": len(train_ex),
                                "synthetic_pairs": len(corpus_items), "steps": gated.steps,
                                "stopped_early": gated.stopped_early, "train_seconds": gated.seconds,
-                               "recipe": "query-side", "negative_pool": gated.pool, "split": split.summary(),
+                               "recipe": "query-side", "soup": spec.soup,
+                               "interpolate": spec.interpolate, "negative_pool": gated.pool, "split": split.summary(),
                                "teacher": spec.teacher_version, "teacher_relabelled": gated.relabelled}
     _progress("retrain_evaluating", heldout=len(held_ex), canary=len(canary))
     active = base if not spec.active_path or spec.active_path == spec.base_path else \
