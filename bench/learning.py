@@ -5,7 +5,8 @@ questions plus `helpful` feedback on a passage of that page. For each seed, on a
 corpus, the worker's own retrain job trains a candidate (in its own process, with the product's settings and
 ``retrain_seed``), its gate decides, and the candidate is registered. Then, on the dev questions
 (pg_docs_dev.jsonl, never trained on), split by bench/devsplit.py: recall@5 / MRR@10 of the base model and of
-the candidate. Settings are chosen on the ``tune`` half; the headline is the ``report`` half.
+the candidate, each gain with a 95 % interval (the questions resampled: how much a half of 27-33 questions can tell
+apart). Settings are chosen on the ``tune`` half; the headline is the ``report`` half.
 
 The candidate is a query encoder over v1's chunk vectors (query-side recipe), so "after" encodes only the
 questions and searches v1's stored vectors exactly (exact kNN; the HNSW search of the product returns the same
@@ -38,13 +39,35 @@ from sentence_transformers import SentenceTransformer
 from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import split
-from bench.retrieval import vectors_recall
+from bench.retrieval import per_question, ranked_pages, score
 from bench.teacher import teacher_ranker
 from pgsynapse.config import load_settings
+from pgsynapse.learning.gate import cluster_bootstrap
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
 
 HALVES = ("tune", "report")
+BOOTSTRAP = 2000  # resamples of the questions for the gains' 95 % intervals
+
+
+def _vectors_recall(query_vecs: np.ndarray, vecs: np.ndarray, pages: list[str], rel: list[set[str]],
+                    per: dict[str, Any] | None = None, key: Any = None) -> dict[str, float]:
+    """Page-level recall@5 / MRR@10 by exact kNN; with ``per``, each question's hit@5 and reciprocal rank are kept
+    under ``key`` for the gains' intervals."""
+    ranked = ranked_pages(query_vecs, vecs, pages)
+    if per is not None:
+        per[key] = per_question(ranked, rel)
+    return score(ranked, rel)
+
+
+def _interval(base: tuple[np.ndarray, np.ndarray], cands: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """95 % intervals of the gain over the base, candidates minus base per question (averaged over the candidates,
+    one per seed), the questions resampled with replacement: how much a half of dev can tell apart."""
+    hit = np.mean([c[0] - base[0] for c in cands], axis=0)
+    rr = np.mean([c[1] - base[1] for c in cands], axis=0)
+    ci = cluster_bootstrap({"hit": hit, "rr": rr}, list(range(len(hit))), BOOTSTRAP, 0.95)
+    return {"recall5_low": round(100 * ci["hit"]["low"], 1), "recall5_high": round(100 * ci["hit"]["high"], 1),
+            "mrr10_low": ci["rr"]["low"], "mrr10_high": ci["rr"]["high"]}
 
 
 def _feedback(conn: psycopg.Connection, train: list[dict[str, Any]]) -> None:
@@ -103,6 +126,7 @@ def run(args: Any) -> None:
     models = ModelCache()
     runs: list[dict[str, Any]] = []
     base: dict[str, dict[str, float]] = {}
+    per: dict[Any, tuple[np.ndarray, np.ndarray]] = {}  # (seed or "base", half) -> each question's hit@5, rr@10
     for seed in [int(s) for s in args.seeds.split(",")]:
         with corpus_clone() as (url, info):
             with psycopg.connect(url, autocommit=True) as conn:
@@ -123,10 +147,11 @@ def run(args: Any) -> None:
                 for name, items in halves.items():
                     rel = [set(q["relevant"]) for q in items]
                     texts = [q["q"] for q in items]
-                    base[name] = vectors_recall(torch_v1.encode(texts, normalize_embeddings=True), vecs, pages, rel)
+                    base[name] = _vectors_recall(torch_v1.encode(texts, normalize_embeddings=True), vecs, pages, rel,
+                                                 per, ("base", name))
                     emit("learning", f"base_{name}", runtime="torch", **base[name])
                     emit("learning", f"base_{name}", runtime=v1["runtime"],
-                         **vectors_recall(served.encode(texts), vecs, pages, rel))
+                         **_vectors_recall(served.encode(texts), vecs, pages, rel))
             after = _add_teacher(url, args, seed) if args.teacher_vectors else 1
             # the teacher is the active ranker; retrain_teacher = ranker (off by default) lets it label the examples
             wall = _retrain(url, seed, Path(f"/tmp/pgsynapse-bench-learning/seed{seed}"), len(train), after,
@@ -146,10 +171,11 @@ def run(args: Any) -> None:
                                "peak_rss_mb": metrics.get("peak_rss_mb_observed"), "passage_version": passage}
         for name, items in halves.items():
             rel = [set(q["relevant"]) for q in items]
-            run[name] = vectors_recall(_encode(model, [q["q"] for q in items]), vecs, pages, rel)
+            run[name] = _vectors_recall(_encode(model, [q["q"] for q in items]), vecs, pages, rel, per, (seed, name))
             emit("learning", f"candidate_{name}", seed=seed, **run[name],
                  recall5_gain=round(run[name]["recall@5"] - base[name]["recall@5"], 1),
-                 mrr10_gain=round(run[name]["mrr@10"] - base[name]["mrr@10"], 3))
+                 mrr10_gain=round(run[name]["mrr@10"] - base[name]["mrr@10"], 3),
+                 **_interval(per[("base", name)], [per[(seed, name)]]))
         report_better = run["report"]["recall@5"] >= base["report"]["recall@5"] and \
             run["report"]["mrr@10"] >= base["report"]["mrr@10"]
         passed = bool((metrics.get("gate") or {}).get("passed"))
@@ -166,7 +192,8 @@ def run(args: Any) -> None:
         mrr = [r[name]["mrr@10"] - base[name]["mrr@10"] for r in runs]
         emit("learning", f"summary_{name}", seeds=len(runs), recall5_gain_mean=round(statistics.mean(gains), 2),
              recall5_gain_min=round(min(gains), 1), recall5_gain_max=round(max(gains), 1),
-             mrr10_gain_mean=round(statistics.mean(mrr), 4), mrr10_gain_min=round(min(mrr), 4))
+             mrr10_gain_mean=round(statistics.mean(mrr), 4), mrr10_gain_min=round(min(mrr), 4),
+             **_interval(per[("base", name)], [per[(r["seed"], name)] for r in runs]))
     table()
 
 

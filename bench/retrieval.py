@@ -8,6 +8,7 @@ import anyio
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector_async
+from psycopg.rows import dict_row
 
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork
@@ -24,8 +25,6 @@ async def retrieve_pages(url: str, questions: list[str], *, version: dict[str, A
     vecs = await anyio.to_thread.run_sync(embedder.encode, questions)
     out = []
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        from psycopg.rows import dict_row
-
         conn.row_factory = dict_row
         await register_vector_async(conn)
         for text, v in zip(questions, vecs, strict=True):
@@ -39,20 +38,25 @@ async def retrieve_pages(url: str, questions: list[str], *, version: dict[str, A
     return out
 
 
-def score(ranked: list[list[str]], relevant: list[set[str]], k: int = 5) -> dict[str, float]:
-    hits, rr = 0, 0.0
-    for pages, rel in zip(ranked, relevant, strict=True):
-        pos = next((i for i, p in enumerate(pages) if p in rel), None)
+def per_question(ranked: list[list[str]], relevant: list[set[str]], k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Each question's hit@k (0 or 1) and reciprocal rank of its first relevant page within the first 10 (0 if none)."""
+    hits, rr = np.zeros(len(relevant)), np.zeros(len(relevant))
+    for n, (pages, rel) in enumerate(zip(ranked, relevant, strict=True)):
+        pos = next((i for i, p in enumerate(pages[:10]) if p in rel), None)
         if pos is not None:
-            rr += 1 / (pos + 1)
-            hits += pos < k
+            rr[n] = 1 / (pos + 1)
+            hits[n] = pos < k
+    return hits, rr
+
+
+def score(ranked: list[list[str]], relevant: list[set[str]], k: int = 5) -> dict[str, float]:
+    hits, rr = per_question(ranked, relevant, k)
     n = len(relevant)
-    return {"recall@5": round(100 * hits / n, 1), "mrr@10": round(rr / n, 3), "questions": n}
+    return {"recall@5": round(100 * float(hits.sum()) / n, 1), "mrr@10": round(float(rr.sum()) / n, 3), "questions": n}
 
 
-def vectors_recall(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: list[str],
-                   relevant: list[set[str]]) -> dict[str, float]:
-    """The same page-level metrics from raw vectors (exact kNN), for a model not in the database."""
+def ranked_pages(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: list[str]) -> list[list[str]]:
+    """Each question's first 10 distinct pages by exact kNN over the chunk vectors."""
     ranked = []
     for s in query_vecs @ chunk_vecs.T:
         pages: list[str] = []
@@ -62,4 +66,10 @@ def vectors_recall(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: 
                 if len(pages) == 10:
                     break
         ranked.append(pages)
-    return score(ranked, relevant)
+    return ranked
+
+
+def vectors_recall(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: list[str],
+                   relevant: list[set[str]]) -> dict[str, float]:
+    """The same page-level metrics from raw vectors (exact kNN), for a model not in the database."""
+    return score(ranked_pages(query_vecs, chunk_vecs, chunk_pages), relevant)

@@ -206,8 +206,8 @@ class Settings(BaseModel):
         1.0, ge=0, le=1, description="after training, the share of the fine-tuned weights kept, the rest being the base "
         "model's (WiSE-FT: a pull towards the base model on the weights; 1 = the fine-tuned weights as trained)")
     retrain_soup: int = Field(
-        3, ge=1, le=8, description="runs of the recipe, each with its own seed, whose weights are averaged into the "
-        "candidate (a model soup; docs/learning.md); each run costs a training (1: one run, no soup)")
+        1, ge=1, le=8, description="runs of the recipe, each with its own seed, whose weights are averaged into the "
+        "candidate (a model soup; measured no better, docs/learning.md); each run costs a training (1: no soup)")
     retrain_negative_pool: int = Field(200_000, ge=1000, description="chunk vectors in the training softmax (all of them in a smaller corpus)")
     retrain_synthetic_pairs: int = Field(4000, ge=0, description="at most this many corpus-only title/heading pairs added to feedback")
     retrain_refit: bool = Field(False, description="once the gate's split has judged the recipe, train it again on every example "

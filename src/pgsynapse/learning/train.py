@@ -72,7 +72,7 @@ class TrainSpec:
     scale: float = 20.0
     anchor: float = 1.0
     interpolate: float = 1.0  # share of the fine-tuned weights kept; the rest is the base model's (WiSE-FT)
-    soup: int = 3  # runs of the recipe (seeds seed, seed + 1000, ...) whose weights are averaged into one model
+    soup: int = 1  # runs of the recipe (seeds seed, seed + 1000, ...) whose weights are averaged into one model
     negative_pool: int = 200_000
     freeze_layers: int = -2
     heldout_fraction: float = 0.2
