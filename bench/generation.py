@@ -2,7 +2,8 @@
 costs. For each ``--model`` (a preset, a .gguf file or a model directory) and each ``--context`` budget
 (``answer_context_tokens``), the report half of the dev questions (bench/devsplit.py) is retrieved through the
 product's path on the docs corpus (bench/corpusdb.py) and answered by the ``transformers`` answerer with streaming
-(``on_delta``): time to first token (first streamed piece) p50/p95, decode tokens/s (new tokens after the first,
+(``on_delta``): time to first token (first streamed piece) p50/p95 (llama-cpp: with the prompt prefix kept from
+the question before, and with ``--no-reuse`` also without), decode tokens/s (new tokens after the first,
 over the time after the first), prompt tokens, passages kept by the budget, and answers flagged for citations.
 Answer quality (first citation, groundedness) is bench/answer_quality.py's job.
 
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--limit", type=int, default=8, help="report-half questions")
     p.add_argument("--answers", default=None, help="write each answer (JSON lines) here")
+    p.add_argument("--no-reuse", action="store_true", help="llama-cpp: also run each configuration with every prompt"
+                   " read whole (no state kept between questions), for the comparison")
     args = p.parse_args()
     if args.threads:  # the product's torch_threads (0: all cores)
         torch.set_num_threads(args.threads)
@@ -51,8 +54,10 @@ def main() -> None:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()
         retrieved = anyio.run(retrieve, url, [it["q"] for it in items], version, models)
-    for spec, runtime, context in [(m, r, c) for m in args.model for r in args.runtime or ["transformers"]
-                               for c in args.context or [settings.answer_context_tokens]]:
+    runs = [(m, r, c, reuse) for m in args.model for r in args.runtime or ["transformers"]
+            for c in args.context or [settings.answer_context_tokens]
+            for reuse in ([True, False] if args.no_reuse and r == "llama-cpp" else [True])]
+    for spec, runtime, context, reuse in runs:
         started = time.perf_counter()
         if runtime == "llama-cpp":
             gen = LlamaCppAnswerer(spec, max_new_tokens=args.max_new_tokens, context_tokens=context,
@@ -61,6 +66,8 @@ def main() -> None:
             gen = TransformersAnswerer(spec, max_new_tokens=args.max_new_tokens, context_tokens=context,
                                        cache_dir=settings.data_dir / "models" / "gguf")
         load_s = time.perf_counter() - started
+        if not reuse:
+            gen.reuse_prefix = False
         gen.answer(Request("warm up", retrieved[0][0][:1]))
         stats = []
         for it, (passages, vec) in zip(items, retrieved, strict=True):
@@ -74,7 +81,8 @@ def main() -> None:
             answers.append({"model": spec, "runtime": runtime, "context": context, "q": it["q"], "answer": ans.text, "flags": ans.flags})
         ttft = [s["first_token_s"] * 1000 for s in stats]
         rows.append(emit(
-            "generation", f"{spec}/{runtime}/ctx{context}", n=len(stats), load_s=round(load_s, 1),
+            "generation", f"{spec}/{runtime}/ctx{context}" + ("" if reuse else "/no-reuse"), n=len(stats),
+            load_s=round(load_s, 1), prefix_reused_p50=pct([s.get("prefix_tokens_reused", 0) for s in stats], 50),
             ttft_p50_ms=round(pct(ttft, 50)), ttft_p95_ms=round(pct(ttft, 95)),
             tok_s_p50=round(pct([s["tok_s"] for s in stats], 50), 1),
             prompt_tokens_p50=round(pct([s["prompt_tokens"] for s in stats], 50)),

@@ -240,3 +240,33 @@ def test_llama_cpp_runs_the_same_gguf_with_the_same_budget_and_stream(tmp_path):
     assert prompt.endswith(f"Question: {QUESTION}<|im_end|>\n<|im_start|>assistant\n")
     assert answerer.last_stats["prompt_tokens"] <= 512 - 8 and "[5] Title 5:" not in prompt
     assert answer.text in ("".join(pieces).strip(), NOT_FOUND)
+
+
+def test_llama_cpp_reads_only_what_changed_since_the_last_prompt_and_answers_the_same(tmp_path):
+    pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
+    pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
+    from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
+
+    _tiny_gguf(tmp_path / "tiny.gguf", context=512)
+
+    def answerer():
+        return LlamaCppAnswerer(str(tmp_path / "tiny.gguf"), max_new_tokens=8, context_tokens=0, threads=1)
+
+    asked = Request(QUESTION, _passages(3, words=20))
+    fresh, alone = answerer(), []
+    fresh.answer(asked, on_delta=alone.append)
+    assert fresh.last_stats["prefix_tokens_reused"] == 0 and "".join(alone)  # a text to compare with
+
+    warm = answerer()
+    warm.answer(Request("which command removes a table", _passages(2, words=20)))
+    assert warm.last_stats["prefix_tokens_reused"] == 0
+    after_another: list[str] = []
+    warm.answer(asked, on_delta=after_another.append)
+    stats = warm.last_stats
+    # the instructions and the first passage's opening are the same: read once, kept
+    assert 20 < stats["prefix_tokens_reused"] < stats["prompt_tokens"] - 20, stats
+    again: list[str] = []
+    warm.answer(asked, on_delta=again.append)  # after its own answer's tokens: all but the last prompt token kept
+    assert warm.last_stats["prefix_tokens_reused"] == warm.last_stats["prompt_tokens"] - 1
+    # the kept state changes nothing: greedy decoding writes what a fresh model writes
+    assert after_another == alone and again == alone
