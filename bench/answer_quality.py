@@ -3,8 +3,9 @@
 Retrieval goes through the product's own path (the answer handler's ``_retrieve`` with the default settings) on
 the embedded PostgreSQL docs corpus (bench/corpusdb.py); then every answerer answers the same passages:
 ``extractive-v1`` (the answerer of commit 211e1c9, frozen in bench/extractive_v1.py), ``extractive`` (today's
-default, built as the handler builds it) and each ``--generator NAME=PATH`` (answerer = transformers with that
-model path, built by the handler from the settings).
+default, built as the handler builds it) and each ``--generator NAME=PATH`` (answerer = transformers, or
+``--generator-runtime llama-cpp``, with that model path and ``--context`` tokens, built by the handler from the
+settings).
 
 Per answerer and per half of the dev questions (bench/devsplit.py; the headline is ``report``):
 
@@ -224,8 +225,8 @@ def run_answerer(answerer, items: list[dict[str, Any]], tokenizer=None) -> list[
     return out
 
 
-def build_answerers(url: str, models: ModelCache, embedder, generators: list[str],
-                    max_new_tokens: int | None) -> dict[str, Any]:
+def build_answerers(url: str, models: ModelCache, embedder, generators: list[str], max_new_tokens: int | None,
+                    runtime: str = "transformers", context_tokens: int | None = None) -> dict[str, Any]:
     defaults = load_settings(environ={}, database_url=url)
     out: dict[str, Any] = {
         "extractive-v1": ExtractiveV1Answerer(lambda t: embedder.encode(t, defaults.encode_batch_size),
@@ -235,7 +236,9 @@ def build_answerers(url: str, models: ModelCache, embedder, generators: list[str
     for spec in generators:
         name, _, path = spec.partition("=")
         extra = {"answer_max_new_tokens": max_new_tokens} if max_new_tokens else {}
-        s = load_settings(environ={}, database_url=url, answerer="transformers", answerer_model_path=path, **extra)
+        if context_tokens:
+            extra["answer_context_tokens"] = context_tokens
+        s = load_settings(environ={}, database_url=url, answerer=runtime, answerer_model_path=path, **extra)
         out[name] = AnswerHandler(s, models).answerer_for(embedder)
     return out
 
@@ -266,6 +269,9 @@ def main() -> None:
     p.add_argument("--generator", action="append", default=[], metavar="NAME=PATH",
                    help="a generative answerer: answerer = transformers with this model path (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer_max_new_tokens of the generators")
+    p.add_argument("--generator-runtime", choices=["transformers", "llama-cpp"], default="transformers",
+                   help="the generators' answerer")
+    p.add_argument("--context", type=int, default=None, help="answer_context_tokens of the generators")
     p.add_argument("--threshold", type=float, default=None, help="groundedness cosine (default: calibrated)")
     p.add_argument("--worker-questions", type=int, default=100, help="questions asked through a real worker (0: skip)")
     p.add_argument("--samples", type=Path, default=None, help="write 20 answers per answerer (markdown) here")
@@ -314,7 +320,8 @@ def main() -> None:
                                        strict=True):
             it["passages"], it["vector"] = passages, vec
         g = Grounding(lambda t: embedder.encode(t))
-        answerers = build_answerers(url, models, embedder, args.generator, args.max_new_tokens)
+        answerers = build_answerers(url, models, embedder, args.generator, args.max_new_tokens,
+                                    args.generator_runtime, args.context)
         if args.only:
             answerers = {k: v for k, v in answerers.items() if k in args.only.split(",")}
         samples, pairs = [], []
