@@ -116,8 +116,8 @@ class LlamaCppAnswerer:
         self.last_prompt = prompt
         started = time.perf_counter()
         # the prompt as llama.cpp tokenizes it; it keeps the previous prompt's state and reads only what differs
-        # after the longest common prefix (the instructions and the chat template's opening: ~70 tokens, ~1 s
-        # of a 2-core CPU, before every first token)
+        # after the longest common prefix (the instructions and the chat template's opening: 69 tokens for the
+        # Qwen preset, 0.3-0.4 s before every first token on 2 cores; BENCHMARKS.md, "generation, session 12")
         tokens = self.model.tokenize(prompt.encode("utf-8"), special=True)
         if not self.reuse_prefix:
             self.model.reset()
