@@ -23,6 +23,7 @@ from pgsynapse.answerers import (
     Turn,
 )
 from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit
+from pgsynapse.answerers.fallback import ExtractiveFallback
 from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
@@ -100,11 +101,15 @@ class AnswerHandler(Handler[AnswerWork]):
             await self.replica.aclose()
 
     # -- answerers ----------------------------------------------------------------------------
+    def _extractive_for(self, embedder: Embedder) -> ExtractiveAnswerer:
+        s = self.settings
+        return ExtractiveAnswerer(lambda texts: embedder.encode(texts, s.encode_batch_size),
+                                  not_found_threshold=s.not_found_threshold)
+
     def answerer_for(self, embedder: Embedder) -> Answerer:
         s = self.settings
         if s.answerer == "extractive":
-            return ExtractiveAnswerer(lambda texts: embedder.encode(texts, s.encode_batch_size),
-                                      not_found_threshold=s.not_found_threshold)
+            return self._extractive_for(embedder)
         if self._generative is None:
             if s.answerer in ("transformers", "llama-cpp") and not s.answerer_model_path:
                 raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
@@ -125,7 +130,8 @@ class AnswerHandler(Handler[AnswerWork]):
                                       "required when answerer = openai")
                 self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model,
                                                   citation_policy=s.citation_policy)
-        return self._generative
+        # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
+        return ExtractiveFallback(self._generative, self._extractive_for(embedder))
 
     def _stream(self, w: AnswerWork) -> Stream | None:
         """The partial-answer stream of a generated answer (handlers/answer_stream.py), when streaming is on."""
@@ -291,6 +297,8 @@ class AnswerHandler(Handler[AnswerWork]):
                 finally:
                     if stream:
                         stream.close()
+                if "extractive_fallback" in answer.flags:
+                    log.warning("answer_fallback", question=w.job.ref_id, reason="no_text", answerer=answerer.name)
                 guard = w.guardrail
                 if answer.text != NOT_FOUND and self.guard:
                     [hit] = self.guard.check(w.embedder, [answer.text])

@@ -4,10 +4,12 @@ OpenAI-compatible server on 127.0.0.1. The words are noise; the prompt, the flow
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from structlog.testing import capture_logs
 
 from pgsynapse.answerers import NOT_FOUND
 from pgsynapse.client import Client
@@ -63,6 +65,7 @@ async def test_local_transformers_answerer_gets_history_and_passages(db_url, mod
 class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     fail = False
+    content = "Use ROLLBACK TO SAVEPOINT [1]."
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -72,7 +75,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": "overloaded"}')
             return
-        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."}}]})
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": FakeOpenAI.content}}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -85,7 +88,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    FakeOpenAI.requests, FakeOpenAI.fail = [], False
+    FakeOpenAI.requests, FakeOpenAI.fail, FakeOpenAI.content = [], False, "Use ROLLBACK TO SAVEPOINT [1]."
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -110,3 +113,25 @@ async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, mod
     assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along
     assert bad.status == "failed" and "HTTP 500" in bad.error
     assert len(FakeOpenAI.requests) == 3  # the failing question: tried max_attempts = 2 times
+
+
+async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(db_url, models, fake_openai):
+    # small local models often write "[1]" and nothing else; the endpoint here does so on purpose
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_api_key="sk-test",
+                             openai_model="tiny")
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            await _corpus(db_url)
+            async with Client(db_url) as client:
+                FakeOpenAI.content = "[1] [2]"
+                bare = await client.ask("how do I undo commands back to a savepoint?", session_id="s")
+                FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1]."
+                said = await client.ask("how do I undo commands back to a savepoint?", session_id="t")
+    assert bare.status == "answered" and bare.flags == ["no_text", "extractive_fallback"], bare.flags
+    # the extractive answerer's own answer of the same passages: words, each sentence cited, Savepoints first
+    assert bare.answer not in ("[1] [2]", NOT_FOUND) and "savepoint" in bare.answer.lower()
+    assert re.search(r"[A-Za-z]{3,}.*\[1\]", bare.answer) and bare.sources[0]["title"] == "Savepoints"
+    [logged] = [e for e in logs if e["event"] == "answer_fallback"]
+    assert logged["reason"] == "no_text" and logged["question"] == bare.id and logged["answerer"] == "openai"
+    # an answer with words is the generator's, unflagged
+    assert said.answer == "Use ROLLBACK TO SAVEPOINT [1]." and said.flags == []

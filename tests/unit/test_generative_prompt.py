@@ -93,6 +93,19 @@ def test_citations_outside_the_given_passages_are_flagged_or_refused():
     assert checked_answer("   ", given).text == NOT_FOUND
 
 
+def test_an_answer_of_citations_only_is_flagged_no_text():
+    given = _passages(5)
+    for bare in ("[1]", "[1] [2]", "[1], [3].", " [2][4] \n"):
+        answer = checked_answer(bare, given)
+        assert answer.flags == ["no_text"], bare
+        assert answer.sources  # what it cited: the handler answers from the passages instead
+    both = checked_answer("[7]", given)  # citations outside the given ones too
+    assert both.flags[0].startswith("invalid_citations") and both.flags[-1] == "no_text"
+    assert checked_answer("[7]", given, "refuse").flags[-1] == "refused"  # withheld: nothing to replace
+    for said in ("Use ROLLBACK TO SAVEPOINT [1].", "See [1].", "VACUUM [2]"):
+        assert "no_text" not in checked_answer(said, given).flags, said
+
+
 # -- model locations ----------------------------------------------------------------------------------------------
 def _parts_package(root, name: str, blobs: list[bytes]) -> None:
     pkg = root / name

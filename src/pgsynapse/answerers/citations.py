@@ -3,7 +3,9 @@
 An answer citing a passage it was not given (``[7]`` when five were given, or a passage the prompt budget left
 out) is flagged, or refused under ``citation_policy = "refuse"``; the flag says which citations. Sources list the
 cited passages in rank order; an answer that cites nothing lists every passage it was given, and is flagged
-``uncited``; an answer that says it found nothing is the plain not-found answer, without sources.
+``uncited``; an answer that says it found nothing is the plain not-found answer, without sources. An answer that
+is citations and nothing else ("[1]", "[1] [2]": small models write them) is flagged ``no_text``: the answer
+handler then answers from the same passages with the extractive answerer instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ REFUSED_ANSWER = "The generated answer cited passages it was not given, so it wa
 CitationPolicy = Literal["flag", "refuse"]
 
 _GROUP = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: the text says something besides its citations
 _NOT_FOUND = re.compile(r"\b(could not|couldn't|cannot|can't|unable to) find\b|\bdo(es)? not (contain|mention)\b",
                         re.IGNORECASE)
 
@@ -37,6 +40,13 @@ def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = 
     text = text.strip()
     if not text:
         return Answer(NOT_FOUND, [])
+    answer = _checked(text, passages, policy)
+    if answer.text == text and not _WORD.search(_GROUP.sub(" ", text)):
+        answer.flags.append("no_text")
+    return answer
+
+
+def _checked(text: str, passages: list[Passage], policy: CitationPolicy) -> Answer:
     cited = cited_ranks(text)
     given = {p.rank: p for p in passages}
     invalid = [n for n in cited if n not in given]
