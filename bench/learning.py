@@ -39,10 +39,10 @@ from sentence_transformers import SentenceTransformer
 from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import split
-from bench.retrieval import per_question, ranked_pages, score
+from bench.retrieval import ranked_pages, score
 from bench.teacher import teacher_ranker
 from pgsynapse.config import load_settings
-from pgsynapse.learning.gate import cluster_bootstrap
+from pgsynapse.learning.gate import cluster_bootstrap, ranking_scores
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
 
@@ -56,15 +56,14 @@ def _vectors_recall(query_vecs: np.ndarray, vecs: np.ndarray, pages: list[str], 
     under ``key`` for the gains' intervals."""
     ranked = ranked_pages(query_vecs, vecs, pages)
     if per is not None:
-        per[key] = per_question(ranked, rel)
+        per[key] = ranking_scores(ranked, rel)
     return score(ranked, rel)
 
 
-def _interval(base: tuple[np.ndarray, np.ndarray], cands: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+def _interval(base: dict[str, list[float]], cands: list[dict[str, list[float]]]) -> dict[str, float]:
     """95 % intervals of the gain over the base, candidates minus base per question (averaged over the candidates,
     one per seed), the questions resampled with replacement: how much a half of dev can tell apart."""
-    hit = np.mean([c[0] - base[0] for c in cands], axis=0)
-    rr = np.mean([c[1] - base[1] for c in cands], axis=0)
+    hit, rr = (np.mean([np.subtract(c[m], base[m]) for c in cands], axis=0) for m in ("hit", "rr"))
     ci = cluster_bootstrap({"hit": hit, "rr": rr}, list(range(len(hit))), BOOTSTRAP, 0.95)
     return {"recall5_low": round(100 * ci["hit"]["low"], 1), "recall5_high": round(100 * ci["hit"]["high"], 1),
             "mrr10_low": ci["rr"]["low"], "mrr10_high": ci["rr"]["high"]}
@@ -126,7 +125,7 @@ def run(args: Any) -> None:
     models = ModelCache()
     runs: list[dict[str, Any]] = []
     base: dict[str, dict[str, float]] = {}
-    per: dict[Any, tuple[np.ndarray, np.ndarray]] = {}  # (seed or "base", half) -> each question's hit@5, rr@10
+    per: dict[Any, dict[str, list[float]]] = {}  # (seed or "base", half) -> each question's hit@5, rr@10
     for seed in [int(s) for s in args.seeds.split(",")]:
         with corpus_clone() as (url, info):
             with psycopg.connect(url, autocommit=True) as conn:

@@ -13,6 +13,8 @@ from psycopg.rows import dict_row
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork
 from pgsynapse.handlers.base import Job
+from pgsynapse.learning.gate import ranking_scores
+from pgsynapse.learning.metrics import ranked_documents
 from pgsynapse.models import ModelCache
 
 
@@ -38,35 +40,15 @@ async def retrieve_pages(url: str, questions: list[str], *, version: dict[str, A
     return out
 
 
-def per_question(ranked: list[list[str]], relevant: list[set[str]], k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Each question's hit@k (0 or 1) and reciprocal rank of its first relevant page within the first 10 (0 if none)."""
-    hits, rr = np.zeros(len(relevant)), np.zeros(len(relevant))
-    for n, (pages, rel) in enumerate(zip(ranked, relevant, strict=True)):
-        pos = next((i for i, p in enumerate(pages[:10]) if p in rel), None)
-        if pos is not None:
-            rr[n] = 1 / (pos + 1)
-            hits[n] = pos < k
-    return hits, rr
-
-
 def score(ranked: list[list[str]], relevant: list[set[str]], k: int = 5) -> dict[str, float]:
-    hits, rr = per_question(ranked, relevant, k)
+    per = ranking_scores(ranked, relevant, k)
     n = len(relevant)
-    return {"recall@5": round(100 * float(hits.sum()) / n, 1), "mrr@10": round(float(rr.sum()) / n, 3), "questions": n}
+    return {"recall@5": round(100 * sum(per["hit"]) / n, 1), "mrr@10": round(sum(per["rr"]) / n, 3), "questions": n}
 
 
 def ranked_pages(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: list[str]) -> list[list[str]]:
     """Each question's first 10 distinct pages by exact kNN over the chunk vectors."""
-    ranked = []
-    for s in query_vecs @ chunk_vecs.T:
-        pages: list[str] = []
-        for i in np.argsort(-s):
-            if chunk_pages[i] not in pages:
-                pages.append(chunk_pages[i])
-                if len(pages) == 10:
-                    break
-        ranked.append(pages)
-    return ranked
+    return [ranked_documents(row, chunk_pages, 10) for row in query_vecs @ chunk_vecs.T]
 
 
 def vectors_recall(query_vecs: np.ndarray, chunk_vecs: np.ndarray, chunk_pages: list[str],
