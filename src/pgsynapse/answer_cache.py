@@ -71,7 +71,8 @@ def exact_terms(text: str) -> frozenset[str]:
 def settings_key(s: Settings) -> str:
     """Everything besides the model version and the passages that shapes an answer."""
     generation = f"tokens={s.answer_max_new_tokens} context={s.answer_context_tokens} citations={s.citation_policy}"
-    model = {"transformers": f"{s.answerer_model_path} {generation}", "openai": f"{s.openai_model} {generation}"}
+    local = f"{s.answerer_model_path} {generation}"
+    model = {"transformers": local, "llama-cpp": local, "openai": f"{s.openai_model} {generation}"}
     return (f"pgsynapse={__version__} answerer={s.answerer} model={model.get(s.answerer, '')} k={s.answer_top_k} "
             f"hybrid={int(s.hybrid)} not_found={s.not_found_threshold}")
 

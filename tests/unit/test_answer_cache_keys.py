@@ -20,9 +20,11 @@ def test_every_setting_that_shapes_an_answer_is_in_the_key():
     keys = {settings_key(base)}
     generator = {"answerer": "transformers", "answerer_model_path": "/m"}
     for change in (generator, {"answer_top_k": 3}, {"hybrid": True}, {"not_found_threshold": 0.5},
-                   {**generator, "citation_policy": "refuse"}, {**generator, "answer_context_tokens": 512}):
+                   {**generator, "citation_policy": "refuse"}, {**generator, "answer_context_tokens": 512},
+                   {"answerer": "llama-cpp", "answerer_model_path": "/m.gguf"},
+                   {"answerer": "llama-cpp", "answerer_model_path": "/n.gguf"}):
         keys.add(settings_key(load_settings(environ={}, **change)))
-    assert len(keys) == 7
+    assert len(keys) == 9
     # settings that shape no answer leave it alone
     assert settings_key(load_settings(environ={}, batch_size=7, answer_cache_threshold=0.95)) == settings_key(base)
 
