@@ -30,19 +30,11 @@ from psycopg.rows import dict_row
 
 from bench.common import RESULTS, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
+from bench.devsplit import half
 from bench.paraphrases import OUT as PARAPHRASES
 from pgsynapse.answer_cache import NEAREST, exact_terms, lookup_sql
 
 THRESHOLDS = [round(0.80 + 0.01 * i, 2) for i in range(20)]
-
-
-def half(question: str) -> str:
-    """The dev split of bench/devsplit.py (the same rule, inlined when that module is not there)."""
-    try:
-        from bench.devsplit import half as devsplit_half
-    except ImportError:
-        return ("tune", "report")[hashlib.sha256(question.strip().lower().encode()).digest()[0] % 2]
-    return devsplit_half(question)
 
 
 def stream(quick: bool) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ default, built as the handler builds it) and each ``--generator NAME=PATH`` (ans
 ``--generator-runtime llama-cpp``, with that model path and ``--context`` tokens, built by the handler from the
 settings).
 
-Per answerer and per half of the dev questions (bench/devsplit.py; the headline is ``report``):
+Per answerer and per half of the dev questions and of the user-worded set (bench/devsplit.py's ``held_out``:
+``tune``, ``report``, ``users-tune``, ``users-report``; the headline is ``report``, the larger ``users-report``
+beside it):
 
 - ``first_cite``: % of answers whose first citation ``[n]`` is a passage of a relevant page;
 - ``any_cite``: % whose cited passages include a relevant page;
@@ -48,7 +50,7 @@ from psycopg.rows import dict_row
 
 from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
-from bench.devsplit import split
+from bench.devsplit import held_out
 from bench.extractive_v1 import ExtractiveV1Answerer
 from bench.extractive_v1 import split_sentences as v1_split
 from bench.teacher import teacher_ranker
@@ -278,7 +280,7 @@ def main() -> None:
     p.add_argument("--pairs", type=Path, default=None, help="write (sentence, best match, cosine) pairs here")
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
-    p.add_argument("--sets", default="tune,report,train-heldout,unanswerable", help="which question sets to run")
+    p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable", help="which question sets to run")
     p.add_argument("--teacher-vectors", type=Path, default=None, help="retrieval: the mpnet teacher as the ranker "
                    "(bench.ranker --teacher): its vectors computed elsewhere (bench/gpu_distill.py)")
     p.add_argument("--teacher-model", type=Path, default=None, help="with --teacher-vectors: its earlier ONNX export")
@@ -290,7 +292,7 @@ def main() -> None:
         threshold = args.threshold
     emit("answer_quality", "groundedness_threshold", threshold=threshold, label_agreement=agreement, labels=n_labels)
     dev = questions("pg_docs_dev.jsonl")
-    halves = split(dev)
+    halves = held_out()
     unanswerable = [json.loads(line) for line in UNANSWERABLE.open()]
     models = ModelCache()
     with corpus_clone() as (url, info):

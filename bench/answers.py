@@ -1,8 +1,11 @@
-"""Benchmark `answers` (issue 4): retrieval recall@5 / MRR@10 at page level on the held-out dev questions, vector
-and hybrid, through the product's retrieval path; and question INSERT -> answer NOTIFY latency p50/p95/p99 over
-at least 200 questions asked one at a time to an idle worker, beside the raw time to embed one question.
+"""Benchmark `answers` (issue 4): retrieval recall@5 / MRR@10 at page level, vector and hybrid, through the
+product's retrieval path, on the held-out dev questions (all, and bench/devsplit.py's halves), the user-worded set's
+halves and the 340 train questions (nothing is trained here); and question INSERT -> answer NOTIFY latency
+p50/p95/p99 over at least 200 questions asked one at a time to an idle worker, beside the raw time to embed one
+question.
 
     python -m bench.answers [--questions 200]
+    python -m bench.answers --questions 0      # retrieval quality only
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import psycopg
 
 from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
+from bench.devsplit import held_out
 from bench.retrieval import retrieve_pages, score
+from pgsynapse.models import ModelCache
 
 
 def main() -> None:
@@ -24,8 +29,6 @@ def main() -> None:
     emit("answers", "machine", **machine())
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
-    from pgsynapse.models import ModelCache
-
     models = ModelCache()
     with corpus_clone() as (url, info):
         emit("answers", "corpus", **info)
@@ -33,12 +36,17 @@ def main() -> None:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()
             version = dict(zip(["id", "name", "artifact_path", "runtime", "dim", "status"], version, strict=True))
-        relevant = [set(q["relevant"]) for q in dev]
+        sets = {"dev": dev, **held_out(), "train": [{"q": q["q"], "relevant": [q["page"]]} for q in train]}
         for hybrid in (False, True):
-            ranked = anyio.run(lambda: retrieve_pages(url, [q["q"] for q in dev], version=version, hybrid=hybrid,
-                                                      models=models))
-            emit("answers", "retrieval_hybrid" if hybrid else "retrieval_vector", **score(ranked, relevant))
+            for name, items in sets.items():
+                ranked = anyio.run(lambda: retrieve_pages(url, [q["q"] for q in items], version=version,
+                                                          hybrid=hybrid, models=models))  # noqa: B023 - run at once
+                emit("answers", "retrieval_hybrid" if hybrid else "retrieval_vector", set=name,
+                     **score(ranked, [set(q["relevant"]) for q in items]))
 
+        if not args.questions:
+            table()
+            return
         embedder = models.get(version)
         embedder.encode(["warm up"])
         t = []

@@ -6,7 +6,8 @@ corpus, the worker's own retrain job trains a candidate (in its own process, wit
 ``retrain_seed``), its gate decides, and the candidate is registered. Then, on the dev questions
 (pg_docs_dev.jsonl, never trained on), split by bench/devsplit.py: recall@5 / MRR@10 of the base model and of
 the candidate, each gain with a 95 % interval (the questions resampled: how much a half of 27-33 questions can tell
-apart). Settings are chosen on the ``tune`` half; the headline is the ``report`` half.
+apart). Settings are chosen on the ``tune`` half; the headline is the ``report`` half. The same figures on the
+user-worded set's halves (``users-tune``, ``users-report``: bench/devsplit.py's ``held_out``).
 
 The candidate is a query encoder over v1's chunk vectors (query-side recipe), so "after" encodes only the
 questions and searches v1's stored vectors exactly (exact kNN; the HNSW search of the product returns the same
@@ -38,7 +39,7 @@ from sentence_transformers import SentenceTransformer
 
 from bench.common import emit, machine, parser, questions, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
-from bench.devsplit import split
+from bench.devsplit import SETS, held_out
 from bench.retrieval import ranked_pages, score
 from bench.teacher import teacher_ranker
 from pgsynapse.config import load_settings
@@ -46,7 +47,6 @@ from pgsynapse.learning.gate import cluster_bootstrap, ranking_scores
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache
 
-HALVES = ("tune", "report")
 BOOTSTRAP = 2000  # resamples of the questions for the gains' 95 % intervals
 
 
@@ -120,7 +120,7 @@ def main() -> None:
 
 def run(args: Any) -> None:
     emit("learning", "machine", **machine())
-    halves = split(questions("pg_docs_dev.jsonl"))
+    halves = held_out()
     train = questions("pg_docs_train.jsonl")
     models = ModelCache()
     runs: list[dict[str, Any]] = []
@@ -186,7 +186,7 @@ def run(args: Any) -> None:
         print(json.dumps({"seed": seed, "metrics": {k: v for k, v in metrics.items() if k != "used_example_ids"}},
                          default=str))
         runs.append(run)
-    for name in HALVES:
+    for name in SETS:
         gains = [r[name]["recall@5"] - base[name]["recall@5"] for r in runs]
         mrr = [r[name]["mrr@10"] - base[name]["mrr@10"] for r in runs]
         emit("learning", f"summary_{name}", seeds=len(runs), recall5_gain_mean=round(statistics.mean(gains), 2),

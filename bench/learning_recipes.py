@@ -4,8 +4,8 @@ How docs/learning.md's recipe was chosen. One clone of the embedded corpus with 
 ``pg_docs_train.jsonl`` (as bench.learning inserts them); the trainer's own ``main`` (learning/train.py: the
 grouped split, the canary set, the loss, the gate's evaluation) run in this process with the data loaded once,
 once per recipe and seed. Per run: the candidate's recall@5 / MRR@10 on the ``tune`` half of the dev questions
-(searching v1's stored chunk vectors), and the gate's own figures (grouped hold-out and canary, candidate minus
-active). The ``report`` half is never printed: it is bench.learning's, through the worker's retrain job.
+and on the ``users-tune`` half of the user-worded set (bench/devsplit.py; searching v1's stored chunk vectors), and the gate's own figures (grouped hold-out and canary, candidate minus
+active). The ``report`` halves are never printed: it is bench.learning's, through the worker's retrain job.
 
 ``--teacher-vectors DIR`` (bench/gpu_distill.py's ``mpnet_ids.npy`` / ``mpnet_vectors.npy``) with
 ``--teacher-model DIR`` (all-mpnet-base-v2, torch) stand in for a teacher version: recipes with
@@ -36,7 +36,7 @@ from sentence_transformers import SentenceTransformer
 
 from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone, on_corpus_server
-from bench.devsplit import split
+from bench.devsplit import held_out
 from bench.learning import _feedback
 from bench.retrieval import vectors_recall
 from pgsynapse.config import load_settings
@@ -92,7 +92,8 @@ def _with_generated(generated: list[dict[str, Any]], chunk_ids: list[int]) -> An
 
 def run(args: Any) -> None:
     emit(B, "machine", **machine())
-    tune = split(questions("pg_docs_dev.jsonl"))["tune"]
+    sets = held_out()
+    tunes = {"tune": sets["tune"], "users": sets["users-tune"]}
     recipes = json.loads(args.recipes)
     seeds = [int(s) for s in args.seeds.split(",")]
     generated = [g for g in map(json.loads, args.generated.read_text().splitlines()) if _usable(g["question"])] \
@@ -116,11 +117,15 @@ def run(args: Any) -> None:
         chunk_ids = [r[0] for r in data["chunks"]]
         chunk_vecs = np.stack([data["stored"][c] for c in chunk_ids])
         pages = [source[c] for c in chunk_ids]
-        relevant = [set(q["relevant"]) for q in tune]
 
         def tune_score(model: Any) -> dict[str, float]:
-            return vectors_recall(model.encode([q["q"] for q in tune], normalize_embeddings=True), chunk_vecs, pages,
-                                  relevant)
+            """recall@5 / MRR@10 on the dev tune half (``tune_*``) and the user-worded set's (``users_*``)."""
+            out = {}
+            for name, items in tunes.items():
+                s = vectors_recall(model.encode([q["q"] for q in items], normalize_embeddings=True), chunk_vecs,
+                                   pages, [set(q["relevant"]) for q in items])
+                out.update({f"{name}_recall5": s["recall@5"], f"{name}_mrr10": s["mrr@10"]})
+            return out
 
         emit(B, "base", **tune_score(SentenceTransformer(base_path, device="cpu")), corpus_pages=info.get("pages"))
         summary = []
@@ -144,15 +149,16 @@ def run(args: Any) -> None:
                     train.synthetic_pairs = pairs
                 score = tune_score(SentenceTransformer(str(OUT), device="cpu"))
                 held, canary = _gains(m, "active", "candidate"), _gains(m, "canary_active", "canary_candidate")
-                runs.append(emit(B, recipe["name"], seed=seed, tune_recall5=score["recall@5"],
-                                 tune_mrr10=score["mrr@10"], heldout_recall5_gain=held[0], heldout_mrr10_gain=held[1],
+                runs.append(emit(B, recipe["name"], seed=seed, **score, heldout_recall5_gain=held[0],
+                                 heldout_mrr10_gain=held[1],
                                  canary_recall5_gain=canary[0], canary_mrr10_gain=canary[1],
                                  synthetic_pairs=m["synthetic_pairs"], relabelled=m.get("teacher_relabelled"),
                                  seconds=round(time.perf_counter() - started)))
             summary.append({"recipe": recipe["name"], "seeds": len(runs), **{
                 f"{k}_mean": round(statistics.mean(r[k] for r in runs), 3) for k in (
-                    "tune_recall5", "tune_mrr10", "heldout_recall5_gain", "heldout_mrr10_gain", "canary_recall5_gain",
-                    "canary_mrr10_gain")}, "tune_recall5_min": min(r["tune_recall5"] for r in runs)})
+                    "tune_recall5", "tune_mrr10", "users_recall5", "users_mrr10", "heldout_recall5_gain",
+                    "heldout_mrr10_gain", "canary_recall5_gain", "canary_mrr10_gain")}, "tune_recall5_min": min(r["tune_recall5"] for r in runs),
+                "users_recall5_min": min(r["users_recall5"] for r in runs)})
     table()
     table(summary)
 
