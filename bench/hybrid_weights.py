@@ -1,0 +1,108 @@
+"""Benchmark `hybrid_weights` (issue 18): how full-text ranks should be fused with vector ranks, chosen honestly.
+
+The answer handler's two candidate lists, fetched once per question with its own SQL (``vector_candidates`` over
+the active version's HNSW index, ``text_candidates``: ``ts_rank`` over the OR-ed question words), each ``--depth``
+chunks deep (bench.answers' depth: 40 passages, x3 for the hybrid), then fused offline by weighted reciprocal-rank
+fusion, score(chunk) = 1 / (k + vector rank) + w / (k + text rank), for every ``w`` (``--weights``; 0 is the
+vector order) and ``k`` (``--ks``). Page level recall@5 / MRR@10 per question set of bench/devsplit.py's
+``held_out`` and on the 340 train questions (nothing is trained here).
+
+A setting is chosen on the ``tune``, ``users-tune`` and ``train`` sets only (``--choose``: the best mean MRR@10 over
+them, recall@5 not lower than the vector order's on any of them); the ``report`` halves are printed for the
+chosen setting and the vector order only.
+
+    python -m bench.hybrid_weights
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg.rows import dict_row
+
+from bench.common import emit, machine, parser, questions, table
+from bench.corpusdb import corpus_clone
+from bench.devsplit import held_out
+from bench.retrieval import score
+from pgsynapse.handlers.answer import vector_sql
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q as sql
+
+B = "hybrid_weights"
+CHOOSE = ("tune", "users-tune", "train")
+REPORT = ("report", "users-report")
+
+
+def fuse(vector: list[int], text: list[int], w: float, k: int) -> list[int]:
+    """Weighted reciprocal-rank fusion of two rankings of chunk ids (``w`` = 1: the handler's ``rrf``)."""
+    s: dict[int, float] = {}
+    for r, cid in enumerate(vector):
+        s[cid] = s.get(cid, 0.0) + 1.0 / (k + r + 1)
+    for r, cid in enumerate(text):
+        s[cid] = s.get(cid, 0.0) + w / (k + r + 1)
+    return sorted(s, key=lambda c: -s[c])
+
+
+def pages_of(order: list[int], page: dict[int, str], n: int = 10) -> list[str]:
+    out: list[str] = []
+    for cid in order:
+        if page[cid] not in out:
+            out.append(page[cid])
+        if len(out) == n:
+            break
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=120, help="chunks per candidate list (bench.answers: 40 x 3)")
+    p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")
+    p.add_argument("--ks", default="10,30,60")
+    args = p.parse_args()
+    emit(B, "machine", **machine())
+    sets: dict[str, list[dict[str, Any]]] = {**held_out(), "train": [
+        {"q": t["q"], "relevant": [t["page"]]} for t in questions("pg_docs_train.jsonl")]}
+    models = ModelCache()
+    with corpus_clone() as (url, info), psycopg.connect(url, row_factory=dict_row) as conn:
+        emit(B, "corpus", **info)
+        register_vector(conn)
+        version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
+                               " WHERE status = 'active'").fetchone()
+        embedder = models.get(version)
+        page: dict[int, str] = {}
+        lists: dict[str, list[tuple[list[int], list[int]]]] = {}
+        for name, items in sets.items():
+            vecs = embedder.encode([it["q"] for it in items])
+            lists[name] = []
+            for it, v in zip(items, vecs, strict=True):
+                vrows = conn.execute(vector_sql(version), {"query": v, "k": args.depth}).fetchall()
+                trows = conn.execute(sql("text_candidates", "answers.sql"),
+                                     {"text": it["q"], "k": args.depth}).fetchall()
+                page.update({r["chunk_id"]: r["source"] for r in (*vrows, *trows)})
+                vids = [r["chunk_id"] for r in vrows]
+                lists[name].append((vids, [r["chunk_id"] for r in trows]))
+    results: dict[tuple[float, int], dict[str, dict[str, float]]] = {}
+    for w, k in itertools.product([float(x) for x in args.weights.split(",")], [int(x) for x in args.ks.split(",")]):
+        if w == 0 and k != 60:
+            continue  # the vector order does not depend on k
+        results[(w, k)] = {name: score([pages_of(fuse(v, t, w, k), page) for v, t in lists[name]],
+                                       [set(it["relevant"]) for it in sets[name]]) for name in sets}
+        emit(B, "choose", weight=w, k=k, **{f"{n}_{m}": results[(w, k)][n][m] for n in CHOOSE
+                                            for m in ("recall@5", "mrr@10")},
+             mean_mrr10=round(statistics.mean(results[(w, k)][n]["mrr@10"] for n in CHOOSE), 4))
+    vector = results[(0.0, 60)]
+    ok = {key: r for key, r in results.items()
+          if all(r[n]["recall@5"] >= vector[n]["recall@5"] for n in CHOOSE)}
+    chosen = max(ok, key=lambda key: statistics.mean(ok[key][n]["mrr@10"] for n in CHOOSE))
+    for key in dict.fromkeys([(0.0, 60), (1.0, 60), chosen]):
+        emit(B, "report", weight=key[0], k=key[1], chosen=key == chosen,
+             **{f"{n}_{m}": results[key][n][m] for n in REPORT for m in ("recall@5", "mrr@10")})
+    table()
+
+
+if __name__ == "__main__":
+    main()
