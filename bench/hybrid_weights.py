@@ -2,9 +2,9 @@
 
 The answer handler's two candidate lists, fetched once per question with its own SQL (``vector_candidates`` over
 the active version's HNSW index, ``text_candidates``: ``ts_rank`` over the OR-ed question words), each ``--depth``
-chunks deep (bench.answers' depth: 40 passages, x3 for the hybrid), then fused offline by weighted reciprocal-rank
-fusion, score(chunk) = 1 / (k + vector rank) + w / (k + text rank), for every ``w`` (``--weights``; 0 is the
-vector order) and ``k`` (``--ks``). Page level recall@5 / MRR@10 per question set of bench/devsplit.py's
+chunks deep (default 15, the handler's own: ``answer_top_k`` 5 x 3), then fused offline by the handler's weighted
+reciprocal-rank fusion (``rrf``), score(chunk) = 1 / (k + vector rank) + w / (k + text rank), for every ``w``
+(``--weights``; 0 is the vector order) and ``k`` (``--ks``). Page level recall@5 / MRR@10 per question set of bench/devsplit.py's
 ``held_out`` and on the 340 train questions (nothing is trained here).
 
 A setting is chosen on the ``tune``, ``users-tune`` and ``train`` sets only (``--choose``: the best mean MRR@10 over
@@ -28,23 +28,13 @@ from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
-from pgsynapse.handlers.answer import vector_sql
+from pgsynapse.handlers.answer import rrf, vector_sql
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
 
 B = "hybrid_weights"
 CHOOSE = ("tune", "users-tune", "train")
 REPORT = ("report", "users-report")
-
-
-def fuse(vector: list[int], text: list[int], w: float, k: int) -> list[int]:
-    """Weighted reciprocal-rank fusion of two rankings of chunk ids (``w`` = 1: the handler's ``rrf``)."""
-    s: dict[int, float] = {}
-    for r, cid in enumerate(vector):
-        s[cid] = s.get(cid, 0.0) + 1.0 / (k + r + 1)
-    for r, cid in enumerate(text):
-        s[cid] = s.get(cid, 0.0) + w / (k + r + 1)
-    return sorted(s, key=lambda c: -s[c])
 
 
 def pages_of(order: list[int], page: dict[int, str], n: int = 10) -> list[str]:
@@ -59,7 +49,8 @@ def pages_of(order: list[int], page: dict[int, str], n: int = 10) -> list[str]:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=120, help="chunks per candidate list (bench.answers: 40 x 3)")
+    p.add_argument("--depth", type=int, default=15,
+                   help="chunks per candidate list (the handler's: answer_top_k 5 x 3; bench.answers': 40 x 3)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")
     p.add_argument("--ks", default="10,30,60")
     args = p.parse_args()
@@ -89,7 +80,7 @@ def main() -> None:
     for w, k in itertools.product([float(x) for x in args.weights.split(",")], [int(x) for x in args.ks.split(",")]):
         if w == 0 and k != 60:
             continue  # the vector order does not depend on k
-        results[(w, k)] = {name: score([pages_of(fuse(v, t, w, k), page) for v, t in lists[name]],
+        results[(w, k)] = {name: score([pages_of(rrf([v, t], [1.0, w], k), page) for v, t in lists[name]],
                                        [set(it["relevant"]) for it in sets[name]]) for name in sets}
         emit(B, "choose", weight=w, k=k, **{f"{n}_{m}": results[(w, k)][n][m] for n in CHOOSE
                                             for m in ("recall@5", "mrr@10")},

@@ -68,12 +68,13 @@ def blocked(w: AnswerWork) -> bool:
     return bool(w.guardrail and w.guardrail["action"] == "block")
 
 
-def rrf(rankings: list[list[int]], k: int = RRF_K) -> list[int]:
-    """Reciprocal-rank fusion of several rankings of chunk ids."""
+def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> list[int]:
+    """Weighted reciprocal-rank fusion of several rankings of chunk ids: a chunk scores the sum over rankings of
+    weight / (k + its rank); ties keep the first ranking's order."""
     score: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
         for r, cid in enumerate(ranking):
-            score[cid] = score.get(cid, 0.0) + 1.0 / (k + r + 1)
+            score[cid] = score.get(cid, 0.0) + weight / (k + r + 1)
     return sorted(score, key=lambda c: -score[c])
 
 
@@ -251,7 +252,8 @@ class AnswerHandler(Handler[AnswerWork]):
                 for r in text_rows:
                     if r["chunk_id"] in scores:
                         by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
-            order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]])
+            order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]],
+                        [1.0, s.hybrid_text_weight])
         if w.ranker is not None:
             order = await self._rank(conn, w, order[:wanted], by_id)
         out = []

@@ -74,7 +74,8 @@ def settings_key(s: Settings) -> str:
     local = f"{s.answerer_model_path} {generation}"
     model = {"transformers": local, "llama-cpp": local, "openai": f"{s.openai_model} {generation}"}
     return (f"pgsynapse={__version__} answerer={s.answerer} model={model.get(s.answerer, '')} k={s.answer_top_k} "
-            f"hybrid={int(s.hybrid)} not_found={s.not_found_threshold}")
+            f"hybrid={int(s.hybrid)}{f' text_weight={s.hybrid_text_weight}' if s.hybrid else ''} "
+            f"not_found={s.not_found_threshold}")
 
 
 def rules_key(rules: list[dict[str, Any]]) -> str:

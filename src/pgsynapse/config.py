@@ -119,7 +119,10 @@ class Settings(BaseModel):
     answerer: Literal["extractive", "transformers", "llama-cpp", "openai"] = Field(
         "extractive", description="how answers are written (llama-cpp: a GGUF model on llama.cpp, pgsynapse[llama])")
     answer_top_k: int = Field(5, ge=1, le=100, description="passages retrieved per question")
-    hybrid: bool = Field(False, description="fuse full-text ranks with vector ranks (reciprocal-rank fusion)")
+    hybrid: bool = Field(True, description="fuse full-text ranks with vector ranks (weighted reciprocal-rank fusion)")
+    hybrid_text_weight: float = Field(
+        0.75, ge=0, le=10, description="hybrid: the weight of a full-text rank against a vector rank's 1 "
+        "(chosen on held-out questions: bench/hybrid_weights.py)")
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")

@@ -217,15 +217,16 @@ async def test_follow_up_asked_in_the_same_statement_still_gets_the_previous_que
 
 
 async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
-    """Vector ranks from one text, full-text ranks from a rare word only one passage has: the fused list must
-    include that passage, scored by its own stored vector."""
+    """Vector ranks from one text, full-text ranks from a rare word only one passage has: with the full-text ranks
+    weighted as the vector ranks, the fused list must include that passage, scored by its own stored vector. (At the
+    default weight, 0.75, a hit of full text alone ranks after the vector candidates: test_rrf.py.)"""
     from psycopg.rows import dict_row
     from pgvector.psycopg import register_vector_async
 
     from pgsynapse.handlers.answer import AnswerWork
     from pgsynapse.handlers.base import Job
 
-    settings = fast_settings(db_url, hybrid=True, answer_top_k=2)
+    settings = fast_settings(db_url, hybrid=True, hybrid_text_weight=1.0, answer_top_k=2)
     async with running_worker(settings, models):
         await _corpus(db_url)
         insert_docs(db_url, [(f"Transactions {i}", f"Part {i}: BEGIN starts a transaction block; ROLLBACK undoes the "
