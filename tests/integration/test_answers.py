@@ -10,6 +10,7 @@ import pytest
 from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.client import Client
+from pgsynapse.corpus import shipped_pages
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -279,3 +280,25 @@ async def test_repeated_question_embedding_comes_from_the_cache_of_its_own_versi
         "SELECT model_version_id FROM pgsynapse.questions ORDER BY id")).fetchall()
     assert [r["model_version_id"] for r in served] == [1, 1, 2]
     await conn.close()
+
+
+async def test_the_demo_question_through_the_product_is_answered_from_savepoints(db_url, models):
+    """Issue 18's demo case end to end at the default retrieval and answerer (full text fused with the vectors,
+    retrieval's order a tie-breaker of the answerer), on the shipped pages about transactions, inserted as the demo
+    inserts them (with their source): the answer starts from savepoints, not from ROLLBACK's notes ("The form
+    ROLLBACK TRANSACTION is a PostgreSQL extension.")."""
+    pages = [p for p in shipped_pages() if p.source in ("sql-rollback.html", "sql-commit.html", "sql-begin.html",
+                                                         "tutorial-transactions.html", "sql-savepoint.html")]
+    async with running_worker(fast_settings(db_url), models):
+        conn = await aconn(db_url)
+        async with conn.transaction():
+            for p in pages:
+                await conn.execute("INSERT INTO pgsynapse.documents (source, title, body) VALUES (%s, %s, %s)",
+                                   (p.source, p.title, p.text))
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+        await conn.close()
+        async with Client(db_url) as client:
+            r = await client.ask("How do I roll back part of a transaction?")
+    assert r.status == "answered"
+    assert "PostgreSQL extension" not in r.answer, r.answer
+    assert "savepoint" in r.answer.split("[")[0].lower(), r.answer

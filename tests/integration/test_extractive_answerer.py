@@ -58,7 +58,9 @@ def cited(text: str) -> list[int]:
 
 def test_the_demo_question_is_answered_by_the_savepoint_sentences_not_the_rollback_notes(embedder):
     """The demo's case (issue 18): the shipped docs' pages chunked as the worker chunks them, the 5 nearest
-    chunks to the question; today's answerer quoted "The form ROLLBACK TRANSACTION is a PostgreSQL extension."."""
+    chunks to the question; today's answerer quoted "The form ROLLBACK TRANSACTION is a PostgreSQL extension.".
+    The product's own retrieval (full text fused) and answer of this question:
+    test_answers.py's test_the_demo_question_through_the_product_is_answered_from_savepoints."""
     question = "How do I roll back part of a transaction?"
     pages = {p.source: p for p in shipped_pages()}
     chunker = Chunker(embedder.tokenizer, min(256, embedder.max_seq_length), 0)
@@ -116,6 +118,19 @@ def test_the_next_sentence_that_continues_the_thought_is_kept_in_document_order(
     text, _ = ask(embedder, "how do I make an index reject duplicate values?", [("CREATE INDEX", passage, 0.6)])
     first = text.index("CREATE UNIQUE INDEX causes")
     assert first >= 0 and text.index("This also applies to the primary key constraint.") > first, text
+
+
+def test_rank_weight_lets_retrieval_order_break_a_near_tie_and_a_clearly_better_passage_still_leads(embedder):
+    """Two passages that both answer, scored alike: by content alone (the default) the closer one leads; with
+    ``rank_weight`` the one retrieval ranked first does (its order fuses full text, which the cosine does not see).
+    A passage that answers much better leads from rank 2 all the same."""
+    question = "how do I roll back to a savepoint"
+    both = [("SAVEPOINT", SAVEPOINT, 0.5), ("ROLLBACK TO SAVEPOINT", ROLLBACK_TO, 0.5)]
+    assert cited(ask(embedder, question, both)[0])[0] == 2
+    assert cited(ask(embedder, question, both, rank_weight=0.5)[0])[0] == 1
+    text, _ = ask(embedder, "make a transaction durable", [("ROLLBACK", ROLLBACK, 0.5), ("COMMIT", COMMIT, 0.55)],
+                  rank_weight=0.5)
+    assert cited(text)[0] == 2
 
 
 def test_nothing_relevant_is_not_found_with_no_sources(embedder):

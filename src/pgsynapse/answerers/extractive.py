@@ -7,7 +7,8 @@ How an answer is chosen (issue 18):
   their vectors), by its passage's retrieval score, by how much the *other* ranked passages agree with it (the mean
   of its best cosine to each one's sentences), by its page's vote (the scores of the page's other retrieved
   passages: a page many ranked passages come from is on the question's topic) and by its page title's cosine to
-  the question (the title names what the page is about; one short encode per distinct title);
+  the question (the title names what the page is about; one short encode per distinct title) and, when
+  ``rank_weight`` is set, by its passage's rank in retrieval's order;
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
 - a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
@@ -65,7 +66,11 @@ class ExtractiveAnswerer:
     ``window_weight``, ``passage_weight``, ``agreement_weight``, ``page_weight``, ``title_weight``: how much a
     sentence's window, its passage's retrieval score, the other passages' agreement, its page's vote and its page
     title add to its own cosine (chosen on the tune half of the dev questions and 150 train questions:
-    bench/answer_quality.py, BENCHMARKS.md). ``keep_margin``: how close to the best
+    bench/answer_quality.py, BENCHMARKS.md). ``rank_weight``: a sentence adds ``rank_weight / rank`` of its
+    passage, so retrieval's order (full text fused with the vectors, which the cosine alone does not see) counts
+    too; off by default: 0.5 lifted the first citation on every held-out set and brought back the answer issue 18
+    was filed for (ROLLBACK's notes for "how do I roll back part of a transaction") on the transaction pages
+    (bench/extractive_weights.py, BENCHMARKS.md). ``keep_margin``: how close to the best
     score another sentence must be to be quoted too.
     """
 
@@ -74,7 +79,7 @@ class ExtractiveAnswerer:
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
-                 continue_similarity: float = 0.5, title_weight: float = 1.5) -> None:
+                 continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.max_sentences = max_sentences
@@ -85,6 +90,7 @@ class ExtractiveAnswerer:
         self.page_weight = page_weight
         self.continue_similarity = continue_similarity
         self.title_weight = title_weight
+        self.rank_weight = rank_weight
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
@@ -155,7 +161,8 @@ class ExtractiveAnswerer:
             c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
                        + self.passage_weight * c.passage.score + self.agreement_weight * float(agree[i])
                        + self.page_weight * (page[c.passage.source] - c.passage.score)
-                       + self.title_weight * title_score.get(c.passage.title or "", 0.0))
+                       + self.title_weight * title_score.get(c.passage.title or "", 0.0)
+                       + self.rank_weight / c.passage.rank)
 
     def _redundant(self, c: _Sentence, picked: list[_Sentence], limit: float = 0.85) -> bool:
         return any(float(c.vec @ p.vec) >= limit for p in picked)

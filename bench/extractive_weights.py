@@ -1,0 +1,91 @@
+"""Benchmark `extractive_weights` (issue 18): the extractive answerer's weights, chosen on the tune sets only.
+
+Retrieval once, through the answer handler's own ``_retrieve`` with the default settings (bench.answer_quality's
+``retrieve``); then, for each variant (``--variants``: a JSON list of ``{"name", ExtractiveAnswerer keyword
+arguments...}``; the default's arguments are the handler's), the share of answers whose first citation is on a
+relevant page (``first_cite``, as bench.answer_quality) on the tune sets: the dev tune half, the user-worded set's
+tune half (bench/devsplit.py ``held_out``) and the 150 train questions bench.answer_quality's ``train-heldout``
+leaves out (indices 0, 2, ..., 298). The variant with the best mean over them is chosen (the default on a tie);
+then only the default and the chosen are answered on the report sets (``report``, ``users-report``,
+``train-heldout``).
+
+    python -m bench.extractive_weights --variants '[{"name": "rank 0.25", "rank_weight": 0.25}]'
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg.rows import dict_row
+
+from bench.answer_quality import cited_ranks, is_not_found, retrieve
+from bench.common import emit, machine, parser, questions, table
+from bench.corpusdb import corpus_clone
+from bench.devsplit import held_out
+from pgsynapse.answerers.base import Request
+from pgsynapse.answerers.extractive import ExtractiveAnswerer
+from pgsynapse.config import load_settings
+from pgsynapse.models import ModelCache
+
+B = "extractive_weights"
+TUNE = ("tune", "users-tune", "train-tune")
+REPORT = ("report", "users-report", "train-heldout")
+
+
+def first_cite(answerer: ExtractiveAnswerer, items: list[dict[str, Any]]) -> float:
+    hits = 0
+    for it in items:
+        text = answerer.answer(Request(it["q"], it["passages"], [], it["vector"])).text
+        by_rank = {p.rank: p for p in it["passages"]}
+        ranks = [r for r in cited_ranks(text) if r in by_rank]
+        hits += bool(ranks) and not is_not_found(text) and by_rank[ranks[0]].source in it["relevant"]
+    return round(100 * hits / len(items), 1)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--variants", required=True)
+    args = p.parse_args()
+    variants = [{"name": "default"}, *json.loads(args.variants)]
+    emit(B, "machine", **machine())
+    train = questions("pg_docs_train.jsonl")
+    sets = {**held_out(),
+            "train-tune": [{"q": t["q"], "relevant": [t["page"]]} for i, t in enumerate(train) if i % 2 == 0 and i < 300],
+            "train-heldout": [{"q": t["q"], "relevant": [t["page"]]} for i, t in enumerate(train)
+                              if i % 2 == 1 or i >= 300]}
+    models = ModelCache()
+    with corpus_clone() as (url, info):
+        emit(B, "corpus", **info)
+        with psycopg.connect(url, row_factory=dict_row) as conn:
+            version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
+                                   " WHERE status = 'active'").fetchone()
+        every = [it for items in sets.values() for it in items]
+        for it, (passages, vec) in zip(every, anyio.run(retrieve, url, [it["q"] for it in every], version, models),
+                                       strict=True):
+            it.update(passages=passages, vector=vec, relevant=set(it["relevant"]))
+    embedder = models.get(version)
+    s = load_settings(environ={})
+
+    def build(variant: dict[str, Any]) -> ExtractiveAnswerer:
+        kw = {k: v for k, v in variant.items() if k != "name"}
+        return ExtractiveAnswerer(lambda texts: embedder.encode(texts, s.encode_batch_size),
+                                  not_found_threshold=s.not_found_threshold, **kw)
+
+    tuned = []
+    for v in variants:
+        fc = {name: first_cite(build(v), sets[name]) for name in TUNE}
+        tuned.append((statistics.mean(fc.values()), v))
+        emit(B, "tune", variant=v["name"], **fc, mean=round(statistics.mean(fc.values()), 2))
+    best = max(tuned, key=lambda t: (t[0], t[1]["name"] == "default"))[1]
+    for v in dict.fromkeys([0, variants.index(best)]):
+        emit(B, "report", variant=variants[v]["name"], chosen=variants[v] is best,
+             **{name: first_cite(build(variants[v]), sets[name]) for name in REPORT})
+    table()
+
+
+if __name__ == "__main__":
+    main()
