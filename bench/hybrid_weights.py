@@ -28,9 +28,10 @@ from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
-from pgsynapse.handlers.answer import rrf, vector_sql
+from pgsynapse.handlers.answer import vector_sql
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
+from pgsynapse.retrieval import rrf
 
 B = "hybrid_weights"
 CHOOSE = ("tune", "users-tune", "train")

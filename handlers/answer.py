@@ -39,10 +39,10 @@ from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
+from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text
 
 log = get_logger(__name__)
 
-RRF_K = 60
 BLOCKED_ANSWER = "This question cannot be answered: it matches a guardrail rule."
 
 
@@ -66,16 +66,6 @@ class AnswerWork:
 
 def blocked(w: AnswerWork) -> bool:
     return bool(w.guardrail and w.guardrail["action"] == "block")
-
-
-def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> list[int]:
-    """Weighted reciprocal-rank fusion of several rankings of chunk ids: a chunk scores the sum over rankings of
-    weight / (k + its rank); ties keep the first ranking's order."""
-    score: dict[int, float] = {}
-    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
-        for r, cid in enumerate(ranking):
-            score[cid] = score.get(cid, 0.0) + weight / (k + r + 1)
-    return sorted(score, key=lambda c: -score[c])
 
 
 def vector_sql(version: dict[str, Any]) -> str:
@@ -237,23 +227,13 @@ class AnswerHandler(Handler[AnswerWork]):
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version
         wanted = max(s.answer_top_k, s.rank_candidates) if w.ranker else s.answer_top_k
-        k = wanted * (3 if s.hybrid else 1)
+        k = wanted * (CANDIDATES_FACTOR if s.hybrid else 1)
         vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
         by_id = {r["chunk_id"]: r for r in vec_rows}
         order = [r["chunk_id"] for r in vec_rows]
         if s.hybrid:
-            text_rows = list(await (await conn.execute(q("text_candidates", "answers.sql"),
-                                                       {"text": w.retrieval_query, "k": k})).fetchall())
-            missing = [r["chunk_id"] for r in text_rows if r["chunk_id"] not in by_id]
-            if missing:
-                scores = {r["chunk_id"]: float(r["score"]) for r in await (await conn.execute(
-                    q("chunk_scores", "answers.sql"),
-                    {"version": v["id"], "ids": missing, "query": w.query_vector})).fetchall()}
-                for r in text_rows:
-                    if r["chunk_id"] in scores:
-                        by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
-            order = rrf([order, [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]],
-                        [1.0, s.hybrid_text_weight])
+            order, by_id = await fuse_full_text(conn, v["id"], w.query_vector, w.retrieval_query, vec_rows, k,
+                                                s.hybrid_text_weight)
         if w.ranker is not None:
             order = await self._rank(conn, w, order[:wanted], by_id)
         out = []

@@ -346,7 +346,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                               else RankerCache(settings.onnx_threads or settings.torch_threads).get(row))
                     return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
-                                        candidates=settings.rank_candidates)
+                                        candidates=settings.rank_candidates, hybrid=settings.hybrid,
+                                        text_weight=settings.hybrid_text_weight)
             finally:
                 if replica is not None:
                     await replica.aclose()

@@ -125,7 +125,8 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                     print(f"\nQ ({session}): {text}", file=out)
                     print(textwrap.indent(format_result(result), "  "), file=out)
             for query in QUERIES:
-                hits = await search(conn, worker.models, query, k=3)
+                hits = await search(conn, worker.models, query, k=3, hybrid=settings.hybrid,
+                                    text_weight=settings.hybrid_text_weight)
                 print(f"\nsearch: {query!r}", file=out)
                 for h in hits:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)

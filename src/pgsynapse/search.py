@@ -1,4 +1,5 @@
-"""kNN search over one model version's embeddings (the active one by default)."""
+"""Search over one model version's embeddings (the active one by default): kNN, fused with full text when asked (as
+the answers' retrieval is by default), then the ranker's order when one is given."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.replica import ReadReplica, reading
+from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text
+
+
+HIT_FIELDS = ("chunk_id", "document_id", "title", "source", "ord", "text", "score")
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,28 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
 async def search(
     conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
+    hybrid: bool = False, text_weight: float = 0.75,
 ) -> list[Hit]:
-    """The ``k`` chunks nearest to ``text``; the kNN reads ``replica`` once it has caught up with ``conn``. With a
-    ``ranker``, the nearest ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
+    """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
+    ``hybrid``, the kNN is fused with the full-text matches of ``text`` (a full-text rank weighing ``text_weight``
+    of a vector rank), as the answer handler retrieves (settings ``hybrid``, ``hybrid_text_weight``). With a
+    ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
     stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
     vector = (await anyio.to_thread.run_sync(embedder.encode, [text]))[0]
     sql = q("search_chunks").replace("{dim}", str(int(row["dim"])))
+    wanted = max(k, candidates) if ranker else k
     async with reading(replica, conn) as reads:
-        cur = await reads.execute(sql, {"query": vector, "version": row["id"], "k": max(k, candidates) if ranker else k})
-        hits = [Hit(**r) for r in await cur.fetchall()]
+        cur = await reads.execute(sql, {"query": vector, "version": row["id"],
+                                        "k": wanted * (CANDIDATES_FACTOR if hybrid else 1)})
+        rows = list(await cur.fetchall())
+        if hybrid:
+            fused, fused_rows = await fuse_full_text(reads, row["id"], vector, text, rows, wanted * CANDIDATES_FACTOR,
+                                                     text_weight)
+            rows = [fused_rows[c] for c in fused]
+        hits = [Hit(**{f: r[f] for f in HIT_FIELDS}) for r in rows[:wanted]]
         if isinstance(ranker, dict):  # a teacher version (ranking/rescore.py)
             order = await rescore(reads, models, ranker, text, [h.chunk_id for h in hits])
             by_id = {h.chunk_id: h for h in hits}

@@ -6,11 +6,17 @@ import json
 
 import anyio
 import pytest
+from pgvector.psycopg import register_vector_async
+from psycopg.rows import dict_row
 
 from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
-from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.cache import default_lru
 from pgsynapse.client import Client
 from pgsynapse.corpus import shipped_pages
+from pgsynapse.handlers.answer import AnswerHandler, AnswerWork, vector_sql
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.search import search, version_row
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -129,8 +135,6 @@ async def test_blocked_question_never_reaches_the_answerer_and_flags_are_recorde
 
 
 def _embed(settings, models):
-    from pgsynapse.handlers.embed import EmbedHandler
-
     return EmbedHandler(settings, models)
 
 
@@ -188,8 +192,6 @@ async def test_concurrent_asks_on_one_client_are_each_woken_by_their_own_notify(
 
 
 async def test_knn_query_uses_the_versions_partial_hnsw_index_even_as_a_generic_plan(db_url):
-    from pgsynapse.handlers.answer import vector_sql
-
     conn = await aconn(db_url)
     version = {"id": 1, "dim": 384}
     await conn.execute("SET plan_cache_mode = force_generic_plan")
@@ -221,11 +223,6 @@ async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
     """Vector ranks from one text, full-text ranks from a rare word only one passage has: with the full-text ranks
     weighted as the vector ranks, the fused list must include that passage, scored by its own stored vector. (At the
     default weight, 0.75, a hit of full text alone ranks after the vector candidates: test_rrf.py.)"""
-    from psycopg.rows import dict_row
-    from pgvector.psycopg import register_vector_async
-
-    from pgsynapse.handlers.answer import AnswerWork
-    from pgsynapse.handlers.base import Job
 
     settings = fast_settings(db_url, hybrid=True, hybrid_text_weight=1.0, answer_top_k=2)
     async with running_worker(settings, models):
@@ -252,8 +249,6 @@ async def test_hybrid_brings_in_passages_only_full_text_finds(db_url, models):
 
 
 async def test_repeated_question_embedding_comes_from_the_cache_of_its_own_version(db_url, models):
-    from pgsynapse.cache import default_lru
-
     default_lru.clear()
     conn = await aconn(db_url)
     async with running_worker(fast_settings(db_url), models):
@@ -302,3 +297,28 @@ async def test_the_demo_question_through_the_product_is_answered_from_savepoints
     assert r.status == "answered"
     assert "PostgreSQL extension" not in r.answer, r.answer
     assert "savepoint" in r.answer.split("[")[0].lower(), r.answer
+
+
+async def test_search_shows_the_passages_an_answer_is_written_from(db_url, models):
+    """`pgsynapse search` at the default settings (full text fused) returns the answer handler's passages in its
+    order, a hit of full text alone included (with its own cosine score)."""
+    assert fast_settings(db_url).hybrid  # the default
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        [rare] = insert_docs(db_url, [("Glossary", "The term qwertzuiop names an obscure internal code path.")])
+        conn = await aconn(db_url)
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (rare,))
+    conn.row_factory = dict_row
+    await register_vector_async(conn)
+    version = await version_row(conn)
+    for text, weight in (("how can I undo commands back to a savepoint?", 0.75), ("qwertzuiop", 1.0)):
+        settings = fast_settings(db_url, hybrid_text_weight=weight)
+        vec = models.get(version).encode([text])[0]
+        passages = await AnswerHandler(settings, models)._retrieve(
+            conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text, vec))
+        hits = await search(conn, models, text, k=settings.answer_top_k, hybrid=True, text_weight=weight)
+        assert [(h.chunk_id, round(h.score, 4)) for h in hits] == [(p.chunk_id, round(p.score, 4)) for p in passages]
+    assert rare in [h.document_id for h in hits]
+    plain = await search(conn, models, "how can I undo commands back to a savepoint?", k=5)
+    await conn.close()
+    assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)  # kNN alone: by cosine

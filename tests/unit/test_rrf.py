@@ -1,8 +1,8 @@
-"""The answer handler's weighted reciprocal-rank fusion of the vector and full-text candidates."""
+"""The weighted reciprocal-rank fusion of the vector and full-text candidates (answers and search)."""
 
 import pytest
 
-from pgsynapse.handlers.answer import RRF_K, rrf
+from pgsynapse.retrieval import RRF_K, rrf
 
 
 def test_equal_weights_fuse_both_rankings_and_keep_the_first_order_on_ties():

@@ -42,7 +42,7 @@ LIMIT %(k)s;
 -- Full-text ranks. Any of the question's words (OR): a natural-language question rarely has all its words in one
 -- chunk, which an AND query requires. Ranked by ts_rank (how many of the words a chunk has, how often), which
 -- beat ts_rank_cd and websearch_to_tsquery (AND) on the docs corpus: see BENCHMARKS.md, bench/text_rank_variants.py.
-SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank(c.tsv, qq.query) AS text_rank
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.ord, c.text, ts_rank(c.tsv, qq.query) AS text_rank
 FROM (SELECT replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS query) qq,
      pgsynapse.chunks c
 JOIN pgsynapse.documents d ON d.id = c.document_id

@@ -1,0 +1,47 @@
+"""Hybrid retrieval: a question's kNN candidates fused with its full-text candidates, for answers and for search.
+
+Both the answer handler and ``pgsynapse search`` fetch their kNN rows (each with ``chunk_id`` and ``score``, the
+cosine similarity) and call :func:`fuse_full_text`, so a search shows the passages an answer would be written from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pgsynapse.queries import q
+
+RRF_K = 60
+CANDIDATES_FACTOR = 3  # hybrid: each list fetches this many times the chunks kept
+
+
+def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> list[int]:
+    """Weighted reciprocal-rank fusion of several rankings of chunk ids: a chunk scores the sum over rankings of
+    weight / (k + its rank); ties keep the first ranking's order."""
+    score: dict[int, float] = {}
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
+        for r, cid in enumerate(ranking):
+            score[cid] = score.get(cid, 0.0) + weight / (k + r + 1)
+    return sorted(score, key=lambda c: -score[c])
+
+
+async def fuse_full_text(conn: psycopg.AsyncConnection, version_id: int, query_vector: np.ndarray, text: str,
+                         vec_rows: list[dict[str, Any]], k: int, text_weight: float
+                         ) -> tuple[list[int], dict[int, dict[str, Any]]]:
+    """``vec_rows`` (the kNN, nearest first) fused with the ``k`` best full-text matches of ``text``, a full-text
+    rank weighing ``text_weight`` of a vector rank. Returns the fused chunk ids and each one's row; a full-text hit
+    the kNN did not return gets its own cosine score (and drops out when it has no vector of this version)."""
+    by_id = {r["chunk_id"]: r for r in vec_rows}
+    text_rows = list(await (await conn.execute(q("text_candidates", "answers.sql"), {"text": text, "k": k})).fetchall())
+    missing = [r["chunk_id"] for r in text_rows if r["chunk_id"] not in by_id]
+    if missing:
+        scores = {r["chunk_id"]: float(r["score"]) for r in await (await conn.execute(
+            q("chunk_scores", "answers.sql"), {"version": version_id, "ids": missing, "query": query_vector})).fetchall()}
+        for r in text_rows:
+            if r["chunk_id"] in scores:
+                by_id[r["chunk_id"]] = {**r, "score": scores[r["chunk_id"]]}
+    order = rrf([[r["chunk_id"] for r in vec_rows], [r["chunk_id"] for r in text_rows if r["chunk_id"] in by_id]],
+                [1.0, text_weight])
+    return order, by_id
