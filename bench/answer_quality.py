@@ -149,11 +149,28 @@ class Grounding:
         return float(sims[i]), cands[i][0], cands[i][1]
 
 
+def first_on_relevant(text: str, passages: list[Passage], relevant: set[str]) -> bool:
+    """Whether an answer's first citation of a given passage is on a relevant page (never for "not found")."""
+    by_rank = {p.rank: p for p in passages}
+    ranks = [r for r in cited_ranks(text) if r in by_rank]
+    return bool(ranks) and not is_not_found(text) and by_rank[ranks[0]].source in relevant
+
+
+def train_split(train: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The train questions as two sets: ``train-tune``, every other one of the first 300 (indices 0, 2, ..., 298:
+    what the extractive answerer's settings were tuned on), and ``train-heldout``, the odd ones and the last 40 (a
+    second, larger report set; feedback-style phrasing). Each ``{"q", "relevant": {page}}``."""
+    sets: dict[str, list[dict[str, Any]]] = {"train-tune": [], "train-heldout": []}
+    for i, t in enumerate(train):
+        sets["train-tune" if i % 2 == 0 and i < 300 else "train-heldout"].append({"q": t["q"], "relevant": {t["page"]}})
+    return sets
+
+
 def judge(ans: Answer, passages: list[Passage], relevant: set[str], g: Grounding, threshold: float) -> dict[str, Any]:
     by_rank = {p.rank: p for p in passages}
     ranks = [r for r in cited_ranks(ans.text) if r in by_rank]
     nf = is_not_found(ans.text)
-    first = bool(ranks) and not nf and by_rank[ranks[0]].source in relevant
+    first = first_on_relevant(ans.text, passages, relevant)
     anyc = not nf and any(by_rank[r].source in relevant for r in ranks)
     sents = answer_sentences(ans.text) if not nf else []
     pairs, ok, on_rel = [], 0, 0
@@ -280,7 +297,8 @@ def main() -> None:
     p.add_argument("--pairs", type=Path, default=None, help="write (sentence, best match, cosine) pairs here")
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
-    p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable", help="which question sets to run")
+    p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable",
+                   help="which question sets to run")
     p.add_argument("--teacher-vectors", type=Path, default=None, help="retrieval: the mpnet teacher as the ranker "
                    "(bench.ranker --teacher): its vectors computed elsewhere (bench/gpu_distill.py)")
     p.add_argument("--teacher-model", type=Path, default=None, help="with --teacher-vectors: its earlier ONNX export")
@@ -309,11 +327,8 @@ def main() -> None:
         embedder = models.get(version)
         sets = {name: [{"q": q["q"], "relevant": set(q["relevant"])} for q in items] for name, items in halves.items()}
         sets["unanswerable"] = [{"q": q["q"], "relevant": set()} for q in unanswerable]
-        # train questions no setting was chosen on: the tuning used every other one of the first 300 (indices 0, 2,
-        # ..., 298), so the odd ones and the last 40 are a second, larger report set (feedback-style phrasing)
-        train = questions("pg_docs_train.jsonl")
-        sets["train-heldout"] = [{"q": q["q"], "relevant": {q["page"]}} for i, q in enumerate(train)
-                                 if i % 2 == 1 or i >= 300]
+        # train questions no setting was chosen on: a second, larger report set (feedback-style phrasing)
+        sets["train-heldout"] = train_split(questions("pg_docs_train.jsonl"))["train-heldout"]
         sets = {k: v[: args.limit] if args.limit else v for k, v in sets.items() if k in args.sets.split(",")}
         every = [it for items in sets.values() for it in items]
         for it, (passages, vec) in zip(every, anyio.run(retrieve, url, [it["q"] for it in every], version, models,

@@ -8,7 +8,7 @@ half by the same rule), and anyone can recompute it:
 
     python -m bench.devsplit          # prints the count of each half and its questions
 
-A second held-out set, ``bench/data/user_questions.jsonl`` (150 questions written in users' own words, each with the
+A second held-out set, ``bench/data/user_questions.jsonl`` (146 questions written in users' own words, each with the
 pages that answer it, checked against the page text; never trained on), is split by the same rule into
 ``users-tune`` and ``users-report``: 27 report questions can tell apart about ±11 points of recall@5, so the
 figures that decide a default are also read on the larger set. :func:`held_out` gives all four.

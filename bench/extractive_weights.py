@@ -22,7 +22,7 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.answer_quality import cited_ranks, is_not_found, retrieve
+from bench.answer_quality import first_on_relevant, retrieve, train_split
 from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
@@ -37,12 +37,8 @@ REPORT = ("report", "users-report", "train-heldout")
 
 
 def first_cite(answerer: ExtractiveAnswerer, items: list[dict[str, Any]]) -> float:
-    hits = 0
-    for it in items:
-        text = answerer.answer(Request(it["q"], it["passages"], [], it["vector"])).text
-        by_rank = {p.rank: p for p in it["passages"]}
-        ranks = [r for r in cited_ranks(text) if r in by_rank]
-        hits += bool(ranks) and not is_not_found(text) and by_rank[ranks[0]].source in it["relevant"]
+    hits = sum(first_on_relevant(answerer.answer(Request(it["q"], it["passages"], [], it["vector"])).text,
+                                 it["passages"], it["relevant"]) for it in items)
     return round(100 * hits / len(items), 1)
 
 
@@ -52,11 +48,7 @@ def main() -> None:
     args = p.parse_args()
     variants = [{"name": "default"}, *json.loads(args.variants)]
     emit(B, "machine", **machine())
-    train = questions("pg_docs_train.jsonl")
-    sets = {**held_out(),
-            "train-tune": [{"q": t["q"], "relevant": [t["page"]]} for i, t in enumerate(train) if i % 2 == 0 and i < 300],
-            "train-heldout": [{"q": t["q"], "relevant": [t["page"]]} for i, t in enumerate(train)
-                              if i % 2 == 1 or i >= 300]}
+    sets = {**held_out(), **train_split(questions("pg_docs_train.jsonl"))}
     models = ModelCache()
     with corpus_clone() as (url, info):
         emit(B, "corpus", **info)

@@ -29,6 +29,7 @@ from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
 from pgsynapse.handlers.answer import vector_sql
+from pgsynapse.learning.metrics import distinct_documents
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
 from pgsynapse.retrieval import rrf
@@ -36,16 +37,6 @@ from pgsynapse.retrieval import rrf
 B = "hybrid_weights"
 CHOOSE = ("tune", "users-tune", "train")
 REPORT = ("report", "users-report")
-
-
-def pages_of(order: list[int], page: dict[int, str], n: int = 10) -> list[str]:
-    out: list[str] = []
-    for cid in order:
-        if page[cid] not in out:
-            out.append(page[cid])
-        if len(out) == n:
-            break
-    return out
 
 
 def main() -> None:
@@ -75,13 +66,12 @@ def main() -> None:
                 trows = conn.execute(sql("text_candidates", "answers.sql"),
                                      {"text": it["q"], "k": args.depth}).fetchall()
                 page.update({r["chunk_id"]: r["source"] for r in (*vrows, *trows)})
-                vids = [r["chunk_id"] for r in vrows]
-                lists[name].append((vids, [r["chunk_id"] for r in trows]))
+                lists[name].append(([r["chunk_id"] for r in vrows], [r["chunk_id"] for r in trows]))
     results: dict[tuple[float, int], dict[str, dict[str, float]]] = {}
     for w, k in itertools.product([float(x) for x in args.weights.split(",")], [int(x) for x in args.ks.split(",")]):
         if w == 0 and k != 60:
             continue  # the vector order does not depend on k
-        results[(w, k)] = {name: score([pages_of(rrf([v, t], [1.0, w], k), page) for v, t in lists[name]],
+        results[(w, k)] = {name: score([distinct_documents(rrf([v, t], [1.0, w], k), page) for v, t in lists[name]],
                                        [set(it["relevant"]) for it in sets[name]]) for name in sets}
         emit(B, "choose", weight=w, k=k, **{f"{n}_{m}": results[(w, k)][n][m] for n in CHOOSE
                                             for m in ("recall@5", "mrr@10")},

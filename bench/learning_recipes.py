@@ -4,8 +4,9 @@ How docs/learning.md's recipe was chosen. One clone of the embedded corpus with 
 ``pg_docs_train.jsonl`` (as bench.learning inserts them); the trainer's own ``main`` (learning/train.py: the
 grouped split, the canary set, the loss, the gate's evaluation) run in this process with the data loaded once,
 once per recipe and seed. Per run: the candidate's recall@5 / MRR@10 on the ``tune`` half of the dev questions
-and on the ``users-tune`` half of the user-worded set (bench/devsplit.py; searching v1's stored chunk vectors), and the gate's own figures (grouped hold-out and canary, candidate minus
-active). The ``report`` halves are never printed: it is bench.learning's, through the worker's retrain job.
+and on the ``users-tune`` half of the user-worded set (bench/devsplit.py; searching v1's stored chunk vectors),
+and the gate's own figures (grouped hold-out and canary, candidate minus active). The ``report`` halves are never
+printed: they are bench.learning's, through the worker's retrain job.
 
 ``--teacher-vectors DIR`` (bench/gpu_distill.py's ``mpnet_ids.npy`` / ``mpnet_vectors.npy``) with
 ``--teacher-model DIR`` (all-mpnet-base-v2, torch) stand in for a teacher version: recipes with
@@ -157,7 +158,8 @@ def run(args: Any) -> None:
             summary.append({"recipe": recipe["name"], "seeds": len(runs), **{
                 f"{k}_mean": round(statistics.mean(r[k] for r in runs), 3) for k in (
                     "tune_recall5", "tune_mrr10", "users_recall5", "users_mrr10", "heldout_recall5_gain",
-                    "heldout_mrr10_gain", "canary_recall5_gain", "canary_mrr10_gain")}, "tune_recall5_min": min(r["tune_recall5"] for r in runs),
+                    "heldout_mrr10_gain", "canary_recall5_gain", "canary_mrr10_gain")},
+                "tune_recall5_min": min(r["tune_recall5"] for r in runs),
                 "users_recall5_min": min(r["users_recall5"] for r in runs)})
     table()
     table(summary)
