@@ -229,11 +229,11 @@ class AnswerHandler(Handler[AnswerWork]):
         wanted = max(s.answer_top_k, s.rank_candidates) if w.ranker else s.answer_top_k
         k = wanted * (CANDIDATES_FACTOR if s.hybrid else 1)
         vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
-        by_id = {r["chunk_id"]: r for r in vec_rows}
-        order = [r["chunk_id"] for r in vec_rows]
         if s.hybrid:
             order, by_id = await fuse_full_text(conn, v["id"], w.query_vector, w.retrieval_query, vec_rows, k,
                                                 s.hybrid_text_weight)
+        else:
+            order, by_id = [r["chunk_id"] for r in vec_rows], {r["chunk_id"]: r for r in vec_rows}
         if w.ranker is not None:
             order = await self._rank(conn, w, order[:wanted], by_id)
         out = []
