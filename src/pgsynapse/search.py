@@ -10,6 +10,7 @@ import anyio
 import psycopg
 from pgvector.psycopg import register_vector_async
 
+from pgsynapse.config import Settings
 from pgsynapse.errors import DatabaseError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -52,13 +53,14 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
 async def search(
     conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
-    hybrid: bool = False, text_weight: float = 0.75,
+    hybrid: bool = False, text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
 ) -> list[Hit]:
     """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
     ``hybrid``, the kNN is fused with the full-text matches of ``text`` (a full-text rank weighing ``text_weight``
-    of a vector rank), as the answer handler retrieves (settings ``hybrid``, ``hybrid_text_weight``). With a
-    ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
-    stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
+    of a vector rank; the setting's default unless given), as the answer handler retrieves (settings ``hybrid``,
+    ``hybrid_text_weight``). With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
+    ``k`` returned (their ``score`` stays the cosine similarity); a ``version`` ranker's registry row rescores with
+    its teacher's stored vectors."""
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
