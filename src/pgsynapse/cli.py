@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
     se.add_argument("--ranker", default="active", help="the ranker that orders the candidates: active (the default: "
-                    "the active one, if any), none (the vector order) or a ranker id")
+                    "the active one, if any), none (retrieval's own order) or a ranker id")
 
     ak = sub.add_parser("ask", help="ask a question, wait for the answer (NOTIFY) and print it with its sources")
     ak.add_argument("text")
@@ -334,7 +334,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         from pgsynapse.models import ModelCache
         from pgsynapse.ranking.scorer import RankerCache, ranker_row
         from pgsynapse.replica import replica_for
-        from pgsynapse.search import search
+        from pgsynapse.search import search, search_order
 
         async def go(db: Database):
             replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search",
@@ -344,18 +344,21 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     row = await ranker_row(conn, args.ranker)
                     ranker = (row if row is None or row["runtime"] == "version"
                               else RankerCache(settings.onnx_threads or settings.torch_threads).get(row))
-                    return await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
+                    hits = await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
                                         text_weight=settings.hybrid_text_weight)
+                    return hits, search_order(settings.hybrid, ranker is not None)
             finally:
                 if replica is not None:
                     await replica.aclose()
 
         with Database(settings) as db:
-            hits = anyio.run(go, db)
+            hits, order = anyio.run(go, db)
         if not hits:
             print("no results: nothing is embedded yet (is `pgsynapse run` running?)")
+        else:
+            print(f"{len(hits)} hits in {order} order; the score is the cosine similarity to the text")
         for i, h in enumerate(hits, 1):
             print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
             print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))

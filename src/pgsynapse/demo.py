@@ -14,7 +14,7 @@ from pgsynapse.corpus import demo_pages
 from pgsynapse.db import Database, next_notify
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
-from pgsynapse.search import search
+from pgsynapse.search import search, search_order
 from pgsynapse.textsql.cli import format_data_result
 
 log = get_logger(__name__)
@@ -127,7 +127,7 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
             for query in QUERIES:
                 hits = await search(conn, worker.models, query, k=3, hybrid=settings.hybrid,
                                     text_weight=settings.hybrid_text_weight)
-                print(f"\nsearch: {query!r}", file=out)
+                print(f"\nsearch: {query!r} ({search_order(settings.hybrid)} order, cosine scores)", file=out)
                 for h in hits:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)
                     print(f"  {h.score:.3f}  {h.title}  [{h.source} #{h.ord}]\n         {snippet}", file=out)

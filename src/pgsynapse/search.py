@@ -34,6 +34,14 @@ class Hit:
     score: float
 
 
+def search_order(hybrid: bool, ranked: bool = False) -> str:
+    """How :func:`search`'s hits are ordered, in words (their scores stay cosines, so a fused or ranked order
+    need not sort them)."""
+    if ranked:
+        return "the ranker's"
+    return "the fused (vector and full-text) rank" if hybrid else "cosine"
+
+
 async def version_row(conn: psycopg.AsyncConnection, version: int | None = None) -> dict[str, Any]:
     if version is None:
         cur = await conn.execute(q("active_version"))

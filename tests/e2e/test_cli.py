@@ -62,6 +62,7 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     assert se.returncode == 0, se.stderr
     lines = [ln for ln in se.stdout.splitlines() if ln[:2] in ("1.", "2.")]
     assert len(lines) == 2 and "[" in lines[0]
+    assert "2 hits in the fused (vector and full-text) rank order; the score is the cosine" in se.stdout
 
     again = pgsynapse("demo", "--limit", "4", url=url, env=env)  # re-running inserts nothing new
     assert again.returncode == 0 and "embedded 4 documents" in again.stdout
