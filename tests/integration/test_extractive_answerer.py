@@ -121,16 +121,34 @@ def test_the_next_sentence_that_continues_the_thought_is_kept_in_document_order(
 
 
 def test_rank_weight_lets_retrieval_order_break_a_near_tie_and_a_clearly_better_passage_still_leads(embedder):
-    """Two passages that both answer, scored alike: by content alone (the default) the closer one leads; with
+    """Two passages that both answer, scored alike: by content alone the closer one leads; with
     ``rank_weight`` the one retrieval ranked first does (its order fuses full text, which the cosine does not see).
     A passage that answers much better leads from rank 2 all the same."""
     question = "how do I roll back to a savepoint"
     both = [("SAVEPOINT", SAVEPOINT, 0.5), ("ROLLBACK TO SAVEPOINT", ROLLBACK_TO, 0.5)]
-    assert cited(ask(embedder, question, both)[0])[0] == 2
-    assert cited(ask(embedder, question, both, rank_weight=0.5)[0])[0] == 1
+    assert cited(ask(embedder, question, both, lexical_weight=0)[0])[0] == 2
+    assert cited(ask(embedder, question, both, lexical_weight=0, rank_weight=0.5)[0])[0] == 1
     text, _ = ask(embedder, "make a transaction durable", [("ROLLBACK", ROLLBACK, 0.5), ("COMMIT", COMMIT, 0.55)],
-                  rank_weight=0.5)
+                  lexical_weight=0, rank_weight=0.5)
     assert cited(text)[0] == 2
+
+
+JSONB = ("GIN indexes can be used to efficiently search for keys or key/value pairs occurring within a large number of "
+         "jsonb documents (datums). Two GIN operator classes are provided, offering different performance and "
+         "flexibility trade-offs.\nThe default GIN operator class for jsonb supports queries with the key-exists "
+         "operators ?, ?| and ?&, the containment operator @>, and the jsonpath match operators @? and @@.\nAlthough "
+         "the jsonb_path_ops operator class supports only queries with the @>, @? and @@ operators, it has notable "
+         "performance advantages over the default operator class jsonb_ops.")
+
+
+def test_the_sentence_with_the_question_s_telling_word_leads(embedder):
+    """"Containment" is in one sentence of the passage: by default the answer starts there; by the cosines alone
+    (``lexical_weight`` 0) it starts from the sentence about the other operator class."""
+    question = "Which index type supports JSON containment queries?"
+    text, _ = ask(embedder, question, [("8.14. JSON Types", JSONB, 0.7)], max_sentences=1)
+    assert text.startswith("The default GIN operator class for jsonb supports queries"), text
+    plain, _ = ask(embedder, question, [("8.14. JSON Types", JSONB, 0.7)], max_sentences=1, lexical_weight=0)
+    assert "containment" not in plain, plain
 
 
 def test_nothing_relevant_is_not_found_with_no_sources(embedder):

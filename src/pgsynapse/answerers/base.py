@@ -61,12 +61,19 @@ _SENTENCE = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][)\"']))\s+(?=[A-Z0-9(\"'])|\n{2
 _ENDS = re.compile(r"[.!?][)\"']?$")
 _HEADING_CHARS = 60  # a line under this without an end mark is a heading (or code), not the start of a wrapped sentence
 _MIN_CHARS = 12
+# a line ending a statement (code: "CREATE INDEX ... (jdoc);") is never continued; a line ending with ":" introduces
+# what follows (code, a list) and is continued only by a wrapped line in lower case
+_STATEMENT_END = re.compile(r"[;{}]$")
+# a synopsis line ("UNIQUE [ NULLS [ NOT ] DISTINCT ] ( column_name [, ... ] )"): syntax, never part of a sentence
+_SYNOPSIS = re.compile(r"\[ .*\]|\{ .* \| .*\}")
 
 
 def _lines(text: str) -> list[str]:
     """The text's lines, a hard-wrapped sentence joined again. A line is continued by the next one when it has no
     end mark and the next starts in lower case, or when it is long and the next is long too or ends the sentence
-    (a heading, "Compatibility", then "The command ...": two lines)."""
+    (a heading, "Compatibility", then "The command ...": two lines); never after a statement's end (code) or a
+    synopsis, and after a colon only in lower case (what a colon introduces, code or a list, is not the sentence's
+    end)."""
     out: list[str] = []
     for raw in text.split("\n"):
         line = raw.strip()
@@ -74,8 +81,9 @@ def _lines(text: str) -> list[str]:
             out.append("")
             continue
         prev = out[-1] if out else ""
-        if prev and not _ENDS.search(prev) and (
-                line[0].islower() or (len(prev) >= _HEADING_CHARS and (len(line) >= 40 or _ENDS.search(line)))):
+        if prev and not _ENDS.search(prev) and not _STATEMENT_END.search(prev) and not _SYNOPSIS.search(prev) and (
+                line[0].islower() or (not prev.endswith(":") and len(prev) >= _HEADING_CHARS
+                                      and (len(line) >= 40 or _ENDS.search(line)))):
             out[-1] = f"{prev} {line}"
         else:
             out.append(line)

@@ -6,9 +6,11 @@ How an answer is chosen (issue 18):
   question by its own embedding, by its window's (itself with its neighbours: the thought it belongs to; the sum of
   their vectors), by its passage's retrieval score, by how much the *other* ranked passages agree with it (the mean
   of its best cosine to each one's sentences), by its page's vote (the scores of the page's other retrieved
-  passages: a page many ranked passages come from is on the question's topic) and by its page title's cosine to
-  the question (the title names what the page is about; one short encode per distinct title) and, when
-  ``rank_weight`` is set, by its passage's rank in retrieval's order;
+  passages: a page many ranked passages come from is on the question's topic), by its page title's cosine to the
+  question (the title names what the page is about; one short encode per distinct title), by its share of the
+  question's informative words (each content word weighted by how rare it is among the candidate sentences: the
+  word that tells them apart, "part" in "roll back part of a transaction", counts most) and, when ``rank_weight``
+  is set, by its passage's rank in retrieval's order;
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
 - a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
@@ -39,6 +41,24 @@ _DANGLING = re.compile(
 
 
 _MARK = re.compile(r"\[\d+\]")
+_WORD = re.compile(r"[a-z0-9_]+")
+_STOP = frozenset(
+    "a about an and any are as at be by can could do does doing for from how i if in into is it its me my of on or "
+    "our should so than that the their them then there these they this those to use used using was we what when "
+    "where which who why will with would you your".split())
+
+
+def _stem(word: str) -> str:
+    """A light suffix strip (parts -> part, rolling -> roll), enough to match a question's words in a sentence."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def terms(text: str) -> set[str]:
+    """The content words of ``text``, lower case, stemmed, stop words left out."""
+    return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 
 def dangling(sentence: str) -> bool:
@@ -68,10 +88,10 @@ class ExtractiveAnswerer:
     title add to its own cosine (chosen on the tune half of the dev questions and 150 train questions:
     bench/answer_quality.py, BENCHMARKS.md). ``rank_weight``: a sentence adds ``rank_weight / rank`` of its
     passage, so retrieval's order (full text fused with the vectors, which the cosine alone does not see) counts
-    too; off by default: 0.5 lifted the first citation on every held-out set and brought back the answer issue 18
-    was filed for (ROLLBACK's notes for "how do I roll back part of a transaction") on the transaction pages
-    (bench/extractive_weights.py, BENCHMARKS.md). ``keep_margin``: how close to the best
-    score another sentence must be to be quoted too.
+    too; off by default: with ``lexical_weight`` on, every rank weight tried (0.25-1) lowered the first citation
+    on the tune sets. ``lexical_weight``: how much a sentence's share of the question's informative words adds
+    (:meth:`_lexical`). Both chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md).
+    ``keep_margin``: how close to the best score another sentence must be to be quoted too.
     """
 
     name = "extractive"
@@ -79,7 +99,8 @@ class ExtractiveAnswerer:
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
-                 continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0) -> None:
+                 continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0,
+                 lexical_weight: float = 1.5) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.max_sentences = max_sentences
@@ -91,6 +112,7 @@ class ExtractiveAnswerer:
         self.continue_similarity = continue_similarity
         self.title_weight = title_weight
         self.rank_weight = rank_weight
+        self.lexical_weight = lexical_weight
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
@@ -106,7 +128,7 @@ class ExtractiveAnswerer:
                 by_passage[p.rank] = sents
                 cands.extend(sents)
         if cands:
-            self._score(cands, by_passage, req.query_vector)
+            self._score(cands, by_passage, req.query_vector, req.question)
         # a sentence that leans on a predecessor the passage does not have (cut off, or code between) is never quoted,
         # nor one whose chain of predecessors is longer than an answer
         quotable = [c for c in cands if self._stands(self._with_predecessors(c, by_passage[c.passage.rank]))]
@@ -129,7 +151,8 @@ class ExtractiveAnswerer:
         return self._render(picked)
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _score(self, cands: list[_Sentence], by_passage: dict[int, list[_Sentence]], query: np.ndarray) -> None:
+    def _score(self, cands: list[_Sentence], by_passage: dict[int, list[_Sentence]], query: np.ndarray,
+               question: str) -> None:
         titles = list(dict.fromkeys(c.passage.title or "" for c in cands)) if self.title_weight else []
         vecs = np.asarray(self.encode([c.text for c in cands] + titles), dtype=np.float32)
         svecs = vecs[: len(cands)]
@@ -156,13 +179,31 @@ class ExtractiveAnswerer:
             for i in range(len(cands)):
                 best = [sim[i, ranks == r].max() for r in others if r != ranks[i]]
                 agree[i] = float(np.mean(best))
+        lexical = self._lexical(cands, question) if self.lexical_weight else np.zeros(len(cands))
         for i, c in enumerate(cands):
             c.own, c.vec = float(own[i]), svecs[i]
             c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
                        + self.passage_weight * c.passage.score + self.agreement_weight * float(agree[i])
                        + self.page_weight * (page[c.passage.source] - c.passage.score)
                        + self.title_weight * title_score.get(c.passage.title or "", 0.0)
-                       + self.rank_weight / c.passage.rank)
+                       + self.rank_weight / c.passage.rank + self.lexical_weight * float(lexical[i]))
+
+    @staticmethod
+    def _lexical(cands: list[_Sentence], question: str) -> np.ndarray:
+        """Each sentence's share of the question's informative words: the question's content words it has, each
+        weighted by its rarity among the candidate sentences (idf), over the question's total. A word every
+        passage has ("transaction") counts little; the one that tells them apart ("part") counts most."""
+        sents = [terms(c.text) for c in cands]
+        n = len(sents)
+        idf = {}
+        for t in terms(question):
+            df = sum(t in s for s in sents)
+            if df:
+                idf[t] = float(np.log((n + 1) / df))
+        total = sum(idf.values())
+        if not total:
+            return np.zeros(n)
+        return np.array([sum(w for t, w in idf.items() if t in s) / total for s in sents])
 
     def _redundant(self, c: _Sentence, picked: list[_Sentence], limit: float = 0.85) -> bool:
         return any(float(c.vec @ p.vec) >= limit for p in picked)
