@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse import __version__
 from pgsynapse.answerers import NOT_FOUND, Answer
+from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.config import Settings
 from pgsynapse.logs import get_logger
 from pgsynapse.metrics import answer_cache_outcome
@@ -73,7 +74,9 @@ def settings_key(s: Settings) -> str:
     generation = f"tokens={s.answer_max_new_tokens} context={s.answer_context_tokens} citations={s.citation_policy}"
     local = f"{s.answerer_model_path} {generation}"
     model = {"transformers": local, "llama-cpp": local, "openai": f"{s.openai_model} {generation}"}
-    return (f"pgsynapse={__version__} answerer={s.answerer} model={model.get(s.answerer, '')} k={s.answer_top_k} "
+    # the extractive answerer answers every question a generator leaves without text too: its revision is in the key
+    return (f"pgsynapse={__version__} answerer={s.answerer} extractive={ExtractiveAnswerer.revision} "
+            f"model={model.get(s.answerer, '')} k={s.answer_top_k} "
             f"hybrid={int(s.hybrid)}{f' text_weight={s.hybrid_text_weight}' if s.hybrid else ''} "
             f"not_found={s.not_found_threshold}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pgsynapse.answer_cache import exact_terms, rules_key, settings_key
+from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.config import load_settings
 
 
@@ -31,6 +32,13 @@ def test_every_setting_that_shapes_an_answer_is_in_the_key():
     # the fusion's weight shapes nothing when full text is off
     off = load_settings(environ={}, hybrid=False)
     assert settings_key(load_settings(environ={}, hybrid=False, hybrid_text_weight=0.5)) == settings_key(off)
+
+
+def test_an_answer_of_an_earlier_extractive_answerer_is_not_served(monkeypatch):
+    base = load_settings(environ={})
+    before = settings_key(base)
+    monkeypatch.setattr(ExtractiveAnswerer, "revision", ExtractiveAnswerer.revision + 1)
+    assert settings_key(base) != before
 
 
 def test_the_rules_key_changes_with_any_enabled_rule_and_not_with_their_order():

@@ -95,6 +95,9 @@ class ExtractiveAnswerer:
     """
 
     name = "extractive"
+    # raised with every change to how an answer is chosen: answers cached by an earlier revision are not served
+    # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences
+    revision = 2
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
