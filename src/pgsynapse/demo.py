@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import textwrap
 import time
@@ -119,10 +120,13 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
             print("\nquestions (INSERT INTO pgsynapse.questions, answer announced by NOTIFY):", file=out)
             from pgsynapse.client import Client, format_result
 
+            # each run's conversations are new ones: a run that reused last run's session ids would ask its first
+            # question as a follow-up of last run's last one (retrieved with it)
+            run = secrets.token_hex(3)
             async with Client(db.url) as client:
                 for text, session in QUESTIONS:
-                    result = await client.ask(text, session_id=session, timeout=120)
-                    print(f"\nQ ({session}): {text}", file=out)
+                    result = await client.ask(text, session_id=f"{session}-{run}", timeout=120)
+                    print(f"\nQ ({session}-{run}): {text}", file=out)
                     print(textwrap.indent(format_result(result), "  "), file=out)
             for query in QUERIES:
                 hits = await search(conn, worker.models, query, k=3, hybrid=settings.hybrid,

@@ -13,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pgsynapse.demo import QUESTIONS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -66,6 +68,14 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
 
     again = pgsynapse("demo", "--limit", "4", url=url, env=env)  # re-running inserts nothing new
     assert again.returncode == 0 and "embedded 4 documents" in again.stdout
+    # and starts its conversations afresh: its first questions are not follow-ups of the last run's
+    first: dict[str, str] = {}
+    for text, session in QUESTIONS:
+        first.setdefault(session, text)
+    with psycopg.connect(url) as conn:
+        asked = conn.execute("SELECT retrieval_query = text FROM pgsynapse.questions WHERE text = ANY(%s)",
+                             (list(first.values()),)).fetchall()
+    assert len(asked) == 2 * len(first) and all(same for (same,) in asked), asked
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
 
 
