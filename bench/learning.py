@@ -170,8 +170,9 @@ def run(args: Any) -> None:
                 cols = ["id", "name", "artifact_path", "runtime", "dim", "status"]
                 v1 = dict(zip(cols, conn.execute(f"SELECT {', '.join(cols)} FROM pgsynapse.model_versions"
                                                  " WHERE id = 1").fetchone(), strict=True))
-                rows = conn.execute("SELECT e.embedding, d.source, c.id FROM pgsynapse.embeddings e JOIN pgsynapse.chunks c"
-                                    " ON c.id = e.chunk_id JOIN pgsynapse.documents d ON d.id = c.document_id"
+                rows = conn.execute("SELECT e.embedding, d.source, c.id FROM pgsynapse.embeddings e"
+                                    " JOIN pgsynapse.chunks c ON c.id = e.chunk_id"
+                                    " JOIN pgsynapse.documents d ON d.id = c.document_id"
                                     " WHERE e.model_version_id = 1 ORDER BY c.id").fetchall()
                 if not base:
                     served_order = _Served(conn, halves, [r[2] for r in rows], [r[1] for r in rows])
