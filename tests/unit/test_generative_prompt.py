@@ -255,6 +255,25 @@ def test_llama_cpp_runs_the_same_gguf_with_the_same_budget_and_stream(tmp_path):
     assert answer.text in ("".join(pieces).strip(), NOT_FOUND)
 
 
+def test_llama_cpp_opens_a_model_at_its_trained_context_without_a_false_overflow_warning(tmp_path, capfd):
+    """The context is the cap, or the model's trained one when shorter; and opening it prints no "n_ctx_train (0)"
+    overflow warning (a vocabulary-only load to read the metadata knew no trained context and printed one in
+    every `pgsynapse demo`)."""
+    pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
+    pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
+    from pgsynapse.answerers.llamacpp import open_llama
+
+    _tiny_gguf(tmp_path / "tiny.gguf", context=512)
+    capfd.readouterr()
+    for cap, expected in ((256, 256), (0, 512)):
+        loaded = open_llama(str(tmp_path / "tiny.gguf"), context_tokens=cap, threads=1)
+        assert loaded.context_tokens == expected and loaded.model.n_ctx() == expected
+        assert "overflow" not in capfd.readouterr().err
+    # a cap over the trained context: the trained one
+    loaded = open_llama(str(tmp_path / "tiny.gguf"), context_tokens=2048, threads=1)
+    assert loaded.context_tokens == 512 and loaded.model.n_ctx() == 512
+
+
 def test_llama_cpp_reads_only_what_changed_since_the_last_prompt_and_answers_the_same(tmp_path):
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")

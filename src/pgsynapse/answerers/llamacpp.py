@@ -48,12 +48,22 @@ def open_llama(path: str, *, context_tokens: int = 2048, threads: int = 0, cache
         raise ConfigError(f"invalid setting {setting} [PGSYNAPSE_{setting.upper()}]: {what} needs a .gguf file or "
                           "a preset")
     file = str(Path(location.directory) / location.gguf_file)
-    meta = Llama(model_path=file, n_ctx=16, vocab_only=True, verbose=False).metadata
-    trained = int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048)
-    limit = min(trained, context_tokens) if context_tokens else trained
-    model = Llama(model_path=file, n_ctx=limit, n_threads=threads or os.cpu_count() or 1, n_batch=512,
-                  flash_attn=flash_attn, verbose=False)
+
+    def load(n_ctx: int) -> Any:
+        return Llama(model_path=file, n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, n_batch=512,
+                     flash_attn=flash_attn, verbose=False)
+
+    # opened at the cap (0: llama.cpp takes the trained context), then again only when the model was trained on
+    # less. Not a vocabulary-only load first to read the metadata: that one knows no trained context and prints
+    # a false "n_ctx_train (0) ... overflow" warning on every open.
+    model = load(context_tokens)
     meta = model.metadata
+    recorded = int(meta.get(f"{meta.get('general.architecture')}.context_length") or 0)
+    trained = recorded or 2048
+    limit = min(trained, context_tokens) if context_tokens else trained
+    if limit != context_tokens and (context_tokens or not recorded):
+        model = load(limit)
+        meta = model.metadata
     template = meta.get("tokenizer.chat_template")
     formatter = None
     if template:
