@@ -73,7 +73,7 @@ def _pages(hits: list[Any]) -> list[str]:
 async def _vector_hits(url: str, items: list[dict[str, Any]], models: ModelCache, k: int = 30) -> list[list[Any]]:
     """The first ``k`` chunks of the vector search (the HNSW index, as served) per question."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        return [await search(conn, models, item["q"], k=k) for item in items]
+        return [await search(conn, models, item["q"], k=k, hybrid=False) for item in items]
 
 
 async def _rescored(url: str, models: ModelCache, row: dict[str, Any], items: list[dict[str, Any]],

@@ -1,5 +1,5 @@
-"""Search over one model version's embeddings (the active one by default): kNN, fused with full text when asked (as
-the answers' retrieval is by default), then the ranker's order when one is given."""
+"""Search over one model version's embeddings (the active one by default): kNN, fused with full text as the answers
+retrieve (unless ``hybrid=False``), then the ranker's order when one is given."""
 
 from __future__ import annotations
 
@@ -61,12 +61,14 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
 async def search(
     conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
-    hybrid: bool = False, text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
+    hybrid: bool = Settings.model_fields["hybrid"].default,
+    text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
 ) -> list[Hit]:
     """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
-    ``hybrid``, the kNN is fused with the full-text matches of ``text`` (a full-text rank weighing ``text_weight``
-    of a vector rank; the setting's default unless given), as the answer handler retrieves (settings ``hybrid``,
-    ``hybrid_text_weight``). With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
+    ``hybrid`` (the setting's default, so on unless turned off), the kNN is fused with the full-text matches of
+    ``text`` (a full-text rank weighing ``text_weight`` of a vector rank; the setting's default unless given), as
+    the answer handler retrieves (settings ``hybrid``, ``hybrid_text_weight``); ``hybrid=False`` is the kNN alone,
+    by cosine. With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
     ``k`` returned (their ``score`` stays the cosine similarity); a ``version`` ranker's registry row rescores with
     its teacher's stored vectors."""
     await register_vector_async(conn)

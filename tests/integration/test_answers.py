@@ -300,8 +300,8 @@ async def test_the_demo_question_through_the_product_is_answered_from_savepoints
 
 
 async def test_search_shows_the_passages_an_answer_is_written_from(db_url, models):
-    """`pgsynapse search` at the default settings (full text fused) returns the answer handler's passages in its
-    order, a hit of full text alone included (with its own cosine score)."""
+    """`search()` at its defaults (full text fused, as the setting's default) returns the answer handler's passages
+    in its order, a hit of full text alone included (with its own cosine score)."""
     assert fast_settings(db_url).hybrid  # the default
     async with running_worker(fast_settings(db_url), models):
         await _corpus(db_url)
@@ -311,14 +311,17 @@ async def test_search_shows_the_passages_an_answer_is_written_from(db_url, model
     conn.row_factory = dict_row
     await register_vector_async(conn)
     version = await version_row(conn)
-    for text, weight in (("how can I undo commands back to a savepoint?", 0.75), ("qwertzuiop", 1.0)):
+    # the last: its full-text hit (the rare page) moves up past a chunk of higher cosine
+    for text, weight in (("how can I undo commands back to a savepoint?", 0.75), ("qwertzuiop", 1.0),
+                         ("obscure internal index storage", 0.75)):
         settings = fast_settings(db_url, hybrid_text_weight=weight)
         vec = models.get(version).encode([text])[0]
         passages = await AnswerHandler(settings, models)._retrieve(
             conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text, vec))
-        hits = await search(conn, models, text, k=settings.answer_top_k, hybrid=True, text_weight=weight)
+        hits = await search(conn, models, text, k=settings.answer_top_k, text_weight=weight)  # hybrid: the default
         assert [(h.chunk_id, round(h.score, 4)) for h in hits] == [(p.chunk_id, round(p.score, 4)) for p in passages]
     assert rare in [h.document_id for h in hits]
-    plain = await search(conn, models, "how can I undo commands back to a savepoint?", k=5)
+    assert [h.score for h in hits] != sorted((h.score for h in hits), reverse=True)  # not the kNN's order
+    plain = await search(conn, models, "how can I undo commands back to a savepoint?", k=5, hybrid=False)
     await conn.close()
     assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)  # kNN alone: by cosine

@@ -80,7 +80,7 @@ async def test_the_ranker_orders_the_candidates_of_answers_and_search(db_url, mo
     settings = fast_settings(db_url, kinds=("answer",), data_dir=tmp_path, rank_candidates=20, answer_top_k=5,
                              answer_cache=False, not_found_threshold=-1)  # always an answer, with its citations
     conn = await aconn(db_url)
-    vector = await search(conn, models, QUESTION, k=20)
+    vector = await search(conn, models, QUESTION, k=20, hybrid=False)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
         row = REGISTRY.add_model(sync, "tiny", str(ranker_dir), "onnx-int8", status="active")
     ranker = Ranker(row)
@@ -238,7 +238,7 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_pat
         check_teacher(sync, teacher_path(v2))
         row = REGISTRY.add_model(sync, "teacher", teacher_path(v2), "version", status="active")
         register_vector(sync)
-        vector = await search(conn, models, QUESTION, k=20)
+        vector = await search(conn, models, QUESTION, k=20, hybrid=False)
         # the expected order, computed apart: the teacher's stored vectors of the candidates, in numpy
         stored = {r["chunk_id"]: np.asarray(r["embedding"].to_numpy()) for r in sync.execute(
             "SELECT chunk_id, embedding FROM pgsynapse.embeddings WHERE model_version_id = %s AND chunk_id = ANY(%s)",
