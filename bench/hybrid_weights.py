@@ -9,15 +9,20 @@ reciprocal-rank fusion (``rrf``), score(chunk) = 1 / (k + vector rank) + w / (k 
 
 A setting is chosen on the ``tune``, ``users-tune`` and ``train`` sets only (``--choose``: the best mean MRR@10 over
 them, recall@5 not lower than the vector order's on any of them); the ``report`` halves are printed for the
-chosen setting and the vector order only.
+chosen setting, the product's and the vector order only.
+
+``--text-ranks``: the full-text lists to try, the product's (``or_ts_rank``) and any of bench.text_rank_variants'
+(``bm25``: Okapi BM25 with idf), each fused at every weight; the text query's median time is printed for each.
 
     python -m bench.hybrid_weights
+    python -m bench.hybrid_weights --text-ranks or_ts_rank,bm25 --weights 0,0.5,0.75,1,1.5 --ks 60
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
+import time
 from typing import Any
 
 import psycopg
@@ -28,11 +33,12 @@ from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
+from bench.text_rank_variants import VARIANTS
 from pgsynapse.handlers.answer import vector_sql
 from pgsynapse.learning.metrics import distinct_documents
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
-from pgsynapse.retrieval import rrf
+from pgsynapse.retrieval import RRF_K, rrf
 
 B = "hybrid_weights"
 CHOOSE = ("tune", "users-tune", "train")
@@ -45,7 +51,9 @@ def main() -> None:
                    help="chunks per candidate list (the handler's: answer_top_k 5 x 3; bench.answers': 40 x 3)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")
     p.add_argument("--ks", default="10,30,60")
+    p.add_argument("--text-ranks", default="or_ts_rank", help=f"of: {', '.join(VARIANTS)}")
     args = p.parse_args()
+    ranks = args.text_ranks.split(",")
     emit(B, "machine", **machine())
     sets: dict[str, list[dict[str, Any]]] = {**held_out(), "train": [
         {"q": t["q"], "relevant": [t["page"]]} for t in questions("pg_docs_train.jsonl")]}
@@ -57,32 +65,48 @@ def main() -> None:
                                " WHERE status = 'active'").fetchone()
         embedder = models.get(version)
         page: dict[int, str] = {}
-        lists: dict[str, list[tuple[list[int], list[int]]]] = {}
+        vector: dict[str, list[list[int]]] = {}
+        text: dict[str, dict[str, list[list[int]]]] = {r: {} for r in ranks}
+        took: dict[str, list[float]] = {r: [] for r in ranks}
         for name, items in sets.items():
             vecs = embedder.encode([it["q"] for it in items])
-            lists[name] = []
+            vector[name] = []
+            for r in ranks:
+                text[r][name] = []
             for it, v in zip(items, vecs, strict=True):
                 vrows = conn.execute(vector_sql(version), {"query": v, "k": args.depth}).fetchall()
-                trows = conn.execute(sql("text_candidates", "answers.sql"),
-                                     {"text": it["q"], "k": args.depth}).fetchall()
-                page.update({r["chunk_id"]: r["source"] for r in (*vrows, *trows)})
-                lists[name].append(([r["chunk_id"] for r in vrows], [r["chunk_id"] for r in trows]))
-    results: dict[tuple[float, int], dict[str, dict[str, float]]] = {}
-    for w, k in itertools.product([float(x) for x in args.weights.split(",")], [int(x) for x in args.ks.split(",")]):
-        if w == 0 and k != 60:
-            continue  # the vector order does not depend on k
-        results[(w, k)] = {name: score([distinct_documents(rrf([v, t], [1.0, w], k), page) for v, t in lists[name]],
-                                       [set(it["relevant"]) for it in sets[name]]) for name in sets}
-        emit(B, "choose", weight=w, k=k, **{f"{n}_{m}": results[(w, k)][n][m] for n in CHOOSE
-                                            for m in ("recall@5", "mrr@10")},
-             mean_mrr10=round(statistics.mean(results[(w, k)][n]["mrr@10"] for n in CHOOSE), 4))
-    vector = results[(0.0, 60)]
+                page.update({row["chunk_id"]: row["source"] for row in vrows})
+                vector[name].append([row["chunk_id"] for row in vrows])
+                for r in ranks:
+                    started = time.perf_counter()
+                    query = sql("text_candidates", "answers.sql") if r == "or_ts_rank" else VARIANTS[r]
+                    trows = conn.execute(query, {"text": it["q"], "k": args.depth}).fetchall()
+                    took[r].append(1000 * (time.perf_counter() - started))
+                    page.update({row["chunk_id"]: row["source"] for row in trows})
+                    text[r][name].append([row["chunk_id"] for row in trows])
+    for r in ranks:
+        emit(B, "text_query", text_rank=r, p50_ms=round(statistics.median(took[r]), 1))
+    results: dict[tuple[str, float, int], dict[str, dict[str, float]]] = {}
+    for r, w, k in itertools.product(ranks, [float(x) for x in args.weights.split(",")],
+                                     [int(x) for x in args.ks.split(",")]):
+        if w == 0 and (k != RRF_K or r != ranks[0]):
+            continue  # the vector order depends on neither
+        key = ("vector", 0.0, RRF_K) if w == 0 else (r, w, k)
+        results[key] = {name: score([distinct_documents(rrf([v, t], [1.0, w], k), page)
+                                     for v, t in zip(vector[name], text[r][name], strict=True)],
+                                    [set(it["relevant"]) for it in sets[name]]) for name in sets}
+        emit(B, "choose", text_rank=key[0], weight=w, k=k,
+             **{f"{n}_{m}": results[key][n][m] for n in CHOOSE for m in ("recall@5", "mrr@10")},
+             mean_mrr10=round(statistics.mean(results[key][n]["mrr@10"] for n in CHOOSE), 4))
+    base = results[("vector", 0.0, RRF_K)]
     ok = {key: r for key, r in results.items()
-          if all(r[n]["recall@5"] >= vector[n]["recall@5"] for n in CHOOSE)}
+          if all(r[n]["recall@5"] >= base[n]["recall@5"] for n in CHOOSE)}
     chosen = max(ok, key=lambda key: statistics.mean(ok[key][n]["mrr@10"] for n in CHOOSE))
-    for key in dict.fromkeys([(0.0, 60), (1.0, 60), chosen]):
-        emit(B, "report", weight=key[0], k=key[1], chosen=key == chosen,
-             **{f"{n}_{m}": results[key][n][m] for n in REPORT for m in ("recall@5", "mrr@10")})
+    product = ("or_ts_rank", 0.75, RRF_K)
+    for key in dict.fromkeys([("vector", 0.0, RRF_K), product, chosen]):
+        if key in results:
+            emit(B, "report", text_rank=key[0], weight=key[1], k=key[2], chosen=key == chosen,
+                 **{f"{n}_{m}": results[key][n][m] for n in REPORT for m in ("recall@5", "mrr@10")})
     table()
 
 

@@ -29,6 +29,27 @@ VARIANTS = {
     "or_ts_rank_norm1": BASE.format(rank="ts_rank(c.tsv, qq.query, 1)", query=OR),
     "or_ts_rank": BASE.format(rank="ts_rank(c.tsv, qq.query)", query=OR),
 }
+# Okapi BM25 over the chunks' tsvectors (k1 1.2, b 0.75, the textbook values): ts_rank has no idf, so a chunk with
+# the question's common words ("table", "use") outranks one with its one rare word. Document frequencies are
+# counted through the GIN index per query word; N and the mean length over all chunks (a scan: ~5 ms on 7,087
+# chunks, which a product would keep in a statistics row). Tried in session 15: BENCHMARKS.md, "answers".
+VARIANTS["bm25"] = """
+WITH q AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s))),
+st AS MATERIALIZED (SELECT count(*)::float8 AS n, avg(length(tsv))::float8 AS avglen FROM pgsynapse.chunks),
+df AS MATERIALIZED (SELECT q.lexeme, (SELECT count(*) FROM pgsynapse.chunks c
+                                      WHERE c.tsv @@ quote_literal(q.lexeme)::tsquery)::float8 AS df FROM q),
+cand AS (SELECT c.id, c.document_id, c.text, c.tsv FROM pgsynapse.chunks c,
+         (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM q) qq WHERE c.tsv @@ qq.query),
+scored AS (
+    SELECT cand.id, sum(ln(1 + (st.n - df.df + 0.5) / (df.df + 0.5))
+                        * (coalesce(array_length(u.positions, 1), 1) * 2.2)
+                        / (coalesce(array_length(u.positions, 1), 1)
+                           + 1.2 * (0.25 + 0.75 * length(cand.tsv) / st.avglen))) AS text_rank
+    FROM cand CROSS JOIN LATERAL unnest(cand.tsv) u JOIN df ON df.lexeme = u.lexeme, st
+    GROUP BY cand.id)
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, s.text_rank
+FROM scored s JOIN pgsynapse.chunks c ON c.id = s.id JOIN pgsynapse.documents d ON d.id = c.document_id
+ORDER BY s.text_rank DESC, c.id LIMIT %(k)s"""
 
 
 def main() -> None:
