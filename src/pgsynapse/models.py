@@ -28,10 +28,6 @@ from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 # the graph file of each ONNX runtime inside an exported artifact directory
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}

@@ -25,7 +25,6 @@ time), like the retrain job's trainer.
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import sys
@@ -33,23 +32,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+import psycopg
+import torch
+from pgvector.psycopg import register_vector
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+from sentence_transformers.util import batch_to_device
 
-import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-import torch  # noqa: E402
-from pgvector.psycopg import register_vector  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import Dense, Normalize  # noqa: E402
-from sentence_transformers.util import batch_to_device  # noqa: E402
-
-from pgsynapse.chunking import Chunker  # noqa: E402
-from pgsynapse.learning.distill import DistillSpec  # noqa: E402
-from pgsynapse.learning.gate import gate_metrics  # noqa: E402
-from pgsynapse.learning.trainer_process import progress  # noqa: E402
-from pgsynapse.models import embedding_dimension  # noqa: E402
-from pgsynapse.queries import q  # noqa: E402
+from pgsynapse.chunking import Chunker
+from pgsynapse.learning.distill import DistillSpec
+from pgsynapse.learning.gate import gate_metrics
+from pgsynapse.learning.trainer_process import progress
+from pgsynapse.models import embedding_dimension
+from pgsynapse.queries import q
 
 
 ROTATION_SAMPLE = 1000  # chunks the untrained student encodes to turn the PCA basis towards its own space

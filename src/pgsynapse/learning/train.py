@@ -35,7 +35,6 @@ Recipe: **query-side fine-tuning** (see docs/learning.md for how it was chosen a
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import resource
@@ -45,17 +44,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pgsynapse.learning.canary import ensure_canary  # noqa: E402
-from pgsynapse.learning.gate import gate_metrics  # noqa: E402
-from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
-from pgsynapse.learning.trainer_process import progress as _progress  # noqa: E402
-from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder  # noqa: E402
-from pgsynapse.queries import q  # noqa: E402
+from pgsynapse.learning.canary import ensure_canary
+from pgsynapse.learning.gate import gate_metrics
+from pgsynapse.learning.holdout import grouped_holdout
+from pgsynapse.learning.trainer_process import progress as _progress
+from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder
+from pgsynapse.queries import q
 
 
 @dataclass

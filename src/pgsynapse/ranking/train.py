@@ -25,7 +25,6 @@ Recipe (docs/learning.md, "The ranker"):
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import sys
@@ -33,26 +32,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+import psycopg
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import numpy as np  # noqa: E402
-import psycopg  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-from pgsynapse.learning.canary import ensure_canary  # noqa: E402
-from pgsynapse.learning.distill_train import kept_layers  # noqa: E402
-from pgsynapse.learning.gate import ranking_scores, summary  # noqa: E402
-from pgsynapse.learning.holdout import grouped_holdout  # noqa: E402
-from pgsynapse.learning.metrics import distinct_documents  # noqa: E402
-from pgsynapse.learning.train import stored_vectors, synthetic_pairs  # noqa: E402
-from pgsynapse.learning.trainer_process import progress  # noqa: E402
-from pgsynapse.models import ModelCache  # noqa: E402
-from pgsynapse.queries import q  # noqa: E402
-from pgsynapse.ranking.export import export_ranker  # noqa: E402
-from pgsynapse.ranking.learn import RankerSpec  # noqa: E402
-from pgsynapse.ranking.scorer import META, Ranker, passage_text, rerank  # noqa: E402
+from pgsynapse.learning.canary import ensure_canary
+from pgsynapse.learning.distill_train import kept_layers
+from pgsynapse.learning.gate import ranking_scores, summary
+from pgsynapse.learning.holdout import grouped_holdout
+from pgsynapse.learning.metrics import distinct_documents
+from pgsynapse.learning.train import stored_vectors, synthetic_pairs
+from pgsynapse.learning.trainer_process import progress
+from pgsynapse.models import ModelCache
+from pgsynapse.queries import q
+from pgsynapse.ranking.export import export_ranker
+from pgsynapse.ranking.learn import RankerSpec
+from pgsynapse.ranking.scorer import META, Ranker, passage_text, rerank
 
 EVAL_K = 5
 

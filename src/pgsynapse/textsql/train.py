@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import sys
@@ -46,11 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pgsynapse.learning.trainer_process import progress  # noqa: E402
-from pgsynapse.textsql.pairs import (  # noqa: E402 - re-exported: the benchmark's entry points are all here
+from pgsynapse.learning.trainer_process import progress
+from pgsynapse.textsql.pairs import (  # re-exported: the benchmark's entry points are all here
     Evaluation, Outcome, Pair, evaluate, load_pairs, normalise_question, ordered_target, run_statement, run_targets,
     split_pairs)
 

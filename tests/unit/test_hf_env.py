@@ -1,0 +1,32 @@
+"""The Hugging Face libraries' environment that every pgsynapse process starts with (pgsynapse/hf_env.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = """
+import json, pgsynapse.images.encoders  # a module that imports transformers at its top
+import huggingface_hub.constants as hub, transformers.utils.logging as tl
+print(json.dumps({"offline": hub.HF_HUB_OFFLINE, "bars": tl.is_progress_bar_enabled()}))
+"""
+KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def _probe(**env: str) -> dict[str, bool]:
+    clean = {k: v for k, v in os.environ.items() if k not in KEYS}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**clean, **env},
+                         check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_process_that_loads_models_is_offline_and_writes_no_progress_bars():
+    """transformers' "Loading weights" bars went to stderr between the log events on every torch load (the
+    worker's INT8 export at its first start, each retrain): a journal or a JSON log reader gets tqdm lines."""
+    assert _probe() == {"offline": True, "bars": False}
+
+
+def test_a_value_in_the_environment_wins():
+    assert _probe(HF_HUB_DISABLE_PROGRESS_BARS="0", HF_HUB_OFFLINE="0") == {"offline": False, "bars": True}
