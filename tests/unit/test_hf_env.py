@@ -10,9 +10,10 @@ import sys
 PROBE = """
 import json, pgsynapse.images.encoders  # a module that imports transformers at its top
 import huggingface_hub.constants as hub, transformers.utils.logging as tl
-print(json.dumps({"offline": hub.HF_HUB_OFFLINE, "bars": tl.is_progress_bar_enabled()}))
+from tqdm.auto import tqdm  # what transformers' GGUF loader draws its bar with
+print(json.dumps({"offline": hub.HF_HUB_OFFLINE, "bars": tl.is_progress_bar_enabled(), "tqdm": not tqdm([]).disable}))
 """
-KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS")
+KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
 
 
 def _probe(**env: str) -> dict[str, bool]:
@@ -24,9 +25,12 @@ def _probe(**env: str) -> dict[str, bool]:
 
 def test_a_process_that_loads_models_is_offline_and_writes_no_progress_bars():
     """transformers' "Loading weights" bars went to stderr between the log events on every torch load (the
-    worker's INT8 export at its first start, each retrain): a journal or a JSON log reader gets tqdm lines."""
-    assert _probe() == {"offline": True, "bars": False}
+    worker's INT8 export at its first start, each retrain), and its GGUF loader's "Converting and de-quantizing"
+    bar on the demo's SQL model: a journal or a JSON log reader got tqdm lines."""
+    assert _probe() == {"offline": True, "bars": False, "tqdm": False}
 
 
 def test_a_value_in_the_environment_wins():
-    assert _probe(HF_HUB_DISABLE_PROGRESS_BARS="0", HF_HUB_OFFLINE="0") == {"offline": False, "bars": True}
+    # tqdm reads any non-empty TQDM_DISABLE as true: an empty one turns its bars back on
+    assert _probe(HF_HUB_DISABLE_PROGRESS_BARS="0", HF_HUB_OFFLINE="0", TQDM_DISABLE="") == {
+        "offline": False, "bars": True, "tqdm": True}
