@@ -38,7 +38,7 @@ WITH q AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s)))
 st AS MATERIALIZED (SELECT count(*)::float8 AS n, avg(length(tsv))::float8 AS avglen FROM pgsynapse.chunks),
 df AS MATERIALIZED (SELECT q.lexeme, (SELECT count(*) FROM pgsynapse.chunks c
                                       WHERE c.tsv @@ quote_literal(q.lexeme)::tsquery)::float8 AS df FROM q),
-cand AS (SELECT c.id, c.document_id, c.text, c.tsv FROM pgsynapse.chunks c,
+cand AS (SELECT c.id, c.tsv FROM pgsynapse.chunks c,
          (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM q) qq WHERE c.tsv @@ qq.query),
 scored AS (
     SELECT cand.id, sum(ln(1 + (st.n - df.df + 0.5) / (df.df + 0.5))
