@@ -20,14 +20,14 @@ from psycopg.rows import dict_row
 
 from bench.common import emit, machine, parser, pct, questions, table
 from bench.corpusdb import corpus_clone
+from bench.text_rank_variants import OR
 from pgsynapse.queries import q
 
 B = "fulltext_scale"
 COPY = """INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end, content_hash)
 SELECT document_id, ord + 100000 * g, text, token_count, char_start, char_end, content_hash
 FROM pgsynapse.chunks CROSS JOIN generate_series(%(first)s::int, %(last)s::int) g WHERE ord < 100000"""
-MATCHED = """SELECT count(*) AS n FROM pgsynapse.chunks c
-WHERE c.tsv @@ replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery"""
+MATCHED = f"SELECT count(*) AS n FROM pgsynapse.chunks c WHERE c.tsv @@ {OR}"  # the product's query, its matches
 
 
 def main() -> None:

@@ -257,8 +257,8 @@ def test_llama_cpp_runs_the_same_gguf_with_the_same_budget_and_stream(tmp_path):
 
 def test_llama_cpp_opens_a_model_at_its_trained_context_without_a_false_overflow_warning(tmp_path, capfd):
     """The context is the cap, or the model's trained one when shorter; and opening it prints no "n_ctx_train (0)"
-    overflow warning (a vocabulary-only load to read the metadata knew no trained context and printed one in
-    every `pgsynapse demo`)."""
+    overflow warning (a vocabulary-only load to read the metadata knew no trained context and printed one on every
+    open: in `pgsynapse demo`'s data question wherever llama-cpp-python is installed)."""
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
     from pgsynapse.answerers.llamacpp import open_llama
