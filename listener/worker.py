@@ -154,6 +154,9 @@ class Worker:
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
                 await tg.start(self.listener.run)
+                # registered before it says it started: `status` shows every worker that logged worker_started
+                # (the maintenance loop's first heartbeat came after, so a worker cut off early never showed)
+                await self._heartbeat()
                 tg.start_soon(self._maintenance)
                 log.info("worker_started", worker=self.worker_id, kinds=self.kinds, listening=self.listener.connected)
                 task_status.started()
