@@ -28,3 +28,16 @@ def test_every_named_query_exists():
                     missing.append(f"{path.relative_to(ROOT)}: {name} in {filename}")
     assert seen > 100  # the pattern still finds the calls
     assert missing == []
+
+
+def test_a_query_is_sent_without_its_leading_comment():
+    """pg_stat_activity keeps the first 1 kB of a query (track_activity_query_size): a leading comment sent along
+    filled it, and an operator saw text_candidates' comment, not its SQL."""
+    sql_dir = ROOT / "src/pgsynapse/sql"
+    commented = 0
+    for path in sorted(sql_dir.glob("*.sql")):
+        for name, body in _load(path.name).items():
+            assert not body.lstrip().startswith("--"), f"{path.name}: {name}"
+            assert body.strip(), f"{path.name}: {name} is empty"
+        commented += len(re.findall(r"^--\s*name:\s*\w+\s*\n--", path.read_text(), re.MULTILINE))
+    assert commented > 10  # queries with a leading comment are there to be stripped
