@@ -33,7 +33,7 @@ from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
-from bench.text_rank_variants import VARIANTS
+from bench.text_rank_variants import MAX_ROWS, VARIANTS
 from pgsynapse.handlers.answer import vector_sql
 from pgsynapse.learning.metrics import distinct_documents
 from pgsynapse.models import ModelCache
@@ -80,7 +80,7 @@ def main() -> None:
                 for r in ranks:
                     started = time.perf_counter()
                     query = sql("text_candidates", "answers.sql") if r == "or_ts_rank" else VARIANTS[r]
-                    trows = conn.execute(query, {"text": it["q"], "k": args.depth}).fetchall()
+                    trows = conn.execute(query, {"text": it["q"], "k": args.depth, "max_rows": MAX_ROWS}).fetchall()
                     took[r].append(1000 * (time.perf_counter() - started))
                     page.update({row["chunk_id"]: row["source"] for row in trows})
                     text[r][name].append([row["chunk_id"] for row in trows])

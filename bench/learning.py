@@ -82,7 +82,8 @@ class _Served:
         self.chunk_ids = np.asarray(chunk_ids)
         self.page = dict(zip(chunk_ids, pages, strict=True))
         self.text = {name: [[r[0] for r in conn.execute(sql("text_candidates", "answers.sql"),
-                                                       {"text": q["q"], "k": self.depth}).fetchall()]
+                                                       {"text": q["q"], "k": self.depth,
+                                                        "max_rows": settings.hybrid_text_max_rows}).fetchall()]
                             for q in items] for name, items in halves.items()}
 
     def recall(self, name: str, query_vecs: np.ndarray, vecs: np.ndarray, rel: list[set[str]],

@@ -16,6 +16,8 @@ import pgsynapse.handlers.answer as answer_handler
 from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.retrieval import retrieve_pages, score
+from pgsynapse.config import Settings
+from pgsynapse.queries import q as sql
 
 BASE = """SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, {rank} AS text_rank
 FROM (SELECT {query} AS query) qq, pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
@@ -66,6 +68,28 @@ FROM qq, pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
 WHERE c.tsv @@ qq.query ORDER BY text_rank DESC, c.id LIMIT %(k)s"""
 for share in ("0.05", "0.1", "0.2", "0.3"):
     VARIANTS[f"or_ts_rank_rare{share}"] = RARE.format(share=share)
+
+# The common words still rank, they only do not select: the chunks scored are those with one of the question's
+# rarer words (as in RARE), and each is ranked by ts_rank over all the words (the product's OR). Session 16.
+SELECT_RARE = """
+WITH words AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s))),
+freq AS (SELECT e AS lexeme, f FROM pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) AS u(e, f)
+         WHERE schemaname = 'pgsynapse' AND tablename = 'chunks' AND attname = 'tsv' AND e IS NOT NULL),
+ranked AS (SELECT w.lexeme, coalesce(f.f, 0) AS f, row_number() OVER (ORDER BY coalesce(f.f, 0), w.lexeme) AS n
+           FROM words w LEFT JOIN freq f USING (lexeme)),
+qq AS (SELECT string_agg(quote_literal(lexeme), ' | ') FILTER (WHERE f <= {share} OR n = 1)::tsquery AS sel,
+              {or_} AS query FROM ranked)
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank(c.tsv, qq.query) AS text_rank
+FROM qq, pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
+WHERE c.tsv @@ qq.sel ORDER BY text_rank DESC, c.id LIMIT %(k)s"""
+for share in ("0.02", "0.05", "0.1", "0.2"):
+    VARIANTS[f"or_ts_rank_select{share}"] = SELECT_RARE.format(share=share, or_=OR)
+
+# The product's query at other bounds (``hybrid_text_max_rows``): on the docs corpus (7,087 chunks), a bound of N
+# selects as a bound of N x 50 does on a table 50 times its size (bench.fulltext_scale's copies). Session 16.
+MAX_ROWS = Settings.model_fields["hybrid_text_max_rows"].default
+for rows in (100, 250, 500, 1000, 2000, 5000):
+    VARIANTS[f"or_ts_rank_max{rows}"] = sql("text_candidates", "answers.sql").replace("%(max_rows)s", str(rows))
 
 
 def main() -> None:

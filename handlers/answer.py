@@ -231,7 +231,7 @@ class AnswerHandler(Handler[AnswerWork]):
         vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
         if s.hybrid:
             order, by_id = await fuse_full_text(conn, v["id"], w.query_vector, w.retrieval_query, vec_rows, k,
-                                                s.hybrid_text_weight)
+                                                s.hybrid_text_weight, s.hybrid_text_max_rows)
         else:
             order, by_id = [r["chunk_id"] for r in vec_rows], {r["chunk_id"]: r for r in vec_rows}
         if w.ranker is not None:

@@ -77,7 +77,8 @@ def settings_key(s: Settings) -> str:
     # the extractive answerer answers every question a generator leaves without text too: its revision is in the key
     return (f"pgsynapse={__version__} answerer={s.answerer} extractive={ExtractiveAnswerer.revision} "
             f"model={model.get(s.answerer, '')} k={s.answer_top_k} "
-            f"hybrid={int(s.hybrid)}{f' text_weight={s.hybrid_text_weight}' if s.hybrid else ''} "
+            f"hybrid={int(s.hybrid)}"
+            f"{f' text_weight={s.hybrid_text_weight} text_max_rows={s.hybrid_text_max_rows}' if s.hybrid else ''} "
             f"not_found={s.not_found_threshold}")
 
 

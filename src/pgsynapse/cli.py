@@ -347,7 +347,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     hits = await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
-                                        text_weight=settings.hybrid_text_weight)
+                                        text_weight=settings.hybrid_text_weight,
+                                        text_max_rows=settings.hybrid_text_max_rows)
                     return hits, search_order(settings.hybrid, ranker is not None)
             finally:
                 if replica is not None:

@@ -123,6 +123,10 @@ class Settings(BaseModel):
     hybrid_text_weight: float = Field(
         0.75, ge=0, le=10, description="hybrid: the weight of a full-text rank against a vector rank's 1 "
         "(chosen on held-out questions: bench/hybrid_weights.py)")
+    hybrid_text_max_rows: int = Field(
+        20_000, ge=1, description="hybrid: about how many chunks the full-text side ranks at most; the question's "
+        "words select chunks from the rarest up to this many (every word still ranks them), so its time stops "
+        "growing with the table (bench/fulltext_scale.py)")
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is relevant")
     max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")

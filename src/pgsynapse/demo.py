@@ -130,7 +130,8 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                     print(textwrap.indent(format_result(result), "  "), file=out)
             for query in QUERIES:
                 hits = await search(conn, worker.models, query, k=3, hybrid=settings.hybrid,
-                                    text_weight=settings.hybrid_text_weight)
+                                    text_weight=settings.hybrid_text_weight,
+                                    text_max_rows=settings.hybrid_text_max_rows)
                 print(f"\nsearch: {query!r} ({search_order(settings.hybrid)} order, cosine scores)", file=out)
                 for h in hits:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)

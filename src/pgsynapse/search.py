@@ -63,12 +63,13 @@ async def search(
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
     hybrid: bool = Settings.model_fields["hybrid"].default,
     text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
+    text_max_rows: int = Settings.model_fields["hybrid_text_max_rows"].default,
 ) -> list[Hit]:
     """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
     ``hybrid`` (the setting's default, so on unless turned off), the kNN is fused with the full-text matches of
-    ``text`` (a full-text rank weighing ``text_weight`` of a vector rank; the setting's default unless given), as
-    the answer handler retrieves (settings ``hybrid``, ``hybrid_text_weight``); ``hybrid=False`` is the kNN alone,
-    by cosine. With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
+    ``text`` (a full-text rank weighing ``text_weight`` of a vector rank, about ``text_max_rows`` chunks ranked at
+    most; the settings' defaults unless given), as the answer handler retrieves (settings ``hybrid``,
+    ``hybrid_text_weight``, ``hybrid_text_max_rows``); ``hybrid=False`` is the kNN alone, by cosine. With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
     ``k`` returned (their ``score`` stays the cosine similarity); a ``version`` ranker's registry row rescores with
     its teacher's stored vectors."""
     await register_vector_async(conn)
@@ -83,7 +84,7 @@ async def search(
         rows = list(await cur.fetchall())
         if hybrid:
             fused, fused_rows = await fuse_full_text(reads, row["id"], vector, text, rows, wanted * CANDIDATES_FACTOR,
-                                                     text_weight)
+                                                     text_weight, text_max_rows)
             rows = [fused_rows[c] for c in fused]
         hits = [Hit(**{f: r[f] for f in HIT_FIELDS}) for r in rows[:wanted]]
         if isinstance(ranker, dict):  # a teacher version (ranking/rescore.py)

@@ -16,6 +16,7 @@ from pgsynapse.corpus import shipped_pages
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork, vector_sql
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.retrieval import fuse_full_text
 from pgsynapse.search import search, version_row
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -325,3 +326,29 @@ async def test_search_shows_the_passages_an_answer_is_written_from(db_url, model
     plain = await search(conn, models, "how can I undo commands back to a savepoint?", k=5, hybrid=False)
     await conn.close()
     assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)  # kNN alone: by cosine
+
+
+async def test_full_text_side_ranks_only_the_chunks_its_rarer_words_select(db_url, models):
+    """``hybrid_text_max_rows``: a word in more chunks than the bound does not select chunks to rank (ANALYZE's
+    statistics say how many), but it still ranks the chunks the rarer word selected; unbounded, every chunk with
+    either word is a candidate, as before the bound."""
+    common = [(f"Transactions {i}", f"Note {i}: a transaction groups statements; every transaction commits or rolls "
+                                    f"back as a whole.") for i in range(40)]
+    rare = [("Zebrafish and transactions", "A zebrafish transaction is the example: the transaction commits."),
+            ("Zebrafish", "The zebrafish is the example's name.")]
+    async with running_worker(fast_settings(db_url), models):
+        ids = await _corpus(db_url, [*common, *rare])
+    both, alone = ids[-2:]
+    conn = await aconn(db_url)
+    conn.row_factory = dict_row
+    await register_vector_async(conn)
+    await conn.execute("ANALYZE pgsynapse.chunks")
+    version = await version_row(conn)
+    vec = models.get(version).encode(["zebrafish transaction"])[0]
+    results = {}
+    for max_rows in (10**9, 5):
+        order, by_id = await fuse_full_text(conn, version["id"], vec, "zebrafish transaction", [], 10, 1.0, max_rows)
+        results[max_rows] = [by_id[c]["document_id"] for c in order]
+    await conn.close()
+    assert len(results[10**9]) == 10 and set(results[10**9]) - {both, alone}  # the common word's chunks compete
+    assert results[5] == [both, alone]  # only the rare word selects; the common word still ranks `both` first

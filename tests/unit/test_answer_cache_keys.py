@@ -21,17 +21,18 @@ def test_every_setting_that_shapes_an_answer_is_in_the_key():
     keys = {settings_key(base)}
     generator = {"answerer": "transformers", "answerer_model_path": "/m"}
     for change in (generator, {"answer_top_k": 3}, {"hybrid": False},
-                   {"hybrid_text_weight": 0.5}, {"not_found_threshold": 0.5},
+                   {"hybrid_text_weight": 0.5}, {"hybrid_text_max_rows": 500}, {"not_found_threshold": 0.5},
                    {**generator, "citation_policy": "refuse"}, {**generator, "answer_context_tokens": 512},
                    {"answerer": "llama-cpp", "answerer_model_path": "/m.gguf"},
                    {"answerer": "llama-cpp", "answerer_model_path": "/n.gguf"}):
         keys.add(settings_key(load_settings(environ={}, **change)))
-    assert len(keys) == 10
+    assert len(keys) == 11
     # settings that shape no answer leave it alone
     assert settings_key(load_settings(environ={}, batch_size=7, answer_cache_threshold=0.95)) == settings_key(base)
-    # the fusion's weight shapes nothing when full text is off
+    # the fusion's weight and the full-text bound shape nothing when full text is off
     off = load_settings(environ={}, hybrid=False)
-    assert settings_key(load_settings(environ={}, hybrid=False, hybrid_text_weight=0.5)) == settings_key(off)
+    assert settings_key(load_settings(environ={}, hybrid=False, hybrid_text_weight=0.5,
+                                      hybrid_text_max_rows=500)) == settings_key(off)
 
 
 def test_an_answer_of_an_earlier_extractive_answerer_is_not_served(monkeypatch):

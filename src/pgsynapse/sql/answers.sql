@@ -42,13 +42,31 @@ LIMIT %(k)s;
 -- Full-text ranks. Any of the question's words (OR): a natural-language question rarely has all its words in one
 -- chunk, which an AND query requires. Ranked by ts_rank (how many of the words a chunk has, how often), which
 -- beat ts_rank_cd and websearch_to_tsquery (AND) on the docs corpus: see BENCHMARKS.md, bench/text_rank_variants.py.
-SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.ord, c.text, ts_rank(c.tsv, qq.query) AS text_rank
-FROM (SELECT replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS query) qq,
-     pgsynapse.chunks c
+-- The chunks ranked are bounded: the question's words select them from the rarest up, as long as the chunks they
+-- are in add up to at most %(max_rows)s (the rarest word always selects), and all the words rank each selected
+-- chunk. A word in many chunks still ranks, it only does not select. Unbounded, two chunks in five had one of the
+-- words and ts_rank scored each (bench/fulltext_scale.py). How many chunks a word is in: the statistics ANALYZE
+-- keeps for the tsv column (pg_stats.most_common_elems); a word too rare to be listed there counts 0. A lexeme is
+-- quoted for tsquery input by hand: quote_literal's E'' form (for a backslash) is not tsquery syntax.
+WITH words AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s))),
+freq AS (SELECT u.lexeme, u.f FROM pg_stats,
+         unnest(most_common_elems::text::text[], most_common_elem_freqs) AS u(lexeme, f)
+         WHERE schemaname = 'pgsynapse' AND tablename = 'chunks' AND attname = 'tsv' AND u.lexeme IS NOT NULL),
+est AS (SELECT w.lexeme, coalesce(f.f, 0) * greatest(t.reltuples, 0) AS rows FROM words w
+        LEFT JOIN freq f USING (lexeme), (SELECT reltuples FROM pg_class WHERE oid = 'pgsynapse.chunks'::regclass) t),
+run AS (SELECT '''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''' AS quoted,
+               sum(rows) OVER (ORDER BY rows, lexeme) AS total, row_number() OVER (ORDER BY rows, lexeme) AS n
+        FROM est),
+qq AS (SELECT (SELECT string_agg(quoted, ' | ')::tsquery FROM run
+               WHERE total <= %(max_rows)s OR n = 1) AS selects,
+              replace(plainto_tsquery('english', %(text)s)::text, ' & ', ' | ')::tsquery AS query),
+ranked AS (SELECT c.id, ts_rank(c.tsv, qq.query) AS text_rank FROM qq, pgsynapse.chunks c
+           WHERE c.tsv @@ qq.selects AND c.tsv @@ qq.query ORDER BY text_rank DESC, c.id LIMIT %(k)s)
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.ord, c.text, r.text_rank
+FROM ranked r
+JOIN pgsynapse.chunks c ON c.id = r.id
 JOIN pgsynapse.documents d ON d.id = c.document_id
-WHERE c.tsv @@ qq.query
-ORDER BY text_rank DESC, c.id
-LIMIT %(k)s;
+ORDER BY r.text_rank DESC, c.id;
 
 -- name: chunk_scores
 -- The cosine score of full-text hits that the kNN did not return (chunks without this version's embedding drop out).
