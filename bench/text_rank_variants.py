@@ -53,15 +53,19 @@ SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, s.text_rank
 FROM scored s JOIN pgsynapse.chunks c ON c.id = s.id JOIN pgsynapse.documents d ON d.id = c.document_id
 ORDER BY s.text_rank DESC, c.id LIMIT %(k)s"""
 
-# The OR of the question's words without its common ones: a word in more than ``share`` of the chunks, by the
-# frequencies ANALYZE keeps for the tsv column (pg_stats.most_common_elems), is left out, the rarest word always
-# kept. Bounds how many chunks ts_rank scores (bench.fulltext_scale: the OR matches ~40 % of them). Session 15.
-RARE = """
+# The question's words, each with the share of the chunks it is in (0 when ANALYZE did not list it) and its rank
+# from the rarest (n).
+WORD_SHARES = """
 WITH words AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s))),
 freq AS (SELECT e AS lexeme, f FROM pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) AS u(e, f)
          WHERE schemaname = 'pgsynapse' AND tablename = 'chunks' AND attname = 'tsv' AND e IS NOT NULL),
 ranked AS (SELECT w.lexeme, coalesce(f.f, 0) AS f, row_number() OVER (ORDER BY coalesce(f.f, 0), w.lexeme) AS n
-           FROM words w LEFT JOIN freq f USING (lexeme)),
+           FROM words w LEFT JOIN freq f USING (lexeme)),"""
+
+# The OR of the question's words without its common ones: a word in more than ``share`` of the chunks, by the
+# frequencies ANALYZE keeps for the tsv column (pg_stats.most_common_elems), is left out, the rarest word always
+# kept. Bounds how many chunks ts_rank scores (bench.fulltext_scale: the OR matches ~40 % of them). Session 15.
+RARE = WORD_SHARES + """
 qq AS (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM ranked WHERE f <= {share} OR n = 1)
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank(c.tsv, qq.query) AS text_rank
 FROM qq, pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
@@ -71,12 +75,7 @@ for share in ("0.05", "0.1", "0.2", "0.3"):
 
 # The common words still rank, they only do not select: the chunks scored are those with one of the question's
 # rarer words (as in RARE), and each is ranked by ts_rank over all the words (the product's OR). Session 16.
-SELECT_RARE = """
-WITH words AS (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(text)s))),
-freq AS (SELECT e AS lexeme, f FROM pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) AS u(e, f)
-         WHERE schemaname = 'pgsynapse' AND tablename = 'chunks' AND attname = 'tsv' AND e IS NOT NULL),
-ranked AS (SELECT w.lexeme, coalesce(f.f, 0) AS f, row_number() OVER (ORDER BY coalesce(f.f, 0), w.lexeme) AS n
-           FROM words w LEFT JOIN freq f USING (lexeme)),
+SELECT_RARE = WORD_SHARES + """
 qq AS (SELECT string_agg(quote_literal(lexeme), ' | ') FILTER (WHERE f <= {share} OR n = 1)::tsquery AS sel,
               {or_} AS query FROM ranked)
 SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, ts_rank(c.tsv, qq.query) AS text_rank
