@@ -87,15 +87,16 @@ def main() -> None:
     for r in ranks:
         emit(B, "text_query", text_rank=r, p50_ms=round(statistics.median(took[r]), 1))
     results: dict[tuple[str, float, int], dict[str, dict[str, float]]] = {}
-    for r, w, k in itertools.product(ranks, [float(x) for x in args.weights.split(",")],
-                                     [int(x) for x in args.ks.split(",")]):
-        if w == 0 and (k != RRF_K or r != ranks[0]):
+    weights = sorted({0.0, *(float(x) for x in args.weights.split(","))})  # the vector order: the rule's floor
+    ks = [int(x) for x in args.ks.split(",")]
+    for r, w, k in itertools.product(ranks, weights, ks):
+        if w == 0 and (k != ks[0] or r != ranks[0]):
             continue  # the vector order depends on neither
         key = ("vector", 0.0, RRF_K) if w == 0 else (r, w, k)
         results[key] = {name: score([distinct_documents(rrf([v, t], [1.0, w], k), page)
                                      for v, t in zip(vector[name], text[r][name], strict=True)],
                                     [set(it["relevant"]) for it in sets[name]]) for name in sets}
-        emit(B, "choose", text_rank=key[0], weight=w, k=k,
+        emit(B, "choose", text_rank=key[0], weight=w, k=key[2],
              **{f"{n}_{m}": results[key][n][m] for n in CHOOSE for m in ("recall@5", "mrr@10")},
              mean_mrr10=round(statistics.mean(results[key][n]["mrr@10"] for n in CHOOSE), 4))
     base = results[("vector", 0.0, RRF_K)]
