@@ -32,10 +32,11 @@ async def fuse_full_text(conn: psycopg.AsyncConnection, version_id: int, query_v
                          ) -> tuple[list[int], dict[int, dict[str, Any]]]:
     """``vec_rows`` (the kNN, nearest first) fused with the ``k`` best full-text matches of ``text``, a full-text
     rank weighing ``text_weight`` of a vector rank, and about ``max_rows`` chunks ranked at most (``text_candidates``
-    in answers.sql). Returns the fused chunk ids and each one's row; a full-text hit
-    the kNN did not return gets its own cosine score (and drops out when it has no vector of this version)."""
+    in answers.sql). Returns the fused chunk ids and each one's row; a full-text hit the kNN did not return gets its
+    own cosine score (and drops out when it has no vector of this version)."""
     by_id = {r["chunk_id"]: r for r in vec_rows}
-    text_rows = list(await (await conn.execute(q("text_candidates", "answers.sql"), {"text": text, "k": k, "max_rows": max_rows})).fetchall())
+    text_rows = list(await (await conn.execute(q("text_candidates", "answers.sql"),
+                                               {"text": text, "k": k, "max_rows": max_rows})).fetchall())
     missing = [r["chunk_id"] for r in text_rows if r["chunk_id"] not in by_id]
     if missing:
         scores = {r["chunk_id"]: float(r["score"]) for r in await (await conn.execute(

@@ -69,9 +69,9 @@ async def search(
     ``hybrid`` (the setting's default, so on unless turned off), the kNN is fused with the full-text matches of
     ``text`` (a full-text rank weighing ``text_weight`` of a vector rank, about ``text_max_rows`` chunks ranked at
     most; the settings' defaults unless given), as the answer handler retrieves (settings ``hybrid``,
-    ``hybrid_text_weight``, ``hybrid_text_max_rows``); ``hybrid=False`` is the kNN alone, by cosine. With a ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first
-    ``k`` returned (their ``score`` stays the cosine similarity); a ``version`` ranker's registry row rescores with
-    its teacher's stored vectors."""
+    ``hybrid_text_weight``, ``hybrid_text_max_rows``); ``hybrid=False`` is the kNN alone, by cosine. With a
+    ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
+    stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
