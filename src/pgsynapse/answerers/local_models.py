@@ -193,7 +193,7 @@ def load_transformers(spec: str, *, cache_dir: str | Path | None = None, setting
         seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
-        model = cls.from_pretrained(where, local_files_only=True, **extra)
+        model = cls.from_pretrained(where, config=config, local_files_only=True, **extra)
     model.eval()
     return LocalModel(location, config, tokenizer, model, seq2seq)
 
