@@ -7,6 +7,7 @@ import hashlib
 import sys
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from pgsynapse.answerers import NOT_FOUND, Passage, Request, TransformersAnswerer, Turn
 from pgsynapse.answerers.citations import REFUSED_ANSWER, checked_answer, cited_ranks
@@ -224,12 +225,10 @@ def _tiny_gguf(path, *, hidden: int = 32, ff: int = 64, context: int = 512) -> N
 
 def test_a_gguf_file_is_read_once_per_load_and_gives_the_same_model(tmp_path, monkeypatch):
     """transformers parses a GGUF file's metadata anew for its config, its tokenizer and twice for its weights: for
-    Qwen2.5-Coder-0.5B (a vocabulary of 151,000 tokens) about 13 s each on 2 cores, two thirds of the demo's data
-    question. load_transformers reads it once, and the model is the one transformers loads by itself."""
+    Qwen2.5-Coder-0.5B (a vocabulary of 151,000 tokens) about 13 s each on 2 cores, half of the load.
+    load_transformers reads it once, and the model is the one transformers loads by itself."""
     gguf = pytest.importorskip("gguf", reason="the GGUF path needs the gguf package (pip install 'pgsynapse[gguf]')")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files with accelerate ('pgsynapse[gguf]')")
-    from transformers import AutoModelForCausalLM
-
     _tiny_gguf(tmp_path / "tiny.gguf")
     reads: list[str] = []
     real_init = gguf.GGUFReader.__init__

@@ -202,8 +202,8 @@ def load_transformers(spec: str, *, cache_dir: str | Path | None = None, setting
 def _one_gguf_reader() -> Iterator[None]:
     """Within the block, each GGUF file is parsed once. transformers parses a file's metadata anew for the config,
     the tokenizer and twice for the weights (``gguf.GGUFReader`` in ``load_gguf_checkpoint``): for
-    Qwen2.5-Coder-0.5B, whose vocabulary has 151,000 tokens, about 13 s each on 2 cores, 50 of the 70 s a load took.
-    The readers only read, and are dropped at the end of the block."""
+    Qwen2.5-Coder-0.5B, whose vocabulary has 151,000 tokens, about 13 s each on 2 cores, where the whole load took
+    ~50 s (25 s with one). The readers only read, and are dropped at the end of the block."""
     import gguf  # the optional [gguf] extra (checked by the caller), imported where used like transformers above
     with _GGUF_LOADS:
         original = gguf.GGUFReader
