@@ -119,7 +119,9 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
             failed += 1
         if outputs is not None:
             outputs.append({"i": it["i"], "db_id": it["db_id"], "question": it["question"], "gold": it["sql"],
-                            "sql": best.sql, "outcome": outcome, "error": best.error,
+                            # said: the statement as the model wrote it (sql: as checked and run), for offline
+                            # re-scoring of rewrites without generating again
+                            "said": best.said, "sql": best.sql, "outcome": outcome, "error": best.error,
                             "seconds": round(seconds[-1], 3), "first_seconds": round(ans.first_seconds, 3),
                             "candidates": ans.candidates,
                             "fixes": [a.sql for a in ans.fixes], "fix_errors": [a.error for a in ans.fixes],
