@@ -48,6 +48,7 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
         want = conn.execute("SELECT region, count(shipped) FROM demo_shop.orders GROUP BY 1 ORDER BY 2 DESC, 1").fetchall()
     table = r.stdout.split("  region | count\n")[1].splitlines()[1:1 + len(want)]
     assert [tuple(c.strip() for c in ln.split("|")) for ln in table] == [(g, str(n)) for g, n in want]
+    assert "  checked: the rows of a query written by hand (SELECT region, count(*)" in r.stdout  # and says so
 
     st = pgsynapse("status", "--json", url=url)
     assert st.returncode == 0, st.stderr
