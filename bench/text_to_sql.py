@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=1, help="sql_candidates (self-consistency)")
     p.add_argument("--fix-attempts", type=int, default=None, help="sql_fix_attempts (fix turns with the "
                    "database's error when no candidate ran; default: the setting's default)")
+    p.add_argument("--context-tokens", type=int, default=None, help="sql_context_tokens (prompt plus statement; "
+                   "default: the setting's default)")
     p.add_argument("--notify", type=int, default=0, help="INSERT -> NOTIFY latency on this many questions")
     p.add_argument("--outputs", default=None, help="write each generated statement (JSON lines) here")
     p.add_argument("--finetune", action="store_true", help="also fine-tune each model on the train databases' "
@@ -217,7 +219,9 @@ def main() -> None:
     settings = load_settings(environ={"PGSYNAPSE_SQL_CANDIDATES": str(args.candidates),
                                       **({"PGSYNAPSE_SQL_FIX_ATTEMPTS": str(args.fix_attempts)}
                                          if args.fix_attempts is not None else {}),
-                                      **({"PGSYNAPSE_SQL_RETRAIN_LR": str(args.lr)} if args.lr else {})})
+                                      **({"PGSYNAPSE_SQL_RETRAIN_LR": str(args.lr)} if args.lr else {}),
+                                      **({"PGSYNAPSE_SQL_CONTEXT_TOKENS": str(args.context_tokens)}
+                                         if args.context_tokens is not None else {})})
     parts = split()
     db_ids = parts[args.part] + (parts["train"] if args.finetune else [])
     rows, outputs = [], []
