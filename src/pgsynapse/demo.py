@@ -162,6 +162,7 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                 async with Client(db.url) as client:
                     data = await client.ask_data(DATA_QUESTION, schema="demo_shop", timeout=600)
                 print(textwrap.indent(format_data_result(data), "  "), file=out)
-                print(textwrap.indent(textwrap.fill(await check_data_answer(conn, data), 110), "  "), file=out)
+                check = await check_data_answer(conn, data)
+                print(textwrap.indent(textwrap.fill(check, 110, break_on_hyphens=False), "  "), file=out)
         worker.request_stop()
     return 0
