@@ -9,6 +9,7 @@ import time
 
 import anyio
 import psycopg
+from psycopg.rows import tuple_row
 from tqdm import tqdm
 
 from pgsynapse.client import Client, DataResult, format_result
@@ -69,9 +70,8 @@ INSERT_SQL = (
 async def check_data_answer(conn: psycopg.AsyncConnection, data: DataResult) -> str:
     """Whether the model's result has the rows of :data:`DATA_CHECK` (columns in any order), and if not what to do
     about it: a small local model's SQL is often wrong, and a result alone does not show it."""
-    cur = await conn.execute(DATA_CHECK)
-    want = Result([{"name": d.name} for d in cur.description], [list(r.values() if isinstance(r, dict) else r)
-                                                                 for r in await cur.fetchall()])
+    cur = await conn.cursor(row_factory=tuple_row).execute(DATA_CHECK)
+    want = Result([{"name": d.name} for d in cur.description], [list(r) for r in await cur.fetchall()])
     if data.status == "answered" and same_result(want, Result(data.columns, data.rows), ordered=False):
         return f"checked: the rows of a query written by hand ({DATA_CHECK})"
     rows = ", ".join(" ".join(map(str, r)) for r in want.rows)
