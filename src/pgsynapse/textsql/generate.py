@@ -300,6 +300,8 @@ class LlamaCppSqlGenerator(_OneAtATime):
     def __init__(self, path: str, *, max_new_tokens: int = 128, context_tokens: int = 2048, threads: int = 0,
                  cache_dir: str | Path | None = None) -> None:
         started = time.perf_counter()
+        # no flash attention here (the answerer has it): on Spider's choose half it changed 32 of 306 greedy
+        # statements, four right answers fewer, and saved no time (BENCHMARKS.md, text-to-SQL, session 18)
         loaded = open_llama(path, context_tokens=context_tokens, threads=threads, cache_dir=cache_dir,
                             setting="sql_model_path", what="sql_runtime = llama-cpp")
         self.location, self.model, self.formatter = loaded.location, loaded.model, loaded.formatter
