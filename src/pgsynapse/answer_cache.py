@@ -17,8 +17,10 @@ What is never cached, and never answered from the cache (:meth:`AnswerCache.may_
 - a question answered under other settings (answerer, its model, top_k, hybrid, not_found_threshold, a generator's
   token budgets and citation policy, pgsynapse's version): those are part of the entry's key;
 - a question whose exact terms (:func:`exact_terms`: identifiers and numbers such as ``dblink_connect_u``,
-  ``int8``, ``15``, and SQL command verbs) differ from the earlier question's, however similar the embeddings:
-  "what does dblink_connect do" and "what does dblink_connect_u do" are 0.94 similar and want different pages.
+  ``int8``, ``15``, SQL command verbs, negations and words of direction or degree) differ from the earlier
+  question's, however similar the embeddings: "what does dblink_connect do" and "what does dblink_connect_u do"
+  are 0.94 similar and want different pages; "how do I make a column nullable?" and "... not nullable?" are 0.98
+  similar and want opposite answers.
 
 Questions of one batch are looked up before any of them is written, so they never hit each other.
 """
@@ -62,11 +64,61 @@ SQL_VERBS = frozenset("create alter drop insert update delete truncate select gr
                       "reindex cluster lock comment".split())
 
 
+# words that turn a question around or set its direction or degree, each group to one term: "nullable" and "not
+# nullable" are 0.98 similar, "increase" and "decrease shared_buffers" 0.93, "why is my query slow / fast" 0.95. A
+# question with some of these is served only an answer to a question with the same ones ("largest" and "biggest"
+# are one); a paraphrase that words them otherwise is answered afresh: a miss costs time, a false hit a wrong answer.
+# Words common in paraphrases of one question are left out ("same": "the type of" / "the same type as"; "up",
+# "down": "set up", "back up"). Chosen on the tune half of bench/data/cache_contrasts.jsonl (bench.answer_cache).
+_GROUPS = """
+    not: not no never without cannot nor none neither
+    enable: enable enables enabled enabling | disable: disable disables disabled disabling
+    add: add adds added adding | remove: remove removes removed removing
+    start: start starts started starting | stop: stop stops stopped stopping | restart: restart restarts restarted
+    increase: increase increases increased increasing raise raises raised raising
+    decrease: decrease decreases decreased decreasing reduce reduces reduced reducing
+    max: maximum max largest biggest greatest highest most | min: minimum min smallest lowest least fewest
+    more: more greater higher larger bigger | less: less fewer lesser smaller
+    fast: fast faster fastest quick quicker quickest | slow: slow slower slowest
+    import: import imports imported importing | export: export exports exported exporting
+    unlock: unlock unlocks unlocked unlocking
+    allow: allow allows allowed allowing permit permits
+    deny: deny denies denied disallow prevent prevents forbid block
+    accept: accept accepts accepted accepting | reject: reject rejects rejected rejecting
+    include: include includes included including | exclude: exclude excludes excluded excluding
+    before: before | after: after | first: first | last: last | upper: upper uppercase | lower: lower lowercase
+    open: open opens opened | close: close closes closed | connect: connect connects connected connecting
+    disconnect: disconnect disconnects disconnected
+    attach: attach attaches attached | detach: detach detaches detached
+    encrypt: encrypt encrypted encrypting | decrypt: decrypt decrypted decrypting
+    compress: compress compressed compressing | decompress: decompress decompressed decompressing
+    true: true | false: false | above: above | below: below | grow: grow grows | shrink: shrink shrinks
+    ascending: ascending asc | descending: descending desc | inner: inner | outer: outer | left: left | right: right
+    read: read reads reading | write: write writes writing | private: private | public: public
+    enter: enter | exit: exit | upgrade: upgrade upgrades upgrading | downgrade: downgrade downgrades downgrading
+    succeed: succeed succeeds success successful | fail: fail fails failed failure failing
+    valid: valid | invalid: invalid | visible: visible | invisible: invisible
+    temporary: temporary | permanent: permanent | synchronous: synchronous | asynchronous: asynchronous
+    logged: logged | unlogged: unlogged | oldest: oldest | newest: newest | older: older | newer: newer
+    different: different
+"""
+CONTRASTS = {word: group.strip() for entry in _GROUPS.replace("\n", "|").split("|") if entry.strip()
+             for group, words in [entry.split(":")] for word in words.split()}
+_NOT = re.compile(r"n['\u2019]t\b", re.IGNORECASE)  # "doesn't", "can't": read as "not"
+
+
 def exact_terms(text: str) -> frozenset[str]:
-    """The words of a question that name one thing exactly, case-folded: those with an underscore or a digit
-    (``dblink_connect_u``, ``int8``, ``15``) and the verbs of SQL commands."""
-    words = [t.casefold() for t in _TERM.findall(text)]
-    return frozenset(t for t in words if "_" in t or any(c.isdigit() for c in t) or t in SQL_VERBS)
+    """The terms of a question that an answer depends on exactly, case-folded: its words with an underscore or a
+    digit (``dblink_connect_u``, ``int8``, ``15``), the verbs of SQL commands, and the group of each of its
+    negations and words of direction or degree (:data:`CONTRASTS`; "n't" is "not")."""
+    out = set()
+    for t in _TERM.findall(_NOT.sub(" not", text)):
+        t = t.casefold()
+        if "_" in t or any(c.isdigit() for c in t) or t in SQL_VERBS:
+            out.add(t)
+        elif t in CONTRASTS:
+            out.add(CONTRASTS[t])
+    return frozenset(out)
 
 
 def settings_key(s: Settings) -> str:

@@ -67,6 +67,24 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
     assert c["answerer"] == "extractive" and c["cached_from"] is None and other.sources[0]["document_id"] == ids[1]
 
 
+async def test_a_question_turned_around_by_a_negation_is_not_served_the_answer_it_looks_like(db_url, models):
+    asked, negated = "Which tables should I run VACUUM on?", "Which tables should I not run VACUUM on?"
+    vecs = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None,
+                       "dim": 384}).encode([asked, negated])
+    assert float(vecs[0] @ vecs[1]) >= 0.95  # similar enough to be served: only the negation tells them apart
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(asked)
+            turned = await client.ask(negated)
+            again = await client.ask("which tables should I run vacuum on")
+        rows = [await _row(conn, a.id) for a in (first, turned, again)]
+        await conn.close()
+    assert [r["answerer"] for r in rows] == ["extractive", "extractive", "cache"], rows
+    assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == first.id  # the paraphrase is still served
+
+
 async def test_flagged_questions_and_follow_ups_with_history_are_neither_served_nor_stored(db_url, models):
     async with running_worker(_settings(db_url), models):
         await _setup(db_url)

@@ -16,6 +16,18 @@ def test_identifiers_numbers_and_sql_verbs_are_exact_terms_case_folded():
     assert exact_terms("how do I roll back to a savepoint") == exact_terms("rolling back to a savepoint, how?") == set()
 
 
+def test_negations_and_words_of_direction_or_degree_are_exact_terms_by_group():
+    assert exact_terms("How do I make a column not nullable?") == {"not"} != exact_terms("make a column nullable")
+    assert exact_terms("Why doesn't my query use the index?") == exact_terms("why does my query not use the index")
+    assert exact_terms("How do I increase shared_buffers?") == {"shared_buffers", "increase"}
+    assert exact_terms("How do I increase shared_buffers?") != exact_terms("How do I decrease shared_buffers?")
+    assert exact_terms("Why is my query slow?") != exact_terms("Why is my query fast?")
+    assert exact_terms("the largest field size") == exact_terms("the biggest field size") == {"max"}
+    assert exact_terms("How do I enable a trigger?") == exact_terms("enabling triggers, how?") == {"enable"}
+    # words common in paraphrases of one question are not terms
+    assert exact_terms("a variable with the same type as a column") == exact_terms("a variable with the type of a column")
+
+
 def test_every_setting_that_shapes_an_answer_is_in_the_key():
     base = load_settings(environ={})
     keys = {settings_key(base)}
