@@ -14,7 +14,13 @@ answer served fast.
    are never stored, such as "not found" answers, are not there to hit), and the lookup's own time (its SQL
    against the filled cache, the overhead every miss pays).
 
-    python -m bench.answer_cache [--quick] [--threshold T]
+3. contrasts (no worker): pairs of questions that read alike and want different answers (negations, directions,
+   degrees: "nullable" / "not nullable", "increase" / "decrease shared_buffers"; bench/data/cache_contrasts.jsonl,
+   written by hand, halved by the first question's text as the dev questions are): how many pairs are similar
+   enough for the cache at the default threshold, and how many of them it would serve the other's answer (their
+   exact terms are the same).
+
+    python -m bench.answer_cache [--quick] [--threshold T] [--no-replay]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +40,11 @@ from bench.corpusdb import corpus_clone
 from bench.devsplit import half
 from bench.paraphrases import OUT as PARAPHRASES
 from pgsynapse.answer_cache import NEAREST, exact_terms, lookup_sql
+from pgsynapse.config import load_settings
+from pgsynapse.models import ModelCache
 
 THRESHOLDS = [round(0.80 + 0.01 * i, 2) for i in range(20)]
+CONTRASTS = Path(__file__).parent / "data" / "cache_contrasts.jsonl"
 
 
 def stream(quick: bool) -> list[dict[str, Any]]:
@@ -91,6 +101,24 @@ def sweep(items: list[dict[str, Any]], idx: np.ndarray, best: np.ndarray, max_fa
         if chosen is None and row["tune_false_share_of_hits"] <= max_false_share:
             chosen = t
     return chosen if chosen is not None else THRESHOLDS[-1]
+
+
+def contrasts(encode, thresholds: dict[str, float]) -> None:
+    """Per half of the contrast pairs and per threshold: the pairs at least that similar, and those of them the
+    cache would serve each other's answer (the same exact terms)."""
+    pairs = [json.loads(line) for line in CONTRASTS.open()]
+    vecs = encode([p["a"] for p in pairs] + [p["b"] for p in pairs])
+    vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    sims = np.sum(vecs[: len(pairs)] * vecs[len(pairs):], axis=1)
+    for name, t in thresholds.items():
+        for h in ("tune", "report"):
+            mine = [(p, float(c)) for p, c in zip(pairs, sims, strict=True) if half(p["a"]) == h]
+            similar = [(p, c) for p, c in mine if c >= t]
+            served = [(p, c) for p, c in similar if exact_terms(p["a"]) == exact_terms(p["b"])]
+            emit("answer_cache", "contrasts", threshold=name, at=t, half=h, pairs=len(mine), similar=len(similar),
+                 served_the_other_answer=len(served))
+            for p, c in served:
+                emit("answer_cache", "contrast_served", half=h, similarity=round(c, 3), a=p["a"], b=p["b"])
 
 
 def replay(url: str, items: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
@@ -164,23 +192,27 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=None, help="replay at this threshold (default: the chosen one)")
     p.add_argument("--max-false-share", type=float, default=0.0025,
                    help="the chosen threshold's false hits, as a share of its hits on the tune half, at most this")
+    p.add_argument("--no-replay", action="store_true", help="the sweep and the contrasts only (no worker)")
     args = p.parse_args()
     emit("answer_cache", "machine", **machine())
     items = stream(args.quick)
-    from pgsynapse.models import ModelCache
-
     with corpus_clone() as (url, info):
         emit("answer_cache", "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()
-        vecs = ModelCache().get(version).encode([it["q"] for it in items])
+        model = ModelCache().get(version)
+        vecs = model.encode([it["q"] for it in items])
         vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         idx, best = nearest_earlier(items, vecs)
         chosen = sweep(items, idx, best, args.max_false_share)
         threshold = args.threshold if args.threshold is not None else chosen
         emit("answer_cache", "threshold", chosen_on_tune=chosen, replayed_at=threshold,
              max_false_share=args.max_false_share, questions=len(items), runtime=version["runtime"])
+        contrasts(model.encode, {"default": load_settings(environ={}).answer_cache_threshold, "chosen": chosen})
+        if args.no_replay:
+            table([r for r in RESULTS if r["name"] in ("sweep", "contrasts")])
+            return
         replay(url, items, threshold)
         report(items, "replay_all")
         report([it for it in items if it["half"] == "report"], "replay_dev_report_half")
@@ -193,7 +225,7 @@ def main() -> None:
         for it in falses:
             emit("answer_cache", "false_hit_example", q=it["q"], served_from=it["origin"]["q"],
                  pages=it["pages"], origin_pages=it["origin"]["pages"])
-    table([r for r in RESULTS if r["name"] == "sweep"])
+    table([r for r in RESULTS if r["name"] in ("sweep", "contrasts")])
     table([r for r in RESULTS if r["name"].startswith("replay")])
     table([r for r in RESULTS if r["name"] in ("machine", "corpus", "threshold", "lookup_sql_ms")])
 
