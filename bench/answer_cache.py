@@ -17,8 +17,8 @@ answer served fast.
 3. contrasts (no worker): pairs of questions that read alike and want different answers (negations, directions,
    degrees: "nullable" / "not nullable", "increase" / "decrease shared_buffers"; bench/data/cache_contrasts.jsonl,
    written by hand, halved by the first question's text as the dev questions are): how many pairs are similar
-   enough for the cache at the default threshold, and how many of them it would serve the other's answer (their
-   exact terms are the same).
+   enough for the cache at the default threshold, and how many of them it would serve the other's answer
+   (:func:`may_share`: the same exact terms, their shared words in the same order).
 
     python -m bench.answer_cache [--quick] [--threshold T] [--no-replay]
 """
@@ -39,7 +39,7 @@ from bench.common import RESULTS, emit, machine, parser, pct, questions, spawn_w
 from bench.corpusdb import corpus_clone
 from bench.devsplit import half
 from bench.paraphrases import OUT as PARAPHRASES
-from pgsynapse.answer_cache import NEAREST, exact_terms, lookup_sql
+from pgsynapse.answer_cache import NEAREST, lookup_sql, may_share
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
 
@@ -66,14 +66,14 @@ def stream(quick: bool) -> list[dict[str, Any]]:
 
 def nearest_earlier(items: list[dict[str, Any]], vecs: np.ndarray, k: int = NEAREST) -> tuple[np.ndarray, np.ndarray]:
     """For each question, the earlier question the cache would serve it from and their cosine (-1, -inf when
-    none): as the lookup does, the most similar of the ``k`` nearest earlier ones whose exact terms are the same."""
+    none): as the lookup does, the most similar of the ``k`` nearest earlier ones that it may share an answer with
+    (:func:`may_share`: the same exact terms, the shared words in the same order)."""
     sims = vecs @ vecs.T
-    terms = [exact_terms(it["q"]) for it in items]
     idx = np.full(len(items), -1)
     best = np.full(len(items), -np.inf)
     for i in range(1, len(items)):
         for j in np.argsort(-sims[i, :i], kind="stable")[:k]:
-            if terms[j] == terms[i]:
+            if may_share(items[i]["q"], items[j]["q"]):
                 idx[i], best[i] = int(j), sims[i, j]
                 break
     return idx, best
@@ -105,7 +105,7 @@ def sweep(items: list[dict[str, Any]], idx: np.ndarray, best: np.ndarray, max_fa
 
 def contrasts(encode, thresholds: dict[str, float]) -> None:
     """Per half of the contrast pairs and per threshold: the pairs at least that similar, and those of them the
-    cache would serve each other's answer (the same exact terms)."""
+    cache would serve each other's answer (:func:`may_share`)."""
     pairs = [json.loads(line) for line in CONTRASTS.open()]
     vecs = encode([p["a"] for p in pairs] + [p["b"] for p in pairs])
     vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -114,7 +114,7 @@ def contrasts(encode, thresholds: dict[str, float]) -> None:
         for h in ("tune", "report"):
             mine = [(p, float(c)) for p, c in zip(pairs, sims, strict=True) if half(p["a"]) == h]
             similar = [(p, c) for p, c in mine if c >= t]
-            served = [(p, c) for p, c in similar if exact_terms(p["a"]) == exact_terms(p["b"])]
+            served = [(p, c) for p, c in similar if may_share(p["b"], p["a"])]
             emit("answer_cache", "contrasts", threshold=name, at=t, half=h, pairs=len(mine), similar=len(similar),
                  served_the_other_answer=len(served))
             for p, c in served:

@@ -20,7 +20,13 @@ What is never cached, and never answered from the cache (:meth:`AnswerCache.may_
   ``int8``, ``15``, SQL command verbs, negations and words of direction or degree) differ from the earlier
   question's, however similar the embeddings: "what does dblink_connect do" and "what does dblink_connect_u do"
   are 0.94 similar and want different pages; "how do I make a column nullable?" and "... not nullable?" are 0.98
-  similar and want opposite answers.
+  similar and want opposite answers;
+- a question that puts the earlier question's things in swapped roles (:func:`swapped_roles`: what "to", "into",
+  "from", "as" or "than" mark): "cast text to integer" and "cast integer to text" are 0.996 similar (a sentence
+  embedding is close to a bag of words), and one with the earlier question's words in another order ("can a view
+  reference a materialized view" and the other way round).
+
+:func:`may_share` is the rule, one pair at a time.
 
 Questions of one batch are looked up before any of them is written, so they never hit each other.
 """
@@ -146,6 +152,58 @@ def lookup_sql(version: dict[str, Any]) -> str:
             .replace("{version}", str(int(version["id"]))))
 
 
+# words that name no thing of their own: a question's things, in order, are its other words
+_ORDERLESS = frozenset(
+    "a an the and or of in on at by for with to from into as than is are be do does did can could should would will "
+    "i my me we our you your it its this that these those there how what which who why when where".split())
+# the words that mark where a thing goes or comes from, each group to one role, and the words skipped before the
+# thing they mark ("to an integer" marks "integer")
+_ROLES = {"to": "to", "into": "to", "onto": "to", "from": "from", "as": "as", "than": "than"}
+_DETERMINERS = frozenset("a an the its my your our their this that these those some any each every".split())
+
+
+def _roles(text: str) -> dict[str, set[str]]:
+    words = [w.casefold() for w in _TERM.findall(text)]
+    out: dict[str, set[str]] = {}
+    for i, w in enumerate(words):
+        if w in _ROLES:
+            thing = next((x for x in words[i + 1:] if x not in _DETERMINERS), None)
+            if thing is not None:
+                out.setdefault(_ROLES[w], set()).add(thing)
+    return out
+
+
+def _content(text: str) -> list[str]:
+    return [w for w in (x.casefold() for x in _TERM.findall(text)) if w not in _ORDERLESS]
+
+
+def swapped_roles(text: str, other: str) -> bool:
+    """Whether two questions put the same things in swapped roles (a sentence embedding is close to a bag of words,
+    so they are 0.98-0.996 similar):
+
+    - what "to", "into", "from", "as" or "than" marks: "cast text to integer" and "cast integer to text" mark
+      different things, each of which the other question names too;
+    - subject and object: "can a view reference a materialized view" and "can a materialized view reference a
+      view" have the same words in another order. Words joined by "and" or "or" may come in any order ("options
+      and syntax of X", "X syntax and options").
+
+    A rewording that keeps the roles ("convert text into an integer"), adds or drops words, or names another thing
+    is not a swap."""
+    a, b = _roles(text), _roles(other)
+    words_a = {w.casefold() for w in _TERM.findall(text)}
+    words_b = {w.casefold() for w in _TERM.findall(other)}
+    if any(a[r] != b[r] and (a[r] - b[r]) <= words_b and (b[r] - a[r]) <= words_a for r in a.keys() & b.keys()):
+        return True
+    ca, cb = _content(text), _content(other)
+    return ca != cb and sorted(ca) == sorted(cb) and not ({"and", "or"} & (words_a | words_b))
+
+
+def may_share(question: str, earlier: str) -> bool:
+    """Whether ``question`` may be served the answer of ``earlier``, besides their embeddings' similarity: the
+    same exact terms, and no things in swapped roles."""
+    return exact_terms(question) == exact_terms(earlier) and not swapped_roles(question, earlier)
+
+
 class AnswerCache:
     """Look up, store and count cached answers; ``enabled`` follows the ``answer_cache`` setting."""
 
@@ -178,8 +236,7 @@ class AnswerCache:
         rows = await (await conn.execute(lookup_sql(version), {
             "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.key(ranker),
             "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchall()
-        terms = exact_terms(question)
-        row = next((r for r in rows if exact_terms(r["question"]) == terms), None)
+        row = next((r for r in rows if may_share(question, r["question"])), None)
         answer_cache_outcome(version["id"], "hit" if row else "miss")
         if row is None:
             return None

@@ -85,6 +85,26 @@ async def test_a_question_turned_around_by_a_negation_is_not_served_the_answer_i
     assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == first.id  # the paraphrase is still served
 
 
+async def test_a_question_that_swaps_what_to_marks_is_not_served_the_answer_it_looks_like(db_url, models):
+    asked, swapped = "How do I cast text to integer?", "How do I cast integer to text?"
+    vecs = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None,
+                       "dim": 384}).encode([asked, swapped])
+    assert float(vecs[0] @ vecs[1]) >= 0.99  # a bag of the same words: only their roles tell them apart
+    casts = ("Type casts", "A type cast converts a value of one data type to another. Text is cast to integer with "
+                           "CAST(x AS integer) or x::integer. An integer is cast to text with x::text.")
+    async with running_worker(_settings(db_url), models):
+        await _corpus(db_url, [*DOCS, casts])
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(asked)
+            turned = await client.ask(swapped)
+            again = await client.ask("how can I cast text to an integer")
+        rows = [await _row(conn, a.id) for a in (first, turned, again)]
+        await conn.close()
+    assert [r["answerer"] for r in rows] == ["extractive", "extractive", "cache"], rows
+    assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == first.id
+
+
 async def test_flagged_questions_and_follow_ups_with_history_are_neither_served_nor_stored(db_url, models):
     async with running_worker(_settings(db_url), models):
         await _setup(db_url)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgsynapse.answer_cache import exact_terms, rules_key, settings_key
+from pgsynapse.answer_cache import exact_terms, may_share, rules_key, settings_key, swapped_roles
 from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.config import load_settings
 
@@ -26,6 +26,18 @@ def test_negations_and_words_of_direction_or_degree_are_exact_terms_by_group():
     assert exact_terms("How do I enable a trigger?") == exact_terms("enabling triggers, how?") == {"enable"}
     # words common in paraphrases of one question are not terms
     assert exact_terms("a variable with the same type as a column") == exact_terms("a variable with the type of a column")
+
+
+def test_questions_that_swap_what_to_or_from_mark_or_subject_and_object_are_different_questions():
+    assert swapped_roles("How do I cast text to integer?", "How do I cast integer to text?")
+    assert swapped_roles("copy data from a table to a file", "copy data from a file into a table")
+    assert not may_share("How do I migrate from MySQL to PostgreSQL?", "How do I migrate from PostgreSQL to MySQL?")
+    assert swapped_roles("Can a view reference a materialized view?", "Can a materialized view reference a view?")
+    # a rewording that keeps the roles, or names another thing, is not a swap
+    assert may_share("How do I convert text to an integer?", "in PostgreSQL, how can I convert text into integer")
+    assert not swapped_roles("options and syntax of DROP VIEW", "DROP VIEW syntax and options")
+    assert not swapped_roles("How do I cast text to integer?", "How do I cast text to bigint?")  # not a swap...
+    assert not may_share("cast text to int4", "cast text to int8")  # ...and exact terms tell these apart
 
 
 def test_every_setting_that_shapes_an_answer_is_in_the_key():
