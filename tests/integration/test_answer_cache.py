@@ -67,42 +67,31 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
     assert c["answerer"] == "extractive" and c["cached_from"] is None and other.sources[0]["document_id"] == ids[1]
 
 
-async def test_a_question_turned_around_by_a_negation_is_not_served_the_answer_it_looks_like(db_url, models):
-    asked, negated = "Which tables should I run VACUUM on?", "Which tables should I not run VACUUM on?"
-    vecs = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None,
-                       "dim": 384}).encode([asked, negated])
-    assert float(vecs[0] @ vecs[1]) >= 0.95  # similar enough to be served: only the negation tells them apart
-    async with running_worker(_settings(db_url), models):
-        await _setup(db_url)
-        conn = await aconn(db_url)
-        async with Client(db_url) as client:
-            first = await client.ask(asked)
-            turned = await client.ask(negated)
-            again = await client.ask("which tables should I run vacuum on")
-        rows = [await _row(conn, a.id) for a in (first, turned, again)]
-        await conn.close()
-    assert [r["answerer"] for r in rows] == ["extractive", "extractive", "cache"], rows
-    assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == first.id  # the paraphrase is still served
+CASTS = ("Type casts", "A type cast converts a value of one data type to another. Text is cast to integer with "
+                     "CAST(x AS integer) or x::integer. An integer is cast to text with x::text.")
+MODEL_V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None, "dim": 384}
 
 
-async def test_a_question_that_swaps_what_to_marks_is_not_served_the_answer_it_looks_like(db_url, models):
-    asked, swapped = "How do I cast text to integer?", "How do I cast integer to text?"
-    vecs = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None,
-                       "dim": 384}).encode([asked, swapped])
-    assert float(vecs[0] @ vecs[1]) >= 0.99  # a bag of the same words: only their roles tell them apart
-    casts = ("Type casts", "A type cast converts a value of one data type to another. Text is cast to integer with "
-                           "CAST(x AS integer) or x::integer. An integer is cast to text with x::text.")
+@pytest.mark.parametrize(("asked", "turned", "paraphrase"), [
+    # a negation
+    ("Which tables should I run VACUUM on?", "Which tables should I not run VACUUM on?",
+     "which tables should I run vacuum on"),
+    # what "to" marks, swapped: a bag of the same words
+    ("How do I cast text to integer?", "How do I cast integer to text?", "how can I cast text to an integer"),
+], ids=["negation", "swapped-roles"])
+async def test_a_question_that_asks_the_opposite_or_the_reverse_is_not_served_the_answer_it_looks_like(
+        db_url, models, asked, turned, paraphrase):
+    vecs = models.get(MODEL_V1).encode([asked, turned])
+    assert float(vecs[0] @ vecs[1]) >= 0.95  # similar enough to be served: only the words' roles tell them apart
     async with running_worker(_settings(db_url), models):
-        await _corpus(db_url, [*DOCS, casts])
+        await _corpus(db_url, [*DOCS, CASTS])
         conn = await aconn(db_url)
         async with Client(db_url) as client:
-            first = await client.ask(asked)
-            turned = await client.ask(swapped)
-            again = await client.ask("how can I cast text to an integer")
-        rows = [await _row(conn, a.id) for a in (first, turned, again)]
+            answers = [await client.ask(text) for text in (asked, turned, paraphrase)]
+        rows = [await _row(conn, a.id) for a in answers]
         await conn.close()
     assert [r["answerer"] for r in rows] == ["extractive", "extractive", "cache"], rows
-    assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == first.id
+    assert rows[1]["cached_from"] is None and rows[2]["cached_from"] == answers[0].id  # the paraphrase is served
 
 
 async def test_flagged_questions_and_follow_ups_with_history_are_neither_served_nor_stored(db_url, models):
