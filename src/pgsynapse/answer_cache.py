@@ -74,8 +74,10 @@ SQL_VERBS = frozenset("create alter drop insert update delete truncate select gr
 # nullable" are 0.98 similar, "increase" and "decrease shared_buffers" 0.93, "why is my query slow / fast" 0.95. A
 # question with some of these is served only an answer to a question with the same ones ("largest" and "biggest"
 # are one); a paraphrase that words them otherwise is answered afresh: a miss costs time, a false hit a wrong answer.
-# Words common in paraphrases of one question are left out ("same": "the type of" / "the same type as"; "up",
-# "down": "set up", "back up"). Chosen on the tune half of bench/data/cache_contrasts.jsonl (bench.answer_cache).
+# "Why", "when", "where" and "who" ask different things ("why / when does VACUUM lock a table": 0.92); "all" and
+# "one" count different things ("truncate every / one table in a schema": 0.95). Words common in paraphrases of one
+# question are left out ("same": "the type of" / "the same type as"; "up", "down": "set up", "back up"; "how",
+# "what", "which"). Chosen on the tune half of bench/data/cache_contrasts.jsonl (bench.answer_cache).
 _GROUPS = """
     not: not no never without cannot nor none neither
     enable: enable enables enabled enabling | disable: disable disables disabled disabling
@@ -107,6 +109,7 @@ _GROUPS = """
     temporary: temporary | permanent: permanent | synchronous: synchronous | asynchronous: asynchronous
     logged: logged | unlogged: unlogged | oldest: oldest | newest: newest | older: older | newer: newer
     different: different
+    why: why | when: when | where: where | who: who | all: all every each | one: one single
 """
 CONTRASTS = {word: group.strip() for entry in _GROUPS.replace("\n", "|").split("|") if entry.strip()
              for group, words in [entry.split(":")] for word in words.split()}

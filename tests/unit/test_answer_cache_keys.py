@@ -24,6 +24,8 @@ def test_negations_and_words_of_direction_or_degree_are_exact_terms_by_group():
     assert exact_terms("Why is my query slow?") != exact_terms("Why is my query fast?")
     assert exact_terms("the largest field size") == exact_terms("the biggest field size") == {"max"}
     assert exact_terms("How do I enable a trigger?") == exact_terms("enabling triggers, how?") == {"enable"}
+    assert exact_terms("Why does VACUUM lock a table?") != exact_terms("When does VACUUM lock a table?")
+    assert exact_terms("truncate every table") == exact_terms("truncate all the tables") != exact_terms("one table")
     # words common in paraphrases of one question are not terms
     assert exact_terms("a variable with the same type as a column") == exact_terms("a variable with the type of a column")
 
