@@ -132,14 +132,14 @@ def render(snap: dict[str, Any]) -> str:
         for m in w["models"]:
             lines.append(f"    model v{m['version']} {m['name']} ({m['runtime']}): loaded in {m['load_seconds']:g}s, "
                          f"+{m.get('rss_added_mb', 0):.0f} MB")
-    lines.append("jobs           : kind      pending  running  failed  done     oldest pending")
+    width = max([9, *(len(r["kind"]) + 1 for r in snap["jobs"])])  # "sql_answer", "embed_image" are longer than 9
+    lines.append(f"jobs           : {'kind':<{width}} pending  running  failed  done     oldest pending")
     if not snap["jobs"]:
         lines.append("                 (none)")
     for r in snap["jobs"]:
         age = "-" if r["oldest_pending_seconds"] is None else f"{r['oldest_pending_seconds']}s"
-        lines.append(
-            f"                 {r['kind']:<9} {r['pending']:<8} {r['running']:<8} {r['failed']:<7} {r['done']:<8} {age}"
-        )
+        lines.append(f"                 {r['kind']:<{width}} {r['pending']:<8} {r['running']:<8} {r['failed']:<7} "
+                     f"{r['done']:<8} {age}")
     return "\n".join(lines)
 
 

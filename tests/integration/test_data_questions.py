@@ -108,6 +108,10 @@ async def test_a_question_is_answered_with_its_sql_and_result_and_a_follow_up_ge
         snap = snapshot(conn)
     assert snap["data_questions"] == {"pending": 0, "answered": 2, "refused": 0, "failed": 0}
     assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed)" in render(snap)
+    # the jobs table stays aligned with a kind longer than "answer": its counts stand under their headers
+    [header] = [line for line in render(snap).splitlines() if line.startswith("jobs ")]
+    [row] = [line for line in render(snap).splitlines() if line.strip().startswith("sql_answer ")]
+    assert row[header.index("pending")] == "0" and row[header.index("done")] == "2", (header, row)
 
 
 async def test_every_unsafe_statement_is_refused_on_its_row_and_never_runs_beside_answered_neighbours(shop, models):
