@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     _sql_parsers(sub)
     _ranker_parser(sub)
 
-    de = sub.add_parser("demo", help="ingest real text, embed it, search it")
+    de = sub.add_parser("demo", help="ingest part of the PostgreSQL docs, embed it, answer questions with sources, "
+                        "search it, and ask a question about a small table it creates (text-to-SQL)")
     de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
     return p
 
