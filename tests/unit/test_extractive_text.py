@@ -2,7 +2,7 @@
 introduces kept apart, and the question's informative words (src/pgsynapse/answerers/base.py, extractive.py)."""
 
 from pgsynapse.answerers.base import Passage, sentence_runs
-from pgsynapse.answerers.extractive import ExtractiveAnswerer, _Sentence, terms
+from pgsynapse.answerers.extractive import _HOW_TO_QUESTION, _TELLS_HOW, ExtractiveAnswerer, _Sentence, terms
 
 JSONB = (
     "The default GIN operator class for jsonb supports queries with the containment operator @>. (For details of "
@@ -70,3 +70,17 @@ def test_the_rare_question_word_counts_most():
     assert lexical[2] == min(lexical) > 0  # only "transaction"
     assert lexical[4] == min(lexical[i] for i in (0, 3, 4)) < lexical[0]  # no "transaction"
     assert list(ExtractiveAnswerer._lexical(cands, "what is it?")) == [0.0] * 5  # no content word
+
+
+def test_a_how_to_question_and_the_sentences_that_tell_how():
+    for q in ("How do I roll back part of a transaction?", "how can I make a column unique", "How to vacuum a table"):
+        assert _HOW_TO_QUESTION.match(q), q
+    for q in ("What does ROLLBACK do?", "Which index type supports JSON containment?", "Why is my query slow?"):
+        assert not _HOW_TO_QUESTION.match(q), q
+    for s in ("Savepoints allow you to selectively discard parts of the transaction, while committing the rest.",
+              "After defining a savepoint with SAVEPOINT, you can if needed roll back to the savepoint.",
+              "Use VACUUM to reclaim storage.", "pg_dump can be used to back up a single database."):
+        assert _TELLS_HOW.search(s), s
+    for s in ("ROLLBACK rolls back the current transaction.",
+              "The form ROLLBACK TRANSACTION is a PostgreSQL extension."):
+        assert not _TELLS_HOW.search(s), s

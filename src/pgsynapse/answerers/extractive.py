@@ -9,8 +9,9 @@ How an answer is chosen (issue 18):
   passages: a page many ranked passages come from is on the question's topic), by its page title's cosine to the
   question (the title names what the page is about; one short encode per distinct title), by its share of the
   question's informative words (each content word weighted by how rare it is among the candidate sentences: the
-  word that tells them apart, "part" in "roll back part of a transaction", counts most) and, when ``rank_weight``
-  is set, by its passage's rank in retrieval's order;
+  word that tells them apart, "part" in "roll back part of a transaction", counts most), for a question that asks
+  how to do something by whether it tells the reader what they can do ("Savepoints allow you to ...") and, when
+  ``rank_weight`` is set, by its passage's rank in retrieval's order;
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
 - a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
@@ -41,6 +42,14 @@ _DANGLING = re.compile(
 
 
 _MARK = re.compile(r"\[\d+\]")
+# a question asking how to do something ("How do I roll back part of a transaction?"), and a sentence that tells the
+# reader what they can do ("Savepoints allow you to selectively discard parts of the transaction"): the answer to a
+# how-to question is more often the second kind than a description of a command ("ROLLBACK rolls back the current
+# transaction"), however alike their words
+_HOW_TO_QUESTION = re.compile(r"^\s*(?:how (?:do|can|should|would) (?:i|you|we|one)|how to)\b", re.IGNORECASE)
+_TELLS_HOW = re.compile(r"\b(?:you can|you could|you may|you should|you need to|allows? you to|lets? you|"
+                        r"can be used to|is used to|are used to|use (?:the )?\S+ to|to do this|in order to)\b",
+                        re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9_]+")
 _STOP = frozenset(
     "a about an and any are as at be by can could do does doing for from how i if in into is it its me my of on or "
@@ -90,20 +99,23 @@ class ExtractiveAnswerer:
     passage, so retrieval's order (full text fused with the vectors, which the cosine alone does not see) counts
     too; off by default: with ``lexical_weight`` on, every rank weight tried (0.25-1) lowered the first citation
     on the tune sets. ``lexical_weight``: how much a sentence's share of the question's informative words adds
-    (:meth:`_lexical`). Both chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md).
+    (:meth:`_lexical`). ``how_to_weight``: what a sentence that tells the reader what they can do ("... allow you
+    to ...", "you can ...", "use X to ...") adds when the question asks how to do something ("How do I ...?").
+    Each chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md).
     ``keep_margin``: how close to the best score another sentence must be to be quoted too.
     """
 
     name = "extractive"
     # raised with every change to how an answer is chosen: answers cached by an earlier revision are not served
-    # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences
-    revision = 2
+    # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences;
+    # 3: sentences that tell how, for how-to questions (how_to_weight)
+    revision = 3
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
                  continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0,
-                 lexical_weight: float = 1.5) -> None:
+                 lexical_weight: float = 1.5, how_to_weight: float = 0.5) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.max_sentences = max_sentences
@@ -116,6 +128,7 @@ class ExtractiveAnswerer:
         self.title_weight = title_weight
         self.rank_weight = rank_weight
         self.lexical_weight = lexical_weight
+        self.how_to_weight = how_to_weight
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
@@ -183,13 +196,15 @@ class ExtractiveAnswerer:
                 best = [sim[i, ranks == r].max() for r in others if r != ranks[i]]
                 agree[i] = float(np.mean(best))
         lexical = self._lexical(cands, question) if self.lexical_weight else np.zeros(len(cands))
+        how_to = self.how_to_weight if _HOW_TO_QUESTION.match(question) else 0.0
         for i, c in enumerate(cands):
             c.own, c.vec = float(own[i]), svecs[i]
             c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
                        + self.passage_weight * c.passage.score + self.agreement_weight * float(agree[i])
                        + self.page_weight * (page[c.passage.source] - c.passage.score)
                        + self.title_weight * title_score.get(c.passage.title or "", 0.0)
-                       + self.rank_weight / c.passage.rank + self.lexical_weight * float(lexical[i]))
+                       + self.rank_weight / c.passage.rank + self.lexical_weight * float(lexical[i])
+                       + (how_to if _TELLS_HOW.search(c.text) else 0.0))
 
     @staticmethod
     def _lexical(cands: list[_Sentence], question: str) -> np.ndarray:
