@@ -11,13 +11,14 @@ The prompt (``render_messages`` for chat models, ``render_text`` otherwise): a s
 turns of the session as question / SQL pairs, and the last user message with the tables' DDL and the question.
 A fix prompt (``SqlPrompt.fix``, the ``sql_fix_attempts`` retry) is the same prompt with extra turns after it: the
 model's failed statement as its answer, then the database's error and a request for the corrected statement; the
-base prompt is unchanged, so training pairs and fix prompts agree on everything before the fix turns.
-When it is over the model's budget (context less the statement's tokens), the schema context loses whole tables
-from the end (catalog order; a schema narrowed to ``sql_max_tables`` is ordered most like the question first by
+base prompt is unchanged, so training pairs and fix prompts agree on everything before the fix turns. When it is
+over the model's budget (context less the statement's tokens), the schema context loses whole tables from the end
+(catalog order; a schema narrowed to ``sql_max_tables`` is ordered most like the question first by
 textsql/context.py, so its least like go first), then the oldest turns, then the last table's lines. Dropping the
-least like the question first in every schema was measured and not kept (BENCHMARKS.md, text-to-SQL, session 18:
-no better on Spider, and a prompt that differs per question defeats llama.cpp's prefix reuse); the question and the fix turns are never cut. :func:`training_example` gives the trainer the exact prompt text inference uses
-and the target the model should emit (the statement, ``;`` and the end token), so both agree.
+least like the question first in every schema was measured and not kept (BENCHMARKS.md, text-to-SQL, session 18: no
+better on Spider, and a prompt that differs per question defeats llama.cpp's prefix reuse); the question and the fix
+turns are never cut. :func:`training_example` gives the trainer the exact prompt text inference uses and the target
+the model should emit (the statement, ``;`` and the end token), so both agree.
 """
 
 from __future__ import annotations
