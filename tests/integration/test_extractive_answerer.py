@@ -123,14 +123,30 @@ def test_the_next_sentence_that_continues_the_thought_is_kept_in_document_order(
 def test_rank_weight_lets_retrieval_order_break_a_near_tie_and_a_clearly_better_passage_still_leads(embedder):
     """Two passages that both answer, scored alike: by content alone the closer one leads; with
     ``rank_weight`` the one retrieval ranked first does (its order fuses full text, which the cosine does not see).
-    A passage that answers much better leads from rank 2 all the same."""
+    A passage that answers much better leads from rank 2 all the same. (The words' and the how-to weights are off:
+    the content here is the cosines.)"""
     question = "how do I roll back to a savepoint"
     both = [("SAVEPOINT", SAVEPOINT, 0.5), ("ROLLBACK TO SAVEPOINT", ROLLBACK_TO, 0.5)]
-    assert cited(ask(embedder, question, both, lexical_weight=0)[0])[0] == 2
-    assert cited(ask(embedder, question, both, lexical_weight=0, rank_weight=0.5)[0])[0] == 1
+    cosines = {"lexical_weight": 0, "how_to_weight": 0}
+    assert cited(ask(embedder, question, both, **cosines)[0])[0] == 2
+    assert cited(ask(embedder, question, both, **cosines, rank_weight=0.5)[0])[0] == 1
     text, _ = ask(embedder, "make a transaction durable", [("ROLLBACK", ROLLBACK, 0.5), ("COMMIT", COMMIT, 0.55)],
-                  lexical_weight=0, rank_weight=0.5)
+                  **cosines, rank_weight=0.5)
     assert cited(text)[0] == 2
+
+
+def test_a_how_to_question_starts_from_the_sentence_that_tells_how(embedder):
+    """"How do I roll back to a savepoint": SAVEPOINT's notes say how ("Use ROLLBACK TO to rollback to a
+    savepoint."), ROLLBACK TO SAVEPOINT's description says what the command does; by the cosines alone the second
+    leads, with the how-to weight (the default) the first."""
+    question = "how do I roll back to a savepoint"
+    both = [("SAVEPOINT", SAVEPOINT, 0.5), ("ROLLBACK TO SAVEPOINT", ROLLBACK_TO, 0.5)]
+    text, _ = ask(embedder, question, both, lexical_weight=0)
+    assert cited(text)[0] == 1 and text.startswith("Use ROLLBACK TO to rollback to a savepoint."), text
+    assert cited(ask(embedder, question, both, lexical_weight=0, how_to_weight=0)[0])[0] == 2
+    # a question that does not ask how is scored as before
+    what = "what rolls back to a savepoint"
+    assert ask(embedder, what, both, lexical_weight=0) == ask(embedder, what, both, lexical_weight=0, how_to_weight=0)
 
 
 JSONB = ("GIN indexes can be used to efficiently search for keys or key/value pairs occurring within a large number of "
