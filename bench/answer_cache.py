@@ -18,7 +18,7 @@ answer served fast.
    degrees: "nullable" / "not nullable", "increase" / "decrease shared_buffers"; bench/data/cache_contrasts.jsonl,
    written by hand, halved by the first question's text as the dev questions are): how many pairs are similar
    enough for the cache at the default threshold, and how many of them it would serve the other's answer
-   (:func:`may_share`: the same exact terms, their shared words in the same order).
+   (:func:`may_share`: the same exact terms, no things in swapped roles).
 
     python -m bench.answer_cache [--quick] [--threshold T] [--no-replay]
 """
@@ -67,7 +67,7 @@ def stream(quick: bool) -> list[dict[str, Any]]:
 def nearest_earlier(items: list[dict[str, Any]], vecs: np.ndarray, k: int = NEAREST) -> tuple[np.ndarray, np.ndarray]:
     """For each question, the earlier question the cache would serve it from and their cosine (-1, -inf when
     none): as the lookup does, the most similar of the ``k`` nearest earlier ones that it may share an answer with
-    (:func:`may_share`: the same exact terms, the shared words in the same order)."""
+    (:func:`may_share`: the same exact terms, no things in swapped roles)."""
     sims = vecs @ vecs.T
     idx = np.full(len(items), -1)
     best = np.full(len(items), -np.inf)

@@ -165,8 +165,8 @@ _ROLES = {"to": "to", "into": "to", "onto": "to", "from": "from", "as": "as", "t
 _DETERMINERS = frozenset("a an the its my your our their this that these those some any each every".split())
 
 
-def _roles(text: str) -> dict[str, set[str]]:
-    words = [w.casefold() for w in _TERM.findall(text)]
+def _roles(words: list[str]) -> dict[str, set[str]]:
+    """What each role word marks: the first word after it that is no determiner."""
     out: dict[str, set[str]] = {}
     for i, w in enumerate(words):
         if w in _ROLES:
@@ -174,10 +174,6 @@ def _roles(text: str) -> dict[str, set[str]]:
             if thing is not None:
                 out.setdefault(_ROLES[w], set()).add(thing)
     return out
-
-
-def _content(text: str) -> list[str]:
-    return [w for w in (x.casefold() for x in _TERM.findall(text)) if w not in _ORDERLESS]
 
 
 def swapped_roles(text: str, other: str) -> bool:
@@ -192,13 +188,12 @@ def swapped_roles(text: str, other: str) -> bool:
 
     A rewording that keeps the roles ("convert text into an integer"), adds or drops words, or names another thing
     is not a swap."""
-    a, b = _roles(text), _roles(other)
-    words_a = {w.casefold() for w in _TERM.findall(text)}
-    words_b = {w.casefold() for w in _TERM.findall(other)}
-    if any(a[r] != b[r] and (a[r] - b[r]) <= words_b and (b[r] - a[r]) <= words_a for r in a.keys() & b.keys()):
+    wa, wb = ([w.casefold() for w in _TERM.findall(t)] for t in (text, other))
+    a, b = _roles(wa), _roles(wb)
+    if any(a[r] != b[r] and (a[r] - b[r]) <= set(wb) and (b[r] - a[r]) <= set(wa) for r in a.keys() & b.keys()):
         return True
-    ca, cb = _content(text), _content(other)
-    return ca != cb and sorted(ca) == sorted(cb) and not ({"and", "or"} & (words_a | words_b))
+    ca, cb = ([w for w in words if w not in _ORDERLESS] for words in (wa, wb))
+    return ca != cb and sorted(ca) == sorted(cb) and not ({"and", "or"} & {*wa, *wb})
 
 
 def may_share(question: str, earlier: str) -> bool:
