@@ -26,6 +26,8 @@ from pgsynapse.config import Settings, load_settings
 from pgsynapse.db import next_notify
 
 SAFETY_TIMEOUT = 120.0  # a safety net only: every wait returns on an event
+# model version 1 as a fresh database has it (the default model on torch): ModelCache.get() of it in a test
+V1_TORCH = {"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None, "dim": 384}
 
 
 def fast_settings(url: str, **overrides: Any) -> Settings:

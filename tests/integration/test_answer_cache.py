@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
 from pgsynapse.metrics import ANSWER_CACHE
-from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.helpers import V1_TORCH, aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 
 pytestmark = pytest.mark.anyio
@@ -69,7 +69,6 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
 
 CASTS = ("Type casts", "A type cast converts a value of one data type to another. Text is cast to integer with "
                      "CAST(x AS integer) or x::integer. An integer is cast to text with x::text.")
-MODEL_V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None, "dim": 384}
 
 
 @pytest.mark.parametrize(("asked", "turned", "paraphrase"), [
@@ -81,7 +80,7 @@ MODEL_V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_p
 ], ids=["negation", "swapped-roles"])
 async def test_a_question_that_asks_the_opposite_or_the_reverse_is_not_served_the_answer_it_looks_like(
         db_url, models, asked, turned, paraphrase):
-    vecs = models.get(MODEL_V1).encode([asked, turned])
+    vecs = models.get(V1_TORCH).encode([asked, turned])
     assert float(vecs[0] @ vecs[1]) >= 0.95  # similar enough to be served: only the words' roles tell them apart
     async with running_worker(_settings(db_url), models):
         await _corpus(db_url, [*DOCS, CASTS])

@@ -8,9 +8,7 @@ import pytest
 
 from pgsynapse.textsql.context import NoReadableTables, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly, same_result
-
-
-DEFAULT_VERSION = {"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "artifact_path": None, "dim": 384}
+from tests.helpers import V1_TORCH
 
 
 class Stmt:
@@ -105,7 +103,7 @@ def test_the_schema_context_describes_what_the_reader_may_read(shop, models):
     assert "DROP TABLE orders" in ctx.text  # a comment is data: the safety layer, not the prompt, stops its effect
     assert "salaries" not in ctx.text
     narrowed = schema_context(shop, "public", None, question="which sales region is largest?", max_tables=1,
-                              encode=lambda texts: models.get(DEFAULT_VERSION).encode(texts))
+                              encode=lambda texts: models.get(V1_TORCH).encode(texts))
     assert narrowed.described == (("public", "regions"),) and narrowed.allowed == ctx.allowed
     with pytest.raises(NoReadableTables, match="GRANT SELECT ON public.<table> TO pgsynapse_reader"):
         schema_context(shop, "public", ["salaries"])

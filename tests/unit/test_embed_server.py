@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench.embed_server import Encoder, make_server
+from tests.helpers import V1_TORCH
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_embeddings_have_the_openai_shape_and_pgsynapse_vectors(base_url, models
     vecs = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
     assert vecs.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
-    ours = models.get({"id": 1, "name": "all-MiniLM-L6-v2", "runtime": "torch", "dim": 384}).encode(texts)
+    ours = models.get(V1_TORCH).encode(texts)
     assert (vecs * ours).sum(axis=1).min() > 0.999  # the same model: the same vectors
 
 
