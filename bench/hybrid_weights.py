@@ -11,11 +11,16 @@ A setting is chosen on the ``tune``, ``users-tune`` and ``train`` sets only (``-
 them, recall@5 not lower than the vector order's on any of them); the ``report`` halves are printed for the
 chosen setting, the product's and the vector order only.
 
+``--page-votes``: a fused chunk also gets this share of the fused scores of the other chunks of its page in the
+lists (a page that several candidates come from ranks higher; 0, the product's, is plain fusion), tried at every
+weight. Measured in session 19 and not adopted (BENCHMARKS.md, "answers").
+
 ``--text-ranks``: the full-text lists to try, the product's (``or_ts_rank``) and any of bench.text_rank_variants'
 (``bm25``: Okapi BM25 with idf), each fused at every weight; the text query's median time is printed for each.
 
     python -m bench.hybrid_weights
     python -m bench.hybrid_weights --text-ranks or_ts_rank,bm25 --weights 0,0.5,0.75,1,1.5 --ks 60
+    python -m bench.hybrid_weights --weights 0.75 --ks 60 --page-votes 0,0.1,0.25,0.5,1
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pgsynapse.handlers.answer import vector_sql
 from pgsynapse.learning.metrics import distinct_documents
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
-from pgsynapse.retrieval import RRF_K, rrf
+from pgsynapse.retrieval import RRF_K, rrf_scores
 
 B = "hybrid_weights"
 CHOOSE = ("tune", "users-tune", "train")
@@ -52,6 +57,7 @@ def main() -> None:
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")
     p.add_argument("--ks", default="10,30,60")
     p.add_argument("--text-ranks", default="or_ts_rank", help=f"of: {', '.join(VARIANTS)}")
+    p.add_argument("--page-votes", default="0", help="shares of a page's other fused chunks' scores a chunk adds")
     args = p.parse_args()
     ranks = args.text_ranks.split(",")
     emit(B, "machine", **machine())
@@ -86,29 +92,40 @@ def main() -> None:
                     text[r][name].append([row["chunk_id"] for row in trows])
     for r in ranks:
         emit(B, "text_query", text_rank=r, p50_ms=round(statistics.median(took[r]), 1))
-    results: dict[tuple[str, float, int], dict[str, dict[str, float]]] = {}
+    results: dict[tuple[str, float, int, float], dict[str, dict[str, float]]] = {}
     weights = sorted({0.0, *(float(x) for x in args.weights.split(","))})  # the vector order: the rule's floor
     ks = [int(x) for x in args.ks.split(",")]
-    for r, w, k in itertools.product(ranks, weights, ks):
-        if w == 0 and (k != ks[0] or r != ranks[0]):
-            continue  # the vector order depends on neither
-        key = ("vector", 0.0, RRF_K) if w == 0 else (r, w, k)
-        results[key] = {name: score([distinct_documents(rrf([v, t], [1.0, w], k), page)
+    votes = sorted({float(x) for x in args.page_votes.split(",")})
+    for r, w, k, vote in itertools.product(ranks, weights, ks, votes):
+        if w == 0 and (k != ks[0] or r != ranks[0] or vote != votes[0]):
+            continue  # the vector order depends on none of them
+        key = ("vector", 0.0, RRF_K, 0.0) if w == 0 else (r, w, k, vote)
+        results[key] = {name: score([distinct_documents(voted(rrf_scores([v, t], [1.0, w], k), page, key[3]), page)
                                      for v, t in zip(vector[name], text[r][name], strict=True)],
                                     [set(it["relevant"]) for it in sets[name]]) for name in sets}
-        emit(B, "choose", text_rank=key[0], weight=w, k=key[2],
+        emit(B, "choose", text_rank=key[0], weight=w, k=key[2], page_vote=key[3],
              **{f"{n}_{m}": results[key][n][m] for n in CHOOSE for m in ("recall@5", "mrr@10")},
              mean_mrr10=round(statistics.mean(results[key][n]["mrr@10"] for n in CHOOSE), 4))
-    base = results[("vector", 0.0, RRF_K)]
+    base = results[("vector", 0.0, RRF_K, 0.0)]
     ok = {key: r for key, r in results.items()
           if all(r[n]["recall@5"] >= base[n]["recall@5"] for n in CHOOSE)}
     chosen = max(ok, key=lambda key: statistics.mean(ok[key][n]["mrr@10"] for n in CHOOSE))
-    product = ("or_ts_rank", 0.75, RRF_K)
-    for key in dict.fromkeys([("vector", 0.0, RRF_K), product, chosen]):
+    product = ("or_ts_rank", 0.75, RRF_K, 0.0)
+    for key in dict.fromkeys([("vector", 0.0, RRF_K, 0.0), product, chosen]):
         if key in results:
-            emit(B, "report", text_rank=key[0], weight=key[1], k=key[2], chosen=key == chosen,
+            emit(B, "report", text_rank=key[0], weight=key[1], k=key[2], page_vote=key[3], chosen=key == chosen,
                  **{f"{n}_{m}": results[key][n][m] for n in REPORT for m in ("recall@5", "mrr@10")})
     table()
+
+
+def voted(scores: dict[int, float], page: dict[int, str], vote: float) -> list[int]:
+    """The fused chunks best first, each chunk's score raised by ``vote`` x the scores of its page's other chunks."""
+    if vote:
+        total: dict[str, float] = {}
+        for cid, s in scores.items():
+            total[page[cid]] = total.get(page[cid], 0.0) + s
+        scores = {cid: s + vote * (total[page[cid]] - s) for cid, s in scores.items()}
+    return sorted(scores, key=lambda c: -scores[c])
 
 
 if __name__ == "__main__":

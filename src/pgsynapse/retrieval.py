@@ -17,13 +17,19 @@ RRF_K = 60
 CANDIDATES_FACTOR = 3  # hybrid: each list fetches this many times the chunks kept
 
 
-def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> list[int]:
-    """Weighted reciprocal-rank fusion of several rankings of chunk ids: a chunk scores the sum over rankings of
-    weight / (k + its rank); ties keep the first ranking's order."""
+def rrf_scores(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> dict[int, float]:
+    """Weighted reciprocal-rank fusion of several rankings of chunk ids: each chunk's score, the sum over rankings of
+    weight / (k + its rank), in first-seen order (the first ranking's first)."""
     score: dict[int, float] = {}
     for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
         for r, cid in enumerate(ranking):
             score[cid] = score.get(cid, 0.0) + weight / (k + r + 1)
+    return score
+
+
+def rrf(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> list[int]:
+    """The chunk ids of several rankings, best first by :func:`rrf_scores`; ties keep the first ranking's order."""
+    score = rrf_scores(rankings, weights, k)
     return sorted(score, key=lambda c: -score[c])
 
 
