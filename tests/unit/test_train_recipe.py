@@ -4,12 +4,23 @@ interpolation of the fine-tuned weights towards the base model's, and the soup o
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from pgsynapse.learning.train import average_weights, interpolate_weights, negative_pool, pick_positives, soft_targets
+from pgsynapse.learning.train import (
+    Teacher,
+    TrainSpec,
+    average_weights,
+    fit,
+    interpolate_weights,
+    negative_pool,
+    pick_positives,
+    soft_targets,
+)
 from tests.embed_models import tiny_embedding_model
 
 
@@ -103,3 +114,36 @@ def test_a_soup_is_the_mean_of_its_models_weights(tmp_path):
     assert floats > 10
     for other, st in zip(models[1:], states[1:], strict=True):  # the others are read, not changed
         assert all(torch.equal(v, st[k]) for k, v in other.state_dict().items())
+
+
+class CountingEncoder:
+    """A model whose ``encode`` calls are counted (the texts of each call kept); everything else is the model's."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def encode(self, texts, **kwargs):
+        self.calls.append(list(texts))
+        return self.model.encode(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_a_soup_encodes_the_questions_once_for_all_its_runs(tmp_path):
+    path = tiny_embedding_model(tmp_path / "base", 16, seed=0)
+    base = CountingEncoder(SentenceTransformer(str(path), device="cpu"))
+    teacher_model = CountingEncoder(SentenceTransformer(str(tiny_embedding_model(tmp_path / "t", 16, seed=3)),
+                                                        device="cpu"))
+    rng = np.random.default_rng(0)
+    chunk_vecs = rng.normal(size=(12, 16)).astype(np.float32)
+    chunk_vecs /= np.linalg.norm(chunk_vecs, axis=1, keepdims=True)
+    items = [(f"how do I use feature {i}", i % 4, [3 * (i % 4), 3 * (i % 4) + 1, 3 * (i % 4) + 2]) for i in range(8)]
+    spec = TrainSpec(url="", base_version=1, base_path=str(path), out_dir=str(tmp_path / "out"), soup=3,
+                     batch_size=4, teacher_weight=0.5, teacher_top=4)
+    result = fit(spec, base, items, chunk_vecs, time.time(), "t",
+                 Teacher(teacher_model, chunk_vecs.copy()))
+    # three runs of two steps each, averaged; the base model and the teacher each read the questions once
+    assert result.steps == 6 and result.examples == 8
+    assert base.calls == [[q for q, _d, _c in items]]
+    assert teacher_model.calls == [[q for q, _d, _c in items]]

@@ -233,25 +233,34 @@ def fit(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], chu
     chunk vectors (every one, or ``negative_pool`` of them) towards the document's best chunk under the base
     model (under the ``teacher`` when there is one), plus the anchor to the base model's question vectors, plus
     with a teacher its distribution over the same chunks as a soft target (``teacher_weight``). With ``soup`` > 1
-    the recipe runs that many times (other seeds) and the weights are averaged."""
+    the recipe runs that many times (other seeds) and the weights are averaged; the questions are encoded by the
+    base model (and the teacher) once for all the runs."""
+    base_q = _encode(base, [it[0] for it in items])
+    teacher_q = None if teacher is None else teacher.model.encode([it[0] for it in items], batch_size=64)
+    if spec.soup <= 1:
+        return _fit_once(spec, base, items, base_q, teacher_q, chunk_vecs, started, label, teacher)
+    runs = [_fit_once(replace(spec, soup=1, seed=spec.seed + 1000 * i), base, items, base_q, teacher_q, chunk_vecs,
+                      started, f"{label}.{i}", teacher) for i in range(spec.soup)]
+    average_weights(runs[0].model, [r.model for r in runs[1:]])
+    return Fit(runs[0].model, sum(r.steps for r in runs), any(r.stopped_early for r in runs),
+               round(sum(r.seconds for r in runs), 1), runs[0].pool, runs[0].examples, runs[0].relabelled)
+
+
+def _fit_once(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]], base_q: np.ndarray,
+              teacher_q: np.ndarray | None, chunk_vecs: np.ndarray, started: float, label: str,
+              teacher: Teacher | None) -> Fit:
+    """One run of :func:`fit`'s recipe with ``spec.seed``; ``base_q`` and ``teacher_q``: the items' questions as
+    the base model and the teacher encode them."""
     import torch
     from sentence_transformers import SentenceTransformer
 
-    if spec.soup > 1:
-        runs = [fit(replace(spec, soup=1, seed=spec.seed + 1000 * i), base, items, chunk_vecs, started,
-                    f"{label}.{i}", teacher) for i in range(spec.soup)]
-        average_weights(runs[0].model, [r.model for r in runs[1:]])
-        return Fit(runs[0].model, sum(r.steps for r in runs), any(r.stopped_early for r in runs),
-                   round(sum(r.seconds for r in runs), 1), runs[0].pool, runs[0].examples, runs[0].relabelled)
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    base_q = _encode(base, [it[0] for it in items])
     scores = base_q @ chunk_vecs.T if items else np.zeros((0, len(chunk_vecs)), dtype=np.float32)
     candidates = [c for _q, _d, c in items]
     positives = pick_positives(candidates, scores)
     relabelled = 0
     if teacher is not None:
-        teacher_q = teacher.model.encode([it[0] for it in items], batch_size=64)
         by_base, positives = positives, pick_positives(candidates, scores, teacher_q, teacher.chunk_vecs)
         relabelled = sum(a != b for a, b in zip(positives, by_base, strict=True))
     pool = negative_pool(len(chunk_vecs), set(positives), scores, spec.negative_pool, spec.seed)
