@@ -147,6 +147,9 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 known.append(input_error(job, InputError(
                     f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
                 continue
+            if not row["text"].strip():  # written before migration 0021 refused empty questions
+                known.append(input_error(job, InputError("the question is empty: there is nothing to answer")))
+                continue
             key = row["session_id"] or f"data-question-{row['id']}"
             model = choose_sql_model(routable, key) or settings_model(s)
             w = SqlWork(job, row["text"], row["text_hash"], row["target_schema"], row["allowed_tables"], model,

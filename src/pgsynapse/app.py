@@ -74,12 +74,18 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         from pgsynapse.listener.worker import Worker
 
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url)
+        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
             try:
-                return await go(url)
+                result = await go(url)
+            except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the task group's ExceptionGroup
+                error = exc
             finally:
                 worker.request_stop()
+        if error is not None:
+            raise error
+        return result
 
     with Database(settings) as db:
         ensure_schema(db)

@@ -27,7 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgsynapse.db import NO_PREPARE
-from pgsynapse.errors import PgsynapseError
+from pgsynapse.errors import InputError, PgsynapseError
 
 ANSWERS_CHANNEL = "pgsynapse_answers"
 DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
@@ -35,6 +35,13 @@ DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
 
 class AnswerTimeout(PgsynapseError):
     """No answer arrived in time: is a worker running (`pgsynapse run`)?"""
+
+
+def require_text(text: str) -> None:
+    """A question must say something: an empty or blank one is refused here, before its row (the tables refuse
+    it too: ``questions_text_not_empty``, ``data_questions_text_not_empty``)."""
+    if not text or not text.strip():
+        raise InputError("the question is empty: ask something")
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class Client:
         row. When a stream starts again (a retry after a worker crash, an edit of the question), pieces that do
         not continue what was yielded are not yielded: the final Result's answer is the answer."""
         assert self._conn is not None, "use `async with Client(url) as client`"
+        require_text(text)
         async with self._lock:
             # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
             row = await (await self._conn.execute(
@@ -179,6 +187,7 @@ class Client:
         ``schema``: where its tables are; ``tables``: the ones it may read (None: every table of ``schema`` the
         reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``."""
         assert self._conn is not None, "use `async with Client(url) as client`"
+        require_text(text)
         async with self._lock:
             if not self._listening_data:
                 await self._listen.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
@@ -252,7 +261,9 @@ def format_result(result: Result, *, answer: bool = True) -> str:
         for im in s.get("images") or []:  # images linked to the cited document
             lines.append(f"       image {im['image_id']}: {im.get('caption') or im.get('source') or ''}"
                          f" ({im.get('width')}x{im.get('height')} {im.get('mime_type') or ''})")
-    if result.latency_ms is not None:
+    if result.latency_ms is not None and result.status != "answered":  # refused by no model, or failed
+        lines.append(f"  {result.status} in {result.latency_ms:.0f} ms (question {result.id})")
+    elif result.latency_ms is not None:
         by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
               else f"by model version {result.model_version_id}")
         lines.append(f"  answered in {result.latency_ms:.0f} ms {by}")

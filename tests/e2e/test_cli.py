@@ -92,6 +92,14 @@ def test_ask_answers_from_the_command_line(new_db):
     j = pgsynapse("ask", "and how do I change existing rows?", "--session", "cli", "--json", url=url)
     data = json.loads(j.stdout)
     assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]
+    # bad input: one line that says what is wrong, no traceback, a failing exit status
+    empty = pgsynapse("ask", " ", url=url)
+    assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr[-2000:]
+    assert "pgsynapse: error: the question is empty: ask something" in empty.stderr
+    long = pgsynapse("ask", "vacuum " * 20, url=url, env={"PGSYNAPSE_MAX_QUESTION_CHARS": "50"})
+    assert long.returncode == 1, long.stderr[-2000:]
+    assert "(failed: InputError: question has 140 characters, over max_question_chars=50)" in long.stdout
+    assert re.search(r"\n  failed in \d+ ms \(question \d+\)$", long.stdout.rstrip()), long.stdout
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):

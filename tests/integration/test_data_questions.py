@@ -13,6 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.client import Client
+from pgsynapse.errors import InputError
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
@@ -166,6 +167,27 @@ async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_gr
     assert ungranted.status == "failed" and ungranted.sql is None
     assert "may be read by the role pgsynapse_reader" in ungranted.error and "GRANT SELECT" in ungranted.error
     assert missing.status == "failed" and "no table of schema nowhere" in missing.error
+
+
+async def test_an_empty_question_fails_on_its_row_beside_its_answered_neighbour(shop, models):
+    url, model = shop
+    settings = _settings(url, model)
+    async with await aconn(url) as listen:
+        await listen.execute("LISTEN pgsynapse_data_answers")
+        async with await aconn(url) as conn:  # an app's INSERT: the SQL model never sees it
+            empty = (await (await conn.execute(
+                "INSERT INTO pgsynapse.data_questions (text) VALUES (' \n') RETURNING id")).fetchone())["id"]
+        async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+            async with Client(url) as client:
+                with pytest.raises(InputError, match="the question is empty"):  # refused before its row
+                    await client.ask_data("")
+                answered = await client.ask_data(PER_REGION)
+            announced = [json.loads(n.payload) async for n in listen.notifies(timeout=60, stop_after=2)]
+    assert {a["id"]: a["status"] for a in announced} == {empty: "failed", answered.id: "answered"}
+    assert answered.status == "answered", answered
+    [row] = _rows(url, "SELECT status, sql, error FROM pgsynapse.data_questions WHERE id = %s", empty)
+    assert row == {"status": "failed", "sql": None, "error": "InputError: the question is empty: there is nothing to answer"}
+    assert _rows(url, "SELECT count(*) AS n FROM pgsynapse.data_questions") == [{"n": 2}]
 
 
 async def test_an_edited_question_is_asked_again(shop, models):
