@@ -110,3 +110,11 @@ class Handler(ABC, Generic[W]):
 
 def input_error(outcome_job: Job, exc: InputError) -> Outcome:
     return Outcome(outcome_job, error=describe(exc), retry=False)
+
+
+def blank_question(outcome_job: Job, text: str) -> Outcome | None:
+    """A question with nothing but whitespace (the tables' checks trim spaces only, and data questions had none
+    before) fails at once: no model is asked to answer nothing."""
+    if text.strip():
+        return None
+    return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"))

@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, blank_question, describe, input_error
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -147,8 +147,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 known.append(input_error(job, InputError(
                     f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
                 continue
-            if not row["text"].strip():  # written before migration 0021 refused empty questions
-                known.append(input_error(job, InputError("the question is empty: there is nothing to answer")))
+            if (blank := blank_question(job, row["text"])) is not None:
+                known.append(blank)
                 continue
             key = row["session_id"] or f"data-question-{row['id']}"
             model = choose_sql_model(routable, key) or settings_model(s)

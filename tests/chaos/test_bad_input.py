@@ -50,11 +50,12 @@ async def test_bad_rows_get_their_own_error_and_neighbours_are_untouched(db_url,
         # NUL bytes cannot be stored in a text column: refused at the INSERT, the connection stays usable
         with pytest.raises(psycopg.DataError, match="NUL"):
             await conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('nul', %s)", ("a\x00b",))
-        # questions: one of 100k characters (over max_question_chars) beside a normal one, in one statement
+        # questions: one of 100k characters (over max_question_chars) and a blank one (a newline and a tab: the
+        # table's check trims spaces only) beside a normal one, in one statement
         cur = await conn.execute(
-            "INSERT INTO pgsynapse.questions (text) VALUES (%s), ('What do checkpoints bound?') RETURNING id",
-            ("why " * 25_000,))
-        long_q, good_q = [r["id"] for r in await cur.fetchall()]
+            "INSERT INTO pgsynapse.questions (text) VALUES (%s), (%s), ('What do checkpoints bound?') RETURNING id",
+            ("why " * 25_000, "\n\t"))
+        long_q, blank_q, good_q = [r["id"] for r in await cur.fetchall()]
         # feedback for a question that does not exist: refused with a constraint that says so
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as fk:
             await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (987654321, true)")
@@ -80,10 +81,12 @@ async def test_bad_rows_get_their_own_error_and_neighbours_are_untouched(db_url,
         assert by[k]["status"] == "embedded" and by[k]["chunks"] >= 1 and by[k]["error"] is None, (k, by[k])
     assert qs[long_q]["status"] == "failed" and qs[long_q]["attempts"] == 1
     assert qs[long_q]["error"] == "InputError: question has 100,000 characters, over max_question_chars=20,000"
+    assert (qs[blank_q]["status"], qs[blank_q]["attempts"], qs[blank_q]["answer"]) == ("failed", 1, None)
+    assert qs[blank_q]["error"] == "InputError: the question is empty: there is nothing to answer"
     assert qs[good_q]["status"] == "answered" and qs[good_q]["answer"]
     result = assert_exactly_once(db_url)
     await conn.close()
-    record(rows_checked=len(docs) + 2, failed_on_purpose=2, neighbours_ok=len(docs) - 3 + 1,
+    record(rows_checked=len(docs) + 3, failed_on_purpose=3, neighbours_ok=len(docs) - 3 + 1,
            jobs_checked=result["totals"]["jobs"], lost=result["lost"], duplicated=result["duplicated"])
 
 
