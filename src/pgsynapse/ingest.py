@@ -179,6 +179,7 @@ def ingest(
     with tqdm(total=len(files), unit="file", desc="ingest", disable=None if progress is None else not progress) as bar:
         for path, source in files:
             try:
+                path.stat()  # a path that is not there fails as missing, whatever its name says its type is
                 if is_image(path.suffix):
                     images.append(read_image(path, source, max_image_bytes))
                 else:
