@@ -32,6 +32,10 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     missing = pgsynapse("sql-correct", "99", "--sql", "select 1", url=db_url)
     assert missing.returncode == 1 and "no data question 99" in missing.stderr
 
+    # a path that is not there is refused before it is registered (every question routed to it would fail)
+    nope = pgsynapse("sql-model", "add", "/no/such/model", url=db_url)
+    assert nope.returncode == 78 and "SQL model path does not exist: /no/such/model" in nope.stderr, nope.stderr
+    assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
     add = pgsynapse("sql-model", "add", demo_sql_model, "--name", "tiny", url=db_url)
     assert add.returncode == 0 and "SQL model 1 (transformers): candidate" in add.stdout, add.stderr
     assert "SQL model 1 is active (was the settings' model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from pgsynapse.errors import RegistryError
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model
@@ -139,6 +140,29 @@ def test_ranker_registry_routes_sessions_and_refuses(db_url, ranker_dir):
         assert REGISTRY.promote(conn, a["id"]) == {"active": a["id"], "previous": None}
         with pytest.raises(RegistryError, match="is active"):
             REGISTRY.retire(conn, a["id"])
+
+
+def test_ranker_add_refuses_what_it_could_not_load_and_stores_an_absolute_path(db_url, ranker_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    settings = fast_settings(db_url)
+
+    def add(path: str, runtime: str = "onnx-int8") -> int:
+        return run_ranker_command(argparse.Namespace(ranker_command="add", path=path, name=None, runtime=runtime,
+                                                     activate=False), settings)
+
+    with pytest.raises(ModelError, match="path does not exist: /no/such/ranker"):
+        add("/no/such/ranker")
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(ranker_dir, weights_only, ignore=shutil.ignore_patterns("*.onnx"))
+    with pytest.raises(ModelError, match="no model_int8.onnx in .* for runtime onnx-int8: add it with --runtime torch"):
+        add(str(weights_only))
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.list_models(conn) == []
+    monkeypatch.chdir(tmp_path)  # a path relative to this shell: the worker runs elsewhere
+    assert add("weights-only", runtime="torch") == 0
+    assert "ranker 1 (torch): candidate" in capsys.readouterr().out
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert [(r["name"], r["path"]) for r in REGISTRY.list_models(conn)] == [("weights-only", str(weights_only))]
 
 
 async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_dir, tmp_path, capsys):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
+from pgsynapse.ranking.scorer import check_ranker_dir
 
 
 def _line(r: dict) -> str:
@@ -42,9 +44,13 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
         elif action == "add":
             # version:N: a teacher model version rescores the candidates with its stored vectors (ranking/rescore.py)
             runtime = "version" if args.path.startswith(PREFIX) else args.runtime
+            path = args.path
             if runtime == "version":
                 check_teacher(conn, args.path)
-            r = REGISTRY.add_model(conn, args.name or args.path, args.path, runtime,
+            else:  # a directory: made absolute (the worker does not run where this shell does), checked first
+                path = str(Path(args.path).expanduser().resolve())
+                check_ranker_dir(Path(path), runtime)
+            r = REGISTRY.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
         else:

@@ -44,6 +44,18 @@ def ranker_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+def check_ranker_dir(path: Path, runtime: str, what: str = "ranker") -> None:
+    """A ranker directory as ``runtime`` loads it: a cross-encoder's (config.json), with ``model_int8.onnx`` for
+    onnx-int8 (``pgsynapse ranker train`` writes both); raises :class:`ModelError` saying what is missing."""
+    if not path.exists():
+        raise ModelError(f"{what}: path does not exist: {path}")
+    if not (path / "config.json").exists():
+        raise ModelError(f"{what}: {path} is not a cross-encoder directory (no config.json)")
+    if runtime == "onnx-int8" and not (path / INT8_FILE).exists():
+        raise ModelError(f"{what}: no {INT8_FILE} in {path} for runtime onnx-int8: add it with --runtime torch, "
+                         "or train one with `pgsynapse ranker train` (it exports INT8 when the two runtimes agree)")
+
+
 class Ranker:
     """One ranker model; ``score`` is thread-safe and never touches the database."""
 
@@ -51,8 +63,7 @@ class Ranker:
         self.row = row
         self.path = Path(row["path"]).expanduser()
         self.runtime = row["runtime"]
-        if not (self.path / "config.json").exists():
-            raise ModelError(f"ranker {row['id']}: {self.path} is not a cross-encoder directory (no config.json)")
+        check_ranker_dir(self.path, self.runtime, f"ranker {row['id']}")
         meta = ranker_meta(self.path)
         self.max_length = int(meta.get("max_length") or DEFAULT_MAX_LENGTH)
         self.cosine_scale = float(meta.get("cosine_scale") or 0.0)
@@ -72,9 +83,6 @@ class Ranker:
         from tokenizers import Tokenizer
 
         graph = self.path / INT8_FILE
-        if not graph.exists():
-            raise ModelError(f"ranker {self.row['id']}: no {INT8_FILE} in {self.path} for runtime onnx-int8 "
-                             "(`pgsynapse ranker export` builds it)")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -7,10 +7,31 @@ registry's methods, as the CLI, the SQL answer handler and the tests call them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pgsynapse.answerers.local_models import PRESETS
+from pgsynapse.errors import ModelError
 from pgsynapse.sideregistry import SideRegistry
 
 RUNTIMES = ("transformers", "llama-cpp", "openai")
 REGISTRY = SideRegistry("sql_models", "SQL model", RUNTIMES, without="the settings' model")
+
+
+def registered_path(spec: str, runtime: str) -> str:
+    """What ``sql-model add`` stores as a model's path: a preset's name as it is, a local model directory or
+    ``.gguf`` file made absolute (the worker does not run where the shell that added it did); refused when it is
+    not there, rather than failing every question routed to it. ``openai``: the endpoint's model name, as given."""
+    if runtime == "openai" or spec in PRESETS:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(f"SQL model path does not exist: {path} (a model directory, a .gguf file or a preset: "
+                         f"{', '.join(sorted(PRESETS))})")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelError(f"SQL model path {path} is a file but not a .gguf file")
+    if runtime == "llama-cpp" and path.is_dir() and len(list(path.glob("*.gguf"))) != 1:
+        raise ModelError(f"SQL model path {path}: runtime llama-cpp needs a .gguf file (or a directory with one)")
+    return str(path.resolve())
 
 get_model = REGISTRY.get_model
 list_models = REGISTRY.list_models
