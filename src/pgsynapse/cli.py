@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -14,6 +18,26 @@ from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, Mod
 
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
+
+
+def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` within [``low``, ``high``], else one line saying what is allowed."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
+SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+SHARE = _ranged(float, 0, 1)  # agreement thresholds
+PERCENT = _ranged(float, 0, 100)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--images", action="store_true", help="search images by text (the active CLIP model)")
     se.add_argument("--like-image", metavar="PATH", help="search images like this image file")
     se.add_argument("--image-model", type=int, help="image model (default: the active one)")
-    se.add_argument("-k", type=int, default=5, help="results (default 5)")
+    se.add_argument("-k", type=COUNT, default=5, help="results (default 5)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
     se.add_argument("--ranker", default="active", help="the ranker that orders the candidates: active (the default: "
                     "the active one, if any), none (retrieval's own order) or a ranker id")
@@ -55,14 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     ak = sub.add_parser("ask", help="ask a question, wait for the answer (NOTIFY) and print it with its sources")
     ak.add_argument("text")
     ak.add_argument("--session", help="session id: follow-up questions use its history")
-    ak.add_argument("--timeout", type=float, default=120.0)
+    ak.add_argument("--timeout", type=SECONDS, default=120.0, help="seconds to wait (default 120; 0: no limit)")
     ak.add_argument("--json", action="store_true")
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
-    ca.add_argument("--size", type=int, help="questions of a rebuilt set (default: retrain_canary_size)")
+    ca.add_argument("--size", type=_ranged(int, 0, 100_000), help="questions of a rebuilt set (default: retrain_canary_size)")
 
     ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
     ab.add_argument("--json", action="store_true")
@@ -78,17 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, png/jpeg/webp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
     ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
-    ing.add_argument("--follow-timeout", type=float, help="give up following after this many seconds")
+    ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
     mo = sub.add_parser("model", help="model versions and runtimes")
     msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")
     ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8")
     ex.add_argument("--version", type=int, dest="model_version", help="source model version (default: the active one)")
-    ex.add_argument("--threshold", type=float, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
+    ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
-    ex.add_argument("--sample", type=int, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--sample", type=COUNT, default=600, help="chunks in the agreement sample (default 600)")
     ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
@@ -98,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                          "dimension as a candidate version and backfill its vectors")
     ad.add_argument("path", help="the model directory")
     ad.add_argument("--name", help="the version's name (default: the directory's)")
-    ad.add_argument("--traffic", type=float, default=0.0,
+    ad.add_argument("--traffic", type=PERCENT, default=0.0,
                     help="percent of sessions it serves once backfilled (default 0: set it with `pgsynapse traffic`)")
     ad.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
     ad.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
                          "add it as a candidate (docs/learning.md)")
     di.add_argument("--teacher", type=int, help="the teacher version (default: the active one)")
     di.add_argument("--student", help="the model whose layers start the student (default: the active version's)")
-    di.add_argument("--student-layers", type=int, default=3, help="transformer layers the student keeps (default 3)")
-    di.add_argument("--epochs", type=int, default=3, help="passes over the corpus and questions (default 3; the "
+    di.add_argument("--student-layers", type=COUNT, default=3, help="transformer layers the student keeps (default 3)")
+    di.add_argument("--epochs", type=COUNT, default=3, help="passes over the corpus and questions (default 3; the "
                     "distill_budget_seconds setting stops it earlier)")
     di.add_argument("--name", help="the version's name")
-    di.add_argument("--traffic", type=float, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--traffic", type=PERCENT, default=0.0, help="percent of sessions once backfilled (default 0)")
     di.add_argument("--projection", choices=["pca", "dense"], default="pca",
                     help="for a teacher of another dimension: project its vectors onto the student's (pca, default: "
                     "the student keeps the ONNX INT8 runtime) or add a kept linear layer to the student (dense, torch)")
@@ -129,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="ingest part of the PostgreSQL docs, embed it, answer questions with sources, "
                         "search it, and ask a question about a small table it creates (text-to-SQL)")
-    de.add_argument("--limit", type=int, default=55, help="pages to ingest (default 55)")
+    de.add_argument("--limit", type=COUNT, default=55, help="pages to ingest (default 55)")
     return p
 
 
@@ -149,8 +173,8 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
     ex = isub.add_parser("export", help="export a model's image tower to ONNX, check it agrees, register it as a candidate")
     ex.add_argument("model", type=int)
     ex.add_argument("--dest", help="directory of the export (default: DATA_DIR/models/image-<model>-onnx)")
-    ex.add_argument("--threshold", type=float, default=0.99, help="minimum per-image cosine to the source (default 0.99)")
-    ex.add_argument("--sample", type=int, default=64, help="embedded images the agreement is measured on (default 64)")
+    ex.add_argument("--threshold", type=SHARE, default=0.99, help="minimum per-image cosine to the source (default 0.99)")
+    ex.add_argument("--sample", type=COUNT, default=64, help="embedded images the agreement is measured on (default 64)")
     ef = isub.add_parser("import-efficientnet", help="build EfficientNet-Lite0 (extra images-efficientnet) as an image "
                          "encoder directory and register it")
     ef.add_argument("dest", help="directory to write it to (DEST, and DEST-onnx for its ONNX runtime)")
@@ -166,7 +190,7 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     sa.add_argument("--tables", help="comma-separated tables it may read (default: every table of the schema that "
                     "the reader role may read)")
     sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
-    sa.add_argument("--timeout", type=float, default=300.0)
+    sa.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait (default 300; 0: no limit)")
     sa.add_argument("--json", action="store_true")
     sc = sub.add_parser("sql-correct", help="record the right SQL for a data question (or approve the generated one): "
                         "training data of the SQL model")
@@ -216,6 +240,22 @@ def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_h
     tr.add_argument("percent", type=float)
     rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
     rt.add_argument("model", type=int)
+
+
+def bench_name(name: str) -> str:
+    """``name`` when bench/ (on ``sys.path``: the source tree) has that benchmark, else one line saying what to do."""
+    try:
+        package = importlib.util.find_spec("bench")
+    except (ImportError, ValueError):
+        package = None
+    if package is None or not package.submodule_search_locations:
+        raise PgsynapseError("the benchmarks are in the source tree: run `pgsynapse bench` from a checkout (bench/ "
+                             "beside src/)")
+    names = sorted(f.stem for d in package.submodule_search_locations for f in Path(d).glob("*.py")
+                   if not f.stem.startswith("_") and 'if __name__ == "__main__":' in f.read_text())
+    if name not in names:
+        raise PgsynapseError(f"no benchmark {name!r} in bench/: one of {', '.join(names)}")
+    return name
 
 
 def _settings(args: argparse.Namespace):
@@ -458,8 +498,9 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         import runpy
 
         sys.path.insert(0, os.getcwd())  # bench/ lives in the source tree, beside src/
-        sys.argv = [f"bench.{args.name}", *args.bench_args]
-        runpy.run_module(f"bench.{args.name}", run_name="__main__")
+        module = f"bench.{bench_name(args.name)}"
+        sys.argv = [module, *args.bench_args]
+        runpy.run_module(module, run_name="__main__")
         return 0
     if args.command == "demo":
         from pgsynapse.demo import run_demo

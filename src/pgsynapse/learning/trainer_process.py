@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -27,7 +28,7 @@ log = get_logger(__name__)
 STEP_LOG_SECONDS = 5.0  # step events are relayed at most this often (and the last one always)
 
 
-class TrainingFailed(Exception):
+class TrainingFailed(PgsynapseError):
     """The training process failed, ran out of its memory budget or produced no metrics. ``retry``: whether
     running it again as it is may help (not after its memory budget or its deadline stopped it)."""
 

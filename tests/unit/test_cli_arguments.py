@@ -1,0 +1,62 @@
+"""The command line refuses out-of-range numbers with one line naming the argument, before any work starts, and
+`pgsynapse bench` names the benchmarks there are instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from pgsynapse.cli import _parser, bench_name, main
+from pgsynapse.errors import PgsynapseError
+from pgsynapse.learning.trainer_process import TrainingFailed
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["search", "vacuum", "-k", "0"], "argument -k: must be at least 1, got 0"),
+    (["search", "vacuum", "-k", "many"], "argument -k: not a number: 'many'"),
+    (["ask", "hi", "--timeout", "-1"], "argument --timeout: must be at least 0, got -1"),
+    (["sql-ask", "hi", "--timeout", "-5"], "argument --timeout: must be at least 0, got -5"),
+    (["demo", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["model", "export", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
+    (["model", "export", "--threshold", "1.5"], "argument --threshold: must be between 0 and 1, got 1.5"),
+    (["model", "distill", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["model", "add", "/m", "--traffic", "101"], "argument --traffic: must be between 0 and 100, got 101"),
+    (["canary", "rebuild", "--size", "-1"], "argument --size: must be between 0 and 100000, got -1"),
+    (["image-model", "export", "1", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
+])
+def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_numbers_in_range_and_the_edges_are_taken():
+    assert _parser().parse_args(["search", "vacuum", "-k", "1"]).k == 1
+    assert _parser().parse_args(["ask", "hi", "--timeout", "0"]).timeout == 0.0  # no limit
+    assert _parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
+    assert _parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
+    assert _parser().parse_args(["demo"]).limit == 55
+
+
+def test_bench_names_the_benchmarks_there_are(monkeypatch, tmp_path, capsys):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.syspath_prepend(repo)
+    assert bench_name("throughput") == "throughput"
+    with pytest.raises(PgsynapseError, match=r"no benchmark 'nope' in bench/: one of .*answer_quality.*throughput"):
+        bench_name("nope")
+    # bench/common.py is a helper, not a benchmark
+    with pytest.raises(PgsynapseError, match="no benchmark 'common'"):
+        bench_name("common")
+    # outside a checkout: where to run it from, one line, exit 1
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != repo])
+    monkeypatch.delitem(sys.modules, "bench", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "throughput"]) == 1
+    assert "pgsynapse: error: the benchmarks are in the source tree" in capsys.readouterr().err
+
+
+def test_a_failed_training_process_is_one_line_on_the_command_line():
+    # `model distill` / `ranker train` raise it from the CLI: main() prints PgsynapseErrors as one line, exit 1
+    assert issubclass(TrainingFailed, PgsynapseError) and TrainingFailed("x", retry=False).retry is False
