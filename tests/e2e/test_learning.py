@@ -135,8 +135,9 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
         m = cand["metrics"]
         # three templates asked about every page: the grouped hold-out has nothing to hold out that training would
         # not see (learning/holdout.py), so only retrain_margin = -1 lets this candidate through, marked forced
-        # (training examples: one per helpful feedback row, the repeated one included)
-        assert m["split"]["groups"] <= 3 and m["heldout"] == 0 and m["train_examples"] == n_feedback + 1
+        # (training examples: one per question, its latest feedback's: the repeated click counts once, and the
+        # questions marked unhelpful first are trained on their later helpful row)
+        assert m["split"]["groups"] <= 3 and m["heldout"] == 0 and m["train_examples"] == n_feedback
         assert m["gate"]["passed"] is True and m["gate"]["forced"] is True
         assert m["gate"]["reasons"][0].startswith("no grouped hold-out"), m["gate"]["reasons"]
         assert "gate_scores" not in m  # per-question scores stay in the artifact
@@ -173,9 +174,11 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
         total = (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone())["n"]
         assert total > counts["chunks"] and differing["differ"] == 0 and differing["cand"] == differing["base"] == total
         trained = await (await conn.execute(
-            "SELECT count(*) FILTER (WHERE trained_in_version = %s) AS used, count(*) AS total"
+            "SELECT count(*) FILTER (WHERE trained_in_version = %s) AS used, count(*) AS total,"
+            " count(*) FILTER (WHERE superseded_by IS NOT NULL) AS superseded"
             " FROM pgsynapse.training_examples WHERE positive_chunk_id IS NOT NULL", (cand["id"],))).fetchone()
-        assert trained["used"] == trained["total"]
+        # every example that stands was trained on; the repeated click's first row stands no more and was not
+        assert (trained["used"], trained["superseded"], trained["total"]) == (n_feedback, 1, n_feedback + 1)
 
         # A/B: about 30% of 1,000 sessions go to the candidate, sticky per session
         versions = _routable(db_url)

@@ -384,3 +384,29 @@ def test_the_embeddings_partition_migration_moves_every_vector_and_is_idempotent
         # a chunk's vectors still go with it (the foreign key reaches every partition)
         conn.execute("DELETE FROM pgsynapse.chunks WHERE id = %s", (chunks[0],))
         assert conn.execute("SELECT count(*) FROM pgsynapse.embeddings").fetchone()[0] == 2
+
+
+def test_the_feedback_latest_migration_keeps_one_example_per_question_and_is_idempotent(new_db):
+    """0021 on top of 0020: of the examples already there, each question's latest feedback's stands and the others
+    are superseded (left out of the threshold's count and of training); the new trigger keeps it so; re-running the
+    migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 21)
+    standing = "SELECT te.question_id, f.helpful FROM pgsynapse.training_examples te JOIN pgsynapse.feedback f" \
+               " ON f.id = te.feedback_id WHERE te.superseded_by IS NULL ORDER BY 1"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1000")
+        a, b = [conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id", (t,)).fetchone()[0]
+                for t in ("how do I vacuum?", "what is WAL?")]
+        for qid, helpful in ((a, True), (a, True), (a, False), (b, True)):  # a: clicked helpful twice, then not
+            conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, %s)", (qid, helpful))
+        assert conn.execute("SELECT count(*) FROM pgsynapse.training_examples").fetchone()[0] == 4
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            assert conn.execute(standing).fetchall() == [(a, False), (b, True)]
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
+        assert conn.execute(standing).fetchall() == [(a, True), (b, True)]
+        assert conn.execute("SELECT count(*) FROM pgsynapse.training_examples").fetchone()[0] == 5

@@ -137,10 +137,7 @@ def load_data(spec: TrainSpec) -> dict[str, Any]:
     from pgsynapse.chunking import Chunker
 
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
-        examples = conn.execute(
-            "SELECT te.id, te.query, te.positive_chunk_id, te.negative_chunk_ids, te.created_at"
-            " FROM pgsynapse.training_examples te JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id"
-            " ORDER BY te.created_at, te.id").fetchall()
+        examples = conn.execute(q("feedback_examples", "learning.sql")).fetchall()
         rows = conn.execute(
             "SELECT c.id, c.document_id, d.title, c.text FROM pgsynapse.chunks c"
             " JOIN pgsynapse.documents d ON d.id = c.document_id ORDER BY c.id").fetchall()

@@ -1,8 +1,17 @@
 -- Named queries of the learning loop. Loaded by pgsynapse.queries.q(name, "learning.sql").
 
 -- name: untrained_examples
+-- one per question: its latest feedback's (superseded_by, migration 0021), as the retrain threshold counts them
 SELECT count(*) AS n FROM pgsynapse.training_examples
-WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL;
+WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL;
+
+-- name: feedback_examples
+-- what the retrain trains on: one example per question, its latest feedback's, with a passage that still exists;
+-- oldest first (the gate's hold-out is grouped, not a time slice: learning/holdout.py)
+SELECT te.id, te.query, te.positive_chunk_id, te.negative_chunk_ids, te.created_at
+FROM pgsynapse.training_examples te JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id
+WHERE te.superseded_by IS NULL
+ORDER BY te.created_at, te.id;
 
 -- name: register_version
 -- runtime_pending: no A/B traffic and no promotion until a worker has exported it to its configured runtime (or

@@ -2,10 +2,12 @@
 -- registry's own queries (pgsynapse.ranker_models) are side_models.sql's, run by pgsynapse.sideregistry.
 
 -- name: ranker_examples
--- feedback's training examples, oldest first: the question and the chunk its helpful page was marked by
+-- feedback's training examples, oldest first: the question and the chunk its helpful page was marked by (one per
+-- question, its latest feedback's: learning.sql's feedback_examples)
 SELECT te.query, te.positive_chunk_id
 FROM pgsynapse.training_examples te
 JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id
+WHERE te.superseded_by IS NULL
 ORDER BY te.created_at, te.id;
 
 -- name: ranker_chunks

@@ -1,0 +1,77 @@
+"""Feedback becomes training examples one per question, from its latest row (migration 0021, feedback_v4.sql), as
+the A/B report counts verdicts: clicking twice does not count twice towards the retrain threshold nor train twice,
+a changed verdict replaces the first, and deleting the later row lets the earlier one stand again."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.queries import q
+
+
+@pytest.fixture
+def conn(db_url):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        c.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 3")
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()["id"]
+        chunks = [c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                            " content_hash) VALUES (%s, %s, 'x', 1, 0, 1, 'h') RETURNING id", (doc, i)).fetchone()["id"]
+                  for i in range(2)]
+        c.chunks = chunks
+        yield c
+
+
+def _question(conn, text: str) -> int:
+    return conn.execute("INSERT INTO pgsynapse.questions (text, status, answer, sources) VALUES (%s, 'answered', 'a',"
+                        " jsonb_build_array(jsonb_build_object('chunk_id', %s::bigint))) RETURNING id",
+                        (text, conn.chunks[0])).fetchone()["id"]
+
+
+def _standing(conn) -> list[tuple[str, int]]:
+    """What the retrain trains on (train.load_data's query) and the ranker too: (question, positive chunk)."""
+    train = [(r["query"], r["positive_chunk_id"]) for r in conn.execute(q("feedback_examples", "learning.sql"))]
+    ranker = [(r["query"], r["positive_chunk_id"]) for r in conn.execute(q("ranker_examples", "rankers.sql"))]
+    assert train == ranker
+    return train
+
+
+def _untrained(conn) -> int:
+    return conn.execute(q("untrained_examples", "learning.sql")).fetchone()["n"]
+
+
+def _retrains(conn) -> int:
+    return conn.execute("SELECT count(*) AS n FROM pgsynapse.jobs WHERE kind = 'retrain'").fetchone()["n"]
+
+
+def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_threshold(conn):
+    a = _question(conn, "how do I vacuum?")
+    for _ in range(5):  # five statements, as five clicks arrive
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
+    # and several rows of one question in one statement
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) SELECT %s, true FROM generate_series(1, 4)",
+                 (a,))
+    assert conn.execute("SELECT count(*) AS n FROM pgsynapse.training_examples").fetchone()["n"] == 9  # kept
+    assert _untrained(conn) == 1 and _standing(conn) == [("how do I vacuum?", conn.chunks[0])]
+    assert _retrains(conn) == 0  # 9 clicks, one question: under the threshold of 3
+    b, c = _question(conn, "what is a checkpoint?"), _question(conn, "what is WAL?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true), (%s, true)", (b, c))
+    assert _untrained(conn) == 3 and _retrains(conn) == 1  # three questions: the threshold
+
+
+def test_a_changed_verdict_replaces_the_first_and_deleting_it_restores_the_first(conn):
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",
+                 (a, conn.chunks[1]))
+    assert _standing(conn) == [("how do I vacuum?", conn.chunks[1])]
+    later = conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false) RETURNING id",
+                         (a,)).fetchone()["id"]
+    assert _standing(conn) == [] and _untrained(conn) == 0  # the latest verdict: not helpful
+    # feedback written with an earlier time (an import of older clicks) does not replace the latest
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, created_at) VALUES"
+                 " (%s, true, now() - interval '1 day')", (a,))
+    assert _standing(conn) == []
+    conn.execute("DELETE FROM pgsynapse.feedback WHERE id = %s", (later,))
+    # the latest remaining row stands: the backdated click is older than the first
+    assert _standing(conn) == [("how do I vacuum?", conn.chunks[1])] and _untrained(conn) == 1
