@@ -49,9 +49,10 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
     rankers = [{k: r[k] for k in ("id", "name", "runtime", "status", "traffic_percent")}
                for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"]
+    feedback = dict(conn.execute(q("feedback_progress", "learning.sql")).fetchone())
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
-            "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
+            "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers, "feedback": feedback,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
@@ -115,6 +116,10 @@ def render(snap: dict[str, Any]) -> str:
     for m in snap.get("rankers", []):
         lines.append(f"ranker {m['id']:<8}: {m['status']} {m['name']} ({m['runtime']}), "
                      f"{float(m['traffic_percent']):g}% of sessions")
+    fb = snap.get("feedback") or {}
+    if fb.get("rows"):
+        lines.append(f"feedback       : {fb['rows']} rows on {fb['questions']} questions; {fb['untrained']} of "
+                     f"{fb['retrain_min_feedback']} new examples for the next retrain (one per question)")
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]

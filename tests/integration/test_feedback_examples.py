@@ -9,6 +9,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.queries import q
+from pgsynapse.status import render, snapshot
 
 
 @pytest.fixture
@@ -58,6 +59,11 @@ def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_t
     b, c = _question(conn, "what is a checkpoint?"), _question(conn, "what is WAL?")
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true), (%s, true)", (b, c))
     assert _untrained(conn) == 3 and _retrains(conn) == 1  # three questions: the threshold
+    # `pgsynapse status` says how near the next retrain is, counting as the trigger does
+    snap = snapshot(conn)
+    assert snap["feedback"] == {"rows": 11, "questions": 3, "untrained": 3, "retrain_min_feedback": 3}
+    assert "feedback       : 11 rows on 3 questions; 3 of 3 new examples for the next retrain (one per question)" \
+        in render(snap)
 
 
 def test_a_changed_verdict_replaces_the_first_and_deleting_it_restores_the_first(conn):

@@ -5,6 +5,15 @@
 SELECT count(*) AS n FROM pgsynapse.training_examples
 WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL;
 
+-- name: feedback_progress
+-- `pgsynapse status`: the feedback so far, and how near the next automatic retrain is (the feedback trigger queues
+-- one when the untrained examples that stand reach retrain_min_feedback)
+SELECT (SELECT count(*) FROM pgsynapse.feedback) AS rows,
+       (SELECT count(DISTINCT question_id) FROM pgsynapse.feedback) AS questions,
+       (SELECT count(*) FROM pgsynapse.training_examples
+        WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL) AS untrained,
+       (SELECT retrain_min_feedback FROM pgsynapse.learning_settings) AS retrain_min_feedback;
+
 -- name: feedback_examples
 -- what the retrain trains on: one example per question, its latest feedback's, with a passage that still exists;
 -- oldest first (the gate's hold-out is grouped, not a time slice: learning/holdout.py)
