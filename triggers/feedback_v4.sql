@@ -5,7 +5,8 @@
 -- leaves the question no positive example; deleting the later row lets the one before it stand again. Otherwise
 -- feedback_to_examples_v3.
 
--- the questions' latest examples stand, their others point at them. Its callers are the trigger functions below,
+-- the questions' latest examples stand, their others point at a later one (each at the latest when it was
+-- superseded). Its callers are the trigger functions below,
 -- which run with their owner's rights and a fixed search_path (as wake_v1's)
 CREATE OR REPLACE FUNCTION pgsynapse.supersede_examples_v1(question_ids bigint[]) RETURNS void
 LANGUAGE sql AS $$
@@ -15,11 +16,13 @@ LANGUAGE sql AS $$
         WHERE te.question_id = ANY(question_ids)
         ORDER BY te.question_id, fb.created_at DESC, fb.id DESC
     )
+    -- only what changes: the latest if it was superseded (its successor deleted, or older feedback written
+    -- later), and the others that stood until now; an example already superseded stays as it is
     UPDATE pgsynapse.training_examples te
     SET superseded_by = CASE WHEN te.id = latest.id THEN NULL ELSE latest.id END
     FROM latest
     WHERE te.question_id = latest.question_id
-      AND te.superseded_by IS DISTINCT FROM (CASE WHEN te.id = latest.id THEN NULL ELSE latest.id END);
+      AND CASE WHEN te.id = latest.id THEN te.superseded_by IS NOT NULL ELSE te.superseded_by IS NULL END;
 $$;
 REVOKE ALL ON FUNCTION pgsynapse.supersede_examples_v1(bigint[]) FROM PUBLIC;
 
@@ -73,8 +76,14 @@ CREATE TRIGGER feedback_to_examples
 -- a deleted feedback row takes its example with it (ON DELETE CASCADE): the question's latest remaining one stands
 CREATE OR REPLACE FUNCTION pgsynapse.feedback_deleted_v1() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
+DECLARE
+    questions bigint[] := ARRAY(SELECT DISTINCT question_id FROM old_rows);
 BEGIN
-    PERFORM pgsynapse.supersede_examples_v1(ARRAY(SELECT DISTINCT question_id FROM old_rows));
+    -- the examples superseded by a deleted one stand again (its ON DELETE SET NULL has not run yet here)
+    UPDATE pgsynapse.training_examples te SET superseded_by = NULL
+    WHERE te.question_id = ANY(questions) AND te.superseded_by IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM pgsynapse.training_examples s WHERE s.id = te.superseded_by);
+    PERFORM pgsynapse.supersede_examples_v1(questions);
     RETURN NULL;
 END $$;
 
