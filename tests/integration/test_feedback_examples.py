@@ -81,3 +81,19 @@ def test_a_changed_verdict_replaces_the_first_and_deleting_it_restores_the_first
     conn.execute("DELETE FROM pgsynapse.feedback WHERE id = %s", (later,))
     # the latest remaining row stands: the backdated click is older than the first
     assert _standing(conn) == [("how do I vacuum?", conn.chunks[1])] and _untrained(conn) == 1
+
+
+def test_deleting_any_row_leaves_the_latest_remaining_one_standing(conn):
+    a = _question(conn, "how do I vacuum?")
+    rows = [conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id, comment) VALUES"
+                         " (%s, true, %s, %s) RETURNING id", (a, conn.chunks[i % 2], str(i))).fetchone()["id"]
+            for i in range(3)]
+    assert _standing(conn) == [("how do I vacuum?", conn.chunks[0])] and _untrained(conn) == 1  # the third
+    conn.execute("DELETE FROM pgsynapse.feedback WHERE id = %s", (rows[1],))  # a superseded one in the middle
+    assert _standing(conn) == [("how do I vacuum?", conn.chunks[0])] and _untrained(conn) == 1
+    conn.execute("DELETE FROM pgsynapse.feedback WHERE id = %s", (rows[2],))  # the latest: the first stands
+    assert _untrained(conn) == 1
+    assert conn.execute("SELECT f.comment FROM pgsynapse.training_examples te JOIN pgsynapse.feedback f"
+                        " ON f.id = te.feedback_id WHERE te.superseded_by IS NULL").fetchall() == [{"comment": "0"}]
+    conn.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (a,))  # and with the question, everything goes
+    assert _standing(conn) == [] and _untrained(conn) == 0
