@@ -99,6 +99,28 @@ async def test_follow_up_in_a_session_retrieves_with_the_history(db_url, models)
     assert turns["turns"] == 2
 
 
+async def test_a_blank_session_id_is_no_session_and_shares_no_history(db_url, models):
+    # apps that write '' (or spaces) for "no session": each question stands alone, not a follow-up of everyone's
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        conn = await aconn(db_url)
+        await conn.execute("LISTEN pgsynapse_answers")
+        first = (await (await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('', %s)"
+                                           " RETURNING id", ("How do I mark a point inside a transaction?",))).fetchone())
+        async for n in conn.notifies(timeout=60):
+            if json.loads(n.payload)["id"] == first["id"]:
+                break
+        later = (await (await conn.execute(
+            "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('', 'and how do I undo it?'),"
+            " ('  ', 'and how do I undo it?') RETURNING id")).fetchall())
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.questions WHERE status = 'pending'",
+                         channel="pgsynapse_answers")
+        rows = await (await conn.execute("SELECT id, retrieval_query, text FROM pgsynapse.questions WHERE id = ANY(%s)",
+                                         ([r["id"] for r in later],))).fetchall()
+        await conn.close()
+    assert len(rows) == 2 and all(r["retrieval_query"] == r["text"] == "and how do I undo it?" for r in rows), rows
+
+
 class CountingAnswerer(ExtractiveAnswerer):
     """The real extractive answerer, counting the questions that reach it; raises on a marker."""
 
