@@ -112,8 +112,8 @@ class Settings(BaseModel):
         "(`pgsynapse queue-notify off`: docs/scaling.md)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
     kinds: tuple[str, ...] = Field(
-        ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain"),
-        description="job kinds this worker processes"
+        ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain"), min_length=1,
+        description="job kinds this worker processes (at least one: a worker of none would process nothing)"
     )
 
     answerer: Literal["extractive", "transformers", "llama-cpp", "openai"] = Field(

@@ -16,6 +16,13 @@ def test_defaults_and_environment():
     assert not load_settings(environ={}).database_url
 
 
+def test_a_worker_of_no_kinds_is_refused():
+    # `--kinds " , "` or PGSYNAPSE_KINDS=","; a worker that processes nothing would start and idle, silently
+    for environ, overrides in (({"PGSYNAPSE_KINDS": " , "}, {}), ({}, {"kinds": ()})):
+        with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: .*at least 1 item"):
+            load_settings(environ=environ, **overrides)
+
+
 def test_prefixed_url_wins_over_database_url():
     s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": "postgresql://b/b"})
     assert s.database_url == "postgresql://b/b"
