@@ -113,8 +113,8 @@ def input_error(outcome_job: Job, exc: InputError) -> Outcome:
 
 
 def blank_question(outcome_job: Job, text: str) -> Outcome | None:
-    """A question with nothing but whitespace (the tables' checks trim spaces only, and data questions had none
-    before) fails at once: no model is asked to answer nothing."""
+    """A question with nothing but whitespace fails at once: no model is asked to answer nothing (the questions
+    table's check ``questions_text_not_empty`` trims spaces only; data questions have none)."""
     if text.strip():
         return None
     return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"))

@@ -5,9 +5,9 @@
 -- leaves the question no positive example; deleting the later row lets the one before it stand again. Otherwise
 -- feedback_to_examples_v3.
 
--- the questions' latest examples stand, their others point at a later one (each at the latest when it was
--- superseded). Its callers are the trigger functions below,
--- which run with their owner's rights and a fixed search_path (as wake_v1's)
+-- the questions' latest examples stand, their others point at a later one (the latest when each was superseded).
+-- Its callers are the trigger functions below, which run with their owner's rights and a fixed search_path (as
+-- wake_v1's)
 CREATE OR REPLACE FUNCTION pgsynapse.supersede_examples_v1(question_ids bigint[]) RETURNS void
 LANGUAGE sql AS $$
     WITH latest AS (

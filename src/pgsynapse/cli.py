@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
-    ca.add_argument("--size", type=_ranged(int, 0, 100_000), help="questions of a rebuilt set (default: retrain_canary_size)")
+    ca.add_argument("--size", type=_ranged(int, 0, 100_000),
+                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set)")
 
     ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
     ab.add_argument("--json", action="store_true")

@@ -38,8 +38,8 @@ class AnswerTimeout(PgsynapseError):
 
 
 def require_text(text: str) -> None:
-    """A question must say something: an empty or blank one is refused here, before its row (the tables refuse
-    it too: ``questions_text_not_empty``, ``data_questions_text_not_empty``)."""
+    """A question must say something: an empty or blank one is refused here, before its row (written by SQL, the
+    questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail a blank one)."""
     if not text or not text.strip():
         raise InputError("the question is empty: ask something")
 
