@@ -117,8 +117,10 @@ async def test_a_blank_session_id_is_no_session_and_shares_no_history(db_url, mo
                          channel="pgsynapse_answers")
         rows = await (await conn.execute("SELECT id, retrieval_query, text FROM pgsynapse.questions WHERE id = ANY(%s)",
                                          ([r["id"] for r in later],))).fetchall()
+        conversations = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.conversations")).fetchone()
         await conn.close()
     assert len(rows) == 2 and all(r["retrieval_query"] == r["text"] == "and how do I undo it?" for r in rows), rows
+    assert conversations["n"] == 0  # and no "conversation" of every blank-session question (questions_v7.sql)
 
 
 class CountingAnswerer(ExtractiveAnswerer):

@@ -410,3 +410,21 @@ def test_the_feedback_latest_migration_keeps_one_example_per_question_and_is_ide
         conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
         assert conn.execute(standing).fetchall() == [(a, True), (b, True)]
         assert conn.execute("SELECT count(*) FROM pgsynapse.training_examples").fetchone()[0] == 5
+
+
+def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempotent(new_db):
+    """0022 on top of 0021: the conversation that blank session ids made is dropped and no new one is made; a named
+    session still counts its turns; re-running the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 22)
+    turns = "SELECT session_id, turns FROM pgsynapse.conversations ORDER BY 1"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('', 'a'), (' ', 'b'), ('s1', 'c')")
+        assert conn.execute(turns).fetchall() == [("", 1), (" ", 1), ("s1", 1)]
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('', 'd'), ('s1', 'e')")
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        assert conn.execute(turns).fetchall() == [("s1", 3)]
