@@ -4,10 +4,14 @@ a changed verdict replaces the first, and deleting the later row lets the earlie
 
 from __future__ import annotations
 
+import argparse
+
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgsynapse.errors import InputError
+from pgsynapse.learning.cli import run_learning_command
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
 
@@ -61,7 +65,7 @@ def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_t
     assert _untrained(conn) == 3 and _retrains(conn) == 1  # three questions: the threshold
     # `pgsynapse status` says how near the next retrain is, counting as the trigger does
     snap = snapshot(conn)
-    assert snap["feedback"] == {"rows": 11, "questions": 3, "untrained": 3, "retrain_min_feedback": 3}
+    assert snap["feedback"] == {"rows": 11, "questions": 3, "untrained": 3, "examples": 3, "retrain_min_feedback": 3}
     assert "feedback       : 11 rows on 3 questions; 3 of 3 new examples for the next retrain (one per question)" \
         in render(snap)
 
@@ -97,3 +101,14 @@ def test_deleting_any_row_leaves_the_latest_remaining_one_standing(conn):
                         " ON f.id = te.feedback_id WHERE te.superseded_by IS NULL").fetchall() == [{"comment": "0"}]
     conn.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (a,))  # and with the question, everything goes
     assert _standing(conn) == [] and _untrained(conn) == 0
+
+
+def test_a_manual_retrain_with_no_feedback_to_learn_from_is_refused_and_queues_nothing(conn):
+    retrain = argparse.Namespace(command="retrain", wait=False)
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))  # no positive
+    with pytest.raises(InputError, match="no feedback to learn from yet: .*nothing was queued"):
+        run_learning_command(retrain, conn)
+    assert _retrains(conn) == 0
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
+    assert run_learning_command(retrain, conn) == 0 and _retrains(conn) == 1  # under the threshold: forced

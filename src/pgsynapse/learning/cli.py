@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
 from pgsynapse.config import Settings
+from pgsynapse.errors import InputError
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
@@ -31,6 +32,9 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
     if args.command == "retrain":
+        if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
+            raise InputError("no feedback to learn from yet: a retrain learns from feedback rows that mark an answer "
+                             "helpful (helpful = true, or a rating of 4 or 5: docs/learning.md); nothing was queued")
         job = queue_retrain(conn)
         print(f"retrain queued (job {job})" if job else "a retrain is already pending")
         if args.wait and job:

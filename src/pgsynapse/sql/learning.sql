@@ -7,11 +7,14 @@ WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND supersede
 
 -- name: feedback_progress
 -- `pgsynapse status`: the feedback so far, and how near the next automatic retrain is (the feedback trigger queues
--- one when the untrained examples that stand reach retrain_min_feedback)
+-- one when the untrained examples that stand reach retrain_min_feedback); `pgsynapse retrain`: whether there is any
+-- example to learn from
 SELECT (SELECT count(*) FROM pgsynapse.feedback) AS rows,
        (SELECT count(DISTINCT question_id) FROM pgsynapse.feedback) AS questions,
        (SELECT count(*) FROM pgsynapse.training_examples
         WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL) AS untrained,
+       (SELECT count(*) FROM pgsynapse.training_examples
+        WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL) AS examples,
        (SELECT retrain_min_feedback FROM pgsynapse.learning_settings) AS retrain_min_feedback;
 
 -- name: feedback_examples
