@@ -121,9 +121,13 @@ class BatchWriter:
             mine = [o for o in outcomes if o.job.id in owned]
             ok = [o for o in mine if o.ok and o.skip_reason is None]
             report = await handler.write(conn, ok) if ok else WriteReport()
-            done = report.written + report.already_written + [o.job.id for o in mine if o.ok and o.skip_reason is not None]
+            skipped = [o for o in mine if o.ok and o.skip_reason is not None]
+            done = report.written + report.already_written + [o.job.id for o in skipped]
             if done:
-                await conn.execute(q("complete_jobs"), {"ids": done, "worker": self.worker_id})
+                reasons = [None] * (len(done) - len(skipped)) + [o.skip_reason for o in skipped]
+                await conn.execute(q("complete_jobs"), {"ids": done, "reasons": reasons, "worker": self.worker_id})
+            for o in skipped:
+                log.info("job_skipped", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, reason=o.skip_reason)
             for job_id in report.superseded:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}

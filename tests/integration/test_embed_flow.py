@@ -286,3 +286,15 @@ async def test_done_jobs_and_inference_log_past_retention_are_pruned_and_failed_
     assert [r["id"] for r in left if r["status"] == "done"] == jobs[3:]
     assert [r["status"] for r in left if r["id"] not in jobs] == ["failed"]
     await conn.close()
+
+
+async def test_a_job_done_with_nothing_to_write_says_why(db_url, models):
+    # deleted before any worker read it: its job is done, with the reason instead of a result (migration 0023)
+    gone, kept = insert_docs(db_url, [("Gone", "Deleted before it was embedded."), ("Kept", "Embedded as usual.")])
+    conn = await aconn(db_url)
+    await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (gone,))
+    async with running_worker(fast_settings(db_url), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.jobs WHERE status <> 'done'")
+    rows = await (await conn.execute("SELECT ref_id, skip_reason FROM pgsynapse.jobs ORDER BY ref_id")).fetchall()
+    assert rows == [{"ref_id": gone, "skip_reason": "document deleted"}, {"ref_id": kept, "skip_reason": None}]
+    await conn.close()

@@ -11,9 +11,10 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.errors import InputError
-from pgsynapse.learning.cli import run_learning_command
+from pgsynapse.learning.cli import queue_retrain, run_learning_command
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
 
 @pytest.fixture
@@ -107,8 +108,33 @@ def test_a_manual_retrain_with_no_feedback_to_learn_from_is_refused_and_queues_n
     retrain = argparse.Namespace(command="retrain", wait=False)
     a = _question(conn, "how do I vacuum?")
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))  # no positive
-    with pytest.raises(InputError, match="no feedback to learn from yet: .*nothing was queued"):
+    with pytest.raises(InputError, match="no feedback to learn from: no feedback row marks an answer helpful .*; nothing was queued"):
         run_learning_command(retrain, conn)
     assert _retrains(conn) == 0
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
     assert run_learning_command(retrain, conn) == 0 and _retrains(conn) == 1  # under the threshold: forced
+
+
+@pytest.mark.anyio
+async def test_a_queued_retrain_with_no_example_to_learn_from_is_skipped_saying_why(db_url, models, tmp_path):
+    # a retrain queued by other means than the CLI (SQL, a script, the threshold before the feedback was deleted)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()["id"]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()["id"]
+        a = c.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('how do I vacuum?',"
+                      " 'answered', 'a') RETURNING id").fetchone()["id"]
+        c.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, false, %s)", (a, chunk))
+        job = queue_retrain(c)
+    settings = fast_settings(db_url, kinds=("retrain",), data_dir=str(tmp_path / "data"))
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'done' FROM pgsynapse.jobs WHERE id = %s", (job,),
+                         channel="pgsynapse_models")
+    # nothing trained, registered or frozen: a rejected version 2 and a canary set built from whatever corpus
+    # there was would be all a retrain without examples could make
+    assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions")).fetchone())["n"] == 1
+    assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.canary_questions")).fetchone())["n"] == 0
+    row = await (await conn.execute("SELECT skip_reason FROM pgsynapse.jobs WHERE id = %s", (job,))).fetchone()
+    assert row["skip_reason"].startswith("no feedback to learn from: no feedback row marks an answer helpful")
+    await conn.close()

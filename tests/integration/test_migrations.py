@@ -428,3 +428,19 @@ def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempo
             with conn.transaction():
                 conn.execute(mig.sql.encode())
         assert conn.execute(turns).fetchall() == [("s1", 3)]
+
+
+def test_the_job_skip_reason_migration_keeps_the_queue_and_is_idempotent(new_db):
+    """0023 on top of 0022: the jobs already there keep their state with no reason; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 23)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('a', 'b'), ('c', 'd')")
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'done' WHERE id = (SELECT min(id) FROM pgsynapse.jobs)")
+    assert mig.name in migrate(url)
+    queue = "SELECT kind, status, skip_reason FROM pgsynapse.jobs ORDER BY id"
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute(queue).fetchall() == [("embed", "done", None), ("embed", "pending", None)]
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert conn.execute(queue).fetchall() == [("embed", "done", None), ("embed", "pending", None)]

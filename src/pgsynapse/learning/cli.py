@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
+from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
@@ -32,15 +33,16 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
     if args.command == "retrain":
-        if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
-            raise InputError("no feedback to learn from yet: a retrain learns from feedback rows that mark an answer "
-                             "helpful (helpful = true, or a rating of 4 or 5: docs/learning.md); nothing was queued")
+        if not conn.execute(q("untrained_examples", "learning.sql")).fetchone()["examples"]:
+            raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
+        newest = conn.execute("SELECT max(id) AS id FROM pgsynapse.model_versions").fetchone()["id"] or 0
         job = queue_retrain(conn)
         print(f"retrain queued (job {job})" if job else "a retrain is already pending")
         if args.wait and job:
             conn.execute("LISTEN pgsynapse_jobs")
             while True:
-                row = conn.execute("SELECT status, last_error FROM pgsynapse.jobs WHERE id = %s", (job,)).fetchone()
+                row = conn.execute("SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %s",
+                                   (job,)).fetchone()
                 if row["status"] in ("done", "failed"):
                     break
                 for _ in conn.notifies(timeout=5, stop_after=1):
@@ -48,8 +50,14 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
             if row["status"] == "failed":
                 print(f"retrain failed: {row['last_error']}")
                 return 1
-            v = conn.execute("SELECT id, status, metrics FROM pgsynapse.model_versions ORDER BY id DESC LIMIT 1").fetchone()
-            print(f"model version {v['id']}: {v['status']}  {json.dumps(v['metrics'].get('gate'))}")
+            if row["skip_reason"]:
+                print(f"retrain skipped: {row['skip_reason']}")
+                return 0
+            # the version this retrain registered (the one after the newest before it was queued)
+            v = conn.execute("SELECT id, status, metrics FROM pgsynapse.model_versions WHERE id > %s AND metrics ? 'gate'"
+                             " ORDER BY id LIMIT 1", (newest,)).fetchone()
+            print(f"model version {v['id']}: {v['status']}  {json.dumps(v['metrics'].get('gate'))}" if v else
+                  "the retrain registered no model version")
         return 0
     if args.command == "ab-report":
         report = ab_report(conn)

@@ -53,9 +53,12 @@ WHERE j.status = 'running' AND j.worker = %(worker)s
 FOR UPDATE OF j;
 
 -- name: complete_jobs
-UPDATE pgsynapse.jobs
-SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1, last_error = NULL
-WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s;
+-- reasons: NULL for a job whose result was written, else why it was done with nothing to write (migration 0023)
+UPDATE pgsynapse.jobs j
+SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1, last_error = NULL,
+    skip_reason = d.reason
+FROM unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS d (id, reason)
+WHERE j.id = d.id AND j.status = 'running' AND j.worker = %(worker)s;
 
 -- name: retry_job
 -- Back to pending after a delay, unless a newer pending job for the same row exists (then it is superseded).
