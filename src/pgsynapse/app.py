@@ -11,6 +11,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import applied, available, migrate
+from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
@@ -24,8 +25,13 @@ def ensure_schema(db: Database, *, apply: bool = True) -> None:
     with db.connect() as conn:
         have = set(applied(conn))
     missing = [m.name for m in available() if m.version not in have]
+    if missing and not have:
+        raise DatabaseError(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
+                            f"{len(missing)} migrations, {missing[0]} to {missing[-1]})")
     if missing:
-        raise DatabaseError(f"database schema is not up to date (missing {', '.join(missing)}): run `pgsynapse migrate`")
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: {shown}): "
+                            "run `pgsynapse migrate`")
 
 
 def run_worker(
@@ -92,4 +98,10 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         with db.connect() as conn:
             row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pgsynapse-listener'"
                                " AND datname = current_database()").fetchone()
+            if not row["n"] and kind == "answer":
+                # the worker started here only answers: documents waiting for their embed job stay unsearched
+                waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
+                if waiting:
+                    log.warning("documents_not_embedded", n=waiting,
+                                hint="they are not searched until a worker embeds them: start `pgsynapse run`")
         return anyio.run(go if row["n"] else with_worker, db.url)

@@ -100,6 +100,13 @@ def test_ask_answers_from_the_command_line(new_db):
     assert long.returncode == 1, long.stderr[-2000:]
     assert "(failed: InputError: question has 140 characters, over max_question_chars=50)" in long.stdout
     assert re.search(r"\n  failed in \d+ ms \(question \d+\)$", long.stdout.rstrip()), long.stdout
+    # a document no worker has embedded yet cannot be found: the answer comes, with a warning saying so
+    assert "documents_not_embedded" not in r.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Savepoints', 'SAVEPOINT marks a point.')")
+    late = pgsynapse("ask", "how do I mark a point in a transaction?", url=url)
+    assert late.returncode == 0 and "answered in" in late.stdout, late.stderr[-2000:]
+    assert re.search(r"documents_not_embedded +hint=.*start `pgsynapse run`.* n=1", late.stderr), late.stderr[-2000:]
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):

@@ -7,6 +7,7 @@ import signal
 import psycopg
 import pytest
 
+from pgsynapse.migrate import available, migrate
 from tests.helpers import aconn, insert_docs, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -107,4 +108,18 @@ def test_database_without_pgvector_schema_is_refused(new_db):
     assert w.proc.wait(60) == 69
     w.wait_event("process_exited")
     raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
-    assert "database schema is not up to date" in raw and "pgsynapse migrate" in raw
+    assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in raw
+
+
+def test_database_a_migration_behind_is_refused_naming_what_is_missing(new_db):
+    url = new_db()
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.pgsynapse_migrations WHERE version = (SELECT max(version)"
+                     " FROM public.pgsynapse_migrations)")
+    w = spawn_worker(url, wait_started=False)
+    assert w.proc.wait(60) == 69
+    w.wait_event("process_exited")
+    raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
+    last = available()[-1].name
+    assert f"database schema is not up to date (1 migration(s) to apply: {last}): run `pgsynapse migrate`" in raw

@@ -43,3 +43,7 @@ FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
 -- name: ingest_lock
 -- Serialises concurrent ingests' "is it new?" decisions (transaction-scoped).
 SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
+
+-- name: documents_waiting
+-- `pgsynapse ask` with no worker running: documents that no answer can find until a worker embeds them
+SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'pending';
