@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, png/jpeg/webp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
     ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
+    ing.add_argument("--replace", action="store_true",
+                     help="a changed file updates the stored document of its source (embedded again) instead of "
+                          "adding a new one beside it; sources are paths relative to the directory given")
     ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
     mo = sub.add_parser("model", help="model versions and runtimes")
@@ -453,7 +456,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             ensure_schema(db, apply=False)
             with db.connect(autocommit=True) as conn:
                 report = ingest(conn, args.paths, max_chars=settings.max_document_chars,
-                                max_image_bytes=settings.max_image_bytes, progress=progress)
+                                max_image_bytes=settings.max_image_bytes, progress=progress, replace=args.replace)
                 print(report.summary())
                 if args.follow:
                     follow(conn, report, progress=progress, timeout=args.follow_timeout)

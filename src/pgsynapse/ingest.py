@@ -2,7 +2,10 @@
 
 Idempotent by content: a file whose ``md5(title || chr(30) || body)`` (the table's generated ``content_hash``)
 is already stored is counted ``unchanged`` and not inserted again, so re-ingesting a tree inserts nothing.
-A changed file is a new document (its old version stays until deleted, e.g. by ``source``).
+A changed file is a new document, its old version kept (the summary counts them), unless ``replace``: then the
+newest stored document of the same ``source`` is updated in place, keeps its id, and the update trigger embeds it
+again. Opt-in, because a source is the path relative to the directory given: two trees with a file of the same
+name share a source.
 COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
 ``embed`` job and the worker is woken by one NOTIFY per batch.
 
@@ -72,6 +75,8 @@ class IngestReport:
     files: int = 0
     inserted: int = 0
     unchanged: int = 0
+    replaced: int = 0  # stored documents updated with their file's new content (replace)
+    same_source: int = 0  # inserted beside a stored document of the same source and other content (no replace)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
@@ -84,8 +89,12 @@ class IngestReport:
     images_failed: int | None = None
 
     def summary(self, limit: int = 20) -> str:
-        lines = [f"{self.files} file(s): {self.inserted} inserted, {self.unchanged} unchanged (already stored), "
-                 f"{len(self.skipped)} skipped, {len(self.failed)} failed"]
+        replaced = f"{self.replaced} replaced, " if self.replaced else ""
+        lines = [f"{self.files} file(s): {self.inserted} inserted, {replaced}{self.unchanged} unchanged (already "
+                 f"stored), {len(self.skipped)} skipped, {len(self.failed)} failed"]
+        if self.same_source:
+            lines.append(f"{self.same_source} inserted file(s) have the source of a stored document with other "
+                         "content: both versions are kept (--replace updates the stored one instead)")
         if self.images or self.images_unchanged:
             lines.append(f"images: {self.images} inserted, {self.images_unchanged} unchanged")
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
@@ -168,8 +177,10 @@ def ingest(
     max_chars: int | None = None,
     max_image_bytes: int = 20 * 1024 * 1024,
     progress: bool | None = None,
+    replace: bool = False,
 ) -> IngestReport:
-    """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY."""
+    """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY;
+    ``replace`` updates the stored document of a changed file's source instead of adding one."""
     report = IngestReport()
     files = list(discover(paths))
     report.files = len(files)
@@ -190,18 +201,19 @@ def ingest(
             except OSError as exc:
                 report.failed.append((source, exc.strerror or str(exc)))
             if len(batch) >= batch_files or sum(len(d.body) for d in batch) >= batch_chars:
-                _flush(conn, batch, report)
+                _flush(conn, batch, report, replace)
                 batch = []
             bar.update()
             bar.set_postfix(inserted=report.inserted, unchanged=report.unchanged, skipped=len(report.skipped))
             if sum(len(im.data) for im in images) >= batch_chars:  # documents first: images link to them
-                _flush(conn, batch, report)
+                _flush(conn, batch, report, replace)
                 batch = []
                 _flush_images(conn, images, doc_sources, report)
                 images = []
-        _flush(conn, batch, report)
+        _flush(conn, batch, report, replace)
         _flush_images(conn, images, doc_sources, report)
-    log.info("ingest_finished", files=report.files, inserted=report.inserted, unchanged=report.unchanged,
+    log.info("ingest_finished", files=report.files, inserted=report.inserted, replaced=report.replaced,
+             unchanged=report.unchanged,
              images=report.images, images_unchanged=report.images_unchanged,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
@@ -221,7 +233,7 @@ def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources
     report.image_hashes += hashes
 
 
-def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport) -> None:
+def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport, replace: bool) -> None:
     if not batch:
         return
     with conn.transaction():
@@ -238,12 +250,26 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport)
             else:
                 seen.add(h)
                 new.append(d)
+        stored = {r[0]: r[1] for r in cur.execute(q("documents_by_source", "ops.sql"),
+                                                   {"sources": [d.source for d in new]})} if new else {}
+        if replace:
+            updates = [d for d in new if d.source in stored]
+            new = [d for d in new if d.source not in stored]
+            cur.executemany(q("replace_document", "ops.sql"), [
+                {"id": stored[d.source], "title": d.title, "body": d.body, "metadata": _metadata(d)} for d in updates])
+            report.replaced += len(updates)
+        else:
+            report.same_source += sum(d.source in stored for d in new)
         if new:
             with conn.cursor().copy(q("copy_documents", "ops.sql")) as copy:
                 for d in new:
-                    copy.write_row((d.source, d.title, d.body, json.dumps({"format": d.format, "bytes": d.size})))
+                    copy.write_row((d.source, d.title, d.body, _metadata(d)))
     report.inserted += len(new)
-    log.debug("ingest_batch_copied", n=len(new), unchanged=len(batch) - len(new))
+    log.debug("ingest_batch_copied", n=len(new), batch=len(batch))
+
+
+def _metadata(d: FileDoc) -> str:
+    return json.dumps({"format": d.format, "bytes": d.size})
 
 
 def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | None = None,

@@ -183,3 +183,46 @@ async def test_images_beside_documents_are_ingested_linked_and_embedded(db_url, 
         rows = dict(conn.execute("SELECT i.source, d.source FROM pgsynapse.images i"
                                  " LEFT JOIN pgsynapse.documents d ON d.id = i.document_id").fetchall())
     assert rows == {"vacuum-diagram.png": "vacuum.md", "unrelated.webp": None, "photo.jpg": None}
+
+
+@pytest.mark.anyio
+async def test_a_changed_file_is_added_beside_its_old_version_or_replaces_it_with_replace(db_url, tree, models):
+    guide = tree / "guide"
+    by_source = "SELECT id, body, status FROM pgsynapse.documents WHERE source = %s ORDER BY id"
+    async with running_worker(fast_settings(db_url), models):
+        def go():
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                follow(conn, ingest(conn, [guide], progress=False), progress=False, timeout=120)
+                [(vacuum, _, _)] = conn.execute(by_source, ("vacuum.md",)).fetchall()
+                (guide / "vacuum.md").write_text("# Routine Vacuuming\n\nVACUUM FULL rewrites the whole table.\n")
+                (guide / "index.html").write_text("<html><title>Index Types</title><p>BRIN too.</p></html>")
+
+                # by default a changed file is a new document, and the summary says its old version stays
+                kept = ingest(conn, [guide / "index.html"], progress=False)
+                assert (kept.inserted, kept.replaced, kept.same_source) == (1, 0, 1)
+                assert "1 inserted file(s) have the source of a stored document with other content" in kept.summary()
+                assert len(conn.execute(by_source, ("index.html",)).fetchall()) == 2
+
+                # --replace: the stored document takes the new content, keeps its id, and is embedded again
+                replaced = ingest(conn, [guide], progress=False, replace=True)
+                assert (replaced.inserted, replaced.replaced, replaced.unchanged) == (0, 1, 1)
+                assert "0 inserted, 1 replaced, 1 unchanged" in replaced.summary()
+                [(same, body, status)] = conn.execute(by_source, ("vacuum.md",)).fetchall()
+                assert (same, status) == (vacuum, "pending") and "VACUUM FULL rewrites" in body
+                follow(conn, replaced, progress=False, timeout=120)
+                return conn.execute("SELECT string_agg(c.text, ' ') FROM pgsynapse.chunks c"
+                                    " WHERE c.document_id = %s", (vacuum,)).fetchone()[0]
+
+        chunks = await anyio.to_thread.run_sync(go)
+    assert "VACUUM FULL rewrites" in chunks and "dead tuples" not in chunks
+
+
+def test_replace_from_the_command_line(db_url, tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\nFirst version.\n")
+    assert "1 inserted, 0 unchanged" in _cli(db_url, str(page)).stdout
+    page.write_text("# Page\n\nSecond version.\n")
+    out = _cli(db_url, "--replace", str(page))
+    assert out.returncode == 0 and "1 file(s): 0 inserted, 1 replaced, 0 unchanged" in out.stdout, out.stdout + out.stderr
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall() == [("page.md", "# Page\n\nSecond version.")]

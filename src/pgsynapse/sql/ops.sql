@@ -31,6 +31,16 @@ SELECT DISTINCT content_hash FROM pgsynapse.documents WHERE content_hash = ANY(%
 -- name: copy_documents
 COPY pgsynapse.documents (source, title, body, metadata) FROM STDIN;
 
+-- name: documents_by_source
+-- Ingest: the newest stored document of each of these sources (a changed file's old version)
+SELECT DISTINCT ON (source) source, id FROM pgsynapse.documents WHERE source = ANY(%(sources)s)
+ORDER BY source, id DESC;
+
+-- name: replace_document
+-- Ingest --replace: the file's new content; the update trigger queues the document's embed job
+UPDATE pgsynapse.documents SET title = %(title)s, body = %(body)s, metadata = metadata || %(metadata)s::jsonb
+WHERE id = %(id)s;
+
 -- name: documents_by_hash
 SELECT id FROM pgsynapse.documents WHERE content_hash = ANY(%(hashes)s);
 
