@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgsynapse.cli import _parser as cli_parser
+from pgsynapse.cli_args import build_parser as cli_parser
 from pgsynapse.client import Client, format_result
 from pgsynapse.errors import ModelError, PgsynapseError
 from pgsynapse.handlers.embed_image import EmbedImageHandler

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pgsynapse.cli import _parser, bench_name
+from pgsynapse.cli_args import bench_name, build_parser
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.learning.trainer_process import TrainingFailed
 
@@ -29,16 +29,16 @@ from pgsynapse.learning.trainer_process import TrainingFailed
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _parser().parse_args(argv)
+        build_parser().parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_numbers_in_range_and_the_edges_are_taken():
-    assert _parser().parse_args(["search", "vacuum", "-k", "1"]).k == 1
-    assert _parser().parse_args(["ask", "hi", "--timeout", "0"]).timeout == 0.0  # no limit
-    assert _parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
-    assert _parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
-    assert _parser().parse_args(["demo"]).limit == 55
+    assert build_parser().parse_args(["search", "vacuum", "-k", "1"]).k == 1
+    assert build_parser().parse_args(["ask", "hi", "--timeout", "0"]).timeout == 0.0  # no limit
+    assert build_parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
+    assert build_parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
+    assert build_parser().parse_args(["demo"]).limit == 55
 
 
 def test_bench_names_the_benchmarks_there_are(monkeypatch, tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgsynapse.cli import EX_CONFIG, _parser
+from pgsynapse.cli import EX_CONFIG
+from pgsynapse.cli_args import build_parser
 from pgsynapse.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def _unit() -> dict[str, list[str]]:
 
 def _cli_accepts(argv: list[str]) -> None:
     """The real argument parser takes ``argv`` (SystemExit on an unknown command or option)."""
-    _parser().parse_args(argv)
+    build_parser().parse_args(argv)
 
 
 def _env_names(text: str) -> set[str]:

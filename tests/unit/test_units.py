@@ -87,13 +87,13 @@ def test_cli_scheme_choices_are_the_export_schemes_in_order():
     in the order the export tries them."""
     import argparse
 
-    from pgsynapse.cli import _parser
+    from pgsynapse.cli_args import build_parser
 
     def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
         [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         return action.choices[name]
 
-    export = sub(sub(_parser(), "model"), "export")
+    export = sub(sub(build_parser(), "model"), "export")
     [scheme] = [a for a in export._actions if a.dest == "scheme"]
     assert tuple(scheme.choices) == SCHEMES
 

@@ -1,0 +1,254 @@
+"""The ``pgsynapse`` command's arguments: every subcommand, its options and their allowed ranges (cli.py runs them)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pgsynapse import __version__
+from pgsynapse.errors import PgsynapseError
+
+
+def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` within [``low``, ``high``], else one line saying what is allowed."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
+SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+SHARE = _ranged(float, 0, 1)  # agreement thresholds
+PERCENT = _ranged(float, 0, 100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
+    p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
+    p.add_argument("--config", help="TOML config file (also PGSYNAPSE_CONFIG)")
+    p.add_argument("--database-url", help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
+    p.add_argument("--data-dir", help="data directory of the embedded server, models and caches")
+    p.add_argument("--log-format", choices=["console", "json"], help="log format (default console)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
+    run.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    run.add_argument("--kinds", help="comma-separated job kinds to process (default: all)")
+
+    sub.add_parser("migrate", help="apply pending schema migrations")
+
+    st = sub.add_parser("status", help="queue, corpus and model status")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    qn = sub.add_parser("queue-notify", help="whether the enqueue triggers NOTIFY the workers (off: they poll; "
+                        "for many concurrent writers: docs/scaling.md)")
+    qn.add_argument("state", nargs="?", choices=("on", "off", "show"), default="show")
+
+    rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
+    rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
+
+    se = sub.add_parser("search", help="kNN search over the active model version (or over images)")
+    se.add_argument("text", nargs="?")
+    se.add_argument("--images", action="store_true", help="search images by text (the active CLIP model)")
+    se.add_argument("--like-image", metavar="PATH", help="search images like this image file")
+    se.add_argument("--image-model", type=int, help="image model (default: the active one)")
+    se.add_argument("-k", type=COUNT, default=5, help="results (default 5)")
+    se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")
+    se.add_argument("--ranker", default="active", help="the ranker that orders the candidates: active (the default: "
+                    "the active one, if any), none (retrieval's own order) or a ranker id")
+
+    ak = sub.add_parser("ask", help="ask a question, wait for the answer (NOTIFY) and print it with its sources")
+    ak.add_argument("text")
+    ak.add_argument("--session", help="session id: follow-up questions use its history")
+    ak.add_argument("--timeout", type=SECONDS, default=120.0, help="seconds to wait (default 120; 0: no limit)")
+    ak.add_argument("--json", action="store_true")
+    rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
+    rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
+
+    ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
+    ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
+    ca.add_argument("--size", type=_ranged(int, 0, 100_000),
+                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set)")
+
+    ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
+    ab.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("promote", help="make a backfilled candidate the active version")
+    pr.add_argument("model_version", type=int)
+    sub.add_parser("rollback", help="re-activate the previously active version")
+    rv = sub.add_parser("retire", help="retire a non-active version and delete its embeddings")
+    rv.add_argument("model_version", type=int)
+    tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model_version", type=int)
+    tr.add_argument("percent", type=float)
+    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, png/jpeg/webp into images")
+    ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
+    ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
+    ing.add_argument("--replace", action="store_true",
+                     help="a changed file updates the stored document of its source (embedded again) instead of "
+                          "adding a new one beside it; sources are paths relative to the directory given")
+    ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
+    ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mo = sub.add_parser("model", help="model versions and runtimes")
+    msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")
+    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8")
+    ex.add_argument("--version", type=int, dest="model_version", help="source model version (default: the active one)")
+    ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
+    ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
+    ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
+    ex.add_argument("--sample", type=COUNT, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
+                    help="INT8 scheme (default: the fastest that passes the threshold)")
+    ex.add_argument("--switch", action="store_true",
+                    help="move the source version itself to the new runtime (no re-embedding) instead of registering a candidate")
+
+    ad = msub.add_parser("add", help="register a local sentence-transformers (or exported ONNX) model of any "
+                         "dimension as a candidate version and backfill its vectors")
+    ad.add_argument("path", help="the model directory")
+    ad.add_argument("--name", help="the version's name (default: the directory's)")
+    ad.add_argument("--traffic", type=PERCENT, default=0.0,
+                    help="percent of sessions it serves once backfilled (default 0: set it with `pgsynapse traffic`)")
+    ad.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    ad.add_argument("--no-progress", action="store_true", help="no progress bar")
+    msub.add_parser("list", help="embedding model versions: status, runtime, dimension, traffic, backfill")
+    di = msub.add_parser("distill", help="train a smaller student to give a teacher version's vectors, gate it, and "
+                         "add it as a candidate (docs/learning.md)")
+    di.add_argument("--teacher", type=int, help="the teacher version (default: the active one)")
+    di.add_argument("--student", help="the model whose layers start the student (default: the active version's)")
+    di.add_argument("--student-layers", type=COUNT, default=3, help="transformer layers the student keeps (default 3)")
+    di.add_argument("--epochs", type=COUNT, default=3, help="passes over the corpus and questions (default 3; the "
+                    "distill_budget_seconds setting stops it earlier)")
+    di.add_argument("--name", help="the version's name")
+    di.add_argument("--traffic", type=PERCENT, default=0.0, help="percent of sessions once backfilled (default 0)")
+    di.add_argument("--projection", choices=["pca", "dense"], default="pca",
+                    help="for a teacher of another dimension: project its vectors onto the student's (pca, default: "
+                    "the student keeps the ONNX INT8 runtime) or add a kept linear layer to the student (dense, torch)")
+    di.add_argument("--force", action="store_true", help="register it even when the gate refuses it")
+    di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
+    di.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
+    be.add_argument("name")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
+
+    _image_model_parser(sub)
+    _sql_parsers(sub)
+    _ranker_parser(sub)
+
+    de = sub.add_parser("demo", help="ingest part of the PostgreSQL docs, embed it, answer questions with sources, "
+                        "search it, and ask a question about a small table it creates (text-to-SQL)")
+    de.add_argument("--limit", type=COUNT, default=55, help="pages to ingest (default 55)")
+    return p
+
+
+def _image_model_parser(sub: argparse._SubParsersAction) -> None:
+    im = sub.add_parser("image-model", help="image models: add one by path, list, promote, retire")
+    isub = im.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    ad = isub.add_parser("add", help="register a local image model (CLIP or image encoder) and queue every image for it")
+    ad.add_argument("path", help="a transformers CLIP / vision model directory, or a pgsynapse image directory")
+    ad.add_argument("--name", help="name shown by list (default: the directory name)")
+    ad.add_argument("--kind", choices=["clip", "image"], help="refuse the model unless it is of this kind")
+    ls = isub.add_parser("list", help="image models with their status and vectors")
+    ls.add_argument("--json", action="store_true")
+    pr = isub.add_parser("promote", help="make a candidate whose vectors are complete the active model of its kind")
+    pr.add_argument("model", type=int)
+    rt = isub.add_parser("retire", help="retire a non-active image model and drop its vectors")
+    rt.add_argument("model", type=int)
+    ex = isub.add_parser("export", help="export a model's image tower to ONNX, check it agrees, register it as a candidate")
+    ex.add_argument("model", type=int)
+    ex.add_argument("--dest", help="directory of the export (default: DATA_DIR/models/image-<model>-onnx)")
+    ex.add_argument("--threshold", type=SHARE, default=0.99, help="minimum per-image cosine to the source (default 0.99)")
+    ex.add_argument("--sample", type=COUNT, default=64, help="embedded images the agreement is measured on (default 64)")
+    ef = isub.add_parser("import-efficientnet", help="build EfficientNet-Lite0 (extra images-efficientnet) as an image "
+                         "encoder directory and register it")
+    ef.add_argument("dest", help="directory to write it to (DEST, and DEST-onnx for its ONNX runtime)")
+    ef.add_argument("--torch", action="store_true", help="register the TorchScript model, not its ONNX export "
+                    "(about 4x slower one image at a time on 2 cores: BENCHMARKS.md)")
+    ef.add_argument("--no-add", action="store_true", help="only build the directory (or directories)")
+
+
+def _sql_parsers(sub: argparse._SubParsersAction) -> None:
+    sa = sub.add_parser("sql-ask", help="ask a question about the data: print the SQL generated and its result")
+    sa.add_argument("text")
+    sa.add_argument("--schema", default="public", help="the schema of the tables (default public)")
+    sa.add_argument("--tables", help="comma-separated tables it may read (default: every table of the schema that "
+                    "the reader role may read)")
+    sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
+    sa.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait (default 300; 0: no limit)")
+    sa.add_argument("--json", action="store_true")
+    sc = sub.add_parser("sql-correct", help="record the right SQL for a data question (or approve the generated one): "
+                        "training data of the SQL model")
+    sc.add_argument("question", type=int)
+    what = sc.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sql", help="the right statement")
+    what.add_argument("--approve", action="store_true", help="the generated statement was right")
+    sm = sub.add_parser("sql-model", help="SQL models: list, add by path, promote, rollback, traffic, retire, retrain")
+    ssub = sm.add_subparsers(dest="sql_model_command", required=True, metavar="ACTION")
+    _side_registry_parsers(ssub, "SQL model", list_help="SQL models with status, traffic and held-out accuracy",
+                           add_help="register a local SQL model (directory, .gguf file or preset)",
+                           runtimes=["transformers", "llama-cpp", "openai"],
+                           rollback_help="re-activate the SQL model the active one replaced")
+    rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now (the worker runs it)")
+    rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
+
+
+def _ranker_parser(sub: argparse._SubParsersAction) -> None:
+    rk = sub.add_parser("ranker", help="second-stage rankers: list, add by path, train, promote, rollback, "
+                        "traffic, retire")
+    rsub = rk.add_subparsers(dest="ranker_command", required=True, metavar="ACTION")
+    _side_registry_parsers(rsub, "ranker", list_help="rankers with status, traffic and held-out MRR@10",
+                           add_help="register a local cross-encoder directory (one-logit sequence classifier), "
+                           "or version:N: model version N's stored vectors rescore the candidates (a teacher)",
+                           runtimes=["onnx-int8", "torch"],
+                           rollback_help="re-activate the ranker the active one replaced (or none: the vector order)")
+    tn = rsub.add_parser("train", help="train a cross-encoder from the feedback and corpus pairs, gate it, "
+                         "register it (minutes; in its own process)")
+    tn.add_argument("--force", action="store_true", help="register it as a candidate (0 %%) even if it fails its gate")
+
+
+def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_help: str, add_help: str,
+                           runtimes: list[str], rollback_help: str) -> None:
+    """list, add, promote, rollback, traffic and retire of a side registry (pgsynapse.sideregistry)."""
+    ls = sub.add_parser("list", help=list_help)
+    ls.add_argument("--json", action="store_true")
+    ad = sub.add_parser("add", help=add_help)
+    ad.add_argument("path")
+    ad.add_argument("--name")
+    ad.add_argument("--runtime", choices=runtimes, default=runtimes[0])
+    ad.add_argument("--activate", action="store_true", help=f"make it the active {noun} at once")
+    pr = sub.add_parser("promote", help=f"make a candidate the active {noun}")
+    pr.add_argument("model", type=int)
+    sub.add_parser("rollback", help=rollback_help)
+    tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
+    tr.add_argument("model", type=int)
+    tr.add_argument("percent", type=float)
+    rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
+    rt.add_argument("model", type=int)
+
+
+def bench_name(name: str) -> str:
+    """``name`` when bench/ (on ``sys.path``: the source tree) has that benchmark, else one line saying what to do."""
+    try:
+        package = importlib.util.find_spec("bench")
+    except (ImportError, ValueError):
+        package = None
+    if package is None or not package.submodule_search_locations:
+        raise PgsynapseError("the benchmarks are in the source tree: run `pgsynapse bench` from a checkout (bench/ "
+                             "beside src/)")
+    names = sorted(f.stem for d in package.submodule_search_locations for f in Path(d).glob("*.py")
+                   if not f.stem.startswith("_") and 'if __name__ == "__main__":' in f.read_text())
+    if name not in names:
+        raise PgsynapseError(f"no benchmark {name!r} in bench/: one of {', '.join(names)}")
+    return name
