@@ -1,0 +1,68 @@
+"""The SQL recipes of docs/sql.md, run as they are written there: a recipe that stops working fails here, not in an
+application that copied it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.integration.test_roles import login_role  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.anyio
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
+
+
+def recipe(heading: str) -> str:
+    """The first ```sql block after ``heading`` in docs/sql.md."""
+    text = DOCS.read_text()
+    start = text.index(heading)
+    return re.search(r"```sql\n(.*?)```", text[start:], re.S).group(1)
+
+
+async def test_a_table_of_yours_kept_in_step_with_documents(db_url, login_role, models):  # noqa: F811
+    sql = recipe("#### Keeping `documents` in step with a table of yours")
+    with psycopg.connect(db_url, autocommit=True) as owner:
+        owner.execute(sql)
+    app_url = login_role("pgsynapse_app", db_url)
+    with psycopg.connect(db_url, autocommit=True) as owner:
+        owner.execute(f"GRANT ALL ON public.articles TO {psycopg.conninfo.conninfo_to_dict(app_url)['user']}")
+    conn = await aconn(db_url)
+    docs = "SELECT source, title, body FROM pgsynapse.documents ORDER BY source"
+    jobs = "SELECT count(*) AS n FROM pgsynapse.jobs WHERE kind = 'embed'"
+    try:
+        # written by the application's own role: its grants are all the triggers need
+        with psycopg.connect(app_url, autocommit=True) as app:
+            app.execute("INSERT INTO public.articles VALUES (1, 'Vacuum', 'VACUUM reclaims storage.'),"
+                        " (2, 'Indexes', 'CREATE INDEX speeds up lookups.')")
+            assert [tuple(r.values()) for r in await (await conn.execute(docs)).fetchall()] == [
+                ("articles:1", "Vacuum", "VACUUM reclaims storage."),
+                ("articles:2", "Indexes", "CREATE INDEX speeds up lookups.")]
+            async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+                await wait_until(conn, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'")
+                [first] = await (await conn.execute(
+                    "SELECT id FROM pgsynapse.documents WHERE source = 'articles:1'")).fetchall()
+                queued = (await (await conn.execute(jobs)).fetchone())["n"]
+                app.execute("UPDATE public.articles SET content = content")  # the same text: nothing to embed
+                assert (await (await conn.execute(jobs)).fetchone())["n"] == queued
+                app.execute("UPDATE public.articles SET content = 'VACUUM FULL rewrites the table.' WHERE id = 1")
+                await wait_until(conn, "SELECT status = 'embedded' AND body LIKE 'VACUUM FULL%%' FROM"
+                                       " pgsynapse.documents WHERE id = %s", (first["id"],))
+                chunks = await (await conn.execute("SELECT text FROM pgsynapse.chunks WHERE document_id = %s",
+                                                   (first["id"],))).fetchall()
+                assert [c["text"] for c in chunks] == ["VACUUM FULL rewrites the table."]
+            app.execute("UPDATE public.articles SET id = 3 WHERE id = 2")  # a new key: the old document goes
+            app.execute("INSERT INTO public.articles VALUES (4, 'Gone', 'Deleted next.')")
+            app.execute("DELETE FROM public.articles WHERE id = 4")
+            assert [r["source"] for r in await (await conn.execute(docs)).fetchall()] == ["articles:1", "articles:3"]
+            app.execute("TRUNCATE public.articles")
+            assert await (await conn.execute(docs)).fetchall() == []
+            assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone())["n"] == 0
+    finally:
+        await conn.close()
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute("DROP TABLE public.articles")  # and its grant: the role is dropped after the test
