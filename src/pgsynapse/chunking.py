@@ -8,14 +8,23 @@ A chunk's token count is that of its embedded text tokenized on its own. With a 
 tokenized alone) a chunk that starts and ends on word boundaries has exactly the body's tokens over its span,
 so its count is known without tokenizing it again (about half of the chunker's time); any other chunk, and
 every chunk of any other tokenizer, is tokenized again to count.
+
+A token that spans more than :data:`MAX_TOKEN_CHARS` characters is in no chunk: it is a run without a space or
+punctuation (a hex or base64 dump, a script the tokenizer does not know), which a WordPiece tokenizer reads as one
+unknown token, and a chunk holding it held all of it (a 2 MB body was one chunk of 6 tokens). Chunks break around
+it; a body with nothing else fails with :class:`InputError`.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
+from pgsynapse.errors import InputError
+
 MAX_TITLE_TOKENS = 32
+MAX_TOKEN_CHARS = 100  # WordPiece's max_input_chars_per_word: a longer word is one [UNK]
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,10 @@ class Chunker:
             enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
             offsets = [tuple(o) for o in enc["offset_mapping"]]
         n = len(offsets)
+        blobs = [i for i, (a, b) in enumerate(offsets) if b - a > MAX_TOKEN_CHARS]
+        if blobs and len(blobs) == n:
+            raise InputError(f"the body has no text the model reads: {n} run(s) of over {MAX_TOKEN_CHARS} characters "
+                             "without a space or punctuation, each one unknown token to its tokenizer")
 
         def known(start: int, end: int) -> int | None:
             """The chunk's count when its span starts and ends on word boundaries (see the module docstring)."""
@@ -93,8 +106,13 @@ class Chunker:
         start = 0
         overlap = min(self.overlap, budget // 4)
         while start < n:
-            end = min(start + budget, n)
-            if end < n:
+            if blobs and offsets[start][1] - offsets[start][0] > MAX_TOKEN_CHARS:
+                start += 1  # in no chunk
+                continue
+            k = bisect_left(blobs, start)
+            stop = blobs[k] if k < len(blobs) else n  # the chunk ends before the next blob, or at the end
+            end = min(start + budget, stop)
+            if end < stop:
                 # snap back to a good break in the last third of the window
                 best, best_score = end, 0
                 floor = start + (2 * budget) // 3
@@ -114,7 +132,7 @@ class Chunker:
                 chunks.append(chunk)
             if end >= n:
                 break
-            start = max(end - overlap, start + 1)
+            start = end if end == stop else max(end - overlap, start + 1)  # no overlap across a blob
         return chunks
 
     def _make(self, prefix: str, body: str, offsets: list[tuple[int, int]], start: int, end: int, ord_: int,

@@ -73,3 +73,25 @@ async def test_oversized_question_fails_at_once_and_never_enters_its_sessions_hi
     assert rows[long_q]["error"] == "InputError: question has 400 characters, over max_question_chars=200"
     assert rows[follow]["status"] == "answered"
     assert rows[follow]["retrieval_query"] == "how do I create a unique index?"
+
+
+async def test_a_body_the_model_cannot_read_fails_at_once_and_a_dump_inside_a_page_is_left_out(db_url, models):
+    # a hex dump is one unknown token to the model's tokenizer: alone it is nothing to embed; inside a page, in no
+    # chunk (it was one chunk holding all of it)
+    dump = "deadbeef" * 20_000
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        ids = insert_docs(db_url, [("Dump", dump), ("Page", f"Bytea prints in hex. {dump} That was one value."),
+                                   ("Fine", "Healthy text about vacuum.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.status, d.error, j.attempts, array(SELECT c.text FROM pgsynapse.chunks c WHERE c.document_id = d.id"
+        " ORDER BY c.ord) AS chunks FROM pgsynapse.documents d JOIN pgsynapse.jobs j ON j.kind = 'embed'"
+        " AND j.ref_id = d.id WHERE d.id = ANY(%s) ORDER BY d.id", (ids,))).fetchall()
+    await conn.close()
+    assert rows[0] == {"status": "failed", "attempts": 1, "chunks": [], "error": (
+        "InputError: the body has no text the model reads: 1 run(s) of over 100 characters without a space or "
+        "punctuation, each one unknown token to its tokenizer")}
+    assert rows[1] == {"status": "embedded", "error": None, "attempts": 1,
+                       "chunks": ["Bytea prints in hex.", "That was one value."]}
+    assert rows[2]["status"] == "embedded"

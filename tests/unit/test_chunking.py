@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from pgsynapse.chunking import Chunker
+from pgsynapse.errors import InputError
+from pgsynapse.export.sample import sample_texts
 
 
 def test_short_text_is_one_chunk_with_title_prefix(tokenizer):
@@ -38,10 +44,26 @@ def test_a_long_title_is_capped_so_the_body_still_fits(tokenizer):
 
 def test_text_without_spaces_or_in_other_scripts(tokenizer):
     ch = Chunker(tokenizer, 48, 4)
-    for body in ["x" * 5000, "数据库索引可以加快查询速度。" * 100, "Ελληνικά κείμενα " * 100, "🙂" * 300]:
+    for body in ["x" * 90, "数据库索引可以加快查询速度。" * 100, "Ελληνικά κείμενα " * 100, "🙂" * 60]:
         chunks = ch.split("t", body)
         assert chunks and all(c.token_count <= 48 for c in chunks)
         assert chunks[-1].char_end == len(body.rstrip())
+
+
+def test_a_run_the_tokenizer_reads_as_one_unknown_token_is_in_no_chunk(tokenizer):
+    """A hex dump in a page: over 100 characters without a space or punctuation is one [UNK] to WordPiece, and the
+    chunk holding it held all of it (a 1.2 MB body was one chunk of 6 tokens). Chunks break around it."""
+    ch = Chunker(tokenizer, 48, 4)
+    before, blob, after = "Bytea values print in hex. " * 10, "deadbeef" * 50_000, " The output above is one value." * 10
+    chunks = ch.split("t", before + blob + after)
+    assert chunks and all(len(c.text) < 1_000 and "deadbeefdeadbeef" not in c.text for c in chunks)
+    assert chunks[0].char_start == 0 and chunks[-1].char_end == len(before + blob + after)
+    starts = [c.char_start for c in chunks]
+    assert len(before) + len(blob) + 1 in starts  # the text after it starts a chunk of its own
+    # nothing but such runs: nothing for the model to read, said so (the document fails with this error)
+    for body in ["x" * 5000, "🙂" * 300, "QUJDRE" * 200_000 + "\n" + "ab" * 60]:
+        with pytest.raises(InputError, match="the body has no text the model reads: [12] run"):
+            ch.split("t", body)
 
 
 def test_counts_known_from_the_body_tokens_equal_a_fresh_tokenization(tokenizer):
@@ -54,7 +76,8 @@ def test_counts_known_from_the_body_tokens_equal_a_fresh_tokenization(tokenizer)
     fast_tokenizer = load_tokenizer(default_model_path())
     body = "\n\n".join([
         " ".join(f"Sentence {i} talks about café, naïve façades and résumés (é/è/ê)." for i in range(40)),
-        "x" * 3000,  # one very long word: windows must cut it mid-word
+        "x" * 3000,  # one unknown token: in no chunk, the chunks break around it
+        "y" * 90,  # one long word of several tokens: windows may cut it mid-word
         "超長の日本語テキストが続きます。" * 60,
         " ".join("hyper-parameter/pg_stat_statements::regclass" for _ in range(80)),
         "Antidisestablishmentarianism " * 90,
@@ -68,3 +91,10 @@ def test_counts_known_from_the_body_tokens_equal_a_fresh_tokenization(tokenizer)
         assert chunks == slow.split("Título: ünïcode", body)
         for c in chunks:
             assert c.token_count == len(tokenizer(c.embed_text)["input_ids"]) <= limit
+
+
+def test_the_export_sample_leaves_out_a_page_the_worker_would_fail(tokenizer, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"title": "Dump", "text": "x" * 3000}) + "\n"
+                      + json.dumps({"title": "Page", "text": "Real text here."}) + "\n")
+    assert sample_texts(tokenizer, corpus=corpus, n_chunks=4) == (["Page\nReal text here."], ["Dump", "Page"])

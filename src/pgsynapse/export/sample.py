@@ -10,8 +10,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pgsynapse.chunking import Chunker
+from pgsynapse.chunking import Chunk, Chunker
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
+from pgsynapse.errors import InputError
 
 
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -38,7 +39,7 @@ def sample_texts(
         pages = list(_jsonl(corpus))
     chunker = Chunker(tokenizer, chunk_tokens, 32)
     # every page contributes its first chunks, round-robin, so the sample spans the corpus
-    per_page = [chunker.split(p.get("title"), p["text"][:20_000]) for p in pages[: max(1, n_chunks)]]
+    per_page = [_chunks(chunker, p) for p in pages[: max(1, n_chunks)]]
     chunks: list[str] = []
     depth = 0
     while len(chunks) < n_chunks and any(len(c) > depth for c in per_page):
@@ -51,3 +52,11 @@ def sample_texts(
     if not queries:
         queries = [p["title"] for p in pages if p.get("title")]
     return chunks, queries
+
+
+def _chunks(chunker: Chunker, page: dict[str, Any]) -> list[Chunk]:
+    """A page's chunks as the worker makes them; none for a page the worker would fail (no text the model reads)."""
+    try:
+        return chunker.split(page.get("title"), page["text"][:20_000])
+    except InputError:
+        return []
