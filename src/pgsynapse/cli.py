@@ -12,6 +12,7 @@ import psycopg
 
 from pgsynapse.cli_args import bench_name, build_parser
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
+from pgsynapse.queries import q
 
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
@@ -82,8 +83,6 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
         return 0
     if args.command == "queue-notify":
-        from pgsynapse.queries import q
-
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             if args.state == "show":
                 on = conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]
@@ -149,20 +148,25 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
                                         text_weight=settings.hybrid_text_weight,
                                         text_max_rows=settings.hybrid_text_max_rows)
-                    return hits, search_order(settings.hybrid, ranker is not None)
+                    waiting = (await (await conn.execute(q("documents_waiting", "ops.sql"))).fetchone())["n"]
+                    return hits, search_order(settings.hybrid, ranker is not None), waiting
             finally:
                 if replica is not None:
                     await replica.aclose()
 
         with Database(settings) as db:
-            hits, order = anyio.run(go, db)
+            hits, order, waiting = anyio.run(go, db)
+        unsearched = f"{waiting} document(s) waiting to be embedded were not searched (is `pgsynapse run` running?)"
         if not hits:
-            print("no results: nothing is embedded yet (is `pgsynapse run` running?)")
+            print(f"no results: {unsearched}" if waiting else
+                  "no results: no document is embedded (add some: `pgsynapse ingest PATH`, or INSERT them)")
         else:
             print(f"{len(hits)} hits in {order} order; the score is the cosine similarity to the text")
         for i, h in enumerate(hits, 1):
             print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
             print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
+        if hits and waiting:
+            print(unsearched)
         return 0
     if args.command == "ask":
         from dataclasses import asdict

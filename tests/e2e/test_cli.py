@@ -80,6 +80,18 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
 
 
+def test_search_with_nothing_embedded_says_why(new_db):
+    url = new_db()
+    assert pgsynapse("migrate", url=url).returncode == 0
+    empty = pgsynapse("search", "vacuum", url=url)
+    assert empty.returncode == 0, empty.stderr[-2000:]
+    assert empty.stdout.startswith("no results: no document is embedded (add some: `pgsynapse ingest PATH`")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims storage.')")
+    waiting = pgsynapse("search", "vacuum", url=url)
+    assert waiting.stdout.startswith("no results: 1 document(s) waiting to be embedded were not searched"), waiting.stdout
+
+
 def test_ask_answers_from_the_command_line(new_db):
     url = new_db()
     assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
@@ -107,6 +119,9 @@ def test_ask_answers_from_the_command_line(new_db):
     late = pgsynapse("ask", "how do I mark a point in a transaction?", url=url)
     assert late.returncode == 0 and "answered in" in late.stdout, late.stderr[-2000:]
     assert re.search(r"documents_not_embedded +hint=.*start `pgsynapse run`.* n=1", late.stderr), late.stderr[-2000:]
+    se = pgsynapse("search", "savepoint", url=url)
+    assert se.returncode == 0 and se.stdout.rstrip().endswith(
+        "1 document(s) waiting to be embedded were not searched (is `pgsynapse run` running?)"), se.stdout
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):
