@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import psycopg
@@ -11,6 +12,8 @@ from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
+
+SHOWN_REASONS = 5  # the commonest failure errors and skip reasons that `pgsynapse status` lists
 
 
 def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
@@ -50,9 +53,12 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     rankers = [{k: r[k] for k in ("id", "name", "runtime", "status", "traffic_percent")}
                for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"]
     feedback = dict(conn.execute(q("feedback_progress", "learning.sql")).fetchone())
+    failures = [dict(r) for r in conn.execute(q("failed_job_errors", "ops.sql"), {"limit": SHOWN_REASONS})]
+    skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
             "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers, "feedback": feedback,
+            "failures": failures, "skipped": skipped,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
@@ -145,7 +151,18 @@ def render(snap: dict[str, Any]) -> str:
         age = "-" if r["oldest_pending_seconds"] is None else f"{r['oldest_pending_seconds']}s"
         lines.append(f"                 {r['kind']:<{width}} {r['pending']:<8} {r['running']:<8} {r['failed']:<7} "
                      f"{r['done']:<8} {age}")
+    if snap.get("failures"):
+        lines.append("failed, why    : (the commonest errors; `pgsynapse retry-failed` puts the jobs back once fixed)")
+        lines += [f"                 {r['kind']:<{width}} {r['n']:<6} {_short(r['error'] or 'unknown error')}"
+                  for r in snap["failures"]]
+    if snap.get("skipped"):
+        lines.append("skipped, why   : (done with nothing to write)")
+        lines += [f"                 {r['kind']:<{width}} {r['n']:<6} {_short(r['reason'])}" for r in snap["skipped"]]
     return "\n".join(lines)
+
+
+def _short(text: str) -> str:
+    return textwrap.shorten(" ".join(text.split()), 100, placeholder=" ...")
 
 
 def _render_replica(r: dict[str, Any]) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.search import search
+from pgsynapse.status import render, snapshot
 from tests.conftest import adopt_runtime
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
@@ -298,3 +301,6 @@ async def test_a_job_done_with_nothing_to_write_says_why(db_url, models):
     rows = await (await conn.execute("SELECT ref_id, skip_reason FROM pgsynapse.jobs ORDER BY ref_id")).fetchall()
     assert rows == [{"ref_id": gone, "skip_reason": "document deleted"}, {"ref_id": kept, "skip_reason": None}]
     await conn.close()
+    with psycopg.connect(db_url, row_factory=dict_row) as sync:  # and `pgsynapse status` lists it
+        shown = render(snapshot(sync))
+    assert "skipped, why   : (done with nothing to write)\n                 embed     1      document deleted" in shown

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -95,3 +98,8 @@ async def test_a_body_the_model_cannot_read_fails_at_once_and_a_dump_inside_a_pa
     assert rows[1] == {"status": "embedded", "error": None, "attempts": 1,
                        "chunks": ["Bytea prints in hex.", "That was one value."]}
     assert rows[2]["status"] == "embedded"
+    with psycopg.connect(db_url, row_factory=dict_row) as sync:  # `pgsynapse status` says why it failed
+        shown = render(snapshot(sync))
+    assert ("failed, why    : (the commonest errors; `pgsynapse retry-failed` puts the jobs back once fixed)\n"
+            "                 embed     1      InputError: the body has no text the model reads: 1 run(s) of over 100"
+            " characters without a ...") in shown

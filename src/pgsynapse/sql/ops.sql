@@ -57,3 +57,15 @@ SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
 -- name: documents_waiting
 -- `pgsynapse ask` with no worker running: documents that no answer can find until a worker embeds them
 SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'pending';
+
+-- name: failed_job_errors
+-- `pgsynapse status`: why jobs failed, the commonest errors first (the failed rows stay for retry-failed)
+SELECT kind, last_error AS error, count(*) AS n, max(finished_at) AS last_at
+FROM pgsynapse.jobs WHERE status = 'failed'
+GROUP BY kind, last_error ORDER BY n DESC, last_at DESC LIMIT %(limit)s;
+
+-- name: skipped_job_reasons
+-- `pgsynapse status`: jobs done with nothing to write, and why (migration 0023), over the done jobs still kept
+SELECT kind, skip_reason AS reason, count(*) AS n
+FROM pgsynapse.jobs WHERE status = 'done' AND skip_reason IS NOT NULL
+GROUP BY kind, skip_reason ORDER BY n DESC, kind LIMIT %(limit)s;
