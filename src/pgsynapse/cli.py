@@ -194,7 +194,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         else:
             print(format_result(result))
         return 0 if result.status == "answered" else 1
-    if args.command in ("retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
+    if args.command in ("feedback", "retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
         from pgsynapse.learning.cli import run_learning_command
 
         with Database(settings) as db, db.connect(autocommit=True) as conn:

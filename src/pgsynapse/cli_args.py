@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("--session", help="session id: follow-up questions use its history")
     ak.add_argument("--timeout", type=SECONDS, default=120.0, help="seconds to wait (default 120; 0: no limit)")
     ak.add_argument("--json", action="store_true")
+    fb = sub.add_parser("feedback", help="say whether an answer helped and which cited passage answered it (the "
+                        "retrain learns from it)")
+    fb.add_argument("question", type=int, metavar="QUESTION_ID", help="the question, as `pgsynapse ask` printed it")
+    verdict = fb.add_mutually_exclusive_group()
+    verdict.add_argument("--helpful", dest="helpful", action="store_true", default=None)
+    verdict.add_argument("--not-helpful", dest="helpful", action="store_false", default=None)
+    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful)")
+    fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
+    fb.add_argument("--comment")
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
 

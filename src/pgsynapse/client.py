@@ -28,6 +28,8 @@ from psycopg.rows import dict_row
 
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.feedback import Feedback, feedback_params
+from pgsynapse.queries import q
 
 ANSWERS_CHANNEL = "pgsynapse_answers"
 DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
@@ -218,6 +220,19 @@ class Client:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
 
+    async def feedback(self, question_id: int, *, helpful: bool | None = None, rating: int | None = None,
+                       source: int | None = None, comment: str | None = None) -> Feedback:
+        """Say whether an answer helped (``helpful``) or rate it (``rating``, 1 to 5), and which of its cited
+        passages answered it (``source``: the rank [n] it was cited with). The row is the one an application
+        would INSERT (docs/sql.md); the retrain learns from it (docs/learning.md)."""
+        assert self._conn is not None, "use `async with Client(url) as client`"
+        async with self._lock:
+            row = await (await self._conn.execute(q("question_for_feedback", "answers.sql"),
+                                                  {"question": question_id})).fetchone()
+            params = feedback_params(question_id, row, helpful=helpful, rating=rating, source=source, comment=comment)
+            written = await (await self._conn.execute(q("insert_feedback", "answers.sql"), params)).fetchone()
+        return Feedback(written["id"], question_id, helpful, rating, params["chunk"])
+
     async def _wait_one(self, key: tuple[str, int]) -> bool:
         """Wait for the next NOTIFY and keep it for the asker of its question (asks on this client share one
         connection: whoever reads an announcement keeps it for its asker). True when none came within
@@ -266,5 +281,5 @@ def format_result(result: Result, *, answer: bool = True) -> str:
     elif result.latency_ms is not None:
         by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
               else f"by model version {result.model_version_id}")
-        lines.append(f"  answered in {result.latency_ms:.0f} ms {by}")
+        lines.append(f"  answered in {result.latency_ms:.0f} ms {by} (question {result.id})")
     return "\n".join(lines)

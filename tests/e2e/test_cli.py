@@ -101,6 +101,20 @@ def test_ask_answers_from_the_command_line(new_db):
     cited = set(re.findall(r"\[(\d+)\]", r.stdout.split("\n  [")[0]))
     assert cited and "answered in" in r.stdout
     assert all(f"\n  [{n}] " in r.stdout for n in cited), r.stdout
+    # feedback on it from the command line: which cited passage answered it becomes the training example's positive
+    qid = int(re.search(r"answered in \d+ ms by model version 1 \(question (\d+)\)", r.stdout).group(1))
+    rank = min(int(n) for n in cited)
+    fb = pgsynapse("feedback", str(qid), "--helpful", "--source", str(rank), url=url)
+    assert fb.returncode == 0, fb.stderr[-2000:]
+    with psycopg.connect(url) as conn:
+        chunk = conn.execute("SELECT (s->>'chunk_id')::bigint FROM pgsynapse.questions, jsonb_array_elements(sources) s"
+                             " WHERE id = %s AND (s->>'rank')::int = %s", (qid, rank)).fetchone()[0]
+        assert conn.execute("SELECT question_id, positive_chunk_id FROM pgsynapse.training_examples").fetchall() == [
+            (qid, chunk)]
+    assert fb.stdout.startswith(f"feedback 1 on question {qid}: helpful; passage [{rank}] (chunk {chunk}) answered it\n"
+                                "1 of 200 new examples for the next retrain"), fb.stdout
+    wrong = pgsynapse("feedback", str(qid), "--helpful", "--source", "99", url=url)
+    assert wrong.returncode == 1 and f"pgsynapse: error: question {qid}'s answer cites no passage [99]" in wrong.stderr
     j = pgsynapse("ask", "and how do I change existing rows?", "--session", "cli", "--json", url=url)
     data = json.loads(j.stdout)
     assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]

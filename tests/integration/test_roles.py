@@ -166,7 +166,10 @@ async def test_worker_role_embeds_and_answers_for_an_app_role_that_asks_and_sear
             await wait_until(app, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
             async with Client(app_url) as client:
                 r = await client.ask("how is storage of dead tuples reclaimed?", session_id="app")
-            assert r.status == "answered", r
+                assert r.status == "answered", r
+                # the passage cited [1] answered it: the same row an application would INSERT, as that application
+                fb = await client.feedback(r.id, helpful=True, source=1)
+                assert (fb.question_id, fb.helpful, fb.chunk_id) == (r.id, True, r.sources[0]["chunk_id"])
             assert r.sources and r.sources[0]["document_id"] == doc
             hits = await search(app, models, "reclaim storage from dead tuples", k=1)
             assert [h.document_id for h in hits] == [doc]
@@ -174,7 +177,6 @@ async def test_worker_role_embeds_and_answers_for_an_app_role_that_asks_and_sear
             again = await anyio.to_thread.run_sync(
                 lambda: ask(load_settings(environ={}, database_url=app_url), "how is dead tuple storage reclaimed?"))
             assert again.status == "answered" and again.sources[0]["document_id"] == doc
-            await app.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (r.id,))
         finally:
             await app.close()
     with psycopg.connect(db_url) as su:

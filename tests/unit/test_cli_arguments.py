@@ -26,6 +26,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["model", "add", "/m", "--traffic", "101"], "argument --traffic: must be between 0 and 100, got 101"),
     (["canary", "rebuild", "--size", "-1"], "argument --size: must be between 0 and 100000, got -1"),
     (["image-model", "export", "1", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
+    (["feedback", "3", "--rating", "6"], "argument --rating: must be between 1 and 5, got 6"),
+    (["feedback", "3", "--source", "0"], "argument --source: must be at least 1, got 0"),
+    (["feedback", "3", "--helpful", "--not-helpful"], "argument --not-helpful: not allowed with argument --helpful"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

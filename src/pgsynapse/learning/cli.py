@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
+from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
@@ -32,6 +33,14 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
+    if args.command == "feedback":
+        row = conn.execute(q("question_for_feedback", "answers.sql"), {"question": args.question}).fetchone()
+        params = feedback_params(args.question, row, helpful=args.helpful, rating=args.rating, source=args.source,
+                                 comment=args.comment)
+        written = conn.execute(q("insert_feedback", "answers.sql"), params).fetchone()
+        print(render_feedback(Feedback(written["id"], args.question, args.helpful, args.rating, params["chunk"]),
+                              args.source, conn.execute(q("feedback_progress", "learning.sql")).fetchone()))
+        return 0
     if args.command == "retrain":
         if not conn.execute(q("untrained_examples", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
@@ -80,6 +89,17 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         print(f"model version {args.model_version} gets {args.percent:g}% of sessions")
         return 0
     raise AssertionError(args.command)
+
+
+def render_feedback(fb: Feedback, source: int | None, progress: dict) -> str:
+    """What ``pgsynapse feedback`` recorded, and how near the next automatic retrain is."""
+    said = [w for w in ("helpful" if fb.helpful else None if fb.helpful is None else "not helpful",
+                        None if fb.rating is None else f"rated {fb.rating}") if w]
+    line = f"feedback {fb.id} on question {fb.question_id}: {', '.join(said)}"
+    if fb.chunk_id is not None:
+        line += f"; passage [{source}] (chunk {fb.chunk_id}) answered it"
+    return (f"{line}\n{progress['untrained']} of {progress['retrain_min_feedback']} new examples for the next retrain "
+            "(one per question; `pgsynapse retrain` starts one now)")
 
 
 def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settings: Settings, url: str) -> int:

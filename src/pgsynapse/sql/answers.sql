@@ -114,3 +114,13 @@ SELECT pg_notify('pgsynapse_answers', json_build_object(
            'id', u.id, 'status', 'streaming', 'seq', %(seq)s::int, 'offset', %(offset)s::int,
            'delta', %(delta)s::text)::text)
 FROM u;
+
+-- name: question_for_feedback
+-- `pgsynapse feedback` and Client.feedback: the answer being rated, and the passages it cited
+SELECT status, sources FROM pgsynapse.questions WHERE id = %(question)s;
+
+-- name: insert_feedback
+-- the feedback trigger makes it a training example (one per question, its latest: triggers/feedback_v4.sql)
+INSERT INTO pgsynapse.feedback (question_id, helpful, rating, chunk_id, comment)
+VALUES (%(question)s, %(helpful)s, %(rating)s, %(chunk)s, %(comment)s)
+RETURNING id;

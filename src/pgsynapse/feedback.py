@@ -1,0 +1,42 @@
+"""Feedback on an answer from the command line and Python (``pgsynapse feedback``, ``Client.feedback``): what is
+checked before the row is written. Applications may as well INSERT into ``pgsynapse.feedback`` themselves
+(docs/sql.md); this is the same row, with the mistakes a person makes at a prompt refused in words: a question
+that is not there or has no answer, a passage it did not cite, a rating off the scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pgsynapse.errors import InputError
+
+
+@dataclass
+class Feedback:
+    id: int
+    question_id: int
+    helpful: bool | None
+    rating: int | None
+    chunk_id: int | None  # the passage that answered it (``source``: the rank it was cited with), else None
+
+
+def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpful: bool | None, rating: int | None,
+                    source: int | None, comment: str | None) -> dict[str, Any]:
+    """The ``insert_feedback`` parameters for a rating of ``question`` (its row: status and sources), or an
+    :class:`InputError` saying what is wrong. ``source``: the rank [n] of the cited passage that answered it."""
+    if helpful is None and rating is None:
+        raise InputError("feedback says whether the answer helped, or rates it (1 to 5)")
+    if rating is not None and not 1 <= rating <= 5:
+        raise InputError(f"a rating is 1 to 5, got {rating}")
+    if question is None:
+        raise InputError(f"there is no question {question_id}")
+    if question["status"] != "answered":
+        raise InputError(f"question {question_id} is {question['status']}: it has no answer to give feedback on")
+    chunk = None
+    if source is not None:
+        cited = {int(s["rank"]): int(s["chunk_id"]) for s in question["sources"] or []}
+        if source not in cited:
+            ranks = ", ".join(f"[{r}]" for r in sorted(cited)) or "none"
+            raise InputError(f"question {question_id}'s answer cites no passage [{source}] (it cites {ranks})")
+        chunk = cited[source]
+    return {"question": question_id, "helpful": helpful, "rating": rating, "chunk": chunk, "comment": comment}

@@ -1,0 +1,33 @@
+"""What `pgsynapse feedback` and Client.feedback refuse before writing a row, in words a person at a prompt can act
+on (the database's own checks would say "violates check constraint feedback_check")."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgsynapse.errors import InputError
+from pgsynapse.feedback import feedback_params
+
+ANSWERED = {"status": "answered", "sources": [{"rank": 1, "chunk_id": 40}, {"rank": 3, "chunk_id": 7}]}
+
+
+def test_the_cited_passage_becomes_the_chunk_of_the_row():
+    assert feedback_params(5, ANSWERED, helpful=True, rating=None, source=3, comment="yes") == {
+        "question": 5, "helpful": True, "rating": None, "chunk": 7, "comment": "yes"}
+    assert feedback_params(5, ANSWERED, helpful=None, rating=2, source=None, comment=None)["chunk"] is None
+
+
+@pytest.mark.parametrize(("question", "kw", "message"), [
+    (ANSWERED, {}, "feedback says whether the answer helped, or rates it (1 to 5)"),
+    (ANSWERED, {"rating": 6}, "a rating is 1 to 5, got 6"),
+    (None, {"helpful": True}, "there is no question 5"),
+    ({"status": "failed", "sources": []}, {"helpful": False}, "question 5 is failed: it has no answer to give feedback on"),
+    (ANSWERED, {"helpful": True, "source": 2}, "question 5's answer cites no passage [2] (it cites [1], [3])"),
+    ({"status": "answered", "sources": []}, {"helpful": True, "source": 1},
+     "question 5's answer cites no passage [1] (it cites none)"),
+])
+def test_mistakes_are_refused_saying_what_is_wrong(question, kw, message):
+    args = {"helpful": None, "rating": None, "source": None, "comment": None, **kw}
+    with pytest.raises(InputError) as exc:
+        feedback_params(5, question, **args)
+    assert str(exc.value) == message
