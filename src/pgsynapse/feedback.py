@@ -1,7 +1,7 @@
 """Feedback on an answer from the command line and Python (``pgsynapse feedback``, ``Client.feedback``): what is
 checked before the row is written. Applications may as well INSERT into ``pgsynapse.feedback`` themselves
 (docs/sql.md); this is the same row, with the mistakes a person makes at a prompt refused in words: a question
-that is not there or has no answer, a passage it did not cite, a rating off the scale."""
+that is not there or has no answer, a passage it did not cite or that is gone since, a rating off the scale."""
 
 from __future__ import annotations
 
@@ -39,4 +39,7 @@ def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpfu
             ranks = ", ".join(f"[{r}]" for r in sorted(cited)) or "none"
             raise InputError(f"question {question_id}'s answer cites no passage [{source}] (it cites {ranks})")
         chunk = cited[source]
+        if chunk not in (question.get("live_chunks") or []):
+            raise InputError(f"passage [{source}] of question {question_id}'s answer is gone: its document was edited "
+                             "or deleted since (give the feedback without naming a passage)")
     return {"question": question_id, "helpful": helpful, "rating": rating, "chunk": chunk, "comment": comment}

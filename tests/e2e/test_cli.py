@@ -136,6 +136,12 @@ def test_ask_answers_from_the_command_line(new_db):
     se = pgsynapse("search", "savepoint", url=url)
     assert se.returncode == 0 and se.stdout.rstrip().endswith(
         "1 document(s) waiting to be embedded were not searched (is `pgsynapse run` running?)"), se.stdout
+    # the passage the feedback named is gone with its document: named again, it is refused saying so
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM pgsynapse.documents WHERE id = (SELECT document_id FROM pgsynapse.chunks"
+                     " WHERE id = %s)", (chunk,))
+    gone = pgsynapse("feedback", str(qid), "--helpful", "--source", str(rank), url=url)
+    assert gone.returncode == 1 and f"passage [{rank}] of question {qid}'s answer is gone" in gone.stderr, gone.stderr
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):

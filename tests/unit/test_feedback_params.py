@@ -8,7 +8,8 @@ import pytest
 from pgsynapse.errors import InputError
 from pgsynapse.feedback import feedback_params
 
-ANSWERED = {"status": "answered", "sources": [{"rank": 1, "chunk_id": 40}, {"rank": 3, "chunk_id": 7}]}
+ANSWERED = {"status": "answered", "sources": [{"rank": 1, "chunk_id": 40}, {"rank": 3, "chunk_id": 7}],
+            "live_chunks": [40, 7]}
 
 
 def test_the_cited_passage_becomes_the_chunk_of_the_row():
@@ -25,6 +26,9 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
     (ANSWERED, {"helpful": True, "source": 2}, "question 5's answer cites no passage [2] (it cites [1], [3])"),
     ({"status": "answered", "sources": []}, {"helpful": True, "source": 1},
      "question 5's answer cites no passage [1] (it cites none)"),
+    ({**ANSWERED, "live_chunks": [40]}, {"helpful": True, "source": 3},
+     "passage [3] of question 5's answer is gone: its document was edited or deleted since (give the feedback without"
+     " naming a passage)"),
 ])
 def test_mistakes_are_refused_saying_what_is_wrong(question, kw, message):
     args = {"helpful": None, "rating": None, "source": None, "comment": None, **kw}

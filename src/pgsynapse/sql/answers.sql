@@ -116,8 +116,12 @@ SELECT pg_notify('pgsynapse_answers', json_build_object(
 FROM u;
 
 -- name: question_for_feedback
--- `pgsynapse feedback` and Client.feedback: the answer being rated, and the passages it cited
-SELECT status, sources FROM pgsynapse.questions WHERE id = %(question)s;
+-- `pgsynapse feedback` and Client.feedback: the answer being rated, the passages it cited, and which of those are
+-- still there (an edit of a document replaces its chunks)
+SELECT q.status, q.sources,
+       ARRAY(SELECT c.id FROM pgsynapse.chunks c JOIN jsonb_array_elements(q.sources) s
+             ON c.id = (s->>'chunk_id')::bigint) AS live_chunks
+FROM pgsynapse.questions q WHERE q.id = %(question)s;
 
 -- name: insert_feedback
 -- the feedback trigger makes it a training example (one per question, its latest: triggers/feedback_v4.sql)
