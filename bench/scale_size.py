@@ -2,7 +2,7 @@
 
 * ``queue``: ``done`` finished jobs (half of them past a one-day retention) and ``pending`` due ones in
   ``pgsynapse.jobs``: the fill rate, the claim plan and claim latency at that size, the retention's cost (the
-  worker's ``prune_done_jobs``, 10,000 rows a statement), then a churn of jobs claimed and completed with
+  worker's housekeeping ``prune_done_jobs``, 10,000 rows a statement), then a churn of jobs claimed and completed with
   autovacuum off (the state before autovacuum reaches a large table: its default threshold is 20 % of the rows)
   and the same after a VACUUM: table and index sizes, dead tuples, claim latency.
 * ``vectors``: ``n`` 384-d vectors of one version (synthetic, with a low-dimensional structure: ``_vectors``): the HNSW

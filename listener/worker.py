@@ -23,12 +23,15 @@ from psycopg_pool import AsyncConnectionPool
 from psycopg.types.json import Jsonb
 
 from pgsynapse import metrics
+from pgsynapse.cache import default_lru
 from pgsynapse.config import Settings
 from pgsynapse.db import bounded_transaction, pool_kwargs, session_url
+from pgsynapse.errors import ConfigError
 from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
+from pgsynapse.listener.housekeeping import cleanup_caches, prune_done_jobs
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
 from pgsynapse.listener.writer import BatchWriter
@@ -64,8 +67,6 @@ class Worker:
             known = registry()
             unknown = [k for k in settings.kinds if k not in known]
             if unknown:
-                from pgsynapse.errors import ConfigError
-
                 raise ConfigError(f"invalid setting kinds [PGSYNAPSE_KINDS]: unknown job kind(s) {unknown}")
             bound = settings.model_copy(update={"database_url": url})
             handlers = {k: known[k](bound, self.models) for k in settings.kinds}
@@ -97,8 +98,6 @@ class Worker:
         self._tasks: TaskGroup | None = None
         # exports of new versions to the configured runtime, and the A/B decisions (listener/rollout.py)
         self.rollout = Rollout(settings, url, self.worker_id, serves=bool({"embed", "answer"} & set(self.handlers)))
-        from pgsynapse.cache import default_lru
-
         default_lru.size = settings.cache_lru_size
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -190,7 +189,8 @@ class Worker:
         one that fails (and logs ``maintenance_failed`` with its step) never stops the others."""
         interval = max(0.2, min(self.settings.lease_seconds / 3, 10.0))
         steps = (("renew", self.renew_leases), ("reap", self.reap_expired), ("heartbeat", self._heartbeat),
-                 ("cache_cleanup", self.cleanup_cache), ("prune", self.prune_done_jobs))
+                 ("cache_cleanup", lambda: cleanup_caches(self._open_pool(), self.settings)),
+                 ("prune", lambda: prune_done_jobs(self._open_pool(), self.settings)))
         while True:
             cleanup_due = time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval
             if cleanup_due:
@@ -245,45 +245,6 @@ class Worker:
             "rss_mb": round(rss_bytes() / 2**20, 1), "processed": Jsonb(dict(self.stats.processed)),
         })
         self._registered = True
-
-    async def cleanup_cache(self) -> None:
-        """Enforce the inference cache's TTL and size bound, and the answer cache's max age."""
-        from pgsynapse.answer_cache import expire
-        from pgsynapse.cache import cleanup
-
-        assert self.pool is not None
-        async with self.pool.connection() as conn:
-            removed = await cleanup(conn, ttl_seconds=self.settings.cache_ttl_seconds, max_rows=self.settings.cache_max_rows)
-            expired = await expire(conn, self.settings.answer_cache_max_age_seconds)
-        if removed:
-            log.info("inference_cache_cleaned", removed=removed)
-        if expired:
-            log.info("answer_cache_expired", removed=expired)
-
-    async def prune_done_jobs(self, batch: int = 10_000) -> int:
-        """Delete done jobs (and ``inference_log`` rows) past ``done_job_retention_seconds``, ``batch`` rows per
-        statement. Returns the jobs removed."""
-        retention = self.settings.done_job_retention_seconds
-        if retention <= 0:
-            return 0
-        assert self.pool is not None
-        params = {"retention": retention, "limit": batch}
-        async with self.pool.connection() as conn:
-
-            async def delete_in_batches(query: str) -> int:
-                removed = 0
-                for _ in range(100):  # at most 100 statements per run; the next run takes the rest
-                    n = (await conn.execute(q(query), params)).rowcount or 0
-                    removed += n
-                    if n < batch:
-                        break
-                return removed
-
-            removed = await delete_in_batches("prune_done_jobs")
-            await delete_in_batches("prune_inference_log")
-        if removed:
-            log.info("done_jobs_pruned", removed=removed, retention_seconds=retention)
-        return removed
 
     async def reap_expired(self) -> None:
         assert self.pool is not None

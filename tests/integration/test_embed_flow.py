@@ -8,6 +8,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.listener.housekeeping import prune_done_jobs
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.conftest import adopt_runtime
@@ -281,8 +282,8 @@ async def test_done_jobs_and_inference_log_past_retention_are_pruned_and_failed_
         assert {(r["model_version_id"], r["op"]) for r in log_rows} == {(1, "embed")}
         assert sum(r["batch_size"] for r in log_rows) == 5 and min(r["latency_ms"] for r in log_rows) > 0
         await conn.execute("UPDATE pgsynapse.inference_log SET at = now() - interval '2 days'")
-        assert await worker.prune_done_jobs(batch=2) == 3  # two statements: 2 + 1
-        assert await worker.prune_done_jobs(batch=2) == 0
+        assert await prune_done_jobs(worker.pool, worker.settings, batch=2) == 3  # two statements: 2 + 1
+        assert await prune_done_jobs(worker.pool, worker.settings, batch=2) == 0
         row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.inference_log")).fetchone()
         assert row["n"] == 0
     left = await (await conn.execute("SELECT id, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
