@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.export import optimise_version
+from pgsynapse.learning.autopromote import run_decisions
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -100,8 +101,6 @@ class Rollout:
             self._deciding = False
 
     def _decide_sync(self) -> list[dict[str, Any]]:
-        from pgsynapse.learning.autopromote import run_decisions
-
         with psycopg.connect(self.url, autocommit=True, row_factory=dict_row, **NO_PREPARE,
                              application_name="pgsynapse-worker") as conn:
             return run_decisions(conn, min_rated=self.settings.auto_promote_min_rated,

@@ -7,8 +7,12 @@ from typing import Any
 
 import anyio
 
+from pgsynapse.client import Client
 from pgsynapse.config import Settings
+from pgsynapse.daemon import serve
 from pgsynapse.db import Database
+from pgsynapse.errors import DatabaseError
+from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import applied, available, migrate
 from pgsynapse.queries import q
@@ -17,8 +21,6 @@ log = get_logger(__name__)
 
 
 def ensure_schema(db: Database, *, apply: bool = True) -> None:
-    from pgsynapse.errors import DatabaseError
-
     if apply:
         migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
         return
@@ -38,9 +40,6 @@ def run_worker(
     settings: Settings, *, apply_migrations: bool = True, reload: Callable[[], Settings] | None = None
 ) -> None:
     """The service: migrations, then the worker with systemd notify/watchdog, SIGHUP ``reload`` and metrics."""
-    from pgsynapse.daemon import serve
-    from pgsynapse.listener.worker import Worker
-
     with Database(settings) as db:
         ensure_schema(db, apply=apply_migrations)
         worker = Worker(settings, db.url)
@@ -52,8 +51,6 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
     Without a running worker on this database, an in-process worker answers it (the embedded default's usual
     case)."""
-    from pgsynapse.client import Client
-
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
@@ -65,8 +62,6 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
              tables: list[str] | None = None, timeout: float = 300.0):
     """Ask one question about the data and wait for its statement and result (an in-process worker answers it
     when none runs on this database)."""
-    from pgsynapse.client import Client
-
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=timeout)
@@ -77,8 +72,6 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
 def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
     """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``."""
     async def with_worker(url: str):
-        from pgsynapse.listener.worker import Worker
-
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:

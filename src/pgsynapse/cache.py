@@ -23,6 +23,7 @@ import anyio
 import numpy as np
 import psycopg
 
+from pgsynapse import metrics
 from pgsynapse.models import Embedder
 from pgsynapse.queries import q
 
@@ -96,8 +97,6 @@ async def embed_queries(
     ``conn`` is an async connection in autocommit mode or inside the caller's transaction; the vector type must be
     registered on it (``pgvector.psycopg.register_vector_async``). ``None`` skips the database cache.
     """
-    from pgsynapse import metrics
-
     lru = default_lru if lru is None else lru
     version = embedder.spec.version_id
     keys = [_key(embedder, QUERY_EMBEDDING, t) for t in texts]
@@ -142,8 +141,6 @@ async def embed_query(
 
 def embed_query_sync(conn: psycopg.Connection | None, embedder: Embedder, text: str, *, lru: LRU | None = None) -> np.ndarray:
     """:func:`embed_query` for a sync connection (``pgvector.psycopg.register_vector`` on it)."""
-    from pgsynapse import metrics
-
     lru = default_lru if lru is None else lru
     key = _key(embedder, QUERY_EMBEDDING, text)
     hit = lru.get(key)

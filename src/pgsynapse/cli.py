@@ -4,23 +4,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import runpy
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
+import anyio
 import psycopg
 
+from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, build_parser
+from pgsynapse.client import format_result
+from pgsynapse.config import load_settings
+from pgsynapse.db import Database, describe_db_error
+from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
+from pgsynapse.export import run_export
+from pgsynapse.ingest import follow, ingest
+from pgsynapse.learning.canary import canary_command
+from pgsynapse.learning.cli import run_learning_command, run_model_command
+from pgsynapse.logs import configure_logging
+from pgsynapse.migrate import migrate
+from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
+from pgsynapse.ranking.cli import run_ranker_command
+from pgsynapse.ranking.scorer import RankerCache, ranker_row
+from pgsynapse.replica import replica_for
+from pgsynapse.retry import retry_failed
+from pgsynapse.search import search, search_order
+from pgsynapse.status import render, snapshot
+from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
 def _settings(args: argparse.Namespace):
-    from pgsynapse.config import load_settings
-
     overrides = {
         "database_url": args.database_url,
         "data_dir": args.data_dir,
@@ -34,8 +55,6 @@ def _settings(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pgsynapse.logs import configure_logging
-
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
@@ -48,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         return EX_UNAVAILABLE
     except psycopg.Error as exc:
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
-        from pgsynapse.db import describe_db_error
-
         print(f"pgsynapse: error: database error: {describe_db_error(exc)}", file=sys.stderr)
         # a missing privilege stays missing until someone grants it: not worth a restart loop
         return EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE
@@ -61,23 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings) -> int:
-    from pgsynapse.db import Database
-
     if args.command == "run":
-        from pgsynapse.app import run_worker
-
         run_worker(settings, apply_migrations=not args.no_migrate, reload=lambda: _settings(args))
         return 0
     if args.command == "migrate":
-        from pgsynapse.migrate import migrate
-
         with Database(settings) as db:
             done = migrate(db.listen_url)  # its session lock needs a session: the direct URL (listen_url)
         print("applied: " + ", ".join(done) if done else "database schema is up to date")
         return 0
     if args.command == "status":
-        from pgsynapse.status import render, snapshot
-
         with Database(settings) as db, db.connect() as conn:
             snap = snapshot(conn, read_url=settings.read_url)
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
@@ -92,8 +101,6 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
               f"enqueue NOTIFY: off (idle workers poll every quiet_poll_interval, {settings.quiet_poll_interval:g} s here)")
         return 0
     if args.command == "retry-failed":
-        from pgsynapse.retry import retry_failed
-
         with Database(settings) as db, db.connect() as conn:
             counts = retry_failed(conn, args.kind)
         if counts:
@@ -102,39 +109,25 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         return 0
     if args.command == "search" and (args.images or args.like_image):
+        # the image commands load torch and transformers (2.5 s, 300 MB): only they pay for it, not every command
         from pgsynapse.images.cli import run_image_search
 
         return run_image_search(args, settings)
     if args.command == "image-model":
-        from pgsynapse.images.cli import run_image_model_command
+        from pgsynapse.images.cli import run_image_model_command  # torch, as above
 
         return run_image_model_command(args, settings)
     if args.command == "sql-ask":
-        from pgsynapse.textsql.cli import run_sql_ask
-
         return run_sql_ask(args, settings)
     if args.command == "sql-correct":
-        from pgsynapse.textsql.cli import run_sql_correct
-
         return run_sql_correct(args, settings)
     if args.command == "sql-model":
-        from pgsynapse.textsql.cli import run_sql_model_command
-
         return run_sql_model_command(args, settings)
     if args.command == "ranker":
-        from pgsynapse.ranking.cli import run_ranker_command
-
         return run_ranker_command(args, settings)
     if args.command == "search":
         if not args.text:
             raise PgsynapseError("search needs a text (or --like-image PATH)")
-        import anyio
-
-        from pgsynapse.models import ModelCache
-        from pgsynapse.ranking.scorer import RankerCache, ranker_row
-        from pgsynapse.replica import replica_for
-        from pgsynapse.search import search, search_order
-
         async def go(db: Database):
             replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search",
                                   settings=settings)
@@ -169,11 +162,6 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(unsearched)
         return 0
     if args.command == "ask":
-        from dataclasses import asdict
-
-        from pgsynapse.app import ask
-        from pgsynapse.client import format_result
-
         streamed: list[str] = []
 
         def show(piece: str) -> None:  # a generator's answer, printed as it is written
@@ -195,21 +183,14 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(format_result(result))
         return 0 if result.status == "answered" else 1
     if args.command in ("feedback", "retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
-        from pgsynapse.learning.cli import run_learning_command
-
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             return run_learning_command(args, conn)
     if args.command == "canary":
-        from pgsynapse.learning.canary import canary_command
-
         size = settings.retrain_canary_size if args.size is None else args.size
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             print(canary_command(conn, args.action, size))
         return 0
     if args.command == "ingest":
-        from pgsynapse.app import ensure_schema
-        from pgsynapse.ingest import follow, ingest
-
         progress = False if args.no_progress else None
         with Database(settings) as db:
             ensure_schema(db, apply=False)
@@ -226,14 +207,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                         print("images wait for an image model: pgsynapse image-model add PATH")
         return 1 if report.failed or report.embed_failed or report.images_failed else 0
     if args.command == "model" and args.model_command in ("add", "list", "distill"):
-        from pgsynapse.learning.cli import run_model_command
-
         with Database(settings) as db, db.connect(autocommit=True) as conn:
             return run_model_command(args, conn, settings, db.url)
     if args.command == "model":
         # imported here like every command's library: parsing the command line loads no numpy, torch or onnx
-        from pgsynapse.export import run_export
-
         report = run_export(
             settings,
             args.runtime,
@@ -255,16 +232,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         print(f"{args.runtime}: {what} model version {report.version_id}: {figures}, artifact {report.artifact_path}")
         return 0
     if args.command == "bench":
-        import os
-        import runpy
-
         sys.path.insert(0, os.getcwd())  # bench/ lives in the source tree, beside src/
         module = f"bench.{bench_name(args.name)}"
         sys.argv = [module, *args.bench_args]
         runpy.run_module(module, run_name="__main__")
         return 0
     if args.command == "demo":
-        from pgsynapse.demo import run_demo
-
         return run_demo(settings, limit=args.limit)
     raise AssertionError(args.command)

@@ -11,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
+from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.errors import DatabaseError
 from pgsynapse.queries import q
 
@@ -122,8 +123,6 @@ class Database:
 
     def __enter__(self) -> Database:
         if not self.url:
-            from pgsynapse.embedded import EmbeddedPostgres
-
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             self.url = self._embedded.start()
         return self

@@ -16,6 +16,7 @@ from pgsynapse.client import Client, DataResult, format_result
 from pgsynapse.config import Settings
 from pgsynapse.corpus import demo_pages
 from pgsynapse.db import Database, next_notify
+from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
 from pgsynapse.search import search, search_order
@@ -103,8 +104,6 @@ def model_line(version: dict) -> str:
 
 
 async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
-    from pgsynapse.listener.worker import Worker
-
     what, pages = demo_pages(limit)
     print(f"pgsynapse demo: {len(pages)} pages of the {what}", file=out)
     print(f"database: {'embedded PostgreSQL in ' + str(settings.data_dir) if settings.embedded else 'DATABASE_URL'}", file=out)

@@ -12,6 +12,7 @@ from importlib import resources
 
 import psycopg
 
+from pgsynapse.db import connect, describe_db_error
 from pgsynapse.errors import DatabaseError, DatabaseSetupError
 from pgsynapse.logs import get_logger
 
@@ -63,8 +64,6 @@ def applied(conn: psycopg.Connection) -> list[int]:
 
 def migrate(url: str) -> list[str]:
     """Apply every pending migration; returns the names applied (empty when up to date)."""
-    from pgsynapse.db import connect
-
     done: list[str] = []
     with connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
@@ -89,8 +88,6 @@ def migrate(url: str) -> list[str]:
                             (mig.version, mig.name),
                         )
                 except psycopg.Error as exc:
-                    from pgsynapse.db import describe_db_error
-
                     err = DatabaseSetupError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseError
                     raise err(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
                 log.info("migration_applied", version=mig.version, name=mig.name)

@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 
+from pgsynapse.chunking import Chunker
 from pgsynapse.learning.canary import ensure_canary
 from pgsynapse.learning.gate import gate_metrics
 from pgsynapse.learning.holdout import grouped_holdout
@@ -132,10 +134,6 @@ def synthetic_pairs(docs: dict[int, tuple[str, str]], doc_chunks: dict[int, list
 
 
 def load_data(spec: TrainSpec) -> dict[str, Any]:
-    import psycopg
-
-    from pgsynapse.chunking import Chunker
-
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         examples = conn.execute(q("feedback_examples", "learning.sql")).fetchall()
         rows = conn.execute(

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
+from pgsynapse.app import ask_data
 from pgsynapse.client import DataResult
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
@@ -56,8 +57,6 @@ def format_data_result(r: DataResult) -> str:
 
 
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from pgsynapse.app import ask_data
-
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
     result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
                       timeout=args.timeout)

@@ -20,6 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pgsynapse.queries import q
+from pgsynapse.textsql.execute import run_readonly, same_result
+from pgsynapse.textsql.generate import SqlPrompt
+from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -72,8 +77,6 @@ def load_pairs(conn: Any, role: str, *, history_turns: int = 0, max_question_cha
     prompt is rebuilt as it was answered: its schema context, and the session's earlier answered turns (the
     ``history_turns`` setting, read as the sql_answer handler reads them). The tables a pair's statements may read
     are the question's scope that ``role`` may SELECT (every table of its schema, or its ``allowed_tables``)."""
-    from pgsynapse.queries import q
-
     scopes: dict[tuple[str, tuple[str, ...] | None], tuple[tuple[str, str], ...]] = {}
     out = []
     for r in conn.execute(q("sql_training_pairs", "textsql_models.sql")).fetchall():
@@ -120,9 +123,6 @@ class Outcome:
 
 def run_statement(conn: Any, sql: str, pair: Pair, limits: Any, role: str) -> tuple[Any, Outcome | None]:
     """Check and run one statement for ``pair`` as the reader role: (result, None) or (None, what went wrong)."""
-    from pgsynapse.textsql.execute import run_readonly
-    from pgsynapse.textsql.safety import UnsafeSQL, check_sql
-
     if not sql.strip():
         return None, Outcome("no_sql", sql, "the model generated no statement")
     try:
@@ -176,9 +176,6 @@ def evaluate(generator: Any, pairs: Sequence[Pair], targets: Sequence[Any], conn
     targets (:func:`run_targets`): check, run as ``role`` within ``limits`` (``conn``: an idle autocommit
     connection), compare (ordered only when the target orders at the top level). ``on_pair(i, outcome)`` after
     each pair."""
-    from pgsynapse.textsql.execute import same_result
-    from pgsynapse.textsql.generate import SqlPrompt
-
     started = time.time()
     outcomes = []
     for i, (p, target) in enumerate(zip(pairs, targets, strict=True)):

@@ -45,7 +45,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+import psycopg
+from psycopg.rows import dict_row
+
+from pgsynapse.answerers.local_models import load_transformers, resolve_model
+from pgsynapse.config import load_settings
+from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.learning.trainer_process import progress
+from pgsynapse.textsql.execute import Limits
+from pgsynapse.textsql.gate import accuracy
+from pgsynapse.textsql.generate import (
+    SqlPrompt, auto_runtime, encode_example, fit_prompt, make_generator, prompt_text, training_example)
+from pgsynapse.textsql.gguf_export import export_gguf
 from pgsynapse.textsql.pairs import (  # re-exported: the benchmark's entry points are all here
     Evaluation, Outcome, Pair, evaluate, load_pairs, normalise_question, ordered_target, run_statement, run_targets,
     split_pairs)
@@ -103,9 +115,6 @@ def encode_pair(tokenizer: Any, pair: Pair, prompt_budget: int) -> tuple[list[in
     The prompt is exactly the generator's at inference: fitted to the same budget (whole tables dropped from the
     end of the schema context, never the question; ``trimmed`` says so), rendered and tokenised the same way;
     labels are -100 on the prompt, so the loss is on the statement (and its end) only."""
-    from pgsynapse.errors import InputError
-    from pgsynapse.textsql.generate import SqlPrompt, encode_example, fit_prompt, prompt_text, training_example
-
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -150,8 +159,6 @@ def _fine_tune(pairs: Sequence[Pair], base: str, out_dir: str | Path, *, lora: b
                lora_alpha: int, seed: int, budget_seconds: float, cache_dir: str | Path | None,
                on_step: Callable[[dict[str, Any]], None] | None) -> FitReport:
     import torch
-
-    from pgsynapse.answerers.local_models import load_transformers
 
     started = time.time()
     random.seed(seed)
@@ -285,9 +292,6 @@ def _micro_batches(batch: list[tuple[list[int], list[int], bool]], tokens: int) 
 def gguf_base(base: str, cache_dir: Path) -> Path | None:
     """The GGUF file of ``base`` when it is one (a .gguf file, a preset, a directory holding one .gguf file and no
     config.json), else None."""
-    from pgsynapse.answerers.local_models import resolve_model
-    from pgsynapse.errors import ConfigError
-
     try:
         location = resolve_model(base, cache_dir=cache_dir, setting="sql_model_path")
     except ConfigError:
@@ -300,9 +304,6 @@ def export_candidate(base: str, out_dir: str | Path, cache_dir: Path, quant: str
     ``OUT_DIR/model.gguf`` on llama-cpp when the base is a GGUF model, llama-cpp-python is installed and ``quant``
     (``sql_retrain_gguf``) is not ``off``; else, or when the export fails (event ``sql_gguf_export_failed``), the
     transformers directory. The record says which and why (it goes into the metrics)."""
-    from pgsynapse.textsql.generate import auto_runtime
-    from pgsynapse.textsql.gguf_export import export_gguf
-
     directory = ("transformers", str(out_dir))
     if quant == "off":
         return *directory, {"skipped": "sql_retrain_gguf = off"}
@@ -327,14 +328,10 @@ def export_candidate(base: str, out_dir: str | Path, cache_dir: Path, quant: str
 # -- the process -------------------------------------------------------------------------------------------------
 
 def _settings(spec: SqlTrainSpec) -> Any:
-    from pgsynapse.config import load_settings
-
     return load_settings(environ={}, database_url=spec.url, **spec.settings)
 
 
 def _limits(settings: Any) -> Any:
-    from pgsynapse.textsql.execute import Limits
-
     return Limits(statement_timeout_ms=settings.sql_statement_timeout_ms, max_rows=settings.sql_max_rows,
                   max_bytes=settings.sql_max_result_bytes)
 
@@ -350,8 +347,6 @@ def _candidate(runtime: str, path: str, directory: str, settings: Any,
                exported: dict[str, Any]) -> tuple[Any, str, str]:
     """(generator, runtime, path) of the candidate: its GGUF export on llama.cpp, or the directory when that export
     does not load (``exported`` records why)."""
-    from pgsynapse.textsql.generate import make_generator
-
     if runtime != "transformers":
         try:
             return make_generator(runtime, path, settings), runtime, path
@@ -364,12 +359,6 @@ def _candidate(runtime: str, path: str, directory: str, settings: Any,
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
     """The whole run (see the module's docstring); returns the metrics it wrote to ``OUT_DIR/metrics.json``. The
     sql_retrain handler runs it in its own process; ``startup_seconds``: that process's start to here."""
-    import psycopg
-    from psycopg.rows import dict_row
-
-    from pgsynapse.textsql.gate import accuracy
-    from pgsynapse.textsql.generate import make_generator
-
     started = time.time()
     seconds: dict[str, float] = {} if startup_seconds is None else {"startup": round(startup_seconds, 2)}
     settings = _settings(spec)
@@ -443,6 +432,4 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
 
 
 if __name__ == "__main__":
-    import psutil
-
     main(SqlTrainSpec(**json.loads(sys.stdin.read())), startup_seconds=time.time() - psutil.Process().create_time())
