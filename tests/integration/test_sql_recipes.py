@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 
@@ -17,11 +18,23 @@ pytestmark = pytest.mark.anyio
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
 
 
-def recipe(heading: str) -> str:
-    """The first ```sql block after ``heading`` in docs/sql.md."""
+def recipe(heading: str, language: str = "sql") -> str:
+    """The first ```sql (or ``language``) block after ``heading`` in docs/sql.md."""
     text = DOCS.read_text()
     start = text.index(heading)
-    return re.search(r"```sql\n(.*?)```", text[start:], re.S).group(1)
+    return re.search(rf"```{language}\n(.*?)```", text[start:], re.S).group(1)
+
+
+async def test_the_python_recipe_waits_for_the_embedded_or_failed_notify(db_url, models):
+    namespace: dict = {}
+    exec(recipe("## Python (psycopg 3)", "python"), namespace)
+    add_and_wait = namespace["add_and_wait"]
+    settings = fast_settings(db_url, kinds=("embed",), max_document_chars=1000, max_attempts=1)
+    async with running_worker(settings, models):
+        # blocking, as the recipe is: its own thread, while the worker goes on here
+        ok = await anyio.to_thread.run_sync(add_and_wait, db_url, "Vacuum", "VACUUM reclaims storage.")
+        too_long = await anyio.to_thread.run_sync(add_and_wait, db_url, "Big", "x " * 1000)
+    assert (ok, too_long) == ("embedded", "failed")
 
 
 async def test_a_table_of_yours_kept_in_step_with_documents(db_url, login_role, models):  # noqa: F811
