@@ -23,8 +23,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PGSYNAPSE_RUNTIME", "torch")
 
 from pgsynapse.config import load_settings  # noqa: E402 - after the environment above, like the next line
+from pgsynapse.demo import DATA_QUESTION, SHOP_SQL  # noqa: E402
+from pgsynapse.embedded import EmbeddedPostgres  # noqa: E402
 from pgsynapse.export import optimise_active_version  # noqa: E402
+from pgsynapse.migrate import migrate  # noqa: E402
+from pgsynapse.models import ModelCache, default_model_path  # noqa: E402
+from pgsynapse.textsql.generate import SqlPrompt  # noqa: E402
 from tests.image_models import tiny_clip, tiny_vit  # noqa: E402 - transformers reads HF_HUB_OFFLINE at import
+from tests.helpers import admin_connection, drop_database, with_db  # noqa: E402
+from tests.sql_models import sql_database, tiny_sql_model  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,8 +74,6 @@ def pg_url() -> Iterator[str]:
         yield url
         container.stop()  # type: ignore[attr-defined]
         return
-    from pgsynapse.embedded import EmbeddedPostgres
-
     # never under /root: as root the embedded server chmods the parents of its data dir
     data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-", dir="/tmp"))
     server = EmbeddedPostgres(data_dir)
@@ -79,31 +84,12 @@ def pg_url() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _admin(url: str) -> psycopg.Connection:
-    return psycopg.connect(url, autocommit=True)
-
-
-def _with_db(url: str, dbname: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with _admin(admin_url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def template_db(pg_url: str) -> Iterator[str]:
-    from pgsynapse.migrate import migrate
-
     name = f"pgsynapse_tpl_{uuid.uuid4().hex[:8]}"
-    with _admin(pg_url) as conn:
+    with admin_connection(pg_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    migrate(_with_db(pg_url, name))
+    migrate(with_db(pg_url, name))
     yield name
     drop_database(pg_url, name)
 
@@ -115,13 +101,13 @@ def new_db(pg_url: str):
 
     def make(template: str | None = None) -> str:
         name = f"pgsynapse_t_{uuid.uuid4().hex[:10]}"
-        with _admin(pg_url) as conn:
+        with admin_connection(pg_url) as conn:
             if template:
                 conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
             else:
                 conn.execute(f'CREATE DATABASE "{name}"')
         made.append(name)
-        return _with_db(pg_url, name)
+        return with_db(pg_url, name)
 
     yield make
     for name in made:
@@ -137,14 +123,11 @@ def db_url(new_db, template_db: str) -> str:
 @pytest.fixture(scope="session")
 def models():
     """The real default model, loaded once for the whole run."""
-    from pgsynapse.models import ModelCache
-
     return ModelCache()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(models):
-    from pgsynapse.models import default_model_path
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(default_model_path()))
@@ -159,7 +142,7 @@ def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
     name = f"pgsynapse_int8_{data_dir.name[-8:].lower()}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(pg_url, name)
+    url = with_db(pg_url, name)
     try:
         # the export's agreement check on its smallest sample: the same export and INT8 schemes in a fraction
         # of the time (tests/integration/test_runtime_switch.py checks the agreement itself)
@@ -173,13 +156,6 @@ def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
     finally:
         drop_database(pg_url, name)
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def adopt_runtime(url: str, version: dict[str, Any]) -> None:
-    """Give a test's database the version exported by ``default_runtime``, as after a fresh install's first start."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s, metrics = %s::jsonb"
-                     " WHERE id = 1", (version["runtime"], version["artifact_path"], json.dumps(version["metrics"])))
 
 
 @pytest.fixture(scope="session")
@@ -197,10 +173,6 @@ def tiny_vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_sql_model(pg_url, template_db, tmp_path_factory) -> str:
     """A tiny SQL model that answers the demo's data question right, on the demo's table (the demo's and the SQL
     commands' end-to-end tests)."""
-    from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
-    from pgsynapse.textsql.generate import SqlPrompt
-    from tests.sql_models import sql_database, tiny_sql_model
-
     # what a right model says (no '_' in it: the tiny model's tokenizer splits them)
     shipped_per_region = "select region, count(shipped) from orders group by region order by 2 desc, 1"
     with sql_database(pg_url, template_db, tmp_path_factory, "demo_shop", SHOP_SQL, "demo_shop") as (_, _, ctx):

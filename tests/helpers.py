@@ -20,10 +20,12 @@ from typing import Any
 import anyio
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings, load_settings
 from pgsynapse.db import next_notify
+from pgsynapse.listener.worker import Worker
 
 SAFETY_TIMEOUT = 120.0  # a safety net only: every wait returns on an event
 # model version 1 as a fresh database has it (the default model on torch): ModelCache.get() of it in a test
@@ -74,8 +76,6 @@ async def wait_until(
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, models, **kw: Any) -> AsyncIterator[Any]:
     """An in-process worker, started (LISTEN up) before the body runs, drained and stopped after."""
-    from pgsynapse.listener.worker import Worker
-
     worker = Worker(settings, settings.database_url, models=models, **kw)
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
@@ -159,6 +159,29 @@ def spawn_worker(
     if wait_started:
         wp.wait_event("worker_started")
     return wp
+
+
+def adopt_runtime(url: str, version: dict[str, Any]) -> None:
+    """Give a test's database the version exported by ``default_runtime``, as after a fresh install's first start."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = %s, artifact_path = %s, metrics = %s::jsonb"
+                     " WHERE id = 1", (version["runtime"], version["artifact_path"], json.dumps(version["metrics"])))
+
+
+def admin_connection(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def with_db(url: str, dbname: str) -> str:
+    """``url`` with another database name."""
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with admin_connection(admin_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def insert_docs(url: str, docs: list[tuple[str, str]]) -> list[int]:

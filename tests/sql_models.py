@@ -22,8 +22,7 @@ from pgsynapse.config import Settings
 from pgsynapse.models import default_model_path
 from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.generate import SqlPrompt, encode_example, extract_sql, training_example
-from tests.conftest import _with_db, drop_database
-from tests.helpers import fast_settings
+from tests.helpers import drop_database, fast_settings, with_db
 
 STATS: dict[str, int] = {}  # of the last build: steps taken and the size of its training vocabulary
 MARGIN = 1.0  # logits of each target token above any other, so that greedy decoding is exact and stable
@@ -42,7 +41,7 @@ def sql_database(pg_url: str, template_db: str, tmp_path_factory: pytest.TempPat
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     try:
-        settings = fast_settings(_with_db(pg_url, name))
+        settings = fast_settings(with_db(pg_url, name))
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             conn.execute(tables)
             ctx = schema_context(conn, schema, None, samples=settings.sql_sample_values,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.chaos.invariants import install_audit
-from tests.conftest import adopt_runtime
+from tests.helpers import adopt_runtime
 
 RESULTS = Path(__file__).parent / ".results" / "last_run.json"
 

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgsynapse.models import default_model_path
 from tests.chaos.invariants import QUIET, assert_exactly_once
 from tests.helpers import aconn, fast_settings, running_worker, spawn_worker, wait_until
 
@@ -91,8 +92,6 @@ async def test_bad_rows_get_their_own_error_and_neighbours_are_untouched(db_url,
 
 
 def _corrupt_model(tmp: Path) -> Path:
-    from pgsynapse.models import default_model_path
-
     dst = tmp / "corrupt-model"
     shutil.copytree(default_model_path(), dst, ignore=shutil.ignore_patterns("onnx", "openvino", "*.onnx"))
     for weights in list(dst.glob("*.safetensors")) + list(dst.glob("*.bin")):
@@ -104,8 +103,6 @@ def _model_of_dim(tmp: Path, dim: int) -> Path:
     """The default model with a Dense layer projecting to ``dim``: a valid model of another width."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense
-
-    from pgsynapse.models import default_model_path
 
     m = SentenceTransformer(str(default_model_path()), device="cpu")
     m.append(Dense(m.get_embedding_dimension(), dim))

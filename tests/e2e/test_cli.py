@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from pgsynapse.demo import QUESTIONS
+from tests.embed_models import tiny_embedding_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,8 +146,6 @@ def test_ask_answers_from_the_command_line(new_db):
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):
-    from tests.embed_models import tiny_embedding_model
-
     url = new_db(template_db)
     path = tiny_embedding_model(tmp_path / "tiny-40", 40)
     r = pgsynapse("model", "add", str(path), "--name", "tiny", url=url)

@@ -17,7 +17,9 @@ from psycopg.rows import dict_row
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.registry import retire
 from pgsynapse.learning.routing import choose_version
+from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
+from tests.e2e.test_cli import pgsynapse
 from tests.helpers import aconn, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -208,8 +210,6 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
             assert f"v{cand['id']}" in text and "v1" in text and "95% CI" in text
 
             # the CLI, as an operator uses it
-            from tests.e2e.test_cli import pgsynapse
-
             shown = pgsynapse("ab-report", url=db_url)
             assert shown.returncode == 0 and f"v{cand['id']}" in shown.stdout and "v1 " in shown.stdout, shown.stderr
             promoted = pgsynapse("promote", str(cand["id"]), url=db_url)
@@ -235,8 +235,6 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
 async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, tmp_path, models):
     """Register a candidate by hand (a copy of the default model) and kill the worker mid-backfill."""
     import shutil
-
-    from pgsynapse.models import default_model_path
 
     pages = _pages()[:12]
     conn = await aconn(db_url)
@@ -267,8 +265,6 @@ async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, 
         "SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %s", (version,))).fetchone()
     total = (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone())["n"]
     assert 0 < part["n"] < total
-    from tests.e2e.test_cli import pgsynapse
-
     snap = json.loads(pgsynapse("status", "--json", url=db_url).stdout)
     row = next(v for v in snap["model_versions"] if v["id"] == version)
     assert row["backfill"] == f"{part['n']}/{total}"  # progress in status

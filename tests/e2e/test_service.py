@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pgsynapse.sdnotify import Notifier, watchdog_interval
 from tests.helpers import SAFETY_TIMEOUT, aconn, free_port, http_get, insert_docs, metric_samples, spawn_worker, wait_until
 from tests.notify_socket import NotifySocket
 
@@ -111,8 +112,6 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
 
 
 def test_notify_to_abstract_socket():
-    from pgsynapse.sdnotify import Notifier, watchdog_interval
-
     name = f"pgsynapse-test-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0" + name)

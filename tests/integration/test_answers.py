@@ -18,8 +18,7 @@ from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.retrieval import fuse_full_text
 from pgsynapse.search import search, version_row
-from conftest import adopt_runtime
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

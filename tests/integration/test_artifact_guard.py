@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from pgsynapse.artifacts import remove_artifact_dir
 from pgsynapse.errors import ModelError
 from pgsynapse.export import optimise_active_version
 from tests.helpers import fast_settings
@@ -60,8 +61,6 @@ def test_rebuild_never_deletes_a_directory_outside_the_models_folder(db_url, tmp
 
 
 def test_an_artifact_directory_inside_the_models_folder_is_deleted(tmp_path):
-    from pgsynapse.artifacts import remove_artifact_dir
-
     partial = tmp_path / "data" / "models" / "v1-onnx-20260101-000000"
     partial.mkdir(parents=True)
     (partial / "model.onnx.tmp").write_text("cut short")

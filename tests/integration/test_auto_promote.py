@@ -10,8 +10,7 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
-from conftest import adopt_runtime
-from helpers import aconn, fast_settings, running_worker, wait_until
+from tests.helpers import aconn, adopt_runtime, fast_settings, running_worker, wait_until
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.autopromote import decide, detectable_drop, run_decisions

@@ -9,10 +9,10 @@ from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.housekeeping import prune_done_jobs
+from pgsynapse.listener.worker import Worker
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
-from tests.conftest import adopt_runtime
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -233,8 +233,6 @@ async def test_listen_connection_terminated_reconnects_and_next_insert_is_embedd
 
 async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, models):
     """A result computed from old text is never written over a newer body."""
-    from pgsynapse.listener.worker import Worker
-
     settings = fast_settings(db_url)
     worker = Worker(settings, db_url, models=models)
     from psycopg_pool import AsyncConnectionPool

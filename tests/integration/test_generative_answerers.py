@@ -15,6 +15,7 @@ from pgsynapse.answerers import NOT_FOUND
 from pgsynapse.client import Client
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.models import default_model_path
 from tests.helpers import fast_settings, running_worker
 from tests.integration.test_answers import _corpus
 
@@ -23,8 +24,6 @@ pytestmark = pytest.mark.anyio
 
 def _tiny_model(path, kind: str) -> str:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
-
-    from pgsynapse.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(str(default_model_path()))
     if kind == "causal":

@@ -10,7 +10,7 @@ import anyio
 import psycopg
 import pytest
 
-from pgsynapse.ingest import follow, ingest, read_document
+from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
 from pgsynapse.images.ingest import document_for
 from tests.helpers import fast_settings, running_worker
@@ -125,8 +125,6 @@ def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
     f = tmp_path / "x.pdf"
     f.write_bytes(_pdf("hello"))
     monkeypatch.setattr(builtins, "__import__", no_pypdf)
-    from pgsynapse.ingest import SkipFile
-
     with pytest.raises(SkipFile, match=r"pip install 'pgsynapse\[pdf\]'"):
         read_document(f, "x.pdf")
 

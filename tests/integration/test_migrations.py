@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from pgsynapse.answer_cache import lookup_sql
 from pgsynapse.errors import DatabaseError
 from pgsynapse.migrate import Migration, available, migrate
 
@@ -154,8 +155,6 @@ def test_the_answer_cache_migration_upgrades_a_database_with_versions_and_is_ide
         assert {"documents_answer_cache_update", "documents_answer_cache_delete"} <= triggers
         # the lookup's plan uses the version's partial index once the planner thinks it worth it
         conn.execute("SET enable_seqscan = off")
-        from pgsynapse.answer_cache import lookup_sql
-
         plan = "\n".join(r[0] for r in conn.execute(
             "EXPLAIN " + lookup_sql({"id": 1, "dim": 384}).replace("%(query)s", "%(q)s"),
             {"q": "[" + ",".join(["0.1"] * 384) + "]", "k": 8, "threshold": 0.9, "settings_key": "", "rules_key": "",

@@ -16,9 +16,8 @@ from pgsynapse.learning.cli import render_versions
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
-from tests.conftest import adopt_runtime
+from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 from tests.embed_models import tiny_embedding_model
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -18,6 +18,7 @@ from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_text
 from pgsynapse.export.quantize import _calibration_feeds
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
 from pgsynapse.queries import q
+from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -251,8 +252,6 @@ async def test_status_shows_each_running_worker_with_its_models_and_memory(db_ur
     import os
 
     from psycopg.rows import dict_row
-
-    from pgsynapse.status import render, snapshot
 
     conn = await aconn(db_url)
     async with running_worker(fast_settings(db_url), models) as worker:

@@ -15,8 +15,11 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
-from helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 from pgsynapse.export.register import _sha256
+from pgsynapse.learning.registry import RegistryError, promote
+from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
+from pgsynapse.queries import q
+from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -64,8 +67,6 @@ async def test_worker_start_moves_the_active_version_to_onnx_int8_once(db_url, m
     assert not [e for e in logs if e["event"].startswith("runtime_")]
 
     # a worker on another host, where the artifact is missing: built again at the same path, same bytes
-    from pgsynapse.models import ONNX_FILES, ModelCache
-
     shutil.rmtree(v["artifact_path"])
     with capture_logs() as logs:
         async with running_worker(settings, ModelCache()):
@@ -80,8 +81,6 @@ async def test_worker_start_moves_the_active_version_to_onnx_int8_once(db_url, m
 
 async def test_a_failed_export_leaves_torch_serving_and_is_not_retried(db_url, tmp_path):
     """A model the ONNX path cannot take (CLS pooling) keeps torch; the reason is recorded, tried once."""
-    from pgsynapse.models import ModelCache, default_model_path
-
     model = tmp_path / "cls-model"
     shutil.copytree(default_model_path(), model, ignore=shutil.ignore_patterns("*.onnx", "onnx", "openvino"))
     pooling = model / "1_Pooling" / "config.json"
@@ -114,8 +113,6 @@ async def test_a_failed_export_leaves_torch_serving_and_is_not_retried(db_url, t
 def _register_candidate(url: str, model_path: str | None = None) -> int:
     """Version 2 as the retrain job registers it (on torch, runtime_pending) and its backfill leaves it (every
     chunk embedded, all of the sessions: the A/B share of this test)."""
-    from pgsynapse.queries import q
-
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         vid = conn.execute(q("register_version", "learning.sql"), {
             "name": "fine-tuned", "base": 1, "passage": None, "path": model_path, "dim": 384, "metrics": json.dumps({}),
@@ -131,11 +128,6 @@ async def test_a_new_candidate_serves_its_ab_share_on_the_fast_runtime_and_is_pr
     """Issue 23, item 5: a candidate is exported before it gets traffic; promoting it switches nothing.
     (runtime=onnx: the same path as onnx-int8 with one export instead of a quantisation search, to stay fast; the
     INT8 export itself is tested above, and test_auto_promote promotes a candidate on INT8.)"""
-    from pgsynapse.learning.registry import RegistryError, promote
-    from pgsynapse.queries import q
-
-    from conftest import adopt_runtime
-
     adopt_runtime(db_url, default_runtime)  # version 1 as a fresh install leaves it: nothing to export at start
     candidate = _register_candidate(db_url)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
@@ -187,10 +179,6 @@ async def test_a_new_candidate_serves_its_ab_share_on_the_fast_runtime_and_is_pr
 async def test_a_candidate_whose_export_fails_gets_its_ab_share_on_torch_with_the_reason_recorded(
         db_url, models, tmp_path, default_runtime):
     """A candidate the ONNX path cannot take (CLS pooling) stays on torch; the reason is recorded and logged."""
-    from pgsynapse.models import default_model_path
-
-    from conftest import adopt_runtime
-
     adopt_runtime(db_url, default_runtime)
 
     model = tmp_path / "cls-model"

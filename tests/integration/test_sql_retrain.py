@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 
 from pgsynapse.handlers.base import Job, Outcome
 from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
-from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql import train
+from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.generate import SqlPrompt
-from tests.helpers import aconn, fast_settings
+from tests.helpers import aconn, drop_database, fast_settings, with_db
 from tests.sql_models import tiny_sql_model
 
 COUNT, TOTAL, LARGEST = ("SELECT count(*) FROM orders", "SELECT sum(amount) FROM orders",
@@ -65,13 +65,11 @@ def base_model(tmp_path_factory, new_db_module) -> str:
 
 @pytest.fixture(scope="module")
 def new_db_module(pg_url, template_db):
-    from tests.conftest import _with_db, drop_database
-
     name = "pgsynapse_sqlretrain_ctx"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield _with_db(pg_url, name)
+    yield with_db(pg_url, name)
     drop_database(pg_url, name)
 
 

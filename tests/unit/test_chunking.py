@@ -9,6 +9,7 @@ import pytest
 from pgsynapse.chunking import Chunker
 from pgsynapse.errors import InputError
 from pgsynapse.export.sample import sample_texts
+from pgsynapse.models import default_model_path, load_tokenizer
 
 
 def test_short_text_is_one_chunk_with_title_prefix(tokenizer):
@@ -71,8 +72,6 @@ def test_counts_known_from_the_body_tokens_equal_a_fresh_tokenization(tokenizer)
     the fast path: a chunk on word boundaries is counted from the body's tokens, not tokenized again. Every
     chunk, fast or not, must equal the chunk of the always-retokenizing path, count included, on text that cuts
     words (no spaces, long words), accents, CJK and punctuation."""
-    from pgsynapse.models import default_model_path, load_tokenizer
-
     fast_tokenizer = load_tokenizer(default_model_path())
     body = "\n\n".join([
         " ".join(f"Sentence {i} talks about café, naïve façades and résumés (é/è/ê)." for i in range(40)),

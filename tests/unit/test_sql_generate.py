@@ -29,6 +29,8 @@ from pgsynapse.textsql.generate import (
     training_example,
 )
 from tests.sql_models import as_generated, sql_tokenizer, tiny_sql_model
+from pgsynapse.textsql.generate import LlamaCppSqlGenerator, auto_runtime
+from tests.unit.test_generative_prompt import _tiny_gguf
 
 SCHEMA = """CREATE TABLE public.orders (
   id integer PRIMARY KEY,
@@ -271,9 +273,6 @@ def test_an_openai_compatible_endpoint_greedy_then_sampled_candidates(fake_opena
 def test_llama_cpp_runs_a_gguf_with_its_chat_template_within_the_budget(tmp_path):
     pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
     pytest.importorskip("llama_cpp", reason="sql_runtime = llama-cpp needs llama-cpp-python (pgsynapse[llama])")
-    from pgsynapse.textsql.generate import LlamaCppSqlGenerator
-    from tests.unit.test_generative_prompt import _tiny_gguf
-
     _tiny_gguf(tmp_path / "tiny.gguf", context=256)
     generator = LlamaCppSqlGenerator(str(tmp_path / "tiny.gguf"), max_new_tokens=8, context_tokens=0, threads=1)
     assert generator.chat and generator.context_tokens == 256
@@ -287,8 +286,6 @@ def test_llama_cpp_runs_a_gguf_with_its_chat_template_within_the_budget(tmp_path
 
 def test_auto_runtime_runs_gguf_models_on_llama_cpp_when_it_is_installed(tmp_path):
     from importlib.util import find_spec
-
-    from pgsynapse.textsql.generate import auto_runtime
 
     gguf = "llama-cpp" if find_spec("llama_cpp") is not None else "transformers"
     assert auto_runtime("qwen2.5-coder-0.5b") == gguf

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from pgsynapse.cli_args import build_parser
 from pgsynapse.config import load_settings
 from pgsynapse.export import SCHEMES
 from pgsynapse.handlers.base import describe, isolate
+from pgsynapse.listener.wakeup import JobNotice, Wakeups
 from pgsynapse.listener.worker import Worker
-from pgsynapse.listener.wakeup import JobNotice
 from pgsynapse.listener.writer import backoff_delay
+from pgsynapse.models import length_batches
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
 
@@ -73,8 +75,6 @@ def test_named_queries_load():
 async def test_a_stopped_wakeup_never_waits():
     import anyio
 
-    from pgsynapse.listener.wakeup import Wakeups
-
     w = Wakeups(["embed"])
     w.stop()
     with anyio.fail_after(5):
@@ -87,8 +87,6 @@ def test_cli_scheme_choices_are_the_export_schemes_in_order():
     in the order the export tries them."""
     import argparse
 
-    from pgsynapse.cli_args import build_parser
-
     def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
         [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         return action.choices[name]
@@ -99,8 +97,6 @@ def test_cli_scheme_choices_are_the_export_schemes_in_order():
 
 
 def test_length_batches_bound_padding_and_cover_every_text_once():
-    from pgsynapse.models import length_batches
-
     lengths = [256, 12, 250, 240, 256, 3, 100, 95, 91, 256, 230, 231] * 7
     batches = length_batches(lengths, 8)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
