@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings, load_settings
-from pgsynapse.db import next_notify
+from pgsynapse.db import next_notifies
 from pgsynapse.listener.worker import Worker
 
 SAFETY_TIMEOUT = 120.0  # a safety net only: every wait returns on an event
@@ -70,7 +70,7 @@ async def wait_until(
         if left <= 0:
             raise TimeoutError(f"condition not met within {timeout}s: {sql}")
         # a NOTIFY re-checks at once; the short cap covers changes that send none (job rows)
-        await next_notify(conn, min(left, 1.0))
+        await next_notifies(conn, min(left, 1.0))
 
 
 @contextlib.asynccontextmanager

@@ -234,23 +234,27 @@ class Client:
         return Feedback(written["id"], question_id, helpful, rating, params["chunk"])
 
     async def _wait_one(self, key: tuple[str, int]) -> bool:
-        """Wait for the next NOTIFY and keep it for the asker of its question (asks on this client share one
+        """Wait for the next NOTIFYs and keep each for the asker of its question (asks on this client share one
         connection: whoever reads an announcement keeps it for its asker). True when none came within
         ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
         assert self._listen is not None
         async with self._lock:
             if key in self._arrived:
                 return False
-            async for n in self._listen.notifies(timeout=self.recheck_seconds, stop_after=1):
+            # every notification of the packet: psycopg reads them together and yields them all before it stops
+            # after one; leaving the generator at the first dropped the others (another asker's answer)
+            received = [n async for n in self._listen.notifies(timeout=self.recheck_seconds, stop_after=1)]
+            recheck = not received
+            for n in received:
                 try:
                     payload = json.loads(n.payload)
                     announced = int(payload["id"])
                 except (ValueError, KeyError, TypeError):
-                    return True
+                    recheck = True  # not ours to read: the caller re-reads its row
+                    continue
                 if (n.channel, announced) in self._waiting:
                     self._arrived.setdefault((n.channel, announced), []).append(payload)
-                return False
-            return True
+            return recheck
 
     async def _read(self, qid: int) -> Result:
         assert self._conn is not None

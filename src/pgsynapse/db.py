@@ -182,8 +182,7 @@ def columns(rows: Sequence[Sequence[Any]], *names: str) -> dict[str, list[Any]]:
     return {name: list(col) for name, col in zip(names, cols, strict=True)}
 
 
-async def next_notify(conn: psycopg.AsyncConnection, timeout: float) -> psycopg.Notify | None:
-    """The next NOTIFY on a LISTENing connection, or None after ``timeout`` seconds."""
-    async for notice in conn.notifies(timeout=timeout, stop_after=1):
-        return notice
-    return None
+async def next_notifies(conn: psycopg.AsyncConnection, timeout: float) -> list[psycopg.Notify]:
+    """The next NOTIFYs on a LISTENing connection (those that came in together: one packet may carry several), or
+    none after ``timeout`` seconds. Never leave psycopg's generator after the first: it drops the rest."""
+    return [notice async for notice in conn.notifies(timeout=timeout, stop_after=1)]

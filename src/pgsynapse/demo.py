@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pgsynapse.client import Client, DataResult, format_result
 from pgsynapse.config import Settings
 from pgsynapse.corpus import demo_pages
-from pgsynapse.db import Database, next_notify
+from pgsynapse.db import Database, next_notifies
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
@@ -128,7 +128,7 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
             with tqdm(total=row["total"], desc="embedding", unit="doc", file=out, disable=None) as bar:
                 bar.update(row["done"])
                 while row["done"] < row["total"]:
-                    await next_notify(conn, settings.poll_interval)
+                    await next_notifies(conn, settings.poll_interval)
                     row = await (await conn.execute(count_sql, (sources,))).fetchone()
                     bar.update(row["done"] - bar.n)
             took = time.perf_counter() - started

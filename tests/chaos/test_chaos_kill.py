@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.chaos.invariants import QUIET, assert_exactly_once
-from pgsynapse.db import next_notify
+from pgsynapse.db import next_notifies
 from tests.helpers import SAFETY_TIMEOUT, aconn, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -40,7 +40,7 @@ async def _kill_point(rng: random.Random, worker, conn, round_base: int, new_doc
             start = worker.events.index(ev) + 1
     elif how == "documents_notify":
         # right after a progress NOTIFY (a batch's write committed)
-        if await next_notify(conn, SAFETY_TIMEOUT) is None:
+        if not await next_notifies(conn, SAFETY_TIMEOUT):
             raise TimeoutError(f"no progress NOTIFY within the safety timeout: {worker.tail()}")
     else:
         target = round_base + rng.randrange(1, max(2, new_docs // 2))

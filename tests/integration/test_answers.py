@@ -216,6 +216,35 @@ async def test_concurrent_asks_on_one_client_are_each_woken_by_their_own_notify(
     assert [results[t].sources[0]["document_id"] for t in texts] == [ids[0], ids[1], ids[2], ids[3]]
 
 
+async def test_two_answers_announced_in_one_packet_wake_both_asks(db_url):
+    """Answers committed together reach the client in one packet; psycopg reads them together, and an ask that
+    took the first and left the generator dropped the other: its asker slept until the safety re-read (5 s), or
+    for ever without it. No worker here: the test answers both rows itself, in one transaction."""
+    conn = await aconn(db_url)
+    texts = ["how can I undo commands back to a savepoint?", "how do I reclaim storage from dead tuples?"]
+    results = {}
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600  # only an announcement can wake an ask
+
+        async def one(text: str) -> None:
+            results[text] = await client.ask(text, timeout=None)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for t in texts:
+                    tg.start_soon(one, t)
+                await wait_until(conn, "SELECT count(*) = 2 FROM pgsynapse.questions", channel="pgsynapse_jobs")
+                async with conn.transaction():
+                    rows = await (await conn.execute(
+                        "UPDATE pgsynapse.questions SET status = 'answered', answer = 'answer to ' || text"
+                        " RETURNING id")).fetchall()
+                    for r in rows:
+                        await conn.execute("SELECT pg_notify('pgsynapse_answers', json_build_object('id', %s::bigint,"
+                                           " 'status', 'answered')::text)", (r["id"],))
+    await conn.close()
+    assert [(results[t].status, results[t].answer) for t in texts] == [("answered", f"answer to {t}") for t in texts]
+
+
 async def test_knn_query_uses_the_versions_partial_hnsw_index_even_as_a_generic_plan(db_url):
     conn = await aconn(db_url)
     version = {"id": 1, "dim": 384}

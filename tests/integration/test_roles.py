@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from pgsynapse.app import ask
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
-from pgsynapse.db import next_notify
+from pgsynapse.db import next_notifies
 from pgsynapse.images import registry as image_registry
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
@@ -78,12 +78,15 @@ def login_role(pg_url: str):
             c.execute(f'DROP ROLE "{name}"')
 
 
-async def _notified(conn: psycopg.AsyncConnection, kind: str) -> dict:
-    n = await next_notify(conn, SAFETY_TIMEOUT)
-    assert n is not None, f"no NOTIFY for {kind}"
-    msg = json.loads(n.payload)
-    assert msg["kind"] == kind, msg
-    return msg
+async def _notified(conn: psycopg.AsyncConnection, kind: str, count: int = 1) -> list[dict]:
+    """The next ``count`` job NOTIFYs (one per statement that queued jobs), each of ``kind``."""
+    msgs: list[dict] = []
+    while len(msgs) < count:
+        notices = await next_notifies(conn, SAFETY_TIMEOUT)
+        assert notices, f"no NOTIFY for {kind}"
+        msgs += [json.loads(n.payload) for n in notices]
+    assert [m["kind"] for m in msgs] == [kind] * count, msgs
+    return msgs
 
 
 async def test_app_role_writes_its_rows_the_triggers_queue_the_jobs_and_the_queue_is_refused(db_url, login_role):
@@ -97,7 +100,7 @@ async def test_app_role_writes_its_rows_the_triggers_queue_the_jobs_and_the_queu
         doc = (await (await app.execute(
             "INSERT INTO pgsynapse.documents (source, title, body, metadata) VALUES ('a.md', 'Vacuum', 'VACUUM reclaims.',"
             " '{\"k\": 1}') RETURNING id")).fetchone())["id"]
-        assert (await _notified(app, "embed"))["n"] == 1
+        assert [m["n"] for m in await _notified(app, "embed")] == [1]
         jobs = await (await su.execute("SELECT kind, ref_id, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
         assert jobs == [{"kind": "embed", "ref_id": doc, "status": "pending"}]
 
@@ -294,7 +297,7 @@ async def test_image_roles_an_app_writes_images_a_worker_embeds_them_an_admin_ma
     ids = [(await (await app.execute(
         "INSERT INTO pgsynapse.images (data, caption) VALUES (%s, %s) RETURNING id",
         (png_bytes(coloured_image(c, seed=i)), c))).fetchone())["id"] for i, c in enumerate(["red", "blue"])]
-    assert (await _notified(app, "embed_image"))["n"] == 1
+    assert [m["n"] for m in await _notified(app, "embed_image", count=2)] == [1, 1]  # two statements
     for sql in ("UPDATE pgsynapse.images SET status = 'embedded'",
                 "INSERT INTO pgsynapse.image_models (name, kind, artifact_path, dim) VALUES ('x', 'clip', '/x', 3)",
                 "INSERT INTO pgsynapse.image_embeddings (image_id, model_id, embedding) VALUES (1, 1, '[1,2,3]')",
