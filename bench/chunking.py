@@ -19,6 +19,8 @@ import numpy as np
 
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
 from bench.runtimes import recall
+from pgsynapse.chunking import Chunker
+from pgsynapse.models import ModelSpec, default_model_path, load_embedder
 
 
 def main() -> None:
@@ -27,9 +29,6 @@ def main() -> None:
     p.add_argument("--runtime", default="onnx", help="torch, onnx or onnx-int8[:scheme] (default onnx: torch's vectors)")
     p.add_argument("--distractors", type=int, default=0, help="pages beyond the questions' pages")
     args = p.parse_args()
-    from pgsynapse.chunking import Chunker
-    from pgsynapse.models import ModelSpec, default_model_path, load_embedder
-
     emit("chunking", "machine", **machine())
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")

@@ -19,7 +19,11 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
+from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import export_fp32, quantize_int8
+from pgsynapse.listener.worker import Worker
+from pgsynapse.migrate import migrate
 from pgsynapse.models import ONNX_FILES, default_model_path
 
 DATA = Path(os.environ.get("PGSYNAPSE_BENCH_DATA", "/work/shared/data"))
@@ -80,13 +84,9 @@ def database(url: str | None) -> Iterator[str]:
     """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from pgsynapse.migrate import migrate
-
     tmp = None
     server = None
     if not url:
-        from pgsynapse.embedded import EmbeddedPostgres
-
         tmp = Path(tempfile.mkdtemp(prefix="pgsynapse-bench-", dir="/tmp"))
         server = EmbeddedPostgres(tmp)
         url = server.start()
@@ -118,8 +118,6 @@ def corpus(limit: int | None = None) -> list[dict[str, str]]:
                 if limit and len(pages) >= limit:
                     break
         return pages
-    from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
-
     d = debian_html_dir()
     it = html_pages(d, limit or 10**9, []) if d else shipped_pages()
     return [{"id": p.source, "title": p.title, "text": p.text} for p in it][: limit or None]
@@ -243,8 +241,6 @@ def run_worker_until(settings: Any, url: str, done_sql: str, channels: tuple[str
     """Run a worker in this process until ``done_sql`` (one boolean) is true, re-checked at each NOTIFY on
     ``channels`` (and every ``poll`` seconds at the latest), then stop it."""
     import anyio
-
-    from pgsynapse.listener.worker import Worker
 
     async def run() -> None:
         worker = Worker(settings, url)

@@ -18,8 +18,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.common import corpus, run_worker_until
+from pgsynapse.config import load_settings
 from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.export import SCHEMES
+from pgsynapse.migrate import migrate
 
 TEMPLATE = "pgsynapse_corpus_v1"
 DEFAULT_DIR = Path("/tmp/pgsynapse-bench-corpus")
@@ -32,8 +34,6 @@ def _url(server_url: str, dbname: str) -> str:
 
 
 def _embed_corpus(url: str, limit: int | None) -> dict[str, float]:
-    from pgsynapse.config import load_settings
-
     pages = corpus(limit)
     settings = load_settings(environ={}, database_url=url, kinds=("embed",), batch_size=64)
     started = time.perf_counter()
@@ -57,17 +57,12 @@ def _artifacts_exist(url: str) -> bool:
 @contextlib.contextmanager
 def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iterator[tuple[str, dict]]:
     """A fresh copy of the embedded corpus database; yields ``(url, info)``."""
-    from pgsynapse.embedded import EmbeddedPostgres
-    from pgsynapse.migrate import migrate
-
     url = os.environ.get("DATABASE_URL")
     server = None
     if not url:
         data_dir.mkdir(parents=True, exist_ok=True)
         server = EmbeddedPostgres(data_dir)
         url = server.start()
-    from pgsynapse.config import load_settings
-
     # one template per chunking and runtime (the first INT8 scheme is the one the default model gets): a
     # template embedded with other settings would be measured silently
     defaults = load_settings(environ={}, database_url=url)

@@ -19,6 +19,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pgsynapse.models import default_model_path  # noqa: E402 - after the environment above
+
 
 class Encoder:
     """The model behind a lock (one forward pass at a time, like a single-model inference server)."""
@@ -26,8 +28,6 @@ class Encoder:
     def __init__(self, path: str | None = None, threads: int = 0, batch_size: int = 32) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
-
-        from pgsynapse.models import default_model_path
 
         if threads:
             torch.set_num_threads(threads)

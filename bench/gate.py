@@ -33,6 +33,7 @@ from pgsynapse.learning.canary import build_questions
 from pgsynapse.learning.gate import RR_WEIGHT, gate_metrics, verdict
 from pgsynapse.learning.holdout import grouped_holdout
 from pgsynapse.learning.metrics import recall_mrr
+from pgsynapse.models import ModelCache
 
 
 def adapter(x: np.ndarray, targets: list[int], chunks: np.ndarray, steps: int = 100, lr: float = 0.001,
@@ -61,8 +62,6 @@ def main() -> None:
     args = p.parse_args()
     emit("gate", "machine", **machine())
     from pgvector.psycopg import register_vector
-
-    from pgsynapse.models import ModelCache
 
     train = questions("pg_docs_train.jsonl")
     dev = dev_split(questions("pg_docs_dev.jsonl"))

@@ -17,6 +17,9 @@ import time
 import psycopg
 
 from bench.common import corpus, database, emit, machine, parser, pct, set_runtime, spawn_worker, stop, table
+from pgsynapse.chunking import Chunker
+from pgsynapse.config import load_settings
+from pgsynapse.models import ModelCache
 
 
 def one_chunk_texts(pages, n: int) -> list[tuple[str, str]]:
@@ -92,17 +95,12 @@ def main() -> None:
     args = p.parse_args()
     n = args.n or (40 if args.quick else 200)
     n_stream = args.stream or (160 if args.quick else 800)
-    from pgsynapse.config import load_settings
-    from pgsynapse.models import ModelCache
-
     emit("latency", "machine", **machine())
     docs = one_chunk_texts(corpus(400), n + 2 * n_stream + 20)
     with database(args.database_url) as url:
         row = set_runtime(url, args.runtime)
         settings = load_settings(environ={}, database_url=url)
         embedder = ModelCache(threads=args.threads, onnx_threads=args.threads).get(row)
-        from pgsynapse.chunking import Chunker
-
         chunker = Chunker(embedder.tokenizer, min(settings.chunk_tokens, embedder.max_seq_length), settings.chunk_overlap)
         texts = [chunker.split(t, b)[0].embed_text for t, b in docs[:n]]
         for t in texts[:5]:

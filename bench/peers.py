@@ -32,6 +32,7 @@ from pgvector.psycopg import register_vector
 from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
 from bench.retrieval import score, vectors_recall
+from pgsynapse.models import ModelCache
 
 
 def page_pool(n: int) -> tuple[list[dict[str, str]], list[dict]]:
@@ -176,8 +177,6 @@ def main() -> None:
     args = p.parse_args()
     n_pages = args.pages or (25 if args.quick else 120)
     n_lat = args.latency_n or (10 if args.quick else 30)
-    from pgsynapse.models import ModelCache
-
     emit("peers", "machine", **machine())
     pages, dev = page_pool(n_pages)
     latency_docs = one_chunk_texts(corpus()[-200:], n_lat + 5)

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
+from pgsynapse.chunking import Chunker
 from pgsynapse.export import SCHEMES
+from pgsynapse.models import ModelSpec, ONNX_FILES, default_model_path, load_embedder, load_tokenizer, rss_bytes
 
 # runtime[:int8 scheme]: every scheme, in the order the export tries them
 RUNTIMES = ["torch", "onnx", *(f"onnx-int8:{scheme}" for scheme in SCHEMES)]
@@ -29,9 +31,6 @@ RUNTIMES = ["torch", "onnx", *(f"onnx-int8:{scheme}" for scheme in SCHEMES)]
 
 def pool(n_pages: int) -> tuple[list[str], list[str]]:
     """Chunk texts and their page ids: the dev questions' pages first, then the corpus in order."""
-    from pgsynapse.chunking import Chunker
-    from pgsynapse.models import default_model_path, load_tokenizer
-
     pages = corpus()
     relevant = {p for d in questions("pg_docs_dev.jsonl") for p in d["relevant"]}
     pages = [p for p in pages if p["id"] in relevant] + [p for p in pages if p["id"] not in relevant]
@@ -47,8 +46,6 @@ def pool(n_pages: int) -> tuple[list[str], list[str]]:
 
 def one(runtime: str, work: Path, threads: int) -> None:
     """In a child process: load, time, encode the pool and the queries."""
-    from pgsynapse.models import ModelSpec, default_model_path, load_embedder, rss_bytes
-
     data = json.loads((work / "texts.json").read_text())
     path = Path(data["artifacts"].get(runtime) or default_model_path())
     label, runtime = runtime, runtime.split(":")[0]
@@ -126,8 +123,6 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "bench.runtimes", "--one", rt, "--work", str(work), "--threads",
                         str(args.threads)], check=True, env={**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning"})
         stats[rt] = json.loads((work / f"{rt}.json").read_text())
-    from pgsynapse.models import ONNX_FILES, default_model_path
-
     ref = np.load(work / "torch.npz")
     for rt in chosen:
         v = np.load(work / f"{rt}.npz")
@@ -147,8 +142,6 @@ def main() -> None:
 def interleaved(texts: list[str], rounds: int, threads: int, runtimes: list[str]) -> None:
     """Batch-32 texts/s of every runtime in one process, alternating round by round, so a shared, busy
     machine's load hits them alike; median per runtime and its ratio to torch."""
-    from pgsynapse.models import ModelSpec, default_model_path, load_embedder
-
     ems = {}
     for rt in runtimes:
         path = artifact(*rt.split(":")) or default_model_path()

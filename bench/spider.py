@@ -36,6 +36,7 @@ from typing import Any
 
 import psycopg
 
+from bench.common import database, emit, machine, parser, table
 from bench.spider_sql import collect_literals, ident, is_number, translate
 
 SPLIT_FILE = Path(__file__).parent / "data" / "spider_split.json"
@@ -350,8 +351,6 @@ def build(url: str, db_ids: Iterable[str] | None = None) -> tuple[dict[str, Data
 
 
 def main() -> None:
-    from bench.common import database, emit, machine, parser, table
-
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--db", action="append", help="only these db_ids")
     p.add_argument("--show", choices=["error", "empty", "translate"], help="print the dropped queries of a kind")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import anyio
 import psycopg
 
-import pgsynapse.handlers.answer as answer_handler
 from bench.common import emit, machine, parser, questions, table
 from bench.corpusdb import corpus_clone
 from bench.retrieval import retrieve_pages, score
 from pgsynapse.config import Settings
+import pgsynapse.handlers.answer as answer_handler
+from pgsynapse.models import ModelCache
 from pgsynapse.queries import q as sql
 
 BASE = """SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.text, {rank} AS text_rank
@@ -97,8 +98,6 @@ def main() -> None:
     emit("text_rank_variants", "machine", **machine())
     sets = {"dev": [(d["q"], set(d["relevant"])) for d in questions("pg_docs_dev.jsonl")],
             "train": [(d["q"], {d["page"]}) for d in questions("pg_docs_train.jsonl")]}
-    from pgsynapse.models import ModelCache
-
     models = ModelCache()
     original_q = answer_handler.q
     with corpus_clone() as (url, _info):

@@ -43,7 +43,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, pct, table
+from bench.common import database, emit, machine, parser, pct, spawn_worker, stop, table
 from bench.spider import build, ident, split
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.sql_answer import answer
@@ -51,6 +51,7 @@ from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly, same_result
 from pgsynapse.textsql.generate import SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+from pgsynapse.textsql.train import Pair, fine_tune
 
 _ORDERED = re.compile(r"\border\s+by\b", re.I)
 
@@ -143,8 +144,6 @@ def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: st
     """INSERT each question into pgsynapse.data_questions and wait for its ``pgsynapse_data_answers`` NOTIFY
     before the next, with a worker (``pgsynapse run``) using ``runtime``/``path`` as its SQL model: ms per
     question. Returns also the statuses."""
-    from bench.common import spawn_worker, stop
-
     worker = spawn_worker(url, {"PGSYNAPSE_SQL_RUNTIME": runtime, "PGSYNAPSE_SQL_MODEL_PATH": path})
     lat: list[float] = []
     try:
@@ -173,8 +172,6 @@ def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, o
     builds it, from the schema context the sql_answer handler would give). Returns the transformers directory and
     the fit report."""
     from dataclasses import asdict
-
-    from pgsynapse.textsql.train import Pair, fine_tune
 
     s = settings
     contexts: dict[str, Any] = {}

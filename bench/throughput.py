@@ -12,11 +12,12 @@ import time
 import psycopg
 
 from bench.common import corpus, database, emit, machine, parser, set_runtime, spawn_worker, stop, table
+from pgsynapse.chunking import Chunker
+from pgsynapse.config import load_settings
+from pgsynapse.models import ModelCache
 
 
 def chunk_texts(embedder, pages, settings) -> list[str]:
-    from pgsynapse.chunking import Chunker
-
     chunker = Chunker(embedder.tokenizer, min(settings.chunk_tokens, embedder.max_seq_length), settings.chunk_overlap)
     return [c.embed_text for p in pages for c in chunker.split(p["title"], p["text"])]
 
@@ -35,9 +36,6 @@ def main() -> None:
                    help="default onnx-int8 (smooth-static): what a default install switches to")
     args = p.parse_args()
     n_pages = args.pages or (30 if args.quick else 200)
-    from pgsynapse.config import load_settings
-    from pgsynapse.models import ModelCache
-
     emit("throughput", "machine", **machine())
     pages = corpus(n_pages)
     with database(args.database_url) as url:
