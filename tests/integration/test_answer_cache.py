@@ -7,6 +7,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
+from pgsynapse.listener.housekeeping import cleanup_caches
 from pgsynapse.metrics import ANSWER_CACHE
 from tests.helpers import V1_TORCH, aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
@@ -173,3 +174,23 @@ async def test_an_entry_whose_document_changed_unseen_is_not_served(db_url, mode
         row = await _row(conn, fresh.id)
         await conn.close()
     assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+async def test_an_entry_past_its_max_age_is_not_served_and_the_housekeeping_deletes_it(db_url, models):
+    async with running_worker(_settings(db_url), models) as worker:
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            await conn.execute("UPDATE pgsynapse.answer_cache SET created_at = now() - interval '8 days'"
+                               " WHERE question_id = %s", (first.id,))
+            again = await client.ask(PARAPHRASE)  # a week is the default max age: answered afresh
+        with capture_logs() as logs:
+            await cleanup_caches(worker.pool, worker.settings)
+        left = [r["question_id"] for r in await (await conn.execute(
+            "SELECT question_id FROM pgsynapse.answer_cache ORDER BY question_id")).fetchall()]
+        await conn.close()
+    assert worker.settings.answer_cache_max_age_seconds == 7 * 86400
+    assert again.status == "answered" and again.cached_from is None
+    assert left == [again.id]  # the old entry deleted, the fresh answer of the paraphrase kept
+    assert [e["removed"] for e in logs if e["event"] == "answer_cache_expired"] == [1]
