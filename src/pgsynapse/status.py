@@ -48,6 +48,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
+    questions = dict(conn.execute(q("question_counts", "answers.sql")).fetchone() or {})
     data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
     sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
     rankers = [{k: r[k] for k in ("id", "name", "runtime", "status", "traffic_percent")}
@@ -57,7 +58,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
-            "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers, "feedback": feedback,
+            "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers, "feedback": feedback,
             "failures": failures, "skipped": skipped,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
@@ -103,6 +104,12 @@ def render(snap: dict[str, Any]) -> str:
                          f"{v['traffic_percent']:g}% traffic, backfill {v.get('backfill_state', '-')}"
                          + (f", A/B {ab['cand_rated']} vs {ab['active_rated']} rated of {ab['min_rated']} needed"
                             if ab else ""))
+    qs = snap.get("questions") or {}
+    if any(qs.get(k) for k in ("pending", "answered", "blocked", "failed")):
+        total = qs["pending"] + qs["answered"] + qs["blocked"] + qs["failed"]
+        lines.append(f"questions      : {total} ({qs['pending']} pending, {qs['answered']} answered, "
+                     f"{qs['blocked']} blocked, {qs['failed']} failed)"
+                     + (f", {qs['cached']} from the answer cache" if qs["cached"] else ""))
     im = snap.get("images") or {}
     if sum(im.values()) or snap.get("image_models"):
         lines.append(f"images         : {sum(im.values())} ({im['pending']} pending, {im['failed']} failed)")

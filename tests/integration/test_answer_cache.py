@@ -3,12 +3,15 @@ served from it is not; an edit or delete of a cited document invalidates it. Rea
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
 from pgsynapse.listener.housekeeping import cleanup_caches
 from pgsynapse.metrics import ANSWER_CACHE
+from pgsynapse.status import render, snapshot
 from tests.helpers import V1_TORCH, aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 
@@ -56,6 +59,8 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
             " JOIN pgsynapse.answer_cache c USING (question_id) WHERE question_id = %s",
             (first.id,))).fetchone()
         await conn.close()
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+            snap = snapshot(sync)
     assert first.sources[0]["document_id"] == ids[0] and a["answerer"] == "extractive" and a["cached_from"] is None
     assert b["answerer"] == "cache" and b["cached_from"] == first.id == again.cached_from
     assert f"from the answer cache (question {first.id})" in format_result(again) and first.cached_from is None
@@ -64,6 +69,9 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
     [hit] = [e for e in logs if e["event"] == "answer_cache_hit"]
     assert hit["question"] == again.id and hit["cached_from"] == first.id and 0.9 <= hit["similarity"] <= 1
     assert ANSWER_CACHE.labels("1", "hit")._value.get() == hits_before + 1
+    # `pgsynapse status` counts the questions and those the cache answered
+    assert snap["questions"] == {"pending": 0, "answered": 3, "blocked": 0, "failed": 0, "cached": 1}
+    assert "questions      : 3 (0 pending, 3 answered, 0 blocked, 0 failed), 1 from the answer cache" in render(snap)
     # a dissimilar question is answered afresh, from its own document
     assert c["answerer"] == "extractive" and c["cached_from"] is None and other.sources[0]["document_id"] == ids[1]
 

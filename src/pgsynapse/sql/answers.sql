@@ -115,6 +115,13 @@ SELECT pg_notify('pgsynapse_answers', json_build_object(
            'delta', %(delta)s::text)::text)
 FROM u;
 
+-- name: question_counts
+-- `pgsynapse status`: the questions by status, and how many the semantic answer cache answered
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (WHERE status = 'answered') AS answered,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked, count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE answerer = 'cache') AS cached
+FROM pgsynapse.questions;
+
 -- name: question_for_feedback
 -- `pgsynapse feedback` and Client.feedback: the answer being rated, the passages it cited, and which of those are
 -- still there (an edit of a document replaces its chunks)
