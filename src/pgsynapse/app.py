@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from pgsynapse.client import Client
+from pgsynapse.client import Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve
 from pgsynapse.db import Database
@@ -51,6 +51,8 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
     Without a running worker on this database, an in-process worker answers it (the embedded default's usual
     case)."""
+    require_text(text)  # refused before a database or a worker is started for it
+
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
@@ -62,6 +64,8 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
              tables: list[str] | None = None, timeout: float = 300.0):
     """Ask one question about the data and wait for its statement and result (an in-process worker answers it
     when none runs on this database)."""
+    require_text(text)
+
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=timeout)

@@ -11,7 +11,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 
 from pgsynapse.config import Settings
-from pgsynapse.errors import DatabaseError, RegistryError
+from pgsynapse.errors import DatabaseError, InputError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import rescore
@@ -72,6 +72,8 @@ async def search(
     ``hybrid_text_weight``, ``hybrid_text_max_rows``); ``hybrid=False`` is the kNN alone, by cosine. With a
     ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
     stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
+    if not text or not text.strip():
+        raise InputError("the search text is empty: search for something")
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)

@@ -91,6 +91,9 @@ def test_search_with_nothing_embedded_says_why(new_db):
         conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims storage.')")
     waiting = pgsynapse("search", "vacuum", url=url)
     assert waiting.stdout.startswith("no results: 1 document(s) waiting to be embedded were not searched"), waiting.stdout
+    blank = pgsynapse("search", " \t", url=url)  # searched before, and listed whatever came
+    assert blank.returncode == 1 and blank.stdout == "", blank.stdout
+    assert "pgsynapse: error: search needs a text (or --like-image PATH)" in blank.stderr
 
 
 def test_ask_answers_from_the_command_line(new_db):
@@ -123,6 +126,7 @@ def test_ask_answers_from_the_command_line(new_db):
     empty = pgsynapse("ask", " ", url=url)
     assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr[-2000:]
     assert "pgsynapse: error: the question is empty: ask something" in empty.stderr
+    assert "worker_started" not in empty.stderr  # refused before a worker is started for it
     long = pgsynapse("ask", "vacuum " * 20, url=url, env={"PGSYNAPSE_MAX_QUESTION_CHARS": "50"})
     assert long.returncode == 1, long.stderr[-2000:]
     assert "(failed: InputError: question has 140 characters, over max_question_chars=50)" in long.stdout

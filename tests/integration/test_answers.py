@@ -13,6 +13,7 @@ from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
 from pgsynapse.cache import default_lru
 from pgsynapse.client import Client
 from pgsynapse.corpus import shipped_pages
+from pgsynapse.errors import InputError
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork, vector_sql
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
@@ -387,6 +388,8 @@ async def test_search_shows_the_passages_an_answer_is_written_from(db_url, model
     assert rare in [h.document_id for h in hits]
     assert [h.score for h in hits] != sorted((h.score for h in hits), reverse=True)  # not the kNN's order
     plain = await search(conn, models, "how can I undo commands back to a savepoint?", k=5, hybrid=False)
+    with pytest.raises(InputError, match="the search text is empty"):  # it returned 5 arbitrary passages
+        await search(conn, models, " \n")
     await conn.close()
     assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)  # kNN alone: by cosine
 
