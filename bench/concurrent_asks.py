@@ -3,7 +3,8 @@
 An application that shares one ``Client`` between its requests (documented: several tasks may ask on one client at
 once) has several questions in flight. The worker answers them in batches and commits a batch's answers in one
 transaction, so their NOTIFYs reach the client together, often in one packet. Figures: per-ask latency (the ask
-call, INSERT to Result) p50 / p95 / max and how many took over a second, for ``--concurrency`` asks at once in
+call, INSERT to Result) p50 / p95 / max and how many took over 5 s (woken by the client's safety re-read, not by
+their NOTIFY), for ``--concurrency`` asks at once in
 ``--rounds`` rounds, beside the ceiling measured in the same run: as many questions asked one at a time on the same
 client (no ask waits on another).
 
@@ -21,7 +22,9 @@ from bench.common import (
     corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table)
 from pgsynapse.client import Client
 
-STALLED_MS = 1000.0  # an ask this slow waited on something other than the model (the answerer takes ~50-250 ms)
+# the Client's safety re-read interval (recheck_seconds): an ask this slow was woken by the re-read of its row, not by
+# its NOTIFY
+STALLED_MS = 5000.0
 
 
 def load_corpus(url: str, pages: list[dict[str, str]]) -> None:
@@ -38,7 +41,7 @@ def load_corpus(url: str, pages: list[dict[str, str]]) -> None:
 
 def summary(lat: list[float]) -> dict[str, float]:
     return {"n": len(lat), "p50_ms": round(pct(lat, 50), 1), "p95_ms": round(pct(lat, 95), 1),
-            "max_ms": round(max(lat), 1), "over_1s": sum(x > STALLED_MS for x in lat)}
+            "max_ms": round(max(lat), 1), "over_5s": sum(x > STALLED_MS for x in lat)}
 
 
 async def measure(url: str, texts: list[str], concurrency: int, rounds: int) -> tuple[list[float], list[float]]:
@@ -93,7 +96,7 @@ def main() -> None:
     emit("concurrent_asks", "at_once", runtime=args.runtime, concurrency=args.concurrency, **b)
     emit("concurrent_asks", "ratio", runtime=args.runtime, concurrency=args.concurrency,
          p50_ratio=round(b["p50_ms"] / a["p50_ms"], 2), p95_ratio=round(b["p95_ms"] / a["p95_ms"], 2),
-         stalled=b["over_1s"])
+         stalled=b["over_5s"])
     table()
 
 
