@@ -11,7 +11,8 @@ import time
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, rss_of, set_runtime, spawn_worker, stop, table
+from bench.common import (
+    add_runtime_option, database, emit, machine, parser, rss_of, set_runtime, spawn_worker, stop, table)
 from pgsynapse.queries import q
 
 INSERT = (
@@ -25,7 +26,7 @@ INSERT = (
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--docs", type=int, default=0, help="pending documents (default 100000, --quick 5000)")
-    p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"])
+    add_runtime_option(p)
     p.add_argument("--max-seconds", type=float, default=0, help="stop sampling after this long (a partial drain is reported)")
     args = p.parse_args()
     n = args.docs or (5_000 if args.quick else 100_000)

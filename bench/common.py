@@ -12,12 +12,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
 from pgsynapse.embedded import EmbeddedPostgres
@@ -37,6 +40,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: an embedded server in a temp dir")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = cores)")
     return p
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """``--runtime``: the embedding runtime the benchmark's worker serves with (set_runtime)."""
+    p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
+                   help="default onnx-int8 (smooth-static): what a default install switches to")
 
 
 def emit(bench: str, name: str, **fields: Any) -> dict[str, Any]:
@@ -82,8 +91,6 @@ def machine() -> dict[str, Any]:
 @contextlib.contextmanager
 def database(url: str | None) -> Iterator[str]:
     """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
     tmp = None
     server = None
     if not url:
@@ -204,8 +211,6 @@ def spawn_worker(url: str, env: dict[str, str] | None = None) -> subprocess.Pope
     else:
         raise RuntimeError(f"worker exited with {proc.wait()}")
     # keep draining its log so it never blocks on a full pipe
-    import threading
-
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
     return proc
 
@@ -240,8 +245,6 @@ def ask_one_at_a_time(conn: psycopg.Connection, texts: list[str], session_prefix
 def run_worker_until(settings: Any, url: str, done_sql: str, channels: tuple[str, ...], poll: float = 30.0) -> None:
     """Run a worker in this process until ``done_sql`` (one boolean) is true, re-checked at each NOTIFY on
     ``channels`` (and every ``poll`` seconds at the latest), then stop it."""
-    import anyio
-
     async def run() -> None:
         worker = Worker(settings, url)
         async with anyio.create_task_group() as tg:

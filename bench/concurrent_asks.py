@@ -19,7 +19,8 @@ import anyio
 import psycopg
 
 from bench.common import (
-    corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table)
+    add_runtime_option, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop,
+    table)
 from pgsynapse.client import Client
 
 # the Client's safety re-read interval (recheck_seconds): an ask this slow was woken by the re-read of its row, not by
@@ -70,8 +71,7 @@ async def measure(url: str, texts: list[str], concurrency: int, rounds: int) -> 
 
 def main() -> None:
     p = parser(__doc__ or "")
-    p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
-                   help="default onnx-int8 (smooth-static): what a default install switches to")
+    add_runtime_option(p)
     p.add_argument("--concurrency", type=int, default=8, help="asks in flight at once (default 8)")
     p.add_argument("--rounds", type=int, default=0, help="rounds of them (default 10, --quick 3)")
     args = p.parse_args()

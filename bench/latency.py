@@ -16,7 +16,8 @@ import time
 
 import psycopg
 
-from bench.common import corpus, database, emit, machine, parser, pct, set_runtime, spawn_worker, stop, table
+from bench.common import (
+    add_runtime_option, corpus, database, emit, machine, parser, pct, set_runtime, spawn_worker, stop, table)
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
@@ -88,8 +89,7 @@ def stream_rate(url: str, docs: list[tuple[str, str]], clients: int = 8) -> floa
 
 def main() -> None:
     p = parser(__doc__ or "")
-    p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
-                   help="default onnx-int8 (smooth-static): what a default install switches to")
+    add_runtime_option(p)
     p.add_argument("--n", type=int, default=0, help="idle inserts (default 200, --quick 40)")
     p.add_argument("--stream", type=int, default=0, help="documents of the stream and bulk runs (default 800, --quick 160)")
     args = p.parse_args()

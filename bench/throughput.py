@@ -11,7 +11,8 @@ import time
 
 import psycopg
 
-from bench.common import corpus, database, emit, machine, parser, set_runtime, spawn_worker, stop, table
+from bench.common import (
+    add_runtime_option, corpus, database, emit, machine, parser, set_runtime, spawn_worker, stop, table)
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
@@ -32,8 +33,7 @@ def ceiling(embedder, texts: list[str], batch: int) -> float:
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--pages", type=int, default=0, help="pages of the corpus (default: 200, --quick 30)")
-    p.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"],
-                   help="default onnx-int8 (smooth-static): what a default install switches to")
+    add_runtime_option(p)
     args = p.parse_args()
     n_pages = args.pages or (30 if args.quick else 200)
     emit("throughput", "machine", **machine())
