@@ -58,8 +58,8 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
     return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
-            "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers, "feedback": feedback,
-            "failures": failures, "skipped": skipped,
+            "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
+            "feedback": feedback, "failures": failures, "skipped": skipped,
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
 
@@ -105,8 +105,8 @@ def render(snap: dict[str, Any]) -> str:
                          + (f", A/B {ab['cand_rated']} vs {ab['active_rated']} rated of {ab['min_rated']} needed"
                             if ab else ""))
     qs = snap.get("questions") or {}
-    if any(qs.get(k) for k in ("pending", "answered", "blocked", "failed")):
-        total = qs["pending"] + qs["answered"] + qs["blocked"] + qs["failed"]
+    total = sum(qs.get(k, 0) for k in ("pending", "answered", "blocked", "failed"))
+    if total:
         lines.append(f"questions      : {total} ({qs['pending']} pending, {qs['answered']} answered, "
                      f"{qs['blocked']} blocked, {qs['failed']} failed)"
                      + (f", {qs['cached']} from the answer cache" if qs["cached"] else ""))

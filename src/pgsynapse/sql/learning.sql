@@ -13,11 +13,10 @@ WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL;
 -- example to learn from
 SELECT (SELECT count(*) FROM pgsynapse.feedback) AS rows,
        (SELECT count(DISTINCT question_id) FROM pgsynapse.feedback) AS questions,
-       (SELECT count(*) FROM pgsynapse.training_examples
-        WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL) AS untrained,
-       (SELECT count(*) FROM pgsynapse.training_examples
-        WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL) AS examples,
-       (SELECT retrain_min_feedback FROM pgsynapse.learning_settings) AS retrain_min_feedback;
+       te.untrained, te.examples,
+       (SELECT retrain_min_feedback FROM pgsynapse.learning_settings) AS retrain_min_feedback
+FROM (SELECT count(*) FILTER (WHERE trained_in_version IS NULL) AS untrained, count(*) AS examples
+      FROM pgsynapse.training_examples WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL) te;
 
 -- name: feedback_examples
 -- what the retrain trains on: one example per question, its latest feedback's, with a passage that still exists;
