@@ -19,6 +19,9 @@ from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
+# a blank body is embedded as no chunk (its old passages, if any, are removed); the job says so
+EMPTY_BODY = "the body is empty: the document has no passage to search (a title alone is not embedded)"
+
 
 @dataclass
 class EmbedWork:
@@ -194,6 +197,7 @@ class EmbedHandler(Handler[EmbedWork]):
                 await conn.execute(q("insert_embeddings"), columns(vectors, "chunks", "versions", "embeddings"))
         await conn.execute(q("mark_documents_embedded"), {"ids": ids})
         report.written.extend(o.job.id for o in fresh)
+        report.notes.update((o.job.id, EMPTY_BODY) for o in fresh if not o.result.chunks)
         return report
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:

@@ -124,10 +124,13 @@ class BatchWriter:
             skipped = [o for o in mine if o.ok and o.skip_reason is not None]
             done = report.written + report.already_written + [o.job.id for o in skipped]
             if done:
-                reasons = [None] * (len(done) - len(skipped)) + [o.skip_reason for o in skipped]
+                reasons = [report.notes.get(i) for i in report.written + report.already_written]
+                reasons += [o.skip_reason for o in skipped]
                 await conn.execute(q("complete_jobs"), {"ids": done, "reasons": reasons, "worker": self.worker_id})
             for o in skipped:
                 log.info("job_skipped", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, reason=o.skip_reason)
+            for job_id, note in report.notes.items():
+                log.info("job_skipped", kind=kind, job=job_id, ref=jobs[job_id].ref_id, reason=note)
             for job_id in report.superseded:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}

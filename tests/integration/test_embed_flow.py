@@ -17,6 +17,7 @@ from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, runn
 pytestmark = pytest.mark.anyio
 
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
+EMPTY_BODY = "the body is empty: the document has no passage to search (a title alone is not embedded)"
 
 
 async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime):
@@ -148,6 +149,25 @@ async def test_empty_body_gives_no_chunks_and_no_error(db_url, models):
         "SELECT d.id, d.status, d.error, count(c.id) AS chunks FROM pgsynapse.documents d"
         " LEFT JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id ORDER BY d.id")).fetchall()
     assert [(r["status"], r["error"], r["chunks"]) for r in rows] == [("embedded", None, 0), ("embedded", None, 0), ("embedded", None, 1)]
+    # done, and the job says why nothing is searchable (pgsynapse status lists it under "skipped, why")
+    jobs = await (await conn.execute("SELECT ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY ref_id")).fetchall()
+    assert [(j["ref_id"], j["status"]) for j in jobs] == [(i, "done") for i in ids]
+    assert [j["skip_reason"] for j in jobs] == [EMPTY_BODY, EMPTY_BODY, None]
+    await conn.close()
+
+
+async def test_a_body_emptied_by_an_update_loses_its_passages_and_says_so(db_url, models):
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        [doc] = insert_docs(db_url, [("Notes", "Some real text about vacuum.")])
+        await wait_until(conn, ALL_DONE)
+        await conn.execute("UPDATE pgsynapse.documents SET body = ' ' WHERE id = %s", (doc,))
+        await conn.commit()
+        await wait_until(conn, ALL_DONE)
+    n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
+    assert n["n"] == 0
+    reasons = await (await conn.execute("SELECT skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert [r["skip_reason"] for r in reasons] == [None, EMPTY_BODY]
     await conn.close()
 
 

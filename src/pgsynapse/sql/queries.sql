@@ -53,7 +53,8 @@ WHERE j.status = 'running' AND j.worker = %(worker)s
 FOR UPDATE OF j;
 
 -- name: complete_jobs
--- reasons: NULL for a job whose result was written, else why it was done with nothing to write (migration 0023)
+-- reasons: NULL for a job whose result was written, else why it was done with nothing to write or nothing to
+-- serve, such as an emptied body (migration 0023)
 UPDATE pgsynapse.jobs j
 SET status = 'done', finished_at = now(), lease_until = NULL, completions = completions + 1, last_error = NULL,
     skip_reason = d.reason
