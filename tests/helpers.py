@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import socket
 import urllib.error
 import urllib.request
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,24 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the test process dies, even killed outright, instead of living
+    on with ppid 1 (Linux; elsewhere a no-op). Popen from the main thread only: the signal follows the forking
+    thread."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if sys.platform == "linux":
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # it died between the fork and the prctl
+                os._exit(1)
+
+    return arm
+
+
 def spawn_worker(
     url: str,
     *args: str,
@@ -153,6 +173,7 @@ def spawn_worker(
         text=True,
         env=full_env,
         cwd=str(Path(__file__).parent),
+        preexec_fn=die_with_parent(),
     )
     wp = WorkerProcess(proc)
     threading.Thread(target=wp._pump, daemon=True).start()

@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import die_with_parent
+
 
 def _postmaster_pid(pgdata: Path) -> int | None:
     pidfile = pgdata / "postmaster.pid"
@@ -58,7 +60,7 @@ def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
 
 def test_a_sigkilled_worker_does_not_leave_postgres_running(data_dir):
     proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "run"], env=_env(data_dir), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd="/tmp")
+                            stdout=subprocess.DEVNULL, text=True, cwd="/tmp", preexec_fn=die_with_parent())
     started = threading.Event()
 
     def pump() -> None:

@@ -23,7 +23,7 @@ from pgsynapse.config import load_settings
 from pgsynapse.db import pool_kwargs
 
 from tests.chaos.partition import partition
-from tests.helpers import aconn, wait_until
+from tests.helpers import aconn, die_with_parent, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +58,7 @@ async def test_pool_connection_cut_off_fails_within_its_tcp_bound(mode, db_url, 
         env.pop("DATABASE_URL", None)
         proc = subprocess.Popen([*part.exec_prefix, sys.executable, "-m", "tests.cutoff_client", part.url(db_url), mode],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env, cwd=str(Path(__file__).parent.parent.parent))
+                                env=env, cwd=str(Path(__file__).parent.parent.parent), preexec_fn=die_with_parent())
         said = _reader(proc)
         backend = None
         conn = await aconn(db_url)
