@@ -28,7 +28,8 @@ beside it):
 On bench/data/unanswerable.jsonl (20 questions the PostgreSQL 15 docs cannot answer): ``not_found_ok``, the %
 answered "not found". Then INSERT -> answer NOTIFY p50/p95 through a real worker (the default answerer).
 ``--samples PATH`` writes 20 answers per answerer (report half) as markdown for BENCHMARKS.md; ``--pairs PATH``
-writes (answer sentence, best passage sentence, cosine) pairs to label for the calibration.
+writes (answer sentence, best passage sentence, cosine) pairs to label for the calibration; ``--answers PATH`` every
+answer of every set, with its flags and scores, as JSON lines.
 
     python -m bench.answer_quality [--generator qwen=/work/llm/qwen.gguf] [--samples /tmp/samples.md]
 """
@@ -295,6 +296,8 @@ def main() -> None:
     p.add_argument("--worker-questions", type=int, default=100, help="questions asked through a real worker (0: skip)")
     p.add_argument("--samples", type=Path, default=None, help="write 20 answers per answerer (markdown) here")
     p.add_argument("--pairs", type=Path, default=None, help="write (sentence, best match, cosine) pairs here")
+    p.add_argument("--answers", type=Path, default=None, help="write every answer (JSON lines: answerer, set, "
+                   "question, text, flags, first citation relevant, groundedness) here")
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
     p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable",
@@ -341,7 +344,7 @@ def main() -> None:
                                     args.generator_runtime, args.context)
         if args.only:
             answerers = {k: v for k, v in answerers.items() if k in args.only.split(",")}
-        samples, pairs = [], []
+        samples, pairs, every_answer = [], [], []
         for name, answerer in answerers.items():
             answerer.answer(Request("warm up", every[0]["passages"], [], every[0]["vector"]))
             tok = getattr(answerer, "tokenizer", None)
@@ -358,6 +361,11 @@ def main() -> None:
                         cos, match, _ = g.best(pr["sentence"], others)
                         pairs.append({"answerer": name, "question": it["q"], "against": "uncited",
                                       "sentence": pr["sentence"], "passage_sentence": match, "cosine": round(cos, 4)})
+                every_answer += [{"answerer": name, "set": half, "question": it["q"], "text": r["answer"].text,
+                                  "flags": r["answer"].flags, "first_relevant": r["first"], "grounded": r["grounded"]}
+                                 for it, r in zip(items, rows, strict=True)]
+                if args.answers:
+                    args.answers.write_text("".join(json.dumps(x) + "\n" for x in every_answer))
                 if half == "unanswerable":
                     nf = sum(r["not_found"] for r in rows)
                     emit("answer_quality", f"{name}/unanswerable", n=len(rows), not_found_ok=round(100 * nf / len(rows), 1),
