@@ -23,7 +23,7 @@ from pgsynapse.answerers import (
     Turn,
 )
 from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit
-from pgsynapse.answerers.fallback import ExtractiveFallback
+from pgsynapse.answerers.fallback import FALLBACK_REASONS, ExtractiveFallback
 from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
@@ -283,7 +283,8 @@ class AnswerHandler(Handler[AnswerWork]):
                     if stream:
                         stream.close()
                 if "extractive_fallback" in answer.flags:
-                    log.warning("answer_fallback", question=w.job.ref_id, reason="no_text", answerer=answerer.name)
+                    reason = next(f for f in answer.flags if f in FALLBACK_REASONS)
+                    log.warning("answer_fallback", question=w.job.ref_id, reason=reason, answerer=answerer.name)
                 guard = w.guardrail
                 if answer.text != NOT_FOUND and self.guard:
                     [hit] = self.guard.check(w.embedder, [answer.text])

@@ -124,13 +124,20 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
             async with Client(db_url) as client:
                 FakeOpenAI.content = "[1] [2]"
                 bare = await client.ask("how do I undo commands back to a savepoint?", session_id="s")
+                # a passage pasted as the prompt shows it: "[1] Title: its text" (half of Qwen 0.5B's answers)
+                FakeOpenAI.content = ("[1] Savepoints: SAVEPOINT establishes a new savepoint within the current "
+                                      "transaction. A savepoint is a special mark inside a transaction")
+                pasted = await client.ask("how do I undo commands back to a savepoint?", session_id="u")
                 FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1]."
                 said = await client.ask("how do I undo commands back to a savepoint?", session_id="t")
     assert bare.status == "answered" and bare.flags == ["no_text", "extractive_fallback"], bare.flags
     # the extractive answerer's own answer of the same passages: words, each sentence cited, Savepoints first
     assert bare.answer not in ("[1] [2]", NOT_FOUND) and "savepoint" in bare.answer.lower()
     assert re.search(r"[A-Za-z]{3,}.*\[1\]", bare.answer) and bare.sources[0]["title"] == "Savepoints"
-    [logged] = [e for e in logs if e["event"] == "answer_fallback"]
-    assert logged["reason"] == "no_text" and logged["question"] == bare.id and logged["answerer"] == "openai"
+    assert pasted.flags == ["pasted_passage", "extractive_fallback"], pasted.flags
+    assert pasted.answer == bare.answer and pasted.sources == bare.sources  # the same passages, the same answer
+    logged = [e for e in logs if e["event"] == "answer_fallback"]
+    assert [(e["reason"], e["question"], e["answerer"]) for e in logged] == [("no_text", bare.id, "openai"),
+                                                                             ("pasted_passage", pasted.id, "openai")]
     # an answer with words is the generator's, unflagged
     assert said.answer == "Use ROLLBACK TO SAVEPOINT [1]." and said.flags == []

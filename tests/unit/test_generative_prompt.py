@@ -107,6 +107,21 @@ def test_an_answer_of_citations_only_is_flagged_no_text():
         assert "no_text" not in checked_answer(said, given).flags, said
 
 
+def test_an_answer_that_pastes_a_passage_as_the_prompt_shows_it_is_flagged():
+    # "[1] Title: its text": half of Qwen2.5-Coder-0.5B's answers on the docs corpus (BENCHMARKS.md, session 22)
+    given = _passages(3)
+    for pasted in (f"[1] Title 1: {given[0].text}", f"[2] Title 2:  {given[1].text[:80]}", f"Title 3: {given[2].text}",
+                   f"[1][2] Title 2: {given[1].text} [2]"):
+        answer = checked_answer(pasted, given)
+        assert answer.flags[-1] == "pasted_passage", pasted  # after "uncited" where it has no [n]
+        assert answer.sources  # what it cited: the handler answers from the passages instead
+    for said in ("[1] Title 1: use passage1word3 first, then the rest.",  # its own words under the label
+                 f"Title 1 says: {given[0].text}",  # not the label
+                 f"{given[0].text} [1]",  # a quote of the passage, cited: an answer
+                 f"[1] Title 2: {given[0].text}"):  # another passage's title: not the prompt's label
+        assert "pasted_passage" not in checked_answer(said, given).flags, said
+
+
 # -- model locations ----------------------------------------------------------------------------------------------
 def _parts_package(root, name: str, blobs: list[bytes]) -> None:
     pkg = root / name

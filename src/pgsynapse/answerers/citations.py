@@ -4,8 +4,10 @@ An answer citing a passage it was not given (``[7]`` when five were given, or a 
 out) is flagged, or refused under ``citation_policy = "refuse"``; the flag says which citations. Sources list the
 cited passages in rank order; an answer that cites nothing lists every passage it was given, and is flagged
 ``uncited``; an answer that says it found nothing is the plain not-found answer, without sources. An answer that
-is citations and nothing else ("[1]", "[1] [2]": small models write them) is flagged ``no_text``: the answer
-handler then answers from the same passages with the extractive answerer instead.
+is citations and nothing else ("[1]", "[1] [2]": small models write them) is flagged ``no_text``; one that pastes a
+passage as the prompt shows it ("[1] Title: its text", half of Qwen2.5-Coder-0.5B's answers on the docs corpus) is
+flagged ``pasted_passage``. For both the answer handler answers from the same passages with the extractive answerer
+instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ CitationPolicy = Literal["flag", "refuse"]
 
 _GROUP = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: the text says something besides its citations
+_LEADING_CITATIONS = re.compile(r"^(?:\s*\[\s*\d{1,4}(?:\s*[,;]\s*\d{1,4})*\s*\])*\s*")
+PASTE_CHARS = 40  # this much of a passage's text right after its label: pasted, not said
 _NOT_FOUND = re.compile(r"\b(could not|couldn't|cannot|can't|unable to) find\b|\bdo(es)? not (contain|mention)\b",
                         re.IGNORECASE)
 
@@ -43,7 +47,21 @@ def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = 
     answer = _checked(text, passages, policy)
     if answer.text == text and not _WORD.search(_GROUP.sub(" ", text)):
         answer.flags.append("no_text")
+    elif answer.text == text and pasted(text, passages):
+        answer.flags.append("pasted_passage")
     return answer
+
+
+def pasted(text: str, passages: list[Passage]) -> bool:
+    """Whether ``text`` starts as a passage is shown in the prompt (prompting.passages_block): its title and a colon,
+    after citations or none, then the start of its text."""
+    rest = _LEADING_CITATIONS.sub("", text, count=1)
+    for p in passages:
+        label = f"{p.title or ''}:"
+        if p.title and rest.startswith(label):
+            said = " ".join(rest[len(label):].split())[:PASTE_CHARS]
+            return bool(said) and said in " ".join(p.text.split())
+    return False
 
 
 def _checked(text: str, passages: list[Passage], policy: CitationPolicy) -> Answer:
