@@ -94,6 +94,19 @@ def test_citations_outside_the_given_passages_are_flagged_or_refused():
     assert checked_answer("   ", given).text == NOT_FOUND
 
 
+def test_an_answer_that_only_says_it_found_nothing_is_not_found_even_with_a_citation():
+    # Qwen2.5-Coder-0.5B's words (BENCHMARKS.md, answer quality, session 22): a citation on "not found" listed a source
+    given = _passages(3)
+    for said in ("[1] The passage does not contain the answer.", "[1] No, you could not find it.",
+                 "[1] No, you cannot find it. The passage does not mention that after failover, the old master won't "
+                 "stream from the new one.", "You could not find it [2]."):
+        answer = checked_answer(said, given)
+        assert (answer.text, answer.sources, answer.flags) == (NOT_FOUND, [], []), said
+    # an answer that also says something keeps its words and its source
+    both = checked_answer("The documents do not mention a limit. The default is 100 [1].", given)
+    assert both.text.startswith("The documents") and [s["rank"] for s in both.sources] == [1]
+
+
 def test_an_answer_of_citations_only_is_flagged_no_text():
     given = _passages(5)
     for bare in ("[1]", "[1] [2]", "[1], [3].", " [2][4] \n"):

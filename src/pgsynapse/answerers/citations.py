@@ -3,11 +3,11 @@
 An answer citing a passage it was not given (``[7]`` when five were given, or a passage the prompt budget left
 out) is flagged, or refused under ``citation_policy = "refuse"``; the flag says which citations. Sources list the
 cited passages in rank order; an answer that cites nothing lists every passage it was given, and is flagged
-``uncited``; an answer that says it found nothing is the plain not-found answer, without sources. An answer that
-is citations and nothing else ("[1]", "[1] [2]": small models write them) is flagged ``no_text``; one that pastes a
-passage as the prompt shows it ("[1] Title: its text", half of Qwen2.5-Coder-0.5B's answers on the docs corpus) is
-flagged ``pasted_passage``. For both the answer handler answers from the same passages with the extractive answerer
-instead.
+``uncited``; an answer that says it found nothing (every sentence, cited or not) is the plain not-found answer,
+without sources. An answer that is citations and nothing else ("[1]", "[1] [2]": small models write them) is
+flagged ``no_text``; one that pastes a passage as the prompt shows it ("[1] Title: its text", a third of
+Qwen2.5-Coder-0.5B's answers on the docs corpus at a 512-token context) is flagged ``pasted_passage``. For both the
+answer handler answers from the same passages with the extractive answerer instead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ CitationPolicy = Literal["flag", "refuse"]
 _GROUP = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: the text says something besides its citations
 _LEADING_CITATIONS = re.compile(r"^(?:\s*\[\s*\d{1,4}(?:\s*[,;]\s*\d{1,4})*\s*\])*\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 PASTE_CHARS = 40  # this much of a passage's text right after its label: pasted, not said
 _NOT_FOUND = re.compile(r"\b(could not|couldn't|cannot|can't|unable to) find\b|\bdo(es)? not (contain|mention)\b",
                         re.IGNORECASE)
@@ -42,7 +43,7 @@ def cited_ranks(text: str) -> list[int]:
 def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = "flag") -> Answer:
     """The final answer of a generator from its text and the passages it was given."""
     text = text.strip()
-    if not text:
+    if not text or says_not_found(text):
         return Answer(NOT_FOUND, [])
     answer = _checked(text, passages, policy)
     if answer.text == text and not _WORD.search(_GROUP.sub(" ", text)):
@@ -50,6 +51,13 @@ def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = 
     elif answer.text == text and pasted(text, passages):
         answer.flags.append("pasted_passage")
     return answer
+
+
+def says_not_found(text: str) -> bool:
+    """Whether every sentence of ``text`` says that nothing was found ("[1] No, you could not find it."): small
+    models cite a passage even then."""
+    sentences = [s for s in _SENTENCE_END.split(_GROUP.sub(" ", text).strip()) if _WORD.search(s)]
+    return bool(sentences) and all(_NOT_FOUND.search(s) for s in sentences)
 
 
 def pasted(text: str, passages: list[Passage]) -> bool:

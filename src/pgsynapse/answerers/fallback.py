@@ -2,7 +2,7 @@
 
 Small local models often answer with citations and nothing else ("[1]", "[1] [2]"; a third of Qwen2.5-Coder-0.5B's
 answers on the docs corpus, BENCHMARKS.md "generation, session 12"), or paste a passage as the prompt shows it
-("[1] Title: its text", half of them at a 512-token context, "answer quality, session 22").
+("[1] Title: its text", a third of them at a 512-token context, "answer quality, session 22").
 :func:`checked_answer` flags such an answer ``no_text`` or ``pasted_passage``; this wrapper answers the question
 again with the extractive answerer, from the passages the generator was given, and keeps both flags (the reason,
 ``extractive_fallback``) on the row (the answer handler logs ``answer_fallback``). The partial answer already
