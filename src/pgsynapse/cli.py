@@ -53,8 +53,29 @@ def _settings(args: argparse.Namespace):
     return load_settings(args.config, **overrides)
 
 
+# what a command meets on a database that was never migrated, or is a migration behind
+SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
+                 psycopg.errors.InvalidSchemaName)
+
+
+def _schema_behind(settings, exc: psycopg.Error) -> str | None:
+    """Why a command met a missing table or column, when the migrations say why: the schema is missing or behind.
+    Asked only then, so that every other command pays nothing for it."""
+    if settings is None or not isinstance(exc, SCHEMA_ERRORS):
+        return None
+    try:
+        with Database(settings) as db:
+            ensure_schema(db, apply=False)
+    except DatabaseError as why:
+        return str(why)
+    except psycopg.Error:
+        return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = None
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
@@ -66,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgsynapse: error: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
     except psycopg.Error as exc:
+        if behind := _schema_behind(settings, exc):
+            print(f"pgsynapse: error: {behind}", file=sys.stderr)
+            return EX_UNAVAILABLE
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
         print(f"pgsynapse: error: database error: {describe_db_error(exc)}", file=sys.stderr)
         # a missing privilege stays missing until someone grants it: not worth a restart loop

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import psycopg
 import pytest
@@ -109,6 +111,16 @@ def test_database_without_pgvector_schema_is_refused(new_db):
     w.wait_event("process_exited")
     raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
     assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in raw
+
+
+@pytest.mark.parametrize("command", [["status"], ["queue-notify", "show"], ["retry-failed"], ["model", "list"],
+                                     ["search", "vacuum"]])
+def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command):
+    url = new_db()  # empty: never migrated (status said "relation pgsynapse.jobs does not exist")
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, *command], capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 69, r.stderr
+    assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
 
 
 def test_database_a_migration_behind_is_refused_naming_what_is_missing(new_db):

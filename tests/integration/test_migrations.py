@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import psycopg
 import pytest
 
@@ -427,6 +430,17 @@ def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempo
             with conn.transaction():
                 conn.execute(mig.sql.encode())
         assert conn.execute(turns).fetchall() == [("s1", 3)]
+
+
+def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
+    """`pgsynapse status` at 0022 met the missing jobs.skip_reason column and printed the server's error."""
+    url = new_db()
+    mig = _apply_below(url, 23)
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status"], capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 69, r.stderr
+    assert (f"pgsynapse: error: database schema is not up to date (1 migration(s) to apply: {mig.name}): "
+            "run `pgsynapse migrate`") in r.stderr, r.stderr
 
 
 def test_the_job_skip_reason_migration_keeps_the_queue_and_is_idempotent(new_db):
