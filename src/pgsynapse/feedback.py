@@ -35,8 +35,11 @@ def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpfu
     chunk = None
     if source is not None:
         cited = {int(s["rank"]): int(s["chunk_id"]) for s in question["sources"] or []}
+        if not cited:
+            raise InputError(f"question {question_id}'s answer cites no passage (it found nothing): give the feedback "
+                             "without naming a passage")
         if source not in cited:
-            ranks = ", ".join(f"[{r}]" for r in sorted(cited)) or "none"
+            ranks = ", ".join(f"[{r}]" for r in sorted(cited))
             raise InputError(f"question {question_id}'s answer cites no passage [{source}] (it cites {ranks})")
         chunk = cited[source]
         if chunk not in (question.get("live_chunks") or []):

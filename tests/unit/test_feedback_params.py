@@ -25,7 +25,7 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
     ({"status": "failed", "sources": []}, {"helpful": False}, "question 5 is failed: it has no answer to give feedback on"),
     (ANSWERED, {"helpful": True, "source": 2}, "question 5's answer cites no passage [2] (it cites [1], [3])"),
     ({"status": "answered", "sources": []}, {"helpful": True, "source": 1},
-     "question 5's answer cites no passage [1] (it cites none)"),
+     "question 5's answer cites no passage (it found nothing): give the feedback without naming a passage"),
     ({**ANSWERED, "live_chunks": [40]}, {"helpful": True, "source": 3},
      "passage [3] of question 5's answer is gone: its document was edited or deleted since (give the feedback without"
      " naming a passage)"),
