@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from dataclasses import replace
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -128,6 +129,9 @@ def test_an_answer_that_pastes_a_passage_as_the_prompt_shows_it_is_flagged():
         answer = checked_answer(pasted, given)
         assert answer.flags[-1] == "pasted_passage", pasted  # after "uncited" where it has no [n]
         assert answer.sources  # what it cited: the handler answers from the passages instead
+    # passages of one page share its title: the pasted one is any of them, not the first
+    same_page = [replace(p, title="One page") for p in given]
+    assert checked_answer(f"[2] One page: {given[1].text}", same_page).flags == ["pasted_passage"]
     for said in ("[1] Title 1: use passage1word3 first, then the rest.",  # its own words under the label
                  f"Title 1 says: {given[0].text}",  # not the label
                  f"{given[0].text} [1]",  # a quote of the passage, cited: an answer

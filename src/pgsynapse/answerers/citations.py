@@ -64,11 +64,12 @@ def pasted(text: str, passages: list[Passage]) -> bool:
     """Whether ``text`` starts as a passage is shown in the prompt (prompting.passages_block): its title and a colon,
     after citations or none, then the start of its text."""
     rest = _LEADING_CITATIONS.sub("", text, count=1)
-    for p in passages:
-        label = f"{p.title or ''}:"
+    for p in passages:  # the passages of one page share its title: any of them may be the one pasted
+        label = f"{p.title}:"
         if p.title and rest.startswith(label):
             said = " ".join(rest[len(label):].split())[:PASTE_CHARS]
-            return bool(said) and said in " ".join(p.text.split())
+            if said and said in " ".join(p.text.split()):
+                return True
     return False
 
 
