@@ -123,14 +123,13 @@ class BatchWriter:
             report = await handler.write(conn, ok) if ok else WriteReport()
             skipped = [o for o in mine if o.ok and o.skip_reason is not None]
             done = report.written + report.already_written + [o.job.id for o in skipped]
+            # why each job is done with nothing to write, or nothing to serve (an emptied body)
+            reasons = {**report.notes, **{o.job.id: o.skip_reason for o in skipped}}
             if done:
-                reasons = [report.notes.get(i) for i in report.written + report.already_written]
-                reasons += [o.skip_reason for o in skipped]
-                await conn.execute(q("complete_jobs"), {"ids": done, "reasons": reasons, "worker": self.worker_id})
-            for o in skipped:
-                log.info("job_skipped", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, reason=o.skip_reason)
-            for job_id, note in report.notes.items():
-                log.info("job_skipped", kind=kind, job=job_id, ref=jobs[job_id].ref_id, reason=note)
+                await conn.execute(q("complete_jobs"), {"ids": done, "reasons": [reasons.get(i) for i in done],
+                                                        "worker": self.worker_id})
+            for job_id, reason in reasons.items():
+                log.info("job_skipped", kind=kind, job=job_id, ref=jobs[job_id].ref_id, reason=reason)
             for job_id in report.superseded:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}

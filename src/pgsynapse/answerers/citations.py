@@ -23,7 +23,7 @@ CitationPolicy = Literal["flag", "refuse"]
 
 _GROUP = re.compile(r"\[\s*(\d{1,4}(?:\s*[,;]\s*\d{1,4})*)\s*\]")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters in a row: the text says something besides its citations
-_LEADING_CITATIONS = re.compile(r"^(?:\s*\[\s*\d{1,4}(?:\s*[,;]\s*\d{1,4})*\s*\])*\s*")
+_LEADING_CITATIONS = re.compile(rf"^(?:\s*{_GROUP.pattern})*\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 PASTE_CHARS = 40  # this much of a passage's text right after its label: pasted, not said
 _NOT_FOUND = re.compile(r"\b(could not|couldn't|cannot|can't|unable to) find\b|\bdo(es)? not (contain|mention)\b",
