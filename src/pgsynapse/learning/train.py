@@ -52,7 +52,7 @@ from pgsynapse.learning.canary import ensure_canary
 from pgsynapse.learning.gate import gate_metrics
 from pgsynapse.learning.holdout import grouped_holdout
 from pgsynapse.learning.trainer_process import progress as _progress
-from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder
+from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder, tokenized
 from pgsynapse.queries import q
 
 
@@ -293,7 +293,7 @@ def _fit_once(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]
                 stopped_early = True
                 break
             b = order[b0: b0 + spec.batch_size]
-            feats = model.tokenize([items[i][0] for i in b])
+            feats = tokenized(model, [items[i][0] for i in b])
             qv = torch.nn.functional.normalize(model(feats)["sentence_embedding"], dim=-1)
             logp = torch.log_softmax(spec.scale * qv @ pool_vecs.T, dim=-1)
             loss = torch.nn.functional.nll_loss(logp, targets[b])
