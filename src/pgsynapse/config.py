@@ -12,7 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgsynapse.errors import ConfigError
 
@@ -323,6 +325,18 @@ class Settings(BaseModel):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("database_url", "listen_url", "read_url")
+    @classmethod
+    def _connection_string(cls, value: str | None) -> str | None:
+        # checked here, not at connect: libpq's parse error quotes the whole string back, a password with it
+        if value:
+            try:
+                conninfo_to_dict(value)
+            except ProgrammingError:
+                raise ValueError("not a PostgreSQL connection string (postgresql://user:password@host:port/dbname, "
+                                 "or key=value pairs: host=... dbname=...)") from None
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.chunk_overlap >= self.chunk_tokens // 2:
@@ -396,6 +410,8 @@ def _describe(err: Any, values: dict[str, Any]) -> str:
         value = values.get(name)
     known = name in Settings.model_fields
     where = f"{ENV_PREFIX}{name.upper()}" if known else name
+    if name == "database_url":
+        where += " or DATABASE_URL"
     if not known:
         # a mistyped key: its value may be the secret of the setting it meant, so it is never shown
         close = difflib.get_close_matches(name, Settings.model_fields, n=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -121,6 +122,16 @@ def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command)
                        text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 69, r.stderr
     assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
+
+
+def test_a_database_url_that_is_no_connection_string_stops_the_command_without_showing_it():
+    # before: exit 69 and "database error: missing "=" after "mysql://u:pw-S3CRET-42@h/db" in connection info string"
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "status"], capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "DATABASE_URL": "mysql://u:pw-S3CRET-42@h/db"})
+    assert r.returncode == 78, r.stderr
+    assert r.stderr.startswith("pgsynapse: error: invalid setting database_url [PGSYNAPSE_DATABASE_URL or "
+                               "DATABASE_URL]: not a PostgreSQL connection string"), r.stderr
+    assert "S3CRET" not in r.stderr
 
 
 def test_database_a_migration_behind_is_refused_naming_what_is_missing(new_db):

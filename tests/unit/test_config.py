@@ -107,6 +107,20 @@ def test_invalid_secret_setting_never_shows_its_value(tmp_path: Path, name, toml
     assert msg.startswith(f"invalid setting {name}") and "S3CRET" not in msg
 
 
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "PGSYNAPSE_READ_URL"])
+@pytest.mark.parametrize("url", ["mysql://u:pw-S3CRET-42@h/db", "u:pw-S3CRET-42@h/db", "host=h password=pw-S3CRET-42 x"])
+def test_a_url_that_is_no_connection_string_is_refused_at_start_without_its_value(variable, url):
+    # the server's connect error quoted the whole string back, password included ("missing "=" after ...")
+    environ = {"DATABASE_URL": "postgresql://h/db", variable: url}
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ=environ)
+    msg = str(exc.value)
+    name = variable.removeprefix("PGSYNAPSE_").lower()
+    where = "PGSYNAPSE_DATABASE_URL or DATABASE_URL" if name == "database_url" else variable
+    assert msg.startswith(f"invalid setting {name} [{where}]: not a PostgreSQL connection string (postgresql://"), msg
+    assert "S3CRET" not in msg
+
+
 def test_settings_repr_hides_the_database_url():
     s = load_settings(environ={"DATABASE_URL": "postgresql://u:pw-S3CRET-42@h/db"})
     assert "S3CRET" not in repr(s) and "S3CRET" not in str(s)
