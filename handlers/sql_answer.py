@@ -124,7 +124,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
             if gen is None:
                 started = time.perf_counter()
                 gen = make_generator(model["runtime"], model["path"], self.settings)
-                log.info("sql_model_loaded", model=model["name"], id=model["id"], runtime=model["runtime"],
+                # the runtime logged sql_model_loaded (how it loaded); this names the registry's model it serves
+                log.info("sql_model_ready", model=model["name"], id=model["id"], runtime=gen.runtime,
                          seconds=round(time.perf_counter() - started, 2))
                 self._generators[key] = gen
             return gen

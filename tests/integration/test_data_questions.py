@@ -11,6 +11,7 @@ import re
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
 from pgsynapse.errors import InputError
@@ -90,11 +91,18 @@ def _rows(url: str, sql: str, *args):
 async def test_a_question_is_answered_with_its_sql_and_result_and_a_follow_up_gets_the_history(shop, models):
     url, model = shop
     settings = _settings(url, model)
-    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
-        async with Client(url) as client:
-            first = await client.ask_data(PER_REGION, session_id="s1")
-            second = await client.ask_data(FOLLOW_UP, session_id="s1")
+    with capture_logs() as logs:
+        async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+            async with Client(url) as client:
+                first = await client.ask_data(PER_REGION, session_id="s1")
+                second = await client.ask_data(FOLLOW_UP, session_id="s1")
     assert first.status == "answered", first
+    # the model is loaded once, and that is one event (the handler logged a second sql_model_loaded beside the
+    # runtime's, with other fields); the handler says which registry model is ready
+    [loaded] = [e for e in logs if e["event"] == "sql_model_loaded"]
+    assert loaded["runtime"] == "transformers" and loaded["seconds"] >= 0
+    [ready] = [e for e in logs if e["event"] == "sql_model_ready"]
+    assert ready["id"] is None and ready["runtime"] == "transformers", ready
     assert first.sql == 'select region, count ( * ) from "public".orders group by region order by region'
     assert [c["name"] for c in first.columns] == ["region", "count"]
     assert [c["type"] for c in first.columns] == ["text", "bigint"]
