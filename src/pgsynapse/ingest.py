@@ -10,7 +10,8 @@ COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: eve
 ``embed`` job and the worker is woken by one NOTIFY per batch.
 
 Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
-cannot be read as text (binary, not UTF-8, corrupt PDF, empty) is skipped with its reason, never a crash.
+cannot be read as text (binary, not UTF-8, corrupt PDF, empty), a link to a missing file and a pipe or socket are
+skipped with their reason, never a crash or a wait.
 Images (png, jpeg, webp) go to ``pgsynapse.images``, linked to the document beside them
 (:mod:`pgsynapse.images.ingest`).
 """
@@ -21,7 +22,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -111,13 +114,14 @@ class IngestReport:
 
 
 def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
-    """``(file, source)``: a directory's files (hidden ones left out) with sources relative to it; a file by name."""
+    """``(file, source)``: a directory's files (hidden ones left out) with sources relative to it; a file by name.
+    A broken link, a pipe or a socket is yielded too, for the report to say what it is."""
     for raw in paths:
         root = Path(raw)
         if root.is_dir():
             for f in sorted(root.rglob("*")):
                 rel = f.relative_to(root)
-                if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                if any(part.startswith(".") for part in rel.parts) or f.is_dir():
                     continue
                 yield f, rel.as_posix()
         else:
@@ -190,7 +194,11 @@ def ingest(
     with tqdm(total=len(files), unit="file", desc="ingest", disable=None if progress is None else not progress) as bar:
         for path, source in files:
             try:
-                path.stat()  # a path that is not there fails as missing, whatever its name says its type is
+                if path.is_symlink() and not path.exists():
+                    raise SkipFile(f"a link to a missing file ({os.readlink(path)})")
+                # a path that is not there fails as missing, whatever its name says its type is
+                if not stat.S_ISREG(path.stat().st_mode):
+                    raise SkipFile("not a regular file (a pipe, socket or device)")  # reading a pipe would wait
                 if is_image(path.suffix):
                     images.append(read_image(path, source, max_image_bytes))
                 else:

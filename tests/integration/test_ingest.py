@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,23 @@ def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT content_hash) FROM pgsynapse.documents").fetchone() == (4, 4)
         assert conn.execute("SELECT count(*) FROM pgsynapse.jobs").fetchone() == (5,)  # 4 embed, 1 embed_image
+
+
+def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
+    # before: a directory's broken link and pipe were left out without a word, and a pipe named on the command
+    # line blocked the ingest until something wrote to it
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
+    (tmp_path / "docs" / "gone.md").symlink_to("moved-away.md")
+    os.mkfifo(tmp_path / "docs" / "pipe.txt")
+    os.mkfifo(tmp_path / "named.md")
+    out = _cli(db_url, str(tmp_path / "docs"), str(tmp_path / "named.md"))
+    assert out.returncode == 0, out.stderr
+    assert "4 file(s): 1 inserted, 0 unchanged (already stored), 3 skipped, 0 failed" in out.stdout, out.stdout
+    reasons = dict(line.strip().split(": ", 1) for line in out.stdout.splitlines() if line.startswith("  "))
+    assert reasons == {"gone.md": "a link to a missing file (moved-away.md)",
+                       "pipe.txt": "not a regular file (a pipe, socket or device)",
+                       "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
 def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
