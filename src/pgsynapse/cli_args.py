@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
     rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
 
-    se = sub.add_parser("search", help="kNN search over the active model version (or over images)")
-    se.add_argument("text", nargs="?")
+    se = sub.add_parser("search", help="search the documents as answers do (the nearest chunks of the active model "
+                        "version fused with full-text matches), or the images")
+    se.add_argument("text", nargs="?", help="what to look for (not with --like-image)")
     se.add_argument("--images", action="store_true", help="search images by text (the active CLIP model)")
     se.add_argument("--like-image", metavar="PATH", help="search images like this image file")
     se.add_argument("--image-model", type=int, help="image model (default: the active one)")
