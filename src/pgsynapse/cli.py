@@ -41,6 +41,12 @@ EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
+# commands that print their result: their info events (the embedded server starting, the worker they start for an
+# answer) would bury it at a prompt. They log warnings and errors unless log_level is set (flag, env, file).
+QUIET_COMMANDS = frozenset({"ask", "search", "feedback", "status", "sql-ask", "sql-correct", "ab-report", "canary",
+                            "queue-notify"})
+
+
 def _settings(args: argparse.Namespace):
     overrides = {
         "database_url": args.database_url,
@@ -50,7 +56,10 @@ def _settings(args: argparse.Namespace):
     }
     if getattr(args, "kinds", None):
         overrides["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    return load_settings(args.config, **overrides)
+    settings = load_settings(args.config, **overrides)
+    if args.command in QUIET_COMMANDS and "log_level" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"log_level": "warning"})
+    return settings
 
 
 # what a command meets on a database that was never migrated, or is a migration behind

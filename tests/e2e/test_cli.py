@@ -101,6 +101,8 @@ def test_ask_answers_from_the_command_line(new_db):
     assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
     r = pgsynapse("ask", "how do I insert new rows into a table?", "--session", "cli", url=url)
     assert r.returncode == 0, r.stderr[-2000:]
+    # a command that prints its result logs warnings only, unless asked (the worker it starts logged 6 info lines)
+    assert r.stderr == "", r.stderr[-2000:]
     # the answer cites the passages it quotes ([n] of their rank), and each cited one is listed as a source
     cited = set(re.findall(r"\[(\d+)\]", r.stdout.split("\n  [")[0]))
     assert cited and "answered in" in r.stdout
@@ -123,7 +125,7 @@ def test_ask_answers_from_the_command_line(new_db):
     data = json.loads(j.stdout)
     assert data["status"] == "answered" and data["session_id"] == "cli" and data["sources"]
     # bad input: one line that says what is wrong, no traceback, a failing exit status
-    empty = pgsynapse("ask", " ", url=url)
+    empty = pgsynapse("--log-level", "info", "ask", " ", url=url)
     assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr[-2000:]
     assert "pgsynapse: error: the question is empty: ask something" in empty.stderr
     assert "worker_started" not in empty.stderr  # refused before a worker is started for it
@@ -135,8 +137,9 @@ def test_ask_answers_from_the_command_line(new_db):
     assert "documents_not_embedded" not in r.stderr
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Savepoints', 'SAVEPOINT marks a point.')")
-    late = pgsynapse("ask", "how do I mark a point in a transaction?", url=url)
+    late = pgsynapse("ask", "how do I mark a point in a transaction?", url=url, env={"PGSYNAPSE_LOG_LEVEL": "info"})
     assert late.returncode == 0 and "answered in" in late.stdout, late.stderr[-2000:]
+    assert "worker_started" in late.stderr, late.stderr[-2000:]  # the setting brings the info lines back
     assert re.search(r"documents_not_embedded +hint=.*start `pgsynapse run`.* n=1", late.stderr), late.stderr[-2000:]
     se = pgsynapse("search", "savepoint", url=url)
     assert se.returncode == 0 and se.stdout.rstrip().endswith(
