@@ -98,6 +98,26 @@ class _Served:
         return score(ranked, rel)
 
 
+def _rank(rr: float) -> int | None:
+    """The rank of the first relevant page from a reciprocal rank at 10 (None: not in the first ten)."""
+    return round(1 / rr) if rr else None
+
+
+def _misses(halves: dict[str, list[dict[str, Any]]], per: dict[Any, dict[str, list[float]]],
+            seeds: list[int]) -> None:
+    """Each question that the base or a candidate misses at recall@5: where each puts its first relevant page (None:
+    not in the first ten). Says whether a gain of one question is a matter of the recipe or of the question, and
+    which questions a retrain loses (the tune halves' lines may guide a recipe; the report halves' only report)."""
+    for name, order in itertools.product(SETS, ("vectors", "served")):
+        key = name if order == "vectors" else f"{name} served"
+        for i, item in enumerate(halves[name]):
+            ranks = {"base": _rank(per[("base", key)]["rr"][i]),
+                     **{f"seed{s}": _rank(per[(s, key)]["rr"][i]) for s in seeds}}
+            if any(r is None or r > 5 for r in ranks.values()):
+                emit("learning", f"miss_{name}", order=order, question=item["q"], relevant=sorted(item["relevant"]),
+                     **ranks)
+
+
 def _interval(base: dict[str, list[float]], cands: list[dict[str, list[float]]]) -> dict[str, float]:
     """95 % intervals of the gain over the base, candidates minus base per question (averaged over the candidates,
     one per seed), the questions resampled with replacement: how much a half of dev can tell apart."""
@@ -245,6 +265,7 @@ def run(args: Any) -> None:
              recall5_gain_min=round(min(gains), 1), recall5_gain_max=round(max(gains), 1),
              mrr10_gain_mean=round(statistics.mean(mrr), 4), mrr10_gain_min=round(min(mrr), 4),
              **_interval(per[("base", key)], [per[(r["seed"], key)] for r in runs]))
+    _misses(halves, per, [r["seed"] for r in runs])
     table()
 
 
