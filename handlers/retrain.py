@@ -116,13 +116,14 @@ class RetrainHandler(Handler[RetrainWork]):
         if active is not None and active["passage_version_id"]:
             passage = await (await conn.execute(q("version_by_id", "learning.sql"),
                                                 {"version": active["passage_version_id"]})).fetchone()
-        counts = await (await conn.execute(q("untrained_examples", "learning.sql"))).fetchone()
+        counts = await (await conn.execute(q("feedback_progress", "learning.sql"))).fetchone()
         if not counts["examples"]:
             # forced or not: trained on corpus pairs alone, a candidate could only be rejected by the gate, after
             # freezing the canary set from the corpus as it is now
             return [], [Outcome(j, skip_reason=NOTHING_TO_LEARN) for j in jobs]
         teacher, why = await find_teacher(conn, self.settings.retrain_teacher)
-        work = [RetrainWork(j, active, counts["n"], bool(j.payload.get("force")), passage, teacher, why) for j in jobs]
+        work = [RetrainWork(j, active, counts["untrained"], bool(j.payload.get("force")), passage, teacher, why)
+                for j in jobs]
         return work, []
 
     def compute(self, work: list[RetrainWork]) -> list[Outcome]:

@@ -44,7 +44,7 @@ def _standing(conn) -> list[tuple[str, int]]:
 
 
 def _untrained(conn) -> int:
-    return conn.execute(q("untrained_examples", "learning.sql")).fetchone()["n"]
+    return conn.execute(q("feedback_progress", "learning.sql")).fetchone()["untrained"]
 
 
 def _retrains(conn) -> int:

@@ -42,7 +42,7 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
                               args.source, conn.execute(q("feedback_progress", "learning.sql")).fetchone()))
         return 0
     if args.command == "retrain":
-        if not conn.execute(q("untrained_examples", "learning.sql")).fetchone()["examples"]:
+        if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
         newest = conn.execute("SELECT max(id) AS id FROM pgsynapse.model_versions").fetchone()["id"] or 0
         job = queue_retrain(conn)

@@ -1,16 +1,10 @@
 -- Named queries of the learning loop. Loaded by pgsynapse.queries.q(name, "learning.sql").
 
--- name: untrained_examples
--- one per question: its latest feedback's (superseded_by, migration 0021), as the retrain threshold counts them;
--- and every such example (a retrain with none has nothing to learn from)
-SELECT count(*) FILTER (WHERE trained_in_version IS NULL) AS n, count(*) AS examples
-FROM pgsynapse.training_examples
-WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL;
-
 -- name: feedback_progress
 -- `pgsynapse status`: the feedback so far, and how near the next automatic retrain is (the feedback trigger queues
--- one when the untrained examples that stand reach retrain_min_feedback); `pgsynapse retrain`: whether there is any
--- example to learn from
+-- one when the untrained examples that stand reach retrain_min_feedback); `pgsynapse retrain` and the retrain job:
+-- whether there is any example to learn from. Examples: one per question, its latest feedback's (superseded_by,
+-- migration 0021), with a positive passage
 SELECT (SELECT count(*) FROM pgsynapse.feedback) AS rows,
        (SELECT count(DISTINCT question_id) FROM pgsynapse.feedback) AS questions,
        te.untrained, te.examples,
