@@ -81,7 +81,7 @@ class IngestReport:
     replaced: int = 0  # stored documents updated with their file's new content (replace)
     same_source: int = 0  # inserted beside a stored document of the same source and other content (no replace)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): could not be read
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path as found, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
     images: int = 0  # image files inserted
     images_unchanged: int = 0
@@ -207,7 +207,7 @@ def ingest(
             except SkipFile as exc:
                 report.skipped.append((source, str(exc)))
             except OSError as exc:
-                report.failed.append((source, exc.strerror or str(exc)))
+                report.failed.append((str(path), exc.strerror or str(exc)))  # where it is, to go and look
             if len(batch) >= batch_files or sum(len(d.body) for d in batch) >= batch_chars:
                 _flush(conn, batch, report, replace)
                 batch = []

@@ -126,8 +126,8 @@ def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
     out = _cli(db_url, str(missing), str(tmp_path / "no-such-dir"), str(tmp_path / "Makefile"))
     assert out.returncode == 1
     assert "3 file(s): 0 inserted, 0 unchanged (already stored), 0 skipped, 3 failed" in out.stdout, out.stdout
-    for name in ("nope.md", "no-such-dir", "Makefile"):
-        assert f"{name}: No such file or directory" in out.stdout, out.stdout
+    for name in ("nope.md", "no-such-dir", "Makefile"):  # named as given: the name alone did not say where
+        assert f"\n  {tmp_path / name}: No such file or directory" in out.stdout, out.stdout
 
 
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
