@@ -164,4 +164,9 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                 check = await check_data_answer(conn, data)
                 print(textwrap.indent(textwrap.fill(check, 110, break_on_hyphens=False), "  "), file=out)
         worker.request_stop()
+    where = f"the embedded PostgreSQL in {settings.data_dir}" if settings.embedded else "the database of DATABASE_URL"
+    print(f"\nnext: the pages stay in {where}. Ask your own questions, or add your own files:\n"
+          '  pgsynapse ask "How do I ...?"           (or INSERT INTO pgsynapse.questions: README, "Asking questions")\n'
+          "  pgsynapse ingest DIR && pgsynapse run   (the worker embeds what is inserted, then waits for more)",
+          file=out)
     return 0

@@ -50,6 +50,11 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     table = r.stdout.split("  region | count\n")[1].splitlines()[1:1 + len(want)]
     assert [tuple(c.strip() for c in ln.split("|")) for ln in table] == [(g, str(n)) for g, n in want]
     assert "  checked: the rows of a query written by hand (SELECT region, count(*)" in r.stdout  # and says so
+    # then what to do next, with this database (it ended on the check: a new user was left to find the commands)
+    assert r.stdout.rstrip().endswith(
+        "\nnext: the pages stay in the database of DATABASE_URL. Ask your own questions, or add your own files:\n"
+        '  pgsynapse ask "How do I ...?"           (or INSERT INTO pgsynapse.questions: README, "Asking questions")\n'
+        "  pgsynapse ingest DIR && pgsynapse run   (the worker embeds what is inserted, then waits for more)"), r.stdout
 
     st = pgsynapse("status", "--json", url=url)
     assert st.returncode == 0, st.stderr
