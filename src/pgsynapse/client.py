@@ -26,8 +26,9 @@ import anyio
 import psycopg
 from psycopg.rows import dict_row
 
+from pgsynapse.config import conninfo_problem
 from pgsynapse.db import NO_PREPARE
-from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.errors import ConfigError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.queries import q
 
@@ -87,6 +88,9 @@ class Client:
     transaction mode; the questions are then inserted and read on ``url`` and only the LISTEN uses it."""
 
     def __init__(self, url: str, *, listen_url: str | None = None) -> None:
+        for name, value in (("url", url), ("listen_url", listen_url)):
+            if value and (why := conninfo_problem(value)):
+                raise ConfigError(f"Client {name}: {why}")
         self.url = url
         self.listen_url = listen_url or url
         self._conn: psycopg.AsyncConnection | None = None  # inserts and reads

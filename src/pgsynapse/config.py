@@ -328,13 +328,8 @@ class Settings(BaseModel):
     @field_validator("database_url", "listen_url", "read_url")
     @classmethod
     def _connection_string(cls, value: str | None) -> str | None:
-        # checked here, not at connect: libpq's parse error quotes the whole string back, a password with it
-        if value:
-            try:
-                conninfo_to_dict(value)
-            except ProgrammingError:
-                raise ValueError("not a PostgreSQL connection string (postgresql://user:password@host:port/dbname, "
-                                 "or key=value pairs: host=... dbname=...)") from None
+        if value and (why := conninfo_problem(value)):
+            raise ValueError(why)
         return value
 
     @model_validator(mode="after")
@@ -350,6 +345,17 @@ class Settings(BaseModel):
     @property
     def embedded(self) -> bool:
         return not self.database_url
+
+
+def conninfo_problem(value: str) -> str | None:
+    """Why ``value`` is not a PostgreSQL connection string, in words that do not quote it; None when it is one.
+    Checked before connecting: libpq's own parse error quotes the whole string back, a password with it."""
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError:
+        return ("not a PostgreSQL connection string (postgresql://user:password@host:port/dbname, or key=value "
+                "pairs: host=... dbname=...)")
+    return None
 
 
 def _env_values(environ: dict[str, str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pgsynapse import config
+from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import tcp_params
 from pgsynapse.errors import ConfigError
@@ -119,6 +120,16 @@ def test_a_url_that_is_no_connection_string_is_refused_at_start_without_its_valu
     where = "PGSYNAPSE_DATABASE_URL or DATABASE_URL" if name == "database_url" else variable
     assert msg.startswith(f"invalid setting {name} [{where}]: not a PostgreSQL connection string (postgresql://"), msg
     assert "S3CRET" not in msg
+
+
+@pytest.mark.parametrize("where", ["url", "listen_url"])
+def test_a_client_given_no_connection_string_says_so_without_its_value(where):
+    # before: psycopg's ProgrammingError at connect, which quoted the whole string, password included
+    bad, good = "mysql://u:pw-S3CRET-42@h/db", "postgresql://h/db"
+    with pytest.raises(ConfigError) as exc:
+        Client(bad) if where == "url" else Client(good, listen_url=bad)
+    assert str(exc.value).startswith(f"Client {where}: not a PostgreSQL connection string") and "S3CRET" not in str(
+        exc.value)
 
 
 def test_settings_repr_hides_the_database_url():
