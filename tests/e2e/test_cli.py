@@ -86,12 +86,17 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
 
 
-def test_search_with_nothing_embedded_says_why(new_db):
+def test_search_and_ask_with_nothing_embedded_say_why(new_db):
     url = new_db()
     assert pgsynapse("migrate", url=url).returncode == 0
     empty = pgsynapse("search", "vacuum", url=url)
     assert empty.returncode == 0, empty.stderr[-2000:]
     assert empty.stdout.startswith("no results: no document is embedded (add some: `pgsynapse ingest PATH`")
+    # an answer from no documents at all says so beside "not found" (it said "not found" alone)
+    asked = pgsynapse("ask", "what is vacuum?", url=url)
+    assert asked.returncode == 0 and asked.stdout.startswith("I could not find anything relevant"), asked.stderr
+    assert re.search(r"no_documents +hint='answers come from the documents: add some \(`pgsynapse ingest PATH`",
+                     asked.stderr), asked.stderr
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims storage.')")
     waiting = pgsynapse("search", "vacuum", url=url)

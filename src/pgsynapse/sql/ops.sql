@@ -55,8 +55,10 @@ FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
 SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
 
 -- name: documents_waiting
--- `pgsynapse ask` with no worker running: documents that no answer can find until a worker embeds them
-SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'pending';
+-- `pgsynapse ask`: whether any document is stored, and (with no worker running) the documents that no answer can
+-- find until a worker embeds them
+SELECT EXISTS (SELECT 1 FROM pgsynapse.documents) AS stored,
+       (SELECT count(*) FROM pgsynapse.documents WHERE status = 'pending') AS n;
 
 -- name: failed_job_errors
 -- `pgsynapse status`: why jobs failed, the commonest errors first (the failed rows stay for retry-failed)
