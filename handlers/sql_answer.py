@@ -125,7 +125,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 started = time.perf_counter()
                 gen = make_generator(model["runtime"], model["path"], self.settings)
                 # the runtime logged sql_model_loaded (how it loaded); this names the registry's model it serves
-                log.info("sql_model_ready", model=model["name"], id=model["id"], runtime=gen.runtime,
+                log.info("sql_model_ready", model=model["name"], id=model["id"], runtime=gen.name,
                          seconds=round(time.perf_counter() - started, 2))
                 self._generators[key] = gen
             return gen

@@ -181,8 +181,7 @@ def encode_example(prompt: str, target: str, tokenizer) -> tuple[list[int], int]
 
 # -- generators -------------------------------------------------------------------------------------
 class SqlGenerator(Protocol):
-    name: str
-    runtime: str  # transformers, llama-cpp or openai: what "auto" became
+    name: str  # the runtime: transformers, llama-cpp or openai (what sql_runtime = auto became)
     last_stats: dict[str, float]  # of the last generate(): seconds, and prompt_tokens / new_tokens where known
     last_fitted: SqlPrompt | None  # the prompt the last generate() gave the model, after its budget's trimming
     lock: threading.RLock  # held by generate(); hold it around generate() and the reading of last_* when threads share
@@ -235,7 +234,6 @@ class _OneAtATime:
 class TransformersSqlGenerator(_OneAtATime):
     """A local causal LM on transformers, loaded once: a model directory, a .gguf file or a preset
     (answerers/local_models.py). Instruct models get their chat template."""
-    runtime = "transformers"
 
     name = "transformers"
 
@@ -297,7 +295,6 @@ class TransformersSqlGenerator(_OneAtATime):
 class LlamaCppSqlGenerator(_OneAtATime):
     """A GGUF model (a .gguf file or a preset) on llama.cpp's quantized CPU kernels. The prompt's tokens are kept
     between calls, so the candidates of one question (and questions over the same tables) share their prefix."""
-    runtime = "llama-cpp"
 
     name = "llama-cpp"
 
@@ -360,7 +357,6 @@ class LlamaCppSqlGenerator(_OneAtATime):
 class OpenAISqlGenerator(_OneAtATime):
     """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``): the greedy statement with
     temperature 0, the sampled ones in one request with ``n`` (repeated when the endpoint returns fewer)."""
-    runtime = "openai"
 
     name = "openai"
 
