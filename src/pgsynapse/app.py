@@ -95,12 +95,13 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         with db.connect() as conn:
             row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pgsynapse-listener'"
                                " AND datname = current_database()").fetchone()
-            docs = conn.execute(q("documents_waiting", "ops.sql")).fetchone() if kind == "answer" else None
-            if docs is not None and not docs["stored"]:
+            if kind == "answer" and not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
                 log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "
                             "PATH`, or INSERT INTO pgsynapse.documents) and run `pgsynapse run` to embed them")
-            elif docs is not None and not row["n"] and docs["n"]:
+            elif kind == "answer" and not row["n"]:
                 # the worker started here only answers: documents waiting for their embed job stay unsearched
-                log.warning("documents_not_embedded", n=docs["n"],
-                            hint="they are not searched until a worker embeds them: start `pgsynapse run`")
+                waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
+                if waiting:
+                    log.warning("documents_not_embedded", n=waiting,
+                                hint="they are not searched until a worker embeds them: start `pgsynapse run`")
         return anyio.run(go if row["n"] else with_worker, db.url)

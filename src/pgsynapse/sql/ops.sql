@@ -54,11 +54,14 @@ FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
 -- Serialises concurrent ingests' "is it new?" decisions (transaction-scoped).
 SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
 
+-- name: documents_stored
+-- `pgsynapse ask`: whether there is any document for an answer to come from
+SELECT EXISTS (SELECT 1 FROM pgsynapse.documents) AS stored;
+
 -- name: documents_waiting
--- `pgsynapse ask`: whether any document is stored, and (with no worker running) the documents that no answer can
--- find until a worker embeds them
-SELECT EXISTS (SELECT 1 FROM pgsynapse.documents) AS stored,
-       (SELECT count(*) FROM pgsynapse.documents WHERE status = 'pending') AS n;
+-- `pgsynapse ask` with no worker running, `pgsynapse search`: documents that no answer can find until a worker
+-- embeds them
+SELECT count(*) AS n FROM pgsynapse.documents WHERE status = 'pending';
 
 -- name: failed_job_errors
 -- `pgsynapse status`: why jobs failed, the commonest errors first (the failed rows stay for retry-failed)
