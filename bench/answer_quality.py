@@ -22,6 +22,8 @@ beside it):
 - ``wrong_not_found``: % of these answerable questions answered "not found";
 - ``rel_sentences``: % of answer sentences whose best match (cosine >= threshold) is in a passage of a relevant
   page: how much of what is said comes from the right page;
+- ``answered`` / ``answered_first``: % of the questions with an answer pattern (bench/answer_patterns.py) whose
+  answer quotes a sentence that answers them / starts with one: the right sentence, not only the right page;
 - latency of ``answer()`` p50/p95 (ms); for generators, time to first token (first ``on_delta``) p50/p95 and
   tokens/s.
 
@@ -49,6 +51,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
+from bench import answer_patterns
 from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
@@ -167,7 +170,8 @@ def train_split(train: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
-def judge(ans: Answer, passages: list[Passage], relevant: set[str], g: Grounding, threshold: float) -> dict[str, Any]:
+def judge(ans: Answer, passages: list[Passage], relevant: set[str], g: Grounding, threshold: float,
+          pattern: re.Pattern[str] | None = None) -> dict[str, Any]:
     by_rank = {p.rank: p for p in passages}
     ranks = [r for r in cited_ranks(ans.text) if r in by_rank]
     nf = is_not_found(ans.text)
@@ -182,8 +186,9 @@ def judge(ans: Answer, passages: list[Passage], relevant: set[str], g: Grounding
         ok += cos >= threshold
         on_rel += cos >= threshold and p is not None and p.source in relevant
     grounded = ok / len(sents) if sents else (0.0 if not nf else None)
+    answered, answered_first = answer_patterns.matches(pattern, [s for s, _ in sents]) if pattern else (None, None)
     return {"not_found": nf, "first": first, "any": anyc, "grounded": grounded, "pairs": pairs,
-            "n_sentences": len(sents), "on_relevant": on_rel}
+            "n_sentences": len(sents), "on_relevant": on_rel, "answered": answered, "answered_first": answered_first}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -198,6 +203,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "gw_first_cite": round(100 * sum(r["first"] * (r["grounded"] or 0.0) for r in rows) / n, 1),
         "wrong_not_found": round(100 * (n - len(answered)) / n, 1),
         "rel_sentences": round(100 * sum(r["on_relevant"] for r in rows) / sentences, 1) if sentences else 0.0,
+        **answer_patterns.figures(rows),
         "p50_ms": round(pct([r["ms"] for r in rows], 50), 1),
         "p95_ms": round(pct([r["ms"] for r in rows], 95), 1),
     }
@@ -340,6 +346,7 @@ def main() -> None:
                                        strict=True):
             it["passages"], it["vector"] = passages, vec
         g = Grounding(lambda t: embedder.encode(t))
+        patterns = answer_patterns.load()
         answerers = build_answerers(url, models, embedder, args.generator, args.max_new_tokens,
                                     args.generator_runtime, args.context)
         if args.only:
@@ -351,7 +358,7 @@ def main() -> None:
             for half, items in sets.items():
                 rows = run_answerer(answerer, items, tok)
                 for it, r in zip(items, rows, strict=True):
-                    r.update(judge(r["answer"], it["passages"], it["relevant"], g, threshold))
+                    r.update(judge(r["answer"], it["passages"], it["relevant"], g, threshold, patterns.get(it["q"])))
                     pairs.extend({"answerer": name, "question": it["q"], "against": "cited", **pr} for pr in r["pairs"])
                     if args.pairs and r["pairs"]:
                         # the same sentence against the passages it does not cite: what a wrong citation looks like
@@ -362,7 +369,8 @@ def main() -> None:
                         pairs.append({"answerer": name, "question": it["q"], "against": "uncited",
                                       "sentence": pr["sentence"], "passage_sentence": match, "cosine": round(cos, 4)})
                 every_answer += [{"answerer": name, "set": half, "question": it["q"], "text": r["answer"].text,
-                                  "flags": r["answer"].flags, "first_relevant": r["first"], "grounded": r["grounded"]}
+                                  "flags": r["answer"].flags, "first_relevant": r["first"], "grounded": r["grounded"],
+                                  "answered": r["answered"], "answered_first": r["answered_first"]}
                                  for it, r in zip(items, rows, strict=True)]
                 if args.answers:
                     args.answers.write_text("".join(json.dumps(x) + "\n" for x in every_answer))
