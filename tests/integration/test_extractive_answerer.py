@@ -176,3 +176,27 @@ def test_nothing_relevant_is_not_found_with_no_sources(embedder):
 def test_dangling_words():
     assert dangling("It reclaims space.") and dangling("However, this is rare.") and dangling("The above transaction.")
     assert not dangling("Items are stored in pages.") and not dangling("Thesaurus files are text.")
+
+
+def test_a_sentence_that_names_its_subject_as_this_option_leans_on_its_predecessor():
+    """A demonstrative in the first words ("Without this option ...", "Enabling this parameter ...") points back
+    at what the previous sentence named: quoted alone, the reader is not told which option."""
+    assert dangling("Without this option a refresh could block other connections.")
+    assert dangling("Enabling this parameter can be helpful when the traffic is too high.")
+    assert dangling("With these settings the server logs every statement.")
+    assert dangling("All these functions return NULL when an argument is NULL.")
+    assert not dangling("Tools such as pg_dump read the catalogs.")  # "such as" lists, it does not point back
+    assert not dangling("Refresh the materialized view without locking out concurrent selects on it.")
+    assert not dangling("The planner chooses the cheapest plan for this query shape among many candidates.")
+
+
+def test_an_option_s_sentence_is_quoted_with_the_sentence_that_names_the_option(embedder):
+    """sql-refreshmaterializedview.html as the docs word it: the question's words are in the sentence about the
+    option ("block ... read"), the answer (CONCURRENTLY's own line) is the sentence before it."""
+    refresh = ("CONCURRENTLY\nRefresh the materialized view without locking out concurrent selects on the "
+               "materialized view. Without this option a refresh which affects a lot of rows will tend to use fewer "
+               "resources and complete more quickly, but could block other connections which are trying to read from "
+               "the materialized view. This option may be faster in cases where a small number of rows are affected.")
+    text, _ = ask(embedder, "refresh a materialized view without blocking people reading it",
+                  [("REFRESH MATERIALIZED VIEW", refresh, 0.7)])
+    assert text.startswith("Refresh the materialized view without locking out concurrent selects"), text

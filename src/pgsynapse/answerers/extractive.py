@@ -39,7 +39,9 @@ _DANGLING = re.compile(
     r"following|result)|on the other hand|note that|unlike)\b",
     re.IGNORECASE,
 )
-
+# a demonstrative among a sentence's first words ("Without this option ...", "Enabling this parameter ...", "All
+# these functions ..."): what it points at was named by the sentence before ("such as" lists, it does not point back)
+_POINTS_BACK = re.compile(r"^(?:\S+\s+){1,3}(?:this|these|those|such(?! as))\b", re.IGNORECASE)
 
 _MARK = re.compile(r"\[\d+\]")
 # a question asking how to do something ("How do I roll back part of a transaction?"), and a sentence that tells the
@@ -71,8 +73,10 @@ def terms(text: str) -> set[str]:
 
 
 def dangling(sentence: str) -> bool:
-    """Whether ``sentence`` leans on its predecessor (starts with a pronoun or a connective)."""
-    return bool(_DANGLING.match(sentence.lstrip("(\"' ")))
+    """Whether ``sentence`` leans on its predecessor: it starts with a pronoun or a connective, or names its subject
+    by pointing back at it ("Without this option ...")."""
+    s = sentence.lstrip("(\"' ")
+    return bool(_DANGLING.match(s) or _POINTS_BACK.match(s))
 
 
 @dataclass
