@@ -203,7 +203,7 @@ def test_an_option_s_sentence_is_quoted_with_the_sentence_that_names_the_option(
                "the materialized view. This option may be faster in cases where a small number of rows are affected.")
     text, _ = ask(embedder, "refresh a materialized view without blocking people reading it",
                   [("REFRESH MATERIALIZED VIEW", refresh, 0.7)])
-    assert text.startswith("Refresh the materialized view without locking out concurrent selects"), text
+    assert text.startswith("CONCURRENTLY: Refresh the materialized view without locking out concurrent selects"), text
 
 
 def test_the_sentence_that_answers_is_quoted_from_the_retrieved_docs_passages(embedder):

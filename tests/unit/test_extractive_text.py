@@ -49,6 +49,25 @@ def test_a_synopsis_line_is_not_joined_into_the_sentence_after_it():
                                     "can contain only unique values.", False)]
 
 
+def test_a_description_under_the_name_it_describes_is_quoted_with_that_name():
+    """A setting's, an option's or a flag's description has no subject of its own ("Sets the base maximum amount
+    of memory ..."): the line above it names what it is about, and the sentence is quoted with it."""
+    text = ("work_mem (integer)\nSets the base maximum amount of memory to be used by a query operation. If this "
+            "value is specified without units, it is taken as kilobytes.\n"
+            "Parameters\nCONCURRENTLY\nDrop the index without locking out concurrent selects on the table.\n"
+            "IF EXISTS\nDo not throw an error if the index does not exist.\n"
+            "-j njobs\n--jobs=njobs\nRun the dump in parallel by dumping njobs tables simultaneously.\n"
+            "Description\nDROP INDEX drops an existing index from the database system.\n")
+    assert [s for s, _ in sentence_runs(text)] == [
+        "work_mem (integer): Sets the base maximum amount of memory to be used by a query operation.",
+        "If this value is specified without units, it is taken as kilobytes.",
+        "CONCURRENTLY: Drop the index without locking out concurrent selects on the table.",
+        "IF EXISTS: Do not throw an error if the index does not exist.",
+        "--jobs=njobs: Run the dump in parallel by dumping njobs tables simultaneously.",
+        "DROP INDEX drops an existing index from the database system.",  # a section heading is no name
+    ]
+
+
 def test_terms_are_content_words_stemmed():
     assert terms("How do I roll back part of a transaction?") == {"roll", "back", "part", "transaction"}
     assert terms("Savepoints discard parts of transactions") == {"savepoint", "discard", "part", "transaction"}

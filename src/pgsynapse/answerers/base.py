@@ -66,6 +66,11 @@ _MIN_CHARS = 12
 _STATEMENT_END = re.compile(r"[;{}]$")
 # a synopsis line ("UNIQUE [ NULLS [ NOT ] DISTINCT ] ( column_name [, ... ] )"): syntax, never part of a sentence
 _SYNOPSIS = re.compile(r"\[ .*\]|\{ .* \| .*\}")
+# a line that names what the lines under it describe, as the docs list them: a setting with its type ("work_mem
+# (integer)"), an SQL option in capitals ("CONCURRENTLY", "IF EXISTS", "WITH [ NO ] DATA"), a command-line flag
+# ("--jobs=njobs")
+_TERM = re.compile(r"(?:[a-z_][a-z0-9_.]* \((?:integer|boolean|string|enum|floating point)\)"
+                   r"|[A-Z][A-Z0-9_ \[\]|()-]{1,38}|--?[A-Za-z][\w-]*(?:[ =]\S+)?)$")
 
 
 def _lines(text: str) -> list[str]:
@@ -94,17 +99,23 @@ def sentence_runs(text: str) -> list[tuple[str, bool]]:
     """``(sentence, follows)`` for each prose sentence of ``text``: one that ends with an end mark (. ! ?) and has
     12 characters or more; headings, synopses, code and lines that introduce code ("To abort all changes:") are
     left out. ``follows``: the sentence comes right after the previous one kept, nothing left out between them (so
-    a sentence that leans on its predecessor, "They have no effect.", can be quoted with it)."""
+    a sentence that leans on its predecessor, "They have no effect.", can be quoted with it). The first sentence
+    under a line that names a setting, an option or a flag (:data:`_TERM`) is that line's description, without a
+    subject of its own ("Sets the base maximum amount of memory ..."): it comes with the name, ``"work_mem
+    (integer): Sets ..."``."""
     out: list[tuple[str, bool]] = []
     follows = False
+    term = None
     for line in _lines(text):
         for s in _SENTENCE.split(line):
             s = " ".join(s.split())
             if len(s) >= _MIN_CHARS and _ENDS.search(s):
-                out.append((s, follows))
+                out.append((f"{term}: {s}" if term else s, follows))
                 follows = True
             elif s:
                 follows = False
+            term = None
+        term = line if _TERM.match(line) else None
     return out
 
 

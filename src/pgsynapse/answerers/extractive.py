@@ -113,8 +113,9 @@ class ExtractiveAnswerer:
     # raised with every change to how an answer is chosen: answers cached by an earlier revision are not served
     # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences;
     # 3: sentences that tell how, for how-to questions (how_to_weight); 4: chosen by answer patterns (the sentence
-    # that answers, not only its page): a sentence pointing back at its subject leans on its predecessor, weights
-    revision = 4
+    # that answers, not only its page): a sentence pointing back at its subject leans on its predecessor, weights;
+    # 5: a description quoted with the name it describes ("work_mem (integer): Sets ...", base.sentence_runs)
+    revision = 5
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.5, passage_weight: float = 2.0,
