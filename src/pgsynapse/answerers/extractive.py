@@ -112,14 +112,14 @@ class ExtractiveAnswerer:
     name = "extractive"
     # raised with every change to how an answer is chosen: answers cached by an earlier revision are not served
     # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences;
-    # 3: sentences that tell how, for how-to questions (how_to_weight); 4: chosen by answer patterns (the sentence
-    # that answers, not only its page): a sentence pointing back at its subject leans on its predecessor, weights;
-    # 5: a description quoted with the name it describes ("work_mem (integer): Sets ...", base.sentence_runs)
-    revision = 5
+    # 3: sentences that tell how, for how-to questions (how_to_weight); 4: a sentence pointing back at its subject
+    # leans on its predecessor, and a description is quoted with the name it describes ("work_mem (integer): Sets
+    # ...", base.sentence_runs)
+    revision = 4
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
-                 min_sentence_score: float = 0.25, window_weight: float = 1.5, passage_weight: float = 2.0,
-                 agreement_weight: float = 0.0, page_weight: float = 1.0, keep_margin: float = 0.45,
+                 min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
+                 agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
                  continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0,
                  lexical_weight: float = 1.5, how_to_weight: float = 0.5) -> None:
         self.encode = encode
