@@ -14,8 +14,9 @@ How an answer is chosen (issue 18):
   ``rank_weight`` is set, by its passage's rank in retrieval's order;
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
-- a sentence that cannot stand alone ("It ...", "This ...", "However, ...") is quoted with its predecessor, or
-  not at all when the passage has none;
+- a sentence that cannot stand alone ("It ...", "This ...", "However, ...", "Without this option ...") is quoted
+  with its predecessor, or not at all when the passage has none; a setting's, an option's or a flag's description
+  comes with the name it describes (base.sentence_runs: "work_mem (integer): Sets ...");
 - other passages add a sentence only when it scores close to the best and says something new;
 - sources are the quoted passages only, in rank order; citations keep the passages' ranks ``[n]``.
 """
