@@ -2,7 +2,7 @@
 introduces kept apart, and the question's informative words (src/pgsynapse/answerers/base.py, extractive.py)."""
 
 from pgsynapse.answerers.base import Passage, sentence_runs
-from pgsynapse.answerers.extractive import _HOW_TO_QUESTION, _TELLS_HOW, ExtractiveAnswerer, _Sentence, terms
+from pgsynapse.answerers.extractive import _HOW_TO_QUESTION, _TELLS_HOW, ExtractiveAnswerer, _Sentence, dangling, terms
 
 JSONB = (
     "The default GIN operator class for jsonb supports queries with the containment operator @>. (For details of "
@@ -66,6 +66,17 @@ def test_a_description_under_the_name_it_describes_is_quoted_with_that_name():
         "--jobs=njobs: Run the dump in parallel by dumping njobs tables simultaneously.",
         "DROP INDEX drops an existing index from the database system.",  # a section heading is no name
     ]
+
+
+def test_a_description_that_says_this_option_stands_once_it_comes_with_the_option_s_name():
+    """"This option specifies ..." leans on the line above it; quoted with that line (the flag's name) it stands:
+    it is quotable, where alone it was not (199 of the docs' 1,865 such descriptions start that way)."""
+    text = "--pgdata=directory\nThis option specifies the directory where the database cluster should be stored.\n"
+    [(sentence, follows)] = sentence_runs(text)
+    assert sentence == "--pgdata=directory: This option specifies the directory where the database cluster should be stored."
+    assert not follows and not dangling(sentence)
+    assert dangling("This option specifies the directory where the database cluster should be stored.")
+    assert dangling("In this case: the option is ignored.")  # a colon after words that name nothing
 
 
 def test_terms_are_content_words_stemmed():

@@ -119,6 +119,13 @@ def sentence_runs(text: str) -> list[tuple[str, bool]]:
     return out
 
 
+def named(sentence: str) -> bool:
+    """Whether ``sentence`` comes with the name it describes, as :func:`sentence_runs` gives a description
+    (``"--pgdata=directory: This option specifies ..."``): what it says "this option" of is in it."""
+    name, sep, _ = sentence.partition(": ")
+    return bool(sep) and bool(_TERM.match(name))
+
+
 def split_sentences(text: str, *, prose_only: bool = True) -> list[str]:
     """The sentences of ``text``: its prose sentences (:func:`sentence_runs`); with ``prose_only`` off (an answer's
     own text, whose last sentence may be cut), every piece of 20 characters or more between sentence ends and

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pgsynapse.answerers.base import NOT_FOUND, Answer, Passage, Request, sentence_runs
+from pgsynapse.answerers.base import NOT_FOUND, Answer, Passage, Request, named, sentence_runs
 
 # a sentence starting with one of these needs its predecessor: its subject (or the thought it goes on with) is there
 _DANGLING = re.compile(
@@ -75,9 +75,9 @@ def terms(text: str) -> set[str]:
 
 def dangling(sentence: str) -> bool:
     """Whether ``sentence`` leans on its predecessor: it starts with a pronoun or a connective, or names its subject
-    by pointing back at it ("Without this option ...")."""
+    by pointing back at it ("Without this option ..."); never a description that comes with its name."""
     s = sentence.lstrip("(\"' ")
-    return bool(_DANGLING.match(s) or _POINTS_BACK.match(s))
+    return not named(s) and bool(_DANGLING.match(s) or _POINTS_BACK.match(s))
 
 
 @dataclass
