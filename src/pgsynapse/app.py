@@ -95,13 +95,14 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         with db.connect() as conn:
             row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pgsynapse-listener'"
                                " AND datname = current_database()").fetchone()
-            if kind == "answer" and not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
-                log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "
-                            "PATH`, or INSERT INTO pgsynapse.documents) and run `pgsynapse run` to embed them")
-            elif kind == "answer" and not row["n"]:
-                # the worker started here only answers: documents waiting for their embed job stay unsearched
-                waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
-                if waiting:
-                    log.warning("documents_not_embedded", n=waiting,
-                                hint="they are not searched until a worker embeds them: start `pgsynapse run`")
+            if kind == "answer":
+                if not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
+                    log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "
+                                "PATH`, or INSERT INTO pgsynapse.documents) and run `pgsynapse run` to embed them")
+                elif not row["n"]:
+                    # the worker started here only answers: documents waiting for their embed job stay unsearched
+                    waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
+                    if waiting:
+                        log.warning("documents_not_embedded", n=waiting,
+                                    hint="they are not searched until a worker embeds them: start `pgsynapse run`")
         return anyio.run(go if row["n"] else with_worker, db.url)

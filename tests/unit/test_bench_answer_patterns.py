@@ -38,8 +38,8 @@ def test_every_pattern_matches_a_sentence_of_its_relevant_pages_and_dev_is_cover
     for line in (SHARED / "pg_docs_corpus.jsonl").open():
         page = json.loads(line)
         pages[page["id"]] = [s for s, _ in sentence_runs(page["text"])]
-    relevant = {json.loads(line)["q"]: json.loads(line)["relevant"]
-                for source in (SHARED / "pg_docs_dev.jsonl", USERS) for line in source.open()}
+    questions = [json.loads(line) for source in (SHARED / "pg_docs_dev.jsonl", USERS) for line in source.open()]
+    relevant = {q["q"]: q["relevant"] for q in questions}
     assert set(relevant) == {r["q"] for r in rows()}
     for q, pattern in load().items():
         if pattern is not None:
