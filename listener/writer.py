@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse import metrics
 from pgsynapse.config import Settings
-from pgsynapse.db import MIN_IDLE_SECONDS, bounded_transaction
+from pgsynapse.db import bounded_transaction, transaction_bounds
 from pgsynapse.handlers.base import Handler, Outcome, WriteReport, describe
 from pgsynapse.listener.batches import WorkerStats
 from pgsynapse.logs import get_logger
@@ -33,12 +33,15 @@ def backoff_delay(attempts: int, base: float, cap: float) -> float:
 
 def transient(exc: BaseException) -> bool:
     """A database error that says nothing about the rows: the connection broke, the server is restarting,
-    the transaction lost a deadlock/serialization race, or the server ended it while the worker was silent
-    (25P03: db.bounded_transaction). Writing the same results again is right."""
-    if not isinstance(exc, psycopg.OperationalError):
+    the transaction lost a deadlock/serialization race, or the server ended it while the worker was silent or
+    after it had lasted too long (25P03, 25P04: db.bounded_transaction). Writing the same results again is
+    right."""
+    if not isinstance(exc, psycopg.Error):
         return False
     state = exc.sqlstate or ""
-    return not state or state.startswith(("08", "57P", "40")) or state == "25P03"
+    if state in ("25P03", "25P04"):  # psycopg's InternalError (class 25: invalid transaction state)
+        return True
+    return isinstance(exc, psycopg.OperationalError) and (not state or state.startswith(("08", "57P", "40")))
 
 
 
@@ -90,7 +93,7 @@ class BatchWriter:
 
         Bounded by about one lease: after that the jobs may belong to another worker (the guard drops ours).
         """
-        deadline = time.monotonic() + max(self.settings.lease_seconds, MIN_IDLE_SECONDS)
+        deadline = time.monotonic() + transaction_bounds(self.settings).silent
         delay = 0.25
         while True:
             try:
@@ -98,7 +101,7 @@ class BatchWriter:
                 await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())),
                                       inference=inference)
                 return
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("batch_write_retrying", kind=kind, n=len(outcomes), retry_in=delay, error=describe(exc)[:200])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -157,18 +158,44 @@ class Database:
 # the least time the server waits for a silent client inside one of pgsynapse's transactions before it ends it
 # (idle_in_transaction_session_timeout): bounded_transaction, the writer's retry budget, a data question's statement
 MIN_IDLE_SECONDS = 10.0
+# how many times that a whole transaction may last (transaction_timeout): a long write is not a silent one
+TOTAL_PER_SILENT = 2.0
+# the first server version with transaction_timeout
+TRANSACTION_TIMEOUT_VERSION = 170000
+
+
+@dataclass(frozen=True)
+class TransactionBounds:
+    """How long the server lets one of the worker's transactions run: ``silent`` seconds without a word from the
+    worker between statements, ``total`` seconds in all."""
+
+    silent: float
+    total: float
+
+
+def transaction_bounds(settings: Settings) -> TransactionBounds:
+    silent = max(settings.lease_seconds, MIN_IDLE_SECONDS)
+    return TransactionBounds(silent, silent * TOTAL_PER_SILENT)
 
 
 @contextlib.asynccontextmanager
 async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings) -> AsyncIterator[None]:
     """A transaction that the server ends (with its session) once its client stays silent in it for a lease, at
-    least 10 s (the writer's retry budget: past it the jobs may belong to another worker anyway). A worker cut off from the database mid-transaction (a network partition: no FIN, no RST)
+    least 10 s (the writer's retry budget: past it the jobs may belong to another worker anyway), or once it has
+    lasted twice that. A worker cut off from the database mid-transaction (a network partition: no FIN, no RST)
     would otherwise keep its row locks until the server's TCP keepalive gives up (hours with the kernel's
-    defaults), and no other worker could take its jobs over (tests/chaos/test_chaos_partition.py). SET LOCAL:
-    this transaction only, so it is safe through PgBouncer in transaction mode."""
-    idle_seconds = max(settings.lease_seconds, MIN_IDLE_SECONDS)
+    defaults), and no other worker could take its jobs over (tests/chaos/test_chaos_partition.py).
+
+    The silent bound (``idle_in_transaction_session_timeout``) is armed only while the server waits at a
+    ReadyForQuery; a cut that lands while a statement is on the wire leaves the server 'active', reading the rest
+    of its message. The total bound (``transaction_timeout``, PostgreSQL 17+; older servers have the silent one
+    only) ends that one too (tests/integration/test_bounded_transaction.py). SET LOCAL: this transaction only, so
+    it is safe through PgBouncer in transaction mode."""
+    bounds = transaction_bounds(settings)
+    ms = {"silent_ms": str(round(bounds.silent * 1000)), "total_ms": str(round(bounds.total * 1000))}
+    query = "bound_transaction" if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION else "bound_idle_in_transaction"
     async with conn.transaction():
-        await conn.execute(q("bound_idle_in_transaction"), {"ms": str(round(idle_seconds * 1000))})
+        await conn.execute(q(query), ms)
         yield
 
 

@@ -31,8 +31,9 @@ ENV = {"PGSYNAPSE_LEASE_SECONDS": "2", "PGSYNAPSE_BATCH_SIZE": "8"}
 # what a worker logs when it notices the database is unreachable
 # what a worker logs when its late results are not written: the guard refused them, or the write failed for good
 LATE = ("lease_lost_results_dropped", "batch_write_abandoned")
-# the takeover's safety net: a lease (2 s), the server's end of an idle transaction (10 s) and the reaper's interval
-# fit well in it; without the idle-transaction bound A's locks would be held for the server's TCP keepalive (hours)
+# the takeover's safety net: a lease (2 s), the server's end of an idle transaction (10 s) or of one cut inside a
+# statement's message (20 s: db.transaction_bounds) and the reaper's interval fit in it; without those bounds A's
+# locks would be held for the server's TCP keepalive (hours)
 TAKEOVER_TIMEOUT = 60.0
 NOTICED = ("listen_connection_lost", "claim_failed", "maintenance_failed", "batch_write_retrying",
            "batch_write_abandoned")

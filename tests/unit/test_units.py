@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from pgsynapse.cli_args import build_parser
@@ -10,7 +11,7 @@ from pgsynapse.export import SCHEMES
 from pgsynapse.handlers.base import describe, isolate
 from pgsynapse.listener.wakeup import JobNotice, Wakeups
 from pgsynapse.listener.worker import Worker
-from pgsynapse.listener.writer import backoff_delay
+from pgsynapse.listener.writer import backoff_delay, transient
 from pgsynapse.models import length_batches
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
@@ -41,6 +42,22 @@ def test_isolate_rejects_a_wrong_result_count():
 
 def test_backoff_doubles_and_caps():
     assert [backoff_delay(a, 2.0, 10.0) for a in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize(("sqlstate", "expected"), [
+    ("08006", True), ("57P01", True), ("40P01", True), ("40001", True),
+    # the server ended the transaction of a silent worker, or one that lasted too long (db.bounded_transaction):
+    # psycopg raises these as InternalError (class 25), not OperationalError
+    ("25P03", True), ("25P04", True),
+    ("23505", False), ("22P02", False), ("25P02", False),
+])
+def test_transient_write_errors_are_the_connection_s_not_the_rows(sqlstate, expected):
+    assert transient(psycopg.errors.lookup(sqlstate)("")) is expected
+
+
+def test_a_broken_connection_without_a_sqlstate_is_transient():
+    assert transient(psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly"))
+    assert not transient(ValueError("not a database error"))
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,13 @@ WHERE j.id = c.id AND j.started_at = c.started_at AND j.status = 'running' AND j
 
 -- name: bound_idle_in_transaction
 -- The server ends this transaction (and its session) if the client stays silent in it this long (db.bounded_transaction).
-SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
+SELECT set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true);
+
+-- name: bound_transaction
+-- As bound_idle_in_transaction, and also once it has lasted %(total_ms)s in all (PostgreSQL 17+): a client silent
+-- inside a statement's message, where no idle timeout is armed (db.bounded_transaction).
+SELECT set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true),
+       set_config('transaction_timeout', %(total_ms)s, true);
 
 -- name: lock_owned_jobs
 -- The writer's guard: only the claims this worker still holds are completed. The claim's started_at tells a

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import tuple_row
 
-from pgsynapse.db import MIN_IDLE_SECONDS
+from pgsynapse.db import MIN_IDLE_SECONDS, TOTAL_PER_SILENT, TRANSACTION_TIMEOUT_VERSION
 from pgsynapse.errors import InputError
 
 # columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
@@ -148,13 +148,17 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
             conn.execute(pgsql.SQL("SET LOCAL ROLE {}").format(pgsql.Identifier(role)))
             # idle_in_transaction_session_timeout: a client cut off between these statements (a network partition)
             # would leave the transaction open, with its locks on the application's tables, until the server's TCP
-            # keepalive gave up; the server ends it instead (as db.bounded_transaction does for the worker's writes)
+            # keepalive gave up; the server ends it instead (as db.bounded_transaction does for the worker's writes),
+            # and with transaction_timeout (PostgreSQL 17+) also a client cut off inside a statement's message
+            silent_ms = max(round(MIN_IDLE_SECONDS * 1000), int(limits.statement_timeout_ms))
             conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true),"
                          " pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true),"
                          " pg_catalog.set_config('search_path', %s, true)",
-                         (f"{int(limits.statement_timeout_ms)}ms",
-                          f"{max(round(MIN_IDLE_SECONDS * 1000), int(limits.statement_timeout_ms))}ms",
+                         (f"{int(limits.statement_timeout_ms)}ms", f"{silent_ms}ms",
                           ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path)))
+            if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION:
+                conn.execute("SELECT pg_catalog.set_config('transaction_timeout', %s, true)",
+                             (f"{round(silent_ms * TOTAL_PER_SILENT)}ms",))
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 cur.execute(checked.sql)
                 fetched = cur.fetchmany(limits.max_rows + 1)
