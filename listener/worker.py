@@ -414,7 +414,8 @@ class Worker:
         """Bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first."""
         bulk = [r["id"] for r in rows if r["ref_id"] < 0]
         if bulk:
-            async with bounded_transaction(conn, self.settings):
+            # its length grows with the application's INSERT (millions of rows are one job), not with a batch
+            async with bounded_transaction(conn, self.settings, whole=False):
                 cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
             log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
         return bool(bulk)

@@ -179,7 +179,8 @@ def transaction_bounds(settings: Settings) -> TransactionBounds:
 
 
 @contextlib.asynccontextmanager
-async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings) -> AsyncIterator[None]:
+async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings, *,
+                              whole: bool = True) -> AsyncIterator[None]:
     """A transaction that the server ends (with its session) once its client stays silent in it for a lease, at
     least 10 s (the writer's retry budget: past it the jobs may belong to another worker anyway), or once it has
     lasted twice that. A worker cut off from the database mid-transaction (a network partition: no FIN, no RST)
@@ -189,11 +190,14 @@ async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings)
     The silent bound (``idle_in_transaction_session_timeout``) is armed only while the server waits at a
     ReadyForQuery; a cut that lands while a statement is on the wire leaves the server 'active', reading the rest
     of its message. The total bound (``transaction_timeout``, PostgreSQL 17+; older servers have the silent one
-    only) ends that one too (tests/integration/test_bounded_transaction.py). SET LOCAL: this transaction only, so
-    it is safe through PgBouncer in transaction mode."""
+    only) ends that one too (tests/integration/test_bounded_transaction.py). ``whole=False`` leaves it out, for a
+    transaction whose length grows with the data and not with a batch (a bulk job's expansion: one INSERT of as
+    many rows as the application inserted), whose statements are small enough never to be cut on the wire. SET
+    LOCAL: this transaction only, so it is safe through PgBouncer in transaction mode."""
     bounds = transaction_bounds(settings)
     ms = {"silent_ms": str(round(bounds.silent * 1000)), "total_ms": str(round(bounds.total * 1000))}
-    query = "bound_transaction" if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION else "bound_idle_in_transaction"
+    query = ("bound_transaction" if whole and conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION
+             else "bound_idle_in_transaction")
     async with conn.transaction():
         await conn.execute(q(query), ms)
         yield

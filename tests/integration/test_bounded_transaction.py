@@ -91,3 +91,23 @@ async def test_the_server_ends_a_bounded_transaction_whose_client_falls_silent(w
     assert waited <= bound + SLACK_S, (where, waited, bound)
     assert gone["gone"], "the silent transaction's session is still there"
     print(f"{where} ({state}): the lock came free after {waited:.1f} s (bound {bound:.0f} s): {ended!r}")
+
+
+@pytest.mark.parametrize("whole", [True, False])
+async def test_a_transaction_that_grows_with_the_data_is_bounded_only_while_silent(whole, db_url):
+    """A bulk job's expansion (one INSERT of as many rows as the application inserted) may take longer than any
+    batch's write: ``whole=False`` keeps the silent bound and leaves out the total one."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    try:
+        if conn.info.server_version < 170000:
+            pytest.skip("transaction_timeout needs PostgreSQL 17+")
+        async with bounded_transaction(conn, settings, whole=whole):
+            row = await (await conn.execute(
+                "SELECT current_setting('idle_in_transaction_session_timeout') AS silent,"
+                " current_setting('transaction_timeout') AS total")).fetchone()
+        after = await (await conn.execute("SELECT current_setting('transaction_timeout') AS total")).fetchone()
+    finally:
+        await conn.close()
+    assert row == {"silent": "10s", "total": "20s" if whole else "0"}, row
+    assert after == {"total": "0"}  # SET LOCAL: nothing stays on the pooled connection
