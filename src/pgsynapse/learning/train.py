@@ -272,6 +272,11 @@ def _fit_once(spec: TrainSpec, base: Any, items: list[tuple[str, int, list[int]]
     model = SentenceTransformer(spec.base_path, device="cpu", local_files_only=True)
     bert = model[0].auto_model
     if spec.freeze_layers >= 0 and hasattr(bert, "embeddings"):
+        depth = len(bert.encoder.layer)
+        if spec.freeze_layers >= depth:
+            raise ValueError(f"retrain_freeze_layers = {spec.freeze_layers} freezes all {depth} layers of the query"
+                             f" encoder (and its embeddings): nothing is left to train; at most {depth - 1}, or -1"
+                             " for none")
         for p in bert.embeddings.parameters():
             p.requires_grad = False
         for layer in bert.encoder.layer[: spec.freeze_layers]:
