@@ -9,7 +9,7 @@ its row locks for the worker that takes the jobs over, wherever the silence star
   because A's backend held their row locks, 'active' in ClientRead.
 
 The client here stays connected and says nothing (as a partition looks to the server until its TCP keepalive
-gives up: hours). The bounds are the floor's, lowered to 1 s so the test takes seconds."""
+gives up: hours). The bounds are the floor's, lowered to 3 s (6 s in all) so the test takes seconds."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ async def _acquire(conn: psycopg.AsyncConnection, limit: float) -> float | None:
 
 @pytest.mark.parametrize("where", ["between_statements", "inside_a_statement"])
 async def test_the_server_ends_a_bounded_transaction_whose_client_falls_silent(where, db_url, monkeypatch):
-    monkeypatch.setattr(db, "MIN_IDLE_SECONDS", 1.0)
+    # 3 s: long enough that the server reads the Parse before the silent bound ends the session, even on a loaded
+    # machine (the test would then see no 'active' backend), short enough for a test
+    monkeypatch.setattr(db, "MIN_IDLE_SECONDS", 3.0)
     settings = fast_settings(db_url, lease_seconds=1.0)
     bound = db.transaction_bounds(settings).total
     other = await aconn(db_url)
