@@ -15,14 +15,17 @@ import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.helpers import die_with_parent
+
 BINARY = shutil.which("pgbouncer") or next(
     (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
-# pgbouncer refuses to run as root: it drops to the user the embedded test server runs as (else nobody)
+# pgbouncer refuses to run as root: it runs as the user the embedded test server runs as (else nobody)
 RUN_AS = ("pgserver", "nobody")
 
 
@@ -33,6 +36,20 @@ def _first_user(names: tuple[str, ...]) -> pwd.struct_passwd:
         except KeyError:
             continue
     raise RuntimeError(f"pgbouncer will not run as root and none of the users {names} exists")
+
+
+def _as_user(pw: pwd.struct_passwd, then: Callable[[], None]) -> Callable[[], None]:
+    """A ``preexec_fn`` that drops root for ``pw``'s user, then runs ``then``. pgbouncer could drop it itself
+    (``user =``), but a change of user clears the parent-death signal (die_with_parent): dropped here, before the
+    signal is armed, the pooler still dies with the test process."""
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        then()
+
+    return drop
 
 
 def _free_port() -> int:
@@ -80,15 +97,15 @@ max_client_conn = 200
 server_reset_query =
 pidfile = {self.dir}/pgbouncer.pid
 """)
+        preexec = die_with_parent()
         if os.geteuid() == 0:
             pw = _first_user(RUN_AS)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
             for f in self.dir.iterdir():
                 os.chown(f, pw.pw_uid, pw.pw_gid)
-            with open(self.dir / "pgbouncer.ini", "a") as f:
-                f.write(f"user = {pw.pw_name}\n")
+            preexec = _as_user(pw, preexec)
         self.proc = subprocess.Popen([BINARY, str(self.dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # its own log says when it listens: "listening on ...", then "process up"
             self.log.append(line)

@@ -8,7 +8,14 @@ psycopg warns 'prepared statement "_pg3_0" already exists'.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -111,3 +118,30 @@ def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):
                 assert b.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
     finally:
         bouncer.stop()
+
+
+def test_the_pooler_dies_with_the_test_process(pg_url):
+    """A test run killed outright (CI's timeout, a kill -9) must not leave a pgbouncer running, as it leaves no
+    worker: the pooler gets the parent-death signal, armed after it drops root (a change of user clears it)."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tests.pgbouncer import PgBouncer;"
+         " b = PgBouncer(sys.argv[1]).start(); print(b.proc.pid, flush=True); sys.stdin.read()", pg_url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent.parent))
+    pid = None
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        pidfd = os.pidfd_open(pid)
+        try:
+            owner.kill()
+            owner.wait(30)
+            gone, _, _ = select.select([pidfd], [], [], 30.0)  # readable once the process has exited
+        finally:
+            os.close(pidfd)
+        assert gone, f"pgbouncer {pid} outlived the process that started it"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
