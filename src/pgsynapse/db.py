@@ -172,6 +172,10 @@ class TransactionBounds:
     silent: float
     total: float
 
+    def parameters(self) -> dict[str, str]:
+        """The bounds as queries.sql's ``bound_transaction`` and ``bound_idle_in_transaction`` take them."""
+        return {"silent_ms": str(round(self.silent * 1000)), "total_ms": str(round(self.total * 1000))}
+
 
 def transaction_bounds(settings: Settings) -> TransactionBounds:
     silent = max(settings.lease_seconds, MIN_IDLE_SECONDS)
@@ -194,12 +198,10 @@ async def bounded_transaction(conn: psycopg.AsyncConnection, settings: Settings,
     transaction whose length grows with the data and not with a batch (a bulk job's expansion: one INSERT of as
     many rows as the application inserted), whose statements are small enough never to be cut on the wire. SET
     LOCAL: this transaction only, so it is safe through PgBouncer in transaction mode."""
-    bounds = transaction_bounds(settings)
-    ms = {"silent_ms": str(round(bounds.silent * 1000)), "total_ms": str(round(bounds.total * 1000))}
     query = ("bound_transaction" if whole and conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION
              else "bound_idle_in_transaction")
     async with conn.transaction():
-        await conn.execute(q(query), ms)
+        await conn.execute(q(query), transaction_bounds(settings).parameters())
         yield
 
 

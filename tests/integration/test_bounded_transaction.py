@@ -22,6 +22,7 @@ import pytest
 
 from pgsynapse import db
 from pgsynapse.db import bounded_transaction
+from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +114,18 @@ async def test_a_transaction_that_grows_with_the_data_is_bounded_only_while_sile
         await conn.close()
     assert row == {"silent": "10s", "total": "20s" if whole else "0"}, row
     assert after == {"total": "0"}  # SET LOCAL: nothing stays on the pooled connection
+
+
+async def test_a_server_before_17_gets_the_silent_bound_from_the_same_parameters(db_url):
+    """PostgreSQL 13-16 have no transaction_timeout: bounded_transaction sends them bound_idle_in_transaction with
+    the parameters it has (the total's too), which must set the silent bound alone."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(q("bound_idle_in_transaction"), db.transaction_bounds(settings).parameters())
+            row = await (await conn.execute(
+                "SELECT current_setting('idle_in_transaction_session_timeout') AS silent")).fetchone()
+    finally:
+        await conn.close()
+    assert row == {"silent": "10s"}
