@@ -177,9 +177,16 @@ class TransactionBounds:
         return {"silent_ms": str(round(self.silent * 1000)), "total_ms": str(round(self.total * 1000))}
 
 
-def transaction_bounds(settings: Settings) -> TransactionBounds:
-    silent = max(settings.lease_seconds, MIN_IDLE_SECONDS)
+def bounds_for(seconds: float) -> TransactionBounds:
+    """The bounds of a transaction whose client may rightly be silent in it for ``seconds`` (a lease, a statement's
+    run): that, at least :data:`MIN_IDLE_SECONDS`, and :data:`TOTAL_PER_SILENT` times it in all."""
+    silent = max(seconds, MIN_IDLE_SECONDS)
     return TransactionBounds(silent, silent * TOTAL_PER_SILENT)
+
+
+def transaction_bounds(settings: Settings) -> TransactionBounds:
+    """The bounds of the worker's own transactions: a lease (bounded_transaction, the writer's retry budget)."""
+    return bounds_for(settings.lease_seconds)
 
 
 @contextlib.asynccontextmanager

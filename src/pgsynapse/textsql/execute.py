@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import tuple_row
 
-from pgsynapse.db import MIN_IDLE_SECONDS, TOTAL_PER_SILENT, TRANSACTION_TIMEOUT_VERSION
+from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION, bounds_for
 from pgsynapse.errors import InputError
 
 # columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
@@ -150,15 +150,14 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
             # would leave the transaction open, with its locks on the application's tables, until the server's TCP
             # keepalive gave up; the server ends it instead (as db.bounded_transaction does for the worker's writes),
             # and with transaction_timeout (PostgreSQL 17+) also a client cut off inside a statement's message
-            silent_ms = max(round(MIN_IDLE_SECONDS * 1000), int(limits.statement_timeout_ms))
-            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true),"
-                         " pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true),"
-                         " pg_catalog.set_config('search_path', %s, true)",
-                         (f"{int(limits.statement_timeout_ms)}ms", f"{silent_ms}ms",
-                          ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path)))
-            if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION:
-                conn.execute("SELECT pg_catalog.set_config('transaction_timeout', %s, true)",
-                             (f"{round(silent_ms * TOTAL_PER_SILENT)}ms",))
+            total = (", pg_catalog.set_config('transaction_timeout', %(total_ms)s, true)"
+                     if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION else "")
+            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),"
+                         " pg_catalog.set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true),"
+                         " pg_catalog.set_config('search_path', %(search_path)s, true)" + total,
+                         {"statement_ms": str(int(limits.statement_timeout_ms)),
+                          "search_path": ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path),
+                          **bounds_for(limits.statement_timeout_ms / 1000).parameters()})
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 cur.execute(checked.sql)
                 fetched = cur.fetchmany(limits.max_rows + 1)
