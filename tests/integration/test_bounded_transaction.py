@@ -61,9 +61,10 @@ async def test_the_server_ends_a_bounded_transaction_whose_client_falls_silent(w
     settings = fast_settings(db_url, lease_seconds=1.0)
     bound = db.transaction_bounds(settings).total
     other = await aconn(db_url)
-    conn = await psycopg.AsyncConnection.connect(db_url)
-    if where == "inside_a_statement" and conn.info.server_version < 170000:
+    if where == "inside_a_statement" and other.info.server_version < db.TRANSACTION_TIMEOUT_VERSION:
+        await other.close()
         pytest.skip("transaction_timeout needs PostgreSQL 17+: an older server waits for the client's TCP keepalive")
+    conn = await psycopg.AsyncConnection.connect(db_url)
     pid = conn.info.backend_pid
     waited = state = ended = None
     try:
@@ -103,7 +104,7 @@ async def test_a_transaction_that_grows_with_the_data_is_bounded_only_while_sile
     settings = fast_settings(db_url)
     conn = await aconn(db_url)
     try:
-        if conn.info.server_version < 170000:
+        if conn.info.server_version < db.TRANSACTION_TIMEOUT_VERSION:
             pytest.skip("transaction_timeout needs PostgreSQL 17+")
         async with bounded_transaction(conn, settings, whole=whole):
             row = await (await conn.execute(

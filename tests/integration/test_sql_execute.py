@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
 from pgsynapse.textsql.context import NoReadableTables, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly, same_result
 from tests.helpers import V1_TORCH
@@ -80,7 +81,7 @@ def test_the_statement_s_transaction_is_ended_by_the_server_if_its_client_goes_s
     r = run_readonly(shop, Stmt("SELECT current_setting('idle_in_transaction_session_timeout')"),
                      Limits(statement_timeout_ms=30_000))
     assert r.rows == [["30s"]]  # never shorter than a statement may run
-    if shop.info.server_version >= 170000:
+    if shop.info.server_version >= TRANSACTION_TIMEOUT_VERSION:
         # cut off while sending the statement itself, the server waits inside its message, where no idle timeout is
         # armed: transaction_timeout ends it (tests/integration/test_bounded_transaction.py shows such a wait)
         r = run_readonly(shop, Stmt("SELECT current_setting('transaction_timeout')"), Limits(statement_timeout_ms=50))

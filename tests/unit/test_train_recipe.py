@@ -149,29 +149,30 @@ def test_a_soup_encodes_the_questions_once_for_all_its_runs(tmp_path):
     assert teacher_model.calls == [[q for q, _d, _c in items]]
 
 
+def _two_layer_fit(tmp_path, freeze_layers: int):
+    """``fit`` of a 2-layer model on four questions, each with its own chunk, with ``freeze_layers`` frozen: the base
+    model and the call (to run, or to expect an error from)."""
+    path = tiny_embedding_model(tmp_path / "base", 16, seed=0, layers=2)
+    base = SentenceTransformer(str(path), device="cpu")
+    items = [(f"how do I use feature {i}", i, [i]) for i in range(4)]
+    spec = TrainSpec(url="", base_version=1, base_path=str(path), out_dir=str(tmp_path / "out"), batch_size=2,
+                     freeze_layers=freeze_layers)
+    return base, lambda: fit(spec, base, items, np.eye(4, 16, dtype=np.float32), time.time(), "t")
+
+
 @pytest.mark.parametrize("freeze", [2, 5])
 def test_freezing_every_layer_is_refused_with_what_can_be_frozen(tmp_path, freeze):
     """retrain_freeze_layers at or above the model's depth leaves nothing to train: a clear error, not torch's
     "element 0 of tensors does not require grad" from the first step."""
-    path = tiny_embedding_model(tmp_path / "base", 16, seed=0, layers=2)
-    base = SentenceTransformer(str(path), device="cpu")
-    chunk_vecs = np.eye(4, 16, dtype=np.float32)
-    items = [(f"how do I use feature {i}", i, [i]) for i in range(4)]
-    spec = TrainSpec(url="", base_version=1, base_path=str(path), out_dir=str(tmp_path / "out"), batch_size=2,
-                     freeze_layers=freeze)
+    _, run = _two_layer_fit(tmp_path, freeze)
     with pytest.raises(ValueError, match=r"retrain_freeze_layers = %d freezes all 2 layers.*at most 1" % freeze):
-        fit(spec, base, items, chunk_vecs, time.time(), "t")
+        run()
     assert not (tmp_path / "out").exists()
 
 
 def test_freezing_some_layers_trains_the_rest(tmp_path):
-    path = tiny_embedding_model(tmp_path / "base", 16, seed=0, layers=2)
-    base = SentenceTransformer(str(path), device="cpu")
-    chunk_vecs = np.eye(4, 16, dtype=np.float32)
-    items = [(f"how do I use feature {i}", i, [i]) for i in range(4)]
-    spec = TrainSpec(url="", base_version=1, base_path=str(path), out_dir=str(tmp_path / "out"), batch_size=2,
-                     freeze_layers=1)
-    result = fit(spec, base, items, chunk_vecs, time.time(), "t")
+    base, run = _two_layer_fit(tmp_path, 1)
+    result = run()
     assert result.steps == 2
     before, after = base[0].auto_model, result.model[0].auto_model
     assert torch.equal(before.encoder.layer[0].output.dense.weight, after.encoder.layer[0].output.dense.weight)
