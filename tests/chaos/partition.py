@@ -161,9 +161,13 @@ class Forwarder:
         self._ready.set()
         self._loop.run_forever()
         server.close()
-        for w in list(self._writers):
+        writers = list(self._writers)
+        for w in writers:
             w.close()
-        self._loop.run_until_complete(asyncio.sleep(0))
+        # until every connection's socket has closed (bounded: one whose peer is cut off may never finish flushing)
+        with contextlib.suppress(TimeoutError):
+            self._loop.run_until_complete(asyncio.wait_for(
+                asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True), 5.0))
         self._loop.close()
 
     def start(self) -> None:
