@@ -185,7 +185,7 @@ class RetrainHandler(Handler[RetrainWork]):
             version = row["id"]
             await conn.execute(q("mark_examples_trained", "learning.sql"), {"version": version, "ids": used})
             if passed:
-                await conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
+                await conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version})
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
                     "version": version, "payload": Jsonb({"traffic_percent": s.rollout_traffic_percent}), "delay": 0})
             log.info("retrain_gate", version=version, passed=passed, forced=verdict_["forced"],

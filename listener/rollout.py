@@ -59,9 +59,8 @@ class Rollout:
             active = next((v for v in serving if v["status"] == "active"), None)
             if active is None or active["runtime"] != "torch" or self.settings.runtime == "torch":
                 return
-            row = await (await conn.execute(
-                "SELECT metrics->'runtime_export'->>'requested' AS requested FROM pgsynapse.model_versions WHERE id = %s",
-                (active["id"],))).fetchone()
+            row = await (await conn.execute(q("runtime_export_requested", "learning.sql"),
+                                           {"version": active["id"]})).fetchone()
             if row is None or row["requested"] == self.settings.runtime:
                 return  # tried already (refused or failed): once per version
             version = None  # the active one

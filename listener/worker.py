@@ -121,11 +121,10 @@ class Worker:
             await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url)
         async with self.pool.connection() as conn:
             if "retrain" in self.handlers:
-                await conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %s",
-                                   (self.settings.retrain_min_feedback,))
+                await conn.execute(q("set_retrain_min_feedback", "learning.sql"), {"n": self.settings.retrain_min_feedback})
             if "sql_retrain" in self.handlers:
-                await conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = %s",
-                                   (self.settings.sql_retrain_min_corrections,))
+                await conn.execute(q("set_sql_retrain_min_corrections", "learning.sql"),
+                                   {"n": self.settings.sql_retrain_min_corrections})
             for handler in self.handlers.values():
                 refresh = getattr(handler, "refresh_versions", None)
                 if refresh is not None:

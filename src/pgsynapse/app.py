@@ -93,8 +93,7 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
     with Database(settings) as db:
         ensure_schema(db)
         with db.connect() as conn:
-            row = conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pgsynapse-listener'"
-                               " AND datname = current_database()").fetchone()
+            row = conn.execute(q("listeners_connected", "ops.sql")).fetchone()
             if kind == "answer":
                 if not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
                     log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "

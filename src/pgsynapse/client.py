@@ -32,6 +32,7 @@ from pgsynapse.errors import ConfigError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.queries import q
 
+FILE = "client.sql"
 ANSWERS_CHANNEL = "pgsynapse_answers"
 DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
 
@@ -144,9 +145,7 @@ class Client:
         require_text(text)
         async with self._lock:
             # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
-            row = await (await self._conn.execute(
-                "INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s) RETURNING id",
-                (session_id, text))).fetchone()
+            row = await (await self._conn.execute(q("ask", FILE), {"session": session_id, "text": text})).fetchone()
         qid = row["id"]
         key = (ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
@@ -198,9 +197,8 @@ class Client:
             if not self._listening_data:
                 await self._listen.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
                 self._listening_data = True
-            row = await (await self._conn.execute(
-                "INSERT INTO pgsynapse.data_questions (session_id, text, target_schema, allowed_tables)"
-                " VALUES (%s, %s, %s, %s) RETURNING id", (session_id, text, schema, tables))).fetchone()
+            row = await (await self._conn.execute(q("ask_data", FILE), {"session": session_id, "text": text,
+                                                                        "schema": schema, "tables": tables})).fetchone()
         key = (DATA_ANSWERS_CHANNEL, row["id"])
         self._waiting.add(key)
         try:
@@ -208,9 +206,7 @@ class Client:
                 while True:
                     self._arrived.pop(key, None)
                     async with self._lock:
-                        r = await (await self._conn.execute(
-                            "SELECT id, status, sql, result, row_count, truncated, error, sql_model_id, latency_ms,"
-                            " session_id FROM pgsynapse.data_questions WHERE id = %s", (key[1],))).fetchone()
+                        r = await (await self._conn.execute(q("data_answer", FILE), {"id": key[1]})).fetchone()
                     if r["status"] != "pending":
                         res = r["result"] or {}
                         return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []),
@@ -263,9 +259,7 @@ class Client:
     async def _read(self, qid: int) -> Result:
         assert self._conn is not None
         async with self._lock:
-            r = await (await self._conn.execute(
-                "SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id, flags,"
-                " cached_from FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+            r = await (await self._conn.execute(q("answer", FILE), {"id": qid})).fetchone()
         return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
                       r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 

@@ -19,11 +19,13 @@ from pgsynapse.db import Database, next_notifies
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
+from pgsynapse.queries import q
 from pgsynapse.search import search, search_order
 from pgsynapse.textsql.cli import format_data_result
 from pgsynapse.textsql.execute import Result, same_result
 
 log = get_logger(__name__)
+FILE = "demo.sql"
 
 QUERIES = [
     "how do I make a column unique so duplicates are rejected",
@@ -39,33 +41,10 @@ QUESTIONS = [
     ("Which index type supports JSON containment queries?", "demo-2"),
 ]
 
-# the data question's table: created once, readable by the role generated SQL runs as (docs/operations.md)
-SHOP_SQL = """
-CREATE SCHEMA IF NOT EXISTS demo_shop;
-CREATE TABLE IF NOT EXISTS demo_shop.orders (
-    id int PRIMARY KEY, region text NOT NULL, customer text NOT NULL, total numeric(10, 2) NOT NULL,
-    ordered date NOT NULL, shipped date);
-COMMENT ON TABLE demo_shop.orders IS 'customer orders';
-COMMENT ON COLUMN demo_shop.orders.shipped IS 'NULL until the order ships';
-INSERT INTO demo_shop.orders
-SELECT g, (ARRAY['north', 'south', 'east', 'west'])[1 + g % 10 % 4], 'customer ' || (1 + g % 17), 10 + (g * 37) % 290,
-       date '2026-10-01' + g % 60, CASE WHEN g % 7 <> 0 THEN date '2026-10-01' + g % 60 + 1 + g % 5 END
-FROM generate_series(1, 200) g
-ON CONFLICT DO NOTHING;
-GRANT USAGE ON SCHEMA demo_shop TO pgsynapse_reader;
-GRANT SELECT ON demo_shop.orders TO pgsynapse_reader;
-"""
+SHOP_SQL = q("demo_shop", FILE)  # the data question's table (demo.sql)
 DATA_QUESTION = "How many orders has each region shipped, most first?"
 # its answer written by hand: the demo says whether the model's result has these rows
-DATA_CHECK = ("SELECT region, count(*) FROM demo_shop.orders WHERE shipped IS NOT NULL GROUP BY region "
-              "ORDER BY 2 DESC, 1")
-
-INSERT_SQL = (
-    "INSERT INTO pgsynapse.documents (source, title, body)"
-    " SELECT %(source)s, %(title)s, %(body)s"
-    " WHERE NOT EXISTS (SELECT 1 FROM pgsynapse.documents WHERE source = %(source)s"
-    "                   AND content_hash = md5(coalesce(%(title)s, '') || chr(30) || coalesce(%(body)s, '')))"
-)
+DATA_CHECK = q("demo_data_check", FILE)
 
 
 async def check_data_answer(conn: psycopg.AsyncConnection, data: DataResult) -> str:
@@ -112,29 +91,21 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
         await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
         async with db.aconnect(autocommit=True) as conn:
             await conn.execute("LISTEN pgsynapse_documents")
-            print(model_line(await (await conn.execute(
-                "SELECT name, runtime, metrics FROM pgsynapse.model_versions WHERE status = 'active'")).fetchone()), file=out)
+            print(model_line(await (await conn.execute(q("demo_active_model", FILE))).fetchone()), file=out)
             started = time.perf_counter()
             async with conn.transaction():
                 for p in pages:
-                    await conn.execute(INSERT_SQL, {"source": p.source, "title": p.title, "body": p.text})
+                    await conn.execute(q("demo_insert_document", FILE), {"source": p.source, "title": p.title, "body": p.text})
             sources = [p.source for p in pages]
-            count_sql = (
-                "SELECT count(*) FILTER (WHERE status <> 'pending') AS done, count(*) AS total,"
-                " count(*) FILTER (WHERE status = 'failed') AS failed"
-                " FROM pgsynapse.documents WHERE source = ANY(%s)"
-            )
-            row = await (await conn.execute(count_sql, (sources,))).fetchone()
+            row = await (await conn.execute(q("demo_embedded", FILE), {"sources": sources})).fetchone()
             with tqdm(total=row["total"], desc="embedding", unit="doc", file=out, disable=None) as bar:
                 bar.update(row["done"])
                 while row["done"] < row["total"]:
                     await next_notifies(conn, settings.poll_interval)
-                    row = await (await conn.execute(count_sql, (sources,))).fetchone()
+                    row = await (await conn.execute(q("demo_embedded", FILE), {"sources": sources})).fetchone()
                     bar.update(row["done"] - bar.n)
             took = time.perf_counter() - started
-            stats = await (await conn.execute(
-                "SELECT count(DISTINCT c.id) AS chunks FROM pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id"
-                " WHERE d.source = ANY(%s)", (sources,))).fetchone()
+            stats = await (await conn.execute(q("demo_chunks", FILE), {"sources": sources})).fetchone()
             print(f"\nembedded {row['total']} documents ({stats['chunks']} chunks) in {took:.1f}s"
                   + (f", {row['failed']} failed" if row["failed"] else ""), file=out)
             print("\nquestions (INSERT INTO pgsynapse.questions, answer announced by NOTIFY):", file=out)

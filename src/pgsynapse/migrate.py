@@ -15,6 +15,7 @@ import psycopg
 from pgsynapse.db import connect, describe_db_error
 from pgsynapse.errors import DatabaseError, DatabaseSetupError
 from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
@@ -22,6 +23,7 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _INCLUDE = re.compile(r"^--\s*pgsynapse:include\s+(\S+\.sql)\s*$", re.MULTILINE)
 # serialises concurrent `migrate` runs (two workers starting at once)
 _LOCK_KEY = 0x70677379  # "pgsy"
+FILE = "migrate.sql"
 
 
 @dataclass(frozen=True)
@@ -52,30 +54,27 @@ def available() -> list[Migration]:
 
 
 def _tracked(conn: psycopg.Connection) -> bool:
-    exists = conn.execute("SELECT to_regclass('public.pgsynapse_migrations') IS NOT NULL AS e").fetchone()
-    return bool(exists and list(exists.values())[0])
+    exists = conn.execute(q("migrations_tracked", FILE)).fetchone()
+    return bool(exists and exists["tracked"])
 
 
 def applied(conn: psycopg.Connection) -> list[int]:
     if not _tracked(conn):
         return []
-    return [r["version"] for r in conn.execute("SELECT version FROM public.pgsynapse_migrations ORDER BY version")]
+    return [r["version"] for r in conn.execute(q("applied_migrations", FILE))]
 
 
 def migrate(url: str) -> list[str]:
     """Apply every pending migration; returns the names applied (empty when up to date)."""
     done: list[str] = []
     with connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        conn.execute(q("migrate_lock", FILE), {"key": _LOCK_KEY})
         try:
             _check_pgvector(conn)
             if not _tracked(conn):
                 # only when missing: a role that owns nothing (pgsynapse_worker, pgsynapse_app) may not CREATE in
                 # schema public, and an up-to-date database needs nothing from it
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS public.pgsynapse_migrations ("
-                    " version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
+                conn.execute(q("create_migrations_table", FILE))
             have = set(applied(conn))
             for mig in available():
                 if mig.version in have:
@@ -83,25 +82,19 @@ def migrate(url: str) -> list[str]:
                 try:
                     with conn.transaction():
                         conn.execute(mig.sql.encode())
-                        conn.execute(
-                            "INSERT INTO public.pgsynapse_migrations (version, name) VALUES (%s, %s)",
-                            (mig.version, mig.name),
-                        )
+                        conn.execute(q("record_migration", FILE), {"version": mig.version, "name": mig.name})
                 except psycopg.Error as exc:
                     err = DatabaseSetupError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseError
                     raise err(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
                 log.info("migration_applied", version=mig.version, name=mig.name)
                 done.append(mig.name)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            conn.execute(q("migrate_unlock", FILE), {"key": _LOCK_KEY})
     return done
 
 
 def _check_pgvector(conn: psycopg.Connection) -> None:
-    row = conn.execute(
-        "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS installed,"
-        " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector') AS available"
-    ).fetchone()
+    row = conn.execute(q("pgvector_versions", FILE)).fetchone()
     if row and not row["installed"] and not row["available"]:
         raise DatabaseSetupError(
             "the pgvector extension is not available on this PostgreSQL server: install it "

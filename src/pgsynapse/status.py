@@ -22,20 +22,9 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     for r in jobs:
         if r["oldest_pending_seconds"] is not None:
             r["oldest_pending_seconds"] = round(float(r["oldest_pending_seconds"]), 1)
-    counts = conn.execute(
-        "SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,"
-        " (SELECT count(*) FROM pgsynapse.documents WHERE status = 'pending') AS documents_pending,"
-        " (SELECT count(*) FROM pgsynapse.documents WHERE status = 'failed') AS documents_failed,"
-        " (SELECT count(*) FROM pgsynapse.chunks) AS chunks,"
-        " (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings"
-    ).fetchone()
-    versions = [
-        {**dict(r), "traffic_percent": float(r["traffic_percent"])}
-        for r in conn.execute(
-            "SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, metrics->'ab' AS ab"
-            " FROM pgsynapse.model_versions ORDER BY id"
-        )
-    ]
+    counts = conn.execute(q("status_counts", "ops.sql")).fetchone()
+    versions = [{**dict(r), "traffic_percent": float(r["traffic_percent"])}
+                for r in conn.execute(q("status_versions", "ops.sql"))]
     active = next((v for v in versions if v["status"] == "active"), None)
     progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
     for v in versions:

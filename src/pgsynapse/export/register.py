@@ -23,6 +23,7 @@ from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_a
 from pgsynapse.export.quantize import SCHEMES, scheme_error
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ONNX_FILES, ONNX_META, ModelSpec, resolve_model_path
+from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
@@ -38,22 +39,18 @@ def register(conn: Any, report: ExportReport, source_row: dict[str, Any], *, swi
     metrics = {"export": report.as_dict()}
     if switch:
         conn.execute(
-            "UPDATE pgsynapse.model_versions SET runtime = %(runtime)s, artifact_path = %(path)s,"
-            " metrics = metrics || jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)"
-            " || %(metrics)s::jsonb WHERE id = %(id)s",
+            q("switch_runtime", "export.sql"),
             {"runtime": report.runtime, "path": report.artifact_path, "metrics": json.dumps(metrics), "id": source_row["id"]},
         )
         report.version_id = int(source_row["id"])
         return report.version_id
     row = conn.execute(
-        "INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, artifact_path, runtime, dim, metrics, status,"
-        " traffic_percent) VALUES (%(name)s, 'embedding', %(base)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s::jsonb,"
-        " 'candidate', 0) RETURNING id",
+        q("register_export", "export.sql"),
         {"name": f"{source_row['name']} [{report.runtime}]", "base": source_row["id"], "path": report.artifact_path,
          "runtime": report.runtime, "dim": source_row["dim"], "metrics": json.dumps(metrics)},
     ).fetchone()
     version_id = int(row["id"] if isinstance(row, dict) else row[0])
-    conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version_id,))
+    conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version_id})
     report.version_id = version_id
     return version_id
 
@@ -74,10 +71,7 @@ def run_export(
 ) -> ExportReport:
     """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
     with Database(settings) as db, db.connect(autocommit=True) as conn:
-        if version is None:
-            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
-        else:
-            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None:
             raise ModelError("no active model version" if version is None else f"no model version {version}")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
@@ -151,11 +145,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     """
     # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
     with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
-        if version is None:
-            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()
-        else:
-            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (version,)).fetchone()
+        conn.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+        row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
         tried = (row["metrics"] or {}).get("runtime_export") or {}
@@ -204,8 +195,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                          seconds=record["seconds"])
             elif "error" not in record:
                 log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
-            conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object('runtime_export',"
-                         " %s::jsonb) WHERE id = %s", (json.dumps(record), row["id"]))
+            conn.execute(q("record_export", "export.sql"), {"record": json.dumps(record), "version": row["id"]})
             _settled(conn, row, record, actor)
         return report if report is not None and report.accepted else None
 
@@ -218,11 +208,11 @@ def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, acto
                  "runtime_export_failed" if "error" in record else "runtime_export_refused")
         reason = (f"exported to {record['runtime']}" if "runtime" in record else record.get("error")
                   or f"agreement below the threshold for every runtime tried; stays on {row['runtime']}")
-        conn.execute("INSERT INTO pgsynapse.model_events (model_version_id, event, reason, figures, actor)"
-                     " VALUES (%s, %s, %s, %s, %s)", (row["id"], event, reason, Jsonb(record), actor))
+        conn.execute(q("insert_model_event", "learning.sql"), {"version": row["id"], "event": event, "reason": reason,
+                                                               "figures": Jsonb(record), "actor": actor})
     if row.get("runtime_pending") or record is not None:
-        conn.execute("UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %s", (row["id"],))
-        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('runtime', %s::int)::text)", (row["id"],))
+        conn.execute(q("runtime_settled", "export.sql"), {"version": row["id"]})
+        conn.execute(q("notify_models", "learning.sql"), {"change": "runtime", "version": row["id"]})
         log.info("model_runtime_settled", version=row["id"], status=row["status"],
                  runtime=(record or {}).get("runtime", row["runtime"]))
 

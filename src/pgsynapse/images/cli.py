@@ -84,9 +84,8 @@ def _export(conn, args: argparse.Namespace, settings: Settings) -> int:
     if row["runtime"] != "torch":
         raise PgsynapseError(f"image model {args.model} already runs on {row['runtime']}")
     limits = ImageLimits.of(settings)
-    sample = [decode(bytes(r["data"]), limits).image for r in conn.execute(
-        "SELECT data FROM pgsynapse.images WHERE status = 'embedded' AND data IS NOT NULL ORDER BY id LIMIT %s",
-        (args.sample,))]
+    sample = [decode(bytes(r["data"]), limits).image
+              for r in conn.execute(registry.sql("sample_images"), {"limit": args.sample})]
     if len(sample) < 4:
         raise PgsynapseError(f"the agreement check needs at least 4 embedded images in the database, {len(sample)} "
                              "found: insert or ingest some first")

@@ -42,7 +42,7 @@ def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, 
     with conn.transaction():
         row = _run(conn, sql("insert_image_model"), {"name": name or path.name, "kind": found, "path": str(path),
                                                        "runtime": runtime, "dim": dim, "metrics": Jsonb({})}).fetchone()
-        _run(conn, "SELECT pgsynapse.ensure_image_index(%s)", (row["id"],))
+        _run(conn, sql("ensure_image_index"), {"model": row["id"]})
         queued = _run(conn, sql("enqueue_all_images"), {"model": row["id"]}).fetchone()["n"]
     return {**row, "queued": queued}
 
@@ -65,14 +65,13 @@ def promote(conn: psycopg.Connection, model: int) -> dict[str, Any]:
     if row["status"] != "candidate":
         raise PgsynapseError(f"image model {model} is {row['status']}, only a candidate can be promoted")
     with conn.transaction():
-        _run(conn, "LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE")
+        _run(conn, sql("lock_image_models"))
         done, total = progress(conn, model)
         if done < total:
             raise PgsynapseError(f"image model {model} has vectors for {done:,} of {total:,} images: wait until the "
                                  "worker has embedded them all (pgsynapse status), then promote")
-        prev = _run(conn, "UPDATE pgsynapse.image_models SET status = 'candidate' WHERE kind = %s AND status = 'active'"
-                            " RETURNING id", (row["kind"],)).fetchone()
-        _run(conn, "UPDATE pgsynapse.image_models SET status = 'active', activated_at = now() WHERE id = %s", (model,))
+        prev = _run(conn, sql("demote_active_image_model"), {"kind": row["kind"]}).fetchone()
+        _run(conn, sql("activate_image_model"), {"model": model})
     return {"active": model, "previous": prev["id"] if prev else None, "kind": row["kind"]}
 
 

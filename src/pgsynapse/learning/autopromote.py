@@ -113,12 +113,12 @@ def run_decisions(conn: psycopg.Connection, *, min_rated: int, alpha: float, act
                 for r in conn.execute(q("ab_decisions", "learning.sql")).fetchall()]
 
     with conn.transaction():
-        got = conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s)) AS got", (DECISION_LOCK,)).fetchone()
+        got = conn.execute(q("try_decision_lock", "learning.sql"), {"lock": DECISION_LOCK}).fetchone()
         if not got["got"]:
             return []
         seen = looks()
         if any(d.action for _, d in seen):
-            conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+            conn.execute(q("lock_model_versions", "learning.sql"))
             seen = looks()
         for r, d in seen:
             if d.action is None or any(x["action"] == "promote" for x in done):

@@ -24,11 +24,7 @@ from pgsynapse.status import backfill_state
 def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True) -> int | None:
     """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). Returns the job id, or
     None if one was pending."""
-    row = conn.execute(
-        "WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES (%s, 0, %s)"
-        " ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING RETURNING id)"
-        " SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %s::text, 'n', 1)::text) FROM j",
-        (kind, Jsonb({"force": force}), kind)).fetchone()
+    row = conn.execute(q("queue_retrain", "learning.sql"), {"kind": kind, "payload": Jsonb({"force": force})}).fetchone()
     return (row["id"] if isinstance(row, dict) else row[0]) if row else None
 
 
@@ -44,14 +40,13 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
     if args.command == "retrain":
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
-        newest = conn.execute("SELECT max(id) AS id FROM pgsynapse.model_versions").fetchone()["id"] or 0
+        newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
         job = queue_retrain(conn)
         print(f"retrain queued (job {job})" if job else "a retrain is already pending")
         if args.wait and job:
             conn.execute("LISTEN pgsynapse_jobs")
             while True:
-                row = conn.execute("SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %s",
-                                   (job,)).fetchone()
+                row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
                 if row["status"] in ("done", "failed"):
                     break
                 for _ in conn.notifies(timeout=5, stop_after=1):
@@ -63,8 +58,7 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
                 print(f"retrain skipped: {row['skip_reason']}")
                 return 0
             # the version this retrain registered (the one after the newest before it was queued)
-            v = conn.execute("SELECT id, status, metrics FROM pgsynapse.model_versions WHERE id > %s AND metrics ? 'gate'"
-                             " ORDER BY id LIMIT 1", (newest,)).fetchone()
+            v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
             print(f"model version {v['id']}: {v['status']}  {json.dumps(v['metrics'].get('gate'))}" if v else
                   "the retrain registered no model version")
         return 0

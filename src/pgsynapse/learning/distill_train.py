@@ -102,18 +102,9 @@ def load_data(spec: DistillSpec) -> dict[str, Any]:
     ``questions`` (texts) and ``canary`` (question, document id)."""
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         register_vector(conn)
-        chunks = conn.execute(
-            "SELECT c.id, c.document_id, d.title, c.text, e.embedding FROM pgsynapse.chunks c"
-            " JOIN pgsynapse.documents d ON d.id = c.document_id"
-            " JOIN pgsynapse.embeddings e ON e.chunk_id = c.id AND e.model_version_id = %s ORDER BY c.id",
-            (spec.teacher_version,)).fetchall()
-        feedback = conn.execute(
-            "SELECT DISTINCT ON (te.query) te.query, c.document_id FROM pgsynapse.training_examples te"
-            " JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id ORDER BY te.query, te.id").fetchall()
-        questions = [r[0] for r in conn.execute(
-            "SELECT DISTINCT text FROM pgsynapse.questions WHERE text <> ''"
-            " AND text NOT IN (SELECT query FROM pgsynapse.training_examples) ORDER BY 1 LIMIT %s",
-            (spec.max_questions,))]
+        chunks = conn.execute(q("distill_chunks", "learning.sql"), {"version": spec.teacher_version}).fetchall()
+        feedback = conn.execute(q("distill_feedback", "learning.sql")).fetchall()
+        questions = [r[0] for r in conn.execute(q("distill_questions", "learning.sql"), {"limit": spec.max_questions})]
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
     if not chunks:
         raise SystemExit(f"model version {spec.teacher_version} has no stored chunk vectors to distil from")

@@ -40,7 +40,7 @@ def promote(conn: psycopg.Connection, version: int, *, event: str = "promoted", 
     """Make ``version`` active (100% of traffic); the old active stays embedded as a candidate at 0% for rollback.
     A version exported at registration is already on its serving runtime: nothing is switched (issue 23)."""
     with conn.transaction():
-        conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute(q("lock_model_versions", "learning.sql"))
         v = _version(conn, version)
         if v["status"] == "active":
             raise RegistryError(f"model version {version} is already active")
@@ -55,7 +55,7 @@ def promote(conn: psycopg.Connection, version: int, *, event: str = "promoted", 
         conn.execute(q("activate", "learning.sql"), {"version": version})
         record_event(conn, version, event, reason=reason, actor=actor,
                      figures={"previous": old[0] if old else None, "runtime": v["runtime"], **(figures or {})})
-        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('active', %s::int)::text)", (version,))
+        conn.execute(q("notify_models", "learning.sql"), {"change": "active", "version": version})
     log.info("model_promoted", version=version, previous=old, runtime=v["runtime"], recorded_as=event)
     return {"active": version, "previous": old[0] if old else None, "runtime": v["runtime"]}
 
@@ -82,7 +82,7 @@ def reject(conn: psycopg.Connection, version: int, *, event: str = "rejected", r
             raise RegistryError(f"model version {version} is {_version(conn, version)['status']}: only a candidate "
                                 "can be rejected")
         record_event(conn, version, event, reason=reason, figures=figures, actor=actor)
-        conn.execute("SELECT pg_notify('pgsynapse_models', json_build_object('rejected', %s::int)::text)", (version,))
+        conn.execute(q("notify_models", "learning.sql"), {"change": "rejected", "version": version})
     log.info("model_rejected", version=version, recorded_as=event)
 
 
@@ -136,7 +136,7 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
                         f"{chunk_tokens}: the tail of a long chunk is not in its vector (chunks are shared by every "
                         "version: docs/architecture.md)")
     with conn.transaction():
-        conn.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute(q("lock_model_versions", "learning.sql"))
         same = conn.execute(q("version_by_path", "learning.sql"), {"path": str(spec.path)}).fetchone()
         if same is not None:
             raise RegistryError(f"{spec.path} is already model version {same['id']} ({same['status']}): retire it "
@@ -148,7 +148,7 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
                                                   "max_seq_length": embedder.max_seq_length, **(metrics or {})})}
         ).fetchone()
         version = row["id"]
-        conn.execute("SELECT pgsynapse.ensure_embedding_index(%s)", (version,))
+        conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version})
         conn.execute(q("enqueue_backfill", "learning.sql"), {
             "version": version, "payload": Jsonb({"traffic_percent": traffic}), "delay": 0})
         record_event(conn, version, "added", reason="manual", figures={

@@ -136,12 +136,8 @@ def synthetic_pairs(docs: dict[int, tuple[str, str]], doc_chunks: dict[int, list
 def load_data(spec: TrainSpec) -> dict[str, Any]:
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # db.NO_PREPARE
         examples = conn.execute(q("feedback_examples", "learning.sql")).fetchall()
-        rows = conn.execute(
-            "SELECT c.id, c.document_id, d.title, c.text FROM pgsynapse.chunks c"
-            " JOIN pgsynapse.documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
-        bodies = conn.execute("SELECT id, coalesce(title, ''), coalesce(body, '') FROM pgsynapse.documents"
-                              " WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id)"
-                              ).fetchall()
+        rows = conn.execute(q("train_chunks", "learning.sql")).fetchall()
+        bodies = conn.execute(q("train_documents", "learning.sql")).fetchall()
         stored = stored_vectors(conn, spec.base_version)
         teacher = stored_vectors(conn, spec.teacher_version) if spec.teacher_version else None
         # the gate's canary set: built from the corpus by the first retrain, frozen after (learning/canary.py)

@@ -148,3 +148,21 @@ SELECT id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
 SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'pending') AS pending
 FROM pgsynapse.images WHERE id = ANY(%(ids)s);
+
+-- name: ensure_image_index
+-- an image model's partial HNSW index, before its vectors are written
+SELECT pgsynapse.ensure_image_index(%(model)s);
+
+-- name: lock_image_models
+-- promote: one change of the image models' statuses at a time
+LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE;
+
+-- name: demote_active_image_model
+UPDATE pgsynapse.image_models SET status = 'candidate' WHERE kind = %(kind)s AND status = 'active' RETURNING id;
+
+-- name: activate_image_model
+UPDATE pgsynapse.image_models SET status = 'active', activated_at = now() WHERE id = %(model)s;
+
+-- name: sample_images
+-- `pgsynapse image-model export`: embedded images of this database to check the export's agreement on
+SELECT data FROM pgsynapse.images WHERE status = 'embedded' AND data IS NOT NULL ORDER BY id LIMIT %(limit)s;

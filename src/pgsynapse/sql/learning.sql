@@ -253,3 +253,75 @@ WHERE id = %(version)s;
 SELECT chunk_id, embedding::text
 FROM pgsynapse.embeddings
 WHERE model_version_id = %(version)s;
+
+-- name: lock_model_versions
+-- promote, add, auto-promote: one change of the versions' statuses at a time (reads still go on)
+LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE;
+
+-- name: ensure_embedding_index
+-- a version's partial HNSW index, before its vectors are written (migration 0019)
+SELECT pgsynapse.ensure_embedding_index(%(version)s);
+
+-- name: notify_models
+-- tell the workers a version changed: %(change)s is active, rejected or runtime (they reload the serving versions)
+SELECT pg_notify('pgsynapse_models', json_build_object(%(change)s::text, %(version)s::int)::text);
+
+-- name: try_decision_lock
+-- auto-promotion's look: one worker at a time decides, the others skip this round
+SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS got;
+
+-- name: queue_retrain
+-- `pgsynapse retrain`: at most one pending retrain (or sql_retrain) job; NULL when one was pending
+WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES (%(kind)s, 0, %(payload)s)
+           ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING RETURNING id)
+SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', 1)::text) FROM j;
+
+-- name: newest_version
+SELECT max(id) AS id FROM pgsynapse.model_versions;
+
+-- name: job_state
+SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %(job)s;
+
+-- name: gated_version_after
+-- the version a retrain registered: the first one after %(after)s with a gate verdict
+SELECT id, status, metrics FROM pgsynapse.model_versions
+WHERE id > %(after)s AND metrics ? 'gate' ORDER BY id LIMIT 1;
+
+-- name: set_retrain_min_feedback
+UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %(n)s;
+
+-- name: set_sql_retrain_min_corrections
+UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = %(n)s;
+
+-- name: runtime_export_requested
+-- the runtime an export of this version was last asked for (tried once per version and runtime)
+SELECT metrics->'runtime_export'->>'requested' AS requested FROM pgsynapse.model_versions WHERE id = %(version)s;
+
+-- name: train_chunks
+SELECT c.id, c.document_id, d.title, c.text
+FROM pgsynapse.chunks c JOIN pgsynapse.documents d ON d.id = c.document_id
+ORDER BY c.id;
+
+-- name: train_documents
+-- the documents with chunks, whole: the corpus pairs come from their titles and headings
+SELECT id, coalesce(title, ''), coalesce(body, '') FROM pgsynapse.documents
+WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.id);
+
+-- name: distill_chunks
+-- every chunk with the teacher's stored vector of it
+SELECT c.id, c.document_id, d.title, c.text, e.embedding
+FROM pgsynapse.chunks c
+JOIN pgsynapse.documents d ON d.id = c.document_id
+JOIN pgsynapse.embeddings e ON e.chunk_id = c.id AND e.model_version_id = %(version)s
+ORDER BY c.id;
+
+-- name: distill_feedback
+SELECT DISTINCT ON (te.query) te.query, c.document_id
+FROM pgsynapse.training_examples te JOIN pgsynapse.chunks c ON c.id = te.positive_chunk_id
+ORDER BY te.query, te.id;
+
+-- name: distill_questions
+-- questions asked that no feedback example holds: the student learns the teacher's vectors of them too
+SELECT DISTINCT text FROM pgsynapse.questions
+WHERE text <> '' AND text NOT IN (SELECT query FROM pgsynapse.training_examples)
+ORDER BY 1 LIMIT %(limit)s;

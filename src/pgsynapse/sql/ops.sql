@@ -74,3 +74,19 @@ GROUP BY kind, last_error ORDER BY n DESC, last_at DESC LIMIT %(limit)s;
 SELECT kind, skip_reason AS reason, count(*) AS n
 FROM pgsynapse.jobs WHERE status = 'done' AND skip_reason IS NOT NULL
 GROUP BY kind, skip_reason ORDER BY n DESC, kind LIMIT %(limit)s;
+
+-- name: listeners_connected
+-- `pgsynapse ask` / `ask-data`: whether a worker is listening on this database (else the question would wait)
+SELECT count(*) AS n FROM pg_stat_activity
+WHERE application_name = 'pgsynapse-listener' AND datname = current_database();
+
+-- name: status_counts
+SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,
+       (SELECT count(*) FROM pgsynapse.documents WHERE status = 'pending') AS documents_pending,
+       (SELECT count(*) FROM pgsynapse.documents WHERE status = 'failed') AS documents_failed,
+       (SELECT count(*) FROM pgsynapse.chunks) AS chunks,
+       (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings;
+
+-- name: status_versions
+SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, metrics->'ab' AS ab
+FROM pgsynapse.model_versions ORDER BY id;

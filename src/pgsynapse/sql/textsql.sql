@@ -86,3 +86,42 @@ SELECT pg_notify('pgsynapse_data_answers', json_build_object('id', %(id)s::bigin
 SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (WHERE status = 'answered') AS answered,
        count(*) FILTER (WHERE status = 'refused') AS refused, count(*) FILTER (WHERE status = 'failed') AS failed
 FROM pgsynapse.data_questions;
+
+-- name: question_sql
+SELECT sql FROM pgsynapse.data_questions WHERE id = %(question)s;
+
+-- name: insert_correction
+-- `pgsynapse sql correct`: the right statement for a data question, or an approval of the generated one
+INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)
+VALUES (%(question)s, %(sql)s, %(approved)s) RETURNING id;
+
+-- name: sample_rows
+-- a few rows of a table for the schema prompt's sample values, run read-only as the reader role; {} are the
+-- schema, the table (identifiers) and the row count, composed by the caller
+SELECT * FROM {}.{} LIMIT {};
+
+-- name: readonly_transaction
+-- a data question's statement runs in its own transaction, read only whatever the statement is
+SET TRANSACTION READ ONLY;
+
+-- name: readonly_role
+-- {} is the reader role (an identifier, composed by the caller)
+SET LOCAL ROLE {};
+
+-- name: readonly_limits
+-- the statement's time limit and schema, and the server's bound on a client gone silent inside the transaction (a
+-- network partition would otherwise leave it open, with its locks, until the server's TCP keepalive gave up)
+SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
+       pg_catalog.set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true),
+       pg_catalog.set_config('search_path', %(search_path)s, true);
+
+-- name: readonly_limits_total
+-- the same, and (PostgreSQL 17+) a bound on the whole transaction: it also ends one cut off inside a statement's
+-- message, where the silent bound is not armed
+SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
+       pg_catalog.set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true),
+       pg_catalog.set_config('search_path', %(search_path)s, true),
+       pg_catalog.set_config('transaction_timeout', %(total_ms)s, true);
+
+-- name: type_names
+SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);

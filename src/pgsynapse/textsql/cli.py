@@ -17,6 +17,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError
 from pgsynapse.learning.cli import queue_retrain
+from pgsynapse.queries import q
 from pgsynapse.textsql import registry
 
 MAX_CELL = 40
@@ -67,13 +68,13 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
 def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool) -> int:
     """Record a correction (the right statement) or an approval of the generated one; returns its id."""
     with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute("SELECT sql FROM pgsynapse.data_questions WHERE id = %s", (question,)).fetchone()
+        row = cur.execute(q("question_sql", "textsql.sql"), {"question": question}).fetchone()
         if row is None:
             raise InputError(f"no data question {question}")
         if approve and not row[0]:
             raise InputError(f"data question {question} has no generated statement to approve: give --sql")
-        return cur.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)"
-                           " VALUES (%s, %s, %s) RETURNING id", (question, sql, approve)).fetchone()[0]
+        return cur.execute(q("insert_correction", "textsql.sql"),
+                           {"question": question, "sql": sql, "approved": approve}).fetchone()[0]
 
 
 def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:

@@ -129,7 +129,7 @@ def _add_samples(conn: psycopg.Connection, table: Table, per_column: int, role: 
     """Up to ``per_column`` distinct values of each column, read as the reader role from a few rows."""
 
     class Stmt:
-        sql = pgsql.SQL("SELECT * FROM {}.{} LIMIT {}").format(
+        sql = pgsql.SQL(q("sample_rows", "textsql.sql")).format(
             pgsql.Identifier(table.schema), pgsql.Identifier(table.name), _SAMPLE_ROWS).as_string(conn)
 
     try:

@@ -26,7 +26,9 @@ from psycopg.rows import tuple_row
 
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION, bounds_for
 from pgsynapse.errors import InputError
+from pgsynapse.queries import q
 
+FILE = "textsql.sql"
 # columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
 _MAX_PERMUTED_COLUMNS = 5
 
@@ -122,8 +124,7 @@ def plain(value: Any) -> Any:
 
 def _type_names(conn: psycopg.Connection, oids: list[int]) -> dict[int, str]:
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute("SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type"
-                           " WHERE oid = ANY(%s)", (oids,)).fetchall()
+        rows = cur.execute(q("type_names", FILE), {"oids": oids}).fetchall()
     return {int(oid): name for oid, name in rows}
 
 
@@ -144,17 +145,13 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         raise RuntimeError("run_readonly needs an idle autocommit connection: READ ONLY must start its transaction")
     try:
         with conn.transaction(force_rollback=True):
-            conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute(pgsql.SQL("SET LOCAL ROLE {}").format(pgsql.Identifier(role)))
-            # idle_in_transaction_session_timeout: a client cut off between these statements (a network partition)
-            # would leave the transaction open, with its locks on the application's tables, until the server's TCP
-            # keepalive gave up; the server ends it instead (as db.bounded_transaction does for the worker's writes),
-            # and with transaction_timeout (PostgreSQL 17+) also a client cut off inside a statement's message
-            total = (", pg_catalog.set_config('transaction_timeout', %(total_ms)s, true)"
-                     if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION else "")
-            conn.execute("SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),"
-                         " pg_catalog.set_config('idle_in_transaction_session_timeout', %(silent_ms)s, true),"
-                         " pg_catalog.set_config('search_path', %(search_path)s, true)" + total,
+            conn.execute(q("readonly_transaction", FILE))
+            conn.execute(pgsql.SQL(q("readonly_role", FILE)).format(pgsql.Identifier(role)))
+            # the server ends a transaction whose client went silent (as db.bounded_transaction does for the
+            # worker's writes), and on PostgreSQL 17+ one cut off inside a statement's message too
+            limits_query = ("readonly_limits_total" if conn.info.server_version >= TRANSACTION_TIMEOUT_VERSION
+                            else "readonly_limits")
+            conn.execute(q(limits_query, FILE),
                          {"statement_ms": str(int(limits.statement_timeout_ms)),
                           "search_path": ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path),
                           **bounds_for(limits.statement_timeout_ms / 1000).parameters()})

@@ -1,0 +1,36 @@
+-- Named queries of `pgsynapse model export` and the worker's export of a version to the serving runtime
+-- (pgsynapse/export/register.py). Loaded by pgsynapse.queries.q(name, "export.sql").
+
+-- name: export_source
+-- the version to export: %(version)s, or the active one when it is NULL
+SELECT * FROM pgsynapse.model_versions
+WHERE CASE WHEN %(version)s::int IS NULL THEN status = 'active' ELSE id = %(version)s::int END;
+
+-- name: switch_runtime
+-- the version itself moves to the exported runtime (its vectors are interchangeable: agreement passed); the
+-- previous runtime and artifact are kept in its metrics
+UPDATE pgsynapse.model_versions
+SET runtime = %(runtime)s, artifact_path = %(path)s,
+    metrics = metrics || jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)
+              || %(metrics)s::jsonb
+WHERE id = %(id)s;
+
+-- name: register_export
+-- the export as a version of its own, side by side with its source: a candidate without traffic
+INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, artifact_path, runtime, dim, metrics, status,
+                                      traffic_percent)
+VALUES (%(name)s, 'embedding', %(base)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s::jsonb, 'candidate', 0)
+RETURNING id;
+
+-- name: export_lock
+-- a session lock held for the whole export: one worker exports a version, the others wait and find it done
+SELECT pg_advisory_lock(hashtext(%(lock)s));
+
+-- name: record_export
+UPDATE pgsynapse.model_versions
+SET metrics = metrics || jsonb_build_object('runtime_export', %(record)s::jsonb)
+WHERE id = %(version)s;
+
+-- name: runtime_settled
+-- the version may get A/B traffic now, on the runtime that will serve it
+UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %(version)s;
