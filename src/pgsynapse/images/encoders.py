@@ -21,16 +21,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from PIL import Image
-from transformers import AutoModel, AutoTokenizer
 
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
@@ -122,25 +119,6 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _features(out: Any) -> torch.Tensor:
-    """The image embedding of a transformers output (a tensor already, or a model output)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if pooled is None and hasattr(out, "image_embeds"):
-        pooled = out.image_embeds
-    if pooled is not None:
-        return pooled.flatten(1)
-    hidden = out.last_hidden_state
-    return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden[:, 0]
-
-
-def load_torchscript(file: Path) -> Any:
-    with warnings.catch_warnings():  # deprecated in favour of torch.export, still the portable format here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.load(str(file), map_location="cpu").eval()
-
-
 def detect(path: Path) -> dict[str, Any]:
     """What ``path`` holds: ``{"kind": "clip"|"image", "format": "transformers"|"torchscript"|"onnx", ...}``."""
     if not path.exists():
@@ -162,16 +140,15 @@ class ImageEncoder:
     def __init__(self, spec: ImageModelSpec, *, threads: int = 0) -> None:
         started = time.perf_counter()
         self.spec = spec
-        self._lock = threading.Lock()
         self.threads = threads
         self.info = detect(spec.path)
         if self.info["kind"] != spec.kind:
             raise ModelError(f"image model {spec.id} is registered as {spec.kind!r} but {spec.path} holds a "
                              f"{self.info['kind']!r} model")
         self.preprocess = Preprocess.load(spec.path)
-        self._model: Any = None
+        self._model: Any = None  # a torch_models.ImageTower
         self._session: ort.InferenceSession | None = None
-        self._text: Any = None
+        self._text: Any = None  # a torch_models.TextTower
         try:
             self._load()
         except ModelError:
@@ -189,15 +166,16 @@ class ImageEncoder:
                 opts.intra_op_num_threads = self.threads
             self._session = ort.InferenceSession(str(self.spec.path / self.info.get("file", "model.onnx")), opts,
                                                  providers=["CPUExecutionProvider"])
-        elif fmt == "torchscript":
-            self._model = load_torchscript(self.spec.path / self.info.get("file", "model.pt"))
-        else:
-            self._model = AutoModel.from_pretrained(str(self.spec.path), local_files_only=True).eval()
-        if self.spec.kind == "clip" and self.info.get("text_file"):
-            self._text = TorchScriptTextTower(self.spec.path, self.info)
-        elif self.spec.kind == "clip":
-            self._text = TextTower(Path(self.info.get("text_model") or self.spec.path),
-                                   self._model if fmt == "transformers" else None)
+        if fmt == "onnx" and self.spec.kind != "clip":
+            return
+        # deferred, not a cycle: torch and transformers cost a process about 2 s and 200 MB to import, and only a
+        # model on torch or a CLIP text tower needs them (images/torch_models.py)
+        from pgsynapse.images import torch_models
+
+        if fmt != "onnx":
+            self._model = torch_models.ImageTower(self.spec.path, self.info, self.spec.kind)
+        if self.spec.kind == "clip":
+            self._text = torch_models.text_tower(self.spec.path, self.info, self._model)
 
     def encode_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
         if not images:
@@ -216,63 +194,13 @@ class ImageEncoder:
         if self._session is not None:
             name = self._session.get_inputs()[0].name
             return self._session.run(None, {name: pixels})[0].reshape(len(pixels), -1)
-        with self._lock, torch.inference_mode():
-            x = torch.from_numpy(pixels)
-            if self.info["format"] == "torchscript":
-                return self._model(x).reshape(len(pixels), -1).float().numpy()
-            if self.spec.kind == "clip":
-                return _features(self._model.get_image_features(pixel_values=x)).float().numpy()
-            return _features(self._model(pixel_values=x)).float().numpy()
+        return self._model(pixels)
 
     def encode_texts(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if self._text is None:
             raise ModelError(f"image model {self.spec.id} ({self.spec.name}) is an image encoder: it has no text "
                              "tower, so it cannot search images by text (register a CLIP model)")
         return normalise(self._text.encode(texts, batch_size))
-
-
-class TextTower:
-    """The text half of a CLIP checkpoint (from the loaded model, or loaded alone for an ONNX image tower)."""
-
-    def __init__(self, path: Path, model: Any = None) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = model if model is not None else AutoModel.from_pretrained(str(path), local_files_only=True).eval()
-        cfg = getattr(self.model.config, "text_config", self.model.config)
-        self.max_length = int(getattr(cfg, "max_position_embeddings", 77))
-        self.padding: bool | str = True
-        self._lock = threading.Lock()
-
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            batch = self.tokenizer(texts[i : i + batch_size], padding=self.padding, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            with self._lock, torch.inference_mode():
-                out.append(self._forward(batch).float().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-    def _forward(self, batch: Any) -> torch.Tensor:
-        batch.pop("token_type_ids", None)
-        return _features(self.model.get_text_features(**batch))
-
-
-class TorchScriptTextTower(TextTower):
-    """A CLIP text tower as a TorchScript file in a pgsynapse image directory, for checkpoints transformers cannot
-    load (open_clip's own format: docs/architecture.md shows the conversion). The manifest names ``text_file``
-    (token ids in, (N, D) out), ``tokenizer`` (a directory of tokenizer files, relative to the model's; default the
-    model's own), ``text_max_length`` (77), ``text_inputs`` (``["input_ids"]``, or with ``"attention_mask"``) and
-    ``text_pad_to_max_length`` (true: open_clip's text encoders expect the full context)."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path / manifest.get("tokenizer", ".")), local_files_only=True)
-        self.model = load_torchscript(path / manifest["text_file"])
-        self.max_length = int(manifest.get("text_max_length", 77))
-        self.inputs = list(manifest.get("text_inputs", ["input_ids"]))
-        self.padding = "max_length" if manifest.get("text_pad_to_max_length", True) else True
-        self._lock = threading.Lock()
-
-    def _forward(self, batch: Any) -> torch.Tensor:
-        return self.model(*(batch[name] for name in self.inputs))
 
 
 def probe(path: Path) -> tuple[str, str, int]:

@@ -32,7 +32,8 @@ from PIL import Image
 from transformers import AutoModel
 
 from pgsynapse.errors import ModelError
-from pgsynapse.images.encoders import MANIFEST, PREPROCESSOR, ImageEncoder, ImageModelSpec, _features, detect
+from pgsynapse.images.encoders import MANIFEST, PREPROCESSOR, ImageEncoder, ImageModelSpec, detect
+from pgsynapse.images.torch_models import features
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -69,8 +70,8 @@ class _ImageTower(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.clip:
-            return _features(self.model.get_image_features(pixel_values=pixel_values))
-        return _features(self.model(pixel_values=pixel_values))
+            return features(self.model.get_image_features(pixel_values=pixel_values))
+        return features(self.model(pixel_values=pixel_values))
 
 
 def _torch_tower(src: Path, info: dict[str, Any]) -> torch.nn.Module:

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import ModelError, PgsynapseError
+from pgsynapse.images.encoders import probe
 from pgsynapse.queries import q
 
 
@@ -31,10 +32,6 @@ def _run(conn: psycopg.Connection, query: str, params: Any = None) -> psycopg.Cu
 def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """Register the model at ``path`` (loaded once here to learn its kind and dimension) and queue every image for
     it. Returns its row, with ``queued``: the images queued."""
-    # loading a model needs torch and transformers (seconds to import): only `add` pays for them, not list,
-    # promote or retire (the same deferral as the CLI's)
-    from pgsynapse.images.encoders import probe
-
     path = Path(path).expanduser().resolve()
     found, runtime, dim = probe(path)
     if kind is not None and kind != found:
