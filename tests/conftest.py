@@ -3,12 +3,11 @@ answers, else the embedded server. Each test gets a fresh database cloned from a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from pgsynapse.migrate import migrate  # noqa: E402
 from pgsynapse.models import ModelCache, default_model_path  # noqa: E402
 from pgsynapse.textsql.generate import SqlPrompt  # noqa: E402
 from tests.image_models import tiny_clip, tiny_vit  # noqa: E402 - transformers reads HF_HUB_OFFLINE at import
-from tests.helpers import admin_connection, drop_database, with_db  # noqa: E402
+from tests.helpers import admin_connection, adopt_runtime, drop_database, with_db  # noqa: E402
 from tests.sql_models import sql_database, tiny_sql_model  # noqa: E402
 
 
@@ -156,6 +155,15 @@ def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
     finally:
         drop_database(pg_url, name)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def shipped(default_runtime: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Worker subprocesses and commands of this test run the default runtime, as a fresh install's do after its
+    first start (the others pin torch, above). Returns the function that gives a database the exported version."""
+    monkeypatch.setenv("PGSYNAPSE_RUNTIME", "onnx-int8")
+    monkeypatch.setenv("PGSYNAPSE_DATA_DIR", default_runtime["data_dir"])
+    return lambda url: adopt_runtime(url, default_runtime)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,11 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import psycopg
-import pytest
 
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
-from tests.helpers import adopt_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,14 +26,6 @@ def pgsynapse(*args: str, url: str | None = None, cwd: str = "/tmp", env: dict[s
         full["DATABASE_URL"] = url
     return subprocess.run([python, "-m", "pgsynapse", *args], capture_output=True, text=True, cwd=cwd,
                           env=full, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def shipped_runtime(monkeypatch: pytest.MonkeyPatch, url: str, version: dict[str, Any]) -> None:
-    """The commands run on the default runtime, as a fresh install's do after its first start (the other tests'
-    workers pin torch: tests/conftest.py): the active version exported once per session (``default_runtime``)."""
-    adopt_runtime(url, version)
-    monkeypatch.setenv("PGSYNAPSE_RUNTIME", "onnx-int8")
-    monkeypatch.setenv("PGSYNAPSE_DATA_DIR", version["data_dir"])
 
 
 def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
@@ -96,10 +85,10 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
 
 
-def test_search_and_ask_with_nothing_embedded_say_why(new_db, default_runtime, monkeypatch):
+def test_search_and_ask_with_nothing_embedded_say_why(new_db, shipped):
     url = new_db()
     assert pgsynapse("migrate", url=url).returncode == 0
-    shipped_runtime(monkeypatch, url, default_runtime)
+    shipped(url)
     empty = pgsynapse("search", "vacuum", url=url)
     assert empty.returncode == 0, empty.stderr[-2000:]
     assert empty.stdout.startswith("no results: no document is embedded (add some: `pgsynapse ingest PATH`")
@@ -117,9 +106,9 @@ def test_search_and_ask_with_nothing_embedded_say_why(new_db, default_runtime, m
     assert "pgsynapse: error: search needs a text (or --like-image PATH)" in blank.stderr
 
 
-def test_ask_answers_from_the_command_line(new_db, template_db, default_runtime, monkeypatch):
+def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     url = new_db(template_db)
-    shipped_runtime(monkeypatch, url, default_runtime)
+    shipped(url)
     assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
     r = pgsynapse("ask", "how do I insert new rows into a table?", "--session", "cli", url=url)
     assert r.returncode == 0, r.stderr[-2000:]

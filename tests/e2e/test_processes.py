@@ -37,7 +37,15 @@ def _docs(n: int, words: int = 60) -> list[tuple[str, str]]:
             for i in range(n)]
 
 
-async def test_two_workers_process_every_job_exactly_once(db_url):
+@pytest.fixture
+def shipped_url(db_url: str, shipped) -> str:
+    """The flow tests' workers run what ships: the default runtime (tests/conftest.py pins torch elsewhere)."""
+    shipped(db_url)
+    return db_url
+
+
+async def test_two_workers_process_every_job_exactly_once(shipped_url):
+    db_url = shipped_url
     env = {"PGSYNAPSE_BATCH_SIZE": "8"}
     workers = [spawn_worker(db_url, env=env), spawn_worker(db_url, env=env)]
     try:
@@ -55,7 +63,8 @@ async def test_two_workers_process_every_job_exactly_once(db_url):
     assert codes == [0, 0]
 
 
-async def test_sigkill_mid_batch_then_restart_embeds_everything_once(db_url):
+async def test_sigkill_mid_batch_then_restart_embeds_everything_once(shipped_url):
+    db_url = shipped_url
     env = {"PGSYNAPSE_BATCH_SIZE": "16", "PGSYNAPSE_LEASE_SECONDS": "2"}
     conn = await aconn(db_url)
     worker = spawn_worker(db_url, env=env)
@@ -78,7 +87,8 @@ async def test_sigkill_mid_batch_then_restart_embeds_everything_once(db_url):
     await conn.close()
 
 
-async def test_sigterm_drains_in_flight_batches_and_exits_zero(db_url):
+async def test_sigterm_drains_in_flight_batches_and_exits_zero(shipped_url):
+    db_url = shipped_url
     conn = await aconn(db_url)
     worker = spawn_worker(db_url, env={"PGSYNAPSE_BATCH_SIZE": "32"})
     insert_docs(db_url, _docs(400, words=150))
