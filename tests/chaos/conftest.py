@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,6 @@ def db_url(new_db, template_db: str, default_runtime: dict[str, Any]) -> str:
 
 
 @pytest.fixture(autouse=True)
-def shipped_runtime(monkeypatch: pytest.MonkeyPatch, default_runtime: dict[str, Any]) -> None:
-    """Worker subprocesses of this suite run the default runtime (the rest of the tests pin torch)."""
-    monkeypatch.setenv("PGSYNAPSE_RUNTIME", "onnx-int8")
-    monkeypatch.setenv("PGSYNAPSE_DATA_DIR", default_runtime["data_dir"])
+def shipped_runtime(shipped: Callable[[str], None]) -> None:
+    """Worker subprocesses of this suite run the default runtime (tests/conftest.py's ``shipped``; the rest of the
+    tests pin torch)."""

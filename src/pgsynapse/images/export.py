@@ -33,7 +33,7 @@ from transformers import AutoModel
 
 from pgsynapse.errors import ModelError
 from pgsynapse.images.encoders import MANIFEST, PREPROCESSOR, ImageEncoder, ImageModelSpec, detect
-from pgsynapse.images.torch_models import features
+from pgsynapse.images.torch_models import features, load_torchscript
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -78,7 +78,7 @@ def _torch_tower(src: Path, info: dict[str, Any]) -> torch.nn.Module:
     if info["format"] == "onnx":
         raise ModelError(f"{src} is already an ONNX image model: export from the model it was exported from")
     if info["format"] == "torchscript":
-        return torch.jit.load(str(src / info.get("file", "model.pt")), map_location="cpu").eval()
+        return load_torchscript(src / info.get("file", "model.pt"))
     model = AutoModel.from_pretrained(str(src), local_files_only=True, attn_implementation="eager").eval()
     return _ImageTower(model, info["kind"] == "clip").eval()
 
