@@ -22,6 +22,7 @@ from pgsynapse.db import Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
 from pgsynapse.export import run_export
+from pgsynapse.images.cli import run_image_model_command, run_image_search
 from pgsynapse.ingest import follow, ingest
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
@@ -142,13 +143,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         return 0
     if args.command == "search" and (args.images or args.like_image):
-        # the image commands load torch and transformers (2.5 s, 300 MB): only they pay for it, not every command
-        from pgsynapse.images.cli import run_image_search
-
         return run_image_search(args, settings)
     if args.command == "image-model":
-        from pgsynapse.images.cli import run_image_model_command  # torch, as above
-
         return run_image_model_command(args, settings)
     if args.command == "sql-ask":
         return run_sql_ask(args, settings)

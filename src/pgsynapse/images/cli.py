@@ -9,17 +9,13 @@ import textwrap
 from pathlib import Path
 
 import anyio
-import numpy as np
-from PIL import Image
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images import registry
-from pgsynapse.images.decode import ImageLimits, decode
-from pgsynapse.images.efficientnet import build as build_efficientnet
+from pgsynapse.images.decode import ImageLimits
 from pgsynapse.images.encoders import ImageModelCache
-from pgsynapse.images.export import export_onnx
 from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
 
 
@@ -42,60 +38,23 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
         elif args.image_command == "retire":
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")
-        elif args.image_command == "export":
-            return _export(conn, args, settings)
-        elif args.image_command == "import-efficientnet":
-            path = build_efficientnet(Path(args.dest))
-            print(f"EfficientNet-Lite0 written to {path}")
-            if not args.torch:
-                # what serves is the ONNX runtime (4x faster one image at a time); checked on test patterns here,
-                # since a fresh database may hold no image yet
-                report = export_onnx(path, path.with_name(path.name + "-onnx"), sample=test_patterns())
-                path = Path(report.path)
-                print(f"ONNX runtime written to {path}: min cosine {report.min_cosine:.4f} to the TorchScript model")
+        elif args.image_command in ("export", "import-efficientnet"):
+            # these two read a torch model and trace it to ONNX: only they import torch and transformers (2.5 s,
+            # 300 MB), not `image-model list` or a search (tests/e2e/test_footprint.py). Deferred on purpose, not
+            # a cycle
+            from pgsynapse.images import convert
+
+            if args.image_command == "export":
+                return convert.export(conn, args, settings)
+            path, name = convert.import_efficientnet(Path(args.dest), onnx=not args.torch)
             if not args.no_add:
-                _print_added(registry.add(conn, path, name="efficientnet-lite0" + ("" if args.torch else "-onnx")))
+                _print_added(registry.add(conn, path, name=name))
     return 0
 
 
 def _print_added(row: dict) -> None:
     print(f"image model {row['id']} ({row['kind']}, {row['dim']}-d, {row['runtime']}): {row['status']}; "
           f"{row['queued']} images queued for it")
-
-
-def test_patterns(n: int = 16) -> list[Image.Image]:
-    """Deterministic images with colour, gradients, edges and noise: an export's agreement sample when the
-    database holds no image."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:160, 0:200] / 200.0
-    out = []
-    for i in range(n):
-        r, g, b = rng.random(3)
-        px = np.stack([r * x + (1 - r) * y, g * (x * y), b * (1 - x)], axis=-1)
-        px[(np.floor(x * (i + 2)) + np.floor(y * (i + 2))) % 2 == 1] *= 0.5  # a checkerboard of growing frequency
-        px += rng.normal(0, 0.05, px.shape)
-        out.append(Image.fromarray((np.clip(px, 0, 1) * 255).astype(np.uint8)))
-    return out
-
-
-def _export(conn, args: argparse.Namespace, settings: Settings) -> int:
-    """ONNX export of a model's image tower, checked on images of this database, registered as a candidate."""
-    row = registry.get(conn, args.model)
-    if row["runtime"] != "torch":
-        raise PgsynapseError(f"image model {args.model} already runs on {row['runtime']}")
-    limits = ImageLimits.of(settings)
-    sample = [decode(bytes(r["data"]), limits).image
-              for r in conn.execute(registry.sql("sample_images"), {"limit": args.sample})]
-    if len(sample) < 4:
-        raise PgsynapseError(f"the agreement check needs at least 4 embedded images in the database, {len(sample)} "
-                             "found: insert or ingest some first")
-    dest = Path(args.dest) if args.dest else settings.data_dir / "models" / f"image-{args.model}-onnx"
-    report = export_onnx(Path(row["artifact_path"]), dest, sample=sample, threshold=args.threshold)
-    added = registry.add(conn, dest, name=f"{row['name']}-onnx")
-    print(json.dumps(report.as_dict()))
-    print(f"onnx: registered image model {added['id']} ({added['status']}): min cosine {report.min_cosine:.4f} over "
-          f"{report.sample} images; `pgsynapse image-model promote {added['id']}` once it has embedded every image")
-    return 0
 
 
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
