@@ -42,10 +42,24 @@ EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
-# commands that print their result: their info events (the embedded server starting, the worker they start for an
-# answer) would bury it at a prompt. They log warnings and errors unless log_level is set (flag, env, file).
+# commands that print their result: their info events (the embedded server starting and stopping, the worker they
+# start for an answer) would bury it at a prompt. They log warnings and errors unless log_level is set (flag, env,
+# file). The others (run, migrate, ingest, demo, bench, and the actions that export, add or train a model) report
+# their progress as info events.
 QUIET_COMMANDS = frozenset({"ask", "search", "feedback", "status", "sql-ask", "sql-correct", "ab-report", "canary",
-                            "queue-notify"})
+                            "queue-notify", "retry-failed", "retrain", "promote", "rollback", "retire", "traffic"})
+# the quiet actions of the registries' commands (model, image-model, sql-model, ranker); `sql-model retrain` only
+# queues a job
+QUIET_ACTIONS = frozenset({"list", "promote", "rollback", "retire", "traffic", "retrain"})
+ACTION_OF = {"model": "model_command", "image-model": "image_command", "sql-model": "sql_model_command",
+             "ranker": "ranker_command"}
+
+
+def _quiet(args: argparse.Namespace) -> bool:
+    """Whether a command prints its result (and logs only warnings and errors by default)."""
+    if args.command in ACTION_OF:
+        return getattr(args, ACTION_OF[args.command], None) in QUIET_ACTIONS
+    return args.command in QUIET_COMMANDS
 
 
 def _settings(args: argparse.Namespace):
@@ -58,7 +72,7 @@ def _settings(args: argparse.Namespace):
     if getattr(args, "kinds", None):
         overrides["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     settings = load_settings(args.config, **overrides)
-    if args.command in QUIET_COMMANDS and "log_level" not in settings.model_fields_set:
+    if _quiet(args) and "log_level" not in settings.model_fields_set:
         settings = settings.model_copy(update={"log_level": "warning"})
     return settings
 

@@ -77,6 +77,26 @@ def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
     assert r2.returncode == 0 and "up to date" in r2.stdout, r2.stderr
 
 
+def test_a_command_that_prints_its_result_prints_nothing_else(data_dir):
+    """On the embedded default, every command starts and stops the server: its info events around a list or a
+    one-line answer are noise at a prompt. A command that prints its result logs warnings and errors only, unless
+    a log level is asked for."""
+    env = {**_env(data_dir), "PGSYNAPSE_LOG_FORMAT": "console"}
+
+    def pgsynapse(*args: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "pgsynapse", *args], env=env, capture_output=True, text=True,
+                           timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    assert "embedded_postgres_started" in pgsynapse("migrate").stderr  # a command that reports its progress
+    for command in (["model", "list"], ["ranker", "list"], ["sql-model", "list"], ["image-model", "list"],
+                    ["retry-failed"], ["status"]):
+        r = pgsynapse(*command)
+        assert r.stdout and r.stderr == "", (command, r.stderr)
+    assert "embedded_postgres_started" in pgsynapse("--log-level", "info", "model", "list").stderr
+
+
 def test_a_sigkilled_worker_does_not_leave_postgres_running(data_dir):
     proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "run"], env=_env(data_dir), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, cwd="/tmp", preexec_fn=die_with_parent())

@@ -15,8 +15,8 @@ from pgsynapse.learning.trainer_process import TrainingFailed
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["search", "vacuum", "-k", "0"], "argument -k: must be at least 1, got 0"),
-    (["search", "vacuum", "-k", "many"], "argument -k: not a number: 'many'"),
+    (["search", "vacuum", "-k", "0"], "argument -k/--limit: must be at least 1, got 0"),
+    (["search", "vacuum", "-k", "many"], "argument -k/--limit: not a number: 'many'"),
     (["ask", "hi", "--timeout", "-1"], "argument --timeout: must be at least 0, got -1"),
     (["sql-ask", "hi", "--timeout", "-5"], "argument --timeout: must be at least 0, got -5"),
     (["demo", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
