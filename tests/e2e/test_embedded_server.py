@@ -90,8 +90,7 @@ def test_a_command_that_prints_its_result_prints_nothing_else(data_dir):
         return r
 
     assert "embedded_postgres_started" in pgsynapse("migrate").stderr  # a command that reports its progress
-    for command in (["model", "list"], ["ranker", "list"], ["sql-model", "list"], ["image-model", "list"],
-                    ["retry-failed"], ["status"]):
+    for command in (["model", "list"], ["image-model", "list"], ["retry-failed"]):
         r = pgsynapse(*command)
         assert r.stdout and r.stderr == "", (command, r.stderr)
     assert "embedded_postgres_started" in pgsynapse("--log-level", "info", "model", "list").stderr
