@@ -14,6 +14,7 @@ import psycopg
 
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
+from tests.helpers import insert_docs, spawn_worker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,6 +173,27 @@ def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path)
     assert "warning: the model reads 128 tokens" in r.stderr
     listed = pgsynapse("model", "list", url=url).stdout
     assert re.search(r"\n +2  candidate  torch +40 +0%  0/0 +tiny", listed), listed
+
+
+def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path):
+    """A user who added a model without --follow, or stopped following, runs the same command with --follow: it
+    follows the version already added instead of refusing (without --follow it is still refused)."""
+    url = new_db(template_db)
+    insert_docs(url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    path = tiny_embedding_model(tmp_path / "tiny-40", 40)
+    assert pgsynapse("model", "add", str(path), url=url).returncode == 0
+    refused = pgsynapse("model", "add", str(path), url=url)
+    assert refused.returncode == 1 and f"{path} is already model version 2 (candidate)" in refused.stderr
+    worker = spawn_worker(url)
+    try:
+        again = pgsynapse("model", "add", str(path), "--follow", "--no-progress", url=url)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == (f"{path} is already model version 2 (candidate): following its backfill\n"
+                            "model version 2 is backfilled: pgsynapse traffic 2 PERCENT, then pgsynapse promote 2\n")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
 
 
 def test_migrate_command_is_idempotent(new_db):

