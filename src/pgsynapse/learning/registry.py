@@ -116,6 +116,13 @@ def retire(conn: psycopg.Connection, version: int) -> int:
     return deleted
 
 
+def version_at(conn: psycopg.Connection, path: str | Path) -> dict[str, Any] | None:
+    """The version (not retired) registered with the model at ``path`` (``id``, ``status``), if any: the path as
+    :func:`~pgsynapse.models.probe_model` registers it, user and symlinks resolved."""
+    return conn.execute(q("version_by_path", "learning.sql"),
+                        {"path": str(Path(path).expanduser().resolve())}).fetchone()
+
+
 def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, traffic: float = 0.0,
               serving_runtime: str = "onnx-int8", chunk_tokens: int = 256, threads: int = 0,
               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -137,7 +144,7 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
                         "version: docs/architecture.md)")
     with conn.transaction():
         conn.execute(q("lock_model_versions", "learning.sql"))
-        same = conn.execute(q("version_by_path", "learning.sql"), {"path": str(spec.path)}).fetchone()
+        same = version_at(conn, spec.path)
         if same is not None:
             raise RegistryError(f"{spec.path} is already model version {same['id']} ({same['status']}): retire it "
                                 "first to add it again")
