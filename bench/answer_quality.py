@@ -109,9 +109,11 @@ def answer_sentences(text: str) -> list[tuple[str, list[int]]]:
 
 # -- retrieval through the product's path ------------------------------------------------------------------
 async def retrieve(url: str, texts: list[str], version: dict[str, Any], models: ModelCache,
-                   hybrid: bool | None = None, ranker: dict[str, Any] | None = None
+                   hybrid: bool | None = None, ranker: dict[str, Any] | None = None, top_k: int | None = None
                    ) -> list[tuple[list[Passage], np.ndarray]]:
-    settings = load_settings(environ={}, database_url=url, **({} if hybrid is None else {"hybrid": hybrid}))
+    """Each text's passages and query vector, as the answer handler retrieves them (``top_k``: ``answer_top_k``)."""
+    overrides = {k: v for k, v in (("hybrid", hybrid), ("answer_top_k", top_k)) if v is not None}
+    settings = load_settings(environ={}, database_url=url, **overrides)
     handler = AnswerHandler(settings, models)
     embedder = await anyio.to_thread.run_sync(models.get, version)
     vecs = await anyio.to_thread.run_sync(embedder.encode, texts)

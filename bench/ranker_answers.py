@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector, register_vector_async
+from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
 from bench import answer_patterns
@@ -41,8 +41,6 @@ from bench.extractive_weights import REPORT, TUNE, scores
 from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
-from pgsynapse.handlers.answer import AnswerHandler, AnswerWork
-from pgsynapse.handlers.base import Job
 from pgsynapse.learning.registry import add_model
 from pgsynapse.models import ModelCache
 from pgsynapse.ranking.registry import REGISTRY
@@ -52,21 +50,6 @@ VERSION_ROW = "SELECT id, name, artifact_path, runtime, dim, status FROM pgsynap
 ACTIVE_ROW = "SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions WHERE status = 'active'"
 VARIANTS = [("default", {}), ("rank 0.25", {"rank_weight": 0.25}), ("rank 0.5", {"rank_weight": 0.5}),
             ("rank 1", {"rank_weight": 1.0}), ("rank 2", {"rank_weight": 2.0})]
-
-
-async def candidates(url: str, texts: list[str], version: dict[str, Any], models: ModelCache, k: int) -> set[int]:
-    """The chunks a ranker would reorder: the first ``k`` of the default retrieval of each text."""
-    settings = load_settings(environ={}, database_url=url, answer_top_k=k)
-    handler = AnswerHandler(settings, models)
-    embedder = await anyio.to_thread.run_sync(models.get, version)
-    vecs = await anyio.to_thread.run_sync(embedder.encode, texts)
-    out: set[int] = set()
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        await register_vector_async(conn)
-        for text, v in zip(texts, vecs, strict=True):
-            w = AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text, v)  # type: ignore[arg-type]
-            out.update(p.chunk_id for p in await handler._retrieve(conn, w))
-    return out
 
 
 def add_partial_teacher(conn: psycopg.Connection, models: ModelCache, path: Path, chunk_ids: set[int]
@@ -106,7 +89,9 @@ def main() -> None:
         with psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
             register_vector(conn)
             v1 = conn.execute(ACTIVE_ROW).fetchone()
-            chunk_ids = anyio.run(candidates, url, texts, v1, models, settings.rank_candidates)
+            # the chunks a ranker reorders: the first rank_candidates of the default retrieval of each question
+            chunk_ids = {p.chunk_id for passages, _ in anyio.run(retrieve, url, texts, v1, models, None, None,
+                                                                settings.rank_candidates) for p in passages}
             teacher, ranker, seconds = add_partial_teacher(conn, models, args.teacher_model, chunk_ids)
         emit(B, "teacher", version=teacher["id"], runtime=teacher["runtime"], chunks=len(chunk_ids),
              encode_seconds=round(seconds, 1))
