@@ -177,23 +177,27 @@ def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path)
 
 def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path):
     """A user who added a model without --follow, or stopped following, runs the same command with --follow: it
-    follows the version already added instead of refusing (without --follow it is still refused)."""
+    follows the version already added instead of refusing (without --follow it is still refused), and its closing
+    line says the share the first add asked for, not the second command's."""
     url = new_db(template_db)
     insert_docs(url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
     path = tiny_embedding_model(tmp_path / "tiny-40", 40)
-    assert pgsynapse("model", "add", str(path), url=url).returncode == 0
+    assert pgsynapse("model", "add", str(path), "--traffic", "25", url=url).returncode == 0
     refused = pgsynapse("model", "add", str(path), url=url)
     assert refused.returncode == 1 and f"{path} is already model version 2 (candidate)" in refused.stderr
     worker = spawn_worker(url)
     try:
-        again = pgsynapse("model", "add", str(path), "--follow", "--no-progress", url=url)
+        again = pgsynapse("model", "add", str(path), "--follow", "--no-progress", "--traffic", "10", url=url)
     finally:
         assert worker.stop() == 0, worker.tail()
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout == (f"{path} is already model version 2 (candidate): following its backfill\n"
-                            "model version 2 is backfilled: pgsynapse traffic 2 PERCENT, then pgsynapse promote 2\n")
+                            "model version 2 is backfilled: it serves 25% of sessions, then pgsynapse promote 2\n")
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
+        assert conn.execute("SELECT traffic_percent FROM pgsynapse.model_versions WHERE id = 2").fetchone()[0] == 25
+    assert ("pgsynapse: warning: --traffic applies when a model is added; pgsynapse traffic 2 10 sets it now"
+            in again.stderr)
 
 
 def test_migrate_command_is_idempotent(new_db):

@@ -133,13 +133,18 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
 
 
 def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
-    """``--follow``: wait until version ``v`` is backfilled, then say what comes next."""
+    """``--follow``: wait until version ``v`` is backfilled, then say what comes next: the share it serves as
+    the backfill left it (the ``--traffic`` of the command that added it), else how to give it one."""
     error = follow_backfill(conn, v, progress=False if args.no_progress else None)
     if error:
         print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
         return 1
-    share = f"it serves {args.traffic:g}% of sessions" if args.traffic else f"pgsynapse traffic {v} PERCENT"
+    traffic = float(conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["traffic_percent"])
+    share = f"it serves {traffic:g}% of sessions" if traffic else f"pgsynapse traffic {v} PERCENT"
     print(f"model version {v} is backfilled: {share}, then pgsynapse promote {v}")
+    if args.traffic and args.traffic != traffic:
+        print(f"pgsynapse: warning: --traffic applies when a model is added; pgsynapse traffic {v} {args.traffic:g} "
+              "sets it now", file=sys.stderr)
     return 0
 
 
