@@ -49,7 +49,8 @@ def format_data_result(r: DataResult) -> str:
         more = " (truncated by the row or byte limit)" if r.truncated else ""
         lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{more})")
     else:
-        lines.append(f"{r.status}: {r.error}")
+        # a refusal's reason is stored as "refused: ..." (the safety check's own words): say it once
+        lines.append(r.error if (r.error or "").startswith(f"{r.status}: ") else f"{r.status}: {r.error}")
     if r.latency_ms is not None:
         by = (f" by SQL model {r.sql_model_id}" if r.sql_model_id is not None else " by the configured SQL model"
               ) if r.sql else ""

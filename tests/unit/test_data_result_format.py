@@ -1,0 +1,24 @@
+"""What `pgsynapse sql-ask` prints for a data question that was not answered: the reason once, as stored."""
+
+from __future__ import annotations
+
+from pgsynapse.client import DataResult
+from pgsynapse.textsql.cli import format_data_result
+
+
+def _result(status: str, error: str, sql: str | None = "DELETE FROM orders") -> DataResult:
+    return DataResult(id=4, status=status, sql=sql, columns=[], rows=[], row_count=None, truncated=False,
+                      error=error, sql_model_id=None, latency_ms=2187.0, session_id=None)
+
+
+def test_a_refusal_says_refused_once():
+    printed = format_data_result(_result("refused", "refused: the statement writes (DELETE)"))
+    assert printed.splitlines() == [
+        "SQL: DELETE FROM orders",
+        "refused: the statement writes (DELETE)",
+        "  refused in 2187 ms by the configured SQL model (data question 4)"]
+
+
+def test_a_failure_names_its_status_before_its_error():
+    printed = format_data_result(_result("failed", "NoReadableTables: no table of schema public may be read", sql=None))
+    assert printed.splitlines()[:2] == ["SQL: (none)", "failed: NoReadableTables: no table of schema public may be read"]
