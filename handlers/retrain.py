@@ -184,6 +184,10 @@ class RetrainHandler(Handler[RetrainWork]):
                 "metrics": Jsonb(metrics), "status": status})).fetchone()
             version = row["id"]
             await conn.execute(q("mark_examples_trained", "learning.sql"), {"version": version, "ids": used})
+            await conn.execute(q("insert_retrain_event", "learning.sql"), {
+                "version": version, "event": "registered" if passed else "rejected", "job": o.job.id,
+                "reason": "; ".join(verdict_["reasons"]), "figures": Jsonb({
+                    "job": o.job.id, "passed": passed, "forced": verdict_["forced"], "delta": verdict_["delta"]})})
             if passed:
                 await conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version})
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {

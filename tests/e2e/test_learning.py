@@ -148,6 +148,13 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
         logged = worker.wait_event("retrain_gate")
         assert logged["version"] == cand["id"] and logged["passed"] is True and logged["forced"] is True
         assert logged["reasons"] == m["gate"]["reasons"]
+        # ... and the registry's history says so, by the worker that ran the job
+        registered = await (await conn.execute(
+            "SELECT event, reason, figures->>'forced' AS forced, actor FROM pgsynapse.model_events"
+            " WHERE model_version_id = %s", (cand["id"],))).fetchall()
+        assert [(e["event"], e["reason"], e["forced"]) for e in registered] == [
+            ("registered", "; ".join(m["gate"]["reasons"]), "true")]
+        assert registered[0]["actor"] == worker.wait_event("worker_started")["worker"]
         # the canary set was built by this first retrain from the corpus, frozen with the active version, and
         # scored: one question per page (16 < MIN_CANARY: reported, not checked)
         canary = await (await conn.execute(

@@ -177,7 +177,8 @@ def render_versions(conn: psycopg.Connection) -> str:
     for v in conn.execute(q("list_versions", "learning.sql")):
         p = progress.get(v["id"])
         fill = "-" if p is None else "done" if p["backfilled_at"] else backfill_state(p)
-        pending = " (waiting for its runtime export)" if v["runtime_pending"] else ""
+        waits = v["runtime_pending"] and v["status"] == "candidate"  # a rejected one never gets an export
+        pending = " (waiting for its runtime export)" if waits else ""
         lines.append(f"{v['id']:>4}  {v['status']:<10} {v['runtime']:<10} {v['dim']:<5} "
                      f"{float(v['traffic_percent']):>6g}%  {fill:<19} {v['name']}{pending}")
     return "\n".join(lines)

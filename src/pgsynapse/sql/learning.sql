@@ -22,12 +22,20 @@ ORDER BY te.created_at, te.id;
 
 -- name: register_version
 -- runtime_pending: no A/B traffic and no promotion until a worker has exported it to its configured runtime (or
--- recorded why it stays on torch): the A/B test measures the runtime that ships (migration 0013).
+-- recorded why it stays on torch): the A/B test measures the runtime that ships (migration 0013). A version the
+-- gate rejected never serves, so none waits for an export.
 -- passage_version_id: a query encoder searches that version's chunk vectors (migration 0014)
 INSERT INTO pgsynapse.model_versions (name, kind, base_version_id, passage_version_id, artifact_path, runtime, dim,
                                       metrics, status, runtime_pending)
-VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s, true)
+VALUES (%(name)s, 'embedding', %(base)s, %(passage)s, %(path)s, 'torch', %(dim)s, %(metrics)s, %(status)s,
+        %(status)s = 'candidate')
 RETURNING id;
+
+-- name: insert_retrain_event
+-- the retrain job's verdict in the registry's history: `registered` (passed the gate: a candidate, to be
+-- backfilled) or `rejected`, the gate's reasons, by the worker that claimed the job
+INSERT INTO pgsynapse.model_events (model_version_id, event, reason, figures, actor)
+VALUES (%(version)s, %(event)s, %(reason)s, %(figures)s, (SELECT worker FROM pgsynapse.jobs WHERE id = %(job)s));
 
 -- name: add_version
 -- `pgsynapse model add`: any local model, of any dimension, as a candidate whose backfill starts now (created_at

@@ -1,0 +1,61 @@
+"""A retrain's verdict is in the registry's history: the version the gate rejected has a `rejected` row in
+pgsynapse.model_events with the gate's reasons and the worker that decided (docs/operations.md says that row tells
+the offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will
+never get. Real Postgres, the real default model, the worker's own retrain job."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from pgsynapse.learning.cli import queue_retrain, render_versions
+from pgsynapse.status import render, snapshot
+from tests.e2e.test_learning import _pages, _questions
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_retrain_the_gate_rejects_is_an_event_with_its_reasons(db_url, models, tmp_path):
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    settings = fast_settings(db_url, kinds=("embed", "retrain"), data_dir=str(tmp_path / "data"),
+                             retrain_synthetic_pairs=0, retrain_batch_size=8)
+    async with running_worker(settings, models) as worker:
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+        docs = {r["source"]: r["id"] for r in await (await conn.execute(
+            "SELECT id, source FROM pgsynapse.documents")).fetchall()}
+        for text, page in _questions(pages):
+            qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text, status) VALUES (%s, 'answered')"
+                                             " RETURNING id", (text,))).fetchone())["id"]
+            await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) SELECT %s, true, id"
+                               " FROM pgsynapse.chunks WHERE document_id = %s ORDER BY ord LIMIT 1",
+                               (qid, docs[pages[page]["id"]]))
+        with psycopg.connect(db_url, autocommit=True) as sync:
+            job = queue_retrain(sync)
+        await wait_until(conn, "SELECT status = 'done' FROM pgsynapse.jobs WHERE id = %s", (job,),
+                         channel="pgsynapse_models", timeout=300)
+        worker_id = worker.worker_id
+    version = await (await conn.execute(
+        "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
+    )).fetchone()
+    # four pages, three questions about each: no group the gate could hold out, and no canary to check: rejected
+    assert version["status"] == "rejected" and version["gate"]["passed"] is False, version["gate"]
+    assert version["runtime_pending"] is False  # it never serves: no export will come
+    events = (await (await conn.execute(
+        "SELECT event, reason, figures, actor FROM pgsynapse.model_events WHERE model_version_id = %s",
+        (version["id"],))).fetchall())
+    assert [(e["event"], e["reason"], e["actor"]) for e in events] == [
+        ("rejected", "; ".join(version["gate"]["reasons"]), worker_id)]
+    assert events[0]["figures"] == {"job": job, "passed": False, "forced": False, "delta": version["gate"]["delta"]}
+    await conn.close()
+    with psycopg.connect(db_url, row_factory=dict_row) as sync:
+        listed = render_versions(sync)
+        shown = render(snapshot(sync))
+    line = next(ln for ln in listed.splitlines() if ln.split()[:2] == [str(version["id"]), "rejected"])
+    assert "waiting for its runtime export" not in line, listed
+    assert f"v{version['id']}    rejected                 by {worker_id}: {version['gate']['reasons'][0]}" in shown, shown
