@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
     fb.add_argument("--comment")
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
-    rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails)")
+    rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
+                    "verdict")
+    rt.add_argument("--json", action="store_true", help="with --wait: the version, its status and the gate as JSON")
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")

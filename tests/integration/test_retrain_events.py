@@ -1,23 +1,28 @@
-"""A retrain's verdict is in the registry's history: the version the gate rejected has a `rejected` row in
-pgsynapse.model_events with the gate's reasons and the worker that decided (docs/operations.md says that row tells
-the offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will
-never get. Real Postgres, the real default model, the worker's own retrain job."""
+"""A retrain's verdict, where a person and the registry's history see it: `pgsynapse retrain --wait` prints the
+gate's sets and reasons (`--json` the gate itself), the version the gate rejected has a `rejected` row in
+pgsynapse.model_events with those reasons and the worker that decided (docs/operations.md says that row tells the
+offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will never
+get. Real Postgres, the real default model, the worker's own retrain job."""
 
 from __future__ import annotations
 
+import json
+
+import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgsynapse.learning.cli import queue_retrain, render_versions
+from pgsynapse.learning.cli import render_versions
 from pgsynapse.status import render, snapshot
+from tests.e2e.test_cli import pgsynapse
 from tests.e2e.test_learning import _pages, _questions
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_retrain_the_gate_rejects_is_an_event_with_its_reasons(db_url, models, tmp_path):
+async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reasons(db_url, models, tmp_path):
     pages = _pages()[:4]
     conn = await aconn(db_url)
     await conn.execute(
@@ -35,27 +40,42 @@ async def test_a_retrain_the_gate_rejects_is_an_event_with_its_reasons(db_url, m
             await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) SELECT %s, true, id"
                                " FROM pgsynapse.chunks WHERE document_id = %s ORDER BY ord LIMIT 1",
                                (qid, docs[pages[page]["id"]]))
-        with psycopg.connect(db_url, autocommit=True) as sync:
-            job = queue_retrain(sync)
-        await wait_until(conn, "SELECT status = 'done' FROM pgsynapse.jobs WHERE id = %s", (job,),
-                         channel="pgsynapse_models", timeout=300)
+        # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
+        waited = await anyio.to_thread.run_sync(lambda: pgsynapse("retrain", "--wait", url=db_url, timeout=300))
+        again = await anyio.to_thread.run_sync(
+            lambda: pgsynapse("retrain", "--wait", "--json", url=db_url, timeout=300))
         worker_id = worker.worker_id
-    version = await (await conn.execute(
+    assert waited.returncode == 0 and again.returncode == 0, waited.stderr[-2000:] + again.stderr[-2000:]
+    versions = (await (await conn.execute(
         "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
-    )).fetchone()
+        " ORDER BY id")).fetchall())
+    first, second = versions
+    jobs = [r["id"] for r in await (await conn.execute(
+        "SELECT id FROM pgsynapse.jobs WHERE kind = 'retrain' ORDER BY id")).fetchall()]
+    gate = first["gate"]
     # four pages, three questions about each: no group the gate could hold out, and no canary to check: rejected
-    assert version["status"] == "rejected" and version["gate"]["passed"] is False, version["gate"]
-    assert version["runtime_pending"] is False  # it never serves: no export will come
+    assert first["status"] == "rejected" and gate["passed"] is False, gate
+    assert gate["reasons"][0].startswith("no grouped hold-out"), gate["reasons"]
+    assert waited.stdout.splitlines() == [
+        f"retrain queued (job {jobs[0]})",
+        f"model version {first['id']}: rejected by its gate; the active version keeps serving",
+        f"  canary:   {gate['canary']['n']} questions in {gate['canary']['groups']} groups, score gain "
+        f"{gate['canary']['score']['gain']:+.3f} [{gate['canary']['score']['low']:+.3f}, "
+        f"{gate['canary']['score']['high']:+.3f}]",
+        *[f"  why: {reason}" for reason in gate["reasons"]]]
+    printed = json.loads(again.stdout.split("\n", 1)[1])
+    assert printed == {"job": jobs[1], "version": second["id"], "status": "rejected", "gate": second["gate"]}
+    assert first["runtime_pending"] is False  # it never serves: no export will come
     events = (await (await conn.execute(
         "SELECT event, reason, figures, actor FROM pgsynapse.model_events WHERE model_version_id = %s",
-        (version["id"],))).fetchall())
+        (first["id"],))).fetchall())
     assert [(e["event"], e["reason"], e["actor"]) for e in events] == [
-        ("rejected", "; ".join(version["gate"]["reasons"]), worker_id)]
-    assert events[0]["figures"] == {"job": job, "passed": False, "forced": False, "delta": version["gate"]["delta"]}
+        ("rejected", "; ".join(gate["reasons"]), worker_id)]
+    assert events[0]["figures"] == {"job": jobs[0], "passed": False, "forced": False, "delta": gate["delta"]}
     await conn.close()
     with psycopg.connect(db_url, row_factory=dict_row) as sync:
         listed = render_versions(sync)
         shown = render(snapshot(sync))
-    line = next(ln for ln in listed.splitlines() if ln.split()[:2] == [str(version["id"]), "rejected"])
+    line = next(ln for ln in listed.splitlines() if ln.split()[:2] == [str(first["id"]), "rejected"])
     assert "waiting for its runtime export" not in line, listed
-    assert f"v{version['id']}    rejected                 by {worker_id}: {version['gate']['reasons'][0]}" in shown, shown
+    assert f"v{first['id']}    rejected                 by {worker_id}: {gate['reasons'][0]}" in shown, shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -61,8 +62,12 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
                 return 0
             # the version this retrain registered (the one after the newest before it was queued)
             v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
-            print(f"model version {v['id']}: {v['status']}  {json.dumps(v['metrics'].get('gate'))}" if v else
-                  "the retrain registered no model version")
+            if args.json:
+                print(json.dumps({"job": job, "version": v and v["id"], "status": v and v["status"],
+                                  "gate": v and v["metrics"].get("gate")}, indent=2))
+            else:
+                print(render_gate(v["id"], v["status"], v["metrics"]["gate"]) if v else
+                      "the retrain registered no model version")
         return 0
     if args.command == "ab-report":
         report = ab_report(conn)
@@ -130,6 +135,27 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     for warning in row["warnings"]:
         print(f"pgsynapse: warning: {warning}", file=sys.stderr)
     return _follow(conn, v, args) if args.follow else 0
+
+
+def render_gate(version: int, status: str, gate: dict[str, Any]) -> str:
+    """A retrain's verdict for people: what became of the version, the gate's two sets (its score, hit@k + 0.5 x
+    reciprocal rank, candidate minus active, with the interval) and its reasons."""
+    if status == "rejected":
+        head = f"model version {version}: rejected by its gate; the active version keeps serving"
+    else:
+        forced = " (forced past it)" if gate.get("forced") else ""
+        head = (f"model version {version}: {status}, passed its gate{forced}; a running worker backfills it, then it "
+                "serves its A/B share of sessions (pgsynapse status shows the progress)")
+    lines = [head]
+    for name in ("heldout", "canary"):
+        part = gate.get(name)
+        if part:
+            sc = part["score"]
+            label = "hold-out" if name == "heldout" else "canary"
+            lines.append(f"  {label + ':':<10}{part['n']} questions in {part['groups']} groups, score gain "
+                         f"{sc['gain']:+.3f} [{sc['low']:+.3f}, {sc['high']:+.3f}]")
+    lines += [f"  why: {reason}" for reason in gate.get("reasons", [])]
+    return "\n".join(lines)
 
 
 def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
