@@ -374,3 +374,18 @@ def test_the_text_that_runs_is_checked_again(monkeypatch):
     refused("SELECT * FROM orders", "unsupported")
     monkeypatch.setattr(safety, "_qualify", lambda sql, start, end, refs: 'SELECT * FROM "public".regions')
     refused("SELECT * FROM orders", "unsupported")
+
+
+@pytest.mark.parametrize("sql,hint", [
+    ("SELECT month(o.shipped) FROM orders o", "month() is not PostgreSQL's (MySQL); PostgreSQL writes EXTRACT(MONTH FROM x)"),
+    ("SELECT ifnull(o.total, 0) FROM orders o", "ifnull() is not PostgreSQL's (MySQL); PostgreSQL writes coalesce(x, y)"),
+    ("SELECT group_concat(o.region) FROM orders o", "PostgreSQL writes string_agg(x, ',')"),
+    ("SELECT strftime('%Y', o.shipped) FROM orders o", "strftime() is not PostgreSQL's (SQLite); PostgreSQL writes to_char(x, 'YYYY')"),
+])
+def test_another_databases_function_is_refused_naming_postgresqls(sql, hint):
+    # small models write MySQL's or SQLite's functions: the refusal says what PostgreSQL calls it, so the reader
+    # (and a fix turn) knows the statement was not PostgreSQL rather than forbidden
+    message = refused(sql, "function")
+    assert message.startswith(f"refused: function {sql.split('(')[0].split()[-1]} is not allowed: "), message
+    assert hint in message, message
+    assert all(name not in ALLOWED_FUNCTIONS for name in safety.OTHER_DIALECTS)  # never a hint for an allowed one

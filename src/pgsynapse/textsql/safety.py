@@ -88,6 +88,23 @@ ALLOWED_FUNCTIONS: frozenset[str] = frozenset(" ".join(
     (_AGGREGATES, _WINDOW, _MATH, _STRING, _DATETIME, _ARRAY, _JSON, _RANGE_NET_TEXTSEARCH, _MISC)).split())
 
 TABLESAMPLE_METHODS = frozenset({"system", "bernoulli", "system_rows", "system_time"})
+
+# functions of other databases that small models write for PostgreSQL's: a refusal names the database and what
+# PostgreSQL writes instead, so it reads as "not PostgreSQL" rather than "forbidden" (none of them is allowed)
+OTHER_DIALECTS: dict[str, tuple[str, str]] = {
+    **{unit: ("MySQL", f"EXTRACT({unit.upper()} FROM x)") for unit in ("year", "month", "day", "hour", "minute")},
+    "dayofmonth": ("MySQL", "EXTRACT(DAY FROM x)"), "dayofweek": ("MySQL", "EXTRACT(DOW FROM x) + 1"),
+    "ifnull": ("MySQL", "coalesce(x, y)"), "nvl": ("Oracle", "coalesce(x, y)"), "isnull": ("SQL Server", "coalesce(x, y)"),
+    "group_concat": ("MySQL", "string_agg(x, ',')"), "curdate": ("MySQL", "current_date"),
+    "curtime": ("MySQL", "current_time"), "getdate": ("SQL Server", "now()"), "sysdate": ("Oracle", "now()"),
+    "datediff": ("MySQL", "a - b (dates) or EXTRACT(EPOCH FROM a - b) (timestamps)"),
+    "date_format": ("MySQL", "to_char(x, 'YYYY-MM-DD')"), "str_to_date": ("MySQL", "to_date(x, 'YYYY-MM-DD')"),
+    "date_sub": ("MySQL", "x - interval '1 day'"),
+    "strftime": ("SQLite", "to_char(x, 'YYYY')"), "julianday": ("SQLite", "EXTRACT(JULIAN FROM x)"),
+    "instr": ("MySQL", "strpos(s, t)"), "charindex": ("SQL Server", "strpos(s, t)"),
+    "ucase": ("MySQL", "upper(x)"), "lcase": ("MySQL", "lower(x)"), "len": ("SQL Server", "length(x)"),
+    "rand": ("MySQL", "random()"), "iif": ("SQL Server", "CASE WHEN c THEN a ELSE b END"),
+}
 REFUSED_TYPES = frozenset({"regclass", "regcollation", "regconfig", "regdictionary", "regnamespace", "regoper",
                            "regoperator", "regproc", "regprocedure", "regrole", "regtype", "aclitem"})
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
@@ -387,7 +404,9 @@ class _Checker:
         else:
             name = None
         if name not in ALLOWED_FUNCTIONS:
-            raise UnsafeSQL("function", f"refused: function {_dotted(names)} is not allowed")
+            other = OTHER_DIALECTS.get(name or "")
+            hint = f": {name}() is not PostgreSQL's ({other[0]}); PostgreSQL writes {other[1]}" if other else ""
+            raise UnsafeSQL("function", f"refused: function {_dotted(names)} is not allowed{hint}")
 
     @staticmethod
     def _operator(names: list[str]) -> None:
