@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pgsynapse.artifacts import drop_weights
 from pgsynapse.config import Settings
 from pgsynapse.errors import RegistryError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
@@ -197,5 +198,8 @@ class RetrainHandler(Handler[RetrainWork]):
                      confidence=verdict_["confidence"], reasons=verdict_["reasons"])
             log.info("retrain_registered", version=version, status=status, gate_delta=verdict_["delta"],
                      candidate=metrics.get("candidate"), active=metrics.get("active"))
+            if not passed:  # it never serves or trains again: its record stays, its weights go
+                log.info("rejected_weights_deleted", version=version, path=res["path"],
+                         freed_mb=round(drop_weights(res["path"], s.data_dir) / 2**20, 1))
             report.written.append(o.job.id)
         return report

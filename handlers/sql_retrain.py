@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pgsynapse.artifacts import drop_weights
 from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
 from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
@@ -159,6 +160,9 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                      traffic_percent=traffic, passed=verdict["passed"], forced=res["force"],
                      candidate=verdict["candidate"], active=verdict["active"], delta=verdict["delta"],
                      heldout=verdict["heldout"], reasons=verdict["reasons"])
+            if status == "rejected":  # it never serves: its record stays, its weights go
+                log.info("rejected_weights_deleted", sql_model=row["id"], path=res["path"],  # type: ignore[index]
+                         freed_mb=round(drop_weights(res["path"], s.data_dir) / 2**20, 1))
             report.written.append(o.job.id)
         return report
 

