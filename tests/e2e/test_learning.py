@@ -49,6 +49,18 @@ def _questions(pages: list[dict]) -> list[tuple[str, int]]:
     return qs
 
 
+async def _helpful_feedback(conn: psycopg.AsyncConnection, pages: list[dict]) -> None:
+    """Each of :func:`_questions`' questions asked (answered) and marked helpful on its page's first chunk."""
+    docs = {r["source"]: r["id"] for r in await (await conn.execute(
+        "SELECT id, source FROM pgsynapse.documents")).fetchall()}
+    for text, page in _questions(pages):
+        qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text, status) VALUES (%s, 'answered')"
+                                         " RETURNING id", (text,))).fetchone())["id"]
+        await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) SELECT %s, true, id"
+                           " FROM pgsynapse.chunks WHERE document_id = %s ORDER BY ord LIMIT 1",
+                           (qid, docs[pages[page]["id"]]))
+
+
 LEARN_ENV = {
     "PGSYNAPSE_KINDS": "embed,answer,retrain,backfill",
     "PGSYNAPSE_RETRAIN_SYNTHETIC_PAIRS": "0",

@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from pgsynapse.learning.cli import render_versions
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
-from tests.e2e.test_learning import _pages, _questions
+from tests.e2e.test_learning import _helpful_feedback, _pages
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -33,14 +33,7 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
                              retrain_synthetic_pairs=0, retrain_batch_size=8)
     async with running_worker(settings, models) as worker:
         await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
-        docs = {r["source"]: r["id"] for r in await (await conn.execute(
-            "SELECT id, source FROM pgsynapse.documents")).fetchall()}
-        for text, page in _questions(pages):
-            qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text, status) VALUES (%s, 'answered')"
-                                             " RETURNING id", (text,))).fetchone())["id"]
-            await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) SELECT %s, true, id"
-                               " FROM pgsynapse.chunks WHERE document_id = %s ORDER BY ord LIMIT 1",
-                               (qid, docs[pages[page]["id"]]))
+        await _helpful_feedback(conn, pages)
         # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
         waited = await anyio.to_thread.run_sync(lambda: pgsynapse("retrain", "--wait", url=db_url, timeout=300))
         again = await anyio.to_thread.run_sync(

@@ -19,7 +19,7 @@ from pgsynapse.handlers.retrain import RetrainHandler, find_teacher
 from pgsynapse.learning.registry import add_model
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import teacher_path
-from tests.e2e.test_learning import _pages, _questions
+from tests.e2e.test_learning import _helpful_feedback, _pages
 from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
@@ -42,14 +42,7 @@ async def _corpus_with_feedback(db_url: str, models, tmp_path) -> int:
                                 serving_runtime="torch")["id"]
         await wait_until(conn, "SELECT backfilled_at IS NOT NULL FROM pgsynapse.model_versions WHERE id = %s",
                          (teacher,), channel="pgsynapse_models")
-    docs = {r["source"]: r["id"] for r in await (await conn.execute(
-        "SELECT id, source FROM pgsynapse.documents")).fetchall()}
-    for text, page in _questions(pages):
-        qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text, status) VALUES (%s, 'answered')"
-                                         " RETURNING id", (text,))).fetchone())["id"]
-        await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) SELECT %s, true, id"
-                           " FROM pgsynapse.chunks WHERE document_id = %s ORDER BY ord LIMIT 1",
-                           (qid, docs[pages[page]["id"]]))
+    await _helpful_feedback(conn, pages)
     await conn.close()
     return teacher
 
