@@ -52,6 +52,9 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
         raise DatabaseError("no active model version" if version is None else f"no model version {version}")
     if row["status"] == "retired":
         raise RegistryError(f"model version {version} is retired: its vectors are gone")
+    if row["status"] == "rejected" and row.get("backfilled_at") is None:
+        raise RegistryError(f"model version {version} was rejected by its gate: it has no vectors of its own (its "
+                            "metrics say why; pgsynapse retire it)")
     if row["status"] != "active" and row.get("backfilled_at") is None:
         # a search over some of the chunks would look like bad recall: never show a half-built version
         raise RegistryError(f"model version {version} is still backfilling (pgsynapse status shows its progress)")

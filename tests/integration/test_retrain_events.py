@@ -14,7 +14,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgsynapse.errors import RegistryError
 from pgsynapse.learning.cli import render_versions
+from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
 from tests.e2e.test_learning import _helpful_feedback, _pages
@@ -66,6 +68,10 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
                                                (v["id"],))).fetchone())["artifact_path"])
         assert path.is_relative_to(tmp_path / "data" / "models") and (path / "metrics.json").is_file()
         assert (path / "config.json").is_file() and not list(path.rglob("*.safetensors")), sorted(path.rglob("*"))
+    # and nothing can search with it: it was never backfilled, and not because it is still on its way
+    with pytest.raises(RegistryError, match=f"^model version {first['id']} was rejected by its gate: it has no "
+                       "vectors of its own"):
+        await version_row(conn, first["id"])
     events = (await (await conn.execute(
         "SELECT event, reason, figures, actor FROM pgsynapse.model_events WHERE model_version_id = %s",
         (first["id"],))).fetchall())
