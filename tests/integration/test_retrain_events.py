@@ -14,7 +14,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgsynapse.errors import RegistryError
+from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.export import run_export
 from pgsynapse.learning.cli import render_versions
 from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
@@ -72,6 +73,10 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
     with pytest.raises(RegistryError, match=f"^model version {first['id']} was rejected by its gate: it has no "
                        "vectors of its own"):
         await version_row(conn, first["id"])
+    # nor export it: a new candidate from it would bypass its gate (and its weights are gone)
+    with pytest.raises(ModelError, match=f"^model version {first['id']} is rejected: export the active version or a "
+                       "candidate"):
+        run_export(settings, "onnx", version=first["id"])
     events = (await (await conn.execute(
         "SELECT event, reason, figures, actor FROM pgsynapse.model_events WHERE model_version_id = %s",
         (first["id"],))).fetchall())

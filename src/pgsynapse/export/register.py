@@ -74,6 +74,9 @@ def run_export(
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None:
             raise ModelError("no active model version" if version is None else f"no model version {version}")
+        if row["status"] == "rejected":  # and a gate's reject has no weights left (handlers/retrain.py)
+            raise ModelError(f"model version {version} is rejected: export the active version or a candidate (a "
+                             "new version from a rejected one would bypass the gate that rejected it)")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
             raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
