@@ -377,10 +377,13 @@ def test_the_text_that_runs_is_checked_again(monkeypatch):
 
 
 @pytest.mark.parametrize("sql,hint", [
-    ("SELECT month(o.shipped) FROM orders o", "month() is not PostgreSQL's (MySQL); PostgreSQL writes EXTRACT(MONTH FROM x)"),
-    ("SELECT ifnull(o.total, 0) FROM orders o", "ifnull() is not PostgreSQL's (MySQL); PostgreSQL writes coalesce(x, y)"),
+    ("SELECT month(o.shipped) FROM orders o",
+     "month() is not PostgreSQL's (MySQL); PostgreSQL writes EXTRACT(MONTH FROM x)"),
+    ("SELECT ifnull(o.total, 0) FROM orders o",
+     "ifnull() is not PostgreSQL's (MySQL); PostgreSQL writes coalesce(x, y)"),
     ("SELECT group_concat(o.region) FROM orders o", "PostgreSQL writes string_agg(x, ',')"),
-    ("SELECT strftime('%Y', o.shipped) FROM orders o", "strftime() is not PostgreSQL's (SQLite); PostgreSQL writes to_char(x, 'YYYY')"),
+    ("SELECT strftime('%Y', o.shipped) FROM orders o",
+     "strftime() is not PostgreSQL's (SQLite); PostgreSQL writes to_char(x, 'YYYY')"),
 ])
 def test_another_databases_function_is_refused_naming_postgresqls(sql, hint):
     # small models write MySQL's or SQLite's functions: the refusal says what PostgreSQL calls it, so the reader

@@ -94,7 +94,8 @@ TABLESAMPLE_METHODS = frozenset({"system", "bernoulli", "system_rows", "system_t
 OTHER_DIALECTS: dict[str, tuple[str, str]] = {
     **{unit: ("MySQL", f"EXTRACT({unit.upper()} FROM x)") for unit in ("year", "month", "day", "hour", "minute")},
     "dayofmonth": ("MySQL", "EXTRACT(DAY FROM x)"), "dayofweek": ("MySQL", "EXTRACT(DOW FROM x) + 1"),
-    "ifnull": ("MySQL", "coalesce(x, y)"), "nvl": ("Oracle", "coalesce(x, y)"), "isnull": ("SQL Server", "coalesce(x, y)"),
+    "ifnull": ("MySQL", "coalesce(x, y)"), "nvl": ("Oracle", "coalesce(x, y)"),
+    "isnull": ("SQL Server", "coalesce(x, y)"),
     "group_concat": ("MySQL", "string_agg(x, ',')"), "curdate": ("MySQL", "current_date"),
     "curtime": ("MySQL", "current_time"), "getdate": ("SQL Server", "now()"), "sysdate": ("Oracle", "now()"),
     "datediff": ("MySQL", "a - b (dates) or EXTRACT(EPOCH FROM a - b) (timestamps)"),
@@ -105,6 +106,7 @@ OTHER_DIALECTS: dict[str, tuple[str, str]] = {
     "ucase": ("MySQL", "upper(x)"), "lcase": ("MySQL", "lower(x)"), "len": ("SQL Server", "length(x)"),
     "rand": ("MySQL", "random()"), "iif": ("SQL Server", "CASE WHEN c THEN a ELSE b END"),
 }
+
 REFUSED_TYPES = frozenset({"regclass", "regcollation", "regconfig", "regdictionary", "regnamespace", "regoper",
                            "regoperator", "regproc", "regprocedure", "regrole", "regtype", "aclitem"})
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
