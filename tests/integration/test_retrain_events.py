@@ -1,5 +1,5 @@
 """A retrain's verdict, where a person and the registry's history see it: `pgsynapse retrain --wait` prints the
-gate's sets and reasons (`--json` the gate itself), the version the gate rejected has a `rejected` row in
+gate's sets and reasons (`--json` the gate itself; a retrain already pending is the one it waits for), the version the gate rejected has a `rejected` row in
 pgsynapse.model_events with those reasons and the worker that decided (docs/operations.md says that row tells the
 offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will never
 get: its weights are deleted, its metrics kept. Real Postgres, the real default model, the worker's own retrain job."""
@@ -7,6 +7,9 @@ get: its weights are deleted, its metrics kept. Real Postgres, the real default 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -16,7 +19,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import run_export
-from pgsynapse.learning.cli import render_versions
+from pgsynapse.learning.cli import queue_retrain, render_versions
 from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
@@ -39,10 +42,20 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         await _helpful_feedback(conn, pages)
         # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
         waited = await anyio.to_thread.run_sync(lambda: pgsynapse("retrain", "--wait", url=db_url, timeout=300))
-        again = await anyio.to_thread.run_sync(
-            lambda: pgsynapse("retrain", "--wait", "--json", url=db_url, timeout=300))
         worker_id = worker.worker_id
-    assert waited.returncode == 0 and again.returncode == 0, waited.stderr[-2000:] + again.stderr[-2000:]
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    # a retrain already queued (by the feedback threshold, say) while no worker runs: --wait waits for that one
+    with psycopg.connect(db_url, autocommit=True) as sync:
+        pending = queue_retrain(sync)
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", "retrain", "--wait", "--json"], env=env, cwd="/tmp",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
+        assert cli.stdout is not None
+        first_line = await anyio.to_thread.run_sync(cli.stdout.readline)  # said before any worker could claim it
+        assert first_line == f"a retrain is already pending (job {pending}): waiting for it\n", first_line
+        async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
+            rest, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
+    assert cli.returncode == 0, err[-2000:]
     versions = (await (await conn.execute(
         "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
         " ORDER BY id")).fetchall())
@@ -60,8 +73,8 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         f"{gate['canary']['score']['gain']:+.3f} [{gate['canary']['score']['low']:+.3f}, "
         f"{gate['canary']['score']['high']:+.3f}]",
         *[f"  why: {reason}" for reason in gate["reasons"]]]
-    printed = json.loads(again.stdout.split("\n", 1)[1])
-    assert printed == {"job": jobs[1], "version": second["id"], "status": "rejected", "gate": second["gate"]}
+    assert jobs[1] == pending and json.loads(rest) == {
+        "job": pending, "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
     # nor does it load again: its weights are deleted (88 MB a retrain for this model), its metrics.json kept
     for v in versions:

@@ -45,7 +45,12 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
         newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
         job = queue_retrain(conn)
-        print(f"retrain queued (job {job})" if job else "a retrain is already pending")
+        if job:
+            print(f"retrain queued (job {job})")
+        else:  # queued earlier (by the feedback threshold, or a command): --wait waits for that one
+            job = conn.execute(q("unfinished_retrain", "learning.sql")).fetchone()["id"]  # None: it just ended
+            print(f"a retrain is already pending (job {job})" + (": waiting for it" if args.wait else "") if job
+                  else "a retrain was already pending", flush=True)
         if args.wait and job:
             conn.execute("LISTEN pgsynapse_jobs")
             while True:
