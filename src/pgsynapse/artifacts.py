@@ -57,6 +57,16 @@ def inside_models_root(path: str | Path, data_dir: str | Path) -> bool:
     return target != root and target.is_relative_to(root)
 
 
+def _may_delete(path: str | Path, data_dir: str | Path, *, named: str | Path | None = None) -> bool:
+    """Whether ``path`` lies inside ``DATA_DIR/models``, where the database may name what is deleted; else the
+    refusal is logged, naming ``named`` (the path as it was given, default ``path``) and what it resolves to."""
+    if inside_models_root(path, data_dir):
+        return True
+    log.warning("artifact_delete_refused", path=str(named or path), resolved=str(Path(path).expanduser().resolve()),
+                models_root=str(models_root(data_dir)), reason="not inside the models folder")
+    return False
+
+
 # the files that hold a model's weights (sentence-transformers, transformers, torch, ONNX, GGUF), whatever their names
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf"})
 
@@ -67,9 +77,7 @@ def drop_weights(path: str | Path, data_dir: str | Path) -> int:
     version that will never load again, its record without its bulk. Returns the bytes freed (0 when refused)."""
     target = Path(path).expanduser().resolve()
     folder = target if target.is_dir() else target.parent
-    if not inside_models_root(folder, data_dir):
-        log.warning("artifact_delete_refused", path=str(path), resolved=str(folder),
-                    models_root=str(models_root(data_dir)), reason="not inside the models folder")
+    if not _may_delete(folder, data_dir, named=path):
         return 0
     freed = 0
     for f in folder.rglob("*"):
@@ -83,9 +91,7 @@ def remove_artifact_dir(path: str | Path, data_dir: str | Path) -> bool:
     """Delete the artifact directory ``path`` if it lies inside ``DATA_DIR/models``; else refuse and keep it.
 
     Returns whether it was deleted (or was already absent)."""
-    if not inside_models_root(path, data_dir):
-        log.warning("artifact_delete_refused", path=str(path), resolved=str(Path(path).expanduser().resolve()),
-                    models_root=str(models_root(data_dir)), reason="not inside the models folder")
+    if not _may_delete(path, data_dir):
         return False
     shutil.rmtree(Path(path).expanduser().resolve(), ignore_errors=True)
     return True
