@@ -48,9 +48,11 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         if job:
             print(f"retrain queued (job {job})")
         else:  # queued earlier (by the feedback threshold, or a command): --wait waits for that one
-            job = conn.execute(q("unfinished_retrain", "learning.sql")).fetchone()["id"]  # None: it just ended
-            print(f"a retrain is already pending (job {job})" + (": waiting for it" if args.wait else "") if job
-                  else "a retrain was already pending", flush=True)
+            job = conn.execute(q("unfinished_retrain", "learning.sql")).fetchone()["id"]
+            if job is None:  # it ended between the two statements
+                print("a retrain was already pending", flush=True)
+            else:
+                print(f"a retrain is already pending (job {job}){': waiting for it' if args.wait else ''}", flush=True)
         if args.wait and job:
             conn.execute("LISTEN pgsynapse_jobs")
             while True:
