@@ -1,8 +1,9 @@
 """A retrain's verdict, where a person and the registry's history see it: `pgsynapse retrain --wait` prints the
-gate's sets and reasons (`--json` the gate itself; a retrain already pending is the one it waits for), the version the gate rejected has a `rejected` row in
-pgsynapse.model_events with those reasons and the worker that decided (docs/operations.md says that row tells the
-offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will never
-get: its weights are deleted, its metrics kept. Real Postgres, the real default model, the worker's own retrain job."""
+gate's sets and reasons (`--json` the gate itself; a retrain already pending is the one it waits for), the version
+the gate rejected has a `rejected` row in pgsynapse.model_events with those reasons and the worker that decided
+(docs/operations.md says that row tells the offline gate's rejection from the A/B test's), and it is not listed as
+waiting for a runtime export it will never get: its weights are deleted, its metrics kept. Real Postgres, the real
+default model, the worker's own retrain job."""
 
 from __future__ import annotations
 
