@@ -84,6 +84,7 @@ class IngestReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path as found, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
     images: int = 0  # image files inserted
+    images_linked: int = 0  # stored before the document beside them, linked to it now
     images_unchanged: int = 0
     image_hashes: list[str] = field(default_factory=list)
     embedded: int | None = None  # set by follow
@@ -98,8 +99,9 @@ class IngestReport:
         if self.same_source:
             lines.append(f"{self.same_source} inserted file(s) have the source of a stored document with other "
                          "content: both versions are kept (--replace updates the stored one instead)")
-        if self.images or self.images_unchanged:
-            lines.append(f"images: {self.images} inserted, {self.images_unchanged} unchanged")
+        if self.images or self.images_linked or self.images_unchanged:
+            linked = f", {self.images_linked} linked to a document" if self.images_linked else ""
+            lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged")
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
             if items:
                 lines.append(f"{title}:")
@@ -222,7 +224,7 @@ def ingest(
         _flush_images(conn, images, doc_sources, report)
     log.info("ingest_finished", files=report.files, inserted=report.inserted, replaced=report.replaced,
              unchanged=report.unchanged,
-             images=report.images, images_unchanged=report.images_unchanged,
+             images=report.images, images_linked=report.images_linked, images_unchanged=report.images_unchanged,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
 
@@ -235,9 +237,10 @@ def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
 
 
 def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:
-    inserted, unchanged, hashes = flush_images(conn, images, doc_sources)
-    report.images += inserted
-    report.images_unchanged += unchanged
+    done, hashes = flush_images(conn, images, doc_sources)
+    report.images += done.inserted
+    report.images_linked += done.linked
+    report.images_unchanged += done.unchanged
     report.image_hashes += hashes
 
 

@@ -242,3 +242,31 @@ def test_replace_from_the_command_line(db_url, tmp_path):
     assert out.returncode == 0 and "1 file(s): 0 inserted, 1 replaced, 0 unchanged" in out.stdout, out.stdout + out.stderr
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall() == [("page.md", "# Page\n\nSecond version.")]
+
+
+def test_the_same_picture_beside_two_documents_is_linked_to_both_and_a_later_document_links_it(db_url, tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    picture = png_bytes(coloured_image("red", seed=4))
+    (root / "backup-diagram.png").write_bytes(picture)
+    (root / "restore-diagram.png").write_bytes(picture)  # the same bytes, beside another page
+    (root / "wal.png").write_bytes(png_bytes(coloured_image("blue", seed=5)))  # no page beside it yet
+    (root / "backup.md").write_text("# Backup\n\npg_basebackup copies a running cluster.\n")
+    (root / "restore.md").write_text("# Restore\n\nA base backup is restored by copying it back.\n")
+    links = ("SELECT i.source, d.source FROM pgsynapse.images i"
+             " LEFT JOIN pgsynapse.documents d ON d.id = i.document_id ORDER BY i.id")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        first = ingest(conn, [root], progress=False)
+        assert (first.images, first.images_unchanged) == (3, 0)
+        assert conn.execute(links).fetchall() == [
+            ("backup-diagram.png", "backup.md"), ("restore-diagram.png", "restore.md"), ("wal.png", None)]
+
+        # the page written later: its picture, stored unlinked, is linked (not stored twice); the rest unchanged
+        (root / "wal.md").write_text("# WAL\n\nThe write-ahead log records every change.\n")
+        second = ingest(conn, [root], progress=False)
+        assert (second.images, second.images_linked, second.images_unchanged) == (0, 1, 2)
+        assert "images: 0 inserted, 1 linked to a document, 2 unchanged" in second.summary()
+        assert conn.execute(links).fetchall() == [
+            ("backup-diagram.png", "backup.md"), ("restore-diagram.png", "restore.md"), ("wal.png", "wal.md")]
+        third = ingest(conn, [root], progress=False)
+        assert (third.images, third.images_linked, third.images_unchanged) == (0, 0, 3)

@@ -1,9 +1,10 @@
 """The image half of ``pgsynapse ingest``: png, jpeg and webp files beside the documents.
 
-An image is stored by its bytes (``images.data``, so the worker needs no access to the files), idempotent by
-content (``md5(data)``, the table's ``content_hash``), and linked to the document it sits beside: the document
-file in the same directory whose name (without extension) is the image's, or a prefix of it followed by ``-``,
-``_`` or ``.`` (``guide.md`` <- ``guide.png``, ``guide-1.webp``, ``guide_fig2.jpg``); the longest such name wins.
+An image is stored by its bytes (``images.data``, so the worker needs no access to the files) and linked to the
+document it sits beside: the document file in the same directory whose name (without extension) is the image's,
+or a prefix of it followed by ``-``, ``_`` or ``.`` (``guide.md`` <- ``guide.png``, ``guide-1.webp``,
+``guide_fig2.jpg``); the longest such name wins. Idempotent by content (``md5(data)``, the table's
+``content_hash``) and link: the same picture beside two documents is stored for each (:func:`flush_images`).
 The worker checks the content (type, size, dimensions); ingest only refuses files over ``max_image_bytes``.
 """
 
@@ -52,27 +53,46 @@ def document_for(image_source: str, document_sources: set[str]) -> str | None:
     return best
 
 
-def flush_images(conn: psycopg.Connection, images: list[FileImage], document_sources: set[str]) -> tuple[int, int, list[str]]:
-    """Insert the images not stored yet (one COPY: one trigger run, one NOTIFY). Returns (inserted, unchanged,
-    hashes of them all)."""
+@dataclass
+class ImageFlush:
+    inserted: int = 0
+    linked: int = 0  # stored before the document beside them was, linked to it now
+    unchanged: int = 0
+
+
+def flush_images(conn: psycopg.Connection, images: list[FileImage], document_sources: set[str]) -> tuple[ImageFlush, list[str]]:
+    """Store the images not stored yet (one COPY: one trigger run, one NOTIFY); returns the counts and the hashes of
+    them all. An image is stored when no row has its content and the document it sits beside: the same picture
+    beside two documents is a row for each, and an image stored unlinked, of the same source, is linked to the
+    document written beside it since (an UPDATE of the link alone: it is not embedded again)."""
+    done = ImageFlush()
     if not images:
-        return 0, 0, []
+        return done, []
     cur = conn.cursor(row_factory=tuple_row)
     hashes = [im.content_hash for im in images]
     with conn.transaction():
         conn.execute(q("ingest_lock", "ops.sql"))
-        seen = {r[0] for r in cur.execute(q("existing_image_hashes", "images.sql"), {"hashes": hashes})}
-        new = []
-        for im, h in zip(images, hashes, strict=True):
-            if h not in seen:
-                seen.add(h)
-                new.append(im)
-        linked = {im.source: document_for(im.source, document_sources) for im in new}
-        wanted = sorted({s for s in linked.values() if s})
+        stored = cur.execute(q("stored_images_by_hash", "images.sql"), {"hashes": hashes}).fetchall()
+        beside = {im.source: document_for(im.source, document_sources) for im in images}
+        wanted = sorted({s for s in beside.values() if s})
         doc_ids = dict(cur.execute(q("documents_by_source", "images.sql"), {"sources": wanted}).fetchall()) if wanted else {}
+        have = {(h, doc) for _, h, _, doc in stored}
+        unlinked = {(h, src): image_id for image_id, h, src, doc in stored if doc is None}
+        new: list[tuple[FileImage, int | None]] = []
+        for im, h in zip(images, hashes, strict=True):
+            doc = doc_ids.get(beside[im.source])
+            if (h, doc) in have:
+                done.unchanged += 1
+                continue
+            have.add((h, doc))
+            if doc is not None and (image_id := unlinked.pop((h, im.source), None)) is not None:
+                cur.execute(q("link_image", "images.sql"), {"id": image_id, "document_id": doc})
+                done.linked += 1
+            else:
+                new.append((im, doc))
         if new:
             with conn.cursor().copy(q("copy_images", "images.sql")) as copy:
-                for im in new:
-                    copy.write_row((im.data, im.source, im.mime_type, doc_ids.get(linked[im.source]),
-                                    json.dumps({"bytes": len(im.data)})))
-    return len(new), len(images) - len(new), hashes
+                for im, doc in new:
+                    copy.write_row((im.data, im.source, im.mime_type, doc, json.dumps({"bytes": len(im.data)})))
+        done.inserted = len(new)
+    return done, hashes

@@ -130,9 +130,13 @@ FROM (SELECT id, document_id, caption, mime_type, width, height, coalesce(path, 
 WHERE n <= %(per_document)s
 ORDER BY document_id, id;
 
--- name: existing_image_hashes
--- Ingest's idempotency check for images: which of these contents are already stored.
-SELECT DISTINCT content_hash FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
+-- name: stored_images_by_hash
+-- Ingest's idempotency check for images: the stored rows of these contents, with their source and document.
+SELECT id, content_hash, source, document_id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s) ORDER BY id;
+
+-- name: link_image
+-- Ingest: an image stored before its document was, linked to it now (its content is unchanged: nothing is queued).
+UPDATE pgsynapse.images SET document_id = %(document_id)s WHERE id = %(id)s;
 
 -- name: documents_by_source
 -- The newest document of each source (an image is linked to the document it sits beside).
