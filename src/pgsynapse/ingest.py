@@ -12,7 +12,7 @@ COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: eve
 Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
 cannot be read as text (binary, not UTF-8, corrupt PDF, empty), a link to a missing file and a pipe or socket are
 skipped with their reason, never a crash or a wait.
-Images (png, jpeg, webp) go to ``pgsynapse.images``, linked to the document beside them
+Images (png, jpeg, webp, gif, bmp) go to ``pgsynapse.images``, linked to the document beside them
 (:mod:`pgsynapse.images.ingest`).
 """
 

@@ -184,21 +184,26 @@ async def test_images_beside_documents_are_ingested_linked_and_embedded(db_url, 
     (tree / "guide" / "vacuum-diagram.png").write_bytes(png_bytes(coloured_image("red", seed=1)))
     (tree / "guide" / "unrelated.webp").write_bytes(png_bytes(coloured_image("blue", seed=2), fmt="WEBP"))
     (tree / "guide" / "photo.jpg").write_bytes(png_bytes(coloured_image("green", seed=3), fmt="JPEG"))
+    # the worker decodes GIF and BMP too: ingest skipped them as "unsupported file type"
+    (tree / "guide" / "vacuum-anim.gif").write_bytes(png_bytes(coloured_image("red", seed=6), fmt="GIF"))
+    (tree / "guide" / "index.bmp").write_bytes(png_bytes(coloured_image("blue", seed=7), fmt="BMP"))
     with psycopg.connect(db_url, autocommit=True) as conn:
         registry.add(conn, tiny_clip_path)
     async with running_worker(fast_settings(db_url, kinds=("embed", "embed_image")), models):
         def go():
             with psycopg.connect(db_url, autocommit=True) as conn:
                 report = ingest(conn, [tree / "guide"], progress=False)
-                assert (report.inserted, report.images) == (2, 3)
+                assert (report.inserted, report.images, report.skipped) == (2, 5, [])
                 return follow(conn, report, progress=False, timeout=120)
 
         report = await anyio.to_thread.run_sync(go)
-    assert (report.images_embedded, report.images_failed) == (3, 0)
+    assert (report.images_embedded, report.images_failed) == (5, 0)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        rows = dict(conn.execute("SELECT i.source, d.source FROM pgsynapse.images i"
-                                 " LEFT JOIN pgsynapse.documents d ON d.id = i.document_id").fetchall())
-    assert rows == {"vacuum-diagram.png": "vacuum.md", "unrelated.webp": None, "photo.jpg": None}
+        rows = {r[0]: r[1:] for r in conn.execute("SELECT i.source, d.source, i.mime_type FROM pgsynapse.images i"
+                                                  " LEFT JOIN pgsynapse.documents d ON d.id = i.document_id")}
+    assert rows == {"vacuum-diagram.png": ("vacuum.md", "image/png"), "unrelated.webp": (None, "image/webp"),
+                    "photo.jpg": (None, "image/jpeg"), "vacuum-anim.gif": ("vacuum.md", "image/gif"),
+                    "index.bmp": ("index.html", "image/bmp")}
 
 
 @pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""The image half of ``pgsynapse ingest``: png, jpeg and webp files beside the documents.
+"""The image half of ``pgsynapse ingest``: png, jpeg, webp, gif and bmp files beside the documents.
 
 An image is stored by its bytes (``images.data``, so the worker needs no access to the files) and linked to the
 document it sits beside: the document file in the same directory whose name (without extension) is the image's,
