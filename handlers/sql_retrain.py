@@ -3,7 +3,7 @@
 model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models``.
 
 - Skipped unless ``sql_retrain_min_corrections`` corrections are new (``trained_in_model`` NULL; payload
-  ``{"force": true}`` runs it anyway). Every correction the run read is marked with the registered model,
+  ``{"now": true}``, as ``pgsynapse sql-model retrain`` queues it, or ``{"force": true}`` runs it anyway). Every correction the run read is marked with the registered model,
   whatever its verdict, so a rejected run is not repeated on the same corrections.
 - The candidate is fine-tuned from the root of the active model's lineage (the model it, or its own base, was
   fine-tuned from; the settings' model when no row is active) on every correction so far: fine-tunes never stack.
@@ -48,7 +48,8 @@ class SqlRetrainWork:
     active: dict[str, Any] | None  # the active sql_models row (None: the settings' model serves)
     base: dict[str, Any] | None  # the row fine-tuned from: the root of the active's lineage (None: settings' model)
     new: int  # corrections since the last SQL retrain
-    force: bool
+    force: bool  # registered even if it fails its gate (and run whatever the threshold)
+    now: bool = False  # asked for by a command: run whatever the threshold
 
 
 class SqlRetrainHandler(Handler[SqlRetrainWork]):
@@ -72,12 +73,13 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                 break
             base = await _one(conn, REGISTRY.sql("model_by_id"), {"id": base["base_id"]})
         new = (await _one(conn, q("new_sql_corrections", FILE)))["n"]  # type: ignore[index]
-        return [SqlRetrainWork(j, active, base, new, bool(j.payload.get("force"))) for j in jobs], []
+        return [SqlRetrainWork(j, active, base, new, bool(j.payload.get("force")), bool(j.payload.get("now")))
+                for j in jobs], []
 
     def compute(self, work: list[SqlRetrainWork]) -> list[Outcome]:
         out = []
         for w in work:
-            if not w.force and w.new < self.settings.sql_retrain_min_corrections:
+            if not (w.force or w.now) and w.new < self.settings.sql_retrain_min_corrections:
                 out.append(Outcome(w.job, skip_reason=f"only {w.new} new corrections "
                                                       f"(sql_retrain_min_corrections = {self.settings.sql_retrain_min_corrections})"))
                 continue

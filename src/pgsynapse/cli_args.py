@@ -213,8 +213,12 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
                            add_help="register a local SQL model (directory, .gguf file or preset)",
                            runtimes=["transformers", "llama-cpp", "openai"],
                            rollback_help="re-activate the SQL model the active one replaced")
-    rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now (the worker runs it)")
+    rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now, whatever "
+                         "sql_retrain_min_corrections (the worker runs it)")
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
+    rr.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
+                    "verdict")
+    rr.add_argument("--json", action="store_true", help="with --wait: the SQL model, its status and the gate as JSON")
 
 
 def _ranker_parser(sub: argparse._SubParsersAction) -> None:

@@ -14,7 +14,9 @@ corrections, would rightly pass it.)"""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import json
 from pathlib import Path
 
 import anyio
@@ -24,12 +26,15 @@ import torch
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Job, Outcome
 from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
 from pgsynapse.textsql import train
 from pgsynapse.textsql.context import schema_context
+from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
-from tests.helpers import aconn, drop_database, fast_settings, with_db
+from tests.e2e.test_cli import pgsynapse
+from tests.helpers import aconn, drop_database, fast_settings, running_worker, with_db
 from tests.sql_models import tiny_sql_model
 
 COUNT, TOTAL, LARGEST = ("SELECT count(*) FROM orders", "SELECT sum(amount) FROM orders",
@@ -188,3 +193,43 @@ async def test_the_memory_guard_stops_the_trainer_with_a_clear_error(db_url, tmp
     outcome = await _run(SqlRetrainHandler(_settings(db_url, tmp_path, base_model, sql_retrain_memory_mb=256)), db_url)
     assert outcome.error == "TrainingFailed: training exceeded its memory budget of 256 MB and was stopped"
     assert outcome.retry is False and _models(db_url) == []
+
+
+def _retrain_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"sql_model_command": "retrain", "force": False, "wait": True, "json": False, **kw})
+
+
+@pytest.mark.anyio
+async def test_sql_model_retrain_runs_now_waits_for_the_worker_and_prints_the_verdict(
+        db_url, tmp_path, base_model, models):
+    # 15 corrections, under the default threshold (50): the command asks for a retrain now, and the worker runs it
+    # (it skipped the job, "only 15 new corrections", and the command had no --wait to say so)
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=False)
+    settings = _settings(db_url, tmp_path, base_model, sql_retrain_min_corrections=50, kinds=("sql_retrain",))
+    async with running_worker(settings, models):
+        # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
+        done = await anyio.to_thread.run_sync(lambda: pgsynapse("sql-model", "retrain", "--wait", "--json", url=db_url,
+                                                                timeout=300))
+    queued, _, rest = done.stdout.partition("\n")
+    [model] = _models(db_url)
+    assert done.returncode == 0 and queued.startswith("sql_retrain queued (job ") and queued.endswith(")"), queued
+    printed = json.loads(rest)
+    assert printed == {"job": int(queued.split("job ")[1].rstrip(")")), "sql_model": model["id"],
+                       "status": "candidate", "traffic_percent": 15.0, "gate": model["metrics"]["gate"]}
+    gate = printed["gate"]
+    assert gate["passed"] and gate["candidate"] > gate["active"] == 0.0
+    assert render_sql_gate(model).splitlines() == [
+        f"SQL model {model['id']}: candidate, passed its gate; it answers 15% of sessions (`pgsynapse sql-model "
+        f"promote {model['id']}` makes it the active model)",
+        f"  held-out execution accuracy {gate['candidate']:.3f} against the active model's 0.000 ({gate['heldout']} "
+        f"pairs: {gate['wins']} won, 0 lost)",
+        f"  gate: {gate['reasons'][0]}"]
+
+
+def test_sql_model_retrain_without_a_correction_queues_nothing(db_url, tmp_path):
+    settings = fast_settings(db_url, data_dir=str(tmp_path))
+    with pytest.raises(InputError, match=r"no corrections to learn from .*nothing was queued"):
+        run_sql_model_command(_retrain_args(), settings)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone() == (0,)

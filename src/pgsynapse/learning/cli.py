@@ -24,11 +24,44 @@ from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
 
 
-def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True) -> int | None:
-    """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). Returns the job id, or
-    None if one was pending."""
-    row = conn.execute(q("queue_retrain", "learning.sql"), {"kind": kind, "payload": Jsonb({"force": force})}).fetchone()
+def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True, now: bool = False) -> int | None:
+    """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). ``now``: run whatever the
+    threshold (a command asked). Returns the job id, or None if one was pending."""
+    payload = {"force": force, "now": True} if now else {"force": force}
+    row = conn.execute(q("queue_retrain", "learning.sql"), {"kind": kind, "payload": Jsonb(payload)}).fetchone()
     return (row["id"] if isinstance(row, dict) else row[0]) if row else None
+
+
+def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bool = True, now: bool = False,
+                   hint: str = "") -> tuple[int, int | None]:
+    """Queue a ``kind`` job (or find the one pending) and say which; with ``wait``, wait until it ends and say so if
+    it failed or was skipped. Returns the exit code, and the job when it ended done and not skipped (the caller says
+    what it registered), else None."""
+    job = queue_retrain(conn, kind, force=force, now=now)
+    if job:
+        print(f"{kind} queued (job {job}){hint}", flush=True)
+    else:  # queued earlier (by a threshold, or a command): --wait waits for that one
+        job = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()["id"]
+        if job is None:  # it ended between the two statements
+            print(f"a {kind} was already pending", flush=True)
+        else:
+            print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", flush=True)
+    if not (wait and job):
+        return 0, None
+    conn.execute("LISTEN pgsynapse_jobs")
+    while True:
+        row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
+        if row["status"] in ("done", "failed"):
+            break
+        for _ in conn.notifies(timeout=5, stop_after=1):
+            pass
+    if row["status"] == "failed":
+        print(f"{kind} failed: {row['last_error']}")
+        return 1, None
+    if row["skip_reason"]:
+        print(f"{kind} skipped: {row['skip_reason']}")
+        return 0, None
+    return 0, job
 
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
@@ -44,29 +77,8 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
         newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
-        job = queue_retrain(conn)
-        if job:
-            print(f"retrain queued (job {job})")
-        else:  # queued earlier (by the feedback threshold, or a command): --wait waits for that one
-            job = conn.execute(q("unfinished_retrain", "learning.sql")).fetchone()["id"]
-            if job is None:  # it ended between the two statements
-                print("a retrain was already pending", flush=True)
-            else:
-                print(f"a retrain is already pending (job {job}){': waiting for it' if args.wait else ''}", flush=True)
-        if args.wait and job:
-            conn.execute("LISTEN pgsynapse_jobs")
-            while True:
-                row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
-                if row["status"] in ("done", "failed"):
-                    break
-                for _ in conn.notifies(timeout=5, stop_after=1):
-                    pass
-            if row["status"] == "failed":
-                print(f"retrain failed: {row['last_error']}")
-                return 1
-            if row["skip_reason"]:
-                print(f"retrain skipped: {row['skip_reason']}")
-                return 0
+        code, job = queue_and_wait(conn, "retrain", wait=args.wait)
+        if job is not None:
             # the version this retrain registered (the one after the newest before it was queued)
             v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
             if args.json:
@@ -75,7 +87,7 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
             else:
                 print(render_gate(v["id"], v["status"], v["metrics"]["gate"]) if v else
                       "the retrain registered no model version")
-        return 0
+        return code
     if args.command == "ab-report":
         report = ab_report(conn)
         print(json.dumps(report, default=str, indent=2) if args.json else render(report))

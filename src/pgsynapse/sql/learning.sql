@@ -285,8 +285,8 @@ WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES (%(kind)s, 
 SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', 1)::text) FROM j;
 
 -- name: unfinished_retrain
--- the retrain a `pgsynapse retrain --wait` that found one pending waits for (claimed meanwhile: then running)
-SELECT max(id) AS id FROM pgsynapse.jobs WHERE kind = 'retrain' AND status IN ('pending', 'running');
+-- the retrain (or sql_retrain) a `--wait` that found one pending waits for (claimed meanwhile: then running)
+SELECT max(id) AS id FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running');
 
 -- name: newest_version
 SELECT max(id) AS id FROM pgsynapse.model_versions;

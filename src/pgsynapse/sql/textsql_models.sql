@@ -7,6 +7,10 @@ SELECT count(*) AS n
 FROM pgsynapse.sql_corrections
 WHERE trained_in_model IS NULL;
 
+-- name: sql_corrections_count
+-- `pgsynapse sql-model retrain` refuses to queue a retrain with nothing to learn from
+SELECT count(*) AS n FROM pgsynapse.sql_corrections;
+
 -- name: mark_sql_corrections_trained
 -- the corrections a retrain saw (every one up to the last it read, whatever its verdict) are not new any more
 UPDATE pgsynapse.sql_corrections SET trained_in_model = %(model)s

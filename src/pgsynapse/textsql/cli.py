@@ -16,7 +16,7 @@ from pgsynapse.client import DataResult
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError
-from pgsynapse.learning.cli import queue_retrain
+from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.queries import q
 from pgsynapse.textsql import registry
 
@@ -105,9 +105,49 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
         elif action == "retrain":
-            job = queue_retrain(conn, "sql_retrain", force=args.force)
-            print(f"sql_retrain queued (job {job}): a worker with the sql_retrain kind runs it" if job
-                  else "a sql_retrain is already pending")
+            return retrain(conn, args)
         else:
             print(registry.REGISTRY.command(conn, action, getattr(args, "model", None), getattr(args, "percent", None)))
     return 0
+
+
+def retrain(conn: psycopg.Connection, args: argparse.Namespace) -> int:
+    """``pgsynapse sql-model retrain``: queue one now (whatever ``sql_retrain_min_corrections``), and with ``--wait``
+    print what it registered."""
+    if not conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"]:
+        raise InputError("no corrections to learn from (`pgsynapse sql-correct ID --sql ...` records one); nothing "
+                         "was queued")
+    newest = registry.REGISTRY.newest_id(conn)
+    code, job = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
+                               hint="" if args.wait else ": a worker with the sql_retrain kind runs it")
+    if job is None:
+        return code
+    model = registry.REGISTRY.gated_model_after(conn, newest)
+    if args.json:
+        print(json.dumps({"job": job, "sql_model": model and model["id"], "status": model and model["status"],
+                          "traffic_percent": model and float(model["traffic_percent"]),
+                          "gate": model and model["metrics"].get("gate")}, indent=2))
+    else:
+        print(render_sql_gate(model) if model else "the sql_retrain registered no SQL model")
+    return code
+
+
+def render_sql_gate(model: dict[str, Any]) -> str:
+    """A SQL retrain's verdict for people: what became of the model, its held-out execution accuracy against the
+    active model's, and the gate's reasons."""
+    gate = model["metrics"]["gate"]
+    if model["status"] == "rejected":
+        head = f"SQL model {model['id']}: rejected by its gate; the active model keeps serving"
+    elif not gate["passed"]:
+        head = (f"SQL model {model['id']}: {model['status']}, registered past its gate (--force) with no traffic "
+                f"(`pgsynapse sql-model traffic {model['id']} PERCENT` gives it some)")
+    else:
+        head = (f"SQL model {model['id']}: {model['status']}, passed its gate; it answers "
+                f"{float(model['traffic_percent']):g}% of sessions (`pgsynapse sql-model promote {model['id']}` makes "
+                "it the active model)")
+    lines = [head]
+    if gate["delta"] is not None:
+        lines.append(f"  held-out execution accuracy {gate['candidate']:.3f} against the active model's "
+                     f"{gate['active']:.3f} ({gate['heldout']} pairs: {gate['wins']} won, {gate['losses']} lost)")
+    lines += [f"  gate: {reason}" for reason in gate["reasons"]]
+    return "\n".join(lines)
