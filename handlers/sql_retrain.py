@@ -3,8 +3,9 @@
 model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models``.
 
 - Skipped unless ``sql_retrain_min_corrections`` corrections are new (``trained_in_model`` NULL; payload
-  ``{"now": true}``, as ``pgsynapse sql-model retrain`` queues it, or ``{"force": true}`` runs it anyway). Every correction the run read is marked with the registered model,
-  whatever its verdict, so a rejected run is not repeated on the same corrections.
+  ``{"now": true}``, as ``pgsynapse sql-model retrain`` queues it, or ``{"force": true}`` runs it anyway). Every
+  correction the run read is marked with the registered model, whatever its verdict, so a rejected run is not
+  repeated on the same corrections.
 - The candidate is fine-tuned from the root of the active model's lineage (the model it, or its own base, was
   fine-tuned from; the settings' model when no row is active) on every correction so far: fine-tunes never stack.
 - Registered as its GGUF export on ``llama-cpp`` when the base is a GGUF model (the trainer writes and gates it:

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model_version", type=int)
     tr.add_argument("percent", type=float)
-    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, png/jpeg/webp/gif/bmp into images")
+    ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, "
+                         "png/jpeg/webp/gif/bmp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
     ing.add_argument("--follow", action="store_true", help="then wait until they are embedded (a worker must run)")
     ing.add_argument("--replace", action="store_true",
