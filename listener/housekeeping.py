@@ -1,4 +1,5 @@
-"""Housekeeping the worker's maintenance loop runs now and then: the caches' bounds and the done jobs' retention.
+"""Housekeeping the worker's maintenance loop runs now and then: the caches' bounds, the done jobs' retention and
+the weight files of retired model versions.
 
 Each step takes the worker's pool and settings and owes nothing else to the worker, so it runs (and is tested)
 on its own; the leases and the heartbeat, which are the worker's own state, stay in :mod:`pgsynapse.listener.worker`.
@@ -6,9 +7,13 @@ on its own; the leases and the heartbeat, which are the worker's own state, stay
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import anyio
 from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse.answer_cache import expire
+from pgsynapse.artifacts import drop_weights, inside_models_root
 from pgsynapse.cache import cleanup
 from pgsynapse.config import Settings
 from pgsynapse.logs import get_logger
@@ -53,3 +58,22 @@ async def prune_done_jobs(pool: AsyncConnectionPool, settings: Settings, batch: 
     if removed:
         log.info("done_jobs_pruned", removed=removed, retention_seconds=retention)
     return removed
+
+
+async def drop_retired_weights(pool: AsyncConnectionPool, settings: Settings) -> int:
+    """Delete the weight files of retired model versions that pgsynapse made and no version in service needs (the
+    query ``retired_model_files`` says which), inside this host's ``DATA_DIR/models``: every host's worker cleans its
+    own copy. Each directory keeps ``metrics.json`` and its configs, as a rejected candidate's does. Returns the bytes
+    freed (a directory already cleaned frees none and logs nothing)."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute(q("retired_model_files", "learning.sql"))).fetchall()
+    freed = 0
+    for row in rows:
+        path = Path(row["path"])
+        if not (path.exists() and inside_models_root(path, settings.data_dir)):
+            continue  # another host's copy, or a folder outside the models folder: not this worker's to delete
+        n = await anyio.to_thread.run_sync(drop_weights, path, settings.data_dir)
+        if n:
+            log.info("retired_weights_deleted", version=row["id"], path=str(path), freed_mb=round(n / 2**20, 1))
+        freed += n
+    return freed

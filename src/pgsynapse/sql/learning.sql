@@ -153,6 +153,26 @@ UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, ret
 WHERE id = %(version)s AND status IN ('candidate', 'rejected')
 RETURNING id;
 
+-- name: retired_model_files
+-- The model directories of retired versions, and of candidates their gate rejected (registered before a rejected
+-- candidate's weights were deleted at once, or by a worker stopped in between), that pgsynapse made (a retrain's or
+-- a distillation's candidate: a gate in its metrics; a runtime export: `export`) and that no version still in
+-- service needs: not its files (the same artifact, or the torch directory an export replaced) and not its weights
+-- (a query-side version encodes new documents with its passage version's model; a retrain and an export start
+-- from their base version's). A model a user added by path is never listed: its files are the user's. A candidate
+-- its A/B test rejected (its gate passed) keeps its files until it is retired: it can still be searched.
+SELECT r.id, f.path
+FROM pgsynapse.model_versions r
+CROSS JOIN LATERAL (VALUES (CASE WHEN r.metrics ?| array['gate', 'export'] THEN r.artifact_path END),
+                           (CASE WHEN r.metrics ? 'gate' THEN r.metrics->>'previous_artifact_path' END)) f(path)
+WHERE (r.status = 'retired' OR (r.status = 'rejected' AND r.metrics->'gate'->>'passed' = 'false'))
+  AND f.path IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.model_versions l
+                  WHERE l.status <> 'retired' AND l.id <> r.id
+                    AND (r.id IN (l.passage_version_id, l.base_version_id)
+                         OR f.path IN (l.artifact_path, l.metrics->>'previous_artifact_path')))
+ORDER BY r.id;
+
 -- name: count_version_embeddings
 -- a version's vectors (its partition of pgsynapse.embeddings, dropped when it is retired: migration 0019)
 SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %(version)s;
