@@ -77,6 +77,9 @@ def run_export(
         if row["status"] == "rejected":  # and a gate's reject has no weights left (handlers/retrain.py)
             raise ModelError(f"model version {version} is rejected: export the active version or a candidate (a "
                              "new version from a rejected one would bypass the gate that rejected it)")
+        if row["status"] == "retired":  # the worker deletes the weights of a retired model it made (housekeeping)
+            raise ModelError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
+                             "model pgsynapse made with them; export the active version or a candidate")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
             raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
