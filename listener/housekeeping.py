@@ -60,13 +60,13 @@ async def prune_done_jobs(pool: AsyncConnectionPool, settings: Settings, batch: 
     return removed
 
 
-async def drop_retired_weights(pool: AsyncConnectionPool, settings: Settings) -> int:
+async def drop_unused_weights(pool: AsyncConnectionPool, settings: Settings) -> int:
     """Delete the weight files of retired model versions that pgsynapse made and no version in service needs (the
-    query ``retired_model_files`` says which), inside this host's ``DATA_DIR/models``: every host's worker cleans its
+    query ``unused_model_files`` says which), inside this host's ``DATA_DIR/models``: every host's worker cleans its
     own copy. Each directory keeps ``metrics.json`` and its configs, as a rejected candidate's does. Returns the bytes
     freed (a directory already cleaned frees none and logs nothing)."""
     async with pool.connection() as conn:
-        rows = await (await conn.execute(q("retired_model_files", "learning.sql"))).fetchall()
+        rows = await (await conn.execute(q("unused_model_files", "learning.sql"))).fetchall()
     freed = 0
     for row in rows:
         path = Path(row["path"])
@@ -74,6 +74,7 @@ async def drop_retired_weights(pool: AsyncConnectionPool, settings: Settings) ->
             continue  # another host's copy, or a folder outside the models folder: not this worker's to delete
         n = await anyio.to_thread.run_sync(drop_weights, path, settings.data_dir)
         if n:
-            log.info("retired_weights_deleted", version=row["id"], path=str(path), freed_mb=round(n / 2**20, 1))
+            log.info("unused_weights_deleted", version=row["id"], status=row["status"], path=str(path),
+                     freed_mb=round(n / 2**20, 1))
         freed += n
     return freed

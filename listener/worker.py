@@ -31,7 +31,7 @@ from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
-from pgsynapse.listener.housekeeping import cleanup_caches, drop_retired_weights, prune_done_jobs
+from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights, prune_done_jobs
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
 from pgsynapse.listener.writer import BatchWriter
@@ -190,13 +190,13 @@ class Worker:
         steps = (("renew", self.renew_leases), ("reap", self.reap_expired), ("heartbeat", self._heartbeat),
                  ("cache_cleanup", lambda: cleanup_caches(self._open_pool(), self.settings)),
                  ("prune", lambda: prune_done_jobs(self._open_pool(), self.settings)),
-                 ("retired_weights", lambda: drop_retired_weights(self._open_pool(), self.settings)))
+                 ("unused_weights", lambda: drop_unused_weights(self._open_pool(), self.settings)))
         while True:
             cleanup_due = time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval
             if cleanup_due:
                 self._last_cache_cleanup = time.monotonic()
             for name, step in steps:
-                if name in ("cache_cleanup", "prune", "retired_weights") and not cleanup_due:
+                if name in ("cache_cleanup", "prune", "unused_weights") and not cleanup_due:
                     continue
                 try:
                     await step()

@@ -1,5 +1,5 @@
 """A retired version's weight files go, when pgsynapse made them and nothing in service needs them, and a
-gate-rejected candidate's that are still there: the worker's housekeeping (``drop_retired_weights``) deletes them
+gate-rejected candidate's that are still there: the worker's housekeeping (``drop_unused_weights``) deletes them
 inside its own DATA_DIR/models and keeps each directory's metrics.json and configs. A model a user added, a retired
 version whose weights a live one still uses, a path shared with a live version, a candidate its A/B test rejected
 and a folder outside the models folder keep every file."""
@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from pgsynapse.errors import ModelError
 from pgsynapse.export import run_export
 from pgsynapse.learning.registry import retire
-from pgsynapse.listener.housekeeping import drop_retired_weights
+from pgsynapse.listener.housekeeping import drop_unused_weights
 from tests.helpers import fast_settings
 
 pytestmark = pytest.mark.anyio
@@ -72,17 +72,18 @@ async def test_retired_versions_lose_the_weights_pgsynapse_made_and_nothing_else
     settings = fast_settings(db_url, data_dir=str(data))
     async with AsyncConnectionPool(db_url, kwargs={"row_factory": dict_row, "autocommit": True}, open=False) as pool:
         with capture_logs() as logs:
-            freed = await drop_retired_weights(pool, settings)
-            again = await drop_retired_weights(pool, settings)
+            freed = await drop_unused_weights(pool, settings)
+            again = await drop_unused_weights(pool, settings)
 
     gone = ("v2-retrain", "v6-retrain", "v6-onnx", "v10-retrain", "v11-gate-rejected")
     assert (freed, again) == (len(gone) * len(WEIGHTS), 0)
     for name, path in d.items():
         assert len(_weights(path)) == (0 if name in gone else 1), name
         assert (path / "metrics.json").is_file() and (path / "config.json").is_file(), name
-    deleted = sorted((e["version"], e["path"]) for e in logs if e["event"] == "retired_weights_deleted")
-    assert deleted == sorted([(2, str(d["v2-retrain"])), (6, str(d["v6-onnx"])), (6, str(d["v6-retrain"])),
-                              (10, str(d["v10-retrain"])), (11, str(d["v11-gate-rejected"]))])
+    deleted = sorted((e["version"], e["status"], e["path"]) for e in logs if e["event"] == "unused_weights_deleted")
+    assert deleted == sorted([(2, "retired", str(d["v2-retrain"])), (6, "retired", str(d["v6-onnx"])),
+                              (6, "retired", str(d["v6-retrain"])), (10, "retired", str(d["v10-retrain"])),
+                              (11, "rejected", str(d["v11-gate-rejected"]))])
     assert not [e for e in logs if e["log_level"] == "warning"], logs  # nothing refused: nothing else was tried
     # nor can a retired version be exported into a new one (it failed deep in the tokenizer, its files gone)
     with pytest.raises(ModelError, match="^model version 10 is retired: its vectors are deleted"):

@@ -153,7 +153,7 @@ UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, ret
 WHERE id = %(version)s AND status IN ('candidate', 'rejected')
 RETURNING id;
 
--- name: retired_model_files
+-- name: unused_model_files
 -- The model directories of retired versions, and of candidates their gate rejected (registered before a rejected
 -- candidate's weights were deleted at once, or by a worker stopped in between), that pgsynapse made (a retrain's or
 -- a distillation's candidate: a gate in its metrics; a runtime export: `export`) and that no version still in
@@ -161,7 +161,7 @@ RETURNING id;
 -- (a query-side version encodes new documents with its passage version's model; a retrain and an export start
 -- from their base version's). A model a user added by path is never listed: its files are the user's. A candidate
 -- its A/B test rejected (its gate passed) keeps its files until it is retired: it can still be searched.
-SELECT r.id, f.path
+SELECT r.id, r.status, f.path
 FROM pgsynapse.model_versions r
 CROSS JOIN LATERAL (VALUES (CASE WHEN r.metrics ?| array['gate', 'export'] THEN r.artifact_path END),
                            (CASE WHEN r.metrics ? 'gate' THEN r.metrics->>'previous_artifact_path' END)) f(path)
