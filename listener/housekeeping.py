@@ -61,10 +61,10 @@ async def prune_done_jobs(pool: AsyncConnectionPool, settings: Settings, batch: 
 
 
 async def drop_unused_weights(pool: AsyncConnectionPool, settings: Settings) -> int:
-    """Delete the weight files of retired model versions that pgsynapse made and no version in service needs (the
-    query ``unused_model_files`` says which), inside this host's ``DATA_DIR/models``: every host's worker cleans its
-    own copy. Each directory keeps ``metrics.json`` and its configs, as a rejected candidate's does. Returns the bytes
-    freed (a directory already cleaned frees none and logs nothing)."""
+    """Delete the weight files of retired model versions (and gate-rejected ones) that pgsynapse made and no version
+    in service needs (the query ``unused_model_files`` says which), inside this host's ``DATA_DIR/models``: every
+    host's worker cleans its own copy. Each directory keeps ``metrics.json`` and its configs, as a rejected
+    candidate's does. Returns the bytes freed (a directory already cleaned frees none and logs nothing)."""
     async with pool.connection() as conn:
         rows = await (await conn.execute(q("unused_model_files", "learning.sql"))).fetchall()
     freed = 0
