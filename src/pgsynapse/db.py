@@ -102,7 +102,12 @@ def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
     hint = getattr(diag, "message_hint", None)
     if hint:
         parts.append(f"hint: {hint.strip()}")
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and 'extension "vector"' in msg:
+        parts.append(
+            "- pgvector is not a trusted extension: have a superuser (on a managed service, its admin role) run "
+            "CREATE EXTENSION vector; in this database, then run `pgsynapse migrate` again (docs/operations.md, roles)"
+        )
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
         parts.append(
             "- the database user lacks a privilege pgsynapse needs: run `pgsynapse migrate` as the database owner, "
             "then grant this user the role that fits it: GRANT pgsynapse_worker TO <user> for a worker, pgsynapse_app "

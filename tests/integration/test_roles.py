@@ -17,6 +17,7 @@ from pgsynapse.app import ask
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import next_notifies
+from pgsynapse.errors import DatabaseSetupError
 from pgsynapse.images import registry as image_registry
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
@@ -281,6 +282,31 @@ def test_migrate_as_a_non_superuser_owner_then_an_app_role_writes(pg_url, new_db
         assert definers == [(owner,)]
     finally:
         with psycopg.connect(url, autocommit=True) as su:
+            su.execute(f'DROP OWNED BY "{owner}"')
+        with psycopg.connect(pg_url, autocommit=True) as su:
+            su.execute(f'DROP ROLE "{owner}"')
+
+
+def test_migrate_without_the_extension_says_who_must_create_it(pg_url, new_db):
+    """The owner of the database may not create pgvector (not a trusted extension): the error says to have a superuser
+    create it, not to migrate as the owner (which this user is: it said so before)."""
+    url = new_db()
+    owner = f"pgsynapse_t_owner_{uuid.uuid4().hex[:8]}"
+    dbname = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(url, autocommit=True) as su:
+        su.execute(f'CREATE ROLE "{owner}" LOGIN')
+        su.execute(f'ALTER DATABASE "{dbname}" OWNER TO "{owner}"')
+    try:
+        with pytest.raises(DatabaseSetupError) as raised:
+            migrate(_as(url, owner))
+        said = str(raised.value)
+        assert said.startswith('migration 0001_init.sql failed: permission denied to create extension "vector"'), said
+        assert ("- pgvector is not a trusted extension: have a superuser (on a managed service, its admin role) run "
+                "CREATE EXTENSION vector; in this database, then run `pgsynapse migrate` again") in said, said
+        assert "run `pgsynapse migrate` as the database owner" not in said
+    finally:
+        with psycopg.connect(url, autocommit=True) as su:
+            su.execute(f'ALTER DATABASE "{dbname}" OWNER TO CURRENT_USER')
             su.execute(f'DROP OWNED BY "{owner}"')
         with psycopg.connect(pg_url, autocommit=True) as su:
             su.execute(f'DROP ROLE "{owner}"')
