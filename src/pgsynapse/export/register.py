@@ -22,7 +22,7 @@ from pgsynapse.errors import ModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
 from pgsynapse.logs import get_logger
-from pgsynapse.models import ONNX_FILES, ONNX_META, ModelSpec, resolve_model_path
+from pgsynapse.models import ONNX_FILES, ONNX_META, ModelSpec, default_model_path, resolve_model_path
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -121,9 +121,18 @@ def source_model_path(row: dict[str, Any], configured: str | None) -> Path:
         return resolve_model_path(row.get("artifact_path"), configured)
     meta_path = Path(row["artifact_path"]) / ONNX_META
     try:
-        return Path(json.loads(meta_path.read_text())["source"])
+        source = Path(json.loads(meta_path.read_text())["source"])
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot find the source model of version {row['id']}: {meta_path} unreadable ({exc})") from exc
+    if source.exists():
+        return source
+    packaged = default_model_path()
+    if source.parts[-2:] == packaged.parts[-2:]:
+        # the packaged default model, recorded where it was installed at export time: that virtualenv is gone (made
+        # anew elsewhere, another Python version), the same package is installed here
+        return packaged
+    raise ModelError(f"the torch weights of model version {row['id']} are gone: {source} (recorded in {meta_path}); "
+                     "retraining, distilling, training a ranker from it or exporting it again need them")
 
 
 def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
