@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.cli_args import build_parser as cli_parser
 from pgsynapse.client import Client, format_result
@@ -206,7 +207,11 @@ async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_ur
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
-        first = registry.add(conn, tiny_clip_path)
+        with capture_logs() as logs:
+            first = registry.add(conn, tiny_clip_path)
+        # the check before registering loads a model with no id yet: it said "model=0 dim=0"
+        [probe] = [e for e in logs if e["event"] == "image_model_loaded"]
+        assert probe["unregistered"] is True and "model" not in probe and "dim" not in probe, probe
         second = registry.add(conn, tiny_clip_path, name="clip-2")
         assert (first["status"], second["status"], second["queued"]) == ("active", "candidate", 0)  # already queued
         with pytest.raises(PgsynapseError, match="has vectors for 0 of 1 images"):

@@ -155,8 +155,10 @@ class ImageEncoder:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt files raise anything
             raise ModelError(f"cannot load image model {spec.path}: {type(exc).__name__}: {str(exc).strip()[:300]}") from exc
-        log.info("image_model_loaded", model=spec.id, name=spec.name, kind=spec.kind, runtime=spec.runtime,
-                 dim=spec.dim, seconds=round(time.perf_counter() - started, 2))
+        # a model loaded to be checked before it is registered has no id or dimension yet (probe, export)
+        which = {"model": spec.id, "dim": spec.dim} if spec.id else {"unregistered": True, "path": str(spec.path)}
+        log.info("image_model_loaded", **which, name=spec.name, kind=spec.kind, runtime=spec.runtime,
+                 seconds=round(time.perf_counter() - started, 2))
 
     def _load(self) -> None:
         fmt = self.info["format"]
