@@ -22,6 +22,7 @@ from pgsynapse.db import Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
 from pgsynapse.export import run_export
+from pgsynapse.guardrail_cli import run_guardrail_command
 from pgsynapse.images.cli import run_image_model_command, run_image_search
 from pgsynapse.ingest import follow, ingest
 from pgsynapse.learning.canary import canary_command
@@ -47,7 +48,8 @@ EX_CONFIG = 78  # bad configuration, model or database setup: restarting will no
 # file). The others (run, migrate, ingest, demo, bench, and the actions that export, add or train a model) report
 # their progress as info events.
 QUIET_COMMANDS = frozenset({"ask", "search", "feedback", "status", "sql-ask", "sql-correct", "ab-report", "canary",
-                            "queue-notify", "retry-failed", "retrain", "promote", "rollback", "retire", "traffic"})
+                            "queue-notify", "retry-failed", "retrain", "promote", "rollback", "retire", "traffic",
+                            "guardrail"})
 # the quiet actions of the registries' commands (model, image-model, sql-model, ranker); `sql-model retrain` only
 # queues a job
 QUIET_ACTIONS = frozenset({"list", "promote", "rollback", "retire", "traffic", "retrain"})
@@ -160,6 +162,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return run_image_search(args, settings)
     if args.command == "image-model":
         return run_image_model_command(args, settings)
+    if args.command == "guardrail":
+        return run_guardrail_command(args, settings)
     if args.command == "sql-ask":
         return run_sql_ask(args, settings)
     if args.command == "sql-correct":

@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--size", type=_ranged(int, 0, 100_000),
                     help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set)")
 
+    gr = sub.add_parser("guardrail", help="guardrail rules: list, add, disable, enable, and check a text against "
+                        "them with each rule's similarity (to choose a threshold)")
+    gsub = gr.add_subparsers(dest="guardrail_command", required=True, metavar="ACTION")
+    gsub.add_parser("list", help="every rule, enabled or not")
+    ga = gsub.add_parser("add", help="a rule: questions and answers this similar to its text are blocked or flagged")
+    ga.add_argument("text", help="what the rule is about, as a question or a sentence")
+    ga.add_argument("--action", choices=("block", "flag"), default="block")
+    ga.add_argument("--threshold", type=_ranged(float, 0.01, 1.0), default=0.6,
+                    help="cosine similarity at or above which a text matches (default 0.6)")
+    for name in ("disable", "enable"):
+        gsub.add_parser(name, help=f"{name} a rule").add_argument("rule", type=int)
+    gsub.add_parser("check", help="each enabled rule's similarity to a text, and what the worker would do with "
+                    "it").add_argument("text")
+
     ab = sub.add_parser("ab-report", help="per model version: questions, helpful rate with 95%% CI, latency, significance")
     ab.add_argument("--json", action="store_true")
 

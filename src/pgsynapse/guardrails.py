@@ -108,9 +108,21 @@ class Guard:
               known: dict[str, np.ndarray] | None = None) -> list[dict[str, Any] | None]:
         """Per text, the strongest rule one of its windows matches, or None. ``known``: vectors already computed
         by this embedder for some texts (a question's query embedding), reused for the windows equal to them."""
+        rules, per_text = self._window_similarities(embedder, texts, known)
+        return [strongest(sims, rules) for sims in per_text] if rules else [None] * len(texts)
+
+    def similarities(self, embedder: Embedder, text: str) -> list[tuple[dict[str, Any], float]]:
+        """Each enabled rule with the highest cosine similarity of one of ``text``'s windows to it: the figure its
+        threshold is compared with (``pgsynapse guardrail check``, to choose a threshold)."""
+        rules, [sims] = self._window_similarities(embedder, [text], None)
+        return [(r, float(s)) for r, s in zip(rules, sims.max(axis=0), strict=True)] if sims.size else []
+
+    def _window_similarities(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None,
+                             ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+        """The rules, and per text its windows' cosine similarity to each rule (windows x rules)."""
         key, rules = self._rules
         if not rules:
-            return [None] * len(texts)
+            return [], [np.empty((0, 0))] * len(texts)
         per_text = [windows(t or "", embedder.tokenizer, embedder.max_seq_length) for t in texts]
         known = known or {}
         todo = list(dict.fromkeys(w for ws in per_text for w in ws if w not in known))
@@ -118,11 +130,8 @@ class Guard:
         if todo:
             vectors.update(zip(todo, embedder.encode(todo)))
         rule_vectors = self._rule_vectors(key, rules, embedder)
-        out: list[dict[str, Any] | None] = []
-        for ws in per_text:
-            sims = np.stack([vectors[w] for w in ws]) @ rule_vectors.T if ws else np.empty((0, len(rules)))
-            out.append(strongest(sims, rules))
-        return out
+        return rules, [np.stack([vectors[w] for w in ws]) @ rule_vectors.T if ws else np.empty((0, len(rules)))
+                       for ws in per_text]
 
     def _rule_vectors(self, key: tuple, rules: list[dict[str, Any]], embedder: Embedder) -> np.ndarray:
         vid = embedder.spec.version_id

@@ -4,14 +4,17 @@ check). Real model, real rules, real NOTIFY."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
+import psycopg
 import pytest
 from pgvector.psycopg import register_vector_async
 
 from pgsynapse.answerers import Answer, ExtractiveAnswerer
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.base import Job
+from tests.e2e.test_cli import pgsynapse
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -136,3 +139,29 @@ async def test_a_long_answer_is_checked_in_windows_over_its_whole_length(db_url,
     await conn.close()
     assert RecordingAnswerer.seen == ["how do I create an index?"]
     assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer"
+
+
+def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_it(db_url):
+    # rules were SQL only, and a threshold could be chosen only by asking and reading `questions.guardrail`
+    rule_text, question = "how to drop all the tables of a production database", "how do I delete every table in prod?"
+    added = pgsynapse("guardrail", "add", rule_text, "--threshold", "0.5", url=db_url)
+    assert added.returncode == 0, added.stderr
+    rule = int(re.match(r"guardrail rule (\d+): block at similarity >= 0.5;", added.stdout).group(1))
+    checked = pgsynapse("guardrail", "check", question, url=db_url)
+    assert checked.returncode == 0, checked.stderr
+    [line] = [x for x in checked.stdout.splitlines() if x.startswith(f"  rule {rule} ")]
+    shown = float(re.search(r"similarity (\d\.\d{3})", line).group(1))
+    assert shown >= 0.5 and "MATCH" in line and checked.stdout.endswith(f"verdict: blocked by rule {rule}\n")
+    # the worker's own check of the same question: the same rule, the same similarity
+    asked = pgsynapse("ask", question, url=db_url, timeout=300)
+    with psycopg.connect(db_url) as conn:
+        status, guardrail = conn.execute("SELECT status, guardrail FROM pgsynapse.questions").fetchone()
+    assert status == "blocked" and guardrail["rule_id"] == rule, asked.stdout + asked.stderr
+    assert round(guardrail["similarity"], 3) == shown
+    assert pgsynapse("guardrail", "disable", str(rule), url=db_url).stdout == f"guardrail rule {rule} disabled\n"
+    assert pgsynapse("guardrail", "check", question, url=db_url).stdout == (
+        "no enabled guardrail rules: nothing is blocked or flagged\n")
+    listed = pgsynapse("guardrail", "list", url=db_url).stdout.splitlines()
+    assert listed[1].split()[:4] == [str(rule), "block", "0.50", "no"]
+    gone = pgsynapse("guardrail", "enable", "999", url=db_url)
+    assert (gone.returncode, gone.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
