@@ -110,17 +110,22 @@ class Listwise:
                 if time.time() - started > spec.budget_seconds:
                     stopped = True
                     break
-                loss = torch.stack([torch.nn.functional.cross_entropy(
-                    (self.logits(groups[i][0], groups[i][1])
-                     + self.cosine_scale * torch.from_numpy(groups[i][2]))[None, :], torch.zeros(1, dtype=torch.long))
-                    for i in order[b0: b0 + spec.batch_size]]).mean()
+                # the batch's mean loss, one question's graph at a time (gradients add up): the activations of a
+                # single (question, candidates) list are held, not the batch's
+                batch = order[b0: b0 + spec.batch_size]
                 opt.zero_grad()
-                loss.backward()
+                loss = 0.0
+                for i in batch:
+                    one = torch.nn.functional.cross_entropy(
+                        (self.logits(groups[i][0], groups[i][1])
+                         + self.cosine_scale * torch.from_numpy(groups[i][2]))[None, :], torch.zeros(1, dtype=torch.long))
+                    (one / len(batch)).backward()
+                    loss += float(one.item()) / len(batch)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 step += 1
-                progress("ranker_train_step", step=step, steps=steps, epoch=epoch, loss=round(float(loss.item()), 4))
+                progress("ranker_train_step", step=step, steps=steps, epoch=epoch, loss=round(loss, 4))
             if stopped:
                 break
         self.model.eval()
