@@ -21,8 +21,8 @@ from pgsynapse.errors import InputError
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 # the files `pgsynapse ingest` takes as images: every format the worker decodes
-EXTENSIONS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
-              ".bmp": "image/bmp"}
+EXTENSIONS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+              ".gif": "image/gif", ".bmp": "image/bmp"}
 
 # a truncated file is an error, never a half-grey picture
 ImageFile.LOAD_TRUNCATED_IMAGES = False

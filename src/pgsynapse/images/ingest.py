@@ -60,7 +60,8 @@ class ImageFlush:
     unchanged: int = 0
 
 
-def flush_images(conn: psycopg.Connection, images: list[FileImage], document_sources: set[str]) -> tuple[ImageFlush, list[str]]:
+def flush_images(conn: psycopg.Connection, images: list[FileImage],
+                 document_sources: set[str]) -> tuple[ImageFlush, list[str]]:
     """Store the images not stored yet (one COPY: one trigger run, one NOTIFY); returns the counts and the hashes of
     them all. An image is stored when no row has its content and the document it sits beside: the same picture
     beside two documents is a row for each, and an image stored unlinked, of the same source, is linked to the

@@ -24,7 +24,8 @@ from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
 
 
-def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True, now: bool = False) -> int | None:
+def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True,
+                  now: bool = False) -> int | None:
     """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). ``now``: run whatever the
     threshold (a command asked). Returns the job id, or None if one was pending."""
     payload = {"force": force, "now": True} if now else {"force": force}

@@ -116,9 +116,9 @@ class Listwise:
                 opt.zero_grad()
                 loss = 0.0
                 for i in batch:
-                    one = torch.nn.functional.cross_entropy(
-                        (self.logits(groups[i][0], groups[i][1])
-                         + self.cosine_scale * torch.from_numpy(groups[i][2]))[None, :], torch.zeros(1, dtype=torch.long))
+                    question, passages, cosines = groups[i]
+                    scores = self.logits(question, passages) + self.cosine_scale * torch.from_numpy(cosines)
+                    one = torch.nn.functional.cross_entropy(scores[None, :], torch.zeros(1, dtype=torch.long))
                     (one / len(batch)).backward()
                     loss += float(one.item()) / len(batch)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
