@@ -70,8 +70,8 @@ async def drop_unused_weights(pool: AsyncConnectionPool, settings: Settings) -> 
     freed = 0
     for row in rows:
         path = Path(row["path"])
-        if not (path.exists() and inside_models_root(path, settings.data_dir)):
-            continue  # another host's copy, or a folder outside the models folder: not this worker's to delete
+        if not inside_models_root(path, settings.data_dir):
+            continue  # another host's models folder: not this worker's to delete (nor to warn about)
         n = await anyio.to_thread.run_sync(drop_weights, path, settings.data_dir)
         if n:
             log.info("unused_weights_deleted", version=row["id"], status=row["status"], path=str(path),

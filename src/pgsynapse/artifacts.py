@@ -74,8 +74,11 @@ WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".onnx", ".g
 def drop_weights(path: str | Path, data_dir: str | Path) -> int:
     """Delete the weight files (:data:`WEIGHT_SUFFIXES`) of the model directory ``path`` (a file's own directory
     when ``path`` is a file) if it lies inside ``DATA_DIR/models``, keeping the rest (metrics.json, configs): for a
-    version that will never load again, its record without its bulk. Returns the bytes freed (0 when refused)."""
+    version that will never load again, its record without its bulk. Returns the bytes freed (0 when refused, or
+    when ``path`` is not there: never its parent's weights)."""
     target = Path(path).expanduser().resolve()
+    if not target.exists():
+        return 0
     folder = target if target.is_dir() else target.parent
     if not _may_delete(folder, data_dir, named=path):
         return 0

@@ -93,6 +93,18 @@ def test_a_rejected_versions_weights_are_dropped_only_inside_the_models_folder(t
     assert [e["event"] for e in logs] == ["artifact_delete_refused"]
 
 
+def test_a_model_directory_that_is_gone_drops_nothing_of_its_parent(tmp_path):
+    # a row naming a directory that is no longer there (another host's copy, removed by hand): its parent folder,
+    # another model's, keeps its weights; the path was taken for a file and its folder's weights deleted
+    models = tmp_path / "data" / "models"
+    (models / "candidate-2").mkdir(parents=True)
+    (models / "candidate-2" / "model.safetensors").write_bytes(b"w" * 100)
+    with capture_logs() as logs:
+        assert drop_weights(models / "candidate-2" / "v9-onnx-int8", tmp_path / "data") == 0
+    assert (models / "candidate-2" / "model.safetensors").stat().st_size == 100
+    assert logs == []
+
+
 def test_a_version_recorded_with_a_removed_int8_scheme_fails_its_rebuild_with_a_clear_error(db_url, tmp_path):
     """A version an older release switched to onnx-int8 with a scheme this release no longer has serves its
     artifact as before (the graph is all that is loaded); where the artifact is missing, the rebuild stops
