@@ -35,8 +35,8 @@ def run_guardrail_command(args: argparse.Namespace, settings: Settings) -> int:
             print(f"guardrail rule {rule}: {args.action} at similarity >= {args.threshold:g}; the worker applies it to "
                   "the next questions (`pgsynapse guardrail check TEXT` shows what it matches)")
         elif action in ("disable", "enable"):
-            if conn.execute(q("set_rule_enabled", FILE), {"id": args.rule, "enabled": action == "enable"}).fetchone() \
-                    is None:
+            changed = conn.execute(q("set_rule_enabled", FILE), {"id": args.rule, "enabled": action == "enable"})
+            if changed.fetchone() is None:
                 raise InputError(f"no guardrail rule {args.rule}")
             print(f"guardrail rule {args.rule} {action}d")
         else:
