@@ -170,13 +170,14 @@ class Client:
                 if check:
                     with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                         result = await self._read(qid)
+                    now = result.answer or ""
+                    if not restarted and len(now) > len(received) and now.startswith(received):
+                        # what was written after the last piece's NOTIFY (throttled, or the final write itself)
+                        piece, received = now[len(received):], now
+                        yield piece
                     if result.status != "pending":
                         yield result
                         return
-                    now = result.answer or ""
-                    if not restarted and len(now) > len(received) and now.startswith(received):
-                        piece, received = now[len(received):], now
-                        yield piece
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     check = await self._wait_one(key)
         except TimeoutError:

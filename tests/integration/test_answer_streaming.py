@@ -169,7 +169,7 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
         await _corpus(db_url)
         listener = await aconn(db_url)
         await listener.execute("LISTEN pgsynapse_answers")
-        results = []
+        results, pieces = [], []
 
         async def go_on(p):  # the first piece was written: the rest may come at once
             for g in gates:
@@ -177,7 +177,7 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
 
         async with Client(db_url) as client, anyio.create_task_group() as tg:
             async def ask():
-                results.append(await client.ask("how do I undo commands back to a savepoint?"))
+                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
 
             tg.start_soon(ask)
             notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
@@ -187,6 +187,8 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert notes[0]["delta"] == "Use ROLLBACK TO SAVEPOINT [7], "
     assert flagged.status == "answered" and flagged.answer == "Use ROLLBACK TO SAVEPOINT [7], see also [2][1]."
     assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3 given"]
+    # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
+    assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
 
 
