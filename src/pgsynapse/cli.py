@@ -139,6 +139,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "status":
         with Database(settings) as db, db.connect() as conn:
             snap = snapshot(conn, read_url=settings.read_url)
+            if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
+                snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
         print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
         return 0
     if args.command == "queue-notify":

@@ -78,6 +78,9 @@ def _duration(seconds: float) -> str:
 
 def render(snap: dict[str, Any]) -> str:
     lines = []
+    if emb := snap.get("embedded"):
+        lines.append(f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
+                     f"(`pgsynapse run`): psql '{emb['url']}'")
     a = snap["active_model"]
     lines.append(f"active model   : v{a['id']} {a['name']} ({a['runtime']}, dim {a['dim']})" if a else "active model   : none")
     lines.append(

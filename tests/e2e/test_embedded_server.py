@@ -96,6 +96,29 @@ def test_a_command_that_prints_its_result_prints_nothing_else(data_dir):
     assert "embedded_postgres_started" in pgsynapse("--log-level", "info", "model", "list").stderr
 
 
+def test_status_says_how_to_reach_the_embedded_server(data_dir):
+    """The README's SQL and Python examples need the database's URL: on the embedded default, status prints it."""
+    pg = EmbeddedPostgres(data_dir)  # a running pgsynapse process (the worker) holds the server
+    pg.start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pgsynapse", "migrate"], env=_env(data_dir), capture_output=True,
+                           text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-m", "pgsynapse", "status"], env=_env(data_dir), capture_output=True,
+                           text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        line = r.stdout.splitlines()[0]
+        assert line.startswith(f"database       : embedded PostgreSQL in {data_dir}, while a pgsynapse process runs"), line
+        url = line.split("psql '")[1].rstrip("'")
+        with psycopg.connect(url) as conn:  # the URL an application or psql connects with
+            assert conn.execute("SELECT count(*) FROM pgsynapse.documents").fetchone() == (0,)
+        r = subprocess.run([sys.executable, "-m", "pgsynapse", "status", "--json"], env=_env(data_dir),
+                           capture_output=True, text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+        assert json.loads(r.stdout)["embedded"] == {"data_dir": str(data_dir), "url": url}
+    finally:
+        pg.stop()
+
+
 def test_a_sigkilled_worker_does_not_leave_postgres_running(data_dir):
     proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "run"], env=_env(data_dir), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True, cwd="/tmp", preexec_fn=die_with_parent())
