@@ -138,3 +138,29 @@ async def test_a_queued_retrain_with_no_example_to_learn_from_is_skipped_saying_
     row = await (await conn.execute("SELECT skip_reason FROM pgsynapse.jobs WHERE id = %s", (job,))).fetchone()
     assert row["skip_reason"].startswith("no feedback to learn from: no feedback row marks an answer helpful")
     await conn.close()
+
+
+def test_feedback_through_sql_on_a_question_with_no_answer_is_refused_saying_so(conn):
+    """As `pgsynapse feedback` and Client.feedback refuse it (migration 0025): a pending, failed or blocked question
+    has no answer, and its feedback became a training example whose query was never answered."""
+    answered = _question(conn, "how do I vacuum?")
+    for status in ("pending", "failed", "blocked"):
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                           (f"a question now {status}",)).fetchone()["id"]
+        conn.execute("UPDATE pgsynapse.questions SET status = %s WHERE id = %s", (status, qid))
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",
+                         (qid, conn.chunks[1]))
+        assert str(refused.value).startswith(f"question {qid} is {status}: it has no answer to give feedback on")
+        assert refused.value.diag.constraint_name == "feedback_needs_an_answer"
+        # nor can a row of an answered question be moved onto it
+        row = conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true) RETURNING id",
+                           (answered,)).fetchone()["id"]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE pgsynapse.feedback SET question_id = %s WHERE id = %s", (qid, row))
+    # an answered question takes feedback naming any passage, cited or not (a correction): it is the positive
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",
+                 (answered, conn.chunks[1]))
+    assert _standing(conn) == [("how do I vacuum?", conn.chunks[1])]
+    assert conn.execute("SELECT count(*) AS n FROM pgsynapse.training_examples WHERE query LIKE 'a question now%'"
+                        ).fetchone()["n"] == 0

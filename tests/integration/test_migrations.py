@@ -125,8 +125,8 @@ def test_an_edit_clears_flags_and_cached_from_with_the_answer(db_url):
         assert row == ("pending", None, [], None)
         triggers = conn.execute("SELECT p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
                                 "WHERE t.tgname = 'questions_reask'").fetchall()
-        assert triggers == [("questions_reask_v5",)]
-        for old in ("questions_reask_v3",):
+        assert triggers == [("questions_reask_v6",)]
+        for old in ("questions_reask_v3", "questions_reask_v5"):
             assert conn.execute("SELECT to_regproc(%s)", (f"pgsynapse.{old}",)).fetchone()[0] is None
 
 
@@ -398,8 +398,8 @@ def test_the_feedback_latest_migration_keeps_one_example_per_question_and_is_ide
                " ON f.id = te.feedback_id WHERE te.superseded_by IS NULL ORDER BY 1"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1000")
-        a, b = [conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id", (t,)).fetchone()[0]
-                for t in ("how do I vacuum?", "what is WAL?")]
+        a, b = [conn.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES (%s, 'answered', 'x') "
+                             "RETURNING id", (t,)).fetchone()[0] for t in ("how do I vacuum?", "what is WAL?")]
         for qid, helpful in ((a, True), (a, True), (a, False), (b, True)):  # a: clicked helpful twice, then not
             conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, %s)", (qid, helpful))
         assert conn.execute("SELECT count(*) FROM pgsynapse.training_examples").fetchone()[0] == 4
@@ -435,12 +435,13 @@ def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempo
 def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
     """`pgsynapse status` at 0022 met the missing jobs.skip_reason column and printed the server's error."""
     url = new_db()
-    mig = _apply_below(url, 23)
+    _apply_below(url, 23)
+    pending = [m.name for m in available() if m.version >= 23]
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status"], capture_output=True,
                        text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 69, r.stderr
-    assert (f"pgsynapse: error: database schema is not up to date (1 migration(s) to apply: {mig.name}): "
-            "run `pgsynapse migrate`") in r.stderr, r.stderr
+    assert (f"pgsynapse: error: database schema is not up to date ({len(pending)} migration(s) to apply: "
+            f"{', '.join(pending)}): run `pgsynapse migrate`") in r.stderr, r.stderr
 
 
 def test_the_job_skip_reason_migration_keeps_the_queue_and_is_idempotent(new_db):
@@ -457,3 +458,44 @@ def test_the_job_skip_reason_migration_keeps_the_queue_and_is_idempotent(new_db)
         with conn.transaction():
             conn.execute(mig.sql.encode())
         assert conn.execute(queue).fetchall() == [("embed", "done", None), ("embed", "pending", None)]
+
+
+def test_the_asked_at_migration_keeps_the_questions_and_is_idempotent(new_db):
+    """0024 on top of 0023: the questions already there keep a NULL asked_at (latency counts from created_at for
+    them); a new or edited question is asked now; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 24)
+    with psycopg.connect(url, autocommit=True) as conn:
+        old = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('a') RETURNING id").fetchone()[0]
+        data = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('b') RETURNING id").fetchone()[0]
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            assert conn.execute("SELECT asked_at FROM pgsynapse.questions WHERE id = %s", (old,)).fetchone() == (None,)
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        with conn.transaction():  # one now()
+            new = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('c') RETURNING id").fetchone()[0]
+            conn.execute("UPDATE pgsynapse.questions SET text = 'a again' WHERE id = %s", (old,))
+            conn.execute("UPDATE pgsynapse.data_questions SET text = 'b again' WHERE id = %s", (data,))
+            asked = "SELECT bool_and(asked_at = now()) FROM pgsynapse.{} WHERE id = ANY(%s)"
+            assert conn.execute(asked.format("questions"), ([old, new],)).fetchone() == (True,)
+            assert conn.execute(asked.format("data_questions"), ([data],)).fetchone() == (True,)
+
+
+def test_the_feedback_check_migration_keeps_the_feedback_and_is_idempotent(new_db):
+    """0025 on top of 0024: feedback already there (even on a question with no answer) stays; from now on such
+    feedback is refused; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 25)
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('a') RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (qid,))
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            assert conn.execute("SELECT count(*) FROM pgsynapse.feedback").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (qid,))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())

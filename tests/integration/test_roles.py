@@ -121,7 +121,10 @@ async def test_app_role_writes_its_rows_the_triggers_queue_the_jobs_and_the_queu
         conv = await (await app.execute("SELECT turns FROM pgsynapse.conversations WHERE session_id = 's1'")).fetchone()
         assert conv["turns"] == 1
 
-        # feedback: a training example, and at the threshold the retrain job the application may not queue itself
+        # feedback (on its answer, which the worker writes): a training example, and at the threshold the retrain
+        # job the application may not queue itself
+        await su.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'It reclaims storage.' "
+                         "WHERE id = %s", (qid,))
         chunk = (await (await su.execute(
             "INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end, content_hash)"
             " VALUES (%s, 0, 'VACUUM reclaims storage.', 4, 0, 24, 'h') RETURNING id", (doc,))).fetchone())["id"]
@@ -241,6 +244,7 @@ def test_upgrade_from_0006_keeps_the_rows_and_queue_and_the_app_role_works_at_on
     with psycopg.connect(url, autocommit=True) as su:
         doc = su.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Old', 'old body') RETURNING id").fetchone()[0]
         qid = su.execute("INSERT INTO pgsynapse.questions (text) VALUES ('old question') RETURNING id").fetchone()[0]
+        su.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'old answer' WHERE id = %s", (qid,))
         su.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (qid,))
     assert migrate(url)[0] == "0007_roles.sql"
     app_url = login_role("pgsynapse_app", url)

@@ -86,7 +86,7 @@ SET status = %(status)s, answer = %(answer)s, sources = %(sources)s, model_versi
     retrieval_query = %(retrieval_query)s, guardrail = %(guardrail)s, answerer = %(answerer)s, error = NULL,
     flags = %(flags)s, ranker_id = %(ranker)s,
     answered_at = clock_timestamp(),
-    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+    latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;
 
 -- name: fail_question
@@ -94,7 +94,7 @@ WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;
 -- stays pending for that job.
 UPDATE pgsynapse.questions q
 SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
-    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+    latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
 

@@ -290,7 +290,8 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 UPDATE pgsynapse.images SET status = 'pending', error = NULL WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: retry_failed_data_questions
-UPDATE pgsynapse.data_questions SET status = 'pending', error = NULL, answered_at = NULL, latency_ms = NULL
+UPDATE pgsynapse.data_questions SET status = 'pending', error = NULL, answered_at = NULL, latency_ms = NULL,
+    asked_at = now()
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: retry_failed_documents
@@ -299,8 +300,9 @@ UPDATE pgsynapse.documents SET status = 'pending', error = NULL
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: retry_failed_questions
--- The questions of requeued answer jobs go back to pending, their error cleared.
-UPDATE pgsynapse.questions SET status = 'pending', error = NULL
+-- The questions of requeued answer jobs go back to pending, their error cleared, asked again now (their latency
+-- counts from here, not from the first ask: migration 0024).
+UPDATE pgsynapse.questions SET status = 'pending', error = NULL, answered_at = NULL, latency_ms = NULL, asked_at = now()
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: notify_jobs

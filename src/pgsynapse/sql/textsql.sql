@@ -69,13 +69,13 @@ UPDATE pgsynapse.data_questions
 SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_count)s,
     truncated = %(truncated)s, error = %(error)s, schema_context = %(schema_context)s,
     sql_model_id = %(model)s, answered_at = now(),
-    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+    latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
 RETURNING id, status;
 
 -- name: fail_data_question
 UPDATE pgsynapse.data_questions SET status = 'failed', error = %(error)s, answered_at = now(),
-    latency_ms = extract(epoch FROM clock_timestamp() - created_at) * 1000
+    latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE id = %(id)s AND status = 'pending'
 RETURNING id;
 

@@ -1,0 +1,3 @@
+-- pgsynapse 0025: feedback through SQL on a question with no answer is refused, as the command line and Client
+-- refuse it (triggers/feedback_check_v1.sql). The rows already there stay; their examples are as they were.
+-- pgsynapse:include feedback_check_v1.sql
