@@ -41,6 +41,7 @@ def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None
             if "sql_model_path" in settings.model_fields_set:  # set in the environment, the file or a flag
                 raise
             install = preset_not_installed(path, presets)
-            log.warning("sql_model_unavailable", model=path, **({"install": install} if install else {}),
-                        error=str(exc), effect="questions about the data fail until it is there, unless a "
-                        "registered SQL model is active (pgsynapse sql-model list)")
+            what = {"install": install} if install else {"error": str(exc)}
+            log.warning("sql_model_unavailable", model=path, **what,
+                        effect="questions about the data fail until it is there, unless a registered SQL model is "
+                        "active (pgsynapse sql-model list)")
