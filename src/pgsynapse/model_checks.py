@@ -1,0 +1,47 @@
+"""The start-up check of the generative models a worker's kinds need: one that cannot be there stops ``pgsynapse
+run`` before it is ready, with a :class:`ConfigError` (exit 78), instead of failing every question later.
+
+Cheap: installed packages and paths only (:func:`check_model`). The models still load at their first question, as
+before: a preset's files are joined and checked by sha256 then (491 MB for the Qwen preset).
+"""
+
+from __future__ import annotations
+
+from pgsynapse.answerers.local_models import Preset, check_model, preset_not_installed
+from pgsynapse.config import Settings
+from pgsynapse.errors import ConfigError
+from pgsynapse.logs import get_logger
+from pgsynapse.textsql.generate import auto_runtime
+
+log = get_logger(__name__)
+
+SQL_KINDS = frozenset({"sql_answer", "sql_retrain"})
+
+
+def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None) -> None:
+    """Raise a one-line :class:`ConfigError` naming the setting when the answerer's model (kind ``answer``) or an
+    explicitly set SQL model (kinds ``sql_answer``, ``sql_retrain``) cannot be there. The default SQL model (the
+    ``qwen2.5-coder-0.5b`` preset, not installed by a plain ``pip install pgsynapse``) only logs
+    ``sql_model_unavailable``: that worker serves every other kind, and its data questions fail with the same
+    error on their rows."""
+    kinds = set(settings.kinds)
+    if "answer" in kinds and settings.answerer in ("transformers", "llama-cpp"):
+        if not settings.answerer_model_path:
+            raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: required when "
+                              f"answerer = {settings.answerer}")
+        check_model(settings.answerer_model_path, runtime=settings.answerer, setting="answerer_model_path",
+                    runtime_setting="answerer", presets=presets)
+    if kinds & SQL_KINDS and settings.sql_runtime != "openai":  # openai: sql_model_path is the endpoint's model
+        path = settings.sql_model_path
+        runtime = auto_runtime(path) if settings.sql_runtime == "auto" else settings.sql_runtime
+        try:
+            check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime",
+                        presets=presets)
+        except ConfigError as exc:
+            if "sql_model_path" in settings.model_fields_set:  # set in the environment, the file or a flag
+                raise
+            install = preset_not_installed(path, presets)
+            what = {"install": install} if install else {"error": str(exc)}
+            log.warning("sql_model_unavailable", model=path, **what,
+                        effect="questions about the data fail until it is there, unless a registered SQL model is "
+                        "active (pgsynapse sql-model list)")
