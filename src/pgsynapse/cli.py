@@ -17,7 +17,7 @@ import psycopg
 from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, build_parser
 from pgsynapse.client import format_result
-from pgsynapse.config import load_settings
+from pgsynapse.config import load_settings, unknown_environment
 from pgsynapse.db import Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
@@ -27,7 +27,7 @@ from pgsynapse.images.cli import run_image_model_command, run_image_search
 from pgsynapse.ingest import follow, ingest
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
-from pgsynapse.logs import configure_logging
+from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.migrate import migrate
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -38,6 +38,8 @@ from pgsynapse.retry import retry_failed
 from pgsynapse.search import search, search_order
 from pgsynapse.status import render, snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
+
+log = get_logger(__name__)
 
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings) -> int:
+    for var, meant in unknown_environment():  # a typo in a variable is otherwise ignored without a word
+        log.warning("unknown_setting_in_environment", variable=var, did_you_mean=meant, ignored=True)
     if args.command == "run":
         run_worker(settings, apply_migrations=not args.no_migrate, reload=lambda: _settings(args))
         return 0

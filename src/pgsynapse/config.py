@@ -373,6 +373,51 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
     return values
 
 
+# PGSYNAPSE_ names that are not settings: the config file's path, docker/compose.yaml's published port, and the
+# tests' and benchmarks' own (tests/conftest.py, bench/common.py)
+ENV_NOT_SETTINGS = frozenset({"CONFIG", "DB_PORT"})
+ENV_OTHER_PREFIXES = ("TEST_", "BENCH_")
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The ``PGSYNAPSE_*`` variables that name no setting (a typo is otherwise ignored without a word), each with
+    the setting's variable it most likely meant."""
+    environ = os.environ if environ is None else environ
+    names = [f.upper() for f in Settings.model_fields]
+    unknown = []
+    for var in sorted(environ):
+        rest = var.removeprefix(ENV_PREFIX)
+        if rest == var or rest in names or rest in ENV_NOT_SETTINGS or rest.startswith(ENV_OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(rest, names, n=1)  # the names without their common prefix
+        unknown.append((var, ENV_PREFIX + close[0] if close else None))
+    return unknown
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML config file: at its top level, or all of them under a ``[pgsynapse]`` table."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
+    except OSError as exc:  # a directory, no permission to read it (a file of root's, read by User=pgsynapse)
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if "pgsynapse" not in data:
+        return data
+    table, others = data["pgsynapse"], sorted(k for k in data if k != "pgsynapse")
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: pgsynapse must be a table ([pgsynapse]) of settings, "
+                          f"not a {type(table).__name__}")
+    if others:
+        raise ConfigError(f"config file {path}: settings go at the top level or under [pgsynapse], not both "
+                          f"(at the top level: {', '.join(others)})")
+    return table
+
+
 def _setting_name(loc: tuple[Any, ...]) -> str:
     return str(loc[0]) if loc else "settings"
 
@@ -387,14 +432,7 @@ def load_settings(
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
     if config_file:
-        path = Path(config_file)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        values.update(data.get("pgsynapse", data))
+        values.update(_read_config_file(Path(config_file)))
     values.update(_env_values(environ))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -93,6 +93,12 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         worker.proc.send_signal(signal.SIGHUP)
         failed = worker.wait_event("config_reload_failed", start=mark)
         assert "batch_size" in failed["error"]
+        # and so is a file that cannot be read as text (it crashed the worker, no drain: exit 1)
+        config.write_bytes(b"\xff\xfebatch_size = 8\n")
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        failed = worker.wait_event("config_reload_failed", start=mark)
+        assert failed["error"] == f"config file {config} is not UTF-8 text (byte 0): TOML files are UTF-8"
 
         # SIGTERM while a backlog is being worked: STOPPING, drain, exit 0, nothing lost
         insert_docs(db_url, _docs("second", 60))

@@ -6,7 +6,7 @@ import pytest
 
 from pgsynapse import config
 from pgsynapse.client import Client
-from pgsynapse.config import load_settings
+from pgsynapse.config import load_settings, unknown_environment
 from pgsynapse.db import tcp_params
 from pgsynapse.errors import ConfigError
 
@@ -76,6 +76,34 @@ def test_missing_or_broken_config_file(tmp_path: Path):
     bad.write_text("batch_size = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad, environ={})
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path: Path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("chunk_tokens = 128 # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^config file .*latin.toml is not UTF-8 text \(byte 22\): TOML files are UTF-8$"):
+        load_settings(latin, environ={})
+    with pytest.raises(ConfigError, match=r"^config file .* cannot be read: Is a directory$"):
+        load_settings(tmp_path, environ={})
+
+
+def test_settings_go_at_the_top_level_or_under_the_pgsynapse_table_not_both(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("[pgsynapse]\nbatch_size = 8\n")
+    assert load_settings(f, environ={}).batch_size == 8
+    f.write_text("batch_size = 0\n[pgsynapse]\npoll_interval = 1\n")  # batch_size 0 was dropped unchecked
+    with pytest.raises(ConfigError, match=r"not both \(at the top level: batch_size\)$"):
+        load_settings(f, environ={})
+    f.write_text("pgsynapse = 5\n")
+    with pytest.raises(ConfigError, match=r"pgsynapse must be a table \(\[pgsynapse\]\) of settings, not a int$"):
+        load_settings(f, environ={})
+
+
+def test_a_mistyped_environment_variable_is_named_with_the_one_it_meant():
+    environ = {"PGSYNAPSE_BACH_SIZE": "5", "PGSYNAPSE_BATCH_SIZE": "4", "PGSYNAPSE_CONFIG": "x.toml",
+               "PGSYNAPSE_DB_PORT": "5433", "PGSYNAPSE_TEST_DATABASE_URL": "x", "PGSYNAPSE_BENCH_DATA": "x",
+               "PGSYNAPSE_ZZZ": "1", "PATH": "/bin"}
+    assert unknown_environment(environ) == [("PGSYNAPSE_BACH_SIZE", "PGSYNAPSE_BATCH_SIZE"), ("PGSYNAPSE_ZZZ", None)]
 
 
 def test_root_default_data_dir_is_not_under_root(monkeypatch):
