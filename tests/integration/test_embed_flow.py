@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -323,3 +326,32 @@ async def test_a_job_done_with_nothing_to_write_says_why(db_url, models):
     with psycopg.connect(db_url, row_factory=dict_row) as sync:  # and `pgsynapse status` lists it
         shown = render(snapshot(sync))
     assert "skipped, why   : (done with nothing to write)\n                 embed     1      document deleted" in shown
+
+
+def _reembed_recipe() -> list[str]:
+    """docs/sql.md's "Re-embed everything" statements, as written there (docs/operations.md's backups point at it)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sql.md").read_text()
+    block = re.search(r"Re-embed everything.*?```sql\n(.*?)```", text, re.S).group(1)
+    return [s.strip() for s in block.split(";") if s.strip()]
+
+
+async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuilds_them(db_url, models):
+    """A logical backup may skip chunks' and embeddings' data (docs/operations.md): after its restore the documents
+    are `embedded` with nothing behind them. The jobs alone were skipped as "already embedded"."""
+    conn = await aconn(db_url)
+    docs = [("Vacuum", "VACUUM reclaims storage occupied by dead tuples. " * 10), ("WAL", "Write-ahead logging. " * 10)]
+    async with running_worker(fast_settings(db_url), models):
+        ids = insert_docs(db_url, docs)
+        embedded = "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents WHERE id = ANY(%s)"
+        await wait_until(conn, embedded, (ids,))
+        await conn.execute("TRUNCATE pgsynapse.chunks CASCADE")  # the restore without their data
+        statements = _reembed_recipe()
+        assert len(statements) == 2 and statements[1].startswith("INSERT INTO pgsynapse.jobs")
+        for sql in statements:
+            await conn.execute(sql)
+        await wait_until(conn, embedded, (ids,))
+        n = await (await conn.execute(
+            "SELECT count(DISTINCT c.document_id) AS docs, count(e.chunk_id) AS vectors FROM pgsynapse.chunks c "
+            "LEFT JOIN pgsynapse.embeddings e ON e.chunk_id = c.id")).fetchone()
+    assert n["docs"] == 2 and n["vectors"] >= 2
+    await conn.close()
