@@ -219,7 +219,7 @@ async def test_oversized_body_fails_at_once_with_a_clear_error(db_url, models):
     settings = fast_settings(db_url, max_document_chars=1000)
     conn = await aconn(db_url)
     async with running_worker(settings, models):
-        ids = insert_docs(db_url, [("Big", "x " * 600), ("Fine", "Small and fine.")])
+        insert_docs(db_url, [("Big", "x " * 600), ("Fine", "Small and fine.")])
         await wait_until(conn, ALL_DONE)
     rows = await (await conn.execute(
         "SELECT d.status, d.error, j.attempts FROM pgsynapse.documents d JOIN pgsynapse.jobs j ON j.ref_id = d.id"
