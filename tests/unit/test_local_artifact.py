@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from pgsynapse.artifacts import local_artifact
+from pgsynapse.errors import ModelError
+from pgsynapse.images.encoders import ImageModelSpec
+from pgsynapse.ranking.scorer import Ranker
 
 
 def _data_dir(tmp_path: Path, *names: str) -> Path:
@@ -57,3 +61,17 @@ def test_a_rebuild_goes_to_the_same_name_here_whether_or_not_it_is_there(tmp_pat
     assert not data.exists()  # deciding creates nothing
     outside = tmp_path / "old" / "v1-onnx-int8"
     assert local_artifact(outside, data, to_build=True) == outside  # not in a models folder: as recorded
+
+
+def test_the_side_registries_look_for_their_models_here(tmp_path):
+    data = _data_dir(tmp_path, "image-3-onnx", "ranker-20261206-175644")
+    old = tmp_path / "old" / "models"
+    image = {"id": 3, "name": "clip", "kind": "clip", "artifact_path": str(old / "image-3-onnx"), "runtime": "onnx",
+             "dim": 512}
+    assert ImageModelSpec.from_row(image, data).path == data / "models" / "image-3-onnx"
+    ranker = {"id": 1, "name": "r", "path": str(old / "ranker-20261206-175644"), "runtime": "torch"}
+    # found here (an empty directory: refused for what it lacks, not for a path that does not exist)
+    with pytest.raises(ModelError, match=f"^ranker 1: {data / 'models' / 'ranker-20261206-175644'} is not a cross-enc"):
+        Ranker(ranker, data_dir=data)
+    with pytest.raises(ModelError, match="path does not exist"):
+        Ranker(ranker)
