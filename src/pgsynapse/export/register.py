@@ -154,8 +154,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     find the switch done. ``onnx-int8`` refused for agreement falls back to ``onnx`` (fp32, the same vectors as
     torch). The outcome, refusal or error included, is kept in the version's metrics (``runtime_export``) and in
     ``model_events`` so it is tried once per version and runtime; an error leaves the version on torch and the
-    worker goes on. A worker on a host without the switched version's artifact builds it again at the same path
-    under its own ``DATA_DIR/models`` (:func:`rebuild_artifact`), whatever its own ``runtime``.
+    worker goes on. A worker on a host without the switched version's artifact builds it again with the same name
+    in its own ``DATA_DIR/models`` (:func:`rebuild_artifact`), whatever its own ``runtime``.
 
     Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
     traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
