@@ -83,7 +83,7 @@ class AnswerHandler(Handler[AnswerWork]):
         self._generative: Answerer | None = None
         self.guard = Guard()
         self.cache = AnswerCache(settings)
-        self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads)
+        self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads, data_dir=settings.data_dir)
         self._streams: StreamWriter | None = None
         self.replica = replica_for(settings.read_url, settings.read_max_lag_ms, settings=settings)  # retrieval may read a replica
 

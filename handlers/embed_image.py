@@ -50,7 +50,7 @@ class EmbedImageHandler(Handler[ImageWork]):
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
         self.limits = ImageLimits.of(settings)
-        self.image_models = ImageModelCache(threads=settings.torch_threads)
+        self.image_models = ImageModelCache(threads=settings.torch_threads, data_dir=settings.data_dir)
         self.serving: list[dict[str, Any]] = []
 
     async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:

@@ -94,7 +94,8 @@ def _teacher_spec(teacher: dict[str, Any] | None, s: Settings) -> dict[str, Any]
     if teacher is None:
         return {}
     return {"teacher_version": teacher["id"], "teacher_runtime": teacher["runtime"], "teacher_dim": teacher["dim"],
-            "teacher_path": str(resolve_model_path(teacher.get("artifact_path"), s.model_path, teacher["runtime"]))}
+            "teacher_path": str(resolve_model_path(teacher.get("artifact_path"), s.model_path, teacher["runtime"],
+                                                   data_dir=s.data_dir))}
 
 
 class RetrainHandler(Handler[RetrainWork]):
@@ -154,8 +155,9 @@ class RetrainHandler(Handler[RetrainWork]):
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
         spec = train_spec(
             s, url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
-            base_path=str(source_model_path(passage, s.model_path)),  # torch weights, also of an exported version
-            active_path=str(source_model_path(w.active, s.model_path)), active_version=w.active["id"],
+            # torch weights, also of an exported version
+            base_path=str(source_model_path(passage, s.model_path, s.data_dir)),
+            active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],
             **_teacher_spec(w.teacher, s),
         )
         log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir),

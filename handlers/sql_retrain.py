@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pgsynapse.artifacts import drop_weights
+from pgsynapse.artifacts import drop_weights, local_artifact
 from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
 from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
@@ -102,6 +102,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                                  retry=False)
         active_runtime, active_path = (w.active["runtime"], w.active["path"]) if w.active else (
             s.sql_runtime, s.sql_model_path)
+        if w.base:  # a registered model's directory or GGUF file: this host's copy when the data dir moved
+            base_path = str(local_artifact(base_path, s.data_dir))
         dumped = s.model_dump(mode="json")
         return SqlTrainSpec(
             url=s.database_url or "", out_dir=str(out_dir), base_path=base_path, active_runtime=active_runtime,

@@ -62,6 +62,7 @@ class Worker:
             device=settings.device,
             threads=settings.torch_threads,
             onnx_threads=settings.onnx_threads,
+            data_dir=settings.data_dir,
         )
         if handlers is None:
             known = registry()

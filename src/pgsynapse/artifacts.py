@@ -5,6 +5,10 @@ Exports, rebuilds and trained candidates are written under ``DATA_DIR/models``. 
 ``model_versions.artifact_path`` is data, not trust: it is deleted (or its weights are) only when it resolves
 (symlinks and ``..`` followed) to a directory strictly inside that folder; anything else is refused, logged, and
 left alone.
+
+A data dir moved or restored elsewhere keeps rows that name the old absolute paths: :func:`local_artifact` finds
+the same files under this host's own ``DATA_DIR/models`` (read time, per host; the rows are not rewritten, since
+hosts sharing one database each have their own data dir).
 """
 
 from __future__ import annotations
@@ -55,6 +59,33 @@ def inside_models_root(path: str | Path, data_dir: str | Path) -> bool:
     root = models_root(data_dir)
     target = Path(path).expanduser().resolve()
     return target != root and target.is_relative_to(root)
+
+
+_relocated: set[tuple[str, str]] = set()  # (recorded, local) pairs already logged by this process
+
+
+def local_artifact(recorded: str | Path, data_dir: str | Path | None, *, to_build: bool = False) -> Path:
+    """Where the artifact recorded at ``recorded`` (a row's path) is on this host.
+
+    The recorded path itself when it exists, or when it is relative, names no directory ``models``, or
+    ``data_dir`` is None. Else (a data dir moved or restored to another path, another host) its tail below its
+    last ``models`` directory under this host's ``DATA_DIR/models`` when that copy exists: ``/old/data/models/
+    candidate-7`` is ``DATA_DIR/models/candidate-7``, ``/old/data/models/gguf/m.gguf`` is ``DATA_DIR/models/gguf/
+    m.gguf`` (logged once per process: ``artifact_path_relocated``). With ``to_build`` that place whether or not
+    it exists yet: where a missing artifact is built again, never outside this data dir."""
+    path = Path(recorded).expanduser()
+    if data_dir is None or not path.is_absolute() or path.exists() or "models" not in path.parts[:-1]:
+        return path
+    parts = path.parts
+    below = parts[len(parts) - parts[::-1].index("models"):]
+    local = models_root(data_dir).joinpath(*below)
+    if not inside_models_root(local, data_dir) or not (to_build or local.exists()):
+        return path  # a tail with ``..`` that leaves the models folder, or no copy here
+    if not to_build and (str(recorded), str(local)) not in _relocated:
+        _relocated.add((str(recorded), str(local)))
+        log.info("artifact_path_relocated", recorded=str(recorded), local=str(local),
+                 reason="the recorded path is not on this host; the same tail is under its models folder")
+    return local
 
 
 def _may_delete(path: str | Path, data_dir: str | Path, *, named: str | Path | None = None) -> bool:

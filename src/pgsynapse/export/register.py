@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from pgsynapse.artifacts import models_root, remove_artifact_dir
+from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.db import NO_PREPARE, Database, session_url
 from pgsynapse.errors import ModelError
@@ -80,7 +80,8 @@ def run_export(
         if row["status"] == "retired":  # the worker deletes the weights of a retired model it made (housekeeping)
             raise ModelError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
                              "model pgsynapse made with them; export the active version or a candidate")
-        source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
+        source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path, settings.data_dir),
+                           "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
             raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
         out = out_dir or new_artifact_dir(settings.data_dir, row["id"], runtime)
@@ -114,14 +115,15 @@ def new_artifact_dir(data_dir: str | Path, version_id: int, runtime: str) -> Pat
 EXPORT_LOCK = "pgsynapse.runtime_export"
 
 
-def source_model_path(row: dict[str, Any], configured: str | None) -> Path:
+def source_model_path(row: dict[str, Any], configured: str | None, data_dir: str | Path | None = None) -> Path:
     """The sentence-transformers directory of a version: its own for torch, the one it was exported from
-    for an ONNX runtime (training and re-export need the torch weights)."""
+    for an ONNX runtime (training and re-export need the torch weights). A recorded path that is not on this host
+    is looked for under ``data_dir``'s models folder (:func:`~pgsynapse.artifacts.local_artifact`)."""
     if row.get("runtime", "torch") == "torch":
-        return resolve_model_path(row.get("artifact_path"), configured)
-    meta_path = Path(row["artifact_path"]) / ONNX_META
+        return resolve_model_path(row.get("artifact_path"), configured, data_dir=data_dir)
+    meta_path = local_artifact(row["artifact_path"], data_dir) / ONNX_META
     try:
-        source = Path(json.loads(meta_path.read_text())["source"])
+        source = local_artifact(json.loads(meta_path.read_text())["source"], data_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot find the source model of version {row['id']}: {meta_path} unreadable ({exc})") from exc
     if source.exists():
@@ -152,8 +154,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     find the switch done. ``onnx-int8`` refused for agreement falls back to ``onnx`` (fp32, the same vectors as
     torch). The outcome, refusal or error included, is kept in the version's metrics (``runtime_export``) and in
     ``model_events`` so it is tried once per version and runtime; an error leaves the version on torch and the
-    worker goes on. A worker on a host without the switched version's artifact builds it again at the same path
-    (:func:`rebuild_artifact`), whatever its own ``runtime``.
+    worker goes on. A worker on a host without the switched version's artifact builds it again with the same name
+    in its own ``DATA_DIR/models`` (:func:`rebuild_artifact`), whatever its own ``runtime``.
 
     Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
     traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
@@ -167,7 +169,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
         tried = (row["metrics"] or {}).get("runtime_export") or {}
         if row["runtime"] != "torch":
             report = None
-            if tried.get("runtime") == row["runtime"] and not (Path(row["artifact_path"]) / ONNX_FILES[row["runtime"]]).exists():
+            here = local_artifact(row["artifact_path"], settings.data_dir)
+            if tried.get("runtime") == row["runtime"] and not (here / ONNX_FILES[row["runtime"]]).exists():
                 report = rebuild_artifact(settings, row)
             _settled(conn, row, None, actor)
             return report
@@ -181,7 +184,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
         report = None
         out: Path | None = None
         try:
-            source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path), "torch", row["dim"])
+            source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path, settings.data_dir),
+                               "torch", row["dim"])
             for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
                 out = new_artifact_dir(settings.data_dir, row["id"], runtime)
                 report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
@@ -238,14 +242,16 @@ def _sha256(path: Path) -> str:
 
 
 def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
-    """The artifact of a version switched at start-up is missing on this host (another host exported it):
-    build it again at the same path from this host's copy of the source model, with the recorded scheme and
+    """The artifact of a version switched at start-up is missing on this host (another host exported it, or the
+    data dir moved): build it again from this host's copy of the source model, at the recorded path, or where that
+    path lies in a models folder that is not on this host, at the same name in this host's ``DATA_DIR/models``
+    (:func:`~pgsynapse.artifacts.local_artifact`; nothing is created outside it), with the recorded scheme and
     calibration sample, and check its agreement again. The same libraries give the same bytes (``sha256``
     logged); different ones give an artifact that still had to pass the gate. A refusal stops the worker
     with the figures rather than serve vectors that do not match the index."""
     record = row["metrics"]["runtime_export"]
     accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
-    out = Path(row["artifact_path"])
+    out = local_artifact(row["artifact_path"], settings.data_dir, to_build=True)
     scheme = accepted.get("scheme")
     if scheme is not None and scheme not in SCHEMES:  # recorded by an older release: checked before any deletion
         raise ModelError(f"model version {row['id']}: its {row['runtime']} artifact {out} is missing on this host and "
@@ -257,9 +263,10 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
                          f"{ONNX_FILES[row['runtime']]} and is not inside {models_root(settings.data_dir)}; "
                          "refusing to delete it to rebuild there (fix model_versions.artifact_path)")
     log.info("runtime_artifact_rebuild_started", version=row["id"], runtime=row["runtime"], path=str(out),
-             reason="the version's artifact is missing on this host")
+             recorded=row["artifact_path"], reason="the version's artifact is missing on this host")
     # this host's copy of the torch model the version was switched from
-    source_path = resolve_model_path(row["metrics"].get("previous_artifact_path"), settings.model_path)
+    source_path = resolve_model_path(row["metrics"].get("previous_artifact_path"), settings.model_path,
+                                     data_dir=settings.data_dir)
     source = ModelSpec(row["id"], row["name"], source_path, "torch", row["dim"])
     try:
         out.mkdir(parents=True)

@@ -59,7 +59,7 @@ def _print_added(row: dict) -> None:
 
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     limits = ImageLimits.of(settings)
-    models = ImageModelCache(threads=settings.torch_threads)
+    models = ImageModelCache(threads=settings.torch_threads, data_dir=settings.data_dir)
     if args.like_image:
         try:
             data = Path(args.like_image).read_bytes()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.images import registry
@@ -61,7 +62,7 @@ def export(conn, args: argparse.Namespace, settings: Settings) -> int:
         raise PgsynapseError(f"the agreement check needs at least 4 embedded images in the database, {len(sample)} "
                              "found: insert or ingest some first")
     dest = Path(args.dest) if args.dest else settings.data_dir / "models" / f"image-{args.model}-onnx"
-    report = export_onnx(Path(row["artifact_path"]), dest, sample=sample, threshold=args.threshold)
+    report = export_onnx(local_artifact(row["artifact_path"], settings.data_dir), dest, sample=sample, threshold=args.threshold)
     added = registry.add(conn, dest, name=f"{row['name']}-onnx")
     print(json.dumps(report.as_dict()))
     print(f"onnx: registered image model {added['id']} ({added['status']}): min cosine {report.min_cosine:.4f} over "

@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.errors import ModelError
 from pgsynapse.logs import get_logger
 
@@ -53,8 +54,11 @@ class ImageModelSpec:
     dim: int
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ImageModelSpec:
-        return cls(row["id"], row["name"], row["kind"], Path(row["artifact_path"]), row["runtime"], row["dim"])
+    def from_row(cls, row: dict[str, Any], data_dir: str | Path | None = None) -> ImageModelSpec:
+        """The row's model, at its recorded path or, when that is not on this host, its copy under ``data_dir``'s
+        models folder (:func:`~pgsynapse.artifacts.local_artifact`)."""
+        return cls(row["id"], row["name"], row["kind"], local_artifact(row["artifact_path"], data_dir), row["runtime"],
+                   row["dim"])
 
 
 def _size(value: Any, default: tuple[int, int] | None) -> tuple[str, tuple[int, int]] | None:
@@ -216,8 +220,9 @@ def probe(path: Path) -> tuple[str, str, int]:
 class ImageModelCache:
     """Loads each image model lazily, once per process."""
 
-    def __init__(self, *, threads: int = 0) -> None:
+    def __init__(self, *, threads: int = 0, data_dir: str | Path | None = None) -> None:
         self.threads = threads
+        self.data_dir = data_dir
         self._models: dict[tuple[int, str, str], ImageEncoder] = {}
         self._lock = threading.Lock()
 
@@ -226,7 +231,8 @@ class ImageModelCache:
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                model = self._models[key] = ImageEncoder(ImageModelSpec.from_row(row), threads=self.threads)
+                model = self._models[key] = ImageEncoder(ImageModelSpec.from_row(row, self.data_dir),
+                                                                threads=self.threads)
             return model
 
     def evict_except(self, rows: list[dict[str, Any]]) -> None:

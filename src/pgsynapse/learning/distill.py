@@ -84,10 +84,10 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
         raise RegistryError("no active model version" if teacher is None else
                             f"model version {teacher} is {t['status'] if t else 'unknown'}: a teacher must serve")
     active = conn.execute(q("active_version")).fetchone()
-    base = student or str(source_model_path(active, settings.model_path))
+    base = student or str(source_model_path(active, settings.model_path, settings.data_dir))
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = DistillSpec(url=url, teacher_version=t["id"],
-                       teacher_path=str(source_model_path(t, settings.model_path)), student_path=base,
+                       teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
                        threads=settings.torch_threads, device=settings.distill_device)

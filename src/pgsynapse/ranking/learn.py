@@ -35,6 +35,7 @@ class RankerSpec:
     base_path: str  # the transformer weights the ranker starts from (the version's torch directory)
     out_dir: str
     active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order)
+    data_dir: str | None = None  # where the rows' recorded paths are looked for when they are not on this host
     candidates: int = 20
     negatives: int = 7
     negatives_skip: int = 0  # the first other-page chunks left out of the negatives (may answer the question too)
@@ -65,7 +66,8 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
     s = settings
     fields: dict[str, Any] = dict(
         url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
-        base_path=str(source_model_path(version, s.model_path)), out_dir=str(out_dir),
+        base_path=str(source_model_path(version, s.model_path, s.data_dir)), out_dir=str(out_dir),
+        data_dir=str(s.data_dir),
         active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
         layers=s.ranker_layers, negatives_skip=s.ranker_negatives_skip,

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.logs import get_logger
 from pgsynapse.ranking.registry import REGISTRY
@@ -57,11 +58,12 @@ def check_ranker_dir(path: Path, runtime: str, what: str = "ranker") -> None:
 
 
 class Ranker:
-    """One ranker model; ``score`` is thread-safe and never touches the database."""
+    """One ranker model; ``score`` is thread-safe and never touches the database. A recorded path that is not on
+    this host is looked for under ``data_dir``'s models folder (:func:`~pgsynapse.artifacts.local_artifact`)."""
 
-    def __init__(self, row: dict[str, Any], *, threads: int = 0) -> None:
+    def __init__(self, row: dict[str, Any], *, threads: int = 0, data_dir: str | Path | None = None) -> None:
         self.row = row
-        self.path = Path(row["path"]).expanduser()
+        self.path = local_artifact(row["path"], data_dir)
         self.runtime = row["runtime"]
         check_ranker_dir(self.path, self.runtime, f"ranker {row['id']}")
         meta = ranker_meta(self.path)
@@ -130,8 +132,9 @@ class Ranker:
 class RankerCache:
     """Rankers loaded once per process, by id, path and runtime (a re-exported ranker is loaded again)."""
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, *, data_dir: str | Path | None = None) -> None:
         self.threads = threads
+        self.data_dir = data_dir
         self._loaded: dict[tuple[int, str, str], Ranker] = {}
         self._lock = threading.Lock()
 
@@ -140,7 +143,7 @@ class RankerCache:
         with self._lock:
             if key not in self._loaded:
                 self._loaded = {k: v for k, v in self._loaded.items() if k[0] != key[0]}
-                self._loaded[key] = Ranker(row, threads=self.threads)
+                self._loaded[key] = Ranker(row, threads=self.threads, data_dir=self.data_dir)
             return self._loaded[key]
 
 

@@ -148,7 +148,7 @@ def main(spec: RankerSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads)
     data = load_data(spec)
     v = spec.version
-    embedder = ModelCache(model_path=spec.model_path, threads=spec.threads).get(v)
+    embedder = ModelCache(model_path=spec.model_path, threads=spec.threads, data_dir=spec.data_dir).get(v)
     chunk_ids = [r[0] for r in data["chunks"]]
     chunk_docs = [r[1] for r in data["chunks"]]
     texts = [passage_text(r[2], r[3]) for r in data["chunks"]]
@@ -194,7 +194,7 @@ def main(spec: RankerSpec) -> dict[str, Any]:
     fitted = model.fit(groups, started)
 
     # the gate's evaluation: today's order of each question's candidates against the candidate ranker's
-    active = Ranker(spec.active_ranker, threads=spec.threads) if spec.active_ranker else None
+    active = Ranker(spec.active_ranker, threads=spec.threads, data_dir=spec.data_dir) if spec.active_ranker else None
     held = [examples[i] for i in split.heldout]
     asked = [e[0] for e in held] + [c[0] for c in canary]
     relevant = [{e[1]} for e in held] + [{c[1]} for c in canary]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 from pgsynapse.answerers.generative import message_contents, post_json
 from pgsynapse.answerers.llamacpp import open_llama
 from pgsynapse.answerers.local_models import PRESETS, load_transformers
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
 from pgsynapse.textsql.extract import extract_sql, statement_complete
@@ -407,8 +408,12 @@ def auto_runtime(path: str) -> str:
 
 
 def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
-    """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path)."""
+    """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path). A recorded directory or
+    GGUF file that is not on this host is looked for under the data dir's models folder
+    (:func:`~pgsynapse.artifacts.local_artifact`); a preset, a Hugging Face id or an endpoint's model name is kept."""
     s = settings
+    if runtime != "openai" and path and Path(path).is_absolute():
+        path = str(local_artifact(path, s.data_dir))
     if runtime == "auto":
         runtime = auto_runtime(path)
     cache_dir = s.data_dir / "models" / "gguf"
