@@ -171,8 +171,10 @@ class Client:
                     with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                         result = await self._read(qid)
                     now = result.answer or ""
-                    if not restarted and len(now) > len(received) and now.startswith(received):
-                        # what was written after the last piece's NOTIFY (throttled, or the final write itself)
+                    # what was written after the last piece's NOTIFY (throttled, or the final write itself); an answer
+                    # that was never streamed (extractive, stream_answers off) arrives whole, in the Result only
+                    streamed = bool(received) or result.status == "pending"
+                    if streamed and not restarted and len(now) > len(received) and now.startswith(received):
                         piece, received = now[len(received):], now
                         yield piece
                     if result.status != "pending":

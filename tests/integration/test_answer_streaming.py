@@ -196,8 +196,10 @@ async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, mode
     SSE.scripts = [["It is [9]."]]
     async with running_worker(_settings(db_url, sse, citation_policy="refuse", stream_answers=False), models):
         await _corpus(db_url)
+        pieces: list[str] = []
         async with Client(db_url) as client:
-            refused = await client.ask("how do I undo commands back to a savepoint?")
+            refused = await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append)
     assert refused.status == "answered" and refused.answer == REFUSED_ANSWER and refused.sources == []
+    assert pieces == []  # nothing streamed: the answer arrives whole, in the Result only
     assert refused.flags[0].startswith("invalid_citations: [9] cited") and refused.flags[1] == "refused"
     assert SSE.requests[0].get("stream") is None  # stream_answers = false: a plain request
