@@ -135,7 +135,7 @@ class BatchWriter:
                 log.info("job_skipped", kind=kind, job=job_id, ref=jobs[job_id].ref_id, reason=reason)
             for job_id in report.superseded:
                 await conn.execute(
-                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "error": "superseded: the row changed meanwhile"}
+                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
             for o in mine:
                 if not o.ok:

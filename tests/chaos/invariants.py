@@ -90,7 +90,7 @@ VIOLATIONS: dict[str, str] = {
     # a done job that was neither completed nor superseded/skipped on purpose
     "jobs_done_without_completion": """
         SELECT count(*) FROM pgsynapse.jobs WHERE status = 'done' AND completions = 0
-          AND coalesce(last_error, '') NOT LIKE 'superseded%'""",
+          AND coalesce(skip_reason, '') NOT LIKE 'superseded%'""",
 }
 
 TOTALS = """

@@ -79,7 +79,7 @@ async def test_poison_rows_fail_alone_then_retry_failed_recovers_them(db_url, re
     t = result["totals"]
     assert t["documents"] == 64 and t["documents_failed"] == 0 and t["jobs_failed"] == 0
     superseded = await (await conn.execute(
-        "SELECT count(*) AS n FROM pgsynapse.jobs WHERE ref_id = %s AND last_error LIKE 'superseded%%'", (fixed,))).fetchone()
+        "SELECT count(*) AS n FROM pgsynapse.jobs WHERE ref_id = %s AND skip_reason LIKE 'superseded%%'", (fixed,))).fetchone()
     assert superseded["n"] == 1
     await conn.close()
     record(batch=64, poisoned=3, embedded_first_pass=61, attempts_per_poisoned_row=MAX_ATTEMPTS,

@@ -277,8 +277,9 @@ async def test_stale_write_is_dropped_when_the_row_changed_meanwhile(db_url, mod
         await worker.writer.write("embed", handler, outcomes)
         n = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.chunks")).fetchone()
         assert n["n"] == 0
-        jobs_rows = await (await conn.execute("SELECT status, last_error FROM pgsynapse.jobs ORDER BY id")).fetchall()
-        assert jobs_rows[0]["status"] == "done" and "superseded" in jobs_rows[0]["last_error"]
+        jobs_rows = await (await conn.execute("SELECT status, skip_reason, last_error FROM pgsynapse.jobs ORDER BY id")).fetchall()
+        assert jobs_rows[0]["status"] == "done" and jobs_rows[0]["last_error"] is None
+        assert jobs_rows[0]["skip_reason"] == "superseded: the row changed meanwhile"
         assert jobs_rows[1]["status"] == "pending"
     finally:
         await worker.pool.close()

@@ -50,11 +50,11 @@ async def test_two_expired_jobs_of_one_row_requeue_one_and_the_row_is_embedded(d
                                    " FROM pgsynapse.documents WHERE id = %s", (doc,), timeout=WAIT)
     assert not [e for e in logs if e["event"] == "maintenance_failed"], logs
     rows = await (await conn.execute(
-        "SELECT id, status, completions, last_error FROM pgsynapse.jobs WHERE ref_id = %s ORDER BY id", (doc,))).fetchall()
+        "SELECT id, status, completions, skip_reason FROM pgsynapse.jobs WHERE ref_id = %s ORDER BY id", (doc,))).fetchall()
     # one job did the work, the other was superseded; none is left pending or running
     assert [r["status"] for r in rows] == ["done", "done"]
     assert sorted(r["completions"] for r in rows) == [0, 1]
-    assert [r["last_error"] for r in rows if r["completions"] == 0][0].startswith("superseded")
+    assert [r["skip_reason"] for r in rows if r["completions"] == 0][0].startswith("superseded")
     chunks = await (await conn.execute(
         "SELECT count(*) AS n, count(DISTINCT ord) AS ords FROM pgsynapse.chunks WHERE document_id = %s", (doc,))).fetchone()
     assert chunks["n"] == chunks["ords"] == 1
@@ -160,7 +160,8 @@ async def test_an_expired_job_with_a_newer_running_job_of_its_row_is_superseded_
     async with stepped_worker(fast_settings(db_url), models) as worker:
         await worker.reap_expired()
     rows = {r["id"]: r for r in await (await conn.execute(
-        "SELECT id, status, last_error FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchall()}
-    assert rows[old]["status"] == "done" and rows[old]["last_error"].startswith("superseded"), rows
+        "SELECT id, status, skip_reason, last_error FROM pgsynapse.jobs WHERE ref_id = %s", (doc,))).fetchall()}
+    assert rows[old]["status"] == "done" and rows[old]["skip_reason"] == "superseded by a newer job", rows
+    assert rows[old]["last_error"] is None  # not an error
     assert rows[new]["status"] == "running"
     await conn.close()

@@ -52,7 +52,7 @@ async def _run_until_write(worker: Worker, kind: str) -> list[Outcome]:
 
 async def _jobs(conn, kind: str) -> list[dict]:
     return list(await (await conn.execute(
-        "SELECT status, last_error FROM pgsynapse.jobs WHERE kind = %s ORDER BY id", (kind,))).fetchall())
+        "SELECT status, skip_reason, last_error FROM pgsynapse.jobs WHERE kind = %s ORDER BY id", (kind,))).fetchall())
 
 
 async def test_an_answer_to_the_old_text_is_superseded_and_the_edited_question_is_answered_anew(db_url, models):
@@ -74,7 +74,7 @@ async def test_an_answer_to_the_old_text_is_superseded_and_the_edited_question_i
     q = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
     assert q == {"status": "pending", "answer": None}
     jobs = await _jobs(conn, "answer")
-    assert [j["status"] for j in jobs] == ["done", "pending"] and "superseded" in jobs[0]["last_error"]
+    assert [j["status"] for j in jobs] == ["done", "pending"] and "superseded" in jobs[0]["skip_reason"]
     # the new text is answered by the job its UPDATE queued
     async with running_worker(settings, models):
         await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
@@ -171,7 +171,7 @@ async def test_a_backfill_batch_of_a_version_retired_meanwhile_is_superseded(db_
     await conn.close()
     assert n["n"] == 0
     # superseded, and no next step queued for a retired version
-    assert len(jobs) == 1 and jobs[0]["status"] == "done" and "superseded" in jobs[0]["last_error"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "done" and "superseded" in jobs[0]["skip_reason"]
 
 
 async def test_a_final_failure_of_the_old_text_leaves_the_edited_document_to_its_new_job(db_url, models):

@@ -77,8 +77,9 @@ WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s
                   WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending');
 
 -- name: supersede_job
+-- done with nothing written, and why (skip_reason, as other jobs done with nothing to write): not an error
 UPDATE pgsynapse.jobs
-SET status = 'done', finished_at = now(), lease_until = NULL, last_error = %(error)s
+SET status = 'done', finished_at = now(), lease_until = NULL, last_error = NULL, skip_reason = %(reason)s
 WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s;
 
 -- name: fail_job
@@ -119,7 +120,8 @@ WITH expired AS (
     WHERE e.charged < %(max_attempts)s
 ), superseded AS (
     UPDATE pgsynapse.jobs j
-    SET status = 'done', finished_at = now(), lease_until = NULL, last_error = 'superseded by a newer job'
+    SET status = 'done', finished_at = now(), lease_until = NULL, last_error = NULL,
+        skip_reason = 'superseded by a newer job'
     FROM survivors s
     WHERE j.id = s.id AND (s.nth > 1 OR s.has_pending)
     RETURNING j.id
@@ -283,7 +285,7 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 -- name: close_failed_duplicates
 -- Older failed jobs of a row that is requeued (or already has a pending job): nothing left for them to do.
 UPDATE pgsynapse.jobs
-SET status = 'done', finished_at = now(), last_error = 'superseded by a newer job (retry-failed)'
+SET status = 'done', finished_at = now(), skip_reason = 'superseded by a newer job (retry-failed)'
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: retry_failed_images
