@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsynapse import __version__
+from pgsynapse.config import JOB_KINDS
 from pgsynapse.errors import PgsynapseError
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     qn.add_argument("state", nargs="?", choices=("on", "off", "show"), default="show")
 
     rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
-    rf.add_argument("--kind", help="only jobs of this kind (default: all kinds)")
+    rf.add_argument("--kind", choices=JOB_KINDS, help="only jobs of this kind (default: all kinds)")
 
     se = sub.add_parser("search", help="search the documents as answers do (the nearest chunks of the active model "
                         "version fused with full-text matches), or the images")

@@ -21,6 +21,8 @@ from pgsynapse.errors import ConfigError
 DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse.export uses the same)
 
 ENV_PREFIX = "PGSYNAPSE_"
+# every job kind (a worker's default kinds)
+JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
 # settings that may carry a password or a key: an error about them never shows the value
 SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "openai_api_key", "openai_base_url"})
 
@@ -114,7 +116,7 @@ class Settings(BaseModel):
         "(`pgsynapse queue-notify off`: docs/scaling.md)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
     kinds: tuple[str, ...] = Field(
-        ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain"), min_length=1,
+        JOB_KINDS, min_length=1,
         description="job kinds this worker processes (at least one: a worker of none would process nothing)"
     )
 

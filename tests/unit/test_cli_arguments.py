@@ -28,6 +28,8 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["image-model", "export", "1", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
     (["feedback", "3", "--rating", "6"], "argument --rating: must be between 1 and 5, got 6"),
     (["feedback", "3", "--source", "0"], "argument --source: must be at least 1, got 0"),
+    # a kind that does not exist said "no failed jobs of kind bogus", exit 0
+    (["retry-failed", "--kind", "bogus"], "argument --kind: invalid choice: 'bogus' (choose from 'embed', 'answer',"),
     (["feedback", "3", "--helpful", "--not-helpful"], "argument --not-helpful: not allowed with argument --helpful"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
