@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import sys
@@ -25,6 +24,7 @@ from pgsynapse.export import run_export
 from pgsynapse.guardrail_cli import run_guardrail_command
 from pgsynapse.images.cli import run_image_model_command, run_image_search
 from pgsynapse.ingest import follow, ingest
+from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
 from pgsynapse.logs import configure_logging, get_logger
@@ -145,7 +145,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             snap = snapshot(conn, read_url=settings.read_url)
             if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
                 snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
-        print(json.dumps(snap, default=str, indent=2) if args.json else render(snap))
+        print(json_dumps(snap, indent=2) if args.json else render(snap))
         return 0
     if args.command == "queue-notify":
         with Database(settings) as db, db.connect(autocommit=True) as conn:
@@ -228,7 +228,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
                      on_delta=None if args.json else show)
         if args.json:
-            print(json.dumps(asdict(result), default=str, indent=2))
+            print(json_dumps(asdict(result), indent=2))
         elif streamed:
             text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
             # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
@@ -277,7 +277,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             switch=args.switch,
             scheme=args.scheme,
         )
-        print(json.dumps(report.as_dict(), default=str))
+        print(json_dumps(report.as_dict()))
         a = report.agreement
         figures = f"top-10 overlap {a.overlap_at_10:.3f}, cosine mean {a.cosine_mean:.4f} (min {a.cosine_min:.4f})"
         if not report.accepted:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from pgsynapse.images import registry
 from pgsynapse.images.decode import ImageLimits
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
+from pgsynapse.jsonout import dumps as json_dumps
 
 
 def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -26,7 +26,7 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
         elif args.image_command == "list":
             rows = registry.list_models(conn)
             if args.json:
-                print(json.dumps(rows, default=str, indent=2))
+                print(json_dumps(rows, indent=2))
             elif not rows:
                 print("no image models: pgsynapse image-model add PATH")
             for r in [] if args.json else rows:

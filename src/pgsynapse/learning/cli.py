@@ -15,6 +15,7 @@ from pgsynapse.artifacts import models_root
 from pgsynapse.config import Settings
 from pgsynapse.errors import InputError
 from pgsynapse.feedback import Feedback, feedback_params
+from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
@@ -91,7 +92,7 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         return code
     if args.command == "ab-report":
         report = ab_report(conn)
-        print(json.dumps(report, default=str, indent=2) if args.json else render(report))
+        print(json_dumps(report, indent=2) if args.json else render(report))
         return 0
     if args.command == "promote":
         r = promote(conn, args.model_version)

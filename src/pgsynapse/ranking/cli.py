@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
+from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
@@ -36,7 +36,7 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
         if action == "list":
             rows = REGISTRY.list_models(conn)
             if args.json:
-                print(json.dumps(rows, default=str, indent=2))
+                print(json_dumps(rows, indent=2))
             elif not rows:
                 print("no rankers registered: answers and search use the vector order (pgsynapse ranker train)")
             for r in [] if args.json else rows:

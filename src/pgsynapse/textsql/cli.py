@@ -16,6 +16,7 @@ from pgsynapse.client import DataResult
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError
+from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.queries import q
 from pgsynapse.textsql import registry
@@ -62,7 +63,7 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
     result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
                       timeout=args.timeout)
-    print(json.dumps(asdict(result), default=str, indent=2) if args.json else format_data_result(result))
+    print(json_dumps(asdict(result), indent=2) if args.json else format_data_result(result))
     return 0 if result.status == "answered" else 1
 
 
@@ -91,7 +92,7 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
         if action == "list":
             rows = registry.list_models(conn)
             if args.json:
-                print(json.dumps(rows, default=str, indent=2))
+                print(json_dumps(rows, indent=2))
             elif not rows:
                 print(f"no SQL models registered: the worker uses sql_model_path = {settings.sql_model_path} "
                       f"({settings.sql_runtime})")
