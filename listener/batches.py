@@ -4,6 +4,9 @@ A batch's leases are renewed only until its deadline (per kind): a batch that ha
 returns) stops being renewed, its leases run out and its jobs go back to the queue, whether or not the process
 is supervised. A job whose lease expired in a batch comes back *solo* (migration 0008): the worker runs it while
 it holds no other live batch, so a row that kills its worker is found alone and its batch-mates are not blamed.
+
+The same deadline tells a busy dispatcher loop from a stuck one (:class:`LoopState`, read by the watchdog and
+``/healthz``): a batch is legitimate for as long as its leases are renewed, however long it computes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ class Batch:
         return [(j.id, j.claimed_at) for j in self.jobs]
 
 
+@dataclass(eq=False)
+class LoopState:
+    """What one dispatcher loop is doing, for the stall judgement (:meth:`due`)."""
+
+    tick: float = field(default_factory=time.monotonic)  # when it last came round
+    batch: Batch | None = None  # the batch it runs now
+    waiting: bool = False  # waiting for the worker's solo job, which another loop runs (and is judged by)
+
+    def due(self, idle_limit: float) -> float:
+        """When the loop is stuck (``time.monotonic()``) unless it comes round or its state changes before.
+
+        Idle, it comes round at least every ``poll_interval``: ``idle_limit`` after its last turn. In a batch, at
+        the batch's deadline, until which its leases are renewed (a solo job waiting for its turn: none yet; the
+        batches it waits for have theirs). Waiting for a solo job: never, the loop running that job is judged.
+        """
+        if self.waiting:
+            return math.inf
+        if self.batch is not None:
+            return self.batch.deadline
+        return self.tick + idle_limit
+
+
 @dataclass
 class WorkerStats:
     """Live counters of one worker process (read by status, health and metrics)."""
@@ -51,7 +76,12 @@ class WorkerStats:
     batches: int = 0
     fallback_polls: int = 0
     last_tick: float = field(default_factory=time.monotonic)
-    loop_ticks: dict[int, float] = field(default_factory=dict)  # per dispatcher loop (task id): stall detection
+    loops: dict[int, LoopState] = field(default_factory=dict)  # per watched dispatcher loop (task id)
+
+    def tick_age(self, now: float | None = None) -> float:
+        """Seconds since the *least recently* turning watched loop came round (any loop's, before one is tracked)."""
+        ticks = [loop.tick for loop in self.loops.values()]
+        return (time.monotonic() if now is None else now) - (min(ticks) if ticks else self.last_tick)
 
     def add(self, table: dict[str, int], kind: str, n: int = 1) -> None:
         table[kind] = table.get(kind, 0) + n

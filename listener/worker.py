@@ -30,7 +30,7 @@ from pgsynapse.errors import ConfigError
 from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
-from pgsynapse.listener.batches import Batch, SoloGate, WorkerStats
+from pgsynapse.listener.batches import Batch, LoopState, SoloGate, WorkerStats
 from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights, prune_done_jobs
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
@@ -271,17 +271,17 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
         # a handler whose batches legitimately run for minutes (retrain: its own process, own time budget)
-        # is not judged by the watchdog's stall limit
+        # is not judged by the watchdog at all
         handler = self.handlers[kind]
-        watched = not getattr(handler, "watchdog_exempt", False)
+        loop = LoopState()
+        if not getattr(handler, "watchdog_exempt", False):
+            self.stats.loops[anyio.get_current_task().id] = loop
         while not self.stopping.is_set():
-            self.stats.last_tick = time.monotonic()
-            if watched:
-                self.stats.loop_ticks[anyio.get_current_task().id] = self.stats.last_tick
+            self.stats.last_tick = loop.tick = time.monotonic()
             try:
                 solo = await self._claim_solo(kind) if handler.crash_isolation else None
                 if solo is None and handler.crash_isolation:
-                    await self.gate.clear()
+                    await self._after_solo(loop)
                 jobs = [solo] if solo else await self.claim(kind, self.settings.batch_size)
             except (psycopg.Error, OSError) as exc:
                 log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
@@ -296,13 +296,42 @@ class Worker:
             # a solo job's deadline starts once it runs alone; a batch's at its claim
             batch = Batch(kind, jobs, solo=solo is not None,
                           deadline=math.inf if solo else time.monotonic() + self._deadline[kind])
-            self._held[batch.id] = batch
+            self._held[batch.id] = loop.batch = batch
             try:
-                await self._run_batch(handler, batch)
+                await self._run_batch(handler, batch, loop)
             finally:
                 del self._held[batch.id]
+                loop.batch = None
 
-    async def _run_batch(self, handler: Handler, batch: Batch) -> None:
+    async def _after_solo(self, loop: LoopState) -> None:
+        """Wait while the worker's solo job is claimed or runs; the loop that runs it is judged meanwhile."""
+        loop.waiting = True
+        try:
+            await self.gate.clear()
+        finally:
+            loop.waiting = False
+
+    def stalled_loop(self, now: float | None = None) -> tuple[float, str] | None:
+        """The most overdue watched dispatcher loop: ``(seconds past its limit, why)``, or None while all are healthy.
+
+        An idle loop is stuck ``poll_interval + stall_seconds`` after its last turn (a hung claim query); a loop in
+        a batch once the batch passes its deadline (a model call or query that hangs: the leases are no longer
+        renewed), however long before that it computes (:meth:`LoopState.due`). While stopping, loops end one by
+        one and the drain is bounded by the service manager's stop timeout instead.
+        """
+        if self.stopping.is_set():
+            return None
+        now = time.monotonic() if now is None else now
+        idle_limit = self.settings.poll_interval + self.settings.stall_seconds
+        worst: tuple[float, str] | None = None
+        for loop in self.stats.loops.values():
+            over = now - loop.due(idle_limit)
+            if over > 0 and (worst is None or over > worst[0]):
+                worst = (over, "batch past its deadline" if loop.batch is not None
+                         else "dispatcher loop silent past poll_interval + stall_seconds")
+        return worst
+
+    async def _run_batch(self, handler: Handler, batch: Batch, loop: LoopState) -> None:
         kind = batch.kind
         if not batch.solo and len(batch.jobs) < self.settings.batch_size:
             try:
@@ -314,6 +343,8 @@ class Worker:
             if not handler.crash_isolation:
                 gate: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
             else:
+                if not batch.solo:  # a solo job claimed meanwhile runs first
+                    await self._after_solo(loop)
                 gate = self.gate.solo() if batch.solo else self.gate.shared(batch)
             async with gate:
                 if batch.solo:

@@ -320,8 +320,9 @@ class Settings(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", description="address the metrics server binds (0.0.0.0 in a container)")
     stall_seconds: float = Field(
-        300.0, gt=0, description="a dispatcher loop silent this long past poll_interval is stuck: "
-        "the systemd watchdog is no longer pinged and /healthz answers 503"
+        300.0, gt=0, description="an idle dispatcher loop silent this long past poll_interval is stuck: "
+        "the systemd watchdog is no longer pinged and /healthz answers 503 (a loop in a batch is stuck once the "
+        "batch passes batch_deadline_seconds)"
     )
 
     log_format: Literal["console", "json"] = "console"

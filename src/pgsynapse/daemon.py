@@ -1,15 +1,15 @@
 """Running the worker as a service: systemd notify and watchdog, SIGHUP reload, the /metrics and /healthz server.
 
 Everything here runs on the worker's own event loop, beside :meth:`Worker.run`. A watchdog ping therefore proves
-that the loop turns, and it is sent only while the dispatcher loops come round too (see :func:`loop_stalled`):
-a stuck loop stops the pings and systemd restarts the process, whose leases then expire and requeue its jobs.
+that the loop turns, and it is sent only while no dispatcher loop is stuck (see :func:`loop_stalled`): an idle
+loop must come round, a loop in a batch must be within the batch's deadline. A stuck loop stops the pings and
+systemd restarts the process, whose leases then expire and requeue its jobs.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,22 +38,19 @@ LIVE_SETTINGS = (
 
 def tick_age(worker: Worker) -> float:
     """Seconds since the *least recently* turning dispatcher loop came round (each loop is tracked)."""
-    ticks = worker.stats.loop_ticks.values()
-    return time.monotonic() - (min(ticks) if ticks else worker.stats.last_tick)
+    return worker.stats.tick_age()
 
 
 def loop_stalled(worker: Worker) -> float | None:
-    """Seconds the dispatcher loops are overdue, or None while they are healthy.
+    """Seconds the most overdue dispatcher loop is past its limit, or None while the loops are healthy.
 
-    A loop comes round at least every ``poll_interval`` when idle and after every batch when busy, so a loop
-    whose tick is older than ``poll_interval + stall_seconds`` is stuck (a hung query or model call). While
-    stopping, loops end one by one and the drain is bounded by the service manager's stop timeout instead.
+    An idle loop comes round at least every ``poll_interval``: one silent ``stall_seconds`` past that is stuck (a
+    hung claim query). A loop in a batch is busy, not stuck, while the batch is within its deadline (its leases
+    are renewed until then, however long it computes); past it, a model call or query hung, and it is stuck.
+    The judgement is :meth:`Worker.stalled_loop`; None while stopping.
     """
-    if worker.stopping.is_set():
-        return None
-    age = tick_age(worker)
-    limit = worker.settings.poll_interval + worker.settings.stall_seconds
-    return age - limit if age > limit else None
+    stalled = worker.stalled_loop()
+    return stalled[0] if stalled else None
 
 
 def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
@@ -135,15 +132,15 @@ class Service:
     async def _watchdog(self) -> None:
         assert self.watchdog_every
         while True:
-            overdue = loop_stalled(self.worker)
-            if overdue is None:
+            stalled = self.worker.stalled_loop()
+            if stalled is None:
                 self.notifier.notify("WATCHDOG=1")
                 if not self.watchdog_ok:
                     log.info("watchdog_resumed")
             elif self.watchdog_ok:
-                log.error("watchdog_withheld", reason="dispatcher loop stalled", overdue_s=round(overdue, 1))
-            if self.watchdog_ok != (overdue is None):
-                self.watchdog_ok = overdue is None
+                log.error("watchdog_withheld", reason=stalled[1], overdue_s=round(stalled[0], 1))
+            if self.watchdog_ok != (stalled is None):
+                self.watchdog_ok = stalled is None
                 self._watchdog_changed.set()
                 self._watchdog_changed = anyio.Event()
             await anyio.sleep(self.watchdog_every)
@@ -188,6 +185,7 @@ class Service:
             "listen_connected": w.listener.connected,
             "last_tick_age_seconds": round(tick_age(w), 3),
             "stall_limit_seconds": w.settings.poll_interval + w.settings.stall_seconds,
+            "loop_overdue_seconds": round(overdue or 0.0, 3),
             "in_flight_batches": w.in_flight,
             "stopping": w.stopping.is_set(),
         }

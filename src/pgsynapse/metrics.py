@@ -4,15 +4,14 @@ Two sources:
 - histograms and counters the worker feeds as it goes (:func:`observe_batch`, :func:`observe_results`, and the
   inference cache's :func:`cache_hit` / :func:`cache_miss`), process-wide;
 - a collector read at scrape time: the worker's own counters (jobs processed/failed/retried by kind, LISTEN
-  reconnects, fallback polls, loop tick age) and a database snapshot (jobs pending, running and failed and the
-  oldest pending age by kind, model versions and their traffic split) that :meth:`WorkerCollector.refresh` takes
-  with a short timeout just before each scrape. The snapshot reads the jobs table through its partial indexes
+  reconnects, fallback polls, loop tick age, how far the most overdue loop is past its limit) and a database
+  snapshot (jobs pending, running and failed and the oldest pending age by kind, model versions and their traffic
+  split) that :meth:`WorkerCollector.refresh` takes with a short timeout just before each scrape. The snapshot reads the jobs table through its partial indexes
   only (``queue_depth`` in ops.sql): done jobs, most of the table, are never counted at scrape time.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -142,10 +141,15 @@ class WorkerCollector(Collector):
                                   value=w.stats.fallback_polls)
         yield GaugeMetricFamily("pgsynapse_listen_connected", "1 while the LISTEN connection is up",
                                 value=int(w.listener.connected))
-        ticks = w.stats.loop_ticks.values()
-        tick_age_s = time.monotonic() - (min(ticks) if ticks else w.stats.last_tick)
         yield GaugeMetricFamily("pgsynapse_loop_tick_age_seconds",
-                                "Seconds since the least recently turning dispatcher loop came round", value=tick_age_s)
+                                "Seconds since the least recently turning dispatcher loop came round (a loop in a batch "
+                                "comes round after it)", value=w.stats.tick_age())
+        stalled = w.stalled_loop()
+        yield GaugeMetricFamily("pgsynapse_loop_overdue_seconds",
+                                "Seconds the most overdue dispatcher loop is past its limit (idle: poll_interval + "
+                                "stall_seconds since it came round; in a batch: the batch's deadline), 0 while none is: "
+                                "above 0, /healthz answers 503 and the systemd watchdog is not pinged",
+                                value=stalled[0] if stalled else 0.0)
         yield GaugeMetricFamily("pgsynapse_in_flight_batches", "Batches being computed or written now", value=w.in_flight)
         yield GaugeMetricFamily("pgsynapse_db_up", "1 when the last scrape's database snapshot succeeded", value=int(self.db_up))
         depth = GaugeMetricFamily("pgsynapse_queue_jobs", "Jobs pending, running or failed by kind (all workers; done "

@@ -1,5 +1,6 @@
-"""The watchdog and /healthz judge the dispatcher loops: a loop stuck in a model call withholds the systemd
-watchdog pings and makes /healthz answer 503; once it turns again, both recover and the job completes."""
+"""The watchdog and /healthz judge the dispatcher loops: a batch slower than the idle stall limit but within its
+deadline keeps both healthy; a batch hung past its deadline withholds the systemd watchdog pings and makes /healthz
+answer 503; once its loop turns again, both recover and the job completes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import anyio
 import pytest
 
-from pgsynapse.daemon import Service, loop_stalled
+from pgsynapse.daemon import Service, loop_stalled, tick_age
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.worker import Worker
 from pgsynapse.sdnotify import Notifier
@@ -31,8 +32,86 @@ class StuckEmbedHandler(EmbedHandler):
         return super().compute(work)
 
 
-async def test_stuck_loop_withholds_watchdog_and_fails_healthz(db_url, models):
-    settings = fast_settings(db_url, poll_interval=0.2, stall_seconds=0.3)
+class PingLog(Notifier):
+    """The real notifier, which also notes each watchdog ping sent while the loops' tick age is past ``age``."""
+
+    def __init__(self, address: str, worker: Worker, age: float) -> None:
+        super().__init__(address)
+        self.worker, self.age = worker, age
+        self.late_ping = anyio.Event()
+
+    def notify(self, *lines: str, wait: float = 0.0) -> bool:
+        sent = super().notify(*lines, wait=wait)
+        if sent and "WATCHDOG=1" in lines and tick_age(self.worker) > self.age:
+            self.late_ping.set()
+        return sent
+
+
+def _overdue(service: Service) -> float:
+    return next(m.samples[0].value for m in service.collector.collect() if m.name == "pgsynapse_loop_overdue_seconds")
+
+
+async def test_a_long_batch_within_its_deadline_keeps_the_watchdog_and_healthz(db_url, models):
+    # the operator's case: one healthy batch slower than poll_interval + stall_seconds (0.5 s here), its deadline
+    # far off; its leases are renewed, so the watchdog keeps pinging and /healthz keeps answering 200
+    settings = fast_settings(db_url, poll_interval=0.2, stall_seconds=0.3, batch_deadline_seconds=60.0)
+    limit = settings.poll_interval + settings.stall_seconds
+    entered, release = threading.Event(), threading.Event()
+    worker = Worker(settings, db_url, models=models,
+                    handlers={"embed": StuckEmbedHandler(settings, models, entered, release)})
+    notify = NotifySocket(abstract=True)
+    conn = await aconn(db_url)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run_worker(*, task_status) -> None:
+                await worker.run(task_status=task_status, handle_signals=False)
+                tg.cancel_scope.cancel()
+
+            await tg.start(run_worker)
+            # a ping counts once the computing loop has been silent twice the idle limit
+            pings = PingLog(notify.path, worker, 2 * limit)
+            service = Service(worker, notifier=pings, watchdog_every=0.05)
+            tg.start_soon(service.run)
+            await anyio.to_thread.run_sync(notify.expect, "READY=1")
+
+            try:
+                insert_docs(db_url, [("slow", "a document whose embedding takes longer than the stall limit")])
+                assert await anyio.to_thread.run_sync(entered.wait, SAFETY_TIMEOUT)
+                withheld = []
+
+                async def watch(scope: anyio.CancelScope) -> None:
+                    await service.wait_watchdog(False)
+                    withheld.append(tick_age(worker))
+                    scope.cancel()
+
+                # whichever comes first: a ping sent past twice the idle limit (the fix), or pings withheld (main)
+                with anyio.fail_after(SAFETY_TIMEOUT):
+                    async with anyio.create_task_group() as race:
+                        race.start_soon(watch, race.cancel_scope)
+                        await pings.late_ping.wait()
+                        race.cancel_scope.cancel()
+                assert not withheld, f"watchdog withheld after {withheld[0]:.2f}s in a batch within its deadline"
+                assert tick_age(worker) > 2 * limit and worker.in_flight == 1
+                assert loop_stalled(worker) is None and _overdue(service) == 0
+                code, health = await service.health()
+                assert code == 200 and health["status"] == "ok", health
+                assert health["last_tick_age_seconds"] > health["stall_limit_seconds"]
+
+                release.set()
+                await wait_until(conn, "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents")
+                assert service.watchdog_ok
+            finally:
+                release.set()  # a failed check ends the test now, not after the hung compute's safety timeout
+            worker.request_stop()
+    finally:
+        notify.close()
+        await conn.close()
+
+
+async def test_a_batch_hung_past_its_deadline_withholds_watchdog_and_fails_healthz(db_url, models):
+    # the deadline, not the idle limit (0.5 s), catches a model call that hangs
+    settings = fast_settings(db_url, poll_interval=0.2, stall_seconds=0.3, batch_deadline_seconds=1.5)
     entered, release = threading.Event(), threading.Event()
     worker = Worker(settings, db_url, models=models,
                     handlers={"embed": StuckEmbedHandler(settings, models, entered, release)})
@@ -54,23 +133,26 @@ async def test_stuck_loop_withholds_watchdog_and_fails_healthz(db_url, models):
             code, health = await service.health()
             assert code == 200 and health["status"] == "ok", health
 
-            insert_docs(db_url, [("stuck", "a document whose embedding hangs for a while")])
-            assert await anyio.to_thread.run_sync(entered.wait, SAFETY_TIMEOUT)
-            with anyio.fail_after(SAFETY_TIMEOUT):
-                await service.wait_watchdog(False)
-            assert loop_stalled(worker) is not None
-            code, health = await service.health()
-            assert code == 503 and health["status"] == "unhealthy" and health["db_reachable"], health
-            assert health["last_tick_age_seconds"] > health["stall_limit_seconds"]
+            try:
+                insert_docs(db_url, [("stuck", "a document whose embedding hangs for a while")])
+                assert await anyio.to_thread.run_sync(entered.wait, SAFETY_TIMEOUT)
+                with anyio.fail_after(SAFETY_TIMEOUT):
+                    await service.wait_watchdog(False)
+                assert loop_stalled(worker) is not None and _overdue(service) > 0
+                code, health = await service.health()
+                assert code == 503 and health["status"] == "unhealthy" and health["db_reachable"], health
+                assert health["last_tick_age_seconds"] > settings.batch_deadline_seconds, health
+                assert health["loop_overdue_seconds"] > 0, health
 
-            release.set()
-            with anyio.fail_after(SAFETY_TIMEOUT):
-                await service.wait_watchdog(True)
-            await wait_until(conn, "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents")
-            code, health = await service.health()
-            assert code == 200, health
+                release.set()
+                with anyio.fail_after(SAFETY_TIMEOUT):
+                    await service.wait_watchdog(True)
+                await wait_until(conn, "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents")
+                code, health = await service.health()
+                assert code == 200 and health["loop_overdue_seconds"] == 0, health
+            finally:
+                release.set()  # a failed check ends the test now, not after the hung compute's safety timeout
             worker.request_stop()
     finally:
-        release.set()
         notify.close()
         await conn.close()

@@ -134,3 +134,28 @@ def test_the_batch_writer_follows_settings_a_sighup_reloads():
     assert worker.writer.settings.max_attempts == 5
     worker.settings = worker.settings.model_copy(update={"max_attempts": 2, "retry_backoff_seconds": 0.5})
     assert (worker.writer.settings.max_attempts, worker.writer.settings.retry_backoff_seconds) == (2, 0.5)
+
+
+def test_a_loop_is_stuck_idle_past_its_poll_and_busy_past_its_batch_deadline():
+    from pgsynapse.listener.batches import Batch, LoopState
+
+    url = "postgresql://nowhere.invalid/db"
+    worker = Worker(load_settings(environ={}, database_url=url, poll_interval=5, stall_seconds=300,
+                                  batch_deadline_seconds=600), url, handlers={})
+    idle, busy, solo, waiting = LoopState(tick=0.0), LoopState(tick=0.0), LoopState(tick=0.0), LoopState(tick=0.0)
+    busy.batch = Batch("embed", [], deadline=1.0 + 600)  # claimed at 1.0
+    solo.batch = Batch("embed", [], solo=True)  # waits for its turn: its deadline starts when it runs alone
+    waiting.waiting = True  # waits for that solo job
+    worker.stats.loops = {1: idle, 2: busy, 3: solo, 4: waiting}
+    idle.tick = 400.0
+    # a batch computing for 399 s (past poll_interval + stall_seconds, within its deadline) is busy, not stuck
+    assert worker.stalled_loop(now=400.0) is None
+    assert worker.stats.tick_age(now=400.0) == 400.0
+    # past its deadline it is (a model call that never returns), however recently the other loops came round
+    assert worker.stalled_loop(now=602.0) == (1.0, "batch past its deadline")
+    busy.batch = None
+    busy.tick = 602.0
+    # an idle loop silent past poll_interval + stall_seconds is stuck (a hung claim query)
+    assert worker.stalled_loop(now=705.5) == (0.5, "dispatcher loop silent past poll_interval + stall_seconds")
+    worker.stopping.set()  # the drain is bounded by the service manager's stop timeout
+    assert worker.stalled_loop(now=705.5) is None
