@@ -11,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgsynapse.answerers.local_models import package_dir
 from pgsynapse.demo import QUESTIONS
@@ -227,6 +229,44 @@ def test_unreachable_database_is_a_clear_error():
     r = pgsynapse("status", url="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert r.returncode == 69
     assert r.stderr.startswith("pgsynapse: error: cannot connect to PostgreSQL")
+
+
+@pytest.mark.parametrize("params, says", [
+    ({"user": "pgsynapse_no_such_role"}, 'role "pgsynapse_no_such_role" does not exist'),  # 28000
+    ({"dbname": "pgsynapse_no_such_db"}, 'database "pgsynapse_no_such_db" does not exist'),  # 3D000
+    ({"port": "99999", "password": "s3cret-pw"}, 'invalid port number: "99999"'),  # libpq, before connecting
+    ({"sslmode": "bogus", "password": "s3cret-pw"}, 'invalid sslmode value: "bogus"'),
+])
+def test_a_database_url_that_cannot_work_stops_the_restarts(pg_url, params, says):
+    """Exit 78 (RestartPreventExitStatus), not 69: restarting every 5 s cannot fix a login, a database name or a
+    URL; one line that says what is wrong and never the password."""
+    r = pgsynapse("status", url=make_conninfo(pg_url, connect_timeout=5, **params))
+    assert r.returncode == 78, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("pgsynapse: error: cannot connect to PostgreSQL: ") and says in line
+    assert "s3cret-pw" not in line
+    if "dbname" in params:
+        assert "CREATE DATABASE" in line
+
+
+def test_a_server_not_there_yet_is_retried():
+    # the socket of a local server that has not started yet: a restart may find it (exit 69)
+    r = pgsynapse("status", url="host=/tmp/pgsynapse-no-server-here user=u dbname=d")
+    assert r.returncode == 69
+    assert r.stderr.startswith("pgsynapse: error: cannot connect to PostgreSQL")
+
+
+@pytest.mark.parametrize("where", ["file", "/proc/pgsynapse-data", "/root/pgsynapse-data"])
+def test_an_unusable_data_dir_is_a_configuration_error(tmp_path, where):
+    if where == "file":
+        (tmp_path / "file").write_text("")
+        where = str(tmp_path / "file")
+    elif where.startswith("/root") and os.geteuid() != 0:
+        pytest.skip("refused only as root (the embedded server would chmod /root)")
+    r = pgsynapse("--data-dir", where, "status")
+    assert r.returncode == 78, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("pgsynapse: error: ") and f"data_dir {where}" in line
 
 
 def test_json_logs_are_structured_events(new_db):
