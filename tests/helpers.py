@@ -125,6 +125,10 @@ class WorkerProcess:
                     raise TimeoutError(f"no {name!r} event within {timeout}s: {self.tail()}")
                 self._cond.wait(left)
 
+    def fatal_errors(self) -> list[str]:
+        """What it stopped on: the ``error`` of its ``fatal_error`` events (the JSON log's ``pgsynapse: error:``)."""
+        return [e["error"] for e in self.events if e.get("event") == "fatal_error"]
+
     def tail(self, n: int = 15) -> str:
         return "\n".join(json.dumps(e) for e in self.events[-n:])
 

@@ -101,6 +101,20 @@ def _schema_behind(settings, exc: psycopg.Error) -> str | None:
     return None
 
 
+def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
+    """A command's last word when it fails: ``pgsynapse: error: ...`` on stderr, or with JSON logs a ``fatal_error``
+    event (every line of a JSON log is JSON: journalctl -o cat | jq). Settings that did not load give the format of
+    the flag or PGSYNAPSE_LOG_FORMAT (the systemd unit's)."""
+    fmt = settings.log_format if settings is not None else (args.log_format or os.environ.get("PGSYNAPSE_LOG_FORMAT"))
+    if fmt != "json":
+        print(f"pgsynapse: error: {message}", file=sys.stderr)
+        return code
+    if settings is None:
+        configure_logging("json", "error")
+    get_logger("pgsynapse").error("fatal_error", error=message, exit_code=code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = None
@@ -109,22 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         return _dispatch(args, settings)
     except (ConfigError, ModelError, DatabaseSetupError) as exc:
-        print(f"pgsynapse: error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _fail(args, settings, str(exc), EX_CONFIG)
     except DatabaseError as exc:
-        print(f"pgsynapse: error: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return _fail(args, settings, str(exc), EX_UNAVAILABLE)
     except psycopg.Error as exc:
         if behind := _schema_behind(settings, exc):
-            print(f"pgsynapse: error: {behind}", file=sys.stderr)
-            return EX_UNAVAILABLE
+            return _fail(args, settings, behind, EX_UNAVAILABLE)
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
-        print(f"pgsynapse: error: database error: {describe_db_error(exc)}", file=sys.stderr)
         # a missing privilege stays missing until someone grants it: not worth a restart loop
-        return EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE
+        return _fail(args, settings, f"database error: {describe_db_error(exc)}",
+                     EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE)
     except PgsynapseError as exc:
-        print(f"pgsynapse: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, settings, str(exc), 1)
     except KeyboardInterrupt:
         return 130
 

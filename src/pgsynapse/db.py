@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
 from pgsynapse.embedded import EmbeddedPostgres
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseConfigError, DatabaseError
 from pgsynapse.queries import q
 
 APPLICATION_NAME = "pgsynapse"
@@ -70,6 +71,49 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+# What restarting cannot fix when a connection fails. psycopg gives a failed connection no SQLSTATE, only libpq's
+# text (psycopg/psycopg#1188), so these read it: the server's refusals by their (English) messages, each named by
+# the SQLSTATE it stands for, and libpq's rejection of an option, which comes before any connection attempt
+# (psycopg: "connection is bad"). A message matched by none (a server that speaks another language, a refused
+# connection, a timeout, a server starting up or shutting down: 57P03) stays a DatabaseError, retried (exit 69).
+CONNECTION_REFUSALS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # 28P01 (password), 28000 (peer, ident, cert, ...): "<method> authentication failed for user"
+    (re.compile(r"authentication failed for user"), "check the user and password of the connection string"),
+    # 28000
+    (re.compile(r'role ".*" does not exist|no pg_hba\.conf entry for|pg_hba\.conf rejects connection|'
+                r'is not permitted to log in'), "check the user and password of the connection string"),
+    # 3D000: a database created later (by an orchestrator) is no reason to retry a typo every 5 s
+    (re.compile(r'database ".*" does not exist'),
+     "create it (CREATE DATABASE) or fix the connection string, then start pgsynapse again"),
+    # 42501
+    (re.compile(r"permission denied for database"), "GRANT CONNECT ON DATABASE to the connection string's user"),
+    # libpq's option checks (a port number, an sslmode, a timeout): no server was asked
+    (re.compile(r"^connection is bad: (invalid |could not match )"), "fix the connection string"),
+)
+
+
+def _redact(text: str, url: str) -> str:
+    """``text`` without the password of ``url`` (libpq quotes some of a URL back)."""
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def connection_error(exc: psycopg.Error, url: str) -> DatabaseError:
+    """A failed connection to ``url``, wrapped: a :class:`DatabaseConfigError` when restarting cannot fix it (a
+    login refused, no such database, an option libpq rejects), else a :class:`DatabaseError`."""
+    detail = _redact(_describe(exc), url)
+    pgconn = getattr(exc, "pgconn", None)
+    if getattr(pgconn, "needs_password", False):  # the server asked for a password and none was given
+        return DatabaseConfigError(f"cannot connect to PostgreSQL: {detail}: set the connection string's password")
+    for pattern, fix in CONNECTION_REFUSALS:
+        if pattern.search(detail):
+            return DatabaseConfigError(f"cannot connect to PostgreSQL: {detail}: {fix}")
+    return DatabaseError(f"cannot connect to PostgreSQL: {detail}")
+
+
 def connect(url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME,
             settings: Settings | None = None) -> psycopg.Connection:
     """A connection to ``url`` with dict rows, no prepared statements and :func:`tcp_params` (of ``settings``)."""
@@ -77,7 +121,7 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = APPLI
         return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row,
                                **_connect_kwargs(url, application_name, settings))
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+        raise connection_error(exc, url) from exc
 
 
 async def aconnect(
@@ -89,7 +133,7 @@ async def aconnect(
             url, autocommit=autocommit, row_factory=dict_row, **_connect_kwargs(url, application_name, settings)
         )
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+        raise connection_error(exc, url) from exc
 
 
 def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:

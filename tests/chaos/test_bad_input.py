@@ -156,7 +156,7 @@ def test_bad_setup_stops_start_up_with_one_clear_line(case, new_db, template_db,
         else:
             got = w.proc.wait(120)
             w.wait_event("process_exited")
-            lines = [e["line"] for e in w.events if e.get("event") == "raw" and e["line"].startswith("pgsynapse: error:")]
+            lines = [f"pgsynapse: error: {error}" for error in w.fatal_errors()]  # JSON logs: a fatal_error event
             assert not any(e.get("event") == "worker_started" for e in w.events)
     finally:
         if role:

@@ -11,11 +11,13 @@ import zipfile
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.answerers.local_models import package_dir
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
-from tests.helpers import insert_docs, spawn_worker
+from tests.helpers import SAFETY_TIMEOUT, insert_docs, spawn_worker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,11 +231,88 @@ def test_unreachable_database_is_a_clear_error():
     assert r.stderr.startswith("pgsynapse: error: cannot connect to PostgreSQL")
 
 
+@pytest.mark.parametrize("params, says", [
+    ({"user": "pgsynapse_no_such_role"}, 'role "pgsynapse_no_such_role" does not exist'),  # 28000
+    ({"dbname": "pgsynapse_no_such_db"}, 'database "pgsynapse_no_such_db" does not exist'),  # 3D000
+    ({"port": "99999", "password": "s3cret-pw"}, 'invalid port number: "99999"'),  # libpq, before connecting
+    ({"sslmode": "bogus", "password": "s3cret-pw"}, 'invalid sslmode value: "bogus"'),
+])
+def test_a_database_url_that_cannot_work_stops_the_restarts(pg_url, params, says):
+    """Exit 78 (RestartPreventExitStatus), not 69: restarting every 5 s cannot fix a login, a database name or a
+    URL; one line that says what is wrong and never the password."""
+    r = pgsynapse("status", url=make_conninfo(pg_url, connect_timeout=5, **params))
+    assert r.returncode == 78, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("pgsynapse: error: cannot connect to PostgreSQL: ") and says in line
+    assert "s3cret-pw" not in line
+    if "dbname" in params:
+        assert "CREATE DATABASE" in line
+
+
+def test_a_server_not_there_yet_is_retried():
+    # the socket of a local server that has not started yet: a restart may find it (exit 69)
+    r = pgsynapse("status", url="host=/tmp/pgsynapse-no-server-here user=u dbname=d")
+    assert r.returncode == 69
+    assert r.stderr.startswith("pgsynapse: error: cannot connect to PostgreSQL")
+
+
+@pytest.mark.parametrize("where", ["file", "/proc/pgsynapse-data", "/root/pgsynapse-data"])
+def test_an_unusable_data_dir_is_a_configuration_error(tmp_path, where):
+    if where == "file":
+        (tmp_path / "file").write_text("")
+        where = str(tmp_path / "file")
+    elif where.startswith("/root") and os.geteuid() != 0:
+        pytest.skip("refused only as root (the embedded server would chmod /root)")
+    r = pgsynapse("--data-dir", where, "status")
+    assert r.returncode == 78, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("pgsynapse: error: ") and f"data_dir {where}" in line
+
+
 def test_json_logs_are_structured_events(new_db):
     url = new_db()
     r = pgsynapse("--log-format", "json", "migrate", url=url)
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     assert {"event": "migration_applied", "version": 1, "name": "0001_init.sql"}.items() <= events[0].items()
+
+
+def test_json_logs_stay_json_when_a_library_logs_through_the_standard_library(db_url, pg_url):
+    """A database outage under a running worker: psycopg_pool's "error connecting in 'pool-1'" records (standard
+    library logging) came out as plain two-line text between the JSON events; journalctl -o cat | jq broke on them."""
+    dbname = conninfo_to_dict(db_url)["dbname"]
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_POLL_INTERVAL": "0.2"})  # --log-format json
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # the outage: every connection cut, none let in
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+        with worker._cond:  # the pool's first failed reconnection, as whatever line it came out
+            assert worker._cond.wait_for(lambda: any("error connecting in" in json.dumps(e) for e in worker.events),
+                                         timeout=SAFETY_TIMEOUT), worker.tail()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        worker.stop()
+    assert not [e["line"] for e in worker.events if e["event"] == "raw"]  # every line parsed as JSON
+    [pool] = [e for e in worker.events if "error connecting in" in e.get("message", "")][:1]
+    assert {"event": "library_log", "logger": "psycopg.pool", "level": "warning"}.items() <= pool.items()
+    assert pool["message"].startswith("error connecting in 'pool-1': ") and "timestamp" in pool
+
+
+@pytest.mark.parametrize("args, env, code, error", [
+    (["--log-format", "json", "--database-url", "host=/tmp/pgsynapse-no-server-here dbname=d", "status"], {}, 69,
+     "cannot connect to PostgreSQL: "),
+    # settings that do not load: the format of PGSYNAPSE_LOG_FORMAT (the systemd unit's)
+    (["status"], {"PGSYNAPSE_LOG_FORMAT": "json", "PGSYNAPSE_POLL_INTERVAL": "-1"}, 78,
+     "invalid setting poll_interval [PGSYNAPSE_POLL_INTERVAL]: Input should be greater than 0 (got '-1')"),
+])
+def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
+    # its last line was `pgsynapse: error: ...`, plain text
+    r = pgsynapse(*args, env=env)
+    assert r.returncode == code
+    assert r.stdout == ""
+    events = [json.loads(line) for line in r.stderr.splitlines()]
+    assert {"event": "fatal_error", "level": "error", "exit_code": code}.items() <= events[-1].items()
+    assert events[-1]["error"].startswith(error)
 
 
 def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):

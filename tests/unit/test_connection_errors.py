@@ -1,0 +1,54 @@
+"""Which failed connections restarting cannot fix (exit 78), from libpq's text: psycopg gives them no SQLSTATE."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg.errors import FinishedPGconn
+
+from pgsynapse.db import connection_error
+from pgsynapse.errors import DatabaseConfigError, DatabaseError
+
+URL = "postgresql://app:s3cret-pw@db.example:5432/app"
+AT = 'connection failed: connection to server at "10.0.0.5", port 5432 failed: '
+
+
+@pytest.mark.parametrize("message", [
+    AT + 'FATAL:  password authentication failed for user "app"',  # 28P01
+    AT + 'FATAL:  role "app" does not exist',  # 28000
+    AT + 'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "app", database "app", no encryption',  # 28000
+    AT + 'FATAL:  database "app" does not exist',  # 3D000
+    'connection is bad: invalid port number: "99999"',
+    'connection is bad: invalid sslmode value: "bogus"',
+])
+def test_what_restarting_cannot_fix(message):
+    err = connection_error(psycopg.OperationalError(message), URL)
+    assert type(err) is DatabaseConfigError
+    assert str(err).startswith(f"cannot connect to PostgreSQL: {message}: ")
+
+
+@pytest.mark.parametrize("message", [
+    AT + "FATAL:  the database system is starting up",  # 57P03
+    AT + "FATAL:  the database system is shutting down",  # 57P03
+    AT + "FATAL:  sorry, too many clients already",  # 53300
+    AT + "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?",
+    'connection is bad: connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such file or '
+    "directory",  # a local server not started yet
+    "failed to resolve host 'db.example': [Errno -3] Temporary failure in name resolution",
+    "connection timeout expired",
+    AT + "FATAL:  la authentification par mot de passe a échoué pour l'utilisateur « app »",  # unknown: as before
+])
+def test_what_a_restart_may_fix(message):
+    err = connection_error(psycopg.OperationalError(message), URL)
+    assert type(err) is DatabaseError
+    assert str(err) == f"cannot connect to PostgreSQL: {message.splitlines()[0]}"
+
+
+def test_no_password_given_is_known_by_libpq_not_by_its_text():
+    exc = psycopg.OperationalError(AT + "fe_sendauth: no password supplied", pgconn=FinishedPGconn(needs_password=True))
+    assert isinstance(connection_error(exc, URL), DatabaseConfigError)
+
+
+def test_the_password_is_never_echoed():
+    err = connection_error(psycopg.OperationalError('connection is bad: invalid URI "s3cret-pw"'), URL)
+    assert "s3cret-pw" not in str(err) and '"***"' in str(err)
