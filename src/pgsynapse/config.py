@@ -434,20 +434,27 @@ def load_settings(
     environ = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    from_file: set[str] = set()  # the settings whose value is the file's: an error names the file, not a variable
     if config_file:
         values.update(_read_config_file(Path(config_file)))
-    values.update(_env_values(environ))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        from_file = set(values)
+    env = _env_values(environ)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(env)
+    values.update(given)
+    from_file -= set(env) | set(given)
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problem = _describe(exc.errors()[0], values)
+        problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file)
     # raised outside the handler: pydantic's error (its input_value may be a password) is not even its context
     raise ConfigError(problem)
 
 
-def _describe(err: Any, values: dict[str, Any]) -> str:
-    """The one-line message of a validation error, naming the setting; a secret's value is never shown."""
+def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None = None,
+              from_file: set[str] = frozenset()) -> str:
+    """The one-line message of a validation error, naming the setting and where its value came from (the config
+    file's key, else its environment variable); a secret's value is never shown."""
     name = _setting_name(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
@@ -459,6 +466,8 @@ def _describe(err: Any, values: dict[str, Any]) -> str:
     where = f"{ENV_PREFIX}{name.upper()}" if known else name
     if name == "database_url":
         where += " or DATABASE_URL"
+    if name in from_file:
+        where = f"{name} in {config_file}"
     if not known:
         # a mistyped key: its value may be the secret of the setting it meant, so it is never shown
         close = difflib.get_close_matches(name, Settings.model_fields, n=1)

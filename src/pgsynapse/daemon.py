@@ -76,8 +76,8 @@ async def open_http(settings: Settings) -> SocketListener | None:
         listener = await anyio.create_tcp_listener(local_host=settings.metrics_host, local_port=settings.metrics_port)
     except OSError as exc:
         raise ConfigError(
-            f"invalid setting metrics_port [PGSYNAPSE_METRICS_PORT]: cannot listen on "
-            f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+            f"invalid setting metrics_host / metrics_port [PGSYNAPSE_METRICS_HOST, PGSYNAPSE_METRICS_PORT]: cannot "
+            f"listen on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
         ) from None
     return listener  # type: ignore[return-value]
 

@@ -62,7 +62,7 @@ def png_claiming(width: int, height: int, idat: bytes) -> bytes:
 
 async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, tiny_vit_path):
     conn = await aconn(db_url)
-    with pytest.raises(PgsynapseError, match="no active image model: this search needs a CLIP model"):
+    with pytest.raises(PgsynapseError, match="no active CLIP model: a search by text needs one"):
         await search_by_text(conn, ImageModelCache(), "a red picture")
     await conn.close()
     with _sync(db_url) as conn:

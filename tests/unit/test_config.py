@@ -87,6 +87,16 @@ def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path: Path):
         load_settings(tmp_path, environ={})
 
 
+def test_an_invalid_value_of_the_file_is_named_as_the_file_has_it(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("batch_size = 0\n")  # it was labelled [PGSYNAPSE_BATCH_SIZE], a variable nobody set
+    with pytest.raises(ConfigError, match=rf"^invalid setting batch_size \[batch_size in {f}\]: "):
+        load_settings(f, environ={})
+    # the environment's value wins, and is named as its variable
+    with pytest.raises(ConfigError, match=r"^invalid setting batch_size \[PGSYNAPSE_BATCH_SIZE\]: "):
+        load_settings(f, environ={"PGSYNAPSE_BATCH_SIZE": "-1"})
+
+
 def test_settings_go_at_the_top_level_or_under_the_pgsynapse_table_not_both(tmp_path: Path):
     f = tmp_path / "c.toml"
     f.write_text("[pgsynapse]\nbatch_size = 8\n")

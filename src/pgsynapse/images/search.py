@@ -41,8 +41,11 @@ async def model_row(conn: psycopg.AsyncConnection, kinds: list[str], model: int 
         return row
     row = await (await conn.execute(q("active_image_model", "images.sql"), {"kinds": kinds})).fetchone()
     if row is None:
-        need = "a CLIP model (text and image towers)" if kinds == ["clip"] else "an image model"
-        raise PgsynapseError(f"no active image model: this search needs {need}; register one with "
+        if kinds == ["clip"]:  # an image-only model may be active: it cannot read a text
+            raise PgsynapseError("no active CLIP model: a search by text needs one (text and image towers; an "
+                                 "image-only model such as EfficientNet searches by example: --like-image PATH); "
+                                 "register one with `pgsynapse image-model add PATH --kind clip`")
+        raise PgsynapseError("no active image model: this search needs one; register one with "
                              "`pgsynapse image-model add PATH`")
     return row
 
