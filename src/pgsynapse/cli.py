@@ -168,11 +168,14 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "retry-failed":
         with Database(settings) as db, db.connect() as conn:
-            counts = retry_failed(conn, args.kind)
-        if counts:
-            print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
-        else:
+            retried = retry_failed(conn, args.kind)
+        if retried.requeued:
+            print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(retried.requeued.items())))
+        elif not retried.superseded:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
+        if retried.superseded:
+            print(f"closed {retried.superseded} failed job(s) as superseded: their row has a newer job, or changed "
+                  "and was processed since")
         return 0
     if args.command == "search" and (args.images or args.like_image):
         return run_image_search(args, settings)

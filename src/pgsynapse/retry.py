@@ -7,6 +7,7 @@ gives it a fresh set of attempts, due now, sets its row back to ``pending`` and 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import psycopg
 
@@ -20,8 +21,14 @@ ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents", "answer"
                                      "embed_image": "retry_failed_images", "sql_answer": "retry_failed_data_questions"}
 
 
-def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str, int]:
-    """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction. Returns the count per kind.
+@dataclass
+class Retried:
+    requeued: dict[str, int]  # jobs back in the queue, per kind
+    superseded: int  # failed jobs closed instead: their row has a newer job (or changed and was processed since)
+
+
+def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
+    """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction.
 
     At most one pending job may exist per (kind, row): of several failed jobs of one row only the newest
     is requeued, and none when the row already has a pending job or a newer running or done one (its
@@ -50,4 +57,4 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> dict[str,
             conn.execute(q("notify_jobs"), {"kind": k, "n": len(ids)})
     counts = {k: len(v) for k, v in requeue.items()}
     log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed))
-    return counts
+    return Retried(counts, len(closed))

@@ -226,7 +226,7 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
     [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert job == {"status": "failed", "attempts": 1}  # a missing model is not retried: an operator must act
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        assert retry_failed(conn, "sql_answer") == {"sql_answer": 1}
+        assert retry_failed(conn, "sql_answer").requeued == {"sql_answer": 1}
     settings = _settings(url, model)
     async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
         async with await aconn(url) as conn:

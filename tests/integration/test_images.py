@@ -172,7 +172,7 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
 
     # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
     with _sync(db_url) as conn:
-        assert retry_failed(conn, "embed_image") == {"embed_image": 10}
+        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 10}
         assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 10
     async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
         conn = await aconn(db_url)

@@ -43,7 +43,7 @@ async def test_an_edited_or_retried_question_is_timed_from_when_it_was_asked_aga
         await wait_until(watch, ANSWERED, ([edited, plain],), channel="pgsynapse_answers")
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
             conn.execute("UPDATE pgsynapse.questions SET text = 'what does SAVEPOINT do?' WHERE id = %s", (edited,))
-            assert retry_failed(conn, "answer") == {"answer": 1}
+            assert retry_failed(conn, "answer").requeued == {"answer": 1}
         await wait_until(watch, "SELECT bool_and(status = 'answered') FROM pgsynapse.questions WHERE id = ANY(%s)",
                          ([edited, retried],), channel="pgsynapse_answers")
     with psycopg.connect(db_url) as conn:
@@ -68,7 +68,7 @@ def test_an_edited_or_retried_data_question_is_asked_again_now(db_url):
                      (retried,))
         conn.execute("UPDATE pgsynapse.data_questions SET status = 'failed', error = 'x' WHERE id = %s", (retried,))
         conn.execute("UPDATE pgsynapse.data_questions SET text = 'how many orders shipped?' WHERE id = %s", (edited,))
-        assert retry_failed(conn, "sql_answer") == {"sql_answer": 1}
+        assert retry_failed(conn, "sql_answer").requeued == {"sql_answer": 1}
         rows = [tuple(r.values()) for r in conn.execute(
             "SELECT status, now() - asked_at < interval '1 minute' FROM pgsynapse.data_questions WHERE id = ANY(%s) "
             "ORDER BY id", ([edited, retried],)).fetchall()]
