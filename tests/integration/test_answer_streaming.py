@@ -31,6 +31,7 @@ class SSE(BaseHTTPRequestHandler):
     scripts: list[list[str]] = []
     gates: list[threading.Event] | None = None
     requests: list[dict] = []
+    finish: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -52,6 +53,8 @@ class SSE(BaseHTTPRequestHandler):
             if gates is not None and k > 0:
                 assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
             event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            if k == len(pieces) - 1 and SSE.finish:
+                event["choices"][0]["finish_reason"] = SSE.finish
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
         if gates is not None:  # the end too waits for the last piece's NOTIFY
@@ -66,7 +69,7 @@ class SSE(BaseHTTPRequestHandler):
 @pytest.fixture
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
-    SSE.scripts, SSE.gates, SSE.requests = [PIECES], None, []
+    SSE.scripts, SSE.gates, SSE.requests, SSE.finish = [PIECES], None, [], None
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -165,6 +168,7 @@ async def test_an_edit_mid_stream_gets_no_partial_text_of_the_old_question(db_ur
 async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_url, models, sse):
     SSE.scripts = [["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]]
     SSE.gates = gates = [threading.Event(), threading.Event()]
+    SSE.finish = "length"  # and the endpoint's token limit ended it
     async with running_worker(_settings(db_url, sse, answer_top_k=3, stream_interval_ms=60_000), models):
         await _corpus(db_url)
         listener = await aconn(db_url)
@@ -186,7 +190,8 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert [(p["status"], p.get("seq"), p.get("offset")) for p in notes] == [("streaming", 1, 0), ("answered", None, None)]
     assert notes[0]["delta"] == "Use ROLLBACK TO SAVEPOINT [7], "
     assert flagged.status == "answered" and flagged.answer == "Use ROLLBACK TO SAVEPOINT [7], see also [2][1]."
-    assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3 given"]
+    assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3 given",
+                             "truncated: the endpoint stopped at its token limit before it had finished"]
     # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
     assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order

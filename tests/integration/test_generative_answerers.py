@@ -33,6 +33,8 @@ def _tiny_model(path, kind: str) -> str:
         model = T5ForConditionalGeneration(T5Config(vocab_size=tok.vocab_size, d_model=32, d_ff=64, d_kv=16,
                                                     num_layers=1, num_heads=2, decoder_start_token_id=tok.pad_token_id,
                                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id))
+    # never the end token: generation always runs to answer_max_new_tokens (the answer is cut, deterministically)
+    model.generation_config.suppress_tokens = [tok.sep_token_id]
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -56,6 +58,8 @@ async def test_local_transformers_answerer_gets_history_and_passages(db_url, mod
         assert second.sources == []
     else:
         assert second.sources[0]["title"] == "Savepoints" and "uncited" in second.flags
+        # stopped by answer_max_new_tokens, not by its end token: flagged as cut
+        assert "truncated: it stopped at answer_max_new_tokens (8) before it had finished" in second.flags
     prompt = handler._generative.last_prompt
     assert "Q: how do I undo commands back to a savepoint?" in prompt  # the history
     assert "[1] Savepoints:" in prompt and prompt.rstrip().endswith("Question: and how do I release it?\nAnswer:")
@@ -65,6 +69,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     fail = False
     content = "Use ROLLBACK TO SAVEPOINT [1]."
+    finish = "stop"  # why the completion ended: "length" when the endpoint's token limit cut it
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -74,7 +79,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": "overloaded"}')
             return
-        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": FakeOpenAI.content}}]})
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": FakeOpenAI.content},
+                                       "finish_reason": FakeOpenAI.finish}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -88,6 +94,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.fail, FakeOpenAI.content = [], False, "Use ROLLBACK TO SAVEPOINT [1]."
+    FakeOpenAI.finish = "stop"
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -130,6 +137,9 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                 pasted = await client.ask("how do I undo commands back to a savepoint?", session_id="u")
                 FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1]."
                 said = await client.ask("how do I undo commands back to a savepoint?", session_id="t")
+                # the endpoint's token limit cut the answer: a reader should know it is not the whole of it
+                FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
+                cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
     assert bare.status == "answered" and bare.flags == ["no_text", "extractive_fallback"], bare.flags
     # the extractive answerer's own answer of the same passages: words, each sentence cited, Savepoints first
     assert bare.answer not in ("[1] [2]", NOT_FOUND) and "savepoint" in bare.answer.lower()
@@ -141,3 +151,5 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                                                                              ("pasted_passage", pasted.id, "openai")]
     # an answer with words is the generator's, unflagged
     assert said.answer == "Use ROLLBACK TO SAVEPOINT [1]." and said.flags == []
+    assert cut.answer == "Use ROLLBACK TO SAVEPOINT [1] to undo the commands"
+    assert cut.flags == ["truncated: the endpoint stopped at its token limit before it had finished"], cut.flags

@@ -40,8 +40,10 @@ def cited_ranks(text: str) -> list[int]:
     return out
 
 
-def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = "flag") -> Answer:
-    """The final answer of a generator from its text and the passages it was given."""
+def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = "flag", *,
+                   cut: str | None = None) -> Answer:
+    """The final answer of a generator from its text and the passages it was given. ``cut``: why the generator
+    stopped before it had finished (its token limit), when it did: the answer says so in its flags."""
     text = text.strip()
     if not text or says_not_found(text):
         return Answer(NOT_FOUND, [])
@@ -50,7 +52,14 @@ def checked_answer(text: str, passages: list[Passage], policy: CitationPolicy = 
         answer.flags.append("no_text")
     elif answer.text == text and pasted(text, passages):
         answer.flags.append("pasted_passage")
+    if cut and answer.text == text:
+        answer.flags.append(f"truncated: {cut}")
     return answer
+
+
+def token_limit_cut(limit: int) -> str:
+    """The ``truncated`` flag's reason for an answer that stopped at ``answer_max_new_tokens``."""
+    return f"it stopped at answer_max_new_tokens ({limit}) before it had finished"
 
 
 def says_not_found(text: str) -> bool:

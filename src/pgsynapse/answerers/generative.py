@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pathlib import Path
 
 from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
-from pgsynapse.answerers.citations import CitationPolicy, checked_answer
+from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
 from pgsynapse.logs import get_logger
@@ -118,7 +118,14 @@ class TransformersAnswerer:
         self.last_stats = {"prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": int(len(new)),
                            "first_token_s": first - started, "seconds": done - started,
                            "passages": len(passages)}
-        return checked_answer(text, passages, self.citation_policy)
+        cut = token_limit_cut(self.max_new_tokens) if self._stopped_at_limit([int(t) for t in new]) else None
+        return checked_answer(text, passages, self.citation_policy, cut=cut)
+
+    def _stopped_at_limit(self, new: list[int]) -> bool:
+        """Whether generation ended at ``max_new_tokens`` rather than on an end-of-sequence token."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        return len(new) >= self.max_new_tokens and not (new and new[-1] in eos)
 
 class OpenAIAnswerer:
     """Any OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``); streamed (server-sent events)
@@ -147,13 +154,15 @@ class OpenAIAnswerer:
         if on_delta is not None:
             payload["stream"] = True
 
-        def read(resp) -> str:
+        def read(resp) -> tuple[str, str | None]:
             if on_delta is not None and resp.headers.get_content_type() == "text/event-stream":
                 return _read_events(resp, on_delta)
-            return message_contents(json.loads(resp.read()))[0]
+            data = json.loads(resp.read())
+            return message_contents(data)[0], _finish_reason(data)
 
-        text = post_json(self.url, self.api_key, payload, read, timeout=self.timeout)
-        return checked_answer(text, req.passages, self.citation_policy)
+        text, finish = post_json(self.url, self.api_key, payload, read, timeout=self.timeout)
+        cut = "the endpoint stopped at its token limit before it had finished" if finish == "length" else None
+        return checked_answer(text, req.passages, self.citation_policy, cut=cut)
 
 
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
@@ -185,10 +194,19 @@ def message_contents(data: object, what: str = "answer endpoint") -> list[str]:
     return out
 
 
-def _read_events(resp, on_delta: Delta) -> str:
+def _finish_reason(data: object) -> str | None:
+    """Why a chat completion's first choice ended (``stop``, ``length``: its token limit), when the body says."""
+    try:
+        return data["choices"][0].get("finish_reason")  # type: ignore[index]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _read_events(resp, on_delta: Delta) -> tuple[str, str | None]:
     """The text of an OpenAI chat-completion event stream (``data: {json}`` lines, ``data: [DONE]`` last), each
-    content delta handed to ``on_delta`` as it arrives."""
+    content delta handed to ``on_delta`` as it arrives, and why it ended (the last ``finish_reason`` sent)."""
     pieces: list[str] = []
+    finish = None
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
@@ -197,10 +215,12 @@ def _read_events(resp, on_delta: Delta) -> str:
         if data == "[DONE]":
             break
         try:
-            piece = json.loads(data)["choices"][0].get("delta", {}).get("content") or ""
+            event = json.loads(data)
+            piece = event["choices"][0].get("delta", {}).get("content") or ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RuntimeError(f"answer endpoint sent an unexpected event: {data[:200]}") from None
+        finish = _finish_reason(event) or finish
         if piece:
             pieces.append(piece)
             on_delta(piece)
-    return "".join(pieces)
+    return "".join(pieces), finish

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
-from pgsynapse.answerers.citations import CitationPolicy, checked_answer
+from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, resolve_model
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
 from pgsynapse.errors import ConfigError
@@ -134,10 +134,11 @@ class LlamaCppAnswerer:
             self._previous = []
         reused = min(_common_prefix(self._previous, tokens), len(tokens) - 1)
         self._previous = tokens
-        first, pieces, n = None, [], 0
+        first, pieces, n, finish = None, [], 0, None
         for chunk in self.model.create_completion(tokens, max_tokens=self.max_new_tokens, temperature=0.0,
                                                   stream=True):
             piece = chunk["choices"][0]["text"]
+            finish = chunk["choices"][0].get("finish_reason") or finish
             n += 1
             if piece:
                 if first is None:
@@ -149,4 +150,5 @@ class LlamaCppAnswerer:
         self.last_stats = {"prompt_tokens": len(tokens), "prefix_tokens_reused": reused, "new_tokens": n,
                            "first_token_s": (first or done) - started, "seconds": done - started,
                            "passages": len(passages)}
-        return checked_answer("".join(pieces), passages, self.citation_policy)
+        cut = token_limit_cut(self.max_new_tokens) if finish == "length" else None
+        return checked_answer("".join(pieces), passages, self.citation_policy, cut=cut)
