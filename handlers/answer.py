@@ -39,7 +39,7 @@ from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
-from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text
+from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, query_with_context
 
 log = get_logger(__name__)
 
@@ -178,8 +178,9 @@ class AnswerHandler(Handler[AnswerWork]):
                 await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
             self._add_batch_mates(group)
             for w in group:
-                # a follow-up ("and how do I undo it?") is retrieved with the previous question's context
-                w.retrieval_query = f"{w.history[-1].question} {w.question}" if w.history else w.question
+                # a follow-up ("and how do I undo it?") is retrieved with the previous question's context; a new
+                # topic in the same session on its own
+                w.retrieval_query = query_with_context(w.question, w.history[-1].question if w.history else None)
             follow_ups = [w for w in group if w.retrieval_query != w.question and not blocked(w)]
             rvecs = await embed_queries(conn, embedder, [w.retrieval_query for w in follow_ups]) if follow_ups else []
             by_follow_up = {id(w): v for w, v in zip(follow_ups, rvecs, strict=True)}

@@ -6,6 +6,7 @@ cosine similarity) and call :func:`fuse_full_text`, so a search shows the passag
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,27 @@ from pgsynapse.queries import q
 
 RRF_K = 60
 CANDIDATES_FACTOR = 3  # hybrid: each list fetches this many times the chunks kept
+
+# a question that refers back to the conversation: it opens by going on from the last turn, or leans on it for
+# its subject ("how do I undo it?", "what about indexes?", "and for views?", "any example?")
+_GOES_ON = re.compile(r"^\W*(and|but|or|so|then|also|what about|how about|same|ok|okay)\b", re.I)
+_LEANS_ON = re.compile(r"\b(it|its|it's|they|them|their|theirs|this|these|those|one|ones|same|such|above|former|"
+                       r"latter|else|more|instead|too|again|other|another|previous|earlier|example)\b", re.I)
+_WORD = re.compile(r"\w+")
+SHORT_QUESTION_WORDS = 3  # "why?", "an example?", "in psql?": too short to stand alone
+
+
+def refers_back(question: str) -> bool:
+    """Whether ``question`` goes on from the conversation, rather than asking about something new: a follow-up is
+    retrieved with the previous question (:func:`query_with_context`), a new topic in the same session on its own
+    ("How do I make a column unique?" after a question about savepoints was searched with both)."""
+    return (bool(_GOES_ON.search(question)) or bool(_LEANS_ON.search(question))
+            or len(_WORD.findall(question)) <= SHORT_QUESTION_WORDS)
+
+
+def query_with_context(question: str, previous: str | None) -> str:
+    """What a question is searched with: a follow-up with the previous question of its session before it."""
+    return f"{previous} {question}" if previous and refers_back(question) else question
 
 
 def rrf_scores(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> dict[int, float]:
