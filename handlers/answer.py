@@ -180,7 +180,7 @@ class AnswerHandler(Handler[AnswerWork]):
             for w in group:
                 # a follow-up ("and how do I undo it?") is retrieved with the previous question's context; a new
                 # topic in the same session on its own
-                w.retrieval_query = query_with_context(w.question, w.history[-1].question if w.history else None)
+                w.retrieval_query = query_with_context(w.question, [t.question for t in w.history])
             follow_ups = [w for w in group if w.retrieval_query != w.question and not blocked(w)]
             rvecs = await embed_queries(conn, embedder, [w.retrieval_query for w in follow_ups]) if follow_ups else []
             by_follow_up = {id(w): v for w, v in zip(follow_ups, rvecs, strict=True)}

@@ -34,9 +34,21 @@ def refers_back(question: str) -> bool:
             or len(_WORD.findall(question)) <= SHORT_QUESTION_WORDS)
 
 
-def query_with_context(question: str, previous: str | None) -> str:
-    """What a question is searched with: a follow-up with the previous question of its session before it."""
-    return f"{previous} {question}" if previous and refers_back(question) else question
+CONTEXT_TURNS = 3  # at most this many earlier questions go with a follow-up
+
+
+def query_with_context(question: str, previous: list[str]) -> str:
+    """What a question is searched with: a follow-up with the earlier questions of its session (oldest first in
+    ``previous``) back to the one that set the topic, the last that stood on its own ("How do I make a column
+    unique?", "can it cover only some rows?", "and how do I drop it?": the third is about the unique constraint)."""
+    if not previous or not refers_back(question):
+        return question
+    chain: list[str] = []
+    for earlier in reversed(previous[-CONTEXT_TURNS:]):
+        chain.insert(0, earlier)
+        if not refers_back(earlier):
+            break
+    return " ".join([*chain, question])
 
 
 def rrf_scores(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> dict[int, float]:

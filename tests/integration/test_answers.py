@@ -89,19 +89,24 @@ async def test_follow_up_in_a_session_retrieves_with_the_history(db_url, models)
             alone = await client.ask("and how do I undo it?", session_id="bob")
             # a new topic in the same conversation is searched on its own, not with the last question's words
             new_topic = await client.ask("How do I make a column unique?", session_id="alice")
+            # and a follow-up of a follow-up keeps the topic of the question that set it
+            await client.ask("can it cover only some rows?", session_id="alice")
+            chained = await client.ask("and how do I drop it?", session_id="alice")
         conn = await aconn(db_url)
         rq = {r["session_id"]: r["retrieval_query"] for r in await (await conn.execute(
             "SELECT session_id, retrieval_query FROM pgsynapse.questions WHERE id IN (%s, %s)", (follow.id, alone.id))).fetchall()}
-        new_rq = (await (await conn.execute("SELECT retrieval_query FROM pgsynapse.questions WHERE id = %s",
-                                            (new_topic.id,))).fetchone())["retrieval_query"]
+        new_rq, chained_rq = [(await (await conn.execute(
+            "SELECT retrieval_query FROM pgsynapse.questions WHERE id = %s", (r.id,))).fetchone())["retrieval_query"]
+            for r in (new_topic, chained)]
         turns = await (await conn.execute("SELECT turns FROM pgsynapse.conversations WHERE session_id = 'alice'")).fetchone()
         await conn.close()
     assert first.sources[0]["document_id"] == ids[0]
     assert rq["alice"] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
     assert rq["bob"] == "and how do I undo it?"
     assert new_rq == "How do I make a column unique?"
+    assert chained_rq == "How do I make a column unique? can it cover only some rows? and how do I drop it?"
     assert follow.sources and follow.sources[0]["document_id"] == ids[0]
-    assert turns["turns"] == 3
+    assert turns["turns"] == 5
 
 
 async def test_a_blank_session_id_is_no_session_and_shares_no_history(db_url, models):

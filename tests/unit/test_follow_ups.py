@@ -16,7 +16,7 @@ PREVIOUS = "How do I roll back part of a transaction?"
 ])
 def test_a_question_that_goes_on_from_the_last_is_retrieved_with_it(question):
     assert refers_back(question)
-    assert query_with_context(question, PREVIOUS) == f"{PREVIOUS} {question}"
+    assert query_with_context(question, [PREVIOUS]) == f"{PREVIOUS} {question}"
 
 
 @pytest.mark.parametrize("question", [
@@ -25,8 +25,18 @@ def test_a_question_that_goes_on_from_the_last_is_retrieved_with_it(question):
 ])
 def test_a_question_about_something_new_is_retrieved_on_its_own(question):
     assert not refers_back(question)
-    assert query_with_context(question, PREVIOUS) == question
+    assert query_with_context(question, [PREVIOUS]) == question
 
 
 def test_a_first_question_has_no_context():
-    assert query_with_context("how do I undo it?", None) == "how do I undo it?"
+    assert query_with_context("how do I undo it?", []) == "how do I undo it?"
+
+
+def test_a_follow_up_of_a_follow_up_keeps_the_topic_of_the_question_that_set_it():
+    # the third was searched with the second alone, "can it cover only some rows? and how do I drop it?", and
+    # answered about DROP COLUMN: the unique constraint was lost
+    turns = ["What does VACUUM do?", "How do I make a column unique?", "can it cover only some rows?"]
+    assert query_with_context("and how do I drop it?", turns) == (
+        "How do I make a column unique? can it cover only some rows? and how do I drop it?")
+    # never more than CONTEXT_TURNS earlier questions
+    assert query_with_context("and then?", ["and a?", "and b?", "and c?", "and d?"]) == "and b? and c? and d? and then?"
