@@ -21,6 +21,13 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
 @pytest.mark.parametrize(("question", "kw", "message"), [
     (ANSWERED, {}, "feedback says whether the answer helped, or rates it (1 to 5)"),
     (ANSWERED, {"rating": 6}, "a rating is 1 to 5, got 6"),
+    # Python's types as the row has them: these were stored as something else, or failed in the database
+    (ANSWERED, {"rating": 2.5}, "a rating is an integer, got 2.5"),
+    (ANSWERED, {"rating": "3"}, "a rating is an integer, got '3'"),
+    (ANSWERED, {"rating": True}, "a rating is an integer, got True"),
+    (ANSWERED, {"helpful": "no"}, "helpful is True or False, got 'no'"),
+    (ANSWERED, {"helpful": 0}, "helpful is True or False, got 0"),
+    (ANSWERED, {"helpful": True, "source": 1.0}, "a source is an integer, got 1.0"),
     (None, {"helpful": True}, "there is no question 5"),
     ({"status": "failed", "sources": []}, {"helpful": False}, "question 5 is failed: it has no answer to give feedback on"),
     (ANSWERED, {"helpful": True, "source": 2}, "question 5's answer cites no passage [2] (it cites [1], [3])"),
@@ -35,3 +42,8 @@ def test_mistakes_are_refused_saying_what_is_wrong(question, kw, message):
     with pytest.raises(InputError) as exc:
         feedback_params(5, question, **args)
     assert str(exc.value) == message
+
+
+def test_a_question_id_is_an_integer():
+    with pytest.raises(InputError, match=r"^a question id is an integer, got '249'$"):
+        feedback_params("249", ANSWERED, helpful=True, rating=None, source=None, comment=None)
