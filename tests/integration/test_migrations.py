@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -440,8 +441,9 @@ def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status"], capture_output=True,
                        text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 69, r.stderr
+    shown = ", ".join(pending[:3]) + (f" and {len(pending) - 3} more" if len(pending) > 3 else "")
     assert (f"pgsynapse: error: database schema is not up to date ({len(pending)} migration(s) to apply: "
-            f"{', '.join(pending)}): run `pgsynapse migrate`") in r.stderr, r.stderr
+            f"{shown}): run `pgsynapse migrate`") in r.stderr, r.stderr
 
 
 def test_the_job_skip_reason_migration_keeps_the_queue_and_is_idempotent(new_db):
@@ -499,3 +501,39 @@ def test_the_feedback_check_migration_keeps_the_feedback_and_is_idempotent(new_d
                 conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (qid,))
             with conn.transaction():
                 conn.execute(mig.sql.encode())
+
+
+def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_db):
+    """0026 on top of 0025: a failed question set back to pending by an UPDATE that does not touch asked_at (the
+    retry-failed of a release before 0024, run beside this one during an upgrade) is asked again now; re-running
+    the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 26)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            for table in ("questions", "data_questions"):
+                qid = conn.execute(f"INSERT INTO pgsynapse.{table} (text) VALUES ('a') RETURNING id").fetchone()[0]
+                conn.execute(f"UPDATE pgsynapse.{table} SET status = 'failed', asked_at = now() - interval '1 hour' "
+                             "WHERE id = %s", (qid,))
+                with conn.transaction():  # one now()
+                    conn.execute(f"UPDATE pgsynapse.{table} SET status = 'pending', error = NULL WHERE id = %s",
+                                 (qid,))
+                    assert conn.execute(f"SELECT asked_at = now() FROM pgsynapse.{table} WHERE id = %s",
+                                        (qid,)).fetchone() == (True,), table
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
+def test_a_database_migrated_by_a_newer_release_is_said_so(new_db):
+    """An older release's worker or `migrate` on a database a newer one migrated said "up to date" and nothing else
+    (an upgrade rolled back, a host left behind)."""
+    url = new_db()
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (9999, '9999_from_the_future.sql')")
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "migrate"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.strip() == "database schema is up to date", r.stderr
+    warned = [e for e in map(json.loads, r.stderr.splitlines()) if e["event"] == "database_schema_newer"]
+    assert len(warned) == 1 and warned[0]["unknown_migrations"] == [9999] and warned[0]["level"] == "warning"

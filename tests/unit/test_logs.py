@@ -40,3 +40,17 @@ def test_the_log_level_holds_for_libraries(capsys, restore_logging):
     logging.getLogger("psycopg.pool").warning("error connecting in 'pool-1'")
     logging.getLogger("somelib").error("it broke")
     assert [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()] == ["it broke"]
+
+
+def test_a_library_s_info_chatter_is_left_out_unless_debug(capsys, restore_logging):
+    # onnxruntime's optimizer logs under its own module names (fusion_base, onnx_model_bert, ...) at info
+    configure_logging("json", "info")
+    logging.getLogger("fusion_base").info("Fused Gelu: 6")
+    logging.getLogger("fusion_base").warning("a fusion failed")
+    get_logger("pgsynapse.test").info("model_exported")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(e["event"], e.get("message")) for e in events] == [("library_log", "a fusion failed"),
+                                                                ("model_exported", None)]
+    configure_logging("json", "debug")
+    logging.getLogger("fusion_base").info("Fused Gelu: 6")
+    assert json.loads(capsys.readouterr().err.splitlines()[0])["message"] == "Fused Gelu: 6"

@@ -1,0 +1,4 @@
+-- pgsynapse 0026: a question put back from failed to pending is asked again now by the database itself, not only
+-- by this release's retry-failed (triggers/asked_again_v1.sql): during an upgrade an earlier release's
+-- retry-failed runs beside it and left asked_at as it was.
+-- pgsynapse:include asked_again_v1.sql
