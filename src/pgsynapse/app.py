@@ -60,7 +60,8 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
 
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
-            return await client.ask(text, session_id=session_id, timeout=timeout, on_delta=on_delta)
+            # the command line's 0 is no limit: the Client's None
+            return await client.ask(text, session_id=session_id, timeout=timeout or None, on_delta=on_delta)
 
     return _answered(settings, "answer", go)
 
@@ -73,7 +74,8 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
 
     async def go(url: str):
         async with Client(url, listen_url=settings.listen_url) as client:
-            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=timeout)
+            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables,
+                                         timeout=timeout or None)
 
     return _answered(settings, "sql_answer", go)
 

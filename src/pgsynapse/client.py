@@ -16,29 +16,64 @@ answer as the worker writes it (``streaming`` NOTIFYs, docs/sql.md), or iterate:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import psycopg
+import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from pgsynapse.config import conninfo_problem
-from pgsynapse.db import NO_PREPARE
-from pgsynapse.errors import ConfigError, InputError, PgsynapseError
+from pgsynapse.db import NO_PREPARE, connection_error, tcp_params
+from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
+from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
 FILE = "client.sql"
 ANSWERS_CHANNEL = "pgsynapse_answers"
 DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
+CHANNELS = (ANSWERS_CHANNEL, DATA_ANSWERS_CHANNEL)
+TABLES = {"question": "questions", "data question": "data_questions", "feedback": "feedback"}  # what an INSERT writes
+APPLICATION_NAME = "pgsynapse-client"  # unless the URL names the application
+# the margin past its deadline of the client's own bound on an INSERT: PostgreSQL's statement_timeout ends it first
+WRITE_GRACE = 5.0
+BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt to connect again, the last one repeated
+
+log = get_logger(__name__)
 
 
-class AnswerTimeout(PgsynapseError):
-    """No answer arrived in time: is a worker running (`pgsynapse run`)?"""
+class ClientTimeout(PgsynapseError, TimeoutError):
+    """A :class:`Client` call ran out of its ``timeout``; a statement still running then was cancelled."""
+
+
+class AnswerTimeout(ClientTimeout):
+    """No final answer within the timeout. ``question_id``: the question's row, whose answer may still come (the
+    worker slower than the timeout): :meth:`Client.result` fetches it later; None when the question's INSERT did not
+    finish in time (it was cancelled: the question was not asked)."""
+
+    def __init__(self, message: str, question_id: int | None = None) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+
+
+class OutcomeUnknown(DatabaseError):
+    """The connection was lost while an INSERT ran: it may or may not have committed. The Client never sends it again
+    (a second row, a second answer); the message says what to look for."""
+
+
+class QuestionDeleted(PgsynapseError):
+    """The question's row was deleted while its asker waited for its answer."""
+
+    def __init__(self, message: str, question_id: int) -> None:
+        super().__init__(message)
+        self.question_id = question_id
 
 
 def require_text(text: str) -> None:
@@ -46,6 +81,38 @@ def require_text(text: str) -> None:
     questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail a blank one)."""
     if not text or not text.strip():
         raise InputError("the question is empty: ask something")
+
+
+def _deadline(timeout: float | None) -> float:
+    """When a call with ``timeout`` (seconds, None: no limit) must end."""
+    if timeout is None:
+        return math.inf
+    if not timeout > 0:
+        raise InputError(f"timeout={timeout!r}: give a number of seconds above 0, or None to wait for ever")
+    return anyio.current_time() + timeout
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - anyio.current_time())
+
+
+def _lost(conn: psycopg.AsyncConnection) -> bool:
+    """Whether an idle connection is gone: closed, broken, or closed by its server meanwhile (a restart, an
+    administrator's ``pg_terminate_backend``: the server's last message and the end of the stream wait in the
+    socket). Reads what is there without waiting: no round trip."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        for _ in range(2):  # the server's FATAL message, then the end of the stream
+            conn.pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return conn.closed
+
+
+def _broken(conn: psycopg.AsyncConnection) -> bool:
+    """Whether the error a statement just raised on ``conn`` lost the connection (not an error of the statement)."""
+    return conn.closed or conn.broken
 
 
 @dataclass(frozen=True)
@@ -82,11 +149,22 @@ class DataResult:
 
 
 class Client:
-    """One LISTENing connection. Several tasks may ``ask`` on one client at once: they share the connection,
-    and whichever task reads an answer's NOTIFY hands it to the task that asked.
+    """Two connections: one for statements (inserts and reads), one that LISTENs. Several tasks may ``ask`` on one
+    client at once: their statements take turns on the first (never waiting for a task that waits for an answer),
+    and whichever task reads an answer's NOTIFY on the second hands it to the task that asked.
 
     ``listen_url``: a direct (or session-pooled) URL for the LISTEN when ``url`` goes through PgBouncer in
-    transaction mode; the questions are then inserted and read on ``url`` and only the LISTEN uses it."""
+    transaction mode; the questions are then inserted and read on ``url`` and only the LISTEN uses it.
+
+    Timeouts (``timeout``, seconds; None: no limit) bound the whole call, the INSERT included: a statement still
+    running when it runs out is cancelled. A question asked whose answer did not come in time raises
+    :class:`AnswerTimeout` with its ``question_id``: :meth:`result` gets the answer later.
+
+    Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by the same TCP keepalives
+    and ``tcp_user_timeout`` as the worker's, :func:`pgsynapse.db.tcp_params`): the next call connects again, and a
+    call waiting for an answer connects again with a short backoff within its timeout, LISTENs again and re-reads
+    the rows it waits for (NOTIFYs sent while none listened are lost). A read is run again on the new connection;
+    an INSERT is not (it may have committed): it raises :class:`OutcomeUnknown`."""
 
     def __init__(self, url: str, *, listen_url: str | None = None) -> None:
         for name, value in (("url", url), ("listen_url", listen_url)):
@@ -94,39 +172,132 @@ class Client:
                 raise ConfigError(f"Client {name}: {why}")
         self.url = url
         self.listen_url = listen_url or url
-        self._conn: psycopg.AsyncConnection | None = None  # inserts and reads
-        self._listen: psycopg.AsyncConnection | None = None  # LISTEN (the same connection without a listen_url)
-        self._lock = anyio.Lock()
+        self._open = False
+        self._conn: psycopg.AsyncConnection | None = None  # inserts and reads, under _statement_lock
+        self._listen: psycopg.AsyncConnection | None = None  # LISTEN, read by one waiting task at a time
+        self._statement_lock = anyio.Lock()
+        self._listen_lock = anyio.Lock()
         # (channel, id) of the questions asked on this client and not answered yet: questions and data questions
         # have their own ids and channels
         self._waiting: set[tuple[str, int]] = set()
         # of those, the announcements (NOTIFY payloads) read on their channel and not yet collected by their asker
         self._arrived: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        self._listening_data = False
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
-        # no prepared statements: ``url`` may be a transaction pooler (db.NO_PREPARE)
-        self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, row_factory=dict_row,
-                                                           **NO_PREPARE)
-        if self.listen_url == self.url:
-            self._listen = self._conn
-        else:
-            self._listen = await psycopg.AsyncConnection.connect(self.listen_url, autocommit=True, **NO_PREPARE)
-        # LISTEN is up before any question is inserted: its NOTIFY cannot be missed
-        await self._listen.execute(f"LISTEN {ANSWERS_CHANNEL}")
+        if self._open:
+            raise PgsynapseError("this Client is already open: enter `async with client` once at a time")
+        self._open = True
+        try:
+            self._conn = await self._connect(self.url, row_factory=dict_row)
+            # LISTEN is up before any question is inserted: its NOTIFY cannot be missed
+            self._listen = await self._connect_listen()
+        except BaseException:
+            await self._close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._listen is not None and self._listen is not self._conn:
-            await self._listen.close()
-        if self._conn is not None:
-            await self._conn.close()
+        await self._close()
 
-    async def ask(self, text: str, *, session_id: str | None = None, timeout: float = 120.0,
+    async def _close(self) -> None:
+        conns, self._conn, self._listen = (self._conn, self._listen), None, None
+        self._open = False
+        self._waiting.clear()
+        self._arrived.clear()
+        for conn in conns:
+            if conn is not None:
+                await conn.close()
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise PgsynapseError("this Client is not open: use `async with Client(url) as client`")
+
+    async def _connect(self, url: str, **kw: Any) -> psycopg.AsyncConnection:
+        # no prepared statements: ``url`` may be a transaction pooler (db.NO_PREPARE); the worker's TCP options
+        extra: dict[str, object] = {**NO_PREPARE, **tcp_params(url)}
+        if "application_name" not in conninfo_to_dict(url):
+            extra["application_name"] = APPLICATION_NAME
+        try:
+            return await psycopg.AsyncConnection.connect(url, autocommit=True, **extra, **kw)
+        except psycopg.OperationalError as exc:
+            raise connection_error(exc, url) from exc
+
+    async def _connect_listen(self) -> psycopg.AsyncConnection:
+        conn = await self._connect(self.listen_url)
+        try:
+            for channel in CHANNELS:  # both from the start: a LISTEN later would wait for the task reading it
+                await conn.execute(f"LISTEN {channel}")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _reconnect(self, which: str, connect: Callable[[], Awaitable[psycopg.AsyncConnection]]
+                         ) -> psycopg.AsyncConnection:
+        """``connect()`` until it succeeds, after a short backoff each time; the caller's timeout bounds it. A login
+        refused (:class:`DatabaseConfigError`) is raised: waiting will not fix it."""
+        for attempt in itertools.count(1):
+            try:
+                conn = await connect()
+            except DatabaseConfigError:
+                raise
+            except (DatabaseError, psycopg.OperationalError) as exc:
+                log.warning("client_reconnect_failed", connection=which, attempt=attempt, error=str(exc)[:200])
+                await anyio.sleep(BACKOFF[min(attempt, len(BACKOFF)) - 1])
+            else:
+                log.info("client_reconnected", connection=which, attempts=attempt)
+                return conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch(self, name: str, params: dict[str, Any], *, file: str = FILE, writes: str | None = None,
+                     deadline: float = math.inf) -> dict[str, Any] | None:
+        """Run one statement on the statement connection, connected again first when it was lost; its row. A read
+        whose connection is lost while it runs is run again on a new one. A write (``writes``: what it writes) is
+        not: it may have committed, and it raises :class:`OutcomeUnknown`; PostgreSQL cancels a write still running
+        at ``deadline`` (its ``statement_timeout``, in the write's transaction: a cancel from here could come after
+        the commit), and it raises TimeoutError: nothing was written. The caller bounds the rest."""
+        async with self._statement_lock:
+            while True:
+                self._require_open()
+                if self._conn is None or _lost(self._conn):
+                    if self._conn is not None:
+                        await self._conn.close()
+                    self._conn = None
+                    conn = await self._reconnect("statements", lambda: self._connect(self.url, row_factory=dict_row))
+                    if not self._open:  # closed meanwhile
+                        await conn.close()
+                        self._require_open()
+                    self._conn = conn
+                conn = self._conn
+                try:
+                    if writes is None or deadline == math.inf:
+                        return await (await conn.execute(q(name, file), params)).fetchone()
+                    if (ms := math.ceil(_left(deadline) * 1000)) <= 0:
+                        raise TimeoutError
+                    async with conn.transaction():
+                        await conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{ms}ms",))
+                        return await (await conn.execute(q(name, file), params)).fetchone()
+                except psycopg.errors.QueryCanceled:
+                    if writes is None or deadline == math.inf:
+                        raise
+                    raise TimeoutError from None
+                except psycopg.OperationalError as exc:
+                    if not _broken(conn):
+                        raise
+                    if writes is not None:
+                        raise OutcomeUnknown(
+                            f"the connection to PostgreSQL was lost while the {writes} was inserted: it may or may not "
+                            f"have been saved, and it is not sent again; look for it (pgsynapse.{TABLES[writes]}, "
+                            "the newest rows) before sending it again, or send it again if a duplicate does no harm"
+                        ) from exc
+                    log.warning("client_connection_lost", connection="statements", error=str(exc)[:200])
+
+    async def ask(self, text: str, *, session_id: str | None = None, timeout: float | None = 120.0,
                   on_delta: Callable[[str], None] | None = None) -> Result:
         """Ask and wait for the final answer; ``on_delta(piece)`` gets the answer's pieces as they are generated
-        (generative answerers with ``stream_answers``; the extractive answer arrives whole, in the Result)."""
+        (generative answerers with ``stream_answers``; the extractive answer arrives whole, in the Result).
+        ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
         async for item in self.stream(text, session_id=session_id, timeout=timeout):
             if isinstance(item, Result):
                 return item
@@ -135,40 +306,67 @@ class Client:
         raise AssertionError("stream() ends with its Result")  # pragma: no cover
 
     async def stream(self, text: str, *, session_id: str | None = None,
-                     timeout: float = 120.0) -> AsyncIterator[str | Result]:
+                     timeout: float | None = 120.0) -> AsyncIterator[str | Result]:
         """Ask; yield the answer's pieces (str) as the worker streams them, then the final :class:`Result`.
 
         The pieces concatenate to the streamed text. A piece missed or too big for its NOTIFY is read from the
-        row. When a stream starts again (a retry after a worker crash, an edit of the question), pieces that do
-        not continue what was yielded are not yielded: the final Result's answer is the answer."""
-        assert self._conn is not None, "use `async with Client(url) as client`"
+        row; one already read from the row is not yielded again. When a stream starts again (a retry after a
+        worker crash, an edit of the question), pieces that do not continue what was yielded are not yielded: the
+        final Result's answer is the answer."""
+        self._require_open()
         require_text(text)
-        async with self._lock:
-            # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
-            row = await (await self._conn.execute(q("ask", FILE), {"session": session_id, "text": text})).fetchone()
-        qid = row["id"]
+        deadline = _deadline(timeout)
+        try:
+            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+                # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
+                row = await self._fetch("ask", {"session": session_id, "text": text}, writes="question",
+                                        deadline=deadline)
+        except TimeoutError:
+            raise AnswerTimeout(f"the question was not asked within {timeout:g}s: its INSERT waited (a lock on "
+                                "pgsynapse.questions?) and was cancelled") from None
+        assert row is not None  # INSERT ... RETURNING
+        async for item in self._follow(row["id"], deadline, timeout):
+            yield item
+
+    async def result(self, question_id: int, *, timeout: float | None = 120.0) -> Result:
+        """The :class:`Result` of question ``question_id`` (an :class:`AnswerTimeout`'s ``question_id``, a row an
+        application inserted itself), waiting while it is pending: up to ``timeout`` seconds (None: no limit),
+        else :class:`AnswerTimeout`; ``timeout=0``: no waiting, the row as it is (status pending included)."""
+        self._require_open()
+        if timeout == 0:
+            return await self._read(question_id)
+        async for item in self._follow(question_id, _deadline(timeout), timeout):
+            if isinstance(item, Result):
+                return item
+        raise AssertionError("_follow() ends with its Result")  # pragma: no cover
+
+    async def _follow(self, qid: int, deadline: float, timeout: float | None) -> AsyncIterator[str | Result]:
+        """The pieces of question ``qid``'s answer, then its final Result (:meth:`stream`)."""
         key = (ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
         received, restarted = "", False
         # no cancel scope is held across a yield (the consumer runs between pieces): each wait gets what is left
-        deadline = anyio.current_time() + timeout if timeout else math.inf
         try:
             check = True
             while True:
                 for p in self._arrived.pop(key, []):
                     if p.get("status") != "streaming":
-                        check = True
+                        check = True  # the final NOTIFY, or a reconnection: the row says
                         continue
-                    restarted = restarted or (p.get("seq") == 1 and bool(received))
                     if restarted:
                         continue  # a new attempt: only the final Result counts now
-                    if p.get("offset") == len(received) and isinstance(p.get("delta"), str):
-                        received += p["delta"]
-                        yield p["delta"]
-                    elif p.get("offset", 0) >= len(received):
+                    offset, delta = p.get("offset"), p.get("delta")
+                    if not isinstance(offset, int) or not isinstance(delta, str) or offset > len(received):
                         check = True  # a piece missed, or too big for a NOTIFY: the row has it
+                    elif received[offset:offset + len(delta)] != delta[:len(received) - offset]:
+                        restarted = True  # does not continue what was yielded (a seq 1 that does: a piece read)
+                    elif offset + len(delta) > len(received):
+                        piece = delta[len(received) - offset:]
+                        received += piece
+                        yield piece
+                    # else: already read from the row before its NOTIFY came
                 if check:
-                    with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    with anyio.fail_after(_left(deadline)):
                         result = await self._read(qid)
                     now = result.answer or ""
                     # what was written after the last piece's NOTIFY (throttled, or the final write itself); an answer
@@ -180,73 +378,103 @@ class Client:
                     if result.status != "pending":
                         yield result
                         return
-                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                with anyio.fail_after(_left(deadline)):
                     check = await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(f"no answer to question {qid} within {timeout:g}s: is `pgsynapse run` running?") from None
+            raise AnswerTimeout(_no_answer("question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
 
     async def ask_data(self, text: str, *, session_id: str | None = None, schema: str = "public",
-                       tables: list[str] | None = None, timeout: float = 120.0) -> DataResult:
+                       tables: list[str] | None = None, timeout: float | None = 120.0) -> DataResult:
         """Ask a question about the data (``pgsynapse.data_questions``) and wait for its statement and result.
 
         ``schema``: where its tables are; ``tables``: the ones it may read (None: every table of ``schema`` the
-        reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``."""
-        assert self._conn is not None, "use `async with Client(url) as client`"
+        reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``. ``timeout`` as in
+        :meth:`ask`."""
+        self._require_open()
         require_text(text)
-        async with self._lock:
-            if not self._listening_data:
-                await self._listen.execute(f"LISTEN {DATA_ANSWERS_CHANNEL}")
-                self._listening_data = True
-            row = await (await self._conn.execute(q("ask_data", FILE), {"session": session_id, "text": text,
-                                                                        "schema": schema, "tables": tables})).fetchone()
-        key = (DATA_ANSWERS_CHANNEL, row["id"])
+        deadline = _deadline(timeout)
+        try:
+            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+                row = await self._fetch("ask_data", {"session": session_id, "text": text, "schema": schema,
+                                                     "tables": tables}, writes="data question", deadline=deadline)
+        except TimeoutError:
+            raise AnswerTimeout(f"the data question was not asked within {timeout:g}s: its INSERT waited (a lock "
+                                "on pgsynapse.data_questions?) and was cancelled") from None
+        assert row is not None  # INSERT ... RETURNING
+        return await self._data_result(row["id"], deadline, timeout)
+
+    async def data_result(self, question_id: int, *, timeout: float | None = 120.0) -> DataResult:
+        """:meth:`result` for a question about the data."""
+        self._require_open()
+        if timeout == 0:
+            return _data_result(await self._fetch_row("data_answer", question_id, "data question"))
+        return await self._data_result(question_id, _deadline(timeout), timeout)
+
+    async def _data_result(self, qid: int, deadline: float, timeout: float | None) -> DataResult:
+        key = (DATA_ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(_left(deadline)):
                 while True:
                     self._arrived.pop(key, None)
-                    async with self._lock:
-                        r = await (await self._conn.execute(q("data_answer", FILE), {"id": key[1]})).fetchone()
+                    r = await self._fetch_row("data_answer", qid, "data question")
                     if r["status"] != "pending":
-                        res = r["result"] or {}
-                        return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []),
-                                          r["row_count"], bool(r["truncated"]), r["error"], r["sql_model_id"],
-                                          r["latency_ms"], r["session_id"])
+                        return _data_result(r)
                     await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(f"no answer to data question {key[1]} within {timeout:g}s: is `pgsynapse run` "
-                                "running?") from None
+            raise AnswerTimeout(_no_answer("data question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
 
     async def feedback(self, question_id: int, *, helpful: bool | None = None, rating: int | None = None,
-                       source: int | None = None, comment: str | None = None) -> Feedback:
+                       source: int | None = None, comment: str | None = None,
+                       timeout: float | None = 120.0) -> Feedback:
         """Say whether an answer helped (``helpful``) or rate it (``rating``, 1 to 5), and which of its cited
         passages answered it (``source``: the rank [n] it was cited with). The row is the one an application
-        would INSERT (docs/sql.md); the retrain learns from it (docs/learning.md)."""
-        assert self._conn is not None, "use `async with Client(url) as client`"
-        async with self._lock:
-            row = await (await self._conn.execute(q("question_for_feedback", "answers.sql"),
-                                                  {"question": question_id})).fetchone()
-            params = feedback_params(question_id, row, helpful=helpful, rating=rating, source=source, comment=comment)
-            written = await (await self._conn.execute(q("insert_feedback", "answers.sql"), params)).fetchone()
+        would INSERT (docs/sql.md); the retrain learns from it (docs/learning.md). ``timeout``: seconds for the
+        whole call (None: no limit), else :class:`ClientTimeout` (the INSERT cancelled)."""
+        self._require_open()
+        deadline = _deadline(timeout)
+        try:
+            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+                row = await self._fetch("question_for_feedback", {"question": question_id}, file="answers.sql")
+                params = feedback_params(question_id, row, helpful=helpful, rating=rating, source=source,
+                                         comment=comment)
+                written = await self._fetch("insert_feedback", params, file="answers.sql", writes="feedback",
+                                            deadline=deadline)
+        except TimeoutError:
+            raise ClientTimeout(f"the feedback on question {question_id} was not written within {timeout:g}s: its "
+                                "statement waited (a lock on pgsynapse.feedback?) and was cancelled") from None
+        assert written is not None  # INSERT ... RETURNING
         return Feedback(written["id"], question_id, helpful, rating, params["chunk"])
 
     async def _wait_one(self, key: tuple[str, int]) -> bool:
         """Wait for the next NOTIFYs and keep each for the asker of its question (asks on this client share one
-        connection: whoever reads an announcement keeps it for its asker). True when none came within
-        ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive)."""
-        assert self._listen is not None
-        async with self._lock:
+        LISTEN connection: whoever reads an announcement keeps it for its asker). True when none came within
+        ``recheck_seconds`` (the caller then re-reads its row: a safety net, not the way answers arrive). A lost
+        LISTEN connection is connected again and every asker re-reads its row."""
+        async with self._listen_lock:
+            self._require_open()
             if key in self._arrived:
                 return False
-            # every notification of the packet: psycopg reads them together and yields them all before it stops
-            # after one; leaving the generator at the first dropped the others (another asker's answer)
-            received = [n async for n in self._listen.notifies(timeout=self.recheck_seconds, stop_after=1)]
+            conn = self._listen
+            if conn is None or _broken(conn):
+                await self._listen_again()
+                return True
+            try:
+                # every notification of the packet: psycopg reads them together and yields them all before it stops
+                # after one; leaving the generator at the first dropped the others (another asker's answer)
+                received = [n async for n in conn.notifies(timeout=self.recheck_seconds, stop_after=1)]
+            except psycopg.OperationalError as exc:
+                if not _broken(conn):
+                    raise
+                log.warning("client_connection_lost", connection="listen", error=str(exc)[:200])
+                await self._listen_again()
+                return True
             recheck = not received
             for n in received:
                 try:
@@ -259,12 +487,42 @@ class Client:
                     self._arrived.setdefault((n.channel, announced), []).append(payload)
             return recheck
 
+    async def _listen_again(self) -> None:
+        """A new LISTEN connection (under ``_listen_lock``), then every asker re-reads its row: its answer may have
+        been written meanwhile, and the NOTIFYs sent while none listened are lost."""
+        if self._listen is not None:
+            await self._listen.close()
+        self._listen = None
+        conn = await self._reconnect("listen", self._connect_listen)
+        if not self._open:  # closed meanwhile
+            await conn.close()
+            self._require_open()
+        self._listen = conn
+        for waiting in self._waiting:
+            self._arrived.setdefault(waiting, []).append({"status": "reconnected"})
+
+    async def _fetch_row(self, name: str, qid: int, what: str) -> dict[str, Any]:
+        r = await self._fetch(name, {"id": qid})
+        if r is None:
+            raise QuestionDeleted(f"{what} {qid} was deleted while waiting for its answer", qid)
+        return r
+
     async def _read(self, qid: int) -> Result:
-        assert self._conn is not None
-        async with self._lock:
-            r = await (await self._conn.execute(q("answer", FILE), {"id": qid})).fetchone()
+        r = await self._fetch_row("answer", qid, "question")
         return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
                       r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
+
+
+def _data_result(r: dict[str, Any]) -> DataResult:
+    res = r["result"] or {}
+    return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []), r["row_count"],
+                      bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"])
+
+
+def _no_answer(what: str, qid: int, timeout: float | None) -> str:
+    get = "result" if what == "question" else "data_result"
+    return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
+            f"still come: `await client.{get}({qid})`), or none is running (`pgsynapse run`)")
 
 
 def format_result(result: Result, *, answer: bool = True) -> str:

@@ -1,0 +1,260 @@
+"""The Python Client on a long-lived application's terms: lost connections (terminated backends stand in for a
+PostgreSQL restart), a first streamed piece read from the row before its NOTIFY, timeouts that bound the INSERT,
+statements never waiting behind a waiting ask, a deleted question, a Client entered twice, fetching an answer
+later. No worker: the test answers the rows itself (UPDATE, then the worker's NOTIFY), so each step waits on rows
+and NOTIFYs, never on time."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from pgsynapse import client as client_module
+from pgsynapse.client import AnswerTimeout, Client
+from pgsynapse.errors import InputError, PgsynapseError
+from tests.helpers import aconn, wait_until
+
+pytestmark = pytest.mark.anyio
+
+SAFETY = 30.0  # seconds: a safety net only
+
+# every backend of this database but the test's own: the Client's (no worker runs here)
+TERMINATE = ("SELECT count(pg_terminate_backend(pid, 10000)) AS n FROM pg_stat_activity WHERE datname = "
+             "current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+
+
+async def _answer(conn, qid: int, answer: str = "an answer", *, table: str = "questions") -> None:
+    """What the worker does: the row answered, then its NOTIFY, in one transaction."""
+    async with conn.transaction():
+        if table == "questions":
+            await conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = %s WHERE id = %s",
+                               (answer, qid))
+            await conn.execute("SELECT pg_notify('pgsynapse_answers', %s)",
+                               (json.dumps({"id": qid, "status": "answered"}),))
+        else:
+            await conn.execute("UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1', "
+                               "result = '{\"columns\": [], \"rows\": [[1]]}', row_count = 1 WHERE id = %s", (qid,))
+            await conn.execute("SELECT pg_notify('pgsynapse_data_answers', %s)",
+                               (json.dumps({"id": qid, "status": "answered"}),))
+
+
+async def _asked(conn, n: int = 1, *, table: str = "questions") -> list[int]:
+    """The ids of the first ``n`` questions, once their rows are there."""
+    await wait_until(conn, f"SELECT count(*) >= %s FROM pgsynapse.{table}", (n,), channel="pgsynapse_jobs")
+    rows = await (await conn.execute(f"SELECT id FROM pgsynapse.{table} ORDER BY id LIMIT %s", (n,))).fetchall()
+    return [r["id"] for r in rows]
+
+
+async def test_an_idle_client_connects_again_after_its_connections_are_lost(db_url):
+    conn = await aconn(db_url)
+    results = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600  # only an announcement (or a reconnection) wakes an ask
+        assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1  # its statements and its LISTEN
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
+                (qid,) = await _asked(conn)
+                await _answer(conn, qid)
+    await conn.close()
+    assert [(r.status, r.answer) for r in results] == [("answered", "an answer")]
+
+
+async def _collect(results: list, call) -> None:
+    results.append(await call)
+
+
+async def test_an_ask_in_flight_survives_its_connections_lost_and_reads_the_answer_written_meanwhile(db_url):
+    conn = await aconn(db_url)
+    results = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
+                (qid,) = await _asked(conn)
+                await anyio.wait_all_tasks_blocked()  # the ask waits for its NOTIFY
+                assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1
+                await _answer(conn, qid)  # its NOTIFY may reach no LISTEN: the row is read again
+    await conn.close()
+    assert [(r.id, r.status) for r in results] == [(qid, "answered")]
+
+
+async def test_an_insert_whose_connection_is_lost_is_not_sent_again_and_says_so(db_url):
+    conn, locker = await aconn(db_url), await aconn(db_url)
+    async with Client(db_url) as client:
+        await locker.execute("BEGIN")
+        await locker.execute("LOCK TABLE pgsynapse.questions IN SHARE MODE")  # the INSERT waits on it
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                async def ask() -> None:
+                    with pytest.raises(client_module.OutcomeUnknown, match="may or may not have been saved"):
+                        await client.ask("how do I create an index?")
+                tg.start_soon(ask)
+                await wait_until(conn, "SELECT count(*) = 1 FROM pg_stat_activity WHERE datname = current_database()"
+                                 " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO pgsynapse.questions%%'")
+                await conn.execute(TERMINATE.replace("'client backend'", "'client backend' AND pid <> %s"),
+                                   (locker.info.backend_pid,))
+        await locker.execute("ROLLBACK")
+        # the next call connects again
+        results = []
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("what does VACUUM do?")))
+                (qid,) = await _asked(conn)
+                await _answer(conn, qid)
+    await conn.close()
+    await locker.close()
+    assert [r.status for r in results] == ["answered"]
+
+
+async def test_a_first_piece_read_from_the_row_before_its_notify_is_not_taken_for_a_restart(db_url):
+    """The first piece is committed with the question (a trigger stands in for a worker that wrote it before the
+    Client's first read): the read yields it, then its seq 1 NOTIFY arrives, a piece already received."""
+    conn = await aconn(db_url)
+    await conn.execute("""
+        CREATE FUNCTION public.first_piece() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.answer := 'Use';
+            PERFORM pg_notify('pgsynapse_answers', json_build_object('id', NEW.id, 'status', 'streaming', 'seq', 1,
+                                                                     'offset', 0, 'delta', 'Use')::text);
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER first_piece BEFORE INSERT ON pgsynapse.questions FOR EACH ROW EXECUTE FUNCTION public.first_piece();
+    """)
+
+    async def piece(qid: int, seq: int, text: str, delta: str) -> None:
+        async with conn.transaction():
+            await conn.execute("UPDATE pgsynapse.questions SET answer = %s WHERE id = %s", (text, qid))
+            await conn.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                {"id": qid, "status": "streaming", "seq": seq, "offset": len(text) - len(delta), "delta": delta}),))
+
+    items = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600
+        with anyio.fail_after(SAFETY):
+            async for item in client.stream("how do I roll back part of a transaction?"):
+                items.append(item)
+                (qid,) = await _asked(conn)
+                if item == "Use":
+                    await piece(qid, 2, "Use ROLLBACK", " ROLLBACK")
+                elif item == " ROLLBACK":
+                    await piece(qid, 3, "Use ROLLBACK TO", " TO")
+                elif item == " TO":
+                    await _answer(conn, qid, "Use ROLLBACK TO SAVEPOINT.")
+    await conn.close()
+    assert items[:-1] == ["Use", " ROLLBACK", " TO", " SAVEPOINT."]
+    assert items[-1].answer == "Use ROLLBACK TO SAVEPOINT."
+
+
+async def test_a_waiting_ask_never_holds_up_another_tasks_statements(db_url):
+    conn = await aconn(db_url)
+    results = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600  # the first ask waits an hour for a NOTIFY
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
+                (first,) = await _asked(conn)
+                await anyio.wait_all_tasks_blocked()  # it waits for its NOTIFY
+                answered = anyio.Event()
+
+                async def second_ask() -> None:
+                    results.append(await client.ask("what does VACUUM do?"))
+                    answered.set()
+                tg.start_soon(second_ask)
+                _, second = await _asked(conn, 2)  # inserted while the first waits
+                await _answer(conn, second, "second")
+                await answered.wait()  # read while the first waits
+                assert [r.id for r in results] == [second]
+                fb = await client.feedback(second, helpful=True)  # neither does a statement wait
+                assert fb.question_id == second
+                await _answer(conn, first, "first")
+    await conn.close()
+    assert [r.answer for r in results] == ["second", "first"]
+
+
+async def test_a_timeout_bounds_the_insert_and_cancels_it(db_url):
+    conn, locker = await aconn(db_url), await aconn(db_url)
+    async with Client(db_url) as client:
+        await locker.execute("BEGIN")
+        await locker.execute("LOCK TABLE pgsynapse.questions, pgsynapse.data_questions IN SHARE MODE")  # an index built
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="was not asked") as raised:
+            await client.ask("how do I create an index?", timeout=0.5)
+        assert raised.value.question_id is None
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="was not asked"):
+            await client.ask_data("how many orders?", timeout=0.5)
+        await locker.execute("ROLLBACK")
+        for table in ("questions", "data_questions"):  # cancelled, not inserted once the lock went
+            assert (await (await conn.execute(f"SELECT count(*) AS n FROM pgsynapse.{table}")).fetchone())["n"] == 0
+        qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is VACUUM?') "
+                                         "RETURNING id")).fetchone())["id"]
+        await _answer(conn, qid)
+        await locker.execute("BEGIN")
+        await locker.execute("LOCK TABLE pgsynapse.feedback IN SHARE MODE")
+        with anyio.fail_after(SAFETY), pytest.raises(client_module.ClientTimeout, match="was not written"):
+            await client.feedback(qid, helpful=True, timeout=0.5)
+        await locker.execute("ROLLBACK")
+        assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.feedback")).fetchone())["n"] == 0
+        assert (await client.feedback(qid, helpful=True)).question_id == qid  # the same connection, still usable
+    await conn.close()
+    await locker.close()
+
+
+async def test_a_question_deleted_while_its_asker_waits_says_so(db_url):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600
+        for method, table, channel in (("ask", "questions", "pgsynapse_answers"),
+                                       ("ask_data", "data_questions", "pgsynapse_data_answers")):
+            with anyio.fail_after(SAFETY):
+                async with anyio.create_task_group() as tg:
+                    async def ask() -> None:
+                        with pytest.raises(PgsynapseError, match="was deleted while waiting for its answer"):
+                            await getattr(client, method)("how many orders?")
+                    tg.start_soon(ask)
+                    (qid,) = await _asked(conn, table=table)
+                    async with conn.transaction():
+                        await conn.execute(f"DELETE FROM pgsynapse.{table} WHERE id = %s", (qid,))
+                        await conn.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"id": qid})))
+    await conn.close()
+
+
+async def test_a_client_entered_again_listens_again_and_refuses_calls_when_closed(db_url):
+    conn = await aconn(db_url)
+    client = Client(db_url)
+    async with client:
+        pass
+    with pytest.raises(PgsynapseError, match="use `async with Client"):
+        await client.ask("how do I create an index?")
+    results = []
+    async with client:
+        client.recheck_seconds = 3600  # only the data answer's NOTIFY wakes it
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask_data("how many orders?")))
+                (qid,) = await _asked(conn, table="data_questions")
+                await _answer(conn, qid, table="data_questions")
+    await conn.close()
+    assert [(r.status, r.rows) for r in results] == [("answered", [[1]])]
+
+
+async def test_an_answer_that_came_after_the_timeout_is_fetched_by_its_question_id(db_url):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(InputError, match="timeout=0"):
+            await client.ask("how do I create an index?", timeout=0)
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="slower than that") as raised:
+            await client.ask("how do I create an index?", timeout=0.2)
+        qid = raised.value.question_id
+        assert (await client.result(qid, timeout=0)).status == "pending"  # no waiting
+        results = []
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.result(qid, timeout=None)))
+                await anyio.wait_all_tasks_blocked()
+                await _answer(conn, qid)
+    await conn.close()
+    assert [(r.id, r.status, r.answer) for r in results] == [(qid, "answered", "an answer")]
