@@ -276,7 +276,7 @@ class Client:
                     if (ms := math.ceil(_left(deadline) * 1000)) <= 0:
                         raise TimeoutError
                     async with conn.transaction():
-                        await conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{ms}ms",))
+                        await conn.execute(q("local_statement_timeout", FILE), {"timeout": f"{ms}ms"})
                         return await (await conn.execute(q(name, file), params)).fetchone()
                 except psycopg.errors.QueryCanceled:
                     if writes is None or deadline == math.inf:

@@ -15,3 +15,8 @@ FROM pgsynapse.data_questions WHERE id = %(id)s;
 -- name: answer
 SELECT id, status, answer, sources, model_version_id, latency_ms, error, guardrail, session_id, flags, cached_from
 FROM pgsynapse.questions WHERE id = %(id)s;
+
+-- name: local_statement_timeout
+-- The rest of a call's timeout for the INSERT that follows in the same transaction: PostgreSQL cancels it when
+-- the time is up, so a timed-out ask wrote nothing.
+SELECT set_config('statement_timeout', %(timeout)s, true);
