@@ -100,7 +100,7 @@ def _lost(conn: psycopg.AsyncConnection) -> bool:
     """Whether an idle connection is gone: closed, broken, or closed by its server meanwhile (a restart, an
     administrator's ``pg_terminate_backend``: the server's last message and the end of the stream wait in the
     socket). Reads what is there without waiting: no round trip."""
-    if conn.closed or conn.broken:
+    if _broken(conn):
         return True
     try:
         for _ in range(2):  # the server's FATAL message, then the end of the stream
@@ -316,17 +316,22 @@ class Client:
         self._require_open()
         require_text(text)
         deadline = _deadline(timeout)
-        try:
-            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
-                # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
-                row = await self._fetch("ask", {"session": session_id, "text": text}, writes="question",
-                                        deadline=deadline)
-        except TimeoutError:
-            raise AnswerTimeout(f"the question was not asked within {timeout:g}s: its INSERT waited (a lock on "
-                                "pgsynapse.questions?) and was cancelled") from None
-        assert row is not None  # INSERT ... RETURNING
+        # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
+        row = await self._ask_row("ask", {"session": session_id, "text": text}, "question", deadline, timeout)
         async for item in self._follow(row["id"], deadline, timeout):
             yield item
+
+    async def _ask_row(self, name: str, params: dict[str, Any], what: str, deadline: float,
+                       timeout: float | None) -> dict[str, Any]:
+        """INSERT a question (``what``: "question", "data question") within ``deadline``; its row."""
+        try:
+            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+                row = await self._fetch(name, params, writes=what, deadline=deadline)
+        except TimeoutError:
+            raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: its INSERT waited (a lock on "
+                                f"pgsynapse.{TABLES[what]}?) and was cancelled") from None
+        assert row is not None  # INSERT ... RETURNING
+        return row
 
     async def result(self, question_id: int, *, timeout: float | None = 120.0) -> Result:
         """The :class:`Result` of question ``question_id`` (an :class:`AnswerTimeout`'s ``question_id``, a row an
@@ -396,14 +401,8 @@ class Client:
         self._require_open()
         require_text(text)
         deadline = _deadline(timeout)
-        try:
-            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
-                row = await self._fetch("ask_data", {"session": session_id, "text": text, "schema": schema,
-                                                     "tables": tables}, writes="data question", deadline=deadline)
-        except TimeoutError:
-            raise AnswerTimeout(f"the data question was not asked within {timeout:g}s: its INSERT waited (a lock "
-                                "on pgsynapse.data_questions?) and was cancelled") from None
-        assert row is not None  # INSERT ... RETURNING
+        row = await self._ask_row("ask_data", {"session": session_id, "text": text, "schema": schema,
+                                               "tables": tables}, "data question", deadline, timeout)
         return await self._data_result(row["id"], deadline, timeout)
 
     async def data_result(self, question_id: int, *, timeout: float | None = 120.0) -> DataResult:
