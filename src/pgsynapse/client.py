@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,12 +28,15 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
+from pgsynapse import results
 from pgsynapse.config import conninfo_problem
 from pgsynapse.db import NO_PREPARE, connection_error, tcp_params
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+from pgsynapse.results import (AnswerTimeout, ClientTimeout, DataResult, OutcomeUnknown, QuestionDeleted, Result,
+                               format_result, require_text)
 
 FILE = "client.sql"
 ANSWERS_CHANNEL = "pgsynapse_answers"
@@ -48,39 +50,9 @@ BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt to connec
 
 log = get_logger(__name__)
 
-
-class ClientTimeout(PgsynapseError, TimeoutError):
-    """A :class:`Client` call ran out of its ``timeout``; a statement still running then was cancelled."""
-
-
-class AnswerTimeout(ClientTimeout):
-    """No final answer within the timeout. ``question_id``: the question's row, whose answer may still come (the
-    worker slower than the timeout): :meth:`Client.result` fetches it later; None when the question's INSERT did not
-    finish in time (it was cancelled: the question was not asked)."""
-
-    def __init__(self, message: str, question_id: int | None = None) -> None:
-        super().__init__(message)
-        self.question_id = question_id
-
-
-class OutcomeUnknown(DatabaseError):
-    """The connection was lost while an INSERT ran: it may or may not have committed. The Client never sends it again
-    (a second row, a second answer); the message says what to look for."""
-
-
-class QuestionDeleted(PgsynapseError):
-    """The question's row was deleted while its asker waited for its answer."""
-
-    def __init__(self, message: str, question_id: int) -> None:
-        super().__init__(message)
-        self.question_id = question_id
-
-
-def require_text(text: str) -> None:
-    """A question must say something: an empty or blank one is refused here, before its row (written by SQL, the
-    questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail a blank one)."""
-    if not text or not text.strip():
-        raise InputError("the question is empty: ask something")
+# what applications import from here (defined in pgsynapse.results)
+__all__ = ["AnswerTimeout", "Client", "ClientTimeout", "DataResult", "OutcomeUnknown", "QuestionDeleted", "Result",
+           "format_result", "require_text"]
 
 
 def _deadline(timeout: float | None) -> float:
@@ -113,39 +85,6 @@ def _lost(conn: psycopg.AsyncConnection) -> bool:
 def _broken(conn: psycopg.AsyncConnection) -> bool:
     """Whether the error a statement just raised on ``conn`` lost the connection (not an error of the statement)."""
     return conn.closed or conn.broken
-
-
-@dataclass(frozen=True)
-class Result:
-    id: int
-    status: str
-    answer: str | None
-    sources: list[dict[str, Any]]
-    model_version_id: int | None
-    latency_ms: float | None
-    error: str | None
-    guardrail: dict[str, Any] | None
-    session_id: str | None
-    flags: list[str] = field(default_factory=list)  # what the answer's checks found (questions.flags)
-    cached_from: int | None = None  # answered from the semantic answer cache: the original question's id
-
-
-@dataclass(frozen=True)
-class DataResult:
-    """A question about the data, answered: ``status`` answered (columns and rows), refused (the statement was
-    not run) or failed; ``sql`` the statement generated; ``error`` why it was refused or failed."""
-
-    id: int
-    status: str
-    sql: str | None
-    columns: list[dict[str, str]]
-    rows: list[list[Any]]
-    row_count: int | None
-    truncated: bool
-    error: str | None
-    sql_model_id: int | None
-    latency_ms: float | None
-    session_id: str | None
 
 
 class Client:
@@ -409,7 +348,7 @@ class Client:
         """:meth:`result` for a question about the data."""
         self._require_open()
         if timeout == 0:
-            return _data_result(await self._fetch_row("data_answer", question_id, "data question"))
+            return results.data_result(await self._fetch_row("data_answer", question_id, "data question"))
         return await self._data_result(question_id, _deadline(timeout), timeout)
 
     async def _data_result(self, qid: int, deadline: float, timeout: float | None) -> DataResult:
@@ -421,7 +360,7 @@ class Client:
                     self._arrived.pop(key, None)
                     r = await self._fetch_row("data_answer", qid, "data question")
                     if r["status"] != "pending":
-                        return _data_result(r)
+                        return results.data_result(r)
                     await self._wait_one(key)
         except TimeoutError:
             raise AnswerTimeout(_no_answer("data question", qid, timeout), qid) from None
@@ -508,40 +447,10 @@ class Client:
 
     async def _read(self, qid: int) -> Result:
         r = await self._fetch_row("answer", qid, "question")
-        return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
-                      r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
-
-
-def _data_result(r: dict[str, Any]) -> DataResult:
-    res = r["result"] or {}
-    return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []), r["row_count"],
-                      bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"])
+        return results.result(r)
 
 
 def _no_answer(what: str, qid: int, timeout: float | None) -> str:
     get = "result" if what == "question" else "data_result"
     return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
             f"still come: `await client.{get}({qid})`), or none is running (`pgsynapse run`)")
-
-
-def format_result(result: Result, *, answer: bool = True) -> str:
-    """The answer (unless ``answer=False``: already printed as it streamed), flags, guardrail, sources, latency."""
-    lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"] if answer else []
-    if result.flags:
-        lines.append(f"flags: {'; '.join(result.flags)}")
-    if result.guardrail:
-        g = result.guardrail
-        lines.append(f"guardrail: {g['action']} by rule {g['rule_id']} ({g['stage']}, similarity {g['similarity']})")
-    for s in result.sources:
-        where = s.get("source") or f"document {s['document_id']}"
-        lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk {s['chunk_id']})")
-        for im in s.get("images") or []:  # images linked to the cited document
-            lines.append(f"       image {im['image_id']}: {im.get('caption') or im.get('source') or ''}"
-                         f" ({im.get('width')}x{im.get('height')} {im.get('mime_type') or ''})")
-    if result.latency_ms is not None and result.status != "answered":  # refused by no model, or failed
-        lines.append(f"  {result.status} in {result.latency_ms:.0f} ms (question {result.id})")
-    elif result.latency_ms is not None:
-        by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
-              else f"by model version {result.model_version_id}")
-        lines.append(f"  answered in {result.latency_ms:.0f} ms {by} (question {result.id})")
-    return "\n".join(lines)

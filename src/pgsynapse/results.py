@@ -1,0 +1,115 @@
+"""What a :class:`pgsynapse.client.Client` call returns and raises, and how the CLI prints an answer.
+
+Kept apart from the client's connection handling; ``pgsynapse.client`` re-exports every name, which is where
+applications import them from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgsynapse.errors import DatabaseError, InputError, PgsynapseError
+
+
+class ClientTimeout(PgsynapseError, TimeoutError):
+    """A :class:`Client` call ran out of its ``timeout``; a statement still running then was cancelled."""
+
+
+class AnswerTimeout(ClientTimeout):
+    """No final answer within the timeout. ``question_id``: the question's row, whose answer may still come (the
+    worker slower than the timeout): :meth:`Client.result` fetches it later; None when the question's INSERT did not
+    finish in time (it was cancelled: the question was not asked)."""
+
+    def __init__(self, message: str, question_id: int | None = None) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+
+
+class OutcomeUnknown(DatabaseError):
+    """The connection was lost while an INSERT ran: it may or may not have committed. The Client never sends it again
+    (a second row, a second answer); the message says what to look for."""
+
+
+class QuestionDeleted(PgsynapseError):
+    """The question's row was deleted while its asker waited for its answer."""
+
+    def __init__(self, message: str, question_id: int) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+
+
+def require_text(text: str) -> None:
+    """A question must say something: an empty or blank one is refused here, before its row (written by SQL, the
+    questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail a blank one)."""
+    if not text or not text.strip():
+        raise InputError("the question is empty: ask something")
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    status: str
+    answer: str | None
+    sources: list[dict[str, Any]]
+    model_version_id: int | None
+    latency_ms: float | None
+    error: str | None
+    guardrail: dict[str, Any] | None
+    session_id: str | None
+    flags: list[str] = field(default_factory=list)  # what the answer's checks found (questions.flags)
+    cached_from: int | None = None  # answered from the semantic answer cache: the original question's id
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """A question about the data, answered: ``status`` answered (columns and rows), refused (the statement was
+    not run) or failed; ``sql`` the statement generated; ``error`` why it was refused or failed."""
+
+    id: int
+    status: str
+    sql: str | None
+    columns: list[dict[str, str]]
+    rows: list[list[Any]]
+    row_count: int | None
+    truncated: bool
+    error: str | None
+    sql_model_id: int | None
+    latency_ms: float | None
+    session_id: str | None
+
+
+def data_result(r: dict[str, Any]) -> DataResult:
+    """A DataResult from its row (client.sql's ``data_answer``)."""
+    res = r["result"] or {}
+    return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []), r["row_count"],
+                      bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"])
+
+
+def result(r: dict[str, Any]) -> Result:
+    """A Result from its row (client.sql's ``answer``)."""
+    return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
+                  r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
+
+
+def format_result(result: Result, *, answer: bool = True) -> str:
+    """The answer (unless ``answer=False``: already printed as it streamed), flags, guardrail, sources, latency."""
+    lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"] if answer else []
+    if result.flags:
+        lines.append(f"flags: {'; '.join(result.flags)}")
+    if result.guardrail:
+        g = result.guardrail
+        lines.append(f"guardrail: {g['action']} by rule {g['rule_id']} ({g['stage']}, similarity {g['similarity']})")
+    for s in result.sources:
+        where = s.get("source") or f"document {s['document_id']}"
+        lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk {s['chunk_id']})")
+        for im in s.get("images") or []:  # images linked to the cited document
+            lines.append(f"       image {im['image_id']}: {im.get('caption') or im.get('source') or ''}"
+                         f" ({im.get('width')}x{im.get('height')} {im.get('mime_type') or ''})")
+    if result.latency_ms is not None and result.status != "answered":  # refused by no model, or failed
+        lines.append(f"  {result.status} in {result.latency_ms:.0f} ms (question {result.id})")
+    elif result.latency_ms is not None:
+        by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
+              else f"by model version {result.model_version_id}")
+        lines.append(f"  answered in {result.latency_ms:.0f} ms {by} (question {result.id})")
+    return "\n".join(lines)
