@@ -69,6 +69,16 @@ def newer_migrations(have: set[int]) -> list[int]:
     return sorted(have - {m.version for m in available()})
 
 
+def schema_state(conn: psycopg.Connection) -> dict[str, object]:
+    """Where the database's schema stands against this release, for ``pgsynapse status``: the newest migration
+    applied, this release's newest, the ones still to apply (``pgsynapse migrate``) and the ones a newer release
+    applied (this release does not know what they changed)."""
+    have = set(applied(conn))
+    known = available()
+    return {"applied": max(have, default=None), "latest": known[-1].version,
+            "pending": [m.name for m in known if m.version not in have], "newer": newer_migrations(have)}
+
+
 def warn_if_newer(have: set[int]) -> None:
     if newer := newer_migrations(have):
         log.warning("database_schema_newer", unknown_migrations=newer,

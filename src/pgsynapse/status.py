@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.learning.abreport import recent_events, render_events
+from pgsynapse.migrate import schema_state
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
@@ -45,7 +46,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     feedback = dict(conn.execute(q("feedback_progress", "learning.sql")).fetchone())
     failures = [dict(r) for r in conn.execute(q("failed_job_errors", "ops.sql"), {"limit": SHOWN_REASONS})]
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
-    return {"jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
+    return {"schema": schema_state(conn), "jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
             "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
             "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
             "feedback": feedback, "failures": failures, "skipped": skipped,
@@ -81,6 +82,7 @@ def render(snap: dict[str, Any]) -> str:
     if emb := snap.get("embedded"):
         lines.append(f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
                      f"(`pgsynapse run`): psql '{emb['url']}'")
+    lines.append(f"schema         : {_render_schema(snap['schema'])}")
     a = snap["active_model"]
     lines.append(f"active model   : v{a['id']} {a['name']} ({a['runtime']}, dim {a['dim']})" if a else "active model   : none")
     lines.append(
@@ -158,6 +160,17 @@ def render(snap: dict[str, Any]) -> str:
         lines.append("skipped, why   : (done with nothing to write)")
         lines += [f"                 {r['kind']:<{width}} {r['n']:<6} {_short(r['reason'])}" for r in snap["skipped"]]
     return "\n".join(lines)
+
+
+def _render_schema(s: dict[str, Any]) -> str:
+    if s["newer"]:
+        return (f"migration {max(s['newer'])}, NEWER than this release (it knows up to {s['latest']}): a newer "
+                "pgsynapse migrated it; upgrade this one (docs/operations.md)")
+    if s["pending"]:
+        shown = ", ".join(s["pending"][:3]) + (f" and {len(s['pending']) - 3} more" if len(s["pending"]) > 3 else "")
+        return (f"migration {s['applied']} of {s['latest']}, {len(s['pending'])} to apply ({shown}): "
+                "run `pgsynapse migrate`")
+    return f"migration {s['applied']} (up to date)"
 
 
 def _short(text: str) -> str:

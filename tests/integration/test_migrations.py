@@ -525,6 +525,32 @@ def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_
                 conn.execute(mig.sql.encode())
 
 
+def _status(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status", *flags],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_status_says_where_the_schema_stands(new_db):
+    """`pgsynapse status` said nothing of the schema: a migration whose tables the status queries do not read
+    (0026 changes a trigger) left an upgraded database a release behind without a word."""
+    url = new_db()
+    last = available()[-1]
+    _apply_below(url, last.version)
+    r = _status(url, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["schema"] == {"applied": last.version - 1, "latest": last.version,
+                                              "pending": [last.name], "newer": []}
+    assert (f"schema         : migration {last.version - 1} of {last.version}, 1 to apply ({last.name}): run "
+            "`pgsynapse migrate`") in _status(url).stdout
+    migrate(url)
+    assert f"schema         : migration {last.version} (up to date)" in _status(url).stdout
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (9999, '9999_from_the_future.sql')")
+    r = _status(url)
+    assert r.returncode == 0, r.stderr
+    assert f"schema         : migration 9999, NEWER than this release (it knows up to {last.version})" in r.stdout
+
+
 def test_a_database_migrated_by_a_newer_release_is_said_so(new_db):
     """An older release's worker or `migrate` on a database a newer one migrated said "up to date" and nothing else
     (an upgrade rolled back, a host left behind)."""
