@@ -10,6 +10,7 @@ except a short lease where a scenario waits for leases to run out. Each database
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from collections.abc import Callable
@@ -30,12 +31,16 @@ def record(request: pytest.FixtureRequest, full: bool):
 
     def write(**figures: Any) -> None:
         RESULTS.parent.mkdir(exist_ok=True)
-        try:
-            data = json.loads(RESULTS.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[request.node.name] = {**figures, "full": full, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        # pytest-xdist's workers finish scenarios at the same time: one read-modify-write at a time
+        with open(RESULTS.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = json.loads(RESULTS.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data[request.node.name] = {**figures, "full": full,
+                                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     return write
 

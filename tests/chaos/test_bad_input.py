@@ -5,6 +5,7 @@ other rows. Bytes sources with invalid UTF-8 or NUL bytes are covered by tests/i
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def _model_of_dim(tmp: Path, dim: int) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "wrong_dim", "no_pgvector", "no_privileges"])
-def test_bad_setup_stops_start_up_with_one_clear_line(case, new_db, template_db, tmp_path, record):
+def test_bad_setup_stops_start_up_with_one_clear_line(case, new_db, template_db, tmp_path, record, request):
     # a fresh install: version 1 is still its source model, which a bad model path replaces at the first start
     db_url = new_db(template_db)
     env: dict[str, str] = {}
@@ -131,10 +132,11 @@ def test_bad_setup_stops_start_up_with_one_clear_line(case, new_db, template_db,
         code, expect = EX_CONFIG, f"model {path} produces 128-dimensional vectors but model version 1 is registered with dim 384"
     elif case == "no_pgvector":
         # a server where pgvector is not installed: the extension directory is hidden from this session
-        empty = tmp_path / "no-extensions"
-        empty.mkdir()
-        for d in (tmp_path.parent.parent, tmp_path.parent, tmp_path, empty):
-            d.chmod(0o755)  # readable by the server's own user when tests run as root
+        # readable by the server's own user when tests run as root: right under /tmp (pytest's own directories
+        # are 0700, and how deep tmp_path lies depends on the run: pytest-xdist adds a level)
+        empty = Path(tempfile.mkdtemp(prefix="pgsynapse-no-extensions-", dir="/tmp"))
+        empty.chmod(0o755)
+        request.addfinalizer(empty.rmdir)
         url = _url_with(new_db(), options=f"-c extension_control_path={empty}")
         command = "migrate"
         code, expect = EX_CONFIG, "the pgvector extension is not available on this PostgreSQL server"
