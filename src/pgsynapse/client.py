@@ -99,8 +99,9 @@ class Client:
     running when it runs out is cancelled. A question asked whose answer did not come in time raises
     :class:`AnswerTimeout` with its ``question_id``: :meth:`result` gets the answer later.
 
-    Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by the same TCP keepalives
-    and ``tcp_user_timeout`` as the worker's, :func:`pgsynapse.db.tcp_params`): the next call connects again, and a
+    Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by the defaults of the
+    worker's TCP keepalives and ``tcp_user_timeout``, :func:`pgsynapse.db.tcp_params`, unless the URL sets its own;
+    the worker's settings do not apply to a Client): the next call connects again, and a
     call waiting for an answer connects again with a short backoff within its timeout, LISTENs again and re-reads
     the rows it waits for (NOTIFYs sent while none listened are lost). A read is run again on the new connection;
     an INSERT is not (it may have committed): it raises :class:`OutcomeUnknown`."""
