@@ -25,7 +25,7 @@ class Job:
     ref_id: int
     payload: dict[str, Any]
     attempts: int
-    created_at: datetime
+    queued_at: datetime  # created, or put back by retry-failed (coalesce(jobs.queued_at, jobs.created_at))
     claimed_at: datetime | None = None  # the claim's token (jobs.started_at): a late write of an older claim is refused
 
 

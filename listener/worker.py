@@ -493,5 +493,5 @@ class Worker:
 
 
 def _job(row: dict[str, Any]) -> Job:
-    return Job(row["id"], row["kind"], row["ref_id"], row["payload"] or {}, row["attempts"], row["created_at"],
+    return Job(row["id"], row["kind"], row["ref_id"], row["payload"] or {}, row["attempts"], row["queued_at"],
                row["started_at"])

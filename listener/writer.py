@@ -144,7 +144,7 @@ class BatchWriter:
                 await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
-        metrics.observe_results(kind, (jobs[i].created_at for i in report.written))
+        metrics.observe_results(kind, (jobs[i].queued_at for i in report.written))
 
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}

@@ -49,7 +49,7 @@ INFERENCE_SECONDS = Histogram(
 )
 RESULT_LATENCY = Histogram(
     "pgsynapse_insert_to_result_seconds",
-    "From the job's creation (the triggering INSERT/UPDATE) to its result committed",
+    "From the job's creation (the triggering INSERT/UPDATE), or its retry-failed, to its result committed",
     ["kind"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400),
     registry=None,
@@ -77,10 +77,11 @@ def observe_batch(kind: str, n: int, seconds: float, versions: Sequence[dict[str
         INFERENCE_SECONDS.labels(*labels).observe(seconds)
 
 
-def observe_results(kind: str, created_at: Iterable[datetime | None]) -> None:
-    """Results committed now for jobs created at ``created_at`` (insert -> result latency)."""
+def observe_results(kind: str, queued_at: Iterable[datetime | None]) -> None:
+    """Results committed now for jobs queued at ``queued_at``: created, or put back by retry-failed (insert ->
+    result latency)."""
     now = datetime.now(timezone.utc)
-    for t in created_at:
+    for t in queued_at:
         if t is not None:
             RESULT_LATENCY.labels(kind).observe(max(0.0, (now - t).total_seconds()))
 

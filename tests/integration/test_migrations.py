@@ -8,10 +8,12 @@ import sys
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgsynapse.answer_cache import lookup_sql
 from pgsynapse.errors import DatabaseError
 from pgsynapse.migrate import Migration, available, migrate
+from pgsynapse.queries import q
 
 
 def _apply_below(url: str, version: int) -> Migration:
@@ -483,6 +485,26 @@ def test_the_asked_at_migration_keeps_the_questions_and_is_idempotent(new_db):
             asked = "SELECT bool_and(asked_at = now()) FROM pgsynapse.{} WHERE id = ANY(%s)"
             assert conn.execute(asked.format("questions"), ([old, new],)).fetchone() == (True,)
             assert conn.execute(asked.format("data_questions"), ([data],)).fetchone() == (True,)
+
+
+def test_the_queued_at_migration_keeps_the_queue_and_is_idempotent(new_db):
+    """0027 on top of 0026: the jobs already there keep a NULL queued_at (read as created_at) and are claimed as
+    before; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 27)
+    with psycopg.connect(url, autocommit=True) as conn:
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('a', 'b') RETURNING id").fetchone()[0]
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        for _ in range(2):
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+            job = conn.execute("SELECT status, queued_at, created_at FROM pgsynapse.jobs WHERE kind = 'embed' "
+                               "AND ref_id = %s", (doc,)).fetchone()
+            assert job["status"] == "pending" and job["queued_at"] is None, job
+        claim = {"kind": "embed", "limit": 10, "worker": "test", "lease": 30}
+        [claimed] = conn.execute(q("claim_jobs"), claim).fetchall()
+        assert claimed["queued_at"] == job["created_at"], claimed
 
 
 def test_the_feedback_check_migration_keeps_the_feedback_and_is_idempotent(new_db):

@@ -8,7 +8,7 @@ SELECT kind, sum(pending)::bigint AS pending, sum(running)::bigint AS running, s
        max(oldest_pending_seconds) AS oldest_pending_seconds
 FROM (
     SELECT kind, count(*) AS pending, 0 AS running, 0 AS failed,
-           extract(epoch FROM now() - min(created_at)) AS oldest_pending_seconds
+           extract(epoch FROM now() - min(coalesce(queued_at, created_at))) AS oldest_pending_seconds
     FROM pgsynapse.jobs WHERE status = 'pending' GROUP BY kind
     UNION ALL
     SELECT kind, 0, count(*), 0, NULL FROM pgsynapse.jobs WHERE status = 'running' GROUP BY kind

@@ -15,7 +15,8 @@ SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_
     lease_until = now() + make_interval(secs => %(lease)s)
 FROM due
 WHERE j.id = due.id
-RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at, j.started_at;
+RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, coalesce(j.queued_at, j.created_at) AS queued_at,
+          j.started_at;
 
 -- name: claim_solo_job
 -- One due job that must run alone (its lease expired in a batch: see migration 0008), or nothing.
@@ -31,7 +32,8 @@ SET status = 'running', attempts = j.attempts + 1, worker = %(worker)s, started_
     lease_until = now() + make_interval(secs => %(lease)s)
 FROM due
 WHERE j.id = due.id
-RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, j.created_at, j.started_at;
+RETURNING j.id, j.kind, j.ref_id, j.payload, j.attempts, coalesce(j.queued_at, j.created_at) AS queued_at,
+          j.started_at;
 
 -- name: renew_leases
 -- Only the claims of batches still within their deadline: a hung batch's jobs run out of lease and come back.
@@ -146,7 +148,8 @@ SELECT kind,
        count(*) FILTER (WHERE status = 'running') AS running,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'done') AS done,
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')) AS oldest_pending_seconds
+       extract(epoch FROM now() - min(coalesce(queued_at, created_at)) FILTER (WHERE status = 'pending'))
+           AS oldest_pending_seconds
 FROM pgsynapse.jobs
 GROUP BY kind
 ORDER BY kind;
@@ -276,9 +279,11 @@ ORDER BY kind, ref_id, id DESC
 FOR UPDATE;
 
 -- name: requeue_failed_jobs
--- Back to pending with a fresh set of attempts, due now; the last error is kept for the record.
+-- Back to pending with a fresh set of attempts, due now, queued now (the queue's age and the result's latency count
+-- from here: migration 0027); the last error is kept for the record.
 UPDATE pgsynapse.jobs
-SET status = 'pending', attempts = 0, solo = false, run_after = now(), lease_until = NULL, worker = NULL,
+SET status = 'pending', attempts = 0, solo = false, run_after = now(), queued_at = now(), lease_until = NULL,
+    worker = NULL,
     finished_at = NULL, last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
