@@ -46,8 +46,9 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
     feedback = dict(conn.execute(q("feedback_progress", "learning.sql")).fetchone())
     failures = [dict(r) for r in conn.execute(q("failed_job_errors", "ops.sql"), {"limit": SHOWN_REASONS})]
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
-    return {"schema": schema_state(conn), "jobs": jobs, **dict(counts or {}), "active_model": active, "model_versions": versions, "workers": workers,
-            "model_events": recent_events(conn, 5), "images": images, "image_models": image_models,
+    return {"schema": schema_state(conn), "jobs": jobs, **dict(counts or {}), "active_model": active,
+            "model_versions": versions, "workers": workers, "model_events": recent_events(conn, 5), "images": images,
+            "image_models": image_models,
             "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
             "feedback": feedback, "failures": failures, "skipped": skipped,
             "read_replica": replica_lag(conn, read_url) if read_url else None,

@@ -283,8 +283,8 @@ FOR UPDATE;
 -- from here: migration 0027); the last error is kept for the record.
 UPDATE pgsynapse.jobs
 SET status = 'pending', attempts = 0, solo = false, run_after = now(), queued_at = now(), lease_until = NULL,
-    worker = NULL,
-    finished_at = NULL, last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
+    worker = NULL, finished_at = NULL,
+    last_error = 'requeued by retry-failed after: ' || coalesce(last_error, 'unknown error')
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: close_failed_duplicates
