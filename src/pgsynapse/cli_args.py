@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,17 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
 
 COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
 SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+
+
+def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
+    """A codec Python knows (``ingest --encoding``), by its canonical name."""
+    try:
+        b"x".decode(name)  # a text encoding, not base64 or rot13 (which lookup() knows too; b"" is not checked)
+    except UnicodeError:
+        pass  # a text encoding that x alone does not decode in (utf-16)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"not a text encoding Python knows: {name!r}") from None
+    return codecs.lookup(name).name
 SHARE = _ranged(float, 0, 1)  # agreement thresholds
 PERCENT = _ranged(float, 0, 100)
 
@@ -128,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "adding a new one beside it; sources are paths relative to the directory given")
     ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ing.add_argument("--encoding", type=ENCODING,
+                     help="the encoding of text files that are not UTF-8 (cp1252, latin-1, ...); UTF-8 is tried first")
     mo = sub.add_parser("model", help="model versions and runtimes")
     msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")

@@ -10,7 +10,8 @@ COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: eve
 ``embed`` job and the worker is woken by one NOTIFY per batch.
 
 Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
-cannot be read as text (binary, not UTF-8, corrupt PDF, empty), a link to a missing file and a pipe or socket are
+cannot be read as text (binary, neither UTF-8 nor the ``encoding`` given, corrupt PDF, empty), a link to a missing
+file and a pipe or socket are
 skipped with their reason, never a crash or a wait.
 Images (png, jpeg, webp, gif, bmp) go to ``pgsynapse.images``, linked to the document beside them
 (:mod:`pgsynapse.images.ingest`).
@@ -130,8 +131,9 @@ def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
             yield root, root.name
 
 
-def read_document(path: Path, source: str, *, max_chars: int | None = None) -> FileDoc:
-    """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``."""
+def read_document(path: Path, source: str, *, max_chars: int | None = None, encoding: str | None = None) -> FileDoc:
+    """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``. A text file is read as
+    UTF-8, else as ``encoding`` when one is given (the files of a Windows or Latin-1 tree)."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SkipFile(f"unsupported file type {path.suffix.lower() or '(no extension)'}")
@@ -141,10 +143,7 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None) -> F
     else:
         if b"\x00" in data:
             raise SkipFile("binary content (NUL bytes), not text")
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise SkipFile(f"not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        text = _decode(data, encoding)
         if fmt == "html":
             title, body = html_to_text(text)
         elif fmt == "markdown":
@@ -157,6 +156,20 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None) -> F
     if max_chars is not None and len(body) > max_chars:
         raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
     return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))
+
+
+def _decode(data: bytes, encoding: str | None) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        not_utf8 = f"not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    if encoding is None:
+        raise SkipFile(f"{not_utf8}: give its encoding with --encoding (cp1252, latin-1, ...)")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise SkipFile(f"{not_utf8}, nor {encoding} (invalid byte 0x{data[exc.start]:02x} at offset "
+                       f"{exc.start})") from None
 
 
 def _pdf_text(data: bytes) -> tuple[str, str]:
@@ -184,9 +197,11 @@ def ingest(
     max_image_bytes: int = 20 * 1024 * 1024,
     progress: bool | None = None,
     replace: bool = False,
+    encoding: str | None = None,
 ) -> IngestReport:
     """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY;
-    ``replace`` updates the stored document of a changed file's source instead of adding one."""
+    ``replace`` updates the stored document of a changed file's source instead of adding one; ``encoding`` reads
+    the text files that are not UTF-8."""
     report = IngestReport()
     files = list(discover(paths))
     report.files = len(files)
@@ -204,7 +219,7 @@ def ingest(
                 if is_image(path.suffix):
                     images.append(read_image(path, source, max_image_bytes))
                 else:
-                    batch.append(read_document(path, source, max_chars=max_chars))
+                    batch.append(read_document(path, source, max_chars=max_chars, encoding=encoding))
                     doc_sources.add(source)
             except SkipFile as exc:
                 report.skipped.append((source, str(exc)))

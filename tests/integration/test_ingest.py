@@ -120,6 +120,26 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
+def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path):
+    # before: a Windows-1252 or Latin-1 file was skipped as "not UTF-8 text", with no way to read it
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "cafe.txt").write_bytes("Le café est servi après le VACUUM, à 10 €.".encode("cp1252"))
+    (tmp_path / "docs" / "utf8.md").write_text("# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says.")
+    out = _cli(db_url, str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert ("  cafe.txt: not UTF-8 text (invalid byte 0xe9 at offset 6): give its encoding with --encoding "
+            "(cp1252, latin-1, ...)") in out.stdout, out.stdout
+    out = _cli(db_url, "--encoding", "cp1252", str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert "2 file(s): 1 inserted, 1 unchanged (already stored), 0 skipped" in out.stdout, out.stdout
+    with psycopg.connect(db_url) as conn:
+        rows = dict(conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall())
+    assert rows == {"cafe.txt": "Le café est servi après le VACUUM, à 10 €.",
+                    "utf8.md": "# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says."}, rows
+    out = _cli(db_url, "--encoding", "klingon", str(tmp_path / "docs"))
+    assert out.returncode == 2 and "argument --encoding: not a text encoding Python knows: 'klingon'" in out.stderr, out.stderr
+
+
 def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
     missing = tmp_path / "nope.md"
     # a mistyped directory or a file without an extension that is not there: missing, not "unsupported file type"

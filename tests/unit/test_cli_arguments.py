@@ -30,6 +30,7 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["feedback", "3", "--source", "0"], "argument --source: must be at least 1, got 0"),
     # a kind that does not exist said "no failed jobs of kind bogus", exit 0
     (["retry-failed", "--kind", "bogus"], "argument --kind: invalid choice: 'bogus' (choose from 'embed', 'answer',"),
+    (["ingest", "docs", "--encoding", "base64"], "argument --encoding: not a text encoding Python knows: 'base64'"),
     (["feedback", "3", "--helpful", "--not-helpful"], "argument --not-helpful: not allowed with argument --helpful"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
