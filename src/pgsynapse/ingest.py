@@ -11,8 +11,7 @@ COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: eve
 
 Text, Markdown and HTML (tags stripped) always; PDF when the optional ``pypdf`` is installed. A file that
 cannot be read as text (binary, neither UTF-8 nor the ``encoding`` given, corrupt PDF, empty), a link to a missing
-file and a pipe or socket are
-skipped with their reason, never a crash or a wait.
+file and a pipe or socket are skipped with their reason, never a crash or a wait.
 Images (png, jpeg, webp, gif, bmp) go to ``pgsynapse.images``, linked to the document beside them
 (:mod:`pgsynapse.images.ingest`).
 """
