@@ -14,7 +14,7 @@ from pgsynapse.db import Database
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
-from pgsynapse.migrate import applied, available, migrate, warn_if_newer
+from pgsynapse.migrate import listed, migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
 
@@ -26,16 +26,15 @@ def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
     if apply:
         return migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
     with db.connect() as conn:
-        have = set(applied(conn))
-    warn_if_newer(have)
-    missing = [m.name for m in available() if m.version not in have]
-    if missing and not have:
+        state = schema_state(conn)
+    warn_if_newer(state["newer"])
+    missing = state["pending"]
+    if missing and state["applied"] is None:
         raise DatabaseError(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
                             f"{len(missing)} migrations, {missing[0]} to {missing[-1]})")
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: {shown}): "
-                            "run `pgsynapse migrate`")
+        raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: "
+                            f"{listed(missing)}): run `pgsynapse migrate`")
     return []
 
 

@@ -30,6 +30,8 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
 
 COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
 SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+SHARE = _ranged(float, 0, 1)  # agreement thresholds
+PERCENT = _ranged(float, 0, 100)
 
 
 def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
@@ -41,8 +43,6 @@ def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the
     except LookupError:
         raise argparse.ArgumentTypeError(f"not a text encoding Python knows: {name!r}") from None
     return codecs.lookup(name).name
-SHARE = _ranged(float, 0, 1)  # agreement thresholds
-PERCENT = _ranged(float, 0, 100)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,7 +176,8 @@ class Client:
     async def _reconnect(self, which: str, connect: Callable[[], Awaitable[psycopg.AsyncConnection]]
                          ) -> psycopg.AsyncConnection:
         """``connect()`` until it succeeds, after a short backoff each time; the caller's timeout bounds it. A login
-        refused (:class:`DatabaseConfigError`) is raised: waiting will not fix it."""
+        refused (:class:`DatabaseConfigError`) is raised: waiting will not fix it; so is a Client closed meanwhile
+        (the new connection closed)."""
         for attempt in itertools.count(1):
             try:
                 conn = await connect()
@@ -186,6 +187,9 @@ class Client:
                 log.warning("client_reconnect_failed", connection=which, attempt=attempt, error=str(exc)[:200])
                 await anyio.sleep(BACKOFF[min(attempt, len(BACKOFF)) - 1])
             else:
+                if not self._open:  # closed meanwhile
+                    await conn.close()
+                    self._require_open()
                 log.info("client_reconnected", connection=which, attempts=attempt)
                 return conn
         raise AssertionError("unreachable")  # pragma: no cover
@@ -204,11 +208,8 @@ class Client:
                     if self._conn is not None:
                         await self._conn.close()
                     self._conn = None
-                    conn = await self._reconnect("statements", lambda: self._connect(self.url, row_factory=dict_row))
-                    if not self._open:  # closed meanwhile
-                        await conn.close()
-                        self._require_open()
-                    self._conn = conn
+                    self._conn = await self._reconnect("statements",
+                                                       lambda: self._connect(self.url, row_factory=dict_row))
                 conn = self._conn
                 try:
                     if writes is None or deadline == math.inf:
@@ -432,11 +433,7 @@ class Client:
         if self._listen is not None:
             await self._listen.close()
         self._listen = None
-        conn = await self._reconnect("listen", self._connect_listen)
-        if not self._open:  # closed meanwhile
-            await conn.close()
-            self._require_open()
-        self._listen = conn
+        self._listen = await self._reconnect("listen", self._connect_listen)
         for waiting in self._waiting:
             self._arrived.setdefault(waiting, []).append({"status": "reconnected"})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -69,18 +70,23 @@ def newer_migrations(have: set[int]) -> list[int]:
     return sorted(have - {m.version for m in available()})
 
 
-def schema_state(conn: psycopg.Connection) -> dict[str, object]:
-    """Where the database's schema stands against this release, for ``pgsynapse status``: the newest migration
-    applied, this release's newest, the ones still to apply (``pgsynapse migrate``) and the ones a newer release
-    applied (this release does not know what they changed)."""
+def schema_state(conn: psycopg.Connection) -> dict[str, Any]:
+    """Where the database's schema stands against this release (``pgsynapse status``, a command's check before it
+    runs): the newest migration applied (None: none), this release's newest, the ones still to apply (``pgsynapse
+    migrate``) and the ones a newer release applied (this release does not know what they changed)."""
     have = set(applied(conn))
     known = available()
     return {"applied": max(have, default=None), "latest": known[-1].version,
             "pending": [m.name for m in known if m.version not in have], "newer": newer_migrations(have)}
 
 
-def warn_if_newer(have: set[int]) -> None:
-    if newer := newer_migrations(have):
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` migration names, and how many more: what a message has room for."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def warn_if_newer(newer: list[int]) -> None:
+    if newer:
         log.warning("database_schema_newer", unknown_migrations=newer,
                     note="a newer pgsynapse migrated this database: this release does not know what they changed; "
                     "upgrade it (docs/operations.md, upgrades and migrations)")
@@ -98,7 +104,7 @@ def migrate(url: str) -> list[str]:
                 # schema public, and an up-to-date database needs nothing from it
                 conn.execute(q("create_migrations_table", FILE))
             have = set(applied(conn))
-            warn_if_newer(have)
+            warn_if_newer(newer_migrations(have))
             for mig in available():
                 if mig.version in have:
                     continue

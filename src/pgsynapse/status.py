@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.learning.abreport import recent_events, render_events
-from pgsynapse.migrate import schema_state
+from pgsynapse.migrate import listed, schema_state
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
@@ -168,8 +168,7 @@ def _render_schema(s: dict[str, Any]) -> str:
         return (f"migration {max(s['newer'])}, NEWER than this release (it knows up to {s['latest']}): a newer "
                 "pgsynapse migrated it; upgrade this one (docs/operations.md)")
     if s["pending"]:
-        shown = ", ".join(s["pending"][:3]) + (f" and {len(s['pending']) - 3} more" if len(s["pending"]) > 3 else "")
-        return (f"migration {s['applied']} of {s['latest']}, {len(s['pending'])} to apply ({shown}): "
+        return (f"migration {s['applied']} of {s['latest']}, {len(s['pending'])} to apply ({listed(s['pending'])}): "
                 "run `pgsynapse migrate`")
     return f"migration {s['applied']} (up to date)"
 
