@@ -47,23 +47,29 @@ async def _asked(conn, n: int = 1, *, table: str = "questions") -> list[int]:
     return [r["id"] for r in rows]
 
 
+async def _collect(results: list, call) -> None:
+    results.append(await call)
+
+
+async def _ask_answered(conn, client: Client, text: str) -> list:
+    """``client.ask(text)`` while this test answers the question once its row is there: the asks' results."""
+    results: list = []
+    with anyio.fail_after(SAFETY):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: _collect(results, client.ask(text)))
+            (qid,) = await _asked(conn)
+            await _answer(conn, qid)
+    return results
+
+
 async def test_an_idle_client_connects_again_after_its_connections_are_lost(db_url):
     conn = await aconn(db_url)
-    results = []
     async with Client(db_url) as client:
         client.recheck_seconds = 3600  # only an announcement (or a reconnection) wakes an ask
         assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1  # its statements and its LISTEN
-        with anyio.fail_after(SAFETY):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
-                (qid,) = await _asked(conn)
-                await _answer(conn, qid)
+        results = await _ask_answered(conn, client, "how do I create an index?")
     await conn.close()
     assert [(r.status, r.answer) for r in results] == [("answered", "an answer")]
-
-
-async def _collect(results: list, call) -> None:
-    results.append(await call)
 
 
 async def test_an_ask_in_flight_survives_its_connections_lost_and_reads_the_answer_written_meanwhile(db_url):
@@ -99,12 +105,7 @@ async def test_an_insert_whose_connection_is_lost_is_not_sent_again_and_says_so(
                                    (locker.info.backend_pid,))
         await locker.execute("ROLLBACK")
         # the next call connects again
-        results = []
-        with anyio.fail_after(SAFETY):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: _collect(results, client.ask("what does VACUUM do?")))
-                (qid,) = await _asked(conn)
-                await _answer(conn, qid)
+        results = await _ask_answered(conn, client, "what does VACUUM do?")
     await conn.close()
     await locker.close()
     assert [r.status for r in results] == ["answered"]

@@ -137,7 +137,8 @@ def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hin
     assert rows == {"cafe.txt": "Le café est servi après le VACUUM, à 10 €.",
                     "utf8.md": "# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says."}, rows
     out = _cli(db_url, "--encoding", "klingon", str(tmp_path / "docs"))
-    assert out.returncode == 2 and "argument --encoding: not a text encoding Python knows: 'klingon'" in out.stderr, out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "argument --encoding: not a text encoding Python knows: 'klingon'" in out.stderr, out.stderr
 
 
 def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):

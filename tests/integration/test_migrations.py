@@ -435,13 +435,17 @@ def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempo
         assert conn.execute(turns).fetchall() == [("s1", 3)]
 
 
+def _status(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status", *flags],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
 def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
     """`pgsynapse status` at 0022 met the missing jobs.skip_reason column and printed the server's error."""
     url = new_db()
     _apply_below(url, 23)
     pending = [m.name for m in available() if m.version >= 23]
-    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status"], capture_output=True,
-                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    r = _status(url)
     assert r.returncode == 69, r.stderr
     shown = ", ".join(pending[:3]) + (f" and {len(pending) - 3} more" if len(pending) > 3 else "")
     assert (f"pgsynapse: error: database schema is not up to date ({len(pending)} migration(s) to apply: "
@@ -545,11 +549,6 @@ def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_
                                         (qid,)).fetchone() == (True,), table
             with conn.transaction():
                 conn.execute(mig.sql.encode())
-
-
-def _status(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status", *flags],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
 def test_status_says_where_the_schema_stands(new_db):
