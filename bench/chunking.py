@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
 from bench.runtimes import recall
 from pgsynapse.chunking import Chunker

@@ -33,7 +33,6 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import safetensors.torch

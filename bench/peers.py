@@ -31,7 +31,7 @@ from pgvector.psycopg import register_vector
 
 from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
-from bench.retrieval import score, vectors_recall
+from bench.retrieval import score
 from pgsynapse.models import ModelCache
 
 

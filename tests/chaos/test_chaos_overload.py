@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from pgsynapse.queries import q
 from tests.helpers import insert_docs, spawn_worker

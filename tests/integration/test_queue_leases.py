@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 
 import anyio
-import psycopg
 import pytest
 from structlog.testing import capture_logs
 
