@@ -17,7 +17,7 @@ from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, build_parser
 from pgsynapse.client import format_result
 from pgsynapse.config import load_settings, unknown_environment
-from pgsynapse.db import Database, describe_db_error
+from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
 from pgsynapse.export import run_export
@@ -79,11 +79,6 @@ def _settings(args: argparse.Namespace):
     if _quiet(args) and "log_level" not in settings.model_fields_set:
         settings = settings.model_copy(update={"log_level": "warning"})
     return settings
-
-
-# what a command meets on a database that was never migrated, or is a migration behind
-SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
-                 psycopg.errors.InvalidSchemaName)
 
 
 def _schema_behind(settings, exc: psycopg.Error) -> str | None:
