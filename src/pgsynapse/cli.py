@@ -42,6 +42,7 @@ from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_co
 log = get_logger(__name__)
 
 EX_UNAVAILABLE = 69  # the database could not be used
+EX_BROKEN_PIPE = 141  # what a shell reports of a command killed by SIGPIPE (128 + 13)
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
@@ -116,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
-        return _dispatch(args, settings)
+        code = _dispatch(args, settings)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`pgsynapse status --json | head -1`): no traceback
+        # Python flushes stdout again at exit: /dev/null takes what is left (docs.python.org, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_BROKEN_PIPE
     except (ConfigError, ModelError, DatabaseSetupError) as exc:
         return _fail(args, settings, str(exc), EX_CONFIG)
     except DatabaseError as exc:

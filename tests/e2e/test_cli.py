@@ -306,6 +306,17 @@ def test_an_unusable_data_dir_is_a_configuration_error(tmp_path, where):
     assert line.startswith("pgsynapse: error: ") and f"data_dir {where}" in line
 
 
+def test_output_into_a_closed_pipe_ends_without_a_traceback(db_url):
+    """`pgsynapse status --json | head -1`: the reader is gone before the command writes. It ended in a
+    BrokenPipeError traceback."""
+    env = {**os.environ, "DATABASE_URL": db_url}
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "status", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd="/tmp")
+    proc.stdout.close()  # before it has written anything
+    _, err = proc.communicate(timeout=SAFETY_TIMEOUT)
+    assert err.decode() == "" and proc.returncode == 141, err.decode()[-2000:]
+
+
 def test_json_logs_are_structured_events(new_db):
     url = new_db()
     r = pgsynapse("--log-format", "json", "migrate", url=url)
