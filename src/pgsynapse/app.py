@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from pgsynapse.client import Client, require_text
+from pgsynapse.client import AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve
 from pgsynapse.db import Database
@@ -62,7 +62,7 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
             # the command line's 0 is no limit: the Client's None
             return await client.ask(text, session_id=session_id, timeout=timeout or None, on_delta=on_delta)
 
-    return _answered(settings, "answer", go)
+    return _answered(settings, "answer", go, timeout)
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
@@ -76,10 +76,15 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables,
                                          timeout=timeout or None)
 
-    return _answered(settings, "sql_answer", go)
+    return _answered(settings, "sql_answer", go, timeout)
 
 
-def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
+# what a command says of an answer still to come, and where it will be (the Client's message names its own method)
+LATER = {"answer": ("question", "questions", "status, answer"),
+         "sql_answer": ("data question", "data_questions", "status, sql, error")}
+
+
+def _answered(settings: Settings, kind: str, go: Callable[[str], Any], timeout: float):
     """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``."""
     async def with_worker(url: str):
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url)
@@ -100,15 +105,27 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any]):
         if done := ensure_schema(db):  # said at the level `ask` logs at: it changed the schema on its way
             log.warning("schema_migrated_before_asking", applied=done)
         with db.connect() as conn:
-            row = conn.execute(q("listeners_connected", "ops.sql")).fetchone()
+            w = conn.execute(q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
+            # a worker started with other kinds (PGSYNAPSE_KINDS=embed) listens too, and never answers
+            running = w["listening"] > 0 and (w["taking"] > 0 or w["seen"] == 0)
             if kind == "answer":
                 if not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
                     log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "
                                 "PATH`, or INSERT INTO pgsynapse.documents) and run `pgsynapse run` to embed them")
-                elif not row["n"]:
+                elif not running:
                     # the worker started here only answers: documents waiting for their embed job stay unsearched
                     waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
                     if waiting:
                         log.warning("documents_not_embedded", n=waiting,
                                     hint="they are not searched until a worker embeds them: start `pgsynapse run`")
-        return anyio.run(go if row["n"] else with_worker, db.url)
+        try:
+            return anyio.run(go if running else with_worker, db.url)
+        except AnswerTimeout as exc:
+            if exc.question_id is None:  # not asked: its INSERT waited past the timeout
+                raise
+            what, table, columns = LATER[kind]
+            raise AnswerTimeout(
+                f"no answer to {what} {exc.question_id} within {timeout:g}s: the worker answering {what}s "
+                "may be slower than that, busy or stuck (pgsynapse status); the answer is still written to its row "
+                f"when it comes: SELECT {columns} FROM pgsynapse.{table} WHERE id = {exc.question_id}",
+                exc.question_id) from None

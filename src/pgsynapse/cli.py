@@ -17,7 +17,7 @@ from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, build_parser
 from pgsynapse.client import format_result
 from pgsynapse.config import load_settings, unknown_environment
-from pgsynapse.db import Database, describe_db_error
+from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
 from pgsynapse.export import run_export
@@ -42,6 +42,7 @@ from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_co
 log = get_logger(__name__)
 
 EX_UNAVAILABLE = 69  # the database could not be used
+EX_BROKEN_PIPE = 141  # what a shell reports of a command killed by SIGPIPE (128 + 13)
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 
 
@@ -81,11 +82,6 @@ def _settings(args: argparse.Namespace):
     return settings
 
 
-# what a command meets on a database that was never migrated, or is a migration behind
-SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
-                 psycopg.errors.InvalidSchemaName)
-
-
 def _schema_behind(settings, exc: psycopg.Error) -> str | None:
     """Why a command met a missing table or column, when the migrations say why: the schema is missing or behind.
     Asked only then, so that every other command pays nothing for it."""
@@ -121,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
-        return _dispatch(args, settings)
+        code = _dispatch(args, settings)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`pgsynapse status --json | head -1`): no traceback
+        # Python flushes stdout again at exit: /dev/null takes what is left (docs.python.org, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_BROKEN_PIPE
     except (ConfigError, ModelError, DatabaseSetupError) as exc:
         return _fail(args, settings, str(exc), EX_CONFIG)
     except DatabaseError as exc:

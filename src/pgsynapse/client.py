@@ -30,13 +30,13 @@ from psycopg.rows import dict_row
 
 from pgsynapse import results
 from pgsynapse.config import conninfo_problem
-from pgsynapse.db import NO_PREPARE, connection_error, tcp_params
+from pgsynapse.db import NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.results import (AnswerTimeout, ClientTimeout, DataResult, OutcomeUnknown, QuestionDeleted, Result,
-                               format_result, require_text)
+                               UnknownQuestion, format_result, require_text)
 
 FILE = "client.sql"
 ANSWERS_CHANNEL = "pgsynapse_answers"
@@ -52,14 +52,14 @@ log = get_logger(__name__)
 
 # what applications import from here (defined in pgsynapse.results)
 __all__ = ["AnswerTimeout", "Client", "ClientTimeout", "DataResult", "OutcomeUnknown", "QuestionDeleted", "Result",
-           "format_result", "require_text"]
+           "UnknownQuestion", "format_result", "require_text"]
 
 
 def _deadline(timeout: float | None) -> float:
     """When a call with ``timeout`` (seconds, None: no limit) must end."""
     if timeout is None:
         return math.inf
-    if not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InputError(f"timeout={timeout!r}: give a number of seconds above 0, or None to wait for ever")
     return anyio.current_time() + timeout
 
@@ -219,6 +219,9 @@ class Client:
                     async with conn.transaction():
                         await conn.execute(q("local_statement_timeout", FILE), {"timeout": f"{ms}ms"})
                         return await (await conn.execute(q(name, file), params)).fetchone()
+                except SCHEMA_ERRORS as exc:
+                    raise DatabaseError(f"the database has no pgsynapse schema, or an older one than this release "
+                                        f"({describe_db_error(exc)}): run `pgsynapse migrate` on it") from exc
                 except psycopg.errors.QueryCanceled:
                     if writes is None or deadline == math.inf:
                         raise
@@ -280,14 +283,16 @@ class Client:
         else :class:`AnswerTimeout`; ``timeout=0``: no waiting, the row as it is (status pending included)."""
         self._require_open()
         if timeout == 0:
-            return await self._read(question_id)
-        async for item in self._follow(question_id, _deadline(timeout), timeout):
+            return await self._read(question_id, asked=False)
+        async for item in self._follow(question_id, _deadline(timeout), timeout, asked=False):
             if isinstance(item, Result):
                 return item
         raise AssertionError("_follow() ends with its Result")  # pragma: no cover
 
-    async def _follow(self, qid: int, deadline: float, timeout: float | None) -> AsyncIterator[str | Result]:
-        """The pieces of question ``qid``'s answer, then its final Result (:meth:`stream`)."""
+    async def _follow(self, qid: int, deadline: float, timeout: float | None, *,
+                      asked: bool = True) -> AsyncIterator[str | Result]:
+        """The pieces of question ``qid``'s answer, then its final Result (:meth:`stream`). ``asked``: this Client
+        inserted it (a row missing is then a row deleted)."""
         key = (ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
         received, restarted = "", False
@@ -313,7 +318,8 @@ class Client:
                     # else: already read from the row before its NOTIFY came
                 if check:
                     with anyio.fail_after(_left(deadline)):
-                        result = await self._read(qid)
+                        result = await self._read(qid, asked=asked)
+                    asked = True  # read once: gone later, it was deleted
                     now = result.answer or ""
                     # what was written after the last piece's NOTIFY (throttled, or the final write itself); an answer
                     # that was never streamed (extractive, stream_answers off) arrives whole, in the Result only
@@ -350,17 +356,19 @@ class Client:
         """:meth:`result` for a question about the data."""
         self._require_open()
         if timeout == 0:
-            return results.data_result(await self._fetch_row("data_answer", question_id, "data question"))
-        return await self._data_result(question_id, _deadline(timeout), timeout)
+            return results.data_result(await self._fetch_row("data_answer", question_id, "data question", asked=False))
+        return await self._data_result(question_id, _deadline(timeout), timeout, asked=False)
 
-    async def _data_result(self, qid: int, deadline: float, timeout: float | None) -> DataResult:
+    async def _data_result(self, qid: int, deadline: float, timeout: float | None, *,
+                           asked: bool = True) -> DataResult:
         key = (DATA_ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
         try:
             with anyio.fail_after(_left(deadline)):
                 while True:
                     self._arrived.pop(key, None)
-                    r = await self._fetch_row("data_answer", qid, "data question")
+                    r = await self._fetch_row("data_answer", qid, "data question", asked=asked)
+                    asked = True
                     if r["status"] != "pending":
                         return results.data_result(r)
                     await self._wait_one(key)
@@ -437,15 +445,18 @@ class Client:
         for waiting in self._waiting:
             self._arrived.setdefault(waiting, []).append({"status": "reconnected"})
 
-    async def _fetch_row(self, name: str, qid: int, what: str) -> dict[str, Any]:
+    async def _fetch_row(self, name: str, qid: int, what: str, *, asked: bool = True) -> dict[str, Any]:
+        """Row ``qid`` (``what``: "question", "data question"); ``asked``: known to have been there (an id given by
+        the application may never have been)."""
         r = await self._fetch(name, {"id": qid})
+        if r is None and not asked:
+            raise UnknownQuestion(f"there is no {what} {qid} (never asked, or deleted before this call)", qid)
         if r is None:
             raise QuestionDeleted(f"{what} {qid} was deleted while waiting for its answer", qid)
         return r
 
-    async def _read(self, qid: int) -> Result:
-        r = await self._fetch_row("answer", qid, "question")
-        return results.result(r)
+    async def _read(self, qid: int, *, asked: bool = True) -> Result:
+        return results.result(await self._fetch_row("answer", qid, "question", asked=asked))
 
 
 def _no_answer(what: str, qid: int, timeout: float | None) -> str:

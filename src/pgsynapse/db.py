@@ -136,6 +136,11 @@ async def aconnect(
         raise connection_error(exc, url) from exc
 
 
+# what a statement meets on a database that was never migrated, or is a migration behind
+SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
+                 psycopg.errors.InvalidSchemaName)
+
+
 def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
     """One readable line for a server error: its message, SQLSTATE and hint; privilege errors say what to grant."""
     diag = getattr(exc, "diag", None)

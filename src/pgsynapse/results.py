@@ -31,6 +31,14 @@ class OutcomeUnknown(DatabaseError):
     (a second row, a second answer); the message says what to look for."""
 
 
+class UnknownQuestion(InputError):
+    """No question (or data question) has this id: never asked, or deleted before the call."""
+
+    def __init__(self, message: str, question_id: int) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+
+
 class QuestionDeleted(PgsynapseError):
     """The question's row was deleted while its asker waited for its answer."""
 
@@ -40,10 +48,24 @@ class QuestionDeleted(PgsynapseError):
 
 
 def require_text(text: str) -> None:
-    """A question must say something: an empty or blank one is refused here, before its row (written by SQL, the
-    questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail a blank one)."""
-    if not text or not text.strip():
+    """A question must be text that PostgreSQL can store and that says something: refused here, before its row
+    (written by SQL, the questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail
+    a blank one). A bytes question was stored as its hex text and answered."""
+    if not isinstance(text, str):
+        hint = ": decode it first" if isinstance(text, (bytes, bytearray, memoryview)) else ""
+        raise InputError(f"the question must be text (str), not {type(text).__name__}{hint}")
+    if not text.strip():
         raise InputError("the question is empty: ask something")
+    if (at := text.find("\x00")) >= 0:
+        raise InputError(f"the question holds a NUL character (\\x00, at {at}): PostgreSQL text cannot store it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by Python's surrogateescape (argv, a file)
+            raise InputError(f"the question is not valid text: byte 0x{code - 0xDC00:02x} at {exc.start} is not UTF-8 "
+                             "(was it written in another encoding?)") from None
+        raise InputError(f"the question is not valid Unicode: a lone surrogate (\\u{code:04x}, at {exc.start})") from None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import zipfile
@@ -151,6 +152,10 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     assert empty.returncode == 1 and "Traceback" not in empty.stderr, empty.stderr[-2000:]
     assert "pgsynapse: error: the question is empty: ask something" in empty.stderr
     assert "worker_started" not in empty.stderr  # refused before a worker is started for it
+    # an argument that is not UTF-8 (a terminal in Latin-1): one line, where it was a traceback
+    latin = pgsynapse("ask", "how do I \udcff\udcfe vacuum?", url=url)
+    assert latin.returncode == 1 and "Traceback" not in latin.stderr, latin.stderr[-2000:]
+    assert "pgsynapse: error: the question is not valid text: byte 0xff at 9 is not UTF-8" in latin.stderr
     long = pgsynapse("ask", "vacuum " * 20, url=url, env={"PGSYNAPSE_MAX_QUESTION_CHARS": "50"})
     assert long.returncode == 1, long.stderr[-2000:]
     assert "(failed: InputError: question has 140 characters, over max_question_chars=50)" in long.stdout
@@ -172,6 +177,38 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
                      " WHERE id = %s)", (chunk,))
     gone = pgsynapse("feedback", str(qid), "--helpful", "--source", str(rank), url=url)
     assert gone.returncode == 1 and f"passage [{rank}] of question {qid}'s answer is gone" in gone.stderr, gone.stderr
+
+
+def test_ask_beside_a_worker_that_does_not_answer_starts_its_own(new_db, template_db, shipped):
+    """A worker that only embeds listens on the database, and nothing answers: `ask` waited out its whole timeout
+    (120 s by default) and said that no worker was running. It answers with its own, as when none runs."""
+    url = new_db(template_db)
+    shipped(url)
+    worker = spawn_worker(url, env={"PGSYNAPSE_KINDS": "embed"})
+    try:
+        r = pgsynapse("ask", "what is vacuum?", "--timeout", "60", url=url)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("I could not find anything relevant"), r.stdout
+
+
+def test_ask_that_times_out_says_where_its_answer_will_be(new_db, template_db, shipped):
+    """The timeout's message is for the command line: it said `await client.result(N)` to a shell user."""
+    url = new_db(template_db)
+    shipped(url)
+    worker = spawn_worker(url, env={"PGSYNAPSE_KINDS": "answer"})
+    os.kill(worker.proc.pid, signal.SIGSTOP)  # registered and listening, and stuck
+    try:
+        r = pgsynapse("ask", "what is vacuum?", "--timeout", "1", url=url)
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        assert worker.stop() == 0, worker.tail()
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert ("pgsynapse: error: no answer to question 1 within 1s: the worker answering questions may be slower than "
+            "that, busy or stuck (pgsynapse status); the answer is still written to its row when it comes: SELECT "
+            "status, answer FROM pgsynapse.questions WHERE id = 1") in r.stderr, r.stderr[-2000:]
+    assert "await client" not in r.stderr
 
 
 def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path):
@@ -267,6 +304,17 @@ def test_an_unusable_data_dir_is_a_configuration_error(tmp_path, where):
     assert r.returncode == 78, r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("pgsynapse: error: ") and f"data_dir {where}" in line
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback(db_url):
+    """`pgsynapse status --json | head -1`: the reader is gone before the command writes. It ended in a
+    BrokenPipeError traceback."""
+    env = {**os.environ, "DATABASE_URL": db_url}
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "status", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd="/tmp")
+    proc.stdout.close()  # before it has written anything
+    _, err = proc.communicate(timeout=SAFETY_TIMEOUT)
+    assert err.decode() == "" and proc.returncode == 141, err.decode()[-2000:]
 
 
 def test_json_logs_are_structured_events(new_db):

@@ -174,7 +174,7 @@ async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_gr
             missing = await client.ask_data(PER_REGION, schema="nowhere")
     assert ungranted.status == "failed" and ungranted.sql is None
     assert "may be read by the role pgsynapse_reader" in ungranted.error and "GRANT SELECT" in ungranted.error
-    assert missing.status == "failed" and "no table of schema nowhere" in missing.error
+    assert missing.status == "failed" and "schema nowhere does not exist" in missing.error
 
 
 async def test_an_empty_question_fails_on_its_row_beside_its_answered_neighbour(shop, models):

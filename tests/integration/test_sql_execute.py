@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
+from pgsynapse.errors import InputError
 from pgsynapse.textsql.context import NoReadableTables, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly, same_result
 from tests.helpers import V1_TORCH
@@ -114,7 +115,27 @@ def test_the_schema_context_describes_what_the_reader_may_read(shop, models):
     narrowed = schema_context(shop, "public", None, question="which sales region is largest?", max_tables=1,
                               encode=lambda texts: models.get(V1_TORCH).encode(texts))
     assert narrowed.described == (("public", "regions"),) and narrowed.allowed == ctx.allowed
-    with pytest.raises(NoReadableTables, match="GRANT SELECT ON public.<table> TO pgsynapse_reader"):
+    with pytest.raises(NoReadableTables, match="GRANT SELECT ON public.salaries TO pgsynapse_reader"):
         schema_context(shop, "public", ["salaries"])
     with pytest.raises(Exception, match="do not exist: nope"):
         schema_context(shop, "public", ["orders", "nope"])
+
+
+@pytest.mark.parametrize(("schema", "names", "says"), [
+    # each said "no table of ... may be read", with a GRANT hint that could not help
+    ("", None, "target_schema is empty: name the schema"),
+    (" ", None, "target_schema is empty: name the schema"),
+    ("public", [], "allowed_tables is empty: name the tables"),
+    ("nosuchschema", None, "schema nosuchschema does not exist"),
+    ("public", ["pgsynapse.jobs"], r"allowed_tables names tables of a system schema \(pgsynapse.jobs: pgsynapse's"),
+    ("pgsynapse", None, r"target_schema pgsynapse is a system schema \(pgsynapse's or PostgreSQL's\)"),
+    ("pg_catalog", None, "target_schema pg_catalog is a system schema"),
+])
+def test_a_scope_that_cannot_be_read_says_why(shop, schema, names, says):
+    with pytest.raises(InputError, match=says):
+        schema_context(shop, schema, names)
+
+
+def test_a_named_table_not_granted_is_named_in_the_hint(shop):
+    with pytest.raises(NoReadableTables, match=r"GRANT SELECT ON public.salaries TO pgsynapse_reader"):
+        schema_context(shop, "shop_other", ["public.salaries"])

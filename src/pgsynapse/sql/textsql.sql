@@ -42,6 +42,9 @@ LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = w.rel
     AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
 ORDER BY 2, 3;
 
+-- name: schema_exists
+SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = %(schema)s) AS found;
+
 -- name: table_columns
 SELECT a.attrelid::int AS oid, a.attname AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS type,
        a.attnotnull AS not_null, pg_catalog.col_description(a.attrelid, a.attnum) AS comment

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from pgsynapse.errors import InputError
 from pgsynapse.queries import q
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
+from pgsynapse.textsql.safety import is_system_schema
 
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_]*$")
 _SAMPLE_ROWS = 50
@@ -104,6 +105,15 @@ def ddl(table: Table, default_schema: str) -> str:
 
 
 def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, role: str) -> list[Table]:
+    if not schema.strip():
+        raise InputError("target_schema is empty: name the schema whose tables the question is about (public by "
+                         "default)")
+    if is_system_schema(schema):
+        raise InputError(f"target_schema {schema} is a system schema (pgsynapse's or PostgreSQL's): data questions "
+                         "never read its tables")
+    if names is not None and not any(n.strip() for n in names):
+        raise InputError("allowed_tables is empty: name the tables the question may read, or leave it NULL for every "
+                         "table of its schema the reader role may read")
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(q("readable_tables", "textsql.sql"),
                            {"schema": schema, "names": list(names) if names is not None else None,
@@ -111,12 +121,22 @@ def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, 
         unknown = [r["asked"] for r in rows if r["oid"] is None]
         if unknown:
             raise InputError(f"allowed_tables names tables that do not exist: {', '.join(unknown)}")
+        system = [f"{r['schema']}.{r['name']}" for r in rows if is_system_schema(r["schema"])]
+        if system:
+            raise InputError(f"allowed_tables names tables of a system schema ({', '.join(system)}: pgsynapse's or "
+                             "PostgreSQL's): data questions never read them")
         tables = [Table(r["oid"], r["schema"], r["name"], r["comment"]) for r in rows if r["readable"]]
+        if not tables and names is None and not cur.execute(q("schema_exists", "textsql.sql"),
+                                                            {"schema": schema}).fetchone()["found"]:
+            raise InputError(f"schema {schema} does not exist: target_schema names the schema of the question's "
+                             "tables")
         if not tables:
             scope = ", ".join(names) if names is not None else f"schema {schema}"
+            grant = (", ".join(f"{r['schema']}.{r['name']}" for r in rows) if names is not None
+                     else f"{schema}.<table>")
             raise NoReadableTables(
                 f"no table of {scope} may be read by the role {role}: grant it the tables data questions may "
-                f"read (GRANT SELECT ON {schema}.<table> TO {role}; docs/operations.md)")
+                f"read (GRANT SELECT ON {grant} TO {role}; docs/operations.md)")
         by_oid = {t.oid: t for t in tables}
         for c in cur.execute(q("table_columns", "textsql.sql"), {"oids": list(by_oid)}).fetchall():
             by_oid[c["oid"]].columns.append(c)

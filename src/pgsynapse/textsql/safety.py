@@ -276,7 +276,7 @@ def _attribute(name: str, written: str) -> None:
         raise UnsafeSQL("function", f"refused: {written} would call function {name}, which is not allowed")
 
 
-def _is_system_schema(schema: str) -> bool:
+def is_system_schema(schema: str) -> bool:
     return schema in SYSTEM_SCHEMAS or schema.startswith("pg_")
 
 
@@ -380,9 +380,9 @@ class _Checker:
                 raise UnsafeSQL("schema", f"refused: table {_ident(rel)} is not allowed (system catalog)")
             if schema is None:
                 raise UnsafeSQL("table", f"refused: table {_ident(rel)} is not allowed ({self._allowed_text()})")
-            if not _is_system_schema(schema):
+            if not is_system_schema(schema):
                 self.unqualified.append((node.location, schema))
-        if _is_system_schema(schema):
+        if is_system_schema(schema):
             raise UnsafeSQL("schema", f"refused: table {_dotted([schema, rel])} is not allowed (system schema)")
         if (schema, rel) not in self.allowed:
             reason = "table" if schema in self.allowed_schemas else "schema"

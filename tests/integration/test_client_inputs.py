@@ -1,0 +1,55 @@
+"""What an application may pass the Client by mistake: each refused with an InputError that says what is wrong,
+before any row is written (a bytes question was stored as its hex text and answered; an int, a NUL or a lone
+surrogate raised Python's or psycopg's own errors), an id that was never asked, a database not migrated."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from pgsynapse.client import Client, UnknownQuestion
+from pgsynapse.errors import DatabaseError, InputError
+from tests.helpers import aconn
+
+pytestmark = pytest.mark.anyio
+
+SAFETY = 30.0  # seconds: a safety net only
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    (b"how do I vacuum", r"the question must be text \(str\), not bytes: decode it first"),
+    (42, r"the question must be text \(str\), not int"),
+    ("how do I\x00 vacuum", r"the question holds a NUL character \(\\x00, at 8\): PostgreSQL text cannot store it"),
+    ("x \ud800", r"the question is not valid Unicode: a lone surrogate \(\\ud800, at 2\)"),
+])
+async def test_a_question_that_is_not_text_is_refused_before_its_row(db_url, text, says):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        for ask in (client.ask, client.ask_data):
+            with anyio.fail_after(SAFETY), pytest.raises(InputError, match=says):
+                await ask(text, timeout=1)
+    for table in ("questions", "data_questions"):
+        assert (await (await conn.execute(f"SELECT count(*) AS n FROM pgsynapse.{table}")).fetchone())["n"] == 0
+    await conn.close()
+
+
+async def test_a_timeout_that_is_not_a_number_is_refused(db_url):
+    async with Client(db_url) as client:
+        for timeout in ("5", True):
+            with anyio.fail_after(SAFETY), pytest.raises(InputError, match=r"timeout=.*: give a number of seconds"):
+                await client.ask("how do I vacuum?", timeout=timeout)
+
+
+async def test_an_id_never_asked_is_not_said_to_be_deleted(db_url):
+    async with Client(db_url) as client:
+        for get, what in ((client.result, "question"), (client.data_result, "data question")):
+            for timeout in (0, 1):
+                with anyio.fail_after(SAFETY), pytest.raises(UnknownQuestion, match=f"there is no {what} 999999"):
+                    await get(999999, timeout=timeout)
+
+
+async def test_a_database_not_migrated_says_to_migrate(new_db):
+    url = new_db()  # empty: no pgsynapse schema
+    async with Client(url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(DatabaseError, match="run `pgsynapse migrate`"):
+            await client.ask("how do I vacuum?", timeout=1)
