@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from pgsynapse.chunking import Chunk, Chunker
+from pgsynapse.chunking import Chunk, Chunker, distinct
 from pgsynapse.config import Settings
 from pgsynapse.db import columns
 from pgsynapse.errors import InputError
@@ -132,7 +132,12 @@ class EmbedHandler(Handler[EmbedWork]):
 
     def _chunk(self, item: EmbedWork) -> list[Chunk]:
         # lengths were checked at load (load_documents): an oversized row never gets here
-        return self.chunker.split(item.title, item.body or "")
+        chunks = self.chunker.split(item.title, item.body or "")
+        unique = distinct(chunks)  # a repeated text is stored (and embedded, and backfilled) once
+        if len(unique) < len(chunks):
+            log.info("duplicate_chunks_dropped", document=item.job.ref_id, chunks=len(unique),
+                     dropped=len(chunks) - len(unique))
+        return unique
 
     def _encode(self, items: list[EmbedWork], embedders: list[Embedder]) -> list[EmbedResult]:
         texts = [c.embed_text for item in items for c in item.chunks or []]

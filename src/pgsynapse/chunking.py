@@ -13,12 +13,16 @@ A token that spans more than :data:`MAX_TOKEN_CHARS` characters is in no chunk: 
 punctuation (a hex or base64 dump, a script the tokenizer does not know), which a WordPiece tokenizer reads as one
 unknown token, and a chunk holding it held all of it (a 2 MB body was one chunk of 6 tokens). Chunks break around
 it; a body with nothing else fails with :class:`InputError`.
+
+Identical chunks of one document (a body of a word or a paragraph repeated: windows that cut the same text) are
+stored once, by :func:`distinct`: they carry nothing new for retrieval, and hundreds of identical vectors trap an
+HNSW search among them (ef_search 40 finds none of the others' chunks, however near).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pgsynapse.errors import InputError
@@ -141,6 +145,18 @@ class Chunker:
         text = body[c0:c1]
         embed_text = prefix + text
         return Chunk(ord_, text, embed_text, self._count(embed_text) if count is None else count, c0, c1)
+
+
+def distinct(chunks: list[Chunk]) -> list[Chunk]:
+    """The first of each chunk text, in order, numbered again from 0 (``ord`` stays the chunk's rank among the
+    document's stored chunks, as after a blank window; ``char_start`` and ``char_end`` still say where it is)."""
+    seen: set[str] = set()
+    out: list[Chunk] = []
+    for c in chunks:
+        if c.text not in seen:
+            seen.add(c.text)
+            out.append(c if c.ord == len(out) else replace(c, ord=len(out)))
+    return out
 
 
 def _word_local(tokenizer: Any) -> Any:

@@ -50,6 +50,41 @@ async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime
         await conn.close()
 
 
+async def test_a_document_of_repeated_text_keeps_one_chunk_per_text_and_search_still_finds_the_others(
+        db_url, models, default_runtime):
+    """A body of one word repeated (the walkthrough's ``repeat('word ', 300000)``) cuts into hundreds of identical
+    windows; stored as such, their identical vectors trap the HNSW search (ef_search 40) among them and a distinct
+    document's chunk, much nearer, is never reached. On main, 712 identical chunks trapped it in 4 runs of 4 (and
+    500 to 1,200 copies of one vector in every run; 450 in one of two; 300 in none)."""
+    adopt_runtime(db_url, default_runtime)
+    settings = fast_settings(db_url, runtime="onnx-int8", batch_size=64)
+    conn = await aconn(db_url)
+    with capture_logs() as logs:
+        async with running_worker(settings, models) as worker:
+            [repeated] = insert_docs(db_url, [("Words", "word " * 180_000)])
+            await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (repeated,))
+            [zebra] = insert_docs(db_url, [("Zebra tuning", "The zebra_frobnicate setting controls how many stripes "
+                                            "PostgreSQL paints on each table it scans.")])
+            await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (zebra,))
+            question = "how many stripes does the zebra scan paint"
+            for hybrid in (settings.hybrid, False):  # as pgsynapse search runs it, and the kNN alone
+                hits = await search(conn, worker.models, question, k=5, hybrid=hybrid)
+                assert hits[0].document_id == zebra, (hybrid, [(h.document_id, round(h.score, 3)) for h in hits])
+            # an edit is chunked the same way
+            await conn.execute("UPDATE pgsynapse.documents SET body = %s WHERE id = %s", ("other " * 3000, repeated))
+            await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (repeated,))
+    row = await (await conn.execute(
+        "SELECT count(*) AS chunks, count(DISTINCT c.text) AS texts, array_agg(c.ord ORDER BY c.ord) AS ords,"
+        " (SELECT count(*) FROM pgsynapse.embeddings e JOIN pgsynapse.chunks x ON x.id = e.chunk_id"
+        "  WHERE x.document_id = %(d)s) AS embeddings"
+        " FROM pgsynapse.chunks c WHERE c.document_id = %(d)s", {"d": repeated})).fetchone()
+    # windows of 253 words and a shorter last one (712 at first, 12 after the edit): two texts, ords 0 and 1
+    assert row == {"chunks": 2, "texts": 2, "ords": [0, 1], "embeddings": 2}
+    dropped = [(e["document"], e["chunks"], e["dropped"]) for e in logs if e["event"] == "duplicate_chunks_dropped"]
+    assert dropped == [(repeated, 2, 710), (repeated, 2, 10)]
+    await conn.close()
+
+
 async def test_bulk_insert_sends_one_notify_and_embeds_all(db_url, models):
     docs = [(f"Doc {i}", f"Document number {i} talks about topic {i % 17} in plain words.") for i in range(1000)]
     listener = await aconn(db_url)

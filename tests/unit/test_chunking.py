@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pgsynapse.chunking import Chunker
+from pgsynapse.chunking import Chunker, distinct
 from pgsynapse.errors import InputError
 from pgsynapse.export.sample import sample_texts
 from pgsynapse.models import default_model_path, load_tokenizer
@@ -35,6 +35,19 @@ def test_windows_respect_the_limit_overlap_and_prefer_sentence_breaks(tokenizer)
     assert sum(c.text.endswith(".") for c in chunks) >= len(chunks) - 2
     # neighbours overlap
     assert all(b.char_start < a.char_end for a, b in zip(chunks, chunks[1:]))
+
+
+def test_distinct_keeps_the_first_of_each_repeated_text_numbered_again(tokenizer):
+    body = "Intro sentence.\n\n" + "The same paragraph, said again and again.\n\n" * 40 + "A closing line."
+    chunks = Chunker(tokenizer, 24, 0).split("T", body)
+    unique = distinct(chunks)
+    texts = [c.text for c in chunks]
+    assert len(texts) > len(set(texts)) and [c.text for c in unique] == list(dict.fromkeys(texts))
+    assert [c.ord for c in unique] == list(range(len(unique)))
+    assert all(body[c.char_start:c.char_end] == c.text for c in unique)
+    assert unique[0].text.startswith("Intro") and unique[-1].text.endswith("A closing line.")
+    plain = Chunker(tokenizer, 24, 0).split("T", " ".join(f"Sentence {i} is new." for i in range(40)))
+    assert distinct(plain) == plain
 
 
 def test_a_long_title_is_capped_so_the_body_still_fits(tokenizer):
