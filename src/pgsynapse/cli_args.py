@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")
-    rt.add_argument("--json", action="store_true", help="with --wait: the version, its status and the gate as JSON")
+    rt.add_argument("--json", action="store_true", help="stdout is one JSON document: the job and what became of it; "
+                    "with --wait the version, its status and the gate (the progress lines go to stderr)")
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
@@ -248,7 +249,8 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
     rr.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")
-    rr.add_argument("--json", action="store_true", help="with --wait: the SQL model, its status and the gate as JSON")
+    rr.add_argument("--json", action="store_true", help="stdout is one JSON document: the job and what became of it; "
+                    "with --wait the SQL model, its status and the gate (the progress lines go to stderr)")
 
 
 def _ranker_parser(sub: argparse._SubParsersAction) -> None:
