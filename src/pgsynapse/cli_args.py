@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
     ca.add_argument("--size", type=_ranged(int, 0, 100_000),
-                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set)")
+                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set, and no "
+                    "retrain builds one)")
 
     gr = sub.add_parser("guardrail", help="guardrail rules: list, add, disable, enable, and check a text against "
                         "them with each rule's similarity (to choose a threshold)")
