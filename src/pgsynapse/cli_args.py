@@ -12,6 +12,7 @@ from typing import Any
 from pgsynapse import __version__
 from pgsynapse.config import JOB_KINDS
 from pgsynapse.errors import PgsynapseError
+from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 
 
 def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     verdict = fb.add_mutually_exclusive_group()
     verdict.add_argument("--helpful", dest="helpful", action="store_true", default=None)
     verdict.add_argument("--not-helpful", dest="helpful", action="store_false", default=None)
-    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful)")
+    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful: with --helpful "
+                    "or --not-helpful it must agree)")
     fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
     fb.add_argument("--comment")
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
@@ -286,6 +288,17 @@ def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_h
     tr.add_argument("percent", type=float)
     rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
     rt.add_argument("model", type=int)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed, with the checks of options that contradict each other: argparse's refusal (one
+    line, exit 2) as for a number out of range."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
+        parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
+                     f"{RATINGS_AGREE}")
+    return args
 
 
 def bench_name(name: str) -> str:
