@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("model_version", type=int)
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model_version", type=int)
-    tr.add_argument("percent", type=float)
+    tr.add_argument("percent", type=PERCENT, metavar="PERCENT", help="0 to 100")
     ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, "
                          "png/jpeg/webp/gif/bmp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
@@ -285,7 +285,7 @@ def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_h
     sub.add_parser("rollback", help=rollback_help)
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model", type=int)
-    tr.add_argument("percent", type=float)
+    tr.add_argument("percent", type=PERCENT, metavar="PERCENT", help="0 to 100")
     rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
     rt.add_argument("model", type=int)
 
