@@ -14,7 +14,7 @@ import anyio
 import psycopg
 
 from pgsynapse.app import ask, ensure_schema, run_worker
-from pgsynapse.cli_args import bench_name, build_parser
+from pgsynapse.cli_args import bench_name, parse_args
 from pgsynapse.client import format_result
 from pgsynapse.config import load_settings, unknown_environment
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
@@ -112,7 +112,7 @@ def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     settings = None
     try:
         settings = _settings(args)

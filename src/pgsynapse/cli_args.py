@@ -12,6 +12,7 @@ from typing import Any
 from pgsynapse import __version__
 from pgsynapse.config import JOB_KINDS
 from pgsynapse.errors import PgsynapseError
+from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 
 
 def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
@@ -93,18 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     verdict = fb.add_mutually_exclusive_group()
     verdict.add_argument("--helpful", dest="helpful", action="store_true", default=None)
     verdict.add_argument("--not-helpful", dest="helpful", action="store_false", default=None)
-    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful)")
+    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful: with --helpful "
+                    "or --not-helpful it must agree)")
     fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
     fb.add_argument("--comment")
     rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")
-    rt.add_argument("--json", action="store_true", help="with --wait: the version, its status and the gate as JSON")
+    rt.add_argument("--json", action="store_true", help="stdout is one JSON document: the job and what became of it; "
+                    "with --wait the version, its status and the gate (the progress lines go to stderr)")
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
     ca.add_argument("--size", type=_ranged(int, 0, 100_000),
-                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set)")
+                    help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set, and no "
+                    "retrain builds one)")
 
     gr = sub.add_parser("guardrail", help="guardrail rules: list, add, disable, enable, and check a text against "
                         "them with each rule's similarity (to choose a threshold)")
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("model_version", type=int)
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model_version", type=int)
-    tr.add_argument("percent", type=float)
+    tr.add_argument("percent", type=PERCENT, metavar="PERCENT", help="0 to 100")
     ing = sub.add_parser("ingest", help="load text, Markdown, HTML (and PDF with pypdf) files into documents, "
                          "png/jpeg/webp/gif/bmp into images")
     ing.add_argument("paths", nargs="+", metavar="PATH", help="files and directories (hidden entries skipped)")
@@ -248,7 +252,8 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
     rr.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")
-    rr.add_argument("--json", action="store_true", help="with --wait: the SQL model, its status and the gate as JSON")
+    rr.add_argument("--json", action="store_true", help="stdout is one JSON document: the job and what became of it; "
+                    "with --wait the SQL model, its status and the gate (the progress lines go to stderr)")
 
 
 def _ranker_parser(sub: argparse._SubParsersAction) -> None:
@@ -280,9 +285,20 @@ def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_h
     sub.add_parser("rollback", help=rollback_help)
     tr = sub.add_parser("traffic", help="set a candidate's share of sessions (percent)")
     tr.add_argument("model", type=int)
-    tr.add_argument("percent", type=float)
+    tr.add_argument("percent", type=PERCENT, metavar="PERCENT", help="0 to 100")
     rt = sub.add_parser("retire", help=f"retire a {noun} that is not active")
     rt.add_argument("model", type=int)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed, with the checks of options that contradict each other: argparse's refusal (one
+    line, exit 2) as for a number out of range."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
+        parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
+                     f"{RATINGS_AGREE}")
+    return args
 
 
 def bench_name(name: str) -> str:

@@ -381,10 +381,11 @@ class Client:
     async def feedback(self, question_id: int, *, helpful: bool | None = None, rating: int | None = None,
                        source: int | None = None, comment: str | None = None,
                        timeout: float | None = 120.0) -> Feedback:
-        """Say whether an answer helped (``helpful``) or rate it (``rating``, 1 to 5), and which of its cited
-        passages answered it (``source``: the rank [n] it was cited with). The row is the one an application
-        would INSERT (docs/sql.md); the retrain learns from it (docs/learning.md). ``timeout``: seconds for the
-        whole call (None: no limit), else :class:`ClientTimeout` (the INSERT cancelled)."""
+        """Say whether an answer helped (``helpful``) or rate it (``rating``, 1 to 5; both must agree: 4 and 5
+        are helpful), and which of its cited passages answered it (``source``: the rank [n] it was cited with).
+        The row is the one an application would INSERT (docs/sql.md); the retrain learns from it
+        (docs/learning.md). ``timeout``: seconds for the whole call (None: no limit), else :class:`ClientTimeout`
+        (the INSERT cancelled)."""
         self._require_open()
         deadline = _deadline(timeout)
         try:

@@ -1,7 +1,8 @@
 """Feedback on an answer from the command line and Python (``pgsynapse feedback``, ``Client.feedback``): what is
 checked before the row is written. Applications may as well INSERT into ``pgsynapse.feedback`` themselves
 (docs/sql.md); this is the same row, with the mistakes a person makes at a prompt refused in words: a question
-that is not there or has no answer, a passage it did not cite or that is gone since, a rating off the scale."""
+that is not there or has no answer, a passage it did not cite or that is gone since, a rating off the scale, a
+verdict and a rating that disagree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgsynapse.errors import InputError
+
+
+# how a row's helpful and rating, both given, must agree: as the A/B report and the retrain read a rating alone
+# (coalesce(helpful, rating >= 4)); the trigger feedback_consistent_v1 says the same for SQL (migration 0028)
+RATINGS_AGREE = "a rating of 4 or 5 counts as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"
+
+
+def ratings_agree(helpful: bool | None, rating: int | None) -> bool:
+    """Whether ``helpful`` and ``rating`` say the same (true when either is missing)."""
+    return helpful is None or rating is None or helpful == (rating >= 4)
 
 
 @dataclass
@@ -29,6 +40,8 @@ def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpfu
         raise InputError("feedback says whether the answer helped, or rates it (1 to 5)")
     if rating is not None and not 1 <= rating <= 5:
         raise InputError(f"a rating is 1 to 5, got {rating}")
+    if not ratings_agree(helpful, rating):
+        raise InputError(f"helpful={helpful} contradicts rating={rating}: {RATINGS_AGREE}")
     if question is None:
         raise InputError(f"there is no question {question_id}")
     if question["status"] != "answered":

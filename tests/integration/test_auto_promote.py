@@ -156,3 +156,47 @@ async def test_a_worse_candidate_is_rolled_back_by_one_of_two_workers_and_not_wh
         assert f"v{cand}    auto_rolled_back" in render_status(snapshot(sync))
         assert "significantly worse" in render_ab(ab_report(sync))
     await conn.close()
+
+
+def test_feedback_given_before_a_question_was_asked_again_counts_for_no_version(db_url):
+    """A question edited (asked again) is answered anew, maybe by another version: the verdicts on its earlier
+    answer are about another text and another answer. They count neither for the version of the new answer nor in
+    its A/B window, which starts when the candidate's first question was asked, not when its row was created."""
+    cand = _candidate(db_url)
+    ask = ("INSERT INTO pgsynapse.questions (session_id, text, status, answer, model_version_id, created_at, asked_at,"
+           " answered_at) VALUES (%s, %s, 'answered', 'an answer', %s, now() - %s::interval, now() - %s::interval,"
+           " now() - %s::interval) RETURNING id")
+    rate = "INSERT INTO pgsynapse.feedback (question_id, helpful, created_at) VALUES (%s, %s, now() - %s::interval)"
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        # two days ago the active version answered it, and a user found that answer helpful
+        old = conn.execute(ask, ("a", "What does amcheck lock?", 1, "2 days", "2 days", "2 days")).fetchone()["id"]
+        conn.execute(rate, (old, True, "2 days"))
+        # a day ago, before the candidate's A/B test: another of the active version's answers, not helpful
+        before = conn.execute(ask, ("b", "vacuum?", 1, "1 day", "1 day", "1 day")).fetchone()["id"]
+        conn.execute(rate, (before, False, "1 day"))
+        # today the first question is asked again and the candidate answers it; nobody has rated that answer yet
+        conn.execute("UPDATE pgsynapse.questions SET text = 'What does bt_index_check lock?' WHERE id = %s", (old,))
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'a share lock', model_version_id = %s,"
+                     " answered_at = now() WHERE id = %s", (cand, old))
+        # and the active version answers a new question, found helpful
+        today = conn.execute(ask, ("c", "analyze?", 1, "0 s", "0 s", "0 s")).fetchone()["id"]
+        conn.execute(rate, (today, True, "0 s"))
+
+        rows = {r["version"]: r for r in ab_report(conn)["versions"]}
+        assert (rows[cand]["questions"], rows[cand]["rated"], rows[cand]["helpful"]) == (1, 0, 0)
+        assert (rows[1]["questions"], rows[1]["rated"], rows[1]["helpful"]) == (2, 2, 1)
+        [d] = conn.execute(q("ab_decisions", "learning.sql")).fetchall()
+        asked = conn.execute("SELECT asked_at FROM pgsynapse.questions WHERE id = %s", (old,)).fetchone()["asked_at"]
+        assert d["since"] == asked  # not the row's creation two days ago
+        assert (d["cand_rated"], d["cand_helpful"], d["active_rated"], d["active_helpful"]) == (0, 0, 1, 1)
+
+        # a verdict on the new answer counts, for the version that gave it
+        conn.execute(rate, (old, False, "0 s"))
+        rows = {r["version"]: r for r in ab_report(conn)["versions"]}
+        assert (rows[cand]["rated"], rows[cand]["helpful"]) == (1, 0)
+        [d] = conn.execute(q("ab_decisions", "learning.sql")).fetchall()
+        assert (d["cand_rated"], d["cand_helpful"], d["active_rated"], d["active_helpful"]) == (1, 0, 1, 1)
+        # each training example keeps the text its feedback was about (the latest stands)
+        assert [(r["query"], r["superseded_by"] is None) for r in conn.execute(
+            "SELECT query, superseded_by FROM pgsynapse.training_examples WHERE question_id = %s ORDER BY id",
+            (old,))] == [("What does amcheck lock?", False), ("What does bt_index_check lock?", True)]

@@ -105,7 +105,7 @@ def test_deleting_any_row_leaves_the_latest_remaining_one_standing(conn):
 
 
 def test_a_manual_retrain_with_no_feedback_to_learn_from_is_refused_and_queues_nothing(conn):
-    retrain = argparse.Namespace(command="retrain", wait=False)
+    retrain = argparse.Namespace(command="retrain", wait=False, json=False)
     a = _question(conn, "how do I vacuum?")
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))  # no positive
     with pytest.raises(InputError, match="no feedback to learn from: no feedback row marks an answer helpful .*; nothing was queued"):

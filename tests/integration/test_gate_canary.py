@@ -72,6 +72,31 @@ def test_the_canary_set_is_built_once_frozen_and_rebuilt_only_on_request(db_url)
         assert _canary(conn) == [r for r in third if r[2] != gone]
 
 
+
+def test_a_canary_set_emptied_on_request_stays_empty_until_rebuilt_with_a_size(db_url):
+    """`canary rebuild --size 0`: no canary set, and none built by the next retrain either (never automatically);
+    the rebuild is in the registry's history, and `canary rebuild` with a size builds one again."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        _insert(conn, _pages()[:12])
+        assert ensure_canary(conn, 1, 8)["built"]
+        emptied = pgsynapse("canary", "rebuild", "--size", "0", url=db_url)
+        assert emptied.returncode == 0 and "canary set rebuilt: 0 questions" in emptied.stdout, emptied.stderr
+        assert _canary(conn) == []
+        shown = pgsynapse("canary", url=db_url)
+        assert shown.stdout.startswith("no canary set: emptied by `pgsynapse canary rebuild` at "), shown.stdout
+        # the next retrain (or ranker training) builds none: the gate checks no canary, saying so
+        assert ensure_canary(conn, 1, 300) == {"built": False, "questions": 0}
+        assert _canary(conn) == []
+        [event] = conn.execute("SELECT model_version_id, event, figures, actor FROM pgsynapse.model_events"
+                               " WHERE event = 'canary_rebuilt'").fetchall()
+        assert event == {"model_version_id": 1, "event": "canary_rebuilt", "actor": "cli",
+                         "figures": {"questions": 0, "replaced": 8, "size": 0}}
+        # an operator's rebuild with a size builds one again
+        rebuilt = pgsynapse("canary", "rebuild", "--size", "5", url=db_url)
+        assert rebuilt.returncode == 0 and "canary set rebuilt: 5 questions" in rebuilt.stdout, rebuilt.stderr
+        assert len(_canary(conn)) == 5
+
+
 def test_the_canary_documents_give_no_corpus_pairs():
     pages = _pages()[:20]
     docs = {i: (p["title"], p["text"]) for i, p in enumerate(pages)}

@@ -529,6 +529,42 @@ def test_the_feedback_check_migration_keeps_the_feedback_and_is_idempotent(new_d
                 conn.execute(mig.sql.encode())
 
 
+def test_the_feedback_consistent_migration_keeps_the_rows_there_and_refuses_a_contradiction(new_db):
+    """0028 on top of 0027: feedback already there that says helpful and rates 1 stays, and neither blocks the
+    upgrade nor the deletion of the passage it names (its chunk_id set to NULL); from now on helpful and a rating
+    that disagree are refused, by INSERT or UPDATE; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 28)
+    with psycopg.connect(url, autocommit=True) as conn:
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = conn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                             " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('a', 'answered', 'b')"
+                           " RETURNING id").fetchone()[0]
+        old = conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, rating, chunk_id) VALUES"
+                           " (%s, true, 1, %s) RETURNING id", (qid, chunk)).fetchone()[0]
+    assert mig.name in migrate(url)
+    write = "INSERT INTO pgsynapse.feedback (question_id, helpful, rating) VALUES (%s, %s, %s)"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM pgsynapse.chunks WHERE id = %s", (chunk,))  # a document edit replaces its chunks
+        conn.execute("UPDATE pgsynapse.feedback SET comment = 'kept' WHERE id = %s", (old,))
+        for _ in range(2):
+            assert conn.execute("SELECT helpful, rating, chunk_id, comment FROM pgsynapse.feedback").fetchall() == [
+                (True, 1, None, "kept")]
+            for helpful, rating, said in ((True, 1, "helpful"), (True, 3, "helpful"), (False, 4, "not helpful")):
+                with pytest.raises(psycopg.errors.CheckViolation, match=f"says {said} and rates it {rating}: a rating "
+                                   "of 4 or 5 counts as helpful") as exc:
+                    conn.execute(write, (qid, helpful, rating))
+                assert exc.value.diag.constraint_name == "feedback_helpful_agrees_with_rating"
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("UPDATE pgsynapse.feedback SET rating = 2 WHERE id = %s", (old,))
+            for helpful, rating in ((True, 4), (False, 3), (None, 1), (True, None)):
+                conn.execute(write, (qid, helpful, rating))
+            conn.execute("DELETE FROM pgsynapse.feedback WHERE id <> %s", (old,))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
 def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_db):
     """0026 on top of 0025: a failed question set back to pending by an UPDATE that does not touch asked_at (the
     retry-failed of a release before 0024, run beside this one during an upgrade) is asked again now; re-running

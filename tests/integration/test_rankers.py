@@ -236,11 +236,22 @@ def test_ab_report_compares_the_rankers_helpful_rates(db_url, ranker_dir):
                 conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (qid,))
                 conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, %s)",
                              (qid, n < helpful))
+        # a question the vector order answered, found helpful, then asked again and answered by the ranker: that
+        # verdict was on the earlier answer, and counts for neither
+        [qid] = conn.execute("INSERT INTO pgsynapse.questions (text, status, model_version_id, latency_ms)"
+                             " SELECT 'q', 'answered', id, 100 FROM pgsynapse.model_versions WHERE status = 'active'"
+                             " RETURNING id").fetchone().values()
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (qid,))
+        conn.execute("UPDATE pgsynapse.questions SET text = 'q again' WHERE id = %s", (qid,))
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', latency_ms = 100, ranker_id = %s,"
+                     " model_version_id = (SELECT id FROM pgsynapse.model_versions WHERE status = 'active')"
+                     " WHERE id = %s", (r1["id"], qid))
         report = ab_report(conn)
     rows = {r["ranker"]: r for r in report["rankers"]}
     assert (rows[None]["status"], rows[None]["traffic_percent"], rows[None]["rated"], rows[None]["helpful"]) == (
         "active", 50.0, 40, 20)
-    assert (rows[r1["id"]]["status"], rows[r1["id"]]["rated"], rows[r1["id"]]["helpful"]) == ("candidate", 40, 36)
+    assert (rows[r1["id"]]["status"], rows[r1["id"]]["questions"], rows[r1["id"]]["rated"],
+            rows[r1["id"]]["helpful"]) == ("candidate", 41, 40, 36)
     [c] = report["ranker_comparisons"]
     assert c["ranker"] == r1["id"] and c["against"] is None and c["significant"] and c["better"]
     text = render_ab(report)

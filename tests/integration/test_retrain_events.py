@@ -1,9 +1,10 @@
 """A retrain's verdict, where a person and the registry's history see it: `pgsynapse retrain --wait` prints the
-gate's sets and reasons (`--json` the gate itself; a retrain already pending is the one it waits for), the version
-the gate rejected has a `rejected` row in pgsynapse.model_events with those reasons and the worker that decided
-(docs/operations.md says that row tells the offline gate's rejection from the A/B test's), and it is not listed as
-waiting for a runtime export it will never get: its weights are deleted, its metrics kept. Real Postgres, the real
-default model, the worker's own retrain job."""
+gate's sets and reasons and exits 1 for a rejection (`--json` the gate itself, as stdout's one JSON document; a
+retrain already pending is the one it waits for), the version the gate rejected has a `rejected` row in
+pgsynapse.model_events with those reasons and the worker that decided (docs/operations.md says that row tells the
+offline gate's rejection from the A/B test's), and it is not listed as waiting for a runtime export it will never
+get: its weights are deleted, its metrics kept. Real Postgres, the real default model, the worker's own retrain
+job."""
 
 from __future__ import annotations
 
@@ -44,19 +45,19 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
         waited = await anyio.to_thread.run_sync(lambda: pgsynapse("retrain", "--wait", url=db_url, timeout=300))
         worker_id = worker.worker_id
-    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert waited.returncode == 1, waited.stderr[-2000:]  # the gate rejected the candidate
     # a retrain already queued (by the feedback threshold, say) while no worker runs: --wait waits for that one
     with psycopg.connect(db_url, autocommit=True) as sync:
         pending = queue_retrain(sync)
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen([sys.executable, "-m", "pgsynapse", "retrain", "--wait", "--json"], env=env, cwd="/tmp",
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
-        assert cli.stdout is not None
-        first_line = await anyio.to_thread.run_sync(cli.stdout.readline)  # said before any worker could claim it
+        assert cli.stderr is not None  # under --json: stdout is the JSON alone
+        first_line = await anyio.to_thread.run_sync(cli.stderr.readline)  # said before any worker could claim it
         assert first_line == f"a retrain is already pending (job {pending}): waiting for it\n", first_line
         async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
-            rest, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
-    assert cli.returncode == 0, err[-2000:]
+            printed, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
+    assert cli.returncode == 1, err[-2000:]
     versions = (await (await conn.execute(
         "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
         " ORDER BY id")).fetchall())
@@ -74,8 +75,8 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         f"{gate['canary']['score']['gain']:+.3f} [{gate['canary']['score']['low']:+.3f}, "
         f"{gate['canary']['score']['high']:+.3f}]",
         *[f"  why: {reason}" for reason in gate["reasons"]]]
-    assert jobs[1] == pending and json.loads(rest) == {
-        "job": pending, "version": second["id"], "status": "rejected", "gate": second["gate"]}
+    assert jobs[1] == pending and json.loads(printed) == {
+        "job": pending, "outcome": "done", "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
     # nor does it load again: its weights are deleted (88 MB a retrain for this model), its metrics.json kept
     for v in versions:
@@ -104,3 +105,91 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
     line = next(ln for ln in listed.splitlines() if ln.split()[:2] == [str(first["id"]), "rejected"])
     assert "waiting for its runtime export" not in line, listed
     assert f"v{first['id']}    rejected                 by {worker_id}: {gate['reasons'][0]}" in shown, shown
+
+
+
+async def _command_ends(url: str, args: list[str], kind: str, end: str | None = None, **params: object
+                        ) -> tuple[int, str, str]:
+    """Run ``pgsynapse *args``; once its ``kind`` job is queued, end that job as a worker would (``end``: SQL with
+    ``%(job)s`` and ``params``; it may register what the job made) and wake the command. Returns the command's exit
+    code, stdout and stderr."""
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
+    conn = await aconn(url)
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", *args], env=env, cwd="/tmp", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = %s AND status = 'pending')",
+                         (kind,), channel="pgsynapse_jobs")
+        if end:
+            job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = %s AND status = 'pending'",
+                                             (kind,))).fetchone())["id"]
+            await conn.execute(end, {"job": job, **params})
+            await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
+        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
+    await conn.close()
+    return cli.returncode, out, err
+
+
+def _queued(err: str, kind: str) -> int:
+    """The job the command said it queued (on stderr under --json)."""
+    [line] = [ln for ln in err.splitlines() if ln.startswith(f"{kind} queued (job ")]
+    return int(line.removeprefix(f"{kind} queued (job ").split(")")[0])
+
+
+SKIPPED = "UPDATE pgsynapse.jobs SET status = 'done', finished_at = now(), skip_reason = %(why)s WHERE id = %(job)s"
+FAILED = "UPDATE pgsynapse.jobs SET status = 'failed', finished_at = now(), last_error = %(why)s WHERE id = %(job)s"
+DONE = "WITH j AS (UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %(job)s) "
+GATE = {"passed": False, "forced": False, "reasons": ["the hold-out gain's lower bound is below the margin"]}
+REJECTED_VERSION = DONE + ("INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, metrics)"
+                           " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s)")
+REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runtime, status, metrics)"
+                             " VALUES ('retrained', '/nowhere', 'transformers', 'rejected', %(metrics)s)")
+
+
+async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_1(db_url):
+    """stdout under --json is one JSON document whatever became of the job (the lines for people go to stderr), for
+    `retrain` and `sql-model retrain` alike; a gate that rejected the candidate is exit 1, as README's exit codes
+    say (a failed job too; a skipped one is not a failure). Each job is ended here as a worker would end it."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+    metrics = json.dumps({"gate": GATE})
+    nothing = {"version": None, "status": None, "gate": None}
+
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", REJECTED_VERSION,
+                                         metrics=metrics)
+    printed = json.loads(out)
+    assert (code, printed) == (1, {"job": _queued(err, "retrain"), "outcome": "done", "version": printed["version"],
+                                   "status": "rejected", "gate": GATE}), (out, err)
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait"], "retrain", REJECTED_VERSION, metrics=metrics)
+    assert code == 1 and out.splitlines() == [
+        f"retrain queued (job {_queued(out, 'retrain')})",
+        f"model version {printed['version'] + 1}: rejected by its gate; the active version keeps serving",
+        f"  why: {GATE['reasons'][0]}"], (out, err)
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
+    assert (code, json.loads(out)) == (1, {"job": _queued(err, "retrain"), "outcome": "failed", "error": "OOM",
+                                           **nothing}), (out, err)
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", SKIPPED,
+                                         why="nothing new to learn from")
+    assert (code, json.loads(out)) == (0, {"job": _queued(err, "retrain"), "outcome": "skipped",
+                                           "skip_reason": "nothing new to learn from", **nothing}), (out, err)
+    assert "retrain skipped: nothing new to learn from" in err
+    # without --wait: the job queued, and nothing else to say
+    code, out, err = await _command_ends(db_url, ["retrain", "--json"], "retrain")
+    assert (code, json.loads(out)) == (0, {"job": _queued(err, "retrain"), "outcome": "queued", **nothing}), (out, err)
+
+    sql_nothing = {"sql_model": None, "status": None, "traffic_percent": None, "gate": None}
+    code, out, err = await _command_ends(db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
+                                         REJECTED_SQL_MODEL, metrics=metrics)
+    printed = json.loads(out)
+    assert (code, printed) == (1, {"job": _queued(err, "sql_retrain"), "outcome": "done",
+                                   "sql_model": printed["sql_model"], "status": "rejected", "traffic_percent": 0.0,
+                                   "gate": GATE}), (out, err)
+    code, out, err = await _command_ends(db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
+                                         SKIPPED, why="only 1 new correction")
+    assert (code, json.loads(out)) == (0, {"job": _queued(err, "sql_retrain"), "outcome": "skipped",
+                                           "skip_reason": "only 1 new correction", **sql_nothing}), (out, err)

@@ -211,11 +211,11 @@ async def test_sql_model_retrain_runs_now_waits_for_the_worker_and_prints_the_ve
         # the command waits for the job's NOTIFY in its own process while this one's worker runs the job
         done = await anyio.to_thread.run_sync(lambda: pgsynapse("sql-model", "retrain", "--wait", "--json", url=db_url,
                                                                 timeout=300))
-    queued, _, rest = done.stdout.partition("\n")
+    [queued] = [ln for ln in done.stderr.splitlines() if ln.startswith("sql_retrain queued")]  # stdout: the JSON
     [model] = _models(db_url)
     assert done.returncode == 0 and queued.startswith("sql_retrain queued (job ") and queued.endswith(")"), queued
-    printed = json.loads(rest)
-    assert printed == {"job": int(queued.split("job ")[1].rstrip(")")), "sql_model": model["id"],
+    printed = json.loads(done.stdout)
+    assert printed == {"job": int(queued.split("job ")[1].rstrip(")")), "outcome": "done", "sql_model": model["id"],
                        "status": "candidate", "traffic_percent": 15.0, "gate": model["metrics"]["gate"]}
     gate = printed["gate"]
     assert gate["passed"] and gate["candidate"] > gate["active"] == 0.0

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pgsynapse.cli_args import bench_name, build_parser
+from pgsynapse.cli_args import bench_name, build_parser, parse_args
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.learning.trainer_process import TrainingFailed
 
@@ -32,10 +32,20 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["retry-failed", "--kind", "bogus"], "argument --kind: invalid choice: 'bogus' (choose from 'embed', 'answer',"),
     (["ingest", "docs", "--encoding", "base64"], "argument --encoding: not a text encoding Python knows: 'base64'"),
     (["feedback", "3", "--helpful", "--not-helpful"], "argument --not-helpful: not allowed with argument --helpful"),
+    # said "traffic must be between 0 and 100" from the registry, exit 1
+    (["traffic", "2", "150"], "argument PERCENT: must be between 0 and 100, got 150"),
+    (["traffic", "2", "-1"], "argument PERCENT: must be between 0 and 100, got -1"),
+    (["sql-model", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
+    (["ranker", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
+    # options that contradict each other (the row counted as helpful)
+    (["feedback", "3", "--helpful", "--rating", "1"], "--helpful contradicts --rating 1: a rating of 4 or 5 counts "
+     "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
+    (["feedback", "3", "--not-helpful", "--rating", "5"], "--not-helpful contradicts --rating 5: a rating of 4 or 5 "
+     "counts as helpful"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(argv)
+        parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -45,6 +55,9 @@ def test_numbers_in_range_and_the_edges_are_taken():
     assert build_parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
     assert build_parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
     assert build_parser().parse_args(["demo"]).limit == 55
+    assert parse_args(["traffic", "2", "100"]).percent == 100.0
+    assert parse_args(["feedback", "3", "--helpful", "--rating", "4"]).rating == 4
+    assert parse_args(["feedback", "3", "--not-helpful", "--rating", "3"]).helpful is False
 
 
 def test_bench_names_the_benchmarks_there_are(monkeypatch, tmp_path):

@@ -16,6 +16,9 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
     assert feedback_params(5, ANSWERED, helpful=True, rating=None, source=3, comment="yes") == {
         "question": 5, "helpful": True, "rating": None, "chunk": 7, "comment": "yes"}
     assert feedback_params(5, ANSWERED, helpful=None, rating=2, source=None, comment=None)["chunk"] is None
+    # both, agreeing
+    assert feedback_params(5, ANSWERED, helpful=True, rating=4, source=None, comment=None)["rating"] == 4
+    assert feedback_params(5, ANSWERED, helpful=False, rating=3, source=None, comment=None)["rating"] == 3
 
 
 @pytest.mark.parametrize(("question", "kw", "message"), [
@@ -28,6 +31,11 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
     (ANSWERED, {"helpful": "no"}, "helpful is True or False, got 'no'"),
     (ANSWERED, {"helpful": 0}, "helpful is True or False, got 0"),
     (ANSWERED, {"helpful": True, "source": 1.0}, "a source is an integer, got 1.0"),
+    # both given, and they disagree: the A/B report and the retrain read the row as helpful (helpful wins)
+    (ANSWERED, {"helpful": True, "rating": 1}, "helpful=True contradicts rating=1: a rating of 4 or 5 counts as "
+     "helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
+    (ANSWERED, {"helpful": False, "rating": 4}, "helpful=False contradicts rating=4: a rating of 4 or 5 counts as "
+     "helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
     (None, {"helpful": True}, "there is no question 5"),
     ({"status": "failed", "sources": []}, {"helpful": False}, "question 5 is failed: it has no answer to give feedback on"),
     (ANSWERED, {"helpful": True, "source": 2}, "question 5's answer cites no passage [2] (it cites [1], [3])"),

@@ -15,8 +15,9 @@ train.synthetic_pairs, asked as a user would, not as a training pair is written)
 
 Built by the first retrain (:func:`ensure_canary`, in one transaction under a table lock, so two workers never
 build two), stored in ``pgsynapse.canary_questions`` with the active version it was frozen with, and never rebuilt
-automatically: :func:`rebuild_canary` (``pgsynapse canary rebuild``) replaces it on request. The trainer scores
-every candidate on it and leaves its documents out of its corpus-only pairs.
+automatically: :func:`rebuild_canary` (``pgsynapse canary rebuild``) replaces it on request, a ``canary_rebuilt``
+model event records it, and after one an empty set (``--size 0``) stays empty: the gate checks no canary. The
+trainer scores every candidate on it and leaves its documents out of its corpus-only pairs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -111,24 +113,33 @@ def _build(conn: psycopg.Connection, version: int | None, size: int) -> int:
 
 
 def ensure_canary(conn: psycopg.Connection, version: int | None, size: int) -> dict[str, Any]:
-    """Build the canary set if there is none yet (frozen with ``version``); a built set is left as it is.
-    Returns ``{"built": bool, "questions": n}`` (n = 0 when it already existed)."""
+    """Build the canary set if there is none yet (frozen with ``version``); a built set is left as it is, and so is
+    an empty one an operator's rebuild left. Returns ``{"built": bool, "questions": n}`` (n = 0 when none was
+    built)."""
     with conn.transaction():
         conn.execute(q("lock_canary", "canary.sql"))
         row = conn.execute(q("canary_exists", "canary.sql")).fetchone()
-        if (row["built"] if isinstance(row, dict) else row[0]) or size <= 0:
+        built, rebuilt = (row["built"], row["rebuilt"]) if isinstance(row, dict) else row
+        if built or rebuilt or size <= 0:
             return {"built": False, "questions": 0}
         n = _build(conn, version, size)
     log.info("canary_built", questions=n, version=version, size=size)
     return {"built": True, "questions": n}
 
 
-def rebuild_canary(conn: psycopg.Connection, version: int | None, size: int) -> int:
-    """Replace the canary set with one built from today's corpus (an operator's decision, never automatic)."""
+def rebuild_canary(conn: psycopg.Connection, version: int | None, size: int, *, actor: str = "cli") -> int:
+    """Replace the canary set with one built from today's corpus (an operator's decision, never automatic), and
+    record it: a ``canary_rebuilt`` event of ``version`` (the active one), after which no retrain builds a set, so
+    an empty one (``size`` 0) stays empty."""
     with conn.transaction():
         conn.execute(q("lock_canary", "canary.sql"))
         deleted = conn.execute(q("delete_canary", "canary.sql")).rowcount
         n = _build(conn, version, size)
+        if version is not None:  # an event names a version; a database always has an active one once migrated
+            conn.execute(q("insert_model_event", "learning.sql"), {
+                "version": version, "event": "canary_rebuilt", "actor": actor,
+                "reason": f"canary set rebuilt from today's corpus: {n} questions (size {size})",
+                "figures": Jsonb({"questions": n, "replaced": deleted, "size": size})})
     log.info("canary_rebuilt", questions=n, replaced=deleted, version=version, size=size)
     return n
 
@@ -139,9 +150,17 @@ def canary_command(conn: psycopg.Connection, action: str, size: int) -> str:
         active = conn.execute(q("active_version")).fetchone()
         version = active["id"] if active else None
         n = rebuild_canary(conn, version, size)
+        if not n:
+            return ("canary set rebuilt: 0 questions: the retrain gate checks no canary set, and no retrain builds "
+                    "one (`pgsynapse canary rebuild --size N` does)")
         return f"canary set rebuilt: {n} questions, frozen with model version {version}"
     rows = conn.execute(q("canary_summary", "canary.sql")).fetchall()
     if not rows:
+        last = conn.execute(q("last_canary_rebuild", "canary.sql")).fetchone()
+        if last is not None:
+            return (f"no canary set: emptied by `pgsynapse canary rebuild` at {last['at']:%Y-%m-%d %H:%M:%S %Z} "
+                    f"(size {last['figures'].get('size')}); the retrain gate checks no canary and no retrain builds "
+                    "one (`pgsynapse canary rebuild --size N` does)")
         return "no canary set yet: the first retrain builds it (or run `pgsynapse canary rebuild`)"
     total = sum(r["n"] for r in rows)
     parts = ", ".join(f"{r['origin']} {r['n']}" for r in rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -35,21 +35,24 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 
 def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bool = True, now: bool = False,
-                   hint: str = "") -> tuple[int, int | None]:
-    """Queue a ``kind`` job (or find the one pending) and say which; with ``wait``, wait until it ends and say so if
-    it failed or was skipped. Returns the exit code, and the job when it ended done and not skipped (the caller says
-    what it registered), else None."""
+                   hint: str = "", out: TextIO | None = None) -> tuple[int, dict[str, Any]]:
+    """Queue a ``kind`` job (or find the one pending) and say which on ``out`` (stdout; stderr under ``--json``,
+    whose stdout is the caller's one JSON document); with ``wait``, wait until it ends and say so if it failed or
+    was skipped. Returns the exit code, and the job's outcome: ``job`` (None when the one pending ended before it
+    was named) and ``outcome``, one of ``queued`` (not waited for), ``done`` (the caller says what it registered),
+    ``skipped`` (with ``skip_reason``) or ``failed`` (with ``error``)."""
+    out = out or sys.stdout
     job = queue_retrain(conn, kind, force=force, now=now)
     if job:
-        print(f"{kind} queued (job {job}){hint}", flush=True)
+        print(f"{kind} queued (job {job}){hint}", file=out, flush=True)
     else:  # queued earlier (by a threshold, or a command): --wait waits for that one
         job = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()["id"]
         if job is None:  # it ended between the two statements
-            print(f"a {kind} was already pending", flush=True)
+            print(f"a {kind} was already pending", file=out, flush=True)
         else:
-            print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", flush=True)
+            print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", file=out, flush=True)
     if not (wait and job):
-        return 0, None
+        return 0, {"job": job, "outcome": "queued"}
     conn.execute("LISTEN pgsynapse_jobs")
     while True:
         row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
@@ -58,12 +61,12 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
         for _ in conn.notifies(timeout=5, stop_after=1):
             pass
     if row["status"] == "failed":
-        print(f"{kind} failed: {row['last_error']}")
-        return 1, None
+        print(f"{kind} failed: {row['last_error']}", file=out)
+        return 1, {"job": job, "outcome": "failed", "error": row["last_error"]}
     if row["skip_reason"]:
-        print(f"{kind} skipped: {row['skip_reason']}")
-        return 0, None
-    return 0, job
+        print(f"{kind} skipped: {row['skip_reason']}", file=out)
+        return 0, {"job": job, "outcome": "skipped", "skip_reason": row["skip_reason"]}
+    return 0, {"job": job, "outcome": "done"}
 
 
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
@@ -79,16 +82,19 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
         newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
-        code, job = queue_and_wait(conn, "retrain", wait=args.wait)
-        if job is not None:
+        code, waited = queue_and_wait(conn, "retrain", wait=args.wait, out=sys.stderr if args.json else sys.stdout)
+        v = None
+        if waited["outcome"] == "done":
             # the version this retrain registered (the one after the newest before it was queued)
             v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
-            if args.json:
-                print(json.dumps({"job": job, "version": v and v["id"], "status": v and v["status"],
-                                  "gate": v and v["metrics"].get("gate")}, indent=2))
-            else:
+            if v and v["status"] == "rejected":
+                code = 1  # the gate refused what was asked for (README's exit codes)
+            if not args.json:
                 print(render_gate(v["id"], v["status"], v["metrics"]["gate"]) if v else
                       "the retrain registered no model version")
+        if args.json:
+            print(json.dumps({**waited, "version": v and v["id"], "status": v and v["status"],
+                              "gate": v and v["metrics"].get("gate")}, indent=2))
         return code
     if args.command == "ab-report":
         report = ab_report(conn)

@@ -5,7 +5,13 @@
 LOCK TABLE pgsynapse.canary_questions IN SHARE ROW EXCLUSIVE MODE;
 
 -- name: canary_exists
-SELECT EXISTS (SELECT 1 FROM pgsynapse.canary_questions) AS built;
+-- built: the set has questions; rebuilt: an operator has rebuilt it (`pgsynapse canary rebuild`: a canary_rebuilt
+-- model event), so an empty set was asked for (--size 0, or a corpus that gave none) and no retrain builds one
+SELECT EXISTS (SELECT 1 FROM pgsynapse.canary_questions) AS built,
+       EXISTS (SELECT 1 FROM pgsynapse.model_events WHERE event = 'canary_rebuilt') AS rebuilt;
+
+-- name: last_canary_rebuild
+SELECT figures, at FROM pgsynapse.model_events WHERE event = 'canary_rebuilt' ORDER BY at DESC, id DESC LIMIT 1;
 
 -- name: canary_sources
 -- the documents a canary set may be built from: all of them (the trainer scores the questions whose document has

@@ -201,10 +201,12 @@ WITH q AS (
     GROUP BY model_version_id
 ), rated AS (
     -- one verdict per question, its latest feedback row (helpful, or a rating of 4 or 5): a user who clicks twice
-    -- does not count twice, so the rated questions are independent trials of the version
+    -- does not count twice, so the rated questions are independent trials of the version. Only feedback on the
+    -- question's current answer, given since it was last asked (asked_at, migration 0024; NULL: created_at): the
+    -- rows from before an edit rated an earlier answer, maybe another version's, to another text
     SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(fb.helpful, fb.rating >= 4) AS helpful
     FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
-    WHERE qq.model_version_id IS NOT NULL
+    WHERE qq.model_version_id IS NOT NULL AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
     ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
 ), f AS (
     SELECT version, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY version
@@ -236,20 +238,24 @@ SELECT EXISTS (
 
 -- name: ab_decisions
 -- Each candidate in an A/B test against the active version over the same period: the rated questions (one verdict
--- each, as in ab_report) routed to either since the candidate's first question. Sessions are split at random by a
--- hash, so the two are compared on the same users' time, not on the active version's history.
+-- each, on the current answer, as in ab_report) routed to either since the candidate's first question was asked.
+-- Sessions are split at random by a hash, so the two are compared on the same users' time, not on the active
+-- version's history. A question's time is when it was last asked (asked_at; NULL: created_at): an old question
+-- edited today and answered by the candidate starts its window today, not on the day the row was made.
 WITH active AS (
     SELECT id FROM pgsynapse.model_versions WHERE status = 'active'
 ), cand AS (
-    SELECT v.id, (SELECT min(qq.created_at) FROM pgsynapse.questions qq WHERE qq.model_version_id = v.id) AS since
+    SELECT v.id, (SELECT min(coalesce(qq.asked_at, qq.created_at)) FROM pgsynapse.questions qq
+                  WHERE qq.model_version_id = v.id) AS since
     FROM pgsynapse.model_versions v
     WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
 ), rated AS (
-    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, qq.created_at,
+    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(qq.asked_at, qq.created_at) AS asked,
            coalesce(fb.helpful, fb.rating >= 4) AS helpful
     FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
     WHERE qq.model_version_id IN (SELECT id FROM cand UNION ALL SELECT id FROM active)
-      AND qq.created_at >= (SELECT min(since) FROM cand)
+      AND coalesce(qq.asked_at, qq.created_at) >= (SELECT min(since) FROM cand)
+      AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
     ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
 )
 SELECT c.id AS version, a.id AS active, c.since,
@@ -258,7 +264,7 @@ SELECT c.id AS version, a.id AS active, c.since,
        count(*) FILTER (WHERE r.version = a.id) AS active_rated,
        count(*) FILTER (WHERE r.version = a.id AND r.helpful) AS active_helpful
 FROM cand c CROSS JOIN active a
-LEFT JOIN rated r ON r.version IN (c.id, a.id) AND r.created_at >= c.since
+LEFT JOIN rated r ON r.version IN (c.id, a.id) AND r.asked >= c.since
 WHERE c.since IS NOT NULL
 GROUP BY c.id, a.id, c.since
 ORDER BY c.id;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -119,17 +120,20 @@ def retrain(conn: psycopg.Connection, args: argparse.Namespace) -> int:
         raise InputError("no corrections to learn from (`pgsynapse sql-correct ID --sql ...` records one); nothing "
                          "was queued")
     newest = registry.REGISTRY.newest_id(conn)
-    code, job = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
-                               hint="" if args.wait else ": a worker with the sql_retrain kind runs it")
-    if job is None:
-        return code
-    model = registry.REGISTRY.gated_model_after(conn, newest)
+    code, waited = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
+                                  hint="" if args.wait else ": a worker with the sql_retrain kind runs it",
+                                  out=sys.stderr if args.json else sys.stdout)
+    model = None
+    if waited["outcome"] == "done":
+        model = registry.REGISTRY.gated_model_after(conn, newest)
+        if model and model["status"] == "rejected":
+            code = 1  # the gate refused what was asked for (README's exit codes)
+        if not args.json:
+            print(render_sql_gate(model) if model else "the sql_retrain registered no SQL model")
     if args.json:
-        print(json.dumps({"job": job, "sql_model": model and model["id"], "status": model and model["status"],
+        print(json.dumps({**waited, "sql_model": model and model["id"], "status": model and model["status"],
                           "traffic_percent": model and float(model["traffic_percent"]),
                           "gate": model and model["metrics"].get("gate")}, indent=2))
-    else:
-        print(render_sql_gate(model) if model else "the sql_retrain registered no SQL model")
     return code
 
 

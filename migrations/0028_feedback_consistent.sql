@@ -1,0 +1,4 @@
+-- pgsynapse 0028: feedback through SQL whose helpful and rating disagree (helpful and rated 1) is refused, as the
+-- command line and Client refuse it (triggers/feedback_consistent_v1.sql: a trigger rather than a CHECK, which
+-- would refuse the edit of a document cited by such a row already there). The rows already there stay.
+-- pgsynapse:include feedback_consistent_v1.sql
