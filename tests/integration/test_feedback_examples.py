@@ -71,6 +71,20 @@ def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_t
         in render(snap)
 
 
+def test_a_follow_up_trains_on_what_was_searched_not_its_bare_text(conn):
+    """A follow-up ("and what about heap tables?") is searched with its session's context (retrieval_query); its
+    example trained the bare text, which does not say what it asks, nor what the served model was given."""
+    searched = "how do I create an index? and what about heap tables?"
+    follow_up = conn.execute(
+        "INSERT INTO pgsynapse.questions (text, status, answer, sources, retrieval_query) VALUES ('and what about "
+        "heap tables?', 'answered', 'a', jsonb_build_array(jsonb_build_object('chunk_id', %s::bigint)), %s) "
+        "RETURNING id", (conn.chunks[1], searched)).fetchone()["id"]
+    plain = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true), (%s, true)",
+                 (follow_up, plain))
+    assert sorted(_standing(conn)) == [(searched, conn.chunks[1]), ("how do I vacuum?", conn.chunks[0])]
+
+
 def test_a_changed_verdict_replaces_the_first_and_deleting_it_restores_the_first(conn):
     a = _question(conn, "how do I vacuum?")
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",

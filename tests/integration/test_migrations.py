@@ -565,6 +565,27 @@ def test_the_feedback_consistent_migration_keeps_the_rows_there_and_refuses_a_co
                 conn.execute(mig.sql.encode())
 
 
+def test_the_follow_up_examples_migration_keeps_the_examples_there_and_is_idempotent(new_db):
+    """0029 on top of 0028: the examples already there keep their query; a follow-up's feedback from now on trains
+    on what it was searched with; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 29)
+    insert = ("INSERT INTO pgsynapse.questions (text, status, answer, retrieval_query) VALUES (%s, 'answered', 'b', "
+              "'how do I create an index? ' || %s) RETURNING id")
+    with psycopg.connect(url, autocommit=True) as conn:
+        before = conn.execute(insert, ("and on a heap?", "and on a heap?")).fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (before,))
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for run in (1, 2):
+            after = conn.execute(insert, ("and a view?", "and a view?")).fetchone()[0]
+            conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (after,))
+            queries = [r[0] for r in conn.execute("SELECT query FROM pgsynapse.training_examples ORDER BY id")]
+            assert queries == ["and on a heap?"] + ["how do I create an index? and a view?"] * run
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
 def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_db):
     """0026 on top of 0025: a failed question set back to pending by an UPDATE that does not touch asked_at (the
     retry-failed of a release before 0024, run beside this one during an upgrade) is asked again now; re-running

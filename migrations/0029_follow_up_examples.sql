@@ -1,0 +1,3 @@
+-- pgsynapse 0029: a follow-up's training example is what it was searched with (its session's context), not its
+-- bare text (triggers/feedback_v5.sql). The examples already there stay as they were.
+-- pgsynapse:include feedback_v5.sql
