@@ -32,8 +32,9 @@ log = get_logger(__name__)
 
 
 class Rollout:
-    def __init__(self, settings: Settings, url: str, worker_id: str, *, serves: bool) -> None:
+    def __init__(self, settings: Settings, url: str, worker_id: str, *, serves: bool, enabled: bool = True) -> None:
         self.settings = settings
+        self.enabled = enabled  # off in a one-shot command's worker: an export or a decision would outlive it
         self.url = url
         self.worker_id = worker_id
         self.serves = serves
@@ -43,7 +44,7 @@ class Rollout:
 
     async def step(self, conn: psycopg.AsyncConnection, serving: list[dict[str, Any]], tasks: TaskGroup | None) -> None:
         """Start what is due (in ``tasks``); never waits for an export or a decision."""
-        if tasks is None:
+        if tasks is None or not self.enabled:
             return
         await self._export_if_due(conn, serving, tasks)
         await self._decide_if_due(conn, tasks)

@@ -137,16 +137,16 @@ def source_model_path(row: dict[str, Any], configured: str | None, data_dir: str
                      "retraining, distilling, training a ranker from it or exporting it again need them")
 
 
-def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
+def optimise_active_version(settings: Any, url: str, export: bool = True) -> ExportReport | None:
     """Move the active version from torch to ``settings.runtime`` (``onnx-int8`` by default), once.
 
     Runs at worker start, and for a version promoted while a worker runs that was not exported at registration.
     See :func:`optimise_version`."""
-    return optimise_version(settings, url)
+    return optimise_version(settings, url, export=export)
 
 
-def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker"
-                     ) -> ExportReport | None:
+def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker",
+                     export: bool = True) -> ExportReport | None:
     """Move a version (the active one when ``version`` is None) from torch to ``settings.runtime``, once.
 
     The first worker exports the model, checks its agreement on the shipped docs (:func:`export_and_check`) and
@@ -159,6 +159,9 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
 
     Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
     traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
+
+    ``export=False`` (the worker of a one-shot command): a missing artifact is still rebuilt (it is needed to
+    serve), but a version on torch is left as it is, waiting for a worker that exports it.
     """
     # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
     with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
@@ -174,6 +177,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                 report = rebuild_artifact(settings, row)
             _settled(conn, row, None, actor)
             return report
+        if not export:
+            return None
         if settings.runtime == "torch" or tried.get("requested") == settings.runtime:
             _settled(conn, row, None, actor)
             return None
