@@ -10,8 +10,9 @@ are dropped: the final write carries the whole answer.
 
 The write has the final write's stale-write guard (status pending, same text): a question edited, deleted or
 answered meanwhile gets no partial text, and its stream stops: the generator's next piece raises
-:class:`~pgsynapse.answerers.base.AnswerStopped`, which ends the generation (nobody reads that answer). A partial write that waits on the final write's row
-lock finds the row answered and writes nothing, so no ``streaming`` NOTIFY follows the final one.
+:class:`~pgsynapse.answerers.base.AnswerStopped`, which ends the generation (nobody reads that answer). A partial
+write that waits on the final write's row lock finds the row answered and writes nothing, so no ``streaming``
+NOTIFY follows the final one.
 
 Payload: ``{"id", "status": "streaming", "seq", "offset", "delta"}``: ``seq`` counts this stream's NOTIFYs from 1,
 ``offset`` is the length (characters) of the text before ``delta``; ``delta`` is null when it would not fit in a
