@@ -15,6 +15,7 @@ from pgsynapse.answerers import (
     NOT_FOUND,
     Answer,
     Answerer,
+    AnswerStopped,
     ExtractiveAnswerer,
     OpenAIAnswerer,
     Passage,
@@ -44,6 +45,7 @@ from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, query_with_co
 log = get_logger(__name__)
 
 BLOCKED_ANSWER = "This question cannot be answered: it matches a guardrail rule."
+SUPERSEDED_MID_STREAM = "superseded: the question was edited, deleted or answered while its answer was generated"
 
 
 @dataclass
@@ -280,6 +282,12 @@ class AnswerHandler(Handler[AnswerWork]):
                 stream = self._stream(w)
                 try:
                     answer = answerer.answer(req, on_delta=stream) if stream else answerer.answer(req)
+                except AnswerStopped:  # its stream found the row changed: nobody reads the rest
+                    assert stream is not None
+                    log.info("answer_generation_stopped", question=w.job.ref_id, reason="superseded",
+                             pieces=stream.pieces)
+                    out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM))
+                    continue
                 finally:
                     if stream:
                         stream.close()

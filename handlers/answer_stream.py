@@ -9,8 +9,10 @@ it writes the text so far to ``questions.answer`` (status stays ``pending``) and
 are dropped: the final write carries the whole answer.
 
 The write has the final write's stale-write guard (status pending, same text): a question edited, deleted or
-answered meanwhile gets no partial text, and its stream stops. A partial write that waits on the final write's row
-lock finds the row answered and writes nothing, so no ``streaming`` NOTIFY follows the final one.
+answered meanwhile gets no partial text, and its stream stops: the generator's next piece raises
+:class:`~pgsynapse.answerers.base.AnswerStopped`, which ends the generation (nobody reads that answer). A partial
+write that waits on the final write's row lock finds the row answered and writes nothing, so no ``streaming``
+NOTIFY follows the final one.
 
 Payload: ``{"id", "status": "streaming", "seq", "offset", "delta"}``: ``seq`` counts this stream's NOTIFYs from 1,
 ``offset`` is the length (characters) of the text before ``delta``; ``delta`` is null when it would not fit in a
@@ -23,10 +25,11 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
+from pgsynapse.answerers.base import AnswerStopped
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -47,15 +50,21 @@ class _State:
     seq: int = 0
     last_write: float = float("-inf")
     dead: bool = False  # the row changed (or went): no more writes
+    stopped: threading.Event = field(default_factory=threading.Event)  # set with dead, read by the generator
 
 
 class Stream:
-    """One question's partial answer: call it with each piece (from any thread; never blocks), then ``close``."""
+    """One question's partial answer: call it with each piece (from any thread; never blocks), then ``close``.
+    A piece given after the row changed raises :class:`AnswerStopped`; ``pieces`` counts those given."""
 
-    def __init__(self, writer: StreamWriter, key: int) -> None:
-        self._writer, self._key = writer, key
+    def __init__(self, writer: StreamWriter, key: int, stopped: threading.Event) -> None:
+        self._writer, self._key, self._stopped = writer, key, stopped
+        self.pieces = 0
 
     def __call__(self, piece: str) -> None:
+        self.pieces += 1
+        if self._stopped.is_set():
+            raise AnswerStopped("the question was edited, deleted or answered while its answer was generated")
         if piece:
             self._writer._queue.put((self._key, piece))
 
@@ -75,12 +84,13 @@ class StreamWriter:
 
     def open(self, question_id: int, text_hash: str | None) -> Stream:
         key = next(self._keys)
+        state = _State(question_id, text_hash)
         with self._lock:
-            self._queue.put((key, _State(question_id, text_hash)))
+            self._queue.put((key, state))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="answer-stream", daemon=True)
                 self._thread.start()
-        return Stream(self, key)
+        return Stream(self, key, state.stopped)
 
     # -- the writer thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -143,6 +153,7 @@ class StreamWriter:
         s.last_write = time.monotonic()
         if row is None:
             s.dead = True  # edited, deleted or answered meanwhile
+            s.stopped.set()
             log.info("answer_stream_superseded", question=s.question_id, seq=seq)
             return
         s.seq, s.written = seq, len(s.text)

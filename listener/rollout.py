@@ -4,26 +4,32 @@
   A/B traffic, so the A/B test measures the runtime that ships and a promotion needs no switch. A version that
   became active on torch anyway (promoted before this release, or its export was not tried) is moved as at start.
   Exports run one at a time, in a thread: serving goes on meanwhile, the handlers pick up the new runtime at their
-  next batch. Only workers that serve (embed or answer) export: they hold the models.
+  next batch. Only workers that serve (embed or answer) export: they hold the models. A stopping worker does not
+  wait for an export (minutes on a small host): it abandons it (``runtime_export_abandoned``), removes its partial
+  artifact and records nothing, so the next start exports the version; the thread is a daemon, it ends with the
+  process.
 - Every ``auto_promote_interval`` seconds, when a candidate is in an A/B test and ``auto_promote`` is on, the A/B
   decision (:mod:`pgsynapse.learning.autopromote`): one worker at a time, under an advisory lock.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
+import threading
 import time
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import psycopg
 from anyio.abc import TaskGroup
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
-from pgsynapse.export import optimise_version
+from pgsynapse.export import Abandon, ExportAbandoned, optimise_version
 from pgsynapse.learning.autopromote import run_decisions
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -32,8 +38,9 @@ log = get_logger(__name__)
 
 
 class Rollout:
-    def __init__(self, settings: Settings, url: str, worker_id: str, *, serves: bool) -> None:
+    def __init__(self, settings: Settings, url: str, worker_id: str, *, serves: bool, enabled: bool = True) -> None:
         self.settings = settings
+        self.enabled = enabled  # off in a one-shot command's worker: an export or a decision would outlive it
         self.url = url
         self.worker_id = worker_id
         self.serves = serves
@@ -43,7 +50,7 @@ class Rollout:
 
     async def step(self, conn: psycopg.AsyncConnection, serving: list[dict[str, Any]], tasks: TaskGroup | None) -> None:
         """Start what is due (in ``tasks``); never waits for an export or a decision."""
-        if tasks is None:
+        if tasks is None or not self.enabled:
             return
         await self._export_if_due(conn, serving, tasks)
         await self._decide_if_due(conn, tasks)
@@ -68,15 +75,34 @@ class Rollout:
         tasks.start_soon(self._export, version)
 
     async def _export(self, version: int | None) -> None:
+        abandon, done, token = Abandon(), anyio.Event(), anyio.lowlevel.current_token()
+        failed: list[Exception] = []
+
+        def export() -> None:  # a daemon thread: a worker thread of anyio's would keep the stopped process alive
+            try:
+                optimise_version(self.settings, self.url, version, actor=self.worker_id, abandon=abandon)
+            except ExportAbandoned:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the version stays as it is; the next heartbeat tries again
+                failed.append(exc)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody waits
+                    anyio.from_thread.run_sync(done.set, token=token)
+
+        threading.Thread(target=export, name="runtime-export", daemon=True).start()
         try:
-            await anyio.to_thread.run_sync(
-                functools.partial(optimise_version, self.settings, self.url, version, actor=self.worker_id),
-                abandon_on_cancel=True)
-        except Exception as exc:  # noqa: BLE001 - the version stays as it is; the next heartbeat tries again
-            log.warning("runtime_export_failed", version=version,
-                        error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            await done.wait()
+        except anyio.get_cancelled_exc_class():  # the worker is stopping
+            with anyio.CancelScope(shield=True):
+                removed = await anyio.to_thread.run_sync(abandon.now)
+            log.info("runtime_export_abandoned", version=version, removed=[str(d) for d in removed],
+                     note="the worker is stopping: nothing recorded, the next start exports the version")
+            raise
         finally:
             self._exporting = False
+        for exc in failed:
+            log.warning("runtime_export_failed", version=version,
+                        error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
     # -- A/B decisions -----------------------------------------------------------------------------
     async def _decide_if_due(self, conn: psycopg.AsyncConnection, tasks: TaskGroup) -> None:

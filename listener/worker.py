@@ -44,7 +44,8 @@ log = get_logger(__name__)
 
 
 class Worker:
-    """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`."""
+    """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`.
+    ``rollout=False`` (the in-process worker of a one-shot command): no runtime exports and no A/B decisions."""
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class Worker:
         *,
         models: ModelCache | None = None,
         handlers: dict[str, Handler] | None = None,
+        rollout: bool = True,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -98,7 +100,8 @@ class Worker:
         self._isolate_kinds = [k for k, cls in registry().items() if cls.crash_isolation]
         self._tasks: TaskGroup | None = None
         # exports of new versions to the configured runtime, and the A/B decisions (listener/rollout.py)
-        self.rollout = Rollout(settings, url, self.worker_id, serves=bool({"embed", "answer"} & set(self.handlers)))
+        self.rollout = Rollout(settings, url, self.worker_id, serves=bool({"embed", "answer"} & set(self.handlers)),
+                               enabled=rollout)
         default_lru.size = settings.cache_lru_size
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -119,7 +122,7 @@ class Worker:
         """Load the models of the serving versions now, so start-up fails fast on a bad model."""
         assert self.pool is not None
         if {"embed", "answer"} & set(self.handlers):
-            await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url)
+            await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url, self.rollout.enabled)
         async with self.pool.connection() as conn:
             if "retrain" in self.handlers:
                 await conn.execute(q("set_retrain_min_feedback", "learning.sql"), {"n": self.settings.retrain_min_feedback})

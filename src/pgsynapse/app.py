@@ -87,7 +87,8 @@ LATER = {"answer": ("question", "questions", "status, answer"),
 def _answered(settings: Settings, kind: str, go: Callable[[str], Any], timeout: float):
     """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``."""
     async def with_worker(url: str):
-        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url)
+        # no runtime export nor A/B decision: they would outlive the command (the real worker does them)
+        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,9 +10,11 @@ import sys
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgsynapse.migrate import available, migrate
-from tests.helpers import aconn, insert_docs, spawn_worker, wait_until
+from pgsynapse.queries import q
+from tests.helpers import aconn, adopt_runtime, insert_docs, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -104,6 +107,37 @@ async def test_sigterm_drains_in_flight_batches_and_exits_zero(shipped_url):
     assert row["done"] >= 1 and row["done"] == stopped["processed"]["embed"]
     assert row["pending"] == 400 - row["done"]  # the rest wait, untouched, for the next worker
     await conn.close()
+
+
+async def test_sigterm_abandons_a_runtime_export_and_the_next_start_redoes_it(db_url, default_runtime, tmp_path):
+    """A candidate's export to ONNX INT8 takes minutes on a small host: SIGTERM does not wait for it (nor let it
+    go on after worker_stopped), removes its partial artifact and leaves the version waiting for its export."""
+    adopt_runtime(db_url, default_runtime)  # version 1 as a fresh install leaves it: nothing to export at start
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        candidate = conn.execute(q("register_version", "learning.sql"), {
+            "name": "fine-tuned", "base": 1, "passage": None, "path": None, "dim": 384, "metrics": json.dumps({}),
+            "status": "candidate"}).fetchone()[0]
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_RUNTIME": "onnx-int8", "PGSYNAPSE_DATA_DIR": str(tmp_path),
+                                       "PGSYNAPSE_EXPORT_SAMPLE_CHUNKS": "16"})
+    started = worker.events.index(worker.wait_event("runtime_export_started"))
+    # the export's reference model is loaded once its fp32 graph is written: its artifact directory is there
+    while (loaded := worker.wait_event("model_loaded", start=started + 1)).get("runtime") != "torch":
+        started = worker.events.index(loaded)
+    assert [p.name for p in (tmp_path / "models").iterdir()][0].startswith(f"v{candidate}-onnx-int8-")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    names = [e["event"] for e in worker.events]
+    abandoned = worker.wait_event("runtime_export_abandoned")
+    assert abandoned["version"] == candidate and abandoned["removed"][0].startswith(str(tmp_path / "models"))
+    assert names.index("runtime_export_abandoned") < names.index("worker_stopped")
+    assert not {"model_exported", "runtime_switched", "runtime_export_failed"} & set(names), worker.tail()
+    assert list((tmp_path / "models").iterdir()) == []  # no orphan artifact directory
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        v = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,)).fetchone()
+        events = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_events WHERE model_version_id = %s",
+                              (candidate,)).fetchone()["n"]
+    # nothing recorded: the next start exports it (runtime_export_started picks a runtime_pending candidate)
+    assert v["runtime_pending"] and v["runtime"] == "torch" and "runtime_export" not in v["metrics"] and events == 0
 
 
 def test_bad_model_path_stops_start_up_with_a_clear_error(db_url):

@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from pgsynapse.answerers.citations import REFUSED_ANSWER
 from pgsynapse.client import Client
-from tests.helpers import aconn, fast_settings, running_worker
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 
 pytestmark = pytest.mark.anyio
@@ -32,6 +33,7 @@ class SSE(BaseHTTPRequestHandler):
     gates: list[threading.Event] | None = None
     requests: list[dict] = []
     finish: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
+    hung_up = threading.Event()  # the answerer closed the stream before its end
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -49,6 +51,12 @@ class SSE(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        try:
+            self._stream(pieces, gates)
+        except (BrokenPipeError, ConnectionResetError):
+            SSE.hung_up.set()
+
+    def _stream(self, pieces: list[str], gates: list[threading.Event] | None) -> None:
         for k, piece in enumerate(pieces):
             if gates is not None and k > 0:
                 assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
@@ -70,6 +78,7 @@ class SSE(BaseHTTPRequestHandler):
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
     SSE.scripts, SSE.gates, SSE.requests, SSE.finish = [PIECES], None, [], None
+    SSE.hung_up.clear()
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -163,6 +172,48 @@ async def test_an_edit_mid_stream_gets_no_partial_text_of_the_old_question(db_ur
     assert notes[-1] == {"id": qid, "status": "answered"}
     assert final["text"] == "how do I release a savepoint?" and final["answer"] == new_answer
     assert len(SSE.requests) == 2
+
+
+async def test_deleting_the_question_mid_stream_stops_its_generation(db_url, models, sse):
+    """The stream finds its question gone: the generator is stopped at its next piece (not run to its end for
+    nobody), and the job is done with nothing written."""
+    many = [f"word{k} " for k in range(200)]
+    SSE.scripts = [many]
+    SSE.gates = gates = [threading.Event() for _ in many]
+    superseded = threading.Event()
+
+    def watch(logger, name, event):
+        if event["event"] == "answer_stream_superseded":
+            superseded.set()
+        return event
+
+    with capture_logs(processors=[watch]) as logs:
+        async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+            await _corpus(db_url)
+            listener, writer = await aconn(db_url), await aconn(db_url)
+            await listener.execute("LISTEN pgsynapse_answers")
+            qid = (await (await writer.execute("INSERT INTO pgsynapse.questions (text) VALUES "
+                                               "('how do I undo commands back to a savepoint?') RETURNING id")
+                          ).fetchone())["id"]
+            with anyio.fail_after(SAFETY):
+                async for n in listener.notifies():
+                    if json.loads(n.payload) == {"id": qid, "status": "streaming", "seq": 1, "offset": 0,
+                                                 "delta": "word0 "}:
+                        break
+            await writer.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (qid,))
+            gates[0].set()  # the second piece: its write finds the question gone
+            assert await anyio.to_thread.run_sync(superseded.wait, SAFETY)
+            for g in gates[1:]:  # the rest may come at once: the generator is stopped at the next piece
+                g.set()
+            await wait_until(writer, "SELECT bool_and(status = 'done') FROM pgsynapse.jobs WHERE kind = 'answer'",
+                             channel="pgsynapse_jobs")
+            job = await (await writer.execute("SELECT * FROM pgsynapse.jobs WHERE kind = 'answer'")).fetchone()
+    [stopped] = [e for e in logs if e["event"] == "answer_generation_stopped"]
+    assert stopped["question"] == qid and stopped["reason"] == "superseded"
+    assert stopped["pieces"] == 3  # the third piece, the first after its stream died, stopped it
+    assert SSE.hung_up.wait(SAFETY)  # the endpoint saw the request closed: it generates no more
+    assert job["ref_id"] == qid and job["last_error"] is None and job["skip_reason"].startswith("superseded")
+    assert not [e for e in logs if e["event"] in ("job_retry_scheduled", "batch_failed")]
 
 
 async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_url, models, sse):

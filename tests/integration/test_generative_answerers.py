@@ -9,9 +9,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 from structlog.testing import capture_logs
 
-from pgsynapse.answerers import NOT_FOUND
+from pgsynapse.answerers import NOT_FOUND, AnswerStopped, Passage, Request, TransformersAnswerer
 from pgsynapse.client import Client
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
@@ -63,6 +64,26 @@ async def test_local_transformers_answerer_gets_history_and_passages(db_url, mod
     prompt = handler._generative.last_prompt
     assert "Q: how do I undo commands back to a savepoint?" in prompt  # the history
     assert "[1] Savepoints:" in prompt and prompt.rstrip().endswith("Question: and how do I release it?\nAnswer:")
+
+
+def test_a_stream_that_stops_stops_the_local_generator_at_that_piece(tmp_path):
+    """The handler's stream raises AnswerStopped once its question went (handlers/answer_stream.py): the local
+    model stops there, instead of generating its answer_max_new_tokens for nobody."""
+    torch.manual_seed(0)  # random weights, the same on every run: they write words (noise), one piece each
+    answerer = TransformersAnswerer(_tiny_model(tmp_path / "causal", "causal"), max_new_tokens=64)
+    pieces: list[str] = []
+
+    def on_delta(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise AnswerStopped("the question went")
+
+    passage = Passage(1, 1, 1, "Savepoints", None, "ROLLBACK TO SAVEPOINT undoes the work done after it.", 0.9)
+    with pytest.raises(AnswerStopped):
+        answerer.answer(Request("how do I undo work back to a savepoint?", [passage]), on_delta=on_delta)
+    assert len(pieces) == 3  # not one piece more: the generation ended where the stream stopped it
+    answerer.answer(Request("how do I undo work back to a savepoint?", [passage]), on_delta=pieces.append)
+    assert len(pieces) > 3 + 3 and answerer.last_stats["new_tokens"] == 64  # unstopped, it runs to its limit
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -9,12 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+import anyio
 import numpy as np
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.app import ask
 from pgsynapse.export.register import _sha256
 from pgsynapse.learning.registry import RegistryError, promote
 from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
@@ -205,4 +207,22 @@ async def test_a_candidate_whose_export_fails_gets_its_ab_share_on_torch_with_th
     assert [e for e in logs if e["event"] == "runtime_export_failed" and e["version"] == candidate]
     row = await (await conn.execute("SELECT model_version_id FROM pgsynapse.questions")).fetchone()
     assert row["model_version_id"] == candidate  # its A/B share, on torch, as recorded
+    await conn.close()
+
+
+async def test_the_in_process_worker_of_ask_leaves_waiting_exports_to_the_real_worker(db_url, tmp_path):
+    """`pgsynapse ask` with no worker running answers with a worker of its own: it must not export the active version
+    (minutes before the answer) nor a candidate waiting for it (a thread that outlived the command, and failed at
+    interpreter shutdown)."""
+    candidate = _register_candidate(db_url)
+    settings = fast_settings(db_url, runtime="onnx", export_sample_chunks=16, data_dir=tmp_path)
+    with capture_logs() as logs:
+        answer = await anyio.to_thread.run_sync(lambda: ask(settings, "how do I roll back part of a transaction?"))
+    assert answer.status == "answered", answer
+    assert not [e for e in logs if e["event"].startswith("runtime_")], logs
+    conn = await aconn(db_url)
+    v = await (await conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = %s", (candidate,))).fetchone()
+    assert v["runtime_pending"] and v["runtime"] == "torch"  # still waiting: the next `pgsynapse run` exports it
+    assert (await _version(conn))["runtime"] == "torch"
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
     await conn.close()

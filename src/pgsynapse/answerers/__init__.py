@@ -6,9 +6,18 @@
 - ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint, by base URL and key.
 """
 
-from pgsynapse.answerers.base import NOT_FOUND, Answer, Answerer, Passage, Request, Turn, split_sentences
+from pgsynapse.answerers.base import (
+    NOT_FOUND,
+    Answer,
+    Answerer,
+    AnswerStopped,
+    Passage,
+    Request,
+    Turn,
+    split_sentences,
+)
 from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.answerers.generative import OpenAIAnswerer, TransformersAnswerer, build_prompt
 
-__all__ = ["NOT_FOUND", "Answer", "Answerer", "ExtractiveAnswerer", "OpenAIAnswerer", "Passage", "Request",
+__all__ = ["NOT_FOUND", "Answer", "Answerer", "AnswerStopped", "ExtractiveAnswerer", "OpenAIAnswerer", "Passage", "Request",
            "TransformersAnswerer", "Turn", "build_prompt", "split_sentences"]

@@ -49,12 +49,18 @@ class Answer:
     flags: list[str] = field(default_factory=list)
 
 
+class AnswerStopped(Exception):
+    """Raised by an ``on_delta`` to stop a generation whose answer nobody will read (its question was edited or
+    deleted meanwhile). Answerers let it through: it ends the model's loop at the piece it was raised on."""
+
+
 class Answerer(Protocol):
     name: str
 
     def answer(self, req: Request, on_delta: Callable[[str], None] | None = None) -> Answer:
         """The answer. A generator calls ``on_delta(piece)`` with each new piece of text as it is generated (the
-        pieces concatenate to the streamed text); an answerer that does not stream may ignore it."""
+        pieces concatenate to the streamed text); an answerer that does not stream may ignore it. An
+        :class:`AnswerStopped` raised by ``on_delta`` stops the generation and goes through to the caller."""
 
 
 _SENTENCE = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][)\"']))\s+(?=[A-Z0-9(\"'])|\n{2,}")

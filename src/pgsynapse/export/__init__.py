@@ -23,6 +23,8 @@ from pgsynapse.export.quantize import (
 )
 from pgsynapse.export.register import (
     EXPORT_LOCK,
+    Abandon,
+    ExportAbandoned,
     new_artifact_dir,
     optimise_active_version,
     optimise_version,
@@ -34,8 +36,8 @@ from pgsynapse.export.register import (
 from pgsynapse.export.sample import sample_texts
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "EXPORT_LOCK", "REMOVED_SCHEMES", "SCHEMES", "Agreement", "ExportReport", "agreement",
-    "export_and_check", "export_fp32", "new_artifact_dir", "optimise_active_version", "optimise_version",
-    "quantize_int8", "rebuild_artifact", "register", "run_export", "scheme_error", "smooth_static",
+    "Abandon", "DEFAULT_THRESHOLD", "EXPORT_LOCK", "REMOVED_SCHEMES", "SCHEMES", "Agreement", "ExportAbandoned",
+    "ExportReport", "agreement", "export_and_check", "export_fp32", "new_artifact_dir", "optimise_active_version",
+    "optimise_version", "quantize_int8", "rebuild_artifact", "register", "run_export", "scheme_error", "smooth_static",
     "source_model_path", "split_outliers_static", "unfuse_attention", "sample_texts",
 ]

@@ -4,9 +4,11 @@ a switched version's artifact again on a host that lacks it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,42 @@ def new_artifact_dir(data_dir: str | Path, version_id: int, runtime: str) -> Pat
 EXPORT_LOCK = "pgsynapse.runtime_export"
 
 
+class ExportAbandoned(ModelError):
+    """The export was abandoned (its worker is stopping): it records nothing."""
+
+
+class Abandon:
+    """How a stopping worker abandons an export that runs in a thread of its own (it may take minutes): :meth:`now`,
+    from any thread, removes the artifact directories the export made and makes it record nothing, so the version
+    stays as it was (a candidate still waiting for its export: the next start does it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the export while it records its outcome: all of it, or nothing
+        self.abandoned = False
+        self._dirs: list[Path] = []
+
+    def new_dir(self, data_dir: str | Path, version_id: int, runtime: str) -> Path:
+        with self.lock:
+            if self.abandoned:
+                raise ExportAbandoned(f"the export of model version {version_id} was abandoned: its worker stopped")
+            out = new_artifact_dir(data_dir, version_id, runtime)
+            self._dirs.append(out)
+            return out
+
+    def kept(self) -> None:
+        """The export's directory is registered: it is served now, never removed."""
+        self._dirs = []
+
+    def now(self) -> list[Path]:
+        """Abandon the export; returns the directories removed (a partial artifact)."""
+        with self.lock:
+            self.abandoned = True
+            dirs, self._dirs = self._dirs, []
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        return dirs
+
+
 def source_model_path(row: dict[str, Any], configured: str | None, data_dir: str | Path | None = None) -> Path:
     """The sentence-transformers directory of a version: its own for torch, the one it was exported from
     for an ONNX runtime (training and re-export need the torch weights). A recorded path that is not on this host
@@ -137,16 +175,16 @@ def source_model_path(row: dict[str, Any], configured: str | None, data_dir: str
                      "retraining, distilling, training a ranker from it or exporting it again need them")
 
 
-def optimise_active_version(settings: Any, url: str) -> ExportReport | None:
+def optimise_active_version(settings: Any, url: str, export: bool = True) -> ExportReport | None:
     """Move the active version from torch to ``settings.runtime`` (``onnx-int8`` by default), once.
 
     Runs at worker start, and for a version promoted while a worker runs that was not exported at registration.
     See :func:`optimise_version`."""
-    return optimise_version(settings, url)
+    return optimise_version(settings, url, export=export)
 
 
-def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker"
-                     ) -> ExportReport | None:
+def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker",
+                     export: bool = True, abandon: Abandon | None = None) -> ExportReport | None:
     """Move a version (the active one when ``version`` is None) from torch to ``settings.runtime``, once.
 
     The first worker exports the model, checks its agreement on the shipped docs (:func:`export_and_check`) and
@@ -159,6 +197,10 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
 
     Either way the version's ``runtime_pending`` is cleared: a candidate the retrain job registered gets its A/B
     traffic only now, on the runtime that will serve it once promoted (or on torch, with the reason recorded).
+
+    ``export=False`` (the worker of a one-shot command): a missing artifact is still rebuilt (it is needed to
+    serve), but a version on torch is left as it is, waiting for a worker that exports it. ``abandon``: how a
+    stopping worker abandons the export (:class:`Abandon`); an abandoned export records nothing.
     """
     # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
     with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
@@ -174,6 +216,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                 report = rebuild_artifact(settings, row)
             _settled(conn, row, None, actor)
             return report
+        if not export:
+            return None
         if settings.runtime == "torch" or tried.get("requested") == settings.runtime:
             _settled(conn, row, None, actor)
             return None
@@ -187,7 +231,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path, settings.data_dir),
                                "torch", row["dim"])
             for runtime in [settings.runtime, *(["onnx"] if settings.runtime == "onnx-int8" else [])]:
-                out = new_artifact_dir(settings.data_dir, row["id"], runtime)
+                out = (abandon.new_dir if abandon else new_artifact_dir)(settings.data_dir, row["id"], runtime)
                 report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
                                           threads=settings.onnx_threads or settings.torch_threads)
                 record["tried"].append({"runtime": runtime, "accepted": report.accepted,
@@ -203,9 +247,14 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             report = None
             if out is not None:
                 shutil.rmtree(out, ignore_errors=True)  # the failed attempt's partial artifact
-            log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
+            if not (abandon and abandon.abandoned):  # else its files went from under it: not a failure
+                log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
         record["seconds"] = round(time.perf_counter() - started, 1)
-        with conn.transaction():
+        with abandon.lock if abandon else contextlib.nullcontext(), conn.transaction():
+            if abandon and abandon.abandoned:  # its worker stopped meanwhile: the version stays waiting
+                if out is not None:
+                    shutil.rmtree(out, ignore_errors=True)
+                return None
             if report is not None and report.accepted:
                 register(conn, report, row, switch=True)
                 record["runtime"] = report.runtime
@@ -216,6 +265,8 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                 log.warning("runtime_export_refused", version=row["id"], runtime=settings.runtime, tried=record["tried"])
             conn.execute(q("record_export", "export.sql"), {"record": json.dumps(record), "version": row["id"]})
             _settled(conn, row, record, actor)
+            if abandon:
+                abandon.kept()
         return report if report is not None and report.accepted else None
 
 
