@@ -32,8 +32,9 @@ class SSE(BaseHTTPRequestHandler):
     scripts: list[list[str]] = []
     gates: list[threading.Event] | None = None
     requests: list[dict] = []
-    finish: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
+    finish_reason: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
     hung_up = threading.Event()  # the answerer closed the stream before its end
+    await_hang_up = False  # after the pieces, wait for the answerer to close the stream (no [DONE])
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -61,10 +62,15 @@ class SSE(BaseHTTPRequestHandler):
             if gates is not None and k > 0:
                 assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
             event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-            if k == len(pieces) - 1 and SSE.finish:
-                event["choices"][0]["finish_reason"] = SSE.finish
+            if k == len(pieces) - 1 and SSE.finish_reason:
+                event["choices"][0]["finish_reason"] = SSE.finish_reason
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
+        if SSE.await_hang_up:  # its end never comes: an answerer that stops closes the stream, one that does not waits
+            self.connection.settimeout(SAFETY)
+            if self.rfile.read(1) == b"":
+                SSE.hung_up.set()
+            return
         if gates is not None:  # the end too waits for the last piece's NOTIFY
             assert gates[len(pieces) - 1].wait(SAFETY), "no NOTIFY for the last piece"
         self.wfile.write(b"data: [DONE]\n\n")
@@ -77,7 +83,7 @@ class SSE(BaseHTTPRequestHandler):
 @pytest.fixture
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
-    SSE.scripts, SSE.gates, SSE.requests, SSE.finish = [PIECES], None, [], None
+    SSE.scripts, SSE.gates, SSE.requests, SSE.finish_reason, SSE.await_hang_up = [PIECES], None, [], None, False
     SSE.hung_up.clear()
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -180,6 +186,7 @@ async def test_deleting_the_question_mid_stream_stops_its_generation(db_url, mod
     many = [f"word{k} " for k in range(200)]
     SSE.scripts = [many]
     SSE.gates = gates = [threading.Event() for _ in many]
+    SSE.await_hang_up = True  # whether the pieces written reach it before it stops is a race: its close is not
     superseded = threading.Event()
 
     def watch(logger, name, event):
@@ -219,7 +226,7 @@ async def test_deleting_the_question_mid_stream_stops_its_generation(db_url, mod
 async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_url, models, sse):
     SSE.scripts = [["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]]
     SSE.gates = gates = [threading.Event(), threading.Event()]
-    SSE.finish = "length"  # and the endpoint's token limit ended it
+    SSE.finish_reason = "length"  # and the endpoint's token limit ended it
     async with running_worker(_settings(db_url, sse, answer_top_k=3, stream_interval_ms=60_000), models):
         await _corpus(db_url)
         listener = await aconn(db_url)
