@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -117,7 +118,8 @@ class WorkerCollector(Collector):
             with anyio.fail_after(self.db_timeout):
                 async with pool.connection() as conn:
                     self.queue = list(await (await conn.execute(q("queue_depth", "ops.sql"))).fetchall())
-                    self.versions = list(await (await conn.execute(q("model_versions_metrics", "ops.sql"))).fetchall())
+                    self.versions = served_shares(await (await conn.execute(q("model_versions_metrics", "ops.sql"))
+                                                         ).fetchall())
             self.db_up = True
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
             log.warning("metrics_db_snapshot_failed", error=" ".join(str(exc).split())[:200] or type(exc).__name__)

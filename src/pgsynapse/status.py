@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.learning.abreport import recent_events, render_events
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import listed, schema_state
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
@@ -24,8 +25,8 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
         if r["oldest_pending_seconds"] is not None:
             r["oldest_pending_seconds"] = round(float(r["oldest_pending_seconds"]), 1)
     counts = conn.execute(q("status_counts", "ops.sql")).fetchone()
-    versions = [{**dict(r), "traffic_percent": float(r["traffic_percent"])}
-                for r in conn.execute(q("status_versions", "ops.sql"))]
+    versions = served_shares([{**dict(r), "traffic_percent": float(r["traffic_percent"])}
+                              for r in conn.execute(q("status_versions", "ops.sql"))])
     active = next((v for v in versions if v["status"] == "active"), None)
     progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
     for v in versions:

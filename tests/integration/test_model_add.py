@@ -108,7 +108,8 @@ async def test_add_backfill_traffic_promote_retire_with_a_dimension_change(db_ur
         assert (await _counts(conn, 1))[1] == 0
         # after the retire, a new document is embedded for the new version only, and cut for it: chunks of at most
         # the 128 tokens it reads (version 1 read 256)
-        [doc] = insert_docs(db_url, [("Views", " ".join(["CREATE VIEW defines a view of a query."] * 60))])
+        # (sentences that differ: identical chunks of a document are stored once)
+        [doc] = insert_docs(db_url, [("Views", " ".join(f"CREATE VIEW defines view {i} of a query." for i in range(60)))])
         await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
         chunks, vectors, dims = await _counts(conn, v2)
         assert vectors == chunks and dims == [48]
@@ -201,3 +202,23 @@ def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_
     with _sync(db_url) as conn:
         row = add_model(conn, default_runtime["artifact_path"], serving_runtime="onnx-int8")
     assert (row["runtime"], row["dim"], row["runtime_pending"]) == ("onnx-int8", 384, False)
+
+
+def test_the_active_version_is_shown_with_the_traffic_the_candidates_leave_it(db_url):
+    """Two candidates at 50 % and 10 %: `model list` and `status` showed the active version at 100 %; it serves the
+    40 % the candidates leave. A share that would take the candidates past 100 % is refused: the routing gave the
+    last candidate less than it was told, without a word."""
+    with _sync(db_url) as conn:
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id = 1")
+        ids = [conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at) VALUES (%s, 384, "
+                            "'candidate', now()) RETURNING id", (f"c{i}",)).fetchone()["id"] for i in range(2)]
+        set_traffic(conn, ids[0], 50)
+        set_traffic(conn, ids[1], 10)
+        with pytest.raises(RegistryError, match=rf"model version {ids[1]} at 60% would take the candidates' traffic "
+                                                rf"to 110%: at most 50% is left \(v{ids[0]} has 50%\)"):
+            set_traffic(conn, ids[1], 60)
+        listing = render_versions(conn).splitlines()
+        assert [line.split()[4] for line in listing[1:]] == ["40%", "50%", "10%"], listing
+        shown = {v["id"]: v["traffic_percent"] for v in snapshot(conn)["model_versions"]}
+        assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0}
+        assert "model v1       : active (torch), 40% traffic" in render(snapshot(conn))

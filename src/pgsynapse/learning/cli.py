@@ -20,6 +20,7 @@ from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic, version_at
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.presets import embedding_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
@@ -227,7 +228,7 @@ def render_versions(conn: psycopg.Connection) -> str:
     """The embedding model versions, one line each, with the backfill of those still being filled."""
     progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
     lines = ["  id  status     runtime    dim   traffic  backfill            name"]
-    for v in conn.execute(q("list_versions", "learning.sql")):
+    for v in served_shares(conn.execute(q("list_versions", "learning.sql")).fetchall()):
         p = progress.get(v["id"])
         fill = "-" if p is None else "done" if p["backfilled_at"] else backfill_state(p)
         waits = v["runtime_pending"] and v["status"] == "candidate"  # a rejected one never gets an export

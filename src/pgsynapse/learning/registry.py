@@ -93,6 +93,13 @@ def set_traffic(conn: psycopg.Connection, version: int, percent: float) -> None:
         v = _version(conn, version)
         if v["status"] != "candidate":
             raise RegistryError(f"model version {version} is {v['status']}: only a candidate gets a traffic share")
+        others = conn.execute(q("other_candidates_traffic", "learning.sql"), {"version": version}).fetchall()
+        held = sum(o["traffic_percent"] for o in others)
+        if held + percent > 100:  # the routing would give it less than said, without a word
+            holders = ", ".join(f"v{o['id']} has {o['traffic_percent']:g}%" for o in others)
+            raise RegistryError(
+                f"model version {version} at {percent:g}% would take the candidates' traffic to {held + percent:g}%: "
+                f"at most {100 - held:g}% is left ({holders})")
         conn.execute(q("set_traffic", "learning.sql"), {"version": version, "traffic": percent})
         record_event(conn, version, "traffic_set", reason="manual",
                      figures={"traffic_percent": percent, "previous": float(v["traffic_percent"])})

@@ -50,8 +50,13 @@ WHERE artifact_path = %(path)s AND status <> 'retired'
 ORDER BY id LIMIT 1;
 
 -- name: list_versions
-SELECT id, name, status, runtime, dim, traffic_percent, runtime_pending
+SELECT id, name, status, runtime, dim, traffic_percent, runtime_pending, backfilled_at
 FROM pgsynapse.model_versions ORDER BY id;
+
+-- name: other_candidates_traffic
+-- `pgsynapse traffic`: the shares the other candidates hold (their ranges of sessions come first, in id order)
+SELECT id, traffic_percent::float8 AS traffic_percent FROM pgsynapse.model_versions
+WHERE status = 'candidate' AND id <> %(version)s AND traffic_percent > 0 ORDER BY id;
 
 -- name: failed_backfill
 SELECT last_error FROM pgsynapse.jobs

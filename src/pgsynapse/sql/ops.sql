@@ -19,7 +19,8 @@ GROUP BY kind
 ORDER BY kind;
 
 -- name: model_versions_metrics
-SELECT id, name, runtime, status, traffic_percent FROM pgsynapse.model_versions ORDER BY id;
+SELECT id, name, runtime, status, traffic_percent, runtime_pending, backfilled_at FROM pgsynapse.model_versions
+ORDER BY id;
 
 -- name: health_ping
 SELECT 1 AS ok;
@@ -92,5 +93,5 @@ SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,
        (SELECT count(*) FROM pgsynapse.embeddings) AS embeddings;
 
 -- name: status_versions
-SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, metrics->'ab' AS ab
+SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, backfilled_at, metrics->'ab' AS ab
 FROM pgsynapse.model_versions ORDER BY id;
