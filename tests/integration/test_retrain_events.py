@@ -74,7 +74,7 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         f"  canary:   {gate['canary']['n']} questions in {gate['canary']['groups']} groups, score gain "
         f"{gate['canary']['score']['gain']:+.3f} [{gate['canary']['score']['low']:+.3f}, "
         f"{gate['canary']['score']['high']:+.3f}]",
-        *[f"  why: {reason}" for reason in gate["reasons"]]]
+        *[f"  check: {reason}" for reason in gate["reasons"]]]
     assert jobs[1] == pending and json.loads(printed) == {
         "job": pending, "outcome": "done", "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
@@ -169,7 +169,7 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
     assert code == 1 and out.splitlines() == [
         f"retrain queued (job {_queued(out, 'retrain')})",
         f"model version {printed['version'] + 1}: rejected by its gate; the active version keeps serving",
-        f"  why: {GATE['reasons'][0]}"], (out, err)
+        f"  check: {GATE['reasons'][0]}"], (out, err)
     code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
     assert (code, json.loads(out)) == (1, {"job": _queued(err, "retrain"), "outcome": "failed", "error": "OOM",
                                            **nothing}), (out, err)

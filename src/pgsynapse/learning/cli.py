@@ -182,7 +182,7 @@ def render_gate(version: int, status: str, gate: dict[str, Any]) -> str:
             label = "hold-out" if name == "heldout" else "canary"
             lines.append(f"  {label + ':':<10}{part['n']} questions in {part['groups']} groups, score gain "
                          f"{sc['gain']:+.3f} [{sc['low']:+.3f}, {sc['high']:+.3f}]")
-    lines += [f"  why: {reason}" for reason in gate.get("reasons", [])]
+    lines += [f"  check: {reason}" for reason in gate.get("reasons", [])]  # each check, passed or not
     return "\n".join(lines)
 
 
