@@ -4,6 +4,8 @@ model is exported to it before it gets traffic, as a retrained one is)."""
 
 from __future__ import annotations
 
+import argparse
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -12,7 +14,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
-from pgsynapse.learning.cli import render_versions
+from pgsynapse.learning.cli import render_versions, run_learning_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
@@ -222,3 +224,21 @@ def test_the_active_version_is_shown_with_the_traffic_the_candidates_leave_it(db
         shown = {v["id"]: v["traffic_percent"] for v in snapshot(conn)["model_versions"]}
         assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0}
         assert "model v1       : active (torch), 40% traffic" in render(snapshot(conn))
+
+
+def test_traffic_on_a_candidate_not_serving_yet_says_when_it_will(db_url, capsys):
+    """`traffic 3 50` on a candidate still backfilling or waiting for its runtime export said "gets 50% of
+    sessions", and it got none until then."""
+    with _sync(db_url) as conn:
+        filling, exporting, ready = [conn.execute(
+            "INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, runtime_pending) VALUES (%s, 384, "
+            "'candidate', %s, %s) RETURNING id", row).fetchone()["id"]
+            for row in (("a", None, False), ("b", datetime.now(UTC), True), ("c", datetime.now(UTC), False))]
+        for version in (filling, exporting, ready):
+            run_learning_command(argparse.Namespace(command="traffic", model_version=version, percent=10), conn)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model version")]
+    assert printed == [
+        f"model version {filling} gets 10% of sessions once its backfill is done (pgsynapse status shows it)",
+        f"model version {exporting} gets 10% of sessions once a worker has exported it to its runtime "
+        "(pgsynapse status shows it)",
+        f"model version {ready} gets 10% of sessions"]

@@ -115,7 +115,12 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         return 0
     if args.command == "traffic":
         set_traffic(conn, args.model_version, args.percent)
-        print(f"model version {args.model_version} gets {args.percent:g}% of sessions")
+        v = conn.execute(q("version_by_id", "learning.sql"), {"version": args.model_version}).fetchone()
+        # routed only once backfilled and on its serving runtime (routable_versions)
+        when = ("" if not args.percent else " once its backfill is done" if v["backfilled_at"] is None
+                else " once a worker has exported it to its runtime" if v["runtime_pending"] else "")
+        print(f"model version {args.model_version} gets {args.percent:g}% of sessions{when}"
+              + (" (pgsynapse status shows it)" if when else ""))
         return 0
     raise AssertionError(args.command)
 
