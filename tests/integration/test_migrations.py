@@ -586,6 +586,28 @@ def test_the_follow_up_examples_migration_keeps_the_examples_there_and_is_idempo
                 conn.execute(mig.sql.encode())
 
 
+def test_the_workers_taking_migration_counts_for_an_application_role_and_is_idempotent(new_db):
+    """0030 on top of 0029: an application role may not read pgsynapse.workers, and asks through the function
+    whether a worker takes a kind; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 30)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds) VALUES ('w1', 'h', 1, '{embed}'),"
+                     " ('w2', 'h', 2, '{embed,answer}')")
+        conn.execute("UPDATE pgsynapse.workers SET heartbeat_at = now() - interval '1 hour' WHERE worker_id = 'w2'")
+        for _ in range(2):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE pgsynapse_app")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    with conn.transaction():
+                        conn.execute("SELECT count(*) FROM pgsynapse.workers")
+                counts = conn.execute(q("workers_answering", "ops.sql"), {"kind": "answer"}).fetchone()
+                assert counts[1:] == (1, 0)  # one seen lately, and it only embeds: w2 is stale
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
 def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_db):
     """0026 on top of 0025: a failed question set back to pending by an UPDATE that does not touch asked_at (the
     retry-failed of a release before 0024, run beside this one during an upgrade) is asked again now; re-running

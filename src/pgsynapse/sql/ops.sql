@@ -77,13 +77,10 @@ FROM pgsynapse.jobs WHERE status = 'done' AND skip_reason IS NOT NULL
 GROUP BY kind, skip_reason ORDER BY n DESC, kind LIMIT %(limit)s;
 
 -- name: workers_answering
--- `pgsynapse ask` / `sql-ask`: whether a worker on this database takes %(kind)s jobs (else the question would wait):
--- one listening, and among the workers seen lately (a heartbeat every 10 s at most; `status` calls 120 s stale) one
--- that runs the kind, or none registered yet (it registers before its worker_started)
-SELECT (SELECT count(*) FROM pg_stat_activity
-        WHERE application_name = 'pgsynapse-listener' AND datname = current_database()) AS listening,
-       count(*) AS seen, count(*) FILTER (WHERE %(kind)s = ANY(kinds)) AS taking
-FROM pgsynapse.workers WHERE heartbeat_at > now() - interval '120 seconds';
+-- `pgsynapse ask` / `sql-ask`: whether a worker on this database takes the kind of job (else the question would wait):
+-- one listening, and among the workers seen lately one that runs the kind, or none registered yet (it registers
+-- before its worker_started). A function (migration 0030): an application role may not read pgsynapse.workers
+SELECT listening, seen, taking FROM pgsynapse.workers_taking_v1(%(kind)s);
 
 -- name: status_counts
 SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,
