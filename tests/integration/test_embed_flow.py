@@ -114,7 +114,7 @@ async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_
             version = await version_row(conn)
             vector = worker.models.get(version).encode([question])[0]
             await register_vector_async(conn)
-            for more in (0, 500, 500):  # the HNSW index as served is trapped (its levels are random: rarely it is
+            for more in (0, 500, 500, 1000):  # the HNSW index as served is trapped (its levels are random: rarely it is
                 # not, and more copies trap it)
                 if more:
                     insert_docs(db_url, [page_not_found] * more)
