@@ -40,7 +40,7 @@ from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
-from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, query_with_context
+from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, knn, query_with_context
 
 log = get_logger(__name__)
 
@@ -234,7 +234,7 @@ class AnswerHandler(Handler[AnswerWork]):
         s, v = self.settings, w.version
         wanted = max(s.answer_top_k, s.rank_candidates) if w.ranker else s.answer_top_k
         k = wanted * (CANDIDATES_FACTOR if s.hybrid else 1)
-        vec_rows = list(await (await conn.execute(vector_sql(v), {"query": w.query_vector, "k": k})).fetchall())
+        vec_rows = await knn(conn, vector_sql(v), w.query_vector, v["id"], k)
         if s.hybrid:
             order, by_id = await fuse_full_text(conn, v["id"], w.query_vector, w.retrieval_query, vec_rows, k,
                                                 s.hybrid_text_weight, s.hybrid_text_max_rows)

@@ -7,15 +7,20 @@ cosine similarity) and call :func:`fuse_full_text`, so a search shows the passag
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import numpy as np
 import psycopg
 
+from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+
+log = get_logger(__name__)
 
 RRF_K = 60
 CANDIDATES_FACTOR = 3  # hybrid: each list fetches this many times the chunks kept
+TRAP_PROBE = 2  # the kNN fetches at least this many rows, so that a trap (all one vector) shows even for k=1
 
 # a question that refers back to the conversation: it opens by going on from the last turn, or leans on it for
 # its subject ("how do I undo it?", "what about indexes?", "and for views?", "any example?")
@@ -49,6 +54,29 @@ def query_with_context(question: str, previous: list[str]) -> str:
         if not refers_back(earlier):
             break
     return " ".join([*chain, question])
+
+
+def trapped(rows: list[dict[str, Any]]) -> bool:
+    """Whether the kNN's rows are all one vector (one score): the HNSW search may be trapped among copies of it."""
+    return len(rows) >= TRAP_PROBE and len({float(r["score"]) for r in rows}) == 1
+
+
+async def knn(conn: psycopg.AsyncConnection, sql: str, query_vector: np.ndarray, version_id: int, k: int
+              ) -> list[dict[str, Any]]:
+    """The ``k`` nearest chunks of ``sql`` (vector_candidates or search_chunks: the HNSW index), nearest first.
+    When its nearest are all one vector, hundreds of copies of it (a crawl's boilerplate pages, one identical chunk
+    each) may have trapped the HNSW search: it then scans exactly (``exact_candidates``), logged. A kNN whose rows
+    differ, every normal search, runs the one index query."""
+    params = {"query": query_vector, "version": version_id, "k": max(k, TRAP_PROBE)}
+    rows = list(await (await conn.execute(sql, params)).fetchall())
+    if not trapped(rows):
+        return rows[:k]
+    start = time.perf_counter()
+    exact = list(await (await conn.execute(q("exact_candidates", "answers.sql"), params)).fetchall())
+    log.warning("knn_trapped_exact_scan", version=version_id, k=params["k"], copies=len(rows),
+                chunk=rows[0]["chunk_id"], document=rows[0]["document_id"], score=round(float(rows[0]["score"]), 4),
+                found=sum(r["score"] != rows[0]["score"] for r in exact), ms=round((time.perf_counter() - start) * 1000, 1))
+    return exact[:k]
 
 
 def rrf_scores(rankings: list[list[int]], weights: list[float] | None = None, k: int = RRF_K) -> dict[int, float]:

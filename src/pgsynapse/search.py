@@ -17,7 +17,7 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.replica import ReadReplica, reading
-from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text
+from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, knn
 
 
 HIT_FIELDS = ("chunk_id", "document_id", "title", "source", "ord", "text", "score")
@@ -84,9 +84,7 @@ async def search(
     sql = q("search_chunks").replace("{dim}", str(int(row["dim"])))
     wanted = max(k, candidates) if ranker else k
     async with reading(replica, conn) as reads:
-        cur = await reads.execute(sql, {"query": vector, "version": row["id"],
-                                        "k": wanted * (CANDIDATES_FACTOR if hybrid else 1)})
-        rows = list(await cur.fetchall())
+        rows = await knn(reads, sql, vector, row["id"], wanted * (CANDIDATES_FACTOR if hybrid else 1))
         if hybrid:
             fused, fused_rows = await fuse_full_text(reads, row["id"], vector, text, rows, wanted * CANDIDATES_FACTOR,
                                                      text_weight, text_max_rows)

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.client import Client
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.housekeeping import prune_done_jobs
 from pgsynapse.listener.worker import Worker
-from pgsynapse.search import search
+from pgsynapse.queries import q
+from pgsynapse.search import search, version_row
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
@@ -44,8 +47,10 @@ async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime
         assert row == {"chunks": 1, "embeddings": 1, "dim": 384}
         [other] = insert_docs(db_url, [("JSON", "The jsonb type stores JSON documents in a binary format.")])
         await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (other,))
-        hits = await search(conn, worker.models, "how to reclaim space from dead rows", k=2)
+        with capture_logs() as logs:
+            hits = await search(conn, worker.models, "how to reclaim space from dead rows", k=2)
         assert [h.document_id for h in hits] == [doc_id, other]
+        assert not [e for e in logs if e["event"] == "knn_trapped_exact_scan"]  # a normal kNN never scans exactly
         assert hits[0].score > hits[1].score + 0.1
         await conn.close()
 
@@ -82,6 +87,54 @@ async def test_a_document_of_repeated_text_keeps_one_chunk_per_text_and_search_s
     assert row == {"chunks": 2, "texts": 2, "ords": [0, 1], "embeddings": 2}
     dropped = [(e["document"], e["chunks"], e["dropped"]) for e in logs if e["event"] == "duplicate_chunks_dropped"]
     assert dropped == [(repeated, 2, 710), (repeated, 2, 10)]
+    await conn.close()
+
+
+async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_search_or_answers(
+        db_url, models, default_runtime):
+    """A crawl's boilerplate pages ("Page not found", the same title and body) are one identical chunk each, in
+    different documents: stored as such (they are different documents), their identical vectors trap the HNSW search
+    (ef_search 40; no ef_search up to 1,000, nor an iterative scan, gets out: the graph has no edge out of them) and
+    a distinct document's chunk, much nearer, is never reached. On main, 1,000 such pages then the distinct one
+    trapped the kNN in 10 runs of 11 (600 pages in 3 of 3; after 20 other documents, 600 or 1,500 pages in 4 of 8),
+    so the test adds copies until the index as served is trapped. The kNN sees the trap (its nearest all one vector)
+    and scans exactly; a search that is not trapped never does (test_insert_is_embedded_and_searchable)."""
+    adopt_runtime(db_url, default_runtime)
+    settings = fast_settings(db_url, runtime="onnx-int8", batch_size=256)
+    conn = await aconn(db_url)
+    question = "how many stripes does the zebra scan paint"
+    page_not_found = ("Page not found", "Page not found. Copyright 2024 Example Corp. All rights reserved.")
+    with capture_logs() as logs:
+        async with running_worker(settings, models) as worker:
+            insert_docs(db_url, [page_not_found] * 1000)
+            await wait_until(conn, ALL_DONE)
+            [zebra] = insert_docs(db_url, [("Zebra tuning", "The zebra_frobnicate setting controls how many stripes "
+                                            "PostgreSQL paints on each table it scans.")])
+            await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (zebra,))
+            version = await version_row(conn)
+            vector = worker.models.get(version).encode([question])[0]
+            await register_vector_async(conn)
+            for more in (0, 500, 500, 1000):  # the HNSW index as served is trapped (its levels are random: rarely it is
+                # not, and more copies trap it)
+                if more:
+                    insert_docs(db_url, [page_not_found] * more)
+                    await wait_until(conn, ALL_DONE)
+                rows = await (await conn.execute(q("search_chunks").replace("{dim}", str(version["dim"])),
+                                                 {"query": vector, "version": version["id"], "k": 15})).fetchall()
+                if zebra not in {r["document_id"] for r in rows}:
+                    break
+            assert {r["score"] for r in rows} == {rows[0]["score"]} and rows[0]["score"] < 0.1, rows
+            for hybrid, k in ((settings.hybrid, 5), (False, 5), (False, 1)):  # as pgsynapse search runs it, the kNN
+                hits = await search(conn, worker.models, question, k=k, hybrid=hybrid)
+                assert hits[0].document_id == zebra, (hybrid, k, [(h.document_id, round(h.score, 3)) for h in hits])
+                assert hits[0].score > 0.7 and len(hits) == k
+            async with Client(db_url) as client:  # the answer handler retrieves the same way
+                answer = await client.ask(question)
+            assert answer.sources[0]["document_id"] == zebra, answer.sources
+    trapped = [(e["k"], e["copies"], e["found"]) for e in logs if e["event"] == "knn_trapped_exact_scan"]
+    # the kNN's rows all one vector (hybrid: 3 x 5 candidates; the answer: 3 x answer_top_k): the exact scan found
+    # all but the copies it could still show
+    assert trapped == [(15, 15, 1), (5, 5, 1), (2, 2, 1), (15, 15, 1)], trapped
     await conn.close()
 
 

@@ -39,6 +39,19 @@ WHERE e.model_version_id = {version}
 ORDER BY e.embedding::vector({dim}) <=> %(query)s::vector({dim})
 LIMIT %(k)s;
 
+-- name: exact_candidates
+-- The kNN of vector_candidates and search_chunks without their HNSW index: an exact scan of the version's vectors
+-- (its ORDER BY is not the index's expression), run only when the index's nearest are all one vector
+-- (retrieval.knn): hundreds of identical vectors (a crawl's boilerplate pages) leave the HNSW graph no edge out of
+-- them, so no ef_search nor iterative scan reaches the other chunks. Its rows are those of both queries.
+WITH nearest AS (SELECT chunk_id, embedding <=> %(query)s::vector AS distance FROM pgsynapse.embeddings
+                 WHERE model_version_id = %(version)s ORDER BY distance LIMIT %(k)s)
+SELECT c.id AS chunk_id, c.document_id, d.title, d.source, c.ord, c.text, 1 - n.distance AS score
+FROM nearest n
+JOIN pgsynapse.chunks c ON c.id = n.chunk_id
+JOIN pgsynapse.documents d ON d.id = c.document_id
+ORDER BY n.distance, c.id;
+
 -- name: text_candidates
 -- Full-text ranks. Any of the question's words (OR): a natural-language question rarely has all its words in one
 -- chunk, which an AND query requires. Ranked by ts_rank (how many of the words a chunk has, how often), which
