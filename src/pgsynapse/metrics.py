@@ -66,8 +66,12 @@ ANSWER_CACHE = Counter(
     "pgsynapse_answer_cache_lookups", "Semantic answer cache lookups by outcome (hit: answered from an earlier answer)",
     ["model_version", "outcome"], registry=None,
 )
+KNN_EXACT_SCANS = Counter(
+    "pgsynapse_knn_exact_scans", "kNN searches whose HNSW result was all one vector (many identical chunks trap the "
+    "index) and that scanned the version's vectors exactly instead", ["model_version"], registry=None,
+)
 PROCESS_METRICS: tuple[Collector, ...] = (BATCH_SIZE, INFERENCE_SECONDS, RESULT_LATENCY, CACHE_HITS, CACHE_MISSES,
-                                          ANSWER_CACHE)
+                                          ANSWER_CACHE, KNN_EXACT_SCANS)
 
 
 def observe_batch(kind: str, n: int, seconds: float, versions: Sequence[dict[str, Any]] = ()) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import psycopg
 
 from pgsynapse.logs import get_logger
+from pgsynapse.metrics import KNN_EXACT_SCANS
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -73,6 +74,7 @@ async def knn(conn: psycopg.AsyncConnection, sql: str, query_vector: np.ndarray,
         return rows[:k]
     start = time.perf_counter()
     exact = list(await (await conn.execute(q("exact_candidates", "answers.sql"), params)).fetchall())
+    KNN_EXACT_SCANS.labels(str(version_id)).inc()
     log.warning("knn_trapped_exact_scan", version=version_id, k=params["k"], copies=len(rows),
                 chunk=rows[0]["chunk_id"], document=rows[0]["document_id"], score=round(float(rows[0]["score"]), 4),
                 found=sum(r["score"] != rows[0]["score"] for r in exact), ms=round((time.perf_counter() - start) * 1000, 1))

@@ -15,6 +15,7 @@ from pgsynapse.client import Client
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.housekeeping import prune_done_jobs
 from pgsynapse.listener.worker import Worker
+from pgsynapse.metrics import KNN_EXACT_SCANS
 from pgsynapse.queries import q
 from pgsynapse.search import search, version_row
 from pgsynapse.status import render, snapshot
@@ -103,6 +104,7 @@ async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_
     settings = fast_settings(db_url, runtime="onnx-int8", batch_size=256)
     conn = await aconn(db_url)
     question = "how many stripes does the zebra scan paint"
+    scans_before = KNN_EXACT_SCANS.labels("1")._value.get()
     page_not_found = ("Page not found", "Page not found. Copyright 2024 Example Corp. All rights reserved.")
     with capture_logs() as logs:
         async with running_worker(settings, models) as worker:
@@ -114,8 +116,9 @@ async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_
             version = await version_row(conn)
             vector = worker.models.get(version).encode([question])[0]
             await register_vector_async(conn)
-            for more in (0, 500, 500, 1000):  # the HNSW index as served is trapped (its levels are random: rarely it is
-                # not, and more copies trap it)
+            for more in (0, 500, 500):  # the HNSW index as served is trapped (its levels are random: now and then
+                # it is not, and more copies trap it; about one run in ten here was not even at 3,000: then the
+                # rescue is not exercised, the fallback itself still is, by the copies' own search below)
                 if more:
                     insert_docs(db_url, [page_not_found] * more)
                     await wait_until(conn, ALL_DONE)
@@ -123,7 +126,9 @@ async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_
                                                  {"query": vector, "version": version["id"], "k": 15})).fetchall()
                 if zebra not in {r["document_id"] for r in rows}:
                     break
-            assert {r["score"] for r in rows} == {rows[0]["score"]} and rows[0]["score"] < 0.1, rows
+            index_trapped = zebra not in {r["document_id"] for r in rows}
+            if index_trapped:
+                assert {r["score"] for r in rows} == {rows[0]["score"]} and rows[0]["score"] < 0.1, rows
             for hybrid, k in ((settings.hybrid, 5), (False, 5), (False, 1)):  # as pgsynapse search runs it, the kNN
                 hits = await search(conn, worker.models, question, k=k, hybrid=hybrid)
                 assert hits[0].document_id == zebra, (hybrid, k, [(h.document_id, round(h.score, 3)) for h in hits])
@@ -131,10 +136,16 @@ async def test_many_documents_of_one_identical_text_do_not_hide_the_others_from_
             async with Client(db_url) as client:  # the answer handler retrieves the same way
                 answer = await client.ask(question)
             assert answer.sources[0]["document_id"] == zebra, answer.sources
+            # whatever the graph: a search whose nearest ARE the copies sees one vector, scans exactly, finds the same
+            copies = await search(conn, worker.models, page_not_found[1], k=5, hybrid=False)
+            assert {h.title for h in copies} == {"Page not found"} and len(copies) == 5
     trapped = [(e["k"], e["copies"], e["found"]) for e in logs if e["event"] == "knn_trapped_exact_scan"]
     # the kNN's rows all one vector (hybrid: 3 x 5 candidates; the answer: 3 x answer_top_k): the exact scan found
-    # all but the copies it could still show
-    assert trapped == [(15, 15, 1), (5, 5, 1), (2, 2, 1), (15, 15, 1)], trapped
+    # all but the copies it could still show; the copies' own search found only copies
+    rescued = [(15, 15, 1), (5, 5, 1), (2, 2, 1), (15, 15, 1)] if index_trapped else []
+    assert trapped == [*rescued, (5, 5, 0)], trapped
+    # counted for an alert (docs/prometheus-alerts.yaml): a log line in a busy worker goes unread
+    assert KNN_EXACT_SCANS.labels("1")._value.get() == scans_before + len(trapped)
     await conn.close()
 
 
