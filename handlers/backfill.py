@@ -114,10 +114,13 @@ class BackfillHandler(Handler[BackfillWork]):
                 report.superseded.append(o.job.id)
                 continue
             if state == "done":
-                traffic = float(o.job.payload.get("traffic_percent", self.settings.rollout_traffic_percent))
-                await conn.execute(q("finish_backfill", "learning.sql"), {"version": version, "traffic": traffic})
+                asked = float(o.job.payload.get("traffic_percent", self.settings.rollout_traffic_percent))
+                got = await (await conn.execute(q("finish_backfill", "learning.sql"),
+                                                {"version": version, "traffic": asked})).fetchone()
                 await conn.execute(q("notify_backfilled", "learning.sql"), {"version": version})
-                log.info("backfill_finished", version=version, traffic_percent=traffic)
+                # None: finished before (a resumed job); less than asked: the other candidates hold the rest
+                log.info("backfill_finished", version=version, traffic_percent=got["traffic_percent"] if got else None,
+                         asked=asked)
             else:
                 if copied:
                     await conn.execute(q("copy_passage_embeddings", "learning.sql"), {
