@@ -19,5 +19,5 @@ from pgsynapse.answerers.base import (
 from pgsynapse.answerers.extractive import ExtractiveAnswerer
 from pgsynapse.answerers.generative import OpenAIAnswerer, TransformersAnswerer, build_prompt
 
-__all__ = ["NOT_FOUND", "Answer", "Answerer", "AnswerStopped", "ExtractiveAnswerer", "OpenAIAnswerer", "Passage", "Request",
-           "TransformersAnswerer", "Turn", "build_prompt", "split_sentences"]
+__all__ = ["NOT_FOUND", "Answer", "Answerer", "AnswerStopped", "ExtractiveAnswerer", "OpenAIAnswerer", "Passage",
+           "Request", "TransformersAnswerer", "Turn", "build_prompt", "split_sentences"]

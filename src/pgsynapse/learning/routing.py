@@ -47,4 +47,3 @@ def served_shares(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     leave it (its row says 100 whatever they take). A candidate's is its own share."""
     taken = min(100.0, sum(float(v["traffic_percent"]) for v in versions if v["status"] == "candidate" and routed(v)))
     return [{**v, "traffic_percent": 100.0 - taken} if v["status"] == "active" else v for v in versions]
-
