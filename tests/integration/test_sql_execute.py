@@ -60,6 +60,16 @@ def test_a_statement_runs_as_the_reader_read_only_with_typed_columns(shop):
         True, "off")  # nothing of the statement's transaction stays on the connection
 
 
+def test_an_interval_is_given_as_postgresql_writes_it(shop):
+    # as a Python timedelta, a month was 30 days and a year 365 (age() of these dates said "804 days, 0:00:00"),
+    # and minus an hour read "-1 day, 23:00:00"
+    r = run_readonly(shop, Stmt("SELECT age(date '2026-03-15', date '2024-01-01') AS age, interval '-1 hour' AS back, "
+                                "max(shipped) - min(shipped) AS days, ARRAY[interval '1 day 02:03:04.5'] AS t FROM "
+                                "orders"), Limits())
+    assert [c["type"] for c in r.columns] == ["interval", "interval", "integer", "interval[]"]
+    assert r.rows == [["2 years 2 mons 14 days", "-01:00:00", 39, ["1 day 02:03:04.5"]]]
+
+
 def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
     r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id"), Limits(max_rows=5))
     assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated

@@ -25,6 +25,7 @@ from typing import Any, Protocol, Sequence
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import tuple_row
+from psycopg.types.string import TextLoader
 
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION, bounds_for
 from pgsynapse.errors import InputError
@@ -160,6 +161,8 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                           **bounds_for(limits.statement_timeout_ms / 1000).parameters()})
             started = time.monotonic()
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
+                # an interval as PostgreSQL writes it: a timedelta has no months ("1 mon" would be 30 days)
+                cur.adapters.register_loader("interval", TextLoader)
                 cur.execute(checked.sql)
                 described = list(cur.description or [])
                 names = _type_names(conn, sorted({d.type_code for d in described}))
