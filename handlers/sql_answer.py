@@ -223,8 +223,8 @@ def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str,
         return Attempt(sql, error=NO_STATEMENT, refused=True, reason="empty", said=sql)
     try:
         checked = check_sql(sql, allowed=ctx.allowed, search_path=(schema,))
-    except UnsafeSQL as exc:
-        return Attempt(sql, error=str(exc), refused=True, reason=exc.reason, said=sql)
+    except UnsafeSQL as exc:  # kept on the row as said, but a NUL (refused) cannot be stored in text: U+FFFD there
+        return Attempt(sql.replace("\x00", "\ufffd"), error=str(exc), refused=True, reason=exc.reason, said=sql)
     try:
         return Attempt(checked.sql, result=run_readonly(conn, checked, Limits.of(s), role=s.sql_reader_role,
                                                         search_path=(schema,)), said=sql)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psycopg
 import pytest
@@ -81,6 +83,34 @@ def shop(sql_shop, new_db):
 
 def _settings(url: str, model: str, **kw):
     return fast_settings(url, sql_runtime="transformers", sql_model_path=model, **kw)
+
+
+class SaysOneThing(BaseHTTPRequestHandler):
+    """An OpenAI-compatible SQL endpoint whose model always says ``said``: what a model's output may hold that the
+    tiny model's tokenizer cannot (a NUL character)."""
+
+    said = ""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.said}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    server = HTTPServer(("127.0.0.1", 0), SaysOneThing)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
 
 
 def _rows(url: str, sql: str, *args):
@@ -163,6 +193,21 @@ async def test_every_unsafe_statement_is_refused_on_its_row_and_never_runs_besid
     # the jobs are done, none failed or retried: a refusal is an answer, not an error of the worker
     jobs = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert {j["status"] for j in jobs} == {"done"} and len(jobs) == len(asked)
+
+
+async def test_a_statement_with_a_nul_character_is_refused_on_its_row_at_once(shop, models, endpoint):
+    # the refusal's statement, kept on the row, could not be written (PostgreSQL text holds no NUL): the job was
+    # retried, the model asked again each time, and the question failed with "write failed: DataError: ..."
+    url, _ = shop
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT count(*) FROM orders WHERE region = 'north\x00'; DROP TABLE orders"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("how many orders in the north?", timeout=20)
+    assert r.status == "refused" and r.error == "refused: the statement contains a NUL character", r
+    assert r.sql == "SELECT count(*) FROM orders WHERE region = 'north\ufffd'"  # where it was, in its place
+    [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
+    assert job == {"status": "done", "attempts": 1}
 
 
 async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_grant(shop, models):

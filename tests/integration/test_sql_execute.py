@@ -60,6 +60,16 @@ def test_a_statement_runs_as_the_reader_read_only_with_typed_columns(shop):
         True, "off")  # nothing of the statement's transaction stays on the connection
 
 
+def test_an_interval_is_given_as_postgresql_writes_it(shop):
+    # as a Python timedelta, a month was 30 days and a year 365 (age() of these dates said "804 days, 0:00:00"),
+    # and minus an hour read "-1 day, 23:00:00"
+    r = run_readonly(shop, Stmt("SELECT age(date '2026-03-15', date '2024-01-01') AS age, interval '-1 hour' AS back, "
+                                "max(shipped) - min(shipped) AS days, ARRAY[interval '1 day 02:03:04.5'] AS t FROM "
+                                "orders"), Limits())
+    assert [c["type"] for c in r.columns] == ["interval", "interval", "integer", "interval[]"]
+    assert r.rows == [["2 years 2 mons 14 days", "-01:00:00", 39, ["1 day 02:03:04.5"]]]
+
+
 def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
     r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id"), Limits(max_rows=5))
     assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated
@@ -71,6 +81,23 @@ def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
     with pytest.raises(RuntimeError, match="autocommit"):
         with psycopg.connect(shop.info.dsn) as plain:
             run_readonly(plain, Stmt("SELECT 1"), Limits())
+
+
+def test_rows_past_the_byte_limit_are_never_fetched(shop):
+    # 10 kB rows against a 100 kB limit: the result is cut after about ten rows. Row 900 divides by zero when the
+    # server computes it: fetched with the rest, it failed the whole question (and 1001 rows of 1 MB each were
+    # 1 GB in the worker's memory before the limit was looked at)
+    big = Stmt("SELECT g, repeat('x', 10000 + 1 / (900 - g)) AS pad FROM generate_series(1, 2000) g")
+    r = run_readonly(shop, big, Limits(max_bytes=100_000))
+    assert r.truncated and 5 <= r.row_count <= 10 and [row[0] for row in r.rows] == list(range(1, r.row_count + 1))
+    with pytest.raises(QueryFailed, match="division by zero"):  # the row is there to be reached
+        run_readonly(shop, big, Limits(max_bytes=100_000_000))
+    # a first row of 60 kB leaves room for one row per FETCH; each later row costs the server 10 ms (the statement's
+    # own work, not a wait of the test): every FETCH is quick, but together they may not outlast the timeout
+    slow = Stmt("SELECT repeat('x', CASE WHEN g = 1 THEN 60000 ELSE 1 END), pg_sleep(CASE WHEN g > 16 THEN 0.01 "
+                "ELSE 0 END) FROM generate_series(1, 2000) g")
+    with pytest.raises(QueryFailed, match="ran over the statement timeout of 500 ms"):
+        run_readonly(shop, slow, Limits(max_bytes=100_000, statement_timeout_ms=500))
 
 
 def test_the_statement_s_transaction_is_ended_by_the_server_if_its_client_goes_silent_in_it(shop):

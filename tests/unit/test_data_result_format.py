@@ -22,3 +22,12 @@ def test_a_refusal_says_refused_once():
 def test_a_failure_names_its_status_before_its_error():
     printed = format_data_result(_result("failed", "NoReadableTables: no table of schema public may be read", sql=None))
     assert printed.splitlines()[:2] == ["SQL: (none)", "failed: NoReadableTables: no table of schema public may be read"]
+
+
+def test_a_column_name_with_a_line_break_stays_on_the_header_line():
+    # the name's line break split the header, and the rule and the rows no longer lined up under it
+    r = DataResult(id=5, status="answered", sql='SELECT 1 AS "a\nb", 2 AS c',
+                   columns=[{"name": "a\nb", "type": "integer"}, {"name": "c", "type": "integer"}], rows=[[1, 2]],
+                   row_count=1, truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
+    table = format_data_result(r).split("b\", 2 AS c\n", 1)[1].splitlines()  # after the statement
+    assert table[:3] == ["a b | c", "----+--", "1   | 2"]

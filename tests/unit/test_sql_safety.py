@@ -220,6 +220,9 @@ REFUSED = [
     # system columns, parameters, others
     ("SELECT ctid, * FROM orders", "system_column"), ("SELECT o.xmin FROM orders o", "system_column"),
     ("SELECT count(*) FROM orders GROUP BY xmax", "system_column"),
+    # (row).column reads a system column of the row's table as t.column does
+    ("SELECT (o).ctid, (o).xmin FROM orders o", "system_column"),
+    ("SELECT id FROM orders ORDER BY (orders.*).tableoid", "system_column"),
     ("SELECT * FROM orders WHERE id = $1", "parameter"),
     ("SELECT merge_action()", "unsupported"), ("SELECT 1 FROM orders WHERE amount = DEFAULT", "unsupported"),
 ]

@@ -126,5 +126,9 @@ SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
        pg_catalog.set_config('search_path', %(search_path)s, true),
        pg_catalog.set_config('transaction_timeout', %(total_ms)s, true);
 
+-- name: readonly_time_left
+-- before each FETCH of a result after the first: the time the statement has left of its timeout
+SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true);
+
 -- name: type_names
 SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);

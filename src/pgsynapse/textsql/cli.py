@@ -33,7 +33,7 @@ def _cell(value: Any) -> str:
 
 def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_rows: int = 50) -> str:
     """A plain-text table, psql-like: a header, a rule, at most ``max_rows`` rows."""
-    head = [c["name"] for c in columns]
+    head = [_cell(c["name"]) for c in columns]  # a name's line break would split the header
     body = [[_cell(v) for v in row] for row in rows[:max_rows]]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),

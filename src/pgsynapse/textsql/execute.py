@@ -2,9 +2,10 @@
 
 A generated statement runs only after ``safety.check_sql`` accepted it, and then only inside its own transaction:
 ``READ ONLY``, ``SET LOCAL ROLE`` to the reader role (which reads only what an operator granted it), a
-``statement_timeout`` and a ``search_path`` of the question's schema, rows read through a server-side cursor so at
-most ``max_rows`` + 1 ever leave the server, and a byte limit on the result as JSON. The transaction is always
-rolled back. The database is the last line: the parser check refuses writes, the transaction could not do them.
+``statement_timeout`` and a ``search_path`` of the question's schema, rows read through a server-side cursor in
+batches sized by the limits left, so at most ``max_rows`` + 1 rows, and not many more bytes than the byte limit on
+the result as JSON, ever leave the server. The transaction is always rolled back. The database is the last line:
+the parser check refuses writes, the transaction could not do them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any, Protocol, Sequence
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.rows import tuple_row
+from psycopg.types.string import TextLoader
 
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION, bounds_for
 from pgsynapse.errors import InputError
@@ -39,6 +42,7 @@ _MAX_PERMUTED_COLUMNS = 5
 # Timeouts (57014) and resource limits are not: a rewrite would cost another run and rarely be faster.
 FIXABLE_SQLSTATE_CLASSES = ("42", "21", "22")
 _FIX_ERROR_CHARS = 300
+_FIRST_FETCH = 16  # rows of a result's first FETCH; the later ones are sized by the byte budget left
 
 
 class QueryFailed(InputError):
@@ -155,14 +159,18 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                          {"statement_ms": str(int(limits.statement_timeout_ms)),
                           "search_path": ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path),
                           **bounds_for(limits.statement_timeout_ms / 1000).parameters()})
+            started = time.monotonic()
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
+                # an interval as PostgreSQL writes it: a timedelta has no months ("1 mon" would be 30 days)
+                cur.adapters.register_loader("interval", TextLoader)
                 cur.execute(checked.sql)
-                fetched = cur.fetchmany(limits.max_rows + 1)
                 described = list(cur.description or [])
-            names = _type_names(conn, sorted({d.type_code for d in described}))
+                names = _type_names(conn, sorted({d.type_code for d in described}))
+                columns = [{"name": d.name, "type": names.get(d.type_code, str(d.type_code))} for d in described]
+                result = Result(columns)
+                _fetch(conn, cur, limits, result, started)
     except psycopg.errors.QueryCanceled:
-        raise QueryFailed(f"the statement ran over the statement timeout of {limits.statement_timeout_ms} ms "
-                          "(sql_statement_timeout_ms) and was cancelled") from None
+        raise _over_time(limits) from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)} (GRANT SELECT on the tables "
                           f"data questions may read TO {role}: docs/operations.md)") from None
@@ -172,18 +180,44 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         hint = (getattr(diag, "message_hint", None) or "").strip()
         raise QueryFailed(f"the statement failed: {_message(exc)}", sqlstate=exc.sqlstate,
                           server_message=(f"{primary} {hint}" if hint else primary) or None) from None
-    columns = [{"name": d.name, "type": names.get(d.type_code, str(d.type_code))} for d in described]
-    result = Result(columns, truncated=len(fetched) > limits.max_rows)
-    size = len(json.dumps(columns))
-    for row in fetched[: limits.max_rows]:
-        values = [plain(v) for v in row]
-        size += len(json.dumps(values, default=str)) + 1
-        if size > limits.max_bytes:
-            result.truncated = True
-            break
-        result.rows.append(values)
     result.row_count = len(result.rows)
     return result
+
+
+def _over_time(limits: Limits) -> QueryFailed:
+    return QueryFailed(f"the statement ran over the statement timeout of {limits.statement_timeout_ms} ms "
+                       "(sql_statement_timeout_ms) and was cancelled")
+
+
+def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, result: Result,
+           started: float) -> None:
+    """Fill ``result.rows`` (JSON values) up to ``max_rows`` and ``max_bytes``, ``truncated`` when more were left.
+
+    The rows come in FETCHes sized by the byte budget left (after a first one of :data:`_FIRST_FETCH` rows), so
+    the server never sends (nor computes) many rows past the limits: 1001 rows of 1 MB are not a gigabyte in the
+    worker before the 1 MB limit is looked at. Each FETCH is a statement of its own: every one after the first
+    runs under the time the statement has left of ``statement_timeout_ms`` since it was declared."""
+    size = len(json.dumps(result.columns))
+    largest = 0
+    want = min(_FIRST_FETCH, limits.max_rows + 1)
+    while True:
+        batch = cur.fetchmany(want)
+        for row in batch:
+            values = [plain(v) for v in row]
+            n = len(json.dumps(values, default=str)) + 1
+            if len(result.rows) == limits.max_rows or size + n > limits.max_bytes:
+                result.truncated = True
+                return
+            size += n
+            largest = max(largest, n)
+            result.rows.append(values)
+        if len(batch) < want:
+            return
+        left_ms = int(limits.statement_timeout_ms - (time.monotonic() - started) * 1000)
+        if left_ms < 1:
+            raise _over_time(limits)
+        conn.execute(q("readonly_time_left", FILE), {"statement_ms": str(left_ms)})
+        want = max(1, min(limits.max_rows + 1 - len(result.rows), (limits.max_bytes - size) // largest + 1))
 
 
 def _norm(value: Any) -> Any:

@@ -17,8 +17,8 @@ What it allows, and why:
 - types: casts to ``reg*`` types and ``aclitem`` are refused (their input functions look names up in the catalog);
 - attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
   pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...);
-- system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused: no question about the
-  data needs them, and they show storage and transaction ids. PostgreSQL forbids user columns of these names, so
+- system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused, as ``t.ctid`` and as
+  ``(t).ctid``: no question about the data needs them, and they show storage and transaction ids. PostgreSQL forbids user columns of these names, so
   only an output alias of such a name can be refused wrongly.
 
 :attr:`CheckedSQL.sql` is the original text, not pglast's reprint (comments and layout stay as the model wrote
@@ -363,6 +363,8 @@ class _Checker:
                     _attribute(fields[-1], _dotted(fields))
         elif isinstance(node, ast.A_Indirection):
             for name in _names(node.indirection):
+                if name in SYSTEM_COLUMNS:  # (t).ctid reads the row's system column, as t.ctid does
+                    raise UnsafeSQL("system_column", f"refused: system column {name} is not allowed")
                 _attribute(name, f"(...).{_ident(name)}")
         elif isinstance(node, ast.SQLValueFunction) and node.op not in _ALLOWED_SQL_VALUES:
             name = node.op.name.removeprefix("SVFOP_")
