@@ -18,8 +18,8 @@ What it allows, and why:
 - attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
   pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...);
 - system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused, as ``t.ctid`` and as
-  ``(t).ctid``: no question about the data needs them, and they show storage and transaction ids. PostgreSQL forbids user columns of these names, so
-  only an output alias of such a name can be refused wrongly.
+  ``(t).ctid``: no question about the data needs them, and they show storage and transaction ids. PostgreSQL
+  forbids user columns of these names, so only an output alias of such a name can be refused wrongly.
 
 :attr:`CheckedSQL.sql` is the original text, not pglast's reprint (comments and layout stay as the model wrote
 them), cut to the one statement (no ``;``, no comment before or after it) and with every table reference
