@@ -27,7 +27,9 @@ beside it):
 - latency of ``answer()`` p50/p95 (ms); for generators, time to first token (first ``on_delta``) p50/p95 and
   tokens/s.
 
-On bench/data/unanswerable.jsonl (20 questions the PostgreSQL 15 docs cannot answer): ``not_found_ok``, the %
+``short`` (bench/data/short_questions.jsonl): 26 questions that name a term and nothing else ("What is MVCC?"),
+the figures above (``wrong_not_found`` most of all). On bench/data/unanswerable.jsonl (20 questions the PostgreSQL
+15 docs cannot answer): ``not_found_ok``, the %
 answered "not found". Then INSERT -> answer NOTIFY p50/p95 through a real worker (the default answerer).
 ``--samples PATH`` writes 20 answers per answerer (report half) as markdown for BENCHMARKS.md; ``--pairs PATH``
 writes (answer sentence, best passage sentence, cosine) pairs to label for the calibration; ``--answers PATH`` every
@@ -67,6 +69,7 @@ from pgsynapse.models import ModelCache
 HERE = Path(__file__).parent / "data"
 CALIBRATION = HERE / "groundedness_calibration.jsonl"
 UNANSWERABLE = HERE / "unanswerable.jsonl"
+SHORT = HERE / "short_questions.jsonl"  # "What is MVCC?": a term and nothing else (session 33)
 TEACHER_DATA = Path("/tmp/pgsynapse-bench-answer-quality")  # the teacher version's worker writes here
 # a generator's own words for "not found" (the extractive answerers return NOT_FOUND itself)
 _NOT_FOUND_WORDS = re.compile(r"could ?n[o']t find|can ?n[o']t find|cannot find|unable to find|no (?:relevant )?information|"
@@ -308,7 +311,7 @@ def main() -> None:
                    "question, text, flags, first citation relevant, groundedness) here")
     p.add_argument("--only", default=None, help="comma-separated answerer names to run (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions of each set (development)")
-    p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable",
+    p.add_argument("--sets", default="tune,report,users-tune,users-report,train-heldout,unanswerable,short",
                    help="which question sets to run")
     p.add_argument("--teacher-vectors", type=Path, default=None, help="retrieval: the mpnet teacher as the ranker "
                    "(bench.ranker --teacher): its vectors computed elsewhere (bench/gpu_distill.py)")
@@ -338,6 +341,7 @@ def main() -> None:
         embedder = models.get(version)
         sets = {name: [{"q": q["q"], "relevant": set(q["relevant"])} for q in items] for name, items in halves.items()}
         sets["unanswerable"] = [{"q": q["q"], "relevant": set()} for q in unanswerable]
+        sets["short"] = [{"q": q["q"], "relevant": set(q["relevant"])} for q in map(json.loads, SHORT.open())]
         # train questions no setting was chosen on: a second, larger report set (feedback-style phrasing)
         sets["train-heldout"] = train_split(questions("pg_docs_train.jsonl"))["train-heldout"]
         sets = {k: v[: args.limit] if args.limit else v for k, v in sets.items() if k in args.sets.split(",")}

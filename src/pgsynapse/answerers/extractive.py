@@ -95,7 +95,11 @@ class ExtractiveAnswerer:
     """Quotes the retrieved passages' best sentences, best passage first; never writes anything new.
 
     ``not_found_threshold``: a passage whose retrieval score is under it is not relevant; with none relevant the
-    answer is :data:`NOT_FOUND`. ``max_sentences``: most sentences quoted (a dangling sentence's predecessor counts).
+    answer is :data:`NOT_FOUND`; but a passage that has every content word of the question (:func:`terms`) is relevant
+    down to ``named_floor`` (None: never): MiniLM scores the page that defines an acronym low for the question that
+    names it ("What is MVCC?": 0.33), and on the docs corpus this answered 3 of 26 short "What is X?" questions
+    (bench/data/short_questions.jsonl) and changed no answer of the dev, user-worded, train or unanswerable sets
+    (BENCHMARKS.md, session 33). ``max_sentences``: most sentences quoted (a dangling sentence's predecessor counts).
     ``min_sentence_score``: a sentence whose own cosine to the question is under it is never the answer's start.
     ``window_weight``, ``passage_weight``, ``agreement_weight``, ``page_weight``, ``title_weight``: how much a
     sentence's window, its passage's retrieval score, the other passages' agreement, its page's vote and its page
@@ -115,16 +119,17 @@ class ExtractiveAnswerer:
     # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences;
     # 3: sentences that tell how, for how-to questions (how_to_weight); 4: a sentence pointing back at its subject
     # leans on its predecessor, and a description is quoted with the name it describes ("work_mem (integer): Sets
-    # ...", base.sentence_runs)
-    revision = 4
+    # ...", base.sentence_runs); 5: a passage with every word of the question is relevant down to named_floor
+    revision = 5
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
                  continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0,
-                 lexical_weight: float = 1.5, how_to_weight: float = 0.5) -> None:
+                 lexical_weight: float = 1.5, how_to_weight: float = 0.5, named_floor: float | None = 0.2) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
+        self.named_floor = named_floor
         self.max_sentences = max_sentences
         self.min_sentence_score = min_sentence_score
         self.window_weight = window_weight
@@ -139,7 +144,7 @@ class ExtractiveAnswerer:
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
-        relevant = [p for p in req.passages if p.score >= self.not_found_threshold]
+        relevant = [p for p in req.passages if self._relevant(p, req.question)]
         if not relevant or req.query_vector is None:
             return Answer(NOT_FOUND, [])
         by_passage: dict[int, list[_Sentence]] = {}
@@ -212,6 +217,16 @@ class ExtractiveAnswerer:
                        + self.title_weight * title_score.get(c.passage.title or "", 0.0)
                        + self.rank_weight / c.passage.rank + self.lexical_weight * float(lexical[i])
                        + (how_to if _TELLS_HOW.search(c.text) else 0.0))
+
+    def _relevant(self, p: Passage, question: str) -> bool:
+        """Whether passage ``p`` may answer ``question``: its score is over the threshold, or over the floor with
+        every content word of the question."""
+        if p.score >= self.not_found_threshold:
+            return True
+        if self.named_floor is None or p.score < self.named_floor:
+            return False
+        words = terms(question)
+        return bool(words) and words <= terms(p.text)
 
     @staticmethod
     def _lexical(cands: list[_Sentence], question: str) -> np.ndarray:
