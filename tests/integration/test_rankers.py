@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
+from transformers import BertForSequenceClassification
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
@@ -163,6 +164,42 @@ def test_ranker_add_refuses_what_it_could_not_load_and_stores_an_absolute_path(d
     assert "ranker 1 (torch): candidate" in capsys.readouterr().out
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         assert [(r["name"], r["path"]) for r in REGISTRY.list_models(conn)] == [("weights-only", str(weights_only))]
+
+
+def test_ranker_add_refuses_a_model_that_is_not_a_one_logit_cross_encoder(db_url, ranker_dir, tmp_path):
+    """What `ranker add --runtime torch` would otherwise register and serve: an embedding model (transformers gives
+    it a random classification head, which orders the candidates at random, silently), a config of no model, a
+    classifier of two labels, or the same ranker a second time."""
+    settings = fast_settings(db_url)
+
+    def add(path: Path | str) -> int:
+        return run_ranker_command(argparse.Namespace(ranker_command="add", path=str(path), name=None,
+                                                     runtime="torch", activate=False), settings)
+
+    embedder = tiny_embedding_model(tmp_path / "embedder", 32)
+    with pytest.raises(ModelError, match=r"has no trained classification head .*classifier.*: is it a cross-encoder"):
+        add(embedder)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text('{"x": 1}')
+    with pytest.raises(ModelError, match=r"ranker: cannot load .*junk as a cross-encoder \(torch\): .*model_type"):
+        add(junk)
+    two = tmp_path / "two-labels"
+    shutil.copytree(ranker_dir, two, ignore=shutil.ignore_patterns("*.onnx"))
+    BertForSequenceClassification.from_pretrained(str(two), num_labels=2, ignore_mismatched_sizes=True
+                                                  ).save_pretrained(str(two))
+    with pytest.raises(ModelError, match="gives 2 scores per pair: a ranker gives one"):
+        add(two)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.list_models(conn) == []
+    assert add(ranker_dir) == 0
+    with pytest.raises(RegistryError, match=r"is already ranker 1 \(candidate\): retire it first to add it again"):
+        add(str(ranker_dir) + "/")
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert [r["id"] for r in REGISTRY.list_models(conn)] == [1]
+        REGISTRY.add_model(conn, "junk", str(junk), "torch")  # registered behind the command's back
+    with pytest.raises(ModelError, match="ranker 2: cannot load"):
+        Ranker({"id": 2, "name": "junk", "path": str(junk), "runtime": "torch"})
 
 
 async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_dir, tmp_path, capsys):

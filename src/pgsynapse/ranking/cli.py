@@ -7,11 +7,12 @@ from pathlib import Path
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
+from pgsynapse.errors import RegistryError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
-from pgsynapse.ranking.scorer import check_ranker_dir
+from pgsynapse.ranking.scorer import probe_ranker
 
 
 def _line(r: dict) -> str:
@@ -47,9 +48,13 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
             path = args.path
             if runtime == "version":
                 check_teacher(conn, args.path)
-            else:  # a directory: made absolute (the worker does not run where this shell does), checked first
+            else:  # a directory: made absolute (the worker does not run where this shell does), loaded first
                 path = str(Path(args.path).expanduser().resolve())
-                check_ranker_dir(Path(path), runtime)
+                probe_ranker(Path(path), runtime)
+            same = REGISTRY.model_at_path(conn, path)
+            if same is not None:
+                raise RegistryError(f"{path} is already ranker {same['id']} ({same['status']}): retire it first to "
+                                    "add it again")
             r = REGISTRY.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
