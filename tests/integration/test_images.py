@@ -147,6 +147,10 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
     rows += [{"data": data, "caption": name} for name, (data, _) in bad.items()]
     rows += [{"path": str(outside), "caption": "outside_roots"}, {"path": str(allowed / "fine.png"), "caption": "path_ok"},
              {"path": str(allowed / "missing.png"), "caption": "missing_file"}, {"data": good[::-1] + good, "caption": "garbage"},
+             # the worker reads files, never URLs; relative to what? ('' was the worker's own directory); and a
+             # file outside the roots is refused whether it exists or not (the error told which files existed)
+             {"path": "https://example.com/figure.png", "caption": "url"}, {"path": "fine.png", "caption": "relative"},
+             {"path": "", "caption": "empty_path"}, {"path": str(tmp_path / "nowhere.png"), "caption": "nowhere"},
              {"data": png_bytes(coloured_image("red", seed=3), fmt="WEBP"), "caption": "webp"}]
     with _sync(db_url) as conn:
         registry.add(conn, tiny_clip_path)
@@ -164,6 +168,12 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
         assert got[name]["error"].startswith("InputError: ") and got[name]["attempts"] == 1, got[name]  # never retried
     assert "outside image_roots" in got["outside_roots"]["error"]
     assert "cannot read image file" in got["missing_file"]["error"]
+    assert got["missing_file"]["error"].endswith("missing.png': no such file"), got["missing_file"]
+    assert ("image path 'https://example.com/figure.png' is a URL: the worker reads no URL, only files under "
+            "image_roots; store the bytes in images.data") in got["url"]["error"], got["url"]
+    assert "image path 'fine.png' is relative: give an absolute path under image_roots" in got["relative"]["error"]
+    assert got["empty_path"]["error"] == "InputError: empty image path: give an absolute path under image_roots"
+    assert got["nowhere"]["error"].endswith("nowhere.png' is outside image_roots (" + str(allowed) + ")")
     assert got["garbage"]["status"] == "failed"
     # the healthy neighbours of the same statement and batch were embedded
     for name in ("good 1", "path_ok", "webp"):
@@ -172,8 +182,8 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
 
     # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
     with _sync(db_url) as conn:
-        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 10}
-        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 10
+        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 14}
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 14
     async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
         conn = await aconn(db_url)
         await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
