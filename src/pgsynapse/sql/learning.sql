@@ -45,8 +45,14 @@ VALUES (%(name)s, 'embedding', %(path)s, %(runtime)s, %(dim)s, %(metrics)s, 'can
 RETURNING id, name, artifact_path, runtime, dim, status, runtime_pending;
 
 -- name: version_by_path
+-- a version (not retired) of the model at %(path)s: served from it, added from it (`model add`, then exported to
+-- the serving runtime), or serving the default model (%(default)s: the path is the configured or packaged one),
+-- with no path of its own or none before its export
 SELECT id, status FROM pgsynapse.model_versions
-WHERE artifact_path = %(path)s AND status <> 'retired'
+WHERE status <> 'retired'
+  AND (artifact_path = %(path)s OR metrics->>'added_from' = %(path)s
+       OR metrics->>'previous_artifact_path' = %(path)s
+       OR (%(default)s AND (artifact_path IS NULL OR metrics->'previous_artifact_path' = 'null'::jsonb)))
 ORDER BY id LIMIT 1;
 
 -- name: list_versions
