@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import struct
 import zipfile
 import zlib
@@ -214,7 +215,7 @@ async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_ur
     assert first != second and jobs["n"] == 2  # the caption edit queued nothing
 
 
-def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
+def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
         with capture_logs() as logs:
@@ -222,7 +223,12 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
         # the check before registering loads a model with no id yet: it said "model=0 dim=0"
         [probe] = [e for e in logs if e["event"] == "image_model_loaded"]
         assert probe["unregistered"] is True and "model" not in probe and "dim" not in probe, probe
-        second = registry.add(conn, tiny_clip_path, name="clip-2")
+        # the same model twice: every image would be embedded twice for the same vectors
+        with pytest.raises(PgsynapseError, match=r"is already image model 1 \(active\): retire it first to add it"):
+            registry.add(conn, str(tiny_clip_path) + "/")
+        another = tmp_path / "clip-2"
+        shutil.copytree(tiny_clip_path, another)
+        second = registry.add(conn, another, name="clip-2")
         assert (first["status"], second["status"], second["queued"]) == ("active", "candidate", 0)  # already queued
         with pytest.raises(PgsynapseError, match="has vectors for 0 of 1 images"):
             registry.promote(conn, second["id"])
