@@ -22,7 +22,7 @@ from pgsynapse.queries import q
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
-from tests.embed_models import tiny_embedding_model
+from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
 
 pytestmark = pytest.mark.anyio
 
@@ -184,12 +184,20 @@ def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
     assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
 
 
-def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
+def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, tiny_vit_path):
     with _sync(db_url) as conn:
         with pytest.raises(ModelError, match="does not exist"):
             add_model(conn, tmp_path / "nowhere")
         with pytest.raises(ModelError, match="no config.json"):
             add_model(conn, tmp_path)
+        # a cross-encoder was registered as an embedding model (its encoder's mean-pooled states), an image
+        # encoder stopped the command with a traceback
+        with pytest.raises(ModelError, match=r"tiny-ce is a cross-encoder \(BertForSequenceClassification\), not a "
+                                             "sentence-embedding model: add it as a ranker"):
+            add_model(conn, tiny_cross_encoder(tmp_path / "tiny-ce"))
+        with pytest.raises(ModelError, match=r"cannot encode text: ValueError: Modality 'text' is not supported.*: "
+                                             "is it a sentence-embedding model"):
+            add_model(conn, tiny_vit_path)
         with pytest.raises(RegistryError, match="between 0 and 100"):
             add_model(conn, tiny48, traffic=120)
         v = add_model(conn, tiny48, serving_runtime="torch")["id"]
