@@ -59,5 +59,21 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
         else:
+            _check_teacher_serves(conn, action, getattr(args, "model", None), getattr(args, "percent", None))
             print(REGISTRY.command(conn, action, getattr(args, "model", None), getattr(args, "percent", None)))
     return 0
+
+
+def _check_teacher_serves(conn, action: str, model: int | None, percent: float | None) -> None:
+    """Before a ``version:N`` ranker gets sessions (promote, traffic, or a rollback back to it): its version must
+    still have its vectors (not retired, rejected or backfilling), or every search and answer of it fails."""
+    if action == "rollback":
+        active = REGISTRY.active_model(conn)
+        model = active["replaced_id"] if active else None
+    elif action not in ("promote", "traffic") or (action == "traffic" and not percent):
+        return
+    if model is None:
+        return
+    row = REGISTRY.get_model(conn, model)
+    if row["runtime"] == "version":
+        check_teacher(conn, row["path"])

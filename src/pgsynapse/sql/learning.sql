@@ -165,6 +165,12 @@ UPDATE pgsynapse.model_versions SET status = 'rejected', traffic_percent = 0, de
 WHERE id = %(version)s AND status = 'candidate'
 RETURNING id;
 
+-- name: version_rankers
+-- the rankers (not retired) that rescore with a model version's stored vectors: path version:N (ranking/rescore.py)
+SELECT id, status, path FROM pgsynapse.ranker_models
+WHERE runtime = 'version' AND status <> 'retired'
+ORDER BY id;
+
 -- name: retire
 UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, retired_at = now()
 WHERE id = %(version)s AND status IN ('candidate', 'rejected')
