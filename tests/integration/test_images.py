@@ -143,6 +143,8 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
         # a real decompression bomb: 60 KB that would inflate to 60 million pixels
         "png_bomb": (png_claiming(10_000, 6_000, zlib.compress(b"\0" * 6_006_000 * 10, 9)), "refused before decoding"),
         "too_many_bytes": (b"\x89PNG" + b"\0" * 300_000, "over max_image_bytes=250,000"),
+        "nul_bytes": (b"\0" * 16, "16 bytes starting 00 00 00 00 00 00 00 00"),  # was called "text"
+        "text": (b"just some words", "allowed format (PNG, JPEG, WEBP, GIF, BMP): text"),
     }
     rows = [{"data": good, "caption": "good 1"}]
     rows += [{"data": data, "caption": name} for name, (data, _) in bad.items()]
@@ -183,8 +185,8 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
 
     # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
     with _sync(db_url) as conn:
-        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 14}
-        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 14
+        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 16}
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 16
     async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
         conn = await aconn(db_url)
         await wait_until(conn, ALL_DONE, channel="pgsynapse_images")

@@ -70,11 +70,9 @@ def _what(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return name
-    try:
-        head.decode("ascii")
+    if head and all(32 <= b < 127 or b in b"\t\n\r\f\v" for b in head):  # printable: NUL bytes are no text
         return "text"
-    except UnicodeDecodeError:
-        return f"{len(data):,} bytes starting {data[:8].hex(' ')}"
+    return f"{len(data):,} bytes starting {data[:8].hex(' ')}"
 
 
 def decode(data: bytes, limits: ImageLimits) -> Decoded:
