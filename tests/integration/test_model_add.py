@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
-from pgsynapse.learning.cli import render_versions, run_learning_command
+from pgsynapse.learning.cli import backfill_worker_note, render_versions, run_learning_command, run_model_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
 from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
@@ -208,6 +208,22 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, ti
         retire(conn, v)
         assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
 
+
+
+async def test_follow_says_when_no_running_worker_would_backfill(db_url, models, tiny48, capsys):
+    # `model add --follow` waited for ever, silently with --no-progress, when no worker ran to backfill
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id = %s", (v,))
+        args = argparse.Namespace(command="model", model_command="add", path=str(tiny48), name=None, traffic=0.0,
+                                  follow=True, no_progress=True)
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0  # backfilled: no wait, no note
+        assert "no running worker" not in capsys.readouterr().err
+        assert "no running worker takes backfill jobs: it starts once `pgsynapse run` does" in backfill_worker_note(conn)
+        async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+            assert "no running worker takes backfill jobs" in backfill_worker_note(conn)  # it runs other kinds
+        async with running_worker(fast_settings(db_url, kinds=("embed", "backfill")), models):
+            assert backfill_worker_note(conn) is None
 
 
 def test_the_same_model_is_refused_once_its_version_serves_on_another_runtime(db_url, tmp_path, tiny48):

@@ -195,6 +195,9 @@ def render_gate(version: int, status: str, gate: dict[str, Any]) -> str:
 def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
     """``--follow``: wait until version ``v`` is backfilled, then say what comes next: the share it serves as
     the backfill left it (the ``--traffic`` of the command that added it), else how to give it one."""
+    waits = conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["backfilled_at"] is None
+    if waits and (note := backfill_worker_note(conn)):
+        print(f"pgsynapse: {note}", file=sys.stderr)
     error = follow_backfill(conn, v, progress=False if args.no_progress else None)
     if error:
         print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
@@ -206,6 +209,16 @@ def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
         print(f"pgsynapse: warning: --traffic applies when a model is added; pgsynapse traffic {v} {args.traffic:g} "
               "sets it now", file=sys.stderr)
     return 0
+
+
+def backfill_worker_note(conn: psycopg.Connection) -> str | None:
+    """What to tell someone about to wait for a backfill when no running worker takes backfill jobs (none
+    listening, or those seen lately run other kinds), else None."""
+    w = conn.execute(q("workers_answering", "ops.sql"), {"kind": "backfill"}).fetchone()
+    if w["listening"] > 0 and (w["taking"] > 0 or w["seen"] == 0):
+        return None
+    return ("no running worker takes backfill jobs: it starts once `pgsynapse run` does (waiting; Ctrl-C stops "
+            "waiting, the version stays registered)")
 
 
 def follow_backfill(conn: psycopg.Connection, version: int, *, progress: bool | None = None) -> str | None:
