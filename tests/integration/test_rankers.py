@@ -307,6 +307,9 @@ def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ran
         v2, v3 = (add_model(conn, tiny_embedding_model(tmp_path / f"m{i}", 32, seed=i), serving_runtime="torch")["id"]
                   for i in (2, 3))
         conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id IN (%s, %s)", (v2, v3))
+        with pytest.raises(RegistryError, match=r"^ranker add: 'version:x' names no model version: write version:N, "
+                                                 r"N a version of `pgsynapse model list`$"):  # was "ranker new: ..."
+            check_teacher(conn, "version:x")
         r1 = REGISTRY.add_model(conn, "teacher", teacher_path(v2), "version")["id"]
         with pytest.raises(RegistryError, match=f"model version {v2} rescores the candidates as ranker {r1} "
                                                 f"\\(candidate\\): retire that ranker first \\(pgsynapse ranker retire {r1}\\)"):
