@@ -110,6 +110,9 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     if t is None or t["status"] not in ("active", "candidate"):
         raise RegistryError("no active model version" if teacher is None else
                             f"model version {teacher} is {t['status'] if t else 'unknown'}: a teacher must serve")
+    if t["status"] == "candidate" and t["backfilled_at"] is None:
+        raise RegistryError(f"model version {t['id']} is still backfilling: a teacher needs a vector for every chunk; "
+                            "distil it once `pgsynapse model list` says done")
     active = conn.execute(q("active_version")).fetchone()
     base = str(Path(student).expanduser().resolve()) if student else str(
         source_model_path(active, settings.model_path, settings.data_dir))
