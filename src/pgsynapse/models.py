@@ -390,13 +390,34 @@ def probe_model(path: str | Path, *, threads: int = 0) -> Embedder:
     path = Path(path).expanduser().resolve()
     runtime = runtime_of(path) if path.is_dir() else "torch"
     path = resolve_model_path(str(path), None, runtime)
+    _refuse_a_classifier(path)
     embedder = load_embedder(ModelSpec(version_id=0, name=path.name, path=path, runtime=runtime, dim=PROBE_DIM),
                              threads=threads)
-    out = embedder.encode(["How do I create an index on a table?"])
+    try:
+        out = embedder.encode(["How do I create an index on a table?"])
+    except Exception as exc:  # noqa: BLE001 - whatever a model that takes no text raises (an image encoder)
+        text = " ".join(str(exc).split())[:300]
+        raise ModelError(f"model {path} cannot encode text: {type(exc).__name__}: {text}: is it a sentence-embedding "
+                         "model? (an image model is added with `pgsynapse image-model add`)") from None
     if out.shape != (1, embedder.spec.dim) or not np.isfinite(out).all() or abs(float(np.linalg.norm(out)) - 1) > 1e-3:
         raise ModelError(f"model {path} does not give one finite unit vector per text (shape {out.shape}): "
                          "is it a sentence-embedding model?")
     return embedder
+
+
+def _refuse_a_classifier(path: Path) -> None:
+    """A transformers sequence classifier with no sentence-transformers modules is a cross-encoder: it scores a
+    (question, passage) pair and gives no vector of a text (sentence-transformers would mean-pool its encoder)."""
+    if (path / "modules.json").exists():
+        return
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # the loader says what is wrong with it
+    for arch in architectures:
+        if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
+            raise ModelError(f"model {path} is a cross-encoder ({arch}), not a sentence-embedding model: add it as a "
+                             "ranker (`pgsynapse ranker add PATH`)")
 
 
 def load_embedder(spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> Embedder:

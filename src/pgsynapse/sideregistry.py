@@ -79,6 +79,11 @@ class SideRegistry:
         """Every model, in id order."""
         return self._fetch(conn, "models")
 
+    def model_at_path(self, conn: psycopg.Connection, path: str) -> dict[str, Any] | None:
+        """The model (not retired) registered with ``path`` (``id``, ``status``), if any."""
+        rows = self._fetch(conn, "model_at_path", {"path": path})
+        return rows[0] if rows else None
+
     def active_model(self, conn: psycopg.Connection) -> dict[str, Any] | None:
         """The active model's row, or None."""
         rows = self._fetch(conn, "active_model")

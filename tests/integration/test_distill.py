@@ -15,8 +15,10 @@ import torch
 from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import DistillSpec, distill
+from pgsynapse.learning.registry import add_model
 from pgsynapse.learning.distill_train import build_student, kept_layers, main, pca_projection, procrustes
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -116,6 +118,29 @@ def test_a_saved_student_can_be_exported_to_onnx(student_base, tmp_path):
     export_fp32(tmp_path / "student", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx").exists()
     assert SentenceTransformer(str(tmp_path / "student"), device="cpu")[1].pooling_mode == "mean"
+
+
+def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, student_base, tmp_path):
+    # before: the training process started and failed, and its traceback's last lines were the message
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        with pytest.raises(ModelError, match=r"--student /no/such/model does not exist: give a sentence-transformers "
+                                             "model directory"):
+            distill(conn, settings, db_url, student="/no/such/model")
+        with pytest.raises(ModelError, match=r"--student .*empty is not a sentence-transformers model directory "
+                                             r"\(no config.json\)"):
+            distill(conn, settings, db_url, student=str(empty))
+        with pytest.raises(ModelError, match=r"--student-layers 9: the student .*tiny-4l has 4 transformer layers: "
+                                             "keep 1 to 4"):
+            distill(conn, settings, db_url, student=str(student_base), layers=9)
+        # a candidate still backfilling has vectors for some chunks only: the student would learn part of the corpus
+        v = add_model(conn, student_base, serving_runtime="torch")["id"]
+        with pytest.raises(RegistryError, match=f"model version {v} is still backfilling: a teacher needs a vector "
+                                                "for every chunk; distil it once `pgsynapse model list` says done"):
+            distill(conn, settings, db_url, teacher=v, student=str(student_base), layers=2)
+    assert not (tmp_path / "models").exists()  # no training process was started
 
 
 async def test_distill_registers_a_smaller_student_and_not_one_the_gate_refuses(db_url, models, student_base,

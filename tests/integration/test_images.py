@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import struct
 import zipfile
 import zlib
@@ -142,11 +143,17 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
         # a real decompression bomb: 60 KB that would inflate to 60 million pixels
         "png_bomb": (png_claiming(10_000, 6_000, zlib.compress(b"\0" * 6_006_000 * 10, 9)), "refused before decoding"),
         "too_many_bytes": (b"\x89PNG" + b"\0" * 300_000, "over max_image_bytes=250,000"),
+        "nul_bytes": (b"\0" * 16, "16 bytes starting 00 00 00 00 00 00 00 00"),  # was called "text"
+        "text": (b"just some words", "allowed format (PNG, JPEG, WEBP, GIF, BMP): text"),
     }
     rows = [{"data": good, "caption": "good 1"}]
     rows += [{"data": data, "caption": name} for name, (data, _) in bad.items()]
     rows += [{"path": str(outside), "caption": "outside_roots"}, {"path": str(allowed / "fine.png"), "caption": "path_ok"},
              {"path": str(allowed / "missing.png"), "caption": "missing_file"}, {"data": good[::-1] + good, "caption": "garbage"},
+             # the worker reads files, never URLs; relative to what? ('' was the worker's own directory); and a
+             # file outside the roots is refused whether it exists or not (the error told which files existed)
+             {"path": "https://example.com/figure.png", "caption": "url"}, {"path": "fine.png", "caption": "relative"},
+             {"path": "", "caption": "empty_path"}, {"path": str(tmp_path / "nowhere.png"), "caption": "nowhere"},
              {"data": png_bytes(coloured_image("red", seed=3), fmt="WEBP"), "caption": "webp"}]
     with _sync(db_url) as conn:
         registry.add(conn, tiny_clip_path)
@@ -164,6 +171,12 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
         assert got[name]["error"].startswith("InputError: ") and got[name]["attempts"] == 1, got[name]  # never retried
     assert "outside image_roots" in got["outside_roots"]["error"]
     assert "cannot read image file" in got["missing_file"]["error"]
+    assert got["missing_file"]["error"].endswith("missing.png': no such file"), got["missing_file"]
+    assert ("image path 'https://example.com/figure.png' is a URL: the worker reads no URL, only files under "
+            "image_roots; store the bytes in images.data") in got["url"]["error"], got["url"]
+    assert "image path 'fine.png' is relative: give an absolute path under image_roots" in got["relative"]["error"]
+    assert got["empty_path"]["error"] == "InputError: empty image path: give an absolute path under image_roots"
+    assert got["nowhere"]["error"].endswith("nowhere.png' is outside image_roots (" + str(allowed) + ")")
     assert got["garbage"]["status"] == "failed"
     # the healthy neighbours of the same statement and batch were embedded
     for name in ("good 1", "path_ok", "webp"):
@@ -172,8 +185,8 @@ async def test_bad_images_fail_alone_with_clear_errors(db_url, models, tiny_clip
 
     # the cause fixed (a root added), retry-failed puts the failed rows back and only that one now succeeds
     with _sync(db_url) as conn:
-        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 10}
-        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 10
+        assert retry_failed(conn, "embed_image").requeued == {"embed_image": 16}
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.images WHERE status = 'pending'").fetchone()["n"] == 16
     async with running_worker(settings.model_copy(update={"image_roots": (allowed, tmp_path)}), models):
         conn = await aconn(db_url)
         await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
@@ -204,7 +217,7 @@ async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_ur
     assert first != second and jobs["n"] == 2  # the caption edit queued nothing
 
 
-def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
+def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
         with capture_logs() as logs:
@@ -212,7 +225,12 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path):
         # the check before registering loads a model with no id yet: it said "model=0 dim=0"
         [probe] = [e for e in logs if e["event"] == "image_model_loaded"]
         assert probe["unregistered"] is True and "model" not in probe and "dim" not in probe, probe
-        second = registry.add(conn, tiny_clip_path, name="clip-2")
+        # the same model twice: every image would be embedded twice for the same vectors
+        with pytest.raises(PgsynapseError, match=r"is already image model 1 \(active\): retire it first to add it"):
+            registry.add(conn, str(tiny_clip_path) + "/")
+        another = tmp_path / "clip-2"
+        shutil.copytree(tiny_clip_path, another)
+        second = registry.add(conn, another, name="clip-2")
         assert (first["status"], second["status"], second["queued"]) == ("active", "candidate", 0)  # already queued
         with pytest.raises(PgsynapseError, match="has vectors for 0 of 1 images"):
             registry.promote(conn, second["id"])

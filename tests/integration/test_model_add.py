@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+import shutil
 from pathlib import Path
 
 import psycopg
@@ -14,13 +15,14 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
-from pgsynapse.learning.cli import render_versions, run_learning_command
+from pgsynapse.learning.cli import backfill_worker_note, render_versions, run_learning_command, run_model_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
+from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
-from tests.embed_models import tiny_embedding_model
+from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
 
 pytestmark = pytest.mark.anyio
 
@@ -182,12 +184,20 @@ def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
     assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
 
 
-def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
+def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, tiny_vit_path):
     with _sync(db_url) as conn:
         with pytest.raises(ModelError, match="does not exist"):
             add_model(conn, tmp_path / "nowhere")
         with pytest.raises(ModelError, match="no config.json"):
             add_model(conn, tmp_path)
+        # a cross-encoder was registered as an embedding model (its encoder's mean-pooled states), an image
+        # encoder stopped the command with a traceback
+        with pytest.raises(ModelError, match=r"tiny-ce is a cross-encoder \(BertForSequenceClassification\), not a "
+                                             "sentence-embedding model: add it as a ranker"):
+            add_model(conn, tiny_cross_encoder(tmp_path / "tiny-ce"))
+        with pytest.raises(ModelError, match=r"cannot encode text: ValueError: Modality 'text' is not supported.*: "
+                                             "is it a sentence-embedding model"):
+            add_model(conn, tiny_vit_path)
         with pytest.raises(RegistryError, match="between 0 and 100"):
             add_model(conn, tiny48, traffic=120)
         v = add_model(conn, tiny48, serving_runtime="torch")["id"]
@@ -198,6 +208,41 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48):
         retire(conn, v)
         assert add_model(conn, tiny48, serving_runtime="torch")["id"] == v + 1  # retired: it may come back
 
+
+
+async def test_follow_says_when_no_running_worker_would_backfill(db_url, models, tiny48, capsys):
+    # `model add --follow` waited for ever, silently with --no-progress, when no worker ran to backfill
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id = %s", (v,))
+        args = argparse.Namespace(command="model", model_command="add", path=str(tiny48), name=None, traffic=0.0,
+                                  follow=True, no_progress=True)
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0  # backfilled: no wait, no note
+        assert "no running worker" not in capsys.readouterr().err
+        note = backfill_worker_note(conn)
+        assert note is not None and "no running worker takes backfill jobs: it starts once `pgsynapse run` does" in note
+        async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+            assert "no running worker takes backfill jobs" in backfill_worker_note(conn)  # it runs other kinds
+        async with running_worker(fast_settings(db_url, kinds=("embed", "backfill")), models):
+            assert backfill_worker_note(conn) is None
+
+
+def test_the_same_model_is_refused_once_its_version_serves_on_another_runtime(db_url, tmp_path, tiny48):
+    """Adding a version's model again registered a duplicate (and a second backfill) once the version had left its
+    path: exported to the serving runtime (what every added torch model is), or the packaged default model that the
+    first version serves with no path of its own."""
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48)["id"]
+        onnx = tmp_path / "tiny-48-onnx"
+        shutil.copytree(tiny48, onnx)  # where an export would have put it: the version serves from there now
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime = 'onnx-int8', artifact_path = %s, runtime_pending"
+                     " = false, metrics = metrics || jsonb_build_object('previous_artifact_path', artifact_path)"
+                     " WHERE id = %s", (str(onnx), v))
+        with pytest.raises(RegistryError, match=f"is already model version {v} \\(candidate\\)"):
+            add_model(conn, tiny48)
+        with pytest.raises(RegistryError, match="is already model version 1 \\(active\\)"):
+            add_model(conn, default_model_path())
+        assert conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"] == 2
 
 
 def test_an_exported_onnx_directory_is_added_on_its_own_runtime(db_url, default_runtime):

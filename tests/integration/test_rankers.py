@@ -15,11 +15,12 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
+from transformers import BertForSequenceClassification
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
-from pgsynapse.learning.registry import add_model
+from pgsynapse.learning.registry import add_model, reject, retire
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import train_ranker
@@ -165,6 +166,42 @@ def test_ranker_add_refuses_what_it_could_not_load_and_stores_an_absolute_path(d
         assert [(r["name"], r["path"]) for r in REGISTRY.list_models(conn)] == [("weights-only", str(weights_only))]
 
 
+def test_ranker_add_refuses_a_model_that_is_not_a_one_logit_cross_encoder(db_url, ranker_dir, tmp_path):
+    """What `ranker add --runtime torch` would otherwise register and serve: an embedding model (transformers gives
+    it a random classification head, which orders the candidates at random, silently), a config of no model, a
+    classifier of two labels, or the same ranker a second time."""
+    settings = fast_settings(db_url)
+
+    def add(path: Path | str) -> int:
+        return run_ranker_command(argparse.Namespace(ranker_command="add", path=str(path), name=None,
+                                                     runtime="torch", activate=False), settings)
+
+    embedder = tiny_embedding_model(tmp_path / "embedder", 32)
+    with pytest.raises(ModelError, match=r"has no trained classification head .*classifier.*: is it a cross-encoder"):
+        add(embedder)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text('{"x": 1}')
+    with pytest.raises(ModelError, match=r"ranker: cannot load .*junk as a cross-encoder \(torch\): .*model_type"):
+        add(junk)
+    two = tmp_path / "two-labels"
+    shutil.copytree(ranker_dir, two, ignore=shutil.ignore_patterns("*.onnx"))
+    BertForSequenceClassification.from_pretrained(str(two), num_labels=2, ignore_mismatched_sizes=True
+                                                  ).save_pretrained(str(two))
+    with pytest.raises(ModelError, match="gives 2 scores per pair: a ranker gives one"):
+        add(two)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.list_models(conn) == []
+    assert add(ranker_dir) == 0
+    with pytest.raises(RegistryError, match=r"is already ranker 1 \(candidate\): retire it first to add it again"):
+        add(str(ranker_dir) + "/")
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert [r["id"] for r in REGISTRY.list_models(conn)] == [1]
+        REGISTRY.add_model(conn, "junk", str(junk), "torch")  # registered behind the command's back
+    with pytest.raises(ModelError, match="ranker 2: cannot load"):
+        Ranker({"id": 2, "name": "junk", "path": str(junk), "runtime": "torch"})
+
+
 async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_dir, tmp_path, capsys):
     await _embedded(db_url, models)
     conn = await aconn(db_url)
@@ -256,6 +293,45 @@ def test_ab_report_compares_the_rankers_helpful_rates(db_url, ranker_dir):
     assert c["ranker"] == r1["id"] and c["against"] is None and c["significant"] and c["better"]
     text = render_ab(report)
     assert "rankers (the vector order" in text and f"ranker {r1['id']} vs active vector order" in text
+
+
+def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ranker_dir, tmp_path):
+    """Retiring the version a `version:N` ranker rescores with dropped the vectors under it, and such a ranker could
+    then be promoted: `pgsynapse search` failed on every call ("model version 2 is retired: it cannot rescore")."""
+    settings = fast_settings(db_url)
+
+    def ranker(action: str, model: int, percent: float | None = None) -> int:
+        return run_ranker_command(argparse.Namespace(ranker_command=action, model=model, percent=percent), settings)
+
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        v2, v3 = (add_model(conn, tiny_embedding_model(tmp_path / f"m{i}", 32, seed=i), serving_runtime="torch")["id"]
+                  for i in (2, 3))
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id IN (%s, %s)", (v2, v3))
+        with pytest.raises(RegistryError, match=r"^ranker add: 'version:x' names no model version: write version:N, "
+                                                 r"N a version of `pgsynapse model list`$"):  # was "ranker new: ..."
+            check_teacher(conn, "version:x")
+        r1 = REGISTRY.add_model(conn, "teacher", teacher_path(v2), "version")["id"]
+        with pytest.raises(RegistryError, match=f"model version {v2} rescores the candidates as ranker {r1} "
+                                                f"\\(candidate\\): retire that ranker first \\(pgsynapse ranker retire {r1}\\)"):
+            retire(conn, v2)
+        REGISTRY.retire(conn, r1)
+        retire(conn, v2)  # its ranker retired first: nothing rescores with it any more
+        r2 = REGISTRY.add_model(conn, "teacher-3", teacher_path(v3), "version")["id"]
+        reject(conn, v3, reason="its A/B test")  # the worker's automatic rollback: its vectors stay until retired
+        with pytest.raises(RegistryError, match=f"model version {v3} is rejected: it cannot rescore"):
+            ranker("promote", r2)
+        with pytest.raises(RegistryError, match=f"model version {v3} is rejected: it cannot rescore"):
+            ranker("traffic", r2, 10)
+        assert REGISTRY.get_model(conn, r2)["status"] == "candidate"
+        # one replaced by a promotion is retired, so its version may go; a rollback to it is refused then
+        v4 = add_model(conn, tiny_embedding_model(tmp_path / "m4", 32, seed=4), serving_runtime="torch")["id"]
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id = %s", (v4,))
+        r3 = REGISTRY.add_model(conn, "teacher-4", teacher_path(v4), "version", status="active")["id"]
+        REGISTRY.add_model(conn, "cross-encoder", str(ranker_dir), "onnx-int8", status="active")
+        assert REGISTRY.get_model(conn, r3)["status"] == "retired"
+        retire(conn, v4)
+        with pytest.raises(RegistryError, match=f"model version {v4} is retired: it cannot rescore"):
+            ranker("rollback", None)
 
 
 async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_path):

@@ -5,6 +5,7 @@ role do their whole job with exactly their grants (a missing GRANT shows up here
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import anyio
@@ -317,11 +318,11 @@ def test_migrate_without_the_extension_says_who_must_create_it(pg_url, new_db):
 
 
 async def test_image_roles_an_app_writes_images_a_worker_embeds_them_an_admin_manages_models(
-        db_url, login_role, models, tiny_clip_path):
+        db_url, login_role, models, tiny_clip_path, tmp_path):
     admin_url, app_url, worker_url = (login_role(r, db_url) for r in ("pgsynapse_admin", "pgsynapse_app", "pgsynapse_worker"))
     with psycopg.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
         first = image_registry.add(admin, tiny_clip_path)
-        second = image_registry.add(admin, tiny_clip_path, name="second")
+        second = image_registry.add(admin, shutil.copytree(tiny_clip_path, tmp_path / "second"), name="second")
     app = await aconn(app_url)
     await app.execute("LISTEN pgsynapse_jobs")
     ids = [(await (await app.execute(

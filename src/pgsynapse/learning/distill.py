@@ -8,6 +8,7 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.config import Settings
-from pgsynapse.errors import RegistryError
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.registry import add_model
@@ -71,6 +72,32 @@ def judge(metrics: dict[str, Any], settings: Settings, *, force: bool = False) -
     return {**decision, "forced": force and not decision["passed"]}
 
 
+def check_student(path: str, layers: int, *, given: str | None = None) -> None:
+    """Raise :class:`ModelError` saying what is wrong when the trainer could not build a student of ``layers``
+    layers from the model at ``path`` (``given``: as the user wrote it with ``--student``), before it starts."""
+    what = f"--student {given}" if given else f"the active version's model {path}"
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{what} does not exist: give a sentence-transformers model directory")
+    modules = p / "modules.json"
+    transformer = p  # where the transformer's config.json is: the first module's folder ("" or "0_Transformer")
+    if modules.is_file():
+        try:
+            first = json.loads(modules.read_text())[0]
+            transformer = p / first.get("path", "")
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{what}: its modules.json is not sentence-transformers' list of modules") from None
+    config = transformer / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{what} is not a sentence-transformers model directory (no config.json)")
+    try:
+        n = json.loads(config.read_text()).get("num_hidden_layers")
+    except (ValueError, AttributeError):
+        raise ModelError(f"{what}: {config} is not a JSON object") from None
+    if isinstance(n, int) and not 1 <= layers <= n:
+        raise ModelError(f"--student-layers {layers}: the student {path} has {n} transformer layers: keep 1 to {n}")
+
+
 def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: int | None = None,
             student: str | None = None, layers: int = 3, name: str | None = None, epochs: int = 3,
             traffic: float = 0.0, force: bool = False, projection: str = "pca") -> Distilled:
@@ -83,8 +110,13 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     if t is None or t["status"] not in ("active", "candidate"):
         raise RegistryError("no active model version" if teacher is None else
                             f"model version {teacher} is {t['status'] if t else 'unknown'}: a teacher must serve")
+    if t["status"] == "candidate" and t["backfilled_at"] is None:
+        raise RegistryError(f"model version {t['id']} is still backfilling: a teacher needs a vector for every chunk; "
+                            "distil it once `pgsynapse model list` says done")
     active = conn.execute(q("active_version")).fetchone()
-    base = student or str(source_model_path(active, settings.model_path, settings.data_dir))
+    base = str(Path(student).expanduser().resolve()) if student else str(
+        source_model_path(active, settings.model_path, settings.data_dir))
+    check_student(base, layers, given=student)
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = DistillSpec(url=url, teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,

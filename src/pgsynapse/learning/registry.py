@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import RegistryError
 from pgsynapse.logs import get_logger
-from pgsynapse.models import probe_model
+from pgsynapse.models import default_model_path, probe_model
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
@@ -114,6 +114,10 @@ def retire(conn: psycopg.Connection, version: int) -> int:
             raise RegistryError(f"model version {version} is active: promote another version first")
         if v["status"] == "retired":
             return 0
+        for r in conn.execute(q("version_rankers", "learning.sql")):
+            if _teacher_of(r["path"]) == version:  # its vectors would go from under the ranker
+                raise RegistryError(f"model version {version} rescores the candidates as ranker {r['id']} "
+                                    f"({r['status']}): retire that ranker first (pgsynapse ranker retire {r['id']})")
         # counted first: the UPDATE's trigger drops the version's partition (migration 0019), vectors and index
         deleted = conn.execute(q("count_version_embeddings", "learning.sql"), {"version": version}).fetchone()["n"]
         conn.execute(q("retire", "learning.sql"), {"version": version})
@@ -123,21 +127,34 @@ def retire(conn: psycopg.Connection, version: int) -> int:
     return deleted
 
 
-def version_at(conn: psycopg.Connection, path: str | Path) -> dict[str, Any] | None:
+def _teacher_of(path: str) -> int | None:
+    """N of a ranker's path ``version:N`` (ranking/rescore.py), None when it names none."""
+    try:
+        return int(path.partition(":")[2])
+    except ValueError:
+        return None
+
+
+def version_at(conn: psycopg.Connection, path: str | Path, *, configured: str | None = None) -> dict[str, Any] | None:
     """The version (not retired) registered with the model at ``path`` (``id``, ``status``), if any: the path as
-    :func:`~pgsynapse.models.probe_model` registers it, user and symlinks resolved."""
+    :func:`~pgsynapse.models.probe_model` registers it, user and symlinks resolved; the version it was added as even
+    once exported elsewhere, and a version serving the default model (``configured``, the ``model_path`` setting,
+    else the packaged one) when ``path`` is that model."""
+    path = Path(path).expanduser().resolve()
+    default = (Path(configured).expanduser() if configured else default_model_path()).resolve()
     return conn.execute(q("version_by_path", "learning.sql"),
-                        {"path": str(Path(path).expanduser().resolve())}).fetchone()
+                        {"path": str(path), "default": path == default}).fetchone()
 
 
 def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, traffic: float = 0.0,
               serving_runtime: str = "onnx-int8", chunk_tokens: int = 256, threads: int = 0,
-              metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+              metrics: dict[str, Any] | None = None, configured: str | None = None) -> dict[str, Any]:
     """Register the local model at ``path`` (sentence-transformers, or an exported ONNX directory) as a candidate
     version of whatever dimension it has, and queue its backfill: every chunk gets its vector, a throttled batch
     at a time, while new documents are embedded for it as for every serving version. It serves no search until the
     backfill is done, then gets ``traffic`` percent of sessions (0: until ``pgsynapse traffic``). A torch model
-    waits for its export to ``serving_runtime`` before it gets traffic, as a retrained one does.
+    waits for its export to ``serving_runtime`` before it gets traffic, as a retrained one does. The model of a
+    version already registered is refused (``configured``: the ``model_path`` setting, the default model's).
 
     Returns the new row with ``warnings``: what the caller should tell the user."""
     if not 0 <= traffic <= 100:
@@ -151,7 +168,7 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
                         "version: docs/architecture.md)")
     with conn.transaction():
         conn.execute(q("lock_model_versions", "learning.sql"))
-        same = version_at(conn, spec.path)
+        same = version_at(conn, spec.path, configured=configured)
         if same is not None:
             raise RegistryError(f"{spec.path} is already model version {same['id']} ({same['status']}): retire it "
                                 "first to add it again")

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
+from pgsynapse.errors import RegistryError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
-from pgsynapse.ranking.scorer import check_ranker_dir
+from pgsynapse.ranking.scorer import probe_ranker
 
 
 def _line(r: dict) -> str:
@@ -47,12 +48,32 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
             path = args.path
             if runtime == "version":
                 check_teacher(conn, args.path)
-            else:  # a directory: made absolute (the worker does not run where this shell does), checked first
+            else:  # a directory: made absolute (the worker does not run where this shell does), loaded first
                 path = str(Path(args.path).expanduser().resolve())
-                check_ranker_dir(Path(path), runtime)
+                probe_ranker(Path(path), runtime)
+            same = REGISTRY.model_at_path(conn, path)
+            if same is not None:
+                raise RegistryError(f"{path} is already ranker {same['id']} ({same['status']}): retire it first to "
+                                    "add it again")
             r = REGISTRY.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"ranker {r['id']} ({r['runtime']}): {r['status']}")
         else:
+            _check_teacher_serves(conn, action, getattr(args, "model", None), getattr(args, "percent", None))
             print(REGISTRY.command(conn, action, getattr(args, "model", None), getattr(args, "percent", None)))
     return 0
+
+
+def _check_teacher_serves(conn, action: str, model: int | None, percent: float | None) -> None:
+    """Before a ``version:N`` ranker gets sessions (promote, traffic, or a rollback back to it): its version must
+    still have its vectors (not retired, rejected or backfilling), or every search and answer of it fails."""
+    if action == "rollback":
+        active = REGISTRY.active_model(conn)
+        model = active["replaced_id"] if active else None
+    elif action not in ("promote", "traffic") or (action == "traffic" and not percent):
+        return
+    if model is None:
+        return
+    row = REGISTRY.get_model(conn, model)
+    if row["runtime"] == "version":
+        check_teacher(conn, row["path"])

@@ -38,6 +38,9 @@ def teacher_id(row: dict[str, Any]) -> int:
 def check_teacher(conn: psycopg.Connection, path: str) -> None:
     """Refuse a ``version:N`` ranker whose version does not exist, is retired or rejected, or is still
     backfilling (registered before its vectors are complete, it would rescore some candidates only)."""
+    if not path.startswith(PREFIX) or not path[len(PREFIX):].isdigit():
+        raise RegistryError(f"ranker add: {path!r} names no model version: write {PREFIX}N, N a version of "
+                            "`pgsynapse model list`")
     version = teacher_id({"id": "new", "path": path})
     row = conn.execute(q("version_by_id", "learning.sql"), {"version": version}).fetchone()
     _usable(row, version)

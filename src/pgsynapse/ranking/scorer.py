@@ -65,18 +65,26 @@ class Ranker:
         self.row = row
         self.path = local_artifact(row["path"], data_dir)
         self.runtime = row["runtime"]
-        check_ranker_dir(self.path, self.runtime, f"ranker {row['id']}")
+        what = f"ranker {row['id']}" if row["id"] else "ranker"  # id 0: one being added (probe_ranker)
+        if self.runtime not in ("onnx-int8", "torch"):
+            raise ModelError(f"unknown ranker runtime {self.runtime!r} of {what}")
+        check_ranker_dir(self.path, self.runtime, what)
         meta = ranker_meta(self.path)
         self.max_length = int(meta.get("max_length") or DEFAULT_MAX_LENGTH)
         self.cosine_scale = float(meta.get("cosine_scale") or 0.0)
         self._lock = threading.Lock()
         started = time.perf_counter()
-        if self.runtime == "onnx-int8":
-            self._load_onnx(threads)
-        elif self.runtime == "torch":
-            self._load_torch(threads)
-        else:
-            raise ModelError(f"unknown ranker runtime {self.runtime!r} of ranker {row['id']}")
+        try:
+            if self.runtime == "onnx-int8":
+                self._load_onnx(threads)
+            elif self.runtime == "torch":
+                self._load_torch(threads, what)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the libraries raise on files that are not a ranker's
+            text = " ".join(str(exc).split())[:300]
+            raise ModelError(f"{what}: cannot load {self.path} as a cross-encoder ({self.runtime}): "
+                             f"{type(exc).__name__}: {text}") from None
         log.info("ranker_loaded", ranker=row["id"], name=row.get("name"), runtime=self.runtime,
                  max_length=self.max_length, seconds=round(time.perf_counter() - started, 2))
 
@@ -100,20 +108,31 @@ class Ranker:
         tok.enable_padding(pad_id=pad if pad is not None else 0)
         self._tok = tok
 
-    def _load_torch(self, threads: int) -> None:
+    def _load_torch(self, threads: int, what: str) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
-        self._model = AutoModelForSequenceClassification.from_pretrained(str(self.path), local_files_only=True).eval()
+        model, info = AutoModelForSequenceClassification.from_pretrained(str(self.path), local_files_only=True,
+                                                                          output_loading_info=True)
+        if info["missing_keys"]:  # transformers made them up at random: its scores would be noise
+            missing = ", ".join(sorted(info["missing_keys"]))
+            raise ModelError(f"{what}: {self.path} has no trained classification head ({missing} missing): is it a "
+                             "cross-encoder (a sequence classifier of one label)? An embedding model is added with "
+                             "`pgsynapse model add`, then as a ranker with `ranker add version:N`")
+        self._model = model.eval()
         self._hf_tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
 
     def score(self, question: str, passages: list[str]) -> np.ndarray:
         """One relevance score per passage (a logit: higher first)."""
         if not passages:
             return np.zeros(0, dtype=np.float32)
+        return self.logits(question, passages)[:, 0]
+
+    def logits(self, question: str, passages: list[str]) -> np.ndarray:
+        """The model's outputs per passage, (len(passages), labels): one label for a ranker."""
         with self._lock:
             if self.runtime == "onnx-int8":
                 encs = self._tok.encode_batch([(question, p) for p in passages])
@@ -126,7 +145,20 @@ class Ranker:
                                      max_length=self.max_length, padding=True, return_tensors="pt")
                 with self._torch.no_grad():
                     logits = self._model(**feats).logits.numpy()
-        return np.asarray(logits, dtype=np.float32).reshape(len(passages), -1)[:, 0]
+        return np.asarray(logits, dtype=np.float32).reshape(len(passages), -1)
+
+
+def probe_ranker(path: Path, runtime: str) -> None:
+    """Load the ranker at ``path`` on ``runtime`` as the worker would and score one pair: raises
+    :class:`ModelError` unless it is a cross-encoder giving one finite score per pair (`ranker add`)."""
+    check_ranker_dir(path, runtime)
+    ranker = Ranker({"id": 0, "name": path.name, "path": str(path), "runtime": runtime})
+    out = ranker.logits("How do I create an index?", ["CREATE INDEX builds an index on a column."])
+    if out.shape[1] != 1:
+        raise ModelError(f"ranker: {path} gives {out.shape[1]} scores per pair: a ranker gives one (a sequence "
+                         "classifier with num_labels = 1, as `pgsynapse ranker train` writes)")
+    if not np.isfinite(out).all():
+        raise ModelError(f"ranker: {path} gives a non-finite score")
 
 
 class RankerCache:

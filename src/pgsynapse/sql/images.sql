@@ -69,6 +69,12 @@ LIMIT 1;
 -- name: image_model_by_id
 SELECT id, name, kind, artifact_path, runtime, dim, status FROM pgsynapse.image_models WHERE id = %(id)s;
 
+-- name: image_model_by_path
+-- a model (not retired) registered with this path: the same model added twice
+SELECT id, status FROM pgsynapse.image_models
+WHERE artifact_path = %(path)s AND status <> 'retired'
+ORDER BY id LIMIT 1;
+
 -- name: insert_image_model
 -- The first model of its kind is active at once (there is nothing to switch from); later ones are candidates
 -- until `image-model promote`, which waits for their vectors to be complete.
@@ -158,7 +164,7 @@ FROM pgsynapse.images WHERE id = ANY(%(ids)s);
 SELECT pgsynapse.ensure_image_index(%(model)s);
 
 -- name: lock_image_models
--- promote: one change of the image models' statuses at a time
+-- add and promote: one change of the image models at a time
 LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE;
 
 -- name: demote_active_image_model

@@ -45,8 +45,14 @@ VALUES (%(name)s, 'embedding', %(path)s, %(runtime)s, %(dim)s, %(metrics)s, 'can
 RETURNING id, name, artifact_path, runtime, dim, status, runtime_pending;
 
 -- name: version_by_path
+-- a version (not retired) of the model at %(path)s: served from it, added from it (`model add`, then exported to
+-- the serving runtime), or serving the default model (%(default)s: the path is the configured or packaged one),
+-- with no path of its own or none before its export
 SELECT id, status FROM pgsynapse.model_versions
-WHERE artifact_path = %(path)s AND status <> 'retired'
+WHERE status <> 'retired'
+  AND (artifact_path = %(path)s OR metrics->>'added_from' = %(path)s
+       OR metrics->>'previous_artifact_path' = %(path)s
+       OR (%(default)s AND (artifact_path IS NULL OR metrics->'previous_artifact_path' = 'null'::jsonb)))
 ORDER BY id LIMIT 1;
 
 -- name: list_versions
@@ -158,6 +164,12 @@ ORDER BY deactivated_at DESC LIMIT 1;
 UPDATE pgsynapse.model_versions SET status = 'rejected', traffic_percent = 0, deactivated_at = now()
 WHERE id = %(version)s AND status = 'candidate'
 RETURNING id;
+
+-- name: version_rankers
+-- the rankers (not retired) that rescore with a model version's stored vectors: path version:N (ranking/rescore.py)
+SELECT id, status, path FROM pgsynapse.ranker_models
+WHERE runtime = 'version' AND status <> 'retired'
+ORDER BY id;
 
 -- name: retire
 UPDATE pgsynapse.model_versions SET status = 'retired', traffic_percent = 0, retired_at = now()

@@ -23,6 +23,14 @@ SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent, creat
 FROM pgsynapse.{table}
 WHERE id = %(id)s;
 
+-- name: model_at_path
+-- a model registered (and not retired) with this path: the same model added twice
+SELECT id, status
+FROM pgsynapse.{table}
+WHERE path = %(path)s AND status <> 'retired'
+ORDER BY id
+LIMIT 1;
+
 -- name: active_model
 SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent, created_at, activated_at, replaced_id
 FROM pgsynapse.{table}
