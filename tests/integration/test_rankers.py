@@ -312,7 +312,8 @@ def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ran
             check_teacher(conn, "version:x")
         r1 = REGISTRY.add_model(conn, "teacher", teacher_path(v2), "version")["id"]
         with pytest.raises(RegistryError, match=f"model version {v2} rescores the candidates as ranker {r1} "
-                                                f"\\(candidate\\): retire that ranker first \\(pgsynapse ranker retire {r1}\\)"):
+                                                f"\\(candidate\\): retire that ranker first "
+                                                f"\\(pgsynapse ranker retire {r1}\\)"):
             retire(conn, v2)
         REGISTRY.retire(conn, r1)
         retire(conn, v2)  # its ranker retired first: nothing rescores with it any more
