@@ -365,7 +365,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is None and name == "database_url":
+        if not raw and name == "database_url":  # an empty PGSYNAPSE_DATABASE_URL is unset: DATABASE_URL still counts
             raw = environ.get("DATABASE_URL")
         if raw is None or raw == "":
             continue

@@ -31,6 +31,13 @@ def test_prefixed_url_wins_over_database_url():
     assert s.database_url == "postgresql://b/b"
 
 
+def test_an_empty_prefixed_url_leaves_database_url_in_charge():
+    # `PGSYNAPSE_DATABASE_URL=` (an env file's blank line, compose's `${X:-}`) is unset: DATABASE_URL must still win
+    # over the embedded server, not be dropped for it without a word
+    s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": ""})
+    assert s.database_url == "postgresql://a/a" and not s.embedded
+
+
 def test_listen_url_is_optional_secret_and_needs_a_database_url():
     assert load_settings(environ={"DATABASE_URL": "postgresql://pooler/app"}).listen_url is None
     s = load_settings(environ={"DATABASE_URL": "postgresql://pooler/app",
