@@ -38,7 +38,9 @@ def default_data_dir() -> Path:
 class Settings(BaseModel):
     """Every knob of pgsynapse. Environment: ``PGSYNAPSE_<NAME>`` (``DATABASE_URL`` for the server)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf passes every lower bound and breaks the worker later (an infinite lease: an OverflowError at its first
+    # maintenance step): a setting is a finite number or refused at start
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
     listen_url: str | None = Field(

@@ -38,6 +38,15 @@ def test_an_empty_prefixed_url_leaves_database_url_in_charge():
     assert s.database_url == "postgresql://a/a" and not s.embedded
 
 
+@pytest.mark.parametrize("variable, value", [("PGSYNAPSE_LEASE_SECONDS", "inf"), ("PGSYNAPSE_POLL_INTERVAL", "inf"),
+                                             ("PGSYNAPSE_STALL_SECONDS", "1e400")])
+def test_a_value_that_is_not_a_finite_number_is_refused_at_start(variable, value):
+    # an infinite lease was accepted, and the worker died at its first maintenance step with an OverflowError
+    name = variable.removeprefix("PGSYNAPSE_").lower()
+    with pytest.raises(ConfigError, match=rf"^invalid setting {name} \[{variable}\]: .*finite"):
+        load_settings(environ={variable: value})
+
+
 def test_listen_url_is_optional_secret_and_needs_a_database_url():
     assert load_settings(environ={"DATABASE_URL": "postgresql://pooler/app"}).listen_url is None
     s = load_settings(environ={"DATABASE_URL": "postgresql://pooler/app",
