@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psycopg import ProgrammingError
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgsynapse.errors import ConfigError
@@ -356,10 +356,14 @@ def conninfo_problem(value: str) -> str | None:
     """Why ``value`` is not a PostgreSQL connection string, in words that do not quote it; None when it is one.
     Checked before connecting: libpq's own parse error quotes the whole string back, a password with it."""
     try:
-        conninfo_to_dict(value)
+        params = conninfo_to_dict(value)
     except ProgrammingError:
         return ("not a PostgreSQL connection string (postgresql://user:password@host:port/dbname, or key=value "
                 "pairs: host=... dbname=...)")
+    try:
+        timeout_from_conninfo(params)  # psycopg's own reading of it, else a "database error" at every connect
+    except ProgrammingError:
+        return f"connect_timeout must be a number of seconds, got {params.get('connect_timeout')!r}"
     return None
 
 

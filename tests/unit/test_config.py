@@ -176,6 +176,18 @@ def test_a_url_that_is_no_connection_string_is_refused_at_start_without_its_valu
     assert "S3CRET" not in msg
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:pw-S3CRET-42@h/db?connect_timeout=abc",
+                                 "host=h password=pw-S3CRET-42 connect_timeout=10s"])
+def test_a_connect_timeout_that_is_no_number_is_refused_at_start(url):
+    # psycopg refused it only at connect, as a "database error" with exit 69: restarted every 5 s for a typo
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"DATABASE_URL": url})
+    msg = str(exc.value)
+    assert msg.startswith("invalid setting database_url [PGSYNAPSE_DATABASE_URL or DATABASE_URL]: connect_timeout "
+                          "must be a number of seconds"), msg
+    assert "S3CRET" not in msg
+
+
 @pytest.mark.parametrize("where", ["url", "listen_url"])
 def test_a_client_given_no_connection_string_says_so_without_its_value(where):
     # before: psycopg's ProgrammingError at connect, which quoted the whole string, password included
