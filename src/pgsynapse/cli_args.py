@@ -22,6 +22,8 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value:  # NaN: every comparison with a bound is False, so it would pass any range
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
         if value < low or (high is not None and value > high):
             allowed = f"at least {low}" if high is None else f"between {low} and {high}"
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")

@@ -37,6 +37,10 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["traffic", "2", "-1"], "argument PERCENT: must be between 0 and 100, got -1"),
     (["sql-model", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
     (["ranker", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
+    # NaN passed every range check: the rule's INSERT broke a CHECK, "database error", exit 69 (retried)
+    (["guardrail", "add", "x", "--threshold", "nan"], "argument --threshold: not a number: 'nan'"),
+    (["traffic", "2", "NaN"], "argument PERCENT: not a number: 'NaN'"),
+    (["ask", "hi", "--timeout", "nan"], "argument --timeout: not a number: 'nan'"),
     # options that contradict each other (the row counted as helpful)
     (["feedback", "3", "--helpful", "--rating", "1"], "--helpful contradicts --rating 1: a rating of 4 or 5 counts "
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
