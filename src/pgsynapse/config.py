@@ -337,6 +337,13 @@ class Settings(BaseModel):
             raise ValueError(why)
         return value
 
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if unknown := [k for k in value if k not in JOB_KINDS]:
+            raise ValueError(unknown_kinds(unknown))
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.chunk_overlap >= self.chunk_tokens // 2:
@@ -350,6 +357,11 @@ class Settings(BaseModel):
     @property
     def embedded(self) -> bool:
         return not self.database_url
+
+
+def unknown_kinds(unknown: list[str]) -> str:
+    """What is wrong with job kinds that do not exist (PGSYNAPSE_KINDS, ``run --kinds``)."""
+    return f"unknown job kind(s) {', '.join(map(repr, unknown))} (the kinds: {', '.join(JOB_KINDS)})"
 
 
 def conninfo_problem(value: str) -> str | None:
@@ -436,7 +448,8 @@ def load_settings(
     environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Read the settings once. Raises :class:`ConfigError` with a one-line message naming the bad setting."""
+    """Read the settings once. Raises :class:`ConfigError` with a one-line message naming the bad setting, as
+    ``overrides`` (the command line's options: ``--database-url``), the environment or the file has it."""
     environ = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
@@ -452,15 +465,15 @@ def load_settings(
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file)
+        problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file, set(given))
     # raised outside the handler: pydantic's error (its input_value may be a password) is not even its context
     raise ConfigError(problem)
 
 
 def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None = None,
-              from_file: set[str] = frozenset()) -> str:
-    """The one-line message of a validation error, naming the setting and where its value came from (the config
-    file's key, else its environment variable); a secret's value is never shown."""
+              from_file: set[str] = frozenset(), given: set[str] = frozenset()) -> str:
+    """The one-line message of a validation error, naming the setting and where its value came from (the command
+    line's option, the config file's key, else its environment variable); a secret's value is never shown."""
     name = _setting_name(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
@@ -474,6 +487,8 @@ def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None =
         where += " or DATABASE_URL"
     if name in from_file:
         where = f"{name} in {config_file}"
+    if name in given:
+        where = "--" + name.replace("_", "-")
     if not known:
         # a mistyped key: its value may be the secret of the setting it meant, so it is never shown
         close = difflib.get_close_matches(name, Settings.model_fields, n=1)

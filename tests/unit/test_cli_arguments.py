@@ -41,6 +41,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["guardrail", "add", "x", "--threshold", "nan"], "argument --threshold: not a number: 'nan'"),
     (["traffic", "2", "NaN"], "argument PERCENT: not a number: 'NaN'"),
     (["ask", "hi", "--timeout", "nan"], "argument --timeout: not a number: 'nan'"),
+    # said "invalid setting kinds [PGSYNAPSE_KINDS]" (a variable not set), exit 78, after the migrations had run
+    (["run", "--kinds", "embed,bogus"], "argument --kinds: unknown job kind(s) 'bogus' (the kinds: embed, answer,"),
+    (["run", "--kinds", " , "], "argument --kinds: no job kind given (the kinds: embed, answer,"),
     # options that contradict each other (the row counted as helpful)
     (["feedback", "3", "--helpful", "--rating", "1"], "--helpful contradicts --rating 1: a rating of 4 or 5 counts "
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),

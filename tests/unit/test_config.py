@@ -21,9 +21,22 @@ def test_defaults_and_environment():
 
 def test_a_worker_of_no_kinds_is_refused():
     # `--kinds " , "` or PGSYNAPSE_KINDS=","; a worker that processes nothing would start and idle, silently
-    for environ, overrides in (({"PGSYNAPSE_KINDS": " , "}, {}), ({}, {"kinds": ()})):
-        with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: .*at least 1 item"):
+    for environ, overrides, where in (({"PGSYNAPSE_KINDS": " , "}, {}, "PGSYNAPSE_KINDS"), ({}, {"kinds": ()}, "--kinds")):
+        with pytest.raises(ConfigError, match=rf"^invalid setting kinds \[{where}\]: .*at least 1 item"):
             load_settings(environ=environ, **overrides)
+
+
+def test_an_unknown_job_kind_is_refused_with_the_settings():
+    # it was refused by the worker only, after the embedded server had started and the migrations had run
+    with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: unknown job kind\(s\) "
+                       r"'bogus' \(the kinds: embed, answer, "):
+        load_settings(environ={"PGSYNAPSE_KINDS": "embed,bogus"})
+
+
+def test_an_invalid_command_line_value_is_named_as_its_option():
+    # `pgsynapse --database-url ... status` was told to look at PGSYNAPSE_DATABASE_URL or DATABASE_URL
+    with pytest.raises(ConfigError, match=r"^invalid setting database_url \[--database-url\]: not a PostgreSQL"):
+        load_settings(environ={"DATABASE_URL": "postgresql://h/db"}, database_url="mysql://h/db")
 
 
 def test_prefixed_url_wins_over_database_url():
