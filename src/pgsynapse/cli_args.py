@@ -209,7 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="ingest part of the PostgreSQL docs, embed it, answer questions with sources, "
                         "search it, and ask a question about a small table it creates (text-to-SQL)")
     de.add_argument("--limit", type=COUNT, default=55, help="pages to ingest (default 55)")
+    _describe_commands(p)
     return p
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                command = action.choices[choice.dest]
+                if command.description is None and choice.help:
+                    command.description = choice.help.replace("%%", "%")
+                _describe_commands(command)
 
 
 def _image_model_parser(sub: argparse._SubParsersAction) -> None:

@@ -56,6 +56,19 @@ def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, caps
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["migrate", "--help"], "apply pending schema migrations"),
+    (["run", "--help"], "run the worker until SIGINT/SIGTERM"),
+    (["ab-report", "--help"], "helpful rate with 95% CI"),
+    (["model", "export", "--help"], "build an ONNX runtime of a version"),
+])
+def test_a_command_s_help_says_what_it_does(argv, says, capsys):
+    # `pgsynapse migrate --help` printed its usage line and -h alone: what it does was only in `pgsynapse --help`
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 0 and says in " ".join(capsys.readouterr().out.split())
+
+
 def test_numbers_in_range_and_the_edges_are_taken():
     assert build_parser().parse_args(["search", "vacuum", "-k", "1"]).k == 1
     assert build_parser().parse_args(["ask", "hi", "--timeout", "0"]).timeout == 0.0  # no limit
