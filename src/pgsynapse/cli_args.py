@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsynapse import __version__
-from pgsynapse.config import JOB_KINDS
+from pgsynapse.config import JOB_KINDS, unknown_kinds
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 
@@ -22,6 +22,8 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value:  # NaN: every comparison with a bound is False, so it would pass any range
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
         if value < low or (high is not None and value > high):
             allowed = f"at least {low}" if high is None else f"between {low} and {high}"
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
@@ -33,6 +35,16 @@ COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
 SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
 SHARE = _ranged(float, 0, 1)  # agreement thresholds
 PERCENT = _ranged(float, 0, 100)
+
+
+def KINDS(text: str) -> tuple[str, ...]:  # noqa: N802 - an argparse type, named like the others
+    """Comma-separated job kinds (``run --kinds``), each one that exists."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"no job kind given (the kinds: {', '.join(JOB_KINDS)})")
+    if unknown := [k for k in kinds if k not in JOB_KINDS]:
+        raise argparse.ArgumentTypeError(unknown_kinds(unknown))
+    return kinds
 
 
 def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
     run.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
-    run.add_argument("--kinds", help="comma-separated job kinds to process (default: all)")
+    run.add_argument("--kinds", type=KINDS, help="comma-separated job kinds to process (default: all)")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
 
@@ -197,7 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="ingest part of the PostgreSQL docs, embed it, answer questions with sources, "
                         "search it, and ask a question about a small table it creates (text-to-SQL)")
     de.add_argument("--limit", type=COUNT, default=55, help="pages to ingest (default 55)")
+    _describe_commands(p)
     return p
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                command = action.choices[choice.dest]
+                if command.description is None and choice.help:
+                    command.description = choice.help.replace("%%", "%")
+                _describe_commands(command)
 
 
 def _image_model_parser(sub: argparse._SubParsersAction) -> None:

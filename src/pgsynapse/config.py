@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psycopg import ProgrammingError
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgsynapse.errors import ConfigError
@@ -38,7 +38,9 @@ def default_data_dir() -> Path:
 class Settings(BaseModel):
     """Every knob of pgsynapse. Environment: ``PGSYNAPSE_<NAME>`` (``DATABASE_URL`` for the server)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf passes every lower bound and breaks the worker later (an infinite lease: an OverflowError at its first
+    # maintenance step): a setting is a finite number or refused at start
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
     listen_url: str | None = Field(
@@ -336,6 +338,13 @@ class Settings(BaseModel):
             raise ValueError(why)
         return value
 
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if unknown := [k for k in value if k not in JOB_KINDS]:
+            raise ValueError(unknown_kinds(unknown))
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.chunk_overlap >= self.chunk_tokens // 2:
@@ -351,14 +360,23 @@ class Settings(BaseModel):
         return not self.database_url
 
 
+def unknown_kinds(unknown: list[str]) -> str:
+    """What is wrong with job kinds that do not exist (PGSYNAPSE_KINDS, ``run --kinds``)."""
+    return f"unknown job kind(s) {', '.join(map(repr, unknown))} (the kinds: {', '.join(JOB_KINDS)})"
+
+
 def conninfo_problem(value: str) -> str | None:
     """Why ``value`` is not a PostgreSQL connection string, in words that do not quote it; None when it is one.
     Checked before connecting: libpq's own parse error quotes the whole string back, a password with it."""
     try:
-        conninfo_to_dict(value)
+        params = conninfo_to_dict(value)
     except ProgrammingError:
         return ("not a PostgreSQL connection string (postgresql://user:password@host:port/dbname, or key=value "
                 "pairs: host=... dbname=...)")
+    try:
+        timeout_from_conninfo(params)  # psycopg's own reading of it, else a "database error" at every connect
+    except ProgrammingError:
+        return f"connect_timeout must be a number of seconds, got {params.get('connect_timeout')!r}"
     return None
 
 
@@ -366,7 +384,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is None and name == "database_url":
+        if not raw and name == "database_url":  # an empty PGSYNAPSE_DATABASE_URL is unset: DATABASE_URL still counts
             raw = environ.get("DATABASE_URL")
         if raw is None or raw == "":
             continue
@@ -431,7 +449,8 @@ def load_settings(
     environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Read the settings once. Raises :class:`ConfigError` with a one-line message naming the bad setting."""
+    """Read the settings once. Raises :class:`ConfigError` with a one-line message naming the bad setting, as
+    ``overrides`` (the command line's options: ``--database-url``), the environment or the file has it."""
     environ = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
@@ -447,15 +466,15 @@ def load_settings(
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file)
+        problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file, set(given))
     # raised outside the handler: pydantic's error (its input_value may be a password) is not even its context
     raise ConfigError(problem)
 
 
 def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None = None,
-              from_file: set[str] = frozenset()) -> str:
-    """The one-line message of a validation error, naming the setting and where its value came from (the config
-    file's key, else its environment variable); a secret's value is never shown."""
+              from_file: set[str] = frozenset(), given: set[str] = frozenset()) -> str:
+    """The one-line message of a validation error, naming the setting and where its value came from (the command
+    line's option, the config file's key, else its environment variable); a secret's value is never shown."""
     name = _setting_name(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
@@ -469,6 +488,8 @@ def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None =
         where += " or DATABASE_URL"
     if name in from_file:
         where = f"{name} in {config_file}"
+    if name in given:
+        where = "--" + name.replace("_", "-")
     if not known:
         # a mistyped key: its value may be the secret of the setting it meant, so it is never shown
         close = difflib.get_close_matches(name, Settings.model_fields, n=1)

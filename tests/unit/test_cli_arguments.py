@@ -37,6 +37,13 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["traffic", "2", "-1"], "argument PERCENT: must be between 0 and 100, got -1"),
     (["sql-model", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
     (["ranker", "traffic", "2", "101"], "argument PERCENT: must be between 0 and 100, got 101"),
+    # NaN passed every range check: the rule's INSERT broke a CHECK, "database error", exit 69 (retried)
+    (["guardrail", "add", "x", "--threshold", "nan"], "argument --threshold: not a number: 'nan'"),
+    (["traffic", "2", "NaN"], "argument PERCENT: not a number: 'NaN'"),
+    (["ask", "hi", "--timeout", "nan"], "argument --timeout: not a number: 'nan'"),
+    # said "invalid setting kinds [PGSYNAPSE_KINDS]" (a variable not set), exit 78, after the migrations had run
+    (["run", "--kinds", "embed,bogus"], "argument --kinds: unknown job kind(s) 'bogus' (the kinds: embed, answer,"),
+    (["run", "--kinds", " , "], "argument --kinds: no job kind given (the kinds: embed, answer,"),
     # options that contradict each other (the row counted as helpful)
     (["feedback", "3", "--helpful", "--rating", "1"], "--helpful contradicts --rating 1: a rating of 4 or 5 counts "
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
@@ -47,6 +54,19 @@ def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, caps
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["migrate", "--help"], "apply pending schema migrations"),
+    (["run", "--help"], "run the worker until SIGINT/SIGTERM"),
+    (["ab-report", "--help"], "helpful rate with 95% CI"),
+    (["model", "export", "--help"], "build an ONNX runtime of a version"),
+])
+def test_a_command_s_help_says_what_it_does(argv, says, capsys):
+    # `pgsynapse migrate --help` printed its usage line and -h alone: what it does was only in `pgsynapse --help`
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 0 and says in " ".join(capsys.readouterr().out.split())
 
 
 def test_numbers_in_range_and_the_edges_are_taken():

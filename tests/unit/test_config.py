@@ -21,14 +21,43 @@ def test_defaults_and_environment():
 
 def test_a_worker_of_no_kinds_is_refused():
     # `--kinds " , "` or PGSYNAPSE_KINDS=","; a worker that processes nothing would start and idle, silently
-    for environ, overrides in (({"PGSYNAPSE_KINDS": " , "}, {}), ({}, {"kinds": ()})):
-        with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: .*at least 1 item"):
+    for environ, overrides, where in (({"PGSYNAPSE_KINDS": " , "}, {}, "PGSYNAPSE_KINDS"), ({}, {"kinds": ()}, "--kinds")):
+        with pytest.raises(ConfigError, match=rf"^invalid setting kinds \[{where}\]: .*at least 1 item"):
             load_settings(environ=environ, **overrides)
+
+
+def test_an_unknown_job_kind_is_refused_with_the_settings():
+    # it was refused by the worker only, after the embedded server had started and the migrations had run
+    with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: unknown job kind\(s\) "
+                       r"'bogus' \(the kinds: embed, answer, "):
+        load_settings(environ={"PGSYNAPSE_KINDS": "embed,bogus"})
+
+
+def test_an_invalid_command_line_value_is_named_as_its_option():
+    # `pgsynapse --database-url ... status` was told to look at PGSYNAPSE_DATABASE_URL or DATABASE_URL
+    with pytest.raises(ConfigError, match=r"^invalid setting database_url \[--database-url\]: not a PostgreSQL"):
+        load_settings(environ={"DATABASE_URL": "postgresql://h/db"}, database_url="mysql://h/db")
 
 
 def test_prefixed_url_wins_over_database_url():
     s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": "postgresql://b/b"})
     assert s.database_url == "postgresql://b/b"
+
+
+def test_an_empty_prefixed_url_leaves_database_url_in_charge():
+    # `PGSYNAPSE_DATABASE_URL=` (an env file's blank line, compose's `${X:-}`) is unset: DATABASE_URL must still win
+    # over the embedded server, not be dropped for it without a word
+    s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": ""})
+    assert s.database_url == "postgresql://a/a" and not s.embedded
+
+
+@pytest.mark.parametrize("variable, value", [("PGSYNAPSE_LEASE_SECONDS", "inf"), ("PGSYNAPSE_POLL_INTERVAL", "inf"),
+                                             ("PGSYNAPSE_STALL_SECONDS", "1e400")])
+def test_a_value_that_is_not_a_finite_number_is_refused_at_start(variable, value):
+    # an infinite lease was accepted, and the worker died at its first maintenance step with an OverflowError
+    name = variable.removeprefix("PGSYNAPSE_").lower()
+    with pytest.raises(ConfigError, match=rf"^invalid setting {name} \[{variable}\]: .*finite"):
+        load_settings(environ={variable: value})
 
 
 def test_listen_url_is_optional_secret_and_needs_a_database_url():
@@ -157,6 +186,18 @@ def test_a_url_that_is_no_connection_string_is_refused_at_start_without_its_valu
     name = variable.removeprefix("PGSYNAPSE_").lower()
     where = "PGSYNAPSE_DATABASE_URL or DATABASE_URL" if name == "database_url" else variable
     assert msg.startswith(f"invalid setting {name} [{where}]: not a PostgreSQL connection string (postgresql://"), msg
+    assert "S3CRET" not in msg
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pw-S3CRET-42@h/db?connect_timeout=abc",
+                                 "host=h password=pw-S3CRET-42 connect_timeout=10s"])
+def test_a_connect_timeout_that_is_no_number_is_refused_at_start(url):
+    # psycopg refused it only at connect, as a "database error" with exit 69: restarted every 5 s for a typo
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"DATABASE_URL": url})
+    msg = str(exc.value)
+    assert msg.startswith("invalid setting database_url [PGSYNAPSE_DATABASE_URL or DATABASE_URL]: connect_timeout "
+                          "must be a number of seconds"), msg
     assert "S3CRET" not in msg
 
 
