@@ -495,5 +495,7 @@ def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None =
         close = difflib.get_close_matches(name, Settings.model_fields, n=1)
         msg = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
         value = None
-    shown = "" if isinstance(value, dict) or value is None or name in SECRET_SETTINGS else f" (got {value!r})"
+    # kinds: the message names the unknown ones already
+    shown = ("" if isinstance(value, dict) or value is None or name in SECRET_SETTINGS or name == "kinds"
+             else f" (got {value!r})")
     return f"invalid setting {name} [{where}]: {msg}{shown}"

@@ -21,7 +21,8 @@ def test_defaults_and_environment():
 
 def test_a_worker_of_no_kinds_is_refused():
     # `--kinds " , "` or PGSYNAPSE_KINDS=","; a worker that processes nothing would start and idle, silently
-    for environ, overrides, where in (({"PGSYNAPSE_KINDS": " , "}, {}, "PGSYNAPSE_KINDS"), ({}, {"kinds": ()}, "--kinds")):
+    for environ, overrides, where in (({"PGSYNAPSE_KINDS": " , "}, {}, "PGSYNAPSE_KINDS"),
+                                      ({}, {"kinds": ()}, "--kinds")):
         with pytest.raises(ConfigError, match=rf"^invalid setting kinds \[{where}\]: .*at least 1 item"):
             load_settings(environ=environ, **overrides)
 
