@@ -89,6 +89,12 @@ CONNECTION_REFUSALS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"permission denied for database"), "GRANT CONNECT ON DATABASE to the connection string's user"),
     # libpq's option checks (a port number, an sslmode, a timeout): no server was asked
     (re.compile(r"^connection is bad: (invalid |could not match )"), "fix the connection string"),
+    # libpq, sslmode=require (verify-ca, verify-full) and a server without SSL
+    (re.compile(r"server does not support SSL, but SSL was required"),
+     "enable SSL on the server, or set the connection string's sslmode to prefer or disable"),
+    # 22023, 42704: a setting of the connection string's options (-c name=value) the server refuses
+    (re.compile(r'invalid value for parameter "|unrecognized configuration parameter "|'
+                r'is outside the valid range for parameter "'), "fix the setting in the connection string's options"),
 )
 
 

@@ -20,6 +20,10 @@ AT = 'connection failed: connection to server at "10.0.0.5", port 5432 failed: '
     AT + 'FATAL:  database "app" does not exist',  # 3D000
     'connection is bad: invalid port number: "99999"',
     'connection is bad: invalid sslmode value: "bogus"',
+    AT + "server does not support SSL, but SSL was required",  # sslmode=require
+    AT + 'FATAL:  invalid value for parameter "statement_timeout": "bogus"',  # 22023: options=-c ...
+    AT + 'FATAL:  unrecognized configuration parameter "no_such_param"',  # 42704
+    AT + 'FATAL:  1 kB is outside the valid range for parameter "work_mem" (64 kB .. 2147483647 kB)',  # 22023
 ])
 def test_what_restarting_cannot_fix(message):
     err = connection_error(psycopg.OperationalError(message), URL)
