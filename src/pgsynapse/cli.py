@@ -75,7 +75,7 @@ def _settings(args: argparse.Namespace):
         "log_level": args.log_level,
     }
     if getattr(args, "kinds", None):
-        overrides["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        overrides["kinds"] = args.kinds  # a tuple of known kinds (cli_args.KINDS)
     settings = load_settings(args.config, **overrides)
     if _quiet(args) and "log_level" not in settings.model_fields_set:
         settings = settings.model_copy(update={"log_level": "warning"})

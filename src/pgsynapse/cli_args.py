@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsynapse import __version__
-from pgsynapse.config import JOB_KINDS
+from pgsynapse.config import JOB_KINDS, unknown_kinds
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 
@@ -46,6 +46,16 @@ def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the
     return codecs.lookup(name).name
 
 
+def KINDS(text: str) -> tuple[str, ...]:  # noqa: N802 - an argparse type, named like the others
+    """Comma-separated job kinds (``run --kinds``), each one that exists."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"no job kind given: the kinds are {', '.join(JOB_KINDS)}")
+    if why := unknown_kinds(kinds):
+        raise argparse.ArgumentTypeError(why)
+    return kinds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
     p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
     run.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
-    run.add_argument("--kinds", help="comma-separated job kinds to process (default: all)")
+    run.add_argument("--kinds", type=KINDS, help="comma-separated job kinds to process (default: all)")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
 

@@ -23,6 +23,16 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 ENV_PREFIX = "PGSYNAPSE_"
 # every job kind (a worker's default kinds)
 JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
+
+
+def unknown_kinds(kinds: tuple[str, ...]) -> str | None:
+    """Why ``kinds`` (a worker's job kinds) name one that does not exist, or None."""
+    unknown = [k for k in kinds if k not in JOB_KINDS]
+    if unknown:
+        return f"unknown job kind(s) {', '.join(unknown)}: the kinds are {', '.join(JOB_KINDS)}"
+    return None
+
+
 # settings that may carry a password or a key: an error about them never shows the value
 SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "openai_api_key", "openai_base_url"})
 
@@ -333,6 +343,13 @@ class Settings(BaseModel):
     @classmethod
     def _connection_string(cls, value: str | None) -> str | None:
         if value and (why := conninfo_problem(value)):
+            raise ValueError(why)
+        return value
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if why := unknown_kinds(value):
             raise ValueError(why)
         return value
 

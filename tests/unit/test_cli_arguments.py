@@ -30,6 +30,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["feedback", "3", "--source", "0"], "argument --source: must be at least 1, got 0"),
     # a kind that does not exist said "no failed jobs of kind bogus", exit 0
     (["retry-failed", "--kind", "bogus"], "argument --kind: invalid choice: 'bogus' (choose from 'embed', 'answer',"),
+    # exited 78 naming PGSYNAPSE_KINDS, after starting (and migrating) the embedded server
+    (["run", "--kinds", "embed,bogus"], "argument --kinds: unknown job kind(s) bogus: the kinds are embed, answer,"),
+    (["run", "--kinds", " , "], "argument --kinds: no job kind given: the kinds are embed, answer,"),
     (["ingest", "docs", "--encoding", "base64"], "argument --encoding: not a text encoding Python knows: 'base64'"),
     (["feedback", "3", "--helpful", "--not-helpful"], "argument --not-helpful: not allowed with argument --helpful"),
     # said "traffic must be between 0 and 100" from the registry, exit 1
@@ -55,6 +58,7 @@ def test_numbers_in_range_and_the_edges_are_taken():
     assert build_parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
     assert build_parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
     assert build_parser().parse_args(["demo"]).limit == 55
+    assert build_parser().parse_args(["run", "--kinds", "embed, answer"]).kinds == ("embed", "answer")
     assert parse_args(["traffic", "2", "100"]).percent == 100.0
     assert parse_args(["feedback", "3", "--helpful", "--rating", "4"]).rating == 4
     assert parse_args(["feedback", "3", "--not-helpful", "--rating", "3"]).helpful is False

@@ -26,6 +26,13 @@ def test_a_worker_of_no_kinds_is_refused():
             load_settings(environ=environ, **overrides)
 
 
+def test_an_unknown_job_kind_is_refused_with_the_settings():
+    # was refused only by the worker, once the embedded server had started; `status` took it without a word
+    with pytest.raises(ConfigError, match=r"^invalid setting kinds \[PGSYNAPSE_KINDS\]: unknown job kind\(s\) "
+                       r"bogus: the kinds are embed, answer, retrain"):
+        load_settings(environ={"PGSYNAPSE_KINDS": "embed,bogus"})
+
+
 def test_prefixed_url_wins_over_database_url():
     s = load_settings(environ={"DATABASE_URL": "postgresql://a/a", "PGSYNAPSE_DATABASE_URL": "postgresql://b/b"})
     assert s.database_url == "postgresql://b/b"
