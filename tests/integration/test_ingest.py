@@ -175,10 +175,12 @@ async def test_follow_waits_until_embedded(db_url, tree, models):
             with psycopg.connect(db_url, autocommit=True) as conn:
                 report = ingest(conn, [tree / "guide", tree / "notes.txt"], progress=False)
                 assert report.inserted == 3
-                return follow(conn, report, progress=False, timeout=120)
+                return follow(conn, report, progress=False, timeout=120, note=notes.append)
 
+        notes: list[str] = []
         report = await anyio.to_thread.run_sync(go)
     assert (report.embedded, report.embed_failed) == (3, 0)
+    assert notes == []  # a worker embeds them: nothing to warn about
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
 
@@ -188,6 +190,9 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     assert out.returncode == 1
     assert "1 inserted" in out.stdout
     assert "1 document(s) still pending after 0.5s: is `pgsynapse run` running?" in out.stderr
+    # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
+    assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
+            "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
 
 
 def test_an_image_is_linked_to_the_document_beside_it():
