@@ -130,6 +130,11 @@ def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
             yield root, root.name
 
 
+# why a file that is not empty gave no text, by format
+NO_TEXT = {"pdf": "no text in it: a PDF without a text layer (scanned pages?): make it searchable (OCR) first",
+           "html": "no text in it: markup only (the page's text may come from scripts)"}
+
+
 def read_document(path: Path, source: str, *, max_chars: int | None = None, encoding: str | None = None) -> FileDoc:
     """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``. A text file is read as
     UTF-8, else as ``encoding`` when one is given (the files of a Windows or Latin-1 tree)."""
@@ -151,7 +156,8 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
         else:
             title, body = "", text.strip()
     if not body.strip():
-        raise SkipFile("no text in it (empty)")
+        raise SkipFile(NO_TEXT.get(fmt, "no text in it (white space only)") if data.strip() else
+                       "no text in it (empty)")
     if max_chars is not None and len(body) > max_chars:
         raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
     return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))

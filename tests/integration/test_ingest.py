@@ -151,6 +151,20 @@ def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
         assert f"\n  {tmp_path / name}: No such file or directory" in out.stdout, out.stdout
 
 
+def test_a_file_with_no_text_says_why_beyond_empty(tmp_path):
+    # a scanned PDF (pages, no text layer) and an HTML page of markup only were "no text in it (empty)"
+    (tmp_path / "scan.pdf").write_bytes(_pdf(""))
+    (tmp_path / "shell.html").write_text("<html><head><script>app()</script></head><body><div></div></body></html>")
+    (tmp_path / "blank.md").write_text("")
+    with pytest.raises(SkipFile, match=r"^no text in it: a PDF without a text layer \(scanned pages\?\): "
+                       r"make it searchable \(OCR\) first$"):
+        read_document(tmp_path / "scan.pdf", "scan.pdf")
+    with pytest.raises(SkipFile, match=r"^no text in it: markup only \(the page's text may come from scripts\)$"):
+        read_document(tmp_path / "shell.html", "shell.html")
+    with pytest.raises(SkipFile, match=r"^no text in it \(empty\)$"):
+        read_document(tmp_path / "blank.md", "blank.md")
+
+
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
     import builtins
 
