@@ -23,6 +23,7 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 ENV_PREFIX = "PGSYNAPSE_"
 # every job kind (a worker's default kinds)
 JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
+
 # settings that may carry a password or a key: an error about them never shows the value
 SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "openai_api_key", "openai_base_url"})
 

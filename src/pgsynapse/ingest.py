@@ -26,7 +26,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,11 @@ def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
             yield root, root.name
 
 
+# why a file that is not empty gave no text, by format
+NO_TEXT = {"pdf": "no text in it: a PDF without a text layer (scanned pages?): make it searchable (OCR) first",
+           "html": "no text in it: markup only (the page's text may come from scripts)"}
+
+
 def read_document(path: Path, source: str, *, max_chars: int | None = None, encoding: str | None = None) -> FileDoc:
     """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``. A text file is read as
     UTF-8, else as ``encoding`` when one is given (the files of a Windows or Latin-1 tree)."""
@@ -151,7 +156,8 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
         else:
             title, body = "", text.strip()
     if not body.strip():
-        raise SkipFile("no text in it (empty)")
+        raise SkipFile(NO_TEXT.get(fmt, "no text in it (white space only)") if data.strip() else
+                       "no text in it (empty)")
     if max_chars is not None and len(body) > max_chars:
         raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
     return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))
@@ -298,24 +304,42 @@ def _metadata(d: FileDoc) -> str:
 
 
 def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | None = None,
-           timeout: float | None = None) -> IngestReport:
+           timeout: float | None = None, note: Callable[[str], None] | None = None) -> IngestReport:
     """Wait until every ingested document (new or already stored) is embedded or failed, re-checking on each
     ``pgsynapse_documents`` NOTIFY; then the same for images, when an image model serves (without one they wait
-    for it). ``conn`` must be in autocommit mode. ``timeout`` None waits for ever."""
+    for it). ``conn`` must be in autocommit mode. ``timeout`` None waits for ever. ``note`` is told, before the
+    wait, when no running worker takes the jobs waited for (:func:`worker_note`)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     cur = conn.cursor(row_factory=tuple_row)
     ids = [r[0] for r in cur.execute(q("documents_by_hash", "ops.sql"), {"hashes": list(set(report.hashes))})]
     report.embedded, report.embed_failed = _wait(conn, ids, q("follow_progress", "ops.sql"), DOCUMENTS_CHANNEL,
-                                                 "document", progress, deadline, timeout)
+                                                 "document", progress, deadline, timeout, note)
     if report.image_hashes and cur.execute(q("image_models_serving", "images.sql")).fetchone():
         ids = [r[0] for r in cur.execute(q("images_by_hash", "images.sql"), {"hashes": list(set(report.image_hashes))})]
         report.images_embedded, report.images_failed = _wait(
-            conn, ids, q("follow_images", "images.sql"), IMAGES_CHANNEL, "image", progress, deadline, timeout)
+            conn, ids, q("follow_images", "images.sql"), IMAGES_CHANNEL, "image", progress, deadline, timeout, note)
     return report
 
 
+# the job kind that embeds each unit ``follow`` waits for
+EMBED_KINDS = {"document": "embed", "image": "embed_image"}
+
+
+def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
+    """What to tell someone about to wait for ``unit``s (document, image) to be embedded when no running worker
+    takes their jobs (none listening, or those seen lately run other kinds), else None."""
+    kind = EMBED_KINDS[unit]
+    listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
+        q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
+    if listening > 0 and (taking > 0 or seen == 0):
+        return None
+    return (f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts (waiting; "
+            f"Ctrl-C stops waiting, the {unit}s stay stored)")
+
+
 def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: str, unit: str,
-          progress: bool | None, deadline: float | None, timeout: float | None) -> tuple[int, int]:
+          progress: bool | None, deadline: float | None, timeout: float | None,
+          note: Callable[[str], None] | None = None) -> tuple[int, int]:
     """Wait until none of ``ids`` is pending; ``progress_sql`` counts (embedded, failed, pending)."""
     cur = conn.cursor(row_factory=tuple_row)
     conn.execute(f"LISTEN {channel}")
@@ -326,6 +350,9 @@ def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: 
             bar.update(embedded + failed - bar.n)
             if not pending:
                 break
+            if note is not None and (why := worker_note(conn, unit)):
+                note(why)
+            note = None  # said once, before the first wait
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: is `pgsynapse run` running?")

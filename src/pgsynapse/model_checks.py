@@ -20,11 +20,16 @@ SQL_KINDS = frozenset({"sql_answer", "sql_retrain"})
 
 def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None) -> None:
     """Raise a one-line :class:`ConfigError` naming the setting when the answerer's model (kind ``answer``) or an
-    explicitly set SQL model (kinds ``sql_answer``, ``sql_retrain``) cannot be there. The default SQL model (the
-    ``qwen2.5-coder-0.5b`` preset, not installed by a plain ``pip install pgsynapse``) only logs
-    ``sql_model_unavailable``: that worker serves every other kind, and its data questions fail with the same
-    error on their rows."""
+    explicitly set SQL model (kinds ``sql_answer``, ``sql_retrain``) cannot be there, or their ``openai`` runtime
+    has no ``openai_base_url``. The default SQL model (the ``qwen2.5-coder-0.5b`` preset, not installed by a plain
+    ``pip install pgsynapse``) only logs ``sql_model_unavailable``: that worker serves every other kind, and its data
+    questions fail with the same error on their rows."""
     kinds = set(settings.kinds)
+    for needed, runtime_setting, runtime in (("answer" in kinds, "answerer", settings.answerer),
+                                             (bool(kinds & SQL_KINDS), "sql_runtime", settings.sql_runtime)):
+        if needed and runtime == "openai" and not settings.openai_base_url:
+            raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: required when "
+                              f"{runtime_setting} = openai (the endpoint's URL, as http://host:port/v1)")
     if "answer" in kinds and settings.answerer in ("transformers", "llama-cpp"):
         if not settings.answerer_model_path:
             raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: required when "

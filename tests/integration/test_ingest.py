@@ -151,6 +151,20 @@ def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
         assert f"\n  {tmp_path / name}: No such file or directory" in out.stdout, out.stdout
 
 
+def test_a_file_with_no_text_says_why_beyond_empty(tmp_path):
+    # a scanned PDF (pages, no text layer) and an HTML page of markup only were "no text in it (empty)"
+    (tmp_path / "scan.pdf").write_bytes(_pdf(""))
+    (tmp_path / "shell.html").write_text("<html><head><script>app()</script></head><body><div></div></body></html>")
+    (tmp_path / "blank.md").write_text("")
+    with pytest.raises(SkipFile, match=r"^no text in it: a PDF without a text layer \(scanned pages\?\): "
+                       r"make it searchable \(OCR\) first$"):
+        read_document(tmp_path / "scan.pdf", "scan.pdf")
+    with pytest.raises(SkipFile, match=r"^no text in it: markup only \(the page's text may come from scripts\)$"):
+        read_document(tmp_path / "shell.html", "shell.html")
+    with pytest.raises(SkipFile, match=r"^no text in it \(empty\)$"):
+        read_document(tmp_path / "blank.md", "blank.md")
+
+
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
     import builtins
 
@@ -175,10 +189,12 @@ async def test_follow_waits_until_embedded(db_url, tree, models):
             with psycopg.connect(db_url, autocommit=True) as conn:
                 report = ingest(conn, [tree / "guide", tree / "notes.txt"], progress=False)
                 assert report.inserted == 3
-                return follow(conn, report, progress=False, timeout=120)
+                return follow(conn, report, progress=False, timeout=120, note=notes.append)
 
+        notes: list[str] = []
         report = await anyio.to_thread.run_sync(go)
     assert (report.embedded, report.embed_failed) == (3, 0)
+    assert notes == []  # a worker embeds them: nothing to warn about
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
 
@@ -188,6 +204,9 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     assert out.returncode == 1
     assert "1 inserted" in out.stdout
     assert "1 document(s) still pending after 0.5s: is `pgsynapse run` running?" in out.stderr
+    # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
+    assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
+            "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
 
 
 def test_an_image_is_linked_to_the_document_beside_it():

@@ -75,6 +75,7 @@ def test_numbers_in_range_and_the_edges_are_taken():
     assert build_parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
     assert build_parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
     assert build_parser().parse_args(["demo"]).limit == 55
+    assert build_parser().parse_args(["run", "--kinds", "embed, answer"]).kinds == ("embed", "answer")
     assert parse_args(["traffic", "2", "100"]).percent == 100.0
     assert parse_args(["feedback", "3", "--helpful", "--rating", "4"]).rating == 4
     assert parse_args(["feedback", "3", "--not-helpful", "--rating", "3"]).helpful is False

@@ -80,4 +80,18 @@ def test_the_default_sql_model_not_installed_warns_and_a_set_one_stops(model_dir
     assert check(settings(sql_model_path=str(model_dirs / "hf"))) == []
     # not checked: a worker without the SQL kinds, an endpoint's model name
     assert check(settings(sql_model_path="/nonexistent", kinds="embed,answer")) == []
-    assert check(settings(sql_model_path="gpt-4o-mini", sql_runtime="openai")) == []
+    assert check(settings(sql_model_path="gpt-4o-mini", sql_runtime="openai",
+                          openai_base_url="http://127.0.0.1:9/v1")) == []
+
+
+def test_an_openai_runtime_without_its_endpoint_stops_the_worker_that_needs_it():
+    # the worker started, and every question failed with this error on its row
+    endpoint = r"^invalid setting openai_base_url \[PGSYNAPSE_OPENAI_BASE_URL\]: required when "
+    with pytest.raises(ConfigError, match=endpoint + "answerer = openai"):
+        check(settings(answerer="openai"))
+    with pytest.raises(ConfigError, match=endpoint + "sql_runtime = openai"):
+        check(settings(sql_model_path="gpt-4o-mini", sql_runtime="openai"))
+    assert check(settings(answerer="openai", openai_base_url="http://127.0.0.1:9/v1", kinds="answer")) == []
+    # a worker that does not answer needs no endpoint
+    assert check(settings(answerer="openai", kinds="embed")) == []
+    assert check(settings(sql_model_path="gpt-4o-mini", sql_runtime="openai", kinds="embed,answer")) == []
