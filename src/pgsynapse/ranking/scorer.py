@@ -153,7 +153,8 @@ def probe_ranker(path: Path, runtime: str) -> None:
     :class:`ModelError` unless it is a cross-encoder giving one finite score per pair (`ranker add`)."""
     check_ranker_dir(path, runtime)
     ranker = Ranker({"id": 0, "name": path.name, "path": str(path), "runtime": runtime})
-    out = ranker.logits("How do I create an index?", ["CREATE INDEX builds an index on a column."])
+    out = ranker.logits("How do I make lookups by a column faster?",
+                        ["An index on the column finds its rows without reading the whole table."])
     if out.shape[1] != 1:
         raise ModelError(f"ranker: {path} gives {out.shape[1]} scores per pair: a ranker gives one (a sequence "
                          "classifier with num_labels = 1, as `pgsynapse ranker train` writes)")
