@@ -156,7 +156,8 @@ class BatchWriter:
                 log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
                             attempt=o.job.attempts, delay_s=delay, error=o.error)
             else:
-                await conn.execute(q("supersede_job"), {**params, "error": f"superseded after error: {o.error}"})
+                # a newer pending job of the row has its new state: this one is done, its error kept as the reason
+                await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
             return
         cur = await conn.execute(q("fail_job"), params)
         if cur.rowcount:

@@ -13,6 +13,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from structlog.testing import capture_logs
 
 from pgsynapse.handlers.base import Outcome
 from pgsynapse.learning.registry import retire
@@ -280,3 +281,31 @@ async def test_an_embed_batch_skips_a_version_retired_while_it_computed(db_url, 
     await conn.close()
     assert row["status"] == "embedded" and list(per_version) == [1] and per_version[1] >= 1
     assert [j["status"] for j in jobs] == ["done"]
+
+
+async def test_a_retryable_failure_of_the_old_text_is_superseded_by_the_edits_job(db_url, models):
+    """An embed job fails with a retryable error while the document was edited: the edit's pending job has the new
+    text, so the failed one is closed as superseded at once (not retried, not left running until its lease
+    expires) and its batch-mates are written in the same transaction."""
+    settings = fast_settings(db_url, lease_seconds=600.0)
+    conn = await aconn(db_url)
+    [doc, mate] = insert_docs(db_url, [("Old", "The text whose job fails."), ("Mate", "A healthy neighbour.")])
+    async with stepped_worker(settings, models) as worker:
+        jobs = await worker.claim("embed", 10)
+        by_ref = {j.ref_id: j for j in jobs}
+        handler = worker.handlers["embed"]
+        async with worker.pool.connection() as c:
+            work, _ = await handler.load(c, [by_ref[mate]])
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'The corrected text.' WHERE id = %s", (doc,))
+        with capture_logs() as logs:
+            await worker.writer.write("embed", handler, [Outcome(by_ref[doc], error="RuntimeError: model busy"),
+                                                         *handler.compute(work)])
+    events = [e["event"] for e in logs]
+    assert "job_write_failed" not in events and "batch_write_failed_splitting" not in events, logs
+    jobs = await (await conn.execute("SELECT ref_id, status, skip_reason, last_error FROM pgsynapse.jobs"
+                                     " WHERE kind = 'embed' ORDER BY id")).fetchall()
+    assert [(j["ref_id"], j["status"]) for j in jobs] == [(doc, "done"), (mate, "done"), (doc, "pending")]
+    assert "model busy" in jobs[0]["skip_reason"] and jobs[0]["last_error"] is None
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()
