@@ -362,3 +362,6 @@ class AnswerHandler(Handler[AnswerWork]):
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
             await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})
+
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        return (await conn.execute(q("requeue_changed_questions", "answers.sql"), {"jobs": job_ids})).rowcount

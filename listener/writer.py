@@ -137,6 +137,10 @@ class BatchWriter:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
+            if report.superseded and (n := await handler.requeue_changed(conn, report.superseded)):
+                # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
+                await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
+                log.info("changed_rows_requeued", kind=kind, n=n)
             for o in mine:
                 if not o.ok:
                     await self._fail_or_retry(conn, handler, o)

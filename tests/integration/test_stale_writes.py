@@ -309,3 +309,45 @@ async def test_a_retryable_failure_of_the_old_text_is_superseded_by_the_edits_jo
     async with running_worker(settings, models):
         await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
     await conn.close()
+
+
+async def test_an_edit_committed_after_its_pending_job_was_claimed_and_loaded_is_still_embedded(db_url, models):
+    """The application's transaction edits a document whose job is pending: the trigger queues nothing (the pending
+    job will read the row). A worker claims that job and loads the row before the transaction commits, so it
+    computes the old text, which the write then refuses as stale. The new text must still get its job."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.documents SET body = 'VACUUM FULL rewrites the whole table.' WHERE id = %s",
+                          (doc,))
+        outcomes = await _run_until_write(worker, "embed")  # claimed and loaded before the edit commits
+        await app.commit()
+        await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+    jobs = await _jobs(conn, "embed")
+    assert [j["status"] for j in jobs] == ["done", "pending"], jobs
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()
+
+
+async def test_an_edit_committed_after_its_pending_job_was_claimed_and_loaded_is_still_answered(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    row = await (await conn.execute(
+        "INSERT INTO pgsynapse.questions (text) VALUES ('what is vacuum?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (row["id"],))
+        outcomes = await _run_until_write(worker, "answer")
+        await app.commit()
+        await worker.writer.write("answer", worker.handlers["answer"], outcomes)
+    jobs = await _jobs(conn, "answer")
+    assert [j["status"] for j in jobs] == ["done", "pending"], jobs
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (row["id"],),
+                         channel="pgsynapse_answers")
+    q = await (await conn.execute("SELECT retrieval_query FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+    await conn.close()
+    assert q["retrieval_query"] == "what is a savepoint?"
