@@ -286,7 +286,7 @@ class AnswerHandler(Handler[AnswerWork]):
                     assert stream is not None
                     log.info("answer_generation_stopped", question=w.job.ref_id, reason="superseded",
                              pieces=stream.pieces)
-                    out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM))
+                    out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM, superseded=True))
                     continue
                 finally:
                     if stream:

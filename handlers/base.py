@@ -38,6 +38,7 @@ class Outcome:
     error: str | None = None
     retry: bool = True
     skip_reason: str | None = None  # done with nothing to write (row deleted, superseded)
+    superseded: bool = False  # skipped because its row changed while it computed (Handler.requeue_changed)
 
     @property
     def ok(self) -> bool:

@@ -137,7 +137,8 @@ class BatchWriter:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
-            if report.superseded and (n := await handler.requeue_changed(conn, report.superseded)):
+            changed = report.superseded + [o.job.id for o in skipped if o.superseded]
+            if changed and (n := await handler.requeue_changed(conn, changed)):
                 # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
                 await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
                 log.info("changed_rows_requeued", kind=kind, n=n)
