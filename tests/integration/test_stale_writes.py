@@ -351,3 +351,24 @@ async def test_an_edit_committed_after_its_pending_job_was_claimed_and_loaded_is
     q = await (await conn.execute("SELECT retrieval_query FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
     await conn.close()
     assert q["retrieval_query"] == "what is a savepoint?"
+
+
+async def test_an_image_changed_in_a_transaction_committed_after_its_load_is_still_embedded(db_url, models,
+                                                                                             tiny_clip_path):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        image_registry.add(sync, tiny_clip_path)
+        img = sync.execute("INSERT INTO pgsynapse.images (data) VALUES (%s) RETURNING id",
+                           (png_bytes(coloured_image("red", seed=1)),)).fetchone()["id"]
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    conn = await aconn(db_url)
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (png_bytes(coloured_image("blue", seed=2)), img))
+        outcomes = await _run_until_write(worker, "embed_image")
+        await app.commit()
+        await worker.writer.write("embed_image", worker.handlers["embed_image"], outcomes)
+    assert [j["status"] for j in await _jobs(conn, "embed_image")] == ["done", "pending"]
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.images WHERE id = %s", (img,),
+                         channel="pgsynapse_images")
+    await conn.close()
