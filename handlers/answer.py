@@ -286,7 +286,7 @@ class AnswerHandler(Handler[AnswerWork]):
                     assert stream is not None
                     log.info("answer_generation_stopped", question=w.job.ref_id, reason="superseded",
                              pieces=stream.pieces)
-                    out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM))
+                    out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM, superseded=True))
                     continue
                 finally:
                     if stream:
@@ -362,3 +362,6 @@ class AnswerHandler(Handler[AnswerWork]):
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
             await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})
+
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        return (await conn.execute(q("requeue_changed_questions", "answers.sql"), {"jobs": job_ids})).rowcount

@@ -38,6 +38,7 @@ class Outcome:
     error: str | None = None
     retry: bool = True
     skip_reason: str | None = None  # done with nothing to write (row deleted, superseded)
+    superseded: bool = False  # skipped because its row changed while it computed (Handler.requeue_changed)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +103,13 @@ class Handler(ABC, Generic[W]):
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
+
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        """Queue a new job for the row of each of these superseded jobs that still waits for its result and has no
+        newer job (inside the caller's transaction, which holds the rows). An edit committed after a job's load may
+        have found that job still pending, and queued none of its own (the triggers keep one pending job per row):
+        the superseded job was then the row's last. Returns how many jobs were queued."""
+        return 0
 
     async def aclose(self) -> None:
         """Release what the handler holds outside the worker's pool (the worker is stopping)."""

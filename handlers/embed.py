@@ -210,6 +210,9 @@ class EmbedHandler(Handler[EmbedWork]):
         if cur.rowcount:
             await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
 
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        return (await conn.execute(q("requeue_changed_documents"), {"jobs": job_ids})).rowcount
+
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         ids = [jobs[j].ref_id for j in report.written]
         if ids:

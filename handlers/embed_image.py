@@ -156,6 +156,9 @@ class EmbedImageHandler(Handler[ImageWork]):
         if cur.rowcount:
             await conn.execute(sql("notify_images"), {"ids": [job.ref_id], "status": "failed"})
 
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        return (await conn.execute(sql("requeue_changed_images"), {"jobs": job_ids})).rowcount
+
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         ids = [jobs[j].ref_id for j in report.written]
         if ids:

@@ -215,6 +215,9 @@ class SqlAnswerHandler(Handler[SqlWork]):
         if cur.rowcount:
             await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})
 
+    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
+        return (await conn.execute(q("requeue_changed_data_questions", "textsql.sql"), {"jobs": job_ids})).rowcount
+
 
 def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str, settings: Settings) -> Attempt:
     """One generated statement through ``check_sql`` and, when accepted, ``run_readonly`` as the reader role."""

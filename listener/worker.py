@@ -459,6 +459,7 @@ class Worker:
         handler = self.handlers[kind]
         started = time.perf_counter()
         assert self.pool is not None
+        work: list[Any] = []  # a load that raises leaves nothing computed
         try:
             async with self.pool.connection() as conn:
                 work, outcomes = await handler.load(conn, jobs)

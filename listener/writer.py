@@ -137,6 +137,11 @@ class BatchWriter:
                 await conn.execute(
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
+            changed = report.superseded + [o.job.id for o in skipped if o.superseded]
+            if changed and (n := await handler.requeue_changed(conn, changed)):
+                # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
+                await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
+                log.info("changed_rows_requeued", kind=kind, n=n)
             for o in mine:
                 if not o.ok:
                     await self._fail_or_retry(conn, handler, o)
@@ -156,7 +161,8 @@ class BatchWriter:
                 log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
                             attempt=o.job.attempts, delay_s=delay, error=o.error)
             else:
-                await conn.execute(q("supersede_job"), {**params, "error": f"superseded after error: {o.error}"})
+                # a newer pending job of the row has its new state: this one is done, its error kept as the reason
+                await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
             return
         cur = await conn.execute(q("fail_job"), params)
         if cur.rowcount:

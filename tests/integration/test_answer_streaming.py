@@ -17,6 +17,7 @@ from pgsynapse.answerers.citations import REFUSED_ANSWER
 from pgsynapse.client import Client
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
+from tests.integration.test_stale_writes import stepped_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -266,3 +267,44 @@ async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, mode
     assert pieces == []  # nothing streamed: the answer arrives whole, in the Result only
     assert refused.flags[0].startswith("invalid_citations: [9] cited") and refused.flags[1] == "refused"
     assert SSE.requests[0].get("stream") is None  # stream_answers = false: a plain request
+
+
+async def test_an_edit_committed_after_the_load_stops_the_old_stream_and_the_new_text_is_answered(db_url, models, sse):
+    """The application's transaction edits a question whose job is pending (its trigger queues nothing: the pending
+    job will read the row), and commits after the worker claimed and loaded the job: the old text's stream stops at
+    its first write, and the new text still gets its job."""
+    SSE.scripts = [PIECES, ["Release it with ", "RELEASE SAVEPOINT [1]."]]
+    settings = _settings(db_url, sse, stream_interval_ms=0)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await _corpus(db_url)
+    conn = await aconn(db_url)
+    qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES "
+                                     "('how do I undo commands back to a savepoint?') RETURNING id")).fetchone())["id"]
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        handler = worker.handlers["answer"]
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.questions SET text = 'how do I release a savepoint?' WHERE id = %s", (qid,))
+        [job] = await worker.claim("answer", 10)
+        async with worker.pool.connection() as c:
+            work, _ = await handler.load(c, [job])
+        await app.commit()
+        SSE.gates = gates = [threading.Event() for _ in PIECES]
+
+        def go_on(logger, name, event):  # the first piece's write found the text changed: the rest may come
+            if event["event"] == "answer_stream_superseded":
+                for g in gates:
+                    g.set()
+            return event
+
+        with capture_logs(processors=[go_on]) as logs:
+            outcomes = await anyio.to_thread.run_sync(handler.compute, work)
+        assert [e["reason"] for e in logs if e["event"] == "answer_generation_stopped"] == ["superseded"]
+        await worker.writer.write("answer", handler, outcomes)
+    jobs = await (await conn.execute("SELECT status FROM pgsynapse.jobs WHERE kind = 'answer' ORDER BY id")).fetchall()
+    assert [j["status"] for j in jobs] == ["done", "pending"]
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (qid,),
+                         channel="pgsynapse_answers")
+    final = await (await conn.execute("SELECT text, answer FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
+    await conn.close()
+    assert final == {"text": "how do I release a savepoint?", "answer": "Release it with RELEASE SAVEPOINT [1]."}

@@ -164,3 +164,27 @@ async def test_an_expired_job_with_a_newer_running_job_of_its_row_is_superseded_
     assert rows[old]["last_error"] is None  # not an error
     assert rows[new]["status"] == "running"
     await conn.close()
+
+
+async def test_a_batch_whose_load_fails_is_retried_with_backoff_not_left_to_its_lease(db_url, models):
+    """The connection breaks between the claim and the load (a database restart, a terminated backend): the batch's
+    jobs go back to pending with the error, to be retried after their backoff, instead of staying running until
+    their lease expires (and then coming back solo, one at a time)."""
+    conn = await aconn(db_url)
+    docs = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage."), ("Index", "CREATE INDEX builds an index.")])
+    async with stepped_worker(fast_settings(db_url, lease_seconds=600.0), models) as worker:
+        jobs = await worker.claim("embed", 10)
+        assert len(jobs) == 2
+        # the pool's idle connection (the one the load takes next) is cut by the server
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                           " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        with capture_logs() as logs:
+            await worker.process_batch("embed", jobs)
+    rows = await (await conn.execute("SELECT status, attempts, solo, last_error FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert [(r["status"], r["attempts"], r["solo"]) for r in rows] == [("pending", 1, False)] * 2, rows
+    assert all("terminating connection" in r["last_error"] for r in rows), rows
+    assert [e["event"] for e in logs if e["log_level"] == "warning"].count("job_retry_scheduled") == 2, logs
+    async with running_worker(fast_settings(db_url), models):
+        await wait_until(conn, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'"
+                               " AND id = ANY(%s)", (docs,))
+    await conn.close()

@@ -13,6 +13,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from structlog.testing import capture_logs
 
 from pgsynapse.handlers.base import Outcome
 from pgsynapse.learning.registry import retire
@@ -280,3 +281,94 @@ async def test_an_embed_batch_skips_a_version_retired_while_it_computed(db_url, 
     await conn.close()
     assert row["status"] == "embedded" and list(per_version) == [1] and per_version[1] >= 1
     assert [j["status"] for j in jobs] == ["done"]
+
+
+async def test_a_retryable_failure_of_the_old_text_is_superseded_by_the_edits_job(db_url, models):
+    """An embed job fails with a retryable error while the document was edited: the edit's pending job has the new
+    text, so the failed one is closed as superseded at once (not retried, not left running until its lease
+    expires) and its batch-mates are written in the same transaction."""
+    settings = fast_settings(db_url, lease_seconds=600.0)
+    conn = await aconn(db_url)
+    [doc, mate] = insert_docs(db_url, [("Old", "The text whose job fails."), ("Mate", "A healthy neighbour.")])
+    async with stepped_worker(settings, models) as worker:
+        jobs = await worker.claim("embed", 10)
+        by_ref = {j.ref_id: j for j in jobs}
+        handler = worker.handlers["embed"]
+        async with worker.pool.connection() as c:
+            work, _ = await handler.load(c, [by_ref[mate]])
+        await conn.execute("UPDATE pgsynapse.documents SET body = 'The corrected text.' WHERE id = %s", (doc,))
+        with capture_logs() as logs:
+            await worker.writer.write("embed", handler, [Outcome(by_ref[doc], error="RuntimeError: model busy"),
+                                                         *handler.compute(work)])
+    events = [e["event"] for e in logs]
+    assert "job_write_failed" not in events and "batch_write_failed_splitting" not in events, logs
+    jobs = await (await conn.execute("SELECT ref_id, status, skip_reason, last_error FROM pgsynapse.jobs"
+                                     " WHERE kind = 'embed' ORDER BY id")).fetchall()
+    assert [(j["ref_id"], j["status"]) for j in jobs] == [(doc, "done"), (mate, "done"), (doc, "pending")]
+    assert "model busy" in jobs[0]["skip_reason"] and jobs[0]["last_error"] is None
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()
+
+
+async def test_an_edit_committed_after_its_pending_job_was_claimed_and_loaded_is_still_embedded(db_url, models):
+    """The application's transaction edits a document whose job is pending: the trigger queues nothing (the pending
+    job will read the row). A worker claims that job and loads the row before the transaction commits, so it
+    computes the old text, which the write then refuses as stale. The new text must still get its job."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.documents SET body = 'VACUUM FULL rewrites the whole table.' WHERE id = %s",
+                          (doc,))
+        outcomes = await _run_until_write(worker, "embed")  # claimed and loaded before the edit commits
+        await app.commit()
+        await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+    jobs = await _jobs(conn, "embed")
+    assert [j["status"] for j in jobs] == ["done", "pending"], jobs
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()
+
+
+async def test_an_edit_committed_after_its_pending_job_was_claimed_and_loaded_is_still_answered(db_url, models):
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    row = await (await conn.execute(
+        "INSERT INTO pgsynapse.questions (text) VALUES ('what is vacuum?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.questions SET text = 'what is a savepoint?' WHERE id = %s", (row["id"],))
+        outcomes = await _run_until_write(worker, "answer")
+        await app.commit()
+        await worker.writer.write("answer", worker.handlers["answer"], outcomes)
+    jobs = await _jobs(conn, "answer")
+    assert [j["status"] for j in jobs] == ["done", "pending"], jobs
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (row["id"],),
+                         channel="pgsynapse_answers")
+    q = await (await conn.execute("SELECT retrieval_query FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+    await conn.close()
+    assert q["retrieval_query"] == "what is a savepoint?"
+
+
+async def test_an_image_changed_in_a_transaction_committed_after_its_load_is_still_embedded(db_url, models,
+                                                                                             tiny_clip_path):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        image_registry.add(sync, tiny_clip_path)
+        img = sync.execute("INSERT INTO pgsynapse.images (data) VALUES (%s) RETURNING id",
+                           (png_bytes(coloured_image("red", seed=1)),)).fetchone()["id"]
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    conn = await aconn(db_url)
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (png_bytes(coloured_image("blue", seed=2)), img))
+        outcomes = await _run_until_write(worker, "embed_image")
+        await app.commit()
+        await worker.writer.write("embed_image", worker.handlers["embed_image"], outcomes)
+    assert [j["status"] for j in await _jobs(conn, "embed_image")] == ["done", "pending"]
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.images WHERE id = %s", (img,),
+                         channel="pgsynapse_images")
+    await conn.close()

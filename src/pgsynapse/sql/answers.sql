@@ -111,6 +111,15 @@ SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
 
+-- name: requeue_changed_questions
+-- The questions of superseded jobs (handlers/base.py, requeue_changed) still pending: a new job, unless the
+-- question has a newer job or a pending one (requeue_changed_documents in queries.sql).
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT j.kind, j.ref_id FROM pgsynapse.jobs j JOIN pgsynapse.questions q ON q.id = j.ref_id
+WHERE j.id = ANY(%(jobs)s) AND q.status = 'pending'
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+
 -- name: notify_answer
 SELECT pg_notify('pgsynapse_answers', json_build_object('id', %(id)s::bigint, 'status', %(status)s::text)::text);
 

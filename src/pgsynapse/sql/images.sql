@@ -21,6 +21,14 @@ SELECT id, content_hash,
            ARRAY(SELECT e.model_id FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id) ELSE '{}' END AS embedded_by
 FROM pgsynapse.images i WHERE id = ANY(%(ids)s) FOR UPDATE;
 
+-- name: requeue_changed_images
+-- as requeue_changed_documents in queries.sql
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT j.kind, j.ref_id FROM pgsynapse.jobs j JOIN pgsynapse.images i ON i.id = j.ref_id
+WHERE j.id = ANY(%(jobs)s) AND i.embedded_hash IS DISTINCT FROM i.content_hash
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+
 -- name: delete_image_embeddings
 DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);
 

@@ -225,6 +225,16 @@ WHERE d.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed' AND p.ref_id = d.id AND p.status = 'pending')
 RETURNING d.id;
 
+-- name: requeue_changed_documents
+-- The documents of superseded jobs (handlers/base.py, requeue_changed) whose content is not embedded: a new job,
+-- unless the row has a newer job (it reads the row after the edit: an edit waits for the row lock of the one before)
+-- or a pending one.
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT j.kind, j.ref_id FROM pgsynapse.jobs j JOIN pgsynapse.documents d ON d.id = j.ref_id
+WHERE j.id = ANY(%(jobs)s) AND d.embedded_hash IS DISTINCT FROM d.content_hash
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+
 -- name: notify_documents
 SELECT pg_notify('pgsynapse_documents', json_build_object('id', d, 'status', %(status)s::text)::text)
 FROM unnest(%(ids)s::bigint[]) AS d;

@@ -76,6 +76,14 @@ SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_c
 WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
 RETURNING id, status;
 
+-- name: requeue_changed_data_questions
+-- as requeue_changed_questions in answers.sql
+INSERT INTO pgsynapse.jobs (kind, ref_id)
+SELECT j.kind, j.ref_id FROM pgsynapse.jobs j JOIN pgsynapse.data_questions q ON q.id = j.ref_id
+WHERE j.id = ANY(%(jobs)s) AND q.status = 'pending'
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
+ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
+
 -- name: fail_data_question
 UPDATE pgsynapse.data_questions SET status = 'failed', error = %(error)s, answered_at = now(),
     latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
