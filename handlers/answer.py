@@ -178,7 +178,6 @@ class AnswerHandler(Handler[AnswerWork]):
             qvecs = await embed_queries(conn, embedder, [w.question for w in group])
             if self.guard:
                 await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
-            self._add_batch_mates(group)
             for w in group:
                 # a follow-up ("and how do I undo it?") is retrieved with the previous question's context; a new
                 # topic in the same session on its own
@@ -216,19 +215,6 @@ class AnswerHandler(Handler[AnswerWork]):
                 else:
                     kept.append((turn_id, turn))
             w.turn_ids, w.history = [i for i, _ in kept], [t for _, t in kept]
-
-    def _add_batch_mates(self, group: list[AnswerWork]) -> None:
-        """A session's earlier question in the same batch (asked in the same statement) is not answered yet, but it
-        has just passed the same guardrail check: unless it was blocked, it is history (its question alone)."""
-        n = self.settings.history_turns
-        for w in group:
-            mates = [m for m in group if w.session_id is not None and m.session_id == w.session_id
-                     and m.job.ref_id < w.job.ref_id and not blocked(m)]
-            if not mates or not n:
-                continue
-            turns = sorted([*zip(w.turn_ids, w.history), *((m.job.ref_id, Turn(m.question, None)) for m in mates)],
-                           key=lambda t: t[0])[-n:]
-            w.turn_ids, w.history = [i for i, _ in turns], [t for _, t in turns]
 
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version

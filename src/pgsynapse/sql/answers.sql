@@ -11,11 +11,14 @@ FROM (SELECT id, session_id, created_at, text, length(text) AS chars
       FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending') q;
 
 -- name: session_history
--- The answered turns of a session before a question, newest first (the caller keeps the last few, and checks
--- them against today's guardrail rules). Pending turns (not checked by the guardrails yet), blocked and failed
+-- The turns of a session before a question, newest first (the caller keeps the last few, and checks them against
+-- today's guardrail rules): answered ones, and ones still pending with their question alone (a follow-up sent
+-- before the answer to the question before it came, or in the same statement, goes on from that question: another
+-- batch or worker may be answering it; the text so far of a streamed answer is not its answer). Blocked and failed
 -- ones are left out, and so is a text over the question limit.
-SELECT id, text, answer FROM pgsynapse.questions
-WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND length(text) <= %(max_chars)s
+SELECT id, text, CASE WHEN status = 'answered' THEN answer END AS answer FROM pgsynapse.questions
+WHERE session_id = %(session)s AND id < %(before)s AND status IN ('answered', 'pending')
+  AND length(text) <= %(max_chars)s
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
