@@ -156,6 +156,24 @@ async def test_a_follow_up_asked_while_its_sessions_last_question_is_pending_kee
     assert row["cached"] == 0  # a follow-up with history is never served again from the cache
 
 
+async def test_a_session_id_with_spaces_around_it_keeps_its_own_history_and_reads_no_other(db_url, models):
+    """'erin ' (a char(n) column pads it) is its own session: its follow-up was searched without its history, and
+    ' alice' read the history of 'alice', another user's conversation."""
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            await client.ask("How do I mark a point inside a transaction with a savepoint?", session_id="erin ")
+            padded = await client.ask("and how do I undo it?", session_id="erin ")
+            await client.ask("How do I reclaim storage from dead tuples?", session_id="alice")
+            other = await client.ask("and how do I undo it?", session_id=" alice")
+        conn = await aconn(db_url)
+        rq = {r["id"]: r["retrieval_query"] for r in await (await conn.execute(
+            "SELECT id, retrieval_query FROM pgsynapse.questions WHERE id IN (%s, %s)", (padded.id, other.id))).fetchall()}
+        await conn.close()
+    assert rq[padded.id] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
+    assert rq[other.id] == "and how do I undo it?"
+
+
 class CountingAnswerer(ExtractiveAnswerer):
     """The real extractive answerer, counting the questions that reach it; raises on a marker."""
 

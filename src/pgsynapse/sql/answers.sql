@@ -3,8 +3,9 @@
 -- name: load_questions
 -- A question over %(max_chars)s characters comes without its text (NULL): it fails from its length alone, and its
 -- text is never fetched. text_hash is the write's stale-write guard (write_answer). A blank session_id ('' or
--- spaces, as some apps write for none) is no session: no history, no routing by it.
-SELECT id, nullif(btrim(session_id), '') AS session_id, created_at, chars,
+-- spaces, as some apps write for none) is no session: no history, no routing by it. Any other is the session as
+-- written, spaces around it included ('erin ' from a char(n) column): its history is read by it (session_history).
+SELECT id, CASE WHEN btrim(session_id) <> '' THEN session_id END AS session_id, created_at, chars,
        CASE WHEN chars <= %(max_chars)s THEN text END AS text,
        CASE WHEN chars <= %(max_chars)s THEN md5(text) END AS text_hash
 FROM (SELECT id, session_id, created_at, text, length(text) AS chars
