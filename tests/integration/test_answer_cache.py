@@ -202,3 +202,29 @@ async def test_an_entry_past_its_max_age_is_not_served_and_the_housekeeping_dele
     assert again.status == "answered" and again.cached_from is None
     assert left == [again.id]  # the old entry deleted, the fresh answer of the paraphrase kept
     assert [e["removed"] for e in logs if e["event"] == "answer_cache_expired"] == [1]
+
+
+@pytest.mark.parametrize("edit", ["failed", "pending"])
+async def test_an_entry_whose_question_was_edited_since_is_not_served(db_url, models, edit):
+    """An edit of the question asks it again (its answer cleared), but its entry stayed until the new text was
+    answered: meanwhile (pending), or for ever when the new text failed, a paraphrase was served the old answer,
+    cached_from naming a question that now asks something else and has no answer."""
+    async with running_worker(_settings(db_url, max_question_chars=300), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            if edit == "failed":
+                await conn.execute("UPDATE pgsynapse.questions SET text = repeat('x ', 200) WHERE id = %s", (first.id,))
+                await wait_until(conn, "SELECT status = 'failed' FROM pgsynapse.questions WHERE id = %s", (first.id,),
+                                 channel="pgsynapse_answers")
+            else:
+                async with conn.transaction():  # its new job waits (another worker's batch, a backoff)
+                    await conn.execute("UPDATE pgsynapse.questions SET text = 'How do I vacuum a table?' WHERE id = %s",
+                                       (first.id,))
+                    await conn.execute("UPDATE pgsynapse.jobs SET run_after = now() + interval '1 hour'"
+                                       " WHERE kind = 'answer' AND ref_id = %s AND status = 'pending'", (first.id,))
+            again = await client.ask(PARAPHRASE)
+        row = await _row(conn, again.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
