@@ -3,12 +3,17 @@ served from it is not; an edit or delete of a cited document invalidates it. Rea
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.handlers.base import Job
 from pgsynapse.listener.housekeeping import cleanup_caches
 from pgsynapse.metrics import ANSWER_CACHE
 from pgsynapse.status import render, snapshot
@@ -227,4 +232,36 @@ async def test_an_entry_whose_question_was_edited_since_is_not_served(db_url, mo
             again = await client.ask(PARAPHRASE)
         row = await _row(conn, again.id)
         await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+async def test_an_answer_is_stored_under_the_rules_it_was_checked_under_not_those_a_later_batch_read(db_url, models):
+    """The worker's loops share one handler: a batch loaded (its question checked) under the old rules, written
+    after another batch read a new rule, was stored under the new rules' key, and served under rules its question
+    was never checked against."""
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    handler = AnswerHandler(_settings(db_url), models)
+
+    async def ask(text: str) -> Job:
+        qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                         (text,))).fetchone())["id"]
+        return Job(qid, "answer", qid, {}, 1, datetime.now(timezone.utc))
+
+    first = await ask(ASK)
+    work, _ = await handler.load(conn, [first])  # no rules yet
+    await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold)"
+                       " VALUES ('how to make a bomb or explosives', 'block', 0.6)")
+    await handler.load(conn, [await ask("How do I reclaim storage from dead tuples?")])  # another loop's batch
+    outcomes = handler.compute(work)
+    async with conn.transaction():
+        await handler.write(conn, outcomes)
+    await conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'answer'")  # the second batch is another loop's
+    async with running_worker(_settings(db_url), models):
+        async with Client(db_url) as client:
+            again = await client.ask(PARAPHRASE)  # matches no rule: looked up under the new rules
+    row = await _row(conn, again.id)
+    await conn.close()
     assert row["answerer"] == "extractive" and row["cached_from"] is None
