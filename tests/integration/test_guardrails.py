@@ -173,3 +173,12 @@ def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_i
     assert listed[1].split()[:4] == [str(rule), "block", "0.50", "no"]
     gone = pgsynapse("guardrail", "enable", "999", url=db_url)
     assert (gone.returncode, gone.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
+
+
+def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url):
+    # was exit 69 ("database unreachable or not migrated yet") with the table's CHECK constraint violation
+    r = pgsynapse("guardrail", "add", "   ", url=db_url)
+    assert (r.returncode, r.stderr) == (1, "pgsynapse: error: guardrail add needs a text: what questions and answers "
+                                           "the rule is about, as a question or a sentence\n")
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.guardrail_rules").fetchone()[0] == 0
