@@ -209,6 +209,22 @@ async def test_an_entry_past_its_max_age_is_not_served_and_the_housekeeping_dele
     assert [e["removed"] for e in logs if e["event"] == "answer_cache_expired"] == [1]
 
 
+async def test_a_question_edited_into_a_paraphrase_of_itself_is_answered_afresh_not_from_its_own_entry(db_url, models):
+    """A typo fixed: the edited question was looked up while its own entry was still there, and served its old answer,
+    answerer 'cache' and cached_from its own id."""
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+        await conn.execute("UPDATE pgsynapse.questions SET text = %s WHERE id = %s", (PARAPHRASE, first.id))
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (first.id,),
+                         channel="pgsynapse_answers")
+        row = await _row(conn, first.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
 @pytest.mark.parametrize("edit", ["failed", "pending"])
 async def test_an_entry_whose_question_was_edited_since_is_not_served(db_url, models, edit):
     """An edit of the question asks it again (its answer cleared), but its entry stayed until the new text was
