@@ -64,6 +64,7 @@ class AnswerWork:
     turn_ids: list[int] = field(default_factory=list)  # the question ids of ``history``
     cached: Hit | None = None  # answered from the semantic answer cache (pgsynapse.answer_cache)
     ranker: dict[str, Any] | None = None  # the ranker routed to (None: the vector order)
+    rules_key: str = ""  # the guardrail rules it was loaded (and its question checked) under: answer_cache.rules_key
 
 
 def blocked(w: AnswerWork) -> bool:
@@ -171,6 +172,8 @@ class AnswerHandler(Handler[AnswerWork]):
         rules = list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall())
         self.guard.refresh(rules)
         self.cache.refresh_rules(rules)
+        for w in work:
+            w.rules_key = self.cache.rules_key
         for version in {w.version["id"]: w.version for w in work}.values():
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
@@ -178,7 +181,6 @@ class AnswerHandler(Handler[AnswerWork]):
             qvecs = await embed_queries(conn, embedder, [w.question for w in group])
             if self.guard:
                 await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
-            self._add_batch_mates(group)
             for w in group:
                 # a follow-up ("and how do I undo it?") is retrieved with the previous question's context; a new
                 # topic in the same session on its own
@@ -190,7 +192,7 @@ class AnswerHandler(Handler[AnswerWork]):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)
                 if self.cache.may_serve(guardrail=w.guardrail, history=w.history):
                     w.cached = await self.cache.lookup(conn, w.version, w.question, qv, w.job.ref_id,
-                                                       ranker=w.ranker["id"] if w.ranker else None)
+                                                       rules=w.rules_key, ranker=w.ranker["id"] if w.ranker else None)
         retrieve = [w for w in work if not blocked(w) and w.cached is None]
         if retrieve:
             async with reading(self.replica, conn) as reads:  # the replica, once it has caught up with the primary
@@ -216,19 +218,6 @@ class AnswerHandler(Handler[AnswerWork]):
                 else:
                     kept.append((turn_id, turn))
             w.turn_ids, w.history = [i for i, _ in kept], [t for _, t in kept]
-
-    def _add_batch_mates(self, group: list[AnswerWork]) -> None:
-        """A session's earlier question in the same batch (asked in the same statement) is not answered yet, but it
-        has just passed the same guardrail check: unless it was blocked, it is history (its question alone)."""
-        n = self.settings.history_turns
-        for w in group:
-            mates = [m for m in group if w.session_id is not None and m.session_id == w.session_id
-                     and m.job.ref_id < w.job.ref_id and not blocked(m)]
-            if not mates or not n:
-                continue
-            turns = sorted([*zip(w.turn_ids, w.history), *((m.job.ref_id, Turn(m.question, None)) for m in mates)],
-                           key=lambda t: t[0])[-n:]
-            w.turn_ids, w.history = [i for i, _ in turns], [t for _, t in turns]
 
     async def _retrieve(self, conn: psycopg.AsyncConnection, w: AnswerWork) -> list[Passage]:
         s, v = self.settings, w.version
@@ -317,7 +306,7 @@ class AnswerHandler(Handler[AnswerWork]):
                 "retrieval_query": w.retrieval_query, "text_hash": w.text_hash, "cached": w.cached,
                 "cache_store": w.cached is None and self.cache.may_store(answer, status=status, guardrail=guard,
                                                                          history=w.history),
-                "query_vector": w.query_vector}
+                "query_vector": w.query_vector, "rules_key": w.rules_key}
 
     # -- write ---------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
@@ -343,7 +332,8 @@ class AnswerHandler(Handler[AnswerWork]):
                 report.superseded.append(o.job.id)
                 continue
             await self.cache.written(conn, o.job.ref_id, version=r["version"], answer=answer, hit=r["cached"],
-                                     store=r["cache_store"], vector=r["query_vector"], ranker=r["ranker"])
+                                     store=r["cache_store"], vector=r["query_vector"], rules=r["rules_key"],
+                                     ranker=r["ranker"])
             await conn.execute(q("notify_answer", "answers.sql"), {"id": o.job.ref_id, "status": status})
             report.written.append(o.job.id)
         return report

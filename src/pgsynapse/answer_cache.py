@@ -229,11 +229,12 @@ class AnswerCache:
         return self.settings_key if ranker is None else f"{self.settings_key}:ranker={int(ranker)}"
 
     async def lookup(self, conn: psycopg.AsyncConnection, version: dict[str, Any], question: str,
-                     vector: np.ndarray, question_id: int, *, ranker: int | None = None) -> Hit | None:
+                     vector: np.ndarray, question_id: int, *, rules: str, ranker: int | None = None) -> Hit | None:
+        """``rules``: the :func:`rules_key` of the rules the question was checked under."""
         s = self.settings
         rows = await (await conn.execute(lookup_sql(version), {
             "query": vector, "k": NEAREST, "threshold": s.answer_cache_threshold, "settings_key": self.key(ranker),
-            "rules_key": self.rules_key, "max_age": s.answer_cache_max_age_seconds})).fetchall()
+            "rules_key": rules, "max_age": s.answer_cache_max_age_seconds})).fetchall()
         row = next((r for r in rows if may_share(question, r["question"])), None)
         answer_cache_outcome(version["id"], "hit" if row else "miss")
         if row is None:
@@ -244,9 +245,13 @@ class AnswerCache:
         return hit
 
     async def written(self, conn: psycopg.AsyncConnection, question_id: int, *, version: int, answer: Answer,
-                      hit: Hit | None, store: bool, vector: np.ndarray | None, ranker: int | None = None) -> None:
+                      hit: Hit | None, store: bool, vector: np.ndarray | None, rules: str,
+                      ranker: int | None = None) -> None:
         """After an answer's write, in its transaction: mark a hit (its origin and the entry's count), or store a
         fresh answer that may be served again, or forget an earlier entry of this question that may not.
+        ``rules``: the :func:`rules_key` its batch was loaded under; the rules read since by another batch (the
+        worker's loops share this cache) differ when they changed meanwhile, and then nothing is stored: its
+        question was checked under the old rules, its answer under either.
         Nothing while the cache is off: entries left from before are not served, and a hit needs it on."""
         if not self.enabled:
             return
@@ -254,9 +259,9 @@ class AnswerCache:
                            {"id": question_id, "origin": hit.question_id if hit else None})
         if hit is not None:
             await conn.execute(q("count_hit", "answer_cache.sql"), {"origin": hit.question_id})
-        elif store and vector is not None:
+        elif store and vector is not None and rules == self.rules_key:
             await conn.execute(q("store", "answer_cache.sql"), {
-                "id": question_id, "version": version, "settings_key": self.key(ranker), "rules_key": self.rules_key,
+                "id": question_id, "version": version, "settings_key": self.key(ranker), "rules_key": rules,
                 "embedding": vector, "answer": answer.text, "sources": Jsonb(answer.sources),
                 "documents": sorted({int(src["document_id"]) for src in answer.sources}),
                 "chunks": sorted({int(src["chunk_id"]) for src in answer.sources})})

@@ -24,6 +24,9 @@ FILE = "guardrails.sql"
 
 
 def run_guardrail_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.guardrail_command == "add" and not args.text.strip():
+        raise InputError("guardrail add needs a text: what questions and answers the rule is about, as a question or "
+                         "a sentence")
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         action = args.guardrail_command
         if action == "list":

@@ -3,12 +3,17 @@ served from it is not; an edit or delete of a cited document invalidates it. Rea
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client, format_result
+from pgsynapse.handlers.answer import AnswerHandler
+from pgsynapse.handlers.base import Job
 from pgsynapse.listener.housekeeping import cleanup_caches
 from pgsynapse.metrics import ANSWER_CACHE
 from pgsynapse.status import render, snapshot
@@ -202,3 +207,77 @@ async def test_an_entry_past_its_max_age_is_not_served_and_the_housekeeping_dele
     assert again.status == "answered" and again.cached_from is None
     assert left == [again.id]  # the old entry deleted, the fresh answer of the paraphrase kept
     assert [e["removed"] for e in logs if e["event"] == "answer_cache_expired"] == [1]
+
+
+async def test_a_question_edited_into_a_paraphrase_of_itself_is_answered_afresh_not_from_its_own_entry(db_url, models):
+    """A typo fixed: the edited question was looked up while its own entry was still there, and served its old answer,
+    answerer 'cache' and cached_from its own id."""
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+        await conn.execute("UPDATE pgsynapse.questions SET text = %s WHERE id = %s", (PARAPHRASE, first.id))
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (first.id,),
+                         channel="pgsynapse_answers")
+        row = await _row(conn, first.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+@pytest.mark.parametrize("edit", ["failed", "pending"])
+async def test_an_entry_whose_question_was_edited_since_is_not_served(db_url, models, edit):
+    """An edit of the question asks it again (its answer cleared), but its entry stayed until the new text was
+    answered: meanwhile (pending), or for ever when the new text failed, a paraphrase was served the old answer,
+    cached_from naming a question that now asks something else and has no answer."""
+    async with running_worker(_settings(db_url, max_question_chars=300), models):
+        await _setup(db_url)
+        conn = await aconn(db_url)
+        async with Client(db_url) as client:
+            first = await client.ask(ASK)
+            if edit == "failed":
+                await conn.execute("UPDATE pgsynapse.questions SET text = repeat('x ', 200) WHERE id = %s", (first.id,))
+                await wait_until(conn, "SELECT status = 'failed' FROM pgsynapse.questions WHERE id = %s", (first.id,),
+                                 channel="pgsynapse_answers")
+            else:
+                async with conn.transaction():  # its new job waits (another worker's batch, a backoff)
+                    await conn.execute("UPDATE pgsynapse.questions SET text = 'How do I vacuum a table?' WHERE id = %s",
+                                       (first.id,))
+                    await conn.execute("UPDATE pgsynapse.jobs SET run_after = now() + interval '1 hour'"
+                                       " WHERE kind = 'answer' AND ref_id = %s AND status = 'pending'", (first.id,))
+            again = await client.ask(PARAPHRASE)
+        row = await _row(conn, again.id)
+        await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+async def test_an_answer_is_stored_under_the_rules_it_was_checked_under_not_those_a_later_batch_read(db_url, models):
+    """The worker's loops share one handler: a batch loaded (its question checked) under the old rules, written
+    after another batch read a new rule, was stored under the new rules' key, and served under rules its question
+    was never checked against."""
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    handler = AnswerHandler(_settings(db_url), models)
+
+    async def ask(text: str) -> Job:
+        qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                         (text,))).fetchone())["id"]
+        return Job(qid, "answer", qid, {}, 1, datetime.now(timezone.utc))
+
+    first = await ask(ASK)
+    work, _ = await handler.load(conn, [first])  # no rules yet
+    await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold)"
+                       " VALUES ('how to make a bomb or explosives', 'block', 0.6)")
+    await handler.load(conn, [await ask("How do I reclaim storage from dead tuples?")])  # another loop's batch
+    outcomes = handler.compute(work)
+    async with conn.transaction():
+        await handler.write(conn, outcomes)
+    await conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'answer'")  # the second batch is another loop's
+    async with running_worker(_settings(db_url), models):
+        async with Client(db_url) as client:
+            again = await client.ask(PARAPHRASE)  # matches no rule: looked up under the new rules
+    row = await _row(conn, again.id)
+    await conn.close()
+    assert row["answerer"] == "extractive" and row["cached_from"] is None

@@ -133,6 +133,47 @@ async def test_a_blank_session_id_is_no_session_and_shares_no_history(db_url, mo
     assert conversations["n"] == 0  # and no "conversation" of every blank-session question (questions_v7.sql)
 
 
+async def test_a_follow_up_asked_while_its_sessions_last_question_is_pending_keeps_its_context(db_url, models):
+    """A chat app sends the follow-up before the first answer came: the first question is still pending (being
+    answered by another batch, another worker, or waiting for a retry) when the follow-up is loaded. It was searched
+    on its own ("and can it reject duplicates?") and, with no history, stored in the answer cache."""
+    conn = await aconn(db_url)
+    first = (await (await conn.execute(
+        "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('carol', 'How do I create an index on a column?')"
+        " RETURNING id")).fetchone())["id"]
+    # the first question's job is held elsewhere (another worker's batch): this worker cannot claim it
+    await conn.execute("UPDATE pgsynapse.jobs SET run_after = now() + interval '1 hour' WHERE kind = 'answer'"
+                       " AND ref_id = %s", (first,))
+    async with running_worker(fast_settings(db_url, answer_cache=True), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            follow = await client.ask("and can it reject duplicates?", session_id="carol")
+        row = await (await conn.execute(
+            "SELECT retrieval_query, (SELECT count(*) FROM pgsynapse.answer_cache WHERE question_id = q.id) AS cached"
+            " FROM pgsynapse.questions q WHERE id = %s", (follow.id,))).fetchone()
+    await conn.close()
+    assert row["retrieval_query"] == "How do I create an index on a column? and can it reject duplicates?"
+    assert row["cached"] == 0  # a follow-up with history is never served again from the cache
+
+
+async def test_a_session_id_with_spaces_around_it_keeps_its_own_history_and_reads_no_other(db_url, models):
+    """'erin ' (a char(n) column pads it) is its own session: its follow-up was searched without its history, and
+    ' alice' read the history of 'alice', another user's conversation."""
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            await client.ask("How do I mark a point inside a transaction with a savepoint?", session_id="erin ")
+            padded = await client.ask("and how do I undo it?", session_id="erin ")
+            await client.ask("How do I reclaim storage from dead tuples?", session_id="alice")
+            other = await client.ask("and how do I undo it?", session_id=" alice")
+        conn = await aconn(db_url)
+        rq = {r["id"]: r["retrieval_query"] for r in await (await conn.execute(
+            "SELECT id, retrieval_query FROM pgsynapse.questions WHERE id IN (%s, %s)", (padded.id, other.id))).fetchall()}
+        await conn.close()
+    assert rq[padded.id] == "How do I mark a point inside a transaction with a savepoint? and how do I undo it?"
+    assert rq[other.id] == "and how do I undo it?"
+
+
 class CountingAnswerer(ExtractiveAnswerer):
     """The real extractive answerer, counting the questions that reach it; raises on a marker."""
 

@@ -1,6 +1,6 @@
 """Guardrails cover everything that reaches the answerer: the question in windows over its whole length, and the
-session history (only answered turns, checked against today's rules; a batch-mate only once it passed its own
-check). Real model, real rules, real NOTIFY."""
+session history (answered turns, and pending ones with their question alone, all checked against today's
+rules). Real model, real rules, real NOTIFY."""
 
 from __future__ import annotations
 
@@ -93,20 +93,28 @@ async def test_an_answered_turn_that_a_newer_rule_blocks_is_left_out_of_history(
     assert RecordingAnswerer.seen == ["and what else?"]
 
 
-async def test_a_pending_turn_outside_the_batch_is_left_out_of_history(db_url, models):
+async def test_a_pending_turn_outside_the_batch_is_history_only_once_it_passes_todays_rules(db_url, models):
+    """A follow-up loaded while its session's previous question is still pending (another batch or worker is
+    answering it) goes on from that question, its question alone, checked against today's rules here: a turn
+    that matches a block rule is left out."""
     settings = fast_settings(db_url)
     conn = await aconn(db_url)
     await register_vector_async(conn)
-    cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('pat', %s) RETURNING id", (BOMB,))
-    await cur.fetchone()
-    cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('pat', 'and then?') RETURNING id")
-    follow = (await cur.fetchone())["id"]
-    # the follow-up is loaded while the first turn is still pending (not checked, not answered yet)
+    await conn.execute(BOMB_RULE)
+    follow = {}
+    for session, first in (("pat", BOMB), ("sam", "How do I create an index?")):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, %s)", (session, first))
+        cur = await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, 'and then?') RETURNING id",
+                                 (session,))
+        follow[session] = (await cur.fetchone())["id"]
+    # the follow-ups are loaded while the first turns are still pending (not checked, not answered yet)
     work, known = await AnswerHandler(settings, models).load(
-        conn, [Job(follow, "answer", follow, {}, 1, datetime.now(timezone.utc))])
+        conn, [Job(i, "answer", i, {}, 1, datetime.now(timezone.utc)) for i in follow.values()])
     await conn.close()
-    assert known == [] and [w.job.ref_id for w in work] == [follow]
+    assert known == [] and [w.job.ref_id for w in work] == [follow["pat"], follow["sam"]]
     assert work[0].history == [] and work[0].retrieval_query == "and then?"
+    assert [(t.question, t.answer) for t in work[1].history] == [("How do I create an index?", None)]
+    assert work[1].retrieval_query == "How do I create an index? and then?"
 
 
 async def test_a_long_question_is_checked_in_windows_over_its_whole_length(db_url, models):
@@ -165,3 +173,12 @@ def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_i
     assert listed[1].split()[:4] == [str(rule), "block", "0.50", "no"]
     gone = pgsynapse("guardrail", "enable", "999", url=db_url)
     assert (gone.returncode, gone.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
+
+
+def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url):
+    # was exit 69 ("database unreachable or not migrated yet") with the table's CHECK constraint violation
+    r = pgsynapse("guardrail", "add", "   ", url=db_url)
+    assert (r.returncode, r.stderr) == (1, "pgsynapse: error: guardrail add needs a text: what questions and answers "
+                                           "the rule is about, as a question or a sentence\n")
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.guardrail_rules").fetchone()[0] == 0

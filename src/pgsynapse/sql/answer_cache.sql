@@ -5,7 +5,9 @@
 -- index (answer_cache_hnsw_vN). Of the %(k)s nearest entries, the most similar one that may be served: at or above
 -- the threshold, same answerer settings and guardrail rules, young enough, and every cited document still there
 -- with the content it had when answered (a concurrent edit whose trigger missed the entry is caught here) and every
--- cited chunk still there; most similar first (the caller compares the questions' exact terms).
+-- cited chunk still there, and whose question is still answered as it was (an edit asks it again, its answer cleared:
+-- its entry is stale until the new text's answer replaces it, for ever when that fails); most similar first (the
+-- caller compares the questions' exact terms).
 SELECT c.question_id, c.question, c.answer, c.sources, c.similarity
 FROM (SELECT question_id, question, answer, sources, settings_key, rules_key, created_at, document_ids, document_hashes,
              1 - (embedding::vector({dim}) <=> %(query)s::vector({dim})) AS similarity
@@ -13,6 +15,7 @@ FROM (SELECT question_id, question, answer, sources, settings_key, rules_key, cr
       WHERE model_version_id = {version}
       ORDER BY embedding::vector({dim}) <=> %(query)s::vector({dim})
       LIMIT %(k)s) c
+JOIN pgsynapse.questions o ON o.id = c.question_id AND o.status = 'answered' AND o.text = c.question
 WHERE c.similarity >= %(threshold)s
   AND c.settings_key = %(settings_key)s AND c.rules_key = %(rules_key)s
   AND (%(max_age)s <= 0 OR c.created_at > now() - make_interval(secs => %(max_age)s))

@@ -3,19 +3,23 @@
 -- name: load_questions
 -- A question over %(max_chars)s characters comes without its text (NULL): it fails from its length alone, and its
 -- text is never fetched. text_hash is the write's stale-write guard (write_answer). A blank session_id ('' or
--- spaces, as some apps write for none) is no session: no history, no routing by it.
-SELECT id, nullif(btrim(session_id), '') AS session_id, created_at, chars,
+-- spaces, as some apps write for none) is no session: no history, no routing by it. Any other is the session as
+-- written, spaces around it included ('erin ' from a char(n) column): its history is read by it (session_history).
+SELECT id, CASE WHEN btrim(session_id) <> '' THEN session_id END AS session_id, created_at, chars,
        CASE WHEN chars <= %(max_chars)s THEN text END AS text,
        CASE WHEN chars <= %(max_chars)s THEN md5(text) END AS text_hash
 FROM (SELECT id, session_id, created_at, text, length(text) AS chars
       FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending') q;
 
 -- name: session_history
--- The answered turns of a session before a question, newest first (the caller keeps the last few, and checks
--- them against today's guardrail rules). Pending turns (not checked by the guardrails yet), blocked and failed
+-- The turns of a session before a question, newest first (the caller keeps the last few, and checks them against
+-- today's guardrail rules): answered ones, and ones still pending with their question alone (a follow-up sent
+-- before the answer to the question before it came, or in the same statement, goes on from that question: another
+-- batch or worker may be answering it; the text so far of a streamed answer is not its answer). Blocked and failed
 -- ones are left out, and so is a text over the question limit.
-SELECT id, text, answer FROM pgsynapse.questions
-WHERE session_id = %(session)s AND id < %(before)s AND status = 'answered' AND length(text) <= %(max_chars)s
+SELECT id, text, CASE WHEN status = 'answered' THEN answer END AS answer FROM pgsynapse.questions
+WHERE session_id = %(session)s AND id < %(before)s AND status IN ('answered', 'pending')
+  AND length(text) <= %(max_chars)s
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
