@@ -113,6 +113,19 @@ def endpoint():
     server.server_close()
 
 
+async def test_a_session_id_with_spaces_around_it_keeps_its_history(shop, models):
+    """A session id as written, spaces included ('s1 ' from a char(n) column): it was trimmed when its question was
+    loaded, and its history read by 's1', which stores none (the follow-up then had no prompt to go on)."""
+    url, model = shop
+    settings = _settings(url, model)
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            first = await client.ask_data(PER_REGION, session_id="s1 ")
+            second = await client.ask_data(FOLLOW_UP, session_id="s1 ")
+    assert first.status == "answered", first
+    assert second.status == "answered" and second.rows == [["north", 15], ["south", 5]], second
+
+
 def _rows(url: str, sql: str, *args):
     with psycopg.connect(url, row_factory=dict_row) as conn:
         return conn.execute(sql, args).fetchall()

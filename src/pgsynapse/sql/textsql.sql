@@ -2,9 +2,9 @@
 
 -- name: load_data_questions
 -- A question over max_question_chars comes without its text: it fails from its length. A blank session_id is no
--- session (load_questions in answers.sql).
-SELECT id, nullif(btrim(session_id), '') AS session_id, target_schema, allowed_tables, text_hash, length(text) AS chars,
-       CASE WHEN length(text) <= %(max_chars)s THEN text END AS text
+-- session, any other is the session as written, spaces included (load_questions in answers.sql).
+SELECT id, CASE WHEN btrim(session_id) <> '' THEN session_id END AS session_id, target_schema, allowed_tables,
+       text_hash, length(text) AS chars, CASE WHEN length(text) <= %(max_chars)s THEN text END AS text
 FROM pgsynapse.data_questions WHERE id = ANY(%(ids)s) AND status = 'pending';
 
 -- name: data_session_history

@@ -22,7 +22,8 @@ WHERE trained_in_model IS NULL AND id <= %(max_id)s;
 -- target schema and allowed tables are what the target and the models' statements are run against
 SELECT DISTINCT ON (c.question_id)
        c.id AS correction_id, c.question_id, q.text AS question, q.schema_context, q.target_schema,
-       q.allowed_tables, nullif(btrim(q.session_id), '') AS session_id, q.sql_model_id,  -- blank: no session
+       q.allowed_tables, CASE WHEN btrim(q.session_id) <> '' THEN q.session_id END AS session_id,  -- blank: none
+       q.sql_model_id,
        coalesce(c.corrected_sql, q.sql) AS target_sql
 FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
