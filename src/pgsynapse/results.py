@@ -131,7 +131,7 @@ def format_result(result: Result, *, answer: bool = True) -> str:
     if result.latency_ms is not None and result.status != "answered":  # refused by no model, or failed
         lines.append(f"  {result.status} in {result.latency_ms:.0f} ms (question {result.id})")
     elif result.latency_ms is not None:
-        by = (f"from the answer cache (question {result.cached_from})" if result.cached_from is not None
+        by = (f"from the answer cache (the answer of question {result.cached_from})" if result.cached_from is not None
               else f"by model version {result.model_version_id}")
         lines.append(f"  answered in {result.latency_ms:.0f} ms {by} (question {result.id})")
     return "\n".join(lines)

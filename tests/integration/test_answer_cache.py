@@ -68,7 +68,9 @@ async def test_a_paraphrase_is_answered_from_the_earlier_answer_marked_with_its_
             snap = snapshot(sync)
     assert first.sources[0]["document_id"] == ids[0] and a["answerer"] == "extractive" and a["cached_from"] is None
     assert b["answerer"] == "cache" and b["cached_from"] == first.id == again.cached_from
-    assert f"from the answer cache (question {first.id})" in format_result(again) and first.cached_from is None
+    # it read "from the answer cache (question 1) (question 3)": which question is which
+    assert (f"from the answer cache (the answer of question {first.id}) (question {again.id})" in format_result(again)
+            and first.cached_from is None)
     assert b["answer"] == a["answer"] and b["sources"] == a["sources"] and again.status == "answered"
     assert entry["hit_count"] == 1 and entry["question"] == ASK and ids[0] in entry["document_ids"]
     [hit] = [e for e in logs if e["event"] == "answer_cache_hit"]
