@@ -36,7 +36,7 @@ from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.results import (AnswerTimeout, ClientTimeout, DataResult, OutcomeUnknown, QuestionDeleted, Result,
-                               UnknownQuestion, format_result, require_text)
+                               UnknownQuestion, format_result, require_session, require_text)
 
 FILE = "client.sql"
 ANSWERS_CHANNEL = "pgsynapse_answers"
@@ -259,6 +259,7 @@ class Client:
         final Result's answer is the answer."""
         self._require_open()
         require_text(text)
+        require_session(session_id)
         deadline = _deadline(timeout)
         # LISTEN is already up: the NOTIFY cannot be missed, it is sent on the worker's commit
         row = await self._ask_row("ask", {"session": session_id, "text": text}, "question", deadline, timeout)
@@ -347,6 +348,7 @@ class Client:
         :meth:`ask`."""
         self._require_open()
         require_text(text)
+        require_session(session_id)
         deadline = _deadline(timeout)
         row = await self._ask_row("ask_data", {"session": session_id, "text": text, "schema": schema,
                                                "tables": tables}, "data question", deadline, timeout)

@@ -56,16 +56,30 @@ def require_text(text: str) -> None:
         raise InputError(f"the question must be text (str), not {type(text).__name__}{hint}")
     if not text.strip():
         raise InputError("the question is empty: ask something")
+    _require_storable(text, "the question")
+
+
+def require_session(session_id: str | None) -> None:
+    """A session id is None (no session) or text PostgreSQL can store: an int was stored as its digits, bytes as
+    their hex text (a session no other turn of the conversation would name)."""
+    if session_id is None:
+        return
+    if not isinstance(session_id, str):
+        raise InputError(f"session_id must be text (str) or None, not {type(session_id).__name__}")
+    _require_storable(session_id, "session_id")
+
+
+def _require_storable(text: str, what: str) -> None:
     if (at := text.find("\x00")) >= 0:
-        raise InputError(f"the question holds a NUL character (\\x00, at {at}): PostgreSQL text cannot store it")
+        raise InputError(f"{what} holds a NUL character (\\x00, at {at}): PostgreSQL text cannot store it")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         code = ord(text[exc.start])
         if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by Python's surrogateescape (argv, a file)
-            raise InputError(f"the question is not valid text: byte 0x{code - 0xDC00:02x} at {exc.start} is not UTF-8 "
+            raise InputError(f"{what} is not valid text: byte 0x{code - 0xDC00:02x} at {exc.start} is not UTF-8 "
                              "(was it written in another encoding?)") from None
-        raise InputError(f"the question is not valid Unicode: a lone surrogate (\\u{code:04x}, at {exc.start})") from None
+        raise InputError(f"{what} is not valid Unicode: a lone surrogate (\\u{code:04x}, at {exc.start})") from None
 
 
 @dataclass(frozen=True)

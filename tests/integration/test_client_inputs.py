@@ -33,6 +33,22 @@ async def test_a_question_that_is_not_text_is_refused_before_its_row(db_url, tex
     await conn.close()
 
 
+@pytest.mark.parametrize(("session", "says"), [
+    (5, r"session_id must be text \(str\) or None, not int"),  # it was stored as '5'
+    (b"alice", r"session_id must be text \(str\) or None, not bytes"),  # stored as '\\x616c696365'
+    ("ali\x00ce", r"session_id holds a NUL character \(\\x00, at 3\): PostgreSQL text cannot store it"),
+])
+async def test_a_session_id_that_is_not_text_is_refused_before_its_row(db_url, session, says):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        for ask in (client.ask, client.ask_data):
+            with anyio.fail_after(SAFETY), pytest.raises(InputError, match=says):
+                await ask("how do I vacuum?", session_id=session, timeout=1)
+    for table in ("questions", "data_questions"):
+        assert (await (await conn.execute(f"SELECT count(*) AS n FROM pgsynapse.{table}")).fetchone())["n"] == 0
+    await conn.close()
+
+
 async def test_a_timeout_that_is_not_a_number_is_refused(db_url):
     async with Client(db_url) as client:
         for timeout in ("5", True):
