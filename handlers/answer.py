@@ -152,9 +152,10 @@ class AnswerHandler(Handler[AnswerWork]):
                 continue
             if row["text"] is None:  # over the limit: its text was not even fetched
                 known.append(input_error(job, InputError(
-                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
+                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}"),
+                    row["text_hash"]))
                 continue
-            if (blank := blank_question(job, row["text"])) is not None:
+            if (blank := blank_question(job, row["text"], row["text_hash"])) is not None:
                 known.append(blank)
                 continue
             key = row["session_id"] or f"question-{row['id']}"
@@ -293,11 +294,11 @@ class AnswerHandler(Handler[AnswerWork]):
                     guard = guard or hit
                 out.append(Outcome(w.job, result=self._result(w, "answered", answer, guard)))
             except ConfigError as exc:
-                out.append(Outcome(w.job, error=str(exc), retry=False))
+                out.append(Outcome(w.job, error=str(exc), retry=False, read_hash=w.text_hash))
             except InputError as exc:  # e.g. a question too long for the generator's context
-                out.append(input_error(w.job, exc))
+                out.append(input_error(w.job, exc, w.text_hash))
             except Exception as exc:  # noqa: BLE001 - one question's failure is that question's alone
-                out.append(Outcome(w.job, error=describe(exc)))
+                out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash))
         return out
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:
@@ -352,6 +353,11 @@ class AnswerHandler(Handler[AnswerWork]):
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
             await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})
+
+    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
+        row = await (await conn.execute(q("question_changed_since", "answers.sql"),
+                                        {"id": job.ref_id, "hash": read_hash})).fetchone()
+        return bool(row and row["changed"])
 
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         return (await conn.execute(q("requeue_changed_questions", "answers.sql"), {"jobs": job_ids})).rowcount

@@ -39,6 +39,9 @@ class Outcome:
     retry: bool = True
     skip_reason: str | None = None  # done with nothing to write (row deleted, superseded)
     superseded: bool = False  # skipped because its row changed while it computed (Handler.requeue_changed)
+    # the content (or text) hash of the row as the job read it: a final failure of a row that changed since is the
+    # old content's, not the row's (Handler.changed_since)
+    read_hash: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -104,6 +107,11 @@ class Handler(ABC, Generic[W]):
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
 
+    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
+        """Whether the job's row holds other content than ``read_hash``, what the job read (inside the caller's
+        transaction; the row is locked, so an edit not yet committed is waited for). False for a deleted row."""
+        return False
+
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         """Queue a new job for the row of each of these superseded jobs that still waits for its result and has no
         newer job (inside the caller's transaction, which holds the rows). An edit committed after a job's load may
@@ -118,13 +126,13 @@ class Handler(ABC, Generic[W]):
         """Announce written results (inside the write transaction: delivered on commit)."""
 
 
-def input_error(outcome_job: Job, exc: InputError) -> Outcome:
-    return Outcome(outcome_job, error=describe(exc), retry=False)
+def input_error(outcome_job: Job, exc: InputError, read_hash: str | None = None) -> Outcome:
+    return Outcome(outcome_job, error=describe(exc), retry=False, read_hash=read_hash)
 
 
-def blank_question(outcome_job: Job, text: str) -> Outcome | None:
+def blank_question(outcome_job: Job, text: str, read_hash: str | None = None) -> Outcome | None:
     """A question with nothing but whitespace fails at once: no model is asked to answer nothing (the questions
     table's check ``questions_text_not_empty`` trims spaces only; data questions have none)."""
     if text.strip():
         return None
-    return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"))
+    return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"), read_hash)

@@ -96,7 +96,7 @@ class EmbedHandler(Handler[EmbedWork]):
             elif row["already_embedded"]:
                 known.append(Outcome(job, skip_reason="already embedded: an earlier job read this content"))
             elif not row["fits"]:  # refused from its lengths: its text was not fetched
-                known.append(input_error(job, InputError(self._too_long(row))))
+                known.append(input_error(job, InputError(self._too_long(row)), row["content_hash"]))
             else:
                 work.append(EmbedWork(job, row["title"], row["body"], row["content_hash"]))
         return work, known
@@ -117,15 +117,15 @@ class EmbedHandler(Handler[EmbedWork]):
                 item.chunks = self._chunk(item)
                 to_embed.append(item)
             except InputError as exc:
-                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False)
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False, read_hash=item.content_hash)
             except Exception as exc:  # noqa: BLE001 - one row's error is that row's error
-                outcomes[item.job.id] = Outcome(item.job, error=describe(exc))
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), read_hash=item.content_hash)
         embedders = self.embedders()
         results = isolate(lambda items: self._encode(items, embedders), to_embed)
         for item, res in zip(to_embed, results, strict=True):
             if isinstance(res, BaseException):
                 retry = not isinstance(res, InputError)
-                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=retry)
+                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=retry, read_hash=item.content_hash)
             else:
                 outcomes[item.job.id] = Outcome(item.job, result=res)
         return [outcomes[item.job.id] for item in work]
@@ -209,6 +209,10 @@ class EmbedHandler(Handler[EmbedWork]):
         cur = await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
+
+    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
+        row = await (await conn.execute(q("document_changed_since"), {"id": job.ref_id, "hash": read_hash})).fetchone()
+        return bool(row and row["changed"])
 
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         return (await conn.execute(q("requeue_changed_documents"), {"jobs": job_ids})).rowcount

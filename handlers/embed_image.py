@@ -79,7 +79,8 @@ class EmbedImageHandler(Handler[ImageWork]):
                 known.append(Outcome(job, skip_reason="already embedded: an earlier job read this content"))
             elif row["path"] is None and row["data"] is None:
                 known.append(input_error(job, InputError(
-                    f"image has {row['bytes']:,} bytes, over max_image_bytes={self.settings.max_image_bytes:,}")))
+                    f"image has {row['bytes']:,} bytes, over max_image_bytes={self.settings.max_image_bytes:,}"),
+                    row["content_hash"]))
             else:
                 work.append(ImageWork(job, row["content_hash"], row["data"], row["path"]))
         return work, known
@@ -94,13 +95,14 @@ class EmbedImageHandler(Handler[ImageWork]):
                 item.decoded = decode(bytes(data), self.limits)
                 decoded.append(item)
             except InputError as exc:
-                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False)
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False, read_hash=item.content_hash)
             except Exception as exc:  # noqa: BLE001 - one row's error is that row's error
-                outcomes[item.job.id] = Outcome(item.job, error=describe(exc))
+                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), read_hash=item.content_hash)
         models = self.embedders()
         for item, res in zip(decoded, isolate(lambda items: self._encode(items, models), decoded), strict=True):
             if isinstance(res, BaseException):
-                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=not isinstance(res, InputError))
+                outcomes[item.job.id] = Outcome(item.job, error=describe(res), retry=not isinstance(res, InputError),
+                                                read_hash=item.content_hash)
             else:
                 outcomes[item.job.id] = Outcome(item.job, result=res)
             item.decoded = None  # the pixels are not needed past here
@@ -155,6 +157,10 @@ class EmbedImageHandler(Handler[ImageWork]):
         cur = await conn.execute(sql("mark_image_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(sql("notify_images"), {"ids": [job.ref_id], "status": "failed"})
+
+    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
+        row = await (await conn.execute(sql("image_changed_since"), {"id": job.ref_id, "hash": read_hash})).fetchone()
+        return bool(row and row["changed"])
 
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         return (await conn.execute(sql("requeue_changed_images"), {"jobs": job_ids})).rowcount

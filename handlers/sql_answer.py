@@ -146,9 +146,10 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 continue
             if row["text"] is None:
                 known.append(input_error(job, InputError(
-                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}")))
+                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}"),
+                    row["text_hash"]))
                 continue
-            if (blank := blank_question(job, row["text"])) is not None:
+            if (blank := blank_question(job, row["text"], row["text_hash"])) is not None:
                 known.append(blank)
                 continue
             key = row["session_id"] or f"data-question-{row['id']}"
@@ -171,11 +172,11 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 try:
                     out.append(Outcome(w.job, result=self._answer(conn, w)))
                 except InputError as exc:  # the question's scope is wrong (no readable table...): no retry helps
-                    out.append(input_error(w.job, exc))
+                    out.append(input_error(w.job, exc, w.text_hash))
                 except ConfigError as exc:  # the model is not installed or not usable: an operator must act
-                    out.append(Outcome(w.job, error=describe(exc), retry=False))
+                    out.append(Outcome(w.job, error=describe(exc), retry=False, read_hash=w.text_hash))
                 except Exception as exc:  # noqa: BLE001 - model or database trouble: this job's error, retried
-                    out.append(Outcome(w.job, error=describe(exc)))
+                    out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash))
         return out
 
     def _answer(self, conn: psycopg.Connection, w: SqlWork) -> dict[str, Any]:
@@ -214,6 +215,11 @@ class SqlAnswerHandler(Handler[SqlWork]):
         cur = await conn.execute(q("fail_data_question", "textsql.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})
+
+    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
+        row = await (await conn.execute(q("data_question_changed_since", "textsql.sql"),
+                                        {"id": job.ref_id, "hash": read_hash})).fetchone()
+        return bool(row and row["changed"])
 
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         return (await conn.execute(q("requeue_changed_data_questions", "textsql.sql"), {"jobs": job_ids})).rowcount

@@ -338,8 +338,8 @@ class Worker:
         kind = batch.kind
         if not batch.solo and len(batch.jobs) < self.settings.batch_size:
             try:
-                batch.jobs += await self.gather(kind, self.settings.batch_size - len(batch.jobs), batch.deadline)
-            except (psycopg.Error, OSError) as exc:  # what is already claimed is still processed
+                await self.gather(batch)
+            except (psycopg.Error, OSError) as exc:  # what is already claimed, gathered too, is still processed
                 log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
         # in-flight work finishes and is written even when a stop is requested meanwhile
         with anyio.CancelScope(shield=True):
@@ -378,18 +378,19 @@ class Worker:
             pass
         return timeout
 
-    async def gather(self, kind: str, room: int, until: float = math.inf) -> list[Job]:
-        """Micro-batching: claim more jobs for a batch short of ``batch_size``.
+    async def gather(self, batch: Batch) -> None:
+        """Micro-batching: claim more jobs into a batch short of ``batch_size``, into ``batch.jobs`` as each claim
+        returns (a later claim that raises leaves them there: processed, their leases renewed with the batch's).
 
         While another batch of this kind computes, the model is busy anyway: keep claiming until it is free
         (or the batch is full), so batches grow with the load. With the model idle, wait at most
-        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency. Never past ``until``
-        (the batch's deadline) nor a lease: a batch that hangs meanwhile must not keep the claimed ones waiting.
+        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency. Never past the batch's
+        deadline nor a lease: a batch that hangs meanwhile must not keep the claimed ones waiting.
         """
-        more: list[Job] = []
+        kind, jobs = batch.kind, batch.jobs
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        until = min(until, time.monotonic() + self.settings.lease_seconds)
-        while room > len(more) and not self.stopping.is_set() and time.monotonic() < until:
+        until = min(batch.deadline, time.monotonic() + self.settings.lease_seconds)
+        while len(jobs) < self.settings.batch_size and not self.stopping.is_set() and time.monotonic() < until:
             busy = self._computing[kind] > 0
             left = deadline - time.monotonic()
             if not busy and left <= 0:
@@ -400,8 +401,7 @@ class Worker:
                     await done.wait()
             else:
                 await anyio.sleep(left)
-            more += await self.claim(kind, room - len(more))
-        return more
+            jobs.extend(await self.claim(kind, self.settings.batch_size - len(jobs)))
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
         async with self._claim_locks[kind]:

@@ -138,20 +138,22 @@ class BatchWriter:
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
             changed = report.superseded + [o.job.id for o in skipped if o.superseded]
+            for o in mine:
+                if not o.ok and await self._fail_or_retry(conn, handler, o):
+                    changed.append(o.job.id)
             if changed and (n := await handler.requeue_changed(conn, changed)):
                 # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
                 await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
                 log.info("changed_rows_requeued", kind=kind, n=n)
-            for o in mine:
-                if not o.ok:
-                    await self._fail_or_retry(conn, handler, o)
             if inference is not None:
                 await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
         metrics.observe_results(kind, (jobs[i].queued_at for i in report.written))
 
-    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> None:
+    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> bool:
+        """Retry the failed job, or fail it for good; True when it is superseded instead, its row changed since
+        the job read it (the caller queues a job for the new content: handler.requeue_changed)."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
         if o.retry and o.job.attempts < self.settings.max_attempts:
             delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
@@ -163,7 +165,13 @@ class BatchWriter:
             else:
                 # a newer pending job of the row has its new state: this one is done, its error kept as the reason
                 await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
-            return
+            return False
+        if o.read_hash is not None and await handler.changed_since(conn, o.job, o.read_hash):
+            # the failure is the old content's (an edit committed after the job read the row, which may have
+            # queued no job of its own): the row is not failed, its new content gets a job
+            cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
+            log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
+            return bool(cur.rowcount)
         cur = await conn.execute(q("fail_job"), params)
         if cur.rowcount:
             await handler.record_failure(conn, o.job, o.error or "unknown error")

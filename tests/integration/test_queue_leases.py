@@ -8,12 +8,14 @@ SIGKILLed worker leaves once its lease ran out (the subprocess kill tests in tes
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.listener.batches import Batch, LoopState
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 from tests.integration.test_stale_writes import stepped_worker
@@ -187,4 +189,38 @@ async def test_a_batch_whose_load_fails_is_retried_with_backoff_not_left_to_its_
     async with running_worker(fast_settings(db_url), models):
         await wait_until(conn, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'"
                                " AND id = ANY(%s)", (docs,))
+    await conn.close()
+
+
+async def test_jobs_gathered_before_a_claim_fails_stay_in_their_batch(db_url, models):
+    """Micro-batching claims more jobs while another batch computes; one of those claims fails (the server cut the
+    connection): the jobs the earlier claims took are processed with the batch, not dropped from the worker's view
+    and left running, their leases renewed by no one, until they expire and come back one at a time."""
+    conn = await aconn(db_url)
+    docs = insert_docs(db_url, [(f"Doc {i}", f"Document {i} is about vacuum and dead tuples.") for i in range(3)])
+    async with stepped_worker(fast_settings(db_url, lease_seconds=600.0, batch_size=10), models) as worker:
+        first = await worker.claim("embed", 1)
+        claim = worker.claim
+
+        async def claim_then_cut(kind: str, limit: int) -> list:
+            jobs = await claim(kind, limit)
+            # the pool's connection, idle again, is cut by the server: the next claim fails
+            await conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE backend_type ="
+                               " 'client backend' AND datname = current_database() AND pid <> pg_backend_pid()")
+            return jobs
+
+        worker.claim = claim_then_cut  # type: ignore[method-assign]
+        # another batch of the kind computes, and each wait for it ends at once: gather claims again and again
+        worker._computing["embed"] += 1
+        worker._compute_done["embed"].set()
+        batch = Batch("embed", first, deadline=time.monotonic() + 600)
+        with capture_logs() as logs:
+            await worker._run_batch(worker.handlers["embed"], batch, LoopState())
+    rows = await (await conn.execute("SELECT status FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert "claim_failed" in [e["event"] for e in logs], logs
+    # none left running: all three were the batch's (done, or pending for a retry when its load met a cut connection)
+    assert len(rows) == 3 and {r["status"] for r in rows} <= {"done", "pending"}, rows
+    async with running_worker(fast_settings(db_url), models):
+        await wait_until(conn, "SELECT count(*) = 3 FROM pgsynapse.documents WHERE status = 'embedded' AND id = ANY(%s)",
+                         (docs,))
     await conn.close()

@@ -372,3 +372,94 @@ async def test_an_image_changed_in_a_transaction_committed_after_its_load_is_sti
         await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.images WHERE id = %s", (img,),
                          channel="pgsynapse_images")
     await conn.close()
+
+
+async def test_a_final_failure_of_a_text_edited_in_a_transaction_committed_after_its_load_is_superseded(db_url, models):
+    """The body is over max_document_chars: the job fails for good. The application's transaction shortens it, and
+    commits after the worker claimed and read the row (the trigger found the job pending and queued none): the
+    failure is the old text's. The job is superseded, the new text gets a job, and the row is never failed."""
+    settings = fast_settings(db_url, max_document_chars=40)
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples, and much more.")])
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.documents SET body = 'VACUUM reclaims storage.' WHERE id = %s", (doc,))
+        outcomes = await _run_until_write(worker, "embed")
+        assert "body has" in (outcomes[0].error or ""), outcomes
+        await app.commit()
+        await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+    row = await (await conn.execute("SELECT status, error FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
+    assert (row["status"], row["error"]) == ("pending", None)
+    jobs = await _jobs(conn, "embed")
+    assert [j["status"] for j in jobs] == ["done", "pending"], jobs
+    assert "body has" in jobs[0]["skip_reason"] and jobs[0]["last_error"] is None
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await conn.close()
+
+
+async def test_a_final_failure_of_a_question_edited_in_a_transaction_committed_after_its_load_is_superseded(db_url,
+                                                                                                         models):
+    settings = fast_settings(db_url, max_question_chars=20)
+    conn = await aconn(db_url)
+    row = await (await conn.execute("INSERT INTO pgsynapse.questions (text)"
+                                    " VALUES ('how does vacuum reclaim storage?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.questions SET text = 'what is vacuum?' WHERE id = %s", (row["id"],))
+        outcomes = await _run_until_write(worker, "answer")
+        assert "over max_question_chars" in (outcomes[0].error or ""), outcomes
+        await app.commit()
+        await worker.writer.write("answer", worker.handlers["answer"], outcomes)
+    q = await (await conn.execute("SELECT status, error FROM pgsynapse.questions WHERE id = %s", (row["id"],))).fetchone()
+    assert (q["status"], q["error"]) == ("pending", None)
+    assert [j["status"] for j in await _jobs(conn, "answer")] == ["done", "pending"]
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (row["id"],),
+                         channel="pgsynapse_answers")
+    await conn.close()
+
+
+async def test_a_final_failure_of_an_image_changed_in_a_transaction_committed_after_its_load_is_superseded(
+        db_url, models, tiny_clip_path):
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        image_registry.add(sync, tiny_clip_path)
+        img = sync.execute("INSERT INTO pgsynapse.images (data) VALUES (%s) RETURNING id",
+                           (png_bytes(coloured_image("red", seed=1)) + b"\0" * 8000,)).fetchone()["id"]  # over the limit
+    settings = fast_settings(db_url, kinds=("embed_image",), max_image_bytes=8000)
+    conn = await aconn(db_url)
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (png_bytes(coloured_image("blue", seed=2)), img))
+        outcomes = await _run_until_write(worker, "embed_image")
+        assert "over max_image_bytes" in (outcomes[0].error or ""), outcomes
+        await app.commit()
+        await worker.writer.write("embed_image", worker.handlers["embed_image"], outcomes)
+    row = await (await conn.execute("SELECT status, error FROM pgsynapse.images WHERE id = %s", (img,))).fetchone()
+    assert (row["status"], row["error"]) == ("pending", None)
+    assert [j["status"] for j in await _jobs(conn, "embed_image")] == ["done", "pending"]
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT embedded_hash = content_hash FROM pgsynapse.images WHERE id = %s", (img,),
+                         channel="pgsynapse_images")
+    await conn.close()
+
+
+async def test_a_final_failure_of_a_data_question_edited_in_a_transaction_committed_after_its_load_is_superseded(
+        db_url, models):
+    settings = fast_settings(db_url, max_question_chars=20)
+    conn = await aconn(db_url)
+    row = await (await conn.execute("INSERT INTO pgsynapse.data_questions (text)"
+                                    " VALUES ('how many orders were shipped last week?') RETURNING id")).fetchone()
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as app:
+        await app.set_autocommit(False)
+        await app.execute("UPDATE pgsynapse.data_questions SET text = 'how many orders?' WHERE id = %s", (row["id"],))
+        outcomes = await _run_until_write(worker, "sql_answer")
+        assert "over max_question_chars" in (outcomes[0].error or ""), outcomes
+        await app.commit()
+        await worker.writer.write("sql_answer", worker.handlers["sql_answer"], outcomes)
+    q = await (await conn.execute("SELECT status, error FROM pgsynapse.data_questions WHERE id = %s",
+                                  (row["id"],))).fetchone()
+    jobs = await _jobs(conn, "sql_answer")
+    await conn.close()
+    assert (q["status"], q["error"]) == ("pending", None)
+    assert [j["status"] for j in jobs] == ["done", "pending"]  # the new text's job (answering it needs a SQL model)

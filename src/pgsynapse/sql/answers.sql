@@ -2,12 +2,13 @@
 
 -- name: load_questions
 -- A question over %(max_chars)s characters comes without its text (NULL): it fails from its length alone, and its
--- text is never fetched. text_hash is the write's stale-write guard (write_answer). A blank session_id ('' or
--- spaces, as some apps write for none) is no session: no history, no routing by it. Any other is the session as
--- written, spaces around it included ('erin ' from a char(n) column): its history is read by it (session_history).
+-- text is never fetched. text_hash is the write's stale-write guard (write_answer), and a failure's, over the
+-- limit too (question_changed_since). A blank session_id ('' or spaces, as some apps write for none) is no
+-- session: no history, no routing by it. Any other is the session as written, spaces around it included ('erin '
+-- from a char(n) column): its history is read by it (session_history).
 SELECT id, CASE WHEN btrim(session_id) <> '' THEN session_id END AS session_id, created_at, chars,
        CASE WHEN chars <= %(max_chars)s THEN text END AS text,
-       CASE WHEN chars <= %(max_chars)s THEN md5(text) END AS text_hash
+       md5(text) AS text_hash
 FROM (SELECT id, session_id, created_at, text, length(text) AS chars
       FROM pgsynapse.questions WHERE id = ANY(%(ids)s) AND status = 'pending') q;
 
@@ -114,6 +115,10 @@ SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
+
+-- name: question_changed_since
+-- as document_changed_since in queries.sql: the text's md5, as load_questions reads it
+SELECT md5(text) IS DISTINCT FROM %(hash)s AS changed FROM pgsynapse.questions WHERE id = %(id)s FOR UPDATE;
 
 -- name: requeue_changed_questions
 -- The questions of superseded jobs (handlers/base.py, requeue_changed) still pending: a new job, unless the

@@ -225,6 +225,11 @@ WHERE d.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed' AND p.ref_id = d.id AND p.status = 'pending')
 RETURNING d.id;
 
+-- name: document_changed_since
+-- Whether the document holds other content than a failed job read (%(hash)s): the failure is then the old text's.
+-- FOR UPDATE: an edit not yet committed is waited for, and read once committed.
+SELECT content_hash IS DISTINCT FROM %(hash)s AS changed FROM pgsynapse.documents WHERE id = %(id)s FOR UPDATE;
+
 -- name: requeue_changed_documents
 -- The documents of superseded jobs (handlers/base.py, requeue_changed) whose content is not embedded: a new job,
 -- unless the row has a newer job (it reads the row after the edit: an edit waits for the row lock of the one before)
