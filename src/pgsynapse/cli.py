@@ -270,7 +270,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                 encoding=args.encoding)
                 print(report.summary())
                 if args.follow:
-                    follow(conn, report, progress=progress, timeout=args.follow_timeout)
+                    follow(conn, report, progress=progress, timeout=args.follow_timeout,
+                           note=lambda why: print(f"pgsynapse: {why}", file=sys.stderr, flush=True))
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
                     if report.images_embedded is not None:
                         print(f"images embedded: {report.images_embedded}, failed: {report.images_failed}")
