@@ -4,8 +4,8 @@ Idempotent by content: a file whose ``md5(title || chr(30) || body)`` (the table
 is already stored is counted ``unchanged`` and not inserted again, so re-ingesting a tree inserts nothing.
 A changed file is a new document, its old version kept (the summary counts them), unless ``replace``: then the
 newest stored document of the same ``source`` is updated in place, keeps its id, and the update trigger embeds it
-again. Opt-in, because a source is the path relative to the directory given: two trees with a file of the same
-name share a source.
+again; the source's other versions (kept by earlier runs without ``replace``) are deleted. Opt-in, because a
+source is the path relative to the directory given: two trees with a file of the same name share a source.
 COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
 ``embed`` job and the worker is woken by one NOTIFY per batch.
 
@@ -80,6 +80,7 @@ class IngestReport:
     unchanged: int = 0
     replaced: int = 0  # stored documents updated with their file's new content (replace)
     same_source: int = 0  # inserted beside a stored document of the same source and other content (no replace)
+    dropped: int = 0  # other versions of the files' sources deleted (replace)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path as found, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
@@ -98,7 +99,10 @@ class IngestReport:
                  f"stored), {len(self.skipped)} skipped, {len(self.failed)} failed"]
         if self.same_source:
             lines.append(f"{self.same_source} inserted file(s) have the source of a stored document with other "
-                         "content: both versions are kept (--replace updates the stored one instead)")
+                         "content: both versions are kept (--replace updates the stored one instead, and deletes the "
+                         "versions kept)")
+        if self.dropped:
+            lines.append(f"{self.dropped} older version(s) of these files' sources deleted (--replace)")
         if self.images or self.images_linked or self.images_unchanged:
             linked = f", {self.images_linked} linked to a document" if self.images_linked else ""
             lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged")
@@ -243,7 +247,7 @@ def ingest(
         _flush(conn, batch, report, replace)
         _flush_images(conn, images, doc_sources, report)
     log.info("ingest_finished", files=report.files, inserted=report.inserted, replaced=report.replaced,
-             unchanged=report.unchanged,
+             unchanged=report.unchanged, dropped=report.dropped,
              images=report.images, images_linked=report.images_linked, images_unchanged=report.images_unchanged,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
@@ -295,6 +299,9 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport,
             with conn.cursor().copy(q("copy_documents", "ops.sql")) as copy:
                 for d in new:
                     copy.write_row((d.source, d.title, d.body, _metadata(d)))
+        if replace:  # the versions a run without --replace kept beside the file
+            report.dropped += cur.execute(q("drop_other_versions", "ops.sql"), {
+                "sources": [d.source for d in batch], "hashes": hashes}).rowcount
     report.inserted += len(new)
     log.debug("ingest_batch_copied", n=len(new), batch=len(batch))
 

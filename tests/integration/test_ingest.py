@@ -289,6 +289,29 @@ def test_replace_from_the_command_line(db_url, tmp_path):
         assert conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall() == [("page.md", "# Page\n\nSecond version.")]
 
 
+def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_url, tmp_path):
+    """A run without --replace keeps a changed file's old version beside it, and its summary says --replace updates
+    the stored one instead; a --replace run after it said "unchanged" and left both (only a DELETE removed the old
+    one). --replace makes the file its source's one document: the other versions of that source go."""
+    page, other = tmp_path / "page.md", tmp_path / "other.md"
+    page.write_text("# Page\n\nFirst version.\n")
+    other.write_text("# Other\n\nNever changed.\n")
+    assert "2 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    page.write_text("# Page\n\nSecond version.\n")
+    kept = _cli(db_url, str(tmp_path))
+    assert "1 inserted, 1 unchanged" in kept.stdout and "both versions are kept" in kept.stdout, kept.stdout
+    out = _cli(db_url, "--replace", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 file(s): 0 inserted, 2 unchanged (already stored)" in out.stdout, out.stdout
+    assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT source, body FROM pgsynapse.documents ORDER BY source").fetchall() == [
+            ("other.md", "# Other\n\nNever changed."), ("page.md", "# Page\n\nSecond version.")]
+    # nothing left to delete: a second --replace run says nothing of it
+    again = _cli(db_url, "--replace", str(tmp_path))
+    assert "2 unchanged" in again.stdout and "older version" not in again.stdout, again.stdout
+
+
 def test_the_same_picture_beside_two_documents_is_linked_to_both_and_a_later_document_links_it(db_url, tmp_path):
     root = tmp_path / "docs"
     root.mkdir()

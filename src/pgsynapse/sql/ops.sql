@@ -42,6 +42,14 @@ ORDER BY source, id DESC;
 UPDATE pgsynapse.documents SET title = %(title)s, body = %(body)s, metadata = metadata || %(metadata)s::jsonb
 WHERE id = %(id)s;
 
+-- name: drop_other_versions
+-- Ingest --replace: a file is its source's one document. The source's documents with other content (old versions
+-- that runs without --replace kept beside it) are deleted, once the file's content is stored under its source
+-- (a content stored only under another source is no reason to delete anything).
+DELETE FROM pgsynapse.documents d USING unnest(%(sources)s::text[], %(hashes)s::text[]) AS f(source, hash)
+WHERE d.source = f.source AND d.content_hash <> f.hash
+  AND EXISTS (SELECT 1 FROM pgsynapse.documents k WHERE k.source = f.source AND k.content_hash = f.hash);
+
 -- name: documents_by_hash
 SELECT id FROM pgsynapse.documents WHERE content_hash = ANY(%(hashes)s);
 
