@@ -79,6 +79,8 @@ def vector_sql(version: dict[str, Any]) -> str:
 
 class AnswerHandler(Handler[AnswerWork]):
     kind = "answer"
+    changed_since_query = ("question_changed_since", "answers.sql")
+    requeue_changed_query = ("requeue_changed_questions", "answers.sql")
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
@@ -353,11 +355,3 @@ class AnswerHandler(Handler[AnswerWork]):
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
             await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})
-
-    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
-        row = await (await conn.execute(q("question_changed_since", "answers.sql"),
-                                        {"id": job.ref_id, "hash": read_hash})).fetchone()
-        return bool(row and row["changed"])
-
-    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
-        return (await conn.execute(q("requeue_changed_questions", "answers.sql"), {"jobs": job_ids})).rowcount

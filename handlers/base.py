@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import psycopg
 
 from pgsynapse.errors import InputError
+from pgsynapse.queries import q
 
 W = TypeVar("W")
 
@@ -91,6 +92,9 @@ class Handler(ABC, Generic[W]):
     crash_isolation: ClassVar[bool] = True
     # leases of a batch are renewed this long at most (None: the ``batch_deadline_seconds`` setting)
     deadline_seconds: float | None = None
+    # (name, file) of the named queries behind changed_since and requeue_changed; None: a kind without them
+    changed_since_query: ClassVar[tuple[str, str] | None] = None
+    requeue_changed_query: ClassVar[tuple[str, str] | None] = None
 
     @abstractmethod
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[W], list[Outcome]]:
@@ -110,14 +114,19 @@ class Handler(ABC, Generic[W]):
     async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
         """Whether the job's row holds other content than ``read_hash``, what the job read (inside the caller's
         transaction; the row is locked, so an edit not yet committed is waited for). False for a deleted row."""
-        return False
+        if self.changed_since_query is None:
+            return False
+        row = await (await conn.execute(q(*self.changed_since_query), {"id": job.ref_id, "hash": read_hash})).fetchone()
+        return bool(row and row["changed"])
 
     async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
         """Queue a new job for the row of each of these superseded jobs that still waits for its result and has no
         newer job (inside the caller's transaction, which holds the rows). An edit committed after a job's load may
         have found that job still pending, and queued none of its own (the triggers keep one pending job per row):
         the superseded job was then the row's last. Returns how many jobs were queued."""
-        return 0
+        if self.requeue_changed_query is None:
+            return 0
+        return (await conn.execute(q(*self.requeue_changed_query), {"jobs": job_ids})).rowcount
 
     async def aclose(self) -> None:
         """Release what the handler holds outside the worker's pool (the worker is stopping)."""

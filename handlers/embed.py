@@ -41,6 +41,8 @@ class EmbedResult:
 
 class EmbedHandler(Handler[EmbedWork]):
     kind = "embed"
+    changed_since_query = ("document_changed_since", "queries.sql")
+    requeue_changed_query = ("requeue_changed_documents", "queries.sql")
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
@@ -209,13 +211,6 @@ class EmbedHandler(Handler[EmbedWork]):
         cur = await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})
-
-    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
-        row = await (await conn.execute(q("document_changed_since"), {"id": job.ref_id, "hash": read_hash})).fetchone()
-        return bool(row and row["changed"])
-
-    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
-        return (await conn.execute(q("requeue_changed_documents"), {"jobs": job_ids})).rowcount
 
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         ids = [jobs[j].ref_id for j in report.written]

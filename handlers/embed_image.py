@@ -46,6 +46,8 @@ class ImageResult:
 
 class EmbedImageHandler(Handler[ImageWork]):
     kind = "embed_image"
+    changed_since_query = ("image_changed_since", "images.sql")
+    requeue_changed_query = ("requeue_changed_images", "images.sql")
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings
@@ -157,13 +159,6 @@ class EmbedImageHandler(Handler[ImageWork]):
         cur = await conn.execute(sql("mark_image_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(sql("notify_images"), {"ids": [job.ref_id], "status": "failed"})
-
-    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
-        row = await (await conn.execute(sql("image_changed_since"), {"id": job.ref_id, "hash": read_hash})).fetchone()
-        return bool(row and row["changed"])
-
-    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
-        return (await conn.execute(sql("requeue_changed_images"), {"jobs": job_ids})).rowcount
 
     async def notify_written(self, conn: psycopg.AsyncConnection, report: WriteReport, jobs: dict[int, Job]) -> None:
         ids = [jobs[j].ref_id for j in report.written]

@@ -108,6 +108,8 @@ def settings_model(settings: Settings) -> dict[str, Any]:
 
 class SqlAnswerHandler(Handler[SqlWork]):
     kind = "sql_answer"
+    changed_since_query = ("data_question_changed_since", "textsql.sql")
+    requeue_changed_query = ("requeue_changed_data_questions", "textsql.sql")
     concurrency = 1  # one model generating at a time: a second batch would only share the same cores
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
@@ -215,14 +217,6 @@ class SqlAnswerHandler(Handler[SqlWork]):
         cur = await conn.execute(q("fail_data_question", "textsql.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})
-
-    async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
-        row = await (await conn.execute(q("data_question_changed_since", "textsql.sql"),
-                                        {"id": job.ref_id, "hash": read_hash})).fetchone()
-        return bool(row and row["changed"])
-
-    async def requeue_changed(self, conn: psycopg.AsyncConnection, job_ids: list[int]) -> int:
-        return (await conn.execute(q("requeue_changed_data_questions", "textsql.sql"), {"jobs": job_ids})).rowcount
 
 
 def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str, settings: Settings) -> Attempt:
