@@ -97,7 +97,7 @@ class EmbedImageHandler(Handler[ImageWork]):
                 item.decoded = decode(bytes(data), self.limits)
                 decoded.append(item)
             except InputError as exc:
-                outcomes[item.job.id] = Outcome(item.job, error=describe(exc), retry=False, read_hash=item.content_hash)
+                outcomes[item.job.id] = input_error(item.job, exc, item.content_hash)
             except Exception as exc:  # noqa: BLE001 - one row's error is that row's error
                 outcomes[item.job.id] = Outcome(item.job, error=describe(exc), read_hash=item.content_hash)
         models = self.embedders()
