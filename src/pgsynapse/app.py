@@ -10,7 +10,7 @@ import anyio
 from pgsynapse.client import AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve
-from pgsynapse.db import Database
+from pgsynapse.db import Database, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
@@ -106,9 +106,7 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any], timeout: 
         if done := ensure_schema(db):  # said at the level `ask` logs at: it changed the schema on its way
             log.warning("schema_migrated_before_asking", applied=done)
         with db.connect() as conn:
-            w = conn.execute(q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
-            # a worker started with other kinds (PGSYNAPSE_KINDS=embed) listens too, and never answers
-            running = w["listening"] > 0 and (w["taking"] > 0 or w["seen"] == 0)
+            running = worker_takes(conn, kind)
             if kind == "answer":
                 if not conn.execute(q("documents_stored", "ops.sql")).fetchone()["stored"]:
                     log.warning("no_documents", hint="answers come from the documents: add some (`pgsynapse ingest "

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from pgsynapse.config import Settings
 from pgsynapse.embedded import EmbeddedPostgres
@@ -140,6 +140,15 @@ async def aconnect(
         )
     except psycopg.OperationalError as exc:
         raise connection_error(exc, url) from exc
+
+
+def worker_takes(conn: psycopg.Connection, kind: str) -> bool:
+    """Whether a running worker of this database takes ``kind`` jobs: one listening, and among the workers seen
+    lately one that runs the kind, or none registered yet (a worker registers just before its worker_started). A
+    worker started with other kinds (PGSYNAPSE_KINDS=embed) listens too, and never takes them."""
+    listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
+        q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
+    return listening > 0 and (taking > 0 or seen == 0)
 
 
 # what a statement meets on a database that was never migrated, or is a migration behind

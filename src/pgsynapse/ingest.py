@@ -34,6 +34,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
+from pgsynapse.db import worker_takes
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS
 from pgsynapse.images.ingest import FileImage, flush_images, is_image
@@ -336,9 +337,7 @@ def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
     """What to tell someone about to wait for ``unit``s (document, image) to be embedded when no running worker
     takes their jobs (none listening, or those seen lately run other kinds), else None."""
     kind = EMBED_KINDS[unit]
-    listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
-        q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
-    if listening > 0 and (taking > 0 or seen == 0):
+    if worker_takes(conn, kind):
         return None
     return (f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts (waiting; "
             f"Ctrl-C stops waiting, the {unit}s stay stored)")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pgsynapse.artifacts import models_root
 from pgsynapse.config import Settings
+from pgsynapse.db import worker_takes
 from pgsynapse.errors import InputError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.jsonout import dumps as json_dumps
@@ -214,8 +215,7 @@ def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
 def backfill_worker_note(conn: psycopg.Connection) -> str | None:
     """What to tell someone about to wait for a backfill when no running worker takes backfill jobs (none
     listening, or those seen lately run other kinds), else None."""
-    w = conn.execute(q("workers_answering", "ops.sql"), {"kind": "backfill"}).fetchone()
-    if w["listening"] > 0 and (w["taking"] > 0 or w["seen"] == 0):
+    if worker_takes(conn, "backfill"):
         return None
     return ("no running worker takes backfill jobs: it starts once `pgsynapse run` does (waiting; Ctrl-C stops "
             "waiting, the version stays registered)")
