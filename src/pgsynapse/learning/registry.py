@@ -15,6 +15,7 @@ from pgsynapse.errors import RegistryError
 from pgsynapse.logs import get_logger
 from pgsynapse.models import default_model_path, probe_model
 from pgsynapse.queries import q
+from pgsynapse.ranking.rescore import version_of
 
 log = get_logger(__name__)
 
@@ -115,7 +116,7 @@ def retire(conn: psycopg.Connection, version: int) -> int:
         if v["status"] == "retired":
             return 0
         for r in conn.execute(q("version_rankers", "learning.sql")):
-            if _teacher_of(r["path"]) == version:  # its vectors would go from under the ranker
+            if version_of(r["path"]) == version:  # its vectors would go from under the ranker
                 raise RegistryError(f"model version {version} rescores the candidates as ranker {r['id']} "
                                     f"({r['status']}): retire that ranker first (pgsynapse ranker retire {r['id']})")
         # counted first: the UPDATE's trigger drops the version's partition (migration 0019), vectors and index
@@ -125,14 +126,6 @@ def retire(conn: psycopg.Connection, version: int) -> int:
                      figures={"previous_status": v["status"], "embeddings_deleted": deleted})
     log.info("model_retired", version=version, embeddings_deleted=deleted)
     return deleted
-
-
-def _teacher_of(path: str) -> int | None:
-    """N of a ranker's path ``version:N`` (ranking/rescore.py), None when it names none."""
-    try:
-        return int(path.partition(":")[2])
-    except ValueError:
-        return None
 
 
 def version_at(conn: psycopg.Connection, path: str | Path, *, configured: str | None = None) -> dict[str, Any] | None:

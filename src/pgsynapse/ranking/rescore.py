@@ -27,21 +27,24 @@ def teacher_path(version: int) -> str:
     return f"{PREFIX}{int(version)}"
 
 
+def version_of(path: str) -> int | None:
+    """N of a ranker path ``version:N``; None when it names no version."""
+    return int(path[len(PREFIX):]) if path.startswith(PREFIX) and path[len(PREFIX):].isdigit() else None
+
+
 def teacher_id(row: dict[str, Any]) -> int:
     """The teacher version of a ``version`` ranker row."""
-    path = str(row["path"])
-    if not path.startswith(PREFIX) or not path[len(PREFIX):].isdigit():
-        raise RegistryError(f"ranker {row['id']}: runtime version needs a path {PREFIX}N, not {path!r}")
-    return int(path[len(PREFIX):])
+    if (version := version_of(str(row["path"]))) is None:
+        raise RegistryError(f"ranker {row['id']}: runtime version needs a path {PREFIX}N, not {str(row['path'])!r}")
+    return version
 
 
 def check_teacher(conn: psycopg.Connection, path: str) -> None:
     """Refuse a ``version:N`` ranker whose version does not exist, is retired or rejected, or is still
     backfilling (registered before its vectors are complete, it would rescore some candidates only)."""
-    if not path.startswith(PREFIX) or not path[len(PREFIX):].isdigit():
+    if (version := version_of(path)) is None:
         raise RegistryError(f"ranker add: {path!r} names no model version: write {PREFIX}N, N a version of "
                             "`pgsynapse model list`")
-    version = teacher_id({"id": "new", "path": path})
     row = conn.execute(q("version_by_id", "learning.sql"), {"version": version}).fetchone()
     _usable(row, version)
 
