@@ -140,8 +140,9 @@ def input_error(outcome_job: Job, exc: InputError, read_hash: str | None = None)
 
 
 def blank_question(outcome_job: Job, text: str, read_hash: str | None = None) -> Outcome | None:
-    """A question with nothing but whitespace fails at once: no model is asked to answer nothing (the questions
-    table's check ``questions_text_not_empty`` trims spaces only; data questions have none)."""
+    """A question with nothing but whitespace fails at once: no model is asked to answer nothing. The tables refuse
+    such a text when it is written (triggers/blank_text_v1.sql); this fails one written before migration 0031, or
+    one of spaces that PostgreSQL's ``[[:space:]]`` does not count (a no-break space)."""
     if text.strip():
         return None
     return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"), read_hash)

@@ -49,8 +49,9 @@ class QuestionDeleted(PgsynapseError):
 
 def require_text(text: str) -> None:
     """A question must be text that PostgreSQL can store and that says something: refused here, before its row
-    (written by SQL, the questions table's ``questions_text_not_empty`` refuses an empty one, and the handlers fail
-    a blank one). A bytes question was stored as its hex text and answered."""
+    (written by SQL, the tables refuse one of white space, ``questions_text_not_empty`` and
+    ``data_questions_text_not_empty``, and the handlers fail what gets past them). A bytes question was stored as its
+    hex text and answered."""
     if not isinstance(text, str):
         hint = ": decode it first" if isinstance(text, (bytes, bytearray, memoryview)) else ""
         raise InputError(f"the question must be text (str), not {type(text).__name__}{hint}")

@@ -52,11 +52,14 @@ async def test_bad_rows_get_their_own_error_and_neighbours_are_untouched(db_url,
         # NUL bytes cannot be stored in a text column: refused at the INSERT, the connection stays usable
         with pytest.raises(psycopg.DataError, match="NUL"):
             await conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('nul', %s)", ("a\x00b",))
-        # questions: one of 100k characters (over max_question_chars) and a blank one (a newline and a tab: the
-        # table's check trims spaces only) beside a normal one, in one statement
+        # questions: one of 100k characters (over max_question_chars) and a blank one (a no-break space and a
+        # newline: the table refuses tabs, line breaks and spaces when written, and PostgreSQL's [[:space:]] does not
+        # count a no-break space) beside a normal one, in one statement
+        with pytest.raises(psycopg.errors.CheckViolation, match="a question needs text"):
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (E'\\n\\t')")
         cur = await conn.execute(
             "INSERT INTO pgsynapse.questions (text) VALUES (%s), (%s), ('What do checkpoints bound?') RETURNING id",
-            ("why " * 25_000, "\n\t"))
+            ("why " * 25_000, "\u00a0\n"))
         long_q, blank_q, good_q = [r["id"] for r in await cur.fetchall()]
         # feedback for a question that does not exist: refused with a constraint that says so
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as fk:

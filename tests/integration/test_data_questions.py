@@ -241,8 +241,10 @@ async def test_an_empty_question_fails_on_its_row_beside_its_answered_neighbour(
     async with await aconn(url) as listen:
         await listen.execute("LISTEN pgsynapse_data_answers")
         async with await aconn(url) as conn:  # an app's INSERT: the SQL model never sees it
-            empty = (await (await conn.execute(
-                "INSERT INTO pgsynapse.data_questions (text) VALUES (' \n') RETURNING id")).fetchone())["id"]
+            with pytest.raises(psycopg.errors.CheckViolation, match="a data question needs text"):
+                await conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (' \n')")  # refused
+            empty = (await (await conn.execute(  # a no-break space, which PostgreSQL's [[:space:]] does not count
+                "INSERT INTO pgsynapse.data_questions (text) VALUES (E'\\u00a0') RETURNING id")).fetchone())["id"]
         async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
             async with Client(url) as client:
                 with pytest.raises(InputError, match="the question is empty"):  # refused before its row

@@ -666,3 +666,38 @@ def test_a_database_migrated_by_a_newer_release_is_said_so(new_db):
     assert r.returncode == 0 and r.stdout.strip() == "database schema is up to date", r.stderr
     warned = [e for e in map(json.loads, r.stderr.splitlines()) if e["event"] == "database_schema_newer"]
     assert len(warned) == 1 and warned[0]["unknown_migrations"] == [9999] and warned[0]["level"] == "warning"
+
+
+def test_the_blank_texts_migration_refuses_tabs_and_line_breaks_and_keeps_the_rows_there(new_db):
+    """0031 on top of 0030: a question, a data question or a guardrail of nothing but white space (tabs and line
+    breaks too: ``btrim`` trimmed spaces only, and data questions had no check) is refused when written; a row
+    already there stays (its job fails it, as before) and its other columns can still be updated; re-running
+    changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 31)
+    said = {"questions": "a question", "data_questions": "a data question", "guardrail_rules": "a guardrail rule"}
+    blanks = ("\t", "\n", " \r\n\t ")
+    with psycopg.connect(url, autocommit=True) as conn:
+        old = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (E'\\t\\n') RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('')")
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            for table, constraint, extra in (("questions", "questions_text_not_empty", ""),
+                                             ("data_questions", "data_questions_text_not_empty", ""),
+                                             ("guardrail_rules", "guardrail_text_not_empty", ", 'block'")):
+                cols = "text, action" if extra else "text"
+                for blank in ("", *blanks):
+                    with pytest.raises(psycopg.errors.CheckViolation) as exc:
+                        conn.execute(f"INSERT INTO pgsynapse.{table} ({cols}) VALUES (%s{extra})", (blank,))
+                    assert exc.value.diag.constraint_name == constraint
+                    assert exc.value.diag.message_primary == (f"{said[table]} needs text: the text written is empty or only white"
+                                              " space (spaces, tabs, line breaks)")
+                conn.execute(f"INSERT INTO pgsynapse.{table} ({cols}) VALUES (%s{extra})", ("\tx\n",))
+            conn.execute("UPDATE pgsynapse.questions SET status = 'failed', error = 'x' WHERE id = %s", (old,))
+            with pytest.raises(psycopg.errors.CheckViolation, match="only"):
+                conn.execute("UPDATE pgsynapse.questions SET text = E' \\n' WHERE id = %s", (old,))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        assert conn.execute("SELECT count(*) FROM pgsynapse.questions WHERE id = %s", (old,)).fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM pgsynapse.data_questions WHERE text = ''").fetchone()[0] == 1

@@ -1,0 +1,4 @@
+-- pgsynapse 0031: a question, a data question or a guardrail rule of nothing but white space is refused when it is
+-- written (triggers/blank_text_v1.sql). Before, btrim's check let tabs and line breaks through (the question's job
+-- failed it later) and a data question had no check at all. The rows already there stay.
+-- pgsynapse:include blank_text_v1.sql
