@@ -166,3 +166,8 @@ def test_a_scope_that_cannot_be_read_says_why(shop, schema, names, says):
 def test_a_named_table_not_granted_is_named_in_the_hint(shop):
     with pytest.raises(NoReadableTables, match=r"GRANT SELECT ON public.salaries TO pgsynapse_reader"):
         schema_context(shop, "shop_other", ["public.salaries"])
+
+
+def test_a_result_without_columns_keeps_its_row_count(shop):
+    r = run_readonly(shop, Stmt("SELECT FROM orders WHERE id <= 3"), Limits())
+    assert r.columns == [] and r.rows == [[], [], []] and r.row_count == 3
