@@ -171,3 +171,11 @@ def test_a_named_table_not_granted_is_named_in_the_hint(shop):
 def test_a_result_without_columns_keeps_its_row_count(shop):
     r = run_readonly(shop, Stmt("SELECT FROM orders WHERE id <= 3"), Limits())
     assert r.columns == [] and r.rows == [[], [], []] and r.row_count == 3
+
+
+def test_nan_and_infinity_are_given_as_postgresql_writes_them(shop):
+    # a float NaN was stored as Python's "nan" (and infinity as "inf"): PostgreSQL writes NaN, Infinity, -Infinity
+    r = run_readonly(shop, Stmt("SELECT 'NaN'::float8 AS f, 'Infinity'::float4 AS g, '-Infinity'::float8 AS h, "
+                                "'NaN'::numeric AS n, 'Infinity'::numeric AS i, '-Infinity'::numeric AS j, "
+                                "ARRAY['NaN'::float8, 1.5] AS a"), Limits())
+    assert r.rows == [["NaN", "Infinity", "-Infinity", "NaN", "Infinity", "-Infinity", ["NaN", 1.5]]]

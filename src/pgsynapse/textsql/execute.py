@@ -101,15 +101,21 @@ class Result:
         return {"columns": self.columns, "rows": self.rows}
 
 
+def _non_finite(value: float) -> str:
+    """NaN and the infinities, which JSON cannot hold, as PostgreSQL writes them (Python's str says nan, inf)."""
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 def plain(value: Any) -> Any:
-    """A value as JSON can hold it: numbers stay numbers (a whole Decimal becomes an int), times become ISO text."""
+    """A value as JSON can hold it: numbers stay numbers (a whole Decimal becomes an int), times become ISO text,
+    NaN and the infinities become text as PostgreSQL writes them (``NaN``, ``Infinity``, ``-Infinity``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else _non_finite(value)
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
-            return str(value)
+            return str(value)  # NaN, Infinity, -Infinity: as PostgreSQL writes them
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
