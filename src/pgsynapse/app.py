@@ -58,7 +58,7 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     require_text(text)  # refused before a database or a worker is started for it
 
     async def go(url: str):
-        async with Client(url, listen_url=settings.listen_url) as client:
+        async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
             # the command line's 0 is no limit: the Client's None
             return await client.ask(text, session_id=session_id, timeout=timeout or None, on_delta=on_delta)
 
@@ -72,7 +72,7 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
     require_text(text)
 
     async def go(url: str):
-        async with Client(url, listen_url=settings.listen_url) as client:
+        async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables,
                                          timeout=timeout or None)
 

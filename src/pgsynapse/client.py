@@ -29,8 +29,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from pgsynapse import results
-from pgsynapse.config import conninfo_problem
-from pgsynapse.db import NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params
+from pgsynapse.config import Settings, conninfo_problem
+from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params,
+                          tcp_settings_from_env)
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
@@ -99,19 +100,24 @@ class Client:
     running when it runs out is cancelled. A question asked whose answer did not come in time raises
     :class:`AnswerTimeout` with its ``question_id``: :meth:`result` gets the answer later.
 
-    Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by the defaults of the
-    worker's TCP keepalives and ``tcp_user_timeout``, :func:`pgsynapse.db.tcp_params`, unless the URL sets its own;
-    the worker's settings do not apply to a Client): the next call connects again, and a
+    ``settings``: where its connections' TCP keepalives and ``tcp_user_timeout`` come from
+    (:func:`pgsynapse.db.tcp_params`, the worker's); None: the ``PGSYNAPSE_KEEPALIVES_*`` and
+    ``PGSYNAPSE_TCP_USER_TIMEOUT_MS`` variables, as a worker reads them (:func:`pgsynapse.db.tcp_settings_from_env`;
+    a bad value raises :class:`ConfigError` here), else their defaults. A value in the URL wins over both.
+
+    Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by those TCP options): the
+    next call connects again, and a
     call waiting for an answer connects again with a short backoff within its timeout, LISTENs again and re-reads
     the rows it waits for (NOTIFYs sent while none listened are lost). A read is run again on the new connection;
     an INSERT is not (it may have committed): it raises :class:`OutcomeUnknown`."""
 
-    def __init__(self, url: str, *, listen_url: str | None = None) -> None:
+    def __init__(self, url: str, *, listen_url: str | None = None, settings: Settings | None = None) -> None:
         for name, value in (("url", url), ("listen_url", listen_url)):
             if value and (why := conninfo_problem(value)):
                 raise ConfigError(f"Client {name}: {why}")
         self.url = url
         self.listen_url = listen_url or url
+        self._tcp_settings = settings if settings is not None else tcp_settings_from_env()
         self._open = False
         self._conn: psycopg.AsyncConnection | None = None  # inserts and reads, under _statement_lock
         self._listen: psycopg.AsyncConnection | None = None  # LISTEN, read by one waiting task at a time
@@ -155,7 +161,7 @@ class Client:
 
     async def _connect(self, url: str, **kw: Any) -> psycopg.AsyncConnection:
         # no prepared statements: ``url`` may be a transaction pooler (db.NO_PREPARE); the worker's TCP options
-        extra: dict[str, object] = {**NO_PREPARE, **tcp_params(url)}
+        extra: dict[str, object] = {**NO_PREPARE, **tcp_params(url, self._tcp_settings)}
         if "application_name" not in conninfo_to_dict(url):
             extra["application_name"] = APPLICATION_NAME
         try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row, tuple_row
 
-from pgsynapse.config import Settings
+from pgsynapse.config import ENV_PREFIX, Settings, load_settings
 from pgsynapse.embedded import EmbeddedPostgres
 from pgsynapse.errors import DatabaseConfigError, DatabaseError
 from pgsynapse.queries import q
@@ -53,6 +54,20 @@ def tcp_params(url: str, settings: Settings | None = None) -> dict[str, object]:
     }
     given = conninfo_to_dict(url)
     return {k: v for k, v in params.items() if k not in given}
+
+
+# the settings tcp_params reads
+TCP_SETTINGS = ("keepalives_idle_seconds", "keepalives_interval_seconds", "keepalives_count", "tcp_user_timeout_ms")
+
+
+def tcp_settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings :func:`tcp_params` reads, from their ``PGSYNAPSE_*`` variables (the rest left at their
+    defaults): what a :class:`~pgsynapse.client.Client` given no settings connects with, so that it notices a cut
+    network within the bounds the worker does. Only these are read: an application's environment need not hold a
+    valid worker configuration. A bad value raises :class:`ConfigError` naming its variable."""
+    environ = os.environ if environ is None else environ
+    names = {ENV_PREFIX + name.upper() for name in TCP_SETTINGS}
+    return load_settings(environ={k: v for k, v in environ.items() if k in names})
 
 
 def pool_kwargs(url: str, settings: Settings, application_name: str) -> dict[str, object]:

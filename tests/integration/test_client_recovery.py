@@ -10,10 +10,12 @@ import json
 
 import anyio
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgsynapse import client as client_module
 from pgsynapse.client import AnswerTimeout, Client
-from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.config import Settings
+from pgsynapse.errors import ConfigError, InputError, PgsynapseError
 from tests.helpers import aconn, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -259,3 +261,28 @@ async def test_an_answer_that_came_after_the_timeout_is_fetched_by_its_question_
                 await _answer(conn, qid)
     await conn.close()
     assert [(r.id, r.status, r.answer) for r in results] == [(qid, "answered", "an answer")]
+
+
+async def test_the_client_uses_the_keepalive_settings_the_worker_honours(db_url, monkeypatch):
+    # the Client connected with the settings' defaults whatever PGSYNAPSE_KEEPALIVES_* said: an application beside a
+    # worker tuned for its network noticed a cut one later (or sooner) than the worker
+    for name, value in (("KEEPALIVES_IDLE_SECONDS", "7"), ("KEEPALIVES_INTERVAL_SECONDS", "2"),
+                        ("KEEPALIVES_COUNT", "4"), ("TCP_USER_TIMEOUT_MS", "9000")):
+        monkeypatch.setenv(f"PGSYNAPSE_{name}", value)
+
+    def tcp(conn) -> tuple[str, ...]:
+        p = conn.info.get_parameters()
+        return tuple(p.get(k) for k in ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                                        "tcp_user_timeout"))
+
+    async with Client(db_url) as client:
+        assert tcp(client._conn) == tcp(client._listen) == ("1", "7", "2", "4", "9000")
+    # the settings given (the CLI's, config file included) win over the environment, and the URL over both
+    settings = Settings(keepalives_idle_seconds=11, keepalives_count=5)
+    async with Client(db_url, settings=settings) as client:
+        assert tcp(client._conn) == ("1", "11", "5", "5", "30000")
+    async with Client(make_conninfo(db_url, keepalives_idle=3), settings=settings) as client:
+        assert tcp(client._conn)[1] == "3"
+    monkeypatch.setenv("PGSYNAPSE_KEEPALIVES_COUNT", "0")
+    with pytest.raises(ConfigError, match=r"keepalives_count \[PGSYNAPSE_KEEPALIVES_COUNT\]: .*greater than or equal"):
+        Client(db_url)

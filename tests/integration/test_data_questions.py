@@ -218,9 +218,24 @@ async def test_a_statement_with_a_nul_character_is_refused_on_its_row_at_once(sh
         async with Client(url) as client:
             r = await client.ask_data("how many orders in the north?", timeout=20)
     assert r.status == "refused" and r.error == "refused: the statement contains a NUL character", r
-    assert r.sql == "SELECT count(*) FROM orders WHERE region = 'north\ufffd'"  # where it was, in its place
+    # where it was, in its place; the second statement is kept too (it was dropped without a word)
+    assert r.sql == "SELECT count(*) FROM orders WHERE region = 'north\ufffd'; DROP TABLE orders"
     [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert job == {"status": "done", "attempts": 1}
+
+
+async def test_a_model_that_writes_two_statements_is_refused_with_both_on_the_row(shop, models, endpoint):
+    # everything after the first statement was dropped without a word: the answer was the first count alone, and
+    # neither the row nor sql-ask said the model had meant a second one
+    url, _ = shop
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = ("```sql\nSELECT count(*) FROM orders;\nSELECT count(*) FROM regions;\n```\n"
+                         "The first counts the orders, the second the regions.")
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("how many orders and how many regions?", timeout=20)
+    assert r.status == "refused" and r.error == "refused: 2 statements; exactly one SELECT may run", r
+    assert r.sql == "SELECT count(*) FROM orders;\nSELECT count(*) FROM regions" and r.rows == []
 
 
 async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_grant(shop, models):

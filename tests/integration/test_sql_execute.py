@@ -166,3 +166,43 @@ def test_a_scope_that_cannot_be_read_says_why(shop, schema, names, says):
 def test_a_named_table_not_granted_is_named_in_the_hint(shop):
     with pytest.raises(NoReadableTables, match=r"GRANT SELECT ON public.salaries TO pgsynapse_reader"):
         schema_context(shop, "shop_other", ["public.salaries"])
+
+
+def test_a_row_over_the_byte_limit_never_leaves_the_server(shop, tmp_path):
+    # a 20 MB value in the result's first FETCH (16 rows) reached the worker whole (a row could be up to 1 GB) before
+    # the 1 MB limit was looked at: the server now measures each row and sends none larger than the limit
+    wide = Stmt("SELECT g, repeat('x', CASE WHEN g = 2 THEN 20000000 ELSE 3 END) AS pad FROM generate_series(1, 5) g")
+    wire = tmp_path / "wire"
+    with open(wire, "w") as f:
+        shop.pgconn.trace(f.fileno())
+        try:
+            r = run_readonly(shop, wide, Limits(max_bytes=100_000))
+        finally:
+            shop.pgconn.untrace()
+    assert r.rows == [[1, "xxx"]] and r.truncated and [c["name"] for c in r.columns] == ["g", "pad"]
+    assert wire.stat().st_size < 1_000_000, wire.stat().st_size  # libpq's trace of every message both ways
+
+
+def test_the_measured_rows_keep_their_order_names_and_types(shop):
+    # the rows are measured in a query around the statement: it must not change what the statement returns
+    r = run_readonly(shop, Stmt('SELECT id AS a, id AS a, total AS pgsynapse_row, 1 AS "?column?" FROM orders '
+                                "ORDER BY id DESC LIMIT 3"), Limits())
+    assert [c["name"] for c in r.columns] == ["a", "a", "pgsynapse_row", "?column?"]
+    assert [c["type"] for c in r.columns] == ["integer", "integer", "numeric", "integer"]
+    assert r.rows == [[40, 40, 60, 1], [39, 39, 58.5, 1], [38, 38, 57, 1]]
+    r = run_readonly(shop, Stmt("VALUES (1, 'a'), (2, NULL) ORDER BY 1 DESC"), Limits())
+    assert r.rows == [[2, None], [1, "a"]] and [c["name"] for c in r.columns] == ["column1", "column2"]
+    assert run_readonly(shop, Stmt("SELECT NULL::int AS x -- the end"), Limits()).rows == [[None]]
+
+
+def test_a_result_without_columns_keeps_its_row_count(shop):
+    r = run_readonly(shop, Stmt("SELECT FROM orders WHERE id <= 3"), Limits())
+    assert r.columns == [] and r.rows == [[], [], []] and r.row_count == 3
+
+
+def test_nan_and_infinity_are_given_as_postgresql_writes_them(shop):
+    # a float NaN was stored as Python's "nan" (and infinity as "inf"): PostgreSQL writes NaN, Infinity, -Infinity
+    r = run_readonly(shop, Stmt("SELECT 'NaN'::float8 AS f, 'Infinity'::float4 AS g, '-Infinity'::float8 AS h, "
+                                "'NaN'::numeric AS n, 'Infinity'::numeric AS i, '-Infinity'::numeric AS j, "
+                                "ARRAY['NaN'::float8, 1.5] AS a"), Limits())
+    assert r.rows == [["NaN", "Infinity", "-Infinity", "NaN", "Infinity", "-Infinity", ["NaN", 1.5]]]

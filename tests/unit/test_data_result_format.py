@@ -31,3 +31,11 @@ def test_a_column_name_with_a_line_break_stays_on_the_header_line():
                    row_count=1, truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
     table = format_data_result(r).split("b\", 2 AS c\n", 1)[1].splitlines()  # after the statement
     assert table[:3] == ["a b | c", "----+--", "1   | 2"]
+
+
+def test_a_result_without_columns_says_so_instead_of_blank_lines():
+    # SELECT FROM t: a header, a rule and three rows, all empty lines
+    r = DataResult(id=6, status="answered", sql="SELECT FROM orders", columns=[], rows=[[], [], []], row_count=3,
+                   truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
+    assert format_data_result(r).splitlines()[:3] == [
+        "SQL: SELECT FROM orders", "(no columns: the statement selects none)", "(3 rows)"]

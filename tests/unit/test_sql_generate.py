@@ -64,8 +64,14 @@ FOLLOW_UP = SqlPrompt("and how many are late?", SCHEMA, (("how many orders are t
     ("Here is the query:\n```\nSELECT a FROM t;\n```", "SELECT a FROM t"),
     ("Sure! Here's the SQL:\n\nselect count ( * ) from orders ;", "select count ( * ) from orders"),
     ("To select the late orders, run: SELECT id FROM orders WHERE late;", "SELECT id FROM orders WHERE late"),
-    ("SELECT 1; DROP TABLE orders;", "SELECT 1"),  # two statements: only the first
-    ("SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\"; DELETE FROM t", "SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\""),
+    # two statements: both kept, for the safety check to refuse (the second was dropped without a word)
+    ("SELECT 1; DROP TABLE orders;", "SELECT 1; DROP TABLE orders"),
+    ("SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\"; DELETE FROM t",
+     "SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\"; DELETE FROM t"),
+    ("```sql\nSELECT a FROM t;\nselect b from t\n```\nThe first counts a.", "SELECT a FROM t;\nselect b from t"),
+    # prose or a comment after the statement is no second statement, even when it starts like one
+    ("SELECT 1;\n\nWith this query you get one row.", "SELECT 1"),
+    ("SELECT 1; -- one row\nSelect it to see.", "SELECT 1"),
     ("SELECT $q$a;b$q$, 1 -- c;d\n, 2 /* e; */; x", "SELECT $q$a;b$q$, 1 -- c;d\n, 2 /* e; */"),
     ("SELECT 'it''s;' ;", "SELECT 'it''s;'"),
     ("WITH a AS (SELECT 1 AS x) SELECT x FROM a", "WITH a AS (SELECT 1 AS x) SELECT x FROM a"),

@@ -142,5 +142,18 @@ SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
 -- before each FETCH of a result after the first: the time the statement has left of its timeout
 SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true);
 
+-- name: readonly_measured_rows
+-- A checked statement ({statement}, composed by the caller) with each row's size first: the bytes of its text as
+-- PostgreSQL writes it (a row value), then its columns only when that is at most the byte limit ({max_bytes}), else
+-- NULLs. A row wider than the limit never leaves the server, however wide (up to 1 GB). The statement's rows keep
+-- their order (an ORDER BY keeps the statement a subquery scan, and a lateral join is a nested loop over it in
+-- that order), their names and their types; the new line ends a comment the statement could end with.
+SELECT pgsynapse_size.bytes, pgsynapse_sent.*
+FROM (
+{statement}
+) AS pgsynapse_row
+CROSS JOIN LATERAL (SELECT pg_catalog.octet_length(pgsynapse_row.*::pg_catalog.text) AS bytes) AS pgsynapse_size
+LEFT JOIN LATERAL (SELECT pgsynapse_row.* WHERE pgsynapse_size.bytes <= {max_bytes}) AS pgsynapse_sent ON true;
+
 -- name: type_names
 SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);

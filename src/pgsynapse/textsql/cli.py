@@ -32,7 +32,10 @@ def _cell(value: Any) -> str:
 
 
 def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_rows: int = 50) -> str:
-    """A plain-text table, psql-like: a header, a rule, at most ``max_rows`` rows."""
+    """A plain-text table, psql-like: a header, a rule, at most ``max_rows`` rows. A result without columns
+    (``SELECT FROM t``) has nothing to draw: one line says so."""
+    if not columns:
+        return "(no columns: the statement selects none)"
     head = [_cell(c["name"]) for c in columns]  # a name's line break would split the header
     body = [[_cell(v) for v in row] for row in rows[:max_rows]]
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]

@@ -4,8 +4,9 @@ A generated statement runs only after ``safety.check_sql`` accepted it, and then
 ``READ ONLY``, ``SET LOCAL ROLE`` to the reader role (which reads only what an operator granted it), a
 ``statement_timeout`` and a ``search_path`` of the question's schema, rows read through a server-side cursor in
 batches sized by the limits left, so at most ``max_rows`` + 1 rows, and not many more bytes than the byte limit on
-the result as JSON, ever leave the server. The transaction is always rolled back. The database is the last line:
-the parser check refuses writes, the transaction could not do them.
+the result as JSON, ever leave the server; a row wider than that limit (its text, measured by the server) never
+does. The transaction is always rolled back. The database is the last line: the parser check refuses writes, the
+transaction could not do them.
 """
 
 from __future__ import annotations
@@ -101,15 +102,21 @@ class Result:
         return {"columns": self.columns, "rows": self.rows}
 
 
+def _non_finite(value: float) -> str:
+    """NaN and the infinities, which JSON cannot hold, as PostgreSQL writes them (Python's str says nan, inf)."""
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 def plain(value: Any) -> Any:
-    """A value as JSON can hold it: numbers stay numbers (a whole Decimal becomes an int), times become ISO text."""
+    """A value as JSON can hold it: numbers stay numbers (a whole Decimal becomes an int), times become ISO text,
+    NaN and the infinities become text as PostgreSQL writes them (``NaN``, ``Infinity``, ``-Infinity``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else _non_finite(value)
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
-            return str(value)
+            return str(value)  # NaN, Infinity, -Infinity: as PostgreSQL writes them
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
@@ -163,8 +170,10 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 # an interval as PostgreSQL writes it: a timedelta has no months ("1 mon" would be 30 days)
                 cur.adapters.register_loader("interval", TextLoader)
-                cur.execute(checked.sql)
-                described = list(cur.description or [])
+                # each row's size first (the server sends no row over the byte limit), then the statement's columns
+                cur.execute(pgsql.SQL(q("readonly_measured_rows", FILE)).format(
+                    statement=pgsql.SQL(checked.sql), max_bytes=pgsql.Literal(int(limits.max_bytes))))
+                described = list(cur.description or [])[1:]
                 names = _type_names(conn, sorted({d.type_code for d in described}))
                 columns = [{"name": d.name, "type": names.get(d.type_code, str(d.type_code))} for d in described]
                 result = Result(columns)
@@ -193,19 +202,24 @@ def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, 
            started: float) -> None:
     """Fill ``result.rows`` (JSON values) up to ``max_rows`` and ``max_bytes``, ``truncated`` when more were left.
 
-    The rows come in FETCHes sized by the byte budget left (after a first one of :data:`_FIRST_FETCH` rows), so
-    the server never sends (nor computes) many rows past the limits: 1001 rows of 1 MB are not a gigabyte in the
-    worker before the 1 MB limit is looked at. Each FETCH is a statement of its own: every one after the first
-    runs under the time the statement has left of ``statement_timeout_ms`` since it was declared."""
+    Each row comes with its size as the server measured it (``readonly_measured_rows``): one over ``max_bytes``
+    comes without its values, and the result is cut there. The rows come in FETCHes sized by the byte budget left
+    (after a first one of :data:`_FIRST_FETCH` rows), so the server never sends (nor computes) many rows past the
+    limits: 1001 rows of 1 MB are not a gigabyte in the worker before the 1 MB limit is looked at, and the first
+    FETCH is at most :data:`_FIRST_FETCH` rows of ``max_bytes``. Each FETCH is a statement of its own: every one
+    after the first runs under the time the statement has left of ``statement_timeout_ms`` since it was declared."""
     size = len(json.dumps(result.columns))
     largest = 0
     want = min(_FIRST_FETCH, limits.max_rows + 1)
     while True:
         batch = cur.fetchmany(want)
-        for row in batch:
+        for measured, *row in batch:
+            if len(result.rows) == limits.max_rows or measured > limits.max_bytes:
+                result.truncated = True
+                return
             values = [plain(v) for v in row]
             n = len(json.dumps(values, default=str)) + 1
-            if len(result.rows) == limits.max_rows or size + n > limits.max_bytes:
+            if size + n > limits.max_bytes:
                 result.truncated = True
                 return
             size += n

@@ -1,14 +1,19 @@
 """A model's output -> the statement it holds (textsql/generate.py runs every candidate through it).
 
 Models wrap SQL in prose and fences, add a second statement, or stop without a ``;``: :func:`extract_sql` takes the
-first statement out, and :func:`statement_complete` tells generation where to stop. Both read SQL lexically
-(quotes, dollar quotes and comments hide a ``;``). Neither judges safety: a write stays a write, for
-textsql/safety.py to refuse, never the harmless subquery inside it.
+statement out, and :func:`statement_complete` tells generation where to stop. Both read SQL lexically (quotes,
+dollar quotes and comments hide a ``;``). A second statement after the first is kept, for the safety check to
+refuse (one SELECT answers a question: the first alone may answer half of it, and nothing would say so); what
+follows the first ``;`` counts as a statement only when a line of it begins with a statement keyword and
+PostgreSQL's parser takes it (prose such as "With this query..." is not). Neither judges safety: a write stays a
+write, for textsql/safety.py to refuse, never the harmless subquery inside it.
 """
 
 from __future__ import annotations
 
 import re
+
+from pglast.parser import ParseError, parse_sql
 
 _STRONG = ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE", "GRANT",
            "REVOKE", "COPY")
@@ -106,21 +111,45 @@ def _cut_prose(sql: str) -> str:
     return sql
 
 
+def _one_statement(text: str) -> str:
+    """``text``'s statement up to its top-level ``;`` (without it), else up to a fence or prose after a blank line."""
+    end = _statement_end(text)
+    return text[:end] if end is not None else _cut_prose(text.split("```", 1)[0])
+
+
+def _parses(sql: str) -> bool:
+    try:
+        return bool(parse_sql(sql))
+    except (ParseError, RecursionError):
+        return False
+
+
+def _next_statement(rest: str) -> int | None:
+    """The end of a statement in ``rest`` (the text after a statement's ``;``), or None when it holds prose or
+    comments only: a line of it (its first line included) that begins with a statement keyword and parses."""
+    rest = rest.split("```", 1)[0]
+    for m in _AT_LINE.finditer(rest):
+        sql = _one_statement(rest[m.start(1):])
+        if _parses(sql):
+            return m.start(1) + len(sql)
+    return None
+
+
 def extract_sql(text: str) -> str:
-    """A model's output -> its first statement, without the ``;``: the body of a ```sql fence, from the first
-    statement keyword on (prose before it dropped), up to the first top-level ``;`` (a second statement and prose
-    after it dropped). "" when the output holds no statement: the safety check refuses it as empty."""
+    """A model's output -> its statement, without the ``;``: the body of a ```sql fence, from the first statement
+    keyword on (prose before it dropped), up to the first top-level ``;`` (prose after it dropped). When a second
+    statement follows, both (up to the second's end), for the safety check to refuse ("2 statements"). "" when the
+    output holds no statement: the safety check refuses it as empty."""
     body = _unfenced(text)
     start = _statement_start(body)
     if start is None:
         return ""
     sql = body[start:]
     end = _statement_end(sql)
-    if end is not None:
-        sql = sql[:end]
-    else:
-        sql = _cut_prose(sql.split("```", 1)[0])
-    return sql.strip()
+    if end is None:
+        return _one_statement(sql).strip()
+    second = _next_statement(sql[end + 1:])
+    return (sql[:end + 1 + second] if second is not None else sql[:end]).strip()
 
 
 def statement_complete(text: str) -> bool:
