@@ -178,3 +178,35 @@ def test_feedback_through_sql_on_a_question_with_no_answer_is_refused_saying_so(
     assert _standing(conn) == [("how do I vacuum?", conn.chunks[1])]
     assert conn.execute("SELECT count(*) AS n FROM pgsynapse.training_examples WHERE query LIKE 'a question now%'"
                         ).fetchone()["n"] == 0
+
+
+def test_a_verdict_changed_by_an_update_trains_the_new_verdict(conn):
+    """An application may UPDATE a feedback row's helpful, rating and chunk_id (pgsynapse_app's grant, a user who
+    changes their click): its example follows, and counts as new again. It was built on INSERT only, so the retrain
+    learnt the old verdict."""
+    qs = [_question(conn, f"how do I vacuum table {i}?") for i in range(3)]
+    rows = [conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false) RETURNING id",
+                         (a,)).fetchone()["id"] for a in qs]
+    assert _standing(conn) == [] and _untrained(conn) == 0 and _retrains(conn) == 0
+    conn.execute("UPDATE pgsynapse.feedback SET helpful = true, chunk_id = %s WHERE id = %s", (conn.chunks[1], rows[0]))
+    assert _standing(conn) == [("how do I vacuum table 0?", conn.chunks[1])] and _untrained(conn) == 1
+    assert conn.execute("SELECT negative_chunk_ids FROM pgsynapse.training_examples WHERE feedback_id = %s",
+                        (rows[0],)).fetchone()["negative_chunk_ids"] == []
+    conn.execute("UPDATE pgsynapse.feedback SET helpful = NULL, rating = 5 WHERE id = ANY(%s)", (rows[1:],))
+    assert _untrained(conn) == 3 and _retrains(conn) == 1  # the threshold of 3, reached by the updates
+    # trained, then an update that does not change what it teaches (the comment, the same verdict): still trained
+    conn.execute("UPDATE pgsynapse.training_examples SET trained_in_version = 1")
+    conn.execute("UPDATE pgsynapse.feedback SET comment = 'thanks', rating = 4 WHERE id = %s", (rows[1],))
+    assert _untrained(conn) == 0
+    # trained, then the verdict taken back: the question has no positive any more, and teaches no vector
+    conn.execute("UPDATE pgsynapse.feedback SET rating = 1 WHERE id = %s", (rows[1],))
+    assert sorted(_standing(conn)) == [("how do I vacuum table 0?", conn.chunks[1]),
+                                       ("how do I vacuum table 2?", conn.chunks[0])]
+    ex = conn.execute("SELECT positive_chunk_id, negative_chunk_ids, trained_in_version FROM"
+                      " pgsynapse.training_examples WHERE feedback_id = %s", (rows[1],)).fetchone()
+    assert ex == {"positive_chunk_id": None, "negative_chunk_ids": [conn.chunks[0]], "trained_in_version": None}
+    # a passage deleted (a document edit) sets the row's chunk_id to NULL: that is no new verdict
+    conn.execute("DELETE FROM pgsynapse.chunks WHERE id = %s", (conn.chunks[1],))
+    assert conn.execute("SELECT positive_chunk_id, trained_in_version FROM pgsynapse.training_examples"
+                        " WHERE feedback_id = %s", (rows[0],)).fetchone() == {"positive_chunk_id": None,
+                                                                               "trained_in_version": 1}

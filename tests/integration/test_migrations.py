@@ -701,3 +701,36 @@ def test_the_blank_texts_migration_refuses_tabs_and_line_breaks_and_keeps_the_ro
                 conn.execute(mig.sql.encode())
         assert conn.execute("SELECT count(*) FROM pgsynapse.questions WHERE id = %s", (old,)).fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM pgsynapse.data_questions WHERE text = ''").fetchone()[0] == 1
+
+
+def test_the_feedback_updates_migration_rebuilds_an_updated_example_and_is_idempotent(new_db):
+    """0032 on top of 0031: an example already there follows an UPDATE of its feedback's verdict from now on; a
+    bulk load of rows whose first id keys a pending bulk job joins it; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 32)
+    with psycopg.connect(url, autocommit=True) as conn:
+        doc = conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = conn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                             " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text, status, answer, sources) VALUES ('a', 'answered',"
+                           " 'b', jsonb_build_array(jsonb_build_object('chunk_id', %s::bigint))) RETURNING id",
+                           (chunk,)).fetchone()[0]
+        fid = conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false) RETURNING id",
+                           (qid,)).fetchone()[0]
+        conn.execute("CREATE OR REPLACE FUNCTION pgsynapse.bulk_enqueue_rows() RETURNS bigint LANGUAGE sql"
+                     " IMMUTABLE AS 'SELECT 2::bigint'")
+    assert mig.name in migrate(url)
+    example = "SELECT positive_chunk_id, negative_chunk_ids FROM pgsynapse.training_examples WHERE feedback_id = %s"
+    load = "INSERT INTO pgsynapse.documents (id, title, body) SELECT 500 + g, 't', 'b' || g FROM generate_series(1, 3) g"
+    with psycopg.connect(url, autocommit=True) as conn:
+        for helpful in (True, False):
+            conn.execute("UPDATE pgsynapse.feedback SET helpful = %s WHERE id = %s", (helpful, fid))
+            assert conn.execute(example, (fid,)).fetchone() == ((chunk, []) if helpful else (None, [chunk]))
+            with conn.transaction():
+                for _ in range(2):
+                    conn.execute("DELETE FROM pgsynapse.documents WHERE id > 500")
+                    conn.execute(load)
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+        assert conn.execute("SELECT ref_id, cardinality(ref_ids) FROM pgsynapse.jobs WHERE ref_id < 0").fetchall() == [
+            (-501, 3)]

@@ -231,6 +231,25 @@ async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
     await conn.close()
 
 
+def test_a_second_bulk_insert_of_the_same_first_id_joins_the_pending_bulk_job(db_url):
+    """A bulk job is keyed by its first row's id (ref_id = -id): a reload of the same rows (DELETE, then the same
+    large INSERT) while the first bulk job was pending failed the application's statement on jobs_pending_dedup.
+    The rows join the pending job, each once."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE OR REPLACE FUNCTION pgsynapse.bulk_enqueue_rows() RETURNS bigint LANGUAGE sql"
+                     " IMMUTABLE AS 'SELECT 5::bigint'")
+        load = ("INSERT INTO pgsynapse.documents (id, title, body) SELECT 9000000 + g, 'T', 'body ' || g"
+                " FROM generate_series(1, %s) g")
+        with conn.transaction():
+            conn.execute(load, (6,))
+            conn.execute("DELETE FROM pgsynapse.documents WHERE id > 9000000")
+            conn.execute(load, (8,))
+        conn.execute(load.replace("9000000 + g", "9000100 + g"), (7,))  # another bulk job beside it
+        jobs = conn.execute("SELECT ref_id, ARRAY(SELECT unnest(ref_ids) ORDER BY 1) FROM pgsynapse.jobs"
+                            " WHERE status = 'pending' ORDER BY ref_id DESC").fetchall()
+    assert jobs == [(-9000001, [9000000 + i for i in range(1, 9)]), (-9000101, [9000100 + i for i in range(1, 8)])]
+
+
 async def test_a_retired_version_is_unloaded_by_the_workers(db_url, models):
     conn = await aconn(db_url)
     await conn.execute("INSERT INTO pgsynapse.model_versions (id, name, runtime, dim, status)"
