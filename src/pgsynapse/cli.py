@@ -44,6 +44,10 @@ log = get_logger(__name__)
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_BROKEN_PIPE = 141  # what a shell reports of a command killed by SIGPIPE (128 + 13)
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
+EX_REFUSED = 1  # a command refused or failed what it was asked (README, exit codes)
+# what the database refuses in the data itself (a CHECK, a unique index, a value out of range, a trigger's RAISE):
+# the same data is refused again, so not the "retry later" of exit 69
+DATA_REFUSED = (psycopg.errors.IntegrityError, psycopg.errors.DataError, psycopg.errors.RaiseException)
 
 
 # commands that print their result: their info events (the embedded server starting and stopping, the worker they
@@ -131,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg.Error as exc:
         if behind := _schema_behind(settings, exc):
             return _fail(args, settings, behind, EX_UNAVAILABLE)
+        if isinstance(exc, DATA_REFUSED):
+            return _fail(args, settings, f"the database refused the data: {describe_db_error(exc)}: change the data, "
+                         "or the constraint or trigger that refuses it", EX_REFUSED)
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
         # a missing privilege stays missing until someone grants it: not worth a restart loop
         return _fail(args, settings, f"database error: {describe_db_error(exc)}",
                      EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE)
     except PgsynapseError as exc:
-        return _fail(args, settings, str(exc), 1)
+        return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:
         return 130
 
