@@ -290,6 +290,22 @@ def test_traffic_on_a_candidate_not_serving_yet_says_when_it_will(db_url, capsys
         f"model version {ready} gets 10% of sessions"]
 
 
+def test_retiring_a_retired_version_says_it_already_is(db_url, tiny48, capsys):
+    """A second `pgsynapse retire N` printed "model version N retired, 0 embeddings deleted" (exit 0) again, and
+    recorded another `retired` event: refused now, as promoting the active version is."""
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        args = argparse.Namespace(command="retire", model_version=v)
+        assert run_learning_command(args, conn) == 0
+        with pytest.raises(RegistryError, match=f"^model version {v} is already retired: nothing to do$"):
+            run_learning_command(args, conn)
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model version")]
+        assert printed == [f"model version {v} retired, 0 embeddings deleted"]
+        events = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_events WHERE model_version_id = %s AND "
+                              "event = 'retired'", (v,)).fetchone()["n"]
+        assert events == 1
+
+
 def test_a_finished_backfill_takes_only_the_share_the_other_candidates_leave(db_url):
     """A candidate whose backfill finished got rollout_traffic_percent (10) beside another candidate at 95 %: 105 %
     in all, and the routing gave it 5 without a word. It gets what is left."""
