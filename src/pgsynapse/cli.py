@@ -36,7 +36,7 @@ from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import search, search_order
-from pgsynapse.status import render, snapshot
+from pgsynapse.status import render, status_snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
 log = get_logger(__name__)
@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "status":
         with Database(settings) as db, db.connect() as conn:
-            snap = snapshot(conn, read_url=settings.read_url)
+            snap = status_snapshot(conn, read_url=settings.read_url)
             if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
                 snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
         print(json_dumps(snap, indent=2) if args.json else render(snap))

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.db import SCHEMA_ERRORS
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import listed, schema_state
@@ -16,6 +17,23 @@ from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
 
 SHOWN_REASONS = 5  # the commonest failure errors and skip reasons that `pgsynapse status` lists
+# what a status of a schema too far behind for its queries leaves out (``incomplete``)
+NOT_SHOWN = "the queue, models, questions and workers: the status queries read what these migrations add"
+
+
+def status_snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
+    """:func:`snapshot`, or on a schema behind by a migration that adds what its queries read, the schema's state
+    alone, with ``incomplete`` saying what is not shown: which migrations to apply is then the status. (It was an
+    error, exit 69, while a schema behind by migrations it reads around was reported, exit 0.) A database with no
+    pgsynapse schema at all raises, as every command does there."""
+    try:
+        return snapshot(conn, read_url=read_url)
+    except SCHEMA_ERRORS:
+        conn.rollback()
+        state = schema_state(conn)
+        if state["applied"] is None or not state["pending"]:
+            raise
+        return {"schema": state, "incomplete": NOT_SHOWN}
 
 
 def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
@@ -85,6 +103,9 @@ def render(snap: dict[str, Any]) -> str:
         lines.append(f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
                      f"(`pgsynapse run`): psql '{emb['url']}'")
     lines.append(f"schema         : {_render_schema(snap['schema'])}")
+    if snap.get("incomplete"):
+        lines.append(f"not shown      : {snap['incomplete']}")
+        return "\n".join(lines)
     a = snap["active_model"]
     lines.append(f"active model   : v{a['id']} {a['name']} ({a['runtime']}, dim {a['dim']})" if a else "active model   : none")
     lines.append(
