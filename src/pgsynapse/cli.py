@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "status":
         with Database(settings) as db, db.connect() as conn:
-            snap = status_snapshot(conn, read_url=settings.read_url)
+            snap = status_snapshot(conn, read_url=settings.read_url, settings=settings)
             if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
                 snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
         print(json_dumps(snap, indent=2) if args.json else render(snap))
