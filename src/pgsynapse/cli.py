@@ -36,7 +36,7 @@ from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import search, search_order
-from pgsynapse.status import render, snapshot
+from pgsynapse.status import render, status_snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
 log = get_logger(__name__)
@@ -44,6 +44,10 @@ log = get_logger(__name__)
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_BROKEN_PIPE = 141  # what a shell reports of a command killed by SIGPIPE (128 + 13)
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
+EX_REFUSED = 1  # a command refused or failed what it was asked (README, exit codes)
+# what the database refuses in the data itself (a CHECK, a unique index, a value out of range, a trigger's RAISE):
+# the same data is refused again, so not the "retry later" of exit 69
+DATA_REFUSED = (psycopg.errors.IntegrityError, psycopg.errors.DataError, psycopg.errors.RaiseException)
 
 
 # commands that print their result: their info events (the embedded server starting and stopping, the worker they
@@ -131,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg.Error as exc:
         if behind := _schema_behind(settings, exc):
             return _fail(args, settings, behind, EX_UNAVAILABLE)
+        if isinstance(exc, DATA_REFUSED):
+            return _fail(args, settings, f"the database refused the data: {describe_db_error(exc)}: change the data, "
+                         "or the constraint or trigger that refuses it", EX_REFUSED)
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
         # a missing privilege stays missing until someone grants it: not worth a restart loop
         return _fail(args, settings, f"database error: {describe_db_error(exc)}",
                      EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE)
     except PgsynapseError as exc:
-        return _fail(args, settings, str(exc), 1)
+        return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:
         return 130
 
@@ -154,7 +161,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "status":
         with Database(settings) as db, db.connect() as conn:
-            snap = snapshot(conn, read_url=settings.read_url)
+            snap = status_snapshot(conn, read_url=settings.read_url, settings=settings)
             if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
                 snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
         print(json_dumps(snap, indent=2) if args.json else render(snap))

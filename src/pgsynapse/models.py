@@ -390,7 +390,7 @@ def probe_model(path: str | Path, *, threads: int = 0) -> Embedder:
     path = Path(path).expanduser().resolve()
     runtime = runtime_of(path) if path.is_dir() else "torch"
     path = resolve_model_path(str(path), None, runtime)
-    _refuse_a_classifier(path)
+    _refuse_no_sentence_embedder(path, runtime)
     embedder = load_embedder(ModelSpec(version_id=0, name=path.name, path=path, runtime=runtime, dim=PROBE_DIM),
                              threads=threads)
     try:
@@ -405,19 +405,26 @@ def probe_model(path: str | Path, *, threads: int = 0) -> Embedder:
     return embedder
 
 
-def _refuse_a_classifier(path: Path) -> None:
-    """A transformers sequence classifier with no sentence-transformers modules is a cross-encoder: it scores a
-    (question, passage) pair and gives no vector of a text (sentence-transformers would mean-pool its encoder)."""
+def _refuse_no_sentence_embedder(path: Path, runtime: str) -> None:
+    """A transformers model with no sentence-transformers modules: a sequence classifier is a cross-encoder (no vector
+    of a text); any other (a plain BERT, a CLIP) would get a mean pooling sentence-transformers invents for it."""
     if (path / "modules.json").exists():
         return
     try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        architectures = (config := json.loads((path / "config.json").read_text())).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return  # the loader says what is wrong with it
     for arch in architectures:
         if isinstance(arch, str) and arch.endswith("ForSequenceClassification"):
             raise ModelError(f"model {path} is a cross-encoder ({arch}), not a sentence-embedding model: add it as a "
                              "ranker (`pgsynapse ranker add PATH`)")
+    if runtime == "torch":
+        arch = ", ".join(a for a in architectures if isinstance(a, str)) or "no architectures in its config.json"
+        raise ModelError(f"model {path} is not a sentence-transformers model ({arch}, no modules.json): pgsynapse "
+                         "model add needs a directory saved by sentence-transformers (modules.json, its pooling) or an "
+                         "exported ONNX directory (model.onnx or model_int8.onnx)"
+                         + ("; an image model (CLIP, ViT...) is added with `pgsynapse image-model add PATH`"
+                            if "vision_config" in config or "image_size" in config else ""))
 
 
 def load_embedder(spec: ModelSpec, *, device: str = "cpu", threads: int = 0, onnx_threads: int = 0) -> Embedder:

@@ -213,13 +213,13 @@ class SideRegistry:
 
     def retire(self, conn: psycopg.Connection, model_id: int) -> None:
         """Take a candidate or rejected model out of service for good (traffic 0). Not the active one: promote or
-        roll back first. Retiring a retired model changes nothing."""
+        roll back first. A retired model is refused (RegistryError): there is nothing to do."""
         with conn.transaction():
             conn.execute(self.sql("lock_models"))
             m = self.get_model(conn, model_id)
             if m["status"] == "active":
                 raise RegistryError(f"{self.noun} {model_id} is active: promote another model or roll back first")
             if m["status"] == "retired":
-                return
+                raise RegistryError(f"{self.noun} {model_id} is already retired: nothing to do")
             conn.execute(self.sql("retire_model"), {"id": model_id})
         log.info("registry_model_retired", registry=self.table, model=model_id, previous_status=m["status"])

@@ -7,6 +7,8 @@ from typing import Any
 
 import psycopg
 
+from pgsynapse.config import Settings
+from pgsynapse.db import SCHEMA_ERRORS
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import listed, schema_state
@@ -16,10 +18,30 @@ from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
 
 SHOWN_REASONS = 5  # the commonest failure errors and skip reasons that `pgsynapse status` lists
+# what a status of a schema too far behind for its queries leaves out (``incomplete``)
+NOT_SHOWN = "the queue, models, questions and workers: the status queries read what these migrations add"
 
 
-def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[str, Any]:
-    """The status of the database at ``conn``, and of the read replica at ``read_url`` when one is set."""
+def status_snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
+                    settings: Settings | None = None) -> dict[str, Any]:
+    """:func:`snapshot`, or on a schema behind by a migration that adds what its queries read, the schema's state
+    alone, with ``incomplete`` saying what is not shown: which migrations to apply is then the status. (It was an
+    error, exit 69, while a schema behind by migrations it reads around was reported, exit 0.) A database with no
+    pgsynapse schema at all raises, as every command does there."""
+    try:
+        return snapshot(conn, read_url=read_url, settings=settings)
+    except SCHEMA_ERRORS:
+        conn.rollback()
+        state = schema_state(conn)
+        if state["applied"] is None or not state["pending"]:
+            raise
+        return {"schema": state, "incomplete": NOT_SHOWN}
+
+
+def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
+             settings: Settings | None = None) -> dict[str, Any]:
+    """The status of the database at ``conn``, and of the read replica at ``read_url`` when one is set; with
+    ``settings`` (the command's, like ``read_url``), whether the answer cache is on, beside what it holds."""
     jobs = [dict(r) for r in conn.execute(q("queue_stats"))]
     for r in jobs:
         if r["oldest_pending_seconds"] is not None:
@@ -52,8 +74,19 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None) -> dict[s
             "image_models": image_models,
             "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
             "feedback": feedback, "failures": failures, "skipped": skipped,
+            "answer_cache": answer_cache_state(conn, settings),
             "read_replica": replica_lag(conn, read_url) if read_url else None,
             "enqueue_notify": conn.execute(q("enqueue_notify")).fetchone()["notify_on_enqueue"]}
+
+
+def answer_cache_state(conn: psycopg.Connection, settings: Settings | None) -> dict[str, Any]:
+    """The answer cache's ``entries`` and their ``hits``; with ``settings``, whether it is on (``enabled``), its
+    ``threshold`` and ``max_age_seconds``."""
+    counts = dict(conn.execute(q("cache_counts", "answer_cache.sql")).fetchone())
+    if settings is None:
+        return counts
+    return {"enabled": settings.answer_cache, "threshold": settings.answer_cache_threshold,
+            "max_age_seconds": settings.answer_cache_max_age_seconds, **counts}
 
 
 def backfill_eta(p: dict[str, Any]) -> float | None:
@@ -85,6 +118,9 @@ def render(snap: dict[str, Any]) -> str:
         lines.append(f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
                      f"(`pgsynapse run`): psql '{emb['url']}'")
     lines.append(f"schema         : {_render_schema(snap['schema'])}")
+    if snap.get("incomplete"):
+        lines.append(f"not shown      : {snap['incomplete']}")
+        return "\n".join(lines)
     a = snap["active_model"]
     lines.append(f"active model   : v{a['id']} {a['name']} ({a['runtime']}, dim {a['dim']})" if a else "active model   : none")
     lines.append(
@@ -106,6 +142,8 @@ def render(snap: dict[str, Any]) -> str:
         lines.append(f"questions      : {total} ({qs['pending']} pending, {qs['answered']} answered, "
                      f"{qs['blocked']} blocked, {qs['failed']} failed)"
                      + (f", {qs['cached']} from the answer cache" if qs["cached"] else ""))
+    if (ac := snap.get("answer_cache")) is not None:
+        lines.append(f"answer cache   : {_render_cache(ac)}")
     im = snap.get("images") or {}
     if sum(im.values()) or snap.get("image_models"):
         lines.append(f"images         : {sum(im.values())} ({im['pending']} pending, {im['failed']} failed)")
@@ -172,6 +210,19 @@ def _render_schema(s: dict[str, Any]) -> str:
         return (f"migration {s['applied']} of {s['latest']}, {len(s['pending'])} to apply ({listed(s['pending'])}): "
                 "run `pgsynapse migrate`")
     return f"migration {s['applied']} (up to date)"
+
+
+def _render_cache(c: dict[str, Any]) -> str:
+    held = f"{c['entries']} entries" + (f", served {c['hits']} times" if c["entries"] else "")
+    if "enabled" not in c:
+        return held
+    if not c["enabled"]:
+        return f"off (PGSYNAPSE_ANSWER_CACHE=true turns it on), {held}"
+    age = c["max_age_seconds"]
+    days = age / 86400
+    age = ("no max age" if not age else f"max age {days:g} day{'s' if days != 1 else ''}" if age % 86400 == 0
+           else f"max age {_duration(age)}")
+    return f"on (threshold {c['threshold']:g}, {age}), {held}"
 
 
 def _short(text: str) -> str:

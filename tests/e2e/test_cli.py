@@ -320,6 +320,30 @@ def test_a_pgdata_that_is_no_postgresql_data_directory_says_so(tmp_path):
     assert (tmp_path / "pgdata" / "notes.txt").read_text() == "not a database"  # left as it was
 
 
+def test_data_the_database_refuses_is_exit_1_not_retried(db_url, tmp_path):
+    """A constraint of the database refusing what a command writes (a CHECK, a unique index: here the user's own on
+    pgsynapse.documents) exited 69, which systemd and scripts read as "unreachable, retry later": the same data is
+    refused again. Exit 1 (a command refused what it was asked), one line saying what the database refused."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgsynapse.documents ADD CONSTRAINT body_under_40 CHECK (length(body) < 40)")
+        conn.execute("CREATE UNIQUE INDEX documents_title_once ON pgsynapse.documents (title)")
+    for name, body in (("long", "a body of more than forty characters, which the CHECK refuses"),
+                       ("a", "one short body"), ("b", "another short body")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text(body)
+    long = pgsynapse("ingest", "--no-progress", str(tmp_path / "long"), url=db_url)
+    assert long.returncode == 1, long.stderr
+    assert long.stderr.strip().splitlines()[-1] == (
+        'pgsynapse: error: the database refused the data: new row for relation "documents" violates check constraint '
+        '"body_under_40" (SQLSTATE 23514): change the data, or the constraint or trigger that refuses it')
+    assert pgsynapse("ingest", "--no-progress", str(tmp_path / "a"), url=db_url).returncode == 0
+    twice = pgsynapse("ingest", "--no-progress", str(tmp_path / "b"), url=db_url)  # the same title again
+    assert twice.returncode == 1, twice.stderr
+    assert twice.stderr.strip().splitlines()[-1].startswith(
+        'pgsynapse: error: the database refused the data: duplicate key value violates unique constraint '
+        '"documents_title_once" (SQLSTATE 23505)')
+
+
 def test_output_into_a_closed_pipe_ends_without_a_traceback(db_url):
     """`pgsynapse status --json | head -1`: the reader is gone before the command writes. It ended in a
     BrokenPipeError traceback."""

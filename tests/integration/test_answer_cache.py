@@ -3,6 +3,10 @@ served from it is not; an edit or delete of a cited document invalidates it. Rea
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import psycopg
@@ -16,7 +20,7 @@ from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.base import Job
 from pgsynapse.listener.housekeeping import cleanup_caches
 from pgsynapse.metrics import ANSWER_CACHE
-from pgsynapse.status import render, snapshot
+from pgsynapse.status import render, snapshot, status_snapshot
 from tests.helpers import V1_TORCH, aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 
@@ -283,3 +287,28 @@ async def test_an_answer_is_stored_under_the_rules_it_was_checked_under_not_thos
     row = await _row(conn, again.id)
     await conn.close()
     assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+def test_status_says_whether_the_cache_is_on_and_how_many_entries_it_holds(db_url):
+    """`pgsynapse status` said neither whether the answer cache was on nor what it held (only how many questions it
+    had answered). On/off and its threshold and max age are the settings status reads (like read_url); the entries
+    and their hits are the database's."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert render(status_snapshot(conn, settings=fast_settings(db_url))).splitlines().count(
+            "answer cache   : off (PGSYNAPSE_ANSWER_CACHE=true turns it on), 0 entries") == 1
+        for text, hits in (("how do I vacuum?", 3), ("what is a savepoint?", 1)):
+            qid = conn.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES (%s, 'answered', 'x') "
+                               "RETURNING id", (text,)).fetchone()["id"]
+            conn.execute("INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key, rules_key, "
+                         "question, embedding, answer, sources, document_ids, document_hashes, hit_count) VALUES "
+                         "(%s, 1, 's', 'r', %s, %s, 'x', '[]', '{}', '{}', %s)", (qid, text, str([1.0] * 384), hits))
+        snap = status_snapshot(conn, settings=_settings(db_url, answer_cache_max_age_seconds=86400))
+    assert snap["answer_cache"] == {"enabled": True, "threshold": 0.9, "max_age_seconds": 86400.0, "entries": 2,
+                                    "hits": 4}
+    assert "answer cache   : on (threshold 0.9, max age 1 day), 2 entries, served 4 times" in render(snap).splitlines()
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "status", "--json"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "PGSYNAPSE_ANSWER_CACHE": "true"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["answer_cache"] == {"enabled": True, "threshold": 0.9, "max_age_seconds": 604800.0,
+                                                    "entries": 2, "hits": 4}

@@ -242,6 +242,8 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
             registry.add(conn, tiny_vit_path.parent)
         n = registry.retire(conn, second["id"])
         assert n == 0 and registry.get(conn, second["id"])["status"] == "retired"
+        with pytest.raises(PgsynapseError, match=f"^image model {second['id']} is already retired: nothing to do$"):
+            registry.retire(conn, second["id"])  # it said "retired, 0 vectors deleted" again
         assert not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                                 (f"image_embeddings_hnsw_m{second['id']}",)).fetchone()
         assert conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",

@@ -184,7 +184,7 @@ def test_status_shows_a_backfill_in_progress_with_an_eta(db_url, tiny48):
     assert f"backfill 2/{chunks} ({100 * 2 / chunks:.0f}%), ETA {round(eta)}s" in text, text
 
 
-def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, tiny_vit_path):
+def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, tiny_vit_path, tiny_clip_path):
     with _sync(db_url) as conn:
         with pytest.raises(ModelError, match="does not exist"):
             add_model(conn, tmp_path / "nowhere")
@@ -195,9 +195,19 @@ def test_add_refuses_what_is_not_an_embedding_model(db_url, tmp_path, tiny48, ti
         with pytest.raises(ModelError, match=r"tiny-ce is a cross-encoder \(BertForSequenceClassification\), not a "
                                              "sentence-embedding model: add it as a ranker"):
             add_model(conn, tiny_cross_encoder(tmp_path / "tiny-ce"))
-        with pytest.raises(ModelError, match=r"cannot encode text: ValueError: Modality 'text' is not supported.*: "
-                                             "is it a sentence-embedding model"):
+        with pytest.raises(ModelError, match=r"is not a sentence-transformers model \(ViTModel, no modules.json\): "
+                                             r".*an image model \(CLIP, ViT...\) is added with `pgsynapse image-model"):
             add_model(conn, tiny_vit_path)
+        # a plain transformers BERT (no modules.json: sentence-transformers invented a mean pooling for it) and a
+        # CLIP checkpoint (its text tower) were registered as embedding models
+        plain = tiny48.with_name(tiny48.name + "-bert")  # tiny48's transformer, saved by transformers alone
+        with pytest.raises(ModelError, match=rf"^model {plain} is not a sentence-transformers model \(BertModel, no "
+                                             r"modules.json\): pgsynapse model add needs a directory saved by "
+                                             r"sentence-transformers \(modules.json, its pooling\) or an exported ONNX"):
+            add_model(conn, plain)
+        with pytest.raises(ModelError, match=r"is not a sentence-transformers model \(CLIPModel, no modules.json\): "
+                                             r".*an image model \(CLIP, ViT...\) is added with `pgsynapse image-model"):
+            add_model(conn, tiny_clip_path)
         with pytest.raises(RegistryError, match="between 0 and 100"):
             add_model(conn, tiny48, traffic=120)
         v = add_model(conn, tiny48, serving_runtime="torch")["id"]
@@ -288,6 +298,22 @@ def test_traffic_on_a_candidate_not_serving_yet_says_when_it_will(db_url, capsys
         f"model version {exporting} gets 10% of sessions once a worker has exported it to its runtime "
         "(pgsynapse status shows it)",
         f"model version {ready} gets 10% of sessions"]
+
+
+def test_retiring_a_retired_version_says_it_already_is(db_url, tiny48, capsys):
+    """A second `pgsynapse retire N` printed "model version N retired, 0 embeddings deleted" (exit 0) again, and
+    recorded another `retired` event: refused now, as promoting the active version is."""
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        args = argparse.Namespace(command="retire", model_version=v)
+        assert run_learning_command(args, conn) == 0
+        with pytest.raises(RegistryError, match=f"^model version {v} is already retired: nothing to do$"):
+            run_learning_command(args, conn)
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model version")]
+        assert printed == [f"model version {v} retired, 0 embeddings deleted"]
+        events = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_events WHERE model_version_id = %s AND "
+                              "event = 'retired'", (v,)).fetchone()["n"]
+        assert events == 1
 
 
 def test_a_finished_backfill_takes_only_the_share_the_other_candidates_leave(db_url):

@@ -61,7 +61,8 @@ def test_traffic_routing_and_refusals(db_url):
         assert _status(conn)[b["id"]] == ("retired", 0.0)
         with pytest.raises(RegistryError, match="is retired: only a candidate"):
             reg.set_traffic(conn, b["id"], 5)
-        reg.retire(conn, b["id"])  # again: nothing changes
+        with pytest.raises(RegistryError, match=f"^SQL model {b['id']} is already retired: nothing to do$"):
+            reg.retire(conn, b["id"])  # again: it said "retired" again
 
 
 def test_promote_and_rollback_walk_back_through_the_promotions(db_url):

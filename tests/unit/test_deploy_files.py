@@ -3,13 +3,18 @@ compose file checked against the package (its CLI, its settings, its package dir
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -172,11 +177,71 @@ def test_compose_postgres_migrate_then_worker():
         assert "@db:5432/" in url, url
     assert migrate["command"] == ["migrate"]
     assert worker["command"][0] == "run" and migrate["restart"] == "no"
-    port = worker["environment"]["PGSYNAPSE_METRICS_PORT"]
+    port = _compose_interpolate(worker["environment"]["PGSYNAPSE_METRICS_PORT"], {})  # the default
     assert any(p.endswith(f":{port}") for p in worker["ports"])
     health = " ".join(worker["healthcheck"]["test"])
-    assert f"127.0.0.1:{port}/healthz" in health
+    assert "127.0.0.1:{port}/healthz" in health and "PGSYNAPSE_METRICS_PORT" in health
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
+
+
+def _compose_interpolate(value: str, host_env: dict[str, str]) -> str:
+    """What compose makes of ``${VAR:-default}`` (the form the compose file uses) in the shell's environment."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: host_env.get(m[1]) or m[2], value)
+
+
+@contextlib.contextmanager
+def _healthz(status: int) -> Iterator[int]:
+    """A local /healthz answering ``status``; yields its port."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            self.send_response(status if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _health_checks(host_env: dict[str, str]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The worker's health check commands (compose's and the image's) and the environment each runs in, with
+    ``host_env`` the environment of the shell that ran `docker compose up`."""
+    worker = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]
+    env = {k: _compose_interpolate(str(v), host_env) for k, v in worker["environment"].items()}
+    compose = worker["healthcheck"]["test"]
+    assert compose[0] == "CMD", compose
+    image = next(a for i, a in _stages(_dockerfile())[-1] if i == "HEALTHCHECK")
+    image_cmd = json.loads(image[image.index("CMD ") + 4:])
+    return {"compose": (compose[1:], env), "image": (image_cmd, env)}
+
+
+def _run_check(cmd: list[str], env: dict[str, str]) -> int:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PGSYNAPSE_")}
+    return subprocess.run([sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]], env={**clean, **env},
+                          capture_output=True, timeout=60).returncode
+
+
+def test_the_worker_health_checks_follow_the_metrics_port_setting():
+    """compose's worker set PGSYNAPSE_METRICS_PORT to 9464 whatever the shell or .env said, and its health check
+    asked 127.0.0.1:9464 whatever the setting: with 0 (metrics off; docs/operations.md: "the check then passes") or
+    another port the worker was unhealthy for ever. Both checks (compose's and the image's) read the setting."""
+    for name, (cmd, env) in _health_checks({}).items():
+        assert env["PGSYNAPSE_METRICS_PORT"] == "9464", name  # the default
+    for name, (cmd, env) in _health_checks({"PGSYNAPSE_METRICS_PORT": "0"}).items():
+        assert env["PGSYNAPSE_METRICS_PORT"] == "0", name
+        assert _run_check(cmd, env) == 0, f"{name}: metrics off, the check passes"
+    for status, healthy in ((200, True), (503, False)):
+        with _healthz(status) as port:
+            for name, (cmd, env) in _health_checks({"PGSYNAPSE_METRICS_PORT": str(port)}).items():
+                assert env["PGSYNAPSE_METRICS_PORT"] == str(port), name
+                assert (_run_check(cmd, env) == 0) is healthy, f"{name}: /healthz answered {status}"
 
 
 # -- monitoring ----------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def retire(conn: psycopg.Connection, model: int) -> int:
     row = get(conn, model)
     if row["status"] == "active":
         raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first")
+    if row["status"] == "retired":
+        raise PgsynapseError(f"image model {model} is already retired: nothing to do")
     with conn.transaction():
         _run(conn, sql("retire_image_model"), {"id": model})
         n = _run(conn, sql("delete_image_model_vectors"), {"id": model}).rowcount  # its index: a trigger drops it

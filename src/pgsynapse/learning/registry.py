@@ -113,8 +113,8 @@ def retire(conn: psycopg.Connection, version: int) -> int:
         v = _version(conn, version)
         if v["status"] == "active":
             raise RegistryError(f"model version {version} is active: promote another version first")
-        if v["status"] == "retired":
-            return 0
+        if v["status"] == "retired":  # said "retired, 0 embeddings deleted" again; refused as promote's "already"
+            raise RegistryError(f"model version {version} is already retired: nothing to do")
         for r in conn.execute(q("version_rankers", "learning.sql")):
             if version_of(r["path"]) == version:  # its vectors would go from under the ranker
                 raise RegistryError(f"model version {version} rescores the candidates as ranker {r['id']} "

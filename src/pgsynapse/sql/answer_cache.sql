@@ -64,3 +64,8 @@ WHERE id = %(id)s AND cached_from IS DISTINCT FROM %(origin)s::bigint;
 
 -- name: expire
 DELETE FROM pgsynapse.answer_cache WHERE created_at < now() - make_interval(secs => %(max_age)s);
+
+-- name: cache_counts
+-- `pgsynapse status`: the entries held (of every version; a retired version's are never looked up again) and how many
+-- times they were served
+SELECT count(*) AS entries, coalesce(sum(hit_count), 0)::bigint AS hits FROM pgsynapse.answer_cache;
