@@ -300,6 +300,9 @@ async def test_a_retryable_failure_of_the_old_text_is_superseded_by_the_edits_jo
         with capture_logs() as logs:
             await worker.writer.write("embed", handler, [Outcome(by_ref[doc], error="RuntimeError: model busy"),
                                                          *handler.compute(work)])
+        # both jobs are done (one written, one superseded): counted as processed, neither retried nor failed
+        stats = worker.stats
+        assert (stats.processed, stats.retried, stats.failed) == ({"embed": 2}, {}, {}), stats
     events = [e["event"] for e in logs]
     assert "job_write_failed" not in events and "batch_write_failed_splitting" not in events, logs
     jobs = await (await conn.execute("SELECT ref_id, status, skip_reason, last_error FROM pgsynapse.jobs"
@@ -388,6 +391,8 @@ async def test_a_final_failure_of_a_text_edited_in_a_transaction_committed_after
         assert "body has" in (outcomes[0].error or ""), outcomes
         await app.commit()
         await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+        # superseded, not failed: counted with the jobs done (status, metrics), not with the failed ones
+        assert (worker.stats.processed, worker.stats.failed) == ({"embed": 1}, {}), worker.stats
     row = await (await conn.execute("SELECT status, error FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
     assert (row["status"], row["error"]) == ("pending", None)
     jobs = await _jobs(conn, "embed")
