@@ -122,6 +122,10 @@ class BatchWriter:
             if lost:
                 log.warning("lease_lost_results_dropped", kind=kind, n=lost)
             mine = [o for o in outcomes if o.job.id in owned]
+            # the rows this write touches, locked in one order first (more than one row: a single one cannot cross)
+            touched = {o.job.ref_id for o in mine if o.ok or self._final(o)}
+            if len(touched) > 1:
+                await handler.lock_rows(conn, list(touched))
             ok = [o for o in mine if o.ok and o.skip_reason is None]
             report = await handler.write(conn, ok) if ok else WriteReport()
             skipped = [o for o in mine if o.ok and o.skip_reason is not None]
@@ -154,12 +158,16 @@ class BatchWriter:
         self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded) + closed)
         metrics.observe_results(kind, (jobs[i].queued_at for i in report.written))
 
+    def _final(self, o: Outcome) -> bool:
+        """Whether a failed job fails for good (or is superseded), rather than being retried."""
+        return not (o.retry and o.job.attempts < self.settings.max_attempts)
+
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> str | None:
         """Retry the failed job, or fail it for good. Superseded instead (done), it says why: "pending", a newer
         pending job of the row has its new state; "changed", its row changed since the job read it (the caller
         queues a job for the new content: handler.requeue_changed)."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
-        if o.retry and o.job.attempts < self.settings.max_attempts:
+        if not self._final(o):
             delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
             cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
             if cur.rowcount:

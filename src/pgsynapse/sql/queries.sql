@@ -228,6 +228,11 @@ WHERE d.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed' AND p.ref_id = d.id AND p.status = 'pending')
 RETURNING d.id;
 
+-- name: lock_document_rows
+-- The rows a batch's write touches, locked before any other row lock, in one order (by id) in every worker: the
+-- write and the failures then never lock them in opposite orders (listener/writer.py, Handler.lock_rows).
+SELECT id FROM pgsynapse.documents WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
 -- name: document_changed_since
 -- Whether the document holds other content than a failed job read (%(hash)s): the failure is then the old text's.
 -- FOR UPDATE: an edit not yet committed is waited for, and read once committed.
