@@ -79,6 +79,7 @@ def vector_sql(version: dict[str, Any]) -> str:
 
 class AnswerHandler(Handler[AnswerWork]):
     kind = "answer"
+    lock_rows_query = ("lock_question_rows", "answers.sql")
     changed_since_query = ("question_changed_since", "answers.sql")
     requeue_changed_query = ("requeue_changed_questions", "answers.sql")
 

@@ -95,6 +95,8 @@ class Handler(ABC, Generic[W]):
     # (name, file) of the named queries behind changed_since and requeue_changed; None: a kind without them
     changed_since_query: ClassVar[tuple[str, str] | None] = None
     requeue_changed_query: ClassVar[tuple[str, str] | None] = None
+    # (name, file) of the query that locks the kind's rows by id, in id order (lock_rows); None: a kind without it
+    lock_rows_query: ClassVar[tuple[str, str] | None] = None
 
     @abstractmethod
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[W], list[Outcome]]:
@@ -110,6 +112,13 @@ class Handler(ABC, Generic[W]):
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
+
+    async def lock_rows(self, conn: psycopg.AsyncConnection, ref_ids: list[int]) -> None:
+        """Lock the rows a write touches (results and final failures), in id order, before any other row lock
+        (inside the caller's transaction): two workers holding jobs of the same rows then take them in one order,
+        where the write's own locks followed by the failures' could cross and deadlock."""
+        if self.lock_rows_query is not None:
+            await conn.execute(q(*self.lock_rows_query), {"ids": sorted(set(ref_ids))})
 
     async def changed_since(self, conn: psycopg.AsyncConnection, job: Job, read_hash: str) -> bool:
         """Whether the job's row holds other content than ``read_hash``, what the job read (inside the caller's

@@ -42,6 +42,7 @@ class EmbedResult:
 
 class EmbedHandler(Handler[EmbedWork]):
     kind = "embed"
+    lock_rows_query = ("lock_document_rows", "queries.sql")
     changed_since_query = ("document_changed_since", "queries.sql")
     requeue_changed_query = ("requeue_changed_documents", "queries.sql")
 

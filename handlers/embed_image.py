@@ -46,6 +46,7 @@ class ImageResult:
 
 class EmbedImageHandler(Handler[ImageWork]):
     kind = "embed_image"
+    lock_rows_query = ("lock_image_rows", "images.sql")
     changed_since_query = ("image_changed_since", "images.sql")
     requeue_changed_query = ("requeue_changed_images", "images.sql")
 

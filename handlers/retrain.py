@@ -160,8 +160,8 @@ class RetrainHandler(Handler[RetrainWork]):
             active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],
             **_teacher_spec(w.teacher, s),
         )
-        log.info("retrain_started", job=w.job.id, base_version=w.active["id"], examples=w.untrained, out=str(out_dir),
-                 teacher=spec.teacher_version)
+        log.info("retrain_started", job=w.job.id, base_version=spec.base_version, active_version=w.active["id"],
+                 examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
         # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
         # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
         metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,

@@ -108,6 +108,7 @@ def settings_model(settings: Settings) -> dict[str, Any]:
 
 class SqlAnswerHandler(Handler[SqlWork]):
     kind = "sql_answer"
+    lock_rows_query = ("lock_data_question_rows", "textsql.sql")
     changed_since_query = ("data_question_changed_since", "textsql.sql")
     requeue_changed_query = ("requeue_changed_data_questions", "textsql.sql")
     concurrency = 1  # one model generating at a time: a second batch would only share the same cores

@@ -1,7 +1,8 @@
 """The worker: claim batches, compute outside transactions, write in short ones, retry, shut down cleanly.
 
 Waiting (LISTEN or poll, in :mod:`pgsynapse.listener.listener`) is kept apart from working (one batch,
-:meth:`Worker.process_batch`), so each is small and testable.
+:meth:`Worker.process_batch`), so each is small and testable; claiming and micro-batching are in
+:mod:`pgsynapse.listener.claiming`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, LoopState, SoloGate, WorkerStats
+from pgsynapse.listener.claiming import Claiming
 from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights, prune_done_jobs
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
@@ -43,7 +45,7 @@ from pgsynapse.queries import q
 log = get_logger(__name__)
 
 
-class Worker:
+class Worker(Claiming):
     """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`.
     ``rollout=False`` (the in-process worker of a one-shot command): no runtime exports and no A/B decisions."""
 
@@ -378,83 +380,6 @@ class Worker:
             pass
         return timeout
 
-    async def gather(self, batch: Batch) -> None:
-        """Micro-batching: claim more jobs into a batch short of ``batch_size``, into ``batch.jobs`` as each claim
-        returns (a later claim that raises leaves them there: processed, their leases renewed with the batch's).
-
-        While another batch of this kind computes, the model is busy anyway: keep claiming until it is free
-        (or the batch is full), so batches grow with the load. With the model idle, wait at most
-        ``max_wait_ms`` for more jobs, so an idle insert costs at most that much latency. Never past the batch's
-        deadline nor a lease: a batch that hangs meanwhile must not keep the claimed ones waiting.
-        """
-        kind, jobs = batch.kind, batch.jobs
-        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-        until = min(batch.deadline, time.monotonic() + self.settings.lease_seconds)
-        while len(jobs) < self.settings.batch_size and not self.stopping.is_set() and time.monotonic() < until:
-            busy = self._computing[kind] > 0
-            left = deadline - time.monotonic()
-            if not busy and left <= 0:
-                break
-            if busy:
-                done = self._compute_done[kind]
-                with anyio.move_on_after(self.settings.lease_seconds / 3):
-                    await done.wait()
-            else:
-                await anyio.sleep(left)
-            jobs.extend(await self.claim(kind, self.settings.batch_size - len(jobs)))
-
-    async def claim(self, kind: str, limit: int) -> list[Job]:
-        async with self._claim_locks[kind]:
-            return await self._claim(kind, limit)
-
-    async def _claim(self, kind: str, limit: int) -> list[Job]:
-        assert self.pool is not None
-        jobs: list[Job] = []
-        for _ in range(3):  # a claim that only finds bulk jobs expands them and claims again
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    q("claim_jobs"),
-                    {"kind": kind, "limit": limit - len(jobs), "worker": self.worker_id, "lease": self.settings.lease_seconds},
-                )
-                rows = await cur.fetchall()
-                bulk = await self._expand_bulk(conn, kind, rows)
-            jobs += [_job(r) for r in rows if r["ref_id"] >= 0]
-            if not bulk or len(jobs) >= limit:
-                break
-        return jobs
-
-    async def claim_solo(self, kind: str) -> Job | None:
-        """One job that must run alone (its lease expired in a batch), or None."""
-        assert self.pool is not None
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                q("claim_solo_job"), {"kind": kind, "worker": self.worker_id, "lease": self.settings.lease_seconds})
-            rows = await cur.fetchall()
-            await self._expand_bulk(conn, kind, rows)
-        return next((_job(r) for r in rows if r["ref_id"] >= 0), None)
-
-    async def _claim_solo(self, kind: str) -> Job | None:
-        """A solo job in the worker's one solo slot (kept until the job is processed), or None."""
-        if not self.gate.reserve():
-            return None
-        solo = None
-        try:
-            solo = await self.claim_solo(kind)
-        finally:
-            if solo is None:
-                self.gate.release()
-        return solo
-
-    async def _expand_bulk(self, conn: psycopg.AsyncConnection, kind: str, rows: list[dict[str, Any]]) -> bool:
-        """Bulk jobs (one per large INSERT statement, ref_id < 0) become per-row jobs first."""
-        bulk = [r["id"] for r in rows if r["ref_id"] < 0]
-        if bulk:
-            # its length grows with the application's INSERT (millions of rows are one job), not with a batch
-            async with bounded_transaction(conn, self.settings, whole=False):
-                cur = await conn.execute(q("expand_bulk_jobs"), {"ids": bulk, "worker": self.worker_id})
-            log.info("bulk_jobs_expanded", kind=kind, bulk=len(bulk), jobs=cur.rowcount)
-        return bool(bulk)
-
     async def process_batch(self, kind: str, jobs: list[Job]) -> None:
         handler = self.handlers[kind]
         started = time.perf_counter()
@@ -495,7 +420,3 @@ class Worker:
             done, self._compute_done[kind] = self._compute_done[kind], anyio.Event()
             done.set()
 
-
-def _job(row: dict[str, Any]) -> Job:
-    return Job(row["id"], row["kind"], row["ref_id"], row["payload"] or {}, row["attempts"], row["queued_at"],
-               row["started_at"])

@@ -122,6 +122,10 @@ class BatchWriter:
             if lost:
                 log.warning("lease_lost_results_dropped", kind=kind, n=lost)
             mine = [o for o in outcomes if o.job.id in owned]
+            # the rows this write touches, locked in one order first (more than one row: a single one cannot cross)
+            touched = {o.job.ref_id for o in mine if o.ok or self._final(o)}
+            if len(touched) > 1:
+                await handler.lock_rows(conn, list(touched))
             ok = [o for o in mine if o.ok and o.skip_reason is None]
             report = await handler.write(conn, ok) if ok else WriteReport()
             skipped = [o for o in mine if o.ok and o.skip_reason is not None]
@@ -138,9 +142,12 @@ class BatchWriter:
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
             changed = report.superseded + [o.job.id for o in skipped if o.superseded]
+            closed = 0  # failed jobs done as superseded: processed, not failed
             for o in mine:
-                if not o.ok and await self._fail_or_retry(conn, handler, o):
-                    changed.append(o.job.id)
+                if not o.ok and (how := await self._fail_or_retry(conn, handler, o)):
+                    closed += 1
+                    if how == "changed":
+                        changed.append(o.job.id)
             if changed and (n := await handler.requeue_changed(conn, changed)):
                 # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
                 await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
@@ -148,32 +155,38 @@ class BatchWriter:
             if inference is not None:
                 await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
-        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded))
+        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded) + closed)
         metrics.observe_results(kind, (jobs[i].queued_at for i in report.written))
 
-    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> bool:
-        """Retry the failed job, or fail it for good; True when it is superseded instead, its row changed since
-        the job read it (the caller queues a job for the new content: handler.requeue_changed)."""
+    def _final(self, o: Outcome) -> bool:
+        """Whether a failed job fails for good (or is superseded), rather than being retried."""
+        return not (o.retry and o.job.attempts < self.settings.max_attempts)
+
+    async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> str | None:
+        """Retry the failed job, or fail it for good. Superseded instead (done), it says why: "pending", a newer
+        pending job of the row has its new state; "changed", its row changed since the job read it (the caller
+        queues a job for the new content: handler.requeue_changed)."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
-        if o.retry and o.job.attempts < self.settings.max_attempts:
+        if not self._final(o):
             delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
             cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
             if cur.rowcount:
                 self.stats.add(self.stats.retried, o.job.kind)
                 log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
                             attempt=o.job.attempts, delay_s=delay, error=o.error)
-            else:
-                # a newer pending job of the row has its new state: this one is done, its error kept as the reason
-                await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
-            return False
+                return None
+            # a newer pending job of the row has its new state: this one is done, its error kept as the reason
+            cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
+            return "pending" if cur.rowcount else None
         if o.read_hash is not None and await handler.changed_since(conn, o.job, o.read_hash):
             # the failure is the old content's (an edit committed after the job read the row, which may have
             # queued no job of its own): the row is not failed, its new content gets a job
             cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
             log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
-            return bool(cur.rowcount)
+            return "changed" if cur.rowcount else None
         cur = await conn.execute(q("fail_job"), params)
         if cur.rowcount:
             await handler.record_failure(conn, o.job, o.error or "unknown error")
             self.stats.add(self.stats.failed, o.job.kind)
             log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)
+        return None

@@ -168,6 +168,48 @@ async def test_an_expired_job_with_a_newer_running_job_of_its_row_is_superseded_
     await conn.close()
 
 
+@pytest.mark.parametrize("newer", ["done", "running"])
+async def test_a_job_out_of_attempts_whose_row_has_a_newer_job_is_superseded_not_failed(db_url, models, newer):
+    """A job's worker died on every attempt, and the row was edited after its last claim (the edit queued a job of its
+    own, which read the new text): the reaper's final failure is the old text's. The row must not be marked failed
+    (nor announced so) over the new text's result; the old job is superseded, not failed."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    [doc] = insert_docs(db_url, [("Vacuum", "The old text, whose worker dies every time.")])
+    [old] = await _claim_as(conn, DEAD)
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM reclaims storage.' WHERE id = %s", (doc,))
+    # every attempt used, the last one alone (crash isolation charges a solo expiry)
+    await conn.execute("UPDATE pgsynapse.jobs SET solo = true, attempts = %s WHERE id = %s", (settings.max_attempts, old))
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as listener:
+        await listener.execute("LISTEN pgsynapse_documents")
+        jobs = await worker.claim("embed", 10)
+        assert [j.ref_id for j in jobs] == [doc]
+        if newer == "done":
+            await worker.process_batch("embed", jobs)
+        await _expire(conn, DEAD)
+        with capture_logs() as logs:
+            await worker.reap_expired()
+        if newer == "running":
+            await worker.process_batch("embed", jobs)
+        await conn.execute("NOTIFY pgsynapse_documents, 'end'")
+        said = []
+        async for note in listener.notifies(timeout=WAIT):
+            if note.payload == "end":
+                break
+            said.append(note.payload)
+    row = await (await conn.execute(
+        "SELECT status, error, embedded_hash = content_hash AS current FROM pgsynapse.documents WHERE id = %s",
+        (doc,))).fetchone()
+    assert (row["status"], row["error"], row["current"]) == ("embedded", None, True), row
+    assert not [s for s in said if "failed" in s], said
+    job = await (await conn.execute("SELECT status, skip_reason, last_error FROM pgsynapse.jobs WHERE id = %s",
+                                    (old,))).fetchone()
+    assert job["status"] == "done" and job["skip_reason"].startswith("superseded"), job
+    assert "lease expired" in job["skip_reason"] and job["last_error"] is None, job
+    assert [e["superseded"] for e in logs if e["event"] == "leases_expired"] == [1], logs
+    await conn.close()
+
+
 async def test_a_batch_whose_load_fails_is_retried_with_backoff_not_left_to_its_lease(db_url, models):
     """The connection breaks between the claim and the load (a database restart, a terminated backend): the batch's
     jobs go back to pending with the error, to be retried after their backoff, instead of staying running until

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+from structlog.testing import capture_logs
 
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.base import Job
@@ -66,3 +67,21 @@ def test_trainer_gets_the_url_through_a_pipe_and_a_failed_run_leaves_nothing(tmp
     # nothing of ours is left in the temp dir (importing torch in the trainer makes its own cache dir there)
     assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert _files_holding(SECRET, tmp_path) == []
+
+
+def test_retrain_started_names_the_version_training_starts_from_and_the_active_one(tmp_path):
+    """The active version is a query encoder trained on version 1's passages: a retrain starts again from version
+    1's weights (fine-tunes never stack), and its log event says so, with the active version under its own key."""
+    closed = socket.create_server(("127.0.0.1", 0))  # a port nothing listens on: the trainer fails at once
+    port = closed.getsockname()[1]
+    closed.close()
+    settings = load_settings(environ={}, database_url=f"postgresql://trainer:pw@127.0.0.1:{port}/db",
+                             data_dir=str(tmp_path / "data"), runtime="torch")
+    handler = RetrainHandler(settings, ModelCache())
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    active = {**V1, "id": 2, "name": "all-MiniLM-L6-v2+ft1", "passage_version_id": 1}
+    with capture_logs() as logs:
+        [outcome] = handler.compute([RetrainWork(job, active, 0, True, passage=V1)])
+    assert outcome.error and outcome.error.startswith("TrainingFailed"), outcome
+    started = [e for e in logs if e["event"] == "retrain_started"]
+    assert [(e["base_version"], e.get("active_version")) for e in started] == [(1, 2)], started

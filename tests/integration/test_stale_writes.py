@@ -8,6 +8,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -300,6 +301,9 @@ async def test_a_retryable_failure_of_the_old_text_is_superseded_by_the_edits_jo
         with capture_logs() as logs:
             await worker.writer.write("embed", handler, [Outcome(by_ref[doc], error="RuntimeError: model busy"),
                                                          *handler.compute(work)])
+        # both jobs are done (one written, one superseded): counted as processed, neither retried nor failed
+        stats = worker.stats
+        assert (stats.processed, stats.retried, stats.failed) == ({"embed": 2}, {}, {}), stats
     events = [e["event"] for e in logs]
     assert "job_write_failed" not in events and "batch_write_failed_splitting" not in events, logs
     jobs = await (await conn.execute("SELECT ref_id, status, skip_reason, last_error FROM pgsynapse.jobs"
@@ -388,6 +392,8 @@ async def test_a_final_failure_of_a_text_edited_in_a_transaction_committed_after
         assert "body has" in (outcomes[0].error or ""), outcomes
         await app.commit()
         await worker.writer.write("embed", worker.handlers["embed"], outcomes)
+        # superseded, not failed: counted with the jobs done (status, metrics), not with the failed ones
+        assert (worker.stats.processed, worker.stats.failed) == ({"embed": 1}, {}), worker.stats
     row = await (await conn.execute("SELECT status, error FROM pgsynapse.documents WHERE id = %s", (doc,))).fetchone()
     assert (row["status"], row["error"]) == ("pending", None)
     jobs = await _jobs(conn, "embed")
@@ -463,3 +469,50 @@ async def test_a_final_failure_of_a_data_question_edited_in_a_transaction_commit
     await conn.close()
     assert (q["status"], q["error"]) == ("pending", None)
     assert [j["status"] for j in jobs] == ["done", "pending"]  # the new text's job (answering it needs a SQL model)
+
+
+async def test_two_workers_writing_and_failing_the_same_rows_in_opposite_roles_take_their_locks_in_one_order(
+        db_url, models):
+    """Two workers hold jobs of the same two documents (each was edited after the first worker's claim). The first
+    writes one and fails the other for good, the second the other way round. Each write locks the rows it writes and
+    the rows it fails: taken in one order (by row) in both, the second waits for the first; taken as they came (the
+    write's rows, then the failed ones), each waits for the other and PostgreSQL aborts one as a deadlock."""
+    settings = fast_settings(db_url, lease_seconds=600.0)
+    conn = await aconn(db_url)
+    docs = insert_docs(db_url, [("One", "The first document."), ("Two", "The second document.")])
+    async with stepped_worker(settings, models) as first, stepped_worker(settings, models) as second:
+        old = await _run_until_write(first, "embed")
+        for doc in docs:
+            await conn.execute("UPDATE pgsynapse.documents SET body = body || ' Edited.' WHERE id = %s", (doc,))
+        new = await _run_until_write(second, "embed")
+
+        def roles(outcomes: list[Outcome], written: int) -> list[Outcome]:
+            # the job of row ``written`` keeps its result; the other fails for good (its row read as other content)
+            return [o if o.job.ref_id == written else Outcome(o.job, error="RuntimeError: boom", retry=False,
+                                                              read_hash="the text it read")
+                    for o in outcomes]
+
+        handler = first.handlers["embed"]
+        paused, release = anyio.Event(), anyio.Event()
+        write = handler.write
+
+        async def held_write(c, outcomes):  # the first holds what its write locked until the second waits for it
+            report = await write(c, outcomes)
+            paused.set()
+            await release.wait()
+            return report
+
+        handler.write = held_write  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.writer.write, "embed", handler, roles(old, docs[0]))
+                await paused.wait()
+                tg.start_soon(second.writer.write, "embed", second.handlers["embed"], roles(new, docs[1]))
+                await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND wait_event_type = 'Lock'", channel="pgsynapse_jobs")
+                release.set()
+    retried = [e for e in logs if e["event"] in ("batch_write_retrying", "batch_write_failed_splitting")]
+    assert not retried, retried
+    rows = await (await conn.execute("SELECT id, status FROM pgsynapse.documents ORDER BY id")).fetchall()
+    assert [r["status"] for r in rows] == ["pending", "embedded"], rows  # the first's result was stale
+    await conn.close()

@@ -116,6 +116,10 @@ SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
 
+-- name: lock_question_rows
+-- as lock_document_rows in queries.sql
+SELECT id FROM pgsynapse.questions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
 -- name: question_changed_since
 -- as document_changed_since in queries.sql: the text's md5, as load_questions reads it
 SELECT md5(text) IS DISTINCT FROM %(hash)s AS changed FROM pgsynapse.questions WHERE id = %(id)s FOR UPDATE;

@@ -21,6 +21,10 @@ SELECT id, content_hash,
            ARRAY(SELECT e.model_id FROM pgsynapse.image_embeddings e WHERE e.image_id = i.id) ELSE '{}' END AS embedded_by
 FROM pgsynapse.images i WHERE id = ANY(%(ids)s) FOR UPDATE;
 
+-- name: lock_image_rows
+-- as lock_document_rows in queries.sql
+SELECT id FROM pgsynapse.images WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
 -- name: image_changed_since
 -- as document_changed_since in queries.sql
 SELECT content_hash IS DISTINCT FROM %(hash)s AS changed FROM pgsynapse.images WHERE id = %(id)s FOR UPDATE;

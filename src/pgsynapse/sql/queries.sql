@@ -96,51 +96,54 @@ RETURNING kind, ref_id;
 -- attempt (any job of the batch may have killed the worker) and comes back solo; an expiry while solo is its own.
 -- Per row (kind, ref_id) at most one job goes back to pending, the newest, and none when one is pending already
 -- (jobs_pending_dedup) or a newer one runs or is done: the others are superseded, since every job of a row does
--- the same work on its latest state (requeued, it would write the same result a second time).
+-- the same work on its latest state (requeued, it would write the same result a second time). A job out of
+-- attempts is superseded alike: the row was edited after its claim, the newer job has the new text, and failing
+-- the row would put the old text's failure over the new text's result.
 WITH expired AS (
     SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
            attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged
     FROM pgsynapse.jobs
     WHERE status = 'running' AND lease_until < now()
     FOR UPDATE SKIP LOCKED
+), judged AS (
+    SELECT e.*,
+           row_number() OVER (PARTITION BY e.kind, e.ref_id ORDER BY e.id DESC) > 1
+           -- a pending job, or a newer one running or done, reads (or has read) the row's latest state
+           OR EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                      WHERE p.kind = e.kind AND p.ref_id = e.ref_id
+                        AND (p.status = 'pending' OR (p.id > e.id AND p.status IN ('running', 'done')))) AS outdated
+    FROM expired e
 ), failed AS (
     UPDATE pgsynapse.jobs j
     SET status = 'failed', finished_at = now(), lease_until = NULL, attempts = e.charged,
         last_error = format('lease expired %%s times: the worker (last %%s) died or hung while processing this job',
                             e.charged, e.worker)
-    FROM expired e
-    WHERE j.id = e.id AND e.charged >= %(max_attempts)s
+    FROM judged e
+    WHERE j.id = e.id AND e.charged >= %(max_attempts)s AND NOT e.outdated
     RETURNING j.id, j.kind, j.ref_id, j.last_error
-), survivors AS (
-    SELECT e.*,
-           row_number() OVER (PARTITION BY e.kind, e.ref_id ORDER BY e.id DESC) AS nth,
-           -- a pending job, or a newer one running or done, reads (or has read) the row's latest state
-           EXISTS (SELECT 1 FROM pgsynapse.jobs p
-                   WHERE p.kind = e.kind AND p.ref_id = e.ref_id
-                     AND (p.status = 'pending' OR (p.id > e.id AND p.status IN ('running', 'done')))) AS has_pending
-    FROM expired e
-    WHERE e.charged < %(max_attempts)s
 ), superseded AS (
     UPDATE pgsynapse.jobs j
     SET status = 'done', finished_at = now(), lease_until = NULL, last_error = NULL,
-        skip_reason = 'superseded by a newer job'
-    FROM survivors s
-    WHERE j.id = s.id AND (s.nth > 1 OR s.has_pending)
+        skip_reason = CASE WHEN s.charged >= %(max_attempts)s
+            THEN format('superseded by a newer job after its lease expired %%s times (worker %%s)', s.charged, s.worker)
+            ELSE 'superseded by a newer job' END
+    FROM judged s
+    WHERE j.id = s.id AND s.outdated
     RETURNING j.id
 ), requeued AS (
     UPDATE pgsynapse.jobs j
     SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL, attempts = s.charged,
         solo = j.solo OR s.isolate,
         last_error = format('lease expired (worker %%s)', s.worker)
-    FROM survivors s
-    WHERE j.id = s.id AND s.nth = 1 AND NOT s.has_pending
+    FROM judged s
+    WHERE j.id = s.id AND s.charged < %(max_attempts)s AND NOT s.outdated
     RETURNING j.id, j.kind
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM requeued GROUP BY kind) k)
            AS requeued_kinds,
        (SELECT count(*) FROM superseded) AS superseded,
-       (SELECT coalesce(json_agg(failed), '[]') FROM failed) AS failed;
+       (SELECT coalesce(json_agg(failed ORDER BY failed.ref_id), '[]') FROM failed) AS failed;
 
 -- name: queue_stats
 SELECT kind,
@@ -237,6 +240,11 @@ UPDATE pgsynapse.documents d SET status = 'failed', error = %(error)s
 WHERE d.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed' AND p.ref_id = d.id AND p.status = 'pending')
 RETURNING d.id;
+
+-- name: lock_document_rows
+-- The rows a batch's write touches, locked before any other row lock, in one order (by id) in every worker: the
+-- write and the failures then never lock them in opposite orders (listener/writer.py, Handler.lock_rows).
+SELECT id FROM pgsynapse.documents WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
 
 -- name: document_changed_since
 -- Whether the document holds other content than a failed job read (%(hash)s): the failure is then the old text's.

@@ -76,6 +76,10 @@ SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_c
 WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
 RETURNING id, status;
 
+-- name: lock_data_question_rows
+-- as lock_document_rows in queries.sql
+SELECT id FROM pgsynapse.data_questions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
 -- name: data_question_changed_since
 -- as document_changed_since in queries.sql
 SELECT text_hash IS DISTINCT FROM %(hash)s AS changed FROM pgsynapse.data_questions WHERE id = %(id)s FOR UPDATE;
