@@ -74,13 +74,20 @@ class Rollout:
         self._exporting = True
         tasks.start_soon(self._export, version)
 
-    async def _export(self, version: int | None) -> None:
+    async def export_at_start(self) -> None:
+        """The active version's export at the worker's start (minutes on a small host), abandoned as a candidate's
+        is when the worker is stopped meanwhile; an error stops the start, as it always did."""
+        if self.serves:
+            await self._export(None, export=self.enabled, at_start=True)
+
+    async def _export(self, version: int | None, *, export: bool = True, at_start: bool = False) -> None:
         abandon, done, token = Abandon(), anyio.Event(), anyio.lowlevel.current_token()
         failed: list[Exception] = []
 
-        def export() -> None:  # a daemon thread: a worker thread of anyio's would keep the stopped process alive
+        def export_() -> None:  # a daemon thread: a worker thread of anyio's would keep the stopped process alive
             try:
-                optimise_version(self.settings, self.url, version, actor=self.worker_id, abandon=abandon)
+                optimise_version(self.settings, self.url, version, actor=self.worker_id, export=export,
+                                 abandon=abandon)
             except ExportAbandoned:
                 pass
             except Exception as exc:  # noqa: BLE001 - the version stays as it is; the next heartbeat tries again
@@ -89,7 +96,7 @@ class Rollout:
                 with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody waits
                     anyio.from_thread.run_sync(done.set, token=token)
 
-        threading.Thread(target=export, name="runtime-export", daemon=True).start()
+        threading.Thread(target=export_, name="runtime-export", daemon=True).start()
         try:
             await done.wait()
         except anyio.get_cancelled_exc_class():  # the worker is stopping
@@ -100,6 +107,8 @@ class Rollout:
             raise
         finally:
             self._exporting = False
+        if at_start and failed:
+            raise failed[0]
         for exc in failed:
             log.warning("runtime_export_failed", version=version,
                         error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")

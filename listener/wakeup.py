@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -60,3 +61,29 @@ class Wakeups:
         if event.is_set():
             self._events[kind] = anyio.Event()
         return woken
+
+
+async def unless_stopped(work: Callable[[], Awaitable[None]], stopping: anyio.Event,
+                         watch: Callable[[], Awaitable[None]] | None = None) -> bool:
+    """Run ``work`` (a worker's warm-up) beside ``watch`` (its signal receiver, which sets ``stopping``) until it
+    ends (True) or ``stopping`` is set first (False: ``work`` is cancelled). Its error is raised bare."""
+    finished = False
+
+    async def run() -> None:
+        nonlocal finished
+        await work()
+        finished = True
+        tg.cancel_scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            if watch is not None:
+                tg.start_soon(watch)
+            await stopping.wait()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    return finished

@@ -28,7 +28,6 @@ from pgsynapse.cache import default_lru
 from pgsynapse.config import Settings
 from pgsynapse.db import bounded_transaction, pool_kwargs, session_url
 from pgsynapse.errors import ConfigError
-from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, LoopState, SoloGate, WorkerStats
@@ -37,7 +36,7 @@ from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights,
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
 from pgsynapse.listener.writer import BatchWriter
-from pgsynapse.listener.wakeup import Wakeups
+from pgsynapse.listener.wakeup import Wakeups, unless_stopped
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache, rss_bytes
 from pgsynapse.queries import q
@@ -123,8 +122,7 @@ class Worker(Claiming):
     async def warm_up(self) -> None:
         """Load the models of the serving versions now, so start-up fails fast on a bad model."""
         assert self.pool is not None
-        if {"embed", "answer"} & set(self.handlers):
-            await anyio.to_thread.run_sync(optimise_active_version, self.settings, self.url, self.rollout.enabled)
+        await self.rollout.export_at_start()  # minutes at a first start: a stop abandons it (listener/rollout.py)
         async with self.pool.connection() as conn:
             if "retrain" in self.handlers:
                 await conn.execute(q("set_retrain_min_feedback", "learning.sql"), {"n": self.settings.retrain_min_feedback})
@@ -152,24 +150,25 @@ class Worker(Claiming):
         )
         await self.pool.open(wait=True, timeout=30)
         try:
-            await self.warm_up()
-            async with anyio.create_task_group() as tg:
-                self._tasks = tg
-                if handle_signals:
-                    tg.start_soon(self._watch_signals)
-                await tg.start(self.listener.run)
-                # registered before it says it started: `status` shows every worker that logged worker_started
-                # (the maintenance loop's first heartbeat came after, so a worker cut off early never showed)
-                await self._heartbeat()
-                tg.start_soon(self._maintenance)
-                log.info("worker_started", worker=self.worker_id, kinds=self.kinds, listening=self.listener.connected)
-                task_status.started()
-                async with anyio.create_task_group() as loops:
-                    for kind in self.kinds:
-                        # two loops per kind by default: one computes while the other claims/writes
-                        for _ in range(getattr(self.handlers[kind], "concurrency", 2)):
-                            loops.start_soon(self._kind_loop, kind)
-                tg.cancel_scope.cancel()
+            # a SIGTERM while it warms up (the first start's export) stops it before it starts: exit 0, nothing left
+            if await unless_stopped(self.warm_up, self.stopping, self._watch_signals if handle_signals else None):
+                async with anyio.create_task_group() as tg:
+                    self._tasks = tg
+                    if handle_signals:
+                        tg.start_soon(self._watch_signals)
+                    await tg.start(self.listener.run)
+                    # registered before it says it started: `status` shows every worker that logged worker_started
+                    # (the maintenance loop's first heartbeat came after, so a worker cut off early never showed)
+                    await self._heartbeat()
+                    tg.start_soon(self._maintenance)
+                    log.info("worker_started", worker=self.worker_id, kinds=self.kinds, listening=self.listener.connected)
+                    task_status.started()
+                    async with anyio.create_task_group() as loops:
+                        for kind in self.kinds:
+                            # two loops per kind by default: one computes while the other claims/writes
+                            for _ in range(getattr(self.handlers[kind], "concurrency", 2)):
+                                loops.start_soon(self._kind_loop, kind)
+                    tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 if self._registered:

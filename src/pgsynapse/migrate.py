@@ -96,7 +96,10 @@ def migrate(url: str) -> list[str]:
     """Apply every pending migration; returns the names applied (empty when up to date)."""
     done: list[str] = []
     with connect(url, autocommit=True) as conn:
-        conn.execute(q("migrate_lock", FILE), {"key": _LOCK_KEY})
+        if not conn.execute(q("migrate_try_lock", FILE), {"key": _LOCK_KEY}).fetchone()["locked"]:
+            log.info("migrate_waiting", note="another `pgsynapse migrate` (or a worker starting) is applying "
+                     "migrations to this database: waiting for it to finish")
+            conn.execute(q("migrate_lock", FILE), {"key": _LOCK_KEY})
         try:
             _check_pgvector(conn)
             if not _tracked(conn):

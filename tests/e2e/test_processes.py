@@ -140,6 +140,31 @@ async def test_sigterm_abandons_a_runtime_export_and_the_next_start_redoes_it(db
     assert v["runtime_pending"] and v["runtime"] == "torch" and "runtime_export" not in v["metrics"] and events == 0
 
 
+def test_sigterm_during_the_first_starts_export_stops_the_worker_cleanly(db_url, tmp_path):
+    """The active version's export at a fresh install's first start takes minutes: a SIGTERM then (systemctl stop or
+    restart, docker stop) killed the process outright, with no log line, by the signal instead of exit 0, and left
+    its partial artifact directory (90 MB) behind under DATA_DIR/models, one more at each interrupted start."""
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_RUNTIME": "onnx-int8", "PGSYNAPSE_DATA_DIR": str(tmp_path),
+                                       "PGSYNAPSE_EXPORT_SAMPLE_CHUNKS": "16"}, wait_started=False)
+    started = worker.events.index(worker.wait_event("runtime_export_started"))
+    # the export's reference model is loaded once its fp32 graph is written: its artifact directory is there
+    while (loaded := worker.wait_event("model_loaded", start=started + 1)).get("runtime") != "torch":
+        started = worker.events.index(loaded)
+    assert [p.name for p in (tmp_path / "models").iterdir()][0].startswith("v1-onnx-int8-")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0, worker.tail()
+    names = [e["event"] for e in worker.events]
+    abandoned = worker.wait_event("runtime_export_abandoned")
+    assert abandoned["removed"][0].startswith(str(tmp_path / "models"))
+    assert names.index("runtime_export_abandoned") < names.index("worker_stopped")
+    assert not {"worker_started", "runtime_switched", "runtime_export_failed"} & set(names), worker.tail()
+    assert list((tmp_path / "models").iterdir()) == []  # no orphan artifact directory
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        v = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+    # nothing recorded: the next start exports it
+    assert v["runtime"] == "torch" and "runtime_export" not in v["metrics"], v
+
+
 def test_bad_model_path_stops_start_up_with_a_clear_error(db_url):
     w = spawn_worker(db_url, env={"PGSYNAPSE_MODEL_PATH": "/nonexistent/model"}, wait_started=False)
     assert w.proc.wait(60) == 78

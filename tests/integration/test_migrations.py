@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.answer_cache import lookup_sql
 from pgsynapse.errors import DatabaseError
-from pgsynapse.migrate import Migration, available, migrate
+from pgsynapse.migrate import _LOCK_KEY, Migration, available, migrate
 from pgsynapse.queries import q
 
 
@@ -76,6 +78,34 @@ def test_concurrent_migrate_runs_do_not_collide(new_db):
     for t in threads:
         t.join()
     assert sorted(len(r) for r in results) == [0, 0, len(available())]
+
+
+def test_a_migrate_waiting_for_another_says_so(new_db):
+    """`migrate` (or a worker's start) behind another one's migrations, minutes on a big table, waited on the lock
+    without a word."""
+    import threading
+
+    url = new_db()
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        results: list[list[str]] = []
+        with capture_logs() as logs:
+            thread = threading.Thread(target=lambda: results.append(migrate(url)))
+            thread.start()
+            waiting = ("SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database ="
+                       " (SELECT oid FROM pg_database WHERE datname = current_database()))")
+            deadline = time.monotonic() + 60  # a safety net: the row state ends the wait
+            while not holder.execute(waiting).fetchone()[0] and time.monotonic() < deadline:
+                thread.join(0.05)
+            holder.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            thread.join(60)
+    assert results == [[]]
+    [said] = [e for e in logs if e["event"] == "migrate_waiting"]
+    assert said["log_level"] == "info" and "another" in said["note"], said
+    with capture_logs() as logs:
+        assert migrate(url) == []
+    assert not [e for e in logs if e["event"] == "migrate_waiting"]
 
 
 def test_a_failing_migration_is_rolled_back_and_named(new_db):

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.app import ask
+from pgsynapse.export import EXPORT_LOCK, optimise_active_version
 from pgsynapse.export.register import _sha256
 from pgsynapse.learning.registry import RegistryError, promote
 from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
@@ -226,3 +227,31 @@ async def test_the_in_process_worker_of_ask_leaves_waiting_exports_to_the_real_w
     assert (await _version(conn))["runtime"] == "torch"
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
     await conn.close()
+
+
+WAITING = ("SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+           " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
+
+
+async def test_a_worker_waiting_for_another_workers_export_says_so(db_url, tmp_path):
+    """A second worker started beside the first on a fresh install waited minutes on the export lock without a
+    line in its log (its first one came after the other's export), as if it hung."""
+    settings = fast_settings(db_url, runtime="onnx-int8", data_dir=tmp_path)
+    holder = await aconn(db_url)  # the other worker, exporting
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, optimise_active_version, settings, db_url)
+            await wait_until(holder, WAITING)
+            # the other worker's export ends (refused, say): recorded, so the waiting one finds it tried
+            await holder.execute("UPDATE pgsynapse.model_versions SET metrics = metrics || jsonb_build_object("
+                                 "'runtime_export', jsonb_build_object('requested', 'onnx-int8')) WHERE id = 1")
+            await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+    assert [e["event"] for e in logs if e["event"].startswith("runtime_")] == ["runtime_export_waiting"], logs
+    [waiting] = [e for e in logs if e["event"] == "runtime_export_waiting"]
+    assert waiting["log_level"] == "info" and "another worker" in waiting["note"], waiting
+    # with nobody else exporting, the lock is taken at once: nothing said
+    with capture_logs() as logs:
+        await anyio.to_thread.run_sync(optimise_active_version, settings, db_url)
+    assert not [e for e in logs if e["event"].startswith("runtime_")], logs
+    await holder.close()

@@ -204,7 +204,12 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     """
     # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
     with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
-        conn.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+        if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
+            # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command logs warnings only
+            (log.info if export else log.warning)(
+                "runtime_export_waiting", note="another worker is exporting a model version to its runtime (minutes "
+                "on a small host): waiting for it to finish, then starting")
+            conn.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None

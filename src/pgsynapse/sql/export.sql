@@ -26,6 +26,10 @@ RETURNING id;
 -- a session lock held for the whole export: one worker exports a version, the others wait and find it done
 SELECT pg_advisory_lock(hashtext(%(lock)s));
 
+-- name: export_try_lock
+-- the export lock at once, if no other worker holds it (else the caller says it waits, then takes export_lock)
+SELECT pg_try_advisory_lock(hashtext(%(lock)s)) AS locked;
+
 -- name: record_export
 UPDATE pgsynapse.model_versions
 SET metrics = metrics || jsonb_build_object('runtime_export', %(record)s::jsonb)

@@ -11,6 +11,10 @@ SELECT version FROM public.pgsynapse_migrations ORDER BY version;
 -- serialises concurrent `migrate` runs (two workers starting at once)
 SELECT pg_advisory_lock(%(key)s);
 
+-- name: migrate_try_lock
+-- the lock at once, if no other `migrate` holds it (else the caller says it waits, then takes migrate_lock)
+SELECT pg_try_advisory_lock(%(key)s) AS locked;
+
 -- name: migrate_unlock
 SELECT pg_advisory_unlock(%(key)s);
 
