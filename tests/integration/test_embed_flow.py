@@ -25,6 +25,8 @@ pytestmark = pytest.mark.anyio
 
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
 EMPTY_BODY = "the body is empty: the document has no passage to search (a title alone is not embedded)"
+NO_PRINTABLE = ("no text to embed: the body has only control or invisible characters (no printable text): the document "
+                "has no passage to search (a title alone is not embedded)")
 
 
 async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime):
@@ -255,6 +257,24 @@ async def test_empty_body_gives_no_chunks_and_no_error(db_url, models):
     jobs = await (await conn.execute("SELECT ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY ref_id")).fetchall()
     assert [(j["ref_id"], j["status"]) for j in jobs] == [(i, "done") for i in ids]
     assert [j["skip_reason"] for j in jobs] == [EMPTY_BODY, EMPTY_BODY, None]
+    await conn.close()
+
+
+async def test_a_body_of_control_characters_is_embedded_with_no_chunk_and_says_it_has_no_printable_text(db_url, models):
+    """Not "the body is empty": it is not. Its characters are all control (or invisible) ones, which no tokenizer
+    reads: the job says that, as it says of an empty body that it is empty."""
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        ids = insert_docs(db_url, [("t", "\x01\x02\x03\x7f"), ("Zero width", "\u200b\n\x1b\u200b"),
+                                   ("Real", "Some real text.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.status, d.error, count(c.id) AS chunks, j.status AS job, j.skip_reason FROM pgsynapse.documents d"
+        " JOIN pgsynapse.jobs j ON j.ref_id = d.id LEFT JOIN pgsynapse.chunks c ON c.document_id = d.id"
+        " WHERE d.id = ANY(%s) GROUP BY d.id, j.id ORDER BY d.id", (ids,))).fetchall()
+    assert [(r["status"], r["error"], r["chunks"], r["job"]) for r in rows] == [
+        ("embedded", None, 0, "done"), ("embedded", None, 0, "done"), ("embedded", None, 1, "done")]
+    assert [r["skip_reason"] for r in rows] == [NO_PRINTABLE, NO_PRINTABLE, None]
     await conn.close()
 
 
