@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
+from pgsynapse.db import next_notifies
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.housekeeping import prune_done_jobs
 from pgsynapse.listener.worker import Worker
@@ -20,6 +22,7 @@ from pgsynapse.queries import q
 from pgsynapse.search import search, version_row
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
+from tests.integration.test_roles import login_role  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -451,25 +454,31 @@ async def test_a_job_done_with_nothing_to_write_says_why(db_url, models):
 def _reembed_recipe() -> list[str]:
     """docs/sql.md's "Re-embed everything" statements, as written there (docs/operations.md's backups point at it)."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "sql.md").read_text()
-    block = re.search(r"Re-embed everything.*?```sql\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"^Re-embed everything.*?```sql\n(.*?)```", text, re.S | re.M).group(1)  # the paragraph's
     return [s.strip() for s in block.split(";") if s.strip()]
 
 
-async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuilds_them(db_url, models):
+async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuilds_them(db_url, models, login_role):  # noqa: F811
     """A logical backup may skip chunks' and embeddings' data (docs/operations.md): after its restore the documents
-    are `embedded` with nothing behind them. The jobs alone were skipped as "already embedded"."""
+    are `embedded` with nothing behind them. The jobs alone were skipped as "already embedded". Run as the recipe
+    says (pgsynapse_admin), it wakes the workers with a NOTIFY: a job INSERT sends none of its own, and without
+    one they saw the jobs only at their fallback poll (poll_interval, 5 s by default; 600 s here)."""
     conn = await aconn(db_url)
     docs = [("Vacuum", "VACUUM reclaims storage occupied by dead tuples. " * 10), ("WAL", "Write-ahead logging. " * 10)]
-    async with running_worker(fast_settings(db_url), models):
+    async with running_worker(fast_settings(db_url, poll_interval=600.0), models):
         ids = insert_docs(db_url, docs)
         embedded = "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents WHERE id = ANY(%s)"
         await wait_until(conn, embedded, (ids,))
         await conn.execute("TRUNCATE pgsynapse.chunks CASCADE")  # the restore without their data
         statements = _reembed_recipe()
-        assert len(statements) == 2 and statements[1].startswith("INSERT INTO pgsynapse.jobs")
-        for sql in statements:
-            await conn.execute(sql)
-        await wait_until(conn, embedded, (ids,))
+        assert statements[1].startswith("INSERT INTO pgsynapse.jobs")
+        async with await aconn(db_url) as listener, await aconn(login_role("pgsynapse_admin", db_url)) as admin:
+            await listener.execute("LISTEN pgsynapse_jobs")
+            for sql in statements:
+                await admin.execute(sql)
+            notices = await next_notifies(listener, 30.0)
+        assert [json.loads(n.payload)["kind"] for n in notices] == ["embed"], notices
+        await wait_until(conn, embedded, (ids,), timeout=60.0)  # well within the poll: the NOTIFY woke the worker
         n = await (await conn.execute(
             "SELECT count(DISTINCT c.document_id) AS docs, count(e.chunk_id) AS vectors FROM pgsynapse.chunks c "
             "LEFT JOIN pgsynapse.embeddings e ON e.chunk_id = c.id")).fetchone()
@@ -505,7 +514,6 @@ async def test_reembedding_unchanged_passages_keeps_their_ids_and_the_feedback_a
 
         for sql in _reembed_recipe():
             await conn.execute(sql)
-        await conn.execute("SELECT pgsynapse.wake_v1('embed', 1)")  # the recipe's jobs send none: no poll to wait
         await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.jobs WHERE status <> 'done'")
         assert (await (await conn.execute(passages, (doc,))).fetchone())["ids"] == before
 
