@@ -268,6 +268,11 @@ class Worker(Claiming):
                 # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
                 for kind, n in (row["requeued_kinds"] if row else {}).items():
                     await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
+        # counted once committed: failed for good by this process, or done as superseded (processed)
+        for f in failed:
+            self.stats.add(self.stats.failed, f["kind"])
+        for kind, n in (row["superseded_kinds"] if row else {}).items():
+            self.stats.add(self.stats.processed, kind, n)
         if row and (row["requeued"] or failed or row["superseded"]):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
         if row and row["requeued"]:
