@@ -404,14 +404,16 @@ class Worker(Claiming):
         inference = None
         if work and versions:  # recorded in pgsynapse.inference_log by the batch's write transaction
             inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
-        await self.writer.write(kind, handler, outcomes, inference)
+        written = await self.writer.write(kind, handler, outcomes, inference)
         self.stats.batches += 1
         log.info(
             "batch_processed",
             kind=kind,
             n=len(jobs),
             ok=sum(o.ok for o in outcomes),
-            failed=sum(not o.ok for o in outcomes),
+            processed=written["processed"],  # done: written, skipped or superseded
+            retried=written["retried"],
+            failed=written["failed"],  # for good
             compute_ms=round(compute_ms, 1),
             total_ms=round((time.perf_counter() - started) * 1000, 1),
         )
