@@ -22,6 +22,21 @@ log = get_logger(__name__)
 
 # a blank body is embedded as no chunk (its old passages, if any, are removed); the job says so
 EMPTY_BODY = "the body is empty: the document has no passage to search (a title alone is not embedded)"
+# a body of control or invisible characters alone (\x01, ESC, zero-width spaces) is not empty: no tokenizer reads it
+NO_PRINTABLE = ("no text to embed: the body has only control or invisible characters (no printable text): the document "
+                "has no passage to search (a title alone is not embedded)")
+NOTHING_READ = ("no text to embed: the model's tokenizer reads nothing in the body: the document has no passage to "
+                "search (a title alone is not embedded)")
+
+
+def no_passage_reason(body: str | None) -> str:
+    """Why a body was cut into no chunk, in the job's skip_reason: empty, or what it is instead."""
+    body = body or ""
+    if not body.strip():
+        return EMPTY_BODY
+    if not any(ch.isprintable() and not ch.isspace() for ch in body):
+        return NO_PRINTABLE
+    return NOTHING_READ
 
 
 @dataclass
@@ -38,6 +53,7 @@ class EmbedResult:
     content_hash: str
     chunks: list[Chunk]
     vectors: dict[int, np.ndarray]  # model version id -> (n_chunks, dim)
+    no_chunk_reason: str | None = None  # with no chunk: why (the job's skip_reason)
 
 
 class EmbedHandler(Handler[EmbedWork]):
@@ -154,7 +170,8 @@ class EmbedHandler(Handler[EmbedWork]):
             for v, arr in vectors.items():
                 if n and not np.isfinite(arr).all():
                     raise ValueError(f"model version {v} produced non-finite values")
-            out.append(EmbedResult(item.content_hash, list(item.chunks or []), vectors))
+            out.append(EmbedResult(item.content_hash, list(item.chunks or []), vectors,
+                                   None if n else no_passage_reason(item.body)))
             start += n
         return out
 
@@ -210,7 +227,7 @@ class EmbedHandler(Handler[EmbedWork]):
                 await conn.execute(q("insert_embeddings"), columns(vectors, "chunks", "versions", "embeddings"))
         await conn.execute(q("mark_documents_embedded"), {"ids": ids})
         report.written.extend(o.job.id for o in fresh)
-        report.notes.update((o.job.id, EMPTY_BODY) for o in fresh if not o.result.chunks)
+        report.notes.update((o.job.id, o.result.no_chunk_reason or EMPTY_BODY) for o in fresh if not o.result.chunks)
         return report
 
     async def _kept_chunk_ids(self, conn: psycopg.AsyncConnection, fresh: list[Outcome]) -> dict[tuple[int, int], int]:

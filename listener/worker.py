@@ -267,6 +267,11 @@ class Worker(Claiming):
                 # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
                 for kind, n in (row["requeued_kinds"] if row else {}).items():
                     await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
+        # counted once committed: failed for good by this process, or done as superseded (processed)
+        for f in failed:
+            self.stats.add(self.stats.failed, f["kind"])
+        for kind, n in (row["superseded_kinds"] if row else {}).items():
+            self.stats.add(self.stats.processed, kind, n)
         if row and (row["requeued"] or failed or row["superseded"]):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
         if row and row["requeued"]:
@@ -398,14 +403,16 @@ class Worker(Claiming):
         inference = None
         if work and versions:  # recorded in pgsynapse.inference_log by the batch's write transaction
             inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
-        await self.writer.write(kind, handler, outcomes, inference)
+        written = await self.writer.write(kind, handler, outcomes, inference)
         self.stats.batches += 1
         log.info(
             "batch_processed",
             kind=kind,
             n=len(jobs),
             ok=sum(o.ok for o in outcomes),
-            failed=sum(not o.ok for o in outcomes),
+            processed=written["processed"],  # done: written, skipped or superseded
+            retried=written["retried"],
+            failed=written["failed"],  # for good
             compute_ms=round(compute_ms, 1),
             total_ms=round((time.perf_counter() - started) * 1000, 1),
         )

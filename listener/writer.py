@@ -8,6 +8,7 @@ its neighbours.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -62,32 +63,35 @@ class BatchWriter:
 
     async def write(
         self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
-    ) -> None:
+    ) -> Counter[str]:
+        """Write the outcomes; returns how many jobs the committed writes made ``processed`` (done: written, skipped
+        or superseded), ``retried`` and ``failed`` (for good), as the worker's stats count them."""
         try:
-            await self._write_retrying(kind, handler, outcomes, inference)
+            return await self._write_retrying(kind, handler, outcomes, inference)
         except psycopg.Error as exc:
             if transient(exc):
                 # the server stayed away for about a lease: not these rows' fault; their lease expires and they
                 # are claimed again (splitting would only wait that long once per job)
                 log.error("batch_write_abandoned", kind=kind, n=len(outcomes), error=describe(exc)[:300])
-                return
+                return Counter()
             if len(outcomes) == 1:
                 o = outcomes[0]
                 if not o.ok:
                     # even recording the failure fails: leave the job to its lease, which expires and retries it
                     log.error("job_write_failed", kind=kind, job=o.job.id, error=describe(exc)[:300])
-                    return
+                    return Counter()
                 # the write itself fails for this job: it becomes the job's error
                 o.error, o.result = f"write failed: {describe(exc)}", None
-                await self.write(kind, handler, [o])
-                return
+                return await self.write(kind, handler, [o])
             log.warning("batch_write_failed_splitting", kind=kind, n=len(outcomes), error=describe(exc)[:200])
+            counts: Counter[str] = Counter()
             for o in outcomes:
-                await self.write(kind, handler, [o])
+                counts += await self.write(kind, handler, [o])
+            return counts
 
     async def _write_retrying(
         self, kind: str, handler: Handler, outcomes: list[Outcome], inference: dict[str, Any] | None = None
-    ) -> None:
+    ) -> Counter[str]:
         """Write; when the connection breaks (server restart, failover) or the txn is rolled back (deadlock),
         write the same results again once a connection is back, rather than blaming the jobs for it.
 
@@ -98,9 +102,8 @@ class BatchWriter:
         while True:
             try:
                 # a short wait for a connection: the pool's own 30 s would outlast the whole retry budget
-                await self._write_txn(kind, handler, outcomes, timeout=max(1.0, min(5.0, deadline - time.monotonic())),
-                                      inference=inference)
-                return
+                return await self._write_txn(kind, handler, outcomes,
+                                             timeout=max(1.0, min(5.0, deadline - time.monotonic())), inference=inference)
             except psycopg.Error as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
@@ -111,7 +114,7 @@ class BatchWriter:
     async def _write_txn(
         self, kind: str, handler: Handler, outcomes: list[Outcome], timeout: float | None = None,
         inference: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Counter[str]:
         jobs = {o.job.id: o.job for o in outcomes}
         async with self._pool().connection(timeout=timeout) as conn, \
                 bounded_transaction(conn, self.settings):
@@ -142,12 +145,11 @@ class BatchWriter:
                     q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
                 )
             changed = report.superseded + [o.job.id for o in skipped if o.superseded]
-            closed = 0  # failed jobs done as superseded: processed, not failed
-            for o in mine:
-                if not o.ok and (how := await self._fail_or_retry(conn, handler, o)):
-                    closed += 1
-                    if how == "changed":
-                        changed.append(o.job.id)
+            # what became of the failed ones: "retried", "failed" (for good), or done as superseded ("pending",
+            # "changed": processed, not failed); counted and logged once this transaction commits, not before: one
+            # rolled back (a deadlock) is written again
+            fates = {o.job.id: await self._fail_or_retry(conn, handler, o) for o in mine if not o.ok}
+            changed += [i for i, how in fates.items() if how == "changed"]
             if changed and (n := await handler.requeue_changed(conn, changed)):
                 # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
                 await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
@@ -155,26 +157,46 @@ class BatchWriter:
             if inference is not None:
                 await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
-        self.stats.add(self.stats.processed, kind, len(done) + len(report.superseded) + closed)
+        closed = sum(how in ("pending", "changed") for how in fates.values())
+        counts = Counter(processed=len(done) + len(report.superseded) + closed,
+                         retried=sum(how == "retried" for how in fates.values()),
+                         failed=sum(how == "failed" for how in fates.values()))
+        for name, table in (("processed", self.stats.processed), ("retried", self.stats.retried),
+                            ("failed", self.stats.failed)):
+            if counts[name]:
+                self.stats.add(table, kind, counts[name])
+        for o in mine:
+            self._log_fate(o, fates.get(o.job.id))
         metrics.observe_results(kind, (jobs[i].queued_at for i in report.written))
+        return counts
 
     def _final(self, o: Outcome) -> bool:
         """Whether a failed job fails for good (or is superseded), rather than being retried."""
         return not (o.retry and o.job.attempts < self.settings.max_attempts)
 
+    def _delay(self, o: Outcome) -> float:
+        return backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+
+    def _log_fate(self, o: Outcome, how: str | None) -> None:
+        """The log event of a failed job's fate, once its write committed."""
+        if how == "retried":
+            log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
+                        attempt=o.job.attempts, delay_s=self._delay(o), error=o.error)
+        elif how == "changed":
+            log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
+        elif how == "failed":
+            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts,
+                      error=o.error)
+
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> str | None:
-        """Retry the failed job, or fail it for good. Superseded instead (done), it says why: "pending", a newer
-        pending job of the row has its new state; "changed", its row changed since the job read it (the caller
-        queues a job for the new content: handler.requeue_changed)."""
+        """Retry the failed job ("retried"), or fail it for good ("failed"). Superseded instead (done), it says why:
+        "pending", a newer pending job of the row has its new state; "changed", its row changed since the job read
+        it (the caller queues a job for the new content: handler.requeue_changed). None: no longer this worker's."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
         if not self._final(o):
-            delay = backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
-            cur = await conn.execute(q("retry_job"), {**params, "delay": delay})
+            cur = await conn.execute(q("retry_job"), {**params, "delay": self._delay(o)})
             if cur.rowcount:
-                self.stats.add(self.stats.retried, o.job.kind)
-                log.warning("job_retry_scheduled", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id,
-                            attempt=o.job.attempts, delay_s=delay, error=o.error)
-                return None
+                return "retried"
             # a newer pending job of the row has its new state: this one is done, its error kept as the reason
             cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
             return "pending" if cur.rowcount else None
@@ -182,11 +204,9 @@ class BatchWriter:
             # the failure is the old content's (an edit committed after the job read the row, which may have
             # queued no job of its own): the row is not failed, its new content gets a job
             cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
-            log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
             return "changed" if cur.rowcount else None
         cur = await conn.execute(q("fail_job"), params)
-        if cur.rowcount:
-            await handler.record_failure(conn, o.job, o.error or "unknown error")
-            self.stats.add(self.stats.failed, o.job.kind)
-            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)
-        return None
+        if not cur.rowcount:
+            return None
+        await handler.record_failure(conn, o.job, o.error or "unknown error")
+        return "failed"

@@ -36,7 +36,7 @@ from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import search, search_order
-from pgsynapse.status import render, status_snapshot
+from pgsynapse.status import render, render_embedded, status_snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
 log = get_logger(__name__)
@@ -161,9 +161,17 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "status":
         with Database(settings) as db, db.connect() as conn:
-            snap = status_snapshot(conn, read_url=settings.read_url, settings=settings)
-            if settings.embedded:  # how psql or an application reaches it (a URL of DATABASE_URL is not echoed)
-                snap["embedded"] = {"data_dir": str(settings.data_dir), "url": db.url}
+            # how psql or an application reaches it (a URL of DATABASE_URL is not echoed); printed also when the
+            # status fails, as on a database never migrated: psql reaches it all the same
+            embedded = {"data_dir": str(settings.data_dir), "url": db.url} if settings.embedded else None
+            try:
+                snap = status_snapshot(conn, read_url=settings.read_url, settings=settings)
+            except psycopg.Error:
+                if embedded:
+                    print(json_dumps({"embedded": embedded}, indent=2) if args.json else render_embedded(embedded))
+                raise
+            if embedded:
+                snap["embedded"] = embedded
         print(json_dumps(snap, indent=2) if args.json else render(snap))
         return 0
     if args.command == "queue-notify":

@@ -112,11 +112,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def render_embedded(emb: dict[str, Any]) -> str:
+    """The status line that says how to reach the embedded server."""
+    return (f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
+            f"(`pgsynapse run`): psql '{emb['url']}'")
+
+
 def render(snap: dict[str, Any]) -> str:
     lines = []
     if emb := snap.get("embedded"):
-        lines.append(f"database       : embedded PostgreSQL in {emb['data_dir']}, while a pgsynapse process runs "
-                     f"(`pgsynapse run`): psql '{emb['url']}'")
+        lines.append(render_embedded(emb))
     lines.append(f"schema         : {_render_schema(snap['schema'])}")
     if snap.get("incomplete"):
         lines.append(f"not shown      : {snap['incomplete']}")

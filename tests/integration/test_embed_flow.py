@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
+from pgsynapse.db import next_notifies
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.housekeeping import prune_done_jobs
 from pgsynapse.listener.worker import Worker
@@ -20,11 +22,14 @@ from pgsynapse.queries import q
 from pgsynapse.search import search, version_row
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
+from tests.integration.test_roles import login_role  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.anyio
 
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
 EMPTY_BODY = "the body is empty: the document has no passage to search (a title alone is not embedded)"
+NO_PRINTABLE = ("no text to embed: the body has only control or invisible characters (no printable text): the document "
+                "has no passage to search (a title alone is not embedded)")
 
 
 async def test_insert_is_embedded_and_searchable(db_url, models, default_runtime):
@@ -258,6 +263,24 @@ async def test_empty_body_gives_no_chunks_and_no_error(db_url, models):
     await conn.close()
 
 
+async def test_a_body_of_control_characters_is_embedded_with_no_chunk_and_says_it_has_no_printable_text(db_url, models):
+    """Not "the body is empty": it is not. Its characters are all control (or invisible) ones, which no tokenizer
+    reads: the job says that, as it says of an empty body that it is empty."""
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models):
+        ids = insert_docs(db_url, [("t", "\x01\x02\x03\x7f"), ("Zero width", "\u200b\n\x1b\u200b"),
+                                   ("Real", "Some real text.")])
+        await wait_until(conn, ALL_DONE)
+    rows = await (await conn.execute(
+        "SELECT d.status, d.error, count(c.id) AS chunks, j.status AS job, j.skip_reason FROM pgsynapse.documents d"
+        " JOIN pgsynapse.jobs j ON j.ref_id = d.id LEFT JOIN pgsynapse.chunks c ON c.document_id = d.id"
+        " WHERE d.id = ANY(%s) GROUP BY d.id, j.id ORDER BY d.id", (ids,))).fetchall()
+    assert [(r["status"], r["error"], r["chunks"], r["job"]) for r in rows] == [
+        ("embedded", None, 0, "done"), ("embedded", None, 0, "done"), ("embedded", None, 1, "done")]
+    assert [r["skip_reason"] for r in rows] == [NO_PRINTABLE, NO_PRINTABLE, None]
+    await conn.close()
+
+
 async def test_a_body_emptied_by_an_update_loses_its_passages_and_says_so(db_url, models):
     conn = await aconn(db_url)
     async with running_worker(fast_settings(db_url), models):
@@ -431,25 +454,31 @@ async def test_a_job_done_with_nothing_to_write_says_why(db_url, models):
 def _reembed_recipe() -> list[str]:
     """docs/sql.md's "Re-embed everything" statements, as written there (docs/operations.md's backups point at it)."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "sql.md").read_text()
-    block = re.search(r"Re-embed everything.*?```sql\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"^Re-embed everything.*?```sql\n(.*?)```", text, re.S | re.M).group(1)  # the paragraph's
     return [s.strip() for s in block.split(";") if s.strip()]
 
 
-async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuilds_them(db_url, models):
+async def test_the_documented_reembed_after_a_restore_without_embeddings_rebuilds_them(db_url, models, login_role):  # noqa: F811
     """A logical backup may skip chunks' and embeddings' data (docs/operations.md): after its restore the documents
-    are `embedded` with nothing behind them. The jobs alone were skipped as "already embedded"."""
+    are `embedded` with nothing behind them. The jobs alone were skipped as "already embedded". Run as the recipe
+    says (pgsynapse_admin), it wakes the workers with a NOTIFY: a job INSERT sends none of its own, and without
+    one they saw the jobs only at their fallback poll (poll_interval, 5 s by default; 600 s here)."""
     conn = await aconn(db_url)
     docs = [("Vacuum", "VACUUM reclaims storage occupied by dead tuples. " * 10), ("WAL", "Write-ahead logging. " * 10)]
-    async with running_worker(fast_settings(db_url), models):
+    async with running_worker(fast_settings(db_url, poll_interval=600.0), models):
         ids = insert_docs(db_url, docs)
         embedded = "SELECT bool_and(status = 'embedded') FROM pgsynapse.documents WHERE id = ANY(%s)"
         await wait_until(conn, embedded, (ids,))
         await conn.execute("TRUNCATE pgsynapse.chunks CASCADE")  # the restore without their data
         statements = _reembed_recipe()
-        assert len(statements) == 2 and statements[1].startswith("INSERT INTO pgsynapse.jobs")
-        for sql in statements:
-            await conn.execute(sql)
-        await wait_until(conn, embedded, (ids,))
+        assert statements[1].startswith("INSERT INTO pgsynapse.jobs")
+        async with await aconn(db_url) as listener, await aconn(login_role("pgsynapse_admin", db_url)) as admin:
+            await listener.execute("LISTEN pgsynapse_jobs")
+            for sql in statements:
+                await admin.execute(sql)
+            notices = await next_notifies(listener, 30.0)
+        assert [json.loads(n.payload)["kind"] for n in notices] == ["embed"], notices
+        await wait_until(conn, embedded, (ids,), timeout=60.0)  # well within the poll: the NOTIFY woke the worker
         n = await (await conn.execute(
             "SELECT count(DISTINCT c.document_id) AS docs, count(e.chunk_id) AS vectors FROM pgsynapse.chunks c "
             "LEFT JOIN pgsynapse.embeddings e ON e.chunk_id = c.id")).fetchone()
@@ -485,7 +514,6 @@ async def test_reembedding_unchanged_passages_keeps_their_ids_and_the_feedback_a
 
         for sql in _reembed_recipe():
             await conn.execute(sql)
-        await conn.execute("SELECT pgsynapse.wake_v1('embed', 1)")  # the recipe's jobs send none: no poll to wait
         await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.jobs WHERE status <> 'done'")
         assert (await (await conn.execute(passages, (doc,))).fetchone())["ids"] == before
 

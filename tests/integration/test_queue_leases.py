@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.batches import Batch, LoopState
+from pgsynapse.metrics import WorkerCollector
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 from tests.integration.test_stale_writes import stepped_worker
@@ -207,6 +208,40 @@ async def test_a_job_out_of_attempts_whose_row_has_a_newer_job_is_superseded_not
     assert job["status"] == "done" and job["skip_reason"].startswith("superseded"), job
     assert "lease expired" in job["skip_reason"] and job["last_error"] is None, job
     assert [e["superseded"] for e in logs if e["event"] == "leases_expired"] == [1], logs
+    await conn.close()
+
+
+def job_counters(worker) -> dict[str, dict[str, float]]:
+    """The pgsynapse_jobs_{processed,failed,retried}_total counters a scrape of ``worker`` reads, by kind (non-zero)."""
+    return {m.name: {s.labels["kind"]: s.value for s in m.samples if s.name.endswith("_total") and s.value}
+            for m in WorkerCollector(worker).collect() if m.name.startswith("pgsynapse_jobs_")}
+
+
+async def test_the_reapers_final_failures_and_superseded_jobs_are_counted_by_its_worker(db_url, models):
+    """The reaper marks a job failed for good (its worker died on every attempt) and supersedes another (its row has
+    a newer job): the metrics say "Jobs marked failed ... by this process" and "completed by this process (written,
+    skipped or superseded)". Before, neither was counted (reap_expired never touched the stats)."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    [doomed, edited] = insert_docs(db_url, [("Doomed", "Its worker dies every time."), ("Edited", "The first text.")])
+    assert len(await _claim_as(conn, DEAD)) == 2
+    # every attempt used, the last one alone (crash isolation charges a solo expiry)
+    await conn.execute("UPDATE pgsynapse.jobs SET solo = true, attempts = %s WHERE ref_id = %s",
+                       (settings.max_attempts, doomed))
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'The second text.' WHERE id = %s", (edited,))
+    assert len(await _claim_as(conn, "alivehost:2:alive0")) == 1  # the edit's job runs: the old one is outdated
+    await _expire(conn, DEAD)
+    async with stepped_worker(settings, models) as worker:
+        with capture_logs() as logs:
+            await worker.reap_expired()
+        assert [(e["failed"], e["superseded"]) for e in logs if e["event"] == "leases_expired"] == [(1, 1)], logs
+        assert (worker.stats.processed, worker.stats.failed, worker.stats.retried) == (
+            {"embed": 1}, {"embed": 1}, {}), worker.stats
+        assert job_counters(worker) == {"pgsynapse_jobs_processed": {"embed": 1}, "pgsynapse_jobs_failed": {"embed": 1},
+                                        "pgsynapse_jobs_retried": {}}
+    rows = await (await conn.execute("SELECT ref_id, status FROM pgsynapse.jobs WHERE worker = %s OR ref_id = %s"
+                                     " ORDER BY id", (DEAD, doomed))).fetchall()
+    assert [(r["ref_id"], r["status"]) for r in rows] == [(doomed, "failed"), (edited, "done")], rows
     await conn.close()
 
 

@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from structlog.testing import capture_logs
 
 from pgsynapse.handlers.base import Outcome
+from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.learning.registry import retire
 from pgsynapse.listener.worker import Worker
 from pgsynapse.images import registry as image_registry
@@ -515,4 +516,51 @@ async def test_two_workers_writing_and_failing_the_same_rows_in_opposite_roles_t
     assert not retried, retried
     rows = await (await conn.execute("SELECT id, status FROM pgsynapse.documents ORDER BY id")).fetchall()
     assert [r["status"] for r in rows] == ["pending", "embedded"], rows  # the first's result was stale
+    await conn.close()
+
+
+class RolledBackOnceEmbedHandler(EmbedHandler):
+    """The real handler with two faults: a body containing POISON makes the encode raise (a retryable error), and the
+    first write transaction is ended by the server with a serialization failure (40001), as a lost race is: the
+    writer writes the same outcomes again in a new transaction."""
+
+    rollbacks = 0
+
+    def _encode(self, items, embedders):
+        if any("POISON" in (item.body or "") for item in items):
+            raise ValueError("cannot encode a poisoned document")
+        return super()._encode(items, embedders)
+
+    async def notify_written(self, conn, report, jobs) -> None:
+        await super().notify_written(conn, report, jobs)
+        if not self.rollbacks:
+            self.rollbacks += 1
+            await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'could not serialize access (test)'"
+                               " USING ERRCODE = 'serialization_failure'; END $$")
+
+
+async def test_a_batch_written_again_after_a_rollback_counts_each_job_once_and_logs_what_became_of_it(db_url, models):
+    """One batch: a healthy document, one whose encode fails (retried), one over max_document_chars (failed for good).
+    Its write transaction is rolled back once and written again: each job counts once in the stats (the metrics'
+    jobs_retried and jobs_failed), and batch_processed's failed= counts the job failed for good, not every error."""
+    settings = fast_settings(db_url, max_document_chars=60, lease_seconds=600.0)
+    conn = await aconn(db_url)
+    insert_docs(db_url, [("Fine", "VACUUM reclaims storage."), ("Poisoned", "POISON inside."),
+                         ("Long", "A body over sixty characters long, which this worker refuses at once.")])
+    handler = RolledBackOnceEmbedHandler(settings, models)
+    async with stepped_worker(settings, models) as worker:
+        worker.handlers["embed"] = handler
+        jobs = await worker.claim("embed", 10)
+        assert len(jobs) == 3
+        with capture_logs() as logs:
+            await worker.process_batch("embed", jobs)
+        assert handler.rollbacks == 1
+        assert [e["event"] for e in logs].count("batch_write_retrying") == 1, logs
+        stats = worker.stats
+        assert (stats.processed, stats.retried, stats.failed) == ({"embed": 1}, {"embed": 1}, {"embed": 1}), stats
+    [done] = [{k: e[k] for k in ("n", "ok", "retried", "failed")} for e in logs if e["event"] == "batch_processed"]
+    assert done == {"n": 3, "ok": 1, "retried": 1, "failed": 1}, done
+    rows = await (await conn.execute("SELECT d.title, j.status FROM pgsynapse.jobs j JOIN pgsynapse.documents d"
+                                     " ON d.id = j.ref_id ORDER BY j.id")).fetchall()
+    assert [(r["title"], r["status"]) for r in rows] == [("Fine", "done"), ("Poisoned", "pending"), ("Long", "failed")]
     await conn.close()

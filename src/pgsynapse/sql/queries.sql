@@ -129,7 +129,7 @@ WITH expired AS (
             ELSE 'superseded by a newer job' END
     FROM judged s
     WHERE j.id = s.id AND s.outdated
-    RETURNING j.id
+    RETURNING j.id, j.kind
 ), requeued AS (
     UPDATE pgsynapse.jobs j
     SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL, attempts = s.charged,
@@ -143,6 +143,8 @@ SELECT (SELECT count(*) FROM requeued) AS requeued,
        (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM requeued GROUP BY kind) k)
            AS requeued_kinds,
        (SELECT count(*) FROM superseded) AS superseded,
+       (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM superseded GROUP BY kind) k)
+           AS superseded_kinds,
        (SELECT coalesce(json_agg(failed ORDER BY failed.ref_id), '[]') FROM failed) AS failed;
 
 -- name: queue_stats
