@@ -11,8 +11,8 @@
 -- rows stay; only a write of these columns is checked (the retrain's UPDATE of trained_in_model is not).
 --
 -- sql_corrections_enqueue_v3: as v2, but counts the questions with an untrained correction that trains (a
--- statement that is not blank, or an approval of an answered question): one pair per question, as the retrain
--- reads them (sql_training_pairs in src/pgsynapse/sql/textsql_models.sql).
+-- statement that is not blank, or an approval of an answered question, given since the question was last asked):
+-- one pair per question, as the retrain reads them (sql_training_pairs in src/pgsynapse/sql/textsql_models.sql).
 
 CREATE OR REPLACE FUNCTION pgsynapse.sql_corrections_check_v1() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
@@ -71,7 +71,7 @@ BEGIN
     SELECT count(DISTINCT c.question_id) INTO untrained
     FROM pgsynapse.sql_corrections c
     JOIN pgsynapse.data_questions q ON q.id = c.question_id
-    WHERE c.trained_in_model IS NULL
+    WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.created_at)
       AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
     -- one SQL retrain at a time: none is queued while another is pending or running
     IF untrained >= coalesce(threshold, 50) AND NOT EXISTS (

@@ -786,8 +786,14 @@ def test_the_sql_corrections_migration_refuses_what_can_never_train_and_counts_w
         conn.execute(correct, (answered, "-- per order\n(SELECT count(id) FROM orders)", False))
         conn.execute(correct, (answered, "WITH o AS (SELECT 1) SELECT count(*) FROM o", False))
         assert conn.execute(retrains).fetchone()[0] == 0  # three corrections, one question: one pair
+        # an edit asks it again: the corrections before it were for the old text
+        conn.execute("UPDATE pgsynapse.data_questions SET text = 'how many orders shipped?' WHERE id = %s", (answered,))
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1' WHERE id = %s",
+                     (answered,))
         other = conn.execute(ask, ("how many regions?", "answered", "SELECT count(*) FROM regions")).fetchone()[0]
         conn.execute(correct, (other, "select count(DISTINCT region) FROM orders", False))
+        assert conn.execute(retrains).fetchone()[0] == 0
+        conn.execute(correct, (answered, None, True))
         assert conn.execute(retrains).fetchone()[0] == 1
         with conn.transaction():
             conn.execute(mig.sql.encode())

@@ -267,3 +267,29 @@ async def test_only_corrections_that_can_train_count_towards_a_retrain(db_url, t
     handler = SqlRetrainHandler(_settings(db_url, tmp_path, "unused", sql_retrain_min_corrections=3))
     outcome = await _run(handler, db_url)
     assert outcome.skip_reason == "only 2 new corrections (sql_retrain_min_corrections = 3)", outcome
+
+
+def test_a_correction_of_a_question_as_it_was_before_an_edit_does_not_train(db_url):
+    # an edit asks the question again: a correction or approval given before it was for the old text (and the old
+    # statement), and trained the new text with it, an approval even the new statement that nobody approved
+    context = _setup_table(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        def ask(text: str) -> int:
+            return conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, schema_context) VALUES"
+                                " (%s, 'answered', %s, %s) RETURNING id", (text, TOTAL, context)).fetchone()[0]
+        approved, corrected, again = ask("tell me the amount total"), ask("tell me the order count"), ask("the count")
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (approved,))
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s), (%s, %s)",
+                     (corrected, COUNT, again, LARGEST))
+        edit = "UPDATE pgsynapse.data_questions SET text = text || ' please' WHERE id = %s"
+        answer = "UPDATE pgsynapse.data_questions SET status = 'answered', sql = %s WHERE id = %s"
+        for question in (approved, corrected, again):
+            conn.execute(edit, (question,))
+            conn.execute(answer, (LARGEST, question))  # the worker answers the edited question
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s)",
+                     (again, COUNT))  # corrected again, as it is now
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        assert [(p.question, p.sql) for p in load_pairs(conn, "pgsynapse_reader")] == [
+            ("the count please", COUNT)]
+        assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()["n"] == 1
+        assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"] == 1
