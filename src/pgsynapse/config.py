@@ -300,7 +300,7 @@ class Settings(BaseModel):
                                    "no row data reaches the model's prompt)")
     sql_max_tables: int = Field(12, ge=1, le=1000, description="tables described in the prompt at most; more "
                                 "allowed tables are narrowed by embedding similarity to the question")
-    sql_retrain_min_corrections: int = Field(50, ge=1, description="new corrections that queue a sql_retrain")
+    sql_retrain_min_corrections: int = Field(50, ge=1, description="questions with a new usable correction that queue a sql_retrain")
     sql_retrain_margin: float = Field(
         0.0, ge=0, le=1, description="execution accuracy the candidate must gain over the active model on the "
         "held-out corrections (strictly more than this)")

@@ -31,6 +31,24 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     assert ok.returncode == 0 and "correction 1 recorded for data question 1" in ok.stdout, ok.stderr
     missing = pgsynapse("sql-correct", "99", "--sql", "select 1", url=db_url)
     assert missing.returncode == 1 and "no data question 99" in missing.stderr
+    # what could never train is refused with why, not recorded and counted towards a retrain: an empty statement, a
+    # write or a table outside the question's scope (the retrain checks each as the model's), an approval of a
+    # statement that never ran
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        failed = conn.execute("INSERT INTO pgsynapse.data_questions (text, target_schema, status, error) VALUES"
+                              " ('how many refunds?', 'demo_shop', 'failed', 'no model') RETURNING id").fetchone()[0]
+        conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'sql_answer' AND ref_id = %s", (failed,))
+    for args, said in [(["1", "--sql", " \n"], "data question 1: the corrected statement is empty"),
+                       (["1", "--sql", "DELETE FROM demo_shop.orders"],
+                        "data question 1: the corrected statement is refused: the statement writes (DELETE)"),
+                       (["1", "--sql", "SELECT count(*) FROM pgsynapse.jobs"],
+                        "data question 1: the corrected statement is refused: table pgsynapse.jobs is not allowed"),
+                       ([str(failed), "--approve"], f"data question {failed} has no statement that ran to approve "
+                                                    "(it failed): give the right one with --sql")]:
+        bad = pgsynapse("sql-correct", *args, url=db_url)
+        assert bad.returncode == 1 and said in bad.stderr and not bad.stdout, (args, bad.stderr)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
 
     # a path that is not there is refused before it is registered (every question routed to it would fail)
     nope = pgsynapse("sql-model", "add", "/no/such/model", url=db_url)
@@ -51,5 +69,5 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     assert retrain.returncode == 0 and "sql_retrain queued (job" in retrain.stdout
 
     status = pgsynapse("status", url=db_url).stdout
-    assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed)" in status
+    assert "data questions : 3 (0 pending, 2 answered, 0 refused, 1 failed)" in status
     assert "SQL model 1" not in status  # a retired model is not listed

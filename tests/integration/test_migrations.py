@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -313,6 +314,8 @@ def test_the_data_questions_migration_upgrades_a_database_and_is_idempotent(new_
                             (qid,)).fetchone()[0] == 1
         with pytest.raises(psycopg.errors.CheckViolation, match="sql_corrections_sql_or_approved"):
             conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id) VALUES (%s)", (qid,))
+        # answered again (0033 refuses an approval of a question that was not answered)
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1' WHERE id = %s", (qid,))
         conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (qid,))
         assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone()[0] == 0
         conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, 'SELECT 2')", (qid,))
@@ -775,3 +778,57 @@ def test_the_feedback_updates_migration_rebuilds_an_updated_example_and_is_idemp
                 conn.execute(mig.sql.encode())
         assert conn.execute("SELECT ref_id, cardinality(ref_ids) FROM pgsynapse.jobs WHERE ref_id < 0").fetchall() == [
             (-501, 3)]
+
+
+def test_the_sql_corrections_migration_refuses_what_can_never_train_and_counts_what_does(new_db):
+    """0033 on top of 0032: a correction that could never train is refused when written (a blank statement, one
+    that is not a SELECT, an approval of a question that failed or was refused), and the retrain is queued when
+    sql_retrain_min_corrections questions have a correction that trains (it counted rows: each of these, and every
+    correction of one question); the rows already there stay; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 33)
+    ask = "INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES (%s, %s, %s) RETURNING id"
+    correct = "INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved) VALUES (%s, %s, %s)"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = 2")
+        failed = conn.execute(ask, ("how many?", "failed", None)).fetchone()[0]
+        refused = conn.execute(ask, ("drop it", "refused", "DELETE FROM orders")).fetchone()[0]
+        answered = conn.execute(ask, ("how many orders?", "answered", "SELECT count(*) FROM orders")).fetchone()[0]
+        conn.execute(correct, (failed, None, True))  # from before: it stays, and is not counted
+        conn.execute("DELETE FROM pgsynapse.jobs")
+    assert mig.name in migrate(url)
+    retrains = "SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'"
+    with psycopg.connect(url, autocommit=True) as conn:
+        for question, sql, approved, said in [
+                (failed, None, True, f"data question {failed} has no statement that ran to approve (it is failed)"),
+                (refused, None, True, f"data question {refused} has no statement that ran to approve (it is refused)"),
+                (answered, "", False, f"the correction of data question {answered} has an empty statement"),
+                (answered, " \n\t", True, f"the correction of data question {answered} has an empty statement"),
+                (answered, "DELETE FROM orders", False,
+                 f"the correction of data question {answered} is not a SELECT: corrected_sql begins with 'DELETE FROM"),
+                (answered, "-- the count\n/* all */ (UPDATE orders SET x = 1)", False, "is not a SELECT"),
+                (answered, "-- only a comment", False, "begins with nothing but comments")]:
+            with pytest.raises(psycopg.errors.CheckViolation, match=re.escape(said)) as refusal:
+                conn.execute(correct, (question, sql, approved))
+            assert refusal.value.diag.message_hint
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
+        conn.execute(correct, (answered, None, True))
+        conn.execute(correct, (answered, "-- per order\n(SELECT count(id) FROM orders)", False))
+        conn.execute(correct, (answered, "WITH o AS (SELECT 1) SELECT count(*) FROM o", False))
+        assert conn.execute(retrains).fetchone()[0] == 0  # three corrections, one question: one pair
+        # an edit asks it again: the corrections before it were for the old text
+        conn.execute("UPDATE pgsynapse.data_questions SET text = 'how many orders shipped?' WHERE id = %s", (answered,))
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1' WHERE id = %s",
+                     (answered,))
+        other = conn.execute(ask, ("how many regions?", "answered", "SELECT count(*) FROM regions")).fetchone()[0]
+        conn.execute(correct, (other, "select count(DISTINCT region) FROM orders", False))
+        assert conn.execute(retrains).fetchone()[0] == 0
+        conn.execute(correct, (answered, None, True))
+        assert conn.execute(retrains).fetchone()[0] == 1
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        with pytest.raises(psycopg.errors.CheckViolation, match="is not a SELECT") as refusal:
+            conn.execute("UPDATE pgsynapse.sql_corrections SET corrected_sql = 'TRUNCATE orders' WHERE question_id = %s",
+                         (other,))
+        assert refusal.value.diag.constraint_name == "sql_corrections_statement"
+        conn.execute("UPDATE pgsynapse.sql_corrections SET trained_in_model = NULL")  # the retrain's write: not checked

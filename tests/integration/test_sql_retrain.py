@@ -29,10 +29,12 @@ from structlog.testing import capture_logs
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Job, Outcome
 from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
+from pgsynapse.queries import q
 from pgsynapse.textsql import train
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
+from pgsynapse.textsql.pairs import load_pairs
 from tests.e2e.test_cli import pgsynapse
 from tests.helpers import aconn, drop_database, fast_settings, running_worker, with_db
 from tests.sql_models import tiny_sql_model
@@ -233,3 +235,61 @@ def test_sql_model_retrain_without_a_correction_queues_nothing(db_url, tmp_path)
         run_sql_model_command(_retrain_args(), settings)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone() == (0,)
+
+
+@pytest.mark.anyio
+async def test_only_corrections_that_can_train_count_towards_a_retrain(db_url, tmp_path):
+    # the count that queues a retrain (and that `sql-model retrain` refuses on) counted every row: a blank
+    # statement, an approval of a statement that never ran and a second correction of one question each counted,
+    # while the retrain reads one pair per question and drops the rest
+    context = _setup_table(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")  # rows written before the check refused them
+        def ask(status: str, sql: str | None) -> int:
+            return conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, schema_context) VALUES"
+                                " ('tell me the order count', %s, %s, %s) RETURNING id", (status, sql, context)
+                                ).fetchone()[0]
+        def correction(question: int, sql: str | None) -> None:
+            conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved) VALUES"
+                         " (%s, %s, %s)", (question, sql, sql is None))
+        twice = ask("answered", TOTAL)
+        correction(twice, COUNT)
+        correction(twice, COUNT + " WHERE amount > 0")  # its latest: one pair
+        correction(ask("failed", None), None)  # nothing ran: nothing to approve
+        correction(ask("refused", "DELETE FROM orders"), None)
+        correction(ask("answered", TOTAL), " \n")
+        approved = ask("answered", COUNT)
+        correction(approved, None)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        pairs = load_pairs(conn, "pgsynapse_reader")
+        assert [(p.question_id, p.sql) for p in pairs] == [(twice, COUNT + " WHERE amount > 0"), (approved, COUNT)]
+        assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"] == 2
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, "unused", sql_retrain_min_corrections=3))
+    outcome = await _run(handler, db_url)
+    assert outcome.skip_reason == "only 2 new corrections (sql_retrain_min_corrections = 3)", outcome
+
+
+def test_a_correction_of_a_question_as_it_was_before_an_edit_does_not_train(db_url):
+    # an edit asks the question again: a correction or approval given before it was for the old text (and the old
+    # statement), and trained the new text with it, an approval even the new statement that nobody approved
+    context = _setup_table(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        def ask(text: str) -> int:
+            return conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, schema_context) VALUES"
+                                " (%s, 'answered', %s, %s) RETURNING id", (text, TOTAL, context)).fetchone()[0]
+        approved, corrected, again = ask("tell me the amount total"), ask("tell me the order count"), ask("the count")
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (approved,))
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s), (%s, %s)",
+                     (corrected, COUNT, again, LARGEST))
+        edit = "UPDATE pgsynapse.data_questions SET text = text || ' please' WHERE id = %s"
+        answer = "UPDATE pgsynapse.data_questions SET status = 'answered', sql = %s WHERE id = %s"
+        for question in (approved, corrected, again):
+            conn.execute(edit, (question,))
+            conn.execute(answer, (LARGEST, question))  # the worker answers the edited question
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s)",
+                     (again, COUNT))  # corrected again, as it is now
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        assert [(p.question, p.sql) for p in load_pairs(conn, "pgsynapse_reader")] == [
+            ("the count please", COUNT)]
+        assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()["n"] == 1
+        assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"] == 1

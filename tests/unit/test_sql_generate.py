@@ -69,6 +69,13 @@ FOLLOW_UP = SqlPrompt("and how many are late?", SCHEMA, (("how many orders are t
     ("SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\"; DELETE FROM t",
      "SELECT name FROM t WHERE x = 'a;b' AND y = \"c;d\"; DELETE FROM t"),
     ("```sql\nSELECT a FROM t;\nselect b from t\n```\nThe first counts a.", "SELECT a FROM t;\nselect b from t"),
+    # a second fenced statement ("Or: ```sql ...```") is a second statement too: both kept, for the check to refuse
+    ("```sql\nSELECT a FROM t\n```\nOr:\n```sql\nSELECT b FROM t;\n```", "SELECT a FROM t;\nSELECT b FROM t"),
+    ("```sql\nSELECT a FROM t;\n```\nor, by region:\n```\nselect b from t\n```", "SELECT a FROM t;\nselect b from t"),
+    # the same statement fenced again, or a fence of prose or output, is no second statement
+    ("```sql\nSELECT a FROM t;\n```\nThe query again:\n```sql\nSELECT a\nFROM t\n```", "SELECT a FROM t"),
+    ("```sql\nSELECT a FROM t;\n```\nIt returns:\n```\n a\n---\n 1\n```\n```text\nselect the first\n```",
+     "SELECT a FROM t"),
     # prose or a comment after the statement is no second statement, even when it starts like one
     ("SELECT 1;\n\nWith this query you get one row.", "SELECT 1"),
     ("SELECT 1; -- one row\nSelect it to see.", "SELECT 1"),

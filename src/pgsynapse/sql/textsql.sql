@@ -106,8 +106,9 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (W
        count(*) FILTER (WHERE status = 'refused') AS refused, count(*) FILTER (WHERE status = 'failed') AS failed
 FROM pgsynapse.data_questions;
 
--- name: question_sql
-SELECT sql FROM pgsynapse.data_questions WHERE id = %(question)s;
+-- name: question_to_correct
+-- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read
+SELECT status, sql, target_schema, allowed_tables FROM pgsynapse.data_questions WHERE id = %(question)s;
 
 -- name: insert_correction
 -- `pgsynapse sql correct`: the right statement for a data question, or an approval of the generated one

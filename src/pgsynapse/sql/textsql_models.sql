@@ -1,15 +1,26 @@
 -- The SQL retrain's reads: handlers/sql_retrain.py and pgsynapse.textsql.train. The SQL model registry's own
 -- queries (pgsynapse.sql_models) are side_models.sql's, run by pgsynapse.sideregistry.
 
+-- A correction trains when it has a statement (not blank), or approves a statement that ran (the question was
+-- answered), and was given since the question was last asked (asked_at, migration 0024; NULL: created_at): one
+-- given before an edit was for the old text and statement. One pair per question. The counts below,
+-- sql_training_pairs and the trigger on sql_corrections (triggers/data_questions_v4.sql) count the same.
+
 -- name: new_sql_corrections
--- corrections no SQL retrain has used yet (the trigger on sql_corrections counts the same)
-SELECT count(*) AS n
-FROM pgsynapse.sql_corrections
-WHERE trained_in_model IS NULL;
+-- questions with a correction no SQL retrain has used yet
+SELECT count(DISTINCT c.question_id) AS n
+FROM pgsynapse.sql_corrections c
+JOIN pgsynapse.data_questions q ON q.id = c.question_id
+WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.created_at)
+  AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
 
 -- name: sql_corrections_count
 -- `pgsynapse sql-model retrain` refuses to queue a retrain with nothing to learn from
-SELECT count(*) AS n FROM pgsynapse.sql_corrections;
+SELECT count(DISTINCT c.question_id) AS n
+FROM pgsynapse.sql_corrections c
+JOIN pgsynapse.data_questions q ON q.id = c.question_id
+WHERE c.created_at >= coalesce(q.asked_at, q.created_at)
+  AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
 
 -- name: mark_sql_corrections_trained
 -- the corrections a retrain saw (every one up to the last it read, whatever its verdict) are not new any more
@@ -27,5 +38,6 @@ SELECT DISTINCT ON (c.question_id)
        coalesce(c.corrected_sql, q.sql) AS target_sql
 FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
-WHERE c.corrected_sql IS NOT NULL OR (c.approved AND q.sql IS NOT NULL)
+WHERE c.created_at >= coalesce(q.asked_at, q.created_at)
+  AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'))
 ORDER BY c.question_id, c.id DESC;

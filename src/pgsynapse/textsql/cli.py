@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import dict_row
 
 from pgsynapse.app import ask_data
 from pgsynapse.client import DataResult
@@ -21,6 +21,7 @@ from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.queries import q
 from pgsynapse.textsql import registry
+from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
 MAX_CELL = 40
 
@@ -71,21 +72,44 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.status == "answered" else 1
 
 
-def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool) -> int:
-    """Record a correction (the right statement) or an approval of the generated one; returns its id."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute(q("question_sql", "textsql.sql"), {"question": question}).fetchone()
+def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool,
+            role: str = "pgsynapse_reader") -> int:
+    """Record a correction (the right statement) or an approval of the generated one; returns its id. What could
+    never train is refused: an approval of a statement that did not run, an empty statement, or one the retrain's
+    check refuses (the model's check: one SELECT over the question's tables that ``role`` may read)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q("question_to_correct", "textsql.sql"), {"question": question}).fetchone()
         if row is None:
             raise InputError(f"no data question {question}")
-        if approve and not row[0]:
-            raise InputError(f"data question {question} has no generated statement to approve: give --sql")
+        if approve and row["status"] != "answered":
+            did = "was not answered yet" if row["status"] == "pending" else f"it {row['status']}"
+            raise InputError(f"data question {question} has no statement that ran to approve ({did}): give the "
+                             "right one with --sql")
+        if not approve:
+            _check_correction(cur, question, sql or "", row, role)
         return cur.execute(q("insert_correction", "textsql.sql"),
-                           {"question": question, "sql": sql, "approved": approve}).fetchone()[0]
+                           {"question": question, "sql": sql, "approved": approve}).fetchone()["id"]
+
+
+def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[str, Any], role: str) -> None:
+    """Refuse a corrected statement the retrain would drop at its check (InputError, with the check's reason)."""
+    if not sql.strip():
+        raise InputError(f"data question {question}: the corrected statement is empty: give the SELECT that answers "
+                         "it (or --approve the generated one)")
+    names = list(row["allowed_tables"]) if row["allowed_tables"] is not None else None
+    found = cur.execute(q("readable_tables", "textsql.sql"),
+                        {"schema": row["target_schema"], "names": names, "role": role}).fetchall()
+    try:
+        check_sql(sql, allowed=[(t["schema"], t["name"]) for t in found if t["readable"]],
+                  search_path=(row["target_schema"],))
+    except UnsafeSQL as exc:
+        raise InputError(f"data question {question}: the corrected statement is {exc}: the retrain checks a "
+                         "correction as it checks the model's statements, and would drop it") from None
 
 
 def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:
     with Database(settings) as db, db.connect(autocommit=True) as conn:
-        cid = correct(conn, args.question, args.sql, args.approve)
+        cid = correct(conn, args.question, args.sql, args.approve, settings.sql_reader_role)
     print(f"correction {cid} recorded for data question {args.question}")
     return 0
 

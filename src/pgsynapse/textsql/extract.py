@@ -26,6 +26,8 @@ _AT_LINE = re.compile(r"^[ \t]*(" + "|".join(_STARTS) + r")\b",
 _UPPER = re.compile(r"\b(" + "|".join(_STRONG) + r")\b")
 _ANY_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+# the languages of a later fence that may hold a second statement (a ```text or ```output fence holds prose)
+_SQL_FENCES = ("", "sql", "postgresql", "postgres", "pgsql", "plpgsql", "psql")
 # words a statement's later lines start with: a blank line before anything else ends the statement (prose)
 _CLAUSES = set(_STARTS) | {"from", "where", "group", "order", "having", "limit", "offset", "union", "intersect",
                            "except", "join", "inner", "left", "right", "full", "cross", "natural", "on", "and", "or",
@@ -93,13 +95,15 @@ def _statement_start(text: str) -> int | None:
     return None
 
 
+def _fenced(text: str) -> list[tuple[str, str]]:
+    """The (language, body) of the fenced code blocks (```sql ... ```) that hold a statement, in order."""
+    return [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(text) if _statement_start(m.group(2)) is not None]
+
+
 def _unfenced(text: str) -> str:
-    """The body of the first fenced code block that holds a statement (```sql ... ```), else the text."""
-    for m in _FENCE.finditer(text):
-        body = m.group(2)
-        if _statement_start(body) is not None:
-            return body
-    return text
+    """The body of the first fenced code block that holds a statement, else the text."""
+    fenced = _fenced(text)
+    return fenced[0][1] if fenced else text
 
 
 def _cut_prose(sql: str) -> str:
@@ -138,9 +142,23 @@ def _next_statement(rest: str) -> int | None:
 def extract_sql(text: str) -> str:
     """A model's output -> its statement, without the ``;``: the body of a ```sql fence, from the first statement
     keyword on (prose before it dropped), up to the first top-level ``;`` (prose after it dropped). When a second
-    statement follows, both (up to the second's end), for the safety check to refuse ("2 statements"). "" when the
-    output holds no statement: the safety check refuses it as empty."""
-    body = _unfenced(text)
+    statement follows, in the same fence or in a later one ("Or: ```sql ...```"), both (joined by ``;``), for the
+    safety check to refuse ("2 statements"); a later fence counts only when it is marked SQL (or not marked),
+    PostgreSQL's parser takes its statement and it is not the first one again (white space aside). "" when the output holds no statement: the safety check
+    refuses it as empty."""
+    fenced = _fenced(text)
+    if not fenced:
+        return _extract(text)
+    sql = _extract(fenced[0][1])
+    for language, body in fenced[1:]:
+        more = _extract(body) if language in _SQL_FENCES else ""
+        if more and _parses(more) and " ".join(more.split()) != " ".join(sql.split()):
+            sql += ";\n" + more
+    return sql
+
+
+def _extract(body: str) -> str:
+    """``extract_sql`` of one fence's body (or of an output without a fence)."""
     start = _statement_start(body)
     if start is None:
         return ""
