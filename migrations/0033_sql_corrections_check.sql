@@ -1,0 +1,4 @@
+-- pgsynapse 0033: a correction that could never train is refused when it is written (a blank or non-SELECT
+-- corrected_sql, an approval of a data question that was not answered), and the retrain trigger counts the
+-- questions whose corrections train, as the retrain reads them (triggers/data_questions_v4.sql).
+-- pgsynapse:include data_questions_v4.sql
