@@ -139,8 +139,11 @@ SKIPPED = "UPDATE pgsynapse.jobs SET status = 'done', finished_at = now(), skip_
 FAILED = "UPDATE pgsynapse.jobs SET status = 'failed', finished_at = now(), last_error = %(why)s WHERE id = %(job)s"
 DONE = "WITH j AS (UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %(job)s) "
 GATE = {"passed": False, "forced": False, "reasons": ["the hold-out gain's lower bound is below the margin"]}
-REJECTED_VERSION = DONE + ("INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, metrics)"
-                           " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s)")
+# as the retrain job registers its version: the row, and its `rejected` event naming the job
+REJECTED_VERSION = DONE + (", v AS (INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, metrics)"
+                           " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s) RETURNING id)"
+                           " INSERT INTO pgsynapse.model_events (model_version_id, event, figures)"
+                           " SELECT id, 'rejected', jsonb_build_object('job', %(job)s::bigint) FROM v")
 REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runtime, status, metrics)"
                              " VALUES ('retrained', '/nowhere', 'transformers', 'rejected', %(metrics)s)")
 
@@ -193,3 +196,36 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
                                          SKIPPED, why="only 1 new correction")
     assert (code, json.loads(out)) == (0, {"job": _queued(err, "sql_retrain"), "outcome": "skipped",
                                            "skip_reason": "only 1 new correction", **sql_nothing}), (out, err)
+
+
+async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_running_meanwhile_registered(db_url):
+    """A retrain queued while another runs (dedup is among pending jobs only) is its own job: `retrain --wait`
+    reports the version its job registered, not the one the running retrain registered first. Each job is ended
+    here as a worker would end it, the running one first."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
+                            " ('retrain', 0, '{}', 'running', 1) RETURNING id").fetchone()[0]
+    theirs = {**GATE, "reasons": ["the running retrain's reason"]}
+    mine = {**GATE, "reasons": ["this retrain's reason"]}
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
+    conn = await aconn(db_url)
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", "retrain", "--wait", "--json"], env=env, cwd="/tmp",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
+                         " 'pending')", channel="pgsynapse_jobs")
+        job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
+                                         " 'pending'")).fetchone())["id"]
+        await conn.execute(REJECTED_VERSION, {"job": running, "metrics": json.dumps({"gate": theirs})})
+        await conn.execute(REJECTED_VERSION, {"job": job, "metrics": json.dumps({"gate": mine})})
+        await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
+        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
+    [their_version, my_version] = [r["model_version_id"] for r in await (await conn.execute(
+        "SELECT model_version_id FROM pgsynapse.model_events WHERE event = 'rejected' ORDER BY id")).fetchall()]
+    await conn.close()
+    assert their_version < my_version
+    assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
+                                                     "status": "rejected", "gate": mine}), (out, err)

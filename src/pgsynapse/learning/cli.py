@@ -83,12 +83,11 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
     if args.command == "retrain":
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
-        newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
         code, waited = queue_and_wait(conn, "retrain", wait=args.wait, out=sys.stderr if args.json else sys.stdout)
         v = None
         if waited["outcome"] == "done":
-            # the version this retrain registered (the one after the newest before it was queued)
-            v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
+            # the version this retrain's job registered (another retrain may have registered one meanwhile)
+            v = conn.execute(q("retrain_version", "learning.sql"), {"job": waited["job"]}).fetchone()
             if v and v["status"] == "rejected":
                 code = 1  # the gate refused what was asked for (README's exit codes)
             if not args.json:

@@ -337,16 +337,16 @@ SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text,
 -- the retrain (or sql_retrain) a `--wait` that found one pending waits for (claimed meanwhile: then running)
 SELECT max(id) AS id FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running');
 
--- name: newest_version
-SELECT max(id) AS id FROM pgsynapse.model_versions;
-
 -- name: job_state
 SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %(job)s;
 
--- name: gated_version_after
--- the version a retrain registered: the first one after %(after)s with a gate verdict
-SELECT id, status, metrics FROM pgsynapse.model_versions
-WHERE id > %(after)s AND metrics ? 'gate' ORDER BY id LIMIT 1;
+-- name: retrain_version
+-- the version a retrain job registered: its `registered` or `rejected` event names the job (insert_retrain_event),
+-- so a retrain that ran meanwhile (queued before this one, or a distillation) is never taken for it
+SELECT v.id, v.status, v.metrics FROM pgsynapse.model_events e
+JOIN pgsynapse.model_versions v ON v.id = e.model_version_id
+WHERE e.event IN ('registered', 'rejected') AND e.figures->>'job' = %(job)s::text
+ORDER BY e.id LIMIT 1;
 
 -- name: set_retrain_min_feedback
 UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %(n)s;
