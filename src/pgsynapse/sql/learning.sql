@@ -264,12 +264,15 @@ SELECT EXISTS (
 -- each, on the current answer, as in ab_report) routed to either since the candidate's first question was asked.
 -- Sessions are split at random by a hash, so the two are compared on the same users' time, not on the active
 -- version's history. A question's time is when it was last asked (asked_at; NULL: created_at): an old question
--- edited today and answered by the candidate starts its window today, not on the day the row was made.
+-- edited today and answered by the candidate starts its window today, not on the day the row was made. A version
+-- that was active before (promoted, then rolled back, and given a share again) starts a new window: only its
+-- questions since it left the active status count, never the figures it was promoted on.
 WITH active AS (
     SELECT id FROM pgsynapse.model_versions WHERE status = 'active'
 ), cand AS (
     SELECT v.id, (SELECT min(coalesce(qq.asked_at, qq.created_at)) FROM pgsynapse.questions qq
-                  WHERE qq.model_version_id = v.id) AS since
+                  WHERE qq.model_version_id = v.id
+                    AND coalesce(qq.asked_at, qq.created_at) >= coalesce(v.deactivated_at, '-infinity')) AS since
     FROM pgsynapse.model_versions v
     WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
 ), rated AS (
