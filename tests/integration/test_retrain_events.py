@@ -229,3 +229,18 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
     assert their_version < my_version
     assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
                                                      "status": "rejected", "gate": mine}), (out, err)
+
+
+async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url):
+    """`retrain --wait` with no running worker that takes retrain jobs waited without a word for ever; it says at
+    once (on stderr: stdout under --json stays the one JSON document) that the retrain runs once `pgsynapse run`
+    does, as `ingest --follow` and `model add --follow` say it for their jobs."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
+    assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
+    assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
+            "stops waiting, the retrain stays queued)") in err.splitlines(), err

@@ -55,6 +55,9 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
             print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", file=out, flush=True)
     if not (wait and job):
         return 0, {"job": job, "outcome": "queued"}
+    if not worker_takes(conn, kind):  # else it waits without a word until one starts
+        print(f"pgsynapse: no running worker takes {kind} jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
+              f"stops waiting, the {kind} stays queued)", file=sys.stderr, flush=True)
     conn.execute("LISTEN pgsynapse_jobs")
     while True:
         row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
