@@ -220,6 +220,9 @@ def test_a_version_rolled_back_by_hand_and_given_traffic_again_is_decided_on_new
                          (cand,)).fetchone()
         assert v == {"status": "candidate", "t": 10.0}
         assert conn.execute(q("ab_decisions", "learning.sql")).fetchall() == []  # no question of its new test yet
+        # nor does `status` show the figures of the test that promoted it as this test's
+        [line] = [ln for ln in render_status(snapshot(conn)).splitlines() if ln.startswith(f"model v{cand} ")]
+        assert line.endswith("10% traffic, backfill done"), line
     _seed(db_url, cand, 30, 9)  # 30 % since the rollback
     _seed(db_url, 1, 30, 24)  # 80 %
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:

@@ -145,7 +145,10 @@ WHERE status = 'active'
 ORDER BY id;
 
 -- name: demote_active
-UPDATE pgsynapse.model_versions SET status = 'candidate', traffic_percent = 0, deactivated_at = now()
+-- a candidate at 0 % again: the figures of its last A/B look (the test that promoted it) are not a test of its own
+-- any more (a share given later starts a new one: ab_decisions); the model event of its promotion keeps them
+UPDATE pgsynapse.model_versions SET status = 'candidate', traffic_percent = 0, deactivated_at = now(),
+       metrics = metrics - 'ab'
 WHERE status = 'active' AND id <> %(version)s
 RETURNING id;
 
