@@ -18,6 +18,7 @@ import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import run_export
@@ -55,8 +56,9 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         assert cli.stderr is not None  # under --json: stdout is the JSON alone
         first_line = await anyio.to_thread.run_sync(cli.stderr.readline)  # said before any worker could claim it
         assert first_line == f"a retrain is already pending (job {pending}): waiting for it\n", first_line
-        async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
-            printed, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
+        with capture_logs() as logs:
+            async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
+                printed, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
     assert cli.returncode == 1, err[-2000:]
     versions = (await (await conn.execute(
         "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
@@ -78,6 +80,9 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
     assert jobs[1] == pending and json.loads(printed) == {
         "job": pending, "outcome": "done", "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
+    # the second retrain trains on every example, though the first marked them all trained: its log says both
+    [started] = [e for e in logs if e["event"] == "retrain_started"]
+    assert (started["job"], started["examples"], started["new_examples"]) == (pending, 12, 0), started
     # nor does it load again: its weights are deleted (88 MB a retrain for this model), its metrics.json kept
     for v in versions:
         path = Path((await (await conn.execute("SELECT artifact_path FROM pgsynapse.model_versions WHERE id = %s",
