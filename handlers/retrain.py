@@ -33,11 +33,12 @@ log = get_logger(__name__)
 class RetrainWork:
     job: Job
     active: dict[str, Any]
-    untrained: int
+    untrained: int  # examples no version was trained on yet (retrain_min_feedback counts them)
     force: bool
     passage: dict[str, Any] | None = None  # the active version's passage version, when it is a query encoder
     teacher: dict[str, Any] | None = None  # the version whose vectors label the examples (retrain_teacher)
     teacher_error: str | None = None  # why the configured teacher cannot label them
+    examples: int = 0  # every example that stands: what the run trains on (fine-tunes never stack)
 
 
 async def find_teacher(conn: psycopg.AsyncConnection, setting: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -124,8 +125,8 @@ class RetrainHandler(Handler[RetrainWork]):
             # freezing the canary set from the corpus as it is now
             return [], [Outcome(j, skip_reason=NOTHING_TO_LEARN) for j in jobs]
         teacher, why = await find_teacher(conn, self.settings.retrain_teacher)
-        work = [RetrainWork(j, active, counts["untrained"], bool(j.payload.get("force")), passage, teacher, why)
-                for j in jobs]
+        work = [RetrainWork(j, active, counts["untrained"], bool(j.payload.get("force")), passage, teacher, why,
+                            counts["examples"]) for j in jobs]
         return work, []
 
     def compute(self, work: list[RetrainWork]) -> list[Outcome]:
@@ -161,7 +162,7 @@ class RetrainHandler(Handler[RetrainWork]):
             **_teacher_spec(w.teacher, s),
         )
         log.info("retrain_started", job=w.job.id, base_version=spec.base_version, active_version=w.active["id"],
-                 examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
+                 examples=w.examples, new_examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
         # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
         # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
         metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,

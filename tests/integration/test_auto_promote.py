@@ -14,6 +14,7 @@ from tests.helpers import aconn, adopt_runtime, fast_settings, running_worker, w
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.autopromote import decide, detectable_drop, run_decisions
+from pgsynapse.learning.registry import rollback, set_traffic
 from pgsynapse.queries import q
 from pgsynapse.status import render as render_status
 from pgsynapse.status import snapshot
@@ -200,3 +201,35 @@ def test_feedback_given_before_a_question_was_asked_again_counts_for_no_version(
         assert [(r["query"], r["superseded_by"] is None) for r in conn.execute(
             "SELECT query, superseded_by FROM pgsynapse.training_examples WHERE question_id = %s ORDER BY id",
             (old,))] == [("What does amcheck lock?", False), ("What does bt_index_check lock?", True)]
+
+
+def test_a_version_rolled_back_by_hand_and_given_traffic_again_is_decided_on_new_questions_only(db_url):
+    """A person rolls back a promoted version and gives it a share again to test it anew: the worker's next look
+    must not promote it at once on the figures it was promoted on before the rollback. Its A/B window starts
+    again when it left the active status; the active version's questions before that do not count either."""
+    cand = _candidate(db_url)
+    _seed(db_url, cand, 30, 21)
+    _seed(db_url, 1, 30, 21)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        [first] = run_decisions(conn, min_rated=30, alpha=0.05, actor="test")
+        assert (first["version"], first["action"]) == (cand, "promote")
+        rollback(conn)  # version 1 active again, the candidate at 0 %
+        set_traffic(conn, cand, 10)  # back in an A/B test, with no question asked since the rollback
+        assert run_decisions(conn, min_rated=30, alpha=0.05, actor="test") == []
+        v = conn.execute("SELECT status, traffic_percent::float AS t FROM pgsynapse.model_versions WHERE id = %s",
+                         (cand,)).fetchone()
+        assert v == {"status": "candidate", "t": 10.0}
+        assert conn.execute(q("ab_decisions", "learning.sql")).fetchall() == []  # no question of its new test yet
+        # nor does `status` show the figures of the test that promoted it as this test's
+        [line] = [ln for ln in render_status(snapshot(conn)).splitlines() if ln.startswith(f"model v{cand} ")]
+        assert line.endswith("10% traffic, backfill done"), line
+    _seed(db_url, cand, 30, 9)  # 30 % since the rollback
+    _seed(db_url, 1, 30, 24)  # 80 %
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        [second] = run_decisions(conn, min_rated=30, alpha=0.05, actor="test")
+        assert (second["version"], second["action"]) == (cand, "rollback")
+        assert (second["cand_rated"], second["cand_helpful"], second["active_rated"], second["active_helpful"]) == (
+            30, 9, 30, 24)
+        events = [r["event"] for r in conn.execute(
+            "SELECT event FROM pgsynapse.model_events WHERE model_version_id = %s ORDER BY id", (cand,))]
+    assert events == ["auto_promoted", "rolled_back", "traffic_set", "auto_rolled_back"]

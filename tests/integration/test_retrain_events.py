@@ -18,6 +18,7 @@ import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import run_export
@@ -55,8 +56,9 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
         assert cli.stderr is not None  # under --json: stdout is the JSON alone
         first_line = await anyio.to_thread.run_sync(cli.stderr.readline)  # said before any worker could claim it
         assert first_line == f"a retrain is already pending (job {pending}): waiting for it\n", first_line
-        async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
-            printed, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
+        with capture_logs() as logs:
+            async with running_worker(settings.model_copy(update={"kinds": ("retrain",)}), models):
+                printed, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=300))
     assert cli.returncode == 1, err[-2000:]
     versions = (await (await conn.execute(
         "SELECT id, status, runtime_pending, metrics->'gate' AS gate FROM pgsynapse.model_versions WHERE id > 1"
@@ -78,6 +80,9 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
     assert jobs[1] == pending and json.loads(printed) == {
         "job": pending, "outcome": "done", "version": second["id"], "status": "rejected", "gate": second["gate"]}
     assert first["runtime_pending"] is False  # it never serves: no export will come
+    # the second retrain trains on every example, though the first marked them all trained: its log says both
+    [started] = [e for e in logs if e["event"] == "retrain_started"]
+    assert (started["job"], started["examples"], started["new_examples"]) == (pending, 12, 0), started
     # nor does it load again: its weights are deleted (88 MB a retrain for this model), its metrics.json kept
     for v in versions:
         path = Path((await (await conn.execute("SELECT artifact_path FROM pgsynapse.model_versions WHERE id = %s",
@@ -139,8 +144,11 @@ SKIPPED = "UPDATE pgsynapse.jobs SET status = 'done', finished_at = now(), skip_
 FAILED = "UPDATE pgsynapse.jobs SET status = 'failed', finished_at = now(), last_error = %(why)s WHERE id = %(job)s"
 DONE = "WITH j AS (UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %(job)s) "
 GATE = {"passed": False, "forced": False, "reasons": ["the hold-out gain's lower bound is below the margin"]}
-REJECTED_VERSION = DONE + ("INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, metrics)"
-                           " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s)")
+# as the retrain job registers its version: the row, and its `rejected` event naming the job
+REJECTED_VERSION = DONE + (", v AS (INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, metrics)"
+                           " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s) RETURNING id)"
+                           " INSERT INTO pgsynapse.model_events (model_version_id, event, figures)"
+                           " SELECT id, 'rejected', jsonb_build_object('job', %(job)s::bigint) FROM v")
 REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runtime, status, metrics)"
                              " VALUES ('retrained', '/nowhere', 'transformers', 'rejected', %(metrics)s)")
 
@@ -193,3 +201,51 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
                                          SKIPPED, why="only 1 new correction")
     assert (code, json.loads(out)) == (0, {"job": _queued(err, "sql_retrain"), "outcome": "skipped",
                                            "skip_reason": "only 1 new correction", **sql_nothing}), (out, err)
+
+
+async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_running_meanwhile_registered(db_url):
+    """A retrain queued while another runs (dedup is among pending jobs only) is its own job: `retrain --wait`
+    reports the version its job registered, not the one the running retrain registered first. Each job is ended
+    here as a worker would end it, the running one first."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
+                            " ('retrain', 0, '{}', 'running', 1) RETURNING id").fetchone()[0]
+    theirs = {**GATE, "reasons": ["the running retrain's reason"]}
+    mine = {**GATE, "reasons": ["this retrain's reason"]}
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
+    conn = await aconn(db_url)
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", "retrain", "--wait", "--json"], env=env, cwd="/tmp",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
+                         " 'pending')", channel="pgsynapse_jobs")
+        job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
+                                         " 'pending'")).fetchone())["id"]
+        await conn.execute(REJECTED_VERSION, {"job": running, "metrics": json.dumps({"gate": theirs})})
+        await conn.execute(REJECTED_VERSION, {"job": job, "metrics": json.dumps({"gate": mine})})
+        await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
+        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
+    [their_version, my_version] = [r["model_version_id"] for r in await (await conn.execute(
+        "SELECT model_version_id FROM pgsynapse.model_events WHERE event = 'rejected' ORDER BY id")).fetchall()]
+    await conn.close()
+    assert their_version < my_version
+    assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
+                                                     "status": "rejected", "gate": mine}), (out, err)
+
+
+async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url):
+    """`retrain --wait` with no running worker that takes retrain jobs waited without a word for ever; it says at
+    once (on stderr: stdout under --json stays the one JSON document) that the retrain runs once `pgsynapse run`
+    does, as `ingest --follow` and `model add --follow` say it for their jobs."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
+    assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
+    assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
+            "stops waiting, the retrain stays queued)") in err.splitlines(), err

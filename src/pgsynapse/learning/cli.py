@@ -55,6 +55,9 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
             print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", file=out, flush=True)
     if not (wait and job):
         return 0, {"job": job, "outcome": "queued"}
+    if not worker_takes(conn, kind):  # else it waits without a word until one starts
+        print(f"pgsynapse: no running worker takes {kind} jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
+              f"stops waiting, the {kind} stays queued)", file=sys.stderr, flush=True)
     conn.execute("LISTEN pgsynapse_jobs")
     while True:
         row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
@@ -83,12 +86,11 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
     if args.command == "retrain":
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
-        newest = conn.execute(q("newest_version", "learning.sql")).fetchone()["id"] or 0
         code, waited = queue_and_wait(conn, "retrain", wait=args.wait, out=sys.stderr if args.json else sys.stdout)
         v = None
         if waited["outcome"] == "done":
-            # the version this retrain registered (the one after the newest before it was queued)
-            v = conn.execute(q("gated_version_after", "learning.sql"), {"after": newest}).fetchone()
+            # the version this retrain's job registered (another retrain may have registered one meanwhile)
+            v = conn.execute(q("retrain_version", "learning.sql"), {"job": waited["job"]}).fetchone()
             if v and v["status"] == "rejected":
                 code = 1  # the gate refused what was asked for (README's exit codes)
             if not args.json:

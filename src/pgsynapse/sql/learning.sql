@@ -145,7 +145,10 @@ WHERE status = 'active'
 ORDER BY id;
 
 -- name: demote_active
-UPDATE pgsynapse.model_versions SET status = 'candidate', traffic_percent = 0, deactivated_at = now()
+-- a candidate at 0 % again: the figures of its last A/B look (the test that promoted it) are not a test of its own
+-- any more (a share given later starts a new one: ab_decisions); the model event of its promotion keeps them
+UPDATE pgsynapse.model_versions SET status = 'candidate', traffic_percent = 0, deactivated_at = now(),
+       metrics = metrics - 'ab'
 WHERE status = 'active' AND id <> %(version)s
 RETURNING id;
 
@@ -264,12 +267,15 @@ SELECT EXISTS (
 -- each, on the current answer, as in ab_report) routed to either since the candidate's first question was asked.
 -- Sessions are split at random by a hash, so the two are compared on the same users' time, not on the active
 -- version's history. A question's time is when it was last asked (asked_at; NULL: created_at): an old question
--- edited today and answered by the candidate starts its window today, not on the day the row was made.
+-- edited today and answered by the candidate starts its window today, not on the day the row was made. A version
+-- that was active before (promoted, then rolled back, and given a share again) starts a new window: only its
+-- questions since it left the active status count, never the figures it was promoted on.
 WITH active AS (
     SELECT id FROM pgsynapse.model_versions WHERE status = 'active'
 ), cand AS (
     SELECT v.id, (SELECT min(coalesce(qq.asked_at, qq.created_at)) FROM pgsynapse.questions qq
-                  WHERE qq.model_version_id = v.id) AS since
+                  WHERE qq.model_version_id = v.id
+                    AND coalesce(qq.asked_at, qq.created_at) >= coalesce(v.deactivated_at, '-infinity')) AS since
     FROM pgsynapse.model_versions v
     WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
 ), rated AS (
@@ -337,16 +343,16 @@ SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text,
 -- the retrain (or sql_retrain) a `--wait` that found one pending waits for (claimed meanwhile: then running)
 SELECT max(id) AS id FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running');
 
--- name: newest_version
-SELECT max(id) AS id FROM pgsynapse.model_versions;
-
 -- name: job_state
 SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %(job)s;
 
--- name: gated_version_after
--- the version a retrain registered: the first one after %(after)s with a gate verdict
-SELECT id, status, metrics FROM pgsynapse.model_versions
-WHERE id > %(after)s AND metrics ? 'gate' ORDER BY id LIMIT 1;
+-- name: retrain_version
+-- the version a retrain job registered: its `registered` or `rejected` event names the job (insert_retrain_event),
+-- so a retrain that ran meanwhile (queued before this one, or a distillation) is never taken for it
+SELECT v.id, v.status, v.metrics FROM pgsynapse.model_events e
+JOIN pgsynapse.model_versions v ON v.id = e.model_version_id
+WHERE e.event IN ('registered', 'rejected') AND e.figures->>'job' = %(job)s::text
+ORDER BY e.id LIMIT 1;
 
 -- name: set_retrain_min_feedback
 UPDATE pgsynapse.learning_settings SET retrain_min_feedback = %(n)s;
