@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.app import ask
+from pgsynapse.cli import main
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import next_notifies
@@ -225,6 +226,27 @@ def test_admin_role_runs_the_registry_commands(db_url, login_role):
             promote(app, 3)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             queue_retrain(app)
+
+
+def test_app_role_gives_feedback_from_the_command_line(db_url, login_role, capsys):
+    """`pgsynapse feedback` is an application's command (README): it records the row and says so, exit 0, without
+    the retrain's progress, which reads training_examples (not the application's). It stopped at that read, after the
+    row was written, with exit 78 and "lacks a privilege": the user gave the feedback again."""
+    app_url = login_role("pgsynapse_app", db_url)
+    with psycopg.connect(db_url, autocommit=True) as su:
+        qid = su.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('how?', 'answered', 'so')"
+                         " RETURNING id").fetchone()[0]
+    capsys.readouterr()
+    assert main(["--database-url", app_url, "feedback", str(qid), "--helpful"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert out.startswith("feedback ") and f"on question {qid}: helpful" in out, out
+    assert "new examples for the next retrain" not in out, out
+    with psycopg.connect(db_url) as su:
+        assert su.execute("SELECT question_id, helpful FROM pgsynapse.feedback").fetchall() == [(qid, True)]
+    # an admin sees how near the next retrain is, as before
+    admin_url = login_role("pgsynapse_admin", db_url)
+    assert main(["--database-url", admin_url, "feedback", str(qid), "--not-helpful"]) == 0
+    assert "new examples for the next retrain" in capsys.readouterr().out
 
 
 def _apply_until(url: str, version: int) -> None:
