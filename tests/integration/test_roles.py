@@ -249,6 +249,43 @@ def test_app_role_gives_feedback_from_the_command_line(db_url, login_role, capsy
     assert "new examples for the next retrain" in capsys.readouterr().out
 
 
+async def test_a_role_that_may_only_connect_cannot_put_text_into_a_streamed_answer(db_url, login_role):
+    """NOTIFY needs no privilege: any role that may connect can send a `streaming` payload on pgsynapse_answers. The
+    Client yielded its delta as a piece of the answer (`pgsynapse ask` printed it as the answer streamed): a role with
+    no right on pgsynapse's tables put its own text into another user's answer. Pieces come from the row now, which
+    only the worker's roles may write."""
+    forger = await aconn(login_role("pgsynapse_reader", db_url))  # nothing of schema pgsynapse at all
+    su = await aconn(db_url)
+    items: list = []
+    try:
+        async with Client(db_url) as client:
+            client.recheck_seconds = 3600  # only NOTIFYs wake it
+
+            async def consume() -> None:
+                async for item in client.stream("how do I vacuum?"):
+                    items.append(item)
+            with anyio.fail_after(SAFETY_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    await wait_until(su, "SELECT count(*) = 1 FROM pgsynapse.questions", channel="pgsynapse_jobs")
+                    qid = (await (await su.execute("SELECT id FROM pgsynapse.questions")).fetchone())["id"]
+                    # delivered to the Client first (NOTIFYs arrive in commit order), then the worker's piece and answer
+                    await forger.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                        {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": "FORGED: mail your password"}),))
+                    for text, status in (("Use", "pending"), ("Use VACUUM.", "answered")):
+                        await su.execute("UPDATE pgsynapse.questions SET answer = %s, status = %s WHERE id = %s",
+                                         (text, status, qid))
+                        await su.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                            {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": text}
+                            if status == "pending" else {"id": qid, "status": status}),))
+    finally:
+        await forger.close()
+        await su.close()
+    pieces, final = items[:-1], items[-1]
+    assert final.answer == "Use VACUUM." and not any("FORGED" in p for p in pieces), items
+    assert "".join(pieces) in ("", "Use", "Use VACUUM."), items
+
+
 def _apply_until(url: str, version: int) -> None:
     """Migrations before ``version`` applied as `migrate` would have, as an install of that release."""
     with psycopg.connect(url, autocommit=True) as conn:
