@@ -52,6 +52,17 @@ APP_REFUSED = [
     "UPDATE pgsynapse.questions SET status = 'answered', answer = 'forged'",
     "INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('q', 'answered', 'forged')",
     "SELECT pgsynapse.ensure_embedding_index(1)",
+    "SELECT * FROM pgsynapse.answer_cache",
+    "SELECT * FROM pgsynapse.model_events",
+    "SELECT * FROM pgsynapse.canary_questions",
+    "UPDATE pgsynapse.queue_settings SET notify_on_enqueue = false",
+    "UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1'",
+    "UPDATE pgsynapse.sql_corrections SET approved = true",
+    "UPDATE pgsynapse.sql_models SET status = 'active'",
+    "UPDATE pgsynapse.ranker_models SET status = 'active'",
+    "UPDATE pgsynapse.feedback SET question_id = 1",
+    "SELECT pgsynapse.wake_v1('embed', 1)",
+    "SELECT pgsynapse.ensure_embedding_partition_v1(99)",
 ]
 
 
