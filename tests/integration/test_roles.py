@@ -260,6 +260,16 @@ def test_app_role_gives_feedback_from_the_command_line(db_url, login_role, capsy
     assert "new examples for the next retrain" in capsys.readouterr().out
 
 
+def test_a_worker_role_that_adds_a_guardrail_is_told_to_use_the_admin_role(db_url, login_role, capsys):
+    """Guardrail rules are the admin's to write (operations.md): the refusal named pgsynapse_admin "for
+    promote/traffic/retire" only, so a worker's login role was not told which role writes guardrails."""
+    worker_url = login_role("pgsynapse_worker", db_url)
+    capsys.readouterr()
+    assert main(["--database-url", worker_url, "guardrail", "add", "salaries"]) == 78
+    said = capsys.readouterr().err
+    assert "permission denied for table guardrail_rules" in said, said
+    assert "pgsynapse_admin for guardrail, promote, rollback, traffic, retire" in said, said
+
 async def test_a_role_that_may_only_connect_cannot_put_text_into_a_streamed_answer(db_url, login_role):
     """NOTIFY needs no privilege: any role that may connect can send a `streaming` payload on pgsynapse_answers. The
     Client yielded its delta as a piece of the answer (`pgsynapse ask` printed it as the answer streamed): a role with
