@@ -259,9 +259,9 @@ class Client:
                      timeout: float | None = 120.0) -> AsyncIterator[str | Result]:
         """Ask; yield the answer's pieces (str) as the worker streams them, then the final :class:`Result`.
 
-        The pieces concatenate to the streamed text. A piece missed or too big for its NOTIFY is read from the
-        row; one already read from the row is not yielded again. When a stream starts again (a retry after a
-        worker crash, an edit of the question), pieces that do not continue what was yielded are not yielded: the
+        The pieces concatenate to the streamed text, read from the row at each ``streaming`` NOTIFY (a payload's
+        ``delta`` is not taken: any role that may connect can send one). When a stream starts again (a retry after a
+        worker crash, an edit of the question), text that does not continue what was yielded is not yielded: the
         final Result's answer is the answer."""
         self._require_open()
         require_text(text)
@@ -302,36 +302,25 @@ class Client:
         inserted it (a row missing is then a row deleted)."""
         key = (ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
-        received, restarted = "", False
+        received = ""
         # no cancel scope is held across a yield (the consumer runs between pieces): each wait gets what is left
         try:
             check = True
             while True:
-                for p in self._arrived.pop(key, []):
-                    if p.get("status") != "streaming":
-                        check = True  # the final NOTIFY, or a reconnection: the row says
-                        continue
-                    if restarted:
-                        continue  # a new attempt: only the final Result counts now
-                    offset, delta = p.get("offset"), p.get("delta")
-                    if not isinstance(offset, int) or not isinstance(delta, str) or offset > len(received):
-                        check = True  # a piece missed, or too big for a NOTIFY: the row has it
-                    elif received[offset:offset + len(delta)] != delta[:len(received) - offset]:
-                        restarted = True  # does not continue what was yielded (a seq 1 that does: a piece read)
-                    elif offset + len(delta) > len(received):
-                        piece = delta[len(received) - offset:]
-                        received += piece
-                        yield piece
-                    # else: already read from the row before its NOTIFY came
+                # a NOTIFY is only a wake-up, its delta never a piece: NOTIFY needs no privilege, so any role that may
+                # connect can send a `streaming` payload; the row, which only the worker's roles write, has the text
+                if self._arrived.pop(key, None):
+                    check = True
                 if check:
                     with anyio.fail_after(_left(deadline)):
                         result = await self._read(qid, asked=asked)
                     asked = True  # read once: gone later, it was deleted
                     now = result.answer or ""
-                    # what was written after the last piece's NOTIFY (throttled, or the final write itself); an answer
-                    # that was never streamed (extractive, stream_answers off) arrives whole, in the Result only
+                    # the text written since the last read; an answer that was never streamed (extractive,
+                    # stream_answers off) arrives whole, in the Result only; one that does not continue what was
+                    # yielded (a retry after a crash, an edit) yields nothing: the final Result's answer is the answer
                     streamed = bool(received) or result.status == "pending"
-                    if streamed and not restarted and len(now) > len(received) and now.startswith(received):
+                    if streamed and len(now) > len(received) and now.startswith(received):
                         piece, received = now[len(received):], now
                         yield piece
                     if result.status != "pending":

@@ -190,7 +190,8 @@ def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
         parts.append(
             "- the database user lacks a privilege pgsynapse needs: run `pgsynapse migrate` as the database owner, "
             "then grant this user the role that fits it: GRANT pgsynapse_worker TO <user> for a worker, pgsynapse_app "
-            "for an application, pgsynapse_admin for promote/traffic/retire (docs/operations.md, roles)"
+            "for an application, pgsynapse_admin for guardrail, promote, rollback, traffic, retire and the other "
+            "commands of people (docs/operations.md, roles)"
         )
     return " ".join(parts)
 

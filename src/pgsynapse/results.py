@@ -60,6 +60,11 @@ def require_text(text: str) -> None:
     _require_storable(text, "the question")
 
 
+# a session id is indexed (questions_session, data_questions_session, the conversations key): PostgreSQL refuses an
+# index entry over 2,704 bytes, which an id that does not compress reaches from about 2,680
+MAX_SESSION_BYTES = 1000
+
+
 def require_session(session_id: str | None) -> None:
     """A session id is None (no session) or text PostgreSQL can store: an int was stored as its digits, bytes as
     their hex text (a session no other turn of the conversation would name)."""
@@ -68,6 +73,11 @@ def require_session(session_id: str | None) -> None:
     if not isinstance(session_id, str):
         raise InputError(f"session_id must be text (str) or None, not {type(session_id).__name__}")
     _require_storable(session_id, "session_id")
+    size = len(session_id.encode("utf-8"))
+    if size > MAX_SESSION_BYTES:  # the server's own error named a btree limit and exited as if it were unreachable
+        raise InputError(f"session_id is {size:,} bytes long (UTF-8): at most {MAX_SESSION_BYTES:,}; a session id names a "
+                         "conversation (a user or chat id), and PostgreSQL indexes it: use a shorter id, or a hash of "
+                         "this one")
 
 
 def _require_storable(text: str, what: str) -> None:

@@ -4,6 +4,8 @@ surrogate raised Python's or psycopg's own errors), an id that was never asked, 
 
 from __future__ import annotations
 
+import hashlib
+
 import anyio
 import pytest
 
@@ -37,6 +39,10 @@ async def test_a_question_that_is_not_text_is_refused_before_its_row(db_url, tex
     (5, r"session_id must be text \(str\) or None, not int"),  # it was stored as '5'
     (b"alice", r"session_id must be text \(str\) or None, not bytes"),  # stored as '\\x616c696365'
     ("ali\x00ce", r"session_id holds a NUL character \(\\x00, at 3\): PostgreSQL text cannot store it"),
+    # 3,200 characters that do not compress: "index row size 3224 exceeds btree version 4 maximum 2704 for index
+    # questions_session", exit 69 (the database unreachable) from `pgsynapse ask --session`
+    ("".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(50)),
+     r"session_id is 3,200 bytes long \(UTF-8\): at most 1,000; a session id names a conversation"),
 ])
 async def test_a_session_id_that_is_not_text_is_refused_before_its_row(db_url, session, says):
     conn = await aconn(db_url)

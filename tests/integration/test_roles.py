@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.app import ask
+from pgsynapse.cli import main
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import next_notifies
@@ -51,6 +52,17 @@ APP_REFUSED = [
     "UPDATE pgsynapse.questions SET status = 'answered', answer = 'forged'",
     "INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('q', 'answered', 'forged')",
     "SELECT pgsynapse.ensure_embedding_index(1)",
+    "SELECT * FROM pgsynapse.answer_cache",
+    "SELECT * FROM pgsynapse.model_events",
+    "SELECT * FROM pgsynapse.canary_questions",
+    "UPDATE pgsynapse.queue_settings SET notify_on_enqueue = false",
+    "UPDATE pgsynapse.data_questions SET status = 'answered', sql = 'SELECT 1'",
+    "UPDATE pgsynapse.sql_corrections SET approved = true",
+    "UPDATE pgsynapse.sql_models SET status = 'active'",
+    "UPDATE pgsynapse.ranker_models SET status = 'active'",
+    "UPDATE pgsynapse.feedback SET question_id = 1",
+    "SELECT pgsynapse.wake_v1('embed', 1)",
+    "SELECT pgsynapse.ensure_embedding_partition_v1(99)",
 ]
 
 
@@ -225,6 +237,74 @@ def test_admin_role_runs_the_registry_commands(db_url, login_role):
             promote(app, 3)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             queue_retrain(app)
+
+
+def test_app_role_gives_feedback_from_the_command_line(db_url, login_role, capsys):
+    """`pgsynapse feedback` is an application's command (README): it records the row and says so, exit 0, without
+    the retrain's progress, which reads training_examples (not the application's). It stopped at that read, after the
+    row was written, with exit 78 and "lacks a privilege": the user gave the feedback again."""
+    app_url = login_role("pgsynapse_app", db_url)
+    with psycopg.connect(db_url, autocommit=True) as su:
+        qid = su.execute("INSERT INTO pgsynapse.questions (text, status, answer) VALUES ('how?', 'answered', 'so')"
+                         " RETURNING id").fetchone()[0]
+    capsys.readouterr()
+    assert main(["--database-url", app_url, "feedback", str(qid), "--helpful"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert out.startswith("feedback ") and f"on question {qid}: helpful" in out, out
+    assert "new examples for the next retrain" not in out, out
+    with psycopg.connect(db_url) as su:
+        assert su.execute("SELECT question_id, helpful FROM pgsynapse.feedback").fetchall() == [(qid, True)]
+    # an admin sees how near the next retrain is, as before
+    admin_url = login_role("pgsynapse_admin", db_url)
+    assert main(["--database-url", admin_url, "feedback", str(qid), "--not-helpful"]) == 0
+    assert "new examples for the next retrain" in capsys.readouterr().out
+
+
+def test_a_worker_role_that_adds_a_guardrail_is_told_to_use_the_admin_role(db_url, login_role, capsys):
+    """Guardrail rules are the admin's to write (operations.md): the refusal named pgsynapse_admin "for
+    promote/traffic/retire" only, so a worker's login role was not told which role writes guardrails."""
+    worker_url = login_role("pgsynapse_worker", db_url)
+    capsys.readouterr()
+    assert main(["--database-url", worker_url, "guardrail", "add", "salaries"]) == 78
+    said = capsys.readouterr().err
+    assert "permission denied for table guardrail_rules" in said, said
+    assert "pgsynapse_admin for guardrail, promote, rollback, traffic, retire" in said, said
+
+async def test_a_role_that_may_only_connect_cannot_put_text_into_a_streamed_answer(db_url, login_role):
+    """NOTIFY needs no privilege: any role that may connect can send a `streaming` payload on pgsynapse_answers. The
+    Client yielded its delta as a piece of the answer (`pgsynapse ask` printed it as the answer streamed): a role with
+    no right on pgsynapse's tables put its own text into another user's answer. Pieces come from the row now, which
+    only the worker's roles may write."""
+    forger = await aconn(login_role("pgsynapse_reader", db_url))  # nothing of schema pgsynapse at all
+    su = await aconn(db_url)
+    items: list = []
+    try:
+        async with Client(db_url) as client:
+            client.recheck_seconds = 3600  # only NOTIFYs wake it
+
+            async def consume() -> None:
+                async for item in client.stream("how do I vacuum?"):
+                    items.append(item)
+            with anyio.fail_after(SAFETY_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    await wait_until(su, "SELECT count(*) = 1 FROM pgsynapse.questions", channel="pgsynapse_jobs")
+                    qid = (await (await su.execute("SELECT id FROM pgsynapse.questions")).fetchone())["id"]
+                    # delivered to the Client first (NOTIFYs arrive in commit order), then the worker's piece and answer
+                    await forger.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                        {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": "FORGED: mail your password"}),))
+                    for text, status in (("Use", "pending"), ("Use VACUUM.", "answered")):
+                        await su.execute("UPDATE pgsynapse.questions SET answer = %s, status = %s WHERE id = %s",
+                                         (text, status, qid))
+                        await su.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                            {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": text}
+                            if status == "pending" else {"id": qid, "status": status}),))
+    finally:
+        await forger.close()
+        await su.close()
+    pieces, final = items[:-1], items[-1]
+    assert final.answer == "Use VACUUM." and not any("FORGED" in p for p in pieces), items
+    assert "".join(pieces) in ("", "Use", "Use VACUUM."), items
 
 
 def _apply_until(url: str, version: int) -> None:

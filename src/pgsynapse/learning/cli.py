@@ -80,8 +80,11 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         params = feedback_params(args.question, row, helpful=args.helpful, rating=args.rating, source=args.source,
                                  comment=args.comment)
         written = conn.execute(q("insert_feedback", "answers.sql"), params).fetchone()
+        # the retrain's progress reads training_examples, which an application role may not: it is left out then
+        readable = conn.execute(q("feedback_progress_readable", "learning.sql")).fetchone()["readable"]
+        progress = conn.execute(q("feedback_progress", "learning.sql")).fetchone() if readable else None
         print(render_feedback(Feedback(written["id"], args.question, args.helpful, args.rating, params["chunk"]),
-                              args.source, conn.execute(q("feedback_progress", "learning.sql")).fetchone()))
+                              args.source, progress))
         return 0
     if args.command == "retrain":
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
@@ -128,13 +131,16 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
     raise AssertionError(args.command)
 
 
-def render_feedback(fb: Feedback, source: int | None, progress: dict) -> str:
-    """What ``pgsynapse feedback`` recorded, and how near the next automatic retrain is."""
+def render_feedback(fb: Feedback, source: int | None, progress: dict | None) -> str:
+    """What ``pgsynapse feedback`` recorded, and how near the next automatic retrain is (``progress``: None for a role
+    that may not read it)."""
     said = [w for w in ("helpful" if fb.helpful else None if fb.helpful is None else "not helpful",
                         None if fb.rating is None else f"rated {fb.rating}") if w]
     line = f"feedback {fb.id} on question {fb.question_id}: {', '.join(said)}"
     if fb.chunk_id is not None:
         line += f"; passage [{source}] (chunk {fb.chunk_id}) answered it"
+    if progress is None:
+        return line
     return (f"{line}\n{progress['untrained']} of {progress['retrain_min_feedback']} new examples for the next retrain "
             "(one per question; `pgsynapse retrain` starts one now)")
 

@@ -12,6 +12,12 @@ SELECT (SELECT count(*) FROM pgsynapse.feedback) AS rows,
 FROM (SELECT count(*) FILTER (WHERE trained_in_version IS NULL) AS untrained, count(*) AS examples
       FROM pgsynapse.training_examples WHERE positive_chunk_id IS NOT NULL AND superseded_by IS NULL) te;
 
+-- name: feedback_progress_readable
+-- whether this role may read feedback_progress's tables: `pgsynapse feedback` as an application role
+-- (pgsynapse_app) records the row without it
+SELECT pg_catalog.has_table_privilege('pgsynapse.training_examples', 'SELECT')
+       AND pg_catalog.has_table_privilege('pgsynapse.learning_settings', 'SELECT') AS readable;
+
 -- name: feedback_examples
 -- what the retrain trains on: one example per question, its latest feedback's, with a passage that still exists;
 -- oldest first (the gate's hold-out is grouped, not a time slice: learning/holdout.py)
