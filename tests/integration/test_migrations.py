@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -832,3 +833,38 @@ def test_the_sql_corrections_migration_refuses_what_can_never_train_and_counts_w
                          (other,))
         assert refusal.value.diag.constraint_name == "sql_corrections_statement"
         conn.execute("UPDATE pgsynapse.sql_corrections SET trained_in_model = NULL")  # the retrain's write: not checked
+
+
+def test_the_identifier_limits_migration_names_the_limit_and_keeps_the_rows_there(new_db):
+    """0034 on top of 0033: a session id over 1,000 bytes or a document source over 2,000, written by SQL, is refused
+    by a check that names its limit (the Client's own, results.MAX_SESSION_BYTES); it failed on the btree's "index
+    row size 3024 exceeds btree version 4 maximum 2704" past 2,704 and was stored under it. A row already there
+    stays, and its job can still write it; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 34)
+    with psycopg.connect(url, autocommit=True) as conn:
+        old = conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES (repeat('s', 1500), 'q')"
+                           " RETURNING id").fetchone()[0]
+    assert mig.name in migrate(url)
+    cases = (("questions", "session_id", "questions_session_id_length", 1000, ", text", ", 'q'"),
+             ("data_questions", "session_id", "data_questions_session_id_length", 1000, ", text", ", 'q'"),
+             ("documents", "source", "documents_source_length", 2000, ", body", ", 'b'"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            for table, column, constraint, limit, more, values in cases:
+                write = f"INSERT INTO pgsynapse.{table} ({column}{more}) VALUES (%s{values})"
+                for value in ("é" * (limit // 2 + 1), "x" * (limit + 1), md5_noise(3000)):
+                    with pytest.raises(psycopg.errors.CheckViolation) as exc:
+                        conn.execute(write, (value,))
+                    assert exc.value.diag.constraint_name == constraint
+                    assert exc.value.diag.message_primary == (
+                        f"{table}.{column} is {len(value.encode()):,} bytes long (UTF-8): at most {limit:,}")
+                conn.execute(write, ("é" * (limit // 2),))
+            conn.execute("UPDATE pgsynapse.questions SET status = 'failed', error = 'x' WHERE id = %s", (old,))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
+def md5_noise(n: int) -> str:
+    """``n`` characters that do not compress (a long value that compresses fits the btree, and hides its limit)."""
+    return "".join(hashlib.md5(str(i).encode()).hexdigest() for i in range(n // 32 + 1))[:n]

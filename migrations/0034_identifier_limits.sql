@@ -1,0 +1,4 @@
+-- pgsynapse 0034: a session id over 1,000 bytes or a document source over 2,000, written by SQL, is refused with a
+-- check violation that names the limit (triggers/identifier_limits_v1.sql); past the btree's 2,704 bytes it failed
+-- on "index row size ... exceeds btree version 4 maximum 2704". The rows already there stay.
+-- pgsynapse:include identifier_limits_v1.sql
