@@ -34,6 +34,7 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
+from pgsynapse.results import terminal_safe
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import search, search_order
 from pgsynapse.status import render, render_embedded, status_snapshot
@@ -241,8 +242,9 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         else:
             print(f"{len(hits)} hits in {order} order; the score is the cosine similarity to the text")
         for i, h in enumerate(hits, 1):
-            print(f"{i}. {h.score:.3f}  {h.title}  [{h.source or 'document ' + str(h.document_id)} #{h.ord}]")
-            print(textwrap.indent(textwrap.shorten(" ".join(h.text.split()), 300), "   "))
+            where = h.source or f"document {h.document_id}"
+            print(terminal_safe(f"{i}. {h.score:.3f}  {h.title}  [{where} #{h.ord}]"))
+            print(textwrap.indent(terminal_safe(textwrap.shorten(" ".join(h.text.split()), 300)), "   "))
         if hits and waiting:
             print(unsearched)
         return 0
@@ -253,7 +255,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             if not streamed:
                 piece = piece.lstrip()
             streamed.append(piece)
-            print(piece, end="", flush=True)
+            print(terminal_safe(piece), end="", flush=True)
 
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
                      on_delta=None if args.json else show)
@@ -262,10 +264,10 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         elif streamed:
             text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
             # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
-            print(final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}")
-            print(format_result(result, answer=False))
+            print(terminal_safe(final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}"))
+            print(terminal_safe(format_result(result, answer=False)))
         else:
-            print(format_result(result))
+            print(terminal_safe(format_result(result)))
         return 0 if result.status == "answered" else 1
     if args.command in ("feedback", "retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
         with Database(settings) as db, db.connect(autocommit=True) as conn:

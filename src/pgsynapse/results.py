@@ -6,6 +6,7 @@ applications import them from.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,3 +161,16 @@ def format_result(result: Result, *, answer: bool = True) -> str:
               else f"by model version {result.model_version_id}")
         lines.append(f"  answered in {result.latency_ms:.0f} ms {by} (question {result.id})")
     return "\n".join(lines)
+
+
+# what a terminal acts on instead of showing: C0 and C1 controls but the line break and the tab (ESC starts the
+# sequences that set a title, clear the screen or move the cursor; a carriage return overwrites the line), and the
+# bidirectional overrides that show text in another order than it is read ("Trojan Source")
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as a terminal can show it: each control character written as its escape (``\\x1b``, ``\\u202e``),
+    as ``less`` shows them. Documents, their titles and sources are written by anyone who may write documents, and
+    the command line prints them (answers quote them)."""
+    return _TERMINAL_UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)

@@ -179,6 +179,26 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     assert gone.returncode == 1 and f"passage [{rank}] of question {qid}'s answer is gone" in gone.stderr, gone.stderr
 
 
+def test_text_from_the_database_is_printed_without_its_control_characters(new_db, template_db, shipped):
+    """A document's text, title and source are anyone's who may write documents: printed raw, an escape sequence in
+    them (ESC ] 0; ... BEL sets the terminal's title, ESC [ 2 J clears it, a carriage return overwrites the line)
+    reached the terminal of whoever ran `search` or `ask`. They are shown as escapes (\\x1b), as `less` does."""
+    url = new_db(template_db)
+    shipped(url)
+    demo = pgsynapse("demo", "--limit", "2", url=url, env={"PGSYNAPSE_SQL_MODEL_PATH": "smollm2-135m"})
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.documents SET source = E'evil\\x1b]0;pwned\\x07.html'")  # no new embedding
+        conn.execute("UPDATE pgsynapse.chunks SET text = E'\\x1b[2J\\u202e' || text")
+    se = pgsynapse("search", "insert rows into a table", "-k", "2", url=url)
+    assert se.returncode == 0, se.stderr[-2000:]
+    assert "[evil\\x1b]0;pwned\\x07.html #" in se.stdout and "\\x1b[2J\\u202e" in se.stdout, se.stdout
+    r = pgsynapse("ask", "how do I insert new rows into a table?", url=url)
+    assert r.returncode == 0 and "(evil\\x1b]0;pwned\\x07.html, chunk " in r.stdout, r.stdout
+    for out in (se.stdout, r.stdout):
+        assert not {"\x1b", "\x07", "\u202e"} & set(out), out
+
+
 def test_ask_beside_a_worker_that_does_not_answer_starts_its_own(new_db, template_db, shipped):
     """A worker that only embeds listens on the database, and nothing answers: `ask` waited out its whole timeout
     (120 s by default) and said that no worker was running. It answers with its own, as when none runs."""

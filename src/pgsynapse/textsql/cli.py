@@ -20,6 +20,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.queries import q
+from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
@@ -68,7 +69,7 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
     result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
                       timeout=args.timeout)
-    print(json_dumps(asdict(result), indent=2) if args.json else format_data_result(result))
+    print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)))
     return 0 if result.status == "answered" else 1
 
 
