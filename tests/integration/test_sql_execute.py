@@ -163,6 +163,21 @@ def test_a_scope_that_cannot_be_read_says_why(shop, schema, names, says):
         schema_context(shop, schema, names)
 
 
+def test_a_name_longer_than_postgresql_allows_is_refused_and_never_echoed_whole(shop):
+    """A target_schema or an allowed_tables entry of 10,000 characters (a row anyone may write) was copied whole into
+    the job's error and the worker's log, 10 KB a question. A name over 63 bytes names nothing in PostgreSQL."""
+    long = "s" * 10_000
+    with pytest.raises(InputError) as exc:
+        schema_context(shop, long, None)
+    assert str(exc.value) == (f"target_schema {'s' * 63}... is 10,000 bytes long: a PostgreSQL name is at most 63 "
+                              "bytes (the schema of the question's tables)")
+    with pytest.raises(InputError) as exc:
+        schema_context(shop, "public", ["orders", *(f"t{i}" for i in range(50)), "x" * 10_000])
+    said = str(exc.value)
+    assert said.startswith("allowed_tables names tables that do not exist: t") and said.endswith(" and 41 more"), said
+    assert len(said) < 200 and said.count(", ") == 9, said
+
+
 def test_a_named_table_not_granted_is_named_in_the_hint(shop):
     with pytest.raises(NoReadableTables, match=r"GRANT SELECT ON public.salaries TO pgsynapse_reader"):
         schema_context(shop, "shop_other", ["public.salaries"])

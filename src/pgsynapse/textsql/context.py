@@ -104,10 +104,25 @@ def ddl(table: Table, default_schema: str) -> str:
     return "\n".join([head, *body, ");"])
 
 
+_NAME_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL's longest name
+_LISTED = 10  # names a message lists before "and N more"
+
+
+def _listed(names: Sequence[str]) -> str:
+    """Names for a message: each cut to a PostgreSQL name's length, at most :data:`_LISTED` of them (a row's writer
+    chooses them: one of 10,000 characters went whole into the job's error and the worker's log)."""
+    shown = [n if len(n) <= _NAME_BYTES * 2 + 1 else f"{n[:_NAME_BYTES]}..." for n in names[:_LISTED]]
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(shown) + more
+
+
 def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, role: str) -> list[Table]:
     if not schema.strip():
         raise InputError("target_schema is empty: name the schema whose tables the question is about (public by "
                          "default)")
+    if (size := len(schema.encode())) > _NAME_BYTES:
+        raise InputError(f"target_schema {schema[:_NAME_BYTES]}... is {size:,} bytes long: a PostgreSQL name is at "
+                         f"most {_NAME_BYTES} bytes (the schema of the question's tables)")
     if is_system_schema(schema):
         raise InputError(f"target_schema {schema} is a system schema (pgsynapse's or PostgreSQL's): data questions "
                          "never read its tables")
@@ -120,10 +135,10 @@ def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, 
                             "role": role}).fetchall()
         unknown = [r["asked"] for r in rows if r["oid"] is None]
         if unknown:
-            raise InputError(f"allowed_tables names tables that do not exist: {', '.join(unknown)}")
+            raise InputError(f"allowed_tables names tables that do not exist: {_listed(unknown)}")
         system = [f"{r['schema']}.{r['name']}" for r in rows if is_system_schema(r["schema"])]
         if system:
-            raise InputError(f"allowed_tables names tables of a system schema ({', '.join(system)}: pgsynapse's or "
+            raise InputError(f"allowed_tables names tables of a system schema ({_listed(system)}: pgsynapse's or "
                              "PostgreSQL's): data questions never read them")
         tables = [Table(r["oid"], r["schema"], r["name"], r["comment"]) for r in rows if r["readable"]]
         if not tables and names is None and not cur.execute(q("schema_exists", "textsql.sql"),
@@ -131,8 +146,8 @@ def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, 
             raise InputError(f"schema {schema} does not exist: target_schema names the schema of the question's "
                              "tables")
         if not tables:
-            scope = ", ".join(names) if names is not None else f"schema {schema}"
-            grant = (", ".join(f"{r['schema']}.{r['name']}" for r in rows) if names is not None
+            scope = _listed(names) if names is not None else f"schema {schema}"
+            grant = (_listed([f"{r['schema']}.{r['name']}" for r in rows]) if names is not None
                      else f"{schema}.<table>")
             raise NoReadableTables(
                 f"no table of {scope} may be read by the role {role}: grant it the tables data questions may "
