@@ -43,12 +43,23 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
                         "data question 1: the corrected statement is refused: the statement writes (DELETE)"),
                        (["1", "--sql", "SELECT count(*) FROM pgsynapse.jobs"],
                         "data question 1: the corrected statement is refused: table pgsynapse.jobs is not allowed"),
+                       # it parses but fails in PostgreSQL, as the retrain would run it (as the reader role)
+                       (["1", "--sql", "SELECT nocol FROM demo_shop.orders"],
+                        'data question 1: the corrected statement failed in PostgreSQL: column "nocol" does not '
+                        "exist (SQLSTATE 42703)"),
+                       (["1", "--sql", "SELECT count(*) / 0 FROM demo_shop.orders"],
+                        "data question 1: the corrected statement failed in PostgreSQL: division by zero "
+                        "(SQLSTATE 22012)"),
                        ([str(failed), "--approve"], f"data question {failed} has no statement that ran to approve "
                                                     "(it failed): give the right one with --sql")]:
         bad = pgsynapse("sql-correct", *args, url=db_url)
         assert bad.returncode == 1 and said in bad.stderr and not bad.stdout, (args, bad.stderr)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
+    # one that runs is recorded
+    right = pgsynapse("sql-correct", "1", "--sql", "SELECT region, count(shipped) FROM demo_shop.orders GROUP BY 1",
+                      url=db_url)
+    assert right.returncode == 0 and "correction 2 recorded for data question 1" in right.stdout, right.stderr
 
     # a path that is not there is refused before it is registered (every question routed to it would fail)
     nope = pgsynapse("sql-model", "add", "/no/such/model", url=db_url)
