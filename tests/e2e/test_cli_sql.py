@@ -11,7 +11,7 @@ import psycopg
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
 from tests.e2e.test_cli import pgsynapse
 
-def test_sql_commands_end_to_end(db_url, demo_sql_model):
+def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
     env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(SHOP_SQL)
@@ -67,6 +67,7 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
     add = pgsynapse("sql-model", "add", demo_sql_model, "--name", "tiny", url=db_url)
     assert add.returncode == 0 and "SQL model 1 (transformers): candidate" in add.stdout, add.stderr
+    assert "runtime transformers: not a GGUF model" in add.stdout  # no --runtime: it says which runtime, and why
     assert "SQL model 1 is active (was the settings' model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout
     listed = json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout)
     assert [(m["id"], m["status"], float(m["traffic_percent"])) for m in listed] == [(1, "active", 100.0)]
@@ -82,3 +83,10 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     status = pgsynapse("status", url=db_url).stdout
     assert "data questions : 3 (0 pending, 2 answered, 0 refused, 1 failed)" in status
     assert "SQL model 1" not in status  # a retired model is not listed
+
+    # a GGUF model without --runtime: llama.cpp when llama-cpp-python is installed (not here), else transformers
+    # with what to install (it registered transformers, ten times slower, and said nothing)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    gguf = pgsynapse("sql-model", "add", str(tmp_path / "model.gguf"), url=db_url)
+    assert gguf.returncode == 0 and "SQL model 2 (transformers): candidate" in gguf.stdout, gguf.stderr
+    assert "llama-cpp-python is not installed" in gguf.stdout and "pgsynapse[llama]" in gguf.stdout

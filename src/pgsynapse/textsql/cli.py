@@ -160,10 +160,13 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{r['id']:>3}  {r['status']:<9} {float(r['traffic_percent']):>6.2f}%  {r['runtime']:<12} "
                       f"{r['name']}  ({r['path']})" + (f"  held-out accuracy {acc:.3f}" if acc is not None else ""))
         elif action == "add":
-            path = registry.registered_path(args.path, args.runtime)
-            r = registry.add_model(conn, args.name or args.path, path, args.runtime,
+            runtime, why = (args.runtime, None) if args.runtime else registry.choose_runtime(args.path)
+            path = registry.registered_path(args.path, runtime)
+            r = registry.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
+            if why:
+                print(f"  runtime {runtime}: {why}")
         elif action == "retrain":
             return retrain(conn, args)
         else:
