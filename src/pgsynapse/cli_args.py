@@ -271,7 +271,9 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     _side_registry_parsers(ssub, "SQL model", list_help="SQL models with status, traffic and held-out accuracy",
                            add_help="register a local SQL model (directory, .gguf file or preset)",
                            runtimes=["transformers", "llama-cpp", "openai"],
-                           rollback_help="re-activate the SQL model the active one replaced")
+                           rollback_help="re-activate the SQL model the active one replaced",
+                           runtime_help="default: llama-cpp for a GGUF model (a preset, a .gguf file) when "
+                           "pgsynapse[llama] is installed, else transformers (it says which, and why)")
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now, whatever "
                          "sql_retrain_min_corrections (the worker runs it)")
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
@@ -296,14 +298,15 @@ def _ranker_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_help: str, add_help: str,
-                           runtimes: list[str], rollback_help: str) -> None:
-    """list, add, promote, rollback, traffic and retire of a side registry (pgsynapse.sideregistry)."""
+                           runtimes: list[str], rollback_help: str, runtime_help: str | None = None) -> None:
+    """list, add, promote, rollback, traffic and retire of a side registry (pgsynapse.sideregistry); ``add
+    --runtime`` defaults to the first runtime, or with ``runtime_help`` to None (the command chooses)."""
     ls = sub.add_parser("list", help=list_help)
     ls.add_argument("--json", action="store_true")
     ad = sub.add_parser("add", help=add_help)
     ad.add_argument("path")
     ad.add_argument("--name")
-    ad.add_argument("--runtime", choices=runtimes, default=runtimes[0])
+    ad.add_argument("--runtime", choices=runtimes, default=None if runtime_help else runtimes[0], help=runtime_help)
     ad.add_argument("--activate", action="store_true", help=f"make it the active {noun} at once")
     pr = sub.add_parser("promote", help=f"make a candidate the active {noun}")
     pr.add_argument("model", type=int)

@@ -9,6 +9,7 @@ import psycopg
 
 from pgsynapse.config import Settings
 from pgsynapse.db import SCHEMA_ERRORS
+from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import listed, schema_state
@@ -59,6 +60,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
             v["backfill_eta_seconds"] = None if p["backfilled_at"] else backfill_eta(p)
             v["backfill_state"] = "done" if p["backfilled_at"] else backfill_state(p)
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
+    export = dict(conn.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone())
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     questions = dict(conn.execute(q("question_counts", "answers.sql")).fetchone() or {})
@@ -70,7 +72,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
     failures = [dict(r) for r in conn.execute(q("failed_job_errors", "ops.sql"), {"limit": SHOWN_REASONS})]
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]
     return {"schema": schema_state(conn), "jobs": jobs, **dict(counts or {}), "active_model": active,
-            "model_versions": versions, "workers": workers, "model_events": recent_events(conn, 5), "images": images,
+            "model_versions": versions, "workers": workers, "runtime_export": export, "model_events": recent_events(conn, 5), "images": images,
             "image_models": image_models,
             "questions": questions, "data_questions": data_questions, "sql_models": sql_models, "rankers": rankers,
             "feedback": feedback, "failures": failures, "skipped": skipped,
@@ -180,7 +182,10 @@ def render(snap: dict[str, Any]) -> str:
     rr = snap.get("read_replica")
     if rr:
         lines.append(f"read replica   : {_render_replica(rr)}")
-    lines.append(f"workers        : {len(snap['workers']) or 'none registered'}")
+    export = snap.get("runtime_export") or {}
+    starting = ("none registered yet: a worker is starting (it exports a model version to its runtime first: "
+                "runtime export, below)") if export.get("exporting") else "none registered"
+    lines.append(f"workers        : {len(snap['workers']) or starting}")
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]
         state = "" if seen < 120 else f" (STALE: not seen for {seen:g}s; killed?)"
@@ -189,6 +194,8 @@ def render(snap: dict[str, Any]) -> str:
         for m in w["models"]:
             lines.append(f"    model v{m['version']} {m['name']} ({m['runtime']}): loaded in {m['load_seconds']:g}s, "
                          f"+{m.get('rss_added_mb', 0):.0f} MB")
+    if export.get("exporting") or export.get("waiting"):
+        lines.append(f"runtime export : {_render_export(export)}")
     width = max([9, *(len(r["kind"]) + 1 for r in snap["jobs"])])  # "sql_answer", "embed_image" are longer than 9
     lines.append(f"jobs           : {'kind':<{width}} pending  running  failed  done     oldest pending")
     if not snap["jobs"]:
@@ -205,6 +212,17 @@ def render(snap: dict[str, Any]) -> str:
         lines.append("skipped, why   : (done with nothing to write)")
         lines += [f"                 {r['kind']:<{width}} {r['n']:<6} {_short(r['reason'])}" for r in snap["skipped"]]
     return "\n".join(lines)
+
+
+def _render_export(e: dict[str, Any]) -> str:
+    """A model version's export to the workers' runtime, under way: a first start's worker serves once it ends."""
+    waiting = (f"; {e['waiting']} more worker{'s wait' if e['waiting'] != 1 else ' waits'} for it"
+               if e["waiting"] else "")
+    if not e["exporting"]:
+        return f"{e['waiting']} worker{'s wait' if e['waiting'] != 1 else ' waits'} for the export lock"
+    since = f" for {_duration(e['seconds'])}" if e["seconds"] is not None else ""
+    return (f"under way{since}: a worker exports a model version to its runtime and checks its agreement (once per "
+            f"version, minutes on a small host; a starting worker serves once it ends){waiting}")
 
 
 def _render_schema(s: dict[str, Any]) -> str:

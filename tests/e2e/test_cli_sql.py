@@ -11,7 +11,7 @@ import psycopg
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
 from tests.e2e.test_cli import pgsynapse
 
-def test_sql_commands_end_to_end(db_url, demo_sql_model):
+def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
     env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(SHOP_SQL)
@@ -43,12 +43,23 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
                         "data question 1: the corrected statement is refused: the statement writes (DELETE)"),
                        (["1", "--sql", "SELECT count(*) FROM pgsynapse.jobs"],
                         "data question 1: the corrected statement is refused: table pgsynapse.jobs is not allowed"),
+                       # it parses but fails in PostgreSQL, as the retrain would run it (as the reader role)
+                       (["1", "--sql", "SELECT nocol FROM demo_shop.orders"],
+                        'data question 1: the corrected statement failed in PostgreSQL: column "nocol" does not '
+                        "exist (SQLSTATE 42703)"),
+                       (["1", "--sql", "SELECT count(*) / 0 FROM demo_shop.orders"],
+                        "data question 1: the corrected statement failed in PostgreSQL: division by zero "
+                        "(SQLSTATE 22012)"),
                        ([str(failed), "--approve"], f"data question {failed} has no statement that ran to approve "
                                                     "(it failed): give the right one with --sql")]:
         bad = pgsynapse("sql-correct", *args, url=db_url)
         assert bad.returncode == 1 and said in bad.stderr and not bad.stdout, (args, bad.stderr)
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
+    # one that runs is recorded
+    right = pgsynapse("sql-correct", "1", "--sql", "SELECT region, count(shipped) FROM demo_shop.orders GROUP BY 1",
+                      url=db_url)
+    assert right.returncode == 0 and "correction 2 recorded for data question 1" in right.stdout, right.stderr
 
     # a path that is not there is refused before it is registered (every question routed to it would fail)
     nope = pgsynapse("sql-model", "add", "/no/such/model", url=db_url)
@@ -56,6 +67,7 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
     add = pgsynapse("sql-model", "add", demo_sql_model, "--name", "tiny", url=db_url)
     assert add.returncode == 0 and "SQL model 1 (transformers): candidate" in add.stdout, add.stderr
+    assert "runtime transformers: not a GGUF model" in add.stdout  # no --runtime: it says which runtime, and why
     assert "SQL model 1 is active (was the settings' model)" in pgsynapse("sql-model", "promote", "1", url=db_url).stdout
     listed = json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout)
     assert [(m["id"], m["status"], float(m["traffic_percent"])) for m in listed] == [(1, "active", 100.0)]
@@ -71,3 +83,10 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model):
     status = pgsynapse("status", url=db_url).stdout
     assert "data questions : 3 (0 pending, 2 answered, 0 refused, 1 failed)" in status
     assert "SQL model 1" not in status  # a retired model is not listed
+
+    # a GGUF model without --runtime: llama.cpp when llama-cpp-python is installed (not here), else transformers
+    # with what to install (it registered transformers, ten times slower, and said nothing)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    gguf = pgsynapse("sql-model", "add", str(tmp_path / "model.gguf"), url=db_url)
+    assert gguf.returncode == 0 and "SQL model 2 (transformers): candidate" in gguf.stdout, gguf.stderr
+    assert "llama-cpp-python is not installed" in gguf.stdout and "pgsynapse[llama]" in gguf.stdout

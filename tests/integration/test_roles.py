@@ -19,12 +19,13 @@ from pgsynapse.cli import main
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings
 from pgsynapse.db import next_notifies
-from pgsynapse.errors import DatabaseSetupError
+from pgsynapse.errors import DatabaseSetupError, InputError
 from pgsynapse.images import registry as image_registry
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.learning.registry import promote, retire, rollback, set_traffic
 from pgsynapse.migrate import available, migrate
 from pgsynapse.search import search
+from pgsynapse.textsql.cli import correct
 from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, running_worker, wait_until
 from tests.image_models import coloured_image, png_bytes
 
@@ -425,3 +426,38 @@ async def test_image_roles_an_app_writes_images_a_worker_embeds_them_an_admin_ma
         assert image_registry.retire(admin, first["id"]) == 2  # its index goes with it (the owner's trigger)
         assert not admin.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                                  (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
+
+
+def test_sql_correct_runs_a_correction_as_the_reader_role_or_says_what_it_needs(db_url, login_role):
+    """`pgsynapse sql-correct` runs a corrected statement as the retrain will (read-only, as pgsynapse_reader) and
+    refuses one that fails in PostgreSQL; it recorded `SELECT nocol ...` and the retrain dropped it later. A user that
+    may not SET ROLE to the reader (an application role) runs it as itself; when it may not read the tables either,
+    the correction is recorded with a note naming the GRANT that lets it be checked."""
+    admin_url, app_url = login_role("pgsynapse_admin", db_url), login_role("pgsynapse_app", db_url)
+    app_user = conninfo_to_dict(app_url)["user"]
+    with psycopg.connect(db_url, autocommit=True) as su:
+        su.execute("CREATE SCHEMA shop; CREATE TABLE shop.orders (id int, region text);"
+                   " INSERT INTO shop.orders VALUES (1, 'north'), (2, 'south');"
+                   " GRANT USAGE ON SCHEMA shop TO pgsynapse_reader; GRANT SELECT ON shop.orders TO pgsynapse_reader")
+        question = su.execute("INSERT INTO pgsynapse.data_questions (text, target_schema) VALUES"
+                              " ('which regions?', 'shop') RETURNING id").fetchone()[0]
+    with psycopg.connect(admin_url, autocommit=True) as admin:  # a member of the reader role: run as it
+        with pytest.raises(InputError, match=f'data question {question}: the corrected statement failed in '
+                           'PostgreSQL: column "nocol" does not exist'):
+            correct(admin, question, "SELECT nocol FROM shop.orders", False)
+        assert correct(admin, question, "SELECT region FROM shop.orders", False)[1] is None
+    # an application role is not a member, and may not read shop.orders: recorded unchecked, with what would let it
+    # be checked
+    with psycopg.connect(app_url, autocommit=True) as app:
+        _, note = correct(app, question, "SELECT region FROM shop.orders", False)
+        assert note and "recorded without being run" in note and f"GRANT pgsynapse_reader TO {app_user}" in note
+        with psycopg.connect(db_url, autocommit=True) as su:
+            su.execute(f'GRANT USAGE ON SCHEMA shop TO "{app_user}"; GRANT SELECT ON shop.orders TO "{app_user}"')
+        # once it may read them, it runs the statement as itself
+        with pytest.raises(InputError, match='column "nocol" does not exist'):
+            correct(app, question, "SELECT nocol FROM shop.orders", False)
+        assert correct(app, question, "SELECT region FROM shop.orders", False)[1] is None
+        with psycopg.connect(db_url, autocommit=True) as su:
+            su.execute(f'REVOKE ALL ON shop.orders FROM "{app_user}"; REVOKE ALL ON SCHEMA shop FROM "{app_user}"')
+    with psycopg.connect(db_url) as su:
+        assert su.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 3

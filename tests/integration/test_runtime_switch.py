@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -20,8 +21,10 @@ from pgsynapse.app import ask
 from pgsynapse.export import EXPORT_LOCK, optimise_active_version
 from pgsynapse.export.register import _sha256
 from pgsynapse.learning.registry import RegistryError, promote
+from pgsynapse.listener.worker import Worker
 from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
 from pgsynapse.queries import q
+from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -233,6 +236,11 @@ WAITING = ("SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND 
            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
 
 
+# a worker holds the export lock (exporting a version to its runtime)
+EXPORTING = ("SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted"
+             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
+
+
 async def test_a_worker_waiting_for_another_workers_export_says_so(db_url, tmp_path):
     """A second worker started beside the first on a fresh install waited minutes on the export lock without a
     line in its log (its first one came after the other's export), as if it hung."""
@@ -255,3 +263,29 @@ async def test_a_worker_waiting_for_another_workers_export_says_so(db_url, tmp_p
         await anyio.to_thread.run_sync(optimise_active_version, settings, db_url)
     assert not [e for e in logs if e["event"].startswith("runtime_")], logs
     await holder.close()
+
+
+async def test_status_says_a_worker_is_starting_while_it_exports_the_active_version(db_url, models, tmp_path):
+    """At a fresh install's first start the worker exports the active version to INT8 (minutes on a small host)
+    before it registers: `pgsynapse status` meanwhile printed `workers : none registered` and nothing of the export,
+    as if no worker ran. The test holds the version's row, so the real export stays under way (it cannot record
+    its outcome) while status is read."""
+    settings = fast_settings(db_url, runtime="onnx-int8", export_sample_chunks=16, data_dir=tmp_path)
+    conn, blocker = await aconn(db_url), await aconn(db_url)
+    worker = Worker(settings, db_url, models=models)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        async with anyio.create_task_group() as tg:
+            async with blocker.transaction():
+                await blocker.execute("SELECT FROM pgsynapse.model_versions WHERE id = 1 FOR UPDATE")
+                tg.start_soon(partial(worker.run, handle_signals=False))
+                await wait_until(conn, EXPORTING)
+                during = render(snapshot(sync))
+                assert "workers        : none registered yet: a worker is starting" in during, during
+                assert "runtime export : under way for" in during, during
+            await wait_until(conn, "SELECT count(*) = 1 FROM pgsynapse.workers")
+            after = render(snapshot(sync))
+            worker.request_stop()
+    assert "workers        : 1" in after and "runtime export" not in after, after
+    assert (await _version(conn))["runtime"] in ("onnx-int8", "onnx")
+    await conn.close()
+    await blocker.close()

@@ -31,6 +31,7 @@ from pgsynapse.textsql.generate import (
 )
 from tests.sql_models import as_generated, sql_tokenizer, tiny_sql_model
 from pgsynapse.textsql.generate import LlamaCppSqlGenerator, auto_runtime
+from pgsynapse.textsql.registry import choose_runtime
 from tests.unit.test_generative_prompt import _tiny_gguf
 
 SCHEMA = """CREATE TABLE public.orders (
@@ -321,3 +322,25 @@ def test_auto_runtime_runs_gguf_models_on_llama_cpp_when_it_is_installed(tmp_pat
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert auto_runtime(str(tmp_path / "hf")) == "transformers"  # a transformers directory (a fine-tuned model)
+
+
+def test_sql_model_add_chooses_the_runtime_the_docs_recommend_and_says_why(tmp_path):
+    """`sql-model add PRESET|FILE.gguf` without --runtime registered transformers, about ten times slower than
+    llama.cpp for a GGUF model (docs/text-to-sql.md), even with the [llama] extra installed, and said nothing."""
+    from importlib.util import find_spec
+
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    # llama-cpp-python installed (the choice's input): a GGUF model (a preset, a file) runs on llama.cpp
+    for spec in ("qwen2.5-coder-0.5b", str(gguf_file)):
+        runtime, why = choose_runtime(spec, llama_cpp=True)
+        assert runtime == "llama-cpp" and "llama-cpp-python is installed" in why, (spec, why)
+    runtime, why = choose_runtime(str(tmp_path / "hf"), llama_cpp=True)
+    assert runtime == "transformers" and "not a GGUF model" in why
+    # not installed (as here, for real): transformers, and what to install for the faster runtime
+    assert find_spec("llama_cpp") is None
+    runtime, why = choose_runtime(str(gguf_file))
+    assert runtime == "transformers" and "llama-cpp-python is not installed" in why
+    assert "pip install 'pgsynapse[llama]'" in why and "--runtime llama-cpp" in why

@@ -100,3 +100,19 @@ SELECT (SELECT count(*) FROM pgsynapse.documents) AS documents,
 -- name: status_versions
 SELECT id, name, runtime, dim, status, traffic_percent, runtime_pending, backfilled_at, metrics->'ab' AS ab
 FROM pgsynapse.model_versions ORDER BY id;
+
+-- name: runtime_export_state
+-- `pgsynapse status`: an export of a model version to the workers' runtime under way (minutes on a small host, at a
+-- first start before the worker registers): the sessions holding the export lock (pgsynapse/export/register.py,
+-- pg_advisory_lock(hashtext(%(lock)s))) and those waiting for it. An advisory lock on a bigint key is shown in
+-- pg_locks as its high 32 bits (classid) and low 32 bits (objid), objsubid 1. seconds: since the holder's
+-- connection (opened for the export) began; NULL where pg_stat_activity hides it from this role.
+WITH k AS (SELECT hashtext(%(lock)s)::bigint AS key)
+SELECT count(*) FILTER (WHERE l.granted) AS exporting, count(*) FILTER (WHERE NOT l.granted) AS waiting,
+       round(extract(epoch FROM now() - min(a.backend_start) FILTER (WHERE l.granted)))::float AS seconds
+FROM pg_catalog.pg_locks l
+CROSS JOIN k
+LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+  AND l.classid::bigint = (k.key >> 32) & 4294967295 AND l.objid::bigint = k.key & 4294967295;

@@ -110,6 +110,13 @@ FROM pgsynapse.data_questions;
 -- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read
 SELECT status, sql, target_schema, allowed_tables FROM pgsynapse.data_questions WHERE id = %(question)s;
 
+-- name: correction_runner
+-- `pgsynapse sql-correct` runs a corrected statement as the reader role, as the retrain will, when the user it
+-- connects as may SET ROLE to it (a member: the worker, the admin, a superuser); else as that user
+SELECT current_user::text AS "user",
+       EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = %(role)s
+               AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')) AS member;
+
 -- name: insert_correction
 -- `pgsynapse sql correct`: the right statement for a data question, or an approval of the generated one
 INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved)

@@ -22,7 +22,8 @@ from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
-from pgsynapse.textsql.safety import UnsafeSQL, check_sql
+from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
+from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
 MAX_CELL = 40
 
@@ -74,10 +75,13 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool,
-            role: str = "pgsynapse_reader") -> int:
-    """Record a correction (the right statement) or an approval of the generated one; returns its id. What could
-    never train is refused: an approval of a statement that did not run, an empty statement, or one the retrain's
-    check refuses (the model's check: one SELECT over the question's tables that ``role`` may read)."""
+            role: str = "pgsynapse_reader", limits: Limits | None = None) -> tuple[int, str | None]:
+    """Record a correction (the right statement) or an approval of the generated one; returns its id, and a note
+    when the corrected statement could not be run as the retrain runs it. What could never train is refused: an
+    approval of a statement that did not run, an empty statement, one the retrain's check refuses (the model's
+    check: one SELECT over the question's tables that ``role`` may read) or one that fails in PostgreSQL (run as the
+    worker runs the model's statements: read-only, as ``role``, within ``limits``, rolled back)."""
+    note = None
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(q("question_to_correct", "textsql.sql"), {"question": question}).fetchone()
         if row is None:
@@ -87,12 +91,14 @@ def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: b
             raise InputError(f"data question {question} has no statement that ran to approve ({did}): give the "
                              "right one with --sql")
         if not approve:
-            _check_correction(cur, question, sql or "", row, role)
-        return cur.execute(q("insert_correction", "textsql.sql"),
-                           {"question": question, "sql": sql, "approved": approve}).fetchone()["id"]
+            checked = _check_correction(cur, question, sql or "", row, role)
+            note = _run_correction(conn, question, checked, row["target_schema"], role, limits or Limits())
+        cid = cur.execute(q("insert_correction", "textsql.sql"),
+                          {"question": question, "sql": sql, "approved": approve}).fetchone()["id"]
+    return cid, note
 
 
-def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[str, Any], role: str) -> None:
+def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[str, Any], role: str) -> CheckedSQL:
     """Refuse a corrected statement the retrain would drop at its check (InputError, with the check's reason)."""
     if not sql.strip():
         raise InputError(f"data question {question}: the corrected statement is empty: give the SELECT that answers "
@@ -101,16 +107,41 @@ def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[st
     found = cur.execute(q("readable_tables", "textsql.sql"),
                         {"schema": row["target_schema"], "names": names, "role": role}).fetchall()
     try:
-        check_sql(sql, allowed=[(t["schema"], t["name"]) for t in found if t["readable"]],
-                  search_path=(row["target_schema"],))
+        return check_sql(sql, allowed=[(t["schema"], t["name"]) for t in found if t["readable"]],
+                         search_path=(row["target_schema"],))
     except UnsafeSQL as exc:
         raise InputError(f"data question {question}: the corrected statement is {exc}: the retrain checks a "
                          "correction as it checks the model's statements, and would drop it") from None
 
 
+def _run_correction(conn: psycopg.Connection, question: int, checked: CheckedSQL, schema: str, role: str,
+                    limits: Limits) -> str | None:
+    """Run a checked correction as the retrain will (:func:`run_readonly`): refuse one that fails (InputError, with
+    PostgreSQL's error). A user that may not SET ROLE to ``role`` runs it as itself instead; when that user may not
+    read the tables either, nothing can be checked: returns a note that says what would let it."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        runner = cur.execute(q("correction_runner", "textsql.sql"), {"role": role}).fetchone()
+    user, member = runner["user"], runner["member"]
+    try:
+        run_readonly(conn, checked, limits, role=role if member else user, search_path=(schema,))
+    except QueryFailed as exc:
+        if not member and exc.sqlstate == "42501":
+            return (f"the corrected statement was recorded without being run: {user} is not a member of the reader "
+                    f"role {role}, as which the retrain runs it, and may not read its tables (GRANT {role} TO {user} "
+                    "lets sql-correct run it first and refuse one that fails)")
+        said = str(exc).removeprefix("the statement failed: ")
+        raise InputError(f"data question {question}: the corrected statement failed in PostgreSQL: {said}: the "
+                         f"retrain runs a correction as the model's statements run (read-only, as {role}), and would "
+                         "drop it") from None
+    return None
+
+
 def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:
     with Database(settings) as db, db.connect(autocommit=True) as conn:
-        cid = correct(conn, args.question, args.sql, args.approve, settings.sql_reader_role)
+        cid, note = correct(conn, args.question, args.sql, args.approve, settings.sql_reader_role,
+                            Limits.of(settings))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"correction {cid} recorded for data question {args.question}")
     return 0
 
@@ -130,10 +161,13 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{r['id']:>3}  {r['status']:<9} {float(r['traffic_percent']):>6.2f}%  {r['runtime']:<12} "
                       f"{r['name']}  ({r['path']})" + (f"  held-out accuracy {acc:.3f}" if acc is not None else ""))
         elif action == "add":
-            path = registry.registered_path(args.path, args.runtime)
-            r = registry.add_model(conn, args.name or args.path, path, args.runtime,
+            runtime, why = (args.runtime, None) if args.runtime else registry.choose_runtime(args.path)
+            path = registry.registered_path(args.path, runtime)
+            r = registry.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
+            if why:
+                print(f"  runtime {runtime}: {why}")
         elif action == "retrain":
             return retrain(conn, args)
         else:

@@ -182,7 +182,7 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         raise _over_time(limits) from None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)} (GRANT SELECT on the tables "
-                          f"data questions may read TO {role}: docs/operations.md)") from None
+                          f"data questions may read TO {role}: docs/operations.md)", sqlstate=exc.sqlstate) from None
     except psycopg.Error as exc:
         diag = getattr(exc, "diag", None)
         primary = (getattr(diag, "message_primary", None) or "").strip()

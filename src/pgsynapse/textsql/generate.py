@@ -393,11 +393,11 @@ class OpenAISqlGenerator(_OneAtATime):
         return [extract_sql(o) for o in outputs]
 
 
-def auto_runtime(path: str) -> str:
+def auto_runtime(path: str, *, llama_cpp: bool | None = None) -> str:
     """``sql_runtime = auto``: llama.cpp for a GGUF model (a preset or a .gguf file) when llama-cpp-python is
     installed (it runs the Q4 weights as they are, several times faster on a CPU than transformers, which
-    dequantizes them: BENCHMARKS.md), else transformers."""
-    if importlib.util.find_spec("llama_cpp") is None:
+    dequantizes them: BENCHMARKS.md), else transformers. ``llama_cpp``: whether it is installed (default: look)."""
+    if not (importlib.util.find_spec("llama_cpp") is not None if llama_cpp is None else llama_cpp):
         return "transformers"
     if path in PRESETS or path.endswith(".gguf"):
         return "llama-cpp"

@@ -12,6 +12,7 @@ from pathlib import Path
 from pgsynapse.answerers.local_models import PRESETS
 from pgsynapse.errors import ModelError
 from pgsynapse.sideregistry import SideRegistry
+from pgsynapse.textsql.generate import auto_runtime
 
 RUNTIMES = ("transformers", "llama-cpp", "openai")
 REGISTRY = SideRegistry("sql_models", "SQL model", RUNTIMES, without="the settings' model")
@@ -32,6 +33,21 @@ def registered_path(spec: str, runtime: str) -> str:
     if runtime == "llama-cpp" and path.is_dir() and len(list(path.glob("*.gguf"))) != 1:
         raise ModelError(f"SQL model path {path}: runtime llama-cpp needs a .gguf file (or a directory with one)")
     return str(path.resolve())
+
+
+def choose_runtime(path: str, *, llama_cpp: bool | None = None) -> tuple[str, str]:
+    """``sql-model add`` without ``--runtime``: the runtime ``sql_runtime = auto`` would choose (:func:`auto_runtime`:
+    llama.cpp for a GGUF model when llama-cpp-python is installed, else transformers), and why, for the user.
+    ``llama_cpp``: whether it is installed (default: look, here)."""
+    if auto_runtime(path, llama_cpp=True) != "llama-cpp":
+        return "transformers", "not a GGUF model (a transformers directory)"
+    if auto_runtime(path, llama_cpp=llama_cpp) == "llama-cpp":
+        return "llama-cpp", ("a GGUF model, and llama-cpp-python is installed: llama.cpp runs it several times "
+                             "faster than transformers (the worker needs pgsynapse[llama] too)")
+    return "transformers", ("a GGUF model, but llama-cpp-python is not installed: transformers dequantizes it, "
+                            "several times slower (pip install 'pgsynapse[llama]', then add it with "
+                            "--runtime llama-cpp)")
+
 
 get_model = REGISTRY.get_model
 list_models = REGISTRY.list_models
