@@ -157,7 +157,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             row = await _one(conn, REGISTRY.sql("add_model"), {
                 "name": f"{root.split('+')[0]}+sqlft{time.strftime('%Y%m%d%H%M%S')}",
                 "base_id": base["id"] if base else None, "path": res["path"], "runtime": res["runtime"],
-                "metrics": Jsonb(res["metrics"]), "status": status, "traffic": traffic})
+                # the job that registered it: `sql-model retrain --wait` finds its own job's model by it
+                "metrics": Jsonb({**res["metrics"], "job": o.job.id}), "status": status, "traffic": traffic})
             await conn.execute(q("mark_sql_corrections_trained", FILE), {
                 "model": row["id"], "max_id": res["metrics"]["max_correction_id"]})  # type: ignore[index]
             log.info("sql_model_registered", job=o.job.id, model=row["id"], status=status,  # type: ignore[index]

@@ -149,8 +149,10 @@ REJECTED_VERSION = DONE + (", v AS (INSERT INTO pgsynapse.model_versions (name, 
                            " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s) RETURNING id)"
                            " INSERT INTO pgsynapse.model_events (model_version_id, event, figures)"
                            " SELECT id, 'rejected', jsonb_build_object('job', %(job)s::bigint) FROM v")
+# as the sql_retrain job registers its model: its metrics name the job
 REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runtime, status, metrics)"
-                             " VALUES ('retrained', '/nowhere', 'transformers', 'rejected', %(metrics)s)")
+                             " VALUES ('retrained', '/nowhere', 'transformers', 'rejected',"
+                             " %(metrics)s::jsonb || jsonb_build_object('job', %(job)s::bigint))")
 
 
 async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_1(db_url):
@@ -234,6 +236,42 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
     assert their_version < my_version
     assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
                                                      "status": "rejected", "gate": mine}), (out, err)
+
+
+async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_another_sql_retrain_registered(db_url):
+    """`sql-model retrain --wait` reports the SQL model its own job registered: it took the first gated model
+    registered after it was queued, so another sql_retrain's model, registered first, was printed (and exited by)
+    as its own. Each job is ended here as a worker would end it, the other one first."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+    theirs = {**GATE, "reasons": ["the other sql_retrain's reason"]}
+    mine = {**GATE, "passed": True, "reasons": ["this sql_retrain's reason"], "delta": 0.5, "candidate": 0.5,
+            "active": 0.0, "heldout": 2, "wins": 1, "losses": 0}
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
+    conn = await aconn(db_url)
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", "sql-model", "retrain", "--wait", "--json"], env=env,
+                          cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True) as cli:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status ="
+                         " 'pending')", channel="pgsynapse_jobs")
+        job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status ="
+                                         " 'pending'")).fetchone())["id"]
+        # another sql_retrain (a worker's, started meanwhile) registers its rejected model first
+        other = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts)"
+                                           " VALUES ('sql_retrain', 1, '{}', 'running', 1) RETURNING id")).fetchone())["id"]
+        await conn.execute(REJECTED_SQL_MODEL, {"job": other, "metrics": json.dumps({"gate": theirs})})
+        await conn.execute(REJECTED_SQL_MODEL.replace("'rejected'", "'candidate'"),
+                           {"job": job, "metrics": json.dumps({"gate": mine})})
+        await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
+        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
+    [their_model, my_model] = [r["id"] for r in await (await conn.execute(
+        "SELECT id FROM pgsynapse.sql_models ORDER BY id")).fetchall()]
+    await conn.close()
+    assert (cli.returncode, json.loads(out)) == (0, {"job": job, "outcome": "done", "sql_model": my_model,
+                                                     "status": "candidate", "traffic_percent": 0.0, "gate": mine}), (
+        their_model, out, err)
 
 
 async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url):
