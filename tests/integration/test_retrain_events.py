@@ -206,16 +206,14 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
 
 
 async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_running_meanwhile_registered(db_url):
-    """A retrain queued while another runs (dedup is among pending jobs only) is its own job: `retrain --wait`
-    reports the version its job registered, not the one the running retrain registered first. Each job is ended
-    here as a worker would end it, the running one first."""
+    """`retrain --wait` reports the version its own job registered, not one another retrain (a worker's, started
+    once this one was queued) registered first. Each job is ended here as a worker would end it, the other one
+    first."""
     with psycopg.connect(db_url, autocommit=True) as c:
         doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
         chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
                           " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
         c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
-        running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
-                            " ('retrain', 0, '{}', 'running', 1) RETURNING id").fetchone()[0]
     theirs = {**GATE, "reasons": ["the running retrain's reason"]}
     mine = {**GATE, "reasons": ["this retrain's reason"]}
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
@@ -226,6 +224,8 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
                          " 'pending')", channel="pgsynapse_jobs")
         job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
                                          " 'pending'")).fetchone())["id"]
+        running = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts)"
+                                             " VALUES ('retrain', 1, '{}', 'running', 1) RETURNING id")).fetchone())["id"]
         await conn.execute(REJECTED_VERSION, {"job": running, "metrics": json.dumps({"gate": theirs})})
         await conn.execute(REJECTED_VERSION, {"job": job, "metrics": json.dumps({"gate": mine})})
         await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
@@ -236,6 +236,47 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
     assert their_version < my_version
     assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
                                                      "status": "rejected", "gate": mine}), (out, err)
+
+
+def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url):
+    """One retrain at a time, as the feedback trigger queues them: `pgsynapse retrain` while one runs queued a
+    second, which trained again on the same feedback (identical gate figures), and said nothing of the first; while
+    one was pending its --json said "queued" where stderr said "already pending". Now it queues none, says which job
+    runs or waits (exit 0: a retrain is under way), and --json's outcome says the same. `sql-model retrain` too."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+    nothing = {"version": None, "status": None, "gate": None}
+    sql_nothing = {"sql_model": None, "status": None, "traffic_percent": None, "gate": None}
+    for kind, command, empty in (("retrain", ["retrain"], nothing), ("sql_retrain", ["sql-model", "retrain"],
+                                                                       sql_nothing)):
+        with psycopg.connect(db_url, autocommit=True) as c:
+            running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
+                                " (%s, 0, '{}', 'running', 1) RETURNING id", (kind,)).fetchone()[0]
+        said = (f"a {kind} is already running (job {running}): nothing was queued (one at a time: it trains on what "
+                "there was when it started; --wait waits for it)")
+        r = pgsynapse(*command, "--json", url=db_url)
+        assert (r.returncode, json.loads(r.stdout)) == (0, {"job": running, "outcome": "already_running", **empty}), (
+            r.stdout, r.stderr)
+        assert r.stderr.splitlines()[-1] == said, r.stderr
+        r = pgsynapse(*command, url=db_url)
+        assert (r.returncode, r.stdout.splitlines()) == (0, [said]), (r.stdout, r.stderr)
+        with psycopg.connect(db_url, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (1,)
+            c.execute("UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %s", (running,))
+            pending = queue_retrain(c, kind)
+        r = pgsynapse(*command, "--json", url=db_url)
+        assert (r.returncode, json.loads(r.stdout)) == (0, {"job": pending, "outcome": "already_pending", **empty}), (
+            r.stdout, r.stderr)
+        assert r.stderr.splitlines()[-1] == (f"a {kind} is already pending (job {pending}): nothing was queued (it "
+                                             "trains on what there is when it starts; --wait waits for it)"), r.stderr
+        with psycopg.connect(db_url, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (2,)
 
 
 async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_another_sql_retrain_registered(db_url):
