@@ -179,6 +179,9 @@ class RetrainHandler(Handler[RetrainWork]):
             used = metrics.pop("used_example_ids", [])
             metrics.pop("gate_scores", None)  # per-question scores stay in the artifact's metrics.json
             verdict_ = metrics["gate"]
+            moved = await self._active_moved(conn, o.job, res["base"]["id"], verdict_)
+            if moved:
+                used = []  # not judged against the version it would serve beside: its examples are still new
             passed = verdict_["passed"]
             status = "candidate" if passed else "rejected"
             name = f"{res['base']['name'].split('+')[0]}+ft{time.strftime('%Y%m%d%H%M%S')}"
@@ -191,7 +194,8 @@ class RetrainHandler(Handler[RetrainWork]):
             await conn.execute(q("insert_retrain_event", "learning.sql"), {
                 "version": version, "event": "registered" if passed else "rejected", "job": o.job.id,
                 "reason": "; ".join(verdict_["reasons"]), "figures": Jsonb({
-                    "job": o.job.id, "passed": passed, "forced": verdict_["forced"], "delta": verdict_["delta"]})})
+                    "job": o.job.id, "passed": passed, "forced": verdict_["forced"], "delta": verdict_["delta"],
+                    **({"gated_against": res["base"]["id"], "active": moved} if moved else {})})})
             if passed:
                 await conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version})
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
@@ -206,3 +210,21 @@ class RetrainHandler(Handler[RetrainWork]):
                          freed_mb=round(drop_weights(res["path"], s.data_dir) / 2**20, 1))
             report.written.append(o.job.id)
         return report
+
+    async def _active_moved(self, conn: psycopg.AsyncConnection, job: Job, gated_against: int,
+                            verdict_: dict[str, Any]) -> int | None:
+        """The version active now when it is not ``gated_against``, the one the candidate's gate compared it with
+        (another was promoted during the retrain): the verdict is then a rejection, saying why first. Holds the
+        registry's lock until the caller's transaction ends, so no promotion slips in before the registration."""
+        await conn.execute(q("lock_model_versions", "learning.sql"))
+        row = await (await conn.execute(q("active_version"))).fetchone()
+        active = row["id"] if row else None
+        if active == gated_against:
+            return None
+        verdict_["passed"] = False
+        verdict_["reasons"].insert(0, f"the active version changed during the retrain (version {gated_against} when "
+                                      f"it started, version {active} now): its gate compared the candidate with "
+                                      f"version {gated_against}, not with version {active}: retrain again")
+        log.warning("retrain_active_changed", job=job.id, gated_against=gated_against, active=active,
+                    note="the candidate is rejected; its examples stay new for the next retrain")
+        return active

@@ -22,7 +22,11 @@ from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import run_export
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.retrain import RetrainHandler
 from pgsynapse.learning.cli import queue_retrain, render_versions
+from pgsynapse.learning.registry import promote
+from pgsynapse.queries import q
 from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
@@ -328,3 +332,56 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
     assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
             "stops waiting, the retrain stays queued)") in err.splitlines(), err
+
+
+async def test_a_candidate_whose_active_version_changed_during_its_retrain_is_rejected_saying_so(
+        db_url, models, tmp_path):
+    """A retrain's gate compares its candidate with the version active when it started; when another version was
+    promoted meanwhile (an A/B decision, by hand), the candidate was registered on a verdict against a version no
+    longer active, then A/B tested against the new one. Now it is rejected, the reason first in its gate and in its
+    registry event, and its examples stay untrained, so the next retrain (the feedback trigger's, or `pgsynapse
+    retrain`) judges one against the new active version. The real retrain job's load, trainer and write."""
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    # the gate off: on v1's figures alone the candidate would be registered
+    settings = fast_settings(db_url, kinds=("embed",), data_dir=str(tmp_path / "data"), retrain_synthetic_pairs=0,
+                             retrain_batch_size=8, retrain_margin=-1)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await _helpful_feedback(conn, pages)
+    # another version, backfilled and ready, that an A/B decision promotes while the retrain trains
+    other = (await (await conn.execute(
+        "INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, backfilled_at) VALUES"
+        " ('other', 'embedding', 'torch', 384, 'candidate', now()) RETURNING id")).fetchone())["id"]
+    job = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts, worker,"
+                                     " started_at) VALUES ('retrain', 0, '{\"force\": true}', 'running', 1, 'w1',"
+                                     " now()) RETURNING id, started_at")).fetchone())
+    handler = RetrainHandler(settings, models)
+    claimed = Job(job["id"], "retrain", 0, {"force": True}, 1, job["started_at"], job["started_at"])
+    work, _ = await handler.load(conn, [claimed])
+    [outcome] = await anyio.to_thread.run_sync(handler.compute, work)
+    assert outcome.error is None, outcome.error
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        promote(sync, other, reason="auto", actor="w2")
+    with capture_logs() as logs:
+        async with conn.transaction():
+            await handler.write(conn, [outcome])
+    row = await (await conn.execute("SELECT id, status, metrics->'gate' AS gate, artifact_path FROM"
+                                    " pgsynapse.model_versions WHERE id > %s", (other,))).fetchone()
+    said = (f"the active version changed during the retrain (version 1 when it started, version {other} now): its "
+            f"gate compared the candidate with version 1, not with version {other}: retrain again")
+    assert (row["status"], row["gate"]["passed"], row["gate"]["reasons"][0]) == ("rejected", False, said), row
+    [event] = await (await conn.execute("SELECT event, reason, figures FROM pgsynapse.model_events WHERE"
+                                        " model_version_id = %s", (row["id"],))).fetchall()
+    assert (event["event"], event["reason"].split("; ")[0]) == ("rejected", said), event
+    assert (event["figures"]["gated_against"], event["figures"]["active"]) == (1, other), event
+    # its examples are new to the next retrain, which a rejection on its own verdict would not leave them
+    untrained = (await (await conn.execute(q("feedback_progress", "learning.sql"))).fetchone())
+    assert untrained["untrained"] == untrained["examples"] == 12, untrained
+    assert not list(Path(row["artifact_path"]).rglob("*.safetensors"))  # it never serves: its weights go
+    [changed] = [e for e in logs if e["event"] == "retrain_active_changed"]
+    assert (changed["job"], changed["gated_against"], changed["active"]) == (job["id"], 1, other), changed
+    await conn.close()
