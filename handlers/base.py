@@ -43,6 +43,8 @@ class Outcome:
     # the content (or text) hash of the row as the job read it: a final failure of a row that changed since is the
     # old content's, not the row's (Handler.changed_since)
     read_hash: str | None = None
+    # a stopping worker abandoned it (Handler.abandon): back to pending at once, the attempt not charged
+    abandoned: bool = False
 
     @property
     def ok(self) -> bool:
@@ -136,6 +138,11 @@ class Handler(ABC, Generic[W]):
         if self.requeue_changed_query is None:
             return 0
         return (await conn.execute(q(*self.requeue_changed_query), {"jobs": job_ids})).rowcount
+
+    def abandon(self) -> None:
+        """The worker is stopping: stop a compute that would keep it for minutes (a training run in its own process)
+        now, from the event loop's thread; its jobs come back as ``Outcome(abandoned=True)``. Nothing by default:
+        a batch in flight finishes and is written."""
 
     async def aclose(self) -> None:
         """Release what the handler holds outside the worker's pool (the worker is stopping)."""

@@ -4,6 +4,7 @@ active model on a grouped hold-out of feedback and on the canary set, register i
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
-from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache, resolve_model_path
@@ -112,6 +113,10 @@ class RetrainHandler(Handler[RetrainWork]):
         self.models = models
         # leases renewed until the trainer's own kill deadline (see run_trainer), plus a minute to record the outcome
         self.deadline_seconds = 2 * settings.retrain_budget_seconds + 360
+        self.stop = Stop()
+
+    def abandon(self) -> None:
+        self.stop.now()  # a SIGTERM does not wait for the training run: its job is released for the next worker
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[RetrainWork], list[Outcome]]:
         active = await (await conn.execute(q("active_version"))).fetchone()
@@ -144,6 +149,8 @@ class RetrainHandler(Handler[RetrainWork]):
                 result = self._train(w)
                 result["metrics"]["gate"] = gate(result["metrics"], self.settings)
                 out.append(Outcome(w.job, result=result))
+            except TrainingAbandoned as exc:
+                out.append(Outcome(w.job, error=str(exc), abandoned=True))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out
@@ -165,9 +172,15 @@ class RetrainHandler(Handler[RetrainWork]):
                  examples=w.examples, new_examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
         # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
         # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
-        metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,
-                              kill_after_seconds=self.deadline_seconds - 60, default_event="retrain_progress",
-                              job=w.job.id)
+        try:
+            metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,
+                                  kill_after_seconds=self.deadline_seconds - 60, default_event="retrain_progress",
+                                  stop=self.stop, job=w.job.id)
+        except TrainingAbandoned:
+            shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
+            log.info("retrain_abandoned", job=w.job.id, removed=str(out_dir),
+                     note="the worker is stopping: the job goes back to the queue at once, its attempt not charged")
+            raise
         return {"metrics": metrics, "path": spec.out_dir, "base": w.active, "passage": spec.base_version}
 
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
@@ -179,6 +192,9 @@ class RetrainHandler(Handler[RetrainWork]):
             used = metrics.pop("used_example_ids", [])
             metrics.pop("gate_scores", None)  # per-question scores stay in the artifact's metrics.json
             verdict_ = metrics["gate"]
+            moved = await self._active_moved(conn, o.job, res["base"]["id"], verdict_)
+            if moved:
+                used = []  # not judged against the version it would serve beside: its examples are still new
             passed = verdict_["passed"]
             status = "candidate" if passed else "rejected"
             name = f"{res['base']['name'].split('+')[0]}+ft{time.strftime('%Y%m%d%H%M%S')}"
@@ -191,7 +207,8 @@ class RetrainHandler(Handler[RetrainWork]):
             await conn.execute(q("insert_retrain_event", "learning.sql"), {
                 "version": version, "event": "registered" if passed else "rejected", "job": o.job.id,
                 "reason": "; ".join(verdict_["reasons"]), "figures": Jsonb({
-                    "job": o.job.id, "passed": passed, "forced": verdict_["forced"], "delta": verdict_["delta"]})})
+                    "job": o.job.id, "passed": passed, "forced": verdict_["forced"], "delta": verdict_["delta"],
+                    **({"gated_against": res["base"]["id"], "active": moved} if moved else {})})})
             if passed:
                 await conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version})
                 await conn.execute(q("enqueue_backfill", "learning.sql"), {
@@ -206,3 +223,21 @@ class RetrainHandler(Handler[RetrainWork]):
                          freed_mb=round(drop_weights(res["path"], s.data_dir) / 2**20, 1))
             report.written.append(o.job.id)
         return report
+
+    async def _active_moved(self, conn: psycopg.AsyncConnection, job: Job, gated_against: int,
+                            verdict_: dict[str, Any]) -> int | None:
+        """The version active now when it is not ``gated_against``, the one the candidate's gate compared it with
+        (another was promoted during the retrain): the verdict is then a rejection, saying why first. Holds the
+        registry's lock until the caller's transaction ends, so no promotion slips in before the registration."""
+        await conn.execute(q("lock_model_versions", "learning.sql"))
+        row = await (await conn.execute(q("active_version"))).fetchone()
+        active = row["id"] if row else None
+        if active == gated_against:
+            return None
+        verdict_["passed"] = False
+        verdict_["reasons"].insert(0, f"the active version changed during the retrain (version {gated_against} when "
+                                      f"it started, version {active} now): its gate compared the candidate with "
+                                      f"version {gated_against}, not with version {active}: retrain again")
+        log.warning("retrain_active_changed", job=job.id, gated_against=gated_against, active=active,
+                    note="the candidate is rejected; its examples stay new for the next retrain")
+        return active

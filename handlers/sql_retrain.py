@@ -17,6 +17,7 @@ model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.artifacts import drop_weights, local_artifact
 from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
-from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
+from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -65,6 +66,10 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
         # leases are renewed until then, plus a minute to record the outcome
         self.kill_after_seconds = 2 * settings.sql_retrain_budget_seconds + 300
         self.deadline_seconds = self.kill_after_seconds + 60
+        self.stop = Stop()
+
+    def abandon(self) -> None:
+        self.stop.now()  # a SIGTERM does not wait for the training run: its job is released for the next worker
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[SqlRetrainWork], list[Outcome]]:
         active = await _one(conn, REGISTRY.sql("active_model"))
@@ -86,6 +91,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                 continue
             try:
                 out.append(Outcome(w.job, result=self._train(w)))
+            except TrainingAbandoned as exc:
+                out.append(Outcome(w.job, error=str(exc), abandoned=True))
             except TrainingFailed as exc:
                 out.append(Outcome(w.job, error=describe(exc), retry=exc.retry))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
@@ -121,9 +128,15 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
         spec = self.spec(w, out_dir)
         log.info("sql_retrain_started", job=w.job.id, base=spec.base_path, active=spec.active_path,
                  new_corrections=w.new, forced=w.force, lora=spec.lora, out=str(out_dir))
-        metrics = run_trainer("pgsynapse.textsql.train", asdict(spec), out_dir, memory_mb=s.sql_retrain_memory_mb,
-                              kill_after_seconds=self.kill_after_seconds, default_event="sql_retrain_progress",
-                              job=w.job.id)
+        try:
+            metrics = run_trainer("pgsynapse.textsql.train", asdict(spec), out_dir,
+                                  memory_mb=s.sql_retrain_memory_mb, kill_after_seconds=self.kill_after_seconds,
+                                  default_event="sql_retrain_progress", stop=self.stop, job=w.job.id)
+        except TrainingAbandoned:
+            shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
+            log.info("sql_retrain_abandoned", job=w.job.id, removed=str(out_dir),
+                     note="the worker is stopping: the job goes back to the queue at once, its attempt not charged")
+            raise
         return self.judge(w, metrics, out_dir)
 
     def judge(self, w: SqlRetrainWork, metrics: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -157,7 +170,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             row = await _one(conn, REGISTRY.sql("add_model"), {
                 "name": f"{root.split('+')[0]}+sqlft{time.strftime('%Y%m%d%H%M%S')}",
                 "base_id": base["id"] if base else None, "path": res["path"], "runtime": res["runtime"],
-                "metrics": Jsonb(res["metrics"]), "status": status, "traffic": traffic})
+                # the job that registered it: `sql-model retrain --wait` finds its own job's model by it
+                "metrics": Jsonb({**res["metrics"], "job": o.job.id}), "status": status, "traffic": traffic})
             await conn.execute(q("mark_sql_corrections_trained", FILE), {
                 "model": row["id"], "max_id": res["metrics"]["max_correction_id"]})  # type: ignore[index]
             log.info("sql_model_registered", job=o.job.id, model=row["id"], status=status,  # type: ignore[index]

@@ -111,6 +111,8 @@ class Worker(Claiming):
             log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)
             self.stopping.set()
             self.wakeups.stop()
+            for handler in self.handlers.values():
+                handler.abandon()  # a training run is not waited for: its job goes back to the queue
 
     def _open_pool(self) -> AsyncConnectionPool:
         assert self.pool is not None

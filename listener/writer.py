@@ -150,6 +150,8 @@ class BatchWriter:
             # rolled back (a deadlock) is written again
             fates = {o.job.id: await self._fail_or_retry(conn, handler, o) for o in mine if not o.ok}
             changed += [i for i, how in fates.items() if how == "changed"]
+            if released := sum(how == "released" for how in fates.values()):
+                await conn.execute(q("notify_jobs"), {"kind": kind, "n": released})
             if changed and (n := await handler.requeue_changed(conn, changed)):
                 # an edit committed after these jobs loaded their rows queued no job of its own: one is queued now
                 await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
@@ -189,10 +191,17 @@ class BatchWriter:
                       error=o.error)
 
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> str | None:
-        """Retry the failed job ("retried"), or fail it for good ("failed"). Superseded instead (done), it says why:
+        """Retry the failed job ("retried"), or fail it for good ("failed"); one a stopping worker abandoned goes back
+        to the queue at once ("released"). Superseded instead (done), it says why:
         "pending", a newer pending job of the row has its new state; "changed", its row changed since the job read
         it (the caller queues a job for the new content: handler.requeue_changed). None: no longer this worker's."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
+        if o.abandoned:  # the worker is stopping: the next worker takes it at once (the caller NOTIFYs)
+            cur = await conn.execute(q("release_job"), params)
+            if cur.rowcount:
+                return "released"
+            cur = await conn.execute(q("supersede_job"), {**params, "reason": "superseded: a newer pending job runs it"})
+            return "pending" if cur.rowcount else None
         if not self._final(o):
             cur = await conn.execute(q("retry_job"), {**params, "delay": self._delay(o)})
             if cur.rowcount:

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "or --not-helpful it must agree)")
     fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
     fb.add_argument("--comment")
-    rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it)")
+    rt = sub.add_parser("retrain", help="queue a retrain from feedback now (the worker runs it; none while one is "
+                        "pending or running: that one is named)")
     rt.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")
     rt.add_argument("--json", action="store_true", help="stdout is one JSON document: the job and what became of it; "
@@ -275,7 +276,8 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
                            runtime_help="default: llama-cpp for a GGUF model (a preset, a .gguf file) when "
                            "pgsynapse[llama] is installed, else transformers (it says which, and why)")
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now, whatever "
-                         "sql_retrain_min_corrections (the worker runs it)")
+                         "sql_retrain_min_corrections (the worker runs it; none while one is pending or running: "
+                         "that one is named)")
     rr.add_argument("--force", action="store_true", help="register the model even if it fails its gate (no traffic)")
     rr.add_argument("--wait", action="store_true", help="wait until it is registered (or fails) and print the gate's "
                     "verdict")

@@ -66,15 +66,6 @@ class SideRegistry:
             raise RegistryError(f"no {self.noun} {model_id}")
         return rows[0]
 
-    def newest_id(self, conn: psycopg.Connection) -> int:
-        """The highest model id so far (0 when none)."""
-        return self._fetch(conn, "newest_model")[0]["id"] or 0
-
-    def gated_model_after(self, conn: psycopg.Connection, after: int) -> dict[str, Any] | None:
-        """The first model registered after id ``after`` with a gate verdict (what a retrain registered), or None."""
-        rows = self._fetch(conn, "gated_model_after", {"after": after})
-        return rows[0] if rows else None
-
     def list_models(self, conn: psycopg.Connection) -> list[dict[str, Any]]:
         """Every model, in id order."""
         return self._fetch(conn, "models")

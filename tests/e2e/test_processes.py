@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
-from tests.helpers import aconn, adopt_runtime, insert_docs, spawn_worker, wait_until
+from tests.e2e.test_learning import _helpful_feedback, _pages
+from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -138,6 +141,51 @@ async def test_sigterm_abandons_a_runtime_export_and_the_next_start_redoes_it(db
                               (candidate,)).fetchone()["n"]
     # nothing recorded: the next start exports it (runtime_export_started picks a runtime_pending candidate)
     assert v["runtime_pending"] and v["runtime"] == "torch" and "runtime_export" not in v["metrics"] and events == 0
+
+
+async def test_sigterm_abandons_a_running_retrain_and_releases_its_job_for_the_next_worker(db_url, models, tmp_path):
+    """SIGTERM waited for a retrain in progress (up to retrain_budget_seconds, then as long again to evaluate), so
+    systemd's TimeoutStopSec SIGKILLed the worker first and the run was lost and redone only after its lease. Now
+    the trainer is stopped, the job back to pending at once without
+    charging an attempt (the next worker takes it), `retrain_abandoned` logged, and the worker exits 0."""
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await _helpful_feedback(conn, pages)
+    await conn.close()
+    with psycopg.connect(db_url, autocommit=True) as c:
+        job = queue_retrain(c)
+    # a long run: 20 epochs, the flow under test is its end
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_KINDS": "retrain", "PGSYNAPSE_DATA_DIR": str(tmp_path),
+                                       "PGSYNAPSE_RETRAIN_SYNTHETIC_PAIRS": "0", "PGSYNAPSE_RETRAIN_BATCH_SIZE": "4",
+                                       "PGSYNAPSE_RETRAIN_EPOCHS": "20", "PGSYNAPSE_RETRAIN_BUDGET_SECONDS": "120"})
+    try:
+        step = worker.wait_event("retrain_step")  # the trainer is training
+        assert step["job"] == job and step["step"] < step["steps"], step
+        [trainer] = [p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+                     if "pgsynapse.learning.train" in p.cmdline()]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(60) == 0, worker.tail()
+    finally:
+        for p in psutil.Process(worker.proc.pid).children(recursive=True) if worker.proc.poll() is None else []:
+            p.kill()
+        worker.proc.kill()
+    names = [e["event"] for e in worker.events]
+    abandoned = worker.wait_event("retrain_abandoned")
+    assert abandoned["job"] == job and names.index("retrain_abandoned") < names.index("worker_stopped"), names
+    assert not {"retrain_finished", "retrain_registered", "job_retry_scheduled", "job_failed"} & set(names), names
+    assert not trainer.is_running()
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        row = c.execute("SELECT status, attempts, worker, lease_until, run_after <= now() AS due, last_error"
+                        " FROM pgsynapse.jobs WHERE id = %s", (job,)).fetchone()
+        versions = c.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"]
+    assert row == {"status": "pending", "attempts": 0, "worker": None, "lease_until": None, "due": True,
+                   "last_error": None}, row
+    assert versions == 1
 
 
 def test_sigterm_during_the_first_starts_export_stops_the_worker_cleanly(db_url, tmp_path):

@@ -22,7 +22,11 @@ from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export import run_export
+from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.retrain import RetrainHandler
 from pgsynapse.learning.cli import queue_retrain, render_versions
+from pgsynapse.learning.registry import promote
+from pgsynapse.queries import q
 from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
@@ -149,8 +153,10 @@ REJECTED_VERSION = DONE + (", v AS (INSERT INTO pgsynapse.model_versions (name, 
                            " VALUES ('retrained', 'embedding', 'torch', 384, 'rejected', %(metrics)s) RETURNING id)"
                            " INSERT INTO pgsynapse.model_events (model_version_id, event, figures)"
                            " SELECT id, 'rejected', jsonb_build_object('job', %(job)s::bigint) FROM v")
+# as the sql_retrain job registers its model: its metrics name the job
 REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runtime, status, metrics)"
-                             " VALUES ('retrained', '/nowhere', 'transformers', 'rejected', %(metrics)s)")
+                             " VALUES ('retrained', '/nowhere', 'transformers', 'rejected',"
+                             " %(metrics)s::jsonb || jsonb_build_object('job', %(job)s::bigint))")
 
 
 async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_1(db_url):
@@ -204,16 +210,14 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
 
 
 async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_running_meanwhile_registered(db_url):
-    """A retrain queued while another runs (dedup is among pending jobs only) is its own job: `retrain --wait`
-    reports the version its job registered, not the one the running retrain registered first. Each job is ended
-    here as a worker would end it, the running one first."""
+    """`retrain --wait` reports the version its own job registered, not one another retrain (a worker's, started
+    once this one was queued) registered first. Each job is ended here as a worker would end it, the other one
+    first."""
     with psycopg.connect(db_url, autocommit=True) as c:
         doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
         chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
                           " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
         c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
-        running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
-                            " ('retrain', 0, '{}', 'running', 1) RETURNING id").fetchone()[0]
     theirs = {**GATE, "reasons": ["the running retrain's reason"]}
     mine = {**GATE, "reasons": ["this retrain's reason"]}
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
@@ -224,6 +228,8 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
                          " 'pending')", channel="pgsynapse_jobs")
         job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'retrain' AND status ="
                                          " 'pending'")).fetchone())["id"]
+        running = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts)"
+                                             " VALUES ('retrain', 1, '{}', 'running', 1) RETURNING id")).fetchone())["id"]
         await conn.execute(REJECTED_VERSION, {"job": running, "metrics": json.dumps({"gate": theirs})})
         await conn.execute(REJECTED_VERSION, {"job": job, "metrics": json.dumps({"gate": mine})})
         await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
@@ -234,6 +240,83 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
     assert their_version < my_version
     assert (cli.returncode, json.loads(out)) == (1, {"job": job, "outcome": "done", "version": my_version,
                                                      "status": "rejected", "gate": mine}), (out, err)
+
+
+def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url):
+    """One retrain at a time, as the feedback trigger queues them: `pgsynapse retrain` while one runs queued a
+    second, which trained again on the same feedback (identical gate figures), and said nothing of the first; while
+    one was pending its --json said "queued" where stderr said "already pending". Now it queues none, says which job
+    runs or waits (exit 0: a retrain is under way), and --json's outcome says the same. `sql-model retrain` too."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+    nothing = {"version": None, "status": None, "gate": None}
+    sql_nothing = {"sql_model": None, "status": None, "traffic_percent": None, "gate": None}
+    for kind, command, empty in (("retrain", ["retrain"], nothing), ("sql_retrain", ["sql-model", "retrain"],
+                                                                       sql_nothing)):
+        with psycopg.connect(db_url, autocommit=True) as c:
+            running = c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts) VALUES"
+                                " (%s, 0, '{}', 'running', 1) RETURNING id", (kind,)).fetchone()[0]
+        said = (f"a {kind} is already running (job {running}): nothing was queued (one at a time: it trains on what "
+                "there was when it started; --wait waits for it)")
+        r = pgsynapse(*command, "--json", url=db_url)
+        assert (r.returncode, json.loads(r.stdout)) == (0, {"job": running, "outcome": "already_running", **empty}), (
+            r.stdout, r.stderr)
+        assert r.stderr.splitlines()[-1] == said, r.stderr
+        r = pgsynapse(*command, url=db_url)
+        assert (r.returncode, r.stdout.splitlines()) == (0, [said]), (r.stdout, r.stderr)
+        with psycopg.connect(db_url, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (1,)
+            c.execute("UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %s", (running,))
+            pending = queue_retrain(c, kind)
+        r = pgsynapse(*command, "--json", url=db_url)
+        assert (r.returncode, json.loads(r.stdout)) == (0, {"job": pending, "outcome": "already_pending", **empty}), (
+            r.stdout, r.stderr)
+        assert r.stderr.splitlines()[-1] == (f"a {kind} is already pending (job {pending}): nothing was queued (it "
+                                             "trains on what there is when it starts; --wait waits for it)"), r.stderr
+        with psycopg.connect(db_url, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (2,)
+
+
+async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_another_sql_retrain_registered(db_url):
+    """`sql-model retrain --wait` reports the SQL model its own job registered: it took the first gated model
+    registered after it was queued, so another sql_retrain's model, registered first, was printed (and exited by)
+    as its own. Each job is ended here as a worker would end it, the other one first."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+    theirs = {**GATE, "reasons": ["the other sql_retrain's reason"]}
+    mine = {**GATE, "passed": True, "reasons": ["this sql_retrain's reason"], "delta": 0.5, "candidate": 0.5,
+            "active": 0.0, "heldout": 2, "wins": 1, "losses": 0}
+    env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
+    conn = await aconn(db_url)
+    with subprocess.Popen([sys.executable, "-m", "pgsynapse", "sql-model", "retrain", "--wait", "--json"], env=env,
+                          cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True) as cli:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status ="
+                         " 'pending')", channel="pgsynapse_jobs")
+        job = (await (await conn.execute("SELECT id FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status ="
+                                         " 'pending'")).fetchone())["id"]
+        # another sql_retrain (a worker's, started meanwhile) registers its rejected model first
+        other = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts)"
+                                           " VALUES ('sql_retrain', 1, '{}', 'running', 1) RETURNING id")).fetchone())["id"]
+        await conn.execute(REJECTED_SQL_MODEL, {"job": other, "metrics": json.dumps({"gate": theirs})})
+        await conn.execute(REJECTED_SQL_MODEL.replace("'rejected'", "'candidate'"),
+                           {"job": job, "metrics": json.dumps({"gate": mine})})
+        await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
+        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
+    [their_model, my_model] = [r["id"] for r in await (await conn.execute(
+        "SELECT id FROM pgsynapse.sql_models ORDER BY id")).fetchall()]
+    await conn.close()
+    assert (cli.returncode, json.loads(out)) == (0, {"job": job, "outcome": "done", "sql_model": my_model,
+                                                     "status": "candidate", "traffic_percent": 0.0, "gate": mine}), (
+        their_model, out, err)
 
 
 async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url):
@@ -249,3 +332,56 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
     assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
             "stops waiting, the retrain stays queued)") in err.splitlines(), err
+
+
+async def test_a_candidate_whose_active_version_changed_during_its_retrain_is_rejected_saying_so(
+        db_url, models, tmp_path):
+    """A retrain's gate compares its candidate with the version active when it started; when another version was
+    promoted meanwhile (an A/B decision, by hand), the candidate was registered on a verdict against a version no
+    longer active, then A/B tested against the new one. Now it is rejected, the reason first in its gate and in its
+    registry event, and its examples stay untrained, so the next retrain (the feedback trigger's, or `pgsynapse
+    retrain`) judges one against the new active version. The real retrain job's load, trainer and write."""
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    # the gate off: on v1's figures alone the candidate would be registered
+    settings = fast_settings(db_url, kinds=("embed",), data_dir=str(tmp_path / "data"), retrain_synthetic_pairs=0,
+                             retrain_batch_size=8, retrain_margin=-1)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await _helpful_feedback(conn, pages)
+    # another version, backfilled and ready, that an A/B decision promotes while the retrain trains
+    other = (await (await conn.execute(
+        "INSERT INTO pgsynapse.model_versions (name, kind, runtime, dim, status, backfilled_at) VALUES"
+        " ('other', 'embedding', 'torch', 384, 'candidate', now()) RETURNING id")).fetchone())["id"]
+    job = (await (await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, attempts, worker,"
+                                     " started_at) VALUES ('retrain', 0, '{\"force\": true}', 'running', 1, 'w1',"
+                                     " now()) RETURNING id, started_at")).fetchone())
+    handler = RetrainHandler(settings, models)
+    claimed = Job(job["id"], "retrain", 0, {"force": True}, 1, job["started_at"], job["started_at"])
+    work, _ = await handler.load(conn, [claimed])
+    [outcome] = await anyio.to_thread.run_sync(handler.compute, work)
+    assert outcome.error is None, outcome.error
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        promote(sync, other, reason="auto", actor="w2")
+    with capture_logs() as logs:
+        async with conn.transaction():
+            await handler.write(conn, [outcome])
+    row = await (await conn.execute("SELECT id, status, metrics->'gate' AS gate, artifact_path FROM"
+                                    " pgsynapse.model_versions WHERE id > %s", (other,))).fetchone()
+    said = (f"the active version changed during the retrain (version 1 when it started, version {other} now): its "
+            f"gate compared the candidate with version 1, not with version {other}: retrain again")
+    assert (row["status"], row["gate"]["passed"], row["gate"]["reasons"][0]) == ("rejected", False, said), row
+    [event] = await (await conn.execute("SELECT event, reason, figures FROM pgsynapse.model_events WHERE"
+                                        " model_version_id = %s", (row["id"],))).fetchall()
+    assert (event["event"], event["reason"].split("; ")[0]) == ("rejected", said), event
+    assert (event["figures"]["gated_against"], event["figures"]["active"]) == (1, other), event
+    # its examples are new to the next retrain, which a rejection on its own verdict would not leave them
+    untrained = (await (await conn.execute(q("feedback_progress", "learning.sql"))).fetchone())
+    assert untrained["untrained"] == untrained["examples"] == 12, untrained
+    assert not list(Path(row["artifact_path"]).rglob("*.safetensors"))  # it never serves: its weights go
+    [changed] = [e for e in logs if e["event"] == "retrain_active_changed"]
+    assert (changed["job"], changed["gated_against"], changed["active"]) == (job["id"], 1, other), changed
+    await conn.close()

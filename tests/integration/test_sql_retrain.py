@@ -197,6 +197,21 @@ async def test_the_memory_guard_stops_the_trainer_with_a_clear_error(db_url, tmp
     assert outcome.retry is False and _models(db_url) == []
 
 
+@pytest.mark.anyio
+async def test_a_stopping_worker_abandons_the_sql_training_rather_than_wait_for_it(db_url, tmp_path, base_model):
+    """The worker's stop (Handler.abandon) stops the trainer or, as here, keeps it from starting: the job's outcome
+    is abandoned (the writer releases it for the next worker, attempt not charged), nothing is registered.
+    tests/e2e/test_processes.py stops a retrain's trainer mid-run with SIGTERM."""
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=False)
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model))
+    handler.abandon()
+    with capture_logs() as logs:
+        outcome = await _run(handler, db_url)
+    assert (outcome.abandoned, outcome.error) == (True, "the worker is stopping: the training run was abandoned")
+    assert [e["job"] for e in logs if e["event"] == "sql_retrain_abandoned"] == [1] and _models(db_url) == []
+
+
 def _retrain_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{"sql_model_command": "retrain", "force": False, "wait": True, "json": False, **kw})
 

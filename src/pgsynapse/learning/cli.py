@@ -29,8 +29,9 @@ from pgsynapse.status import backfill_state
 
 def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: bool = True,
                   now: bool = False) -> int | None:
-    """Queue a retrain (``retrain``, or ``sql_retrain``; deduplicated: never two pending). ``now``: run whatever the
-    threshold (a command asked). Returns the job id, or None if one was pending."""
+    """Queue a retrain (``retrain``, or ``sql_retrain``): one at a time, none while one is pending or running.
+    ``now``: run whatever the threshold (a command asked). Returns the job id, or None if one was pending or
+    running."""
     payload = {"force": force, "now": True} if now else {"force": force}
     row = conn.execute(q("queue_retrain", "learning.sql"), {"kind": kind, "payload": Jsonb(payload)}).fetchone()
     return (row["id"] if isinstance(row, dict) else row[0]) if row else None
@@ -38,23 +39,31 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bool = True, now: bool = False,
                    hint: str = "", out: TextIO | None = None) -> tuple[int, dict[str, Any]]:
-    """Queue a ``kind`` job (or find the one pending) and say which on ``out`` (stdout; stderr under ``--json``,
-    whose stdout is the caller's one JSON document); with ``wait``, wait until it ends and say so if it failed or
-    was skipped. Returns the exit code, and the job's outcome: ``job`` (None when the one pending ended before it
-    was named) and ``outcome``, one of ``queued`` (not waited for), ``done`` (the caller says what it registered),
-    ``skipped`` (with ``skip_reason``) or ``failed`` (with ``error``)."""
+    """Queue a ``kind`` job (or find the one pending or running: one at a time) and say which on ``out`` (stdout;
+    stderr under ``--json``, whose stdout is the caller's one JSON document); with ``wait``, wait until it ends and
+    say so if it failed or was skipped. Returns the exit code, and the job's outcome: ``job`` (None when the one
+    pending or running ended before it was named) and ``outcome``, one of ``queued``, ``already_pending`` or
+    ``already_running`` (not waited for: nothing was queued for the last two), ``done`` (the caller says what it
+    registered), ``skipped`` (with ``skip_reason``) or ``failed`` (with ``error``)."""
     out = out or sys.stdout
     job = queue_retrain(conn, kind, force=force, now=now)
+    outcome = "queued"
     if job:
         print(f"{kind} queued (job {job}){hint}", file=out, flush=True)
-    else:  # queued earlier (by a threshold, or a command): --wait waits for that one
-        job = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()["id"]
-        if job is None:  # it ended between the two statements
-            print(f"a {kind} was already pending", file=out, flush=True)
+    else:  # queued earlier (by a threshold, or a command), or running: --wait waits for that one
+        row = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()
+        if row is None:  # it ended between the two statements
+            print(f"a {kind} was already pending or running: nothing was queued", file=out, flush=True)
+            outcome = "already_pending"
         else:
-            print(f"a {kind} is already pending (job {job}){': waiting for it' if wait else ''}", file=out, flush=True)
+            job, state = row["id"], row["status"]
+            outcome = f"already_{state}"
+            when = "there was when it started" if state == "running" else "there is when it starts"
+            print(f"a {kind} is already {state} (job {job}): " + ("waiting for it" if wait else
+                  f"nothing was queued ({'one at a time: ' if state == 'running' else ''}it trains on what {when}; "
+                  "--wait waits for it)"), file=out, flush=True)
     if not (wait and job):
-        return 0, {"job": job, "outcome": "queued"}
+        return 0, {"job": job, "outcome": outcome}
     if not worker_takes(conn, kind):  # else it waits without a word until one starts
         print(f"pgsynapse: no running worker takes {kind} jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
               f"stops waiting, the {kind} stays queued)", file=sys.stderr, flush=True)

@@ -5,7 +5,8 @@ The trainer is started as ``python -m MODULE`` and reads its spec as JSON on std
 password included: a pipe, never a file, argv or the environment). It reports progress as one JSON line per event
 on stdout (:func:`progress`), which the parent relays to its log, and writes ``metrics.json`` into its output
 directory. The parent kills it when its resident memory goes over a budget (it must never take the machine down)
-or when it runs past a deadline (it must never hang the worker's retrain loop).
+or when it runs past a deadline (it must never hang the worker's retrain loop), and when its worker is stopping
+(:class:`Stop`: a SIGTERM does not wait for a run of up to twice its budget; the job is released instead).
 """
 
 from __future__ import annotations
@@ -37,26 +38,71 @@ class TrainingFailed(PgsynapseError):
         self.retry = retry
 
 
+class TrainingAbandoned(TrainingFailed):
+    """The worker is stopping: the training run was stopped (or not started), and nothing of it is kept."""
+
+    def __init__(self) -> None:
+        super().__init__("the worker is stopping: the training run was abandoned", retry=True)
+
+
+class Stop:
+    """How a stopping worker abandons its training runs: :meth:`now`, from any thread, kills the trainer running
+    and refuses to start another (:func:`run_trainer` raises :class:`TrainingAbandoned`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requested = False
+        self._proc: subprocess.Popen[str] | None = None
+
+    def now(self) -> None:
+        with self._lock:
+            self.requested = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def attach(self, proc: subprocess.Popen[str] | None) -> None:
+        """The trainer now running (None: none); killed at once when the stop came first."""
+        with self._lock:
+            self._proc = proc
+            late = self.requested
+        if late and proc is not None:
+            proc.kill()
+
+
 def progress(event: str, **kw: Any) -> None:
     """In the trainer: one JSON line per progress event on stdout; the parent turns them into log events."""
     print(json.dumps({"event": event, **kw}, default=str), flush=True)
 
 
 def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memory_mb: float,
-                kill_after_seconds: float, default_event: str, **log_context: Any) -> dict[str, Any]:
+                kill_after_seconds: float, default_event: str, stop: Stop | None = None,
+                **log_context: Any) -> dict[str, Any]:
     """Run ``python -m module`` with ``spec`` on stdin, relay its progress events to the log (with
     ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus ``peak_rss_mb_observed``.
 
     Raises :class:`TrainingFailed` when it goes over ``memory_mb`` of RSS or past ``kill_after_seconds`` (it is
-    killed), exits non-zero (the message ends with its stderr's last lines) or writes no metrics."""
+    killed), exits non-zero (the message ends with its stderr's last lines) or writes no metrics;
+    :class:`TrainingAbandoned` when ``stop`` was requested before it started or while it ran (it is killed)."""
+    if stop is not None and stop.requested:
+        raise TrainingAbandoned()
     proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    if stop is not None:
+        stop.attach(proc)
     try:
-        return _follow(proc, spec, Path(out_dir), memory_mb, kill_after_seconds, default_event, log_context)
+        metrics = _follow(proc, spec, Path(out_dir), memory_mb, kill_after_seconds, default_event, log_context)
+    except TrainingFailed:
+        if stop is not None and stop.requested:  # killed by the stop, not failed: its error says nothing
+            raise TrainingAbandoned() from None
+        raise
     finally:
+        if stop is not None:
+            stop.attach(None)
         if proc.poll() is None:  # the parent failed or was interrupted: the trainer must not outlive it
             proc.kill()
             proc.wait()
+    return metrics  # ended as the stop came: a finished run is kept
 
 
 def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, memory_mb: float,

@@ -340,14 +340,19 @@ SELECT pg_notify('pgsynapse_models', json_build_object(%(change)s::text, %(versi
 SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS got;
 
 -- name: queue_retrain
--- `pgsynapse retrain`: at most one pending retrain (or sql_retrain) job; NULL when one was pending
-WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload) VALUES (%(kind)s, 0, %(payload)s)
+-- `pgsynapse retrain`: one retrain (or sql_retrain) at a time, as the triggers queue them: none is queued while
+-- one is pending or running (NULL then)
+WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload)
+           SELECT %(kind)s, 0, %(payload)s
+           WHERE NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = %(kind)s AND status = 'running')
            ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING RETURNING id)
 SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', 1)::text) FROM j;
 
 -- name: unfinished_retrain
--- the retrain (or sql_retrain) a `--wait` that found one pending waits for (claimed meanwhile: then running)
-SELECT max(id) AS id FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running');
+-- the retrain (or sql_retrain) pending or running that kept `pgsynapse retrain` from queueing one (the one its
+-- `--wait` waits for); no row when it ended meanwhile
+SELECT id, status FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running')
+ORDER BY id DESC LIMIT 1;
 
 -- name: job_state
 SELECT status, last_error, skip_reason FROM pgsynapse.jobs WHERE id = %(job)s;

@@ -78,6 +78,15 @@ WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p
                   WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending');
 
+-- name: release_job
+-- A stopping worker abandoned the job (a training run it did not wait for): pending again at once, its attempt not
+-- charged, unless a newer pending job for the same row exists (then it is superseded).
+UPDATE pgsynapse.jobs j
+SET status = 'pending', run_after = now(), lease_until = NULL, worker = NULL, attempts = greatest(j.attempts - 1, 0)
+WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s
+  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                  WHERE p.kind = j.kind AND p.ref_id = j.ref_id AND p.status = 'pending');
+
 -- name: supersede_job
 -- done with nothing written, and why (skip_reason, as other jobs done with nothing to write): not an error
 UPDATE pgsynapse.jobs

@@ -7,17 +7,6 @@ SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent, creat
 FROM pgsynapse.{table}
 ORDER BY id;
 
--- name: newest_model
-SELECT max(id) AS id FROM pgsynapse.{table};
-
--- name: gated_model_after
--- the model a retrain registered: the first one after %(after)s with a gate verdict
-SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent, created_at, activated_at, replaced_id
-FROM pgsynapse.{table}
-WHERE id > %(after)s AND metrics ? 'gate'
-ORDER BY id
-LIMIT 1;
-
 -- name: model_by_id
 SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent, created_at, activated_at, replaced_id
 FROM pgsynapse.{table}

@@ -22,6 +22,15 @@ JOIN pgsynapse.data_questions q ON q.id = c.question_id
 WHERE c.created_at >= coalesce(q.asked_at, q.created_at)
   AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
 
+-- name: sql_model_of_job
+-- the SQL model a sql_retrain job registered: its metrics name the job (handlers/sql_retrain.py), so a model
+-- another sql_retrain registered meanwhile is never taken for it
+SELECT id, name, base_id, path, runtime, metrics, status, traffic_percent
+FROM pgsynapse.sql_models
+WHERE metrics ? 'gate' AND metrics->>'job' = %(job)s::text
+ORDER BY id
+LIMIT 1;
+
 -- name: mark_sql_corrections_trained
 -- the corrections a retrain saw (every one up to the last it read, whatever its verdict) are not new any more
 UPDATE pgsynapse.sql_corrections SET trained_in_model = %(model)s

@@ -181,13 +181,13 @@ def retrain(conn: psycopg.Connection, args: argparse.Namespace) -> int:
     if not conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"]:
         raise InputError("no corrections to learn from (`pgsynapse sql-correct ID --sql ...` records one); nothing "
                          "was queued")
-    newest = registry.REGISTRY.newest_id(conn)
     code, waited = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
                                   hint="" if args.wait else ": a worker with the sql_retrain kind runs it",
                                   out=sys.stderr if args.json else sys.stdout)
     model = None
     if waited["outcome"] == "done":
-        model = registry.REGISTRY.gated_model_after(conn, newest)
+        # the model this job registered (another sql_retrain may have registered one meanwhile)
+        model = conn.execute(q("sql_model_of_job", "textsql_models.sql"), {"job": waited["job"]}).fetchone()
         if model and model["status"] == "rejected":
             code = 1  # the gate refused what was asked for (README's exit codes)
         if not args.json:
