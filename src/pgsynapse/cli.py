@@ -195,6 +195,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"closed {retried.superseded} failed job(s) as superseded: their row has a newer job, or changed "
                   "and was processed since")
         return 0
+    if args.command == "search" and args.k is None:  # as many as an answer is given
+        args.k = settings.answer_top_k
     if args.command == "search" and (args.images or args.like_image):
         return run_image_search(args, settings)
     if args.command == "image-model":

@@ -389,10 +389,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
             raw = environ.get("DATABASE_URL")
         if raw is None or raw == "":
             continue
-        if name in ("kinds", "image_roots"):
-            values[name] = tuple(k.strip() for k in raw.split(",") if k.strip())
-        else:
-            values[name] = raw
+        values[name] = raw
     return values
 
 
@@ -463,6 +460,9 @@ def load_settings(
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(env)
     values.update(given)
+    for name in ("kinds", "image_roots"):  # comma-separated, in the environment and in the file alike (or a list)
+        if isinstance(values.get(name), str):
+            values[name] = tuple(k.strip() for k in values[name].split(",") if k.strip())
     from_file -= set(env) | set(given)
     try:
         return Settings(**values)

@@ -11,6 +11,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
 from pgsynapse.cache import default_lru
+from pgsynapse.cli import main
 from pgsynapse.client import Client
 from pgsynapse.corpus import shipped_pages
 from pgsynapse.errors import InputError
@@ -443,6 +444,33 @@ async def test_search_shows_the_passages_an_answer_is_written_from(db_url, model
         await search(conn, models, " \n")
     await conn.close()
     assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)  # kNN alone: by cosine
+
+
+async def test_pgsynapse_search_shows_answer_top_k_passages_unless_told_otherwise(db_url, models, monkeypatch, capsys):
+    """`pgsynapse search` lists "the passages an answer would use" (README): as many as answer_top_k, not always 5,
+    in the answer handler's order; -k still chooses."""
+    more = [(f"Transactions {i}", f"BEGIN starts transaction block {i}; COMMIT ends it and ROLLBACK "
+             f"undoes its commands.") for i in range(4)]
+    async with running_worker(fast_settings(db_url), models):
+        await _corpus(db_url, DOCS + more)  # 8 passages: more than the 5 search listed whatever the setting
+    monkeypatch.setenv("PGSYNAPSE_ANSWER_TOP_K", "3")
+    text = "how can I undo commands back to a savepoint?"
+    conn = await aconn(db_url)
+    conn.row_factory = dict_row
+    await register_vector_async(conn)
+    version = await version_row(conn)
+    passages = await AnswerHandler(fast_settings(db_url, answer_top_k=3), models)._retrieve(
+        conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text,
+                         models.get(version).encode([text])[0]))
+    await conn.close()
+    capsys.readouterr()
+    for args, n in (([], 3), (["-k", "4"], 4)):
+        assert await anyio.to_thread.run_sync(lambda: main(["--database-url", db_url, "search", text, *args])) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{n} hits in the fused"), out
+        if n == 3:  # each hit's line: "1. 0.497  title  [source #ord]"
+            scores = [ln.split()[1] for ln in out.splitlines() if ln[:3] in ("1. ", "2. ", "3. ")]
+            assert scores == [f"{p.score:.3f}" for p in passages], (out, passages)
 
 
 async def test_full_text_side_ranks_only_the_chunks_its_rarer_words_select(db_url, models):

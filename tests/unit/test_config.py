@@ -92,6 +92,18 @@ def test_toml_file_then_environment_then_overrides(tmp_path: Path):
     assert (s.batch_size, s.poll_interval, s.log_format) == (8, 1.0, "console")
 
 
+def test_list_settings_of_the_file_are_lists_or_comma_separated_as_in_the_environment(tmp_path: Path):
+    # the docs give kinds and image_roots comma-separated (PGSYNAPSE_KINDS=embed,answer): the same string in the
+    # file was refused with pydantic's "Input should be a valid tuple", though TOML has no tuples
+    f = tmp_path / "pgsynapse.toml"
+    f.write_text('kinds = "embed, answer"\nimage_roots = "/srv/images,/mnt/photos"\n')
+    s = load_settings(f, environ={})
+    assert s.kinds == ("embed", "answer") and s.image_roots == (Path("/srv/images"), Path("/mnt/photos"))
+    f.write_text('kinds = ["embed"]\nimage_roots = ["/srv/images"]\n')
+    s = load_settings(f, environ={})
+    assert s.kinds == ("embed",) and s.image_roots == (Path("/srv/images"),)
+
+
 def test_unknown_key_in_toml_is_rejected(tmp_path: Path):
     f = tmp_path / "c.toml"
     f.write_text("bach_size = 8\n")
