@@ -5,6 +5,7 @@ piece of text as it is generated. The final answer's citations are checked again
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
+from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -167,19 +169,35 @@ class OpenAIAnswerer:
 
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
               what: str = "answer endpoint") -> T:
-    """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors
-    become a RuntimeError that names ``what`` failed and how."""
+    """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors,
+    a reply slower than ``timeout`` (seconds, per socket operation) and a body that is not JSON become a RuntimeError
+    that names ``what`` failed and how. A key refused (HTTP 401, 403) is a :class:`ConfigError` naming the key's
+    setting: no retry helps, an operator must set another one."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    slow = f"{what} did not answer within {timeout:g} s"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return read(resp)
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{what} returned HTTP {exc.code}: {exc.read()[:200]!r}") from None
+        said = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+        if exc.code in (401, 403):
+            key = "the key given" if api_key else "no key (none is set)"
+            raise ConfigError(f"invalid setting openai_api_key [PGSYNAPSE_OPENAI_API_KEY]: the {what} refused "
+                              f"{key} ({said}); set the endpoint's API key") from None
+        raise RuntimeError(f"{what} returned {said}") from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise RuntimeError(slow) from None
         raise RuntimeError(f"{what} unreachable: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{what} returned a body that is not JSON: {exc.doc[:200]!r}") from None
+    except TimeoutError:
+        raise RuntimeError(slow) from None
+    except (OSError, http.client.HTTPException) as exc:  # the connection broke mid-reply
+        raise RuntimeError(f"{what} connection broke: {type(exc).__name__}: {exc}") from None
 
 
 def message_contents(data: object, what: str = "answer endpoint") -> list[str]:
