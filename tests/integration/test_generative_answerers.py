@@ -136,6 +136,7 @@ async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, mod
     assert ok.sources[0]["title"] == "Savepoints"
     req = FakeOpenAI.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test" and req["body"]["model"] == "tiny"
+    assert req["body"]["max_tokens"] == settings.answer_max_new_tokens  # the answer's token limit, as documented
     assert "[1] Savepoints:" in req["body"]["messages"][-1]["content"]
     follow = FakeOpenAI.requests[1]["body"]["messages"]
     assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along

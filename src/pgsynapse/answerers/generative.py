@@ -136,11 +136,12 @@ class OpenAIAnswerer:
     name = "openai"
 
     def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
-                 citation_policy: CitationPolicy = "flag") -> None:
+                 max_new_tokens: int | None = None, citation_policy: CitationPolicy = "flag") -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
+        self.max_new_tokens = max_new_tokens  # sent as max_tokens (None: the endpoint's own limit)
         self.citation_policy: CitationPolicy = citation_policy
 
     def answer(self, req: Request, on_delta: Delta | None = None) -> Answer:
@@ -152,7 +153,9 @@ class OpenAIAnswerer:
             if t.answer:
                 messages.append({"role": "assistant", "content": t.answer})
         messages.append({"role": "user", "content": build_prompt(req)})
-        payload = {"model": self.model, "messages": messages, "temperature": 0}
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
+        if self.max_new_tokens:
+            payload["max_tokens"] = self.max_new_tokens
         if on_delta is not None:
             payload["stream"] = True
 
