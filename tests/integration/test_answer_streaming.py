@@ -36,6 +36,9 @@ class SSE(BaseHTTPRequestHandler):
     finish_reason: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
     hung_up = threading.Event()  # the answerer closed the stream before its end
     await_hang_up = False  # after the pieces, wait for the answerer to close the stream (no [DONE])
+    # events with no choices, as Azure OpenAI sends first (prompt_filter_results) and OpenAI last (usage)
+    bare_events = False
+    cut_off = False  # the connection closes after the pieces: no finish_reason, no [DONE]
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -59,6 +62,8 @@ class SSE(BaseHTTPRequestHandler):
             SSE.hung_up.set()
 
     def _stream(self, pieces: list[str], gates: list[threading.Event] | None) -> None:
+        if SSE.bare_events:
+            self.wfile.write(b'data: {"choices": [], "prompt_filter_results": [{"prompt_index": 0}]}\n\n')
         for k, piece in enumerate(pieces):
             if gates is not None and k > 0:
                 assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
@@ -72,8 +77,12 @@ class SSE(BaseHTTPRequestHandler):
             if self.rfile.read(1) == b"":
                 SSE.hung_up.set()
             return
+        if SSE.cut_off:
+            return
         if gates is not None:  # the end too waits for the last piece's NOTIFY
             assert gates[len(pieces) - 1].wait(SAFETY), "no NOTIFY for the last piece"
+        if SSE.bare_events:
+            self.wfile.write(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -85,6 +94,7 @@ class SSE(BaseHTTPRequestHandler):
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
     SSE.scripts, SSE.gates, SSE.requests, SSE.finish_reason, SSE.await_hang_up = [PIECES], None, [], None, False
+    SSE.bare_events, SSE.cut_off = False, False
     SSE.hung_up.clear()
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -254,6 +264,23 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
     assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
+
+
+async def test_events_without_choices_are_skipped_and_a_stream_cut_off_is_retried(db_url, models, sse):
+    """Azure OpenAI sends a first event with no choices (its prompt filter's results), OpenAI a last one (usage):
+    neither fails the answer. A stream that ends with neither a finish_reason nor [DONE] was cut off: its partial
+    text is not the answer, the job is tried again."""
+    SSE.bare_events = True
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0, max_attempts=1), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            ok = await client.ask("how do I undo commands back to a savepoint?")
+            SSE.cut_off = True
+            cut = await client.ask("how do I release a savepoint?")
+    assert ok.status == "answered" and ok.answer == "".join(PIECES), ok.error
+    assert SSE.requests[0]["stream"] is True  # streamed, its events read one by one
+    assert cut.status == "failed" and cut.answer is None
+    assert "answer endpoint's stream ended before its end ([DONE])" in cut.error, cut.error
 
 
 async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, models, sse):

@@ -225,23 +225,33 @@ def _finish_reason(data: object) -> str | None:
 
 def _read_events(resp, on_delta: Delta) -> tuple[str, str | None]:
     """The text of an OpenAI chat-completion event stream (``data: {json}`` lines, ``data: [DONE]`` last), each
-    content delta handed to ``on_delta`` as it arrives, and why it ended (the last ``finish_reason`` sent)."""
+    content delta handed to ``on_delta`` as it arrives, and why it ended (the last ``finish_reason`` sent). An event
+    with no choices (Azure OpenAI's prompt filter results first, OpenAI's usage last) carries no text; an error event
+    and a stream that ends with neither a finish_reason nor ``[DONE]`` (cut off: its text is partial) raise."""
     pieces: list[str] = []
     finish = None
+    done = False
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
+            done = True
             break
         try:
             event = json.loads(data)
-            piece = event["choices"][0].get("delta", {}).get("content") or ""
+            if isinstance(event, dict) and "error" in event:
+                raise RuntimeError(f"answer endpoint sent an error in its stream: {str(event['error'])[:200]}")
+            choices = event["choices"]
+            piece = (choices[0].get("delta") or {}).get("content") or "" if choices else ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RuntimeError(f"answer endpoint sent an unexpected event: {data[:200]}") from None
         finish = _finish_reason(event) or finish
         if piece:
             pieces.append(piece)
             on_delta(piece)
+    if not done and finish is None:
+        raise RuntimeError(f"answer endpoint's stream ended before its end ([DONE]) after {len(pieces)} pieces: "
+                           "the connection was cut, the partial answer is not kept")
     return "".join(pieces), finish
