@@ -176,10 +176,10 @@ def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any]
     a reply slower than ``timeout`` (seconds, per socket operation) and a body that is not JSON become a RuntimeError
     that names ``what`` failed and how. A key refused (HTTP 401, 403) is a :class:`ConfigError` naming the key's
     setting: no retry helps, an operator must set another one."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    if api_key:  # never sent on to where the endpoint redirects (another host)
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
     slow = f"{what} did not answer within {timeout:g} s"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
