@@ -77,10 +77,10 @@ class SSE(BaseHTTPRequestHandler):
             if self.rfile.read(1) == b"":
                 SSE.hung_up.set()
             return
-        if SSE.cut_off:
-            return
         if gates is not None:  # the end too waits for the last piece's NOTIFY
             assert gates[len(pieces) - 1].wait(SAFETY), "no NOTIFY for the last piece"
+        if SSE.cut_off:
+            return
         if SSE.bare_events:
             self.wfile.write(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
         self.wfile.write(b"data: [DONE]\n\n")
@@ -266,21 +266,38 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
 
 
-async def test_events_without_choices_are_skipped_and_a_stream_cut_off_is_retried(db_url, models, sse):
+async def test_events_without_choices_are_skipped(db_url, models, sse):
     """Azure OpenAI sends a first event with no choices (its prompt filter's results), OpenAI a last one (usage):
-    neither fails the answer. A stream that ends with neither a finish_reason nor [DONE] was cut off: its partial
-    text is not the answer, the job is tried again."""
+    they carry no text and fail nothing."""
     SSE.bare_events = True
-    async with running_worker(_settings(db_url, sse, stream_interval_ms=0, max_attempts=1), models):
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
         await _corpus(db_url)
         async with Client(db_url) as client:
             ok = await client.ask("how do I undo commands back to a savepoint?")
-            SSE.cut_off = True
-            cut = await client.ask("how do I release a savepoint?")
     assert ok.status == "answered" and ok.answer == "".join(PIECES), ok.error
     assert SSE.requests[0]["stream"] is True  # streamed, its events read one by one
-    assert cut.status == "failed" and cut.answer is None
-    assert "answer endpoint's stream ended before its end ([DONE])" in cut.error, cut.error
+
+
+async def test_a_stream_cut_off_fails_without_its_partial_text(db_url, models, sse):
+    """A stream that ends with neither a finish_reason nor [DONE] was cut off: its text is not the answer. The job
+    fails (max_attempts = 1 here) and the partial text already streamed into the row goes with it."""
+    SSE.cut_off = True
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0, max_attempts=1), models):
+        await _corpus(db_url)
+        listener = await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+
+        async def go_on(p):  # each piece was written before the next is sent: all of them, before the cut
+            gates[p["seq"] - 1].set()
+
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            tg.start_soon(lambda: client.ask("how do I undo commands back to a savepoint?"))
+            notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
+        row = await (await listener.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    assert [p["status"] for p in notes] == ["streaming"] * len(PIECES) + ["failed"]
+    assert row["status"] == "failed" and row["answer"] is None, (row["status"], row["answer"])
+    assert "answer endpoint's stream ended before its end ([DONE])" in row["error"], row["error"]
 
 
 async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, models, sse):
