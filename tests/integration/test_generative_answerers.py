@@ -157,6 +157,20 @@ async def test_a_refused_key_fails_the_question_at_once_naming_the_key_setting(d
     assert len(FakeOpenAI.requests) == 1  # not retried: another attempt with the same key cannot help
 
 
+async def test_an_answer_withheld_by_the_endpoints_content_filter_fails_saying_so(db_url, models, fake_openai):
+    # Azure OpenAI's content filter: no text, finish_reason "content_filter"; not "nothing relevant was found"
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             max_attempts=3)
+    FakeOpenAI.content, FakeOpenAI.finish = None, "content_filter"
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            withheld = await client.ask("how do I undo commands back to a savepoint?")
+    assert withheld.status == "failed" and withheld.answer is None, (withheld.status, withheld.answer)
+    assert "content filter" in withheld.error, withheld.error
+    assert len(FakeOpenAI.requests) == 1  # the same question would be filtered again
+
+
 async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(db_url, models, fake_openai):
     # small local models often write "[1]" and nothing else; the endpoint here does so on purpose
     settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_api_key="sk-test",

@@ -18,7 +18,7 @@ from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
-from pgsynapse.errors import ConfigError
+from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -166,6 +166,9 @@ class OpenAIAnswerer:
             return message_contents(data)[0], _finish_reason(data)
 
         text, finish = post_json(self.url, self.api_key, payload, read, timeout=self.timeout)
+        if finish == "content_filter":  # not "nothing relevant found": asked again, it is filtered again
+            raise InputError("the answer endpoint's content filter withheld the answer (finish_reason "
+                             "content_filter): the question or its passages tripped the endpoint's own policy")
         cut = "the endpoint stopped at its token limit before it had finished" if finish == "length" else None
         return checked_answer(text, req.passages, self.citation_policy, cut=cut)
 
