@@ -126,6 +126,7 @@ class AnswerHandler(Handler[AnswerWork]):
                     raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: "
                                       "required when answerer = openai")
                 self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model,
+                                                  max_new_tokens=s.answer_max_new_tokens,
                                                   citation_policy=s.citation_policy)
         # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
         return ExtractiveFallback(self._generative, self._extractive_for(embedder))

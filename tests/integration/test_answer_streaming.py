@@ -36,6 +36,9 @@ class SSE(BaseHTTPRequestHandler):
     finish_reason: str | None = None  # the last event's finish_reason ("length": the endpoint's token limit cut it)
     hung_up = threading.Event()  # the answerer closed the stream before its end
     await_hang_up = False  # after the pieces, wait for the answerer to close the stream (no [DONE])
+    # events with no choices, as Azure OpenAI sends first (prompt_filter_results) and OpenAI last (usage)
+    bare_events = False
+    cut_off = False  # the connection closes after the pieces: no finish_reason, no [DONE]
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -59,6 +62,8 @@ class SSE(BaseHTTPRequestHandler):
             SSE.hung_up.set()
 
     def _stream(self, pieces: list[str], gates: list[threading.Event] | None) -> None:
+        if SSE.bare_events:
+            self.wfile.write(b'data: {"choices": [], "prompt_filter_results": [{"prompt_index": 0}]}\n\n')
         for k, piece in enumerate(pieces):
             if gates is not None and k > 0:
                 assert gates[k - 1].wait(SAFETY), f"no NOTIFY for piece {k}"
@@ -74,6 +79,10 @@ class SSE(BaseHTTPRequestHandler):
             return
         if gates is not None:  # the end too waits for the last piece's NOTIFY
             assert gates[len(pieces) - 1].wait(SAFETY), "no NOTIFY for the last piece"
+        if SSE.cut_off:
+            return
+        if SSE.bare_events:
+            self.wfile.write(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -85,6 +94,7 @@ class SSE(BaseHTTPRequestHandler):
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
     SSE.scripts, SSE.gates, SSE.requests, SSE.finish_reason, SSE.await_hang_up = [PIECES], None, [], None, False
+    SSE.bare_events, SSE.cut_off = False, False
     SSE.hung_up.clear()
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -254,6 +264,40 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
     assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
+
+
+async def test_events_without_choices_are_skipped(db_url, models, sse):
+    """Azure OpenAI sends a first event with no choices (its prompt filter's results), OpenAI a last one (usage):
+    they carry no text and fail nothing."""
+    SSE.bare_events = True
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            ok = await client.ask("how do I undo commands back to a savepoint?")
+    assert ok.status == "answered" and ok.answer == "".join(PIECES), ok.error
+    assert SSE.requests[0]["stream"] is True  # streamed, its events read one by one
+
+
+async def test_a_stream_cut_off_fails_without_its_partial_text(db_url, models, sse):
+    """A stream that ends with neither a finish_reason nor [DONE] was cut off: its text is not the answer. The job
+    fails (max_attempts = 1 here) and the partial text already streamed into the row goes with it."""
+    SSE.cut_off = True
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0, max_attempts=1), models):
+        await _corpus(db_url)
+        listener = await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+
+        async def go_on(p):  # each piece was written before the next is sent: all of them, before the cut
+            gates[p["seq"] - 1].set()
+
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            tg.start_soon(lambda: client.ask("how do I undo commands back to a savepoint?"))
+            notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
+        row = await (await listener.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    assert [p["status"] for p in notes] == ["streaming"] * len(PIECES) + ["failed"]
+    assert row["status"] == "failed" and row["answer"] is None, (row["status"], row["answer"])
+    assert "answer endpoint's stream ended before its end ([DONE])" in row["error"], row["error"]
 
 
 async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, models, sse):

@@ -89,6 +89,7 @@ def test_a_stream_that_stops_stops_the_local_generator_at_that_piece(tmp_path):
 class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     fail = False
+    status = 500  # a failing reply's
     content = "Use ROLLBACK TO SAVEPOINT [1]."
     finish = "stop"  # why the completion ended: "length" when the endpoint's token limit cut it
 
@@ -96,7 +97,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOpenAI.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         if FakeOpenAI.fail:
-            self.send_response(500)
+            self.send_response(FakeOpenAI.status)
             self.end_headers()
             self.wfile.write(b'{"error": "overloaded"}')
             return
@@ -115,7 +116,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.fail, FakeOpenAI.content = [], False, "Use ROLLBACK TO SAVEPOINT [1]."
-    FakeOpenAI.finish = "stop"
+    FakeOpenAI.finish, FakeOpenAI.status = "stop", 500
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -135,11 +136,39 @@ async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, mod
     assert ok.sources[0]["title"] == "Savepoints"
     req = FakeOpenAI.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test" and req["body"]["model"] == "tiny"
+    assert req["body"]["max_tokens"] == settings.answer_max_new_tokens  # the answer's token limit, as documented
     assert "[1] Savepoints:" in req["body"]["messages"][-1]["content"]
     follow = FakeOpenAI.requests[1]["body"]["messages"]
     assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along
     assert bad.status == "failed" and "HTTP 500" in bad.error
     assert len(FakeOpenAI.requests) == 3  # the failing question: tried max_attempts = 2 times
+
+
+async def test_a_refused_key_fails_the_question_at_once_naming_the_key_setting(db_url, models, fake_openai):
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_api_key="sk-wrong",
+                             openai_model="tiny", max_attempts=3)
+    FakeOpenAI.fail, FakeOpenAI.status = True, 401
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            bad = await client.ask("how do I undo commands back to a savepoint?")
+    assert bad.status == "failed" and "openai_api_key [PGSYNAPSE_OPENAI_API_KEY]" in bad.error, bad.error
+    assert "HTTP 401" in bad.error and "sk-wrong" not in bad.error
+    assert len(FakeOpenAI.requests) == 1  # not retried: another attempt with the same key cannot help
+
+
+async def test_an_answer_withheld_by_the_endpoints_content_filter_fails_saying_so(db_url, models, fake_openai):
+    # Azure OpenAI's content filter: no text, finish_reason "content_filter"; not "nothing relevant was found"
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             max_attempts=3)
+    FakeOpenAI.content, FakeOpenAI.finish = None, "content_filter"
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            withheld = await client.ask("how do I undo commands back to a savepoint?")
+    assert withheld.status == "failed" and withheld.answer is None, (withheld.status, withheld.answer)
+    assert "content filter" in withheld.error, withheld.error
+    assert len(FakeOpenAI.requests) == 1  # the same question would be filtered again
 
 
 async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(db_url, models, fake_openai):

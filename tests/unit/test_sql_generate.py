@@ -242,10 +242,26 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     status = 200
     max_choices = 16
+    raw: bytes | None = None  # a body sent as it is (not a chat completion)
+    hold: threading.Event | None = None  # the reply waits for it (a slow endpoint)
+    redirect: str | None = None  # a 302 to this URL instead of a reply
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOpenAI.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if FakeOpenAI.hold is not None:
+            FakeOpenAI.hold.wait(30)
+        if FakeOpenAI.redirect is not None:
+            self.send_response(302)
+            self.send_header("Location", FakeOpenAI.redirect)
+            self.end_headers()
+            return
+        if FakeOpenAI.raw is not None:
+            self.send_response(FakeOpenAI.status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(FakeOpenAI.raw)
+            return
         if FakeOpenAI.status != 200:
             self.send_response(FakeOpenAI.status)
             self.end_headers()
@@ -268,9 +284,12 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.status, FakeOpenAI.max_choices = [], 200, 16
+    FakeOpenAI.raw, FakeOpenAI.hold, FakeOpenAI.redirect = None, None, None
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
+    if FakeOpenAI.hold is not None:
+        FakeOpenAI.hold.set()
     server.shutdown()
     server.server_close()
 
@@ -293,6 +312,56 @@ def test_an_openai_compatible_endpoint_greedy_then_sampled_candidates(fake_opena
     assert len(generator.generate(FOLLOW_UP, n=3)) == 3 and len(FakeOpenAI.requests) == 3 + 3
     FakeOpenAI.status = 500
     with pytest.raises(RuntimeError, match="SQL endpoint returned HTTP 500"):
+        generator.generate(FOLLOW_UP)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_endpoint_refusing_the_key_is_a_configuration_error_naming_the_key_setting(fake_openai, status):
+    # a wrong key: no retry helps, the operator must set another one
+    FakeOpenAI.status, FakeOpenAI.raw = status, b'{"error": {"message": "Incorrect API key provided"}}'
+    generator = OpenAISqlGenerator(fake_openai, "sk-wrong", "sql-model")
+    with pytest.raises(ConfigError, match=rf"openai_api_key \[PGSYNAPSE_OPENAI_API_KEY\].*HTTP {status}.*Incorrect API"):
+        generator.generate(FOLLOW_UP)
+
+
+class Elsewhere(BaseHTTPRequestHandler):
+    """Another host an endpoint redirects to: records the Authorization header it is sent."""
+
+    seen: list[str | None] = []
+
+    def _record(self):
+        Elsewhere.seen.append(self.headers.get("Authorization"))
+        self.send_response(404)
+        self.end_headers()
+
+    do_GET = do_POST = _record  # noqa: N815 - http.server's names
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_key_is_not_sent_on_to_where_an_endpoint_redirects(fake_openai):
+    other = HTTPServer(("127.0.0.1", 0), Elsewhere)
+    Elsewhere.seen = []
+    threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    FakeOpenAI.redirect = f"http://127.0.0.1:{other.server_port}/collect"
+    try:
+        with pytest.raises(RuntimeError, match="SQL endpoint returned HTTP 404"):
+            OpenAISqlGenerator(fake_openai, "sk-secret", "sql-model").generate(FOLLOW_UP)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert FakeOpenAI.requests[0]["auth"] == "Bearer sk-secret"
+    assert Elsewhere.seen == [None]  # followed, but without the key
+
+
+def test_a_body_that_is_not_json_or_a_reply_too_slow_is_an_error_naming_the_endpoint(fake_openai):
+    FakeOpenAI.raw = b"<html>502 Bad Gateway</html>"
+    generator = OpenAISqlGenerator(fake_openai, None, "sql-model", timeout=0.2)
+    with pytest.raises(RuntimeError, match=r"SQL endpoint returned a body that is not JSON: b?'<html>502 Bad"):
+        generator.generate(FOLLOW_UP)
+    FakeOpenAI.raw, FakeOpenAI.hold = None, threading.Event()  # it answers once the test is over
+    with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
         generator.generate(FOLLOW_UP)
 
 

@@ -5,6 +5,7 @@ piece of text as it is generated. The final answer's citations are checked again
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
+from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -134,11 +136,12 @@ class OpenAIAnswerer:
     name = "openai"
 
     def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
-                 citation_policy: CitationPolicy = "flag") -> None:
+                 max_new_tokens: int | None = None, citation_policy: CitationPolicy = "flag") -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
+        self.max_new_tokens = max_new_tokens  # sent as max_tokens (None: the endpoint's own limit)
         self.citation_policy: CitationPolicy = citation_policy
 
     def answer(self, req: Request, on_delta: Delta | None = None) -> Answer:
@@ -150,7 +153,9 @@ class OpenAIAnswerer:
             if t.answer:
                 messages.append({"role": "assistant", "content": t.answer})
         messages.append({"role": "user", "content": build_prompt(req)})
-        payload = {"model": self.model, "messages": messages, "temperature": 0}
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
+        if self.max_new_tokens:
+            payload["max_tokens"] = self.max_new_tokens
         if on_delta is not None:
             payload["stream"] = True
 
@@ -161,25 +166,44 @@ class OpenAIAnswerer:
             return message_contents(data)[0], _finish_reason(data)
 
         text, finish = post_json(self.url, self.api_key, payload, read, timeout=self.timeout)
+        if finish == "content_filter":  # not "nothing relevant found": asked again, it is filtered again
+            raise InputError("the answer endpoint's content filter withheld the answer (finish_reason "
+                             "content_filter): the question or its passages tripped the endpoint's own policy")
         cut = "the endpoint stopped at its token limit before it had finished" if finish == "length" else None
         return checked_answer(text, req.passages, self.citation_policy, cut=cut)
 
 
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
               what: str = "answer endpoint") -> T:
-    """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors
-    become a RuntimeError that names ``what`` failed and how."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors,
+    a reply slower than ``timeout`` (seconds, per socket operation) and a body that is not JSON become a RuntimeError
+    that names ``what`` failed and how. A key refused (HTTP 401, 403) is a :class:`ConfigError` naming the key's
+    setting: no retry helps, an operator must set another one."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    if api_key:  # never sent on to where the endpoint redirects (another host)
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
+    slow = f"{what} did not answer within {timeout:g} s"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return read(resp)
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{what} returned HTTP {exc.code}: {exc.read()[:200]!r}") from None
+        said = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+        if exc.code in (401, 403):
+            key = "the key given" if api_key else "no key (none is set)"
+            raise ConfigError(f"invalid setting openai_api_key [PGSYNAPSE_OPENAI_API_KEY]: the {what} refused "
+                              f"{key} ({said}); set the endpoint's API key") from None
+        raise RuntimeError(f"{what} returned {said}") from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise RuntimeError(slow) from None
         raise RuntimeError(f"{what} unreachable: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{what} returned a body that is not JSON: {exc.doc[:200]!r}") from None
+    except TimeoutError:
+        raise RuntimeError(slow) from None
+    except (OSError, http.client.HTTPException) as exc:  # the connection broke mid-reply
+        raise RuntimeError(f"{what} connection broke: {type(exc).__name__}: {exc}") from None
 
 
 def message_contents(data: object, what: str = "answer endpoint") -> list[str]:
@@ -204,23 +228,33 @@ def _finish_reason(data: object) -> str | None:
 
 def _read_events(resp, on_delta: Delta) -> tuple[str, str | None]:
     """The text of an OpenAI chat-completion event stream (``data: {json}`` lines, ``data: [DONE]`` last), each
-    content delta handed to ``on_delta`` as it arrives, and why it ended (the last ``finish_reason`` sent)."""
+    content delta handed to ``on_delta`` as it arrives, and why it ended (the last ``finish_reason`` sent). An event
+    with no choices (Azure OpenAI's prompt filter results first, OpenAI's usage last) carries no text; an error event
+    and a stream that ends with neither a finish_reason nor ``[DONE]`` (cut off: its text is partial) raise."""
     pieces: list[str] = []
     finish = None
+    done = False
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
+            done = True
             break
         try:
             event = json.loads(data)
-            piece = event["choices"][0].get("delta", {}).get("content") or ""
+            if isinstance(event, dict) and "error" in event:
+                raise RuntimeError(f"answer endpoint sent an error in its stream: {str(event['error'])[:200]}")
+            choices = event["choices"]
+            piece = (choices[0].get("delta") or {}).get("content") or "" if choices else ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RuntimeError(f"answer endpoint sent an unexpected event: {data[:200]}") from None
         finish = _finish_reason(event) or finish
         if piece:
             pieces.append(piece)
             on_delta(piece)
+    if not done and finish is None:
+        raise RuntimeError(f"answer endpoint's stream ended before its end ([DONE]) after {len(pieces)} pieces: "
+                           "the connection was cut, the partial answer is not kept")
     return "".join(pieces), finish

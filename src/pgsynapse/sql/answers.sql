@@ -109,9 +109,9 @@ WHERE id = %(id)s AND status = 'pending' AND md5(text) = %(text_hash)s;
 
 -- name: fail_question
 -- A job's final failure, unless the question was edited since (a pending job has its new text): then the row
--- stays pending for that job.
+-- stays pending for that job. A partial answer streamed into the row before the failure goes: it is no answer.
 UPDATE pgsynapse.questions q
-SET status = 'failed', error = %(error)s, answered_at = clock_timestamp(),
+SET status = 'failed', error = %(error)s, answer = NULL, answered_at = clock_timestamp(),
     latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
