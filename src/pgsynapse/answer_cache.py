@@ -134,7 +134,10 @@ def settings_key(s: Settings) -> str:
     """Everything besides the model version and the passages that shapes an answer."""
     generation = f"tokens={s.answer_max_new_tokens} context={s.answer_context_tokens} citations={s.citation_policy}"
     local = f"{s.answerer_model_path} {generation}"
-    model = {"transformers": local, "llama-cpp": local, "openai": f"{s.openai_model} {generation}"}
+    # another endpoint may serve another model under the same name; the URL is a secret setting (it may carry a
+    # token), and the key is stored in the answer_cache table: only its hash is in the key
+    endpoint = hashlib.sha256((s.openai_base_url or "").encode()).hexdigest()[:16]
+    model = {"transformers": local, "llama-cpp": local, "openai": f"{endpoint} {s.openai_model} {generation}"}
     # the extractive answerer answers every question a generator leaves without text too: its revision is in the key
     return (f"pgsynapse={__version__} answerer={s.answerer} extractive={ExtractiveAnswerer.revision} "
             f"model={model.get(s.answerer, '')} k={s.answer_top_k} "

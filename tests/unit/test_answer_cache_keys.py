@@ -50,9 +50,15 @@ def test_every_setting_that_shapes_an_answer_is_in_the_key():
                    {"hybrid_text_weight": 0.5}, {"hybrid_text_max_rows": 500}, {"not_found_threshold": 0.5},
                    {**generator, "citation_policy": "refuse"}, {**generator, "answer_context_tokens": 512},
                    {"answerer": "llama-cpp", "answerer_model_path": "/m.gguf"},
-                   {"answerer": "llama-cpp", "answerer_model_path": "/n.gguf"}):
+                   {"answerer": "llama-cpp", "answerer_model_path": "/n.gguf"},
+                   # another endpoint serving a model of the same name answers otherwise
+                   {"answerer": "openai", "openai_base_url": "http://a.example/v1"},
+                   {"answerer": "openai", "openai_base_url": "http://b.example/v1"}):
         keys.add(settings_key(load_settings(environ={}, **change)))
-    assert len(keys) == 11
+    assert len(keys) == 13
+    # the endpoint, a secret setting (a URL may carry a token), is in the stored key only as a hash
+    assert "b.example" not in settings_key(load_settings(environ={}, answerer="openai",
+                                                         openai_base_url="http://b.example/v1"))
     # settings that shape no answer leave it alone
     assert settings_key(load_settings(environ={}, batch_size=7, answer_cache_threshold=0.95)) == settings_key(base)
     # the fusion's weight and the full-text bound shape nothing when full text is off
