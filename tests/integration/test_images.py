@@ -217,6 +217,29 @@ async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_ur
     assert first != second and jobs["n"] == 2  # the caption edit queued nothing
 
 
+async def test_an_image_changed_into_a_bad_one_is_no_longer_found(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    blue, red = insert_images(db_url, [{"data": png_bytes(coloured_image("blue", seed=11)), "caption": "blue"},
+                                       {"data": png_bytes(coloured_image("red", seed=12)), "caption": "red"}])
+    async with running_worker(fast_settings(db_url, kinds=("embed_image",)), models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (b"%PDF-1.7 not a picture", blue))
+        await wait_until(conn, "SELECT status = 'failed' FROM pgsynapse.images WHERE id = %s", (blue,),
+                         channel="pgsynapse_images")
+        # the blue picture's vector described bytes the row no longer has: it was the top hit for "blue", with the
+        # old picture's 48x40, and similar_images() listed it
+        hits = await search_by_text(conn, ImageModelCache(), "a blue picture", k=5)
+        similar = await (await conn.execute("SELECT image_id FROM pgsynapse.similar_images(%s, 5)", (red,))).fetchall()
+        row = await (await conn.execute(
+            "SELECT width, height, (SELECT count(*) FROM pgsynapse.image_embeddings WHERE image_id = i.id) AS vectors"
+            " FROM pgsynapse.images i WHERE id = %s", (blue,))).fetchone()
+        await conn.close()
+    assert [h.image_id for h in hits] == [red], hits
+    assert similar == [] and row == {"width": None, "height": None, "vectors": 0}, (similar, row)
+
+
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])

@@ -54,11 +54,19 @@ FROM unnest(%(ids)s::bigint[], %(widths)s::int[], %(heights)s::int[], %(mimes)s:
 WHERE i.id = u.id;
 
 -- name: mark_image_failed
--- A job's final failure, unless the image was changed since (a pending job has its new content).
-UPDATE pgsynapse.images i SET status = 'failed', error = %(error)s
-WHERE i.id = %(id)s
-  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed_image' AND p.ref_id = i.id AND p.status = 'pending')
-RETURNING i.id;
+-- A job's final failure, unless the image was changed since (a pending job has its new content). The vectors and
+-- dimensions of its earlier content go with it: searches and similar_images() must not find a picture the row
+-- no longer holds.
+WITH failed AS (
+    UPDATE pgsynapse.images i SET status = 'failed', error = %(error)s, width = NULL, height = NULL
+    WHERE i.id = %(id)s
+      AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                      WHERE p.kind = 'embed_image' AND p.ref_id = i.id AND p.status = 'pending')
+    RETURNING i.id
+), gone AS (
+    DELETE FROM pgsynapse.image_embeddings e USING failed f WHERE e.image_id = f.id
+)
+SELECT id FROM failed;
 
 -- name: notify_images
 SELECT pg_notify('pgsynapse_images', json_build_object('id', i, 'status', %(status)s::text)::text)
