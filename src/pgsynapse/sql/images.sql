@@ -175,9 +175,6 @@ SELECT DISTINCT ON (source) source, id FROM pgsynapse.documents WHERE source = A
 -- name: copy_images
 COPY pgsynapse.images (data, source, mime_type, document_id, metadata) FROM STDIN;
 
--- name: images_by_hash
-SELECT id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
-
 -- name: follow_images
 SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'pending') AS pending
