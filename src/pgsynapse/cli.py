@@ -195,7 +195,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"closed {retried.superseded} failed job(s) as superseded: their row has a newer job, or changed "
                   "and was processed since")
         return 0
-    if args.command == "search" and (args.images or args.like_image):
+    if args.command == "search" and (args.images or args.like_image or args.image_model is not None):
         return run_image_search(args, settings)
     if args.command == "image-model":
         return run_image_model_command(args, settings)

@@ -19,6 +19,7 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.cli import main as cli_main
 from pgsynapse.cli_args import build_parser as cli_parser
 from pgsynapse.client import Client, format_result
 from pgsynapse.errors import ModelError, PgsynapseError
@@ -238,6 +239,25 @@ async def test_an_image_changed_into_a_bad_one_is_no_longer_found(db_url, models
         await conn.close()
     assert [h.image_id for h in hits] == [red], hits
     assert similar == [] and row == {"width": None, "height": None, "vectors": 0}, (similar, row)
+
+
+def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tmp_path, capsys):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png_bytes(coloured_image("red", seed=1)))
+    # --image-model without --images searched the documents; --like-image with a text dropped the text: both
+    # printed results (or "no results") and exited 0
+    for argv, message in [
+        (["search", "--image-model", "1", "a red picture"],
+         "--image-model chooses the model of an image search: add --images to search images by text, or "
+         "--like-image PATH"),
+        (["search", "--like-image", str(picture), "a red picture"],
+         "search --like-image searches by example and takes no text: drop 'a red picture', or search by text "
+         "with --images 'a red picture'"),
+    ]:
+        assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):

@@ -60,6 +60,12 @@ def _print_added(row: dict) -> None:
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     limits = ImageLimits.of(settings)
     models = ImageModelCache(threads=settings.torch_threads, data_dir=settings.data_dir)
+    if not (args.images or args.like_image):
+        raise PgsynapseError("--image-model chooses the model of an image search: add --images to search images by "
+                             "text, or --like-image PATH")
+    if args.like_image and args.text:
+        raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
+                             f"search by text with --images {args.text!r}")
     if args.like_image:
         try:
             data = Path(args.like_image).read_bytes()
