@@ -131,8 +131,12 @@ class EmbedImageHandler(Handler[ImageWork]):
             return report
         cur = await conn.execute(sql("lock_images"), {"ids": [o.job.ref_id for o in outcomes]})
         rows = {r["id"]: r for r in await cur.fetchall()}
+        computed = sorted({mid for o in outcomes for mid in o.result.vectors})
+        cur = await conn.execute(sql("lock_image_models_written"), {"ids": computed})
+        live = {r["id"] for r in await cur.fetchall()}
         fresh = []
         for o in outcomes:
+            o.result.vectors = {mid: v for mid, v in o.result.vectors.items() if mid in live}  # none of a retired one
             row = rows.get(o.job.ref_id)
             if row is None or row["content_hash"] != o.result.content_hash:
                 # changed or deleted while we computed: a newer job has the new content

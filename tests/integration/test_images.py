@@ -16,6 +16,7 @@ import anyio
 import numpy as np
 import psycopg
 import pytest
+import structlog
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
@@ -256,7 +257,11 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
          "search --like-image searches by example and takes no text: drop 'a red picture', or search by text "
          "with --images 'a red picture'"),
     ]:
-        assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        logging = structlog.get_config()
+        try:
+            assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        finally:  # the CLI configures logging for the process: the tests after this one capture theirs
+            structlog.configure(**logging)
         assert message in capsys.readouterr().err, argv
 
 
@@ -346,6 +351,42 @@ async def test_a_poisoned_image_is_bisected_out_of_its_batch(db_url, models, tin
     assert got.pop("poisoned") == {"caption": "poisoned", "status": "failed", "attempts": 3,
                                    "error": "ValueError: model step failed on a 13-pixel-wide image"}
     assert {r["status"] for r in got.values()} == {"embedded"} and {r["attempts"] for r in got.values()} == {1}
+
+
+class RetiringImageHandler(EmbedImageHandler):
+    """The real handler, with a candidate model retired (by `pgsynapse image-model retire`, in another session)
+    while the batch is computed: after the vectors are computed, before they are written."""
+
+    def __init__(self, settings, models, url: str, retire: int) -> None:
+        super().__init__(settings, models)
+        self.url, self.retire = url, retire
+
+    def compute(self, work):
+        outcomes = super().compute(work)
+        if self.retire:
+            with _sync(self.url) as conn:
+                registry.retire(conn, self.retire)
+            self.retire = 0
+        return outcomes
+
+
+async def test_a_model_retired_while_a_batch_computes_gets_no_vectors(db_url, models, tiny_clip_path, tmp_path):
+    another = tmp_path / "clip-2"
+    shutil.copytree(tiny_clip_path, another)
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        candidate = registry.add(conn, another)["id"]
+    insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=31))}])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    handler = RetiringImageHandler(settings, models, db_url, candidate)
+    async with running_worker(settings, models, handlers={"embed_image": handler}):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as conn:
+        listed = {r["id"]: (r["status"], r["vectors"]) for r in registry.list_models(conn)}
+    # the retired model's vectors were written after retire had deleted them: kept for ever, with no index
+    assert listed == {1: ("active", 1), candidate: ("retired", 0)}, listed
 
 
 async def test_onnx_export_of_an_image_tower_is_a_candidate_promoted_once_complete(db_url, models, tiny_vit_path,

@@ -37,6 +37,11 @@ WHERE j.id = ANY(%(jobs)s) AND i.embedded_hash IS DISTINCT FROM i.content_hash
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
 ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
 
+-- name: lock_image_models_written
+-- The models whose vectors a batch writes, locked against a retire until the write commits (retire deletes a
+-- model's vectors: one written after it would stay for ever); a model retired since the batch loaded is not returned.
+SELECT id FROM pgsynapse.image_models WHERE id = ANY(%(ids)s) AND status <> 'retired' ORDER BY id FOR SHARE;
+
 -- name: delete_image_embeddings
 DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);
 
