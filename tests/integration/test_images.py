@@ -31,7 +31,7 @@ from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
 from pgsynapse.retry import retry_failed
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
-from tests.image_models import COLOURS, coloured_image, png_bytes
+from tests.image_models import COLOURS, coloured_image, png_bytes, tiny_vit
 
 pytestmark = pytest.mark.anyio
 
@@ -263,6 +263,18 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
         finally:  # the CLI configures logging for the process: the tests after this one capture theirs
             structlog.configure(**logging)
         assert message in capsys.readouterr().err, argv
+
+
+def test_a_model_wider_than_the_index_takes_is_refused_saying_so(db_url, tmp_path):
+    # a ResNet-50 gives 2048-d vectors: the registration failed on the HNSW index with pgvector's own words,
+    # "database error: column cannot have more than 2000 dimensions for hnsw index", exit status 69 (try later)
+    wide = tiny_vit(tmp_path / "wide-vit", width=2048)
+    with _sync(db_url) as conn:
+        with pytest.raises(ModelError, match=(
+                r"wide-vit gives 2048-dimensional vectors: the vector index \(pgvector HNSW\) takes at most 2000; "
+                r"choose a model of at most 2000 dimensions")):
+            registry.add(conn, wide)
+        assert registry.list_models(conn) == []
 
 
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
