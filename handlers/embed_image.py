@@ -11,7 +11,7 @@ import psycopg
 
 from pgsynapse.config import Settings
 from pgsynapse.db import columns
-from pgsynapse.errors import InputError
+from pgsynapse.errors import InputError, ModelError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
 from pgsynapse.images.decode import Decoded, ImageLimits, decode, read_image_file
 from pgsynapse.images.encoders import ImageModelCache
@@ -62,7 +62,16 @@ class EmbedImageHandler(Handler[ImageWork]):
 
     def embedders(self) -> list[Any]:
         """Load every served image model (the worker calls this at start, so the first image waits for nothing)."""
-        return [self.image_models.get(r) for r in self.serving]
+        loaded = []
+        for row in self.serving:
+            try:
+                loaded.append(self.image_models.get(row))
+            except ModelError as exc:  # which registered model, and what the operator can do about it
+                fix = (f"retire it (pgsynapse image-model retire {row['id']})" if row["status"] == "candidate" else
+                       f"add and promote another {row['kind']} model, then retire this one")
+                raise ModelError(f"image model {row['id']} ({row['name']}, {row['status']}): {exc}: restore its "
+                                 f"files, or {fix}") from exc
+        return loaded
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[ImageWork], list[Outcome]]:
         await self.refresh_versions(conn)

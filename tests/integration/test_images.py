@@ -277,6 +277,24 @@ def test_a_model_wider_than_the_index_takes_is_refused_saying_so(db_url, tmp_pat
         assert registry.list_models(conn) == []
 
 
+async def test_a_model_whose_files_are_gone_is_named_with_what_to_do(db_url, models, tiny_clip_path, tmp_path):
+    another = tmp_path / "clip-2"
+    shutil.copytree(tiny_clip_path, another)
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        candidate = registry.add(conn, another, name="clip-2")["id"]
+    shutil.rmtree(another)
+    handler = EmbedImageHandler(fast_settings(db_url, kinds=("embed_image",)), models)
+    conn = await aconn(db_url)
+    await handler.refresh_versions(conn)
+    await conn.close()
+    # the worker stopped at start with "image model path does not exist: .../clip-2": which model, and what now?
+    with pytest.raises(ModelError, match=(
+            rf"^image model {candidate} \(clip-2, candidate\): image model path does not exist: {another}: restore "
+            rf"its files, or retire it \(pgsynapse image-model retire {candidate}\)$")):
+        handler.embedders()
+
+
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
