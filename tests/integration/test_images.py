@@ -95,8 +95,11 @@ async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, 
         # an image encoder added later: a candidate, queued every image, embedded beside the CLIP vectors
         with _sync(db_url) as sync:
             vit = registry.add(sync, tiny_vit_path)
-            assert (vit["kind"], vit["status"], vit["queued"]) == ("image", "active", 8)  # first of its kind
+            # the first of its kind, a candidate all the same: the CLIP model serves searches by example meanwhile
+            assert (vit["kind"], vit["status"], vit["queued"]) == ("image", "candidate", 8)
         await wait_until(conn, "SELECT count(*) = 16 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+        with _sync(db_url) as sync:
+            registry.promote(sync, vit["id"])
         # by example: a JPEG re-encoding of one image finds that image first, with either model
         target = ids[5]
         copy = png_bytes(coloured_image(names[2], seed=21), fmt="JPEG")
@@ -293,6 +296,34 @@ async def test_a_model_whose_files_are_gone_is_named_with_what_to_do(db_url, mod
             rf"^image model {candidate} \(clip-2, candidate\): image model path does not exist: {another}: restore "
             rf"its files, or retire it \(pgsynapse image-model retire {candidate}\)$")):
         handler.embedders()
+
+
+async def test_a_first_image_encoder_waits_as_a_candidate_while_clip_serves_searches_by_example(
+        db_url, models, tiny_clip_path, tiny_vit_path):
+    with _sync(db_url) as conn:
+        clip = registry.add(conn, tiny_clip_path)["id"]
+    pictures = [png_bytes(coloured_image(c, seed=40 + i)) for i, c in enumerate(["red", "red", "blue"])]
+    ids = insert_images(db_url, [{"data": p} for p in pictures])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as sync:
+        vit = registry.add(sync, tiny_vit_path)
+    # it was active at once with no vector: search --like-image and similar_images() switched to it and found
+    # nothing (for hours on a large collection) while the CLIP model had every image
+    assert (vit["status"], vit["queued"]) == ("candidate", 3), vit
+    conn = await aconn(db_url)
+    hits = await search_by_image(conn, ImageModelCache(), pictures[2], k=1)
+    similar = await (await conn.execute("SELECT image_id FROM pgsynapse.similar_images(%s, 1)", (ids[2],))).fetchall()
+    assert [h.image_id for h in hits] == [ids[2]] and len(similar) == 1, (hits, similar)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 6 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+    await conn.close()
+    with _sync(db_url) as sync:
+        assert registry.promote(sync, vit["id"]) == {"active": vit["id"], "previous": None, "kind": "image"}
+        assert [(m["id"], m["status"]) for m in registry.list_models(sync)] == [(clip, "active"), (vit["id"], "active")]
 
 
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):

@@ -34,7 +34,8 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
                       f"{r['vectors']:>8} vectors  {r['name']}  ({r['artifact_path']})")
         elif args.image_command == "promote":
             r = registry.promote(conn, args.model)
-            print(f"image model {r['active']} is the active {r['kind']} model (was {r['previous']})")
+            was = f"was {r['previous']}" if r["previous"] else "the first active one of its kind"
+            print(f"image model {r['active']} is the active {r['kind']} model ({was})")
         elif args.image_command == "retire":
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")

@@ -1,6 +1,7 @@
 """The image model registry (``pgsynapse.image_models``): add a model by path, promote, retire, list.
 
-A model's lifecycle: ``add`` registers it (the first of its kind is active at once, later ones are candidates)
+A model's lifecycle: ``add`` registers it (active at once when no active model serves its searches: the first
+CLIP, or the first image encoder while no CLIP is active; otherwise a candidate)
 and queues every image for it; the worker embeds each image with every active and candidate model; ``promote``
 switches searches to a candidate only once it has a vector for every image that can have one, so a search never
 sees a half-built model; ``retire`` drops a non-active model's vectors and index.

@@ -105,12 +105,15 @@ WHERE artifact_path = %(path)s AND status <> 'retired'
 ORDER BY id LIMIT 1;
 
 -- name: insert_image_model
--- The first model of its kind is active at once (there is nothing to switch from); later ones are candidates
--- until `image-model promote`, which waits for their vectors to be complete.
+-- A model is active at once only when no active model serves the searches it would take over (there is nothing
+-- to switch from): the first CLIP model, or the first image encoder while no CLIP model is active (an active CLIP
+-- serves searches by example, which prefer an image encoder: a new one with no vector yet would find nothing).
+-- Others are candidates until `image-model promote`, which waits for their vectors to be complete.
 INSERT INTO pgsynapse.image_models (name, kind, artifact_path, runtime, dim, metrics, status, activated_at)
 SELECT %(name)s, %(kind)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s, s.status,
        CASE WHEN s.status = 'active' THEN now() END
-FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.image_models WHERE kind = %(kind)s AND status = 'active')
+FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.image_models
+                               WHERE status = 'active' AND (kind = %(kind)s OR %(kind)s = 'image'))
                   THEN 'candidate' ELSE 'active' END AS status) s
 RETURNING id, name, kind, artifact_path, runtime, dim, status;
 
