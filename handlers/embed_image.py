@@ -11,7 +11,7 @@ import psycopg
 
 from pgsynapse.config import Settings
 from pgsynapse.db import columns
-from pgsynapse.errors import InputError
+from pgsynapse.errors import InputError, ModelError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, isolate
 from pgsynapse.images.decode import Decoded, ImageLimits, decode, read_image_file
 from pgsynapse.images.encoders import ImageModelCache
@@ -62,7 +62,16 @@ class EmbedImageHandler(Handler[ImageWork]):
 
     def embedders(self) -> list[Any]:
         """Load every served image model (the worker calls this at start, so the first image waits for nothing)."""
-        return [self.image_models.get(r) for r in self.serving]
+        loaded = []
+        for row in self.serving:
+            try:
+                loaded.append(self.image_models.get(row))
+            except ModelError as exc:  # which registered model, and what the operator can do about it
+                fix = (f"retire it (pgsynapse image-model retire {row['id']})" if row["status"] == "candidate" else
+                       f"add and promote another {row['kind']} model, then retire this one")
+                raise ModelError(f"image model {row['id']} ({row['name']}, {row['status']}): {exc}: restore its "
+                                 f"files, or {fix}") from exc
+        return loaded
 
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[ImageWork], list[Outcome]]:
         await self.refresh_versions(conn)
@@ -131,8 +140,12 @@ class EmbedImageHandler(Handler[ImageWork]):
             return report
         cur = await conn.execute(sql("lock_images"), {"ids": [o.job.ref_id for o in outcomes]})
         rows = {r["id"]: r for r in await cur.fetchall()}
+        computed = sorted({mid for o in outcomes for mid in o.result.vectors})
+        cur = await conn.execute(sql("lock_image_models_written"), {"ids": computed})
+        live = {r["id"] for r in await cur.fetchall()}
         fresh = []
         for o in outcomes:
+            o.result.vectors = {mid: v for mid, v in o.result.vectors.items() if mid in live}  # none of a retired one
             row = rows.get(o.job.ref_id)
             if row is None or row["content_hash"] != o.result.content_hash:
                 # changed or deleted while we computed: a newer job has the new content

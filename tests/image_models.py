@@ -75,10 +75,11 @@ def tiny_clip(path: Path, steps: int = 60) -> Path:
     return path
 
 
-def tiny_vit(path: Path) -> Path:
-    """A random 2-layer ViT: an image encoder whose nearest neighbour of an image is itself, re-encoded."""
+def tiny_vit(path: Path, width: int = 32) -> Path:
+    """A random 2-layer ViT: an image encoder whose nearest neighbour of an image is itself, re-encoded. Its
+    vectors have ``width`` dimensions."""
     torch.manual_seed(1)
-    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=width, intermediate_size=64,
                                num_hidden_layers=2, num_attention_heads=2))
     path.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(path)

@@ -197,7 +197,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "search" and args.k is None:  # as many as an answer is given
         args.k = settings.answer_top_k
-    if args.command == "search" and (args.images or args.like_image):
+    if args.command == "search" and (args.images or args.like_image or args.image_model is not None):
         return run_image_search(args, settings)
     if args.command == "image-model":
         return run_image_model_command(args, settings)
@@ -294,7 +294,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
                     if report.images_embedded is not None:
                         print(f"images embedded: {report.images_embedded}, failed: {report.images_failed}")
-                    elif report.image_hashes:
+                    elif report.image_ids:
                         print("images wait for an image model: pgsynapse image-model add PATH")
         return 1 if report.failed or report.embed_failed or report.images_failed else 0
     if args.command == "model" and args.model_command in ("add", "list", "distill"):

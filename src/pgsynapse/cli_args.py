@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("text", nargs="?", help="what to look for (not with --like-image)")
     se.add_argument("--images", action="store_true", help="search images by text (the active CLIP model)")
     se.add_argument("--like-image", metavar="PATH", help="search images like this image file")
-    se.add_argument("--image-model", type=int, help="image model (default: the active one)")
+    se.add_argument("--image-model", type=int, help="the image model of --images or --like-image (default: the "
+                    "active one)")
     se.add_argument("-k", "--limit", dest="k", type=COUNT,
                     help="results (default: the answer_top_k setting, 5: the passages an answer would use)")
     se.add_argument("--version", type=int, dest="model_version", help="model version (default: the active one)")

@@ -88,7 +88,7 @@ class IngestReport:
     images: int = 0  # image files inserted
     images_linked: int = 0  # stored before the document beside them, linked to it now
     images_unchanged: int = 0
-    image_hashes: list[str] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)  # the rows of the image files, for follow
     embedded: int | None = None  # set by follow
     embed_failed: int | None = None
     images_embedded: int | None = None  # set by follow when an image model serves
@@ -262,11 +262,11 @@ def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
 
 
 def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:
-    done, hashes = flush_images(conn, images, doc_sources)
+    done, ids = flush_images(conn, images, doc_sources)
     report.images += done.inserted
     report.images_linked += done.linked
     report.images_unchanged += done.unchanged
-    report.image_hashes += hashes
+    report.image_ids += ids
 
 
 def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport, replace: bool) -> None:
@@ -322,8 +322,8 @@ def follow(conn: psycopg.Connection, report: IngestReport, *, progress: bool | N
     ids = [r[0] for r in cur.execute(q("documents_by_hash", "ops.sql"), {"hashes": list(set(report.hashes))})]
     report.embedded, report.embed_failed = _wait(conn, ids, q("follow_progress", "ops.sql"), DOCUMENTS_CHANNEL,
                                                  "document", progress, deadline, timeout, note)
-    if report.image_hashes and cur.execute(q("image_models_serving", "images.sql")).fetchone():
-        ids = [r[0] for r in cur.execute(q("images_by_hash", "images.sql"), {"hashes": list(set(report.image_hashes))})]
+    if report.image_ids and cur.execute(q("image_models_serving", "images.sql")).fetchone():
+        ids = sorted(set(report.image_ids))
         report.images_embedded, report.images_failed = _wait(
             conn, ids, q("follow_images", "images.sql"), IMAGES_CHANNEL, "image", progress, deadline, timeout, note)
     return report

@@ -16,9 +16,11 @@ import anyio
 import numpy as np
 import psycopg
 import pytest
+import structlog
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.cli import main as cli_main
 from pgsynapse.cli_args import build_parser as cli_parser
 from pgsynapse.client import Client, format_result
 from pgsynapse.errors import ModelError, PgsynapseError
@@ -29,7 +31,7 @@ from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import search_by_image, search_by_text
 from pgsynapse.retry import retry_failed
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
-from tests.image_models import COLOURS, coloured_image, png_bytes
+from tests.image_models import COLOURS, coloured_image, png_bytes, tiny_vit
 
 pytestmark = pytest.mark.anyio
 
@@ -93,8 +95,11 @@ async def test_text_and_image_search_end_to_end(db_url, models, tiny_clip_path, 
         # an image encoder added later: a candidate, queued every image, embedded beside the CLIP vectors
         with _sync(db_url) as sync:
             vit = registry.add(sync, tiny_vit_path)
-            assert (vit["kind"], vit["status"], vit["queued"]) == ("image", "active", 8)  # first of its kind
+            # the first of its kind, a candidate all the same: the CLIP model serves searches by example meanwhile
+            assert (vit["kind"], vit["status"], vit["queued"]) == ("image", "candidate", 8)
         await wait_until(conn, "SELECT count(*) = 16 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+        with _sync(db_url) as sync:
+            registry.promote(sync, vit["id"])
         # by example: a JPEG re-encoding of one image finds that image first, with either model
         target = ids[5]
         copy = png_bytes(coloured_image(names[2], seed=21), fmt="JPEG")
@@ -217,6 +222,110 @@ async def test_changed_image_is_embedded_again_and_unchanged_update_is_not(db_ur
     assert first != second and jobs["n"] == 2  # the caption edit queued nothing
 
 
+async def test_an_image_changed_into_a_bad_one_is_no_longer_found(db_url, models, tiny_clip_path):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    blue, red = insert_images(db_url, [{"data": png_bytes(coloured_image("blue", seed=11)), "caption": "blue"},
+                                       {"data": png_bytes(coloured_image("red", seed=12)), "caption": "red"}])
+    async with running_worker(fast_settings(db_url, kinds=("embed_image",)), models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.execute("UPDATE pgsynapse.images SET data = %s WHERE id = %s", (b"%PDF-1.7 not a picture", blue))
+        await wait_until(conn, "SELECT status = 'failed' FROM pgsynapse.images WHERE id = %s", (blue,),
+                         channel="pgsynapse_images")
+        # the blue picture's vector described bytes the row no longer has: it was the top hit for "blue", with the
+        # old picture's 48x40, and similar_images() listed it
+        hits = await search_by_text(conn, ImageModelCache(), "a blue picture", k=5)
+        similar = await (await conn.execute("SELECT image_id FROM pgsynapse.similar_images(%s, 5)", (red,))).fetchall()
+        row = await (await conn.execute(
+            "SELECT width, height, (SELECT count(*) FROM pgsynapse.image_embeddings WHERE image_id = i.id) AS vectors"
+            " FROM pgsynapse.images i WHERE id = %s", (blue,))).fetchone()
+        await conn.close()
+    assert [h.image_id for h in hits] == [red], hits
+    assert similar == [] and row == {"width": None, "height": None, "vectors": 0}, (similar, row)
+
+
+def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tmp_path, capsys):
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png_bytes(coloured_image("red", seed=1)))
+    # --image-model without --images searched the documents; --like-image with a text dropped the text: both
+    # printed results (or "no results") and exited 0
+    for argv, message in [
+        (["search", "--image-model", "1", "a red picture"],
+         "--image-model chooses the model of an image search: add --images to search images by text, or "
+         "--like-image PATH"),
+        (["search", "--like-image", str(picture), "a red picture"],
+         "search --like-image searches by example and takes no text: drop 'a red picture', or search by text "
+         "with --images 'a red picture'"),
+    ]:
+        logging = structlog.get_config()
+        try:
+            assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        finally:  # the CLI configures logging for the process: the tests after this one capture theirs
+            structlog.configure(**logging)
+        assert message in capsys.readouterr().err, argv
+
+
+def test_a_model_wider_than_the_index_takes_is_refused_saying_so(db_url, tmp_path):
+    # a ResNet-50 gives 2048-d vectors: the registration failed on the HNSW index with pgvector's own words,
+    # "database error: column cannot have more than 2000 dimensions for hnsw index", exit status 69 (try later)
+    wide = tiny_vit(tmp_path / "wide-vit", width=2048)
+    with _sync(db_url) as conn:
+        with pytest.raises(ModelError, match=(
+                r"wide-vit gives 2048-dimensional vectors: the vector index \(pgvector HNSW\) takes at most 2000; "
+                r"choose a model of at most 2000 dimensions")):
+            registry.add(conn, wide)
+        assert registry.list_models(conn) == []
+
+
+async def test_a_model_whose_files_are_gone_is_named_with_what_to_do(db_url, models, tiny_clip_path, tmp_path):
+    another = tmp_path / "clip-2"
+    shutil.copytree(tiny_clip_path, another)
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        candidate = registry.add(conn, another, name="clip-2")["id"]
+    shutil.rmtree(another)
+    handler = EmbedImageHandler(fast_settings(db_url, kinds=("embed_image",)), models)
+    conn = await aconn(db_url)
+    await handler.refresh_versions(conn)
+    await conn.close()
+    # the worker stopped at start with "image model path does not exist: .../clip-2": which model, and what now?
+    with pytest.raises(ModelError, match=(
+            rf"^image model {candidate} \(clip-2, candidate\): image model path does not exist: {another}: restore "
+            rf"its files, or retire it \(pgsynapse image-model retire {candidate}\)$")):
+        handler.embedders()
+
+
+async def test_a_first_image_encoder_waits_as_a_candidate_while_clip_serves_searches_by_example(
+        db_url, models, tiny_clip_path, tiny_vit_path):
+    with _sync(db_url) as conn:
+        clip = registry.add(conn, tiny_clip_path)["id"]
+    pictures = [png_bytes(coloured_image(c, seed=40 + i)) for i, c in enumerate(["red", "red", "blue"])]
+    ids = insert_images(db_url, [{"data": p} for p in pictures])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    async with running_worker(settings, models):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as sync:
+        vit = registry.add(sync, tiny_vit_path)
+    # it was active at once with no vector: search --like-image and similar_images() switched to it and found
+    # nothing (for hours on a large collection) while the CLIP model had every image
+    assert (vit["status"], vit["queued"]) == ("candidate", 3), vit
+    conn = await aconn(db_url)
+    hits = await search_by_image(conn, ImageModelCache(), pictures[2], k=1)
+    similar = await (await conn.execute("SELECT image_id FROM pgsynapse.similar_images(%s, 1)", (ids[2],))).fetchall()
+    assert [h.image_id for h in hits] == [ids[2]] and len(similar) == 1, (hits, similar)
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 6 FROM pgsynapse.image_embeddings", channel="pgsynapse_images")
+    await conn.close()
+    with _sync(db_url) as sync:
+        assert registry.promote(sync, vit["id"]) == {"active": vit["id"], "previous": None, "kind": "image"}
+        assert [(m["id"], m["status"]) for m in registry.list_models(sync)] == [(clip, "active"), (vit["id"], "active")]
+
+
 def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
     with _sync(db_url) as conn:
         insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=7))}])
@@ -303,6 +412,42 @@ async def test_a_poisoned_image_is_bisected_out_of_its_batch(db_url, models, tin
     assert got.pop("poisoned") == {"caption": "poisoned", "status": "failed", "attempts": 3,
                                    "error": "ValueError: model step failed on a 13-pixel-wide image"}
     assert {r["status"] for r in got.values()} == {"embedded"} and {r["attempts"] for r in got.values()} == {1}
+
+
+class RetiringImageHandler(EmbedImageHandler):
+    """The real handler, with a candidate model retired (by `pgsynapse image-model retire`, in another session)
+    while the batch is computed: after the vectors are computed, before they are written."""
+
+    def __init__(self, settings, models, url: str, retire: int) -> None:
+        super().__init__(settings, models)
+        self.url, self.retire = url, retire
+
+    def compute(self, work):
+        outcomes = super().compute(work)
+        if self.retire:
+            with _sync(self.url) as conn:
+                registry.retire(conn, self.retire)
+            self.retire = 0
+        return outcomes
+
+
+async def test_a_model_retired_while_a_batch_computes_gets_no_vectors(db_url, models, tiny_clip_path, tmp_path):
+    another = tmp_path / "clip-2"
+    shutil.copytree(tiny_clip_path, another)
+    with _sync(db_url) as conn:
+        registry.add(conn, tiny_clip_path)
+        candidate = registry.add(conn, another)["id"]
+    insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=31))}])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    handler = RetiringImageHandler(settings, models, db_url, candidate)
+    async with running_worker(settings, models, handlers={"embed_image": handler}):
+        conn = await aconn(db_url)
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+        await conn.close()
+    with _sync(db_url) as conn:
+        listed = {r["id"]: (r["status"], r["vectors"]) for r in registry.list_models(conn)}
+    # the retired model's vectors were written after retire had deleted them: kept for ever, with no index
+    assert listed == {1: ("active", 1), candidate: ("retired", 0)}, listed
 
 
 async def test_onnx_export_of_an_image_tower_is_a_candidate_promoted_once_complete(db_url, models, tiny_vit_path,

@@ -34,7 +34,8 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
                       f"{r['vectors']:>8} vectors  {r['name']}  ({r['artifact_path']})")
         elif args.image_command == "promote":
             r = registry.promote(conn, args.model)
-            print(f"image model {r['active']} is the active {r['kind']} model (was {r['previous']})")
+            was = f"was {r['previous']}" if r["previous"] else "the first active one of its kind"
+            print(f"image model {r['active']} is the active {r['kind']} model ({was})")
         elif args.image_command == "retire":
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")
@@ -60,6 +61,12 @@ def _print_added(row: dict) -> None:
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     limits = ImageLimits.of(settings)
     models = ImageModelCache(threads=settings.torch_threads, data_dir=settings.data_dir)
+    if not (args.images or args.like_image):
+        raise PgsynapseError("--image-model chooses the model of an image search: add --images to search images by "
+                             "text, or --like-image PATH")
+    if args.like_image and args.text:
+        raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
+                             f"search by text with --images {args.text!r}")
     if args.like_image:
         try:
             data = Path(args.like_image).read_bytes()

@@ -61,9 +61,10 @@ class ImageFlush:
 
 
 def flush_images(conn: psycopg.Connection, images: list[FileImage],
-                 document_sources: set[str]) -> tuple[ImageFlush, list[str]]:
-    """Store the images not stored yet (one COPY: one trigger run, one NOTIFY); returns the counts and the hashes of
-    them all. An image is stored when no row has its content and the document it sits beside: the same picture
+                 document_sources: set[str]) -> tuple[ImageFlush, list[int]]:
+    """Store the images not stored yet (one COPY: one trigger run, one NOTIFY); returns the counts and the ids of
+    the rows of them all (new, linked or unchanged: what ``ingest --follow`` waits for, and no other row of the same
+    bytes). An image is stored when no row has its content and the document it sits beside: the same picture
     beside two documents is a row for each, and an image stored unlinked, of the same source, is linked to the
     document written beside it since (an UPDATE of the link alone: it is not embedded again)."""
     done = ImageFlush()
@@ -77,23 +78,31 @@ def flush_images(conn: psycopg.Connection, images: list[FileImage],
         beside = {im.source: document_for(im.source, document_sources) for im in images}
         wanted = sorted({s for s in beside.values() if s})
         doc_ids = dict(cur.execute(q("documents_by_source", "images.sql"), {"sources": wanted}).fetchall()) if wanted else {}
-        have = {(h, doc) for _, h, _, doc in stored}
+        # each file's row: its id, or for a row copied below, its (content, source, document)
+        have: dict[tuple[str, int | None], int | tuple[str, str, int | None]] = {
+            (h, doc): image_id for image_id, h, _, doc in stored}
         unlinked = {(h, src): image_id for image_id, h, src, doc in stored if doc is None}
         new: list[tuple[FileImage, int | None]] = []
+        rows: list[int | tuple[str, str, int | None]] = []
         for im, h in zip(images, hashes, strict=True):
             doc = doc_ids.get(beside[im.source])
             if (h, doc) in have:
                 done.unchanged += 1
-                continue
-            have.add((h, doc))
-            if doc is not None and (image_id := unlinked.pop((h, im.source), None)) is not None:
+            elif doc is not None and (image_id := unlinked.pop((h, im.source), None)) is not None:
                 cur.execute(q("link_image", "images.sql"), {"id": image_id, "document_id": doc})
                 done.linked += 1
+                have[(h, doc)] = image_id
             else:
+                have[(h, doc)] = (h, im.source, doc)
                 new.append((im, doc))
+            rows.append(have[(h, doc)])
+        copied: dict[tuple[str, str, int | None], int] = {}
         if new:
             with conn.cursor().copy(q("copy_images", "images.sql")) as copy:
                 for im, doc in new:
                     copy.write_row((im.data, im.source, im.mime_type, doc, json.dumps({"bytes": len(im.data)})))
+            # the rows just copied: the newest of each content, source and document (the ingest lock is held)
+            copied = {(h, src, doc): image_id for image_id, h, src, doc in cur.execute(
+                q("stored_images_by_hash", "images.sql"), {"hashes": [im.content_hash for im, _ in new]})}
         done.inserted = len(new)
-    return done, hashes
+    return done, [r if isinstance(r, int) else copied[r] for r in rows]

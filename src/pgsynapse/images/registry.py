@@ -1,6 +1,7 @@
 """The image model registry (``pgsynapse.image_models``): add a model by path, promote, retire, list.
 
-A model's lifecycle: ``add`` registers it (the first of its kind is active at once, later ones are candidates)
+A model's lifecycle: ``add`` registers it (active at once when no active model serves its searches: the first
+CLIP, or the first image encoder while no CLIP is active; otherwise a candidate)
 and queues every image for it; the worker embeds each image with every active and candidate model; ``promote``
 switches searches to a candidate only once it has a vector for every image that can have one, so a search never
 sees a half-built model; ``retire`` drops a non-active model's vectors and index.
@@ -20,6 +21,10 @@ from pgsynapse.images.encoders import probe
 from pgsynapse.queries import q
 
 
+# the most dimensions pgvector's HNSW index takes for a vector (each image model has one: ensure_image_index)
+HNSW_MAX_DIM = 2000
+
+
 def sql(name: str) -> str:
     return q(name, "images.sql")
 
@@ -36,6 +41,10 @@ def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, 
     found, runtime, dim = probe(path)
     if kind is not None and kind != found:
         raise ModelError(f"{path} holds a {found!r} model, not {kind!r}")
+    if dim > HNSW_MAX_DIM:
+        raise ModelError(f"image model {path} gives {dim}-dimensional vectors: the vector index (pgvector HNSW) takes "
+                         f"at most {HNSW_MAX_DIM}; choose a model of at most {HNSW_MAX_DIM} dimensions (a smaller "
+                         "variant, or one with a projection head: a CLIP's image tower)")
     with conn.transaction():
         _run(conn, sql("lock_image_models"))
         same = _run(conn, sql("image_model_by_path"), {"path": str(path)}).fetchone()

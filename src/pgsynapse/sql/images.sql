@@ -37,6 +37,11 @@ WHERE j.id = ANY(%(jobs)s) AND i.embedded_hash IS DISTINCT FROM i.content_hash
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs n WHERE n.kind = j.kind AND n.ref_id = j.ref_id AND n.id > j.id)
 ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
 
+-- name: lock_image_models_written
+-- The models whose vectors a batch writes, locked against a retire until the write commits (retire deletes a
+-- model's vectors: one written after it would stay for ever); a model retired since the batch loaded is not returned.
+SELECT id FROM pgsynapse.image_models WHERE id = ANY(%(ids)s) AND status <> 'retired' ORDER BY id FOR SHARE;
+
 -- name: delete_image_embeddings
 DELETE FROM pgsynapse.image_embeddings WHERE image_id = ANY(%(ids)s);
 
@@ -54,11 +59,19 @@ FROM unnest(%(ids)s::bigint[], %(widths)s::int[], %(heights)s::int[], %(mimes)s:
 WHERE i.id = u.id;
 
 -- name: mark_image_failed
--- A job's final failure, unless the image was changed since (a pending job has its new content).
-UPDATE pgsynapse.images i SET status = 'failed', error = %(error)s
-WHERE i.id = %(id)s
-  AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'embed_image' AND p.ref_id = i.id AND p.status = 'pending')
-RETURNING i.id;
+-- A job's final failure, unless the image was changed since (a pending job has its new content). The vectors and
+-- dimensions of its earlier content go with it: searches and similar_images() must not find a picture the row
+-- no longer holds.
+WITH failed AS (
+    UPDATE pgsynapse.images i SET status = 'failed', error = %(error)s, width = NULL, height = NULL
+    WHERE i.id = %(id)s
+      AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p
+                      WHERE p.kind = 'embed_image' AND p.ref_id = i.id AND p.status = 'pending')
+    RETURNING i.id
+), gone AS (
+    DELETE FROM pgsynapse.image_embeddings e USING failed f WHERE e.image_id = f.id
+)
+SELECT id FROM failed;
 
 -- name: notify_images
 SELECT pg_notify('pgsynapse_images', json_build_object('id', i, 'status', %(status)s::text)::text)
@@ -92,12 +105,15 @@ WHERE artifact_path = %(path)s AND status <> 'retired'
 ORDER BY id LIMIT 1;
 
 -- name: insert_image_model
--- The first model of its kind is active at once (there is nothing to switch from); later ones are candidates
--- until `image-model promote`, which waits for their vectors to be complete.
+-- A model is active at once only when no active model serves the searches it would take over (there is nothing
+-- to switch from): the first CLIP model, or the first image encoder while no CLIP model is active (an active CLIP
+-- serves searches by example, which prefer an image encoder: a new one with no vector yet would find nothing).
+-- Others are candidates until `image-model promote`, which waits for their vectors to be complete.
 INSERT INTO pgsynapse.image_models (name, kind, artifact_path, runtime, dim, metrics, status, activated_at)
 SELECT %(name)s, %(kind)s, %(path)s, %(runtime)s, %(dim)s, %(metrics)s, s.status,
        CASE WHEN s.status = 'active' THEN now() END
-FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.image_models WHERE kind = %(kind)s AND status = 'active')
+FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.image_models
+                               WHERE status = 'active' AND (kind = %(kind)s OR %(kind)s = 'image'))
                   THEN 'candidate' ELSE 'active' END AS status) s
 RETURNING id, name, kind, artifact_path, runtime, dim, status;
 
@@ -166,9 +182,6 @@ SELECT DISTINCT ON (source) source, id FROM pgsynapse.documents WHERE source = A
 
 -- name: copy_images
 COPY pgsynapse.images (data, source, mime_type, document_id, metadata) FROM STDIN;
-
--- name: images_by_hash
-SELECT id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s);
 
 -- name: follow_images
 SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded, count(*) FILTER (WHERE status = 'failed') AS failed,
