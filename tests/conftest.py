@@ -3,6 +3,7 @@ answers, else the embedded server. Each test gets a fresh database cloned from a
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg.rows import dict_row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +42,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def full(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--full"))
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command run in-process (``cli.main``) configures logging for the whole process: its level (a command that
+    prints its result logs warnings only), its handler. The tests that ran after it in the same pytest worker
+    captured no info event (``capture_logs``) and failed by the dozen, in whichever files --dist put after it."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
