@@ -496,3 +496,34 @@ def test_import_efficientnet_registers_its_onnx_runtime(db_url, tmp_path, capsys
     photos = [coloured_image(c, seed=i, size=(256, 240)) for i, c in enumerate(COLOURS)]
     v = enc.encode_images(photos + [photos[1].rotate(3)])
     assert int(np.argmax(v[:4] @ v[4])) == 1
+
+
+def test_similar_images_says_why_it_has_nothing_to_compare(db_url, tiny_clip_path):
+    """similar_images() said "no active image model" for a model id that does not exist, and returned no row, without
+    a word, for an image that is not embedded (pending, failed) or does not exist, or under a retired model."""
+    call = "SELECT * FROM pgsynapse.similar_images(%s, 5, %s)"
+    with _sync(db_url) as conn:
+        clip = registry.add(conn, tiny_clip_path)
+        other = conn.execute("INSERT INTO pgsynapse.image_models (name, kind, artifact_path, runtime, dim, status)"
+                             " SELECT 'old', kind, artifact_path, runtime, dim, 'retired' FROM pgsynapse.image_models"
+                             " WHERE id = %s RETURNING id", (clip["id"],)).fetchone()["id"]
+    pending, failed = insert_images(db_url, [{"data": png_bytes(coloured_image("blue", seed=1))},
+                                             {"data": png_bytes(coloured_image("red", seed=2))}])
+    with _sync(db_url) as conn:
+        conn.execute("UPDATE pgsynapse.images SET status = 'failed', error = 'InputError: not an image' WHERE id = %s",
+                     (failed,))
+    for args, says in (((pending, 99), "image model 99 does not exist (pgsynapse image-model list)"),
+                       ((pending, other), f"image model {other} is retired: its vectors are gone; leave the model out "
+                                          "for the active one"),
+                       ((424242, None), "image 424242 does not exist")):
+        with _sync(db_url) as conn, pytest.raises(psycopg.errors.RaiseException) as exc:
+            conn.execute(call, args)
+        assert exc.value.diag.message_primary == says, args
+    # an image with no vector gives no row, saying why in a NOTICE: a LATERAL join over many images goes on
+    for image, says in ((pending, f"image {pending} has no vector yet (pending): the worker embeds it"),
+                        (failed, f"image {failed} failed: InputError: not an image")):
+        with _sync(db_url) as conn:
+            notices = []
+            conn.add_notice_handler(lambda n: notices.append(n.message_primary))
+            assert conn.execute(call, (image, None)).fetchall() == []
+        assert notices == [says], image

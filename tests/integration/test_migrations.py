@@ -868,3 +868,19 @@ def test_the_identifier_limits_migration_names_the_limit_and_keeps_the_rows_ther
 def md5_noise(n: int) -> str:
     """``n`` characters that do not compress (a long value that compresses fits the btree, and hides its limit)."""
     return "".join(hashlib.md5(str(i).encode()).hexdigest() for i in range(n // 32 + 1))[:n]
+
+
+def test_the_similar_images_migration_names_a_missing_model_and_is_idempotent(new_db):
+    """0035 on top of 0034: similar_images() names a model id that does not exist (it said "no active image model"),
+    and still answers as before where there is something to compare; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 35)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(2):
+            with pytest.raises(psycopg.errors.RaiseException, match="image model 99 does not exist"):
+                conn.execute("SELECT * FROM pgsynapse.similar_images(1, 5, 99)")
+            with pytest.raises(psycopg.errors.RaiseException, match="no active image model"):
+                conn.execute("SELECT * FROM pgsynapse.similar_images(1)")
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
