@@ -14,9 +14,10 @@ from pgsynapse.db import Database, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
-from pgsynapse.migrate import listed, migrate, schema_state, warn_if_newer
+from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
+from pgsynapse.wording import listed
 
 log = get_logger(__name__)
 

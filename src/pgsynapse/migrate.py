@@ -80,11 +80,6 @@ def schema_state(conn: psycopg.Connection) -> dict[str, Any]:
             "pending": [m.name for m in known if m.version not in have], "newer": newer_migrations(have)}
 
 
-def listed(names: list[str], shown: int = 3) -> str:
-    """The first ``shown`` migration names, and how many more: what a message has room for."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def warn_if_newer(newer: list[int]) -> None:
     if newer:
         log.warning("database_schema_newer", unknown_migrations=newer,

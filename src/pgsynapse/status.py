@@ -12,11 +12,12 @@ from pgsynapse.db import SCHEMA_ERRORS
 from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
-from pgsynapse.migrate import listed, schema_state
+from pgsynapse.migrate import schema_state
 from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
+from pgsynapse.wording import listed
 
 SHOWN_REASONS = 5  # the commonest failure errors and skip reasons that `pgsynapse status` lists
 # what a status of a schema too far behind for its queries leaves out (``incomplete``)

@@ -22,6 +22,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.queries import q
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
 from pgsynapse.textsql.safety import is_system_schema
+from pgsynapse.wording import listed
 
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_]*$")
 _SAMPLE_ROWS = 50
@@ -111,9 +112,7 @@ _LISTED = 10  # names a message lists before "and N more"
 def _listed(names: Sequence[str]) -> str:
     """Names for a message: each cut to a PostgreSQL name's length, at most :data:`_LISTED` of them (a row's writer
     chooses them: one of 10,000 characters went whole into the job's error and the worker's log)."""
-    shown = [n if len(n) <= _NAME_BYTES * 2 + 1 else f"{n[:_NAME_BYTES]}..." for n in names[:_LISTED]]
-    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
-    return ", ".join(shown) + more
+    return listed([n if len(n) <= _NAME_BYTES * 2 + 1 else f"{n[:_NAME_BYTES]}..." for n in names], _LISTED)
 
 
 def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, role: str) -> list[Table]:

@@ -38,6 +38,7 @@ from pglast.enums import SQLValueFunctionOp
 from pglast.parser import ParseError, parse_sql, scan
 
 from pgsynapse.errors import InputError
+from pgsynapse.wording import listed
 
 MAX_SQL_CHARS = 20_000
 
@@ -395,9 +396,7 @@ class _Checker:
     def _allowed_text(self) -> str:
         if not self.allowed:
             return "no table is allowed"
-        names = sorted(_dotted(t) for t in self.allowed)
-        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-        return "allowed: " + ", ".join(names[:8]) + more
+        return "allowed: " + listed(sorted(_dotted(t) for t in self.allowed), 8)
 
     @staticmethod
     def _function(names: list[str]) -> None:
