@@ -1,6 +1,6 @@
 -- pgsynapse 0032: two writes through SQL that went wrong. A feedback row whose verdict is changed by an UPDATE
--- rebuilds its training example (triggers/feedback_updated_v1.sql: the example kept the verdict of the INSERT, and
+-- rebuilds its training example (triggers/feedback_v6.sql: the example kept the verdict of the INSERT, and
 -- the retrain learnt it). A bulk INSERT of rows whose first id keys a pending bulk job (the same rows deleted and
 -- loaded again) joins that job (triggers/documents_v5.sql: the application's statement failed on jobs_pending_dedup).
--- pgsynapse:include feedback_updated_v1.sql
+-- pgsynapse:include feedback_v6.sql
 -- pgsynapse:include documents_v5.sql
