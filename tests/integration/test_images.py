@@ -16,7 +16,6 @@ import anyio
 import numpy as np
 import psycopg
 import pytest
-import structlog
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
@@ -260,11 +259,8 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
          "search --like-image searches by example and takes no text: drop 'a red picture', or search by text "
          "with --images 'a red picture'"),
     ]:
-        logging = structlog.get_config()
-        try:
-            assert cli_main(["--database-url", db_url, *argv]) == 1, argv
-        finally:  # the CLI configures logging for the process: the tests after this one capture theirs
-            structlog.configure(**logging)
+        # the CLI configures logging for the process: tests/conftest.py puts it back after each test
+        assert cli_main(["--database-url", db_url, *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
 
 
