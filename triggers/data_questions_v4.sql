@@ -65,7 +65,6 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgsynapse, pg_te
 DECLARE
     untrained bigint;
     threshold int;
-    n bigint;
 BEGIN
     SELECT sql_retrain_min_corrections INTO threshold FROM pgsynapse.learning_settings;
     SELECT count(DISTINCT c.question_id) INTO untrained
@@ -73,15 +72,8 @@ BEGIN
     JOIN pgsynapse.data_questions q ON q.id = c.question_id
     WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.created_at)
       AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
-    -- one SQL retrain at a time: none is queued while another is pending or running
-    IF untrained >= coalesce(threshold, 50) AND NOT EXISTS (
-        SELECT 1 FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status IN ('pending', 'running')) THEN
-        INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES ('sql_retrain', 0)
-        ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        IF n > 0 THEN
-            PERFORM pgsynapse.wake_v1('sql_retrain', 1);
-        END IF;
+    IF untrained >= coalesce(threshold, 50) THEN
+        PERFORM pgsynapse.queue_one_v1('sql_retrain');  -- one at a time (triggers/feedback_v6.sql, migration 0032)
     END IF;
     RETURN NULL;
 END $$;

@@ -24,26 +24,32 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION pgsynapse.feedback_example_v1(boolean, int, bigint, jsonb) FROM PUBLIC;
 
--- one retrain at a time: queued when the untrained examples reach retrain_min_feedback and none is pending or
--- running
-CREATE OR REPLACE FUNCTION pgsynapse.queue_retrain_when_due_v1() RETURNS void
+-- one training job of a kind (retrain, sql_retrain) at a time: queued, and the workers woken, unless one is pending
+-- or running
+CREATE OR REPLACE FUNCTION pgsynapse.queue_one_v1(job_kind text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
 DECLARE
-    untrained bigint;
-    threshold int;
     n bigint;
 BEGIN
-    SELECT retrain_min_feedback INTO threshold FROM pgsynapse.learning_settings;
-    SELECT count(*) INTO untrained FROM pgsynapse.training_examples
-    WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL;
-    IF untrained >= coalesce(threshold, 200) AND NOT EXISTS (
-        SELECT 1 FROM pgsynapse.jobs WHERE kind = 'retrain' AND status IN ('pending', 'running')) THEN
-        INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES ('retrain', 0)
+    IF NOT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = job_kind AND status IN ('pending', 'running')) THEN
+        INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES (job_kind, 0)
         ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n > 0 THEN
-            PERFORM pgsynapse.wake_v1('retrain', 1);
+            PERFORM pgsynapse.wake_v1(job_kind, 1);
         END IF;
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION pgsynapse.queue_one_v1(text) FROM PUBLIC;
+
+-- a retrain, when the untrained examples reach retrain_min_feedback
+CREATE OR REPLACE FUNCTION pgsynapse.queue_retrain_when_due_v1() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgsynapse, pg_temp AS $$
+BEGIN
+    IF (SELECT count(*) FROM pgsynapse.training_examples
+        WHERE trained_in_version IS NULL AND positive_chunk_id IS NOT NULL AND superseded_by IS NULL)
+       >= coalesce((SELECT retrain_min_feedback FROM pgsynapse.learning_settings), 200) THEN
+        PERFORM pgsynapse.queue_one_v1('retrain');
     END IF;
 END $$;
 REVOKE ALL ON FUNCTION pgsynapse.queue_retrain_when_due_v1() FROM PUBLIC;
