@@ -18,6 +18,7 @@ from pgsynapse.answer_cache import lookup_sql
 from pgsynapse.errors import DatabaseError
 from pgsynapse.migrate import _LOCK_KEY, Migration, available, migrate
 from pgsynapse.queries import q
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
 
 
 def _apply_below(url: str, version: int) -> Migration:
@@ -884,3 +885,47 @@ def test_the_similar_images_migration_names_a_missing_model_and_is_idempotent(ne
                 conn.execute("SELECT * FROM pgsynapse.similar_images(1)")
             with conn.transaction():
                 conn.execute(mig.sql.encode())
+
+
+@pytest.mark.anyio
+async def test_the_duplicate_chunks_migration_queues_a_reembed_that_stores_each_text_once(new_db, models):
+    """0036 on top of 0035: a document embedded before identical chunk texts were stored once has its duplicates (the
+    text of a body that repeats itself, one chunk row each) until re-embedded by hand; the migration queues its
+    embed job, once (a document that had one pending keeps that one; a clean document gets none), and wakes the
+    workers, and the worker's embed stores each text once. Re-running queues nothing more."""
+    url = new_db()
+    mig = _apply_below(url, 36)
+    body = "the same sentence again. " * 800  # as the docs' own test of duplicate_chunks_dropped: windows alike
+    with psycopg.connect(url, autocommit=True) as conn:
+        dup, clean, waiting = [conn.execute("INSERT INTO pgsynapse.documents (source, body) VALUES (%s, %s)"
+                                            " RETURNING id", (source, text)).fetchone()[0]
+                               for source, text in (("dup", body), ("clean", "one text."), ("waiting", body))]
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'done' WHERE ref_id <> %s", (waiting,))
+        conn.execute("UPDATE pgsynapse.documents SET status = 'embedded' WHERE id IN (%s, %s)", (dup, clean))
+        # chunk rows as a release before 0036 stored them: one row per window, the same text in each
+        for doc, texts in ((dup, ["the same sentence again."] * 5 + ["the end."]), (clean, ["one text."]),
+                           (waiting, ["the same sentence again."] * 3)):
+            for ord_, text in enumerate(texts):
+                conn.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start,"
+                             " char_end, content_hash) VALUES (%s, %s, %s, 5, 0, 24, 'old')", (doc, ord_, text))
+        conn.execute("LISTEN pgsynapse_jobs")
+        assert mig.name in migrate(url)
+        woken = [json.loads(n.payload) for n in conn.notifies(timeout=5, stop_after=1)]
+        assert woken == [{"kind": "embed", "n": 1}]
+        pending = "SELECT ref_id, count(*) FROM pgsynapse.jobs WHERE status = 'pending' GROUP BY 1 ORDER BY 1"
+        assert conn.execute(pending).fetchall() == [(dup, 1), (waiting, 1)]
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert conn.execute(pending).fetchall() == [(dup, 1), (waiting, 1)]
+        clean_chunks = conn.execute("SELECT id FROM pgsynapse.chunks WHERE document_id = %s", (clean,)).fetchall()
+    aconnection = await aconn(url)
+    async with running_worker(fast_settings(url), models):
+        await wait_until(aconnection, "SELECT NOT EXISTS (SELECT FROM pgsynapse.jobs WHERE status <> 'done')")
+    counts = await (await aconnection.execute(
+        "SELECT document_id, count(*) = count(DISTINCT text) AS once FROM pgsynapse.chunks GROUP BY 1 ORDER BY 1"
+    )).fetchall()
+    assert counts == [{"document_id": d, "once": True} for d in sorted((dup, clean, waiting))]
+    assert await (await aconnection.execute(
+        "SELECT array_agg(id) FROM pgsynapse.chunks WHERE document_id = %s", (clean,))).fetchone() == {
+            "array_agg": [r[0] for r in clean_chunks]}
+    await aconnection.close()
