@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector_async
@@ -353,8 +354,6 @@ async def test_oversized_body_fails_at_once_with_a_clear_error(db_url, models):
 
 
 async def test_listen_connection_terminated_reconnects_and_next_insert_is_embedded(db_url, models):
-    import anyio
-
     # a poll interval far longer than the test's wait: only the NOTIFY path can make this pass
     settings = fast_settings(db_url, poll_interval=600)
     conn = await aconn(db_url)
