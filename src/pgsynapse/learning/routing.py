@@ -35,6 +35,13 @@ def choose_version(versions: Sequence[dict[str, Any]], key: str) -> dict[str, An
     return active
 
 
+def share_left(asked: float, held: float) -> float:
+    """The share a candidate joining the A/B test gets: what it ``asked``, at most what the other candidates'
+    ``held`` leaves (candidates take consecutive bucket ranges: one past 100 % would get less than said, without a
+    word). The retrains of the text model, the ranker and the SQL model all register theirs so."""
+    return max(0.0, min(float(asked), 100.0 - float(held)))
+
+
 def routed(v: dict[str, Any]) -> bool:
     """Whether a version row gets sessions (``routable_versions``' rule: the active one, and candidates that are
     backfilled, have a share and are on their serving runtime)."""
