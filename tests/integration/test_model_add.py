@@ -275,10 +275,14 @@ def test_the_active_version_is_shown_with_the_traffic_the_candidates_leave_it(db
         with pytest.raises(RegistryError, match=rf"model version {ids[1]} at 60% would take the candidates' traffic "
                                                 rf"to 110%: at most 50% is left \(v{ids[0]} has 50%\)"):
             set_traffic(conn, ids[1], 60)
+        # a candidate with a share that is not routed yet (waiting for its runtime export) takes none of it
+        waiting = conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, runtime_pending,"
+                               " traffic_percent) VALUES ('w', 384, 'candidate', now(), true, 5) RETURNING id"
+                               ).fetchone()["id"]
         listing = render_versions(conn).splitlines()
-        assert [line.split()[4] for line in listing[1:]] == ["40%", "50%", "10%"], listing
+        assert [line.split()[4] for line in listing[1:]] == ["40%", "50%", "10%", "5%"], listing
         shown = {v["id"]: v["traffic_percent"] for v in snapshot(conn)["model_versions"]}
-        assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0}
+        assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0, waiting: 5.0}
         assert "model v1       : active (torch), 40% traffic" in render(snapshot(conn))
 
 

@@ -141,13 +141,6 @@ SET backfilled_at = now(),
 WHERE v.id = %(version)s AND v.backfilled_at IS NULL
 RETURNING v.traffic_percent::float8 AS traffic_percent;
 
--- name: routable_versions
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
-FROM pgsynapse.model_versions
-WHERE status = 'active'
-   OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0 AND NOT runtime_pending)
-ORDER BY id;
-
 -- name: demote_active
 -- a candidate at 0 % again: the figures of its last A/B look (the test that promoted it) are not a test of its own
 -- any more (a share given later starts a new one: ab_decisions); the model event of its promotion keeps them
