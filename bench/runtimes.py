@@ -23,7 +23,8 @@ import numpy as np
 from bench.common import artifact, corpus, emit, machine, parser, questions, table
 from pgsynapse.chunking import Chunker
 from pgsynapse.export import SCHEMES
-from pgsynapse.models import ModelSpec, ONNX_FILES, default_model_path, load_embedder, load_tokenizer, rss_bytes
+from pgsynapse.models import ModelSpec, ONNX_FILES, default_model_path, load_embedder, rss_bytes
+from pgsynapse.tokens import load_tokenizer
 
 # runtime[:int8 scheme]: every scheme, in the order the export tries them
 RUNTIMES = ["torch", "onnx", *(f"onnx-int8:{scheme}" for scheme in SCHEMES)]

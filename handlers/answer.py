@@ -31,7 +31,7 @@ from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard
 from pgsynapse.handlers.answer_stream import Stream, StreamWriter
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, blank_question, describe, input_error
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, unanswerable
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
@@ -154,13 +154,8 @@ class AnswerHandler(Handler[AnswerWork]):
             if row is None:
                 known.append(Outcome(job, skip_reason="question gone or already answered"))
                 continue
-            if row["text"] is None:  # over the limit: its text was not even fetched
-                known.append(input_error(job, InputError(
-                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}"),
-                    row["text_hash"]))
-                continue
-            if (blank := blank_question(job, row["text"], row["text_hash"])) is not None:
-                known.append(blank)
+            if (refused := unanswerable(job, row, s.max_question_chars)) is not None:
+                known.append(refused)
                 continue
             key = row["session_id"] or f"question-{row['id']}"
             w = AnswerWork(job, row["text"], row["session_id"], choose_version(versions, key), text_hash=row["text_hash"],

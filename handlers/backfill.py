@@ -23,6 +23,7 @@ from pgsynapse.chunking import Chunker
 from pgsynapse.config import Settings
 from pgsynapse.db import columns
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
+from pgsynapse.learning.routing import share_left
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -115,12 +116,9 @@ class BackfillHandler(Handler[BackfillWork]):
                 continue
             if state == "done":
                 asked = float(o.job.payload.get("traffic_percent", self.settings.rollout_traffic_percent))
-                got = await (await conn.execute(q("finish_backfill", "learning.sql"),
-                                                {"version": version, "traffic": asked})).fetchone()
+                got = await finish_backfill(conn, version, asked)
                 await conn.execute(q("notify_backfilled", "learning.sql"), {"version": version})
-                # None: finished before (a resumed job); less than asked: the other candidates hold the rest
-                log.info("backfill_finished", version=version, traffic_percent=got["traffic_percent"] if got else None,
-                         asked=asked)
+                log.info("backfill_finished", version=version, traffic_percent=got, asked=asked)
             else:
                 if copied:
                     await conn.execute(q("copy_passage_embeddings", "learning.sql"), {
@@ -135,3 +133,13 @@ class BackfillHandler(Handler[BackfillWork]):
                 log.info("backfill_progress", version=version, embedded=len(rows), copied=len(copied))
             report.written.append(o.job.id)
         return report
+
+
+async def finish_backfill(conn: psycopg.AsyncConnection, version: int, asked: float) -> float | None:
+    """Mark ``version`` backfilled; a candidate takes its share of sessions, :func:`share_left` of ``asked``. The
+    share it took (less than asked: the other candidates hold the rest), or None: finished before (a resumed job)."""
+    held = sum(r["traffic_percent"] for r in await (await conn.execute(
+        q("other_candidates_traffic", "learning.sql"), {"version": version})).fetchall())
+    got = await (await conn.execute(q("finish_backfill", "learning.sql"), {
+        "version": version, "traffic": share_left(asked, held)})).fetchone()
+    return got["traffic_percent"] if got else None

@@ -155,10 +155,15 @@ def input_error(outcome_job: Job, exc: InputError, read_hash: str | None = None)
     return Outcome(outcome_job, error=describe(exc), retry=False, read_hash=read_hash)
 
 
-def blank_question(outcome_job: Job, text: str, read_hash: str | None = None) -> Outcome | None:
-    """A question with nothing but whitespace fails at once: no model is asked to answer nothing. The tables refuse
-    such a text when it is written (triggers/blank_text_v1.sql); this fails one written before migration 0031, or
-    one of spaces that PostgreSQL's ``[[:space:]]`` does not count (a no-break space)."""
-    if text.strip():
+def unanswerable(outcome_job: Job, row: dict[str, Any], max_chars: int) -> Outcome | None:
+    """The failure of a question no model is asked to answer, or None. One over ``max_chars``: its row came without
+    its text (``text`` None, ``chars`` its length). One of nothing but whitespace: the tables refuse such a text
+    when it is written (triggers/blank_text_v1.sql); this fails one written before migration 0031, or one of spaces
+    that PostgreSQL's ``[[:space:]]`` does not count (a no-break space). ``row`` is a question's or a data
+    question's (``text``, ``chars``, ``text_hash``)."""
+    if row["text"] is None:
+        return input_error(outcome_job, InputError(
+            f"question has {row['chars']:,} characters, over max_question_chars={max_chars:,}"), row["text_hash"])
+    if row["text"].strip():
         return None
-    return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"), read_hash)
+    return input_error(outcome_job, InputError("the question is empty: there is nothing to answer"), row["text_hash"])

@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, blank_question, describe, input_error
+from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, unanswerable
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -147,13 +147,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
             if row is None:
                 known.append(Outcome(job, skip_reason="data question gone or already answered"))
                 continue
-            if row["text"] is None:
-                known.append(input_error(job, InputError(
-                    f"question has {row['chars']:,} characters, over max_question_chars={s.max_question_chars:,}"),
-                    row["text_hash"]))
-                continue
-            if (blank := blank_question(job, row["text"], row["text_hash"])) is not None:
-                known.append(blank)
+            if (refused := unanswerable(job, row, s.max_question_chars)) is not None:
+                known.append(refused)
                 continue
             key = row["session_id"] or f"data-question-{row['id']}"
             model = choose_sql_model(routable, key) or settings_model(s)

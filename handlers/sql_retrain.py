@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.artifacts import drop_weights, local_artifact
 from pgsynapse.config import Settings
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
+from pgsynapse.learning.routing import share_left
 from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
@@ -163,7 +164,7 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             await conn.execute(REGISTRY.sql("lock_models"))
             if verdict["passed"]:
                 others = (await _one(conn, REGISTRY.sql("candidate_traffic"), {"id": None}))["total"]  # type: ignore[index]
-                status, traffic = "candidate", max(0.0, min(s.sql_retrain_traffic_percent, 100.0 - others))
+                status, traffic = "candidate", share_left(s.sql_retrain_traffic_percent, others)
             else:
                 status, traffic = ("candidate" if res["force"] else "rejected"), 0.0
             root = base["name"] if base else Path(s.sql_model_path).name

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from pgsynapse.client import AnswerTimeout, Client, require_text
+from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve
 from pgsynapse.db import Database, worker_takes
@@ -63,7 +63,7 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
             # the command line's 0 is no limit: the Client's None
             return await client.ask(text, session_id=session_id, timeout=timeout or None, on_delta=on_delta)
 
-    return _answered(settings, "answer", go, timeout)
+    return _answered(settings, "answer", "question", go, timeout)
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
@@ -77,16 +77,12 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
             return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables,
                                          timeout=timeout or None)
 
-    return _answered(settings, "sql_answer", go, timeout)
+    return _answered(settings, "sql_answer", "data question", go, timeout)
 
 
-# what a command says of an answer still to come, and where it will be (the Client's message names its own method)
-LATER = {"answer": ("question", "questions", "status, answer"),
-         "sql_answer": ("data question", "data_questions", "status, sql, error")}
-
-
-def _answered(settings: Settings, kind: str, go: Callable[[str], Any], timeout: float):
-    """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``."""
+def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any], timeout: float):
+    """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``;
+    ``what`` it asks ("question", "data question": :data:`pgsynapse.client.LATER`), for a timeout's message."""
     async def with_worker(url: str):
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them)
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False)
@@ -123,7 +119,7 @@ def _answered(settings: Settings, kind: str, go: Callable[[str], Any], timeout: 
         except AnswerTimeout as exc:
             if exc.question_id is None:  # not asked: its INSERT waited past the timeout
                 raise
-            what, table, columns = LATER[kind]
+            table, columns = TABLES[what], LATER[what][0]
             raise AnswerTimeout(
                 f"no answer to {what} {exc.question_id} within {timeout:g}s: the worker answering {what}s "
                 "may be slower than that, busy or stuck (pgsynapse status); the answer is still written to its row "

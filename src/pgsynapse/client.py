@@ -44,6 +44,9 @@ ANSWERS_CHANNEL = "pgsynapse_answers"
 DATA_ANSWERS_CHANNEL = "pgsynapse_data_answers"
 CHANNELS = (ANSWERS_CHANNEL, DATA_ANSWERS_CHANNEL)
 TABLES = {"question": "questions", "data question": "data_questions", "feedback": "feedback"}  # what an INSERT writes
+# a question whose answer is still to come: the columns of its row (in TABLES) the answer is written to when it
+# comes, and the Client's method that waits for it again; the Client's and the CLI's AnswerTimeout say them
+LATER = {"question": ("status, answer", "result"), "data question": ("status, sql, error", "data_result")}
 APPLICATION_NAME = "pgsynapse-client"  # unless the URL names the application
 # the margin past its deadline of the client's own bound on an INSERT: PostgreSQL's statement_timeout ends it first
 WRITE_GRACE = 5.0
@@ -458,6 +461,6 @@ class Client:
 
 
 def _no_answer(what: str, qid: int, timeout: float | None) -> str:
-    get = "result" if what == "question" else "data_result"
+    get = LATER[what][1]
     return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
             f"still come: `await client.{get}({qid})`), or none is running (`pgsynapse run`)")

@@ -122,8 +122,9 @@ class WorkerCollector(Collector):
             with anyio.fail_after(self.db_timeout):
                 async with pool.connection() as conn:
                     self.queue = list(await (await conn.execute(q("queue_depth", "ops.sql"))).fetchall())
-                    self.versions = served_shares(await (await conn.execute(q("model_versions_metrics", "ops.sql"))
-                                                         ).fetchall())
+                    versions = await (await conn.execute(q("model_versions_metrics", "ops.sql"))).fetchall()
+                    routable = await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall()
+                    self.versions = served_shares(versions, routable)
             self.db_up = True
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
             log.warning("metrics_db_snapshot_failed", error=" ".join(str(exc).split())[:200] or type(exc).__name__)

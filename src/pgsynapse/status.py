@@ -50,7 +50,8 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
             r["oldest_pending_seconds"] = round(float(r["oldest_pending_seconds"]), 1)
     counts = conn.execute(q("status_counts", "ops.sql")).fetchone()
     versions = served_shares([{**dict(r), "traffic_percent": float(r["traffic_percent"])}
-                              for r in conn.execute(q("status_versions", "ops.sql"))])
+                              for r in conn.execute(q("status_versions", "ops.sql"))],
+                             conn.execute(q("routable_versions", "answers.sql")).fetchall())
     active = next((v for v in versions if v["status"] == "active"), None)
     progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
     for v in versions:

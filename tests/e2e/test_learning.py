@@ -76,7 +76,7 @@ LEARN_ENV = {
 
 def _routable(url: str) -> list[dict]:
     with psycopg.connect(url, row_factory=dict_row) as conn:
-        return conn.execute(q("routable_versions", "learning.sql")).fetchall()
+        return conn.execute(q("routable_versions", "answers.sql")).fetchall()
 
 
 async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url, tmp_path):

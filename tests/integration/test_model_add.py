@@ -15,10 +15,10 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.handlers.backfill import finish_backfill
 from pgsynapse.learning.cli import backfill_worker_note, render_versions, run_learning_command, run_model_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
 from pgsynapse.models import default_model_path
-from pgsynapse.queries import q
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
@@ -275,10 +275,14 @@ def test_the_active_version_is_shown_with_the_traffic_the_candidates_leave_it(db
         with pytest.raises(RegistryError, match=rf"model version {ids[1]} at 60% would take the candidates' traffic "
                                                 rf"to 110%: at most 50% is left \(v{ids[0]} has 50%\)"):
             set_traffic(conn, ids[1], 60)
+        # a candidate with a share that is not routed yet (waiting for its runtime export) takes none of it
+        waiting = conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, runtime_pending,"
+                               " traffic_percent) VALUES ('w', 384, 'candidate', now(), true, 5) RETURNING id"
+                               ).fetchone()["id"]
         listing = render_versions(conn).splitlines()
-        assert [line.split()[4] for line in listing[1:]] == ["40%", "50%", "10%"], listing
+        assert [line.split()[4] for line in listing[1:]] == ["40%", "50%", "10%", "5%"], listing
         shown = {v["id"]: v["traffic_percent"] for v in snapshot(conn)["model_versions"]}
-        assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0}
+        assert shown == {1: 40.0, ids[0]: 50.0, ids[1]: 10.0, waiting: 5.0}
         assert "model v1       : active (torch), 40% traffic" in render(snapshot(conn))
 
 
@@ -316,15 +320,15 @@ def test_retiring_a_retired_version_says_it_already_is(db_url, tiny48, capsys):
         assert events == 1
 
 
-def test_a_finished_backfill_takes_only_the_share_the_other_candidates_leave(db_url):
+async def test_a_finished_backfill_takes_only_the_share_the_other_candidates_leave(db_url):
     """A candidate whose backfill finished got rollout_traffic_percent (10) beside another candidate at 95 %: 105 %
     in all, and the routing gave it 5 without a word. It gets what is left."""
     with _sync(db_url) as conn:
         held, filled = [conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at,"
                                      " traffic_percent) VALUES (%s, 384, 'candidate', %s, %s) RETURNING id",
                                      row).fetchone()["id"] for row in (("a", datetime.now(UTC), 95), ("b", None, 0))]
-        got = conn.execute(q("finish_backfill", "learning.sql"), {"version": filled, "traffic": 10}).fetchone()
-        assert got["traffic_percent"] == 5.0
+        async with await aconn(db_url) as aconnection:
+            assert await finish_backfill(aconnection, filled, 10) == 5.0
         assert [float(r["traffic_percent"]) for r in conn.execute(
             "SELECT traffic_percent FROM pgsynapse.model_versions WHERE id = ANY(%s) ORDER BY id",
             ([held, filled],))] == [95.0, 5.0]

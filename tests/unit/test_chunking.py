@@ -9,7 +9,8 @@ import pytest
 from pgsynapse.chunking import Chunker, distinct
 from pgsynapse.errors import InputError
 from pgsynapse.export.sample import sample_texts
-from pgsynapse.models import default_model_path, load_tokenizer
+from pgsynapse.models import default_model_path
+from pgsynapse.tokens import load_tokenizer
 
 
 def test_short_text_is_one_chunk_with_title_prefix(tokenizer):

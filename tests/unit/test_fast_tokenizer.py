@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from pgsynapse.chunking import Chunker
-from pgsynapse.models import FastTokenizer, _hf_tokenizer, default_model_path
+from pgsynapse.models import default_model_path
+from pgsynapse.tokens import FastTokenizer, _hf_tokenizer
 
 TEXTS = [
     "VACUUM reclaims storage occupied by dead tuples.\n\nIn normal PostgreSQL operation, tuples that are deleted "

@@ -12,9 +12,9 @@ from pgsynapse.handlers.base import describe, isolate
 from pgsynapse.listener.wakeup import JobNotice, Wakeups
 from pgsynapse.listener.worker import Worker
 from pgsynapse.listener.writer import backoff_delay, transient
-from pgsynapse.models import length_batches
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
+from pgsynapse.tokens import length_batches
 
 
 def test_isolate_bisects_to_the_poisoned_items():

@@ -11,7 +11,8 @@ import numpy as np
 
 from pgsynapse.errors import ModelError
 from pgsynapse.export.sample import sample_texts
-from pgsynapse.models import ONNX_FILES, ONNX_META, load_tokenizer, onnx_feeds
+from pgsynapse.models import ONNX_FILES, ONNX_META
+from pgsynapse.tokens import load_tokenizer, onnx_feeds
 
 # onnx, onnxruntime's quantiser and torch are imported in the functions that use them, not at the top: every
 # worker imports this package (for :func:`pgsynapse.export.register.optimise_version`), but builds an artifact

@@ -264,7 +264,8 @@ def render_versions(conn: psycopg.Connection) -> str:
     """The embedding model versions, one line each, with the backfill of those still being filled."""
     progress = {r["id"]: r for r in conn.execute(q("backfill_progress", "learning.sql"))}
     lines = ["  id  status     runtime    dim   traffic  backfill            name"]
-    for v in served_shares(conn.execute(q("list_versions", "learning.sql")).fetchall()):
+    for v in served_shares(conn.execute(q("list_versions", "learning.sql")).fetchall(),
+                           conn.execute(q("routable_versions", "answers.sql")).fetchall()):
         p = progress.get(v["id"])
         fill = "-" if p is None else "done" if p["backfilled_at"] else backfill_state(p)
         waits = v["runtime_pending"] and v["status"] == "candidate"  # a rejected one never gets an export

@@ -35,15 +35,16 @@ def choose_version(versions: Sequence[dict[str, Any]], key: str) -> dict[str, An
     return active
 
 
-def routed(v: dict[str, Any]) -> bool:
-    """Whether a version row gets sessions (``routable_versions``' rule: the active one, and candidates that are
-    backfilled, have a share and are on their serving runtime)."""
-    return v["status"] == "active" or (v["status"] == "candidate" and v.get("backfilled_at") is not None
-                                       and float(v["traffic_percent"]) > 0 and not v.get("runtime_pending"))
+def share_left(asked: float, held: float) -> float:
+    """The share a candidate joining the A/B test gets: what it ``asked``, at most what the other candidates'
+    ``held`` leaves (candidates take consecutive bucket ranges: one past 100 % would get less than said, without a
+    word). The retrains of the text model, the ranker and the SQL model all register theirs so."""
+    return max(0.0, min(float(asked), 100.0 - float(held)))
 
 
-def served_shares(versions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with the active version's ``traffic_percent`` the share it serves: what the candidates routed
-    leave it (its row says 100 whatever they take). A candidate's is its own share."""
-    taken = min(100.0, sum(float(v["traffic_percent"]) for v in versions if v["status"] == "candidate" and routed(v)))
+def served_shares(versions: Sequence[dict[str, Any]], routable: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``versions`` with the active version's ``traffic_percent`` the share it serves: what the
+    candidates routed leave it (its row says 100 whatever they take). A candidate's is its own share. ``routable``:
+    the rows of ``routable_versions`` (answers.sql), the one rule of which versions get sessions."""
+    taken = min(100.0, sum(float(v["traffic_percent"]) for v in routable if v["status"] == "candidate"))
     return [{**v, "traffic_percent": 100.0 - taken} if v["status"] == "active" else v for v in versions]

@@ -17,6 +17,7 @@ from pgsynapse.config import Settings
 from pgsynapse.errors import DatabaseError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning.gate import verdict
+from pgsynapse.learning.routing import share_left
 from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -100,7 +101,7 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
         others = float(conn.execute(REGISTRY.sql("candidate_traffic"), {"id": None}).fetchone()["total"])
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
                                  base_id=spec.active_ranker["id"] if spec.active_ranker else None,
-                                 traffic=max(0.0, min(traffic, 100.0 - others)))
+                                 traffic=share_left(traffic, others))
     log.info("ranker_registered", ranker=row["id"], status=status, passed=gate["passed"], forced=force,
              runtime=metrics["runtime"], agreement=metrics.get("agreement"), delta=gate["delta"],
              active=metrics["active"], candidate=metrics["candidate"], reasons=gate["reasons"])

@@ -133,22 +133,13 @@ ON CONFLICT DO NOTHING;
 SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %(version)s::int)::text);
 
 -- name: finish_backfill
--- A candidate takes its share of sessions, at most what the other candidates leave (the routing gives candidates
--- consecutive ranges: one past 100 % got less than it was told, without a word); the share it took.
+-- A candidate takes its share of sessions, %(traffic)s: handlers.backfill.finish_backfill caps what it asked at
+-- what the other candidates leave (learning.routing.share_left); the share it took.
 UPDATE pgsynapse.model_versions v
 SET backfilled_at = now(),
-    traffic_percent = CASE WHEN v.status = 'candidate' THEN least(%(traffic)s, greatest(0, 100 - (
-        SELECT coalesce(sum(o.traffic_percent), 0) FROM pgsynapse.model_versions o
-        WHERE o.status = 'candidate' AND o.id <> v.id))) ELSE v.traffic_percent END
+    traffic_percent = CASE WHEN v.status = 'candidate' THEN %(traffic)s ELSE v.traffic_percent END
 WHERE v.id = %(version)s AND v.backfilled_at IS NULL
 RETURNING v.traffic_percent::float8 AS traffic_percent;
-
--- name: routable_versions
-SELECT id, name, artifact_path, runtime, dim, status, traffic_percent, passage_version_id
-FROM pgsynapse.model_versions
-WHERE status = 'active'
-   OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0 AND NOT runtime_pending)
-ORDER BY id;
 
 -- name: demote_active
 -- a candidate at 0 % again: the figures of its last A/B look (the test that promoted it) are not a test of its own

@@ -19,7 +19,8 @@ GROUP BY kind
 ORDER BY kind;
 
 -- name: model_versions_metrics
-SELECT id, name, runtime, status, traffic_percent, runtime_pending, backfilled_at FROM pgsynapse.model_versions
+-- the active version's traffic_percent is replaced by what the routed candidates leave it (served_shares)
+SELECT id, name, runtime, status, traffic_percent FROM pgsynapse.model_versions
 ORDER BY id;
 
 -- name: health_ping
