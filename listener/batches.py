@@ -73,6 +73,7 @@ class WorkerStats:
     processed: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     retried: dict[str, int] = field(default_factory=dict)
+    lease_expired: dict[str, int] = field(default_factory=dict)  # requeued by this process's lease reaper
     batches: int = 0
     fallback_polls: int = 0
     last_tick: float = field(default_factory=time.monotonic)

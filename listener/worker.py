@@ -274,6 +274,8 @@ class Worker(Claiming):
             self.stats.add(self.stats.failed, f["kind"])
         for kind, n in (row["superseded_kinds"] if row else {}).items():
             self.stats.add(self.stats.processed, kind, n)
+        for kind, n in (row["requeued_kinds"] if row else {}).items():  # back in the queue, its attempt charged
+            self.stats.add(self.stats.lease_expired, kind, n)
         if row and (row["requeued"] or failed or row["superseded"]):
             log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
         if row and row["requeued"]:

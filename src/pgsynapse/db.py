@@ -166,6 +166,24 @@ def worker_takes(conn: psycopg.Connection, kind: str) -> bool:
     return listening > 0 and (taking > 0 or seen == 0)
 
 
+LOCK_WAIT_SLICE_MS = 1000
+
+
+def take_session_lock(conn: psycopg.Connection, query: str, params: Mapping[str, Any]) -> None:
+    """Take a session advisory lock with ``query`` (a blocking ``pg_advisory_lock``) on the autocommit ``conn``,
+    however long another session holds it, in waits of at most LOCK_WAIT_SLICE_MS each: a server backend in one
+    lock wait notices its client gone only once the lock is granted, so a waiter killed meanwhile left its backend
+    waiting for nobody; between two waits the backend answers its client, and exits when it is gone."""
+    while True:
+        try:
+            with conn.transaction():  # the slice is the transaction's; the lock is the session's and outlives it
+                conn.execute(q("lock_wait_slice"), {"ms": LOCK_WAIT_SLICE_MS})
+                conn.execute(query, params)
+            return
+        except psycopg.errors.LockNotAvailable:
+            continue  # still held: wait again
+
+
 # what a statement meets on a database that was never migrated, or is a migration behind
 SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction,
                  psycopg.errors.InvalidSchemaName)

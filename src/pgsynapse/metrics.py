@@ -3,8 +3,8 @@
 Two sources:
 - histograms and counters the worker feeds as it goes (:func:`observe_batch`, :func:`observe_results`, and the
   inference cache's :func:`cache_hit` / :func:`cache_miss`), process-wide;
-- a collector read at scrape time: the worker's own counters (jobs processed/failed/retried by kind, LISTEN
-  reconnects, fallback polls, loop tick age, how far the most overdue loop is past its limit) and a database
+- a collector read at scrape time: the worker's own counters (jobs processed/failed/retried/lease-expired by kind,
+  LISTEN reconnects, fallback polls, loop tick age, how far the most overdue loop is past its limit) and a database
   snapshot (jobs pending, running and failed and the oldest pending age by kind, model versions and their traffic
   split) that :meth:`WorkerCollector.refresh` takes with a short timeout just before each scrape. The snapshot reads the jobs table through its partial indexes
   only (``queue_depth`` in ops.sql): done jobs, most of the table, are never counted at scrape time.
@@ -136,9 +136,11 @@ class WorkerCollector(Collector):
             ("pgsynapse_jobs_processed", "Jobs completed by this process (written, skipped or superseded)", w.stats.processed),
             ("pgsynapse_jobs_failed", "Jobs marked failed after their last attempt by this process", w.stats.failed),
             ("pgsynapse_jobs_retried", "Job attempts that failed and were scheduled again", w.stats.retried),
+            ("pgsynapse_jobs_lease_expired", "Jobs whose lease expired (their worker died or hung) that this process "
+             "returned to the queue", w.stats.lease_expired),
         ):
             c = CounterMetricFamily(name, doc, labels=["kind"])
-            for kind in w.kinds:
+            for kind in [*w.kinds, *(k for k in table if k not in w.kinds)]:  # the reaper's: a dead worker's kinds
                 c.add_metric([kind], table.get(kind, 0))
             yield c
         yield CounterMetricFamily("pgsynapse_listen_reconnects", "LISTEN connection re-established after a loss",

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from pgsynapse.db import connect, describe_db_error
+from pgsynapse.db import connect, describe_db_error, take_session_lock
 from pgsynapse.errors import DatabaseError, DatabaseSetupError
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -94,7 +94,7 @@ def migrate(url: str) -> list[str]:
         if not conn.execute(q("migrate_try_lock", FILE), {"key": _LOCK_KEY}).fetchone()["locked"]:
             log.info("migrate_waiting", note="another `pgsynapse migrate` (or a worker starting) is applying "
                      "migrations to this database: waiting for it to finish")
-            conn.execute(q("migrate_lock", FILE), {"key": _LOCK_KEY})
+            take_session_lock(conn, q("migrate_lock", FILE), {"key": _LOCK_KEY})
         try:
             _check_pgvector(conn)
             if not _tracked(conn):

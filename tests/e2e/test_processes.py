@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import psycopg
@@ -17,7 +18,7 @@ from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
 from tests.e2e.test_learning import _helpful_feedback, _pages
-from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, spawn_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, insert_docs, running_worker, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -186,6 +187,52 @@ async def test_sigterm_abandons_a_running_retrain_and_releases_its_job_for_the_n
     assert row == {"status": "pending", "attempts": 0, "worker": None, "lease_until": None, "due": True,
                    "last_error": None}, row
     assert versions == 1
+
+
+async def test_a_sigkilled_worker_s_trainer_exits_at_once_not_at_its_next_progress_line(db_url, models, tmp_path):
+    """A worker SIGKILLed (systemd's TimeoutStopSec, the OOM killer) left its trainer running on, for nobody, until
+    its next progress line failed to write: a trainer in a long silent stretch (loading data behind a lock, encoding
+    the corpus, evaluating) held its memory and CPU for minutes. Now it exits as soon as its worker is gone. The
+    trainer here waits on a lock this test holds on the training examples: silent until the lock is released."""
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await _helpful_feedback(conn, pages)
+    await conn.close()
+    with psycopg.connect(db_url, autocommit=True) as c:
+        queue_retrain(c)
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_KINDS": "retrain", "PGSYNAPSE_DATA_DIR": str(tmp_path),
+                                       "PGSYNAPSE_RETRAIN_SYNTHETIC_PAIRS": "0"})
+    trainer = None
+    with psycopg.connect(db_url, row_factory=dict_row) as holder:
+        try:
+            worker.wait_event("retrain_started")  # the trainer starts: seconds of imports before it reads anything
+            holder.execute("LOCK TABLE pgsynapse.training_examples IN ACCESS EXCLUSIVE MODE")
+            with psycopg.connect(db_url, autocommit=True) as watch:  # the trainer waits on the lock: silent
+                blocked = ("SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted AND relation ="
+                           " 'pgsynapse.training_examples'::regclass)")
+                deadline = time.monotonic() + SAFETY_TIMEOUT  # a safety net: the lock's waiter ends the wait
+                while not watch.execute(blocked).fetchone()[0]:
+                    assert time.monotonic() < deadline, worker.tail()
+                    with pytest.raises(subprocess.TimeoutExpired):  # polled: a lock's waiter sends no event
+                        worker.proc.wait(0.05)  # (and the worker must not die meanwhile)
+            [trainer] = [p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+                         if "pgsynapse.learning.train" in p.cmdline()]
+            worker.proc.kill()
+            worker.proc.wait(60)
+            try:
+                trainer.wait(30)  # a safety net: it returns as soon as the trainer exits
+            except psutil.TimeoutExpired:
+                pytest.fail("the trainer outlived its SIGKILLed worker by 30 s")
+        finally:
+            holder.rollback()
+            if trainer is not None and trainer.is_running():
+                trainer.kill()
+            worker.proc.kill()
 
 
 def test_sigterm_during_the_first_starts_export_stops_the_worker_cleanly(db_url, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 
+import psutil
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -109,6 +111,38 @@ def test_a_migrate_waiting_for_another_says_so(new_db):
     with capture_logs() as logs:
         assert migrate(url) == []
     assert not [e for e in logs if e["event"] == "migrate_waiting"]
+
+
+def test_a_killed_migrate_s_lock_wait_ends_with_it(new_db):
+    """A `migrate` (or a starting worker) waiting on the migration lock and then killed (Ctrl-C twice, SIGKILL, a
+    systemd start timeout) left its server backend waiting on the lock until it was granted: a backend, and a
+    waiter that `status` counted, for nobody. Now its wait ends within a second or so of the client going."""
+    url = new_db()
+    migrate(url)
+    env = {**os.environ, "DATABASE_URL": url}
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", "migrate"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            waiting = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid::bigint = %s"
+                       " AND database = (SELECT oid FROM pg_database WHERE datname ="
+                       " current_database())")
+            deadline = time.monotonic() + 60  # a safety net: the row state ends the wait
+            while not (row := holder.execute(waiting, (_LOCK_KEY,)).fetchone()):
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr and proc.stderr.read()
+                with pytest.raises(subprocess.TimeoutExpired):  # polled: a lock's waiter sends no event
+                    proc.wait(0.05)
+            backend = psutil.Process(row[0])
+            proc.kill()
+            proc.wait(60)
+            try:
+                backend.wait(30)  # returns as soon as the backend exits
+            except psutil.TimeoutExpired:
+                pytest.fail("the killed migrate's backend still waits on the migration lock after 30 s")
+        finally:
+            proc.kill()
+            holder.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
 def test_a_failing_migration_is_rolled_back_and_named(new_db):

@@ -212,7 +212,7 @@ async def test_a_job_out_of_attempts_whose_row_has_a_newer_job_is_superseded_not
 
 
 def job_counters(worker) -> dict[str, dict[str, float]]:
-    """The pgsynapse_jobs_{processed,failed,retried}_total counters a scrape of ``worker`` reads, by kind (non-zero)."""
+    """The pgsynapse_jobs_{processed,failed,retried,lease_expired}_total counters a scrape of ``worker`` reads, by kind (non-zero)."""
     return {m.name: {s.labels["kind"]: s.value for s in m.samples if s.name.endswith("_total") and s.value}
             for m in WorkerCollector(worker).collect() if m.name.startswith("pgsynapse_jobs_")}
 
@@ -238,7 +238,7 @@ async def test_the_reapers_final_failures_and_superseded_jobs_are_counted_by_its
         assert (worker.stats.processed, worker.stats.failed, worker.stats.retried) == (
             {"embed": 1}, {"embed": 1}, {}), worker.stats
         assert job_counters(worker) == {"pgsynapse_jobs_processed": {"embed": 1}, "pgsynapse_jobs_failed": {"embed": 1},
-                                        "pgsynapse_jobs_retried": {}}
+                                        "pgsynapse_jobs_retried": {}, "pgsynapse_jobs_lease_expired": {}}
     rows = await (await conn.execute("SELECT ref_id, status FROM pgsynapse.jobs WHERE worker = %s OR ref_id = %s"
                                      " ORDER BY id", (DEAD, doomed))).fetchall()
     assert [(r["ref_id"], r["status"]) for r in rows] == [(doomed, "failed"), (edited, "done")], rows
@@ -300,4 +300,24 @@ async def test_jobs_gathered_before_a_claim_fails_stay_in_their_batch(db_url, mo
     async with running_worker(fast_settings(db_url), models):
         await wait_until(conn, "SELECT count(*) = 3 FROM pgsynapse.documents WHERE status = 'embedded' AND id = ANY(%s)",
                          (docs,))
+    await conn.close()
+
+
+async def test_the_reapers_requeues_are_counted_by_its_worker(db_url, models):
+    """A job whose worker died goes back to the queue (lease expired, attempts left): no counter said so, so a worker
+    that dies and restarts over and over (an OOM kill mid-batch) showed on no graph; jobs_retried counts failed
+    attempts, not these. Now pgsynapse_jobs_lease_expired counts them, by kind, in the worker that requeued them, a
+    kind it does not take included (the dead worker's)."""
+    conn = await aconn(db_url)
+    insert_docs(db_url, [("Orphan", "Its worker died once.")])
+    assert len(await _claim_as(conn, DEAD)) == 1
+    await conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status, attempts, worker, lease_until) VALUES"
+                       " ('retrain', 0, 'running', 1, %s, now())", (DEAD,))
+    await _expire(conn, DEAD)
+    async with stepped_worker(fast_settings(db_url, kinds=("embed",)), models) as worker:
+        await worker.reap_expired()
+        assert (worker.stats.lease_expired, worker.stats.retried) == ({"embed": 1, "retrain": 1}, {}), worker.stats
+        assert job_counters(worker)["pgsynapse_jobs_lease_expired"] == {"embed": 1, "retrain": 1}
+    rows = await (await conn.execute("SELECT kind, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert [(r["kind"], r["status"]) for r in rows] == [("embed", "pending"), ("retrain", "pending")], rows
     await conn.close()

@@ -283,6 +283,44 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
             assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (2,)
 
 
+def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_or_says_why_not(db_url):
+    """`sql-model retrain --force` while the threshold's sql_retrain (unforced) was pending queued none and dropped
+    the --force without a word: the pending job registered nothing if it failed its gate. Now the pending job takes
+    the flags asked for (and says so); a running one cannot, so it says that one is not forced and what to do.
+    `pgsynapse retrain` ("now, whatever retrain_min_feedback") forces a pending threshold retrain too."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
+        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        # as the triggers queue them at their thresholds: no flags
+        sql_job, retrain_job = (c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES (%s, 0) RETURNING id",
+                                          (kind,)).fetchone()[0] for kind in ("sql_retrain", "retrain"))
+    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    assert (r.returncode, r.stdout.splitlines()) == (0, [
+        f"a sql_retrain is already pending (job {sql_job}): nothing was queued; it now runs with --force (it trains "
+        "on what there is when it starts; --wait waits for it)"]), (r.stdout, r.stderr)
+    r = pgsynapse("retrain", url=db_url)
+    assert (r.returncode, r.stdout.splitlines()) == (0, [
+        f"a retrain is already pending (job {retrain_job}): nothing was queued (it trains on what there is when it "
+        "starts; --wait waits for it)"]), (r.stdout, r.stderr)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        payloads = dict(c.execute("SELECT kind, payload FROM pgsynapse.jobs WHERE kind LIKE '%retrain'").fetchall())
+        assert payloads == {"sql_retrain": {"force": True, "now": True}, "retrain": {"force": True}}, payloads
+        c.execute("UPDATE pgsynapse.jobs SET status = 'running', attempts = 1, payload = '{}' WHERE id = %s",
+                  (sql_job,))
+    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    assert (r.returncode, r.stdout.splitlines()) == (0, [
+        f"a sql_retrain is already running (job {sql_job}) without --force: nothing was queued (one at a time: it "
+        "trains on what there was when it started, and registers its model only if it passes its gate; run "
+        "`pgsynapse sql-model retrain --force` again once it ends; --wait waits for it)"]), (r.stdout, r.stderr)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind LIKE '%retrain'").fetchone() == (2,)
+
+
 async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_another_sql_retrain_registered(db_url):
     """`sql-model retrain --wait` reports the SQL model its own job registered: it took the first gated model
     registered after it was queued, so another sql_retrain's model, registered first, was printed (and exited by)

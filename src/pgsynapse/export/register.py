@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
-from pgsynapse.db import NO_PREPARE, Database, session_url
+from pgsynapse.db import NO_PREPARE, Database, session_url, take_session_lock
 from pgsynapse.errors import ModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
@@ -209,7 +209,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             (log.info if export else log.warning)(
                 "runtime_export_waiting", note="another worker is exporting a model version to its runtime (minutes "
                 "on a small host): waiting for it to finish, then starting")
-            conn.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+            take_session_lock(conn, q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None

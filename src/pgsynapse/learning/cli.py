@@ -38,9 +38,13 @@ def queue_retrain(conn: psycopg.Connection, kind: str = "retrain", *, force: boo
 
 
 def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bool = True, now: bool = False,
-                   hint: str = "", out: TextIO | None = None) -> tuple[int, dict[str, Any]]:
+                   hint: str = "", out: TextIO | None = None,
+                   force_command: str | None = None) -> tuple[int, dict[str, Any]]:
     """Queue a ``kind`` job (or find the one pending or running: one at a time) and say which on ``out`` (stdout;
-    stderr under ``--json``, whose stdout is the caller's one JSON document); with ``wait``, wait until it ends and
+    stderr under ``--json``, whose stdout is the caller's one JSON document). A pending one (the threshold's) takes
+    ``force`` and ``now`` if it lacks them; ``force_command``: the command line whose ``--force`` asked for ``force``,
+    named when the job found cannot take it (it runs already) and said when a pending one took it. With ``wait``,
+    wait until it ends and
     say so if it failed or was skipped. Returns the exit code, and the job's outcome: ``job`` (None when the one
     pending or running ended before it was named) and ``outcome``, one of ``queued``, ``already_pending`` or
     ``already_running`` (not waited for: nothing was queued for the last two), ``done`` (the caller says what it
@@ -52,16 +56,31 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
         print(f"{kind} queued (job {job}){hint}", file=out, flush=True)
     else:  # queued earlier (by a threshold, or a command), or running: --wait waits for that one
         row = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()
+        flags = {k: True for k, asked in (("force", force), ("now", now)) if asked}
+        took = bool(flags) and conn.execute(q("upgrade_pending_retrain", "learning.sql"),
+                                            {"kind": kind, "flags": Jsonb(flags)}).fetchone() is not None
         if row is None:  # it ended between the two statements
             print(f"a {kind} was already pending or running: nothing was queued", file=out, flush=True)
             outcome = "already_pending"
         else:
             job, state = row["id"], row["status"]
+            if state == "pending" and force and not row["forced"] and not took:
+                state = "running"  # it started between the two statements, as it was
             outcome = f"already_{state}"
             when = "there was when it started" if state == "running" else "there is when it starts"
-            print(f"a {kind} is already {state} (job {job}): " + ("waiting for it" if wait else
-                  f"nothing was queued ({'one at a time: ' if state == 'running' else ''}it trains on what {when}; "
-                  "--wait waits for it)"), file=out, flush=True)
+            unforced = bool(force_command and not row["forced"] and state == "running")  # it cannot take --force
+            took_force = "; it now runs with --force" if force_command and not row["forced"] and took else ""
+            if unforced:
+                said = (f"{'waiting for it' if wait else 'nothing was queued'} (one at a time: it trains on what "
+                        f"{when}, and registers its model only if it passes its gate; run `{force_command}` again "
+                        f"once it ends{'' if wait else '; --wait waits for it'})")
+            elif wait:
+                said = f"waiting for it{took_force}"
+            else:
+                said = (f"nothing was queued{took_force} ({'one at a time: ' if state == 'running' else ''}it trains "
+                        f"on what {when}; --wait waits for it)")
+            print(f"a {kind} is already {state} (job {job}){' without --force' if unforced else ''}: {said}",
+                  file=out, flush=True)
     if not (wait and job):
         return 0, {"job": job, "outcome": outcome}
     if not worker_takes(conn, kind):  # else it waits without a word until one starts

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from sentence_transformers.util import batch_to_device
 from pgsynapse.chunking import Chunker
 from pgsynapse.learning.distill import DistillSpec
 from pgsynapse.learning.gate import gate_metrics
-from pgsynapse.learning.trainer_process import progress
+from pgsynapse.learning.trainer_process import progress, read_spec
 from pgsynapse.models import embedding_dimension, tokenized
 from pgsynapse.queries import q
 
@@ -237,4 +236,4 @@ def main(spec: DistillSpec, data: dict[str, Any] | None = None) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    main(DistillSpec(**json.loads(sys.stdin.read())))
+    main(DistillSpec(**read_spec()))

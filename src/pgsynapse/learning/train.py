@@ -38,7 +38,6 @@ import json
 import random
 import re
 import resource
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +50,7 @@ from pgsynapse.chunking import Chunker
 from pgsynapse.learning.canary import ensure_canary
 from pgsynapse.learning.gate import gate_metrics
 from pgsynapse.learning.holdout import grouped_holdout
-from pgsynapse.learning.trainer_process import progress as _progress
+from pgsynapse.learning.trainer_process import progress as _progress, read_spec
 from pgsynapse.models import ModelSpec, embedding_dimension, load_embedder, tokenized
 from pgsynapse.queries import q
 
@@ -458,4 +457,4 @@ def main(spec: TrainSpec, data: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(TrainSpec(**json.loads(sys.stdin.read())))
+    main(TrainSpec(**read_spec()))

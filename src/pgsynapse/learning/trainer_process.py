@@ -1,8 +1,10 @@
 """A training run in its own process, watched: shared by the ``retrain`` job (``pgsynapse.learning.train``) and
 the ``sql_retrain`` job (``pgsynapse.textsql.train``).
 
-The trainer is started as ``python -m MODULE`` and reads its spec as JSON on stdin (the spec holds the database URL,
-password included: a pipe, never a file, argv or the environment). It reports progress as one JSON line per event
+The trainer is started as ``python -m MODULE`` and reads its spec as one JSON line on stdin (:func:`read_spec`; the
+spec holds the database URL, password included: a pipe, never a file, argv or the environment). The parent holds
+stdin open for the whole run: when it closes, the parent is gone (SIGKILL included) and the trainer exits at once,
+instead of training on for nobody until its next progress line fails to write. It reports progress as one JSON line per event
 on stdout (:func:`progress`), which the parent relays to its log, and writes ``metrics.json`` into its output
 directory. The parent kills it when its resident memory goes over a budget (it must never take the machine down)
 or when it runs past a deadline (it must never hang the worker's retrain loop), and when its worker is stopping
@@ -12,6 +14,7 @@ or when it runs past a deadline (it must never hang the worker's retrain loop), 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -70,6 +73,25 @@ class Stop:
             proc.kill()
 
 
+PARENT_GONE_EXIT = 3  # the trainer's exit code when its parent went away
+
+
+def read_spec() -> dict[str, Any]:
+    """In the trainer: its spec, the first line on stdin. Then a thread waits for stdin's end, which comes when the
+    parent dies or gives the run up: the trainer exits at once (a silent stretch, data loading or evaluation, takes
+    minutes)."""
+    spec = json.loads(sys.stdin.readline())
+    threading.Thread(target=_exit_with_parent, args=(sys.stdin.fileno(),), name="parent_watch", daemon=True).start()
+    return spec
+
+
+def _exit_with_parent(fd: int) -> None:
+    # the raw descriptor, not sys.stdin: a daemon thread blocked holding stdin's lock aborts the interpreter's exit
+    while os.read(fd, 4096):  # the parent writes nothing more: b"" when its end of the pipe closes
+        pass
+    os._exit(PARENT_GONE_EXIT)  # no cleanup: nobody waits for this run's outcome
+
+
 def progress(event: str, **kw: Any) -> None:
     """In the trainer: one JSON line per progress event on stdout; the parent turns them into log events."""
     print(json.dumps({"event": event, **kw}, default=str), flush=True)
@@ -102,15 +124,17 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
         if proc.poll() is None:  # the parent failed or was interrupted: the trainer must not outlive it
             proc.kill()
             proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
     return metrics  # ended as the stop came: a finished run is kept
 
 
 def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, memory_mb: float,
             kill_after_seconds: float, default_event: str, log_context: dict[str, Any]) -> dict[str, Any]:
     try:
-        if proc.stdin is not None:
-            proc.stdin.write(json.dumps(spec))
-            proc.stdin.close()
+        if proc.stdin is not None:  # held open until the trainer ends (read_spec)
+            proc.stdin.write(json.dumps(spec) + "\n")
+            proc.stdin.flush()
     except BrokenPipeError:
         pass  # the trainer died at once: its exit code and stderr below say why
     over_budget = threading.Event()

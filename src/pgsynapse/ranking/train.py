@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from pgsynapse.learning.gate import ranking_scores, summary
 from pgsynapse.learning.holdout import grouped_holdout
 from pgsynapse.learning.metrics import distinct_documents
 from pgsynapse.learning.train import stored_vectors, synthetic_pairs
-from pgsynapse.learning.trainer_process import progress
+from pgsynapse.learning.trainer_process import progress, read_spec
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.export import export_ranker
@@ -241,4 +240,4 @@ def main(spec: RankerSpec) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(RankerSpec(**json.loads(sys.stdin.read())))
+    main(RankerSpec(**read_spec()))

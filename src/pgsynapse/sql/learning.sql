@@ -339,10 +339,18 @@ WITH j AS (INSERT INTO pgsynapse.jobs (kind, ref_id, payload)
            ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING RETURNING id)
 SELECT id, pg_notify('pgsynapse_jobs', json_build_object('kind', %(kind)s::text, 'n', 1)::text) FROM j;
 
+-- name: upgrade_pending_retrain
+-- the flags a command asked for (`{"force": true}`, `{"now": true}`), added to the retrain (or sql_retrain) pending
+-- that kept it from queueing one (the threshold's, queued without them): the id when it took one it lacked
+UPDATE pgsynapse.jobs SET payload = payload || %(flags)s
+WHERE kind = %(kind)s AND status = 'pending' AND NOT payload @> %(flags)s
+RETURNING id;
+
 -- name: unfinished_retrain
 -- the retrain (or sql_retrain) pending or running that kept `pgsynapse retrain` from queueing one (the one its
--- `--wait` waits for); no row when it ended meanwhile
-SELECT id, status FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running')
+-- `--wait` waits for), and whether it is forced; no row when it ended meanwhile
+SELECT id, status, coalesce((payload ->> 'force')::boolean, false) AS forced
+FROM pgsynapse.jobs WHERE kind = %(kind)s AND status IN ('pending', 'running')
 ORDER BY id DESC LIMIT 1;
 
 -- name: job_state

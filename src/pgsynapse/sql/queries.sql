@@ -404,3 +404,7 @@ WITH old AS (
     LIMIT %(limit)s
 )
 DELETE FROM pgsynapse.inference_log l USING old WHERE l.id = old.id
+
+-- name: lock_wait_slice
+-- a lock wait of at most %(ms)s ms in this transaction (db.take_session_lock waits in such slices)
+SELECT set_config('lock_timeout', %(ms)s::text, true);

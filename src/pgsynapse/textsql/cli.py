@@ -183,7 +183,8 @@ def retrain(conn: psycopg.Connection, args: argparse.Namespace) -> int:
                          "was queued")
     code, waited = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
                                   hint="" if args.wait else ": a worker with the sql_retrain kind runs it",
-                                  out=sys.stderr if args.json else sys.stdout)
+                                  out=sys.stderr if args.json else sys.stdout,
+                                  force_command="pgsynapse sql-model retrain --force" if args.force else None)
     model = None
     if waited["outcome"] == "done":
         # the model this job registered (another sql_retrain may have registered one meanwhile)

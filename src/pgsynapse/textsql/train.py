@@ -38,7 +38,6 @@ import json
 import math
 import random
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,7 +51,7 @@ from psycopg.rows import dict_row
 from pgsynapse.answerers.local_models import load_transformers, resolve_model
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
-from pgsynapse.learning.trainer_process import progress
+from pgsynapse.learning.trainer_process import progress, read_spec
 from pgsynapse.textsql.execute import Limits
 from pgsynapse.textsql.gate import accuracy
 from pgsynapse.textsql.generate import (
@@ -432,4 +431,4 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
 
 
 if __name__ == "__main__":
-    main(SqlTrainSpec(**json.loads(sys.stdin.read())), startup_seconds=time.time() - psutil.Process().create_time())
+    main(SqlTrainSpec(**read_spec()), startup_seconds=time.time() - psutil.Process().create_time())
