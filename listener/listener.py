@@ -17,6 +17,7 @@ from pgsynapse.db import aconnect
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.wakeup import JOBS_CHANNEL, JobNotice, Wakeups
 from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
@@ -25,8 +26,9 @@ LISTENER_APPLICATION_NAME = "pgsynapse-listener"
 
 class Listener:
     def __init__(self, url: str, wakeups: Wakeups, *, reconnect_max: float = 30.0,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, worker_id: str | None = None) -> None:
         self.url = url
+        self.worker_id = worker_id  # its presence lock, held by the connection (hold_worker_presence; status)
         self.settings = settings  # its keepalives and tcp_user_timeout (db.tcp_params)
         self.wakeups = wakeups
         self.reconnect_max = reconnect_max
@@ -45,6 +47,8 @@ class Listener:
                 conn = await aconnect(self.url, autocommit=True, application_name=LISTENER_APPLICATION_NAME,
                                       settings=self.settings)
                 await conn.execute(f"LISTEN {JOBS_CHANNEL}")
+                if self.worker_id is not None:
+                    await conn.execute(q("hold_worker_presence"), {"worker": self.worker_id})
                 self.backend_pid = conn.info.backend_pid
                 self._set(True)
                 if ever_connected:

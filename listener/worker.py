@@ -79,7 +79,7 @@ class Worker(Claiming):
         self.wakeups = Wakeups(self.kinds)
         # LISTEN needs a session: a direct URL when ``url`` goes through a transaction pooler (listen_url)
         self.listener = Listener(session_url(settings, url), self.wakeups, reconnect_max=settings.reconnect_max_seconds,
-                                 settings=settings)
+                                 settings=settings, worker_id=self.worker_id)
         self.stats = WorkerStats()
         self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
         self.stopping = anyio.Event()

@@ -191,6 +191,8 @@ def render(snap: dict[str, Any]) -> str:
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]
         state = "" if seen < 120 else f" (STALE: not seen for {seen:g}s; killed?)"
+        if not w.get("connected", True) and seen < 120:
+            state = " (GONE: its connection closed (killed?), or it is reconnecting)"
         lines.append(f"  {w['host']}:{w['pid']}  {','.join(w['kinds'])}  rss {w['rss_mb']:.0f} MB, "
                      f"seen {seen:g}s ago{state}")
         for m in w["models"]:

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
+from pgsynapse.status import render, snapshot
 from tests.e2e.test_learning import _helpful_feedback, _pages
 from tests.helpers import SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, insert_docs, running_worker, spawn_worker, wait_until
 
@@ -79,8 +80,18 @@ async def test_sigkill_mid_batch_then_restart_embeds_everything_once(shipped_url
     # kill while a batch is in flight: some documents done, some jobs running (each batch's commit notifies)
     await wait_until(conn, "SELECT (SELECT count(*) >= 16 FROM pgsynapse.documents WHERE status = 'embedded')"
                            " AND EXISTS (SELECT FROM pgsynapse.jobs WHERE status = 'running')")
+    with psycopg.connect(db_url, row_factory=dict_row) as c:
+        [seen] = snapshot(c)["workers"]
+        assert seen["connected"] and "GONE" not in render(snapshot(c))
     worker.proc.send_signal(signal.SIGKILL)
     assert worker.proc.wait(30) == -signal.SIGKILL
+    # status says so as soon as its server backend has ended (it reads the closed socket at once), not only once
+    # its heartbeat is 120 s old
+    await wait_until(conn, "SELECT NOT connected FROM (" + q("workers_seen").rstrip().rstrip(";") + ") w"
+                           " WHERE worker_id = %s", (seen["worker_id"],), channel="pgsynapse_jobs")
+    with psycopg.connect(db_url, row_factory=dict_row) as c:
+        text = render(snapshot(c))
+    assert f"{seen['host']}:{seen['pid']}" in text and "GONE: its connection closed (killed?)" in text, text
     left = await (await conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'running') AS running, count(*) FILTER (WHERE status = 'pending') AS pending"
         " FROM pgsynapse.jobs")).fetchone()

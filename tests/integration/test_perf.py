@@ -285,7 +285,8 @@ async def test_status_shows_each_running_worker_with_its_models_and_memory(db_ur
         v1 = next(m for m in w["models"] if (m["version"], m["runtime"]) == (1, "torch"))
         assert w["rss_mb"] > 100 and v1["load_seconds"] > 0
         text = render(snap)
-        assert "model v1 all-MiniLM-L6-v2 (torch): loaded in" in text and "STALE" not in text
+        assert "model v1 all-MiniLM-L6-v2 (torch): loaded in" in text and "STALE" not in text and "GONE" not in text
+        assert w["connected"]  # its LISTEN connection holds the worker's presence lock
     # a clean stop removes the registration
     await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.workers")
     await conn.close()

@@ -376,10 +376,22 @@ DELETE FROM pgsynapse.workers WHERE worker_id = %(worker)s;
 -- Registrations of workers killed without a clean stop, unseen for a day.
 DELETE FROM pgsynapse.workers WHERE heartbeat_at < now() - interval '1 day';
 
+-- name: hold_worker_presence
+-- A worker's LISTEN connection holds this session lock while it is open (key 1885828983 = "pgsw", and the worker
+-- id's hash), so status sees a worker whose connection closed (a SIGKILL: the server reads the closed socket at
+-- once) as gone at once, not only once its heartbeat is 120 s old. A try: nobody else ever takes a worker's key.
+SELECT pg_try_advisory_lock(1885828983, hashtext(%(worker)s)) AS held;
+
 -- name: workers_seen
+-- connected: the worker's LISTEN connection holds its presence lock (hold_worker_presence).
 SELECT worker_id, host, pid, kinds, models, rss_mb, processed, started_at,
-       round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)::float AS last_seen_seconds
-FROM pgsynapse.workers ORDER BY started_at;
+       round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)::float AS last_seen_seconds,
+       EXISTS (SELECT FROM pg_catalog.pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 1885828983::oid
+                 AND l.objid = hashtext(w.worker_id)::oid AND l.objsubid = 2
+                 AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+           AS connected
+FROM pgsynapse.workers w ORDER BY started_at;
 
 -- name: prune_done_jobs
 -- the oldest done jobs past retention, a bounded batch per call (short locks; the next call takes the rest)
