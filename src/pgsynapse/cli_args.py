@@ -61,11 +61,7 @@ def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
     p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
-    p.add_argument("--config", help="TOML config file (also PGSYNAPSE_CONFIG)")
-    p.add_argument("--database-url", help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
-    p.add_argument("--data-dir", help="data directory of the embedded server, models and caches")
-    p.add_argument("--log-format", choices=["console", "json"], help="log format (default console)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _global_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
@@ -217,14 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options of every command, taken before the command (``default`` None) or after it: a command's (and an
+    action's) parser has them too, with no default (argparse.SUPPRESS), so that one given before is not reset."""
+    group = parser.add_argument_group("global options (before or after the command)") if default else parser
+    group.add_argument("--config", default=default, help="TOML config file (also PGSYNAPSE_CONFIG)")
+    group.add_argument("--database-url", default=default,
+                       help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
+    group.add_argument("--data-dir", default=default, help="data directory of the embedded server, models and caches")
+    group.add_argument("--log-format", default=default, choices=["console", "json"], help="log format (default console)")
+    group.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+
+
 def _describe_commands(parser: argparse.ArgumentParser) -> None:
-    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists."""
+    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists; and
+    each takes the global options after it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for choice in action._choices_actions:
                 command = action.choices[choice.dest]
                 if command.description is None and choice.help:
                     command.description = choice.help.replace("%%", "%")
+                _global_options(command, argparse.SUPPRESS)
                 _describe_commands(command)
 
 
