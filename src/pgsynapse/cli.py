@@ -309,7 +309,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             threshold=args.threshold,
             corpus=Path(args.corpus) if args.corpus else None,
             questions=[Path(x) for x in args.questions or []],
-            n_chunks=args.sample,
+            n_chunks=args.sample or settings.export_sample_chunks,
             switch=args.switch,
             scheme=args.scheme,
         )

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
-    ex.add_argument("--sample", type=COUNT, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--sample", type=COUNT, help="chunks in the agreement sample (default: the export_sample_chunks "
+                    "setting, 600)")
     ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",

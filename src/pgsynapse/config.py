@@ -83,7 +83,8 @@ class Settings(TextSqlSettings):
         "A/B traffic (once: exported, agreement-checked, switched; onnx-int8 falls back to onnx when refused, an "
         "error keeps torch, both recorded in model_events); torch keeps sentence-transformers",
     )
-    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement check of that export")
+    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement "
+                                      "check of that export, and of `pgsynapse model export` (its --sample wins)")
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")
