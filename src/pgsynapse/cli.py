@@ -223,7 +223,9 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     ranker = (row if row is None or row["runtime"] == "version"
                               else RankerCache(settings.onnx_threads or settings.torch_threads,
                                                data_dir=settings.data_dir).get(row))
-                    models = ModelCache(model_path=settings.model_path, data_dir=settings.data_dir)
+                    models = ModelCache(model_path=settings.model_path, device=settings.device,
+                                        threads=settings.torch_threads, onnx_threads=settings.onnx_threads,
+                                        data_dir=settings.data_dir)  # as a worker loads it (listener/worker.py)
                     hits = await search(conn, models, args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,

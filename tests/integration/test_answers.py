@@ -6,6 +6,7 @@ import json
 
 import anyio
 import pytest
+import torch
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
@@ -471,6 +472,14 @@ async def test_pgsynapse_search_shows_answer_top_k_passages_unless_told_otherwis
         if n == 3:  # each hit's line: "1. 0.497  title  [source #ord]"
             scores = [ln.split()[1] for ln in out.splitlines() if ln[:3] in ("1. ", "2. ", "3. ")]
             assert scores == [f"{p.score:.3f}" for p in passages], (out, passages)
+
+
+def test_pgsynapse_search_loads_its_model_with_the_device_setting(db_url, monkeypatch, capsys):
+    """The model `pgsynapse search` loads in-process is loaded as a worker loads it, with device, torch_threads and
+    onnx_threads: a device this host does not have fails the load, saying so (it searched on the cpu, exit 0)."""
+    monkeypatch.setenv("PGSYNAPSE_DEVICE", "cuda:0" if not torch.cuda.is_available() else "cuda:99")
+    assert main(["--database-url", db_url, "search", "savepoints"]) == 78
+    assert "cannot load model" in capsys.readouterr().err
 
 
 async def test_full_text_side_ranks_only_the_chunks_its_rarer_words_select(db_url, models):
