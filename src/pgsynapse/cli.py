@@ -16,7 +16,7 @@ import psycopg
 from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, parse_args
 from pgsynapse.client import format_result
-from pgsynapse.config import load_settings, unknown_environment
+from pgsynapse.config import early_log_format, load_settings, unknown_environment
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
@@ -105,8 +105,8 @@ def _schema_behind(settings, exc: psycopg.Error) -> str | None:
 def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
     """A command's last word when it fails: ``pgsynapse: error: ...`` on stderr, or with JSON logs a ``fatal_error``
     event (every line of a JSON log is JSON: journalctl -o cat | jq). Settings that did not load give the format of
-    the flag or PGSYNAPSE_LOG_FORMAT (the systemd unit's)."""
-    fmt = settings.log_format if settings is not None else (args.log_format or os.environ.get("PGSYNAPSE_LOG_FORMAT"))
+    the flag, PGSYNAPSE_LOG_FORMAT (the systemd unit's) or the config file's log_format, when it parses."""
+    fmt = settings.log_format if settings is not None else (args.log_format or early_log_format(args.config))
     if fmt != "json":
         print(f"pgsynapse: error: {message}", file=sys.stderr)
         return code

@@ -389,6 +389,20 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return table
 
 
+def early_log_format(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The log format of settings that did not load (the error that stopped them is logged in it): the
+    environment's PGSYNAPSE_LOG_FORMAT, else the config file's ``log_format`` when the file parses; None if neither."""
+    environ = os.environ if environ is None else environ
+    if fmt := environ.get(ENV_PREFIX + "LOG_FORMAT"):
+        return fmt
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    try:
+        fmt = _read_config_file(Path(config_file)).get("log_format") if config_file else None
+    except ConfigError:
+        return None
+    return fmt if isinstance(fmt, str) else None
+
+
 def _setting_name(loc: tuple[Any, ...]) -> str:
     return str(loc[0]) if loc else "settings"
 
