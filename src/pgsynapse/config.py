@@ -100,7 +100,9 @@ class Settings(TextSqlSettings):
     )
     cache_lru_size: int = Field(1024, ge=0, description="in-process LRU entries of the inference cache (0 = off)")
     cache_ttl_seconds: float = Field(7 * 86400, gt=0, description="inference_cache rows unused this long are deleted")
-    cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first")
+    cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first "
+                                "(0 = the table is off: nothing written or read, the rows it has deleted; the LRU "
+                                "still serves)")
     cache_cleanup_interval: float = Field(
         300.0, gt=0, description="seconds between housekeeping runs (inference_cache bounds, done-job retention)"
     )

@@ -385,6 +385,23 @@ async def test_repeated_question_embedding_comes_from_the_cache_of_its_own_versi
     await conn.close()
 
 
+async def test_cache_max_rows_0_turns_the_table_of_the_inference_cache_off(db_url, models):
+    """cache_max_rows = 0 was undocumented: the worker wrote a row per question and the housekeeping deleted them all
+    later. 0 is off: no row is written or read; the in-process LRU (cache_lru_size) still serves repeats."""
+    default_lru.clear()
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, cache_max_rows=0), models):
+        await _corpus(db_url)
+        before = default_lru.stats.memory_hits
+        for _ in range(2):
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('How do I reclaim space?')")
+            await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        assert default_lru.stats.memory_hits - before == 1
+    row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.inference_cache")).fetchone()
+    assert row["n"] == 0
+    await conn.close()
+
+
 @pytest.mark.parametrize("runtime", ["torch", "onnx-int8"])
 async def test_the_demo_question_through_the_product_is_answered_from_savepoints(db_url, models, runtime,
                                                                                  request):
