@@ -49,6 +49,19 @@ EX_REFUSED = 1  # a command refused or failed what it was asked (README, exit co
 # what the database refuses in the data itself (a CHECK, a unique index, a value out of range, a trigger's RAISE):
 # the same data is refused again, so not the "retry later" of exit 69
 DATA_REFUSED = (psycopg.errors.IntegrityError, psycopg.errors.DataError, psycopg.errors.RaiseException)
+# the server errors that a later try may not meet (exit 69): SQLSTATE classes 08 connection, 40 transaction rollback
+# (serialization failure, deadlock), 53 insufficient resources (disk full, too many connections), 57 operator
+# intervention (shutdown, statement timeout), 58 system error (I/O); and a lock or an object in use (55P03, 55006).
+# Any other (54 program_limit_exceeded: a text past a limit of PostgreSQL, too many columns...) fails again: exit 1
+RETRY_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+RETRY_STATES = frozenset({"55P03", "55006"})
+
+
+def _retry_later(exc: psycopg.Error) -> bool:
+    """Whether a database error may pass if the command is run again later (no SQLSTATE: the server was not reached,
+    or the connection was lost)."""
+    state = exc.sqlstate
+    return state is None or state[:2] in RETRY_CLASSES or state in RETRY_STATES
 
 
 # commands that print their result: their info events (the embedded server starting and stopping, the worker they
@@ -141,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
                          "or the constraint or trigger that refuses it", EX_REFUSED)
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
         # a missing privilege stays missing until someone grants it: not worth a restart loop
-        return _fail(args, settings, f"database error: {describe_db_error(exc)}",
-                     EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return _fail(args, settings, f"database error: {describe_db_error(exc)}", EX_CONFIG)
+        if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+            return _fail(args, settings, f"the database refused the statement: {describe_db_error(exc)}: it exceeds "
+                         "a limit of PostgreSQL: retrying will not help; make the input smaller", EX_REFUSED)
+        if not _retry_later(exc):
+            return _fail(args, settings, f"database error: {describe_db_error(exc)}: retrying will not help",
+                         EX_REFUSED)
+        return _fail(args, settings, f"database error: {describe_db_error(exc)}", EX_UNAVAILABLE)
     except PgsynapseError as exc:
         return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:

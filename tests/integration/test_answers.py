@@ -499,6 +499,17 @@ def test_pgsynapse_search_loads_its_model_with_the_device_setting(db_url, monkey
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_a_database_error_that_retrying_will_not_fix_exits_1_not_69(db_url, capsys):
+    """A search text whose words make a tsvector over PostgreSQL's 1 MB (SQLSTATE 54000, program_limit_exceeded)
+    exited 69, "database unreachable, retry later": the same text fails again. It is refused, exit 1, saying so."""
+    text = " ".join(f"w{i}x" for i in range(150_000))
+    assert main(["--database-url", db_url, "search", text]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pgsynapse: error: the database refused the statement: value is too big in tsquery: ")
+    assert "(SQLSTATE 54000)" in err and "a limit of PostgreSQL: retrying will not help" in err
+    assert len(err) < 1000  # the message quoted the whole text back: a line of 1.2 MB
+
+
 async def test_full_text_side_ranks_only_the_chunks_its_rarer_words_select(db_url, models):
     """``hybrid_text_max_rows``: a word in more chunks than the bound does not select chunks to rank (ANALYZE's
     statistics say how many), but it still ranks the chunks the rarer word selected; unbounded, every chunk with
