@@ -288,6 +288,9 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
                            rollback_help="re-activate the SQL model the active one replaced",
                            runtime_help="default: llama-cpp for a GGUF model (a preset, a .gguf file) when "
                            "pgsynapse[llama] is installed, else transformers (it says which, and why)")
+    ssub.choices["add"].add_argument("--no-runtime-check", action="store_true", help="register it even when its "
+                                     "runtime is not installed on this host (llama-cpp: llama-cpp-python): the "
+                                     "workers that serve it run elsewhere")
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now, whatever "
                          "sql_retrain_min_corrections (the worker runs it; none while one is pending or running: "
                          "that one is named)")
