@@ -178,7 +178,9 @@ class AnswerHandler(Handler[AnswerWork]):
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
             # the query embeddings come from the inference cache when this version embedded the same text before
-            qvecs = await embed_queries(conn, embedder, [w.question for w in group])
+            # (its table is off with cache_max_rows = 0: the in-process LRU alone)
+            cache = conn if self.settings.cache_max_rows else None
+            qvecs = await embed_queries(cache, embedder, [w.question for w in group])
             if self.guard:
                 await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
             for w in group:
@@ -186,7 +188,7 @@ class AnswerHandler(Handler[AnswerWork]):
                 # topic in the same session on its own
                 w.retrieval_query = query_with_context(w.question, [t.question for t in w.history])
             follow_ups = [w for w in group if w.retrieval_query != w.question and not blocked(w)]
-            rvecs = await embed_queries(conn, embedder, [w.retrieval_query for w in follow_ups]) if follow_ups else []
+            rvecs = await embed_queries(cache, embedder, [w.retrieval_query for w in follow_ups]) if follow_ups else []
             by_follow_up = {id(w): v for w, v in zip(follow_ups, rvecs, strict=True)}
             for w, qv in zip(group, qvecs, strict=True):
                 w.embedder, w.query_vector = embedder, by_follow_up.get(id(w), qv)

@@ -16,7 +16,7 @@ import psycopg
 from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, parse_args
 from pgsynapse.client import format_result
-from pgsynapse.config import load_settings, unknown_environment
+from pgsynapse.config import early_log_format, load_settings, unknown_environment
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
@@ -49,6 +49,19 @@ EX_REFUSED = 1  # a command refused or failed what it was asked (README, exit co
 # what the database refuses in the data itself (a CHECK, a unique index, a value out of range, a trigger's RAISE):
 # the same data is refused again, so not the "retry later" of exit 69
 DATA_REFUSED = (psycopg.errors.IntegrityError, psycopg.errors.DataError, psycopg.errors.RaiseException)
+# the server errors that a later try may not meet (exit 69): SQLSTATE classes 08 connection, 40 transaction rollback
+# (serialization failure, deadlock), 53 insufficient resources (disk full, too many connections), 57 operator
+# intervention (shutdown, statement timeout), 58 system error (I/O); and a lock or an object in use (55P03, 55006).
+# Any other (54 program_limit_exceeded: a text past a limit of PostgreSQL, too many columns...) fails again: exit 1
+RETRY_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+RETRY_STATES = frozenset({"55P03", "55006"})
+
+
+def _retry_later(exc: psycopg.Error) -> bool:
+    """Whether a database error may pass if the command is run again later (no SQLSTATE: the server was not reached,
+    or the connection was lost)."""
+    state = exc.sqlstate
+    return state is None or state[:2] in RETRY_CLASSES or state in RETRY_STATES
 
 
 # commands that print their result: their info events (the embedded server starting and stopping, the worker they
@@ -105,8 +118,8 @@ def _schema_behind(settings, exc: psycopg.Error) -> str | None:
 def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
     """A command's last word when it fails: ``pgsynapse: error: ...`` on stderr, or with JSON logs a ``fatal_error``
     event (every line of a JSON log is JSON: journalctl -o cat | jq). Settings that did not load give the format of
-    the flag or PGSYNAPSE_LOG_FORMAT (the systemd unit's)."""
-    fmt = settings.log_format if settings is not None else (args.log_format or os.environ.get("PGSYNAPSE_LOG_FORMAT"))
+    the flag, PGSYNAPSE_LOG_FORMAT (the systemd unit's) or the config file's log_format, when it parses."""
+    fmt = settings.log_format if settings is not None else (args.log_format or early_log_format(args.config))
     if fmt != "json":
         print(f"pgsynapse: error: {message}", file=sys.stderr)
         return code
@@ -141,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
                          "or the constraint or trigger that refuses it", EX_REFUSED)
         # the boundary: a server error no library function wrapped (a missing privilege...) is one line, not a traceback
         # a missing privilege stays missing until someone grants it: not worth a restart loop
-        return _fail(args, settings, f"database error: {describe_db_error(exc)}",
-                     EX_CONFIG if isinstance(exc, psycopg.errors.InsufficientPrivilege) else EX_UNAVAILABLE)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return _fail(args, settings, f"database error: {describe_db_error(exc)}", EX_CONFIG)
+        if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+            return _fail(args, settings, f"the database refused the statement: {describe_db_error(exc)}: it exceeds "
+                         "a limit of PostgreSQL: retrying will not help; make the input smaller", EX_REFUSED)
+        if not _retry_later(exc):
+            return _fail(args, settings, f"database error: {describe_db_error(exc)}: retrying will not help",
+                         EX_REFUSED)
+        return _fail(args, settings, f"database error: {describe_db_error(exc)}", EX_UNAVAILABLE)
     except PgsynapseError as exc:
         return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:
@@ -223,7 +243,9 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                     ranker = (row if row is None or row["runtime"] == "version"
                               else RankerCache(settings.onnx_threads or settings.torch_threads,
                                                data_dir=settings.data_dir).get(row))
-                    models = ModelCache(model_path=settings.model_path, data_dir=settings.data_dir)
+                    models = ModelCache(model_path=settings.model_path, device=settings.device,
+                                        threads=settings.torch_threads, onnx_threads=settings.onnx_threads,
+                                        data_dir=settings.data_dir)  # as a worker loads it (listener/worker.py)
                     hits = await search(conn, models, args.text, k=args.k,
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
@@ -309,7 +331,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             threshold=args.threshold,
             corpus=Path(args.corpus) if args.corpus else None,
             questions=[Path(x) for x in args.questions or []],
-            n_chunks=args.sample,
+            n_chunks=args.sample or settings.export_sample_chunks,
             switch=args.switch,
             scheme=args.scheme,
         )

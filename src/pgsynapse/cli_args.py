@@ -61,11 +61,7 @@ def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
     p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
-    p.add_argument("--config", help="TOML config file (also PGSYNAPSE_CONFIG)")
-    p.add_argument("--database-url", help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
-    p.add_argument("--data-dir", help="data directory of the embedded server, models and caches")
-    p.add_argument("--log-format", choices=["console", "json"], help="log format (default console)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _global_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM")
@@ -170,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
-    ex.add_argument("--sample", type=COUNT, default=600, help="chunks in the agreement sample (default 600)")
+    ex.add_argument("--sample", type=COUNT, help="chunks in the agreement sample (default: the export_sample_chunks "
+                    "setting, 600)")
     ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",
@@ -217,14 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options of every command, taken before the command (``default`` None) or after it: a command's (and an
+    action's) parser has them too, with no default (argparse.SUPPRESS), so that one given before is not reset."""
+    group = parser.add_argument_group("global options (before or after the command)") if default else parser
+    group.add_argument("--config", default=default, help="TOML config file (also PGSYNAPSE_CONFIG)")
+    group.add_argument("--database-url", default=default,
+                       help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
+    group.add_argument("--data-dir", default=default, help="data directory of the embedded server, models and caches")
+    group.add_argument("--log-format", default=default, choices=["console", "json"], help="log format (default console)")
+    group.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+
+
 def _describe_commands(parser: argparse.ArgumentParser) -> None:
-    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists."""
+    """Each command's (and action's) ``--help`` opens with what it does: the line ``pgsynapse --help`` lists; and
+    each takes the global options after it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for choice in action._choices_actions:
                 command = action.choices[choice.dest]
                 if command.description is None and choice.help:
                     command.description = choice.help.replace("%%", "%")
+                _global_options(command, argparse.SUPPRESS)
                 _describe_commands(command)
 
 
@@ -277,6 +288,9 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
                            rollback_help="re-activate the SQL model the active one replaced",
                            runtime_help="default: llama-cpp for a GGUF model (a preset, a .gguf file) when "
                            "pgsynapse[llama] is installed, else transformers (it says which, and why)")
+    ssub.choices["add"].add_argument("--no-runtime-check", action="store_true", help="register it even when its "
+                                     "runtime is not installed on this host (llama-cpp: llama-cpp-python): the "
+                                     "workers that serve it run elsewhere")
     rr = ssub.add_parser("retrain", help="queue a sql_retrain from the corrections now, whatever "
                          "sql_retrain_min_corrections (the worker runs it; none while one is pending or running: "
                          "that one is named)")

@@ -83,7 +83,8 @@ class Settings(TextSqlSettings):
         "A/B traffic (once: exported, agreement-checked, switched; onnx-int8 falls back to onnx when refused, an "
         "error keeps torch, both recorded in model_events); torch keeps sentence-transformers",
     )
-    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement check of that export")
+    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement "
+                                      "check of that export, and of `pgsynapse model export` (its --sample wins)")
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")
@@ -99,7 +100,9 @@ class Settings(TextSqlSettings):
     )
     cache_lru_size: int = Field(1024, ge=0, description="in-process LRU entries of the inference cache (0 = off)")
     cache_ttl_seconds: float = Field(7 * 86400, gt=0, description="inference_cache rows unused this long are deleted")
-    cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first")
+    cache_max_rows: int = Field(100_000, ge=0, description="inference_cache size bound; least recently hit go first "
+                                "(0 = the table is off: nothing written or read, the rows it has deleted; the LRU "
+                                "still serves)")
     cache_cleanup_interval: float = Field(
         300.0, gt=0, description="seconds between housekeeping runs (inference_cache bounds, done-job retention)"
     )
@@ -386,6 +389,20 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: settings go at the top level or under [pgsynapse], not both "
                           f"(at the top level: {', '.join(others)})")
     return table
+
+
+def early_log_format(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The log format of settings that did not load (the error that stopped them is logged in it): the
+    environment's PGSYNAPSE_LOG_FORMAT, else the config file's ``log_format`` when the file parses; None if neither."""
+    environ = os.environ if environ is None else environ
+    if fmt := environ.get(ENV_PREFIX + "LOG_FORMAT"):
+        return fmt
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    try:
+        fmt = _read_config_file(Path(config_file)).get("log_format") if config_file else None
+    except ConfigError:
+        return None
+    return fmt if isinstance(fmt, str) else None
 
 
 def _setting_name(loc: tuple[Any, ...]) -> str:

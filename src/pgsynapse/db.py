@@ -189,10 +189,15 @@ SCHEMA_ERRORS = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, 
                  psycopg.errors.InvalidSchemaName)
 
 
+MESSAGE_CHARS = 500  # of a server error's message in describe_db_error
+
+
 def describe_db_error(exc: psycopg.Error, doing: str = "") -> str:
     """One readable line for a server error: its message, SQLSTATE and hint; privilege errors say what to grant."""
     diag = getattr(exc, "diag", None)
     msg = (getattr(diag, "message_primary", None) or _describe(exc)).strip()
+    if len(msg) > MESSAGE_CHARS:  # a message that quotes the input back (a text of a megabyte): cut, not flooded
+        msg = f"{msg[:MESSAGE_CHARS]}... ({len(msg)} characters)"
     parts = [f"{doing}: {msg}" if doing else msg]
     if getattr(exc, "sqlstate", None):
         parts.append(f"(SQLSTATE {exc.sqlstate})")

@@ -65,7 +65,8 @@ def check(conn: psycopg.Connection, settings: Settings, text: str) -> str:
     version = conn.execute(q("active_version")).fetchone()
     guard = Guard()
     guard.refresh(rules)
-    embedder = ModelCache(model_path=settings.model_path, data_dir=settings.data_dir).get(version)
+    embedder = ModelCache(model_path=settings.model_path, device=settings.device, threads=settings.torch_threads,
+                          onnx_threads=settings.onnx_threads, data_dir=settings.data_dir).get(version)
     sims = guard.similarities(embedder, text)
     lines = [f"checked against {len(rules)} enabled rule(s) with model version {version['id']} ({version['name']}), "
              "as the worker checks questions and answers:"]

@@ -421,6 +421,26 @@ def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
     assert events[-1]["error"].startswith(error)
 
 
+@pytest.mark.parametrize("toml, env, error", [
+    ('log_format = "json"\npoll_interval = -1\n', {}, "invalid setting poll_interval [poll_interval in "),
+    ('[pgsynapse]\nlog_format = "json"\npoll_intervall = 1\n', {}, "invalid setting poll_intervall [poll_intervall in "),
+    # a bad variable of the environment, the file's format
+    ('log_format = "json"\n', {"PGSYNAPSE_POLL_INTERVAL": "-1"}, "invalid setting poll_interval [PGSYNAPSE_"),
+])
+def test_a_fatal_error_before_the_settings_load_takes_the_config_file_s_log_format(tmp_path, toml, env, error):
+    # a config file's log_format = "json" was ignored: its bad setting came out as a plain `pgsynapse: error:` line
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text(toml)
+    r = pgsynapse("--config", str(config), "status", env={"PGSYNAPSE_LOG_FORMAT": "", **env})
+    assert r.returncode == 78 and r.stdout == ""
+    [event] = [json.loads(line) for line in r.stderr.splitlines()]
+    assert {"event": "fatal_error", "exit_code": 78}.items() <= event.items() and event["error"].startswith(error)
+    # the flag (after the command too) and the environment win over the file
+    for args, extra in ((["status", "--log-format", "console"], {}), (["status"], {"PGSYNAPSE_LOG_FORMAT": "console"})):
+        r = pgsynapse("--config", str(config), *args, env={"PGSYNAPSE_LOG_FORMAT": "", **env, **extra})
+        assert r.returncode == 78 and r.stderr.startswith(f"pgsynapse: error: {error}"), r.stderr
+
+
 def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     """The built wheel carries every module and SQL file; run from /tmp it migrates and imports the worker."""
     import shutil

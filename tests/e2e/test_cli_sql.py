@@ -4,9 +4,11 @@ sql-model registry commands move sessions between models, status counts it all."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import psycopg
+import pytest
 
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
 from tests.e2e.test_cli import pgsynapse
@@ -90,3 +92,20 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
     gguf = pgsynapse("sql-model", "add", str(tmp_path / "model.gguf"), url=db_url)
     assert gguf.returncode == 0 and "SQL model 2 (transformers): candidate" in gguf.stdout, gguf.stderr
     assert "llama-cpp-python is not installed" in gguf.stdout and "pgsynapse[llama]" in gguf.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed here")
+def test_the_llama_cpp_runtime_is_refused_where_it_is_not_installed_unless_the_workers_run_elsewhere(db_url, tmp_path):
+    # `sql-model add X.gguf --runtime llama-cpp` registered it without llama-cpp-python installed: every data question
+    # routed to it failed later, in the worker
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    r = pgsynapse("sql-model", "add", str(gguf), "--runtime", "llama-cpp", url=db_url)
+    assert r.returncode == 78 and not r.stdout, r.stdout + r.stderr
+    assert r.stderr.startswith("pgsynapse: error: runtime llama-cpp needs llama-cpp-python, which is not installed "
+                               "where this command runs: pip install 'pgsynapse[llama]'"), r.stderr
+    assert "--no-runtime-check" in r.stderr
+    assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
+    # the workers run on another host, which has it: registered as asked
+    r = pgsynapse("sql-model", "add", str(gguf), "--runtime", "llama-cpp", "--no-runtime-check", url=db_url)
+    assert r.returncode == 0 and "SQL model 1 (llama-cpp): candidate" in r.stdout, r.stderr

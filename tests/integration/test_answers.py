@@ -6,6 +6,7 @@ import json
 
 import anyio
 import pytest
+import torch
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
@@ -384,6 +385,23 @@ async def test_repeated_question_embedding_comes_from_the_cache_of_its_own_versi
     await conn.close()
 
 
+async def test_cache_max_rows_0_turns_the_table_of_the_inference_cache_off(db_url, models):
+    """cache_max_rows = 0 was undocumented: the worker wrote a row per question and the housekeeping deleted them all
+    later. 0 is off: no row is written or read; the in-process LRU (cache_lru_size) still serves repeats."""
+    default_lru.clear()
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, cache_max_rows=0), models):
+        await _corpus(db_url)
+        before = default_lru.stats.memory_hits
+        for _ in range(2):
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('How do I reclaim space?')")
+            await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        assert default_lru.stats.memory_hits - before == 1
+    row = await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.inference_cache")).fetchone()
+    assert row["n"] == 0
+    await conn.close()
+
+
 @pytest.mark.parametrize("runtime", ["torch", "onnx-int8"])
 async def test_the_demo_question_through_the_product_is_answered_from_savepoints(db_url, models, runtime,
                                                                                  request):
@@ -471,6 +489,25 @@ async def test_pgsynapse_search_shows_answer_top_k_passages_unless_told_otherwis
         if n == 3:  # each hit's line: "1. 0.497  title  [source #ord]"
             scores = [ln.split()[1] for ln in out.splitlines() if ln[:3] in ("1. ", "2. ", "3. ")]
             assert scores == [f"{p.score:.3f}" for p in passages], (out, passages)
+
+
+def test_pgsynapse_search_loads_its_model_with_the_device_setting(db_url, monkeypatch, capsys):
+    """The model `pgsynapse search` loads in-process is loaded as a worker loads it, with device, torch_threads and
+    onnx_threads: a device this host does not have fails the load, saying so (it searched on the cpu, exit 0)."""
+    monkeypatch.setenv("PGSYNAPSE_DEVICE", "cuda:0" if not torch.cuda.is_available() else "cuda:99")
+    assert main(["--database-url", db_url, "search", "savepoints"]) == 78
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_a_database_error_that_retrying_will_not_fix_exits_1_not_69(db_url, capsys):
+    """A search text whose words make a tsvector over PostgreSQL's 1 MB (SQLSTATE 54000, program_limit_exceeded)
+    exited 69, "database unreachable, retry later": the same text fails again. It is refused, exit 1, saying so."""
+    text = " ".join(f"w{i}x" for i in range(150_000))
+    assert main(["--database-url", db_url, "search", text]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pgsynapse: error: the database refused the statement: value is too big in tsquery: ")
+    assert "(SQLSTATE 54000)" in err and "a limit of PostgreSQL: retrying will not help" in err
+    assert len(err) < 1000  # the message quoted the whole text back: a line of 1.2 MB
 
 
 async def test_full_text_side_ranks_only_the_chunks_its_rarer_words_select(db_url, models):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from pgvector.psycopg import register_vector, register_vector_async
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
+from pgsynapse.cli import main
 from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
 from pgsynapse.export.quantize import _calibration_feeds
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
@@ -208,6 +210,16 @@ def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_u
     assert (artifact / "model.onnx").exists()
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
+
+
+def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_url, tmp_path, monkeypatch, capsys):
+    # `model export` sampled 600 chunks whatever PGSYNAPSE_EXPORT_SAMPLE_CHUNKS said
+    monkeypatch.setenv("PGSYNAPSE_EXPORT_SAMPLE_CHUNKS", "24")
+    base = ["--database-url", db_url, "--data-dir", str(tmp_path), "model", "export", "--runtime", "onnx",
+            "--threshold", "0.5"]
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["agreement"]["n_chunks"] == 24
+    # (--sample N wins over the setting: run_export's n_chunks, as the test above gives it)
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):

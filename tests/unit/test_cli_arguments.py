@@ -102,3 +102,29 @@ def test_bench_names_the_benchmarks_there_are(monkeypatch, tmp_path):
 def test_a_failed_training_process_is_one_line_on_the_command_line():
     # `model distill` / `ranker train` raise it from the CLI: main() prints PgsynapseErrors as one line, exit 1
     assert issubclass(TrainingFailed, PgsynapseError) and TrainingFailed("x", retry=False).retry is False
+
+
+GLOBALS = ["--config", "/etc/p.toml", "--database-url", "postgresql:///x", "--data-dir", "/d", "--log-format", "json",
+           "--log-level", "info"]
+GLOBAL_DESTS = ("config", "database_url", "data_dir", "log_format", "log_level")
+
+
+@pytest.mark.parametrize("command", [["search", "vacuum"], ["status"], ["run", "--kinds", "embed"],
+                                     ["model", "export"], ["sql-model", "add", "/m"], ["guardrail", "check", "x"]])
+def test_the_global_options_are_taken_before_or_after_the_command(command):
+    # `pgsynapse search x --log-level info` said "unrecognized arguments: --log-level info", exit 2
+    before, after = parse_args([*GLOBALS, *command]), parse_args([*command, *GLOBALS])
+    assert vars(before) == vars(after)
+    assert [getattr(after, d) for d in GLOBAL_DESTS] == ["/etc/p.toml", "postgresql:///x", "/d", "json", "info"]
+
+
+def test_a_global_option_after_the_command_wins_and_one_not_given_keeps_its_value():
+    args = parse_args(["--log-level", "debug", "--data-dir", "/d", "search", "x", "--log-level", "error"])
+    assert (args.log_level, args.data_dir, args.config, args.log_format) == ("error", "/d", None, None)
+    # the command's own options of a like name keep their meaning
+    args = parse_args(["search", "x", "--version", "3", "--log-format", "json"])
+    assert (args.model_version, args.log_format) == (3, "json")
+    # a benchmark's arguments stay the benchmark's
+    assert parse_args(["bench", "throughput", "--log-level", "info"]).bench_args == ["--log-level", "info"]
+    with pytest.raises(SystemExit):
+        parse_args(["status", "--log-level", "loud"])

@@ -6,6 +6,7 @@ import psycopg
 import pytest
 from psycopg.errors import FinishedPGconn
 
+from pgsynapse.cli import _retry_later
 from pgsynapse.db import connection_error
 from pgsynapse.errors import DatabaseConfigError, DatabaseError
 
@@ -56,3 +57,17 @@ def test_no_password_given_is_known_by_libpq_not_by_its_text():
 def test_the_password_is_never_echoed():
     err = connection_error(psycopg.OperationalError('connection is bad: invalid URI "s3cret-pw"'), URL)
     assert "s3cret-pw" not in str(err) and '"***"' in str(err)
+
+
+@pytest.mark.parametrize(("sqlstate", "later"), [
+    (None, True),  # no server answer: the connection failed or was lost
+    ("53300", True), ("53100", True),  # too many connections, disk full: insufficient resources
+    ("57014", True), ("57P01", True),  # statement timeout, admin shutdown
+    ("40001", True), ("40P01", True), ("55P03", True),  # serialization failure, deadlock, lock timeout
+    ("54000", False), ("54011", False),  # program limit exceeded: a text too long, too many columns
+    ("42601", False), ("0A000", False), ("XX000", False),  # a syntax error, a feature not supported, a bug
+])
+def test_which_server_errors_a_later_run_may_not_meet(sqlstate, later):
+    # every error no library function wrapped exited 69, "retry later": a text past a limit of PostgreSQL too
+    exc = psycopg.errors.lookup(sqlstate)("x") if sqlstate else psycopg.OperationalError("x")
+    assert _retry_later(exc) is later

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgsynapse.cli import EX_CONFIG
-from pgsynapse.cli_args import build_parser
+from pgsynapse.cli import EX_CONFIG, _settings
+from pgsynapse.cli_args import build_parser, parse_args
 from pgsynapse.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +182,25 @@ def test_compose_postgres_migrate_then_worker():
     health = " ".join(worker["healthcheck"]["test"])
     assert "127.0.0.1:{port}/healthz" in health and "PGSYNAPSE_METRICS_PORT" in health
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
+
+
+@pytest.mark.parametrize("service", ["worker", "migrate"])
+def test_compose_leaves_the_log_level_to_each_command_unless_the_shell_sets_it(service, monkeypatch):
+    """compose set PGSYNAPSE_LOG_LEVEL=info in every container: a one-shot `pgsynapse search` (exec or run) logged
+    at info there, its info events around the result it prints; elsewhere it logs warnings unless told otherwise."""
+    def env_of(host_env: dict[str, str]) -> None:
+        for var in [v for v in os.environ if v.startswith(ENV_PREFIX)]:
+            monkeypatch.delenv(var)
+        environment = yaml.safe_load(COMPOSE.read_text())["services"][service]["environment"]
+        for k, v in environment.items():
+            monkeypatch.setenv(k, _compose_interpolate(str(v), host_env))
+
+    env_of({})
+    assert _settings(parse_args(["search", "vacuum"])).log_level == "warning"
+    assert _settings(parse_args(["status"])).log_level == "warning"
+    assert _settings(parse_args(["run", "--no-migrate"])).log_level == "info"  # the worker's events, as before
+    env_of({"PGSYNAPSE_LOG_LEVEL": "debug"})  # the shell's (or .env's) level reaches every command
+    assert _settings(parse_args(["search", "vacuum"])).log_level == "debug"
 
 
 def _compose_interpolate(value: str, host_env: dict[str, str]) -> str:

@@ -7,6 +7,7 @@ registry's methods, as the CLI, the SQL answer handler and the tests call them.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from pgsynapse.answerers.local_models import PRESETS
@@ -33,6 +34,18 @@ def registered_path(spec: str, runtime: str) -> str:
     if runtime == "llama-cpp" and path.is_dir() and len(list(path.glob("*.gguf"))) != 1:
         raise ModelError(f"SQL model path {path}: runtime llama-cpp needs a .gguf file (or a directory with one)")
     return str(path.resolve())
+
+
+def check_runtime_here(runtime: str, *, llama_cpp: bool | None = None) -> None:
+    """``sql-model add --runtime llama-cpp``: refused (ModelError, with what to install) when llama-cpp-python is not
+    installed on the host that runs the command, which is taken for the workers' (``--no-runtime-check`` when they
+    run elsewhere). ``llama_cpp``: whether it is installed (default: look, here)."""
+    installed = importlib.util.find_spec("llama_cpp") is not None if llama_cpp is None else llama_cpp
+    if runtime != "llama-cpp" or installed:
+        return
+    raise ModelError("runtime llama-cpp needs llama-cpp-python, which is not installed where this command runs: "
+                     "pip install 'pgsynapse[llama]' (or add the model with --runtime transformers); if the workers "
+                     "run on another host that has it, add it with --no-runtime-check")
 
 
 def choose_runtime(path: str, *, llama_cpp: bool | None = None) -> tuple[str, str]:
