@@ -317,6 +317,11 @@ class AnswerHandler(Handler[AnswerWork]):
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
         images = await self._document_images(conn, outcomes)
+        # the questions, then their cache entries, each in id order (a single question's row is not locked by the
+        # writer), before the first write: two workers' writes take them in one order
+        ids = [o.job.ref_id for o in outcomes]
+        await self.lock_rows(conn, ids)
+        await self.cache.lock(conn, ids, [o.result["cached"] for o in outcomes if o.result["cached"]])
         for o in outcomes:
             r = o.result
             status, answer, guard = r["status"], r["answer"], r["guardrail"]
