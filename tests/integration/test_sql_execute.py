@@ -3,8 +3,6 @@ context describes only what that role may read."""
 
 from __future__ import annotations
 
-import json
-
 import psycopg
 from psycopg.types.json import Jsonb
 import pytest
@@ -12,7 +10,8 @@ import pytest
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
 from pgsynapse.errors import InputError
 from pgsynapse.textsql.context import NoReadableTables, schema_context
-from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly, same_result
+from pgsynapse.textsql.execute import (Limits, QueryFailed, Result, json_bytes, result_signature, run_readonly,
+                                       same_result)
 from tests.helpers import V1_TORCH
 
 
@@ -132,6 +131,8 @@ def _stored_bytes(conn: psycopg.Connection, r: Result) -> int:
     """SELECT ARRAY[ARRAY['say "hi"', 'a\\b'], ARRAY['{x}', repeat('"', 1000)]] AS a""",
     # text beyond ASCII: measured as escaped JSON (\u00e9, 6 bytes a character), so a result that fitted was cut
     "SELECT repeat('été', 200) AS w, g FROM generate_series(1, 3) g",
+    # floats: jsonb writes a number without an exponent (1e+300 is stored as 301 digits, 1.5e-07 as 0.00000015)
+    "SELECT 1e300::float8 AS big, -1.5e-7::float8 AS small, 0.1::float8 AS tenth, g FROM generate_series(1, 3) g",
     # JSON values, as stored (each row was counted a byte short, and the result's keys not at all: the stored result
     # went over the limit)
     """SELECT jsonb_build_object('k', repeat('v', 300), 'n', ARRAY[1, 2]) AS j, '{"a": [1, "b"]}'::json AS k
@@ -146,7 +147,7 @@ def test_a_result_is_kept_while_its_json_as_stored_fits_the_byte_limit(shop, sql
     r = run_readonly(shop, Stmt(sql), Limits(max_bytes=fits - 1))
     assert r.rows == whole.rows[:-1] and r.truncated  # a byte less: the last row is cut
     assert _stored_bytes(shop, r) <= fits - 1
-    assert len(json.dumps(r.as_json(), ensure_ascii=False).encode()) == _stored_bytes(shop, r)
+    assert json_bytes(r.as_json()) == _stored_bytes(shop, r)  # the worker's measure is the stored one
 
 
 def test_the_statement_s_transaction_is_ended_by_the_server_if_its_client_goes_silent_in_it(shop):

@@ -199,8 +199,21 @@ def _over_time(limits: Limits) -> QueryFailed:
 
 
 def json_bytes(value: Any) -> int:
-    """The bytes of ``value`` as JSON the way a stored result (jsonb) writes it: UTF-8, ", " and ": " between items."""
-    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
+    """The bytes of ``value`` as JSON the way a stored result (jsonb) writes it: UTF-8, ", " and ": " between items,
+    and each float as a jsonb number, without an exponent (1e+300 is 301 digits, 1.5e-07 is 0.00000015)."""
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode()) + _float_excess(value)
+
+
+def _float_excess(value: Any) -> int:
+    """How many more bytes jsonb writes the floats in ``value`` with than JSON (Python's repr) does."""
+    if isinstance(value, float):  # only a repr with an exponent is written otherwise (7.5 and 0.1 are the same)
+        written = repr(value)
+        return len(format(decimal.Decimal(written), "f")) - len(written) if "e" in written else 0
+    if isinstance(value, list):
+        return sum(_float_excess(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_float_excess(v) for v in value.values())
+    return 0
 
 
 def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, result: Result,
