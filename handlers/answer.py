@@ -23,7 +23,7 @@ from pgsynapse.answerers import (
     TransformersAnswerer,
     Turn,
 )
-from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit
+from pgsynapse.answer_cache import ANSWERER as CACHE_ANSWERER, AnswerCache, Hit, rules_key
 from pgsynapse.answerers.fallback import FALLBACK_REASONS, ExtractiveFallback
 from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
 from pgsynapse.cache import embed_queries
@@ -314,8 +314,22 @@ class AnswerHandler(Handler[AnswerWork]):
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
         images = await self._document_images(conn, outcomes)
+        # the questions, then their cache entries, each in id order (a single question's row is not locked by the
+        # writer), before the first write: two workers' writes take them in one order
+        ids = [o.job.ref_id for o in outcomes]
+        await self.lock_rows(conn, ids)
+        await self.cache.lock(conn, ids, [o.result["cached"] for o in outcomes if o.result["cached"]])
+        # an answer is written only under the rules its question and answer were checked under: the rules as they
+        # are now, read in this transaction (a rule changed since the batch loaded them, or since the checker the
+        # worker's loops share was refreshed, leaves the question to its job, which answers it again under them)
+        rules_now = rules_key(list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall()))
         for o in outcomes:
             r = o.result
+            if r["rules_key"] != rules_now:
+                log.info("answer_rules_changed", question=o.job.ref_id, job=o.job.id)
+                report.superseded.append(o.job.id)
+                report.notes[o.job.id] = "superseded: the guardrail rules changed since it was checked"
+                continue
             status, answer, guard = r["status"], r["answer"], r["guardrail"]
             for src in answer.sources:  # a cited passage's document may have images: the answer cites them too
                 linked = images.get(src.get("document_id"))

@@ -59,7 +59,8 @@ class WriteReport:
     superseded: list[int] = field(default_factory=list)  # job ids whose row changed meanwhile
     # job ids whose result another job already wrote (it read the same, newer content): done, nothing written
     already_written: list[int] = field(default_factory=list)
-    # job id -> why a written result leaves nothing to serve (an emptied body): recorded as the job's skip_reason
+    # job id -> why a written result leaves nothing to serve (an emptied body), or why a superseded job's result was
+    # not written (the row changed meanwhile, when none): recorded as the job's skip_reason
     notes: dict[int, str] = field(default_factory=dict)
 
 

@@ -142,7 +142,8 @@ class BatchWriter:
                 log.info("job_skipped", kind=kind, job=job_id, ref=jobs[job_id].ref_id, reason=reason)
             for job_id in report.superseded:
                 await conn.execute(
-                    q("supersede_job"), {"id": job_id, "worker": self.worker_id, "reason": "superseded: the row changed meanwhile"}
+                    q("supersede_job"), {"id": job_id, "worker": self.worker_id,
+                                         "reason": report.notes.get(job_id, "superseded: the row changed meanwhile")}
                 )
             changed = report.superseded + [o.job.id for o in skipped if o.superseded]
             # what became of the failed ones: "retried", "failed" (for good), or done as superseded ("pending",

@@ -247,6 +247,13 @@ class AnswerCache:
                  similarity=round(hit.similarity, 4), version=version["id"])
         return hit
 
+    async def lock(self, conn: psycopg.AsyncConnection, question_ids: list[int], hits: list[Hit]) -> None:
+        """Lock the entries that :meth:`written` of these questions may change (their own, and those their hits
+        count), in question id order: before the first :meth:`written` of a write, after its questions' rows."""
+        if self.enabled:
+            await conn.execute(q("lock_entries", "answer_cache.sql"),
+                               {"ids": sorted({*question_ids, *(h.question_id for h in hits)})})
+
     async def written(self, conn: psycopg.AsyncConnection, question_id: int, *, version: int, answer: Answer,
                       hit: Hit | None, store: bool, vector: np.ndarray | None, rules: str,
                       ranker: int | None = None) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+import anyio
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector_async
@@ -287,6 +288,64 @@ async def test_an_answer_is_stored_under_the_rules_it_was_checked_under_not_thos
     row = await _row(conn, again.id)
     await conn.close()
     assert row["answerer"] == "extractive" and row["cached_from"] is None
+
+
+async def test_two_workers_counting_hits_on_the_same_entries_do_not_deadlock(db_url, models):
+    """Each hit adds to its entry's count (a row lock on the entry) as its answer is written, in the batch's order: a
+    batch hitting entries Y then X, written beside one hitting X then Y, waited each for the other, and PostgreSQL
+    aborted one as a deadlock (the writer wrote it again a second later). The entries are locked in one order
+    first."""
+    vacuum = "How do I reclaim the storage of dead tuples?"
+    async with running_worker(_settings(db_url), models):
+        await _setup(db_url)
+        async with Client(db_url) as client:
+            x, y = await client.ask(ASK), await client.ask(vacuum)
+    conn = await aconn(db_url)
+    await register_vector_async(conn)
+    entries = "SELECT question_id, hit_count FROM pgsynapse.answer_cache ORDER BY question_id"
+    assert await (await conn.execute(entries)).fetchall() == [{"question_id": x.id, "hit_count": 0},
+                                                               {"question_id": y.id, "hit_count": 0}]
+
+    async def batch(handler: AnswerHandler, texts: list[str]):
+        jobs = []
+        for text in texts:
+            qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                             (text,))).fetchone())["id"]
+            jobs.append(Job(qid, "answer", qid, {}, 1, datetime.now(timezone.utc)))
+        work, _ = await handler.load(conn, jobs)
+        assert all(w.cached for w in work)
+        return jobs, handler.compute(work)
+
+    first, second = AnswerHandler(_settings(db_url), models), AnswerHandler(_settings(db_url), models)
+    first_jobs, first_out = await batch(first, [vacuum, ASK])  # hits y, then x
+    second_jobs, second_out = await batch(second, [ASK, vacuum])  # hits x, then y
+    await conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'answer'")
+    paused, release = anyio.Event(), anyio.Event()
+    written = first.cache.written
+
+    async def held(*args, **kw):  # the first holds what its first answer's write locked until the second waits
+        await written(*args, **kw)
+        if not paused.is_set():
+            paused.set()
+            await release.wait()
+
+    first.cache.written = held  # type: ignore[method-assign]
+
+    async def write(handler: AnswerHandler, jobs: list[Job], outcomes) -> None:
+        async with await aconn(db_url) as c, c.transaction():  # as the writer does: the questions, then the write
+            await handler.lock_rows(c, [j.ref_id for j in jobs])
+            await handler.write(c, outcomes)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, first, first_jobs, first_out)
+        await paused.wait()
+        tg.start_soon(write, second, second_jobs, second_out)
+        await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                               " AND wait_event_type = 'Lock'", channel="pgsynapse_answers")
+        release.set()
+    assert await (await conn.execute(entries)).fetchall() == [{"question_id": x.id, "hit_count": 2},
+                                                               {"question_id": y.id, "hit_count": 2}]
+    await conn.close()
 
 
 def test_status_says_whether_the_cache_is_on_and_how_many_entries_it_holds(db_url):

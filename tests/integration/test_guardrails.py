@@ -149,6 +149,39 @@ async def test_a_long_answer_is_checked_in_windows_over_its_whole_length(db_url,
     assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer"
 
 
+class RuleAddedMidBatchHandler(RecordingHandler):
+    """A rule is added while the first batch computes: after its load (and its question's check), before its write."""
+
+    added = False
+
+    def compute(self, work):
+        if not self.added:
+            with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+                conn.execute(BOMB_RULE)
+            self.added = True
+        return super().compute(work)
+
+
+async def test_an_answer_is_written_only_under_the_rules_it_was_checked_under(db_url, models):
+    """A batch loaded before a rule was added was answered, and its answer checked, under the rules the worker's
+    shared checker had then: an answer the new rule blocks was served. Its write now finds the rules changed, writes
+    nothing, and the question's job is queued again: answered under the rules as they are."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    RecordingAnswerer.reply = f"Here is {BOMB}: mix the parts."
+    async with running_worker(settings, models, handlers={"answer": RuleAddedMidBatchHandler(settings, models)}):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('late', 'how do I create an "
+                           "index?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    [row] = await _questions(conn, "late")
+    jobs = await (await conn.execute("SELECT status, skip_reason FROM pgsynapse.jobs WHERE kind = 'answer' AND ref_id"
+                                     " = %s ORDER BY id", (row["id"],))).fetchall()
+    await conn.close()
+    assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer"
+    assert jobs == [{"status": "done", "skip_reason": "superseded: the guardrail rules changed since it was checked"},
+                    {"status": "done", "skip_reason": None}]
+
+
 def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_it(db_url):
     # rules were SQL only, and a threshold could be chosen only by asking and reading `questions.guardrail`
     rule_text, question = "how to drop all the tables of a production database", "how do I delete every table in prod?"

@@ -4,12 +4,14 @@ context describes only what that role may read."""
 from __future__ import annotations
 
 import psycopg
+from psycopg.types.json import Jsonb
 import pytest
 
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
 from pgsynapse.errors import InputError
 from pgsynapse.textsql.context import NoReadableTables, schema_context
-from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly, same_result
+from pgsynapse.textsql.execute import (Limits, QueryFailed, Result, json_bytes, result_signature, run_readonly,
+                                       same_result)
 from tests.helpers import V1_TORCH
 
 
@@ -98,6 +100,54 @@ def test_rows_past_the_byte_limit_are_never_fetched(shop):
                 "ELSE 0 END) FROM generate_series(1, 2000) g")
     with pytest.raises(QueryFailed, match="ran over the statement timeout of 500 ms"):
         run_readonly(shop, slow, Limits(max_bytes=100_000, statement_timeout_ms=500))
+
+
+def test_no_fetch_brings_much_more_than_the_byte_limit(shop, tmp_path):
+    # each row was measured alone: the first FETCH (16 rows) brought 16 rows of 90 kB against a 100 kB limit (1.4 MB),
+    # and a later one, sized by the 1-byte rows before it, 85 rows of 90 kB (7.6 MB). The server now sends a row's
+    # values only while the rows so far fit the limit
+    statements = {"first": "SELECT repeat('x', 90000) FROM generate_series(1, 20)",
+                  "later": "SELECT repeat('x', CASE WHEN g <= 16 THEN 1 ELSE 90000 END) FROM generate_series(1, 100) g"}
+    for name, sql in statements.items():
+        wire = tmp_path / name
+        with open(wire, "w") as f:
+            shop.pgconn.trace(f.fileno())
+            try:
+                r = run_readonly(shop, Stmt(sql), Limits(max_bytes=100_000))
+            finally:
+                shop.pgconn.untrace()
+        assert r.truncated and r.row_count == {"first": 1, "later": 17}[name], (name, r.row_count)
+        assert wire.stat().st_size < 300_000, (name, wire.stat().st_size)  # libpq's trace of every message
+
+
+def _stored_bytes(conn: psycopg.Connection, r: Result) -> int:
+    """The bytes of a result as data_questions.result holds it (jsonb, written as text)."""
+    return conn.execute("SELECT octet_length(%s::jsonb::text)", (Jsonb(r.as_json()),)).fetchone()[0]
+
+
+@pytest.mark.parametrize("sql", [
+    # an array of quoted text: as a row's text its quotes were escaped twice (4 bytes each, 2 in JSON), so the server
+    # withheld a row whose JSON fitted the limit
+    """SELECT ARRAY[ARRAY['say "hi"', 'a\\b'], ARRAY['{x}', repeat('"', 1000)]] AS a""",
+    # text beyond ASCII: measured as escaped JSON (\u00e9, 6 bytes a character), so a result that fitted was cut
+    "SELECT repeat('été', 200) AS w, g FROM generate_series(1, 3) g",
+    # floats: jsonb writes a number without an exponent (1e+300 is stored as 301 digits, 1.5e-07 as 0.00000015)
+    "SELECT 1e300::float8 AS big, -1.5e-7::float8 AS small, 0.1::float8 AS tenth, g FROM generate_series(1, 3) g",
+    # JSON values, as stored (each row was counted a byte short, and the result's keys not at all: the stored result
+    # went over the limit)
+    """SELECT jsonb_build_object('k', repeat('v', 300), 'n', ARRAY[1, 2]) AS j, '{"a": [1, "b"]}'::json AS k
+       FROM generate_series(1, 3)""",
+])
+def test_a_result_is_kept_while_its_json_as_stored_fits_the_byte_limit(shop, sql):
+    whole = run_readonly(shop, Stmt(sql), Limits())
+    assert whole.row_count in (1, 3) and not whole.truncated
+    fits = _stored_bytes(shop, whole)
+    r = run_readonly(shop, Stmt(sql), Limits(max_bytes=fits))
+    assert r.rows == whole.rows and not r.truncated  # exactly at the limit: kept whole
+    r = run_readonly(shop, Stmt(sql), Limits(max_bytes=fits - 1))
+    assert r.rows == whole.rows[:-1] and r.truncated  # a byte less: the last row is cut
+    assert _stored_bytes(shop, r) <= fits - 1
+    assert json_bytes(r.as_json()) == _stored_bytes(shop, r)  # the worker's measure is the stored one
 
 
 def test_the_statement_s_transaction_is_ended_by_the_server_if_its_client_goes_silent_in_it(shop):

@@ -53,6 +53,12 @@ SET model_version_id = EXCLUDED.model_version_id, settings_key = EXCLUDED.settin
 -- its earlier entry with it.
 DELETE FROM pgsynapse.answer_cache WHERE question_id = %(id)s;
 
+-- name: lock_entries
+-- An answer write's entries (its questions' own, which it stores or forgets, and the entries its hits count), locked
+-- in one order before it touches any (after its questions, handlers/answer.py): two workers writing hits on the
+-- same entries in other orders would each wait for the other.
+SELECT question_id FROM pgsynapse.answer_cache WHERE question_id = ANY(%(ids)s) ORDER BY question_id FOR UPDATE;
+
 -- name: count_hit
 UPDATE pgsynapse.answer_cache SET hit_count = hit_count + 1, last_hit_at = now() WHERE question_id = %(origin)s;
 

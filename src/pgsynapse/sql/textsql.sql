@@ -155,17 +155,30 @@ SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
 SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true);
 
 -- name: readonly_measured_rows
--- A checked statement ({statement}, composed by the caller) with each row's size first: the bytes of its text as
--- PostgreSQL writes it (a row value), then its columns only when that is at most the byte limit ({max_bytes}), else
--- NULLs. A row wider than the limit never leaves the server, however wide (up to 1 GB). The statement's rows keep
--- their order (an ORDER BY keeps the statement a subquery scan, and a lateral join is a nested loop over it in
--- that order), their names and their types; the new line ends a comment the statement could end with.
-SELECT pgsynapse_size.bytes, pgsynapse_sent.*
+-- A checked statement ({statement}, composed by the caller) with, first, the bytes of its rows so far as JSON (the
+-- running sum of each row's values as PostgreSQL writes them as JSON, an array with ", " between them, and the ", "
+-- before the row: what the result keeps of it, textsql/execute.py), then its columns only while that is at most the
+-- byte limit ({max_bytes}), else NULLs. No FETCH brings much more than the limit, whatever rows come before: a
+-- row's values, however wide (up to 1 GB), leave the server only when the rows so far with it fit. The statement's
+-- rows keep their order (an ORDER BY keeps the statement a subquery scan; the window has no ORDER BY of its own,
+-- so it sums them in that order, and a lateral join is a nested loop over it in that order), their names and their
+-- types (the row is a whole-row value, (pgsynapse_row.*)::record, even when the statement has a column of that
+-- name); the new line ends a comment the statement could end with.
+SELECT pgsynapse_measured.bytes, pgsynapse_sent.*
 FROM (
+    SELECT (pgsynapse_row.*)::record AS pgsynapse_row,
+           pg_catalog.sum(pgsynapse_size.bytes) OVER (ROWS UNBOUNDED PRECEDING) AS bytes
+    FROM (
 {statement}
-) AS pgsynapse_row
-CROSS JOIN LATERAL (SELECT pg_catalog.octet_length(pgsynapse_row.*::pg_catalog.text) AS bytes) AS pgsynapse_size
-LEFT JOIN LATERAL (SELECT pgsynapse_row.* WHERE pgsynapse_size.bytes <= {max_bytes}) AS pgsynapse_sent ON true;
+    ) AS pgsynapse_row
+    CROSS JOIN LATERAL (
+        SELECT coalesce(pg_catalog.sum(pg_catalog.octet_length(pgsynapse_value.value::pg_catalog.text) + 2), 2) + 2
+                   AS bytes
+        FROM pg_catalog.json_each(pg_catalog.to_json(pgsynapse_row.*)) AS pgsynapse_value
+    ) AS pgsynapse_size
+) AS pgsynapse_measured
+LEFT JOIN LATERAL (SELECT (pgsynapse_measured.pgsynapse_row).* WHERE pgsynapse_measured.bytes <= {max_bytes})
+    AS pgsynapse_sent ON true;
 
 -- name: type_names
 SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);

@@ -4,8 +4,8 @@ A generated statement runs only after ``safety.check_sql`` accepted it, and then
 ``READ ONLY``, ``SET LOCAL ROLE`` to the reader role (which reads only what an operator granted it), a
 ``statement_timeout`` and a ``search_path`` of the question's schema, rows read through a server-side cursor in
 batches sized by the limits left, so at most ``max_rows`` + 1 rows, and not many more bytes than the byte limit on
-the result as JSON, ever leave the server; a row wider than that limit (its text, measured by the server) never
-does. The transaction is always rolled back. The database is the last line: the parser check refuses writes, the
+the result as JSON, ever leave the server: the server sends a row's values only while the rows so far, measured by
+it as JSON, fit that limit. The transaction is always rolled back. The database is the last line: the parser check refuses writes, the
 transaction could not do them.
 """
 
@@ -198,17 +198,40 @@ def _over_time(limits: Limits) -> QueryFailed:
                        "(sql_statement_timeout_ms) and was cancelled")
 
 
+def json_bytes(value: Any) -> int:
+    """The bytes of ``value`` as JSON the way a stored result (jsonb) writes it: UTF-8, ", " and ": " between items,
+    and each float as a jsonb number, without an exponent (1e+300 is 301 digits, 1.5e-07 is 0.00000015)."""
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode()) + _float_excess(value)
+
+
+def _float_excess(value: Any) -> int:
+    """How many more bytes jsonb writes the floats in ``value`` with than JSON (Python's repr) does."""
+    if isinstance(value, float):  # only a repr with an exponent is written otherwise (7.5 and 0.1 are the same)
+        written = repr(value)
+        return len(format(decimal.Decimal(written), "f")) - len(written) if "e" in written else 0
+    if isinstance(value, list):
+        return sum(_float_excess(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_float_excess(v) for v in value.values())
+    return 0
+
+
 def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, result: Result,
            started: float) -> None:
-    """Fill ``result.rows`` (JSON values) up to ``max_rows`` and ``max_bytes``, ``truncated`` when more were left.
+    """Fill ``result.rows`` (JSON values) while the result as JSON (:meth:`Result.as_json`, as stored) is at most
+    ``max_bytes`` and up to ``max_rows``, ``truncated`` when more were left.
 
-    Each row comes with its size as the server measured it (``readonly_measured_rows``): one over ``max_bytes``
-    comes without its values, and the result is cut there. The rows come in FETCHes sized by the byte budget left
-    (after a first one of :data:`_FIRST_FETCH` rows), so the server never sends (nor computes) many rows past the
-    limits: 1001 rows of 1 MB are not a gigabyte in the worker before the 1 MB limit is looked at, and the first
-    FETCH is at most :data:`_FIRST_FETCH` rows of ``max_bytes``. Each FETCH is a statement of its own: every one
-    after the first runs under the time the statement has left of ``statement_timeout_ms`` since it was declared."""
-    size = len(json.dumps(result.columns))
+    Each row comes with the bytes of the rows so far as the server measured them as JSON (``readonly_measured_rows``),
+    and without its values once those are over ``max_bytes``: no FETCH brings much more than the limit. The server
+    measures values as PostgreSQL writes them in JSON, the result holds them as :func:`plain` makes them: the same
+    bytes for text (any characters), integers, JSON, intervals and dates, fewer on the server for arrays (no space
+    after a comma) and times with fractions of a second; more for a number with zeros at the end of its fraction
+    (1.50, kept as 1.5) and a row or composite value (an object with its field names, kept as text). What is kept is
+    decided here, on the result's own bytes. The rows come in FETCHes sized by the byte budget left (after a first
+    one of :data:`_FIRST_FETCH` rows), so the server does not compute many rows past the limits. Each FETCH is a
+    statement of its own: every one after the first runs under the time the statement has left of
+    ``statement_timeout_ms`` since it was declared."""
+    size = json_bytes(result.as_json())
     largest = 0
     want = min(_FIRST_FETCH, limits.max_rows + 1)
     while True:
@@ -218,7 +241,7 @@ def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, 
                 result.truncated = True
                 return
             values = [plain(v) for v in row]
-            n = len(json.dumps(values, default=str)) + 1
+            n = json_bytes(values) + (2 if result.rows else 0)  # ", " before every row but the first
             if size + n > limits.max_bytes:
                 result.truncated = True
                 return
