@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -88,8 +89,6 @@ def test_concurrent_migrate_runs_do_not_collide(new_db):
 def test_a_migrate_waiting_for_another_says_so(new_db):
     """`migrate` (or a worker's start) behind another one's migrations, minutes on a big table, waited on the lock
     without a word."""
-    import threading
-
     url = new_db()
     migrate(url)
     with psycopg.connect(url, autocommit=True) as holder:
@@ -963,3 +962,76 @@ async def test_the_duplicate_chunks_migration_queues_a_reembed_that_stores_each_
         "SELECT array_agg(id) FROM pgsynapse.chunks WHERE document_id = %s", (clean,))).fetchone() == {
             "array_agg": [r[0] for r in clean_chunks]}
     await aconnection.close()
+
+
+def _lock_waits(conn: psycopg.Connection, thread: threading.Thread, n: int) -> None:
+    """Return once ``n`` backends of this database wait on a lock (the row state ends the wait; 60 s: a net)."""
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+               " AND wait_event_type = 'Lock'")
+    deadline = time.monotonic() + 60
+    while conn.execute(waiting).fetchone()[0] < n and time.monotonic() < deadline:
+        thread.join(0.05)
+    assert conn.execute(waiting).fetchone()[0] == n
+
+
+def test_the_answer_cache_migration_locks_a_documents_entries_in_id_order_as_answer_writes_do(new_db):
+    """0037 on top of 0036: an edit of a document deleted the cache entries citing it in the order it found them,
+    and an answer write locks the entries it counts hits on in id order (answer_cache.sql's lock_entries): with
+    entries y < w < z, the write holding y and waiting for w (another transaction's), the edit locking z then
+    waiting for y, the write then waiting for z, PostgreSQL aborted one as a deadlock: the application's UPDATE
+    failed. The edit now locks its entries in id order too. Re-running the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 37)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        cited, other = [conn.execute("INSERT INTO pgsynapse.documents (source, body) VALUES (%s, 'b') RETURNING id",
+                                     (s,)).fetchone()[0] for s in ("cited", "other")]
+        y, w, z = [conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id",
+                                (t,)).fetchone()[0] for t in ("y?", "w?", "z?")]
+        for qid, doc in ((z, cited), (y, cited), (w, other)):  # stored z first: the edit's scan finds it first
+            conn.execute("INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key,"
+                         " rules_key, question, embedding, answer, sources, document_ids, document_hashes)"
+                         " VALUES (%s, 1, 's', 'r', 'q', array_fill(1::real, ARRAY[384])::vector, 'a', '[]', ARRAY[%s]::bigint[], ARRAY['h'])",
+                         (qid, doc))
+        for run in (1, 2):
+            errors: list[BaseException] = []
+
+            def run_in(target, *args):
+                def body():
+                    try:
+                        target(*args)
+                    except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                        errors.append(exc)
+                thread = threading.Thread(target=body)
+                thread.start()
+                return thread
+
+            def answer_write():
+                with psycopg.connect(url) as c:
+                    c.execute(q("lock_entries", "answer_cache.sql"), {"ids": [y, w, z]})
+                    c.execute("UPDATE pgsynapse.answer_cache SET hit_count = hit_count + 1"
+                              " WHERE question_id = ANY(%s)", ([y, w, z],))
+
+            def edit():
+                with psycopg.connect(url) as c:
+                    c.execute("UPDATE pgsynapse.documents SET body = %s WHERE id = %s", (f"edited {run}", cited))
+
+            with psycopg.connect(url) as holder:
+                holder.execute("SELECT FROM pgsynapse.answer_cache WHERE question_id = %s FOR UPDATE", (w,))
+                writing = run_in(answer_write)
+                _lock_waits(conn, writing, 1)  # the write holds y and waits for w
+                editing = run_in(edit)
+                _lock_waits(conn, editing, 2)  # the edit waits too: for y (in id order), after locking z before
+            for thread in (writing, editing):
+                thread.join(60)
+            assert errors == []
+            # the edit removed the two entries citing its document, after the write counted them
+            assert conn.execute("SELECT question_id FROM pgsynapse.answer_cache").fetchall() == [(w,)]
+            conn.execute("UPDATE pgsynapse.answer_cache SET hit_count = 0")
+            for qid in (z, y):
+                conn.execute("INSERT INTO pgsynapse.answer_cache (question_id, model_version_id, settings_key,"
+                             " rules_key, question, embedding, answer, sources, document_ids, document_hashes)"
+                             " VALUES (%s, 1, 's', 'r', 'q', array_fill(1::real, ARRAY[384])::vector, 'a', '[]', ARRAY[%s]::bigint[],"
+                             " ARRAY['h'])", (qid, cited))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())

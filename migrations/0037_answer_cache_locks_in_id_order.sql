@@ -1,0 +1,6 @@
+-- pgsynapse 0037: an edit or delete of a document locks the answer cache entries citing it in question_id order
+-- before deleting them, as an answer write locks the entries it changes: in the order the DELETE found them, an
+-- edit and an answer write could each wait for the other, and PostgreSQL aborted one as a deadlock (the
+-- application's statement, when it was the edit). triggers/answer_cache_v2.sql; the v1 functions stay for a
+-- release that still calls them.
+-- pgsynapse:include answer_cache_v2.sql
