@@ -151,8 +151,9 @@ class ExtractiveAnswerer:
     Each chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md). ``definition_weight``: what a
     sentence that defines the term adds when the question asks what a term is ("What is MVCC?": "... a multiversion
     model (Multiversion Concurrency Control, MVCC)" rather than "MVCC, by eschewing the locking methodologies ...";
-    :func:`defined_term`, :func:`defines`); 0.75, the least of the best on the tune sets (0.75 to 1.5 alike: 3 more
-    of the 26 short questions start with the sentence that defines the term; BENCHMARKS.md, session 35).
+    :func:`defined_term`, :func:`defines`); 0.75, the least of the best on the tune sets (0.75 and 1 alike, 0.5
+    lower: 3 more of the 26 short questions start with the sentence that defines the term; BENCHMARKS.md, session
+    35).
     ``keep_margin``: how close to the best score another sentence must be to be quoted too.
     """
 
