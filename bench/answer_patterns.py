@@ -5,7 +5,8 @@ FULL) ..." from the VACUUM page counts as right. An answer pattern (as in the TR
 regular expression, one per question, written by reading the relevant pages' sentences: it matches the sentences
 a person who asked would accept as the answer ("VACUUM FULL rewrites the entire contents of the table") and as few
 others as possible. ``bench/data/answer_patterns.jsonl`` has one per dev and user-worded question, written by
-annotators who saw the question and the docs pages only, never an answer of the answerers; ``pattern`` is null
+annotators who saw the question and the docs pages only, never an answer of the answerers
+(``bench/data/short_answer_patterns.jsonl``: one per short "What is X?" question, the sentences that define X); ``pattern`` is null
 where no prose sentence of the pages answers it (the answer is a code example, a synopsis or a table), and such
 questions are left out of the figures.
 
@@ -28,6 +29,9 @@ from typing import Any
 from bench.devsplit import held_out
 
 PATTERNS = Path(__file__).parent / "data" / "answer_patterns.jsonl"
+# the short "What is X?" questions' (bench/data/short_questions.jsonl, session 33): the sentences that define X,
+# written from the relevant pages' sentences (session 35)
+SHORT_PATTERNS = Path(__file__).parent / "data" / "short_answer_patterns.jsonl"
 
 
 def load(path: Path = PATTERNS) -> dict[str, re.Pattern[str] | None]:

@@ -352,7 +352,7 @@ def main() -> None:
                                        strict=True):
             it["passages"], it["vector"] = passages, vec
         g = Grounding(lambda t: embedder.encode(t))
-        patterns = answer_patterns.load()
+        patterns = {**answer_patterns.load(), **answer_patterns.load(answer_patterns.SHORT_PATTERNS)}
         answerers = build_answerers(url, models, embedder, args.generator, args.max_new_tokens,
                                     args.generator_runtime, args.context)
         if args.only:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer, Passage, Request
-from pgsynapse.answerers.extractive import dangling
+from pgsynapse.answerers.extractive import dangling, defined_term, defines
 from pgsynapse.chunking import Chunker
 from pgsynapse.corpus import shipped_pages
 
@@ -40,6 +40,18 @@ MVCC = ("13.1. Introduction\nPostgreSQL provides a rich set of tools for develop
         "Internally, data consistency is maintained by using a multiversion model (Multiversion Concurrency Control, "
         "MVCC). This means that each SQL statement sees a snapshot of data (a database version) as it was some time "
         "ago, regardless of the current state of the underlying data.")
+# mvcc-intro.html's first two paragraphs as the docs word them: the sentence that defines MVCC is the second
+MVCC_INTRO = (
+    "13.1. Introduction\nPostgreSQL provides a rich set of tools for developers to manage concurrent access to data. "
+    "Internally, data consistency is maintained by using a multiversion model (Multiversion Concurrency Control, MVCC). "
+    "This means that each SQL statement sees a snapshot of data (a database version) as it was some time ago, regardless "
+    "of the current state of the underlying data. This prevents statements from viewing inconsistent data produced by "
+    "concurrent transactions performing updates on the same data rows, providing transaction isolation for each "
+    "database session. MVCC, by eschewing the locking methodologies of traditional database systems, minimizes lock "
+    "contention in order to allow for reasonable performance in multiuser environments.\nThe main advantage of using "
+    "the MVCC model of concurrency control rather than locking is that in MVCC locks acquired for querying (reading) "
+    "data do not conflict with locks acquired for writing data, and so reading never blocks writing and writing never "
+    "blocks reading.")
 CAKE = ("Chocolate cake\nMix flour, sugar, cocoa and eggs, then bake the batter for forty minutes. Let the cake cool "
         "before you cut it.")
 
@@ -189,6 +201,51 @@ def test_a_passage_with_every_word_of_the_question_is_relevant_under_the_thresho
     assert ask(embedder, "What is MVCC?", [("13.1. Introduction", MVCC, 0.15)])[0] == NOT_FOUND
     # every word: a question about MVCC in MySQL is not answered by PostgreSQL's MVCC passage at 0.33
     assert ask(embedder, "What is MVCC in MySQL?", [("13.1. Introduction", MVCC, 0.33)])[0] == NOT_FOUND
+
+
+def test_a_definition_question_starts_from_the_sentence_that_defines_its_term(embedder):
+    """"What is MVCC?" was answered from mvcc-intro.html by "MVCC, by eschewing the locking methodologies ...": a
+    sentence about MVCC, not the one that says what it is ("... a multiversion model (Multiversion Concurrency
+    Control, MVCC)"). A question asking what a term is prefers the sentences that define it (``definition_weight``);
+    without it (0) the answer starts elsewhere."""
+    defining = "Internally, data consistency is maintained by using a multiversion model"
+    text, _ = ask(embedder, "What is MVCC?", [("13.1. Introduction", MVCC_INTRO, 0.5)], max_sentences=1)
+    assert text.startswith(defining), text
+    plain, _ = ask(embedder, "What is MVCC?", [("13.1. Introduction", MVCC_INTRO, 0.5)], max_sentences=1,
+                   definition_weight=0)
+    assert not plain.startswith(defining), plain
+
+
+def test_the_term_of_a_definition_question_and_the_sentences_that_define_it():
+    assert defined_term("What is MVCC?") == "MVCC" and defined_term("what's a CTE") == "CTE"
+    assert defined_term("What does WAL stand for?") == "WAL" and defined_term("What is the free space map?") == "free space map"
+    assert defined_term("What are savepoints?") == "savepoints" and defined_term("What does TOAST mean?") == "TOAST"
+    assert defined_term("How do I create an index?") is None
+    assert defined_term("What is the difference between json and jsonb in PostgreSQL?") is None  # not a term
+    # sentences of the PostgreSQL 15 docs
+    assert defines("MVCC", "Internally, data consistency is maintained by using a multiversion model (Multiversion "
+                           "Concurrency Control, MVCC).")
+    assert defines("WAL", "Write-Ahead Logging (WAL) is a standard method for ensuring data integrity.")
+    assert defines("GIN", "GIN stands for Generalized Inverted Index.")
+    assert defines("SP-GiST", "SP-GiST is an abbreviation for space-partitioned GiST.")
+    assert defines("TOAST", "This section provides an overview of TOAST (The Oversized-Attribute Storage Technique).")
+    assert defines("CTE", "These statements, which are often referred to as Common Table Expressions or CTEs, can be "
+                          "thought of as defining temporary tables that exist just for one query.")
+    assert defines("OID", "Object identifiers (OIDs) are used internally by PostgreSQL as primary keys for various "
+                          "system tables.")
+    assert defines("domain", "A domain is a user-defined data type that is based on another underlying type.")
+    assert defines("savepoints", "A savepoint is a special mark inside a transaction that allows all commands that are "
+                                 "executed after it was established to be rolled back.")
+    assert not defines("MVCC", "MVCC, by eschewing the locking methodologies of traditional database systems, "
+                               "minimizes lock contention in order to allow for reasonable performance.")
+    assert not defines("MVCC", "However, proper use of MVCC will generally provide better performance than locks.")
+    assert not defines("autovacuum", "autovacuum (boolean): Controls whether the server should run the autovacuum "
+                                     "launcher daemon.")  # a setting's type, not an expansion
+    assert not defines("OID", "If lobjId is InvalidOid (zero) then lo_import_with_oid assigns an unused OID (this is "
+                              "the same behavior as lo_import).")  # words in parentheses, not an expansion
+    assert not defines("visibility map", "The pg_visibility module provides a means for examining the visibility map "
+                                         "(VM) and page-level visibility information of a table.")  # a mention
+    assert not defines("GiST", "SP-GiST indexes, like GiST indexes, offer an infrastructure.")  # another term
 
 
 def test_dangling_words():

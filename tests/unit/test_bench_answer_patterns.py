@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.answer_patterns import PATTERNS, figures, load, matches
+from bench.answer_patterns import PATTERNS, SHORT_PATTERNS, figures, load, matches
+from bench.answer_quality import SHORT
 from bench.devsplit import USERS
 from pgsynapse.answerers.base import sentence_runs
 
@@ -44,6 +45,20 @@ def test_every_pattern_matches_a_sentence_of_its_relevant_pages_and_dev_is_cover
     for q, pattern in load().items():
         if pattern is not None:
             assert any(pattern.search(s) for page in relevant[q] for s in pages[page]), q
+
+
+@pytest.mark.skipif(not (SHARED / "pg_docs_corpus.jsonl").exists(), reason=f"no {SHARED} (the shared data)")
+def test_every_short_question_has_a_pattern_that_matches_a_sentence_of_its_relevant_pages() -> None:
+    relevant = {q["q"]: q["relevant"] for q in map(json.loads, SHORT.read_text().splitlines())}
+    short = [json.loads(line) for line in SHORT_PATTERNS.read_text().splitlines()]
+    assert [r["q"] for r in short] == list(relevant)
+    pages = {}
+    for line in (SHARED / "pg_docs_corpus.jsonl").open():
+        page = json.loads(line)
+        if any(page["id"] in r for r in relevant.values()):
+            pages[page["id"]] = [s for s, _ in sentence_runs(page["text"])]
+    for q, pattern in load(SHORT_PATTERNS).items():
+        assert pattern is not None and any(pattern.search(s) for page in relevant[q] for s in pages[page]), q
 
 
 def test_an_answer_is_judged_by_its_sentences_first_and_any() -> None:

@@ -10,8 +10,9 @@ How an answer is chosen (issue 18):
   question (the title names what the page is about; one short encode per distinct title), by its share of the
   question's informative words (each content word weighted by how rare it is among the candidate sentences: the
   word that tells them apart, "part" in "roll back part of a transaction", counts most), for a question that asks
-  how to do something by whether it tells the reader what they can do ("Savepoints allow you to ...") and, when
-  ``rank_weight`` is set, by its passage's rank in retrieval's order;
+  how to do something by whether it tells the reader what they can do ("Savepoints allow you to ..."), for a
+  question that asks what a term is ("What is MVCC?") by whether it defines the term ("X is ...", "X stands for
+  ...", "(expansion, X)", "known as X") and, when ``rank_weight`` is set, by its passage's rank in retrieval's order;
 - the answer starts from the passage of the best sentence (the best passage), quoting its sentences that score
   close to the best in document order, each with its neighbour when that neighbour continues the thought;
 - a sentence that cannot stand alone ("It ...", "This ...", "However, ...", "Without this option ...") is quoted
@@ -53,6 +54,20 @@ _HOW_TO_QUESTION = re.compile(r"^\s*(?:how (?:do|can|should|would) (?:i|you|we|o
 _TELLS_HOW = re.compile(r"\b(?:you can|you could|you may|you should|you need to|allows? you to|lets? you|"
                         r"can be used to|is used to|are used to|use (?:the )?\S+ to|to do this|in order to)\b",
                         re.IGNORECASE)
+# a question asking what a term is ("What is MVCC?", "What's a CTE?", "What does WAL stand for?"): its term, of a few
+# words at most ("What is the difference between json and jsonb?" names no term)
+_DEFINITION_QUESTION = re.compile(
+    r"^\s*(?:what(?:'s| is| are)\s+(?:an?\s+|the\s+)?(?P<term>[^?]+?)"
+    r"|what does\s+(?:an?\s+|the\s+)?(?P<abbr>[^?]+?)\s+(?:mean|stand for))\s*\??\s*$", re.IGNORECASE)
+_TERM_WORDS = 4
+# how a sentence defines a term T (each a format with the term's pattern): "T is ..." / "T stands for ...", "T (Its
+# Expansion)" (not any words in parentheses: "OID (this is the same ...)", a setting's type "autovacuum (boolean)";
+# nor an acronym after the words it stands for, "examining the visibility map (VM)": a mention more often than a
+# definition), "(T)" / "(expansion, T)", "known as ... T"
+_DEFINES = (r"^(?:(?:an?|the)\s+)?{t}\s+(?:is|are|stands for|means|refers to)\b",
+            r"{t}\s+\((?:(?:the|an?)\s+)?(?-i:[A-Z])[\w-]*(?:\s+[\w-]+)+\)",
+            r"\((?:[^()]*,\s*)?{t}\)",
+            r"\b(?:called|known as|referred to as|short(?:hand)? for)\s+(?:\S+\s+){{0,5}}?{t}")
 _WORD = re.compile(r"[a-z0-9_]+")
 _STOP = frozenset(
     "a about an and any are as at be by can could do does doing for from how i if in into is it its me my of on or "
@@ -71,6 +86,29 @@ def _stem(word: str) -> str:
 def terms(text: str) -> set[str]:
     """The content words of ``text``, lower case, stemmed, stop words left out."""
     return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def defined_term(question: str) -> str | None:
+    """The term ``question`` asks the meaning of ("What is a CTE?": "CTE"), or None when it asks something else."""
+    m = _DEFINITION_QUESTION.match(question)
+    term = m and (m["term"] or m["abbr"]).strip()
+    return term if term and len(term.split()) <= _TERM_WORDS else None
+
+
+def _definition(term: str) -> re.Pattern[str]:
+    """What a sentence that defines ``term`` looks like (:data:`_DEFINES`): the term's words as written, singular or
+    plural ("savepoints": "A savepoint is ..."), never part of a longer name ("GiST" in "SP-GiST")."""
+    words = term.split()
+    if len(words[-1]) > 3 and words[-1].lower().endswith("s"):
+        words[-1] = words[-1][:-1]
+    t = r"(?<![\w/-])" + r"[\s-]+".join(map(re.escape, words)) + r"(?:s|es)?(?![\w/-])"
+    return re.compile("|".join(d.format(t=t) for d in _DEFINES), re.IGNORECASE)
+
+
+def defines(term: str, sentence: str) -> bool:
+    """Whether ``sentence`` says what ``term`` is: "X is ...", "X stands for ...", "X (expansion)", "expansion
+    (X)", "(expansion, X)", "known as ... X"."""
+    return bool(_definition(term).search(sentence))
 
 
 def dangling(sentence: str) -> bool:
@@ -110,7 +148,12 @@ class ExtractiveAnswerer:
     on the tune sets. ``lexical_weight``: how much a sentence's share of the question's informative words adds
     (:meth:`_lexical`). ``how_to_weight``: what a sentence that tells the reader what they can do ("... allow you
     to ...", "you can ...", "use X to ...") adds when the question asks how to do something ("How do I ...?").
-    Each chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md).
+    Each chosen on the tune sets by bench/extractive_weights.py (BENCHMARKS.md). ``definition_weight``: what a
+    sentence that defines the term adds when the question asks what a term is ("What is MVCC?": "... a multiversion
+    model (Multiversion Concurrency Control, MVCC)" rather than "MVCC, by eschewing the locking methodologies ...";
+    :func:`defined_term`, :func:`defines`); 0.75, the least of the best on the tune sets (0.75 and 1 alike, 0.5
+    lower: 3 more of the 26 short questions start with the sentence that defines the term; BENCHMARKS.md, session
+    35).
     ``keep_margin``: how close to the best score another sentence must be to be quoted too.
     """
 
@@ -119,14 +162,16 @@ class ExtractiveAnswerer:
     # (answer_cache.settings_key); 2: the question's informative words (lexical_weight), code kept out of sentences;
     # 3: sentences that tell how, for how-to questions (how_to_weight); 4: a sentence pointing back at its subject
     # leans on its predecessor, and a description is quoted with the name it describes ("work_mem (integer): Sets
-    # ...", base.sentence_runs); 5: a passage with every word of the question is relevant down to named_floor
-    revision = 5
+    # ...", base.sentence_runs); 5: a passage with every word of the question is relevant down to named_floor; 6:
+    # sentences that define the term, for "What is X?" questions (definition_weight)
+    revision = 6
 
     def __init__(self, encode, *, not_found_threshold: float = 0.35, max_sentences: int = 3,
                  min_sentence_score: float = 0.25, window_weight: float = 1.0, passage_weight: float = 2.0,
                  agreement_weight: float = 0.5, page_weight: float = 1.0, keep_margin: float = 0.15,
                  continue_similarity: float = 0.5, title_weight: float = 1.5, rank_weight: float = 0.0,
-                 lexical_weight: float = 1.5, how_to_weight: float = 0.5, named_floor: float | None = 0.2) -> None:
+                 lexical_weight: float = 1.5, how_to_weight: float = 0.5, named_floor: float | None = 0.2,
+                 definition_weight: float = 0.75) -> None:
         self.encode = encode
         self.not_found_threshold = not_found_threshold
         self.named_floor = named_floor
@@ -141,6 +186,7 @@ class ExtractiveAnswerer:
         self.rank_weight = rank_weight
         self.lexical_weight = lexical_weight
         self.how_to_weight = how_to_weight
+        self.definition_weight = definition_weight
         self.keep_margin = keep_margin
 
     def answer(self, req: Request, on_delta=None) -> Answer:  # noqa: ARG002 - nothing to stream
@@ -209,6 +255,8 @@ class ExtractiveAnswerer:
                 agree[i] = float(np.mean(best))
         lexical = self._lexical(cands, question) if self.lexical_weight else np.zeros(len(cands))
         how_to = self.how_to_weight if _HOW_TO_QUESTION.match(question) else 0.0
+        term = defined_term(question) if self.definition_weight else None
+        definition = _definition(term) if term else None
         for i, c in enumerate(cands):
             c.own, c.vec = float(own[i]), svecs[i]
             c.score = (c.own + self.window_weight * float(wvecs[i] @ query)
@@ -216,7 +264,8 @@ class ExtractiveAnswerer:
                        + self.page_weight * (page[c.passage.source] - c.passage.score)
                        + self.title_weight * title_score.get(c.passage.title or "", 0.0)
                        + self.rank_weight / c.passage.rank + self.lexical_weight * float(lexical[i])
-                       + (how_to if _TELLS_HOW.search(c.text) else 0.0))
+                       + (how_to if _TELLS_HOW.search(c.text) else 0.0)
+                       + (self.definition_weight if definition and definition.search(c.text) else 0.0))
 
     def _relevant(self, p: Passage, question: str) -> bool:
         """Whether passage ``p`` may answer ``question``: its score is over the threshold, or over the floor with
