@@ -13,7 +13,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images import registry
-from pgsynapse.images.decode import ImageLimits
+from pgsynapse.images.decode import ImageLimits, read_bounded
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
 from pgsynapse.jsonout import dumps as json_dumps
@@ -68,8 +68,10 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
         raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
                              f"search by text with --images {args.text!r}")
     if args.like_image:
-        try:
-            data = Path(args.like_image).read_bytes()
+        try:  # at most max_image_bytes read, and no pipe or device: neither would end
+            data = read_bounded(args.like_image, limits.max_bytes)
+        except InputError as exc:
+            raise InputError(f"cannot search like {args.like_image}: {exc}") from None
         except OSError as exc:
             raise InputError(f"cannot read {args.like_image}: {exc.strerror or exc}") from None
     elif not args.text:
