@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
-from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.errors import ConfigError, EndpointBusy, InputError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -173,6 +175,21 @@ class OpenAIAnswerer:
         return checked_answer(text, req.passages, self.citation_policy, cut=cut)
 
 
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """The wait a ``Retry-After`` header asks for: delay-seconds or an HTTP date (RFC 9110, 10.2.3), in seconds from
+    ``now``; None when there is none or it is neither."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
               what: str = "answer endpoint") -> T:
     """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors,
@@ -193,6 +210,10 @@ def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any]
             key = "the key given" if api_key else "no key (none is set)"
             raise ConfigError(f"invalid setting openai_api_key [PGSYNAPSE_OPENAI_API_KEY]: the {what} refused "
                               f"{key} ({said}); set the endpoint's API key") from None
+        if exc.code in (429, 503):  # busy, not broken: the wait it asks for is when the job is tried again
+            wait = retry_after_seconds(exc.headers.get("Retry-After"))
+            asked = f" (it asked to retry after {wait:.0f} s)" if wait is not None else ""
+            raise EndpointBusy(f"{what} returned {said}{asked}", wait) from None
         raise RuntimeError(f"{what} returned {said}") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, TimeoutError):
