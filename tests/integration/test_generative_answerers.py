@@ -239,9 +239,6 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                 pasted = await client.ask("how do I undo commands back to a savepoint?", session_id="u")
                 FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1]."
                 said = await client.ask("how do I undo commands back to a savepoint?", session_id="t")
-                # the endpoint's token limit cut the answer: a reader should know it is not the whole of it
-                FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
-                cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
     assert bare.status == "answered" and bare.flags == ["no_text", "extractive_fallback"], bare.flags
     # the extractive answerer's own answer of the same passages: words, each sentence cited, Savepoints first
     assert bare.answer not in ("[1] [2]", NOT_FOUND) and "savepoint" in bare.answer.lower()
@@ -253,5 +250,31 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                                                                              ("pasted_passage", pasted.id, "openai")]
     # an answer with words is the generator's, unflagged
     assert said.answer == "Use ROLLBACK TO SAVEPOINT [1]." and said.flags == []
+
+
+async def test_an_answer_cut_at_its_length_says_which_limit_and_one_cut_before_any_text_fails(db_url, models,
+                                                                                              fake_openai):
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             answer_max_new_tokens=40, max_attempts=3)
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            # finish_reason "length": the max_tokens the worker sent (answer_max_new_tokens) or the model's context
+            # ended it; the flag said "its token limit", as if the endpoint's own, not the setting that can be raised
+            FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
+            cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
+            # a reasoning model that spent every token before it wrote a word: the row said "I could not find
+            # anything relevant", a false answer, where the limit was too low
+            FakeOpenAI.content = ""
+            nothing = await client.ask("how do I undo work back to a savepoint?", session_id="w")
+            FakeOpenAI.finish = "stop"  # empty and finished: the model had nothing to say
+            empty = await client.ask("how do I undo statements back to a savepoint?", session_id="x")
     assert cut.answer == "Use ROLLBACK TO SAVEPOINT [1] to undo the commands"
-    assert cut.flags == ["truncated: the endpoint stopped at its token limit before it had finished"], cut.flags
+    assert cut.flags == ["truncated: the endpoint stopped at answer_max_new_tokens (40, sent as max_tokens) or at its "
+                         "model's context length before it had finished"], cut.flags
+    assert nothing.status == "failed" and nothing.answer is None, (nothing.status, nothing.answer)
+    assert ("the answer endpoint stopped at answer_max_new_tokens (40, sent as max_tokens) or at its model's context "
+            "length before it wrote a word of its answer" in nothing.error), nothing.error
+    assert "raise answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]" in nothing.error, nothing.error
+    assert len(FakeOpenAI.requests) == 3  # not retried: the same limit cuts it again
+    assert empty.status == "answered" and empty.answer == NOT_FOUND, (empty.status, empty.answer)

@@ -171,8 +171,17 @@ class OpenAIAnswerer:
         if finish == "content_filter":  # not "nothing relevant found": asked again, it is filtered again
             raise InputError("the answer endpoint's content filter withheld the answer (finish_reason "
                              "content_filter): the question or its passages tripped the endpoint's own policy")
-        cut = "the endpoint stopped at its token limit before it had finished" if finish == "length" else None
-        return checked_answer(text, req.passages, self.citation_policy, cut=cut)
+        if finish != "length":
+            return checked_answer(text, req.passages, self.citation_policy)
+        # "length": the max_tokens sent or the model's context ended it (OpenAI's API reference, finish_reason)
+        limit = (f"answer_max_new_tokens ({self.max_new_tokens}, sent as max_tokens) or at its model's context length"
+                 if self.max_new_tokens else "its model's token limit")
+        if not text.strip():  # not "nothing relevant found": a reasoning model may spend every token before it writes
+            raise ConfigError(f"invalid setting answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]: the answer "
+                              f"endpoint stopped at {limit} before it wrote a word of its answer (finish_reason "
+                              "length): raise answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]")
+        return checked_answer(text, req.passages, self.citation_policy,
+                              cut=f"the endpoint stopped at {limit} before it had finished")
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
