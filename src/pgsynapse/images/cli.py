@@ -37,8 +37,18 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
             was = f"was {r['previous']}" if r["previous"] else "the first active one of its kind"
             print(f"image model {r['active']} is the active {r['kind']} model ({was})")
         elif args.image_command == "retire":
+            kind = registry.get(conn, args.model)["kind"]
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")
+            left = registry.serving(conn)
+            if not left:
+                print("no image model is left: new images are not embedded, they wait (pending) until "
+                      "`pgsynapse image-model add PATH` queues them all")
+            elif kind == "clip" and not any(m["kind"] == "clip" for m in left):
+                print("no CLIP model is left: a search by text (search --images) needs one: pgsynapse image-model "
+                      "add PATH --kind clip")
+            elif kind == "image" and not any(m["kind"] == "image" for m in left):
+                print("no image encoder is left: searches by example (search --like-image) use the active CLIP model")
         elif args.image_command in ("export", "import-efficientnet"):
             # these two read a torch model and trace it to ONNX: only they import torch and transformers (2.5 s,
             # 300 MB), not `image-model list` or a search (tests/e2e/test_footprint.py). Deferred on purpose, not
