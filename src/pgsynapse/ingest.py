@@ -256,6 +256,9 @@ def ingest(
 
 def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
     """An image file's bytes, at most ``max_bytes``: never more is read (a file that grows while it is read)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise SkipFile(f"image of {size:,} bytes, over max_image_bytes={max_bytes:,}")
     try:
         data = read_bounded(path, max_bytes)
     except InputError as exc:

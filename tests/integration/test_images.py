@@ -249,9 +249,14 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
         registry.add(conn, tiny_clip_path)
     picture = tmp_path / "red.png"
     picture.write_bytes(png_bytes(coloured_image("red", seed=1)))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
     # --image-model without --images searched the documents; --like-image with a text dropped the text: both
     # printed results (or "no results") and exited 0
     for argv, message in [
+        # which file was not an image: the message did not say
+        (["search", "--like-image", str(text)],
+         f"cannot search like {text}: not an image in an allowed format (PNG, JPEG, WEBP, GIF, BMP): text"),
         (["search", "--image-model", "1", "a red picture"],
          "--image-model chooses the model of an image search: add --images to search images by text, or "
          "--like-image PATH"),

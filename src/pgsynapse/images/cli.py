@@ -94,7 +94,12 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
             return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model)
 
     with Database(settings) as db:
-        hits = anyio.run(go, db)
+        try:
+            hits = anyio.run(go, db)
+        except InputError as exc:  # the example is no image (decode's refusals): which file
+            if not args.like_image:
+                raise
+            raise InputError(f"cannot search like {args.like_image}: {exc}") from None
     if not hits:
         print("no results: no image is embedded yet (is `pgsynapse run` running?)")
     for i, h in enumerate(hits, 1):

@@ -184,5 +184,6 @@ def read_bounded(path: str | Path, max_bytes: int) -> bytes:
             raise InputError(f"{st.st_size:,} bytes, over max_image_bytes={max_bytes:,}")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise InputError(f"over max_image_bytes={max_bytes:,} (it grew while it was read)")
+        raise InputError(f"more than {max_bytes:,} bytes (it grew while it was read), over "
+                         f"max_image_bytes={max_bytes:,}")
     return data
