@@ -31,7 +31,8 @@ from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard
 from pgsynapse.handlers.answer_stream import Stream, StreamWriter
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, unanswerable
+from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
+                                     unanswerable)
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
@@ -126,6 +127,7 @@ class AnswerHandler(Handler[AnswerWork]):
                     raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: "
                                       "required when answerer = openai")
                 self._generative = OpenAIAnswerer(s.openai_base_url, s.openai_api_key, s.openai_model,
+                                                  timeout=s.openai_timeout_seconds,
                                                   max_new_tokens=s.answer_max_new_tokens,
                                                   citation_policy=s.citation_policy)
         # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
@@ -299,7 +301,7 @@ class AnswerHandler(Handler[AnswerWork]):
             except InputError as exc:  # e.g. a question too long for the generator's context
                 out.append(input_error(w.job, exc, w.text_hash))
             except Exception as exc:  # noqa: BLE001 - one question's failure is that question's alone
-                out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash))
+                out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash, retry_after=retry_after(exc)))
         return out
 
     def _result(self, w: AnswerWork, status: str, answer: Answer, guard: dict | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import psycopg
 
-from pgsynapse.errors import InputError
+from pgsynapse.errors import EndpointBusy, InputError
 from pgsynapse.queries import q
 
 W = TypeVar("W")
@@ -45,6 +45,8 @@ class Outcome:
     read_hash: str | None = None
     # a stopping worker abandoned it (Handler.abandon): back to pending at once, the attempt not charged
     abandoned: bool = False
+    # the seconds a busy endpoint asked to wait before the next try (its Retry-After): the retry comes no sooner
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,6 +64,11 @@ class WriteReport:
     # job id -> why a written result leaves nothing to serve (an emptied body), or why a superseded job's result was
     # not written (the row changed meanwhile, when none): recorded as the job's skip_reason
     notes: dict[int, str] = field(default_factory=dict)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The wait an error asks for before the job is tried again: a busy endpoint's Retry-After, else None."""
+    return exc.retry_after if isinstance(exc, EndpointBusy) else None
 
 
 def describe(exc: BaseException) -> str:

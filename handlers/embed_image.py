@@ -78,7 +78,7 @@ class EmbedImageHandler(Handler[ImageWork]):
         if not self.serving:
             # the rows stay pending, their bytes unread: registering a model queues every image again
             log.warning("images_waiting_for_model", n=len(jobs), hint="pgsynapse image-model add PATH")
-            return [], [Outcome(j, skip_reason="no image model registered (pgsynapse image-model add PATH)") for j in jobs]
+            return [], [Outcome(j, skip_reason="no image model (none added, or all retired): pgsynapse image-model add PATH") for j in jobs]
         cur = await conn.execute(sql("load_images"), {"ids": [j.ref_id for j in jobs],
                                                       "max_bytes": self.settings.max_image_bytes})
         rows = {r["id"]: r for r in await cur.fetchall()}

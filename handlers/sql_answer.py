@@ -31,7 +31,8 @@ from psycopg.types.json import Jsonb
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
-from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe, input_error, unanswerable
+from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
+                                     unanswerable)
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -174,7 +175,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
                 except ConfigError as exc:  # the model is not installed or not usable: an operator must act
                     out.append(Outcome(w.job, error=describe(exc), retry=False, read_hash=w.text_hash))
                 except Exception as exc:  # noqa: BLE001 - model or database trouble: this job's error, retried
-                    out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash))
+                    out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash, retry_after=retry_after(exc)))
         return out
 
     def _answer(self, conn: psycopg.Connection, w: SqlWork) -> dict[str, Any]:

@@ -178,7 +178,13 @@ class BatchWriter:
         return not (o.retry and o.job.attempts < self.settings.max_attempts)
 
     def _delay(self, o: Outcome) -> float:
-        return backoff_delay(o.job.attempts, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+        s = self.settings
+        delay = backoff_delay(o.job.attempts, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
+        if o.retry_after is not None:
+            # a busy endpoint's Retry-After: no sooner than it asked, nor later than the longest backoff (a wait of
+            # hours is a quota, not a rate limit: the job's last attempts then fail saying so)
+            delay = max(delay, min(o.retry_after, s.retry_backoff_max_seconds))
+        return delay
 
     def _log_fate(self, o: Outcome, how: str | None) -> None:
         """The log event of a failed job's fate, once its write committed."""

@@ -190,6 +190,9 @@ class Settings(TextSqlSettings):
     openai_base_url: str | None = Field(None, repr=False, description="OpenAI-compatible endpoint (answerer = openai)")
     openai_api_key: str | None = Field(None, repr=False)
     openai_model: str = "gpt-4o-mini"
+    openai_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="the endpoint's reply (answers and SQL) waited for this long at most: to its "
+        "first byte, then between two pieces of a streamed reply; a slower one fails the attempt")
 
     retrain_min_feedback: int = Field(200, ge=1, description="new training examples that trigger a retrain")
     retrain_margin: float = Field(

@@ -37,3 +37,13 @@ class InputError(PgsynapseError):
 class RegistryError(PgsynapseError):
     """A model registry change that is not allowed in the current state (or names no model); the message says
     why."""
+
+
+class EndpointBusy(RuntimeError):
+    """An endpoint's HTTP 429 (rate limited) or 503 (overloaded), with the wait it asked for in seconds
+    (``Retry-After``; None when it said none): the worker tries the job again no sooner (listener/writer.py). A
+    RuntimeError like the endpoint's other failures: the job's error, retried."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

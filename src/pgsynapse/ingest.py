@@ -35,8 +35,8 @@ from psycopg.rows import tuple_row
 from tqdm import tqdm
 
 from pgsynapse.db import worker_takes
-from pgsynapse.errors import PgsynapseError
-from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS
+from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -255,10 +255,15 @@ def ingest(
 
 
 def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
+    """An image file's bytes, at most ``max_bytes``: never more is read (a file that grows while it is read)."""
     size = path.stat().st_size
     if size > max_bytes:
         raise SkipFile(f"image of {size:,} bytes, over max_image_bytes={max_bytes:,}")
-    return FileImage(source, path.read_bytes(), IMAGE_EXTENSIONS[path.suffix.lower()])
+    try:
+        data = read_bounded(path, max_bytes)
+    except InputError as exc:
+        raise SkipFile(f"image: {exc}") from None
+    return FileImage(source, data, IMAGE_EXTENSIONS[path.suffix.lower()])
 
 
 def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:

@@ -4,6 +4,10 @@ image, status."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -42,3 +46,28 @@ async def test_image_commands_end_to_end(db_url, models, tiny_clip_path, tmp_pat
     assert "image model 1  : active clip tiny-clip (torch, dim 16), 4/4 images embedded" in status.stdout
     listed = json.loads(pgsynapse("image-model", "list", "--json", url=db_url).stdout)
     assert [(m["id"], m["status"], m["vectors"]) for m in listed] == [(1, "active", 4)]
+
+
+def _at_most_4_gib() -> None:
+    """A child's address space, bounded: reading /dev/zero whole fails at once instead of filling the host."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_search_like_image_refuses_a_pipe_a_device_and_a_file_over_the_limit_unread(db_url, tmp_path):
+    # it read the whole file first: a named pipe hung it, /dev/zero filled memory (MemoryError traceback), and a
+    # file over max_image_bytes was read whole before the limit was checked
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * 1996)
+    env = {**os.environ, "DATABASE_URL": db_url, "PGSYNAPSE_MAX_IMAGE_BYTES": "1000"}
+    for path, said in [
+        (fifo, f"cannot search like {fifo}: not a regular file (a named pipe): give an image file"),
+        ("/dev/zero", "cannot search like /dev/zero: not a regular file (a character device): give an image file"),
+        (big, f"cannot search like {big}: 2,000 bytes, over max_image_bytes=1,000"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", "pgsynapse", "search", "--like-image", str(path)], env=env,
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                           preexec_fn=_at_most_4_gib)
+        assert (r.returncode, r.stdout) == (1, ""), (path, r.returncode, r.stdout, r.stderr[-2000:])
+        assert said in r.stderr and "Traceback" not in r.stderr, (path, r.stderr[-2000:])

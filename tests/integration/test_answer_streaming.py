@@ -260,7 +260,8 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert notes[0]["delta"] == "Use ROLLBACK TO SAVEPOINT [7], "
     assert flagged.status == "answered" and flagged.answer == "Use ROLLBACK TO SAVEPOINT [7], see also [2][1]."
     assert flagged.flags == ["invalid_citations: [7] cited, passages 1, 2, 3 given",
-                             "truncated: the endpoint stopped at its token limit before it had finished"]
+                             "truncated: the endpoint stopped at answer_max_new_tokens (160, sent as max_tokens) "
+                             "or at its model's context length before it had finished"]
     # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
     assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -17,7 +19,7 @@ from pgsynapse.client import Client
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.models import default_model_path
-from tests.helpers import fast_settings, running_worker
+from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 
 pytestmark = pytest.mark.anyio
@@ -92,12 +94,18 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     status = 500  # a failing reply's
     content = "Use ROLLBACK TO SAVEPOINT [1]."
     finish = "stop"  # why the completion ended: "length" when the endpoint's token limit cut it
+    headers: dict[str, str] = {}  # a failing reply's own headers (Retry-After)
+    hold: threading.Event | None = None  # the reply waits for it (a slow endpoint)
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOpenAI.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if FakeOpenAI.hold is not None:
+            FakeOpenAI.hold.wait(30)
         if FakeOpenAI.fail:
             self.send_response(FakeOpenAI.status)
+            for name, value in FakeOpenAI.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(b'{"error": "overloaded"}')
             return
@@ -116,10 +124,12 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.fail, FakeOpenAI.content = [], False, "Use ROLLBACK TO SAVEPOINT [1]."
-    FakeOpenAI.finish, FakeOpenAI.status = "stop", 500
+    FakeOpenAI.finish, FakeOpenAI.status, FakeOpenAI.headers, FakeOpenAI.hold = "stop", 500, {}, None
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
+    if FakeOpenAI.hold is not None:
+        FakeOpenAI.hold.set()
     server.shutdown()
 
 
@@ -142,6 +152,48 @@ async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, mod
     assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along
     assert bad.status == "failed" and "HTTP 500" in bad.error
     assert len(FakeOpenAI.requests) == 3  # the failing question: tried max_attempts = 2 times
+
+
+async def test_the_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(db_url, models, fake_openai):
+    # it was 60 s, fixed: a slow endpoint (llama.cpp's server on a CPU) needs more, an interactive service less
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             openai_timeout_seconds=0.5, max_attempts=1)
+    FakeOpenAI.hold = threading.Event()  # it answers once the test is over
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            slow = await client.ask("how do I undo commands back to a savepoint?")
+    assert slow.status == "failed" and "answer endpoint did not answer within 0.5 s" in slow.error, slow.error
+
+
+async def test_a_busy_endpoint_s_retry_after_is_when_the_job_is_tried_again(db_url, models, fake_openai):
+    # HTTP 429 "Retry-After: 30": the job's own backoff (2, 4, 8, 16 s) asked again within the wait the endpoint
+    # asked for, and its five attempts were gone in half a minute
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             max_attempts=5, retry_backoff_max_seconds=300)
+    FakeOpenAI.fail, FakeOpenAI.status, FakeOpenAI.headers = True, 429, {"Retry-After": "30"}
+    question = "INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?') RETURNING id"
+    job = ("SELECT status, attempts, extract(epoch FROM run_after - now()) AS wait, last_error FROM pgsynapse.jobs "
+           "WHERE kind = 'answer' AND ref_id = %s")
+    failed_once = "SELECT last_error IS NOT NULL FROM pgsynapse.jobs WHERE kind = 'answer' AND ref_id = %s"
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        conn = await aconn(db_url)
+        first = (await (await conn.execute(question)).fetchone())["id"]
+        await wait_until(conn, failed_once, (first,), channel="pgsynapse_jobs")
+        busy = await (await conn.execute(job, (first,))).fetchone()
+        # 503 with an HTTP date an hour ahead: at most retry_backoff_max_seconds, the longest wait between attempts
+        later = datetime.now(timezone.utc) + timedelta(hours=1)
+        FakeOpenAI.status, FakeOpenAI.headers = 503, {"Retry-After": format_datetime(later, usegmt=True)}
+        second = (await (await conn.execute(question.replace("commands", "work"))).fetchone())["id"]
+        await wait_until(conn, failed_once, (second,), channel="pgsynapse_jobs")
+        down = await (await conn.execute(job, (second,))).fetchone()
+        await conn.close()
+    assert (busy["status"], busy["attempts"]) == ("pending", 1) and 25 < busy["wait"] <= 30, busy
+    assert "HTTP 429" in busy["last_error"] and "asked to retry after 30 s" in busy["last_error"], busy["last_error"]
+    assert (down["status"], down["attempts"]) == ("pending", 1) and 290 < down["wait"] <= 300, down
+    assert "HTTP 503" in down["last_error"] and re.search(r"asked to retry after 3(599|600) s", down["last_error"]), down["last_error"]
+    assert len(FakeOpenAI.requests) == 2  # one each: neither was asked again sooner
 
 
 async def test_a_refused_key_fails_the_question_at_once_naming_the_key_setting(db_url, models, fake_openai):
@@ -187,9 +239,6 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                 pasted = await client.ask("how do I undo commands back to a savepoint?", session_id="u")
                 FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1]."
                 said = await client.ask("how do I undo commands back to a savepoint?", session_id="t")
-                # the endpoint's token limit cut the answer: a reader should know it is not the whole of it
-                FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
-                cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
     assert bare.status == "answered" and bare.flags == ["no_text", "extractive_fallback"], bare.flags
     # the extractive answerer's own answer of the same passages: words, each sentence cited, Savepoints first
     assert bare.answer not in ("[1] [2]", NOT_FOUND) and "savepoint" in bare.answer.lower()
@@ -201,5 +250,31 @@ async def test_an_answer_of_citations_only_is_replaced_by_the_extractive_answer(
                                                                              ("pasted_passage", pasted.id, "openai")]
     # an answer with words is the generator's, unflagged
     assert said.answer == "Use ROLLBACK TO SAVEPOINT [1]." and said.flags == []
+
+
+async def test_an_answer_cut_at_its_length_says_which_limit_and_one_cut_before_any_text_fails(db_url, models,
+                                                                                              fake_openai):
+    settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
+                             answer_max_new_tokens=40, max_attempts=3)
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            # finish_reason "length": the max_tokens the worker sent (answer_max_new_tokens) or the model's context
+            # ended it; the flag said "its token limit", as if the endpoint's own, not the setting that can be raised
+            FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
+            cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
+            # a reasoning model that spent every token before it wrote a word: the row said "I could not find
+            # anything relevant", a false answer, where the limit was too low
+            FakeOpenAI.content = ""
+            nothing = await client.ask("how do I undo work back to a savepoint?", session_id="w")
+            FakeOpenAI.finish = "stop"  # empty and finished: the model had nothing to say
+            empty = await client.ask("how do I undo statements back to a savepoint?", session_id="x")
     assert cut.answer == "Use ROLLBACK TO SAVEPOINT [1] to undo the commands"
-    assert cut.flags == ["truncated: the endpoint stopped at its token limit before it had finished"], cut.flags
+    assert cut.flags == ["truncated: the endpoint stopped at answer_max_new_tokens (40, sent as max_tokens) or at its "
+                         "model's context length before it had finished"], cut.flags
+    assert nothing.status == "failed" and nothing.answer is None, (nothing.status, nothing.answer)
+    assert ("the answer endpoint stopped at answer_max_new_tokens (40, sent as max_tokens) or at its model's context "
+            "length before it wrote a word of its answer" in nothing.error), nothing.error
+    assert "raise answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]" in nothing.error, nothing.error
+    assert len(FakeOpenAI.requests) == 3  # not retried: the same limit cuts it again
+    assert empty.status == "answered" and empty.answer == NOT_FOUND, (empty.status, empty.answer)

@@ -249,9 +249,14 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
         registry.add(conn, tiny_clip_path)
     picture = tmp_path / "red.png"
     picture.write_bytes(png_bytes(coloured_image("red", seed=1)))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
     # --image-model without --images searched the documents; --like-image with a text dropped the text: both
     # printed results (or "no results") and exited 0
     for argv, message in [
+        # which file was not an image: the message did not say
+        (["search", "--like-image", str(text)],
+         f"cannot search like {text}: not an image in an allowed format (PNG, JPEG, WEBP, GIF, BMP): text"),
         (["search", "--image-model", "1", "a red picture"],
          "--image-model chooses the model of an image search: add --images to search images by text, or "
          "--like-image PATH"),
@@ -353,6 +358,44 @@ def test_registry_lifecycle(db_url, tiny_clip_path, tiny_vit_path, tmp_path):
                                 (f"image_embeddings_hnsw_m{second['id']}",)).fetchone()
         assert conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
                             (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
+
+
+async def test_the_only_model_of_its_kind_can_be_retired_and_new_images_then_wait(db_url, models, tiny_clip_path,
+                                                                                    capsys):
+    # "image model 1 is active: promote another clip model first": with no other model to promote, nothing could
+    # stop the embedding of every new image once a model was added
+    with _sync(db_url) as conn:
+        clip = registry.add(conn, tiny_clip_path)["id"]
+    insert_images(db_url, [{"data": png_bytes(coloured_image("red", seed=3))}])
+    settings = fast_settings(db_url, kinds=("embed_image",))
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        await wait_until(conn, ALL_DONE, channel="pgsynapse_images")
+    capsys.readouterr()  # the worker's log
+    assert cli_main(["--database-url", db_url, "image-model", "retire", str(clip)]) == 0
+    assert capsys.readouterr().out == (
+        f"image model {clip} retired, 1 vectors deleted\n"
+        "no image model is left: new images are not embedded, they wait (pending) until `pgsynapse image-model add "
+        "PATH` queues them all\n")
+    [later] = insert_images(db_url, [{"data": png_bytes(coloured_image("blue", seed=4))}])
+    async with running_worker(settings, models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.jobs WHERE kind = 'embed_image' AND ref_id = %s "
+                               "AND status IN ('pending', 'running')", (later,), channel="pgsynapse_jobs")
+    row = await (await conn.execute(
+        "SELECT i.status, (SELECT count(*) FROM pgsynapse.image_embeddings) AS vectors, j.skip_reason FROM "
+        "pgsynapse.images i JOIN pgsynapse.jobs j ON j.kind = 'embed_image' AND j.ref_id = i.id WHERE i.id = %s",
+        (later,))).fetchone()
+    assert row == {"status": "pending", "vectors": 0,
+                   "skip_reason": "no image model (none added, or all retired): pgsynapse image-model add PATH"}, row
+    with pytest.raises(PgsynapseError, match="no active CLIP model"):
+        await search_by_text(conn, ImageModelCache(), "a blue picture")
+    await conn.close()
+    with _sync(db_url) as sync:
+        assert not sync.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s",
+                                (f"image_embeddings_hnsw_m{clip}",)).fetchone()
+        again = registry.add(sync, tiny_clip_path)  # the same path again, now that it is retired
+    # both queued: the red one's vectors went with the retired model, the blue one waited
+    assert (again["status"], again["queued"]) == ("active", 2), again
 
 
 async def test_answers_cite_the_images_of_the_documents_they_cite(db_url, models, tiny_clip_path):

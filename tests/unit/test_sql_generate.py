@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 
+from pgsynapse.answerers import generative
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.textsql.generate import (
@@ -245,6 +248,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     raw: bytes | None = None  # a body sent as it is (not a chat completion)
     hold: threading.Event | None = None  # the reply waits for it (a slow endpoint)
     redirect: str | None = None  # a 302 to this URL instead of a reply
+    headers: dict[str, str] = {}  # a failing reply's own headers (Retry-After)
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -264,6 +268,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             return
         if FakeOpenAI.status != 200:
             self.send_response(FakeOpenAI.status)
+            for name, value in FakeOpenAI.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(b'{"error": "overloaded"}')
             return
@@ -284,7 +290,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.status, FakeOpenAI.max_choices = [], 200, 16
-    FakeOpenAI.raw, FakeOpenAI.hold, FakeOpenAI.redirect = None, None, None
+    FakeOpenAI.raw, FakeOpenAI.hold, FakeOpenAI.redirect, FakeOpenAI.headers = None, None, None, {}
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -363,6 +369,34 @@ def test_a_body_that_is_not_json_or_a_reply_too_slow_is_an_error_naming_the_endp
     FakeOpenAI.raw, FakeOpenAI.hold = None, threading.Event()  # it answers once the test is over
     with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
         generator.generate(FOLLOW_UP)
+
+
+def test_the_sql_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(fake_openai, tmp_path):
+    # it was 60 s whatever the settings said: make_generator passed no timeout
+    settings = load_settings(environ={"PGSYNAPSE_OPENAI_TIMEOUT_SECONDS": "0.2"}, data_dir=tmp_path,
+                             openai_base_url=fake_openai)
+    FakeOpenAI.hold = threading.Event()  # it answers once the test is over
+    with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
+        make_generator("openai", "sql-model", settings).generate(FOLLOW_UP)
+    with pytest.raises(ConfigError, match=r"openai_timeout_seconds \[PGSYNAPSE_OPENAI_TIMEOUT_SECONDS\]"):
+        load_settings(environ={"PGSYNAPSE_OPENAI_TIMEOUT_SECONDS": "0"}, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_busy_endpoint_s_retry_after_is_read_in_seconds_or_as_a_date(fake_openai, status):
+    generator = OpenAISqlGenerator(fake_openai, None, "sql-model")
+    FakeOpenAI.status = status
+    in_a_minute = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=90), usegmt=True)
+    for header, wait in [("120", (120, 120)), (in_a_minute, (85, 90)), ("soon", None), ("-5", None), (None, None)]:
+        FakeOpenAI.headers = {} if header is None else {"Retry-After": header}
+        with pytest.raises(generative.EndpointBusy, match=rf"SQL endpoint returned HTTP {status}") as busy:
+            generator.generate(FOLLOW_UP)
+        got = busy.value.retry_after
+        assert (got is None) if wait is None else (wait[0] <= got <= wait[1]), (header, got)
+    FakeOpenAI.status = 500  # not busy: broken; a Retry-After there is no promise
+    with pytest.raises(RuntimeError, match="HTTP 500") as broken:
+        generator.generate(FOLLOW_UP)
+    assert not isinstance(broken.value, generative.EndpointBusy)
 
 
 def test_llama_cpp_runs_a_gguf_with_its_chat_template_within_the_budget(tmp_path):

@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from pgsynapse.answerers.base import NOT_FOUND, Answer, Request
 from pgsynapse.answerers.citations import CitationPolicy, checked_answer, token_limit_cut
 from pgsynapse.answerers.local_models import ModelLocation, load_transformers
 from pgsynapse.answerers.prompting import fit, render_messages, render_text
-from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.errors import ConfigError, EndpointBusy, InputError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -169,8 +171,32 @@ class OpenAIAnswerer:
         if finish == "content_filter":  # not "nothing relevant found": asked again, it is filtered again
             raise InputError("the answer endpoint's content filter withheld the answer (finish_reason "
                              "content_filter): the question or its passages tripped the endpoint's own policy")
-        cut = "the endpoint stopped at its token limit before it had finished" if finish == "length" else None
-        return checked_answer(text, req.passages, self.citation_policy, cut=cut)
+        if finish != "length":
+            return checked_answer(text, req.passages, self.citation_policy)
+        # "length": the max_tokens sent or the model's context ended it (OpenAI's API reference, finish_reason)
+        limit = (f"answer_max_new_tokens ({self.max_new_tokens}, sent as max_tokens) or at its model's context length"
+                 if self.max_new_tokens else "its model's token limit")
+        if not text.strip():  # not "nothing relevant found": a reasoning model may spend every token before it writes
+            raise ConfigError(f"invalid setting answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]: the answer "
+                              f"endpoint stopped at {limit} before it wrote a word of its answer (finish_reason "
+                              "length): raise answer_max_new_tokens [PGSYNAPSE_ANSWER_MAX_NEW_TOKENS]")
+        return checked_answer(text, req.passages, self.citation_policy,
+                              cut=f"the endpoint stopped at {limit} before it had finished")
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """The wait a ``Retry-After`` header asks for: delay-seconds or an HTTP date (RFC 9110, 10.2.3), in seconds from
+    ``now``; None when there is none or it is neither."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
@@ -193,6 +219,10 @@ def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any]
             key = "the key given" if api_key else "no key (none is set)"
             raise ConfigError(f"invalid setting openai_api_key [PGSYNAPSE_OPENAI_API_KEY]: the {what} refused "
                               f"{key} ({said}); set the endpoint's API key") from None
+        if exc.code in (429, 503):  # busy, not broken: the wait it asks for is when the job is tried again
+            wait = retry_after_seconds(exc.headers.get("Retry-After"))
+            asked = f" (it asked to retry after {wait:.0f} s)" if wait is not None else ""
+            raise EndpointBusy(f"{what} returned {said}{asked}", wait) from None
         raise RuntimeError(f"{what} returned {said}") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, TimeoutError):

@@ -13,7 +13,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images import registry
-from pgsynapse.images.decode import ImageLimits
+from pgsynapse.images.decode import ImageLimits, read_bounded
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.images.search import ImageHit, search_by_image, search_by_text
 from pgsynapse.jsonout import dumps as json_dumps
@@ -37,8 +37,18 @@ def run_image_model_command(args: argparse.Namespace, settings: Settings) -> int
             was = f"was {r['previous']}" if r["previous"] else "the first active one of its kind"
             print(f"image model {r['active']} is the active {r['kind']} model ({was})")
         elif args.image_command == "retire":
+            kind = registry.get(conn, args.model)["kind"]
             n = registry.retire(conn, args.model)
             print(f"image model {args.model} retired, {n} vectors deleted")
+            left = registry.serving(conn)
+            if not left:
+                print("no image model is left: new images are not embedded, they wait (pending) until "
+                      "`pgsynapse image-model add PATH` queues them all")
+            elif kind == "clip" and not any(m["kind"] == "clip" for m in left):
+                print("no CLIP model is left: a search by text (search --images) needs one: pgsynapse image-model "
+                      "add PATH --kind clip")
+            elif kind == "image" and not any(m["kind"] == "image" for m in left):
+                print("no image encoder is left: searches by example (search --like-image) use the active CLIP model")
         elif args.image_command in ("export", "import-efficientnet"):
             # these two read a torch model and trace it to ONNX: only they import torch and transformers (2.5 s,
             # 300 MB), not `image-model list` or a search (tests/e2e/test_footprint.py). Deferred on purpose, not
@@ -68,8 +78,10 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
         raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
                              f"search by text with --images {args.text!r}")
     if args.like_image:
-        try:
-            data = Path(args.like_image).read_bytes()
+        try:  # at most max_image_bytes read, and no pipe or device: neither would end
+            data = read_bounded(args.like_image, limits.max_bytes)
+        except InputError as exc:
+            raise InputError(f"cannot search like {args.like_image}: {exc}") from None
         except OSError as exc:
             raise InputError(f"cannot read {args.like_image}: {exc.strerror or exc}") from None
     elif not args.text:
@@ -82,7 +94,12 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
             return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model)
 
     with Database(settings) as db:
-        hits = anyio.run(go, db)
+        try:
+            hits = anyio.run(go, db)
+        except InputError as exc:  # the example is no image (decode's refusals): which file
+            if not args.like_image:
+                raise
+            raise InputError(f"cannot search like {args.like_image}: {exc}") from None
     if not hits:
         print("no results: no image is embedded yet (is `pgsynapse run` running?)")
     for i, h in enumerate(hits, 1):

@@ -8,6 +8,8 @@ header, before a single pixel is decoded: a decompression bomb never inflates), 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +147,43 @@ def read_image_file(path: str, roots: tuple[Path, ...], limits: ImageLimits) -> 
         raise InputError(f"image path {path!r} is outside image_roots ({', '.join(map(str, roots))})")
     if not real.exists():
         raise InputError(f"cannot read image file {path!r}: no such file")
-    if not real.is_file():
-        raise InputError(f"image path {path!r} is not a regular file")
-    size = real.stat().st_size
-    if size > limits.max_bytes:
-        raise InputError(f"image file {path!r} has {size:,} bytes, over max_image_bytes={limits.max_bytes:,}")
-    with real.open("rb") as f:
-        return f.read(limits.max_bytes + 1)
+    try:
+        return read_bounded(real, limits.max_bytes)
+    except InputError as exc:
+        raise InputError(f"image file {path!r}: {exc}") from None
+
+
+# what a file that is not a regular one is, for the refusal's message
+_FILE_TYPES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of ``mode`` cannot be read as an image's bytes (None: a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _FILE_TYPES if test(mode)), "not a file")
+    return f"not a regular file ({what}): give an image file"
+
+
+def read_bounded(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path``, never more than ``max_bytes + 1`` of them read: a named pipe, a
+    device or a directory is refused without a read (a pipe would wait for its writer, /dev/zero never end), a file
+    over ``max_bytes`` by its size, or by what was read when it grew meanwhile. The refusals are an
+    :class:`InputError` whose message is the reason alone (the caller names the file); ``OSError`` when it cannot
+    be opened."""
+    if why := _not_regular(os.stat(path).st_mode):
+        raise InputError(why)
+    # no wait for a writer, should a pipe have taken the file's place since
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if why := _not_regular(st.st_mode):
+            raise InputError(why)
+        if st.st_size > max_bytes:
+            raise InputError(f"{st.st_size:,} bytes, over max_image_bytes={max_bytes:,}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"more than {max_bytes:,} bytes (it grew while it was read), over "
+                         f"max_image_bytes={max_bytes:,}")
+    return data

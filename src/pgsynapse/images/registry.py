@@ -4,7 +4,8 @@ A model's lifecycle: ``add`` registers it (active at once when no active model s
 CLIP, or the first image encoder while no CLIP is active; otherwise a candidate)
 and queues every image for it; the worker embeds each image with every active and candidate model; ``promote``
 switches searches to a candidate only once it has a vector for every image that can have one, so a search never
-sees a half-built model; ``retire`` drops a non-active model's vectors and index.
+sees a half-built model; ``retire`` drops a model's vectors and index (an active one only while no candidate of its
+kind waits: retiring every model stops the embedding of images).
 """
 
 from __future__ import annotations
@@ -87,16 +88,28 @@ def promote(conn: psycopg.Connection, model: int) -> dict[str, Any]:
 
 
 def retire(conn: psycopg.Connection, model: int) -> int:
-    """Retire a non-active model: its vectors and its index are dropped. Returns the vectors deleted."""
-    row = get(conn, model)
-    if row["status"] == "active":
-        raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first")
-    if row["status"] == "retired":
-        raise PgsynapseError(f"image model {model} is already retired: nothing to do")
+    """Retire a model: its vectors and its index are dropped. An active model is retired only while no candidate of
+    its kind waits (promote that one instead); retired, the last model of a kind leaves that kind's searches without
+    a model, and the last of all stops the embedding of new images (they wait, pending, until a model is added).
+    Returns the vectors deleted."""
     with conn.transaction():
+        _run(conn, sql("lock_image_models"))  # no promote or add in between
+        row = get(conn, model)
+        if row["status"] == "retired":
+            raise PgsynapseError(f"image model {model} is already retired: nothing to do")
+        waiting = [m["id"] for m in serving(conn) if m["kind"] == row["kind"] and m["status"] == "candidate"]
+        if row["status"] == "active" and waiting:
+            raise PgsynapseError(f"image model {model} is active: promote another {row['kind']} model first "
+                                 f"(pgsynapse image-model promote {waiting[0]}), or retire the candidates first to "
+                                 f"stop {row['kind']} models altogether")
         _run(conn, sql("retire_image_model"), {"id": model})
         n = _run(conn, sql("delete_image_model_vectors"), {"id": model}).rowcount  # its index: a trigger drops it
     return n
+
+
+def serving(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The models images are embedded with: the active one of each kind and the candidates."""
+    return list(_run(conn, sql("image_models_serving")).fetchall())
 
 
 def list_models(conn: psycopg.Connection) -> list[dict[str, Any]]:

@@ -144,8 +144,10 @@ FROM pgsynapse.image_models m ORDER BY m.id;
 
 
 -- name: retire_image_model
+-- A candidate, or the active model of a kind with no candidate (images.registry.retire checks, under
+-- lock_image_models): its kind then has no model, and with none left no image is embedded.
 UPDATE pgsynapse.image_models SET status = 'retired', retired_at = now()
-WHERE id = %(id)s AND status = 'candidate'
+WHERE id = %(id)s AND status IN ('candidate', 'active')
 RETURNING id;
 
 -- name: delete_image_model_vectors
@@ -193,7 +195,7 @@ FROM pgsynapse.images WHERE id = ANY(%(ids)s);
 SELECT pgsynapse.ensure_image_index(%(model)s);
 
 -- name: lock_image_models
--- add and promote: one change of the image models at a time
+-- add, promote and retire: one change of the image models at a time
 LOCK TABLE pgsynapse.image_models IN SHARE ROW EXCLUSIVE MODE;
 
 -- name: demote_active_image_model

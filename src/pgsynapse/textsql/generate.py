@@ -427,7 +427,8 @@ def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
         if not s.openai_base_url:
             raise ConfigError("invalid setting openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]: required when the SQL "
                               "runtime is openai")
-        return OpenAISqlGenerator(s.openai_base_url, s.openai_api_key, path, max_new_tokens=s.sql_max_new_tokens)
+        return OpenAISqlGenerator(s.openai_base_url, s.openai_api_key, path, timeout=s.openai_timeout_seconds,
+                                  max_new_tokens=s.sql_max_new_tokens)
     raise ConfigError(f"invalid setting sql_runtime [PGSYNAPSE_SQL_RUNTIME]: {runtime!r} is not one of auto, "
                       "transformers, llama-cpp, openai")
 
