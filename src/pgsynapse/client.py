@@ -306,23 +306,28 @@ class Client:
         key = (ANSWERS_CHANNEL, qid)
         self._waiting.add(key)
         received = ""
+        announced = False  # a `streaming` NOTIFY came: the answer is streamed, even when first read once final
         # no cancel scope is held across a yield (the consumer runs between pieces): each wait gets what is left
         try:
             check = True
             while True:
                 # a NOTIFY is only a wake-up, its delta never a piece: NOTIFY needs no privilege, so any role that may
                 # connect can send a `streaming` payload; the row, which only the worker's roles write, has the text
-                if self._arrived.pop(key, None):
+                arrived = self._arrived.pop(key, None)
+                if arrived:
                     check = True
+                    announced = announced or any(p.get("status") == "streaming" for p in arrived)
                 if check:
                     with anyio.fail_after(_left(deadline)):
                         result = await self._read(qid, asked=asked)
                     asked = True  # read once: gone later, it was deleted
                     now = result.answer or ""
                     # the text written since the last read; an answer that was never streamed (extractive,
-                    # stream_answers off) arrives whole, in the Result only; one that does not continue what was
-                    # yielded (a retry after a crash, an edit) yields nothing: the final Result's answer is the answer
-                    streamed = bool(received) or result.status == "pending"
+                    # stream_answers off) arrives whole, in the Result only; one that was (a NOTIFY said so, or the
+                    # row was pending with text) but is first read final arrives whole as one piece too; one that
+                    # does not continue what was yielded (a retry after a crash, an edit) yields nothing: the final
+                    # Result's answer is the answer
+                    streamed = bool(received) or result.status == "pending" or announced
                     if streamed and len(now) > len(received) and now.startswith(received):
                         piece, received = now[len(received):], now
                         yield piece

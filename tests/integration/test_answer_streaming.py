@@ -244,16 +244,17 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
         await listener.execute("LISTEN pgsynapse_answers")
         results, pieces = [], []
 
-        async def go_on(p):  # the first piece was written: the rest may come at once
+        def got(piece):  # the client has the first piece: the rest may come at once (the test's own LISTEN seeing
+            pieces.append(piece)  # it first let the answer end before the client read the row, one run in many)
             for g in gates:
                 g.set()
 
         async with Client(db_url) as client, anyio.create_task_group() as tg:
             async def ask():
-                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=got))
 
             tg.start_soon(ask)
-            notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
+            notes = await _notifies_until_final(listener, 1)  # a fresh database: the first question
         flagged = results[0]
     # throttled: the first write at once, none other within the interval; the final NOTIFY as always
     assert [(p["status"], p.get("seq"), p.get("offset")) for p in notes] == [("streaming", 1, 0), ("answered", None, None)]
@@ -265,6 +266,45 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     # the client's pieces make up the whole answer: the part that no streaming NOTIFY announced comes last
     assert pieces == ["Use ROLLBACK TO SAVEPOINT [7], ", "see also [2][1]."]
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
+
+
+async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_reaches_on_delta(db_url, models, sse):
+    """A Client that reads the row at the first `streaming` NOTIFY only once the answer is final (a busy client, or
+    a short answer) yielded no piece at all: the row was no longer pending and nothing had been yielded, so it took
+    the answer for one that was never streamed. An application showing the pieces showed nothing. It was streamed
+    (a `streaming` NOTIFY came): the pieces give the whole answer, here in one."""
+    SSE.scripts = [["Use ROLLBACK TO SAVEPOINT [1], ", "then go on [1]."]]
+    SSE.gates = gates = [threading.Event(), threading.Event()]
+    async with running_worker(_settings(db_url, sse, answer_top_k=3, stream_interval_ms=60_000), models):
+        await _corpus(db_url)
+        listener = await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        results, pieces, final = [], [], anyio.Event()
+
+        async def go_on(p):
+            for g in gates:
+                g.set()
+
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            read, reads = client._read, []
+
+            async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
+                reads.append(qid)
+                if len(reads) == 2:
+                    await final.wait()
+                return await read(qid, **kw)
+
+            client._read = late  # type: ignore[method-assign]
+
+            async def ask():
+                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+
+            tg.start_soon(ask)
+            notes = await _notifies_until_final(listener, 1, go_on)
+            final.set()
+    assert [p["status"] for p in notes] == ["streaming", "answered"]
+    assert results[0].answer == "Use ROLLBACK TO SAVEPOINT [1], then go on [1]."
+    assert pieces == [results[0].answer]
 
 
 async def test_events_without_choices_are_skipped(db_url, models, sse):
