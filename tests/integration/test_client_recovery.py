@@ -15,8 +15,8 @@ from psycopg.conninfo import make_conninfo
 from pgsynapse import client as client_module
 from pgsynapse.client import AnswerTimeout, Client
 from pgsynapse.config import Settings
-from pgsynapse.errors import ConfigError, InputError, PgsynapseError
-from tests.helpers import aconn, wait_until
+from pgsynapse.errors import ConfigError, DatabaseError, InputError, PgsynapseError
+from tests.helpers import aconn, wait_until, with_db
 
 pytestmark = pytest.mark.anyio
 
@@ -286,3 +286,39 @@ async def test_the_client_uses_the_keepalive_settings_the_worker_honours(db_url,
     monkeypatch.setenv("PGSYNAPSE_KEEPALIVES_COUNT", "0")
     with pytest.raises(ConfigError, match=r"keepalives_count \[PGSYNAPSE_KEEPALIVES_COUNT\]: .*greater than or equal"):
         Client(db_url)
+
+
+async def test_a_call_while_postgresql_refuses_connections_ends_in_its_timeout_and_says_why(db_url):
+    # with its connections lost and none to be had, result(timeout=0) ("no waiting") waited for ever, and a timed call
+    # ran past its timeout (by WRITE_GRACE) to blame a lock ("its INSERT waited (a lock ...?)") or a slow worker
+    conn = await aconn(db_url)
+    qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is VACUUM?') "
+                                     "RETURNING id")).fetchone())["id"]
+    admin = await aconn(with_db(db_url, "postgres"))  # a database's own sessions may not close it
+    dbname = conn.info.dbname
+    refused = r"cannot connect to PostgreSQL: .*not currently accepting connections"
+    async with Client(db_url) as client:
+        await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')  # a server restarting, say
+        try:
+            assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1
+            for get in (client.result, client.data_result):
+                with anyio.fail_after(SAFETY), pytest.raises(DatabaseError, match=refused):
+                    await get(qid, timeout=0)
+            calls = (("ask", lambda: client.ask("how do I create an index?", timeout=1), None,
+                      r"the question was not asked within 1s: "),
+                     ("ask_data", lambda: client.ask_data("how many orders?", timeout=1), None,
+                      r"the data question was not asked within 1s: "),
+                     ("result", lambda: client.result(qid, timeout=1), qid, rf"no answer to question {qid} within 1s: "),
+                     ("feedback", lambda: client.feedback(qid, helpful=True, timeout=1), None,
+                      rf"the feedback on question {qid} was not written within 1s: "))
+            for name, call, question_id, says in calls:
+                started = anyio.current_time()
+                with anyio.fail_after(SAFETY), pytest.raises(client_module.ClientTimeout, match=says + refused) as raised:
+                    await call()
+                assert getattr(raised.value, "question_id", None) == question_id, name
+                assert anyio.current_time() - started < client_module.WRITE_GRACE, name  # not the INSERT's grace too
+        finally:
+            await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        assert (await client.result(qid, timeout=0)).status == "pending"  # connected again
+    await conn.close()
+    await admin.close()
