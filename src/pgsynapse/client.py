@@ -16,6 +16,7 @@ answer as the worker writes it (``streaming`` NOTIFYs, docs/sql.md), or iterate:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ from psycopg.rows import dict_row
 from pgsynapse import results
 from pgsynapse.config import Settings, conninfo_problem
 from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params,
-                          tcp_settings_from_env)
+                          tcp_settings_from_env, workers_take)
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
@@ -51,6 +52,7 @@ APPLICATION_NAME = "pgsynapse-client"  # unless the URL names the application
 # the margin past its deadline of the client's own bound on an INSERT: PostgreSQL's statement_timeout ends it first
 WRITE_GRACE = 5.0
 BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt to connect again, the last one repeated
+WORKER_CHECK_SECONDS = 1.0  # a timeout's look for a running worker that takes the question (ops.sql's)
 
 log = get_logger(__name__)
 
@@ -353,8 +355,7 @@ class Client:
                 with anyio.fail_after(_left(deadline)):
                     check = await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(_no_answer("question", qid, timeout, self._why_unreachable("statements", "listen")),
-                                qid) from None
+            raise AnswerTimeout(await self._no_answer("question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
@@ -396,8 +397,7 @@ class Client:
                         return results.data_result(r)
                     await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(_no_answer("data question", qid, timeout,
-                                           self._why_unreachable("statements", "listen")), qid) from None
+            raise AnswerTimeout(await self._no_answer("data question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
@@ -488,12 +488,13 @@ class Client:
     async def _read(self, qid: int, *, asked: bool = True, wait: bool = True) -> Result:
         return results.result(await self._fetch_row("answer", qid, "question", asked=asked, wait=wait))
 
-
-def _no_answer(what: str, qid: int, timeout: float | None, unreachable: str | None = None) -> str:
-    """An AnswerTimeout's message; ``unreachable``: why the Client could not connect again meanwhile."""
-    get = LATER[what][1]
-    if unreachable:
-        return (f"no answer to {what} {qid} within {timeout:g}s: {unreachable}; its answer can still come once "
-                f"PostgreSQL is reachable: `await client.{get}({qid})`")
-    return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
-            f"still come: `await client.{get}({qid})`), or none is running (`pgsynapse run`)")
+    async def _no_answer(self, what: str, qid: int, timeout: float | None) -> str:
+        """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no running worker that
+        takes the question's kind (:func:`pgsynapse.db.worker_takes`; unsaid when not read within a second)."""
+        get = LATER[what][1]
+        if unreachable := self._why_unreachable("statements", "listen"):
+            return results.no_answer(what, qid, timeout, get, unreachable=unreachable)
+        kind, taken = ("answer" if what == "question" else "sql_answer"), True
+        with anyio.move_on_after(WORKER_CHECK_SECONDS), contextlib.suppress(PgsynapseError, psycopg.Error):
+            taken = workers_take(**await self._fetch("workers_answering", {"kind": kind}, file="ops.sql", wait=False))
+        return results.no_answer(what, qid, timeout, get, no_worker=None if taken else kind)

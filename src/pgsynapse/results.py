@@ -140,6 +140,23 @@ def result(r: dict[str, Any]) -> Result:
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
+def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachable: str | None = None,
+              no_worker: str | None = None) -> str:
+    """An :class:`AnswerTimeout`'s message, ``what``: "question", "data question", whose answer the Client's method
+    ``get`` waits for again; why no answer came when the Client can tell: ``unreachable``, why it could not connect
+    again; ``no_worker``, the kind of job no running worker takes."""
+    later = f"`await client.{get}({qid})`"
+    if unreachable:
+        return (f"no answer to {what} {qid} within {timeout:g}s: {unreachable}; its answer can still come once "
+                f"PostgreSQL is reachable: {later}")
+    if no_worker:
+        return (f"no answer to {what} {qid} within {timeout:g}s: no running worker takes {no_worker} jobs on this "
+                f"database: start one (`pgsynapse run`; one started with PGSYNAPSE_KINDS takes only the kinds it "
+                f"names); the {what} stays pending and is answered once one runs: {later}")
+    return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
+            f"still come: {later})")
+
+
 def format_result(result: Result, *, answer: bool = True) -> str:
     """The answer (unless ``answer=False``: already printed as it streamed), flags, guardrail, sources, latency."""
     lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"] if answer else []

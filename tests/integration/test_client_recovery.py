@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import anyio
+import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -249,7 +250,7 @@ async def test_an_answer_that_came_after_the_timeout_is_fetched_by_its_question_
     async with Client(db_url) as client:
         with anyio.fail_after(SAFETY), pytest.raises(InputError, match="timeout=0"):
             await client.ask("how do I create an index?", timeout=0)
-        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="slower than that") as raised:
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="no running worker takes") as raised:
             await client.ask("how do I create an index?", timeout=0.2)
         qid = raised.value.question_id
         assert (await client.result(qid, timeout=0)).status == "pending"  # no waiting
@@ -322,3 +323,27 @@ async def test_a_call_while_postgresql_refuses_connections_ends_in_its_timeout_a
         assert (await client.result(qid, timeout=0)).status == "pending"  # connected again
     await conn.close()
     await admin.close()
+
+
+async def test_a_timeout_says_when_no_running_worker_takes_the_question(db_url):
+    # it said "the worker may be slower than that ..., or none is running (`pgsynapse run`)" whether a worker ran or
+    # not, and so beside a worker that never takes the kind (PGSYNAPSE_KINDS=embed): the asker could not tell which
+    conn = await aconn(db_url)
+    none_takes = r"no running worker takes {} jobs on this database"
+    async with Client(db_url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("answer")) as raised:
+            await client.ask("how do I create an index?", timeout=0.2)
+        qid = raised.value.question_id
+        assert "`await client.result(" in str(raised.value)  # it is answered once one runs
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("sql_answer")):
+            await client.ask_data("how many orders?", timeout=0.2)
+        # a worker listening (its LISTEN connection) and registered with other kinds only
+        listener = await psycopg.AsyncConnection.connect(db_url, autocommit=True, application_name="pgsynapse-listener")
+        await conn.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds) VALUES ('w1', 'h', 1, '{embed}')")
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("answer")):
+            await client.result(qid, timeout=0.2)
+        await conn.execute("UPDATE pgsynapse.workers SET kinds = '{embed,answer}'")  # one that takes it: just slower
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="the worker may be slower than that"):
+            await client.result(qid, timeout=0.2)
+    await listener.close()
+    await conn.close()
