@@ -315,6 +315,7 @@ class Client:
         else :class:`AnswerTimeout`; ``timeout=0``: no waiting, the row as it is (status pending included), for a
         connection either (PostgreSQL out of reach raises its :class:`DatabaseError`)."""
         self._require_open()
+        results.require_id(question_id)
         if timeout == 0:  # no waiting, for a connection either
             return await self._read(question_id, asked=False, wait=False)
         async for item in self._follow(question_id, _deadline(timeout), timeout, asked=False):
@@ -361,15 +362,16 @@ class Client:
             self._arrived.pop(key, None)
 
     async def ask_data(self, text: str, *, session_id: str | None = None, schema: str = "public",
-                       tables: list[str] | None = None, timeout: float | None = 120.0) -> DataResult:
+                       tables: list[str] | tuple[str, ...] | None = None, timeout: float | None = 120.0) -> DataResult:
         """Ask a question about the data (``pgsynapse.data_questions``) and wait for its statement and result.
 
-        ``schema``: where its tables are; ``tables``: the ones it may read (None: every table of ``schema`` the
-        reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``. ``timeout`` as in
-        :meth:`ask`."""
+        ``schema``: where its tables are; ``tables``: the ones it may read (a list or tuple of names; None: every
+        table of ``schema`` the reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``.
+        ``timeout`` as in :meth:`ask`."""
         self._require_open()
         require_text(text)
         require_session(session_id)
+        tables = results.require_target(schema, tables)
         deadline = _deadline(timeout)
         row = await self._ask_row("ask_data", {"session": session_id, "text": text, "schema": schema,
                                                "tables": tables}, "data question", deadline, timeout)
@@ -378,6 +380,7 @@ class Client:
     async def data_result(self, question_id: int, *, timeout: float | None = 120.0) -> DataResult:
         """:meth:`result` for a question about the data."""
         self._require_open()
+        results.require_id(question_id)
         if timeout == 0:  # no waiting, for a connection either
             return results.data_result(await self._fetch_row("data_answer", question_id, "data question", asked=False,
                                                              wait=False))
@@ -411,6 +414,7 @@ class Client:
         (docs/learning.md). ``timeout``: seconds for the whole call (None: no limit), else :class:`ClientTimeout`
         (the INSERT cancelled)."""
         self._require_open()
+        results.require_id(question_id)
         deadline = _deadline(timeout)
         try:
             with anyio.fail_after(_left(deadline) + WRITE_GRACE):
@@ -489,8 +493,7 @@ class Client:
         return results.result(await self._fetch_row("answer", qid, "question", asked=asked, wait=wait))
 
     async def _no_answer(self, what: str, qid: int, timeout: float | None) -> str:
-        """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no running worker that
-        takes the question's kind (:func:`pgsynapse.db.worker_takes`; unsaid when not read within a second)."""
+        """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no worker taking it."""
         get = LATER[what][1]
         if unreachable := self._why_unreachable("statements", "listen"):
             return results.no_answer(what, qid, timeout, get, unreachable=unreachable)

@@ -309,12 +309,14 @@ async def test_a_call_while_postgresql_refuses_connections_ends_in_its_timeout_a
                       r"the question was not asked within 1s: "),
                      ("ask_data", lambda: client.ask_data("how many orders?", timeout=1), None,
                       r"the data question was not asked within 1s: "),
-                     ("result", lambda: client.result(qid, timeout=1), qid, rf"no answer to question {qid} within 1s: "),
+                     ("result", lambda: client.result(qid, timeout=1), qid,
+                      rf"no answer to question {qid} within 1s: "),
                      ("feedback", lambda: client.feedback(qid, helpful=True, timeout=1), None,
                       rf"the feedback on question {qid} was not written within 1s: "))
             for name, call, question_id, says in calls:
                 started = anyio.current_time()
-                with anyio.fail_after(SAFETY), pytest.raises(client_module.ClientTimeout, match=says + refused) as raised:
+                with (anyio.fail_after(SAFETY),
+                      pytest.raises(client_module.ClientTimeout, match=says + refused) as raised):
                     await call()
                 assert getattr(raised.value, "question_id", None) == question_id, name
                 assert anyio.current_time() - started < client_module.WRITE_GRACE, name  # not the INSERT's grace too
@@ -338,7 +340,8 @@ async def test_a_timeout_says_when_no_running_worker_takes_the_question(db_url):
         with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("sql_answer")):
             await client.ask_data("how many orders?", timeout=0.2)
         # a worker listening (its LISTEN connection) and registered with other kinds only
-        listener = await psycopg.AsyncConnection.connect(db_url, autocommit=True, application_name="pgsynapse-listener")
+        listener = await psycopg.AsyncConnection.connect(db_url, autocommit=True,
+                                                         application_name="pgsynapse-listener")
         await conn.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds) VALUES ('w1', 'h', 1, '{embed}')")
         with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("answer")):
             await client.result(qid, timeout=0.2)
