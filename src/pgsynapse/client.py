@@ -17,6 +17,7 @@ answer as the worker writes it (``streaming`` NOTIFYs, docs/sql.md), or iterate:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -189,11 +190,10 @@ class Client:
 
     async def _reconnect(self, which: str, connect: Callable[[], Awaitable[psycopg.AsyncConnection]], *,
                          deadline: float = math.inf, wait: bool = True) -> psycopg.AsyncConnection:
-        """``connect()`` until it succeeds, after a short backoff each time, until ``deadline`` (then TimeoutError;
-        the caller's timeout bounds it too); ``wait=False``: once, its failure raised. Why the last try failed stays
-        in ``_unreachable`` until one succeeds, for the caller's timeout to say. A login refused
-        (:class:`DatabaseConfigError`) is raised: waiting will not fix it; so is a Client closed meanwhile (the new
-        connection closed)."""
+        """``connect()`` until it succeeds, after a short backoff each time, until ``deadline`` (then TimeoutError);
+        ``wait=False``: once, its failure raised. Why the last try failed stays in ``_unreachable`` until one
+        succeeds, for a timeout's message. A login refused (:class:`DatabaseConfigError`) is raised: waiting will not
+        fix it; so is a Client closed meanwhile (the new connection closed)."""
         self._unreachable.setdefault(which, "connecting to PostgreSQL again (the connection was lost)")
         for attempt in itertools.count(1):
             try:
@@ -267,15 +267,16 @@ class Client:
                     log.warning("client_connection_lost", connection="statements", error=str(exc)[:200])
 
     async def ask(self, text: str, *, session_id: str | None = None, timeout: float | None = 120.0,
-                  on_delta: Callable[[str], None] | None = None) -> Result:
-        """Ask and wait for the final answer; ``on_delta(piece)`` gets the answer's pieces as they are generated
-        (generative answerers with ``stream_answers``; the extractive answer arrives whole, in the Result).
+                  on_delta: Callable[[str], None | Awaitable[None]] | None = None) -> Result:
+        """Ask and wait for the final answer; ``on_delta(piece)`` (a function, or an async one: awaited) gets the
+        answer's pieces as they are generated (generative answerers with ``stream_answers``; the extractive answer
+        arrives whole, in the Result).
         ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
         async for item in self.stream(text, session_id=session_id, timeout=timeout):
             if isinstance(item, Result):
                 return item
-            if on_delta is not None:
-                on_delta(item)
+            if on_delta is not None and inspect.isawaitable(done := on_delta(item)):
+                await done
         raise AssertionError("stream() ends with its Result")  # pragma: no cover
 
     async def stream(self, text: str, *, session_id: str | None = None,

@@ -350,3 +350,32 @@ async def test_a_timeout_says_when_no_running_worker_takes_the_question(db_url):
             await client.result(qid, timeout=0.2)
     await listener.close()
     await conn.close()
+
+
+async def test_an_async_on_delta_is_awaited_for_each_piece(db_url):
+    # an `async def` on_delta (a websocket's send) was called and its coroutine dropped: "coroutine ... was never
+    # awaited", no piece delivered
+    conn = await aconn(db_url)
+    pieces, got = [], anyio.Event()
+
+    async def on_delta(piece: str) -> None:
+        await anyio.sleep(0)  # an awaiting callback
+        pieces.append(piece)
+        got.set()
+
+    results = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("how do I roll back?", on_delta=on_delta)))
+                (qid,) = await _asked(conn)
+                async with conn.transaction():
+                    await conn.execute("UPDATE pgsynapse.questions SET answer = 'Use' WHERE id = %s", (qid,))
+                    await conn.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                        {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": "Use"}),))
+                await got.wait()
+                await _answer(conn, qid, "Use ROLLBACK TO SAVEPOINT.")
+    await conn.close()
+    assert pieces == ["Use", " ROLLBACK TO SAVEPOINT."]
+    assert [r.answer for r in results] == ["Use ROLLBACK TO SAVEPOINT."]
