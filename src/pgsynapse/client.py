@@ -112,11 +112,10 @@ class Client:
     a bad value raises :class:`ConfigError` here), else their defaults. A value in the URL wins over both.
 
     Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by those TCP options): the
-    next call connects again, and a
-    call waiting for an answer connects again with a short backoff within its timeout, LISTENs again and re-reads
-    the rows it waits for (NOTIFYs sent while none listened are lost); a timeout that runs out meanwhile says why
-    it could not connect. A read is run again on the new connection; an INSERT is not (it may have committed): it
-    raises :class:`OutcomeUnknown`."""
+    next call connects again, and a call waiting for an answer connects again with a short backoff within its
+    timeout, LISTENs again and re-reads the rows it waits for (NOTIFYs sent while none listened are lost); a timeout
+    that runs out meanwhile says why it could not connect. A read is run again on the new connection; an INSERT is
+    not (it may have committed): it raises :class:`OutcomeUnknown`."""
 
     def __init__(self, url: str, *, listen_url: str | None = None, settings: Settings | None = None) -> None:
         for name, value in (("url", url), ("listen_url", listen_url)):
@@ -217,18 +216,14 @@ class Client:
                 return conn
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _why_unreachable(self, *which: str) -> str | None:
-        """Why connection ``which`` could not be made again, while it is being made again (None: it is up)."""
-        return next((self._unreachable[w] for w in which if w in self._unreachable), None)
-
     async def _fetch(self, name: str, params: dict[str, Any], *, file: str = FILE, writes: str | None = None,
                      deadline: float = math.inf, wait: bool = True) -> dict[str, Any] | None:
-        """Run one statement on the statement connection, connected again first when it was lost (until
-        ``deadline``, then TimeoutError; ``wait=False``: one try, its error raised); its row. A read
-        whose connection is lost while it runs is run again on a new one. A write (``writes``: what it writes) is
-        not: it may have committed, and it raises :class:`OutcomeUnknown`; PostgreSQL cancels a write still running
-        at ``deadline`` (its ``statement_timeout``, in the write's transaction: a cancel from here could come after
-        the commit), and it raises TimeoutError: nothing was written. The caller bounds the rest."""
+        """Run one statement on the statement connection, connected again first when it was lost (until ``deadline``,
+        then TimeoutError; ``wait=False``: one try, its error raised); its row. A read whose connection is lost while
+        it runs is run again on a new one. A write (``writes``: what it writes) is not: it may have committed, and it
+        raises :class:`OutcomeUnknown`; PostgreSQL cancels a write still running at ``deadline`` (its
+        ``statement_timeout``, in the write's transaction: a cancel from here could come after the commit), and it
+        raises TimeoutError: nothing was written. The caller bounds the rest."""
         async with self._statement_lock:
             while True:
                 self._require_open()
@@ -268,10 +263,9 @@ class Client:
 
     async def ask(self, text: str, *, session_id: str | None = None, timeout: float | None = 120.0,
                   on_delta: Callable[[str], None | Awaitable[None]] | None = None) -> Result:
-        """Ask and wait for the final answer; ``on_delta(piece)`` (a function, or an async one: awaited) gets the
-        answer's pieces as they are generated (generative answerers with ``stream_answers``; the extractive answer
-        arrives whole, in the Result).
-        ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
+        """Ask and wait for the final answer; ``on_delta(piece)`` (or an async function: awaited) gets the answer's
+        pieces as they are generated (generative answerers with ``stream_answers``; the extractive answer arrives
+        whole, in the Result). ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
         async for item in self.stream(text, session_id=session_id, timeout=timeout):
             if isinstance(item, Result):
                 return item
@@ -303,9 +297,8 @@ class Client:
             with anyio.fail_after(_left(deadline) + WRITE_GRACE):
                 row = await self._fetch(name, params, writes=what, deadline=deadline)
         except TimeoutError:
-            why = self._why_unreachable("statements")
-            why = (f"{why} (nothing was written)" if why else
-                   f"its INSERT waited (a lock on pgsynapse.{TABLES[what]}?) and was cancelled")
+            why = results.not_written(self._unreachable.get("statements"),
+                                      f"its INSERT waited (a lock on pgsynapse.{TABLES[what]}?) and was cancelled")
             raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: {why}") from None
         assert row is not None  # INSERT ... RETURNING
         return row
@@ -426,9 +419,8 @@ class Client:
                 written = await self._fetch("insert_feedback", params, file="answers.sql", writes="feedback",
                                             deadline=deadline)
         except TimeoutError:
-            why = self._why_unreachable("statements")
-            why = (f"{why} (nothing was written)" if why else
-                   "its statement waited (a lock on pgsynapse.feedback?) and was cancelled")
+            why = results.not_written(self._unreachable.get("statements"),
+                                      "its statement waited (a lock on pgsynapse.feedback?) and was cancelled")
             raise ClientTimeout(f"the feedback on question {question_id} was not written within {timeout:g}s: "
                                 f"{why}") from None
         assert written is not None  # INSERT ... RETURNING
@@ -496,7 +488,7 @@ class Client:
     async def _no_answer(self, what: str, qid: int, timeout: float | None) -> str:
         """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no worker taking it."""
         get = LATER[what][1]
-        if unreachable := self._why_unreachable("statements", "listen"):
+        if unreachable := self._unreachable.get("statements") or self._unreachable.get("listen"):
             return results.no_answer(what, qid, timeout, get, unreachable=unreachable)
         kind, taken = ("answer" if what == "question" else "sql_answer"), True
         with anyio.move_on_after(WORKER_CHECK_SECONDS), contextlib.suppress(PgsynapseError, psycopg.Error):

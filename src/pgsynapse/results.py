@@ -169,6 +169,12 @@ def result(r: dict[str, Any]) -> Result:
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
+def not_written(unreachable: str | None, waited: str) -> str:
+    """Why a call's INSERT was not done within its timeout: PostgreSQL out of reach (``unreachable``, why the Client
+    could not connect again), else what it ``waited`` for."""
+    return f"{unreachable} (nothing was written)" if unreachable else waited
+
+
 def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachable: str | None = None,
               no_worker: str | None = None) -> str:
     """An :class:`AnswerTimeout`'s message, ``what``: "question", "data question", whose answer the Client's method
