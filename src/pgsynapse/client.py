@@ -16,6 +16,8 @@ answer as the worker writes it (``streaming`` NOTIFYs, docs/sql.md), or iterate:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -31,7 +33,7 @@ from psycopg.rows import dict_row
 from pgsynapse import results
 from pgsynapse.config import Settings, conninfo_problem
 from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params,
-                          tcp_settings_from_env)
+                          tcp_settings_from_env, workers_take)
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
@@ -51,6 +53,7 @@ APPLICATION_NAME = "pgsynapse-client"  # unless the URL names the application
 # the margin past its deadline of the client's own bound on an INSERT: PostgreSQL's statement_timeout ends it first
 WRITE_GRACE = 5.0
 BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds before each new attempt to connect again, the last one repeated
+WORKER_CHECK_SECONDS = 1.0  # a timeout's look for a running worker that takes the question (ops.sql's)
 
 log = get_logger(__name__)
 
@@ -109,10 +112,10 @@ class Client:
     a bad value raises :class:`ConfigError` here), else their defaults. A value in the URL wins over both.
 
     Lost connections (a PostgreSQL restart, a terminated backend, a network cut noticed by those TCP options): the
-    next call connects again, and a
-    call waiting for an answer connects again with a short backoff within its timeout, LISTENs again and re-reads
-    the rows it waits for (NOTIFYs sent while none listened are lost). A read is run again on the new connection;
-    an INSERT is not (it may have committed): it raises :class:`OutcomeUnknown`."""
+    next call connects again, and a call waiting for an answer connects again with a short backoff within its
+    timeout, LISTENs again and re-reads the rows it waits for (NOTIFYs sent while none listened are lost); a timeout
+    that runs out meanwhile says why it could not connect. A read is run again on the new connection; an INSERT is
+    not (it may have committed): it raises :class:`OutcomeUnknown`."""
 
     def __init__(self, url: str, *, listen_url: str | None = None, settings: Settings | None = None) -> None:
         for name, value in (("url", url), ("listen_url", listen_url)):
@@ -131,6 +134,8 @@ class Client:
         self._waiting: set[tuple[str, int]] = set()
         # of those, the announcements (NOTIFY payloads) read on their channel and not yet collected by their asker
         self._arrived: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        # the connections being made again ("statements", "listen"): why the last try failed, for a timeout's message
+        self._unreachable: dict[str, str] = {}
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
 
     async def __aenter__(self) -> Client:
@@ -182,20 +187,28 @@ class Client:
             raise
         return conn
 
-    async def _reconnect(self, which: str, connect: Callable[[], Awaitable[psycopg.AsyncConnection]]
-                         ) -> psycopg.AsyncConnection:
-        """``connect()`` until it succeeds, after a short backoff each time; the caller's timeout bounds it. A login
-        refused (:class:`DatabaseConfigError`) is raised: waiting will not fix it; so is a Client closed meanwhile
-        (the new connection closed)."""
+    async def _reconnect(self, which: str, connect: Callable[[], Awaitable[psycopg.AsyncConnection]], *,
+                         deadline: float = math.inf, wait: bool = True) -> psycopg.AsyncConnection:
+        """``connect()`` until it succeeds, after a short backoff each time, until ``deadline`` (then TimeoutError);
+        ``wait=False``: once, its failure raised. Why the last try failed stays in ``_unreachable`` until one
+        succeeds, for a timeout's message. A login refused (:class:`DatabaseConfigError`) is raised: waiting will not
+        fix it; so is a Client closed meanwhile (the new connection closed)."""
+        self._unreachable.setdefault(which, "connecting to PostgreSQL again (the connection was lost)")
         for attempt in itertools.count(1):
             try:
                 conn = await connect()
             except DatabaseConfigError:
                 raise
             except (DatabaseError, psycopg.OperationalError) as exc:
+                self._unreachable[which] = str(exc)
                 log.warning("client_reconnect_failed", connection=which, attempt=attempt, error=str(exc)[:200])
-                await anyio.sleep(BACKOFF[min(attempt, len(BACKOFF)) - 1])
+                if not wait:
+                    raise
+                if _left(deadline) <= 0:
+                    raise TimeoutError from exc
+                await anyio.sleep(min(BACKOFF[min(attempt, len(BACKOFF)) - 1], _left(deadline)))
             else:
+                self._unreachable.pop(which, None)
                 if not self._open:  # closed meanwhile
                     await conn.close()
                     self._require_open()
@@ -204,12 +217,13 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _fetch(self, name: str, params: dict[str, Any], *, file: str = FILE, writes: str | None = None,
-                     deadline: float = math.inf) -> dict[str, Any] | None:
-        """Run one statement on the statement connection, connected again first when it was lost; its row. A read
-        whose connection is lost while it runs is run again on a new one. A write (``writes``: what it writes) is
-        not: it may have committed, and it raises :class:`OutcomeUnknown`; PostgreSQL cancels a write still running
-        at ``deadline`` (its ``statement_timeout``, in the write's transaction: a cancel from here could come after
-        the commit), and it raises TimeoutError: nothing was written. The caller bounds the rest."""
+                     deadline: float = math.inf, wait: bool = True) -> dict[str, Any] | None:
+        """Run one statement on the statement connection, connected again first when it was lost (until ``deadline``,
+        then TimeoutError; ``wait=False``: one try, its error raised); its row. A read whose connection is lost while
+        it runs is run again on a new one. A write (``writes``: what it writes) is not: it may have committed, and it
+        raises :class:`OutcomeUnknown`; PostgreSQL cancels a write still running at ``deadline`` (its
+        ``statement_timeout``, in the write's transaction: a cancel from here could come after the commit), and it
+        raises TimeoutError: nothing was written. The caller bounds the rest."""
         async with self._statement_lock:
             while True:
                 self._require_open()
@@ -218,7 +232,8 @@ class Client:
                         await self._conn.close()
                     self._conn = None
                     self._conn = await self._reconnect("statements",
-                                                       lambda: self._connect(self.url, row_factory=dict_row))
+                                                       lambda: self._connect(self.url, row_factory=dict_row),
+                                                       deadline=deadline, wait=wait)
                 conn = self._conn
                 try:
                     if writes is None or deadline == math.inf:
@@ -247,15 +262,15 @@ class Client:
                     log.warning("client_connection_lost", connection="statements", error=str(exc)[:200])
 
     async def ask(self, text: str, *, session_id: str | None = None, timeout: float | None = 120.0,
-                  on_delta: Callable[[str], None] | None = None) -> Result:
-        """Ask and wait for the final answer; ``on_delta(piece)`` gets the answer's pieces as they are generated
-        (generative answerers with ``stream_answers``; the extractive answer arrives whole, in the Result).
-        ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
+                  on_delta: Callable[[str], None | Awaitable[None]] | None = None) -> Result:
+        """Ask and wait for the final answer; ``on_delta(piece)`` (or an async function: awaited) gets the answer's
+        pieces as they are generated (generative answerers with ``stream_answers``; the extractive answer arrives
+        whole, in the Result). ``timeout``: seconds for the whole call (None: no limit), else :class:`AnswerTimeout`."""
         async for item in self.stream(text, session_id=session_id, timeout=timeout):
             if isinstance(item, Result):
                 return item
-            if on_delta is not None:
-                on_delta(item)
+            if on_delta is not None and inspect.isawaitable(done := on_delta(item)):
+                await done
         raise AssertionError("stream() ends with its Result")  # pragma: no cover
 
     async def stream(self, text: str, *, session_id: str | None = None,
@@ -282,18 +297,21 @@ class Client:
             with anyio.fail_after(_left(deadline) + WRITE_GRACE):
                 row = await self._fetch(name, params, writes=what, deadline=deadline)
         except TimeoutError:
-            raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: its INSERT waited (a lock on "
-                                f"pgsynapse.{TABLES[what]}?) and was cancelled") from None
+            why = results.not_written(self._unreachable.get("statements"),
+                                      f"its INSERT waited (a lock on pgsynapse.{TABLES[what]}?) and was cancelled")
+            raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: {why}") from None
         assert row is not None  # INSERT ... RETURNING
         return row
 
     async def result(self, question_id: int, *, timeout: float | None = 120.0) -> Result:
         """The :class:`Result` of question ``question_id`` (an :class:`AnswerTimeout`'s ``question_id``, a row an
         application inserted itself), waiting while it is pending: up to ``timeout`` seconds (None: no limit),
-        else :class:`AnswerTimeout`; ``timeout=0``: no waiting, the row as it is (status pending included)."""
+        else :class:`AnswerTimeout`; ``timeout=0``: no waiting, the row as it is (status pending included), for a
+        connection either (PostgreSQL out of reach raises its :class:`DatabaseError`)."""
         self._require_open()
-        if timeout == 0:
-            return await self._read(question_id, asked=False)
+        results.require_id(question_id)
+        if timeout == 0:  # no waiting, for a connection either
+            return await self._read(question_id, asked=False, wait=False)
         async for item in self._follow(question_id, _deadline(timeout), timeout, asked=False):
             if isinstance(item, Result):
                 return item
@@ -337,21 +355,22 @@ class Client:
                 with anyio.fail_after(_left(deadline)):
                     check = await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(_no_answer("question", qid, timeout), qid) from None
+            raise AnswerTimeout(await self._no_answer("question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
 
     async def ask_data(self, text: str, *, session_id: str | None = None, schema: str = "public",
-                       tables: list[str] | None = None, timeout: float | None = 120.0) -> DataResult:
+                       tables: list[str] | tuple[str, ...] | None = None, timeout: float | None = 120.0) -> DataResult:
         """Ask a question about the data (``pgsynapse.data_questions``) and wait for its statement and result.
 
-        ``schema``: where its tables are; ``tables``: the ones it may read (None: every table of ``schema`` the
-        reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``. ``timeout`` as in
-        :meth:`ask`."""
+        ``schema``: where its tables are; ``tables``: the ones it may read (a list or tuple of names; None: every
+        table of ``schema`` the reader role may read). The answer's NOTIFY comes on ``pgsynapse_data_answers``.
+        ``timeout`` as in :meth:`ask`."""
         self._require_open()
         require_text(text)
         require_session(session_id)
+        tables = results.require_target(schema, tables)
         deadline = _deadline(timeout)
         row = await self._ask_row("ask_data", {"session": session_id, "text": text, "schema": schema,
                                                "tables": tables}, "data question", deadline, timeout)
@@ -360,8 +379,10 @@ class Client:
     async def data_result(self, question_id: int, *, timeout: float | None = 120.0) -> DataResult:
         """:meth:`result` for a question about the data."""
         self._require_open()
-        if timeout == 0:
-            return results.data_result(await self._fetch_row("data_answer", question_id, "data question", asked=False))
+        results.require_id(question_id)
+        if timeout == 0:  # no waiting, for a connection either
+            return results.data_result(await self._fetch_row("data_answer", question_id, "data question", asked=False,
+                                                             wait=False))
         return await self._data_result(question_id, _deadline(timeout), timeout, asked=False)
 
     async def _data_result(self, qid: int, deadline: float, timeout: float | None, *,
@@ -378,7 +399,7 @@ class Client:
                         return results.data_result(r)
                     await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(_no_answer("data question", qid, timeout), qid) from None
+            raise AnswerTimeout(await self._no_answer("data question", qid, timeout), qid) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
@@ -392,17 +413,21 @@ class Client:
         (docs/learning.md). ``timeout``: seconds for the whole call (None: no limit), else :class:`ClientTimeout`
         (the INSERT cancelled)."""
         self._require_open()
+        results.require_id(question_id)
         deadline = _deadline(timeout)
         try:
             with anyio.fail_after(_left(deadline) + WRITE_GRACE):
-                row = await self._fetch("question_for_feedback", {"question": question_id}, file="answers.sql")
+                row = await self._fetch("question_for_feedback", {"question": question_id}, file="answers.sql",
+                                        deadline=deadline)
                 params = feedback_params(question_id, row, helpful=helpful, rating=rating, source=source,
                                          comment=comment)
                 written = await self._fetch("insert_feedback", params, file="answers.sql", writes="feedback",
                                             deadline=deadline)
         except TimeoutError:
-            raise ClientTimeout(f"the feedback on question {question_id} was not written within {timeout:g}s: its "
-                                "statement waited (a lock on pgsynapse.feedback?) and was cancelled") from None
+            why = results.not_written(self._unreachable.get("statements"),
+                                      "its statement waited (a lock on pgsynapse.feedback?) and was cancelled")
+            raise ClientTimeout(f"the feedback on question {question_id} was not written within {timeout:g}s: "
+                                f"{why}") from None
         assert written is not None  # INSERT ... RETURNING
         return Feedback(written["id"], question_id, helpful, rating, params["chunk"])
 
@@ -451,21 +476,26 @@ class Client:
         for waiting in self._waiting:
             self._arrived.setdefault(waiting, []).append({"status": "reconnected"})
 
-    async def _fetch_row(self, name: str, qid: int, what: str, *, asked: bool = True) -> dict[str, Any]:
+    async def _fetch_row(self, name: str, qid: int, what: str, *, asked: bool = True,
+                         wait: bool = True) -> dict[str, Any]:
         """Row ``qid`` (``what``: "question", "data question"); ``asked``: known to have been there (an id given by
-        the application may never have been)."""
-        r = await self._fetch(name, {"id": qid})
+        the application may never have been); ``wait``: as :meth:`_fetch`'s."""
+        r = await self._fetch(name, {"id": qid}, wait=wait)
         if r is None and not asked:
             raise UnknownQuestion(f"there is no {what} {qid} (never asked, or deleted before this call)", qid)
         if r is None:
             raise QuestionDeleted(f"{what} {qid} was deleted while waiting for its answer", qid)
         return r
 
-    async def _read(self, qid: int, *, asked: bool = True) -> Result:
-        return results.result(await self._fetch_row("answer", qid, "question", asked=asked))
+    async def _read(self, qid: int, *, asked: bool = True, wait: bool = True) -> Result:
+        return results.result(await self._fetch_row("answer", qid, "question", asked=asked, wait=wait))
 
-
-def _no_answer(what: str, qid: int, timeout: float | None) -> str:
-    get = LATER[what][1]
-    return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
-            f"still come: `await client.{get}({qid})`), or none is running (`pgsynapse run`)")
+    async def _no_answer(self, what: str, qid: int, timeout: float | None) -> str:
+        """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no worker taking it."""
+        get = LATER[what][1]
+        if unreachable := self._unreachable.get("statements") or self._unreachable.get("listen"):
+            return results.no_answer(what, qid, timeout, get, unreachable=unreachable)
+        kind, taken = ("answer" if what == "question" else "sql_answer"), True
+        with anyio.move_on_after(WORKER_CHECK_SECONDS), contextlib.suppress(PgsynapseError, psycopg.Error):
+            taken = workers_take(**await self._fetch("workers_answering", {"kind": kind}, file="ops.sql", wait=False))
+        return results.no_answer(what, qid, timeout, get, no_worker=None if taken else kind)

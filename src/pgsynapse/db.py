@@ -163,6 +163,11 @@ def worker_takes(conn: psycopg.Connection, kind: str) -> bool:
     worker started with other kinds (PGSYNAPSE_KINDS=embed) listens too, and never takes them."""
     listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
         q("workers_answering", "ops.sql"), {"kind": kind}).fetchone()
+    return workers_take(listening, seen, taking)
+
+
+def workers_take(listening: int, seen: int, taking: int) -> bool:
+    """:func:`worker_takes` from the counts of ops.sql's ``workers_answering``."""
     return listening > 0 and (taking > 0 or seen == 0)
 
 

@@ -81,6 +81,35 @@ def require_session(session_id: str | None) -> None:
                          "this one")
 
 
+def require_target(schema: str, tables: list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """A data question's schema and tables (None: every table of the schema) are names: refused here, before its
+    row (a str or a tuple of tables raised psycopg's "malformed array literal", a None schema its NotNullViolation);
+    the tables as the list the row stores."""
+    if not isinstance(schema, str):
+        raise InputError(f"schema must be a schema name (str), not {type(schema).__name__}")
+    if not schema.strip():
+        raise InputError("schema is empty: name the schema of the tables (default: public)")
+    _require_storable(schema, "schema")
+    if tables is None:
+        return None
+    if not isinstance(tables, (list, tuple)):
+        example = f": tables=[{tables!r}]" if isinstance(tables, str) else ""
+        raise InputError(f"tables must be a list of table names, not {type(tables).__name__}{example}")
+    for i, name in enumerate(tables):
+        if not isinstance(name, str):
+            raise InputError(f"tables[{i}] must be a table name (str), not {type(name).__name__}")
+        if not name.strip():
+            raise InputError(f"tables[{i}] is empty: name a table")
+        _require_storable(name, f"tables[{i}]")
+    return list(tables)
+
+
+def require_id(question_id: int) -> None:
+    """A question id is an int (a str raised psycopg's "invalid input syntax for type bigint")."""
+    if isinstance(question_id, bool) or not isinstance(question_id, int):
+        raise InputError(f"question_id must be an int, not {type(question_id).__name__}")
+
+
 def _require_storable(text: str, what: str) -> None:
     if (at := text.find("\x00")) >= 0:
         raise InputError(f"{what} holds a NUL character (\\x00, at {at}): PostgreSQL text cannot store it")
@@ -138,6 +167,29 @@ def result(r: dict[str, Any]) -> Result:
     """A Result from its row (client.sql's ``answer``)."""
     return Result(r["id"], r["status"], r["answer"], r["sources"] or [], r["model_version_id"], r["latency_ms"],
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
+
+
+def not_written(unreachable: str | None, waited: str) -> str:
+    """Why a call's INSERT was not done within its timeout: PostgreSQL out of reach (``unreachable``, why the Client
+    could not connect again), else what it ``waited`` for."""
+    return f"{unreachable} (nothing was written)" if unreachable else waited
+
+
+def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachable: str | None = None,
+              no_worker: str | None = None) -> str:
+    """An :class:`AnswerTimeout`'s message, ``what``: "question", "data question", whose answer the Client's method
+    ``get`` waits for again; why no answer came when the Client can tell: ``unreachable``, why it could not connect
+    again; ``no_worker``, the kind of job no running worker takes."""
+    later = f"`await client.{get}({qid})`"
+    if unreachable:
+        return (f"no answer to {what} {qid} within {timeout:g}s: {unreachable}; its answer can still come once "
+                f"PostgreSQL is reachable: {later}")
+    if no_worker:
+        return (f"no answer to {what} {qid} within {timeout:g}s: no running worker takes {no_worker} jobs on this "
+                f"database: start one (`pgsynapse run`; one started with PGSYNAPSE_KINDS takes only the kinds it "
+                f"names); the {what} stays pending and is answered once one runs: {later}")
+    return (f"no answer to {what} {qid} within {timeout:g}s: the worker may be slower than that (its answer can "
+            f"still come: {later})")
 
 
 def format_result(result: Result, *, answer: bool = True) -> str:

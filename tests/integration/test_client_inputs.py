@@ -9,7 +9,7 @@ import hashlib
 import anyio
 import pytest
 
-from pgsynapse.client import Client, UnknownQuestion
+from pgsynapse.client import AnswerTimeout, Client, UnknownQuestion
 from pgsynapse.errors import DatabaseError, InputError
 from tests.helpers import aconn
 
@@ -53,6 +53,44 @@ async def test_a_session_id_that_is_not_text_is_refused_before_its_row(db_url, s
     for table in ("questions", "data_questions"):
         assert (await (await conn.execute(f"SELECT count(*) AS n FROM pgsynapse.{table}")).fetchone())["n"] == 0
     await conn.close()
+
+
+@pytest.mark.parametrize(("target", "says"), [
+    # psycopg's InvalidTextRepresentation: 'malformed array literal: "orders"' (a str, a tuple)
+    ({"tables": "orders"}, r"tables must be a list of table names, not str: tables=\['orders'\]"),
+    ({"tables": ["orders", 3]}, r"tables\[1\] must be a table name \(str\), not int"),
+    ({"tables": ["orders", " "]}, r"tables\[1\] is empty: name a table"),
+    ({"schema": None}, r"schema must be a schema name \(str\), not NoneType"),  # NotNullViolation
+    ({"schema": 5}, r"schema must be a schema name \(str\), not int"),  # stored as '5'
+    ({"schema": ""}, r"schema is empty: name the schema of the tables"),
+])
+async def test_a_data_question_target_that_is_not_names_is_refused_before_its_row(db_url, target, says):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(InputError, match=says):
+            await client.ask_data("how many orders?", timeout=1, **target)
+    assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.data_questions")).fetchone())["n"] == 0
+    await conn.close()
+
+
+async def test_a_tuple_of_tables_is_asked_as_a_list(db_url):
+    conn = await aconn(db_url)
+    async with Client(db_url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout):  # no worker: the row is what this looks at
+            await client.ask_data("how many orders?", schema="shop", tables=("orders", "regions"), timeout=0.2)
+    row = await (await conn.execute("SELECT target_schema, allowed_tables FROM pgsynapse.data_questions")).fetchone()
+    assert (row["target_schema"], row["allowed_tables"]) == ("shop", ["orders", "regions"])
+    await conn.close()
+
+
+async def test_a_question_id_that_is_not_an_int_is_refused(db_url):
+    # "x" raised psycopg's InvalidTextRepresentation ('invalid input syntax for type bigint: "x"')
+    async with Client(db_url) as client:
+        not_an_int = r"question_id must be an int, not (str|bool)"
+        for call in (lambda: client.result("x", timeout=0), lambda: client.data_result("x", timeout=1),
+                     lambda: client.feedback("x", helpful=True), lambda: client.result(True, timeout=0)):
+            with anyio.fail_after(SAFETY), pytest.raises(InputError, match=not_an_int):
+                await call()
 
 
 async def test_a_timeout_that_is_not_a_number_is_refused(db_url):

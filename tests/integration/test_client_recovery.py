@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 
 import anyio
+import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
 from pgsynapse import client as client_module
 from pgsynapse.client import AnswerTimeout, Client
 from pgsynapse.config import Settings
-from pgsynapse.errors import ConfigError, InputError, PgsynapseError
-from tests.helpers import aconn, wait_until
+from pgsynapse.errors import ConfigError, DatabaseError, InputError, PgsynapseError
+from tests.helpers import aconn, wait_until, with_db
 
 pytestmark = pytest.mark.anyio
 
@@ -249,7 +250,7 @@ async def test_an_answer_that_came_after_the_timeout_is_fetched_by_its_question_
     async with Client(db_url) as client:
         with anyio.fail_after(SAFETY), pytest.raises(InputError, match="timeout=0"):
             await client.ask("how do I create an index?", timeout=0)
-        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="slower than that") as raised:
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="no running worker takes") as raised:
             await client.ask("how do I create an index?", timeout=0.2)
         qid = raised.value.question_id
         assert (await client.result(qid, timeout=0)).status == "pending"  # no waiting
@@ -286,3 +287,95 @@ async def test_the_client_uses_the_keepalive_settings_the_worker_honours(db_url,
     monkeypatch.setenv("PGSYNAPSE_KEEPALIVES_COUNT", "0")
     with pytest.raises(ConfigError, match=r"keepalives_count \[PGSYNAPSE_KEEPALIVES_COUNT\]: .*greater than or equal"):
         Client(db_url)
+
+
+async def test_a_call_while_postgresql_refuses_connections_ends_in_its_timeout_and_says_why(db_url):
+    # with its connections lost and none to be had, result(timeout=0) ("no waiting") waited for ever, and a timed call
+    # ran past its timeout (by WRITE_GRACE) to blame a lock ("its INSERT waited (a lock ...?)") or a slow worker
+    conn = await aconn(db_url)
+    qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('what is VACUUM?') "
+                                     "RETURNING id")).fetchone())["id"]
+    admin = await aconn(with_db(db_url, "postgres"))  # a database's own sessions may not close it
+    dbname = conn.info.dbname
+    refused = r"cannot connect to PostgreSQL: .*not currently accepting connections"
+    async with Client(db_url) as client:
+        await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')  # a server restarting, say
+        try:
+            assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1
+            for get in (client.result, client.data_result):
+                with anyio.fail_after(SAFETY), pytest.raises(DatabaseError, match=refused):
+                    await get(qid, timeout=0)
+            calls = (("ask", lambda: client.ask("how do I create an index?", timeout=1), None,
+                      r"the question was not asked within 1s: "),
+                     ("ask_data", lambda: client.ask_data("how many orders?", timeout=1), None,
+                      r"the data question was not asked within 1s: "),
+                     ("result", lambda: client.result(qid, timeout=1), qid,
+                      rf"no answer to question {qid} within 1s: "),
+                     ("feedback", lambda: client.feedback(qid, helpful=True, timeout=1), None,
+                      rf"the feedback on question {qid} was not written within 1s: "))
+            for name, call, question_id, says in calls:
+                started = anyio.current_time()
+                with (anyio.fail_after(SAFETY),
+                      pytest.raises(client_module.ClientTimeout, match=says + refused) as raised):
+                    await call()
+                assert getattr(raised.value, "question_id", None) == question_id, name
+                assert anyio.current_time() - started < client_module.WRITE_GRACE, name  # not the INSERT's grace too
+        finally:
+            await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        assert (await client.result(qid, timeout=0)).status == "pending"  # connected again
+    await conn.close()
+    await admin.close()
+
+
+async def test_a_timeout_says_when_no_running_worker_takes_the_question(db_url):
+    # it said "the worker may be slower than that ..., or none is running (`pgsynapse run`)" whether a worker ran or
+    # not, and so beside a worker that never takes the kind (PGSYNAPSE_KINDS=embed): the asker could not tell which
+    conn = await aconn(db_url)
+    none_takes = r"no running worker takes {} jobs on this database"
+    async with Client(db_url) as client:
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("answer")) as raised:
+            await client.ask("how do I create an index?", timeout=0.2)
+        qid = raised.value.question_id
+        assert "`await client.result(" in str(raised.value)  # it is answered once one runs
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("sql_answer")):
+            await client.ask_data("how many orders?", timeout=0.2)
+        # a worker listening (its LISTEN connection) and registered with other kinds only
+        listener = await psycopg.AsyncConnection.connect(db_url, autocommit=True,
+                                                         application_name="pgsynapse-listener")
+        await conn.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds) VALUES ('w1', 'h', 1, '{embed}')")
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match=none_takes.format("answer")):
+            await client.result(qid, timeout=0.2)
+        await conn.execute("UPDATE pgsynapse.workers SET kinds = '{embed,answer}'")  # one that takes it: just slower
+        with anyio.fail_after(SAFETY), pytest.raises(AnswerTimeout, match="the worker may be slower than that"):
+            await client.result(qid, timeout=0.2)
+    await listener.close()
+    await conn.close()
+
+
+async def test_an_async_on_delta_is_awaited_for_each_piece(db_url):
+    # an `async def` on_delta (a websocket's send) was called and its coroutine dropped: "coroutine ... was never
+    # awaited", no piece delivered
+    conn = await aconn(db_url)
+    pieces, got = [], anyio.Event()
+
+    async def on_delta(piece: str) -> None:
+        await anyio.sleep(0)  # an awaiting callback
+        pieces.append(piece)
+        got.set()
+
+    results = []
+    async with Client(db_url) as client:
+        client.recheck_seconds = 3600
+        with anyio.fail_after(SAFETY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: _collect(results, client.ask("how do I roll back?", on_delta=on_delta)))
+                (qid,) = await _asked(conn)
+                async with conn.transaction():
+                    await conn.execute("UPDATE pgsynapse.questions SET answer = 'Use' WHERE id = %s", (qid,))
+                    await conn.execute("SELECT pg_notify('pgsynapse_answers', %s)", (json.dumps(
+                        {"id": qid, "status": "streaming", "seq": 1, "offset": 0, "delta": "Use"}),))
+                await got.wait()
+                await _answer(conn, qid, "Use ROLLBACK TO SAVEPOINT.")
+    await conn.close()
+    assert pieces == ["Use", " ROLLBACK TO SAVEPOINT."]
+    assert [r.answer for r in results] == ["Use ROLLBACK TO SAVEPOINT."]
