@@ -340,11 +340,9 @@ class Client:
                         result = await self._read(qid, asked=asked)
                     asked = True  # read once: gone later, it was deleted
                     now = result.answer or ""
-                    # the text written since the last read; an answer that was never streamed (extractive,
-                    # stream_answers off) arrives whole, in the Result only; one that was (a NOTIFY said so, or the
-                    # row was pending with text) but is first read final arrives whole as one piece too; one that
-                    # does not continue what was yielded (a retry after a crash, an edit) yields nothing: the final
-                    # Result's answer is the answer
+                    # the text written since the last read (all of it for a streamed answer first read final); one
+                    # never streamed (extractive) arrives in the Result only; one that does not continue what was
+                    # yielded (a retry after a crash, an edit) yields nothing: the final Result's answer is the answer
                     streamed = bool(received) or result.status == "pending" or announced
                     if streamed and len(now) > len(received) and now.startswith(received):
                         piece, received = now[len(received):], now

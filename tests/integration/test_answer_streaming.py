@@ -127,18 +127,26 @@ async def test_each_piece_is_written_and_notified_in_order_then_the_final_answer
         await _corpus(db_url)
         listener, reader = await aconn(db_url), await aconn(db_url)
         await listener.execute("LISTEN pgsynapse_answers")
-        rows_seen = []
+        rows_seen, pieces, ready = [], [], [0] * len(PIECES)
+
+        def done_with(k: int) -> None:  # the next piece comes once the test read the row and the client its piece
+            ready[k] += 1
+            if ready[k] == 2:
+                gates[k].set()
 
         async def on_stream(p):
             row = await (await reader.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
                                               (p["id"],))).fetchone()
             rows_seen.append((row["status"], row["answer"]))
-            gates[p["seq"] - 1].set()
+            done_with(p["seq"] - 1)
 
-        pieces: list[str] = []
+        def got(piece):
+            pieces.append(piece)
+            done_with(len(pieces) - 1)
+
         async with Client(db_url) as client, anyio.create_task_group() as tg:
             qid = 1  # a fresh database: the first question
-            tg.start_soon(lambda: client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+            tg.start_soon(lambda: client.ask("how do I undo commands back to a savepoint?", on_delta=got))
             notes = await _notifies_until_final(listener, qid, on_stream)
         final = await (await reader.execute("SELECT * FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
     assert [p["status"] for p in notes] == ["streaming"] * len(PIECES) + ["answered"]
