@@ -22,7 +22,7 @@ from pgsynapse.errors import ConfigError, PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.metrics import WorkerCollector, make_registry, render
 from pgsynapse.queries import q
-from pgsynapse.sdnotify import Notifier, watchdog_interval
+from pgsynapse.sdnotify import Notifier, StartPings, watchdog_interval
 
 if TYPE_CHECKING:
     from pgsynapse.listener.worker import Worker
@@ -93,8 +93,10 @@ class Service:
         http: SocketListener | None = None,
         notifier: Notifier | None = None,
         watchdog_every: float | None = None,
+        starting: StartPings | None = None,
     ) -> None:
         self.worker = worker
+        self.starting = starting
         self.reload = reload
         self.http = http
         self.notifier = notifier or Notifier.from_env()
@@ -120,6 +122,8 @@ class Service:
                 if self.watchdog_every:
                     tg.start_soon(self._watchdog)
                 tg.start_soon(self._reload_on_sighup)
+                if self.starting is not None:
+                    self.starting.stop()  # started: the watchdog pings take over
                 self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}", wait=2.0)
                 log.info("service_ready", systemd=self.notifier.enabled, watchdog_s=self.watchdog_every)
                 await self.worker.stopping.wait()
@@ -230,6 +234,7 @@ async def serve(
     worker: Worker,
     *,
     reload: Callable[[], Settings] | None = None,
+    starting: StartPings | None = None,
     task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``worker`` with its service duties until it stops (SIGINT/SIGTERM); returns after the drain.
@@ -237,7 +242,7 @@ async def serve(
     A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status.
     """
     http = await open_http(worker.settings)
-    service = Service(worker, reload=reload, http=http)
+    service = Service(worker, reload=reload, http=http, starting=starting)
     try:
         async with anyio.create_task_group() as tg:
 
