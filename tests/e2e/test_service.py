@@ -88,7 +88,7 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
 
         # SIGHUP re-reads the config file: batch_size changes live, a restart-only setting is reported
         config.write_text('batch_size = 3\nchunk_tokens = 128\n')
-        mark = len(worker.events)
+        mark = reloaded_at = len(worker.events)
         worker.proc.send_signal(signal.SIGHUP)
         reloaded = worker.wait_event("config_reloaded", start=mark)
         assert reloaded["changed"] == {"batch_size": 3} and reloaded["needs_restart"] == ["chunk_tokens"]
@@ -113,8 +113,9 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         stopping = notify.expect("STOPPING=1", start=first)
         assert worker.proc.wait(SAFETY_TIMEOUT) == 0
         assert stopping > first
-        batches = [e for e in worker.events if e.get("event") == "batch_processed" and e.get("n")]
-        assert max(e["n"] for e in batches[-3:]) <= 3  # the reloaded batch size was in force
+        # the reloaded batch size was in force (no claim starts after the SIGTERM: judge every batch since the reload)
+        batches = [e for e in worker.events[reloaded_at:] if e.get("event") == "batch_processed" and e.get("n")]
+        assert batches and max(e["n"] for e in batches) <= 3, batches
         state = await (await conn.execute(NO_JOB_LOST)).fetchone()
         assert state == {"running": 0, "failed": 0, "orphans": 0, "other": 0}, state
     finally:
