@@ -18,6 +18,7 @@ import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 
 from pgsynapse.config import Settings
+from pgsynapse.db import pool_kwargs
 from pgsynapse.errors import ConfigError, PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.metrics import WorkerCollector, make_registry, render
@@ -51,6 +52,21 @@ def loop_stalled(worker: Worker) -> float | None:
     """
     stalled = worker.stalled_loop()
     return stalled[0] if stalled else None
+
+
+async def connect_error(worker: Worker) -> str:
+    """Why the worker's pool gives no connection within the health check's wait: libpq's message for a new one
+    (refused, a database not accepting connections, a timeout), or, when one can be made, that the pool is busy."""
+    try:
+        with anyio.fail_after(3.0):
+            kwargs = {**pool_kwargs(worker.url, worker.settings, "pgsynapse-health"), "connect_timeout": 2}
+            conn = await psycopg.AsyncConnection.connect(worker.url, **kwargs)
+    except (psycopg.Error, OSError) as exc:
+        return " ".join(str(exc).split())[:200] or type(exc).__name__
+    except TimeoutError:
+        return "no connection to the database within 3 s"
+    await conn.close()
+    return "no connection free in the worker's pool within 2 s (a new connection succeeds: every pooled one is busy)"
 
 
 def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
@@ -175,7 +191,9 @@ class Service:
                 async with w.pool.connection() as conn:
                     await conn.execute(q("health_ping", "ops.sql"))
             db_ok = True
-        except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
+        except TimeoutError:  # the pool only says it waited: a connection of our own says why (a server down)
+            db_error = await connect_error(w)
+        except (psycopg.Error, OSError, RuntimeError) as exc:
             db_error = " ".join(str(exc).split())[:200] or type(exc).__name__
         overdue = loop_stalled(w)
         status = "ok" if db_ok and overdue is None and w.listener.connected else "degraded"
