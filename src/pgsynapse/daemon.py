@@ -135,9 +135,9 @@ class Service:
                     tg.start_soon(self.http.serve, self._handle_http)
                     host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
                     log.info("metrics_listening", host=host, port=port, paths=["/metrics", "/healthz"])
+                await tg.start(self._reload_on_sighup)  # a SIGHUP from READY=1 on reloads
                 if self.watchdog_every:
-                    tg.start_soon(self._watchdog)
-                tg.start_soon(self._reload_on_sighup)
+                    tg.start_soon(self._watchdog)  # its first ping comes after READY=1 (no checkpoint between)
                 if self.starting is not None:
                     self.starting.stop()  # started: the watchdog pings take over
                 self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}", wait=2.0)
@@ -166,10 +166,12 @@ class Service:
             await anyio.sleep(self.watchdog_every)
 
     # -- reload ----------------------------------------------------------------------------------
-    async def _reload_on_sighup(self) -> None:
+    async def _reload_on_sighup(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.reload is None:
+            task_status.started()
             return
         with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()
             async for _ in signals:
                 try:
                     new = self.reload()

@@ -155,6 +155,30 @@ async def test_a_long_start_extends_the_start_timeout_until_ready(db_url):
         await holder.close()
 
 
+async def test_a_sighup_while_starting_keeps_the_worker(db_url):
+    """SIGHUP is the reload signal (ExecReload), but before the worker's start was done its default action killed
+    the process (exit 129, during minutes of migrations, model loads or a first start's export). It is now ignored
+    until the worker has started, with a warning saying to send it again."""
+    holder = await aconn(db_url)  # another worker, exporting: this one's start waits for it
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_RUNTIME": "torch"}, wait_started=False)
+    try:
+        await wait_until(holder, WAITING)
+        worker.proc.send_signal(signal.SIGHUP)
+        ignored = worker.wait_event("config_reload_ignored")
+        assert "again once started" in ignored["note"], ignored
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+        worker.wait_event("service_ready")
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)  # started: a reload
+        worker.wait_event("config_reloaded", start=mark)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+        await holder.close()
+
+
 def test_notify_to_abstract_socket():
     name = f"pgsynapse-test-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
