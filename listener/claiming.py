@@ -62,6 +62,8 @@ class Claiming:
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
         async with self._claim_locks[kind]:
+            if self.stopping.is_set():  # stopped while the kind's other loop claimed: no claim after a stop
+                return []
             return await self._claim(kind, limit)
 
     async def _claim(self, kind: str, limit: int) -> list[Job]:
@@ -92,7 +94,7 @@ class Claiming:
 
     async def _claim_solo(self, kind: str) -> Job | None:
         """A solo job in the worker's one solo slot (kept until the job is processed), or None."""
-        if not self.gate.reserve():
+        if self.stopping.is_set() or not self.gate.reserve():
             return None
         solo = None
         try:

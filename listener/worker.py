@@ -301,6 +301,8 @@ class Worker(Claiming):
                 await self.wakeups.wait(kind, min(self.settings.poll_interval, 2.0))
                 continue
             if not jobs:
+                if self.stopping.is_set():
+                    continue  # the idle wait's query would wait for a connection too (a database down): none
                 timeout = await self._idle_timeout(kind)
                 woken = await self.wakeups.wait(kind, timeout)
                 if not woken and not self.listener.connected:

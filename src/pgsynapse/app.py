@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
+from pgsynapse.sdnotify import StartPings
 from pgsynapse.wording import listed
 
 log = get_logger(__name__)
@@ -44,11 +47,21 @@ def run_worker(
 ) -> None:
     """The service: its models checked, migrations, then the worker with systemd notify/watchdog, SIGHUP
     ``reload`` and metrics."""
-    check_models(settings)  # before a database is started or migrated for a worker that cannot serve
-    with Database(settings) as db:
-        ensure_schema(db, apply=apply_migrations)
-        worker = Worker(settings, db.url)
-        anyio.run(lambda: serve(worker, reload=reload))
+    if threading.current_thread() is threading.main_thread():
+        # SIGHUP reloads once started (daemon.Service); until then its default action would kill the process
+        signal.signal(signal.SIGHUP, _reload_while_starting)
+    # under systemd, every step until READY=1 may take minutes: the start timeout is extended while it lasts
+    with StartPings() as starting:
+        check_models(settings)  # before a database is started or migrated for a worker that cannot serve
+        with Database(settings) as db:
+            ensure_schema(db, apply=apply_migrations)
+            worker = Worker(settings, db.url)
+            anyio.run(lambda: serve(worker, reload=reload, starting=starting))
+
+
+def _reload_while_starting(signum: int, frame: object) -> None:
+    log.warning("config_reload_ignored", note="the worker is still starting: send SIGHUP again once started "
+                "(systemctl reload pgsynapse, after service_ready)")
 
 
 def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0,

@@ -18,11 +18,12 @@ import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 
 from pgsynapse.config import Settings
+from pgsynapse.db import pool_kwargs
 from pgsynapse.errors import ConfigError, PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.metrics import WorkerCollector, make_registry, render
 from pgsynapse.queries import q
-from pgsynapse.sdnotify import Notifier, watchdog_interval
+from pgsynapse.sdnotify import Notifier, StartPings, watchdog_interval
 
 if TYPE_CHECKING:
     from pgsynapse.listener.worker import Worker
@@ -51,6 +52,21 @@ def loop_stalled(worker: Worker) -> float | None:
     """
     stalled = worker.stalled_loop()
     return stalled[0] if stalled else None
+
+
+async def connect_error(worker: Worker) -> str:
+    """Why the worker's pool gives no connection within the health check's wait: libpq's message for a new one
+    (refused, a database not accepting connections, a timeout), or, when one can be made, that the pool is busy."""
+    try:
+        with anyio.fail_after(3.0):
+            kwargs = {**pool_kwargs(worker.url, worker.settings, "pgsynapse-health"), "connect_timeout": 2}
+            conn = await psycopg.AsyncConnection.connect(worker.url, **kwargs)
+    except (psycopg.Error, OSError) as exc:
+        return " ".join(str(exc).split())[:200] or type(exc).__name__
+    except TimeoutError:
+        return "no connection to the database within 3 s"
+    await conn.close()
+    return "no connection free in the worker's pool within 2 s (a new connection succeeds: every pooled one is busy)"
 
 
 def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
@@ -93,8 +109,10 @@ class Service:
         http: SocketListener | None = None,
         notifier: Notifier | None = None,
         watchdog_every: float | None = None,
+        starting: StartPings | None = None,
     ) -> None:
         self.worker = worker
+        self.starting = starting
         self.reload = reload
         self.http = http
         self.notifier = notifier or Notifier.from_env()
@@ -117,9 +135,11 @@ class Service:
                     tg.start_soon(self.http.serve, self._handle_http)
                     host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
                     log.info("metrics_listening", host=host, port=port, paths=["/metrics", "/healthz"])
+                await tg.start(self._reload_on_sighup)  # a SIGHUP from READY=1 on reloads
                 if self.watchdog_every:
-                    tg.start_soon(self._watchdog)
-                tg.start_soon(self._reload_on_sighup)
+                    tg.start_soon(self._watchdog)  # its first ping comes after READY=1 (no checkpoint between)
+                if self.starting is not None:
+                    self.starting.stop()  # started: the watchdog pings take over
                 self.notifier.notify("READY=1", f"STATUS=processing {','.join(self.worker.kinds)}", wait=2.0)
                 log.info("service_ready", systemd=self.notifier.enabled, watchdog_s=self.watchdog_every)
                 await self.worker.stopping.wait()
@@ -146,10 +166,12 @@ class Service:
             await anyio.sleep(self.watchdog_every)
 
     # -- reload ----------------------------------------------------------------------------------
-    async def _reload_on_sighup(self) -> None:
+    async def _reload_on_sighup(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.reload is None:
+            task_status.started()
             return
         with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()
             async for _ in signals:
                 try:
                     new = self.reload()
@@ -171,7 +193,9 @@ class Service:
                 async with w.pool.connection() as conn:
                     await conn.execute(q("health_ping", "ops.sql"))
             db_ok = True
-        except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
+        except TimeoutError:  # the pool only says it waited: a connection of our own says why (a server down)
+            db_error = await connect_error(w)
+        except (psycopg.Error, OSError, RuntimeError) as exc:
             db_error = " ".join(str(exc).split())[:200] or type(exc).__name__
         overdue = loop_stalled(w)
         status = "ok" if db_ok and overdue is None and w.listener.connected else "degraded"
@@ -230,6 +254,7 @@ async def serve(
     worker: Worker,
     *,
     reload: Callable[[], Settings] | None = None,
+    starting: StartPings | None = None,
     task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``worker`` with its service duties until it stops (SIGINT/SIGTERM); returns after the drain.
@@ -237,7 +262,7 @@ async def serve(
     A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status.
     """
     http = await open_http(worker.settings)
-    service = Service(worker, reload=reload, http=http)
+    service = Service(worker, reload=reload, http=http, starting=starting)
     try:
         async with anyio.create_task_group() as tg:
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 from pgsynapse.logs import get_logger
 
@@ -76,3 +77,43 @@ def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
     if usec <= 0 or (pid and pid != str(os.getpid())):
         return None
     return usec / 2 / 1_000_000
+
+
+class StartPings:
+    """While the service starts, tell the service manager it is alive: ``EXTEND_TIMEOUT_USEC`` every ``every``
+    seconds (the watchdog's cadence, else 30 s), each good for three of them.
+
+    A start may take many minutes and still progress (migrations, model loads, the first start's runtime export, or
+    a wait for another worker's): ``TimeoutStartSec=`` then bounds a start that went silent (a process that hung
+    or died), not a long one. A thread, so the synchronous steps before the event loop are covered too; stopped
+    by :meth:`stop` just before ``READY=1`` (or at exit, on a start that failed). A no-op outside systemd.
+    """
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        self.notifier = Notifier.from_env(environ)
+        self.every = watchdog_interval(environ) or 30.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StartPings:
+        if self.notifier.enabled:
+            self._thread = threading.Thread(target=self._ping, name="sd-start-pings", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _ping(self) -> None:
+        usec = round(self.every * 3 * 1_000_000)
+        while not self._stop.is_set():
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        """No extension after this returns (call it before ``READY=1``); idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.notifier.close()

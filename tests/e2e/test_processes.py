@@ -12,6 +12,7 @@ import time
 import psutil
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from pgsynapse.learning.cli import queue_retrain
@@ -19,7 +20,8 @@ from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_learning import _helpful_feedback, _pages
-from tests.helpers import SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, insert_docs, running_worker, spawn_worker, wait_until
+from tests.helpers import (SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, free_port, http_get, insert_docs,
+                           running_worker, spawn_worker, wait_until, with_db)
 
 pytestmark = pytest.mark.anyio
 
@@ -122,6 +124,39 @@ async def test_sigterm_drains_in_flight_batches_and_exits_zero(shipped_url):
     assert row["done"] >= 1 and row["done"] == stopped["processed"]["embed"]
     assert row["pending"] == 400 - row["done"]  # the rest wait, untouched, for the next worker
     await conn.close()
+
+
+async def test_sigterm_while_the_database_is_down_claims_nothing_more(db_url):
+    """SIGTERM during a database outage, nothing in flight: the stopped worker went on claiming (each claim waits 30 s
+    for a pool connection, the loops of a kind one after another, then its idle poll's query) and exited 86 s later,
+    near TimeoutStopSec=120. Stopped, it starts no claim: only those already waiting at the signal run out.
+    Meanwhile /healthz says why the database cannot be used (it said "TimeoutError": the pool's wait, not the cause)."""
+    port = free_port()
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_POLL_INTERVAL": "1", "PGSYNAPSE_METRICS_PORT": str(port)})
+    conn = await aconn(with_db(db_url, "postgres"))
+    name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    db = sql.Identifier(name)
+    try:
+        # the outage: no new connection to the database, the worker's own ones ended
+        await conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(db))
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        worker.wait_event("claim_failed")  # its loops wait on the pool, one claim after another
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "unhealthy" and not health["db_reachable"], health
+        assert f'database "{name}" is not currently accepting connections' in health["db_error"], health
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGTERM)
+        worker.wait_event("signal_received", start=mark)
+        signalled = time.monotonic()
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+        took = time.monotonic() - signalled
+        # the claims waiting at the signal give up after the pool's 30 s, the deregistration after 5 s
+        assert took < 50, (round(took, 1), worker.tail())
+    finally:
+        await conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db))
+        worker.stop()
+        await conn.close()
 
 
 async def test_sigterm_abandons_a_runtime_export_and_the_next_start_redoes_it(db_url, default_runtime, tmp_path):

@@ -10,11 +10,16 @@ import time
 import pytest
 
 from pgsynapse.answerers.local_models import package_dir
+from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.sdnotify import Notifier, watchdog_interval
 from tests.helpers import SAFETY_TIMEOUT, aconn, free_port, http_get, insert_docs, metric_samples, spawn_worker, wait_until
 from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
+
+# a worker waits on an advisory lock (the export lock another worker holds)
+WAITING = ("SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+           " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
 
 NO_JOB_LOST = """
 SELECT
@@ -83,7 +88,7 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
 
         # SIGHUP re-reads the config file: batch_size changes live, a restart-only setting is reported
         config.write_text('batch_size = 3\nchunk_tokens = 128\n')
-        mark = len(worker.events)
+        mark = reloaded_at = len(worker.events)
         worker.proc.send_signal(signal.SIGHUP)
         reloaded = worker.wait_event("config_reloaded", start=mark)
         assert reloaded["changed"] == {"batch_size": 3} and reloaded["needs_restart"] == ["chunk_tokens"]
@@ -108,14 +113,70 @@ async def test_daemon_notify_watchdog_metrics_reload_and_drain(db_url, tmp_path)
         stopping = notify.expect("STOPPING=1", start=first)
         assert worker.proc.wait(SAFETY_TIMEOUT) == 0
         assert stopping > first
-        batches = [e for e in worker.events if e.get("event") == "batch_processed" and e.get("n")]
-        assert max(e["n"] for e in batches[-3:]) <= 3  # the reloaded batch size was in force
+        # the reloaded batch size was in force (no claim starts after the SIGTERM: judge every batch since the reload)
+        batches = [e for e in worker.events[reloaded_at:] if e.get("event") == "batch_processed" and e.get("n")]
+        assert batches and max(e["n"] for e in batches) <= 3, batches
         state = await (await conn.execute(NO_JOB_LOST)).fetchone()
         assert state == {"running": 0, "failed": 0, "orphans": 0, "other": 0}, state
     finally:
         worker.stop()
         notify.close()
         await conn.close()
+
+
+async def test_a_long_start_extends_the_start_timeout_until_ready(db_url):
+    """TimeoutStartSec (600 s) ended starts that were making progress: the active version's export rebuilt on a new
+    host (mpnet's INT8 export took 14 minutes), or a wait for another worker's export, was stopped at 10 minutes,
+    abandoned, and started again from nothing, for ever. A starting worker now tells systemd it is alive
+    (``EXTEND_TIMEOUT_USEC``, three watchdog intervals) at the watchdog's cadence, until ``READY=1``."""
+    notify = NotifySocket()
+    holder = await aconn(db_url)  # another worker, exporting: this one's start waits for it
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "300000", "PGSYNAPSE_RUNTIME": "torch"}
+    worker = spawn_worker(db_url, env=env, wait_started=False)
+    try:
+        await wait_until(holder, WAITING)
+        extend = "EXTEND_TIMEOUT_USEC=450000"  # a ping every 0.15 s, each good for 0.45 s
+        first = notify.expect(extend, start=len(notify.messages))
+        notify.expect(extend, start=first + 1)  # and again while it still waits
+        assert not any("READY=1" in m.split("\n") for m in notify.messages), notify.messages
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+        ready = notify.expect("READY=1", start=first)
+        worker.wait_event("worker_started")
+        # started: the watchdog pings take over, and the start timeout is no longer extended
+        ping = notify.expect("WATCHDOG=1", start=ready)
+        notify.expect("WATCHDOG=1", start=ping + 1)
+        assert not any(extend in m.split("\n") for m in notify.messages[ready:]), notify.messages[ready:]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+        notify.close()
+        await holder.close()
+
+
+async def test_a_sighup_while_starting_keeps_the_worker(db_url):
+    """SIGHUP is the reload signal (ExecReload), but before the worker's start was done its default action killed
+    the process (exit 129, during minutes of migrations, model loads or a first start's export). It is now ignored
+    until the worker has started, with a warning saying to send it again."""
+    holder = await aconn(db_url)  # another worker, exporting: this one's start waits for it
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    worker = spawn_worker(db_url, env={"PGSYNAPSE_RUNTIME": "torch"}, wait_started=False)
+    try:
+        await wait_until(holder, WAITING)
+        worker.proc.send_signal(signal.SIGHUP)
+        ignored = worker.wait_event("config_reload_ignored")
+        assert "again once started" in ignored["note"], ignored
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+        worker.wait_event("service_ready")
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)  # started: a reload
+        worker.wait_event("config_reloaded", start=mark)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+        await holder.close()
 
 
 def test_notify_to_abstract_socket():

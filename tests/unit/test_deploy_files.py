@@ -78,7 +78,7 @@ def test_unit_is_a_notify_service_with_watchdog_and_hardening():
     assert u["Type"] == ["notify"]
     assert int(u["WatchdogSec"][0]) > 0
     assert u["Restart"] == ["on-failure"]
-    assert u["RestartPreventExitStatus"] == [str(EX_CONFIG)]
+    assert u["RestartPreventExitStatus"] == [f"2 {EX_CONFIG}"]
     assert u["User"] == ["pgsynapse"]
     for key in ("NoNewPrivileges", "PrivateTmp"):
         assert u[key] == ["yes"], key
@@ -91,6 +91,18 @@ def test_unit_is_a_notify_service_with_watchdog_and_hardening():
     assert Path(exec_start[0]).name in PYPROJECT["project"]["scripts"]
     _cli_accepts(exec_start[1:])
     assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_a_command_line_the_cli_refuses_is_not_restarted_either():
+    """A typo in ExecStart (`run --kinds embedd`) exits 2, argparse's usage error, which Restart=on-failure
+    restarted every RestartSec=5 for ever (systemd's start limit, 5 starts in 10 s, never trips at that pace):
+    like exit 78, a restart cannot fix it."""
+    exe = Path(sys.executable).with_name("pgsynapse")
+    out = subprocess.run([str(exe), "run", "--kinds", "embedd"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert "unknown job kind(s) 'embedd'" in out.stderr, out.stderr
+    prevented = _unit()["RestartPreventExitStatus"][0].split()
+    assert str(out.returncode) in prevented and str(EX_CONFIG) in prevented, (out.returncode, prevented)
 
 
 def test_env_example_names_only_real_settings():
