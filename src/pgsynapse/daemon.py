@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pgsynapse.config import Settings
 from pgsynapse.db import pool_kwargs
@@ -224,7 +225,11 @@ class Service:
                         request += await stream.receive(65536)
                 parts = request.split(b"\r\n", 1)[0].decode("latin-1").split()
                 method, path = (parts + ["", ""])[:2]
-                code, ctype, payload = await self._route(method, path.split("?", 1)[0])
+                try:
+                    code, ctype, payload = await self._route(method, path.split("?", 1)[0])
+                except Exception as exc:  # noqa: BLE001 - one failed request never takes the worker down with it
+                    log.error("http_request_failed", path=path[:200], error=f"{type(exc).__name__}: {exc}"[:500])
+                    code, ctype, payload = 500, "text/plain", b"internal error: see the worker's log\n"
                 head = (
                     f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
@@ -238,8 +243,6 @@ class Service:
             return 405, "text/plain", b"method not allowed\n"
         if path == "/metrics":
             await self.collector.refresh()
-            from prometheus_client import CONTENT_TYPE_LATEST
-
             return 200, CONTENT_TYPE_LATEST, render(self.registry)
         if path == "/healthz":
             code, body = await self.health()
@@ -247,7 +250,8 @@ class Service:
         return 404, "text/plain", b"not found: try /metrics or /healthz\n"
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 async def serve(

@@ -8,12 +8,14 @@ import threading
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
+from structlog.testing import capture_logs
 
 from pgsynapse.daemon import Service, loop_stalled, tick_age
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.worker import Worker
 from pgsynapse.sdnotify import Notifier
-from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, insert_docs, wait_until
+from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, http_get, insert_docs, wait_until
 from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
@@ -156,3 +158,31 @@ async def test_a_batch_hung_past_its_deadline_withholds_watchdog_and_fails_healt
     finally:
         notify.close()
         await conn.close()
+
+
+async def test_a_request_that_fails_answers_500_and_the_worker_goes_on(db_url, models):
+    """An error in answering /metrics or /healthz (a bug, a metric that cannot be read) ended the HTTP task, and the
+    task group with it: the whole worker. It answers 500, logs the error, and the next request is answered."""
+    worker = Worker(fast_settings(db_url), db_url, models=models)
+    http = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = http.extra(SocketAttribute.local_address)[1]
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+        service = Service(worker, http=http, notifier=Notifier(None), watchdog_every=0)
+        health = service.health
+
+        async def broken():
+            raise ValueError("a bug in the health check")
+
+        service.health = broken  # type: ignore[method-assign]
+        tg.start_soon(service.run)
+        with capture_logs() as logs:
+            code, body = await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/healthz")
+        assert code == 500 and b"see the worker's log" in body
+        [failed] = [e for e in logs if e["event"] == "http_request_failed"]
+        assert failed["path"] == "/healthz" and "a bug in the health check" in failed["error"]
+        service.health = health  # type: ignore[method-assign]
+        code, body = await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/healthz")
+        assert code == 200 and not worker.stopping.is_set(), body
+        worker.request_stop()
+        tg.cancel_scope.cancel()
