@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
-from pgsynapse.db import worker_takes
+from pgsynapse.db import take_xact_lock, worker_takes
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image
@@ -279,7 +279,7 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport,
         return
     with conn.transaction():
         # one ingest at a time decides what is new, so two concurrent runs never insert the same content twice
-        conn.execute(q("ingest_lock", "ops.sql"))
+        take_xact_lock(conn, q("ingest_lock", "ops.sql"), {})
         hashes = [d.content_hash for d in batch]
         cur = conn.cursor(row_factory=tuple_row)
         seen = {r[0] for r in cur.execute(q("existing_hashes", "ops.sql"), {"hashes": hashes})}

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 import psycopg
 from psycopg.rows import tuple_row
 
+from pgsynapse.db import take_xact_lock
 from pgsynapse.images.decode import EXTENSIONS
 from pgsynapse.queries import q
 
@@ -73,7 +74,7 @@ def flush_images(conn: psycopg.Connection, images: list[FileImage],
     cur = conn.cursor(row_factory=tuple_row)
     hashes = [im.content_hash for im in images]
     with conn.transaction():
-        conn.execute(q("ingest_lock", "ops.sql"))
+        take_xact_lock(conn, q("ingest_lock", "ops.sql"), {})
         stored = cur.execute(q("stored_images_by_hash", "images.sql"), {"hashes": hashes}).fetchall()
         beside = {im.source: document_for(im.source, document_sources) for im in images}
         wanted = sorted({s for s in beside.values() if s})
