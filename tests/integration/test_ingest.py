@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -363,10 +364,21 @@ def _wait_for_waiters(conn: psycopg.Connection, n: int, procs: list[subprocess.P
     return pids
 
 
-def test_a_killed_ingest_s_lock_wait_ends_with_it(db_url, tmp_path):
-    """Two ingests store batches one at a time (a transaction advisory lock). One killed while it waits for another
-    (Ctrl-C twice, SIGKILL) left its server backend waiting on the lock until it was granted: a backend for nobody.
-    Now a killed one's wait ends within a second or so, and the other ingests its file once the lock is free."""
+def _said(proc: subprocess.Popen, word: str) -> str:
+    """What ``proc`` wrote on stderr until ``word``, read as it is written (60 s at most: a safety net)."""
+    said, deadline = b"", time.monotonic() + 60
+    while word.encode() not in said and select.select([proc.stderr], [], [], max(0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(proc.stderr.fileno(), 65536)):
+            break
+        said += chunk
+    return said.decode()
+
+
+def test_an_ingest_waiting_for_another_says_so_and_a_killed_one_s_wait_ends_with_it(db_url, tmp_path):
+    """Two ingests store batches one at a time (a transaction advisory lock). One waiting for another said nothing,
+    and one killed meanwhile (Ctrl-C twice, SIGKILL) left its server backend waiting on the lock until it was granted:
+    a backend for nobody. Now a wait of more than a second says so (`ingest_waiting`), a killed one's wait ends
+    within a second or so, and the other ingests its file once the lock is free."""
     (tmp_path / "a.md").write_text("# A\n\nVacuum reclaims storage.\n")
     (tmp_path / "b.md").write_text("# B\n\nCheckpoints flush dirty pages.\n")
     env = {**os.environ, "DATABASE_URL": db_url, "PGSYNAPSE_LOG_LEVEL": "info"}
@@ -378,8 +390,10 @@ def test_a_killed_ingest_s_lock_wait_ends_with_it(db_url, tmp_path):
             for name in ("a.md", "b.md"):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "pgsynapse", "ingest", "--no-progress", str(tmp_path / name)], env=env,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
                 first = first or _wait_for_waiters(watch, len(procs), procs)
+                said = _said(procs[-1], "ingest_waiting")
+                assert "ingest_waiting" in said, f"{name}: an ingest waited on another without a word: {said!r}"
             killed, waiting = procs
             _wait_for_waiters(watch, 2, procs)
             backend = psutil.Process(first[0])
@@ -391,7 +405,7 @@ def test_a_killed_ingest_s_lock_wait_ends_with_it(db_url, tmp_path):
                 pytest.fail("the killed ingest's backend still waits on the ingest lock after 30 s")
             holder.commit()  # the lock is free: the other ingest goes on
             out, err = waiting.communicate(timeout=120)
-            assert waiting.returncode == 0 and "1 file(s): 1 inserted" in out, out + err
+            assert waiting.returncode == 0 and b"1 file(s): 1 inserted" in out, out + err
         finally:
             for proc in procs:
                 proc.kill()
