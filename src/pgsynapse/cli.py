@@ -36,7 +36,7 @@ from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.results import terminal_safe
 from pgsynapse.retry import retry_failed
-from pgsynapse.search import search, search_order
+from pgsynapse.search import check_search_text, search, search_order
 from pgsynapse.status import render, render_embedded, status_snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
@@ -217,6 +217,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "search" and args.k is None:  # as many as an answer is given
         args.k = settings.answer_top_k
+    if args.command == "search" and (args.text or "").strip():  # before any model is loaded (a ranker, an encoder)
+        check_search_text(args.text, settings.max_question_chars)
     if args.command == "search" and (args.images or args.like_image or args.image_model is not None):
         return run_image_search(args, settings)
     if args.command == "image-model":
@@ -250,7 +252,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                         version=args.model_version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
                                         text_weight=settings.hybrid_text_weight,
-                                        text_max_rows=settings.hybrid_text_max_rows)
+                                        text_max_rows=settings.hybrid_text_max_rows,
+                                        max_chars=settings.max_question_chars)
                     waiting = (await (await conn.execute(q("documents_waiting", "ops.sql"))).fetchone())["n"]
                     return hits, search_order(settings.hybrid, ranker is not None), waiting
             finally:

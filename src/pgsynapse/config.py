@@ -141,7 +141,8 @@ class Settings(TextSqlSettings):
     history_turns: int = Field(2, ge=0, le=20, description="previous turns of a session given to retrieval and answerers")
     not_found_threshold: float = Field(0.35, ge=-1, le=1, description="best passage score under which nothing is "
                                        "relevant (a passage with every word of the question: down to 0.2)")
-    max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error")
+    max_question_chars: int = Field(20_000, ge=1, description="longer questions fail at once with a clear error; "
+                                    "so does a longer search text")
     rank_candidates: int = Field(
         10, ge=1, le=200, description="vector (and full-text) candidates a ranker orders, when one serves the question "
         "(pgsynapse ranker ...); the first answer_top_k of its order are the passages (10: the best of 10/20/30 on "

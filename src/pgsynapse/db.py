@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,30 @@ def take_session_lock(conn: psycopg.Connection, query: str, params: Mapping[str,
             return
         except psycopg.errors.LockNotAvailable:
             continue  # still held: wait again
+
+
+def take_xact_lock(conn: psycopg.Connection, query: str, params: Mapping[str, Any], *,
+                   waiting: Callable[[], None] | None = None) -> None:
+    """Take a transaction advisory lock with ``query`` (a blocking ``pg_advisory_xact_lock``) in the transaction open
+    on ``conn``, however long another transaction holds it, in waits of at most LOCK_WAIT_SLICE_MS each, as
+    :func:`take_session_lock` does (a killed waiter's backend ends with it): each wait in a savepoint, so that one
+    that times out undoes nothing else; the transaction's lock_timeout is as it was after. ``waiting()`` is called
+    once, when the first wait times out: a wait of a moment is not worth a word, a longer one is."""
+    cur = conn.cursor(row_factory=tuple_row)
+    was = cur.execute(q("lock_timeout_now")).fetchone()[0]
+    said = waiting is None
+    while True:
+        try:
+            with conn.transaction():  # a savepoint: the lock taken in it is the transaction's once it is released
+                cur.execute(q("lock_wait_slice"), {"ms": LOCK_WAIT_SLICE_MS})
+                cur.execute(query, params)
+            break
+        except psycopg.errors.LockNotAvailable:
+            if not said:
+                waiting()
+                said = True
+            continue  # still held: wait again
+    cur.execute(q("lock_timeout_restore"), {"value": was})
 
 
 # what a statement meets on a database that was never migrated, or is a migration behind

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from pgsynapse.db import worker_takes
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
-from pgsynapse.images.ingest import FileImage, flush_images, is_image
+from pgsynapse.images.ingest import FileImage, flush_images, is_image, lock_ingests
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.textextract import html_to_text
@@ -278,8 +278,7 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport,
     if not batch:
         return
     with conn.transaction():
-        # one ingest at a time decides what is new, so two concurrent runs never insert the same content twice
-        conn.execute(q("ingest_lock", "ops.sql"))
+        lock_ingests(conn)  # one ingest at a time decides what is new
         hashes = [d.content_hash for d in batch]
         cur = conn.cursor(row_factory=tuple_row)
         seen = {r[0] for r in cur.execute(q("existing_hashes", "ops.sql"), {"hashes": hashes})}

@@ -61,12 +61,24 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
     return row
 
 
+def check_search_text(text: str | None, max_chars: int) -> None:
+    """Refuse a search text that is empty, or over ``max_chars`` characters (the setting ``max_question_chars``: a
+    search is what an answer retrieves) before any model or query work: a text of a megabyte was tokenized and
+    embedded whole, and then its full-text query went past PostgreSQL's limit."""
+    if not text or not text.strip():
+        raise InputError("the search text is empty: search for something")
+    if len(text) > max_chars:
+        raise InputError(f"the search text has {len(text):,} characters, over max_question_chars={max_chars:,}: "
+                         "shorten it, or raise max_question_chars (PGSYNAPSE_MAX_QUESTION_CHARS)")
+
+
 async def search(
     conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
     hybrid: bool = Settings.model_fields["hybrid"].default,
     text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
     text_max_rows: int = Settings.model_fields["hybrid_text_max_rows"].default,
+    max_chars: int = Settings.model_fields["max_question_chars"].default,
 ) -> list[Hit]:
     """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
     ``hybrid`` (the setting's default, so on unless turned off), the kNN is fused with the full-text matches of
@@ -74,9 +86,9 @@ async def search(
     most; the settings' defaults unless given), as the answer handler retrieves (settings ``hybrid``,
     ``hybrid_text_weight``, ``hybrid_text_max_rows``); ``hybrid=False`` is the kNN alone, by cosine. With a
     ``ranker``, the first ``max(k, candidates)`` are ordered by it and its first ``k`` returned (their ``score``
-    stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors."""
-    if not text or not text.strip():
-        raise InputError("the search text is empty: search for something")
+    stays the cosine similarity); a ``version`` ranker's registry row rescores with its teacher's stored vectors.
+    A ``text`` over ``max_chars`` characters (``max_question_chars``'s default unless given) is an InputError."""
+    check_search_text(text, max_chars)
     await register_vector_async(conn)
     row = await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)

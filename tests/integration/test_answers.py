@@ -499,10 +499,40 @@ def test_pgsynapse_search_loads_its_model_with_the_device_setting(db_url, monkey
     assert "cannot load model" in capsys.readouterr().err
 
 
-def test_a_database_error_that_retrying_will_not_fix_exits_1_not_69(db_url, capsys):
+def test_a_search_text_over_max_question_chars_is_refused_before_any_model_work(db_url, models, monkeypatch,
+                                                                               capsys):
+    """`pgsynapse search` of a text of a megabyte tokenized and embedded it all, then PostgreSQL refused its
+    full-text query ("value is too big in tsquery"). A search text over max_question_chars (the limit of a question:
+    a search is what an answer retrieves) is refused at once, exit 1, naming the setting: here before the model is
+    loaded (a device this host lacks would fail the load, exit 78); `search()` and a search of images by text too."""
+    monkeypatch.setenv("PGSYNAPSE_DEVICE", "cuda:0" if not torch.cuda.is_available() else "cuda:99")
+    monkeypatch.setenv("PGSYNAPSE_MAX_QUESTION_CHARS", "1000")
+    for args in (["search", "x" * 1001], ["search", "--images", "x" * 1001]):
+        assert main(["--database-url", db_url, *args]) == 1, args
+        err = capsys.readouterr().err
+        assert err == ("pgsynapse: error: the search text has 1,001 characters, over max_question_chars=1,000: "
+                       "shorten it, or raise max_question_chars (PGSYNAPSE_MAX_QUESTION_CHARS)\n"), (args, err)
+    assert main(["--database-url", db_url, "search", "x" * 1000]) == 78  # at the limit: searched (the load fails)
+    assert "cannot load model" in capsys.readouterr().err
+
+
+async def test_search_refuses_a_text_over_its_max_chars(db_url, models):
+    conn = await aconn(db_url)
+    conn.row_factory = dict_row
+    try:
+        with pytest.raises(InputError, match=r"^the search text has 20,001 characters, over max_question_chars=20,000"):
+            await search(conn, models, "x" * 20_001)  # the setting's default
+        with pytest.raises(InputError, match=r"^the search text has 11 characters, over max_question_chars=10:"):
+            await search(conn, models, "x" * 11, max_chars=10)
+    finally:
+        await conn.close()
+
+
+def test_a_database_error_that_retrying_will_not_fix_exits_1_not_69(db_url, monkeypatch, capsys):
     """A search text whose words make a tsvector over PostgreSQL's 1 MB (SQLSTATE 54000, program_limit_exceeded)
     exited 69, "database unreachable, retry later": the same text fails again. It is refused, exit 1, saying so."""
     text = " ".join(f"w{i}x" for i in range(150_000))
+    monkeypatch.setenv("PGSYNAPSE_MAX_QUESTION_CHARS", str(2 * len(text)))  # refused from its length otherwise
     assert main(["--database-url", db_url, "search", text]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pgsynapse: error: the database refused the statement: value is too big in tsquery: ")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
+import psutil
 import psycopg
 import pytest
 
 from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
 from pgsynapse.images.ingest import document_for
+from pgsynapse.db import take_xact_lock
 from tests.helpers import fast_settings, running_worker
 from tests.image_models import coloured_image, png_bytes
 
@@ -343,3 +347,80 @@ def test_the_same_picture_beside_two_documents_is_linked_to_both_and_a_later_doc
             ("backup-diagram.png", "backup.md"), ("restore-diagram.png", "restore.md"), ("wal.png", "wal.md")]
         third = ingest(conn, [root], progress=False)
         assert (third.images, third.images_linked, third.images_unchanged) == (0, 0, 3)
+
+
+INGEST_LOCK = "SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'))"
+INGEST_WAITERS = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
+                  " AND objid::bigint = hashtext('pgsynapse.ingest')::bigint & 4294967295"
+                  " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY pid")
+
+
+def _wait_for_waiters(conn: psycopg.Connection, n: int, procs: list[subprocess.Popen]) -> list[int]:
+    deadline = time.monotonic() + 60  # a safety net: the row state ends the wait
+    while len(pids := [r[0] for r in conn.execute(INGEST_WAITERS).fetchall()]) < n:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        with pytest.raises(subprocess.TimeoutExpired):  # polled: a lock's waiter sends no event
+            procs[0].wait(0.05)
+    return pids
+
+
+def _said(proc: subprocess.Popen, word: str) -> str:
+    """What ``proc`` wrote on stderr until ``word``, read as it is written (60 s at most: a safety net)."""
+    said, deadline = b"", time.monotonic() + 60
+    while word.encode() not in said and select.select([proc.stderr], [], [], max(0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(proc.stderr.fileno(), 65536)):
+            break
+        said += chunk
+    return said.decode()
+
+
+def test_an_ingest_waiting_for_another_says_so_and_a_killed_one_s_wait_ends_with_it(db_url, tmp_path):
+    """Two ingests store batches one at a time (a transaction advisory lock). One waiting for another said nothing,
+    and one killed meanwhile (Ctrl-C twice, SIGKILL) left its server backend waiting on the lock until it was granted:
+    a backend for nobody. Now a wait of more than a second says so (`ingest_waiting`), a killed one's wait ends
+    within a second or so, and the other ingests its file once the lock is free."""
+    (tmp_path / "a.md").write_text("# A\n\nVacuum reclaims storage.\n")
+    (tmp_path / "b.md").write_text("# B\n\nCheckpoints flush dirty pages.\n")
+    env = {**os.environ, "DATABASE_URL": db_url, "PGSYNAPSE_LOG_LEVEL": "info"}
+    procs: list[subprocess.Popen] = []
+    with psycopg.connect(db_url, autocommit=True) as watch, psycopg.connect(db_url) as holder:
+        holder.execute(INGEST_LOCK)  # another ingest's batch, not committed yet
+        try:
+            first: list[int] = []  # the first ingest's backend: the one waiter before the second starts
+            for name in ("a.md", "b.md"):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "pgsynapse", "ingest", "--no-progress", str(tmp_path / name)], env=env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                first = first or _wait_for_waiters(watch, len(procs), procs)
+                said = _said(procs[-1], "ingest_waiting")
+                assert "ingest_waiting" in said, f"{name}: an ingest waited on another without a word: {said!r}"
+            killed, waiting = procs
+            _wait_for_waiters(watch, 2, procs)
+            backend = psutil.Process(first[0])
+            killed.kill()
+            killed.wait(60)
+            try:
+                backend.wait(30)  # returns as soon as the backend exits
+            except psutil.TimeoutExpired:
+                pytest.fail("the killed ingest's backend still waits on the ingest lock after 30 s")
+            holder.commit()  # the lock is free: the other ingest goes on
+            out, err = waiting.communicate(timeout=120)
+            assert waiting.returncode == 0 and b"1 file(s): 1 inserted" in out, out + err
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait(60)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT source FROM pgsynapse.documents ORDER BY source").fetchall() == [("b.md",)]
+
+
+def test_take_xact_lock_takes_the_lock_in_the_transaction_and_keeps_its_lock_timeout(db_url):
+    with psycopg.connect(db_url) as conn:
+        conn.execute("SET LOCAL lock_timeout = '7s'")
+        take_xact_lock(conn, INGEST_LOCK, {})
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("7s",)
+        assert conn.execute("SELECT granted FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                            ).fetchall() == [(True,)]
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                            ).fetchone() == (0,)

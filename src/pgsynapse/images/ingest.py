@@ -18,8 +18,21 @@ from pathlib import PurePosixPath
 import psycopg
 from psycopg.rows import tuple_row
 
+from pgsynapse.db import take_xact_lock
 from pgsynapse.images.decode import EXTENSIONS
+from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+
+log = get_logger("pgsynapse.ingest")
+
+
+def lock_ingests(conn: psycopg.Connection) -> None:
+    """In the transaction open on ``conn``, the lock that makes ingests store their batches (documents' and
+    images') one at a time, so that two concurrent runs never insert the same content twice; a wait of more than a
+    moment says so (another ingest's batch, or a transaction that holds the lock and does not end)."""
+    take_xact_lock(conn, q("ingest_lock", "ops.sql"), {}, waiting=lambda: log.info(
+        "ingest_waiting", note="another `pgsynapse ingest` is storing a batch in this database: waiting for it to "
+        "commit (pg_locks shows who holds the advisory lock)"))
 
 
 @dataclass
@@ -73,7 +86,7 @@ def flush_images(conn: psycopg.Connection, images: list[FileImage],
     cur = conn.cursor(row_factory=tuple_row)
     hashes = [im.content_hash for im in images]
     with conn.transaction():
-        conn.execute(q("ingest_lock", "ops.sql"))
+        lock_ingests(conn)
         stored = cur.execute(q("stored_images_by_hash", "images.sql"), {"hashes": hashes}).fetchall()
         beside = {im.source: document_for(im.source, document_sources) for im in images}
         wanted = sorted({s for s in beside.values() if s})

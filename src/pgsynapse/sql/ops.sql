@@ -61,7 +61,7 @@ SELECT count(*) FILTER (WHERE status = 'embedded') AS embedded,
 FROM pgsynapse.documents WHERE id = ANY(%(ids)s);
 
 -- name: ingest_lock
--- Serialises concurrent ingests' "is it new?" decisions (transaction-scoped).
+-- Serialises concurrent ingests' "is it new?" decisions (transaction-scoped; db.take_xact_lock waits in slices)
 SELECT pg_advisory_xact_lock(hashtext('pgsynapse.ingest'));
 
 -- name: documents_stored
