@@ -23,6 +23,7 @@ from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
+from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
 MAX_CELL = 40
@@ -67,8 +68,7 @@ def format_data_result(r: DataResult) -> str:
 
 
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
-    result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
+    result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=args.tables,
                       timeout=args.timeout)
     print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)))
     return 0 if result.status == "answered" else 1
@@ -105,7 +105,7 @@ def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[st
                          "it (or --approve the generated one)")
     names = list(row["allowed_tables"]) if row["allowed_tables"] is not None else None
     found = cur.execute(q("readable_tables", "textsql.sql"),
-                        {"schema": row["target_schema"], "names": names, "role": role}).fetchall()
+                        scope_parameters(row["target_schema"], names, role)).fetchall()
     try:
         return check_sql(sql, allowed=[(t["schema"], t["name"]) for t in found if t["readable"]],
                          search_path=(row["target_schema"],))
