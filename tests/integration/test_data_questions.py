@@ -202,6 +202,9 @@ async def test_every_unsafe_statement_is_refused_on_its_row_and_never_runs_besid
             assert r["result"] is None and r["sql"] == as_generated(SAID[text]) or status == "failed"
     assert rows[ALL_IDS]["row_count"] == 5 and rows[ALL_IDS]["truncated"] is True
     assert rows[ALL_IDS]["result"]["rows"] == [[1], [2], [3], [4], [5]]
+    # which limit cut it, and the setting to raise (only "truncated" said it was cut, by one limit or the other)
+    assert rows[ALL_IDS]["result"]["truncated_by"] == {"setting": "sql_max_rows", "limit": 5}
+    assert "truncated_by" not in rows[PER_REGION]["result"]
     # nothing refused ran: the rows and the table are all there
     assert _rows(url, "SELECT count(*) AS n FROM orders")[0]["n"] == 40
     # the jobs are done, none failed or retried: a refusal is an answer, not an error of the worker
@@ -239,9 +242,6 @@ async def test_a_model_that_writes_two_statements_is_refused_with_both_on_the_ro
     assert r.sql == "SELECT count(*) FROM orders;\nSELECT count(*) FROM regions" and r.rows == []
 
 
-async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_grant(shop, models):
-    url, model = shop
-    settings = _settings(url, model)
 async def test_allowed_tables_written_in_sql_take_a_quoted_name_as_sql_does(shop, models, endpoint):
     # '{"\"Big Orders\""}' failed: "allowed_tables names tables that do not exist: "Big Orders"" (the quotes were
     # looked up as part of the name), as did `sql-ask --tables '"Big Orders"'`
@@ -270,6 +270,9 @@ async def test_allowed_tables_written_in_sql_take_a_quoted_name_as_sql_does(shop
             correct(conn, qid, "SELECT x FROM hidden", False)
 
 
+async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_grant(shop, models):
+    url, model = shop
+    settings = _settings(url, model)
     async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
         async with Client(url) as client:
             ungranted = await client.ask_data(SECRET, tables=["salaries"])

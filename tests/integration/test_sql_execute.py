@@ -73,10 +73,13 @@ def test_an_interval_is_given_as_postgresql_writes_it(shop):
 
 
 def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
+    # which limit cut it, with the setting to raise (sql-ask said "truncated by the row or byte limit")
     r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id"), Limits(max_rows=5))
-    assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated
+    assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated and r.truncated_by == ("sql_max_rows", 5)
     r = run_readonly(shop, Stmt("SELECT repeat('x', 1000) FROM orders"), Limits(max_bytes=5000))
-    assert 0 < r.row_count < 5 and r.truncated
+    assert 0 < r.row_count < 5 and r.truncated and r.truncated_by == ("sql_max_result_bytes", 5000)
+    r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id LIMIT 5"), Limits(max_rows=5))
+    assert r.row_count == 5 and not r.truncated and r.truncated_by is None  # exactly the limit: nothing was cut
     with pytest.raises(QueryFailed, match="ran over the statement timeout of 50 ms"):
         run_readonly(shop, Stmt("SELECT count(*) FROM orders a, orders b, orders c, orders d, orders e"),
                      Limits(statement_timeout_ms=50))
@@ -280,6 +283,7 @@ def test_a_row_over_the_byte_limit_never_leaves_the_server(shop, tmp_path):
         finally:
             shop.pgconn.untrace()
     assert r.rows == [[1, "xxx"]] and r.truncated and [c["name"] for c in r.columns] == ["g", "pad"]
+    assert r.truncated_by == ("sql_max_result_bytes", 100_000)  # withheld by the server's measure
     assert wire.stat().st_size < 1_000_000, wire.stat().st_size  # libpq's trace of every message both ways
 
 

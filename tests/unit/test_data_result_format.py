@@ -39,3 +39,21 @@ def test_a_result_without_columns_says_so_instead_of_blank_lines():
                    truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
     assert format_data_result(r).splitlines()[:3] == [
         "SQL: SELECT FROM orders", "(no columns: the statement selects none)", "(3 rows)"]
+
+
+def _cut(row_count: int, truncated_by: dict | None) -> DataResult:
+    return DataResult(id=7, status="answered", sql="SELECT id FROM orders", columns=[{"name": "id", "type": "integer"}],
+                      rows=[[i] for i in range(row_count)], row_count=row_count, truncated=True, error=None,
+                      sql_model_id=None, latency_ms=3.0, session_id=None, truncated_by=truncated_by)
+
+
+def test_a_truncated_result_says_which_limit_cut_it_and_the_setting_to_raise():
+    # said "(1000 rows (truncated by the row or byte limit))": which one, and what to change, was left to guess
+    rows = format_data_result(_cut(3, {"setting": "sql_max_rows", "limit": 3})).splitlines()
+    assert "(3 rows; more were cut at sql_max_rows = 3: raise it to keep more)" in rows
+    size = format_data_result(_cut(2, {"setting": "sql_max_result_bytes", "limit": 1000000})).splitlines()
+    assert ("(2 rows; more were cut at sql_max_result_bytes = 1,000,000 bytes of the result as JSON: raise it to "
+            "keep more)") in size
+    # a row stored before the limit was recorded
+    assert "(2 rows; more were cut by sql_max_rows or sql_max_result_bytes)" in format_data_result(
+        _cut(2, None)).splitlines()

@@ -55,8 +55,7 @@ def format_data_result(r: DataResult) -> str:
     lines = [f"SQL: {r.sql}" if r.sql else "SQL: (none)"]
     if r.status == "answered":
         lines.append(format_table(r.columns, r.rows))
-        more = " (truncated by the row or byte limit)" if r.truncated else ""
-        lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{more})")
+        lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{_cut(r) if r.truncated else ''})")
     else:
         # a refusal's reason is stored as "refused: ..." (the safety check's own words): say it once
         lines.append(r.error if (r.error or "").startswith(f"{r.status}: ") else f"{r.status}: {r.error}")
@@ -65,6 +64,17 @@ def format_data_result(r: DataResult) -> str:
               ) if r.sql else ""
         lines.append(f"  {r.status} in {r.latency_ms:.0f} ms{by} (data question {r.id})")
     return "\n".join(lines)
+
+
+def _cut(r: DataResult) -> str:
+    """Which limit cut a truncated result, and the setting to raise for more rows."""
+    by = r.truncated_by or {}
+    if by.get("setting") == "sql_max_rows":
+        return f"; more were cut at sql_max_rows = {by['limit']:,}: raise it to keep more"
+    if by.get("setting") == "sql_max_result_bytes":
+        return (f"; more were cut at sql_max_result_bytes = {by['limit']:,} bytes of the result as JSON: raise it to "
+                "keep more")
+    return "; more were cut by sql_max_rows or sql_max_result_bytes"  # answered before the limit was recorded
 
 
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
