@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from dataclasses import asdict
 from typing import Any
 
@@ -29,10 +30,32 @@ from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 MAX_CELL = 40
 
 
+def _columns(ch: str) -> int:
+    """The terminal columns a character takes: 2 for a wide one (CJK, fullwidth), 0 for a combining mark."""
+    return 0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _width(text: str) -> int:
+    return sum(map(_columns, text))
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
 def _cell(value: Any) -> str:
+    """A value as a table cell: one line, at most :data:`MAX_CELL` terminal columns."""
     text = "NULL" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     text = " ".join(text.split())
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+    if _width(text) <= MAX_CELL:
+        return text
+    kept, used = [], 0
+    for ch in text:
+        if used + _columns(ch) > MAX_CELL - 1:
+            break
+        kept.append(ch)
+        used += _columns(ch)
+    return "".join(kept) + "…"
 
 
 def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_rows: int = 50) -> str:
@@ -42,10 +65,10 @@ def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_ro
         return "(no columns: the statement selects none)"
     head = [_cell(c["name"]) for c in columns]  # a name's line break would split the header
     body = [[_cell(v) for v in row] for row in rows[:max_rows]]
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
+    widths = [max([_width(h)] + [_width(r[i]) for r in body]) for i, h in enumerate(head)]
+    lines = [" | ".join(_pad(h, w) for h, w in zip(head, widths)),
              "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    lines += [" | ".join(_pad(v, w) for v, w in zip(r, widths)) for r in body]
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more rows")
     return "\n".join(lines)
