@@ -61,6 +61,13 @@ def TABLES(text: str) -> list[str]:  # noqa: N802 - an argparse type, named like
     return names
 
 
+def SCHEMA(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
+    """``sql-ask --schema``: a schema name, as written (blank: refused before its question is asked)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the schema of the question's tables (default public)")
+    return text
+
+
 def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
     """A codec Python knows (``ingest --encoding``), by its canonical name."""
     try:
@@ -282,7 +289,7 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
 def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     sa = sub.add_parser("sql-ask", help="ask a question about the data: print the SQL generated and its result")
     sa.add_argument("text")
-    sa.add_argument("--schema", default="public", help="the schema of the tables (default public)")
+    sa.add_argument("--schema", type=SCHEMA, default="public", help="the schema of the tables (default public)")
     sa.add_argument("--tables", type=TABLES, help="comma-separated tables it may read, of the schema or "
                     'schema.table, as written or in double quotes as in SQL ("Big Orders") (default: every table of '
                     "the schema that the reader role may read)")

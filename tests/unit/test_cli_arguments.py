@@ -48,6 +48,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     # schema: a list of the tables to read that names none widens to nothing
     (["sql-ask", "hi", "--tables", ","], "argument --tables: names no table: name the tables it may read"),
     (["sql-ask", "hi", "--tables", ""], "argument --tables: names no table: name the tables it may read"),
+    # a blank schema was inserted and its question failed on the row ("target_schema is empty"), exit 1
+    (["sql-ask", "hi", "--schema", " "], "argument --schema: is empty: name the schema of the question's tables "
+     "(default public)"),
     (["sql-ask", "hi", "--tables", '"Big Orders'], 'argument --tables: "Big Orders has a double quote that is not '
      "closed"),
     # options that contradict each other (the row counted as helpful)
