@@ -193,6 +193,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
         payload = res.as_json() if res else None
         if payload is not None and ans.fix_metadata():
             payload["fix"] = ans.fix_metadata()
+        if payload is not None and res.truncated_by:  # which limit cut it (truncated says only that one did)
+            payload["truncated_by"] = {"setting": res.truncated_by[0], "limit": res.truncated_by[1]}
         return {"status": ans.status, "sql": ans.best.sql or None, "error": ans.error, "schema_context": ans.given,
                 "result": Jsonb(payload) if payload else None, "row_count": res.row_count if res else None,
                 "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}

@@ -13,6 +13,7 @@ from pgsynapse import __version__
 from pgsynapse.config import JOB_KINDS, unknown_kinds
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
+from pgsynapse.textsql.names import NotAName, split_list
 
 
 def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
@@ -45,6 +46,26 @@ def KINDS(text: str) -> tuple[str, ...]:  # noqa: N802 - an argparse type, named
     if unknown := [k for k in kinds if k not in JOB_KINDS]:
         raise argparse.ArgumentTypeError(unknown_kinds(unknown))
     return kinds
+
+
+def TABLES(text: str) -> list[str]:  # noqa: N802 - an argparse type, named like the others
+    """``sql-ask --tables``: comma-separated table names (a comma inside double quotes is part of a name), at least
+    one: a list that names none would ask about no table, not about every one (that is --tables left out)."""
+    try:
+        names = split_list(text)
+    except NotAName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("names no table: name the tables it may read, comma-separated, or leave "
+                                         "--tables out for every table of the schema that the reader role may read")
+    return names
+
+
+def SCHEMA(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
+    """``sql-ask --schema``: a schema name, as written (blank: refused before its question is asked)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the schema of the question's tables (default public)")
+    return text
 
 
 def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
@@ -268,9 +289,10 @@ def _image_model_parser(sub: argparse._SubParsersAction) -> None:
 def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     sa = sub.add_parser("sql-ask", help="ask a question about the data: print the SQL generated and its result")
     sa.add_argument("text")
-    sa.add_argument("--schema", default="public", help="the schema of the tables (default public)")
-    sa.add_argument("--tables", help="comma-separated tables it may read (default: every table of the schema that "
-                    "the reader role may read)")
+    sa.add_argument("--schema", type=SCHEMA, default="public", help="the schema of the tables (default public)")
+    sa.add_argument("--tables", type=TABLES, help="comma-separated tables it may read, of the schema or "
+                    'schema.table, as written or in double quotes as in SQL ("Big Orders") (default: every table of '
+                    "the schema that the reader role may read)")
     sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
     sa.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait (default 300; 0: no limit)")
     sa.add_argument("--json", action="store_true")

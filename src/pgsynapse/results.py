@@ -154,13 +154,17 @@ class DataResult:
     sql_model_id: int | None
     latency_ms: float | None
     session_id: str | None
+    # when truncated, the limit that cut it: {"setting": "sql_max_rows" or "sql_max_result_bytes", "limit": its value}
+    # (None on a row answered before pgsynapse recorded it)
+    truncated_by: dict[str, Any] | None = None
 
 
 def data_result(r: dict[str, Any]) -> DataResult:
     """A DataResult from its row (client.sql's ``data_answer``)."""
     res = r["result"] or {}
     return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []), r["row_count"],
-                      bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"])
+                      bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"],
+                      res.get("truncated_by"))
 
 
 def result(r: dict[str, Any]) -> Result:

@@ -20,6 +20,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
+from pgsynapse.textsql.cli import correct
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
 from tests.helpers import aconn, fast_settings, running_worker
@@ -201,6 +202,9 @@ async def test_every_unsafe_statement_is_refused_on_its_row_and_never_runs_besid
             assert r["result"] is None and r["sql"] == as_generated(SAID[text]) or status == "failed"
     assert rows[ALL_IDS]["row_count"] == 5 and rows[ALL_IDS]["truncated"] is True
     assert rows[ALL_IDS]["result"]["rows"] == [[1], [2], [3], [4], [5]]
+    # which limit cut it, and the setting to raise (only "truncated" said it was cut, by one limit or the other)
+    assert rows[ALL_IDS]["result"]["truncated_by"] == {"setting": "sql_max_rows", "limit": 5}
+    assert "truncated_by" not in rows[PER_REGION]["result"]
     # nothing refused ran: the rows and the table are all there
     assert _rows(url, "SELECT count(*) AS n FROM orders")[0]["n"] == 40
     # the jobs are done, none failed or retried: a refusal is an answer, not an error of the worker
@@ -236,6 +240,34 @@ async def test_a_model_that_writes_two_statements_is_refused_with_both_on_the_ro
             r = await client.ask_data("how many orders and how many regions?", timeout=20)
     assert r.status == "refused" and r.error == "refused: 2 statements; exactly one SELECT may run", r
     assert r.sql == "SELECT count(*) FROM orders;\nSELECT count(*) FROM regions" and r.rows == []
+
+
+async def test_allowed_tables_written_in_sql_take_a_quoted_name_as_sql_does(shop, models, endpoint):
+    # '{"\"Big Orders\""}' failed: "allowed_tables names tables that do not exist: "Big Orders"" (the quotes were
+    # looked up as part of the name), as did `sql-ask --tables '"Big Orders"'`
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "Shop Data"; CREATE TABLE "Shop Data"."Big Orders" AS SELECT 7 AS total; '
+                     'CREATE TABLE "Shop Data".hidden (x int); GRANT USAGE ON SCHEMA "Shop Data" TO pgsynapse_reader; '
+                     'GRANT SELECT ON ALL TABLES IN SCHEMA "Shop Data" TO pgsynapse_reader')
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = 'SELECT total FROM "Big Orders"'
+    async with await aconn(url) as conn:
+        await conn.execute("LISTEN pgsynapse_data_answers")
+        qid = (await (await conn.execute(
+            "INSERT INTO pgsynapse.data_questions (text, target_schema, allowed_tables) VALUES ('the totals?', "
+            "'Shop Data', %s) RETURNING id", (['"Shop Data"."Big Orders"'],))).fetchone())["id"]
+        async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+            async for _ in conn.notifies(timeout=30):
+                break
+    [row] = _rows(url, "SELECT status, error, result, schema_context FROM pgsynapse.data_questions WHERE id = %s", qid)
+    assert row["status"] == "answered" and row["result"]["rows"] == [[7]], row
+    assert '"Big Orders"' in row["schema_context"] and "hidden" not in row["schema_context"]
+    # sql-correct checks a correction over the same tables, read the same way
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert correct(conn, qid, 'SELECT total * 2 FROM "Big Orders"', False)[1] is None
+        with pytest.raises(InputError, match="hidden is not allowed"):
+            correct(conn, qid, "SELECT x FROM hidden", False)
 
 
 async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_grant(shop, models):

@@ -73,10 +73,13 @@ def test_an_interval_is_given_as_postgresql_writes_it(shop):
 
 
 def test_limits_cut_rows_and_bytes_and_the_timeout_cancels(shop):
+    # which limit cut it, with the setting to raise (sql-ask said "truncated by the row or byte limit")
     r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id"), Limits(max_rows=5))
-    assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated
+    assert r.rows == [[1], [2], [3], [4], [5]] and r.truncated and r.truncated_by == ("sql_max_rows", 5)
     r = run_readonly(shop, Stmt("SELECT repeat('x', 1000) FROM orders"), Limits(max_bytes=5000))
-    assert 0 < r.row_count < 5 and r.truncated
+    assert 0 < r.row_count < 5 and r.truncated and r.truncated_by == ("sql_max_result_bytes", 5000)
+    r = run_readonly(shop, Stmt("SELECT id FROM orders ORDER BY id LIMIT 5"), Limits(max_rows=5))
+    assert r.row_count == 5 and not r.truncated and r.truncated_by is None  # exactly the limit: nothing was cut
     with pytest.raises(QueryFailed, match="ran over the statement timeout of 50 ms"):
         run_readonly(shop, Stmt("SELECT count(*) FROM orders a, orders b, orders c, orders d, orders e"),
                      Limits(statement_timeout_ms=50))
@@ -224,8 +227,43 @@ def test_a_name_longer_than_postgresql_allows_is_refused_and_never_echoed_whole(
     with pytest.raises(InputError) as exc:
         schema_context(shop, "public", ["orders", *(f"t{i}" for i in range(50)), "x" * 10_000])
     said = str(exc.value)
-    assert said.startswith("allowed_tables names tables that do not exist: t") and said.endswith(" and 41 more"), said
-    assert len(said) < 200 and said.count(", ") == 9, said
+    assert said.startswith("allowed_tables names tables that do not exist: t") and " and 41 more (" in said, said
+    assert len(said) < 300 and said.split(" (a name")[0].count(", ") == 9, said
+
+
+QUOTED = """
+CREATE SCHEMA "Shop Data";
+CREATE TABLE "Shop Data"."Big Orders" (id int);
+CREATE TABLE "Shop Data"."a.b" (x int);
+CREATE TABLE "Shop Data".other (y int);
+GRANT USAGE ON SCHEMA "Shop Data" TO pgsynapse_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA "Shop Data" TO pgsynapse_reader;
+"""
+
+
+@pytest.mark.parametrize(("names", "allowed"), [
+    # each said "allowed_tables names tables that do not exist": the quotes were taken as part of the name
+    (['"Big Orders"'], [("Shop Data", "Big Orders")]),
+    (['"Shop Data"."Big Orders"', "other"], [("Shop Data", "Big Orders"), ("Shop Data", "other")]),
+    (['"a.b"'], [("Shop Data", "a.b")]),  # unquoted, a.b is table b of schema a
+    (["Big Orders"], [("Shop Data", "Big Orders")]),  # as written, as before
+    (['public."orders"'], [("public", "orders")]),
+])
+def test_a_name_in_double_quotes_is_read_as_sql_reads_it(shop, names, allowed):
+    shop.execute(QUOTED)
+    assert list(schema_context(shop, "Shop Data", names).allowed) == allowed
+
+
+@pytest.mark.parametrize(("names", "says"), [
+    (['"Big Orders'], '^allowed_tables has a name that is not one: "Big Orders has a double quote that is not closed'),
+    (["shop.a.b"], "^allowed_tables has a name that is not one: shop.a.b has more than a schema and a table"),
+    (["big orders"], r"^allowed_tables names tables that do not exist: big orders \(a name is matched as written, "
+     r'case included; write one with a dot or a comma in it in double quotes, as in SQL: "a.b"\)$'),
+])
+def test_a_name_that_is_not_one_or_names_nothing_says_how_names_are_read(shop, names, says):
+    shop.execute(QUOTED)
+    with pytest.raises(InputError, match=says):
+        schema_context(shop, "Shop Data", names)
 
 
 def test_a_named_table_not_granted_is_named_in_the_hint(shop):
@@ -245,6 +283,7 @@ def test_a_row_over_the_byte_limit_never_leaves_the_server(shop, tmp_path):
         finally:
             shop.pgconn.untrace()
     assert r.rows == [[1, "xxx"]] and r.truncated and [c["name"] for c in r.columns] == ["g", "pad"]
+    assert r.truncated_by == ("sql_max_result_bytes", 100_000)  # withheld by the server's measure
     assert wire.stat().st_size < 1_000_000, wire.stat().st_size  # libpq's trace of every message both ways
 
 

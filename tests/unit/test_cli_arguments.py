@@ -44,6 +44,15 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     # said "invalid setting kinds [PGSYNAPSE_KINDS]" (a variable not set), exit 78, after the migrations had run
     (["run", "--kinds", "embed,bogus"], "argument --kinds: unknown job kind(s) 'bogus' (the kinds: embed, answer,"),
     (["run", "--kinds", " , "], "argument --kinds: no job kind given (the kinds: embed, answer,"),
+    # "," asked with an empty allowed_tables, which failed on the row, while "" asked about every table of the
+    # schema: a list of the tables to read that names none widens to nothing
+    (["sql-ask", "hi", "--tables", ","], "argument --tables: names no table: name the tables it may read"),
+    (["sql-ask", "hi", "--tables", ""], "argument --tables: names no table: name the tables it may read"),
+    # a blank schema was inserted and its question failed on the row ("target_schema is empty"), exit 1
+    (["sql-ask", "hi", "--schema", " "], "argument --schema: is empty: name the schema of the question's tables "
+     "(default public)"),
+    (["sql-ask", "hi", "--tables", '"Big Orders'], 'argument --tables: "Big Orders has a double quote that is not '
+     "closed"),
     # options that contradict each other (the row counted as helpful)
     (["feedback", "3", "--helpful", "--rating", "1"], "--helpful contradicts --rating 1: a rating of 4 or 5 counts "
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
@@ -79,6 +88,10 @@ def test_numbers_in_range_and_the_edges_are_taken():
     assert parse_args(["traffic", "2", "100"]).percent == 100.0
     assert parse_args(["feedback", "3", "--helpful", "--rating", "4"]).rating == 4
     assert parse_args(["feedback", "3", "--not-helpful", "--rating", "3"]).helpful is False
+    assert parse_args(["sql-ask", "hi"]).tables is None  # every table of the schema
+    # a comma inside double quotes is part of the name, as in SQL; the quotes are kept for the worker to read
+    assert parse_args(["sql-ask", "hi", "--tables", ' orders, "a,b" ,shop."Big Orders"']).tables == [
+        "orders", '"a,b"', 'shop."Big Orders"']
 
 
 def test_bench_names_the_benchmarks_there_are(monkeypatch, tmp_path):

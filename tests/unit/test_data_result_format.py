@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from pgsynapse.client import DataResult
 from pgsynapse.textsql.cli import format_data_result
 
@@ -39,3 +41,40 @@ def test_a_result_without_columns_says_so_instead_of_blank_lines():
                    truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
     assert format_data_result(r).splitlines()[:3] == [
         "SQL: SELECT FROM orders", "(no columns: the statement selects none)", "(3 rows)"]
+
+
+def _cut(row_count: int, truncated_by: dict | None) -> DataResult:
+    return DataResult(id=7, status="answered", sql="SELECT id FROM orders", columns=[{"name": "id", "type": "integer"}],
+                      rows=[[i] for i in range(row_count)], row_count=row_count, truncated=True, error=None,
+                      sql_model_id=None, latency_ms=3.0, session_id=None, truncated_by=truncated_by)
+
+
+def test_a_truncated_result_says_which_limit_cut_it_and_the_setting_to_raise():
+    # said "(1000 rows (truncated by the row or byte limit))": which one, and what to change, was left to guess
+    rows = format_data_result(_cut(3, {"setting": "sql_max_rows", "limit": 3})).splitlines()
+    assert "(3 rows; more were cut at sql_max_rows = 3: raise it to keep more)" in rows
+    size = format_data_result(_cut(2, {"setting": "sql_max_result_bytes", "limit": 1000000})).splitlines()
+    assert ("(2 rows; more were cut at sql_max_result_bytes = 1,000,000 bytes of the result as JSON: raise it to "
+            "keep more)") in size
+    # a row stored before the limit was recorded
+    assert "(2 rows; more were cut by sql_max_rows or sql_max_result_bytes)" in format_data_result(
+        _cut(2, None)).splitlines()
+
+
+def test_wide_characters_keep_the_columns_lined_up():
+    # '東京' was padded as 2 characters where a terminal draws 4 columns: the bars after it stood 2 columns right
+    # of those above and below (and a cut cell of wide characters was twice as wide as MAX_CELL)
+    r = DataResult(id=8, status="answered", sql="SELECT city, n FROM t",
+                   columns=[{"name": "city", "type": "text"}, {"name": "n", "type": "integer"}],
+                   rows=[["東京", 1], ["Paris", 2], ["Ｖｅｒｙ" * 20, 3], ["e\u0301te\u0301", 4]], row_count=4,
+                   truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
+    lines = format_data_result(r).splitlines()[1:7]
+    # every bar in the same column, where a terminal draws it
+    assert len({_columns(line.split("|")[0]) for line in lines if "|" in line}) == 1, lines
+    header, rule, tokyo, paris, very, ete = lines
+    assert rule.index("+") == _columns(header.split("|")[0]) and header.endswith(" | n")
+    assert tokyo.startswith("東京 ") and paris.startswith("Paris ") and ete.startswith("e\u0301te\u0301 ")
+    assert very.startswith("ＶｅｒｙＶｅｒｙ") and very.endswith("… | 3") and _columns(very.split(" | ")[0]) <= 40
+
+def _columns(text: str) -> int:
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)

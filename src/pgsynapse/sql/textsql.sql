@@ -16,12 +16,11 @@ ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: readable_tables
 -- The tables and views of the question's scope that the reader role may SELECT: every one of a schema
--- (names NULL), or the named ones (schema-qualified, or of the schema). Unknown names come back with oid NULL.
+-- (names NULL), or the named ones, each with the schema and table it names as pgsynapse.textsql.names reads it
+-- (scope_parameters: quoted names unquoted; NULL for one that is not a name). Unknown names come back with oid NULL.
 WITH wanted AS (
-    SELECT n AS name,
-           CASE WHEN position('.' IN n) > 0 THEN split_part(n, '.', 1) ELSE %(schema)s END AS nspname,
-           CASE WHEN position('.' IN n) > 0 THEN split_part(n, '.', 2) ELSE n END AS relname
-    FROM unnest(%(names)s::text[]) n
+    SELECT n AS name, s AS nspname, r AS relname
+    FROM unnest(%(names)s::text[], %(schemas)s::text[], %(relnames)s::text[]) AS w(n, s, r)
 )
 SELECT c.oid::int AS oid, ns.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
        pg_catalog.obj_description(c.oid, 'pg_class') AS comment,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from dataclasses import asdict
 from typing import Any
 
@@ -23,15 +24,38 @@ from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
+from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
 MAX_CELL = 40
 
 
+def _columns(ch: str) -> int:
+    """The terminal columns a character takes: 2 for a wide one (CJK, fullwidth), 0 for a combining mark."""
+    return 0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _width(text: str) -> int:
+    return sum(map(_columns, text))
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
 def _cell(value: Any) -> str:
+    """A value as a table cell: one line, at most :data:`MAX_CELL` terminal columns."""
     text = "NULL" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     text = " ".join(text.split())
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+    if _width(text) <= MAX_CELL:
+        return text
+    kept, used = [], 0
+    for ch in text:
+        if used + _columns(ch) > MAX_CELL - 1:
+            break
+        kept.append(ch)
+        used += _columns(ch)
+    return "".join(kept) + "…"
 
 
 def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_rows: int = 50) -> str:
@@ -41,10 +65,10 @@ def format_table(columns: list[dict[str, str]], rows: list[list[Any]], *, max_ro
         return "(no columns: the statement selects none)"
     head = [_cell(c["name"]) for c in columns]  # a name's line break would split the header
     body = [[_cell(v) for v in row] for row in rows[:max_rows]]
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
+    widths = [max([_width(h)] + [_width(r[i]) for r in body]) for i, h in enumerate(head)]
+    lines = [" | ".join(_pad(h, w) for h, w in zip(head, widths)),
              "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    lines += [" | ".join(_pad(v, w) for v, w in zip(r, widths)) for r in body]
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more rows")
     return "\n".join(lines)
@@ -54,8 +78,7 @@ def format_data_result(r: DataResult) -> str:
     lines = [f"SQL: {r.sql}" if r.sql else "SQL: (none)"]
     if r.status == "answered":
         lines.append(format_table(r.columns, r.rows))
-        more = " (truncated by the row or byte limit)" if r.truncated else ""
-        lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{more})")
+        lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{_cut(r) if r.truncated else ''})")
     else:
         # a refusal's reason is stored as "refused: ..." (the safety check's own words): say it once
         lines.append(r.error if (r.error or "").startswith(f"{r.status}: ") else f"{r.status}: {r.error}")
@@ -66,9 +89,19 @@ def format_data_result(r: DataResult) -> str:
     return "\n".join(lines)
 
 
+def _cut(r: DataResult) -> str:
+    """Which limit cut a truncated result, and the setting to raise for more rows."""
+    by = r.truncated_by or {}
+    if by.get("setting") == "sql_max_rows":
+        return f"; more were cut at sql_max_rows = {by['limit']:,}: raise it to keep more"
+    if by.get("setting") == "sql_max_result_bytes":
+        return (f"; more were cut at sql_max_result_bytes = {by['limit']:,} bytes of the result as JSON: raise it to "
+                "keep more")
+    return "; more were cut by sql_max_rows or sql_max_result_bytes"  # answered before the limit was recorded
+
+
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
-    result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=tables,
+    result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=args.tables,
                       timeout=args.timeout)
     print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)))
     return 0 if result.status == "answered" else 1
@@ -105,7 +138,7 @@ def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[st
                          "it (or --approve the generated one)")
     names = list(row["allowed_tables"]) if row["allowed_tables"] is not None else None
     found = cur.execute(q("readable_tables", "textsql.sql"),
-                        {"schema": row["target_schema"], "names": names, "role": role}).fetchall()
+                        scope_parameters(row["target_schema"], names, role)).fetchall()
     try:
         return check_sql(sql, allowed=[(t["schema"], t["name"]) for t in found if t["readable"]],
                          search_path=(row["target_schema"],))

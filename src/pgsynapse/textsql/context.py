@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from pgsynapse.errors import InputError
 from pgsynapse.queries import q
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
+from pgsynapse.textsql.names import malformed, scope_parameters
 from pgsynapse.textsql.safety import is_system_schema
 from pgsynapse.wording import listed
 
@@ -128,13 +129,16 @@ def _tables(conn: psycopg.Connection, schema: str, names: Sequence[str] | None, 
     if names is not None and not any(n.strip() for n in names):
         raise InputError("allowed_tables is empty: name the tables the question may read, or leave it NULL for every "
                          "table of its schema the reader role may read")
+    if names is not None and (bad := malformed(names)):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"allowed_tables has a name that is not one: {_listed([bad[0].name])} {bad[0].why}{more}")
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(q("readable_tables", "textsql.sql"),
-                           {"schema": schema, "names": list(names) if names is not None else None,
-                            "role": role}).fetchall()
+        rows = cur.execute(q("readable_tables", "textsql.sql"), scope_parameters(schema, names, role)).fetchall()
         unknown = [r["asked"] for r in rows if r["oid"] is None]
         if unknown:
-            raise InputError(f"allowed_tables names tables that do not exist: {_listed(unknown)}")
+            raise InputError(f"allowed_tables names tables that do not exist: {_listed(unknown)} (a name is matched "
+                             "as written, case included; write one with a dot or a comma in it in double quotes, as "
+                             'in SQL: "a.b")')
         system = [f"{r['schema']}.{r['name']}" for r in rows if is_system_schema(r["schema"])]
         if system:
             raise InputError(f"allowed_tables names tables of a system schema ({_listed(system)}: pgsynapse's or "

@@ -97,9 +97,14 @@ class Result:
     rows: list[list[Any]] = field(default_factory=list)
     row_count: int = 0
     truncated: bool = False
+    # the limit that cut the rows when truncated: its setting and value (sql_max_rows or sql_max_result_bytes)
+    truncated_by: tuple[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"columns": self.columns, "rows": self.rows}
+
+    def cut(self, setting: str, limit: int) -> None:
+        self.truncated, self.truncated_by = True, (setting, limit)
 
 
 def _non_finite(value: float) -> str:
@@ -219,7 +224,7 @@ def _float_excess(value: Any) -> int:
 def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, result: Result,
            started: float) -> None:
     """Fill ``result.rows`` (JSON values) while the result as JSON (:meth:`Result.as_json`, as stored) is at most
-    ``max_bytes`` and up to ``max_rows``, ``truncated`` when more were left.
+    ``max_bytes`` and up to ``max_rows``, ``truncated`` when more were left (``truncated_by`` the limit that cut it).
 
     Each row comes with the bytes of the rows so far as the server measured them as JSON (``readonly_measured_rows``),
     and without its values once those are over ``max_bytes``: no FETCH brings much more than the limit. The server
@@ -237,13 +242,16 @@ def _fetch(conn: psycopg.Connection, cur: psycopg.ServerCursor, limits: Limits, 
     while True:
         batch = cur.fetchmany(want)
         for measured, *row in batch:
-            if len(result.rows) == limits.max_rows or measured > limits.max_bytes:
-                result.truncated = True
+            if len(result.rows) == limits.max_rows:
+                result.cut("sql_max_rows", limits.max_rows)
+                return
+            if measured > limits.max_bytes:  # withheld by the server
+                result.cut("sql_max_result_bytes", limits.max_bytes)
                 return
             values = [plain(v) for v in row]
             n = json_bytes(values) + (2 if result.rows else 0)  # ", " before every row but the first
             if size + n > limits.max_bytes:
-                result.truncated = True
+                result.cut("sql_max_result_bytes", limits.max_bytes)
                 return
             size += n
             largest = max(largest, n)

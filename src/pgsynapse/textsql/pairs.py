@@ -23,6 +23,7 @@ from typing import Any
 from pgsynapse.queries import q
 from pgsynapse.textsql.execute import run_readonly, same_result
 from pgsynapse.textsql.generate import SqlPrompt
+from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
 
@@ -83,8 +84,7 @@ def load_pairs(conn: Any, role: str, *, history_turns: int = 0, max_question_cha
         names = tuple(r["allowed_tables"]) if r["allowed_tables"] is not None else None
         key = (r["target_schema"], names)
         if key not in scopes:
-            found = conn.execute(q("readable_tables", "textsql.sql"), {
-                "schema": r["target_schema"], "names": list(names) if names is not None else None, "role": role})
+            found = conn.execute(q("readable_tables", "textsql.sql"), scope_parameters(r["target_schema"], names, role))
             scopes[key] = tuple((t["schema"], t["name"]) for t in found.fetchall() if t["readable"])
         history: tuple[tuple[str, str], ...] = ()
         if r["session_id"] is not None and history_turns:
