@@ -47,6 +47,21 @@ def _docs(n: int, words: int = 60) -> list[tuple[str, str]]:
             for i in range(n)]
 
 
+async def _retrain_queued(db_url: str, models) -> int | None:
+    """Four docs pages embedded, helpful feedback on each, and a retrain queued: its job id."""
+    pages = _pages()[:4]
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
+    await _helpful_feedback(conn, pages)
+    await conn.close()
+    with psycopg.connect(db_url, autocommit=True) as c:
+        return queue_retrain(c)
+
+
 @pytest.fixture
 def shipped_url(db_url: str, shipped) -> str:
     """The flow tests' workers run what ships: the default runtime (tests/conftest.py pins torch elsewhere)."""
@@ -195,17 +210,7 @@ async def test_sigterm_abandons_a_running_retrain_and_releases_its_job_for_the_n
     systemd's TimeoutStopSec SIGKILLed the worker first and the run was lost and redone only after its lease. Now
     the trainer is stopped, the job back to pending at once without
     charging an attempt (the next worker takes it), `retrain_abandoned` logged, and the worker exits 0."""
-    pages = _pages()[:4]
-    conn = await aconn(db_url)
-    await conn.execute(
-        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
-        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
-    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
-        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
-    await _helpful_feedback(conn, pages)
-    await conn.close()
-    with psycopg.connect(db_url, autocommit=True) as c:
-        job = queue_retrain(c)
+    job = await _retrain_queued(db_url, models)
     # a long run: 20 epochs, the flow under test is its end
     worker = spawn_worker(db_url, env={"PGSYNAPSE_KINDS": "retrain", "PGSYNAPSE_DATA_DIR": str(tmp_path),
                                        "PGSYNAPSE_RETRAIN_SYNTHETIC_PAIRS": "0", "PGSYNAPSE_RETRAIN_BATCH_SIZE": "4",
@@ -240,17 +245,7 @@ async def test_a_sigkilled_worker_s_trainer_exits_at_once_not_at_its_next_progre
     its next progress line failed to write: a trainer in a long silent stretch (loading data behind a lock, encoding
     the corpus, evaluating) held its memory and CPU for minutes. Now it exits as soon as its worker is gone. The
     trainer here waits on a lock this test holds on the training examples: silent until the lock is released."""
-    pages = _pages()[:4]
-    conn = await aconn(db_url)
-    await conn.execute(
-        "INSERT INTO pgsynapse.documents (source, title, body) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
-        ([p["id"] for p in pages], [p["title"] for p in pages], [p["text"] for p in pages]))
-    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
-        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status <> 'embedded'")
-    await _helpful_feedback(conn, pages)
-    await conn.close()
-    with psycopg.connect(db_url, autocommit=True) as c:
-        queue_retrain(c)
+    await _retrain_queued(db_url, models)
     worker = spawn_worker(db_url, env={"PGSYNAPSE_KINDS": "retrain", "PGSYNAPSE_DATA_DIR": str(tmp_path),
                                        "PGSYNAPSE_RETRAIN_SYNTHETIC_PAIRS": "0"})
     trainer = None
