@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import numpy as np
 import psycopg
 import pytest
@@ -21,7 +23,7 @@ from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
-from pgsynapse.ranking.cli import run_ranker_command
+from pgsynapse.ranking.cli import render_trained, run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
@@ -238,6 +240,41 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]
     assert f"ranker {row['id']:<8}: active" in render(snap)
     assert "the vector order serves again" in command("rollback")
+
+
+async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_while_it_trained(
+        db_url, models, ranker_dir, tmp_path):
+    """`ranker train` read the other candidates' share before `add_model` took the registry's lock: a `ranker traffic`
+    committed in between made the registration raise once training had finished ("the candidates' traffic would add
+    up to 105 %"), the trained ranker lost. The share is now taken under the lock: what is left, said so."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    # the gate off (margin -1): the ranker passes and asks for ranker_traffic_percent (10 %)
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             ranker_margin=-1)
+    other = tmp_path / "other-ce"
+    shutil.copytree(ranker_dir, other)
+    rival = psycopg.connect(db_url, row_factory=dict_row)  # a person's `ranker traffic`, in one transaction
+    r = REGISTRY.add_model(rival, "other", str(other), "onnx-int8")
+    rival.commit()
+    rival.execute(REGISTRY.sql("lock_models"))  # held while the ranker trains: its registration waits on it
+    with ThreadPoolExecutor(1) as pool:
+        training = pool.submit(train_ranker, settings, base_path=str(ranker_dir), canary_size=0)
+        await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                         " AND wait_event_type = 'Lock' AND query LIKE '%%LOCK TABLE pgsynapse.ranker_models%%'")
+        rival.execute(REGISTRY.sql("set_model_traffic"), {"id": r["id"], "traffic": 95})
+        rival.commit()
+        row = await anyio.to_thread.run_sync(training.result)
+    rival.close()
+    await conn.close()
+    assert row["status"] == "candidate" and row["gate"]["passed"]
+    assert float(row["traffic_percent"]) == 5.0 and row["traffic_asked"] == settings.ranker_traffic_percent
+    assert "traffic: 5% of sessions, not 10%: the other candidates hold the rest" in render_trained(row)
 
 
 async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(db_url, models, ranker_dir, tmp_path):

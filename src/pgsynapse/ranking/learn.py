@@ -17,7 +17,6 @@ from pgsynapse.config import Settings
 from pgsynapse.errors import DatabaseError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning.gate import verdict
-from pgsynapse.learning.routing import share_left
 from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -83,7 +82,8 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
 def train_ranker(settings: Settings, *, url: str | None = None, force: bool = False, out_dir: Path | None = None,
                  **overrides: Any) -> dict[str, Any]:
     """Train, gate and register a ranker on the database at ``url`` (default: the settings'); returns its registry
-    row plus ``gate`` (the verdict)."""
+    row plus ``gate`` (the verdict) and ``traffic_asked`` (the share it asked for: it got at most what the other
+    candidates left)."""
     url = url or settings.database_url or ""
     out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
@@ -98,11 +98,13 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        others = float(conn.execute(REGISTRY.sql("candidate_traffic"), {"id": None}).fetchone()["total"])
+        # the share is what the other candidates leave when it registers (under the registry's lock), not when it
+        # started: a `ranker traffic` given while it trained cuts its share, never its registration
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
                                  base_id=spec.active_ranker["id"] if spec.active_ranker else None,
-                                 traffic=share_left(traffic, others))
+                                 traffic=traffic, share_what_is_left=True)
     log.info("ranker_registered", ranker=row["id"], status=status, passed=gate["passed"], forced=force,
              runtime=metrics["runtime"], agreement=metrics.get("agreement"), delta=gate["delta"],
+             traffic_percent=float(row["traffic_percent"]), traffic_asked=traffic,
              active=metrics["active"], candidate=metrics["candidate"], reasons=gate["reasons"])
-    return {**row, "gate": gate}
+    return {**row, "gate": gate, "traffic_asked": traffic}
