@@ -19,7 +19,7 @@ from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
@@ -275,6 +275,17 @@ async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_w
     assert row["status"] == "candidate" and row["gate"]["passed"]
     assert float(row["traffic_percent"]) == 5.0 and row["traffic_asked"] == settings.ranker_traffic_percent
     assert "traffic: 5% of sessions, not 10%: the other candidates hold the rest" in render_trained(row)
+
+
+def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path):
+    """With no feedback, `ranker train` trained and exported for minutes, then registered a ranker its gate could only
+    reject ("no grouped hold-out"), its weights kept; `retrain` refuses at once, and so does it now, --force or not."""
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    with pytest.raises(InputError, match=r"^no feedback to learn from: .*; nothing was trained"):
+        run_ranker_command(argparse.Namespace(ranker_command="train", force=True), settings)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.list_models(conn) == []
+    assert not (tmp_path / "models").exists()
 
 
 async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(db_url, models, ranker_dir, tmp_path):

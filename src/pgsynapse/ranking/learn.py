@@ -14,8 +14,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgsynapse.config import Settings
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseError, InputError
 from pgsynapse.export import source_model_path
+from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
@@ -87,6 +88,9 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     url = url or settings.database_url or ""
     out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
+            # forced or not: trained on corpus pairs alone, its gate has no hold-out and could only reject it
+            raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
         spec = ranker_spec(settings, conn, url, out, **overrides)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
