@@ -215,10 +215,13 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
         " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
-                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             retrain_gate_confidence=0.9, retrain_bootstrap_samples=500, retrain_canary_tolerance=0.1)
     # the tiny random weights stand in for MiniLM's: the spec's base_path is what a ranker starts from
     row = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
     assert row["status"] == "candidate" and row["runtime"] in ("onnx-int8", "torch")
+    # the retrain's gate, settings and all (they were left at their defaults)
+    assert (row["gate"]["confidence"], row["gate"]["samples"], row["gate"]["tolerance"]) == (0.9, 500, 0.1)
     m = row["metrics"]
     assert m["steps"] > 0 and m["heldout"] > 0 and m["baseline"] == "vector order"
     assert 0 <= m["candidate"]["mrr@10"] <= 1 and m["gate"]["reasons"]
@@ -275,6 +278,7 @@ async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_w
     assert row["status"] == "candidate" and row["gate"]["passed"]
     assert float(row["traffic_percent"]) == 5.0 and row["traffic_asked"] == settings.ranker_traffic_percent
     assert "traffic: 5% of sessions, not 10%: the other candidates hold the rest" in render_trained(row)
+    assert row["gate"]["reasons"][-1].startswith("ranker_margin = -1: the gate is off")
 
 
 def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path):

@@ -68,7 +68,7 @@ def judge(metrics: dict[str, Any], settings: Settings, *, force: bool = False) -
     scores = metrics.pop("gate_scores", {})
     decision = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.distill_margin,
                        tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
-                       samples=settings.retrain_bootstrap_samples)
+                       samples=settings.retrain_bootstrap_samples, margin_setting="distill_margin")
     return {**decision, "forced": force and not decision["passed"]}
 
 

@@ -97,7 +97,10 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
                           kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
     scores = metrics.pop("gate_scores")
-    gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin)
+    # the retrain's gate (docs/learning.md): its tolerance, confidence and resamples, the ranker's margin
+    gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin,
+                   tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
+                   samples=settings.retrain_bootstrap_samples, margin_setting="ranker_margin")
     metrics["gate"] = gate
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
