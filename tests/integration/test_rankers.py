@@ -25,10 +25,11 @@ from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
 from pgsynapse.ranking.cli import render_trained, run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
-from pgsynapse.ranking.learn import train_ranker
+from pgsynapse.ranking.learn import ranker_spec, train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import check_teacher, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
+from pgsynapse.ranking.train import TeacherOrder
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
@@ -387,7 +388,7 @@ def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ran
             ranker("rollback", None)
 
 
-async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_path):
+async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_dir, tmp_path):
     await _embedded(db_url, models)
     teacher_dir = tiny_embedding_model(tmp_path / "teacher-48", 48)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
@@ -420,4 +421,22 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_pat
     assert answered["status"] == "answered" and answered["ranker_id"] == row["id"] and answered["sources"]
     for src in answered["sources"]:
         assert expected[src["rank"] - 1].chunk_id == src["chunk_id"]
+
+    # `ranker train` with the teacher active (the setup docs/learning.md recommends) is judged against the teacher's
+    # order; its trainer failed once trained ("unknown ranker runtime 'version' of ranker 1"), the training lost
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
     await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        spec = ranker_spec(settings, sync, db_url, tmp_path / "spec")
+    # the trainer's baseline orders the candidates as the teacher ranker serves them
+    today = TeacherOrder(spec, stored, [h.chunk_id for h in vector]).order(QUESTION, list(range(len(vector))))
+    assert [vector[i].chunk_id for i in today] == [h.chunk_id for h in expected]
+    trained = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
+    m = trained["metrics"]
+    assert trained["status"] == "candidate" and trained["base_id"] == row["id"]
+    assert m["baseline"] == f"ranker {row['id']}" and m["heldout"] > 0 and 0 < m["active"]["mrr@10"] <= 1

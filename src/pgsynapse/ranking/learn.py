@@ -22,6 +22,7 @@ from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, version_of
 
 log = get_logger(__name__)
 
@@ -35,7 +36,7 @@ class RankerSpec:
     model_path: str | None  # the settings' model_path (a version row without an artifact is that model)
     base_path: str  # the transformer weights the ranker starts from (the version's torch directory)
     out_dir: str
-    active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order)
+    active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order; a teacher's: its version)
     data_dir: str | None = None  # where the rows' recorded paths are looked for when they are not on this host
     candidates: int = 20
     negatives: int = 7
@@ -64,12 +65,17 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
     if version is None:
         raise DatabaseError("no active model version: run `pgsynapse migrate` and embed documents first")
     active = REGISTRY.active_model(conn)
+    baseline = {k: active[k] for k in ("id", "name", "path", "runtime")} if active else None
+    if baseline and baseline["runtime"] == "version":  # a teacher (ranking/rescore.py): its vectors give its order
+        check_teacher(conn, baseline["path"])  # retired, rejected or backfilling: refused before the training
+        teacher = conn.execute(q("version_by_id", "learning.sql"), {"version": version_of(baseline["path"])}).fetchone()
+        baseline["version"] = {k: teacher[k] for k in VERSION_FIELDS}
     s = settings
     fields: dict[str, Any] = dict(
         url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
         base_path=str(source_model_path(version, s.model_path, s.data_dir)), out_dir=str(out_dir),
         data_dir=str(s.data_dir),
-        active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
+        active_ranker=baseline,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
         layers=s.ranker_layers, negatives_skip=s.ranker_negatives_skip,
         epochs=s.ranker_epochs, lr=s.ranker_lr, head_lr=s.ranker_head_lr, cosine_scale=s.ranker_cosine_scale,
