@@ -16,7 +16,7 @@ import torch
 from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import DistillSpec, distill
 from pgsynapse.learning.cli import run_model_command
@@ -143,6 +143,22 @@ def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, stude
                                                 "for every chunk; distil it once `pgsynapse model list` says done"):
             distill(conn, settings, db_url, teacher=v, student=str(student_base), layers=2)
     assert not (tmp_path / "models").exists()  # no training process was started
+
+
+async def test_without_feedback_a_student_is_refused_before_training_unless_forced(db_url, models, student_base,
+                                                                                   tmp_path):
+    """With no feedback the gate has no hold-out: it refused the student once trained (an hour on 2 cores)."""
+    await _corpus_with_feedback(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=60)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("DELETE FROM pgsynapse.training_examples")
+        with pytest.raises(InputError, match=r"^no feedback to judge the student on: no feedback row marks an answer "
+                                             r"helpful .*: its gate could only refuse it; nothing was trained "
+                                             r"\(--force trains and registers it unjudged\)$"):
+            distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=1)
+        assert not (tmp_path / "models").exists()  # no training process was started
+        done = distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=1, force=True)
+    assert done.row is not None and done.gate["forced"] and not done.gate["passed"]
 
 
 async def test_distill_registers_a_smaller_student_and_not_one_the_gate_refuses(db_url, models, student_base,
