@@ -6,6 +6,8 @@ order is the one served and what the registry does, not how well a random ranker
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +146,16 @@ def test_ranker_registry_routes_sessions_and_refuses(db_url, ranker_dir):
         assert REGISTRY.promote(conn, a["id"]) == {"active": a["id"], "previous": None}
         with pytest.raises(RegistryError, match="is active"):
             REGISTRY.retire(conn, a["id"])
+        # the active ranker serves what the candidates leave it: `ranker list` and `status` said 100 % beside them
+        other = shutil.copytree(ranker_dir, ranker_dir.parent / "other-ce", dirs_exist_ok=True)
+        b = REGISTRY.add_model(conn, "b", str(other), "onnx-int8", traffic=30)
+        snap = snapshot(conn)
+    assert [(r["id"], r["traffic_percent"]) for r in snap["rankers"]] == [(a["id"], 70.0), (b["id"], 30.0)]
+    assert f"ranker {a['id']:<8}: active a (onnx-int8), 70% of sessions" in render(snap)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_ranker_command(argparse.Namespace(ranker_command="list", json=False), fast_settings(db_url))
+    assert f"{a['id']:>3}  active     70.00%  onnx-int8 a" in out.getvalue(), out.getvalue()
 
 
 def test_ranker_add_refuses_what_it_could_not_load_and_stores_an_absolute_path(db_url, ranker_dir, tmp_path,

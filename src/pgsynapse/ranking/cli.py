@@ -9,6 +9,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import RegistryError
 from pgsynapse.jsonout import dumps as json_dumps
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
@@ -43,7 +44,8 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if r["status"] == "candidate" else 1
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         if action == "list":
-            rows = REGISTRY.list_models(conn)
+            # the active one's share: what the candidates routed leave it (its row says 100 whatever they take)
+            rows = served_shares(REGISTRY.list_models(conn), REGISTRY.routable_models(conn))
             if args.json:
                 print(json_dumps(rows, indent=2))
             elif not rows:
