@@ -305,6 +305,22 @@ def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path)
     assert not (tmp_path / "models").exists()
 
 
+async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):
+    """The gate compares a new ranker with the active one: with its files gone the trainer failed once it had loaded
+    everything, and its traceback's last lines were the message ("training process exited with 1: File ...")."""
+    await _embedded(db_url, models)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+                     " SELECT 'how do savepoints work?', min(id) FROM pgsynapse.chunks")
+        gone = REGISTRY.add_model(conn, "gone", str(tmp_path / "gone"), "torch", status="active")
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    with pytest.raises(ModelError, match=rf"^active ranker {gone['id']}: path does not exist: .*gone: the gate compares "
+                                         r"a new ranker with the active one: restore its files, or `pgsynapse ranker "
+                                         r"rollback` first$"):
+        run_ranker_command(argparse.Namespace(ranker_command="train", force=False), settings)
+    assert not (tmp_path / "models").exists()  # no training process was started
+
+
 async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(db_url, models, ranker_dir, tmp_path):
     await _embedded(db_url, models)
     settings = fast_settings(db_url, kinds=("answer",), data_dir=tmp_path, answer_cache=True, not_found_threshold=-1)

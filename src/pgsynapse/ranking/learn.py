@@ -13,8 +13,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
-from pgsynapse.errors import DatabaseError, InputError
+from pgsynapse.errors import DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
@@ -23,6 +24,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import check_teacher, version_of
+from pgsynapse.ranking.scorer import check_ranker_dir
 
 log = get_logger(__name__)
 
@@ -70,6 +72,13 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
         check_teacher(conn, baseline["path"])  # retired, rejected or backfilling: refused before the training
         teacher = conn.execute(q("version_by_id", "learning.sql"), {"version": version_of(baseline["path"])}).fetchone()
         baseline["version"] = {k: teacher[k] for k in VERSION_FIELDS}
+    elif baseline:  # a cross-encoder: its files checked here, before a trainer starts and fails on them
+        try:
+            check_ranker_dir(local_artifact(baseline["path"], settings.data_dir), baseline["runtime"],
+                             f"active ranker {baseline['id']}")
+        except ModelError as exc:
+            raise ModelError(f"{exc}: the gate compares a new ranker with the active one: restore its files, or "
+                             "`pgsynapse ranker rollback` first") from None
     s = settings
     fields: dict[str, Any] = dict(
         url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
