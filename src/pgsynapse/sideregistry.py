@@ -31,7 +31,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.errors import RegistryError
-from pgsynapse.learning.routing import choose_version
+from pgsynapse.learning.routing import choose_version, share_left
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -103,9 +103,11 @@ class SideRegistry:
 
     def add_model(self, conn: psycopg.Connection, name: str, path: str, runtime: str, base_id: int | None = None,
                   metrics: dict[str, Any] | None = None, status: str = "candidate",
-                  traffic: float = 0) -> dict[str, Any]:
+                  traffic: float = 0, share_what_is_left: bool = False) -> dict[str, Any]:
         """Register a model and return its row. ``status`` ``active`` adds it as a candidate and promotes it (the
-        active model before it is retired); a traffic share is for candidates only."""
+        active model before it is retired); a traffic share is for candidates only. ``share_what_is_left``: a
+        candidate gets at most what the other candidates leave, read under the lock (a trained model registers so:
+        a share given while it trained does not make its registration fail), instead of being refused."""
         if runtime not in self.runtimes:
             raise RegistryError(f"unknown {self.noun} runtime {runtime!r} (one of {', '.join(self.runtimes)})")
         if status not in STATUSES or status == "retired":
@@ -118,6 +120,8 @@ class SideRegistry:
             conn.execute(self.sql("lock_models"))
             if base_id is not None:
                 self.get_model(conn, base_id)
+            if share_what_is_left and status == "candidate":
+                traffic = share_left(traffic, self._fetch(conn, "candidate_traffic", {"id": None})[0]["total"])
             self._check_traffic(conn, None, traffic if status == "candidate" else 0)
             row = self._fetch(conn, "add_model", {
                 "name": name, "base_id": base_id, "path": path, "runtime": runtime, "metrics": Jsonb(metrics or {}),

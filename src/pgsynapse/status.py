@@ -68,8 +68,11 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
     questions = dict(conn.execute(q("question_counts", "answers.sql")).fetchone() or {})
     data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
     sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
-    rankers = [{k: r[k] for k in ("id", "name", "runtime", "status", "traffic_percent")}
-               for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"]
+    # the active ranker's share is what the candidates routed leave it (its row says 100 whatever they take)
+    rankers = served_shares([{**{k: r[k] for k in ("id", "name", "runtime", "status")},
+                              "traffic_percent": float(r["traffic_percent"])}
+                             for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"],
+                            RANKERS.routable_models(conn))
     feedback = dict(conn.execute(q("feedback_progress", "learning.sql")).fetchone())
     failures = [dict(r) for r in conn.execute(q("failed_job_errors", "ops.sql"), {"limit": SHOWN_REASONS})]
     skipped = [dict(r) for r in conn.execute(q("skipped_job_reasons", "ops.sql"), {"limit": SHOWN_REASONS})]

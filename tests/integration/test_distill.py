@@ -4,6 +4,7 @@ registered as a candidate that the worker backfills; one the gate refuses is not
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -15,9 +16,10 @@ import torch
 from psycopg.rows import dict_row
 from sentence_transformers import SentenceTransformer
 
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import DistillSpec, distill
+from pgsynapse.learning.cli import run_model_command
 from pgsynapse.learning.registry import add_model
 from pgsynapse.learning.distill_train import build_student, kept_layers, main, pca_projection, procrustes
 from tests.embed_models import tiny_embedding_model
@@ -143,19 +145,42 @@ def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, stude
     assert not (tmp_path / "models").exists()  # no training process was started
 
 
+async def test_without_feedback_a_student_is_refused_before_training_unless_forced(db_url, models, student_base,
+                                                                                   tmp_path):
+    """With no feedback the gate has no hold-out: it refused the student once trained (an hour on 2 cores)."""
+    await _corpus_with_feedback(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=60)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("DELETE FROM pgsynapse.training_examples")
+        with pytest.raises(InputError, match=r"^no feedback to judge the student on: no feedback row marks an answer "
+                                             r"helpful .*: its gate could only refuse it; nothing was trained "
+                                             r"\(--force trains and registers it unjudged\)$"):
+            distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=1)
+        assert not (tmp_path / "models").exists()  # no training process was started
+        done = distill(conn, settings, db_url, student=str(student_base), layers=2, epochs=1, force=True)
+    assert done.row is not None and done.gate["forced"] and not done.gate["passed"]
+
+
 async def test_distill_registers_a_smaller_student_and_not_one_the_gate_refuses(db_url, models, student_base,
-                                                                                tmp_path):
+                                                                                tmp_path, capsys):
     await _corpus_with_feedback(db_url, models)
     # refused: a margin no student can clear (it must gain half a point per question over its teacher)
     strict = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=60, distill_margin=0.5)
+    args = argparse.Namespace(model_command="distill", teacher=None, student=str(student_base), student_layers=2,
+                              name=None, epochs=1, traffic=0.0, force=False, projection="dense", follow=False)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-        done = distill(conn, strict, db_url, student=str(student_base), layers=2, epochs=1, projection="dense")
+        assert run_model_command(args, conn, strict, db_url) == 1
         n = conn.execute("SELECT count(*) AS n FROM pgsynapse.model_versions").fetchone()["n"]
-    assert done.row is None and n == 1
-    assert not done.gate["passed"] and "is not above +0.5000" in done.gate["reasons"][0], done.gate["reasons"]
-    trained = json.loads((done.out_dir / "metrics.json").read_text())  # kept for a look, not served
+    out, err = capsys.readouterr()
+    [out_dir] = (tmp_path / "models").glob("distilled-*")
+    gate = [line for line in out.splitlines() if line.startswith("gate: ")]
+    assert n == 1 and gate[0].startswith("gate: hold-out gain") and "is not above +0.5000" in gate[0], gate
+    # it said "--force registers it": that trained another student, the one refused was never registered
+    assert (f"the student was not registered: its gate refused it (reasons above); it is in {out_dir}: "
+            f"`pgsynapse model add {out_dir}` registers it as it is (--force trains another)") in err, err
+    trained = json.loads((out_dir / "metrics.json").read_text())  # kept for a look, not served
     assert trained["layers"] == 2 and trained["dim"] == 384  # "dense": a kept layer up to the teacher's dimension
-    assert SentenceTransformer(str(done.out_dir), device="cpu").encode(["a question"]).shape == (1, 384)
+    assert SentenceTransformer(str(out_dir), device="cpu").encode(["a question"]).shape == (1, 384)
 
     # registered (forced past the gate, which has too few questions here to judge a random student fairly)
     settings = fast_settings(db_url, data_dir=tmp_path, distill_budget_seconds=120)

@@ -6,10 +6,14 @@ order is the one served and what the registry does, not how well a random ranker
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import numpy as np
 import psycopg
 import pytest
@@ -17,16 +21,17 @@ from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
-from pgsynapse.ranking.cli import run_ranker_command
+from pgsynapse.ranking.cli import render_trained, run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
-from pgsynapse.ranking.learn import train_ranker
+from pgsynapse.ranking.learn import ranker_spec, train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import check_teacher, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
+from pgsynapse.ranking.train import TeacherOrder
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
@@ -141,6 +146,16 @@ def test_ranker_registry_routes_sessions_and_refuses(db_url, ranker_dir):
         assert REGISTRY.promote(conn, a["id"]) == {"active": a["id"], "previous": None}
         with pytest.raises(RegistryError, match="is active"):
             REGISTRY.retire(conn, a["id"])
+        # the active ranker serves what the candidates leave it: `ranker list` and `status` said 100 % beside them
+        other = shutil.copytree(ranker_dir, ranker_dir.parent / "other-ce", dirs_exist_ok=True)
+        b = REGISTRY.add_model(conn, "b", str(other), "onnx-int8", traffic=30)
+        snap = snapshot(conn)
+    assert [(r["id"], r["traffic_percent"]) for r in snap["rankers"]] == [(a["id"], 70.0), (b["id"], 30.0)]
+    assert f"ranker {a['id']:<8}: active a (onnx-int8), 70% of sessions" in render(snap)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_ranker_command(argparse.Namespace(ranker_command="list", json=False), fast_settings(db_url))
+    assert f"{a['id']:>3}  active     70.00%  onnx-int8 a" in out.getvalue(), out.getvalue()
 
 
 def test_ranker_add_refuses_what_it_could_not_load_and_stores_an_absolute_path(db_url, ranker_dir, tmp_path,
@@ -213,10 +228,13 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
         " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
-                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             retrain_gate_confidence=0.9, retrain_bootstrap_samples=500, retrain_canary_tolerance=0.1)
     # the tiny random weights stand in for MiniLM's: the spec's base_path is what a ranker starts from
     row = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
     assert row["status"] == "candidate" and row["runtime"] in ("onnx-int8", "torch")
+    # the retrain's gate, settings and all (they were left at their defaults)
+    assert (row["gate"]["confidence"], row["gate"]["samples"], row["gate"]["tolerance"]) == (0.9, 500, 0.1)
     m = row["metrics"]
     assert m["steps"] > 0 and m["heldout"] > 0 and m["baseline"] == "vector order"
     assert 0 <= m["candidate"]["mrr@10"] <= 1 and m["gate"]["reasons"]
@@ -238,6 +256,69 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]
     assert f"ranker {row['id']:<8}: active" in render(snap)
     assert "the vector order serves again" in command("rollback")
+
+
+async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_while_it_trained(
+        db_url, models, ranker_dir, tmp_path):
+    """`ranker train` read the other candidates' share before `add_model` took the registry's lock: a `ranker traffic`
+    committed in between made the registration raise once training had finished ("the candidates' traffic would add
+    up to 105 %"), the trained ranker lost. The share is now taken under the lock: what is left, said so."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    # the gate off (margin -1): the ranker passes and asks for ranker_traffic_percent (10 %)
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             ranker_margin=-1)
+    other = tmp_path / "other-ce"
+    shutil.copytree(ranker_dir, other)
+    rival = psycopg.connect(db_url, row_factory=dict_row)  # a person's `ranker traffic`, in one transaction
+    r = REGISTRY.add_model(rival, "other", str(other), "onnx-int8")
+    rival.commit()
+    rival.execute(REGISTRY.sql("lock_models"))  # held while the ranker trains: its registration waits on it
+    with ThreadPoolExecutor(1) as pool:
+        training = pool.submit(train_ranker, settings, base_path=str(ranker_dir), canary_size=0)
+        await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                         " AND wait_event_type = 'Lock' AND query LIKE '%%LOCK TABLE pgsynapse.ranker_models%%'")
+        rival.execute(REGISTRY.sql("set_model_traffic"), {"id": r["id"], "traffic": 95})
+        rival.commit()
+        row = await anyio.to_thread.run_sync(training.result)
+    rival.close()
+    await conn.close()
+    assert row["status"] == "candidate" and row["gate"]["passed"]
+    assert float(row["traffic_percent"]) == 5.0 and row["traffic_asked"] == settings.ranker_traffic_percent
+    assert "traffic: 5% of sessions, not 10%: the other candidates hold the rest" in render_trained(row)
+    assert row["gate"]["reasons"][-1].startswith("ranker_margin = -1: the gate is off")
+
+
+def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path):
+    """With no feedback, `ranker train` trained and exported for minutes, then registered a ranker its gate could only
+    reject ("no grouped hold-out"), its weights kept; `retrain` refuses at once, and so does it now, --force or not."""
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    with pytest.raises(InputError, match=r"^no feedback to learn from: .*; nothing was trained"):
+        run_ranker_command(argparse.Namespace(ranker_command="train", force=True), settings)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert REGISTRY.list_models(conn) == []
+    assert not (tmp_path / "models").exists()
+
+
+async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):
+    """The gate compares a new ranker with the active one: with its files gone the trainer failed once it had loaded
+    everything, and its traceback's last lines were the message ("training process exited with 1: File ...")."""
+    await _embedded(db_url, models)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+                     " SELECT 'how do savepoints work?', min(id) FROM pgsynapse.chunks")
+        gone = REGISTRY.add_model(conn, "gone", str(tmp_path / "gone"), "torch", status="active")
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    with pytest.raises(ModelError, match=rf"^active ranker {gone['id']}: path does not exist: .*gone: the gate compares "
+                                         r"a new ranker with the active one: restore its files, or `pgsynapse ranker "
+                                         r"rollback` first$"):
+        run_ranker_command(argparse.Namespace(ranker_command="train", force=False), settings)
+    assert not (tmp_path / "models").exists()  # no training process was started
 
 
 async def test_the_answer_cache_serves_an_answer_only_to_sessions_of_its_ranker(db_url, models, ranker_dir, tmp_path):
@@ -335,7 +416,7 @@ def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ran
             ranker("rollback", None)
 
 
-async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_path):
+async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_dir, tmp_path):
     await _embedded(db_url, models)
     teacher_dir = tiny_embedding_model(tmp_path / "teacher-48", 48)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
@@ -368,4 +449,22 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, tmp_pat
     assert answered["status"] == "answered" and answered["ranker_id"] == row["id"] and answered["sources"]
     for src in answered["sources"]:
         assert expected[src["rank"] - 1].chunk_id == src["chunk_id"]
+
+    # `ranker train` with the teacher active (the setup docs/learning.md recommends) is judged against the teacher's
+    # order; its trainer failed once trained ("unknown ranker runtime 'version' of ranker 1"), the training lost
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
     await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        spec = ranker_spec(settings, sync, db_url, tmp_path / "spec")
+    # the trainer's baseline orders the candidates as the teacher ranker serves them
+    today = TeacherOrder(spec, stored, [h.chunk_id for h in vector]).order(QUESTION, list(range(len(vector))))
+    assert [vector[i].chunk_id for i in today] == [h.chunk_id for h in expected]
+    trained = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
+    m = trained["metrics"]
+    assert trained["status"] == "candidate" and trained["base_id"] == row["id"]
+    assert m["baseline"] == f"ranker {row['id']}" and m["heldout"] > 0 and 0 < m["active"]["mrr@10"] <= 1

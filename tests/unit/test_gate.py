@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pgsynapse.config import Settings
 from pgsynapse.learning.canary import build_questions
+from pgsynapse.learning.distill import judge
 from pgsynapse.learning.gate import MIN_GROUPS, cluster_bootstrap, evaluate_set, verdict
 from pgsynapse.learning.holdout import grouped_holdout, question_groups, template_keys
 
@@ -139,6 +141,14 @@ def test_too_few_groups_or_none_is_a_rejection():
     none = verdict({"k": 5, "groups": [], "active": {"hit": [], "rr": []}, "candidate": {"hit": [], "rr": []}},
                    None, samples=500)
     assert not none["passed"] and none["reasons"][0].startswith("no grouped hold-out")
+
+
+def test_the_gate_off_names_the_setting_that_turned_it_off():
+    """A student distilled with distill_margin = -1 was said to pass because "retrain_margin = -1", a setting the
+    user had not touched: the reason names the margin of what was judged."""
+    v = judge({"gate_scores": {}}, Settings(distill_margin=-1))
+    assert v["passed"] and v["reasons"][-1].startswith("distill_margin = -1: the gate is off"), v["reasons"]
+    assert verdict(None, None, margin=-1)["reasons"][-1].startswith("retrain_margin = -1: the gate is off")
 
 
 def test_the_cluster_bootstrap_resamples_groups_not_questions():

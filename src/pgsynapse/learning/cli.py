@@ -185,9 +185,10 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
         for reason in done.gate["reasons"]:
             print(f"gate: {reason}")
         if done.row is None:
-            print(f"pgsynapse: the student was not registered: against the teacher it lost more than "
-                  f"{-settings.distill_margin:g} at the gate's lower bound, or could not be judged; it is in "
-                  f"{done.out_dir} (--force registers it)", file=sys.stderr)
+            # what was trained is kept: registering it is `model add`, not --force (which trains another)
+            print(f"pgsynapse: the student was not registered: its gate refused it (reasons above); it is in "
+                  f"{done.out_dir}: `pgsynapse model add {done.out_dir}` registers it as it is (--force trains "
+                  "another)", file=sys.stderr)
             return 1
         row = done.row
     else:

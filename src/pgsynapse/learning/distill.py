@@ -17,8 +17,9 @@ from typing import Any
 import psycopg
 
 from pgsynapse.config import Settings
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.export import source_model_path
+from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.registry import add_model
 from pgsynapse.learning.trainer_process import run_trainer
@@ -68,7 +69,7 @@ def judge(metrics: dict[str, Any], settings: Settings, *, force: bool = False) -
     scores = metrics.pop("gate_scores", {})
     decision = verdict(scores.get("heldout"), scores.get("canary"), margin=settings.distill_margin,
                        tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
-                       samples=settings.retrain_bootstrap_samples)
+                       samples=settings.retrain_bootstrap_samples, margin_setting="distill_margin")
     return {**decision, "forced": force and not decision["passed"]}
 
 
@@ -117,6 +118,10 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     base = str(Path(student).expanduser().resolve()) if student else str(
         source_model_path(active, settings.model_path, settings.data_dir))
     check_student(base, layers, given=student)
+    if not force and not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
+        # the gate's hold-out is the feedback's questions: with none it refuses every student, once trained
+        raise InputError(f"no feedback to judge the student on: {NOTHING_TO_LEARN.split(': ', 1)[1]}: its gate could "
+                         "only refuse it; nothing was trained (--force trains and registers it unjudged)")
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = DistillSpec(url=url, teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,

@@ -136,9 +136,11 @@ def _intervals(ev: dict[str, Any], samples: int, confidence: float) -> dict[str,
 
 
 def verdict(heldout: dict[str, Any] | None, canary: dict[str, Any] | None, *, margin: float = 0.0,
-            tolerance: float = 0.05, confidence: float = 0.95, samples: int = 2000) -> dict[str, Any]:
+            tolerance: float = 0.05, confidence: float = 0.95, samples: int = 2000,
+            margin_setting: str = "retrain_margin") -> dict[str, Any]:
     """The gate's decision from :func:`evaluate_set` results. Returns ``passed``, ``forced``, the intervals of
-    both sets and ``reasons`` (one line per check, failed or not)."""
+    both sets and ``reasons`` (one line per check, failed or not). ``margin_setting``: the setting ``margin``
+    came from, named when it turns the gate off."""
     forced = margin <= -1
     reasons: list[str] = []
     out: dict[str, Any] = {"confidence": confidence, "samples": samples, "margin": margin, "tolerance": tolerance,
@@ -174,7 +176,7 @@ def verdict(heldout: dict[str, Any] | None, canary: dict[str, Any] | None, *, ma
             reasons.append(f"canary gain {s['gain']:+.4f}, {confidence:.0%} interval [{s['low']:+.4f}, "
                            f"{s['high']:+.4f}]: may regress by more than {tolerance:.4f}")
     if forced:
-        reasons.append("retrain_margin = -1: the gate is off, the candidate passes whatever it scores")
+        reasons.append(f"{margin_setting} = -1: the gate is off, the candidate passes whatever it scores")
     out.update(passed=forced or (held_ok and canary_ok), forced=forced, reasons=reasons)
     out["delta"] = out.get("heldout", {}).get("score", {}).get("gain", 0.0)
     return out

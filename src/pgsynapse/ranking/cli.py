@@ -9,6 +9,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import RegistryError
 from pgsynapse.jsonout import dumps as json_dumps
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import PREFIX, check_teacher
@@ -24,18 +25,27 @@ def _line(r: dict) -> str:
             f"  ({r['path']}){held}")
 
 
+def render_trained(r: dict) -> str:
+    """What ``ranker train`` registered (a row of :func:`train_ranker`): its line, the gate's reasons, and the share
+    it did not get when the other candidates held more than it left them."""
+    lines = [_line(r), *(f"  gate: {reason}" for reason in r["gate"]["reasons"])]
+    if float(r["traffic_percent"]) < r["traffic_asked"]:
+        lines.append(f"  traffic: {float(r['traffic_percent']):g}% of sessions, not {r['traffic_asked']:g}%: the other "
+                     f"candidates hold the rest (`pgsynapse ranker traffic {r['id']} PERCENT` once they have less)")
+    return "\n".join(lines)
+
+
 def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
     action = args.ranker_command
     if action == "train":
         with Database(settings) as db:  # the embedded server when no URL is set
             r = train_ranker(settings, url=db.url, force=args.force)
-        print(_line(r))
-        for reason in r["gate"]["reasons"]:
-            print(f"  gate: {reason}")
+        print(render_trained(r))
         return 0 if r["status"] == "candidate" else 1
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         if action == "list":
-            rows = REGISTRY.list_models(conn)
+            # the active one's share: what the candidates routed leave it (its row says 100 whatever they take)
+            rows = served_shares(REGISTRY.list_models(conn), REGISTRY.routable_models(conn))
             if args.json:
                 print(json_dumps(rows, indent=2))
             elif not rows:

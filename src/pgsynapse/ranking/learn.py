@@ -13,15 +13,18 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
+from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
-from pgsynapse.learning.routing import share_left
 from pgsynapse.learning.trainer_process import run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY
+from pgsynapse.ranking.rescore import check_teacher, version_of
+from pgsynapse.ranking.scorer import check_ranker_dir
 
 log = get_logger(__name__)
 
@@ -35,7 +38,7 @@ class RankerSpec:
     model_path: str | None  # the settings' model_path (a version row without an artifact is that model)
     base_path: str  # the transformer weights the ranker starts from (the version's torch directory)
     out_dir: str
-    active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order)
+    active_ranker: dict[str, Any] | None = None  # the gate's baseline (None: the vector order; a teacher's: its version)
     data_dir: str | None = None  # where the rows' recorded paths are looked for when they are not on this host
     candidates: int = 20
     negatives: int = 7
@@ -64,12 +67,24 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
     if version is None:
         raise DatabaseError("no active model version: run `pgsynapse migrate` and embed documents first")
     active = REGISTRY.active_model(conn)
+    baseline = {k: active[k] for k in ("id", "name", "path", "runtime")} if active else None
+    if baseline and baseline["runtime"] == "version":  # a teacher (ranking/rescore.py): its vectors give its order
+        check_teacher(conn, baseline["path"])  # retired, rejected or backfilling: refused before the training
+        teacher = conn.execute(q("version_by_id", "learning.sql"), {"version": version_of(baseline["path"])}).fetchone()
+        baseline["version"] = {k: teacher[k] for k in VERSION_FIELDS}
+    elif baseline:  # a cross-encoder: its files checked here, before a trainer starts and fails on them
+        try:
+            check_ranker_dir(local_artifact(baseline["path"], settings.data_dir), baseline["runtime"],
+                             f"active ranker {baseline['id']}")
+        except ModelError as exc:
+            raise ModelError(f"{exc}: the gate compares a new ranker with the active one: restore its files, or "
+                             "`pgsynapse ranker rollback` first") from None
     s = settings
     fields: dict[str, Any] = dict(
         url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
         base_path=str(source_model_path(version, s.model_path, s.data_dir)), out_dir=str(out_dir),
         data_dir=str(s.data_dir),
-        active_ranker={k: active[k] for k in ("id", "name", "path", "runtime")} if active else None,
+        active_ranker=baseline,
         candidates=s.rank_candidates, negatives=s.ranker_negatives, max_length=s.ranker_max_length,
         layers=s.ranker_layers, negatives_skip=s.ranker_negatives_skip,
         epochs=s.ranker_epochs, lr=s.ranker_lr, head_lr=s.ranker_head_lr, cosine_scale=s.ranker_cosine_scale,
@@ -83,26 +98,35 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
 def train_ranker(settings: Settings, *, url: str | None = None, force: bool = False, out_dir: Path | None = None,
                  **overrides: Any) -> dict[str, Any]:
     """Train, gate and register a ranker on the database at ``url`` (default: the settings'); returns its registry
-    row plus ``gate`` (the verdict)."""
+    row plus ``gate`` (the verdict) and ``traffic_asked`` (the share it asked for: it got at most what the other
+    candidates left)."""
     url = url or settings.database_url or ""
     out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
+            # forced or not: trained on corpus pairs alone, its gate has no hold-out and could only reject it
+            raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
         spec = ranker_spec(settings, conn, url, out, **overrides)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
     metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
                           kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
     scores = metrics.pop("gate_scores")
-    gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin)
+    # the retrain's gate (docs/learning.md): its tolerance, confidence and resamples, the ranker's margin
+    gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin,
+                   tolerance=settings.retrain_canary_tolerance, confidence=settings.retrain_gate_confidence,
+                   samples=settings.retrain_bootstrap_samples, margin_setting="ranker_margin")
     metrics["gate"] = gate
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        others = float(conn.execute(REGISTRY.sql("candidate_traffic"), {"id": None}).fetchone()["total"])
+        # the share is what the other candidates leave when it registers (under the registry's lock), not when it
+        # started: a `ranker traffic` given while it trained cuts its share, never its registration
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
                                  base_id=spec.active_ranker["id"] if spec.active_ranker else None,
-                                 traffic=share_left(traffic, others))
+                                 traffic=traffic, share_what_is_left=True)
     log.info("ranker_registered", ranker=row["id"], status=status, passed=gate["passed"], forced=force,
              runtime=metrics["runtime"], agreement=metrics.get("agreement"), delta=gate["delta"],
+             traffic_percent=float(row["traffic_percent"]), traffic_asked=traffic,
              active=metrics["active"], candidate=metrics["candidate"], reasons=gate["reasons"])
-    return {**row, "gate": gate}
+    return {**row, "gate": gate, "traffic_asked": traffic}

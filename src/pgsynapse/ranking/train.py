@@ -28,6 +28,7 @@ import json
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,44 @@ def load_data(spec: RankerSpec) -> dict[str, Any]:
         if built["built"]:
             progress("canary_built", questions=built["questions"], version=spec.version["id"])
         canary = conn.execute(q("canary_questions", "canary.sql")).fetchall()
+        teacher = (spec.active_ranker or {}).get("version")  # the active ranker is a teacher version: its vectors
+        taught = stored_vectors(conn, teacher["id"]) if teacher else {}
     return {"examples": examples, "chunks": chunks, "docs": {r[0]: (r[1], r[2]) for r in bodies},
-            "stored": stored, "canary": canary}
+            "stored": stored, "canary": canary, "teacher_stored": taught}
+
+
+class TeacherOrder:
+    """A ``version:N`` ranker's order (ranking/rescore.py) of the trainer's chunks: the cosine of the teacher's stored
+    vectors to its encoding of the question, stable; a chunk it has no vector for goes last."""
+
+    def __init__(self, spec: RankerSpec, stored: dict[int, np.ndarray], chunk_ids: list[int]) -> None:
+        self.embedder = ModelCache(model_path=spec.model_path, threads=spec.threads,
+                                   data_dir=spec.data_dir).get(spec.active_ranker["version"])  # type: ignore[index]
+        self.vectors = {i: unit(stored[cid]) for i, cid in enumerate(chunk_ids) if cid in stored}
+
+    def order(self, question: str, cands: list[int]) -> list[int]:
+        qv = unit(self.embedder.encode([question])[0])
+        scores = {i: float(self.vectors[i] @ qv) for i in cands if i in self.vectors}
+        return [i for _, i in sorted(enumerate(cands), key=lambda p: (-scores.get(p[1], -2.0), p[0]))]
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n else v
+
+
+def baseline(spec: RankerSpec, data: dict[str, Any], chunk_ids: list[int],
+             texts: list[str]) -> Callable[[str, list[int], np.ndarray], list[int]] | None:
+    """Today's order of a question's candidates (indexes of the chunks, with their first-stage cosines): the active
+    ranker's, a cross-encoder's or a teacher version's (``version:N``); None: the vector order. Loaded before the
+    training: an active ranker that cannot be loaded fails the run at once, not once the ranker is trained."""
+    if spec.active_ranker is None:
+        return None
+    if spec.active_ranker["runtime"] == "version":
+        teacher = TeacherOrder(spec, data["teacher_stored"], chunk_ids)
+        return lambda question, cands, sims: teacher.order(question, cands)
+    ranker = Ranker(spec.active_ranker, threads=spec.threads, data_dir=spec.data_dir)
+    return lambda question, cands, sims: rerank(ranker, question, cands, texts.__getitem__, sims.__getitem__)
 
 
 class Listwise:
@@ -189,11 +226,11 @@ def main(spec: RankerSpec) -> dict[str, Any]:
             groups.append((question, [texts[i] for i in chosen], scores[chosen].astype(np.float32)))
     progress("ranker_pairs_built", groups=len(groups), feedback=len(split.train), corpus=len(corpus),
              heldout=len(split.heldout), canary=len(canary), negatives=spec.negatives)
+    today = baseline(spec, data, chunk_ids, texts)
     model = Listwise(spec)
     fitted = model.fit(groups, started)
 
     # the gate's evaluation: today's order of each question's candidates against the candidate ranker's
-    active = Ranker(spec.active_ranker, threads=spec.threads, data_dir=spec.data_dir) if spec.active_ranker else None
     held = [examples[i] for i in split.heldout]
     asked = [e[0] for e in held] + [c[0] for c in canary]
     relevant = [{e[1]} for e in held] + [{c[1]} for c in canary]
@@ -205,7 +242,7 @@ def main(spec: RankerSpec) -> dict[str, Any]:
         order = np.argsort(-sims)
         cands = [int(i) for i in order[: spec.candidates]]
         rest = [int(i) for i in order[spec.candidates: spec.candidates + 30]]  # served after the ranked ones
-        base = rerank(active, question, cands, texts.__getitem__, sims.__getitem__) if active else cands
+        base = today(question, cands, sims) if today else cands
         now_pages.append(distinct_documents(base + rest, chunk_docs))
         cand_pages.append(distinct_documents(
             rerank(model, question, cands, texts.__getitem__, sims.__getitem__) + rest, chunk_docs))
