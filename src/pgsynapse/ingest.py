@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
-from pgsynapse.db import worker_takes
+from pgsynapse.db import worker_starting, worker_takes
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image, lock_ingests
@@ -339,12 +339,17 @@ EMBED_KINDS = {"document": "embed", "image": "embed_image"}
 
 def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
     """What to tell someone about to wait for ``unit``s (document, image) to be embedded when no running worker
-    takes their jobs (none listening, or those seen lately run other kinds), else None."""
+    takes their jobs (none listening, or those seen lately run other kinds), else None. A worker starting (its
+    first start's export, before it registers: :func:`~pgsynapse.db.worker_starting`) is waited for, as one that
+    will take them."""
     kind = EMBED_KINDS[unit]
     if worker_takes(conn, kind):
         return None
-    return (f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts (waiting; "
-            f"Ctrl-C stops waiting, the {unit}s stay stored)")
+    waiting = f"(waiting; Ctrl-C stops waiting, the {unit}s stay stored)"
+    if worker_starting(conn):
+        return (f"a worker is starting: it exports a model version to its runtime first (minutes on a small host: "
+                f"`pgsynapse status`), then embeds the {unit}s if it runs {kind} jobs {waiting}")
+    return f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts {waiting}"
 
 
 def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: str, unit: str,
@@ -365,7 +370,10 @@ def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: 
             note = None  # said once, before the first wait
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: is `pgsynapse run` running?")
+                why = ("a worker is still starting (exporting a model version to its runtime): follow them again "
+                       "later, `pgsynapse ingest --follow` of the same files inserts nothing new"
+                       if worker_starting(conn) else "is `pgsynapse run` running?")
+                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: {why}")
             # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
             for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
                 pass

@@ -6,6 +6,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import psutil
 import psycopg
 import pytest
 
+from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
 from pgsynapse.images.ingest import document_for
@@ -211,6 +213,56 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
     assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
             "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
+
+
+def test_follow_while_a_worker_starts_says_so_and_waits_for_it(db_url, tree):
+    """At a first start a worker exports its model to the INT8 runtime (minutes) before it registers and listens:
+    `ingest --follow` said `no running worker takes embed jobs: ... once `pgsynapse run` starts` beside a worker
+    that was starting, and its timeout asked "is `pgsynapse run` running?"; `status` said a worker is starting.
+    The test holds the export lock, as that worker's export does."""
+    with psycopg.connect(db_url, autocommit=True) as exporting:
+        exporting.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1
+    assert "no running worker" not in out.stderr, out.stderr
+    assert ("pgsynapse: a worker is starting: it exports a model version to its runtime first (minutes on a small "
+            "host: `pgsynapse status`), then embeds the documents if it runs embed jobs (waiting; Ctrl-C stops "
+            "waiting, the documents stay stored)") in out.stderr, out.stderr
+    assert ("1 document(s) still pending after 0.5s: a worker is still starting (exporting a model version to its "
+            "runtime): follow them again later, `pgsynapse ingest --follow` of the same files inserts nothing new"
+            ) in out.stderr, out.stderr
+
+
+@pytest.mark.anyio
+async def test_follow_waits_for_the_starting_worker_to_embed(db_url, tree, models):
+    notes: list[str] = []
+    noted, reports, followed = threading.Event(), [], anyio.Event()
+
+    def note(why: str) -> None:
+        notes.append(why)
+        noted.set()
+
+    def go():
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return follow(conn, ingest(conn, [tree / "notes.txt"], progress=False), progress=False, timeout=120,
+                          note=note)
+
+    async def following():
+        reports.append(await anyio.to_thread.run_sync(go))
+        followed.set()
+
+    with psycopg.connect(db_url, autocommit=True) as exporting:
+        exporting.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(following)
+            assert await anyio.to_thread.run_sync(noted.wait, 60)
+            assert notes[0].startswith("a worker is starting:"), notes
+            exporting.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))  # exported: it serves
+            async with running_worker(fast_settings(db_url), models):
+                with anyio.fail_after(120):
+                    await followed.wait()
+    assert len(notes) == 1, notes  # said once, not again while it waited
+    assert (reports[0].embedded, reports[0].embed_failed) == (1, 0)
 
 
 def test_an_image_is_linked_to_the_document_beside_it():
