@@ -146,7 +146,7 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SkipFile(f"unsupported file type {path.suffix.lower() or '(no extension)'}")
-    data = path.read_bytes()
+    data = _read_text(path, max_chars) if max_chars is not None and fmt in TEXT_FORMATS else path.read_bytes()
     if fmt == "pdf":
         title, body = _pdf_text(data)
     else:
@@ -166,6 +166,29 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
     if max_chars is not None and len(body) > max_chars:
         raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
     return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))
+
+
+# the formats whose body is the file's text (stripped): never more characters than the file has
+TEXT_FORMATS = {"text", "markdown"}
+UTF8_MAX = 4  # bytes of one character at most in UTF-8 (and in the single- and double-byte encodings)
+BOM = 3  # bytes of UTF-8's byte-order mark, which is no character
+
+
+def _read_text(path: Path, max_chars: int) -> bytes:
+    """The bytes of a text file that may hold at most ``max_chars`` characters: one of more than ``UTF8_MAX`` bytes
+    per character (a byte-order mark aside) holds more whatever its encoding, and is refused by its size without a
+    read; never more than that is read (a file that grows meanwhile)."""
+    limit = UTF8_MAX * max_chars + BOM
+    size, grew = path.stat().st_size, ""
+    if size <= limit:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+        if len(data) <= limit:
+            return data
+        size, grew = len(data), " or more: it grew while it was read"
+    # ceil((size - BOM) / UTF8_MAX) characters at least: size // UTF8_MAX, over max_chars
+    raise SkipFile(f"at least {size // UTF8_MAX:,} characters ({size:,} bytes{grew}), over "
+                   f"max_document_chars={max_chars:,}")
 
 
 def _decode(data: bytes, encoding: str | None) -> str:

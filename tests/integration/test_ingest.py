@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import anyio
@@ -169,6 +170,34 @@ def test_a_file_with_no_text_says_why_beyond_empty(tmp_path):
         read_document(tmp_path / "shell.html", "shell.html")
     with pytest.raises(SkipFile, match=r"^no text in it \(empty\)$"):
         read_document(tmp_path / "blank.md", "blank.md")
+
+
+def test_a_text_file_over_max_document_chars_by_its_size_is_refused_without_reading_it(tmp_path):
+    """A text file was read whole (then decoded: twice its size in memory) before its length was checked against
+    max_document_chars: a 20 GB log file went into memory. A file of more than 4 bytes per character allowed (the most
+    UTF-8 takes for one) is refused by its size; one under that is read, at most that many bytes."""
+    big = tmp_path / "big.log.txt"
+    big.write_bytes(b"a" * 20_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SkipFile) as refused:
+            read_document(big, "big.log.txt", max_chars=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak:,} bytes allocated: the file was read"
+    assert str(refused.value) == ("at least 5,000,000 characters (20,000,000 bytes), over "
+                                  "max_document_chars=1,000"), refused.value
+    # between 1 and 4 bytes per character allowed: read, its characters counted, as before
+    (tmp_path / "a.md").write_text("a" * 3000)
+    with pytest.raises(SkipFile, match=r"^3,000 characters, over max_document_chars=1,000$"):
+        read_document(tmp_path / "a.md", "a.md", max_chars=1000)
+    # 4 bytes a character (and a byte-order mark) within the limit: ingested
+    (tmp_path / "emoji.txt").write_bytes(b"\xef\xbb\xbf" + "\U0001F418".encode() * 1000)
+    assert len(read_document(tmp_path / "emoji.txt", "emoji.txt", max_chars=1000).body) == 1000
+    (tmp_path / "emoji.txt").write_bytes("\U0001F418".encode() * 1001)
+    with pytest.raises(SkipFile, match=r"^at least 1,001 characters \(4,004 bytes\), over max_document_chars=1,000$"):
+        read_document(tmp_path / "emoji.txt", "emoji.txt", max_chars=1000)
 
 
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
