@@ -244,6 +244,16 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
             "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
 
 
+def test_a_follow_timeout_without_follow_is_refused_before_anything_is_ingested(db_url, tree):
+    # it was ignored: the files ingested, nothing followed, exit 0, as if they had been embedded within the time
+    out = _cli(db_url, str(tree / "notes.txt"), "--follow-timeout", "60")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "--follow-timeout is how long --follow waits: add --follow" in out.stderr, out.stderr
+    assert "inserted" not in out.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.documents").fetchone() == (0,)
+
+
 def test_follow_while_a_worker_starts_says_so_and_waits_for_it(db_url, tree):
     """At a first start a worker exports its model to the INT8 runtime (minutes) before it registers and listens:
     `ingest --follow` said `no running worker takes embed jobs: ... once `pgsynapse run` starts` beside a worker
