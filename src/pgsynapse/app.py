@@ -12,7 +12,7 @@ import anyio
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve
-from pgsynapse.db import Database, worker_takes
+from pgsynapse.db import Database, worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
@@ -125,8 +125,12 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
                     # the worker started here only answers: documents waiting for their embed job stay unsearched
                     waiting = conn.execute(q("documents_waiting", "ops.sql")).fetchone()["n"]
                     if waiting:
+                        # a worker starting (its first start's export) is not taken to answer: it may run other kinds
+                        # (run --kinds embed); ask's own worker answers, once that export ends
+                        then = ("one is starting (it exports a model version to its runtime first, minutes on a small "
+                                "host: `pgsynapse status`)" if worker_starting(conn) else "start `pgsynapse run`")
                         log.warning("documents_not_embedded", n=waiting,
-                                    hint="they are not searched until a worker embeds them: start `pgsynapse run`")
+                                    hint=f"they are not searched until a worker embeds them: {then}")
         try:
             return anyio.run(go if running else with_worker, db.url)
         except AnswerTimeout as exc:

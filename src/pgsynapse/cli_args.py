@@ -366,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
         parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
                      f"{RATINGS_AGREE}")
+    if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
+        parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
     return args
 
 

@@ -171,6 +171,20 @@ def workers_take(listening: int, seen: int, taking: int) -> bool:
     return listening > 0 and (taking > 0 or seen == 0)
 
 
+# the advisory lock of a model version's export to the workers' runtime (pgsynapse/export/register.py): here, so
+# that the commands which read whether a worker is starting load none of the export's libraries
+EXPORT_LOCK = "pgsynapse.runtime_export"
+
+
+def worker_starting(conn: psycopg.Connection) -> bool:
+    """Whether a worker is starting: none registered lately, and a model version's export to the workers' runtime
+    under way (a first start exports the active version before the worker registers and listens: minutes on a small
+    host). `pgsynapse status` says "none registered yet: a worker is starting" then."""
+    cur = conn.cursor(row_factory=tuple_row)
+    _, seen, _ = cur.execute(q("workers_answering", "ops.sql"), {"kind": ""}).fetchone()
+    return seen == 0 and cur.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone()[0] > 0
+
+
 LOCK_WAIT_SLICE_MS = 1000
 
 

@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
-from pgsynapse.db import worker_takes
+from pgsynapse.db import worker_starting, worker_takes
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image, lock_ingests
@@ -146,7 +146,7 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SkipFile(f"unsupported file type {path.suffix.lower() or '(no extension)'}")
-    data = path.read_bytes()
+    data = _read_text(path, max_chars) if max_chars is not None and fmt in TEXT_FORMATS else path.read_bytes()
     if fmt == "pdf":
         title, body = _pdf_text(data)
     else:
@@ -166,6 +166,29 @@ def read_document(path: Path, source: str, *, max_chars: int | None = None, enco
     if max_chars is not None and len(body) > max_chars:
         raise SkipFile(f"{len(body):,} characters, over max_document_chars={max_chars:,}")
     return FileDoc(source, title.strip() or path.stem, body, fmt, len(data))
+
+
+# the formats whose body is the file's text (stripped): never more characters than the file has
+TEXT_FORMATS = {"text", "markdown"}
+UTF8_MAX = 4  # bytes of one character at most in UTF-8 (and in the single- and double-byte encodings)
+BOM = 3  # bytes of UTF-8's byte-order mark, which is no character
+
+
+def _read_text(path: Path, max_chars: int) -> bytes:
+    """The bytes of a text file that may hold at most ``max_chars`` characters: one of more than ``UTF8_MAX`` bytes
+    per character (a byte-order mark aside) holds more whatever its encoding, and is refused by its size without a
+    read; never more than that is read (a file that grows meanwhile)."""
+    limit = UTF8_MAX * max_chars + BOM
+    size, grew = path.stat().st_size, ""
+    if size <= limit:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+        if len(data) <= limit:
+            return data
+        size, grew = len(data), " or more: it grew while it was read"
+    # ceil((size - BOM) / UTF8_MAX) characters at least: size // UTF8_MAX, over max_chars
+    raise SkipFile(f"at least {size // UTF8_MAX:,} characters ({size:,} bytes{grew}), over "
+                   f"max_document_chars={max_chars:,}")
 
 
 def _decode(data: bytes, encoding: str | None) -> str:
@@ -339,12 +362,17 @@ EMBED_KINDS = {"document": "embed", "image": "embed_image"}
 
 def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
     """What to tell someone about to wait for ``unit``s (document, image) to be embedded when no running worker
-    takes their jobs (none listening, or those seen lately run other kinds), else None."""
+    takes their jobs (none listening, or those seen lately run other kinds), else None. A worker starting (its
+    first start's export, before it registers: :func:`~pgsynapse.db.worker_starting`) is waited for, as one that
+    will take them."""
     kind = EMBED_KINDS[unit]
     if worker_takes(conn, kind):
         return None
-    return (f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts (waiting; "
-            f"Ctrl-C stops waiting, the {unit}s stay stored)")
+    waiting = f"(waiting; Ctrl-C stops waiting, the {unit}s stay stored)"
+    if worker_starting(conn):
+        return (f"a worker is starting: it exports a model version to its runtime first (minutes on a small host: "
+                f"`pgsynapse status`), then embeds the {unit}s if it runs {kind} jobs {waiting}")
+    return f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts {waiting}"
 
 
 def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: str, unit: str,
@@ -365,7 +393,10 @@ def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: 
             note = None  # said once, before the first wait
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: is `pgsynapse run` running?")
+                why = ("a worker is still starting (exporting a model version to its runtime): follow them again "
+                       "later, `pgsynapse ingest --follow` of the same files inserts nothing new"
+                       if worker_starting(conn) else "is `pgsynapse run` running?")
+                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: {why}")
             # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
             for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
                 pass

@@ -91,10 +91,12 @@ class SaysOneThing(BaseHTTPRequestHandler):
     tiny model's tokenizer cannot (a NUL character)."""
 
     said = ""
+    finish: str | None = None  # the choice's finish_reason ("length": the max_tokens sent ended it)
 
     def do_POST(self):  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.said}}]})
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.said},
+                                        "finish_reason": self.finish}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -106,6 +108,7 @@ class SaysOneThing(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint():
+    SaysOneThing.finish = None
     server = HTTPServer(("127.0.0.1", 0), SaysOneThing)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -226,6 +229,22 @@ async def test_a_statement_with_a_nul_character_is_refused_on_its_row_at_once(sh
     assert r.sql == "SELECT count(*) FROM orders WHERE region = 'north\ufffd'; DROP TABLE orders"
     [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert job == {"status": "done", "attempts": 1}
+
+
+async def test_a_statement_cut_at_sql_max_new_tokens_fails_naming_the_setting_not_as_a_syntax_error(shop, models,
+                                                                                                      endpoint):
+    url, _ = shop
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m",
+                             sql_max_new_tokens=12)
+    SaysOneThing.said, SaysOneThing.finish = "SELECT region, count(*) FROM orders GROUP BY", "length"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("how many orders per region?", timeout=20)
+    assert r.status == "failed", r
+    assert "syntax error" not in r.error and ("the SQL endpoint stopped at sql_max_new_tokens (12, sent as "
+                                              "max_tokens)") in r.error, r.error
+    [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
+    assert job["attempts"] == 1, job  # no retry: the same greedy statement would be cut again
 
 
 async def test_a_model_that_writes_two_statements_is_refused_with_both_on_the_row(shop, models, endpoint):

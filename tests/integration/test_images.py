@@ -263,6 +263,10 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
         (["search", "--like-image", str(picture), "a red picture"],
          "search --like-image searches by example and takes no text: drop 'a red picture', or search by text "
          "with --images 'a red picture'"),
+        # with --images given, the hint to search by text "with --images" was the command as typed
+        (["search", "--images", "a red picture", "--like-image", str(picture)],
+         f"search --images searches by text and --like-image by example, not both: drop --like-image {picture} to "
+         f"search for 'a red picture', or drop --images 'a red picture' to search like {picture}"),
     ]:
         # the CLI configures logging for the process: tests/conftest.py puts it back after each test
         assert cli_main(["--database-url", db_url, *argv]) == 1, argv

@@ -6,7 +6,9 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import anyio
@@ -14,6 +16,7 @@ import psutil
 import psycopg
 import pytest
 
+from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
 from pgsynapse.images.ingest import document_for
@@ -169,6 +172,34 @@ def test_a_file_with_no_text_says_why_beyond_empty(tmp_path):
         read_document(tmp_path / "blank.md", "blank.md")
 
 
+def test_a_text_file_over_max_document_chars_by_its_size_is_refused_without_reading_it(tmp_path):
+    """A text file was read whole (then decoded: twice its size in memory) before its length was checked against
+    max_document_chars: a 20 GB log file went into memory. A file of more than 4 bytes per character allowed (the most
+    UTF-8 takes for one) is refused by its size; one under that is read, at most that many bytes."""
+    big = tmp_path / "big.log.txt"
+    big.write_bytes(b"a" * 20_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SkipFile) as refused:
+            read_document(big, "big.log.txt", max_chars=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak:,} bytes allocated: the file was read"
+    assert str(refused.value) == ("at least 5,000,000 characters (20,000,000 bytes), over "
+                                  "max_document_chars=1,000"), refused.value
+    # between 1 and 4 bytes per character allowed: read, its characters counted, as before
+    (tmp_path / "a.md").write_text("a" * 3000)
+    with pytest.raises(SkipFile, match=r"^3,000 characters, over max_document_chars=1,000$"):
+        read_document(tmp_path / "a.md", "a.md", max_chars=1000)
+    # 4 bytes a character (and a byte-order mark) within the limit: ingested
+    (tmp_path / "emoji.txt").write_bytes(b"\xef\xbb\xbf" + "\U0001F418".encode() * 1000)
+    assert len(read_document(tmp_path / "emoji.txt", "emoji.txt", max_chars=1000).body) == 1000
+    (tmp_path / "emoji.txt").write_bytes("\U0001F418".encode() * 1001)
+    with pytest.raises(SkipFile, match=r"^at least 1,001 characters \(4,004 bytes\), over max_document_chars=1,000$"):
+        read_document(tmp_path / "emoji.txt", "emoji.txt", max_chars=1000)
+
+
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
     import builtins
 
@@ -211,6 +242,66 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
     assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
             "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
+
+
+def test_a_follow_timeout_without_follow_is_refused_before_anything_is_ingested(db_url, tree):
+    # it was ignored: the files ingested, nothing followed, exit 0, as if they had been embedded within the time
+    out = _cli(db_url, str(tree / "notes.txt"), "--follow-timeout", "60")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "--follow-timeout is how long --follow waits: add --follow" in out.stderr, out.stderr
+    assert "inserted" not in out.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.documents").fetchone() == (0,)
+
+
+def test_follow_while_a_worker_starts_says_so_and_waits_for_it(db_url, tree):
+    """At a first start a worker exports its model to the INT8 runtime (minutes) before it registers and listens:
+    `ingest --follow` said `no running worker takes embed jobs: ... once `pgsynapse run` starts` beside a worker
+    that was starting, and its timeout asked "is `pgsynapse run` running?"; `status` said a worker is starting.
+    The test holds the export lock, as that worker's export does."""
+    with psycopg.connect(db_url, autocommit=True) as exporting:
+        exporting.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1
+    assert "no running worker" not in out.stderr, out.stderr
+    assert ("pgsynapse: a worker is starting: it exports a model version to its runtime first (minutes on a small "
+            "host: `pgsynapse status`), then embeds the documents if it runs embed jobs (waiting; Ctrl-C stops "
+            "waiting, the documents stay stored)") in out.stderr, out.stderr
+    assert ("1 document(s) still pending after 0.5s: a worker is still starting (exporting a model version to its "
+            "runtime): follow them again later, `pgsynapse ingest --follow` of the same files inserts nothing new"
+            ) in out.stderr, out.stderr
+
+
+@pytest.mark.anyio
+async def test_follow_waits_for_the_starting_worker_to_embed(db_url, tree, models):
+    notes: list[str] = []
+    noted, reports, followed = threading.Event(), [], anyio.Event()
+
+    def note(why: str) -> None:
+        notes.append(why)
+        noted.set()
+
+    def go():
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return follow(conn, ingest(conn, [tree / "notes.txt"], progress=False), progress=False, timeout=120,
+                          note=note)
+
+    async def following():
+        reports.append(await anyio.to_thread.run_sync(go))
+        followed.set()
+
+    with psycopg.connect(db_url, autocommit=True) as exporting:
+        exporting.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(following)
+            assert await anyio.to_thread.run_sync(noted.wait, 60)
+            assert notes[0].startswith("a worker is starting:"), notes
+            exporting.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))  # exported: it serves
+            async with running_worker(fast_settings(db_url), models):
+                with anyio.fail_after(120):
+                    await followed.wait()
+    assert len(notes) == 1, notes  # said once, not again while it waited
+    assert (reports[0].embedded, reports[0].embed_failed) == (1, 0)
 
 
 def test_an_image_is_linked_to_the_document_beside_it():

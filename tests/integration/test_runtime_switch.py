@@ -289,3 +289,28 @@ async def test_status_says_a_worker_is_starting_while_it_exports_the_active_vers
     assert (await _version(conn))["runtime"] in ("onnx-int8", "onnx")
     await conn.close()
     await blocker.close()
+
+
+async def test_ask_beside_a_starting_worker_waits_for_its_export_and_does_not_say_to_start_one(db_url, tmp_path):
+    """`pgsynapse ask` during a worker's first start (its export, before it registers): no worker takes answer jobs
+    yet and the starting one may run other kinds (`run --kinds embed`), so ask still answers with a worker of its
+    own, which waits for the export first (runtime_export_waiting says so). Its warning about the documents not yet
+    embedded said "start `pgsynapse run`" beside the worker that was starting."""
+    insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    holder = await aconn(db_url)  # the starting worker, exporting
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    answers = []
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: anyio.to_thread.run_sync(
+                lambda: answers.append(ask(settings, "how do I mark a point in a transaction?"))))
+            await wait_until(holder, WAITING)  # ask's own worker waits for the export
+            await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+    await holder.close()
+    assert answers and answers[0].status == "answered", answers
+    [note] = [e for e in logs if e["event"] == "documents_not_embedded"]
+    assert note["n"] == 1 and "start `pgsynapse run`" not in note["hint"], note
+    assert note["hint"] == ("they are not searched until a worker embeds them: one is starting (it exports a model "
+                            "version to its runtime first, minutes on a small host: `pgsynapse status`)"), note
+    assert [e for e in logs if e["event"] == "runtime_export_waiting"], logs

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
-from pgsynapse.db import NO_PREPARE, Database, session_url, take_session_lock
+from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_session_lock
 from pgsynapse.errors import ModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
@@ -113,8 +113,7 @@ def new_artifact_dir(data_dir: str | Path, version_id: int, runtime: str) -> Pat
     raise ModelError(f"cannot create a new artifact directory under {base}")
 
 
-# -- the `runtime` setting: the active version on the fast runtime, once ----------------------------------
-EXPORT_LOCK = "pgsynapse.runtime_export"
+# -- the `runtime` setting: the active version on the fast runtime, once (under EXPORT_LOCK) -----------------
 
 
 class ExportAbandoned(ModelError):

@@ -74,6 +74,10 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     if not (args.images or args.like_image):
         raise PgsynapseError("--image-model chooses the model of an image search: add --images to search images by "
                              "text, or --like-image PATH")
+    if args.like_image and args.text and args.images:
+        raise PgsynapseError(f"search --images searches by text and --like-image by example, not both: drop "
+                             f"--like-image {args.like_image} to search for {args.text!r}, or drop --images "
+                             f"{args.text!r} to search like {args.like_image}")
     if args.like_image and args.text:
         raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
                              f"search by text with --images {args.text!r}")

@@ -372,25 +372,39 @@ class OpenAISqlGenerator(_OneAtATime):
         self.lock = threading.RLock()
         self.last_stats: dict[str, float] = {}
 
-    def _ask(self, messages: list[dict[str, str]], n: int, temperature: float) -> list[str]:
+    def _ask(self, messages: list[dict[str, str]], n: int, temperature: float) -> list[tuple[str, bool]]:
+        """Each choice's text, and whether the endpoint's token limit cut its statement (finish_reason "length":
+        the max_tokens sent or the model's context ended it, OpenAI's API reference) before its top-level ``;``."""
         payload: dict = {"model": self.model, "messages": messages, "temperature": temperature}
         if n > 1:
             payload["n"] = n
         if self.max_new_tokens:
             payload["max_tokens"] = self.max_new_tokens
-        return post_json(self.url, self.api_key, payload,
-                         lambda resp: message_contents(json.loads(resp.read()), "SQL endpoint"),
-                         timeout=self.timeout, what="SQL endpoint")
+
+        def read(resp) -> list[tuple[str, bool]]:
+            data = json.loads(resp.read())
+            texts = message_contents(data, "SQL endpoint")
+            return [(text, choice.get("finish_reason") == "length" and not statement_complete(text))
+                    for text, choice in zip(texts, data["choices"], strict=True)]
+
+        return post_json(self.url, self.api_key, payload, read, timeout=self.timeout, what="SQL endpoint")
 
     def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
         self.last_fitted = prompt
         messages = render_messages(prompt)
         started = time.perf_counter()
         outputs = self._ask(messages, 1, 0.0)[:1]
+        if outputs and outputs[0][1]:  # the greedy statement, cut: run as it is, it would fail as a syntax error
+            limit = (f"sql_max_new_tokens ({self.max_new_tokens}, sent as max_tokens) or at its model's context "
+                     "length" if self.max_new_tokens else "its model's token limit")
+            raise ConfigError(f"invalid setting sql_max_new_tokens [PGSYNAPSE_SQL_MAX_NEW_TOKENS]: the SQL endpoint "
+                              f"stopped at {limit} before the statement was complete (finish_reason length): raise "
+                              "sql_max_new_tokens [PGSYNAPSE_SQL_MAX_NEW_TOKENS]")
         while len(outputs) < n:
             outputs += self._ask(messages, n - len(outputs), temperature)[: n - len(outputs)]
         self.last_stats = {"seconds": time.perf_counter() - started}
-        return [extract_sql(o) for o in outputs]
+        # a sampled statement cut is left out: no statement (refused as empty, never run), the vote goes on without it
+        return ["" if cut else extract_sql(text) for text, cut in outputs]
 
 
 def auto_runtime(path: str, *, llama_cpp: bool | None = None) -> str:
