@@ -78,3 +78,13 @@ def test_wide_characters_keep_the_columns_lined_up():
 
 def _columns(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def test_a_null_and_the_text_null_print_apart():
+    # SELECT NULL AS a, 'NULL' AS b printed "NULL | NULL": a missing value and a word looked the same
+    r = DataResult(id=9, status="answered", sql="SELECT NULL AS a, 'NULL' AS b, '' AS c",
+                   columns=[{"name": n, "type": "text"} for n in "abc"], rows=[[None, "NULL", ""]], row_count=1,
+                   truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
+    header, rule, row = format_data_result(r).splitlines()[1:4]
+    assert [c.strip() for c in row.split("|")] == ["(null)", "NULL", ""]
+

@@ -28,6 +28,7 @@ from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
 MAX_CELL = 40
+NULL_CELL = "(null)"  # a SQL NULL in a table cell (psql's `\pset null '(null)'`): apart from the text 'NULL' and ''
 
 
 def _columns(ch: str) -> int:
@@ -45,7 +46,7 @@ def _pad(text: str, width: int) -> str:
 
 def _cell(value: Any) -> str:
     """A value as a table cell: one line, at most :data:`MAX_CELL` terminal columns."""
-    text = "NULL" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    text = NULL_CELL if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     text = " ".join(text.split())
     if _width(text) <= MAX_CELL:
         return text
