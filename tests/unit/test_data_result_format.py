@@ -88,3 +88,16 @@ def test_a_null_and_the_text_null_print_apart():
     header, rule, row = format_data_result(r).splitlines()[1:4]
     assert [c.strip() for c in row.split("|")] == ["(null)", "NULL", ""]
 
+
+def test_a_statement_that_failed_says_failed_once():
+    # printed "failed: the statement failed: division by zero (SQLSTATE 22012)"
+    printed = format_data_result(_result("failed", "the statement failed: division by zero (SQLSTATE 22012)",
+                                         sql="SELECT 1 / 0")).splitlines()
+    assert printed[:2] == ["SQL: SELECT 1 / 0", "failed: division by zero (SQLSTATE 22012)"]
+    # what the fix turns add reads after it, as stored
+    fixed = format_data_result(_result(
+        "failed", "the statement failed: division by zero (SQLSTATE 22012); 1 fix attempt (sql_fix_attempts) did not "
+        "help, the last: the statement failed: column \"x\" does not exist (SQLSTATE 42703)", sql="SELECT x / 0"))
+    assert fixed.splitlines()[1] == ("failed: division by zero (SQLSTATE 22012); 1 fix attempt (sql_fix_attempts) "
+                                     "did not help, the last: the statement failed: column \"x\" does not exist "
+                                     "(SQLSTATE 42703)")
