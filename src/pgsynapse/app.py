@@ -97,8 +97,9 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
     """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``;
     ``what`` it asks ("question", "data question": :data:`pgsynapse.client.LATER`), for a timeout's message."""
     async def with_worker(url: str):
-        # no runtime export nor A/B decision: they would outlive the command (the real worker does them)
-        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False)
+        # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
+        # job is no error to log: the command prints its question's reason
+        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
