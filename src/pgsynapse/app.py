@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pgsynapse.daemon import serve
 from pgsynapse.db import Database, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
-from pgsynapse.logs import get_logger
+from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
@@ -101,14 +102,18 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
         error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
-            try:
-                result = await go(url)
-            except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the task group's ExceptionGroup
-                error = exc
-            finally:
-                worker.request_stop()
+        with contextlib.ExitStack() as stopping:
+            async with anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+                try:
+                    result = await go(url)
+                except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
+                    error = exc
+                finally:
+                    # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
+                    # cancellation interrupted", "discarding closed connection") are no news to the asker
+                    stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
+                    worker.request_stop()
         if error is not None:
             raise error
         return result

@@ -293,12 +293,13 @@ class Client:
     async def _ask_row(self, name: str, params: dict[str, Any], what: str, deadline: float,
                        timeout: float | None) -> dict[str, Any]:
         """INSERT a question (``what``: "question", "data question") within ``deadline``; its row."""
+        allowed = _left(deadline)
         try:
-            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+            with anyio.fail_after(allowed + WRITE_GRACE):
                 row = await self._fetch(name, params, writes=what, deadline=deadline)
         except TimeoutError:
             why = results.not_written(self._unreachable.get("statements"),
-                                      f"its INSERT waited (a lock on pgsynapse.{TABLES[what]}?) and was cancelled")
+                                      results.insert_cancelled(TABLES[what], allowed))
             raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: {why}") from None
         assert row is not None  # INSERT ... RETURNING
         return row

@@ -173,6 +173,20 @@ def result(r: dict[str, Any]) -> Result:
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
+# an INSERT cancelled at its deadline after waiting this long was held up (a lock, most likely); one given less time
+# was given too little to run at all, and a lock is no more likely than a server busy for a moment
+HELD_UP_SECONDS = 0.5
+
+
+def insert_cancelled(table: str, allowed: float) -> str:
+    """Why an INSERT into pgsynapse.``table`` cancelled at its deadline was not done, ``allowed`` seconds after it
+    was sent: a timeout too short to insert anything, or a wait long enough to mean a lock."""
+    if allowed < HELD_UP_SECONDS:
+        return (f"the timeout was too short to even insert it (its INSERT had {allowed * 1000:.0f} ms): give a longer "
+                "timeout")
+    return f"its INSERT waited {allowed:.3g}s and was cancelled (a lock on pgsynapse.{table}?)"
+
+
 def not_written(unreachable: str | None, waited: str) -> str:
     """Why a call's INSERT was not done within its timeout: PostgreSQL out of reach (``unreachable``, why the Client
     could not connect again), else what it ``waited`` for."""
