@@ -20,6 +20,7 @@ from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
+from pgsynapse.results import no_answer
 from pgsynapse.sdnotify import StartPings
 from pgsynapse.wording import listed
 
@@ -138,9 +139,13 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
         except AnswerTimeout as exc:
             if exc.question_id is None:  # not asked: its INSERT waited past the timeout
                 raise
-            table, columns = TABLES[what], LATER[what][0]
-            raise AnswerTimeout(
-                f"no answer to {what} {exc.question_id} within {timeout:g}s: the worker answering {what}s "
-                "may be slower than that, busy or stuck (pgsynapse status); the answer is still written to its row "
-                f"when it comes: SELECT {columns} FROM pgsynapse.{table} WHERE id = {exc.question_id}",
-                exc.question_id) from None
+            (columns, get), qid = LATER[what], exc.question_id
+            select = f"SELECT {columns} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
+            if exc.unreachable or exc.no_worker:  # the Client's reason, with the SQL that reads the answer later
+                message = no_answer(what, qid, timeout, get, unreachable=exc.unreachable, no_worker=exc.no_worker,
+                                    later=select)
+            else:
+                message = (f"no answer to {what} {qid} within {timeout:g}s: the worker answering {what}s may be "
+                           "slower than that, busy or stuck (pgsynapse status); the answer is still written to its "
+                           f"row when it comes: {select}")
+            raise AnswerTimeout(message, qid, unreachable=exc.unreachable, no_worker=exc.no_worker) from None
