@@ -46,7 +46,9 @@ log = get_logger(__name__)
 
 class Worker(Claiming):
     """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`.
-    ``rollout=False`` (the in-process worker of a one-shot command): no runtime exports and no A/B decisions."""
+    ``rollout=False`` (the in-process worker of a one-shot command): no runtime exports and no A/B decisions.
+    ``failures_are_errors=False`` (that worker too): a job that fails for good logs ``job_failed`` at info, not error
+    (the command prints its question's reason itself)."""
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class Worker(Claiming):
         models: ModelCache | None = None,
         handlers: dict[str, Handler] | None = None,
         rollout: bool = True,
+        failures_are_errors: bool = True,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -81,7 +84,8 @@ class Worker(Claiming):
         self.listener = Listener(session_url(settings, url), self.wakeups, reconnect_max=settings.reconnect_max_seconds,
                                  settings=settings, worker_id=self.worker_id)
         self.stats = WorkerStats()
-        self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool)
+        self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool,
+                                  failures_are_errors=failures_are_errors)
         self.stopping = anyio.Event()
         self.pool: AsyncConnectionPool | None = None
         self.in_flight = 0

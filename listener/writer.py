@@ -48,14 +48,16 @@ def transient(exc: BaseException) -> bool:
 
 class BatchWriter:
     """Writes the outcomes of one worker's batches. ``settings`` and ``pool`` return the worker's current ones
-    (a SIGHUP replaces its settings; the pool opens when it runs)."""
+    (a SIGHUP replaces its settings; the pool opens when it runs). ``failures_are_errors``: a job that fails for good
+    logs ``job_failed`` at error (else at info: a one-shot command's worker, which prints the reason)."""
 
     def __init__(self, worker_id: str, stats: WorkerStats, settings: Callable[[], Settings],
-                 pool: Callable[[], AsyncConnectionPool]) -> None:
+                 pool: Callable[[], AsyncConnectionPool], *, failures_are_errors: bool = True) -> None:
         self.worker_id = worker_id
         self.stats = stats
         self._settings = settings
         self._pool = pool
+        self._failures_are_errors = failures_are_errors
 
     @property
     def settings(self) -> Settings:
@@ -194,8 +196,8 @@ class BatchWriter:
         elif how == "changed":
             log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
         elif how == "failed":
-            log.error("job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts,
-                      error=o.error)
+            (log.error if self._failures_are_errors else log.info)(
+                "job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)
 
     async def _fail_or_retry(self, conn: psycopg.AsyncConnection, handler: Handler, o: Outcome) -> str | None:
         """Retry the failed job ("retried"), or fail it for good ("failed"); one a stopping worker abandoned goes back

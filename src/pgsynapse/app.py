@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -15,10 +16,11 @@ from pgsynapse.daemon import serve
 from pgsynapse.db import Database, worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
-from pgsynapse.logs import get_logger
+from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
+from pgsynapse.results import no_answer
 from pgsynapse.sdnotify import StartPings
 from pgsynapse.wording import listed
 
@@ -97,17 +99,22 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
     """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``;
     ``what`` it asks ("question", "data question": :data:`pgsynapse.client.LATER`), for a timeout's message."""
     async def with_worker(url: str):
-        # no runtime export nor A/B decision: they would outlive the command (the real worker does them)
-        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False)
+        # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
+        # job is no error to log: the command prints its question's reason
+        worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
         error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
-            try:
-                result = await go(url)
-            except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the task group's ExceptionGroup
-                error = exc
-            finally:
-                worker.request_stop()
+        with contextlib.ExitStack() as stopping:
+            async with anyio.create_task_group() as tg:
+                await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+                try:
+                    result = await go(url)
+                except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
+                    error = exc
+                finally:
+                    # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
+                    # cancellation interrupted", "discarding closed connection") are no news to the asker
+                    stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
+                    worker.request_stop()
         if error is not None:
             raise error
         return result
@@ -136,9 +143,13 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
         except AnswerTimeout as exc:
             if exc.question_id is None:  # not asked: its INSERT waited past the timeout
                 raise
-            table, columns = TABLES[what], LATER[what][0]
-            raise AnswerTimeout(
-                f"no answer to {what} {exc.question_id} within {timeout:g}s: the worker answering {what}s "
-                "may be slower than that, busy or stuck (pgsynapse status); the answer is still written to its row "
-                f"when it comes: SELECT {columns} FROM pgsynapse.{table} WHERE id = {exc.question_id}",
-                exc.question_id) from None
+            (columns, get), qid = LATER[what], exc.question_id
+            select = f"SELECT {columns} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
+            if exc.unreachable or exc.no_worker:  # the Client's reason, with the SQL that reads the answer later
+                message = no_answer(what, qid, timeout, get, unreachable=exc.unreachable, no_worker=exc.no_worker,
+                                    later=select)
+            else:
+                message = (f"no answer to {what} {qid} within {timeout:g}s: the worker answering {what}s may be "
+                           "slower than that, busy or stuck (pgsynapse status); the answer is still written to its "
+                           f"row when it comes: {select}")
+            raise AnswerTimeout(message, qid, unreachable=exc.unreachable, no_worker=exc.no_worker) from None

@@ -34,7 +34,7 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
-from pgsynapse.results import terminal_safe
+from pgsynapse.results import AnswerTimeout, terminal_safe
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import check_search_text, search, search_order
 from pgsynapse.status import render, render_embedded, status_snapshot
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(args, settings, f"database error: {describe_db_error(exc)}: retrying will not help",
                          EX_REFUSED)
         return _fail(args, settings, f"database error: {describe_db_error(exc)}", EX_UNAVAILABLE)
+    except AnswerTimeout as exc:  # no answer came: PostgreSQL out of reach is a "retry later"
+        return _fail(args, settings, str(exc), EX_UNAVAILABLE if exc.unreachable else EX_REFUSED)
     except PgsynapseError as exc:
         return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:

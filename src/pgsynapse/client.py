@@ -293,12 +293,13 @@ class Client:
     async def _ask_row(self, name: str, params: dict[str, Any], what: str, deadline: float,
                        timeout: float | None) -> dict[str, Any]:
         """INSERT a question (``what``: "question", "data question") within ``deadline``; its row."""
+        allowed = _left(deadline)
         try:
-            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+            with anyio.fail_after(allowed + WRITE_GRACE):
                 row = await self._fetch(name, params, writes=what, deadline=deadline)
         except TimeoutError:
             why = results.not_written(self._unreachable.get("statements"),
-                                      f"its INSERT waited (a lock on pgsynapse.{TABLES[what]}?) and was cancelled")
+                                      results.insert_cancelled(TABLES[what], allowed))
             raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: {why}") from None
         assert row is not None  # INSERT ... RETURNING
         return row
@@ -353,7 +354,7 @@ class Client:
                 with anyio.fail_after(_left(deadline)):
                     check = await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(await self._no_answer("question", qid, timeout), qid) from None
+            raise await self._no_answer("question", qid, timeout) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
@@ -397,7 +398,7 @@ class Client:
                         return results.data_result(r)
                     await self._wait_one(key)
         except TimeoutError:
-            raise AnswerTimeout(await self._no_answer("data question", qid, timeout), qid) from None
+            raise await self._no_answer("data question", qid, timeout) from None
         finally:
             self._waiting.discard(key)
             self._arrived.pop(key, None)
@@ -488,12 +489,14 @@ class Client:
     async def _read(self, qid: int, *, asked: bool = True, wait: bool = True) -> Result:
         return results.result(await self._fetch_row("answer", qid, "question", asked=asked, wait=wait))
 
-    async def _no_answer(self, what: str, qid: int, timeout: float | None) -> str:
-        """An AnswerTimeout's message (:func:`results.no_answer`): PostgreSQL out of reach, or no worker taking it."""
-        get = LATER[what][1]
-        if unreachable := self._unreachable.get("statements") or self._unreachable.get("listen"):
-            return results.no_answer(what, qid, timeout, get, unreachable=unreachable)
+    async def _no_answer(self, what: str, qid: int, timeout: float | None) -> AnswerTimeout:
+        """The AnswerTimeout (:func:`results.no_answer`): PostgreSQL out of reach, or no worker taking it."""
         kind, taken = ("answer" if what == "question" else "sql_answer"), True
-        with anyio.move_on_after(WORKER_CHECK_SECONDS), contextlib.suppress(PgsynapseError, psycopg.Error):
-            taken = workers_take(**await self._fetch("workers_answering", {"kind": kind}, file="ops.sql", wait=False))
-        return results.no_answer(what, qid, timeout, get, no_worker=None if taken else kind)
+        if unreachable := self._unreachable.get("statements") or self._unreachable.get("listen"):
+            why = {"unreachable": unreachable}
+        else:
+            with anyio.move_on_after(WORKER_CHECK_SECONDS), contextlib.suppress(PgsynapseError, psycopg.Error):
+                taken = workers_take(**await self._fetch("workers_answering", {"kind": kind}, file="ops.sql",
+                                                         wait=False))
+            why = {"no_worker": None if taken else kind}
+        return AnswerTimeout(results.no_answer(what, qid, timeout, LATER[what][1], **why), qid, **why)

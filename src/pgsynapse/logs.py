@@ -8,8 +8,10 @@ libraries that log through :mod:`logging` (psycopg_pool's "error connecting", Py
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import structlog
 
@@ -74,6 +76,28 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # the chunker tokenizes whole documents on purpose, then splits them: not a truncation to warn about
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+
+
+class _AtDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+@contextlib.contextmanager
+def libraries_at_debug(*names: str) -> Iterator[None]:
+    """While it lasts, the records of the loggers ``names`` (not their children's) are debug ones: ``library_log``
+    events shown at ``--log-level debug`` only. For what a library says of something pgsynapse does on purpose
+    (psycopg's warnings of the queries it cancels when a one-shot command stops its in-process worker)."""
+    demote = _AtDebug()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(demote)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(demote)
 
 
 def get_logger(name: str = "pgsynapse") -> structlog.stdlib.BoundLogger:

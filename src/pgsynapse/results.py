@@ -20,11 +20,16 @@ class ClientTimeout(PgsynapseError, TimeoutError):
 class AnswerTimeout(ClientTimeout):
     """No final answer within the timeout. ``question_id``: the question's row, whose answer may still come (the
     worker slower than the timeout): :meth:`Client.result` fetches it later; None when the question's INSERT did not
-    finish in time (it was cancelled: the question was not asked)."""
+    finish in time (it was cancelled: the question was not asked). Why no answer came, when the Client can tell:
+    ``unreachable``, why it could not connect to PostgreSQL again; ``no_worker``, the kind of job no running worker
+    takes (:func:`no_answer`)."""
 
-    def __init__(self, message: str, question_id: int | None = None) -> None:
+    def __init__(self, message: str, question_id: int | None = None, *, unreachable: str | None = None,
+                 no_worker: str | None = None) -> None:
         super().__init__(message)
         self.question_id = question_id
+        self.unreachable = unreachable
+        self.no_worker = no_worker
 
 
 class OutcomeUnknown(DatabaseError):
@@ -173,6 +178,20 @@ def result(r: dict[str, Any]) -> Result:
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
+# an INSERT cancelled at its deadline after waiting this long was held up (a lock, most likely); one given less time
+# was given too little to run at all, and a lock is no more likely than a server busy for a moment
+HELD_UP_SECONDS = 0.5
+
+
+def insert_cancelled(table: str, allowed: float) -> str:
+    """Why an INSERT into pgsynapse.``table`` cancelled at its deadline was not done, ``allowed`` seconds after it
+    was sent: a timeout too short to insert anything, or a wait long enough to mean a lock."""
+    if allowed < HELD_UP_SECONDS:
+        return (f"the timeout was too short to even insert it (its INSERT had {allowed * 1000:.0f} ms): give a longer "
+                "timeout")
+    return f"its INSERT waited {allowed:.3g}s and was cancelled (a lock on pgsynapse.{table}?)"
+
+
 def not_written(unreachable: str | None, waited: str) -> str:
     """Why a call's INSERT was not done within its timeout: PostgreSQL out of reach (``unreachable``, why the Client
     could not connect again), else what it ``waited`` for."""
@@ -180,11 +199,12 @@ def not_written(unreachable: str | None, waited: str) -> str:
 
 
 def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachable: str | None = None,
-              no_worker: str | None = None) -> str:
+              no_worker: str | None = None, later: str | None = None) -> str:
     """An :class:`AnswerTimeout`'s message, ``what``: "question", "data question", whose answer the Client's method
-    ``get`` waits for again; why no answer came when the Client can tell: ``unreachable``, why it could not connect
-    again; ``no_worker``, the kind of job no running worker takes."""
-    later = f"`await client.{get}({qid})`"
+    ``get`` waits for again (``later``: another way to read it, the CLI's SELECT); why no answer came when the Client
+    can tell: ``unreachable``, why it could not connect again; ``no_worker``, the kind of job no running worker
+    takes."""
+    later = later or f"`await client.{get}({qid})`"
     if unreachable:
         return (f"no answer to {what} {qid} within {timeout:g}s: {unreachable}; its answer can still come once "
                 f"PostgreSQL is reachable: {later}")

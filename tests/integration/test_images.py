@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from pgsynapse.cli import main as cli_main
 from pgsynapse.cli_args import build_parser as cli_parser
 from pgsynapse.client import Client, format_result
-from pgsynapse.errors import ModelError, PgsynapseError
+from pgsynapse.errors import InputError, ModelError, PgsynapseError
 from pgsynapse.handlers.embed_image import EmbedImageHandler
 from pgsynapse.images import registry
 from pgsynapse.images.cli import run_image_model_command
@@ -271,6 +271,21 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
         # the CLI configures logging for the process: tests/conftest.py puts it back after each test
         assert cli_main(["--database-url", db_url, *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
+
+
+async def test_search_by_text_refuses_a_text_over_its_max_chars(db_url):
+    # only the CLI checked the length (search() does, with its max_chars): search_by_text took a text of any size to
+    # the CLIP model's tokenizer; here it is refused before any model work (no CLIP model is registered)
+    conn = await aconn(db_url)
+    try:
+        with pytest.raises(InputError, match=r"^the search text has 20,001 characters, over max_question_chars=20,000"):
+            await search_by_text(conn, ImageModelCache(), "x" * 20_001)  # the setting's default
+        with pytest.raises(InputError, match=r"^the search text has 11 characters, over max_question_chars=10:"):
+            await search_by_text(conn, ImageModelCache(), "x" * 11, max_chars=10)
+        with pytest.raises(InputError, match=r"^the search text is empty"):
+            await search_by_text(conn, ImageModelCache(), " ")
+    finally:
+        await conn.close()
 
 
 def test_a_model_wider_than_the_index_takes_is_refused_saying_so(db_url, tmp_path):

@@ -78,3 +78,26 @@ def test_wide_characters_keep_the_columns_lined_up():
 
 def _columns(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def test_a_null_and_the_text_null_print_apart():
+    # SELECT NULL AS a, 'NULL' AS b printed "NULL | NULL": a missing value and a word looked the same
+    r = DataResult(id=9, status="answered", sql="SELECT NULL AS a, 'NULL' AS b, '' AS c",
+                   columns=[{"name": n, "type": "text"} for n in "abc"], rows=[[None, "NULL", ""]], row_count=1,
+                   truncated=False, error=None, sql_model_id=None, latency_ms=3.0, session_id=None)
+    header, rule, row = format_data_result(r).splitlines()[1:4]
+    assert [c.strip() for c in row.split("|")] == ["(null)", "NULL", ""]
+
+
+def test_a_statement_that_failed_says_failed_once():
+    # printed "failed: the statement failed: division by zero (SQLSTATE 22012)"
+    printed = format_data_result(_result("failed", "the statement failed: division by zero (SQLSTATE 22012)",
+                                         sql="SELECT 1 / 0")).splitlines()
+    assert printed[:2] == ["SQL: SELECT 1 / 0", "failed: division by zero (SQLSTATE 22012)"]
+    # what the fix turns add reads after it, as stored
+    fixed = format_data_result(_result(
+        "failed", "the statement failed: division by zero (SQLSTATE 22012); 1 fix attempt (sql_fix_attempts) did not "
+        "help, the last: the statement failed: column \"x\" does not exist (SQLSTATE 42703)", sql="SELECT x / 0"))
+    assert fixed.splitlines()[1] == ("failed: division by zero (SQLSTATE 22012); 1 fix attempt (sql_fix_attempts) "
+                                     "did not help, the last: the statement failed: column \"x\" does not exist "
+                                     "(SQLSTATE 42703)")

@@ -95,7 +95,8 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
         async with db.aconnect(autocommit=True) as conn:
             if args.like_image:
                 return await search_by_image(conn, models, data, k=args.k, model=args.image_model, limits=limits)
-            return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model)
+            return await search_by_text(conn, models, args.text, k=args.k, model=args.image_model,
+                                        max_chars=settings.max_question_chars)
 
     with Database(settings) as db:
         try:

@@ -10,10 +10,12 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector_async
 
+from pgsynapse.config import Settings
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.images.decode import ImageLimits, decode
 from pgsynapse.images.encoders import ImageModelCache
 from pgsynapse.queries import q
+from pgsynapse.search import check_search_text
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,12 @@ async def _knn(conn: psycopg.AsyncConnection, row: dict[str, Any], vector: np.nd
 
 
 async def search_by_text(conn: psycopg.AsyncConnection, models: ImageModelCache, text: str, *, k: int = 5,
-                         model: int | None = None) -> list[ImageHit]:
-    """Images nearest to ``text`` in a CLIP model's shared space."""
+                         model: int | None = None,
+                         max_chars: int = Settings.model_fields["max_question_chars"].default) -> list[ImageHit]:
+    """Images nearest to ``text`` in a CLIP model's shared space. An empty ``text``, or one over ``max_chars``
+    characters (``max_question_chars``'s default unless given), is an InputError, as in
+    :func:`pgsynapse.search.search`."""
+    check_search_text(text, max_chars)
     row = await model_row(conn, ["clip"], model)
     encoder = await anyio.to_thread.run_sync(models.get, row)
     vector = (await anyio.to_thread.run_sync(encoder.encode_texts, [text]))[0]

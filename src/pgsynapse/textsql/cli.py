@@ -28,6 +28,9 @@ from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
 MAX_CELL = 40
+NULL_CELL = "(null)"  # a SQL NULL in a table cell (psql's `\pset null '(null)'`): apart from the text 'NULL' and ''
+# a failed statement's stored error ("the statement failed: division by zero ..."), printed after "failed: "
+STATEMENT_FAILED = "the statement failed: "
 
 
 def _columns(ch: str) -> int:
@@ -45,7 +48,7 @@ def _pad(text: str, width: int) -> str:
 
 def _cell(value: Any) -> str:
     """A value as a table cell: one line, at most :data:`MAX_CELL` terminal columns."""
-    text = "NULL" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    text = NULL_CELL if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     text = " ".join(text.split())
     if _width(text) <= MAX_CELL:
         return text
@@ -80,8 +83,12 @@ def format_data_result(r: DataResult) -> str:
         lines.append(format_table(r.columns, r.rows))
         lines.append(f"({r.row_count} row{'s' if r.row_count != 1 else ''}{_cut(r) if r.truncated else ''})")
     else:
-        # a refusal's reason is stored as "refused: ..." (the safety check's own words): say it once
-        lines.append(r.error if (r.error or "").startswith(f"{r.status}: ") else f"{r.status}: {r.error}")
+        # a refusal's reason is stored as "refused: ..." (the safety check's own words), a failed statement's as
+        # "the statement failed: ...": say it once
+        error = r.error or ""
+        if r.status == "failed" and error.startswith(STATEMENT_FAILED):
+            error = error.removeprefix(STATEMENT_FAILED)
+        lines.append(error if error.startswith(f"{r.status}: ") else f"{r.status}: {error}")
     if r.latency_ms is not None:
         by = (f" by SQL model {r.sql_model_id}" if r.sql_model_id is not None else " by the configured SQL model"
               ) if r.sql else ""
@@ -162,7 +169,7 @@ def _run_correction(conn: psycopg.Connection, question: int, checked: CheckedSQL
             return (f"the corrected statement was recorded without being run: {user} is not a member of the reader "
                     f"role {role}, as which the retrain runs it, and may not read its tables (GRANT {role} TO {user} "
                     "lets sql-correct run it first and refuse one that fails)")
-        said = str(exc).removeprefix("the statement failed: ")
+        said = str(exc).removeprefix(STATEMENT_FAILED)
         raise InputError(f"data question {question}: the corrected statement failed in PostgreSQL: {said}: the "
                          f"retrain runs a correction as the model's statements run (read-only, as {role}), and would "
                          "drop it") from None

@@ -1,0 +1,103 @@
+"""What `pgsynapse ask` and `sql-ask` say when a question is not answered, as a user runs them (cli.main in-process,
+its stdout and stderr): the question that was never asked (its INSERT cancelled at the timeout), the failure of the
+in-process worker that answers when no worker runs, and an answer that did not come."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from pgsynapse.cli import main
+from tests.helpers import SAFETY_TIMEOUT, with_db
+
+
+@pytest.fixture
+def locked(db_url):
+    """Tables locked against writes (a long migration, say): ``lock(table, ...)``."""
+    with psycopg.connect(db_url) as conn:
+        yield lambda *tables: conn.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE")
+        conn.rollback()
+
+
+@pytest.mark.parametrize("command", ["ask", "sql-ask"])
+def test_a_question_not_asked_in_time_says_why_without_psycopg_warnings(db_url, locked, command, capsys):
+    # it printed two library_log warnings of psycopg (a query of the in-process worker's maintenance cancelled as it
+    # stopped: "query cancellation interrupted", "discarding closed connection"), and said "its INSERT waited (a
+    # lock on pgsynapse.data_questions?)" of a timeout too short for any INSERT
+    what, table = ("question", "questions") if command == "ask" else ("data question", "data_questions")
+    # the question's INSERT waits, and so does the maintenance's cache cleanup: in flight when the worker stops
+    locked(f"pgsynapse.{table}", "pgsynapse.inference_cache")
+    assert main(["--database-url", db_url, command, "how many orders?", "--timeout", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert "library_log" not in err, err
+    assert (f"pgsynapse: error: the {what} was not asked within 0.001s: the timeout was too short to even insert "
+            "it (") in err and "give a longer timeout" in err and "lock" not in err, err
+    # waiting long enough to mean one, a lock is named as what may hold it up
+    assert main(["--database-url", db_url, command, "how many orders?", "--timeout", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "library_log" not in err, err
+    assert (f"pgsynapse: error: the {what} was not asked within 1.5s: its INSERT waited 1.5s and was cancelled "
+            f"(a lock on pgsynapse.{table}?") in err, err
+
+
+def test_a_question_the_in_process_worker_fails_prints_its_reason_once(db_url, capsys):
+    # stderr showed an error-level job_failed beside the reason printed: a one-shot command's own question failed,
+    # which it says (`pgsynapse run` still logs job_failed at error)
+    assert main(["--database-url", db_url, "sql-ask", "how many orders?", "--schema", "nosuch"]) == 1
+    out, err = capsys.readouterr()
+    assert "failed: InputError: schema nosuch does not exist" in out
+    assert "job_failed" not in err, err
+
+
+def _asked_meanwhile(db_url: str, argv: list[str], meanwhile: Callable[[], None]) -> int:
+    """``main(argv)`` in a thread; ``meanwhile()`` once its question is queued (the enqueue trigger's NOTIFY); the
+    command's exit code."""
+    code: list[int] = []
+    with psycopg.connect(db_url, autocommit=True) as watch:
+        watch.execute("LISTEN pgsynapse_jobs")
+        asking = threading.Thread(target=lambda: code.append(main(["--database-url", db_url, *argv])))
+        asking.start()
+        assert next(watch.notifies(timeout=SAFETY_TIMEOUT), None) is not None, "the question was never queued"
+        meanwhile()
+        asking.join(SAFETY_TIMEOUT)
+    assert code, "the command did not end"
+    return code[0]
+
+
+def test_an_answer_that_did_not_come_says_the_clients_reason_with_the_sql_to_read_it(db_url, capsys):
+    # `ask` and `sql-ask` replaced every timeout of a question asked with "the worker answering ... may be slower than
+    # that, busy or stuck": the Client's reason (no running worker takes the kind; PostgreSQL out of reach: "its
+    # answer can still come once PostgreSQL is reachable") was lost, and it exited 1 where 69 says "retry later"
+    # a worker ran when it asked (its LISTEN connection: none is started in-process), and stopped before answering
+    worker = psycopg.connect(db_url, autocommit=True, application_name="pgsynapse-listener")
+    assert _asked_meanwhile(db_url, ["ask", "how do I create an index?", "--timeout", "3"], worker.close) == 1
+    err = capsys.readouterr().err
+    assert ("pgsynapse: error: no answer to question 1 within 3s: no running worker takes answer jobs on this "
+            "database: start one (`pgsynapse run`") in err, err
+    assert err.rstrip().endswith("the question stays pending and is answered once one runs: "
+                                 "SELECT status, answer FROM pgsynapse.questions WHERE id = 1"), err
+
+    # PostgreSQL out of reach while it waits (a restart, say): exit 69
+    worker = psycopg.connect(db_url, autocommit=True, application_name="pgsynapse-listener")
+    admin = psycopg.connect(with_db(db_url, "postgres"), autocommit=True)  # a database's own sessions may not close it
+    dbname = worker.info.dbname
+
+    def unreachable() -> None:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = %s AND "
+                      "application_name = 'pgsynapse-client'", (dbname,))
+    try:
+        code = _asked_meanwhile(db_url, ["sql-ask", "how many orders?", "--timeout", "3"], unreachable)
+    finally:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        admin.close()
+        worker.close()
+    err = capsys.readouterr().err
+    assert code == 69, err
+    assert "pgsynapse: error: no answer to data question 1 within 3s: cannot connect to PostgreSQL: " in err, err
+    assert "not currently accepting connections" in err, err
+    assert err.rstrip().endswith("its answer can still come once PostgreSQL is reachable: "
+                                 "SELECT status, sql, error FROM pgsynapse.data_questions WHERE id = 1"), err
