@@ -32,8 +32,8 @@ from psycopg.rows import dict_row
 
 from pgsynapse import results
 from pgsynapse.config import Settings, conninfo_problem
-from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_error, describe_db_error, tcp_params,
-                          tcp_settings_from_env, workers_take)
+from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_broken, connection_error, connection_lost,
+                          describe_db_error, tcp_params, tcp_settings_from_env, workers_take)
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
@@ -73,25 +73,6 @@ def _deadline(timeout: float | None) -> float:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - anyio.current_time())
-
-
-def _lost(conn: psycopg.AsyncConnection) -> bool:
-    """Whether an idle connection is gone: closed, broken, or closed by its server meanwhile (a restart, an
-    administrator's ``pg_terminate_backend``: the server's last message and the end of the stream wait in the
-    socket). Reads what is there without waiting: no round trip."""
-    if _broken(conn):
-        return True
-    try:
-        for _ in range(2):  # the server's FATAL message, then the end of the stream
-            conn.pgconn.consume_input()
-    except psycopg.OperationalError:
-        return True
-    return conn.closed
-
-
-def _broken(conn: psycopg.AsyncConnection) -> bool:
-    """Whether the error a statement just raised on ``conn`` lost the connection (not an error of the statement)."""
-    return conn.closed or conn.broken
 
 
 class Client:
@@ -227,7 +208,7 @@ class Client:
         async with self._statement_lock:
             while True:
                 self._require_open()
-                if self._conn is None or _lost(self._conn):
+                if self._conn is None or connection_lost(self._conn):
                     if self._conn is not None:
                         await self._conn.close()
                     self._conn = None
@@ -251,7 +232,7 @@ class Client:
                         raise
                     raise TimeoutError from None
                 except psycopg.OperationalError as exc:
-                    if not _broken(conn):
+                    if not connection_broken(conn):
                         raise
                     if writes is not None:
                         raise OutcomeUnknown(
@@ -440,7 +421,7 @@ class Client:
             if key in self._arrived:
                 return False
             conn = self._listen
-            if conn is None or _broken(conn):
+            if conn is None or connection_broken(conn):
                 await self._listen_again()
                 return True
             try:
@@ -448,7 +429,7 @@ class Client:
                 # after one; leaving the generator at the first dropped the others (another asker's answer)
                 received = [n async for n in conn.notifies(timeout=self.recheck_seconds, stop_after=1)]
             except psycopg.OperationalError as exc:
-                if not _broken(conn):
+                if not connection_broken(conn):
                     raise
                 log.warning("client_connection_lost", connection="listen", error=str(exc)[:200])
                 await self._listen_again()

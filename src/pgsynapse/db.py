@@ -377,3 +377,22 @@ async def next_notifies(conn: psycopg.AsyncConnection, timeout: float) -> list[p
     """The next NOTIFYs on a LISTENing connection (those that came in together: one packet may carry several), or
     none after ``timeout`` seconds. Never leave psycopg's generator after the first: it drops the rest."""
     return [notice async for notice in conn.notifies(timeout=timeout, stop_after=1)]
+
+
+def connection_lost(conn: psycopg.AsyncConnection) -> bool:
+    """Whether an idle connection is gone: closed, broken, or closed by its server meanwhile (a restart, an
+    administrator's ``pg_terminate_backend``: the server's last message and the end of the stream wait in the
+    socket). Reads what is there without waiting: no round trip."""
+    if connection_broken(conn):
+        return True
+    try:
+        for _ in range(2):  # the server's FATAL message, then the end of the stream
+            conn.pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return conn.closed
+
+
+def connection_broken(conn: psycopg.AsyncConnection) -> bool:
+    """Whether the error a statement just raised on ``conn`` lost the connection (not an error of the statement)."""
+    return conn.closed or conn.broken
