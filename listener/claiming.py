@@ -19,6 +19,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import bounded_transaction
 from pgsynapse.handlers.base import Job
 from pgsynapse.listener.batches import Batch, SoloGate
+from pgsynapse.listener.wakeup import unless_stopped
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -64,7 +65,16 @@ class Claiming:
         async with self._claim_locks[kind]:
             if self.stopping.is_set():  # stopped while the kind's other loop claimed: no claim after a stop
                 return []
-            return await self._claim(kind, limit)
+            claimed: list[Job] = []
+
+            async def work() -> None:
+                claimed.extend(await self._claim(kind, limit))
+
+            # a stop ends a claim that waits (on a lock of the jobs table, for a connection while the server is
+            # down): the command or service stopping must not wait for it. Jobs a cancelled claim took keep their
+            # lease, and come back with it
+            await unless_stopped(work, self.stopping)
+            return claimed
 
     async def _claim(self, kind: str, limit: int) -> list[Job]:
         assert self.pool is not None
@@ -97,8 +107,13 @@ class Claiming:
         if self.stopping.is_set() or not self.gate.reserve():
             return None
         solo = None
-        try:
+
+        async def work() -> None:
+            nonlocal solo
             solo = await self.claim_solo(kind)
+
+        try:
+            await unless_stopped(work, self.stopping)  # as claim()
         finally:
             if solo is None:
                 self.gate.release()

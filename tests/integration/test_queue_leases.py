@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.batches import Batch, LoopState
+from pgsynapse.listener.worker import Worker
 from pgsynapse.metrics import WorkerCollector
 from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -321,3 +322,33 @@ async def test_the_reapers_requeues_are_counted_by_its_worker(db_url, models):
     rows = await (await conn.execute("SELECT kind, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
     assert [(r["kind"], r["status"]) for r in rows] == [("embed", "pending"), ("retrain", "pending")], rows
     await conn.close()
+
+
+async def test_a_stop_ends_a_claim_that_waits_on_a_lock(db_url, models):
+    """A claim waiting on a lock of the jobs table (an operator's LOCK TABLE, a long DDL) went on waiting after a
+    stop until the lock was granted: `ask --timeout 1.5` and `sql-ask` never returned (their in-process worker's
+    stop waited for its claim), and a SIGTERM waited for systemd's kill. A stop now ends the claim; a job claimed
+    meanwhile would keep its lease and come back with it."""
+    worker = Worker(fast_settings(db_url, kinds=("embed",)), db_url, models=models)
+    conn = await aconn(db_url)
+    locker = await aconn(db_url)
+    try:
+        stopped = anyio.Event()
+
+        async def run(*, task_status) -> None:
+            await worker.run(task_status=task_status, handle_signals=False)
+            stopped.set()
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(run)
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE pgsynapse.jobs IN EXCLUSIVE MODE")
+                await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{\"kind\": \"embed\", \"n\": 1}')")
+                await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND wait_event_type = 'Lock' AND query LIKE '%%pgsynapse.jobs%%'")
+                worker.request_stop()
+                with anyio.fail_after(20):  # the lock is still held: on main the stop waited for it
+                    await stopped.wait()
+    finally:
+        await conn.close()
+        await locker.close()
