@@ -25,6 +25,8 @@ from pgsynapse.queries import q
 
 log = get_logger(__name__)
 
+STOP_GRACE = 3.0  # seconds a claim in flight at a stop may still take (one takes milliseconds)
+
 
 class Claiming:
     pool: AsyncConnectionPool | None
@@ -70,10 +72,11 @@ class Claiming:
             async def work() -> None:
                 claimed.extend(await self._claim(kind, limit))
 
-            # a stop ends a claim that waits (on a lock of the jobs table, for a connection while the server is
-            # down): the command or service stopping must not wait for it. Jobs a cancelled claim took keep their
-            # lease, and come back with it
-            await unless_stopped(work, self.stopping)
+            # a stop ends a claim that still waits after STOP_GRACE (on a lock of the jobs table, for a connection
+            # while the server is down): the command or service stopping must not wait for it. A claim in flight at
+            # the stop ends well within it, and its batch is drained; jobs a claim cancelled as it committed keep
+            # their lease, and come back with it
+            await unless_stopped(work, self.stopping, grace=STOP_GRACE)
             return claimed
 
     async def _claim(self, kind: str, limit: int) -> list[Job]:
@@ -113,7 +116,7 @@ class Claiming:
             solo = await self.claim_solo(kind)
 
         try:
-            await unless_stopped(work, self.stopping)  # as claim()
+            await unless_stopped(work, self.stopping, grace=STOP_GRACE)  # as claim()
         finally:
             if solo is None:
                 self.gate.release()

@@ -64,9 +64,10 @@ class Wakeups:
 
 
 async def unless_stopped(work: Callable[[], Awaitable[None]], stopping: anyio.Event,
-                         watch: Callable[[], Awaitable[None]] | None = None) -> bool:
+                         watch: Callable[[], Awaitable[None]] | None = None, *, grace: float = 0.0) -> bool:
     """Run ``work`` (a worker's warm-up) beside ``watch`` (its signal receiver, which sets ``stopping``) until it
-    ends (True) or ``stopping`` is set first (False: ``work`` is cancelled). Its error is raised bare."""
+    ends (True) or ``stopping`` is set first and ``grace`` seconds more pass (False: ``work`` is cancelled). Its
+    error is raised bare."""
     finished = False
 
     async def run() -> None:
@@ -81,6 +82,7 @@ async def unless_stopped(work: Callable[[], Awaitable[None]], stopping: anyio.Ev
             if watch is not None:
                 tg.start_soon(watch)
             await stopping.wait()
+            await anyio.sleep(grace)  # ended at once when ``work`` ends first
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
