@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
@@ -240,3 +242,15 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def kill_and_see_its_backend_end(proc: subprocess.Popen, backend_pid: int, what: str, lock: str) -> None:
+    """SIGKILL ``proc``, a client waiting on a lock through server backend ``backend_pid``, and fail unless that
+    backend ends with it (within 30 s: a backend blocked in a lock wait never reads its closed socket)."""
+    backend = psutil.Process(backend_pid)  # taken before the kill: the pid is the backend's while it lives
+    proc.kill()
+    proc.wait(60)
+    try:
+        backend.wait(30)  # returns as soon as the backend exits
+    except psutil.TimeoutExpired:
+        pytest.fail(f"the killed {what}'s backend still waits on the {lock} after 30 s")

@@ -12,7 +12,6 @@ import tracemalloc
 from pathlib import Path
 
 import anyio
-import psutil
 import psycopg
 import pytest
 
@@ -21,7 +20,7 @@ from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
 from pgsynapse.images.ingest import document_for
 from pgsynapse.db import take_xact_lock
-from tests.helpers import fast_settings, running_worker
+from tests.helpers import fast_settings, kill_and_see_its_backend_end, running_worker
 from tests.image_models import coloured_image, png_bytes
 
 SENTENCE = "Write-ahead logging keeps the database consistent after a crash by replaying the log."
@@ -487,13 +486,7 @@ def test_an_ingest_waiting_for_another_says_so_and_a_killed_one_s_wait_ends_with
                 assert "ingest_waiting" in said, f"{name}: an ingest waited on another without a word: {said!r}"
             killed, waiting = procs
             _wait_for_waiters(watch, 2, procs)
-            backend = psutil.Process(first[0])
-            killed.kill()
-            killed.wait(60)
-            try:
-                backend.wait(30)  # returns as soon as the backend exits
-            except psutil.TimeoutExpired:
-                pytest.fail("the killed ingest's backend still waits on the ingest lock after 30 s")
+            kill_and_see_its_backend_end(killed, first[0], "ingest", "ingest lock")
             holder.commit()  # the lock is free: the other ingest goes on
             out, err = waiting.communicate(timeout=120)
             assert waiting.returncode == 0 and b"1 file(s): 1 inserted" in out, out + err

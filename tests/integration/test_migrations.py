@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import psutil
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -21,7 +20,7 @@ from pgsynapse.answer_cache import lookup_sql
 from pgsynapse.errors import DatabaseError
 from pgsynapse.migrate import _LOCK_KEY, Migration, available, migrate
 from pgsynapse.queries import q
-from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.helpers import aconn, fast_settings, kill_and_see_its_backend_end, running_worker, wait_until
 
 
 def _apply_below(url: str, version: int) -> Migration:
@@ -132,13 +131,7 @@ def test_a_killed_migrate_s_lock_wait_ends_with_it(new_db):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr and proc.stderr.read()
                 with pytest.raises(subprocess.TimeoutExpired):  # polled: a lock's waiter sends no event
                     proc.wait(0.05)
-            backend = psutil.Process(row[0])
-            proc.kill()
-            proc.wait(60)
-            try:
-                backend.wait(30)  # returns as soon as the backend exits
-            except psutil.TimeoutExpired:
-                pytest.fail("the killed migrate's backend still waits on the migration lock after 30 s")
+            kill_and_see_its_backend_end(proc, row[0], "migrate", "migration lock")
         finally:
             proc.kill()
             holder.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))

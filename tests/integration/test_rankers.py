@@ -62,6 +62,15 @@ async def _ask(conn) -> dict:
                                      " WHERE id = %s", (q["id"],))).fetchone()
 
 
+async def _examples_per_page(conn) -> None:
+    """Feedback as its trigger leaves it: for every page, its title as the question and its first passage as the
+    one that answered it."""
+    await conn.execute(
+        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
+        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
+        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+
+
 async def _embedded(db_url: str, models) -> None:
     insert_docs(db_url, DOCS)
     conn = await aconn(db_url)
@@ -222,10 +231,7 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     conn = await aconn(db_url)
     # feedback as its trigger leaves it: a question and the passage that answered it, for every page (questions
     # on one topic are alike: the grouped hold-out takes whole topics)
-    await conn.execute(
-        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
-        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
-        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    await _examples_per_page(conn)
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
@@ -265,10 +271,7 @@ async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_w
     up to 105 %"), the trained ranker lost. The share is now taken under the lock: what is left, said so."""
     await _embedded(db_url, models)
     conn = await aconn(db_url)
-    await conn.execute(
-        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
-        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
-        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    await _examples_per_page(conn)
     # the gate off (margin -1): the ranker passes and asks for ranker_traffic_percent (10 %)
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
@@ -452,10 +455,7 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_
 
     # `ranker train` with the teacher active (the setup docs/learning.md recommends) is judged against the teacher's
     # order; its trainer failed once trained ("unknown ranker runtime 'version' of ranker 1"), the training lost
-    await conn.execute(
-        "INSERT INTO pgsynapse.training_examples (query, positive_chunk_id)"
-        " SELECT lower(d.title), min(c.id) FROM pgsynapse.documents d"
-        " JOIN pgsynapse.chunks c ON c.document_id = d.id GROUP BY d.id, d.title")
+    await _examples_per_page(conn)
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)

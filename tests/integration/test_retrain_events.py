@@ -138,6 +138,21 @@ async def _command_ends(url: str, args: list[str], kind: str, end: str | None = 
     return cli.returncode, out, err
 
 
+def _example(c: psycopg.Connection) -> None:
+    """One training example (a document, its chunk, a question on it): what a `retrain` trains on."""
+    doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
+    chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
+                      " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
+    c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+
+
+def _correction(c: psycopg.Connection) -> None:
+    """One approved correction of an answered data question: what a `sql-model retrain` trains on."""
+    [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
+                           " 'answered', 'SELECT 1') RETURNING id").fetchone()
+    c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+
+
 def _queued(err: str, kind: str) -> int:
     """The job the command said it queued (on stderr under --json)."""
     [line] = [ln for ln in err.splitlines() if ln.startswith(f"{kind} queued (job ")]
@@ -164,13 +179,8 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
     `retrain` and `sql-model retrain` alike; a gate that rejected the candidate is exit 1, as README's exit codes
     say (a failed job too; a skipped one is not a failure). Each job is ended here as a worker would end it."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
-        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
-                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
-        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
-        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
-                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
-        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+        _example(c)
+        _correction(c)
     metrics = json.dumps({"gate": GATE})
     nothing = {"version": None, "status": None, "gate": None}
 
@@ -214,10 +224,7 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
     once this one was queued) registered first. Each job is ended here as a worker would end it, the other one
     first."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
-        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
-                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
-        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        _example(c)
     theirs = {**GATE, "reasons": ["the running retrain's reason"]}
     mine = {**GATE, "reasons": ["this retrain's reason"]}
     env = {**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
@@ -248,13 +255,8 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
     one was pending its --json said "queued" where stderr said "already pending". Now it queues none, says which job
     runs or waits (exit 0: a retrain is under way), and --json's outcome says the same. `sql-model retrain` too."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
-        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
-                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
-        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
-        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
-                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
-        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+        _example(c)
+        _correction(c)
     nothing = {"version": None, "status": None, "gate": None}
     sql_nothing = {"sql_model": None, "status": None, "traffic_percent": None, "gate": None}
     for kind, command, empty in (("retrain", ["retrain"], nothing), ("sql_retrain", ["sql-model", "retrain"],
@@ -289,13 +291,8 @@ def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_
     the flags asked for (and says so); a running one cannot, so it says that one is not forced and what to do.
     `pgsynapse retrain` ("now, whatever retrain_min_feedback") forces a pending threshold retrain too."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
-                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
-        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
-        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
-        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
-                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
-        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        _correction(c)
+        _example(c)
         # as the triggers queue them at their thresholds: no flags
         sql_job, retrain_job = (c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES (%s, 0) RETURNING id",
                                           (kind,)).fetchone()[0] for kind in ("sql_retrain", "retrain"))
@@ -326,9 +323,7 @@ async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_anothe
     registered after it was queued, so another sql_retrain's model, registered first, was printed (and exited by)
     as its own. Each job is ended here as a worker would end it, the other one first."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        [question] = c.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('how many?',"
-                               " 'answered', 'SELECT 1') RETURNING id").fetchone()
-        c.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (question,))
+        _correction(c)
     theirs = {**GATE, "reasons": ["the other sql_retrain's reason"]}
     mine = {**GATE, "passed": True, "reasons": ["this sql_retrain's reason"], "delta": 0.5, "candidate": 0.5,
             "active": 0.0, "heldout": 2, "wins": 1, "losses": 0}
@@ -362,10 +357,7 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     once (on stderr: stdout under --json stays the one JSON document) that the retrain runs once `pgsynapse run`
     does, as `ingest --follow` and `model add --follow` say it for their jobs."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
-        chunk = c.execute("INSERT INTO pgsynapse.chunks (document_id, ord, text, token_count, char_start, char_end,"
-                          " content_hash) VALUES (%s, 0, 'x', 1, 0, 1, 'h') RETURNING id", (doc,)).fetchone()[0]
-        c.execute("INSERT INTO pgsynapse.training_examples (query, positive_chunk_id) VALUES ('q', %s)", (chunk,))
+        _example(c)
     code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
     assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
