@@ -193,14 +193,7 @@ def take_session_lock(conn: psycopg.Connection, query: str, params: Mapping[str,
     however long another session holds it, in waits of at most LOCK_WAIT_SLICE_MS each: a server backend in one
     lock wait notices its client gone only once the lock is granted, so a waiter killed meanwhile left its backend
     waiting for nobody; between two waits the backend answers its client, and exits when it is gone."""
-    while True:
-        try:
-            with conn.transaction():  # the slice is the transaction's; the lock is the session's and outlives it
-                conn.execute(q("lock_wait_slice"), {"ms": LOCK_WAIT_SLICE_MS})
-                conn.execute(query, params)
-            return
-        except psycopg.errors.LockNotAvailable:
-            continue  # still held: wait again
+    _wait_in_slices(conn, query, params)  # each slice a transaction; the lock is the session's and outlives it
 
 
 def take_xact_lock(conn: psycopg.Connection, query: str, params: Mapping[str, Any], *,
@@ -210,21 +203,26 @@ def take_xact_lock(conn: psycopg.Connection, query: str, params: Mapping[str, An
     :func:`take_session_lock` does (a killed waiter's backend ends with it): each wait in a savepoint, so that one
     that times out undoes nothing else; the transaction's lock_timeout is as it was after. ``waiting()`` is called
     once, when the first wait times out: a wait of a moment is not worth a word, a longer one is."""
-    cur = conn.cursor(row_factory=tuple_row)
-    was = cur.execute(q("lock_timeout_now")).fetchone()[0]
+    was = conn.cursor(row_factory=tuple_row).execute(q("lock_timeout_now")).fetchone()[0]
+    _wait_in_slices(conn, query, params, waiting)  # a lock taken in a savepoint is the transaction's once released
+    conn.execute(q("lock_timeout_restore"), {"value": was})
+
+
+def _wait_in_slices(conn: psycopg.Connection, query: str, params: Mapping[str, Any],
+                    waiting: Callable[[], None] | None = None) -> None:
+    """Run ``query`` (a blocking lock) until it gets its lock, each try in its own transaction (a savepoint within
+    one) with a lock_timeout of LOCK_WAIT_SLICE_MS; ``waiting()`` once, when the first try times out."""
     said = waiting is None
     while True:
         try:
-            with conn.transaction():  # a savepoint: the lock taken in it is the transaction's once it is released
-                cur.execute(q("lock_wait_slice"), {"ms": LOCK_WAIT_SLICE_MS})
-                cur.execute(query, params)
-            break
+            with conn.transaction():
+                conn.execute(q("lock_wait_slice"), {"ms": LOCK_WAIT_SLICE_MS})
+                conn.execute(query, params)
+            return
         except psycopg.errors.LockNotAvailable:
             if not said:
                 waiting()
                 said = True
-            continue  # still held: wait again
-    cur.execute(q("lock_timeout_restore"), {"value": was})
 
 
 # what a statement meets on a database that was never migrated, or is a migration behind
