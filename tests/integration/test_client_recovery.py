@@ -202,6 +202,12 @@ async def test_a_timeout_bounds_the_insert_and_cancels_it(db_url):
             await client.feedback(qid, helpful=True, timeout=0.5)
         await locker.execute("ROLLBACK")
         assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.feedback")).fetchone())["n"] == 0
+        # no lock: a timeout too short to write anything says so (it blamed "a lock on pgsynapse.feedback?")
+        with anyio.fail_after(SAFETY), pytest.raises(client_module.ClientTimeout) as raised:
+            await client.feedback(qid, helpful=True, timeout=0.001)
+        assert str(raised.value).startswith(f"the feedback on question {qid} was not written within 0.001s: the "
+                                            "timeout was too short to even insert it ("), raised.value
+        assert "give a longer timeout" in str(raised.value) and "lock" not in str(raised.value), raised.value
         assert (await client.feedback(qid, helpful=True)).question_id == qid  # the same connection, still usable
     await conn.close()
     await locker.close()
