@@ -314,6 +314,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             ensure_schema(db, apply=False)
             with db.connect(autocommit=True) as conn:
                 report = ingest(conn, args.paths, max_chars=settings.max_document_chars,
+                                max_file_bytes=settings.max_document_file_bytes,
                                 max_image_bytes=settings.max_image_bytes, progress=progress, replace=args.replace,
                                 encoding=args.encoding)
                 print(report.summary())
