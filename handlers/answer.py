@@ -81,6 +81,7 @@ def vector_sql(version: dict[str, Any]) -> str:
 class AnswerHandler(Handler[AnswerWork]):
     kind = "answer"
     lock_rows_query = ("lock_question_rows", "answers.sql")
+    writes_on_retry = True  # a partial answer streamed before the error is withdrawn
     changed_since_query = ("question_changed_since", "answers.sql")
     requeue_changed_query = ("requeue_changed_questions", "answers.sql")
 
@@ -365,6 +366,9 @@ class AnswerHandler(Handler[AnswerWork]):
                                                  {"ids": list(ids), "per_document": 3})).fetchall():
                 out.setdefault(row.pop("document_id"), []).append({"image_id": row.pop("id"), **row})
         return out
+
+    async def record_retry(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        await conn.execute(q("withdraw_partial_answer", "answers.sql"), {"id": job.ref_id})
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})

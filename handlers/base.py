@@ -107,6 +107,8 @@ class Handler(ABC, Generic[W]):
     requeue_changed_query: ClassVar[tuple[str, str] | None] = None
     # (name, file) of the query that locks the kind's rows by id, in id order (lock_rows); None: a kind without it
     lock_rows_query: ClassVar[tuple[str, str] | None] = None
+    # record_retry writes on the job's row (locked with the others by lock_rows)
+    writes_on_retry: ClassVar[bool] = False
 
     @abstractmethod
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[W], list[Outcome]]:
@@ -122,6 +124,9 @@ class Handler(ABC, Generic[W]):
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
+
+    async def record_retry(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        """Record on its row that the job will run again after an error (inside the caller's transaction)."""
 
     async def lock_rows(self, conn: psycopg.AsyncConnection, ref_ids: list[int]) -> None:
         """Lock the rows a write touches (results and final failures), in id order, before any other row lock

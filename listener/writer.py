@@ -128,7 +128,7 @@ class BatchWriter:
                 log.warning("lease_lost_results_dropped", kind=kind, n=lost)
             mine = [o for o in outcomes if o.job.id in owned]
             # the rows this write touches, locked in one order first (more than one row: a single one cannot cross)
-            touched = {o.job.ref_id for o in mine if o.ok or self._final(o)}
+            touched = {o.job.ref_id for o in mine if o.ok or self._final(o) or handler.writes_on_retry}
             if len(touched) > 1:
                 await handler.lock_rows(conn, list(touched))
             ok = [o for o in mine if o.ok and o.skip_reason is None]
@@ -214,6 +214,7 @@ class BatchWriter:
         if not self._final(o):
             cur = await conn.execute(q("retry_job"), {**params, "delay": self._delay(o)})
             if cur.rowcount:
+                await handler.record_retry(conn, o.job, o.error or "unknown error")
                 return "retried"
             # a newer pending job of the row has its new state: this one is done, its error kept as the reason
             cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})

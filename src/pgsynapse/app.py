@@ -20,7 +20,7 @@ from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
 from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
-from pgsynapse.results import no_answer
+from pgsynapse.results import no_answer, not_started
 from pgsynapse.sdnotify import StartPings
 from pgsynapse.wording import listed
 
@@ -73,10 +73,9 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     case)."""
     require_text(text)  # refused before a database or a worker is started for it
 
-    async def go(url: str):
+    async def go(url: str, limit: float | None):
         async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
-            # the command line's 0 is no limit: the Client's None
-            return await client.ask(text, session_id=session_id, timeout=timeout or None, on_delta=on_delta)
+            return await client.ask(text, session_id=session_id, timeout=limit, on_delta=on_delta)
 
     return _answered(settings, "answer", "question", go, timeout)
 
@@ -87,36 +86,67 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
     when none runs on this database)."""
     require_text(text)
 
-    async def go(url: str):
+    async def go(url: str, limit: float | None):
         async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
-            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables,
-                                         timeout=timeout or None)
+            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=limit)
 
     return _answered(settings, "sql_answer", "data question", go, timeout)
 
 
-def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any], timeout: float):
-    """``go(url)`` run against a worker: the one running on this database, else one started here for ``kind``;
-    ``what`` it asks ("question", "data question": :data:`pgsynapse.client.LATER`), for a timeout's message."""
-    async def with_worker(url: str):
+class _Started:
+    """The task status of ask's own worker (``Worker.run``'s ``task_status``): set once it has started."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+class _NotStarted(Exception):
+    """No answer within the timeout, and the command's own worker had not started yet (``question_id``: asked)."""
+
+    def __init__(self, question_id: int) -> None:
+        super().__init__(question_id)
+        self.question_id = question_id
+
+
+def _answered(settings: Settings, kind: str, what: str, go: Callable[[str, float | None], Any], timeout: float):
+    """``go(url, timeout)`` run against a worker: the one running on this database, else one started here for
+    ``kind``, while ``go`` asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
+    ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
+    :data:`pgsynapse.client.LATER`), for a timeout's message."""
+    async def with_worker(url: str, timeout: float | None):
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        error: Exception | None = None
+        started, errors = _Started(), []
+
+        async def serving() -> None:
+            try:
+                await worker.run(task_status=started, handle_signals=False)
+            except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
+                errors.append(exc)
+                tg.cancel_scope.cancel()
+
         with contextlib.ExitStack() as stopping:
             async with anyio.create_task_group() as tg:
-                await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+                tg.start_soon(serving)
                 try:
-                    result = await go(url)
+                    # asked while the worker starts, which then takes the question: the timeout counts the start too
+                    result = await go(url, timeout)
+                except AnswerTimeout as exc:
+                    errors.append(exc if exc.question_id is None or started.event.is_set()
+                                  else _NotStarted(exc.question_id))
                 except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
-                    error = exc
+                    errors.append(exc)
                 finally:
                     # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
                     # cancellation interrupted", "discarding closed connection") are no news to the asker
                     stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
                     worker.request_stop()
-        if error is not None:
-            raise error
+        if errors:
+            raise errors[0]
         return result
 
     with Database(settings) as db:
@@ -139,7 +169,14 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str], Any]
                         log.warning("documents_not_embedded", n=waiting,
                                     hint=f"they are not searched until a worker embeds them: {then}")
         try:
-            return anyio.run(go if running else with_worker, db.url)
+            return anyio.run(go if running else with_worker, db.url, timeout or None)
+        except _NotStarted as exc:
+            (columns, _), qid = LATER[what], exc.question_id
+            with db.connect() as conn:
+                exporting = worker_starting(conn)
+            select = f"SELECT {columns} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
+            raise AnswerTimeout(not_started(what, qid, kind, timeout, select, exporting=exporting), qid,
+                                no_worker=kind) from None
         except AnswerTimeout as exc:
             if exc.question_id is None:  # not asked: its INSERT waited past the timeout
                 raise

@@ -36,7 +36,7 @@ from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.results import AnswerTimeout, terminal_safe
 from pgsynapse.retry import retry_failed
-from pgsynapse.search import check_search_text, search, search_order
+from pgsynapse.search import check_search_text, search, search_order, unsearched
 from pgsynapse.status import render, render_embedded, status_snapshot
 from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
 
@@ -264,9 +264,11 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
 
         with Database(settings) as db:
             hits, order, waiting = anyio.run(go, db)
-        unsearched = f"{waiting} document(s) waiting to be embedded were not searched (is `pgsynapse run` running?)"
+            if waiting:
+                with db.connect(autocommit=True) as conn:
+                    note = unsearched(conn, waiting)
         if not hits:
-            print(f"no results: {unsearched}" if waiting else
+            print(f"no results: {note}" if waiting else
                   "no results: no document is embedded (add some: `pgsynapse ingest PATH`, or INSERT them)")
         else:
             print(f"{len(hits)} hits in {order} order; the score is the cosine similarity to the text")
@@ -275,7 +277,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(terminal_safe(f"{i}. {h.score:.3f}  {h.title}  [{where} #{h.ord}]"))
             print(textwrap.indent(terminal_safe(textwrap.shorten(" ".join(h.text.split()), 300)), "   "))
         if hits and waiting:
-            print(unsearched)
+            print(note)
         return 0
     if args.command == "ask":
         streamed: list[str] = []
@@ -312,6 +314,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             ensure_schema(db, apply=False)
             with db.connect(autocommit=True) as conn:
                 report = ingest(conn, args.paths, max_chars=settings.max_document_chars,
+                                max_file_bytes=settings.max_document_file_bytes,
                                 max_image_bytes=settings.max_image_bytes, progress=progress, replace=args.replace,
                                 encoding=args.encoding)
                 print(report.summary())

@@ -395,8 +395,9 @@ class Client:
         self._require_open()
         results.require_id(question_id)
         deadline = _deadline(timeout)
+        allowed = _left(deadline)
         try:
-            with anyio.fail_after(_left(deadline) + WRITE_GRACE):
+            with anyio.fail_after(allowed + WRITE_GRACE):
                 row = await self._fetch("question_for_feedback", {"question": question_id}, file="answers.sql",
                                         deadline=deadline)
                 params = feedback_params(question_id, row, helpful=helpful, rating=rating, source=source,
@@ -405,7 +406,7 @@ class Client:
                                             deadline=deadline)
         except TimeoutError:
             why = results.not_written(self._unreachable.get("statements"),
-                                      "its statement waited (a lock on pgsynapse.feedback?) and was cancelled")
+                                      results.insert_cancelled(TABLES["feedback"], allowed))
             raise ClientTimeout(f"the feedback on question {question_id} was not written within {timeout:g}s: "
                                 f"{why}") from None
         assert written is not None  # INSERT ... RETURNING

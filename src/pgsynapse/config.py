@@ -89,6 +89,8 @@ class Settings(TextSqlSettings):
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")
     max_document_chars: int = Field(2_000_000, ge=1, description="longer bodies fail with a clear error")
+    max_document_file_bytes: int = Field(100 * 1024 * 1024, ge=1, description="`ingest` skips larger HTML and PDF "
+                                         "files by their size, without reading them")
     max_title_chars: int = Field(10_000, ge=1, description="longer titles fail with a clear error")
 
     batch_size: int = Field(32, ge=1, le=10_000, description="jobs claimed per batch")

@@ -140,13 +140,18 @@ NO_TEXT = {"pdf": "no text in it: a PDF without a text layer (scanned pages?): m
            "html": "no text in it: markup only (the page's text may come from scripts)"}
 
 
-def read_document(path: Path, source: str, *, max_chars: int | None = None, encoding: str | None = None) -> FileDoc:
+def read_document(path: Path, source: str, *, max_chars: int | None = None, encoding: str | None = None,
+                  max_file_bytes: int | None = None) -> FileDoc:
     """Read and extract one file. Raises :class:`SkipFile` (with the reason) or ``OSError``. A text file is read as
-    UTF-8, else as ``encoding`` when one is given (the files of a Windows or Latin-1 tree)."""
+    UTF-8, else as ``encoding`` when one is given (the files of a Windows or Latin-1 tree). An HTML or PDF file over
+    ``max_file_bytes`` (the setting ``max_document_file_bytes``) is refused by its size, without a read."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SkipFile(f"unsupported file type {path.suffix.lower() or '(no extension)'}")
-    data = _read_text(path, max_chars) if max_chars is not None and fmt in TEXT_FORMATS else path.read_bytes()
+    if fmt in TEXT_FORMATS:
+        data = _read_text(path, max_chars) if max_chars is not None else path.read_bytes()
+    else:
+        data = _read_file(path, max_file_bytes) if max_file_bytes is not None else path.read_bytes()
     if fmt == "pdf":
         title, body = _pdf_text(data)
     else:
@@ -191,6 +196,21 @@ def _read_text(path: Path, max_chars: int) -> bytes:
                    f"max_document_chars={max_chars:,}")
 
 
+def _read_file(path: Path, limit: int) -> bytes:
+    """The bytes of an HTML or PDF file of at most ``limit`` bytes: one larger is refused by its size without a read
+    (its size says nothing of its text's length, but it would be read and parsed whole); never more than that is
+    read (a file that grows meanwhile)."""
+    size, grew = path.stat().st_size, ""
+    if size <= limit:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+        if len(data) <= limit:
+            return data
+        size, grew = len(data), " or more: it grew while it was read"
+    raise SkipFile(f"{size:,} bytes{grew}, over max_document_file_bytes={limit:,} (an HTML or PDF file is refused by "
+                   "its size: raise PGSYNAPSE_MAX_DOCUMENT_FILE_BYTES to ingest it)")
+
+
 def _decode(data: bytes, encoding: str | None) -> str:
     try:
         return data.decode("utf-8-sig")
@@ -227,6 +247,7 @@ def ingest(
     batch_files: int = 200,
     batch_chars: int = 8_000_000,
     max_chars: int | None = None,
+    max_file_bytes: int | None = None,
     max_image_bytes: int = 20 * 1024 * 1024,
     progress: bool | None = None,
     replace: bool = False,
@@ -234,7 +255,8 @@ def ingest(
 ) -> IngestReport:
     """Load ``paths`` into ``documents`` (see the module docstring). ``progress=None`` shows a bar on a TTY;
     ``replace`` updates the stored document of a changed file's source instead of adding one; ``encoding`` reads
-    the text files that are not UTF-8."""
+    the text files that are not UTF-8; ``max_chars`` and ``max_file_bytes``: the settings ``max_document_chars`` and
+    ``max_document_file_bytes`` (None: no limit)."""
     report = IngestReport()
     files = list(discover(paths))
     report.files = len(files)
@@ -252,7 +274,8 @@ def ingest(
                 if is_image(path.suffix):
                     images.append(read_image(path, source, max_image_bytes))
                 else:
-                    batch.append(read_document(path, source, max_chars=max_chars, encoding=encoding))
+                    batch.append(read_document(path, source, max_chars=max_chars, encoding=encoding,
+                                                       max_file_bytes=max_file_bytes))
                     doc_sources.add(source)
             except SkipFile as exc:
                 report.skipped.append((source, str(exc)))

@@ -216,6 +216,18 @@ def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachab
             f"still come: {later})")
 
 
+def not_started(what: str, qid: int, kind: str, timeout: float, later: str, *, exporting: bool) -> str:
+    """No answer to ``what`` ("question", "data question") ``qid`` within ``timeout`` seconds, the command's own
+    worker for ``kind`` jobs still starting (``exporting``: it waits for another worker's export, a first start);
+    ``later``: how to read the answer once it comes."""
+    why = ("it waits for another worker's export of a model version to its runtime (a first start, minutes on a "
+           "small host: `pgsynapse status`)" if exporting else "it loads its models first")
+    return (f"no answer to {what} {qid} within {timeout:g}s: no running worker takes {kind} jobs, and the one this "
+            f"command started is still starting: {why}; give a longer --timeout (0: no limit), or ask once a worker "
+            f"runs (`pgsynapse run`); the {what} stays pending and is answered once one that takes {kind} jobs "
+            f"runs: {later}")
+
+
 def format_result(result: Result, *, answer: bool = True) -> str:
     """The answer (unless ``answer=False``: already printed as it streamed), flags, guardrail, sources, latency."""
     lines = [result.answer or f"({result.status}: {result.error or 'no answer'})"] if answer else []

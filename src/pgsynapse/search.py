@@ -11,6 +11,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 
 from pgsynapse.config import Settings
+from pgsynapse.db import worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError, InputError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -70,6 +71,20 @@ def check_search_text(text: str | None, max_chars: int) -> None:
     if len(text) > max_chars:
         raise InputError(f"the search text has {len(text):,} characters, over max_question_chars={max_chars:,}: "
                          "shorten it, or raise max_question_chars (PGSYNAPSE_MAX_QUESTION_CHARS)")
+
+
+def unsearched(conn: psycopg.Connection, waiting: int) -> str:
+    """What :func:`search` says of ``waiting`` documents not embedded yet: who embeds them, as ``ingest --follow``
+    and ``status`` say it (a worker starting exports a model version first, before it registers:
+    :func:`~pgsynapse.db.worker_starting`)."""
+    if worker_takes(conn, "embed"):
+        why = "a running worker embeds them: `pgsynapse status` shows its queue"
+    elif worker_starting(conn):
+        why = ("a worker is starting: it exports a model version to its runtime first, minutes on a small host: "
+               "`pgsynapse status`; it embeds them once started if it runs embed jobs")
+    else:
+        why = "no running worker takes embed jobs: they are embedded once `pgsynapse run` starts"
+    return f"{waiting} document(s) waiting to be embedded were not searched ({why})"
 
 
 async def search(

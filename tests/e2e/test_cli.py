@@ -16,6 +16,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.answerers.local_models import package_dir
+from pgsynapse.db import EXPORT_LOCK
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
 from tests.helpers import SAFETY_TIMEOUT, insert_docs, spawn_worker
@@ -105,7 +106,16 @@ def test_search_and_ask_with_nothing_embedded_say_why(new_db, shipped):
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('Vacuum', 'VACUUM reclaims storage.')")
     waiting = pgsynapse("search", "vacuum", url=url)
-    assert waiting.stdout.startswith("no results: 1 document(s) waiting to be embedded were not searched"), waiting.stdout
+    assert waiting.stdout == ("no results: 1 document(s) waiting to be embedded were not searched (no running worker "
+                              "takes embed jobs: they are embedded once `pgsynapse run` starts)\n"), waiting.stdout
+    # a worker starting (its first start's export, before it registers) is running: search asked "is `pgsynapse run`
+    # running?" beside it, where `ingest --follow` and `status` say it is starting
+    with psycopg.connect(url, autocommit=True) as exporting:
+        exporting.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+        starting = pgsynapse("search", "vacuum", url=url)
+    assert starting.stdout == ("no results: 1 document(s) waiting to be embedded were not searched (a worker is "
+                               "starting: it exports a model version to its runtime first, minutes on a small host: "
+                               "`pgsynapse status`; it embeds them once started if it runs embed jobs)\n"), starting.stdout
     blank = pgsynapse("search", " \t", url=url)  # searched before, and listed whatever came
     assert blank.returncode == 1 and blank.stdout == "", blank.stdout
     assert "pgsynapse: error: search needs a text (or --like-image PATH)" in blank.stderr
@@ -170,7 +180,8 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     assert re.search(r"documents_not_embedded +hint=.*start `pgsynapse run`.* n=1", late.stderr), late.stderr[-2000:]
     se = pgsynapse("search", "savepoint", url=url)
     assert se.returncode == 0 and se.stdout.rstrip().endswith(
-        "1 document(s) waiting to be embedded were not searched (is `pgsynapse run` running?)"), se.stdout
+        "1 document(s) waiting to be embedded were not searched (no running worker takes embed jobs: they are "
+        "embedded once `pgsynapse run` starts)"), se.stdout
     # the passage the feedback named is gone with its document: named again, it is refused saying so
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM pgsynapse.documents WHERE id = (SELECT document_id FROM pgsynapse.chunks"

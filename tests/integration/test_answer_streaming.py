@@ -349,6 +349,38 @@ async def test_a_stream_cut_off_fails_without_its_partial_text(db_url, models, s
     assert "answer endpoint's stream ended before its end ([DONE])" in row["error"], row["error"]
 
 
+async def test_a_stream_cut_off_and_retried_withdraws_its_partial_text_until_the_retry(db_url, models, sse):
+    """A stream cut off with attempts left is retried after its backoff (minutes at the later attempts): the partial
+    text stayed on the row, still pending, as if the rest were coming. It is cleared when the retry is scheduled,
+    with a `retrying` NOTIFY, so that whoever shows the pieces drops them."""
+    SSE.cut_off = True
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    settings = _settings(db_url, sse, stream_interval_ms=0, max_attempts=2, retry_backoff_seconds=3600,
+                         retry_backoff_max_seconds=3600)  # the retry comes in an hour
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        listener, conn = await aconn(db_url), await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+        streamed = []
+        with anyio.fail_after(SAFETY):
+            async for n in listener.notifies():  # each piece written before the next is sent: all, before the cut
+                streamed.append(p := json.loads(n.payload))
+                gates[p["seq"] - 1].set()
+                if len(streamed) == len(PIECES):
+                    break
+        await wait_until(conn, "SELECT status = 'pending' AND attempts = 1 FROM pgsynapse.jobs WHERE kind = 'answer'")
+        row = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions")).fetchone()
+        assert (row["status"], row["answer"]) == ("pending", None), row
+        # committed with the retry: that NOTIFY came before the job was seen pending
+        with anyio.fail_after(SAFETY):
+            retrying = [json.loads(n.payload) async for n in listener.notifies(stop_after=1)]
+    await listener.close()
+    await conn.close()
+    assert [p["status"] for p in streamed] == ["streaming"] * len(PIECES)
+    assert retrying == [{"id": streamed[0]["id"], "status": "retrying"}], retrying
+
+
 async def test_refuse_policy_withholds_an_answer_with_bad_citations(db_url, models, sse):
     SSE.scripts = [["It is [9]."]]
     async with running_worker(_settings(db_url, sse, citation_policy="refuse", stream_answers=False), models):

@@ -50,6 +50,20 @@ async def _asked(conn, n: int = 1, *, table: str = "questions") -> list[int]:
     return [r["id"] for r in rows]
 
 
+def _waiting_for_a_notify(client: Client) -> anyio.Event:
+    """Set once a call on ``client`` waits for a NOTIFY (its row read, the answer still to come). It replaces
+    anyio.wait_all_tasks_blocked, which flaked under load: psycopg's wait for a NOTIFY wakes every 0.1 s, and
+    anyio's check of every task, every 0.1 s too, could find that task awake each time until the safety net."""
+    waiting, wait_one = anyio.Event(), client._wait_one
+
+    async def wait_one_signalled(key: tuple[str, int]) -> bool:
+        waiting.set()
+        return await wait_one(key)
+
+    client._wait_one = wait_one_signalled  # type: ignore[method-assign]
+    return waiting
+
+
 async def _collect(results: list, call) -> None:
     results.append(await call)
 
@@ -80,11 +94,12 @@ async def test_an_ask_in_flight_survives_its_connections_lost_and_reads_the_answ
     results = []
     async with Client(db_url) as client:
         client.recheck_seconds = 3600
+        waiting = _waiting_for_a_notify(client)
         with anyio.fail_after(SAFETY):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
                 (qid,) = await _asked(conn)
-                await anyio.wait_all_tasks_blocked()  # the ask waits for its NOTIFY
+                await waiting.wait()  # the ask waits for its NOTIFY
                 assert (await (await conn.execute(TERMINATE)).fetchone())["n"] >= 1
                 await _answer(conn, qid)  # its NOTIFY may reach no LISTEN: the row is read again
     await conn.close()
@@ -158,11 +173,12 @@ async def test_a_waiting_ask_never_holds_up_another_tasks_statements(db_url):
     results = []
     async with Client(db_url) as client:
         client.recheck_seconds = 3600  # the first ask waits an hour for a NOTIFY
+        waiting = _waiting_for_a_notify(client)
         with anyio.fail_after(SAFETY):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: _collect(results, client.ask("how do I create an index?")))
                 (first,) = await _asked(conn)
-                await anyio.wait_all_tasks_blocked()  # it waits for its NOTIFY
+                await waiting.wait()  # it waits for its NOTIFY
                 answered = anyio.Event()
 
                 async def second_ask() -> None:
@@ -202,6 +218,12 @@ async def test_a_timeout_bounds_the_insert_and_cancels_it(db_url):
             await client.feedback(qid, helpful=True, timeout=0.5)
         await locker.execute("ROLLBACK")
         assert (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.feedback")).fetchone())["n"] == 0
+        # no lock: a timeout too short to write anything says so (it blamed "a lock on pgsynapse.feedback?")
+        with anyio.fail_after(SAFETY), pytest.raises(client_module.ClientTimeout) as raised:
+            await client.feedback(qid, helpful=True, timeout=0.001)
+        assert str(raised.value).startswith(f"the feedback on question {qid} was not written within 0.001s: the "
+                                            "timeout was too short to even insert it ("), raised.value
+        assert "give a longer timeout" in str(raised.value) and "lock" not in str(raised.value), raised.value
         assert (await client.feedback(qid, helpful=True)).question_id == qid  # the same connection, still usable
     await conn.close()
     await locker.close()
@@ -255,10 +277,11 @@ async def test_an_answer_that_came_after_the_timeout_is_fetched_by_its_question_
         qid = raised.value.question_id
         assert (await client.result(qid, timeout=0)).status == "pending"  # no waiting
         results = []
+        waiting = _waiting_for_a_notify(client)
         with anyio.fail_after(SAFETY):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: _collect(results, client.result(qid, timeout=None)))
-                await anyio.wait_all_tasks_blocked()
+                await waiting.wait()  # it read the row, still pending, and waits for its NOTIFY
                 await _answer(conn, qid)
     await conn.close()
     assert [(r.id, r.status, r.answer) for r in results] == [(qid, "answered", "an answer")]

@@ -199,6 +199,32 @@ def test_a_text_file_over_max_document_chars_by_its_size_is_refused_without_read
         read_document(tmp_path / "emoji.txt", "emoji.txt", max_chars=1000)
 
 
+def test_an_html_or_pdf_file_over_max_document_file_bytes_is_refused_without_reading_it(db_url, tmp_path,
+                                                                                         monkeypatch):
+    """An HTML or PDF file was read whole before any check (its size says nothing of its text's length, but a 10 GB
+    page went into memory whole, then into the parser). Over max_document_file_bytes by its size, it is skipped
+    without a read, the setting named; one under it is read, at most that many bytes."""
+    (tmp_path / "big.html").write_bytes(b"<html><body><p>" + b"vacuum " * 200_000 + b"</p></body></html>")
+    (tmp_path / "big.pdf").write_bytes(_pdf("Streaming replication ships WAL records.") + b"%" + b"x" * 1_500_000)
+    (tmp_path / "small.html").write_text("<html><body><p>VACUUM reclaims storage.</p></body></html>")
+    monkeypatch.setenv("PGSYNAPSE_MAX_DOCUMENT_FILE_BYTES", "1000000")
+    out = _cli(db_url, str(tmp_path))
+    assert "3 file(s): 1 inserted, 0 unchanged (already stored), 2 skipped, 0 failed" in out.stdout, out.stdout
+    over = ("bytes, over max_document_file_bytes=1,000,000 (an HTML or PDF file is refused by its size: raise "
+            "PGSYNAPSE_MAX_DOCUMENT_FILE_BYTES to ingest it)")
+    assert f"  big.html: 1,400,033 {over}" in out.stdout, out.stdout
+    assert f"  big.pdf: {(tmp_path / 'big.pdf').stat().st_size:,} {over}" in out.stdout, out.stdout
+    tracemalloc.start()
+    try:
+        with pytest.raises(SkipFile, match=r"^1,400,033 bytes, over max_document_file_bytes=1,000 "):
+            read_document(tmp_path / "big.html", "big.html", max_file_bytes=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 500_000, f"{peak:,} bytes allocated: the file was read"
+    assert read_document(tmp_path / "small.html", "small.html", max_file_bytes=1000).body == "VACUUM reclaims storage."
+
+
 def test_pdf_without_pypdf_is_skipped_with_a_hint(tmp_path, monkeypatch):
     import builtins
 

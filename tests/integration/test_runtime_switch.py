@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.app import ask
+from pgsynapse.client import AnswerTimeout
 from pgsynapse.export import EXPORT_LOCK, optimise_active_version
 from pgsynapse.export.register import _sha256
 from pgsynapse.learning.registry import RegistryError, promote
@@ -314,3 +315,36 @@ async def test_ask_beside_a_starting_worker_waits_for_its_export_and_does_not_sa
     assert note["hint"] == ("they are not searched until a worker embeds them: one is starting (it exports a model "
                             "version to its runtime first, minutes on a small host: `pgsynapse status`)"), note
     assert [e for e in logs if e["event"] == "runtime_export_waiting"], logs
+
+
+async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_url, tmp_path):
+    """`pgsynapse ask --timeout 2` during a worker's first start: ask's own worker waited for that export (minutes on a
+    small host) before the timeout even started counting. The question is asked while ask's worker starts, so the
+    timeout bounds both; its error says the worker is still starting, what it waits for, and where the answer will
+    be (the exporting worker answers it once started)."""
+    insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    holder = await aconn(db_url)  # the starting worker, exporting
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+
+    def asking() -> AnswerTimeout | None:
+        try:
+            ask(settings, "how do I mark a point in a transaction?", timeout=2)
+        except AnswerTimeout as exc:
+            return exc
+        return None
+
+    try:
+        with anyio.fail_after(60):  # a safety net only: ask's timeout is 2 s
+            raised = await anyio.to_thread.run_sync(asking, abandon_on_cancel=True)
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+    qid = (await (await holder.execute("SELECT id FROM pgsynapse.questions WHERE status = 'pending'")).fetchone())["id"]
+    assert raised is not None and raised.question_id == qid, raised
+    assert str(raised) == (
+        f"no answer to question {qid} within 2s: no running worker takes answer jobs, and the one this command "
+        "started is still starting: it waits for another worker's export of a model version to its runtime (a first "
+        "start, minutes on a small host: `pgsynapse status`); give a longer --timeout (0: no limit), or ask once a "
+        "worker runs (`pgsynapse run`); the question stays pending and is answered once one that takes answer jobs "
+        f"runs: SELECT status, answer FROM pgsynapse.questions WHERE id = {qid}")
+    await holder.close()

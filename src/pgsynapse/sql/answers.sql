@@ -116,6 +116,17 @@ SET status = 'failed', error = %(error)s, answer = NULL, answered_at = clock_tim
 WHERE q.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = 'answer' AND p.ref_id = q.id AND p.status = 'pending');
 
+-- name: withdraw_partial_answer
+-- A job retried after an error (its backoff: minutes at the later attempts): the partial answer it streamed into
+-- the row is no answer, and the retry streams its own from the start. Cleared, with a 'retrying' NOTIFY in the same
+-- statement, so that whoever shows the pieces drops them; nothing when the row holds none.
+WITH u AS (
+    UPDATE pgsynapse.questions SET answer = NULL
+    WHERE id = %(id)s AND status = 'pending' AND answer IS NOT NULL
+    RETURNING id
+)
+SELECT pg_notify('pgsynapse_answers', json_build_object('id', u.id, 'status', 'retrying')::text) FROM u;
+
 -- name: lock_question_rows
 -- as lock_document_rows in queries.sql
 SELECT id FROM pgsynapse.questions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
