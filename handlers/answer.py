@@ -139,6 +139,8 @@ class AnswerHandler(Handler[AnswerWork]):
         s = self.settings
         if s.answerer == "extractive" or not s.stream_answers or not s.database_url:
             return None
+        if w.rules.blocks:  # the answer's check needs the whole answer: no piece may reach the app before it
+            return None
         if self._streams is None:
             self._streams = StreamWriter(s.database_url, s.stream_interval_ms)
         return self._streams.open(w.job.ref_id, w.text_hash)
