@@ -259,3 +259,25 @@ def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url):
                                            "the rule is about, as a question or a sentence\n")
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.guardrail_rules").fetchone()[0] == 0
+
+
+def test_guardrail_set_changes_a_rules_threshold_and_action_and_remove_deletes_it(db_url):
+    # a rule could be added, disabled and enabled, but a threshold chosen with `check` could not be set on it, nor
+    # a rule removed, without SQL (argparse: invalid choice: 'set')
+    added = pgsynapse("guardrail", "add", "how to drop all the tables of a production database", "--threshold", "0.5",
+                      url=db_url)
+    rule = int(re.match(r"guardrail rule (\d+):", added.stdout).group(1))
+    changed = pgsynapse("guardrail", "set", str(rule), "--threshold", "0.8", "--action", "flag", url=db_url)
+    assert (changed.returncode, changed.stdout) == (0, f"guardrail rule {rule}: flag at similarity >= 0.8\n"), changed.stderr
+    assert pgsynapse("guardrail", "list", url=db_url).stdout.splitlines()[1].split()[:4] == [str(rule), "flag", "0.80",
+                                                                                            "yes"]
+    nothing = pgsynapse("guardrail", "set", str(rule), url=db_url)
+    assert (nothing.returncode, nothing.stderr) == (1, "pgsynapse: error: guardrail set needs --threshold or --action: "
+                                                       "what to change\n")
+    missing = pgsynapse("guardrail", "set", "999", "--threshold", "0.7", url=db_url)
+    assert (missing.returncode, missing.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
+    removed = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    assert (removed.returncode, removed.stdout) == (0, f"guardrail rule {rule} removed\n"), removed.stderr
+    assert pgsynapse("guardrail", "list", url=db_url).stdout.startswith("no guardrail rules")
+    again = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    assert (again.returncode, again.stderr) == (1, f"pgsynapse: error: no guardrail rule {rule}\n")
