@@ -29,7 +29,7 @@ from pgsynapse.answerers.llamacpp import LlamaCppAnswerer
 from pgsynapse.cache import embed_queries
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
-from pgsynapse.guardrails import Guard
+from pgsynapse.guardrails import Guard, RuleSet
 from pgsynapse.handlers.answer_stream import Stream, StreamWriter
 from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
                                      unanswerable)
@@ -66,6 +66,7 @@ class AnswerWork:
     cached: Hit | None = None  # answered from the semantic answer cache (pgsynapse.answer_cache)
     ranker: dict[str, Any] | None = None  # the ranker routed to (None: the vector order)
     rules_key: str = ""  # the guardrail rules it was loaded (and its question checked) under: answer_cache.rules_key
+    rules: RuleSet = field(default_factory=RuleSet)  # those rules: its question and answer are checked under them
 
 
 def blocked(w: AnswerWork) -> bool:
@@ -139,6 +140,8 @@ class AnswerHandler(Handler[AnswerWork]):
         s = self.settings
         if s.answerer == "extractive" or not s.stream_answers or not s.database_url:
             return None
+        if w.rules.blocks:  # the answer's check needs the whole answer: no piece may reach the app before it
+            return None
         if self._streams is None:
             self._streams = StreamWriter(s.database_url, s.stream_interval_ms)
         return self._streams.open(w.job.ref_id, w.text_hash)
@@ -175,8 +178,10 @@ class AnswerHandler(Handler[AnswerWork]):
         rules = list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall())
         self.guard.refresh(rules)
         self.cache.refresh_rules(rules)
+        # the batch's own snapshot: another batch's load may refresh the shared checker before this one checks
+        snapshot = self.guard.snapshot()
         for w in work:
-            w.rules_key = self.cache.rules_key
+            w.rules_key, w.rules = self.cache.rules_key, snapshot
         for version in {w.version["id"]: w.version for w in work}.values():
             group = [w for w in work if w.version["id"] == version["id"]]
             embedder = await anyio.to_thread.run_sync(self.models.get, version)
@@ -184,8 +189,8 @@ class AnswerHandler(Handler[AnswerWork]):
             # (its table is off with cache_max_rows = 0: the in-process LRU alone)
             cache = conn if self.settings.cache_max_rows else None
             qvecs = await embed_queries(cache, embedder, [w.question for w in group])
-            if self.guard:
-                await anyio.to_thread.run_sync(self._check, embedder, group, qvecs)
+            if snapshot:
+                await anyio.to_thread.run_sync(self._check, embedder, group, qvecs, snapshot)
             for w in group:
                 # a follow-up ("and how do I undo it?") is retrieved with the previous question's context; a new
                 # topic in the same session on its own
@@ -205,13 +210,14 @@ class AnswerHandler(Handler[AnswerWork]):
                     w.passages = await self._retrieve(reads, w)
         return work, known
 
-    def _check(self, embedder: Embedder, group: list[AnswerWork], qvecs: np.ndarray) -> None:
+    def _check(self, embedder: Embedder, group: list[AnswerWork], qvecs: np.ndarray, rules: RuleSet) -> None:
         """Guard everything that will reach the answerer: each question, and each history turn's question and
         answer against today's rules. A turn that matches a block rule is left out of the history (a flag on a
         turn is not recorded: it was the turn's own question or answer, recorded on its row)."""
         texts = [w.question for w in group]
         texts += [text for w in group for t in w.history for text in (t.question, t.answer or "")]
-        hits = iter(self.guard.check(embedder, texts, known={w.question.strip(): v for w, v in zip(group, qvecs)}))
+        hits = iter(self.guard.check(embedder, texts, known={w.question.strip(): v for w, v in zip(group, qvecs)},
+                                     rules=rules))
         for w in group:
             hit = next(hits)
             w.guardrail = {**hit, "stage": "question"} if hit else None
@@ -289,8 +295,8 @@ class AnswerHandler(Handler[AnswerWork]):
                     reason = next(f for f in answer.flags if f in FALLBACK_REASONS)
                     log.warning("answer_fallback", question=w.job.ref_id, reason=reason, answerer=answerer.name)
                 guard = w.guardrail
-                if answer.text != NOT_FOUND and self.guard:
-                    [hit] = self.guard.check(w.embedder, [answer.text])
+                if answer.text != NOT_FOUND and w.rules:
+                    [hit] = self.guard.check(w.embedder, [answer.text], rules=w.rules)
                     hit = {**hit, "stage": "answer"} if hit else None
                     if hit and hit["action"] == "block":
                         out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), hit)))

@@ -211,11 +211,13 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             retried = retry_failed(conn, args.kind)
         if retried.requeued:
             print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(retried.requeued.items())))
-        elif not retried.superseded:
+        elif not retried.superseded and not retried.gone:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         if retried.superseded:
             print(f"closed {retried.superseded} failed job(s) as superseded: their row has a newer job, or changed "
                   "and was processed since")
+        if retried.gone:
+            print(f"closed {retried.gone} failed job(s) whose row was deleted: nothing is left for them to do")
         return 0
     if args.command == "search" and args.k is None:  # as many as an answer is given
         args.k = settings.answer_top_k

@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set, and no "
                     "retrain builds one)")
 
-    gr = sub.add_parser("guardrail", help="guardrail rules: list, add, disable, enable, and check a text against "
-                        "them with each rule's similarity (to choose a threshold)")
+    gr = sub.add_parser("guardrail", help="guardrail rules: list, add, set, disable, enable, remove, and check a text "
+                        "against them with each rule's similarity (to choose a threshold)")
     gsub = gr.add_subparsers(dest="guardrail_command", required=True, metavar="ACTION")
     gsub.add_parser("list", help="every rule, enabled or not")
     ga = gsub.add_parser("add", help="a rule: questions and answers this similar to its text are blocked or flagged")
@@ -151,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--action", choices=("block", "flag"), default="block")
     ga.add_argument("--threshold", type=_ranged(float, 0.01, 1.0), default=0.6,
                     help="cosine similarity at or above which a text matches (default 0.6)")
-    for name in ("disable", "enable"):
+    gs = gsub.add_parser("set", help="change a rule's threshold or action")
+    gs.add_argument("rule", type=int)
+    gs.add_argument("--action", choices=("block", "flag"))
+    gs.add_argument("--threshold", type=_ranged(float, 0.01, 1.0), help="the rule's new threshold")
+    for name in ("disable", "enable", "remove"):
         gsub.add_parser(name, help=f"{name} a rule").add_argument("rule", type=int)
     gsub.add_parser("check", help="each enabled rule's similarity to a text, and what the worker would do with "
                     "it").add_argument("text")

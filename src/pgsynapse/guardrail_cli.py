@@ -1,4 +1,4 @@
-"""``pgsynapse guardrail list|add|disable|enable|check``: the guardrail rules without SQL, and a text checked
+"""``pgsynapse guardrail list|add|set|disable|enable|remove|check``: the guardrail rules without SQL, and a text checked
 against them as the worker checks questions and answers, with each rule's similarity, to choose a threshold.
 
 A rule matches a text when one of the text's windows (guardrails.windows: the whole text, each sentence, neighbouring
@@ -27,6 +27,8 @@ def run_guardrail_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.guardrail_command == "add" and not args.text.strip():
         raise InputError("guardrail add needs a text: what questions and answers the rule is about, as a question or "
                          "a sentence")
+    if args.guardrail_command == "set" and args.threshold is None and args.action is None:
+        raise InputError("guardrail set needs --threshold or --action: what to change")
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         action = args.guardrail_command
         if action == "list":
@@ -37,6 +39,16 @@ def run_guardrail_command(args: argparse.Namespace, settings: Settings) -> int:
                                                       "threshold": args.threshold}).fetchone()["id"]
             print(f"guardrail rule {rule}: {args.action} at similarity >= {args.threshold:g}; the worker applies it to "
                   "the next questions (`pgsynapse guardrail check TEXT` shows what it matches)")
+        elif action == "set":
+            rule = conn.execute(q("set_rule", FILE), {"id": args.rule, "action": args.action,
+                                                      "threshold": args.threshold}).fetchone()
+            if rule is None:
+                raise InputError(f"no guardrail rule {args.rule}")
+            print(f"guardrail rule {rule['id']}: {rule['action']} at similarity >= {rule['threshold']:g}")
+        elif action == "remove":
+            if conn.execute(q("remove_rule", FILE), {"id": args.rule}).fetchone() is None:
+                raise InputError(f"no guardrail rule {args.rule}")
+            print(f"guardrail rule {args.rule} removed")
         elif action in ("disable", "enable"):
             changed = conn.execute(q("set_rule_enabled", FILE), {"id": args.rule, "enabled": action == "enable"})
             if changed.fetchone() is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import re
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -83,44 +84,67 @@ def strongest(sims: np.ndarray, rules: list[dict[str, Any]]) -> dict[str, Any] |
     return {"rule_id": rule["id"], "action": rule["action"], "similarity": round(sim, 4), "rule": rule["text"]}
 
 
+@dataclass(frozen=True)
+class RuleSet:
+    """The enabled rules as one batch read them: the set its question and answer are checked under."""
+
+    key: tuple = ()
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def blocks(self) -> bool:
+        """Whether a rule blocks (a flag rule hides nothing)."""
+        return any(r["action"] == "block" for r in self.rules)
+
+
 class Guard:
     """The enabled rules and their vectors per model version; :meth:`check` matches texts against them.
 
     Thread-safe: the worker loads (and refreshes the rules) on its event loop while another batch checks
-    answers in a thread; a check uses one consistent snapshot of the rules."""
+    answers in a thread. A batch keeps the :meth:`snapshot` it loaded and checks under it (``rules=``): another
+    batch may refresh the shared rules between its load and its answer's check."""
 
     def __init__(self) -> None:
-        self._rules: tuple[tuple, list[dict[str, Any]]] = ((), [])
+        self._rules = RuleSet()
         self._vectors: dict[tuple[tuple, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
     def refresh(self, rules: list[dict[str, Any]]) -> None:
         key = tuple((r["id"], r["text"], r["action"], r["threshold"]) for r in rules)
-        if key != self._rules[0]:
+        if key != self._rules.key:
             with self._lock:
-                self._rules = (key, list(rules))
+                self._rules = RuleSet(key, list(rules))
                 self._vectors = {}
 
-    def __bool__(self) -> bool:
-        return bool(self._rules[1])
+    def snapshot(self) -> RuleSet:
+        """The rules as the last refresh left them."""
+        return self._rules
 
-    def check(self, embedder: Embedder, texts: list[str],
-              known: dict[str, np.ndarray] | None = None) -> list[dict[str, Any] | None]:
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def check(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None = None,
+              rules: RuleSet | None = None) -> list[dict[str, Any] | None]:
         """Per text, the strongest rule one of its windows matches, or None. ``known``: vectors already computed
-        by this embedder for some texts (a question's query embedding), reused for the windows equal to them."""
-        rules, per_text = self._window_similarities(embedder, texts, known)
-        return [strongest(sims, rules) for sims in per_text] if rules else [None] * len(texts)
+        by this embedder for some texts (a question's query embedding), reused for the windows equal to them.
+        ``rules``: the snapshot to check under (default: the rules of the last refresh)."""
+        rules_used, per_text = self._window_similarities(embedder, texts, known,
+                                                               self._rules if rules is None else rules)
+        return [strongest(sims, rules_used) for sims in per_text] if rules_used else [None] * len(texts)
 
     def similarities(self, embedder: Embedder, text: str) -> list[tuple[dict[str, Any], float]]:
         """Each enabled rule with the highest cosine similarity of one of ``text``'s windows to it: the figure its
         threshold is compared with (``pgsynapse guardrail check``, to choose a threshold)."""
-        rules, [sims] = self._window_similarities(embedder, [text], None)
+        rules, [sims] = self._window_similarities(embedder, [text], None, self._rules)
         return [(r, float(s)) for r, s in zip(rules, sims.max(axis=0), strict=True)] if sims.size else []
 
     def _window_similarities(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None,
-                             ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+                             snapshot: RuleSet) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         """The rules, and per text its windows' cosine similarity to each rule (windows x rules)."""
-        key, rules = self._rules
+        key, rules = snapshot.key, snapshot.rules
         if not rules:
             return [], [np.empty((0, 0))] * len(texts)
         per_text = [windows(t or "", embedder.tokenizer, embedder.max_seq_length) for t in texts]
@@ -140,6 +164,6 @@ class Guard:
         if found is None:
             found = embedder.encode([r["text"] for r in rules])
             with self._lock:
-                if self._rules[0] == key:
+                if self._rules.key == key:
                     self._vectors[(key, vid)] = found
         return found

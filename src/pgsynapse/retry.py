@@ -25,6 +25,7 @@ ROW_RESET_QUERIES: dict[str, str] = {"embed": "retry_failed_documents", "answer"
 class Retried:
     requeued: dict[str, int]  # jobs back in the queue, per kind
     superseded: int  # failed jobs closed instead: their row has a newer job (or changed and was processed since)
+    gone: int = 0  # failed jobs closed because their row was deleted
 
 
 def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
@@ -32,16 +33,21 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
 
     At most one pending job may exist per (kind, row): of several failed jobs of one row only the newest
     is requeued, and none when the row already has a pending job or a newer running or done one (its
-    text changed and was processed since); the others are closed as superseded.
+    text changed and was processed since); the others are closed as superseded. A failed job whose row was deleted
+    is closed, not requeued.
     """
     with conn.transaction():
         rows = conn.execute(q("lock_failed_jobs"), {"kind": kind}).fetchall()
         requeue: dict[str, list[int]] = defaultdict(list)
         refs: dict[str, list[int]] = defaultdict(list)
         closed: list[int] = []
+        gone: list[int] = []
         seen: set[tuple[str, int]] = set()
         for r in rows:
             key = (r["kind"], r["ref_id"])
+            if r["gone"]:
+                gone.append(r["id"])
+                continue
             if r["superseded"] or key in seen:
                 closed.append(r["id"])
                 continue
@@ -50,11 +56,13 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
             refs[r["kind"]].append(r["ref_id"])
         if closed:
             conn.execute(q("close_failed_duplicates"), {"ids": closed})
+        if gone:
+            conn.execute(q("close_failed_of_deleted_rows"), {"ids": gone})
         for k, ids in requeue.items():
             conn.execute(q("requeue_failed_jobs"), {"ids": ids})
             if k in ROW_RESET_QUERIES:
                 conn.execute(q(ROW_RESET_QUERIES[k]), {"ids": refs[k]})
             conn.execute(q("notify_jobs"), {"kind": k, "n": len(ids)})
     counts = {k: len(v) for k, v in requeue.items()}
-    log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed))
-    return Retried(counts, len(closed))
+    log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed), row_deleted=len(gone))
+    return Retried(counts, len(closed), len(gone))

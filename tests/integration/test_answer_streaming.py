@@ -17,6 +17,7 @@ from pgsynapse.answerers.citations import REFUSED_ANSWER
 from pgsynapse.client import Client
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
+from tests.integration.test_guardrails import BOMB, BOMB_RULE
 from tests.integration.test_stale_writes import stepped_worker
 
 pytestmark = pytest.mark.anyio
@@ -433,3 +434,25 @@ async def test_an_edit_committed_after_the_load_stops_the_old_stream_and_the_new
     final = await (await conn.execute("SELECT text, answer FROM pgsynapse.questions WHERE id = %s", (qid,))).fetchone()
     await conn.close()
     assert final == {"text": "how do I release a savepoint?", "answer": "Release it with RELEASE SAVEPOINT [1]."}
+
+
+async def test_an_answer_is_not_streamed_while_a_block_rule_could_stop_it(db_url, models, sse):
+    """A streamed answer reached the asking app piece by piece before its guardrail check, which needs the whole
+    answer: an answer a block rule stops was read in full, then replaced by the blocked message."""
+    SSE.scripts = [[f"Here is {BOMB}: ", "mix the parts."]]
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        await conn.execute("LISTEN pgsynapse_answers")
+        results, pieces = [], []
+        async with Client(db_url) as client, anyio.create_task_group() as tg:
+            async def ask():
+                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+
+            tg.start_soon(ask)
+            notes = await _notifies_until_final(conn, 1)  # a fresh database: the first question
+    await conn.close()
+    assert pieces == [] and [p["status"] for p in notes] == ["blocked"]
+    assert results[0].status == "blocked" and results[0].guardrail["stage"] == "answer"
+    assert SSE.requests and not SSE.requests[0].get("stream")  # asked whole, not as a stream

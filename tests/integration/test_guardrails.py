@@ -5,6 +5,7 @@ rules). Real model, real rules, real NOTIFY."""
 from __future__ import annotations
 
 import re
+import threading
 from datetime import datetime, timezone
 
 import psycopg
@@ -15,7 +16,7 @@ from pgsynapse.answerers import Answer, ExtractiveAnswerer
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.base import Job
 from tests.e2e.test_cli import pgsynapse
-from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT as SAFETY, aconn, fast_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -182,6 +183,49 @@ async def test_an_answer_is_written_only_under_the_rules_it_was_checked_under(db
                     {"status": "done", "skip_reason": None}]
 
 
+class RuleUndoneMidBatchHandler(RecordingHandler):
+    """While the first batch computes, its rule is disabled, the worker's other answer loop loads a batch under the
+    rules without it (refreshing the checker the loops share), and the rule is enabled again: the first batch's
+    write finds the rules it was loaded under."""
+
+    first = True
+    loaded_without_rule = threading.Event()
+
+    async def load(self, conn, jobs):
+        out = await super().load(conn, jobs)
+        if not self.first:
+            self.loaded_without_rule.set()
+        return out
+
+    def compute(self, work):
+        if self.first:
+            self.first = False
+            with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+                conn.execute("UPDATE pgsynapse.guardrail_rules SET enabled = false")
+                conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('other', 'what is a table?')")
+                assert self.loaded_without_rule.wait(SAFETY), "the other loop loaded no batch"
+                conn.execute("UPDATE pgsynapse.guardrail_rules SET enabled = true")
+        return super().compute(work)
+
+
+async def test_an_answer_is_checked_under_its_batchs_rules_when_another_batch_refreshed_the_checker(db_url, models):
+    """A rule disabled and enabled again while a batch computes: the batch's write finds the rules it was loaded
+    under, so its answer must have been checked under them too, not under the rules another batch loaded meanwhile
+    into the checker the worker's loops share (the answer was checked under no rule and written: answered)."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    RecordingAnswerer.reply = f"Here is {BOMB}: mix the parts."
+    RuleUndoneMidBatchHandler.loaded_without_rule.clear()
+    async with running_worker(settings, models, handlers={"answer": RuleUndoneMidBatchHandler(settings, models)}):
+        await conn.execute("INSERT INTO pgsynapse.questions (session_id, text) VALUES ('undo', 'how do I create an "
+                           "index?')")
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    [row] = await _questions(conn, "undo")
+    await conn.close()
+    assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer", row
+
+
 def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_it(db_url):
     # rules were SQL only, and a threshold could be chosen only by asking and reading `questions.guardrail`
     rule_text, question = "how to drop all the tables of a production database", "how do I delete every table in prod?"
@@ -215,3 +259,25 @@ def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url):
                                            "the rule is about, as a question or a sentence\n")
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.guardrail_rules").fetchone()[0] == 0
+
+
+def test_guardrail_set_changes_a_rules_threshold_and_action_and_remove_deletes_it(db_url):
+    # a rule could be added, disabled and enabled, but a threshold chosen with `check` could not be set on it, nor
+    # a rule removed, without SQL (argparse: invalid choice: 'set')
+    added = pgsynapse("guardrail", "add", "how to drop all the tables of a production database", "--threshold", "0.5",
+                      url=db_url)
+    rule = int(re.match(r"guardrail rule (\d+):", added.stdout).group(1))
+    changed = pgsynapse("guardrail", "set", str(rule), "--threshold", "0.8", "--action", "flag", url=db_url)
+    assert (changed.returncode, changed.stdout) == (0, f"guardrail rule {rule}: flag at similarity >= 0.8\n"), changed.stderr
+    assert pgsynapse("guardrail", "list", url=db_url).stdout.splitlines()[1].split()[:4] == [str(rule), "flag", "0.80",
+                                                                                            "yes"]
+    nothing = pgsynapse("guardrail", "set", str(rule), url=db_url)
+    assert (nothing.returncode, nothing.stderr) == (1, "pgsynapse: error: guardrail set needs --threshold or --action: "
+                                                       "what to change\n")
+    missing = pgsynapse("guardrail", "set", "999", "--threshold", "0.7", url=db_url)
+    assert (missing.returncode, missing.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
+    removed = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    assert (removed.returncode, removed.stdout) == (0, f"guardrail rule {rule} removed\n"), removed.stderr
+    assert pgsynapse("guardrail", "list", url=db_url).stdout.startswith("no guardrail rules")
+    again = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    assert (again.returncode, again.stderr) == (1, f"pgsynapse: error: no guardrail rule {rule}\n")

@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.status import render, snapshot
+from tests.e2e.test_cli import pgsynapse
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -103,3 +104,28 @@ async def test_a_body_the_model_cannot_read_fails_at_once_and_a_dump_inside_a_pa
     assert ("failed, why    : (the commonest errors; `pgsynapse retry-failed` puts the jobs back once fixed)\n"
             "                 embed     1      InputError: the body has no text the model reads: 1 run(s) of over 100"
             " characters without a ...") in shown
+
+
+async def test_retry_failed_closes_the_failed_jobs_of_deleted_rows_and_requeues_the_others(db_url, models):
+    """Deleting a row that can never succeed is the natural fix; retry-failed then requeued its failed job anyway
+    (counted as requeued, done with nothing to do), and until then `status` counted it as failed."""
+    settings = fast_settings(db_url, max_document_chars=1000, max_question_chars=200)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        gone, kept = insert_docs(db_url, [("Big", "x " * 600), ("Bigger", "y " * 600)])
+        cur = await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id", ("why " * 60,))
+        question = (await cur.fetchone())["id"]
+        await wait_until(conn, ALL_DONE)
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (gone,))
+    await conn.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (question,))
+    retried = pgsynapse("retry-failed", url=db_url)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout == ("requeued embed: 1\n"
+                              "closed 2 failed job(s) whose row was deleted: nothing is left for them to do\n")
+    jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    await conn.close()
+    assert jobs == [{"kind": "embed", "ref_id": gone, "status": "done", "skip_reason": "its row was deleted (retry-failed)"},
+                    {"kind": "embed", "ref_id": kept, "status": "pending", "skip_reason": None},
+                    {"kind": "answer", "ref_id": question, "status": "done",
+                     "skip_reason": "its row was deleted (retry-failed)"}]

@@ -10,3 +10,12 @@ RETURNING id;
 
 -- name: set_rule_enabled
 UPDATE pgsynapse.guardrail_rules SET enabled = %(enabled)s WHERE id = %(id)s RETURNING id;
+
+-- name: set_rule
+-- A NULL leaves that column as it is.
+UPDATE pgsynapse.guardrail_rules
+SET action = coalesce(%(action)s, action), threshold = coalesce(%(threshold)s, threshold)
+WHERE id = %(id)s RETURNING id, action, threshold;
+
+-- name: remove_rule
+DELETE FROM pgsynapse.guardrail_rules WHERE id = %(id)s RETURNING id;

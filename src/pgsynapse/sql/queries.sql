@@ -316,10 +316,18 @@ ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
 
 -- name: lock_failed_jobs
 -- retry-failed: the failed jobs to requeue (all kinds when %(kind)s is NULL), newest first per row.
--- superseded: the row has a pending job, or a newer job that is running or done (the row changed since)
+-- superseded: the row has a pending job, or a newer job that is running or done (the row changed since);
+-- gone: the job's row (a document, question, image or data question) was deleted (nothing left to do)
 SELECT id, kind, ref_id,
        EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = j.kind AND p.ref_id = j.ref_id
-               AND (p.status = 'pending' OR (p.id > j.id AND p.status IN ('running', 'done')))) AS superseded
+               AND (p.status = 'pending' OR (p.id > j.id AND p.status IN ('running', 'done')))) AS superseded,
+       CASE kind
+           WHEN 'embed' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.documents r WHERE r.id = j.ref_id)
+           WHEN 'answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.questions r WHERE r.id = j.ref_id)
+           WHEN 'embed_image' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.images r WHERE r.id = j.ref_id)
+           WHEN 'sql_answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.data_questions r WHERE r.id = j.ref_id)
+           ELSE false
+       END AS gone
 FROM pgsynapse.jobs j
 WHERE status = 'failed' AND (%(kind)s::text IS NULL OR kind = %(kind)s)
 ORDER BY kind, ref_id, id DESC
@@ -338,6 +346,12 @@ WHERE id = ANY(%(ids)s) AND status = 'failed';
 -- Older failed jobs of a row that is requeued (or already has a pending job): nothing left for them to do.
 UPDATE pgsynapse.jobs
 SET status = 'done', finished_at = now(), skip_reason = 'superseded by a newer job (retry-failed)'
+WHERE id = ANY(%(ids)s) AND status = 'failed';
+
+-- name: close_failed_of_deleted_rows
+-- Failed jobs whose row was deleted: closed, not requeued (a requeued one would only find its row gone).
+UPDATE pgsynapse.jobs
+SET status = 'done', finished_at = now(), skip_reason = 'its row was deleted (retry-failed)'
 WHERE id = ANY(%(ids)s) AND status = 'failed';
 
 -- name: retry_failed_images
