@@ -90,6 +90,12 @@ class AnswerHandler(Handler[AnswerWork]):
         self.settings = settings
         self.models = models
         self._generative: Answerer | None = None
+        # a generated answer takes seconds: one question at a time, committed and announced as soon as it is
+        # generated (in a batch it waited for every question after it), and a follow-up is loaded once the
+        # question before it is answered, with its answer. Extractive answers are batched as every kind is.
+        generative = settings.answerer != "extractive"
+        self.concurrency = 1 if generative else 2
+        self.batch_limit = 1 if generative else None
         self.guard = Guard()
         self.cache = AnswerCache(settings)
         self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads, data_dir=settings.data_dir)

@@ -113,6 +113,9 @@ class SqlAnswerHandler(Handler[SqlWork]):
     changed_since_query = ("data_question_changed_since", "textsql.sql")
     requeue_changed_query = ("requeue_changed_data_questions", "textsql.sql")
     concurrency = 1  # one model generating at a time: a second batch would only share the same cores
+    # one question a batch: each result is committed and announced once generated, not once every question claimed
+    # with it is (their generations ran one after the other anyway)
+    batch_limit = 1
 
     def __init__(self, settings: Settings, models: ModelCache) -> None:
         self.settings = settings

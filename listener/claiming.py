@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgsynapse.config import Settings
 from pgsynapse.db import bounded_transaction
-from pgsynapse.handlers.base import Job
+from pgsynapse.handlers.base import Handler, Job
 from pgsynapse.listener.batches import Batch, SoloGate
 from pgsynapse.listener.wakeup import unless_stopped
 from pgsynapse.logs import get_logger
@@ -37,6 +37,13 @@ class Claiming:
     _claim_locks: dict[str, anyio.Lock]
     _computing: dict[str, int]
     _compute_done: dict[str, anyio.Event]
+    handlers: dict[str, Handler]
+
+    def batch_size(self, kind: str) -> int:
+        """The most jobs of ``kind`` a batch holds: ``batch_size``, or fewer where the handler says (``batch_limit``:
+        a generative answerer answers one question at a time)."""
+        limit = getattr(self.handlers[kind], "batch_limit", None)
+        return min(self.settings.batch_size, limit) if limit else self.settings.batch_size
 
     async def gather(self, batch: Batch) -> None:
         """Micro-batching: claim more jobs into a batch short of ``batch_size``, into ``batch.jobs`` as each claim
@@ -50,7 +57,8 @@ class Claiming:
         kind, jobs = batch.kind, batch.jobs
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000
         until = min(batch.deadline, time.monotonic() + self.settings.lease_seconds)
-        while len(jobs) < self.settings.batch_size and not self.stopping.is_set() and time.monotonic() < until:
+        size = self.batch_size(kind)
+        while len(jobs) < size and not self.stopping.is_set() and time.monotonic() < until:
             busy = self._computing[kind] > 0
             left = deadline - time.monotonic()
             if not busy and left <= 0:
@@ -61,7 +69,7 @@ class Claiming:
                     await done.wait()
             else:
                 await anyio.sleep(left)
-            jobs.extend(await self.claim(kind, self.settings.batch_size - len(jobs)))
+            jobs.extend(await self.claim(kind, size - len(jobs)))
 
     async def claim(self, kind: str, limit: int) -> list[Job]:
         async with self._claim_locks[kind]:

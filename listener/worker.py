@@ -299,7 +299,7 @@ class Worker(Claiming):
                 solo = await self._claim_solo(kind) if handler.crash_isolation else None
                 if solo is None and handler.crash_isolation:
                     await self._after_solo(loop)
-                jobs = [solo] if solo else await self.claim(kind, self.settings.batch_size)
+                jobs = [solo] if solo else await self.claim(kind, self.batch_size(kind))
             except (psycopg.Error, OSError) as exc:
                 log.warning("claim_failed", kind=kind, error=" ".join(str(exc).split())[:200])
                 await self.wakeups.wait(kind, min(self.settings.poll_interval, 2.0))
@@ -352,7 +352,7 @@ class Worker(Claiming):
 
     async def _run_batch(self, handler: Handler, batch: Batch, loop: LoopState) -> None:
         kind = batch.kind
-        if not batch.solo and len(batch.jobs) < self.settings.batch_size:
+        if not batch.solo and len(batch.jobs) < self.batch_size(kind):
             try:
                 await self.gather(batch)
             except (psycopg.Error, OSError) as exc:  # what is already claimed, gathered too, is still processed

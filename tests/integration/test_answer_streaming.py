@@ -40,10 +40,14 @@ class SSE(BaseHTTPRequestHandler):
     # events with no choices, as Azure OpenAI sends first (prompt_filter_results) and OpenAI last (usage)
     bare_events = False
     cut_off = False  # the connection closes after the pieces: no finish_reason, no [DONE]
+    # (text, event): a request whose last message holds text is answered only once event is set
+    hold: tuple[str, threading.Event] | None = None
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         SSE.requests.append(body)
+        if SSE.hold is not None and SSE.hold[0] in body["messages"][-1]["content"]:
+            SSE.hold[1].wait(SAFETY)
         pieces = SSE.scripts.pop(0) if len(SSE.scripts) > 1 else SSE.scripts[0]
         gates, SSE.gates = SSE.gates, None  # the first request only
         if not body.get("stream"):
@@ -95,7 +99,7 @@ class SSE(BaseHTTPRequestHandler):
 def sse():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SSE)
     SSE.scripts, SSE.gates, SSE.requests, SSE.finish_reason, SSE.await_hang_up = [PIECES], None, [], None, False
-    SSE.bare_events, SSE.cut_off = False, False
+    SSE.bare_events, SSE.cut_off, SSE.hold = False, False, None
     SSE.hung_up.clear()
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -161,6 +165,36 @@ async def test_each_piece_is_written_and_notified_in_order_then_the_final_answer
     assert final["status"] == "answered" and final["answer"] == "Use ROLLBACK TO SAVEPOINT [1]."
     assert [s["rank"] for s in final["sources"]] == [1] and final["sources"][0]["title"] == "Savepoints"
     assert final["flags"] == []
+
+
+async def test_each_generated_answer_is_committed_and_announced_once_generated_not_with_its_batch(db_url, models,
+                                                                                                   sse):
+    """A question and its follow-up in one statement: the first's answer is committed and announced while the
+    follow-up's generation is still held by the endpoint (not at the end of a batch of both), and the follow-up,
+    generated after it, has that answer in its history."""
+    follow_up = "and how do I release it?"
+    SSE.hold = (follow_up, release := threading.Event())
+    try:
+        async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+            await _corpus(db_url)
+            listener = await aconn(db_url)
+            await listener.execute("LISTEN pgsynapse_answers")
+            first, second = [r["id"] for r in await (await listener.execute(
+                "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('alice', 'how do I undo commands back to "
+                "a savepoint?'), ('alice', %s) RETURNING id", (follow_up,))).fetchall()]
+            notes = await _notifies_until_final(listener, first)
+            row = await (await listener.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
+                                                (first,))).fetchone()
+            release.set()
+            await _notifies_until_final(listener, second)
+    finally:
+        release.set()
+    assert notes[-1] == {"id": first, "status": "answered"}
+    assert (row["status"], row["answer"]) == ("answered", "Use ROLLBACK TO SAVEPOINT [1].")
+    [asked] = [r for r in SSE.requests if follow_up in r["messages"][-1]["content"]]
+    turns = [(m["role"], m["content"]) for m in asked["messages"][1:-1]]
+    assert turns == [("user", "how do I undo commands back to a savepoint?"),
+                     ("assistant", "Use ROLLBACK TO SAVEPOINT [1].")]
 
 
 async def test_an_edit_mid_stream_gets_no_partial_text_of_the_old_question(db_url, models, sse):

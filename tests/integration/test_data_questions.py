@@ -10,6 +10,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import anyio
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -92,9 +93,12 @@ class SaysOneThing(BaseHTTPRequestHandler):
 
     said = ""
     finish: str | None = None  # the choice's finish_reason ("length": the max_tokens sent ended it)
+    hold: tuple[str, threading.Event] | None = None  # a request holding this text is answered once the event is set
 
     def do_POST(self):  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers["Content-Length"]))
+        request = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        if self.hold is not None and self.hold[0] in request:
+            self.hold[1].wait(60)
         body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.said},
                                         "finish_reason": self.finish}]})
         self.send_response(200)
@@ -108,7 +112,7 @@ class SaysOneThing(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint():
-    SaysOneThing.finish = None
+    SaysOneThing.finish, SaysOneThing.hold = None, None
     server = HTTPServer(("127.0.0.1", 0), SaysOneThing)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -229,6 +233,31 @@ async def test_a_statement_with_a_nul_character_is_refused_on_its_row_at_once(sh
     assert r.sql == "SELECT count(*) FROM orders WHERE region = 'north\ufffd'; DROP TABLE orders"
     [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert job == {"status": "done", "attempts": 1}
+
+
+async def test_each_data_question_is_committed_and_announced_once_generated_not_with_its_batch(shop, models,
+                                                                                                 endpoint):
+    # two questions in one statement were one batch: the first's result waited for the second's generation
+    url, _ = shop
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT count(*) FROM orders"
+    SaysOneThing.hold = (second := "how many orders are there in all?", release := threading.Event())
+    try:
+        async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+            listener = await aconn(url)
+            await listener.execute("LISTEN pgsynapse_data_answers")
+            first_id, _ = [r["id"] for r in await (await listener.execute(
+                "INSERT INTO pgsynapse.data_questions (text) VALUES ('how many orders?'), (%s) RETURNING id",
+                (second,))).fetchall()]
+            with anyio.fail_after(60):  # a safety net: the endpoint holds the second question's statement
+                async for n in listener.notifies():
+                    if json.loads(n.payload)["id"] == first_id:
+                        break
+            [first] = _rows(url, "SELECT status, result FROM pgsynapse.data_questions WHERE id = %s", first_id)
+            release.set()
+    finally:
+        release.set()
+    assert first["status"] == "answered" and first["result"]["rows"] == [[40]], first
 
 
 async def test_a_statement_cut_at_sql_max_new_tokens_fails_naming_the_setting_not_as_a_syntax_error(shop, models,

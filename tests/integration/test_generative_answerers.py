@@ -150,6 +150,10 @@ async def test_openai_compatible_answerer_round_trip_and_http_errors(db_url, mod
     assert "[1] Savepoints:" in req["body"]["messages"][-1]["content"]
     follow = FakeOpenAI.requests[1]["body"]["messages"]
     assert {"role": "assistant", "content": "Use ROLLBACK TO SAVEPOINT [1]."} in follow  # the history went along
+    # once, as the earlier turns: not a second time inside the last message (each earlier question and answer cost
+    # its tokens twice)
+    assert sum(m["content"].count("how do I undo commands back to a savepoint?") for m in follow) == 1, follow
+    assert [m["role"] for m in follow] == ["system", "user", "assistant", "user"]
     assert bad.status == "failed" and "HTTP 500" in bad.error
     assert len(FakeOpenAI.requests) == 3  # the failing question: tried max_attempts = 2 times
 

@@ -149,12 +149,9 @@ class OpenAIAnswerer:
     def answer(self, req: Request, on_delta: Delta | None = None) -> Answer:
         if not req.passages:
             return Answer(NOT_FOUND, [])
-        messages = [{"role": "system", "content": "You answer questions about a document collection, citing passages as [n]."}]
-        for t in req.history:
-            messages.append({"role": "user", "content": t.question})
-            if t.answer:
-                messages.append({"role": "assistant", "content": t.answer})
-        messages.append({"role": "user", "content": build_prompt(req)})
+        # as a local instruct model's: the history once, as the earlier turns (its answers cut as there), the
+        # passages and the question in the last message
+        messages = render_messages(req, req.passages, req.history)
         payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
         if self.max_new_tokens:
             payload["max_tokens"] = self.max_new_tokens
