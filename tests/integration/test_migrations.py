@@ -1028,3 +1028,35 @@ def test_the_answer_cache_migration_locks_a_documents_entries_in_id_order_as_ans
                              " ARRAY['h'])", (qid, cited))
             with conn.transaction():
                 conn.execute(mig.sql.encode())
+
+
+def test_the_version_routed_migration_routes_what_the_written_out_rule_routed_and_is_inlined(new_db):
+    """0038 on top of 0037: version_routed_v1, the one rule of which model versions serve traffic, says what the
+    rule written out in routable_versions said for every status, backfill, share and runtime_pending; the planner
+    inlines it (the plan filters on the columns, no function call on the answer path); an application role may
+    call it; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 38)
+    assert mig.name in migrate(url)
+    written_out = ("status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0"
+                   " AND NOT runtime_pending)")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, traffic_percent,"
+                     " runtime_pending)"
+                     " SELECT 'v', 384, s, b, t, p FROM unnest(ARRAY['training', 'candidate', 'rejected', 'retired']) s,"
+                     " unnest(ARRAY[NULL, now()]) b, unnest(ARRAY[0, 0.01, 100]) t, unnest(ARRAY[false, true]) p")
+        for run in (1, 2):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE pgsynapse_app")
+                routed = conn.execute("SELECT id, pgsynapse.version_routed_v1(v) FROM pgsynapse.model_versions v"
+                                      " ORDER BY id").fetchall()
+                rule = conn.execute(f"SELECT id, {written_out} FROM pgsynapse.model_versions ORDER BY id").fetchall()
+                assert routed == rule and sum(r for _, r in routed) == 1 + 2  # the active v1; two candidates
+                ids = [r[0] for r in conn.execute(q("routable_versions", "answers.sql"))]
+                assert ids == [i for i, r in routed if r]
+                plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) "
+                                                            + q("routable_versions", "answers.sql")))
+                assert "version_routed_v1" not in plan and "(v.backfilled_at IS NOT NULL)" in plan, plan
+            if run == 1:
+                with conn.transaction():
+                    conn.execute(mig.sql.encode())

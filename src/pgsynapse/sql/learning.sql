@@ -253,10 +253,10 @@ SELECT id, model_version_id AS version, event, reason, figures, actor, at
 FROM pgsynapse.model_events ORDER BY at DESC, id DESC LIMIT %(limit)s;
 
 -- name: ab_in_progress
--- Is any candidate in an A/B test? (the worker's cheap check before it evaluates one)
+-- Is any candidate in an A/B test, routed (version_routed_v1, migration 0038)? (the worker's cheap check before it
+-- evaluates one)
 SELECT EXISTS (
-    SELECT 1 FROM pgsynapse.model_versions
-    WHERE status = 'candidate' AND traffic_percent > 0 AND backfilled_at IS NOT NULL AND NOT runtime_pending
+    SELECT 1 FROM pgsynapse.model_versions v WHERE v.status = 'candidate' AND pgsynapse.version_routed_v1(v)
 ) AS running;
 
 -- name: ab_decisions
@@ -274,7 +274,7 @@ WITH active AS (
                   WHERE qq.model_version_id = v.id
                     AND coalesce(qq.asked_at, qq.created_at) >= coalesce(v.deactivated_at, '-infinity')) AS since
     FROM pgsynapse.model_versions v
-    WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
+    WHERE v.status = 'candidate' AND pgsynapse.version_routed_v1(v)
 ), rated AS (
     SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(qq.asked_at, qq.created_at) AS asked,
            coalesce(fb.helpful, fb.rating >= 4) AS helpful
@@ -296,10 +296,10 @@ GROUP BY c.id, a.id, c.since
 ORDER BY c.id;
 
 -- name: lock_candidate
--- The decision's re-check under the row lock: still a candidate in its A/B test (another worker or a person may
--- have acted meanwhile)
-SELECT id FROM pgsynapse.model_versions
-WHERE id = %(version)s AND status = 'candidate' AND traffic_percent > 0
+-- The decision's re-check under the row lock: still a candidate in its A/B test, routed as ab_decisions found it
+-- (another worker or a person may have acted meanwhile)
+SELECT id FROM pgsynapse.model_versions v
+WHERE id = %(version)s AND status = 'candidate' AND pgsynapse.version_routed_v1(v)
 FOR UPDATE;
 
 -- name: record_ab_look
