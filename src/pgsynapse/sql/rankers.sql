@@ -24,8 +24,9 @@ WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.i
 
 -- name: ab_report_rankers
 -- the rankers' A/B: per ranker (NULL: the vector order) answered questions, their latency, and the rated ones (one
--- verdict per question, its latest feedback row on its current answer, as ab_report counts for versions); every
--- active or candidate ranker and the vector order are listed, and any other ranker that answered questions
+-- verdict per question, its latest feedback row on its current answer: question_verdicts_v1, migration 0039, as
+-- ab_report counts for versions); every active or candidate ranker and the vector order are listed, and any other
+-- ranker that answered questions
 WITH q AS (
     SELECT ranker_id, count(*) AS questions,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
@@ -34,10 +35,7 @@ WITH q AS (
     WHERE model_version_id IS NOT NULL AND status IN ('answered', 'blocked')
     GROUP BY ranker_id
 ), rated AS (
-    SELECT DISTINCT ON (fb.question_id) qq.ranker_id, coalesce(fb.helpful, fb.rating >= 4) AS helpful
-    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
-    WHERE qq.model_version_id IS NOT NULL AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
-    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+    SELECT ranker_id, helpful FROM pgsynapse.question_verdicts_v1
 ), f AS (
     SELECT ranker_id, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY ranker_id
 ), r AS (
