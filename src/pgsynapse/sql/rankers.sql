@@ -41,11 +41,11 @@ WITH q AS (
 ), r AS (
     SELECT id, name, status, traffic_percent::float8 AS traffic_percent FROM pgsynapse.ranker_models
     UNION ALL
-    -- the vector order: what serves the sessions no ranker takes
-    SELECT NULL, 'vector order',
-           CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.ranker_models WHERE status = 'active') THEN 'none' ELSE 'active' END,
-           100 - coalesce((SELECT sum(traffic_percent) FROM pgsynapse.ranker_models
-                           WHERE status IN ('active', 'candidate')), 0)::float8
+    -- the vector order: what serves the sessions no ranker takes; none once a ranker is active, else the active
+    -- one (abreport.ab_report gives it the share the candidates leave, as to an active ranker)
+    SELECT NULL, 'vector order', status, CASE WHEN status = 'active' THEN 100 ELSE 0 END::float8
+    FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.ranker_models WHERE status = 'active') THEN 'none'
+                      ELSE 'active' END AS status) vector_order
 )
 SELECT r.id AS ranker, r.name, r.status, r.traffic_percent,
        coalesce(q.questions, 0) AS questions, coalesce(f.rated, 0) AS rated, coalesce(f.helpful, 0) AS helpful,
