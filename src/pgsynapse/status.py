@@ -67,8 +67,11 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     questions = dict(conn.execute(q("question_counts", "answers.sql")).fetchone() or {})
     data_questions = dict(conn.execute(q("data_question_counts", "textsql.sql")).fetchone() or {})
-    sql_models = [dict(r) for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"]
-    # the active ranker's share is what the candidates routed leave it (its row says 100 whatever they take)
+    # the active SQL model's and ranker's shares are what the candidates routed leave them (their rows say 100
+    # whatever the candidates take)
+    sql_models = served_shares([{**dict(r), "traffic_percent": float(r["traffic_percent"])}
+                                for r in conn.execute(SQL_MODELS.sql("models")) if r["status"] != "retired"],
+                               SQL_MODELS.routable_models(conn))
     rankers = served_shares([{**{k: r[k] for k in ("id", "name", "runtime", "status")},
                               "traffic_percent": float(r["traffic_percent"])}
                              for r in conn.execute(RANKERS.sql("models")) if r["status"] != "retired"],

@@ -1028,3 +1028,80 @@ def test_the_answer_cache_migration_locks_a_documents_entries_in_id_order_as_ans
                              " ARRAY['h'])", (qid, cited))
             with conn.transaction():
                 conn.execute(mig.sql.encode())
+
+
+def test_the_version_routed_migration_routes_what_the_written_out_rule_routed_and_is_inlined(new_db):
+    """0038 on top of 0037: version_routed_v1, the one rule of which model versions serve traffic, says what the
+    rule written out in routable_versions said for every status, backfill, share and runtime_pending; the planner
+    inlines it (the plan filters on the columns, no function call on the answer path); an application role may
+    call it; re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 38)
+    assert mig.name in migrate(url)
+    written_out = ("status = 'active' OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0"
+                   " AND NOT runtime_pending)")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, traffic_percent,"
+                     " runtime_pending)"
+                     " SELECT 'v', 384, s, b, t, p FROM unnest(ARRAY['training', 'candidate', 'rejected', 'retired']) s,"
+                     " unnest(ARRAY[NULL, now()]) b, unnest(ARRAY[0, 0.01, 100]) t, unnest(ARRAY[false, true]) p")
+        for run in (1, 2):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE pgsynapse_app")
+                routed = conn.execute("SELECT id, pgsynapse.version_routed_v1(v) FROM pgsynapse.model_versions v"
+                                      " ORDER BY id").fetchall()
+                rule = conn.execute(f"SELECT id, {written_out} FROM pgsynapse.model_versions ORDER BY id").fetchall()
+                assert routed == rule and sum(r for _, r in routed) == 1 + 2  # the active v1; two candidates
+                ids = [r[0] for r in conn.execute(q("routable_versions", "answers.sql"))]
+                assert ids == [i for i, r in routed if r]
+                plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) "
+                                                            + q("routable_versions", "answers.sql")))
+                assert "version_routed_v1" not in plan and "(v.backfilled_at IS NOT NULL)" in plan, plan
+            if run == 1:
+                with conn.transaction():
+                    conn.execute(mig.sql.encode())
+
+
+WRITTEN_OUT_VERDICTS = (  # the latest feedback per question, as ab_report, ab_decisions and ab_report_rankers had it
+    "SELECT DISTINCT ON (fb.question_id) fb.question_id, qq.model_version_id, coalesce(fb.helpful, fb.rating >= 4)"
+    " FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id"
+    " WHERE qq.model_version_id IS NOT NULL AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)"
+    " ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC")
+
+
+def test_the_question_verdicts_migration_keeps_the_verdicts_the_reports_counted_and_filters_before_sorting(new_db):
+    """0039 on top of 0038: question_verdicts_v1 keeps, per question, the feedback row the three queries that wrote
+    the rule out kept: the latest (a tie on created_at: the higher id), given since the question was last asked,
+    on a question a version answered; a deleted question has none. ab_decisions' window reaches the questions'
+    scan, below the sort. Re-running changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 39)
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        qids = [conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s) RETURNING id", (t,)).fetchone()[0]
+                for t in ("tie?", "edited?", "deleted?", "no version?", "rated?")]
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'a', model_version_id = 1,"
+                     " answered_at = now() WHERE id = ANY(%s)", (qids,))
+        tie, edited, deleted, unversioned, rated = qids
+        for qid, helpful, rating, at in ((tie, True, None, "2026-01-01"), (tie, False, None, "2026-01-01"),
+                                         (edited, True, None, "2000-01-01"), (edited, None, 2, "2000-01-01"),
+                                         (deleted, True, None, None), (unversioned, True, None, None),
+                                         (rated, None, 5, None), (rated, False, None, "2015-01-01")):
+            conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, rating, created_at)"
+                         " VALUES (%s, %s, %s, coalesce(%s::timestamptz, now()))", (qid, helpful, rating, at))
+        conn.execute("UPDATE pgsynapse.questions SET asked_at = CASE id WHEN %s THEN '2020-01-01'::timestamptz"
+                     " ELSE '2010-01-01' END WHERE id = ANY(%s)", (edited, qids))
+        conn.execute("UPDATE pgsynapse.questions SET model_version_id = NULL WHERE id = %s", (unversioned,))
+        conn.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (deleted,))
+        for run in (1, 2):
+            with conn.transaction():
+                conn.execute("SET LOCAL ROLE pgsynapse_app")
+                verdicts = conn.execute("SELECT question_id, version, helpful FROM pgsynapse.question_verdicts_v1"
+                                        " ORDER BY question_id").fetchall()
+            assert verdicts == conn.execute(WRITTEN_OUT_VERDICTS).fetchall() == [(tie, 1, False), (rated, 1, True)]
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE, COSTS OFF) " + q("ab_decisions", "learning.sql")))
+            questions_scan = plan[plan.index("Sort Key: fb.question_id"):]
+            assert "(COALESCE(qq.asked_at, qq.created_at) >= (InitPlan" in questions_scan, plan
+            if run == 1:
+                with conn.transaction():
+                    conn.execute(mig.sql.encode())

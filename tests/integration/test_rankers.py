@@ -379,6 +379,28 @@ def test_ab_report_compares_the_rankers_helpful_rates(db_url, ranker_dir):
     assert "rankers (the vector order" in text and f"ranker {r1['id']} vs active vector order" in text
 
 
+
+def test_ab_report_shows_the_share_the_active_version_and_ranker_serve(db_url, ranker_dir):
+    """The active version and the active ranker serve what their routed candidates leave them: `ab-report` said
+    100 % beside a candidate at 20 % (their rows' figure, as `status` and `ranker list` once did), and the vector
+    order, once a ranker was active and the order had answered questions, -30 %."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        v2 = conn.execute("INSERT INTO pgsynapse.model_versions (name, dim, status, traffic_percent, backfilled_at)"
+                          " VALUES ('v2', 384, 'candidate', 20, now()) RETURNING id").fetchone()["id"]
+        conn.execute("INSERT INTO pgsynapse.questions (text, status, model_version_id, latency_ms)"
+                     " SELECT 'q', 'answered', id, 100 FROM pgsynapse.model_versions WHERE status = 'active'")
+        a = REGISTRY.add_model(conn, "a", str(ranker_dir), "onnx-int8", status="active")
+        other = shutil.copytree(ranker_dir, ranker_dir.parent / "other-ce", dirs_exist_ok=True)
+        b = REGISTRY.add_model(conn, "b", str(other), "onnx-int8", traffic=30)
+        report = ab_report(conn)
+    versions = {r["version"]: r["traffic_percent"] for r in report["versions"]}
+    assert versions == {1: 80.0, v2: 20.0}, versions
+    rankers = {r["ranker"]: (r["status"], r["traffic_percent"]) for r in report["rankers"]}
+    assert rankers == {None: ("none", 0.0), a["id"]: ("active", 70.0), b["id"]: ("candidate", 30.0)}, rankers
+    text = render_ab(report)
+    assert "v1      active        80.0%" in text, text
+
+
 def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ranker_dir, tmp_path):
     """Retiring the version a `version:N` ranker rescores with dropped the vectors under it, and such a ranker could
     then be promoted: `pgsynapse search` failed on every call ("model version 2 is retired: it cannot rescore")."""

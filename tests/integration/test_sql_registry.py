@@ -3,12 +3,19 @@ retire, with their refusals."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from pgsynapse.errors import RegistryError
+from pgsynapse.status import render, snapshot
 from pgsynapse.textsql import registry as reg
+from pgsynapse.textsql.cli import run_sql_model_command
+from tests.helpers import fast_settings
 
 
 def _status(conn) -> dict[int, tuple[str, float]]:
@@ -100,3 +107,20 @@ def test_promote_and_rollback_walk_back_through_the_promotions(db_url):
         # at most one active model, whatever happens
         n = conn.execute("SELECT count(*) FROM pgsynapse.sql_models WHERE status = 'active'").fetchone()[0]
         assert n == 0
+
+
+def test_status_and_sql_model_list_show_the_share_the_active_model_serves(db_url):
+    """The active SQL model serves what its routed candidates leave it: `status` and `sql-model list` said 100 %
+    beside a candidate at 30 % (its row's figure, whatever the candidates take), as they once did for rankers."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        a = reg.add_model(conn, "base", "/models/base", "transformers", status="active")["id"]
+        b = reg.add_model(conn, "b", "/models/b", "transformers", traffic=30)["id"]
+        reg.add_model(conn, "r", "/models/r", "transformers", status="rejected")
+        snap = snapshot(conn)
+    assert [(m["id"], float(m["traffic_percent"])) for m in snap["sql_models"]] == [(a, 70.0), (b, 30.0),
+                                                                                     (b + 1, 0.0)]
+    assert f"SQL model {a:<5}: active base (transformers), 70% traffic" in render(snap)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_sql_model_command(argparse.Namespace(sql_model_command="list", json=False), fast_settings(db_url))
+    assert f"{a:>3}  active     70.00%  transformers" in out.getvalue(), out.getvalue()

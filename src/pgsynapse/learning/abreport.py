@@ -7,7 +7,9 @@ from typing import Any
 import psycopg
 
 from pgsynapse.learning.metrics import two_proportion_z, wilson
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.queries import q
+from pgsynapse.ranking.registry import REGISTRY as RANKERS
 
 
 def _rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,8 +39,12 @@ def _compare(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 def ab_report(conn: psycopg.Connection) -> dict[str, Any]:
     """Per model version and per ranker (when any is registered): questions, helpful rate, latency, and the
     comparison of each with the active one."""
-    rows = _rates([dict(r) for r in conn.execute(q("ab_report", "learning.sql"))])
-    rankers = _rates([dict(r) for r in conn.execute(q("ab_report_rankers", "rankers.sql"))])
+    # the active version's and ranker's (or the vector order's) shares: what the candidates routed leave them (their
+    # rows say 100 whatever the candidates take)
+    rows = served_shares(_rates([dict(r) for r in conn.execute(q("ab_report", "learning.sql"))]),
+                         conn.execute(q("routable_versions", "answers.sql")).fetchall())
+    rankers = served_shares(_rates([dict(r) for r in conn.execute(q("ab_report_rankers", "rankers.sql"))]),
+                            RANKERS.routable_models(conn))
     if all(r["ranker"] is None for r in rankers):
         rankers = []  # no ranker registered: the vector order serves everything, nothing to compare
     return {"versions": rows, "comparisons": _compare(rows, "version"), "rankers": rankers,

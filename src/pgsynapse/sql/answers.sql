@@ -25,11 +25,10 @@ ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: routable_versions
 -- The active version, and candidates that are fully backfilled, have a traffic share and are on their serving
--- runtime (not runtime_pending: migration 0013).
+-- runtime: version_routed_v1 (migration 0038), the one rule of which versions get sessions.
 SELECT id, name, artifact_path, runtime, dim, status, traffic_percent
-FROM pgsynapse.model_versions
-WHERE status = 'active'
-   OR (status = 'candidate' AND backfilled_at IS NOT NULL AND traffic_percent > 0 AND NOT runtime_pending)
+FROM pgsynapse.model_versions v
+WHERE pgsynapse.version_routed_v1(v)
 ORDER BY id;
 
 -- name: vector_candidates

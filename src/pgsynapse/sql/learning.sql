@@ -223,14 +223,8 @@ WITH q AS (
     WHERE model_version_id IS NOT NULL AND status IN ('answered', 'blocked')
     GROUP BY model_version_id
 ), rated AS (
-    -- one verdict per question, its latest feedback row (helpful, or a rating of 4 or 5): a user who clicks twice
-    -- does not count twice, so the rated questions are independent trials of the version. Only feedback on the
-    -- question's current answer, given since it was last asked (asked_at, migration 0024; NULL: created_at): the
-    -- rows from before an edit rated an earlier answer, maybe another version's, to another text
-    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(fb.helpful, fb.rating >= 4) AS helpful
-    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
-    WHERE qq.model_version_id IS NOT NULL AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
-    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+    -- one verdict per question, its latest feedback row on its current answer (question_verdicts_v1, migration 0039)
+    SELECT version, helpful FROM pgsynapse.question_verdicts_v1
 ), f AS (
     SELECT version, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY version
 )
@@ -253,10 +247,10 @@ SELECT id, model_version_id AS version, event, reason, figures, actor, at
 FROM pgsynapse.model_events ORDER BY at DESC, id DESC LIMIT %(limit)s;
 
 -- name: ab_in_progress
--- Is any candidate in an A/B test? (the worker's cheap check before it evaluates one)
+-- Is any candidate in an A/B test, routed (version_routed_v1, migration 0038)? (the worker's cheap check before it
+-- evaluates one)
 SELECT EXISTS (
-    SELECT 1 FROM pgsynapse.model_versions
-    WHERE status = 'candidate' AND traffic_percent > 0 AND backfilled_at IS NOT NULL AND NOT runtime_pending
+    SELECT 1 FROM pgsynapse.model_versions v WHERE v.status = 'candidate' AND pgsynapse.version_routed_v1(v)
 ) AS running;
 
 -- name: ab_decisions
@@ -274,15 +268,12 @@ WITH active AS (
                   WHERE qq.model_version_id = v.id
                     AND coalesce(qq.asked_at, qq.created_at) >= coalesce(v.deactivated_at, '-infinity')) AS since
     FROM pgsynapse.model_versions v
-    WHERE v.status = 'candidate' AND v.traffic_percent > 0 AND v.backfilled_at IS NOT NULL AND NOT v.runtime_pending
+    WHERE v.status = 'candidate' AND pgsynapse.version_routed_v1(v)
 ), rated AS (
-    SELECT DISTINCT ON (fb.question_id) qq.model_version_id AS version, coalesce(qq.asked_at, qq.created_at) AS asked,
-           coalesce(fb.helpful, fb.rating >= 4) AS helpful
-    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
-    WHERE qq.model_version_id IN (SELECT id FROM cand UNION ALL SELECT id FROM active)
-      AND coalesce(qq.asked_at, qq.created_at) >= (SELECT min(since) FROM cand)
-      AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
-    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+    -- an array, not IN (a join): the view's DISTINCT ON then takes the filter to the questions before its sort
+    SELECT version, asked, helpful FROM pgsynapse.question_verdicts_v1
+    WHERE version = ANY (ARRAY(SELECT id FROM cand UNION ALL SELECT id FROM active))
+      AND asked >= (SELECT min(since) FROM cand)
 )
 SELECT c.id AS version, a.id AS active, c.since,
        count(*) FILTER (WHERE r.version = c.id) AS cand_rated,
@@ -296,10 +287,10 @@ GROUP BY c.id, a.id, c.since
 ORDER BY c.id;
 
 -- name: lock_candidate
--- The decision's re-check under the row lock: still a candidate in its A/B test (another worker or a person may
--- have acted meanwhile)
-SELECT id FROM pgsynapse.model_versions
-WHERE id = %(version)s AND status = 'candidate' AND traffic_percent > 0
+-- The decision's re-check under the row lock: still a candidate in its A/B test, routed as ab_decisions found it
+-- (another worker or a person may have acted meanwhile)
+SELECT id FROM pgsynapse.model_versions v
+WHERE id = %(version)s AND status = 'candidate' AND pgsynapse.version_routed_v1(v)
 FOR UPDATE;
 
 -- name: record_ab_look

@@ -24,8 +24,9 @@ WHERE EXISTS (SELECT 1 FROM pgsynapse.chunks c WHERE c.document_id = documents.i
 
 -- name: ab_report_rankers
 -- the rankers' A/B: per ranker (NULL: the vector order) answered questions, their latency, and the rated ones (one
--- verdict per question, its latest feedback row on its current answer, as ab_report counts for versions); every
--- active or candidate ranker and the vector order are listed, and any other ranker that answered questions
+-- verdict per question, its latest feedback row on its current answer: question_verdicts_v1, migration 0039, as
+-- ab_report counts for versions); every active or candidate ranker and the vector order are listed, and any other
+-- ranker that answered questions
 WITH q AS (
     SELECT ranker_id, count(*) AS questions,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
@@ -34,20 +35,17 @@ WITH q AS (
     WHERE model_version_id IS NOT NULL AND status IN ('answered', 'blocked')
     GROUP BY ranker_id
 ), rated AS (
-    SELECT DISTINCT ON (fb.question_id) qq.ranker_id, coalesce(fb.helpful, fb.rating >= 4) AS helpful
-    FROM pgsynapse.feedback fb JOIN pgsynapse.questions qq ON qq.id = fb.question_id
-    WHERE qq.model_version_id IS NOT NULL AND fb.created_at >= coalesce(qq.asked_at, qq.created_at)
-    ORDER BY fb.question_id, fb.created_at DESC, fb.id DESC
+    SELECT ranker_id, helpful FROM pgsynapse.question_verdicts_v1
 ), f AS (
     SELECT ranker_id, count(*) AS rated, count(*) FILTER (WHERE helpful) AS helpful FROM rated GROUP BY ranker_id
 ), r AS (
     SELECT id, name, status, traffic_percent::float8 AS traffic_percent FROM pgsynapse.ranker_models
     UNION ALL
-    -- the vector order: what serves the sessions no ranker takes
-    SELECT NULL, 'vector order',
-           CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.ranker_models WHERE status = 'active') THEN 'none' ELSE 'active' END,
-           100 - coalesce((SELECT sum(traffic_percent) FROM pgsynapse.ranker_models
-                           WHERE status IN ('active', 'candidate')), 0)::float8
+    -- the vector order: what serves the sessions no ranker takes; none once a ranker is active, else the active
+    -- one (abreport.ab_report gives it the share the candidates leave, as to an active ranker)
+    SELECT NULL, 'vector order', status, CASE WHEN status = 'active' THEN 100 ELSE 0 END::float8
+    FROM (SELECT CASE WHEN EXISTS (SELECT 1 FROM pgsynapse.ranker_models WHERE status = 'active') THEN 'none'
+                      ELSE 'active' END AS status) vector_order
 )
 SELECT r.id AS ranker, r.name, r.status, r.traffic_percent,
        coalesce(q.questions, 0) AS questions, coalesce(f.rated, 0) AS rated, coalesce(f.helpful, 0) AS helpful,

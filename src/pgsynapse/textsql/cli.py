@@ -20,6 +20,7 @@ from pgsynapse.db import Database
 from pgsynapse.errors import InputError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait
+from pgsynapse.learning.routing import served_shares
 from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
@@ -190,7 +191,8 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         action = args.sql_model_command
         if action == "list":
-            rows = registry.list_models(conn)
+            # the active one's share: what the candidates routed leave it (its row says 100 whatever they take)
+            rows = served_shares(registry.list_models(conn), registry.routable_sql_models(conn))
             if args.json:
                 print(json_dumps(rows, indent=2))
             elif not rows:
