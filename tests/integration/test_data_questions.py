@@ -92,7 +92,7 @@ class SaysOneThing(BaseHTTPRequestHandler):
     tiny model's tokenizer cannot (a NUL character)."""
 
     said = ""
-    finish: str | None = None  # the choice's finish_reason ("length": the max_tokens sent ended it)
+    finish_reason: str | None = None  # the choice's finish_reason ("length": the max_tokens sent ended it)
     hold: tuple[str, threading.Event] | None = None  # a request holding this text is answered once the event is set
 
     def do_POST(self):  # noqa: N802 - http.server's name
@@ -100,7 +100,7 @@ class SaysOneThing(BaseHTTPRequestHandler):
         if self.hold is not None and self.hold[0] in request:
             self.hold[1].wait(60)
         body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.said},
-                                        "finish_reason": self.finish}]})
+                                        "finish_reason": self.finish_reason}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -112,7 +112,7 @@ class SaysOneThing(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint():
-    SaysOneThing.finish, SaysOneThing.hold = None, None
+    SaysOneThing.finish_reason, SaysOneThing.hold = None, None
     server = HTTPServer(("127.0.0.1", 0), SaysOneThing)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
@@ -265,7 +265,7 @@ async def test_a_statement_cut_at_sql_max_new_tokens_fails_naming_the_setting_no
     url, _ = shop
     settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m",
                              sql_max_new_tokens=12)
-    SaysOneThing.said, SaysOneThing.finish = "SELECT region, count(*) FROM orders GROUP BY", "length"
+    SaysOneThing.said, SaysOneThing.finish_reason = "SELECT region, count(*) FROM orders GROUP BY", "length"
     async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
         async with Client(url) as client:
             r = await client.ask_data("how many orders per region?", timeout=20)

@@ -93,7 +93,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     fail = False
     status = 500  # a failing reply's
     content = "Use ROLLBACK TO SAVEPOINT [1]."
-    finish = "stop"  # why the completion ended: "length" when the endpoint's token limit cut it
+    finish_reason = "stop"  # why the completion ended: "length" when the endpoint's token limit cut it
     headers: dict[str, str] = {}  # a failing reply's own headers (Retry-After)
     hold: threading.Event | None = None  # the reply waits for it (a slow endpoint)
 
@@ -110,7 +110,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.wfile.write(b'{"error": "overloaded"}')
             return
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": FakeOpenAI.content},
-                                       "finish_reason": FakeOpenAI.finish}]})
+                                       "finish_reason": FakeOpenAI.finish_reason}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -124,7 +124,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.fail, FakeOpenAI.content = [], False, "Use ROLLBACK TO SAVEPOINT [1]."
-    FakeOpenAI.finish, FakeOpenAI.status, FakeOpenAI.headers, FakeOpenAI.hold = "stop", 500, {}, None
+    FakeOpenAI.finish_reason, FakeOpenAI.status, FakeOpenAI.headers, FakeOpenAI.hold = "stop", 500, {}, None
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -217,7 +217,7 @@ async def test_an_answer_withheld_by_the_endpoints_content_filter_fails_saying_s
     # Azure OpenAI's content filter: no text, finish_reason "content_filter"; not "nothing relevant was found"
     settings = fast_settings(db_url, answerer="openai", openai_base_url=fake_openai, openai_model="tiny",
                              max_attempts=3)
-    FakeOpenAI.content, FakeOpenAI.finish = None, "content_filter"
+    FakeOpenAI.content, FakeOpenAI.finish_reason = None, "content_filter"
     async with running_worker(settings, models):
         await _corpus(db_url)
         async with Client(db_url) as client:
@@ -265,13 +265,14 @@ async def test_an_answer_cut_at_its_length_says_which_limit_and_one_cut_before_a
         async with Client(db_url) as client:
             # finish_reason "length": the max_tokens the worker sent (answer_max_new_tokens) or the model's context
             # ended it; the flag said "its token limit", as if the endpoint's own, not the setting that can be raised
-            FakeOpenAI.content, FakeOpenAI.finish = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands", "length"
+            FakeOpenAI.content = "Use ROLLBACK TO SAVEPOINT [1] to undo the commands"
+            FakeOpenAI.finish_reason = "length"
             cut = await client.ask("how do I undo commands back to a savepoint?", session_id="v")
             # a reasoning model that spent every token before it wrote a word: the row said "I could not find
             # anything relevant", a false answer, where the limit was too low
             FakeOpenAI.content = ""
             nothing = await client.ask("how do I undo work back to a savepoint?", session_id="w")
-            FakeOpenAI.finish = "stop"  # empty and finished: the model had nothing to say
+            FakeOpenAI.finish_reason = "stop"  # empty and finished: the model had nothing to say
             empty = await client.ask("how do I undo statements back to a savepoint?", session_id="x")
     assert cut.answer == "Use ROLLBACK TO SAVEPOINT [1] to undo the commands"
     assert cut.flags == ["truncated: the endpoint stopped at answer_max_new_tokens (40, sent as max_tokens) or at its "

@@ -249,7 +249,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     hold: threading.Event | None = None  # the reply waits for it (a slow endpoint)
     redirect: str | None = None  # a 302 to this URL instead of a reply
     headers: dict[str, str] = {}  # a failing reply's own headers (Retry-After)
-    finish: dict[float, tuple[str, str]] = {}  # by temperature: (content, finish_reason) of every choice
+    finish_reason: dict[float, tuple[str, str]] = {}  # by temperature: (content, finish_reason) of every choice
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -278,8 +278,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         content = (["Here you go:\n```sql\nSELECT count(*) FROM orders;\n```"] if body["temperature"] == 0 else
                    [f"SELECT {len(FakeOpenAI.requests)}{i}" for i in range(n)])
         out = {"choices": [{"index": i, "message": {"role": "assistant", "content": c}} for i, c in enumerate(content)]}
-        if body["temperature"] in FakeOpenAI.finish:
-            content, finish = FakeOpenAI.finish[body["temperature"]]
+        if body["temperature"] in FakeOpenAI.finish_reason:
+            content, finish = FakeOpenAI.finish_reason[body["temperature"]]
             out = {"choices": [{"index": i, "message": {"role": "assistant", "content": content},
                                 "finish_reason": finish} for i in range(n if body["temperature"] else 1)]}
         self.send_response(200)
@@ -296,7 +296,7 @@ def fake_openai():
     server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
     FakeOpenAI.requests, FakeOpenAI.status, FakeOpenAI.max_choices = [], 200, 16
     FakeOpenAI.raw, FakeOpenAI.hold, FakeOpenAI.redirect, FakeOpenAI.headers = None, None, None, {}
-    FakeOpenAI.finish = {}
+    FakeOpenAI.finish_reason = {}
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
@@ -332,17 +332,17 @@ def test_a_statement_the_endpoint_cut_at_its_token_limit_is_an_error_naming_sql_
     and failed when run, as a syntax error, with nothing saying which setting to raise."""
     settings = load_settings(environ={}, data_dir=tmp_path, openai_base_url=fake_openai, sql_max_new_tokens=16)
     generator = make_generator("openai", "sql-model", settings)
-    FakeOpenAI.finish = {0.0: ("SELECT c.name, count(o.id) FROM customers c JOIN orders o ON o.cust", "length")}
+    FakeOpenAI.finish_reason = {0.0: ("SELECT c.name, count(o.id) FROM customers c JOIN orders o ON o.cust", "length")}
     with pytest.raises(ConfigError, match=(
             r"^invalid setting sql_max_new_tokens \[PGSYNAPSE_SQL_MAX_NEW_TOKENS\]: the SQL endpoint stopped at "
             r"sql_max_new_tokens \(16, sent as max_tokens\) or at its model's context length before the statement "
             r"was complete \(finish_reason length\): raise sql_max_new_tokens \[PGSYNAPSE_SQL_MAX_NEW_TOKENS\]$")):
         generator.generate(FOLLOW_UP)
     # a whole statement, then words cut at the limit: the statement is complete
-    FakeOpenAI.finish = {0.0: ("SELECT count(*) FROM orders; This counts the rows of", "length")}
+    FakeOpenAI.finish_reason = {0.0: ("SELECT count(*) FROM orders; This counts the rows of", "length")}
     assert generator.generate(FOLLOW_UP) == ["SELECT count(*) FROM orders"]
     # sampled candidates cut are left out (no statement, never run); the greedy one stands
-    FakeOpenAI.finish[0.5] = ("SELECT name FROM customers WHERE", "length")
+    FakeOpenAI.finish_reason[0.5] = ("SELECT name FROM customers WHERE", "length")
     assert generator.generate(FOLLOW_UP, n=3, temperature=0.5) == ["SELECT count(*) FROM orders", "", ""]
 
 
