@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import drop_weights
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url
 from pgsynapse.errors import RegistryError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning import NOTHING_TO_LEARN
@@ -162,7 +163,7 @@ class RetrainHandler(Handler[RetrainWork]):
         passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
         spec = train_spec(
-            s, url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
+            s, url=child_url(s.database_url or "", s), base_version=passage["id"], out_dir=str(out_dir),
             # torch weights, also of an exported version
             base_path=str(source_model_path(passage, s.model_path, s.data_dir)),
             active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],

@@ -21,9 +21,10 @@ from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import DistillSpec, distill
 from pgsynapse.learning.cli import run_model_command
 from pgsynapse.learning.registry import add_model
-from pgsynapse.learning.distill_train import build_student, kept_layers, main, pca_projection, procrustes
+from pgsynapse.learning.distill_train import build_student, kept_layers, load_data, main, pca_projection, procrustes
+from pgsynapse.learning.trainer_process import TrainingFailed
 from tests.embed_models import tiny_embedding_model
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, connections_opened, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -143,6 +144,26 @@ def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, stude
                                                 "for every chunk; distil it once `pgsynapse model list` says done"):
             distill(conn, settings, db_url, teacher=v, student=str(student_base), layers=2)
     assert not (tmp_path / "models").exists()  # no training process was started
+
+
+def test_the_trainer_connects_with_the_settings_keepalives(db_url, student_base, tmp_path, monkeypatch):
+    """The trainer process was given the bare URL: its connection had no TCP keepalives (a cut network held it for
+    the kernel's hours), unlike the worker's; the URL it is given carries the settings' now."""
+    settings = fast_settings(db_url, data_dir=tmp_path, keepalives_idle_seconds=7)
+    given: list[dict] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # the spec the trainer process would read
+        given.append(spec)
+        raise TrainingFailed("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.learning.distill.run_trainer", trainer)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        with pytest.raises(TrainingFailed, match="stopped by the test"):
+            distill(conn, settings, db_url, student=str(student_base), layers=2, force=True)
+    opened = connections_opened(monkeypatch)
+    with pytest.raises(SystemExit, match="no stored chunk vectors"):  # connected first: an empty corpus
+        load_data(DistillSpec(**given[0]))  # the trainer's first step, with that spec
+    assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]
 
 
 async def test_without_feedback_a_student_is_refused_before_training_unless_forced(db_url, models, student_base,

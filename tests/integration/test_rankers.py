@@ -31,11 +31,11 @@ from pgsynapse.ranking.learn import ranker_spec, train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import check_teacher, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
-from pgsynapse.ranking.train import TeacherOrder
+from pgsynapse.ranking.train import TeacherOrder, load_data
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, connections_opened, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -306,6 +306,26 @@ def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         assert REGISTRY.list_models(conn) == []
     assert not (tmp_path / "models").exists()
+
+
+async def test_ranker_train_and_its_trainer_connect_as_the_worker_does(db_url, models, tmp_path, monkeypatch):
+    """`ranker train` opened its connections with psycopg's defaults: statements prepared on the server after 5 runs
+    (which fails behind PgBouncer in transaction mode, docs/scaling.md) and no TCP keepalives (a cut network held it
+    for the kernel's hours); its trainer process had no keepalives either. Both connect as db.py's helpers do now,
+    with the settings' keepalives."""
+    await _embedded(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path, keepalives_idle_seconds=7)
+    opened = connections_opened(monkeypatch)
+    with pytest.raises(InputError, match="no feedback to learn from"):  # its first connection, then refused
+        train_ranker(settings)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        spec = ranker_spec(settings, conn, db_url, tmp_path / "out", canary_size=0)
+    del opened[-1]  # the test's own
+    load_data(spec)  # what the trainer process does first, with the spec it is given
+    assert len(opened) == 2, opened
+    for prepare_threshold, params in opened:
+        assert prepare_threshold is None and (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "7"), \
+            (prepare_threshold, params)
 
 
 async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):

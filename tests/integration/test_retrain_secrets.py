@@ -16,8 +16,9 @@ from structlog.testing import capture_logs
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.retrain import RetrainHandler, RetrainWork
+from pgsynapse.learning.train import TrainSpec, load_data
 from pgsynapse.models import ModelCache
-from tests.helpers import SAFETY_TIMEOUT
+from tests.helpers import SAFETY_TIMEOUT, connections_opened
 
 SECRET = "pw-TRAINER-S3CRET-9731"
 V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "artifact_path": None, "runtime": "torch", "dim": 384}
@@ -85,3 +86,23 @@ def test_retrain_started_names_the_version_training_starts_from_and_the_active_o
     assert outcome.error and outcome.error.startswith("TrainingFailed"), outcome
     started = [e for e in logs if e["event"] == "retrain_started"]
     assert [(e["base_version"], e.get("active_version")) for e in started] == [(1, 2)], started
+
+
+def test_the_trainer_connects_with_the_settings_keepalives(db_url, tmp_path, monkeypatch):
+    """The trainer process was given the bare URL: its connection had no TCP keepalives (a cut network held it for
+    the kernel's hours), unlike the worker's; the URL it is given carries the settings' now."""
+    settings = load_settings(environ={}, database_url=db_url, data_dir=str(tmp_path / "data"), runtime="torch",
+                             keepalives_idle_seconds=7)
+    given: list[dict] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # the spec the trainer process would read
+        given.append(spec)
+        raise RuntimeError("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.handlers.retrain.run_trainer", trainer)
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    [outcome] = RetrainHandler(settings, ModelCache()).compute([RetrainWork(job, V1, 0, True)])
+    assert "stopped by the test" in outcome.error
+    opened = connections_opened(monkeypatch)
+    load_data(TrainSpec(**given[0]))  # the trainer's first step, with that spec
+    assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]

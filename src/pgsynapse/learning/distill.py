@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url
 from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
@@ -123,7 +124,7 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
         raise InputError(f"no feedback to judge the student on: {NOTHING_TO_LEARN.split(': ', 1)[1]}: its gate could "
                          "only refuse it; nothing was trained (--force trains and registers it unjudged)")
     out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = DistillSpec(url=url, teacher_version=t["id"],
+    spec = DistillSpec(url=child_url(url, settings), teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url, connect
 from pgsynapse.errors import DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
@@ -81,7 +81,7 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
                              "`pgsynapse ranker rollback` first") from None
     s = settings
     fields: dict[str, Any] = dict(
-        url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
+        url=child_url(url, settings), version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
         base_path=str(source_model_path(version, s.model_path, s.data_dir)), out_dir=str(out_dir),
         data_dir=str(s.data_dir),
         active_ranker=baseline,
@@ -102,7 +102,7 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     candidates left)."""
     url = url or settings.database_url or ""
     out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    with connect(url, autocommit=True, settings=settings) as conn:
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             # forced or not: trained on corpus pairs alone, its gate has no hold-out and could only reject it
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
@@ -119,7 +119,7 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     metrics["gate"] = gate
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    with connect(url, autocommit=True, settings=settings) as conn:
         # the share is what the other candidates leave when it registers (under the registry's lock), not when it
         # started: a `ranker traffic` given while it trained cuts its share, never its registration
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,
