@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,26 @@ def test_the_trainer_connects_with_the_settings_keepalives(db_url, student_base,
     with pytest.raises(SystemExit, match="no stored chunk vectors"):  # connected first: an empty corpus
         load_data(DistillSpec(**given[0]))  # the trainer's first step, with that spec
     assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]
+
+
+def test_two_students_distilled_in_the_same_second_get_a_folder_each(db_url, student_base, tmp_path, monkeypatch):
+    """`model distill` named its folder by the second: a second run of the same second (a retry, a script) trained
+    into the first one's folder, over the student it holds (one the gate refused is kept there for `model add`)."""
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260102-030405" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *t))
+    given: list[str] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # where the trainer process would write
+        given.append(str(out_dir))
+        raise TrainingFailed("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.learning.distill.run_trainer", trainer)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        for _ in range(2):
+            with pytest.raises(TrainingFailed, match="stopped by the test"):
+                distill(conn, settings, db_url, student=str(student_base), layers=2, force=True)
+    assert [Path(p).name for p in given] == ["distilled-v1-2l-20260102-030405", "distilled-v1-2l-20260102-030405-2"]
 
 
 async def test_without_feedback_a_student_is_refused_before_training_unless_forced(db_url, models, student_base,

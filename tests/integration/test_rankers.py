@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -262,6 +263,32 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert [(r["id"], r["status"]) for r in snap["rankers"]] == [(row["id"], "active")]
     assert f"ranker {row['id']:<8}: active" in render(snap)
     assert "the vector order serves again" in command("rollback")
+
+
+def same_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every run is named in the same second (the trainers' folders are named by the second)."""
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260102-030405" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *t))
+
+
+async def test_two_rankers_trained_in_the_same_second_get_a_folder_each(db_url, models, ranker_dir, tmp_path,
+                                                                        monkeypatch):
+    """`ranker train` named its folder by the second: a second run (a retry, a script) of the same second trained
+    into the first one's folder, over its weights, and registered a second ranker with the same path."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    same_second(monkeypatch)
+    first = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False)
+    weights = {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()}
+    second = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False, seed=1)
+    assert Path(first["path"]).name == "ranker-20260102-030405"
+    assert Path(second["path"]).name == "ranker-20260102-030405-2", (first["path"], second["path"])
+    assert {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()} == weights
+    assert (first["name"], second["name"]) == ("ranker-20260102-030405", "ranker-20260102-030405-2")
 
 
 async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_while_it_trained(

@@ -9,13 +9,13 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from pgsynapse.artifacts import new_run_dir
 from pgsynapse.config import Settings
 from pgsynapse.db import child_url
 from pgsynapse.errors import InputError, ModelError, RegistryError
@@ -123,7 +123,7 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
         # the gate's hold-out is the feedback's questions: with none it refuses every student, once trained
         raise InputError(f"no feedback to judge the student on: {NOTHING_TO_LEARN.split(': ', 1)[1]}: its gate could "
                          "only refuse it; nothing was trained (--force trains and registers it unjudged)")
-    out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = new_run_dir(Path(settings.data_dir) / "models", f"distilled-v{t['id']}-{layers}l")
     spec = DistillSpec(url=child_url(url, settings), teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,

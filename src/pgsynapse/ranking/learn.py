@@ -5,14 +5,13 @@ a candidate with ``ranker_traffic_percent`` of the sessions when it passed, ``re
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from pgsynapse.artifacts import local_artifact
+from pgsynapse.artifacts import local_artifact, new_run_dir
 from pgsynapse.config import Settings
 from pgsynapse.db import child_url, connect
 from pgsynapse.errors import DatabaseError, InputError, ModelError
@@ -101,12 +100,15 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     row plus ``gate`` (the verdict) and ``traffic_asked`` (the share it asked for: it got at most what the other
     candidates left)."""
     url = url or settings.database_url or ""
-    out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
     with connect(url, autocommit=True, settings=settings) as conn:
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             # forced or not: trained on corpus pairs alone, its gate has no hold-out and could only reject it
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
-        spec = ranker_spec(settings, conn, url, out, **overrides)
+        root = Path(settings.data_dir) / "models"
+        spec = ranker_spec(settings, conn, url, out_dir or root, **overrides)
+    # the run's own folder, made once it is sure to start: a run refused leaves nothing
+    out = out_dir or new_run_dir(root, "ranker")
+    spec.out_dir = str(out)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
     metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
