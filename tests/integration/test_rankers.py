@@ -19,6 +19,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from structlog.testing import capture_logs
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
@@ -26,6 +27,7 @@ from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
+from pgsynapse.learning.trainer_process import TrainingFailed
 from pgsynapse.ranking.cli import render_trained, run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import ranker_spec, train_ranker
@@ -353,6 +355,29 @@ async def test_ranker_train_and_its_trainer_connect_as_the_worker_does(db_url, m
     for prepare_threshold, params in opened:
         assert prepare_threshold is None and (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "7"), \
             (prepare_threshold, params)
+
+
+async def test_a_trainer_that_fails_says_why_in_a_line_and_logs_its_traceback(db_url, models, ranker_dir, tmp_path):
+    """A trainer that failed was reported by its traceback's last lines, squeezed into one ("training process exited
+    with 1: File ".../transformers/...", line 1234, in ..."): on the CLI and the job row. The common failures are
+    said plainly now, with what to do; the traceback is in the log."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_synthetic_pairs=10, rank_candidates=10,
+                             ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    weightless = tmp_path / "weightless"  # a model directory whose weights and tokenizer were lost
+    weightless.mkdir()
+    shutil.copy(ranker_dir / "config.json", weightless)
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        train_ranker(settings, force=True, base_path=str(weightless), canary_size=0)
+    message = str(failed.value)
+    assert message.startswith("training failed: missing or unreadable model files: ") and str(weightless) in message, \
+        message
+    assert "restore the model directory" in message and 'File "' not in message and not failed.value.retry, message
+    [logged] = [e for e in logs if e["event"] == "training_process_failed"]
+    assert logged["log_level"] == "error" and "Traceback (most recent call last)" in logged["stderr"], logged
 
 
 async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):

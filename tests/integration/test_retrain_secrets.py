@@ -106,3 +106,33 @@ def test_the_trainer_connects_with_the_settings_keepalives(db_url, tmp_path, mon
     opened = connections_opened(monkeypatch)
     load_data(TrainSpec(**given[0]))  # the trainer's first step, with that spec
     assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]
+
+
+def test_a_trainer_killed_by_the_system_is_said_to_be_out_of_memory(tmp_path):
+    """A trainer the kernel's out-of-memory killer ended (SIGKILL, not the run's own memory budget) was reported as
+    "training process exited with -9: " and nothing after: the job row said nothing a person could act on."""
+    server = socket.create_server(("127.0.0.1", 0))  # accepts the trainer's connection: it is running then
+    server.settimeout(SAFETY_TIMEOUT)
+    settings = load_settings(environ={}, database_url=f"postgresql://trainer:pw@127.0.0.1:{server.getsockname()[1]}"
+                             "/db?connect_timeout=60", data_dir=str(tmp_path / "data"), runtime="torch")
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    outcomes: list = []
+    run = threading.Thread(target=lambda: outcomes.extend(
+        RetrainHandler(settings, ModelCache()).compute([RetrainWork(job, V1, 0, True)])))
+    with capture_logs() as logs:
+        run.start()
+        try:
+            conn, _ = server.accept()
+            [trainer] = [p for p in psutil.Process().children(recursive=True)
+                         if "pgsynapse.learning.train" in " ".join(p.cmdline())]
+            trainer.kill()  # as the OOM killer does
+            run.join(SAFETY_TIMEOUT)
+            conn.close()
+        finally:
+            server.close()
+    [outcome] = outcomes
+    assert outcome.error.startswith("TrainingFailed: the training process was killed (SIGKILL) at ") and \
+        "most likely by the system's out-of-memory killer" in outcome.error and \
+        "set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) below what the host has " \
+        "free" in outcome.error, outcome.error
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["training_process_failed"], logs
