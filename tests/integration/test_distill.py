@@ -24,7 +24,7 @@ from pgsynapse.learning.cli import run_model_command
 from pgsynapse.learning.registry import add_model
 from pgsynapse.learning.distill_train import build_student, kept_layers, load_data, main, pca_projection, procrustes
 from pgsynapse.learning.trainer_process import TrainingFailed
-from tests.embed_models import tiny_embedding_model
+from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
 from tests.helpers import aconn, connections_opened, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -139,6 +139,18 @@ def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, stude
         with pytest.raises(ModelError, match=r"--student-layers 9: the student .*tiny-4l has 4 transformer layers: "
                                              "keep 1 to 4"):
             distill(conn, settings, db_url, student=str(student_base), layers=9)
+        # a cross-encoder or a generative model: the trainer failed on them ("... layers ..."), forced or not
+        ranker = tiny_cross_encoder(tmp_path / "cross-encoder")
+        with pytest.raises(ModelError, match=r"^--student .*cross-encoder is a cross-encoder or classifier "
+                                             r"\(BertForSequenceClassification\), not a sentence-embedding model: the "
+                                             r"student must be a sentence-transformers model \(.*\): give its directory$"):
+            distill(conn, settings, db_url, student=str(ranker), layers=1, force=True)
+        generative = tmp_path / "gpt"
+        generative.mkdir()
+        (generative / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
+        with pytest.raises(ModelError, match=r"^--student .*gpt is a generative model \(GPT2LMHeadModel\), not a "
+                                             "sentence-embedding model"):
+            distill(conn, settings, db_url, student=str(generative), layers=1, force=True)
         # a candidate still backfilling has vectors for some chunks only: the student would learn part of the corpus
         v = add_model(conn, student_base, serving_runtime="torch")["id"]
         with pytest.raises(RegistryError, match=f"model version {v} is still backfilling: a teacher needs a vector "

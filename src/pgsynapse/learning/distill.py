@@ -9,6 +9,7 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
+
+
+# config.json's architectures that are not an embedding model's encoder (a plain one, or one with a masked-LM head,
+# is), and what check_student's refusal calls them
+NOT_EMBEDDING: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"ForSequenceClassification$"), "a cross-encoder or classifier"),
+    (re.compile(r"ForCausalLM$|LMHeadModel$|ForConditionalGeneration$"), "a generative model"),
+    (re.compile(r"ForTokenClassification$|ForQuestionAnswering$|ForMultipleChoice$"), "a task model"),
+)
 
 
 @dataclass
@@ -93,10 +103,19 @@ def check_student(path: str, layers: int, *, given: str | None = None) -> None:
     if not config.is_file():
         raise ModelError(f"{what} is not a sentence-transformers model directory (no config.json)")
     try:
-        n = json.loads(config.read_text()).get("num_hidden_layers")
+        found = json.loads(config.read_text())
+        n, architectures = found.get("num_hidden_layers"), found.get("architectures") or []
     except (ValueError, AttributeError):
         raise ModelError(f"{what}: {config} is not a JSON object") from None
-    if isinstance(n, int) and not 1 <= layers <= n:
+    kinds = [f"{said} ({a})" for a in architectures if isinstance(a, str)
+             for pattern, said in NOT_EMBEDDING if pattern.search(a)]
+    if kinds or not isinstance(n, int):
+        kind = kinds[0] if kinds else (f"a model without the transformer encoder layers a student is cut from "
+                                       f"({config} gives no num_hidden_layers)")
+        raise ModelError(f"{what} is {kind}, not a sentence-embedding model: the student must be a "
+                         "sentence-transformers model (a BERT-like encoder, such as the active version's model or "
+                         f"all-MiniLM-L6-v2): give its directory{'' if given else ' with --student'}")
+    if not 1 <= layers <= n:
         raise ModelError(f"--student-layers {layers}: the student {path} has {n} transformer layers: keep 1 to {n}")
 
 
