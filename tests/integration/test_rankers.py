@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
-from pgsynapse.errors import InputError, ModelError, RegistryError
+from pgsynapse.errors import ConfigError, InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
@@ -378,6 +378,20 @@ async def test_a_trainer_that_fails_says_why_in_a_line_and_logs_its_traceback(db
     assert "restore the model directory" in message and 'File "' not in message and not failed.value.retry, message
     [logged] = [e for e in logs if e["event"] == "training_process_failed"]
     assert logged["log_level"] == "error" and "Traceback (most recent call last)" in logged["stderr"], logged
+
+
+async def test_ranker_layers_above_the_bases_are_refused_before_training(db_url, models, ranker_dir, tmp_path):
+    """ranker_layers above the base model's layers failed the trainer once it had loaded everything, saying "a
+    student keeps between 1 and 2 layers of its 2, not 9" (the distiller's words: no setting named)."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_layers=9)
+    with pytest.raises(ConfigError, match=rf"^ranker_layers = 9: the ranker starts from {ranker_dir}, which has 2 "
+                                          r"transformer layers: set it to 1 to 2, or 0 \(all of them\)$"):
+        train_ranker(settings, base_path=str(ranker_dir))
+    assert not (tmp_path / "models").exists()  # no training process was started
 
 
 async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):

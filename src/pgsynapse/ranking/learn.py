@@ -5,6 +5,7 @@ a candidate with ``ranker_traffic_percent`` of the sessions when it passed, ``re
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import psycopg
 from pgsynapse.artifacts import local_artifact, new_run_dir
 from pgsynapse.config import Settings
 from pgsynapse.db import child_url, connect
-from pgsynapse.errors import DatabaseError, InputError, ModelError
+from pgsynapse.errors import ConfigError, DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
@@ -94,6 +95,20 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
     return RankerSpec(**fields)
 
 
+def check_layers(spec: RankerSpec) -> None:
+    """Raise :class:`ConfigError` when ``ranker_layers`` asks for more layers than the base model has, before a
+    trainer starts and fails on it (a base whose config cannot be read: the trainer says what is wrong with it)."""
+    if not spec.layers:
+        return
+    try:
+        n = json.loads((Path(spec.base_path) / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(n, int) and spec.layers > n:
+        raise ConfigError(f"ranker_layers = {spec.layers}: the ranker starts from {spec.base_path}, which has {n} "
+                          f"transformer layers: set it to 1 to {n}, or 0 (all of them)")
+
+
 def train_ranker(settings: Settings, *, url: str | None = None, force: bool = False, out_dir: Path | None = None,
                  **overrides: Any) -> dict[str, Any]:
     """Train, gate and register a ranker on the database at ``url`` (default: the settings'); returns its registry
@@ -106,6 +121,7 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
         root = Path(settings.data_dir) / "models"
         spec = ranker_spec(settings, conn, url, out_dir or root, **overrides)
+    check_layers(spec)
     # the run's own folder, made once it is sure to start: a run refused leaves nothing
     out = out_dir or new_run_dir(root, "ranker")
     spec.out_dir = str(out)
