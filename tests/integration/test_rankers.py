@@ -378,6 +378,7 @@ async def test_a_trainer_that_fails_says_why_in_a_line_and_logs_its_traceback(db
     assert "restore the model directory" in message and 'File "' not in message and not failed.value.retry, message
     [logged] = [e for e in logs if e["event"] == "training_process_failed"]
     assert logged["log_level"] == "error" and "Traceback (most recent call last)" in logged["stderr"], logged
+    assert list((tmp_path / "models").iterdir()) == []  # the run's folder, empty, is not left behind
 
 
 async def test_ranker_layers_above_the_bases_are_refused_before_training(db_url, models, ranker_dir, tmp_path):

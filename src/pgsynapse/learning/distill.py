@@ -8,6 +8,7 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.registry import add_model
-from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -138,6 +139,9 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     base = str(Path(student).expanduser().resolve()) if student else str(
         source_model_path(active, settings.model_path, settings.data_dir))
     check_student(base, layers, given=student)
+    if not conn.execute(q("version_has_vectors", "learning.sql"), {"version": t["id"]}).fetchone()["stored"]:
+        raise InputError(f"model version {t['id']} has no stored chunk vectors to distil from: add documents "
+                         "(pgsynapse ingest PATH) and let a worker embed them (pgsynapse run) first; nothing was trained")
     if not force and not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
         # the gate's hold-out is the feedback's questions: with none it refuses every student, once trained
         raise InputError(f"no feedback to judge the student on: {NOTHING_TO_LEARN.split(': ', 1)[1]}: its gate could "
@@ -148,8 +152,15 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
                        threads=settings.torch_threads, device=settings.distill_device)
-    metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
-                          kill_after_seconds=settings.distill_budget_seconds * 2 + 600, default_event="distill_progress")
+    try:
+        metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir,
+                              memory_mb=settings.retrain_memory_mb,
+                              kill_after_seconds=settings.distill_budget_seconds * 2 + 600,
+                              default_event="distill_progress")
+    except TrainingFailed:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # a run that failed before it wrote anything leaves no empty folder
+        raise
     metrics["gate"] = judge(metrics, settings, force=force)
     log.info("distill_gate", teacher=t["id"], layers=layers, passed=metrics["gate"]["passed"], forced=force,
              reasons=metrics["gate"]["reasons"], out=str(out_dir))

@@ -5,6 +5,7 @@ a candidate with ``ranker_traffic_percent`` of the sessions when it passed, ``re
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pgsynapse.errors import ConfigError, DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
-from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY
@@ -127,8 +128,14 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     spec.out_dir = str(out)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
-    metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
-                          kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+    try:
+        metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
+                              kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+    except TrainingFailed:
+        if out_dir is None:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # a run that failed before it wrote anything leaves no empty folder
+        raise
     scores = metrics.pop("gate_scores")
     # the retrain's gate (docs/learning.md): its tolerance, confidence and resamples, the ranker's margin
     gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin,
