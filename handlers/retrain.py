@@ -21,7 +21,7 @@ from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
-from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, run_trainer
+from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache, resolve_model_path
@@ -152,6 +152,8 @@ class RetrainHandler(Handler[RetrainWork]):
                 out.append(Outcome(w.job, result=result))
             except TrainingAbandoned as exc:
                 out.append(Outcome(w.job, error=str(exc), abandoned=True))
+            except TrainingFailed as exc:  # not retried when running it again as it is cannot help (out of memory)
+                out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}", retry=exc.retry))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out

@@ -136,3 +136,5 @@ def test_a_trainer_killed_by_the_system_is_said_to_be_out_of_memory(tmp_path):
         "set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) below what the host has " \
         "free" in outcome.error, outcome.error
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["training_process_failed"], logs
+    # run again as it is, it would be killed again (max_attempts runs of up to twice the budget each)
+    assert outcome.retry is False
