@@ -15,12 +15,13 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import drop_weights
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url
 from pgsynapse.errors import RegistryError
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.train import TrainSpec
-from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, run_trainer
+from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache, resolve_model_path
@@ -151,6 +152,8 @@ class RetrainHandler(Handler[RetrainWork]):
                 out.append(Outcome(w.job, result=result))
             except TrainingAbandoned as exc:
                 out.append(Outcome(w.job, error=str(exc), abandoned=True))
+            except TrainingFailed as exc:  # not retried when running it again as it is cannot help (out of memory)
+                out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}", retry=exc.retry))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out
@@ -162,7 +165,7 @@ class RetrainHandler(Handler[RetrainWork]):
         passage = w.passage or w.active
         out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
         spec = train_spec(
-            s, url=s.database_url or "", base_version=passage["id"], out_dir=str(out_dir),
+            s, url=child_url(s.database_url or "", s), base_version=passage["id"], out_dir=str(out_dir),
             # torch weights, also of an exported version
             base_path=str(source_model_path(passage, s.model_path, s.data_dir)),
             active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],

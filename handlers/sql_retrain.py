@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import drop_weights, local_artifact
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
 from pgsynapse.learning.routing import share_left
 from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, TrainingFailed, run_trainer
@@ -114,7 +115,7 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             base_path = str(local_artifact(base_path, s.data_dir))
         dumped = s.model_dump(mode="json")
         return SqlTrainSpec(
-            url=s.database_url or "", out_dir=str(out_dir), base_path=base_path, active_runtime=active_runtime,
+            url=child_url(s.database_url or "", s), out_dir=str(out_dir), base_path=base_path, active_runtime=active_runtime,
             active_path=active_path, lora=s.sql_retrain_lora, epochs=s.sql_retrain_epochs, lr=s.sql_retrain_lr,
             heldout_fraction=s.sql_retrain_heldout_fraction, budget_seconds=s.sql_retrain_budget_seconds,
             threads=s.torch_threads,

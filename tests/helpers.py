@@ -221,6 +221,22 @@ def insert_docs(url: str, docs: list[tuple[str, str]]) -> list[int]:
     return [r[0] for r in rows]
 
 
+def connections_opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, str]]]:
+    """From now on, each sync connection this process opens, as (its prepare_threshold, libpq's parameters of it):
+    the real connections, only watched."""
+    opened: list[tuple[Any, dict[str, str]]] = []
+    real = psycopg.Connection.connect
+
+    def connect(*args: Any, **kwargs: Any) -> psycopg.Connection:
+        conn = real(*args, **kwargs)
+        opened.append((conn.prepare_threshold, conn.info.get_parameters()))
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    monkeypatch.setattr(psycopg.Connection, "connect", connect)
+    return opened
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,9 @@ hosts sharing one database each have their own data dir).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import shutil
+import time
 from pathlib import Path
 
 from pgsynapse.logs import get_logger
@@ -47,6 +49,22 @@ def join_files(paths: list[Path], out: Path) -> tuple[str, int]:
                     n += len(block)
                     dst.write(block)
     return h.hexdigest(), n
+
+
+def new_run_dir(root: Path, stem: str) -> Path:
+    """A new, empty folder ``root/stem-YYYYmmdd-HHMMSS`` (local time), made here: the output of one training run.
+    Another run of the same second (a retry, a script) took that name: ``-2``, ``-3``... after it, so that two runs
+    never write into one folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs racing for a name, one gets it
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def models_root(data_dir: str | Path) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row, tuple_row
 
 from pgsynapse.config import ENV_PREFIX, Settings, load_settings
@@ -54,6 +54,13 @@ def tcp_params(url: str, settings: Settings | None = None) -> dict[str, object]:
     }
     given = conninfo_to_dict(url)
     return {k: v for k, v in params.items() if k not in given}
+
+
+def child_url(url: str, settings: Settings | None = None) -> str:
+    """``url`` with :func:`tcp_params` (of ``settings``) written into it: for a process of pgsynapse's own that is
+    given a URL and no settings (a trainer, learning/trainer_process.py), so that its connections notice a cut
+    network as the worker's do. It connects with :data:`NO_PREPARE`."""
+    return make_conninfo(url, **tcp_params(url, settings))
 
 
 # the settings tcp_params reads

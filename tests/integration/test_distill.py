@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from pgsynapse.export import export_fp32
 from pgsynapse.learning.distill import DistillSpec, distill
 from pgsynapse.learning.cli import run_model_command
 from pgsynapse.learning.registry import add_model
-from pgsynapse.learning.distill_train import build_student, kept_layers, main, pca_projection, procrustes
-from tests.embed_models import tiny_embedding_model
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from pgsynapse.learning.distill_train import build_student, kept_layers, load_data, main, pca_projection, procrustes
+from pgsynapse.learning.trainer_process import TrainingFailed
+from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
+from tests.helpers import aconn, connections_opened, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -137,12 +139,73 @@ def test_a_student_that_cannot_be_built_is_refused_before_training(db_url, stude
         with pytest.raises(ModelError, match=r"--student-layers 9: the student .*tiny-4l has 4 transformer layers: "
                                              "keep 1 to 4"):
             distill(conn, settings, db_url, student=str(student_base), layers=9)
+        # a cross-encoder or a generative model: the trainer failed on them ("... layers ..."), forced or not
+        ranker = tiny_cross_encoder(tmp_path / "cross-encoder")
+        with pytest.raises(ModelError, match=r"^--student .*cross-encoder is a cross-encoder or classifier "
+                                             r"\(BertForSequenceClassification\), not a sentence-embedding model: the "
+                                             r"student must be a sentence-transformers model \(.*\): give its directory$"):
+            distill(conn, settings, db_url, student=str(ranker), layers=1, force=True)
+        generative = tmp_path / "gpt"
+        generative.mkdir()
+        (generative / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
+        with pytest.raises(ModelError, match=r"^--student .*gpt is a generative model \(GPT2LMHeadModel\), not a "
+                                             "sentence-embedding model"):
+            distill(conn, settings, db_url, student=str(generative), layers=1, force=True)
+        # nothing embedded yet: the trainer started, then failed ("training process exited with 1: model version 1
+        # has no stored chunk vectors to distil from"), leaving an empty folder
+        with pytest.raises(InputError, match=r"^model version 1 has no stored chunk vectors to distil from: add "
+                                             r"documents \(pgsynapse ingest PATH\) and let a worker embed them "
+                                             r"\(pgsynapse run\) first; nothing was trained$"):
+            distill(conn, settings, db_url, student=str(student_base), layers=2, force=True)
         # a candidate still backfilling has vectors for some chunks only: the student would learn part of the corpus
         v = add_model(conn, student_base, serving_runtime="torch")["id"]
         with pytest.raises(RegistryError, match=f"model version {v} is still backfilling: a teacher needs a vector "
                                                 "for every chunk; distil it once `pgsynapse model list` says done"):
             distill(conn, settings, db_url, teacher=v, student=str(student_base), layers=2)
     assert not (tmp_path / "models").exists()  # no training process was started
+
+
+async def test_the_trainer_connects_with_the_settings_keepalives(db_url, models, student_base, tmp_path, monkeypatch):
+    """The trainer process was given the bare URL: its connection had no TCP keepalives (a cut network held it for
+    the kernel's hours), unlike the worker's; the URL it is given carries the settings' now."""
+    await _corpus_with_feedback(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path, keepalives_idle_seconds=7)
+    given: list[dict] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # the spec the trainer process would read
+        given.append(spec)
+        raise TrainingFailed("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.learning.distill.run_trainer", trainer)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        with pytest.raises(TrainingFailed, match="stopped by the test"):
+            distill(conn, settings, db_url, student=str(student_base), layers=2, force=True)
+    opened = connections_opened(monkeypatch)
+    load_data(DistillSpec(**given[0]))  # the trainer's first step, with that spec
+    assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]
+
+
+async def test_two_students_distilled_in_the_same_second_get_a_folder_each(db_url, models, student_base, tmp_path,
+                                                                          monkeypatch):
+    """`model distill` named its folder by the second: a second run of the same second (a retry, a script) trained
+    into the first one's folder, over the student it holds (one the gate refused is kept there for `model add`)."""
+    await _corpus_with_feedback(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260102-030405" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *t))
+    given: list[str] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # where the trainer process would write
+        given.append(str(out_dir))
+        (Path(out_dir) / "config.json").write_text("{}")  # what a run that failed late leaves (an empty folder goes)
+        raise TrainingFailed("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.learning.distill.run_trainer", trainer)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        for _ in range(2):
+            with pytest.raises(TrainingFailed, match="stopped by the test"):
+                distill(conn, settings, db_url, student=str(student_base), layers=2, force=True)
+    assert [Path(p).name for p in given] == ["distilled-v1-2l-20260102-030405", "distilled-v1-2l-20260102-030405-2"]
 
 
 async def test_without_feedback_a_student_is_refused_before_training_unless_forced(db_url, models, student_base,

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,24 +19,26 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from structlog.testing import capture_logs
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
-from pgsynapse.errors import InputError, ModelError, RegistryError
+from pgsynapse.errors import ConfigError, InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.registry import add_model, reject, retire
+from pgsynapse.learning.trainer_process import TrainingFailed
 from pgsynapse.ranking.cli import render_trained, run_ranker_command
 from pgsynapse.ranking.export import export_onnx, spearman
 from pgsynapse.ranking.learn import ranker_spec, train_ranker
 from pgsynapse.ranking.registry import REGISTRY
 from pgsynapse.ranking.rescore import check_teacher, teacher_path
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
-from pgsynapse.ranking.train import TeacherOrder
+from pgsynapse.ranking.train import TeacherOrder, load_data
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
 from tests.embed_models import tiny_cross_encoder, tiny_embedding_model
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, connections_opened, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -264,6 +267,32 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     assert "the vector order serves again" in command("rollback")
 
 
+def same_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every run is named in the same second (the trainers' folders are named by the second)."""
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *t: "20260102-030405" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *t))
+
+
+async def test_two_rankers_trained_in_the_same_second_get_a_folder_each(db_url, models, ranker_dir, tmp_path,
+                                                                        monkeypatch):
+    """`ranker train` named its folder by the second: a second run (a retry, a script) of the same second trained
+    into the first one's folder, over its weights, and registered a second ranker with the same path."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    same_second(monkeypatch)
+    first = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False)
+    weights = {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()}
+    second = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False, seed=1)
+    assert Path(first["path"]).name == "ranker-20260102-030405"
+    assert Path(second["path"]).name == "ranker-20260102-030405-2", (first["path"], second["path"])
+    assert {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()} == weights
+    assert (first["name"], second["name"]) == ("ranker-20260102-030405", "ranker-20260102-030405-2")
+
+
 async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_while_it_trained(
         db_url, models, ranker_dir, tmp_path):
     """`ranker train` read the other candidates' share before `add_model` took the registry's lock: a `ranker traffic`
@@ -306,6 +335,64 @@ def test_ranker_train_without_feedback_refuses_before_training(db_url, tmp_path)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         assert REGISTRY.list_models(conn) == []
     assert not (tmp_path / "models").exists()
+
+
+async def test_ranker_train_and_its_trainer_connect_as_the_worker_does(db_url, models, tmp_path, monkeypatch):
+    """`ranker train` opened its connections with psycopg's defaults: statements prepared on the server after 5 runs
+    (which fails behind PgBouncer in transaction mode, docs/scaling.md) and no TCP keepalives (a cut network held it
+    for the kernel's hours); its trainer process had no keepalives either. Both connect as db.py's helpers do now,
+    with the settings' keepalives."""
+    await _embedded(db_url, models)
+    settings = fast_settings(db_url, data_dir=tmp_path, keepalives_idle_seconds=7)
+    opened = connections_opened(monkeypatch)
+    with pytest.raises(InputError, match="no feedback to learn from"):  # its first connection, then refused
+        train_ranker(settings)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        spec = ranker_spec(settings, conn, db_url, tmp_path / "out", canary_size=0)
+    del opened[-1]  # the test's own
+    load_data(spec)  # what the trainer process does first, with the spec it is given
+    assert len(opened) == 2, opened
+    for prepare_threshold, params in opened:
+        assert prepare_threshold is None and (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "7"), \
+            (prepare_threshold, params)
+
+
+async def test_a_trainer_that_fails_says_why_in_a_line_and_logs_its_traceback(db_url, models, ranker_dir, tmp_path):
+    """A trainer that failed was reported by its traceback's last lines, squeezed into one ("training process exited
+    with 1: File ".../transformers/...", line 1234, in ..."): on the CLI and the job row. The common failures are
+    said plainly now, with what to do; the traceback is in the log."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_synthetic_pairs=10, rank_candidates=10,
+                             ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+    weightless = tmp_path / "weightless"  # a model directory whose weights and tokenizer were lost
+    weightless.mkdir()
+    shutil.copy(ranker_dir / "config.json", weightless)
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        train_ranker(settings, force=True, base_path=str(weightless), canary_size=0)
+    message = str(failed.value)
+    assert message.startswith("training failed: missing or unreadable model files: ") and str(weightless) in message, \
+        message
+    assert "restore the model directory" in message and 'File "' not in message and not failed.value.retry, message
+    [logged] = [e for e in logs if e["event"] == "training_process_failed"]
+    assert logged["log_level"] == "error" and "Traceback (most recent call last)" in logged["stderr"], logged
+    assert list((tmp_path / "models").iterdir()) == []  # the run's folder, empty, is not left behind
+
+
+async def test_ranker_layers_above_the_bases_are_refused_before_training(db_url, models, ranker_dir, tmp_path):
+    """ranker_layers above the base model's layers failed the trainer once it had loaded everything, saying "a
+    student keeps between 1 and 2 layers of its 2, not 9" (the distiller's words: no setting named)."""
+    await _embedded(db_url, models)
+    conn = await aconn(db_url)
+    await _examples_per_page(conn)
+    await conn.close()
+    settings = fast_settings(db_url, data_dir=tmp_path, ranker_layers=9)
+    with pytest.raises(ConfigError, match=rf"^ranker_layers = 9: the ranker starts from {ranker_dir}, which has 2 "
+                                          r"transformer layers: set it to 1 to 2, or 0 \(all of them\)$"):
+        train_ranker(settings, base_path=str(ranker_dir))
+    assert not (tmp_path / "models").exists()  # no training process was started
 
 
 async def test_ranker_train_refuses_at_once_an_active_ranker_it_cannot_load(db_url, models, tmp_path):

@@ -16,8 +16,9 @@ from structlog.testing import capture_logs
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.retrain import RetrainHandler, RetrainWork
+from pgsynapse.learning.train import TrainSpec, load_data
 from pgsynapse.models import ModelCache
-from tests.helpers import SAFETY_TIMEOUT
+from tests.helpers import SAFETY_TIMEOUT, connections_opened
 
 SECRET = "pw-TRAINER-S3CRET-9731"
 V1 = {"id": 1, "name": "all-MiniLM-L6-v2", "artifact_path": None, "runtime": "torch", "dim": 384}
@@ -85,3 +86,55 @@ def test_retrain_started_names_the_version_training_starts_from_and_the_active_o
     assert outcome.error and outcome.error.startswith("TrainingFailed"), outcome
     started = [e for e in logs if e["event"] == "retrain_started"]
     assert [(e["base_version"], e.get("active_version")) for e in started] == [(1, 2)], started
+
+
+def test_the_trainer_connects_with_the_settings_keepalives(db_url, tmp_path, monkeypatch):
+    """The trainer process was given the bare URL: its connection had no TCP keepalives (a cut network held it for
+    the kernel's hours), unlike the worker's; the URL it is given carries the settings' now."""
+    settings = load_settings(environ={}, database_url=db_url, data_dir=str(tmp_path / "data"), runtime="torch",
+                             keepalives_idle_seconds=7)
+    given: list[dict] = []
+
+    def trainer(module: str, spec: dict, out_dir, **kw) -> dict:  # the spec the trainer process would read
+        given.append(spec)
+        raise RuntimeError("stopped by the test before training")
+
+    monkeypatch.setattr("pgsynapse.handlers.retrain.run_trainer", trainer)
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    [outcome] = RetrainHandler(settings, ModelCache()).compute([RetrainWork(job, V1, 0, True)])
+    assert "stopped by the test" in outcome.error
+    opened = connections_opened(monkeypatch)
+    load_data(TrainSpec(**given[0]))  # the trainer's first step, with that spec
+    assert [(p, params.get("keepalives"), params.get("keepalives_idle")) for p, params in opened] == [(None, "1", "7")]
+
+
+def test_a_trainer_killed_by_the_system_is_said_to_be_out_of_memory(tmp_path):
+    """A trainer the kernel's out-of-memory killer ended (SIGKILL, not the run's own memory budget) was reported as
+    "training process exited with -9: " and nothing after: the job row said nothing a person could act on."""
+    server = socket.create_server(("127.0.0.1", 0))  # accepts the trainer's connection: it is running then
+    server.settimeout(SAFETY_TIMEOUT)
+    settings = load_settings(environ={}, database_url=f"postgresql://trainer:pw@127.0.0.1:{server.getsockname()[1]}"
+                             "/db?connect_timeout=60", data_dir=str(tmp_path / "data"), runtime="torch")
+    job = Job(1, "retrain", 0, {"force": True}, 1, datetime.now(timezone.utc))
+    outcomes: list = []
+    run = threading.Thread(target=lambda: outcomes.extend(
+        RetrainHandler(settings, ModelCache()).compute([RetrainWork(job, V1, 0, True)])))
+    with capture_logs() as logs:
+        run.start()
+        try:
+            conn, _ = server.accept()
+            [trainer] = [p for p in psutil.Process().children(recursive=True)
+                         if "pgsynapse.learning.train" in " ".join(p.cmdline())]
+            trainer.kill()  # as the OOM killer does
+            run.join(SAFETY_TIMEOUT)
+            conn.close()
+        finally:
+            server.close()
+    [outcome] = outcomes
+    assert outcome.error.startswith("TrainingFailed: the training process was killed (SIGKILL) at ") and \
+        "most likely by the system's out-of-memory killer" in outcome.error and \
+        "set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) below what the host has " \
+        "free" in outcome.error, outcome.error
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["training_process_failed"], logs
+    # run again as it is, it would be killed again (max_attempts runs of up to twice the budget each)
+    assert outcome.retry is False

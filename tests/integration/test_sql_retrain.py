@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Job, Outcome
-from pgsynapse.handlers.sql_retrain import SqlRetrainHandler
+from pgsynapse.handlers.sql_retrain import SqlRetrainHandler, SqlRetrainWork
 from pgsynapse.queries import q
 from pgsynapse.textsql import train
 from pgsynapse.textsql.context import schema_context
@@ -308,3 +308,14 @@ def test_a_correction_of_a_question_as_it_was_before_an_edit_does_not_train(db_u
             ("the count please", COUNT)]
         assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()["n"] == 1
         assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"] == 1
+
+
+def test_the_trainer_is_given_a_url_with_the_settings_keepalives(db_url, tmp_path):
+    """The trainer process was given the bare URL: its connection had no TCP keepalives (a cut network held it for
+    the kernel's hours), unlike the worker's; the URL it is given carries the settings' now."""
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, "unused", keepalives_idle_seconds=7))
+    work = SqlRetrainWork(Job(1, "sql_retrain", 0, {}, 1, dt.datetime.now(dt.timezone.utc)), None, None, 0, True)
+    spec = handler.spec(work, tmp_path / "out")
+    with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # as the trainer connects
+        params = conn.info.get_parameters()
+    assert (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "7"), params

@@ -8,25 +8,37 @@ candidate exactly as ``pgsynapse model add`` does: exported to the serving runti
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from pgsynapse.artifacts import new_run_dir
 from pgsynapse.config import Settings
+from pgsynapse.db import child_url
 from pgsynapse.errors import InputError, ModelError, RegistryError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
 from pgsynapse.learning.registry import add_model
-from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
 log = get_logger(__name__)
+
+
+# config.json's architectures that are not an embedding model's encoder (a plain one, or one with a masked-LM head,
+# is), and what check_student's refusal calls them
+NOT_EMBEDDING: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"ForSequenceClassification$"), "a cross-encoder or classifier"),
+    (re.compile(r"ForCausalLM$|LMHeadModel$|ForConditionalGeneration$"), "a generative model"),
+    (re.compile(r"ForTokenClassification$|ForQuestionAnswering$|ForMultipleChoice$"), "a task model"),
+)
 
 
 @dataclass
@@ -92,10 +104,19 @@ def check_student(path: str, layers: int, *, given: str | None = None) -> None:
     if not config.is_file():
         raise ModelError(f"{what} is not a sentence-transformers model directory (no config.json)")
     try:
-        n = json.loads(config.read_text()).get("num_hidden_layers")
+        found = json.loads(config.read_text())
+        n, architectures = found.get("num_hidden_layers"), found.get("architectures") or []
     except (ValueError, AttributeError):
         raise ModelError(f"{what}: {config} is not a JSON object") from None
-    if isinstance(n, int) and not 1 <= layers <= n:
+    kinds = [f"{said} ({a})" for a in architectures if isinstance(a, str)
+             for pattern, said in NOT_EMBEDDING if pattern.search(a)]
+    if kinds or not isinstance(n, int):
+        kind = kinds[0] if kinds else (f"a model without the transformer encoder layers a student is cut from "
+                                       f"({config} gives no num_hidden_layers)")
+        raise ModelError(f"{what} is {kind}, not a sentence-embedding model: the student must be a "
+                         "sentence-transformers model (a BERT-like encoder, such as the active version's model or "
+                         f"all-MiniLM-L6-v2): give its directory{'' if given else ' with --student'}")
+    if not 1 <= layers <= n:
         raise ModelError(f"--student-layers {layers}: the student {path} has {n} transformer layers: keep 1 to {n}")
 
 
@@ -118,18 +139,28 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
     base = str(Path(student).expanduser().resolve()) if student else str(
         source_model_path(active, settings.model_path, settings.data_dir))
     check_student(base, layers, given=student)
+    if not conn.execute(q("version_has_vectors", "learning.sql"), {"version": t["id"]}).fetchone()["stored"]:
+        raise InputError(f"model version {t['id']} has no stored chunk vectors to distil from: add documents "
+                         "(pgsynapse ingest PATH) and let a worker embed them (pgsynapse run) first; nothing was trained")
     if not force and not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
         # the gate's hold-out is the feedback's questions: with none it refuses every student, once trained
         raise InputError(f"no feedback to judge the student on: {NOTHING_TO_LEARN.split(': ', 1)[1]}: its gate could "
                          "only refuse it; nothing was trained (--force trains and registers it unjudged)")
-    out_dir = Path(settings.data_dir) / "models" / f"distilled-v{t['id']}-{layers}l-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = DistillSpec(url=url, teacher_version=t["id"],
+    out_dir = new_run_dir(Path(settings.data_dir) / "models", f"distilled-v{t['id']}-{layers}l")
+    spec = DistillSpec(url=child_url(url, settings), teacher_version=t["id"],
                        teacher_path=str(source_model_path(t, settings.model_path, settings.data_dir)), student_path=base,
                        out_dir=str(out_dir), layers=layers, projection=projection, chunk_tokens=settings.chunk_tokens, epochs=epochs,
                        budget_seconds=settings.distill_budget_seconds, eval_k=settings.retrain_eval_k,
                        threads=settings.torch_threads, device=settings.distill_device)
-    metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir, memory_mb=settings.retrain_memory_mb,
-                          kill_after_seconds=settings.distill_budget_seconds * 2 + 600, default_event="distill_progress")
+    try:
+        metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir,
+                              memory_mb=settings.retrain_memory_mb,
+                              kill_after_seconds=settings.distill_budget_seconds * 2 + 600,
+                              default_event="distill_progress")
+    except TrainingFailed:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # a run that failed before it wrote anything leaves no empty folder
+        raise
     metrics["gate"] = judge(metrics, settings, force=force)
     log.info("distill_gate", teacher=t["id"], layers=layers, passed=metrics["gate"]["passed"], forced=force,
              reasons=metrics["gate"]["reasons"], out=str(out_dir))

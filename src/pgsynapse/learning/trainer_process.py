@@ -13,6 +13,7 @@ or when it runs past a deadline (it must never hang the worker's retrain loop), 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import psutil
@@ -36,9 +38,10 @@ class TrainingFailed(PgsynapseError):
     """The training process failed, ran out of its memory budget or produced no metrics. ``retry``: whether
     running it again as it is may help (not after its memory budget or its deadline stopped it)."""
 
-    def __init__(self, message: str, *, retry: bool = True) -> None:
+    def __init__(self, message: str, *, retry: bool = True, stderr: str = "") -> None:
         super().__init__(message)
         self.retry = retry
+        self.stderr = stderr  # the trainer's last lines on stderr (its traceback), for the log
 
 
 class TrainingAbandoned(TrainingFailed):
@@ -77,10 +80,13 @@ PARENT_GONE_EXIT = 3  # the trainer's exit code when its parent went away
 
 
 def read_spec() -> dict[str, Any]:
-    """In the trainer: its spec, the first line on stdin. Then a thread waits for stdin's end, which comes when the
+    """In the trainer: its spec, the first line on stdin. An exception that ends the trainer from then on is
+    reported to the parent as a ``trainer_failed`` event (:func:`describe_failure`), before its traceback goes to
+    stderr as usual. Then a thread waits for stdin's end, which comes when the
     parent dies or gives the run up: the trainer exits at once (a silent stretch, data loading or evaluation, takes
     minutes)."""
     spec = json.loads(sys.stdin.readline())
+    sys.excepthook = _report_failure
     threading.Thread(target=_exit_with_parent, args=(sys.stdin.fileno(),), name="parent_watch", daemon=True).start()
     return spec
 
@@ -90,6 +96,44 @@ def _exit_with_parent(fd: int) -> None:
     while os.read(fd, 4096):  # the parent writes nothing more: b"" when its end of the pipe closes
         pass
     os._exit(PARENT_GONE_EXIT)  # no cleanup: nobody waits for this run's outcome
+
+
+FAILED_EVENT = "trainer_failed"  # the trainer's last event when an exception ends it: its error, for people
+OOM_KILLER_SIGNAL = 9  # the kernel's out-of-memory killer sends SIGKILL
+
+
+def _report_failure(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    try:
+        progress(FAILED_EVENT, error=describe_failure(exc), retry=retry_may_help(exc))
+    finally:
+        sys.__excepthook__(kind, exc, tb)  # the traceback, on stderr: the parent logs it
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What ended a trainer, for the job row and the CLI: the common failures (out of memory, a full disk, model files
+    missing or unreadable) said plainly with what to do, any other as its type and first line; its traceback goes to
+    the log."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 300 else f"{first[:300]}..."
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's, on a GPU
+        return (f"out of memory ({type(exc).__name__}{': ' + first if first else ''}): give the trainer more memory "
+                "(free some, or run it on a larger host), or train on less: fewer layers, shorter passages or "
+                "smaller batches (docs/learning.md)")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full: cannot write {exc.filename or 'the trained model'}: free space there (old runs "
+                "under DATA_DIR/models that no registry row names can go) and run it again")
+    if isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES):  # transformers' load errors too
+        return (f"missing or unreadable model files: {first}: restore the model directory (config.json, the weights "
+                "and the tokenizer files), or train from another")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def retry_may_help(exc: BaseException) -> bool:
+    """Whether running a trainer again as it is may help after ``exc`` (not after running out of memory, nor with
+    model files missing: they stay so)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return False
+    return not (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES))
 
 
 def progress(event: str, **kw: Any) -> None:
@@ -114,9 +158,11 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
         stop.attach(proc)
     try:
         metrics = _follow(proc, spec, Path(out_dir), memory_mb, kill_after_seconds, default_event, log_context)
-    except TrainingFailed:
+    except TrainingFailed as exc:
         if stop is not None and stop.requested:  # killed by the stop, not failed: its error says nothing
             raise TrainingAbandoned() from None
+        if exc.stderr:
+            log.error("training_process_failed", module=module, **log_context, error=str(exc), stderr=exc.stderr)
         raise
     finally:
         if stop is not None:
@@ -165,6 +211,7 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
     reader = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr or []), daemon=True)
     reader.start()
     last_step = 0.0
+    failure: dict[str, Any] = {}
     for line in proc.stdout or []:
         try:
             ev = json.loads(line)
@@ -173,6 +220,9 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
         if not isinstance(ev, dict):
             continue
         name = ev.pop("event", default_event)
+        if name == FAILED_EVENT:
+            failure = ev
+            continue
         if name.endswith("_step") and "step" in ev and ev.get("step") != ev.get("steps"):
             if time.monotonic() - last_step < STEP_LOG_SECONDS:
                 continue
@@ -187,8 +237,18 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
         raise TrainingFailed(f"training ran past its deadline ({kill_after_seconds:.0f} s) and was stopped",
                              retry=False)
     if code != 0:
+        stderr = "".join(stderr_tail[-60:])  # the traceback, for the log (run_trainer)
+        if failure.get("error"):
+            raise TrainingFailed(f"training failed: {failure['error']}", retry=bool(failure.get("retry", True)),
+                                 stderr=stderr)
+        if code == -OOM_KILLER_SIGNAL:  # not this process's kill (its budget, its deadline: above)
+            raise TrainingFailed(
+                f"the training process was killed (SIGKILL) at {peak[0]:.0f} MB: most likely by the system's "
+                f"out-of-memory killer, the host having less free memory than the trainer's budget of "
+                f"{memory_mb:.0f} MB: set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) "
+                "below what the host has free, or free memory", retry=False, stderr=stderr or "(nothing on stderr)")
         tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
-        raise TrainingFailed(f"training process exited with {code}: {tail}")
+        raise TrainingFailed(f"training process exited with {code}: {tail}", stderr=stderr)
     try:
         metrics = json.loads((out_dir / "metrics.json").read_text())
     except (OSError, ValueError) as exc:

@@ -5,21 +5,22 @@ a candidate with ``ranker_traffic_percent`` of the sessions when it passed, ``re
 
 from __future__ import annotations
 
-import time
+import contextlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from pgsynapse.artifacts import local_artifact
+from pgsynapse.artifacts import local_artifact, new_run_dir
 from pgsynapse.config import Settings
-from pgsynapse.errors import DatabaseError, InputError, ModelError
+from pgsynapse.db import child_url, connect
+from pgsynapse.errors import ConfigError, DatabaseError, InputError, ModelError
 from pgsynapse.export import source_model_path
 from pgsynapse.learning import NOTHING_TO_LEARN
 from pgsynapse.learning.gate import verdict
-from pgsynapse.learning.trainer_process import run_trainer
+from pgsynapse.learning.trainer_process import TrainingFailed, run_trainer
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY
@@ -81,7 +82,7 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
                              "`pgsynapse ranker rollback` first") from None
     s = settings
     fields: dict[str, Any] = dict(
-        url=url, version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
+        url=child_url(url, settings), version={k: version[k] for k in VERSION_FIELDS}, model_path=s.model_path,
         base_path=str(source_model_path(version, s.model_path, s.data_dir)), out_dir=str(out_dir),
         data_dir=str(s.data_dir),
         active_ranker=baseline,
@@ -95,22 +96,46 @@ def ranker_spec(settings: Settings, conn: psycopg.Connection, url: str, out_dir:
     return RankerSpec(**fields)
 
 
+def check_layers(spec: RankerSpec) -> None:
+    """Raise :class:`ConfigError` when ``ranker_layers`` asks for more layers than the base model has, before a
+    trainer starts and fails on it (a base whose config cannot be read: the trainer says what is wrong with it)."""
+    if not spec.layers:
+        return
+    try:
+        n = json.loads((Path(spec.base_path) / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(n, int) and spec.layers > n:
+        raise ConfigError(f"ranker_layers = {spec.layers}: the ranker starts from {spec.base_path}, which has {n} "
+                          f"transformer layers: set it to 1 to {n}, or 0 (all of them)")
+
+
 def train_ranker(settings: Settings, *, url: str | None = None, force: bool = False, out_dir: Path | None = None,
                  **overrides: Any) -> dict[str, Any]:
     """Train, gate and register a ranker on the database at ``url`` (default: the settings'); returns its registry
     row plus ``gate`` (the verdict) and ``traffic_asked`` (the share it asked for: it got at most what the other
     candidates left)."""
     url = url or settings.database_url or ""
-    out = out_dir or Path(settings.data_dir) / "models" / f"ranker-{time.strftime('%Y%m%d-%H%M%S')}"
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    with connect(url, autocommit=True, settings=settings) as conn:
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
             # forced or not: trained on corpus pairs alone, its gate has no hold-out and could only reject it
             raise InputError(f"{NOTHING_TO_LEARN}; nothing was trained")
-        spec = ranker_spec(settings, conn, url, out, **overrides)
+        root = Path(settings.data_dir) / "models"
+        spec = ranker_spec(settings, conn, url, out_dir or root, **overrides)
+    check_layers(spec)
+    # the run's own folder, made once it is sure to start: a run refused leaves nothing
+    out = out_dir or new_run_dir(root, "ranker")
+    spec.out_dir = str(out)
     log.info("ranker_training_started", base=spec.base_path, version=spec.version["id"], out=str(out),
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
-    metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
-                          kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+    try:
+        metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
+                              kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+    except TrainingFailed:
+        if out_dir is None:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # a run that failed before it wrote anything leaves no empty folder
+        raise
     scores = metrics.pop("gate_scores")
     # the retrain's gate (docs/learning.md): its tolerance, confidence and resamples, the ranker's margin
     gate = verdict(scores["heldout"], scores["canary"], margin=settings.ranker_margin,
@@ -119,7 +144,7 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
     metrics["gate"] = gate
     status, traffic = ("candidate", settings.ranker_traffic_percent) if gate["passed"] else (
         ("candidate", 0.0) if force else ("rejected", 0.0))
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    with connect(url, autocommit=True, settings=settings) as conn:
         # the share is what the other candidates leave when it registers (under the registry's lock), not when it
         # started: a `ranker traffic` given while it trained cuts its share, never its registration
         row = REGISTRY.add_model(conn, out.name, str(out), metrics["runtime"], metrics=metrics, status=status,

@@ -200,6 +200,10 @@ ORDER BY r.id;
 -- a version's vectors (its partition of pgsynapse.embeddings, dropped when it is retired: migration 0019)
 SELECT count(*) AS n FROM pgsynapse.embeddings WHERE model_version_id = %(version)s;
 
+-- name: version_has_vectors
+-- whether a version has stored any chunk vector (a teacher to distil from must have)
+SELECT EXISTS (SELECT 1 FROM pgsynapse.embeddings WHERE model_version_id = %(version)s) AS stored;
+
 -- name: set_traffic
 UPDATE pgsynapse.model_versions SET traffic_percent = %(traffic)s
 WHERE id = %(version)s AND status = 'candidate'
