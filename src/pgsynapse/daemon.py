@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.streams.stapled
 import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pgsynapse.config import Settings
 from pgsynapse.db import pool_kwargs
-from pgsynapse.errors import ConfigError, PgsynapseError
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.metrics import WorkerCollector, make_registry, render
 from pgsynapse.queries import q
 from pgsynapse.sdnotify import Notifier, StartPings, watchdog_interval
+from pgsynapse.startup import StartingHttp, bind_metrics
 
 if TYPE_CHECKING:
     from pgsynapse.listener.worker import Worker
@@ -86,17 +89,16 @@ def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
 
 
 async def open_http(settings: Settings) -> SocketListener | None:
-    """Bind the metrics port before start-up completes, so a taken port fails fast (exit 78)."""
-    if not settings.metrics_port:
-        return None
-    try:
-        listener = await anyio.create_tcp_listener(local_host=settings.metrics_host, local_port=settings.metrics_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"invalid setting metrics_host / metrics_port [PGSYNAPSE_METRICS_HOST, PGSYNAPSE_METRICS_PORT]: cannot "
-            f"listen on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
-        ) from None
-    return listener  # type: ignore[return-value]
+    """The metrics listener, bound now: a taken port fails fast (exit 78). ``run`` binds it at its very start instead
+    (startup.py) and hands it to the service once started."""
+    return await _listener(bind_metrics(settings))
+
+
+async def _listener(socks: list[socket.socket]) -> SocketListener | None:
+    listeners = [await SocketListener.from_socket(sock) for sock in socks]
+    if len(listeners) > 1:
+        return anyio.streams.stapled.MultiListener(listeners)  # type: ignore[return-value]
+    return listeners[0] if listeners else None
 
 
 class Service:
@@ -111,9 +113,11 @@ class Service:
         notifier: Notifier | None = None,
         watchdog_every: float | None = None,
         starting: StartPings | None = None,
+        early: StartingHttp | None = None,
     ) -> None:
         self.worker = worker
         self.starting = starting
+        self.early = early
         self.reload = reload
         self.http = http
         self.notifier = notifier or Notifier.from_env()
@@ -132,6 +136,9 @@ class Service:
         """Call once the worker has started (migrations applied, models loaded, LISTEN up). Runs until cancelled."""
         try:
             async with anyio.create_task_group() as tg:
+                if self.early is not None and self.early.socks:
+                    await anyio.to_thread.run_sync(self.early.stop)  # its answers end: the sockets are served here
+                    self.http = await _listener(self.early.socks)
                 if self.http is not None:
                     tg.start_soon(self.http.serve, self._handle_http)
                     host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
@@ -259,14 +266,16 @@ async def serve(
     *,
     reload: Callable[[], Settings] | None = None,
     starting: StartPings | None = None,
+    early: StartingHttp | None = None,
     task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``worker`` with its service duties until it stops (SIGINT/SIGTERM); returns after the drain.
 
-    A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status.
+    A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status. ``early``
+    answers the metrics port until the worker has started (startup.py); the service answers it from then on.
     """
-    http = await open_http(worker.settings)
-    service = Service(worker, reload=reload, http=http, starting=starting)
+    http = None if early is not None else await open_http(worker.settings)
+    service = Service(worker, reload=reload, http=http, starting=starting, early=early)
     try:
         async with anyio.create_task_group() as tg:
 
@@ -282,6 +291,6 @@ async def serve(
             raise group.exceptions[0] from None
         raise
     finally:
-        if http is not None:
+        if service.http is not None:
             with anyio.CancelScope(shield=True):
-                await http.aclose()
+                await service.http.aclose()
