@@ -12,7 +12,7 @@ import anyio
 
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
-from pgsynapse.daemon import serve
+from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
@@ -55,6 +55,7 @@ def run_worker(
         signal.signal(signal.SIGHUP, _reload_while_starting)
     # under systemd, every step until READY=1 may take minutes: the start timeout is extended while it lasts, and
     # the metrics port answers /healthz "starting" (with the step) from the first moment (startup.py)
+    warn_file_overridden(settings)
     with StartingHttp(bind_metrics(settings)) as early, StartPings() as starting:
         check_models(settings)  # before a database is started or migrated for a worker that cannot serve
         early.phase = "database"

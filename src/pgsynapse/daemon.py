@@ -19,8 +19,9 @@ import anyio.streams.stapled
 import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter, ValidationError
 
-from pgsynapse.config import Settings
+from pgsynapse.config import SECRET_SETTINGS, Settings
 from pgsynapse.db import pool_kwargs
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
@@ -73,8 +74,47 @@ async def connect_error(worker: Worker) -> str:
     return "no connection free in the worker's pool within 2 s (a new connection succeeds: every pooled one is busy)"
 
 
+def file_overridden(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The config file's settings that the environment or the command line override with another value (the
+    shipped unit's PGSYNAPSE_LOG_FORMAT=json, a variable of its EnvironmentFile): ``{name: {"file", "used", "by"}}``,
+    a secret's values not shown."""
+    out = {}
+    for name, (raw, by) in sorted(settings._file_overridden.items()):
+        used = getattr(settings, name)
+        try:
+            if name in ("kinds", "image_roots") and isinstance(raw, str):
+                raw = [k.strip() for k in raw.split(",") if k.strip()]
+            file = TypeAdapter(type(settings).model_fields[name].annotation).validate_python(raw)
+        except ValidationError:
+            file = raw  # invalid in the file: unused all the same
+        if file == used:
+            continue
+        shown = {} if name in SECRET_SETTINGS else {"file": _plain(raw), "used": _plain(used)}
+        out[name] = {**shown, "by": by}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A value as a log line shows it (JSON: a tuple as a list, a path as its text)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def warn_file_overridden(settings: Settings) -> list[str]:
+    """Log ``config_file_overridden`` when the file has settings that something else overrides; their names."""
+    overridden = file_overridden(settings)
+    if overridden:
+        log.warning("config_file_overridden", settings=overridden,
+                    note="the environment (or the command line) sets these and wins over the config file, also on "
+                    "reload: change them there (systemd: the unit's Environment= or its EnvironmentFile), or unset "
+                    "them there for the file's value to count")
+    return sorted(overridden)
+
+
 def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
     """Apply the live-changeable part of ``new`` to the running worker; returns what changed."""
+    overridden = warn_file_overridden(new)
     old = worker.settings
     changed = {k: getattr(new, k) for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k)}
     needs_restart = sorted(
@@ -84,7 +124,7 @@ def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
     if "log_level" in changed or "log_format" in changed:
         configure_logging(worker.settings.log_format, worker.settings.log_level)
     worker.wakeups.wake_all()  # waits restart with the new poll_interval
-    log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
+    log.info("config_reloaded", changed=changed, needs_restart=needs_restart, overridden=overridden)
     return changed
 
 

@@ -244,6 +244,33 @@ async def test_a_sighup_while_starting_keeps_the_worker(db_url):
         await holder.close()
 
 
+async def test_a_reload_says_which_settings_of_the_file_the_environment_overrides(db_url, tmp_path):
+    """The environment (and the command line) win over the config file, also on reload: the shipped unit sets
+    PGSYNAPSE_LOG_FORMAT=json, so the file's log_format never counted, and a SIGHUP that changed it (or a setting
+    also in the EnvironmentFile) changed nothing without saying why. The start and each reload now name the file's
+    settings that something else overrides (``config_file_overridden``), and with what."""
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text("batch_size = 8\n")
+    env = {"PGSYNAPSE_CONFIG": str(config), "PGSYNAPSE_BATCH_SIZE": "8", "PGSYNAPSE_RUNTIME": "torch"}
+    worker = spawn_worker(db_url, env=env)  # with --log-format json, as the unit's environment has it
+    try:
+        assert not [e for e in worker.events if e.get("event") == "config_file_overridden"]  # the same values
+        worker.wait_event("service_ready")
+        config.write_text('batch_size = 3\nlog_format = "console"\n')
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        reloaded = worker.wait_event("config_reloaded", start=mark)
+        assert reloaded["changed"] == {} and reloaded["overridden"] == ["batch_size", "log_format"], reloaded
+        [said] = [e for e in worker.events[mark:] if e.get("event") == "config_file_overridden"]
+        assert said["level"] == "warning" and said["settings"] == {
+            "batch_size": {"file": 3, "used": 8, "by": "PGSYNAPSE_BATCH_SIZE"},
+            "log_format": {"file": "console", "used": "json", "by": "--log-format"}}, said
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+
+
 def test_notify_to_abstract_socket():
     name = f"pgsynapse-test-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
