@@ -165,14 +165,17 @@ def spawn_worker(
     wait_started: bool = True,
     entry: list[str] | None = None,
     prefix: list[str] | None = None,
+    migrate: bool = False,
 ) -> WorkerProcess:
     """``pgsynapse run`` in a subprocess; ``entry`` replaces ``-m pgsynapse`` (a script with a fault injected),
-    ``prefix`` goes before the interpreter (``ip netns exec NS``: tests/chaos/partition.py)."""
+    ``prefix`` goes before the interpreter (``ip netns exec NS``: tests/chaos/partition.py); ``migrate``: without
+    ``--no-migrate`` (the worker takes the migrations' lock and applies what is pending)."""
     full_env = {**os.environ, "PGSYNAPSE_LEASE_SECONDS": "10", "PGSYNAPSE_RETRY_BACKOFF_SECONDS": "0.05",
                 "PGSYNAPSE_POLL_INTERVAL": "30", **(env or {})}
     full_env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        [*(prefix or []), sys.executable, *(entry or ["-m", "pgsynapse"]), "--database-url", url, "--log-format", "json", "run", "--no-migrate", *args],
+        [*(prefix or []), sys.executable, *(entry or ["-m", "pgsynapse"]), "--database-url", url, "--log-format", "json", "run",
+         *([] if migrate else ["--no-migrate"]), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

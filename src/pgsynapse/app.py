@@ -12,7 +12,7 @@ import anyio
 
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
-from pgsynapse.daemon import serve
+from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError
 from pgsynapse.listener.worker import Worker
@@ -22,6 +22,7 @@ from pgsynapse.model_checks import check_models
 from pgsynapse.queries import q
 from pgsynapse.results import no_answer, not_started
 from pgsynapse.sdnotify import StartPings
+from pgsynapse.startup import StartingHttp, bind_metrics
 from pgsynapse.wording import listed
 
 log = get_logger(__name__)
@@ -52,13 +53,18 @@ def run_worker(
     if threading.current_thread() is threading.main_thread():
         # SIGHUP reloads once started (daemon.Service); until then its default action would kill the process
         signal.signal(signal.SIGHUP, _reload_while_starting)
-    # under systemd, every step until READY=1 may take minutes: the start timeout is extended while it lasts
-    with StartPings() as starting:
+    # under systemd, every step until READY=1 may take minutes: the start timeout is extended while it lasts, and
+    # the metrics port answers /healthz "starting" (with the step) from the first moment (startup.py)
+    warn_file_overridden(settings)
+    with StartingHttp(bind_metrics(settings)) as early, StartPings() as starting:
         check_models(settings)  # before a database is started or migrated for a worker that cannot serve
+        early.phase = "database"
         with Database(settings) as db:
+            early.phase = "migrations"
             ensure_schema(db, apply=apply_migrations)
+            early.phase = "worker_start"
             worker = Worker(settings, db.url)
-            anyio.run(lambda: serve(worker, reload=reload, starting=starting))
+            anyio.run(lambda: serve(worker, reload=reload, starting=starting, early=early))
 
 
 def _reload_while_starting(signum: int, frame: object) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pgsynapse.errors import ConfigError
 from pgsynapse.textsql.settings import TextSqlSettings
@@ -43,6 +43,8 @@ class Settings(TextSqlSettings):
     # inf passes every lower bound and breaks the worker later (an infinite lease: an OverflowError at its first
     # maintenance step): a setting is a finite number or refused at start
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # {name: (the config file's value, the variable or option that overrides it)}: set by load_settings
+    _file_overridden: dict[str, tuple[Any, str]] = PrivateAttr(default_factory=dict)
 
     database_url: str | None = Field(None, repr=False, description="PostgreSQL URL; none starts the embedded server")
     listen_url: str | None = Field(
@@ -426,8 +428,10 @@ def load_settings(
     values: dict[str, Any] = {}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
     from_file: set[str] = set()  # the settings whose value is the file's: an error names the file, not a variable
+    file_values: dict[str, Any] = {}
     if config_file:
-        values.update(_read_config_file(Path(config_file)))
+        file_values = _read_config_file(Path(config_file))
+        values.update(file_values)
         from_file = set(values)
     env = _env_values(environ)
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -438,11 +442,24 @@ def load_settings(
             values[name] = tuple(k.strip() for k in values[name].split(",") if k.strip())
     from_file -= set(env) | set(given)
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
         problem = _describe(exc.errors()[0], values, config_file if from_file else None, from_file, set(given))
+    else:
+        # the file's settings that the environment or the command line override: the worker says so (daemon.py)
+        settings._file_overridden = {name: (file_values[name], _overridden_by(name, given, environ))
+                                     for name in set(file_values) - from_file}
+        return settings
     # raised outside the handler: pydantic's error (its input_value may be a password) is not even its context
     raise ConfigError(problem)
+
+
+def _overridden_by(name: str, given: dict[str, Any], environ: dict[str, str]) -> str:
+    """The command line's option or the environment variable that sets ``name``."""
+    if name in given:
+        return "--" + name.replace("_", "-")
+    var = ENV_PREFIX + name.upper()
+    return var if environ.get(var) or name != "database_url" else "DATABASE_URL"
 
 
 def _describe(err: Any, values: dict[str, Any], config_file: str | Path | None = None,

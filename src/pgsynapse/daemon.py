@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.streams.stapled
 import psycopg
 from anyio.abc import SocketListener, SocketStream, TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter, ValidationError
 
-from pgsynapse.config import Settings
+from pgsynapse.config import SECRET_SETTINGS, Settings
 from pgsynapse.db import pool_kwargs
-from pgsynapse.errors import ConfigError, PgsynapseError
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.metrics import WorkerCollector, make_registry, render
 from pgsynapse.queries import q
 from pgsynapse.sdnotify import Notifier, StartPings, watchdog_interval
+from pgsynapse.startup import StartingHttp, bind_metrics
 
 if TYPE_CHECKING:
     from pgsynapse.listener.worker import Worker
@@ -70,8 +74,47 @@ async def connect_error(worker: Worker) -> str:
     return "no connection free in the worker's pool within 2 s (a new connection succeeds: every pooled one is busy)"
 
 
+def file_overridden(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The config file's settings that the environment or the command line override with another value (the
+    shipped unit's PGSYNAPSE_LOG_FORMAT=json, a variable of its EnvironmentFile): ``{name: {"file", "used", "by"}}``,
+    a secret's values not shown."""
+    out = {}
+    for name, (raw, by) in sorted(settings._file_overridden.items()):
+        used = getattr(settings, name)
+        try:
+            if name in ("kinds", "image_roots") and isinstance(raw, str):
+                raw = [k.strip() for k in raw.split(",") if k.strip()]
+            file = TypeAdapter(type(settings).model_fields[name].annotation).validate_python(raw)
+        except ValidationError:
+            file = raw  # invalid in the file: unused all the same
+        if file == used:
+            continue
+        shown = {} if name in SECRET_SETTINGS else {"file": _plain(raw), "used": _plain(used)}
+        out[name] = {**shown, "by": by}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A value as a log line shows it (JSON: a tuple as a list, a path as its text)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def warn_file_overridden(settings: Settings) -> list[str]:
+    """Log ``config_file_overridden`` when the file has settings that something else overrides; their names."""
+    overridden = file_overridden(settings)
+    if overridden:
+        log.warning("config_file_overridden", settings=overridden,
+                    note="the environment (or the command line) sets these and wins over the config file, also on "
+                    "reload: change them there (systemd: the unit's Environment= or its EnvironmentFile), or unset "
+                    "them there for the file's value to count")
+    return sorted(overridden)
+
+
 def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
     """Apply the live-changeable part of ``new`` to the running worker; returns what changed."""
+    overridden = warn_file_overridden(new)
     old = worker.settings
     changed = {k: getattr(new, k) for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k)}
     needs_restart = sorted(
@@ -81,22 +124,21 @@ def apply_reload(worker: Worker, new: Settings) -> dict[str, Any]:
     if "log_level" in changed or "log_format" in changed:
         configure_logging(worker.settings.log_format, worker.settings.log_level)
     worker.wakeups.wake_all()  # waits restart with the new poll_interval
-    log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
+    log.info("config_reloaded", changed=changed, needs_restart=needs_restart, overridden=overridden)
     return changed
 
 
 async def open_http(settings: Settings) -> SocketListener | None:
-    """Bind the metrics port before start-up completes, so a taken port fails fast (exit 78)."""
-    if not settings.metrics_port:
-        return None
-    try:
-        listener = await anyio.create_tcp_listener(local_host=settings.metrics_host, local_port=settings.metrics_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"invalid setting metrics_host / metrics_port [PGSYNAPSE_METRICS_HOST, PGSYNAPSE_METRICS_PORT]: cannot "
-            f"listen on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
-        ) from None
-    return listener  # type: ignore[return-value]
+    """The metrics listener, bound now: a taken port fails fast (exit 78). ``run`` binds it at its very start instead
+    (startup.py) and hands it to the service once started."""
+    return await _listener(bind_metrics(settings))
+
+
+async def _listener(socks: list[socket.socket]) -> SocketListener | None:
+    listeners = [await SocketListener.from_socket(sock) for sock in socks]
+    if len(listeners) > 1:
+        return anyio.streams.stapled.MultiListener(listeners)  # type: ignore[return-value]
+    return listeners[0] if listeners else None
 
 
 class Service:
@@ -111,9 +153,11 @@ class Service:
         notifier: Notifier | None = None,
         watchdog_every: float | None = None,
         starting: StartPings | None = None,
+        early: StartingHttp | None = None,
     ) -> None:
         self.worker = worker
         self.starting = starting
+        self.early = early
         self.reload = reload
         self.http = http
         self.notifier = notifier or Notifier.from_env()
@@ -132,6 +176,9 @@ class Service:
         """Call once the worker has started (migrations applied, models loaded, LISTEN up). Runs until cancelled."""
         try:
             async with anyio.create_task_group() as tg:
+                if self.early is not None and self.early.socks:
+                    await anyio.to_thread.run_sync(self.early.stop)  # its answers end: the sockets are served here
+                    self.http = await _listener(self.early.socks)
                 if self.http is not None:
                     tg.start_soon(self.http.serve, self._handle_http)
                     host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
@@ -259,14 +306,16 @@ async def serve(
     *,
     reload: Callable[[], Settings] | None = None,
     starting: StartPings | None = None,
+    early: StartingHttp | None = None,
     task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``worker`` with its service duties until it stops (SIGINT/SIGTERM); returns after the drain.
 
-    A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status.
+    A start-up error is raised bare (not in an exception group), so the CLI maps it to its exit status. ``early``
+    answers the metrics port until the worker has started (startup.py); the service answers it from then on.
     """
-    http = await open_http(worker.settings)
-    service = Service(worker, reload=reload, http=http, starting=starting)
+    http = None if early is not None else await open_http(worker.settings)
+    service = Service(worker, reload=reload, http=http, starting=starting, early=early)
     try:
         async with anyio.create_task_group() as tg:
 
@@ -282,6 +331,6 @@ async def serve(
             raise group.exceptions[0] from None
         raise
     finally:
-        if http is not None:
+        if service.http is not None:
             with anyio.CancelScope(shield=True):
-                await http.aclose()
+                await service.http.aclose()

@@ -160,6 +160,8 @@ class WorkerCollector(Collector):
                                 "stall_seconds since it came round; in a batch: the batch's deadline), 0 while none is: "
                                 "above 0, /healthz answers 503 and the systemd watchdog is not pinged",
                                 value=stalled[0] if stalled else 0.0)
+        yield GaugeMetricFamily("pgsynapse_starting", "1 while the worker starts (migrations, model loads, a first "
+                                "start's runtime export: /healthz names the step), 0 once it serves", value=0)
         yield GaugeMetricFamily("pgsynapse_in_flight_batches", "Batches being computed or written now", value=w.in_flight)
         yield GaugeMetricFamily("pgsynapse_db_up", "1 when the last scrape's database snapshot succeeded", value=int(self.db_up))
         depth = GaugeMetricFamily("pgsynapse_queue_jobs", "Jobs pending, running or failed by kind (all workers; done "

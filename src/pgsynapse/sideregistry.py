@@ -34,6 +34,7 @@ from pgsynapse.errors import RegistryError
 from pgsynapse.learning.routing import choose_version, share_left
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+from pgsynapse.table_locks import lock_table
 
 log = get_logger(__name__)
 
@@ -117,7 +118,7 @@ class SideRegistry:
         if not name or not path:
             raise RegistryError(f"a {self.noun} needs a name and a path")
         with conn.transaction():
-            conn.execute(self.sql("lock_models"))
+            lock_table(conn, self.sql("lock_models"), f"pgsynapse.{self.table}")
             if base_id is not None:
                 self.get_model(conn, base_id)
             if share_what_is_left and status == "candidate":
@@ -145,7 +146,7 @@ class SideRegistry:
         """Make a candidate the active model (100 %); the active one becomes retired (rollback returns to it); the
         other candidates keep their traffic. Returns ``{"active": id, "previous": id or None}``."""
         with conn.transaction():
-            conn.execute(self.sql("lock_models"))
+            lock_table(conn, self.sql("lock_models"), f"pgsynapse.{self.table}")
             m = self.get_model(conn, model_id)
             if m["status"] == "active":
                 raise RegistryError(f"{self.noun} {model_id} is already active")
@@ -159,7 +160,7 @@ class SideRegistry:
         """Return to the model the active one replaced (see the module's docstring). Returns ``{"active": id, or
         None when there is none again, "previous": the id rolled back from}``."""
         with conn.transaction():
-            conn.execute(self.sql("lock_models"))
+            lock_table(conn, self.sql("lock_models"), f"pgsynapse.{self.table}")
             current = self.active_model(conn)
             if current is None:
                 raise RegistryError(f"nothing to roll back: no {self.noun} is active")
@@ -179,7 +180,7 @@ class SideRegistry:
     def set_traffic(self, conn: psycopg.Connection, model_id: int, percent: float) -> None:
         """Give a candidate ``percent`` of the sessions (sticky by session); the candidates' total stays <= 100 %."""
         with conn.transaction():
-            conn.execute(self.sql("lock_models"))
+            lock_table(conn, self.sql("lock_models"), f"pgsynapse.{self.table}")
             m = self.get_model(conn, model_id)
             if m["status"] != "candidate":
                 raise RegistryError(f"{self.noun} {model_id} is {m['status']}: only a candidate gets a traffic share")
@@ -210,7 +211,7 @@ class SideRegistry:
         """Take a candidate or rejected model out of service for good (traffic 0). Not the active one: promote or
         roll back first. A retired model is refused (RegistryError): there is nothing to do."""
         with conn.transaction():
-            conn.execute(self.sql("lock_models"))
+            lock_table(conn, self.sql("lock_models"), f"pgsynapse.{self.table}")
             m = self.get_model(conn, model_id)
             if m["status"] == "active":
                 raise RegistryError(f"{self.noun} {model_id} is active: promote another model or roll back first")

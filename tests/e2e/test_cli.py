@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -487,3 +489,44 @@ def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
     r = subprocess.run([sys.executable, "-S", "-m", "pgsynapse", "--database-url", url, "migrate"], capture_output=True,
                        text=True, cwd="/tmp", env=env, timeout=300)
     assert r.returncode == 0 and "applied: 0001_init.sql" in r.stdout, r.stderr
+
+
+def _stderr_until(proc: subprocess.Popen, word: str) -> str:
+    """What ``proc`` wrote on stderr until ``word``, read as it is written (60 s at most: a safety net)."""
+    said, deadline = b"", time.monotonic() + 60
+    while word.encode() not in said and select.select([proc.stderr], [], [], max(0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(proc.stderr.fileno(), 65536)):
+            break
+        said += chunk
+    return said.decode()
+
+
+@pytest.mark.parametrize("command, table", [
+    (["promote", "1"], "model_versions"),
+    (["sql-model", "retire", "1"], "sql_models"),
+    (["ranker", "retire", "1"], "ranker_models"),
+    (["image-model", "retire", "{image}"], "image_models"),
+])
+def test_a_registry_command_waiting_for_a_lock_says_so_and_who_holds_it(db_url, command, table):
+    """The registries' commands lock their table (one change of statuses at a time) and waited without a word behind
+    any transaction that holds a conflicting lock: a worker's write, a session left open in psql. After a second's
+    wait they now say so (``registry_lock_waiting``, a warning: shown by the quiet commands too), naming the
+    sessions holding the table, and go on once it is free."""
+    env = {**os.environ, "DATABASE_URL": db_url}
+    with psycopg.connect(db_url, autocommit=True) as conn:  # the image command looks its model up first
+        image = conn.execute("INSERT INTO pgsynapse.image_models (name, kind, artifact_path, dim, status)"
+                             " VALUES ('old', 'image', '/nowhere', 8, 'retired') RETURNING id").fetchone()[0]
+    command = [c.format(image=image) for c in command]
+    with psycopg.connect(db_url, application_name="long-report") as holder:
+        holder.execute(f"LOCK TABLE pgsynapse.{table} IN ROW EXCLUSIVE MODE")  # a writer's lock, not committed
+        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", *command], env=env, cwd="/tmp",
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            said = _stderr_until(proc, "registry_lock_waiting")
+            assert "registry_lock_waiting" in said, f"{command} waited on a lock without a word: {said!r}"
+            assert f"pgsynapse.{table}" in said and "long-report" in said, said
+            assert proc.poll() is None  # still waiting, until the holder commits
+        finally:
+            holder.commit()
+            err = proc.communicate(timeout=SAFETY_TIMEOUT)[1].decode()
+    assert proc.returncode == 1 and "error: " in err, err  # its own refusal (already active or retired, no such model)

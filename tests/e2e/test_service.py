@@ -11,6 +11,7 @@ import pytest
 
 from pgsynapse.answerers.local_models import package_dir
 from pgsynapse.export import EXPORT_LOCK
+from pgsynapse.migrate import _LOCK_KEY as MIGRATE_LOCK
 from pgsynapse.sdnotify import Notifier, watchdog_interval
 from tests.helpers import SAFETY_TIMEOUT, aconn, free_port, http_get, insert_docs, metric_samples, spawn_worker, wait_until
 from tests.notify_socket import NotifySocket
@@ -155,6 +156,70 @@ async def test_a_long_start_extends_the_start_timeout_until_ready(db_url):
         await holder.close()
 
 
+async def test_start_up_migrations_waiting_for_a_lock_extend_the_start_timeout(db_url):
+    """`run` applies the migrations under their lock before READY=1; another `migrate` (or a worker starting) may
+    hold it for minutes. The start-up's EXTEND_TIMEOUT_USEC pings go on through that wait, so TimeoutStartSec
+    bounds a start that went silent, not one waiting its turn."""
+    notify = NotifySocket()
+    holder = await aconn(db_url)  # another `pgsynapse migrate`, applying migrations
+    await holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "300000", "PGSYNAPSE_RUNTIME": "torch"}
+    worker = spawn_worker(db_url, env=env, wait_started=False, migrate=True)
+    try:
+        worker.wait_event("migrate_waiting")
+        extend = "EXTEND_TIMEOUT_USEC=450000"
+        first = notify.expect(extend, start=len(notify.messages))
+        notify.expect(extend, start=first + 1)  # and again while it still waits
+        assert not any("READY=1" in m.split("\n") for m in notify.messages), notify.messages
+        await holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+        notify.expect("READY=1", start=first)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+        notify.close()
+        await holder.close()
+
+
+async def test_healthz_and_metrics_answer_while_the_worker_starts(db_url):
+    """The metrics port was bound only once migrations were applied, and served only once the worker had started:
+    during a long start (a migration waiting its turn, a first start's export) a probe or a scrape was refused, or
+    hung. The port now answers from the first moment: /healthz 503 ``starting`` with the step, /metrics
+    ``pgsynapse_starting 1``; then, started, the usual answers."""
+    port = free_port()
+    holder = await aconn(db_url)  # another `migrate`, then another worker exporting: this start waits for both
+    await holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+    env = {"PGSYNAPSE_METRICS_PORT": str(port), "PGSYNAPSE_RUNTIME": "torch"}
+    worker = spawn_worker(db_url, env=env, wait_started=False, migrate=True)
+    try:
+        worker.wait_event("migrate_waiting")
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "starting" and health["phase"] == "migrations", health
+        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and metric_samples(body.decode())[("pgsynapse_starting", ())] == 1
+
+        await holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+        worker.wait_event("runtime_export_waiting")
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "starting" and health["phase"] == "worker_start", health
+
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+        worker.wait_event("service_ready")
+        code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ok", body
+        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        m = metric_samples(body.decode())
+        assert code == 200 and m[("pgsynapse_starting", ())] == 0 and m[("pgsynapse_db_up", ())] == 1
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
+        await holder.close()
+
+
 async def test_a_sighup_while_starting_keeps_the_worker(db_url):
     """SIGHUP is the reload signal (ExecReload), but before the worker's start was done its default action killed
     the process (exit 129, during minutes of migrations, model loads or a first start's export). It is now ignored
@@ -177,6 +242,33 @@ async def test_a_sighup_while_starting_keeps_the_worker(db_url):
     finally:
         worker.stop()
         await holder.close()
+
+
+async def test_a_reload_says_which_settings_of_the_file_the_environment_overrides(db_url, tmp_path):
+    """The environment (and the command line) win over the config file, also on reload: the shipped unit sets
+    PGSYNAPSE_LOG_FORMAT=json, so the file's log_format never counted, and a SIGHUP that changed it (or a setting
+    also in the EnvironmentFile) changed nothing without saying why. The start and each reload now name the file's
+    settings that something else overrides (``config_file_overridden``), and with what."""
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text("batch_size = 8\n")
+    env = {"PGSYNAPSE_CONFIG": str(config), "PGSYNAPSE_BATCH_SIZE": "8", "PGSYNAPSE_RUNTIME": "torch"}
+    worker = spawn_worker(db_url, env=env)  # with --log-format json, as the unit's environment has it
+    try:
+        assert not [e for e in worker.events if e.get("event") == "config_file_overridden"]  # the same values
+        worker.wait_event("service_ready")
+        config.write_text('batch_size = 3\nlog_format = "console"\n')
+        mark = len(worker.events)
+        worker.proc.send_signal(signal.SIGHUP)
+        reloaded = worker.wait_event("config_reloaded", start=mark)
+        assert reloaded["changed"] == {} and reloaded["overridden"] == ["batch_size", "log_format"], reloaded
+        [said] = [e for e in worker.events[mark:] if e.get("event") == "config_file_overridden"]
+        assert said["level"] == "warning" and said["settings"] == {
+            "batch_size": {"file": 3, "used": 8, "by": "PGSYNAPSE_BATCH_SIZE"},
+            "log_format": {"file": "console", "used": "json", "by": "--log-format"}}, said
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(SAFETY_TIMEOUT) == 0
+    finally:
+        worker.stop()
 
 
 def test_notify_to_abstract_socket():

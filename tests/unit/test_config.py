@@ -7,6 +7,7 @@ import pytest
 from pgsynapse import config
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings, unknown_environment
+from pgsynapse.daemon import file_overridden
 from pgsynapse.db import tcp_params
 from pgsynapse.errors import ConfigError
 
@@ -240,3 +241,21 @@ def test_tcp_params_come_from_the_settings_and_never_override_the_url():
     assert tcp_params("host=db keepalives=0", None) == {
         "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000,
         "connect_timeout": 10}
+
+
+def test_the_file_settings_overridden_by_the_environment_are_named_and_a_secret_not_shown(tmp_path: Path):
+    """A reload (and the start) say which settings of the file do not count (daemon.file_overridden): those the
+    environment or the command line set to another value; the same value, or a secret's value, is never shown."""
+    f = tmp_path / "c.toml"
+    f.write_text('log_format = "console"\nbatch_size = 8\npoll_interval = 2\nkinds = "embed"\n'
+                 'database_url = "postgresql://u:file-secret@h/db"\n')
+    env = {"PGSYNAPSE_LOG_FORMAT": "json", "PGSYNAPSE_BATCH_SIZE": "8", "PGSYNAPSE_KINDS": "embed,answer",
+           "DATABASE_URL": "postgresql://u:env-secret@h/db"}
+    s = load_settings(f, environ=env, poll_interval=3)
+    assert file_overridden(s) == {
+        "database_url": {"by": "DATABASE_URL"},
+        "kinds": {"file": ["embed"], "used": ["embed", "answer"], "by": "PGSYNAPSE_KINDS"},
+        "log_format": {"file": "console", "used": "json", "by": "PGSYNAPSE_LOG_FORMAT"},
+        "poll_interval": {"file": 2, "used": 3.0, "by": "--poll-interval"},
+    }  # batch_size: the same value in both
+    assert file_overridden(load_settings(f, environ={})) == {}

@@ -31,9 +31,9 @@ COMPOSE = ROOT / "docker" / "compose.yaml"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def _unit() -> dict[str, list[str]]:
+def _unit(path: Path = UNIT) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
             key, value = line.split("=", 1)
             values.setdefault(key.strip(), []).append(value.strip())
@@ -292,3 +292,33 @@ def test_dashboard_and_alerts_use_metrics_the_worker_exports():
     exprs = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {_metric_base(m) for e in exprs for m in re.findall(r"\b(pgsynapse_[a-z_]+)", e)}
     assert used and used <= defined, f"not exported: {sorted(used - defined)}"
+
+
+# -- systemd: several workers on one host --------------------------------------------------------------------
+TEMPLATE = ROOT / "systemd" / "pgsynapse@.service"
+# what an instance sets differently: its name, and an environment file of its own after the shared one
+INSTANCE_KEYS = {"Description", "EnvironmentFile"}
+
+
+def test_the_template_unit_is_the_unit_with_an_environment_file_per_instance():
+    """Several workers on one host (docs/scaling.md, docs/operations.md) each need a metrics port of their own and
+    often kinds and a config file of their own: ``pgsynapse@NAME.service`` reads /etc/pgsynapse/NAME.env after the
+    shared one (required: without it every instance would take the shared port, and all but one would exit 78).
+    Every other line is the single unit's, so the two never drift apart."""
+    template = _unit(TEMPLATE)
+    single = _unit()
+    assert {k: v for k, v in template.items() if k not in INSTANCE_KEYS} == \
+        {k: v for k, v in single.items() if k not in INSTANCE_KEYS}
+    assert template["EnvironmentFile"] == [*single["EnvironmentFile"], "/etc/pgsynapse/%i.env"]
+    assert "%i" in template["Description"][0]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (Debian: apt-get install systemd); .ci/run installs it")
+def test_systemd_analyze_verify_of_an_instance_is_clean(tmp_path):
+    exe = Path(sys.executable).with_name("pgsynapse")
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={exe}", TEMPLATE.read_text(), flags=re.MULTILINE)
+    (tmp_path / "pgsynapse@.service").write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "pgsynapse@embed.service")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr

@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.errors import ModelError, PgsynapseError
 from pgsynapse.images.encoders import probe
 from pgsynapse.queries import q
+from pgsynapse.table_locks import lock_table
 
 
 # the most dimensions pgvector's HNSW index takes for a vector (each image model has one: ensure_image_index)
@@ -47,7 +48,7 @@ def add(conn: psycopg.Connection, path: str | Path, *, name: str | None = None, 
                          f"at most {HNSW_MAX_DIM}; choose a model of at most {HNSW_MAX_DIM} dimensions (a smaller "
                          "variant, or one with a projection head: a CLIP's image tower)")
     with conn.transaction():
-        _run(conn, sql("lock_image_models"))
+        lock_table(conn, sql("lock_image_models"), "pgsynapse.image_models")
         same = _run(conn, sql("image_model_by_path"), {"path": str(path)}).fetchone()
         if same is not None:  # every image would be embedded twice, for the same vectors
             raise PgsynapseError(f"{path} is already image model {same['id']} ({same['status']}): retire it first to "
@@ -77,7 +78,7 @@ def promote(conn: psycopg.Connection, model: int) -> dict[str, Any]:
     if row["status"] != "candidate":
         raise PgsynapseError(f"image model {model} is {row['status']}, only a candidate can be promoted")
     with conn.transaction():
-        _run(conn, sql("lock_image_models"))
+        lock_table(conn, sql("lock_image_models"), "pgsynapse.image_models")
         done, total = progress(conn, model)
         if done < total:
             raise PgsynapseError(f"image model {model} has vectors for {done:,} of {total:,} images: wait until the "
@@ -93,7 +94,7 @@ def retire(conn: psycopg.Connection, model: int) -> int:
     a model, and the last of all stops the embedding of new images (they wait, pending, until a model is added).
     Returns the vectors deleted."""
     with conn.transaction():
-        _run(conn, sql("lock_image_models"))  # no promote or add in between
+        lock_table(conn, sql("lock_image_models"), "pgsynapse.image_models")  # no promote or add in between
         row = get(conn, model)
         if row["status"] == "retired":
             raise PgsynapseError(f"image model {model} is already retired: nothing to do")

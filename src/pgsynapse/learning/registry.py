@@ -16,6 +16,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.models import default_model_path, probe_model
 from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import version_of
+from pgsynapse.table_locks import lock_table
 
 log = get_logger(__name__)
 
@@ -41,7 +42,7 @@ def promote(conn: psycopg.Connection, version: int, *, event: str = "promoted", 
     """Make ``version`` active (100% of traffic); the old active stays embedded as a candidate at 0% for rollback.
     A version exported at registration is already on its serving runtime: nothing is switched (issue 23)."""
     with conn.transaction():
-        conn.execute(q("lock_model_versions", "learning.sql"))
+        lock_table(conn, q("lock_model_versions", "learning.sql"), "pgsynapse.model_versions")
         v = _version(conn, version)
         if v["status"] == "active":
             raise RegistryError(f"model version {version} is already active")
@@ -160,7 +161,7 @@ def add_model(conn: psycopg.Connection, path: str | Path, *, name: str | None = 
                         f"{chunk_tokens}: the tail of a long chunk is not in its vector (chunks are shared by every "
                         "version: docs/architecture.md)")
     with conn.transaction():
-        conn.execute(q("lock_model_versions", "learning.sql"))
+        lock_table(conn, q("lock_model_versions", "learning.sql"), "pgsynapse.model_versions")
         same = version_at(conn, spec.path, configured=configured)
         if same is not None:
             raise RegistryError(f"{spec.path} is already model version {same['id']} ({same['status']}): retire it "

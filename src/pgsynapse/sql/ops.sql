@@ -117,3 +117,15 @@ LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
   AND l.classid::bigint = (k.key >> 32) & 4294967295 AND l.objid::bigint = k.key & 4294967295;
+
+-- name: table_lock_holders
+-- table_locks.lock_table: the other sessions holding a lock on %(table)s that conflicts with SHARE ROW EXCLUSIVE
+-- (ACCESS SHARE and ROW SHARE do not), oldest transaction first
+SELECT a.pid, a.application_name, a.usename AS role, a.state,
+       round(extract(epoch FROM clock_timestamp() - a.xact_start)::numeric, 1)::float AS transaction_seconds
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = %(table)s::regclass AND l.granted
+  AND l.pid <> pg_backend_pid() AND l.mode NOT IN ('AccessShareLock', 'RowShareLock')
+ORDER BY a.xact_start NULLS LAST
+LIMIT 5;
