@@ -96,6 +96,7 @@ class AnswerHandler(Handler[AnswerWork]):
         generative = settings.answerer != "extractive"
         self.concurrency = 1 if generative else 2
         self.batch_limit = 1 if generative else None
+        self._routable: list[dict[str, Any]] = []  # the versions questions are routed to, read at warm-up
         self.guard = Guard()
         self.cache = AnswerCache(settings)
         self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads, data_dir=settings.data_dir)
@@ -105,6 +106,13 @@ class AnswerHandler(Handler[AnswerWork]):
     async def aclose(self) -> None:
         if self.replica is not None:
             await self.replica.aclose()
+
+    # -- warm-up (Worker.warm_up): the routable versions' models load before the worker says it started -----------
+    async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
+        self._routable = list(await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall())
+
+    def embedders(self) -> list[Embedder]:
+        return [self.models.get(v) for v in self._routable]
 
     # -- answerers ----------------------------------------------------------------------------
     def _extractive_for(self, embedder: Embedder) -> ExtractiveAnswerer:

@@ -37,6 +37,7 @@ class Listener:
         self.outages = 0  # times the connection was lost (a counter for status and metrics)
         self.lost_at: float | None = None  # monotonic time of the current outage's start
         self.backend_pid: int | None = None
+        self.pooler_said = False  # listen_through_pooler is said once per process, not at every reconnect
         self.on_state_change = lambda connected: None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -50,6 +51,7 @@ class Listener:
                 if self.worker_id is not None:
                     await conn.execute(q("hold_worker_presence"), {"worker": self.worker_id})
                 self.backend_pid = conn.info.backend_pid
+                await self._say_if_pooled(conn)
                 self._set(True)
                 if ever_connected:
                     self.reconnects += 1
@@ -101,6 +103,31 @@ class Listener:
                             await conn.close()
                         except Exception:  # noqa: BLE001 - the connection is already broken
                             pass
+
+    async def _say_if_pooled(self, conn: psycopg.AsyncConnection) -> None:
+        """Warn when the LISTEN connection goes through a pooler with no ``listen_url`` set: through a transaction
+        pooler its LISTEN and presence lock stay on a server connection that serves other clients, so no NOTIFY
+        wakes this worker and ``status`` shows it gone. The pooler's mode cannot be seen from here (a session-mode
+        pooler is fine): an explicit ``listen_url`` is taken as the operator's choice."""
+        if self.pooler_said or (self.settings is not None and self.settings.listen_url):
+            return
+        row = await (await conn.execute(q("session_backend_pid"))).fetchone()
+        if row is None or row["pid"] == conn.info.backend_pid:
+            return
+        self.pooler_said = True
+        poll = self.settings.poll_interval if self.settings is not None else None
+        log.warning(
+            "listen_through_pooler",
+            client_backend_pid=conn.info.backend_pid,
+            server_backend_pid=row["pid"],
+            effect=(f"a connection pooler sits between this worker's LISTEN and PostgreSQL (the backend pid it gave is "
+                    f"not the server's). In transaction pooling mode (PgBouncer pool_mode = transaction) the LISTEN "
+                    f"goes back to the pool with its server connection: no NOTIFY wakes this worker, it finds new "
+                    f"jobs only every poll_interval ({poll} s), and `pgsynapse status` shows it GONE"),
+            fix=("set PGSYNAPSE_LISTEN_URL (listen_url) to a direct URL of the same database, or to a pool_mode = "
+                 "session entry (a session-mode pooler is fine: naming it as listen_url silences this); "
+                 "docs/operations.md, PgBouncer"),
+        )
 
     def _set(self, connected: bool) -> None:
         if connected != self.connected:

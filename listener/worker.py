@@ -31,7 +31,7 @@ from pgsynapse.errors import ConfigError
 from pgsynapse.handlers import registry
 from pgsynapse.handlers.base import Handler, Job, Outcome, describe
 from pgsynapse.listener.batches import Batch, LoopState, SoloGate, WorkerStats
-from pgsynapse.listener.claiming import Claiming
+from pgsynapse.listener.claiming import STOP_GRACE, Claiming
 from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights, prune_done_jobs
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
@@ -87,6 +87,9 @@ class Worker(Claiming):
         self.writer = BatchWriter(self.worker_id, self.stats, lambda: self.settings, self._open_pool,
                                   failures_are_errors=failures_are_errors)
         self.stopping = anyio.Event()
+        # once the loops have drained, the maintenance task ends between two steps (see run())
+        self._winding_down = anyio.Event()
+        self._maintenance_ended = anyio.Event()
         self.pool: AsyncConnectionPool | None = None
         self.in_flight = 0
         # micro-batching: how many batches of a kind are computing, and an event set when one finishes
@@ -174,6 +177,11 @@ class Worker(Claiming):
                             # two loops per kind by default: one computes while the other claims/writes
                             for _ in range(getattr(self.handlers[kind], "concurrency", 2)):
                                 loops.start_soon(self._kind_loop, kind)
+                    # drained: the maintenance step in flight ends first (STOP_GRACE at most). A query cancelled
+                    # mid-flight has psycopg's own cancel request interrupted too: it warns and closes the connection
+                    self._winding_down.set()
+                    with anyio.move_on_after(STOP_GRACE):
+                        await self._maintenance_ended.wait()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -202,18 +210,24 @@ class Worker(Claiming):
                  ("cache_cleanup", lambda: cleanup_caches(self._open_pool(), self.settings)),
                  ("prune", lambda: prune_done_jobs(self._open_pool(), self.settings)),
                  ("unused_weights", lambda: drop_unused_weights(self._open_pool(), self.settings)))
-        while True:
-            cleanup_due = time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval
-            if cleanup_due:
-                self._last_cache_cleanup = time.monotonic()
-            for name, step in steps:
-                if name in ("cache_cleanup", "prune", "unused_weights") and not cleanup_due:
-                    continue
-                try:
-                    await step()
-                except (psycopg.Error, OSError) as exc:
-                    log.warning("maintenance_failed", step=name, error=" ".join(str(exc).split())[:200])
-            await anyio.sleep(interval)
+        try:
+            while not self._winding_down.is_set():
+                cleanup_due = time.monotonic() - self._last_cache_cleanup >= self.settings.cache_cleanup_interval
+                if cleanup_due:
+                    self._last_cache_cleanup = time.monotonic()
+                for name, step in steps:
+                    if self._winding_down.is_set():
+                        break
+                    if name in ("cache_cleanup", "prune", "unused_weights") and not cleanup_due:
+                        continue
+                    try:
+                        await step()
+                    except (psycopg.Error, OSError) as exc:
+                        log.warning("maintenance_failed", step=name, error=" ".join(str(exc).split())[:200])
+                with anyio.move_on_after(interval):
+                    await self._winding_down.wait()
+        finally:
+            self._maintenance_ended.set()
 
     async def renew_leases(self) -> None:
         """Extend the leases of the batches within their deadline; say once of each batch that passed it."""

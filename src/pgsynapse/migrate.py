@@ -92,8 +92,13 @@ def migrate(url: str) -> list[str]:
     done: list[str] = []
     with connect(url, autocommit=True) as conn:
         if not conn.execute(q("migrate_try_lock", FILE), {"key": _LOCK_KEY}).fetchone()["locked"]:
-            log.info("migrate_waiting", note="another `pgsynapse migrate` (or a worker starting) is applying "
-                     "migrations to this database: waiting for it to finish")
+            holder = conn.execute(q("migrate_lock_holder", FILE), {"key": _LOCK_KEY}).fetchone() or {}
+            log.info("migrate_waiting", holder_pid=holder.get("pid"), holder_application=holder.get("application_name"),
+                     holder_state=holder.get("state"), holder_state_seconds=holder.get("state_seconds"),
+                     note="another `pgsynapse migrate` (or a worker starting) is applying migrations to this database: "
+                     "waiting for it to finish. A holder idle for long applies nothing: a migrate through a transaction "
+                     "pooler with no PGSYNAPSE_LISTEN_URL unlocks on another server session and leaves the lock held "
+                     "(docs/operations.md, PgBouncer); end it with SELECT pg_terminate_backend(holder_pid)")
             take_session_lock(conn, q("migrate_lock", FILE), {"key": _LOCK_KEY})
         try:
             _check_pgvector(conn)

@@ -19,6 +19,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork, vector_sql
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.models import ModelCache
 from pgsynapse.retrieval import fuse_full_text
 from pgsynapse.search import search, version_row
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
@@ -72,6 +73,20 @@ async def test_question_is_answered_with_its_document_cited_and_notify_follows_c
         assert "[1]" in q["answer"] and "savepoint" in q["answer"].lower()
         await listener.close()
         await reader.close()
+
+
+async def test_an_answer_only_worker_loads_its_model_before_it_says_it_started(db_url):
+    """PGSYNAPSE_KINDS=answer (answer workers apart from the embedding ones, docs/operations.md): the routable
+    versions' models load at start, as an embedding worker's do, so READY=1 and `status` mean the same for it and
+    its first question does not wait for the load (it did: 31 s on a busy host, longer than a short lease)."""
+    models = ModelCache()  # not the session's: this one has loaded nothing yet
+    async with running_worker(fast_settings(db_url, kinds=("answer",)), models) as worker:
+        assert [m.spec.version_id for m in worker.models.loaded()] == [1]
+        conn = await aconn(db_url)
+        row = await (await conn.execute("SELECT models FROM pgsynapse.workers WHERE worker_id = %s",
+                                        (worker.worker_id,))).fetchone()
+        await conn.close()
+        assert [m["version"] for m in row["models"]] == [1], row
 
 
 async def test_nothing_relevant_gets_the_clear_not_found_answer(db_url, models):

@@ -92,6 +92,7 @@ def test_a_migrate_waiting_for_another_says_so(new_db):
     migrate(url)
     with psycopg.connect(url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        holder_pid = holder.info.backend_pid
         results: list[list[str]] = []
         with capture_logs() as logs:
             thread = threading.Thread(target=lambda: results.append(migrate(url)))
@@ -106,6 +107,10 @@ def test_a_migrate_waiting_for_another_says_so(new_db):
     assert results == [[]]
     [said] = [e for e in logs if e["event"] == "migrate_waiting"]
     assert said["log_level"] == "info" and "another" in said["note"], said
+    # who holds it, so that a lock left behind (a migrate through a transaction pooler unlocks on another server
+    # session: the next migrate waited for ever, "applying migrations") can be found and ended
+    assert said["holder_pid"] == holder_pid and said["holder_state"] == "idle", said
+    assert "pg_terminate_backend" in said["note"] and "PGSYNAPSE_LISTEN_URL" in said["note"], said
     with capture_logs() as logs:
         assert migrate(url) == []
     assert not [e for e in logs if e["event"] == "migrate_waiting"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
 from pgsynapse.db import NO_PREPARE
@@ -62,34 +63,36 @@ async def test_worker_through_transaction_pooling_with_a_direct_listen_url(pgbou
 
     handlers = {"embed": FailsOnce(settings, models), "answer": AnswerHandler(settings, models)}
     direct = await aconn(db_url)
-    async with running_worker(settings, models, handlers=handlers) as worker:
-        assert worker.listener.connected
-        async with worker.pool.connection() as c:
-            assert c.info.port == pgbouncer.port and c.prepare_threshold is None
-        # the application writes through the pooler too
-        app = await psycopg.AsyncConnection.connect(pooled, autocommit=True, **NO_PREPARE)
-        cur = await app.execute(
-            "INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s), (%s, %s) RETURNING id",
-            ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Run it regularly on busy tables.",
-             "JSON", "The jsonb type stores JSON documents in a decomposed binary format."))
-        ids = [r[0] for r in await cur.fetchall()]
-        await wait_until(direct, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'"
-                         " AND id = ANY(%s)", (ids,), timeout=WAIT)
-        # the injected failure was retried: every job of that batch took a second attempt
-        jobs = await (await direct.execute(
-            "SELECT status, attempts, last_error FROM pgsynapse.jobs WHERE kind = 'embed' AND ref_id = ANY(%s)",
-            (ids,))).fetchall()
-        assert FailsOnce.failed and {j["status"] for j in jobs} == {"done"}
-        assert max(j["attempts"] for j in jobs) == 2, jobs
+    with capture_logs() as logs:
+        async with running_worker(settings, models, handlers=handlers) as worker:
+            assert worker.listener.connected
+            async with worker.pool.connection() as c:
+                assert c.info.port == pgbouncer.port and c.prepare_threshold is None
+            # the application writes through the pooler too
+            app = await psycopg.AsyncConnection.connect(pooled, autocommit=True, **NO_PREPARE)
+            cur = await app.execute(
+                "INSERT INTO pgsynapse.documents (title, body) VALUES (%s, %s), (%s, %s) RETURNING id",
+                ("Vacuum", "VACUUM reclaims storage occupied by dead tuples. Run it regularly on busy tables.",
+                 "JSON", "The jsonb type stores JSON documents in a decomposed binary format."))
+            ids = [r[0] for r in await cur.fetchall()]
+            await wait_until(direct, "SELECT count(*) = 2 FROM pgsynapse.documents WHERE status = 'embedded'"
+                             " AND id = ANY(%s)", (ids,), timeout=WAIT)
+            # the injected failure was retried: every job of that batch took a second attempt
+            jobs = await (await direct.execute(
+                "SELECT status, attempts, last_error FROM pgsynapse.jobs WHERE kind = 'embed' AND ref_id = ANY(%s)",
+                (ids,))).fetchall()
+            assert FailsOnce.failed and {j["status"] for j in jobs} == {"done"}
+            assert max(j["attempts"] for j in jobs) == 2, jobs
 
-        # a question asked through the pooler; its answer's NOTIFY arrives on the client's direct LISTEN
-        async with Client(pooled, listen_url=db_url) as client:
-            client.recheck_seconds = 3600.0  # no re-read of the row while waiting: only the NOTIFY ends the wait
-            result = await client.ask("how do I reclaim space from dead tuples?", timeout=WAIT)
-        assert result.status == "answered", result
-        assert result.sources and result.sources[0]["document_id"] == ids[0]
-        await app.close()
-        assert worker.stats.fallback_polls == 0
+            # a question asked through the pooler; its answer's NOTIFY arrives on the client's direct LISTEN
+            async with Client(pooled, listen_url=db_url) as client:
+                client.recheck_seconds = 3600.0  # no re-read of the row while waiting: only the NOTIFY ends the wait
+                result = await client.ask("how do I reclaim space from dead tuples?", timeout=WAIT)
+            assert result.status == "answered", result
+            assert result.sources and result.sources[0]["document_id"] == ids[0]
+            await app.close()
+            assert worker.stats.fallback_polls == 0
+    assert not [e for e in logs if e["event"] == "listen_through_pooler"]  # its LISTEN is on a direct connection
     await direct.close()
     # session state through the pooler shows here first: the worker survives it (a connection that fails is
     # replaced, a failed claim retried) but the pool and psycopg warn; with prepared statements on the pooled
@@ -97,6 +100,25 @@ async def test_worker_through_transaction_pooling_with_a_direct_listen_url(pgbou
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
     stats = pgbouncer.stats(dbname)
     assert stats and int(stats["total_xact_count"]) > 10, stats  # the claims and writes went through the pooler
+
+
+async def test_a_worker_whose_listen_goes_through_the_pooler_says_so(pgbouncer, db_url, models):
+    """No listen_url: the LISTEN goes through the transaction pooler, which drops it with its server connection.
+    The worker cannot hear that, but it can see that its connection is not a session of its own (the pooler's
+    made-up backend pid): it says what it loses and what to set."""
+    pooled = pgbouncer.url(db_url)
+    with capture_logs() as logs:
+        async with running_worker(fast_settings(db_url, kinds=("embed",)), models) as worker:
+            assert worker.listener.connected
+    assert not [e for e in logs if e["event"] == "listen_through_pooler"]  # direct, no listen_url: nothing to say
+    with capture_logs() as logs:
+        async with running_worker(fast_settings(pooled, kinds=("embed",)), models) as worker:
+            assert worker.listener.connected
+    said = [e for e in logs if e["event"] == "listen_through_pooler"]
+    assert len(said) == 1, [e["event"] for e in logs]
+    assert said[0]["log_level"] == "warning"
+    assert "PGSYNAPSE_LISTEN_URL" in said[0]["fix"] and "poll_interval" in said[0]["effect"], said[0]
+    assert said[0]["client_backend_pid"] != said[0]["server_backend_pid"]
 
 
 def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):

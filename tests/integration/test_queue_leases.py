@@ -7,6 +7,7 @@ SIGKILLed worker leaves once its lease ran out (the subprocess kill tests in tes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -352,3 +353,36 @@ async def test_a_stop_ends_a_claim_that_waits_on_a_lock(db_url, models):
     finally:
         await conn.close()
         await locker.close()
+
+
+async def test_a_stop_lets_the_maintenance_step_in_flight_finish(db_url, models, caplog):
+    """Once the loops had drained, the maintenance task (lease renewal, reaping, the heartbeat) was cancelled in the
+    middle of its query: anyio's cancellation interrupted psycopg's own cancel request, and psycopg warned 'query
+    cancellation interrupted (CancelledError): closing connection' and closed the connection (seen at SIGTERMs of
+    a rolling restart on a busy host). A stop now lets the step in flight end, STOP_GRACE at most."""
+    caplog.set_level(logging.WARNING, logger="psycopg")
+    worker = Worker(fast_settings(db_url, kinds=("embed",), lease_seconds=1.0), db_url, models=models)  # steps 0.33 s
+    conn = await aconn(db_url)
+    locker = await aconn(db_url)
+    try:
+        stopped = anyio.Event()
+
+        async def run(*, task_status) -> None:
+            await worker.run(task_status=task_status, handle_signals=False)
+            stopped.set()
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(run)
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE pgsynapse.workers IN EXCLUSIVE MODE")
+                # the next heartbeat waits on the lock, in flight
+                await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO pgsynapse.workers%%'")
+                worker.request_stop()
+                await anyio.wait_all_tasks_blocked()  # the loops have ended: main cancelled the heartbeat here
+            with anyio.fail_after(20):
+                await stopped.wait()
+    finally:
+        await conn.close()
+        await locker.close()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]

@@ -18,6 +18,18 @@ SELECT pg_try_advisory_lock(%(key)s) AS locked;
 -- name: migrate_unlock
 SELECT pg_advisory_unlock(%(key)s);
 
+-- name: migrate_lock_holder
+-- The session holding the migration lock (a bigint key: classid its high half, objid its low one, objsubid 1): a
+-- `migrate` or a starting worker applying migrations, or, idle for long, a session left holding it (a migrate
+-- through a transaction pooler takes it on one server connection and unlocks on another). state and query are
+-- NULL for another role's session without pg_read_all_stats.
+SELECT a.pid, a.application_name, a.state, round(extract(epoch FROM now() - a.state_change))::int AS state_seconds
+FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = (%(key)s::bigint >> 32)::oid AND l.objid = (%(key)s::bigint & 4294967295)::oid
+  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+LIMIT 1;
+
 -- name: create_migrations_table
 CREATE TABLE IF NOT EXISTS public.pgsynapse_migrations (
     version int PRIMARY KEY,

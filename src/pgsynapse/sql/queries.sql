@@ -396,6 +396,11 @@ DELETE FROM pgsynapse.workers WHERE heartbeat_at < now() - interval '1 day';
 -- once) as gone at once, not only once its heartbeat is 120 s old. A try: nobody else ever takes a worker's key.
 SELECT pg_try_advisory_lock(1885828983, hashtext(%(worker)s)) AS held;
 
+-- name: session_backend_pid
+-- The server process this statement ran on. A pooler between the client and PostgreSQL (PgBouncer, in any mode)
+-- hands the client a backend pid of its own making, so this differs from the pid the client was given at login.
+SELECT pg_backend_pid() AS pid;
+
 -- name: workers_seen
 -- connected: the worker's LISTEN connection holds its presence lock (hold_worker_presence).
 SELECT worker_id, host, pid, kinds, models, rss_mb, processed, started_at,
