@@ -13,8 +13,15 @@ through the same check and read-only run. Fixed statements do not vote: the vote
 candidates, and a fix runs only when none of them has a result. An answer after a fix carries
 ``result.fix = {"attempts", "first_sql", "first_error"}``; a row still failing says so in its error.
 
+Guardrails: the question (and its history turns' questions) is checked against the enabled guardrail rules as a
+text question is (pgsynapse.guardrails, the rules as its batch loaded them, the active text model's vectors). One a
+block rule matches ends ``blocked``, the rule on the row (``guardrail``), with no statement generated or run; one a
+flag rule matches is answered, the rule on the row. A history turn a block rule matches is left out of the prompt.
+An answer is written only under the rules it was checked under (else its job asks again under today's).
+
 What a row ends as: ``answered`` (a result), ``refused`` (the statement was not run: why), ``failed`` (no statement
-could be made or it failed when run: why). Only model and database trouble are retried.
+could be made or it failed when run: why), ``blocked`` (a guardrail rule). Only model and database trouble are
+retried.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pgsynapse.answer_cache import rules_key
 from pgsynapse.config import Settings
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.guardrails import Guard, RuleSet
 from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
                                      unanswerable)
 from pgsynapse.logs import get_logger
@@ -57,6 +66,9 @@ class SqlWork:
     model: dict[str, Any]  # a sql_models row, or the settings' model (id None)
     text_version: dict[str, Any] | None = None  # the active text model: it narrows a large schema to the question
     history: list[tuple[str, str]] = field(default_factory=list)
+    history_ids: list[int] = field(default_factory=list)  # the data question ids of ``history``
+    rules: RuleSet = field(default_factory=RuleSet)  # the guardrail rules its batch loaded: it is checked under them
+    rules_key: str = ""  # those rules as answer_cache.rules_key: the write's check that they still stand
 
 
 @dataclass
@@ -122,6 +134,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
         self.models = models  # the embedding model narrows large schemas to the tables most like the question
         self._generators: dict[tuple[str, str], SqlGenerator] = {}
         self._lock = threading.Lock()
+        self.guard = Guard()
 
     # -- models ---------------------------------------------------------------------------------------
     def generator(self, model: dict[str, Any]) -> SqlGenerator:
@@ -163,7 +176,14 @@ class SqlAnswerHandler(Handler[SqlWork]):
                     "session": row["session_id"], "before": row["id"], "limit": s.history_turns,
                     "max_chars": s.max_question_chars})).fetchall()
                 w.history = [(p["text"], p["sql"]) for p in reversed(past)]
+                w.history_ids = [p["id"] for p in reversed(past)]
             work.append(w)
+        if work:
+            rules = list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall())
+            self.guard.refresh(rules)
+            snapshot, key = self.guard.snapshot(), rules_key(rules)  # the batch's own: another may refresh the guard
+            for w in work:
+                w.rules, w.rules_key = snapshot, key
         return work, known
 
     # -- compute --------------------------------------------------------------------------------------
@@ -181,8 +201,34 @@ class SqlAnswerHandler(Handler[SqlWork]):
                     out.append(Outcome(w.job, error=describe(exc), read_hash=w.text_hash, retry_after=retry_after(exc)))
         return out
 
+    def _guardrail(self, w: SqlWork) -> dict[str, Any] | None:
+        """The rule the question matches (None: none), as a text question is checked: with the active text model,
+        under the rules its batch loaded. A history turn a block rule matches is left out of ``w.history``."""
+        if not w.rules:
+            return None
+        if w.text_version is None:
+            raise ConfigError("guardrail rules are enabled but no text model version is active to check data "
+                              "questions against them: promote one (`pgsynapse model list`, `pgsynapse promote N`)")
+        embedder = self.models.get(w.text_version)
+        hits = self.guard.check(embedder, [w.question] + [t for t, _ in w.history], rules=w.rules)
+        kept = []
+        for turn_id, turn, hit in zip(w.history_ids, w.history, hits[1:], strict=True):
+            if hit and hit["action"] == "block":
+                log.info("history_turn_blocked", question=w.job.ref_id, turn=turn_id)
+            else:
+                kept.append((turn_id, turn))
+        w.history_ids, w.history = [i for i, _ in kept], [t for _, t in kept]
+        return {**hits[0], "stage": "question"} if hits[0] else None
+
     def _answer(self, conn: psycopg.Connection, w: SqlWork) -> dict[str, Any]:
         s = self.settings
+        guard = self._guardrail(w)
+        if guard and guard["action"] == "block":  # no statement is generated, none runs
+            log.info("sql_answer_blocked", question=w.job.ref_id, rule=guard["rule_id"], similarity=guard["similarity"])
+            return {"status": "blocked", "sql": None, "schema_context": None, "result": None, "row_count": None,
+                    "error": f"blocked: the question matches guardrail rule {guard['rule_id']}: no SQL was generated",
+                    "truncated": None, "model": None, "text_hash": w.text_hash, "guardrail": Jsonb(guard),
+                    "rules_key": w.rules_key}
         version = w.text_version
         encode = (lambda texts: self.models.get(version).encode(texts, s.encode_batch_size)) if version else None
         ctx: SchemaContext = schema_context(
@@ -200,13 +246,21 @@ class SqlAnswerHandler(Handler[SqlWork]):
             payload["truncated_by"] = {"setting": res.truncated_by[0], "limit": res.truncated_by[1]}
         return {"status": ans.status, "sql": ans.best.sql or None, "error": ans.error, "schema_context": ans.given,
                 "result": Jsonb(payload) if payload else None, "row_count": res.row_count if res else None,
-                "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash}
+                "truncated": res.truncated if res else None, "model": w.model["id"], "text_hash": w.text_hash,
+                "guardrail": Jsonb(guard) if guard else None, "rules_key": w.rules_key}
 
     # -- write ----------------------------------------------------------------------------------------
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         report = WriteReport()
+        # written only under the rules it was checked under (as AnswerHandler.write): the rules as they are now
+        rules_now = rules_key(list(await (await conn.execute(q("guardrail_rules", "answers.sql"))).fetchall()))
         for o in outcomes:
-            r = o.result
+            r = dict(o.result)
+            if r.pop("rules_key") != rules_now:
+                log.info("sql_answer_rules_changed", question=o.job.ref_id, job=o.job.id)
+                report.superseded.append(o.job.id)
+                report.notes[o.job.id] = "superseded: the guardrail rules changed since it was checked"
+                continue
             cur = await conn.execute(q("write_data_answer", "textsql.sql"), {"id": o.job.ref_id, **r})
             if cur.rowcount == 0:  # edited meanwhile (its UPDATE queued a new job), or deleted
                 report.superseded.append(o.job.id)

@@ -146,7 +146,8 @@ class Result:
 @dataclass(frozen=True)
 class DataResult:
     """A question about the data, answered: ``status`` answered (columns and rows), refused (the statement was
-    not run) or failed; ``sql`` the statement generated; ``error`` why it was refused or failed."""
+    not run), failed or blocked (a guardrail rule: no statement was generated); ``sql`` the statement generated;
+    ``error`` why it was refused, failed or blocked; ``guardrail`` the rule that blocked or flagged it."""
 
     id: int
     status: str
@@ -162,6 +163,7 @@ class DataResult:
     # when truncated, the limit that cut it: {"setting": "sql_max_rows" or "sql_max_result_bytes", "limit": its value}
     # (None on a row answered before pgsynapse recorded it)
     truncated_by: dict[str, Any] | None = None
+    guardrail: dict[str, Any] | None = None
 
 
 def data_result(r: dict[str, Any]) -> DataResult:
@@ -169,7 +171,7 @@ def data_result(r: dict[str, Any]) -> DataResult:
     res = r["result"] or {}
     return DataResult(r["id"], r["status"], r["sql"], res.get("columns", []), res.get("rows", []), r["row_count"],
                       bool(r["truncated"]), r["error"], r["sql_model_id"], r["latency_ms"], r["session_id"],
-                      res.get("truncated_by"))
+                      res.get("truncated_by"), r.get("guardrail"))
 
 
 def result(r: dict[str, Any]) -> Result:

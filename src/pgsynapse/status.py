@@ -171,7 +171,7 @@ def render(snap: dict[str, Any]) -> str:
     dq = snap.get("data_questions") or {}
     if sum(dq.values()) or snap.get("sql_models"):
         lines.append(f"data questions : {sum(dq.values())} ({dq['pending']} pending, {dq['answered']} answered, "
-                     f"{dq['refused']} refused, {dq['failed']} failed)")
+                     f"{dq['refused']} refused, {dq['failed']} failed, {dq['blocked']} blocked)")
         for m in snap.get("sql_models", []):
             lines.append(f"SQL model {m['id']:<5}: {m['status']} {m['name']} ({m['runtime']}), "
                          f"{float(m['traffic_percent']):g}% traffic")

@@ -83,7 +83,7 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
     assert retrain.returncode == 0 and "sql_retrain queued (job" in retrain.stdout
 
     status = pgsynapse("status", url=db_url).stdout
-    assert "data questions : 3 (0 pending, 2 answered, 0 refused, 1 failed)" in status
+    assert "data questions : 3 (0 pending, 2 answered, 0 refused, 1 failed, 0 blocked)" in status
     assert "SQL model 1" not in status  # a retired model is not listed
 
     # a GGUF model without --runtime: llama.cpp when llama-cpp-python is installed (not here), else transformers

@@ -21,7 +21,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
-from pgsynapse.textsql.cli import correct
+from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
 from tests.helpers import aconn, fast_settings, running_worker
@@ -166,8 +166,8 @@ async def test_a_question_is_answered_with_its_sql_and_result_and_a_follow_up_ge
     assert row["result"] == {"columns": first.columns, "rows": first.rows}
     with psycopg.connect(url, row_factory=dict_row) as conn:
         snap = snapshot(conn)
-    assert snap["data_questions"] == {"pending": 0, "answered": 2, "refused": 0, "failed": 0}
-    assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed)" in render(snap)
+    assert snap["data_questions"] == {"pending": 0, "answered": 2, "refused": 0, "failed": 0, "blocked": 0}
+    assert "data questions : 2 (0 pending, 2 answered, 0 refused, 0 failed, 0 blocked)" in render(snap)
     # the jobs table stays aligned with a kind longer than "answer": its counts stand under their headers
     [header] = [line for line in render(snap).splitlines() if line.startswith("jobs ")]
     [row] = [line for line in render(snap).splitlines() if line.strip().startswith("sql_answer ")]
@@ -391,3 +391,75 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
                     pass
     [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions")
     assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
+
+
+async def test_a_data_question_a_block_rule_matches_is_blocked_before_any_sql_and_a_flag_rule_flags_its_answer(
+        shop, models):
+    """Data questions were never checked against the guardrail rules: a question a block rule matched was answered
+    through SQL like any other. It is checked as a text question is, with the active text model: blocked (no
+    statement generated or run, the rule on the row), or answered and flagged; its batch neighbours are answered."""
+    url, model = shop
+    settings = _settings(url, model)
+    asked = [INJECTION, PER_REGION, ALL_IDS]
+    with psycopg.connect(url, autocommit=True) as conn:
+        block, flag = [conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) VALUES"
+                                    " (%s, %s, 0.95) RETURNING id", (text, action)).fetchone()[0]
+                       for text, action in ((INJECTION, "block"), (PER_REGION, "flag"))]
+    with capture_logs() as logs:
+        async with await aconn(url) as conn:
+            await conn.execute("LISTEN pgsynapse_data_answers")
+            await conn.execute("INSERT INTO pgsynapse.data_questions (text) SELECT unnest(%s::text[])", (asked,))
+            async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+                announced = {json.loads(n.payload)["id"]: json.loads(n.payload)["status"]
+                             async for n in conn.notifies(timeout=60, stop_after=len(asked))}
+    rows = {r["text"]: r for r in _rows(url, "SELECT * FROM pgsynapse.data_questions")}
+    assert announced == {r["id"]: r["status"] for r in rows.values()}
+    blocked, flagged, plain = rows[INJECTION], rows[PER_REGION], rows[ALL_IDS]
+    assert blocked["status"] == "blocked", blocked
+    assert blocked["sql"] is None and blocked["result"] is None and blocked["schema_context"] is None
+    assert blocked["guardrail"]["rule_id"] == block and blocked["guardrail"]["action"] == "block"
+    assert blocked["guardrail"]["stage"] == "question" and blocked["guardrail"]["similarity"] >= 0.95
+    assert blocked["error"] == f"blocked: the question matches guardrail rule {block}: no SQL was generated"
+    # no statement was generated for it: the model answered its two neighbours only
+    generated = [e["question"] for e in logs if e["event"] == "sql_answer_generated"]
+    assert sorted(generated) == sorted([flagged["id"], plain["id"]])
+    assert flagged["status"] == "answered" and flagged["result"]["rows"] == [["north", 30], ["south", 10]]
+    assert flagged["guardrail"]["rule_id"] == flag and flagged["guardrail"]["action"] == "flag"
+    assert plain["status"] == "answered" and plain["guardrail"] is None
+    jobs = _rows(url, "SELECT status FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
+    assert [j["status"] for j in jobs] == ["done"] * 3
+    async with Client(url) as client:  # what `sql-ask` prints: the rule that blocked it
+        shown = format_data_result(await client.data_result(blocked["id"]))
+    assert shown == (f"SQL: (none)\nblocked: the question matches guardrail rule {block}: no SQL was generated\n"
+                     f"guardrail: block by rule {block} (question, similarity {blocked['guardrail']['similarity']})\n"
+                     f"  blocked in {blocked['latency_ms']:.0f} ms (data question {blocked['id']})")
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        assert "(0 pending, 2 answered, 0 refused, 0 failed, 1 blocked)" in render(snapshot(conn))
+
+
+class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
+    """A block rule matching the question is added while the first batch computes: after its load, before its write."""
+
+    added = False
+
+    def compute(self, work):
+        if not self.added:
+            with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+                conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) VALUES (%s, 'block', 0.95)",
+                             (PER_REGION,))
+            self.added = True
+        return super().compute(work)
+
+
+async def test_a_data_answer_is_written_only_under_the_rules_it_was_checked_under(shop, models):
+    """A data question answered under the rules its batch loaded is not written once a rule changed meanwhile: its
+    job is queued again, and the question is checked under the rules as they are (blocked by the new one)."""
+    url, model = shop
+    settings = _settings(url, model)
+    async with running_worker(settings, models, handlers={"sql_answer": RuleAddedMidBatchSqlHandler(settings, models)}):
+        async with Client(url) as client:
+            first = await client.ask_data(PER_REGION)
+    assert first.status == "blocked" and first.sql is None and first.guardrail["action"] == "block", first
+    jobs = _rows(url, "SELECT status, skip_reason FROM pgsynapse.jobs WHERE kind = 'sql_answer' ORDER BY id")
+    assert jobs == [{"status": "done", "skip_reason": "superseded: the guardrail rules changed since it was checked"},
+                    {"status": "done", "skip_reason": None}]

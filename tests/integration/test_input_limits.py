@@ -106,9 +106,10 @@ async def test_a_body_the_model_cannot_read_fails_at_once_and_a_dump_inside_a_pa
             " characters without a ...") in shown
 
 
-async def test_retry_failed_closes_the_failed_jobs_of_deleted_rows_and_requeues_the_others(db_url, models):
-    """Deleting a row that can never succeed is the natural fix; retry-failed then requeued its failed job anyway
-    (counted as requeued, done with nothing to do), and until then `status` counted it as failed."""
+async def test_deleting_a_row_closes_its_failed_jobs_and_retry_failed_requeues_the_others(db_url, models):
+    """Deleting a row that can never succeed is the natural fix; its failed job stayed failed, and `status` listed it
+    ("embed 1 InputError: ...") until retry-failed closed it. The DELETE closes it (and a pending one is left to the
+    worker, which finds its row gone); retry-failed requeues only the failed jobs of rows still there."""
     settings = fast_settings(db_url, max_document_chars=1000, max_question_chars=200)
     conn = await aconn(db_url)
     async with running_worker(settings, models):
@@ -119,13 +120,17 @@ async def test_retry_failed_closes_the_failed_jobs_of_deleted_rows_and_requeues_
         await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
     await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (gone,))
     await conn.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (question,))
+    jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert jobs == [{"kind": "embed", "ref_id": gone, "status": "done", "skip_reason": "its row was deleted"},
+                    {"kind": "embed", "ref_id": kept, "status": "failed", "skip_reason": None},
+                    {"kind": "answer", "ref_id": question, "status": "done", "skip_reason": "its row was deleted"}]
+    with psycopg.connect(db_url, row_factory=dict_row) as sync:  # only the row still there is listed as failed
+        shown = render(snapshot(sync))
+    [failed] = [line for line in shown.splitlines() if "InputError" in line]
+    assert failed.split()[:2] == ["embed", "1"], shown
     retried = pgsynapse("retry-failed", url=db_url)
     assert retried.returncode == 0, retried.stderr
-    assert retried.stdout == ("requeued embed: 1\n"
-                              "closed 2 failed job(s) whose row was deleted: nothing is left for them to do\n")
+    assert retried.stdout == "requeued embed: 1\n"
     jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
     await conn.close()
-    assert jobs == [{"kind": "embed", "ref_id": gone, "status": "done", "skip_reason": "its row was deleted (retry-failed)"},
-                    {"kind": "embed", "ref_id": kept, "status": "pending", "skip_reason": None},
-                    {"kind": "answer", "ref_id": question, "status": "done",
-                     "skip_reason": "its row was deleted (retry-failed)"}]
+    assert [j["status"] for j in jobs] == ["done", "pending", "done"]

@@ -711,15 +711,15 @@ def test_status_says_where_the_schema_stands(new_db):
     """`pgsynapse status` said nothing of the schema: a migration whose tables the status queries do not read
     (0026 changed a trigger) left an upgraded database a release behind without a word."""
     url = new_db()
-    last = available()[-1]
+    before, last = available()[-2:]  # numbers may skip one another branch holds
     migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:  # the last one not recorded: status reads the record
         conn.execute("DELETE FROM public.pgsynapse_migrations WHERE version = %s", (last.version,))
     r = _status(url, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["schema"] == {"applied": last.version - 1, "latest": last.version,
+    assert json.loads(r.stdout)["schema"] == {"applied": before.version, "latest": last.version,
                                               "pending": [last.name], "newer": []}
-    assert (f"schema         : migration {last.version - 1} of {last.version}, 1 to apply ({last.name}): run "
+    assert (f"schema         : migration {before.version} of {last.version}, 1 to apply ({last.name}): run "
             "`pgsynapse migrate`") in _status(url).stdout
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (last.version, last.name))
@@ -1110,3 +1110,55 @@ def test_the_question_verdicts_migration_keeps_the_verdicts_the_reports_counted_
             if run == 1:
                 with conn.transaction():
                     conn.execute(mig.sql.encode())
+
+
+def test_the_deleted_rows_migration_closes_a_deleted_rows_failed_jobs_by_index_and_is_idempotent(new_db):
+    """0040 on top of 0039: a deleted row's failed job stayed failed (`status` listed it) until retry-failed closed
+    it. The migration closes those of rows already deleted, a DELETE closes its rows' own (looked up by the index
+    jobs_failed_ref, not a scan of the queue's done jobs); data questions get the guardrail column and the 'blocked'
+    status, which an edit clears. Re-running the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 40)
+    with psycopg.connect(url, autocommit=True) as conn:
+        doc, gone, kept = [conn.execute("INSERT INTO pgsynapse.documents (body) VALUES (%s) RETURNING id",
+                                        (b,)).fetchone()[0] for b in ("a", "b", "c")]
+        asked = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('how many?') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'failed', last_error = 'InputError: too long'")
+        conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (gone,))  # before 0040: its job stays failed
+    assert mig.name in migrate(url)
+    queue = "SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id"
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute(queue).fetchall() == [
+            ("embed", doc, "failed", None), ("embed", gone, "done", "its row was deleted"),
+            ("embed", kept, "failed", None), ("sql_answer", asked, "failed", None)]
+        # a queue of many done jobs, and many failed ones of each kind (a bad release's): the DELETE's lookup is the
+        # index of failed jobs by (kind, ref_id), not a scan of them
+        conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status) SELECT 'embed', g, 'done'"
+                     " FROM generate_series(1000, 50999) g")
+        conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, status) SELECT k, g, 'failed'"
+                     " FROM generate_series(100000, 119999) g, unnest(ARRAY['embed', 'sql_answer']) k")
+        conn.execute("ANALYZE pgsynapse.jobs")
+        conn.execute("SET stats_fetch_consistency = none")
+
+        def scans():  # the scans of the index jobs_failed_ref, and of the jobs table
+            conn.execute("SELECT pg_stat_force_next_flush()")  # this backend's, flushed when this statement ends
+            return conn.execute("SELECT i.idx_scan, t.seq_scan FROM pg_stat_user_indexes i JOIN pg_stat_user_tables t"
+                                " USING (relid) WHERE i.indexrelname = 'jobs_failed_ref'").fetchone()
+
+        before = scans()
+        conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
+        conn.execute("DELETE FROM pgsynapse.data_questions WHERE id = %s", (asked,))
+        after = scans()
+        assert (after[0] - before[0], after[1] - before[1]) == (2, 0)  # two index lookups, no scan of the jobs
+        expected = [("embed", doc, "done", "its row was deleted"), ("embed", gone, "done", "its row was deleted"),
+                    ("embed", kept, "failed", None), ("sql_answer", asked, "done", "its row was deleted")]
+        assert conn.execute(queue + " LIMIT 4").fetchall() == expected
+        blocked = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('q') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'blocked', guardrail = '{\"rule_id\": 1}'")
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert conn.execute(queue + " LIMIT 4").fetchall() == expected
+        assert conn.execute("SELECT status, guardrail FROM pgsynapse.data_questions").fetchall() == [
+            ("blocked", {"rule_id": 1})]
+        conn.execute("UPDATE pgsynapse.data_questions SET text = 'edited' WHERE id = %s", (blocked,))
+        assert conn.execute("SELECT status, guardrail FROM pgsynapse.data_questions").fetchall() == [("pending", None)]

@@ -9,7 +9,7 @@ INSERT INTO pgsynapse.data_questions (session_id, text, target_schema, allowed_t
 VALUES (%(session)s, %(text)s, %(schema)s, %(tables)s) RETURNING id;
 
 -- name: data_answer
-SELECT id, status, sql, result, row_count, truncated, error, sql_model_id, latency_ms, session_id
+SELECT id, status, sql, result, row_count, truncated, error, sql_model_id, latency_ms, session_id, guardrail
 FROM pgsynapse.data_questions WHERE id = %(id)s;
 
 -- name: answer

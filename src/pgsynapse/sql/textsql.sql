@@ -70,7 +70,7 @@ ORDER BY con.conrelid, con.contype DESC, con.conname;
 UPDATE pgsynapse.data_questions
 SET status = %(status)s, sql = %(sql)s, result = %(result)s, row_count = %(row_count)s,
     truncated = %(truncated)s, error = %(error)s, schema_context = %(schema_context)s,
-    sql_model_id = %(model)s, answered_at = now(),
+    sql_model_id = %(model)s, guardrail = %(guardrail)s, answered_at = now(),
     latency_ms = extract(epoch FROM clock_timestamp() - coalesce(asked_at, created_at)) * 1000
 WHERE id = %(id)s AND status = 'pending' AND text_hash = %(text_hash)s
 RETURNING id, status;
@@ -102,7 +102,8 @@ SELECT pg_notify('pgsynapse_data_answers', json_build_object('id', %(id)s::bigin
 
 -- name: data_question_counts
 SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (WHERE status = 'answered') AS answered,
-       count(*) FILTER (WHERE status = 'refused') AS refused, count(*) FILTER (WHERE status = 'failed') AS failed
+       count(*) FILTER (WHERE status = 'refused') AS refused, count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked
 FROM pgsynapse.data_questions;
 
 -- name: question_to_correct

@@ -90,6 +90,9 @@ def format_data_result(r: DataResult) -> str:
         if r.status == "failed" and error.startswith(STATEMENT_FAILED):
             error = error.removeprefix(STATEMENT_FAILED)
         lines.append(error if error.startswith(f"{r.status}: ") else f"{r.status}: {error}")
+    if r.guardrail:
+        g = r.guardrail
+        lines.append(f"guardrail: {g['action']} by rule {g['rule_id']} ({g['stage']}, similarity {g['similarity']})")
     if r.latency_ms is not None:
         by = (f" by SQL model {r.sql_model_id}" if r.sql_model_id is not None else " by the configured SQL model"
               ) if r.sql else ""
