@@ -1156,3 +1156,30 @@ def test_the_turns_migration_recounts_the_sessions_and_keeps_them_counted_withou
             with conn.transaction():
                 conn.execute(mig.sql.encode())
 
+
+def test_the_turns_migration_says_a_rating_off_the_scale_is_one_whatever_helpful_says(new_db):
+    """0041: feedback that says helpful and rates 0 (or not helpful and rates 6) was refused as a contradiction
+    ("says helpful and rates it 0: a rating of 4 or 5 counts as helpful ..."), where the rating alone is refused as
+    off the scale (feedback_rating_between_1_and_5): it is refused as that now, by INSERT and UPDATE
+    (feedback_consistent_v2.sql); a rating on the scale that disagrees is refused as before."""
+    url = new_db()
+    mig = _apply_below(url, 41)
+    assert mig.name in migrate(url)
+    write = "INSERT INTO pgsynapse.feedback (question_id, helpful, rating) VALUES (%s, %s, %s)"
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('a') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'b' WHERE id = %s", (qid,))
+        fb = conn.execute(write + " RETURNING id", (qid, True, 5)).fetchone()[0]
+        for run in (1, 2):
+            for helpful, rating in ((True, 0), (False, 6), (None, 0), (True, -3)):
+                with pytest.raises(psycopg.errors.CheckViolation, match="feedback_rating_between_1_and_5") as exc:
+                    conn.execute(write, (qid, helpful, rating))
+                assert exc.value.diag.constraint_name == "feedback_rating_between_1_and_5"
+            with pytest.raises(psycopg.errors.CheckViolation, match="feedback_rating_between_1_and_5"):
+                conn.execute("UPDATE pgsynapse.feedback SET rating = 0 WHERE id = %s", (fb,))
+            with pytest.raises(psycopg.errors.CheckViolation, match="says helpful and rates it 2") as exc:
+                conn.execute(write, (qid, True, 2))
+            assert exc.value.diag.constraint_name == "feedback_helpful_agrees_with_rating"
+            if run == 1:
+                with conn.transaction():
+                    conn.execute(mig.sql.encode())
