@@ -13,7 +13,7 @@ from pgsynapse.errors import InputError
 
 
 # how a row's helpful and rating, both given, must agree: as the A/B report and the retrain read a rating alone
-# (coalesce(helpful, rating >= 4)); the trigger feedback_consistent_v1 says the same for SQL (migration 0028)
+# (coalesce(helpful, rating >= 4)); the trigger feedback_consistent_v2 says the same for SQL (migrations 0028, 0041)
 RATINGS_AGREE = "a rating of 4 or 5 counts as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"
 
 

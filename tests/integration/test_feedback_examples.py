@@ -180,6 +180,24 @@ def test_feedback_through_sql_on_a_question_with_no_answer_is_refused_saying_so(
                         ).fetchone()["n"] == 0
 
 
+def test_feedback_through_sql_with_a_rating_off_the_scale_is_refused_as_that_whatever_helpful_says(conn):
+    """A rating of 0 with helpful set was refused as a contradiction ("says helpful and rates it 0: a rating of 4 or 5
+    counts as helpful, 1 to 3 as not helpful"), which sent the user to fix the wrong thing: the rating alone is off
+    the scale, and is refused as that (feedback_rating_between_1_and_5), helpful or not (migration 0041)."""
+    qid = _question(conn, "how do I vacuum?")
+    row = conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true) RETURNING id",
+                       (qid,)).fetchone()["id"]
+    for helpful in (True, False, None):
+        for rating in (0, 6):
+            with pytest.raises(psycopg.errors.CheckViolation) as refused:
+                conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful, rating) VALUES (%s, %s, %s)",
+                             (qid, helpful, rating))
+            assert refused.value.diag.constraint_name == "feedback_rating_between_1_and_5", str(refused.value)
+    with pytest.raises(psycopg.errors.CheckViolation) as refused:
+        conn.execute("UPDATE pgsynapse.feedback SET rating = 0 WHERE id = %s", (row,))
+    assert refused.value.diag.constraint_name == "feedback_rating_between_1_and_5", str(refused.value)
+
+
 def test_a_verdict_changed_by_an_update_trains_the_new_verdict(conn):
     """An application may UPDATE a feedback row's helpful, rating and chunk_id (pgsynapse_app's grant, a user who
     changes their click): its example follows, and counts as new again. It was built on INSERT only, so the retrain

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -168,6 +169,24 @@ async def test_the_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(db_u
         async with Client(db_url) as client:
             slow = await client.ask("how do I undo commands back to a savepoint?")
     assert slow.status == "failed" and "answer endpoint did not answer within 0.5 s" in slow.error, slow.error
+
+
+async def test_an_endpoint_down_for_every_attempt_fails_the_question_saying_where_and_what_to_do(db_url, models):
+    # it failed with "RuntimeError: answer endpoint unreachable: [Errno 111] Connection refused": neither the
+    # endpoint (its URL), nor the setting that names it, nor the way back once it is up
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = fast_settings(db_url, answerer="openai", openai_model="tiny", max_attempts=2,
+                             openai_base_url=f"http://127.0.0.1:{port}/v1")
+    async with running_worker(settings, models):
+        await _corpus(db_url)
+        async with Client(db_url) as client:
+            down = await client.ask("how do I undo commands back to a savepoint?")
+    assert down.status == "failed", down
+    assert down.error.startswith(f"RuntimeError: answer endpoint http://127.0.0.1:{port}/v1/chat/completions "
+                                 "unreachable: ") and "Connection refused" in down.error, down.error
+    assert "openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]" in down.error and "pgsynapse retry-failed" in down.error
 
 
 async def test_a_busy_endpoint_s_retry_after_is_when_the_job_is_tried_again(db_url, models, fake_openai):

@@ -711,7 +711,7 @@ def test_status_says_where_the_schema_stands(new_db):
     """`pgsynapse status` said nothing of the schema: a migration whose tables the status queries do not read
     (0026 changed a trigger) left an upgraded database a release behind without a word."""
     url = new_db()
-    before, last = available()[-2:]  # numbers may skip one another branch holds
+    before, last = available()[-2:]  # not last.version - 1: a number may be skipped (one left to another branch)
     migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:  # the last one not recorded: status reads the record
         conn.execute("DELETE FROM public.pgsynapse_migrations WHERE version = %s", (last.version,))
@@ -1162,3 +1162,81 @@ def test_the_deleted_rows_migration_closes_a_deleted_rows_failed_jobs_by_index_a
             ("blocked", {"rule_id": 1})]
         conn.execute("UPDATE pgsynapse.data_questions SET text = 'edited' WHERE id = %s", (blocked,))
         assert conn.execute("SELECT status, guardrail FROM pgsynapse.data_questions").fetchall() == [("pending", None)]
+
+
+def test_the_turns_migration_recounts_the_sessions_and_keeps_them_counted_without_deadlocks(new_db):
+    """0041 on top of 0040: conversations.turns counted a session's questions
+    up on their INSERT only, so a question deleted or moved to another session stayed counted where it had been,
+    and the session it moved to had no row. The migration recounts (a session with no question left has no row),
+    and from then on a DELETE and an UPDATE of session_id keep the counts. Two statements moving questions between
+    the same two sessions in opposite directions lock the rows in session_id order: one waits for the other, neither
+    is aborted as a deadlock. Re-running the migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 41)
+    turns = "SELECT session_id, turns FROM pgsynapse.conversations ORDER BY 1"
+    with psycopg.connect(url, autocommit=True) as conn:
+        ids = [r[0] for r in conn.execute(
+            "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s1', 'a'), ('s1', 'b'), ('s1', 'c'),"
+            " ('s2', 'd'), ('s2', 'e'), ('gone', 'f') RETURNING id").fetchall()]
+        conn.execute("DELETE FROM pgsynapse.questions WHERE id = ANY(%s)", ([ids[0], ids[5]],))
+        conn.execute("UPDATE pgsynapse.questions SET session_id = 's4' WHERE id = %s", (ids[4],))
+        stale = conn.execute(turns).fetchall()
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for run in (1, 2):
+            assert stale != [("s1", 2), ("s2", 1), ("s4", 1)] == conn.execute(turns).fetchall()
+            errors: list[BaseException] = []
+
+            def move(qid: int, to: str) -> threading.Thread:
+                def body():
+                    try:
+                        with psycopg.connect(url) as c:
+                            c.execute("UPDATE pgsynapse.questions SET session_id = %s WHERE id = %s", (to, qid))
+                    except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                        errors.append(exc)
+                thread = threading.Thread(target=body)
+                thread.start()
+                return thread
+
+            with psycopg.connect(url) as holder:
+                holder.execute("SELECT FROM pgsynapse.conversations WHERE session_id = 's2' FOR UPDATE")
+                there = move(ids[1], "s2")  # s1 -> s2: locks s1, waits for s2
+                _lock_waits(conn, there, 1)
+                back = move(ids[3], "s1")  # s2 -> s1: waits for s1 (first in order), holding nothing
+                _lock_waits(conn, back, 2)
+            for thread in (there, back):
+                thread.join(60)
+            assert errors == []
+            assert conn.execute(turns).fetchall() == [("s1", 2), ("s2", 1), ("s4", 1)]
+            conn.execute("UPDATE pgsynapse.questions SET session_id = CASE id WHEN %s THEN 's1' ELSE 's2' END"
+                         " WHERE id = ANY(%s)", (ids[1], [ids[1], ids[3]]))
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
+def test_the_turns_migration_says_a_rating_off_the_scale_is_one_whatever_helpful_says(new_db):
+    """0041: feedback that says helpful and rates 0 (or not helpful and rates 6) was refused as a contradiction
+    ("says helpful and rates it 0: a rating of 4 or 5 counts as helpful ..."), where the rating alone is refused as
+    off the scale (feedback_rating_between_1_and_5): it is refused as that now, by INSERT and UPDATE
+    (feedback_consistent_v2.sql); a rating on the scale that disagrees is refused as before."""
+    url = new_db()
+    mig = _apply_below(url, 41)
+    assert mig.name in migrate(url)
+    write = "INSERT INTO pgsynapse.feedback (question_id, helpful, rating) VALUES (%s, %s, %s)"
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('a') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.questions SET status = 'answered', answer = 'b' WHERE id = %s", (qid,))
+        fb = conn.execute(write + " RETURNING id", (qid, True, 5)).fetchone()[0]
+        for run in (1, 2):
+            for helpful, rating in ((True, 0), (False, 6), (None, 0), (True, -3)):
+                with pytest.raises(psycopg.errors.CheckViolation, match="feedback_rating_between_1_and_5") as exc:
+                    conn.execute(write, (qid, helpful, rating))
+                assert exc.value.diag.constraint_name == "feedback_rating_between_1_and_5"
+            with pytest.raises(psycopg.errors.CheckViolation, match="feedback_rating_between_1_and_5"):
+                conn.execute("UPDATE pgsynapse.feedback SET rating = 0 WHERE id = %s", (fb,))
+            with pytest.raises(psycopg.errors.CheckViolation, match="says helpful and rates it 2") as exc:
+                conn.execute(write, (qid, True, 2))
+            assert exc.value.diag.constraint_name == "feedback_helpful_agrees_with_rating"
+            if run == 1:
+                with conn.transaction():
+                    conn.execute(mig.sql.encode())

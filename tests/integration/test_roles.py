@@ -174,6 +174,37 @@ async def test_app_role_writes_its_rows_the_triggers_queue_the_jobs_and_the_queu
         await su.close()
 
 
+def test_a_sessions_turns_are_its_questions_after_the_app_deletes_or_moves_them(db_url, login_role):
+    """conversations.turns was counted up by a question's INSERT only: after the application deleted a question, or
+    moved it to another session (an UPDATE of session_id), the session still counted it, and the session it went
+    to had no row. Now every change of the questions keeps the count (questions_v9.sql, migration 0041); a session
+    left with no question has no row, as a blank one (its id is not kept once its questions are gone)."""
+    turns = "SELECT session_id, turns FROM pgsynapse.conversations ORDER BY 1"
+    with psycopg.connect(login_role("pgsynapse_app", db_url), autocommit=True) as app:
+        ids = [r[0] for r in app.execute(
+            "INSERT INTO pgsynapse.questions (session_id, text) VALUES ('s1', 'a'), ('s1', 'b'), ('s1', 'c'),"
+            " ('s2', 'd'), ('s2', 'e'), ('', 'f'), (NULL, 'g') RETURNING id").fetchall()]
+        a, b, c, d, e, f, g = ids
+        assert app.execute(turns).fetchall() == [("s1", 3), ("s2", 2)]
+        app.execute("DELETE FROM pgsynapse.questions WHERE id = %s", (a,))
+        assert app.execute(turns).fetchall() == [("s1", 2), ("s2", 2)]
+        app.execute("UPDATE pgsynapse.questions SET session_id = 's2' WHERE id = %s", (b,))
+        assert app.execute(turns).fetchall() == [("s1", 1), ("s2", 3)]
+        # to a new session, to none (blank, NULL), from none; several in one statement; a text edit moves nothing
+        app.execute("UPDATE pgsynapse.questions SET session_id = CASE id WHEN %s THEN 's3' WHEN %s THEN ' '"
+                    " WHEN %s THEN NULL WHEN %s THEN 's1' ELSE 's3' END WHERE id = ANY(%s)",
+                    (d, e, b, f, [d, e, b, f, g]))
+        assert app.execute(turns).fetchall() == [("s1", 2), ("s3", 2)]
+        app.execute("UPDATE pgsynapse.questions SET session_id = session_id, text = text || '?' WHERE id = ANY(%s)",
+                    (ids,))
+        assert app.execute(turns).fetchall() == [("s1", 2), ("s3", 2)]
+        app.execute("DELETE FROM pgsynapse.questions WHERE session_id IN ('s1', ' ') OR id = %s", (d,))
+        assert app.execute(turns).fetchall() == [("s3", 1)]
+        left = app.execute("SELECT session_id, count(*) FROM pgsynapse.questions WHERE btrim(session_id) <> ''"
+                           " GROUP BY 1 ORDER BY 1").fetchall()
+        assert left == app.execute(turns).fetchall()
+
+
 async def test_worker_role_embeds_and_answers_for_an_app_role_that_asks_and_searches(db_url, login_role, models):
     worker_url, app_url = login_role("pgsynapse_worker", db_url), login_role("pgsynapse_app", db_url)
     settings = fast_settings(worker_url, kinds=("embed", "answer"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -394,6 +395,23 @@ def test_a_body_that_is_not_json_or_a_reply_too_slow_is_an_error_naming_the_endp
     FakeOpenAI.raw, FakeOpenAI.hold = None, threading.Event()  # it answers once the test is over
     with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
         generator.generate(FOLLOW_UP)
+
+
+def test_an_endpoint_that_is_down_is_an_error_naming_it_its_setting_and_what_to_do(tmp_path):
+    # it said "SQL endpoint unreachable: [Errno 111] Connection refused": which endpoint, set where, and then what?
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for base, why in ((f"http://127.0.0.1:{port}/v1/", "Connection refused"),
+                      (f"http://user:pa55@127.0.0.1:{port}/v1", "")):  # the URL said without its credentials
+        settings = load_settings(environ={}, data_dir=tmp_path, openai_base_url=base)
+        with pytest.raises(RuntimeError) as down:
+            make_generator("openai", "sql-model", settings).generate(FOLLOW_UP)
+        said = str(down.value)
+        assert said.startswith(f"SQL endpoint http://127.0.0.1:{port}/v1/chat/completions unreachable: ") and (
+            why in said and "openai_base_url [PGSYNAPSE_OPENAI_BASE_URL]" in said
+            and "pgsynapse retry-failed" in said), said
+        assert "pa55" not in said and "user" not in said, said
 
 
 def test_the_sql_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(fake_openai, tmp_path):

@@ -9,6 +9,7 @@ import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -196,6 +197,13 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
+def endpoint_shown(url: str) -> str:
+    """``url`` as an error or a log may show it: without a user and password, a query or a fragment (where keys
+    go)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
               what: str = "answer endpoint") -> T:
     """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors,
@@ -224,7 +232,10 @@ def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any]
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, TimeoutError):
             raise RuntimeError(slow) from None
-        raise RuntimeError(f"{what} unreachable: {exc.reason}") from None
+        # the answerer's and the SQL generator's endpoint are both openai_base_url's
+        raise RuntimeError(f"{what} {endpoint_shown(url)} unreachable: {exc.reason}: start it, or set openai_base_url "
+                           "[PGSYNAPSE_OPENAI_BASE_URL] to where it runs; once it answers, `pgsynapse retry-failed` "
+                           "asks again what failed meanwhile") from None
     except json.JSONDecodeError as exc:
         raise RuntimeError(f"{what} returned a body that is not JSON: {exc.doc[:200]!r}") from None
     except TimeoutError:
