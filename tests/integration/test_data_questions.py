@@ -391,3 +391,31 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
                     pass
     [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions")
     assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
+
+
+async def test_a_function_of_the_schema_called_as_a_column_is_refused_and_never_runs(shop, models, endpoint):
+    # o.hold_lock is PostgreSQL's attribute notation for hold_lock(o): a function of the question's schema outside
+    # the allow-list ran (it answered), and its session advisory lock outlived the rolled-back transaction on the
+    # worker's connection (so could a SECURITY DEFINER function's set_config('role', ...) or an extension's
+    # http_get(text): nothing of the read-only transaction stops them)
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION hold_lock(o orders) RETURNS int LANGUAGE sql SECURITY DEFINER "
+                     "AS $$ SELECT 1 FROM (SELECT pg_advisory_lock(4242)) AS x $$")
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT o.hold_lock FROM orders o WHERE o.id = 1"
+    locks = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("which orders hold a lock?", timeout=20)
+        held = _rows(url, locks)[0]["n"]  # while the worker's connection is still open
+    assert r.status == "refused", r
+    assert r.error == ("refused: o.hold_lock would call function public.hold_lock, which is not allowed "
+                       "(a function of the question's schema)"), r.error
+    assert r.sql == 'SELECT o.hold_lock FROM "public".orders o WHERE o.id = 1' and not r.rows, r
+    assert held == 0
+    # sql-correct runs a correction the same way, and refuses it the same way
+    with psycopg.connect(url, autocommit=True) as conn:
+        with pytest.raises(InputError, match="would call function public.hold_lock"):
+            correct(conn, r.id, "SELECT (o).hold_lock FROM orders o", False)
+        assert _rows(url, locks)[0]["n"] == 0
