@@ -419,3 +419,23 @@ async def test_a_function_of_the_schema_called_as_a_column_is_refused_and_never_
         with pytest.raises(InputError, match="would call function public.hold_lock"):
             correct(conn, r.id, "SELECT (o).hold_lock FROM orders o", False)
         assert _rows(url, locks)[0]["n"] == 0
+
+
+async def test_an_allowed_function_name_that_the_schema_overloads_is_refused_and_never_runs(shop, models, endpoint):
+    # lower(o) is allowed by name, but PostgreSQL chose the schema's own lower(orders), an exact match, over
+    # pg_catalog's lower(text): the function ran (answered) and its advisory lock outlived the transaction
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION lower(o orders) RETURNS int LANGUAGE sql SECURITY DEFINER "
+                     "AS $$ SELECT 1 FROM (SELECT pg_advisory_lock(4343)) AS x $$")
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT lower(o) FROM orders o WHERE o.id = 1"
+    locks = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4343"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("which orders are lower?", timeout=20)
+        held = _rows(url, locks)[0]["n"]  # while the worker's connection is still open
+    assert r.status == "refused", r
+    assert r.error == ("refused: function lower is also one of the question's schema (public.lower), which "
+                       "PostgreSQL may call instead of pg_catalog's: write pg_catalog.lower"), r.error
+    assert held == 0

@@ -163,6 +163,21 @@ WHERE p.proname = ANY (%(names)s::text[]) AND p.prokind = 'f'
 ORDER BY n.nspname, p.proname
 LIMIT 1;
 
+-- name: shadowing_functions
+-- An allowed function called unqualified (%(names)s) resolves through the search path too: PostgreSQL calls a
+-- function of the question's schema of the same name when its arguments match better (lower(o) calls a
+-- lower(orders) rather than pg_catalog's lower(text)). One the role may execute that an operator created, not an
+-- extension (citext's, PostGIS's overloads of text functions are plain), is not the allow-listed function.
+SELECT n.nspname AS schema, p.proname AS name
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY (%(names)s::text[])
+  AND n.nspname = ANY (pg_catalog.current_schemas(false)) AND n.nspname <> 'pg_catalog'
+  AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid AND d.deptype = 'e')
+ORDER BY n.nspname, p.proname
+LIMIT 1;
+
 -- name: readonly_time_left
 -- before each FETCH of a result after the first: the time the statement has left of its timeout
 SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true);

@@ -18,7 +18,9 @@ What it allows, and why:
 - attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
   pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...); those
   of the schemas of the question (its ``search_path``), which the parser cannot know, are refused when the
-  statement runs: :func:`pgsynapse.textsql.execute.run_readonly` looks its attribute names up in the catalog;
+  statement runs: :func:`pgsynapse.textsql.execute.run_readonly` looks its attribute names up in the catalog, and
+  its allowed functions called unqualified (``lower(o)`` calls a ``lower(orders)`` of the schema, an exact match,
+  rather than pg_catalog's ``lower(text)``: one the schema defines, not an extension's, is refused);
 - system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused, as ``t.ctid`` and as
   ``(t).ctid``: no question about the data needs them, and they show storage and transaction ids. PostgreSQL
   forbids user columns of these names, so only an output alias of such a name can be refused wrongly.
@@ -168,6 +170,8 @@ class CheckedSQL:
     # column, so the run refuses a statement whose f is a function of a schema of its search_path
     # (execute.run_readonly)
     attributes: frozenset[tuple[str, str]] = frozenset()
+    # the allowed functions it calls unqualified: the run refuses one the search path's schema defines too
+    functions: frozenset[str] = frozenset()
 
 
 def check_sql(sql: str, *, allowed: Collection[tuple[str, str]], search_path: Sequence[str] = ("public",),
@@ -190,7 +194,8 @@ def check_sql(sql: str, *, allowed: Collection[tuple[str, str]], search_path: Se
     again.check(_parse_one(text).stmt)
     if again.unqualified or again.tables != checker.tables:
         raise UnsafeSQL("unsupported", "refused: the table names could not be qualified safely")
-    return CheckedSQL(sql=text, tables=frozenset(checker.tables), attributes=frozenset(checker.attributes))
+    return CheckedSQL(sql=text, tables=frozenset(checker.tables), attributes=frozenset(checker.attributes),
+                      functions=frozenset(checker.functions))
 
 
 def _parse_one(sql: str) -> ast.RawStmt:
@@ -304,6 +309,7 @@ class _Checker:
         self.tables: set[tuple[str, str]] = set()
         self.unqualified: list[tuple[int, str]] = []  # (location, schema) of table names to qualify
         self.attributes: set[tuple[str, str]] = set()  # (f, as written) of each t.f and (expr).f
+        self.functions: set[str] = set()  # the allowed functions called unqualified
 
     def check(self, stmt: ast.Node) -> None:
         if not isinstance(stmt, ast.SelectStmt):
@@ -354,7 +360,10 @@ class _Checker:
         if isinstance(node, ast.RangeVar):
             self._table(node, scope)
         elif isinstance(node, ast.FuncCall):
-            self._function(_names(node.funcname))
+            names = _names(node.funcname)
+            self._function(names)
+            if len(names) == 1:
+                self.functions.add(names[0])
         elif isinstance(node, ast.RangeTableSample):
             method = _names(node.method)
             if method[-1] not in TABLESAMPLE_METHODS or len(method) > 2 or method[:-1] not in ([], ["pg_catalog"]):
