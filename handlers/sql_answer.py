@@ -289,6 +289,8 @@ def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str,
                                                         search_path=(schema,)), said=sql)
     except QueryFailed as exc:
         return Attempt(checked.sql, error=str(exc), said=sql, fixable_error=exc.fixable_error)
+    except UnsafeSQL as exc:  # refused once the catalog was seen (a function of the schema): it did not run
+        return Attempt(checked.sql, error=str(exc), refused=True, reason=exc.reason, said=sql)
 
 
 def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: SchemaContext, schema: str,

@@ -463,3 +463,51 @@ async def test_a_data_answer_is_written_only_under_the_rules_it_was_checked_unde
     jobs = _rows(url, "SELECT status, skip_reason FROM pgsynapse.jobs WHERE kind = 'sql_answer' ORDER BY id")
     assert jobs == [{"status": "done", "skip_reason": "superseded: the guardrail rules changed since it was checked"},
                     {"status": "done", "skip_reason": None}]
+
+
+async def test_a_function_of_the_schema_called_as_a_column_is_refused_and_never_runs(shop, models, endpoint):
+    # o.hold_lock is PostgreSQL's attribute notation for hold_lock(o): a function of the question's schema outside
+    # the allow-list ran (it answered), and its session advisory lock outlived the rolled-back transaction on the
+    # worker's connection (so could a SECURITY DEFINER function's set_config('role', ...) or an extension's
+    # http_get(text): nothing of the read-only transaction stops them)
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION hold_lock(o orders) RETURNS int LANGUAGE sql SECURITY DEFINER "
+                     "AS $$ SELECT 1 FROM (SELECT pg_advisory_lock(4242)) AS x $$")
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT o.hold_lock FROM orders o WHERE o.id = 1"
+    locks = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("which orders hold a lock?", timeout=20)
+        held = _rows(url, locks)[0]["n"]  # while the worker's connection is still open
+    assert r.status == "refused", r
+    assert r.error == ("refused: o.hold_lock would call function public.hold_lock, which is not allowed "
+                       "(a function of the question's schema)"), r.error
+    assert r.sql == 'SELECT o.hold_lock FROM "public".orders o WHERE o.id = 1' and not r.rows, r
+    assert held == 0
+    # sql-correct runs a correction the same way, and refuses it the same way
+    with psycopg.connect(url, autocommit=True) as conn:
+        with pytest.raises(InputError, match="would call function public.hold_lock"):
+            correct(conn, r.id, "SELECT (o).hold_lock FROM orders o", False)
+        assert _rows(url, locks)[0]["n"] == 0
+
+
+async def test_an_allowed_function_name_that_the_schema_overloads_is_refused_and_never_runs(shop, models, endpoint):
+    # lower(o) is allowed by name, but PostgreSQL chose the schema's own lower(orders), an exact match, over
+    # pg_catalog's lower(text): the function ran (answered) and its advisory lock outlived the transaction
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION lower(o orders) RETURNS int LANGUAGE sql SECURITY DEFINER "
+                     "AS $$ SELECT 1 FROM (SELECT pg_advisory_lock(4343)) AS x $$")
+    settings = fast_settings(url, sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m")
+    SaysOneThing.said = "SELECT lower(o) FROM orders o WHERE o.id = 1"
+    locks = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4343"
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            r = await client.ask_data("which orders are lower?", timeout=20)
+        held = _rows(url, locks)[0]["n"]  # while the worker's connection is still open
+    assert r.status == "refused", r
+    assert r.error == ("refused: function lower is also one of the question's schema (public.lower), which "
+                       "PostgreSQL may call instead of pg_catalog's: write pg_catalog.lower"), r.error
+    assert held == 0

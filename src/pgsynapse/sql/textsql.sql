@@ -150,6 +150,35 @@ SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
        pg_catalog.set_config('search_path', %(search_path)s, true),
        pg_catalog.set_config('transaction_timeout', %(total_ms)s, true);
 
+-- name: attribute_functions
+-- Attribute notation calls a function: t.f is f(t) when t has no column f. The functions of the statement's search
+-- path (not pg_catalog, whose are refused by name: textsql/safety.py) that one of its names (%(names)s) would call
+-- with one argument and that the role may execute: an operator's (a SECURITY DEFINER one, an extension's http_get)
+-- is no plain function of the allow-list. A column of the same name is refused with it.
+SELECT n.nspname AS schema, p.proname AS name
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY (%(names)s::text[]) AND p.prokind = 'f'
+  AND n.nspname = ANY (pg_catalog.current_schemas(false)) AND n.nspname <> 'pg_catalog'
+  AND p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1
+  AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+ORDER BY n.nspname, p.proname
+LIMIT 1;
+
+-- name: shadowing_functions
+-- An allowed function called unqualified (%(names)s) resolves through the search path too: PostgreSQL calls a
+-- function of the question's schema of the same name when its arguments match better (lower(o) calls a
+-- lower(orders) rather than pg_catalog's lower(text)). One the role may execute that an operator created, not an
+-- extension (citext's, PostGIS's overloads of text functions are plain), is not the allow-listed function.
+SELECT n.nspname AS schema, p.proname AS name
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY (%(names)s::text[])
+  AND n.nspname = ANY (pg_catalog.current_schemas(false)) AND n.nspname <> 'pg_catalog'
+  AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid AND d.deptype = 'e')
+ORDER BY n.nspname, p.proname
+LIMIT 1;
+
 -- name: readonly_time_left
 -- before each FETCH of a result after the first: the time the statement has left of its timeout
 SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true);

@@ -168,6 +168,9 @@ def _run_correction(conn: psycopg.Connection, question: int, checked: CheckedSQL
     user, member = runner["user"], runner["member"]
     try:
         run_readonly(conn, checked, limits, role=role if member else user, search_path=(schema,))
+    except UnsafeSQL as exc:
+        raise InputError(f"data question {question}: the corrected statement is {exc}: the retrain checks a "
+                         "correction as it checks the model's statements, and would drop it") from None
     except QueryFailed as exc:
         if not member and exc.sqlstate == "42501":
             return (f"the corrected statement was recorded without being run: {user} is not a member of the reader "

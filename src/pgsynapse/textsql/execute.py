@@ -31,6 +31,7 @@ from psycopg.types.string import TextLoader
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION, bounds_for
 from pgsynapse.errors import InputError
 from pgsynapse.queries import q
+from pgsynapse.textsql.safety import UnsafeSQL, qualified_name
 
 FILE = "textsql.sql"
 # columns of a result whose permutations are tried when comparing (a right answer with its columns in another order)
@@ -171,6 +172,7 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                          {"statement_ms": str(int(limits.statement_timeout_ms)),
                           "search_path": ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path),
                           **bounds_for(limits.statement_timeout_ms / 1000).parameters()})
+            _refuse_schema_functions(conn, getattr(checked, "attributes", ()), getattr(checked, "functions", ()))
             started = time.monotonic()
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
                 # an interval as PostgreSQL writes it: a timedelta has no months ("1 mon" would be 30 days)
@@ -196,6 +198,30 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                           server_message=(f"{primary} {hint}" if hint else primary) or None) from None
     result.row_count = len(result.rows)
     return result
+
+
+def _refuse_schema_functions(conn: psycopg.Connection, attributes: Any, functions: Any) -> None:
+    """Raise :class:`UnsafeSQL` when one of the statement's attribute names (``o.f``: ``f(o)`` when ``o`` has no
+    column ``f``) is a function of a schema of the search path that the role may execute (the parser check refuses
+    pg_catalog's by name, but cannot know the operator's or an extension's), or when an allowed function it calls
+    unqualified is also one the schema's owner defined there (PostgreSQL may call that one instead)."""
+    written = dict(sorted(attributes))
+    shadow = found = None
+    with conn.cursor(row_factory=tuple_row) as cur:
+        if functions:
+            shadow = cur.execute(q("shadowing_functions", FILE), {"names": sorted(functions)}).fetchone()
+        if written:
+            found = cur.execute(q("attribute_functions", FILE), {"names": sorted(written)}).fetchone()
+    if shadow:
+        schema, name = shadow
+        raise UnsafeSQL("function", f"refused: function {name} is also one of the question's schema "
+                                    f"({qualified_name(schema, name)}), which PostgreSQL may call instead of "
+                                    f"pg_catalog's: write pg_catalog.{name}")
+    if found:
+        schema, name = found
+        raise UnsafeSQL("function", f"refused: {written[name]} would call function "
+                                    f"{qualified_name(schema, name)}, which is not allowed "
+                                    "(a function of the question's schema)")
 
 
 def _over_time(limits: Limits) -> QueryFailed:

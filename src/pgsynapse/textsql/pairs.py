@@ -131,6 +131,8 @@ def run_statement(conn: Any, sql: str, pair: Pair, limits: Any, role: str) -> tu
         return None, Outcome("refused", sql, exc.reason)
     try:
         return run_readonly(conn, checked, limits, role=role, search_path=(pair.schema,)), None
+    except UnsafeSQL as exc:  # refused once the catalog was seen (a function of the schema)
+        return None, Outcome("refused", sql, exc.reason)
     except Exception as exc:  # noqa: BLE001 - QueryFailed, or the connection's own error: the statement failed
         return None, Outcome("failed", sql, " ".join(str(exc).split())[:300])
 

@@ -16,7 +16,11 @@ What it allows, and why:
   harmless but useless ones such as ``version()`` or ``current_user``) is refused. XML is refused as a whole;
 - types: casts to ``reg*`` types and ``aclitem`` are refused (their input functions look names up in the catalog);
 - attribute notation (``t.f``, ``(expr).f``) is ``f(t)`` when ``f`` is no column: the one-argument functions of
-  pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...);
+  pg_catalog that are not allowed are refused there by name (``pg_*``, ``nextval``, ``current_setting``...); those
+  of the schemas of the question (its ``search_path``), which the parser cannot know, are refused when the
+  statement runs: :func:`pgsynapse.textsql.execute.run_readonly` looks its attribute names up in the catalog, and
+  its allowed functions called unqualified (``lower(o)`` calls a ``lower(orders)`` of the schema, an exact match,
+  rather than pg_catalog's ``lower(text)``: one the schema defines, not an extension's, is refused);
 - system columns (``ctid``, ``xmin``, ``xmax``, ``cmin``, ``cmax``, ``tableoid``) are refused, as ``t.ctid`` and as
   ``(t).ctid``: no question about the data needs them, and they show storage and transaction ids. PostgreSQL
   forbids user columns of these names, so only an output alias of such a name can be refused wrongly.
@@ -162,6 +166,12 @@ class UnsafeSQL(InputError):
 class CheckedSQL:
     sql: str  # the statement as it will be run: one statement, no trailing ';', table names schema-qualified
     tables: frozenset[tuple[str, str]]  # the (schema, table) pairs it reads
+    # its attribute notation, (f, as written) of each ``t.f`` and ``(expr).f``: a call of ``f`` when ``f`` is no
+    # column, so the run refuses a statement whose f is a function of a schema of its search_path
+    # (execute.run_readonly)
+    attributes: frozenset[tuple[str, str]] = frozenset()
+    # the allowed functions it calls unqualified: the run refuses one the search path's schema defines too
+    functions: frozenset[str] = frozenset()
 
 
 def check_sql(sql: str, *, allowed: Collection[tuple[str, str]], search_path: Sequence[str] = ("public",),
@@ -184,7 +194,8 @@ def check_sql(sql: str, *, allowed: Collection[tuple[str, str]], search_path: Se
     again.check(_parse_one(text).stmt)
     if again.unqualified or again.tables != checker.tables:
         raise UnsafeSQL("unsupported", "refused: the table names could not be qualified safely")
-    return CheckedSQL(sql=text, tables=frozenset(checker.tables))
+    return CheckedSQL(sql=text, tables=frozenset(checker.tables), attributes=frozenset(checker.attributes),
+                      functions=frozenset(checker.functions))
 
 
 def _parse_one(sql: str) -> ast.RawStmt:
@@ -229,6 +240,11 @@ def _ident(name: str) -> str:
 
 def _dotted(names: Sequence[str]) -> str:
     return ".".join(_ident(n) for n in names)
+
+
+def qualified_name(schema: str, name: str) -> str:
+    """``schema.name`` as a refusal writes it (quoted only where SQL needs it)."""
+    return _dotted([schema, name])
 
 
 def _names(nodes) -> list[str]:
@@ -292,6 +308,8 @@ class _Checker:
         self.type_schemas = {"pg_catalog", *search_path, *self.allowed_schemas}
         self.tables: set[tuple[str, str]] = set()
         self.unqualified: list[tuple[int, str]] = []  # (location, schema) of table names to qualify
+        self.attributes: set[tuple[str, str]] = set()  # (f, as written) of each t.f and (expr).f
+        self.functions: set[str] = set()  # the allowed functions called unqualified
 
     def check(self, stmt: ast.Node) -> None:
         if not isinstance(stmt, ast.SelectStmt):
@@ -342,7 +360,10 @@ class _Checker:
         if isinstance(node, ast.RangeVar):
             self._table(node, scope)
         elif isinstance(node, ast.FuncCall):
-            self._function(_names(node.funcname))
+            names = _names(node.funcname)
+            self._function(names)
+            if len(names) == 1:
+                self.functions.add(names[0])
         elif isinstance(node, ast.RangeTableSample):
             method = _names(node.method)
             if method[-1] not in TABLESAMPLE_METHODS or len(method) > 2 or method[:-1] not in ([], ["pg_catalog"]):
@@ -362,11 +383,13 @@ class _Checker:
                     raise UnsafeSQL("system_column", f"refused: system column {fields[-1]} is not allowed")
                 if len(fields) > 1:
                     _attribute(fields[-1], _dotted(fields))
+                    self.attributes.add((fields[-1], _dotted(fields)))
         elif isinstance(node, ast.A_Indirection):
             for name in _names(node.indirection):
                 if name in SYSTEM_COLUMNS:  # (t).ctid reads the row's system column, as t.ctid does
                     raise UnsafeSQL("system_column", f"refused: system column {name} is not allowed")
                 _attribute(name, f"(...).{_ident(name)}")
+                self.attributes.add((name, f"(...).{_ident(name)}"))
         elif isinstance(node, ast.SQLValueFunction) and node.op not in _ALLOWED_SQL_VALUES:
             name = node.op.name.removeprefix("SVFOP_")
             raise UnsafeSQL("function", f"refused: {name} is not allowed")
