@@ -99,6 +99,14 @@ def cache_miss(model_version: int | str, n: int = 1) -> None:
     CACHE_MISSES.labels(str(model_version)).inc(n)
 
 
+def _zero_counters(model_version: str) -> None:
+    """The serving version's counters at 0 until they count: a labelled series that first appears at its first count
+    has no earlier sample, so ``increase()`` (alert PgsynapseKnnTrapped) and ``rate()`` (the dashboard's cache hit
+    ratio) miss that rise."""
+    for counter in (KNN_EXACT_SCANS, CACHE_HITS, CACHE_MISSES):
+        counter.labels(model_version)
+
+
 def answer_cache_outcome(model_version: int | str, outcome: str) -> None:
     ANSWER_CACHE.labels(str(model_version), outcome).inc()
 
@@ -125,6 +133,8 @@ class WorkerCollector(Collector):
                     versions = await (await conn.execute(q("model_versions_metrics", "ops.sql"))).fetchall()
                     routable = await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall()
                     self.versions = served_shares(versions, routable)
+            for v in routable:
+                _zero_counters(str(v["id"]))
             self.db_up = True
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
             log.warning("metrics_db_snapshot_failed", error=" ".join(str(exc).split())[:200] or type(exc).__name__)
