@@ -8,6 +8,7 @@ import logging
 import pytest
 import structlog
 
+from pgsynapse import cli
 from pgsynapse.logs import configure_logging, get_logger
 
 
@@ -54,3 +55,20 @@ def test_a_library_s_info_chatter_is_left_out_unless_debug(capsys, restore_loggi
     configure_logging("json", "debug")
     logging.getLogger("fusion_base").info("Fused Gelu: 6")
     assert json.loads(capsys.readouterr().err.splitlines()[0])["message"] == "Fused Gelu: 6"
+
+
+def test_a_crash_with_json_logs_is_one_fatal_error_event(capsys, monkeypatch, restore_logging):
+    """An error no command expects (a bug: `pgsynapse search` of a text with a byte that is not UTF-8 was one) came
+    out as Python's traceback, thirty plain lines in a JSON log. With JSON logs it is one fatal_error event that
+    holds the traceback; console logs keep Python's."""
+    def crash(args, settings):
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setattr(cli, "_dispatch", crash)
+    assert cli.main(["--log-format", "json", "--database-url", "postgresql://x/y", "status"]) == 1
+    [event] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {"event": "fatal_error", "level": "error", "exit_code": 1,
+            "error": "RuntimeError: a bug over two lines"}.items() <= event.items()
+    assert event["exception"].startswith("Traceback") and "in crash" in event["exception"]
+    with pytest.raises(RuntimeError):
+        cli.main(["--log-format", "console", "--database-url", "postgresql://x/y", "status"])
