@@ -126,6 +126,20 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
+def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
+    # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
+    # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
+    with open(os.fsencode(tmp_path / "docs") + b"/caf\xe9.md", "w") as f:  # a name written in Latin-1
+        f.write("# Caf\u00e9\n\nThe text is UTF-8; the name is not.")
+    out = _cli(db_url, str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert "2 file(s): 1 inserted, 0 unchanged (already stored), 1 skipped, 0 failed" in out.stdout, out.stdout
+    assert ("  caf\\xe9.md: its name is not UTF-8 (byte 0xe9): rename it, PostgreSQL stores sources as UTF-8 "
+            "text") in out.stdout, out.stdout
+
+
 def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path):
     # before: a Windows-1252 or Latin-1 file was skipped as "not UTF-8 text", with no way to read it
     (tmp_path / "docs").mkdir()
