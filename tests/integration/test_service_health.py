@@ -232,3 +232,24 @@ async def test_every_metric_the_alerts_and_the_dashboard_query_is_scraped_with_t
                 assert used <= sample.keys(), f"{expr}: {name} has no label {sorted(used - sample.keys())}"
                 if sample.get("kind") in ("embed", "answer"):  # batches computed by the text model versions
                     assert all(sample[g] for g in grouped), f"{expr}: {name} {sample} has an empty label"
+
+
+async def test_the_traffic_gauge_is_the_share_each_version_is_routed_now(db_url, models):
+    """pgsynapse_model_traffic_percent ("share of sessions routed") gave a candidate still backfilling the share it
+    will get once backfilled (here 30) while it got none: the dashboard's split summed to 130 %. A candidate not
+    routed is 0 until it serves; a routed one has its share, the active version what they leave."""
+    conn = await aconn(db_url)
+    ids = {}
+    for name, backfilled, share in (("routed", True, 10), ("filling", False, 30)):
+        ids[name] = (await (await conn.execute(
+            "INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, traffic_percent)"
+            " VALUES (%s, 384, 'candidate', CASE WHEN %s THEN now() END, %s) RETURNING id",
+            (name, backfilled, share))).fetchone())["id"]
+    await conn.close()
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models) as worker:
+        service = Service(worker, notifier=Notifier(None), watchdog_every=0)
+        await service.collector.refresh()
+        scraped = metric_samples(render(service.registry).decode())
+    traffic = {int(dict(labels)["model_version"]): value for (name, labels), value in scraped.items()
+               if name == "pgsynapse_model_traffic_percent"}
+    assert traffic == {1: 90.0, ids["routed"]: 10.0, ids["filling"]: 0.0}, traffic
