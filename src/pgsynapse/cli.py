@@ -27,7 +27,7 @@ from pgsynapse.ingest import follow, ingest
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
-from pgsynapse.logs import configure_logging, get_logger
+from pgsynapse.logs import configure_logging, get_logger, notice
 from pgsynapse.migrate import migrate
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -339,7 +339,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                 print(report.summary())
                 if args.follow:
                     follow(conn, report, progress=progress, timeout=args.follow_timeout,
-                           note=lambda why: print(f"pgsynapse: {why}", file=sys.stderr, flush=True))
+                           note=lambda why: notice("ingest_follow_waiting", why))
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
                     if report.images_embedded is not None:
                         print(f"images embedded: {report.images_embedded}, failed: {report.images_failed}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -281,6 +282,13 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
     assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
             "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
+    # with JSON logs the note is an event too: it was the one plain line among them
+    out = _cli(db_url, "--log-format", "json", str(tree / "guide" / "vacuum.md"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1 and "1 inserted" in out.stdout
+    events = [json.loads(line) for line in out.stderr.splitlines()]
+    [waiting] = [e for e in events if e["event"] == "ingest_follow_waiting"]
+    assert waiting["level"] == "warning" and waiting["note"].startswith("no running worker takes embed jobs: "), waiting
+    assert events[-1]["event"] == "fatal_error"
 
 
 def test_a_follow_timeout_without_follow_is_refused_before_anything_is_ingested(db_url, tree):
