@@ -424,7 +424,7 @@ class Worker(Claiming):
         compute_ms = (time.perf_counter() - started) * 1000
         metrics.observe_batch(kind, len(jobs), compute_ms / 1000, handler.served_by(work))
         inference = None
-        versions = getattr(handler, "versions", ())  # embed's: recorded in pgsynapse.inference_log (docs/performance.md)
+        versions = getattr(handler, "versions", ())  # embed's, recorded in pgsynapse.inference_log (performance.md)
         if work and versions:  # by the batch's write transaction
             inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
         written = await self.writer.write(kind, handler, outcomes, inference)
