@@ -280,6 +280,10 @@ class AnswerHandler(Handler[AnswerWork]):
             return candidates
 
     # -- compute: answer, then the answer's own guardrail --------------------------------------
+    def served_by(self, work: list[AnswerWork]) -> list[dict[str, Any]]:
+        """The versions the batch's questions were routed to (each session's, sticky), not one unlabelled series."""
+        return list({w.version["id"]: w.version for w in work}.values())
+
     def compute(self, work: list[AnswerWork]) -> list[Outcome]:
         out = []
         for w in work:

@@ -422,10 +422,10 @@ class Worker(Claiming):
             log.exception("batch_failed", kind=kind, n=len(jobs))
             outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
         compute_ms = (time.perf_counter() - started) * 1000
-        versions = getattr(handler, "versions", ())
-        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, versions)
+        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, handler.served_by(work))
         inference = None
-        if work and versions:  # recorded in pgsynapse.inference_log by the batch's write transaction
+        versions = getattr(handler, "versions", ())  # embed's, recorded in pgsynapse.inference_log (performance.md)
+        if work and versions:  # by the batch's write transaction
             inference = {"op": kind, "n": len(jobs), "ms": round(compute_ms, 2), "versions": [v["id"] for v in versions]}
         written = await self.writer.write(kind, handler, outcomes, inference)
         self.stats.batches += 1

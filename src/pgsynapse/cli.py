@@ -27,7 +27,7 @@ from pgsynapse.ingest import follow, ingest
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
-from pgsynapse.logs import configure_logging, get_logger
+from pgsynapse.logs import configure_logging, get_logger, notice
 from pgsynapse.migrate import migrate
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -119,14 +119,27 @@ def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
     """A command's last word when it fails: ``pgsynapse: error: ...`` on stderr, or with JSON logs a ``fatal_error``
     event (every line of a JSON log is JSON: journalctl -o cat | jq). Settings that did not load give the format of
     the flag, PGSYNAPSE_LOG_FORMAT (the systemd unit's) or the config file's log_format, when it parses."""
-    fmt = settings.log_format if settings is not None else (args.log_format or early_log_format(args.config))
-    if fmt != "json":
+    if _log_format(args, settings) != "json":
         print(f"pgsynapse: error: {message}", file=sys.stderr)
         return code
     if settings is None:
         configure_logging("json", "error")
     get_logger("pgsynapse").error("fatal_error", error=message, exit_code=code)
     return code
+
+
+def _log_format(args: argparse.Namespace, settings) -> str | None:
+    return settings.log_format if settings is not None else (args.log_format or early_log_format(args.config))
+
+
+def _crash(args: argparse.Namespace, settings, exc: Exception) -> int:
+    """An error no command expects (a bug): with JSON logs one ``fatal_error`` event that holds the traceback (its
+    ``exception``), exit 1 as Python's own; with console logs, Python's traceback (raised again by the caller)."""
+    if settings is None:
+        configure_logging("json", "error")
+    get_logger("pgsynapse").exception("fatal_error", error=" ".join(f"{type(exc).__name__}: {exc}".split()),
+                                      exit_code=EX_REFUSED)
+    return EX_REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if _log_format(args, settings) != "json":
+            raise
+        return _crash(args, settings, exc)  # every line of a JSON log is JSON, a traceback included
 
 
 def _dispatch(args: argparse.Namespace, settings) -> int:
@@ -322,7 +339,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                 print(report.summary())
                 if args.follow:
                     follow(conn, report, progress=progress, timeout=args.follow_timeout,
-                           note=lambda why: print(f"pgsynapse: {why}", file=sys.stderr, flush=True))
+                           note=lambda why: notice("ingest_follow_waiting", why))
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
                     if report.images_embedded is not None:
                         print(f"images embedded: {report.images_embedded}, failed: {report.images_failed}")

@@ -5,15 +5,53 @@ from __future__ import annotations
 import argparse
 import codecs
 import importlib.util
+import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pgsynapse import __version__
-from pgsynapse.config import JOB_KINDS, unknown_kinds
+from pgsynapse.config import JOB_KINDS, early_log_format, unknown_kinds
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
+from pgsynapse.logs import configure_logging, get_logger
 from pgsynapse.textsql.names import NotAName, split_list
+
+
+EX_USAGE = 2  # argparse's exit status for a command line it refuses
+
+# whether the command line being parsed logs JSON (parse_args sets it): its refusal is then a fatal_error event
+_JSON_ERRORS: ContextVar[bool] = ContextVar("json_errors", default=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose refusal is a ``fatal_error`` event, with ``error`` and
+    ``exit_code`` 2, when the logs are JSON: every line of a JSON log is JSON, also for a typo in the systemd unit's
+    ``ExecStart`` (argparse's usage and ``error:`` lines, plain text, broke ``journalctl -o cat | jq``)."""
+
+    def error(self, message: str) -> NoReturn:
+        if not _JSON_ERRORS.get():
+            super().error(message)
+        configure_logging("json", "error")
+        get_logger("pgsynapse").error("fatal_error", error=f"{self.prog}: {message}", exit_code=EX_USAGE)
+        self.exit(EX_USAGE)
+
+
+def _logs_json(argv: list[str]) -> bool:
+    """Whether the logs of this command line are JSON, before it is parsed: the last ``--log-format``, else the
+    environment's or the config file's (``--config``, PGSYNAPSE_CONFIG) ``log_format``, as for settings that do not
+    load (cli._fail)."""
+    found: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        for name in ("--log-format", "--config"):
+            if arg.startswith(name + "="):
+                found[name] = arg.split("=", 1)[1]
+            elif arg == name and i + 1 < len(argv):
+                found[name] = argv[i + 1]
+    return (found.get("--log-format") or early_log_format(found.get("--config"))) == "json"
 
 
 def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
@@ -80,7 +118,7 @@ def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
+    p = _Parser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
     p.add_argument("--version", action="version", version=f"pgsynapse {__version__}")
     _global_options(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -366,12 +404,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed, with the checks of options that contradict each other: argparse's refusal (one
     line, exit 2) as for a number out of range."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
-        parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
-                     f"{RATINGS_AGREE}")
-    if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
-        parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
+    json_errors = _JSON_ERRORS.set(_logs_json(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
+            parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
+                         f"{RATINGS_AGREE}")
+        if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
+            parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
+    finally:
+        _JSON_ERRORS.reset(json_errors)
     return args
 
 

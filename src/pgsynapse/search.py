@@ -18,6 +18,7 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import rescore
 from pgsynapse.ranking.scorer import Ranker, passage_text, rerank
 from pgsynapse.replica import ReadReplica, reading
+from pgsynapse.results import require_storable
 from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, knn
 
 
@@ -71,6 +72,7 @@ def check_search_text(text: str | None, max_chars: int) -> None:
     if len(text) > max_chars:
         raise InputError(f"the search text has {len(text):,} characters, over max_question_chars={max_chars:,}: "
                          "shorten it, or raise max_question_chars (PGSYNAPSE_MAX_QUESTION_CHARS)")
+    require_storable(text, "the search text")  # a byte of argv that is not UTF-8 reached the tokenizer: a traceback
 
 
 def unsearched(conn: psycopg.Connection, waiting: int) -> str:

@@ -423,6 +423,12 @@ def test_json_logs_stay_json_when_a_library_logs_through_the_standard_library(db
     # settings that do not load: the format of PGSYNAPSE_LOG_FORMAT (the systemd unit's)
     (["status"], {"PGSYNAPSE_LOG_FORMAT": "json", "PGSYNAPSE_POLL_INTERVAL": "-1"}, 78,
      "invalid setting poll_interval [PGSYNAPSE_POLL_INTERVAL]: Input should be greater than 0 (got '-1')"),
+    # a command line the CLI refuses (a typo in the unit's ExecStart): argparse's usage and `error:` lines, plain text
+    (["run", "--kinds", "embedd"], {"PGSYNAPSE_LOG_FORMAT": "json"}, 2,
+     "pgsynapse run: argument --kinds: unknown job kind(s) 'embedd'"),
+    (["--log-format", "json", "ask"], {}, 2, "pgsynapse ask: the following arguments are required: text"),
+    (["feedback", "3", "--helpful", "--rating", "1", "--log-format=json"], {}, 2,
+     "pgsynapse: --helpful contradicts --rating 1"),
 ])
 def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
     # its last line was `pgsynapse: error: ...`, plain text

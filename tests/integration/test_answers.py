@@ -531,6 +531,15 @@ def test_a_search_text_over_max_question_chars_is_refused_before_any_model_work(
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_a_search_text_that_is_not_utf8_is_refused_in_one_line(db_url, models, capsys):
+    """A shell's argument with a byte that is not UTF-8 (a Latin-1 terminal) reached the tokenizer: a traceback,
+    "TypeError: TextEncodeInput must be Union[...]". It is refused as `ask` refuses such a question, exit 1."""
+    for args in (["search", "vacuum \udcff"], ["search", "--images", "vacuum \udcff"]):
+        assert main(["--database-url", db_url, *args]) == 1, args
+        assert capsys.readouterr().err == ("pgsynapse: error: the search text is not valid text: byte 0xff at 7 is "
+                                           "not UTF-8 (was it written in another encoding?)\n"), args
+
+
 async def test_search_refuses_a_text_over_its_max_chars(db_url, models):
     conn = await aconn(db_url)
     conn.row_factory = dict_row

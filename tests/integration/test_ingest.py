@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -124,6 +125,20 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
     assert reasons == {"gone.md": "a link to a missing file (moved-away.md)",
                        "pipe.txt": "not a regular file (a pipe, socket or device)",
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
+
+
+def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
+    # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
+    # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
+    with open(os.fsencode(tmp_path / "docs") + b"/caf\xe9.md", "w") as f:  # a name written in Latin-1
+        f.write("# Caf\u00e9\n\nThe text is UTF-8; the name is not.")
+    out = _cli(db_url, str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert "2 file(s): 1 inserted, 0 unchanged (already stored), 1 skipped, 0 failed" in out.stdout, out.stdout
+    assert ("  caf\\xe9.md: its name is not UTF-8 (byte 0xe9): rename it, PostgreSQL stores sources as UTF-8 "
+            "text") in out.stdout, out.stdout
 
 
 def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path):
@@ -267,6 +282,13 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     # said at once, not after the timeout: without --follow-timeout it waited for ever without a word
     assert ("pgsynapse: no running worker takes embed jobs: the documents are embedded once `pgsynapse run` "
             "starts (waiting; Ctrl-C stops waiting, the documents stay stored)") in out.stderr
+    # with JSON logs the note is an event too: it was the one plain line among them
+    out = _cli(db_url, "--log-format", "json", str(tree / "guide" / "vacuum.md"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1 and "1 inserted" in out.stdout
+    events = [json.loads(line) for line in out.stderr.splitlines()]
+    [waiting] = [e for e in events if e["event"] == "ingest_follow_waiting"]
+    assert waiting["level"] == "warning" and waiting["note"].startswith("no running worker takes embed jobs: "), waiting
+    assert events[-1]["event"] == "fatal_error"
 
 
 def test_a_follow_timeout_without_follow_is_refused_before_anything_is_ingested(db_url, tree):

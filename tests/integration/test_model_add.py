@@ -18,6 +18,7 @@ from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.handlers.backfill import finish_backfill
 from pgsynapse.learning.cli import backfill_worker_note, render_versions, run_learning_command, run_model_command
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
+from pgsynapse.metrics import INFERENCE_SECONDS
 from pgsynapse.models import default_model_path
 from pgsynapse.search import search
 from pgsynapse.status import render, snapshot
@@ -135,10 +136,20 @@ async def test_the_last_backfill_step_finds_a_chunk_behind_its_cursor(db_url, mo
         v2 = add_model(sconn, tiny48, serving_runtime="torch")["id"]
         # the queued first step, as if the steps before it had passed every chunk
         sconn.execute("UPDATE pgsynapse.jobs SET payload = payload || '{\"after\": 1000000}' WHERE kind = 'backfill'")
+    before = _batches_of(v2)
     async with running_worker(settings, models):
         await wait_until(conn, BACKFILLED, (v2,))
     chunks, vectors, _ = await _counts(conn, v2)
     assert vectors == chunks > 2
+    # its steps' inference time is the version's: they were labelled model_version="", runtime=""
+    assert _batches_of(v2) > before
+
+
+def _batches_of(version: int) -> float:
+    """Backfill batches of ``version`` observed by pgsynapse_inference_seconds (process-wide)."""
+    labels = {"kind": "backfill", "model_version": str(version), "runtime": "torch"}
+    return sum(s.value for m in INFERENCE_SECONDS.collect() for s in m.samples
+               if s.name == "pgsynapse_inference_seconds_count" and s.labels == labels)
 
 
 async def test_a_slow_model_takes_shorter_backfill_steps(db_url, models, tiny48):

@@ -4,21 +4,29 @@ answer 503; once its loop turns again, both recover and the job completes."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
+from pathlib import Path
 
 import anyio
 import pytest
+import yaml
 from anyio.abc import SocketAttribute
 from structlog.testing import capture_logs
 
 from pgsynapse.daemon import Service, loop_stalled, tick_age
+from pgsynapse.metrics import render
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.worker import Worker
 from pgsynapse.sdnotify import Notifier
-from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, http_get, insert_docs, wait_until
+from tests.helpers import (SAFETY_TIMEOUT, aconn, fast_settings, http_get, insert_docs, metric_samples, running_worker,
+                           wait_until)
 from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 class StuckEmbedHandler(EmbedHandler):
@@ -186,3 +194,62 @@ async def test_a_request_that_fails_answers_500_and_the_worker_goes_on(db_url, m
         assert code == 200 and not worker.stopping.is_set(), body
         worker.request_stop()
         tg.cancel_scope.cancel()
+
+
+def _queries() -> list[str]:
+    alerts = yaml.safe_load((DOCS / "prometheus-alerts.yaml").read_text())
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    return ([r["expr"] for g in alerts["groups"] for r in g["rules"]]
+            + [t["expr"] for p in dashboard["panels"] for t in p["targets"]])
+
+
+async def test_every_metric_the_alerts_and_the_dashboard_query_is_scraped_with_the_labels_they_use(db_url, models):
+    """After a document and a question, the worker's scrape has every series docs/prometheus-alerts.yaml and
+    docs/grafana-dashboard.json query, with the labels they select and group by, and a label grouped by is never
+    empty. Answer batches were labelled model_version="", runtime="" (the "by model version" panel lumped every
+    version's answers together), and pgsynapse_knn_exact_scans_total only appeared at its first count, which
+    PgsynapseKnnTrapped's increase() cannot see (the series had no earlier sample)."""
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url), models) as worker:
+        insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage held by dead tuples.")])
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how is storage reclaimed?')")
+        await wait_until(conn, "SELECT bool_and(status = 'answered') FROM pgsynapse.questions",
+                         channel="pgsynapse_answers")
+        service = Service(worker, notifier=Notifier(None), watchdog_every=0)
+        await service.collector.refresh()
+        scraped = metric_samples(render(service.registry).decode())
+    await conn.close()
+    labels: dict[str, list[dict[str, str]]] = {}
+    for name, pairs in scraped:
+        labels.setdefault(name, []).append(dict(pairs))
+    for expr in _queries():
+        grouped = {g.strip() for by in re.findall(r"\bby \(([^)]*)\)", expr) for g in by.split(",")} - {"le"}
+        for name, matchers in re.findall(r"\b(pgsynapse_[a-z_]+)(\{[^}]*\})?", expr):
+            assert name in labels, f"{expr}: {name} is not in the scrape"
+            used = grouped | set(re.findall(r"([a-z_]+)\s*[=!]~?", matchers))
+            for sample in labels[name]:
+                assert used <= sample.keys(), f"{expr}: {name} has no label {sorted(used - sample.keys())}"
+                if sample.get("kind") in ("embed", "answer"):  # batches computed by the text model versions
+                    assert all(sample[g] for g in grouped), f"{expr}: {name} {sample} has an empty label"
+
+
+async def test_the_traffic_gauge_is_the_share_each_version_is_routed_now(db_url, models):
+    """pgsynapse_model_traffic_percent ("share of sessions routed") gave a candidate still backfilling the share it
+    will get once backfilled (here 30) while it got none: the dashboard's split summed to 130 %. A candidate not
+    routed is 0 until it serves; a routed one has its share, the active version what they leave."""
+    conn = await aconn(db_url)
+    ids = {}
+    for name, backfilled, share in (("routed", True, 10), ("filling", False, 30)):
+        ids[name] = (await (await conn.execute(
+            "INSERT INTO pgsynapse.model_versions (name, dim, status, backfilled_at, traffic_percent)"
+            " VALUES (%s, 384, 'candidate', CASE WHEN %s THEN now() END, %s) RETURNING id",
+            (name, backfilled, share))).fetchone())["id"]
+    await conn.close()
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models) as worker:
+        service = Service(worker, notifier=Notifier(None), watchdog_every=0)
+        await service.collector.refresh()
+        scraped = metric_samples(render(service.registry).decode())
+    traffic = {int(dict(labels)["model_version"]): value for (name, labels), value in scraped.items()
+               if name == "pgsynapse_model_traffic_percent"}
+    assert traffic == {1: 90.0, ids["routed"]: 10.0, ids["filling"]: 0.0}, traffic
