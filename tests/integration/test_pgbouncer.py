@@ -124,6 +124,29 @@ async def test_a_worker_whose_listen_goes_through_the_pooler_says_so(pgbouncer, 
     assert said[0]["client_backend_pid"] != said[0]["server_backend_pid"]
 
 
+async def test_a_client_whose_listen_goes_through_the_pooler_says_so(pgbouncer, db_url):
+    """`pgsynapse ask` / Client on a transaction pooler with no listen_url: its LISTEN went back to the pool, the
+    answer's NOTIFY never came, and the ask found its answer only at its re-check (5 s), without a word. It says
+    so now, once, as the worker does (listen_through_pooler)."""
+    pooled = pgbouncer.url(db_url)
+    with capture_logs() as logs:
+        async with Client(db_url):
+            pass
+        async with Client(pooled, listen_url=db_url):  # the LISTEN direct, as documented: nothing to say
+            pass
+    assert not [e for e in logs if e["event"] == "client_listen_through_pooler"], logs
+    with capture_logs() as logs:
+        for _ in range(2):  # said once, not at every Client (an application may open one per request)
+            async with Client(pooled) as client:
+                assert client.recheck_seconds == 5.0
+    said = [e for e in logs if e["event"] == "client_listen_through_pooler"]
+    assert len(said) == 1, [e["event"] for e in logs]
+    assert said[0]["log_level"] == "warning"
+    assert said[0]["client_backend_pid"] != said[0]["server_backend_pid"], said[0]
+    assert "listen_url" in said[0]["fix"] and "PGSYNAPSE_LISTEN_URL" in said[0]["fix"], said[0]
+    assert "5.0 s" in said[0]["effect"], said[0]
+
+
 def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):
     """What NO_PREPARE avoids, shown on the same PgBouncer (1.18 has no prepared statement support): two clients
     that prepare share the one server connection, and the second one's statement name collides."""
