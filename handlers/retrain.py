@@ -27,6 +27,7 @@ from pgsynapse.export import source_model_path
 from pgsynapse.models import ModelCache, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.ranking.rescore import teacher_id, teacher_row
+from pgsynapse.table_locks import alock_table
 
 log = get_logger(__name__)
 
@@ -232,7 +233,7 @@ class RetrainHandler(Handler[RetrainWork]):
         """The version active now when it is not ``gated_against``, the one the candidate's gate compared it with
         (another was promoted during the retrain): the verdict is then a rejection, saying why first. Holds the
         registry's lock until the caller's transaction ends, so no promotion slips in before the registration."""
-        await conn.execute(q("lock_model_versions", "learning.sql"))
+        await alock_table(conn, q("lock_model_versions", "learning.sql"), "pgsynapse.model_versions")  # waits said
         row = await (await conn.execute(q("active_version"))).fetchone()
         active = row["id"] if row else None
         if active == gated_against:

@@ -35,6 +35,7 @@ from pgsynapse.learning.trainer_process import Stop, TrainingAbandoned, Training
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
+from pgsynapse.table_locks import alock_table
 from pgsynapse.textsql.gate import sql_verdict
 from pgsynapse.textsql.registry import REGISTRY
 from pgsynapse.textsql.train import SqlTrainSpec
@@ -162,7 +163,7 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             res = o.result
             verdict = res["metrics"]["gate"]
             base = res["base"]
-            await conn.execute(REGISTRY.sql("lock_models"))
+            await alock_table(conn, REGISTRY.sql("lock_models"), f"pgsynapse.{REGISTRY.table}")  # waits said
             if verdict["passed"]:
                 others = (await _one(conn, REGISTRY.sql("candidate_traffic"), {"id": None}))["total"]  # type: ignore[index]
                 status, traffic = "candidate", share_left(s.sql_retrain_traffic_percent, others)

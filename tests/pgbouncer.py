@@ -131,6 +131,18 @@ pidfile = {self.dir}/pgbouncer.pid
                     return r
         return {}
 
+    def waiting_clients(self, dbname: str) -> int:
+        """How many clients of ``dbname`` wait for a server connection (``SHOW POOLS``: cl_waiting)."""
+        return sum(int(r["cl_waiting"]) for r in self._admin("SHOW POOLS") if r["database"] == dbname)
+
+    def _admin(self, command: str) -> list[dict[str, object]]:
+        user = self.server.get("user") or "postgres"
+        admin = make_conninfo(host="127.0.0.1", port=str(self.port), user=user, dbname="pgbouncer")
+        with psycopg.connect(admin, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+            cur = conn.execute(command)
+            names = [d.name for d in cur.description or []]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -31,7 +31,7 @@ log = get_logger(__name__)
 def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
     """Apply the pending migrations (returns their names), or with ``apply`` False refuse a schema that is behind."""
     if apply:
-        return migrate(db.listen_url)  # a session advisory lock: the direct URL when db.url is a transaction pooler
+        return migrate(db.listen_url)  # the direct URL if any; a transaction pooler is safe too (xact locks)
     with db.connect() as conn:
         state = schema_state(conn)
     warn_if_newer(state["newer"])

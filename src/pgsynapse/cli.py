@@ -196,7 +196,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "migrate":
         with Database(settings) as db:
-            done = migrate(db.listen_url)  # its session lock needs a session: the direct URL (listen_url)
+            done = migrate(db.listen_url)  # the direct URL if any; a transaction pooler is safe too (xact locks)
         print("applied: " + ", ".join(done) if done else "database schema is up to date")
         return 0
     if args.command == "status":

@@ -37,6 +37,7 @@ from pgsynapse.db import (NO_PREPARE, SCHEMA_ERRORS, connection_broken, connecti
 from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseError, InputError, PgsynapseError
 from pgsynapse.feedback import Feedback, feedback_params
 from pgsynapse.logs import get_logger
+from pgsynapse.pooler import say_if_client_listen_pooled
 from pgsynapse.queries import q
 from pgsynapse.results import (AnswerTimeout, ClientTimeout, DataResult, OutcomeUnknown, QuestionDeleted, Result,
                                UnknownQuestion, format_result, require_session, require_text)
@@ -104,6 +105,7 @@ class Client:
                 raise ConfigError(f"Client {name}: {why}")
         self.url = url
         self.listen_url = listen_url or url
+        self._listen_url_given = listen_url is not None  # else its LISTEN is checked for a pooler (pooler.py)
         self._tcp_settings = settings if settings is not None else tcp_settings_from_env()
         self._open = False
         self._conn: psycopg.AsyncConnection | None = None  # inserts and reads, under _statement_lock
@@ -163,6 +165,8 @@ class Client:
         try:
             for channel in CHANNELS:  # both from the start: a LISTEN later would wait for the task reading it
                 await conn.execute(f"LISTEN {channel}")
+            if not self._listen_url_given:
+                await say_if_client_listen_pooled(conn, self.listen_url, self.recheck_seconds)
         except BaseException:
             await conn.close()
             raise

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from pgsynapse.db import connect, describe_db_error, take_session_lock
+from pgsynapse.db import connect, describe_db_error, take_xact_lock
 from pgsynapse.errors import DatabaseError, DatabaseSetupError
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
@@ -88,41 +88,55 @@ def warn_if_newer(newer: list[int]) -> None:
 
 
 def migrate(url: str) -> list[str]:
-    """Apply every pending migration; returns the names applied (empty when up to date)."""
+    """Apply every pending migration; returns the names applied (empty when up to date).
+
+    The lock that serialises concurrent runs is a transaction lock, taken in each of this run's transactions (and
+    what a migration's transaction applies checked again under it): a transaction pooler (PgBouncer) keeps a
+    transaction on one server connection, where a session lock taken on one and released on another stayed held."""
     done: list[str] = []
+    said: list[bool] = []
     with connect(url, autocommit=True) as conn:
-        if not conn.execute(q("migrate_try_lock", FILE), {"key": _LOCK_KEY}).fetchone()["locked"]:
-            holder = conn.execute(q("migrate_lock_holder", FILE), {"key": _LOCK_KEY}).fetchone() or {}
-            log.info("migrate_waiting", holder_pid=holder.get("pid"), holder_application=holder.get("application_name"),
-                     holder_state=holder.get("state"), holder_state_seconds=holder.get("state_seconds"),
-                     note="another `pgsynapse migrate` (or a worker starting) is applying migrations to this database: "
-                     "waiting for it to finish. A holder idle for long applies nothing: a migrate through a transaction "
-                     "pooler with no PGSYNAPSE_LISTEN_URL unlocks on another server session and leaves the lock held "
-                     "(docs/operations.md, PgBouncer); end it with SELECT pg_terminate_backend(holder_pid)")
-            take_session_lock(conn, q("migrate_lock", FILE), {"key": _LOCK_KEY})
-        try:
+        with conn.transaction():
+            _lock(conn, said)
             _check_pgvector(conn)
             if not _tracked(conn):
                 # only when missing: a role that owns nothing (pgsynapse_worker, pgsynapse_app) may not CREATE in
                 # schema public, and an up-to-date database needs nothing from it
                 conn.execute(q("create_migrations_table", FILE))
             have = set(applied(conn))
-            warn_if_newer(newer_migrations(have))
-            for mig in available():
-                if mig.version in have:
-                    continue
-                try:
-                    with conn.transaction():
-                        conn.execute(mig.sql.encode())
-                        conn.execute(q("record_migration", FILE), {"version": mig.version, "name": mig.name})
-                except psycopg.Error as exc:
-                    err = DatabaseSetupError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseError
-                    raise err(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
-                log.info("migration_applied", version=mig.version, name=mig.name)
-                done.append(mig.name)
-        finally:
-            conn.execute(q("migrate_unlock", FILE), {"key": _LOCK_KEY})
+        warn_if_newer(newer_migrations(have))
+        for mig in available():
+            if mig.version in have:
+                continue
+            try:
+                with conn.transaction():
+                    _lock(conn, said)
+                    if mig.version in applied(conn):
+                        continue  # another run applied it meanwhile
+                    conn.execute(mig.sql.encode())
+                    conn.execute(q("record_migration", FILE), {"version": mig.version, "name": mig.name})
+            except psycopg.Error as exc:
+                err = DatabaseSetupError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseError
+                raise err(f"migration {mig.name} failed: {describe_db_error(exc)}") from exc
+            log.info("migration_applied", version=mig.version, name=mig.name)
+            done.append(mig.name)
     return done
+
+
+def _lock(conn: psycopg.Connection, said: list[bool]) -> None:
+    """Take the migration lock in the transaction open on ``conn``; the first wait of a run says who holds it."""
+    if conn.execute(q("migrate_try_lock", FILE), {"key": _LOCK_KEY}).fetchone()["locked"]:
+        return
+    if not said:
+        holder = conn.execute(q("migrate_lock_holder", FILE), {"key": _LOCK_KEY}).fetchone() or {}
+        log.info("migrate_waiting", holder_pid=holder.get("pid"), holder_application=holder.get("application_name"),
+                 holder_state=holder.get("state"), holder_state_seconds=holder.get("state_seconds"),
+                 note="another `pgsynapse migrate` (or a worker starting) is applying migrations to this database: "
+                 "waiting for it to finish. A holder idle for long applies nothing: a session left holding it (an "
+                 "older pgsynapse's migrate through a transaction pooler with no PGSYNAPSE_LISTEN_URL unlocked on "
+                 "another server session); end it with SELECT pg_terminate_backend(holder_pid)")
+        said.append(True)
+    take_xact_lock(conn, q("migrate_lock", FILE), {"key": _LOCK_KEY})
 
 
 def _check_pgvector(conn: psycopg.Connection) -> None:

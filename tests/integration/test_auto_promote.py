@@ -4,6 +4,8 @@ feedback rows, real workers deciding, real Postgres. Each test waits on row stat
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import psycopg
 import pytest
@@ -233,3 +235,33 @@ def test_a_version_rolled_back_by_hand_and_given_traffic_again_is_decided_on_new
         events = [r["event"] for r in conn.execute(
             "SELECT event FROM pgsynapse.model_events WHERE model_version_id = %s ORDER BY id", (cand,))]
     assert events == ["auto_promoted", "rolled_back", "traffic_set", "auto_rolled_back"]
+
+
+def test_a_decision_waiting_for_the_registry_lock_says_so(db_url):
+    """A decision due takes the registry's table lock, which waits for every transaction holding the table (a
+    promote left open in psql, a worker's registration): the worker's maintenance step waited without a word, as
+    the registry commands did before they logged registry_lock_waiting."""
+    cand = _candidate(db_url)
+    _seed(db_url, cand, 30, 21)
+    _seed(db_url, 1, 30, 21)
+    results: list[list[dict]] = []
+
+    def decide_now() -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+            results.append(run_decisions(conn, min_rated=30, alpha=0.05, actor="test"))
+
+    with psycopg.connect(db_url, autocommit=True) as holder, capture_logs() as logs:
+        with holder.transaction():
+            holder.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
+            thread = threading.Thread(target=decide_now)
+            thread.start()
+            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
+            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
+                assert time.monotonic() < deadline and thread.is_alive(), [e["event"] for e in logs]
+                thread.join(0.05)
+            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            assert said["table"] == "pgsynapse.model_versions", said
+            assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
+        thread.join(60)
+    [[done]] = results
+    assert (done["version"], done["action"]) == (cand, "promote")

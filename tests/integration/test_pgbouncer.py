@@ -15,6 +15,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -26,6 +28,7 @@ from pgsynapse.client import Client
 from pgsynapse.db import NO_PREPARE
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
+from pgsynapse.migrate import _LOCK_KEY, migrate
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.pgbouncer import BINARY, PgBouncer
 
@@ -121,6 +124,29 @@ async def test_a_worker_whose_listen_goes_through_the_pooler_says_so(pgbouncer, 
     assert said[0]["client_backend_pid"] != said[0]["server_backend_pid"]
 
 
+async def test_a_client_whose_listen_goes_through_the_pooler_says_so(pgbouncer, db_url):
+    """`pgsynapse ask` / Client on a transaction pooler with no listen_url: its LISTEN went back to the pool, the
+    answer's NOTIFY never came, and the ask found its answer only at its re-check (5 s), without a word. It says
+    so now, once, as the worker does (listen_through_pooler)."""
+    pooled = pgbouncer.url(db_url)
+    with capture_logs() as logs:
+        async with Client(db_url):
+            pass
+        async with Client(pooled, listen_url=db_url):  # the LISTEN direct, as documented: nothing to say
+            pass
+    assert not [e for e in logs if e["event"] == "client_listen_through_pooler"], logs
+    with capture_logs() as logs:
+        for _ in range(2):  # said once, not at every Client (an application may open one per request)
+            async with Client(pooled) as client:
+                assert client.recheck_seconds == 5.0
+    said = [e for e in logs if e["event"] == "client_listen_through_pooler"]
+    assert len(said) == 1, [e["event"] for e in logs]
+    assert said[0]["log_level"] == "warning"
+    assert said[0]["client_backend_pid"] != said[0]["server_backend_pid"], said[0]
+    assert "listen_url" in said[0]["fix"] and "PGSYNAPSE_LISTEN_URL" in said[0]["fix"], said[0]
+    assert "5.0 s" in said[0]["effect"], said[0]
+
+
 def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):
     """What NO_PREPARE avoids, shown on the same PgBouncer (1.18 has no prepared statement support): two clients
     that prepare share the one server connection, and the second one's statement name collides."""
@@ -140,6 +166,56 @@ def test_prepared_statements_break_through_transaction_pooling(pg_url, db_url):
                 assert b.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
     finally:
         bouncer.stop()
+
+
+def test_migrate_through_transaction_pooling_leaves_no_lock_behind(pg_url, db_url):
+    """`migrate` (a worker's start too) through a transaction pooler with no listen_url took its session advisory
+    lock on one server connection and unlocked on another (pg_advisory_unlock: false), whenever another client
+    had the first one by then: the pooled server session kept the lock, and the next `migrate` or worker start
+    waited for ever. Here a second client takes the first server connection in between, as busy pools do."""
+    bouncer = PgBouncer(pg_url, pool_size=2).start()
+    try:
+        pooled = bouncer.url(db_url)
+        dbname = conninfo_to_dict(db_url)["dbname"]
+        held = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+        blocked = ("SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted"
+                   " AND relation = 'public.pgsynapse_migrations'::regclass)")
+        results: list[list[str]] = []
+        with psycopg.connect(db_url, autocommit=True) as direct, \
+                psycopg.connect(pooled, **NO_PREPARE) as first, psycopg.connect(pooled, **NO_PREPARE) as second:
+            first.execute("SELECT 1")  # its open transaction holds one of the two server connections
+            with direct.transaction():
+                # migrate's read of its table waits here, on the other server connection, lock already taken
+                direct.execute("LOCK TABLE public.pgsynapse_migrations IN ACCESS EXCLUSIVE MODE")
+                run = threading.Thread(target=lambda: results.append(migrate(pooled)))
+                run.start()
+                _until(lambda: direct.execute(blocked).fetchone()[0], run)
+                # a client waiting for a server connection gets migrate's, as soon as migrate lets it go
+                other = threading.Thread(target=lambda: second.execute("SELECT 1"))
+                other.start()
+                _until(lambda: bouncer.waiting_clients(dbname) > 0, other)
+            other.join(WAIT)
+            assert not other.is_alive()
+            first.commit()  # migrate goes on on the first client's server connection
+            run.join(WAIT)
+            assert results == [[]]
+            second.commit()
+            assert direct.execute(held, (_LOCK_KEY,)).fetchall() == []  # main: the lock held by a pooled session
+            again = threading.Thread(target=lambda: results.append(migrate(pooled)))
+            again.start()
+            again.join(WAIT)
+            assert not again.is_alive() and results == [[], []]
+    finally:
+        bouncer.stop()
+
+
+def _until(done, thread: threading.Thread) -> None:
+    """Poll ``done()`` (a lock wait and a pooler's queue send no event) while ``thread`` runs; a safety net."""
+    deadline = time.monotonic() + WAIT
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        thread.join(0.05)
 
 
 def test_the_pooler_dies_with_the_test_process(pg_url):

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -414,4 +416,34 @@ async def test_a_candidate_whose_active_version_changed_during_its_retrain_is_re
     assert not list(Path(row["artifact_path"]).rglob("*.safetensors"))  # it never serves: its weights go
     [changed] = [e for e in logs if e["event"] == "retrain_active_changed"]
     assert (changed["job"], changed["gated_against"], changed["active"]) == (job["id"], 1, other), changed
+    await conn.close()
+
+
+async def test_a_retrain_registration_waiting_for_the_registry_lock_says_so(db_url, models):
+    """A retrain's write takes the registry's table lock before it registers its candidate, and so waits for every
+    transaction holding the table (a promote left open in psql): the write waited without a word, as the registry
+    commands did before they logged registry_lock_waiting. The write's own lock step, on the real registry."""
+    handler = RetrainHandler(fast_settings(db_url), models)
+    now = datetime.now(UTC)
+    job = Job(1, "retrain", 0, {}, 1, now, now)
+    conn = await aconn(db_url)
+    moved: list[int | None] = []
+
+    async def register() -> None:
+        async with conn.transaction():
+            moved.append(await handler._active_moved(conn, job, 1, {"passed": True, "reasons": []}))
+
+    with psycopg.connect(db_url) as holder, capture_logs() as logs:
+        holder.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")  # in its transaction
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(register)
+            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
+            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
+                assert time.monotonic() < deadline, [e["event"] for e in logs]
+                await anyio.sleep(0.05)  # polled: a lock's waiter sends no event
+            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            assert said["table"] == "pgsynapse.model_versions", said
+            assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
+            holder.commit()  # the registration goes on
+    assert moved == [None]  # version 1 still active: nothing moved
     await conn.close()

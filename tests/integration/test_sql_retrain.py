@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import anyio
@@ -319,3 +320,39 @@ def test_the_trainer_is_given_a_url_with_the_settings_keepalives(db_url, tmp_pat
     with psycopg.connect(spec.url, autocommit=True, prepare_threshold=None) as conn:  # as the trainer connects
         params = conn.info.get_parameters()
     assert (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "7"), params
+
+
+@pytest.mark.anyio
+async def test_a_sql_retrain_registration_waiting_for_the_registry_lock_says_so(db_url, tmp_path):
+    """The SQL retrain's write takes the SQL model registry's table lock to register its model, and so waits for
+    every transaction holding the table (a `sql-model promote` left open in psql): it waited without a word, as
+    the registry commands did before they logged registry_lock_waiting. The real write, on a forced outcome."""
+    handler = SqlRetrainHandler(fast_settings(db_url, data_dir=tmp_path))
+    now = dt.datetime.now(dt.UTC)
+    gate = {"passed": False, "candidate": None, "active": None, "delta": None, "heldout": 0, "reasons": ["test"]}
+    outcome = Outcome(Job(1, "sql_retrain", 0, {}, 1, now, now), result={
+        "metrics": {"gate": gate, "max_correction_id": 0}, "path": str(tmp_path / "model"), "runtime": "transformers",
+        "base": None, "force": True})
+    conn = await aconn(db_url)
+    written: list[list[int]] = []
+
+    async def register() -> None:
+        async with conn.transaction():
+            written.append((await handler.write(conn, [outcome])).written)
+
+    with psycopg.connect(db_url) as holder, capture_logs() as logs:
+        holder.execute("LOCK TABLE pgsynapse.sql_models IN SHARE ROW EXCLUSIVE MODE")  # in its transaction
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(register)
+            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
+            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
+                assert time.monotonic() < deadline, [e["event"] for e in logs]
+                await anyio.sleep(0.05)  # polled: a lock's waiter sends no event
+            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            assert said["table"] == "pgsynapse.sql_models", said
+            assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
+            holder.commit()  # the registration goes on
+    assert written == [[1]]
+    row = await (await conn.execute("SELECT status FROM pgsynapse.sql_models ORDER BY id DESC LIMIT 1")).fetchone()
+    assert row["status"] == "candidate"  # forced: registered though its gate did not pass
+    await conn.close()

@@ -34,6 +34,7 @@ from pgsynapse.learning.metrics import two_proportion_z
 from pgsynapse.learning.registry import RegistryError, promote, reject
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
+from pgsynapse.table_locks import lock_table
 
 log = get_logger(__name__)
 
@@ -118,7 +119,8 @@ def run_decisions(conn: psycopg.Connection, *, min_rated: int, alpha: float, act
             return []
         seen = looks()
         if any(d.action for _, d in seen):
-            conn.execute(q("lock_model_versions", "learning.sql"))
+            # a wait past a second says so (registry_lock_waiting), as the registry commands do
+            lock_table(conn, q("lock_model_versions", "learning.sql"), "pgsynapse.model_versions")
             seen = looks()
         for r, d in seen:
             if d.action is None or any(x["action"] == "promote" for x in done):
