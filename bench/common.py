@@ -131,8 +131,13 @@ def corpus(limit: int | None = None) -> list[dict[str, str]]:
 
 
 def questions(name: str) -> list[dict[str, Any]]:
+    """The question set ``name`` of DATA; a SystemExit naming it when it is missing (an empty set would be scored
+    as 0 questions, or divided by)."""
     path = DATA / name
-    return [json.loads(line) for line in path.open()] if path.exists() else []
+    if not path.exists():
+        raise SystemExit(f"bench: {path} not found: the question sets are in the shared data folder "
+                         "(/work/shared/data); set PGSYNAPSE_BENCH_DATA to the folder that holds it")
+    return [json.loads(line) for line in path.open()]
 
 
 # the scheme a default install's start-up export picks for all-MiniLM-L6-v2 (the first of export.SCHEMES whose
