@@ -357,6 +357,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "bench":
         sys.path.insert(0, os.getcwd())  # bench/ lives in the source tree, beside src/
         module = f"bench.{bench_name(args.name)}"
+        if args.database_url:  # given to pgsynapse (before or after `bench`): the benchmarks read DATABASE_URL
+            os.environ["DATABASE_URL"] = args.database_url
         sys.argv = [module, *args.bench_args]
         runpy.run_module(module, run_name="__main__")
         return 0

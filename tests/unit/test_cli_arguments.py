@@ -141,3 +141,21 @@ def test_a_global_option_after_the_command_wins_and_one_not_given_keeps_its_valu
     assert parse_args(["bench", "throughput", "--log-level", "info"]).bench_args == ["--log-level", "info"]
     with pytest.raises(SystemExit):
         parse_args(["status", "--log-level", "loud"])
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_the_global_database_url_is_handed_to_the_benchmark(tmp_path, where):
+    # `pgsynapse --database-url URL bench NAME` (or `bench --database-url URL NAME`) started an embedded server: the
+    # benchmarks read DATABASE_URL, and the URL given to pgsynapse stayed with pgsynapse
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "showurl.py").write_text(
+        'import os\n\nif __name__ == "__main__":\n    print("url=" + os.environ.get("DATABASE_URL", "none"))\n')
+    url = "postgresql://bench@127.0.0.1:9/benchdb"
+    argv = ["--database-url", url, "bench", "showurl"] if where == "before" else ["bench", "--database-url", url,
+                                                                                  "showurl"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL", "PGSYNAPSE_DATABASE_URL")}
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", *argv], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"url={url}"]
