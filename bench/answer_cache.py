@@ -196,7 +196,7 @@ def main() -> None:
     args = p.parse_args()
     emit("answer_cache", "machine", **machine())
     items = stream(args.quick)
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answer_cache", "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"

@@ -327,7 +327,7 @@ def main() -> None:
     halves = held_out()
     unanswerable = [json.loads(line) for line in UNANSWERABLE.open()]
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answer_quality", "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"

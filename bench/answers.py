@@ -30,7 +30,7 @@ def main() -> None:
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answers", "corpus", **info)
         with psycopg.connect(url) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"

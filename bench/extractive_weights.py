@@ -66,7 +66,7 @@ def main() -> None:
     emit(B, "machine", **machine())
     sets = {**held_out(), **train_split(questions("pg_docs_train.jsonl"))}
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit(B, "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"

@@ -45,7 +45,7 @@ def main() -> None:
     bounds = [UNBOUNDED if b == "off" else int(b) for b in args.max_rows.split(",")]
     emit(B, "machine", **machine())
     texts = [d["q"] for d in questions("pg_docs_dev.jsonl")][: args.questions]
-    with corpus_clone() as (url, info), psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
+    with corpus_clone(database_url=args.database_url) as (url, info), psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
         have = 1
         for copies in (int(x) for x in args.copies.split(",")):
             if copies > have:

@@ -65,7 +65,7 @@ def main() -> None:
 
     train = questions("pg_docs_train.jsonl")
     dev = dev_split(questions("pg_docs_dev.jsonl"))
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("gate", "corpus", **info, adapter_steps=args.steps, adapter_lr=args.lr)
         with psycopg.connect(url, autocommit=True) as conn:
             register_vector(conn)

@@ -49,7 +49,7 @@ def main() -> None:
     settings = load_settings(environ={})
     models = ModelCache()
     rows, answers = [], []
-    with corpus_clone() as (url, _info):
+    with corpus_clone(database_url=args.database_url) as (url, _info):
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()

@@ -64,7 +64,7 @@ def main() -> None:
     sets: dict[str, list[dict[str, Any]]] = {**held_out(), "train": [
         {"q": t["q"], "relevant": [t["page"]]} for t in questions("pg_docs_train.jsonl")]}
     models = ModelCache()
-    with corpus_clone() as (url, info), psycopg.connect(url, row_factory=dict_row) as conn:
+    with corpus_clone(database_url=args.database_url) as (url, info), psycopg.connect(url, row_factory=dict_row) as conn:
         emit(B, "corpus", **info)
         register_vector(conn)
         version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"

@@ -84,7 +84,7 @@ def main() -> None:
     texts = [it["q"] for _, it in flat]
     models = ModelCache()
     settings = load_settings(environ={})
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit(B, "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
             register_vector(conn)

@@ -226,7 +226,8 @@ def main() -> None:
     qtexts = [q["q"] for q in halves["tune"] + halves["report"]]  # latency only
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     report_pages = {r for q in report for r in q["relevant"]}
-    source = subset_corpus(args.database_url, args.chunks, report_pages) if args.chunks else corpus_clone(limit=args.limit)
+    source = (subset_corpus(args.database_url, args.chunks, report_pages) if args.chunks
+              else corpus_clone(limit=args.limit, database_url=args.database_url))
     with source as (url, info):
         # product defaults, but for the data dir (exports, the student) under /tmp
         extra = {"backfill_batch": args.backfill_batch} if args.backfill_batch else {}

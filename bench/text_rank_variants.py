@@ -94,13 +94,13 @@ for rows in (100, 250, 500, 1000, 2000, 5000):
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.parse_args()
+    args = p.parse_args()
     emit("text_rank_variants", "machine", **machine())
     sets = {"dev": [(d["q"], set(d["relevant"])) for d in questions("pg_docs_dev.jsonl")],
             "train": [(d["q"], {d["page"]}) for d in questions("pg_docs_train.jsonl")]}
     models = ModelCache()
     original_q = answer_handler.q
-    with corpus_clone() as (url, _info):
+    with corpus_clone(database_url=args.database_url) as (url, _info):
         with psycopg.connect(url) as conn:
             row = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                " WHERE status = 'active'").fetchone()

@@ -1,14 +1,16 @@
 """The benchmarks as a contributor runs them (`python -m bench.NAME`, BENCHMARKS.md): what one needs is asked for
 before any work, a missing data file is named in a line, and nothing is left behind in the temp dir."""
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from bench import common
+from bench import common, corpusdb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,3 +43,21 @@ def test_runtimes_leaves_no_work_dir_behind(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"name": "torch"' in r.stdout
     assert not list(tmp_path.glob("pgsynapse-runtimes-*"))
+
+
+def _no_embedded_server(*_args, **_kwargs):
+    raise AssertionError("an embedded server was started: --database-url was ignored")
+
+
+@pytest.mark.parametrize("argv", [
+    ["answers", "--questions", "0"], ["answer_cache", "--no-replay"], ["answer_quality", "--worker-questions", "0"],
+    ["extractive_weights", "--variants", "[]"], ["fulltext_scale"], ["gate"], ["generation", "--model", "x"],
+    ["hybrid_weights"], ["ranker_answers", "--teacher-model", "x"], ["text_rank_variants"]])
+def test_the_corpus_benchmarks_take_their_database_url(monkeypatch, argv):
+    # they accepted --database-url and started the corpus's embedded server all the same (only DATABASE_URL counted)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setattr(corpusdb, "EmbeddedPostgres", _no_embedded_server)
+    module = importlib.import_module(f"bench.{argv[0]}")
+    monkeypatch.setattr(sys, "argv", [argv[0], *argv[1:], "--database-url", "postgresql://bench@127.0.0.1:9/nodb"])
+    with pytest.raises(psycopg.OperationalError, match="port 9 failed"):
+        module.main()
