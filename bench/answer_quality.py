@@ -296,7 +296,7 @@ def samples_md(name: str, items: list[dict[str, Any]], rows: list[dict[str, Any]
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--generator", action="append", default=[], metavar="NAME=PATH",
                    help="a generative answerer: answerer = transformers with this model path (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer_max_new_tokens of the generators")

@@ -23,7 +23,7 @@ from pgsynapse.models import ModelCache
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--questions", type=int, default=200)
     args = p.parse_args()
     emit("answers", "machine", **machine())

@@ -34,9 +34,21 @@ ARTIFACTS = Path(os.environ.get("PGSYNAPSE_BENCH_MODELS", tempfile.gettempdir())
 RESULTS: list[dict[str, Any]] = []
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+class _NoQuick(argparse.Action):
+    """``--quick`` of a benchmark that has no reduced form: said, rather than a full-size run."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{parser.prog} has no --quick: it runs at its full size; its own options (--help) choose "
+                     "what it measures")
+
+
+def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``quick=False`` for one without a reduced form (``--quick`` refused)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="reduced sizes, for development")
+    if quick:
+        p.add_argument("--quick", action="store_true", help="reduced sizes, for development")
+    else:
+        p.add_argument("--quick", action=_NoQuick, nargs=0, help=argparse.SUPPRESS)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: an embedded server in a temp dir")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = cores)")
     return p

@@ -59,7 +59,7 @@ def scores(answerer: ExtractiveAnswerer, name: str, items: list[dict[str, Any]],
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--variants", required=True)
     args = p.parse_args()
     variants = [{"name": "default"}, *json.loads(args.variants)]

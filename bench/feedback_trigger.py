@@ -48,7 +48,7 @@ def run(conn: psycopg.Connection, trigger: str, questions: list[int], history: i
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--history", type=int, default=20, help="earlier feedback rows per question")
     p.add_argument("--inserts", type=int, default=2000)

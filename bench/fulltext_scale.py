@@ -37,7 +37,7 @@ RANKED = _HEAD.rstrip().rstrip(",") + " SELECT count(*) AS n FROM" + _RANKING.sp
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--copies", default="1,10,50", help="sizes, in copies of the corpus (increasing)")
     p.add_argument("--questions", type=int, default=40)
     p.add_argument("--max-rows", default=f"off,{MAX_ROWS}", help="bounds to time (off: none)")

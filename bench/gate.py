@@ -55,7 +55,7 @@ def adapter(x: np.ndarray, targets: list[int], chunks: np.ndarray, steps: int = 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=100, help="adapter training steps (full batch)")
     p.add_argument("--lr", type=float, default=1e-4, help="adapter learning rate (Adam)")

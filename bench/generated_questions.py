@@ -27,7 +27,7 @@ SYSTEM = ("Write one question that a PostgreSQL user could ask and that this pas
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", type=Path, required=True, help="the instruct model's GGUF file")
     p.add_argument("--chunks", type=int, default=1800, help="chunks to write a question for")
     p.add_argument("--seed", type=int, default=23)

@@ -31,7 +31,7 @@ from pgsynapse.models import ModelCache
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", action="append", required=True, help="preset, .gguf file or model directory")
     p.add_argument("--context", action="append", type=int, default=None, help="answer_context_tokens (repeatable)")
     p.add_argument("--runtime", action="append", choices=["transformers", "llama-cpp"], default=None,

@@ -51,7 +51,7 @@ REPORT = ("report", "users-report")
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--depth", type=int, default=15,
                    help="chunks per candidate list (the handler's: answer_top_k 5 x 3; bench.answers': 40 x 3)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")

@@ -166,7 +166,7 @@ def _encode(model: Any, texts: list[str]) -> np.ndarray:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated retrain seeds")
     p.add_argument("--teacher-vectors", type=Path, help="mpnet's vectors of the template's chunks (bench/gpu_distill.py):"
                    " mpnet is added as a model version and the active ranker, and labels the retrain's examples")

@@ -63,7 +63,7 @@ def _gains(m: dict[str, Any], active: str, candidate: str) -> tuple[float, float
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--recipes", required=True, help="JSON list of {name, TrainSpec fields..., teacher: bool}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--teacher-vectors", type=Path)

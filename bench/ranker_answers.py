@@ -75,7 +75,7 @@ def add_partial_teacher(conn: psycopg.Connection, models: ModelCache, path: Path
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--teacher-model", type=Path, required=True, help="all-mpnet-base-v2 as served (module docstring)")
     args = p.parse_args()
     emit(B, "machine", **machine())

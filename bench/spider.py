@@ -351,7 +351,7 @@ def build(url: str, db_ids: Iterable[str] | None = None) -> tuple[dict[str, Data
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--db", action="append", help="only these db_ids")
     p.add_argument("--show", choices=["error", "empty", "translate"], help="print the dropped queries of a kind")
     args = p.parse_args()

@@ -207,7 +207,7 @@ def report_row(name: str, url: str, row: dict[str, Any], report: list[dict[str, 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--part", choices=("a", "ab"), default="ab")
     p.add_argument("--chunks", type=int, default=600, help="corpus subset (0: all)")
     p.add_argument("--layers", type=int, default=6)

@@ -93,7 +93,7 @@ for rows in (100, 250, 500, 1000, 2000, 5000):
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     args = p.parse_args()
     emit("text_rank_variants", "machine", **machine())
     sets = {"dev": [(d["q"], set(d["relevant"])) for d in questions("pg_docs_dev.jsonl")],

@@ -189,7 +189,7 @@ def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, o
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", action="append", required=True, help="RUNTIME:PATH (llama-cpp, transformers)")
     p.add_argument("--part", choices=["report", "choose", "train"], default="report")
     p.add_argument("--limit", type=int, default=0, help="questions at most (a seeded sample; 0 = all)")

@@ -61,3 +61,31 @@ def test_the_corpus_benchmarks_take_their_database_url(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", [argv[0], *argv[1:], "--database-url", "postgresql://bench@127.0.0.1:9/nodb"])
     with pytest.raises(psycopg.OperationalError, match="port 9 failed"):
         module.main()
+
+
+NO_QUICK = ["answer_quality", "answers", "extractive_weights", "feedback_trigger", "fulltext_scale", "gate",
+            "generated_questions", "generation", "hybrid_weights", "learning", "learning_recipes", "ranker_answers",
+            "spider", "sql_generation", "teacher", "text_rank_variants", "text_to_sql"]
+
+
+class _Started(Exception):
+    pass
+
+
+def _started(*_args, **_kwargs):
+    raise _Started
+
+
+@pytest.mark.parametrize("name", NO_QUICK)
+def test_a_benchmark_without_a_quick_form_refuses_quick(monkeypatch, capsys, name):
+    # BENCHMARKS.md: `python -m bench.NAME [--quick]`; these accepted --quick and ran at their full size (minutes to
+    # hours) all the same
+    module = pytest.importorskip(f"bench.{name}", exc_type=ImportError)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bench@127.0.0.1:9/nodb")
+    monkeypatch.setattr(corpusdb, "EmbeddedPostgres", _no_embedded_server)
+    monkeypatch.setattr(module, "machine", _started, raising=False)  # the first thing most benchmarks do
+    monkeypatch.setattr(sys, "argv", [f"bench.{name}", "--quick"])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    assert f"bench.{name} has no --quick: it runs at its full size" in capsys.readouterr().err
