@@ -23,7 +23,7 @@ import time
 import numpy as np
 import psycopg
 
-from bench.common import database, emit, machine, median, parser, table
+from bench.common import database, emit, machine, median, parser, run_benchmark, table
 from pgsynapse.learning.autopromote import decide, detectable_drop
 from pgsynapse.queries import q
 
@@ -114,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -35,7 +35,7 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.common import RESULTS, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import RESULTS, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import half
 from bench.paraphrases import OUT as PARAPHRASES
@@ -231,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -54,7 +54,8 @@ from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
 from bench import answer_patterns
-from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import (
+    ask_one_at_a_time, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.extractive_v1 import ExtractiveV1Answerer
@@ -407,4 +408,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -15,7 +15,8 @@ import time
 import anyio
 import psycopg
 
-from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import (
+    ask_one_at_a_time, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import retrieve_pages, score
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

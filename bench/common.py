@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
 from pgsynapse.embedded import EmbeddedPostgres
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.export import export_fp32, quantize_int8
 from pgsynapse.listener.worker import Worker
 from pgsynapse.migrate import migrate
@@ -52,6 +53,18 @@ def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: an embedded server in a temp dir")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = cores)")
     return p
+
+
+def run_benchmark(main: Callable[[], object]) -> None:
+    """A benchmark's entry point (its ``main`` run as a script): what it cannot do, said by the project's own errors
+    (a model package not installed, a model path that does not exist) or by a database out of reach, ends it in one
+    line on stderr, exit 1, not a traceback."""
+    try:
+        main()
+    except (PgsynapseError, psycopg.OperationalError) as exc:
+        prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
+        name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
+        raise SystemExit(f"{name}: error: {exc}") from None
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:

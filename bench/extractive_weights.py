@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from bench import answer_patterns
 from bench.answer_quality import answer_sentences, first_on_relevant, retrieve, train_split
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from pgsynapse.answerers.base import Request
@@ -100,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

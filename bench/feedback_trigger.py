@@ -19,7 +19,7 @@ import time
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, table
+from bench.common import database, emit, machine, parser, run_benchmark, table
 
 B = "feedback_trigger"
 TRIGGER = ("CREATE OR REPLACE TRIGGER feedback_to_examples AFTER INSERT ON pgsynapse.feedback REFERENCING NEW TABLE"
@@ -71,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

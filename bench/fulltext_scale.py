@@ -19,7 +19,7 @@ import time
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.common import emit, machine, parser, pct, questions, table
+from bench.common import emit, machine, parser, pct, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.text_rank_variants import MAX_ROWS, OR
 from pgsynapse.queries import q
@@ -75,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 import psycopg
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split as dev_split
 from pgsynapse.learning.canary import build_questions
@@ -154,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

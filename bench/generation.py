@@ -21,7 +21,7 @@ import torch
 from psycopg.rows import dict_row
 
 from bench.answer_quality import retrieve
-from bench.common import emit, machine, parser, pct, questions, table
+from bench.common import emit, machine, parser, pct, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from pgsynapse.answerers import NOT_FOUND, Request, TransformersAnswerer
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

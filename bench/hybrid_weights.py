@@ -34,7 +34,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
@@ -129,4 +129,4 @@ def voted(scores: dict[int, float], page: dict[int, str], vote: float) -> list[i
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -44,7 +44,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from sentence_transformers import SentenceTransformer
 
-from bench.common import emit, machine, parser, questions, run_worker_until, table
+from bench.common import emit, machine, parser, questions, run_benchmark, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import SETS, held_out
 from bench.retrieval import ranked_pages, score
@@ -270,4 +270,4 @@ def run(args: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -35,7 +35,7 @@ import numpy as np
 import psycopg
 from sentence_transformers import SentenceTransformer
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import held_out
 from bench.learning import _feedback
@@ -166,4 +166,4 @@ def run(args: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

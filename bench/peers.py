@@ -29,7 +29,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
+from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, run_benchmark, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
 from bench.retrieval import score
 from pgsynapse.models import ModelCache
@@ -212,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

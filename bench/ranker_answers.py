@@ -34,7 +34,7 @@ from psycopg.rows import dict_row
 
 from bench import answer_patterns
 from bench.answer_quality import retrieve, train_split
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.extractive_weights import REPORT, TUNE, scores
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import artifact, corpus, emit, machine, parser, questions, table
+from bench.common import artifact, corpus, emit, machine, parser, questions, run_benchmark, table
 from pgsynapse.chunking import Chunker
 from pgsynapse.export import SCHEMES
 from pgsynapse.models import ModelSpec, ONNX_FILES, default_model_path, load_embedder, rss_bytes
@@ -171,4 +171,4 @@ def argparse_hidden() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, table
+from bench.common import database, emit, machine, parser, run_benchmark, table
 from bench.spider_sql import collect_literals, ident, is_number, translate
 
 SPLIT_FILE = Path(__file__).parent / "data" / "spider_split.json"
@@ -375,4 +375,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

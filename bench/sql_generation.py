@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.common import emit, machine, parser, pct, table
+from bench.common import emit, machine, parser, pct, run_benchmark, table
 from pgsynapse.config import load_settings
 from pgsynapse.textsql.generate import LlamaCppSqlGenerator, SqlPrompt, TransformersSqlGenerator
 
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

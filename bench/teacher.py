@@ -35,8 +35,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from bench.common import (corpus, database, emit, machine, parser, pct, questions, run_worker_until, set_runtime,
-                          table)
+from bench.common import (
+    corpus, database, emit, machine, parser, pct, questions, run_benchmark, run_worker_until, set_runtime, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from bench.mpnet import mpnet_path
@@ -275,4 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

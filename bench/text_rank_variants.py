@@ -12,7 +12,7 @@ from __future__ import annotations
 import anyio
 import psycopg
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.retrieval import retrieve_pages, score
 from pgsynapse.config import Settings
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

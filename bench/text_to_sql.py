@@ -43,7 +43,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, pct, spawn_worker, stop, table
+from bench.common import database, emit, machine, parser, pct, run_benchmark, spawn_worker, stop, table
 from bench.spider import build, ident, split
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.sql_answer import answer
@@ -283,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)
