@@ -159,3 +159,18 @@ def test_the_global_database_url_is_handed_to_the_benchmark(tmp_path, where):
                        env=env, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [f"url={url}"]
+
+
+def test_bench_without_a_name_lists_the_benchmarks_with_what_each_measures():
+    # `pgsynapse bench` said "the following arguments are required: name, bench_args" (exit 2), and its --help named
+    # five of the 38 benchmarks
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "bench"], capture_output=True, text=True, cwd=repo,
+                       env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("throughput ") and "End-to-end throughput" in line for line in lines), r.stdout
+    assert any(line.startswith("answers ") for line in lines) and not any(line.startswith("common ") for line in lines)
+    assert "pgsynapse bench NAME --help" in r.stdout
+    assert parse_args(["bench", "throughput", "--quick"]).bench_args == ["--quick"]
