@@ -118,3 +118,15 @@ def test_what_a_benchmark_cannot_do_is_one_line_not_a_traceback(tmp_path, argv, 
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert re.search("^" + line, r.stderr, re.M), r.stderr[-2000:]
+
+
+def test_ranker_explore_dump_makes_its_folder_before_the_work(monkeypatch, tmp_path):
+    # `python -m bench.ranker_explore.dump` (BENCHMARKS.md) cloned the corpus and encoded every question, then failed
+    # in np.savez: FileNotFoundError '/tmp/pgsynapse-ranker-exp/cache.npz' (the folder was never made)
+    from bench.ranker_explore import dump
+
+    monkeypatch.setattr(dump, "OUT", tmp_path / "exp")
+    monkeypatch.setattr(dump, "corpus_clone", _started)
+    with pytest.raises(_Started):
+        dump.main()
+    assert (tmp_path / "exp").is_dir()
