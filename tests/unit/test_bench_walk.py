@@ -3,6 +3,7 @@ before any work, a missing data file is named in a line, and nothing is left beh
 
 import importlib
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -130,3 +131,13 @@ def test_ranker_explore_dump_makes_its_folder_before_the_work(monkeypatch, tmp_p
     with pytest.raises(_Started):
         dump.main()
     assert (tmp_path / "exp").is_dir()
+
+
+def test_ab_decision_takes_runs_given_with_quick(monkeypatch, capsys):
+    # `python -m bench.ab_decision --quick --runs 50` simulated 2,000 runs per row: --quick overrode the size asked for
+    from bench import ab_decision
+
+    monkeypatch.setattr(sys, "argv", ["bench.ab_decision", "--quick", "--runs", "50"])
+    ab_decision.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {r["runs"] for r in rows if "runs" in r} == {50}
