@@ -23,7 +23,7 @@ import time
 import numpy as np
 import psycopg
 
-from bench.common import database, emit, machine, median, parser, table
+from bench.common import database, emit, machine, median, parser, run_benchmark, table
 from pgsynapse.learning.autopromote import decide, detectable_drop
 from pgsynapse.queries import q
 
@@ -87,13 +87,13 @@ def look_cost(url: str, questions: int, rated: int) -> dict[str, float]:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=20_000)
+    p.add_argument("--runs", type=int, default=0, help="simulated streams per row (default 20,000, --quick 2,000)")
     p.add_argument("--rate", type=float, default=0.6)
     p.add_argument("--share", type=float, default=0.1, help="the candidate's share of sessions (rollout_traffic_percent)")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--sql", action="store_true", help="also time one look's query on a large database")
     args = p.parse_args()
-    runs = 2_000 if args.quick else args.runs
+    runs = args.runs or (2_000 if args.quick else 20_000)
     rng = np.random.default_rng(23)
     emit("ab_decision", "machine", **machine())
     rows = []
@@ -114,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -35,7 +35,7 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.common import RESULTS, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import RESULTS, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import half
 from bench.paraphrases import OUT as PARAPHRASES
@@ -196,7 +196,7 @@ def main() -> None:
     args = p.parse_args()
     emit("answer_cache", "machine", **machine())
     items = stream(args.quick)
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answer_cache", "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
@@ -231,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

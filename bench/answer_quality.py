@@ -54,7 +54,8 @@ from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
 from bench import answer_patterns
-from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import (
+    ask_one_at_a_time, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.extractive_v1 import ExtractiveV1Answerer
@@ -296,7 +297,7 @@ def samples_md(name: str, items: list[dict[str, Any]], rows: list[dict[str, Any]
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--generator", action="append", default=[], metavar="NAME=PATH",
                    help="a generative answerer: answerer = transformers with this model path (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer_max_new_tokens of the generators")
@@ -327,7 +328,7 @@ def main() -> None:
     halves = held_out()
     unanswerable = [json.loads(line) for line in UNANSWERABLE.open()]
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answer_quality", "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
@@ -407,4 +408,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

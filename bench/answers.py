@@ -15,7 +15,8 @@ import time
 import anyio
 import psycopg
 
-from bench.common import ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import (
+    ask_one_at_a_time, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import retrieve_pages, score
@@ -23,14 +24,14 @@ from pgsynapse.models import ModelCache
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--questions", type=int, default=200)
     args = p.parse_args()
     emit("answers", "machine", **machine())
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("answers", "corpus", **info)
         with psycopg.connect(url) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -12,7 +12,7 @@ import time
 import psycopg
 
 from bench.common import (
-    add_runtime_option, database, emit, machine, parser, rss_of, set_runtime, spawn_worker, stop, table)
+    add_runtime_option, database, emit, machine, parser, rss_of, run_benchmark, set_runtime, spawn_worker, stop, table)
 from pgsynapse.queries import q
 
 INSERT = (
@@ -71,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import artifact, corpus, emit, machine, parser, questions, table
+from bench.common import artifact, corpus, emit, machine, parser, questions, run_benchmark, table
 from bench.runtimes import recall
 from pgsynapse.chunking import Chunker
 from pgsynapse.models import ModelSpec, default_model_path, load_embedder
@@ -67,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

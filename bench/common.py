@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.corpus import debian_html_dir, html_pages, shipped_pages
 from pgsynapse.embedded import EmbeddedPostgres
+from pgsynapse.errors import PgsynapseError
 from pgsynapse.export import export_fp32, quantize_int8
 from pgsynapse.listener.worker import Worker
 from pgsynapse.migrate import migrate
@@ -34,12 +35,36 @@ ARTIFACTS = Path(os.environ.get("PGSYNAPSE_BENCH_MODELS", tempfile.gettempdir())
 RESULTS: list[dict[str, Any]] = []
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+class _NoQuick(argparse.Action):
+    """``--quick`` of a benchmark that has no reduced form: said, rather than a full-size run."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{parser.prog} has no --quick: it runs at its full size; its own options (--help) choose "
+                     "what it measures")
+
+
+def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``quick=False`` for one without a reduced form (``--quick`` refused)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="reduced sizes, for development")
+    if quick:
+        p.add_argument("--quick", action="store_true", help="reduced sizes, for development")
+    else:
+        p.add_argument("--quick", action=_NoQuick, nargs=0, help=argparse.SUPPRESS)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="default: an embedded server in a temp dir")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = cores)")
     return p
+
+
+def run_benchmark(main: Callable[[], object]) -> None:
+    """A benchmark's entry point (its ``main`` run as a script): what it cannot do, said by the project's own errors
+    (a model package not installed, a model path that does not exist) or by a database out of reach, ends it in one
+    line on stderr, exit 1, not a traceback."""
+    try:
+        main()
+    except (PgsynapseError, psycopg.OperationalError) as exc:
+        prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
+        name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
+        raise SystemExit(f"{name}: error: {exc}") from None
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:
@@ -131,8 +156,13 @@ def corpus(limit: int | None = None) -> list[dict[str, str]]:
 
 
 def questions(name: str) -> list[dict[str, Any]]:
+    """The question set ``name`` of DATA; a SystemExit naming it when it is missing (an empty set would be scored
+    as 0 questions, or divided by)."""
     path = DATA / name
-    return [json.loads(line) for line in path.open()] if path.exists() else []
+    if not path.exists():
+        raise SystemExit(f"bench: {path} not found: the question sets are in the shared data folder "
+                         "(/work/shared/data); set PGSYNAPSE_BENCH_DATA to the folder that holds it")
+    return [json.loads(line) for line in path.open()]
 
 
 # the scheme a default install's start-up export picks for all-MiniLM-L6-v2 (the first of export.SCHEMES whose

@@ -19,8 +19,8 @@ import anyio
 import psycopg
 
 from bench.common import (
-    add_runtime_option, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop,
-    table)
+    add_runtime_option, corpus, database, emit, machine, parser, pct, questions, run_benchmark, set_runtime,
+    spawn_worker, stop, table)
 from pgsynapse.client import Client
 
 # the Client's safety re-read interval (recheck_seconds): an ask this slow was woken by the re-read of its row, not by
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -55,9 +55,11 @@ def _artifacts_exist(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None) -> Iterator[tuple[str, dict]]:
-    """A fresh copy of the embedded corpus database; yields ``(url, info)``."""
-    url = os.environ.get("DATABASE_URL")
+def corpus_clone(data_dir: Path = DEFAULT_DIR, limit: int | None = None,
+                 database_url: str | None = None) -> Iterator[tuple[str, dict]]:
+    """A fresh copy of the embedded corpus database, on the server of ``database_url`` (a benchmark's
+    ``--database-url``; default DATABASE_URL), else on the embedded server in ``data_dir``; yields ``(url, info)``."""
+    url = database_url or os.environ.get("DATABASE_URL")
     server = None
     if not url:
         data_dir.mkdir(parents=True, exist_ok=True)

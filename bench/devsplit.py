@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.common import questions
+from bench.common import questions, run_benchmark
 
 HALVES = ("tune", "report")
 USERS = Path(__file__).parent / "data" / "user_questions.jsonl"
@@ -56,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from bench import answer_patterns
 from bench.answer_quality import answer_sentences, first_on_relevant, retrieve, train_split
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from pgsynapse.answerers.base import Request
@@ -59,14 +59,14 @@ def scores(answerer: ExtractiveAnswerer, name: str, items: list[dict[str, Any]],
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--variants", required=True)
     args = p.parse_args()
     variants = [{"name": "default"}, *json.loads(args.variants)]
     emit(B, "machine", **machine())
     sets = {**held_out(), **train_split(questions("pg_docs_train.jsonl"))}
     models = ModelCache()
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit(B, "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
@@ -100,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

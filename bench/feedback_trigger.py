@@ -19,7 +19,7 @@ import time
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, table
+from bench.common import database, emit, machine, parser, run_benchmark, table
 
 B = "feedback_trigger"
 TRIGGER = ("CREATE OR REPLACE TRIGGER feedback_to_examples AFTER INSERT ON pgsynapse.feedback REFERENCING NEW TABLE"
@@ -48,7 +48,7 @@ def run(conn: psycopg.Connection, trigger: str, questions: list[int], history: i
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--history", type=int, default=20, help="earlier feedback rows per question")
     p.add_argument("--inserts", type=int, default=2000)
@@ -71,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -19,7 +19,7 @@ import time
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.common import emit, machine, parser, pct, questions, table
+from bench.common import emit, machine, parser, pct, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.text_rank_variants import MAX_ROWS, OR
 from pgsynapse.queries import q
@@ -37,7 +37,7 @@ RANKED = _HEAD.rstrip().rstrip(",") + " SELECT count(*) AS n FROM" + _RANKING.sp
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--copies", default="1,10,50", help="sizes, in copies of the corpus (increasing)")
     p.add_argument("--questions", type=int, default=40)
     p.add_argument("--max-rows", default=f"off,{MAX_ROWS}", help="bounds to time (off: none)")
@@ -45,7 +45,7 @@ def main() -> None:
     bounds = [UNBOUNDED if b == "off" else int(b) for b in args.max_rows.split(",")]
     emit(B, "machine", **machine())
     texts = [d["q"] for d in questions("pg_docs_dev.jsonl")][: args.questions]
-    with corpus_clone() as (url, info), psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
+    with corpus_clone(database_url=args.database_url) as (url, info), psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
         have = 1
         for copies in (int(x) for x in args.copies.split(",")):
             if copies > have:
@@ -75,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 import psycopg
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split as dev_split
 from pgsynapse.learning.canary import build_questions
@@ -55,7 +55,7 @@ def adapter(x: np.ndarray, targets: list[int], chunks: np.ndarray, steps: int = 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=100, help="adapter training steps (full batch)")
     p.add_argument("--lr", type=float, default=1e-4, help="adapter learning rate (Adam)")
@@ -65,7 +65,7 @@ def main() -> None:
 
     train = questions("pg_docs_train.jsonl")
     dev = dev_split(questions("pg_docs_dev.jsonl"))
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit("gate", "corpus", **info, adapter_steps=args.steps, adapter_lr=args.lr)
         with psycopg.connect(url, autocommit=True) as conn:
             register_vector(conn)
@@ -154,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 
 import psycopg
-from llama_cpp import Llama
 
-from bench.common import emit, machine, parser
+try:
+    from llama_cpp import Llama
+except ImportError:  # an optional extra: said in a line, not a traceback
+    raise SystemExit("bench.generated_questions needs llama-cpp-python: pip install 'pgsynapse[llama]'") from None
+
+from bench.common import emit, machine, parser, run_benchmark
 from bench.corpusdb import corpus_clone, on_corpus_server
 
 B = "generated_questions"
@@ -27,7 +31,7 @@ SYSTEM = ("Write one question that a PostgreSQL user could ask and that this pas
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", type=Path, required=True, help="the instruct model's GGUF file")
     p.add_argument("--chunks", type=int, default=1800, help="chunks to write a question for")
     p.add_argument("--seed", type=int, default=23)
@@ -59,4 +63,4 @@ def run(args) -> None:  # noqa: ANN001 - argparse's namespace
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

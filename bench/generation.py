@@ -21,7 +21,7 @@ import torch
 from psycopg.rows import dict_row
 
 from bench.answer_quality import retrieve
-from bench.common import emit, machine, parser, pct, questions, table
+from bench.common import emit, machine, parser, pct, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from pgsynapse.answerers import NOT_FOUND, Request, TransformersAnswerer
@@ -31,7 +31,7 @@ from pgsynapse.models import ModelCache
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", action="append", required=True, help="preset, .gguf file or model directory")
     p.add_argument("--context", action="append", type=int, default=None, help="answer_context_tokens (repeatable)")
     p.add_argument("--runtime", action="append", choices=["transformers", "llama-cpp"], default=None,
@@ -49,7 +49,7 @@ def main() -> None:
     settings = load_settings(environ={})
     models = ModelCache()
     rows, answers = [], []
-    with corpus_clone() as (url, _info):
+    with corpus_clone(database_url=args.database_url) as (url, _info):
         with psycopg.connect(url, row_factory=dict_row) as conn:
             version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                    " WHERE status = 'active'").fetchone()
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -34,7 +34,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.retrieval import score
@@ -51,7 +51,7 @@ REPORT = ("report", "users-report")
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--depth", type=int, default=15,
                    help="chunks per candidate list (the handler's: answer_top_k 5 x 3; bench.answers': 40 x 3)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1,1.5,2")
@@ -64,7 +64,7 @@ def main() -> None:
     sets: dict[str, list[dict[str, Any]]] = {**held_out(), "train": [
         {"q": t["q"], "relevant": [t["page"]]} for t in questions("pg_docs_train.jsonl")]}
     models = ModelCache()
-    with corpus_clone() as (url, info), psycopg.connect(url, row_factory=dict_row) as conn:
+    with corpus_clone(database_url=args.database_url) as (url, info), psycopg.connect(url, row_factory=dict_row) as conn:
         emit(B, "corpus", **info)
         register_vector(conn)
         version = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
@@ -129,4 +129,4 @@ def voted(scores: dict[int, float], page: dict[int, str], vote: float) -> list[i
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

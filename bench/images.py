@@ -44,7 +44,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 from psycopg.rows import dict_row
 
-from bench.common import ARTIFACTS, database, emit, machine, parser, pct, table
+from bench.common import ARTIFACTS, database, emit, machine, parser, pct, run_benchmark, table
 from pgsynapse.config import load_settings
 from pgsynapse.images import registry
 from pgsynapse.images.decode import ImageLimits, decode
@@ -339,4 +339,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

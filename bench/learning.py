@@ -44,7 +44,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from sentence_transformers import SentenceTransformer
 
-from bench.common import emit, machine, parser, questions, run_worker_until, table
+from bench.common import emit, machine, parser, questions, run_benchmark, run_worker_until, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import SETS, held_out
 from bench.retrieval import ranked_pages, score
@@ -166,7 +166,7 @@ def _encode(model: Any, texts: list[str]) -> np.ndarray:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated retrain seeds")
     p.add_argument("--teacher-vectors", type=Path, help="mpnet's vectors of the template's chunks (bench/gpu_distill.py):"
                    " mpnet is added as a model version and the active ranker, and labels the retrain's examples")
@@ -270,4 +270,4 @@ def run(args: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -35,7 +35,7 @@ import numpy as np
 import psycopg
 from sentence_transformers import SentenceTransformer
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import held_out
 from bench.learning import _feedback
@@ -63,7 +63,7 @@ def _gains(m: dict[str, Any], active: str, candidate: str) -> tuple[float, float
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--recipes", required=True, help="JSON list of {name, TrainSpec fields..., teacher: bool}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--teacher-vectors", type=Path)
@@ -166,4 +166,4 @@ def run(args: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -38,7 +38,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from bench.common import RESULTS, emit, machine, parser, questions, table
+from bench.common import RESULTS, emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import HALVES, split
 from bench.learning import _feedback
@@ -213,4 +213,4 @@ def _tables() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import ARTIFACTS
+from bench.common import ARTIFACTS, run_benchmark
 from pgsynapse.presets import EMBEDDING_PRESETS, unpack
 
 NAME = "all-mpnet-base-v2"
@@ -24,4 +24,4 @@ def mpnet_path(root: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(mpnet_path())
+    run_benchmark(lambda: print(mpnet_path()))

@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.common import questions
+from bench.common import questions, run_benchmark
 
 HERE = Path(__file__).parent / "data"
 OUT = HERE / "paraphrases.jsonl"
@@ -70,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -29,7 +29,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, set_runtime, spawn_worker, stop, table
+from bench.common import DEFAULT_INT8_SCHEME, corpus, database, emit, machine, parser, pct, questions, run_benchmark, set_runtime, spawn_worker, stop, table
 from bench.latency import idle_latency, one_chunk_texts
 from bench.retrieval import score
 from pgsynapse.models import ModelCache
@@ -108,11 +108,17 @@ def run_pgsynapse(url: str, pages, dev, embedder, latency_docs, threads: int) ->
 
 
 # -- pgai --------------------------------------------------------------------------------------------------------
-def run_pgai(url: str, pages, dev, embedder, latency_docs, venv: Path, threads: int) -> dict:
+def pgai_command(venv: Path) -> Path:
+    """The ``pgai`` command of ``venv``, else a SystemExit saying how to install it (asked before any work: the
+    pgsynapse half takes minutes)."""
     pgai = venv / "bin" / "pgai"
     if not pgai.exists():
         raise SystemExit(f"pgai not found at {pgai}: python3 -m venv {venv} && "
-                         f"{venv}/bin/pip install 'pgai[vectorizer-worker]==0.12.1'")
+                         f"{venv}/bin/pip install 'pgai[vectorizer-worker]==0.12.1' (or --pgai-venv DIR)")
+    return pgai
+
+
+def run_pgai(url: str, pages, dev, embedder, latency_docs, pgai: Path, threads: int) -> dict:
     subprocess.run([str(pgai), "install", "-d", url], check=True, capture_output=True, text=True, timeout=300)
     server = subprocess.Popen([sys.executable, "-m", "bench.embed_server", "--port", "0",
                                *(["--threads", str(threads)] if threads else [])],
@@ -175,6 +181,7 @@ def main() -> None:
     p.add_argument("--runtime", default=f"onnx-int8:{DEFAULT_INT8_SCHEME}",
                    help="pgsynapse's runtime[:int8 scheme] (default: what a default install switches to at its first start)")
     args = p.parse_args()
+    pgai = pgai_command(Path(args.pgai_venv))
     n_pages = args.pages or (25 if args.quick else 120)
     n_lat = args.latency_n or (10 if args.quick else 30)
     emit("peers", "machine", **machine())
@@ -186,7 +193,7 @@ def main() -> None:
     with database(args.database_url) as url:
         own = models.get(set_runtime(url, *args.runtime.split(":")))
         results["pgsynapse"] = run_pgsynapse(url, pages, dev, own, latency_docs, args.threads)
-        results["pgai"] = run_pgai(url, pages, dev, embedder, latency_docs[5:], Path(args.pgai_venv), args.threads)
+        results["pgai"] = run_pgai(url, pages, dev, embedder, latency_docs[5:], pgai, args.threads)
     rows = []
     for name, r in results.items():
         lat = r.pop("latency_ms")
@@ -205,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

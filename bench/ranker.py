@@ -37,7 +37,8 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg.rows import dict_row
 
-from bench.common import RESULTS, ask_one_at_a_time, emit, machine, parser, pct, questions, spawn_worker, stop, table
+from bench.common import (
+    RESULTS, ask_one_at_a_time, emit, machine, parser, pct, questions, run_benchmark, spawn_worker, stop, table)
 from bench.corpusdb import corpus_clone, on_corpus_server
 from bench.devsplit import HALVES, split
 from bench.learning import _feedback
@@ -235,4 +236,4 @@ def _latency(url: str, ranker_id: int, texts: list[str], candidates: int) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

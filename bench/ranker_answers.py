@@ -34,7 +34,7 @@ from psycopg.rows import dict_row
 
 from bench import answer_patterns
 from bench.answer_quality import retrieve, train_split
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.devsplit import held_out
 from bench.extractive_weights import REPORT, TUNE, scores
@@ -75,7 +75,7 @@ def add_partial_teacher(conn: psycopg.Connection, models: ModelCache, path: Path
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--teacher-model", type=Path, required=True, help="all-mpnet-base-v2 as served (module docstring)")
     args = p.parse_args()
     emit(B, "machine", **machine())
@@ -84,7 +84,7 @@ def main() -> None:
     texts = [it["q"] for _, it in flat]
     models = ModelCache()
     settings = load_settings(environ={})
-    with corpus_clone() as (url, info):
+    with corpus_clone(database_url=args.database_url) as (url, info):
         emit(B, "corpus", **info)
         with psycopg.connect(url, row_factory=dict_row, autocommit=True) as conn:
             register_vector(conn)
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

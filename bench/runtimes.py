@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import artifact, corpus, emit, machine, parser, questions, table
+from bench.common import artifact, corpus, emit, machine, parser, questions, run_benchmark, table
 from pgsynapse.chunking import Chunker
 from pgsynapse.export import SCHEMES
 from pgsynapse.models import ModelSpec, ONNX_FILES, default_model_path, load_embedder, rss_bytes
@@ -115,18 +115,21 @@ def main() -> None:
     train = questions("pg_docs_train.jsonl")
     queries = [d["q"] for d in dev] + [d["q"] for d in train]
     arts = {rt: str(artifact(*rt.split(":"))) for rt in chosen if rt != "torch"}
-    work = Path(tempfile.mkdtemp(prefix="pgsynapse-runtimes-"))
     n_speed = 64 if args.quick else 256
-    (work / "texts.json").write_text(json.dumps({"chunks": texts, "queries": queries, "artifacts": arts,
-                                                 "n_speed": n_speed, "n_batch1": 32 if args.quick else 64}))
-    stats = {}
+    stats, vectors = {}, {}
+    with tempfile.TemporaryDirectory(prefix="pgsynapse-runtimes-") as tmp:  # the children's texts and vectors
+        work = Path(tmp)
+        (work / "texts.json").write_text(json.dumps({"chunks": texts, "queries": queries, "artifacts": arts,
+                                                     "n_speed": n_speed, "n_batch1": 32 if args.quick else 64}))
+        for rt in chosen:
+            subprocess.run([sys.executable, "-m", "bench.runtimes", "--one", rt, "--work", str(work), "--threads",
+                            str(args.threads)], check=True, env={**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning"})
+            stats[rt] = json.loads((work / f"{rt}.json").read_text())
+            with np.load(work / f"{rt}.npz") as z:
+                vectors[rt] = {k: z[k] for k in z.files}
+    ref = vectors["torch"]
     for rt in chosen:
-        subprocess.run([sys.executable, "-m", "bench.runtimes", "--one", rt, "--work", str(work), "--threads",
-                        str(args.threads)], check=True, env={**os.environ, "PGSYNAPSE_LOG_LEVEL": "warning"})
-        stats[rt] = json.loads((work / f"{rt}.json").read_text())
-    ref = np.load(work / "torch.npz")
-    for rt in chosen:
-        v = np.load(work / f"{rt}.npz")
+        v = vectors[rt]
         size = (Path(arts[rt]) / ONNX_FILES[rt.split(":")[0]]).stat().st_size if rt in arts else (default_model_path() / "model.safetensors").stat().st_size
         top_ref = np.argsort(-(ref["queries"] @ ref["chunks"].T), axis=1)[:, :10]
         top = np.argsort(-(v["queries"] @ v["chunks"].T), axis=1)[:, :10]
@@ -168,4 +171,4 @@ def argparse_hidden() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

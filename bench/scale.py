@@ -31,7 +31,7 @@ from sentence_transformers import SentenceTransformer, models as st_models
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from bench import scale_size
-from bench.common import database, emit, machine, parser, set_runtime, spawn_worker, stop, table
+from bench.common import database, emit, machine, parser, run_benchmark, set_runtime, spawn_worker, stop, table
 from bench.scale_size import ms
 from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
@@ -309,4 +309,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, table
+from bench.common import database, emit, machine, parser, run_benchmark, table
 from bench.spider_sql import collect_literals, ident, is_number, translate
 
 SPLIT_FILE = Path(__file__).parent / "data" / "spider_split.json"
@@ -351,7 +351,7 @@ def build(url: str, db_ids: Iterable[str] | None = None) -> tuple[dict[str, Data
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--db", action="append", help="only these db_ids")
     p.add_argument("--show", choices=["error", "empty", "translate"], help="print the dropped queries of a kind")
     args = p.parse_args()
@@ -375,4 +375,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.common import emit, machine, parser, pct, table
+from bench.common import emit, machine, parser, pct, run_benchmark, table
 from pgsynapse.config import load_settings
 from pgsynapse.textsql.generate import LlamaCppSqlGenerator, SqlPrompt, TransformersSqlGenerator
 
@@ -47,7 +47,7 @@ QUESTIONS = [
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", action="append", required=True, help="RUNTIME:PATH (transformers or llama-cpp)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the setting sql_max_new_tokens")
     p.add_argument("--candidates", type=int, default=3, help="statements for the self-consistency timing (0: skip)")
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -35,8 +35,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
-from bench.common import (corpus, database, emit, machine, parser, pct, questions, run_worker_until, set_runtime,
-                          table)
+from bench.common import (
+    corpus, database, emit, machine, parser, pct, questions, run_benchmark, run_worker_until, set_runtime, table)
 from bench.corpusdb import corpus_clone
 from bench.devsplit import split
 from bench.mpnet import mpnet_path
@@ -207,7 +207,7 @@ def report_row(name: str, url: str, row: dict[str, Any], report: list[dict[str, 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--part", choices=("a", "ab"), default="ab")
     p.add_argument("--chunks", type=int, default=600, help="corpus subset (0: all)")
     p.add_argument("--layers", type=int, default=6)
@@ -226,7 +226,8 @@ def main() -> None:
     qtexts = [q["q"] for q in halves["tune"] + halves["report"]]  # latency only
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     report_pages = {r for q in report for r in q["relevant"]}
-    source = subset_corpus(args.database_url, args.chunks, report_pages) if args.chunks else corpus_clone(limit=args.limit)
+    source = (subset_corpus(args.database_url, args.chunks, report_pages) if args.chunks
+              else corpus_clone(limit=args.limit, database_url=args.database_url))
     with source as (url, info):
         # product defaults, but for the data dir (exports, the student) under /tmp
         extra = {"backfill_batch": args.backfill_batch} if args.backfill_batch else {}
@@ -274,4 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import anyio
 import psycopg
 
-from bench.common import emit, machine, parser, questions, table
+from bench.common import emit, machine, parser, questions, run_benchmark, table
 from bench.corpusdb import corpus_clone
 from bench.retrieval import retrieve_pages, score
 from pgsynapse.config import Settings
@@ -93,14 +93,14 @@ for rows in (100, 250, 500, 1000, 2000, 5000):
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.parse_args()
+    p = parser(__doc__.splitlines()[0], quick=False)
+    args = p.parse_args()
     emit("text_rank_variants", "machine", **machine())
     sets = {"dev": [(d["q"], set(d["relevant"])) for d in questions("pg_docs_dev.jsonl")],
             "train": [(d["q"], {d["page"]}) for d in questions("pg_docs_train.jsonl")]}
     models = ModelCache()
     original_q = answer_handler.q
-    with corpus_clone() as (url, _info):
+    with corpus_clone(database_url=args.database_url) as (url, _info):
         with psycopg.connect(url) as conn:
             row = conn.execute("SELECT id, name, artifact_path, runtime, dim, status FROM pgsynapse.model_versions"
                                " WHERE status = 'active'").fetchone()
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

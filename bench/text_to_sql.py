@@ -43,7 +43,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import database, emit, machine, parser, pct, spawn_worker, stop, table
+from bench.common import database, emit, machine, parser, pct, run_benchmark, spawn_worker, stop, table
 from bench.spider import build, ident, split
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.sql_answer import answer
@@ -189,7 +189,7 @@ def finetune(conn: psycopg.Connection, items: list[dict[str, Any]], path: str, o
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], quick=False)
     p.add_argument("--model", action="append", required=True, help="RUNTIME:PATH (llama-cpp, transformers)")
     p.add_argument("--part", choices=["report", "choose", "train"], default="report")
     p.add_argument("--limit", type=int, default=0, help="questions at most (a seeded sample; 0 = all)")
@@ -283,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -12,7 +12,7 @@ import time
 import psycopg
 
 from bench.common import (
-    add_runtime_option, corpus, database, emit, machine, parser, set_runtime, spawn_worker, stop, table)
+    add_runtime_option, corpus, database, emit, machine, parser, run_benchmark, set_runtime, spawn_worker, stop, table)
 from pgsynapse.chunking import Chunker
 from pgsynapse.config import load_settings
 from pgsynapse.models import ModelCache
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -11,7 +11,7 @@ import time
 
 import psycopg
 
-from bench.common import database, emit, machine, median, parser, table
+from bench.common import database, emit, machine, median, parser, run_benchmark, table
 
 INSERT = (
     "INSERT INTO pgsynapse.documents (source, title, body)"
@@ -55,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -19,7 +19,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector_async
 
-from bench.common import database, emit, machine, parser, table
+from bench.common import database, emit, machine, parser, run_benchmark, table
 from pgsynapse.queries import q
 
 B = "write_path"
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -21,6 +21,7 @@ OUT = Path(os.environ.get("RANKER_EXP_DIR", "/tmp/pgsynapse-ranker-exp"))
 
 def main() -> None:
     t0 = time.time()
+    OUT.mkdir(parents=True, exist_ok=True)
     with corpus_clone() as (url, info):
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             rows = conn.execute(

@@ -14,7 +14,7 @@ import anyio
 import psycopg
 
 from pgsynapse.app import ask, ensure_schema, run_worker
-from pgsynapse.cli_args import bench_name, parse_args
+from pgsynapse.cli_args import bench_name, benchmarks, parse_args
 from pgsynapse.client import format_result
 from pgsynapse.config import early_log_format, load_settings, unknown_environment
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
@@ -373,7 +373,16 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "bench":
         sys.path.insert(0, os.getcwd())  # bench/ lives in the source tree, beside src/
+        if args.name is None:
+            listed = benchmarks()
+            width = max(map(len, listed))
+            print("\n".join(f"{name.ljust(width)}  {textwrap.shorten(what, 96 - width, placeholder=' ...')}"
+                            for name, what in listed.items()))
+            print("\n`pgsynapse bench NAME --help`: its options (`python -m bench.NAME` runs the same)")
+            return 0
         module = f"bench.{bench_name(args.name)}"
+        if args.database_url:  # given to pgsynapse (before or after `bench`): the benchmarks read DATABASE_URL
+            os.environ["DATABASE_URL"] = args.database_url
         sys.argv = [module, *args.bench_args]
         runpy.run_module(module, run_name="__main__")
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import codecs
 import importlib.util
 import sys
@@ -262,9 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--follow", action="store_true", help="then wait until it is backfilled (a worker must run)")
     di.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    be = sub.add_parser("bench", help="run a benchmark of bench/ (throughput, latency, runtimes, triggers, backlog)")
-    be.add_argument("name")
-    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark (e.g. --quick)")
+    be = sub.add_parser("bench", help="run a benchmark of bench/ from a checkout (no NAME: list them)",
+                        description="Run a benchmark of bench/ (`python -m bench.NAME`) from a checkout; results in "
+                        "BENCHMARKS.md. Without NAME: the benchmarks there are, each with what it measures.")
+    be.add_argument("name", nargs="?", help="the benchmark (throughput, latency, runtimes, ...; none: list them)")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER,
+                    help="arguments of the benchmark (`pgsynapse bench NAME --help`: its options; --quick where it "
+                    "has a reduced form)")
 
     _image_model_parser(sub)
     _sql_parsers(sub)
@@ -417,8 +422,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def bench_name(name: str) -> str:
-    """``name`` when bench/ (on ``sys.path``: the source tree) has that benchmark, else one line saying what to do."""
+def benchmarks() -> dict[str, str]:
+    """The benchmarks of bench/ (on ``sys.path``: the source tree), each with its docstring's first line; else one
+    line saying what to do."""
     try:
         package = importlib.util.find_spec("bench")
     except (ImportError, ValueError):
@@ -426,8 +432,18 @@ def bench_name(name: str) -> str:
     if package is None or not package.submodule_search_locations:
         raise PgsynapseError("the benchmarks are in the source tree: run `pgsynapse bench` from a checkout (bench/ "
                              "beside src/)")
-    names = sorted(f.stem for d in package.submodule_search_locations for f in Path(d).glob("*.py")
-                   if not f.stem.startswith("_") and 'if __name__ == "__main__":' in f.read_text())
+    found = {}
+    for f in sorted(f for d in package.submodule_search_locations for f in Path(d).glob("*.py")):
+        text = f.read_text()
+        if not f.stem.startswith("_") and 'if __name__ == "__main__":' in text:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            found[f.stem] = doc.split("\n\n")[0].split(". ")[0].replace("\n", " ").strip()
+    return found
+
+
+def bench_name(name: str) -> str:
+    """``name`` when bench/ (on ``sys.path``: the source tree) has that benchmark, else one line saying what to do."""
+    names = sorted(benchmarks())
     if name not in names:
         raise PgsynapseError(f"no benchmark {name!r} in bench/: one of {', '.join(names)}")
     return name

@@ -141,3 +141,36 @@ def test_a_global_option_after_the_command_wins_and_one_not_given_keeps_its_valu
     assert parse_args(["bench", "throughput", "--log-level", "info"]).bench_args == ["--log-level", "info"]
     with pytest.raises(SystemExit):
         parse_args(["status", "--log-level", "loud"])
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_the_global_database_url_is_handed_to_the_benchmark(tmp_path, where):
+    # `pgsynapse --database-url URL bench NAME` (or `bench --database-url URL NAME`) started an embedded server: the
+    # benchmarks read DATABASE_URL, and the URL given to pgsynapse stayed with pgsynapse
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "showurl.py").write_text(
+        'import os\n\nif __name__ == "__main__":\n    print("url=" + os.environ.get("DATABASE_URL", "none"))\n')
+    url = "postgresql://bench@127.0.0.1:9/benchdb"
+    argv = ["--database-url", url, "bench", "showurl"] if where == "before" else ["bench", "--database-url", url,
+                                                                                  "showurl"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL", "PGSYNAPSE_DATABASE_URL")}
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", *argv], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"url={url}"]
+
+
+def test_bench_without_a_name_lists_the_benchmarks_with_what_each_measures():
+    # `pgsynapse bench` said "the following arguments are required: name, bench_args" (exit 2), and its --help named
+    # five of the 38 benchmarks
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", "bench"], capture_output=True, text=True, cwd=repo,
+                       env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("throughput ") and "End-to-end throughput" in line for line in lines), r.stdout
+    assert any(line.startswith("answers ") for line in lines) and not any(line.startswith("common ") for line in lines)
+    assert "pgsynapse bench NAME --help" in r.stdout
+    assert parse_args(["bench", "throughput", "--quick"]).bench_args == ["--quick"]

