@@ -198,15 +198,10 @@ BOM = 3  # bytes of UTF-8's byte-order mark, which is no character
 def _read_text(path: Path, max_chars: int) -> bytes:
     """The bytes of a text file that may hold at most ``max_chars`` characters: one of more than ``UTF8_MAX`` bytes
     per character (a byte-order mark aside) holds more whatever its encoding, and is refused by its size without a
-    read; never more than that is read (a file that grows meanwhile)."""
-    limit = UTF8_MAX * max_chars + BOM
-    size, grew = path.stat().st_size, ""
-    if size <= limit:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-        if len(data) <= limit:
-            return data
-        size, grew = len(data), " or more: it grew while it was read"
+    read."""
+    data, size, grew = _read_at_most(path, UTF8_MAX * max_chars + BOM)
+    if data is not None:
+        return data
     # ceil((size - BOM) / UTF8_MAX) characters at least: size // UTF8_MAX, over max_chars
     raise SkipFile(f"at least {size // UTF8_MAX:,} characters ({size:,} bytes{grew}), over "
                    f"max_document_chars={max_chars:,}")
@@ -214,17 +209,25 @@ def _read_text(path: Path, max_chars: int) -> bytes:
 
 def _read_file(path: Path, limit: int) -> bytes:
     """The bytes of an HTML or PDF file of at most ``limit`` bytes: one larger is refused by its size without a read
-    (its size says nothing of its text's length, but it would be read and parsed whole); never more than that is
-    read (a file that grows meanwhile)."""
-    size, grew = path.stat().st_size, ""
-    if size <= limit:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-        if len(data) <= limit:
-            return data
-        size, grew = len(data), " or more: it grew while it was read"
+    (its size says nothing of its text's length, but it would be read and parsed whole)."""
+    data, size, grew = _read_at_most(path, limit)
+    if data is not None:
+        return data
     raise SkipFile(f"{size:,} bytes{grew}, over max_document_file_bytes={limit:,} (an HTML or PDF file is refused by "
                    "its size: raise PGSYNAPSE_MAX_DOCUMENT_FILE_BYTES to ingest it)")
+
+
+def _read_at_most(path: Path, limit: int) -> tuple[bytes | None, int, str]:
+    """``(data, size, "")`` for a file of at most ``limit`` bytes; else ``(None, size, grew)``, unread when its size
+    is over the limit, and never more than ``limit + 1`` bytes read (a file that grows meanwhile: ``grew`` says so)."""
+    size = path.stat().st_size
+    if size > limit:
+        return None, size, ""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) <= limit:
+        return data, len(data), ""
+    return None, len(data), " or more: it grew while it was read"
 
 
 def _decode(data: bytes, encoding: str | None) -> str:
