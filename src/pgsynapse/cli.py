@@ -366,7 +366,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         a = report.agreement
         figures = f"top-10 overlap {a.overlap_at_10:.3f}, cosine mean {a.cosine_mean:.4f} (min {a.cosine_min:.4f})"
         if not report.accepted:
-            print(f"pgsynapse: refused: {args.runtime} agreement below {report.threshold}: {figures}", file=sys.stderr)
+            notice("export_refused", f"{args.runtime} agreement below {report.threshold}: {figures}", level="error",
+                   heading="refused", runtime=args.runtime)
             return 1
         what = "switched" if args.switch else "registered as candidate"
         print(f"{args.runtime}: {what} model version {report.version_id}: {figures}, artifact {report.artifact_path}")
