@@ -14,7 +14,7 @@ from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
-from pgsynapse.errors import DatabaseError
+from pgsynapse.errors import DatabaseError, SchemaMissing
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
@@ -37,7 +37,7 @@ def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
     warn_if_newer(state["newer"])
     missing = state["pending"]
     if missing and state["applied"] is None:
-        raise DatabaseError(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
+        raise SchemaMissing(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
                             f"{len(missing)} migrations, {missing[0]} to {missing[-1]})")
     if missing:
         raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: "

@@ -19,7 +19,8 @@ from pgsynapse.client import format_result
 from pgsynapse.config import early_log_format, load_settings, unknown_environment
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
-from pgsynapse.errors import ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError
+from pgsynapse.errors import (ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError,
+                              SchemaMissing)
 from pgsynapse.export import run_export
 from pgsynapse.guardrail_cli import run_guardrail_command
 from pgsynapse.images.cli import run_image_model_command, run_image_search
@@ -28,7 +29,7 @@ from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.canary import canary_command
 from pgsynapse.learning.cli import run_learning_command, run_model_command
 from pgsynapse.logs import configure_logging, get_logger, notice
-from pgsynapse.migrate import migrate
+from pgsynapse.migrate import migrate, schema_state
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.cli import run_ranker_command
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
-        code = _dispatch(args, settings)
+        code = _dispatch_migrating(args, settings)
         sys.stdout.flush()  # here, where a reader gone is caught, not at exit
         return code
     except BrokenPipeError:  # the reader went away (`pgsynapse status --json | head -1`): no traceback
@@ -186,6 +187,28 @@ def main(argv: list[str] | None = None) -> int:
         if _log_format(args, settings) != "json":
             raise
         return _crash(args, settings, exc)  # every line of a JSON log is JSON, a traceback included
+
+
+# commands that do not migrate a fresh embedded database: `status` reports its schema, `run` migrates unless told not to
+NO_AUTO_MIGRATE = frozenset({"status", "migrate", "run"})
+
+
+def _dispatch_migrating(args: argparse.Namespace, settings) -> int:
+    """The command; on the embedded database (pgsynapse's own: no one else migrates it) one that met no pgsynapse
+    schema at all (a fresh data dir) is run again once the migrations are applied, as `ask` applies them. Nothing
+    was written: no pgsynapse table existed."""
+    try:
+        return _dispatch(args, settings)
+    except (SchemaMissing, *SCHEMA_ERRORS):
+        if not settings.embedded or args.command in NO_AUTO_MIGRATE:
+            raise
+        with Database(settings) as db:
+            with db.connect() as conn:
+                if schema_state(conn)["applied"] is not None:  # a schema behind: `pgsynapse migrate` says what
+                    raise
+            done = ensure_schema(db)
+        log.warning("schema_migrated_embedded", command=args.command, applied=done)
+    return _dispatch(args, settings)
 
 
 def _dispatch(args: argparse.Namespace, settings) -> int:
@@ -366,7 +389,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         a = report.agreement
         figures = f"top-10 overlap {a.overlap_at_10:.3f}, cosine mean {a.cosine_mean:.4f} (min {a.cosine_min:.4f})"
         if not report.accepted:
-            print(f"pgsynapse: refused: {args.runtime} agreement below {report.threshold}: {figures}", file=sys.stderr)
+            notice("export_refused", f"{args.runtime} agreement below {report.threshold}: {figures}", level="error",
+                   heading="refused", runtime=args.runtime)
             return 1
         what = "switched" if args.switch else "registered as candidate"
         print(f"{args.runtime}: {what} model version {report.version_id}: {figures}, artifact {report.artifact_path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -315,6 +316,9 @@ class Settings(TextSqlSettings):
             raise ValueError("listen_url: needs database_url (the embedded server takes no listen URL)")
         if self.read_url and not self.database_url:
             raise ValueError("read_url: needs database_url (the replica of which primary?)")
+        if self.openai_api_key and self.openai_base_url and urllib.parse.urlsplit(self.openai_base_url).username:
+            raise ValueError("openai_base_url: has a user and password (sent as HTTP Basic authentication) while "
+                             "openai_api_key is set (a bearer key): both are the Authorization header; keep one")
         return self
 
     @property

@@ -13,6 +13,10 @@ class DatabaseError(PgsynapseError):
     """The database is unreachable, lacks pgvector, or refuses what pgsynapse needs."""
 
 
+class SchemaMissing(DatabaseError):
+    """The database has no pgsynapse schema at all: `pgsynapse migrate` makes it."""
+
+
 class DatabaseSetupError(DatabaseError):
     """The database answers but cannot serve pgsynapse (no pgvector, a missing privilege): restarting cannot
     fix it, so the CLI exits 78 like a configuration error. (A schema not migrated yet stays a plain

@@ -104,14 +104,15 @@ def libraries_at_debug(*names: str) -> Iterator[None]:
             logger.removeFilter(demote)
 
 
-def notice(event: str, message: str) -> None:
-    """What a command tells its user on stderr while it works (a wait it cannot end by itself): the line
-    ``pgsynapse: message`` with console logs, a warning event ``event`` with the message as its ``note`` with JSON
-    logs (every line of a JSON log is JSON)."""
+def notice(event: str, message: str, *, level: str = "warning", heading: str = "", **context: object) -> None:
+    """What a command tells its user on stderr while it works (a wait it cannot end by itself, a warning, why it
+    refused): the line ``pgsynapse: message`` (``pgsynapse: heading: message`` with a ``heading``, such as
+    ``warning``) with console logs, an event ``event`` at ``level`` with the message as its ``note`` and the
+    ``context`` with JSON logs (every line of a JSON log is JSON)."""
     if _format["current"] == "json":
-        get_logger("pgsynapse").warning(event, note=message)
+        getattr(get_logger("pgsynapse"), level)(event, note=message, **context)
     else:
-        print(f"pgsynapse: {message}", file=sys.stderr, flush=True)
+        print(f"pgsynapse: {heading + ': ' if heading else ''}{message}", file=sys.stderr, flush=True)
 
 
 def get_logger(name: str = "pgsynapse") -> structlog.stdlib.BoundLogger:

@@ -73,6 +73,24 @@ def test_status_on_the_embedded_default_never_migrated_says_to_migrate(data_dir)
     assert "the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("command, said", [(["guardrail", "add", "how do I hack the server?"], "guardrail rule 1: "),
+                                           (["ingest", "NOTE"], "1 inserted")])
+def test_a_command_on_a_fresh_embedded_data_dir_migrates_it_first(data_dir, tmp_path, command, said):
+    """`guardrail add` (and every command but status) on a fresh data dir stopped with exit 69, "the database has no
+    pgsynapse schema yet: run `pgsynapse migrate`", a retry-later code for a schema that no one else would make,
+    while `ask` and `sql-ask` migrated it themselves. The embedded database is pgsynapse's own: it migrates it."""
+    note = tmp_path / "note.txt"
+    note.write_text("VACUUM reclaims storage occupied by dead tuples.")
+    command = [str(note) if a == "NOTE" else a for a in command]
+    r = subprocess.run([sys.executable, "-m", "pgsynapse", *command], env=_env(data_dir), capture_output=True,
+                       text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert said in r.stdout, r.stdout
+    events = [json.loads(line) for line in r.stderr.splitlines()]
+    [migrated] = [e for e in events if e["event"] == "schema_migrated_embedded"]
+    assert migrated["level"] == "warning" and migrated["applied"][0] == "0001_init.sql", migrated
+
+
 def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "migrate"], env=_env(data_dir), capture_output=True,
                        text=True, timeout=300, cwd="/tmp")

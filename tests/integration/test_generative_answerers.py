@@ -168,7 +168,9 @@ async def test_the_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(db_u
         await _corpus(db_url)
         async with Client(db_url) as client:
             slow = await client.ask("how do I undo commands back to a savepoint?")
-    assert slow.status == "failed" and "answer endpoint did not answer within 0.5 s" in slow.error, slow.error
+    assert slow.status == "failed" and (f"answer endpoint {fake_openai}/chat/completions did not answer within 0.5 s "
+                                        "(openai_timeout_seconds [PGSYNAPSE_OPENAI_TIMEOUT_SECONDS])") in slow.error, (
+        slow.error)
 
 
 async def test_an_endpoint_down_for_every_attempt_fails_the_question_saying_where_and_what_to_do(db_url, models):

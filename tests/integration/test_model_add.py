@@ -5,6 +5,7 @@ model is exported to it before it gets traffic, as a retrained one is)."""
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import UTC, datetime
 import shutil
 from pathlib import Path
@@ -14,10 +15,14 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.cli import main
 from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.export.agreement import Agreement, ExportReport
 from pgsynapse.handlers.backfill import finish_backfill
 from pgsynapse.learning.cli import backfill_worker_note, render_versions, run_learning_command, run_model_command
+from pgsynapse.learning.distill import Distilled
 from pgsynapse.learning.registry import add_model, promote, retire, set_traffic
+from pgsynapse.logs import configure_logging
 from pgsynapse.metrics import INFERENCE_SECONDS
 from pgsynapse.models import default_model_path
 from pgsynapse.search import search
@@ -246,6 +251,65 @@ async def test_follow_says_when_no_running_worker_would_backfill(db_url, models,
             assert "no running worker takes backfill jobs" in backfill_worker_note(conn)  # it runs other kinds
         async with running_worker(fast_settings(db_url, kinds=("embed", "backfill")), models):
             assert backfill_worker_note(conn) is None
+
+
+def test_model_add_s_notes_are_json_events_with_json_logs(db_url, tiny48, capsys):
+    """With JSON logs (the systemd unit's) every stderr line of `model add` is JSON: its warnings, `--follow`'s note
+    that no worker backfills, its failed backfill and its ignored --traffic were plain `pgsynapse: ...` lines."""
+    configure_logging("json")
+    settings = fast_settings(db_url)
+
+    def model_add(follow: bool, traffic: float = 0.0, settings=settings) -> tuple[int, list[dict]]:
+        args = argparse.Namespace(command="model", model_command="add", path=str(tiny48), name=None, traffic=traffic,
+                                  follow=follow, no_progress=True)
+        code = run_model_command(args, conn, settings, db_url)
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]  # each line is JSON
+        return code, [e for e in events if e["level"] != "info"]  # not the model_loaded, model_added ones
+
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, serving_runtime="torch")["id"]
+        conn.execute("INSERT INTO pgsynapse.jobs (kind, ref_id, payload, status, last_error) VALUES"
+                     " ('backfill', %s, '{}', 'failed', 'disk full')", (v,))
+        code, events = model_add(follow=True)
+        assert code == 1
+        assert [(e["event"], e["level"]) for e in events] == [("model_follow_waiting", "warning"),
+                                                              ("model_backfill_failed", "error")], events
+        assert events[0]["note"].startswith("no running worker takes backfill jobs"), events
+        assert events[1]["note"] == f"backfill of model version {v} failed: disk full", events
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now() WHERE id = %s", (v,))
+        code, events = model_add(follow=True, traffic=5.0)
+        assert code == 0
+        assert [(e["event"], e["level"]) for e in events] == [("model_traffic_not_applied", "warning")], events
+        assert events[0]["note"].startswith(f"--traffic applies when a model is added; pgsynapse traffic {v} 5 "), events
+        retire(conn, v)
+        code, events = model_add(follow=False, settings=fast_settings(db_url, chunk_tokens=8192))
+        assert code == 0
+        assert [(e["event"], e["level"]) for e in events] == [("model_add_warning", "warning")], events
+        assert "but chunks hold up to chunk_tokens=8192" in events[0]["note"], events
+
+
+@pytest.mark.parametrize("command, event", [
+    (["model", "distill"], "distill_not_registered"),
+    (["model", "export", "--runtime", "onnx"], "export_refused"),
+])
+def test_a_refused_distill_or_export_is_a_json_event_with_json_logs(db_url, tmp_path, monkeypatch, capsys, command,
+                                                                    event):
+    """`model distill` whose gate refuses its student, and `model export` whose agreement is below the threshold,
+    said so in a plain `pgsynapse: ...` line among the JSON ones (the training and export are stood in for: what
+    they return is what the command reports)."""
+    agreement = Agreement(overlap_at_10=0.5, cosine_mean=0.9, cosine_min=0.8, query_cosine_mean=0.9, n_chunks=10,
+                          n_queries=5)
+    monkeypatch.setattr("pgsynapse.cli.run_export", lambda *a, **k: ExportReport(
+        "onnx", str(tmp_path / "onnx"), agreement, 0.95, accepted=False, seconds=1.0, size_bytes=1))
+    monkeypatch.setattr("pgsynapse.learning.cli.distill", lambda *a, **k: Distilled(
+        None, {"passed": False, "reasons": ["the student is worse"]}, {}, tmp_path / "student"))
+    monkeypatch.setenv("PGSYNAPSE_DATA_DIR", str(tmp_path / "data"))
+    capsys.readouterr()
+    assert main(["--database-url", db_url, "--log-format", "json", *command]) == 1
+    [refused] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {"event": event, "level": "error"}.items() <= refused.items(), refused
+    assert ("onnx agreement below 0.95: top-10 overlap 0.500" in refused["note"] if event == "export_refused" else
+            refused["note"].startswith("the student was not registered: its gate refused it")), refused
 
 
 def test_the_same_model_is_refused_once_its_version_serves_on_another_runtime(db_url, tmp_path, tiny48):

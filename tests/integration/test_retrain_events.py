@@ -364,6 +364,13 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
     assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
             "stops waiting, the retrain stays queued)") in err.splitlines(), err
+    # with JSON logs (the systemd unit's) the note is a JSON event too: it was the one plain line among them
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--log-format", "json"], "retrain", FAILED,
+                                         why="OOM")
+    assert code == 1 and out.startswith("retrain queued"), (out, err)
+    [waiting] = [json.loads(line) for line in err.splitlines()]
+    assert {"event": "retrain_waiting", "level": "warning", "kind": "retrain"}.items() <= waiting.items(), waiting
+    assert waiting["note"].startswith("no running worker takes retrain jobs: it runs once `pgsynapse run` does"), waiting
 
 
 async def test_a_candidate_whose_active_version_changed_during_its_retrain_is_rejected_saying_so(

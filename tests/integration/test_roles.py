@@ -459,7 +459,7 @@ async def test_image_roles_an_app_writes_images_a_worker_embeds_them_an_admin_ma
                                  (f"image_embeddings_hnsw_m{first['id']}",)).fetchone()
 
 
-def test_sql_correct_runs_a_correction_as_the_reader_role_or_says_what_it_needs(db_url, login_role):
+def test_sql_correct_runs_a_correction_as_the_reader_role_or_says_what_it_needs(db_url, login_role, capsys):
     """`pgsynapse sql-correct` runs a corrected statement as the retrain will (read-only, as pgsynapse_reader) and
     refuses one that fails in PostgreSQL; it recorded `SELECT nocol ...` and the retrain dropped it later. A user that
     may not SET ROLE to the reader (an application role) runs it as itself; when it may not read the tables either,
@@ -482,6 +482,15 @@ def test_sql_correct_runs_a_correction_as_the_reader_role_or_says_what_it_needs(
     with psycopg.connect(app_url, autocommit=True) as app:
         _, note = correct(app, question, "SELECT region FROM shop.orders", False)
         assert note and "recorded without being run" in note and f"GRANT pgsynapse_reader TO {app_user}" in note
+        # the command says it on stderr: a warning event with JSON logs (a plain `note: ...` line among them)
+        capsys.readouterr()
+        assert main(["--database-url", app_url, "--log-format", "json", "sql-correct", str(question), "--sql",
+                     "SELECT region FROM shop.orders"]) == 0
+        said = capsys.readouterr()
+        assert said.out.startswith("correction "), said
+        [said] = [json.loads(line) for line in said.err.splitlines()]
+        assert {"event": "sql_correct_not_run", "level": "warning"}.items() <= said.items(), said
+        assert said["note"].startswith("the corrected statement was recorded without being run"), said
         with psycopg.connect(db_url, autocommit=True) as su:
             su.execute(f'GRANT USAGE ON SCHEMA shop TO "{app_user}"; GRANT SELECT ON shop.orders TO "{app_user}"')
         # once it may read them, it runs the statement as itself
@@ -491,4 +500,4 @@ def test_sql_correct_runs_a_correction_as_the_reader_role_or_says_what_it_needs(
         with psycopg.connect(db_url, autocommit=True) as su:
             su.execute(f'REVOKE ALL ON shop.orders FROM "{app_user}"; REVOKE ALL ON SCHEMA shop FROM "{app_user}"')
     with psycopg.connect(db_url) as su:
-        assert su.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 3
+        assert su.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 4  # with the command's

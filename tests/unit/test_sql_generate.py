@@ -4,6 +4,7 @@ OpenAI-compatible server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -393,8 +394,24 @@ def test_a_body_that_is_not_json_or_a_reply_too_slow_is_an_error_naming_the_endp
     with pytest.raises(RuntimeError, match=r"SQL endpoint returned a body that is not JSON: b?'<html>502 Bad"):
         generator.generate(FOLLOW_UP)
     FakeOpenAI.raw, FakeOpenAI.hold = None, threading.Event()  # it answers once the test is over
-    with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
+    with pytest.raises(RuntimeError, match=r"SQL endpoint http://127.0.0.1:\d+/v1/chat/completions did not answer "
+                       r"within 0.2 s \(openai_timeout_seconds"):
         generator.generate(FOLLOW_UP)
+
+
+def test_an_endpoint_url_s_user_and_password_and_query_are_sent(fake_openai, tmp_path):
+    """`http://user:pa55@host/v1` was never reached ("Name or service not known": its host read as
+    `user:pa55@host`), and a query (Azure's `?api-version=`) got `/chat/completions` after it."""
+    base = fake_openai.replace("http://", "http://us%40er:pa%3A55@") + "/?api-version=2024-06-01"
+    settings = load_settings(environ={}, data_dir=tmp_path, openai_base_url=base)
+    assert make_generator("openai", "sql-model", settings).generate(FOLLOW_UP) == ["SELECT count(*) FROM orders"]
+    [sent] = FakeOpenAI.requests
+    assert sent["path"] == "/v1/chat/completions?api-version=2024-06-01", sent
+    assert sent["auth"] == "Basic " + base64.b64encode(b"us@er:pa:55").decode(), sent
+    # a key too: both would be the Authorization header, refused at load
+    with pytest.raises(ConfigError, match=r"openai_base_url.*user and password.*openai_api_key") as both:
+        load_settings(environ={}, data_dir=tmp_path, openai_base_url=base, openai_api_key="sk-test")
+    assert "pa%3A55" not in str(both.value) and "sk-test" not in str(both.value), both.value
 
 
 def test_an_endpoint_that_is_down_is_an_error_naming_it_its_setting_and_what_to_do(tmp_path):
@@ -417,10 +434,14 @@ def test_an_endpoint_that_is_down_is_an_error_naming_it_its_setting_and_what_to_
 def test_the_sql_endpoint_s_timeout_is_the_openai_timeout_seconds_setting(fake_openai, tmp_path):
     # it was 60 s whatever the settings said: make_generator passed no timeout
     settings = load_settings(environ={"PGSYNAPSE_OPENAI_TIMEOUT_SECONDS": "0.2"}, data_dir=tmp_path,
-                             openai_base_url=fake_openai)
+                             openai_base_url=fake_openai.replace("http://", "http://user:pa55@"))
     FakeOpenAI.hold = threading.Event()  # it answers once the test is over
-    with pytest.raises(RuntimeError, match=r"SQL endpoint did not answer within 0.2 s"):
+    # it said "SQL endpoint did not answer within 0.2 s": which endpoint, and which setting waits for it?
+    with pytest.raises(RuntimeError) as slow:
         make_generator("openai", "sql-model", settings).generate(FOLLOW_UP)
+    assert str(slow.value) == (f"SQL endpoint {fake_openai}/chat/completions did not answer within 0.2 s "
+                               "(openai_timeout_seconds [PGSYNAPSE_OPENAI_TIMEOUT_SECONDS]): raise it for a slow "
+                               "endpoint, or check that the endpoint is up and not overloaded")
     with pytest.raises(ConfigError, match=r"openai_timeout_seconds \[PGSYNAPSE_OPENAI_TIMEOUT_SECONDS\]"):
         load_settings(environ={"PGSYNAPSE_OPENAI_TIMEOUT_SECONDS": "0"}, data_dir=tmp_path)
 

@@ -5,6 +5,7 @@ piece of text as it is generated. The final answer's citations are checked again
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import time
@@ -140,7 +141,7 @@ class OpenAIAnswerer:
 
     def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
                  max_new_tokens: int | None = None, citation_policy: CitationPolicy = "flag") -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = chat_completions_url(base_url)
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
@@ -204,17 +205,40 @@ def endpoint_shown(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
+def chat_completions_url(base_url: str) -> str:
+    """The ``/chat/completions`` endpoint under ``base_url``: after its path, its query kept (Azure's
+    ``?api-version=``), its user and password kept (:func:`post_json` sends them as HTTP Basic authentication)."""
+    parts = urllib.parse.urlsplit(base_url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/chat/completions",
+                                    parts.query, ""))
+
+
+def _basic_auth(url: str) -> tuple[str, str | None]:
+    """``url`` without its user and password, and the ``Authorization`` value they make (None without them):
+    urllib reads ``user:password@host`` as a host name."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    bare = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], *parts[2:]))
+    return bare, "Basic " + base64.b64encode(pair.encode()).decode()
+
+
 def post_json(url: str, api_key: str | None, payload: dict, read: Callable[[Any], T], *, timeout: float,
               what: str = "answer endpoint") -> T:
     """POST ``payload`` as JSON (with a bearer key when given) and ``read`` the response; HTTP and network errors,
     a reply slower than ``timeout`` (seconds, per socket operation) and a body that is not JSON become a RuntimeError
     that names ``what`` failed and how. A key refused (HTTP 401, 403) is a :class:`ConfigError` naming the key's
     setting: no retry helps, an operator must set another one."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+    bare, basic = _basic_auth(url)
+    request = urllib.request.Request(bare, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
-    if api_key:  # never sent on to where the endpoint redirects (another host)
-        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
-    slow = f"{what} did not answer within {timeout:g} s"
+    if api_key or basic:  # never sent on to where the endpoint redirects (another host)
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}" if api_key else basic)
+    # both endpoints (answers, SQL) wait openai_timeout_seconds
+    slow = (f"{what} {endpoint_shown(url)} did not answer within {timeout:g} s (openai_timeout_seconds "
+            "[PGSYNAPSE_OPENAI_TIMEOUT_SECONDS]): raise it for a slow endpoint, or check that the endpoint is up and "
+            "not overloaded")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return read(resp)

@@ -22,6 +22,7 @@ from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic, version_at
 from pgsynapse.learning.routing import served_shares
+from pgsynapse.logs import notice
 from pgsynapse.presets import embedding_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
@@ -84,8 +85,8 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
     if not (wait and job):
         return 0, {"job": job, "outcome": outcome}
     if not worker_takes(conn, kind):  # else it waits without a word until one starts
-        print(f"pgsynapse: no running worker takes {kind} jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
-              f"stops waiting, the {kind} stays queued)", file=sys.stderr, flush=True)
+        notice("retrain_waiting", f"no running worker takes {kind} jobs: it runs once `pgsynapse run` does (waiting; "
+               f"Ctrl-C stops waiting, the {kind} stays queued)", kind=kind, job=job)
     conn.execute("LISTEN pgsynapse_jobs")
     while True:
         row = conn.execute(q("job_state", "learning.sql"), {"job": job}).fetchone()
@@ -186,9 +187,9 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
             print(f"gate: {reason}")
         if done.row is None:
             # what was trained is kept: registering it is `model add`, not --force (which trains another)
-            print(f"pgsynapse: the student was not registered: its gate refused it (reasons above); it is in "
-                  f"{done.out_dir}: `pgsynapse model add {done.out_dir}` registers it as it is (--force trains "
-                  "another)", file=sys.stderr)
+            notice("distill_not_registered", f"the student was not registered: its gate refused it (reasons "
+                   f"above); it is in {done.out_dir}: `pgsynapse model add {done.out_dir}` registers it as it is "
+                   "(--force trains another)", level="error", reasons=done.gate["reasons"])
             return 1
         row = done.row
     else:
@@ -205,7 +206,7 @@ def run_model_command(args: argparse.Namespace, conn: psycopg.Connection, settin
     print(f"model version {v} added as a candidate: {row['name']} ({row['runtime']}, dim {row['dim']}); "
           "a running worker embeds every chunk for it (pgsynapse status shows the progress)")
     for warning in row["warnings"]:
-        print(f"pgsynapse: warning: {warning}", file=sys.stderr)
+        notice("model_add_warning", warning, heading="warning", version=v)
     return _follow(conn, v, args) if args.follow else 0
 
 
@@ -235,17 +236,17 @@ def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
     the backfill left it (the ``--traffic`` of the command that added it), else how to give it one."""
     waits = conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["backfilled_at"] is None
     if waits and (note := backfill_worker_note(conn)):
-        print(f"pgsynapse: {note}", file=sys.stderr)
+        notice("model_follow_waiting", note, version=v)
     error = follow_backfill(conn, v, progress=False if args.no_progress else None)
     if error:
-        print(f"pgsynapse: backfill of model version {v} failed: {error}", file=sys.stderr)
+        notice("model_backfill_failed", f"backfill of model version {v} failed: {error}", level="error", version=v)
         return 1
     traffic = float(conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["traffic_percent"])
     share = f"it serves {traffic:g}% of sessions" if traffic else f"pgsynapse traffic {v} PERCENT"
     print(f"model version {v} is backfilled: {share}, then pgsynapse promote {v}")
     if args.traffic and args.traffic != traffic:
-        print(f"pgsynapse: warning: --traffic applies when a model is added; pgsynapse traffic {v} {args.traffic:g} "
-              "sets it now", file=sys.stderr)
+        notice("model_traffic_not_applied", f"--traffic applies when a model is added; pgsynapse traffic {v} "
+               f"{args.traffic:g} sets it now", heading="warning", version=v)
     return 0
 
 

@@ -21,6 +21,7 @@ from pgsynapse.errors import InputError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait
 from pgsynapse.learning.routing import served_shares
+from pgsynapse.logs import notice
 from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
 from pgsynapse.textsql import registry
@@ -188,7 +189,7 @@ def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:
         cid, note = correct(conn, args.question, args.sql, args.approve, settings.sql_reader_role,
                             Limits.of(settings))
     if note:
-        print(f"note: {note}", file=sys.stderr)
+        notice("sql_correct_not_run", note, heading="note", correction=cid)
     print(f"correction {cid} recorded for data question {args.question}")
     return 0
 

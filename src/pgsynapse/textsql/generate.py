@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pgsynapse.answerers.generative import message_contents, post_json
+from pgsynapse.answerers.generative import chat_completions_url, message_contents, post_json
 from pgsynapse.answerers.llamacpp import open_llama
 from pgsynapse.answerers.local_models import PRESETS, load_transformers
 from pgsynapse.artifacts import local_artifact
@@ -363,7 +363,7 @@ class OpenAISqlGenerator(_OneAtATime):
 
     def __init__(self, base_url: str, api_key: str | None, model: str, *, timeout: float = 60.0,
                  max_new_tokens: int | None = None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = chat_completions_url(base_url)
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
