@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 import structlog
 
@@ -113,6 +114,16 @@ def notice(event: str, message: str, *, level: str = "warning", heading: str = "
         getattr(get_logger("pgsynapse"), level)(event, note=message, **context)
     else:
         print(f"pgsynapse: {heading + ': ' if heading else ''}{message}", file=sys.stderr, flush=True)
+
+
+def say(out: TextIO, event: str, message: str, *, level: str = "info", **context: object) -> None:
+    """A command's line for people on ``out``, as it is; on stderr with JSON logs (``--json`` sends these lines to
+    stderr, its stdout being one JSON document) an event ``event`` at ``level`` instead, with the line as its
+    ``note`` and the ``context`` (every line of a JSON log is JSON)."""
+    if out is sys.stderr and _format["current"] == "json":
+        getattr(get_logger("pgsynapse"), level)(event, note=message, **context)
+    else:
+        print(message, file=out, flush=True)
 
 
 def get_logger(name: str = "pgsynapse") -> structlog.stdlib.BoundLogger:

@@ -371,6 +371,15 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     [waiting] = [json.loads(line) for line in err.splitlines()]
     assert {"event": "retrain_waiting", "level": "warning", "kind": "retrain"}.items() <= waiting.items(), waiting
     assert waiting["note"].startswith("no running worker takes retrain jobs: it runs once `pgsynapse run` does"), waiting
+    # --json with JSON logs: stdout is the one JSON document and every stderr line an event; the lines for people,
+    # written to stderr under --json (the job queued, its failure), were plain text there
+    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json", "--log-format", "json",
+                                                  "--log-level", "info"], "retrain", FAILED, why="OOM")
+    events = [json.loads(line) for line in err.splitlines()]
+    assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
+    assert [e["event"] for e in events if e["event"].startswith("retrain_")] == [
+        "retrain_queued", "retrain_waiting", "retrain_failed"], events
+    assert events[0]["job"] == json.loads(out)["job"] and events[0]["note"] == f"retrain queued (job {events[0]['job']})"
 
 
 async def test_a_candidate_whose_active_version_changed_during_its_retrain_is_rejected_saying_so(

@@ -22,7 +22,7 @@ from pgsynapse.learning.abreport import ab_report, render
 from pgsynapse.learning.distill import distill
 from pgsynapse.learning.registry import add_model, promote, retire, rollback, set_traffic, version_at
 from pgsynapse.learning.routing import served_shares
-from pgsynapse.logs import notice
+from pgsynapse.logs import notice, say
 from pgsynapse.presets import embedding_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import backfill_state
@@ -54,14 +54,15 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
     job = queue_retrain(conn, kind, force=force, now=now)
     outcome = "queued"
     if job:
-        print(f"{kind} queued (job {job}){hint}", file=out, flush=True)
+        say(out, "retrain_queued", f"{kind} queued (job {job}){hint}", kind=kind, job=job)
     else:  # queued earlier (by a threshold, or a command), or running: --wait waits for that one
         row = conn.execute(q("unfinished_retrain", "learning.sql"), {"kind": kind}).fetchone()
         flags = {k: True for k, asked in (("force", force), ("now", now)) if asked}
         took = bool(flags) and conn.execute(q("upgrade_pending_retrain", "learning.sql"),
                                             {"kind": kind, "flags": Jsonb(flags)}).fetchone() is not None
         if row is None:  # it ended between the two statements
-            print(f"a {kind} was already pending or running: nothing was queued", file=out, flush=True)
+            say(out, "retrain_already_unfinished", f"a {kind} was already pending or running: nothing was queued",
+                kind=kind)
             outcome = "already_pending"
         else:
             job, state = row["id"], row["status"]
@@ -80,8 +81,9 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
             else:
                 said = (f"nothing was queued{took_force} ({'one at a time: ' if state == 'running' else ''}it trains "
                         f"on what {when}; --wait waits for it)")
-            print(f"a {kind} is already {state} (job {job}){' without --force' if unforced else ''}: {said}",
-                  file=out, flush=True)
+            say(out, "retrain_already_unfinished",
+                f"a {kind} is already {state} (job {job}){' without --force' if unforced else ''}: {said}",
+                kind=kind, job=job, state=state)
     if not (wait and job):
         return 0, {"job": job, "outcome": outcome}
     if not worker_takes(conn, kind):  # else it waits without a word until one starts
@@ -95,10 +97,10 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
         for _ in conn.notifies(timeout=5, stop_after=1):
             pass
     if row["status"] == "failed":
-        print(f"{kind} failed: {row['last_error']}", file=out)
+        say(out, "retrain_failed", f"{kind} failed: {row['last_error']}", level="error", kind=kind, job=job)
         return 1, {"job": job, "outcome": "failed", "error": row["last_error"]}
     if row["skip_reason"]:
-        print(f"{kind} skipped: {row['skip_reason']}", file=out)
+        say(out, "retrain_skipped", f"{kind} skipped: {row['skip_reason']}", kind=kind, job=job)
         return 0, {"job": job, "outcome": "skipped", "skip_reason": row["skip_reason"]}
     return 0, {"job": job, "outcome": "done"}
 
