@@ -280,9 +280,9 @@ class AnswerHandler(Handler[AnswerWork]):
             return candidates
 
     # -- compute: answer, then the answer's own guardrail --------------------------------------
-    def served_by(self, work: list[AnswerWork]) -> list[dict[str, Any]]:
+    def served_by(self, work: list[AnswerWork]) -> list[dict[str, Any]] | None:
         """The versions the batch's questions were routed to (each session's, sticky), not one unlabelled series."""
-        return list({w.version["id"]: w.version for w in work}.values())
+        return list({w.version["id"]: w.version for w in work}.values()) or None  # none computed: not observed
 
     def compute(self, work: list[AnswerWork]) -> list[Outcome]:
         out = []

@@ -73,9 +73,9 @@ class BackfillHandler(Handler[BackfillWork]):
         return list(await (await conn.execute(q("missing_chunks", "learning.sql"), {
             "version": version, "after": after, "limit": self.settings.backfill_batch})).fetchall())
 
-    def served_by(self, work: list[BackfillWork]) -> list[dict[str, Any]]:
+    def served_by(self, work: list[BackfillWork]) -> list[dict[str, Any]] | None:
         """The version being backfilled (its passage version's model encodes a query encoder's chunks)."""
-        return list({w.version["id"]: w.version for w in work}.values())
+        return list({w.version["id"]: w.version for w in work}.values()) or None  # none computed: not observed
 
     def compute(self, work: list[BackfillWork]) -> list[Outcome]:
         out = []

@@ -122,10 +122,12 @@ class Handler(ABC, Generic[W]):
     async def write(self, conn: psycopg.AsyncConnection, outcomes: list[Outcome]) -> WriteReport:
         """Write successful results inside the caller's transaction, with a stale-write guard."""
 
-    def served_by(self, work: list[W]) -> list[dict[str, Any]]:
+    def served_by(self, work: list[W]) -> list[dict[str, Any]] | None:
         """The model versions (``id``, ``runtime``) that computed ``work``: the ``model_version`` and ``runtime``
         labels of the batch metrics (pgsynapse_batch_size, pgsynapse_inference_seconds). The handler's ``versions``
-        (embed's serving versions); none (the labels empty) for a kind no text model version computes."""
+        (embed's serving versions); none (the labels empty) for a kind no text model version computes; None when a
+        kind that versions compute computed nothing (every job refused at its load): the batch is not observed, as
+        no version's series."""
         return list(getattr(self, "versions", ()))
 
     async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:

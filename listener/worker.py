@@ -422,7 +422,9 @@ class Worker(Claiming):
             log.exception("batch_failed", kind=kind, n=len(jobs))
             outcomes = [Outcome(j, error=describe(exc)) for j in jobs]
         compute_ms = (time.perf_counter() - started) * 1000
-        metrics.observe_batch(kind, len(jobs), compute_ms / 1000, handler.served_by(work))
+        served = handler.served_by(work)
+        if served is not None:  # None: a kind that model versions compute computed nothing (every job refused)
+            metrics.observe_batch(kind, len(jobs), compute_ms / 1000, served)
         inference = None
         versions = getattr(handler, "versions", ())  # embed's, recorded in pgsynapse.inference_log (performance.md)
         if work and versions:  # by the batch's write transaction

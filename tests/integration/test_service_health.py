@@ -234,6 +234,25 @@ async def test_every_metric_the_alerts_and_the_dashboard_query_is_scraped_with_t
                     assert all(sample[g] for g in grouped), f"{expr}: {name} {sample} has an empty label"
 
 
+async def test_an_answer_batch_that_computed_nothing_is_no_unlabelled_series(db_url, models):
+    """An answer batch whose every question was refused at its load (over max_question_chars) computed nothing with any
+    model version, and was observed as model_version="", runtime="": the series the per-version panels group by
+    had an empty label (docs/operations.md: empty only for the kinds no text model version computes)."""
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("answer",), max_question_chars=10), models) as worker:
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how is storage reclaimed?')")
+        await wait_until(conn, "SELECT bool_and(status = 'failed') FROM pgsynapse.questions",
+                         channel="pgsynapse_answers")
+        service = Service(worker, notifier=Notifier(None), watchdog_every=0)
+        await service.collector.refresh()
+        scraped = metric_samples(render(service.registry).decode())
+    await conn.close()
+    unlabelled = [(name, dict(pairs)) for name, pairs in scraped
+                  if name.startswith(("pgsynapse_batch_size", "pgsynapse_inference_seconds"))
+                  and dict(pairs).get("kind") == "answer" and not dict(pairs).get("model_version")]
+    assert unlabelled == [], unlabelled
+
+
 async def test_the_traffic_gauge_is_the_share_each_version_is_routed_now(db_url, models):
     """pgsynapse_model_traffic_percent ("share of sessions routed") gave a candidate still backfilling the share it
     will get once backfilled (here 30) while it got none: the dashboard's split summed to 130 %. A candidate not
