@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # start; the switch to the default runtime is tested in tests/integration/test_runtime_switch.py
 os.environ.setdefault("PGSYNAPSE_RUNTIME", "torch")
 
+from pgsynapse import logs  # noqa: E402 - after the environment above
 from pgsynapse.config import load_settings  # noqa: E402 - after the environment above, like the next line
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL  # noqa: E402
 from pgsynapse.embedded import EmbeddedPostgres  # noqa: E402
@@ -48,14 +49,19 @@ def full(request: pytest.FixtureRequest) -> bool:
 def _logging_as_it_was() -> Iterator[None]:
     """A command run in-process (``cli.main``) configures logging for the whole process: its level (a command that
     prints its result logs warnings only), its handler. The tests that ran after it in the same pytest worker
-    captured no info event (``capture_logs``) and failed by the dozen, in whichever files --dist put after it."""
+    captured no info event (``capture_logs``) and failed by the dozen, in whichever files --dist put after it. Its
+    format too: after a command with ``--log-format json``, a later test's ``logs.notice`` logged its line as an
+    event instead of printing it (test_distill found no "not registered" line on stderr after test_model_add's
+    JSON runs)."""
     config = structlog.get_config()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    fmt = dict(logs._format)
     yield
     structlog.configure(**config)
     root.handlers[:] = handlers
     root.setLevel(level)
+    logs._format.update(fmt)
 
 
 @pytest.fixture
