@@ -148,6 +148,9 @@ async def test_sigterm_while_the_database_is_down_claims_nothing_more(db_url):
     Meanwhile /healthz says why the database cannot be used (it said "TimeoutError": the pool's wait, not the cause)."""
     port = free_port()
     worker = spawn_worker(db_url, env={"PGSYNAPSE_POLL_INTERVAL": "1", "PGSYNAPSE_METRICS_PORT": str(port)})
+    # the service answers /healthz from READY=1 on; until then the start's own answer ("starting") does, which the
+    # fresh-clone run got here once under load (the outage began between worker_started and service_ready)
+    worker.wait_event("service_ready")
     conn = await aconn(with_db(db_url, "postgres"))
     name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
     db = sql.Identifier(name)
