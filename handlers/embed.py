@@ -76,6 +76,11 @@ class EmbedHandler(Handler[EmbedWork]):
         self.versions = list(await cur.fetchall())
         self.passages = {r["id"]: r for r in await (await conn.execute(q("passage_versions"))).fetchall()}
 
+    def served_by(self, work: list[EmbedWork]) -> list[dict[str, Any]] | None:
+        """Each serving version; None when nothing was computed (every document refused at its load, or no version
+        loaded yet): no series with an empty model_version."""
+        return list(self.versions) if work and self.versions else None
+
     def document_row(self, version: dict[str, Any]) -> dict[str, Any]:
         """The version whose model encodes this version's chunks: its passage version (a query encoder trained
         by the retrain job, migration 0014), else itself."""

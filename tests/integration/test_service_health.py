@@ -253,6 +253,16 @@ async def test_an_answer_batch_that_computed_nothing_is_no_unlabelled_series(db_
     assert unlabelled == [], unlabelled
 
 
+def test_an_embed_batch_that_computed_nothing_is_not_observed(db_url, models):
+    """The embed handler's batch labels were its serving versions whatever it computed: a batch whose load failed
+    before any version was read was observed as model_version="" (the fresh-clone run found such a series left by
+    another test in its process). Nothing computed, nothing observed; computed work, every serving version."""
+    handler = EmbedHandler(fast_settings(db_url), models)
+    assert handler.served_by([]) is None
+    handler.versions = [{"id": 1, "runtime": "torch"}]
+    assert handler.served_by([]) is None and handler.served_by(["work"]) == handler.versions  # type: ignore[list-item]
+
+
 async def test_the_traffic_gauge_is_the_share_each_version_is_routed_now(db_url, models):
     """pgsynapse_model_traffic_percent ("share of sessions routed") gave a candidate still backfilling the share it
     will get once backfilled (here 30) while it got none: the dashboard's split summed to 130 %. A candidate not
