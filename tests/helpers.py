@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.config import Settings, load_settings
 from pgsynapse.db import next_notifies
@@ -75,6 +76,26 @@ async def wait_until(
             raise TimeoutError(f"condition not met within {timeout}s: {sql}")
         # a NOTIFY re-checks at once; the short cap covers changes that send none (job rows)
         await next_notifies(conn, min(left, 1.0))
+
+
+@contextlib.contextmanager
+def logs_until(name: str):
+    """The log events, captured as by structlog's ``capture_logs``, and ``wait(timeout)``: block until the event
+    ``name`` is logged (from any thread), without polling; returns the first such event, or raises TimeoutError."""
+    seen = threading.Event()
+
+    def watch(logger: Any, method: str, event: Any) -> Any:
+        if event.get("event") == name:
+            seen.set()
+        return event
+
+    with capture_logs(processors=[watch]) as logs:
+        def wait(timeout: float = SAFETY_TIMEOUT) -> dict[str, Any]:
+            if not seen.wait(timeout):
+                raise TimeoutError(f"{name} not logged within {timeout}s: {[e['event'] for e in logs]}")
+            return next(e for e in logs if e["event"] == name)
+
+        yield logs, wait
 
 
 @contextlib.asynccontextmanager

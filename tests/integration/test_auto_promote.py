@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
-from tests.helpers import aconn, adopt_runtime, fast_settings, running_worker, wait_until
+from tests.helpers import aconn, adopt_runtime, fast_settings, logs_until, running_worker, wait_until
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
 from pgsynapse.learning.autopromote import decide, detectable_drop, run_decisions
@@ -250,16 +249,12 @@ def test_a_decision_waiting_for_the_registry_lock_says_so(db_url):
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
             results.append(run_decisions(conn, min_rated=30, alpha=0.05, actor="test"))
 
-    with psycopg.connect(db_url, autocommit=True) as holder, capture_logs() as logs:
+    with psycopg.connect(db_url, autocommit=True) as holder, logs_until("registry_lock_waiting") as (logs, logged):
         with holder.transaction():
             holder.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")
             thread = threading.Thread(target=decide_now)
             thread.start()
-            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
-            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
-                assert time.monotonic() < deadline and thread.is_alive(), [e["event"] for e in logs]
-                thread.join(0.05)
-            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            said = logged(60)  # the log event ends the wait
             assert said["table"] == "pgsynapse.model_versions", said
             assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
         thread.join(60)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
 from tests.e2e.test_cli import pgsynapse
 from tests.e2e.test_learning import _helpful_feedback, _pages
-from tests.helpers import aconn, fast_settings, running_worker, wait_until
+from tests.helpers import aconn, fast_settings, logs_until, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -449,15 +448,11 @@ async def test_a_retrain_registration_waiting_for_the_registry_lock_says_so(db_u
         async with conn.transaction():
             moved.append(await handler._active_moved(conn, job, 1, {"passed": True, "reasons": []}))
 
-    with psycopg.connect(db_url) as holder, capture_logs() as logs:
+    with psycopg.connect(db_url) as holder, logs_until("registry_lock_waiting") as (logs, logged):
         holder.execute("LOCK TABLE pgsynapse.model_versions IN SHARE ROW EXCLUSIVE MODE")  # in its transaction
         async with anyio.create_task_group() as tg:
             tg.start_soon(register)
-            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
-            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
-                assert time.monotonic() < deadline, [e["event"] for e in logs]
-                await anyio.sleep(0.05)  # polled: a lock's waiter sends no event
-            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            said = await anyio.to_thread.run_sync(logged, 60)  # the log event ends the wait
             assert said["table"] == "pgsynapse.model_versions", said
             assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
             holder.commit()  # the registration goes on

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import time
 from pathlib import Path
 
 import anyio
@@ -37,7 +36,7 @@ from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.pairs import load_pairs
 from tests.e2e.test_cli import pgsynapse
-from tests.helpers import aconn, drop_database, fast_settings, running_worker, with_db
+from tests.helpers import aconn, drop_database, fast_settings, logs_until, running_worker, with_db
 from tests.sql_models import tiny_sql_model
 
 COUNT, TOTAL, LARGEST = ("SELECT count(*) FROM orders", "SELECT sum(amount) FROM orders",
@@ -340,15 +339,11 @@ async def test_a_sql_retrain_registration_waiting_for_the_registry_lock_says_so(
         async with conn.transaction():
             written.append((await handler.write(conn, [outcome])).written)
 
-    with psycopg.connect(db_url) as holder, capture_logs() as logs:
+    with psycopg.connect(db_url) as holder, logs_until("registry_lock_waiting") as (logs, logged):
         holder.execute("LOCK TABLE pgsynapse.sql_models IN SHARE ROW EXCLUSIVE MODE")  # in its transaction
         async with anyio.create_task_group() as tg:
             tg.start_soon(register)
-            deadline = time.monotonic() + 60  # a safety net: the log event ends the wait
-            while not [e for e in logs if e["event"] == "registry_lock_waiting"]:
-                assert time.monotonic() < deadline, [e["event"] for e in logs]
-                await anyio.sleep(0.05)  # polled: a lock's waiter sends no event
-            [said] = [e for e in logs if e["event"] == "registry_lock_waiting"]
+            said = await anyio.to_thread.run_sync(logged, 60)  # the log event ends the wait
             assert said["table"] == "pgsynapse.sql_models", said
             assert holder.info.backend_pid in [h["pid"] for h in said["holders"]], said
             holder.commit()  # the registration goes on
