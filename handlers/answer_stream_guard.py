@@ -11,7 +11,13 @@ A block rule that one of those windows matches stops the generation: :class:`Ans
 that ended the sentence, and the question ends blocked as the final check blocks it (its final write replaces the
 sentences published before it with the blocked answer). A flag rule is recorded by the final check alone. Checks
 come at most every ``stream_interval_ms`` (the stream's throttle): the sentences ended meanwhile are checked at the
-next piece after it, together.
+next piece after it, together. ``answer_stream_checked`` logs per answer the checks, the windows embedded and
+their milliseconds.
+
+Cost, measured on all-MiniLM-L6-v2 (one torch thread, CPU time) for an 8-sentence answer of 185 tokens fed a word
+at a time: 9 checks embedding 25 windows in all (the text so far, while it fits the model, is the one window each
+check adds beyond the final check's 19), about 90 ms a check, 780-870 ms in all; the final check then embeds
+nothing new (1 ms) where alone it took about 1,000 ms (its 19 windows in one batch, padded to the whole text).
 """
 
 from __future__ import annotations
