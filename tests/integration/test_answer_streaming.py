@@ -584,3 +584,25 @@ async def test_a_sentence_a_block_rule_matches_mid_stream_is_never_published_and
     assert final["guardrail"] == results[0].guardrail
     [stopped] = [e for e in logs if e["event"] == "answer_generation_stopped"]
     assert (stopped["reason"], stopped["pieces"]) == ("blocked", 2)  # at the piece that ended the sentence
+
+
+async def test_a_flag_rule_alone_streams_each_piece_as_it_comes(db_url, models, sse):
+    """Flag rules hide nothing: with no block rule enabled the pieces are written as they come, not held to the end
+    of their sentence, and the flag is recorded by the final check."""
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    conn = await aconn(db_url)
+    await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) "
+                       "VALUES ('undo commands back to a savepoint', 'flag', 0.5)")
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        await conn.execute("LISTEN pgsynapse_answers")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+
+        async def go_on(p):
+            gates[p["seq"] - 1].set()
+
+        notes = await _notifies_until_final(conn, 1, go_on)  # a fresh database: the first question
+        final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    await conn.close()
+    assert [p.get("delta") for p in notes] == [*PIECES, None] and notes[-1]["status"] == "answered"
+    assert final["answer"] == "".join(PIECES) and final["guardrail"]["action"] == "flag"
