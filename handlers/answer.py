@@ -31,6 +31,7 @@ from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard, RuleSet
 from pgsynapse.handlers.answer_stream import Stream, StreamWriter
+from pgsynapse.handlers.answer_stream_guard import AnswerBlocked, GuardedStream
 from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
                                      unanswerable)
 from pgsynapse.learning.routing import choose_version
@@ -149,16 +150,20 @@ class AnswerHandler(Handler[AnswerWork]):
         # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
         return ExtractiveFallback(self._generative, self._extractive_for(embedder))
 
-    def _stream(self, w: AnswerWork) -> Stream | None:
-        """The partial-answer stream of a generated answer (handlers/answer_stream.py), when streaming is on."""
+    def _stream(self, w: AnswerWork) -> Stream | GuardedStream | None:
+        """The partial-answer stream of a generated answer (handlers/answer_stream.py), when streaming is on;
+        under a block rule, each sentence checked before it is written (handlers/answer_stream_guard.py)."""
         s = self.settings
         if s.answerer == "extractive" or not s.stream_answers or not s.database_url:
             return None
-        if w.rules.blocks:  # the answer's check needs the whole answer: no piece may reach the app before it
-            return None
         if self._streams is None:
             self._streams = StreamWriter(s.database_url, s.stream_interval_ms)
-        return self._streams.open(w.job.ref_id, w.text_hash)
+        stream = self._streams.open(w.job.ref_id, w.text_hash)
+        if not w.rules.blocks:
+            return stream
+        assert w.embedder is not None
+        return GuardedStream(stream, self.guard, w.embedder, w.rules, question=w.job.ref_id,
+                             interval_ms=s.stream_interval_ms)
 
     # -- load: rows, history, routing, guardrails, query vectors, retrieval -------------------
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[AnswerWork], list[Outcome]]:
@@ -300,6 +305,12 @@ class AnswerHandler(Handler[AnswerWork]):
                 stream = self._stream(w)
                 try:
                     answer = answerer.answer(req, on_delta=stream) if stream else answerer.answer(req)
+                except AnswerBlocked as exc:  # a sentence matched a block rule before it was streamed
+                    assert stream is not None
+                    log.info("answer_generation_stopped", question=w.job.ref_id, reason="blocked",
+                             pieces=stream.pieces)
+                    out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), exc.hit)))
+                    continue
                 except AnswerStopped:  # its stream found the row changed: nobody reads the rest
                     assert stream is not None
                     log.info("answer_generation_stopped", question=w.job.ref_id, reason="superseded",
@@ -314,7 +325,8 @@ class AnswerHandler(Handler[AnswerWork]):
                     log.warning("answer_fallback", question=w.job.ref_id, reason=reason, answerer=answerer.name)
                 guard = w.guardrail
                 if answer.text != NOT_FOUND and w.rules:
-                    [hit] = self.guard.check(w.embedder, [answer.text], rules=w.rules)
+                    [hit] = self.guard.check(w.embedder, [answer.text], rules=w.rules,
+                                             memo=stream.vectors if isinstance(stream, GuardedStream) else None)
                     hit = {**hit, "stage": "answer"} if hit else None
                     if hit and hit["action"] == "block":
                         out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), hit)))

@@ -41,6 +41,15 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if text[a:b].strip()]
 
 
+def sentences_end(text: str) -> int:
+    """Where the last finished sentence of ``text`` ends, with the break after it (0: none has ended): text that
+    follows never changes the sentences before a break, so a streamed text is checked up to there."""
+    end = 0
+    for m in _BREAK.finditer(text):
+        end = m.end()
+    return end
+
+
 def windows(text: str, tokenizer: Any, max_seq_length: int, window: int = WINDOW_TOKENS) -> list[str]:
     """The texts a guardrail check embeds for ``text`` (see the module docstring); together they cover all of it."""
     text = text.strip()
@@ -127,12 +136,14 @@ class Guard:
         return bool(self._rules)
 
     def check(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None = None,
-              rules: RuleSet | None = None) -> list[dict[str, Any] | None]:
+              rules: RuleSet | None = None, memo: dict[str, np.ndarray] | None = None) -> list[dict[str, Any] | None]:
         """Per text, the strongest rule one of its windows matches, or None. ``known``: vectors already computed
         by this embedder for some texts (a question's query embedding), reused for the windows equal to them.
-        ``rules``: the snapshot to check under (default: the rules of the last refresh)."""
+        ``rules``: the snapshot to check under (default: the rules of the last refresh). ``memo``: as ``known``,
+        and the vectors this check computes are added to it (a streamed answer's checks, then its final one,
+        embed each window once)."""
         rules_used, per_text = self._window_similarities(embedder, texts, known,
-                                                               self._rules if rules is None else rules)
+                                                               self._rules if rules is None else rules, memo)
         return [strongest(sims, rules_used) for sims in per_text] if rules_used else [None] * len(texts)
 
     def similarities(self, embedder: Embedder, text: str) -> list[tuple[dict[str, Any], float]]:
@@ -142,15 +153,16 @@ class Guard:
         return [(r, float(s)) for r, s in zip(rules, sims.max(axis=0), strict=True)] if sims.size else []
 
     def _window_similarities(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None,
-                             snapshot: RuleSet) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+                             snapshot: RuleSet, memo: dict[str, np.ndarray] | None = None
+                             ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         """The rules, and per text its windows' cosine similarity to each rule (windows x rules)."""
         key, rules = snapshot.key, snapshot.rules
         if not rules:
             return [], [np.empty((0, 0))] * len(texts)
         per_text = [windows(t or "", embedder.tokenizer, embedder.max_seq_length) for t in texts]
-        known = known or {}
-        todo = list(dict.fromkeys(w for ws in per_text for w in ws if w not in known))
-        vectors = dict(known)
+        vectors = {} if memo is None else memo
+        vectors.update(known or {})
+        todo = list(dict.fromkeys(w for ws in per_text for w in ws if w not in vectors))
         if todo:
             vectors.update(zip(todo, embedder.encode(todo)))
         rule_vectors = self._rule_vectors(key, rules, embedder)

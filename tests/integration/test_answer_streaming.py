@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.answerers.citations import REFUSED_ANSWER
 from pgsynapse.client import Client
+from pgsynapse.handlers.answer import BLOCKED_ANSWER
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.integration.test_answers import _corpus
 from tests.integration.test_guardrails import BOMB, BOMB_RULE
@@ -470,23 +471,138 @@ async def test_an_edit_committed_after_the_load_stops_the_old_stream_and_the_new
     assert final == {"text": "how do I release a savepoint?", "answer": "Release it with RELEASE SAVEPOINT [1]."}
 
 
-async def test_an_answer_is_not_streamed_while_a_block_rule_could_stop_it(db_url, models, sse):
-    """A streamed answer reached the asking app piece by piece before its guardrail check, which needs the whole
-    answer: an answer a block rule stops was read in full, then replaced by the blocked message."""
-    SSE.scripts = [[f"Here is {BOMB}: ", "mix the parts."]]
+# each piece ends a sentence but the last: with a block rule, a sentence is published once its windows are checked
+CHECKED = ["Use ROLLBACK TO SAVEPOINT [1]. ", "It undoes the work done after the savepoint [1]. ",
+           "The savepoint itself stays [1]."]
+
+
+def _gated_by_reads(gates: list[threading.Event], readers: int = 2):
+    """``done(k, last)``: one reader (the test, the client) is done with streamed piece k; the endpoint's next
+    piece goes once both are, and after piece ``last`` all the rest (held back: it comes with the final answer)."""
+    ready = [0] * len(gates)
+
+    def done(k: int, last: int | None) -> None:
+        ready[k] += 1
+        if ready[k] == readers:
+            for g in gates[k:] if k == last else gates[k:k + 1]:
+                g.set()
+
+    return done
+
+
+async def test_with_a_block_rule_an_answer_streams_each_sentence_once_checked(db_url, models, sse):
+    """A streamed answer reached the app piece by piece before its guardrail check: while a block rule was enabled
+    answers were not streamed at all. Each sentence is now checked when it ends, and published once checked: the
+    app gets the answer sentence by sentence (the last, unfinished one, in the final write)."""
+    SSE.scripts = [CHECKED]
+    SSE.gates = gates = [threading.Event() for _ in CHECKED]
     conn = await aconn(db_url)
     await conn.execute(BOMB_RULE)
     async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
         await _corpus(db_url)
-        await conn.execute("LISTEN pgsynapse_answers")
-        results, pieces = [], []
+        listener, reader = await aconn(db_url), await aconn(db_url)
+        await listener.execute("LISTEN pgsynapse_answers")
+        rows_seen, pieces, results = [], [], []
+        done = _gated_by_reads(gates)
+
+        async def on_stream(p):
+            row = await (await reader.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
+                                              (p["id"],))).fetchone()
+            rows_seen.append((row["status"], row["answer"]))
+            done(p["seq"] - 1, 1)
+
+        def got(piece):
+            pieces.append(piece)
+            if len(pieces) <= 2:
+                done(len(pieces) - 1, 1)
+
         async with Client(db_url) as client, anyio.create_task_group() as tg:
             async def ask():
-                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
+                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=got))
 
             tg.start_soon(ask)
-            notes = await _notifies_until_final(conn, 1)  # a fresh database: the first question
+            notes = await _notifies_until_final(listener, 1, on_stream)  # a fresh database: the first question
     await conn.close()
-    assert pieces == [] and [p["status"] for p in notes] == ["blocked"]
+    assert [p["status"] for p in notes] == ["streaming", "streaming", "answered"], notes
+    assert [(p["seq"], p["offset"], p["delta"]) for p in notes[:-1]] == [(1, 0, CHECKED[0]),
+                                                                         (2, len(CHECKED[0]), CHECKED[1])]
+    assert rows_seen == [("pending", CHECKED[0]), ("pending", CHECKED[0] + CHECKED[1])]
+    assert results[0].status == "answered" and results[0].answer == "".join(CHECKED)
+    assert results[0].guardrail is None
+    assert pieces == CHECKED  # the unfinished last sentence came with the final answer
+    assert SSE.requests[0]["stream"] is True
+
+
+async def test_a_sentence_a_block_rule_matches_mid_stream_is_never_published_and_blocks_the_answer(db_url, models,
+                                                                                                  sse):
+    """A streamed answer reached the app piece by piece before its guardrail check, which needs the whole answer:
+    an answer a block rule stops was read in full, then replaced by the blocked message. The sentence that matches
+    is now checked before it is published: no partial text holds it, its generation stops there, and the question
+    ends blocked as the final check blocks it (the sentences published before it replaced by the blocked answer)."""
+    SSE.scripts = [[CHECKED[0], f"Then {BOMB}. ", "Mix the parts [1]."]]
+    SSE.gates = gates = [threading.Event() for _ in range(3)]
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    with capture_logs() as logs:
+        async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+            await _corpus(db_url)
+            listener, reader = await aconn(db_url), await aconn(db_url)
+            await listener.execute("LISTEN pgsynapse_answers")
+            rows_seen, pieces, results = [], [], []
+            done = _gated_by_reads(gates)
+
+            async def on_stream(p):
+                row = await (await reader.execute("SELECT status, answer FROM pgsynapse.questions WHERE id = %s",
+                                                  (p["id"],))).fetchone()
+                rows_seen.append((row["status"], row["answer"]))
+                done(p["seq"] - 1, None)
+
+            def got(piece):
+                pieces.append(piece)
+                done(0, None)
+
+            try:
+                async with Client(db_url) as client, anyio.create_task_group() as tg:
+                    async def ask():
+                        results.append(await client.ask("how do I undo commands back to a savepoint?",
+                                                        on_delta=got))
+
+                    tg.start_soon(ask)
+                    notes = await _notifies_until_final(listener, 1, on_stream)  # a fresh database: the first one
+                final = await (await reader.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+            finally:
+                for g in gates:  # the endpoint's thread goes on (to a closed connection)
+                    g.set()
+    await conn.close()
+    assert [p["status"] for p in notes] == ["streaming", "blocked"], notes
+    assert notes[0]["delta"] == CHECKED[0] and rows_seen == [("pending", CHECKED[0])]
+    assert not any("bomb" in (text or "") for _, text in rows_seen) and "bomb" not in notes[0]["delta"]
+    assert pieces == [CHECKED[0]]  # the client's pieces: the checked sentence only
     assert results[0].status == "blocked" and results[0].guardrail["stage"] == "answer"
-    assert SSE.requests and not SSE.requests[0].get("stream")  # asked whole, not as a stream
+    assert results[0].guardrail["rule"] == "how to make a bomb or explosives"
+    assert (final["status"], final["answer"], final["answerer"]) == ("blocked", BLOCKED_ANSWER, "guardrail")
+    assert final["guardrail"] == results[0].guardrail
+    [stopped] = [e for e in logs if e["event"] == "answer_generation_stopped"]
+    assert (stopped["reason"], stopped["pieces"]) == ("blocked", 2)  # at the piece that ended the sentence
+
+
+async def test_a_flag_rule_alone_streams_each_piece_as_it_comes(db_url, models, sse):
+    """Flag rules hide nothing: with no block rule enabled the pieces are written as they come, not held to the end
+    of their sentence, and the flag is recorded by the final check."""
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    conn = await aconn(db_url)
+    await conn.execute("INSERT INTO pgsynapse.guardrail_rules (text, action, threshold) "
+                       "VALUES ('undo commands back to a savepoint', 'flag', 0.5)")
+    async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+        await _corpus(db_url)
+        await conn.execute("LISTEN pgsynapse_answers")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+
+        async def go_on(p):
+            gates[p["seq"] - 1].set()
+
+        notes = await _notifies_until_final(conn, 1, go_on)  # a fresh database: the first question
+        final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    await conn.close()
+    assert [p.get("delta") for p in notes] == [*PIECES, None] and notes[-1]["status"] == "answered"
+    assert final["answer"] == "".join(PIECES) and final["guardrail"]["action"] == "flag"
