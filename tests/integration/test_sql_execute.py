@@ -310,3 +310,14 @@ def test_nan_and_infinity_are_given_as_postgresql_writes_them(shop):
                                 "'NaN'::numeric AS n, 'Infinity'::numeric AS i, '-Infinity'::numeric AS j, "
                                 "ARRAY['NaN'::float8, 1.5] AS a"), Limits())
     assert r.rows == [["NaN", "Infinity", "-Infinity", "NaN", "Infinity", "-Infinity", ["NaN", 1.5]]]
+
+
+def test_a_session_advisory_lock_a_statement_took_is_released_after_its_run(shop, db_url):
+    """A session lock (pg_advisory_lock past the parser check) outlived the run's rollback: another session could
+    not take it until the worker's connection closed."""
+    run_readonly(shop, Stmt("SELECT pg_catalog.pg_advisory_lock(7)"), Limits())
+    with pytest.raises(QueryFailed, match="division by zero"):  # and when the statement fails after taking it
+        run_readonly(shop, Stmt("SELECT pg_catalog.pg_advisory_lock(8), 1 / (id - 2) FROM orders ORDER BY id"),
+                     Limits())
+    with psycopg.connect(db_url, autocommit=True) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(7), pg_try_advisory_lock(8)").fetchone() == (True, True)

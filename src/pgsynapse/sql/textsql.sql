@@ -211,3 +211,8 @@ LEFT JOIN LATERAL (SELECT (pgsynapse_measured.pgsynapse_row).* WHERE pgsynapse_m
 
 -- name: type_names
 SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);
+
+-- name: readonly_release_locks
+-- after each run, its transaction rolled back: a session advisory lock a statement took (pg_advisory_lock) outlives
+-- the rollback; the connection holds none of its own (execute.run_readonly)
+SELECT pg_catalog.pg_advisory_unlock_all();
