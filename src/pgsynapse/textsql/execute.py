@@ -158,7 +158,7 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
 
     ``conn`` is an autocommit connection (this opens and always rolls back its own transaction) that holds no
     session advisory lock of its own: each run releases every one after it (one the statement took outlives the
-    rollback).
+    rollback). Generated statements run on the reader's own login where there is one (textsql/reader.py).
     """
     if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("run_readonly needs an idle autocommit connection: READ ONLY must start its transaction")
