@@ -438,6 +438,22 @@ async def test_a_data_question_a_block_rule_matches_is_blocked_before_any_sql_an
         assert "(0 pending, 2 answered, 0 refused, 0 failed, 1 blocked)" in render(snapshot(conn))
 
 
+def test_a_blocked_data_question_takes_no_correction(shop):
+    """A blocked question (a guardrail rule matched it: no statement was generated) took a corrected statement as a
+    training pair, which would teach the model to answer what the rule blocks: `sql-correct` refuses it."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (%s) RETURNING id",
+                           (INJECTION,)).fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'blocked', answered_at = now(), error = "
+                     "'blocked: the question matches guardrail rule 7: no SQL was generated', guardrail = "
+                     """'{"rule_id": 7, "action": "block", "stage": "question"}' WHERE id = %s""", (qid,))
+        for sql, approve in ((SAID[PER_REGION], False), (None, True)):
+            with pytest.raises(InputError, match=f"data question {qid} was blocked by guardrail rule 7, so no "):
+                correct(conn, qid, sql, approve)
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
     """A block rule matching the question is added while the first batch computes: after its load, before its write."""
 

@@ -107,8 +107,10 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (W
 FROM pgsynapse.data_questions;
 
 -- name: question_to_correct
--- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read
-SELECT status, sql, target_schema, allowed_tables FROM pgsynapse.data_questions WHERE id = %(question)s;
+-- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read,
+-- and the guardrail rule that blocked it
+SELECT status, sql, target_schema, allowed_tables, guardrail ->> 'rule_id' AS rule
+FROM pgsynapse.data_questions WHERE id = %(question)s;
 
 -- name: correction_runner
 -- `pgsynapse sql-correct` runs a corrected statement as the reader role, as the retrain will, when the user it
