@@ -10,6 +10,9 @@ is a member of it and of no other role) the server refuses that: ``permission de
 - the embedded server (pgsynapse's own): the worker lets the reader role log in (``ALTER ROLE ... LOGIN``; the
   server trusts only its private socket) and connects as it through the same socket (:func:`embedded_url`);
 - neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``).
+
+The sql_answer handler runs its questions there, and the SQL retrain (textsql/train.py) its corrections and the
+models' statements at its gate.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pgsynapse.queries import q
 log = get_logger(__name__)
 
 FILE = "textsql.sql"
-# the job kinds that run generated statements
-KINDS = ("sql_answer",)
+# the job kinds that run generated statements (the retrain: corrections and the models' statements at its gate)
+KINDS = ("sql_answer", "sql_retrain")
 
 
 def reader_url(url: str, settings: Any) -> str | None:
