@@ -37,7 +37,6 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.answer_cache import rules_key
 from pgsynapse.config import Settings
-from pgsynapse.db import NO_PREPARE
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard, RuleSet
 from pgsynapse.handlers.base import (Handler, Job, Outcome, WriteReport, describe, input_error, retry_after,
@@ -47,6 +46,7 @@ from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
+from pgsynapse.textsql import reader
 from pgsynapse.textsql.registry import REGISTRY, choose_sql_model
 from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
@@ -189,7 +189,7 @@ class SqlAnswerHandler(Handler[SqlWork]):
     # -- compute --------------------------------------------------------------------------------------
     def compute(self, work: list[SqlWork]) -> list[Outcome]:
         out: list[Outcome] = []
-        with psycopg.connect(self.settings.database_url or "", autocommit=True, **NO_PREPARE) as conn:
+        with reader.connect(self.settings) as conn:  # the reader's own login when there is one (textsql/reader.py)
             for w in work:
                 try:
                     out.append(Outcome(w.job, result=self._answer(conn, w)))

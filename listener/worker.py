@@ -40,6 +40,7 @@ from pgsynapse.listener.wakeup import Wakeups, unless_stopped
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache, rss_bytes
 from pgsynapse.queries import q
+from pgsynapse.textsql import reader
 
 log = get_logger(__name__)
 
@@ -75,7 +76,7 @@ class Worker(Claiming):
             unknown = [k for k in settings.kinds if k not in known]
             if unknown:
                 raise ConfigError(f"invalid setting kinds [PGSYNAPSE_KINDS]: unknown job kind(s) {unknown}")
-            bound = settings.model_copy(update={"database_url": url})
+            bound = settings.model_copy(update={"database_url": url, "sql_reader_url": reader.reader_url(url, settings)})
             handlers = {k: known[k](bound, self.models) for k in settings.kinds}
         self.handlers = handlers
         self.kinds = list(self.handlers)
@@ -135,6 +136,8 @@ class Worker(Claiming):
         async with self.pool.connection() as conn:
             if "retrain" in self.handlers:
                 await conn.execute(q("set_retrain_min_feedback", "learning.sql"), {"n": self.settings.retrain_min_feedback})
+            if set(reader.KINDS) & set(self.handlers):  # statements run on the reader's own login (or why not)
+                await anyio.to_thread.run_sync(reader.prepare_at_start, self.url, self.settings)
             if "sql_retrain" in self.handlers:
                 await conn.execute(q("set_sql_retrain_min_corrections", "learning.sql"),
                                    {"n": self.settings.sql_retrain_min_corrections})

@@ -99,9 +99,10 @@ def logs_until(name: str):
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, models, **kw: Any) -> AsyncIterator[Any]:
-    """An in-process worker, started (LISTEN up) before the body runs, drained and stopped after."""
-    worker = Worker(settings, settings.database_url, models=models, **kw)
+async def running_worker(settings: Settings, models, url: str | None = None, **kw: Any) -> AsyncIterator[Any]:
+    """An in-process worker, started (LISTEN up) before the body runs, drained and stopped after; ``url``: the
+    database of settings without one (the embedded server's)."""
+    worker = Worker(settings, url or settings.database_url, models=models, **kw)
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
         try:

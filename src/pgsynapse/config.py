@@ -27,7 +27,8 @@ ENV_PREFIX = "PGSYNAPSE_"
 JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
 
 # settings that may carry a password or a key: an error about them never shows the value
-SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "openai_api_key", "openai_base_url"})
+SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "sql_reader_url", "openai_api_key",
+                             "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -294,7 +295,7 @@ class Settings(TextSqlSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("database_url", "listen_url", "read_url")
+    @field_validator("database_url", "listen_url", "read_url", "sql_reader_url")
     @classmethod
     def _connection_string(cls, value: str | None) -> str | None:
         if value and (why := conninfo_problem(value)):

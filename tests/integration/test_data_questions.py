@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
 from pgsynapse.errors import InputError
+from pgsynapse.handlers import sql_answer
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
@@ -437,6 +438,22 @@ async def test_a_data_question_a_block_rule_matches_is_blocked_before_any_sql_an
         assert "(0 pending, 2 answered, 0 refused, 0 failed, 1 blocked)" in render(snapshot(conn))
 
 
+def test_a_blocked_data_question_takes_no_correction(shop):
+    """A blocked question (a guardrail rule matched it: no statement was generated) took a corrected statement as a
+    training pair, which would teach the model to answer what the rule blocks: `sql-correct` refuses it."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (%s) RETURNING id",
+                           (INJECTION,)).fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'blocked', answered_at = now(), error = "
+                     "'blocked: the question matches guardrail rule 7: no SQL was generated', guardrail = "
+                     """'{"rule_id": 7, "action": "block", "stage": "question"}' WHERE id = %s""", (qid,))
+        for sql, approve in ((SAID[PER_REGION], False), (None, True)):
+            with pytest.raises(InputError, match=f"data question {qid} was blocked by guardrail rule 7, so no "):
+                correct(conn, qid, sql, approve)
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
     """A block rule matching the question is added while the first batch computes: after its load, before its write."""
 
@@ -511,3 +528,35 @@ async def test_an_allowed_function_name_that_the_schema_overloads_is_refused_and
     assert r.error == ("refused: function lower is also one of the question's schema (public.lower), which "
                        "PostgreSQL may call instead of pg_catalog's: write pg_catalog.lower"), r.error
     assert held == 0
+
+
+class PastTheCheck:
+    """A statement as if the parser check had let it through."""
+
+    def __init__(self, sql: str, **_: object) -> None:
+        self.sql = sql
+
+
+async def test_on_the_embedded_server_a_statement_past_the_check_cannot_become_the_worker(shop, models, endpoint,
+                                                                                           monkeypatch):
+    """The layer under the parser check: on the embedded server the worker runs statements on the reader role's
+    own login, where PostgreSQL refuses to set the role back to the worker's. With neither that nor sql_reader_url
+    the worker's connection is used (SET LOCAL ROLE), and the start says so: the statement became the worker."""
+    url, _ = shop
+    SaysOneThing.said = "SELECT pg_catalog.set_config('role', 'pgsynapse_worker', true)"
+    monkeypatch.setattr(sql_answer, "check_sql", PastTheCheck)
+    openai = dict(sql_runtime="openai", openai_base_url=endpoint, sql_model_path="m", kinds=("sql_answer",))
+    try:
+        async with running_worker(fast_settings(None, **openai), models, url=url):  # the embedded server's settings
+            async with Client(url) as client:
+                r = await client.ask_data(PER_REGION)
+        assert r.status == "failed" and 'permission denied to set role "pgsynapse_worker"' in r.error, r
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+    with capture_logs() as logs:
+        async with running_worker(fast_settings(url, **openai), models):
+            async with Client(url) as client:
+                r = await client.ask_data(PER_REGION)
+    assert r.status == "answered" and r.rows == [["pgsynapse_worker"]], r
+    assert "sql_reader_shares_worker_session" in [e["event"] for e in logs]

@@ -1242,3 +1242,42 @@ def test_the_turns_migration_says_a_rating_off_the_scale_is_one_whatever_helpful
             if run == 1:
                 with conn.transaction():
                     conn.execute(mig.sql.encode())
+
+
+def test_the_blocked_corrections_migration_refuses_a_correction_of_a_blocked_question_and_is_idempotent(new_db):
+    """0042 on top of 0041: a correction of a blocked data question (a guardrail rule matched it: no statement was
+    generated) was taken, and counted towards sql_retrain_min_corrections (it queued a retrain, which dropped it).
+    It is refused when written; one written before stays and no longer counts. Re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 42)
+    retrains = "SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain' AND status = 'pending'"
+    correct = "INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql, approved) VALUES (%s, %s, %s)"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pgsynapse.learning_settings SET sql_retrain_min_corrections = 1")
+        blocked = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES ('q') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'blocked', guardrail = '{\"rule_id\": 1}'")
+        conn.execute(correct, (blocked, "SELECT 1", False))  # before 0042: taken, and it queued a retrain
+        assert conn.execute(retrains).fetchone()[0] == 1
+        conn.execute("DELETE FROM pgsynapse.jobs WHERE kind = 'sql_retrain'")
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        def refused() -> None:
+            for sql, approved in (("SELECT 2", False), (None, True)):
+                with pytest.raises(psycopg.errors.CheckViolation,
+                                   match=f"^data question {blocked} was blocked by a guardrail rule: a correction "):
+                    conn.execute(correct, (blocked, sql, approved))
+            pairs = conn.execute(q("sql_training_pairs", "textsql_models.sql")).fetchall()
+            assert blocked not in [p[1] for p in pairs]
+
+        refused()
+        assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()[0] == 0
+        answered = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES ('r', 'answered',"
+                                " 'SELECT 3') RETURNING id").fetchone()[0]
+        conn.execute(correct, (answered, None, True))  # a question that was answered still takes one, and queues
+        assert conn.execute(retrains).fetchone()[0] == 1
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        refused()
+        assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()[0] == 1  # the answered one
+        assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()[0] == 1
+        assert conn.execute(retrains).fetchone()[0] == 1

@@ -6,13 +6,16 @@ from __future__ import annotations
 import psycopg
 from psycopg.types.json import Jsonb
 import pytest
+from structlog.testing import capture_logs
 
+from pgsynapse.config import load_settings
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
-from pgsynapse.errors import InputError
+from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.textsql import reader
 from pgsynapse.textsql.context import NoReadableTables, schema_context
 from pgsynapse.textsql.execute import (Limits, QueryFailed, Result, json_bytes, result_signature, run_readonly,
                                        same_result)
-from tests.helpers import V1_TORCH
+from tests.helpers import V1_TORCH, fast_settings
 
 
 class Stmt:
@@ -310,3 +313,55 @@ def test_nan_and_infinity_are_given_as_postgresql_writes_them(shop):
                                 "'NaN'::numeric AS n, 'Infinity'::numeric AS i, '-Infinity'::numeric AS j, "
                                 "ARRAY['NaN'::float8, 1.5] AS a"), Limits())
     assert r.rows == [["NaN", "Infinity", "-Infinity", "NaN", "Infinity", "-Infinity", ["NaN", 1.5]]]
+
+
+# statements past the parser check (safety.py refuses set_config) that set their role back to the worker's, or to a
+# superuser's
+ESCALATIONS = ("SELECT pg_catalog.set_config('role', 'pgsynapse_worker', true)",
+               "SELECT pg_catalog.set_config('role', 'postgres', true)",
+               "SELECT pg_catalog.set_config('session_authorization', 'postgres', true)")
+
+
+@pytest.fixture
+def reader_login(shop, db_url):
+    """The reader role's own login, as a worker on the embedded server makes it (textsql/reader.py); NOLOGIN again
+    after (roles are cluster-wide)."""
+    embedded = load_settings(environ={})  # no database_url: the embedded server's settings
+    reader.prepare_at_start(db_url, embedded)
+    yield reader.reader_url(db_url, embedded)
+    shop.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+
+
+def test_a_statement_past_the_check_cannot_leave_the_reader_role_on_the_readers_own_login(reader_login):
+    """The layer under the parser check: PostgreSQL checks SET ROLE against the session user. On the worker's
+    connection (SET LOCAL ROLE) the first statement returned pgsynapse_worker; on the reader's login the server
+    refuses each."""
+    with psycopg.connect(reader_login, autocommit=True) as conn:
+        for sql in ESCALATIONS:
+            with pytest.raises(QueryFailed, match="permission denied to set"):
+                run_readonly(conn, Stmt(sql), Limits())
+        r = run_readonly(conn, Stmt("SELECT pg_catalog.set_config('role', 'none', true), current_user"), Limits())
+        assert r.rows == [["none", "pgsynapse_reader"]]  # RESET ROLE: the session user, the reader itself
+        assert run_readonly(conn, Stmt("SELECT count(*) FROM orders"), Limits()).rows == [[40]]
+
+
+def test_the_readers_login_is_checked_at_start_and_its_absence_said(shop, db_url):
+    """sql_reader_url must log in as the reader, or as a role granted it and nothing else; without one (and not on
+    the embedded server) a worker says once that statements share its session."""
+    with pytest.raises(ConfigError, match="sql_reader_url logs in as postgres, which is a superuser"):
+        reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=db_url))
+    with capture_logs() as logs:
+        reader.prepare_at_start(db_url, fast_settings(db_url))
+    assert [e["event"] for e in logs] == ["sql_reader_shares_worker_session"]
+    assert "set sql_reader_url" in logs[0]["advice"]
+
+
+def test_a_session_advisory_lock_a_statement_took_is_released_after_its_run(shop, db_url):
+    """A session lock (pg_advisory_lock past the parser check) outlived the run's rollback: another session could
+    not take it until the worker's connection closed."""
+    run_readonly(shop, Stmt("SELECT pg_catalog.pg_advisory_lock(7)"), Limits())
+    with pytest.raises(QueryFailed, match="division by zero"):  # and when the statement fails after taking it
+        run_readonly(shop, Stmt("SELECT pg_catalog.pg_advisory_lock(8), 1 / (id - 2) FROM orders ORDER BY id"),
+                     Limits())
+    with psycopg.connect(db_url, autocommit=True) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(7), pg_try_advisory_lock(8)").fetchone() == (True, True)

@@ -26,11 +26,12 @@ import torch
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.config import load_settings
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.base import Job, Outcome
 from pgsynapse.handlers.sql_retrain import SqlRetrainHandler, SqlRetrainWork
 from pgsynapse.queries import q
-from pgsynapse.textsql import train
+from pgsynapse.textsql import pairs as training_pairs, reader, train
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
@@ -351,3 +352,34 @@ async def test_a_sql_retrain_registration_waiting_for_the_registry_lock_says_so(
     row = await (await conn.execute("SELECT status FROM pgsynapse.sql_models ORDER BY id DESC LIMIT 1")).fetchone()
     assert row["status"] == "candidate"  # forced: registered though its gate did not pass
     await conn.close()
+
+
+class PastTheCheck:
+    """A statement as if the parser check had let it through."""
+
+    def __init__(self, sql: str, **_: object) -> None:
+        self.sql = sql
+
+
+def test_the_retrain_runs_statements_on_the_readers_own_login(db_url, tmp_path, monkeypatch):
+    """The retrain runs each correction (and each model's statement at the gate) as a question's statement runs: on
+    the reader role's own login (textsql/reader.py), where one past the parser check cannot become the worker. It ran
+    them on the trainer's own connection (SET LOCAL ROLE), where such a correction ran as the worker and trained."""
+    context = _setup_table(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, schema_context) VALUES"
+                           " ('tell me the order count', 'answered', %s, %s) RETURNING id", (TOTAL, context)
+                           ).fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, corrected_sql) VALUES (%s, %s)",
+                     (qid, "SELECT pg_catalog.set_config('role', 'pgsynapse_worker', true)"))
+    embedded = load_settings(environ={})  # no database_url: the embedded server's settings
+    reader.prepare_at_start(db_url, embedded)  # the reader's own login, as a worker there makes it
+    monkeypatch.setattr(training_pairs, "check_sql", PastTheCheck)
+    spec = train.SqlTrainSpec(url=db_url, out_dir=str(tmp_path), base_path="unused", active_runtime="transformers",
+                              active_path="unused", settings={"sql_reader_url": reader.reader_url(db_url, embedded)})
+    try:
+        with pytest.raises(SystemExit, match=r"no usable training pair .*'target_failed': 1"):
+            train.main(spec)
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")

@@ -107,8 +107,10 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending, count(*) FILTER (W
 FROM pgsynapse.data_questions;
 
 -- name: question_to_correct
--- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read
-SELECT status, sql, target_schema, allowed_tables FROM pgsynapse.data_questions WHERE id = %(question)s;
+-- `pgsynapse sql-correct`: what the statement was and whether it ran, and the scope a corrected one may read,
+-- and the guardrail rule that blocked it
+SELECT status, sql, target_schema, allowed_tables, guardrail ->> 'rule_id' AS rule
+FROM pgsynapse.data_questions WHERE id = %(question)s;
 
 -- name: correction_runner
 -- `pgsynapse sql-correct` runs a corrected statement as the reader role, as the retrain will, when the user it
@@ -211,3 +213,27 @@ LEFT JOIN LATERAL (SELECT (pgsynapse_measured.pgsynapse_row).* WHERE pgsynapse_m
 
 -- name: type_names
 SELECT oid::int, pg_catalog.format_type(oid, NULL) FROM pg_catalog.pg_type WHERE oid = ANY(%(oids)s);
+
+-- name: reader_login
+-- textsql/reader.py: who sql_reader_url logs in as, whether a superuser, whether a member of the reader role, and
+-- the other roles it is a member of (a generated statement could SET ROLE to any of them)
+SELECT r.rolname::text AS login, r.rolsuper AS superuser,
+       EXISTS (SELECT FROM pg_catalog.pg_roles m WHERE m.rolname = %(role)s
+               AND pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')) AS member,
+       ARRAY(SELECT m.rolname::text FROM pg_catalog.pg_roles m
+             WHERE m.oid <> r.oid AND m.rolname <> %(role)s AND pg_catalog.pg_has_role(r.oid, m.oid, 'MEMBER')
+             ORDER BY m.rolname) AS others
+FROM pg_catalog.pg_roles r WHERE r.rolname = session_user;
+
+-- name: reader_can_log_in
+SELECT rolcanlogin AS can FROM pg_catalog.pg_roles WHERE rolname = %(role)s;
+
+-- name: reader_allow_login
+-- the embedded server (pgsynapse's own, reached only through its private socket): the reader role logs in itself,
+-- so a statement cannot set its role back to the worker's (textsql/reader.py); {} is the role (an identifier)
+ALTER ROLE {} LOGIN;
+
+-- name: readonly_release_locks
+-- after each run, its transaction rolled back: a session advisory lock a statement took (pg_advisory_lock) outlives
+-- the rollback; the connection holds none of its own (execute.run_readonly)
+SELECT pg_catalog.pg_advisory_unlock_all();

@@ -3,15 +3,16 @@
 
 -- A correction trains when it has a statement (not blank), or approves a statement that ran (the question was
 -- answered), and was given since the question was last asked (asked_at, migration 0024; NULL: created_at): one
--- given before an edit was for the old text and statement. One pair per question. The counts below,
--- sql_training_pairs and the trigger on sql_corrections (triggers/data_questions_v4.sql) count the same.
+-- given before an edit was for the old text and statement, and its question is not blocked (a guardrail rule matched
+-- it: migration 0042). One pair per question. The counts below, sql_training_pairs and the trigger on
+-- sql_corrections (triggers/data_questions_v6.sql) count the same.
 
 -- name: new_sql_corrections
 -- questions with a correction no SQL retrain has used yet
 SELECT count(DISTINCT c.question_id) AS n
 FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
-WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.created_at)
+WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.created_at) AND q.status <> 'blocked'
   AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
 
 -- name: sql_corrections_count
@@ -19,7 +20,7 @@ WHERE c.trained_in_model IS NULL AND c.created_at >= coalesce(q.asked_at, q.crea
 SELECT count(DISTINCT c.question_id) AS n
 FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
-WHERE c.created_at >= coalesce(q.asked_at, q.created_at)
+WHERE c.created_at >= coalesce(q.asked_at, q.created_at) AND q.status <> 'blocked'
   AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'));
 
 -- name: sql_model_of_job
@@ -47,6 +48,6 @@ SELECT DISTINCT ON (c.question_id)
        coalesce(c.corrected_sql, q.sql) AS target_sql
 FROM pgsynapse.sql_corrections c
 JOIN pgsynapse.data_questions q ON q.id = c.question_id
-WHERE c.created_at >= coalesce(q.asked_at, q.created_at)
+WHERE c.created_at >= coalesce(q.asked_at, q.created_at) AND q.status <> 'blocked'
   AND (c.corrected_sql ~ '[^[:space:]]' OR (c.corrected_sql IS NULL AND c.approved AND q.status = 'answered'))
 ORDER BY c.question_id, c.id DESC;

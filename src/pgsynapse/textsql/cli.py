@@ -131,6 +131,11 @@ def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: b
         row = cur.execute(q("question_to_correct", "textsql.sql"), {"question": question}).fetchone()
         if row is None:
             raise InputError(f"no data question {question}")
+        if row["status"] == "blocked":
+            rule = f"guardrail rule {row['rule']}" if row["rule"] else "a guardrail rule"
+            raise InputError(f"data question {question} was blocked by {rule}, so no statement was generated: a "
+                             "correction would teach the model to answer what the rule blocks; if the rule is wrong, "
+                             "change it (`pgsynapse guardrail set` or `disable`) and ask the question again")
         if approve and row["status"] != "answered":
             did = "was not answered yet" if row["status"] == "pending" else f"it {row['status']}"
             raise InputError(f"data question {question} has no statement that ran to approve ({did}): give the "

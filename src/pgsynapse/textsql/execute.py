@@ -156,7 +156,9 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                  search_path: Sequence[str] = ("public",)) -> Result:
     """Run ``checked.sql`` (already through ``safety.check_sql``) read-only as ``role``; raise :class:`QueryFailed`.
 
-    ``conn`` is an autocommit connection (this opens and always rolls back its own transaction).
+    ``conn`` is an autocommit connection (this opens and always rolls back its own transaction) that holds no
+    session advisory lock of its own: each run releases every one after it (one the statement took outlives the
+    rollback). Generated statements run on the reader's own login where there is one (textsql/reader.py).
     """
     if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("run_readonly needs an idle autocommit connection: READ ONLY must start its transaction")
@@ -196,6 +198,9 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
         hint = (getattr(diag, "message_hint", None) or "").strip()
         raise QueryFailed(f"the statement failed: {_message(exc)}", sqlstate=exc.sqlstate,
                           server_message=(f"{primary} {hint}" if hint else primary) or None) from None
+    finally:
+        if not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute(q("readonly_release_locks", FILE))
     result.row_count = len(result.rows)
     return result
 

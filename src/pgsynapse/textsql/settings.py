@@ -38,6 +38,10 @@ class TextSqlSettings(BaseModel):
     sql_reader_role: str = Field(
         "pgsynapse_reader", description="the read-only role generated statements run as (SET ROLE): it reads only "
         "what you GRANT it")
+    sql_reader_url: str | None = Field(
+        None, repr=False, description="a PostgreSQL URL that logs in as sql_reader_role (or as a role granted it and "
+        "nothing else): generated statements run on that login, where none can set its role back to the worker's; "
+        "unset: the embedded server's own reader login, else the worker's connection (a warning at start)")
     sql_statement_timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="a generated statement is "
                                           "cancelled after this long")
     sql_max_rows: int = Field(1000, ge=1, le=1_000_000, description="rows of a result kept at most (truncated "

@@ -52,6 +52,7 @@ from pgsynapse.answerers.local_models import load_transformers, resolve_model
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.learning.trainer_process import progress, read_spec
+from pgsynapse.textsql import reader
 from pgsynapse.textsql.execute import Limits
 from pgsynapse.textsql.gate import accuracy
 from pgsynapse.textsql.generate import (
@@ -368,7 +369,8 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
                            max_question_chars=settings.max_question_chars)
         max_id = max((p.correction_id or 0 for p in pairs), default=0)
         usable = [p for p in pairs if p.schema_context.strip()]
-        kept, target_results, dropped = run_targets(conn, usable, limits, role)
+        with reader.connect(settings) as runner:  # the statements: on the reader's own login (textsql/reader.py)
+            kept, target_results, dropped = run_targets(runner, usable, limits, role)
         if len(usable) < len(pairs):
             dropped["no_schema_context"] = len(pairs) - len(usable)
         results = {id(p): r for p, r in zip(kept, target_results)}
@@ -401,12 +403,15 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
             t0 = time.time()
             candidate, cand_runtime, cand_path = _candidate(cand_runtime, cand_path, spec.out_dir, settings, exported)
             seconds["load_candidate"] = round(time.time() - t0, 2)
-            cand = evaluate(candidate, held, held_targets, conn, limits, role, on_pair=_reporter("candidate", held))
+            with reader.connect(settings) as runner:
+                cand = evaluate(candidate, held, held_targets, runner, limits, role,
+                                on_pair=_reporter("candidate", held))
             del candidate
             t0 = time.time()
             active = make_generator(spec.active_runtime, spec.active_path, settings)
             seconds["load_active"] = round(time.time() - t0, 2)
-            act = evaluate(active, held, held_targets, conn, limits, role, on_pair=_reporter("active", held))
+            with reader.connect(settings) as runner:
+                act = evaluate(active, held, held_targets, runner, limits, role, on_pair=_reporter("active", held))
     seconds["evaluate_candidate"], seconds["evaluate_active"] = round(cand.seconds, 2), round(act.seconds, 2)
     seconds["total"] = round(time.time() - started, 2)
     metrics: dict[str, Any] = {

@@ -1,0 +1,3 @@
+-- pgsynapse 0042: a correction of a blocked data question is refused when it is written, and the retrain trigger no
+-- longer counts one written before (triggers/data_questions_v6.sql).
+-- pgsynapse:include data_questions_v6.sql

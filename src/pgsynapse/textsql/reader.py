@@ -1,0 +1,102 @@
+"""The connection generated statements run on: the reader role's own login, so that none can leave that role.
+
+``execute.run_readonly`` runs a statement after ``SET LOCAL ROLE`` to the reader role. PostgreSQL checks a later
+``set_config('role', ...)``, ``RESET ROLE`` or ``set_config('session_authorization', ...)`` against the *session*
+user: on the worker's own connection a statement that got past the parser check (textsql/safety.py) could become the
+worker again (a superuser on the embedded server). On a connection whose login is the reader role (or a login that
+is a member of it and of no other role) the server refuses that: ``permission denied to set role``. So:
+
+- ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`);
+- the embedded server (pgsynapse's own): the worker lets the reader role log in (``ALTER ROLE ... LOGIN``; the
+  server trusts only its private socket) and connects as it through the same socket (:func:`embedded_url`);
+- neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``).
+
+The sql_answer handler runs its questions there, and the SQL retrain (textsql/train.py) its corrections and the
+models' statements at its gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+from pgsynapse.db import NO_PREPARE, connection_error
+from pgsynapse.errors import ConfigError, DatabaseConfigError
+from pgsynapse.logs import get_logger
+from pgsynapse.queries import q
+
+log = get_logger(__name__)
+
+FILE = "textsql.sql"
+# the job kinds that run generated statements (the retrain: corrections and the models' statements at its gate)
+KINDS = ("sql_answer", "sql_retrain")
+
+
+def reader_url(url: str, settings: Any) -> str | None:
+    """Where generated statements run: ``sql_reader_url``; on the embedded server (``settings.embedded``, ``url``
+    its URL) the same socket and database as the reader role; else None (the worker's own connection)."""
+    if settings.sql_reader_url:
+        return settings.sql_reader_url
+    return make_conninfo(url, user=settings.sql_reader_role, password=None) if settings.embedded else None
+
+
+def check_login(conn: psycopg.Connection, role: str) -> None:
+    """Raise :class:`ConfigError` unless ``conn`` (``sql_reader_url``) logs in as ``role``, or as a role that is a
+    member of ``role`` and of no other role and is no superuser: a statement could otherwise SET ROLE to that other."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q("reader_login", FILE), {"role": role}).fetchone()
+    assert row is not None
+    if row["login"] == role:
+        return
+    why = ("is a superuser" if row["superuser"] else
+           f"is not a member of {role}" if not row["member"] else
+           f"is also a member of {', '.join(row['others'])}" if row["others"] else None)
+    if why:
+        raise ConfigError(f"sql_reader_url logs in as {row['login']}, which {why}: generated statements could use "
+                          f"its rights; log in as {role} itself (ALTER ROLE {role} LOGIN PASSWORD '...') or as a role "
+                          f"granted {role} and nothing else (docs/text-to-sql.md, Safety)")
+
+
+def prepare_at_start(url: str, settings: Any) -> None:
+    """At a worker's start (``url``: its database): on the embedded server, let the reader role log in; then check
+    the reader's login (:func:`check_login`); with none, say once that statements share the worker's session."""
+    role = settings.sql_reader_role
+    if settings.embedded:
+        with psycopg.connect(url, autocommit=True, **NO_PREPARE) as conn:
+            found = conn.execute(q("reader_can_log_in", FILE), {"role": role}).fetchone()
+            if found is not None and not found[0]:
+                conn.execute(pgsql.SQL(q("reader_allow_login", FILE)).format(pgsql.Identifier(role)))
+                log.info("sql_reader_may_log_in", role=role)
+    login = reader_url(url, settings)
+    if login is None:
+        log.warning("sql_reader_shares_worker_session", role=role,
+                    advice=f"set sql_reader_url to a login as {role}: a statement past the parser check could "
+                           "otherwise set its role back to the worker's (docs/text-to-sql.md, Safety)")
+        return
+    with connect(settings.model_copy(update={"sql_reader_url": login})) as conn:
+        check_login(conn, role)
+
+
+@contextlib.contextmanager
+def connect(settings: Any) -> Iterator[psycopg.Connection]:
+    """An autocommit connection for ``execute.run_readonly``: the reader's own login (``sql_reader_url``) when set,
+    else the worker's (``database_url``)."""
+    if not settings.sql_reader_url:
+        with psycopg.connect(settings.database_url or "", autocommit=True, **NO_PREPARE) as conn:
+            yield conn
+        return
+    try:
+        conn = psycopg.connect(settings.sql_reader_url, autocommit=True, **NO_PREPARE)
+    except psycopg.OperationalError as exc:
+        err = connection_error(exc, settings.sql_reader_url)
+        if isinstance(err, DatabaseConfigError):  # a login refused, a wrong URL: the same at every retry
+            raise ConfigError(f"sql_reader_url: {err}") from None
+        raise err from None
+    with conn:
+        yield conn
