@@ -36,12 +36,15 @@ STEP_LOG_SECONDS = 5.0  # step events are relayed at most this often (and the la
 
 class TrainingFailed(PgsynapseError):
     """The training process failed, ran out of its memory budget or produced no metrics. ``retry``: whether
-    running it again as it is may help (not after its memory budget or its deadline stopped it)."""
+    running it again as it is may help (not after its memory budget or its deadline stopped it). ``reason``: why,
+    for a line that says already that training failed (the job row, which `pgsynapse retrain` prints after
+    "retrain failed: "): the message less its "training failed: ", else the message."""
 
-    def __init__(self, message: str, *, retry: bool = True, stderr: str = "") -> None:
+    def __init__(self, message: str, *, retry: bool = True, stderr: str = "", reason: str | None = None) -> None:
         super().__init__(message)
         self.retry = retry
         self.stderr = stderr  # the trainer's last lines on stderr (its traceback), for the log
+        self.reason = reason or message
 
 
 class TrainingAbandoned(TrainingFailed):
@@ -240,7 +243,7 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
         stderr = "".join(stderr_tail[-60:])  # the traceback, for the log (run_trainer)
         if failure.get("error"):
             raise TrainingFailed(f"training failed: {failure['error']}", retry=bool(failure.get("retry", True)),
-                                 stderr=stderr)
+                                 stderr=stderr, reason=failure["error"])
         if code == -OOM_KILLER_SIGNAL:  # not this process's kill (its budget, its deadline: above)
             raise TrainingFailed(
                 f"the training process was killed (SIGKILL) at {peak[0]:.0f} MB: most likely by the system's "
