@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 
+import pytest
 import torch
+from structlog.testing import capture_logs
 
-from pgsynapse.learning.trainer_process import describe_failure, retry_may_help
+from pgsynapse.learning.trainer_process import TrainingFailed, describe_failure, retry_may_help, run_trainer
 
 
 def test_out_of_memory_is_said_with_what_to_do_and_not_retried():
@@ -34,3 +36,17 @@ def test_missing_model_files_and_other_errors():
     assert describe_failure(ValueError("a student keeps between 1 and 2 layers of its 2, not 9\nmore")) == (
         "ValueError: a student keeps between 1 and 2 layers of its 2, not 9")
     assert describe_failure(KeyError()) == "KeyError" and retry_may_help(KeyError())
+
+
+def test_a_trainer_that_crashes_before_it_reads_its_spec_says_why_in_a_line(tmp_path, monkeypatch):
+    """A trainer that failed as it started (a package missing or broken on import), before it read its spec, was
+    said as its traceback's last lines squeezed into one ("training process exited with 1: File ".../x.py", line
+    1, in <module> import ..."): the plain line of any other failure now, the traceback in the log."""
+    (tmp_path / "broken_trainer.py").write_text("import pgsynapse_no_such_package\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        run_trainer("broken_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == "training failed: ModuleNotFoundError: No module named 'pgsynapse_no_such_package'"
+    assert not failed.value.retry  # it would fail again as it is
+    [logged] = [e for e in logs if e["event"] == "training_process_failed"]
+    assert "Traceback (most recent call last)" in logged["stderr"] and "broken_trainer" in logged["stderr"], logged

@@ -1,7 +1,8 @@
 """A training run in its own process, watched: shared by the ``retrain`` job (``pgsynapse.learning.train``) and
 the ``sql_retrain`` job (``pgsynapse.textsql.train``).
 
-The trainer is started as ``python -m MODULE`` and reads its spec as one JSON line on stdin (:func:`read_spec`; the
+The trainer is started as ``python -m MODULE`` (by learning/trainer_start.py, which reports its failures from
+the start) and reads its spec as one JSON line on stdin (:func:`read_spec`; the
 spec holds the database URL, password included: a pipe, never a file, argv or the environment). The parent holds
 stdin open for the whole run: when it closes, the parent is gone (SIGKILL included) and the trainer exits at once,
 instead of training on for nobody until its next progress line fails to write. It reports progress as one JSON line per event
@@ -88,10 +89,16 @@ def read_spec() -> dict[str, Any]:
     stderr as usual. Then a thread waits for stdin's end, which comes when the
     parent dies or gives the run up: the trainer exits at once (a silent stretch, data loading or evaluation, takes
     minutes)."""
+    report_failures()  # already so when started by run_trainer (learning/trainer_start.py)
     spec = json.loads(sys.stdin.readline())
-    sys.excepthook = _report_failure
     threading.Thread(target=_exit_with_parent, args=(sys.stdin.fileno(),), name="parent_watch", daemon=True).start()
     return spec
+
+
+def report_failures() -> None:
+    """In the trainer: an exception that ends it is reported to the parent as a ``trainer_failed`` event
+    (:func:`describe_failure`), before its traceback goes to stderr as usual."""
+    sys.excepthook = _report_failure
 
 
 def _exit_with_parent(fd: int) -> None:
@@ -133,9 +140,9 @@ def describe_failure(exc: BaseException) -> str:
 
 def retry_may_help(exc: BaseException) -> bool:
     """Whether running a trainer again as it is may help after ``exc`` (not after running out of memory, nor with
-    model files missing: they stay so)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return False
+    model files or a package missing: they stay so)."""
+    if isinstance(exc, (MemoryError, ImportError)) or type(exc).__name__ == "OutOfMemoryError":
+        return False  # an ImportError: a package missing or broken stays so
     return not (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES))
 
 
@@ -147,7 +154,7 @@ def progress(event: str, **kw: Any) -> None:
 def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memory_mb: float,
                 kill_after_seconds: float, default_event: str, stop: Stop | None = None,
                 **log_context: Any) -> dict[str, Any]:
-    """Run ``python -m module`` with ``spec`` on stdin, relay its progress events to the log (with
+    """Run ``python -m module`` (through learning/trainer_start.py) with ``spec`` on stdin, relay its progress events to the log (with
     ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus ``peak_rss_mb_observed``.
 
     Raises :class:`TrainingFailed` when it goes over ``memory_mb`` of RSS or past ``kill_after_seconds`` (it is
@@ -155,7 +162,8 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
     :class:`TrainingAbandoned` when ``stop`` was requested before it started or while it ran (it is killed)."""
     if stop is not None and stop.requested:
         raise TrainingAbandoned()
-    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    # started by trainer_start: a failure is reported from the start, as the trainer imports its packages too
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.trainer_start", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if stop is not None:
         stop.attach(proc)
