@@ -114,29 +114,34 @@ def machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir."""
+def database(url: str | None, *, name: str | None = None) -> Iterator[str]:
+    """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir. ``name``:
+    the database's (default ``pgsynapse_bench_PID_MS``)."""
     tmp = None
     server = None
     if not url:
         tmp = Path(tempfile.mkdtemp(prefix="pgsynapse-bench-", dir="/tmp"))
         server = EmbeddedPostgres(tmp)
-        url = server.start()
-    name = f"pgsynapse_bench_{os.getpid()}_{int(time.time() * 1000) % 100000}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(url)
-    params["dbname"] = name
-    db_url = make_conninfo(**params)
-    try:
-        migrate(db_url)
-        yield db_url
-    finally:
+    try:  # the server stopped and its temp dir removed whatever fails, its start and CREATE DATABASE included
+        if server is not None:
+            url = server.start()
+        name = name or f"pgsynapse_bench_{os.getpid()}_{int(time.time() * 1000) % 100000}"
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        params = conninfo_to_dict(url)
+        params["dbname"] = name
+        db_url = make_conninfo(**params)
+        try:
+            migrate(db_url)
+            yield db_url
+        finally:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
         if server is not None:
             server.stop()
-            shutil.rmtree(tmp, ignore_errors=True)  # type: ignore[arg-type]
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def corpus(limit: int | None = None) -> list[dict[str, str]]:

@@ -141,3 +141,24 @@ def test_ab_decision_takes_runs_given_with_quick(monkeypatch, capsys):
     ab_decision.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {r["runs"] for r in rows if "runs" in r} == {50}
+
+
+def test_a_database_that_cannot_be_created_stops_the_embedded_server(monkeypatch):
+    # the server started for it was left running (until the process ended) and its temp dir left behind when
+    # CREATE DATABASE failed
+    started: list[tuple[common.EmbeddedPostgres, str]] = []
+
+    class Recorded(common.EmbeddedPostgres):
+        def start(self) -> str:
+            url = super().start()
+            started.append((self, url))
+            return url
+
+    monkeypatch.setattr(common, "EmbeddedPostgres", Recorded)
+    with pytest.raises(psycopg.errors.SyntaxError):
+        with common.database(None, name='bad"name'):
+            pass
+    [(server, url)] = started
+    assert not server.data_dir.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=10).close()
