@@ -58,13 +58,20 @@ def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
 def run_benchmark(main: Callable[[], object]) -> None:
     """A benchmark's entry point (its ``main`` run as a script): what it cannot do, said by the project's own errors
     (a model package not installed, a model path that does not exist) or by a database out of reach, ends it in one
-    line on stderr, exit 1, not a traceback."""
+    line on stderr, exit 1, not a traceback. A target missed (a result line with ``"passed": false``) ends it with
+    exit 1 too, once its results and table are printed, the targets missed named in a line on stderr."""
+    prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
+    name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
     try:
         main()
     except (PgsynapseError, psycopg.OperationalError) as exc:
-        prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
-        name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
         raise SystemExit(f"{name}: error: {exc}") from None
+    missed = [r for r in RESULTS if r.get("passed") is False]
+    if missed:
+        said = ", ".join(r["name"] + (f" (ratio {r['ratio']}, target {r['target']})" if "ratio" in r and "target" in r
+                                      else "") for r in missed)
+        print(f"{name}: target missed: {said}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:

@@ -143,6 +143,29 @@ def test_ab_decision_takes_runs_given_with_quick(monkeypatch, capsys):
     assert {r["runs"] for r in rows if "runs" in r} == {50}
 
 
+def test_a_missed_target_fails_the_benchmark_after_its_results(monkeypatch, capsys):
+    # `python -m bench.throughput --quick` printed "passed": false and exited 0: a CI script took it for a pass
+    monkeypatch.setattr(common, "RESULTS", [])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "throughput.py")])
+
+    def missed() -> None:
+        common.emit("throughput", "machine", cores=2)
+        common.emit("throughput", "ratio", ratio=0.8, target=0.9, passed=False)
+        common.emit("throughput", "other", passed=True)
+        common.table()
+
+    with pytest.raises(SystemExit) as exc:
+        common.run_benchmark(missed)
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert '"name": "ratio", "ratio": 0.8, "target": 0.9, "passed": false' in out and "name   " in out, out
+    assert err.splitlines() == ["bench.throughput: target missed: ratio (ratio 0.8, target 0.9)"], err
+    # every target met, or none measured: exit 0
+    monkeypatch.setattr(common, "RESULTS", [])
+    common.run_benchmark(lambda: common.emit("throughput", "ratio", ratio=0.95, target=0.9, passed=True))
+    common.run_benchmark(lambda: common.emit("runtimes", "torch", texts_per_s=30.0))
+
+
 def test_a_database_that_cannot_be_created_stops_the_embedded_server(monkeypatch):
     # the server started for it was left running (until the process ended) and its temp dir left behind when
     # CREATE DATABASE failed
