@@ -185,3 +185,14 @@ def test_a_database_that_cannot_be_created_stops_the_embedded_server(monkeypatch
     assert not server.data_dir.exists()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=10).close()
+
+
+def test_concurrent_asks_counts_as_stalled_an_answer_that_waited_after_it_was_written():
+    # an ask over 5 s was counted as stalled (woken by the client's safety re-read, not by its NOTIFY): on a busy
+    # machine an answer that took 6 s to compute, delivered at once, was one
+    from bench.concurrent_asks import summary
+
+    busy = summary([(6200.0, 6150.0), (900.0, 880.0)], stall_ms=1000.0)
+    assert (busy["stalled"], busy["max_ms"], busy["after_answer_max_ms"]) == (0, 6200.0, 50.0)
+    missed = summary([(5600.0, 450.0), (900.0, 880.0)], stall_ms=1000.0)
+    assert (missed["stalled"], missed["after_answer_max_ms"]) == (1, 5150.0)
