@@ -50,3 +50,15 @@ def test_a_trainer_that_crashes_before_it_reads_its_spec_says_why_in_a_line(tmp_
     assert not failed.value.retry  # it would fail again as it is
     [logged] = [e for e in logs if e["event"] == "training_process_failed"]
     assert "Traceback (most recent call last)" in logged["stderr"] and "broken_trainer" in logged["stderr"], logged
+
+
+def test_a_trainer_a_signal_ended_says_which_not_its_exit_code(tmp_path, monkeypatch):
+    """A trainer that crashed in native code (torch, ONNX Runtime: SIGSEGV, SIGABRT) was said as "training process
+    exited with -11: " and nothing after."""
+    (tmp_path / "crashing_trainer.py").write_text("import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        run_trainer("crashing_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == ("the training process was killed by SIGSEGV (a crash in native code: torch, ONNX "
+                                 "Runtime or another library; what it wrote on stderr is in the log)"), failed.value
+    assert [e["event"] for e in logs] == ["training_process_failed"], logs

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -146,6 +147,22 @@ def retry_may_help(exc: BaseException) -> bool:
     return not (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES))
 
 
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _why_signal(number: int) -> str:
+    if number in CRASH_SIGNALS:
+        return "a crash in native code: torch, ONNX Runtime or another library"
+    return "sent by another process"
+
+
 def progress(event: str, **kw: Any) -> None:
     """In the trainer: one JSON line per progress event on stdout; the parent turns them into log events."""
     print(json.dumps({"event": event, **kw}, default=str), flush=True)
@@ -258,6 +275,9 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
                 f"out-of-memory killer, the host having less free memory than the trainer's budget of "
                 f"{memory_mb:.0f} MB: set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) "
                 "below what the host has free, or free memory", retry=False, stderr=stderr or "(nothing on stderr)")
+        if code < 0:  # another signal: a crash in native code, or one sent from outside
+            raise TrainingFailed(f"the training process was killed by {_signal_name(-code)} ({_why_signal(-code)}; "
+                                 "what it wrote on stderr is in the log)", stderr=stderr or "(nothing on stderr)")
         tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
         raise TrainingFailed(f"training process exited with {code}: {tail}", stderr=stderr)
     try:
