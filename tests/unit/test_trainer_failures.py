@@ -62,3 +62,18 @@ def test_a_trainer_a_signal_ended_says_which_not_its_exit_code(tmp_path, monkeyp
     assert str(failed.value) == ("the training process was killed by SIGSEGV (a crash in native code: torch, ONNX "
                                  "Runtime or another library; what it wrote on stderr is in the log)"), failed.value
     assert [e["event"] for e in logs] == ["training_process_failed"], logs
+
+
+def test_a_trainer_over_its_memory_budget_names_the_setting_that_sets_it(tmp_path, monkeypatch):
+    """"training exceeded its memory budget of 100 MB and was stopped": which setting is that budget, and what to
+    do, the job row did not say."""
+    # 300 MB written (resident), then it waits for its parent, which stops it at its budget
+    (tmp_path / "greedy_trainer.py").write_text("import sys\n\nheld = b'x' * (300 * 2**20)\nsys.stdin.read()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(TrainingFailed) as failed:
+        run_trainer("greedy_trainer", {}, tmp_path, memory_mb=100, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == (
+        "training exceeded its memory budget of 100 MB and was stopped: raise the budget (retrain_memory_mb; "
+        "sql_retrain_memory_mb for the SQL trainer) where the host has the memory free, or train on less: smaller "
+        "batches, fewer layers or shorter passages"), failed.value
+    assert not failed.value.retry

@@ -259,7 +259,9 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
     code = proc.wait()
     reader.join(5.0)  # the last lines of stderr, for the message below
     if over_budget.is_set():
-        raise TrainingFailed(f"training exceeded its memory budget of {memory_mb:.0f} MB and was stopped",
+        raise TrainingFailed(f"training exceeded its memory budget of {memory_mb:.0f} MB and was stopped: raise the "
+                             "budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) where the host has "
+                             "the memory free, or train on less: smaller batches, fewer layers or shorter passages",
                              retry=False)
     if overtime.is_set():
         raise TrainingFailed(f"training ran past its deadline ({kill_after_seconds:.0f} s) and was stopped",
