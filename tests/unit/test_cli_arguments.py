@@ -161,7 +161,8 @@ def test_the_global_database_url_is_handed_to_the_benchmark(tmp_path, where):
     assert r.stdout.splitlines() == [f"url={url}"]
 
 
-@pytest.mark.parametrize("argv", [["--data-dir", "/d", "bench", "throughput"], ["bench", "--data-dir", "/d", "throughput"],
+@pytest.mark.parametrize("argv", [["--data-dir", "/d", "bench", "throughput"],
+                                  ["bench", "--data-dir", "/d", "throughput"],
                                   ["--config", "/etc/p.toml", "bench", "latency", "--quick"]])
 def test_bench_refuses_the_global_options_a_benchmark_does_not_read(capsys, argv):
     # `pgsynapse --data-dir X bench NAME` ran the benchmark on an embedded server in a temp dir all the same: X was

@@ -171,8 +171,9 @@ def progress(event: str, **kw: Any) -> None:
 def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memory_mb: float,
                 kill_after_seconds: float, default_event: str, stop: Stop | None = None,
                 **log_context: Any) -> dict[str, Any]:
-    """Run ``python -m module`` (through learning/trainer_start.py) with ``spec`` on stdin, relay its progress events to the log (with
-    ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus ``peak_rss_mb_observed``.
+    """Run ``python -m module`` (through learning/trainer_start.py) with ``spec`` on stdin, relay its progress
+    events to the log (with ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus
+    ``peak_rss_mb_observed``.
 
     Raises :class:`TrainingFailed` when it goes over ``memory_mb`` of RSS or past ``kill_after_seconds`` (it is
     killed), exits non-zero (the message ends with its stderr's last lines) or writes no metrics;
@@ -180,8 +181,8 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
     if stop is not None and stop.requested:
         raise TrainingAbandoned()
     # started by trainer_start: a failure is reported from the start, as the trainer imports its packages too
-    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.trainer_start", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.trainer_start", module], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if stop is not None:
         stop.attach(proc)
     try:
