@@ -58,13 +58,20 @@ def parser(description: str, *, quick: bool = True) -> argparse.ArgumentParser:
 def run_benchmark(main: Callable[[], object]) -> None:
     """A benchmark's entry point (its ``main`` run as a script): what it cannot do, said by the project's own errors
     (a model package not installed, a model path that does not exist) or by a database out of reach, ends it in one
-    line on stderr, exit 1, not a traceback."""
+    line on stderr, exit 1, not a traceback. A target missed (a result line with ``"passed": false``) ends it with
+    exit 1 too, once its results and table are printed, the targets missed named in a line on stderr."""
+    prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
+    name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
     try:
         main()
     except (PgsynapseError, psycopg.OperationalError) as exc:
-        prog = sys.argv[0]  # the file under `python -m`, the module's name under `pgsynapse bench`
-        name = f"bench.{Path(prog).stem}" if prog.endswith(".py") else prog
         raise SystemExit(f"{name}: error: {exc}") from None
+    missed = [r for r in RESULTS if r.get("passed") is False]
+    if missed:
+        said = ", ".join(r["name"] + (f" (ratio {r['ratio']}, target {r['target']})" if "ratio" in r and "target" in r
+                                      else "") for r in missed)
+        print(f"{name}: target missed: {said}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:
@@ -114,29 +121,34 @@ def machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir."""
+def database(url: str | None, *, name: str | None = None) -> Iterator[str]:
+    """A fresh migrated database: a new one on the given server, else an embedded server in a temp dir. ``name``:
+    the database's (default ``pgsynapse_bench_PID_MS``)."""
     tmp = None
     server = None
     if not url:
         tmp = Path(tempfile.mkdtemp(prefix="pgsynapse-bench-", dir="/tmp"))
         server = EmbeddedPostgres(tmp)
-        url = server.start()
-    name = f"pgsynapse_bench_{os.getpid()}_{int(time.time() * 1000) % 100000}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(url)
-    params["dbname"] = name
-    db_url = make_conninfo(**params)
-    try:
-        migrate(db_url)
-        yield db_url
-    finally:
+    try:  # the server stopped and its temp dir removed whatever fails, its start and CREATE DATABASE included
+        if server is not None:
+            url = server.start()
+        name = name or f"pgsynapse_bench_{os.getpid()}_{int(time.time() * 1000) % 100000}"
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        params = conninfo_to_dict(url)
+        params["dbname"] = name
+        db_url = make_conninfo(**params)
+        try:
+            migrate(db_url)
+            yield db_url
+        finally:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
         if server is not None:
             server.stop()
-            shutil.rmtree(tmp, ignore_errors=True)  # type: ignore[arg-type]
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def corpus(limit: int | None = None) -> list[dict[str, str]]:

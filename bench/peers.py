@@ -205,9 +205,11 @@ def main() -> None:
                          idle_p50_ms=round(pct(lat, 50), 1), idle_p95_ms=round(pct(lat, 95), 1), idle_n=len(lat),
                          recall_at_5=r["recall@5"], mrr_at_10=r["mrr@10"], dev_questions=r["questions"]))
     ps, pa = rows
-    emit("peers", "comparison", pages_per_s_ratio=round(ps["pages_per_s"] / pa["pages_per_s"], 2), target_pages=4.0,
-         idle_latency_ratio=round(pa["idle_p50_ms"] / ps["idle_p50_ms"], 1), target_latency=20.0,
-         recall_at_5_pgsynapse=ps["recall_at_5"], recall_at_5_pgai=pa["recall_at_5"])
+    pages_ratio, latency_ratio = ps["pages_per_s"] / pa["pages_per_s"], pa["idle_p50_ms"] / ps["idle_p50_ms"]
+    emit("peers", "comparison", pages_per_s_ratio=round(pages_ratio, 2), target_pages=4.0,
+         idle_latency_ratio=round(latency_ratio, 1), target_latency=20.0,
+         recall_at_5_pgsynapse=ps["recall_at_5"], recall_at_5_pgai=pa["recall_at_5"],
+         passed=pages_ratio >= 4.0 and latency_ratio >= 20.0 and ps["recall_at_5"] >= pa["recall_at_5"])
     table()
 
 

@@ -154,7 +154,7 @@ class RetrainHandler(Handler[RetrainWork]):
             except TrainingAbandoned as exc:
                 out.append(Outcome(w.job, error=str(exc), abandoned=True))
             except TrainingFailed as exc:  # not retried when running it again as it is cannot help (out of memory)
-                out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}", retry=exc.retry))
+                out.append(Outcome(w.job, error=exc.reason, retry=exc.retry))  # "retrain failed: " + it, on the CLI
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out

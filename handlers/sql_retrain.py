@@ -96,8 +96,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
                 out.append(Outcome(w.job, result=self._train(w)))
             except TrainingAbandoned as exc:
                 out.append(Outcome(w.job, error=str(exc), abandoned=True))
-            except TrainingFailed as exc:
-                out.append(Outcome(w.job, error=describe(exc), retry=exc.retry))
+            except TrainingFailed as exc:  # "sql_retrain failed: " + its reason, on the CLI
+                out.append(Outcome(w.job, error=exc.reason, retry=exc.retry))
             except Exception as exc:  # noqa: BLE001 - the job's error, retried per max_attempts
                 out.append(Outcome(w.job, error=describe(exc)))
         return out

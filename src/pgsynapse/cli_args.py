@@ -417,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"{RATINGS_AGREE}")
         if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
+        unread = [flag for flag, given in (("--data-dir", args.data_dir), ("--config", args.config)) if given]
+        if args.command == "bench" and unread:  # else ignored without a word
+            parser.error(f"bench takes no {' or '.join(unread)}: a benchmark starts its own embedded server in a "
+                         "temporary folder, or uses the server of --database-url (or DATABASE_URL)")
     finally:
         _JSON_ERRORS.reset(json_errors)
     return args

@@ -194,7 +194,8 @@ async def test_the_memory_guard_stops_the_trainer_with_a_clear_error(db_url, tmp
     context = _setup_table(db_url)
     _corrections(db_url, context, shuffled=False)
     outcome = await _run(SqlRetrainHandler(_settings(db_url, tmp_path, base_model, sql_retrain_memory_mb=256)), db_url)
-    assert outcome.error == "TrainingFailed: training exceeded its memory budget of 256 MB and was stopped"
+    assert outcome.error.startswith("training exceeded its memory budget of 256 MB and was stopped: raise the budget "
+                                    "(retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer)"), outcome.error
     assert outcome.retry is False and _models(db_url) == []
 
 

@@ -141,3 +141,58 @@ def test_ab_decision_takes_runs_given_with_quick(monkeypatch, capsys):
     ab_decision.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {r["runs"] for r in rows if "runs" in r} == {50}
+
+
+def test_a_missed_target_fails_the_benchmark_after_its_results(monkeypatch, capsys):
+    # `python -m bench.throughput --quick` printed "passed": false and exited 0: a CI script took it for a pass
+    monkeypatch.setattr(common, "RESULTS", [])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "throughput.py")])
+
+    def missed() -> None:
+        common.emit("throughput", "machine", cores=2)
+        common.emit("throughput", "ratio", ratio=0.8, target=0.9, passed=False)
+        common.emit("throughput", "other", passed=True)
+        common.table()
+
+    with pytest.raises(SystemExit) as exc:
+        common.run_benchmark(missed)
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert '"name": "ratio", "ratio": 0.8, "target": 0.9, "passed": false' in out and "name   " in out, out
+    assert err.splitlines() == ["bench.throughput: target missed: ratio (ratio 0.8, target 0.9)"], err
+    # every target met, or none measured: exit 0
+    monkeypatch.setattr(common, "RESULTS", [])
+    common.run_benchmark(lambda: common.emit("throughput", "ratio", ratio=0.95, target=0.9, passed=True))
+    common.run_benchmark(lambda: common.emit("runtimes", "torch", texts_per_s=30.0))
+
+
+def test_a_database_that_cannot_be_created_stops_the_embedded_server(monkeypatch):
+    # the server started for it was left running (until the process ended) and its temp dir left behind when
+    # CREATE DATABASE failed
+    started: list[tuple[common.EmbeddedPostgres, str]] = []
+
+    class Recorded(common.EmbeddedPostgres):
+        def start(self) -> str:
+            url = super().start()
+            started.append((self, url))
+            return url
+
+    monkeypatch.setattr(common, "EmbeddedPostgres", Recorded)
+    with pytest.raises(psycopg.errors.SyntaxError):
+        with common.database(None, name='bad"name'):
+            pass
+    [(server, url)] = started
+    assert not server.data_dir.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=10).close()
+
+
+def test_concurrent_asks_counts_as_stalled_an_answer_that_waited_after_it_was_written():
+    # an ask over 5 s was counted as stalled (woken by the client's safety re-read, not by its NOTIFY): on a busy
+    # machine an answer that took 6 s to compute, delivered at once, was one
+    from bench.concurrent_asks import summary
+
+    busy = summary([(6200.0, 6150.0), (900.0, 880.0)], stall_ms=1000.0)
+    assert (busy["stalled"], busy["max_ms"], busy["after_answer_max_ms"]) == (0, 6200.0, 50.0)
+    missed = summary([(5600.0, 450.0), (900.0, 880.0)], stall_ms=1000.0)
+    assert (missed["stalled"], missed["after_answer_max_ms"]) == (1, 5150.0)

@@ -161,6 +161,20 @@ def test_the_global_database_url_is_handed_to_the_benchmark(tmp_path, where):
     assert r.stdout.splitlines() == [f"url={url}"]
 
 
+@pytest.mark.parametrize("argv", [["--data-dir", "/d", "bench", "throughput"],
+                                  ["bench", "--data-dir", "/d", "throughput"],
+                                  ["--config", "/etc/p.toml", "bench", "latency", "--quick"]])
+def test_bench_refuses_the_global_options_a_benchmark_does_not_read(capsys, argv):
+    # `pgsynapse --data-dir X bench NAME` ran the benchmark on an embedded server in a temp dir all the same: X was
+    # ignored without a word (as --config's file)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    flag = argv[0] if argv[0] != "bench" else argv[1]
+    assert f"pgsynapse: error: bench takes no {flag}: a benchmark starts its own embedded server in a " \
+        "temporary folder, or uses the server of --database-url (or DATABASE_URL)" in capsys.readouterr().err
+
+
 def test_bench_without_a_name_lists_the_benchmarks_with_what_each_measures():
     # `pgsynapse bench` said "the following arguments are required: name, bench_args" (exit 2), and its --help named
     # five of the 38 benchmarks

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 
+import pytest
 import torch
+from structlog.testing import capture_logs
 
-from pgsynapse.learning.trainer_process import describe_failure, retry_may_help
+from pgsynapse.learning.trainer_process import TrainingFailed, describe_failure, retry_may_help, run_trainer
 
 
 def test_out_of_memory_is_said_with_what_to_do_and_not_retried():
@@ -34,3 +36,44 @@ def test_missing_model_files_and_other_errors():
     assert describe_failure(ValueError("a student keeps between 1 and 2 layers of its 2, not 9\nmore")) == (
         "ValueError: a student keeps between 1 and 2 layers of its 2, not 9")
     assert describe_failure(KeyError()) == "KeyError" and retry_may_help(KeyError())
+
+
+def test_a_trainer_that_crashes_before_it_reads_its_spec_says_why_in_a_line(tmp_path, monkeypatch):
+    """A trainer that failed as it started (a package missing or broken on import), before it read its spec, was
+    said as its traceback's last lines squeezed into one ("training process exited with 1: File ".../x.py", line
+    1, in <module> import ..."): the plain line of any other failure now, the traceback in the log."""
+    (tmp_path / "broken_trainer.py").write_text("import pgsynapse_no_such_package\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        run_trainer("broken_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == "training failed: ModuleNotFoundError: No module named 'pgsynapse_no_such_package'"
+    assert not failed.value.retry  # it would fail again as it is
+    [logged] = [e for e in logs if e["event"] == "training_process_failed"]
+    assert "Traceback (most recent call last)" in logged["stderr"] and "broken_trainer" in logged["stderr"], logged
+
+
+def test_a_trainer_a_signal_ended_says_which_not_its_exit_code(tmp_path, monkeypatch):
+    """A trainer that crashed in native code (torch, ONNX Runtime: SIGSEGV, SIGABRT) was said as "training process
+    exited with -11: " and nothing after."""
+    (tmp_path / "crashing_trainer.py").write_text("import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with capture_logs() as logs, pytest.raises(TrainingFailed) as failed:
+        run_trainer("crashing_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == ("the training process was killed by SIGSEGV (a crash in native code: torch, ONNX "
+                                 "Runtime or another library; what it wrote on stderr is in the log)"), failed.value
+    assert [e["event"] for e in logs] == ["training_process_failed"], logs
+
+
+def test_a_trainer_over_its_memory_budget_names_the_setting_that_sets_it(tmp_path, monkeypatch):
+    """"training exceeded its memory budget of 100 MB and was stopped": which setting is that budget, and what to
+    do, the job row did not say."""
+    # 300 MB written (resident), then it waits for its parent, which stops it at its budget
+    (tmp_path / "greedy_trainer.py").write_text("import sys\n\nheld = b'x' * (300 * 2**20)\nsys.stdin.read()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(TrainingFailed) as failed:
+        run_trainer("greedy_trainer", {}, tmp_path, memory_mb=100, kill_after_seconds=120, default_event="x")
+    assert str(failed.value) == (
+        "training exceeded its memory budget of 100 MB and was stopped: raise the budget (retrain_memory_mb; "
+        "sql_retrain_memory_mb for the SQL trainer) where the host has the memory free, or train on less: smaller "
+        "batches, fewer layers or shorter passages"), failed.value
+    assert not failed.value.retry

@@ -1,7 +1,8 @@
 """A training run in its own process, watched: shared by the ``retrain`` job (``pgsynapse.learning.train``) and
 the ``sql_retrain`` job (``pgsynapse.textsql.train``).
 
-The trainer is started as ``python -m MODULE`` and reads its spec as one JSON line on stdin (:func:`read_spec`; the
+The trainer is started as ``python -m MODULE`` (by learning/trainer_start.py, which reports its failures from
+the start) and reads its spec as one JSON line on stdin (:func:`read_spec`; the
 spec holds the database URL, password included: a pipe, never a file, argv or the environment). The parent holds
 stdin open for the whole run: when it closes, the parent is gone (SIGKILL included) and the trainer exits at once,
 instead of training on for nobody until its next progress line fails to write. It reports progress as one JSON line per event
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -36,12 +38,15 @@ STEP_LOG_SECONDS = 5.0  # step events are relayed at most this often (and the la
 
 class TrainingFailed(PgsynapseError):
     """The training process failed, ran out of its memory budget or produced no metrics. ``retry``: whether
-    running it again as it is may help (not after its memory budget or its deadline stopped it)."""
+    running it again as it is may help (not after its memory budget or its deadline stopped it). ``reason``: why,
+    for a line that says already that training failed (the job row, which `pgsynapse retrain` prints after
+    "retrain failed: "): the message less its "training failed: ", else the message."""
 
-    def __init__(self, message: str, *, retry: bool = True, stderr: str = "") -> None:
+    def __init__(self, message: str, *, retry: bool = True, stderr: str = "", reason: str | None = None) -> None:
         super().__init__(message)
         self.retry = retry
         self.stderr = stderr  # the trainer's last lines on stderr (its traceback), for the log
+        self.reason = reason or message
 
 
 class TrainingAbandoned(TrainingFailed):
@@ -85,10 +90,16 @@ def read_spec() -> dict[str, Any]:
     stderr as usual. Then a thread waits for stdin's end, which comes when the
     parent dies or gives the run up: the trainer exits at once (a silent stretch, data loading or evaluation, takes
     minutes)."""
+    report_failures()  # already so when started by run_trainer (learning/trainer_start.py)
     spec = json.loads(sys.stdin.readline())
-    sys.excepthook = _report_failure
     threading.Thread(target=_exit_with_parent, args=(sys.stdin.fileno(),), name="parent_watch", daemon=True).start()
     return spec
+
+
+def report_failures() -> None:
+    """In the trainer: an exception that ends it is reported to the parent as a ``trainer_failed`` event
+    (:func:`describe_failure`), before its traceback goes to stderr as usual."""
+    sys.excepthook = _report_failure
 
 
 def _exit_with_parent(fd: int) -> None:
@@ -130,10 +141,26 @@ def describe_failure(exc: BaseException) -> str:
 
 def retry_may_help(exc: BaseException) -> bool:
     """Whether running a trainer again as it is may help after ``exc`` (not after running out of memory, nor with
-    model files missing: they stay so)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return False
+    model files or a package missing: they stay so)."""
+    if isinstance(exc, (MemoryError, ImportError)) or type(exc).__name__ == "OutOfMemoryError":
+        return False  # an ImportError: a package missing or broken stays so
     return not (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES))
+
+
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _why_signal(number: int) -> str:
+    if number in CRASH_SIGNALS:
+        return "a crash in native code: torch, ONNX Runtime or another library"
+    return "sent by another process"
 
 
 def progress(event: str, **kw: Any) -> None:
@@ -144,16 +171,18 @@ def progress(event: str, **kw: Any) -> None:
 def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memory_mb: float,
                 kill_after_seconds: float, default_event: str, stop: Stop | None = None,
                 **log_context: Any) -> dict[str, Any]:
-    """Run ``python -m module`` with ``spec`` on stdin, relay its progress events to the log (with
-    ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus ``peak_rss_mb_observed``.
+    """Run ``python -m module`` (through learning/trainer_start.py) with ``spec`` on stdin, relay its progress
+    events to the log (with ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus
+    ``peak_rss_mb_observed``.
 
     Raises :class:`TrainingFailed` when it goes over ``memory_mb`` of RSS or past ``kill_after_seconds`` (it is
     killed), exits non-zero (the message ends with its stderr's last lines) or writes no metrics;
     :class:`TrainingAbandoned` when ``stop`` was requested before it started or while it ran (it is killed)."""
     if stop is not None and stop.requested:
         raise TrainingAbandoned()
-    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # started by trainer_start: a failure is reported from the start, as the trainer imports its packages too
+    proc = subprocess.Popen([sys.executable, "-m", "pgsynapse.learning.trainer_start", module], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if stop is not None:
         stop.attach(proc)
     try:
@@ -231,7 +260,9 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
     code = proc.wait()
     reader.join(5.0)  # the last lines of stderr, for the message below
     if over_budget.is_set():
-        raise TrainingFailed(f"training exceeded its memory budget of {memory_mb:.0f} MB and was stopped",
+        raise TrainingFailed(f"training exceeded its memory budget of {memory_mb:.0f} MB and was stopped: raise the "
+                             "budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) where the host has "
+                             "the memory free, or train on less: smaller batches, fewer layers or shorter passages",
                              retry=False)
     if overtime.is_set():
         raise TrainingFailed(f"training ran past its deadline ({kill_after_seconds:.0f} s) and was stopped",
@@ -240,13 +271,16 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
         stderr = "".join(stderr_tail[-60:])  # the traceback, for the log (run_trainer)
         if failure.get("error"):
             raise TrainingFailed(f"training failed: {failure['error']}", retry=bool(failure.get("retry", True)),
-                                 stderr=stderr)
+                                 stderr=stderr, reason=failure["error"])
         if code == -OOM_KILLER_SIGNAL:  # not this process's kill (its budget, its deadline: above)
             raise TrainingFailed(
                 f"the training process was killed (SIGKILL) at {peak[0]:.0f} MB: most likely by the system's "
                 f"out-of-memory killer, the host having less free memory than the trainer's budget of "
                 f"{memory_mb:.0f} MB: set that budget (retrain_memory_mb; sql_retrain_memory_mb for the SQL trainer) "
                 "below what the host has free, or free memory", retry=False, stderr=stderr or "(nothing on stderr)")
+        if code < 0:  # another signal: a crash in native code, or one sent from outside
+            raise TrainingFailed(f"the training process was killed by {_signal_name(-code)} ({_why_signal(-code)}; "
+                                 "what it wrote on stderr is in the log)", stderr=stderr or "(nothing on stderr)")
         tail = " ".join("".join(stderr_tail[-5:]).split())[-400:]
         raise TrainingFailed(f"training process exited with {code}: {tail}", stderr=stderr)
     try:
