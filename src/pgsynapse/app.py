@@ -34,11 +34,13 @@ def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
         return migrate(db.listen_url)  # the direct URL if any; a transaction pooler is safe too (xact locks)
     with db.connect() as conn:
         state = schema_state(conn)
+        name = conn.info.dbname
     warn_if_newer(state["newer"])
     missing = state["pending"]
-    if missing and state["applied"] is None:
-        raise SchemaMissing(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
-                            f"{len(missing)} migrations, {missing[0]} to {missing[-1]})")
+    if missing and state["applied"] is None:  # named: a database_url of the wrong database is the usual cause
+        raise SchemaMissing(f'database "{name}" has no pgsynapse schema: run `pgsynapse migrate` on it (it applies '
+                            f"all {len(missing)} migrations, {missing[0]} to {missing[-1]}), or point database_url "
+                            "at the database that has it")
     if missing:
         raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: "
                             f"{listed(missing)}): run `pgsynapse migrate`")
