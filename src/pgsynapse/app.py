@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
-from pgsynapse.errors import DatabaseError, SchemaMissing
+from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
@@ -34,11 +35,13 @@ def ensure_schema(db: Database, *, apply: bool = True) -> list[str]:
         return migrate(db.listen_url)  # the direct URL if any; a transaction pooler is safe too (xact locks)
     with db.connect() as conn:
         state = schema_state(conn)
+        name = conn.info.dbname
     warn_if_newer(state["newer"])
     missing = state["pending"]
-    if missing and state["applied"] is None:
-        raise SchemaMissing(f"the database has no pgsynapse schema yet: run `pgsynapse migrate` (it applies all "
-                            f"{len(missing)} migrations, {missing[0]} to {missing[-1]})")
+    if missing and state["applied"] is None:  # named: a database_url of the wrong database is the usual cause
+        raise SchemaMissing(f'database "{name}" has no pgsynapse schema: run `pgsynapse migrate` on it (it applies '
+                            f"all {len(missing)} migrations, {missing[0]} to {missing[-1]}), or point database_url "
+                            "at the database that has it")
     if missing:
         raise DatabaseError(f"database schema is not up to date ({len(missing)} migration(s) to apply: "
                             f"{listed(missing)}): run `pgsynapse migrate`")
@@ -79,11 +82,8 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     case)."""
     require_text(text)  # refused before a database or a worker is started for it
 
-    async def go(url: str, limit: float | None):
-        async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
-            return await client.ask(text, session_id=session_id, timeout=limit, on_delta=on_delta)
-
-    return _answered(settings, "answer", "question", go, timeout)
+    return _answered(settings, "answer", "question", timeout, lambda client, limit: client.ask(
+        text, session_id=session_id, timeout=limit, on_delta=on_delta))
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
@@ -92,11 +92,8 @@ def ask_data(settings: Settings, text: str, *, session_id: str | None = None, sc
     when none runs on this database)."""
     require_text(text)
 
-    async def go(url: str, limit: float | None):
-        async with Client(url, listen_url=settings.listen_url, settings=settings) as client:
-            return await client.ask_data(text, session_id=session_id, schema=schema, tables=tables, timeout=limit)
-
-    return _answered(settings, "sql_answer", "data question", go, timeout)
+    return _answered(settings, "sql_answer", "data question", timeout, lambda client, limit: client.ask_data(
+        text, session_id=session_id, schema=schema, tables=tables, timeout=limit))
 
 
 class _Started:
@@ -117,22 +114,58 @@ class _NotStarted(Exception):
         self.question_id = question_id
 
 
-def _answered(settings: Settings, kind: str, what: str, go: Callable[[str, float | None], Any], timeout: float):
-    """``go(url, timeout)`` run against a worker: the one running on this database, else one started here for
-    ``kind``, while ``go`` asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
+class _WorkerFailed(Exception):
+    """The command's own worker stopped on ``cause``: before it had started, unless ``started``."""
+
+    def __init__(self, cause: Exception, started: bool) -> None:
+        super().__init__(cause)
+        self.cause, self.started = cause, started
+
+
+def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
+    """The error of a command whose own worker failed with its question asked: the question's id, that it stays
+    pending, and the worker's reason, in one line; of the cause's class, so the exit code is the cause's."""
+    select = f"SELECT {LATER[what][0]} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
+    why = " ".join(str(failed.cause).split()) or type(failed.cause).__name__
+    message = (f"{what} {qid} stays pending: this command's worker {'stopped' if failed.started else 'failed to start'}"
+               f" ({why}); it is answered once a worker runs (`pgsynapse run`): {select}")
+    if not isinstance(failed.cause, PgsynapseError):  # a database error, a bug: the CLI reports it as itself
+        log.warning("question_left_pending", what=what, id=qid, note=message)
+        return failed.cause
+    said = copy.copy(failed.cause)
+    said.args = (message,)
+    return said
+
+
+def _answered(settings: Settings, kind: str, what: str, timeout: float,
+              call: Callable[[Client, float | None], Awaitable[Any]]):
+    """``call(client, timeout)`` asks against a worker: the one running on this database, else one started here for
+    ``kind`` while it asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
     ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
     :data:`pgsynapse.client.LATER`), for a timeout's message."""
+    asking: list[Client] = []
+
+    async def go(url: str, limit: float | None, asked: anyio.Event | None = None):
+        client = Client(url, listen_url=settings.listen_url, settings=settings)
+        client.asked = asked
+        asking.append(client)
+        async with client:
+            return await call(client, limit)
+
     async def with_worker(url: str, timeout: float | None):
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        started, errors = _Started(), []
+        started, errors, settled = _Started(), [], anyio.Event()
 
         async def serving() -> None:
             try:
                 await worker.run(task_status=started, handle_signals=False)
             except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
-                errors.append(exc)
+                errors.append(_WorkerFailed(exc, started.event.is_set()))
+                # the question's INSERT in flight ends first (settled): it is asked or not, whatever the race of the
+                # worker's start with it, and the command says which
+                await settled.wait()
                 tg.cancel_scope.cancel()
 
         with contextlib.ExitStack() as stopping:
@@ -140,13 +173,14 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str, float
                 tg.start_soon(serving)
                 try:
                     # asked while the worker starts, which then takes the question: the timeout counts the start too
-                    result = await go(url, timeout)
+                    result = await go(url, timeout, settled)
                 except AnswerTimeout as exc:
                     errors.append(exc if exc.question_id is None or started.event.is_set()
                                   else _NotStarted(exc.question_id))
                 except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
                     errors.append(exc)
                 finally:
+                    settled.set()  # ended before its INSERT, if it never made one
                     # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
                     # cancellation interrupted", "discarding closed connection") are no news to the asker
                     stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
@@ -176,6 +210,10 @@ def _answered(settings: Settings, kind: str, what: str, go: Callable[[str, float
                                     hint=f"they are not searched until a worker embeds them: {then}")
         try:
             return anyio.run(go if running else with_worker, db.url, timeout or None)
+        except _WorkerFailed as failed:
+            if (qid := asking[0].asked_id if asking else None) is None:  # not asked: the worker's reason alone
+                raise failed.cause from None
+            raise _left_pending(failed, what, qid) from failed.cause
         except _NotStarted as exc:
             (columns, _), qid = LATER[what], exc.question_id
             with db.connect() as conn:

@@ -101,7 +101,7 @@ def _settings(args: argparse.Namespace):
     return settings
 
 
-def _schema_behind(settings, exc: psycopg.Error) -> str | None:
+def _schema_behind(settings, exc: psycopg.Error) -> DatabaseError | None:
     """Why a command met a missing table or column, when the migrations say why: the schema is missing or behind.
     Asked only then, so that every other command pays nothing for it."""
     if settings is None or not isinstance(exc, SCHEMA_ERRORS):
@@ -110,10 +110,16 @@ def _schema_behind(settings, exc: psycopg.Error) -> str | None:
         with Database(settings) as db:
             ensure_schema(db, apply=False)
     except DatabaseError as why:
-        return str(why)
+        return why
     except psycopg.Error:
         return None
     return None
+
+
+def _schema_code(args: argparse.Namespace, why: DatabaseError) -> int:
+    """A schema missing or behind: `run` (--no-migrate) exits 69, restarted until the owner's `migrate` has run; a
+    one-shot command on a database with no pgsynapse schema at all exits 78: retrying it will not make one."""
+    return EX_CONFIG if isinstance(why, SchemaMissing) and args.command != "run" else EX_UNAVAILABLE
 
 
 def _fail(args: argparse.Namespace, settings, message: str, code: int) -> int:
@@ -159,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, DatabaseSetupError) as exc:
         return _fail(args, settings, str(exc), EX_CONFIG)
     except DatabaseError as exc:
-        return _fail(args, settings, str(exc), EX_UNAVAILABLE)
+        return _fail(args, settings, str(exc), _schema_code(args, exc))
     except psycopg.Error as exc:
         if behind := _schema_behind(settings, exc):
-            return _fail(args, settings, behind, EX_UNAVAILABLE)
+            return _fail(args, settings, str(behind), _schema_code(args, behind))
         if isinstance(exc, DATA_REFUSED):
             return _fail(args, settings, f"the database refused the data: {describe_db_error(exc)}: change the data, "
                          "or the constraint or trigger that refuses it", EX_REFUSED)

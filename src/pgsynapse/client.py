@@ -120,6 +120,10 @@ class Client:
         # the connections being made again ("statements", "listen"): why the last try failed, for a timeout's message
         self._unreachable: dict[str, str] = {}
         self.recheck_seconds = 5.0  # safety net only: a re-read of the row when no NOTIFY came in this long
+        # the id of the last question (or data question) this client inserted; ``asked``, when given, is set as each
+        # INSERT ends, written or not (`pgsynapse ask`'s own worker, failed to start, waits for it: app.py)
+        self.asked_id: int | None = None
+        self.asked: anyio.Event | None = None
 
     async def __aenter__(self) -> Client:
         if self._open:
@@ -282,11 +286,15 @@ class Client:
         try:
             with anyio.fail_after(allowed + WRITE_GRACE):
                 row = await self._fetch(name, params, writes=what, deadline=deadline)
+            assert row is not None  # INSERT ... RETURNING
+            self.asked_id = row["id"]
         except TimeoutError:
             why = results.not_written(self._unreachable.get("statements"),
                                       results.insert_cancelled(TABLES[what], allowed))
             raise AnswerTimeout(f"the {what} was not asked within {timeout:g}s: {why}") from None
-        assert row is not None  # INSERT ... RETURNING
+        finally:
+            if self.asked is not None:
+                self.asked.set()
         return row
 
     async def result(self, question_id: int, *, timeout: float | None = 120.0) -> Result:

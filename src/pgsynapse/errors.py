@@ -14,13 +14,15 @@ class DatabaseError(PgsynapseError):
 
 
 class SchemaMissing(DatabaseError):
-    """The database has no pgsynapse schema at all: `pgsynapse migrate` makes it."""
+    """The database has no pgsynapse schema at all: `pgsynapse migrate` makes it. The CLI exits 78 for it, but 69 for
+    `run --no-migrate`, which systemd restarts until the owner's `migrate` has run."""
 
 
 class DatabaseSetupError(DatabaseError):
     """The database answers but cannot serve pgsynapse (no pgvector, a missing privilege): restarting cannot
-    fix it, so the CLI exits 78 like a configuration error. (A schema not migrated yet stays a plain
-    :class:`DatabaseError`, exit 69: another process's ``migrate`` may fix it, so a restart may help.)"""
+    fix it, so the CLI exits 78 like a configuration error. (A schema behind this release stays a plain
+    :class:`DatabaseError`, exit 69: another process's ``migrate`` may fix it, so a restart may help; one missing
+    at all is :class:`SchemaMissing`.)"""
 
 
 class DatabaseConfigError(DatabaseSetupError):

@@ -57,20 +57,22 @@ def test_the_embedded_server_starts_again_in_the_same_process(data_dir):
 
 def test_status_on_the_embedded_default_never_migrated_says_to_migrate(data_dir):
     """And still prints how to reach the embedded server (README, "Using it from SQL"): psql reaches it before any
-    migration; before, stdout was empty."""
+    migration; before, stdout was empty. Exit 78: it exited 69, "retry later", for a schema no retry makes."""
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "status"], env=_env(data_dir), capture_output=True,
                        text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
-    assert r.returncode == 69, r.stderr
-    assert "the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
+    assert r.returncode == 78, r.stderr
+    failed = json.loads(r.stderr.splitlines()[-1])  # JSON logs (_env)
+    said = 'database "postgres" has no pgsynapse schema: run `pgsynapse migrate` on it'
+    assert failed["error"].startswith(said), failed
     [line] = r.stdout.splitlines()
     assert line.startswith(f"database       : embedded PostgreSQL in {data_dir}, while a pgsynapse process runs"), line
     url = line.split("psql '")[1].rstrip("'")
     assert url.startswith("postgresql://") and f"host={data_dir}/pgdata" in url, url
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "status", "--json"], env=_env(data_dir),
                        capture_output=True, text=True, timeout=300, cwd="/tmp", stdin=subprocess.DEVNULL)
-    assert r.returncode == 69, r.stderr
+    assert r.returncode == 78, r.stderr
     assert json.loads(r.stdout) == {"embedded": {"data_dir": str(data_dir), "url": url}}, r.stdout
-    assert "the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
+    assert json.loads(r.stderr.splitlines()[-1])["error"] == failed["error"], r.stderr
 
 
 @pytest.mark.parametrize("command, said", [(["guardrail", "add", "how do I hack the server?"], "guardrail rule 1: "),

@@ -317,17 +317,24 @@ def test_database_without_pgvector_schema_is_refused(new_db):
     assert w.proc.wait(60) == 69
     w.wait_event("process_exited")
     [error] = w.fatal_errors()
-    assert error.startswith("the database has no pgsynapse schema yet: run `pgsynapse migrate`")
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]  # exit 69: a worker waits for the owner's migrate
+    assert error.startswith(f'database "{name}" has no pgsynapse schema: run `pgsynapse migrate` on it'), error
 
 
 @pytest.mark.parametrize("command", [["status"], ["queue-notify", "show"], ["retry-failed"], ["model", "list"],
-                                     ["search", "vacuum"]])
-def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command):
+                                     ["search", "vacuum"], ["ingest", "NOTE"], ["feedback", "1", "--helpful"]])
+def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command, tmp_path):
+    # a one-shot command exited 69, "retry later", for a schema that no retry makes: exit 78, naming the database
+    # (`run --no-migrate` still waits for the owner's migrate: test_database_without_pgvector_schema_is_refused)
     url = new_db()  # empty: never migrated (status said "relation pgsynapse.jobs does not exist")
+    (tmp_path / "note.md").write_text("A note about vacuum.\n")
+    command = [str(tmp_path / "note.md") if arg == "NOTE" else arg for arg in command]
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, *command], capture_output=True,
                        text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert r.returncode == 69, r.stderr
-    assert "pgsynapse: error: the database has no pgsynapse schema yet: run `pgsynapse migrate`" in r.stderr, r.stderr
+    assert r.returncode == 78, r.stderr
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    assert r.stderr.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse '
+                               "migrate` on it (it applies all "), r.stderr
 
 
 def test_a_database_url_that_is_no_connection_string_stops_the_command_without_showing_it():

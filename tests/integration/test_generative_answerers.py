@@ -207,6 +207,12 @@ async def test_a_busy_endpoint_s_retry_after_is_when_the_job_is_tried_again(db_u
         first = (await (await conn.execute(question)).fetchone())["id"]
         await wait_until(conn, failed_once, (first,), channel="pgsynapse_jobs")
         busy = await (await conn.execute(job, (first,))).fetchone()
+        # the row stays pending with error NULL: the application (which may not read the queue) sees the retry
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE pgsynapse_app")
+            shown = await (await conn.execute(
+                "SELECT q.status, q.error, r.attempts, r.last_error FROM pgsynapse.questions q JOIN"
+                " pgsynapse.job_retries_v1 r ON r.row_table = 'questions' AND r.row_id = q.id")).fetchall()
         # 503 with an HTTP date an hour ahead: at most retry_backoff_max_seconds, the longest wait between attempts
         later = datetime.now(timezone.utc) + timedelta(hours=1)
         FakeOpenAI.status, FakeOpenAI.headers = 503, {"Retry-After": format_datetime(later, usegmt=True)}
@@ -215,6 +221,7 @@ async def test_a_busy_endpoint_s_retry_after_is_when_the_job_is_tried_again(db_u
         down = await (await conn.execute(job, (second,))).fetchone()
         await conn.close()
     assert (busy["status"], busy["attempts"]) == ("pending", 1) and 25 < busy["wait"] <= 30, busy
+    assert shown == [{"status": "pending", "error": None, "attempts": 1, "last_error": busy["last_error"]}], shown
     assert "HTTP 429" in busy["last_error"] and "asked to retry after 30 s" in busy["last_error"], busy["last_error"]
     assert (down["status"], down["attempts"]) == ("pending", 1) and 290 < down["wait"] <= 300, down
     assert "HTTP 503" in down["last_error"] and re.search(r"asked to retry after 3(599|600) s", down["last_error"]), down["last_error"]

@@ -134,3 +134,29 @@ async def test_deleting_a_row_closes_its_failed_jobs_and_retry_failed_requeues_t
     jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
     await conn.close()
     assert [j["status"] for j in jobs] == ["done", "pending", "done"]
+
+
+async def test_truncating_a_table_closes_its_failed_jobs_as_a_delete_does(db_url, models):
+    """A TRUNCATE fires no DELETE trigger: the failed jobs of the truncated rows stayed failed, and `status` listed
+    them ("embed 1 InputError: ...") until retry-failed closed them. The TRUNCATE closes them (a cascade's tables
+    too); a pending job is left to the worker, as after a DELETE."""
+    settings = fast_settings(db_url, max_document_chars=1000, max_question_chars=200)
+    conn = await aconn(db_url)
+    async with running_worker(settings, models):
+        insert_docs(db_url, [("Big", "x " * 600)])
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES (%s)", ("why " * 60,))
+        await wait_until(conn, ALL_DONE)
+        await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+    insert_docs(db_url, [("Later", "Queued while no worker runs.")])
+    await conn.execute("TRUNCATE pgsynapse.documents CASCADE")
+    await conn.execute("TRUNCATE pgsynapse.questions CASCADE")
+    jobs = await (await conn.execute("SELECT kind, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    await conn.close()
+    assert jobs == [{"kind": "embed", "status": "done", "skip_reason": "its row was deleted"},
+                    {"kind": "answer", "status": "done", "skip_reason": "its row was deleted"},
+                    {"kind": "embed", "status": "pending", "skip_reason": None}]
+    with psycopg.connect(db_url, row_factory=dict_row) as sync:
+        shown = render(snapshot(sync))
+    assert "InputError" not in shown, shown
+    retried = pgsynapse("retry-failed", url=db_url)
+    assert (retried.returncode, retried.stdout) == (0, "no failed jobs\n"), retried.stderr

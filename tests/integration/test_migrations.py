@@ -1166,6 +1166,50 @@ def test_the_deleted_rows_migration_closes_a_deleted_rows_failed_jobs_by_index_a
         assert conn.execute("SELECT status, guardrail FROM pgsynapse.data_questions").fetchall() == [("pending", None)]
 
 
+def test_the_truncated_rows_migration_closes_a_truncated_tables_failed_jobs_and_shows_the_app_its_retries(new_db):
+    """0043 on top of 0041: a TRUNCATE fires no DELETE trigger, so the failed jobs of the truncated rows stayed failed
+    (`status` listed them) until retry-failed. The migration closes those of rows truncated before it; a TRUNCATE
+    closes its own, those of a cascade too. During retries a row stays pending with error NULL: the view
+    job_retries_v1 shows the application (which may not read the queue) its rows' jobs tried again. Re-running the
+    migration changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 43)
+    queue = "SELECT kind, status, skip_reason FROM pgsynapse.jobs ORDER BY id"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgsynapse.documents (body) VALUES ('a')")
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'failed', last_error = 'InputError: too long'")
+        conn.execute("TRUNCATE pgsynapse.documents CASCADE")  # before 0043: its job stays failed
+        assert conn.execute(queue).fetchall() == [("embed", "failed", None)]
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute(queue).fetchall() == [("embed", "done", "its row was deleted")]
+        for table in ("questions", "images", "data_questions"):
+            conn.execute(f"INSERT INTO pgsynapse.{table} (text) VALUES ('what?')" if table != "images" else
+                         "INSERT INTO pgsynapse.images (path) VALUES ('/photos/a.png')")
+        conn.execute("UPDATE pgsynapse.jobs SET status = 'failed' WHERE status = 'pending'")
+        kept = conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('again?') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE pgsynapse.jobs SET attempts = 2, last_error = 'RuntimeError: endpoint down',"
+                     " run_after = now() + interval '8 seconds' WHERE status = 'pending'")
+        conn.execute("TRUNCATE pgsynapse.documents CASCADE")  # and the images, which reference documents
+        conn.execute("TRUNCATE pgsynapse.data_questions CASCADE")
+        conn.execute("DELETE FROM pgsynapse.questions WHERE id <> %s", (kept,))
+        expected = [("embed", "done", "its row was deleted"), ("answer", "done", "its row was deleted"),
+                    ("embed_image", "done", "its row was deleted"), ("sql_answer", "done", "its row was deleted"),
+                    ("answer", "pending", None)]
+        assert conn.execute(queue).fetchall() == expected
+        with conn.transaction():
+            conn.execute("SET LOCAL ROLE pgsynapse_app")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                with conn.transaction():
+                    conn.execute("SELECT 1 FROM pgsynapse.jobs")
+            retries = conn.execute("SELECT row_table, row_id, kind, status, attempts, last_error,"
+                                   " next_attempt_after > now() FROM pgsynapse.job_retries_v1").fetchall()
+        assert retries == [("questions", kept, "answer", "pending", 2, "RuntimeError: endpoint down", True)]
+        with conn.transaction():
+            conn.execute(mig.sql.encode())
+        assert conn.execute(queue).fetchall() == expected
+
+
 def test_the_turns_migration_recounts_the_sessions_and_keeps_them_counted_without_deadlocks(new_db):
     """0041 on top of 0040: conversations.turns counted a session's questions
     up on their INSERT only, so a question deleted or moved to another session stayed counted where it had been,

@@ -101,3 +101,19 @@ def test_an_answer_that_did_not_come_says_the_clients_reason_with_the_sql_to_rea
     assert "not currently accepting connections" in err, err
     assert err.rstrip().endswith("its answer can still come once PostgreSQL is reachable: "
                                  "SELECT status, sql, error FROM pgsynapse.data_questions WHERE id = 1"), err
+
+
+def test_a_question_whose_in_process_worker_fails_to_start_says_it_stays_pending_and_why(db_url, monkeypatch,
+                                                                                         capsys):
+    # it said only "model path does not exist: /nonexistent/model": not that question 1 was asked and stays pending
+    # for a worker (asked while the worker starts, it was, unless the start failed before the INSERT: a race, now
+    # settled by waiting for the INSERT in flight)
+    monkeypatch.setenv("PGSYNAPSE_MODEL_PATH", "/nonexistent/model")
+    assert main(["--database-url", db_url, "ask", "how do I create an index?", "--timeout", "20"]) == 78
+    err = capsys.readouterr().err  # exit 78: the start's own reason decides (a model that does not load)
+    assert err.strip().splitlines()[-1] == (
+        "pgsynapse: error: question 1 stays pending: this command's worker failed to start (model path does not "
+        "exist: /nonexistent/model); it is answered once a worker runs (`pgsynapse run`): "
+        "SELECT status, answer FROM pgsynapse.questions WHERE id = 1"), err
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT status FROM pgsynapse.questions").fetchall() == [("pending",)]
