@@ -412,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     json_errors = _JSON_ERRORS.set(_logs_json(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
+        if args.command == "feedback" and args.helpful is None and args.rating is None:
+            parser.error("feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5); nothing was "
+                         "recorded")
         if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
             parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
                          f"{RATINGS_AGREE}")

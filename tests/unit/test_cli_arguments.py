@@ -58,6 +58,11 @@ from pgsynapse.learning.trainer_process import TrainingFailed
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
     (["feedback", "3", "--not-helpful", "--rating", "5"], "--not-helpful contradicts --rating 5: a rating of 4 or 5 "
      "counts as helpful"),
+    # no verdict at all: the server was started and connected to, then "feedback says whether the answer helped,
+    # or rates it (1 to 5)", exit 1
+    (["feedback", "3"], "feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5)"),
+    (["feedback", "3", "--source", "2", "--comment", "ok"], "feedback needs a verdict: --helpful, --not-helpful or "
+     "--rating N"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
