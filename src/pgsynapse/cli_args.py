@@ -418,11 +418,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
             parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
                          f"{RATINGS_AGREE}")
+        if args.command == "search" and (problem := search_args_problem(args)):
+            parser.error(problem)
         if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
     finally:
         _JSON_ERRORS.reset(json_errors)
     return args
+
+
+def search_args_problem(args: argparse.Namespace) -> str | None:
+    """What makes a search's command line unusable, or None: no text given (as `ask` with none), or options that
+    contradict each other. Argparse's refusal, exit 2, before any connection (a blank text is the search's own
+    refusal, as a blank question is `ask`'s)."""
+    text = (args.text or "").strip()
+    if args.image_model is not None and not (args.images or args.like_image):
+        return ("--image-model chooses the model of an image search: add --images to search images by text, or "
+                "--like-image PATH")
+    if args.like_image and text and args.images:
+        return (f"search --images searches by text and --like-image by example, not both: drop --like-image "
+                f"{args.like_image} to search for {args.text!r}, or drop --images {args.text!r} to search like "
+                f"{args.like_image}")
+    if args.like_image and text:
+        return (f"search --like-image searches by example and takes no text: drop {args.text!r}, or search by text "
+                f"with --images {args.text!r}")
+    if args.text is None and not args.like_image:
+        return ("search --images needs a text to search for" if args.images
+                else "search needs a text (or --like-image PATH)")
+    return None
 
 
 def benchmarks() -> dict[str, str]:

@@ -63,6 +63,14 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["feedback", "3"], "feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5)"),
     (["feedback", "3", "--source", "2", "--comment", "ok"], "feedback needs a verdict: --helpful, --not-helpful or "
      "--rating N"),
+    # search options that contradict each other, or no text: said so, but exit 1, as a search that failed
+    (["search"], "search needs a text (or --like-image PATH)"),
+    (["search", "--images"], "search --images needs a text to search for"),
+    (["search", "vacuum", "--like-image", "q.png"], "search --like-image searches by example and takes no text: drop "
+     "'vacuum', or search by text with --images 'vacuum'"),
+    (["search", "vacuum", "--images", "--like-image", "q.png"], "search --images searches by text and --like-image by "
+     "example, not both"),
+    (["search", "vacuum", "--image-model", "3"], "--image-model chooses the model of an image search: add --images"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
