@@ -63,6 +63,8 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["feedback", "3"], "feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5)"),
     (["feedback", "3", "--source", "2", "--comment", "ok"], "feedback needs a verdict: --helpful, --not-helpful or "
      "--rating N"),
+    # nothing to change: said so, but exit 1 (sql-correct with neither --sql nor --approve: argparse's 2)
+    (["guardrail", "set", "3"], "guardrail set needs --threshold or --action: what to change"),
     # search options that contradict each other, or no text: said so, but exit 1, as a search that failed
     (["search"], "search needs a text (or --like-image PATH)"),
     (["search", "--images"], "search --images needs a text to search for"),
