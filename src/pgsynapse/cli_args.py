@@ -418,6 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
             parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
                          f"{RATINGS_AGREE}")
+        if args.command == "canary" and args.size is not None and args.action != "rebuild":
+            parser.error(f"--size is the size of a rebuilt canary set: pgsynapse canary rebuild --size {args.size} "
+                         "(show shows the set as it is)")
         if (args.command == "guardrail" and args.guardrail_command == "set" and args.threshold is None
                 and args.action is None):
             parser.error("guardrail set needs --threshold or --action: what to change")

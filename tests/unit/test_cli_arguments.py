@@ -63,6 +63,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["feedback", "3"], "feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5)"),
     (["feedback", "3", "--source", "2", "--comment", "ok"], "feedback needs a verdict: --helpful, --not-helpful or "
      "--rating N"),
+    # --size is a rebuilt set's: `canary show --size 5` showed the whole set, exit 0
+    (["canary", "--size", "5"], "--size is the size of a rebuilt canary set: pgsynapse canary rebuild --size 5"),
+    (["canary", "show", "--size", "5"], "--size is the size of a rebuilt canary set"),
     # nothing to change: said so, but exit 1 (sql-correct with neither --sql nor --approve: argparse's 2)
     (["guardrail", "set", "3"], "guardrail set needs --threshold or --action: what to change"),
     # search options that contradict each other, or no text: said so, but exit 1, as a search that failed
