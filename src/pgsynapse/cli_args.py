@@ -441,6 +441,8 @@ def search_args_problem(args: argparse.Namespace) -> str | None:
     if args.image_model is not None and not (args.images or args.like_image):
         return ("--image-model chooses the model of an image search: add --images to search images by text, or "
                 "--like-image PATH")
+    if (args.images or args.like_image) and (args.model_version is not None or args.ranker != "active"):
+        return "--version and --ranker choose how documents are searched: an image search takes --image-model N"
     if args.like_image and text and args.images:
         return (f"search --images searches by text and --like-image by example, not both: drop --like-image "
                 f"{args.like_image} to search for {args.text!r}, or drop --images {args.text!r} to search like "

@@ -76,6 +76,11 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["search", "vacuum", "--images", "--like-image", "q.png"], "search --images searches by text and --like-image by "
      "example, not both"),
     (["search", "vacuum", "--image-model", "3"], "--image-model chooses the model of an image search: add --images"),
+    # a document search's options given to an image search were ignored (exit 0)
+    (["search", "--images", "a red car", "--version", "2"], "--version and --ranker choose how documents are "
+     "searched: an image search takes --image-model N"),
+    (["search", "--like-image", "q.png", "--ranker", "none"], "--version and --ranker choose how documents are "
+     "searched"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
