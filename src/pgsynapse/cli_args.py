@@ -412,9 +412,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     json_errors = _JSON_ERRORS.set(_logs_json(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
+        if args.command == "feedback" and args.helpful is None and args.rating is None:
+            parser.error("feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5); nothing was "
+                         "recorded")
         if args.command == "feedback" and not ratings_agree(args.helpful, args.rating):
             parser.error(f"--{'helpful' if args.helpful else 'not-helpful'} contradicts --rating {args.rating}: "
                          f"{RATINGS_AGREE}")
+        if args.command == "canary" and args.size is not None and args.action != "rebuild":
+            parser.error(f"--size is the size of a rebuilt canary set: pgsynapse canary rebuild --size {args.size} "
+                         "(show shows the set as it is)")
+        if (args.command == "guardrail" and args.guardrail_command == "set" and args.threshold is None
+                and args.action is None):
+            parser.error("guardrail set needs --threshold or --action: what to change")
+        if args.command == "search" and (problem := search_args_problem(args)):
+            parser.error(problem)
         if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
         unread = [flag for flag, given in (("--data-dir", args.data_dir), ("--config", args.config)) if given]
@@ -424,6 +435,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     finally:
         _JSON_ERRORS.reset(json_errors)
     return args
+
+
+def search_args_problem(args: argparse.Namespace) -> str | None:
+    """What makes a search's command line unusable, or None: no text given (as `ask` with none), or options that
+    contradict each other. Argparse's refusal, exit 2, before any connection (a blank text is the search's own
+    refusal, as a blank question is `ask`'s)."""
+    text = (args.text or "").strip()
+    if args.image_model is not None and not (args.images or args.like_image):
+        return ("--image-model chooses the model of an image search: add --images to search images by text, or "
+                "--like-image PATH")
+    if (args.images or args.like_image) and (args.model_version is not None or args.ranker != "active"):
+        return "--version and --ranker choose how documents are searched: an image search takes --image-model N"
+    if args.like_image and text and args.images:
+        return (f"search --images searches by text and --like-image by example, not both: drop --like-image "
+                f"{args.like_image} to search for {args.text!r}, or drop --images {args.text!r} to search like "
+                f"{args.like_image}")
+    if args.like_image and text:
+        return (f"search --like-image searches by example and takes no text: drop {args.text!r}, or search by text "
+                f"with --images {args.text!r}")
+    if args.text is None and not args.like_image:
+        return ("search --images needs a text to search for" if args.images
+                else "search needs a text (or --like-image PATH)")
+    return None
 
 
 def benchmarks() -> dict[str, str]:

@@ -27,8 +27,6 @@ def run_guardrail_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.guardrail_command == "add" and not args.text.strip():
         raise InputError("guardrail add needs a text: what questions and answers the rule is about, as a question or "
                          "a sentence")
-    if args.guardrail_command == "set" and args.threshold is None and args.action is None:
-        raise InputError("guardrail set needs --threshold or --action: what to change")
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         action = args.guardrail_command
         if action == "list":

@@ -269,7 +269,12 @@ def test_search_refuses_image_options_it_would_ignore(db_url, tiny_clip_path, tm
          f"search for 'a red picture', or drop --images 'a red picture' to search like {picture}"),
     ]:
         # the CLI configures logging for the process: tests/conftest.py puts it back after each test
-        assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        if argv[1:] == ["--like-image", str(text)]:  # a file that is not an image: the search refuses it, exit 1
+            assert cli_main(["--database-url", db_url, *argv]) == 1, argv
+        else:  # options that contradict each other: a command line argparse refuses (exit 2); they exited 1
+            with pytest.raises(SystemExit) as refused:
+                cli_main(["--database-url", db_url, *argv])
+            assert refused.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
 
 

@@ -135,3 +135,23 @@ def test_the_documented_backup_restores_every_row_but_the_vectors(db_url, new_db
             "(SELECT max(version) FROM public.pgsynapse_migrations) AS migrated").fetchone()
         assert row == ([chunk], [chunk], [chunk], 0, migrated)
         assert conn.execute(keys).fetchone() == (n_keys,)
+
+
+def test_every_column_of_a_table_sql_md_describes_is_named_in_its_section(db_url):
+    """docs/sql.md is the SQL API: a section headed by a table (### `pgsynapse.jobs`: ...) names each of its columns,
+    in backquotes, so a column added by a migration is documented where applications look (jobs.ref_ids, a bulk
+    load's ids, and jobs.solo were in no section)."""
+    sections: dict[str, str] = {}
+    for section in re.split(r"\n(?=### )", DOCS.read_text()):
+        heading = section.split("\n", 1)[0]
+        for table in re.findall(r"`pgsynapse\.([a-z_]+)`", heading) if heading.startswith("### ") else []:
+            sections[table] = sections.get(table, "") + section
+    with psycopg.connect(db_url) as conn:
+        columns = conn.execute(
+            "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " WHERE c.relnamespace = 'pgsynapse'::regnamespace AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p', 'v')"
+            " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY c.relname, a.attnum", (list(sections),)).fetchall()
+    assert {t for t, _ in columns} >= {"documents", "chunks", "embeddings", "jobs", "questions", "feedback", "images",
+                                       "data_questions", "model_versions"}, sections.keys()
+    missing = [f"{table}.{column}" for table, column in columns if f"`{column}`" not in sections[table]]
+    assert not missing, f"columns named in no backquotes of their section of docs/sql.md: {missing}"

@@ -58,6 +58,29 @@ from pgsynapse.learning.trainer_process import TrainingFailed
      "as helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
     (["feedback", "3", "--not-helpful", "--rating", "5"], "--not-helpful contradicts --rating 5: a rating of 4 or 5 "
      "counts as helpful"),
+    # no verdict at all: the server was started and connected to, then "feedback says whether the answer helped,
+    # or rates it (1 to 5)", exit 1
+    (["feedback", "3"], "feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5)"),
+    (["feedback", "3", "--source", "2", "--comment", "ok"], "feedback needs a verdict: --helpful, --not-helpful or "
+     "--rating N"),
+    # --size is a rebuilt set's: `canary show --size 5` showed the whole set, exit 0
+    (["canary", "--size", "5"], "--size is the size of a rebuilt canary set: pgsynapse canary rebuild --size 5"),
+    (["canary", "show", "--size", "5"], "--size is the size of a rebuilt canary set"),
+    # nothing to change: said so, but exit 1 (sql-correct with neither --sql nor --approve: argparse's 2)
+    (["guardrail", "set", "3"], "guardrail set needs --threshold or --action: what to change"),
+    # search options that contradict each other, or no text: said so, but exit 1, as a search that failed
+    (["search"], "search needs a text (or --like-image PATH)"),
+    (["search", "--images"], "search --images needs a text to search for"),
+    (["search", "vacuum", "--like-image", "q.png"], "search --like-image searches by example and takes no text: drop "
+     "'vacuum', or search by text with --images 'vacuum'"),
+    (["search", "vacuum", "--images", "--like-image", "q.png"], "search --images searches by text and --like-image by "
+     "example, not both"),
+    (["search", "vacuum", "--image-model", "3"], "--image-model chooses the model of an image search: add --images"),
+    # a document search's options given to an image search were ignored (exit 0)
+    (["search", "--images", "a red car", "--version", "2"], "--version and --ranker choose how documents are "
+     "searched: an image search takes --image-model N"),
+    (["search", "--like-image", "q.png", "--ranker", "none"], "--version and --ranker choose how documents are "
+     "searched"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

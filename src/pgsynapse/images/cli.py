@@ -11,7 +11,7 @@ import anyio
 
 from pgsynapse.config import Settings
 from pgsynapse.db import Database
-from pgsynapse.errors import InputError, PgsynapseError
+from pgsynapse.errors import InputError
 from pgsynapse.images import registry
 from pgsynapse.images.decode import ImageLimits, read_bounded
 from pgsynapse.images.encoders import ImageModelCache
@@ -71,16 +71,7 @@ def _print_added(row: dict) -> None:
 def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
     limits = ImageLimits.of(settings)
     models = ImageModelCache(threads=settings.torch_threads, data_dir=settings.data_dir)
-    if not (args.images or args.like_image):
-        raise PgsynapseError("--image-model chooses the model of an image search: add --images to search images by "
-                             "text, or --like-image PATH")
-    if args.like_image and args.text and args.images:
-        raise PgsynapseError(f"search --images searches by text and --like-image by example, not both: drop "
-                             f"--like-image {args.like_image} to search for {args.text!r}, or drop --images "
-                             f"{args.text!r} to search like {args.like_image}")
-    if args.like_image and args.text:
-        raise PgsynapseError(f"search --like-image searches by example and takes no text: drop {args.text!r}, or "
-                             f"search by text with --images {args.text!r}")
+    # options that contradict each other were refused with the command line (cli_args.search_args_problem)
     if args.like_image:
         try:  # at most max_image_bytes read, and no pipe or device: neither would end
             data = read_bounded(args.like_image, limits.max_bytes)
@@ -88,8 +79,8 @@ def run_image_search(args: argparse.Namespace, settings: Settings) -> int:
             raise InputError(f"cannot search like {args.like_image}: {exc}") from None
         except OSError as exc:
             raise InputError(f"cannot read {args.like_image}: {exc.strerror or exc}") from None
-    elif not args.text:
-        raise PgsynapseError("search --images needs a text to search for")
+    elif not args.text.strip():
+        raise InputError("search --images needs a text to search for")
 
     async def go(db: Database) -> list[ImageHit]:
         async with db.aconnect(autocommit=True) as conn:
