@@ -19,8 +19,11 @@ GROUP BY kind
 ORDER BY kind;
 
 -- name: model_versions_metrics
--- the active version's traffic_percent is replaced by what the routed candidates leave it (served_shares)
+-- the active version's traffic_percent is replaced by what the routed candidates leave it (served_shares); a
+-- retired version has no series (its vectors are gone, it never serves again: a series of a thing that is gone
+-- goes, as Prometheus expects), a rejected one keeps its own (searched until it is retired)
 SELECT id, name, runtime, status, traffic_percent FROM pgsynapse.model_versions
+WHERE status <> 'retired'
 ORDER BY id;
 
 -- name: health_ping
