@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgsynapse.cli import main  # noqa: E402
+from pgsynapse.cli import program  # noqa: E402
 
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
@@ -26,4 +26,4 @@ def _report() -> None:
           file=sys.stderr, flush=True)
 
 
-raise SystemExit(main())
+program()  # as the console script: a stopped worker ends at once, after the exit handlers (this one too)

@@ -1,3 +1,3 @@
-from pgsynapse.cli import main
+from pgsynapse.cli import program
 
-raise SystemExit(main())
+program()

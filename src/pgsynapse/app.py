@@ -19,7 +19,7 @@ from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
-from pgsynapse.model_checks import check_models
+from pgsynapse.model_checks import check_models, warn_unavailable
 from pgsynapse.queries import q
 from pgsynapse.results import no_answer, not_started
 from pgsynapse.sdnotify import StartPings
@@ -60,9 +60,10 @@ def run_worker(
     # the metrics port answers /healthz "starting" (with the step) from the first moment (startup.py)
     warn_file_overridden(settings)
     with StartingHttp(bind_metrics(settings)) as early, StartPings() as starting:
-        check_models(settings)  # before a database is started or migrated for a worker that cannot serve
+        unavailable = check_models(settings)  # before a database is started or migrated for a worker that cannot serve
         early.phase = "database"
         with Database(settings) as db:
+            warn_unavailable(unavailable)  # after embedded_postgres_started: the start's lines in the start's order
             early.phase = "migrations"
             ensure_schema(db, apply=apply_migrations)
             early.phase = "worker_start"

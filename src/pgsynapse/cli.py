@@ -9,6 +9,7 @@ import sys
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 import psycopg
@@ -21,6 +22,7 @@ from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import (ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError,
                               SchemaMissing)
+from pgsynapse.exiting import end, work_done
 from pgsynapse.export import run_export
 from pgsynapse.guardrail_cli import run_guardrail_command
 from pgsynapse.images.cli import run_image_model_command, run_image_search
@@ -149,6 +151,12 @@ def _crash(args: argparse.Namespace, settings, exc: Exception) -> int:
     return EX_REFUSED
 
 
+def program() -> NoReturn:
+    """The ``pgsynapse`` program (its console script, ``python -m pgsynapse``): :func:`main`, then the process
+    ends, at once when a worker has stopped (exiting.py)."""
+    end(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = None
@@ -222,6 +230,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         log.warning("unknown_setting_in_environment", variable=var, did_you_mean=meant, ignored=True)
     if args.command == "run":
         run_worker(settings, apply_migrations=not args.no_migrate, reload=lambda: _settings(args))
+        work_done()  # drained, stopped, its embedded server released: the process may end at once (exiting.py)
         return 0
     if args.command == "migrate":
         with Database(settings) as db:

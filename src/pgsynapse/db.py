@@ -195,21 +195,15 @@ def worker_starting(conn: psycopg.Connection) -> bool:
 LOCK_WAIT_SLICE_MS = 1000
 
 
-def take_session_lock(conn: psycopg.Connection, query: str, params: Mapping[str, Any]) -> None:
-    """Take a session advisory lock with ``query`` (a blocking ``pg_advisory_lock``) on the autocommit ``conn``,
-    however long another session holds it, in waits of at most LOCK_WAIT_SLICE_MS each: a server backend in one
-    lock wait notices its client gone only once the lock is granted, so a waiter killed meanwhile left its backend
-    waiting for nobody; between two waits the backend answers its client, and exits when it is gone."""
-    _wait_in_slices(conn, query, params)  # each slice a transaction; the lock is the session's and outlives it
-
-
 def take_xact_lock(conn: psycopg.Connection, query: str, params: Mapping[str, Any], *,
                    waiting: Callable[[], None] | None = None) -> None:
     """Take a transaction advisory lock with ``query`` (a blocking ``pg_advisory_xact_lock``) in the transaction open
-    on ``conn``, however long another transaction holds it, in waits of at most LOCK_WAIT_SLICE_MS each, as
-    :func:`take_session_lock` does (a killed waiter's backend ends with it): each wait in a savepoint, so that one
-    that times out undoes nothing else; the transaction's lock_timeout is as it was after. ``waiting()`` is called
-    once, when the first wait times out: a wait of a moment is not worth a word, a longer one is."""
+    on ``conn``, however long another transaction holds it, in waits of at most LOCK_WAIT_SLICE_MS each: a server
+    backend in one lock wait notices its client gone only once the lock is granted, so a waiter killed meanwhile
+    left its backend waiting for nobody; between two waits the backend answers its client, and exits when it is
+    gone. Each wait in a savepoint, so that one that times out undoes nothing else; the transaction's lock_timeout is
+    as it was after. ``waiting()`` is called once, when the first wait times out: a wait of a moment is not worth a
+    word, a longer one is."""
     was = conn.cursor(row_factory=tuple_row).execute(q("lock_timeout_now")).fetchone()[0]
     _wait_in_slices(conn, query, params, waiting)  # a lock taken in a savepoint is the transaction's once released
     conn.execute(q("lock_timeout_restore"), {"value": was})

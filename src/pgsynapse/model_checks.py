@@ -7,6 +7,8 @@ before: a preset's files are joined and checked by sha256 then (491 MB for the Q
 
 from __future__ import annotations
 
+from typing import Any
+
 from pgsynapse.answerers.local_models import Preset, check_model, preset_not_installed
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError
@@ -18,12 +20,13 @@ log = get_logger(__name__)
 SQL_KINDS = frozenset({"sql_answer", "sql_retrain"})
 
 
-def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None) -> None:
+def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None) -> list[dict[str, Any]]:
     """Raise a one-line :class:`ConfigError` naming the setting when the answerer's model (kind ``answer``) or an
     explicitly set SQL model (kinds ``sql_answer``, ``sql_retrain``) cannot be there, or their ``openai`` runtime
     has no ``openai_base_url``. The default SQL model (the ``qwen2.5-coder-0.5b`` preset, not installed by a plain
-    ``pip install pgsynapse``) only logs ``sql_model_unavailable``: that worker serves every other kind, and its data
-    questions fail with the same error on their rows."""
+    ``pip install pgsynapse``) is only returned, as the fields of a ``sql_model_unavailable`` warning for
+    :func:`warn_unavailable` (that worker serves every other kind, and its data questions fail with the same error
+    on their rows): ``pgsynapse run`` logs it once its database is up, in the order of its start."""
     kinds = set(settings.kinds)
     for needed, runtime_setting, runtime in (("answer" in kinds, "answerer", settings.answerer),
                                              (bool(kinds & SQL_KINDS), "sql_runtime", settings.sql_runtime)):
@@ -47,6 +50,12 @@ def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None
                 raise
             install = preset_not_installed(path, presets)
             what = {"install": install} if install else {"error": str(exc)}
-            log.warning("sql_model_unavailable", model=path, **what,
-                        effect="questions about the data fail until it is there, unless a registered SQL model is "
-                        "active (pgsynapse sql-model list)")
+            return [{"model": path, **what, "effect": "questions about the data fail until it is there, unless a "
+                     "registered SQL model is active (pgsynapse sql-model list)"}]
+    return []
+
+
+def warn_unavailable(unavailable: list[dict[str, Any]]) -> None:
+    """Log ``sql_model_unavailable`` with each of :func:`check_models`' warnings."""
+    for fields in unavailable:
+        log.warning("sql_model_unavailable", **fields)

@@ -42,13 +42,16 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
     except OSError as exc:
         raise _cannot_listen(settings, exc) from None
     socks: list[socket.socket] = []
+    # an IPv6 socket takes IPv4 too ("::" alone: every address, as Python's and Go's servers take it) unless an IPv4
+    # address of the name has its own socket ("::" beside "0.0.0.0", "::1" beside "127.0.0.1", as anyio binds)
+    v6only = any(i[0] == socket.AF_INET for i in infos)
     try:
         for family, _, _, _, address in dict.fromkeys((i[0], 0, 0, "", i[4]) for i in infos):
             sock = socket.socket(family, socket.SOCK_STREAM)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" beside "0.0.0.0", as anyio binds
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             sock.bind(address)
             sock.listen(128)
     except OSError as exc:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import psycopg
@@ -24,6 +25,8 @@ from tests.helpers import (SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, 
                            running_worker, spawn_worker, wait_until, with_db)
 
 pytestmark = pytest.mark.anyio
+
+MODULES_WORKER = Path(__file__).resolve().parents[1] / "modules_worker.py"  # `pgsynapse` with an exit handler
 
 ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'"
 
@@ -139,6 +142,25 @@ async def test_sigterm_drains_in_flight_batches_and_exits_zero(shipped_url):
     assert row["done"] >= 1 and row["done"] == stopped["processed"]["embed"]
     assert row["pending"] == 400 - row["done"]  # the rest wait, untouched, for the next worker
     await conn.close()
+
+
+async def test_a_stopped_worker_ends_its_process_at_once_after_the_exit_handlers(db_url):
+    """After its drain and its last event, a stopped worker's process spent seconds in the interpreter's teardown
+    (2 to 4.5 s with torch loaded on a loaded 2-core host, CPU in garbage collections and freeing the models),
+    past systemd's or a container runtime's stop timeout. It ends at once now (pgsynapse/exiting.py), once no
+    non-daemon thread is left, after the exit handlers: the entry's own (tests/modules_worker.py) still runs."""
+    worker = spawn_worker(db_url, entry=[str(MODULES_WORKER)])
+    insert_docs(db_url, _docs(3))
+    conn = await aconn(db_url)
+    await wait_until(conn, ALL_DONE)
+    await conn.close()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0, worker.tail()
+    exiting = worker.wait_event("process_exiting")  # main: RuntimeError, worker exited before 'process_exiting'
+    assert (exiting["code"], exiting["fast"], exiting["waits_for_threads"]) == (0, True, []), exiting
+    order = [e["event"] for e in worker.events]
+    assert order.index("worker_stopped") < order.index("process_exiting") < order.index("modules_at_exit"), order
+    assert worker.wait_event("process_exited") == worker.events[-1]
 
 
 async def test_sigterm_while_the_database_is_down_claims_nothing_more(db_url):

@@ -22,13 +22,16 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
-from pgsynapse.db import NO_PREPARE
+from pgsynapse.db import EXPORT_LOCK, NO_PREPARE
+from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.migrate import _LOCK_KEY, migrate
+from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.pgbouncer import BINARY, PgBouncer
 
@@ -208,6 +211,19 @@ def test_migrate_through_transaction_pooling_leaves_no_lock_behind(pg_url, db_ur
             assert not again.is_alive() and results == [[], []]
     finally:
         bouncer.stop()
+
+
+def test_the_runtime_export_through_transaction_pooling_leaves_no_lock_behind(pgbouncer, db_url):
+    """Every worker start takes the runtime export lock (optimise_active_version), also with nothing to export.
+    Through a transaction pooler with no listen_url it was a session lock: the pooled server connection kept it
+    once the start's client had gone, and the next start whose try landed on another server connection waited
+    in runtime_export_waiting for as long as that one lived."""
+    pooled = pgbouncer.url(db_url)
+    for _ in range(2):  # nothing to export (torch), the lock taken and let go each time
+        assert optimise_active_version(fast_settings(pooled), pooled) is None
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as direct:
+            state = direct.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone()
+        assert (state["exporting"], state["waiting"]) == (0, 0), state  # main: (1, 0), held by a pooled session
 
 
 def _until(done, thread: threading.Thread) -> None:

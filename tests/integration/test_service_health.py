@@ -282,3 +282,28 @@ async def test_the_traffic_gauge_is_the_share_each_version_is_routed_now(db_url,
     traffic = {int(dict(labels)["model_version"]): value for (name, labels), value in scraped.items()
                if name == "pgsynapse_model_traffic_percent"}
     assert traffic == {1: 90.0, ids["routed"]: 10.0, ids["filling"]: 0.0}, traffic
+
+
+async def test_a_retired_version_has_no_model_series(db_url, models):
+    """A retired version (its vectors dropped, never to serve again) kept its pgsynapse_model_version_info series
+    (status="retired") and a pgsynapse_model_traffic_percent of 0 for as long as the worker ran: one more each
+    retrain, on every dashboard. Its series go, as Prometheus expects of a thing that no longer exists; a rejected
+    candidate (still searched until it is retired) keeps its own."""
+    conn = await aconn(db_url)
+    ids = {}
+    for name, status in (("gone", "retired"), ("refused", "rejected")):
+        ids[name] = (await (await conn.execute(
+            "INSERT INTO pgsynapse.model_versions (name, dim, status) VALUES (%s, 384, %s) RETURNING id",
+            (name, status))).fetchone())["id"]
+    await conn.close()
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models) as worker:
+        service = Service(worker, notifier=Notifier(None), watchdog_every=0)
+        await service.collector.refresh()
+        scraped = metric_samples(render(service.registry).decode())
+    info = {dict(labels)["model_version"]: dict(labels)["status"] for (name, labels), value in scraped.items()
+            if name == "pgsynapse_model_version_info"}
+    traffic = {dict(labels)["model_version"] for (name, labels), value in scraped.items()
+               if name == "pgsynapse_model_traffic_percent"}
+    # main: the retired version's series too, {'1': 'active', '2': 'retired', '3': 'rejected'}
+    assert info == {"1": "active", str(ids["refused"]): "rejected"}, info
+    assert traffic == {"1", str(ids["refused"])}, traffic

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from pgsynapse.answerers.local_models import PRESETS, Preset
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError
-from pgsynapse.model_checks import check_models
+from pgsynapse.model_checks import check_models, warn_unavailable
 
 ANSWERER = r"^invalid setting answerer_model_path \[PGSYNAPSE_ANSWERER_MODEL_PATH\]: "
 SQL = r"^invalid setting sql_model_path \[PGSYNAPSE_SQL_MODEL_PATH\]: "
@@ -26,7 +26,7 @@ def settings(**environ: str):
 
 def check(s, **kw) -> list[dict]:
     with capture_logs() as logs:
-        check_models(s, presets=ABSENT, **kw)
+        warn_unavailable(check_models(s, presets=ABSENT, **kw))  # as `pgsynapse run` logs them, once its database is up
     return logs
 
 

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
-from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_session_lock
+from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xact_lock
 from pgsynapse.errors import ModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
@@ -201,14 +201,18 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     serve), but a version on torch is left as it is, waiting for a worker that exports it. ``abandon``: how a
     stopping worker abandons the export (:class:`Abandon`); an abandoned export records nothing.
     """
-    # a session lock, held for the whole export: on the direct URL when ``url`` goes through a transaction pooler
-    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn:
+    # a transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
+    # pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
+    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn, \
+            conn.transaction():
+        conn.execute(q("export_idle_unbounded", "export.sql"))
         if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
             # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command logs warnings only
             (log.info if export else log.warning)(
                 "runtime_export_waiting", note="another worker is exporting a model version to its runtime (minutes "
                 "on a small host): waiting for it to finish, then starting")
-            take_session_lock(conn, q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+            take_xact_lock(conn, q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
@@ -254,7 +258,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             if not (abandon and abandon.abandoned):  # else its files went from under it: not a failure
                 log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
         record["seconds"] = round(time.perf_counter() - started, 1)
-        with abandon.lock if abandon else contextlib.nullcontext(), conn.transaction():
+        with abandon.lock if abandon else contextlib.nullcontext(), conn.transaction():  # a savepoint
             if abandon and abandon.abandoned:  # its worker stopped meanwhile: the version stays waiting
                 if out is not None:
                     shutil.rmtree(out, ignore_errors=True)

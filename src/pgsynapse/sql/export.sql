@@ -23,12 +23,18 @@ VALUES (%(name)s, 'embedding', %(base)s, %(path)s, %(runtime)s, %(dim)s, %(metri
 RETURNING id;
 
 -- name: export_lock
--- a session lock held for the whole export: one worker exports a version, the others wait and find it done
-SELECT pg_advisory_lock(hashtext(%(lock)s));
+-- a transaction lock held for the whole export (one transaction): one worker exports a version, the others wait
+-- and find it done; a transaction pooler keeps it on one server connection, and it ends with the transaction
+SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
+
+-- name: export_idle_unbounded
+-- the export's transaction waits on its client while it computes (minutes at a first start): a server-wide
+-- idle_in_transaction_session_timeout shorter than that must not end it (its client gone ends it all the same)
+SELECT set_config('idle_in_transaction_session_timeout', '0', true);
 
 -- name: export_try_lock
 -- the export lock at once, if no other worker holds it (else the caller says it waits, then takes export_lock)
-SELECT pg_try_advisory_lock(hashtext(%(lock)s)) AS locked;
+SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS locked;
 
 -- name: record_export
 UPDATE pgsynapse.model_versions

@@ -19,8 +19,11 @@ GROUP BY kind
 ORDER BY kind;
 
 -- name: model_versions_metrics
--- the active version's traffic_percent is replaced by what the routed candidates leave it (served_shares)
+-- the active version's traffic_percent is replaced by what the routed candidates leave it (served_shares); a
+-- retired version has no series (its vectors are gone, it never serves again: a series of a thing that is gone
+-- goes, as Prometheus expects), a rejected one keeps its own (searched until it is retired)
 SELECT id, name, runtime, status, traffic_percent FROM pgsynapse.model_versions
+WHERE status <> 'retired'
 ORDER BY id;
 
 -- name: health_ping
@@ -105,12 +108,12 @@ FROM pgsynapse.model_versions ORDER BY id;
 -- name: runtime_export_state
 -- `pgsynapse status`: an export of a model version to the workers' runtime under way (minutes on a small host, at a
 -- first start before the worker registers): the sessions holding the export lock (pgsynapse/export/register.py,
--- pg_advisory_lock(hashtext(%(lock)s))) and those waiting for it. An advisory lock on a bigint key is shown in
+-- pg_advisory_xact_lock(hashtext(%(lock)s))) and those waiting for it. An advisory lock on a bigint key is shown in
 -- pg_locks as its high 32 bits (classid) and low 32 bits (objid), objsubid 1. seconds: since the holder's
--- connection (opened for the export) began; NULL where pg_stat_activity hides it from this role.
+-- transaction (the export's) began; NULL where pg_stat_activity hides it from this role.
 WITH k AS (SELECT hashtext(%(lock)s)::bigint AS key)
 SELECT count(*) FILTER (WHERE l.granted) AS exporting, count(*) FILTER (WHERE NOT l.granted) AS waiting,
-       round(extract(epoch FROM now() - min(a.backend_start) FILTER (WHERE l.granted)))::float AS seconds
+       round(extract(epoch FROM now() - min(a.xact_start) FILTER (WHERE l.granted)))::float AS seconds
 FROM pg_catalog.pg_locks l
 CROSS JOIN k
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid

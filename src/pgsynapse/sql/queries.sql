@@ -437,7 +437,7 @@ WITH old AS (
 DELETE FROM pgsynapse.inference_log l USING old WHERE l.id = old.id
 
 -- name: lock_wait_slice
--- a lock wait of at most %(ms)s ms in this transaction (db.take_session_lock and take_xact_lock wait in such slices)
+-- a lock wait of at most %(ms)s ms in this transaction (db.take_xact_lock waits in such slices)
 SELECT set_config('lock_timeout', %(ms)s::text, true);
 
 -- name: lock_timeout_now
