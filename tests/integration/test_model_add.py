@@ -253,6 +253,27 @@ async def test_follow_says_when_no_running_worker_would_backfill(db_url, models,
             assert backfill_worker_note(conn) is None
 
 
+def test_follow_of_a_version_waiting_for_its_runtime_export_does_not_say_it_serves(db_url, tiny48, capsys):
+    # `model add --follow` of a torch model, where the workers serve onnx-int8, closed with "model version 2 is
+    # backfilled: it serves 10% of sessions, then pgsynapse promote 2" while the version served no session (it gets
+    # its share once a worker has exported it: `model list` said "waiting for its runtime export") and `promote`
+    # refused it, exit 1, until then
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, traffic=10.0)["id"]  # the workers serve onnx-int8: it waits for its export
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now(), traffic_percent = 10 WHERE id = %s",
+                     (v,))  # as its backfill leaves it
+        args = argparse.Namespace(command="model", model_command="add", path=str(tiny48), name=None, traffic=0.0,
+                                  follow=True, no_progress=True)
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"model version {v} is backfilled and waits for its export to the serving runtime (a running worker that "
+            "embeds or answers does it; pgsynapse model list shows when it is done): then it serves 10% of sessions, "
+            f"then pgsynapse promote {v}")
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %s", (v,))  # exported
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"model version {v} is backfilled: it serves 10% of sessions, then pgsynapse promote {v}")
+
 def test_model_add_s_notes_are_json_events_with_json_logs(db_url, tiny48, capsys):
     """With JSON logs (the systemd unit's) every stderr line of `model add` is JSON: its warnings, `--follow`'s note
     that no worker backfills, its failed backfill and its ignored --traffic were plain `pgsynapse: ...` lines."""
