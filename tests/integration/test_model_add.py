@@ -400,6 +400,27 @@ def test_traffic_on_a_candidate_not_serving_yet_says_when_it_will(db_url, capsys
         f"model version {ready} gets 10% of sessions"]
 
 
+
+async def test_a_share_set_while_the_version_backfills_is_the_share_it_gets(db_url, models, tiny48):
+    """docs/learning.md: `model add PATH --follow`, then `pgsynapse traffic 2 10` ("10 % of sessions once it is
+    backfilled", and the CLI said so). The backfill's last step gave the version the share its job carried from
+    `model add` (--traffic, 0 by default): the 10 % set meanwhile was lost, and the version served no session."""
+    insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples."),
+                         ("Analyze", "ANALYZE collects statistics about the contents of tables.")])
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+    with _sync(db_url) as sync:
+        v = add_model(sync, tiny48, serving_runtime="torch")["id"]  # no --traffic: its backfill job asks 0
+        set_traffic(sync, v, 10)  # before any worker backfills it
+    async with running_worker(fast_settings(db_url, kinds=("backfill",)), models):
+        await wait_until(conn, "SELECT backfilled_at IS NOT NULL FROM pgsynapse.model_versions WHERE id = %s", (v,),
+                         channel="pgsynapse_models")
+    row = await (await conn.execute("SELECT traffic_percent::float8 AS t FROM pgsynapse.model_versions WHERE id = %s",
+                                    (v,))).fetchone()
+    await conn.close()
+    assert row["t"] == 10.0
+
 def test_retiring_a_retired_version_says_it_already_is(db_url, tiny48, capsys):
     """A second `pgsynapse retire N` printed "model version N retired, 0 embeddings deleted" (exit 0) again, and
     recorded another `retired` event: refused now, as promoting the active version is."""
