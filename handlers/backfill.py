@@ -140,8 +140,12 @@ class BackfillHandler(Handler[BackfillWork]):
 
 
 async def finish_backfill(conn: psycopg.AsyncConnection, version: int, asked: float) -> float | None:
-    """Mark ``version`` backfilled; a candidate takes its share of sessions, :func:`share_left` of ``asked``. The
+    """Mark ``version`` backfilled; a candidate takes its share of sessions, :func:`share_left` of ``asked``, or of
+    the share ``pgsynapse traffic`` gave it meanwhile (that wins: ``asked`` is what its registration asked for). The
     share it took (less than asked: the other candidates hold the rest), or None: finished before (a resumed job)."""
+    by_hand = await (await conn.execute(q("traffic_set_by_hand", "learning.sql"), {"version": version})).fetchone()
+    if by_hand is not None:
+        asked = by_hand["traffic_percent"]
     held = sum(r["traffic_percent"] for r in await (await conn.execute(
         q("other_candidates_traffic", "learning.sql"), {"version": version})).fetchall())
     got = await (await conn.execute(q("finish_backfill", "learning.sql"), {

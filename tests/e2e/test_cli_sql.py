@@ -10,6 +10,7 @@ import json
 import psycopg
 import pytest
 
+from pgsynapse.answerers.local_models import PRESETS, preset_not_installed
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
 from tests.e2e.test_cli import pgsynapse
 
@@ -109,3 +110,30 @@ def test_the_llama_cpp_runtime_is_refused_where_it_is_not_installed_unless_the_w
     # the workers run on another host, which has it: registered as asked
     r = pgsynapse("sql-model", "add", str(gguf), "--runtime", "llama-cpp", "--no-runtime-check", url=db_url)
     assert r.returncode == 0 and "SQL model 1 (llama-cpp): candidate" in r.stdout, r.stderr
+
+
+def test_a_directory_with_no_model_or_a_preset_not_installed_here_is_refused_unless_the_workers_run_elsewhere(
+        db_url, tmp_path):
+    # `sql-model add DIR` registered any existing directory (an empty one, a folder of documents) as a transformers
+    # model, and a preset as its name whether its packages were installed or not: every data question routed to it
+    # failed later, in the worker (the worker refuses both at start for sql_model_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = pgsynapse("sql-model", "add", str(empty), url=db_url)
+    assert r.returncode == 78 and not r.stdout, r.stdout + r.stderr
+    assert r.stderr.startswith(f"pgsynapse: error: SQL model path {empty} is a directory without a model in it "
+                               "(a transformers model has config.json; a GGUF model directory, exactly one .gguf "
+                               "file)"), r.stderr
+    assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
+    missing = next((name for name in PRESETS if preset_not_installed(name)), None)
+    if missing is None:
+        pytest.skip("every SQL model preset is installed here")
+    r = pgsynapse("sql-model", "add", missing, url=db_url)
+    assert r.returncode == 78 and not r.stdout, r.stdout + r.stderr
+    assert r.stderr.startswith(f"pgsynapse: error: SQL model preset {missing!r} is not installed where this command "
+                               f"runs: {preset_not_installed(missing)}"), r.stderr
+    assert "--no-runtime-check" in r.stderr
+    assert json.loads(pgsynapse("sql-model", "list", "--json", url=db_url).stdout) == []
+    # the workers run on another host, which has it: registered as asked
+    r = pgsynapse("sql-model", "add", missing, "--runtime", "transformers", "--no-runtime-check", url=db_url)
+    assert r.returncode == 0 and "SQL model 1 (transformers): candidate" in r.stdout, r.stderr

@@ -253,6 +253,27 @@ async def test_follow_says_when_no_running_worker_would_backfill(db_url, models,
             assert backfill_worker_note(conn) is None
 
 
+def test_follow_of_a_version_waiting_for_its_runtime_export_does_not_say_it_serves(db_url, tiny48, capsys):
+    # `model add --follow` of a torch model, where the workers serve onnx-int8, closed with "model version 2 is
+    # backfilled: it serves 10% of sessions, then pgsynapse promote 2" while the version served no session (it gets
+    # its share once a worker has exported it: `model list` said "waiting for its runtime export") and `promote`
+    # refused it, exit 1, until then
+    with _sync(db_url) as conn:
+        v = add_model(conn, tiny48, traffic=10.0)["id"]  # the workers serve onnx-int8: it waits for its export
+        conn.execute("UPDATE pgsynapse.model_versions SET backfilled_at = now(), traffic_percent = 10 WHERE id = %s",
+                     (v,))  # as its backfill leaves it
+        args = argparse.Namespace(command="model", model_command="add", path=str(tiny48), name=None, traffic=0.0,
+                                  follow=True, no_progress=True)
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"model version {v} is backfilled and waits for its export to the serving runtime (a running worker that "
+            "embeds or answers does it; pgsynapse model list shows when it is done): then it serves 10% of sessions, "
+            f"then pgsynapse promote {v}")
+        conn.execute("UPDATE pgsynapse.model_versions SET runtime_pending = false WHERE id = %s", (v,))  # exported
+        assert run_model_command(args, conn, fast_settings(db_url), db_url) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (
+            f"model version {v} is backfilled: it serves 10% of sessions, then pgsynapse promote {v}")
+
 def test_model_add_s_notes_are_json_events_with_json_logs(db_url, tiny48, capsys):
     """With JSON logs (the systemd unit's) every stderr line of `model add` is JSON: its warnings, `--follow`'s note
     that no worker backfills, its failed backfill and its ignored --traffic were plain `pgsynapse: ...` lines."""
@@ -378,6 +399,27 @@ def test_traffic_on_a_candidate_not_serving_yet_says_when_it_will(db_url, capsys
         "(pgsynapse status shows it)",
         f"model version {ready} gets 10% of sessions"]
 
+
+
+async def test_a_share_set_while_the_version_backfills_is_the_share_it_gets(db_url, models, tiny48):
+    """docs/learning.md: `model add PATH --follow`, then `pgsynapse traffic 2 10` ("10 % of sessions once it is
+    backfilled", and the CLI said so). The backfill's last step gave the version the share its job carried from
+    `model add` (--traffic, 0 by default): the 10 % set meanwhile was lost, and the version served no session."""
+    insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples."),
+                         ("Analyze", "ANALYZE collects statistics about the contents of tables.")])
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending'")
+    with _sync(db_url) as sync:
+        v = add_model(sync, tiny48, serving_runtime="torch")["id"]  # no --traffic: its backfill job asks 0
+        set_traffic(sync, v, 10)  # before any worker backfills it
+    async with running_worker(fast_settings(db_url, kinds=("backfill",)), models):
+        await wait_until(conn, "SELECT backfilled_at IS NOT NULL FROM pgsynapse.model_versions WHERE id = %s", (v,),
+                         channel="pgsynapse_models")
+    row = await (await conn.execute("SELECT traffic_percent::float8 AS t FROM pgsynapse.model_versions WHERE id = %s",
+                                    (v,))).fetchone()
+    await conn.close()
+    assert row["t"] == 10.0
 
 def test_retiring_a_retired_version_says_it_already_is(db_url, tiny48, capsys):
     """A second `pgsynapse retire N` printed "model version N retired, 0 embeddings deleted" (exit 0) again, and

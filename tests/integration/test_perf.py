@@ -198,6 +198,11 @@ def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_u
         rows = conn.execute("SELECT id, runtime, status, traffic_percent, base_version_id, artifact_path,"
                             " metrics->'export'->'agreement'->>'overlap_at_10' FROM pgsynapse.model_versions ORDER BY id").fetchall()
     assert rows[1][1:5] == ("onnx", "candidate", 0, 1)
+    # backfilled as a version `model add` registers is (every chunk encoded by its model): with no backfill job it
+    # stayed "backfill 0/N (0%)" for ever, and promote, traffic and search --version waited for it
+    with psycopg.connect(db_url) as conn:
+        backfill = conn.execute("SELECT ref_id, status, payload FROM pgsynapse.jobs WHERE kind = 'backfill'").fetchall()
+    assert backfill == [(rows[1][0], "pending", {"traffic_percent": 0})]
     artifact = Path(rows[1][5])
     assert artifact.parent == tmp_path / "models" and artifact.name.startswith("v1-onnx-") and float(rows[1][6]) >= 0.99
     # the same export again, at an impossible threshold: refused with its figures, nothing registered, and it

@@ -294,6 +294,18 @@ def test_dashboard_and_alerts_use_metrics_the_worker_exports():
     assert used and used <= defined, f"not exported: {sorted(used - defined)}"
 
 
+
+def test_a_worker_whose_start_never_ends_is_alerted():
+    """While it starts, a worker's scrape is ``pgsynapse_starting 1`` alone (docs/operations.md, monitoring): ``up``
+    stays 1 and no queue gauge comes from it, and its start pings extend systemd's TimeoutStartSec for as long as the
+    process lives. So a start that never ended (a migration or runtime export waiting on a lock nobody releases) fired
+    none of the shipped rules, though the docs tell operators to alert on ``pgsynapse_starting == 1`` for too long.
+    The rule waits out a long first start (an mpnet export: 14 minutes on 2 cores)."""
+    alerts = yaml.safe_load((ROOT / "docs" / "prometheus-alerts.yaml").read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"] if "pgsynapse_starting" in r["expr"]]
+    assert [(r["alert"], r["expr"]) for r in rules] == [("PgsynapseWorkerStartStuck", "pgsynapse_starting == 1")]
+    assert re.fullmatch(r"\d+m", rules[0]["for"]) and int(rules[0]["for"][:-1]) >= 30, rules[0]["for"]
+
 # -- systemd: several workers on one host --------------------------------------------------------------------
 TEMPLATE = ROOT / "systemd" / "pgsynapse@.service"
 # what an instance sets differently: its name, and an environment file of its own after the shared one

@@ -34,7 +34,8 @@ def register(conn: Any, report: ExportReport, source_row: dict[str, Any], *, swi
     """Record an accepted artifact.
 
     ``switch=False``: a new ``model_versions`` row (status ``candidate``, traffic 0, base = the source version)
-    whose metrics hold the agreement figures; the worker then embeds new chunks with it too, side by side.
+    whose metrics hold the agreement figures, and its first ``backfill`` step; the worker then embeds new chunks
+    with it too, side by side, and backfills the others.
     ``switch=True``: the source version itself moves to the new runtime (its vectors are interchangeable,
     agreement passed), so nothing is re-embedded; the previous runtime is kept in its metrics.
     """
@@ -46,13 +47,18 @@ def register(conn: Any, report: ExportReport, source_row: dict[str, Any], *, swi
         )
         report.version_id = int(source_row["id"])
         return report.version_id
-    row = conn.execute(
-        q("register_export", "export.sql"),
-        {"name": f"{source_row['name']} [{report.runtime}]", "base": source_row["id"], "path": report.artifact_path,
-         "runtime": report.runtime, "dim": source_row["dim"], "metrics": json.dumps(metrics)},
-    ).fetchone()
-    version_id = int(row["id"] if isinstance(row, dict) else row[0])
-    conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version_id})
+    with conn.transaction():
+        row = conn.execute(
+            q("register_export", "export.sql"),
+            {"name": f"{source_row['name']} [{report.runtime}]", "base": source_row["id"], "path": report.artifact_path,
+             "runtime": report.runtime, "dim": source_row["dim"], "metrics": json.dumps(metrics)},
+        ).fetchone()
+        version_id = int(row["id"] if isinstance(row, dict) else row[0])
+        conn.execute(q("ensure_embedding_index", "learning.sql"), {"version": version_id})
+        # its vectors of the chunks already stored, as `model add` backfills a version: without them it never
+        # serves (traffic, promote and search --version wait for its backfill)
+        conn.execute(q("enqueue_backfill", "learning.sql"), {
+            "version": version_id, "payload": Jsonb({"traffic_percent": 0}), "delay": 0})
     report.version_id = version_id
     return version_id
 

@@ -234,8 +234,9 @@ def render_gate(version: int, status: str, gate: dict[str, Any]) -> str:
 
 
 def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
-    """``--follow``: wait until version ``v`` is backfilled, then say what comes next: the share it serves as
-    the backfill left it (the ``--traffic`` of the command that added it), else how to give it one."""
+    """``--follow``: wait until version ``v`` is backfilled, then say what comes next: its export to the serving
+    runtime while it waits for one, the share it serves as the backfill left it (the ``--traffic`` of the command
+    that added it), else how to give it one."""
     waits = conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["backfilled_at"] is None
     if waits and (note := backfill_worker_note(conn)):
         notice("model_follow_waiting", note, version=v)
@@ -243,9 +244,13 @@ def _follow(conn: psycopg.Connection, v: int, args: argparse.Namespace) -> int:
     if error:
         notice("model_backfill_failed", f"backfill of model version {v} failed: {error}", level="error", version=v)
         return 1
-    traffic = float(conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()["traffic_percent"])
+    row = conn.execute(q("version_by_id", "learning.sql"), {"version": v}).fetchone()
+    traffic = float(row["traffic_percent"])
     share = f"it serves {traffic:g}% of sessions" if traffic else f"pgsynapse traffic {v} PERCENT"
-    print(f"model version {v} is backfilled: {share}, then pgsynapse promote {v}")
+    # a torch version the workers serve on another runtime gets no session, and no promotion, until exported
+    export = (" and waits for its export to the serving runtime (a running worker that embeds or answers does it; "
+              "pgsynapse model list shows when it is done): then " if row["runtime_pending"] else ": ")
+    print(f"model version {v} is backfilled{export}{share}, then pgsynapse promote {v}")
     if args.traffic and args.traffic != traffic:
         notice("model_traffic_not_applied", f"--traffic applies when a model is added; pgsynapse traffic {v} "
                f"{args.traffic:g} sets it now", heading="warning", version=v)

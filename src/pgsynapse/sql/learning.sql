@@ -132,6 +132,13 @@ ON CONFLICT DO NOTHING;
 -- name: notify_backfilled
 SELECT pg_notify('pgsynapse_models', json_build_object('backfilled', %(version)s::int)::text);
 
+-- name: traffic_set_by_hand
+-- The share a person gave the version with `pgsynapse traffic` (its latest traffic_set event), if any: at the end of
+-- its backfill it wins over the share its backfill job asked for when the version was registered.
+SELECT (figures->>'traffic_percent')::float8 AS traffic_percent FROM pgsynapse.model_events
+WHERE model_version_id = %(version)s AND event = 'traffic_set'
+ORDER BY at DESC, id DESC LIMIT 1;
+
 -- name: finish_backfill
 -- A candidate takes its share of sessions, %(traffic)s: handlers.backfill.finish_backfill caps what it asked at
 -- what the other candidates leave (learning.routing.share_left); the share it took.

@@ -217,7 +217,7 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
         elif action == "add":
             runtime, why = (args.runtime, None) if args.runtime else registry.choose_runtime(args.path)
             if not args.no_runtime_check:
-                registry.check_runtime_here(runtime)
+                registry.check_runtime_here(runtime, args.path)
             path = registry.registered_path(args.path, runtime)
             r = registry.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pgsynapse.answerers.local_models import PRESETS
+from pgsynapse.answerers.local_models import PRESETS, preset_not_installed
 from pgsynapse.errors import ModelError
 from pgsynapse.sideregistry import SideRegistry
 from pgsynapse.textsql.generate import auto_runtime
@@ -33,13 +33,20 @@ def registered_path(spec: str, runtime: str) -> str:
         raise ModelError(f"SQL model path {path} is a file but not a .gguf file")
     if runtime == "llama-cpp" and path.is_dir() and len(list(path.glob("*.gguf"))) != 1:
         raise ModelError(f"SQL model path {path}: runtime llama-cpp needs a .gguf file (or a directory with one)")
+    if path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) != 1:
+        raise ModelError(f"SQL model path {path} is a directory without a model in it (a transformers model has "
+                         "config.json; a GGUF model directory, exactly one .gguf file)")
     return str(path.resolve())
 
 
-def check_runtime_here(runtime: str, *, llama_cpp: bool | None = None) -> None:
-    """``sql-model add --runtime llama-cpp``: refused (ModelError, with what to install) when llama-cpp-python is not
-    installed on the host that runs the command, which is taken for the workers' (``--no-runtime-check`` when they
-    run elsewhere). ``llama_cpp``: whether it is installed (default: look, here)."""
+def check_runtime_here(runtime: str, spec: str = "", *, llama_cpp: bool | None = None) -> None:
+    """``sql-model add``: refused (ModelError, with what to install) when ``spec`` is a preset whose packages are not
+    installed, or the runtime is llama-cpp and llama-cpp-python is not, on the host that runs the command, which is
+    taken for the workers' (``--no-runtime-check`` when they run elsewhere). ``llama_cpp``: whether it is installed
+    (default: look, here)."""
+    if runtime != "openai" and (install := preset_not_installed(spec)):
+        raise ModelError(f"SQL model preset {spec!r} is not installed where this command runs: {install}; if the "
+                         "workers run on another host that has it, add it with --no-runtime-check")
     installed = importlib.util.find_spec("llama_cpp") is not None if llama_cpp is None else llama_cpp
     if runtime != "llama-cpp" or installed:
         return
