@@ -65,7 +65,9 @@ def run_benchmark(main: Callable[[], object]) -> None:
     try:
         main()
     except (PgsynapseError, psycopg.OperationalError) as exc:
-        raise SystemExit(f"{name}: error: {exc}") from None
+        # one line: libpq's message goes on over lines ("\n\tIs the server running on that host ...?")
+        said = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise SystemExit(f"{name}: error: {said}") from None
     missed = [r for r in RESULTS if r.get("passed") is False]
     if missed:
         said = ", ".join(r["name"] + (f" (ratio {r['ratio']}, target {r['target']})" if "ratio" in r and "target" in r

@@ -21,7 +21,7 @@ import anyio
 import psycopg
 
 from bench.common import (
-    add_runtime_option, corpus, database, emit, machine, parser, pct, questions, run_benchmark, set_runtime,
+    DATA, add_runtime_option, corpus, database, emit, machine, parser, pct, questions, run_benchmark, set_runtime,
     spawn_worker, stop, table)
 from pgsynapse.client import Client
 
@@ -88,7 +88,9 @@ def main() -> None:
     texts = list(dict.fromkeys(q["q"] for name in ("pg_docs_train.jsonl", "pg_docs_dev.jsonl")
                                for q in questions(name)))
     if len(texts) < need:
-        raise SystemExit(f"{need} distinct questions needed, {len(texts)} found in ../shared/data")
+        raise SystemExit(f"{need} distinct questions needed, {len(texts)} found in {DATA} (pg_docs_train.jsonl, "
+                         "pg_docs_dev.jsonl): set PGSYNAPSE_BENCH_DATA to the folder that holds the full question "
+                         "sets, or ask fewer (--concurrency, --rounds)")
     emit("concurrent_asks", "machine", **machine())
     with database(args.database_url) as url:
         set_runtime(url, args.runtime)

@@ -179,7 +179,7 @@ class RetrainHandler(Handler[RetrainWork]):
         try:
             metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,
                                   kill_after_seconds=self.deadline_seconds - 60, default_event="retrain_progress",
-                                  stop=self.stop, job=w.job.id)
+                                  stop=self.stop, budget_setting="retrain_budget_seconds", job=w.job.id)
         except TrainingAbandoned:
             shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
             log.info("retrain_abandoned", job=w.job.id, removed=str(out_dir),

@@ -134,7 +134,8 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
         try:
             metrics = run_trainer("pgsynapse.textsql.train", asdict(spec), out_dir,
                                   memory_mb=s.sql_retrain_memory_mb, kill_after_seconds=self.kill_after_seconds,
-                                  default_event="sql_retrain_progress", stop=self.stop, job=w.job.id)
+                                  default_event="sql_retrain_progress", stop=self.stop,
+                                  budget_setting="sql_retrain_budget_seconds", job=w.job.id)
         except TrainingAbandoned:
             shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
             log.info("sql_retrain_abandoned", job=w.job.id, removed=str(out_dir),

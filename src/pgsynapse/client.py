@@ -268,8 +268,8 @@ class Client:
 
         The pieces concatenate to the streamed text, read from the row at each ``streaming`` NOTIFY (a payload's
         ``delta`` is not taken: any role that may connect can send one). When a stream starts again (a retry after a
-        worker crash, an edit of the question), text that does not continue what was yielded is not yielded: the
-        final Result's answer is the answer."""
+        worker crash, an edit of the question), text that does not continue what was yielded is not yielded, nor is
+        a final answer that replaces the stream (blocked, failed, refused): the final Result's answer is the answer."""
         self._require_open()
         require_text(text)
         require_session(session_id)
@@ -336,9 +336,11 @@ class Client:
                     now = result.answer or ""
                     # the text written since the last read (all of it for a streamed answer first read final); one
                     # never streamed (extractive) arrives in the Result only; one that does not continue what was
-                    # yielded (a retry after a crash, an edit) yields nothing: the final Result's answer is the answer
+                    # yielded (a retry after a crash, an edit) yields nothing, nor one that replaces it (blocked,
+                    # refused, ...), even first read final: the final Result's answer is the answer
                     streamed = bool(received) or result.status == "pending" or announced
-                    if streamed and len(now) > len(received) and now.startswith(received):
+                    generated = result.status == "pending" or not results.replaces_stream(result)
+                    if streamed and generated and len(now) > len(received) and now.startswith(received):
                         piece, received = now[len(received):], now
                         yield piece
                     if result.status != "pending":

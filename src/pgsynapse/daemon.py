@@ -181,8 +181,12 @@ class Service:
                     self.http = await _listener(self.early.socks)
                 if self.http is not None:
                     tg.start_soon(self.http.serve, self._handle_http)
-                    host, port = self.http.extra(anyio.abc.SocketAttribute.local_address)[:2]
-                    log.info("metrics_listening", host=host, port=port, paths=["/metrics", "/healthz"])
+                    # a MultiListener (metrics_host resolved to several addresses) says only its first one's
+                    listeners = (self.http.listeners if isinstance(self.http, anyio.streams.stapled.MultiListener)
+                                 else [self.http])
+                    bound = [ln.extra(anyio.abc.SocketAttribute.local_address)[:2] for ln in listeners]
+                    log.info("metrics_listening", hosts=[host for host, _ in bound], port=bound[0][1],
+                             paths=["/metrics", "/healthz"])
                 await tg.start(self._reload_on_sighup)  # a SIGHUP from READY=1 on reloads
                 if self.watchdog_every:
                     tg.start_soon(self._watchdog)  # its first ping comes after READY=1 (no checkpoint between)

@@ -180,6 +180,17 @@ def result(r: dict[str, Any]) -> Result:
                   r["error"], r["guardrail"], r["session_id"], list(r["flags"] or []), r["cached_from"])
 
 
+# a final answer with one of these flags is not the generated text: it replaces what streamed (answerers/citations,
+# answerers/fallback)
+REPLACING_FLAGS = ("refused", "extractive_fallback")
+
+
+def replaces_stream(r: Result) -> bool:
+    """Whether final Result ``r``'s answer replaces what streamed rather than ends it: a question blocked or failed,
+    an answer refused for its citations or replaced by the extractive one. Its answer is no piece of the stream."""
+    return r.status != "answered" or any(f in REPLACING_FLAGS for f in r.flags)
+
+
 # an INSERT cancelled at its deadline after waiting this long was held up (a lock, most likely); one given less time
 # was given too little to run at all, and a lock is no more likely than a server busy for a moment
 HELD_UP_SECONDS = 0.5

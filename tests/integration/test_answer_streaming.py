@@ -351,6 +351,64 @@ async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_re
     assert pieces == [results[0].answer]
 
 
+@pytest.mark.parametrize("case", ["blocked", "refused"])
+async def test_a_final_answer_that_replaces_the_stream_is_no_piece_when_first_read_final(db_url, models, sse, case):
+    """A Client that read a streamed answer only once it was final yielded the whole final answer as a piece: the
+    blocked message (a block rule matched a sentence not yet streamed) or the refused one (citations refused) went
+    to ``on_delta`` as if it were generated text, and `pgsynapse ask` printed it as streamed. Such a final answer
+    replaces what streamed: it is in the Result only."""
+    if case == "blocked":
+        SSE.scripts = [[CHECKED[0], f"Then {BOMB}. ", "Mix the parts [1]."]]
+        conn = await aconn(db_url)
+        await conn.execute(BOMB_RULE)
+        await conn.close()
+    else:
+        SSE.scripts = [["It is [9], ", "really [9]."]]
+    SSE.gates = gates = [threading.Event() for _ in SSE.scripts[0]]
+    question = "how do I undo commands back to a savepoint?"
+    first_read = threading.Event()
+    SSE.hold = (question, first_read)  # the endpoint answers once the client has read the row, still pending
+    settings = _settings(db_url, sse, stream_interval_ms=0, citation_policy="refuse")
+    try:
+        async with running_worker(settings, models):
+            await _corpus(db_url)
+            listener = await aconn(db_url)
+            await listener.execute("LISTEN pgsynapse_answers")
+            results, pieces, final = [], [], anyio.Event()
+
+            async def go_on(p):
+                for g in gates:
+                    g.set()
+
+            async with Client(db_url) as client, anyio.create_task_group() as tg:
+                read, reads = client._read, []
+
+                async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
+                    reads.append(qid)
+                    if len(reads) == 2:
+                        await final.wait()
+                    row = await read(qid, **kw)
+                    first_read.set()
+                    return row
+
+                client._read = late  # type: ignore[method-assign]
+
+                async def ask():
+                    results.append(await client.ask(question, on_delta=pieces.append))
+
+                tg.start_soon(ask)
+                notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
+                final.set()
+            await listener.close()
+    finally:
+        for g in [*gates, first_read]:  # the endpoint's thread goes on (to a closed connection)
+            g.set()
+    assert [p["status"] for p in notes][0] == "streaming", notes
+    assert results[0].status == ("blocked" if case == "blocked" else "answered")
+    assert results[0].answer == (BLOCKED_ANSWER if case == "blocked" else REFUSED_ANSWER)
+    assert pieces == []  # the final answer replaced what streamed: no piece of it
+
+
 async def test_events_without_choices_are_skipped(db_url, models, sse):
     """Azure OpenAI sends a first event with no choices (its prompt filter's results), OpenAI a last one (usage):
     they carry no text and fail nothing."""

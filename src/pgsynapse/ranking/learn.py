@@ -130,7 +130,8 @@ def train_ranker(settings: Settings, *, url: str | None = None, force: bool = Fa
              candidates=spec.candidates, baseline=spec.active_ranker["id"] if spec.active_ranker else "vector order")
     try:
         metrics = run_trainer("pgsynapse.ranking.train", asdict(spec), out, memory_mb=settings.retrain_memory_mb,
-                              kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress")
+                              kill_after_seconds=2 * spec.budget_seconds + 600, default_event="ranker_progress",
+                              budget_setting="ranker_budget_seconds")
     except TrainingFailed:
         if out_dir is None:
             with contextlib.suppress(OSError):
