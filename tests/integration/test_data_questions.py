@@ -551,6 +551,7 @@ async def test_on_the_embedded_server_a_statement_past_the_check_cannot_become_t
             async with Client(url) as client:
                 r = await client.ask_data(PER_REGION)
         assert r.status == "failed" and 'permission denied to set role "pgsynapse_worker"' in r.error, r
+        assert "GRANT" not in r.error, r  # no grant is missing: no GRANT hint
     finally:
         with psycopg.connect(url, autocommit=True) as conn:  # roles are cluster-wide
             conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
