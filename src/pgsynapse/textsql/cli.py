@@ -219,6 +219,7 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
             if not args.no_runtime_check:
                 registry.check_runtime_here(runtime, args.path)
             path = registry.registered_path(args.path, runtime)
+            registry.refuse_duplicate(conn, path, runtime)
             r = registry.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")
