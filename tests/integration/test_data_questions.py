@@ -454,6 +454,28 @@ def test_a_blocked_data_question_takes_no_correction(shop):
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("status, sql, error, says", [
+    ("refused", "delete from orders", "refused: the statement writes (DELETE)",
+     "its statement was refused by the safety check and never ran"),
+    ("failed", "select nocol from orders", 'the statement failed: column "nocol" does not exist',
+     "its statement failed when it ran"),
+    ("failed", None, "InputError: no table of schema nowhere may be read", "no statement could be made for it"),
+    ("pending", None, None, "it is not answered yet"),
+])
+def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop, status, sql, error, says):
+    """`sql-correct N --approve` of a refused or failed question said only "(it refused)" / "(it failed)"."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, error) VALUES (%s, %s, %s, %s) "
+                           "RETURNING id", (SECRET, status, sql, error)).fetchone()[0]
+        with pytest.raises(InputError) as refused:
+            correct(conn, qid, None, True)
+        assert str(refused.value).startswith(f"data question {qid} cannot be approved: {says}"), refused.value
+        assert "an approval keeps a statement that ran as the right answer" in str(refused.value)
+        assert str(refused.value).endswith("give the right statement with --sql"), refused.value
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
     """A block rule matching the question is added while the first batch computes: after its load, before its write."""
 
