@@ -328,6 +328,8 @@ async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_gr
             missing = await client.ask_data(PER_REGION, schema="nowhere")
     assert ungranted.status == "failed" and ungranted.sql is None
     assert "may be read by the role pgsynapse_reader" in ungranted.error and "GRANT SELECT" in ungranted.error
+    # named as every row names bad input (InputError: ...), not by an internal class (NoReadableTables: ...)
+    assert ungranted.error.startswith("InputError: no table of salaries may be read"), ungranted.error
     assert missing.status == "failed" and "schema nowhere does not exist" in missing.error
 
 
