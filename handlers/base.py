@@ -173,7 +173,11 @@ class Handler(ABC, Generic[W]):
 
 
 def input_error(outcome_job: Job, exc: InputError, read_hash: str | None = None) -> Outcome:
-    return Outcome(outcome_job, error=describe(exc), retry=False, read_hash=read_hash)
+    """The failure of bad input, not retried; its row's error ``InputError: ...`` whatever the subclass (a data
+    question's NoReadableTables said its own name)."""
+    text = " ".join(str(exc).split())
+    return Outcome(outcome_job, error=f"InputError: {text}" if text else "InputError", retry=False,
+                   read_hash=read_hash)
 
 
 def unanswerable(outcome_job: Job, row: dict[str, Any], max_chars: int) -> Outcome | None:

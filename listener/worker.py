@@ -8,6 +8,7 @@ Waiting (LISTEN or poll, in :mod:`pgsynapse.listener.listener`) is kept apart fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -49,7 +50,8 @@ class Worker(Claiming):
     """One worker process. ``await Worker(settings, url).run()`` until SIGINT/SIGTERM or :meth:`request_stop`.
     ``rollout=False`` (the in-process worker of a one-shot command): no runtime exports and no A/B decisions.
     ``failures_are_errors=False`` (that worker too): a job that fails for good logs ``job_failed`` at info, not error
-    (the command prints its question's reason itself)."""
+    (the command prints its question's reason itself), and what a long-running worker warns of at its start about
+    its deployment (``sql_reader_shares_worker_session``) is said at info."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class Worker(Claiming):
     ) -> None:
         self.settings = settings
         self.url = url
+        self.failures_are_errors = failures_are_errors
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.models = models or ModelCache(
             model_path=settings.model_path,
@@ -137,7 +140,8 @@ class Worker(Claiming):
             if "retrain" in self.handlers:
                 await conn.execute(q("set_retrain_min_feedback", "learning.sql"), {"n": self.settings.retrain_min_feedback})
             if set(reader.KINDS) & set(self.handlers):  # statements run on the reader's own login (or why not)
-                await anyio.to_thread.run_sync(reader.prepare_at_start, self.url, self.settings)
+                await anyio.to_thread.run_sync(functools.partial(reader.prepare_at_start, self.url, self.settings,
+                                                                 one_off=not self.failures_are_errors))
             if "sql_retrain" in self.handlers:
                 await conn.execute(q("set_sql_retrain_min_corrections", "learning.sql"),
                                    {"n": self.settings.sql_retrain_min_corrections})

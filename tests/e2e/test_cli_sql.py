@@ -53,8 +53,8 @@ def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
                        (["1", "--sql", "SELECT count(*) / 0 FROM demo_shop.orders"],
                         "data question 1: the corrected statement failed in PostgreSQL: division by zero "
                         "(SQLSTATE 22012)"),
-                       ([str(failed), "--approve"], f"data question {failed} has no statement that ran to approve "
-                                                    "(it failed): give the right one with --sql")]:
+                       ([str(failed), "--approve"], f"data question {failed} cannot be approved: no statement "
+                                                    "could be made for it (status failed, its error says why)")]:
         bad = pgsynapse("sql-correct", *args, url=db_url)
         assert bad.returncode == 1 and said in bad.stderr and not bad.stdout, (args, bad.stderr)
     with psycopg.connect(db_url) as conn:

@@ -328,6 +328,8 @@ async def test_a_question_outside_what_the_reader_may_read_fails_with_what_to_gr
             missing = await client.ask_data(PER_REGION, schema="nowhere")
     assert ungranted.status == "failed" and ungranted.sql is None
     assert "may be read by the role pgsynapse_reader" in ungranted.error and "GRANT SELECT" in ungranted.error
+    # named as every row names bad input (InputError: ...), not by an internal class (NoReadableTables: ...)
+    assert ungranted.error.startswith("InputError: no table of salaries may be read"), ungranted.error
     assert missing.status == "failed" and "schema nowhere does not exist" in missing.error
 
 
@@ -454,6 +456,28 @@ def test_a_blocked_data_question_takes_no_correction(shop):
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("status, sql, error, says", [
+    ("refused", "delete from orders", "refused: the statement writes (DELETE)",
+     "its statement was refused by the safety check and never ran"),
+    ("failed", "select nocol from orders", 'the statement failed: column "nocol" does not exist',
+     "its statement failed when it ran"),
+    ("failed", None, "InputError: no table of schema nowhere may be read", "no statement could be made for it"),
+    ("pending", None, None, "it is not answered yet"),
+])
+def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop, status, sql, error, says):
+    """`sql-correct N --approve` of a refused or failed question said only "(it refused)" / "(it failed)"."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, error) VALUES (%s, %s, %s, %s) "
+                           "RETURNING id", (SECRET, status, sql, error)).fetchone()[0]
+        with pytest.raises(InputError) as refused:
+            correct(conn, qid, None, True)
+        assert str(refused.value).startswith(f"data question {qid} cannot be approved: {says}"), refused.value
+        assert "an approval keeps a statement that ran as the right answer" in str(refused.value)
+        assert str(refused.value).endswith("give the right statement with --sql"), refused.value
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
     """A block rule matching the question is added while the first batch computes: after its load, before its write."""
 
@@ -551,6 +575,7 @@ async def test_on_the_embedded_server_a_statement_past_the_check_cannot_become_t
             async with Client(url) as client:
                 r = await client.ask_data(PER_REGION)
         assert r.status == "failed" and 'permission denied to set role "pgsynapse_worker"' in r.error, r
+        assert "GRANT" not in r.error, r  # no grant is missing: no GRANT hint
     finally:
         with psycopg.connect(url, autocommit=True) as conn:  # roles are cluster-wide
             conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")

@@ -50,6 +50,12 @@ def test_a_question_the_in_process_worker_fails_prints_its_reason_once(db_url, c
     out, err = capsys.readouterr()
     assert "failed: InputError: schema nosuch does not exist" in out
     assert "job_failed" not in err, err
+    # nor the warning a long-running worker gives at its start (`pgsynapse run`): on every sql-ask it was noise
+    assert "sql_reader_shares_worker_session" not in err, err
+    assert main(["--database-url", db_url, "--log-level", "info", "sql-ask", "how many?", "--schema", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    [said] = [line for line in err.splitlines() if "sql_reader_shares_worker_session" in line]
+    assert "[info" in said and "set sql_reader_url" in said, said  # there for whoever asks for info
 
 
 def _asked_meanwhile(db_url: str, argv: list[str], meanwhile: Callable[[], None]) -> int:

@@ -124,3 +124,26 @@ def test_status_and_sql_model_list_show_the_share_the_active_model_serves(db_url
     with contextlib.redirect_stdout(out):
         run_sql_model_command(argparse.Namespace(sql_model_command="list", json=False), fast_settings(db_url))
     assert f"{a:>3}  active     70.00%  transformers" in out.getvalue(), out.getvalue()
+
+
+def test_a_model_added_twice_is_refused_naming_the_one_registered(db_url, tmp_path):
+    """`sql-model add PATH` twice registered a second row for the same model (a copy that splits nothing but the
+    registry's history); it is refused, naming the model registered, until that one is retired."""
+    model = tmp_path / "tiny-sql"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def add(path: str) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_sql_model_command(argparse.Namespace(sql_model_command="add", path=path, name=None, runtime=None,
+                                                     no_runtime_check=False, activate=False), fast_settings(db_url))
+        return out.getvalue()
+
+    assert "SQL model 1 (transformers): candidate" in add(str(model))
+    with pytest.raises(RegistryError, match=rf"^{model} is already SQL model 1 \(candidate, transformers\): "):
+        add(str(tmp_path / "." / "tiny-sql"))  # the same directory, written another way
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        assert _status(conn) == {1: ("candidate", 0.0)}
+        reg.retire(conn, 1)
+    assert "SQL model 2 (transformers): candidate" in add(str(model))  # retired: it may be added again

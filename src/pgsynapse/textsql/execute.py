@@ -190,8 +190,8 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
     except psycopg.errors.QueryCanceled:
         raise _over_time(limits) from None
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)} (GRANT SELECT on the tables "
-                          f"data questions may read TO {role}: docs/operations.md)", sqlstate=exc.sqlstate) from None
+        raise QueryFailed(f"the read-only role {role} may not do this: {_message(exc)}"
+                          + _grant_hint(conn, getattr(checked, "tables", ()), role), sqlstate=exc.sqlstate) from None
     except psycopg.Error as exc:
         diag = getattr(exc, "diag", None)
         primary = (getattr(diag, "message_primary", None) or "").strip()
@@ -203,6 +203,22 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
             conn.execute(q("readonly_release_locks", FILE))
     result.row_count = len(result.rows)
     return result
+
+
+def _grant_hint(conn: psycopg.Connection, tables: Any, role: str) -> str:
+    """The GRANT hint of a privilege error, only when one of the statement's tables is one the role may not read:
+    a refusal of something else (a statement setting the role, refused on the reader's own login) is no missing
+    grant, and a GRANT would not help."""
+    if conn.broken or not tables:
+        return ""
+    pairs = sorted(tables)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        unreadable = [r[0] for r in cur.execute(q("readonly_unreadable_tables", FILE), {
+            "schemas": [s for s, _ in pairs], "names": [t for _, t in pairs], "role": role}).fetchall()]
+    if not unreadable:
+        return ""
+    return (f" ({role} may not read {', '.join(unreadable)}: GRANT SELECT on the tables data questions may read "
+            f"TO {role}: docs/operations.md)")
 
 
 def _refuse_schema_functions(conn: psycopg.Connection, attributes: Any, functions: Any) -> None:

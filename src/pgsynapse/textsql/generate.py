@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pgsynapse.answerers.generative import chat_completions_url, message_contents, post_json
 from pgsynapse.answerers.llamacpp import open_llama
-from pgsynapse.answerers.local_models import PRESETS, load_transformers
+from pgsynapse.answerers.local_models import PRESETS, check_model, load_transformers
 from pgsynapse.artifacts import local_artifact
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.logs import get_logger
@@ -424,13 +424,17 @@ def auto_runtime(path: str, *, llama_cpp: bool | None = None) -> str:
 def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
     """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path). A recorded directory or
     GGUF file that is not on this host is looked for under the data dir's models folder
-    (:func:`~pgsynapse.artifacts.local_artifact`); a preset, a Hugging Face id or an endpoint's model name is kept."""
+    (:func:`~pgsynapse.artifacts.local_artifact`); a preset, a Hugging Face id or an endpoint's model name is kept.
+    A local model that cannot be there (a preset not installed, no such path) raises :class:`ConfigError` before
+    its runtime is imported (:func:`~pgsynapse.answerers.local_models.check_model`)."""
     s = settings
     if runtime != "openai" and path and Path(path).is_absolute():
         path = str(local_artifact(path, s.data_dir))
     if runtime == "auto":
         runtime = auto_runtime(path)
     cache_dir = s.data_dir / "models" / "gguf"
+    if runtime in ("transformers", "llama-cpp"):  # one that cannot be there fails before torch or llama.cpp loads
+        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime")
     if runtime == "transformers":
         return TransformersSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
                                         cache_dir=cache_dir, threads=s.torch_threads)

@@ -9,7 +9,8 @@ is a member of it and of no other role) the server refuses that: ``permission de
 - ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`);
 - the embedded server (pgsynapse's own): the worker lets the reader role log in (``ALTER ROLE ... LOGIN``; the
   server trusts only its private socket) and connects as it through the same socket (:func:`embedded_url`);
-- neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``).
+- neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``; at
+  info in a one-shot command's own worker, ``sql-ask``).
 
 The sql_answer handler runs its questions there, and the SQL retrain (textsql/train.py) its corrections and the
 models' statements at its gate.
@@ -63,9 +64,11 @@ def check_login(conn: psycopg.Connection, role: str) -> None:
                           f"granted {role} and nothing else (docs/text-to-sql.md, Safety)")
 
 
-def prepare_at_start(url: str, settings: Any) -> None:
+def prepare_at_start(url: str, settings: Any, *, one_off: bool = False) -> None:
     """At a worker's start (``url``: its database): on the embedded server, let the reader role log in; then check
-    the reader's login (:func:`check_login`); with none, say once that statements share the worker's session."""
+    the reader's login (:func:`check_login`); with none, say once that statements share the worker's session: a
+    warning, or at info for a one-shot command's own worker (``one_off``: ``sql-ask`` said it at every question;
+    the long-running worker, ``pgsynapse run``, warns of the same setting at its start)."""
     role = settings.sql_reader_role
     if settings.embedded:
         with psycopg.connect(url, autocommit=True, **NO_PREPARE) as conn:
@@ -75,7 +78,7 @@ def prepare_at_start(url: str, settings: Any) -> None:
                 log.info("sql_reader_may_log_in", role=role)
     login = reader_url(url, settings)
     if login is None:
-        log.warning("sql_reader_shares_worker_session", role=role,
+        (log.info if one_off else log.warning)("sql_reader_shares_worker_session", role=role,
                     advice=f"set sql_reader_url to a login as {role}: a statement past the parser check could "
                            "otherwise set its role back to the worker's (docs/text-to-sql.md, Safety)")
         return

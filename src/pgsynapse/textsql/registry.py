@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import psycopg
+
 from pgsynapse.answerers.local_models import PRESETS, preset_not_installed
-from pgsynapse.errors import ModelError
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.sideregistry import SideRegistry
 from pgsynapse.textsql.generate import auto_runtime
 
@@ -37,6 +39,23 @@ def registered_path(spec: str, runtime: str) -> str:
         raise ModelError(f"SQL model path {path} is a directory without a model in it (a transformers model has "
                          "config.json; a GGUF model directory, exactly one .gguf file)")
     return str(path.resolve())
+
+
+def refuse_duplicate(conn: psycopg.Connection, path: str, runtime: str) -> None:
+    """``sql-model add``: refused (RegistryError, naming it) when a candidate or the active model already has this
+    path (as :func:`registered_path` gives it) on this runtime: a copy would serve the same statements under another
+    id. A retired or rejected one may be added anew; another runtime is another model to compare (llama.cpp and
+    transformers do not write the same statements)."""
+    same = next((m for m in list_models(conn) if m["path"] == path and m["runtime"] == runtime
+                 and m["status"] in ("candidate", "active")), None)
+    if same is None:
+        return
+    n = same["id"]
+    what = ("it serves every session not routed to a candidate" if same["status"] == "active" else
+            f"promote it or give it a share of the sessions instead (`pgsynapse sql-model promote {n}`, "
+            f"`pgsynapse sql-model traffic {n} PERCENT`)")
+    raise RegistryError(f"{path} is already SQL model {n} ({same['status']}, {runtime}): {what}; to add it anew, "
+                        f"retire that one first (`pgsynapse sql-model retire {n}`)")
 
 
 def check_runtime_here(runtime: str, spec: str = "", *, llama_cpp: bool | None = None) -> None:
