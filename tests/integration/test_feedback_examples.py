@@ -5,6 +5,7 @@ a changed verdict replaces the first, and deleting the later row lets the earlie
 from __future__ import annotations
 
 import argparse
+import json
 
 import psycopg
 import pytest
@@ -127,6 +128,19 @@ def test_a_manual_retrain_with_no_feedback_to_learn_from_is_refused_and_queues_n
     assert _retrains(conn) == 0
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
     assert run_learning_command(retrain, conn) == 0 and _retrains(conn) == 1  # under the threshold: forced
+
+
+def test_a_refused_retrain_with_json_prints_one_json_document_saying_so(conn, capsys):
+    """README: with --json, stdout is one JSON document (the outcome ...). A retrain refused for want of helpful
+    feedback printed nothing on stdout: it prints the outcome "refused" and the reason, still exits 1 (InputError)
+    with the reason on stderr (cli.main)."""
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    with pytest.raises(InputError, match="no feedback to learn from: .*; nothing was queued") as refused:
+        run_learning_command(argparse.Namespace(command="retrain", wait=True, json=True), conn)
+    assert json.loads(capsys.readouterr().out) == {"job": None, "outcome": "refused", "reason": str(refused.value),
+                                                   "version": None, "status": None, "gate": None}
+    assert _retrains(conn) == 0
 
 
 @pytest.mark.anyio
