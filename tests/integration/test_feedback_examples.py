@@ -72,6 +72,18 @@ def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_t
         in render(snap)
 
 
+def test_status_counts_one_feedback_row_and_one_question_in_the_singular(conn):
+    """`pgsynapse status` said "feedback : 2 rows on 1 questions": each count takes its own number."""
+    conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1")
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    assert "feedback       : 1 row on 1 question; 0 of 1 new example for the next retrain (one per question)" \
+        in render(snapshot(conn)).splitlines()
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    assert "feedback       : 2 rows on 1 question; 0 of 1 new example for the next retrain (one per question)" \
+        in render(snapshot(conn)).splitlines()
+
+
 def test_a_follow_up_trains_on_what_was_searched_not_its_bare_text(conn):
     """A follow-up ("and what about heap tables?") is searched with its session's context (retrieval_query); its
     example trained the bare text, which does not say what it asks, nor what the served model was given."""
