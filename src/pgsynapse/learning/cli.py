@@ -179,7 +179,7 @@ def render_feedback(fb: Feedback, source: int | None, progress: dict | None) -> 
                         None if fb.rating is None else f"rated {fb.rating}") if w]
     line = f"feedback {fb.id} on question {fb.question_id}: {', '.join(said)}"
     if fb.chunk_id is not None:
-        line += f"; passage [{source}] (chunk {fb.chunk_id}) answered it"
+        line += f"; passage [{source}] (chunk id {fb.chunk_id}) answered it"
     if progress is None:
         return line
     return (f"{line}\n{progress['untrained']} of {progress['retrain_min_feedback']} new examples for the next retrain "
