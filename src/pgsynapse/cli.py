@@ -331,7 +331,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(f"{len(hits)} hits in {order} order; the score is the cosine similarity to the text")
         for i, h in enumerate(hits, 1):
             where = h.source or f"document {h.document_id}"
-            print(terminal_safe(f"{i}. {h.score:.3f}  {h.title}  [{where} #{h.ord}]"))
+            place = f"chunk id {h.chunk_id} (#{h.ord} in the document)"  # as `ask` names a cited chunk
+            print(terminal_safe(f"{i}. {h.score:.3f}  {h.title}  [{where}, {place}]"))
             print(textwrap.indent(terminal_safe(textwrap.shorten(" ".join(h.text.split()), 300)), "   "))
         if hits and waiting:
             print(note)

@@ -4,7 +4,8 @@ Idempotent by content: a file whose ``md5(title || chr(30) || body)`` (the table
 is already stored is counted ``unchanged`` and not inserted again, so re-ingesting a tree inserts nothing.
 A changed file is a new document, its old version kept (the summary counts them), unless ``replace``: then the
 newest stored document of the same ``source`` is updated in place, keeps its id, and the update trigger embeds it
-again; the source's other versions (kept by earlier runs without ``replace``) are deleted. Opt-in, because a
+again; the source's other versions (kept by earlier runs without ``replace``) are deleted, and the images ingest
+stored beside them (an application's are linked to the kept document). Opt-in, because a
 source is the path relative to the directory given: two trees with a file of the same name share a source.
 COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
 ``embed`` job and the worker is woken by one NOTIFY per batch.
@@ -370,9 +371,10 @@ def _flush(conn: psycopg.Connection, batch: list[FileDoc], report: IngestReport,
             with conn.cursor().copy(q("copy_documents", "ops.sql")) as copy:
                 for d in new:
                     copy.write_row((d.source, d.title, d.body, _metadata(d)))
-        if replace:  # the versions a run without --replace kept beside the file
-            report.dropped += cur.execute(q("drop_other_versions", "ops.sql"), {
-                "sources": [d.source for d in batch], "hashes": hashes}).rowcount
+        if replace:  # the versions a run without --replace kept beside the file, their images to the file's
+            files = {"sources": [d.source for d in batch], "hashes": hashes}
+            cur.execute(q("move_images_of_other_versions", "ops.sql"), files)
+            report.dropped += cur.execute(q("drop_other_versions", "ops.sql"), files).rowcount
     report.inserted += len(new)
     log.debug("ingest_batch_copied", n=len(new), batch=len(batch))
 

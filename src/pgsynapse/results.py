@@ -251,7 +251,7 @@ def format_result(result: Result, *, answer: bool = True) -> str:
         lines.append(f"guardrail: {g['action']} by rule {g['rule_id']} ({g['stage']}, similarity {g['similarity']})")
     for s in result.sources:
         where = s.get("source") or f"document {s['document_id']}"
-        lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk {s['chunk_id']})")
+        lines.append(f"  [{s['rank']}] {s['score']:.3f}  {s.get('title') or ''}  ({where}, chunk id {s['chunk_id']})")
         for im in s.get("images") or []:  # images linked to the cited document
             lines.append(f"       image {im['image_id']}: {im.get('caption') or im.get('source') or ''}"
                          f" ({im.get('width')}x{im.get('height')} {im.get('mime_type') or ''})")

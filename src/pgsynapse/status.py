@@ -17,7 +17,7 @@ from pgsynapse.queries import q
 from pgsynapse.replica import replica_lag
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
 from pgsynapse.textsql.registry import REGISTRY as SQL_MODELS
-from pgsynapse.wording import listed
+from pgsynapse.wording import counted, listed
 
 SHOWN_REASONS = 5  # the commonest failure errors and skip reasons that `pgsynapse status` lists
 # what a status of a schema too far behind for its queries leaves out (``incomplete``)
@@ -180,8 +180,9 @@ def render(snap: dict[str, Any]) -> str:
                      f"{float(m['traffic_percent']):g}% of sessions")
     fb = snap.get("feedback") or {}
     if fb.get("rows"):
-        lines.append(f"feedback       : {fb['rows']} rows on {fb['questions']} questions; {fb['untrained']} of "
-                     f"{fb['retrain_min_feedback']} new examples for the next retrain (one per question)")
+        lines.append(f"feedback       : {counted(fb['rows'], 'row')} on {counted(fb['questions'], 'question')}; "
+                     f"{fb['untrained']} of {counted(fb['retrain_min_feedback'], 'new example')} for the next retrain "
+                     "(one per question)")
     if snap.get("model_events"):
         lines.append("model events   : (newest first)")
         lines += ["  " + line for line in render_events(snap["model_events"])]
@@ -246,7 +247,7 @@ def _render_schema(s: dict[str, Any]) -> str:
 
 
 def _render_cache(c: dict[str, Any]) -> str:
-    held = f"{c['entries']} entries" + (f", served {c['hits']} times" if c["entries"] else "")
+    held = counted(c["entries"], "entry", "entries") + (f", served {counted(c['hits'], 'time')}" if c["entries"] else "")
     if "enabled" not in c:
         return held
     if not c["enabled"]:

@@ -48,7 +48,7 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     assert r.stdout.count(".html #") >= 5
     # and questions, answered with citations
     assert r.stdout.count("\nQ (demo-") == 3
-    assert "answered in" in r.stdout and "chunk " in r.stdout
+    assert "answered in" in r.stdout and "chunk id " in r.stdout
     # and a question about the data, on the table the demo made: its SQL and the result
     assert "\nQ: How many orders has each region shipped, most first?" in r.stdout
     assert '  SQL: select region, count ( shipped ) from "demo_shop".orders group by region order by 2 desc, 1' in r.stdout
@@ -152,7 +152,7 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
                              " WHERE id = %s AND (s->>'rank')::int = %s", (qid, rank)).fetchone()[0]
         assert conn.execute("SELECT question_id, positive_chunk_id FROM pgsynapse.training_examples").fetchall() == [
             (qid, chunk)]
-    assert fb.stdout.startswith(f"feedback 1 on question {qid}: helpful; passage [{rank}] (chunk {chunk}) answered it\n"
+    assert fb.stdout.startswith(f"feedback 1 on question {qid}: helpful; passage [{rank}] (chunk id {chunk}) answered it\n"
                                 "1 of 200 new examples for the next retrain"), fb.stdout
     wrong = pgsynapse("feedback", str(qid), "--helpful", "--source", "99", url=url)
     assert wrong.returncode == 1 and f"pgsynapse: error: question {qid}'s answer cites no passage [99]" in wrong.stderr
@@ -205,9 +205,9 @@ def test_text_from_the_database_is_printed_without_its_control_characters(new_db
         conn.execute("UPDATE pgsynapse.chunks SET text = E'\\x1b[2J\\u202e' || text")
     se = pgsynapse("search", "insert rows into a table", "-k", "2", url=url)
     assert se.returncode == 0, se.stderr[-2000:]
-    assert "[evil\\x1b]0;pwned\\x07.html #" in se.stdout and "\\x1b[2J\\u202e" in se.stdout, se.stdout
+    assert "[evil\\x1b]0;pwned\\x07.html, chunk id " in se.stdout and "\\x1b[2J\\u202e" in se.stdout, se.stdout
     r = pgsynapse("ask", "how do I insert new rows into a table?", url=url)
-    assert r.returncode == 0 and "(evil\\x1b]0;pwned\\x07.html, chunk " in r.stdout, r.stdout
+    assert r.returncode == 0 and "(evil\\x1b]0;pwned\\x07.html, chunk id " in r.stdout, r.stdout
     for out in (se.stdout, r.stdout):
         assert not {"\x1b", "\x07", "\u202e"} & set(out), out
 

@@ -371,3 +371,7 @@ def test_status_says_whether_the_cache_is_on_and_how_many_entries_it_holds(db_ur
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["answer_cache"] == {"enabled": True, "threshold": 0.9, "max_age_seconds": 604800.0,
                                                     "entries": 2, "hits": 4}
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:  # one entry served once
+        conn.execute("DELETE FROM pgsynapse.answer_cache WHERE hit_count = 3")
+        one = render(status_snapshot(conn, settings=_settings(db_url, answer_cache_max_age_seconds=86400)))
+    assert "answer cache   : on (threshold 0.9, max age 1 day), 1 entry, served 1 time" in one.splitlines(), one

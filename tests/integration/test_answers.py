@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 from pgsynapse.answerers import NOT_FOUND, ExtractiveAnswerer
 from pgsynapse.cache import default_lru
 from pgsynapse.cli import main
-from pgsynapse.client import Client
+from pgsynapse.client import Client, format_result
 from pgsynapse.corpus import shipped_pages
 from pgsynapse.errors import InputError
 from pgsynapse.handlers.answer import AnswerHandler, AnswerWork, vector_sql
@@ -21,6 +21,7 @@ from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.models import ModelCache
 from pgsynapse.retrieval import fuse_full_text
+from pgsynapse.results import Result
 from pgsynapse.search import search, version_row
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
@@ -71,6 +72,12 @@ async def test_question_is_answered_with_its_document_cited_and_notify_follows_c
         assert q["sources"][0]["document_id"] == ids[0]
         assert {"document_id", "chunk_id", "title", "score", "passage", "rank"} <= set(q["sources"][0])
         assert "[1]" in q["answer"] and "savepoint" in q["answer"].lower()
+        # `pgsynapse ask` names the cited chunk by its id (search adds its place in the document): "chunk 1" read as
+        # a place, beside search's "#0"
+        shown = format_result(Result(q["id"], q["status"], q["answer"], q["sources"], 1, q["latency_ms"], None, None,
+                                     "s1"))
+        s = q["sources"][0]
+        assert f"  [1] {s['score']:.3f}  {s['title']}  (document {ids[0]}, chunk id {s['chunk_id']})" in shown, shown
         await listener.close()
         await reader.close()
 
@@ -495,6 +502,7 @@ async def test_pgsynapse_search_shows_answer_top_k_passages_unless_told_otherwis
     passages = await AnswerHandler(fast_settings(db_url, answer_top_k=3), models)._retrieve(
         conn, AnswerWork(Job(0, "answer", 0, {}, 1, None), text, None, version, [], text,
                          models.get(version).encode([text])[0]))
+    places = dict((r["id"], r["ord"]) for r in await (await conn.execute("SELECT id, ord FROM pgsynapse.chunks")).fetchall())
     await conn.close()
     capsys.readouterr()
     for args, n in (([], 3), (["-k", "4"], 4)):
@@ -504,6 +512,10 @@ async def test_pgsynapse_search_shows_answer_top_k_passages_unless_told_otherwis
         if n == 3:  # each hit's line: "1. 0.497  title  [source #ord]"
             scores = [ln.split()[1] for ln in out.splitlines() if ln[:3] in ("1. ", "2. ", "3. ")]
             assert scores == [f"{p.score:.3f}" for p in passages], (out, passages)
+            # "[source, chunk id N (#i in the document)]", as `ask` names a chunk "chunk id N"
+            ends = [ln.rsplit("[", 1)[1] for ln in out.splitlines() if ln[:3] in ("1. ", "2. ", "3. ")]
+            assert ends == [f"{p.source or f'document {p.document_id}'}, chunk id {p.chunk_id} "
+                            f"(#{places[p.chunk_id]} in the document)]" for p in passages], out
 
 
 def test_pgsynapse_search_loads_its_model_with_the_device_setting(db_url, monkeypatch, capsys):

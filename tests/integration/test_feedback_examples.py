@@ -5,6 +5,7 @@ a changed verdict replaces the first, and deleting the later row lets the earlie
 from __future__ import annotations
 
 import argparse
+import json
 
 import psycopg
 import pytest
@@ -71,6 +72,18 @@ def test_one_question_clicked_many_times_is_one_example_and_does_not_reach_the_t
         in render(snap)
 
 
+def test_status_counts_one_feedback_row_and_one_question_in_the_singular(conn):
+    """`pgsynapse status` said "feedback : 2 rows on 1 questions": each count takes its own number."""
+    conn.execute("UPDATE pgsynapse.learning_settings SET retrain_min_feedback = 1")
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    assert "feedback       : 1 row on 1 question; 0 of 1 new example for the next retrain (one per question)" \
+        in render(snapshot(conn)).splitlines()
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    assert "feedback       : 2 rows on 1 question; 0 of 1 new example for the next retrain (one per question)" \
+        in render(snapshot(conn)).splitlines()
+
+
 def test_a_follow_up_trains_on_what_was_searched_not_its_bare_text(conn):
     """A follow-up ("and what about heap tables?") is searched with its session's context (retrieval_query); its
     example trained the bare text, which does not say what it asks, nor what the served model was given."""
@@ -127,6 +140,19 @@ def test_a_manual_retrain_with_no_feedback_to_learn_from_is_refused_and_queues_n
     assert _retrains(conn) == 0
     conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, true)", (a,))
     assert run_learning_command(retrain, conn) == 0 and _retrains(conn) == 1  # under the threshold: forced
+
+
+def test_a_refused_retrain_with_json_prints_one_json_document_saying_so(conn, capsys):
+    """README: with --json, stdout is one JSON document (the outcome ...). A retrain refused for want of helpful
+    feedback printed nothing on stdout: it prints the outcome "refused" and the reason, still exits 1 (InputError)
+    with the reason on stderr (cli.main)."""
+    a = _question(conn, "how do I vacuum?")
+    conn.execute("INSERT INTO pgsynapse.feedback (question_id, helpful) VALUES (%s, false)", (a,))
+    with pytest.raises(InputError, match="no feedback to learn from: .*; nothing was queued") as refused:
+        run_learning_command(argparse.Namespace(command="retrain", wait=True, json=True), conn)
+    assert json.loads(capsys.readouterr().out) == {"job": None, "outcome": "refused", "reason": str(refused.value),
+                                                   "version": None, "status": None, "gate": None}
+    assert _retrains(conn) == 0
 
 
 @pytest.mark.anyio

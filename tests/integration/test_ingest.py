@@ -459,6 +459,33 @@ def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_ur
     assert "2 unchanged" in again.stdout and "older version" not in again.stdout, again.stdout
 
 
+def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_document_without_duplicates(db_url, tmp_path):
+    """A run without --replace stores a changed file's new version and the picture beside it again, linked to it;
+    the --replace run after it deleted the old version, and left its copy of the picture unlinked (document_id NULL,
+    ON DELETE SET NULL): the same bytes twice, one found by image search with no document. The old version's images
+    go to the kept document of its source: one stored from a file beside it is deleted (the run stores the file's
+    picture for the kept document: a file removed since leaves no stale picture), and so is a picture that document
+    has already; another (an application's) is linked to it."""
+    page = tmp_path / "vacuum.md"
+    page.write_text("# Vacuum\n\nFirst version.\n")
+    (tmp_path / "vacuum.png").write_bytes(png_bytes(coloured_image("red", seed=8)))
+    (tmp_path / "vacuum-old.png").write_bytes(png_bytes(coloured_image("green", seed=10)))  # removed below
+    assert "1 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        old = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()[0]
+        conn.execute("INSERT INTO pgsynapse.images (data, caption, document_id) VALUES (%s, 'an app''s', %s)",
+                     (png_bytes(coloured_image("blue", seed=9)), old))
+    page.write_text("# Vacuum\n\nSecond version.\n")
+    (tmp_path / "vacuum-old.png").unlink()
+    assert "both versions are kept" in _cli(db_url, str(tmp_path)).stdout
+    out = _cli(db_url, "--replace", str(tmp_path))
+    assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout + out.stderr
+    with psycopg.connect(db_url) as conn:
+        [kept] = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()
+        images = conn.execute("SELECT coalesce(source, caption), document_id FROM pgsynapse.images ORDER BY id").fetchall()
+    assert kept != old and sorted(images, key=repr) == [("an app's", kept), ("vacuum.png", kept)], images
+
+
 def test_the_same_picture_beside_two_documents_is_linked_to_both_and_a_later_document_links_it(db_url, tmp_path):
     root = tmp_path / "docs"
     root.mkdir()

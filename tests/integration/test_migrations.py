@@ -1325,3 +1325,35 @@ def test_the_blocked_corrections_migration_refuses_a_correction_of_a_blocked_que
         assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()[0] == 1  # the answered one
         assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()[0] == 1
         assert conn.execute(retrains).fetchone()[0] == 1
+
+
+def test_the_truncated_questions_migration_recounts_the_sessions_and_a_truncate_empties_them(new_db):
+    """0044 on top of 0043: a TRUNCATE of questions fires no DELETE trigger, so conversations kept every session's
+    turns though no question was left. The migration recounts (a session with no question left loses its row, as
+    0041's recount does), and from then on a TRUNCATE of questions (or one that cascades to them) leaves no session:
+    the questions asked after it, in the same transaction too, are counted from 0. Re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 44)
+    turns = "SELECT session_id, turns FROM pgsynapse.conversations ORDER BY 1"
+    ask = "INSERT INTO pgsynapse.questions (session_id, text) VALUES (%s, 'a')"
+    with psycopg.connect(url, autocommit=True) as conn:
+        for session in ("s1", "s1", "s2"):
+            conn.execute(ask, (session,))
+        conn.execute("TRUNCATE pgsynapse.questions CASCADE")  # before 0044: the turns stay counted
+        conn.execute(ask, ("s2",))
+        assert conn.execute(turns).fetchall() == [("s1", 2), ("s2", 2)]
+    assert mig.name in migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for run in (1, 2):
+            assert conn.execute(turns).fetchall() == [("s2", 1)]
+            for session in ("s1", "s1", "s3"):
+                conn.execute(ask, (session,))
+            conn.execute("TRUNCATE pgsynapse.questions CASCADE")
+            assert conn.execute(turns).fetchall() == []
+            with conn.transaction():
+                conn.execute(ask, ("s1",))
+                conn.execute("TRUNCATE pgsynapse.questions RESTART IDENTITY CASCADE")
+                conn.execute(ask, ("s2",))
+            assert conn.execute(turns).fetchall() == [("s2", 1)]
+            with conn.transaction():
+                conn.execute(mig.sql.encode())

@@ -254,6 +254,16 @@ def test_sql_model_retrain_without_a_correction_queues_nothing(db_url, tmp_path)
         assert conn.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'").fetchone() == (0,)
 
 
+def test_sql_model_retrain_json_without_a_correction_prints_one_json_document_saying_so(db_url, tmp_path, capsys):
+    # with --json stdout is one JSON document: the refusal printed none (stderr had the reason, exit 1)
+    settings = fast_settings(db_url, data_dir=str(tmp_path))
+    with pytest.raises(InputError, match=r"no corrections to learn from .*nothing was queued") as refused:
+        run_sql_model_command(_retrain_args(json=True), settings)
+    assert json.loads(capsys.readouterr().out) == {
+        "job": None, "outcome": "refused", "reason": str(refused.value), "sql_model": None, "status": None,
+        "traffic_percent": None, "gate": None}
+
+
 @pytest.mark.anyio
 async def test_only_corrections_that_can_train_count_towards_a_retrain(db_url, tmp_path):
     # the count that queues a retrain (and that `sql-model retrain` refuses on) counted every row: a blank

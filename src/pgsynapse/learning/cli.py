@@ -105,6 +105,15 @@ def queue_and_wait(conn: psycopg.Connection, kind: str, *, wait: bool, force: bo
     return 0, {"job": job, "outcome": "done"}
 
 
+def refuse_retrain(args: argparse.Namespace, reason: str, **absent: None) -> InputError:
+    """The error a retrain command raises when it queues nothing (exit 1, the reason on stderr); under ``--json``
+    it first prints its one JSON document: ``outcome`` ``refused``, the ``reason``, and the ``absent`` fields of a
+    verdict as null."""
+    if args.json:
+        print(json.dumps({"job": None, "outcome": "refused", "reason": reason, **absent}, indent=2))
+    return InputError(reason)
+
+
 def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> int:
     if args.command == "feedback":
         row = conn.execute(q("question_for_feedback", "answers.sql"), {"question": args.question}).fetchone()
@@ -119,7 +128,8 @@ def run_learning_command(args: argparse.Namespace, conn: psycopg.Connection) -> 
         return 0
     if args.command == "retrain":
         if not conn.execute(q("feedback_progress", "learning.sql")).fetchone()["examples"]:
-            raise InputError(f"{NOTHING_TO_LEARN}; nothing was queued")
+            raise refuse_retrain(args, f"{NOTHING_TO_LEARN}; nothing was queued", version=None, status=None,
+                                 gate=None)
         code, waited = queue_and_wait(conn, "retrain", wait=args.wait, out=sys.stderr if args.json else sys.stdout)
         v = None
         if waited["outcome"] == "done":
@@ -169,7 +179,7 @@ def render_feedback(fb: Feedback, source: int | None, progress: dict | None) -> 
                         None if fb.rating is None else f"rated {fb.rating}") if w]
     line = f"feedback {fb.id} on question {fb.question_id}: {', '.join(said)}"
     if fb.chunk_id is not None:
-        line += f"; passage [{source}] (chunk {fb.chunk_id}) answered it"
+        line += f"; passage [{source}] (chunk id {fb.chunk_id}) answered it"
     if progress is None:
         return line
     return (f"{line}\n{progress['untrained']} of {progress['retrain_min_feedback']} new examples for the next retrain "

@@ -46,6 +46,31 @@ ORDER BY source, id DESC;
 UPDATE pgsynapse.documents SET title = %(title)s, body = %(body)s, metadata = metadata || %(metadata)s::jsonb
 WHERE id = %(id)s;
 
+-- name: move_images_of_other_versions
+-- Ingest --replace, before drop_other_versions: the images linked to the versions it deletes (ON DELETE SET NULL
+-- left them unlinked: the picture beside the file stored twice, once with no document). One that ingest stored
+-- from a file beside the version (its source in the same directory) is deleted: the run stores the file's picture
+-- for the kept document, or has (a file since changed or removed leaves no stale picture); so is a picture the kept
+-- document has already (content_hash). Any other (an application's) is linked to the kept document of its source,
+-- not embedded again (an UPDATE of the link alone); one picture once, when several deleted versions bring it.
+WITH versions AS (
+    SELECT d.id AS dropped, min(k.id) AS kept, regexp_replace(f.source, '[^/]*$', '') AS dir
+    FROM unnest(%(sources)s::text[], %(hashes)s::text[]) AS f(source, hash)
+    JOIN pgsynapse.documents d ON d.source = f.source AND d.content_hash <> f.hash
+    JOIN pgsynapse.documents k ON k.source = f.source AND k.content_hash = f.hash
+    GROUP BY d.id, f.source
+), moved AS (
+    SELECT i.id, v.kept, regexp_replace(i.source, '[^/]*$', '') IS NOT DISTINCT FROM v.dir OR (
+        i.content_hash IS NOT NULL AND (
+            row_number() OVER (PARTITION BY v.kept, i.content_hash ORDER BY i.id) > 1
+            OR EXISTS (SELECT 1 FROM pgsynapse.images o WHERE o.document_id = v.kept AND o.content_hash = i.content_hash))
+    ) AS gone
+    FROM pgsynapse.images i JOIN versions v ON i.document_id = v.dropped
+), deleted AS (
+    DELETE FROM pgsynapse.images i USING moved m WHERE i.id = m.id AND m.gone
+)
+UPDATE pgsynapse.images i SET document_id = m.kept FROM moved m WHERE i.id = m.id AND NOT m.gone;
+
 -- name: drop_other_versions
 -- Ingest --replace: a file is its source's one document. The source's documents with other content (old versions
 -- that runs without --replace kept beside it) are deleted, once the file's content is stored under its source

@@ -19,7 +19,7 @@ from pgsynapse.config import Settings
 from pgsynapse.db import Database
 from pgsynapse.errors import InputError
 from pgsynapse.jsonout import dumps as json_dumps
-from pgsynapse.learning.cli import queue_and_wait
+from pgsynapse.learning.cli import queue_and_wait, refuse_retrain
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.logs import notice
 from pgsynapse.queries import q
@@ -246,8 +246,8 @@ def retrain(conn: psycopg.Connection, args: argparse.Namespace) -> int:
     """``pgsynapse sql-model retrain``: queue one now (whatever ``sql_retrain_min_corrections``), and with ``--wait``
     print what it registered."""
     if not conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()["n"]:
-        raise InputError("no corrections to learn from (`pgsynapse sql-correct ID --sql ...` records one); nothing "
-                         "was queued")
+        raise refuse_retrain(args, "no corrections to learn from (`pgsynapse sql-correct ID --sql ...` records one); "
+                             "nothing was queued", sql_model=None, status=None, traffic_percent=None, gate=None)
     code, waited = queue_and_wait(conn, "sql_retrain", wait=args.wait, force=args.force, now=True,
                                   hint="" if args.wait else ": a worker with the sql_retrain kind runs it",
                                   out=sys.stderr if args.json else sys.stdout,
