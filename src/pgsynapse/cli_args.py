@@ -52,7 +52,7 @@ def _logs_json(argv: list[str]) -> bool:
                 found[name] = arg.split("=", 1)[1]
             elif arg == name and i + 1 < len(argv):
                 found[name] = argv[i + 1]
-    return (found.get("--log-format") or early_log_format(found.get("--config"))) == "json"
+    return (found.get("--log-format") or early_log_format(found.get("--config")) or "").lower() == "json"
 
 
 def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
@@ -290,8 +290,9 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     group.add_argument("--database-url", default=default,
                        help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
     group.add_argument("--data-dir", default=default, help="data directory of the embedded server, models and caches")
-    group.add_argument("--log-format", default=default, choices=["console", "json"], help="log format (default console)")
-    group.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+    group.add_argument("--log-format", default=default, type=str.lower, choices=["console", "json"],
+                       help="log format (default console)")
+    group.add_argument("--log-level", default=default, type=str.lower, choices=["debug", "info", "warning", "error"])
 
 
 def _describe_commands(parser: argparse.ArgumentParser) -> None:

@@ -295,6 +295,12 @@ class Settings(TextSqlSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        """``INFO``, ``JSON``: logging's own spelling of a level is taken as ours."""
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("database_url", "listen_url", "read_url", "sql_reader_url")
     @classmethod
     def _connection_string(cls, value: str | None) -> str | None:
@@ -409,13 +415,13 @@ def early_log_format(config_file: str | Path | None = None, environ: dict[str, s
     environment's PGSYNAPSE_LOG_FORMAT, else the config file's ``log_format`` when the file parses; None if neither."""
     environ = os.environ if environ is None else environ
     if fmt := environ.get(ENV_PREFIX + "LOG_FORMAT"):
-        return fmt
+        return fmt.lower()
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
     try:
         fmt = _read_config_file(Path(config_file)).get("log_format") if config_file else None
     except ConfigError:
         return None
-    return fmt if isinstance(fmt, str) else None
+    return fmt.lower() if isinstance(fmt, str) else None
 
 
 def _setting_name(loc: tuple[Any, ...]) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pgsynapse import config
+from pgsynapse.cli_args import parse_args
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings, unknown_environment
 from pgsynapse.daemon import file_overridden
@@ -39,6 +40,17 @@ def test_an_invalid_command_line_value_is_named_as_its_option():
     # `pgsynapse --database-url ... status` was told to look at PGSYNAPSE_DATABASE_URL or DATABASE_URL
     with pytest.raises(ConfigError, match=r"^invalid setting database_url \[--database-url\]: not a PostgreSQL"):
         load_settings(environ={"DATABASE_URL": "postgresql://h/db"}, database_url="mysql://h/db")
+
+
+def test_log_level_and_format_are_taken_in_any_case():
+    # PGSYNAPSE_LOG_LEVEL=INFO (Python's logging spells its levels so) stopped every command with exit 78: "Input
+    # should be 'debug', 'info', 'warning' or 'error'"
+    s = load_settings(environ={"PGSYNAPSE_LOG_LEVEL": "INFO", "PGSYNAPSE_LOG_FORMAT": "Json"})
+    assert (s.log_level, s.log_format) == ("info", "json")
+    assert config.early_log_format(environ={"PGSYNAPSE_LOG_FORMAT": "JSON"}) == "json"
+    assert parse_args(["--log-level", "WARNING", "--log-format", "JSON", "status"]).log_level == "warning"
+    with pytest.raises(ConfigError, match=r"^invalid setting log_level \[PGSYNAPSE_LOG_LEVEL\]: .*'debug'"):
+        load_settings(environ={"PGSYNAPSE_LOG_LEVEL": "verbose"})
 
 
 def test_prefixed_url_wins_over_database_url():
