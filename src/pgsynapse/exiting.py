@@ -19,12 +19,14 @@ import atexit
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
 
+THREADS_GRACE = 5.0  # seconds the fast exit waits for non-daemon threads to end before it exits the normal way
 _done = threading.Event()  # set by :func:`work_done`: the process has nothing left to do but exit
 
 
@@ -33,11 +35,21 @@ def work_done() -> None:
     _done.set()
 
 
+def _threads_left(wait: float = THREADS_GRACE) -> list[str]:
+    """The non-daemon threads still alive after up to ``wait`` seconds of waiting for them (as Python's own exit
+    would wait): AnyIO's worker threads end a moment after their event loop closes, not with it."""
+    deadline = time.monotonic() + wait
+    for t in threading.enumerate():
+        if not t.daemon and t is not threading.main_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread() and t.is_alive()]
+
+
 def end(code: int) -> NoReturn:
     """End the process with exit status ``code``: at once after :func:`work_done`, else the normal way."""
     if not _done.is_set():
         sys.exit(code)
-    threads = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    threads = _threads_left()
     log.info("process_exiting", code=code, fast=not threads, waits_for_threads=threads)
     if threads:
         sys.exit(code)
