@@ -644,6 +644,84 @@ async def test_a_sentence_a_block_rule_matches_mid_stream_is_never_published_and
     assert (stopped["reason"], stopped["pieces"]) == ("blocked", 2)  # at the piece that ended the sentence
 
 
+# sentences ending with a CJK full stop and no space; one run-on sentence whose third piece passes the hold (300
+# characters): under a block rule both were held whole to the final write
+CJK = ["使用 ROLLBACK TO SAVEPOINT 回滚 [1]。", "它撤销保存点之后的工作 [1]。", "保存点本身保留 [1]。"]
+RUN_ON = ["the savepoint keeps the rows written before it, and the work done after it is rolled back in this transaction "
+          ] * 3 + ["until it is released [1]."]
+
+
+@pytest.mark.parametrize("script,published", [(CJK, 2), (RUN_ON, 3)], ids=["cjk", "run-on"])
+async def test_with_a_block_rule_text_without_a_sentence_break_streams_before_the_final_answer(db_url, models, sse,
+                                                                                              script, published):
+    SSE.scripts = [script]
+    wanted = "".join(script[:published])  # streamed: the rest comes with the final write
+    done = threading.Event()
+    SSE.gates = [*(threading.Event() for _ in script[:-1]), done]  # the end waits for the streamed text's NOTIFY
+    for g in SSE.gates[:-1]:
+        g.set()
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    try:
+        async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+            await _corpus(db_url)
+            await conn.execute("LISTEN pgsynapse_answers")
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+
+            async def on_stream(p):
+                if p["offset"] + len(p["delta"]) == len(wanted):
+                    done.set()
+
+            notes = await _notifies_until_final(conn, 1, on_stream)  # a fresh database: the first question
+            final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    finally:
+        done.set()  # the endpoint's thread goes on
+    await conn.close()
+    assert [p["status"] for p in notes][-1] == "answered" and len(notes) >= 2, notes
+    assert "".join(p["delta"] for p in notes[:-1]) == wanted
+    assert (final["status"], final["answer"], final["guardrail"]) == ("answered", "".join(script), None)
+
+
+async def test_a_last_sentence_a_block_rule_matches_ends_blocked_replacing_what_streamed(db_url, models, sse):
+    """The stream's checks pass what the final check may block: the unfinished last sentence (and the whole answer
+    as one window) only the final check sees. The answer then ends blocked, its final NOTIFY replacing the
+    sentences streamed; the client's pieces are those sentences, its Result the blocked answer."""
+    SSE.scripts = [[CHECKED[0], f"Then {BOMB}."]]
+    SSE.gates = gates = [threading.Event(), threading.Event()]
+    gates[1].set()
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    with capture_logs() as logs:
+        try:
+            async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+                await _corpus(db_url)
+                listener = await aconn(db_url)
+                await listener.execute("LISTEN pgsynapse_answers")
+                results, pieces = [], []
+
+                async def on_stream(p):
+                    gates[0].set()
+
+                async with Client(db_url) as client, anyio.create_task_group() as tg:
+                    async def ask():
+                        results.append(await client.ask("how do I undo commands back to a savepoint?",
+                                                        on_delta=pieces.append))
+
+                    tg.start_soon(ask)
+                    notes = await _notifies_until_final(listener, 1, on_stream)  # a fresh database: the first one
+                final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+                await listener.close()
+        finally:
+            gates[0].set()
+    await conn.close()
+    assert [(p["status"], p.get("delta")) for p in notes] == [("streaming", CHECKED[0]), ("blocked", None)], notes
+    assert (final["status"], final["answer"], final["answerer"]) == ("blocked", BLOCKED_ANSWER, "guardrail")
+    assert final["guardrail"]["stage"] == "answer" and final["guardrail"]["action"] == "block"
+    assert results[0].status == "blocked" and results[0].answer == BLOCKED_ANSWER
+    assert pieces == [CHECKED[0]]  # what streamed; the blocked answer is the Result's only
+    assert not [e for e in logs if e["event"] == "answer_generation_stopped"]  # the stream passed it: the final check
+
+
 async def test_a_flag_rule_alone_streams_each_piece_as_it_comes(db_url, models, sse):
     """Flag rules hide nothing: with no block rule enabled the pieces are written as they come, not held to the end
     of their sentence, and the flag is recorded by the final check."""
