@@ -312,6 +312,33 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
 
 
+def _ask_reading_late(client: Client, tg, question: str, final: anyio.Event,
+                      after_read=None) -> tuple[list, list]:
+    """Starts ``client.ask(question)`` in ``tg`` with a client whose read at the first NOTIFY waits for ``final``
+    (a busy client, a short answer); ``after_read`` is called after each of its reads. Returns the list its Result
+    goes to and the list of the pieces given to its ``on_delta``."""
+    results: list = []
+    pieces: list[str] = []
+    read, reads = client._read, []
+
+    async def late(qid, **kw):
+        reads.append(qid)
+        if len(reads) == 2:  # the first is the ask's own, before any NOTIFY
+            await final.wait()
+        row = await read(qid, **kw)
+        if after_read:
+            after_read()
+        return row
+
+    client._read = late  # type: ignore[method-assign]
+
+    async def ask():
+        results.append(await client.ask(question, on_delta=pieces.append))
+
+    tg.start_soon(ask)
+    return results, pieces
+
+
 async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_reaches_on_delta(db_url, models, sse):
     """A Client that reads the row at the first `streaming` NOTIFY only once the answer is final (a busy client, or
     a short answer) yielded no piece at all: the row was no longer pending and nothing had been yielded, so it took
@@ -323,27 +350,14 @@ async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_re
         await _corpus(db_url)
         listener = await aconn(db_url)
         await listener.execute("LISTEN pgsynapse_answers")
-        results, pieces, final = [], [], anyio.Event()
+        final = anyio.Event()
 
         async def go_on(p):
             for g in gates:
                 g.set()
 
         async with Client(db_url) as client, anyio.create_task_group() as tg:
-            read, reads = client._read, []
-
-            async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
-                reads.append(qid)
-                if len(reads) == 2:
-                    await final.wait()
-                return await read(qid, **kw)
-
-            client._read = late  # type: ignore[method-assign]
-
-            async def ask():
-                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
-
-            tg.start_soon(ask)
+            results, pieces = _ask_reading_late(client, tg, "how do I undo commands back to a savepoint?", final)
             notes = await _notifies_until_final(listener, 1, go_on)
             final.set()
     assert [p["status"] for p in notes] == ["streaming", "answered"]
@@ -374,29 +388,14 @@ async def test_a_final_answer_that_replaces_the_stream_is_no_piece_when_first_re
             await _corpus(db_url)
             listener = await aconn(db_url)
             await listener.execute("LISTEN pgsynapse_answers")
-            results, pieces, final = [], [], anyio.Event()
+            final = anyio.Event()
 
             async def go_on(p):
                 for g in gates:
                     g.set()
 
             async with Client(db_url) as client, anyio.create_task_group() as tg:
-                read, reads = client._read, []
-
-                async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
-                    reads.append(qid)
-                    if len(reads) == 2:
-                        await final.wait()
-                    row = await read(qid, **kw)
-                    first_read.set()
-                    return row
-
-                client._read = late  # type: ignore[method-assign]
-
-                async def ask():
-                    results.append(await client.ask(question, on_delta=pieces.append))
-
-                tg.start_soon(ask)
+                results, pieces = _ask_reading_late(client, tg, question, final, after_read=first_read.set)
                 notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
                 final.set()
             await listener.close()
