@@ -5,7 +5,8 @@ whole: mean pooling dilutes it, and the model sees only its first ``max_seq_leng
 checked in windows that together cover all of it:
 
 - the whole text, when it fits the model (how a short question was always checked);
-- each sentence (split after ``. ! ? ; :`` and at line breaks); a sentence over :data:`WINDOW_TOKENS` tokens is
+- each sentence (split after ``. ! ? ; :`` and a space, after the full stops ``。！？`` (and a closing bracket
+  or quote after one), and at line breaks); a sentence over :data:`WINDOW_TOKENS` tokens is
   cut into token windows of that size, each overlapping the next by half;
 - each pair of neighbouring sentences' pieces, so what a sentence break separates is also seen together.
 
@@ -28,7 +29,10 @@ from pgsynapse.models import Embedder
 
 WINDOW_TOKENS = 32  # a sentence longer than this is checked in windows of this many tokens, overlapping by half
 
-_BREAK = re.compile(r"(?<=[.!?;:])\s+|\s*\n\s*")
+# a CJK full stop ends its sentence once a character other than a closing bracket or quote follows it (not at the end
+# of the text so far): text that follows never changes the sentences before a break
+_CLOSE = "」』）)\"'”’〉》】"
+_BREAK = re.compile(rf"(?<=[.!?;:])\s+|(?<=[。！？])\s*(?=[^\s{_CLOSE}])|(?<=[。！？][{_CLOSE}])\s*(?=\S)|\s*\n\s*")
 
 
 def _sentences(text: str) -> list[tuple[int, int]]:
@@ -50,8 +54,11 @@ def sentences_end(text: str) -> int:
     return end
 
 
-def windows(text: str, tokenizer: Any, max_seq_length: int, window: int = WINDOW_TOKENS) -> list[str]:
-    """The texts a guardrail check embeds for ``text`` (see the module docstring); together they cover all of it."""
+def windows(text: str, tokenizer: Any, max_seq_length: int, window: int = WINDOW_TOKENS, *,
+            part: bool = False) -> list[str]:
+    """The texts a guardrail check embeds for ``text`` (see the module docstring); together they cover all of it.
+    ``part``: ``text`` is the start of a longer text (a streamed answer so far): its whole is left out, as it is no
+    window of the longer text; when it ends at a sentence break its other windows are all the longer text's."""
     text = text.strip()
     if not text:
         return []
@@ -59,7 +66,7 @@ def windows(text: str, tokenizer: Any, max_seq_length: int, window: int = WINDOW
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     starts = [o[0] for o in offsets]
     specials = len(tokenizer("", add_special_tokens=True)["input_ids"])
-    out = [text] if len(offsets) + specials <= max_seq_length else []
+    out = [text] if not part and len(offsets) + specials <= max_seq_length else []
     pieces: list[tuple[int, int, int]] = []  # char start, char end, sentence number
     for k, (a, b) in enumerate(_sentences(text)):
         first, last = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
@@ -136,14 +143,15 @@ class Guard:
         return bool(self._rules)
 
     def check(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None = None,
-              rules: RuleSet | None = None, memo: dict[str, np.ndarray] | None = None) -> list[dict[str, Any] | None]:
+              rules: RuleSet | None = None, memo: dict[str, np.ndarray] | None = None,
+              part: bool = False) -> list[dict[str, Any] | None]:
         """Per text, the strongest rule one of its windows matches, or None. ``known``: vectors already computed
         by this embedder for some texts (a question's query embedding), reused for the windows equal to them.
         ``rules``: the snapshot to check under (default: the rules of the last refresh). ``memo``: as ``known``,
         and the vectors this check computes are added to it (a streamed answer's checks, then its final one,
-        embed each window once)."""
+        embed each window once). ``part``: each text is the start of a longer one (:func:`windows`)."""
         rules_used, per_text = self._window_similarities(embedder, texts, known,
-                                                               self._rules if rules is None else rules, memo)
+                                                         self._rules if rules is None else rules, memo, part)
         return [strongest(sims, rules_used) for sims in per_text] if rules_used else [None] * len(texts)
 
     def similarities(self, embedder: Embedder, text: str) -> list[tuple[dict[str, Any], float]]:
@@ -153,13 +161,13 @@ class Guard:
         return [(r, float(s)) for r, s in zip(rules, sims.max(axis=0), strict=True)] if sims.size else []
 
     def _window_similarities(self, embedder: Embedder, texts: list[str], known: dict[str, np.ndarray] | None,
-                             snapshot: RuleSet, memo: dict[str, np.ndarray] | None = None
+                             snapshot: RuleSet, memo: dict[str, np.ndarray] | None = None, part: bool = False
                              ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         """The rules, and per text its windows' cosine similarity to each rule (windows x rules)."""
         key, rules = snapshot.key, snapshot.rules
         if not rules:
             return [], [np.empty((0, 0))] * len(texts)
-        per_text = [windows(t or "", embedder.tokenizer, embedder.max_seq_length) for t in texts]
+        per_text = [windows(t or "", embedder.tokenizer, embedder.max_seq_length, part=part) for t in texts]
         vectors = {} if memo is None else memo
         vectors.update(known or {})
         todo = list(dict.fromkeys(w for ws in per_text for w in ws if w not in vectors))

@@ -312,6 +312,33 @@ async def test_writes_are_throttled_and_bad_citations_are_flagged_on_the_row(db_
     assert [s["rank"] for s in flagged.sources] == [1, 2]  # the cited passages, in rank order
 
 
+def _ask_reading_late(client: Client, tg, question: str, final: anyio.Event,
+                      after_read=None) -> tuple[list, list]:
+    """Starts ``client.ask(question)`` in ``tg`` with a client whose read at the first NOTIFY waits for ``final``
+    (a busy client, a short answer); ``after_read`` is called after each of its reads. Returns the list its Result
+    goes to and the list of the pieces given to its ``on_delta``."""
+    results: list = []
+    pieces: list[str] = []
+    read, reads = client._read, []
+
+    async def late(qid, **kw):
+        reads.append(qid)
+        if len(reads) == 2:  # the first is the ask's own, before any NOTIFY
+            await final.wait()
+        row = await read(qid, **kw)
+        if after_read:
+            after_read()
+        return row
+
+    client._read = late  # type: ignore[method-assign]
+
+    async def ask():
+        results.append(await client.ask(question, on_delta=pieces.append))
+
+    tg.start_soon(ask)
+    return results, pieces
+
+
 async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_reaches_on_delta(db_url, models, sse):
     """A Client that reads the row at the first `streaming` NOTIFY only once the answer is final (a busy client, or
     a short answer) yielded no piece at all: the row was no longer pending and nothing had been yielded, so it took
@@ -323,27 +350,14 @@ async def test_a_streamed_answer_the_client_reads_only_once_it_is_final_still_re
         await _corpus(db_url)
         listener = await aconn(db_url)
         await listener.execute("LISTEN pgsynapse_answers")
-        results, pieces, final = [], [], anyio.Event()
+        final = anyio.Event()
 
         async def go_on(p):
             for g in gates:
                 g.set()
 
         async with Client(db_url) as client, anyio.create_task_group() as tg:
-            read, reads = client._read, []
-
-            async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
-                reads.append(qid)
-                if len(reads) == 2:
-                    await final.wait()
-                return await read(qid, **kw)
-
-            client._read = late  # type: ignore[method-assign]
-
-            async def ask():
-                results.append(await client.ask("how do I undo commands back to a savepoint?", on_delta=pieces.append))
-
-            tg.start_soon(ask)
+            results, pieces = _ask_reading_late(client, tg, "how do I undo commands back to a savepoint?", final)
             notes = await _notifies_until_final(listener, 1, go_on)
             final.set()
     assert [p["status"] for p in notes] == ["streaming", "answered"]
@@ -374,29 +388,14 @@ async def test_a_final_answer_that_replaces_the_stream_is_no_piece_when_first_re
             await _corpus(db_url)
             listener = await aconn(db_url)
             await listener.execute("LISTEN pgsynapse_answers")
-            results, pieces, final = [], [], anyio.Event()
+            final = anyio.Event()
 
             async def go_on(p):
                 for g in gates:
                     g.set()
 
             async with Client(db_url) as client, anyio.create_task_group() as tg:
-                read, reads = client._read, []
-
-                async def late(qid, **kw):  # the client's read at the first NOTIFY waits for the answer's end
-                    reads.append(qid)
-                    if len(reads) == 2:
-                        await final.wait()
-                    row = await read(qid, **kw)
-                    first_read.set()
-                    return row
-
-                client._read = late  # type: ignore[method-assign]
-
-                async def ask():
-                    results.append(await client.ask(question, on_delta=pieces.append))
-
-                tg.start_soon(ask)
+                results, pieces = _ask_reading_late(client, tg, question, final, after_read=first_read.set)
                 notes = await _notifies_until_final(listener, 1, go_on)  # a fresh database: the first question
                 final.set()
             await listener.close()
@@ -642,6 +641,84 @@ async def test_a_sentence_a_block_rule_matches_mid_stream_is_never_published_and
     assert final["guardrail"] == results[0].guardrail
     [stopped] = [e for e in logs if e["event"] == "answer_generation_stopped"]
     assert (stopped["reason"], stopped["pieces"]) == ("blocked", 2)  # at the piece that ended the sentence
+
+
+# sentences ending with a CJK full stop and no space; one run-on sentence whose third piece passes the hold (300
+# characters): under a block rule both were held whole to the final write
+CJK = ["使用 ROLLBACK TO SAVEPOINT 回滚 [1]。", "它撤销保存点之后的工作 [1]。", "保存点本身保留 [1]。"]
+RUN_ON = ["the savepoint keeps the rows written before it, and the work done after it is rolled back in this transaction "
+          ] * 3 + ["until it is released [1]."]
+
+
+@pytest.mark.parametrize("script,published", [(CJK, 2), (RUN_ON, 3)], ids=["cjk", "run-on"])
+async def test_with_a_block_rule_text_without_a_sentence_break_streams_before_the_final_answer(db_url, models, sse,
+                                                                                              script, published):
+    SSE.scripts = [script]
+    wanted = "".join(script[:published])  # streamed: the rest comes with the final write
+    done = threading.Event()
+    SSE.gates = [*(threading.Event() for _ in script[:-1]), done]  # the end waits for the streamed text's NOTIFY
+    for g in SSE.gates[:-1]:
+        g.set()
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    try:
+        async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+            await _corpus(db_url)
+            await conn.execute("LISTEN pgsynapse_answers")
+            await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+
+            async def on_stream(p):
+                if p["offset"] + len(p["delta"]) == len(wanted):
+                    done.set()
+
+            notes = await _notifies_until_final(conn, 1, on_stream)  # a fresh database: the first question
+            final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+    finally:
+        done.set()  # the endpoint's thread goes on
+    await conn.close()
+    assert [p["status"] for p in notes][-1] == "answered" and len(notes) >= 2, notes
+    assert "".join(p["delta"] for p in notes[:-1]) == wanted
+    assert (final["status"], final["answer"], final["guardrail"]) == ("answered", "".join(script), None)
+
+
+async def test_a_last_sentence_a_block_rule_matches_ends_blocked_replacing_what_streamed(db_url, models, sse):
+    """The stream's checks pass what the final check may block: the unfinished last sentence (and the whole answer
+    as one window) only the final check sees. The answer then ends blocked, its final NOTIFY replacing the
+    sentences streamed; the client's pieces are those sentences, its Result the blocked answer."""
+    SSE.scripts = [[CHECKED[0], f"Then {BOMB}."]]
+    SSE.gates = gates = [threading.Event(), threading.Event()]
+    gates[1].set()
+    conn = await aconn(db_url)
+    await conn.execute(BOMB_RULE)
+    with capture_logs() as logs:
+        try:
+            async with running_worker(_settings(db_url, sse, stream_interval_ms=0), models):
+                await _corpus(db_url)
+                listener = await aconn(db_url)
+                await listener.execute("LISTEN pgsynapse_answers")
+                results, pieces = [], []
+
+                async def on_stream(p):
+                    gates[0].set()
+
+                async with Client(db_url) as client, anyio.create_task_group() as tg:
+                    async def ask():
+                        results.append(await client.ask("how do I undo commands back to a savepoint?",
+                                                        on_delta=pieces.append))
+
+                    tg.start_soon(ask)
+                    notes = await _notifies_until_final(listener, 1, on_stream)  # a fresh database: the first one
+                final = await (await conn.execute("SELECT * FROM pgsynapse.questions WHERE id = 1")).fetchone()
+                await listener.close()
+        finally:
+            gates[0].set()
+    await conn.close()
+    assert [(p["status"], p.get("delta")) for p in notes] == [("streaming", CHECKED[0]), ("blocked", None)], notes
+    assert (final["status"], final["answer"], final["answerer"]) == ("blocked", BLOCKED_ANSWER, "guardrail")
+    assert final["guardrail"]["stage"] == "answer" and final["guardrail"]["action"] == "block"
+    assert results[0].status == "blocked" and results[0].answer == BLOCKED_ANSWER
+    assert pieces == [CHECKED[0]]  # what streamed; the blocked answer is the Result's only
+    assert not [e for e in logs if e["event"] == "answer_generation_stopped"]  # the stream passed it: the final check
 
 
 async def test_a_flag_rule_alone_streams_each_piece_as_it_comes(db_url, models, sse):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pgsynapse.guardrails import Guard, sentences_end, windows
-from pgsynapse.handlers.answer_stream_guard import AnswerBlocked, GuardedStream
+from pgsynapse.handlers.answer_stream_guard import HOLD_CHARS, AnswerBlocked, GuardedStream
 from pgsynapse.models import default_model_path, probe_model
 
 SENTENCES = ["Use ROLLBACK TO SAVEPOINT [1]. ", "It undoes the work done after it [1].\n", "The savepoint stays [1]."]
@@ -61,8 +61,19 @@ def test_a_sentence_ends_at_a_break_more_text_does_not_move(tokenizer):
     text = "".join(SENTENCES) + " Release it when done."
     end = sentences_end(text)
     assert end == len("".join(SENTENCES)) + 1
-    # the windows of the text up to there are the full text's, and its whole (a superset for what is published)
+    # the windows of the text up to there, its whole left out, are all the full text's: the stream's checks are the
+    # final check's, on the same vectors
+    assert set(windows(text[:end], tokenizer, 256, part=True)) < set(windows(text, tokenizer, 256))
     assert set(windows(text[:end], tokenizer, 256)) - set(windows(text, tokenizer, 256)) == {text[:end].strip()}
+
+
+def test_cjk_full_stops_end_a_sentence_once_the_next_one_starts():
+    assert sentences_end("使用回滚命令。") == 0  # a closing quote may follow yet: no break at the end of the text
+    assert sentences_end("使用回滚命令。它撤销") == len("使用回滚命令。")
+    assert sentences_end("他说「好。」") == 0
+    assert sentences_end("他说「好。」然后") == len("他说「好。」")
+    assert sentences_end("真的吗？是的！好") == len("真的吗？是的！")
+    assert sentences_end("保存点。\n它") == len("保存点。\n")
 
 
 def test_each_sentence_is_handed_on_once_checked_and_the_final_check_embeds_only_the_rest(embedder):
@@ -103,3 +114,60 @@ def test_a_block_match_stops_at_the_piece_that_ends_its_sentence_and_a_flag_matc
     for piece in ["Which medicine should I take for a headache? ", "Ask a doctor."]:
         stream(piece)
     assert flagged.given == ["Which medicine should I take for a headache? ", ""]  # a flag rule stops nothing
+
+
+CJK = ["使用 ROLLBACK TO SAVEPOINT 回滚 [1]。", "它撤销保存点之后的工作 [1]。", "保存点本身保留 [1]。"]
+# one run-on sentence: no '. ! ? ; :' and no line break before its end
+RUN_ON = " ".join(f"step {i} rolls the work back to the savepoint and keeps the rows written before it"
+                  for i in range(12)) + " [1]."
+
+
+def test_a_text_with_cjk_full_stops_streams_a_sentence_at_a_time(embedder):
+    """A text whose sentences end with 。！？ and no space was held whole to the final write under a block rule."""
+    guard, sink = _guard(), Sink()
+    stream = GuardedStream(sink, guard, embedder, guard.snapshot(), question=1, interval_ms=0)
+    for piece in CJK:
+        stream(piece)
+    assert sink.given == ["", CJK[0], CJK[1]]  # each sentence once the next starts; the last with the final write
+
+
+@pytest.mark.parametrize("text,piece", [(RUN_ON, None), ("保存点" * 250, 40)], ids=["run-on", "no-spaces"])
+def test_unfinished_text_is_held_no_longer_than_the_hold(embedder, text, piece):
+    """A long sentence with no break (a run-on clause, a script written without spaces) was held whole to the final
+    write: once the text after what was published passes HOLD_CHARS it is checked and published, up to its last
+    whitespace where it has one."""
+    guard, sink = _guard(), Sink()
+    stream = GuardedStream(sink, guard, embedder, guard.snapshot(), question=1, interval_ms=0)
+    pieces = _words(text) if piece is None else [text[k:k + piece] for k in range(0, len(text), piece)]
+    for p in pieces:
+        stream(p)
+        assert len(stream.text) - stream.published <= HOLD_CHARS + len(p), "held past the hold"
+    given = [p for p in sink.given if p]
+    assert len(given) >= 2 and text.startswith("".join(given)) and len("".join(given)) > len(text) - HOLD_CHARS - 40
+    assert all(len(p) > HOLD_CHARS for p in given)  # in runs of about HOLD_CHARS, not a check per piece
+    if piece is None:
+        assert all(p.endswith(" ") for p in given)  # never part of a word
+    [hit] = guard.check(embedder, [text], rules=guard.snapshot(), memo=stream.vectors)
+    assert hit is None
+
+
+def test_a_stream_blocks_only_what_the_final_check_blocks(embedder):
+    """The stream's checks embedded the text so far as one more window than the final check makes: a block rule
+    close to the first sentences together stopped the answer, which the final check, on the whole answer, passed.
+    The stream now checks the final check's windows only (where a sentence ended), on the same vectors."""
+    first = "".join(SENTENCES[:2]) + "The savepoint itself stays [1]. "
+    text = first + "Release it when done, and COMMIT makes the rest of the transaction permanent for everyone [2]."
+    probe = Guard()
+    probe.refresh([{"id": 3, "text": first.strip(), "action": "block", "threshold": 0.0}])
+    whole = probe.similarities(embedder, first)[0][1]  # the sentences together: the rule itself
+    final = probe.similarities(embedder, text)[0][1]  # its windows: each sentence, each pair, the whole answer
+    assert final < whole - 0.02, (final, whole)
+    guard = Guard()
+    guard.refresh([{"id": 3, "text": first.strip(), "action": "block", "threshold": round((final + whole) / 2, 4)}])
+    sink = Sink()
+    stream = GuardedStream(sink, guard, embedder, guard.snapshot(), question=1, interval_ms=0)
+    for word in _words(text):
+        stream(word)  # raised AnswerBlocked at the third sentence's end
+    assert "".join(sink.given) == first
+    [hit] = guard.check(embedder, [text], rules=guard.snapshot(), memo=stream.vectors)
+    assert hit is None
