@@ -347,7 +347,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(terminal_safe(piece), end="", flush=True)
 
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
-                     on_delta=None if args.json else show)
+                     on_delta=None if args.json else show, migrate=args.migrate)
         if args.json:
             print(json_dumps(asdict(result), indent=2))
         elif streamed:

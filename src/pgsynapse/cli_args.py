@@ -73,6 +73,8 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
 
 COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
 SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+MIGRATE_HELP = ("apply the database's pending migrations first, as the database owner (the embedded default always "
+                "does; without it a DATABASE_URL database never migrated, or behind, is refused: `pgsynapse migrate`)")
 SHARE = _ranged(float, 0, 1)  # agreement thresholds
 PERCENT = _ranged(float, 0, 100)
 
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("--session", help="session id: follow-up questions use its history")
     ak.add_argument("--timeout", type=SECONDS, default=120.0, help="seconds to wait (default 120; 0: no limit)")
     ak.add_argument("--json", action="store_true")
+    ak.add_argument("--migrate", action="store_true", help=MIGRATE_HELP)
     fb = sub.add_parser("feedback", help="say whether an answer helped and which cited passage answered it (the "
                         "retrain learns from it)")
     fb.add_argument("question", type=int, metavar="QUESTION_ID", help="the question, as `pgsynapse ask` printed it")
@@ -344,6 +347,7 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
     sa.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait (default 300; 0: no limit)")
     sa.add_argument("--json", action="store_true")
+    sa.add_argument("--migrate", action="store_true", help=MIGRATE_HELP)
     sc = sub.add_parser("sql-correct", help="record the right SQL for a data question (or approve the generated one): "
                         "training data of the SQL model")
     sc.add_argument("question", type=int)
