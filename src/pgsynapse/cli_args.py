@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--replace", action="store_true",
                      help="a changed file updates the stored document of its source (embedded again) instead of "
                           "adding a new one beside it, and older versions kept beside it by runs without --replace "
-                          "are deleted; sources are paths relative to the directory given")
+                          "are deleted; a changed picture replaces the one stored from its file; sources are paths relative "
+                          "to the directory given")
     ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
     ing.add_argument("--encoding", type=ENCODING,

@@ -5,7 +5,8 @@ is already stored is counted ``unchanged`` and not inserted again, so re-ingesti
 A changed file is a new document, its old version kept (the summary counts them), unless ``replace``: then the
 newest stored document of the same ``source`` is updated in place, keeps its id, and the update trigger embeds it
 again; the source's other versions (kept by earlier runs without ``replace``) are deleted, and the images ingest
-stored beside them (an application's are linked to the kept document). Opt-in, because a
+stored beside them (an application's are linked to the kept document), and a changed picture replaces the one
+stored from its file. Opt-in, because a
 source is the path relative to the directory given: two trees with a file of the same name share a source.
 COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
 ``embed`` job and the worker is woken by one NOTIFY per batch.
@@ -89,6 +90,7 @@ class IngestReport:
     images: int = 0  # image files inserted
     images_linked: int = 0  # stored before the document beside them, linked to it now
     images_unchanged: int = 0
+    images_replaced: int = 0  # older pictures of the image files deleted (replace)
     image_ids: list[int] = field(default_factory=list)  # the rows of the image files, for follow
     embedded: int | None = None  # set by follow
     embed_failed: int | None = None
@@ -107,7 +109,9 @@ class IngestReport:
             lines.append(f"{self.dropped} older version(s) of these files' sources deleted (--replace)")
         if self.images or self.images_linked or self.images_unchanged:
             linked = f", {self.images_linked} linked to a document" if self.images_linked else ""
-            lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged")
+            replaced = (f", {self.images_replaced} older picture(s) of these files deleted (--replace)"
+                        if self.images_replaced else "")
+            lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged{replaced}")
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
             if items:
                 lines.append(f"{title}:")
@@ -310,13 +314,14 @@ def ingest(
             if sum(len(im.data) for im in images) >= batch_chars:  # documents first: images link to them
                 _flush(conn, batch, report, replace)
                 batch = []
-                _flush_images(conn, images, doc_sources, report)
+                _flush_images(conn, images, doc_sources, report, replace)
                 images = []
         _flush(conn, batch, report, replace)
-        _flush_images(conn, images, doc_sources, report)
+        _flush_images(conn, images, doc_sources, report, replace)
     log.info("ingest_finished", files=report.files, inserted=report.inserted, replaced=report.replaced,
              unchanged=report.unchanged, dropped=report.dropped,
              images=report.images, images_linked=report.images_linked, images_unchanged=report.images_unchanged,
+             images_replaced=report.images_replaced,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
 
@@ -333,11 +338,13 @@ def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
     return FileImage(source, data, IMAGE_EXTENSIONS[path.suffix.lower()])
 
 
-def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:
-    done, ids = flush_images(conn, images, doc_sources)
+def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport,
+                  replace: bool) -> None:
+    done, ids = flush_images(conn, images, doc_sources, replace)
     report.images += done.inserted
     report.images_linked += done.linked
     report.images_unchanged += done.unchanged
+    report.images_replaced += done.replaced
     report.image_ids += ids
 
 
