@@ -269,7 +269,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(retried.requeued.items())))
             if retried.input_errors and not retried.skipped_input_errors:
                 print(f"{sum(retried.input_errors.values())} of them failed on their input, {such}: they fail the "
-                      "same way again unless their row or the limit changed (--skip-input-errors leaves them failed)")
+                      "same way again unless their row, or what the error names (a limit, a table), changed since "
+                      "(--skip-input-errors leaves them failed)")
         elif not retried.superseded and not retried.gone and not retried.input_errors:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
         if retried.input_errors and retried.skipped_input_errors:

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--kind", choices=JOB_KINDS, help="only jobs of this kind (default: all kinds)")
     rf.add_argument("--skip-input-errors", action="store_true", help="leave failed the jobs that failed on their "
                     "input (InputError: a body over max_document_chars...): requeued, they fail again unless their "
-                    "row or the limit changed")
+                    "row, or what the error names, changed")
 
     se = sub.add_parser("search", help="search the documents as answers do (the nearest chunks of the active model "
                         "version fused with full-text matches), or the images")

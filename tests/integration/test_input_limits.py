@@ -141,8 +141,8 @@ async def test_deleting_a_row_closes_its_failed_jobs_and_retry_failed_requeues_t
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout == (
         "requeued embed: 1\n1 of them failed on their input, such as: InputError: body has 1,200 characters, over "
-        "max_document_chars=1,000: they fail the same way again unless their row or the limit changed "
-        "(--skip-input-errors leaves them failed)\n"), retried.stdout
+        "max_document_chars=1,000: they fail the same way again unless their row, or what the error names (a limit, "
+        "a table), changed since (--skip-input-errors leaves them failed)\n"), retried.stdout
     jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
     await conn.close()
     assert [j["status"] for j in jobs] == ["done", "pending", "done"]
