@@ -143,13 +143,14 @@ def _require_utf8_name(source: str) -> None:
 
 def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
     """``(file, source)``: a directory's files (hidden ones left out) with sources relative to it; a file by name.
-    A broken link, a pipe or a socket is yielded too, for the report to say what it is."""
+    A broken link, a link to a directory (not followed: it may loop), a pipe or a socket is yielded too, for the
+    report to say what it is."""
     for raw in paths:
         root = Path(raw)
         if root.is_dir():
             for f in sorted(root.rglob("*")):
                 rel = f.relative_to(root)
-                if any(part.startswith(".") for part in rel.parts) or f.is_dir():
+                if any(part.startswith(".") for part in rel.parts) or (f.is_dir() and not f.is_symlink()):
                     continue
                 yield f, rel.as_posix()
         else:
@@ -293,6 +294,9 @@ def ingest(
                 _require_utf8_name(source)
                 if path.is_symlink() and not path.exists():
                     raise SkipFile(f"a link to a missing file ({os.readlink(path)})")
+                if path.is_dir():  # inside a tree: its files were left out without a word
+                    raise SkipFile("a link to a directory, not followed: give the directory itself as a PATH to "
+                                   "ingest it")
                 # a path that is not there fails as missing, whatever its name says its type is
                 if not stat.S_ISREG(path.stat().st_mode):
                     raise SkipFile("not a regular file (a pipe, socket or device)")  # reading a pipe would wait

@@ -127,6 +127,23 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
+def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path):
+    # a tree's link to a directory (shared docs linked in) is not followed (a link back to the tree would loop): its
+    # files were left out without a word ("1 file(s)")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "guide.md").write_text(SENTENCE)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
+    (tmp_path / "docs" / "shared").symlink_to(tmp_path / "shared")
+    (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")
+    out = _cli(db_url, str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert "3 file(s): 1 inserted, 0 unchanged (already stored), 2 skipped, 0 failed" in out.stdout, out.stdout
+    reasons = dict(line.strip().split(": ", 1) for line in out.stdout.splitlines() if line.startswith("  "))
+    said = "a link to a directory, not followed: give the directory itself as a PATH to ingest it"
+    assert reasons == {"loop": said, "shared": said}, out.stdout
+
+
 def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
     # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
     # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
