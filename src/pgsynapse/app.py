@@ -77,24 +77,25 @@ def _reload_while_starting(signum: int, frame: object) -> None:
 
 
 def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0,
-        on_delta: Callable[[str], None] | None = None):
+        on_delta: Callable[[str], None] | None = None, migrate: bool = False):
     """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
     Without a running worker on this database, an in-process worker answers it (the embedded default's usual
-    case)."""
+    case). ``migrate``: apply pending migrations first (always on the embedded server; elsewhere a schema missing or
+    behind is refused, as by every one-shot command)."""
     require_text(text)  # refused before a database or a worker is started for it
 
     return _answered(settings, "answer", "question", timeout, lambda client, limit: client.ask(
-        text, session_id=session_id, timeout=limit, on_delta=on_delta))
+        text, session_id=session_id, timeout=limit, on_delta=on_delta), migrate=migrate)
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
-             tables: list[str] | None = None, timeout: float = 300.0):
+             tables: list[str] | None = None, timeout: float = 300.0, migrate: bool = False):
     """Ask one question about the data and wait for its statement and result (an in-process worker answers it
-    when none runs on this database)."""
+    when none runs on this database); ``migrate`` as :func:`ask`'s."""
     require_text(text)
 
     return _answered(settings, "sql_answer", "data question", timeout, lambda client, limit: client.ask_data(
-        text, session_id=session_id, schema=schema, tables=tables, timeout=limit))
+        text, session_id=session_id, schema=schema, tables=tables, timeout=limit), migrate=migrate)
 
 
 class _Started:
@@ -139,7 +140,7 @@ def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
 
 
 def _answered(settings: Settings, kind: str, what: str, timeout: float,
-              call: Callable[[Client, float | None], Awaitable[Any]]):
+              call: Callable[[Client, float | None], Awaitable[Any]], *, migrate: bool = False):
     """``call(client, timeout)`` asks against a worker: the one running on this database, else one started here for
     ``kind`` while it asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
     ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
@@ -191,7 +192,9 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         return result
 
     with Database(settings) as db:
-        if done := ensure_schema(db):  # said at the level `ask` logs at: it changed the schema on its way
+        # the embedded server is pgsynapse's own (the README's first ask migrates it); a DATABASE_URL database is
+        # migrated by its owner (`pgsynapse migrate`), or when asked to (--migrate), as by every one-shot command
+        if done := ensure_schema(db, apply=migrate or settings.embedded):  # said at `ask`'s level: it changed the schema
             log.warning("schema_migrated_before_asking", applied=done)
         with db.connect() as conn:
             running = worker_takes(conn, kind)

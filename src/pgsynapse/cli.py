@@ -263,11 +263,19 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return 0
     if args.command == "retry-failed":
         with Database(settings) as db, db.connect() as conn:
-            retried = retry_failed(conn, args.kind)
+            retried = retry_failed(conn, args.kind, skip_input_errors=args.skip_input_errors)
+        such = f"such as: {textwrap.shorten(retried.input_error or '', 300, placeholder=' ...')}"
         if retried.requeued:
             print("requeued " + ", ".join(f"{k}: {n}" for k, n in sorted(retried.requeued.items())))
-        elif not retried.superseded and not retried.gone:
+            if retried.input_errors and not retried.skipped_input_errors:
+                print(f"{sum(retried.input_errors.values())} of them failed on their input, {such}: they fail the "
+                      "same way again unless their row, or what the error names (a limit, a table), changed since "
+                      "(--skip-input-errors leaves them failed)")
+        elif not retried.superseded and not retried.gone and not retried.input_errors:
             print("no failed jobs" + (f" of kind {args.kind}" if args.kind else ""))
+        if retried.input_errors and retried.skipped_input_errors:
+            print(f"left {sum(retried.input_errors.values())} failed job(s) that failed on their input ("
+                  + ", ".join(f"{k}: {n}" for k, n in sorted(retried.input_errors.items())) + f"), {such}")
         if retried.superseded:
             print(f"closed {retried.superseded} failed job(s) as superseded: their row has a newer job, or changed "
                   "and was processed since")
@@ -347,7 +355,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             print(terminal_safe(piece), end="", flush=True)
 
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
-                     on_delta=None if args.json else show)
+                     on_delta=None if args.json else show, migrate=args.migrate)
         if args.json:
             print(json_dumps(asdict(result), indent=2))
         elif streamed:

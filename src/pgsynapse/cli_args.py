@@ -73,6 +73,8 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
 
 COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
 SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
+MIGRATE_HELP = ("apply the database's pending migrations first, as the database owner (the embedded default always "
+                "does; without it a DATABASE_URL database never migrated, or behind, is refused: `pgsynapse migrate`)")
 SHARE = _ranged(float, 0, 1)  # agreement thresholds
 PERCENT = _ranged(float, 0, 100)
 
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rf = sub.add_parser("retry-failed", help="put failed jobs and their rows back in the queue")
     rf.add_argument("--kind", choices=JOB_KINDS, help="only jobs of this kind (default: all kinds)")
+    rf.add_argument("--skip-input-errors", action="store_true", help="leave failed the jobs that failed on their "
+                    "input (InputError: a body over max_document_chars...): requeued, they fail again unless their "
+                    "row, or what the error names, changed")
 
     se = sub.add_parser("search", help="search the documents as answers do (the nearest chunks of the active model "
                         "version fused with full-text matches), or the images")
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("--session", help="session id: follow-up questions use its history")
     ak.add_argument("--timeout", type=SECONDS, default=120.0, help="seconds to wait (default 120; 0: no limit)")
     ak.add_argument("--json", action="store_true")
+    ak.add_argument("--migrate", action="store_true", help=MIGRATE_HELP)
     fb = sub.add_parser("feedback", help="say whether an answer helped and which cited passage answered it (the "
                         "retrain learns from it)")
     fb.add_argument("question", type=int, metavar="QUESTION_ID", help="the question, as `pgsynapse ask` printed it")
@@ -217,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--replace", action="store_true",
                      help="a changed file updates the stored document of its source (embedded again) instead of "
                           "adding a new one beside it, and older versions kept beside it by runs without --replace "
-                          "are deleted; sources are paths relative to the directory given")
+                          "are deleted; a changed picture replaces the one stored from its file; sources are paths relative "
+                          "to the directory given")
     ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
     ing.add_argument("--encoding", type=ENCODING,
@@ -344,6 +351,7 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     sa.add_argument("--session", help="a session id: earlier questions of the session are given to the model")
     sa.add_argument("--timeout", type=SECONDS, default=300.0, help="seconds to wait (default 300; 0: no limit)")
     sa.add_argument("--json", action="store_true")
+    sa.add_argument("--migrate", action="store_true", help=MIGRATE_HELP)
     sc = sub.add_parser("sql-correct", help="record the right SQL for a data question (or approve the generated one): "
                         "training data of the SQL model")
     sc.add_argument("question", type=int)

@@ -5,7 +5,8 @@ is already stored is counted ``unchanged`` and not inserted again, so re-ingesti
 A changed file is a new document, its old version kept (the summary counts them), unless ``replace``: then the
 newest stored document of the same ``source`` is updated in place, keeps its id, and the update trigger embeds it
 again; the source's other versions (kept by earlier runs without ``replace``) are deleted, and the images ingest
-stored beside them (an application's are linked to the kept document). Opt-in, because a
+stored beside them (an application's are linked to the kept document), and a changed picture replaces the one
+stored from its file. Opt-in, because a
 source is the path relative to the directory given: two trees with a file of the same name share a source.
 COPY fires the table's statement-level AFTER INSERT trigger like any INSERT: every new document gets its
 ``embed`` job and the worker is woken by one NOTIFY per batch.
@@ -89,6 +90,7 @@ class IngestReport:
     images: int = 0  # image files inserted
     images_linked: int = 0  # stored before the document beside them, linked to it now
     images_unchanged: int = 0
+    images_replaced: int = 0  # older pictures of the image files deleted (replace)
     image_ids: list[int] = field(default_factory=list)  # the rows of the image files, for follow
     embedded: int | None = None  # set by follow
     embed_failed: int | None = None
@@ -107,7 +109,9 @@ class IngestReport:
             lines.append(f"{self.dropped} older version(s) of these files' sources deleted (--replace)")
         if self.images or self.images_linked or self.images_unchanged:
             linked = f", {self.images_linked} linked to a document" if self.images_linked else ""
-            lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged")
+            replaced = (f", {self.images_replaced} older picture(s) of these files deleted (--replace)"
+                        if self.images_replaced else "")
+            lines.append(f"images: {self.images} inserted{linked}, {self.images_unchanged} unchanged{replaced}")
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):
             if items:
                 lines.append(f"{title}:")
@@ -139,13 +143,14 @@ def _require_utf8_name(source: str) -> None:
 
 def discover(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
     """``(file, source)``: a directory's files (hidden ones left out) with sources relative to it; a file by name.
-    A broken link, a pipe or a socket is yielded too, for the report to say what it is."""
+    A broken link, a link to a directory (not followed: it may loop), a pipe or a socket is yielded too, for the
+    report to say what it is."""
     for raw in paths:
         root = Path(raw)
         if root.is_dir():
             for f in sorted(root.rglob("*")):
                 rel = f.relative_to(root)
-                if any(part.startswith(".") for part in rel.parts) or f.is_dir():
+                if any(part.startswith(".") for part in rel.parts) or (f.is_dir() and not f.is_symlink()):
                     continue
                 yield f, rel.as_posix()
         else:
@@ -289,6 +294,9 @@ def ingest(
                 _require_utf8_name(source)
                 if path.is_symlink() and not path.exists():
                     raise SkipFile(f"a link to a missing file ({os.readlink(path)})")
+                if path.is_dir():  # inside a tree: its files were left out without a word
+                    raise SkipFile("a link to a directory, not followed: give the directory itself as a PATH to "
+                                   "ingest it")
                 # a path that is not there fails as missing, whatever its name says its type is
                 if not stat.S_ISREG(path.stat().st_mode):
                     raise SkipFile("not a regular file (a pipe, socket or device)")  # reading a pipe would wait
@@ -310,13 +318,14 @@ def ingest(
             if sum(len(im.data) for im in images) >= batch_chars:  # documents first: images link to them
                 _flush(conn, batch, report, replace)
                 batch = []
-                _flush_images(conn, images, doc_sources, report)
+                _flush_images(conn, images, doc_sources, report, replace)
                 images = []
         _flush(conn, batch, report, replace)
-        _flush_images(conn, images, doc_sources, report)
+        _flush_images(conn, images, doc_sources, report, replace)
     log.info("ingest_finished", files=report.files, inserted=report.inserted, replaced=report.replaced,
              unchanged=report.unchanged, dropped=report.dropped,
              images=report.images, images_linked=report.images_linked, images_unchanged=report.images_unchanged,
+             images_replaced=report.images_replaced,
              skipped=len(report.skipped), failed=len(report.failed))
     return report
 
@@ -333,11 +342,13 @@ def read_image(path: Path, source: str, max_bytes: int) -> FileImage:
     return FileImage(source, data, IMAGE_EXTENSIONS[path.suffix.lower()])
 
 
-def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport) -> None:
-    done, ids = flush_images(conn, images, doc_sources)
+def _flush_images(conn: psycopg.Connection, images: list[FileImage], doc_sources: set[str], report: IngestReport,
+                  replace: bool) -> None:
+    done, ids = flush_images(conn, images, doc_sources, replace)
     report.images += done.inserted
     report.images_linked += done.linked
     report.images_unchanged += done.unchanged
+    report.images_replaced += done.replaced
     report.image_ids += ids
 
 

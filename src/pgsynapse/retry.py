@@ -1,13 +1,15 @@
 """``pgsynapse retry-failed``: put failed jobs (and their rows) back in the queue after the cause is fixed.
 
 A failed job has used all its attempts, or failed on bad input (never retried by itself). Requeueing
-gives it a fresh set of attempts, due now, sets its row back to ``pending`` and wakes the workers.
+gives it a fresh set of attempts, due now, sets its row back to ``pending`` and wakes the workers. One that failed on
+its input (``InputError: ...``) fails the same way again unless its row or a limit changed: it is counted apart, and
+left failed when asked (``skip_input_errors``).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -26,10 +28,14 @@ class Retried:
     requeued: dict[str, int]  # jobs back in the queue, per kind
     superseded: int  # failed jobs closed instead: their row has a newer job (or changed and was processed since)
     gone: int = 0  # failed jobs closed because their row was deleted
+    input_errors: dict[str, int] = field(default_factory=dict)  # of them, per kind, those that failed on their input
+    input_error: str | None = None  # the commonest of their errors
+    skipped_input_errors: bool = False  # those were left failed, not requeued
 
 
-def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
-    """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction.
+def retry_failed(conn: psycopg.Connection, kind: str | None = None, *, skip_input_errors: bool = False) -> Retried:
+    """Requeue the failed jobs of ``kind`` (all kinds when None), in one transaction; with ``skip_input_errors``
+    those that failed on their input stay failed (counted in ``input_errors``, as are the ones requeued without it).
 
     At most one pending job may exist per (kind, row): of several failed jobs of one row only the newest
     is requeued, and none when the row already has a pending job or a newer running or done one (its
@@ -43,6 +49,8 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
         closed: list[int] = []
         gone: list[int] = []
         seen: set[tuple[str, int]] = set()
+        inputs: dict[str, int] = defaultdict(int)
+        errors: Counter[str] = Counter()
         for r in rows:
             key = (r["kind"], r["ref_id"])
             if r["gone"]:
@@ -52,6 +60,11 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
                 closed.append(r["id"])
                 continue
             seen.add(key)
+            if r["input_error"]:
+                inputs[r["kind"]] += 1
+                errors[r["last_error"]] += 1
+                if skip_input_errors:
+                    continue
             requeue[r["kind"]].append(r["id"])
             refs[r["kind"]].append(r["ref_id"])
         if closed:
@@ -64,5 +77,7 @@ def retry_failed(conn: psycopg.Connection, kind: str | None = None) -> Retried:
                 conn.execute(q(ROW_RESET_QUERIES[k]), {"ids": refs[k]})
             conn.execute(q("notify_jobs"), {"kind": k, "n": len(ids)})
     counts = {k: len(v) for k, v in requeue.items()}
-    log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed), row_deleted=len(gone))
-    return Retried(counts, len(closed), len(gone))
+    log.info("failed_jobs_requeued", kind=kind, requeued=counts, superseded=len(closed), row_deleted=len(gone),
+             input_errors=dict(inputs), input_errors_skipped=skip_input_errors)
+    return Retried(counts, len(closed), len(gone), dict(inputs), errors.most_common(1)[0][0] if errors else None,
+                   skip_input_errors)

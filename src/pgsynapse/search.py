@@ -50,8 +50,10 @@ async def version_row(conn: psycopg.AsyncConnection, version: int | None = None)
     else:
         cur = await conn.execute(q("version_by_id", "learning.sql"), {"version": version})
     row = await cur.fetchone()
-    if row is None:
-        raise DatabaseError("no active model version" if version is None else f"no model version {version}")
+    if row is None and version is not None:  # no retry makes one (exit 1, as promote or retire of it)
+        raise RegistryError(f"no model version {version}: `pgsynapse model list` shows the versions")
+    if row is None:  # a worker's first start registers one
+        raise DatabaseError("no active model version")
     if row["status"] == "retired":
         raise RegistryError(f"model version {version} is retired: its vectors are gone")
     if row["status"] == "rejected" and row.get("backfilled_at") is None:

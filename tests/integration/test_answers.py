@@ -543,6 +543,14 @@ def test_a_search_text_over_max_question_chars_is_refused_before_any_model_work(
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_a_search_of_a_model_version_that_does_not_exist_exits_1_not_69(db_url, capsys):
+    """`search --version 99` exited 69, "retry later" (a DatabaseError), where promote, retire and traffic of the same
+    version exit 1: no retry makes a version."""
+    assert main(["--database-url", db_url, "search", "vacuum", "--version", "99"]) == 1
+    assert capsys.readouterr().err == ("pgsynapse: error: no model version 99: `pgsynapse model list` shows the "
+                                       "versions\n")
+
+
 def test_a_search_text_that_is_not_utf8_is_refused_in_one_line(db_url, models, capsys):
     """A shell's argument with a byte that is not UTF-8 (a Latin-1 terminal) reached the tokenizer: a traceback,
     "TypeError: TextEncodeInput must be Union[...]". It is refused as `ask` refuses such a question, exit 1."""

@@ -127,6 +127,23 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
+def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path):
+    # a tree's link to a directory (shared docs linked in) is not followed (a link back to the tree would loop): its
+    # files were left out without a word ("1 file(s)")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "guide.md").write_text(SENTENCE)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
+    (tmp_path / "docs" / "shared").symlink_to(tmp_path / "shared")
+    (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")
+    out = _cli(db_url, str(tmp_path / "docs"))
+    assert out.returncode == 0, out.stderr
+    assert "3 file(s): 1 inserted, 0 unchanged (already stored), 2 skipped, 0 failed" in out.stdout, out.stdout
+    reasons = dict(line.strip().split(": ", 1) for line in out.stdout.splitlines() if line.startswith("  "))
+    said = "a link to a directory, not followed: give the directory itself as a PATH to ingest it"
+    assert reasons == {"loop": said, "shared": said}, out.stdout
+
+
 def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
     # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
     # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
@@ -484,6 +501,38 @@ def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_documen
         [kept] = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()
         images = conn.execute("SELECT coalesce(source, caption), document_id FROM pgsynapse.images ORDER BY id").fetchall()
     assert kept != old and sorted(images, key=repr) == [("an app's", kept), ("vacuum.png", kept)], images
+
+
+def test_replace_replaces_the_changed_picture_of_the_document_it_updates_in_place(db_url, tmp_path):
+    """--replace updated a changed document in place (same id) and stored the changed picture beside it as one more:
+    the old picture stayed linked to it (status: 2 images for 1 document; image search found the stale one). The
+    picture a file beside it changed to replaces the one ingest stored from that file; an application's stays."""
+    page, picture = tmp_path / "vacuum.md", tmp_path / "vacuum.png"
+    page.write_text("# Vacuum\n\nFirst version.\n")
+    picture.write_bytes(png_bytes(coloured_image("red", seed=8)))
+    images = "SELECT coalesce(source, caption), document_id, data FROM pgsynapse.images ORDER BY id"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        ingest(conn, [tmp_path], progress=False)
+        [(doc,)] = conn.execute("SELECT id FROM pgsynapse.documents").fetchall()
+        app = png_bytes(coloured_image("blue", seed=9))
+        conn.execute("INSERT INTO pgsynapse.images (data, caption, document_id) VALUES (%s, 'an app''s', %s)",
+                     (app, doc))
+        page.write_text("# Vacuum\n\nSecond version.\n")
+        picture.write_bytes(green := png_bytes(coloured_image("green", seed=10)))
+        report = ingest(conn, [tmp_path], progress=False, replace=True)
+        assert [(s, d, bytes(b)) for s, d, b in conn.execute(images)] == [("an app's", doc, app), ("vacuum.png", doc, green)]
+        assert (report.replaced, report.images, report.images_replaced) == (1, 1, 1), report
+        assert "images: 1 inserted, 0 unchanged, 1 older picture(s) of these files deleted (--replace)" in report.summary()
+        # the picture alone changed: the same
+        picture.write_bytes(yellow := png_bytes(coloured_image("yellow", seed=11)))
+        report = ingest(conn, [tmp_path], progress=False, replace=True)
+        assert (report.unchanged, report.images, report.images_replaced) == (1, 1, 1), report
+        assert [(s, d, bytes(b)) for s, d, b in conn.execute(images)] == [("an app's", doc, app), ("vacuum.png", doc, yellow)]
+        # without --replace, a changed picture is kept beside the old one, as a changed document is
+        picture.write_bytes(png_bytes(coloured_image("red", seed=12)))
+        report = ingest(conn, [tmp_path], progress=False)
+        assert (report.images, report.images_replaced) == (1, 0), report
+        assert conn.execute("SELECT count(*) FROM pgsynapse.images WHERE source = 'vacuum.png'").fetchone()[0] == 2
 
 
 def test_the_same_picture_beside_two_documents_is_linked_to_both_and_a_later_document_links_it(db_url, tmp_path):

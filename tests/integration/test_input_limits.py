@@ -128,9 +128,21 @@ async def test_deleting_a_row_closes_its_failed_jobs_and_retry_failed_requeues_t
         shown = render(snapshot(sync))
     [failed] = [line for line in shown.splitlines() if "InputError" in line]
     assert failed.split()[:2] == ["embed", "1"], shown
+    # its row unchanged, it would fail again the same way: --skip-input-errors leaves it failed, and says so
+    retried = pgsynapse("retry-failed", "--skip-input-errors", url=db_url)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout == ("left 1 failed job(s) that failed on their input (embed: 1), such as: InputError: body "
+                              "has 1,200 characters, over max_document_chars=1,000\n"), retried.stdout
+    jobs = await (await conn.execute("SELECT status FROM pgsynapse.jobs ORDER BY id")).fetchall()
+    assert [j["status"] for j in jobs] == ["done", "failed", "done"]
+    # requeued (after a limit is raised, say), it is said that it fails again unless its row or the limit changed:
+    # it was requeued without a word
     retried = pgsynapse("retry-failed", url=db_url)
     assert retried.returncode == 0, retried.stderr
-    assert retried.stdout == "requeued embed: 1\n"
+    assert retried.stdout == (
+        "requeued embed: 1\n1 of them failed on their input, such as: InputError: body has 1,200 characters, over "
+        "max_document_chars=1,000: they fail the same way again unless their row, or what the error names (a limit, "
+        "a table), changed since (--skip-input-errors leaves them failed)\n"), retried.stdout
     jobs = await (await conn.execute("SELECT kind, ref_id, status, skip_reason FROM pgsynapse.jobs ORDER BY id")).fetchall()
     await conn.close()
     assert [j["status"] for j in jobs] == ["done", "pending", "done"]

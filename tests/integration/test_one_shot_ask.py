@@ -123,3 +123,25 @@ def test_a_question_whose_in_process_worker_fails_to_start_says_it_stays_pending
         "SELECT status, answer FROM pgsynapse.questions WHERE id = 1"), err
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT status FROM pgsynapse.questions").fetchall() == [("pending",)]
+
+
+@pytest.mark.parametrize("command", ["ask", "sql-ask"])
+def test_a_question_on_a_database_never_migrated_says_to_migrate_and_changes_nothing(new_db, command, capsys):
+    # ask and sql-ask applied all the migrations to a DATABASE_URL database never migrated (a wrong database_url, a
+    # production database before its owner's migrate), where every other one-shot command exits 78 saying so
+    url = new_db()
+    assert main(["--database-url", url, command, "how many orders?"]) == 78
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    err = capsys.readouterr().err
+    assert err.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse migrate` '
+                          "on it (it applies all "), err
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT to_regnamespace('pgsynapse')").fetchone()[0] is None
+
+
+def test_sql_ask_with_migrate_applies_the_migrations_first(new_db, capsys):
+    url = new_db()  # never migrated: --migrate asks for the migrations, as the embedded default applies them
+    assert main(["--database-url", url, "sql-ask", "how many orders?", "--schema", "nosuch", "--migrate"]) == 1
+    out, err = capsys.readouterr()
+    assert "failed: InputError: schema nosuch does not exist" in out, out + err
+    assert "schema_migrated_before_asking" in err, err

@@ -71,15 +71,18 @@ class ImageFlush:
     inserted: int = 0
     linked: int = 0  # stored before the document beside them was, linked to it now
     unchanged: int = 0
+    replaced: int = 0  # older pictures of the same files deleted (replace)
 
 
-def flush_images(conn: psycopg.Connection, images: list[FileImage],
-                 document_sources: set[str]) -> tuple[ImageFlush, list[int]]:
+def flush_images(conn: psycopg.Connection, images: list[FileImage], document_sources: set[str],
+                 replace: bool = False) -> tuple[ImageFlush, list[int]]:
     """Store the images not stored yet (one COPY: one trigger run, one NOTIFY); returns the counts and the ids of
     the rows of them all (new, linked or unchanged: what ``ingest --follow`` waits for, and no other row of the same
     bytes). An image is stored when no row has its content and the document it sits beside: the same picture
     beside two documents is a row for each, and an image stored unlinked, of the same source, is linked to the
-    document written beside it since (an UPDATE of the link alone: it is not embedded again)."""
+    document written beside it since (an UPDATE of the link alone: it is not embedded again). ``replace``: the
+    pictures stored from these files before, of another content, are deleted (a changed picture replaces its old
+    one, which stayed linked to the document beside it)."""
     done = ImageFlush()
     if not images:
         return done, []
@@ -87,10 +90,14 @@ def flush_images(conn: psycopg.Connection, images: list[FileImage],
     hashes = [im.content_hash for im in images]
     with conn.transaction():
         lock_ingests(conn)
-        stored = cur.execute(q("stored_images_by_hash", "images.sql"), {"hashes": hashes}).fetchall()
         beside = {im.source: document_for(im.source, document_sources) for im in images}
         wanted = sorted({s for s in beside.values() if s})
         doc_ids = dict(cur.execute(q("documents_by_source", "images.sql"), {"sources": wanted}).fetchall()) if wanted else {}
+        if replace:
+            done.replaced = cur.execute(q("delete_replaced_images", "images.sql"), {
+                "sources": [im.source for im in images], "hashes": hashes,
+                "documents": [doc_ids.get(beside[im.source]) for im in images]}).rowcount
+        stored = cur.execute(q("stored_images_by_hash", "images.sql"), {"hashes": hashes}).fetchall()
         # each file's row: its id, or for a row copied below, its (content, source, document)
         have: dict[tuple[str, int | None], int | tuple[str, str, int | None]] = {
             (h, doc): image_id for image_id, h, _, doc in stored}

@@ -174,6 +174,18 @@ ORDER BY document_id, id;
 -- Ingest's idempotency check for images: the stored rows of these contents, with their source and document.
 SELECT id, content_hash, source, document_id FROM pgsynapse.images WHERE content_hash = ANY(%(hashes)s) ORDER BY id;
 
+-- name: delete_replaced_images
+-- Ingest --replace: the pictures ingest stored from these image files before (the same source, beside the same
+-- document or none) with a content no file of the run has now: the changed file's picture replaces them, as a
+-- changed document's new content replaces its old. An application's image (another source, or none) stays.
+DELETE FROM pgsynapse.images i
+USING unnest(%(sources)s::text[], %(documents)s::bigint[]) AS f(source, document_id)
+WHERE i.source = f.source AND i.document_id IS NOT DISTINCT FROM f.document_id AND i.content_hash IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM unnest(%(sources)s::text[], %(documents)s::bigint[], %(hashes)s::text[])
+                      AS k(source, document_id, hash)
+                  WHERE k.source = i.source AND k.document_id IS NOT DISTINCT FROM i.document_id
+                    AND k.hash = i.content_hash);
+
 -- name: link_image
 -- Ingest: an image stored before its document was, linked to it now (its content is unchanged: nothing is queued).
 UPDATE pgsynapse.images SET document_id = %(document_id)s WHERE id = %(id)s;

@@ -317,8 +317,10 @@ ON CONFLICT (kind, ref_id) WHERE status = 'pending' DO NOTHING;
 -- name: lock_failed_jobs
 -- retry-failed: the failed jobs to requeue (all kinds when %(kind)s is NULL), newest first per row.
 -- superseded: the row has a pending job, or a newer job that is running or done (the row changed since);
--- gone: the job's row (a document, question, image or data question) was deleted (nothing left to do)
-SELECT id, kind, ref_id,
+-- gone: the job's row (a document, question, image or data question) was deleted (nothing left to do);
+-- input_error: it failed on its input (handlers' `InputError: ...`, never retried): it fails again unless its row or
+-- a limit changed
+SELECT id, kind, ref_id, last_error, coalesce(last_error LIKE 'InputError%%', false) AS input_error,
        EXISTS (SELECT 1 FROM pgsynapse.jobs p WHERE p.kind = j.kind AND p.ref_id = j.ref_id
                AND (p.status = 'pending' OR (p.id > j.id AND p.status IN ('running', 'done')))) AS superseded,
        CASE kind

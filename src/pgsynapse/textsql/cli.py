@@ -114,7 +114,7 @@ def _cut(r: DataResult) -> str:
 
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
     result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=args.tables,
-                      timeout=args.timeout)
+                      timeout=args.timeout, migrate=args.migrate)
     print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)))
     return 0 if result.status == "answered" else 1
 
