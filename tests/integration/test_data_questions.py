@@ -22,6 +22,8 @@ from pgsynapse.handlers import sql_answer
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
+from pgsynapse.cli import main
+from pgsynapse.textsql import cli as textsql_cli, reader
 from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
@@ -585,3 +587,40 @@ async def test_on_the_embedded_server_a_statement_past_the_check_cannot_become_t
                 r = await client.ask_data(PER_REGION)
     assert r.status == "answered" and r.rows == [["pgsynapse_worker"]], r
     assert "sql_reader_shares_worker_session" in [e["event"] for e in logs]
+
+
+def test_sql_correct_runs_a_correction_on_the_readers_own_login_where_it_cannot_become_the_worker(shop, monkeypatch,
+                                                                                                  capsys):
+    """`pgsynapse sql-correct` ran a corrected statement after SET ROLE on its own connection, as the worker once ran
+    data questions: one past the parser check set its role back to the worker's, and was recorded to train on.
+    It runs on the reader's own login now, as the worker does: sql_reader_url, or the embedded server's."""
+    url, _ = shop
+    monkeypatch.setattr(textsql_cli, "check_sql", PastTheCheck)
+    escalation = "SELECT pg_catalog.set_config('role', 'pgsynapse_worker', true) FROM orders"
+    refused = 'permission denied to set role "pgsynapse_worker"'
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (%s) RETURNING id",
+                           (PER_REGION,)).fetchone()[0]
+    # neither: the command's own connection, as before, and it says so (at info: at every correction)
+    with capture_logs() as logs:
+        assert textsql_cli.record_correction(url, fast_settings(url), qid, escalation, False)[0]
+    assert "sql_reader_shares_worker_session" in [e["event"] for e in logs]
+    embedded = fast_settings(None)  # the embedded server's settings
+    try:
+        reader.prepare_at_start(url, embedded)  # the reader's own login, as a worker there makes it
+        monkeypatch.setenv("PGSYNAPSE_SQL_READER_URL", reader.reader_url(url, embedded))
+        capsys.readouterr()
+        assert main(["--database-url", url, "sql-correct", str(qid), "--sql", escalation]) == 1
+        said = capsys.readouterr()
+        assert refused in said.err and not said.out, said
+        monkeypatch.delenv("PGSYNAPSE_SQL_READER_URL")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+        # on the embedded server, the reader's login over its private socket (made for the command if need be)
+        with pytest.raises(InputError, match=refused):
+            textsql_cli.record_correction(url, embedded, qid, escalation, False)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+    with psycopg.connect(url, autocommit=True) as conn:  # only the one made on the command's own connection
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
