@@ -458,14 +458,17 @@ def test_a_blocked_data_question_takes_no_correction(shop):
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("status, sql, error, says", [
+NOT_RUN = [
     ("refused", "delete from orders", "refused: the statement writes (DELETE)",
      "its statement was refused by the safety check and never ran"),
     ("failed", "select nocol from orders", 'the statement failed: column "nocol" does not exist',
      "its statement failed when it ran"),
     ("failed", None, "InputError: no table of schema nowhere may be read", "no statement could be made for it"),
     ("pending", None, None, "it is not answered yet"),
-])
+]
+
+
+@pytest.mark.parametrize("status, sql, error, says", NOT_RUN)
 def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop, status, sql, error, says):
     """`sql-correct N --approve` of a refused or failed question said only "(it refused)" / "(it failed)"."""
     url, _ = shop
@@ -478,6 +481,24 @@ def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop
         assert "an approval keeps a statement that ran as the right answer" in str(refused.value)
         assert str(refused.value).endswith("give the right statement with --sql"), refused.value
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("status, sql, error, says", NOT_RUN)
+def test_an_approval_written_in_sql_of_a_statement_that_did_not_run_is_refused_as_sql_correct_refuses_it(
+        shop, status, sql, error, says):
+    """An INSERT of an approval into sql_corrections for a question that did not run got the trigger's older words
+    ("data question 5 has no statement that ran to approve (it is failed)"): it says what sql-correct says."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, error) VALUES (%s, %s, %s, %s) "
+                           "RETURNING id", (SECRET, status, sql, error)).fetchone()[0]
+        with pytest.raises(InputError) as by_command:
+            correct(conn, qid, None, True)
+        with pytest.raises(psycopg.errors.CheckViolation) as by_sql:
+            conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (qid,))
+    said = str(by_command.value).removesuffix(": give the right statement with --sql")
+    assert by_sql.value.diag.message_primary == said, by_sql.value.diag.message_primary
+    assert by_sql.value.diag.message_hint == "give the right statement in corrected_sql"
 
 
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
