@@ -23,7 +23,7 @@ from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
 from pgsynapse.cli import main
-from pgsynapse.textsql import cli as textsql_cli, reader
+from pgsynapse.textsql import cli as textsql_cli, reader, registry
 from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
@@ -396,6 +396,27 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
                     pass
     [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions")
     assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
+
+
+async def test_a_registered_model_missing_on_disk_is_named_with_its_registry_entry_not_as_a_setting(shop, models,
+                                                                                                      tmp_path):
+    """A sql_models row whose path is gone failed its questions with "invalid setting sql_model_path
+    [PGSYNAPSE_SQL_MODEL_PATH]: ..." though that setting did not choose it (and may be right): the error names the
+    registry's model, its path, and what to do."""
+    url, model = shop
+    gone = str(tmp_path / "models" / "sql-candidate-3")
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        mid = registry.add_model(conn, "tuned", gone, "transformers", status="active")["id"]
+    settings = _settings(url, model)  # the settings' model is there
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            failed = await client.ask_data(PER_REGION)
+    assert failed.status == "failed", failed
+    assert "sql_model_path" not in failed.error, failed.error
+    assert f"SQL model {mid} (tuned, transformers) of the registry: '{gone}' is neither a model directory" in (
+        failed.error), failed.error
+    assert (f"put the model back at {gone}, or take it out of service (`pgsynapse sql-model rollback`: it is the "
+            "active one)") in failed.error, failed.error
 
 
 async def test_a_data_question_a_block_rule_matches_is_blocked_before_any_sql_and_a_flag_rule_flags_its_answer(
