@@ -3,6 +3,14 @@ context describes only what that role may read."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
@@ -436,3 +444,34 @@ def test_the_benchmark_runs_gold_and_generated_statements_on_the_readers_own_log
             text_to_sql.evaluate(conn, Says("SELECT 1"), items[:1], embedded, outputs=out)
     assert out[0]["outcome"] == "wrong", out  # the gold statement ran
     assert [e["log_level"] for e in logs if e["event"] == "sql_reader_shares_worker_session"] == ["warning"]
+
+
+def _scram_matches(stored: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier (pg_authid.rolpassword) is of ``password`` (ASCII: SASLprep keeps it)."""
+    iterations, salt, stored_key = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):.+", stored).groups()
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return hashlib.sha256(client_key).digest() == base64.b64decode(stored_key)
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql (compose's step runs the db image's)")
+def test_the_compose_reader_login_step_gives_the_reader_its_login_with_the_password(db_url):
+    """docker/reader-login.sql, as compose's reader-login step runs it after migrate (psql, the password in a
+    variable): pgsynapse_reader may log in, with that password (quotes and all), and a worker accepts that login as
+    its sql_reader_url. Run twice: each `docker compose up` runs it."""
+    sql = Path(__file__).resolve().parents[2] / "docker" / "reader-login.sql"
+    password = "it's a se'cret"
+    try:
+        for _ in range(2):
+            done = subprocess.run(["psql", db_url, "-X", "-v", "ON_ERROR_STOP=1", "-v", f"reader_password={password}",
+                                   "-f", str(sql)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            login, stored = conn.execute("SELECT rolcanlogin, rolpassword FROM pg_authid "
+                                         "WHERE rolname = 'pgsynapse_reader'").fetchone()
+        assert login and _scram_matches(stored, password), stored  # the test server trusts its socket: look
+        url = make_conninfo(db_url, user="pgsynapse_reader", password=password)
+        reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url))  # the worker's check
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN PASSWORD NULL")
