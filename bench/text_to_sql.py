@@ -5,7 +5,9 @@ PostgreSQL); the split by database is fixed in bench/data/spider_split.json. For
 (``RUNTIME:PATH``, e.g. ``llama-cpp:/work/llm/qwen.gguf``) every question of ``--part`` (default ``report``;
 ``choose`` is the half for picking settings) whose gold query runs goes through the product's path: the schema
 context read from the catalog (textsql.context), the generator (textsql.generate), the safety check
-(textsql.safety) and the read-only run (textsql.execute), and is compared with the gold result (same_result, ordered
+(textsql.safety) and the read-only run (textsql.execute) on the reader's own login as the worker runs it
+(textsql/reader.py: the embedded server's, or ``PGSYNAPSE_SQL_READER_URL`` with ``--database-url``, on the
+benchmark's database), and is compared with the gold result (same_result, ordered
 when the gold query has an ORDER BY). Per model: execution accuracy, the share refused by the safety layer by
 reason, the share that failed (the statement errored or timed out), p50/p95 seconds per question (generation +
 check + run). An audit checks at the end that no table of the benchmark's schemas changed (row counts and a hash
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import resource
@@ -42,11 +45,13 @@ from collections import Counter
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.common import database, emit, machine, parser, pct, run_benchmark, spawn_worker, stop, table
 from bench.spider import build, ident, split
 from pgsynapse.config import load_settings
 from pgsynapse.handlers.sql_answer import answer
+from pgsynapse.textsql import reader
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly, same_result
 from pgsynapse.textsql.generate import SqlPrompt, make_generator
@@ -66,6 +71,19 @@ def audit(conn: psycopg.Connection, schemas: list[str]) -> str:
                                    f"{ident(schema)}.{ident(rel)} t").fetchall():
             h.update(str(row).encode())
     return h.hexdigest()
+
+
+def statement_settings(settings: Any, url: str, database_url: str | None,
+                       environ: dict[str, str] | None = None) -> Any:
+    """The settings the questions' statements run under (:func:`reader.for_command`), on the benchmark's database
+    at ``url``: on the embedded server (no ``database_url``) the reader role's login there; on a server of
+    ``--database-url`` the login of ``PGSYNAPSE_SQL_READER_URL`` (from ``environ``) on that database, else the
+    benchmark's own connection (the worker's warning says so)."""
+    if database_url is None:
+        return settings
+    given = (os.environ if environ is None else environ).get("PGSYNAPSE_SQL_READER_URL")
+    login = make_conninfo(given, dbname=conninfo_to_dict(url)["dbname"]) if given else None
+    return settings.model_copy(update={"database_url": url, "sql_reader_url": login})
 
 
 def spider_context(conn: psycopg.Connection, item: dict[str, Any], contexts: dict[str, Any],
@@ -140,11 +158,13 @@ def evaluate(conn: psycopg.Connection, gen: Any, items: list[dict[str, Any]], se
                            "p50_s": round(pct(first_seconds, 50), 2), "p95_s": round(pct(first_seconds, 95), 2)}}
 
 
-def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: str) -> list[float]:
+def notify_latency(url: str, items: list[dict[str, Any]], runtime: str, path: str,
+                   reader_url: str | None) -> list[float]:
     """INSERT each question into pgsynapse.data_questions and wait for its ``pgsynapse_data_answers`` NOTIFY
-    before the next, with a worker (``pgsynapse run``) using ``runtime``/``path`` as its SQL model: ms per
-    question. Returns also the statuses."""
-    worker = spawn_worker(url, {"PGSYNAPSE_SQL_RUNTIME": runtime, "PGSYNAPSE_SQL_MODEL_PATH": path})
+    before the next, with a worker (``pgsynapse run``) using ``runtime``/``path`` as its SQL model and
+    ``reader_url`` as its sql_reader_url (None: none): ms per question. Returns also the statuses."""
+    worker = spawn_worker(url, {"PGSYNAPSE_SQL_RUNTIME": runtime, "PGSYNAPSE_SQL_MODEL_PATH": path,
+                                **({"PGSYNAPSE_SQL_READER_URL": reader_url} if reader_url else {})})
     lat: list[float] = []
     try:
         with psycopg.connect(url, autocommit=True) as conn:
@@ -252,8 +272,9 @@ def main() -> None:
                 specs = []
             elif args.only_tuned:
                 specs = [sp for sp in specs if sp[0].endswith(" fine-tuned")]
-        with psycopg.connect(url, autocommit=True) as conn:
-            before = audit(conn, schemas)
+        run_as = statement_settings(settings, url, args.database_url)
+        with psycopg.connect(url, autocommit=True) as admin, reader.for_command(url, run_as, one_off=False) as conn:
+            before = audit(admin, schemas)
             for spec, runtime, path in specs:
                 started = time.perf_counter()
                 gen = make_generator(runtime, path, settings.model_copy(update={"sql_runtime": runtime,
@@ -268,11 +289,11 @@ def main() -> None:
                                  candidates=args.candidates, fix_attempts=settings.sql_fix_attempts,
                                  load_s=round(load_s, 1), **r))
                 del gen
-            after = audit(conn, schemas)
+            after = audit(admin, schemas)
         rows.append(emit("text-to-sql", "audit", tables_unchanged=before == after))
         if args.notify:
             runtime, path = args.model[0].split(":", 1)
-            lat = notify_latency(url, items[: args.notify], runtime, path)
+            lat = notify_latency(url, items[: args.notify], runtime, path, reader.reader_url(url, run_as))
             rows.append(emit("text-to-sql", f"insert->notify {path.rsplit('/', 1)[-1]}/{runtime}", n=len(lat),
                              p50_ms=round(pct(lat, 50)), p95_ms=round(pct(lat, 95))))
     if args.outputs:

@@ -46,7 +46,7 @@ from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
-from pgsynapse.textsql import reader
+from pgsynapse.textsql import reader, registry
 from pgsynapse.textsql.registry import REGISTRY, choose_sql_model
 from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
@@ -143,12 +143,22 @@ class SqlAnswerHandler(Handler[SqlWork]):
             gen = self._generators.get(key)
             if gen is None:
                 started = time.perf_counter()
-                gen = make_generator(model["runtime"], model["path"], self.settings)
+                gen = self._make(model)
                 # the runtime logged sql_model_loaded (how it loaded); this names the registry's model it serves
                 log.info("sql_model_ready", model=model["name"], id=model["id"], runtime=gen.name,
                          seconds=round(time.perf_counter() - started, 2))
                 self._generators[key] = gen
             return gen
+
+    def _make(self, model: dict[str, Any]) -> SqlGenerator:
+        """The generator of the settings' model, or of a registry's row: one that cannot be loaded is named by its
+        row (not by sql_model_path, which did not choose it), with what to do."""
+        if model["id"] is None:
+            return make_generator(model["runtime"], model["path"], self.settings)
+        try:
+            return make_generator(model["runtime"], model["path"], self.settings, subject=registry.entry(model))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}: {registry.out_of_service(model)}") from None
 
     # -- load -----------------------------------------------------------------------------------------
     async def load(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> tuple[list[SqlWork], list[Outcome]]:

@@ -22,6 +22,8 @@ from pgsynapse.handlers import sql_answer
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
+from pgsynapse.cli import main
+from pgsynapse.textsql import cli as textsql_cli, reader, registry
 from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
@@ -396,6 +398,27 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
     assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
 
 
+async def test_a_registered_model_missing_on_disk_is_named_with_its_registry_entry_not_as_a_setting(shop, models,
+                                                                                                      tmp_path):
+    """A sql_models row whose path is gone failed its questions with "invalid setting sql_model_path
+    [PGSYNAPSE_SQL_MODEL_PATH]: ..." though that setting did not choose it (and may be right): the error names the
+    registry's model, its path, and what to do."""
+    url, model = shop
+    gone = str(tmp_path / "models" / "sql-candidate-3")
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        mid = registry.add_model(conn, "tuned", gone, "transformers", status="active")["id"]
+    settings = _settings(url, model)  # the settings' model is there
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
+        async with Client(url) as client:
+            failed = await client.ask_data(PER_REGION)
+    assert failed.status == "failed", failed
+    assert "sql_model_path" not in failed.error, failed.error
+    assert f"SQL model {mid} (tuned, transformers) of the registry: '{gone}' is neither a model directory" in (
+        failed.error), failed.error
+    assert (f"put the model back at {gone}, or take it out of service (`pgsynapse sql-model rollback`: it is the "
+            "active one)") in failed.error, failed.error
+
+
 async def test_a_data_question_a_block_rule_matches_is_blocked_before_any_sql_and_a_flag_rule_flags_its_answer(
         shop, models):
     """Data questions were never checked against the guardrail rules: a question a block rule matched was answered
@@ -456,14 +479,17 @@ def test_a_blocked_data_question_takes_no_correction(shop):
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("status, sql, error, says", [
+NOT_RUN = [
     ("refused", "delete from orders", "refused: the statement writes (DELETE)",
      "its statement was refused by the safety check and never ran"),
     ("failed", "select nocol from orders", 'the statement failed: column "nocol" does not exist',
      "its statement failed when it ran"),
     ("failed", None, "InputError: no table of schema nowhere may be read", "no statement could be made for it"),
     ("pending", None, None, "it is not answered yet"),
-])
+]
+
+
+@pytest.mark.parametrize("status, sql, error, says", NOT_RUN)
 def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop, status, sql, error, says):
     """`sql-correct N --approve` of a refused or failed question said only "(it refused)" / "(it failed)"."""
     url, _ = shop
@@ -476,6 +502,24 @@ def test_an_approval_of_a_statement_that_did_not_run_says_why_it_is_refused(shop
         assert "an approval keeps a statement that ran as the right answer" in str(refused.value)
         assert str(refused.value).endswith("give the right statement with --sql"), refused.value
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("status, sql, error, says", NOT_RUN)
+def test_an_approval_written_in_sql_of_a_statement_that_did_not_run_is_refused_as_sql_correct_refuses_it(
+        shop, status, sql, error, says):
+    """An INSERT of an approval into sql_corrections for a question that did not run got the trigger's older words
+    ("data question 5 has no statement that ran to approve (it is failed)"): it says what sql-correct says."""
+    url, _ = shop
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text, status, sql, error) VALUES (%s, %s, %s, %s) "
+                           "RETURNING id", (SECRET, status, sql, error)).fetchone()[0]
+        with pytest.raises(InputError) as by_command:
+            correct(conn, qid, None, True)
+        with pytest.raises(psycopg.errors.CheckViolation) as by_sql:
+            conn.execute("INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)", (qid,))
+    said = str(by_command.value).removesuffix(": give the right statement with --sql")
+    assert by_sql.value.diag.message_primary == said, by_sql.value.diag.message_primary
+    assert by_sql.value.diag.message_hint == "give the right statement in corrected_sql"
 
 
 class RuleAddedMidBatchSqlHandler(SqlAnswerHandler):
@@ -585,3 +629,40 @@ async def test_on_the_embedded_server_a_statement_past_the_check_cannot_become_t
                 r = await client.ask_data(PER_REGION)
     assert r.status == "answered" and r.rows == [["pgsynapse_worker"]], r
     assert "sql_reader_shares_worker_session" in [e["event"] for e in logs]
+
+
+def test_sql_correct_runs_a_correction_on_the_readers_own_login_where_it_cannot_become_the_worker(shop, monkeypatch,
+                                                                                                  capsys):
+    """`pgsynapse sql-correct` ran a corrected statement after SET ROLE on its own connection, as the worker once ran
+    data questions: one past the parser check set its role back to the worker's, and was recorded to train on.
+    It runs on the reader's own login now, as the worker does: sql_reader_url, or the embedded server's."""
+    url, _ = shop
+    monkeypatch.setattr(textsql_cli, "check_sql", PastTheCheck)
+    escalation = "SELECT pg_catalog.set_config('role', 'pgsynapse_worker', true) FROM orders"
+    refused = 'permission denied to set role "pgsynapse_worker"'
+    with psycopg.connect(url, autocommit=True) as conn:
+        qid = conn.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (%s) RETURNING id",
+                           (PER_REGION,)).fetchone()[0]
+    # neither: the command's own connection, as before, and it says so (at info: at every correction)
+    with capture_logs() as logs:
+        assert textsql_cli.record_correction(url, fast_settings(url), qid, escalation, False)[0]
+    assert "sql_reader_shares_worker_session" in [e["event"] for e in logs]
+    embedded = fast_settings(None)  # the embedded server's settings
+    try:
+        reader.prepare_at_start(url, embedded)  # the reader's own login, as a worker there makes it
+        monkeypatch.setenv("PGSYNAPSE_SQL_READER_URL", reader.reader_url(url, embedded))
+        capsys.readouterr()
+        assert main(["--database-url", url, "sql-correct", str(qid), "--sql", escalation]) == 1
+        said = capsys.readouterr()
+        assert refused in said.err and not said.out, said
+        monkeypatch.delenv("PGSYNAPSE_SQL_READER_URL")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+        # on the embedded server, the reader's login over its private socket (made for the command if need be)
+        with pytest.raises(InputError, match=refused):
+            textsql_cli.record_correction(url, embedded, qid, escalation, False)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+    with psycopg.connect(url, autocommit=True) as conn:  # only the one made on the command's own connection
+        assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1

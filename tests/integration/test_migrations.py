@@ -835,8 +835,10 @@ def test_the_sql_corrections_migration_refuses_what_can_never_train_and_counts_w
     retrains = "SELECT count(*) FROM pgsynapse.jobs WHERE kind = 'sql_retrain'"
     with psycopg.connect(url, autocommit=True) as conn:
         for question, sql, approved, said in [
-                (failed, None, True, f"data question {failed} has no statement that ran to approve (it is failed)"),
-                (refused, None, True, f"data question {refused} has no statement that ran to approve (it is refused)"),
+                (failed, None, True, f"data question {failed} cannot be approved: no statement could be made for it "
+                                     "(status failed, its error says why)"),
+                (refused, None, True, f"data question {refused} cannot be approved: its statement was refused by the "
+                                      "safety check"),
                 (answered, "", False, f"the correction of data question {answered} has an empty statement"),
                 (answered, " \n\t", True, f"the correction of data question {answered} has an empty statement"),
                 (answered, "DELETE FROM orders", False,
@@ -1308,7 +1310,8 @@ def test_the_blocked_corrections_migration_refuses_a_correction_of_a_blocked_que
         def refused() -> None:
             for sql, approved in (("SELECT 2", False), (None, True)):
                 with pytest.raises(psycopg.errors.CheckViolation,
-                                   match=f"^data question {blocked} was blocked by a guardrail rule: a correction "):
+                                   match=f"^data question {blocked} was blocked by (guardrail rule 1, so no "
+                                         "statement was generated|a guardrail rule): a correction "):
                     conn.execute(correct, (blocked, sql, approved))
             pairs = conn.execute(q("sql_training_pairs", "textsql_models.sql")).fetchall()
             assert blocked not in [p[1] for p in pairs]
@@ -1320,7 +1323,7 @@ def test_the_blocked_corrections_migration_refuses_a_correction_of_a_blocked_que
         conn.execute(correct, (answered, None, True))  # a question that was answered still takes one, and queues
         assert conn.execute(retrains).fetchone()[0] == 1
         with conn.transaction():
-            conn.execute(mig.sql.encode())
+            conn.execute(mig.sql.encode())  # 0042's own trigger again, with its own words (0045 has newer ones)
         refused()
         assert conn.execute(q("sql_corrections_count", "textsql_models.sql")).fetchone()[0] == 1  # the answered one
         assert conn.execute(q("new_sql_corrections", "textsql_models.sql")).fetchone()[0] == 1
@@ -1355,5 +1358,39 @@ def test_the_truncated_questions_migration_recounts_the_sessions_and_a_truncate_
                 conn.execute("TRUNCATE pgsynapse.questions RESTART IDENTITY CASCADE")
                 conn.execute(ask, ("s2",))
             assert conn.execute(turns).fetchall() == [("s2", 1)]
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+
+
+def test_the_corrections_wording_migration_says_what_sql_correct_says_and_is_idempotent(new_db):
+    """0045 on top of 0044: an approval written in SQL of a question that did not run said "data question 5 has no
+    statement that ran to approve (it is failed)", a correction of a blocked one did not name its rule; both say
+    what `pgsynapse sql-correct` says now (textsql/cli.py). Re-running it changes nothing."""
+    url = new_db()
+    mig = _apply_below(url, 45)
+    approve = "INSERT INTO pgsynapse.sql_corrections (question_id, approved) VALUES (%s, true)"
+    ask = "INSERT INTO pgsynapse.data_questions (text, status, sql) VALUES (%s, %s, %s) RETURNING id"
+    with psycopg.connect(url, autocommit=True) as conn:
+        failed = conn.execute(ask, ("how many?", "failed", "SELECT nocol FROM orders")).fetchone()[0]
+        blocked = conn.execute(ask, ("drop it", "pending", None)).fetchone()[0]
+        conn.execute("UPDATE pgsynapse.data_questions SET status = 'blocked', guardrail = '{\"rule_id\": 7}' "
+                     "WHERE id = %s", (blocked,))
+        with pytest.raises(psycopg.errors.CheckViolation, match="has no statement that ran to approve"):
+            conn.execute(approve, (failed,))  # before 0045
+    assert migrate(url) == [mig.name]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for run in (1, 2):
+            with pytest.raises(psycopg.errors.CheckViolation) as refused:
+                conn.execute(approve, (failed,))
+            assert refused.value.diag.message_primary == (
+                f"data question {failed} cannot be approved: its statement failed when it ran (status failed, its "
+                "error says why), and an approval keeps a statement that ran as the right answer to train on")
+            assert refused.value.diag.constraint_name == "sql_corrections_approval"
+            with pytest.raises(psycopg.errors.CheckViolation) as refused:
+                conn.execute(approve, (blocked,))
+            assert refused.value.diag.message_primary == (
+                f"data question {blocked} was blocked by guardrail rule 7, so no statement was generated: a "
+                "correction would teach the model to answer what the rule blocks")
+            assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 0
             with conn.transaction():
                 conn.execute(mig.sql.encode())

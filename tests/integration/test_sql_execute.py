@@ -3,14 +3,25 @@ context describes only what that role may read."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 import pytest
 from structlog.testing import capture_logs
 
+from bench import text_to_sql
 from pgsynapse.config import load_settings
 from pgsynapse.db import TRANSACTION_TIMEOUT_VERSION
 from pgsynapse.errors import ConfigError, InputError
+from pgsynapse.handlers import sql_answer
 from pgsynapse.textsql import reader
 from pgsynapse.textsql.context import NoReadableTables, schema_context
 from pgsynapse.textsql.execute import (Limits, QueryFailed, Result, json_bytes, result_signature, run_readonly,
@@ -373,3 +384,94 @@ def test_a_session_advisory_lock_a_statement_took_is_released_after_its_run(shop
                      Limits())
     with psycopg.connect(db_url, autocommit=True) as other:
         assert other.execute("SELECT pg_try_advisory_lock(7), pg_try_advisory_lock(8)").fetchone() == (True, True)
+
+
+class PastTheCheck:
+    """A statement as if the parser check had let it through."""
+
+    def __init__(self, sql: str, **_: object) -> None:
+        self.sql = sql
+
+
+class Says:
+    """A SQL generator that always says ``sql``."""
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+
+    def generate(self, prompt, n=1, temperature=0.0):
+        return [self.sql] * n
+
+
+def test_the_benchmark_runs_gold_and_generated_statements_on_the_readers_own_login(db_url, monkeypatch):
+    """bench/text_to_sql.py ran the gold and the generated statements after SET ROLE on its own connection: one
+    past the parser check set its role back to the benchmark's (a superuser on its embedded server). It runs them
+    on the reader's own login, as the worker does."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA spider_shop; CREATE TABLE spider_shop.orders (id int); "
+                     "INSERT INTO spider_shop.orders VALUES (1); GRANT USAGE ON SCHEMA spider_shop TO pgsynapse_reader; "
+                     "GRANT SELECT ON spider_shop.orders TO pgsynapse_reader")
+    monkeypatch.setattr(text_to_sql, "check_sql", PastTheCheck)
+    monkeypatch.setattr(sql_answer, "check_sql", PastTheCheck)
+    escalation = ESCALATIONS[0] + ", current_user FROM orders"
+    items = [{"i": 0, "db_id": "shop", "question": "who runs this?", "sql": escalation},  # the gold statement
+             {"i": 1, "db_id": "shop", "question": "how many orders?", "sql": "SELECT count(*) FROM orders"}]
+    refused = 'permission denied to set role "pgsynapse_worker"'
+    embedded = fast_settings(None)  # the benchmark's own embedded server (no --database-url)
+    login = reader.reader_url(db_url, embedded)
+    try:
+        with reader.for_command(db_url, text_to_sql.statement_settings(embedded, db_url, None)) as conn:
+            out: list[dict] = []
+            r = text_to_sql.evaluate(conn, Says(escalation), items, embedded, outputs=out)
+        assert r["gold_refused"] == 1 and refused in out[0]["error"], out
+        assert out[1]["outcome"] == "failed" and refused in out[1]["error"], out
+        # --database-url: PGSYNAPSE_SQL_READER_URL's login, on the benchmark's own database
+        given = text_to_sql.statement_settings(embedded, db_url, db_url,
+                                               {"PGSYNAPSE_SQL_READER_URL": make_conninfo(login, dbname="postgres")})
+        assert conninfo_to_dict(given.sql_reader_url) == conninfo_to_dict(login) and not given.embedded
+        with reader.for_command(db_url, given) as conn:
+            out = []
+            text_to_sql.evaluate(conn, Says(escalation), items, given, outputs=out)
+        assert [o["outcome"] for o in out] == ["gold_refused", "failed"] and refused in out[1]["error"], out
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+    # neither: its own connection, where the statement becomes the worker, and the warning says so
+    with capture_logs() as logs:
+        with reader.for_command(db_url, text_to_sql.statement_settings(embedded, db_url, db_url, {}),
+                                one_off=False) as conn:
+            out = []
+            text_to_sql.evaluate(conn, Says("SELECT 1"), items[:1], embedded, outputs=out)
+    assert out[0]["outcome"] == "wrong", out  # the gold statement ran
+    assert [e["log_level"] for e in logs if e["event"] == "sql_reader_shares_worker_session"] == ["warning"]
+
+
+def _scram_matches(stored: str, password: str) -> bool:
+    """Whether a SCRAM-SHA-256 verifier (pg_authid.rolpassword) is of ``password`` (ASCII: SASLprep keeps it)."""
+    iterations, salt, stored_key = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):.+", stored).groups()
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return hashlib.sha256(client_key).digest() == base64.b64decode(stored_key)
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql (compose's step runs the db image's)")
+def test_the_compose_reader_login_step_gives_the_reader_its_login_with_the_password(db_url):
+    """docker/reader-login.sql, as compose's reader-login step runs it after migrate (psql, the password in a
+    variable): pgsynapse_reader may log in, with that password (quotes and all), and a worker accepts that login as
+    its sql_reader_url. Run twice: each `docker compose up` runs it."""
+    sql = Path(__file__).resolve().parents[2] / "docker" / "reader-login.sql"
+    password = "it's a se'cret"
+    try:
+        for _ in range(2):
+            done = subprocess.run(["psql", db_url, "-X", "-v", "ON_ERROR_STOP=1", "-v", f"reader_password={password}",
+                                   "-f", str(sql)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            login, stored = conn.execute("SELECT rolcanlogin, rolpassword FROM pg_authid "
+                                         "WHERE rolname = 'pgsynapse_reader'").fetchone()
+        assert login and _scram_matches(stored, password), stored  # the test server trusts its socket: look
+        url = make_conninfo(db_url, user="pgsynapse_reader", password=password)
+        reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url))  # the worker's check
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN PASSWORD NULL")

@@ -174,7 +174,7 @@ def test_dockerfile_copies_every_package_dir_and_bakes_the_model():
 def test_compose_postgres_migrate_then_worker():
     spec = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
-    assert set(services) == {"db", "migrate", "worker"}
+    assert set(services) == {"db", "migrate", "reader-login", "worker"}
     db, migrate, worker = services["db"], services["migrate"], services["worker"]
     assert db["image"].startswith("pgvector/pgvector:pg17")
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
@@ -194,6 +194,34 @@ def test_compose_postgres_migrate_then_worker():
     health = " ".join(worker["healthcheck"]["test"])
     assert "127.0.0.1:{port}/healthz" in health and "PGSYNAPSE_METRICS_PORT" in health
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
+
+
+READER_LOGIN_SQL = COMPOSE.parent / "reader-login.sql"
+
+
+@pytest.mark.parametrize("host_env", [{}, {"SQL_READER_PASSWORD": "s3cret-Reader", "POSTGRES_PASSWORD": "other"}])
+def test_compose_runs_generated_statements_on_the_readers_own_login(host_env):
+    """compose set no sql_reader_url: its worker warned sql_reader_shares_worker_session and ran data questions on
+    its own session, where a statement past the parser check could set its role back to the worker's. A step after
+    migrate gives pgsynapse_reader a login with the password of SQL_READER_PASSWORD (docker/reader-login.sql), and
+    the worker's sql_reader_url logs in with it."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    step, worker = services["reader-login"], services["worker"]
+    assert step["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["reader-login"]["condition"] == "service_completed_successfully"
+    assert step["restart"] == "no" and step["image"] == services["db"]["image"]  # its psql
+    command = [_compose_interpolate(a, host_env) for a in step["command"]]
+    assert command[0] == "psql" and "ON_ERROR_STOP=1" in command, command
+    mounted = {v.split(":")[1]: COMPOSE.parent / v.split(":")[0] for v in step["volumes"]}
+    assert mounted[command[command.index("-f") + 1]].resolve() == READER_LOGIN_SQL
+    password = next(a.split("=", 1)[1] for a in command if a.startswith("reader_password="))
+    assert password == host_env.get("SQL_READER_PASSWORD", "pgsynapse_reader")
+    env = {k: _compose_interpolate(str(v), host_env) for k, v in step["environment"].items()}
+    assert env["PGPASSWORD"] == host_env.get("POSTGRES_PASSWORD", "pgsynapse")  # the admin's, as migrate's
+    url = _compose_interpolate(worker["environment"]["PGSYNAPSE_SQL_READER_URL"], host_env)
+    assert url == f"postgresql://pgsynapse_reader:{password}@db:5432/pgsynapse", url
+    database = _compose_interpolate(worker["environment"]["DATABASE_URL"], host_env)
+    assert url.rsplit("@", 1)[1] == database.rsplit("@", 1)[1]  # the same server and database as the worker's
 
 
 @pytest.mark.parametrize("service", ["worker", "migrate"])

@@ -4,6 +4,7 @@ list|add|promote|rollback|traffic|retire|retrain``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import unicodedata
@@ -16,7 +17,7 @@ from psycopg.rows import dict_row
 from pgsynapse.app import ask_data
 from pgsynapse.client import DataResult
 from pgsynapse.config import Settings
-from pgsynapse.db import Database
+from pgsynapse.db import Database, connect
 from pgsynapse.errors import InputError
 from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.cli import queue_and_wait, refuse_retrain
@@ -24,7 +25,7 @@ from pgsynapse.learning.routing import served_shares
 from pgsynapse.logs import notice
 from pgsynapse.queries import q
 from pgsynapse.results import terminal_safe
-from pgsynapse.textsql import registry
+from pgsynapse.textsql import reader, registry
 from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
 from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
@@ -120,12 +121,14 @@ def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: bool,
-            role: str = "pgsynapse_reader", limits: Limits | None = None) -> tuple[int, str | None]:
+            role: str = "pgsynapse_reader", limits: Limits | None = None,
+            runner: psycopg.Connection | None = None) -> tuple[int, str | None]:
     """Record a correction (the right statement) or an approval of the generated one; returns its id, and a note
     when the corrected statement could not be run as the retrain runs it. What could never train is refused: an
     approval of a statement that did not run, an empty statement, one the retrain's check refuses (the model's
     check: one SELECT over the question's tables that ``role`` may read) or one that fails in PostgreSQL (run as the
-    worker runs the model's statements: read-only, as ``role``, within ``limits``, rolled back)."""
+    worker runs the model's statements: read-only, as ``role``, within ``limits``, rolled back, on ``runner``: the
+    reader's own login where there is one, :func:`record_correction`; default ``conn``)."""
     note = None
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(q("question_to_correct", "textsql.sql"), {"question": question}).fetchone()
@@ -141,7 +144,8 @@ def correct(conn: psycopg.Connection, question: int, sql: str | None, approve: b
                              "statement that ran as the right answer to train on: give the right statement with --sql")
         if not approve:
             checked = _check_correction(cur, question, sql or "", row, role)
-            note = _run_correction(conn, question, checked, row["target_schema"], role, limits or Limits())
+            note = _run_correction(runner or conn, question, checked, row["target_schema"], role,
+                                   limits or Limits())
         cid = cur.execute(q("insert_correction", "textsql.sql"),
                           {"question": question, "sql": sql, "approved": approve}).fetchone()["id"]
     return cid, note
@@ -199,10 +203,20 @@ def _run_correction(conn: psycopg.Connection, question: int, checked: CheckedSQL
     return None
 
 
+def record_correction(url: str, settings: Settings, question: int, sql: str | None,
+                      approve: bool) -> tuple[int, str | None]:
+    """:func:`correct` on the database at ``url``: a corrected statement runs where the worker runs generated ones,
+    the reader role's own login where there is one (textsql/reader.py), where none can set its role back to the
+    connection's user."""
+    with contextlib.ExitStack() as stack:
+        conn = stack.enter_context(connect(url, autocommit=True, settings=settings))
+        runner = None if approve else stack.enter_context(reader.for_command(url, settings))
+        return correct(conn, question, sql, approve, settings.sql_reader_role, Limits.of(settings), runner)
+
+
 def run_sql_correct(args: argparse.Namespace, settings: Settings) -> int:
-    with Database(settings) as db, db.connect(autocommit=True) as conn:
-        cid, note = correct(conn, args.question, args.sql, args.approve, settings.sql_reader_role,
-                            Limits.of(settings))
+    with Database(settings) as db:
+        cid, note = record_correction(db.url, settings, args.question, args.sql, args.approve)
     if note:
         notice("sql_correct_not_run", note, heading="note", correction=cid)
     print(f"correction {cid} recorded for data question {args.question}")

@@ -13,7 +13,8 @@ is a member of it and of no other role) the server refuses that: ``permission de
   info in a one-shot command's own worker, ``sql-ask``).
 
 The sql_answer handler runs its questions there, and the SQL retrain (textsql/train.py) its corrections and the
-models' statements at its gate.
+models' statements at its gate; ``pgsynapse sql-correct`` and the benchmark (bench/text_to_sql.py) theirs through
+:func:`for_command`.
 """
 
 from __future__ import annotations
@@ -102,4 +103,14 @@ def connect(settings: Any) -> Iterator[psycopg.Connection]:
             raise ConfigError(f"sql_reader_url: {err}") from None
         raise err from None
     with conn:
+        yield conn
+
+
+@contextlib.contextmanager
+def for_command(url: str, settings: Any, *, one_off: bool = True) -> Iterator[psycopg.Connection]:
+    """A command's connection for the statements it runs (``url``: its database), as a worker makes one: the reader
+    role's login on the embedded server (let log in first) or ``sql_reader_url`` (checked), else ``url``'s own
+    with ``sql_reader_shares_worker_session`` said (:func:`prepare_at_start`; at info when ``one_off``)."""
+    prepare_at_start(url, settings, one_off=one_off)
+    with connect(settings.model_copy(update={"database_url": url, "sql_reader_url": reader_url(url, settings)})) as conn:
         yield conn

@@ -1,0 +1,4 @@
+-- pgsynapse 0045: the check of sql_corrections refuses an approval of a data question that did not run, and a
+-- correction of a blocked one, in the words `pgsynapse sql-correct` uses (triggers/data_questions_v7.sql).
+-- Idempotent.
+-- pgsynapse:include data_questions_v7.sql
