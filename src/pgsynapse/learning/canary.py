@@ -150,6 +150,11 @@ def canary_command(conn: psycopg.Connection, action: str, size: int) -> str:
         active = conn.execute(q("active_version")).fetchone()
         version = active["id"] if active else None
         n = rebuild_canary(conn, version, size)
+        if not n and size > 0:  # asked for some: the corpus gives none
+            return ("canary set rebuilt: 0 questions: no document of the corpus gives one (a canary question is "
+                    "asked from a \"NAME — what it does\" line, a configuration parameter, a title of more than one "
+                    "word or a numbered section heading), so the retrain gate checks no canary set; rebuild it once "
+                    "the corpus has such documents")
         if not n:
             return ("canary set rebuilt: 0 questions: the retrain gate checks no canary set, and no retrain builds "
                     "one (`pgsynapse canary rebuild --size N` does)")
