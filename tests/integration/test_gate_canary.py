@@ -112,6 +112,18 @@ def test_a_rebuild_that_finds_no_question_in_the_corpus_says_why(db_url):
         assert _canary(conn) == []
 
 
+def test_a_retrain_that_finds_no_question_in_the_corpus_leaves_the_canary_set_to_the_next(db_url):
+    """The first retrain on a corpus that gives no canary question builds none (the next one tries again): `pgsynapse
+    canary` then still said "the first retrain builds it", after that retrain had run."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        _insert(conn, [{"id": "vacuum.md", "title": "Vacuum", "text": "# Vacuum\n\nVACUUM reclaims storage."}])
+        assert ensure_canary(conn, 1, 300) == {"built": True, "questions": 0}
+        assert _canary(conn) == []
+        shown = canary_command(conn, "show", 300)
+        assert shown == ("no canary set yet: the next retrain builds it from the corpus once its documents give "
+                         "canary questions (or run `pgsynapse canary rebuild`)"), shown
+
+
 def test_the_canary_documents_give_no_corpus_pairs():
     pages = _pages()[:20]
     docs = {i: (p["title"], p["text"]) for i, p in enumerate(pages)}

@@ -166,7 +166,9 @@ def canary_command(conn: psycopg.Connection, action: str, size: int) -> str:
             return (f"no canary set: emptied by `pgsynapse canary rebuild` at {last['at']:%Y-%m-%d %H:%M:%S %Z} "
                     f"(size {last['figures'].get('size')}); the retrain gate checks no canary and no retrain builds "
                     "one (`pgsynapse canary rebuild --size N` does)")
-        return "no canary set yet: the first retrain builds it (or run `pgsynapse canary rebuild`)"
+        # not "the first retrain": a retrain on a corpus that gives no question builds none, and the next tries again
+        return ("no canary set yet: the next retrain builds it from the corpus once its documents give canary "
+                "questions (or run `pgsynapse canary rebuild`)")
     total = sum(r["n"] for r in rows)
     parts = ", ".join(f"{r['origin']} {r['n']}" for r in rows)
     return (f"canary set: {total} questions ({parts}), frozen with model version {rows[0]['version']} "
