@@ -97,6 +97,33 @@ def test_a_canary_set_emptied_on_request_stays_empty_until_rebuilt_with_a_size(d
         assert len(_canary(conn)) == 5
 
 
+def test_a_rebuild_that_finds_no_question_in_the_corpus_says_why(db_url):
+    """`canary rebuild --size 5` on a corpus whose documents give no canary question (one-word titles, no heading,
+    parameter or summary line) said "0 questions: ... no retrain builds one (`pgsynapse canary rebuild --size N`
+    does)": the command just run, as if the size had been 0."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        _insert(conn, [{"id": "vacuum.md", "title": "Vacuum", "text": "# Vacuum\n\nVACUUM reclaims storage."},
+                       {"id": "indexes.md", "title": "Indexes", "text": "# Indexes\n\nA B-tree index sorts."}])
+        said = canary_command(conn, "rebuild", 5)
+        assert said == ("canary set rebuilt: 0 questions: no document of the corpus gives one (a canary question is "
+                        "asked from a \"NAME — what it does\" line, a configuration parameter, a title of more than "
+                        "one word or a numbered section heading), so the retrain gate checks no canary set; rebuild "
+                        "it once the corpus has such documents"), said
+        assert _canary(conn) == []
+
+
+def test_a_retrain_that_finds_no_question_in_the_corpus_leaves_the_canary_set_to_the_next(db_url):
+    """The first retrain on a corpus that gives no canary question builds none (the next one tries again): `pgsynapse
+    canary` then still said "the first retrain builds it", after that retrain had run."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        _insert(conn, [{"id": "vacuum.md", "title": "Vacuum", "text": "# Vacuum\n\nVACUUM reclaims storage."}])
+        assert ensure_canary(conn, 1, 300) == {"built": True, "questions": 0}
+        assert _canary(conn) == []
+        shown = canary_command(conn, "show", 300)
+        assert shown == ("no canary set yet: the next retrain builds it from the corpus once its documents give "
+                         "canary questions (or run `pgsynapse canary rebuild`)"), shown
+
+
 def test_the_canary_documents_give_no_corpus_pairs():
     pages = _pages()[:20]
     docs = {i: (p["title"], p["text"]) for i, p in enumerate(pages)}

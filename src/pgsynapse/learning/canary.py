@@ -150,6 +150,11 @@ def canary_command(conn: psycopg.Connection, action: str, size: int) -> str:
         active = conn.execute(q("active_version")).fetchone()
         version = active["id"] if active else None
         n = rebuild_canary(conn, version, size)
+        if not n and size > 0:  # asked for some: the corpus gives none
+            return ("canary set rebuilt: 0 questions: no document of the corpus gives one (a canary question is "
+                    "asked from a \"NAME — what it does\" line, a configuration parameter, a title of more than one "
+                    "word or a numbered section heading), so the retrain gate checks no canary set; rebuild it once "
+                    "the corpus has such documents")
         if not n:
             return ("canary set rebuilt: 0 questions: the retrain gate checks no canary set, and no retrain builds "
                     "one (`pgsynapse canary rebuild --size N` does)")
@@ -161,7 +166,9 @@ def canary_command(conn: psycopg.Connection, action: str, size: int) -> str:
             return (f"no canary set: emptied by `pgsynapse canary rebuild` at {last['at']:%Y-%m-%d %H:%M:%S %Z} "
                     f"(size {last['figures'].get('size')}); the retrain gate checks no canary and no retrain builds "
                     "one (`pgsynapse canary rebuild --size N` does)")
-        return "no canary set yet: the first retrain builds it (or run `pgsynapse canary rebuild`)"
+        # not "the first retrain": a retrain on a corpus that gives no question builds none, and the next tries again
+        return ("no canary set yet: the next retrain builds it from the corpus once its documents give canary "
+                "questions (or run `pgsynapse canary rebuild`)")
     total = sum(r["n"] for r in rows)
     parts = ", ".join(f"{r['origin']} {r['n']}" for r in rows)
     return (f"canary set: {total} questions ({parts}), frozen with model version {rows[0]['version']} "

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from pgsynapse.errors import PgsynapseError
+from pgsynapse.errors import ConfigError, PgsynapseError
 from pgsynapse.logs import get_logger
 
 log = get_logger(__name__)
@@ -141,9 +141,11 @@ def describe_failure(exc: BaseException) -> str:
 
 def retry_may_help(exc: BaseException) -> bool:
     """Whether running a trainer again as it is may help after ``exc`` (not after running out of memory, nor with
-    model files or a package missing: they stay so)."""
+    model files or a package missing, nor with a setting that cannot work: they stay so until an operator acts)."""
     if isinstance(exc, (MemoryError, ImportError)) or type(exc).__name__ == "OutOfMemoryError":
         return False  # an ImportError: a package missing or broken stays so
+    if isinstance(exc, ConfigError):
+        return False  # a model preset not installed, a model path that is not a model: the same at every attempt
     return not (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT, errno.EACCES))
 
 
