@@ -77,24 +77,25 @@ def _reload_while_starting(signum: int, frame: object) -> None:
 
 
 def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0,
-        on_delta: Callable[[str], None] | None = None):
-    """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
-    Without a running worker on this database, an in-process worker answers it (the embedded default's usual
-    case)."""
+        on_delta: Callable[[str], None] | None = None, on_result: Callable[[Any], None] | None = None):
+    """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them, and
+    ``on_result`` the final Result as soon as it comes, before the in-process worker and the embedded server stop
+    (seconds). Without a running worker on this database, an in-process worker answers it (the embedded default's
+    usual case)."""
     require_text(text)  # refused before a database or a worker is started for it
 
     return _answered(settings, "answer", "question", timeout, lambda client, limit: client.ask(
-        text, session_id=session_id, timeout=limit, on_delta=on_delta))
+        text, session_id=session_id, timeout=limit, on_delta=on_delta), on_result)
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
-             tables: list[str] | None = None, timeout: float = 300.0):
+             tables: list[str] | None = None, timeout: float = 300.0, on_result: Callable[[Any], None] | None = None):
     """Ask one question about the data and wait for its statement and result (an in-process worker answers it
-    when none runs on this database)."""
+    when none runs on this database); ``on_result`` gets the DataResult as soon as it comes, as :func:`ask`'s."""
     require_text(text)
 
     return _answered(settings, "sql_answer", "data question", timeout, lambda client, limit: client.ask_data(
-        text, session_id=session_id, schema=schema, tables=tables, timeout=limit))
+        text, session_id=session_id, schema=schema, tables=tables, timeout=limit), on_result)
 
 
 class _Started:
@@ -139,11 +140,11 @@ def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
 
 
 def _answered(settings: Settings, kind: str, what: str, timeout: float,
-              call: Callable[[Client, float | None], Awaitable[Any]]):
+              call: Callable[[Client, float | None], Awaitable[Any]], on_result: Callable[[Any], None] | None = None):
     """``call(client, timeout)`` asks against a worker: the one running on this database, else one started here for
     ``kind`` while it asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
     ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
-    :data:`pgsynapse.client.LATER`), for a timeout's message."""
+    :data:`pgsynapse.client.LATER`), for a timeout's message; ``on_result(result)`` as soon as it comes."""
     asking: list[Client] = []
 
     async def go(url: str, limit: float | None, asked: anyio.Event | None = None):
@@ -151,7 +152,10 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         client.asked = asked
         asking.append(client)
         async with client:
-            return await call(client, limit)
+            result = await call(client, limit)
+        if on_result is not None:  # before the stops of the in-process worker and of the embedded server (seconds)
+            on_result(result)
+        return result
 
     async def with_worker(url: str, timeout: float | None):
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed

@@ -4,6 +4,8 @@ in-process worker that answers when no worker runs, and an answer that did not c
 
 from __future__ import annotations
 
+import io
+import sys
 import threading
 from collections.abc import Callable
 
@@ -123,3 +125,22 @@ def test_a_question_whose_in_process_worker_fails_to_start_says_it_stays_pending
         "SELECT status, answer FROM pgsynapse.questions WHERE id = 1"), err
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT status FROM pgsynapse.questions").fetchall() == [("pending",)]
+
+
+@pytest.mark.parametrize(("argv", "code", "last"), [
+    (["ask", "how do I create an index?"], 0, "  answered in "),
+    (["ask", "how do I create an index?", "--json"], 0, '  "cached_from": null'),
+    (["sql-ask", "how many orders?", "--schema", "nosuch"], 1, "failed: InputError: schema nosuch does not exist"),
+])
+def test_ask_prints_its_answer_before_its_in_process_worker_stops(db_url, monkeypatch, argv, code, last):
+    # the answer's last lines (sources, "answered in") came only once the in-process worker had stopped, and the
+    # embedded server with it: 0.3 to 8.7 s after the answer had arrived. stdout and stderr in one stream, as on a
+    # terminal: the answer is printed before the worker's stop begins
+    said = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", said)
+    monkeypatch.setattr(sys, "stderr", said)  # the log handler writes to the stderr of its configuration
+    assert main(["--database-url", db_url, "--log-level", "info", *argv]) == code, said.getvalue()
+    lines = said.getvalue().splitlines()
+    printed = [i for i, line in enumerate(lines) if line.startswith(last)]
+    stopping = [i for i, line in enumerate(lines) if "worker_stopping" in line]
+    assert printed and stopping and printed[0] < stopping[0], said.getvalue()
