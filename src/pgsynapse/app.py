@@ -161,7 +161,7 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        started, errors, settled = _Started(), [], anyio.Event()
+        started, errors, settled, answered = _Started(), [], anyio.Event(), []
 
         async def serving() -> None:
             try:
@@ -178,7 +178,7 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                 tg.start_soon(serving)
                 try:
                     # asked while the worker starts, which then takes the question: the timeout counts the start too
-                    result = await go(url, timeout, settled)
+                    answered.append(await go(url, timeout, settled))
                 except AnswerTimeout as exc:
                     errors.append(exc if exc.question_id is None or started.event.is_set()
                                   else _NotStarted(exc.question_id))
@@ -190,9 +190,13 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                     # cancellation interrupted", "discarding closed connection") are no news to the asker
                     stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
                     worker.request_stop()
+        if answered:  # printed (on_result): a failure of the worker at its stop is the worker's, not the question's
+            for failed in errors:
+                log.warning("own_worker_stop_failed", what=what, id=asking[0].asked_id,
+                            error=" ".join(str(failed.cause).split()) or type(failed.cause).__name__)
+            return answered[0]
         if errors:
             raise errors[0]
-        return result
 
     with Database(settings) as db:
         if done := ensure_schema(db):  # said at the level `ask` logs at: it changed the schema on its way

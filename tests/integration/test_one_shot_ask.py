@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from pgsynapse.cli import main
+from pgsynapse.handlers.answer import AnswerHandler
 from tests.helpers import SAFETY_TIMEOUT, with_db
 
 
@@ -144,3 +145,18 @@ def test_ask_prints_its_answer_before_its_in_process_worker_stops(db_url, monkey
     printed = [i for i, line in enumerate(lines) if line.startswith(last)]
     stopping = [i for i, line in enumerate(lines) if "worker_stopping" in line]
     assert printed and stopping and printed[0] < stopping[0], said.getvalue()
+
+
+def test_an_answer_printed_stays_answered_when_the_in_process_worker_fails_at_its_stop(db_url, monkeypatch, capsys):
+    # the answer printed, a failure of the in-process worker as it then stopped said "question 1 stays pending: this
+    # command's worker stopped (...)" of the question just answered, and ended in a traceback
+    async def failing(self) -> None:
+        raise RuntimeError("the replica pool would not close")
+
+    monkeypatch.setattr(AnswerHandler, "aclose", failing)
+    assert main(["--database-url", db_url, "ask", "how do I create an index?"]) == 0
+    out, err = capsys.readouterr()
+    assert "answered in " in out and "(question 1)" in out, out
+    assert "stays pending" not in err and "own_worker_stop_failed" in err and "would not close" in err, err
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT status FROM pgsynapse.questions").fetchall() == [("answered",)]
