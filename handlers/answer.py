@@ -46,7 +46,10 @@ from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, knn, query_wi
 
 log = get_logger(__name__)
 
-BLOCKED_ANSWER = "This question cannot be answered: it matches a guardrail rule."
+# a blocked question's answer, by the stage a block rule matched (guardrail.stage): the question (nothing was
+# generated), or the answer (generated, then withheld)
+BLOCKED_QUESTION = "This question cannot be answered: it matches a guardrail rule."
+BLOCKED_ANSWER = "The answer was withheld: it matched a guardrail rule."
 SUPERSEDED_MID_STREAM = "superseded: the question was edited, deleted or answered while its answer was generated"
 
 
@@ -293,7 +296,7 @@ class AnswerHandler(Handler[AnswerWork]):
         out = []
         for w in work:
             if blocked(w):
-                out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_ANSWER, []), w.guardrail)))
+                out.append(Outcome(w.job, result=self._result(w, "blocked", Answer(BLOCKED_QUESTION, []), w.guardrail)))
                 continue
             if w.cached is not None:
                 out.append(Outcome(w.job, result=self._result(w, "answered", w.cached.answer, None)))

@@ -77,25 +77,29 @@ def _reload_while_starting(signum: int, frame: object) -> None:
 
 
 def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout: float = 120.0,
-        on_delta: Callable[[str], None] | None = None, migrate: bool = False):
-    """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them.
-    Without a running worker on this database, an in-process worker answers it (the embedded default's usual
-    case). ``migrate``: apply pending migrations first (always on the embedded server; elsewhere a schema missing or
-    behind is refused, as by every one-shot command)."""
+        on_delta: Callable[[str], None] | None = None, on_result: Callable[[Any], None] | None = None,
+        migrate: bool = False):
+    """Ask one question and wait for its answer; ``on_delta`` gets its pieces as a generator streams them, and
+    ``on_result`` the final Result as soon as it comes, before the in-process worker and the embedded server stop
+    (seconds). Without a running worker on this database, an in-process worker answers it (the embedded default's
+    usual case). ``migrate``: apply pending migrations first (always on the embedded server; elsewhere a
+    schema missing or behind is refused, as by every one-shot command)."""
     require_text(text)  # refused before a database or a worker is started for it
 
     return _answered(settings, "answer", "question", timeout, lambda client, limit: client.ask(
-        text, session_id=session_id, timeout=limit, on_delta=on_delta), migrate=migrate)
+        text, session_id=session_id, timeout=limit, on_delta=on_delta), on_result, migrate=migrate)
 
 
 def ask_data(settings: Settings, text: str, *, session_id: str | None = None, schema: str = "public",
-             tables: list[str] | None = None, timeout: float = 300.0, migrate: bool = False):
+             tables: list[str] | None = None, timeout: float = 300.0, on_result: Callable[[Any], None] | None = None,
+             migrate: bool = False):
     """Ask one question about the data and wait for its statement and result (an in-process worker answers it
-    when none runs on this database); ``migrate`` as :func:`ask`'s."""
+    when none runs on this database); ``on_result`` (the DataResult as soon as it comes) and ``migrate`` as
+    :func:`ask`'s."""
     require_text(text)
 
     return _answered(settings, "sql_answer", "data question", timeout, lambda client, limit: client.ask_data(
-        text, session_id=session_id, schema=schema, tables=tables, timeout=limit), migrate=migrate)
+        text, session_id=session_id, schema=schema, tables=tables, timeout=limit), on_result, migrate=migrate)
 
 
 class _Started:
@@ -140,11 +144,12 @@ def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
 
 
 def _answered(settings: Settings, kind: str, what: str, timeout: float,
-              call: Callable[[Client, float | None], Awaitable[Any]], *, migrate: bool = False):
+              call: Callable[[Client, float | None], Awaitable[Any]], on_result: Callable[[Any], None] | None = None, *,
+              migrate: bool = False):
     """``call(client, timeout)`` asks against a worker: the one running on this database, else one started here for
     ``kind`` while it asks (``timeout`` bounds both: a first start waits for another worker's export, minutes);
     ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
-    :data:`pgsynapse.client.LATER`), for a timeout's message."""
+    :data:`pgsynapse.client.LATER`), for a timeout's message; ``on_result(result)`` as soon as it comes."""
     asking: list[Client] = []
 
     async def go(url: str, limit: float | None, asked: anyio.Event | None = None):
@@ -152,13 +157,16 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         client.asked = asked
         asking.append(client)
         async with client:
-            return await call(client, limit)
+            result = await call(client, limit)
+        if on_result is not None:  # before the stops of the in-process worker and of the embedded server (seconds)
+            on_result(result)
+        return result
 
     async def with_worker(url: str, timeout: float | None):
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        started, errors, settled = _Started(), [], anyio.Event()
+        started, errors, settled, answered = _Started(), [], anyio.Event(), []
 
         async def serving() -> None:
             try:
@@ -175,7 +183,7 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                 tg.start_soon(serving)
                 try:
                     # asked while the worker starts, which then takes the question: the timeout counts the start too
-                    result = await go(url, timeout, settled)
+                    answered.append(await go(url, timeout, settled))
                 except AnswerTimeout as exc:
                     errors.append(exc if exc.question_id is None or started.event.is_set()
                                   else _NotStarted(exc.question_id))
@@ -187,14 +195,18 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                     # cancellation interrupted", "discarding closed connection") are no news to the asker
                     stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
                     worker.request_stop()
+        if answered:  # printed (on_result): a failure of the worker at its stop is the worker's, not the question's
+            for failed in errors:
+                log.warning("own_worker_stop_failed", what=what, id=asking[0].asked_id,
+                            error=" ".join(str(failed.cause).split()) or type(failed.cause).__name__)
+            return answered[0]
         if errors:
             raise errors[0]
-        return result
 
     with Database(settings) as db:
         # the embedded server is pgsynapse's own (the README's first ask migrates it); a DATABASE_URL database is
         # migrated by its owner (`pgsynapse migrate`), or when asked to (--migrate), as by every one-shot command
-        if done := ensure_schema(db, apply=migrate or settings.embedded):  # said at `ask`'s level: it changed the schema
+        if done := ensure_schema(db, apply=migrate or settings.embedded):  # said at `ask`'s level: schema changed
             log.warning("schema_migrated_before_asking", applied=done)
         with db.connect() as conn:
             running = worker_takes(conn, kind)

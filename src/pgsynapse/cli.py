@@ -37,7 +37,7 @@ from pgsynapse.queries import q
 from pgsynapse.ranking.cli import run_ranker_command
 from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
-from pgsynapse.results import AnswerTimeout, terminal_safe
+from pgsynapse.results import AnswerTimeout, Result, terminal_safe
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import check_search_text, search, search_order, unsearched
 from pgsynapse.status import render, render_embedded, status_snapshot
@@ -354,17 +354,21 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             streamed.append(piece)
             print(terminal_safe(piece), end="", flush=True)
 
+        def done(result: Result) -> None:  # printed as soon as it comes: the in-process worker's stop comes after
+            if args.json:
+                print(json_dumps(asdict(result), indent=2), flush=True)
+            elif streamed:
+                text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
+                # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
+                rest = final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}"
+                print(terminal_safe(rest))
+                print(terminal_safe(format_result(result, answer=False)), flush=True)
+            else:
+                print(terminal_safe(format_result(result)), flush=True)
+
         result = ask(settings, args.text, session_id=args.session, timeout=args.timeout,
-                     on_delta=None if args.json else show, migrate=args.migrate)
-        if args.json:
-            print(json_dumps(asdict(result), indent=2))
-        elif streamed:
-            text, final = "".join(streamed).rstrip(), (result.answer or "").strip()
-            # the final answer continues what streamed, or replaces it (refused, or asked again meanwhile)
-            print(terminal_safe(final[len(text):] if final.startswith(text) else f"\n--- final answer ---\n{final}"))
-            print(terminal_safe(format_result(result, answer=False)))
-        else:
-            print(terminal_safe(format_result(result)))
+                     on_delta=None if args.json else show, on_result=done,
+                     migrate=args.migrate)
         return 0 if result.status == "answered" else 1
     if args.command in ("feedback", "retrain", "ab-report", "promote", "rollback", "retire", "traffic"):
         with Database(settings) as db, db.connect(autocommit=True) as conn:

@@ -52,7 +52,8 @@ def _handlers(settings, models):
 
 async def _questions(conn, session: str) -> list[dict]:
     return list(await (await conn.execute(
-        "SELECT id, text, status, guardrail, retrieval_query FROM pgsynapse.questions WHERE session_id = %s ORDER BY id",
+        "SELECT id, text, status, answer, guardrail, retrieval_query FROM pgsynapse.questions WHERE session_id = %s "
+        "ORDER BY id",
         (session,))).fetchall())
 
 
@@ -73,6 +74,7 @@ async def test_a_blocked_batch_mate_never_reaches_the_answerer_through_the_follo
     blocked, follow = await _questions(conn, "eve")
     await conn.close()
     assert blocked["status"] == "blocked" and blocked["guardrail"]["stage"] == "question"
+    assert blocked["answer"] == "This question cannot be answered: it matches a guardrail rule."
     assert follow["status"] == "answered" and follow["retrieval_query"] == "and where do I buy the parts for that?"
     assert RecordingAnswerer.seen and not [t for t in RecordingAnswerer.seen if "bomb" in t]
 
@@ -148,6 +150,8 @@ async def test_a_long_answer_is_checked_in_windows_over_its_whole_length(db_url,
     await conn.close()
     assert RecordingAnswerer.seen == ["how do I create an index?"]
     assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer"
+    # its answer, not its question, matched: the row's answer (what `ask` and the Client print) blamed the question
+    assert row["answer"] == "The answer was withheld: it matched a guardrail rule.", row["answer"]
 
 
 class RuleAddedMidBatchHandler(RecordingHandler):

@@ -114,9 +114,12 @@ def _cut(r: DataResult) -> str:
 
 
 def run_sql_ask(args: argparse.Namespace, settings: Settings) -> int:
+    def done(result: DataResult) -> None:  # printed as soon as it comes: the in-process worker's stop comes after
+        print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)),
+              flush=True)
+
     result = ask_data(settings, args.text, session_id=args.session, schema=args.schema, tables=args.tables,
-                      timeout=args.timeout, migrate=args.migrate)
-    print(json_dumps(asdict(result), indent=2) if args.json else terminal_safe(format_data_result(result)))
+                      timeout=args.timeout, on_result=done, migrate=args.migrate)
     return 0 if result.status == "answered" else 1
 
 
