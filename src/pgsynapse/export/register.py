@@ -209,9 +209,12 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     """
     # a transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
     # pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
-    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited
-    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn, \
-            conn.transaction():
+    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited.
+    # Its statements go by the simple query protocol (ClientCursor): the extended protocol's unnamed portal of the
+    # last SELECT outlived it and kept its snapshot while the model was computed, so no VACUUM of the database could
+    # remove a row deleted meanwhile. The transaction takes no xid until its end, and keeps no snapshot in between.
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row,
+                         cursor_factory=psycopg.ClientCursor, **NO_PREPARE) as conn, conn.transaction():
         conn.execute(q("export_idle_unbounded", "export.sql"))
         if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
             # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command logs warnings only

@@ -25,6 +25,7 @@ RETURNING id;
 -- name: export_lock
 -- a transaction lock held for the whole export (one transaction): one worker exports a version, the others wait
 -- and find it done; a transaction pooler keeps it on one server connection, and it ends with the transaction
+-- (it holds back no VACUUM: it writes only at its end, and its statements leave no portal or snapshot behind)
 SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
 
 -- name: export_idle_unbounded
