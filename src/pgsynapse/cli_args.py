@@ -427,6 +427,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("guardrail set needs --threshold or --action: what to change")
         if args.command == "search" and (problem := search_args_problem(args)):
             parser.error(problem)
+        if args.command == "model" and args.model_command == "export" and args.scheme and args.runtime != "onnx-int8":
+            parser.error(f"--scheme {args.scheme} is an INT8 scheme: it applies to --runtime onnx-int8 only ("
+                         f"{args.runtime} is fp32); nothing was exported")
         if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
         unread = [flag for flag, given in (("--data-dir", args.data_dir), ("--config", args.config)) if given]
