@@ -16,6 +16,7 @@ from pgvector.psycopg import register_vector, register_vector_async
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
 from pgsynapse.cli import main
+from pgsynapse.errors import ModelError
 from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
 from pgsynapse.export.quantize import _calibration_feeds
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
@@ -225,6 +226,44 @@ def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_u
     assert main(base) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["agreement"]["n_chunks"] == 24
     # (--sample N wins over the setting: run_export's n_chunks, as the test above gives it)
+
+
+@pytest.mark.parametrize(("option", "content", "says"), [
+    # a traceback (FileNotFoundError) after the model had loaded, exit 1, and an empty artifact directory left
+    ("--corpus", None, "--corpus {path}: cannot read it: No such file or directory"),
+    ("--questions", None, "--questions {path}: cannot read it: No such file or directory"),
+    # a traceback (JSONDecodeError, KeyError 'q')
+    ("--corpus", '{"title": "T", "text": "a page"}\nnot json\n', "--corpus {path}, line 2: not a JSON object"),
+    ("--questions", '{"question": "what?"}\n', '--questions {path}, line 1: no "q" (a question\'s text) in it'),
+    ("--corpus", '{"title": "T", "body": "a page"}\n', '--corpus {path}, line 1: no "text" (a page\'s text) in it'),
+])
+def test_model_export_with_a_bad_corpus_or_questions_file_says_which_and_leaves_nothing(db_url, tmp_path, capsys,
+                                                                                      option, content, says):
+    path = tmp_path / "sample.jsonl"
+    if content is not None:
+        path.write_text(content)
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", option,
+            str(path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert says.format(path=path) in err and "Traceback" not in err, err
+    assert not (data / "models").exists() or list((data / "models").iterdir()) == []
+
+
+def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_path):
+    """An export that fails (a model the ONNX path cannot take: CLS pooling) left its new, partial directory in
+    DATA_DIR/models for ever."""
+    model = tmp_path / "cls-model"
+    shutil.copytree(default_model_path(), model, ignore=shutil.ignore_patterns("*.onnx", "onnx", "openvino"))
+    pooling = model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | {"pooling_mode_mean_tokens": False,
+                                                                     "pooling_mode_cls_token": True}))
+    data = tmp_path / "data"
+    settings = fast_settings(db_url, data_dir=str(data), model_path=str(model))
+    with pytest.raises(ModelError, match="mean pooling"):
+        run_export(settings, "onnx", n_chunks=8)
+    assert list((data / "models").iterdir()) == []
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
