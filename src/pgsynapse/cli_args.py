@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("model", help="model versions and runtimes")
     msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")
-    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8")
+    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8",
+                    help="onnx (fp32) or onnx-int8 (default: onnx-int8)")
     ex.add_argument("--version", type=int, dest="model_version", help="source model version (default: the active one)")
     ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
