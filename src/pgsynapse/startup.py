@@ -44,7 +44,7 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
     except OSError as exc:
         raise _cannot_listen(settings, exc.strerror or str(exc)) from None
     socks: list[socket.socket] = []
-    not_here: list[str] = []
+    not_here: list[tuple[str, str]] = []  # (address, why) of those this host cannot bind
     # an IPv6 socket takes IPv4 too ("::" alone: every address, as Python's and Go's servers take it) unless an IPv4
     # address of the name has its own socket ("::" beside "0.0.0.0", "::1" beside "127.0.0.1", as anyio binds)
     v6only = any(i[0] == socket.AF_INET for i in infos)
@@ -55,7 +55,7 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
             except OSError as exc:
                 if exc.errno not in NOT_ON_THIS_HOST:
                     raise
-                not_here.append(_skipped(settings, address, exc))
+                not_here.append(_skipped(address, exc))
                 continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,7 +68,7 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
                     raise
                 socks.remove(sock)
                 sock.close()
-                not_here.append(_skipped(settings, address, exc))
+                not_here.append(_skipped(address, exc))
                 continue
             sock.listen(128)
     except OSError as exc:
@@ -76,8 +76,13 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
             sock.close()
         raise _cannot_listen(settings, exc.strerror or str(exc)) from None
     if not socks:
-        raise _cannot_listen(settings, f"no address of it can be bound on this host ({'; '.join(not_here)}); "
-                            "set it to an address of this host (127.0.0.1, or 0.0.0.0 for all)")
+        raise _cannot_listen(settings, "no address of it can be bound on this host ("
+                             f"{'; '.join(f'{a}: {why}' for a, why in not_here)}); set it to an address of this "
+                             "host (127.0.0.1, or 0.0.0.0 for all)")
+    for address, why in not_here:
+        log.warning("metrics_address_skipped", host=settings.metrics_host, address=address,
+                    port=settings.metrics_port, error=why, note="an address of metrics_host this host cannot bind: "
+                    "the metrics are served on its other addresses")
     return socks
 
 
@@ -85,12 +90,8 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
 NOT_ON_THIS_HOST = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 
 
-def _skipped(settings: Settings, address: tuple, exc: OSError) -> str:
-    reason = f"{address[0]}: {exc.strerror or exc}"
-    log.warning("metrics_address_skipped", host=settings.metrics_host, address=address[0], port=address[1],
-                error=exc.strerror or str(exc), note="an address of metrics_host this host cannot bind: the "
-                "metrics are served on its other addresses")
-    return reason
+def _skipped(address: tuple, exc: OSError) -> tuple[str, str]:
+    return address[0], exc.strerror or str(exc)
 
 
 def _cannot_listen(settings: Settings, why: str) -> ConfigError:

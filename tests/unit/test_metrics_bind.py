@@ -102,9 +102,10 @@ def test_metrics_host_with_no_address_this_host_can_bind_fails_and_says_each_rea
     port = free_port()
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [NOT_HERE[:4] + (("2001:db8::1", port, 0, 0),)])
     environ = {"PGSYNAPSE_METRICS_HOST": "example.invalid", "PGSYNAPSE_METRICS_PORT": str(port)}
-    with pytest.raises(ConfigError, match=rf"cannot listen on example.invalid:{port}: no address of it can be bound "
-                                          r"on this host \(2001:db8::1: .+\)"):
+    with capture_logs() as logs, pytest.raises(ConfigError, match=rf"cannot listen on example.invalid:{port}: no "
+                                               r"address of it can be bound on this host \(2001:db8::1: .+\)"):
         bind_metrics(load_settings(environ=environ))
+    assert not [e for e in logs if e["event"] == "metrics_address_skipped"], logs  # not "served on its others"
 
 
 def test_a_taken_metrics_port_still_fails_at_once():
