@@ -13,13 +13,15 @@ import onnxruntime as ort
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector, register_vector_async
+from psycopg.rows import dict_row
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
 from pgsynapse.cli import main
 from pgsynapse.errors import ModelError
-from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
+from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
+                              unfuse_attention)
 from pgsynapse.export.quantize import _calibration_feeds
-from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
+from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -264,6 +266,24 @@ def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_p
     with pytest.raises(ModelError, match="mean pooling"):
         run_export(settings, "onnx", n_chunks=8)
     assert list((data / "models").iterdir()) == []
+
+
+def test_switching_an_exported_version_again_keeps_the_torch_weights_it_came_from(db_url, tmp_path):
+    """`model export --switch` of a version a worker had switched to onnx-int8 recorded the INT8 directory as the
+    version's previous_artifact_path, the torch weights a rebuild starts from: a worker on a host without the new
+    artifact then stopped at its start with a traceback (OSError: no model.safetensors ... in the old INT8
+    directory)."""
+    first, second = str(tmp_path / "models" / "v1-onnx-int8-1"), str(tmp_path / "models" / "v1-onnx-int8-2")
+    agreed = Agreement(1.0, 1.0, 1.0, 1.0, 8, 8)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        for path in (first, second):  # the worker's switch at a first start, then `model export --switch`
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+            register(conn, ExportReport("onnx-int8", path, agreed, 0.95, True, 1.0, 1), row, switch=True)
+        v = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+    assert (v["runtime"], v["artifact_path"]) == ("onnx-int8", second)
+    # the torch weights it was first switched from (NULL: the configured or packaged model), as a rebuild reads it
+    assert (v["metrics"]["previous_runtime"], v["metrics"]["previous_artifact_path"]) == ("torch", None), v["metrics"]
+    assert resolve_model_path(v["metrics"]["previous_artifact_path"], None) == default_model_path()
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):
