@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("model", help="model versions and runtimes")
     msub = mo.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     ex = msub.add_parser("export", help="build an ONNX runtime of a version, check its agreement, register it")
-    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8")
+    ex.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8",
+                    help="onnx (fp32) or onnx-int8 (default: onnx-int8)")
     ex.add_argument("--version", type=int, dest="model_version", help="source model version (default: the active one)")
     ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
@@ -435,6 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("guardrail set needs --threshold or --action: what to change")
         if args.command == "search" and (problem := search_args_problem(args)):
             parser.error(problem)
+        if args.command == "model" and args.model_command == "export" and args.scheme and args.runtime != "onnx-int8":
+            parser.error(f"--scheme {args.scheme} is an INT8 scheme: it applies to --runtime onnx-int8 only ("
+                         f"{args.runtime} is fp32); nothing was exported")
         if args.command == "ingest" and args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout is how long --follow waits: add --follow (nothing was ingested)")
         unread = [flag for flag, given in (("--data-dir", args.data_dir), ("--config", args.config)) if given]

@@ -9,6 +9,7 @@ answers from its event loop from READY=1 on; a connection made in between waits 
 
 from __future__ import annotations
 
+import errno
 import json
 import selectors
 import socket
@@ -33,38 +34,70 @@ REQUEST_WAIT_S = 2.0  # for one request's head: a silent client does not hold th
 
 def bind_metrics(settings: Settings) -> list[socket.socket]:
     """The listening metrics sockets, one per address of metrics_host (none when metrics_port is 0): bound before
-    anything else starts, so a taken port fails fast (exit 78)."""
+    anything else starts, so a taken port fails fast (exit 78). An address this host has not (``localhost``'s ::1
+    with IPv6 disabled) is skipped with a warning; it fails only when no address of metrics_host can be bound."""
     if not settings.metrics_port:
         return []
     try:
         infos = socket.getaddrinfo(settings.metrics_host, settings.metrics_port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except OSError as exc:
-        raise _cannot_listen(settings, exc) from None
+        raise _cannot_listen(settings, exc.strerror or str(exc)) from None
     socks: list[socket.socket] = []
+    not_here: list[tuple[str, str]] = []  # (address, why) of those this host cannot bind
     # an IPv6 socket takes IPv4 too ("::" alone: every address, as Python's and Go's servers take it) unless an IPv4
     # address of the name has its own socket ("::" beside "0.0.0.0", "::1" beside "127.0.0.1", as anyio binds)
     v6only = any(i[0] == socket.AF_INET for i in infos)
     try:
         for family, _, _, _, address in dict.fromkeys((i[0], 0, 0, "", i[4]) for i in infos):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if exc.errno not in NOT_ON_THIS_HOST:
+                    raise
+                not_here.append(_skipped(address, exc))
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno not in NOT_ON_THIS_HOST:
+                    raise
+                socks.remove(sock)
+                sock.close()
+                not_here.append(_skipped(address, exc))
+                continue
             sock.listen(128)
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise _cannot_listen(settings, exc) from None
+        raise _cannot_listen(settings, exc.strerror or str(exc)) from None
+    if not socks:
+        raise _cannot_listen(settings, "no address of it can be bound on this host ("
+                             f"{'; '.join(f'{a}: {why}' for a, why in not_here)}); set it to an address of this "
+                             "host (127.0.0.1, or 0.0.0.0 for all)")
+    for address, why in not_here:
+        log.warning("metrics_address_skipped", host=settings.metrics_host, address=address,
+                    port=settings.metrics_port, error=why, note="an address of metrics_host this host cannot bind: "
+                    "the metrics are served on its other addresses")
     return socks
 
 
-def _cannot_listen(settings: Settings, exc: OSError) -> ConfigError:
+# what binding an address that is not this host's says (EADDRNOTAVAIL), or one of a family it lacks (IPv6 disabled)
+NOT_ON_THIS_HOST = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
+def _skipped(address: tuple, exc: OSError) -> tuple[str, str]:
+    return address[0], exc.strerror or str(exc)
+
+
+def _cannot_listen(settings: Settings, why: str) -> ConfigError:
     return ConfigError(
         f"invalid setting metrics_host / metrics_port [PGSYNAPSE_METRICS_HOST, PGSYNAPSE_METRICS_PORT]: cannot "
-        f"listen on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+        f"listen on {settings.metrics_host}:{settings.metrics_port}: {why}"
     )
 
 

@@ -13,12 +13,15 @@ import onnxruntime as ort
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector, register_vector_async
+from psycopg.rows import dict_row
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
 from pgsynapse.cli import main
-from pgsynapse.export import export_fp32, quantize_int8, run_export, sample_texts, unfuse_attention
+from pgsynapse.errors import ModelError
+from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
+                              unfuse_attention)
 from pgsynapse.export.quantize import _calibration_feeds
-from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder
+from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
 from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -225,6 +228,62 @@ def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_u
     assert main(base) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["agreement"]["n_chunks"] == 24
     # (--sample N wins over the setting: run_export's n_chunks, as the test above gives it)
+
+
+@pytest.mark.parametrize(("option", "content", "says"), [
+    # a traceback (FileNotFoundError) after the model had loaded, exit 1, and an empty artifact directory left
+    ("--corpus", None, "--corpus {path}: cannot read it: No such file or directory"),
+    ("--questions", None, "--questions {path}: cannot read it: No such file or directory"),
+    # a traceback (JSONDecodeError, KeyError 'q')
+    ("--corpus", '{"title": "T", "text": "a page"}\nnot json\n', "--corpus {path}, line 2: not a JSON object"),
+    ("--questions", '{"question": "what?"}\n', '--questions {path}, line 1: no "q" (a question\'s text) in it'),
+    ("--corpus", '{"title": "T", "body": "a page"}\n', '--corpus {path}, line 1: no "text" (a page\'s text) in it'),
+])
+def test_model_export_with_a_bad_corpus_or_questions_file_says_which_and_leaves_nothing(db_url, tmp_path, capsys,
+                                                                                      option, content, says):
+    path = tmp_path / "sample.jsonl"
+    if content is not None:
+        path.write_text(content)
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", option,
+            str(path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert says.format(path=path) in err and "Traceback" not in err, err
+    assert not (data / "models").exists() or list((data / "models").iterdir()) == []
+
+
+def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_path):
+    """An export that fails (a model the ONNX path cannot take: CLS pooling) left its new, partial directory in
+    DATA_DIR/models for ever."""
+    model = tmp_path / "cls-model"
+    shutil.copytree(default_model_path(), model, ignore=shutil.ignore_patterns("*.onnx", "onnx", "openvino"))
+    pooling = model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | {"pooling_mode_mean_tokens": False,
+                                                                     "pooling_mode_cls_token": True}))
+    data = tmp_path / "data"
+    settings = fast_settings(db_url, data_dir=str(data), model_path=str(model))
+    with pytest.raises(ModelError, match="mean pooling"):
+        run_export(settings, "onnx", n_chunks=8)
+    assert list((data / "models").iterdir()) == []
+
+
+def test_switching_an_exported_version_again_keeps_the_torch_weights_it_came_from(db_url, tmp_path):
+    """`model export --switch` of a version a worker had switched to onnx-int8 recorded the INT8 directory as the
+    version's previous_artifact_path, the torch weights a rebuild starts from: a worker on a host without the new
+    artifact then stopped at its start with a traceback (OSError: no model.safetensors ... in the old INT8
+    directory)."""
+    first, second = str(tmp_path / "models" / "v1-onnx-int8-1"), str(tmp_path / "models" / "v1-onnx-int8-2")
+    agreed = Agreement(1.0, 1.0, 1.0, 1.0, 8, 8)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        for path in (first, second):  # the worker's switch at a first start, then `model export --switch`
+            row = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+            register(conn, ExportReport("onnx-int8", path, agreed, 0.95, True, 1.0, 1), row, switch=True)
+        v = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+    assert (v["runtime"], v["artifact_path"]) == ("onnx-int8", second)
+    # the torch weights it was first switched from (NULL: the configured or packaged model), as a rebuild reads it
+    assert (v["metrics"]["previous_runtime"], v["metrics"]["previous_artifact_path"]) == ("torch", None), v["metrics"]
+    assert resolve_model_path(v["metrics"]["previous_artifact_path"], None) == default_model_path()
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):

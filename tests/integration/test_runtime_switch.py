@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.app import ask
 from pgsynapse.client import AnswerTimeout
+from pgsynapse.errors import ModelError
 from pgsynapse.export import EXPORT_LOCK, optimise_active_version
 from pgsynapse.export.register import _sha256
 from pgsynapse.learning.registry import RegistryError, promote
@@ -26,7 +29,7 @@ from pgsynapse.listener.worker import Worker
 from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
-from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -264,6 +267,43 @@ async def test_a_worker_waiting_for_another_workers_export_says_so(db_url, tmp_p
         await anyio.to_thread.run_sync(optimise_active_version, settings, db_url)
     assert not [e for e in logs if e["event"].startswith("runtime_")], logs
     await holder.close()
+
+
+async def test_an_export_under_way_holds_back_no_vacuum(db_url, tmp_path, monkeypatch):
+    """The export runs in one transaction that holds its lock (minutes at a first start): that transaction takes no
+    xid and keeps no snapshot while the model is computed, so VACUUM removes the rows deleted meanwhile. A write or
+    a REPEATABLE READ snapshot in it would keep them all (dead but not yet removable) until the export ends."""
+    computing, go = threading.Event(), threading.Event()
+
+    def held_export(*args, **kwargs):  # the model computation, held while the test looks: the database is real
+        computing.set()
+        go.wait(SAFETY_TIMEOUT)
+        raise ModelError("the test's export ends here")
+
+    monkeypatch.setattr(sys.modules["pgsynapse.export.register"], "export_and_check", held_export)
+    settings = fast_settings(db_url, runtime="onnx-int8", data_dir=tmp_path)
+    conn = await aconn(db_url)
+    await conn.execute("CREATE TABLE churn (id int) WITH (autovacuum_enabled = false)")
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, optimise_active_version, settings, db_url)
+        try:
+            assert await anyio.to_thread.run_sync(computing.wait, SAFETY_TIMEOUT)
+            holder = await (await conn.execute(
+                "SELECT a.state, a.backend_xid, a.backend_xmin FROM pg_stat_activity a JOIN pg_locks l USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objid = hashtext(%s)::oid", (EXPORT_LOCK,)
+            )).fetchone()
+            await conn.execute("INSERT INTO churn SELECT generate_series(1, 1000)")
+            await conn.execute("DELETE FROM churn")
+            await conn.execute("VACUUM (VERBOSE) churn")
+        finally:
+            go.set()
+    [vacuumed] = [n for n in notices if "tuples:" in n]
+    assert "1000 removed, 0 remain, 0 are dead but not yet removable" in vacuumed, vacuumed
+    assert holder == {"state": "idle in transaction", "backend_xid": None, "backend_xmin": None}, holder
+    assert (await _version(conn))["metrics"]["runtime_export"]["error"] == "ModelError: the test's export ends here"
+    await conn.close()
 
 
 async def test_status_says_a_worker_is_starting_while_it_exports_the_active_version(db_url, models, tmp_path):

@@ -81,6 +81,9 @@ from pgsynapse.learning.trainer_process import TrainingFailed
      "searched: an image search takes --image-model N"),
     (["search", "--like-image", "q.png", "--ranker", "none"], "--version and --ranker choose how documents are "
      "searched"),
+    # an INT8 scheme for the fp32 runtime was ignored: a fp32 candidate registered, exit 0
+    (["model", "export", "--runtime", "onnx", "--scheme", "dynamic"], "--scheme dynamic is an INT8 scheme: it "
+     "applies to --runtime onnx-int8 only (onnx is fp32); nothing was exported"),
 ])
 def test_an_out_of_range_number_is_refused_with_its_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

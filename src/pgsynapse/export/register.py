@@ -23,6 +23,7 @@ from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xa
 from pgsynapse.errors import ModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
+from pgsynapse.export.sample import check_sample_files
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ONNX_FILES, ONNX_META, ModelSpec, default_model_path, resolve_model_path
 from pgsynapse.queries import q
@@ -92,10 +93,15 @@ def run_export(
                            "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
             raise ModelError(f"{out_dir} is not empty: export into a new directory (an artifact there may be served)")
+        check_sample_files(corpus, questions)  # before the model loads (seconds) and the directory is made
         out = out_dir or new_artifact_dir(settings.data_dir, row["id"], runtime)
-        report = export_and_check(source, out, runtime, threshold=threshold, corpus=corpus, questions=questions,
-                                  n_chunks=n_chunks, threads=settings.onnx_threads or settings.torch_threads,
-                                  scheme=scheme)
+        try:
+            report = export_and_check(source, out, runtime, threshold=threshold, corpus=corpus, questions=questions,
+                                      n_chunks=n_chunks, threads=settings.onnx_threads or settings.torch_threads,
+                                      scheme=scheme)
+        except BaseException:  # a failed or interrupted export leaves no partial artifact behind
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         if report.accepted:
             register(conn, report, row, switch=switch)
         else:
@@ -209,9 +215,12 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     """
     # a transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
     # pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
-    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited
-    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row, **NO_PREPARE) as conn, \
-            conn.transaction():
+    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited.
+    # Its statements go by the simple query protocol (ClientCursor): the extended protocol's unnamed portal of the
+    # last SELECT outlived it and kept its snapshot while the model was computed, so no VACUUM of the database could
+    # remove a row deleted meanwhile. The transaction takes no xid until its end, and keeps no snapshot in between.
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row,
+                         cursor_factory=psycopg.ClientCursor, **NO_PREPARE) as conn, conn.transaction():
         conn.execute(q("export_idle_unbounded", "export.sql"))
         if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
             # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command logs warnings only

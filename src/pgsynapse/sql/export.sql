@@ -7,11 +7,14 @@ SELECT * FROM pgsynapse.model_versions
 WHERE CASE WHEN %(version)s::int IS NULL THEN status = 'active' ELSE id = %(version)s::int END;
 
 -- name: switch_runtime
--- the version itself moves to the exported runtime (its vectors are interchangeable: agreement passed); the
--- previous runtime and artifact are kept in its metrics
+-- the version itself moves to the exported runtime (its vectors are interchangeable: agreement passed); the torch
+-- runtime and weights it is switched from are kept in its metrics (previous_*: what a rebuild on another host and
+-- a retrain start from), also when an exported version is switched again (they still name the torch weights)
 UPDATE pgsynapse.model_versions
 SET runtime = %(runtime)s, artifact_path = %(path)s,
-    metrics = metrics || jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)
+    metrics = metrics || CASE WHEN runtime = 'torch'
+                              THEN jsonb_build_object('previous_runtime', runtime, 'previous_artifact_path', artifact_path)
+                              ELSE '{}'::jsonb END
               || %(metrics)s::jsonb
 WHERE id = %(id)s;
 
@@ -25,6 +28,7 @@ RETURNING id;
 -- name: export_lock
 -- a transaction lock held for the whole export (one transaction): one worker exports a version, the others wait
 -- and find it done; a transaction pooler keeps it on one server connection, and it ends with the transaction
+-- (it holds back no VACUUM: it writes only at its end, and its statements leave no portal or snapshot behind)
 SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
 
 -- name: export_idle_unbounded
