@@ -607,3 +607,22 @@ async def test_a_truncate_while_jobs_run_writes_nothing_back_and_closes_them(db_
         assert row["status"] == "embedded" and "CREATE INDEX" in row["text"], row
         assert q == {"status": "answered", "retrieval_query": "how do I build an index?"}, q
     await conn.close()
+
+
+@pytest.mark.parametrize("remove", ["DELETE FROM pgsynapse.questions", "TRUNCATE pgsynapse.questions CASCADE"])
+async def test_a_job_failing_for_good_after_its_row_was_removed_is_closed_not_failed(db_url, models, remove):
+    """A DELETE or TRUNCATE closes the failed jobs of the rows it removes (migrations 0040, 0043), and a pending one
+    finds its row gone; one that ran at the time and then failed for good (bad input, its last attempt) was failed:
+    `pgsynapse status` listed a failure of a row that no longer exists, and the worker logged job_failed."""
+    conn = await aconn(db_url)
+    await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I reclaim storage from dead tuples?')")
+    async with stepped_worker(fast_settings(db_url, max_question_chars=10), models) as worker:
+        with capture_logs() as logs:
+            [out] = await _run_until_write(worker, "answer")  # over max_question_chars: an InputError, not retried
+            assert out.error and not out.retry, out
+            await conn.execute(remove)
+            await worker.writer.write("answer", worker.handlers["answer"], [out])
+    [job] = await _jobs(conn, "answer")
+    await conn.close()
+    assert job == {"status": "done", "skip_reason": "its row was deleted", "last_error": None}, job
+    assert "job_failed" not in [e["event"] for e in logs], logs
