@@ -727,3 +727,35 @@ async def test_a_worker_killed_mid_stream_leaves_no_final_answer_and_the_next_an
     assert asker.returncode == 0, err
     # the asker printed the first stream's sentence, then the final answer as one that replaces it
     assert out.startswith(CHECKED[0].strip()) and f"--- final answer ---\n{''.join(RETRIED).strip()}\n" in out, out
+
+
+async def test_sigterm_mid_stream_finishes_the_answer_then_the_worker_ends_at_once_with_nothing_leased(db_url, sse):
+    """SIGTERM while an answer streams (docs/reliability.md, "SIGTERM drains"): the generation goes on to its end,
+    the final answer is written and announced, no job stays leased, and the process then ends at once, exit 0
+    (exiting.py's fast exit: no thread of the stream left to wait for)."""
+    SSE.gates = gates = [threading.Event() for _ in PIECES]
+    env = {"PGSYNAPSE_ANSWERER": "openai", "PGSYNAPSE_OPENAI_BASE_URL": sse, "PGSYNAPSE_OPENAI_MODEL": "tiny",
+           "PGSYNAPSE_STREAM_INTERVAL_MS": "0"}
+    worker = spawn_worker(db_url, env=env)
+    conn = await aconn(db_url)
+    try:
+        await _corpus(db_url)
+        await conn.execute("LISTEN pgsynapse_answers")
+        await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I undo commands back to a savepoint?')")
+        with anyio.fail_after(SAFETY):
+            first = json.loads((await anext(conn.notifies())).payload)
+        assert first["status"] == "streaming" and first["seq"] == 1, first
+        worker.proc.send_signal(signal.SIGTERM)
+        worker.wait_event("signal_received")
+        for g in gates:  # the rest of the answer comes only now, after the SIGTERM
+            g.set()
+        assert worker.proc.wait(SAFETY) == 0, worker.tail()
+        row = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions")).fetchone()
+        jobs = await (await conn.execute("SELECT status, count(*) AS n FROM pgsynapse.jobs GROUP BY status")).fetchall()
+    finally:
+        worker.stop()
+        await conn.close()
+    assert (row["status"], row["answer"]) == ("answered", "".join(PIECES)), row
+    assert {j["status"]: j["n"] for j in jobs}.keys() == {"done"}, jobs
+    exiting = worker.wait_event("process_exiting")
+    assert (exiting["code"], exiting["fast"]) == (0, True), exiting
