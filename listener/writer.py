@@ -211,6 +211,7 @@ class BatchWriter:
         if o.abandoned:  # the worker is stopping: the next worker takes it at once (the caller NOTIFYs)
             cur = await conn.execute(q("release_job"), params)
             if cur.rowcount:
+                await handler.record_retry(conn, o.job, o.error or "abandoned")  # a partial answer is withdrawn
                 return "released"
             cur = await conn.execute(q("supersede_job"), {**params, "reason": "superseded: a newer pending job runs it"})
             return "pending" if cur.rowcount else None

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from pgsynapse.answerers.citations import REFUSED_ANSWER
 from pgsynapse.client import Client
 from pgsynapse.handlers.answer import BLOCKED_ANSWER
-from tests.helpers import aconn, fast_settings, running_worker, spawn_worker, wait_until
+from tests.helpers import WorkerProcess, aconn, fast_settings, running_worker, spawn_worker, wait_until
 from tests.integration.test_answers import _corpus
 from tests.integration.test_guardrails import BOMB, BOMB_RULE
 from tests.integration.test_stale_writes import stepped_worker
@@ -759,3 +759,48 @@ async def test_sigterm_mid_stream_finishes_the_answer_then_the_worker_ends_at_on
     assert {j["status"]: j["n"] for j in jobs}.keys() == {"done"}, jobs
     exiting = worker.wait_event("process_exiting")
     assert (exiting["code"], exiting["fast"]) == (0, True), exiting
+
+
+async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, models, sse):
+    """`pgsynapse ask` with no worker running answers with a worker of its own. Ctrl-C while that worker generated
+    did nothing: the answer went on streaming to the terminal to its end (a second Ctrl-C too), and only then did
+    the command end. Now the generation stops at its next piece, the job goes back to the queue at once (its attempt
+    not charged, its partial text withdrawn with a `retrying` NOTIFY) for the next worker, and the command exits 130."""
+    SSE.gates = gates = [threading.Event() for _ in PIECES]  # each piece after the first waits for the test
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await _corpus(db_url)
+    conn = await aconn(db_url)
+    await conn.execute("LISTEN pgsynapse_answers")
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "PGSYNAPSE_ANSWERER": "openai",
+           "PGSYNAPSE_OPENAI_BASE_URL": sse, "PGSYNAPSE_OPENAI_MODEL": "tiny", "PGSYNAPSE_STREAM_INTERVAL_MS": "0",
+           "PGSYNAPSE_LOG_LEVEL": "info"}
+    asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "--log-format", "json",
+                              "ask", "how do I undo commands back to a savepoint?"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logs = WorkerProcess(asker)
+    threading.Thread(target=logs._pump, daemon=True).start()
+    try:
+        with anyio.fail_after(SAFETY):
+            first = json.loads((await anext(conn.notifies())).payload)
+        assert first["status"] == "streaming", first
+        asker.send_signal(signal.SIGINT)
+        logs.wait_event("worker_stopping")
+        gates[0].set()  # the endpoint's next piece, once the stop was asked
+        try:  # at that piece; before, it waited for the whole answer
+            asker.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`pgsynapse ask` still generates 30 s after its Ctrl-C: {logs.tail()}")
+        with anyio.fail_after(SAFETY):
+            after = json.loads((await anext(conn.notifies())).payload)
+        row = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions")).fetchone()
+        [job] = await (await conn.execute("SELECT status, attempts, lease_until FROM pgsynapse.jobs"
+                                          " WHERE kind = 'answer'")).fetchall()
+    finally:
+        for g in gates:
+            g.set()
+        asker.kill()
+        await conn.close()
+    assert asker.returncode == 130, logs.tail()
+    assert after == {"id": first["id"], "status": "retrying"}, after
+    assert (row["status"], row["answer"]) == ("pending", None), row
+    assert job == {"status": "pending", "attempts": 0, "lease_until": None}, job
