@@ -3,6 +3,7 @@ apply guardrails, write the answer and announce it on ``pgsynapse_answers``."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,15 @@ class AnswerHandler(Handler[AnswerWork]):
         self.cache = AnswerCache(settings)
         self.rankers = RankerCache(settings.onnx_threads or settings.torch_threads, data_dir=settings.data_dir)
         self._streams: StreamWriter | None = None
+        # `ask`'s own worker (app.py): a stop (Ctrl-C) abandons the answer being generated, at its next piece, and its
+        # job goes back to the queue at once; `pgsynapse run` finishes it (SIGTERM drains)
+        self.stop_abandons = False
+        self._abandoning = threading.Event()
         self.replica = replica_for(settings.read_url, settings.read_max_lag_ms, settings=settings)  # retrieval may read a replica
+
+    def abandon(self) -> None:
+        if self.stop_abandons:
+            self._abandoning.set()
 
     async def aclose(self) -> None:
         if self.replica is not None:
@@ -161,7 +170,7 @@ class AnswerHandler(Handler[AnswerWork]):
             return None
         if self._streams is None:
             self._streams = StreamWriter(s.database_url, s.stream_interval_ms)
-        stream = self._streams.open(w.job.ref_id, w.text_hash)
+        stream = self._streams.open(w.job.ref_id, w.text_hash, abandoned=self._abandoning)
         if not w.rules.blocks:
             return stream
         assert w.embedder is not None
@@ -316,6 +325,11 @@ class AnswerHandler(Handler[AnswerWork]):
                     continue
                 except AnswerStopped:  # its stream found the row changed: nobody reads the rest
                     assert stream is not None
+                    if self._abandoning.is_set():  # its worker stops: the next worker answers it
+                        log.info("answer_generation_stopped", question=w.job.ref_id, reason="abandoned",
+                                 pieces=stream.pieces)
+                        out.append(Outcome(w.job, error="abandoned: its worker stopped", abandoned=True))
+                        continue
                     log.info("answer_generation_stopped", question=w.job.ref_id, reason="superseded",
                              pieces=stream.pieces)
                     out.append(Outcome(w.job, skip_reason=SUPERSEDED_MID_STREAM, superseded=True))

@@ -57,14 +57,17 @@ class Stream:
     """One question's partial answer: call it with each piece (from any thread; never blocks), then ``close``.
     A piece given after the row changed raises :class:`AnswerStopped`; ``pieces`` counts those given."""
 
-    def __init__(self, writer: StreamWriter, key: int, stopped: threading.Event) -> None:
-        self._writer, self._key, self._stopped = writer, key, stopped
+    def __init__(self, writer: StreamWriter, key: int, stopped: threading.Event,
+                 abandoned: threading.Event | None = None) -> None:
+        self._writer, self._key, self._stopped, self._abandoned = writer, key, stopped, abandoned
         self.pieces = 0
 
     def __call__(self, piece: str) -> None:
         self.pieces += 1
         if self._stopped.is_set():
             raise AnswerStopped("the question was edited, deleted or answered while its answer was generated")
+        if self._abandoned is not None and self._abandoned.is_set():
+            raise AnswerStopped("the worker stopped while the answer was generated")
         if piece:
             self._writer._queue.put((self._key, piece))
 
@@ -82,7 +85,8 @@ class StreamWriter:
         self._keys = itertools.count(1)
         self.writes = 0  # partial writes that reached a row (for tests and logs)
 
-    def open(self, question_id: int, text_hash: str | None) -> Stream:
+    def open(self, question_id: int, text_hash: str | None, *, abandoned: threading.Event | None = None) -> Stream:
+        """The stream of one question's answer; ``abandoned``, once set, stops it too (its worker stops)."""
         key = next(self._keys)
         state = _State(question_id, text_hash)
         with self._lock:
@@ -90,7 +94,7 @@ class StreamWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="answer-stream", daemon=True)
                 self._thread.start()
-        return Stream(self, key, state.stopped)
+        return Stream(self, key, state.stopped, abandoned)
 
     # -- the writer thread ------------------------------------------------------------------------
     def _run(self) -> None:

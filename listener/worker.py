@@ -119,11 +119,11 @@ class Worker(Claiming):
     # -- lifecycle ---------------------------------------------------------------------------
     def request_stop(self) -> None:
         if not self.stopping.is_set():
-            log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)
             self.stopping.set()
             self.wakeups.stop()
             for handler in self.handlers.values():
                 handler.abandon()  # a training run is not waited for: its job goes back to the queue
+            log.info("worker_stopping", worker=self.worker_id, in_flight=self.in_flight)  # once every handler knows
 
     def _open_pool(self) -> AsyncConnectionPool:
         assert self.pool is not None

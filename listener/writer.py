@@ -149,8 +149,8 @@ class BatchWriter:
                 )
             changed = report.superseded + [o.job.id for o in skipped if o.superseded]
             # what became of the failed ones: "retried", "failed" (for good), or done as superseded ("pending",
-            # "changed": processed, not failed); counted and logged once this transaction commits, not before: one
-            # rolled back (a deadlock) is written again
+            # "changed", "removed": processed, not failed); counted and logged once this transaction commits, not
+            # before: one rolled back (a deadlock) is written again
             fates = {o.job.id: await self._fail_or_retry(conn, handler, o) for o in mine if not o.ok}
             changed += [i for i, how in fates.items() if how == "changed"]
             if released := sum(how == "released" for how in fates.values()):
@@ -162,7 +162,7 @@ class BatchWriter:
             if inference is not None:
                 await conn.execute(q("log_inference"), inference)
             await handler.notify_written(conn, report, jobs)
-        closed = sum(how in ("pending", "changed") for how in fates.values())
+        closed = sum(how in ("pending", "changed", "removed") for how in fates.values())
         counts = Counter(processed=len(done) + len(report.superseded) + closed,
                          retried=sum(how == "retried" for how in fates.values()),
                          failed=sum(how == "failed" for how in fates.values()))
@@ -195,6 +195,8 @@ class BatchWriter:
                         attempt=o.job.attempts, delay_s=self._delay(o), error=o.error)
         elif how == "changed":
             log.info("job_failure_superseded", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
+        elif how == "removed":
+            log.info("job_failure_of_removed_row", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, error=o.error)
         elif how == "failed":
             (log.error if self._failures_are_errors else log.info)(
                 "job_failed", kind=o.job.kind, job=o.job.id, ref=o.job.ref_id, attempts=o.job.attempts, error=o.error)
@@ -203,11 +205,13 @@ class BatchWriter:
         """Retry the failed job ("retried"), or fail it for good ("failed"); one a stopping worker abandoned goes back
         to the queue at once ("released"). Superseded instead (done), it says why:
         "pending", a newer pending job of the row has its new state; "changed", its row changed since the job read
-        it (the caller queues a job for the new content: handler.requeue_changed). None: no longer this worker's."""
+        it (the caller queues a job for the new content: handler.requeue_changed); "removed", its row was deleted or
+        truncated meanwhile. None: no longer this worker's."""
         params = {"id": o.job.id, "worker": self.worker_id, "error": o.error}
         if o.abandoned:  # the worker is stopping: the next worker takes it at once (the caller NOTIFYs)
             cur = await conn.execute(q("release_job"), params)
             if cur.rowcount:
+                await handler.record_retry(conn, o.job, o.error or "abandoned")  # a partial answer is withdrawn
                 return "released"
             cur = await conn.execute(q("supersede_job"), {**params, "reason": "superseded: a newer pending job runs it"})
             return "pending" if cur.rowcount else None
@@ -224,6 +228,8 @@ class BatchWriter:
             # queued no job of its own): the row is not failed, its new content gets a job
             cur = await conn.execute(q("supersede_job"), {**params, "reason": f"superseded after error: {o.error}"})
             return "changed" if cur.rowcount else None
+        if (await conn.execute(q("close_job_of_removed_row"), params)).rowcount:
+            return "removed"  # its row was deleted or truncated while it ran: nobody can retry it
         cur = await conn.execute(q("fail_job"), params)
         if not cur.rowcount:
             return None

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
@@ -27,7 +30,8 @@ from pgsynapse.textsql import cli as textsql_cli, reader, registry
 from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
-from tests.helpers import aconn, fast_settings, running_worker
+from tests.helpers import (aconn, fast_settings, kill_and_see_its_backend_end, running_worker, spawn_worker,
+                           wait_until)
 from tests.sql_models import as_generated, sql_database, tiny_sql_model
 
 pytestmark = pytest.mark.anyio
@@ -666,3 +670,47 @@ def test_sql_correct_runs_a_correction_on_the_readers_own_login_where_it_cannot_
             conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
     with psycopg.connect(url, autocommit=True) as conn:  # only the one made on the command's own connection
         assert conn.execute("SELECT count(*) FROM pgsynapse.sql_corrections").fetchone()[0] == 1
+
+
+async def test_a_statement_of_a_killed_worker_ends_with_it_and_the_question_is_answered_once_after_restart(shop,
+                                                                                                            endpoint):
+    """SIGKILL while a data question's statement runs on the reader's own login: its server backend ran on, holding
+    its locks (a TRUNCATE or ALTER of the table waited) and a connection of the reader, until its statement timeout
+    (sql_statement_timeout_ms, up to an hour), for nobody. Now it ends within a second or so of its client; the
+    question is answered once by the next worker."""
+    url, _ = shop
+    SaysOneThing.said = "select count(*) from orders a, orders b, orders c, orders d, orders e, orders f"  # minutes
+    reader = make_conninfo(url, user="pgsynapse_reader", password=None)
+    env = {"PGSYNAPSE_SQL_RUNTIME": "openai", "PGSYNAPSE_OPENAI_BASE_URL": endpoint, "PGSYNAPSE_SQL_MODEL_PATH": "m",
+           "PGSYNAPSE_KINDS": "sql_answer", "PGSYNAPSE_SQL_READER_URL": reader, "PGSYNAPSE_LEASE_SECONDS": "2",
+           "PGSYNAPSE_SQL_STATEMENT_TIMEOUT_MS": "600000"}
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("ALTER ROLE pgsynapse_reader LOGIN")  # roles are cluster-wide: NOLOGIN again below
+        worker = spawn_worker(url, env=env)
+        try:
+            admin.execute("INSERT INTO pgsynapse.data_questions (text) VALUES (%s)", (SLOW,))
+            running = ("SELECT pid FROM pg_stat_activity WHERE usename = 'pgsynapse_reader' AND state = 'active'"
+                       " AND datname = current_database()")
+            deadline = time.monotonic() + 60  # a safety net: the row state ends the wait
+            while not (row := admin.execute(running).fetchone()):
+                assert time.monotonic() < deadline and worker.proc.poll() is None, (
+                    admin.execute("SELECT status, error, sql FROM pgsynapse.data_questions").fetchall(), worker.tail(40))
+                with pytest.raises(subprocess.TimeoutExpired):  # polled: a running statement sends no event
+                    worker.proc.wait(0.05)
+            SaysOneThing.said = SAID[PER_REGION]  # the next worker's model says a quick one
+            kill_and_see_its_backend_end(worker.proc, row[0], "worker", "reader's statement")
+            assert not admin.execute("SELECT pid FROM pg_stat_activity WHERE usename = 'pgsynapse_reader'"
+                                     " AND datname = current_database()").fetchall()
+            worker = spawn_worker(url, env=env)
+            conn = await aconn(url)
+            await wait_until(conn, "SELECT status <> 'pending' FROM pgsynapse.data_questions",
+                             channel="pgsynapse_data_answers")
+            await conn.close()
+        finally:
+            worker.proc.kill()  # a failure may leave it in the statement, which SIGTERM would wait for
+            worker.proc.wait(60)
+            admin.execute("ALTER ROLE pgsynapse_reader NOLOGIN")
+    [q] = _rows(url, "SELECT status, result FROM pgsynapse.data_questions")
+    assert q["status"] == "answered" and q["result"]["rows"] == [["north", 30], ["south", 10]], q
+    jobs = _rows(url, "SELECT status, completions FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
+    assert sum(j["completions"] for j in jobs) == 1 and {j["status"] for j in jobs} == {"done"}, jobs

@@ -564,3 +564,65 @@ async def test_a_batch_written_again_after_a_rollback_counts_each_job_once_and_l
                                      " ON d.id = j.ref_id ORDER BY j.id")).fetchall()
     assert [(r["title"], r["status"]) for r in rows] == [("Fine", "done"), ("Poisoned", "pending"), ("Long", "failed")]
     await conn.close()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["truncate", "restart_identity"])
+async def test_a_truncate_while_jobs_run_writes_nothing_back_and_closes_them(db_url, models, restart):
+    """TRUNCATE of documents and questions (CASCADE) while their jobs are computed: the writes find their rows gone
+    and are closed without a word of error, nothing is written back; after RESTART IDENTITY the new rows that take
+    the same ids get their own results, never the truncated rows'."""
+    [doc] = insert_docs(db_url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
+    conn = await aconn(db_url)
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await wait_until(conn, ALL_EMBEDDED)
+    await conn.execute("UPDATE pgsynapse.documents SET body = 'VACUUM FULL rewrites the whole table.' WHERE id = %s",
+                       (doc,))
+    await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I reclaim storage from dead tuples?')")
+    async with stepped_worker(fast_settings(db_url), models) as worker:
+        with capture_logs() as logs:
+            outcomes = {kind: await _run_until_write(worker, kind) for kind in ("embed", "answer")}
+            await conn.execute(f"TRUNCATE pgsynapse.documents, pgsynapse.questions {'RESTART IDENTITY' * restart} CASCADE")
+            if restart:  # new rows of the same ids, with other texts: their INSERTs queue their own jobs
+                insert_docs(db_url, [("Indexes", "CREATE INDEX constructs an index on a table.")])
+                await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I build an index?')")
+            for kind, out in outcomes.items():
+                await worker.writer.write(kind, worker.handlers[kind], out)
+        old = {kind: [o.job.id for o in out] for kind, out in outcomes.items()}
+    jobs = {r["id"]: r for r in await (await conn.execute(
+        "SELECT id, status, skip_reason, last_error FROM pgsynapse.jobs WHERE id = ANY(%s)",
+        ([i for ids in old.values() for i in ids],))).fetchall()}
+    written = await (await conn.execute(
+        "SELECT (SELECT count(*) FROM pgsynapse.chunks) AS chunks, (SELECT count(*) FROM pgsynapse.questions"
+        " WHERE answer IS NOT NULL) AS answers")).fetchone()
+    assert written == {"chunks": 0, "answers": 0}, written
+    assert all(j["status"] == "done" and j["skip_reason"] and j["last_error"] is None for j in jobs.values()), jobs
+    assert not [e for e in logs if e["log_level"] in ("warning", "error", "critical")], logs
+    if restart:  # the new rows are embedded and answered from their own text
+        async with running_worker(fast_settings(db_url), models):
+            await wait_until(conn, ALL_EMBEDDED)
+            await wait_until(conn, ALL_ANSWERED, channel="pgsynapse_answers")
+        row = await (await conn.execute("SELECT d.status, c.text FROM pgsynapse.documents d"
+                                        " JOIN pgsynapse.chunks c ON c.document_id = d.id")).fetchone()
+        q = await (await conn.execute("SELECT status, retrieval_query FROM pgsynapse.questions")).fetchone()
+        assert row["status"] == "embedded" and "CREATE INDEX" in row["text"], row
+        assert q == {"status": "answered", "retrieval_query": "how do I build an index?"}, q
+    await conn.close()
+
+
+@pytest.mark.parametrize("remove", ["DELETE FROM pgsynapse.questions", "TRUNCATE pgsynapse.questions CASCADE"])
+async def test_a_job_failing_for_good_after_its_row_was_removed_is_closed_not_failed(db_url, models, remove):
+    """A DELETE or TRUNCATE closes the failed jobs of the rows it removes (migrations 0040, 0043), and a pending one
+    finds its row gone; one that ran at the time and then failed for good (bad input, its last attempt) was failed:
+    `pgsynapse status` listed a failure of a row that no longer exists, and the worker logged job_failed."""
+    conn = await aconn(db_url)
+    await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('how do I reclaim storage from dead tuples?')")
+    async with stepped_worker(fast_settings(db_url, max_question_chars=10), models) as worker:
+        with capture_logs() as logs:
+            [out] = await _run_until_write(worker, "answer")  # over max_question_chars: an InputError, not retried
+            assert out.error and not out.retry, out
+            await conn.execute(remove)
+            await worker.writer.write("answer", worker.handlers["answer"], [out])
+    [job] = await _jobs(conn, "answer")
+    await conn.close()
+    assert job == {"status": "done", "skip_reason": "its row was deleted", "last_error": None}, job
+    assert "job_failed" not in [e["event"] for e in logs], logs

@@ -93,6 +93,20 @@ UPDATE pgsynapse.jobs
 SET status = 'done', finished_at = now(), lease_until = NULL, last_error = NULL, skip_reason = %(reason)s
 WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s;
 
+-- name: close_job_of_removed_row
+-- A job that fails for good after its row was deleted or truncated while it ran: done, as the DELETE and TRUNCATE
+-- triggers close the failed jobs of the rows they remove (triggers/deleted_rows_v1.sql, truncated_rows_v1.sql), not
+-- failed for a row that is no more. A bulk load's job (ref_ids) is not one row's. Nothing when the row is there.
+UPDATE pgsynapse.jobs j
+SET status = 'done', finished_at = now(), lease_until = NULL, skip_reason = 'its row was deleted'
+WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s AND j.ref_ids IS NULL AND CASE j.kind
+    WHEN 'embed' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.documents r WHERE r.id = j.ref_id)
+    WHEN 'answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.questions r WHERE r.id = j.ref_id)
+    WHEN 'embed_image' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.images r WHERE r.id = j.ref_id)
+    WHEN 'sql_answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.data_questions r WHERE r.id = j.ref_id)
+    ELSE false
+END;
+
 -- name: fail_job
 UPDATE pgsynapse.jobs
 SET status = 'failed', finished_at = now(), lease_until = NULL, last_error = %(error)s

@@ -152,6 +152,10 @@ SELECT pg_catalog.set_config('statement_timeout', %(statement_ms)s, true),
        pg_catalog.set_config('search_path', %(search_path)s, true),
        pg_catalog.set_config('transaction_timeout', %(total_ms)s, true);
 
+-- name: readonly_client_check
+-- the server ends the statement once its client is gone (a killed worker), not at its timeout (textsql/execute.py)
+SELECT pg_catalog.set_config('client_connection_check_interval', %(ms)s, true);
+
 -- name: attribute_functions
 -- Attribute notation calls a function: t.f is f(t) when t has no column f. The functions of the statement's search
 -- path (not pg_catalog, whose are refused by name: textsql/safety.py) that one of its names (%(names)s) would call

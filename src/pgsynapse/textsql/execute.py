@@ -45,6 +45,8 @@ _MAX_PERMUTED_COLUMNS = 5
 FIXABLE_SQLSTATE_CLASSES = ("42", "21", "22")
 _FIX_ERROR_CHARS = 300
 _FIRST_FETCH = 16  # rows of a result's first FETCH; the later ones are sized by the byte budget left
+CLIENT_CHECK_VERSION = 140000  # client_connection_check_interval came with PostgreSQL 14
+CLIENT_CHECK_MS = 1000  # how often the server looks, while the statement runs, whether its client is still there
 
 
 class QueryFailed(InputError):
@@ -174,6 +176,7 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
                          {"statement_ms": str(int(limits.statement_timeout_ms)),
                           "search_path": ", ".join(pgsql.Identifier(s).as_string(conn) for s in search_path),
                           **bounds_for(limits.statement_timeout_ms / 1000).parameters()})
+            _end_with_client(conn)
             _refuse_schema_functions(conn, getattr(checked, "attributes", ()), getattr(checked, "functions", ()))
             started = time.monotonic()
             with conn.cursor(name="pgsynapse_data_question", row_factory=tuple_row) as cur:
@@ -203,6 +206,20 @@ def run_readonly(conn: psycopg.Connection, checked: Checked, limits: Limits, *, 
             conn.execute(q("readonly_release_locks", FILE))
     result.row_count = len(result.rows)
     return result
+
+
+def _end_with_client(conn: psycopg.Connection) -> None:
+    """Have the server end the statement once its client has gone (a worker SIGKILLed, OOM-killed): it ran on until
+    its ``statement_timeout`` (up to an hour), holding its locks and a connection, for nobody. PostgreSQL 14+, on
+    the platforms where the server can tell a closed socket (Linux among them); elsewhere it refuses the setting
+    and the statement's timeout alone bounds it. In a savepoint, so that a refusal leaves the transaction usable."""
+    if conn.info.server_version < CLIENT_CHECK_VERSION:
+        return
+    try:
+        with conn.transaction():
+            conn.execute(q("readonly_client_check", FILE), {"ms": str(CLIENT_CHECK_MS)})
+    except psycopg.errors.InvalidParameterValue:  # "must be set to 0 on this platform"
+        pass
 
 
 def _grant_hint(conn: psycopg.Connection, tables: Any, role: str) -> str:
