@@ -149,12 +149,14 @@ def _named(setting: str) -> str:
     return f"{setting} [PGSYNAPSE_{setting.upper()}]"
 
 
-def _locate_path(spec: str, presets: dict[str, Preset], named: str) -> ModelLocation:
-    """A model path that is not a preset: a .gguf file, or a directory (with exactly one .gguf file: that file)."""
+def _locate_path(spec: str, presets: dict[str, Preset], named: str, *, subject: str | None = None) -> ModelLocation:
+    """A model path that is not a preset: a .gguf file, or a directory (with exactly one .gguf file: that file).
+    Its errors name the setting ``named``, or ``subject`` when given (:func:`check_model`)."""
+    what = subject or f"invalid setting {named}"
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ConfigError(f"invalid setting {named}: {spec} is a file "
+            raise ConfigError(f"{what}: {spec} is a file "
                               "but not a .gguf file (give a model directory, a .gguf file or a preset)")
         return ModelLocation(str(path.parent), path.name)
     if path.is_dir():
@@ -162,38 +164,40 @@ def _locate_path(spec: str, presets: dict[str, Preset], named: str) -> ModelLoca
         if not (path / "config.json").is_file() and len(ggufs) == 1:
             return ModelLocation(str(path), ggufs[0].name)
         return ModelLocation(str(path))
-    raise ConfigError(f"invalid setting {named}: {spec!r} is neither a "
+    raise ConfigError(f"{what}: {spec!r} is neither a "
                       f"model directory, a .gguf file nor a preset ({', '.join(sorted(presets))})")
 
 
 def check_model(spec: str, *, runtime: str, setting: str, runtime_setting: str,
-                presets: dict[str, Preset] | None = None) -> None:
+                presets: dict[str, Preset] | None = None, subject: str | None = None) -> None:
     """Raise the :class:`ConfigError` that the first load of ``spec`` on ``runtime`` (transformers or llama-cpp)
     would, for a model that cannot be there, without reading it: a preset whose packages are not installed, a path
     that is neither a .gguf file nor a model directory (config.json, or exactly one .gguf file), no GGUF file for
     llama.cpp, or the runtime's packages missing. A worker checks its models so at start; a preset's files are
-    joined and checked by sha256 at its first load, as before (491 MB for the Qwen preset)."""
+    joined and checked by sha256 at its first load, as before (491 MB for the Qwen preset). The errors name
+    ``setting``, or ``subject`` when the model is not the setting's (a registry's row: "SQL model 3 (...)")."""
     presets = PRESETS if presets is None else presets
     named = _named(setting)
+    what = subject or f"invalid setting {named}"
     if spec in presets:
         preset = presets[spec]
         if missing := _missing_packages(preset):
-            raise ConfigError(f"invalid setting {named}: {_not_installed(preset, missing)}")
+            raise ConfigError(f"{what}: {_not_installed(preset, missing)}")
         gguf = True
     else:
-        location = _locate_path(spec, presets, named)
+        location = _locate_path(spec, presets, named, subject=subject)
         gguf = location.gguf_file is not None
         if not gguf and not (Path(location.directory) / "config.json").is_file():
-            raise ConfigError(f"invalid setting {named}: {spec} is a directory without a model in it (a "
+            raise ConfigError(f"{what}: {spec} is a directory without a model in it (a "
                               "transformers model has config.json; a GGUF model directory, exactly one .gguf file)")
     if runtime == "llama-cpp":
         if not gguf:
-            raise ConfigError(f"invalid setting {named}: {runtime_setting} = llama-cpp needs a .gguf file or a preset")
+            raise ConfigError(f"{what}: {runtime_setting} = llama-cpp needs a .gguf file or a preset")
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigError(f"invalid setting {runtime_setting} [PGSYNAPSE_{runtime_setting.upper()}]: llama-cpp "
                               "needs llama-cpp-python: pip install 'pgsynapse[llama]'")
     elif gguf and (missing := [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]):
-        raise ConfigError(f"invalid setting {named}: a GGUF model on transformers needs the package(s) "
+        raise ConfigError(f"{what}: a GGUF model on transformers needs the package(s) "
                           f"{', '.join(missing)}: pip install 'pgsynapse[gguf]'")
 
 

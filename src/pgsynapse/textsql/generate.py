@@ -421,12 +421,13 @@ def auto_runtime(path: str, *, llama_cpp: bool | None = None) -> str:
     return "transformers"
 
 
-def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
+def make_generator(runtime: str, path: str, settings: Settings, *, subject: str | None = None) -> SqlGenerator:
     """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path). A recorded directory or
     GGUF file that is not on this host is looked for under the data dir's models folder
     (:func:`~pgsynapse.artifacts.local_artifact`); a preset, a Hugging Face id or an endpoint's model name is kept.
     A local model that cannot be there (a preset not installed, no such path) raises :class:`ConfigError` before
-    its runtime is imported (:func:`~pgsynapse.answerers.local_models.check_model`)."""
+    its runtime is imported (:func:`~pgsynapse.answerers.local_models.check_model`), naming ``subject`` (a
+    registry's row, :func:`~pgsynapse.textsql.registry.entry`) or else the setting ``sql_model_path``."""
     s = settings
     if runtime != "openai" and path and Path(path).is_absolute():
         path = str(local_artifact(path, s.data_dir))
@@ -434,7 +435,7 @@ def make_generator(runtime: str, path: str, settings: Settings) -> SqlGenerator:
         runtime = auto_runtime(path)
     cache_dir = s.data_dir / "models" / "gguf"
     if runtime in ("transformers", "llama-cpp"):  # one that cannot be there fails before torch or llama.cpp loads
-        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime")
+        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime", subject=subject)
     if runtime == "transformers":
         return TransformersSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
                                         cache_dir=cache_dir, threads=s.torch_threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -86,6 +87,18 @@ def choose_runtime(path: str, *, llama_cpp: bool | None = None) -> tuple[str, st
     return "transformers", ("a GGUF model, but llama-cpp-python is not installed: transformers dequantizes it, "
                             "several times slower (pip install 'pgsynapse[llama]', then add it with "
                             "--runtime llama-cpp)")
+
+
+def entry(model: dict[str, Any]) -> str:
+    """A registered model as an error names it: ``SQL model 3 (tuned, transformers) of the registry``."""
+    return f"SQL model {model['id']} ({model['name']}, {model['runtime']}) of the registry"
+
+
+def out_of_service(model: dict[str, Any]) -> str:
+    """What to do when a registered model cannot be loaded: put it back, or stop routing questions to it."""
+    how = ("`pgsynapse sql-model rollback`: it is the active one" if model["status"] == "active" else
+           f"`pgsynapse sql-model retire {model['id']}`")
+    return f"put the model back at {model['path']}, or take it out of service ({how})"
 
 
 get_model = REGISTRY.get_model
