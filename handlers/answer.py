@@ -286,7 +286,8 @@ class AnswerHandler(Handler[AnswerWork]):
         assert w.ranker is not None
         try:
             if w.ranker["runtime"] == "version":  # a teacher version's stored vectors rescore
-                return await rescore(conn, self.models, w.ranker, w.retrieval_query, candidates)
+                return await rescore(conn, self.models, w.ranker, w.retrieval_query, candidates,
+                                     w.version["id"])
             ranker = await anyio.to_thread.run_sync(self.rankers.get, w.ranker)
             return await anyio.to_thread.run_sync(rerank, ranker, w.retrieval_query, candidates,
                                                   lambda c: passage_text(by_id[c]["title"], by_id[c]["text"]),

@@ -37,7 +37,7 @@ from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.table_locks import alock_table
 from pgsynapse.textsql.gate import sql_verdict
-from pgsynapse.textsql.registry import REGISTRY
+from pgsynapse.textsql.registry import REGISTRY, entry
 from pgsynapse.textsql.train import SqlTrainSpec
 
 log = get_logger(__name__)
@@ -120,7 +120,9 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             active_path=active_path, lora=s.sql_retrain_lora, epochs=s.sql_retrain_epochs, lr=s.sql_retrain_lr,
             heldout_fraction=s.sql_retrain_heldout_fraction, budget_seconds=s.sql_retrain_budget_seconds,
             threads=s.torch_threads,
-            settings={k: v for k, v in dumped.items() if k.startswith("sql_") or k in TRAINER_SETTINGS})
+            settings={k: v for k, v in dumped.items() if k.startswith("sql_") or k in TRAINER_SETTINGS},
+            base_subject=entry(w.base) if w.base else None,
+            active_subject=entry(w.active) if w.active else None)
 
     def out_dir(self, w: SqlRetrainWork) -> Path:
         return Path(self.settings.data_dir) / "models" / f"sql-candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"

@@ -63,9 +63,11 @@ def run_worker(
         unavailable = check_models(settings)  # before a database is started or migrated for a worker that cannot serve
         early.phase = "database"
         with Database(settings) as db:
-            warn_unavailable(unavailable)  # after embedded_postgres_started: the start's lines in the start's order
             early.phase = "migrations"
             ensure_schema(db, apply=apply_migrations)
+            # after embedded_postgres_started (the start's lines in the start's order) and the migrations: an active
+            # registered SQL model, which serves in the default's place, makes it a note (info), not a warning
+            warn_unavailable(unavailable, settings, db.url)
             early.phase = "worker_start"
             worker = Worker(settings, db.url)
             anyio.run(lambda: serve(worker, reload=reload, starting=starting, early=early))

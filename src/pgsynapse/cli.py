@@ -301,8 +301,6 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
     if args.command == "ranker":
         return run_ranker_command(args, settings)
     if args.command == "search":
-        if not (args.text or "").strip():
-            raise PgsynapseError("search needs a text (or --like-image PATH)")
         async def go(db: Database):
             replica = replica_for(settings.read_url, settings.read_max_lag_ms, application_name="pgsynapse-search",
                                   settings=settings)

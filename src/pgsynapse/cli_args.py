@@ -452,8 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def search_args_problem(args: argparse.Namespace) -> str | None:
     """What makes a search's command line unusable, or None: no text given (as `ask` with none), or options that
-    contradict each other. Argparse's refusal, exit 2, before any connection (a blank text is the search's own
-    refusal, as a blank question is `ask`'s)."""
+    contradict each other. Argparse's refusal, exit 2, before any connection; a blank text is no text."""
     text = (args.text or "").strip()
     if args.image_model is not None and not (args.images or args.like_image):
         return ("--image-model chooses the model of an image search: add --images to search images by text, or "
@@ -467,7 +466,7 @@ def search_args_problem(args: argparse.Namespace) -> str | None:
     if args.like_image and text:
         return (f"search --like-image searches by example and takes no text: drop {args.text!r}, or search by text "
                 f"with --images {args.text!r}")
-    if args.text is None and not args.like_image:
+    if not text and not args.like_image:  # none, or blank: the same usage error
         return ("search --images needs a text to search for" if args.images
                 else "search needs a text (or --like-image PATH)")
     return None

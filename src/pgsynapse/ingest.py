@@ -87,6 +87,7 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not ingestible
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path as found, reason): could not be read
     hashes: list[str] = field(default_factory=list)  # of every ingestible file, new or already stored
+    no_files: list[tuple[str, int]] = field(default_factory=list)  # (directory given, its hidden files): none read
     images: int = 0  # image files inserted
     images_linked: int = 0  # stored before the document beside them, linked to it now
     images_unchanged: int = 0
@@ -101,6 +102,10 @@ class IngestReport:
         replaced = f"{self.replaced} replaced, " if self.replaced else ""
         lines = [f"{self.files} file(s): {self.inserted} inserted, {replaced}{self.unchanged} unchanged (already "
                  f"stored), {len(self.skipped)} skipped, {len(self.failed)} failed"]
+        for directory, hidden in self.no_files:
+            why = (f"its {hidden} file(s) are hidden (a name or a directory that starts with a dot: left out)"
+                   if hidden else "it has none")
+            lines.append(f"no files to ingest in {shown_name(directory)}: {why}")
         if self.same_source:
             lines.append(f"{self.same_source} inserted file(s) have the source of a stored document with other "
                          "content: both versions are kept (--replace updates the stored one instead, and deletes the "
@@ -283,7 +288,12 @@ def ingest(
     the text files that are not UTF-8; ``max_chars`` and ``max_file_bytes``: the settings ``max_document_chars`` and
     ``max_document_file_bytes`` (None: no limit)."""
     report = IngestReport()
-    files = list(discover(paths))
+    files: list[tuple[Path, str]] = []
+    for raw in paths:
+        found = list(discover([raw]))
+        if not found and Path(raw).is_dir():  # said so: "0 file(s)" alone read as if all were stored before
+            report.no_files.append((str(raw), sum(1 for f in Path(raw).rglob("*") if not f.is_dir())))
+        files += found
     report.files = len(files)
     batch: list[FileDoc] = []
     images: list[FileImage] = []

@@ -10,10 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from pgsynapse.answerers.local_models import Preset, check_model, preset_not_installed
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
+from pgsynapse.db import connect
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
 from pgsynapse.textsql.generate import auto_runtime
+from pgsynapse.textsql.registry import active_sql_model
 
 log = get_logger(__name__)
 
@@ -55,7 +58,29 @@ def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None
     return []
 
 
-def warn_unavailable(unavailable: list[dict[str, Any]]) -> None:
-    """Log ``sql_model_unavailable`` with each of :func:`check_models`' warnings."""
+def warn_unavailable(unavailable: list[dict[str, Any]], settings: Settings | None = None,
+                     url: str | None = None) -> None:
+    """Log ``sql_model_unavailable`` with each of :func:`check_models`' warnings: at info, and saying so, when a
+    registered SQL model is active on the database at ``url`` (migrated) and there: it serves the data questions,
+    not the settings' default."""
+    serving = _active_sql_model_there(settings, url) if unavailable and settings and url else None
     for fields in unavailable:
-        log.warning("sql_model_unavailable", **fields)
+        if serving is None:
+            log.warning("sql_model_unavailable", **fields)
+        else:
+            log.info("sql_model_unavailable", **{**fields, "effect": f"none: SQL model {serving['id']} "
+                                                 f"({serving['name']}) of the registry is active and serves"})
+
+
+def _active_sql_model_there(settings: Settings, url: str) -> dict[str, Any] | None:
+    """The active registered SQL model, when there is one that this host can load (as make_generator finds it)."""
+    with connect(url, autocommit=True, settings=settings) as conn:
+        model = active_sql_model(conn)
+    if model is None or model["runtime"] == "openai":
+        return model
+    try:
+        check_model(str(local_artifact(model["path"], settings.data_dir)), runtime=model["runtime"],
+                    setting="sql_model_path", runtime_setting="sql_runtime")
+    except ConfigError:
+        return None
+    return model

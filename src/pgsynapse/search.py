@@ -122,7 +122,7 @@ async def search(
             rows = [fused_rows[c] for c in fused]
         hits = [Hit(**{f: r[f] for f in HIT_FIELDS}) for r in rows[:wanted]]
         if isinstance(ranker, dict):  # a teacher version (ranking/rescore.py)
-            order = await rescore(reads, models, ranker, text, [h.chunk_id for h in hits])
+            order = await rescore(reads, models, ranker, text, [h.chunk_id for h in hits], row["id"])
             by_id = {h.chunk_id: h for h in hits}
             return [by_id[c] for c in order][:k]
     if ranker is not None:

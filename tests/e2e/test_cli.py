@@ -118,8 +118,8 @@ def test_search_and_ask_with_nothing_embedded_say_why(new_db, shipped):
     assert starting.stdout == ("no results: 1 document(s) waiting to be embedded were not searched (a worker is "
                                "starting: it exports a model version to its runtime first, minutes on a small host: "
                                "`pgsynapse status`; it embeds them once started if it runs embed jobs)\n"), starting.stdout
-    blank = pgsynapse("search", " \t", url=url)  # searched before, and listed whatever came
-    assert blank.returncode == 1 and blank.stdout == "", blank.stdout
+    blank = pgsynapse("search", " \t", url=url)  # searched before, and listed whatever came; then exit 1, not 2
+    assert blank.returncode == 2 and blank.stdout == "", blank.stdout
     assert "pgsynapse: error: search needs a text (or --like-image PATH)" in blank.stderr
 
 

@@ -308,6 +308,22 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     assert events[-1]["event"] == "fatal_error"
 
 
+def test_a_directory_without_files_to_ingest_is_said_so(db_url, tmp_path):
+    """`pgsynapse ingest EMPTY_DIR` printed "0 file(s): 0 inserted, ..." and nothing else, as if its files had all
+    been stored before; a directory of hidden files only, the same."""
+    empty, hidden = tmp_path / "empty", tmp_path / "hidden"
+    empty.mkdir()
+    (hidden / ".git").mkdir(parents=True)
+    (hidden / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (hidden / ".notes.txt").write_text("a hidden note")
+    out = _cli(db_url, str(empty), str(hidden))
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert out.stdout.splitlines()[1:] == [
+        f"no files to ingest in {empty}: it has none",
+        f"no files to ingest in {hidden}: its 2 file(s) are hidden (a name or a directory that starts with a dot: "
+        "left out)"], out.stdout
+
+
 def test_a_follow_timeout_without_follow_is_refused_before_anything_is_ingested(db_url, tree):
     # it was ignored: the files ingested, nothing followed, exit 0, as if they had been embedded within the time
     out = _cli(db_url, str(tree / "notes.txt"), "--follow-timeout", "60")

@@ -528,6 +528,37 @@ def test_a_version_that_rescores_as_a_ranker_is_not_retired_under_it(db_url, ran
             ranker("rollback", None)
 
 
+async def test_the_version_serving_the_first_stage_is_not_its_own_ranker(db_url, models, tmp_path):
+    """`ranker add version:1 --activate`, version 1 the active model version, was accepted ("ranker 1 (version):
+    active"): the version that found the candidates rescored them with its own vectors, which undid the hybrid
+    search's full-text share and gained nothing. Refused at add, promote and traffic; a ranker whose version is
+    promoted later leaves the first stage's order as it is."""
+    await _embedded(db_url, models)
+    settings = fast_settings(db_url)
+
+    def ranker(action: str, **args) -> int:
+        return run_ranker_command(argparse.Namespace(ranker_command=action, **args), settings)
+
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        v1 = sync.execute("SELECT id FROM pgsynapse.model_versions WHERE status = 'active'").fetchone()["id"]
+        refused = (f"model version {v1} is the active model version: its own vectors found the candidates, so it "
+                   "cannot rescore them")
+        with pytest.raises(RegistryError, match=refused):
+            ranker("add", path=teacher_path(v1), runtime="onnx-int8", name=None, activate=True)
+        assert REGISTRY.list_models(sync) == []
+        # registered before its version was promoted (as the benchmark's setup does): promote and traffic refuse
+        r = REGISTRY.add_model(sync, "self", teacher_path(v1), "version")
+        with pytest.raises(RegistryError, match=refused):
+            ranker("promote", model=r["id"], percent=None)
+        with pytest.raises(RegistryError, match=refused):
+            ranker("traffic", model=r["id"], percent=10)
+    conn = await aconn(db_url)
+    first_stage = await search(conn, models, QUESTION, k=10, candidates=20)
+    ranked = await search(conn, models, QUESTION, k=10, ranker=r, candidates=20)
+    await conn.close()
+    assert [h.chunk_id for h in ranked] == [h.chunk_id for h in first_stage]
+
+
 async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_dir, tmp_path):
     await _embedded(db_url, models)
     teacher_dir = tiny_embedding_model(tmp_path / "teacher-48", 48)

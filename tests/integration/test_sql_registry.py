@@ -10,8 +10,10 @@ import io
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from structlog.testing import capture_logs
 
 from pgsynapse.errors import RegistryError
+from pgsynapse.model_checks import warn_unavailable
 from pgsynapse.status import render, snapshot
 from pgsynapse.textsql import registry as reg
 from pgsynapse.textsql.cli import run_sql_model_command
@@ -147,3 +149,30 @@ def test_a_model_added_twice_is_refused_naming_the_one_registered(db_url, tmp_pa
         assert _status(conn) == {1: ("candidate", 0.0)}
         reg.retire(conn, 1)
     assert "SQL model 2 (transformers): candidate" in add(str(model))  # retired: it may be added again
+
+
+def test_the_default_sql_model_missing_is_no_warning_while_a_registered_one_serves(db_url, tmp_path):
+    """`pgsynapse run` warned at every start that data questions fail until the settings' default SQL model is
+    there (sql_model_unavailable), with a registered SQL model active that serves them: a warning about nothing."""
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    unavailable = [{"model": "qwen2.5-coder-0.5b", "install": "pip install 'pgsynapse[qwen]'",
+                    "effect": "questions about the data fail until it is there, unless a registered SQL model is "
+                              "active (pgsynapse sql-model list)"}]
+
+    def logged() -> list[tuple[str, str]]:
+        with capture_logs() as logs:
+            warn_unavailable(unavailable, settings, db_url)
+        return [(e["event"], e["log_level"]) for e in logs]
+
+    assert logged() == [("sql_model_unavailable", "warning")]  # no registered model: the default serves
+    model = tmp_path / "tuned"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        gone = reg.add_model(conn, "gone", str(tmp_path / "gone"), "transformers", status="active")
+        assert logged() == [("sql_model_unavailable", "warning")]  # the active one is not there either
+        reg.add_model(conn, "tuned", str(model), "transformers", status="active")
+        with capture_logs() as logs:
+            warn_unavailable(unavailable, settings, db_url)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("sql_model_unavailable", "info")]
+    assert logs[0]["effect"] == f"none: SQL model {gone['id'] + 1} (tuned) of the registry is active and serves"

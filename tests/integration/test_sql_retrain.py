@@ -27,11 +27,11 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.config import load_settings
-from pgsynapse.errors import InputError
+from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.handlers.base import Job, Outcome
 from pgsynapse.handlers.sql_retrain import SqlRetrainHandler, SqlRetrainWork
 from pgsynapse.queries import q
-from pgsynapse.textsql import pairs as training_pairs, reader, train
+from pgsynapse.textsql import pairs as training_pairs, reader, registry, train
 from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
@@ -165,6 +165,40 @@ async def test_right_corrections_give_a_candidate_that_wins_and_gets_traffic(db_
                             " WHERE trained_in_model IS DISTINCT FROM %s", (model["id"],)).fetchone()[0] == 0
     again = await _run(handler, db_url)
     assert again.skip_reason and "only 0 new corrections" in again.skip_reason
+
+
+@pytest.mark.anyio
+async def test_a_registered_sql_model_not_there_is_named_by_its_row_before_the_training(db_url, tmp_path, base_model):
+    """The trainer said `invalid setting sql_model_path [PGSYNAPSE_SQL_MODEL_PATH]` of a registered base or active
+    SQL model that was not there (that setting had not chosen it), and of the active one only once a candidate had
+    been trained from the base. Each is named by its row, before any training."""
+    context = _setup_table(db_url)
+    _corrections(db_url, context, shuffled=False)
+    handler = SqlRetrainHandler(_settings(db_url, tmp_path, base_model))
+    gone = str(tmp_path / "gone")
+    job = Job(1, "sql_retrain", 0, {"force": True}, 1, dt.datetime.now(dt.timezone.utc))
+
+    async def trained() -> None:
+        conn = await aconn(db_url)
+        try:
+            [w], _ = await handler.load(conn, [job])
+        finally:
+            await conn.close()
+        train.main(handler.spec(w, tmp_path / "candidate"))
+
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        root = registry.add_model(conn, "root", base_model, "transformers", status="active")
+        tuned = registry.add_model(conn, "tuned", gone, "transformers", base_id=root["id"], status="active")
+    with pytest.raises(ConfigError, match=rf"^SQL model {tuned['id']} \(tuned, transformers\) of the registry: "
+                                          rf"'{gone}' is neither a model directory"):
+        await trained()
+    assert not (tmp_path / "candidate").exists()  # nothing trained for a gate that could not run
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        registry.rollback(conn)  # the root serves again; its files go
+        conn.execute("UPDATE pgsynapse.sql_models SET path = %s WHERE id = %s", (gone, root["id"]))
+    with pytest.raises(ConfigError, match=rf"^SQL model {root['id']} \(root, transformers\) of the registry: "
+                                          rf"'{gone}' is neither a model directory"):
+        await trained()
 
 
 @pytest.mark.anyio

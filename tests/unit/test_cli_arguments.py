@@ -70,6 +70,10 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["guardrail", "set", "3"], "guardrail set needs --threshold or --action: what to change"),
     # search options that contradict each other, or no text: said so, but exit 1, as a search that failed
     (["search"], "search needs a text (or --like-image PATH)"),
+    # a blank text said the same, but exit 1 (a search that failed), where no text at all was exit 2
+    (["search", ""], "search needs a text (or --like-image PATH)"),
+    (["search", " \t"], "search needs a text (or --like-image PATH)"),
+    (["search", "--images", " "], "search --images needs a text to search for"),
     (["search", "--images"], "search --images needs a text to search for"),
     (["search", "vacuum", "--like-image", "q.png"], "search --like-image searches by example and takes no text: drop "
      "'vacuum', or search by text with --images 'vacuum'"),

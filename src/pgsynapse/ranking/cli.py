@@ -12,7 +12,7 @@ from pgsynapse.jsonout import dumps as json_dumps
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.ranking.learn import train_ranker
 from pgsynapse.ranking.registry import REGISTRY
-from pgsynapse.ranking.rescore import PREFIX, check_teacher
+from pgsynapse.ranking.rescore import PREFIX, check_not_first_stage, check_teacher
 from pgsynapse.ranking.scorer import probe_ranker
 
 
@@ -58,6 +58,7 @@ def run_ranker_command(args: argparse.Namespace, settings: Settings) -> int:
             path = args.path
             if runtime == "version":
                 check_teacher(conn, args.path)
+                check_not_first_stage(conn, args.path)
             else:  # a directory: made absolute (the worker does not run where this shell does), loaded first
                 path = str(Path(args.path).expanduser().resolve())
                 probe_ranker(Path(path), runtime)
@@ -87,3 +88,5 @@ def _check_teacher_serves(conn, action: str, model: int | None, percent: float |
     row = REGISTRY.get_model(conn, model)
     if row["runtime"] == "version":
         check_teacher(conn, row["path"])
+        if action != "rollback":  # back to it, it serves as the vector order (ranking/rescore.py): not a dead end
+            check_not_first_stage(conn, row["path"])

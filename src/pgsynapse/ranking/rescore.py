@@ -49,6 +49,18 @@ def check_teacher(conn: psycopg.Connection, path: str) -> None:
     _usable(row, version)
 
 
+def check_not_first_stage(conn: psycopg.Connection, path: str) -> None:
+    """Refuse a ``version:N`` ranker (``ranker add``, ``promote``, ``traffic``) whose version N is the active model
+    version: its vectors found the candidates, so its order of them is the kNN's (and would undo the hybrid
+    search's full-text share). Call after :func:`check_teacher`."""
+    version = version_of(path)
+    row = conn.execute(q("version_by_id", "learning.sql"), {"version": version}).fetchone()
+    if row is not None and row["status"] == "active":
+        raise RegistryError(f"model version {version} is the active model version: its own vectors found the "
+                            "candidates, so it cannot rescore them; a teacher is another, larger version, added "
+                            "with `pgsynapse model add DIR` and backfilled (docs/learning.md)")
+
+
 def _usable(row: dict[str, Any] | None, version: int) -> dict[str, Any]:
     if row is None:
         raise RegistryError(f"no model version {version} to rescore with")
@@ -66,9 +78,12 @@ async def teacher_row(conn: psycopg.AsyncConnection, version: int) -> dict[str, 
 
 
 async def rescore(conn: psycopg.AsyncConnection, models: ModelCache, ranker: dict[str, Any], question: str,
-                  chunk_ids: list[int]) -> list[int]:
+                  chunk_ids: list[int], first_stage: int | None = None) -> list[int]:
     """``chunk_ids`` ordered by the teacher's cosine similarity to ``question`` (stable; a chunk the teacher has no
-    vector for goes last)."""
+    vector for goes last). When the teacher is ``first_stage``, the version that found them (one promoted while it
+    was the ranker), they stay in their order."""
+    if teacher_id(ranker) == first_stage:  # its own vectors found them: their order is already its order
+        return chunk_ids
     version = await teacher_row(conn, teacher_id(ranker))
     embedder = await anyio.to_thread.run_sync(models.get, version)
     vector = (await anyio.to_thread.run_sync(embedder.encode, [question]))[0]

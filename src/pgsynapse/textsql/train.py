@@ -48,7 +48,8 @@ import psutil
 import psycopg
 from psycopg.rows import dict_row
 
-from pgsynapse.answerers.local_models import load_transformers, resolve_model
+from pgsynapse.answerers.local_models import check_model, load_transformers, resolve_model
+from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.learning.trainer_process import progress, read_spec
@@ -89,6 +90,9 @@ class SqlTrainSpec:
     threads: int = 0
     # the worker's settings the evaluation needs (generation, limits, the reader role); see _settings
     settings: dict[str, Any] = field(default_factory=dict)
+    # a registered base / active model, as its errors name it (textsql/registry.py entry); None: sql_model_path's
+    base_subject: str | None = None
+    active_subject: str | None = None
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------------
@@ -356,6 +360,19 @@ def _candidate(runtime: str, path: str, directory: str, settings: Any,
     return make_generator("transformers", directory, settings), "transformers", directory
 
 
+def _check_models(spec: SqlTrainSpec, settings: Any, *, active: bool) -> None:
+    """Before the training: the base, and the ``active`` model that the gate loads once the candidate is trained,
+    can be there (:func:`check_model`), each named by its registry row when it is one, else by sql_model_path."""
+    check_model(spec.base_path, runtime="transformers", setting="sql_model_path", runtime_setting="sql_runtime",
+                subject=spec.base_subject)
+    if active and spec.active_runtime != "openai":  # where make_generator looks for it, on its runtime
+        path = spec.active_path
+        path = str(local_artifact(path, settings.data_dir)) if path and Path(path).is_absolute() else path
+        runtime = auto_runtime(path) if spec.active_runtime == "auto" else spec.active_runtime
+        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime",
+                    subject=spec.active_subject)
+
+
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
     """The whole run (see the module's docstring); returns the metrics it wrote to ``OUT_DIR/metrics.json``. The
     sql_retrain handler runs it in its own process; ``startup_seconds``: that process's start to here."""
@@ -380,6 +397,7 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
                  dropped=dict(dropped))
         if not train:
             raise SystemExit(f"no usable training pair ({len(pairs)} corrected questions; dropped: {dict(dropped)})")
+        _check_models(spec, settings, active=bool(held))  # not after minutes of training
 
         def on_step(ev: dict[str, Any]) -> None:
             progress(STEP_EVENT, **ev)
@@ -408,7 +426,7 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
                                 on_pair=_reporter("candidate", held))
             del candidate
             t0 = time.time()
-            active = make_generator(spec.active_runtime, spec.active_path, settings)
+            active = make_generator(spec.active_runtime, spec.active_path, settings, subject=spec.active_subject)
             seconds["load_active"] = round(time.time() - t0, 2)
             with reader.connect(settings) as runner:
                 act = evaluate(active, held, held_targets, runner, limits, role, on_pair=_reporter("active", held))
