@@ -5,7 +5,7 @@ Each runtime runs in its own process (load time and RSS are its own): texts/s at
 top-10 neighbour agreement with torch (train + dev questions as queries, mean cosine too) and page-level
 recall@5 / MRR@10 on the dev questions (``pg_docs_dev.jsonl``).
 
-    python -m bench.runtimes [--quick] [--pages N]
+    python -m bench.runtimes [--quick] [--pages N] [--chunks N]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def recall(q: np.ndarray, d: np.ndarray, ids: list[str], relevant: list[list[str
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--pages", type=int, default=0, help="corpus pages in the pool (default all; --quick 80)")
+    p.add_argument("--chunks", type=int, default=0, help="at most this many chunks of those pages (default all)")
     p.add_argument("--interleaved-only", action="store_true", help="only the interleaved batch-32 speed comparison")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved comparison")
     p.add_argument("--runtimes", default=",".join(RUNTIMES),
@@ -111,6 +112,8 @@ def main() -> None:
         table()
         return
     texts, ids = pool(args.pages or (80 if args.quick else 0))
+    if args.chunks:
+        texts, ids = texts[: args.chunks], ids[: args.chunks]
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
     queries = [d["q"] for d in dev] + [d["q"] for d in train]

@@ -41,7 +41,7 @@ def test_a_missing_data_file_is_named_with_what_to_do(monkeypatch, tmp_path):
 
 
 def test_runtimes_leaves_no_work_dir_behind(tmp_path):
-    r = bench("bench.runtimes", "--quick", "--runtimes", "torch", "--pages", "1", "--rounds", "1",
+    r = bench("bench.runtimes", "--quick", "--runtimes", "torch", "--pages", "1", "--chunks", "4", "--rounds", "1",
               env={"TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"name": "torch"' in r.stdout
