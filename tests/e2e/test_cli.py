@@ -18,6 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.answerers.local_models import package_dir
+from pgsynapse.cli import main
 from pgsynapse.db import EXPORT_LOCK
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
@@ -255,16 +256,18 @@ def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path)
     assert re.search(r"\n +2  candidate  torch +40 +0%  0/0 +tiny", listed), listed
 
 
-def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path):
+def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path, capsys):
     """A user who added a model without --follow, or stopped following, runs the same command with --follow: it
     follows the version already added instead of refusing (without --follow it is still refused), and its closing
     line says the share the first add asked for, not the second command's."""
     url = new_db(template_db)
     insert_docs(url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
     path = tiny_embedding_model(tmp_path / "tiny-40", 40)
-    assert pgsynapse("model", "add", str(path), "--traffic", "25", url=url).returncode == 0
-    refused = pgsynapse("model", "add", str(path), url=url)
-    assert refused.returncode == 1 and f"{path} is already model version 2 (candidate)" in refused.stderr
+    # the commands before the one under test run in-process (cli.main): a subprocess each loaded torch again
+    assert main(["--database-url", url, "model", "add", str(path), "--traffic", "25"]) == 0
+    capsys.readouterr()
+    assert main(["--database-url", url, "model", "add", str(path)]) == 1
+    assert f"{path} is already model version 2 (candidate)" in capsys.readouterr().err
     worker = spawn_worker(url)
     try:
         again = pgsynapse("model", "add", str(path), "--follow", "--no-progress", "--traffic", "10", url=url)
