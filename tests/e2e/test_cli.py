@@ -451,18 +451,28 @@ def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
     # a bad variable of the environment, the file's format
     ('log_format = "json"\n', {"PGSYNAPSE_POLL_INTERVAL": "-1"}, "invalid setting poll_interval [PGSYNAPSE_"),
 ])
-def test_a_fatal_error_before_the_settings_load_takes_the_config_file_s_log_format(tmp_path, toml, env, error):
+def test_a_fatal_error_before_the_settings_load_takes_the_config_file_s_log_format(tmp_path, toml, env, error,
+                                                                                     monkeypatch, capsys):
     # a config file's log_format = "json" was ignored: its bad setting came out as a plain `pgsynapse: error:` line
     config = tmp_path / "pgsynapse.toml"
     config.write_text(toml)
-    r = pgsynapse("--config", str(config), "status", env={"PGSYNAPSE_LOG_FORMAT": "", **env})
-    assert r.returncode == 78 and r.stdout == ""
-    [event] = [json.loads(line) for line in r.stderr.splitlines()]
+    # in-process (cli.main), three commands a test: a subprocess each cost a second of CPU to import the package
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name, value in {"PGSYNAPSE_LOG_FORMAT": "", **env}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert main(["--config", str(config), "status"]) == 78
+    r = capsys.readouterr()
+    assert r.out == ""
+    [event] = [json.loads(line) for line in r.err.splitlines()]
     assert {"event": "fatal_error", "exit_code": 78}.items() <= event.items() and event["error"].startswith(error)
     # the flag (after the command too) and the environment win over the file
     for args, extra in ((["status", "--log-format", "console"], {}), (["status"], {"PGSYNAPSE_LOG_FORMAT": "console"})):
-        r = pgsynapse("--config", str(config), *args, env={"PGSYNAPSE_LOG_FORMAT": "", **env, **extra})
-        assert r.returncode == 78 and r.stderr.startswith(f"pgsynapse: error: {error}"), r.stderr
+        for name, value in extra.items():
+            monkeypatch.setenv(name, value)
+        assert main(["--config", str(config), *args]) == 78
+        r = capsys.readouterr()
+        assert r.err.startswith(f"pgsynapse: error: {error}"), r.err
 
 
 def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
