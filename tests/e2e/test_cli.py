@@ -18,6 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsynapse.answerers.local_models import package_dir
+from pgsynapse.cli import main
 from pgsynapse.db import EXPORT_LOCK
 from pgsynapse.demo import QUESTIONS
 from tests.embed_models import tiny_embedding_model
@@ -36,7 +37,7 @@ def pgsynapse(*args: str, url: str | None = None, cwd: str = "/tmp", env: dict[s
                           env=full, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
+def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model, capsys):
     url = new_db()  # empty: the demo migrates it itself
     env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}  # a tiny model taught the demo's data question
     r = pgsynapse("demo", "--limit", "4", url=url, env=env)
@@ -74,11 +75,13 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model):
     human = pgsynapse("status", url=url)
     assert "active model   : v1 all-MiniLM-L6-v2" in human.stdout
 
-    se = pgsynapse("search", "insert rows into a table", "-k", "2", url=url)
-    assert se.returncode == 0, se.stderr
-    lines = [ln for ln in se.stdout.splitlines() if ln[:2] in ("1.", "2.")]
-    assert len(lines) == 2 and "[" in lines[0]
-    assert "2 hits in the fused (vector and full-text) rank order; the score is the cosine" in se.stdout
+    # in-process (cli.main): this process has torch loaded already, a subprocess imported it again (seconds)
+    capsys.readouterr()
+    assert main(["--database-url", url, "search", "insert rows into a table", "-k", "2"]) == 0
+    se = capsys.readouterr()
+    lines = [ln for ln in se.out.splitlines() if ln[:2] in ("1.", "2.")]
+    assert len(lines) == 2 and "[" in lines[0], se
+    assert "2 hits in the fused (vector and full-text) rank order; the score is the cosine" in se.out
 
     again = pgsynapse("demo", "--limit", "4", url=url, env=env)  # re-running inserts nothing new
     assert again.returncode == 0 and "embedded 4 documents" in again.stdout
@@ -255,16 +258,18 @@ def test_model_add_and_list_from_the_command_line(new_db, template_db, tmp_path)
     assert re.search(r"\n +2  candidate  torch +40 +0%  0/0 +tiny", listed), listed
 
 
-def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path):
+def test_model_add_follow_of_a_model_already_added_follows_its_backfill(new_db, template_db, tmp_path, capsys):
     """A user who added a model without --follow, or stopped following, runs the same command with --follow: it
     follows the version already added instead of refusing (without --follow it is still refused), and its closing
     line says the share the first add asked for, not the second command's."""
     url = new_db(template_db)
     insert_docs(url, [("Vacuum", "VACUUM reclaims storage occupied by dead tuples.")])
     path = tiny_embedding_model(tmp_path / "tiny-40", 40)
-    assert pgsynapse("model", "add", str(path), "--traffic", "25", url=url).returncode == 0
-    refused = pgsynapse("model", "add", str(path), url=url)
-    assert refused.returncode == 1 and f"{path} is already model version 2 (candidate)" in refused.stderr
+    # the commands before the one under test run in-process (cli.main): a subprocess each loaded torch again
+    assert main(["--database-url", url, "model", "add", str(path), "--traffic", "25"]) == 0
+    capsys.readouterr()
+    assert main(["--database-url", url, "model", "add", str(path)]) == 1
+    assert f"{path} is already model version 2 (candidate)" in capsys.readouterr().err
     worker = spawn_worker(url)
     try:
         again = pgsynapse("model", "add", str(path), "--follow", "--no-progress", "--traffic", "10", url=url)
@@ -446,18 +451,28 @@ def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
     # a bad variable of the environment, the file's format
     ('log_format = "json"\n', {"PGSYNAPSE_POLL_INTERVAL": "-1"}, "invalid setting poll_interval [PGSYNAPSE_"),
 ])
-def test_a_fatal_error_before_the_settings_load_takes_the_config_file_s_log_format(tmp_path, toml, env, error):
+def test_a_fatal_error_before_the_settings_load_takes_the_config_file_s_log_format(tmp_path, toml, env, error,
+                                                                                     monkeypatch, capsys):
     # a config file's log_format = "json" was ignored: its bad setting came out as a plain `pgsynapse: error:` line
     config = tmp_path / "pgsynapse.toml"
     config.write_text(toml)
-    r = pgsynapse("--config", str(config), "status", env={"PGSYNAPSE_LOG_FORMAT": "", **env})
-    assert r.returncode == 78 and r.stdout == ""
-    [event] = [json.loads(line) for line in r.stderr.splitlines()]
+    # in-process (cli.main), three commands a test: a subprocess each cost a second of CPU to import the package
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name, value in {"PGSYNAPSE_LOG_FORMAT": "", **env}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert main(["--config", str(config), "status"]) == 78
+    r = capsys.readouterr()
+    assert r.out == ""
+    [event] = [json.loads(line) for line in r.err.splitlines()]
     assert {"event": "fatal_error", "exit_code": 78}.items() <= event.items() and event["error"].startswith(error)
     # the flag (after the command too) and the environment win over the file
     for args, extra in ((["status", "--log-format", "console"], {}), (["status"], {"PGSYNAPSE_LOG_FORMAT": "console"})):
-        r = pgsynapse("--config", str(config), *args, env={"PGSYNAPSE_LOG_FORMAT": "", **env, **extra})
-        assert r.returncode == 78 and r.stderr.startswith(f"pgsynapse: error: {error}"), r.stderr
+        for name, value in extra.items():
+            monkeypatch.setenv(name, value)
+        assert main(["--config", str(config), *args]) == 78
+        r = capsys.readouterr()
+        assert r.err.startswith(f"pgsynapse: error: {error}"), r.err
 
 
 def test_non_editable_wheel_works_from_outside_the_repo(new_db, tmp_path):
