@@ -77,7 +77,7 @@ async def test_two_workers_process_every_job_exactly_once(shipped_url):
     env = {"PGSYNAPSE_BATCH_SIZE": "8"}
     workers = [spawn_worker(db_url, env=env), spawn_worker(db_url, env=env)]
     try:
-        insert_docs(db_url, _docs(400))
+        insert_docs(db_url, _docs(160))  # 20 batches: enough for both workers to claim some
         conn = await aconn(db_url)
         await wait_until(conn, ALL_DONE)
         assert await (await conn.execute(EXACTLY_ONCE)).fetchone() == CLEAN
