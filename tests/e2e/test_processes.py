@@ -96,7 +96,7 @@ async def test_sigkill_mid_batch_then_restart_embeds_everything_once(shipped_url
     env = {"PGSYNAPSE_BATCH_SIZE": "16", "PGSYNAPSE_LEASE_SECONDS": "2"}
     conn = await aconn(db_url)
     worker = spawn_worker(db_url, env=env)
-    insert_docs(db_url, _docs(120, words=150))  # ~240 chunks: the first worker dies after a batch, mid-run
+    insert_docs(db_url, _docs(80, words=150))  # 5 batches, ~160 chunks: the first worker dies after a batch, mid-run
     # kill while a batch is in flight: some documents done, some jobs running (each batch's commit notifies)
     await wait_until(conn, "SELECT (SELECT count(*) >= 16 FROM pgsynapse.documents WHERE status = 'embedded')"
                            " AND EXISTS (SELECT FROM pgsynapse.jobs WHERE status = 'running')")
