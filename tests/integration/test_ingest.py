@@ -16,6 +16,7 @@ import anyio
 import psycopg
 import pytest
 
+from pgsynapse.cli import main
 from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
@@ -73,6 +74,15 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "pgsynapse", "--database-url", url, "ingest", "--no-progress", *args],
         capture_output=True, text=True, timeout=120, check=False,
     )
+
+
+def _cli_here(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`_cli`'s command in this process: the command's output without a new interpreter's imports (seconds
+    each); test_ingest_mixed_tree_once_then_nothing runs the command in its own process."""
+    capsys.readouterr()
+    code = main(["--database-url", url, "ingest", "--no-progress", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pgsynapse", "ingest", *args], code, out, err)
 
 
 def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
@@ -458,29 +468,29 @@ async def test_a_changed_file_is_added_beside_its_old_version_or_replaces_it_wit
     assert "VACUUM FULL rewrites" in chunks and "dead tuples" not in chunks
 
 
-def test_replace_from_the_command_line(db_url, tmp_path):
+def test_replace_from_the_command_line(db_url, tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text("# Page\n\nFirst version.\n")
-    assert "1 inserted, 0 unchanged" in _cli(db_url, str(page)).stdout
+    assert "1 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(page)).stdout
     page.write_text("# Page\n\nSecond version.\n")
-    out = _cli(db_url, "--replace", str(page))
+    out = _cli_here(capsys, db_url, "--replace", str(page))
     assert out.returncode == 0 and "1 file(s): 0 inserted, 1 replaced, 0 unchanged" in out.stdout, out.stdout + out.stderr
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall() == [("page.md", "# Page\n\nSecond version.")]
 
 
-def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_url, tmp_path):
+def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_url, tmp_path, capsys):
     """A run without --replace keeps a changed file's old version beside it, and its summary says --replace updates
     the stored one instead; a --replace run after it said "unchanged" and left both (only a DELETE removed the old
     one). --replace makes the file its source's one document: the other versions of that source go."""
     page, other = tmp_path / "page.md", tmp_path / "other.md"
     page.write_text("# Page\n\nFirst version.\n")
     other.write_text("# Other\n\nNever changed.\n")
-    assert "2 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    assert "2 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(tmp_path)).stdout
     page.write_text("# Page\n\nSecond version.\n")
-    kept = _cli(db_url, str(tmp_path))
+    kept = _cli_here(capsys, db_url, str(tmp_path))
     assert "1 inserted, 1 unchanged" in kept.stdout and "both versions are kept" in kept.stdout, kept.stdout
-    out = _cli(db_url, "--replace", str(tmp_path))
+    out = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 file(s): 0 inserted, 2 unchanged (already stored)" in out.stdout, out.stdout
     assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout
@@ -488,11 +498,12 @@ def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_ur
         assert conn.execute("SELECT source, body FROM pgsynapse.documents ORDER BY source").fetchall() == [
             ("other.md", "# Other\n\nNever changed."), ("page.md", "# Page\n\nSecond version.")]
     # nothing left to delete: a second --replace run says nothing of it
-    again = _cli(db_url, "--replace", str(tmp_path))
+    again = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert "2 unchanged" in again.stdout and "older version" not in again.stdout, again.stdout
 
 
-def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_document_without_duplicates(db_url, tmp_path):
+def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_document_without_duplicates(
+        db_url, tmp_path, capsys):
     """A run without --replace stores a changed file's new version and the picture beside it again, linked to it;
     the --replace run after it deleted the old version, and left its copy of the picture unlinked (document_id NULL,
     ON DELETE SET NULL): the same bytes twice, one found by image search with no document. The old version's images
@@ -503,15 +514,15 @@ def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_documen
     page.write_text("# Vacuum\n\nFirst version.\n")
     (tmp_path / "vacuum.png").write_bytes(png_bytes(coloured_image("red", seed=8)))
     (tmp_path / "vacuum-old.png").write_bytes(png_bytes(coloured_image("green", seed=10)))  # removed below
-    assert "1 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    assert "1 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(tmp_path)).stdout
     with psycopg.connect(db_url, autocommit=True) as conn:
         old = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()[0]
         conn.execute("INSERT INTO pgsynapse.images (data, caption, document_id) VALUES (%s, 'an app''s', %s)",
                      (png_bytes(coloured_image("blue", seed=9)), old))
     page.write_text("# Vacuum\n\nSecond version.\n")
     (tmp_path / "vacuum-old.png").unlink()
-    assert "both versions are kept" in _cli(db_url, str(tmp_path)).stdout
-    out = _cli(db_url, "--replace", str(tmp_path))
+    assert "both versions are kept" in _cli_here(capsys, db_url, str(tmp_path)).stdout
+    out = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout + out.stderr
     with psycopg.connect(db_url) as conn:
         [kept] = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()
