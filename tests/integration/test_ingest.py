@@ -80,7 +80,10 @@ def _cli_here(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> subpr
     """:func:`_cli`'s command in this process: the command's output without a new interpreter's imports (seconds
     each); test_ingest_mixed_tree_once_then_nothing runs the command in its own process."""
     capsys.readouterr()
-    code = main(["--database-url", url, "ingest", "--no-progress", *args])
+    try:
+        code = main(["--database-url", url, "ingest", "--no-progress", *args])
+    except SystemExit as exited:  # a usage error: argparse's exit 2
+        code = exited.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["pgsynapse", "ingest", *args], code, out, err)
 
@@ -137,7 +140,7 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
-def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path):
+def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path, capsys):
     # a tree's link to a directory (shared docs linked in) is not followed (a link back to the tree would loop): its
     # files were left out without a word ("1 file(s)")
     (tmp_path / "shared").mkdir()
@@ -146,7 +149,7 @@ def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_pa
     (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
     (tmp_path / "docs" / "shared").symlink_to(tmp_path / "shared")
     (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "3 file(s): 1 inserted, 0 unchanged (already stored), 2 skipped, 0 failed" in out.stdout, out.stdout
     reasons = dict(line.strip().split(": ", 1) for line in out.stdout.splitlines() if line.startswith("  "))
@@ -154,45 +157,45 @@ def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_pa
     assert reasons == {"loop": said, "shared": said}, out.stdout
 
 
-def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
+def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path, capsys):
     # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
     # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
     with open(os.fsencode(tmp_path / "docs") + b"/caf\xe9.md", "w") as f:  # a name written in Latin-1
         f.write("# Caf\u00e9\n\nThe text is UTF-8; the name is not.")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "2 file(s): 1 inserted, 0 unchanged (already stored), 1 skipped, 0 failed" in out.stdout, out.stdout
     assert ("  caf\\xe9.md: its name is not UTF-8 (byte 0xe9): rename it, PostgreSQL stores sources as UTF-8 "
             "text") in out.stdout, out.stdout
 
 
-def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path):
+def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path, capsys):
     # before: a Windows-1252 or Latin-1 file was skipped as "not UTF-8 text", with no way to read it
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "cafe.txt").write_bytes("Le café est servi après le VACUUM, à 10 €.".encode("cp1252"))
     (tmp_path / "docs" / "utf8.md").write_text("# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says.")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert ("  cafe.txt: not UTF-8 text (invalid byte 0xe9 at offset 6): give its encoding with --encoding "
             "(cp1252, latin-1, ...)") in out.stdout, out.stdout
-    out = _cli(db_url, "--encoding", "cp1252", str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, "--encoding", "cp1252", str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "2 file(s): 1 inserted, 1 unchanged (already stored), 0 skipped" in out.stdout, out.stdout
     with psycopg.connect(db_url) as conn:
         rows = dict(conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall())
     assert rows == {"cafe.txt": "Le café est servi après le VACUUM, à 10 €.",
                     "utf8.md": "# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says."}, rows
-    out = _cli(db_url, "--encoding", "klingon", str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, "--encoding", "klingon", str(tmp_path / "docs"))
     assert out.returncode == 2, out.stderr
     assert "argument --encoding: not a text encoding Python knows: 'klingon'" in out.stderr, out.stderr
 
 
-def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
+def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path, capsys):
     missing = tmp_path / "nope.md"
     # a mistyped directory or a file without an extension that is not there: missing, not "unsupported file type"
-    out = _cli(db_url, str(missing), str(tmp_path / "no-such-dir"), str(tmp_path / "Makefile"))
+    out = _cli_here(capsys, db_url, str(missing), str(tmp_path / "no-such-dir"), str(tmp_path / "Makefile"))
     assert out.returncode == 1
     assert "3 file(s): 0 inserted, 0 unchanged (already stored), 0 skipped, 3 failed" in out.stdout, out.stdout
     for name in ("nope.md", "no-such-dir", "Makefile"):  # named as given: the name alone did not say where
