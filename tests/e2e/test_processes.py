@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgsynapse.cli import main
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
@@ -345,18 +346,19 @@ def test_database_without_pgvector_schema_is_refused(new_db):
 
 @pytest.mark.parametrize("command", [["status"], ["queue-notify", "show"], ["retry-failed"], ["model", "list"],
                                      ["search", "vacuum"], ["ingest", "NOTE"], ["feedback", "1", "--helpful"]])
-def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command, tmp_path):
+def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command, tmp_path, capsys):
     # a one-shot command exited 69, "retry later", for a schema that no retry makes: exit 78, naming the database
     # (`run --no-migrate` still waits for the owner's migrate: test_database_without_pgvector_schema_is_refused)
     url = new_db()  # empty: never migrated (status said "relation pgsynapse.jobs does not exist")
     (tmp_path / "note.md").write_text("A note about vacuum.\n")
     command = [str(tmp_path / "note.md") if arg == "NOTE" else arg for arg in command]
-    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, *command], capture_output=True,
-                       text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert r.returncode == 78, r.stderr
+    capsys.readouterr()  # the command in this process: the exit code main() gives the process, and what it printed
+    code = main(["--database-url", url, *command])
+    r = capsys.readouterr()
+    assert code == 78, r.err
     name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-    assert r.stderr.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse '
-                               "migrate` on it (it applies all "), r.stderr
+    assert r.err.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse '
+                            "migrate` on it (it applies all "), r.err
 
 
 def test_a_database_url_that_is_no_connection_string_stops_the_command_without_showing_it():
