@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgsynapse.cli import main
 from pgsynapse.learning.cli import queue_retrain
 from pgsynapse.migrate import available, migrate
 from pgsynapse.queries import q
@@ -77,7 +78,7 @@ async def test_two_workers_process_every_job_exactly_once(shipped_url):
     env = {"PGSYNAPSE_BATCH_SIZE": "8"}
     workers = [spawn_worker(db_url, env=env), spawn_worker(db_url, env=env)]
     try:
-        insert_docs(db_url, _docs(400))
+        insert_docs(db_url, _docs(160))  # 20 batches: enough for both workers to claim some
         conn = await aconn(db_url)
         await wait_until(conn, ALL_DONE)
         assert await (await conn.execute(EXACTLY_ONCE)).fetchone() == CLEAN
@@ -96,7 +97,7 @@ async def test_sigkill_mid_batch_then_restart_embeds_everything_once(shipped_url
     env = {"PGSYNAPSE_BATCH_SIZE": "16", "PGSYNAPSE_LEASE_SECONDS": "2"}
     conn = await aconn(db_url)
     worker = spawn_worker(db_url, env=env)
-    insert_docs(db_url, _docs(120, words=150))  # ~240 chunks: the first worker dies after a batch, mid-run
+    insert_docs(db_url, _docs(80, words=150))  # 5 batches, ~160 chunks: the first worker dies after a batch, mid-run
     # kill while a batch is in flight: some documents done, some jobs running (each batch's commit notifies)
     await wait_until(conn, "SELECT (SELECT count(*) >= 16 FROM pgsynapse.documents WHERE status = 'embedded')"
                            " AND EXISTS (SELECT FROM pgsynapse.jobs WHERE status = 'running')")
@@ -345,18 +346,19 @@ def test_database_without_pgvector_schema_is_refused(new_db):
 
 @pytest.mark.parametrize("command", [["status"], ["queue-notify", "show"], ["retry-failed"], ["model", "list"],
                                      ["search", "vacuum"], ["ingest", "NOTE"], ["feedback", "1", "--helpful"]])
-def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command, tmp_path):
+def test_a_command_on_a_database_never_migrated_says_to_migrate(new_db, command, tmp_path, capsys):
     # a one-shot command exited 69, "retry later", for a schema that no retry makes: exit 78, naming the database
     # (`run --no-migrate` still waits for the owner's migrate: test_database_without_pgvector_schema_is_refused)
     url = new_db()  # empty: never migrated (status said "relation pgsynapse.jobs does not exist")
     (tmp_path / "note.md").write_text("A note about vacuum.\n")
     command = [str(tmp_path / "note.md") if arg == "NOTE" else arg for arg in command]
-    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, *command], capture_output=True,
-                       text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert r.returncode == 78, r.stderr
+    capsys.readouterr()  # the command in this process: the exit code main() gives the process, and what it printed
+    code = main(["--database-url", url, *command])
+    r = capsys.readouterr()
+    assert code == 78, r.err
     name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-    assert r.stderr.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse '
-                               "migrate` on it (it applies all "), r.stderr
+    assert r.err.startswith(f'pgsynapse: error: database "{name}" has no pgsynapse schema: run `pgsynapse '
+                            "migrate` on it (it applies all "), r.err
 
 
 def test_a_database_url_that_is_no_connection_string_stops_the_command_without_showing_it():

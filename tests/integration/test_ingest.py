@@ -16,6 +16,7 @@ import anyio
 import psycopg
 import pytest
 
+from pgsynapse.cli import main
 from pgsynapse.export import EXPORT_LOCK
 from pgsynapse.ingest import SkipFile, follow, ingest, read_document
 from pgsynapse.images import registry
@@ -75,6 +76,18 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _cli_here(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`_cli`'s command in this process: the command's output without a new interpreter's imports (seconds
+    each); test_ingest_mixed_tree_once_then_nothing runs the command in its own process."""
+    capsys.readouterr()
+    try:
+        code = main(["--database-url", url, "ingest", "--no-progress", *args])
+    except SystemExit as exited:  # a usage error: argparse's exit 2
+        code = exited.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pgsynapse", "ingest", *args], code, out, err)
+
+
 def test_ingest_mixed_tree_once_then_nothing(db_url, tree):
     first = _cli(db_url, str(tree))
     assert first.returncode == 0, first.stderr
@@ -127,7 +140,7 @@ def test_a_broken_link_or_a_pipe_is_skipped_saying_what_it_is(db_url, tmp_path):
                        "named.md": "not a regular file (a pipe, socket or device)"}, out.stdout
 
 
-def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path):
+def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_path, capsys):
     # a tree's link to a directory (shared docs linked in) is not followed (a link back to the tree would loop): its
     # files were left out without a word ("1 file(s)")
     (tmp_path / "shared").mkdir()
@@ -136,7 +149,7 @@ def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_pa
     (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
     (tmp_path / "docs" / "shared").symlink_to(tmp_path / "shared")
     (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "3 file(s): 1 inserted, 0 unchanged (already stored), 2 skipped, 0 failed" in out.stdout, out.stdout
     reasons = dict(line.strip().split(": ", 1) for line in out.stdout.splitlines() if line.startswith("  "))
@@ -144,45 +157,45 @@ def test_a_link_to_a_directory_inside_a_tree_is_skipped_saying_so(db_url, tmp_pa
     assert reasons == {"loop": said, "shared": said}, out.stdout
 
 
-def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path):
+def test_a_file_whose_name_is_not_utf8_is_skipped_saying_so(db_url, tmp_path, capsys):
     # before: its source (the name) reached psycopg, and the whole ingest ended in a traceback,
     # "UnicodeEncodeError: 'utf-8' codec can't encode character '\udcfe' ...: surrogates not allowed"
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "good.txt").write_text(SENTENCE)
     with open(os.fsencode(tmp_path / "docs") + b"/caf\xe9.md", "w") as f:  # a name written in Latin-1
         f.write("# Caf\u00e9\n\nThe text is UTF-8; the name is not.")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "2 file(s): 1 inserted, 0 unchanged (already stored), 1 skipped, 0 failed" in out.stdout, out.stdout
     assert ("  caf\\xe9.md: its name is not UTF-8 (byte 0xe9): rename it, PostgreSQL stores sources as UTF-8 "
             "text") in out.stdout, out.stdout
 
 
-def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path):
+def test_a_file_in_another_encoding_is_read_with_encoding_and_skipped_with_a_hint_without(db_url, tmp_path, capsys):
     # before: a Windows-1252 or Latin-1 file was skipped as "not UTF-8 text", with no way to read it
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "cafe.txt").write_bytes("Le café est servi après le VACUUM, à 10 €.".encode("cp1252"))
     (tmp_path / "docs" / "utf8.md").write_text("# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says.")
-    out = _cli(db_url, str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert ("  cafe.txt: not UTF-8 text (invalid byte 0xe9 at offset 6): give its encoding with --encoding "
             "(cp1252, latin-1, ...)") in out.stdout, out.stdout
-    out = _cli(db_url, "--encoding", "cp1252", str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, "--encoding", "cp1252", str(tmp_path / "docs"))
     assert out.returncode == 0, out.stderr
     assert "2 file(s): 1 inserted, 1 unchanged (already stored), 0 skipped" in out.stdout, out.stdout
     with psycopg.connect(db_url) as conn:
         rows = dict(conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall())
     assert rows == {"cafe.txt": "Le café est servi après le VACUUM, à 10 €.",
                     "utf8.md": "# Déjà vu\n\nUTF-8 is read as UTF-8 whatever --encoding says."}, rows
-    out = _cli(db_url, "--encoding", "klingon", str(tmp_path / "docs"))
+    out = _cli_here(capsys, db_url, "--encoding", "klingon", str(tmp_path / "docs"))
     assert out.returncode == 2, out.stderr
     assert "argument --encoding: not a text encoding Python knows: 'klingon'" in out.stderr, out.stderr
 
 
-def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path):
+def test_unreadable_file_fails_with_reason_and_exit_1(db_url, tmp_path, capsys):
     missing = tmp_path / "nope.md"
     # a mistyped directory or a file without an extension that is not there: missing, not "unsupported file type"
-    out = _cli(db_url, str(missing), str(tmp_path / "no-such-dir"), str(tmp_path / "Makefile"))
+    out = _cli_here(capsys, db_url, str(missing), str(tmp_path / "no-such-dir"), str(tmp_path / "Makefile"))
     assert out.returncode == 1
     assert "3 file(s): 0 inserted, 0 unchanged (already stored), 0 skipped, 3 failed" in out.stdout, out.stdout
     for name in ("nope.md", "no-such-dir", "Makefile"):  # named as given: the name alone did not say where
@@ -458,29 +471,29 @@ async def test_a_changed_file_is_added_beside_its_old_version_or_replaces_it_wit
     assert "VACUUM FULL rewrites" in chunks and "dead tuples" not in chunks
 
 
-def test_replace_from_the_command_line(db_url, tmp_path):
+def test_replace_from_the_command_line(db_url, tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text("# Page\n\nFirst version.\n")
-    assert "1 inserted, 0 unchanged" in _cli(db_url, str(page)).stdout
+    assert "1 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(page)).stdout
     page.write_text("# Page\n\nSecond version.\n")
-    out = _cli(db_url, "--replace", str(page))
+    out = _cli_here(capsys, db_url, "--replace", str(page))
     assert out.returncode == 0 and "1 file(s): 0 inserted, 1 replaced, 0 unchanged" in out.stdout, out.stdout + out.stderr
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT source, body FROM pgsynapse.documents").fetchall() == [("page.md", "# Page\n\nSecond version.")]
 
 
-def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_url, tmp_path):
+def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_url, tmp_path, capsys):
     """A run without --replace keeps a changed file's old version beside it, and its summary says --replace updates
     the stored one instead; a --replace run after it said "unchanged" and left both (only a DELETE removed the old
     one). --replace makes the file its source's one document: the other versions of that source go."""
     page, other = tmp_path / "page.md", tmp_path / "other.md"
     page.write_text("# Page\n\nFirst version.\n")
     other.write_text("# Other\n\nNever changed.\n")
-    assert "2 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    assert "2 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(tmp_path)).stdout
     page.write_text("# Page\n\nSecond version.\n")
-    kept = _cli(db_url, str(tmp_path))
+    kept = _cli_here(capsys, db_url, str(tmp_path))
     assert "1 inserted, 1 unchanged" in kept.stdout and "both versions are kept" in kept.stdout, kept.stdout
-    out = _cli(db_url, "--replace", str(tmp_path))
+    out = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 file(s): 0 inserted, 2 unchanged (already stored)" in out.stdout, out.stdout
     assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout
@@ -488,11 +501,12 @@ def test_replace_after_a_run_that_kept_both_versions_keeps_only_the_file_s(db_ur
         assert conn.execute("SELECT source, body FROM pgsynapse.documents ORDER BY source").fetchall() == [
             ("other.md", "# Other\n\nNever changed."), ("page.md", "# Page\n\nSecond version.")]
     # nothing left to delete: a second --replace run says nothing of it
-    again = _cli(db_url, "--replace", str(tmp_path))
+    again = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert "2 unchanged" in again.stdout and "older version" not in again.stdout, again.stdout
 
 
-def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_document_without_duplicates(db_url, tmp_path):
+def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_document_without_duplicates(
+        db_url, tmp_path, capsys):
     """A run without --replace stores a changed file's new version and the picture beside it again, linked to it;
     the --replace run after it deleted the old version, and left its copy of the picture unlinked (document_id NULL,
     ON DELETE SET NULL): the same bytes twice, one found by image search with no document. The old version's images
@@ -503,15 +517,15 @@ def test_replace_moves_the_images_of_the_versions_it_deletes_to_the_kept_documen
     page.write_text("# Vacuum\n\nFirst version.\n")
     (tmp_path / "vacuum.png").write_bytes(png_bytes(coloured_image("red", seed=8)))
     (tmp_path / "vacuum-old.png").write_bytes(png_bytes(coloured_image("green", seed=10)))  # removed below
-    assert "1 inserted, 0 unchanged" in _cli(db_url, str(tmp_path)).stdout
+    assert "1 inserted, 0 unchanged" in _cli_here(capsys, db_url, str(tmp_path)).stdout
     with psycopg.connect(db_url, autocommit=True) as conn:
         old = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()[0]
         conn.execute("INSERT INTO pgsynapse.images (data, caption, document_id) VALUES (%s, 'an app''s', %s)",
                      (png_bytes(coloured_image("blue", seed=9)), old))
     page.write_text("# Vacuum\n\nSecond version.\n")
     (tmp_path / "vacuum-old.png").unlink()
-    assert "both versions are kept" in _cli(db_url, str(tmp_path)).stdout
-    out = _cli(db_url, "--replace", str(tmp_path))
+    assert "both versions are kept" in _cli_here(capsys, db_url, str(tmp_path)).stdout
+    out = _cli_here(capsys, db_url, "--replace", str(tmp_path))
     assert "1 older version(s) of these files' sources deleted (--replace)" in out.stdout, out.stdout + out.stderr
     with psycopg.connect(db_url) as conn:
         [kept] = conn.execute("SELECT id FROM pgsynapse.documents").fetchone()
