@@ -440,7 +440,8 @@ async def test_the_demo_question_through_the_product_is_answered_from_savepoints
         pages = list(shipped_pages())[:55]  # what the demo ingests without postgresql-doc installed
         shipped = request.getfixturevalue("default_runtime")
         adopt_runtime(db_url, shipped)
-        settings = fast_settings(db_url, runtime=runtime, data_dir=shipped["data_dir"])
+        # one ONNX Runtime thread: its pool spins, and beside xdist's other worker 2 threads oversubscribe 2 cores
+        settings = fast_settings(db_url, runtime=runtime, data_dir=shipped["data_dir"], onnx_threads=1)
     async with running_worker(settings, models):
         conn = await aconn(db_url)
         async with conn.transaction():

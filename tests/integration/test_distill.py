@@ -96,8 +96,12 @@ def test_the_trainer_takes_its_data_in_memory_and_moves_the_student_towards_the_
             "feedback": [(f"how do {TOPICS[0]} work?", 1)], "questions": [], "canary": []}
     spec = DistillSpec(url="", teacher_version=2, teacher_path=str(teacher_path), student_path=str(student_base),
                        out_dir=str(tmp_path / "student"), layers=2, epochs=30, lr=1e-3, batch_size=8,
-                       heldout_fraction=0.1, device="cpu")
-    metrics = main(spec, data)
+                       heldout_fraction=0.1, device="cpu", threads=1)  # 1: 20x faster on a loaded 2-core CI
+    threads = torch.get_num_threads()
+    try:
+        metrics = main(spec, data)
+    finally:
+        torch.set_num_threads(threads)  # main() sets the trainer process's own: not the rest of this test session's
     assert metrics["device"] == "cpu" and metrics["steps"] == metrics["planned_steps"] == 30 * 5
     assert metrics["teacher_projection"]["kind"] == "pca" and metrics["dim"] == 32
     assert metrics["final_loss"] < metrics["first_loss"] / 2

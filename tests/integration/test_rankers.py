@@ -238,7 +238,8 @@ async def test_ranker_train_registers_a_gated_candidate(db_url, models, ranker_d
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
-                             retrain_gate_confidence=0.9, retrain_bootstrap_samples=500, retrain_canary_tolerance=0.1)
+                             retrain_gate_confidence=0.9, retrain_bootstrap_samples=500, retrain_canary_tolerance=0.1,
+                             torch_threads=1)
     # the tiny random weights stand in for MiniLM's: the spec's base_path is what a ranker starts from
     row = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
     assert row["status"] == "candidate" and row["runtime"] in ("onnx-int8", "torch")
@@ -282,7 +283,8 @@ async def test_two_rankers_trained_in_the_same_second_get_a_folder_each(db_url, 
     await _examples_per_page(conn)
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
-                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             torch_threads=1)
     same_second(monkeypatch)
     first = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False)
     weights = {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()}
@@ -304,7 +306,7 @@ async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_w
     # the gate off (margin -1): the ranker passes and asks for ranker_traffic_percent (10 %)
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
-                             ranker_margin=-1)
+                             ranker_margin=-1, torch_threads=1)
     other = tmp_path / "other-ce"
     shutil.copytree(ranker_dir, other)
     rival = psycopg.connect(db_url, row_factory=dict_row)  # a person's `ranker traffic`, in one transaction
@@ -366,7 +368,8 @@ async def test_a_trainer_that_fails_says_why_in_a_line_and_logs_its_traceback(db
     await _examples_per_page(conn)
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_synthetic_pairs=10, rank_candidates=10,
-                             ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+                             ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             torch_threads=1)
     weightless = tmp_path / "weightless"  # a model directory whose weights and tokenizer were lost
     weightless.mkdir()
     shutil.copy(ranker_dir / "config.json", weightless)
@@ -598,7 +601,8 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_
     await _examples_per_page(conn)
     await conn.close()
     settings = fast_settings(db_url, data_dir=tmp_path, ranker_budget_seconds=120, ranker_synthetic_pairs=10,
-                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1)
+                             rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
+                             torch_threads=1)
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
         spec = ranker_spec(settings, sync, db_url, tmp_path / "spec")
     # the trainer's baseline orders the candidates as the teacher ranker serves them
