@@ -118,7 +118,7 @@ def export_and_check(
     agr: Agreement | None = None
     for sch in schemes:
         if sch is not None:
-            quantize_int8(out_dir, sch, calibration=calibration)
+            quantize_int8(out_dir, sch, calibration=calibration, threads=threads)
         cand = load_embedder(cand_spec, threads=threads, onnx_threads=threads)
         agr = agreement(ref, cand, chunks, queries, ref_vectors=ref_vectors)
         tried.append({"scheme": sch, "overlap_at_10": agr.overlap_at_10, "cosine_mean": agr.cosine_mean})

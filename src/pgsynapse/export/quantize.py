@@ -45,10 +45,10 @@ SMOOTH_ALPHA = 0.8
 SMOOTH_OUTLIER_CHANNELS = 2
 
 
-def _activation_range(graph: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]]
+def _activation_range(graph: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]], threads: int = 0
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel ``(min, max)`` of ``tensors`` over the real (unpadded) tokens of ``feeds``; ``graph`` is a
-    path or a loaded model."""
+    path or a loaded model; ``threads``: the session's intra-op threads (0: ONNX Runtime's default, every core)."""
     import onnx
     import onnxruntime as ort
 
@@ -60,6 +60,7 @@ def _activation_range(graph: Any, tensors: list[str], feeds: list[dict[str, np.n
             have.add(t)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     lo: dict[str, np.ndarray] = {}
@@ -197,7 +198,8 @@ def _save_rewritten(model: Any, nodes: list[Any], dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS) -> None:
+def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], k: int = OUTLIER_CHANNELS, *,
+                          threads: int = 0) -> None:
     """The ``outlier-static`` graph of ``src``: attention unfused, then every MatMul ``y = x @ W`` written as
     ``MatMulIntegerToFloat(QuantizeLinear(x), Wq) + x[..., C] @ W[C]``. ``C``: the ``k`` input channels with the
     largest calibrated max |x| (``2k`` for the QKV projection, the most sensitive); ``Wq``: per-column
@@ -210,7 +212,7 @@ def split_outliers_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     unfuse_attention(model)
     inits = {i.name: i for i in model.graph.initializer}
     targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    ranges = _activation_range(model, sorted({n.input[0] for n in targets}), feeds)
+    ranges = _activation_range(model, sorted({n.input[0] for n in targets}), feeds, threads)
     nodes = []
     for node in model.graph.node:
         if node not in targets:
@@ -234,7 +236,7 @@ _NONLINEAR = {"Gelu", "BiasGelu", "FastGelu", "Relu", "QuickGelu"}
 
 
 def smooth_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, alpha: float = SMOOTH_ALPHA,
-                  k: int = SMOOTH_OUTLIER_CHANNELS) -> None:
+                  k: int = SMOOTH_OUTLIER_CHANNELS, threads: int = 0) -> None:
     """The ``smooth-static`` graph of ``src``, every quantised input static per-tensor uint8:
 
     - a fused ``Attention`` becomes ``QAttention`` (ONNX Runtime's INT8 attention, which keeps the fused kernel)
@@ -253,7 +255,7 @@ def smooth_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, a
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    ranges = _activation_range(model, sorted({n.input[0] for n in attention + matmuls}), feeds)
+    ranges = _activation_range(model, sorted({n.input[0] for n in attention + matmuls}), feeds, threads)
 
     def smoothed(p: str, x: str, weight: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, list[Any]]:
         lo, hi = ranges[x]
@@ -310,9 +312,11 @@ def scheme_error(scheme: str) -> ModelError:
     return ModelError(f"unknown INT8 scheme {scheme!r}: choose one of {SCHEMES}")
 
 
-def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, calibration: list[str] | None = None) -> Path:
+def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, calibration: list[str] | None = None,
+                  threads: int = 0) -> Path:
     """``model_int8.onnx`` from ``model.onnx`` with one of :data:`SCHEMES`. ``calibration``: texts whose
-    activations calibrate the static schemes and pick the outlier channels (default: chunks of the shipped corpus)."""
+    activations calibrate the static schemes and pick the outlier channels (default: chunks of the shipped corpus);
+    ``threads``: the calibration's intra-op threads (0: every core)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -330,7 +334,7 @@ def quantize_int8(out_dir: Path, scheme: str = "dynamic", *, calibration: list[s
         )
     else:
         rewrite = smooth_static if scheme == "smooth-static" else split_outliers_static
-        rewrite(src, dst, _calibration_feeds(out_dir, calibration))
+        rewrite(src, dst, _calibration_feeds(out_dir, calibration), threads=threads)
     _record_scheme(out_dir, scheme)
     return dst
 
