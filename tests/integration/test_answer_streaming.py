@@ -838,6 +838,12 @@ async def test_sigterm_mid_stream_finishes_the_answer_then_the_worker_ends_at_on
     assert (exiting["code"], exiting["fast"]) == (0, True), exiting
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    """A command started from a terminal takes SIGINT; one of a shell's background jobs (a test run started with
+    `&`, as CI scripts may) inherits it ignored, and Python keeps it ignored: Ctrl-C reaches the asker as it would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, models, sse):
     """`pgsynapse ask` with no worker running answers with a worker of its own. Ctrl-C while that worker generated
     did nothing: the answer went on streaming to the terminal to its end (a second Ctrl-C too), and only then did
@@ -853,7 +859,8 @@ async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_quest
            "PGSYNAPSE_LOG_LEVEL": "info"}
     asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "--log-format", "json",
                               "ask", "how do I undo commands back to a savepoint?"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=_ctrl_c_as_on_a_terminal)
     logs = WorkerProcess(asker)
     threading.Thread(target=logs._pump, daemon=True).start()
     try:
