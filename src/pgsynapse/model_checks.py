@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from pgsynapse.answerers.local_models import Preset, check_model, preset_not_installed
-from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import Settings
 from pgsynapse.db import connect
 from pgsynapse.errors import ConfigError
 from pgsynapse.logs import get_logger
-from pgsynapse.textsql.generate import auto_runtime
+from pgsynapse.textsql.generate import auto_runtime, locate_sql_model
 from pgsynapse.textsql.registry import active_sql_model
 
 log = get_logger(__name__)
@@ -76,11 +75,10 @@ def _active_sql_model_there(settings: Settings, url: str) -> dict[str, Any] | No
     """The active registered SQL model, when there is one that this host can load (as make_generator finds it)."""
     with connect(url, autocommit=True, settings=settings) as conn:
         model = active_sql_model(conn)
-    if model is None or model["runtime"] == "openai":
-        return model
+    if model is None:
+        return None
     try:
-        check_model(str(local_artifact(model["path"], settings.data_dir)), runtime=model["runtime"],
-                    setting="sql_model_path", runtime_setting="sql_runtime")
+        locate_sql_model(model["runtime"], model["path"], settings)
     except ConfigError:
         return None
     return model

@@ -421,6 +421,19 @@ def auto_runtime(path: str, *, llama_cpp: bool | None = None) -> str:
     return "transformers"
 
 
+def locate_sql_model(runtime: str, path: str, settings: Settings, *, subject: str | None = None) -> tuple[str, str]:
+    """The runtime and path :func:`make_generator` loads a model from: a recorded absolute path looked for on this
+    host (:func:`~pgsynapse.artifacts.local_artifact`), ``auto`` resolved; a local model that cannot be there raises
+    its :class:`ConfigError` before any runtime is imported (naming ``subject``, else ``sql_model_path``)."""
+    if runtime != "openai" and path and Path(path).is_absolute():
+        path = str(local_artifact(path, settings.data_dir))
+    if runtime == "auto":
+        runtime = auto_runtime(path)
+    if runtime in ("transformers", "llama-cpp"):  # one that cannot be there fails before torch or llama.cpp loads
+        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime", subject=subject)
+    return runtime, path
+
+
 def make_generator(runtime: str, path: str, settings: Settings, *, subject: str | None = None) -> SqlGenerator:
     """The generator of a sql_models row (or of the settings' sql_runtime / sql_model_path). A recorded directory or
     GGUF file that is not on this host is looked for under the data dir's models folder
@@ -429,13 +442,8 @@ def make_generator(runtime: str, path: str, settings: Settings, *, subject: str 
     its runtime is imported (:func:`~pgsynapse.answerers.local_models.check_model`), naming ``subject`` (a
     registry's row, :func:`~pgsynapse.textsql.registry.entry`) or else the setting ``sql_model_path``."""
     s = settings
-    if runtime != "openai" and path and Path(path).is_absolute():
-        path = str(local_artifact(path, s.data_dir))
-    if runtime == "auto":
-        runtime = auto_runtime(path)
+    runtime, path = locate_sql_model(runtime, path, s, subject=subject)
     cache_dir = s.data_dir / "models" / "gguf"
-    if runtime in ("transformers", "llama-cpp"):  # one that cannot be there fails before torch or llama.cpp loads
-        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime", subject=subject)
     if runtime == "transformers":
         return TransformersSqlGenerator(path, max_new_tokens=s.sql_max_new_tokens, context_tokens=s.sql_context_tokens,
                                         cache_dir=cache_dir, threads=s.torch_threads)

@@ -49,7 +49,6 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgsynapse.answerers.local_models import check_model, load_transformers, resolve_model
-from pgsynapse.artifacts import local_artifact
 from pgsynapse.config import load_settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.learning.trainer_process import progress, read_spec
@@ -57,7 +56,8 @@ from pgsynapse.textsql import reader
 from pgsynapse.textsql.execute import Limits
 from pgsynapse.textsql.gate import accuracy
 from pgsynapse.textsql.generate import (
-    SqlPrompt, auto_runtime, encode_example, fit_prompt, make_generator, prompt_text, training_example)
+    SqlPrompt, auto_runtime, encode_example, fit_prompt, locate_sql_model, make_generator, prompt_text,
+    training_example)
 from pgsynapse.textsql.gguf_export import export_gguf
 from pgsynapse.textsql.pairs import (  # re-exported: the benchmark's entry points are all here
     Evaluation, Outcome, Pair, evaluate, load_pairs, normalise_question, ordered_target, run_statement, run_targets,
@@ -365,12 +365,8 @@ def _check_models(spec: SqlTrainSpec, settings: Any, *, active: bool) -> None:
     can be there (:func:`check_model`), each named by its registry row when it is one, else by sql_model_path."""
     check_model(spec.base_path, runtime="transformers", setting="sql_model_path", runtime_setting="sql_runtime",
                 subject=spec.base_subject)
-    if active and spec.active_runtime != "openai":  # where make_generator looks for it, on its runtime
-        path = spec.active_path
-        path = str(local_artifact(path, settings.data_dir)) if path and Path(path).is_absolute() else path
-        runtime = auto_runtime(path) if spec.active_runtime == "auto" else spec.active_runtime
-        check_model(path, runtime=runtime, setting="sql_model_path", runtime_setting="sql_runtime",
-                    subject=spec.active_subject)
+    if active:  # where make_generator looks for it, on its runtime
+        locate_sql_model(spec.active_runtime, spec.active_path, settings, subject=spec.active_subject)
 
 
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
