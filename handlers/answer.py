@@ -40,7 +40,7 @@ from pgsynapse.logs import get_logger
 from pgsynapse.models import Embedder, ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.registry import REGISTRY as RANKERS
-from pgsynapse.ranking.rescore import rescore
+from pgsynapse.ranking.rescore import rescore, rescores
 from pgsynapse.ranking.scorer import RankerCache, passage_text, rerank
 from pgsynapse.replica import reading, replica_for
 from pgsynapse.retrieval import CANDIDATES_FACTOR, fuse_full_text, knn, query_with_context
@@ -195,8 +195,12 @@ class AnswerHandler(Handler[AnswerWork]):
                 known.append(refused)
                 continue
             key = row["session_id"] or f"question-{row['id']}"
-            w = AnswerWork(job, row["text"], row["session_id"], choose_version(versions, key), text_hash=row["text_hash"],
-                           ranker=RANKERS.choose(rankers, f"ranker:{key}"))  # its own split: independent of versions
+            version = choose_version(versions, key)
+            ranker = RANKERS.choose(rankers, f"ranker:{key}")  # its own split: independent of versions
+            # a teacher that is the version routed to (promoted since) would leave the order as it is: the answer
+            # is the vector order's, and records no ranker (ab-report credits none with it)
+            w = AnswerWork(job, row["text"], row["session_id"], version, text_hash=row["text_hash"],
+                           ranker=ranker if ranker is None or rescores(ranker, version["id"]) else None)
             if row["session_id"] is not None and s.history_turns:
                 past = await (await conn.execute(q("session_history", "answers.sql"), {
                     "session": row["session_id"], "before": row["id"], "limit": s.history_turns,

@@ -558,8 +558,20 @@ async def test_the_version_serving_the_first_stage_is_not_its_own_ranker(db_url,
     conn = await aconn(db_url)
     first_stage = await search(conn, models, QUESTION, k=10, candidates=20)
     ranked = await search(conn, models, QUESTION, k=10, ranker=r, candidates=20)
-    await conn.close()
     assert [h.chunk_id for h in ranked] == [h.chunk_id for h in first_stage]
+    # active while its version is the first stage (as after `pgsynapse promote N` of a ranker version:N's version):
+    # the answers it changed nothing in recorded its ranker_id, and ab-report credited it with them
+    with psycopg.connect(db_url, autocommit=True) as sync:
+        sync.execute("UPDATE pgsynapse.ranker_models SET status = 'active', traffic_percent = 100 WHERE id = %s",
+                     (r["id"],))
+    settings = fast_settings(db_url, kinds=("answer",), rank_candidates=20, answer_cache=False, not_found_threshold=-1)
+    async with running_worker(settings, models):
+        answered = await _ask(conn)
+    await conn.close()
+    assert answered["status"] == "answered" and answered["sources"], answered
+    assert answered["ranker_id"] is None  # the vector order answered it
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        assert [x["ranker"] for x in ab_report(sync)["rankers"] if x["questions"]] == [None]
 
 
 async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_dir, tmp_path):

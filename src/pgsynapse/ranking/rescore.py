@@ -77,6 +77,13 @@ async def teacher_row(conn: psycopg.AsyncConnection, version: int) -> dict[str, 
     return _usable(row, version)
 
 
+def rescores(ranker: dict[str, Any], first_stage: int) -> bool:
+    """Whether ``ranker`` (a registry row) can change the order of the candidates model version ``first_stage``
+    found: every ranker but a teacher that is that version (one promoted while it was the ranker), whose order of
+    them is theirs already (:func:`rescore` leaves it)."""
+    return ranker["runtime"] != "version" or version_of(str(ranker["path"])) != first_stage
+
+
 async def rescore(conn: psycopg.AsyncConnection, models: ModelCache, ranker: dict[str, Any], question: str,
                   chunk_ids: list[int], first_stage: int | None = None) -> list[int]:
     """``chunk_ids`` ordered by the teacher's cosine similarity to ``question`` (stable; a chunk the teacher has no
