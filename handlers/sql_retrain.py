@@ -37,7 +37,7 @@ from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.table_locks import alock_table
 from pgsynapse.textsql.gate import sql_verdict
-from pgsynapse.textsql.registry import REGISTRY, entry
+from pgsynapse.textsql.registry import REGISTRY, base_hint, entry, out_of_service
 from pgsynapse.textsql.train import SqlTrainSpec
 
 log = get_logger(__name__)
@@ -122,7 +122,9 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             threads=s.torch_threads,
             settings={k: v for k, v in dumped.items() if k.startswith("sql_") or k in TRAINER_SETTINGS},
             base_subject=entry(w.base) if w.base else None,
-            active_subject=entry(w.active) if w.active else None)
+            active_subject=entry(w.active) if w.active else None,
+            base_hint=base_hint(w.base, w.active) if w.base and w.active else None,
+            active_hint=out_of_service(w.active) if w.active else None)
 
     def out_dir(self, w: SqlRetrainWork) -> Path:
         return Path(self.settings.data_dir) / "models" / f"sql-candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"

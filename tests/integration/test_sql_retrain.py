@@ -190,15 +190,29 @@ async def test_a_registered_sql_model_not_there_is_named_by_its_row_before_the_t
         root = registry.add_model(conn, "root", base_model, "transformers", status="active")
         tuned = registry.add_model(conn, "tuned", gone, "transformers", base_id=root["id"], status="active")
     with pytest.raises(ConfigError, match=rf"^SQL model {tuned['id']} \(tuned, transformers\) of the registry: "
-                                          rf"'{gone}' is neither a model directory"):
+                                          rf"'{gone}' is neither a model directory") as missing:
         await trained()
+    # what to do, as the sql_answer handler says it of the same model (registry.out_of_service)
+    assert str(missing.value).endswith(f": put the model back at {gone}, or take it out of service (`pgsynapse "
+                                       "sql-model rollback`: it is the active one)"), missing.value
     assert not (tmp_path / "candidate").exists()  # nothing trained for a gate that could not run
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:  # the retired root's files go
+        conn.execute("UPDATE pgsynapse.sql_models SET path = %s WHERE id = %s", (base_model, tuned["id"]))
+        conn.execute("UPDATE pgsynapse.sql_models SET path = %s WHERE id = %s", (gone, root["id"]))
+    with pytest.raises(ConfigError, match=rf"^SQL model {root['id']} \(root, transformers\) of the registry: "
+                                          rf"'{gone}' is neither a model directory") as missing:
+        await trained()
+    # retired, it is out of service already: the retrain fine-tunes it as the root of the active model's lineage
+    assert str(missing.value).endswith(f": put the model back at {gone}: the SQL retrain fine-tunes the root of the "
+                                       f"active SQL model's lineage (SQL model {tuned['id']})"), missing.value
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         registry.rollback(conn)  # the root serves again; its files go
         conn.execute("UPDATE pgsynapse.sql_models SET path = %s WHERE id = %s", (gone, root["id"]))
     with pytest.raises(ConfigError, match=rf"^SQL model {root['id']} \(root, transformers\) of the registry: "
-                                          rf"'{gone}' is neither a model directory"):
+                                          rf"'{gone}' is neither a model directory") as missing:
         await trained()
+    assert str(missing.value).endswith(f": put the model back at {gone}, or take it out of service (`pgsynapse "
+                                       "sql-model rollback`: it is the active one)"), missing.value
 
 
 @pytest.mark.anyio

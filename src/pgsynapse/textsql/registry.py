@@ -101,6 +101,16 @@ def out_of_service(model: dict[str, Any]) -> str:
     return f"put the model back at {model['path']}, or take it out of service ({how})"
 
 
+def base_hint(base: dict[str, Any], active: dict[str, Any]) -> str:
+    """What to do when the SQL retrain's base, the root of the ``active`` model's lineage, cannot be loaded: as of
+    any model when it is the active one (:func:`out_of_service`); else put it back (taking it out of service would
+    not change what the retrain fine-tunes)."""
+    if base["id"] == active["id"]:
+        return out_of_service(base)
+    return (f"put the model back at {base['path']}: the SQL retrain fine-tunes the root of the active SQL model's "
+            f"lineage (SQL model {active['id']})")
+
+
 get_model = REGISTRY.get_model
 list_models = REGISTRY.list_models
 active_sql_model = REGISTRY.active_model

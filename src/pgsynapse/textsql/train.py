@@ -93,6 +93,9 @@ class SqlTrainSpec:
     # a registered base / active model, as its errors name it (textsql/registry.py entry); None: sql_model_path's
     base_subject: str | None = None
     active_subject: str | None = None
+    # what to do when that model cannot be loaded (textsql/registry.py out_of_service), said after its error
+    base_hint: str | None = None
+    active_hint: str | None = None
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------------
@@ -360,13 +363,25 @@ def _candidate(runtime: str, path: str, directory: str, settings: Any,
     return make_generator("transformers", directory, settings), "transformers", directory
 
 
+def _hinted(load: Callable[[], Any], hint: str | None) -> Any:
+    """``load()``; a model it cannot load raises its ConfigError with ``hint`` (what to do) after the reason."""
+    try:
+        return load()
+    except ConfigError as exc:
+        if not hint:
+            raise
+        raise ConfigError(f"{exc}: {hint}") from None
+
+
 def _check_models(spec: SqlTrainSpec, settings: Any, *, active: bool) -> None:
     """Before the training: the base, and the ``active`` model that the gate loads once the candidate is trained,
-    can be there (:func:`check_model`), each named by its registry row when it is one, else by sql_model_path."""
-    check_model(spec.base_path, runtime="transformers", setting="sql_model_path", runtime_setting="sql_runtime",
-                subject=spec.base_subject)
+    can be there (:func:`check_model`), each named by its registry row when it is one, else by sql_model_path, and
+    a registered one with what to do (put it back, or take it out of service)."""
+    _hinted(lambda: check_model(spec.base_path, runtime="transformers", setting="sql_model_path",
+                                runtime_setting="sql_runtime", subject=spec.base_subject), spec.base_hint)
     if active:  # where make_generator looks for it, on its runtime
-        locate_sql_model(spec.active_runtime, spec.active_path, settings, subject=spec.active_subject)
+        _hinted(lambda: locate_sql_model(spec.active_runtime, spec.active_path, settings,
+                                         subject=spec.active_subject), spec.active_hint)
 
 
 def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[str, Any]:
@@ -422,7 +437,8 @@ def main(spec: SqlTrainSpec, *, startup_seconds: float | None = None) -> dict[st
                                 on_pair=_reporter("candidate", held))
             del candidate
             t0 = time.time()
-            active = make_generator(spec.active_runtime, spec.active_path, settings, subject=spec.active_subject)
+            active = _hinted(lambda: make_generator(spec.active_runtime, spec.active_path, settings,
+                                                    subject=spec.active_subject), spec.active_hint)
             seconds["load_active"] = round(time.time() - t0, 2)
             with reader.connect(settings) as runner:
                 act = evaluate(active, held, held_targets, runner, limits, role, on_pair=_reporter("active", held))
