@@ -41,7 +41,7 @@ from pgsynapse.results import AnswerTimeout, Result, terminal_safe
 from pgsynapse.retry import retry_failed
 from pgsynapse.search import check_search_text, search, search_order, unsearched
 from pgsynapse.status import render, render_embedded, status_snapshot
-from pgsynapse.textsql.cli import run_sql_ask, run_sql_correct, run_sql_model_command
+from pgsynapse.textsql.cli import run_reader_login, run_sql_ask, run_sql_correct, run_sql_model_command
 
 log = get_logger(__name__)
 
@@ -73,7 +73,7 @@ def _retry_later(exc: psycopg.Error) -> bool:
 # their progress as info events.
 QUIET_COMMANDS = frozenset({"ask", "search", "feedback", "status", "sql-ask", "sql-correct", "ab-report", "canary",
                             "queue-notify", "retry-failed", "retrain", "promote", "rollback", "retire", "traffic",
-                            "guardrail"})
+                            "guardrail", "reader-login"})
 # the quiet actions of the registries' commands (model, image-model, sql-model, ranker); `sql-model retrain` only
 # queues a job
 QUIET_ACTIONS = frozenset({"list", "promote", "rollback", "retire", "traffic", "retrain"})
@@ -298,6 +298,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
         return run_sql_correct(args, settings)
     if args.command == "sql-model":
         return run_sql_model_command(args, settings)
+    if args.command == "reader-login":
+        return run_reader_login(args, settings)
     if args.command == "ranker":
         return run_ranker_command(args, settings)
     if args.command == "search":

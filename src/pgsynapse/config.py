@@ -367,7 +367,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
 
 # PGSYNAPSE_ names that are not settings: the config file's path, docker/compose.yaml's published port, and the
 # tests' and benchmarks' own (tests/conftest.py, bench/common.py)
-ENV_NOT_SETTINGS = frozenset({"CONFIG", "DB_PORT"})
+ENV_NOT_SETTINGS = frozenset({"CONFIG", "DB_PORT", "SQL_READER_PASSWORD"})  # the last: `pgsynapse reader-login`
 ENV_OTHER_PREFIXES = ("TEST_", "BENCH_")
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from pgsynapse.cli import EX_CONFIG, _settings
 from pgsynapse.cli_args import build_parser, parse_args
-from pgsynapse.config import ENV_PREFIX, Settings
+from pgsynapse.config import ENV_NOT_SETTINGS, ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "pgsynapse.service"
@@ -50,7 +50,7 @@ def _env_names(text: str) -> set[str]:
 
 
 def _check_setting_names(names: set[str]) -> None:
-    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields} | {"PGSYNAPSE_CONFIG", "PGSYNAPSE_DB_PORT"}
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields} | {ENV_PREFIX + n for n in ENV_NOT_SETTINGS}
     assert names <= known, f"unknown settings: {sorted(names - known)}"
 
 
@@ -196,32 +196,31 @@ def test_compose_postgres_migrate_then_worker():
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
 
 
-READER_LOGIN_SQL = COMPOSE.parent / "reader-login.sql"
-
-
 @pytest.mark.parametrize("host_env", [{}, {"SQL_READER_PASSWORD": "s3cret-Reader", "POSTGRES_PASSWORD": "other"}])
 def test_compose_runs_generated_statements_on_the_readers_own_login(host_env):
     """compose set no sql_reader_url: its worker warned sql_reader_shares_worker_session and ran data questions on
     its own session, where a statement past the parser check could set its role back to the worker's. A step after
-    migrate gives pgsynapse_reader a login with the password of SQL_READER_PASSWORD (docker/reader-login.sql), and
-    the worker's sql_reader_url logs in with it."""
+    migrate gives pgsynapse_reader a login with the password of SQL_READER_PASSWORD, and the worker's
+    sql_reader_url logs in with it. The step ran psql with `ALTER ROLE ... PASSWORD :'reader_password'`: the
+    password itself went to the server (its log under log_statement, pg_stat_statements); it runs `pgsynapse
+    reader-login` of the pgsynapse image, which sends its SCRAM verifier only, the password in its environment."""
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    step, worker = services["reader-login"], services["worker"]
+    step, worker, migrate = services["reader-login"], services["worker"], services["migrate"]
     assert step["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert worker["depends_on"]["reader-login"]["condition"] == "service_completed_successfully"
-    assert step["restart"] == "no" and step["image"] == services["db"]["image"]  # its psql
-    command = [_compose_interpolate(a, host_env) for a in step["command"]]
-    assert command[0] == "psql" and "ON_ERROR_STOP=1" in command, command
-    mounted = {v.split(":")[1]: COMPOSE.parent / v.split(":")[0] for v in step["volumes"]}
-    assert mounted[command[command.index("-f") + 1]].resolve() == READER_LOGIN_SQL
-    password = next(a.split("=", 1)[1] for a in command if a.startswith("reader_password="))
-    assert password == host_env.get("SQL_READER_PASSWORD", "pgsynapse_reader")
+    assert step["restart"] == "no" and step["image"] == migrate["image"] and step["build"] == migrate["build"]
+    assert step["command"] == ["reader-login"] and "volumes" not in step
+    _cli_accepts(step["command"])
     env = {k: _compose_interpolate(str(v), host_env) for k, v in step["environment"].items()}
-    assert env["PGPASSWORD"] == host_env.get("POSTGRES_PASSWORD", "pgsynapse")  # the admin's, as migrate's
+    password = env.pop("PGSYNAPSE_SQL_READER_PASSWORD")  # read from there, never from the command line (ps)
+    assert password == host_env.get("SQL_READER_PASSWORD", "pgsynapse_reader")
+    database = _compose_interpolate(migrate["environment"]["DATABASE_URL"], host_env)
+    assert env["DATABASE_URL"] == database  # as migrate: the admin, who may alter the role
+    assert not (COMPOSE.parent / "reader-login.sql").exists()  # psql's file, gone with it
     url = _compose_interpolate(worker["environment"]["PGSYNAPSE_SQL_READER_URL"], host_env)
     assert url == f"postgresql://pgsynapse_reader:{password}@db:5432/pgsynapse", url
-    database = _compose_interpolate(worker["environment"]["DATABASE_URL"], host_env)
     assert url.rsplit("@", 1)[1] == database.rsplit("@", 1)[1]  # the same server and database as the worker's
+    _check_setting_names({k for k in step["environment"] if k.startswith("PGSYNAPSE_")})
 
 
 @pytest.mark.parametrize("service", ["worker", "migrate"])

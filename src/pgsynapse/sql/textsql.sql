@@ -232,6 +232,11 @@ FROM pg_catalog.pg_roles r WHERE r.rolname = session_user;
 -- name: reader_can_log_in
 SELECT rolcanlogin AS can FROM pg_catalog.pg_roles WHERE rolname = %(role)s;
 
+-- name: reader_set_password
+-- `pgsynapse reader-login` (textsql/reader.py set_password): {} the role (an identifier), {} the SCRAM-SHA-256 verifier
+-- computed by the client (a literal: ALTER ROLE takes no parameters), never the password itself
+ALTER ROLE {} LOGIN PASSWORD {};
+
 -- name: reader_allow_login
 -- the embedded server (pgsynapse's own, reached only through its private socket): the reader role logs in itself,
 -- so a statement cannot set its role back to the worker's (textsql/reader.py); {} is the role (an identifier)

@@ -1,11 +1,13 @@
-"""The data-question commands behind the CLI: ``sql-ask``, ``sql-correct`` and ``sql-model
-list|add|promote|rollback|traffic|retire|retrain``."""
+"""The data-question commands behind the CLI: ``sql-ask``, ``sql-correct``, ``sql-model
+list|add|promote|rollback|traffic|retire|retrain`` and ``reader-login``."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
+import os
 import sys
 import unicodedata
 from dataclasses import asdict
@@ -30,6 +32,7 @@ from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
 from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
+READER_PASSWORD = "PGSYNAPSE_SQL_READER_PASSWORD"  # `reader-login`'s password (config.py: no setting)
 MAX_CELL = 40
 NULL_CELL = "(null)"  # a SQL NULL in a table cell (psql's `\pset null '(null)'`): apart from the text 'NULL' and ''
 # a failed statement's stored error ("the statement failed: division by zero ..."), printed after "failed: "
@@ -303,3 +306,39 @@ def render_sql_gate(model: dict[str, Any]) -> str:
                      f"{gate['active']:.3f} ({gate['heldout']} pairs: {gate['wins']} won, {gate['losses']} lost)")
     lines += [f"  gate: {reason}" for reason in gate["reasons"]]
     return "\n".join(lines)
+
+
+def reader_password(role: str, from_stdin: bool) -> str:
+    """The password ``reader-login`` gives ``role``: the first line of stdin with ``--password-stdin``, else
+    PGSYNAPSE_SQL_READER_PASSWORD, else asked twice on a terminal; never an argument (``ps`` shows those)."""
+    if from_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    elif READER_PASSWORD in os.environ:
+        password = os.environ[READER_PASSWORD]
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"password for {role}: ")
+        if password and getpass.getpass("again: ") != password:
+            raise InputError(f"the two passwords for {role} differ: nothing was changed")
+    else:
+        raise InputError(f"no password for {role}: set {READER_PASSWORD}, or give it on stdin with --password-stdin "
+                         "(never on the command line, where ps shows it); nothing was changed")
+    if not password:
+        raise InputError(f"the password for {role} is empty: give one (in {READER_PASSWORD} or on stdin with "
+                         "--password-stdin); nothing was changed")
+    return password
+
+
+def run_reader_login(args: argparse.Namespace, settings: Settings) -> int:
+    """``pgsynapse reader-login``: let the reader role log in with a password on a server of yours, sent as its
+    SCRAM-SHA-256 verifier (:func:`reader.set_password`); the worker's ``sql_reader_url`` then logs in with it."""
+    role = settings.sql_reader_role
+    if settings.embedded:
+        raise InputError(f"the embedded server needs no password for {role}: its worker lets {role} log in on the "
+                         "server's private socket (docs/text-to-sql.md, \"The reader's own login\"); reader-login is "
+                         "for a server of yours: give --database-url (or DATABASE_URL)")
+    password = reader_password(role, args.password_stdin)
+    with Database(settings) as db, db.connect(autocommit=True) as conn:
+        reader.set_password(conn, role, password)
+    print(f"{role} may log in with the password given (only its SCRAM-SHA-256 verifier was sent): set sql_reader_url "
+          f"to that login, e.g. PGSYNAPSE_SQL_READER_URL=postgresql://{role}:PASSWORD@HOST/DATABASE")
+    return 0

@@ -6,7 +6,8 @@ user: on the worker's own connection a statement that got past the parser check 
 worker again (a superuser on the embedded server). On a connection whose login is the reader role (or a login that
 is a member of it and of no other role) the server refuses that: ``permission denied to set role``. So:
 
-- ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`);
+- ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`); ``pgsynapse
+  reader-login`` gives the reader role a password for it on a server of yours (:func:`set_password`);
 - the embedded server (pgsynapse's own): the worker lets the reader role log in (``ALTER ROLE ... LOGIN``; the
   server trusts only its private socket) and connects as it through the same socket (:func:`embedded_url`);
 - neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``; at
@@ -29,7 +30,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.db import NO_PREPARE, connection_error
-from pgsynapse.errors import ConfigError, DatabaseConfigError
+from pgsynapse.errors import ConfigError, DatabaseConfigError, DatabaseSetupError
 from pgsynapse.logs import get_logger
 from pgsynapse.queries import q
 
@@ -63,6 +64,25 @@ def check_login(conn: psycopg.Connection, role: str) -> None:
         raise ConfigError(f"sql_reader_url logs in as {row['login']}, which {why}: generated statements could use "
                           f"its rights; log in as {role} itself (ALTER ROLE {role} LOGIN PASSWORD '...') or as a role "
                           f"granted {role} and nothing else (docs/text-to-sql.md, Safety)")
+
+
+def set_password(conn: psycopg.Connection, role: str, password: str) -> None:
+    """Let ``role`` log in with ``password`` (``pgsynapse reader-login``), as psql's ``\\password`` sets one: libpq
+    computes its SCRAM-SHA-256 verifier here (PQencryptPasswordConn, a fresh salt) and only the verifier is sent, so
+    the password reaches neither the server's log (``log_statement = ddl``) nor pg_stat_statements. A role missing,
+    or one this login may not alter: :class:`DatabaseSetupError`, saying what to do."""
+    if conn.execute(q("reader_can_log_in", FILE), {"role": role}).fetchone() is None:
+        raise DatabaseSetupError(f"role {role} does not exist: `pgsynapse migrate` makes pgsynapse_reader (a "
+                                 "sql_reader_role of another name is yours to create); then run reader-login again")
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+    statement = pgsql.SQL(q("reader_set_password", FILE)).format(pgsql.Identifier(role), pgsql.Literal(verifier))
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseSetupError(f"{conn.info.user} may not give {role} a password ({str(exc).strip()}): run "
+                                 "reader-login as a superuser, or as the role that ran `pgsynapse migrate` when "
+                                 "it has CREATEROLE") from None
+    log.info("sql_reader_password_set", role=role)
 
 
 def prepare_at_start(url: str, settings: Any, *, one_off: bool = False) -> None:
