@@ -369,12 +369,15 @@ def test_a_statement_past_the_check_cannot_leave_the_reader_role_on_the_readers_
 def test_the_readers_login_is_checked_at_start_and_its_absence_said(shop, db_url):
     """sql_reader_url must log in as the reader, or as a role granted it and nothing else; without one (and not on
     the embedded server) a worker says once that statements share its session."""
-    with pytest.raises(ConfigError, match="sql_reader_url logs in as postgres, which is a superuser"):
+    with pytest.raises(ConfigError, match="sql_reader_url logs in as postgres, which is a superuser") as refused:
         reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=db_url))
+    # the way to give the reader its login without its password in the server's log (it said ALTER ROLE ... '...')
+    assert "`pgsynapse reader-login` gives it a password" in str(refused.value)
+    assert "ALTER ROLE" not in str(refused.value)
     with capture_logs() as logs:
         reader.prepare_at_start(db_url, fast_settings(db_url))
     assert [e["event"] for e in logs] == ["sql_reader_shares_worker_session"]
-    assert "set sql_reader_url" in logs[0]["advice"]
+    assert "set sql_reader_url" in logs[0]["advice"] and "`pgsynapse reader-login`" in logs[0]["advice"]
 
 
 def test_a_session_advisory_lock_a_statement_took_is_released_after_its_run(shop, db_url):

@@ -62,8 +62,8 @@ def check_login(conn: psycopg.Connection, role: str) -> None:
            f"is also a member of {', '.join(row['others'])}" if row["others"] else None)
     if why:
         raise ConfigError(f"sql_reader_url logs in as {row['login']}, which {why}: generated statements could use "
-                          f"its rights; log in as {role} itself (ALTER ROLE {role} LOGIN PASSWORD '...') or as a role "
-                          f"granted {role} and nothing else (docs/text-to-sql.md, Safety)")
+                          f"its rights; log in as {role} itself (`pgsynapse reader-login` gives it a password) or as a "
+                          f"role granted {role} and nothing else (docs/text-to-sql.md, Safety)")
 
 
 def set_password(conn: psycopg.Connection, role: str, password: str) -> None:
@@ -100,8 +100,9 @@ def prepare_at_start(url: str, settings: Any, *, one_off: bool = False) -> None:
     login = reader_url(url, settings)
     if login is None:
         (log.info if one_off else log.warning)("sql_reader_shares_worker_session", role=role,
-                    advice=f"set sql_reader_url to a login as {role}: a statement past the parser check could "
-                           "otherwise set its role back to the worker's (docs/text-to-sql.md, Safety)")
+                    advice=f"set sql_reader_url to a login as {role} (`pgsynapse reader-login` gives it a password): "
+                           "a statement past the parser check could otherwise set its role back to the worker's "
+                           "(docs/text-to-sql.md, Safety)")
         return
     with connect(settings.model_copy(update={"sql_reader_url": login})) as conn:
         check_login(conn, role)
