@@ -35,11 +35,12 @@ from pgsynapse.migrate import migrate, schema_state
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.ranking.cli import run_ranker_command
+from pgsynapse.ranking.rescore import rescores
 from pgsynapse.ranking.scorer import RankerCache, ranker_row
 from pgsynapse.replica import replica_for
 from pgsynapse.results import AnswerTimeout, Result, terminal_safe
 from pgsynapse.retry import retry_failed
-from pgsynapse.search import check_search_text, search, search_order, unsearched
+from pgsynapse.search import check_search_text, search, search_order, unsearched, version_row
 from pgsynapse.status import render, render_embedded, status_snapshot
 from pgsynapse.textsql.cli import run_reader_login, run_sql_ask, run_sql_correct, run_sql_model_command
 
@@ -309,6 +310,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             try:
                 async with db.aconnect(autocommit=True) as conn:
                     row = await ranker_row(conn, args.ranker)
+                    if row is not None and not rescores(row, (await version_row(conn, args.model_version))["id"]):
+                        row = None  # a teacher that is the version searched leaves its order (ranking/rescore.py)
                     ranker = (row if row is None or row["runtime"] == "version"
                               else RankerCache(settings.onnx_threads or settings.torch_threads,
                                                data_dir=settings.data_dir).get(row))

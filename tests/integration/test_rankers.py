@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from psycopg.rows import dict_row
 from transformers import BertForSequenceClassification
 
+from pgsynapse.cli import main
 from pgsynapse.errors import ConfigError, InputError, ModelError, RegistryError
 from pgsynapse.learning.abreport import ab_report
 from pgsynapse.learning.abreport import render as render_ab
@@ -570,6 +571,11 @@ async def test_the_version_serving_the_first_stage_is_not_its_own_ranker(db_url,
     await conn.close()
     assert answered["status"] == "answered" and answered["sources"], answered
     assert answered["ranker_id"] is None  # the vector order answered it
+    # `pgsynapse search` (the active ranker) said "10 hits in the ranker's order" of the same first-stage order
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = await anyio.to_thread.run_sync(main, ["search", QUESTION, "--database-url", db_url])
+    assert code == 0 and " hits in the fused (vector and full-text) rank order;" in printed.getvalue(), printed.getvalue()
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
         assert [x["ranker"] for x in ab_report(sync)["rankers"] if x["questions"]] == [None]
 
