@@ -124,7 +124,7 @@ async def _notifies_until_final(listener, qid: int, on_stream=None) -> list[dict
             if p["id"] != qid:
                 continue
             seen.append(p)
-            if p["status"] != "streaming":
+            if p["status"] not in ("streaming", "retrying"):  # a retry streams again: not the final one
                 return seen
             if on_stream:
                 await on_stream(p)
@@ -799,6 +799,10 @@ async def test_a_worker_killed_mid_stream_leaves_no_final_answer_and_the_next_an
         await conn.close()
     assert final["status"] == "answered" and final["answer"] == "".join(RETRIED), final
     assert [n["status"] for n in notes].count("answered") == 1 and notes[-1]["status"] == "answered", notes
+    # its lease expired: the job went back to the queue with the partial text withdrawn (a client drops the pieces
+    # shown), before the retry answered
+    assert notes[1] == {"id": 1, "status": "retrying"}, notes
+    assert [n["seq"] for n in notes[2:] if n["status"] == "streaming"][:1] in ([], [1]), notes  # streamed anew
     assert sum(j["completions"] for j in jobs) == 1 and {j["status"] for j in jobs} <= {"done", "superseded"}, jobs
     assert [(r.status, r.answer) for r in results] == [("answered", "".join(RETRIED))], results
     assert asker.returncode == 0, err
