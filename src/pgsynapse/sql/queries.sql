@@ -124,7 +124,8 @@ RETURNING kind, ref_id;
 -- the row would put the old text's failure over the new text's result. A job out of attempts whose row was deleted
 -- or truncated meanwhile is closed as done (skip_reason 'its row was deleted'), as close_job_of_removed_row closes
 -- one that fails for good in its worker, not failed for a row that is no more. The requeued jobs are returned: the
--- caller withdraws what they wrote to their rows (an answer's partial text: handlers' record_retry).
+-- caller withdraws what they wrote to their rows (an answer's partial text: handlers' record_retry), in row id order
+-- as the failed ones (the order the writers lock rows in: handlers' lock_rows).
 WITH expired AS (
     SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
            attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged,
@@ -180,7 +181,7 @@ WITH expired AS (
     RETURNING j.id, j.kind, j.ref_id, j.last_error
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
-       (SELECT coalesce(json_agg(requeued ORDER BY requeued.id), '[]') FROM requeued) AS requeued_jobs,
+       (SELECT coalesce(json_agg(requeued ORDER BY requeued.ref_id), '[]') FROM requeued) AS requeued_jobs,
        (SELECT coalesce(json_agg(removed ORDER BY removed.id), '[]') FROM removed) AS removed,
        (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM requeued GROUP BY kind) k)
            AS requeued_kinds,
