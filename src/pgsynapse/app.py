@@ -6,7 +6,7 @@ import contextlib
 import copy
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -213,17 +213,38 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
             raise errors[0]
 
     try:
-        return _asked_on(settings, kind, what, timeout, asking, go, with_worker, migrate)
+        with _sigterm_interrupts() as terminable:
+            return _asked_on(settings, kind, what, timeout, asking, go, with_worker, migrate, terminable)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
         if shown:  # after the answer was shown (the in-process worker or the embedded server stopping): it is done
             return shown[0]
         raise
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[bool]:
+    """A SIGTERM raises :class:`Terminated` in the block, as a Ctrl-C raises KeyboardInterrupt (the embedded server
+    stopped on the way out, not killed with the process); yields whether it does: in the main thread, where SIGTERM
+    has its default action (a program that calls :func:`ask` keeps its own handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield False
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: list[Client], go, with_worker,
-              migrate: bool):
+              migrate: bool, terminable: bool):
     """_answered's database: started (the embedded one), migrated as told, then ``go`` (a worker runs on it) or
-    ``with_worker`` asks; a SIGTERM meanwhile stops the asking as a Ctrl-C does (:class:`Terminated`)."""
+    ``with_worker`` asks; with ``terminable``, a SIGTERM meanwhile stops the asking as a Ctrl-C does
+    (:class:`Terminated`)."""
     with Database(settings) as db:
         # the embedded server is pgsynapse's own (the README's first ask migrates it); a DATABASE_URL database is
         # migrated by its owner (`pgsynapse migrate`), or when asked to (--migrate), as by every one-shot command
@@ -247,7 +268,10 @@ def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: 
                                     hint=f"they are not searched until a worker embeds them: {then}")
         terminated: list[int] = []
         try:
-            answered = anyio.run(_until_sigterm, go if running else with_worker, db.url, timeout or None, terminated)
+            answered = anyio.run(_until_sigterm if terminable else _plain, go if running else with_worker, db.url,
+                                 timeout or None, terminated)
+            if terminable:  # the event loop's SIGTERM handler, gone with it, left SIGTERM's default action
+                signal.signal(signal.SIGTERM, _raise_terminated)
             if terminated:
                 raise Terminated()
             return answered
@@ -280,10 +304,7 @@ def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: 
 async def _until_sigterm(run: Callable[[str, float | None], Awaitable[Any]], url: str, limit: float | None,
                          terminated: list[int]) -> Any:
     """``run(url, limit)``, cancelled by a SIGTERM (``terminated`` then holds it) as the asyncio runner cancels it at a
-    Ctrl-C: the command's own worker gives its job back at once (not left to its lease), the asking ends. Only where
-    SIGTERM has its default action (a program that calls :func:`ask` keeps its own handler) and in the main thread."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return await run(url, limit)
+    Ctrl-C: the command's own worker gives its job back at once (not left to its lease), the asking ends."""
     results: list[Any] = []
     failed: list[Exception] = []  # raised as itself below, not in the task group's ExceptionGroup
 
@@ -305,3 +326,9 @@ async def _until_sigterm(run: Callable[[str, float | None], Awaitable[Any]], url
     if failed:
         raise failed[0]
     return results[0] if results else None
+
+
+async def _plain(run: Callable[[str, float | None], Awaitable[Any]], url: str, limit: float | None,
+                 terminated: list[int]) -> Any:
+    """``run(url, limit)``: SIGTERM left as the caller has it."""
+    return await run(url, limit)

@@ -914,9 +914,11 @@ async def _stopped_mid_answer(db_url, models, sse, signum: int, code: int) -> No
     assert job == {"status": "pending", "attempts": 0, "lease_until": None}, job
 
 
-async def test_ctrl_c_after_ask_printed_its_answer_exits_zero(db_url, models, sse):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+async def test_ctrl_c_after_ask_printed_its_answer_exits_zero(db_url, models, sse, signum):
     """Ctrl-C in the seconds after `pgsynapse ask` printed its answer (its own worker stopping) exited 130, as if
-    the question had been abandoned, though its answer was shown and saved. The work is done: exit 0.
+    the question had been abandoned, though its answer was shown and saved. The work is done: exit 0. A SIGTERM
+    then too (it stops the command as Ctrl-C does).
     The window is held open: the worker's deregistration (the last step of its stop) waits on a lock of its
     registration row, which the test takes once the worker registered and lets go once the deregistration waits."""
     async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
@@ -929,7 +931,7 @@ async def test_ctrl_c_after_ask_printed_its_answer_exits_zero(db_url, models, ss
         await locker.execute("BEGIN")
         await locker.execute("SELECT 1 FROM pgsynapse.workers WHERE worker_id = %s FOR UPDATE", (started["worker"],))
         logs.wait_event("worker_stopping")  # after the answer was printed (on_result)
-        asker.send_signal(signal.SIGINT)
+        asker.send_signal(signum)
         await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                                " AND query LIKE 'DELETE FROM pgsynapse.workers%%')")
         await locker.execute("ROLLBACK")
