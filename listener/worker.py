@@ -106,6 +106,7 @@ class Worker(Claiming):
         self._registered = False
         # what this worker holds (renewed until each batch's deadline) and the gate that runs a solo job alone
         self._held: dict[int, Batch] = {}
+        self._reap_handlers: dict[str, Handler | None] = {}  # the lease reaper's, per kind (_handler_of)
         self.gate = SoloGate()
         self._deadline = {k: h.deadline_seconds or settings.batch_deadline_seconds for k, h in self.handlers.items()}
         # kinds whose expired jobs come back solo, whichever worker reaps them (every registered kind says)
@@ -285,12 +286,15 @@ class Worker(Claiming):
                 cur = await conn.execute(q("reap_expired_leases"), {"max_attempts": self.settings.max_attempts,
                                                                     "isolate_kinds": self._isolate_kinds})
                 row = await cur.fetchone()
-                failed = row["failed"] if row else []
+                failed, removed = (row["failed"], row["removed"]) if row else ([], [])
+                # on their rows, whichever kinds this worker takes: a failure, or a requeued job's partial answer
+                # withdrawn with a `retrying` NOTIFY (as after an error)
                 for f in failed:
-                    handler = self.handlers.get(f["kind"])
-                    if handler is not None:
-                        job = Job(f["id"], f["kind"], f["ref_id"], {}, 0, None)  # type: ignore[arg-type]
-                        await handler.record_failure(conn, job, f["last_error"])
+                    if handler := self._handler_of(f["kind"]):
+                        await handler.record_failure(conn, _reaped(f), f["last_error"])
+                for r in row["requeued_jobs"] if row else []:
+                    if handler := self._handler_of(r["kind"]):
+                        await handler.record_retry(conn, _reaped(r), r["last_error"])
                 # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
                 for kind, n in (row["requeued_kinds"] if row else {}).items():
                     await conn.execute(q("notify_jobs"), {"kind": kind, "n": n})
@@ -299,12 +303,24 @@ class Worker(Claiming):
             self.stats.add(self.stats.failed, f["kind"])
         for kind, n in (row["superseded_kinds"] if row else {}).items():
             self.stats.add(self.stats.processed, kind, n)
+        for r in removed:  # closed as done, not failed: its row was deleted or truncated while its worker was gone
+            self.stats.add(self.stats.processed, r["kind"])
+            log.info("job_failure_of_removed_row", kind=r["kind"], job=r["id"], ref=r["ref_id"], error=r["error"])
         for kind, n in (row["requeued_kinds"] if row else {}).items():  # back in the queue, its attempt charged
             self.stats.add(self.stats.lease_expired, kind, n)
-        if row and (row["requeued"] or failed or row["superseded"]):
-            log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"])
+        if row and (row["requeued"] or failed or row["superseded"] or removed):
+            log.warning("leases_expired", requeued=row["requeued"], failed=len(failed), superseded=row["superseded"],
+                        removed=len(removed))
         if row and row["requeued"]:
             self.wakeups.wake_all()
+
+    def _handler_of(self, kind: str) -> Handler | None:
+        """The handler that records a reaped job's fate on its row: this worker's, or one made for a kind it does not
+        take (a dead worker's: it loads no model, its record_* write the row alone); None for a kind unknown here."""
+        if kind not in self._reap_handlers:
+            made = registry().get(kind)
+            self._reap_handlers[kind] = self.handlers.get(kind) or (made(self.settings, self.models) if made else None)
+        return self._reap_handlers[kind]
 
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:
@@ -459,3 +475,7 @@ class Worker(Claiming):
             done, self._compute_done[kind] = self._compute_done[kind], anyio.Event()
             done.set()
 
+
+def _reaped(row: dict[str, Any]) -> Job:
+    """A job of the lease reaper's result, for a handler's record_failure or record_retry (its row: kind, ref_id)."""
+    return Job(row["id"], row["kind"], row["ref_id"], {}, 0, None)  # type: ignore[arg-type]

@@ -6,16 +6,17 @@ import contextlib
 import copy
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
-from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing
+from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing, Terminated
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
@@ -85,7 +86,9 @@ def ask(settings: Settings, text: str, *, session_id: str | None = None, timeout
     ``on_result`` the final Result as soon as it comes, before the in-process worker and the embedded server stop
     (seconds). Without a running worker on this database, an in-process worker answers it (the embedded default's
     usual case). ``migrate``: apply pending migrations first (always on the embedded server; elsewhere a
-    schema missing or behind is refused, as by every one-shot command)."""
+    schema missing or behind is refused, as by every one-shot command). A SIGTERM while it asks (in the main thread,
+    SIGTERM not handled by the caller) stops it as a Ctrl-C does, raising :class:`~pgsynapse.errors.Terminated`; a
+    Ctrl-C or SIGTERM once ``on_result`` had the result returns the result."""
     require_text(text)  # refused before a database or a worker is started for it
 
     return _answered(settings, "answer", "question", timeout, lambda client, limit: client.ask(
@@ -153,6 +156,7 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
     ``timeout``: None for no limit (the command line's 0); ``what`` it asks ("question", "data question":
     :data:`pgsynapse.client.LATER`), for a timeout's message; ``on_result(result)`` as soon as it comes."""
     asking: list[Client] = []
+    shown: list[Any] = []  # the result, once on_result had it: a Ctrl-C or SIGTERM after it stops no work
 
     async def go(url: str, limit: float | None, asked: anyio.Event | None = None):
         client = Client(url, listen_url=settings.listen_url, settings=settings)
@@ -162,6 +166,7 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
             result = await call(client, limit)
         if on_result is not None:  # before the stops of the in-process worker and of the embedded server (seconds)
             on_result(result)
+        shown.append(result)
         return result
 
     async def with_worker(url: str, timeout: float | None):
@@ -207,6 +212,39 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         if errors:
             raise errors[0]
 
+    try:
+        with _sigterm_interrupts() as terminable:
+            return _asked_on(settings, kind, what, timeout, asking, go, with_worker, migrate, terminable)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
+        if shown:  # after the answer was shown (the in-process worker or the embedded server stopping): it is done
+            return shown[0]
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[bool]:
+    """A SIGTERM raises :class:`Terminated` in the block, as a Ctrl-C raises KeyboardInterrupt (the embedded server
+    stopped on the way out, not killed with the process); yields whether it does: in the main thread, where SIGTERM
+    has its default action (a program that calls :func:`ask` keeps its own handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield False
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: list[Client], go, with_worker,
+              migrate: bool, terminable: bool):
+    """_answered's database: started (the embedded one), migrated as told, then ``go`` (a worker runs on it) or
+    ``with_worker`` asks; with ``terminable``, a SIGTERM meanwhile stops the asking as a Ctrl-C does
+    (:class:`Terminated`)."""
     with Database(settings) as db:
         # the embedded server is pgsynapse's own (the README's first ask migrates it); a DATABASE_URL database is
         # migrated by its owner (`pgsynapse migrate`), or when asked to (--migrate), as by every one-shot command
@@ -228,8 +266,15 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                                 "host: `pgsynapse status`)" if worker_starting(conn) else "start `pgsynapse run`")
                         log.warning("documents_not_embedded", n=waiting,
                                     hint=f"they are not searched until a worker embeds them: {then}")
+        terminated: list[int] = []
         try:
-            return anyio.run(go if running else with_worker, db.url, timeout or None)
+            answered = anyio.run(_until_sigterm if terminable else _plain, go if running else with_worker, db.url,
+                                 timeout or None, terminated)
+            if terminable:  # the event loop's SIGTERM handler, gone with it, left SIGTERM's default action
+                signal.signal(signal.SIGTERM, _raise_terminated)
+            if terminated:
+                raise Terminated()
+            return answered
         except _WorkerFailed as failed:
             if (qid := asking[0].asked_id if asking else None) is None:  # not asked: the worker's reason alone
                 raise failed.cause from None
@@ -254,3 +299,36 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
                            "slower than that, busy or stuck (pgsynapse status); the answer is still written to its "
                            f"row when it comes: {select}")
             raise AnswerTimeout(message, qid, unreachable=exc.unreachable, no_worker=exc.no_worker) from None
+
+
+async def _until_sigterm(run: Callable[[str, float | None], Awaitable[Any]], url: str, limit: float | None,
+                         terminated: list[int]) -> Any:
+    """``run(url, limit)``, cancelled by a SIGTERM (``terminated`` then holds it) as the asyncio runner cancels it at a
+    Ctrl-C: the command's own worker gives its job back at once (not left to its lease), the asking ends."""
+    results: list[Any] = []
+    failed: list[Exception] = []  # raised as itself below, not in the task group's ExceptionGroup
+
+    async def watch(*, task_status: TaskStatus) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                terminated.append(signum)
+                tg.cancel_scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch)
+        try:
+            results.append(await run(url, limit))
+        except Exception as exc:  # noqa: BLE001 - raised below
+            failed.append(exc)
+        tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    return results[0] if results else None
+
+
+async def _plain(run: Callable[[str, float | None], Awaitable[Any]], url: str, limit: float | None,
+                 terminated: list[int]) -> Any:
+    """``run(url, limit)``: SIGTERM left as the caller has it."""
+    return await run(url, limit)

@@ -21,7 +21,7 @@ from pgsynapse.config import early_log_format, load_settings, unknown_environmen
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import (ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError,
-                              SchemaMissing)
+                              SchemaMissing, Terminated)
 from pgsynapse.exiting import end, work_done
 from pgsynapse.export import run_export
 from pgsynapse.guardrail_cli import run_guardrail_command
@@ -48,6 +48,8 @@ log = get_logger(__name__)
 
 EX_UNAVAILABLE = 69  # the database could not be used
 EX_BROKEN_PIPE = 141  # what a shell reports of a command killed by SIGPIPE (128 + 13)
+EX_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EX_TERMINATED = 143  # SIGTERM stopped `ask` or `sql-ask` (128 + SIGTERM): their question left pending at once
 EX_CONFIG = 78  # bad configuration, model or database setup: restarting will not help (RestartPreventExitStatus)
 EX_REFUSED = 1  # a command refused or failed what it was asked (README, exit codes)
 # what the database refuses in the data itself (a CHECK, a unique index, a value out of range, a trigger's RAISE):
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, settings, str(exc), EX_UNAVAILABLE if exc.unreachable else EX_REFUSED)
     except PgsynapseError as exc:
         return _fail(args, settings, str(exc), EX_REFUSED)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM of a one-shot ask (Terminated), as a shell reports them
+        return EX_TERMINATED if isinstance(exc, Terminated) else EX_INTERRUPTED
     except Exception as exc:
         if _log_format(args, settings) != "json":
             raise

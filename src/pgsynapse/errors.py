@@ -53,3 +53,9 @@ class EndpointBusy(RuntimeError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped a one-shot command (`ask`, `sql-ask`) as a Ctrl-C does: its own worker gave its job back at
+    once, the question stays pending. A KeyboardInterrupt, so what handles a Ctrl-C handles it; the CLI exits 143
+    (128 + SIGTERM) for it, 130 for a Ctrl-C."""

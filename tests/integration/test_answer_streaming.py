@@ -124,7 +124,7 @@ async def _notifies_until_final(listener, qid: int, on_stream=None) -> list[dict
             if p["id"] != qid:
                 continue
             seen.append(p)
-            if p["status"] != "streaming":
+            if p["status"] not in ("streaming", "retrying"):  # a retry streams again: not the final one
                 return seen
             if on_stream:
                 await on_stream(p)
@@ -799,6 +799,10 @@ async def test_a_worker_killed_mid_stream_leaves_no_final_answer_and_the_next_an
         await conn.close()
     assert final["status"] == "answered" and final["answer"] == "".join(RETRIED), final
     assert [n["status"] for n in notes].count("answered") == 1 and notes[-1]["status"] == "answered", notes
+    # its lease expired: the job went back to the queue with the partial text withdrawn (a client drops the pieces
+    # shown), before the retry answered
+    assert notes[1] == {"id": 1, "status": "retrying"}, notes
+    assert [n["seq"] for n in notes[2:] if n["status"] == "streaming"][:1] in ([], [1]), notes  # streamed anew
     assert sum(j["completions"] for j in jobs) == 1 and {j["status"] for j in jobs} <= {"done", "superseded"}, jobs
     assert [(r.status, r.answer) for r in results] == [("answered", "".join(RETRIED))], results
     assert asker.returncode == 0, err
@@ -849,31 +853,51 @@ async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_quest
     did nothing: the answer went on streaming to the terminal to its end (a second Ctrl-C too), and only then did
     the command end. Now the generation stops at its next piece, the job goes back to the queue at once (its attempt
     not charged, its partial text withdrawn with a `retrying` NOTIFY) for the next worker, and the command exits 130."""
+    await _stopped_mid_answer(db_url, models, sse, signal.SIGINT, 130)
+
+
+async def test_sigterm_on_ask_puts_the_question_back_at_once_as_ctrl_c_does(db_url, models, sse):
+    """SIGTERM (`kill`, a CI job's timeout, systemd stopping a unit that asked) while `pgsynapse ask`'s own worker
+    generated killed the command at once: its job stayed `running`, leased to a worker gone, for a lease (60 s)
+    before another worker could take it, with the partial text on the row. Now it does what Ctrl-C does, and the
+    command exits 143 (128 + SIGTERM, as a shell reports a command SIGTERM ended)."""
+    await _stopped_mid_answer(db_url, models, sse, signal.SIGTERM, 143)
+
+
+def _asker(db_url: str, sse: str, text: str = "how do I undo commands back to a savepoint?") -> WorkerProcess:
+    """`pgsynapse ask` (JSON logs at info) with no worker running: its own worker answers with the SSE endpoint."""
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "PGSYNAPSE_ANSWERER": "openai",
+           "PGSYNAPSE_OPENAI_BASE_URL": sse, "PGSYNAPSE_OPENAI_MODEL": "tiny", "PGSYNAPSE_STREAM_INTERVAL_MS": "0",
+           "PGSYNAPSE_LOG_LEVEL": "info"}
+    asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "--log-format", "json",
+                              "ask", text], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, preexec_fn=_ctrl_c_as_on_a_terminal)
+    logs = WorkerProcess(asker)
+    threading.Thread(target=logs._pump, daemon=True).start()
+    return logs
+
+
+async def _stopped_mid_answer(db_url, models, sse, signum: int, code: int) -> None:
+    """``signum`` to `pgsynapse ask` while its own worker streams: it exits ``code`` at the next piece, the question
+    pending with its partial text withdrawn (a `retrying` NOTIFY), its job pending again at once, not charged."""
     SSE.gates = gates = [threading.Event() for _ in PIECES]  # each piece after the first waits for the test
     async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
         await _corpus(db_url)
     conn = await aconn(db_url)
     await conn.execute("LISTEN pgsynapse_answers")
-    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "PGSYNAPSE_ANSWERER": "openai",
-           "PGSYNAPSE_OPENAI_BASE_URL": sse, "PGSYNAPSE_OPENAI_MODEL": "tiny", "PGSYNAPSE_STREAM_INTERVAL_MS": "0",
-           "PGSYNAPSE_LOG_LEVEL": "info"}
-    asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "--log-format", "json",
-                              "ask", "how do I undo commands back to a savepoint?"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             preexec_fn=_ctrl_c_as_on_a_terminal)
-    logs = WorkerProcess(asker)
-    threading.Thread(target=logs._pump, daemon=True).start()
+    logs = _asker(db_url, sse)
+    asker = logs.proc
     try:
         with anyio.fail_after(SAFETY):
             first = json.loads((await anext(conn.notifies())).payload)
         assert first["status"] == "streaming", first
-        asker.send_signal(signal.SIGINT)
+        asker.send_signal(signum)
         logs.wait_event("worker_stopping")
         gates[0].set()  # the endpoint's next piece, once the stop was asked
         try:  # at that piece; before, it waited for the whole answer
             asker.wait(30)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"`pgsynapse ask` still generates 30 s after its Ctrl-C: {logs.tail()}")
+            pytest.fail(f"`pgsynapse ask` still generates 30 s after its {signal.Signals(signum).name}: {logs.tail()}")
         with anyio.fail_after(SAFETY):
             after = json.loads((await anext(conn.notifies())).payload)
         row = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions")).fetchone()
@@ -884,7 +908,40 @@ async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_quest
             g.set()
         asker.kill()
         await conn.close()
-    assert asker.returncode == 130, logs.tail()
+    assert asker.returncode == code, logs.tail()
     assert after == {"id": first["id"], "status": "retrying"}, after
     assert (row["status"], row["answer"]) == ("pending", None), row
     assert job == {"status": "pending", "attempts": 0, "lease_until": None}, job
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+async def test_ctrl_c_after_ask_printed_its_answer_exits_zero(db_url, models, sse, signum):
+    """Ctrl-C in the seconds after `pgsynapse ask` printed its answer (its own worker stopping) exited 130, as if
+    the question had been abandoned, though its answer was shown and saved. The work is done: exit 0. A SIGTERM
+    then too (it stops the command as Ctrl-C does).
+    The window is held open: the worker's deregistration (the last step of its stop) waits on a lock of its
+    registration row, which the test takes once the worker registered and lets go once the deregistration waits."""
+    async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
+        await _corpus(db_url)
+    conn, locker = await aconn(db_url), await aconn(db_url)
+    logs = _asker(db_url, sse)
+    asker = logs.proc
+    try:
+        started = logs.wait_event("worker_started")
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM pgsynapse.workers WHERE worker_id = %s FOR UPDATE", (started["worker"],))
+        logs.wait_event("worker_stopping")  # after the answer was printed (on_result)
+        asker.send_signal(signum)
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND query LIKE 'DELETE FROM pgsynapse.workers%%')")
+        await locker.execute("ROLLBACK")
+        asker.wait(SAFETY)
+        out = asker.stdout.read()
+        row = await (await conn.execute("SELECT status, answer FROM pgsynapse.questions")).fetchone()
+    finally:
+        asker.kill()
+        await locker.close()
+        await conn.close()
+    assert (row["status"], row["answer"]) == ("answered", "".join(PIECES)), row
+    assert out.startswith("".join(PIECES)), out
+    assert asker.returncode == 0, logs.tail()

@@ -5,6 +5,9 @@ in-process worker that answers when no worker runs, and an answer that did not c
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -14,7 +17,7 @@ import pytest
 
 from pgsynapse.cli import main
 from pgsynapse.handlers.answer import AnswerHandler
-from tests.helpers import SAFETY_TIMEOUT, with_db
+from tests.helpers import SAFETY_TIMEOUT, aconn, wait_until, with_db
 
 
 @pytest.fixture
@@ -182,3 +185,30 @@ def test_an_answer_printed_stays_answered_when_the_in_process_worker_fails_at_it
     assert "stays pending" not in err and "own_worker_stop_failed" in err and "would not close" in err, err
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT status FROM pgsynapse.questions").fetchall() == [("answered",)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("command", ["ask", "sql-ask"])
+async def test_sigterm_while_the_question_waits_exits_143_and_leaves_nothing_running(db_url, locked, command):
+    """SIGTERM killed `ask` and `sql-ask` at once (shell status 143 from the kernel, not the program): a job their own
+    worker held stayed `running` until its lease ran out. Now it stops them as Ctrl-C does, at any point (here: the
+    question's INSERT waiting on a lock), and they exit 143 themselves, their worker stopped and deregistered."""
+    table = "questions" if command == "ask" else "data_questions"
+    locked(f"pgsynapse.{table}")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, command, "how many orders?"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    conn = await aconn(db_url)
+    try:
+        await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND query LIKE %s)", (f"%INSERT INTO pgsynapse.{table}%",))
+        asker.send_signal(signal.SIGTERM)
+        out, err = asker.communicate(timeout=SAFETY_TIMEOUT)
+        workers = (await (await conn.execute("SELECT count(*) AS n FROM pgsynapse.workers")).fetchone())["n"]
+    finally:
+        asker.kill()
+        await conn.close()
+    assert asker.returncode == 143, err
+    assert "Traceback" not in err and out == "", (out, err)
+    assert workers == 0  # its worker stopped and deregistered, as after a Ctrl-C

@@ -7,6 +7,7 @@ SIGKILLed worker leaves once its lease ran out (the subprocess kill tests in tes
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -386,3 +387,81 @@ async def test_a_stop_lets_the_maintenance_step_in_flight_finish(db_url, models,
         await conn.close()
         await locker.close()
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+
+
+async def _reap_with_partial_answer(db_url, models, kinds: tuple[str, ...], attempts: int) -> tuple[dict, dict, list]:
+    """A question's answer job held by a worker that died mid-stream (its partial text on the pending row), reaped by
+    a worker of ``kinds`` with the job at ``attempts``: the question's row, the job's, and the pgsynapse_answers
+    payloads the reap sent."""
+    settings = fast_settings(db_url, kinds=kinds)
+    conn = await aconn(db_url)
+    qid = (await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('How does VACUUM work?')"
+                                     " RETURNING id")).fetchone())["id"]
+    [job] = await _claim_as(conn, DEAD, kind="answer")
+    await conn.execute("UPDATE pgsynapse.jobs SET solo = true, attempts = %s WHERE id = %s", (attempts, job))
+    await conn.execute("UPDATE pgsynapse.questions SET answer = 'VACUUM reclaims the space of' WHERE id = %s", (qid,))
+    await _expire(conn, DEAD)
+    async with stepped_worker(settings, models) as worker, await aconn(db_url) as listener:
+        await listener.execute("LISTEN pgsynapse_answers")
+        await worker.reap_expired()
+        await conn.execute("NOTIFY pgsynapse_answers, 'end'")
+        said = []
+        async for note in listener.notifies(timeout=WAIT):
+            if note.payload == "end":
+                break
+            said.append(json.loads(note.payload))
+    question = await (await conn.execute("SELECT status, answer, error FROM pgsynapse.questions WHERE id = %s",
+                                         (qid,))).fetchone()
+    job_row = await (await conn.execute("SELECT status FROM pgsynapse.jobs WHERE id = %s", (job,))).fetchone()
+    await conn.close()
+    return question, {**job_row, "qid": qid}, said
+
+
+@pytest.mark.parametrize("kinds", [("answer",), ("embed",)], ids=["answer_worker", "other_worker"])
+async def test_a_requeued_answer_job_withdraws_the_partial_answer_its_dead_worker_streamed(db_url, models, kinds):
+    """A worker SIGKILLed mid-stream left its partial text on the pending question: when its lease expired and the
+    job went back to the queue, the text stayed (a reader took it for the answer so far) until the retry's stream
+    overwrote it, and no `retrying` NOTIFY told a client showing the pieces to drop them, as the error-retry path
+    does. Whichever worker reaps the job (one that takes no answer jobs included)."""
+    question, job, said = await _reap_with_partial_answer(db_url, models, kinds, attempts=1)
+    assert job["status"] == "pending", job
+    assert (question["status"], question["answer"]) == ("pending", None), question
+    assert said == [{"id": job["qid"], "status": "retrying"}], said
+
+
+@pytest.mark.parametrize("kinds", [("answer",), ("embed",)], ids=["answer_worker", "other_worker"])
+async def test_an_answer_job_out_of_attempts_on_lease_expiry_fails_its_question(db_url, models, kinds):
+    """The job's worker died on its last attempt: the question is failed with the lease error, its partial text gone
+    and a `failed` NOTIFY sent, whichever worker reaps it (one that takes no answer jobs left the question pending
+    for ever, its partial text on it, and a waiting client to its timeout)."""
+    question, job, said = await _reap_with_partial_answer(db_url, models, kinds, attempts=3)
+    assert job["status"] == "failed", job
+    assert (question["status"], question["answer"]) == ("failed", None), question
+    assert "lease expired" in question["error"], question
+    assert said == [{"id": job["qid"], "status": "failed"}], said
+
+
+async def test_a_job_out_of_attempts_on_lease_expiry_whose_row_was_deleted_is_closed_not_failed(db_url, models):
+    """The worker died on the job's last attempt, and its row was deleted meanwhile: the reaper marked the job failed
+    (an alert, a `retry-failed` that requeues a job for nothing), where a job that fails for good after its row was
+    removed is closed as done everywhere else (close_job_of_removed_row, the DELETE and TRUNCATE triggers)."""
+    settings = fast_settings(db_url)
+    conn = await aconn(db_url)
+    [doc, kept] = insert_docs(db_url, [("Gone", "Deleted while its worker was dead."), ("Kept", "Still there.")])
+    assert len(await _claim_as(conn, DEAD)) == 2
+    await conn.execute("UPDATE pgsynapse.jobs SET solo = true, attempts = %s", (settings.max_attempts,))
+    await conn.execute("DELETE FROM pgsynapse.documents WHERE id = %s", (doc,))
+    await _expire(conn, DEAD)
+    async with stepped_worker(settings, models) as worker:
+        with capture_logs() as logs:
+            await worker.reap_expired()
+        assert (worker.stats.processed, worker.stats.failed) == ({"embed": 1}, {"embed": 1}), worker.stats
+    rows = {r["ref_id"]: r for r in await (await conn.execute(
+        "SELECT ref_id, status, skip_reason, last_error FROM pgsynapse.jobs")).fetchall()}
+    assert (rows[doc]["status"], rows[doc]["skip_reason"], rows[doc]["last_error"]) == (
+        "done", "its row was deleted", None), rows
+    assert rows[kept]["status"] == "failed", rows  # its row is there: failed as before
+    [removed] = [e for e in logs if e["event"] == "job_failure_of_removed_row"]
+    assert removed["ref"] == doc and "lease expired" in removed["error"], removed
+    assert [(e["failed"], e["removed"]) for e in logs if e["event"] == "leases_expired"] == [(1, 1)], logs
+    await conn.close()

@@ -121,10 +121,21 @@ RETURNING kind, ref_id;
 -- (jobs_pending_dedup) or a newer one runs or is done: the others are superseded, since every job of a row does
 -- the same work on its latest state (requeued, it would write the same result a second time). A job out of
 -- attempts is superseded alike: the row was edited after its claim, the newer job has the new text, and failing
--- the row would put the old text's failure over the new text's result.
+-- the row would put the old text's failure over the new text's result. A job out of attempts whose row was deleted
+-- or truncated meanwhile is closed as done (skip_reason 'its row was deleted'), as close_job_of_removed_row closes
+-- one that fails for good in its worker, not failed for a row that is no more. The requeued jobs are returned: the
+-- caller withdraws what they wrote to their rows (an answer's partial text: handlers' record_retry), in row id order
+-- as the failed ones (the order the writers lock rows in: handlers' lock_rows).
 WITH expired AS (
     SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
-           attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged
+           attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged,
+           ref_ids IS NULL AND CASE kind
+               WHEN 'embed' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.documents r WHERE r.id = ref_id)
+               WHEN 'answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.questions r WHERE r.id = ref_id)
+               WHEN 'embed_image' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.images r WHERE r.id = ref_id)
+               WHEN 'sql_answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.data_questions r WHERE r.id = ref_id)
+               ELSE false
+           END AS removed
     FROM pgsynapse.jobs
     WHERE status = 'running' AND lease_until < now()
     FOR UPDATE SKIP LOCKED
@@ -134,16 +145,23 @@ WITH expired AS (
            -- a pending job, or a newer one running or done, reads (or has read) the row's latest state
            OR EXISTS (SELECT 1 FROM pgsynapse.jobs p
                       WHERE p.kind = e.kind AND p.ref_id = e.ref_id
-                        AND (p.status = 'pending' OR (p.id > e.id AND p.status IN ('running', 'done')))) AS outdated
+                        AND (p.status = 'pending' OR (p.id > e.id AND p.status IN ('running', 'done')))) AS outdated,
+           format('lease expired %%s times: the worker (last %%s) died or hung while processing this job',
+                  e.charged, e.worker) AS lease_error
     FROM expired e
 ), failed AS (
     UPDATE pgsynapse.jobs j
-    SET status = 'failed', finished_at = now(), lease_until = NULL, attempts = e.charged,
-        last_error = format('lease expired %%s times: the worker (last %%s) died or hung while processing this job',
-                            e.charged, e.worker)
+    SET status = 'failed', finished_at = now(), lease_until = NULL, attempts = e.charged, last_error = e.lease_error
     FROM judged e
-    WHERE j.id = e.id AND e.charged >= %(max_attempts)s AND NOT e.outdated
+    WHERE j.id = e.id AND e.charged >= %(max_attempts)s AND NOT e.outdated AND NOT e.removed
     RETURNING j.id, j.kind, j.ref_id, j.last_error
+), removed AS (
+    UPDATE pgsynapse.jobs j
+    SET status = 'done', finished_at = now(), lease_until = NULL, attempts = e.charged, last_error = NULL,
+        skip_reason = 'its row was deleted'
+    FROM judged e
+    WHERE j.id = e.id AND e.charged >= %(max_attempts)s AND NOT e.outdated AND e.removed
+    RETURNING j.id, j.kind, j.ref_id, e.lease_error AS error
 ), superseded AS (
     UPDATE pgsynapse.jobs j
     SET status = 'done', finished_at = now(), lease_until = NULL, last_error = NULL,
@@ -160,9 +178,11 @@ WITH expired AS (
         last_error = format('lease expired (worker %%s)', s.worker)
     FROM judged s
     WHERE j.id = s.id AND s.charged < %(max_attempts)s AND NOT s.outdated
-    RETURNING j.id, j.kind
+    RETURNING j.id, j.kind, j.ref_id, j.last_error
 )
 SELECT (SELECT count(*) FROM requeued) AS requeued,
+       (SELECT coalesce(json_agg(requeued ORDER BY requeued.ref_id), '[]') FROM requeued) AS requeued_jobs,
+       (SELECT coalesce(json_agg(removed ORDER BY removed.id), '[]') FROM removed) AS removed,
        (SELECT coalesce(json_object_agg(kind, n), '{}') FROM (SELECT kind, count(*) AS n FROM requeued GROUP BY kind) k)
            AS requeued_kinds,
        (SELECT count(*) FROM superseded) AS superseded,
