@@ -21,6 +21,7 @@ from pgsynapse.errors import ModelError
 from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
                               unfuse_attention)
 from pgsynapse.export.quantize import _calibration_feeds
+from pgsynapse.export.register import _sha256, optimise_version
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
@@ -284,6 +285,30 @@ def test_switching_an_exported_version_again_keeps_the_torch_weights_it_came_fro
     # the torch weights it was first switched from (NULL: the configured or packaged model), as a rebuild reads it
     assert (v["metrics"]["previous_runtime"], v["metrics"]["previous_artifact_path"]) == ("torch", None), v["metrics"]
     assert resolve_model_path(v["metrics"]["previous_artifact_path"], None) == default_model_path()
+
+
+def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path, capsys):
+    """`model export --switch` moved the version to the new runtime without the `runtime_export` record the worker's
+    own switch writes (runtime, scheme, sample, sha256): a worker on a host without the new artifact did not know to
+    build it again, and went on to serve a directory that is not there."""
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--switch",
+            "--sample", "16"]
+    assert main(argv) == 0
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        v = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+        events = conn.execute("SELECT event, actor, figures FROM pgsynapse.model_events"
+                              " WHERE model_version_id = 1").fetchall()
+    record = v["metrics"].get("runtime_export")
+    assert v["runtime"] == "onnx" and record is not None, v["metrics"]
+    assert (record["requested"], record["runtime"], record["sample_chunks"]) == ("onnx", "onnx", 16)
+    assert record["tried"][-1]["accepted"] and record["sha256"] == _sha256(Path(v["artifact_path"]) / "model.onnx")
+    assert [(e["event"], e["actor"], e["figures"]) for e in events] == [("runtime_switched", "cli", record)]
+    # a host without the artifact: its worker (even a one-shot command's) builds it again, the same bytes
+    shutil.rmtree(v["artifact_path"])
+    rebuilt = optimise_version(fast_settings(db_url, data_dir=str(data)), db_url, export=False)
+    assert rebuilt is not None and rebuilt.accepted
+    assert _sha256(Path(v["artifact_path"]) / "model.onnx") == record["sha256"]
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):

@@ -103,7 +103,15 @@ def run_export(
             shutil.rmtree(out, ignore_errors=True)
             raise
         if report.accepted:
-            register(conn, report, row, switch=switch)
+            with conn.transaction():
+                register(conn, report, row, switch=switch)
+                if switch:  # recorded as a worker's own switch is: a host without the artifact builds it again
+                    record = {"requested": runtime, "runtime": runtime, "tried": [
+                        {"runtime": runtime, "accepted": True, "overlap_at_10": report.agreement.overlap_at_10,
+                         "scheme": report.options.get("scheme")}], "sample_chunks": n_chunks, "threshold": threshold,
+                        "sha256": _sha256(out / ONNX_FILES[runtime]), "seconds": report.seconds}
+                    conn.execute(q("record_export", "export.sql"), {"record": json.dumps(record), "version": row["id"]})
+                    _settled(conn, row, record, "cli")
         else:
             shutil.rmtree(out, ignore_errors=True)
     return report
@@ -349,7 +357,8 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
                          f"({exc}); share DATA_DIR/models between hosts or run with PGSYNAPSE_RUNTIME=torch before "
                          "the first start") from exc
     report = export_and_check(source, out, row["runtime"], n_chunks=record.get("sample_chunks", DEFAULT_SAMPLE_CHUNKS),
-                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"))
+                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"),
+                              threshold=record.get("threshold", DEFAULT_THRESHOLD))  # `model export --switch`'s
     if not report.accepted:
         remove_artifact_dir(out, settings.data_dir)
         raise ModelError(f"model version {row['id']}: the rebuilt {row['runtime']} artifact has top-10 agreement "
