@@ -231,6 +231,16 @@ def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_u
     # (--sample N wins over the setting: run_export's n_chunks, as the test above gives it)
 
 
+def test_model_export_of_a_version_that_does_not_exist_is_refused_exit_1(db_url, tmp_path, capsys):
+    """`model export --version 99` exited 78 (bad configuration or setup: systemd does not restart it), where the
+    other commands given a version that does not exist (`search --version`, `promote`, `traffic`, `retire`, `ranker
+    add version:N`) exit 1, a command refused (README, exit codes)."""
+    argv = ["--database-url", db_url, "--data-dir", str(tmp_path), "model", "export", "--version", "99"]
+    assert main(argv) == 1
+    assert "no model version 99: `pgsynapse model list` shows the versions" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.mark.parametrize(("option", "content", "says"), [
     # a traceback (FileNotFoundError) after the model had loaded, exit 1, and an empty artifact directory left
     ("--corpus", None, "--corpus {path}: cannot read it: No such file or directory"),

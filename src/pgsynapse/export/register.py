@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xact_lock
-from pgsynapse.errors import ModelError
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
 from pgsynapse.export.sample import check_sample_files
@@ -81,14 +81,16 @@ def run_export(
     """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
+        # a version it cannot take is a command refused (exit 1), as search --version's, promote's and traffic's
         if row is None:
-            raise ModelError("no active model version" if version is None else f"no model version {version}")
+            raise RegistryError("no active model version" if version is None else
+                                f"no model version {version}: `pgsynapse model list` shows the versions")
         if row["status"] == "rejected":  # and a gate's reject has no weights left (handlers/retrain.py)
-            raise ModelError(f"model version {version} is rejected: export the active version or a candidate (a "
-                             "new version from a rejected one would bypass the gate that rejected it)")
+            raise RegistryError(f"model version {version} is rejected: export the active version or a candidate (a "
+                                "new version from a rejected one would bypass the gate that rejected it)")
         if row["status"] == "retired":  # the worker deletes the weights of a retired model it made (housekeeping)
-            raise ModelError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
-                             "model pgsynapse made with them; export the active version or a candidate")
+            raise RegistryError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
+                                "model pgsynapse made with them; export the active version or a candidate")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path, settings.data_dir),
                            "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
