@@ -264,6 +264,40 @@ def test_model_export_with_a_bad_corpus_or_questions_file_says_which_and_leaves_
     assert not (data / "models").exists() or list((data / "models").iterdir()) == []
 
 
+def test_model_export_refuses_a_corpus_too_small_for_its_agreement_check(db_url, tmp_path, capsys):
+    """A --corpus of five short pages made an agreement sample of five chunks: every query's top 10 was the whole
+    sample, so any artifact agreed 1.0, and it was registered (exit 0)."""
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(json.dumps({"title": f"Page {i}", "text": f"Page {i} is about topic {i}."}) + "\n"
+                              for i in range(5)))
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--corpus",
+            str(corpus)]
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--corpus {corpus} gives 5 chunks for the agreement check (600 asked), fewer than 16" in err, err
+    assert list((data / "models").iterdir()) == []
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 1
+
+
+def test_model_export_of_a_corpus_with_no_questions_says_so_before_exporting(db_url, tmp_path, capsys):
+    """A --corpus whose pages have no titles, without --questions, had no query to compare neighbours on: the
+    export ran, then was "refused: onnx agreement below 0.95: top-10 overlap nan", its JSON report with NaN in it."""
+    corpus = tmp_path / "untitled.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Page {i} is about topic {i}: " + " ".join(
+        f"word{i * 7 + j}" for j in range(30))}) + "\n" for i in range(30)))
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--corpus",
+            str(corpus)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert (f"no question for the agreement check: the pages of --corpus {corpus} have no title; give --questions "
+            "FILE") in err, err
+    assert "nan" not in out.lower() + err.lower() and not (data / "models").exists()  # refused before any work
+
+
 def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_path):
     """An export that fails (a model the ONNX path cannot take: CLS pooling) left its new, partial directory in
     DATA_DIR/models for ever."""
@@ -275,7 +309,7 @@ def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_p
     data = tmp_path / "data"
     settings = fast_settings(db_url, data_dir=str(data), model_path=str(model))
     with pytest.raises(ModelError, match="mean pooling"):
-        run_export(settings, "onnx", n_chunks=8)
+        run_export(settings, "onnx", n_chunks=16)
     assert list((data / "models").iterdir()) == []
 
 
