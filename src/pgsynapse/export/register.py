@@ -241,7 +241,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
-        tried = (row["metrics"] or {}).get("runtime_export") or {}
+        tried = switch_record(row)
         if row["runtime"] != "torch":
             report = None
             here = local_artifact(row["artifact_path"], settings.data_dir)
@@ -320,6 +320,22 @@ def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, acto
                  runtime=(record or {}).get("runtime", row["runtime"]))
 
 
+def switch_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The version's ``runtime_export`` record (empty when it has none). A version ``model export --switch`` moved
+    before that command wrote one has only the export's report (``export``) of its artifact: the record is made
+    from it, so a host without the artifact builds it again."""
+    metrics = row.get("metrics") or {}
+    record = metrics.get("runtime_export") or {}
+    report = metrics.get("export") or {}
+    if (record.get("runtime") == row["runtime"] or not report.get("accepted") or report.get("runtime") != row["runtime"]
+            or report.get("artifact_path") != row["artifact_path"]):
+        return record
+    return {"requested": row["runtime"], "runtime": row["runtime"], "sample_chunks": report["agreement"]["n_chunks"],
+            "threshold": report["threshold"], "tried": [{
+                "runtime": row["runtime"], "accepted": True, "overlap_at_10": report["agreement"]["overlap_at_10"],
+                "scheme": (report.get("options") or {}).get("scheme")}]}
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -333,7 +349,7 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     calibration sample, and check its agreement again. The same libraries give the same bytes (``sha256``
     logged); different ones give an artifact that still had to pass the gate. A refusal stops the worker
     with the figures rather than serve vectors that do not match the index."""
-    record = row["metrics"]["runtime_export"]
+    record = switch_record(row)
     accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
     out = local_artifact(row["artifact_path"], settings.data_dir, to_build=True)
     scheme = accepted.get("scheme")
