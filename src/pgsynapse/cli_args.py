@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pgsynapse import __version__
-from pgsynapse.config import JOB_KINDS, early_log_format, unknown_kinds
+from pgsynapse.config import JOB_KINDS, SAMPLE_CHUNKS_RANGE, SAMPLE_CHUNKS_WHY, early_log_format, unknown_kinds
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 from pgsynapse.logs import configure_logging, get_logger
@@ -55,7 +55,7 @@ def _logs_json(argv: list[str]) -> bool:
     return (found.get("--log-format") or early_log_format(found.get("--config")) or "").lower() == "json"
 
 
-def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+def _ranged(kind: type, low: float, high: float | None = None, why: str = "") -> Callable[[str], Any]:
     """An argparse type: a number of ``kind`` within [``low``, ``high``], else one line saying what is allowed."""
     def parse(text: str) -> Any:
         try:
@@ -66,7 +66,7 @@ def _ranged(kind: type, low: float, high: float | None = None) -> Callable[[str]
             raise argparse.ArgumentTypeError(f"not a number: {text!r}")
         if value < low or (high is not None and value > high):
             allowed = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}" + (f" ({why})" if why else ""))
         return value
     return parse
 
@@ -77,6 +77,7 @@ MIGRATE_HELP = ("apply the database's pending migrations first, as the database 
                 "does; without it a DATABASE_URL database never migrated, or behind, is refused: `pgsynapse migrate`)")
 SHARE = _ranged(float, 0, 1)  # agreement thresholds
 PERCENT = _ranged(float, 0, 100)
+SAMPLE_CHUNKS = _ranged(int, *SAMPLE_CHUNKS_RANGE, why=f"as the export_sample_chunks setting: {SAMPLE_CHUNKS_WHY}")
 
 
 def KINDS(text: str) -> tuple[str, ...]:  # noqa: N802 - an argparse type, named like the others
@@ -238,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--threshold", type=SHARE, default=0.95, help="minimum mean top-10 neighbour overlap (default 0.95)")
     ex.add_argument("--corpus", help="JSONL pages {title, text} for the agreement sample (default: the shipped docs)")
     ex.add_argument("--questions", action="append", help="JSONL questions {q} for the sample (repeatable; default: page titles)")
-    ex.add_argument("--sample", type=COUNT, help="chunks in the agreement sample (default: the export_sample_chunks "
-                    "setting, 600)")
+    ex.add_argument("--sample", type=SAMPLE_CHUNKS, help="chunks in the agreement sample, 16 to 100000 (default: the "
+                    "export_sample_chunks setting, 600)")
     ex.add_argument("--scheme", choices=["smooth-static", "dynamic", "outlier-static"],  # export.SCHEMES (a test keeps them equal)
                     help="INT8 scheme (default: the fastest that passes the threshold)")
     ex.add_argument("--switch", action="store_true",

@@ -21,6 +21,10 @@ from pgsynapse.errors import ConfigError
 from pgsynapse.textsql.settings import TextSqlSettings
 
 DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse.export uses the same)
+# its bounds, the setting's and `model export --sample`'s: with 10 chunks or fewer every query's top 10 is the whole
+# sample, and any artifact would agree 1.0
+SAMPLE_CHUNKS_RANGE = (16, 100_000)
+SAMPLE_CHUNKS_WHY = "the top-10 agreement of 10 chunks or fewer is 1.0 whatever the artifact"
 
 ENV_PREFIX = "PGSYNAPSE_"
 # every job kind (a worker's default kinds)
@@ -87,8 +91,9 @@ class Settings(TextSqlSettings):
         "A/B traffic (once: exported, agreement-checked, switched; onnx-int8 falls back to onnx when refused, an "
         "error keeps torch, both recorded in model_events); torch keeps sentence-transformers",
     )
-    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=16, le=100_000, description="chunks of the agreement "
-                                      "check of that export, and of `pgsynapse model export` (its --sample wins)")
+    export_sample_chunks: int = Field(DEFAULT_SAMPLE_CHUNKS, ge=SAMPLE_CHUNKS_RANGE[0], le=SAMPLE_CHUNKS_RANGE[1],
+                                      description="chunks of the agreement check of that export, and of `pgsynapse "
+                                      "model export` (its --sample wins)")
 
     chunk_tokens: int = Field(256, ge=16, le=8192, description="max tokens per embedded chunk, special tokens included")
     chunk_overlap: int = Field(0, ge=0, description="tokens repeated between neighbouring chunks")

@@ -50,26 +50,21 @@ def bind_metrics(settings: Settings) -> list[socket.socket]:
     v6only = any(i[0] == socket.AF_INET for i in infos)
     try:
         for family, _, _, _, address in dict.fromkeys((i[0], 0, 0, "", i[4]) for i in infos):
-            try:
+            sock = None
+            try:  # a family this host lacks fails the socket, an address it has not the bind
                 sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+                sock.bind(address)
             except OSError as exc:
+                if sock is not None:
+                    sock.close()
                 if exc.errno not in NOT_ON_THIS_HOST:
                     raise
                 not_here.append(_skipped(address, exc))
                 continue
             socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                if exc.errno not in NOT_ON_THIS_HOST:
-                    raise
-                socks.remove(sock)
-                sock.close()
-                not_here.append(_skipped(address, exc))
-                continue
             sock.listen(128)
     except OSError as exc:
         for sock in socks:

@@ -21,6 +21,7 @@ from pgsynapse.errors import ModelError
 from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
                               unfuse_attention)
 from pgsynapse.export.quantize import _calibration_feeds
+from pgsynapse.export.register import _sha256, optimise_version
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
@@ -230,6 +231,16 @@ def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_u
     # (--sample N wins over the setting: run_export's n_chunks, as the test above gives it)
 
 
+def test_model_export_of_a_version_that_does_not_exist_is_refused_exit_1(db_url, tmp_path, capsys):
+    """`model export --version 99` exited 78 (bad configuration or setup: systemd does not restart it), where the
+    other commands given a version that does not exist (`search --version`, `promote`, `traffic`, `retire`, `ranker
+    add version:N`) exit 1, a command refused (README, exit codes)."""
+    argv = ["--database-url", db_url, "--data-dir", str(tmp_path), "model", "export", "--version", "99"]
+    assert main(argv) == 1
+    assert "no model version 99: `pgsynapse model list` shows the versions" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.mark.parametrize(("option", "content", "says"), [
     # a traceback (FileNotFoundError) after the model had loaded, exit 1, and an empty artifact directory left
     ("--corpus", None, "--corpus {path}: cannot read it: No such file or directory"),
@@ -253,6 +264,40 @@ def test_model_export_with_a_bad_corpus_or_questions_file_says_which_and_leaves_
     assert not (data / "models").exists() or list((data / "models").iterdir()) == []
 
 
+def test_model_export_refuses_a_corpus_too_small_for_its_agreement_check(db_url, tmp_path, capsys):
+    """A --corpus of five short pages made an agreement sample of five chunks: every query's top 10 was the whole
+    sample, so any artifact agreed 1.0, and it was registered (exit 0)."""
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(json.dumps({"title": f"Page {i}", "text": f"Page {i} is about topic {i}."}) + "\n"
+                              for i in range(5)))
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--corpus",
+            str(corpus)]
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--corpus {corpus} gives 5 chunks for the agreement check (600 asked), fewer than 16" in err, err
+    assert list((data / "models").iterdir()) == []
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 1
+
+
+def test_model_export_of_a_corpus_with_no_questions_says_so_before_exporting(db_url, tmp_path, capsys):
+    """A --corpus whose pages have no titles, without --questions, had no query to compare neighbours on: the
+    export ran, then was "refused: onnx agreement below 0.95: top-10 overlap nan", its JSON report with NaN in it."""
+    corpus = tmp_path / "untitled.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Page {i} is about topic {i}: " + " ".join(
+        f"word{i * 7 + j}" for j in range(30))}) + "\n" for i in range(30)))
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--corpus",
+            str(corpus)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert (f"no question for the agreement check: the pages of --corpus {corpus} have no title; give --questions "
+            "FILE") in err, err
+    assert "nan" not in out.lower() + err.lower() and not (data / "models").exists()  # refused before any work
+
+
 def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_path):
     """An export that fails (a model the ONNX path cannot take: CLS pooling) left its new, partial directory in
     DATA_DIR/models for ever."""
@@ -264,7 +309,7 @@ def test_a_failed_model_export_leaves_no_artifact_directory_behind(db_url, tmp_p
     data = tmp_path / "data"
     settings = fast_settings(db_url, data_dir=str(data), model_path=str(model))
     with pytest.raises(ModelError, match="mean pooling"):
-        run_export(settings, "onnx", n_chunks=8)
+        run_export(settings, "onnx", n_chunks=16)
     assert list((data / "models").iterdir()) == []
 
 
@@ -284,6 +329,46 @@ def test_switching_an_exported_version_again_keeps_the_torch_weights_it_came_fro
     # the torch weights it was first switched from (NULL: the configured or packaged model), as a rebuild reads it
     assert (v["metrics"]["previous_runtime"], v["metrics"]["previous_artifact_path"]) == ("torch", None), v["metrics"]
     assert resolve_model_path(v["metrics"]["previous_artifact_path"], None) == default_model_path()
+
+
+def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path, capsys):
+    """`model export --switch` moved the version to the new runtime without the `runtime_export` record the worker's
+    own switch writes (runtime, scheme, sample, sha256): a worker on a host without the new artifact did not know to
+    build it again, and went on to serve a directory that is not there."""
+    data = tmp_path / "data"
+    argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--switch",
+            "--sample", "16"]
+    assert main(argv) == 0
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        v = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
+        events = conn.execute("SELECT event, actor, figures FROM pgsynapse.model_events"
+                              " WHERE model_version_id = 1").fetchall()
+    record = v["metrics"].get("runtime_export")
+    assert v["runtime"] == "onnx" and record is not None, v["metrics"]
+    assert (record["requested"], record["runtime"], record["sample_chunks"]) == ("onnx", "onnx", 16)
+    assert record["tried"][-1]["accepted"] and record["sha256"] == _sha256(Path(v["artifact_path"]) / "model.onnx")
+    assert [(e["event"], e["actor"], e["figures"]) for e in events] == [("runtime_switched", "cli", record)]
+    # a host without the artifact: its worker (even a one-shot command's) builds it again, the same bytes
+    shutil.rmtree(v["artifact_path"])
+    rebuilt = optimise_version(fast_settings(db_url, data_dir=str(data)), db_url, export=False)
+    assert rebuilt is not None and rebuilt.accepted
+    assert _sha256(Path(v["artifact_path"]) / "model.onnx") == record["sha256"]
+
+
+def test_a_version_switched_by_an_older_model_export_is_rebuilt_from_its_export_report(db_url, tmp_path):
+    """A version `model export --switch` moved before the switch wrote its `runtime_export` record has only the
+    export's report in its metrics: a worker on a host without its artifact rebuilds it from that report."""
+    data = tmp_path / "data"
+    assert main(["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx",
+                 "--switch", "--sample", "16"]) == 0
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:  # as an older release left it
+        v = conn.execute("UPDATE pgsynapse.model_versions SET metrics = metrics - 'runtime_export' WHERE id = 1"
+                         " RETURNING *").fetchone()
+    digest = _sha256(Path(v["artifact_path"]) / "model.onnx")
+    shutil.rmtree(v["artifact_path"])
+    rebuilt = optimise_version(fast_settings(db_url, data_dir=str(data)), db_url, export=False)
+    assert rebuilt is not None and rebuilt.accepted and rebuilt.agreement.n_chunks == 16
+    assert _sha256(Path(v["artifact_path"]) / "model.onnx") == digest
 
 
 async def test_a_bulk_insert_is_one_job_expanded_by_the_worker(db_url, models):

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from structlog.testing import capture_logs
 
-from pgsynapse.errors import ModelError
+from pgsynapse.errors import RegistryError
 from pgsynapse.export import run_export
 from pgsynapse.learning.registry import retire
 from pgsynapse.listener.housekeeping import drop_unused_weights
@@ -86,5 +86,5 @@ async def test_retired_versions_lose_the_weights_pgsynapse_made_and_nothing_else
                               (11, "rejected", str(d["v11-gate-rejected"]))])
     assert not [e for e in logs if e["log_level"] == "warning"], logs  # nothing refused: nothing else was tried
     # nor can a retired version be exported into a new one (it failed deep in the tokenizer, its files gone)
-    with pytest.raises(ModelError, match="^model version 10 is retired: its vectors are deleted"):
+    with pytest.raises(RegistryError, match="^model version 10 is retired: its vectors are deleted"):
         run_export(settings, "onnx", version=10)

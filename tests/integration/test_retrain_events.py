@@ -21,7 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import RegistryError
 from pgsynapse.export import run_export
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.retrain import RetrainHandler
@@ -99,7 +99,7 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
                        "vectors of its own"):
         await version_row(conn, first["id"])
     # nor export it: a new candidate from it would bypass its gate (and its weights are gone)
-    with pytest.raises(ModelError, match=f"^model version {first['id']} is rejected: export the active version or a "
+    with pytest.raises(RegistryError, match=f"^model version {first['id']} is rejected: export the active version or a "
                        "candidate"):
         run_export(settings, "onnx", version=first["id"])
     events = (await (await conn.execute(

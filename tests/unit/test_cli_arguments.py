@@ -20,7 +20,12 @@ from pgsynapse.learning.trainer_process import TrainingFailed
     (["ask", "hi", "--timeout", "-1"], "argument --timeout: must be at least 0, got -1"),
     (["sql-ask", "hi", "--timeout", "-5"], "argument --timeout: must be at least 0, got -5"),
     (["demo", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
-    (["model", "export", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
+    # 1 to 15 were taken, where the export_sample_chunks setting needs 16: with 10 chunks or fewer every query's
+    # top 10 is the whole sample, and any artifact agreed 1.0
+    (["model", "export", "--sample", "0"], "argument --sample: must be between 16 and 100000, got 0"),
+    (["model", "export", "--sample", "10"], "argument --sample: must be between 16 and 100000, got 10 (as the "
+     "export_sample_chunks setting: "),
+    (["model", "export", "--sample", "100001"], "argument --sample: must be between 16 and 100000, got 100001"),
     (["model", "export", "--threshold", "1.5"], "argument --threshold: must be between 0 and 1, got 1.5"),
     (["model", "distill", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["model", "add", "/m", "--traffic", "101"], "argument --traffic: must be between 0 and 100, got 101"),
@@ -113,6 +118,7 @@ def test_numbers_in_range_and_the_edges_are_taken():
     assert build_parser().parse_args(["ask", "hi", "--timeout", "0"]).timeout == 0.0  # no limit
     assert build_parser().parse_args(["canary", "rebuild", "--size", "0"]).size == 0  # no canary set
     assert build_parser().parse_args(["model", "export", "--threshold", "1"]).threshold == 1.0
+    assert build_parser().parse_args(["model", "export", "--sample", "16"]).sample == 16
     assert build_parser().parse_args(["demo"]).limit == 55
     assert build_parser().parse_args(["run", "--kinds", "embed, answer"]).kinds == ("embed", "answer")
     assert parse_args(["traffic", "2", "100"]).percent == 100.0

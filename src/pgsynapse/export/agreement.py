@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
-from pgsynapse.errors import ModelError
+from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS, SAMPLE_CHUNKS_RANGE, SAMPLE_CHUNKS_WHY
+from pgsynapse.errors import InputError, ModelError
 from pgsynapse.export.fp32 import export_fp32
 from pgsynapse.export.quantize import SCHEMES, quantize_int8, scheme_error
 from pgsynapse.export.sample import sample_texts
@@ -102,14 +102,20 @@ def export_and_check(
         raise ModelError(f"cannot export runtime {runtime!r}: choose one of {sorted(ONNX_FILES)}")
     if scheme is not None and scheme not in SCHEMES:
         raise scheme_error(scheme)  # before any work: a scheme recorded by an older release, say
-    if not (out_dir / ONNX_FILES["onnx"]).exists():
-        export_fp32(source.path, out_dir)
     ref = load_embedder(source, threads=threads)
     chunks, queries = sample_texts(ref.tokenizer, corpus=corpus, questions=questions, n_chunks=n_chunks + 96,
                                    chunk_tokens=min(256, ref.max_seq_length))
     # outlier channels and activation ranges are calibrated on text the agreement is not measured on: 96 more
     # chunks, and their first words as short, query-like inputs
     chunks, calibration = chunks[:n_chunks], chunks[n_chunks:]
+    if len(chunks) < SAMPLE_CHUNKS_RANGE[0]:  # before the export: a check that cannot refuse is no check
+        fix = (f"ask for {SAMPLE_CHUNKS_RANGE[0]} or more" if n_chunks < SAMPLE_CHUNKS_RANGE[0] else
+               "give a corpus with more text, or leave --corpus out (the shipped docs)")
+        raise InputError(f"{f'--corpus {corpus}' if corpus else 'the shipped docs'} gives {len(chunks)} chunks for "
+                         f"the agreement check ({n_chunks} asked), fewer than {SAMPLE_CHUNKS_RANGE[0]} "
+                         f"({SAMPLE_CHUNKS_WHY}): {fix}; nothing was exported")
+    if not (out_dir / ONNX_FILES["onnx"]).exists():
+        export_fp32(source.path, out_dir)
     calibration += [" ".join(c.split()[:12]) for c in calibration[:32]]
     ref_vectors = (ref.encode(chunks, 32), ref.encode(queries, 32))
     cand_spec = ModelSpec(source.version_id, source.name, out_dir, runtime, source.dim)

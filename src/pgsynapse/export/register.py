@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xact_lock
-from pgsynapse.errors import ModelError
+from pgsynapse.errors import ModelError, RegistryError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
 from pgsynapse.export.sample import check_sample_files
@@ -81,14 +81,16 @@ def run_export(
     """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
+        # a version it cannot take is a command refused (exit 1), as search --version's, promote's and traffic's
         if row is None:
-            raise ModelError("no active model version" if version is None else f"no model version {version}")
+            raise RegistryError("no active model version" if version is None else
+                                f"no model version {version}: `pgsynapse model list` shows the versions")
         if row["status"] == "rejected":  # and a gate's reject has no weights left (handlers/retrain.py)
-            raise ModelError(f"model version {version} is rejected: export the active version or a candidate (a "
-                             "new version from a rejected one would bypass the gate that rejected it)")
+            raise RegistryError(f"model version {version} is rejected: export the active version or a candidate (a "
+                                "new version from a rejected one would bypass the gate that rejected it)")
         if row["status"] == "retired":  # the worker deletes the weights of a retired model it made (housekeeping)
-            raise ModelError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
-                             "model pgsynapse made with them; export the active version or a candidate")
+            raise RegistryError(f"model version {version} is retired: its vectors are deleted, and the weights of a "
+                                "model pgsynapse made with them; export the active version or a candidate")
         source = ModelSpec(row["id"], row["name"], source_model_path(row, settings.model_path, settings.data_dir),
                            "torch", row["dim"])
         if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
@@ -103,7 +105,15 @@ def run_export(
             shutil.rmtree(out, ignore_errors=True)
             raise
         if report.accepted:
-            register(conn, report, row, switch=switch)
+            with conn.transaction():
+                register(conn, report, row, switch=switch)
+                if switch:  # recorded as a worker's own switch is: a host without the artifact builds it again
+                    record = {"requested": runtime, "runtime": runtime, "tried": [
+                        {"runtime": runtime, "accepted": True, "overlap_at_10": report.agreement.overlap_at_10,
+                         "scheme": report.options.get("scheme")}], "sample_chunks": n_chunks, "threshold": threshold,
+                        "sha256": _sha256(out / ONNX_FILES[runtime]), "seconds": report.seconds}
+                    conn.execute(q("record_export", "export.sql"), {"record": json.dumps(record), "version": row["id"]})
+                    _settled(conn, row, record, "cli")
         else:
             shutil.rmtree(out, ignore_errors=True)
     return report
@@ -231,7 +241,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
-        tried = (row["metrics"] or {}).get("runtime_export") or {}
+        tried = switch_record(row)
         if row["runtime"] != "torch":
             report = None
             here = local_artifact(row["artifact_path"], settings.data_dir)
@@ -310,6 +320,22 @@ def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, acto
                  runtime=(record or {}).get("runtime", row["runtime"]))
 
 
+def switch_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The version's ``runtime_export`` record (empty when it has none). A version ``model export --switch`` moved
+    before that command wrote one has only the export's report (``export``) of its artifact: the record is made
+    from it, so a host without the artifact builds it again."""
+    metrics = row.get("metrics") or {}
+    record = metrics.get("runtime_export") or {}
+    report = metrics.get("export") or {}
+    if (record.get("runtime") == row["runtime"] or not report.get("accepted") or report.get("runtime") != row["runtime"]
+            or report.get("artifact_path") != row["artifact_path"]):
+        return record
+    return {"requested": row["runtime"], "runtime": row["runtime"], "sample_chunks": report["agreement"]["n_chunks"],
+            "threshold": report["threshold"], "tried": [{
+                "runtime": row["runtime"], "accepted": True, "overlap_at_10": report["agreement"]["overlap_at_10"],
+                "scheme": (report.get("options") or {}).get("scheme")}]}
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -323,7 +349,7 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
     calibration sample, and check its agreement again. The same libraries give the same bytes (``sha256``
     logged); different ones give an artifact that still had to pass the gate. A refusal stops the worker
     with the figures rather than serve vectors that do not match the index."""
-    record = row["metrics"]["runtime_export"]
+    record = switch_record(row)
     accepted = next(t for t in reversed(record["tried"]) if t["accepted"])
     out = local_artifact(row["artifact_path"], settings.data_dir, to_build=True)
     scheme = accepted.get("scheme")
@@ -349,7 +375,8 @@ def rebuild_artifact(settings: Any, row: dict[str, Any]) -> ExportReport:
                          f"({exc}); share DATA_DIR/models between hosts or run with PGSYNAPSE_RUNTIME=torch before "
                          "the first start") from exc
     report = export_and_check(source, out, row["runtime"], n_chunks=record.get("sample_chunks", DEFAULT_SAMPLE_CHUNKS),
-                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"))
+                              threads=settings.onnx_threads or settings.torch_threads, scheme=accepted.get("scheme"),
+                              threshold=record.get("threshold", DEFAULT_THRESHOLD))  # `model export --switch`'s
     if not report.accepted:
         remove_artifact_dir(out, settings.data_dir)
         raise ModelError(f"model version {row['id']}: the rebuilt {row['runtime']} artifact has top-10 agreement "

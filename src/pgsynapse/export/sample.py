@@ -56,9 +56,13 @@ def _questions(paths: list[Path] | None) -> list[str]:
 
 def check_sample_files(corpus: Path | None = None, questions: list[Path] | None = None) -> None:
     """Read the corpus and question files of ``model export`` before any work: a file it cannot read or a line it
-    cannot take is an :class:`InputError` naming the option, the file and the line."""
-    _pages(corpus)
-    _questions(questions)
+    cannot take is an :class:`InputError` naming the option, the file and the line; so is a sample with no question
+    to compare neighbours on (no question in the files, and pages with no title)."""
+    pages = _pages(corpus)
+    if not _questions(questions) and not any(p.get("title") for p in pages):
+        given = f"--questions {', '.join(map(str, questions))} hold none and " if questions else ""
+        raise InputError(f"no question for the agreement check: {given}the pages of --corpus {corpus} have no title; "
+                         'give --questions FILE (JSONL, {"q": ...} per line) or give the pages titles')
 
 
 def sample_texts(
