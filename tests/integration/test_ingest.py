@@ -321,6 +321,22 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     assert events[-1]["event"] == "fatal_error"
 
 
+def test_follow_that_times_out_beside_a_running_worker_does_not_ask_whether_one_runs(db_url, tree, capsys):
+    """A worker that embeds runs, registered and listening, but has not come to the documents within the timeout
+    (busy with a backlog, slow): the timeout asked "is `pgsynapse run` running?" of a worker that was. The test
+    registers that worker as a real one does (its LISTEN connection's name, its row in pgsynapse.workers)."""
+    with psycopg.connect(db_url, autocommit=True, application_name="pgsynapse-listener") as busy:
+        busy.execute("LISTEN pgsynapse_jobs")
+        busy.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds, models, rss_mb, processed) "
+                     "VALUES ('busy:1:a', 'busy', 1, '{embed}', '[]', 1, '{}')")
+        out = _cli_here(capsys, db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "is `pgsynapse run` running?" not in out.stderr and "no running worker" not in out.stderr, out.stderr
+    assert ("1 document(s) still pending after 0.5s: 1 running worker embeds them but has not come to them yet (a "
+            "queue ahead of them, or slower than that: `pgsynapse status`); they are embedded when it does: follow "
+            "them again later, `pgsynapse ingest --follow` of the same files inserts nothing new") in out.stderr, out.stderr
+
+
 def test_a_directory_without_files_to_ingest_is_said_so(db_url, tmp_path):
     """`pgsynapse ingest EMPTY_DIR` printed "0 file(s): 0 inserted, ..." and nothing else, as if its files had all
     been stored before; a directory of hidden files only, the same."""
