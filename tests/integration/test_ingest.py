@@ -304,6 +304,17 @@ async def test_follow_waits_until_embedded(db_url, tree, models):
         assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
 
 
+@pytest.mark.anyio
+async def test_a_follow_timeout_of_0_is_no_limit_as_for_asks_timeout(db_url, tree, models, capsys):
+    """`--follow-timeout 0` gave up before its first wait, beside a worker that embeds: exit 1, "1 document(s) still
+    pending after 0.0s"; 0 is no limit for `ask --timeout` and `sql-ask --timeout`, of the same argument type."""
+    async with running_worker(fast_settings(db_url), models):
+        out = await anyio.to_thread.run_sync(lambda: _cli_here(
+            capsys, db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0"))
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "embedded: 1, embedding failed: 0" in out.stdout, out.stdout
+
+
 def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
     assert out.returncode == 1
