@@ -140,9 +140,9 @@ def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
                f" ({why}); it is answered once a worker runs (`pgsynapse run`): {select}")
     if isinstance(failed.cause, psycopg.errors.InsufficientPrivilege):  # an application's role asked (pgsynapse_app)
         return DatabaseSetupError(
-            f"{what} {qid} stays pending: no worker that answers them runs on this database, so this command started "
-            f"its own, which this database user may not run ({why}); start `pgsynapse run` with a worker's login "
-            f"(GRANT pgsynapse_worker TO <user>; docs/operations.md, roles) and it is answered: {select}")
+            f"{what} {qid} stays pending: no worker that answers {what}s runs on this database, so this command "
+            f"started its own, which this database user may not run ({why}); start `pgsynapse run` with a worker's "
+            f"login (GRANT pgsynapse_worker TO <user>; docs/operations.md, roles) and it is answered: {select}")
     if not isinstance(failed.cause, PgsynapseError):  # a database error, a bug: the CLI reports it as itself
         log.warning("question_left_pending", what=what, id=qid, note=message)
         return failed.cause

@@ -78,10 +78,11 @@ def check_device(settings: Settings) -> None:
     try:
         torch.zeros(1, device=device)
     except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with CUDA" with an AssertionError
+        why = " ".join(str(exc).split())[:200]
         raise ConfigError(
-            f"{problem}torch {torch.__version__} cannot use {device!r} on this host ({' '.join(str(exc).split())[:200]}): "
-            "install a torch build for it, or check that the device is visible to this process (the shipped systemd "
-            "unit's PrivateDevices=yes hides GPUs: set PrivateDevices=no in a drop-in), or set PGSYNAPSE_DEVICE=cpu"
+            f"{problem}torch {torch.__version__} cannot use {device!r} on this host ({why}): install a torch build "
+            "for it, or check that the device is visible to this process (the shipped systemd unit's "
+            "PrivateDevices=yes hides GPUs: set PrivateDevices=no in a drop-in), or set PGSYNAPSE_DEVICE=cpu"
         ) from None
 
 

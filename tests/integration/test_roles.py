@@ -316,7 +316,8 @@ def test_an_app_role_asking_with_no_worker_running_is_told_its_own_worker_needs_
     err = capsys.readouterr().err
     assert "Traceback" not in err and "TaskGroup" not in err, err
     assert "stays pending" in err and "permission denied for table" in err, err
-    assert "no worker that answers them runs on this database" in err and "pgsynapse_worker" in err, err
+    what = "question" if command == "ask" else "data question"
+    assert f"no worker that answers {what}s runs on this database" in err and "pgsynapse_worker" in err, err
     # the question waits for a real worker
     with psycopg.connect(db_url) as su:
         assert su.execute(f"SELECT status FROM pgsynapse.{table}").fetchall() == [("pending",)]
