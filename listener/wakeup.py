@@ -89,3 +89,14 @@ async def unless_stopped(work: Callable[[], Awaitable[None]], stopping: anyio.Ev
             raise group.exceptions[0] from None
         raise
     return finished
+
+
+def lone_error(group: BaseExceptionGroup) -> BaseException | None:
+    """The one error of a task group's exception group, through nested groups of one error each (a loop's error in
+    a task group inside another); None when there are several."""
+    while len(group.exceptions) == 1:
+        only = group.exceptions[0]
+        if not isinstance(only, BaseExceptionGroup):
+            return only
+        group = only
+    return None

@@ -37,7 +37,7 @@ from pgsynapse.listener.housekeeping import cleanup_caches, drop_unused_weights,
 from pgsynapse.listener.listener import Listener
 from pgsynapse.listener.rollout import Rollout
 from pgsynapse.listener.writer import BatchWriter
-from pgsynapse.listener.wakeup import Wakeups, unless_stopped
+from pgsynapse.listener.wakeup import Wakeups, lone_error, unless_stopped
 from pgsynapse.logs import get_logger
 from pgsynapse.models import ModelCache, rss_bytes
 from pgsynapse.queries import q
@@ -191,6 +191,11 @@ class Worker(Claiming):
                     with anyio.move_on_after(STOP_GRACE):
                         await self._maintenance_ended.wait()
                     tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # raised bare, as a start-up error is: its caller (the CLI, `ask`'s own worker) maps it to its exit status
+            if (only := lone_error(group)) is None:
+                raise
+            raise only from None
         finally:
             with anyio.CancelScope(shield=True):
                 if self._registered:

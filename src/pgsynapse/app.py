@@ -10,13 +10,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import psycopg
 from anyio.abc import TaskStatus
 
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
-from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing, Terminated
+from pgsynapse.errors import DatabaseError, DatabaseSetupError, PgsynapseError, SchemaMissing, Terminated
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
@@ -140,6 +141,11 @@ def _left_pending(failed: _WorkerFailed, what: str, qid: int) -> Exception:
     why = " ".join(str(failed.cause).split()) or type(failed.cause).__name__
     message = (f"{what} {qid} stays pending: this command's worker {'stopped' if failed.started else 'failed to start'}"
                f" ({why}); it is answered once a worker runs (`pgsynapse run`): {select}")
+    if isinstance(failed.cause, psycopg.errors.InsufficientPrivilege):  # an application's role asked (pgsynapse_app)
+        return DatabaseSetupError(
+            f"{what} {qid} stays pending: no worker that answers {what}s runs on this database, so this command "
+            f"started its own, which this database user may not run ({why}); start `pgsynapse run` with a worker's "
+            f"login (GRANT pgsynapse_worker TO <user>; docs/operations.md, roles) and it is answered: {select}")
     if not isinstance(failed.cause, PgsynapseError):  # a database error, a bug: the CLI reports it as itself
         log.warning("question_left_pending", what=what, id=qid, note=message)
         return failed.cause

@@ -394,7 +394,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                 encoding=args.encoding)
                 print(report.summary())
                 if args.follow:
-                    follow(conn, report, progress=progress, timeout=args.follow_timeout,
+                    follow(conn, report, progress=progress, timeout=args.follow_timeout or None,
                            note=lambda why: notice("ingest_follow_waiting", why))
                     print(f"embedded: {report.embedded}, embedding failed: {report.embed_failed}")
                     if report.images_embedded is not None:

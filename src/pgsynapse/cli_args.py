@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "adding a new one beside it, and older versions kept beside it by runs without --replace "
                           "are deleted; a changed picture replaces the one stored from its file; sources are paths relative "
                           "to the directory given")
-    ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds")
+    ing.add_argument("--follow-timeout", type=SECONDS, help="give up following after this many seconds (0: no limit)")
     ing.add_argument("--no-progress", action="store_true", help="no progress bars")
     ing.add_argument("--encoding", type=ENCODING,
                      help="the encoding of text files that are not UTF-8 (cp1252, latin-1, ...); UTF-8 is tried first")

@@ -36,7 +36,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
-from pgsynapse.db import worker_starting, worker_takes
+from pgsynapse.db import worker_starting, worker_takes, workers_take
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image, lock_ingests
@@ -441,6 +441,21 @@ def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
     return f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts {waiting}"
 
 
+def _not_yet(conn: psycopg.Connection, unit: str) -> str:
+    """Why ``unit``s are still pending when ``--follow`` gives up: a worker starting, running, or none."""
+    again = "follow them again later, `pgsynapse ingest --follow` of the same files inserts nothing new"
+    if worker_starting(conn):
+        return f"a worker is still starting (exporting a model version to its runtime): {again}"
+    listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
+        q("workers_answering", "ops.sql"), {"kind": EMBED_KINDS[unit]}).fetchone()
+    if not workers_take(listening, seen, taking):
+        return "is `pgsynapse run` running?"
+    who, does = ((f"{taking} running workers embed them but have", "one does") if taking > 1
+                 else ("1 running worker embeds them but has", "it does"))
+    return (f"{who} not come to them yet (a queue ahead of them, or slower than that: `pgsynapse status`); they are "
+            f"embedded when {does}: {again}")
+
+
 def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: str, unit: str,
           progress: bool | None, deadline: float | None, timeout: float | None,
           note: Callable[[str], None] | None = None) -> tuple[int, int]:
@@ -459,10 +474,7 @@ def _wait(conn: psycopg.Connection, ids: list[int], progress_sql: str, channel: 
             note = None  # said once, before the first wait
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                why = ("a worker is still starting (exporting a model version to its runtime): follow them again "
-                       "later, `pgsynapse ingest --follow` of the same files inserts nothing new"
-                       if worker_starting(conn) else "is `pgsynapse run` running?")
-                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: {why}")
+                raise FollowTimeout(f"{pending} {unit}(s) still pending after {timeout}s: {_not_yet(conn, unit)}")
             # a NOTIFY re-checks at once; the cap re-checks now and then in case one was missed
             for _ in conn.notifies(timeout=min(5.0, left) if left is not None else 5.0, stop_after=1):
                 pass

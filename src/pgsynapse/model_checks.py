@@ -29,6 +29,7 @@ def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None
     ``pip install pgsynapse``) is only returned, as the fields of a ``sql_model_unavailable`` warning for
     :func:`warn_unavailable` (that worker serves every other kind, and its data questions fail with the same error
     on their rows): ``pgsynapse run`` logs it once its database is up, in the order of its start."""
+    check_device(settings)
     kinds = set(settings.kinds)
     for needed, runtime_setting, runtime in (("answer" in kinds, "answerer", settings.answerer),
                                              (bool(kinds & SQL_KINDS), "sql_runtime", settings.sql_runtime)):
@@ -55,6 +56,34 @@ def check_models(settings: Settings, *, presets: dict[str, Preset] | None = None
             return [{"model": path, **what, "effect": "questions about the data fail until it is there, unless a "
                      "registered SQL model is active (pgsynapse sql-model list)"}]
     return []
+
+
+def check_device(settings: Settings) -> None:
+    """Raise a :class:`ConfigError` naming ``device`` when it is not a device torch knows, can use here, or serves
+    on: the ONNX runtimes run on the CPU. The default (cpu) is not checked: torch is not even imported for it."""
+    device = settings.device
+    if device == "cpu":
+        return
+    import torch  # only for another device: its import takes seconds, and a worker on ONNX may never need it
+
+    problem = "invalid setting device [PGSYNAPSE_DEVICE]: "
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{problem}{device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if settings.runtime != "torch":
+        raise ConfigError(f"{problem}{device!r} needs runtime = torch [PGSYNAPSE_RUNTIME]: the runtime "
+                          f"{settings.runtime} runs on the CPU, so the models would not use {device!r}; set "
+                          "PGSYNAPSE_RUNTIME=torch, or PGSYNAPSE_DEVICE=cpu")
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with CUDA" with an AssertionError
+        why = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"{problem}torch {torch.__version__} cannot use {device!r} on this host ({why}): install a torch build "
+            "for it, or check that the device is visible to this process (the shipped systemd unit's "
+            "PrivateDevices=yes hides GPUs: set PrivateDevices=no in a drop-in), or set PGSYNAPSE_DEVICE=cpu"
+        ) from None
 
 
 def warn_unavailable(unavailable: list[dict[str, Any]], settings: Settings | None = None,

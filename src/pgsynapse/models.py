@@ -214,7 +214,8 @@ class OnnxEmbedder(Embedder):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ModelError(f"runtime {spec.runtime!r} needs onnxruntime: pip install 'pgsynapse[onnx]'") from exc
+            raise ModelError(f"runtime {spec.runtime!r} needs onnxruntime, a dependency of pgsynapse that does not "
+                             f"import here ({exc}): reinstall it (pip install --force-reinstall onnxruntime)") from exc
         meta_path = spec.path / ONNX_META
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         self.max_seq_length = int(meta.get("max_seq_length", 256))

@@ -304,6 +304,17 @@ async def test_follow_waits_until_embedded(db_url, tree, models):
         assert conn.execute("SELECT count(*) FROM pgsynapse.documents WHERE status = 'embedded'").fetchone() == (3,)
 
 
+@pytest.mark.anyio
+async def test_a_follow_timeout_of_0_is_no_limit_as_for_asks_timeout(db_url, tree, models, capsys):
+    """`--follow-timeout 0` gave up before its first wait, beside a worker that embeds: exit 1, "1 document(s) still
+    pending after 0.0s"; 0 is no limit for `ask --timeout` and `sql-ask --timeout`, of the same argument type."""
+    async with running_worker(fast_settings(db_url), models):
+        out = await anyio.to_thread.run_sync(lambda: _cli_here(
+            capsys, db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0"))
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "embedded: 1, embedding failed: 0" in out.stdout, out.stdout
+
+
 def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     out = _cli(db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
     assert out.returncode == 1
@@ -319,6 +330,22 @@ def test_follow_without_a_worker_gives_up_with_a_hint(db_url, tree):
     [waiting] = [e for e in events if e["event"] == "ingest_follow_waiting"]
     assert waiting["level"] == "warning" and waiting["note"].startswith("no running worker takes embed jobs: "), waiting
     assert events[-1]["event"] == "fatal_error"
+
+
+def test_follow_that_times_out_beside_a_running_worker_does_not_ask_whether_one_runs(db_url, tree, capsys):
+    """A worker that embeds runs, registered and listening, but has not come to the documents within the timeout
+    (busy with a backlog, slow): the timeout asked "is `pgsynapse run` running?" of a worker that was. The test
+    registers that worker as a real one does (its LISTEN connection's name, its row in pgsynapse.workers)."""
+    with psycopg.connect(db_url, autocommit=True, application_name="pgsynapse-listener") as busy:
+        busy.execute("LISTEN pgsynapse_jobs")
+        busy.execute("INSERT INTO pgsynapse.workers (worker_id, host, pid, kinds, models, rss_mb, processed) "
+                     "VALUES ('busy:1:a', 'busy', 1, '{embed}', '[]', 1, '{}')")
+        out = _cli_here(capsys, db_url, str(tree / "notes.txt"), "--follow", "--follow-timeout", "0.5")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "is `pgsynapse run` running?" not in out.stderr and "no running worker" not in out.stderr, out.stderr
+    assert ("1 document(s) still pending after 0.5s: 1 running worker embeds them but has not come to them yet (a "
+            "queue ahead of them, or slower than that: `pgsynapse status`); they are embedded when it does: follow "
+            "them again later, `pgsynapse ingest --follow` of the same files inserts nothing new") in out.stderr, out.stderr
 
 
 def test_a_directory_without_files_to_ingest_is_said_so(db_url, tmp_path):

@@ -302,6 +302,26 @@ def test_a_worker_role_that_adds_a_guardrail_is_told_to_use_the_admin_role(db_ur
     assert "permission denied for table guardrail_rules" in said, said
     assert "pgsynapse_admin for guardrail, promote, rollback, traffic, retire" in said, said
 
+
+@pytest.mark.parametrize("command, table", [("ask", "questions"), ("sql-ask", "data_questions")])
+def test_an_app_role_asking_with_no_worker_running_is_told_its_own_worker_needs_the_worker_role(
+        db_url, login_role, command, table, capsys):
+    """`ask` and `sql-ask` are an application's commands (operations.md); with no worker running they start their
+    own, which an application's role may not run: it stopped with a Python traceback (an ExceptionGroup, "permission
+    denied for table workers") and "this command's worker failed to start (unhandled errors in a TaskGroup (1
+    sub-exception))", exit 1."""
+    app_url = login_role("pgsynapse_app", db_url)
+    capsys.readouterr()
+    assert main(["--database-url", app_url, command, "how many orders?", "--timeout", "60"]) == 78
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "TaskGroup" not in err, err
+    assert "stays pending" in err and "permission denied for table" in err, err
+    what = "question" if command == "ask" else "data question"
+    assert f"no worker that answers {what}s runs on this database" in err and "pgsynapse_worker" in err, err
+    # the question waits for a real worker
+    with psycopg.connect(db_url) as su:
+        assert su.execute(f"SELECT status FROM pgsynapse.{table}").fetchall() == [("pending",)]
+
 async def test_a_role_that_may_only_connect_cannot_put_text_into_a_streamed_answer(db_url, login_role):
     """NOTIFY needs no privilege: any role that may connect can send a `streaming` payload on pgsynapse_answers. The
     Client yielded its delta as a piece of the answer (`pgsynapse ask` printed it as the answer streamed): a role with

@@ -171,6 +171,22 @@ def test_dockerfile_copies_every_package_dir_and_bakes_the_model():
     assert ".venv" in ignored and ".git" in ignored
 
 
+def test_every_extra_an_install_hint_names_is_one_the_package_has():
+    """An error said "runtime 'onnx-int8' needs onnxruntime: pip install 'pgsynapse[onnx]'": there is no such extra
+    (onnxruntime is a dependency of every install), and pip only warns that it does not exist. Every
+    `pgsynapse[EXTRA]` the code and the docs tell people to install names an extra of pyproject.toml."""
+    extras = set(PYPROJECT["project"]["optional-dependencies"])
+    named: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("src/pgsynapse/**/*.py"), *ROOT.glob("listener/*.py"), *ROOT.glob("handlers/*.py"),
+                 *ROOT.glob("docs/*.md"), ROOT / "README.md"]:
+        for extras_named in re.findall(r"pgsynapse\[([A-Za-z0-9_,-]+)\]", path.read_text()):
+            for extra in extras_named.split(","):
+                named.setdefault(extra, set()).add(str(path.relative_to(ROOT)))
+    assert named, "no install hint found: the pattern is wrong"
+    unknown = {extra: sorted(paths) for extra, paths in named.items() if extra not in extras}
+    assert not unknown, f"install hints naming extras pyproject.toml does not define: {unknown}"
+
+
 def test_compose_postgres_migrate_then_worker():
     spec = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]

@@ -95,3 +95,25 @@ def test_an_openai_runtime_without_its_endpoint_stops_the_worker_that_needs_it()
     # a worker that does not answer needs no endpoint
     assert check(settings(answerer="openai", kinds="embed")) == []
     assert check(settings(sql_model_path="gpt-4o-mini", sql_runtime="openai", kinds="embed,answer")) == []
+
+
+DEVICE = r"^invalid setting device \[PGSYNAPSE_DEVICE\]: "
+
+
+def test_the_torch_device_is_checked_at_start_and_needs_the_torch_runtime():
+    """PGSYNAPSE_DEVICE was never checked: a device torch does not know, or a GPU this host's torch cannot use (the
+    CPU build, no driver, systemd's PrivateDevices), stopped the start only once the model loaded, 20 s in, with
+    "cannot load model ...: AssertionError: Torch not compiled with CUDA enabled", naming no setting; and with the
+    default runtime (onnx-int8: ONNX Runtime on the CPU) a GPU device was silently ignored."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ConfigError, match=DEVICE + "'gpu0' is not a torch device \\(cpu, cuda, cuda:1, mps, ...\\)"):
+        check_models(settings(device="gpu0", runtime="torch"))
+    with pytest.raises(ConfigError, match=DEVICE + "'cuda' needs runtime = torch \\[PGSYNAPSE_RUNTIME\\]: the "
+                       "runtime onnx-int8 runs on the CPU"):
+        check_models(settings(device="cuda"))  # the default runtime
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=DEVICE + "torch .* cannot use 'cuda' on this host .*PrivateDevices"):
+            check_models(settings(device="cuda", runtime="torch"))
+    # the default device needs nothing: no torch import, whatever the runtime
+    assert check_models(settings(runtime="onnx-int8", kinds="embed")) == []
+    assert check_models(settings(device="cpu", runtime="torch", kinds="embed")) == []
