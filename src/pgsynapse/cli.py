@@ -17,7 +17,8 @@ import psycopg
 from pgsynapse.app import ask, ensure_schema, run_worker
 from pgsynapse.cli_args import bench_name, benchmarks, parse_args
 from pgsynapse.client import format_result
-from pgsynapse.config import early_log_format, load_settings, unknown_environment
+from pgsynapse.config import load_settings, unknown_environment
+from pgsynapse.config_file import early_log_format
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import (ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError,

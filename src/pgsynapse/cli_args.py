@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import codecs
 import importlib.util
 import sys
-from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pgsynapse import __version__
-from pgsynapse.config import JOB_KINDS, SAMPLE_CHUNKS_RANGE, SAMPLE_CHUNKS_WHY, early_log_format, unknown_kinds
+from pgsynapse.cli_types import COUNT, ENCODING, KINDS, PERCENT, SAMPLE_CHUNKS, SCHEMA, SECONDS, SHARE, TABLES, ranged
+from pgsynapse.config import JOB_KINDS
+from pgsynapse.config_file import early_log_format
 from pgsynapse.errors import PgsynapseError
 from pgsynapse.feedback import RATINGS_AGREE, ratings_agree
 from pgsynapse.logs import configure_logging, get_logger
-from pgsynapse.textsql.names import NotAName, split_list
 
 
 EX_USAGE = 2  # argparse's exit status for a command line it refuses
@@ -55,71 +54,8 @@ def _logs_json(argv: list[str]) -> bool:
     return (found.get("--log-format") or early_log_format(found.get("--config")) or "").lower() == "json"
 
 
-def _ranged(kind: type, low: float, high: float | None = None, why: str = "") -> Callable[[str], Any]:
-    """An argparse type: a number of ``kind`` within [``low``, ``high``], else one line saying what is allowed."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value != value:  # NaN: every comparison with a bound is False, so it would pass any range
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-        if value < low or (high is not None and value > high):
-            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}" + (f" ({why})" if why else ""))
-        return value
-    return parse
-
-
-COUNT = _ranged(int, 1)  # results, pages, layers, epochs, samples
-SECONDS = _ranged(float, 0)  # 0: no limit (ask, sql-ask)
 MIGRATE_HELP = ("apply the database's pending migrations first, as the database owner (the embedded default always "
                 "does; without it a DATABASE_URL database never migrated, or behind, is refused: `pgsynapse migrate`)")
-SHARE = _ranged(float, 0, 1)  # agreement thresholds
-PERCENT = _ranged(float, 0, 100)
-SAMPLE_CHUNKS = _ranged(int, *SAMPLE_CHUNKS_RANGE, why=f"as the export_sample_chunks setting: {SAMPLE_CHUNKS_WHY}")
-
-
-def KINDS(text: str) -> tuple[str, ...]:  # noqa: N802 - an argparse type, named like the others
-    """Comma-separated job kinds (``run --kinds``), each one that exists."""
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    if not kinds:
-        raise argparse.ArgumentTypeError(f"no job kind given (the kinds: {', '.join(JOB_KINDS)})")
-    if unknown := [k for k in kinds if k not in JOB_KINDS]:
-        raise argparse.ArgumentTypeError(unknown_kinds(unknown))
-    return kinds
-
-
-def TABLES(text: str) -> list[str]:  # noqa: N802 - an argparse type, named like the others
-    """``sql-ask --tables``: comma-separated table names (a comma inside double quotes is part of a name), at least
-    one: a list that names none would ask about no table, not about every one (that is --tables left out)."""
-    try:
-        names = split_list(text)
-    except NotAName as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not names:
-        raise argparse.ArgumentTypeError("names no table: name the tables it may read, comma-separated, or leave "
-                                         "--tables out for every table of the schema that the reader role may read")
-    return names
-
-
-def SCHEMA(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
-    """``sql-ask --schema``: a schema name, as written (blank: refused before its question is asked)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: name the schema of the question's tables (default public)")
-    return text
-
-
-def ENCODING(name: str) -> str:  # noqa: N802 - an argparse type, named like the others
-    """A codec Python knows (``ingest --encoding``), by its canonical name."""
-    try:
-        b"x".decode(name)  # a text encoding, not base64 or rot13 (which lookup() knows too; b"" is not checked)
-    except UnicodeError:
-        pass  # a text encoding that x alone does not decode in (utf-16)
-    except LookupError:
-        raise argparse.ArgumentTypeError(f"not a text encoding Python knows: {name!r}") from None
-    return codecs.lookup(name).name
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pgsynapse", description="Event-driven AI worker for PostgreSQL.")
@@ -171,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     verdict = fb.add_mutually_exclusive_group()
     verdict.add_argument("--helpful", dest="helpful", action="store_true", default=None)
     verdict.add_argument("--not-helpful", dest="helpful", action="store_false", default=None)
-    fb.add_argument("--rating", type=_ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful: with --helpful "
+    fb.add_argument("--rating", type=ranged(int, 1, 5), help="1 to 5 (4 and 5 count as helpful: with --helpful "
                     "or --not-helpful it must agree)")
     fb.add_argument("--source", type=COUNT, metavar="N", help="the cited passage [N] that answered it")
     fb.add_argument("--comment")
@@ -184,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("canary", help="the retrain gate's canary set: show it, or rebuild it from today's corpus")
     ca.add_argument("action", nargs="?", choices=("show", "rebuild"), default="show")
-    ca.add_argument("--size", type=_ranged(int, 0, 100_000),
+    ca.add_argument("--size", type=ranged(int, 0, 100_000),
                     help="questions of a rebuilt set (default: retrain_canary_size; 0: no canary set, and no "
                     "retrain builds one)")
 
@@ -195,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     ga = gsub.add_parser("add", help="a rule: questions and answers this similar to its text are blocked or flagged")
     ga.add_argument("text", help="what the rule is about, as a question or a sentence")
     ga.add_argument("--action", choices=("block", "flag"), default="block")
-    ga.add_argument("--threshold", type=_ranged(float, 0.01, 1.0), default=0.6,
+    ga.add_argument("--threshold", type=ranged(float, 0.01, 1.0), default=0.6,
                     help="cosine similarity at or above which a text matches (default 0.6)")
     gs = gsub.add_parser("set", help="change a rule's threshold or action")
     gs.add_argument("rule", type=int)
     gs.add_argument("--action", choices=("block", "flag"))
-    gs.add_argument("--threshold", type=_ranged(float, 0.01, 1.0), help="the rule's new threshold")
+    gs.add_argument("--threshold", type=ranged(float, 0.01, 1.0), help="the rule's new threshold")
     for name in ("disable", "enable", "remove"):
         gsub.add_parser(name, help=f"{name} a rule").add_argument("rule", type=int)
     gsub.add_parser("check", help="each enabled rule's similarity to a text, and what the worker would do with "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from pgsynapse.config_file import ENV_PREFIX, read_config_file
 from pgsynapse.errors import ConfigError
 from pgsynapse.textsql.settings import TextSqlSettings
 
@@ -26,7 +26,6 @@ DEFAULT_SAMPLE_CHUNKS = 600  # chunks of an export's agreement sample (pgsynapse
 SAMPLE_CHUNKS_RANGE = (16, 100_000)
 SAMPLE_CHUNKS_WHY = "the top-10 agreement of 10 chunks or fewer is 1.0 whatever the artifact"
 
-ENV_PREFIX = "PGSYNAPSE_"
 # every job kind (a worker's default kinds)
 JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
 
@@ -391,44 +390,6 @@ def unknown_environment(environ: dict[str, str] | None = None) -> list[tuple[str
     return unknown
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a TOML config file: at its top level, or all of them under a ``[pgsynapse]`` table."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
-    except OSError as exc:  # a directory, no permission to read it (a file of root's, read by User=pgsynapse)
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    if "pgsynapse" not in data:
-        return data
-    table, others = data["pgsynapse"], sorted(k for k in data if k != "pgsynapse")
-    if not isinstance(table, dict):
-        raise ConfigError(f"config file {path}: pgsynapse must be a table ([pgsynapse]) of settings, "
-                          f"not a {type(table).__name__}")
-    if others:
-        raise ConfigError(f"config file {path}: settings go at the top level or under [pgsynapse], not both "
-                          f"(at the top level: {', '.join(others)})")
-    return table
-
-
-def early_log_format(config_file: str | Path | None = None, environ: dict[str, str] | None = None) -> str | None:
-    """The log format of settings that did not load (the error that stopped them is logged in it): the
-    environment's PGSYNAPSE_LOG_FORMAT, else the config file's ``log_format`` when the file parses; None if neither."""
-    environ = os.environ if environ is None else environ
-    if fmt := environ.get(ENV_PREFIX + "LOG_FORMAT"):
-        return fmt.lower()
-    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
-    try:
-        fmt = _read_config_file(Path(config_file)).get("log_format") if config_file else None
-    except ConfigError:
-        return None
-    return fmt.lower() if isinstance(fmt, str) else None
-
-
 def _setting_name(loc: tuple[Any, ...]) -> str:
     return str(loc[0]) if loc else "settings"
 
@@ -446,7 +407,7 @@ def load_settings(
     from_file: set[str] = set()  # the settings whose value is the file's: an error names the file, not a variable
     file_values: dict[str, Any] = {}
     if config_file:
-        file_values = _read_config_file(Path(config_file))
+        file_values = read_config_file(Path(config_file))
         values.update(file_values)
         from_file = set(values)
     env = _env_values(environ)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pgsynapse import config
+from pgsynapse import config, config_file
 from pgsynapse.cli_args import parse_args
 from pgsynapse.client import Client
 from pgsynapse.config import load_settings, unknown_environment
@@ -47,7 +47,7 @@ def test_log_level_and_format_are_taken_in_any_case():
     # should be 'debug', 'info', 'warning' or 'error'"
     s = load_settings(environ={"PGSYNAPSE_LOG_LEVEL": "INFO", "PGSYNAPSE_LOG_FORMAT": "Json"})
     assert (s.log_level, s.log_format) == ("info", "json")
-    assert config.early_log_format(environ={"PGSYNAPSE_LOG_FORMAT": "JSON"}) == "json"
+    assert config_file.early_log_format(environ={"PGSYNAPSE_LOG_FORMAT": "JSON"}) == "json"
     assert parse_args(["--log-level", "WARNING", "--log-format", "JSON", "status"]).log_level == "warning"
     with pytest.raises(ConfigError, match=r"^invalid setting log_level \[PGSYNAPSE_LOG_LEVEL\]: .*'debug'"):
         load_settings(environ={"PGSYNAPSE_LOG_LEVEL": "verbose"})
