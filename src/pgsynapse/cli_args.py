@@ -234,10 +234,14 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     group.add_argument("--config", default=default, help="TOML config file (also PGSYNAPSE_CONFIG)")
     group.add_argument("--database-url", default=default,
                        help="PostgreSQL URL (also DATABASE_URL); none starts the embedded server")
-    group.add_argument("--data-dir", default=default, help="data directory of the embedded server, models and caches")
+    group.add_argument("--data-dir", default=default,
+                       help="data directory of the embedded server, models and caches (also PGSYNAPSE_DATA_DIR; "
+                            "default ~/.local/share/pgsynapse, /var/lib/pgsynapse as root)")
     group.add_argument("--log-format", default=default, type=str.lower, choices=["console", "json"],
-                       help="log format (default console)")
-    group.add_argument("--log-level", default=default, type=str.lower, choices=["debug", "info", "warning", "error"])
+                       help="log format (also PGSYNAPSE_LOG_FORMAT; default console)")
+    group.add_argument("--log-level", default=default, type=str.lower, choices=["debug", "info", "warning", "error"],
+                       help="log level (also PGSYNAPSE_LOG_LEVEL; default info, warning for the commands that print "
+                            "a result: ask, search, status, list ...)")
 
 
 def _describe_commands(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpfu
                     source: int | None, comment: str | None) -> dict[str, Any]:
     """The ``insert_feedback`` parameters for a rating of ``question`` (its row: status and sources), or an
     :class:`InputError` saying what is wrong. ``source``: the rank [n] of the cited passage that answered it."""
-    _check_types(question_id, helpful=helpful, rating=rating, source=source)
+    _check_types(question_id, helpful=helpful, rating=rating, source=source, comment=comment)
     if helpful is None and rating is None:
         raise InputError("feedback says whether the answer helped, or rates it (1 to 5)")
     if rating is not None and not 1 <= rating <= 5:
@@ -63,8 +63,8 @@ def feedback_params(question_id: int, question: dict[str, Any] | None, *, helpfu
 
 
 def _check_types(question_id: object, **values: object) -> None:
-    """Python's own types, as the row has them: ``helpful=0``, ``rating=2.5`` or ``"3"`` were stored as something
-    else, or failed in the database with a type error."""
+    """Python's own types, as the row has them: ``helpful=0``, ``rating=2.5``, ``"3"`` or ``comment=5`` were stored
+    as something else, or failed in the database with a type error."""
     if not isinstance(question_id, int) or isinstance(question_id, bool):
         raise InputError(f"a question id is an integer, got {question_id!r}")
     if values["helpful"] is not None and not isinstance(values["helpful"], bool):
@@ -73,3 +73,5 @@ def _check_types(question_id: object, **values: object) -> None:
         value = values[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InputError(f"a {name} is an integer, got {value!r}")
+    if values["comment"] is not None and not isinstance(values["comment"], str):
+        raise InputError(f"a comment is text, got {values['comment']!r}")

@@ -31,6 +31,9 @@ def test_the_cited_passage_becomes_the_chunk_of_the_row():
     (ANSWERED, {"helpful": "no"}, "helpful is True or False, got 'no'"),
     (ANSWERED, {"helpful": 0}, "helpful is True or False, got 0"),
     (ANSWERED, {"helpful": True, "source": 1.0}, "a source is an integer, got 1.0"),
+    # the column is text: a number was stored as its digits, a list as its repr
+    (ANSWERED, {"helpful": True, "comment": 5}, "a comment is text, got 5"),
+    (ANSWERED, {"helpful": True, "comment": ["too short"]}, "a comment is text, got ['too short']"),
     # both given, and they disagree: the A/B report and the retrain read the row as helpful (helpful wins)
     (ANSWERED, {"helpful": True, "rating": 1}, "helpful=True contradicts rating=1: a rating of 4 or 5 counts as "
      "helpful, 1 to 3 as not helpful (give one of the two, or both agreeing)"),
