@@ -208,7 +208,7 @@ def test_compose_postgres_migrate_then_worker():
     port = _compose_interpolate(worker["environment"]["PGSYNAPSE_METRICS_PORT"], {})  # the default
     assert any(p.endswith(f":{port}") for p in worker["ports"])
     health = " ".join(worker["healthcheck"]["test"])
-    assert "127.0.0.1:{port}/healthz" in health and "PGSYNAPSE_METRICS_PORT" in health
+    assert "{host}:{port}/healthz" in health and "PGSYNAPSE_METRICS_PORT" in health and "PGSYNAPSE_METRICS_HOST" in health
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
 
 
@@ -264,8 +264,8 @@ def _compose_interpolate(value: str, host_env: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def _healthz(status: int) -> Iterator[int]:
-    """A local /healthz answering ``status``; yields its port."""
+def _healthz(status: int, host: str = "127.0.0.1") -> Iterator[int]:
+    """A local /healthz on ``host`` answering ``status``; yields its port."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server name
             self.send_response(status if self.path == "/healthz" else 404)
@@ -274,7 +274,7 @@ def _healthz(status: int) -> Iterator[int]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.HTTPServer((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -377,3 +377,17 @@ def test_systemd_analyze_verify_of_an_instance_is_clean(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "pgsynapse@embed.service")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+
+
+def test_the_worker_health_checks_ask_the_address_the_metrics_server_binds():
+    """Both checks asked 127.0.0.1 whatever PGSYNAPSE_METRICS_HOST said: a worker whose metrics bind one address
+    (127.0.0.2 here: on Linux every 127/8 address is this host's, and a server bound to one is not on the others)
+    was unhealthy for ever. 0.0.0.0 and :: (every address) are still asked on 127.0.0.1."""
+    with _healthz(200, "127.0.0.2") as port:
+        for name, (cmd, env) in _health_checks({"PGSYNAPSE_METRICS_PORT": str(port)}).items():
+            assert _run_check(cmd, {**env, "PGSYNAPSE_METRICS_HOST": "127.0.0.2"}) == 0, name
+            assert _run_check(cmd, {**env, "PGSYNAPSE_METRICS_HOST": "127.0.0.3"}) != 0, f"{name}: nobody there"
+    with _healthz(200) as port:
+        for name, (cmd, env) in _health_checks({"PGSYNAPSE_METRICS_PORT": str(port)}).items():
+            for every in ("0.0.0.0", "::", ""):
+                assert _run_check(cmd, {**env, "PGSYNAPSE_METRICS_HOST": every}) == 0, f"{name}: {every!r}"
