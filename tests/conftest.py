@@ -178,7 +178,9 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
 def default_runtime(pg_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The active version as a fresh install leaves it after its first worker start: exported to the default
     runtime, with its artifact, once per test run (:func:`built_once`). Returns the ``model_versions`` columns a
-    test's database adopts (:func:`adopt_runtime`) and the data dir of the artifact."""
+    test's database adopts (:func:`adopt_runtime`) and the data dir of the artifact: this xdist worker's copy, as the
+    workers its tests start write there (exports, candidates named by their job's id, rankers), and two databases
+    of two xdist workers may have a job of the same id."""
 
     def export(data_dir: Path) -> dict[str, Any]:
         name = f"pgsynapse_int8_{uuid.uuid4().hex[:8]}"
@@ -199,7 +201,11 @@ def default_runtime(pg_url: str, template_db: str, tmp_path_factory: pytest.Temp
         finally:
             drop_database(pg_url, name)
 
-    return built_once(tmp_path_factory, "default-runtime", export)
+    built = built_once(tmp_path_factory, "default-runtime", export)
+    data_dir = tmp_path_factory.mktemp("default-runtime")
+    shutil.copytree(Path(built["data_dir"]) / "models", data_dir / "models", dirs_exist_ok=True)
+    # the record's paths (artifact_path, the export's in metrics) in this copy
+    return json.loads(json.dumps(built).replace(built["data_dir"], str(data_dir)))
 
 
 @pytest.fixture
