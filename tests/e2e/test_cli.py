@@ -19,7 +19,7 @@ from tests.helpers import pgsynapse
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model, capsys):
+def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model, capsys, monkeypatch):
     url = new_db()  # empty: the demo migrates it itself
     env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}  # a tiny model taught the demo's data question
     r = pgsynapse("demo", "--limit", "4", url=url, env=env)
@@ -46,27 +46,30 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model, capsys):
         '  pgsynapse ask "How do I ...?"           (or INSERT INTO pgsynapse.questions: README, "Asking questions")\n'
         "  pgsynapse ingest DIR && pgsynapse run   (the worker embeds what is inserted, then waits for more)"), r.stdout
 
-    st = pgsynapse("status", "--json", url=url)
-    assert st.returncode == 0, st.stderr
-    snap = json.loads(st.stdout)
+    # the commands after the first demo run in-process (cli.main): this process has torch loaded already, a
+    # subprocess imported it again (seconds)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert main(["--database-url", url, "status", "--json"]) == 0
+    snap = json.loads(capsys.readouterr().out)
     assert snap["documents"] == 4 and snap["documents_pending"] == 0 and snap["chunks"] == snap["embeddings"] > 4
     assert snap["active_model"]["name"] == "all-MiniLM-L6-v2"
     jobs = {j["kind"]: j for j in snap["jobs"]}
     assert jobs["embed"]["done"] == 4 and jobs["answer"]["done"] == 3
 
-    human = pgsynapse("status", url=url)
-    assert "active model   : v1 all-MiniLM-L6-v2" in human.stdout
+    assert main(["--database-url", url, "status"]) == 0
+    assert "active model   : v1 all-MiniLM-L6-v2" in capsys.readouterr().out
 
-    # in-process (cli.main): this process has torch loaded already, a subprocess imported it again (seconds)
-    capsys.readouterr()
     assert main(["--database-url", url, "search", "insert rows into a table", "-k", "2"]) == 0
     se = capsys.readouterr()
     lines = [ln for ln in se.out.splitlines() if ln[:2] in ("1.", "2.")]
     assert len(lines) == 2 and "[" in lines[0], se
     assert "2 hits in the fused (vector and full-text) rank order; the score is the cosine" in se.out
 
-    again = pgsynapse("demo", "--limit", "4", url=url, env=env)  # re-running inserts nothing new
-    assert again.returncode == 0 and "embedded 4 documents" in again.stdout
+    assert main(["--database-url", url, "demo", "--limit", "4"]) == 0  # re-running inserts nothing new
+    assert "embedded 4 documents" in capsys.readouterr().out
     # and starts its conversations afresh: its first questions are not follow-ups of the last run's
     first: dict[str, str] = {}
     for text, session in QUESTIONS:
@@ -75,7 +78,8 @@ def test_demo_ingests_embeds_and_searches(new_db, demo_sql_model, capsys):
         asked = conn.execute("SELECT retrieval_query = text FROM pgsynapse.questions WHERE text = ANY(%s)",
                              (list(first.values()),)).fetchall()
     assert len(asked) == 2 * len(first) and all(same for (same,) in asked), asked
-    assert json.loads(pgsynapse("status", "--json", url=url).stdout)["documents"] == 4
+    assert main(["--database-url", url, "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 4
 
 
 def test_migrate_command_is_idempotent(new_db):
