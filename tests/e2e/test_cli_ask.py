@@ -10,6 +10,7 @@ import signal
 import psycopg
 
 from pgsynapse.answerers.local_models import package_dir
+from pgsynapse.cli import main
 from pgsynapse.db import EXPORT_LOCK
 from tests.helpers import pgsynapse, spawn_worker
 
@@ -113,14 +114,17 @@ def test_ask_answers_from_the_command_line(new_db, template_db, shipped):
     assert gone.returncode == 1 and f"passage [{rank}] of question {qid}'s answer is gone" in gone.stderr, gone.stderr
 
 
-def test_text_from_the_database_is_printed_without_its_control_characters(new_db, template_db, shipped):
+def test_text_from_the_database_is_printed_without_its_control_characters(new_db, template_db, shipped, monkeypatch):
     """A document's text, title and source are anyone's who may write documents: printed raw, an escape sequence in
     them (ESC ] 0; ... BEL sets the terminal's title, ESC [ 2 J clears it, a carriage return overwrites the line)
     reached the terminal of whoever ran `search` or `ask`. They are shown as escapes (\\x1b), as `less` does."""
     url = new_db(template_db)
     shipped(url)
-    demo = pgsynapse("demo", "--limit", "2", url=url, env={"PGSYNAPSE_SQL_MODEL_PATH": "smollm2-135m"})
-    assert demo.returncode == 0, demo.stderr[-2000:]
+    # the pages, by the demo in-process (cli.main): a subprocess imported the runtime's libraries again (seconds)
+    with monkeypatch.context() as demo_env:
+        demo_env.delenv("DATABASE_URL", raising=False)
+        demo_env.setenv("PGSYNAPSE_SQL_MODEL_PATH", "smollm2-135m")
+        assert main(["--database-url", url, "demo", "--limit", "2"]) == 0
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE pgsynapse.documents SET source = E'evil\\x1b]0;pwned\\x07.html'")  # no new embedding
         conn.execute("UPDATE pgsynapse.chunks SET text = E'\\x1b[2J\\u202e' || text")
