@@ -3,6 +3,7 @@ answers, else the embedded server. Each test gets a fresh database cloned from a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
+from filelock import FileLock
 from psycopg.rows import dict_row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +101,13 @@ def pg_url() -> Iterator[str]:
     data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-", dir="/tmp"))
     server = EmbeddedPostgres(data_dir)
     try:
-        yield server.start()
+        url = server.start()
+        # the run's own server, gone with it: no fsync (each test's DROP DATABASE waited on the disk; a server killed
+        # by a test still recovers, from what the OS has written)
+        with admin_connection(url) as conn:
+            conn.execute("ALTER SYSTEM SET fsync = off")
+            conn.execute("SELECT pg_reload_conf()")
+        yield url
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -154,29 +162,56 @@ def tokenizer(models):
     return AutoTokenizer.from_pretrained(str(default_model_path()))
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """What ``build(folder)`` writes in the folder ``name`` and returns (a JSON record), made once per test run: the
+    pytest-xdist workers share it (the pytest-xdist docs' "Making session-scoped fixtures execute only once"). The
+    first worker to ask builds it under a file lock, the others wait for its record. Its users only read the folder
+    (or copy it); a database row it needs is made by each worker in its own database from the record."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # a worker's is this run's popen-gwN
+    record = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not record.exists():
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose build failed left
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder)))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
-def default_runtime(pg_url: str, template_db: str) -> Iterator[dict[str, Any]]:
+def default_runtime(pg_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The active version as a fresh install leaves it after its first worker start: exported to the default
-    runtime, with its artifact, once per session. Returns the ``model_versions`` columns a test's database adopts
-    (:func:`adopt_runtime`) and the data dir of the artifact."""
-    data_dir = Path(tempfile.mkdtemp(prefix="pgsynapse-test-models-", dir="/tmp"))
-    name = f"pgsynapse_int8_{data_dir.name[-8:].lower()}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = with_db(pg_url, name)
-    try:
-        # the export's agreement check on its smallest sample: the same export and INT8 schemes in a fraction
-        # of the time (tests/integration/test_runtime_switch.py checks the agreement itself)
-        settings = load_settings(environ={}, database_url=url, data_dir=data_dir, export_sample_chunks=16)
-        assert settings.runtime == "onnx-int8"  # the default: what ships
-        optimise_active_version(settings, url)
-        with psycopg.connect(url, row_factory=dict_row) as conn:
-            row = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions WHERE id = 1").fetchone()
-        assert row and row["runtime"] != "torch", row
-        yield {**row, "data_dir": str(data_dir)}
-    finally:
-        drop_database(pg_url, name)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    runtime, with its artifact, once per test run (:func:`built_once`). Returns the ``model_versions`` columns a
+    test's database adopts (:func:`adopt_runtime`) and the data dir of the artifact: this xdist worker's copy, as the
+    workers its tests start write there (exports, candidates named by their job's id, rankers), and two databases
+    of two xdist workers may have a job of the same id."""
+
+    def export(data_dir: Path) -> dict[str, Any]:
+        name = f"pgsynapse_int8_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        url = with_db(pg_url, name)
+        try:
+            # the export's agreement check on its smallest sample: the same export and INT8 schemes in a fraction
+            # of the time (tests/integration/test_runtime_switch.py checks the agreement itself)
+            settings = load_settings(environ={}, database_url=url, data_dir=data_dir, export_sample_chunks=16)
+            assert settings.runtime == "onnx-int8"  # the default: what ships
+            optimise_active_version(settings, url)
+            with psycopg.connect(url, row_factory=dict_row) as conn:
+                row = conn.execute("SELECT runtime, artifact_path, metrics FROM pgsynapse.model_versions"
+                                   " WHERE id = 1").fetchone()
+            assert row and row["runtime"] != "torch", row
+            return {**row, "data_dir": str(data_dir)}
+        finally:
+            drop_database(pg_url, name)
+
+    built = built_once(tmp_path_factory, "default-runtime", export)
+    data_dir = tmp_path_factory.mktemp("default-runtime")
+    shutil.copytree(Path(built["data_dir"]) / "models", data_dir / "models", dirs_exist_ok=True)
+    # the record's paths (artifact_path, the export's in metrics) in this copy
+    return json.loads(json.dumps(built).replace(built["data_dir"], str(data_dir)))
 
 
 @pytest.fixture
@@ -190,8 +225,9 @@ def shipped(default_runtime: dict[str, Any], monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CLIP the test session teaches colour words (tests/image_models.py): no CLIP weights install here."""
-    return tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+    """A tiny CLIP the test run teaches colour words (tests/image_models.py), once (:func:`built_once`): no CLIP weights
+    install here."""
+    return Path(built_once(tmp_path_factory, "tiny-clip", lambda folder: {"path": str(tiny_clip(folder))})["path"])
 
 
 @pytest.fixture(scope="session")

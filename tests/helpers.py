@@ -213,6 +213,17 @@ def spawn_worker(
     return wp
 
 
+def pgsynapse(*args: str, url: str | None = None, cwd: str = "/tmp", env: dict[str, str] | None = None,
+              timeout: int = 600, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    """``python -m pgsynapse ARGS`` as a user runs it: in ``cwd``, with ``url`` as DATABASE_URL (none without it)."""
+    full = {**os.environ, **(env or {})}
+    full.pop("DATABASE_URL", None)
+    if url:
+        full["DATABASE_URL"] = url
+    return subprocess.run([python, "-m", "pgsynapse", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def adopt_runtime(url: str, version: dict[str, Any]) -> None:
     """Give a test's database the version exported by ``default_runtime``, as after a fresh install's first start."""
     with psycopg.connect(url, autocommit=True) as conn:

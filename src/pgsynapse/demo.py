@@ -62,10 +62,12 @@ async def check_data_answer(conn: psycopg.AsyncConnection, data: DataResult) -> 
             f"sql-correct {data.id} --sql \"...\"` (corrections train the next SQL model: docs/text-to-sql.md).")
 
 
-def run_demo(settings: Settings, *, limit: int = 55, out=sys.stdout) -> int:
+def run_demo(settings: Settings, *, limit: int = 55, out=None) -> int:
+    """The demo; it prints to ``out``, else to the ``sys.stdout`` of the call (a default bound at import printed past
+    a ``contextlib.redirect_stdout`` around it, and past pytest's capture of an in-process ``pgsynapse demo``)."""
     with Database(settings) as db:
         migrate(db.url)
-        return anyio.run(_demo, settings, db, limit, out)
+        return anyio.run(_demo, settings, db, limit, out or sys.stdout)
 
 
 def model_line(version: dict) -> str:

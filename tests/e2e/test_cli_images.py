@@ -12,8 +12,7 @@ import sys
 import anyio
 import pytest
 
-from tests.e2e.test_cli import pgsynapse
-from tests.helpers import fast_settings, running_worker
+from tests.helpers import fast_settings, pgsynapse, running_worker
 from tests.image_models import coloured_image, png_bytes
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ import pytest
 
 from pgsynapse.answerers.local_models import PRESETS, preset_not_installed
 from pgsynapse.demo import DATA_QUESTION, SHOP_SQL
-from tests.e2e.test_cli import pgsynapse
+from tests.helpers import pgsynapse
 
 def test_sql_commands_end_to_end(db_url, demo_sql_model, tmp_path):
     env = {"PGSYNAPSE_SQL_MODEL_PATH": demo_sql_model}

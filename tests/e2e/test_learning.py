@@ -19,8 +19,7 @@ from pgsynapse.learning.registry import retire
 from pgsynapse.learning.routing import choose_version
 from pgsynapse.models import default_model_path
 from pgsynapse.queries import q
-from tests.e2e.test_cli import pgsynapse
-from tests.helpers import aconn, spawn_worker, wait_until
+from tests.helpers import aconn, pgsynapse, spawn_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ from psycopg.rows import dict_row
 
 from pgsynapse.learning.canary import canary_command, ensure_canary, rebuild_canary
 from pgsynapse.learning.train import synthetic_pairs
-from tests.e2e.test_cli import pgsynapse
 from tests.e2e.test_learning import _pages
+from tests.helpers import pgsynapse
 
 
 def _insert(conn: psycopg.Connection, pages: list[dict]) -> list[int]:

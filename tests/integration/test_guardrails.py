@@ -15,8 +15,7 @@ from pgvector.psycopg import register_vector_async
 from pgsynapse.answerers import Answer, ExtractiveAnswerer
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.base import Job
-from tests.e2e.test_cli import pgsynapse
-from tests.helpers import SAFETY_TIMEOUT as SAFETY, aconn, fast_settings, running_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT as SAFETY, aconn, fast_settings, pgsynapse, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

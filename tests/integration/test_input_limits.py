@@ -13,8 +13,7 @@ from psycopg.rows import dict_row
 from pgsynapse.handlers.base import Job
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.status import render, snapshot
-from tests.e2e.test_cli import pgsynapse
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import aconn, fast_settings, insert_docs, pgsynapse, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -30,9 +30,8 @@ from pgsynapse.learning.registry import promote
 from pgsynapse.queries import q
 from pgsynapse.search import version_row
 from pgsynapse.status import render, snapshot
-from tests.e2e.test_cli import pgsynapse
 from tests.e2e.test_learning import _helpful_feedback, _pages
-from tests.helpers import aconn, fast_settings, logs_until, running_worker, wait_until
+from tests.helpers import aconn, fast_settings, logs_until, pgsynapse, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -36,8 +36,7 @@ from pgsynapse.textsql.context import schema_context
 from pgsynapse.textsql.cli import render_sql_gate, run_sql_model_command
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.pairs import load_pairs
-from tests.e2e.test_cli import pgsynapse
-from tests.helpers import aconn, drop_database, fast_settings, logs_until, running_worker, with_db
+from tests.helpers import aconn, drop_database, fast_settings, logs_until, pgsynapse, running_worker, with_db
 from tests.sql_models import tiny_sql_model
 
 COUNT, TOTAL, LARGEST = ("SELECT count(*) FROM orders", "SELECT sum(amount) FROM orders",
