@@ -87,7 +87,7 @@ class Rollout:
         def export_() -> None:  # a daemon thread: a worker thread of anyio's would keep the stopped process alive
             try:
                 optimise_version(self.settings, self.url, version, actor=self.worker_id, export=export,
-                                 abandon=abandon)
+                                 abandon=abandon, at_start=at_start)
             except ExportAbandoned:
                 pass
             except Exception as exc:  # noqa: BLE001 - the version stays as it is; the next heartbeat tries again

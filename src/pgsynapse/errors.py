@@ -36,6 +36,11 @@ class ModelError(PgsynapseError):
     """The embedding model cannot be loaded or does not match its registered version."""
 
 
+class SourceModelError(ModelError):
+    """An export's source model (the torch weights it starts from) cannot be loaded or does not match its version:
+    the export never began, so it is no verdict on the runtime (export.register.optimise_version)."""
+
+
 class InputError(PgsynapseError):
     """A row's content cannot be processed; recorded on the row, never retried."""
 

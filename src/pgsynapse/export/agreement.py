@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS, SAMPLE_CHUNKS_RANGE, SAMPLE_CHUNKS_WHY
-from pgsynapse.errors import InputError, ModelError
+from pgsynapse.errors import InputError, ModelError, SourceModelError
 from pgsynapse.export.fp32 import export_fp32
 from pgsynapse.export.quantize import SCHEMES, quantize_int8, scheme_error
 from pgsynapse.export.sample import sample_texts
@@ -102,7 +102,10 @@ def export_and_check(
         raise ModelError(f"cannot export runtime {runtime!r}: choose one of {sorted(ONNX_FILES)}")
     if scheme is not None and scheme not in SCHEMES:
         raise scheme_error(scheme)  # before any work: a scheme recorded by an older release, say
-    ref = load_embedder(source, threads=threads)
+    try:
+        ref = load_embedder(source, threads=threads)
+    except ModelError as exc:
+        raise SourceModelError(str(exc)) from exc
     chunks, queries = sample_texts(ref.tokenizer, corpus=corpus, questions=questions, n_chunks=n_chunks + 96,
                                    chunk_tokens=min(256, ref.max_seq_length))
     # outlier channels and activation ranges are calibrated on text the agreement is not measured on: 96 more

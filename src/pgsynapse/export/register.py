@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
 from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xact_lock
-from pgsynapse.errors import ModelError, RegistryError
+from pgsynapse.errors import ModelError, RegistryError, SourceModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
 from pgsynapse.export.sample import check_sample_files
@@ -205,7 +205,8 @@ def optimise_active_version(settings: Any, url: str, export: bool = True) -> Exp
 
 
 def optimise_version(settings: Any, url: str, version: int | None = None, *, actor: str = "worker",
-                     export: bool = True, abandon: Abandon | None = None) -> ExportReport | None:
+                     export: bool = True, abandon: Abandon | None = None, at_start: bool = False
+                     ) -> ExportReport | None:
     """Move a version (the active one when ``version`` is None) from torch to ``settings.runtime``, once.
 
     The first worker exports the model, checks its agreement on the shipped docs (:func:`export_and_check`) and
@@ -221,7 +222,9 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
 
     ``export=False`` (the worker of a one-shot command): a missing artifact is still rebuilt (it is needed to
     serve), but a version on torch is left as it is, waiting for a worker that exports it. ``abandon``: how a
-    stopping worker abandons the export (:class:`Abandon`); an abandoned export records nothing.
+    stopping worker abandons the export (:class:`Abandon`); an abandoned export records nothing. ``at_start`` (the
+    worker's start): a source model that does not load, or not at its version's dimension, is raised and recorded
+    nowhere, as the start stops on it; recorded, the export was never tried again once the model path was fixed.
     """
     # a transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
     # pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
@@ -276,10 +279,12 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                     break
                 shutil.rmtree(out, ignore_errors=True)
         except Exception as exc:  # noqa: BLE001 - any failure leaves torch serving; the reason is kept and logged
-            record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-            report = None
             if out is not None:
                 shutil.rmtree(out, ignore_errors=True)  # the failed attempt's partial artifact
+            if at_start and isinstance(exc, SourceModelError):
+                raise  # the start stops on it, recording nothing: the next start, its model fixed, exports
+            record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            report = None
             if not (abandon and abandon.abandoned):  # else its files went from under it: not a failure
                 log.warning("runtime_export_failed", version=row["id"], runtime=settings.runtime, error=record["error"])
         record["seconds"] = round(time.perf_counter() - started, 1)
