@@ -15,7 +15,7 @@ from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
 from pgsynapse.db import Database, worker_starting, worker_takes
-from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing
+from pgsynapse.errors import DatabaseError, PgsynapseError, SchemaMissing, Terminated
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
 from pgsynapse.migrate import migrate, schema_state, warn_if_newer
@@ -168,9 +168,20 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        # Ctrl-C: the answer (the statement) being generated is left to the next worker, not waited for
+        # Ctrl-C, SIGTERM: the answer (the statement) being generated is left to the next worker, not waited for
         worker.handlers[kind].stop_abandons = True  # type: ignore[attr-defined]
         started, errors, settled, answered = _Started(), [], anyio.Event(), []
+        watching, terminated = anyio.CancelScope(), []
+
+        async def terminating(asked: anyio.CancelScope, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+            # SIGTERM stops the command as Ctrl-C does: the wait for the answer ends, the worker stops, abandoning
+            # what it generates (by default SIGTERM ended the process at once, the question's job left leased)
+            with watching, anyio.open_signal_receiver(signal.SIGTERM) as received:
+                task_status.started()
+                async for _ in received:
+                    terminated.append(True)
+                    asked.cancel()
+                    return
 
         async def serving() -> None:
             try:
@@ -185,20 +196,26 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         with contextlib.ExitStack() as stopping:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(serving)
-                try:
-                    # asked while the worker starts, which then takes the question: the timeout counts the start too
-                    answered.append(await go(url, timeout, settled))
-                except AnswerTimeout as exc:
-                    errors.append(exc if exc.question_id is None or started.event.is_set()
-                                  else _NotStarted(exc.question_id))
-                except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
-                    errors.append(exc)
-                finally:
-                    settled.set()  # ended before its INSERT, if it never made one
-                    # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
-                    # cancellation interrupted", "discarding closed connection") are no news to the asker
-                    stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
-                    worker.request_stop()
+                with anyio.CancelScope() as asked:
+                    if threading.current_thread() is threading.main_thread():  # where signals come
+                        await tg.start(terminating, asked)
+                    try:
+                        # asked while the worker starts, which then takes the question: the timeout counts the start
+                        answered.append(await go(url, timeout, settled))
+                    except AnswerTimeout as exc:
+                        errors.append(exc if exc.question_id is None or started.event.is_set()
+                                      else _NotStarted(exc.question_id))
+                    except Exception as exc:  # noqa: BLE001 - raised as itself below, not in the ExceptionGroup
+                        errors.append(exc)
+                    finally:
+                        watching.cancel()
+                        settled.set()  # ended before its INSERT, if it never made one
+                        # the stop cancels its queries in flight (maintenance's): psycopg's warnings of them ("query
+                        # cancellation interrupted", "discarding closed connection") are no news to the asker
+                        stopping.enter_context(libraries_at_debug("psycopg", "psycopg.pool"))
+                        worker.request_stop()
+        if terminated and not answered:
+            raise Terminated("SIGTERM: the question was left pending for the next worker")
         if answered:  # printed (on_result): a failure of the worker at its stop is the worker's, not the question's
             for failed in errors:
                 log.warning("own_worker_stop_failed", what=what, id=asking[0].asked_id,

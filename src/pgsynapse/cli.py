@@ -21,7 +21,7 @@ from pgsynapse.config import early_log_format, load_settings, unknown_environmen
 from pgsynapse.db import SCHEMA_ERRORS, Database, describe_db_error
 from pgsynapse.demo import run_demo
 from pgsynapse.errors import (ConfigError, DatabaseError, DatabaseSetupError, ModelError, PgsynapseError,
-                              SchemaMissing)
+                              SchemaMissing, Terminated)
 from pgsynapse.exiting import end, work_done
 from pgsynapse.export import run_export
 from pgsynapse.guardrail_cli import run_guardrail_command
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, settings, str(exc), EX_REFUSED)
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
     except Exception as exc:
         if _log_format(args, settings) != "json":
             raise

@@ -53,3 +53,8 @@ class EndpointBusy(RuntimeError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Terminated(Exception):
+    """SIGTERM stopped ``ask`` or ``sql-ask`` while its own worker answered (the question left pending for the next
+    worker): the command exits 143 (128 + SIGTERM), as a shell reports a command SIGTERM ended."""

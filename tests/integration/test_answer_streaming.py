@@ -844,11 +844,14 @@ def _ctrl_c_as_on_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, models, sse):
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, models, sse,
+                                                                                                stop, code):
     """`pgsynapse ask` with no worker running answers with a worker of its own. Ctrl-C while that worker generated
     did nothing: the answer went on streaming to the terminal to its end (a second Ctrl-C too), and only then did
     the command end. Now the generation stops at its next piece, the job goes back to the queue at once (its attempt
-    not charged, its partial text withdrawn with a `retrying` NOTIFY) for the next worker, and the command exits 130."""
+    not charged, its partial text withdrawn with a `retrying` NOTIFY) for the next worker, and the command exits 130.
+    SIGTERM ended the command at once, the job left leased to a worker gone: it now stops as Ctrl-C does, exit 143."""
     SSE.gates = gates = [threading.Event() for _ in PIECES]  # each piece after the first waits for the test
     async with running_worker(fast_settings(db_url, kinds=("embed",)), models):
         await _corpus(db_url)
@@ -867,7 +870,7 @@ async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_quest
         with anyio.fail_after(SAFETY):
             first = json.loads((await anext(conn.notifies())).payload)
         assert first["status"] == "streaming", first
-        asker.send_signal(signal.SIGINT)
+        asker.send_signal(stop)
         logs.wait_event("worker_stopping")
         gates[0].set()  # the endpoint's next piece, once the stop was asked
         try:  # at that piece; before, it waited for the whole answer
@@ -884,7 +887,7 @@ async def test_ctrl_c_on_ask_stops_its_own_workers_generation_and_puts_the_quest
             g.set()
         asker.kill()
         await conn.close()
-    assert asker.returncode == 130, logs.tail()
+    assert asker.returncode == code, logs.tail()
     assert after == {"id": first["id"], "status": "retrying"}, after
     assert (row["status"], row["answer"]) == ("pending", None), row
     assert job == {"status": "pending", "attempts": 0, "lease_until": None}, job

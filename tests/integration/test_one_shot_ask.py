@@ -1,6 +1,6 @@
 """What `pgsynapse ask` and `sql-ask` say when a question is not answered, as a user runs them (cli.main in-process,
 its stdout and stderr): the question that was never asked (its INSERT cancelled at the timeout), the failure of the
-in-process worker that answers when no worker runs, and an answer that did not come; and what Ctrl-C
+in-process worker that answers when no worker runs, and an answer that did not come; and what Ctrl-C or SIGTERM
 does to `sql-ask` while its own worker generates (the command in a subprocess, as a terminal runs it)."""
 
 from __future__ import annotations
@@ -228,14 +228,14 @@ def held_sql():
     server.server_close()
 
 
-@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130)])
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_of_sql_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, held_sql,
                                                                                                 stop, code):
     """`pgsynapse sql-ask` with no worker running answers with a worker of its own. Ctrl-C while that worker
     generated waited for the whole generation (every candidate and fix turn: tens of seconds with a local model),
-    wrote a result nobody was shown, and only then exited. Now the generation stops at its next step (here: before
-    the sampled candidates' request), the job goes back to the queue at once (its attempt not charged, nothing
-    written to the row), and the command exits 130."""
+    wrote a result nobody was shown, and only then exited; SIGTERM killed the command at once, its job left leased.
+    Now the generation stops at its next step (here: before the sampled candidates' request), the job goes back to
+    the queue at once (its attempt not charged, nothing written to the row), and the command exits 130 (143)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id int); GRANT SELECT ON orders TO pgsynapse_reader")
     env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "PGSYNAPSE_SQL_RUNTIME": "openai",
