@@ -48,7 +48,7 @@ from pgsynapse.textsql.context import SchemaContext, schema_context
 from pgsynapse.textsql.execute import Limits, QueryFailed, Result, result_signature, run_readonly
 from pgsynapse.textsql import reader, registry
 from pgsynapse.textsql.registry import REGISTRY, choose_sql_model
-from pgsynapse.textsql.generate import SqlGenerator, SqlPrompt, make_generator
+from pgsynapse.textsql.generate import GenerationStopped, SqlGenerator, SqlPrompt, make_generator
 from pgsynapse.textsql.safety import UnsafeSQL, check_sql
 
 log = get_logger(__name__)
@@ -135,6 +135,14 @@ class SqlAnswerHandler(Handler[SqlWork]):
         self._generators: dict[tuple[str, str], SqlGenerator] = {}
         self._lock = threading.Lock()
         self.guard = Guard()
+        # `sql-ask`'s own worker (app.py): a stop (Ctrl-C, SIGTERM) abandons the statement being generated, at its
+        # next step, and its job goes back to the queue at once; `pgsynapse run` finishes it (SIGTERM drains)
+        self.stop_abandons = False
+        self._abandoning = threading.Event()
+
+    def abandon(self) -> None:
+        if self.stop_abandons:
+            self._abandoning.set()
 
     # -- models ---------------------------------------------------------------------------------------
     def generator(self, model: dict[str, Any]) -> SqlGenerator:
@@ -203,6 +211,9 @@ class SqlAnswerHandler(Handler[SqlWork]):
             for w in work:
                 try:
                     out.append(Outcome(w.job, result=self._answer(conn, w)))
+                except GenerationStopped:  # its worker stops: the next worker answers it, from the start
+                    log.info("sql_generation_stopped", question=w.job.ref_id, reason="abandoned")
+                    out.append(Outcome(w.job, error="abandoned: its worker stopped", abandoned=True))
                 except InputError as exc:  # the question's scope is wrong (no readable table...): no retry helps
                     out.append(input_error(w.job, exc, w.text_hash))
                 except ConfigError as exc:  # the model is not installed or not usable: an operator must act
@@ -245,7 +256,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
             conn, w.schema, w.tables, question=w.question, encode=encode, samples=s.sql_sample_values,
             max_tables=s.sql_max_tables, role=s.sql_reader_role)
         gen = self.generator(w.model)
-        ans = answer(conn, gen, SqlPrompt(w.question, ctx.text, tuple(w.history)), ctx, w.schema, s)
+        ans = answer(conn, gen, SqlPrompt(w.question, ctx.text, tuple(w.history)), ctx, w.schema, s,
+                     stop=self._abandoning)
         log.info("sql_answer_generated", question=w.job.ref_id, model=w.model["name"], status=ans.status,
                  candidates=ans.candidates, fixes=len(ans.fixes), seconds=round(ans.seconds, 2), error=ans.error)
         res = ans.best.result
@@ -304,14 +316,15 @@ def attempt(conn: psycopg.Connection, sql: str, ctx: SchemaContext, schema: str,
 
 
 def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: SchemaContext, schema: str,
-           settings: Settings) -> Answer:
+           settings: Settings, *, stop: threading.Event | None = None) -> Answer:
     """A question's statement and result, as the handler makes them (the benchmark calls this too): the
     candidates (``sql_candidates``), each checked and run, the vote (:func:`choose`), then, when no candidate ran
     and one failed with a fixable error, up to ``sql_fix_attempts`` fix turns (greedy, one statement each, each
-    shown the statements and errors before it). The first fixed statement that runs is the answer."""
+    shown the statements and errors before it). The first fixed statement that runs is the answer. ``stop``, once
+    set, ends it at the generation's next step (:class:`~pgsynapse.textsql.generate.GenerationStopped`)."""
     s = settings
     started = time.perf_counter()
-    candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature)
+    candidates = gen.generate(prompt, n=s.sql_candidates, temperature=s.sql_temperature, stop=stop)
     attempts = [attempt(conn, sql, ctx, schema, s) for sql in candidates] or [
         Attempt("", error=NO_STATEMENT, refused=True, reason="empty")]
     fitted = getattr(gen, "last_fitted", None)
@@ -322,7 +335,7 @@ def answer(conn: psycopg.Connection, gen: SqlGenerator, prompt: SqlPrompt, ctx: 
     turns: list[tuple[str, str]] = []
     while failing is not None and failing.fixable_error and len(ans.fixes) < s.sql_fix_attempts:
         turns.append((failing.said, failing.fixable_error))
-        said = gen.generate(replace(prompt, fix=tuple(turns)), n=1)
+        said = gen.generate(replace(prompt, fix=tuple(turns)), n=1, stop=stop)
         fixed = attempt(conn, said[0] if said else "", ctx, schema, s)
         ans.fixes.append(fixed)
         log.info("sql_fix_attempted", attempt=len(ans.fixes), error=failing.error,

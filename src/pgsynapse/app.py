@@ -179,8 +179,8 @@ def _answered(settings: Settings, kind: str, what: str, timeout: float,
         # no runtime export nor A/B decision: they would outlive the command (the real worker does them); a failed
         # job is no error to log: the command prints its question's reason
         worker = Worker(settings.model_copy(update={"kinds": (kind,)}), url, rollout=False, failures_are_errors=False)
-        if kind == "answer":  # Ctrl-C: the answer being generated is left to the next worker, not waited for
-            worker.handlers[kind].stop_abandons = True  # type: ignore[attr-defined]
+        # Ctrl-C, SIGTERM: the answer (the statement) being generated is left to the next worker, not waited for
+        worker.handlers[kind].stop_abandons = True  # type: ignore[attr-defined]
         started, errors, settled, answered = _Started(), [], anyio.Event(), []
 
         async def serving() -> None:

@@ -1,23 +1,27 @@
 """What `pgsynapse ask` and `sql-ask` say when a question is not answered, as a user runs them (cli.main in-process,
 its stdout and stderr): the question that was never asked (its INSERT cancelled at the timeout), the failure of the
-in-process worker that answers when no worker runs, and an answer that did not come."""
+in-process worker that answers when no worker runs, and an answer that did not come; and what Ctrl-C or SIGTERM
+does to `sql-ask` while its own worker generates (the command in a subprocess, as a terminal runs it)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
 
 from pgsynapse.cli import main
 from pgsynapse.handlers.answer import AnswerHandler
-from tests.helpers import SAFETY_TIMEOUT, aconn, wait_until, with_db
+from tests.helpers import SAFETY_TIMEOUT, WorkerProcess, aconn, wait_until, with_db
+from tests.integration.test_answer_streaming_crash import _ctrl_c_as_on_a_terminal
 
 
 @pytest.fixture
@@ -212,3 +216,84 @@ async def test_sigterm_while_the_question_waits_exits_143_and_leaves_nothing_run
     assert asker.returncode == 143, err
     assert "Traceback" not in err and out == "", (out, err)
     assert workers == 0  # its worker stopped and deregistered, as after a Ctrl-C
+
+
+class HeldSql(BaseHTTPRequestHandler):
+    """An OpenAI-compatible SQL endpoint that says ``SELECT count(*) FROM orders``; the first request is answered
+    only once ``release`` is set (``came`` says it arrived): a generation in progress, held by the test."""
+
+    requests: list[dict] = []
+    came = threading.Event()
+    release = threading.Event()
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        HeldSql.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        if len(HeldSql.requests) == 1:
+            HeldSql.came.set()
+            HeldSql.release.wait(SAFETY_TIMEOUT)
+        n = HeldSql.requests[-1].get("n", 1)
+        choice = {"message": {"role": "assistant", "content": "SELECT count(*) FROM orders"}, "finish_reason": "stop"}
+        body = json.dumps({"choices": [{"index": i, **choice} for i in range(n)]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def held_sql():
+    HeldSql.requests, HeldSql.came, HeldSql.release = [], threading.Event(), threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeldSql)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    HeldSql.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_of_sql_ask_stops_its_own_workers_generation_and_puts_the_question_back_at_once(db_url, held_sql,
+                                                                                                stop, code):
+    """`pgsynapse sql-ask` with no worker running answers with a worker of its own. Ctrl-C while that worker
+    generated waited for the whole generation (every candidate and fix turn: tens of seconds with a local model),
+    wrote a result nobody was shown, and only then exited; SIGTERM killed the command at once, its job left leased.
+    Now the generation stops at its next step (here: before the sampled candidates' request), the job goes back to
+    the queue at once (its attempt not charged, nothing written to the row), and the command exits 130 (143)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int); GRANT SELECT ON orders TO pgsynapse_reader")
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, "PGSYNAPSE_SQL_RUNTIME": "openai",
+           "PGSYNAPSE_OPENAI_BASE_URL": held_sql, "PGSYNAPSE_SQL_MODEL_PATH": "m", "PGSYNAPSE_SQL_CANDIDATES": "3",
+           "PGSYNAPSE_LOG_LEVEL": "info"}
+    asker = subprocess.Popen([sys.executable, "-m", "pgsynapse", "--database-url", db_url, "--log-format", "json",
+                              "sql-ask", "how many orders?"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_as_on_a_terminal)
+    logs = WorkerProcess(asker)
+    threading.Thread(target=logs._pump, daemon=True).start()
+    try:
+        assert HeldSql.came.wait(SAFETY_TIMEOUT), f"no request for the statement: {logs.tail()}"
+        asker.send_signal(stop)
+        logs.wait_event("worker_stopping")
+        HeldSql.release.set()  # the greedy statement comes, once the stop was asked
+        try:  # before the sampled candidates' request; before, after it, the check and the run of all three
+            asker.wait(SAFETY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`pgsynapse sql-ask` still generates {SAFETY_TIMEOUT} s after its stop: {logs.tail()}")
+        out = asker.stdout.read()
+    finally:
+        HeldSql.release.set()
+        asker.kill()
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT status, sql, result, error FROM pgsynapse.data_questions").fetchone()
+        job = conn.execute("SELECT status, attempts, lease_until FROM pgsynapse.jobs WHERE kind = 'sql_answer'"
+                           ).fetchone()
+    assert asker.returncode == code, logs.tail()
+    assert len(HeldSql.requests) == 1, HeldSql.requests
+    assert row == ("pending", None, None, None), row
+    assert job == ("pending", 0, None), job
+    assert not out, out  # no result: none was made
+    stopped = logs.wait_event("sql_generation_stopped")
+    assert stopped["reason"] == "abandoned", stopped

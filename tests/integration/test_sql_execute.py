@@ -404,7 +404,7 @@ class Says:
     def __init__(self, sql: str) -> None:
         self.sql = sql
 
-    def generate(self, prompt, n=1, temperature=0.0):
+    def generate(self, prompt, n=1, temperature=0.0, stop=None):
         return [self.sql] * n
 
 

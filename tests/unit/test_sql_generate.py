@@ -24,6 +24,7 @@ from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.textsql.generate import (
     FIX_REQUEST,
     SYSTEM,
+    GenerationStopped,
     OpenAISqlGenerator,
     SqlPrompt,
     TransformersSqlGenerator,
@@ -207,6 +208,28 @@ def test_more_candidates_are_the_greedy_one_then_sampled_ones(tiny):
     candidates = generator.generate(prompt, n=4, temperature=1.5)
     assert len(candidates) == 4 and candidates[0] == as_generated(sql)
     assert any(c != candidates[0] for c in candidates[1:])  # sampled (seeded: the same on every run)
+
+
+def test_a_stop_ends_a_local_generation_at_its_next_token(tiny):
+    """`sql-ask`'s own worker stopping (Ctrl-C) set its stop event: the local model generated on to the end of its
+    statement, and its sampled candidates after it. Now it stops at its next token: no statement."""
+    generator, pairs = tiny
+    stop, forwards = threading.Event(), []
+
+    def forward(mod, args, kwargs):
+        forwards.append(1)
+        stop.set()  # during the first forward pass: the stop comes while the model generates
+
+    hook = generator.model.register_forward_pre_hook(forward, with_kwargs=True)
+    try:
+        with pytest.raises(GenerationStopped):
+            generator.generate(pairs[1][0], n=3, stop=stop)
+    finally:
+        hook.remove()
+    assert len(forwards) == 1, forwards  # the first token's; the statement takes a dozen, each a forward pass
+    with pytest.raises(GenerationStopped):  # one set before it starts: no forward pass at all
+        generator.generate(pairs[1][0], stop=stop)
+    assert len(forwards) == 1 and generator.generate(pairs[1][0]) == [as_generated(pairs[1][1])]
 
 
 def test_the_training_example_is_what_inference_renders_and_emits():
@@ -508,6 +531,25 @@ def test_llama_cpp_runs_a_gguf_with_its_chat_template_within_the_budget(tmp_path
     assert generator.last_prompt.endswith("Question: how many orders are there?<|im_end|>\n<|im_start|>assistant\n")
     assert generator.last_stats["prompt_tokens"] <= 256 - 8
     assert 0 < len(generator.last_fitted.schema_context) < len(big.schema_context)
+
+
+def test_a_stop_ends_a_llama_cpp_generation_at_its_next_token(tmp_path):
+    pytest.importorskip("gguf", reason="writing the test's GGUF needs the gguf package")
+    pytest.importorskip("llama_cpp", reason="sql_runtime = llama-cpp needs llama-cpp-python (pgsynapse[llama])")
+    _tiny_gguf(tmp_path / "tiny.gguf", context=256)
+    generator = LlamaCppSqlGenerator(str(tmp_path / "tiny.gguf"), max_new_tokens=8, context_tokens=0, threads=1)
+    stop, pieces, complete = threading.Event(), [], generator.model.create_completion
+
+    def completion(*args, **kwargs):
+        for chunk in complete(*args, **kwargs):
+            pieces.append(chunk)
+            stop.set()  # while it generates: after its first token
+            yield chunk
+
+    generator.model.create_completion = completion
+    with pytest.raises(GenerationStopped):
+        generator.generate(SqlPrompt("how many orders are there?", SCHEMA), n=3, stop=stop)
+    assert len(pieces) == 1, pieces  # not 8 tokens, nor the two sampled candidates after them
 
 
 def test_auto_runtime_runs_gguf_models_on_llama_cpp_when_it_is_installed(tmp_path):

@@ -187,24 +187,38 @@ class SqlGenerator(Protocol):
     last_fitted: SqlPrompt | None  # the prompt the last generate() gave the model, after its budget's trimming
     lock: threading.RLock  # held by generate(); hold it around generate() and the reading of last_* when threads share
 
-    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7,
+                 stop: threading.Event | None = None) -> list[str]:
         """n == 1: the greedy statement; n > 1: the greedy one first, then n - 1 sampled. Each through
-        :func:`extract_sql` ("" for an output without a statement)."""
+        :func:`extract_sql` ("" for an output without a statement). ``stop``, once set (its worker stops), ends the
+        generation at its next step (a candidate, a local model's next token): :class:`GenerationStopped`."""
         ...
 
 
-def _stopper(tokenizer, start: int):
+class GenerationStopped(Exception):
+    """The generation was stopped (its ``stop`` event set: its worker stops): it gave no statement."""
+
+
+def _stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise GenerationStopped("the SQL generation was stopped: its worker stops")
+
+
+def _stopper(tokenizer, start: int, stop: threading.Event | None = None):
     import torch
     from transformers import StoppingCriteria
 
     class StatementEnd(StoppingCriteria):
-        """Stops each sequence once its new text holds a whole statement (checked when a token with ';' comes)."""
+        """Stops each sequence once its new text holds a whole statement (checked when a token with ';' comes),
+        and all of them once ``stop`` is set."""
 
         def __init__(self) -> None:
             self.pieces: dict[int, bool] = {}
 
         def __call__(self, input_ids, scores, **kwargs):
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if stop is not None and stop.is_set():
+                return ~done
             for row, ids in enumerate(input_ids):
                 last = int(ids[-1])
                 if last not in self.pieces:
@@ -222,13 +236,15 @@ class _OneAtATime:
 
     lock: threading.RLock
 
-    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7) -> list[str]:
+    def generate(self, prompt: SqlPrompt, n: int = 1, temperature: float = 0.7,
+                 stop: threading.Event | None = None) -> list[str]:
         if n < 1:
             raise ValueError(f"n must be at least 1, not {n}")
         with self.lock:
-            return self._generate(prompt, n, temperature)
+            _stopped(stop)
+            return self._generate(prompt, n, temperature, stop)
 
-    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float, stop: threading.Event | None) -> list[str]:
         raise NotImplementedError
 
 
@@ -270,7 +286,7 @@ class TransformersSqlGenerator(_OneAtATime):
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float, stop: threading.Event | None) -> list[str]:
         import torch
 
         fitted, text = fit_prompt(prompt, lambda p: prompt_text(p, self.tokenizer), self._count, self.prompt_budget)
@@ -281,12 +297,14 @@ class TransformersSqlGenerator(_OneAtATime):
         common = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.end_ids or None, pad_token_id=self.pad_id)
         started = time.perf_counter()
         with torch.no_grad():
-            rows = list(self.model.generate(**enc, do_sample=False, stopping_criteria=[_stopper(self.tokenizer, start)],
-                                            **common))
+            rows = list(self.model.generate(**enc, do_sample=False,
+                                            stopping_criteria=[_stopper(self.tokenizer, start, stop)], **common))
+            _stopped(stop)
             if n > 1:
                 rows += list(self.model.generate(**enc, do_sample=True, temperature=temperature,
                                                  num_return_sequences=n - 1,
-                                                 stopping_criteria=[_stopper(self.tokenizer, start)], **common))
+                                                 stopping_criteria=[_stopper(self.tokenizer, start, stop)], **common))
+                _stopped(stop)
         outputs = [self.tokenizer.decode(r[start:], skip_special_tokens=True) for r in rows]
         self.last_stats = {"prompt_tokens": start, "new_tokens": int(len(rows[0]) - start),
                            "seconds": time.perf_counter() - started}
@@ -326,7 +344,7 @@ class LlamaCppSqlGenerator(_OneAtATime):
             return self.formatter(messages=render_messages(p)).prompt
         return render_text(p)
 
-    def _complete(self, text: str, temperature: float, seed: int) -> tuple[str, int]:
+    def _complete(self, text: str, temperature: float, seed: int, stop: threading.Event | None) -> tuple[str, int]:
         pieces: list[str] = []
         n = 0
         stream = self.model.create_completion(text, max_tokens=self.max_new_tokens, temperature=temperature,
@@ -336,20 +354,21 @@ class LlamaCppSqlGenerator(_OneAtATime):
                 piece = chunk["choices"][0]["text"]
                 n += 1
                 pieces.append(piece)
-                if ";" in piece and statement_complete("".join(pieces)):
+                if (";" in piece and statement_complete("".join(pieces))) or (stop is not None and stop.is_set()):
                     break
         finally:
             stream.close()
+        _stopped(stop)
         return "".join(pieces), n
 
-    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float, stop: threading.Event | None) -> list[str]:
         fitted, text = fit_prompt(prompt, self._render, self._count, self.prompt_budget)
         self.last_fitted, self.last_prompt = fitted, text
         started = time.perf_counter()
-        first, tokens = self._complete(text, 0.0, 0)
+        first, tokens = self._complete(text, 0.0, 0, stop)
         outputs = [first]
         for i in range(1, n):
-            outputs.append(self._complete(text, temperature, i)[0])
+            outputs.append(self._complete(text, temperature, i, stop)[0])
         self.last_stats = {"prompt_tokens": self._count(text), "new_tokens": tokens,
                            "seconds": time.perf_counter() - started}
         return [extract_sql(o) for o in outputs]
@@ -389,11 +408,12 @@ class OpenAISqlGenerator(_OneAtATime):
 
         return post_json(self.url, self.api_key, payload, read, timeout=self.timeout, what="SQL endpoint")
 
-    def _generate(self, prompt: SqlPrompt, n: int, temperature: float) -> list[str]:
+    def _generate(self, prompt: SqlPrompt, n: int, temperature: float, stop: threading.Event | None) -> list[str]:
         self.last_fitted = prompt
         messages = render_messages(prompt)
         started = time.perf_counter()
         outputs = self._ask(messages, 1, 0.0)[:1]
+        _stopped(stop)  # a request under way is answered (the endpoint computes it anyway), none more is sent
         if outputs and outputs[0][1]:  # the greedy statement, cut: run as it is, it would fail as a syntax error
             limit = (f"sql_max_new_tokens ({self.max_new_tokens}, sent as max_tokens) or at its model's context "
                      "length" if self.max_new_tokens else "its model's token limit")
@@ -402,6 +422,7 @@ class OpenAISqlGenerator(_OneAtATime):
                               "sql_max_new_tokens [PGSYNAPSE_SQL_MAX_NEW_TOKENS]")
         while len(outputs) < n:
             outputs += self._ask(messages, n - len(outputs), temperature)[: n - len(outputs)]
+            _stopped(stop)
         self.last_stats = {"seconds": time.perf_counter() - started}
         # a sampled statement cut is left out: no statement (refused as empty, never run), the vote goes on without it
         return ["" if cut else extract_sql(text) for text, cut in outputs]
@@ -461,7 +482,7 @@ def make_generator(runtime: str, path: str, settings: Settings, *, subject: str 
 
 
 __all__: Sequence[str] = [
-    "FIX_REQUEST", "SYSTEM", "LlamaCppSqlGenerator", "auto_runtime", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
+    "FIX_REQUEST", "SYSTEM", "GenerationStopped", "LlamaCppSqlGenerator", "auto_runtime", "OpenAISqlGenerator", "SqlGenerator", "SqlPrompt", "TransformersSqlGenerator",
     "encode_example", "end_token", "extract_sql", "fit_prompt", "make_generator", "prompt_text", "render_messages",
     "render_text", "split_tables", "statement_complete", "training_example",
 ]
