@@ -108,10 +108,9 @@ def run_export(
             with conn.transaction():
                 register(conn, report, row, switch=switch)
                 if switch:  # recorded as a worker's own switch is: a host without the artifact builds it again
-                    record = {"requested": runtime, "runtime": runtime, "tried": [
-                        {"runtime": runtime, "accepted": True, "overlap_at_10": report.agreement.overlap_at_10,
-                         "scheme": report.options.get("scheme")}], "sample_chunks": n_chunks, "threshold": threshold,
-                        "sha256": _sha256(out / ONNX_FILES[runtime]), "seconds": report.seconds}
+                    record = {"requested": runtime, "runtime": runtime, "tried": [_tried(runtime, report)],
+                              "sample_chunks": n_chunks, "threshold": threshold,
+                              "sha256": _sha256(out / ONNX_FILES[runtime]), "seconds": report.seconds}
                     conn.execute(q("record_export", "export.sql"), {"record": json.dumps(record), "version": row["id"]})
                     _settled(conn, row, record, "cli")
         else:
@@ -270,9 +269,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
                 out = (abandon.new_dir if abandon else new_artifact_dir)(settings.data_dir, row["id"], runtime)
                 report = export_and_check(source, out, runtime, n_chunks=settings.export_sample_chunks,
                                           threads=settings.onnx_threads or settings.torch_threads)
-                record["tried"].append({"runtime": runtime, "accepted": report.accepted,
-                                        "overlap_at_10": report.agreement.overlap_at_10,
-                                        "scheme": report.options.get("scheme")})
+                record["tried"].append(_tried(runtime, report))
                 if report.accepted:
                     record["sample_chunks"] = settings.export_sample_chunks
                     record["sha256"] = _sha256(out / ONNX_FILES[runtime])
@@ -323,6 +320,13 @@ def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, acto
         conn.execute(q("notify_models", "learning.sql"), {"change": "runtime", "version": row["id"]})
         log.info("model_runtime_settled", version=row["id"], status=row["status"],
                  runtime=(record or {}).get("runtime", row["runtime"]))
+
+
+def _tried(runtime: str, report: ExportReport) -> dict[str, Any]:
+    """One export attempt as a ``runtime_export`` record lists it (``tried``): the worker's, and `model export
+    --switch`'s."""
+    return {"runtime": runtime, "accepted": report.accepted, "overlap_at_10": report.agreement.overlap_at_10,
+            "scheme": report.options.get("scheme")}
 
 
 def switch_record(row: dict[str, Any]) -> dict[str, Any]:
