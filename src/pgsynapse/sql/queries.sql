@@ -96,16 +96,12 @@ WHERE id = %(id)s AND status = 'running' AND worker = %(worker)s;
 -- name: close_job_of_removed_row
 -- A job that fails for good after its row was deleted or truncated while it ran: done, as the DELETE and TRUNCATE
 -- triggers close the failed jobs of the rows they remove (triggers/deleted_rows_v1.sql, truncated_rows_v1.sql), not
--- failed for a row that is no more. A bulk load's job (ref_ids) is not one row's. Nothing when the row is there.
+-- failed for a row that is no more (job_row_removed_v1, migration 0046: never a bulk load's job, ref_ids). Nothing
+-- when the row is there.
 UPDATE pgsynapse.jobs j
 SET status = 'done', finished_at = now(), lease_until = NULL, skip_reason = 'its row was deleted'
-WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s AND j.ref_ids IS NULL AND CASE j.kind
-    WHEN 'embed' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.documents r WHERE r.id = j.ref_id)
-    WHEN 'answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.questions r WHERE r.id = j.ref_id)
-    WHEN 'embed_image' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.images r WHERE r.id = j.ref_id)
-    WHEN 'sql_answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.data_questions r WHERE r.id = j.ref_id)
-    ELSE false
-END;
+WHERE j.id = %(id)s AND j.status = 'running' AND j.worker = %(worker)s
+  AND pgsynapse.job_row_removed_v1(j.kind, j.ref_id, j.ref_ids);
 
 -- name: fail_job
 UPDATE pgsynapse.jobs
@@ -122,20 +118,15 @@ RETURNING kind, ref_id;
 -- the same work on its latest state (requeued, it would write the same result a second time). A job out of
 -- attempts is superseded alike: the row was edited after its claim, the newer job has the new text, and failing
 -- the row would put the old text's failure over the new text's result. A job out of attempts whose row was deleted
--- or truncated meanwhile is closed as done (skip_reason 'its row was deleted'), as close_job_of_removed_row closes
--- one that fails for good in its worker, not failed for a row that is no more. The requeued jobs are returned: the
--- caller withdraws what they wrote to their rows (an answer's partial text: handlers' record_retry), in row id order
--- as the failed ones (the order the writers lock rows in: handlers' lock_rows).
+-- or truncated meanwhile (job_row_removed_v1, migration 0046) is closed as done (skip_reason 'its row was
+-- deleted'), as close_job_of_removed_row closes one that fails for good in its worker, not failed for a row that is
+-- no more. The requeued jobs are returned: the caller withdraws what they wrote to their rows (an answer's partial
+-- text: handlers' record_retry), in row id order as the failed ones (the order the writers lock rows in: handlers'
+-- lock_rows).
 WITH expired AS (
     SELECT id, kind, ref_id, worker, kind = ANY(%(isolate_kinds)s) AS isolate,
            attempts - (kind = ANY(%(isolate_kinds)s) AND NOT solo)::int AS charged,
-           ref_ids IS NULL AND CASE kind
-               WHEN 'embed' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.documents r WHERE r.id = ref_id)
-               WHEN 'answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.questions r WHERE r.id = ref_id)
-               WHEN 'embed_image' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.images r WHERE r.id = ref_id)
-               WHEN 'sql_answer' THEN NOT EXISTS (SELECT 1 FROM pgsynapse.data_questions r WHERE r.id = ref_id)
-               ELSE false
-           END AS removed
+           pgsynapse.job_row_removed_v1(kind, ref_id, ref_ids) AS removed
     FROM pgsynapse.jobs
     WHERE status = 'running' AND lease_until < now()
     FOR UPDATE SKIP LOCKED
