@@ -30,8 +30,8 @@ SAMPLE_CHUNKS_WHY = "the top-10 agreement of 10 chunks or fewer is 1.0 whatever 
 JOB_KINDS = ("embed", "answer", "retrain", "backfill", "embed_image", "sql_answer", "sql_retrain")
 
 # settings that may carry a password or a key: an error about them never shows the value
-SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "sql_reader_url", "openai_api_key",
-                             "openai_base_url"})
+SECRET_SETTINGS = frozenset({"database_url", "listen_url", "read_url", "sql_reader_url", "sql_reader_password",
+                             "openai_api_key", "openai_base_url"})
 
 
 def default_data_dir() -> Path:
@@ -371,7 +371,7 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
 
 # PGSYNAPSE_ names that are not settings: the config file's path, docker/compose.yaml's published port, and the
 # tests' and benchmarks' own (tests/conftest.py, bench/common.py)
-ENV_NOT_SETTINGS = frozenset({"CONFIG", "DB_PORT", "SQL_READER_PASSWORD"})  # the last: `pgsynapse reader-login`
+ENV_NOT_SETTINGS = frozenset({"CONFIG", "DB_PORT"})
 ENV_OTHER_PREFIXES = ("TEST_", "BENCH_")
 
 

@@ -1,5 +1,5 @@
 """`pgsynapse reader-login` gives the reader role a password (its SCRAM verifier only), and the worker logs in as
-the reader with it."""
+the reader with it: in sql_reader_url, or in sql_reader_password, which no URL has to hold."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 import pytest
 
+from pgsynapse.config import load_settings
+from pgsynapse.errors import ConfigError
 from pgsynapse.textsql import reader
 from tests.helpers import fast_settings
 
@@ -110,3 +113,71 @@ def test_reader_login_refuses_without_a_password_and_on_the_embedded_server(db_u
     assert "run reader-login as a superuser" in refused.stderr
     assert _reader_role(db_url) == before
 
+
+# compose put SQL_READER_PASSWORD into the worker's sql_reader_url as written: each of these broke the URL
+ANY_CHARACTERS = "p@ss/w:rd#50%?x"
+
+
+@pytest.fixture
+def password_login(db_url):
+    """A login granted pgsynapse_reader and nothing else (check_login takes one), of which the server asks its
+    password: a pg_hba.conf line for it alone before the test server's own (its socket trusts every login), so a
+    wrong password or none is refused, as on a server of yours. Yields its URL, which holds no password. Roles and
+    pg_hba.conf are the cluster's: both as they were after."""
+    role = f"reader_pw_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        hba = Path(conn.execute("SHOW hba_file").fetchone()[0])
+        if not os.access(hba, os.W_OK):
+            pytest.skip("the server's pg_hba.conf cannot be written here (not the embedded test server)")
+        conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE pgsynapse_reader")
+        before = hba.read_text()
+        hba.write_text(f"local all {role} scram-sha-256\n{before}")
+        conn.execute("SELECT pg_reload_conf()")
+    url = make_conninfo(db_url, user=role, password=None)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the postmaster has read the line (pg_reload_conf only signals it)
+            try:
+                psycopg.connect(url).close()
+            except psycopg.OperationalError as exc:
+                assert "password" in str(exc), exc
+                break
+            assert time.monotonic() < deadline, "the server never asked the login for its password"
+        yield role, url
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            hba.write_text(before)
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_the_worker_logs_in_as_the_reader_with_a_password_no_url_could_hold(db_url, password_login, tmp_path):
+    """docker compose wrote SQL_READER_PASSWORD into the worker's sql_reader_url
+    (postgresql://pgsynapse_reader:PASSWORD@db:5432/pgsynapse), so a password with @ / : # ? % broke the URL; only
+    `reader-login` read PGSYNAPSE_SQL_READER_PASSWORD. The worker reads it too (sql_reader_password) and gives it to
+    libpq as it is, beside a URL that holds none. A URL that holds its own password logs in with that one, as
+    before, even with the variable set (reader-login's, in the same environment); a wrong one is refused without
+    being shown. reader-login takes the password of a config file's sql_reader_password too (the worker's)."""
+    role, url = password_login
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text(f'sql_reader_password = "{ANY_CHARACTERS}"\n')
+    done = _reader_login(db_url, PGSYNAPSE_SQL_READER_ROLE=role, PGSYNAPSE_CONFIG=str(config))
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(psycopg.ProgrammingError):  # the URL compose wrote
+        psycopg.connect(f"postgresql://{role}:{ANY_CHARACTERS}@/{conninfo_to_dict(db_url)['dbname']}").close()
+    def logs_in(settings) -> None:
+        reader.prepare_at_start(db_url, settings)  # the worker's check at its start, on that login
+        with reader.connect(settings) as conn:  # where the worker runs the statements
+            assert conn.execute("SELECT session_user, current_user").fetchone() == (role, role)
+
+    worker = load_settings(environ={"DATABASE_URL": db_url, "PGSYNAPSE_SQL_READER_URL": url,
+                                    "PGSYNAPSE_SQL_READER_PASSWORD": ANY_CHARACTERS})  # compose's worker now
+    logs_in(worker)
+    assert ANY_CHARACTERS not in repr(worker)
+    in_url = make_conninfo(url, password=ANY_CHARACTERS)  # its key=value form quotes any character
+    logs_in(fast_settings(db_url, sql_reader_url=in_url))
+    logs_in(fast_settings(db_url, sql_reader_url=in_url, sql_reader_password="reader-login's, maybe older"))
+    wrong = "wrong-" + ANY_CHARACTERS
+    with pytest.raises(ConfigError, match=f'sql_reader_url: .*password authentication failed for user "{role}"') as refused:
+        reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url, sql_reader_password=wrong))
+    assert ANY_CHARACTERS not in str(refused.value)

@@ -167,7 +167,7 @@ def test_settings_go_at_the_top_level_or_under_the_pgsynapse_table_not_both(tmp_
 def test_a_mistyped_environment_variable_is_named_with_the_one_it_meant():
     environ = {"PGSYNAPSE_BACH_SIZE": "5", "PGSYNAPSE_BATCH_SIZE": "4", "PGSYNAPSE_CONFIG": "x.toml",
                "PGSYNAPSE_DB_PORT": "5433", "PGSYNAPSE_TEST_DATABASE_URL": "x", "PGSYNAPSE_BENCH_DATA": "x",
-               "PGSYNAPSE_SQL_READER_PASSWORD": "x", "PGSYNAPSE_ZZZ": "1", "PATH": "/bin"}  # reader-login's
+               "PGSYNAPSE_SQL_READER_PASSWORD": "x", "PGSYNAPSE_ZZZ": "1", "PATH": "/bin"}  # sql_reader_password
     assert unknown_environment(environ) == [("PGSYNAPSE_BACH_SIZE", "PGSYNAPSE_BATCH_SIZE"), ("PGSYNAPSE_ZZZ", None)]
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 
 from pgsynapse.cli import EX_CONFIG, _settings
 from pgsynapse.cli_args import build_parser, parse_args
-from pgsynapse.config import ENV_NOT_SETTINGS, ENV_PREFIX, Settings
+from pgsynapse.config import ENV_NOT_SETTINGS, ENV_PREFIX, Settings, conninfo_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "pgsynapse.service"
@@ -212,14 +213,17 @@ def test_compose_postgres_migrate_then_worker():
     _check_setting_names({k for k in worker["environment"] if k.startswith("PGSYNAPSE_")})
 
 
-@pytest.mark.parametrize("host_env", [{}, {"SQL_READER_PASSWORD": "s3cret-Reader", "POSTGRES_PASSWORD": "other"}])
+@pytest.mark.parametrize("host_env", [{}, {"SQL_READER_PASSWORD": "s3cret-Reader", "POSTGRES_PASSWORD": "other"},
+                                      {"SQL_READER_PASSWORD": "p@ss/w:rd#50%?x"}])
 def test_compose_runs_generated_statements_on_the_readers_own_login(host_env):
     """compose set no sql_reader_url: its worker warned sql_reader_shares_worker_session and ran data questions on
     its own session, where a statement past the parser check could set its role back to the worker's. A step after
     migrate gives pgsynapse_reader a login with the password of SQL_READER_PASSWORD, and the worker's
     sql_reader_url logs in with it. The step ran psql with `ALTER ROLE ... PASSWORD :'reader_password'`: the
     password itself went to the server (its log under log_statement, pg_stat_statements); it runs `pgsynapse
-    reader-login` of the pgsynapse image, which sends its SCRAM verifier only, the password in its environment."""
+    reader-login` of the pgsynapse image, which sends its SCRAM verifier only, the password in its environment.
+    The worker's sql_reader_url held the password as written, which @ / : # ? % broke: the URL holds none, and the
+    worker has the password in its own PGSYNAPSE_SQL_READER_PASSWORD (sql_reader_password, given to libpq as is)."""
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     step, worker, migrate = services["reader-login"], services["worker"], services["migrate"]
     assert step["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -234,7 +238,9 @@ def test_compose_runs_generated_statements_on_the_readers_own_login(host_env):
     assert env["DATABASE_URL"] == database  # as migrate: the admin, who may alter the role
     assert not (COMPOSE.parent / "reader-login.sql").exists()  # psql's file, gone with it
     url = _compose_interpolate(worker["environment"]["PGSYNAPSE_SQL_READER_URL"], host_env)
-    assert url == f"postgresql://pgsynapse_reader:{password}@db:5432/pgsynapse", url
+    assert url == "postgresql://pgsynapse_reader@db:5432/pgsynapse", url
+    assert _compose_interpolate(worker["environment"]["PGSYNAPSE_SQL_READER_PASSWORD"], host_env) == password
+    assert not conninfo_problem(url) and "password" not in conninfo_to_dict(url)
     assert url.rsplit("@", 1)[1] == database.rsplit("@", 1)[1]  # the same server and database as the worker's
     _check_setting_names({k for k in step["environment"] if k.startswith("PGSYNAPSE_")})
 

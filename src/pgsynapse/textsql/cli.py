@@ -32,7 +32,7 @@ from pgsynapse.textsql.execute import Limits, QueryFailed, run_readonly
 from pgsynapse.textsql.names import scope_parameters
 from pgsynapse.textsql.safety import CheckedSQL, UnsafeSQL, check_sql
 
-READER_PASSWORD = "PGSYNAPSE_SQL_READER_PASSWORD"  # `reader-login`'s password (config.py: no setting)
+READER_PASSWORD = "PGSYNAPSE_SQL_READER_PASSWORD"  # `reader-login`'s password, and the worker's (sql_reader_password)
 MAX_CELL = 40
 NULL_CELL = "(null)"  # a SQL NULL in a table cell (psql's `\pset null '(null)'`): apart from the text 'NULL' and ''
 # a failed statement's stored error ("the statement failed: division by zero ..."), printed after "failed: "
@@ -308,13 +308,16 @@ def render_sql_gate(model: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def reader_password(role: str, from_stdin: bool) -> str:
+def reader_password(role: str, from_stdin: bool, configured: str | None = None) -> str:
     """The password ``reader-login`` gives ``role``: the first line of stdin with ``--password-stdin``, else
-    PGSYNAPSE_SQL_READER_PASSWORD, else asked twice on a terminal; never an argument (``ps`` shows those)."""
+    PGSYNAPSE_SQL_READER_PASSWORD, else ``configured`` (sql_reader_password of the config file: the worker's), else
+    asked twice on a terminal; never an argument (``ps`` shows those)."""
     if from_stdin:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     elif READER_PASSWORD in os.environ:
         password = os.environ[READER_PASSWORD]
+    elif configured:
+        password = configured
     elif sys.stdin.isatty():
         password = getpass.getpass(f"password for {role}: ")
         if password and getpass.getpass("again: ") != password:
@@ -336,9 +339,10 @@ def run_reader_login(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError(f"the embedded server needs no password for {role}: its worker lets {role} log in on the "
                          "server's private socket (docs/text-to-sql.md, \"The reader's own login\"); reader-login is "
                          "for a server of yours: give --database-url (or DATABASE_URL)")
-    password = reader_password(role, args.password_stdin)
+    password = reader_password(role, args.password_stdin, settings.sql_reader_password)
     with Database(settings) as db, db.connect(autocommit=True) as conn:
         reader.set_password(conn, role, password)
     print(f"{role} may log in with the password given (only its SCRAM-SHA-256 verifier was sent): set sql_reader_url "
-          f"to that login, e.g. PGSYNAPSE_SQL_READER_URL=postgresql://{role}:PASSWORD@HOST/DATABASE")
+          f"to that login and sql_reader_password to the password, e.g. PGSYNAPSE_SQL_READER_URL=postgresql://{role}"
+          f"@HOST/DATABASE and {READER_PASSWORD} as here")
     return 0

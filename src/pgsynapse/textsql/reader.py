@@ -6,8 +6,9 @@ user: on the worker's own connection a statement that got past the parser check 
 worker again (a superuser on the embedded server). On a connection whose login is the reader role (or a login that
 is a member of it and of no other role) the server refuses that: ``permission denied to set role``. So:
 
-- ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`); ``pgsynapse
-  reader-login`` gives the reader role a password for it on a server of yours (:func:`set_password`);
+- ``sql_reader_url`` set: statements run on that login, checked at start (:func:`check_login`), with the password
+  of ``sql_reader_password`` when the URL holds none (:func:`login_password`); ``pgsynapse reader-login`` gives the
+  reader role a password for it on a server of yours (:func:`set_password`);
 - the embedded server (pgsynapse's own): the worker lets the reader role log in (``ALTER ROLE ... LOGIN``; the
   server trusts only its private socket) and connects as it through the same socket (:func:`embedded_url`);
 - neither: the worker's connection, as before, and a warning at start (``sql_reader_shares_worker_session``; at
@@ -26,7 +27,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgsynapse.db import NO_PREPARE, connection_error
@@ -47,6 +48,16 @@ def reader_url(url: str, settings: Any) -> str | None:
     if settings.sql_reader_url:
         return settings.sql_reader_url
     return make_conninfo(url, user=settings.sql_reader_role, password=None) if settings.embedded else None
+
+
+def login_password(settings: Any) -> dict[str, str]:
+    """libpq's ``password`` for the reader's login: ``sql_reader_password`` (PGSYNAPSE_SQL_READER_PASSWORD, the one
+    `pgsynapse reader-login` sets), which no URL has to hold, so any character may be in it; none when
+    ``sql_reader_url`` holds its own password (that one was written for the worker: it stands, as before)."""
+    password = settings.sql_reader_password
+    if not password or conninfo_to_dict(settings.sql_reader_url).get("password"):
+        return {}
+    return {"password": password}
 
 
 def check_login(conn: psycopg.Connection, role: str) -> None:
@@ -110,16 +121,17 @@ def prepare_at_start(url: str, settings: Any, *, one_off: bool = False) -> None:
 
 @contextlib.contextmanager
 def connect(settings: Any) -> Iterator[psycopg.Connection]:
-    """An autocommit connection for ``execute.run_readonly``: the reader's own login (``sql_reader_url``) when set,
-    else the worker's (``database_url``)."""
+    """An autocommit connection for ``execute.run_readonly``: the reader's own login (``sql_reader_url``, with
+    :func:`login_password`) when set, else the worker's (``database_url``)."""
     if not settings.sql_reader_url:
         with psycopg.connect(settings.database_url or "", autocommit=True, **NO_PREPARE) as conn:
             yield conn
         return
+    login = make_conninfo(settings.sql_reader_url, **login_password(settings))
     try:
-        conn = psycopg.connect(settings.sql_reader_url, autocommit=True, **NO_PREPARE)
+        conn = psycopg.connect(login, autocommit=True, **NO_PREPARE)
     except psycopg.OperationalError as exc:
-        err = connection_error(exc, settings.sql_reader_url)
+        err = connection_error(exc, login)  # the password redacted, wherever it came from
         if isinstance(err, DatabaseConfigError):  # a login refused, a wrong URL: the same at every retry
             raise ConfigError(f"sql_reader_url: {err}") from None
         raise err from None

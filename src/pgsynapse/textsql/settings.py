@@ -42,6 +42,10 @@ class TextSqlSettings(BaseModel):
         None, repr=False, description="a PostgreSQL URL that logs in as sql_reader_role (or as a role granted it and "
         "nothing else): generated statements run on that login, where none can set its role back to the worker's; "
         "unset: the embedded server's own reader login, else the worker's connection (a warning at start)")
+    sql_reader_password: str | None = Field(
+        None, repr=False, description="the password of sql_reader_url's login when the URL holds none: given to "
+        "libpq as it is, so any character may be in it (in a URL @ / : # ? % break it unless percent-encoded); "
+        "`pgsynapse reader-login` sets it as the login's password (PGSYNAPSE_SQL_READER_PASSWORD)")
     sql_statement_timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="a generated statement is "
                                           "cancelled after this long")
     sql_max_rows: int = Field(1000, ge=1, le=1_000_000, description="rows of a result kept at most (truncated "
