@@ -10,7 +10,9 @@
 -- (1) a bulk load's job (ref_ids) is not one row's: never. Its arguments are named by position ($1...) in the body:
 -- a column of the tables read would win over a parameter of the same name. LANGUAGE sql, STABLE (it reads tables:
 -- the calling statement's snapshot, as the CASE written out had), neither STRICT (ref_ids is NULL for one row's job)
--- nor SECURITY DEFINER: it reads what its caller, the worker, may read.
+-- nor SECURITY DEFINER: it reads what its caller, the worker, may read. Its subqueries keep the planner from
+-- inlining it: about 19 us a job against 3.5 us written out (40,000 jobs judged, 2-core machine), paid only for the
+-- jobs whose lease expired and the one job that fails for good.
 CREATE OR REPLACE FUNCTION pgsynapse.job_row_removed_v1(kind text, ref_id bigint, ref_ids bigint[]) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT $3 IS NULL AND CASE $1
