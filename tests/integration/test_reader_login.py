@@ -181,3 +181,5 @@ def test_the_worker_logs_in_as_the_reader_with_a_password_no_url_could_hold(db_u
     with pytest.raises(ConfigError, match=f'sql_reader_url: .*password authentication failed for user "{role}"') as refused:
         reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url, sql_reader_password=wrong))
     assert ANY_CHARACTERS not in str(refused.value)
+    with pytest.raises(ConfigError, match="no password supplied: set PGSYNAPSE_SQL_READER_PASSWORD"):
+        reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url))  # none given: the hint names it

@@ -133,7 +133,9 @@ def connect(settings: Any) -> Iterator[psycopg.Connection]:
     except psycopg.OperationalError as exc:
         err = connection_error(exc, login)  # the password redacted, wherever it came from
         if isinstance(err, DatabaseConfigError):  # a login refused, a wrong URL: the same at every retry
-            raise ConfigError(f"sql_reader_url: {err}") from None
+            raise ConfigError(f"sql_reader_url: {err}".replace(
+                "set the connection string's password",
+                "set PGSYNAPSE_SQL_READER_PASSWORD (or the URL's password)")) from None
         raise err from None
     with conn:
         yield conn
