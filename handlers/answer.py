@@ -425,10 +425,12 @@ class AnswerHandler(Handler[AnswerWork]):
                 out.setdefault(row.pop("document_id"), []).append({"image_id": row.pop("id"), **row})
         return out
 
-    async def record_retry(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_retry(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         await conn.execute(q("withdraw_partial_answer", "answers.sql"), {"id": job.ref_id})
 
-    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_failure(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("fail_question", "answers.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:  # none when the question was edited meanwhile: its new job answers it
             await conn.execute(q("notify_answer", "answers.sql"), {"id": job.ref_id, "status": "failed"})

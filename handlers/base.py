@@ -130,10 +130,15 @@ class Handler(ABC, Generic[W]):
         no version's series."""
         return list(getattr(self, "versions", ()))
 
-    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    # record_failure and record_retry write the job's row alone, with no state of a handler: the lease reaper calls
+    # them on the class of a kind its worker does not take (a dead worker's), building no handler for it
+
+    @classmethod
+    async def record_failure(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record a job's final failure on its row (inside the caller's transaction)."""
 
-    async def record_retry(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_retry(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         """Record on its row that the job will run again after an error (inside the caller's transaction)."""
 
     async def lock_rows(self, conn: psycopg.AsyncConnection, ref_ids: list[int]) -> None:

@@ -250,7 +250,8 @@ class EmbedHandler(Handler[EmbedWork]):
                     kept[(o.job.ref_id, ch.ord)] = row["id"]
         return kept
 
-    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_failure(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("mark_document_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_documents"), {"ids": [job.ref_id], "status": "failed"})

@@ -169,7 +169,8 @@ class EmbedImageHandler(Handler[ImageWork]):
         report.written.extend(o.job.id for o in fresh)
         return report
 
-    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_failure(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(sql("mark_image_failed"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(sql("notify_images"), {"ids": [job.ref_id], "status": "failed"})

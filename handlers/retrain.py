@@ -4,6 +4,7 @@ active model on a grouped hold-out of feedback and on the canary set, register i
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pgsynapse.artifacts import drop_weights
+from pgsynapse.artifacts import drop_weights, new_run_dir
 from pgsynapse.config import Settings
 from pgsynapse.db import child_url
 from pgsynapse.errors import RegistryError
@@ -159,24 +160,29 @@ class RetrainHandler(Handler[RetrainWork]):
                 out.append(Outcome(w.job, error=f"{type(exc).__name__}: {exc}"))
         return out
 
+    def out_dir(self, w: RetrainWork) -> Path:
+        """The run's own new folder ``DATA_DIR/models/candidate-TIMESTAMP-JOB``, made here: never one there already
+        (another database's sharing the data dir, with a job of the same id in the same second)."""
+        return new_run_dir(Path(self.settings.data_dir) / "models", "candidate", f"-{w.job.id}")
+
     def _train(self, w: RetrainWork) -> dict[str, Any]:
         s = self.settings
         # a candidate is a query encoder over the passage version's chunk vectors, trained from that version's
         # weights on all feedback so far (not from the active encoder: fine-tunes never stack)
         passage = w.passage or w.active
-        out_dir = Path(s.data_dir) / "models" / f"candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
-        spec = train_spec(
-            s, url=child_url(s.database_url or "", s), base_version=passage["id"], out_dir=str(out_dir),
-            # torch weights, also of an exported version
-            base_path=str(source_model_path(passage, s.model_path, s.data_dir)),
-            active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],
-            **_teacher_spec(w.teacher, s),
-        )
-        log.info("retrain_started", job=w.job.id, base_version=spec.base_version, active_version=w.active["id"],
-                 examples=w.examples, new_examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
-        # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
-        # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
+        out_dir = self.out_dir(w)
         try:
+            spec = train_spec(
+                s, url=child_url(s.database_url or "", s), base_version=passage["id"], out_dir=str(out_dir),
+                # torch weights, also of an exported version
+                base_path=str(source_model_path(passage, s.model_path, s.data_dir)),
+                active_path=str(source_model_path(w.active, s.model_path, s.data_dir)), active_version=w.active["id"],
+                **_teacher_spec(w.teacher, s),
+            )
+            log.info("retrain_started", job=w.job.id, base_version=spec.base_version, active_version=w.active["id"],
+                     examples=w.examples, new_examples=w.untrained, out=str(out_dir), teacher=spec.teacher_version)
+            # the spec carries the database URL, password included: run_trainer hands it over through a pipe.
+            # Training stops itself at its budget; evaluation and saving get as long again, then it is killed.
             metrics = run_trainer("pgsynapse.learning.train", asdict(spec), out_dir, memory_mb=s.retrain_memory_mb,
                                   kill_after_seconds=self.deadline_seconds - 60, default_event="retrain_progress",
                                   stop=self.stop, budget_setting="retrain_budget_seconds", job=w.job.id)
@@ -184,6 +190,10 @@ class RetrainHandler(Handler[RetrainWork]):
             shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
             log.info("retrain_abandoned", job=w.job.id, removed=str(out_dir),
                      note="the worker is stopping: the job goes back to the queue at once, its attempt not charged")
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # a run that failed before it wrote anything leaves no empty folder
             raise
         return {"metrics": metrics, "path": spec.out_dir, "base": w.active, "passage": spec.base_version}
 

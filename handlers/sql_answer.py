@@ -291,7 +291,8 @@ class SqlAnswerHandler(Handler[SqlWork]):
             report.written.append(o.job.id)
         return report
 
-    async def record_failure(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+    @classmethod
+    async def record_failure(cls, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         cur = await conn.execute(q("fail_data_question", "textsql.sql"), {"id": job.ref_id, "error": error})
         if cur.rowcount:
             await conn.execute(q("notify_data_answer", "textsql.sql"), {"id": job.ref_id, "status": "failed"})

@@ -17,6 +17,7 @@ model (:mod:`pgsynapse.textsql.gate`), and register it in ``pgsynapse.sql_models
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pgsynapse.artifacts import drop_weights, local_artifact
+from pgsynapse.artifacts import drop_weights, local_artifact, new_run_dir
 from pgsynapse.config import Settings
 from pgsynapse.db import child_url
 from pgsynapse.handlers.base import Handler, Job, Outcome, WriteReport, describe
@@ -127,15 +128,17 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             active_hint=out_of_service(w.active) if w.active else None)
 
     def out_dir(self, w: SqlRetrainWork) -> Path:
-        return Path(self.settings.data_dir) / "models" / f"sql-candidate-{time.strftime('%Y%m%d-%H%M%S')}-{w.job.id}"
+        """The run's own new folder ``DATA_DIR/models/sql-candidate-TIMESTAMP-JOB``, made here: never one there
+        already (another database's sharing the data dir, with a job of the same id in the same second)."""
+        return new_run_dir(Path(self.settings.data_dir) / "models", "sql-candidate", f"-{w.job.id}")
 
     def _train(self, w: SqlRetrainWork) -> dict[str, Any]:
         s = self.settings
         out_dir = self.out_dir(w)
-        spec = self.spec(w, out_dir)
-        log.info("sql_retrain_started", job=w.job.id, base=spec.base_path, active=spec.active_path,
-                 new_corrections=w.new, forced=w.force, lora=spec.lora, out=str(out_dir))
         try:
+            spec = self.spec(w, out_dir)
+            log.info("sql_retrain_started", job=w.job.id, base=spec.base_path, active=spec.active_path,
+                     new_corrections=w.new, forced=w.force, lora=spec.lora, out=str(out_dir))
             metrics = run_trainer("pgsynapse.textsql.train", asdict(spec), out_dir,
                                   memory_mb=s.sql_retrain_memory_mb, kill_after_seconds=self.kill_after_seconds,
                                   default_event="sql_retrain_progress", stop=self.stop,
@@ -144,6 +147,10 @@ class SqlRetrainHandler(Handler[SqlRetrainWork]):
             shutil.rmtree(out_dir, ignore_errors=True)  # a partial candidate: nothing of it is kept
             log.info("sql_retrain_abandoned", job=w.job.id, removed=str(out_dir),
                      note="the worker is stopping: the job goes back to the queue at once, its attempt not charged")
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # a run that failed before it wrote anything leaves no empty folder
             raise
         return self.judge(w, metrics, out_dir)
 

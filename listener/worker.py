@@ -106,7 +106,6 @@ class Worker(Claiming):
         self._registered = False
         # what this worker holds (renewed until each batch's deadline) and the gate that runs a solo job alone
         self._held: dict[int, Batch] = {}
-        self._reap_handlers: dict[str, Handler | None] = {}  # the lease reaper's, per kind (_handler_of)
         self.gate = SoloGate()
         self._deadline = {k: h.deadline_seconds or settings.batch_deadline_seconds for k, h in self.handlers.items()}
         # kinds whose expired jobs come back solo, whichever worker reaps them (every registered kind says)
@@ -295,10 +294,10 @@ class Worker(Claiming):
                 # on their rows, whichever kinds this worker takes: a failure, or a requeued job's partial answer
                 # withdrawn with a `retrying` NOTIFY (as after an error)
                 for f in failed:
-                    if handler := self._handler_of(f["kind"]):
+                    if handler := self._handler_class(f["kind"]):
                         await handler.record_failure(conn, _reaped(f), f["last_error"])
                 for r in row["requeued_jobs"] if row else []:
-                    if handler := self._handler_of(r["kind"]):
+                    if handler := self._handler_class(r["kind"]):
                         await handler.record_retry(conn, _reaped(r), r["last_error"])
                 # requeued jobs send no NOTIFY of their own: wake every worker of their kinds (on commit)
                 for kind, n in (row["requeued_kinds"] if row else {}).items():
@@ -319,13 +318,11 @@ class Worker(Claiming):
         if row and row["requeued"]:
             self.wakeups.wake_all()
 
-    def _handler_of(self, kind: str) -> Handler | None:
-        """The handler that records a reaped job's fate on its row: this worker's, or one made for a kind it does not
-        take (a dead worker's: it loads no model, its record_* write the row alone); None for a kind unknown here."""
-        if kind not in self._reap_handlers:
-            made = registry().get(kind)
-            self._reap_handlers[kind] = self.handlers.get(kind) or (made(self.settings, self.models) if made else None)
-        return self._reap_handlers[kind]
+    def _handler_class(self, kind: str) -> type[Handler] | None:
+        """The handler class whose record_failure / record_retry (class methods: they write the row alone) record a
+        reaped job's fate on its row: this worker's handler's, or the registry's for a kind it does not take (a dead
+        worker's), of which no handler is built; None for a kind unknown here."""
+        return type(self.handlers[kind]) if kind in self.handlers else registry().get(kind)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _kind_loop(self, kind: str) -> None:

@@ -51,12 +51,12 @@ def join_files(paths: list[Path], out: Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def new_run_dir(root: Path, stem: str) -> Path:
-    """A new, empty folder ``root/stem-YYYYmmdd-HHMMSS`` (local time), made here: the output of one training run.
-    Another run of the same second (a retry, a script) took that name: ``-2``, ``-3``... after it, so that two runs
-    never write into one folder."""
+def new_run_dir(root: Path, stem: str, suffix: str = "") -> Path:
+    """A new, empty folder ``root/stem-YYYYmmdd-HHMMSS`` (local time; then ``suffix``), made here: the output of one
+    training run. Another run of the same second (a retry, a script, a database sharing the data dir) took that
+    name: ``-2``, ``-3``... after it, so that two runs never write into one folder."""
     root.mkdir(parents=True, exist_ok=True)
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
     for n in itertools.count(1):
         path = root / (base if n == 1 else f"{base}-{n}")
         try:

@@ -313,7 +313,8 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             try:
                 async with db.aconnect(autocommit=True) as conn:
                     row = await ranker_row(conn, args.ranker)
-                    if row is not None and not rescores(row, (await version_row(conn, args.model_version))["id"]):
+                    version = await version_row(conn, args.model_version)  # read once: search() takes it
+                    if row is not None and not rescores(row, version["id"]):
                         row = None  # a teacher that is the version searched leaves its order (ranking/rescore.py)
                     ranker = (row if row is None or row["runtime"] == "version"
                               else RankerCache(settings.onnx_threads or settings.torch_threads,
@@ -322,7 +323,7 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
                                         threads=settings.torch_threads, onnx_threads=settings.onnx_threads,
                                         data_dir=settings.data_dir)  # as a worker loads it (listener/worker.py)
                     hits = await search(conn, models, args.text, k=args.k,
-                                        version=args.model_version, replica=replica, ranker=ranker,
+                                        version=version, replica=replica, ranker=ranker,
                                         candidates=settings.rank_candidates, hybrid=settings.hybrid,
                                         text_weight=settings.hybrid_text_weight,
                                         text_max_rows=settings.hybrid_text_max_rows,
@@ -418,6 +419,9 @@ def _dispatch(args: argparse.Namespace, settings) -> int:
             n_chunks=args.sample or settings.export_sample_chunks,
             switch=args.switch,
             scheme=args.scheme,
+            waiting=lambda: notice("model_export_waiting", "a worker (or another `model export --switch`) is exporting "
+                                   "a model version to its runtime (minutes on a small host): waiting for it to "
+                                   "finish, then exporting"),
         )
         print(json_dumps(report.as_dict()))
         a = report.agreement

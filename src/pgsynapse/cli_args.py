@@ -362,10 +362,9 @@ def _side_registry_parsers(sub: argparse._SubParsersAction, noun: str, *, list_h
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed, with the checks of options that contradict each other: argparse's refusal (one
     line, exit 2) as for a number out of range."""
-    parser = build_parser()
     json_errors = _JSON_ERRORS.set(_logs_json(sys.argv[1:] if argv is None else argv))
     try:
-        args = parser.parse_args(argv)
+        args, parser = _parse(build_parser(), argv)
         if args.command == "feedback" and args.helpful is None and args.rating is None:
             parser.error("feedback needs a verdict: --helpful, --not-helpful or --rating N (1 to 5); nothing was "
                          "recorded")
@@ -392,6 +391,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     finally:
         _JSON_ERRORS.reset(json_errors)
     return args
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """``argv`` parsed, and the parser of the command (or action) it names: the one whose refusals name it
+    (``pgsynapse status: error: ...``) with its usage. argparse refuses the arguments a command's parser left over
+    with its top parser (``pgsynapse: error: unrecognized arguments``), under no command's name."""
+    args, extras = parser.parse_known_args(argv)
+    command = parser
+    while (sub := next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        command = sub.choices[getattr(args, sub.dest)]
+    if extras:
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args, command
 
 
 def search_args_problem(args: argparse.Namespace) -> str | None:

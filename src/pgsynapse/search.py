@@ -92,14 +92,16 @@ def unsearched(conn: psycopg.Connection, waiting: int) -> str:
 
 
 async def search(
-    conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5, version: int | None = None,
+    conn: psycopg.AsyncConnection, models: ModelCache, text: str, *, k: int = 5,
+    version: int | dict[str, Any] | None = None,
     replica: ReadReplica | None = None, ranker: Ranker | dict[str, Any] | None = None, candidates: int = 20,
     hybrid: bool = Settings.model_fields["hybrid"].default,
     text_weight: float = Settings.model_fields["hybrid_text_weight"].default,
     text_max_rows: int = Settings.model_fields["hybrid_text_max_rows"].default,
     max_chars: int = Settings.model_fields["max_question_chars"].default,
 ) -> list[Hit]:
-    """The ``k`` chunks nearest to ``text``; the reads go to ``replica`` once it has caught up with ``conn``. With
+    """The ``k`` chunks nearest to ``text`` among ``version``'s (an id, or the row :func:`version_row` read; None:
+    the active version's); the reads go to ``replica`` once it has caught up with ``conn``. With
     ``hybrid`` (the setting's default, so on unless turned off), the kNN is fused with the full-text matches of
     ``text`` (a full-text rank weighing ``text_weight`` of a vector rank, about ``text_max_rows`` chunks ranked at
     most; the settings' defaults unless given), as the answer handler retrieves (settings ``hybrid``,
@@ -109,7 +111,7 @@ async def search(
     A ``text`` over ``max_chars`` characters (``max_question_chars``'s default unless given) is an InputError."""
     check_search_text(text, max_chars)
     await register_vector_async(conn)
-    row = await version_row(conn, version)
+    row = version if isinstance(version, dict) else await version_row(conn, version)
     embedder = await anyio.to_thread.run_sync(models.get, row)
     vector = (await anyio.to_thread.run_sync(embedder.encode, [text]))[0]
     sql = q("search_chunks").replace("{dim}", str(int(row["dim"])))

@@ -42,7 +42,7 @@ def test_search_and_ask_with_nothing_embedded_say_why(new_db, shipped):
                                "`pgsynapse status`; it embeds them once started if it runs embed jobs)\n"), starting.stdout
     blank = pgsynapse("search", " \t", url=url)  # searched before, and listed whatever came; then exit 1, not 2
     assert blank.returncode == 2 and blank.stdout == "", blank.stdout
-    assert "pgsynapse: error: search needs a text (or --like-image PATH)" in blank.stderr
+    assert "pgsynapse search: error: search needs a text (or --like-image PATH)" in blank.stderr
 
 
 def test_ask_answers_from_the_command_line(new_db, template_db, shipped):

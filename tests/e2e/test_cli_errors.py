@@ -156,7 +156,7 @@ def test_json_logs_stay_json_when_a_library_logs_through_the_standard_library(db
      "pgsynapse run: argument --kinds: unknown job kind(s) 'embedd'"),
     (["--log-format", "json", "ask"], {}, 2, "pgsynapse ask: the following arguments are required: text"),
     (["feedback", "3", "--helpful", "--rating", "1", "--log-format=json"], {}, 2,
-     "pgsynapse: --helpful contradicts --rating 1"),
+     "pgsynapse feedback: --helpful contradicts --rating 1"),
 ])
 def test_a_fatal_error_with_json_logs_is_a_json_event(args, env, code, error):
     # its last line was `pgsynapse: error: ...`, plain text

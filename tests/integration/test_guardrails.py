@@ -276,7 +276,7 @@ def test_guardrail_set_changes_a_rules_threshold_and_action_and_remove_deletes_i
                                                                                             "yes"]
     nothing = pgsynapse("guardrail", "set", str(rule), url=db_url)  # a command line argparse refuses: exit 2
     assert nothing.returncode == 2 and nothing.stderr.endswith(
-        "pgsynapse: error: guardrail set needs --threshold or --action: what to change\n"), nothing.stderr
+        "pgsynapse guardrail set: error: guardrail set needs --threshold or --action: what to change\n"), nothing.stderr
     missing = pgsynapse("guardrail", "set", "999", "--threshold", "0.7", url=db_url)
     assert (missing.returncode, missing.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
     removed = pgsynapse("guardrail", "remove", str(rule), url=db_url)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from psycopg.rows import dict_row
 
 from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
 from pgsynapse.cli import main
+from pgsynapse.db import EXPORT_LOCK
 from pgsynapse.errors import ModelError
 from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
                               unfuse_attention)
@@ -25,7 +31,7 @@ from pgsynapse.export.register import _sha256, optimise_version
 from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
-from tests.helpers import aconn, fast_settings, insert_docs, running_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -331,14 +337,44 @@ def test_switching_an_exported_version_again_keeps_the_torch_weights_it_came_fro
     assert resolve_model_path(v["metrics"]["previous_artifact_path"], None) == default_model_path()
 
 
-def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path, capsys):
+def _stderr_until(proc: subprocess.Popen, word: str) -> str:
+    """What ``proc`` wrote on stderr until ``word`` (or its end), read as it comes: no polling."""
+    said, deadline = b"", time.monotonic() + SAFETY_TIMEOUT
+    while word.encode() not in said and select.select([proc.stderr], [], [], max(0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(proc.stderr.fileno(), 65536)):
+            break
+        said += chunk
+    return said.decode()
+
+
+def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path):
     """`model export --switch` moved the version to the new runtime without the `runtime_export` record the worker's
     own switch writes (runtime, scheme, sample, sha256): a worker on a host without the new artifact did not know to
-    build it again, and went on to serve a directory that is not there."""
+    build it again, and went on to serve a directory that is not there.
+
+    It also took no export lock: started while a worker exported the same version at its start, both exported it
+    and the last to write won. It waits for the lock now, as a worker does, and says so (one test with the rest:
+    the switch's export is the slow part)."""
     data = tmp_path / "data"
     argv = ["--database-url", db_url, "--data-dir", str(data), "model", "export", "--runtime", "onnx", "--switch",
             "--sample", "16"]
-    assert main(argv) == 0
+    with psycopg.connect(db_url) as holder:  # a worker exporting at its start: the lock of its transaction
+        holder.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+        proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            said = _stderr_until(proc, "waiting for")
+            runtime, metrics = holder.execute("SELECT runtime, metrics FROM pgsynapse.model_versions WHERE id = 1"
+                                              ).fetchone()
+            assert (runtime, metrics.keys() & {"export", "runtime_export"}) == ("torch", set()), (metrics, said)
+            assert not (data / "models").exists(), said  # it wrote nothing, not even its artifact's folder
+            assert "waiting for" in said and proc.poll() is None, said
+            holder.commit()  # the worker's export ends: the command's starts
+            out, err = proc.communicate(timeout=SAFETY_TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait(SAFETY_TIMEOUT)
+    assert proc.returncode == 0, out + err
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         v = conn.execute("SELECT * FROM pgsynapse.model_versions WHERE id = 1").fetchone()
         events = conn.execute("SELECT event, actor, figures FROM pgsynapse.model_events"

@@ -7,6 +7,7 @@ SIGKILLed worker leaves once its lease ran out (the subprocess kill tests in tes
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -16,6 +17,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
+from pgsynapse.handlers.base import Handler
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.listener.batches import Batch, LoopState
 from pgsynapse.listener.worker import Worker
@@ -323,6 +325,36 @@ async def test_the_reapers_requeues_are_counted_by_its_worker(db_url, models):
         assert job_counters(worker)["pgsynapse_jobs_lease_expired"] == {"embed": 1, "retrain": 1}
     rows = await (await conn.execute("SELECT kind, status FROM pgsynapse.jobs ORDER BY id")).fetchall()
     assert [(r["kind"], r["status"]) for r in rows] == [("embed", "pending"), ("retrain", "pending")], rows
+    await conn.close()
+
+
+def _handlers() -> list[Handler]:
+    """The handlers alive in this process."""
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, Handler)]
+
+
+async def test_the_reaper_builds_no_handler_for_a_kind_its_worker_does_not_take(db_url, models):
+    """The lease reaper built a handler (an answer handler: its answer cache, rankers, read replica) for each kind
+    of the jobs it reaped that its worker does not take, only to call the row SQL of its record_failure and
+    record_retry, and no stop ever closed it. Those write the row alone: they need no handler built."""
+    conn = await aconn(db_url)
+    [question] = await (await conn.execute("INSERT INTO pgsynapse.questions (text) VALUES ('What does VACUUM do?')"
+                                           " RETURNING id")).fetchall()
+    assert len(await _claim_as(conn, DEAD, "answer")) == 1
+    # its last attempt, run alone (crash isolation charges it the expiry)
+    await conn.execute("UPDATE pgsynapse.jobs SET attempts = 3, solo = true WHERE worker = %s", (DEAD,))
+    await _expire(conn, DEAD)
+    async with stepped_worker(fast_settings(db_url, kinds=("embed",), max_attempts=3), models) as worker:
+        before = _handlers()
+        await worker.reap_expired()
+        # the dead worker's question is failed on its row, as an answer worker would fail it
+        row = await (await conn.execute("SELECT status, error FROM pgsynapse.questions WHERE id = %s",
+                                        (question["id"],))).fetchone()
+        assert row["status"] == "failed" and row["error"], row
+        assert worker.stats.failed == {"answer": 1}, worker.stats
+        made = [h for h in _handlers() if h not in before]
+        assert not made, f"the reaper built {[type(h).__name__ for h in made]} for kinds its worker does not take"
     await conn.close()
 
 

@@ -207,7 +207,7 @@ def test_bench_refuses_the_global_options_a_benchmark_does_not_read(capsys, argv
         parse_args(argv)
     assert exc.value.code == 2
     flag = argv[0] if argv[0] != "bench" else argv[1]
-    assert f"pgsynapse: error: bench takes no {flag}: a benchmark starts its own embedded server in a " \
+    assert f"pgsynapse bench: error: bench takes no {flag}: a benchmark starts its own embedded server in a " \
         "temporary folder, or uses the server of --database-url (or DATABASE_URL)" in capsys.readouterr().err
 
 
@@ -224,3 +224,24 @@ def test_bench_without_a_name_lists_the_benchmarks_with_what_each_measures():
     assert any(line.startswith("answers ") for line in lines) and not any(line.startswith("common ") for line in lines)
     assert "pgsynapse bench NAME --help" in r.stdout
     assert parse_args(["bench", "throughput", "--quick"]).bench_args == ["--quick"]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["status", "--bogus"], "pgsynapse status: error: unrecognized arguments: --bogus"),
+    (["--database-url", "postgresql://x/y", "search", "vacuum", "-q"], "pgsynapse search: error: unrecognized "
+     "arguments: -q"),
+    (["model", "export", "--runtime", "onnx", "extra"], "pgsynapse model export: error: unrecognized arguments: extra"),
+    (["sql-model", "list", "--all"], "pgsynapse sql-model list: error: unrecognized arguments: --all"),
+    # the checks after argparse's own name the command too, with its usage
+    (["feedback", "3"], "pgsynapse feedback: error: feedback needs a verdict"),
+    (["guardrail", "set", "3"], "pgsynapse guardrail set: error: guardrail set needs --threshold or --action"),
+])
+def test_a_refused_command_line_names_its_command(argv, says, capsys):
+    # `pgsynapse status --bogus` said "pgsynapse: error: unrecognized arguments: --bogus": argparse's top parser
+    # refuses what a command's parser left over, under its own name and with the usage of every command
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err, err
+    command = says.split(":")[0]
+    assert err.startswith(f"usage: {command} "), err  # the command's usage, not the list of every command

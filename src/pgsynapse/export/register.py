@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import psycopg
 from psycopg.rows import dict_row
@@ -77,9 +77,13 @@ def run_export(
     switch: bool = False,
     out_dir: Path | None = None,
     scheme: str | None = None,
+    waiting: Callable[[], None] | None = None,
 ) -> ExportReport:
-    """``pgsynapse model export``: build, check, and register (or refuse with the figures)."""
-    with Database(settings) as db, db.connect(autocommit=True) as conn:
+    """``pgsynapse model export``: build, check, and register (or refuse with the figures). ``switch``: under the
+    export lock a worker takes to export a version at its start (:func:`export_lock`), which it waits for (calling
+    ``waiting()`` first when another holds it): the version is read once it holds it, and never exported by both."""
+    with Database(settings) as db, (export_lock(settings, db.url, waiting) if switch
+                                    else db.connect(autocommit=True)) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         # a version it cannot take is a command refused (exit 1), as search --version's, promote's and traffic's
         if row is None:
@@ -225,21 +229,12 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
     worker's start): a source model that does not load, or not at its version's dimension, is raised and recorded
     nowhere, as the start stops on it; recorded, the export was never tried again once the model path was fixed.
     """
-    # a transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
-    # pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
-    # a session lock stayed held by the pooled server session once this client had gone, and the next start waited.
-    # Its statements go by the simple query protocol (ClientCursor): the extended protocol's unnamed portal of the
-    # last SELECT outlived it and kept its snapshot while the model was computed, so no VACUUM of the database could
-    # remove a row deleted meanwhile. The transaction takes no xid until its end, and keeps no snapshot in between.
-    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row,
-                         cursor_factory=psycopg.ClientCursor, **NO_PREPARE) as conn, conn.transaction():
-        conn.execute(q("export_idle_unbounded", "export.sql"))
-        if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
-            # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command logs warnings only
-            (log.info if export else log.warning)(
-                "runtime_export_waiting", note="another worker is exporting a model version to its runtime (minutes "
-                "on a small host): waiting for it to finish, then starting")
-            take_xact_lock(conn, q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+    def waiting() -> None:  # minutes on a small host: a worker silent meanwhile looks hung; a one-shot command
+        (log.info if export else log.warning)(  # logs warnings only
+            "runtime_export_waiting", note="another worker (or `pgsynapse model export --switch`) is exporting a "
+            "model version to its runtime (minutes on a small host): waiting for it to finish, then starting")
+
+    with export_lock(settings, url, waiting) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
@@ -303,6 +298,29 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             if abandon:
                 abandon.kept()
         return report if report is not None and report.accepted else None
+
+
+@contextlib.contextmanager
+def export_lock(settings: Any, url: str, waiting: Callable[[], None] | None = None) -> Iterator[psycopg.Connection]:
+    """A connection whose transaction holds EXPORT_LOCK until the block ends: the export of a version to a runtime
+    by a worker at its start (:func:`optimise_version`) or by ``model export --switch``, one at a time, each reading
+    the version once it holds the lock. ``waiting()`` first when another holds it (its export: minutes), which is
+    waited for in slices of a second (:func:`~pgsynapse.db.take_xact_lock`).
+
+    A transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
+    pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
+    a session lock stayed held by the pooled server session once this client had gone, and the next start waited.
+    Its statements go by the simple query protocol (ClientCursor): the extended protocol's unnamed portal of the
+    last SELECT outlived it and kept its snapshot while the model was computed, so no VACUUM of the database could
+    remove a row deleted meanwhile. The transaction takes no xid until its end, and keeps no snapshot in between."""
+    with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row,
+                         cursor_factory=psycopg.ClientCursor, **NO_PREPARE) as conn, conn.transaction():
+        conn.execute(q("export_idle_unbounded", "export.sql"))
+        if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
+            if waiting is not None:  # another holds it: its export (minutes)
+                waiting()
+            take_xact_lock(conn, q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
+        yield conn
 
 
 def _settled(conn: Any, row: dict[str, Any], record: dict[str, Any] | None, actor: str) -> None:
