@@ -156,6 +156,7 @@ class Worker(Claiming):
             self.url,
             min_size=1,
             max_size=4 + len(self.kinds),
+            timeout=self.settings.pool_timeout_seconds,  # a connection() that names none
             # no session state (PgBouncer in transaction mode); keepalives and tcp_user_timeout: cut off from the
             # server, a connection fails in bounded time instead of waiting for the kernel (db.pool_kwargs)
             kwargs=pool_kwargs(self.url, self.settings, "pgsynapse-worker"),

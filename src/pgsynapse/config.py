@@ -132,6 +132,10 @@ class Settings(TextSqlSettings):
         0.25, gt=0, description="how often an idle worker polls for jobs while the enqueue triggers send no NOTIFY "
         "(`pgsynapse queue-notify off`: docs/scaling.md)")
     reconnect_max_seconds: float = Field(30.0, gt=0, description="cap of the LISTEN reconnect backoff")
+    pool_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="how long a claim or a maintenance step waits for a free connection of the "
+        "worker's pool before it fails and is retried (claim_failed, maintenance_failed): during an outage, how "
+        "often each is logged (a batch's write waits 5 s at most, within its retry budget)")
     kinds: tuple[str, ...] = Field(
         JOB_KINDS, min_length=1,
         description="job kinds this worker processes (at least one: a worker of none would process nothing)"

@@ -24,11 +24,11 @@ from pgsynapse.cache import LRU, cleanup, embed_query, embed_query_sync
 from pgsynapse.cli import main
 from pgsynapse.db import EXPORT_LOCK
 from pgsynapse.errors import ModelError
-from pgsynapse.export import (Agreement, ExportReport, export_fp32, quantize_int8, register, run_export, sample_texts,
+from pgsynapse.export import (Agreement, ExportReport, quantize_int8, register, run_export, sample_texts,
                               unfuse_attention)
 from pgsynapse.export.quantize import _calibration_feeds
 from pgsynapse.export.register import _sha256, optimise_version
-from pgsynapse.models import ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
+from pgsynapse.models import ONNX_FILES, ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
 from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, insert_docs, running_worker, wait_until
@@ -39,10 +39,12 @@ ALL_DONE = "SELECT count(*) = 0 FROM pgsynapse.documents WHERE status = 'pending
 
 
 @pytest.fixture(scope="session")
-def onnx_artifact(tmp_path_factory):
-    """The default model exported to ONNX fp32 and INT8 once for the session (a few seconds)."""
+def onnx_artifact(default_runtime, tmp_path_factory):
+    """The default model exported to ONNX fp32 and INT8 (dynamic) once for the session: the fp32 graph is the one
+    of the default runtime's export (built once per test run, tests/conftest.py), with its tokenizer files."""
     out = tmp_path_factory.mktemp("onnx")
-    export_fp32(default_model_path(), out)
+    shutil.copytree(default_runtime["artifact_path"], out, dirs_exist_ok=True)
+    (out / ONNX_FILES["onnx-int8"]).unlink()  # the export's scheme: rebuilt as plain dynamic INT8
     quantize_int8(out)
     return out
 
@@ -89,7 +91,7 @@ def test_static_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_ar
     for scheme in ("dynamic", "outlier-static", "smooth-static"):
         out = tmp_path / scheme
         shutil.copytree(onnx_artifact, out)
-        quantize_int8(out, scheme)
+        quantize_int8(out, scheme, threads=1)  # the calibration's: xdist's other worker has the other core
         vecs = load_embedder(ModelSpec(1, "m", out, "onnx-int8", 384), onnx_threads=1).encode(chunks)
         cosine[scheme] = float((vecs * base).sum(axis=1).mean())
     # outlier-static quantises the QKV projection too, with no per-batch scale
