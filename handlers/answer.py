@@ -134,9 +134,21 @@ class AnswerHandler(Handler[AnswerWork]):
                                   not_found_threshold=s.not_found_threshold)
 
     def answerer_for(self, embedder: Embedder) -> Answerer:
-        s = self.settings
-        if s.answerer == "extractive":
+        if self.settings.answerer == "extractive":
             return self._extractive_for(embedder)
+        # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
+        return ExtractiveFallback(self.generator(), self._extractive_for(embedder))
+
+    def load_generator(self) -> None:
+        """Warm-up (Worker.warm_up): the generative answerer's model loads before the worker says it started, as
+        the embedding models do, not at the first question (which, and every question queued behind it, waited for
+        the load: 30-100 s for a GGUF model on transformers on 2 cores)."""
+        if self.settings.answerer != "extractive":
+            self.generator()
+
+    def generator(self) -> Answerer:
+        """The generative answerer (transformers, llama-cpp, openai), built once."""
+        s = self.settings
         if self._generative is None:
             if s.answerer in ("transformers", "llama-cpp") and not s.answerer_model_path:
                 raise ConfigError("invalid setting answerer_model_path [PGSYNAPSE_ANSWERER_MODEL_PATH]: "
@@ -159,8 +171,7 @@ class AnswerHandler(Handler[AnswerWork]):
                                                   timeout=s.openai_timeout_seconds,
                                                   max_new_tokens=s.answer_max_new_tokens,
                                                   citation_policy=s.citation_policy)
-        # an answer of citations only ("[1]") is answered again from the same passages by the extractive answerer
-        return ExtractiveFallback(self._generative, self._extractive_for(embedder))
+        return self._generative
 
     def _stream(self, w: AnswerWork) -> Stream | GuardedStream | None:
         """The partial-answer stream of a generated answer (handlers/answer_stream.py), when streaming is on;

@@ -150,6 +150,9 @@ class Worker(Claiming):
                 if refresh is not None:
                     await refresh(conn)
                     await anyio.to_thread.run_sync(handler.embedders)
+                load_generator = getattr(handler, "load_generator", None)  # the answer handler's generative model
+                if load_generator is not None:
+                    await anyio.to_thread.run_sync(load_generator)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED, handle_signals: bool = True) -> None:
         self.pool = AsyncConnectionPool(

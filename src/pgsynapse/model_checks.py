@@ -1,8 +1,9 @@
 """The start-up check of the generative models a worker's kinds need: one that cannot be there stops ``pgsynapse
 run`` before it is ready, with a :class:`ConfigError` (exit 78), instead of failing every question later.
 
-Cheap: installed packages and paths only (:func:`check_model`). The models still load at their first question, as
-before: a preset's files are joined and checked by sha256 then (491 MB for the Qwen preset).
+Cheap: installed packages and paths only (:func:`check_model`). The answerer's model then loads at the worker's
+warm-up (AnswerHandler.load_generator), the SQL model at its first data question: a preset's files are joined and
+checked by sha256 then (491 MB for the Qwen preset).
 """
 
 from __future__ import annotations

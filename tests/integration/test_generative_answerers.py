@@ -69,6 +69,19 @@ async def test_local_transformers_answerer_gets_history_and_passages(db_url, mod
     assert "[1] Savepoints:" in prompt and prompt.rstrip().endswith("Question: and how do I release it?\nAnswer:")
 
 
+async def test_a_generative_worker_loads_its_model_before_it_says_it_started(db_url, models, tmp_path):
+    """As the embedding models do (test_answers): its first question, and every question queued behind it, waited
+    for the generative model's load (a GGUF model on transformers: 30-100 s on 2 cores, BENCHMARKS.md,
+    generative_worker), and a model that cannot load failed that question instead of the start."""
+    path = _tiny_model(tmp_path / "causal", "causal")
+    settings = fast_settings(db_url, kinds=("answer",), answerer="transformers", answerer_model_path=path)
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            events = [e["event"] for e in logs]
+    assert "worker_started" in events, events
+    assert "answerer_model_loaded" in events[:events.index("worker_started")], events
+
+
 def test_a_stream_that_stops_stops_the_local_generator_at_that_piece(tmp_path):
     """The handler's stream raises AnswerStopped once its question went (handlers/answer_stream.py): the local
     model stops there, instead of generating its answer_max_new_tokens for nobody."""

@@ -67,6 +67,7 @@ def _no_embedded_server(*_args, **_kwargs):
 @pytest.mark.parametrize("argv", [
     ["answers", "--questions", "0"], ["answer_cache", "--no-replay"], ["answer_quality", "--worker-questions", "0"],
     ["extractive_weights", "--variants", "[]"], ["fulltext_scale"], ["gate"], ["generation", "--model", "x"],
+    ["generative_worker", "--model", "x"],
     ["hybrid_weights"], ["ranker_answers", "--teacher-model", "x"], ["text_rank_variants"]])
 def test_the_corpus_benchmarks_take_their_database_url(monkeypatch, argv):
     # they accepted --database-url and started the corpus's embedded server all the same (only DATABASE_URL counted)
@@ -79,8 +80,8 @@ def test_the_corpus_benchmarks_take_their_database_url(monkeypatch, argv):
 
 
 NO_QUICK = ["answer_quality", "answers", "extractive_weights", "feedback_trigger", "fulltext_scale", "gate",
-            "generated_questions", "generation", "hybrid_weights", "learning", "learning_recipes", "ranker_answers",
-            "spider", "sql_generation", "teacher", "text_rank_variants", "text_to_sql"]
+            "generated_questions", "generation", "generative_worker", "hybrid_weights", "learning", "learning_recipes",
+            "ranker_answers", "spider", "sql_generation", "teacher", "text_rank_variants", "text_to_sql"]
 
 
 class _Started(Exception):
