@@ -1377,7 +1377,7 @@ def test_the_corrections_wording_migration_says_what_sql_correct_says_and_is_ide
                      "WHERE id = %s", (blocked,))
         with pytest.raises(psycopg.errors.CheckViolation, match="has no statement that ran to approve"):
             conn.execute(approve, (failed,))  # before 0045
-    assert migrate(url) == [mig.name]
+    assert migrate(url)[0] == mig.name  # and any later ones
     with psycopg.connect(url, autocommit=True) as conn:
         for run in (1, 2):
             with pytest.raises(psycopg.errors.CheckViolation) as refused:

@@ -51,7 +51,7 @@ def test_the_removed_rows_migration_says_what_the_written_out_case_said_for_ever
     assert {(kind, bulk, removed) for _, kind, bulk, removed in before} == {
         (k, False, r) for k in ("embed", "answer", "embed_image", "sql_answer") for r in (False, True)} | {
         ("embed", True, False), ("retrain", False, False)}
-    assert migrate(url) == [mig.name]
+    assert migrate(url)[0] == mig.name  # and any later ones
     with psycopg.connect(url, autocommit=True) as conn:
         for run in (1, 2):
             with conn.transaction():
@@ -93,7 +93,7 @@ def test_the_removed_rows_migration_clears_the_ranker_of_answers_their_own_teach
         ids = [conn.execute("INSERT INTO pgsynapse.questions (text, status, answer, model_version_id, ranker_id)"
                             " VALUES ('what?', 'answered', 'this', %s, %s) RETURNING id", a).fetchone()[0]
                for a in answers]
-    assert migrate(url) == [mig.name]
+    assert migrate(url)[0] == mig.name  # and any later ones
     expected = [(i, v, None if (v, r) in ((v2, rankers[f"version:{v2}"]), (1, rankers["version:1"]),
                                           (1, rankers["version:01"])) else r)
                 for i, (v, r) in zip(ids, answers)]
