@@ -181,15 +181,64 @@ def workers_take(listening: int, seen: int, taking: int) -> bool:
 # the advisory lock of a model version's export to the workers' runtime (pgsynapse/export/register.py): here, so
 # that the commands which read whether a worker is starting load none of the export's libraries
 EXPORT_LOCK = "pgsynapse.runtime_export"
+# the application_name of the connection that holds EXPORT_LOCK: a worker's (the name of its pool's connections too),
+# or `pgsynapse model export --switch`'s, followed by " vN" once it has read the version N it exports
+# (:func:`export_command_name`); ops.sql's runtime_export_state reads it to tell the two apart
+WORKER_APPLICATION_NAME = "pgsynapse-worker"
+EXPORT_COMMAND_APPLICATION_NAME = "pgsynapse-model-export"
+EXPORT_COMMAND = "`pgsynapse model export --switch`"
+
+
+def export_command_name(version: int) -> str:
+    """The application_name of `pgsynapse model export --switch`'s connection once it has read ``version``."""
+    return f"{EXPORT_COMMAND_APPLICATION_NAME} v{version}"
+
+
+def runtime_export(conn: psycopg.Connection) -> dict[str, Any]:
+    """A model version's export to the workers' runtime, as ops.sql's ``runtime_export_state`` reads it:
+    ``exporting`` (the sessions holding EXPORT_LOCK: 0 or 1), ``waiting`` (those waiting for it), ``seconds`` (since
+    the export began), ``by`` (``"command"``: `pgsynapse model export --switch` holds it; ``"worker"``: a worker at
+    its start, or any other session; None: nobody), ``version`` (the version the command exports, once it has read
+    it, else None) and ``workers_waiting`` (the waiting sessions that are not such a command: workers at their
+    start)."""
+    row = dict(conn.cursor(row_factory=dict_row).execute(
+        q("runtime_export_state", "ops.sql"),
+        {"lock": EXPORT_LOCK, "command": EXPORT_COMMAND_APPLICATION_NAME}).fetchone())
+    holder = row.pop("holder")
+    by_command = row["exporting"] > 0 and holder is not None and (
+        holder == EXPORT_COMMAND_APPLICATION_NAME or holder.startswith(EXPORT_COMMAND_APPLICATION_NAME + " v"))
+    row["by"] = None if not row["exporting"] else "command" if by_command else "worker"
+    version = holder.removeprefix(EXPORT_COMMAND_APPLICATION_NAME + " v") if by_command else ""
+    row["version"] = int(version) if version.isdigit() else None
+    return row
+
+
+def starting_export(conn: psycopg.Connection) -> dict[str, Any] | None:
+    """:func:`runtime_export` while none is registered lately and the export lock is held, else None: a worker
+    starting (a first start exports the active version before the worker registers and listens: minutes on a small
+    host), or `pgsynapse model export --switch` exporting, which a worker started meanwhile waits for
+    (:func:`worker_starting` tells these apart)."""
+    _, seen, _ = conn.cursor(row_factory=tuple_row).execute(q("workers_answering", "ops.sql"), {"kind": ""}).fetchone()
+    if seen:
+        return None
+    export = runtime_export(conn)
+    return export if export["exporting"] else None
 
 
 def worker_starting(conn: psycopg.Connection) -> bool:
     """Whether a worker is starting: none registered lately, and a model version's export to the workers' runtime
-    under way (a first start exports the active version before the worker registers and listens: minutes on a small
-    host). `pgsynapse status` says "none registered yet: a worker is starting" then."""
-    cur = conn.cursor(row_factory=tuple_row)
-    _, seen, _ = cur.execute(q("workers_answering", "ops.sql"), {"kind": ""}).fetchone()
-    return seen == 0 and cur.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone()[0] > 0
+    under way, by a worker (a first start exports the active version before the worker registers and listens:
+    minutes on a small host), or by `pgsynapse model export --switch` while a worker waits for it. `pgsynapse
+    status` says "none registered yet: a worker is starting" then. The command's export with no worker waiting is
+    no worker starting: :func:`command_exporting` says what it is."""
+    export = starting_export(conn)
+    return export is not None and (export["by"] == "worker" or export["workers_waiting"] > 0)
+
+
+def command_exporting(export: dict[str, Any]) -> str:
+    """What `pgsynapse model export --switch` holding the export lock does (``export``: :func:`runtime_export`)."""
+    what = f"model version {export['version']}" if export["version"] is not None else "a model version"
+    return f"{EXPORT_COMMAND} is exporting {what} to the workers' runtime (minutes on a small host)"
 
 
 LOCK_WAIT_SLICE_MS = 1000

@@ -36,7 +36,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from tqdm import tqdm
 
-from pgsynapse.db import worker_starting, worker_takes, workers_take
+from pgsynapse.db import EXPORT_COMMAND, command_exporting, starting_export, worker_takes, workers_take
 from pgsynapse.errors import InputError, PgsynapseError
 from pgsynapse.images.decode import EXTENSIONS as IMAGE_EXTENSIONS, read_bounded
 from pgsynapse.images.ingest import FileImage, flush_images, is_image, lock_ingests
@@ -430,22 +430,34 @@ def worker_note(conn: psycopg.Connection, unit: str) -> str | None:
     """What to tell someone about to wait for ``unit``s (document, image) to be embedded when no running worker
     takes their jobs (none listening, or those seen lately run other kinds), else None. A worker starting (its
     first start's export, before it registers: :func:`~pgsynapse.db.worker_starting`) is waited for, as one that
-    will take them."""
+    will take them; so is one waiting for `pgsynapse model export --switch`'s export. That command's export with no
+    worker is said as it is: it embeds nothing."""
     kind = EMBED_KINDS[unit]
     if worker_takes(conn, kind):
         return None
     waiting = f"(waiting; Ctrl-C stops waiting, the {unit}s stay stored)"
-    if worker_starting(conn):
+    export = starting_export(conn)
+    if export is not None and export["by"] == "worker":
         return (f"a worker is starting: it exports a model version to its runtime first (minutes on a small host: "
                 f"`pgsynapse status`), then embeds the {unit}s if it runs {kind} jobs {waiting}")
+    if export is not None and export["workers_waiting"]:
+        return (f"a worker is starting: it waits for {EXPORT_COMMAND} to export a model version to its runtime "
+                f"first (minutes on a small host: `pgsynapse status`), then embeds the {unit}s if it runs {kind} jobs "
+                f"{waiting}")
+    if export is not None:
+        return (f"no running worker takes {kind} jobs, and {command_exporting(export)}: the {unit}s are embedded "
+                f"once `pgsynapse run` starts, which waits for that export first {waiting}")
     return f"no running worker takes {kind} jobs: the {unit}s are embedded once `pgsynapse run` starts {waiting}"
 
 
 def _not_yet(conn: psycopg.Connection, unit: str) -> str:
     """Why ``unit``s are still pending when ``--follow`` gives up: a worker starting, running, or none."""
     again = "follow them again later, `pgsynapse ingest --follow` of the same files inserts nothing new"
-    if worker_starting(conn):
+    export = starting_export(conn)
+    if export is not None and export["by"] == "worker":
         return f"a worker is still starting (exporting a model version to its runtime): {again}"
+    if export is not None and export["workers_waiting"]:
+        return f"a worker is still starting (waiting for {EXPORT_COMMAND}'s export of a model version): {again}"
     listening, seen, taking = conn.cursor(row_factory=tuple_row).execute(
         q("workers_answering", "ops.sql"), {"kind": EMBED_KINDS[unit]}).fetchone()
     if not workers_take(listening, seen, taking):

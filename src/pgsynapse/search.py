@@ -11,7 +11,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 
 from pgsynapse.config import Settings
-from pgsynapse.db import worker_starting, worker_takes
+from pgsynapse.db import EXPORT_COMMAND, command_exporting, starting_export, worker_takes
 from pgsynapse.errors import DatabaseError, InputError, RegistryError
 from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
@@ -80,14 +80,20 @@ def check_search_text(text: str | None, max_chars: int) -> None:
 def unsearched(conn: psycopg.Connection, waiting: int) -> str:
     """What :func:`search` says of ``waiting`` documents not embedded yet: who embeds them, as ``ingest --follow``
     and ``status`` say it (a worker starting exports a model version first, before it registers:
-    :func:`~pgsynapse.db.worker_starting`)."""
+    :func:`~pgsynapse.db.worker_starting`), or `pgsynapse model export --switch` exporting one meanwhile."""
     if worker_takes(conn, "embed"):
         why = "a running worker embeds them: `pgsynapse status` shows its queue"
-    elif worker_starting(conn):
+    elif (export := starting_export(conn)) is None:
+        why = "no running worker takes embed jobs: they are embedded once `pgsynapse run` starts"
+    elif export["by"] == "worker":
         why = ("a worker is starting: it exports a model version to its runtime first, minutes on a small host: "
                "`pgsynapse status`; it embeds them once started if it runs embed jobs")
+    elif export["workers_waiting"]:
+        why = (f"a worker is starting: it waits for {EXPORT_COMMAND} to export a model version to its runtime first, "
+               "minutes on a small host: `pgsynapse status`; it embeds them once started if it runs embed jobs")
     else:
-        why = "no running worker takes embed jobs: they are embedded once `pgsynapse run` starts"
+        why = (f"no running worker takes embed jobs, and {command_exporting(export)}: they are embedded once "
+               "`pgsynapse run` starts, which waits for that export first")
     return f"{waiting} document(s) waiting to be embedded were not searched ({why})"
 
 

@@ -8,8 +8,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.config import Settings
-from pgsynapse.db import SCHEMA_ERRORS
-from pgsynapse.export import EXPORT_LOCK
+from pgsynapse.db import EXPORT_COMMAND, SCHEMA_ERRORS, command_exporting, runtime_export
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import schema_state
@@ -62,7 +61,7 @@ def snapshot(conn: psycopg.Connection, *, read_url: str | None = None,
             v["backfill_eta_seconds"] = None if p["backfilled_at"] else backfill_eta(p)
             v["backfill_state"] = "done" if p["backfilled_at"] else backfill_state(p)
     workers = [dict(r) for r in conn.execute(q("workers_seen"))]
-    export = dict(conn.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone())
+    export = runtime_export(conn)
     images = dict(conn.execute(q("image_counts", "images.sql")).fetchone() or {})
     image_models = [dict(r) for r in conn.execute(q("list_image_models", "images.sql")) if r["status"] != "retired"]
     questions = dict(conn.execute(q("question_counts", "answers.sql")).fetchone() or {})
@@ -192,9 +191,7 @@ def render(snap: dict[str, Any]) -> str:
     if rr:
         lines.append(f"read replica   : {_render_replica(rr)}")
     export = snap.get("runtime_export") or {}
-    starting = ("none registered yet: a worker is starting (it exports a model version to its runtime first: "
-                "runtime export, below)") if export.get("exporting") else "none registered"
-    lines.append(f"workers        : {len(snap['workers']) or starting}")
+    lines.append(f"workers        : {len(snap['workers']) or _render_none_registered(export)}")
     for w in snap["workers"]:
         seen = w["last_seen_seconds"]
         state = "" if seen < 120 else f" (STALE: not seen for {seen:g}s; killed?)"
@@ -225,6 +222,25 @@ def render(snap: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_none_registered(e: dict[str, Any]) -> str:
+    """The workers line when none is registered (``e``: db.runtime_export): a worker starting (its export, or its
+    wait for `pgsynapse model export --switch`'s), or that command's export with no worker waiting for it."""
+    if e.get("by") == "command":
+        if e["workers_waiting"]:
+            return (f"none registered yet: a worker is starting (it waits for {EXPORT_COMMAND}'s export of "
+                    f"{_exported(e)} to its runtime first: runtime export, below)")
+        return (f"none registered ({command_exporting(e)}: runtime export, below; a worker started now waits for it, "
+                "then serves that version on its runtime)")
+    if e.get("exporting"):
+        return ("none registered yet: a worker is starting (it exports a model version to its runtime first: "
+                "runtime export, below)")
+    return "none registered"
+
+
+def _exported(e: dict[str, Any]) -> str:
+    return f"model version {e['version']}" if e.get("version") is not None else "a model version"
+
+
 def _render_export(e: dict[str, Any]) -> str:
     """A model version's export to the workers' runtime, under way: a first start's worker serves once it ends."""
     waiting = (f"; {e['waiting']} more worker{'s wait' if e['waiting'] != 1 else ' waits'} for it"
@@ -232,6 +248,10 @@ def _render_export(e: dict[str, Any]) -> str:
     if not e["exporting"]:
         return f"{e['waiting']} worker{'s wait' if e['waiting'] != 1 else ' waits'} for the export lock"
     since = f" for {_duration(e['seconds'])}" if e["seconds"] is not None else ""
+    if e.get("by") == "command":
+        return (f"under way{since}: {EXPORT_COMMAND} exports {_exported(e)} to its runtime and checks its agreement "
+                f"(minutes on a small host; a starting worker waits for it, then serves the version on that runtime)"
+                f"{waiting}")
     return (f"under way{since}: a worker exports a model version to its runtime and checks its agreement (once per "
             f"version, minutes on a small host; a starting worker serves once it ends){waiting}")
 

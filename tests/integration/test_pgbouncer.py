@@ -26,12 +26,11 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
-from pgsynapse.db import EXPORT_LOCK, NO_PREPARE
+from pgsynapse.db import NO_PREPARE, runtime_export
 from pgsynapse.export import optimise_active_version
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.embed import EmbedHandler
 from pgsynapse.migrate import _LOCK_KEY, migrate
-from pgsynapse.queries import q
 from tests.helpers import aconn, fast_settings, running_worker, wait_until
 from tests.pgbouncer import BINARY, PgBouncer
 
@@ -222,7 +221,7 @@ def test_the_runtime_export_through_transaction_pooling_leaves_no_lock_behind(pg
     for _ in range(2):  # nothing to export (torch), the lock taken and let go each time
         assert optimise_active_version(fast_settings(pooled), pooled) is None
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as direct:
-            state = direct.execute(q("runtime_export_state", "ops.sql"), {"lock": EXPORT_LOCK}).fetchone()
+            state = runtime_export(direct)
         assert (state["exporting"], state["waiting"]) == (0, 0), state  # main: (1, 0), held by a pooled session
 
 

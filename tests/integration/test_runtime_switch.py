@@ -22,12 +22,14 @@ from structlog.testing import capture_logs
 from pgsynapse.app import ask
 from pgsynapse.client import AnswerTimeout
 from pgsynapse.errors import ModelError
-from pgsynapse.export import EXPORT_LOCK, optimise_active_version
+from pgsynapse.export import EXPORT_LOCK, optimise_active_version, run_export
 from pgsynapse.export.register import _sha256
+from pgsynapse.ingest import worker_note
 from pgsynapse.learning.registry import RegistryError, promote
 from pgsynapse.listener.worker import Worker
 from pgsynapse.models import ModelCache, ONNX_FILES, default_model_path
 from pgsynapse.queries import q
+from pgsynapse.search import unsearched
 from pgsynapse.status import render, snapshot
 from tests.helpers import SAFETY_TIMEOUT, aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
@@ -330,6 +332,71 @@ async def test_status_says_a_worker_is_starting_while_it_exports_the_active_vers
     assert (await _version(conn))["runtime"] in ("onnx-int8", "onnx")
     await conn.close()
     await blocker.close()
+
+
+async def test_status_search_and_ingest_tell_model_export_switch_from_a_starting_worker(db_url, tmp_path, monkeypatch):
+    """`pgsynapse model export --switch` holds the export lock a worker's first start takes: while it exported and no
+    worker was registered, `status` said "none registered yet: a worker is starting (it exports a model version to
+    its runtime first...)", `search` and `ingest --follow` that a worker was starting, with no worker anywhere. They
+    name the command and its version, and what to do (start `pgsynapse run`, which waits for that export); a worker
+    started meanwhile, waiting for it, is a worker starting again. The real command runs, its model computation
+    held while the test reads (the database is real)."""
+    computing, go = threading.Event(), threading.Event()
+
+    def held_export(*args, **kwargs):
+        computing.set()
+        go.wait(SAFETY_TIMEOUT)
+        raise ModelError("the test's export ends here")
+
+    monkeypatch.setattr(sys.modules["pgsynapse.export.register"], "export_and_check", held_export)
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    raised: list[BaseException] = []
+
+    def command() -> None:
+        try:
+            run_export(settings, "onnx-int8", switch=True)
+        except ModelError as exc:
+            raised.append(exc)
+
+    conn = await aconn(db_url)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, command)
+            try:
+                assert await anyio.to_thread.run_sync(computing.wait, SAFETY_TIMEOUT)
+                alone = render(snapshot(sync))
+                alone_notes = (unsearched(sync, 1), worker_note(sync, "document"))
+                # a worker started now waits for the command's export (one on torch finds nothing more to do)
+                tg.start_soon(anyio.to_thread.run_sync, optimise_active_version, settings, db_url)
+                await wait_until(conn, WAITING)
+                waited = render(snapshot(sync))
+                waited_notes = (unsearched(sync, 1), worker_note(sync, "document"))
+            finally:
+                go.set()
+    assert "a worker is starting" not in alone, alone
+    assert ("workers        : none registered (`pgsynapse model export --switch` is exporting model version 1 to the "
+            "workers' runtime (minutes on a small host): runtime export, below; a worker started now waits for it, "
+            "then serves that version on its runtime)") in alone, alone
+    assert "runtime export : under way for " in alone, alone
+    assert (": `pgsynapse model export --switch` exports model version 1 to its runtime and checks its agreement "
+            "(minutes on a small host; a starting worker waits for it, then serves the version on that runtime)"
+            ) in alone, alone
+    assert alone_notes == (
+        "1 document(s) waiting to be embedded were not searched (no running worker takes embed jobs, and `pgsynapse "
+        "model export --switch` is exporting model version 1 to the workers' runtime (minutes on a small host): they "
+        "are embedded once `pgsynapse run` starts, which waits for that export first)",
+        "no running worker takes embed jobs, and `pgsynapse model export --switch` is exporting model version 1 to "
+        "the workers' runtime (minutes on a small host): the documents are embedded once `pgsynapse run` starts, "
+        "which waits for that export first (waiting; Ctrl-C stops waiting, the documents stay stored)"), alone_notes
+    assert ("workers        : none registered yet: a worker is starting (it waits for `pgsynapse model export "
+            "--switch`'s export of model version 1 to its runtime first: runtime export, below)") in waited, waited
+    assert "; 1 more worker waits for it" in waited, waited
+    assert waited_notes[0].startswith("1 document(s) waiting to be embedded were not searched (a worker is starting: "
+                                      "it waits for `pgsynapse model export --switch`"), waited_notes
+    assert waited_notes[1].startswith("a worker is starting: it waits for `pgsynapse model export --switch`"), \
+        waited_notes
+    assert [str(e) for e in raised] == ["the test's export ends here"], raised
+    await conn.close()
 
 
 async def test_ask_beside_a_starting_worker_waits_for_its_export_and_does_not_say_to_start_one(db_url, tmp_path):

@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 
 from pgsynapse.artifacts import local_artifact, models_root, remove_artifact_dir
 from pgsynapse.config import DEFAULT_SAMPLE_CHUNKS
-from pgsynapse.db import EXPORT_LOCK, NO_PREPARE, Database, session_url, take_xact_lock
+from pgsynapse.db import (EXPORT_COMMAND_APPLICATION_NAME, EXPORT_LOCK, NO_PREPARE, WORKER_APPLICATION_NAME, Database,
+                          export_command_name, session_url, take_xact_lock)
 from pgsynapse.errors import ModelError, RegistryError, SourceModelError
 from pgsynapse.export.agreement import DEFAULT_THRESHOLD, ExportReport, export_and_check
 from pgsynapse.export.quantize import SCHEMES, scheme_error
@@ -82,9 +83,11 @@ def run_export(
     """``pgsynapse model export``: build, check, and register (or refuse with the figures). ``switch``: under the
     export lock a worker takes to export a version at its start (:func:`export_lock`), which it waits for (calling
     ``waiting()`` first when another holds it): the version is read once it holds it, and never exported by both."""
-    with Database(settings) as db, (export_lock(settings, db.url, waiting) if switch
+    with Database(settings) as db, (export_lock(settings, db.url, waiting, EXPORT_COMMAND_APPLICATION_NAME) if switch
                                     else db.connect(autocommit=True)) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
+        if switch and row is not None:  # `pgsynapse status` says which version it exports (db.runtime_export)
+            conn.execute(q("export_name", "export.sql"), {"name": export_command_name(row["id"])})
         # a version it cannot take is a command refused (exit 1), as search --version's, promote's and traffic's
         if row is None:
             raise RegistryError("no active model version" if version is None else
@@ -234,7 +237,7 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
             "runtime_export_waiting", note="another worker (or `pgsynapse model export --switch`) is exporting a "
             "model version to its runtime (minutes on a small host): waiting for it to finish, then starting")
 
-    with export_lock(settings, url, waiting) as conn:
+    with export_lock(settings, url, waiting, WORKER_APPLICATION_NAME) as conn:
         row = conn.execute(q("export_source", "export.sql"), {"version": version}).fetchone()
         if row is None or row["status"] not in ("active", "candidate"):
             return None
@@ -301,11 +304,14 @@ def optimise_version(settings: Any, url: str, version: int | None = None, *, act
 
 
 @contextlib.contextmanager
-def export_lock(settings: Any, url: str, waiting: Callable[[], None] | None = None) -> Iterator[psycopg.Connection]:
+def export_lock(settings: Any, url: str, waiting: Callable[[], None] | None = None,
+                application_name: str = WORKER_APPLICATION_NAME) -> Iterator[psycopg.Connection]:
     """A connection whose transaction holds EXPORT_LOCK until the block ends: the export of a version to a runtime
     by a worker at its start (:func:`optimise_version`) or by ``model export --switch``, one at a time, each reading
     the version once it holds the lock. ``waiting()`` first when another holds it (its export: minutes), which is
-    waited for in slices of a second (:func:`~pgsynapse.db.take_xact_lock`).
+    waited for in slices of a second (:func:`~pgsynapse.db.take_xact_lock`). ``application_name`` names the holder:
+    a worker's (WORKER_APPLICATION_NAME) or the command's (EXPORT_COMMAND_APPLICATION_NAME), which `pgsynapse status`,
+    `search` and `ingest --follow` tell apart (:func:`~pgsynapse.db.runtime_export`).
 
     A transaction lock, held for the whole export in one transaction (it writes only at its end): a transaction
     pooler (no listen_url) keeps a transaction on one server connection, and the lock goes with the transaction;
@@ -314,7 +320,8 @@ def export_lock(settings: Any, url: str, waiting: Callable[[], None] | None = No
     last SELECT outlived it and kept its snapshot while the model was computed, so no VACUUM of the database could
     remove a row deleted meanwhile. The transaction takes no xid until its end, and keeps no snapshot in between."""
     with psycopg.connect(session_url(settings, url), autocommit=True, row_factory=dict_row,
-                         cursor_factory=psycopg.ClientCursor, **NO_PREPARE) as conn, conn.transaction():
+                         cursor_factory=psycopg.ClientCursor, application_name=application_name, **NO_PREPARE
+                         ) as conn, conn.transaction():
         conn.execute(q("export_idle_unbounded", "export.sql"))
         if not conn.execute(q("export_try_lock", "export.sql"), {"lock": EXPORT_LOCK}).fetchone()["locked"]:
             if waiting is not None:  # another holds it: its export (minutes)

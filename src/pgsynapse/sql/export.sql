@@ -36,6 +36,12 @@ SELECT pg_advisory_xact_lock(hashtext(%(lock)s));
 -- idle_in_transaction_session_timeout shorter than that must not end it (its client gone ends it all the same)
 SELECT set_config('idle_in_transaction_session_timeout', '0', true);
 
+-- name: export_name
+-- `pgsynapse model export --switch`'s connection named by the version it exports, once read (pgsynapse/db.py,
+-- export_command_name): `pgsynapse status` reads it in pg_stat_activity; for its transaction only (a pooler's server
+-- connection is named as its next client says)
+SELECT set_config('application_name', %(name)s, true);
+
 -- name: export_try_lock
 -- the export lock at once, if no other worker holds it (else the caller says it waits, then takes export_lock)
 SELECT pg_try_advisory_xact_lock(hashtext(%(lock)s)) AS locked;

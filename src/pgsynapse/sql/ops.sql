@@ -135,10 +135,15 @@ FROM pgsynapse.model_versions ORDER BY id;
 -- first start before the worker registers): the sessions holding the export lock (pgsynapse/export/register.py,
 -- pg_advisory_xact_lock(hashtext(%(lock)s))) and those waiting for it. An advisory lock on a bigint key is shown in
 -- pg_locks as its high 32 bits (classid) and low 32 bits (objid), objsubid 1. seconds: since the holder's
--- transaction (the export's) began; NULL where pg_stat_activity hides it from this role.
+-- transaction (the export's) began; NULL where pg_stat_activity hides it from this role. holder: the holder's
+-- application_name (shown to every role), which tells `pgsynapse model export --switch` (%(command)s, then " vN")
+-- from a worker at its start (pgsynapse/db.py, runtime_export); workers_waiting: the waiting sessions not named so.
 WITH k AS (SELECT hashtext(%(lock)s)::bigint AS key)
 SELECT count(*) FILTER (WHERE l.granted) AS exporting, count(*) FILTER (WHERE NOT l.granted) AS waiting,
-       round(extract(epoch FROM now() - min(a.xact_start) FILTER (WHERE l.granted)))::float AS seconds
+       round(extract(epoch FROM now() - min(a.xact_start) FILTER (WHERE l.granted)))::float AS seconds,
+       min(a.application_name) FILTER (WHERE l.granted) AS holder,
+       count(*) FILTER (WHERE NOT l.granted AND coalesce(a.application_name, '') <> %(command)s
+                          AND coalesce(a.application_name, '') NOT LIKE %(command)s || ' v%%') AS workers_waiting
 FROM pg_catalog.pg_locks l
 CROSS JOIN k
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
