@@ -301,7 +301,9 @@ def _sql_parsers(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--sql", help="the right statement")
     what.add_argument("--approve", action="store_true", help="the generated statement was right")
     rl = sub.add_parser("reader-login", help="let the reader role of data questions log in with a password (sent as "
-                        "its SCRAM verifier): from PGSYNAPSE_SQL_READER_PASSWORD, stdin or a prompt; then sql_reader_url")
+                        "its SCRAM verifier): from stdin (--password-stdin), sql_reader_password (as the worker "
+                        "takes it: PGSYNAPSE_SQL_READER_PASSWORD, else the config file's) or a prompt; then "
+                        "sql_reader_url")
     rl.add_argument("--password-stdin", action="store_true", help="read the password from stdin (its first line)")
     sm = sub.add_parser("sql-model", help="SQL models: list, add by path, promote, rollback, traffic, retire, retrain")
     ssub = sm.add_subparsers(dest="sql_model_command", required=True, metavar="ACTION")

@@ -89,7 +89,8 @@ def test_reader_login_refuses_without_a_password_and_on_the_embedded_server(db_u
     no_password = _reader_login(db_url)
     assert no_password.returncode == 1, no_password.stderr
     assert no_password.stderr.startswith("pgsynapse: error: no password for pgsynapse_reader: set "
-                                         "PGSYNAPSE_SQL_READER_PASSWORD, or give it on stdin with --password-stdin")
+                                         "PGSYNAPSE_SQL_READER_PASSWORD (an empty one is unset) or the config file's "
+                                         "sql_reader_password, or give it on stdin with --password-stdin")
     empty = _reader_login(db_url, "--password-stdin", stdin="\n")
     assert empty.returncode == 1 and "the password for pgsynapse_reader is empty" in empty.stderr, empty.stderr
     assert _reader_role(db_url) == before
@@ -183,3 +184,46 @@ def test_the_worker_logs_in_as_the_reader_with_a_password_no_url_could_hold(db_u
     assert ANY_CHARACTERS not in str(refused.value)
     with pytest.raises(ConfigError, match="no password supplied: set PGSYNAPSE_SQL_READER_PASSWORD"):
         reader.prepare_at_start(db_url, fast_settings(db_url, sql_reader_url=url))  # none given: the hint names it
+
+
+def test_reader_login_and_the_worker_take_the_password_by_one_rule(db_url, tmp_path):
+    """reader-login read PGSYNAPSE_SQL_READER_PASSWORD itself, beside the sql_reader_password setting the worker
+    reads, with another rule: an empty variable beside a config file's sql_reader_password made reader-login refuse
+    ("the password ... is empty") while the worker took the file's, and an empty sql_reader_password in the file
+    made it say "no password: set PGSYNAPSE_SQL_READER_PASSWORD" while the worker started and failed at its login.
+    Both take the setting now: the variable when it holds a value, else the file's (an empty variable is unset, as
+    every PGSYNAPSE_ variable); an empty value in the file is refused by both, naming it."""
+    config = tmp_path / "pgsynapse.toml"
+    config.write_text('sql_reader_password = "from-the-file"\n')
+    reader_url = make_conninfo(db_url, user="pgsynapse_reader", password=None)
+    try:
+        for variable, taken in (("from-the-variable", "from-the-variable"), ("", "from-the-file"),
+                                (None, "from-the-file")):
+            done = _reader_login(db_url, password=variable, PGSYNAPSE_CONFIG=str(config))
+            assert done.returncode == 0, (variable, done.stderr)
+            assert _scram_matches(_reader_role(db_url)[1], taken), variable
+            environ = {"DATABASE_URL": db_url, "PGSYNAPSE_CONFIG": str(config), "PGSYNAPSE_SQL_READER_URL": reader_url,
+                       **({"PGSYNAPSE_SQL_READER_PASSWORD": variable} if variable is not None else {})}
+            assert reader.login_password(load_settings(environ=environ)) == {"password": taken}, variable  # the worker's
+        before = _reader_role(db_url)
+        config.write_text('sql_reader_password = ""\n')
+        for variable in ("", None):
+            refused = _reader_login(db_url, password=variable, PGSYNAPSE_CONFIG=str(config))
+            assert refused.returncode == 78, refused.stderr
+            assert refused.stderr.startswith(f"pgsynapse: error: invalid setting sql_reader_password [sql_reader_password "
+                                             f"in {config}]: is empty"), refused.stderr
+        assert _reader_role(db_url) == before
+        with pytest.raises(ConfigError, match=rf"sql_reader_password in {re.escape(str(config))}\]: is empty"):
+            load_settings(environ={"DATABASE_URL": db_url, "PGSYNAPSE_CONFIG": str(config)})  # the worker's start
+        # the variable's value stands over the file's empty one, for both
+        done = _reader_login(db_url, password="from-the-variable", PGSYNAPSE_CONFIG=str(config))
+        assert done.returncode == 0 and _scram_matches(_reader_role(db_url)[1], "from-the-variable"), done.stderr
+        # an empty variable and no file: no password at all, said as such
+        config.unlink()
+        nothing = _reader_login(db_url, password="")
+        assert nothing.returncode == 1, nothing.stderr
+        assert nothing.stderr.startswith("pgsynapse: error: no password for pgsynapse_reader: set "
+                                         "PGSYNAPSE_SQL_READER_PASSWORD (an empty one is unset)"), nothing.stderr
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # roles are cluster-wide
+            conn.execute("ALTER ROLE pgsynapse_reader NOLOGIN PASSWORD NULL")

@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import getpass
 import json
-import os
 import sys
 import unicodedata
 from dataclasses import asdict
@@ -310,24 +309,24 @@ def render_sql_gate(model: dict[str, Any]) -> str:
 
 def reader_password(role: str, from_stdin: bool, configured: str | None = None) -> str:
     """The password ``reader-login`` gives ``role``: the first line of stdin with ``--password-stdin``, else
-    PGSYNAPSE_SQL_READER_PASSWORD, else ``configured`` (sql_reader_password of the config file: the worker's), else
-    asked twice on a terminal; never an argument (``ps`` shows those)."""
+    ``configured`` (the sql_reader_password setting: PGSYNAPSE_SQL_READER_PASSWORD when it holds a value, else the
+    config file's, by the settings' rule, so the worker logs in with the same one), else asked twice on a terminal;
+    never an argument (``ps`` shows those)."""
     if from_stdin:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
-    elif READER_PASSWORD in os.environ:
-        password = os.environ[READER_PASSWORD]
-    elif configured:
+    elif configured is not None:  # never empty: the settings refuse an empty one, naming it
         password = configured
     elif sys.stdin.isatty():
         password = getpass.getpass(f"password for {role}: ")
         if password and getpass.getpass("again: ") != password:
             raise InputError(f"the two passwords for {role} differ: nothing was changed")
     else:
-        raise InputError(f"no password for {role}: set {READER_PASSWORD}, or give it on stdin with --password-stdin "
-                         "(never on the command line, where ps shows it); nothing was changed")
+        raise InputError(f"no password for {role}: set {READER_PASSWORD} (an empty one is unset) or the config "
+                         "file's sql_reader_password, or give it on stdin with --password-stdin (never on the command "
+                         "line, where ps shows it); nothing was changed")
     if not password:
-        raise InputError(f"the password for {role} is empty: give one (in {READER_PASSWORD} or on stdin with "
-                         "--password-stdin); nothing was changed")
+        raise InputError(f"the password for {role} is empty: give one (on stdin with --password-stdin, or in "
+                         f"{READER_PASSWORD}); nothing was changed")
     return password
 
 

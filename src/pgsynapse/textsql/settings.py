@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TextSqlSettings(BaseModel):
@@ -74,3 +74,14 @@ class TextSqlSettings(BaseModel):
         "candidate is also written as a GGUF file (the tensors the fine-tune changed as this type, the rest as in "
         "the base), gated and registered on llama-cpp; off: the transformers directory only")
 
+
+    @field_validator("sql_reader_password")
+    @classmethod
+    def _a_password(cls, value: str | None) -> str | None:
+        """An empty value (a config file's: an empty PGSYNAPSE_SQL_READER_PASSWORD is unset, as every variable) is
+        no password: `reader-login` and the worker refuse it alike, instead of each its own way (a prompt, no
+        password at the login)."""
+        if value == "":
+            raise ValueError("is empty: give the password of sql_reader_url's login (the one `pgsynapse reader-login` "
+                             "sets), or leave the setting out")
+        return value
