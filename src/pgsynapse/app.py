@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
-from pgsynapse.db import Database, worker_starting, worker_takes
+from pgsynapse.db import EXPORT_COMMAND, Database, exported_version, starting_export, worker_starting, worker_takes
 from pgsynapse.errors import DatabaseError, DatabaseSetupError, PgsynapseError, SchemaMissing, Terminated
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
@@ -288,10 +288,13 @@ def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: 
         except _NotStarted as exc:
             (columns, _), qid = LATER[what], exc.question_id
             with db.connect() as conn:
-                exporting = worker_starting(conn)
+                export = starting_export(conn)
             select = f"SELECT {columns} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
-            raise AnswerTimeout(not_started(what, qid, kind, timeout, select, exporting=exporting), qid,
-                                no_worker=kind) from None
+            exporting = export is not None and (export["by"] == "worker" or export["workers_waiting"] > 0)
+            by_command = (f"{EXPORT_COMMAND}'s export of {exported_version(export)}"
+                          if exporting and export["by"] == "command" else None)
+            raise AnswerTimeout(not_started(what, qid, kind, timeout, select, exporting=exporting,
+                                            by_command=by_command), qid, no_worker=kind) from None
         except AnswerTimeout as exc:
             if exc.question_id is None:  # not asked: its INSERT waited past the timeout
                 raise

@@ -235,10 +235,15 @@ def worker_starting(conn: psycopg.Connection) -> bool:
     return export is not None and (export["by"] == "worker" or export["workers_waiting"] > 0)
 
 
+def exported_version(export: dict[str, Any]) -> str:
+    """The version `pgsynapse model export --switch` exports (``export``: :func:`runtime_export`), in words: "model
+    version 3", or "a model version" for the moment before it has read it."""
+    return f"model version {export['version']}" if export.get("version") is not None else "a model version"
+
+
 def command_exporting(export: dict[str, Any]) -> str:
     """What `pgsynapse model export --switch` holding the export lock does (``export``: :func:`runtime_export`)."""
-    what = f"model version {export['version']}" if export["version"] is not None else "a model version"
-    return f"{EXPORT_COMMAND} is exporting {what} to the workers' runtime (minutes on a small host)"
+    return f"{EXPORT_COMMAND} is exporting {exported_version(export)} to the workers' runtime (minutes on a small host)"
 
 
 LOCK_WAIT_SLICE_MS = 1000

@@ -229,12 +229,16 @@ def no_answer(what: str, qid: int, timeout: float | None, get: str, *, unreachab
             f"still come: {later})")
 
 
-def not_started(what: str, qid: int, kind: str, timeout: float, later: str, *, exporting: bool) -> str:
+def not_started(what: str, qid: int, kind: str, timeout: float, later: str, *, exporting: bool,
+                by_command: str | None = None) -> str:
     """No answer to ``what`` ("question", "data question") ``qid`` within ``timeout`` seconds, the command's own
-    worker for ``kind`` jobs still starting (``exporting``: it waits for another worker's export, a first start);
-    ``later``: how to read the answer once it comes."""
-    why = ("it waits for another worker's export of a model version to its runtime (a first start, minutes on a "
-           "small host: `pgsynapse status`)" if exporting else "it loads its models first")
+    worker for ``kind`` jobs still starting (``exporting``: it waits for another worker's export, a first start;
+    or, ``by_command`` given, for that export by `pgsynapse model export --switch`: "`pgsynapse model export
+    --switch`'s export of model version 3"); ``later``: how to read the answer once it comes."""
+    why = ("it loads its models first" if not exporting else
+           f"it waits for {by_command} to its runtime (minutes on a small host: `pgsynapse status`)" if by_command else
+           "it waits for another worker's export of a model version to its runtime (a first start, minutes on a "
+           "small host: `pgsynapse status`)")
     return (f"no answer to {what} {qid} within {timeout:g}s: no running worker takes {kind} jobs, and the one this "
             f"command started is still starting: {why}; give a longer --timeout (0: no limit), or ask once a worker "
             f"runs (`pgsynapse run`); the {what} stays pending and is answered once one that takes {kind} jobs "

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 
 from pgsynapse.config import Settings
-from pgsynapse.db import EXPORT_COMMAND, SCHEMA_ERRORS, command_exporting, runtime_export
+from pgsynapse.db import EXPORT_COMMAND, SCHEMA_ERRORS, command_exporting, exported_version, runtime_export
 from pgsynapse.learning.abreport import recent_events, render_events
 from pgsynapse.learning.routing import served_shares
 from pgsynapse.migrate import schema_state
@@ -228,17 +228,13 @@ def _render_none_registered(e: dict[str, Any]) -> str:
     if e.get("by") == "command":
         if e["workers_waiting"]:
             return (f"none registered yet: a worker is starting (it waits for {EXPORT_COMMAND}'s export of "
-                    f"{_exported(e)} to its runtime first: runtime export, below)")
+                    f"{exported_version(e)} to its runtime first: runtime export, below)")
         return (f"none registered ({command_exporting(e)}: runtime export, below; a worker started now waits for it, "
                 "then serves that version on its runtime)")
     if e.get("exporting"):
         return ("none registered yet: a worker is starting (it exports a model version to its runtime first: "
                 "runtime export, below)")
     return "none registered"
-
-
-def _exported(e: dict[str, Any]) -> str:
-    return f"model version {e['version']}" if e.get("version") is not None else "a model version"
 
 
 def _render_export(e: dict[str, Any]) -> str:
@@ -249,9 +245,9 @@ def _render_export(e: dict[str, Any]) -> str:
         return f"{e['waiting']} worker{'s wait' if e['waiting'] != 1 else ' waits'} for the export lock"
     since = f" for {_duration(e['seconds'])}" if e["seconds"] is not None else ""
     if e.get("by") == "command":
-        return (f"under way{since}: {EXPORT_COMMAND} exports {_exported(e)} to its runtime and checks its agreement "
-                f"(minutes on a small host; a starting worker waits for it, then serves the version on that runtime)"
-                f"{waiting}")
+        return (f"under way{since}: {EXPORT_COMMAND} exports {exported_version(e)} to its runtime and checks its "
+                f"agreement (minutes on a small host; a starting worker waits for it, then serves the version on that "
+                f"runtime){waiting}")
     return (f"under way{since}: a worker exports a model version to its runtime and checks its agreement (once per "
             f"version, minutes on a small host; a starting worker serves once it ends){waiting}")
 

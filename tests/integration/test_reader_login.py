@@ -204,14 +204,15 @@ def test_reader_login_and_the_worker_take_the_password_by_one_rule(db_url, tmp_p
             assert _scram_matches(_reader_role(db_url)[1], taken), variable
             environ = {"DATABASE_URL": db_url, "PGSYNAPSE_CONFIG": str(config), "PGSYNAPSE_SQL_READER_URL": reader_url,
                        **({"PGSYNAPSE_SQL_READER_PASSWORD": variable} if variable is not None else {})}
-            assert reader.login_password(load_settings(environ=environ)) == {"password": taken}, variable  # the worker's
+            worker = load_settings(environ=environ)  # the worker's, in the same environment
+            assert reader.login_password(worker) == {"password": taken}, variable
         before = _reader_role(db_url)
         config.write_text('sql_reader_password = ""\n')
         for variable in ("", None):
             refused = _reader_login(db_url, password=variable, PGSYNAPSE_CONFIG=str(config))
             assert refused.returncode == 78, refused.stderr
-            assert refused.stderr.startswith(f"pgsynapse: error: invalid setting sql_reader_password [sql_reader_password "
-                                             f"in {config}]: is empty"), refused.stderr
+            assert refused.stderr.startswith(f"pgsynapse: error: invalid setting sql_reader_password "
+                                             f"[sql_reader_password in {config}]: is empty"), refused.stderr
         assert _reader_role(db_url) == before
         with pytest.raises(ConfigError, match=rf"sql_reader_password in {re.escape(str(config))}\]: is empty"):
             load_settings(environ={"DATABASE_URL": db_url, "PGSYNAPSE_CONFIG": str(config)})  # the worker's start

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from pgsynapse.app import ask
 from pgsynapse.client import AnswerTimeout
+from pgsynapse.db import export_command_name
 from pgsynapse.errors import ModelError
 from pgsynapse.export import EXPORT_LOCK, optimise_active_version, run_export
 from pgsynapse.export.register import _sha256
@@ -455,3 +456,32 @@ async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_
         "worker runs (`pgsynapse run`); the question stays pending and is answered once one that takes answer jobs "
         f"runs: SELECT status, answer FROM pgsynapse.questions WHERE id = {qid}")
     await holder.close()
+
+
+async def test_ask_beside_model_export_switch_ends_in_its_timeout_and_names_the_command(db_url, tmp_path):
+    """`pgsynapse ask --timeout 2` while `pgsynapse model export --switch` exports (its connection named as that
+    command names itself, holding the export lock): ask's own worker waits for that export, and the timeout said it
+    waited for "another worker's export" with no other worker anywhere."""
+    insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    holder = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row,
+                                                   application_name=export_command_name(1))
+    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
+
+    def asking() -> AnswerTimeout | None:
+        try:
+            ask(settings, "how do I mark a point in a transaction?", timeout=2)
+        except AnswerTimeout as exc:
+            return exc
+        return None
+
+    try:
+        with anyio.fail_after(60):  # a safety net only: ask's timeout is 2 s
+            raised = await anyio.to_thread.run_sync(asking, abandon_on_cancel=True)
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+    await holder.close()
+    assert raised is not None and "another worker" not in str(raised), raised
+    assert ("and the one this command started is still starting: it waits for `pgsynapse model export --switch`'s "
+            "export of model version 1 to its runtime (minutes on a small host: `pgsynapse status`); give a longer "
+            "--timeout") in str(raised), raised
