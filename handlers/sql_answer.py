@@ -37,7 +37,6 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgsynapse.answer_cache import rules_key
-from pgsynapse.answerers.local_models import preset_not_installed
 from pgsynapse.config import Settings
 from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.guardrails import Guard, RuleSet
@@ -151,27 +150,26 @@ class SqlAnswerHandler(Handler[SqlWork]):
         """The SQL models data questions are routed to load before the worker says it started (Worker.warm_up), not
         at the first data question, which, with every one queued behind it, waited for the load (Qwen2.5-Coder-0.5B
         on transformers: 45 s on 2 cores). Routed to: the registry's active model and its candidates with traffic
-        (:func:`~pgsynapse.textsql.registry.choose_sql_model`), and the settings' model while no row is active. A
-        model routed to later (a promote, a traffic share) loads at its first question, as before.
+        (:func:`~pgsynapse.textsql.registry.choose_sql_model`), and a set ``sql_model_path`` while no row is active.
+        The default, not set, loads at its first data question as before: a worker of the default kinds where the
+        ``qwen`` extra is installed (after the demo) would otherwise pay its load and memory at every start, data
+        questions asked or not. A model routed to later (a promote, a traffic share) loads at its first question.
 
         One that cannot load: a set ``sql_model_path`` stops the start with its error, as a bad
-        ``answerer_model_path`` does; the default not installed (a plain ``pip install pgsynapse``) is skipped
-        (``pgsynapse run`` logged ``sql_model_unavailable``), and the default or a registered row that fails to
-        load is logged (``sql_model_load_failed``): the worker starts and serves its other kinds and models, and
-        the questions routed to that model fail on their rows with the same error, as before."""
+        ``answerer_model_path`` does; a registered row that fails to load is logged (``sql_model_load_failed``): the
+        worker starts and serves its other kinds and models, and the questions routed to that model fail on their
+        rows with the same error, as before."""
         s = self.settings
         routable = list(await (await conn.execute(REGISTRY.sql("routable_models"))).fetchall())
         models = list(routable)
-        if not any(r["status"] == "active" for r in routable):
+        # the settings' model while no row is active, if set (env, file or flag); the default: at its first question
+        if not any(r["status"] == "active" for r in routable) and "sql_model_path" in s.model_fields_set:
             models.append(settings_model(s))
         for model in models:
-            is_set = model["id"] is None and "sql_model_path" in s.model_fields_set  # env, file or flag
-            if model["id"] is None and not is_set and preset_not_installed(model["path"]):
-                continue
             try:
                 await anyio.to_thread.run_sync(self.generator, model)
             except Exception as exc:  # noqa: BLE001 - a registered model's error is its questions', as before
-                if is_set:
+                if model["id"] is None:  # the set sql_model_path: the start fails, as for answerer_model_path
                     raise
                 log.warning("sql_model_load_failed", model=model["name"], id=model["id"], error=describe(exc),
                             effect="the data questions routed to it fail with this error until it loads")

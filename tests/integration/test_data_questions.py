@@ -420,6 +420,23 @@ async def test_a_sql_worker_loads_its_model_before_it_says_it_started(shop, mode
     assert "sql_model_ready" in events[:events.index("worker_started")], events
 
 
+async def test_the_default_sql_model_not_set_loads_at_its_first_data_question_not_at_the_start(shop, models):
+    """Where the default preset is installed (the qwen extra, after `pgsynapse demo`), a worker of the default kinds
+    would load the 0.5B model at every start (45 s and its memory), data questions asked or not: only a set
+    sql_model_path or a registered model loads at warm-up. The default here is the tiny model, its setting unset."""
+    url, model = shop
+    settings = _settings(url, model, kinds=("sql_answer",))
+    settings.model_fields_set.discard("sql_model_path")  # as the default is: its value, not set by anyone
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            started = next(i for i, e in enumerate(logs) if e["event"] == "worker_started")
+            async with Client(url) as client:
+                answered = await client.ask_data(PER_REGION)
+    assert "sql_model_ready" not in [e["event"] for e in logs[:started]], logs[:started]
+    assert "sql_model_ready" in [e["event"] for e in logs[started:]], logs
+    assert answered.status == "answered", answered
+
+
 async def test_a_sql_worker_loads_the_registered_models_it_routes_to_and_starts_past_one_that_cannot_load(
         shop, models, tmp_path):
     """The active registered model and a candidate with traffic load at warm-up (not the settings' model: no
