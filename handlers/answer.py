@@ -121,6 +121,13 @@ class AnswerHandler(Handler[AnswerWork]):
             await self.replica.aclose()
 
     # -- warm-up (Worker.warm_up): the routable versions' models load before the worker says it started -----------
+    async def warm_up(self, conn: psycopg.AsyncConnection) -> None:
+        """The embedding models of the versions questions are routed to, then the generative answerer's model
+        (:meth:`load_generator`): one that cannot load stops the start, with its error."""
+        await self.refresh_versions(conn)
+        await anyio.to_thread.run_sync(self.embedders)
+        await anyio.to_thread.run_sync(self.load_generator)
+
     async def refresh_versions(self, conn: psycopg.AsyncConnection) -> None:
         self._routable = list(await (await conn.execute(q("routable_versions", "answers.sql"))).fetchall())
 
@@ -140,7 +147,7 @@ class AnswerHandler(Handler[AnswerWork]):
         return ExtractiveFallback(self.generator(), self._extractive_for(embedder))
 
     def load_generator(self) -> None:
-        """Warm-up (Worker.warm_up): the generative answerer's model loads before the worker says it started, as
+        """Warm-up (:meth:`warm_up`): the generative answerer's model loads before the worker says it started, as
         the embedding models do, not at the first question (which, and every question queued behind it, waited for
         the load: 30-100 s for a GGUF model on transformers on 2 cores)."""
         if self.settings.answerer != "extractive":

@@ -165,6 +165,12 @@ class Handler(ABC, Generic[W]):
             return 0
         return (await conn.execute(q(*self.requeue_changed_query), {"jobs": job_ids})).rowcount
 
+    async def warm_up(self, conn: psycopg.AsyncConnection) -> None:
+        """Load what the kind's first job would otherwise wait for (its models), before the worker says it started
+        (Worker.warm_up, after the worker's own steps; ``conn`` a connection of its pool): the first job, and every
+        job queued behind it, then wait for no load, and a model that cannot serve fails the start, not later jobs.
+        A blocking load runs in a thread (``anyio.to_thread``), so a stop during it is heard. Nothing by default."""
+
     def abandon(self) -> None:
         """The worker is stopping: stop a compute that would keep it for minutes (a training run in its own process)
         now, from the event loop's thread; its jobs come back as ``Outcome(abandoned=True)``. Nothing by default:

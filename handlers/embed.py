@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 import psycopg
 
@@ -75,6 +76,11 @@ class EmbedHandler(Handler[EmbedWork]):
         cur = await conn.execute(q("serving_versions"))
         self.versions = list(await cur.fetchall())
         self.passages = {r["id"]: r for r in await (await conn.execute(q("passage_versions"))).fetchall()}
+
+    async def warm_up(self, conn: psycopg.AsyncConnection) -> None:
+        """The serving versions' document encoders load before the worker says it started."""
+        await self.refresh_versions(conn)
+        await anyio.to_thread.run_sync(self.embedders)
 
     def served_by(self, work: list[EmbedWork]) -> list[dict[str, Any]] | None:
         """Each serving version; None when nothing was computed (every document refused at its load, or no version

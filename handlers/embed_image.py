@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 import psycopg
 
@@ -60,8 +61,14 @@ class EmbedImageHandler(Handler[ImageWork]):
         self.serving = list(await (await conn.execute(sql("image_models_serving"))).fetchall())
         self.image_models.evict_except(self.serving)
 
+    async def warm_up(self, conn: psycopg.AsyncConnection) -> None:
+        """Every served image model loads before the worker says it started, so the first image waits for nothing
+        (one that cannot load stops the start, naming it: :meth:`embedders`)."""
+        await self.refresh_versions(conn)
+        await anyio.to_thread.run_sync(self.embedders)
+
     def embedders(self) -> list[Any]:
-        """Load every served image model (the worker calls this at start, so the first image waits for nothing)."""
+        """Load every served image model."""
         loaded = []
         for row in self.serving:
             try:

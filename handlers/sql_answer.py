@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -145,6 +146,34 @@ class SqlAnswerHandler(Handler[SqlWork]):
             self._abandoning.set()
 
     # -- models ---------------------------------------------------------------------------------------
+    async def warm_up(self, conn: psycopg.AsyncConnection) -> None:
+        """The SQL models data questions are routed to load before the worker says it started (Worker.warm_up), not
+        at the first data question, which, with every one queued behind it, waited for the load (Qwen2.5-Coder-0.5B
+        on transformers: 45 s on 2 cores). Routed to: the registry's active model and its candidates with traffic
+        (:func:`~pgsynapse.textsql.registry.choose_sql_model`), and a set ``sql_model_path`` while no row is active.
+        The default, not set, loads at its first data question as before: a worker of the default kinds where the
+        ``qwen`` extra is installed (after the demo) would otherwise pay its load and memory at every start, data
+        questions asked or not. A model routed to later (a promote, a traffic share) loads at its first question.
+
+        One that cannot load: a set ``sql_model_path`` stops the start with its error, as a bad
+        ``answerer_model_path`` does; a registered row that fails to load is logged (``sql_model_load_failed``): the
+        worker starts and serves its other kinds and models, and the questions routed to that model fail on their
+        rows with the same error, as before."""
+        s = self.settings
+        routable = list(await (await conn.execute(REGISTRY.sql("routable_models"))).fetchall())
+        models = list(routable)
+        # the settings' model while no row is active, if set (env, file or flag); the default: at its first question
+        if not any(r["status"] == "active" for r in routable) and "sql_model_path" in s.model_fields_set:
+            models.append(settings_model(s))
+        for model in models:
+            try:
+                await anyio.to_thread.run_sync(self.generator, model)
+            except Exception as exc:  # noqa: BLE001 - a registered model's error is its questions', as before
+                if model["id"] is None:  # the set sql_model_path: the start fails, as for answerer_model_path
+                    raise
+                log.warning("sql_model_load_failed", model=model["name"], id=model["id"], error=describe(exc),
+                            effect="the data questions routed to it fail with this error until it loads")
+
     def generator(self, model: dict[str, Any]) -> SqlGenerator:
         key = (model["runtime"], model["path"])
         with self._lock:

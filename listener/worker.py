@@ -133,7 +133,8 @@ class Worker(Claiming):
         await register_vector_async(conn)
 
     async def warm_up(self) -> None:
-        """Load the models of the serving versions now, so start-up fails fast on a bad model."""
+        """Load the models of the serving versions now (each handler's :meth:`~Handler.warm_up`), so start-up fails
+        fast on a bad model and the first jobs wait for no load."""
         assert self.pool is not None
         await self.rollout.export_at_start()  # minutes at a first start: a stop abandons it (listener/rollout.py)
         async with self.pool.connection() as conn:
@@ -145,14 +146,8 @@ class Worker(Claiming):
             if "sql_retrain" in self.handlers:
                 await conn.execute(q("set_sql_retrain_min_corrections", "learning.sql"),
                                    {"n": self.settings.sql_retrain_min_corrections})
-            for handler in self.handlers.values():
-                refresh = getattr(handler, "refresh_versions", None)
-                if refresh is not None:
-                    await refresh(conn)
-                    await anyio.to_thread.run_sync(handler.embedders)
-                load_generator = getattr(handler, "load_generator", None)  # the answer handler's generative model
-                if load_generator is not None:
-                    await anyio.to_thread.run_sync(load_generator)
+            for handler in self.handlers.values():  # each kind's models (Handler.warm_up)
+                await handler.warm_up(conn)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED, handle_signals: bool = True) -> None:
         self.pool = AsyncConnectionPool(

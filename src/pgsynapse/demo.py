@@ -17,9 +17,11 @@ from pgsynapse.client import Client, DataResult, format_result
 from pgsynapse.config import Settings
 from pgsynapse.corpus import demo_pages
 from pgsynapse.db import Database, next_notifies
+from pgsynapse.listener.wakeup import lone_error
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger
 from pgsynapse.migrate import migrate
+from pgsynapse.models import ModelCache
 from pgsynapse.queries import q
 from pgsynapse.search import search, search_order
 from pgsynapse.textsql.cli import format_data_result
@@ -85,11 +87,34 @@ def model_line(version: dict) -> str:
     return line
 
 
+async def answer_data_question(settings: Settings, url: str, models: ModelCache) -> DataResult:
+    """The data question, answered by a worker of its own (kind ``sql_answer``, sharing ``models``: the text model
+    narrows the schema) started here, when the demo gets to it: a worker loads its SQL model before it says it
+    started (SqlAnswerHandler.warm_up: 45 s for the default on 2 cores), which in the demo's one worker came before
+    the first document was embedded. A model that cannot load stops the demo with its error, raised bare."""
+    worker = Worker(settings.model_copy(update={"kinds": ("sql_answer",)}), url, models=models, rollout=False)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
+            try:
+                async with Client(url) as client:
+                    return await client.ask_data(DATA_QUESTION, schema="demo_shop", timeout=600)
+            finally:
+                worker.request_stop()
+    except BaseExceptionGroup as group:
+        if (only := lone_error(group)) is None:
+            raise
+        raise only from None
+
+
 async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
     what, pages = demo_pages(limit)
     print(f"pgsynapse demo: {len(pages)} pages of the {what}", file=out)
     print(f"database: {'embedded PostgreSQL in ' + str(settings.data_dir) if settings.embedded else 'DATABASE_URL'}", file=out)
-    worker = Worker(settings, db.url)
+    # the data question's kind gets a worker of its own when the demo gets there (answer_data_question)
+    sql = "sql_answer" in settings.kinds
+    worker = Worker(settings.model_copy(update={"kinds": tuple(k for k in settings.kinds if k != "sql_answer")})
+                    if sql and len(settings.kinds) > 1 else settings, db.url)
     async with anyio.create_task_group() as tg:
         await tg.start(lambda task_status: worker.run(task_status=task_status, handle_signals=False))
         async with db.aconnect(autocommit=True) as conn:
@@ -129,15 +154,14 @@ async def _demo(settings: Settings, db: Database, limit: int, out) -> int:
                     snippet = textwrap.shorten(" ".join(h.text.split()), 110)
                     print(f"  {h.score:.3f}  {h.title}  [{h.source} #{h.ord}]\n         {snippet}", file=out)
             install = preset_not_installed(settings.sql_model_path)
-            if "sql_answer" in worker.handlers and install:
+            if sql and install:
                 print(f"\na question about the data: skipped, the SQL model {settings.sql_model_path} is not "
                       f"installed: {install}", file=out)
-            elif "sql_answer" in worker.handlers:
+            elif sql:
                 await conn.execute(SHOP_SQL)
                 print("\na question about the data (INSERT INTO pgsynapse.data_questions; table demo_shop.orders, "
                       f"model {settings.sql_model_path}):\n\nQ: {DATA_QUESTION}", file=out)
-                async with Client(db.url) as client:
-                    data = await client.ask_data(DATA_QUESTION, schema="demo_shop", timeout=600)
+                data = await answer_data_question(settings, db.url, worker.models)
                 print(textwrap.indent(format_data_result(data), "  "), file=out)
                 check = await check_data_answer(conn, data)
                 print(textwrap.indent(textwrap.fill(check, 110, break_on_hyphens=False), "  "), file=out)

@@ -2,7 +2,7 @@
 run`` before it is ready, with a :class:`ConfigError` (exit 78), instead of failing every question later.
 
 Cheap: installed packages and paths only (:func:`check_model`). The answerer's model then loads at the worker's
-warm-up (AnswerHandler.load_generator), the SQL model at its first data question: a preset's files are joined and
+warm-up (AnswerHandler.warm_up), the SQL models too (SqlAnswerHandler.warm_up): a preset's files are joined and
 checked by sha256 then (491 MB for the Qwen preset).
 """
 

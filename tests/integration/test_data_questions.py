@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -20,9 +21,10 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.client import Client
-from pgsynapse.errors import InputError
+from pgsynapse.errors import ConfigError, InputError
 from pgsynapse.handlers import sql_answer
 from pgsynapse.handlers.sql_answer import SqlAnswerHandler
+from pgsynapse.listener.worker import Worker
 from pgsynapse.retry import retry_failed
 from pgsynapse.status import render, snapshot
 from pgsynapse.cli import main
@@ -30,8 +32,8 @@ from pgsynapse.textsql import cli as textsql_cli, reader, registry
 from pgsynapse.textsql.cli import correct, format_data_result
 from pgsynapse.textsql.generate import SqlPrompt
 from pgsynapse.textsql.safety import check_sql
-from tests.helpers import (aconn, fast_settings, kill_and_see_its_backend_end, running_worker, spawn_worker,
-                           wait_until)
+from tests.helpers import (SAFETY_TIMEOUT, aconn, fast_settings, kill_and_see_its_backend_end, running_worker,
+                           spawn_worker, wait_until)
 from tests.sql_models import as_generated, sql_database, tiny_sql_model
 
 pytestmark = pytest.mark.anyio
@@ -381,17 +383,21 @@ async def test_an_edited_question_is_asked_again(shop, models):
 
 async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry_failed_asks_again(shop, models,
                                                                                                     tmp_path):
+    """A registered model gone from disk (the worker starts: its questions fail on their rows, SqlAnswerHandler.warm_up);
+    a missing sql_model_path stops the start instead (test_a_set_sql_model_path_that_cannot_load_stops_the_start)."""
     url, model = shop
-    broken = _settings(url, str(tmp_path / "no-such-model"))
-    async with running_worker(broken, models, handlers={"sql_answer": SqlAnswerHandler(broken, models)}):
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        registry.add_model(conn, "gone", str(tmp_path / "no-such-model"), "transformers", status="active")
+    settings = _settings(url, model)
+    async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
         async with Client(url) as client:
             failed = await client.ask_data(PER_REGION)
     assert failed.status == "failed" and "no-such-model" in failed.error, failed
     [job] = _rows(url, "SELECT status, attempts FROM pgsynapse.jobs WHERE kind = 'sql_answer'")
     assert job == {"status": "failed", "attempts": 1}  # a missing model is not retried: an operator must act
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        registry.rollback(conn)  # the settings' model serves again
         assert retry_failed(conn, "sql_answer").requeued == {"sql_answer": 1}
-    settings = _settings(url, model)
     async with running_worker(settings, models, handlers={"sql_answer": SqlAnswerHandler(settings, models)}):
         async with await aconn(url) as conn:
             await conn.execute("LISTEN pgsynapse_data_answers")
@@ -400,6 +406,69 @@ async def test_a_missing_model_fails_the_question_once_with_its_reason_and_retry
                     pass
     [row] = _rows(url, "SELECT status, error, result FROM pgsynapse.data_questions")
     assert row["status"] == "answered" and row["error"] is None and row["result"]["rows"][0] == ["north", 30]
+
+
+async def test_a_sql_worker_loads_its_model_before_it_says_it_started(shop, models):
+    """As the answerer's model (test_generative_answerers): the first data question, and every one queued behind it,
+    waited for the SQL model's load (Qwen2.5-Coder-0.5B on transformers: 45 s on 2 cores)."""
+    url, model = shop
+    settings = _settings(url, model, kinds=("sql_answer",))
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            events = [e["event"] for e in logs]
+    assert "worker_started" in events, events
+    assert "sql_model_ready" in events[:events.index("worker_started")], events
+
+
+async def test_the_default_sql_model_not_set_loads_at_its_first_data_question_not_at_the_start(shop, models):
+    """Where the default preset is installed (the qwen extra, after `pgsynapse demo`), a worker of the default kinds
+    would load the 0.5B model at every start (45 s and its memory), data questions asked or not: only a set
+    sql_model_path or a registered model loads at warm-up. The default here is the tiny model, its setting unset."""
+    url, model = shop
+    settings = _settings(url, model, kinds=("sql_answer",))
+    settings.model_fields_set.discard("sql_model_path")  # as the default is: its value, not set by anyone
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            started = next(i for i, e in enumerate(logs) if e["event"] == "worker_started")
+            async with Client(url) as client:
+                answered = await client.ask_data(PER_REGION)
+    assert "sql_model_ready" not in [e["event"] for e in logs[:started]], logs[:started]
+    assert "sql_model_ready" in [e["event"] for e in logs[started:]], logs
+    assert answered.status == "answered", answered
+
+
+async def test_a_sql_worker_loads_the_registered_models_it_routes_to_and_starts_past_one_that_cannot_load(
+        shop, models, tmp_path):
+    """The active registered model and a candidate with traffic load at warm-up (not the settings' model: no
+    question goes to it while a row is active); a candidate gone from disk is logged and the worker starts, its
+    questions failing on their rows as before (test_a_registered_model_missing_on_disk_...)."""
+    url, model = shop
+    copy = shutil.copytree(model, tmp_path / "registered")
+    gone = str(tmp_path / "no-such-candidate")
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        active = registry.add_model(conn, "tuned", str(copy), "transformers", status="active")["id"]
+        candidate = registry.add_model(conn, "gone", gone, "transformers", traffic=50)["id"]
+    settings = _settings(url, model, kinds=("sql_answer",))
+    with capture_logs() as logs:
+        async with running_worker(settings, models):
+            started = next(i for i, e in enumerate(logs) if e["event"] == "worker_started")
+    warm = logs[:started]
+    assert [e["id"] for e in warm if e["event"] == "sql_model_ready"] == [active], warm
+    [failed] = [e for e in warm if e["event"] == "sql_model_load_failed"]
+    assert failed["id"] == candidate and failed["log_level"] == "warning", failed
+    assert f"SQL model {candidate} (gone, transformers) of the registry: '{gone}'" in failed["error"], failed
+    assert f"`pgsynapse sql-model retire {candidate}`" in failed["error"], failed
+
+
+async def test_a_set_sql_model_path_that_cannot_load_stops_the_start(shop, models, tmp_path):
+    """As a bad answerer_model_path does (fail fast, with the setting named), instead of failing every data question
+    later; the default model not installed does not (model_checks.check_models, sql_model_unavailable)."""
+    url, _ = shop
+    broken = _settings(url, str(tmp_path / "no-such-model"), kinds=("sql_answer",))
+    with capture_logs() as logs, pytest.raises(ConfigError, match="sql_model_path.*no-such-model"):
+        with anyio.fail_after(SAFETY_TIMEOUT):  # a safety net: a worker that starts runs until stopped
+            await Worker(broken, url, models=models).run(handle_signals=False)
+    assert "worker_started" not in [e["event"] for e in logs]
 
 
 async def test_a_registered_model_missing_on_disk_is_named_with_its_registry_entry_not_as_a_setting(shop, models,

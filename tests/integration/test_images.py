@@ -314,13 +314,14 @@ async def test_a_model_whose_files_are_gone_is_named_with_what_to_do(db_url, mod
     shutil.rmtree(another)
     handler = EmbedImageHandler(fast_settings(db_url, kinds=("embed_image",)), models)
     conn = await aconn(db_url)
-    await handler.refresh_versions(conn)
-    await conn.close()
     # the worker stopped at start with "image model path does not exist: .../clip-2": which model, and what now?
-    with pytest.raises(ModelError, match=(
-            rf"^image model {candidate} \(clip-2, candidate\): image model path does not exist: {another}: restore "
-            rf"its files, or retire it \(pgsynapse image-model retire {candidate}\)$")):
-        handler.embedders()
+    try:
+        with pytest.raises(ModelError, match=(
+                rf"^image model {candidate} \(clip-2, candidate\): image model path does not exist: {another}: "
+                rf"restore its files, or retire it \(pgsynapse image-model retire {candidate}\)$")):
+            await handler.warm_up(conn)  # as Worker.warm_up calls it
+    finally:
+        await conn.close()
 
 
 async def test_a_first_image_encoder_waits_as_a_candidate_while_clip_serves_searches_by_example(
