@@ -21,6 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.cli import main
 from pgsynapse.errors import RegistryError
 from pgsynapse.export import run_export
 from pgsynapse.handlers.base import Job
@@ -138,6 +139,15 @@ async def _command_ends(url: str, args: list[str], kind: str, end: str | None = 
     return cli.returncode, out, err
 
 
+def _here(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pgsynapse ARGS`` run in this process (cli.main: its exit code, stdout and stderr), without a new
+    interpreter's imports (seconds a command)."""
+    capsys.readouterr()
+    code = main(["--database-url", url, *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pgsynapse", *args], code, out, err)
+
+
 def _example(c: psycopg.Connection) -> None:
     """One training example (a document, its chunk, a question on it): what a `retrain` trains on."""
     doc = c.execute("INSERT INTO pgsynapse.documents (title, body) VALUES ('t', 'b') RETURNING id").fetchone()[0]
@@ -249,7 +259,7 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
                                                      "status": "rejected", "gate": mine}), (out, err)
 
 
-def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url):
+def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url, capsys):
     """One retrain at a time, as the feedback trigger queues them: `pgsynapse retrain` while one runs queued a
     second, which trained again on the same feedback (identical gate figures), and said nothing of the first; while
     one was pending its --json said "queued" where stderr said "already pending". Now it queues none, says which job
@@ -266,17 +276,17 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
                                 " (%s, 0, '{}', 'running', 1) RETURNING id", (kind,)).fetchone()[0]
         said = (f"a {kind} is already running (job {running}): nothing was queued (one at a time: it trains on what "
                 "there was when it started; --wait waits for it)")
-        r = pgsynapse(*command, "--json", url=db_url)
+        r = _here(capsys, db_url, *command, "--json")
         assert (r.returncode, json.loads(r.stdout)) == (0, {"job": running, "outcome": "already_running", **empty}), (
             r.stdout, r.stderr)
         assert r.stderr.splitlines()[-1] == said, r.stderr
-        r = pgsynapse(*command, url=db_url)
+        r = _here(capsys, db_url, *command)
         assert (r.returncode, r.stdout.splitlines()) == (0, [said]), (r.stdout, r.stderr)
         with psycopg.connect(db_url, autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (1,)
             c.execute("UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %s", (running,))
             pending = queue_retrain(c, kind)
-        r = pgsynapse(*command, "--json", url=db_url)
+        r = _here(capsys, db_url, *command, "--json")
         assert (r.returncode, json.loads(r.stdout)) == (0, {"job": pending, "outcome": "already_pending", **empty}), (
             r.stdout, r.stderr)
         assert r.stderr.splitlines()[-1] == (f"a {kind} is already pending (job {pending}): nothing was queued (it "
@@ -285,7 +295,7 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
             assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (2,)
 
 
-def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_or_says_why_not(db_url):
+def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_or_says_why_not(db_url, capsys):
     """`sql-model retrain --force` while the threshold's sql_retrain (unforced) was pending queued none and dropped
     the --force without a word: the pending job registered nothing if it failed its gate. Now the pending job takes
     the flags asked for (and says so); a running one cannot, so it says that one is not forced and what to do.
@@ -296,11 +306,11 @@ def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_
         # as the triggers queue them at their thresholds: no flags
         sql_job, retrain_job = (c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES (%s, 0) RETURNING id",
                                           (kind,)).fetchone()[0] for kind in ("sql_retrain", "retrain"))
-    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    r = _here(capsys, db_url, "sql-model", "retrain", "--force")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a sql_retrain is already pending (job {sql_job}): nothing was queued; it now runs with --force (it trains "
         "on what there is when it starts; --wait waits for it)"]), (r.stdout, r.stderr)
-    r = pgsynapse("retrain", url=db_url)
+    r = _here(capsys, db_url, "retrain")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a retrain is already pending (job {retrain_job}): nothing was queued (it trains on what there is when it "
         "starts; --wait waits for it)"]), (r.stdout, r.stderr)
@@ -309,7 +319,7 @@ def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_
         assert payloads == {"sql_retrain": {"force": True, "now": True}, "retrain": {"force": True}}, payloads
         c.execute("UPDATE pgsynapse.jobs SET status = 'running', attempts = 1, payload = '{}' WHERE id = %s",
                   (sql_job,))
-    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    r = _here(capsys, db_url, "sql-model", "retrain", "--force")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a sql_retrain is already running (job {sql_job}) without --force: nothing was queued (one at a time: it "
         "trains on what there was when it started, and registers its model only if it passes its gate; run "
