@@ -232,7 +232,9 @@ async def test_an_answer_is_checked_under_its_batchs_rules_when_another_batch_re
     """A rule disabled and enabled again while a batch computes: the batch's write finds the rules it was loaded
     under, so its answer must have been checked under them too, not under the rules another batch loaded meanwhile
     into the checker the worker's loops share (the answer was checked under no rule and written: answered)."""
-    settings = fast_settings(db_url)
+    # one question a batch: the other loop's batch is full once it has claimed its question, and loads it at once
+    # (with room for more, it kept gathering while the first batch computed: lease_seconds, 10 s, before loading)
+    settings = fast_settings(db_url, batch_size=1)
     conn = await aconn(db_url)
     await conn.execute(BOMB_RULE)
     RecordingAnswerer.reply = f"Here is {BOMB}: mix the parts."
