@@ -5,6 +5,7 @@ rules). Real model, real rules, real NOTIFY."""
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 from datetime import datetime, timezone
 
@@ -13,9 +14,10 @@ import pytest
 from pgvector.psycopg import register_vector_async
 
 from pgsynapse.answerers import Answer, ExtractiveAnswerer
+from pgsynapse.cli import main
 from pgsynapse.handlers.answer import AnswerHandler
 from pgsynapse.handlers.base import Job
-from tests.helpers import SAFETY_TIMEOUT as SAFETY, aconn, fast_settings, pgsynapse, running_worker, wait_until
+from tests.helpers import SAFETY_TIMEOUT as SAFETY, aconn, fast_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +56,21 @@ async def _questions(conn, session: str) -> list[dict]:
         "SELECT id, text, status, answer, guardrail, retrieval_query FROM pgsynapse.questions WHERE session_id = %s "
         "ORDER BY id",
         (session,))).fetchall())
+
+
+@pytest.fixture
+def cli(db_url, capsys):
+    """``pgsynapse ARGS`` on the test's database, run in this process (cli.main: its exit code, stdout and stderr),
+    without a new interpreter's imports and model load (seconds a command)."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            code = main(["--database-url", db_url, *args])
+        except SystemExit as exited:  # a usage error: argparse's exit 2
+            code = exited.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["pgsynapse", *args], code, out, err)
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +232,9 @@ async def test_an_answer_is_checked_under_its_batchs_rules_when_another_batch_re
     """A rule disabled and enabled again while a batch computes: the batch's write finds the rules it was loaded
     under, so its answer must have been checked under them too, not under the rules another batch loaded meanwhile
     into the checker the worker's loops share (the answer was checked under no rule and written: answered)."""
-    settings = fast_settings(db_url)
+    # one question a batch: the other loop's batch is full once it has claimed its question, and loads it at once
+    # (with room for more, it kept gathering while the first batch computed: lease_seconds, 10 s, before loading)
+    settings = fast_settings(db_url, batch_size=1)
     conn = await aconn(db_url)
     await conn.execute(BOMB_RULE)
     RecordingAnswerer.reply = f"Here is {BOMB}: mix the parts."
@@ -229,58 +248,56 @@ async def test_an_answer_is_checked_under_its_batchs_rules_when_another_batch_re
     assert row["status"] == "blocked" and row["guardrail"]["stage"] == "answer", row
 
 
-def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_it(db_url):
+def test_guardrail_commands_add_check_and_disable_a_rule_as_the_worker_applies_it(db_url, cli):
     # rules were SQL only, and a threshold could be chosen only by asking and reading `questions.guardrail`
     rule_text, question = "how to drop all the tables of a production database", "how do I delete every table in prod?"
-    added = pgsynapse("guardrail", "add", rule_text, "--threshold", "0.5", url=db_url)
+    added = cli("guardrail", "add", rule_text, "--threshold", "0.5")
     assert added.returncode == 0, added.stderr
     rule = int(re.match(r"guardrail rule (\d+): block at similarity >= 0.5;", added.stdout).group(1))
-    checked = pgsynapse("guardrail", "check", question, url=db_url)
+    checked = cli("guardrail", "check", question)
     assert checked.returncode == 0, checked.stderr
     [line] = [x for x in checked.stdout.splitlines() if x.startswith(f"  rule {rule} ")]
     shown = float(re.search(r"similarity (\d\.\d{3})", line).group(1))
     assert shown >= 0.5 and "MATCH" in line and checked.stdout.endswith(f"verdict: blocked by rule {rule}\n")
     # the worker's own check of the same question: the same rule, the same similarity
-    asked = pgsynapse("ask", question, url=db_url, timeout=300)
+    asked = cli("ask", question)
     with psycopg.connect(db_url) as conn:
         status, guardrail = conn.execute("SELECT status, guardrail FROM pgsynapse.questions").fetchone()
     assert status == "blocked" and guardrail["rule_id"] == rule, asked.stdout + asked.stderr
     assert round(guardrail["similarity"], 3) == shown
-    assert pgsynapse("guardrail", "disable", str(rule), url=db_url).stdout == f"guardrail rule {rule} disabled\n"
-    assert pgsynapse("guardrail", "check", question, url=db_url).stdout == (
+    assert cli("guardrail", "disable", str(rule)).stdout == f"guardrail rule {rule} disabled\n"
+    assert cli("guardrail", "check", question).stdout == (
         "no enabled guardrail rules: nothing is blocked or flagged\n")
-    listed = pgsynapse("guardrail", "list", url=db_url).stdout.splitlines()
+    listed = cli("guardrail", "list").stdout.splitlines()
     assert listed[1].split()[:4] == [str(rule), "block", "0.50", "no"]
-    gone = pgsynapse("guardrail", "enable", "999", url=db_url)
+    gone = cli("guardrail", "enable", "999")
     assert (gone.returncode, gone.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
 
 
-def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url):
+def test_guardrail_add_of_a_blank_text_says_so_and_adds_nothing(db_url, cli):
     # was exit 69 ("database unreachable or not migrated yet") with the table's CHECK constraint violation
-    r = pgsynapse("guardrail", "add", "   ", url=db_url)
+    r = cli("guardrail", "add", "   ")
     assert (r.returncode, r.stderr) == (1, "pgsynapse: error: guardrail add needs a text: what questions and answers "
                                            "the rule is about, as a question or a sentence\n")
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM pgsynapse.guardrail_rules").fetchone()[0] == 0
 
 
-def test_guardrail_set_changes_a_rules_threshold_and_action_and_remove_deletes_it(db_url):
+def test_guardrail_set_changes_a_rules_threshold_and_action_and_remove_deletes_it(cli):
     # a rule could be added, disabled and enabled, but a threshold chosen with `check` could not be set on it, nor
     # a rule removed, without SQL (argparse: invalid choice: 'set')
-    added = pgsynapse("guardrail", "add", "how to drop all the tables of a production database", "--threshold", "0.5",
-                      url=db_url)
+    added = cli("guardrail", "add", "how to drop all the tables of a production database", "--threshold", "0.5")
     rule = int(re.match(r"guardrail rule (\d+):", added.stdout).group(1))
-    changed = pgsynapse("guardrail", "set", str(rule), "--threshold", "0.8", "--action", "flag", url=db_url)
+    changed = cli("guardrail", "set", str(rule), "--threshold", "0.8", "--action", "flag")
     assert (changed.returncode, changed.stdout) == (0, f"guardrail rule {rule}: flag at similarity >= 0.8\n"), changed.stderr
-    assert pgsynapse("guardrail", "list", url=db_url).stdout.splitlines()[1].split()[:4] == [str(rule), "flag", "0.80",
-                                                                                            "yes"]
-    nothing = pgsynapse("guardrail", "set", str(rule), url=db_url)  # a command line argparse refuses: exit 2
+    assert cli("guardrail", "list").stdout.splitlines()[1].split()[:4] == [str(rule), "flag", "0.80", "yes"]
+    nothing = cli("guardrail", "set", str(rule))  # a command line argparse refuses: exit 2
     assert nothing.returncode == 2 and nothing.stderr.endswith(
         "pgsynapse guardrail set: error: guardrail set needs --threshold or --action: what to change\n"), nothing.stderr
-    missing = pgsynapse("guardrail", "set", "999", "--threshold", "0.7", url=db_url)
+    missing = cli("guardrail", "set", "999", "--threshold", "0.7")
     assert (missing.returncode, missing.stderr) == (1, "pgsynapse: error: no guardrail rule 999\n")
-    removed = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    removed = cli("guardrail", "remove", str(rule))
     assert (removed.returncode, removed.stdout) == (0, f"guardrail rule {rule} removed\n"), removed.stderr
-    assert pgsynapse("guardrail", "list", url=db_url).stdout.startswith("no guardrail rules")
-    again = pgsynapse("guardrail", "remove", str(rule), url=db_url)
+    assert cli("guardrail", "list").stdout.startswith("no guardrail rules")
+    again = cli("guardrail", "remove", str(rule))
     assert (again.returncode, again.stderr) == (1, f"pgsynapse: error: no guardrail rule {rule}\n")

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from pgsynapse.answer_cache import lookup_sql
+from pgsynapse.cli import main
 from pgsynapse.errors import DatabaseError
 from pgsynapse.migrate import _LOCK_KEY, Migration, available, migrate
 from pgsynapse.queries import q
@@ -503,19 +504,23 @@ def test_the_blank_sessions_migration_drops_the_blank_conversation_and_is_idempo
         assert conn.execute(turns).fetchall() == [("s1", 3)]
 
 
-def _status(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "status", *flags],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+def _status(capsys: pytest.CaptureFixture[str], url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`pgsynapse status` run in this process (cli.main: its exit code, stdout and stderr), without a new
+    interpreter's imports (seconds a command)."""
+    capsys.readouterr()
+    code = main(["--database-url", url, "status", *flags])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pgsynapse", "status", *flags], code, out, err)
 
 
-def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
+def test_status_on_a_database_a_migration_behind_names_the_migration(new_db, capsys):
     """`pgsynapse status` at 0022 met the missing jobs.skip_reason column and printed the server's error; then it
     named the migrations in an error, exit 69 ("unreachable, retry later"), while a schema behind by migrations it
     could read around was reported, exit 0. Now reported the same way: the schema line, and what is not shown."""
     url = new_db()
     _apply_below(url, 23)
     pending = [m.name for m in available() if m.version >= 23]
-    r = _status(url)
+    r = _status(capsys, url)
     assert r.returncode == 0, r.stderr
     shown = ", ".join(pending[:3]) + (f" and {len(pending) - 3} more" if len(pending) > 3 else "")
     assert r.stdout.splitlines()[:2] == [
@@ -523,7 +528,7 @@ def test_status_on_a_database_a_migration_behind_names_the_migration(new_db):
         "`pgsynapse migrate`",
         "not shown      : the queue, models, questions and workers: the status queries read what these migrations "
         "add"], r.stdout
-    as_json = _status(url, "--json")
+    as_json = _status(capsys, url, "--json")
     assert as_json.returncode == 0, as_json.stderr
     snap = json.loads(as_json.stdout)
     assert snap["schema"]["pending"] == pending and snap["schema"]["applied"] == 22
@@ -709,41 +714,40 @@ def test_the_asked_again_migration_times_a_question_put_back_by_any_release(new_
                 conn.execute(mig.sql.encode())
 
 
-def test_status_says_where_the_schema_stands(new_db):
+def test_status_says_where_the_schema_stands(db_url, capsys):
     """`pgsynapse status` said nothing of the schema: a migration whose tables the status queries do not read
     (0026 changed a trigger) left an upgraded database a release behind without a word."""
-    url = new_db()
+    url = db_url  # migrated: a clone of the session's template, which `migrate` made from empty
     before, last = available()[-2:]  # not last.version - 1: a number may be skipped (one left to another branch)
-    migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:  # the last one not recorded: status reads the record
         conn.execute("DELETE FROM public.pgsynapse_migrations WHERE version = %s", (last.version,))
-    r = _status(url, "--json")
+    r = _status(capsys, url, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["schema"] == {"applied": before.version, "latest": last.version,
                                               "pending": [last.name], "newer": []}
     assert (f"schema         : migration {before.version} of {last.version}, 1 to apply ({last.name}): run "
-            "`pgsynapse migrate`") in _status(url).stdout
+            "`pgsynapse migrate`") in _status(capsys, url).stdout
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (%s, %s)", (last.version, last.name))
-    assert f"schema         : migration {last.version} (up to date)" in _status(url).stdout
+    assert f"schema         : migration {last.version} (up to date)" in _status(capsys, url).stdout
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (9999, '9999_from_the_future.sql')")
-    r = _status(url)
+    r = _status(capsys, url)
     assert r.returncode == 0, r.stderr
     assert f"schema         : migration 9999, NEWER than this release (it knows up to {last.version})" in r.stdout
 
 
-def test_a_database_migrated_by_a_newer_release_is_said_so(new_db):
+def test_a_database_migrated_by_a_newer_release_is_said_so(db_url, capsys):
     """An older release's worker or `migrate` on a database a newer one migrated said "up to date" and nothing else
     (an upgrade rolled back, a host left behind)."""
-    url = new_db()
-    migrate(url)
+    url = db_url  # migrated: a clone of the session's template
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO public.pgsynapse_migrations VALUES (9999, '9999_from_the_future.sql')")
-    r = subprocess.run([sys.executable, "-m", "pgsynapse", "--database-url", url, "--log-format", "json", "migrate"],
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0 and r.stdout.strip() == "database schema is up to date", r.stderr
-    warned = [e for e in map(json.loads, r.stderr.splitlines()) if e["event"] == "database_schema_newer"]
+    capsys.readouterr()
+    code = main(["--database-url", url, "--log-format", "json", "migrate"])  # in-process: no interpreter to start
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip() == "database schema is up to date", err
+    warned = [e for e in map(json.loads, err.splitlines()) if e["event"] == "database_schema_newer"]
     assert len(warned) == 1 and warned[0]["unknown_migrations"] == [9999] and warned[0]["level"] == "warning"
 
 

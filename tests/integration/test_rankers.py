@@ -278,7 +278,9 @@ def same_second(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_two_rankers_trained_in_the_same_second_get_a_folder_each(db_url, models, ranker_dir, tmp_path,
                                                                         monkeypatch):
     """`ranker train` named its folder by the second: a second run (a retry, a script) of the same second trained
-    into the first one's folder, over its weights, and registered a second ranker with the same path."""
+    into the first one's folder, over its weights, and registered a second ranker with the same path. The first run
+    here is what it leaves for the second to meet: its folder, weights in it, and its registration (one training
+    is enough: the second run's choice of folder is what is tested, and it looks at the folder alone)."""
     await _embedded(db_url, models)
     conn = await aconn(db_url)
     await _examples_per_page(conn)
@@ -287,13 +289,17 @@ async def test_two_rankers_trained_in_the_same_second_get_a_folder_each(db_url, 
                              rank_candidates=10, ranker_negatives=3, ranker_max_length=64, ranker_layers=1,
                              torch_threads=1)
     same_second(monkeypatch)
-    first = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False)
-    weights = {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()}
+    first_path = tmp_path / "models" / "ranker-20260102-030405"  # the first run's output: a ranker's files
+    shutil.copytree(ranker_dir, first_path)
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as sync:
+        first = REGISTRY.add_model(sync, first_path.name, str(first_path), "torch", status="candidate")
+    weights = {p.name: p.read_bytes() for p in first_path.iterdir() if p.is_file()}
     second = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False, seed=1)
     assert Path(first["path"]).name == "ranker-20260102-030405"
     assert Path(second["path"]).name == "ranker-20260102-030405-2", (first["path"], second["path"])
-    assert {p.name: p.read_bytes() for p in Path(first["path"]).iterdir() if p.is_file()} == weights
+    assert {p.name: p.read_bytes() for p in first_path.iterdir() if p.is_file()} == weights
     assert (first["name"], second["name"]) == ("ranker-20260102-030405", "ranker-20260102-030405-2")
+    assert (Path(second["path"]) / "metrics.json").is_file()  # trained into its own folder
 
 
 async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_while_it_trained(
@@ -315,7 +321,8 @@ async def test_ranker_train_registers_with_the_share_left_when_traffic_changed_w
     rival.commit()
     rival.execute(REGISTRY.sql("lock_models"))  # held while the ranker trains: its registration waits on it
     with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(train_ranker, settings, base_path=str(ranker_dir), canary_size=0)
+        # not exported (export=False): the share it registers with is the question, not its runtime
+        training = pool.submit(train_ranker, settings, base_path=str(ranker_dir), canary_size=0, export=False)
         await wait_until(conn, "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
                          " AND wait_event_type = 'Lock' AND query LIKE '%%LOCK TABLE pgsynapse.ranker_models%%'")
         rival.execute(REGISTRY.sql("set_model_traffic"), {"id": r["id"], "traffic": 95})
@@ -626,7 +633,8 @@ async def test_a_teacher_version_rescores_the_candidates(db_url, models, ranker_
     # the trainer's baseline orders the candidates as the teacher ranker serves them
     today = TeacherOrder(spec, stored, [h.chunk_id for h in vector]).order(QUESTION, list(range(len(vector))))
     assert [vector[i].chunk_id for i in today] == [h.chunk_id for h in expected]
-    trained = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0)
+    # not exported (export=False): the baseline it is judged against is the question, not its runtime
+    trained = train_ranker(settings, force=True, base_path=str(ranker_dir), canary_size=0, export=False)
     m = trained["metrics"]
     assert trained["status"] == "candidate" and trained["base_id"] == row["id"]
     assert m["baseline"] == f"ranker {row['id']}" and m["heldout"] > 0 and 0 < m["active"]["mrr@10"] <= 1

@@ -21,6 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from pgsynapse.cli import main
 from pgsynapse.errors import RegistryError
 from pgsynapse.export import run_export
 from pgsynapse.handlers.base import Job
@@ -117,15 +118,21 @@ async def test_a_retrain_the_gate_rejects_is_printed_and_recorded_with_its_reaso
 
 
 
-async def _command_ends(url: str, args: list[str], kind: str, end: str | None = None, **params: object
-                        ) -> tuple[int, str, str]:
-    """Run ``pgsynapse *args``; once its ``kind`` job is queued, end that job as a worker would (``end``: SQL with
-    ``%(job)s`` and ``params``; it may register what the job made) and wake the command. Returns the command's exit
-    code, stdout and stderr."""
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
+async def _command_ends(capsys: pytest.CaptureFixture[str], url: str, args: list[str], kind: str,
+                        end: str | None = None, **params: object) -> tuple[int, str, str]:
+    """Run ``pgsynapse *args`` in this process (cli.main, in a thread: no new interpreter's imports); once its
+    ``kind`` job is queued, end that job as a worker would (``end``: SQL with ``%(job)s`` and ``params``; it may
+    register what the job made) and wake the command. Returns the command's exit code, stdout and stderr."""
     conn = await aconn(url)
-    with subprocess.Popen([sys.executable, "-m", "pgsynapse", *args], env=env, cwd="/tmp", stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as cli:
+    capsys.readouterr()
+    code: list[int] = []
+
+    async def command() -> None:  # abandoned if the test fails first: dropping the database ends its wait
+        code.append(await anyio.to_thread.run_sync(lambda: main(["--database-url", url, *args]),
+                                                   abandon_on_cancel=True))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(command)
         await wait_until(conn, "SELECT EXISTS (SELECT 1 FROM pgsynapse.jobs WHERE kind = %s AND status = 'pending')",
                          (kind,), channel="pgsynapse_jobs")
         if end:
@@ -133,9 +140,18 @@ async def _command_ends(url: str, args: list[str], kind: str, end: str | None = 
                                              (kind,))).fetchone())["id"]
             await conn.execute(end, {"job": job, **params})
             await conn.execute("SELECT pg_notify('pgsynapse_jobs', '{}')")
-        out, err = await anyio.to_thread.run_sync(lambda: cli.communicate(timeout=120))
     await conn.close()
-    return cli.returncode, out, err
+    out, err = capsys.readouterr()
+    return code[0], out, err
+
+
+def _here(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pgsynapse ARGS`` run in this process (cli.main: its exit code, stdout and stderr), without a new
+    interpreter's imports (seconds a command)."""
+    capsys.readouterr()
+    code = main(["--database-url", url, *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pgsynapse", *args], code, out, err)
 
 
 def _example(c: psycopg.Connection) -> None:
@@ -174,7 +190,7 @@ REJECTED_SQL_MODEL = DONE + ("INSERT INTO pgsynapse.sql_models (name, path, runt
                              " %(metrics)s::jsonb || jsonb_build_object('job', %(job)s::bigint))")
 
 
-async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_1(db_url):
+async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_1(db_url, capsys):
     """stdout under --json is one JSON document whatever became of the job (the lines for people go to stderr), for
     `retrain` and `sql-model retrain` alike; a gate that rejected the candidate is exit 1, as README's exit codes
     say (a failed job too; a skipped one is not a failure). Each job is ended here as a worker would end it."""
@@ -184,36 +200,37 @@ async def test_retrain_wait_json_prints_one_json_document_and_a_rejection_exits_
     metrics = json.dumps({"gate": GATE})
     nothing = {"version": None, "status": None, "gate": None}
 
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", REJECTED_VERSION,
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--json"], "retrain", REJECTED_VERSION,
                                          metrics=metrics)
     printed = json.loads(out)
     assert (code, printed) == (1, {"job": _queued(err, "retrain"), "outcome": "done", "version": printed["version"],
                                    "status": "rejected", "gate": GATE}), (out, err)
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait"], "retrain", REJECTED_VERSION, metrics=metrics)
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait"], "retrain", REJECTED_VERSION,
+                                         metrics=metrics)
     assert code == 1 and out.splitlines() == [
         f"retrain queued (job {_queued(out, 'retrain')})",
         f"model version {printed['version'] + 1}: rejected by its gate; the active version keeps serving",
         f"  check: {GATE['reasons'][0]}"], (out, err)
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
     assert (code, json.loads(out)) == (1, {"job": _queued(err, "retrain"), "outcome": "failed", "error": "OOM",
                                            **nothing}), (out, err)
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", SKIPPED,
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--json"], "retrain", SKIPPED,
                                          why="nothing new to learn from")
     assert (code, json.loads(out)) == (0, {"job": _queued(err, "retrain"), "outcome": "skipped",
                                            "skip_reason": "nothing new to learn from", **nothing}), (out, err)
     assert "retrain skipped: nothing new to learn from" in err
     # without --wait: the job queued, and nothing else to say
-    code, out, err = await _command_ends(db_url, ["retrain", "--json"], "retrain")
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--json"], "retrain")
     assert (code, json.loads(out)) == (0, {"job": _queued(err, "retrain"), "outcome": "queued", **nothing}), (out, err)
 
     sql_nothing = {"sql_model": None, "status": None, "traffic_percent": None, "gate": None}
-    code, out, err = await _command_ends(db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
+    code, out, err = await _command_ends(capsys, db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
                                          REJECTED_SQL_MODEL, metrics=metrics)
     printed = json.loads(out)
     assert (code, printed) == (1, {"job": _queued(err, "sql_retrain"), "outcome": "done",
                                    "sql_model": printed["sql_model"], "status": "rejected", "traffic_percent": 0.0,
                                    "gate": GATE}), (out, err)
-    code, out, err = await _command_ends(db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
+    code, out, err = await _command_ends(capsys, db_url, ["sql-model", "retrain", "--wait", "--json"], "sql_retrain",
                                          SKIPPED, why="only 1 new correction")
     assert (code, json.loads(out)) == (0, {"job": _queued(err, "sql_retrain"), "outcome": "skipped",
                                            "skip_reason": "only 1 new correction", **sql_nothing}), (out, err)
@@ -249,7 +266,7 @@ async def test_retrain_wait_reports_its_own_job_s_version_not_one_a_retrain_runn
                                                      "status": "rejected", "gate": mine}), (out, err)
 
 
-def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url):
+def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_url, capsys):
     """One retrain at a time, as the feedback trigger queues them: `pgsynapse retrain` while one runs queued a
     second, which trained again on the same feedback (identical gate figures), and said nothing of the first; while
     one was pending its --json said "queued" where stderr said "already pending". Now it queues none, says which job
@@ -266,17 +283,17 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
                                 " (%s, 0, '{}', 'running', 1) RETURNING id", (kind,)).fetchone()[0]
         said = (f"a {kind} is already running (job {running}): nothing was queued (one at a time: it trains on what "
                 "there was when it started; --wait waits for it)")
-        r = pgsynapse(*command, "--json", url=db_url)
+        r = _here(capsys, db_url, *command, "--json")
         assert (r.returncode, json.loads(r.stdout)) == (0, {"job": running, "outcome": "already_running", **empty}), (
             r.stdout, r.stderr)
         assert r.stderr.splitlines()[-1] == said, r.stderr
-        r = pgsynapse(*command, url=db_url)
+        r = _here(capsys, db_url, *command)
         assert (r.returncode, r.stdout.splitlines()) == (0, [said]), (r.stdout, r.stderr)
         with psycopg.connect(db_url, autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (1,)
             c.execute("UPDATE pgsynapse.jobs SET status = 'done', finished_at = now() WHERE id = %s", (running,))
             pending = queue_retrain(c, kind)
-        r = pgsynapse(*command, "--json", url=db_url)
+        r = _here(capsys, db_url, *command, "--json")
         assert (r.returncode, json.loads(r.stdout)) == (0, {"job": pending, "outcome": "already_pending", **empty}), (
             r.stdout, r.stderr)
         assert r.stderr.splitlines()[-1] == (f"a {kind} is already pending (job {pending}): nothing was queued (it "
@@ -285,7 +302,7 @@ def test_a_retrain_asked_for_while_one_runs_or_waits_queues_none_and_says_so(db_
             assert c.execute("SELECT count(*) FROM pgsynapse.jobs WHERE kind = %s", (kind,)).fetchone() == (2,)
 
 
-def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_or_says_why_not(db_url):
+def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_or_says_why_not(db_url, capsys):
     """`sql-model retrain --force` while the threshold's sql_retrain (unforced) was pending queued none and dropped
     the --force without a word: the pending job registered nothing if it failed its gate. Now the pending job takes
     the flags asked for (and says so); a running one cannot, so it says that one is not forced and what to do.
@@ -296,11 +313,11 @@ def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_
         # as the triggers queue them at their thresholds: no flags
         sql_job, retrain_job = (c.execute("INSERT INTO pgsynapse.jobs (kind, ref_id) VALUES (%s, 0) RETURNING id",
                                           (kind,)).fetchone()[0] for kind in ("sql_retrain", "retrain"))
-    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    r = _here(capsys, db_url, "sql-model", "retrain", "--force")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a sql_retrain is already pending (job {sql_job}): nothing was queued; it now runs with --force (it trains "
         "on what there is when it starts; --wait waits for it)"]), (r.stdout, r.stderr)
-    r = pgsynapse("retrain", url=db_url)
+    r = _here(capsys, db_url, "retrain")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a retrain is already pending (job {retrain_job}): nothing was queued (it trains on what there is when it "
         "starts; --wait waits for it)"]), (r.stdout, r.stderr)
@@ -309,7 +326,7 @@ def test_a_forced_retrain_asked_for_while_an_unforced_one_waits_forces_that_one_
         assert payloads == {"sql_retrain": {"force": True, "now": True}, "retrain": {"force": True}}, payloads
         c.execute("UPDATE pgsynapse.jobs SET status = 'running', attempts = 1, payload = '{}' WHERE id = %s",
                   (sql_job,))
-    r = pgsynapse("sql-model", "retrain", "--force", url=db_url)
+    r = _here(capsys, db_url, "sql-model", "retrain", "--force")
     assert (r.returncode, r.stdout.splitlines()) == (0, [
         f"a sql_retrain is already running (job {sql_job}) without --force: nothing was queued (one at a time: it "
         "trains on what there was when it started, and registers its model only if it passes its gate; run "
@@ -352,18 +369,18 @@ async def test_sql_model_retrain_wait_reports_its_own_job_s_model_not_one_anothe
         their_model, out, err)
 
 
-async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url):
+async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once(db_url, capsys):
     """`retrain --wait` with no running worker that takes retrain jobs waited without a word for ever; it says at
     once (on stderr: stdout under --json stays the one JSON document) that the retrain runs once `pgsynapse run`
     does, as `ingest --follow` and `model add --follow` say it for their jobs."""
     with psycopg.connect(db_url, autocommit=True) as c:
         _example(c)
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--json"], "retrain", FAILED, why="OOM")
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
     assert ("pgsynapse: no running worker takes retrain jobs: it runs once `pgsynapse run` does (waiting; Ctrl-C "
             "stops waiting, the retrain stays queued)") in err.splitlines(), err
     # with JSON logs (the systemd unit's) the note is a JSON event too: it was the one plain line among them
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--log-format", "json"], "retrain", FAILED,
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--log-format", "json"], "retrain", FAILED,
                                          why="OOM")
     assert code == 1 and out.startswith("retrain queued"), (out, err)
     [waiting] = [json.loads(line) for line in err.splitlines()]
@@ -371,7 +388,7 @@ async def test_retrain_wait_without_a_worker_that_takes_retrains_says_so_at_once
     assert waiting["note"].startswith("no running worker takes retrain jobs: it runs once `pgsynapse run` does"), waiting
     # --json with JSON logs: stdout is the one JSON document and every stderr line an event; the lines for people,
     # written to stderr under --json (the job queued, its failure), were plain text there
-    code, out, err = await _command_ends(db_url, ["retrain", "--wait", "--json", "--log-format", "json",
+    code, out, err = await _command_ends(capsys, db_url, ["retrain", "--wait", "--json", "--log-format", "json",
                                                   "--log-level", "info"], "retrain", FAILED, why="OOM")
     events = [json.loads(line) for line in err.splitlines()]
     assert (code, json.loads(out)["outcome"]) == (1, "failed"), (out, err)
