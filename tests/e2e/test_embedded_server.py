@@ -30,13 +30,41 @@ def _postmaster_pid(pgdata: Path) -> int | None:
 
 
 @pytest.fixture
-def data_dir():
+def empty_data_dir():
+    """A data dir as a first run finds it: empty (the server's initdb is part of the first command)."""
     d = Path(tempfile.mkdtemp(prefix="pgsynapse-emb-", dir="/tmp"))
     yield d
     pid = _postmaster_pid(d / "pgdata")
     if pid and psutil.pid_exists(pid):  # never leave a server behind, even when the test failed
         psutil.Process(pid).terminate()
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def initialised_pgdata():
+    """A server data directory initialised once for this file (initdb and its first stop: seconds each), stopped;
+    nothing of pgsynapse in it. Its tests copy it: test_migrate_starts_the_embedded_server_and_stops_it_on_exit keeps
+    the first run's initdb."""
+    d = Path(tempfile.mkdtemp(prefix="pgsynapse-emb-tpl-", dir="/tmp"))
+    pg = EmbeddedPostgres(d)
+    try:
+        pg.start()
+        pg.stop()
+        assert _postmaster_pid(d / "pgdata") is None  # stopped cleanly: a copy starts without recovery
+        yield d / "pgdata"
+    finally:
+        pid = _postmaster_pid(d / "pgdata")
+        if pid and psutil.pid_exists(pid):
+            psutil.Process(pid).terminate()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir(empty_data_dir, initialised_pgdata):
+    """A data dir whose server was initialised but never used by pgsynapse: never migrated. A copy (cp -a keeps the
+    owner: as root the server runs as pgserver's user) of :func:`initialised_pgdata`."""
+    subprocess.run(["cp", "-a", str(initialised_pgdata), str(empty_data_dir / "pgdata")], check=True)
+    return empty_data_dir
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -94,7 +122,8 @@ def test_a_command_on_a_fresh_embedded_data_dir_migrates_it_first(data_dir, tmp_
     assert migrated["level"] == "warning" and migrated["applied"][0] == "0001_init.sql", migrated
 
 
-def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(data_dir):
+def test_migrate_starts_the_embedded_server_and_stops_it_on_exit(empty_data_dir):
+    data_dir = empty_data_dir  # a first run: the server's initdb too
     r = subprocess.run([sys.executable, "-m", "pgsynapse", "migrate"], env=_env(data_dir), capture_output=True,
                        text=True, timeout=300, cwd="/tmp")
     assert r.returncode == 0, r.stderr

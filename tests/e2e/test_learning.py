@@ -79,7 +79,8 @@ def _routable(url: str) -> list[dict]:
 
 
 async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url, tmp_path):
-    pages = _pages()[:16]
+    # 8 pages, 24 questions: the flow, not the model's quality, is under test (the margin lets any candidate through)
+    pages = _pages()[:8]
     questions = _questions(pages)
     conn = await aconn(db_url)
     n_feedback = len(questions)
@@ -167,7 +168,7 @@ async def test_feedback_retrains_backfills_routes_promotes_and_rolls_back(db_url
             ("registered", "; ".join(m["gate"]["reasons"]), "true")]
         assert registered[0]["actor"] == worker.wait_event("worker_started")["worker"]
         # the canary set was built by this first retrain from the corpus, frozen with the active version, and
-        # scored: one question per page (16 < MIN_CANARY: reported, not checked)
+        # scored: one question per page (8 < MIN_CANARY: reported, not checked)
         canary = await (await conn.execute(
             "SELECT count(*) AS n, count(DISTINCT document_id) AS docs, min(frozen_with_version) AS v"
             " FROM pgsynapse.canary_questions")).fetchone()
@@ -254,7 +255,7 @@ async def test_worker_killed_during_backfill_resumes_without_duplicates(db_url, 
     """Register a candidate by hand (a copy of the default model) and kill the worker mid-backfill."""
     import shutil
 
-    pages = _pages()[:12]
+    pages = _pages()[:6]  # several backfill batches of 4 chunks: the kill lands between two of them
     conn = await aconn(db_url)
     env = {**LEARN_ENV, "PGSYNAPSE_BACKFILL_BATCH": "4", "PGSYNAPSE_LEASE_SECONDS": "2",
            "PGSYNAPSE_BACKFILL_THROTTLE_SECONDS": "0.5", "PGSYNAPSE_DATA_DIR": str(tmp_path)}
