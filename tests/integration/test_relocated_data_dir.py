@@ -14,7 +14,8 @@ import pytest
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
-from pgsynapse.models import default_model_path
+from pgsynapse.export.register import _sha256
+from pgsynapse.models import ONNX_FILES, default_model_path
 from pgsynapse.queries import q
 from tests.helpers import aconn, adopt_runtime, fast_settings, insert_docs, running_worker, wait_until
 
@@ -106,6 +107,9 @@ async def test_a_missing_export_is_rebuilt_in_this_data_dir_not_at_the_recorded_
     await conn.close()
     [rebuilt] = [e for e in logs if e["event"] == "runtime_artifact_rebuilt"]
     assert rebuilt["path"] == str(new / "models" / recorded.name) and rebuilt["identical"]
+    # the bytes the switch recorded: a host that rebuilds serves the artifact the agreement check accepted
+    record = default_runtime["metrics"]["runtime_export"]
+    assert _sha256(Path(rebuilt["path"]) / ONNX_FILES[default_runtime["runtime"]]) == record["sha256"]
     assert not old.exists()
     [moved] = [e for e in logs if e["event"] == "artifact_path_relocated"]  # then served from there
     assert moved["local"] == rebuilt["path"]

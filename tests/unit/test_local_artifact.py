@@ -59,6 +59,10 @@ def test_a_rebuild_goes_to_the_same_name_here_whether_or_not_it_is_there(tmp_pat
     gone = tmp_path / "old" / "models" / "v1-onnx-int8-20261206-193941"
     assert local_artifact(gone, data, to_build=True) == (data / "models" / gone.name).resolve()
     assert not data.exists()  # deciding creates nothing
+    # the same data dir path on this host (the artifact deleted, or another host with the same layout): in place
+    here = data / "models" / gone.name
+    assert local_artifact(here, data, to_build=True) == here.resolve()
+    assert not data.exists()
     outside = tmp_path / "old" / "v1-onnx-int8"
     assert local_artifact(outside, data, to_build=True) == outside  # not in a models folder: as recorded
 
