@@ -420,14 +420,8 @@ async def test_ask_beside_a_starting_worker_waits_for_its_export_and_does_not_sa
     assert [e for e in logs if e["event"] == "runtime_export_waiting"], logs
 
 
-async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_url, tmp_path):
-    """`pgsynapse ask --timeout 2` during a worker's first start: ask's own worker waited for that export (minutes on a
-    small host) before the timeout even started counting. The question is asked while ask's worker starts, so the
-    timeout bounds both; its error says the worker is still starting, what it waits for, and where the answer will
-    be (the exporting worker answers it once started)."""
-    insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
-    settings = fast_settings(db_url, data_dir=tmp_path)
-    holder = await aconn(db_url)  # the starting worker, exporting
+async def _ask_beside_the_export_lock(settings, holder: psycopg.AsyncConnection) -> AnswerTimeout | None:
+    """`pgsynapse ask --timeout 2` while ``holder`` holds the export lock (released after): what it raised."""
     await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
 
     def asking() -> AnswerTimeout | None:
@@ -439,9 +433,20 @@ async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_
 
     try:
         with anyio.fail_after(60):  # a safety net only: ask's timeout is 2 s
-            raised = await anyio.to_thread.run_sync(asking, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(asking, abandon_on_cancel=True)
     finally:
         await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+
+
+async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_url, tmp_path):
+    """`pgsynapse ask --timeout 2` during a worker's first start: ask's own worker waited for that export (minutes on a
+    small host) before the timeout even started counting. The question is asked while ask's worker starts, so the
+    timeout bounds both; its error says the worker is still starting, what it waits for, and where the answer will
+    be (the exporting worker answers it once started)."""
+    insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
+    settings = fast_settings(db_url, data_dir=tmp_path)
+    holder = await aconn(db_url)  # the starting worker, exporting
+    raised = await _ask_beside_the_export_lock(settings, holder)
     qid = (await (await holder.execute("SELECT id FROM pgsynapse.questions WHERE status = 'pending'")).fetchone())["id"]
     assert raised is not None and raised.question_id == qid, raised
     assert str(raised) == (
@@ -461,20 +466,7 @@ async def test_ask_beside_model_export_switch_ends_in_its_timeout_and_names_the_
     settings = fast_settings(db_url, data_dir=tmp_path)
     holder = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row,
                                                    application_name=export_command_name(1))
-    await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
-
-    def asking() -> AnswerTimeout | None:
-        try:
-            ask(settings, "how do I mark a point in a transaction?", timeout=2)
-        except AnswerTimeout as exc:
-            return exc
-        return None
-
-    try:
-        with anyio.fail_after(60):  # a safety net only: ask's timeout is 2 s
-            raised = await anyio.to_thread.run_sync(asking, abandon_on_cancel=True)
-    finally:
-        await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
+    raised = await _ask_beside_the_export_lock(settings, holder)
     await holder.close()
     assert raised is not None and "another worker" not in str(raised), raised
     assert ("and the one this command started is still starting: it waits for `pgsynapse model export --switch`'s "
