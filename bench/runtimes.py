@@ -5,7 +5,7 @@ Each runtime runs in its own process (load time and RSS are its own): texts/s at
 top-10 neighbour agreement with torch (train + dev questions as queries, mean cosine too) and page-level
 recall@5 / MRR@10 on the dev questions (``pg_docs_dev.jsonl``).
 
-    python -m bench.runtimes [--quick] [--pages N] [--chunks N]
+    python -m bench.runtimes [--quick] [--pages N] [--chunks N] [--questions N]
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--pages", type=int, default=0, help="corpus pages in the pool (default all; --quick 80)")
     p.add_argument("--chunks", type=int, default=0, help="at most this many chunks of those pages (default all)")
+    p.add_argument("--questions", type=int, default=0,
+                   help="at most this many dev and this many train questions as queries (default all)")
     p.add_argument("--interleaved-only", action="store_true", help="only the interleaved batch-32 speed comparison")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved comparison")
     p.add_argument("--runtimes", default=",".join(RUNTIMES),
@@ -116,6 +118,8 @@ def main() -> None:
         texts, ids = texts[: args.chunks], ids[: args.chunks]
     dev = questions("pg_docs_dev.jsonl")
     train = questions("pg_docs_train.jsonl")
+    if args.questions:
+        dev, train = dev[: args.questions], train[: args.questions]
     queries = [d["q"] for d in dev] + [d["q"] for d in train]
     arts = {rt: str(artifact(*rt.split(":"))) for rt in chosen if rt != "torch"}
     n_speed = 64 if args.quick else 256

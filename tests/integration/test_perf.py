@@ -31,6 +31,7 @@ from pgsynapse.export.register import _sha256, optimise_version
 from pgsynapse.models import ONNX_FILES, ModelCache, ModelSpec, default_model_path, load_embedder, resolve_model_path
 from pgsynapse.queries import q
 from pgsynapse.status import render, snapshot
+from tests.embed_models import tiny_embedding_model
 from tests.helpers import SAFETY_TIMEOUT, aconn, fast_settings, insert_docs, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -47,6 +48,15 @@ def onnx_artifact(default_runtime, tmp_path_factory):
     (out / ONNX_FILES["onnx-int8"]).unlink()  # the export's scheme: rebuilt as plain dynamic INT8
     quantize_int8(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_384(tmp_path_factory) -> Path:
+    """A 2-layer random BERT of the default model's dimension and tokenizer (tests/embed_models.py), the source of
+    the `model export` tests below that check what the command registers, refuses, samples and records: the same
+    export path (trace, BERT fusion, agreement check, register) as all-MiniLM-L6-v2's in a fraction of its time.
+    The real model's export and its quantisation are tested above and in tests/integration/test_runtime_switch.py."""
+    return tiny_embedding_model(tmp_path_factory.mktemp("models") / "tiny-384", 384)
 
 
 @pytest.fixture(scope="session")
@@ -85,13 +95,22 @@ def test_static_schemes_rewrite_exactly_and_quantise_closer_than_dynamic(onnx_ar
     np.testing.assert_allclose(sess.run(None, feed)[0], fp32.run(None, feed)[0], atol=2e-4)
 
     ref = load_embedder(ModelSpec(1, "m", onnx_artifact, "onnx", 384), onnx_threads=1)
-    chunks, _ = sample_texts(ref.tokenizer, n_chunks=48)
+    # 24 chunks compared, and the static schemes calibrated on 24 others plus the first words of 8 (one batch of
+    # 32), as the export calibrates on the chunks it does not measure (export/agreement.py): a half and a quarter
+    # of the default samples, the margins alike (1 - cosine with VNNI: dynamic 0.0058, outlier-static 0.0008,
+    # smooth-static 0.0011; with 48 chunks and the default calibration 0.0050, 0.0007, 0.0010)
+    chunks, _ = sample_texts(ref.tokenizer, n_chunks=24 + 24)
+    chunks, calibration = chunks[:24], chunks[24:]
+    calibration += [" ".join(c.split()[:12]) for c in calibration[:8]]
     base = ref.encode(chunks)
     cosine = {}
     for scheme in ("dynamic", "outlier-static", "smooth-static"):
-        out = tmp_path / scheme
-        shutil.copytree(onnx_artifact, out)
-        quantize_int8(out, scheme, threads=1)  # the calibration's: xdist's other worker has the other core
+        out = onnx_artifact  # its model_int8.onnx is the dynamic one
+        if scheme != "dynamic":
+            out = tmp_path / scheme
+            shutil.copytree(onnx_artifact, out)
+            # one calibration thread: xdist's other worker has the other core
+            quantize_int8(out, scheme, calibration=calibration, threads=1)
         vecs = load_embedder(ModelSpec(1, "m", out, "onnx-int8", 384), onnx_threads=1).encode(chunks)
         cosine[scheme] = float((vecs * base).sum(axis=1).mean())
     # outlier-static quantises the QKV projection too, with no per-batch scale
@@ -202,8 +221,8 @@ def test_claim_query_uses_the_claim_index(db_url):
         assert "jobs_done_finished" in plan, plan
 
 
-def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path):
-    settings = fast_settings(db_url, data_dir=str(tmp_path))
+def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_url, tmp_path, tiny_384):
+    settings = fast_settings(db_url, data_dir=str(tmp_path), model_path=str(tiny_384))
     report = run_export(settings, "onnx", n_chunks=40, threshold=0.99)
     assert report.accepted and report.agreement.overlap_at_10 >= 0.99 and report.agreement.cosine_mean > 0.9999
     with psycopg.connect(db_url) as conn:
@@ -229,9 +248,11 @@ def test_model_export_registers_a_passing_runtime_and_refuses_a_failing_one(db_u
         assert conn.execute("SELECT count(*) FROM pgsynapse.model_versions").fetchone()[0] == 2
 
 
-def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_url, tmp_path, monkeypatch, capsys):
+def test_model_export_samples_the_export_sample_chunks_setting_unless_given(db_url, tmp_path, monkeypatch, capsys,
+                                                                         tiny_384):
     # `model export` sampled 600 chunks whatever PGSYNAPSE_EXPORT_SAMPLE_CHUNKS said
     monkeypatch.setenv("PGSYNAPSE_EXPORT_SAMPLE_CHUNKS", "24")
+    monkeypatch.setenv("PGSYNAPSE_MODEL_PATH", str(tiny_384))
     base = ["--database-url", db_url, "--data-dir", str(tmp_path), "model", "export", "--runtime", "onnx",
             "--threshold", "0.5"]
     assert main(base) == 0
@@ -349,7 +370,8 @@ def _stderr_until(proc: subprocess.Popen, word: str) -> str:
     return said.decode()
 
 
-def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path):
+def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_rebuilds_it(db_url, tmp_path,
+                                                                                          tiny_384):
     """`model export --switch` moved the version to the new runtime without the `runtime_export` record the worker's
     own switch writes (runtime, scheme, sample, sha256): a worker on a host without the new artifact did not know to
     build it again, and went on to serve a directory that is not there.
@@ -363,7 +385,8 @@ def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_r
     with psycopg.connect(db_url) as holder:  # a worker exporting at its start: the lock of its transaction
         holder.execute(q("export_lock", "export.sql"), {"lock": EXPORT_LOCK})
         proc = subprocess.Popen([sys.executable, "-m", "pgsynapse", *argv], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PGSYNAPSE_MODEL_PATH": str(tiny_384)})
         try:
             said = _stderr_until(proc, "waiting for")
             runtime, metrics = holder.execute("SELECT runtime, metrics FROM pgsynapse.model_versions WHERE id = 1"
@@ -387,8 +410,9 @@ def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_r
     assert record["tried"][-1]["accepted"] and record["sha256"] == _sha256(Path(v["artifact_path"]) / "model.onnx")
     assert [(e["event"], e["actor"], e["figures"]) for e in events] == [("runtime_switched", "cli", record)]
     # a host without the artifact: its worker (even a one-shot command's) builds it again, the same bytes
+    host = fast_settings(db_url, data_dir=str(data), model_path=str(tiny_384))  # its configured model, as above
     shutil.rmtree(v["artifact_path"])
-    rebuilt = optimise_version(fast_settings(db_url, data_dir=str(data)), db_url, export=False)
+    rebuilt = optimise_version(host, db_url, export=False)
     assert rebuilt is not None and rebuilt.accepted
     assert _sha256(Path(v["artifact_path"]) / "model.onnx") == record["sha256"]
     # A version `model export --switch` moved before the switch wrote its `runtime_export` record has only the
@@ -399,7 +423,7 @@ def test_model_export_switch_records_the_export_so_a_host_without_the_artifact_r
                          " RETURNING *").fetchone()
     digest = _sha256(Path(v["artifact_path"]) / "model.onnx")
     shutil.rmtree(v["artifact_path"])
-    rebuilt = optimise_version(fast_settings(db_url, data_dir=str(data)), db_url, export=False)
+    rebuilt = optimise_version(host, db_url, export=False)
     assert rebuilt is not None and rebuilt.accepted and rebuilt.agreement.n_chunks == 16
     assert _sha256(Path(v["artifact_path"]) / "model.onnx") == digest
 

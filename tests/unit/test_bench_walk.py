@@ -50,7 +50,7 @@ def test_runtimes_leaves_no_work_dir_behind(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the children's `-m bench.runtimes`
     monkeypatch.setattr(common, "RESULTS", [])
     monkeypatch.setattr(sys, "argv", ["bench.runtimes", "--quick", "--runtimes", "torch", "--pages", "1", "--chunks",
-                                      "4", "--rounds", "1", "--threads", "1"])
+                                      "4", "--questions", "4", "--rounds", "1", "--threads", "1"])
     threads = torch.get_num_threads()
     try:  # one thread (its load sets it for this process too): the run's other xdist worker has the other core
         common.run_benchmark(importlib.import_module("bench.runtimes").main)
