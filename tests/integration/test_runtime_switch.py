@@ -345,6 +345,9 @@ async def test_status_search_and_ingest_tell_model_export_switch_from_a_starting
         raise ModelError("the test's export ends here")
 
     monkeypatch.setattr(sys.modules["pgsynapse.export.register"], "export_and_check", held_export)
+    # the waiting worker below waits in one lock wait, not in slices of a second: between two, for a moment, it
+    # waits on nothing in pg_locks, and wait_until's re-check (every second too) met it there a third of the runs
+    monkeypatch.setattr(sys.modules["pgsynapse.db"], "LOCK_WAIT_SLICE_MS", SAFETY_TIMEOUT * 1000)
     settings = fast_settings(db_url, data_dir=tmp_path)
     raised: list[BaseException] = []
 
