@@ -16,7 +16,8 @@ from anyio.abc import TaskStatus
 from pgsynapse.client import LATER, TABLES, AnswerTimeout, Client, require_text
 from pgsynapse.config import Settings
 from pgsynapse.daemon import serve, warn_file_overridden
-from pgsynapse.db import EXPORT_COMMAND, Database, exported_version, starting_export, worker_starting, worker_takes
+from pgsynapse.db import (EXPORT_COMMAND, Database, a_worker_starts, exported_version, starting_export, worker_starting,
+                          worker_takes)
 from pgsynapse.errors import DatabaseError, DatabaseSetupError, PgsynapseError, SchemaMissing, Terminated
 from pgsynapse.listener.worker import Worker
 from pgsynapse.logs import get_logger, libraries_at_debug
@@ -290,7 +291,7 @@ def _asked_on(settings: Settings, kind: str, what: str, timeout: float, asking: 
             with db.connect() as conn:
                 export = starting_export(conn)
             select = f"SELECT {columns} FROM pgsynapse.{TABLES[what]} WHERE id = {qid}"
-            exporting = export is not None and (export["by"] == "worker" or export["workers_waiting"] > 0)
+            exporting = a_worker_starts(export)
             by_command = (f"{EXPORT_COMMAND}'s export of {exported_version(export)}"
                           if exporting and export["by"] == "command" else None)
             raise AnswerTimeout(not_started(what, qid, kind, timeout, select, exporting=exporting,

@@ -231,7 +231,12 @@ def worker_starting(conn: psycopg.Connection) -> bool:
     minutes on a small host), or by `pgsynapse model export --switch` while a worker waits for it. `pgsynapse
     status` says "none registered yet: a worker is starting" then. The command's export with no worker waiting is
     no worker starting: :func:`command_exporting` says what it is."""
-    export = starting_export(conn)
+    return a_worker_starts(starting_export(conn))
+
+
+def a_worker_starts(export: dict[str, Any] | None) -> bool:
+    """Whether ``export`` (:func:`starting_export`) is a worker starting: its own export, or its wait for `pgsynapse
+    model export --switch`'s."""
     return export is not None and (export["by"] == "worker" or export["workers_waiting"] > 0)
 
 

@@ -74,7 +74,6 @@ class TextSqlSettings(BaseModel):
         "candidate is also written as a GGUF file (the tensors the fine-tune changed as this type, the rest as in "
         "the base), gated and registered on llama-cpp; off: the transformers directory only")
 
-
     @field_validator("sql_reader_password")
     @classmethod
     def _a_password(cls, value: str | None) -> str | None:
