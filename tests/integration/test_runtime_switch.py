@@ -423,8 +423,12 @@ async def test_ask_beside_a_starting_worker_waits_for_its_export_and_does_not_sa
     assert [e for e in logs if e["event"] == "runtime_export_waiting"], logs
 
 
-async def _ask_beside_the_export_lock(settings, holder: psycopg.AsyncConnection) -> AnswerTimeout | None:
-    """`pgsynapse ask --timeout 2` while ``holder`` holds the export lock (released after): what it raised."""
+async def _ask_beside_the_export_lock(settings, holder: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+                                      ) -> AnswerTimeout | None:
+    """`pgsynapse ask --timeout 2` while ``holder`` holds the export lock (released after): what it raised. Ask's
+    worker waits in one lock wait, not in slices of a second: between two, for a moment, it waits on nothing in
+    pg_locks, and the timeout's read of who waits met that moment (seen once in a CI run)."""
+    monkeypatch.setattr(sys.modules["pgsynapse.db"], "LOCK_WAIT_SLICE_MS", SAFETY_TIMEOUT * 1000)
     await holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (EXPORT_LOCK,))
 
     def asking() -> AnswerTimeout | None:
@@ -441,7 +445,7 @@ async def _ask_beside_the_export_lock(settings, holder: psycopg.AsyncConnection)
         await holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (EXPORT_LOCK,))
 
 
-async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_url, tmp_path):
+async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_url, tmp_path, monkeypatch):
     """`pgsynapse ask --timeout 2` during a worker's first start: ask's own worker waited for that export (minutes on a
     small host) before the timeout even started counting. The question is asked while ask's worker starts, so the
     timeout bounds both; its error says the worker is still starting, what it waits for, and where the answer will
@@ -449,7 +453,7 @@ async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_
     insert_docs(db_url, [("Savepoints", "SAVEPOINT marks a point inside a transaction.")])
     settings = fast_settings(db_url, data_dir=tmp_path)
     holder = await aconn(db_url)  # the starting worker, exporting
-    raised = await _ask_beside_the_export_lock(settings, holder)
+    raised = await _ask_beside_the_export_lock(settings, holder, monkeypatch)
     qid = (await (await holder.execute("SELECT id FROM pgsynapse.questions WHERE status = 'pending'")).fetchone())["id"]
     assert raised is not None and raised.question_id == qid, raised
     assert str(raised) == (
@@ -461,7 +465,8 @@ async def test_ask_beside_a_starting_worker_ends_in_its_timeout_and_says_why(db_
     await holder.close()
 
 
-async def test_ask_beside_model_export_switch_ends_in_its_timeout_and_names_the_command(db_url, tmp_path):
+async def test_ask_beside_model_export_switch_ends_in_its_timeout_and_names_the_command(db_url, tmp_path,
+                                                                                         monkeypatch):
     """`pgsynapse ask --timeout 2` while `pgsynapse model export --switch` exports (its connection named as that
     command names itself, holding the export lock): ask's own worker waits for that export, and the timeout said it
     waited for "another worker's export" with no other worker anywhere."""
@@ -469,7 +474,7 @@ async def test_ask_beside_model_export_switch_ends_in_its_timeout_and_names_the_
     settings = fast_settings(db_url, data_dir=tmp_path)
     holder = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row,
                                                    application_name=export_command_name(1))
-    raised = await _ask_beside_the_export_lock(settings, holder)
+    raised = await _ask_beside_the_export_lock(settings, holder, monkeypatch)
     await holder.close()
     assert raised is not None and "another worker" not in str(raised), raised
     assert ("and the one this command started is still starting: it waits for `pgsynapse model export --switch`'s "
